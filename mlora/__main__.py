@@ -1,0 +1,3 @@
+from mlora.cli import main
+
+raise SystemExit(main())
