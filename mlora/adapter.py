@@ -1,0 +1,237 @@
+"""One adapter's trainable state: its LoRA weights in every target module, its optimizer and
+LR schedule, and saving/loading in PEFT's LoRA format."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlora.config import AdapterConfig, adapter_seed
+from mlora.errors import UserError
+from mlora.lora import TARGET_MODULES, LoraLinear, LoraWeights, module_seed
+
+# PEFT prefixes every LoRA tensor name with this (the PeftModel -> base model path).
+PEFT_PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def lr_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier at optimizer step `step` (0-based), as transformers' schedules define it."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise AssertionError(f"unknown lr_scheduler {kind!r}")
+
+
+class Adapter:
+    """A LoRA adapter attached to the `LoraLinear` wrappers of one model (or one stage)."""
+
+    def __init__(self, cfg: AdapterConfig, wrappers: dict[str, LoraLinear], seed: int,
+                 device: torch.device, total_steps: int = 1):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.total_steps = total_steps
+        self.steps_done = 0
+        own_seed = adapter_seed(seed, cfg.name)
+        # One dropout generator per adapter: its masks never depend on other adapters.
+        self.dropout_generator = torch.Generator(device=device).manual_seed(own_seed ^ 0x5EED)
+        self.weights: dict[str, LoraWeights] = {}
+        for path in sorted(wrappers, key=_module_sort_key):
+            if path.rsplit(".", 1)[-1] not in cfg.target_modules:
+                continue
+            wrapper = wrappers[path]
+            weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
+                                  cfg.dropout, cfg.use_rslora, module_seed(own_seed, path), device)
+            weights.generator = self.dropout_generator
+            wrapper.adapters[cfg.name] = weights
+            self.weights[path] = weights
+        if cfg.init_from:
+            self.load_peft(cfg.init_from)
+        self.optimizer = self._make_optimizer()
+
+    # ----------------------------------------------------------------- optimisation
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for w in self.weights.values() for p in (w.lora_A, w.lora_B)]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        params = self.parameters()
+        if cfg.optim == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optim == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        raise AssertionError(f"unknown optimizer {cfg.optim!r}")
+
+    def current_lr(self) -> float:
+        return self.cfg.lr * lr_factor(self.cfg.lr_scheduler, self.steps_done,
+                                       self.cfg.warmup_steps, self.total_steps)
+
+    def grad_norm(self) -> float:
+        """L2 norm of this adapter's whole gradient (on this process)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+    def step(self) -> tuple[float, float]:
+        """Clip, take one optimizer step at the scheduled LR, zero the gradients.
+
+        Returns (lr used, gradient norm before clipping).
+        """
+        norm = self.grad_norm()
+        if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
+            factor = self.cfg.max_grad_norm / (norm + 1e-6)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return lr, norm
+
+    # ----------------------------------------------------------------- PEFT format
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for path, w in self.weights.items():
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = w.lora_A.detach().float().cpu().contiguous()
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = w.lora_B.detach().float().cpu().contiguous()
+        return tensors
+
+    def peft_config(self, base_model: str) -> dict:
+        cfg = self.cfg
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": list(cfg.target_modules),
+            "use_rslora": cfg.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+        }
+
+    def save(self, directory: str | os.PathLike, base_model: str) -> Path:
+        """Write adapter_model.safetensors + adapter_config.json into `directory`, each file
+        atomically (temporary file, then rename), so a reader never sees half a file."""
+        return save_peft(directory, self.peft_state_dict(), self.peft_config(base_model))
+
+    def load_peft(self, directory: str | os.PathLike) -> None:
+        """Copy weights from a PEFT LoRA directory into this adapter (for `init_from`)."""
+        directory = Path(directory)
+        peft_cfg = read_peft_config(directory)
+        if int(peft_cfg.get("r", -1)) != self.cfg.r:
+            raise UserError(f"init_from {directory}: its r is {peft_cfg.get('r')}, "
+                            f"but adapter '{self.name}' has r={self.cfg.r}")
+        tensors = read_peft_weights(directory)
+        expected = self.peft_state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise UserError(f"init_from {directory}: tensor {missing[0]} is missing "
+                            f"(the adapter's target_modules must match)")
+        for name, value in tensors.items():
+            if name not in expected:
+                raise UserError(f"init_from {directory}: unexpected tensor {name} "
+                                f"(not among adapter '{self.name}''s target_modules)")
+            if value.shape != expected[name].shape:
+                raise UserError(f"init_from {directory}: tensor {name} has shape "
+                                f"{tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+        with torch.no_grad():
+            for path, w in self.weights.items():
+                w.lora_A.copy_(tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+                w.lora_B.copy_(tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+
+    def detach_from(self, wrappers: dict[str, LoraLinear]) -> None:
+        """Remove this adapter from the model (its weights stay in `self.weights`)."""
+        for path in self.weights:
+            wrappers[path].adapters.pop(self.name, None)
+
+
+def _module_sort_key(path: str) -> tuple:
+    """Order module paths by layer number, then by the canonical target order."""
+    parts = path.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), -1)
+    leaf = parts[-1]
+    return (layer, TARGET_MODULES.index(leaf) if leaf in TARGET_MODULES else 99, path)
+
+
+def save_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME,
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def save_checkpoint_dir(target: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write a whole PEFT directory under a temporary name, then rename it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_peft(tmp, tensors, config)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_peft_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON ({err})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only LORA is supported")
+    return cfg
+
+
+def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{path}: cannot read ({err})") from None

@@ -1,0 +1,154 @@
+"""Which rows go together: each adapter's data order, its micro-batches and optimizer steps,
+and the fused batch that carries several adapters' micro-batches through the base at once.
+
+An adapter's stream of micro-batches depends only on its own data, its own config and the
+seed, never on the other adapters: that is what lets a fused run equal a solo run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from mlora.config import AdapterConfig
+from mlora.data import Example, pad_rows
+from mlora.lora import AdapterRows
+
+# group_by_length sorts rows by length inside windows of this many micro-batches, as
+# transformers' LengthGroupedSampler does: padding falls, while the order stays random.
+LENGTH_GROUP_MICRO_BATCHES = 50
+
+
+@dataclass
+class MicroBatch:
+    """Up to micro_batch_size rows of one adapter, part of one of its optimizer steps."""
+
+    adapter: str
+    examples: list[Example]
+    epoch: int
+    step: int  # 0-based optimizer step of this adapter
+    step_label_tokens: int  # label tokens of the whole optimizer step: the loss normaliser
+    last_in_step: bool
+    side: str  # padding side, "right" or "left"
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(ex.num_label_tokens for ex in self.examples)
+
+
+def epoch_order(lengths: Sequence[int], seed: int, epoch: int, group_by_length: bool,
+                micro_batch_size: int) -> list[int]:
+    """A permutation of the rows for one epoch, from the adapter's seed and the epoch only."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        window = LENGTH_GROUP_MICRO_BATCHES * micro_batch_size
+        grouped = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            grouped.extend(sorted(chunk, key=lambda i: -lengths[i]))  # stable: ties keep random order
+        order = grouped
+    return order
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    return math.ceil(num_rows / batch_size)
+
+
+def total_steps(num_rows: int, cfg: AdapterConfig) -> int:
+    """Optimizer steps the adapter will take (a short last batch of an epoch still steps)."""
+    steps = steps_per_epoch(num_rows, cfg.batch_size) * cfg.num_epochs
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def adapter_stream(examples: Sequence[Example], cfg: AdapterConfig, seed: int,
+                   start_step: int = 0) -> Iterator[MicroBatch]:
+    """Yield the adapter's micro-batches in training order, from optimizer step `start_step`."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    per_epoch = steps_per_epoch(len(examples), cfg.batch_size)
+    last = total_steps(len(examples), cfg)
+    step = 0
+    for epoch in range(cfg.num_epochs):
+        order = epoch_order(lengths, seed, epoch, cfg.group_by_length, cfg.micro_batch_size)
+        for k in range(per_epoch):
+            if step >= last:
+                return
+            if step < start_step:
+                step += 1
+                continue
+            rows = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            step_tokens = sum(examples[i].num_label_tokens for i in rows)
+            chunks = [rows[j:j + cfg.micro_batch_size] for j in range(0, len(rows), cfg.micro_batch_size)]
+            for j, chunk in enumerate(chunks):
+                yield MicroBatch(cfg.name, [examples[i] for i in chunk], epoch, step, step_tokens,
+                                 last_in_step=(j == len(chunks) - 1), side=cfg.expand_side)
+            step += 1
+
+
+def round_robin(streams: dict[str, Iterator[MicroBatch]], candidate_num: int,
+                simultaneously_num: int) -> Iterator[list[MicroBatch]]:
+    """The `trivial` strategy: each fused batch takes the next micro-batch of up to
+    `simultaneously_num` active adapters, in rotation. At most `candidate_num` adapters are
+    active; when one runs out of data the next queued adapter (config order) starts."""
+    queued = deque(streams)
+    active: deque[str] = deque()
+
+    def admit() -> None:
+        while queued and len(active) < candidate_num:
+            active.append(queued.popleft())
+
+    admit()
+    while active:
+        parts: list[MicroBatch] = []
+        used: set[str] = set()
+        while len(parts) < simultaneously_num:
+            name = next((n for n in active if n not in used), None)
+            if name is None:
+                break
+            part = next(streams[name], None)
+            if part is None:  # finished: its slot goes to the next queued adapter
+                active.remove(name)
+                admit()
+                continue
+            parts.append(part)
+            used.add(name)
+        # Rotate: the adapters that just ran go to the back of the line.
+        active = deque([n for n in active if n not in used] + [n for n in active if n in used])
+        if parts:
+            yield parts
+
+
+@dataclass
+class FusedBatch:
+    """Rows of several adapters padded to one length; each adapter owns a contiguous range."""
+
+    input_ids: torch.Tensor  # [B, S] long
+    labels: torch.Tensor  # [B, S] long, IGNORE_INDEX where not trained
+    attention_mask: torch.Tensor | None  # [B, S] bool, None when every row is right-padded
+    rows: list[AdapterRows]
+    parts: list[MicroBatch]
+
+    def to(self, device: torch.device) -> "FusedBatch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
+        return FusedBatch(self.input_ids.to(device, non_blocking=True),
+                          self.labels.to(device, non_blocking=True), mask, self.rows, self.parts)
+
+
+def fuse(parts: Sequence[MicroBatch], pad_id: int) -> FusedBatch:
+    """Concatenate micro-batches (one per adapter) into one padded batch."""
+    examples = [ex for part in parts for ex in part.examples]
+    sides = [part.side for part in parts for _ in part.examples]
+    length = max(len(ex.input_ids) for ex in examples)
+    input_ids, labels, mask = pad_rows(examples, sides, length, pad_id)
+    rows, start = [], 0
+    for part in parts:
+        rows.append(AdapterRows(part.adapter, start, start + len(part.examples)))
+        start += len(part.examples)
+    # With right padding every pad key sits after every real query, so the causal mask
+    # already hides it and attention can take the fast is_causal path.
+    needs_mask = any(side == "left" for side in sides)
+    return FusedBatch(input_ids, labels, mask if needs_mask else None, rows, list(parts))

@@ -1,0 +1,119 @@
+"""The `mlora` command: train | eval | demo. Thin: parse, then call.
+
+A UserError becomes one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from mlora.errors import UserError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base_model", required=True, help="directory of the frozen base (config.json, tokenizer, *.safetensors)")
+    p.add_argument("--config", required=True, help="the JSON training config")
+    p.add_argument("--output_dir", help="overrides the config's output_dir")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", help="base dtype: fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train every adapter of a config in fused batches")
+    _add_common(p)
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--output_dir", help="where the demo writes (default: a temporary directory)")
+    p.add_argument("--short", action="store_true", help="a few steps only (used by CI)")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from mlora.session import open_session
+    from mlora.trainer import train
+
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                           device=args.device, dtype=args.dtype, seed=args.seed)
+    prepare_output_dir(session.cfg.output_dir)
+    summary = train(session, progress=not args.no_progress)
+    for name, s in summary.items():
+        loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
+        print(f"{name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mlora.adapter import WEIGHTS_NAME, Adapter
+    from mlora.evaluate import evaluate_adapter
+    from mlora.session import open_session
+
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                           device=args.device, dtype=args.dtype)
+    out = Path(session.cfg.output_dir)
+    for cfg in session.cfg.lora:
+        saved = out / cfg.name
+        adapter = None
+        if (saved / WEIGHTS_NAME).is_file():
+            adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device)
+            adapter.load_peft(saved)
+        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test)
+        if adapter is not None:
+            adapter.detach_from(session.wrappers)
+        print(json.dumps({"adapter": cfg.name, "loss": loss, "tokens": tokens,
+                          "weights": str(saved) if adapter is not None else "base"}), flush=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mlora.demo import run_demo
+
+    return run_demo(device=args.device, output_dir=args.output_dir, short=args.short)
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create the output directory, or fail with one line before any training starts."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"output_dir {p} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output_dir {p}: cannot create it ({err.strerror})") from None
+    if not os.access(p, os.W_OK):
+        raise UserError(f"output_dir {p} is not writable")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"mlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,433 @@
+"""Load and validate the JSON training config; m-LoRA's configs load too.
+
+Every mistake becomes one `UserError` line that names the file, the adapter and the key, so a
+user can fix the config without reading a traceback. After parsing, nothing a consumer reads
+is left as "use the global value" or "same as batch_size": those Nones are filled in here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, NoReturn
+
+from mlora.errors import UserError
+
+# Canonical order of the LLaMA-style projections; target_modules comes out in this order.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# m-LoRA names the MLP projections after the LLaMA paper's w1/w2/w3.
+MLORA_MODULE_NAMES = {
+    "w1_proj": "gate_proj", "w1": "gate_proj",
+    "w2_proj": "down_proj", "w2": "down_proj",
+    "w3_proj": "up_proj", "w3": "up_proj",
+}
+BUILTIN_PROMPTS = ("alpaca",)
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+EXPAND_SIDES = ("right", "left")
+TRAIN_STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
+MLORA_STRATEGY_NAMES = {"none": "trivial", "optim": "optimal-fit"}
+
+
+@dataclass
+class AdapterConfig:
+    """One LoRA adapter and how to train it (one entry of the config's `lora` list)."""
+
+    name: str
+    data: str  # absolute path
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    use_rslora: bool = False
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    batch_size: int = 16
+    micro_batch_size: int | None = None  # filled with batch_size by parse_config
+    test_batch_size: int = 16
+    num_epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; None = run all epochs
+    test_data: str | None = None  # absolute path
+    prompt: str = "alpaca"  # a builtin name or an absolute path to a template file
+    group_by_length: bool | None = None  # filled from TrainConfig by parse_config
+    expand_side: str = "right"
+    train_on_inputs: bool = False
+    optim: str = "adamw"
+    lr: float = 3e-4
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0  # None = no clipping
+    eval_step: int | None = None  # filled from TrainConfig by parse_config; 0 = never
+    init_from: str | None = None  # absolute path of a saved adapter directory
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: global settings plus the adapters trained together."""
+
+    lora: list[AdapterConfig]
+    cutoff_len: int = 256
+    save_step: int = 0  # 0 = save only at the end
+    seed: int = 42
+    output_dir: str = "output"
+    group_by_length: bool = False
+    eval_step: int = 0  # 0 = never
+    train_lora_candidate_num: int | None = None  # filled with len(lora) by parse_config
+    train_lora_simultaneously_num: int | None = None  # filled with len(lora) by parse_config
+    train_strategy: str = "trivial"
+
+
+def adapter_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one adapter, from the global seed and the adapter's name only.
+
+    Python's hash() is salted per process, so this uses a fixed digest; leaving the other
+    adapters out of the input means adding or removing one never changes another's init or
+    data order.
+    """
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and validate a JSON config file; relative paths inside may be relative to it."""
+    source = os.fspath(path)
+    try:
+        # utf-8-sig: editors on Windows like to write a BOM.
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{source}: is a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{source}: config file is not UTF-8 text") from None
+    except OSError as err:
+        raise UserError(f"{source}: cannot read config file: {err.strerror}") from None
+
+    def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # json keeps the last of two equal keys without a word; that is always a mistake here.
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise UserError(f"{source}: key {key!r} appears twice in the same JSON object")
+            obj[key] = value
+        return obj
+
+    try:
+        obj = json.loads(text, object_pairs_hook=reject_duplicate_keys)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+    return parse_config(obj, source, Path(os.path.abspath(path)).parent)
+
+
+def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None) -> TrainConfig:
+    """Validate an already-decoded config; `source` prefixes every message, `base_dir` is
+    where relative paths are looked up when they are not found from the working directory."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{source}: the top level must be a JSON object, got {_describe(obj)}")
+    top = _Reader(obj, source, _GLOBAL_KEYS, {"early_stop_test_step": "eval_step"})
+    top.integer("cutoff_len", _POSITIVE)
+    top.integer("save_step", _NON_NEGATIVE)
+    top.integer("seed", _SEED_RANGE)
+    top.string("output_dir")
+    top.boolean("group_by_length")
+    top.integer("eval_step", _NON_NEGATIVE)
+    top.integer("train_lora_candidate_num", _POSITIVE, nullable=True)
+    top.integer("train_lora_simultaneously_num", _POSITIVE, nullable=True)
+    top.choice("train_strategy", TRAIN_STRATEGIES, MLORA_STRATEGY_NAMES)
+
+    entries = top.require("lora")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        top.fail(f"'lora' must be a list of objects, one per adapter, got {_describe(entries)}")
+    if not entries:
+        top.fail("'lora' must list at least one adapter")
+    adapters = [
+        _parse_adapter(entry, f"{source}: lora[{i}]", base_dir) for i, entry in enumerate(entries)
+    ]
+    first_index: dict[str, int] = {}
+    for i, adapter in enumerate(adapters):
+        if adapter.name in first_index:
+            top.fail(
+                f"duplicate adapter name {adapter.name!r} (lora[{first_index[adapter.name]}] and lora[{i}])"
+            )
+        first_index[adapter.name] = i
+
+    config = TrainConfig(lora=adapters, **top.values)
+    for adapter in adapters:
+        if adapter.group_by_length is None:
+            adapter.group_by_length = config.group_by_length
+        if adapter.eval_step is None:
+            adapter.eval_step = config.eval_step
+    if config.train_lora_candidate_num is None:
+        config.train_lora_candidate_num = len(adapters)
+    if config.train_lora_simultaneously_num is None:
+        config.train_lora_simultaneously_num = len(adapters)
+    return config
+
+
+def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfig:
+    name = obj.get("name")
+    if isinstance(name, str) and name:
+        where = f"{where} (name {name!r})"
+    a = _Reader(obj, where, _ADAPTER_KEYS, {"lora_alpha": "alpha", "lora_dropout": "dropout"})
+
+    for key in _UNSUPPORTED_KEYS:
+        value = a.obj.get(key)
+        # `is False`, not `== False`: a loraplus_lr_ratio of 0 still asks for the feature.
+        if not (value is None or value is False):
+            a.fail(f"{key} is not supported by mlora")
+
+    name = a.require("name")
+    if not isinstance(name, str):
+        a.fail(f"'name' must be a string, got {_describe(name)}")
+    if not _is_directory_name(name):
+        a.fail(
+            f"'name' must be usable as a directory name (non-empty, no '/' or '\\', no leading "
+            f"dot, no control characters), got {name!r}"
+        )
+    a.values["name"] = name
+
+    a.require("data")
+    a.path("data", base_dir, kind="file")
+    a.path("test_data", base_dir, kind="file", nullable=True)
+    a.path("init_from", base_dir, kind="adapter", nullable=True)
+    a.string("prompt")
+    if a.values.get("prompt", BUILTIN_PROMPTS[0]) not in BUILTIN_PROMPTS:
+        a.path("prompt", base_dir, kind="prompt")
+
+    a.integer("r", _POSITIVE)
+    a.number("alpha", _POSITIVE)
+    a.number("dropout", _UNIT)
+    a.boolean("use_rslora")
+    if "target_modules" in a.obj:
+        a.values["target_modules"] = _target_modules(a, a.obj["target_modules"])
+
+    a.integer("batch_size", _POSITIVE)
+    a.integer("micro_batch_size", _POSITIVE, nullable=True)
+    a.integer("test_batch_size", _POSITIVE)
+    a.integer("num_epochs", _POSITIVE)
+    a.integer("max_steps", _POSITIVE, nullable=True)
+    a.boolean("group_by_length", nullable=True)
+    a.choice("expand_side", EXPAND_SIDES)
+    a.boolean("train_on_inputs")
+
+    a.choice("optim", OPTIMIZERS)
+    a.number("lr", _POSITIVE)
+    a.number("momentum", _UNIT)
+    a.number("weight_decay", _NON_NEGATIVE)
+    a.choice("lr_scheduler", LR_SCHEDULERS)
+    a.integer("warmup_steps", _NON_NEGATIVE)
+    a.number("max_grad_norm", _Bound(">= 0 (0 or null disables clipping)", lambda v: v >= 0), nullable=True)
+    if a.values.get("max_grad_norm") == 0:
+        a.values["max_grad_norm"] = None
+    a.integer("eval_step", _NON_NEGATIVE, nullable=True)
+
+    adapter = AdapterConfig(**a.values)
+    if adapter.micro_batch_size is None:
+        adapter.micro_batch_size = adapter.batch_size
+    if adapter.batch_size % adapter.micro_batch_size:
+        a.fail(
+            f"'batch_size' ({adapter.batch_size}) must be a multiple of "
+            f"'micro_batch_size' ({adapter.micro_batch_size})"
+        )
+    # Asked for explicitly on this adapter, evaluation without test data is surely a slip;
+    # a global eval_step simply skips adapters that have none.
+    if adapter.eval_step and adapter.test_data is None:
+        a.fail(f"'eval_step' is {adapter.eval_step} but no 'test_data' is given")
+    return adapter
+
+
+def _target_modules(a: _Reader, value: Any) -> list[str]:
+    """PEFT's list of names or m-LoRA's {name: bool}; returns canonical names in canonical order."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        names = value
+    elif isinstance(value, dict):
+        for key, on in value.items():
+            if not isinstance(on, bool):
+                a.fail(f"'target_modules' entry {key!r} must be true or false, got {_describe(on)}")
+        names = [key for key, on in value.items() if on]
+        # Typos hide even behind false: check every key, not only the selected ones.
+        for key in value:
+            _canonical_module(a, key)
+    else:
+        a.fail(
+            "'target_modules' must be a list of module names or an object of name: true/false, "
+            f"got {_describe(value)}"
+        )
+    chosen = {_canonical_module(a, n) for n in names}
+    if not chosen:
+        a.fail(f"'target_modules' selects no modules; choose from {', '.join(TARGET_MODULES)}")
+    return [m for m in TARGET_MODULES if m in chosen]
+
+
+def _canonical_module(a: _Reader, name: str) -> str:
+    if name in TARGET_MODULES:
+        return name
+    if name in MLORA_MODULE_NAMES:
+        return MLORA_MODULE_NAMES[name]
+    a.fail(
+        f"unknown module {name!r} in 'target_modules'{_hint(name, [*TARGET_MODULES, *MLORA_MODULE_NAMES])}"
+        f" (valid: {', '.join(TARGET_MODULES)})"
+    )
+
+
+def _is_directory_name(name: str) -> bool:
+    return (
+        name != ""
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and all(ch.isprintable() for ch in name)
+    )
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """A range check and how to say it in a message ("'r' must be > 0, got 0")."""
+
+    text: str
+    ok: Callable[[float], bool]
+
+
+_POSITIVE = _Bound("> 0", lambda v: v > 0)
+_NON_NEGATIVE = _Bound(">= 0", lambda v: v >= 0)
+_UNIT = _Bound("in [0, 1)", lambda v: 0 <= v < 1)
+# numpy and torch both take seeds in this range.
+_SEED_RANGE = _Bound("in [0, 2**63)", lambda v: 0 <= v < 2**63)
+
+_MISSING = object()
+
+
+class _Reader:
+    """Reads one JSON object into dataclass keyword arguments, checking types and ranges.
+
+    Only keys present in the JSON land in `values`, so the dataclass defaults stay the one
+    place that says what an absent key means.
+    """
+
+    def __init__(self, obj: dict, where: str, keys: Iterable[str], aliases: dict[str, str]):
+        self.where = where
+        self.values: dict[str, Any] = {}
+        valid = [*keys, *aliases]
+        for key in obj:
+            if key not in valid:
+                self.fail(f"unknown key {key!r}{_hint(key, valid)}")
+        # Work on a copy with aliases renamed, so the caller's object is left as it was.
+        self.obj = dict(obj)
+        for alias, key in aliases.items():
+            if alias in self.obj:
+                if key in self.obj:
+                    self.fail(f"{key!r} and its alias {alias!r} are both given; keep one")
+                self.obj[key] = self.obj.pop(alias)
+
+    def fail(self, message: str) -> NoReturn:
+        raise UserError(f"{self.where}: {message}")
+
+    def require(self, key: str) -> Any:
+        if key not in self.obj:
+            self.fail(f"missing required key {key!r}")
+        return self.obj[key]
+
+    def integer(self, key: str, bound: _Bound, *, nullable: bool = False) -> None:
+        # bool is a subclass of int in Python but not a number in JSON.
+        self._read(key, "an integer", lambda v: type(v) is int, bound, nullable)
+
+    def number(self, key: str, bound: _Bound, *, nullable: bool = False) -> None:
+        def is_number(v: Any) -> bool:
+            return type(v) in (int, float) and math.isfinite(v)
+
+        self._read(key, "a number", is_number, bound, nullable)
+        if self.values.get(key) is not None:
+            self.values[key] = float(self.values[key])
+
+    def boolean(self, key: str, *, nullable: bool = False) -> None:
+        self._read(key, "true or false", lambda v: isinstance(v, bool), None, nullable)
+
+    def string(self, key: str) -> None:
+        self._read(key, "a non-empty string", lambda v: isinstance(v, str) and v != "", None, False)
+
+    def choice(self, key: str, choices: tuple[str, ...], aliases: dict[str, str] | None = None) -> None:
+        """A string from `choices`; `aliases` (m-LoRA's spellings) are stored as their canonical name."""
+        aliases = aliases or {}
+        self.string(key)
+        value = self.values.get(key)
+        if value is None or value in choices:
+            return
+        if value in aliases:
+            self.values[key] = aliases[value]
+            return
+        listed = ", ".join(choices)
+        if aliases:
+            listed += " (or m-LoRA's " + ", ".join(f"{k!r} = {v!r}" for k, v in aliases.items()) + ")"
+        hint = _hint(value.lower(), [*choices, *aliases])
+        self.fail(f"{key!r} must be one of {listed}, got {value!r}{hint}")
+
+    def path(self, key: str, base_dir: Path | None, *, kind: str, nullable: bool = False) -> None:
+        """An existing file ("file", "prompt") or saved adapter directory ("adapter"), stored
+        absolute; relative paths are tried from the working directory, then from base_dir."""
+        self._read(key, "a non-empty string (a path)", lambda v: isinstance(v, str) and v != "", None,
+                   nullable)
+        value = self.values.get(key)
+        if value is None:
+            return
+        given = Path(value).expanduser()
+        places = [Path.cwd()] if base_dir is None else [Path.cwd(), Path(base_dir)]
+        candidates = [given] if given.is_absolute() else [place / given for place in places]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            looked = "" if given.is_absolute() else " (looked in " + " and ".join(str(p) for p in places) + ")"
+            what = {"file": "file", "prompt": "template file", "adapter": "adapter directory"}[kind]
+            extra = f"; builtin templates: {', '.join(BUILTIN_PROMPTS)}" if kind == "prompt" else ""
+            self.fail(f"{key!r}: {what} {value!r} not found{looked}{extra}")
+        if kind == "adapter":
+            if not found.is_dir():
+                self.fail(f"{key!r}: {str(found)!r} is not a directory (expected a saved adapter)")
+            if not (found / "adapter_config.json").is_file():
+                self.fail(f"{key!r}: {str(found)!r} has no adapter_config.json, so it is not a saved adapter")
+        elif not found.is_file():
+            self.fail(f"{key!r}: {str(found)!r} is not a file")
+        # abspath, not resolve(): keep the user's symlinks as they wrote them.
+        self.values[key] = os.path.abspath(found)
+
+    def _read(self, key: str, what: str, accepts: Callable[[Any], bool], bound: _Bound | None,
+              nullable: bool) -> None:
+        value = self.obj.get(key, _MISSING)
+        if value is _MISSING:
+            return
+        if value is None and nullable:
+            self.values[key] = None
+            return
+        if not accepts(value):
+            self.fail(f"{key!r} must be {what}, got {_describe(value)}")
+        if bound is not None and not bound.ok(value):
+            self.fail(f"{key!r} must be {bound.text}, got {value!r}")
+        self.values[key] = value
+
+
+_UNSUPPORTED_KEYS = ("use_dora", "loraplus_lr_ratio")
+_ADAPTER_KEYS = [f.name for f in fields(AdapterConfig)] + list(_UNSUPPORTED_KEYS)
+_GLOBAL_KEYS = [f.name for f in fields(TrainConfig)]
+
+
+def _hint(word: Any, valid: Iterable[str]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _describe(value: Any) -> str:
+    """A short one-line rendering for messages, like "str '8'" or "null"."""
+    if value is None:
+        return "null"
+    kind = {dict: "object", list: "list"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind} {text}"

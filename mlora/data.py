@@ -1,0 +1,370 @@
+"""Datasets -> token ids: loading rows, prompt templates, tokenization, label masking, padding.
+
+A dataset is a JSON array or a JSONL file of rows. Three row shapes are understood:
+
+* alpaca  {"instruction", "input"?, "output"}  rendered through a PromptTemplate;
+* chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;
+* text    {"text"}  tokenized as is (plain language modelling; also used by evaluation).
+
+Every row becomes an Example: input_ids plus labels aligned with them (HF convention: the
+model's loss shifts labels by one), with IGNORE_INDEX on tokens that are not trained.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from mlora.errors import UserError
+
+IGNORE_INDEX = -100
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+# The key that identifies each row shape.
+_SHAPE_KEYS = {"alpaca": "instruction", "chat": "messages", "text": "text"}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    # Same length as input_ids; IGNORE_INDEX where the token is not trained.
+    labels: list[int]
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens that contribute to the loss. Position 0 is never predicted (nothing precedes
+        it), so its label does not count even when set."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# --------------------------------------------------------------------------- loading rows
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Read a dataset file: JSONL (one object per non-blank line) or a JSON array of objects."""
+    path = Path(path)
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if path.suffix == ".jsonl" or not stripped.startswith("["):
+        rows = _parse_jsonl(path, text)
+    else:
+        rows = _parse_json_array(path, text)
+    if not rows:
+        raise UserError(f"{path}: the dataset is empty (no rows)")
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    try:
+        # utf-8-sig: files saved by some editors start with a byte-order mark.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _parse_jsonl(path: Path, text: str) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")
+        rows.append(row)
+    return rows
+
+
+def _parse_json_array(path: Path, text: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of objects, got {_json_type(data)}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {i}: expected a JSON object, got {_json_type(row)}")
+    return data
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------- prompt templates
+
+
+@dataclass
+class PromptTemplate:
+    prompt: str            # with {instruction} and {input}; may also contain {output}
+    prompt_no_input: str   # with {instruction}; may also contain {output}
+
+    def render(self, instruction: str, input: str | None) -> tuple[str, str]:
+        """Return (prompt_text, suffix): the untrained prompt, and the text that follows the
+        output (trained with it) when the template places {output} explicitly."""
+        template = self.prompt if input else self.prompt_no_input
+        before, _, after = template.partition("{output}")
+        values = {"instruction": instruction, "input": input or "", "output": ""}
+        return _fill(before, values), _fill(after, values)
+
+
+_PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    # One pass over the template, so braces or "{input}" inside user text stay literal
+    # (str.format would choke on them, chained str.replace would substitute into them).
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def builtin_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
+
+
+def load_template(spec: str) -> PromptTemplate:
+    """`spec` is a builtin template name ("alpaca") or a path to a JSON template file with
+    `prompt` (or alpaca-lora's `prompt_input`) and `prompt_no_input`."""
+    path = Path(spec)
+    if spec in builtin_templates() and not path.is_file():
+        path = TEMPLATES_DIR / f"{spec}.json"
+    elif not path.is_file():
+        raise UserError(f"prompt template {spec!r}: no such file, and not a builtin "
+                        f"template (builtin: {', '.join(builtin_templates())})")
+    return _parse_template(path)
+
+
+def _parse_template(path: Path) -> PromptTemplate:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a prompt template must be a JSON object, got {_json_type(data)}")
+    prompt = data.get("prompt", data.get("prompt_input"))
+    no_input = data.get("prompt_no_input")
+    if prompt is None or no_input is None:
+        raise UserError(f"{path}: a prompt template needs the keys 'prompt' (or 'prompt_input') "
+                        f"and 'prompt_no_input'")
+    for key, value in (("prompt", prompt), ("prompt_no_input", no_input)):
+        if not isinstance(value, str):
+            raise UserError(f"{path}: '{key}' must be a string")
+        if "{instruction}" not in value:
+            raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder")
+        if value.count("{output}") > 1:
+            raise UserError(f"{path}: '{key}' has more than one {{output}} placeholder")
+    if "{input}" not in prompt:
+        # Without it every row's input would be dropped silently.
+        raise UserError(f"{path}: 'prompt' has no {{input}} placeholder")
+    return PromptTemplate(prompt=prompt, prompt_no_input=no_input)
+
+
+# --------------------------------------------------------------------------- encoding rows
+
+
+def row_shape(row: dict) -> str:
+    """'alpaca', 'chat' or 'text', detected by the row's keys; UserError if none or several."""
+    shapes = [shape for shape, key in _SHAPE_KEYS.items() if key in row]
+    if not shapes:
+        raise UserError(f"unknown row shape (keys: {', '.join(map(str, row)) or 'none'}); expected "
+                        f"'instruction'/'input'/'output', 'messages', or 'text'")
+    if len(shapes) > 1:
+        keys = ", ".join(repr(_SHAPE_KEYS[s]) for s in shapes)
+        raise UserError(f"row mixes shapes ({' and '.join(shapes)}: keys {keys}); use one")
+    return shapes[0]
+
+
+def encode_row(row: dict, tokenizer, template: PromptTemplate, cutoff_len: int,
+               train_on_inputs: bool) -> Example:
+    """Tokenize one row and mask its labels; the result is truncated to cutoff_len tokens."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token (eos_token_id is None)")
+    if cutoff_len < 1:
+        raise UserError(f"cutoff_len must be at least 1, got {cutoff_len}")
+    shape = row_shape(row)
+    if shape == "alpaca":
+        example = _encode_alpaca(row, tokenizer, template, train_on_inputs)
+    elif shape == "chat":
+        example = _encode_chat(row["messages"], tokenizer, train_on_inputs)
+    else:
+        example = _encode_text(row, tokenizer)
+    if not example.input_ids:
+        raise UserError("the row encodes to no tokens")
+    # Truncation comes last so that a text row is exactly tokenizer(text).input_ids[:cutoff_len].
+    return Example(example.input_ids[:cutoff_len], example.labels[:cutoff_len])
+
+
+def encode_rows(rows: Iterable[dict], tokenizer, template: PromptTemplate, cutoff_len: int,
+                train_on_inputs: bool, source: str = "") -> list[Example]:
+    """encode_row over a dataset; errors name `source` (usually the file) and the row index."""
+    examples = []
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i}" if source else f"row {i}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object, got {_json_type(row)}")
+        try:
+            examples.append(encode_row(row, tokenizer, template, cutoff_len, train_on_inputs))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    return examples
+
+
+def _string_field(row: dict, key: str, required: bool = True) -> str | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"missing {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{key!r} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _encode_alpaca(row: dict, tokenizer, template: PromptTemplate, train_on_inputs: bool) -> Example:
+    instruction = _string_field(row, "instruction")
+    input_text = _string_field(row, "input", required=False)
+    output = _string_field(row, "output")
+    prompt_text, suffix = template.render(instruction, input_text)
+    # The prompt gets the tokenizer's default special tokens (e.g. BOS); the target ends in EOS
+    # so the adapter learns to stop.
+    prompt_ids = tokenizer(prompt_text).input_ids
+    target_ids = tokenizer(output + suffix, add_special_tokens=False).input_ids
+    target_ids = target_ids + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + target_ids
+    if train_on_inputs:
+        return Example(input_ids, list(input_ids))
+    return Example(input_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
+
+
+def _encode_text(row: dict, tokenizer) -> Example:
+    text = _string_field(row, "text")
+    # Exactly the tokenizer's own encoding, nothing appended: evaluation relies on this.
+    input_ids = tokenizer(text).input_ids
+    return Example(input_ids, list(input_ids))
+
+
+def _encode_chat(messages, tokenizer, train_on_inputs: bool) -> Example:
+    _check_messages(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("chat rows ('messages') need a tokenizer with a chat template, "
+                        "and this tokenizer has none")
+    text = _render_chat(tokenizer, messages)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise UserError("chat rows need a fast tokenizer (one that reports character offsets)") from None
+    input_ids = list(encoding.input_ids)
+    if train_on_inputs:
+        trained = [True] * len(input_ids)
+    else:
+        spans = _assistant_spans(tokenizer, messages, text)
+        trained = [any(lo <= start < hi for lo, hi in spans) for start, _ in encoding.offset_mapping]
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, trained)]
+
+    # Templates whose end-of-turn token is not EOS (ChatML with a </s> EOS, say) would never
+    # teach the model to stop; append a trained EOS after a final assistant turn.
+    eos = tokenizer.eos_token_id
+    if messages[-1]["role"] == "assistant" and eos not in [t for t in labels if t != IGNORE_INDEX]:
+        input_ids.append(eos)
+        labels.append(eos)
+    return Example(input_ids, labels)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError("'messages' must be a non-empty list of {role, content} objects")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"messages[{j}] must be an object, got {_json_type(message)}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise UserError(f"messages[{j}].{key} must be a string, got "
+                                f"{_json_type(message.get(key)) if key in message else 'nothing'}")
+
+
+def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises its own errors (e.g. raise_exception for bad role order)
+        raise UserError(f"the chat template rejected the messages ({type(e).__name__}: {e})") from None
+
+
+def _assistant_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
+    """Character spans [lo, hi) of the assistant turns in `text`, end-of-turn markup included.
+
+    A turn starts where the rendering of the conversation before it plus the generation prompt
+    ends, and ends where the rendering up to and including it ends. That holds only if the
+    template renders each conversation prefix as a prefix of the full text; we check it rather
+    than silently train on the wrong tokens.
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render_chat(tokenizer, messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise UserError("the chat template does not render earlier turns as a prefix of the "
+                            "whole conversation, so assistant turns cannot be located for label "
+                            "masking (set train_on_inputs, or use another template)")
+        spans.append((len(before), len(through)))
+    return spans
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def pad_rows(examples: Sequence[Example], sides: Sequence[str], length: int,
+             pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad each example to `length` on its own side ("right" or "left").
+
+    Rows of one fused batch may belong to adapters configured with different padding sides.
+    Returns input_ids [B, length] long, labels [B, length] long (IGNORE_INDEX on padding) and
+    attention_mask [B, length] bool (True on real tokens).
+    """
+    assert len(sides) == len(examples), f"{len(sides)} sides for {len(examples)} examples"
+    batch = len(examples)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)       # [B, L]
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)    # [B, L]
+    attention_mask = torch.zeros((batch, length), dtype=torch.bool)         # [B, L]
+    for row, (example, side) in enumerate(zip(examples, sides)):
+        n = len(example.input_ids)
+        assert n <= length, f"example of {n} tokens does not fit in length {length}"
+        assert len(example.labels) == n, "labels and input_ids differ in length"
+        if side == "right":
+            cols = slice(0, n)
+        elif side == "left":
+            cols = slice(length - n, length)
+        else:
+            raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+        input_ids[row, cols] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, cols] = torch.tensor(example.labels, dtype=torch.long)
+        attention_mask[row, cols] = True
+    return input_ids, labels, attention_mask
+
+
+def pad_batch(examples: Sequence[Example], length: int, pad_id: int,
+              side: str = "right") -> tuple[Tensor, Tensor, Tensor]:
+    """pad_rows with one side for every row."""
+    return pad_rows(examples, [side] * len(examples), length, pad_id)

@@ -1,0 +1,49 @@
+"""Turn the user's `device` / `dtype` settings into torch objects, or a one-line UserError."""
+
+from __future__ import annotations
+
+import torch
+
+from mlora.errors import UserError
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """None -> the first GPU if there is one, else the CPU. CUDA devices come back with an
+    index ("cuda" -> cuda:0) so they compare equal to `tensor.device`."""
+    if spec is None:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(str(spec).strip())
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {spec!r} is not available (not a device name; use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r} is not available (this torch sees no CUDA GPU)")
+        count = torch.cuda.device_count()
+        index = 0 if dev.index is None else dev.index
+        if index >= count:
+            raise UserError(f"device {spec!r} is not available (only {count} CUDA device(s): cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device {spec!r} is not available (no Apple MPS backend here)")
+        return torch.device("mps")
+    raise UserError(f"device {spec!r} is not available (mlora runs on cpu, cuda, cuda:N or mps)")
+
+
+def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; else one of fp32/float32, bf16/bfloat16, fp16/float16."""
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = _DTYPES.get(str(name).strip().lower())
+    if dtype is None:
+        raise UserError(f"dtype {name!r} is not supported (use one of {', '.join(_DTYPES)})")
+    return dtype

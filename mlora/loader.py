@@ -1,0 +1,163 @@
+"""Load a Hugging Face checkpoint directory (config.json + safetensors) into mlora's model.
+
+The model is built on the meta device and each weight is read once, straight onto the
+target device, cast, and assigned: a stage reads only its own tensors and no weight is
+ever held twice (no random init, no second copy for `load_state_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mlora.errors import UserError
+from mlora.models import SUPPORTED, family_for
+
+if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
+    from transformers import PretrainedConfig
+
+    from mlora.models.llama import CausalLM, ModelArgs
+
+PathLike = str | os.PathLike
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+CONVERT_HINT = "scripts/trans_to_safetensors.py"
+
+
+def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
+    """(transformers config, ModelArgs) of the checkpoint in `base_dir`."""
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise UserError(f"base model directory {str(base)!r} does not exist")
+    config_file = base / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"no config.json in base model directory {str(base)!r}")
+    # Check the type before AutoConfig: it raises its own long error for unknown types.
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{config_file} is not a valid JSON config: {e}") from None
+    if model_type not in SUPPORTED:
+        raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
+                        f"(supported: {', '.join(sorted(SUPPORTED))})")
+
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(base))
+    except Exception as e:  # strict config validation, bad values, ...
+        raise UserError(f"cannot read {config_file}: {e}") from None
+    if cfg.model_type not in SUPPORTED:
+        # e.g. transformers reads a "mistral" config.json that has `layer_types` as "ministral"
+        raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "
+                        f"{cfg.model_type!r}, which is not supported")
+    return cfg, family_for(cfg.model_type).args_from_hf_config(cfg)
+
+
+def _weights_source(base: Path) -> Path:
+    """The file that says where each tensor is: the single safetensors file or the index."""
+    if (base / SAFE_SINGLE).is_file():  # transformers' own preference when both exist
+        return base / SAFE_SINGLE
+    if (base / SAFE_INDEX).is_file():
+        return base / SAFE_INDEX
+    if list(base.glob("pytorch_model*.bin")) or (base / "pytorch_model.bin.index.json").is_file():
+        raise UserError(f"{base} has only PyTorch .bin weights; convert them to safetensors with {CONVERT_HINT}")
+    raise UserError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in base model directory {str(base)!r}")
+
+
+def weight_index(base_dir: PathLike) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    base = Path(base_dir)
+    source = _weights_source(base)
+    if source.name == SAFE_SINGLE:
+        try:
+            with safe_open(str(source), framework="pt") as f:  # reads the header only
+                return {name: source for name in f.keys()}
+        except Exception as e:
+            raise UserError(f"cannot read {source}: {e}") from None
+    try:
+        weight_map = json.loads(source.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{source} is not a valid safetensors index ({e})") from None
+    index = {name: base / file for name, file in weight_map.items()}
+    for file in sorted(set(index.values())):
+        if not file.is_file():
+            raise UserError(f"shard {file.name} listed in {source} is missing")
+    return index
+
+
+def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtype,
+               parts: Sequence[str] | None = None) -> CausalLM:
+    """Build the CausalLM (or the stage `parts`) of `base_dir` on `device` in `dtype`, frozen.
+
+    `model.loaded_tensor_names` lists (sorted) the safetensors names that were read."""
+    from safetensors import safe_open
+
+    base = Path(base_dir)
+    device = torch.device(device)
+    cfg, args = read_model_config(base)
+    family = family_for(cfg.model_type)
+    index = weight_index(base)
+    source = _weights_source(base)
+
+    with torch.device("meta"):
+        model = family.CausalLM(args, parts)
+    needed = family.tensor_names(args, model.parts)
+    missing = [name for name in needed if name not in index]
+    if missing:
+        raise UserError(f"tensor {missing[0]!r} is missing from {source}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    # Which module parameters each checkpoint tensor fills: the tied head reads the embedding.
+    targets: dict[str, list[str]] = defaultdict(list)
+    for pname, _ in model.named_parameters(remove_duplicate=False):
+        tname = "model.embed_tokens.weight" if (pname == "lm_head.weight" and args.tie_word_embeddings) else pname
+        targets[tname].append(pname)
+    assert set(targets) == set(needed), (sorted(targets), needed)
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in needed:
+        by_file[index[name]].append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise UserError(f"tensor {name!r} is missing from {file}")
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)
+                    param = torch.nn.Parameter(tensor, requires_grad=False)
+                    for pname in targets[name]:
+                        _assign(model, pname, param)
+        except UserError:
+            raise
+        except Exception as e:  # corrupt or truncated file
+            raise UserError(f"cannot read {file}: {e}") from None
+
+    model.tie_weights()
+    for pname, p in model.named_parameters():
+        assert not p.is_meta, f"{pname} was not loaded"
+        p.requires_grad_(False)
+    model.eval()  # the base has no dropout; this just keeps `training` honest
+    model.loaded_tensor_names = sorted(needed)
+    return model
+
+
+def _assign(model: torch.nn.Module, pname: str, param: torch.nn.Parameter) -> None:
+    module_name, _, attr = pname.rpartition(".")
+    module = model.get_submodule(module_name)
+    expected = getattr(module, attr).shape
+    if param.shape != expected:
+        raise UserError(f"tensor {pname!r} has shape {tuple(param.shape)} but config.json implies {tuple(expected)}")
+    setattr(module, attr, param)

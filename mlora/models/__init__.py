@@ -1,0 +1,24 @@
+"""Model families mlora implements itself, keyed by the config's `model_type`.
+
+Each family module provides `args_from_hf_config`, `ModelArgs`, `CausalLM`,
+`module_sequence` and `tensor_names`. LLaMA, Mistral and Qwen2 differ only in switches,
+so one module serves all three.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from mlora.errors import UserError
+from mlora.models import llama
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+
+_FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
+
+
+def family_for(model_type: str) -> ModuleType:
+    """The module implementing `model_type`; UserError for anything else."""
+    if model_type not in _FAMILIES:
+        raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
+    return _FAMILIES[model_type]

@@ -1,0 +1,429 @@
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral and Qwen2 in one readable file.
+
+The three families differ only in a few switches (biases, sliding windows, RoPE scaling),
+which `args_from_hf_config` reads from a transformers config into a plain `ModelArgs`.
+Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
+name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
+`nn.Linear` attributes that the LoRA code swaps out by name; nothing here knows about LoRA.
+
+A `CausalLM` may hold the whole model or one pipeline stage: a contiguous run of the
+module sequence `["embed", "layer.0", ..., "layer.{L-1}", "norm", "head"]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlora.errors import UserError
+
+FAMILIES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+# `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@dataclass(frozen=True)
+class RopeArgs:
+    type: str = "default"  # one of ROPE_TYPES
+    theta: float = 10000.0
+    factor: float = 1.0  # linear, dynamic, llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    # llama3: the pretraining context length; dynamic: the length beyond which the base grows.
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v_proj
+    o_proj_bias: bool = False  # bias on o_proj (LLaMA's `attention_bias` sets both; Qwen2 only q/k/v)
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    rope: RopeArgs = field(default_factory=RopeArgs)
+    sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if not self.sliding_window:
+            self.sliding_window = [None] * self.num_layers
+
+
+def args_from_hf_config(cfg: Any) -> ModelArgs:
+    """Read a transformers config (or the plain dict of a config.json) into ModelArgs.
+
+    Each switch follows what transformers' modeling file of that family actually does, not
+    just which config fields exist: e.g. Qwen2 always has q/k/v biases whatever the config
+    says, and Mistral ignores `layer_types`."""
+    if isinstance(cfg, Mapping):
+        def get(key, default=None):
+            value = cfg.get(key, default)
+            return default if value is None else value
+    else:
+        def get(key, default=None):
+            value = getattr(cfg, key, default)
+            return default if value is None else value
+
+    model_type = get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    hidden_act = get("hidden_act", "silu")
+    if hidden_act not in ("silu", "swish"):  # transformers maps both names to SiLU
+        raise UserError(f"hidden_act {hidden_act!r} is not supported (only silu)")
+
+    num_layers = int(get("num_hidden_layers"))
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    kv_heads = int(get("num_key_value_heads", heads))
+    if heads % kv_heads:
+        raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    max_pos = int(get("max_position_embeddings", 2048))
+
+    if model_type == "llama":
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = bool(get("mlp_bias", False))
+        windows = [None] * num_layers
+    elif model_type == "mistral":
+        # MistralModel masks every layer with `config.sliding_window` when it is set.
+        qkv_bias = o_bias = mlp_bias = False
+        windows = [get("sliding_window")] * num_layers
+    else:  # qwen2: q/k/v always biased, o_proj and MLP never
+        qkv_bias, o_bias, mlp_bias = True, False, False
+        # Qwen2Config nulls sliding_window unless use_sliding_window; layer_types then picks
+        # the sliding layers (by default those from max_window_layers on).
+        window = get("sliding_window") if get("use_sliding_window", False) else None
+        layer_types = get("layer_types") or [
+            "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
+            for i in range(num_layers)
+        ]
+        if len(layer_types) != num_layers:
+            raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+        windows = [window if t == "sliding_attention" else None for t in layer_types]
+
+    return ModelArgs(
+        model_type=model_type,
+        vocab_size=int(get("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(get("intermediate_size")),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(get("head_dim", hidden // heads)),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias,
+        o_proj_bias=o_bias,
+        mlp_bias=mlp_bias,
+        hidden_act="silu",
+        rope=_rope_args(get, max_pos),
+        sliding_window=[int(w) if w is not None else None for w in windows],
+        max_position_embeddings=max_pos,
+    )
+
+
+def _rope_args(get, max_pos: int) -> RopeArgs:
+    # transformers 5 folds `rope_theta` + `rope_scaling` into `rope_parameters`; a raw
+    # config.json from transformers 4 still has the two separate fields.
+    params = get("rope_parameters") or get("rope_scaling") or {}
+    params = dict(params)
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise UserError("per-layer-type rope_parameters are not supported")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta") or get("rope_theta", 10000.0))
+    if float(params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError("partial_rotary_factor other than 1.0 is not supported")
+
+    def need(key):
+        if params.get(key) is None:
+            raise UserError(f"rope type {rope_type!r} needs {key!r} in rope_parameters")
+        return float(params[key])
+
+    if rope_type == "default":
+        return RopeArgs("default", theta)
+    if rope_type == "linear":
+        return RopeArgs("linear", theta, factor=need("factor"))
+    if rope_type == "dynamic":
+        # HF's dynamic NTK grows the base past `max_position_embeddings` (it ignores any
+        # original_max_position_embeddings for this type).
+        return RopeArgs("dynamic", theta, factor=need("factor"), original_max_position_embeddings=max_pos)
+    if rope_type == "llama3":
+        original = get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
+        return RopeArgs("llama3", theta, factor=need("factor"), low_freq_factor=need("low_freq_factor"),
+                        high_freq_factor=need("high_freq_factor"), original_max_position_embeddings=int(original))
+    raise UserError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def module_sequence(args: ModelArgs) -> list[str]:
+    """The order a full forward runs in; a pipeline stage is a contiguous slice of it."""
+    return ["embed", *(f"layer.{i}" for i in range(args.num_layers)), "norm", "head"]
+
+
+def _check_parts(args: ModelArgs, parts: Sequence[str] | None) -> list[str]:
+    seq = module_sequence(args)
+    if parts is None:
+        return seq
+    unknown = [p for p in parts if p not in seq]
+    if unknown:
+        raise ValueError(f"unknown model parts {unknown}; expected names from {seq[0]}..{seq[-1]}")
+    idx = sorted({seq.index(p) for p in parts})
+    if not idx or idx != list(range(idx[0], idx[-1] + 1)):
+        raise ValueError(f"a stage must be a non-empty contiguous run of {seq}, got {list(parts)}")
+    return [seq[i] for i in idx]
+
+
+def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[str]:
+    """The safetensors names a stage reads, in module order. A tied head reads the embedding."""
+    names: list[str] = []
+    for part in _check_parts(args, parts):
+        if part == "embed":
+            names.append("model.embed_tokens.weight")
+        elif part == "norm":
+            names.append("model.norm.weight")
+        elif part == "head":
+            names.append("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
+        else:
+            p = f"model.layers.{part.split('.')[1]}."
+            for proj, bias in (("q", args.attention_bias), ("k", args.attention_bias),
+                               ("v", args.attention_bias), ("o", args.o_proj_bias)):
+                names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
+            for proj in ("gate", "up", "down"):
+                names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32, computed exactly as transformers does."""
+    theta = rope.theta
+    if rope.type == "dynamic" and seq_len > rope.original_max_position_embeddings:
+        # NTK-aware: stretch the base as the sequence outgrows the trained context.
+        scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
+        theta = theta * scale ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.type == "linear":
+        # Position interpolation: pos / factor, folded into the frequencies like HF does.
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the
+        # band in between blended smoothly.
+        old_len = rope.original_max_position_embeddings
+        low_freq_wavelen = old_len / rope.low_freq_factor
+        high_freq_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [S, head_dim] for positions 0..S-1; fp32 math, then cast (cheap, so no cache)."""
+    inv_freq = rope_inv_freq(args.rope, args.head_dim, seq_len).to(device)  # [D/2]
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [B, heads, S, D]; cos/sin [S, D] broadcast over batch and heads
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: Tensor | None,
+                    seq_len: int, device: torch.device) -> dict[int, Tensor | None]:
+    """The SDPA mask of each layer in `layer_ids` (shared between layers with the same
+    window): bool [B or 1, 1, S, S], True = may attend; None = plain causal.
+
+    SDPA's `is_causal=True` (fastest kernels, no mask in memory) is exact unless a key must
+    be hidden from a query that causality alone would show it: a pad token with real tokens
+    after it (left padding) or a token beyond an active sliding window. Right padding is
+    fine: real queries never look right, and pad queries feed only ignored positions."""
+    key_ok = None  # [B, 1, 1, S]
+    if attention_mask is not None:
+        am = attention_mask.to(device=device, dtype=torch.bool)  # [B, S]
+        right_padded_only = bool((am[:, 1:] <= am[:, :-1]).all())  # ones then zeros, per row
+        if not right_padded_only:
+            key_ok = am[:, None, None, :]
+    by_window: dict[int | None, Tensor | None] = {}
+    out: dict[int, Tensor | None] = {}
+    for i in layer_ids:
+        window = args.sliding_window[i]
+        if window is not None and window >= seq_len:
+            window = None  # the window cannot cut anything at this length
+        if window not in by_window:
+            by_window[window] = _build_mask(window, key_ok, seq_len, device)
+        out[i] = by_window[window]
+    return out
+
+
+def _build_mask(window: int | None, key_ok: Tensor | None, seq_len: int, device: torch.device) -> Tensor | None:
+    if window is None and key_ok is None:
+        return None
+    q = torch.arange(seq_len, device=device)[:, None]  # [S, 1]
+    k = torch.arange(seq_len, device=device)[None, :]  # [1, S]
+    allowed = k <= q  # [S, S]
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None, None]  # [1, 1, S, S]
+    if key_ok is not None:
+        # A query always sees itself, so an all-pad row still has one key and never NaN.
+        allowed = (allowed & key_ok) | (q == k)  # [B, 1, S, S]
+    return allowed
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics even for bf16 activations; cast back before the weight, as HF does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
+        self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        B, S, _ = x.shape  # x [B, S, H]
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, D]
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_rep = self.num_heads // self.num_kv_heads
+        if mask is None and _SDPA_HAS_GQA:
+            # The causal kernels read grouped K/V natively.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        else:
+            # With an explicit mask the memory-efficient kernel is the one that applies, and
+            # it wants as many K/V heads as query heads.
+            if n_rep > 1:
+                k = k.repeat_interleave(n_rep, dim=1)  # [B, nh, S, D]
+                v = v.repeat_interleave(n_rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.sliding_window = args.sliding_window[layer_id]
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)  # [B, S, H]
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    """The whole decoder, or one pipeline stage of it (`parts`, see `module_sequence`).
+
+    Submodules exist only for the stage's parts; their names are HF's, so
+    `model.layers.4.mlp.up_proj` is the same in a stage holding layers 3..5 as in the
+    whole model."""
+
+    def __init__(self, args: ModelArgs, parts: Sequence[str] | None = None):
+        super().__init__()
+        self.args = args
+        self.parts = _check_parts(args, parts)
+        self.layer_ids = [int(p.split(".")[1]) for p in self.parts if p.startswith("layer.")]
+        self.has_embed, self.has_norm, self.has_head = ("embed" in self.parts, "norm" in self.parts,
+                                                        "head" in self.parts)
+
+        self.model = nn.Module()  # holds HF's `model.` prefix
+        if self.has_embed:
+            self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        if self.layer_ids:
+            self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i) for i in self.layer_ids})
+        if self.has_norm:
+            self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if self.has_head:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when both live here (a head-only stage of a tied
+        model keeps its own copy, loaded from `model.embed_tokens.weight`)."""
+        if self.args.tie_word_embeddings and self.has_embed and self.has_head:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """x: input_ids [B, S] if the stage has the embedding, else hidden states [B, S, H].
+        attention_mask [B, S]: 1 = real token (None = all real). Positions are 0..S-1 per row.
+        Returns logits [B, S, V] if the stage has the head, else hidden states [B, S, H]."""
+        h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
+        if self.layer_ids:
+            S = h.shape[1]
+            cos, sin = rope_cos_sin(self.args, S, h.device, h.dtype)  # [S, D]
+            masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
+            for i in self.layer_ids:
+                h = self.model.layers[str(i)](h, cos, sin, masks[i])
+        if self.has_norm:
+            h = self.model.norm(h)
+        if self.has_head:
+            h = self.lm_head(h)  # [B, S, V]
+        return h

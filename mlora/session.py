@@ -1,0 +1,91 @@
+"""Everything a command needs, checked before any work starts: the config, the device, the
+base model, the tokenizer and every adapter's data. Every mistake a user can make surfaces
+here as a UserError, before the output directory is touched."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mlora.config import TrainConfig, load_config
+from mlora.data import Example, encode_rows, load_rows, load_template
+from mlora.device import resolve_device, resolve_dtype
+from mlora.errors import UserError
+from mlora.loader import load_model, read_model_config, weight_index
+from mlora.lora import BatchLayout, LoraLinear, inject_lora
+
+
+@dataclass
+class AdapterData:
+    train: list[Example]
+    test: list[Example]  # test_data, or the training rows when the adapter has none
+
+
+@dataclass
+class Session:
+    cfg: TrainConfig
+    base_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object
+    data: dict[str, AdapterData]
+    model: torch.nn.Module | None = None
+    layout: BatchLayout = field(default_factory=BatchLayout)
+    wrappers: dict[str, LoraLinear] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def load_base(self) -> None:
+        """Load the frozen base onto the device and wrap its target projections."""
+        self.model = load_model(self.base_dir, self.device, self.dtype)
+        self.wrappers = inject_lora(self.model, self.layout)
+
+
+def load_tokenizer(base_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base_dir))
+    except Exception as err:  # transformers raises many types for a missing/broken tokenizer
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"base_model {base_dir}: cannot load its tokenizer ({first})") from None
+
+
+def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inputs: bool) -> list[Example]:
+    rows = load_rows(path)
+    return encode_rows(rows, tokenizer, load_template(prompt), cutoff_len, train_on_inputs, source=str(path))
+
+
+def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
+                 output_dir: str | None = None, device: str | None = None,
+                 dtype: str | None = None, seed: int | None = None,
+                 load_base: bool = True) -> Session:
+    cfg = load_config(config_path)
+    if output_dir is not None:
+        cfg = replace(cfg, output_dir=str(output_dir))
+    if seed is not None:
+        cfg = replace(cfg, seed=seed)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(torch_device, dtype)
+    base_dir = Path(base_model)
+    read_model_config(base_dir)  # config.json present and of a supported family
+    weight_index(base_dir)  # weights present
+    tokenizer = load_tokenizer(base_dir)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"base_model {base_dir}: the tokenizer has no EOS token")
+    data = {}
+    for a in cfg.lora:
+        train = encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
+        test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
+                if a.test_data else train)
+        data[a.name] = AdapterData(train, test)
+    session = Session(cfg, base_dir, torch_device, torch_dtype, tokenizer, data)
+    if load_base:
+        session.load_base()
+    return session

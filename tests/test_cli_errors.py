@@ -1,0 +1,149 @@
+"""Bad input: one line naming the culprit, exit code 2, no traceback, nothing in output_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlora.cli import main
+
+GOOD_ROWS = [{"instruction": "say hi", "output": "hi"}, {"text": "plain text row"}]
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in GOOD_ROWS))
+    out = tmp_path / "out"
+
+    def config(adapter_overrides=None, drop=(), **global_overrides):
+        adapter = {"name": "a", "data": str(data), "batch_size": 2, "micro_batch_size": 1}
+        adapter.update(adapter_overrides or {})
+        for key in drop:
+            adapter.pop(key)
+        cfg = {"output_dir": str(out), "lora": [adapter], **global_overrides}
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    return tmp_path, data, out, config
+
+
+def run_train(capsys, base, cfg, *extra):
+    capsys.readouterr()
+    code = main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress", *extra])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def check(code, err, out: Path, *fragments):
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("mlora: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not out.exists() or not any(out.iterdir()), "output_dir must stay untouched"
+
+
+CASES = [
+    ("unknown key", dict(adapter_overrides={"lrr": 0.1}), ("'lrr'", "'lr'", "name 'a'")),
+    ("wrong type", dict(adapter_overrides={"r": "8"}), ("'r'", "integer")),
+    ("r <= 0", dict(adapter_overrides={"r": 0}), ("'r'",)),
+    ("dropout >= 1", dict(adapter_overrides={"dropout": 1.0}), ("'dropout'",)),
+    ("dropout < 0", dict(adapter_overrides={"dropout": -0.1}), ("'dropout'",)),
+    ("batch not multiple", dict(adapter_overrides={"batch_size": 3, "micro_batch_size": 2}),
+     ("batch_size", "micro_batch_size")),
+    ("missing data", dict(adapter_overrides={"data": "/nonexistent/data.json"}), ("/nonexistent/data.json",)),
+    ("unknown target", dict(adapter_overrides={"target_modules": ["q_proj", "qq_proj"]}), ("qq_proj", "q_proj")),
+    ("unknown global", dict(cutof_len=3), ("cutof_len", "cutoff_len")),
+    ("bad strategy", dict(train_strategy="fastest"), ("train_strategy", "fastest")),
+]
+
+
+@pytest.mark.parametrize("label,kwargs,fragments", CASES, ids=[c[0] for c in CASES])
+def test_config_errors(setup, tiny_llama, capsys, label, kwargs, fragments):
+    _, _, out, config = setup
+    code, err = run_train(capsys, tiny_llama, config(**kwargs))
+    check(code, err, out, *fragments)
+
+
+def test_duplicate_names(setup, tiny_llama, capsys):
+    tmp, data, out, _ = setup
+    cfg = tmp / "dup.json"
+    cfg.write_text(json.dumps({"output_dir": str(out), "lora": [{"name": "x", "data": str(data)},
+                                                               {"name": "x", "data": str(data)}]}))
+    check(*run_train(capsys, tiny_llama, cfg), out, "'x'")
+
+
+def test_empty_adapter_list(setup, tiny_llama, capsys):
+    tmp, _, out, _ = setup
+    cfg = tmp / "empty.json"
+    cfg.write_text(json.dumps({"output_dir": str(out), "lora": []}))
+    check(*run_train(capsys, tiny_llama, cfg), out, "lora")
+
+
+def test_config_not_json(setup, tiny_llama, capsys):
+    tmp, _, out, _ = setup
+    cfg = tmp / "bad.json"
+    cfg.write_text("{ this is not json")
+    check(*run_train(capsys, tiny_llama, cfg), out, str(cfg))
+
+
+def test_malformed_jsonl_names_the_line(setup, tiny_llama, capsys):
+    tmp, data, out, config = setup
+    data.write_text(json.dumps(GOOD_ROWS[0]) + "\n" + json.dumps(GOOD_ROWS[1]) + "\n{oops\n")
+    check(*run_train(capsys, tiny_llama, config()), out, f"{data}:3")
+
+
+def test_malformed_json_array_names_the_line(setup, tiny_llama, capsys):
+    tmp, _, out, config = setup
+    data = tmp / "rows.json"
+    data.write_text('[\n  {"text": "a"},\n  {"text": "b",,}\n]\n')
+    check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, f"{data}:3")
+
+
+def test_base_model_without_config(setup, capsys, tmp_path):
+    _, _, out, config = setup
+    empty = tmp_path / "empty_base"
+    empty.mkdir()
+    check(*run_train(capsys, empty, config()), out, "config.json")
+
+
+def test_base_model_without_weights(setup, capsys, tmp_path, tiny_llama):
+    _, _, out, config = setup
+    base = tmp_path / "no_weights"
+    base.mkdir()
+    (base / "config.json").write_text((tiny_llama / "config.json").read_text())
+    check(*run_train(capsys, base, config()), out, str(base))
+
+
+def test_device_that_does_not_exist(setup, capsys, tiny_llama):
+    _, _, out, config = setup
+    check(*run_train(capsys, tiny_llama, config(), "--device", "cuda:7"), out, "cuda:7")
+
+
+def test_output_dir_is_a_file(setup, capsys, tiny_llama, tmp_path):
+    _, _, _, config = setup
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    code, err = run_train(capsys, tiny_llama, config(output_dir=str(blocker)))
+    assert code == 2 and str(blocker) in err and len(err.splitlines()) == 1
+
+
+def test_real_process_prints_no_traceback(setup, tiny_llama):
+    """The same path as a user's shell: a subprocess, exit status 2, one stderr line."""
+    _, _, out, config = setup
+    cfg = config({"r": -1})
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "mlora", "train", "--base_model", str(tiny_llama),
+                           "--config", str(cfg)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'r'" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,380 @@
+"""mlora.data: loading rows, prompt templates, tokenization, label masking, padding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlora.data import (
+    IGNORE_INDEX,
+    Example,
+    encode_row,
+    encode_rows,
+    load_rows,
+    load_template,
+    pad_batch,
+    pad_rows,
+)
+from mlora.errors import UserError
+
+MLORA_TEMPLATE = {
+    "description": "m-LoRA style: the output sits inside the template.",
+    "prompt": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n{output}\n",
+    "prompt_no_input": "### Instruction:\n{instruction}\n\n### Output:\n{output}\n",
+}
+
+
+@pytest.fixture(scope="module")
+def alpaca():
+    return load_template("alpaca")
+
+
+def trained(example: Example) -> list[int]:
+    return [t for t in example.labels if t != IGNORE_INDEX]
+
+
+def encode(row, tokenizer, template=None, cutoff_len=1024, train_on_inputs=False):
+    template = template or load_template("alpaca")
+    return encode_row(row, tokenizer, template, cutoff_len, train_on_inputs)
+
+
+# --------------------------------------------------------------------------- load_rows
+
+
+def test_load_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n   \n{"text": "b"}\n')
+    assert load_rows(path) == [{"text": "a"}, {"text": "b"}]
+
+
+def test_load_json_array(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "a"}, {"instruction": "x", "output": "y"}], indent=2))
+    assert load_rows(str(path)) == [{"text": "a"}, {"instruction": "x", "output": "y"}]
+
+
+def test_json_suffix_with_object_lines_reads_as_jsonl(tmp_path):
+    # The format follows the content: a .json file whose first char is not '[' is JSONL.
+    path = tmp_path / "d.json"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert len(load_rows(path)) == 2
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n')
+    with pytest.raises(UserError, match=rf"^{path}:4: malformed JSON \(") as err:
+        load_rows(path)
+    assert "\n" not in str(err.value)
+
+
+def test_json_array_syntax_error_reports_line_and_column(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text" "b"}\n]\n')
+    with pytest.raises(UserError, match=rf"^{path}:3:11: malformed JSON"):
+        load_rows(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="nope.jsonl: no such file"):
+        load_rows(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", "[]"])
+def test_empty_dataset(tmp_path, content):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=rf"^{path}: .*empty"):
+        load_rows(path)
+
+
+def test_non_object_rows(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(UserError, match=rf"^{jsonl}:2: expected a JSON object, got an array"):
+        load_rows(jsonl)
+    array = tmp_path / "d.json"
+    array.write_text('[{"text": "a"}, "b"]')
+    with pytest.raises(UserError, match=rf"^{array}: row 1: expected a JSON object, got a string"):
+        load_rows(array)
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_builtin_alpaca_template(alpaca):
+    assert alpaca.prompt.startswith("Below is an instruction that describes a task, paired with an input")
+    assert alpaca.prompt.endswith("### Input:\n{input}\n\n### Response:\n")
+    assert "{input}" not in alpaca.prompt_no_input
+    assert alpaca.prompt_no_input.endswith("### Instruction:\n{instruction}\n\n### Response:\n")
+    prompt, suffix = alpaca.render("Say hi", "")
+    assert prompt.endswith("### Instruction:\nSay hi\n\n### Response:\n") and suffix == ""
+    prompt, _ = alpaca.render("Say hi", "to Bob")
+    assert "### Input:\nto Bob\n\n### Response:\n" in prompt
+
+
+def test_mlora_template_file_with_output_placeholder(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(MLORA_TEMPLATE))
+    template = load_template(str(path))
+    assert template.prompt == MLORA_TEMPLATE["prompt"]
+    assert template.render("do it", None) == ("### Instruction:\ndo it\n\n### Output:\n", "\n")
+    assert template.render("do it", "with x") == (
+        "### Instruction:\ndo it\n\n### Input:\nwith x\n\n### Output:\n", "\n")
+
+
+def test_alpaca_lora_keys_accepted(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt_input": "I: {instruction} N: {input} R:",
+                                "prompt_no_input": "I: {instruction} R:", "response_split": "R:"}))
+    assert load_template(str(path)).prompt == "I: {instruction} N: {input} R:"
+
+
+def test_template_errors(tmp_path):
+    with pytest.raises(UserError, match="no-such-template"):
+        load_template("no-such-template")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"prompt": ')
+    with pytest.raises(UserError, match=rf"^{bad_json}:1:\d+: malformed JSON"):
+        load_template(str(bad_json))
+    missing = tmp_path / "missing.json"
+    missing.write_text('{"prompt": "{instruction} {input}"}')
+    with pytest.raises(UserError, match=rf"^{missing}: .*prompt_no_input"):
+        load_template(str(missing))
+
+
+def test_braces_in_user_text_stay_literal(tokenizer, alpaca):
+    row = {"instruction": "fill {input} and {0} and {", "input": "x {instruction} }",
+           "output": "{output} {}"}
+    prompt, suffix = alpaca.render(row["instruction"], row["input"])
+    assert "### Instruction:\nfill {input} and {0} and {\n\n### Input:\nx {instruction} }\n" in prompt
+    example = encode(row, tokenizer, alpaca)
+    assert tokenizer.decode(trained(example)) == "{output} {}</s>"
+
+
+# --------------------------------------------------------------------------- alpaca rows
+
+
+def test_alpaca_labels_mask_exactly_the_prompt(tokenizer, alpaca):
+    row = {"instruction": "reverse the words", "input": "the lazy dog", "output": "dog lazy the"}
+    example = encode(row, tokenizer, alpaca)
+    prompt_text, _ = alpaca.render(row["instruction"], row["input"])
+    prompt_ids = tokenizer(prompt_text).input_ids
+    target_ids = tokenizer("dog lazy the", add_special_tokens=False).input_ids
+    assert prompt_ids[0] == tokenizer.bos_token_id
+    assert example.input_ids == prompt_ids + target_ids + [tokenizer.eos_token_id]
+    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids + [tokenizer.eos_token_id]
+    assert example.labels[-1] == tokenizer.eos_token_id
+    assert example.num_label_tokens == len(target_ids) + 1
+
+
+def test_alpaca_without_input_uses_no_input_prompt(tokenizer, alpaca):
+    for row in ({"instruction": "count", "output": "one two"},
+                {"instruction": "count", "input": "", "output": "one two"}):
+        example = encode(row, tokenizer, alpaca)
+        text = tokenizer.decode(example.input_ids)
+        assert "### Input:" not in text
+        assert text.endswith("### Response:\none two</s>")
+
+
+def test_alpaca_train_on_inputs(tokenizer, alpaca):
+    row = {"instruction": "reverse", "input": "a b", "output": "b a"}
+    example = encode(row, tokenizer, alpaca, train_on_inputs=True)
+    assert example.labels == example.input_ids
+    assert example.num_label_tokens == len(example.input_ids) - 1
+
+
+def test_mlora_template_suffix_is_trained(tokenizer, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(MLORA_TEMPLATE))
+    example = encode({"instruction": "add", "input": "1 2", "output": "3"}, tokenizer,
+                     load_template(str(path)))
+    assert tokenizer.decode(trained(example)) == "3\n</s>"
+    assert tokenizer.decode(example.input_ids).endswith("### Output:\n3\n</s>")
+
+
+def test_alpaca_field_types_checked(tokenizer, alpaca):
+    with pytest.raises(UserError, match="'output'"):
+        encode({"instruction": "x"}, tokenizer, alpaca)
+    with pytest.raises(UserError, match="'input' must be a string"):
+        encode({"instruction": "x", "input": 3, "output": "y"}, tokenizer, alpaca)
+
+
+# --------------------------------------------------------------------------- chat rows
+
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "one two"},
+    {"role": "assistant", "content": "three four"},
+    {"role": "user", "content": "five six"},
+    {"role": "assistant", "content": "seven eight"},
+]
+
+
+def trained_segments(tokenizer, example: Example) -> list[str]:
+    """Decode each maximal run of trained tokens."""
+    runs, current = [], []
+    for tok, label in zip(example.input_ids, example.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == tok
+            current.append(tok)
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_chat_trains_only_assistant_turns(tokenizer):
+    example = encode({"messages": CHAT}, tokenizer)
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    # The whole rendering, untouched (no BOS added), then the appended EOS.
+    assert example.input_ids[:-1] == tokenizer(text, add_special_tokens=False).input_ids
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert trained_segments(tokenizer, example) == [
+        "three four<|im_end|>\n",
+        "seven eight<|im_end|>\n</s>",
+    ]
+    decoded_masked = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels)
+                                       if l == IGNORE_INDEX])
+    assert "be brief" in decoded_masked and "one two" in decoded_masked and "five six" in decoded_masked
+
+
+def test_chat_single_turn(tokenizer):
+    messages = CHAT[1:3]
+    example = encode({"messages": messages}, tokenizer)
+    assert trained_segments(tokenizer, example) == ["three four<|im_end|>\n</s>"]
+    assert example.labels[0] == IGNORE_INDEX
+
+
+def test_chat_no_eos_when_last_turn_is_not_assistant(tokenizer):
+    example = encode({"messages": CHAT[:4]}, tokenizer)
+    assert example.input_ids[-1] != tokenizer.eos_token_id
+    assert trained_segments(tokenizer, example) == ["three four<|im_end|>\n"]
+
+
+def test_chat_no_extra_eos_when_template_writes_it(tokenizer):
+    # A template whose end-of-turn token is EOS itself (as in Qwen's <|im_end|>) needs no extra EOS.
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    example = encode({"messages": CHAT[1:3]}, tok)
+    assert trained_segments(tok, example) == ["three four</s>"]
+    assert trained(example).count(tok.eos_token_id) == 1
+    assert example.input_ids[-2:] != [tok.eos_token_id] * 2
+
+
+def test_chat_train_on_inputs(tokenizer):
+    example = encode({"messages": CHAT}, tokenizer, train_on_inputs=True)
+    assert example.labels == example.input_ids
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_chat_errors(tokenizer):
+    with pytest.raises(UserError, match=r"messages\[1\]\.content must be a string"):
+        encode({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]},
+               tokenizer)
+    with pytest.raises(UserError, match="non-empty list"):
+        encode({"messages": []}, tokenizer)
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = None
+    with pytest.raises(UserError, match="chat template"):
+        encode({"messages": CHAT}, tok)
+
+
+# --------------------------------------------------------------------------- text rows
+
+
+def test_text_row_is_exactly_the_tokenizer_encoding(tokenizer):
+    text = "the quick brown fox jumps over the lazy dog"
+    example = encode({"text": text}, tokenizer)
+    assert example.input_ids == tokenizer(text).input_ids
+    assert example.input_ids[0] == tokenizer.bos_token_id
+    assert example.input_ids[-1] != tokenizer.eos_token_id  # nothing appended
+    assert example.labels == example.input_ids
+    assert example.num_label_tokens == len(example.input_ids) - 1
+
+
+def test_cutoff_truncates(tokenizer, alpaca):
+    text = "one two three four five six seven eight nine ten"
+    full = tokenizer(text).input_ids
+    example = encode({"text": text}, tokenizer, cutoff_len=5)
+    assert example.input_ids == full[:5] and example.labels == full[:5]
+    row = {"instruction": "count", "output": text}
+    long = encode(row, tokenizer, alpaca)
+    short = encode(row, tokenizer, alpaca, cutoff_len=len(long.input_ids) - 3)
+    assert short.input_ids == long.input_ids[:-3] and short.labels == long.labels[:-3]
+    assert len(encode({"messages": CHAT}, tokenizer, cutoff_len=7).labels) == 7
+
+
+# --------------------------------------------------------------------------- shapes, source
+
+
+def test_unknown_and_mixed_row_shapes(tokenizer, alpaca):
+    rows = [{"text": "a"}, {"prompt": "a", "completion": "b"}]
+    with pytest.raises(UserError, match=r"^data\.jsonl: row 1: unknown row shape") as err:
+        encode_rows(rows, tokenizer, alpaca, 64, False, source="data.jsonl")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"^d: row 0: row mixes shapes"):
+        encode_rows([{"text": "a", "messages": CHAT}], tokenizer, alpaca, 64, False, source="d")
+
+
+def test_encode_rows(tokenizer, alpaca):
+    rows = [{"text": "one two"}, {"instruction": "x", "output": "y"}, {"messages": CHAT[1:3]}]
+    examples = encode_rows(rows, tokenizer, alpaca, 64, False, source="d")
+    assert [e.input_ids for e in examples] == [encode(r, tokenizer, alpaca, 64).input_ids for r in rows]
+
+
+def test_tokenizer_without_eos(tokenizer, alpaca):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.eos_token = None
+    with pytest.raises(UserError, match="EOS"):
+        encode({"text": "a"}, tok, alpaca)
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def make(ids, labels=None):
+    return Example(list(ids), list(labels if labels is not None else ids))
+
+
+def test_pad_batch_right():
+    ex = [make([5, 6, 7], [IGNORE_INDEX, 6, 7]), make([8])]
+    ids, labels, mask = pad_batch(ex, 4, pad_id=0)
+    assert ids.dtype == torch.long and labels.dtype == torch.long and mask.dtype == torch.bool
+    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert labels.tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX], [8] + [IGNORE_INDEX] * 3]
+    assert mask.tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_pad_batch_left():
+    ids, labels, mask = pad_batch([make([5, 6, 7]), make([8])], 3, pad_id=2, side="left")
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]]
+    assert labels.tolist() == [[5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_pad_rows_mixed_sides():
+    ids, labels, mask = pad_rows([make([5, 6]), make([7, 8])], ["right", "left"], 4, pad_id=0)
+    assert ids.tolist() == [[5, 6, 0, 0], [0, 0, 7, 8]]
+    assert labels.tolist() == [[5, 6, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]]
+    assert mask.tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+def test_pad_rejects_too_short_length_and_bad_side():
+    with pytest.raises(AssertionError):
+        pad_batch([make([1, 2, 3])], 2, pad_id=0)
+    with pytest.raises(ValueError):
+        pad_batch([make([1])], 2, pad_id=0, side="middle")
+
+
+def test_num_label_tokens_ignores_position_zero():
+    assert make([1, 2, 3]).num_label_tokens == 2
+    assert make([1, 2, 3], [IGNORE_INDEX, IGNORE_INDEX, 3]).num_label_tokens == 1

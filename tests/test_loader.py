@@ -1,0 +1,202 @@
+"""Checkpoint loading: shards, per-stage reads, frozen params, and one-line UserErrors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from mlora.device import resolve_device, resolve_dtype
+from mlora.errors import UserError
+from mlora.loader import load_model, read_model_config, weight_index
+from mlora.models import llama
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tied"), "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture
+def read_spy(monkeypatch):
+    """Records every tensor name the loader actually pulls out of a safetensors file."""
+    import safetensors
+
+    real_open, read = safetensors.safe_open, []
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self._f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def keys(self):
+            return self._f.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self._f.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    return read
+
+
+def test_sharded_checkpoint_loads(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama)).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    index = weight_index(sharded)
+    assert len(set(index.values())) > 1
+    ids = torch.randint(3, 400, (2, 7))
+    with torch.no_grad():
+        a = load_model(sharded, "cpu", torch.float32)(ids)
+        b = load_model(tiny_llama, "cpu", torch.float32)(ids)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("parts", [None, ["embed", "layer.0"], ["layer.1"], ["layer.1", "norm", "head"]])
+def test_stage_reads_exactly_its_tensors(tiny_llama, read_spy, parts):
+    model = load_model(tiny_llama, "cpu", torch.float32, parts=parts)
+    _, args = read_model_config(tiny_llama)
+    expected = sorted(llama.tensor_names(args, parts))
+    assert model.loaded_tensor_names == expected
+    assert sorted(read_spy) == expected  # each read once, nothing else touched
+    assert sorted(model.state_dict()) == expected
+    if parts == ["layer.1"]:
+        assert list(model.model.layers) == ["1"]
+        assert not hasattr(model.model, "embed_tokens") and not hasattr(model, "lm_head")
+
+
+def test_head_only_stage_of_tied_model(tied_llama, read_spy):
+    from safetensors import safe_open
+
+    with safe_open(str(tied_llama / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # transformers drops the tied copy
+        embed = f.get_tensor("model.embed_tokens.weight")
+    read_spy.clear()
+    head = load_model(tied_llama, "cpu", torch.float32, parts=["head"])
+    assert head.loaded_tensor_names == ["model.embed_tokens.weight"] == read_spy
+    assert list(head.state_dict()) == ["lm_head.weight"]
+    assert torch.equal(head.lm_head.weight, embed)
+    whole = load_model(tied_llama, "cpu", torch.float32)
+    assert whole.lm_head.weight is whole.model.embed_tokens.weight  # shared, read once
+    assert whole.loaded_tensor_names.count("model.embed_tokens.weight") == 1
+
+
+def test_params_frozen_on_requested_device_and_dtype(tiny_llama):
+    model = load_model(tiny_llama, resolve_device("cpu"), torch.bfloat16)
+    params = list(model.named_parameters())
+    assert params
+    for name, p in params:
+        assert not p.requires_grad, name
+        assert p.dtype == torch.bfloat16 and p.device == torch.device("cpu"), name
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert not model.training
+
+
+def _copy_config(src, dst, **edits):
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(edits)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        load_model(tmp_path / "nope", "cpu", torch.float32)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        load_model(tmp_path, "cpu", torch.float32)
+
+
+def test_no_weights(tiny_llama, tmp_path):
+    d = _copy_config(tiny_llama, tmp_path / "m")
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_model(d, "cpu", torch.float32)
+
+
+def test_bin_only_points_to_converter(tiny_llama, tmp_path):
+    d = _copy_config(tiny_llama, tmp_path / "m")
+    (d / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(UserError, match="scripts/trans_to_safetensors.py"):
+        load_model(d, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "no_such_arch"])
+def test_unsupported_model_type(tiny_llama, tmp_path, model_type):
+    d = _copy_config(tiny_llama, tmp_path / "m", model_type=model_type)
+    shutil.copy(tiny_llama / "model.safetensors", d)
+    with pytest.raises(UserError, match=model_type):
+        load_model(d, "cpu", torch.float32)
+
+
+def test_missing_tensor_named(tiny_llama, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = _copy_config(tiny_llama, tmp_path / "m")
+    with safe_open(str(tiny_llama / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
+        load_model(d, "cpu", torch.float32)
+    # a stage that does not need it loads fine
+    assert load_model(d, "cpu", torch.float32, parts=["embed", "layer.0"]).loaded_tensor_names
+
+
+def test_missing_shard_named(tiny_llama, tmp_path):
+    d = _copy_config(tiny_llama, tmp_path / "m")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="model-00001-of-00002.safetensors"):
+        load_model(d, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("spec", ["cuda:99", "nonsense", "meta"])
+def test_bad_device(spec):
+    with pytest.raises(UserError, match=f"device '{spec}' is not available"):
+        resolve_device(spec)
+
+
+def test_mps_unavailable():
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(UserError, match="'mps' is not available"):
+        resolve_device("mps")
+
+
+def test_cuda_unavailable():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="'cuda' is not available"):
+        resolve_device("cuda")
+
+
+def test_device_and_dtype_defaults():
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device(None) == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype(torch.device("cpu"), None) == torch.float32
+    assert resolve_dtype(torch.device("cuda", 0), None) == torch.bfloat16
+    for name, dtype in [("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),
+                        ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("float16", torch.float16)]:
+        assert resolve_dtype(torch.device("cpu"), name) == dtype
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8", "double"])
+def test_bad_dtype(name):
+    with pytest.raises(UserError, match=name):
+        resolve_dtype(torch.device("cpu"), name)

@@ -1,0 +1,188 @@
+"""mlora's own decoder against transformers' reference implementations, on tiny random weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from mlora.errors import UserError
+from mlora.loader import load_model, read_model_config
+from mlora.models import SUPPORTED, family_for, llama
+
+B, S = 3, 12
+TOL = 1e-4
+
+CASES = {
+    "llama_gqa": ("llama", {}),  # 4 heads / 2 kv heads
+    "llama_mqa": ("llama", dict(num_key_value_heads=1)),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_head_dim": ("llama", dict(head_dim=32)),  # != hidden / heads = 16
+    "llama_bias": ("llama", dict(attention_bias=True, mlp_bias=True)),  # o_proj biased too
+    "qwen2_qkv_bias": ("qwen2", {}),
+    "qwen2_sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "mistral_sliding": ("mistral", dict(sliding_window=4)),
+    "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
+    "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
+    # max_position_embeddings 8 < S: the NTK base grows
+    "rope_dynamic": ("llama", dict(max_position_embeddings=8,
+                                   rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
+    # wavelengths 6.3 .. 4e4 against a 64-token context cover the kept, smoothed and slowed bands
+    "rope_llama3": ("llama", dict(rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                       high_freq_factor=4.0, rope_theta=10000.0,
+                                                       original_max_position_embeddings=64))),
+}
+
+
+def _masks() -> dict[str, torch.Tensor | None]:
+    right = torch.ones(B, S, dtype=torch.long)
+    right[1, 9:] = 0
+    right[2, 5:] = 0
+    mixed = torch.ones(B, S, dtype=torch.long)
+    mixed[1, 8:] = 0  # right padding
+    mixed[2, :4] = 0  # left padding
+    return {"none": None, "right": right, "mixed": mixed}
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _assert_close_on_real(ours, ref, mask):
+    real = torch.ones(ours.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    diff = (ours - ref).abs()[real].max().item()
+    assert diff < TOL, diff
+
+
+def _compare(path, seq_lens=(S,)):
+    ours = load_model(path, "cpu", torch.float32)
+    ref = _hf(path)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for seq_len in seq_lens:
+            ids = torch.randint(3, ours.args.vocab_size, (B, seq_len), generator=gen)
+            for name, mask in _masks().items():
+                mask = None if mask is None else mask[:, :seq_len]
+                out = ours(ids, mask)
+                assert out.shape == (B, seq_len, ours.args.vocab_size)
+                assert torch.isfinite(out).all(), name  # pad rows too: no NaN from empty rows
+                _assert_close_on_real(out, ref(input_ids=ids, attention_mask=mask).logits, mask)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case, tmp_path):
+    family, overrides = CASES[case]
+    path = make_tiny_model(tmp_path, family, **overrides)
+    # dynamic: also a short sequence after the long one (HF resets its cached frequencies)
+    _compare(path, seq_lens=(S, 6) if case == "rope_dynamic" else (S,))
+
+
+def test_older_rope_scaling_form(tmp_path):
+    """A transformers-4 config.json: `rope_theta` + `rope_scaling` instead of `rope_parameters`."""
+    path = make_tiny_model(tmp_path, "llama")
+    cfg_file = path / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    raw.pop("rope_parameters", None)
+    raw.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    cfg_file.write_text(json.dumps(raw))
+    _, args = read_model_config(path)
+    assert args.rope == llama.RopeArgs("linear", 500000.0, factor=4.0)
+    assert llama.args_from_hf_config(raw) == args  # the plain-dict form reads the same
+    _compare(path)
+
+
+def test_sliding_windows_per_family(tmp_path):
+    q = make_tiny_model(tmp_path / "q", "qwen2", num_hidden_layers=3, use_sliding_window=True,
+                        sliding_window=4, max_window_layers=1)
+    assert read_model_config(q)[1].sliding_window == [None, 4, 4]
+    q_off = make_tiny_model(tmp_path / "q_off", "qwen2", sliding_window=4)  # use_sliding_window False
+    assert read_model_config(q_off)[1].sliding_window == [None, None]
+    m = make_tiny_model(tmp_path / "m", "mistral", sliding_window=5)
+    assert read_model_config(m)[1].sliding_window == [5, 5]
+
+
+def test_stage_split_equals_whole(tmp_path):
+    path = make_tiny_model(tmp_path, "llama")
+    whole = load_model(path, "cpu", torch.float32)
+    first = load_model(path, "cpu", torch.float32, parts=["embed", "layer.0"])
+    second = load_model(path, "cpu", torch.float32, parts=["layer.1", "norm", "head"])
+    ids = torch.randint(3, 400, (B, S))
+    mask = _masks()["mixed"]
+    with torch.no_grad():
+        hidden = first(ids, mask)
+        assert hidden.shape == (B, S, 64)
+        assert torch.equal(second(hidden, mask), whole(ids, mask))
+    assert list(second.state_dict()) == [k for k in whole.state_dict() if "layers.0." not in k
+                                         and "embed_tokens" not in k]
+
+
+def test_stage_split_tied_head_only(tmp_path):
+    path = make_tiny_model(tmp_path, "llama", tie_word_embeddings=True)
+    whole = load_model(path, "cpu", torch.float32)
+    assert whole.lm_head.weight is whole.model.embed_tokens.weight
+    stages = [load_model(path, "cpu", torch.float32, parts=p)
+              for p in (["embed", "layer.0"], ["layer.1", "norm"], ["head"])]
+    ids = torch.randint(3, 400, (B, S))
+    mask = _masks()["right"]
+    with torch.no_grad():
+        h = ids
+        for stage in stages:
+            h = stage(h, mask)
+        assert torch.equal(h, whole(ids, mask))
+
+
+def test_module_sequence_and_tensor_names(tmp_path):
+    path = make_tiny_model(tmp_path, "qwen2", tie_word_embeddings=True)
+    _, args = read_model_config(path)
+    assert llama.module_sequence(args) == ["embed", "layer.0", "layer.1", "norm", "head"]
+    names = llama.tensor_names(args)
+    assert names.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in names
+    assert "model.layers.1.self_attn.k_proj.bias" in names and "model.layers.1.self_attn.o_proj.bias" not in names
+    assert llama.tensor_names(args, ["head"]) == ["model.embed_tokens.weight"]
+    with pytest.raises(ValueError):
+        llama.CausalLM(args, ["embed", "layer.1"])  # not contiguous
+    with pytest.raises(ValueError):
+        llama.CausalLM(args, ["layer.7"])
+
+
+def test_hf_names_and_plain_linears(tmp_path):
+    path = make_tiny_model(tmp_path, "llama", attention_bias=True)
+    ours = load_model(path, "cpu", torch.float32)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert set(ours.state_dict()) == set(f.keys())
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert type(getattr(ours.model.layers["0"].self_attn, name)) is torch.nn.Linear
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert type(getattr(ours.model.layers["1"].mlp, name)) is torch.nn.Linear
+
+
+def test_config_errors():
+    base = dict(model_type="llama", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    assert llama.args_from_hf_config(base).head_dim == 16
+    with pytest.raises(UserError, match="yarn"):
+        llama.args_from_hf_config(dict(base, rope_parameters=dict(rope_type="yarn", factor=2.0, rope_theta=1e4)))
+    with pytest.raises(UserError, match="gelu"):
+        llama.args_from_hf_config(dict(base, hidden_act="gelu"))
+    with pytest.raises(UserError, match="factor"):
+        llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
+    with pytest.raises(UserError, match="gpt2.*llama"):
+        family_for("gpt2")
+    assert SUPPORTED == {"llama", "mistral", "qwen2"}
+    assert all(family_for(t) is llama for t in SUPPORTED)
+
+
+def test_bf16_runs_close_to_fp32(tiny_llama):
+    ids = torch.randint(3, 400, (2, 8))
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+    with torch.no_grad():
+        ref = load_model(tiny_llama, "cpu", torch.float32)(ids, mask)
+        out = load_model(tiny_llama, "cpu", torch.bfloat16)(ids, mask)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref)[mask.bool()].abs().max() < 0.1
