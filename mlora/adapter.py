@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import AdapterConfig, adapter_seed
 from mlora.errors import UserError
 from mlora.lora import TARGET_MODULES, LoraLinear, LoraWeights, module_seed
@@ -181,37 +180,16 @@ def _module_sort_key(path: str) -> tuple:
 def save_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME,
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_file_atomically(directory / WEIGHTS_NAME,
+                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_file_atomically(directory / CONFIG_NAME,
+                          lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 
 def save_checkpoint_dir(target: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     """Write a whole PEFT directory under a temporary name, then rename it into place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_peft(tmp, tensors, config)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return write_dir_atomically(target, lambda tmp: save_peft(tmp, tensors, config))
 
 
 def read_peft_config(directory: Path) -> dict:

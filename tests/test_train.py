@@ -61,15 +61,21 @@ ADAPTERS = {
 }
 
 
-def make_config(tmp: Path, names, out: Path, **global_overrides) -> Path:
-    data = {"a": alpaca_rows(10, 1), "b": text_rows(9, 2), "c": chat_rows(6, 3)}
-    template = tmp / "template.json"  # m-LoRA's template format, short enough for cutoff_len
+def make_template(tmp: Path) -> str:
+    """m-LoRA's template format, short enough for a small cutoff_len."""
+    template = tmp / "template.json"
     template.write_text(json.dumps({"prompt": "### Instruction:\n{instruction}\n### Input:\n{input}\n### Output:\n{output}\n",
                                     "prompt_no_input": "### Instruction:\n{instruction}\n### Output:\n{output}\n"}))
+    return str(template)
+
+
+def make_config(tmp: Path, names, out: Path, **global_overrides) -> Path:
+    data = {"a": alpaca_rows(10, 1), "b": text_rows(9, 2), "c": chat_rows(6, 3)}
+    template = make_template(tmp)
     lora = []
     for name in names:
         lora.append({"name": name, "data": write_jsonl(tmp / f"{name}.jsonl", data[name]),
-                     "prompt": str(template), "dropout": 0.0, "num_epochs": 2, "max_grad_norm": 1.0,
+                     "prompt": template, "dropout": 0.0, "num_epochs": 2, "max_grad_norm": 1.0,
                      **ADAPTERS[name]})
     cfg = {"cutoff_len": 64, "seed": 3, "output_dir": str(out), "lora": lora, **global_overrides}
     path = tmp / f"config_{''.join(names)}_{out.name}.json"
@@ -232,3 +238,53 @@ def test_save_step_writes_checkpoints_and_init_from_resumes_weights(tmp_path, ti
     restarted = load_file(tmp_path / "out2" / "s" / "adapter_model.safetensors")
     start = load_file(tmp_path / "out" / "s" / "checkpoint-2" / "adapter_model.safetensors")
     assert rel_diff(restarted, start) < 1e-6
+
+
+def test_micro_batch_split_does_not_change_the_result(tmp_path, tiny_llama):
+    """The loss is normalised over the whole optimizer step's label tokens, so accumulating
+    4 micro-batches of 1 row equals one micro-batch of 4 rows."""
+    rows = alpaca_rows(8, 9)
+    results = {}
+    for mbs in (1, 4):
+        lora = [{"name": "g", "data": write_jsonl(tmp_path / "g.jsonl", rows), "batch_size": 4,
+                 "micro_batch_size": mbs, "num_epochs": 1, "dropout": 0.0, "lr": 1e-2,
+                 "prompt": make_template(tmp_path)}]
+        cfg = tmp_path / f"acc{mbs}.json"
+        cfg.write_text(json.dumps({"cutoff_len": 64, "output_dir": str(tmp_path / f"out{mbs}"), "lora": lora}))
+        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+        results[mbs] = load_file(tmp_path / f"out{mbs}" / "g" / "adapter_model.safetensors")
+    assert rel_diff(results[1], results[4]) <= 1e-5
+
+
+def test_eval_step_logs_the_validation_loss(tmp_path, tiny_llama, capsys):
+    lora = [{"name": "e", "data": write_jsonl(tmp_path / "e.jsonl", text_rows(8, 4)),
+             "test_data": write_jsonl(tmp_path / "e_test.jsonl", text_rows(3, 5)),
+             "batch_size": 2, "num_epochs": 1, "eval_step": 2, "lr": 1e-2, "dropout": 0.0}]
+    cfg = tmp_path / "ev.json"
+    cfg.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "lora": lora}))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    evals = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    capsys.readouterr()
+    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg)]) == 0
+    final = json.loads(capsys.readouterr().out.strip())
+    assert final["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    assert final["tokens"] == evals[-1]["eval_tokens"]
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedule_matches_transformers(kind):
+    import transformers
+
+    from mlora.adapter import lr_factor
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    make = {"constant": lambda: transformers.get_constant_schedule_with_warmup(opt, 3),
+            "linear": lambda: transformers.get_linear_schedule_with_warmup(opt, 3, 20),
+            "cosine": lambda: transformers.get_cosine_schedule_with_warmup(opt, 3, 20)}[kind]
+    sched = make()
+    for step in range(20):
+        assert lr_factor(kind, step, 3, 20) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9)
+        opt.step()
+        sched.step()

@@ -1,0 +1,38 @@
+"""Atomic writes: a reader sees the old file/directory or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """`write(tmp_path)` fills a temporary file beside `path`, which is then renamed onto it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """`fill(tmp_dir)` fills a temporary directory beside `target`, which then replaces it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,109 @@
+"""Data order, micro-batches, optimizer-step boundaries and the round-robin fusing."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from mlora.batching import adapter_stream, epoch_order, fuse, round_robin, total_steps
+from mlora.config import AdapterConfig
+from mlora.data import Example
+
+
+def examples(n, offset=0):
+    # Row i has i + 2 tokens, all trained; the first token of a row is never a label.
+    return [Example(list(range(offset, offset + i + 2)), list(range(offset, offset + i + 2))) for i in range(n)]
+
+
+def cfg(name="a", **kw):
+    base = dict(name=name, data="", batch_size=4, micro_batch_size=2, num_epochs=2,
+                group_by_length=False, eval_step=0)
+    base.update(kw)
+    return AdapterConfig(**base)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    lengths = list(range(37))
+    a = epoch_order(lengths, seed=5, epoch=0, group_by_length=False, micro_batch_size=2)
+    assert sorted(a) == lengths
+    assert a == epoch_order(lengths, 5, 0, False, 2)
+    assert a != epoch_order(lengths, 5, 1, False, 2)  # a new shuffle every epoch
+    assert a != epoch_order(lengths, 6, 0, False, 2)
+
+
+def test_group_by_length_sorts_inside_windows():
+    lengths = [7, 1, 9, 3, 5, 2, 8, 4, 6, 0] * 30
+    order = epoch_order(lengths, 1, 0, True, micro_batch_size=2)
+    assert sorted(order) == list(range(len(lengths)))
+    window = 50 * 2
+    for start in range(0, len(order), window):
+        chunk = [lengths[i] for i in order[start:start + window]]
+        assert chunk == sorted(chunk, reverse=True)
+
+
+@pytest.mark.parametrize("n,bs,mbs", [(10, 4, 2), (9, 3, 1), (8, 8, 8), (5, 4, 4)])
+def test_every_row_once_per_epoch_and_step_tokens(n, bs, mbs):
+    rows = examples(n)
+    c = cfg(batch_size=bs, micro_batch_size=mbs, num_epochs=2)
+    parts = list(adapter_stream(rows, c, seed=3))
+    for epoch in (0, 1):
+        seen = [id(ex) for p in parts if p.epoch == epoch for ex in p.examples]
+        assert sorted(seen) == sorted(id(ex) for ex in rows)
+    steps = {}
+    for p in parts:
+        assert len(p.examples) <= mbs
+        steps.setdefault(p.step, []).append(p)
+    assert len(steps) == total_steps(n, c)
+    for step, group in steps.items():
+        assert [p.last_in_step for p in group] == [False] * (len(group) - 1) + [True]
+        assert all(p.step_label_tokens == sum(q.label_tokens for q in group) for p in group)
+
+
+def test_max_steps_and_start_step():
+    rows = examples(10)
+    c = cfg(max_steps=3)
+    assert total_steps(10, c) == 3
+    parts = list(adapter_stream(rows, c, seed=0))
+    assert max(p.step for p in parts) == 2
+    later = list(adapter_stream(rows, cfg(), seed=0, start_step=4))
+    full = list(adapter_stream(rows, cfg(), seed=0))
+    assert [p.examples for p in later] == [p.examples for p in full if p.step >= 4]
+
+
+def _streams(sizes):
+    return {name: adapter_stream(examples(n), cfg(name, batch_size=2, micro_batch_size=1, num_epochs=1), 0)
+            for name, n in sizes.items()}
+
+
+def test_round_robin_fuses_every_active_adapter_by_default():
+    batches = list(round_robin(_streams({"a": 4, "b": 2, "c": 6}), 3, 3))
+    assert [[p.adapter for p in b] for b in batches][:2] == [["a", "b", "c"], ["a", "b", "c"]]
+    counts = {n: sum(p.adapter == n for b in batches for p in b) for n in "abc"}
+    assert counts == {"a": 4, "b": 2, "c": 6}
+
+
+def test_round_robin_admission_follows_the_candidate_limit():
+    batches = list(round_robin(_streams({"a": 2, "b": 4, "c": 2}), candidate_num=2, simultaneously_num=2))
+    names = [[p.adapter for p in b] for b in batches]
+    # c waits until a finishes, and never more than 2 adapters are active at once.
+    first_c = next(i for i, b in enumerate(names) if "c" in b)
+    last_a = max(i for i, b in enumerate(names) if "a" in b)
+    assert first_c > last_a
+    assert all(len(b) <= 2 for b in names)
+
+
+def test_round_robin_rotates_when_fewer_slots_than_adapters():
+    batches = list(round_robin(_streams({"a": 4, "b": 4, "c": 4}), 3, 1))
+    names = [b[0].adapter for b in batches]
+    assert names[:6] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_fuse_gives_each_adapter_a_contiguous_range():
+    s = _streams({"a": 2, "b": 2})
+    parts = [next(s["a"]), next(s["b"])]
+    batch = fuse(parts, pad_id=0)
+    assert [(r.name, r.start, r.end) for r in batch.rows] == [("a", 0, 1), ("b", 1, 2)]
+    assert batch.attention_mask is None  # right padding only: the causal path
+    left = list(itertools.islice(adapter_stream(examples(3), cfg("l", expand_side="left"), 0), 1))
+    assert fuse(left + parts, 0).attention_mask is not None
