@@ -66,9 +66,11 @@ class Adapter:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for w in self.weights.values() for p in (w.lora_A, w.lora_B)]
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> torch.optim.Optimizer | None:
         cfg = self.cfg
         params = self.parameters()
+        if not params:  # a pipeline stage where this adapter has no target module
+            return None
         if cfg.optim == "adamw":
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.optim == "sgd":
@@ -80,30 +82,36 @@ class Adapter:
         return self.cfg.lr * lr_factor(self.cfg.lr_scheduler, self.steps_done,
                                        self.cfg.warmup_steps, self.total_steps)
 
-    def grad_norm(self) -> float:
-        """L2 norm of this adapter's whole gradient (on this process)."""
+    def local_grad_sq(self) -> float:
+        """Sum of squares of this process's part of the adapter's gradient (a pipeline stage
+        adds these up over all ranks to clip by the adapter's whole norm)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return 0.0
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum().item()  # one sync
 
-    def step(self) -> tuple[float, float]:
+    def grad_norm(self) -> float:
+        """L2 norm of this adapter's whole gradient (on this process)."""
+        return math.sqrt(self.local_grad_sq())
+
+    def step(self, grad_norm: float | None = None) -> tuple[float, float]:
         """Clip, take one optimizer step at the scheduled LR, zero the gradients.
 
-        Returns (lr used, gradient norm before clipping).
+        `grad_norm` is the adapter's whole gradient norm when this process holds only a part
+        of it (a pipeline stage); by default it is computed here. Returns (lr, grad_norm).
         """
-        norm = self.grad_norm()
+        norm = self.grad_norm() if grad_norm is None else grad_norm
         if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
             factor = self.cfg.max_grad_norm / (norm + 1e-6)
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(factor)
         lr = self.current_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return lr, norm
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from mlora.errors import UserError
+from mlora.errors import PipelineError, UserError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("pipeline parallelism (one process per stage)")
+    g.add_argument("--pipeline", action="store_true", help="run as one rank of a pipeline")
+    g.add_argument("--rank", type=int, help="this process's rank (default: torchrun's RANK)")
+    g.add_argument("--balance", type=int, nargs="+", metavar="N",
+                   help="modules per rank: embedding, decoder layers, norm, head (or decoder layers only)")
+    g.add_argument("--world_size", type=int, help="number of ranks when --balance is not given")
+    g.add_argument("--transport", choices=["torch", "zmq"], default="torch",
+                   help="torch.distributed point-to-point (default) or ZeroMQ")
+    g.add_argument("--master_addr", help="rendezvous host (default: MASTER_ADDR or 127.0.0.1)")
+    g.add_argument("--master_port", type=int, help="rendezvous port (default: MASTER_PORT or 29500)")
+    g.add_argument("--peer_timeout", type=float, default=30.0,
+                   help="seconds without a sign of life before a rank counts as lost (default 30)")
+    g.add_argument("--connect_timeout", type=float, default=300.0,
+                   help="seconds to wait for every rank to join (default 300)")
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
     _add_common(p)
@@ -44,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    if args.pipeline:
+        from mlora.pipeline.run import train_pipeline
+
+        return train_pipeline(args)
     from mlora.session import open_session
     from mlora.trainer import train
 
@@ -110,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"mlora: error: {err}", file=sys.stderr)
         return 2
+    except PipelineError as err:
+        print(f"mlora: pipeline error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("mlora: interrupted", file=sys.stderr)
         return 130

@@ -7,3 +7,10 @@ keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input; the message names the culprit in one line."""
+
+
+class PipelineError(Exception):
+    """A run-time failure between pipeline ranks: a lost rank, a timeout, ranks that disagree.
+
+    The CLI prints it as one line and exits 3.
+    """

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The manual way, as in m-LoRA's README: one process per GPU, each told its rank, device and
+# balance. Every rank gets the same --config, --base_model and --balance (checked at start-up).
+# This example: a 32-layer model (35 modules: embedding, 32 layers, norm, head) on 4 GPUs.
+#
+#   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh
+#
+# On several hosts, start each rank on its host with --master_addr set to rank 0's address.
+set -euo pipefail
+BASE=${BASE:?set BASE to the base model directory}
+CONFIG=${CONFIG:?set CONFIG to the training config}
+BALANCE=${BALANCE:-"9 9 9 8"}
+TRANSPORT=${TRANSPORT:-torch}          # torch (NCCL between GPUs) or zmq
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+read -r -a balance <<< "$BALANCE"
+pids=()
+for rank in "${!balance[@]}"; do
+    device=${DEVICE_PREFIX:-cuda:}$rank
+    [ "${DEVICE_PREFIX:-cuda:}" = "cpu" ] && device=cpu
+    python3 -m mlora train --pipeline --rank "$rank" --device "$device" --balance "${balance[@]}" \
+        --transport "$TRANSPORT" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        --base_model "$BASE" --config "$CONFIG" "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Pipeline training under torchrun: one process per GPU; rank and device come from torchrun's
+# environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+#
+# One node, 4 GPUs:
+#   launch/torchrun.sh --nproc 4 --balance "10 9 9 7" --base_model /models/llama-2-7b --config config/example.json
+# Two nodes, 2 GPUs each (run on both nodes, NODE_RANK 0 and 1; HOST is node 0's address):
+#   launch/torchrun.sh --nproc 2 --nnodes 2 --node_rank NODE_RANK --rdzv_endpoint HOST:29400 \
+#       --balance "9 9 9 8" --base_model /models/llama-2-7b --config config/example.json
+# Anything after `--` goes to `mlora train` (e.g. -- --transport zmq --output_dir out).
+# Set TORCHRUN to the torchrun command if it is not on PATH (default: python -m torch.distributed.run).
+set -euo pipefail
+nproc=1; nnodes=1; node_rank=0; rdzv_endpoint=""; balance=""; base_model=""; config=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nproc) nproc=$2; shift 2 ;;
+        --nnodes) nnodes=$2; shift 2 ;;
+        --node_rank) node_rank=$2; shift 2 ;;
+        --rdzv_endpoint) rdzv_endpoint=$2; shift 2 ;;
+        --balance) balance=$2; shift 2 ;;
+        --base_model) base_model=$2; shift 2 ;;
+        --config) config=$2; shift 2 ;;
+        --) shift; break ;;
+        *) echo "launch/torchrun.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+[ -n "$base_model" ] && [ -n "$config" ] || { echo "launch/torchrun.sh: --base_model and --config are required" >&2; exit 2; }
+PY=${PYTHON:-python3}
+read -r -a torchrun <<< "${TORCHRUN:-$PY -m torch.distributed.run}"
+rdzv=(--standalone)
+if [ "$nnodes" -gt 1 ]; then
+    [ -n "$rdzv_endpoint" ] || { echo "launch/torchrun.sh: --nnodes > 1 needs --rdzv_endpoint HOST:PORT" >&2; exit 2; }
+    rdzv=(--nnodes "$nnodes" --node_rank "$node_rank" --rdzv_backend c10d --rdzv_endpoint "$rdzv_endpoint" --rdzv_id "mlora-${MLORA_RUN_ID:-job}")
+fi
+balance_args=()
+[ -n "$balance" ] && balance_args=(--balance $balance)
+exec "${torchrun[@]}" "${rdzv[@]}" --nproc_per_node "$nproc" -m mlora train --pipeline \
+    --base_model "$base_model" --config "$config" "${balance_args[@]}" "$@"

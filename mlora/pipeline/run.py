@@ -1,0 +1,107 @@
+"""`mlora train --pipeline`: work out this rank's place (flags or torchrun's environment),
+its stage, connect to the other ranks, check they all run the same job, then train."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mlora.errors import UserError
+from mlora.loader import load_model, read_model_config
+from mlora.lora import inject_lora
+from mlora.pipeline.balance import module_costs, split_by_balance, split_by_cost
+
+
+@dataclass
+class RankPlace:
+    rank: int
+    world_size: int
+    device: str | None
+    master_addr: str
+    master_port: int
+
+
+def resolve_place(args) -> RankPlace:
+    """Rank, world size, device and rendezvous from the flags, else from torchrun's env."""
+    env = os.environ
+    rank = args.rank if args.rank is not None else _env_int("RANK")
+    if args.balance:
+        world = len(args.balance)
+        if args.world_size is not None and args.world_size != world:
+            raise UserError(f"--world_size {args.world_size} but --balance has {world} entries")
+    else:
+        world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
+    if world is None:
+        raise UserError("--pipeline needs the world size: give --balance, --world_size, or start under torchrun")
+    if rank is None:
+        raise UserError("--pipeline needs --rank (or torchrun's RANK)")
+    if not 0 <= rank < world:
+        raise UserError(f"--rank {rank} is outside the world of {world} ranks (0..{world - 1})")
+    device = args.device
+    if device is None and "LOCAL_RANK" in env:
+        device = f"cuda:{int(env['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+    addr = args.master_addr or env.get("MASTER_ADDR", "127.0.0.1")
+    if args.master_port is not None:
+        port = args.master_port
+    elif "TORCHELASTIC_RUN_ID" in env:
+        # Under torchrun, MASTER_PORT is the elastic agent's own store; ours takes the next port.
+        port = int(env["MASTER_PORT"]) + 1
+    else:
+        port = int(env.get("MASTER_PORT", "29500"))
+    return RankPlace(rank, world, device, addr, port)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> list[list[str]]:
+    from mlora.models import family_for
+
+    cfg, margs = read_model_config(base_model)
+    modules = family_for(cfg.model_type).module_sequence(margs)
+    if balance:
+        return split_by_balance(modules, margs.num_layers, balance)
+    costs = module_costs(modules, margs.hidden_size, margs.intermediate_size, margs.vocab_size,
+                         margs.num_heads, margs.num_kv_heads, margs.head_dim)
+    return split_by_cost(modules, costs, world_size)
+
+
+def train_pipeline(args) -> int:
+    from mlora.cli import prepare_output_dir
+    from mlora.pipeline.transport import connect
+    from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
+    from mlora.session import open_session
+
+    place = resolve_place(args)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                           device=place.device, dtype=args.dtype, seed=args.seed, load_base=False)
+    stages = plan_stages(args.base_model, place.world_size, args.balance)
+    if place.rank in (0, place.world_size - 1):
+        prepare_output_dir(session.cfg.output_dir)
+    transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
+                        place.master_port, session.device, peer_timeout=args.peer_timeout,
+                        connect_timeout=args.connect_timeout)
+    try:
+        check_same_everywhere(transport, fingerprint(session, stages, args.transport))
+        session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[place.rank])
+        session.wrappers = inject_lora(session.model, session.layout)
+        worker = StageWorker(session, transport, progress=not args.no_progress)
+        result = worker.run()
+    finally:
+        transport.close()
+    if place.rank == 0:
+        for a in session.cfg.lora:
+            print(f"{a.name}: saved to {os.path.join(session.cfg.output_dir, a.name)}")
+    if place.rank == place.world_size - 1:
+        for name, loss in result["losses"].items():
+            print(f"{name}: last loss {loss:.4f}")
+    return 0

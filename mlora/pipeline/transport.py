@@ -1,0 +1,768 @@
+"""Messages between pipeline ranks: a small header dict plus tensors, in order per (source, destination).
+
+Two implementations behind one interface (`connect` picks):
+
+- "torch": torch.distributed point-to-point (gloo; NCCL for the tensors when the device is CUDA).
+  Rank 0 hosts a TCPStore that also carries the start-up roll call, heartbeats and `exchange`.
+- "zmq": ZeroMQ sockets, msgpack headers and raw tensor bytes; ranks exchange addresses through
+  rank 0. Works between hosts that have no NCCL.
+
+A rank can vanish at any time (even kill -9) and neither library says so reliably: gloo waits
+cannot be interrupted, ZeroMQ silently reconnects. So every rank sends heartbeats, and every
+blocking call re-checks its peers while it waits: a lost rank becomes a PipelineError that names
+it within about `peer_timeout` seconds instead of a hang.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from datetime import timedelta
+from queue import SimpleQueue
+from typing import Any, Callable, Iterable, Sequence
+
+import msgpack
+import torch
+import torch.distributed as dist
+import zmq
+
+from mlora.errors import PipelineError
+
+__all__ = ["PipelineError", "Transport", "connect"]
+
+_POLL = 0.05  # how often (s) a blocked call re-checks its peers' liveness
+# gloo applies its timeout to every wait, and a timed-out wait tears the connection down; a stage
+# may legitimately wait for minutes (a long eval upstream), so liveness is our job, not gloo's.
+_FOREVER = timedelta(days=365)
+
+
+def connect(kind: str, rank: int, world_size: int, master_addr: str, master_port: int,
+            device: torch.device, peer_timeout: float = 30.0, connect_timeout: float = 60.0,
+            backend: str | None = None) -> Transport:
+    """Join the pipeline as `rank` of `world_size`; returns once every rank has joined.
+
+    kind: "torch" or "zmq". backend (torch only): None -> "nccl" on CUDA, else "gloo".
+    Raises PipelineError when a rank does not join within `connect_timeout`, when the master
+    port is taken, or when two processes claim the same rank."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise PipelineError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    device = torch.device(device)
+    if kind == "torch":
+        return _TorchTransport(rank, world_size, master_addr, master_port, device,
+                               peer_timeout, connect_timeout, backend)
+    if kind == "zmq":
+        return _ZmqTransport(rank, world_size, master_addr, master_port, device,
+                             peer_timeout, connect_timeout)
+    raise ValueError(f"unknown transport {kind!r} (use 'torch' or 'zmq')")
+
+
+# ---------------------------------------------------------------------------------------------
+# What both implementations share: message metadata, liveness bookkeeping, the public methods.
+
+
+def _pack_meta(header: dict, tensors: Sequence[torch.Tensor], **extra) -> bytes:
+    """The header plus each tensor's dtype and shape, so a receiver needs no prior knowledge."""
+    described = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]
+    return msgpack.packb({"h": header, "t": described, **extra}, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise PipelineError(f"a peer sent a tensor of unknown dtype {name!r} (different torch versions?)")
+    return dtype
+
+
+def _wire_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A private contiguous copy on `device`: the caller may change or free `t` once send() returns."""
+    return t.detach().to(device=device, memory_format=torch.contiguous_format, copy=True)
+
+
+def _ranks(ranks: Iterable[int]) -> str:
+    ranks = sorted(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _short(err: BaseException) -> str:
+    """The gist of a library error: first line, without gloo's '[file.cc:123]' prefix and advice."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0]
+
+
+class _Peers:
+    """This rank's view of the others: when each was last heard from, who said goodbye, who is
+    known to be gone. Written by the transport's threads, read by every blocking call."""
+
+    def __init__(self, rank: int, world_size: int, timeout: float):
+        self.rank, self.timeout = rank, timeout
+        self.others = [p for p in range(world_size) if p != rank]
+        self._heard = {p: time.monotonic() for p in self.others}
+        self._closed: set[int] = set()
+        self._lost: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def restart_clock(self) -> None:
+        """Everyone just checked in (start-up took its time): count silence from now."""
+        for peer in self.others:
+            self.heard_from(peer)
+
+    def heard_from(self, peer: int) -> None:
+        with self._lock:
+            self._heard[peer] = time.monotonic()
+
+    def said_goodbye(self, peer: int, saw_lost: tuple[int, str] | None = None) -> None:
+        """`peer` closed; if it closed because it had lost a rank, that rank is lost here too, so
+        every survivor names the rank that actually died, not the neighbour that gave up."""
+        with self._lock:
+            self._closed.add(peer)
+        if saw_lost is not None:
+            lost, why = saw_lost
+            second_hand = why.startswith("rank ")  # "rank 3 saw: ...": keep the first witness
+            self.lost(lost, why if second_hand else f"rank {peer} saw: {why}")
+
+    def lost(self, peer: int, why: str) -> None:
+        with self._lock:
+            self._lost.setdefault(peer, why)  # the first reason is the real one
+
+    def first_loss(self) -> tuple[int, str] | None:
+        with self._lock:
+            return next(iter(self._lost.items()), None)
+
+    def is_closed(self, peer: int) -> bool:
+        with self._lock:
+            return peer in self._closed
+
+    def error(self, waiting_for: Iterable[int] = ()) -> PipelineError | None:
+        """Why this rank cannot go on, or None: any peer gone or silent for too long (one lost
+        stage dooms the pipeline, and waiting for a neighbour that itself waits for the lost
+        rank would cost another timeout per hop), or a peer we wait for has closed."""
+        now = time.monotonic()
+        with self._lock:
+            for peer, heard in self._heard.items():
+                if peer not in self._closed and peer not in self._lost and now - heard > self.timeout:
+                    self._lost[peer] = f"no heartbeat for {now - heard:.1f} s"
+            for peer, why in self._lost.items():  # the first one recorded
+                return PipelineError(f"rank {peer} was lost ({why})")
+            for peer in waiting_for:
+                if peer in self._closed:
+                    return PipelineError(f"rank {peer} closed its connection while rank {self.rank} "
+                                         "was waiting for it")
+        return None
+
+    def check(self, waiting_for: Iterable[int] = ()) -> None:
+        err = self.error(waiting_for)
+        if err is not None:
+            raise err
+
+    def link_error(self, peers: Sequence[int], err: BaseException) -> PipelineError:
+        """A broken link to `peers` as a PipelineError: a goodbye explains it, else they are gone."""
+        closed = [p for p in peers if self.is_closed(p)]
+        if closed:
+            return PipelineError(f"{_ranks(closed)} closed the connection while rank {self.rank} was using it")
+        for peer in peers:
+            self.lost(peer, _short(err))
+        return self.error()
+
+    def wait_until_settled(self) -> None:
+        """Block while some peer is alive and has not said goodbye; bounded: a gone peer stops
+        counting within the timeout."""
+        while True:
+            now = time.monotonic()
+            self.error()  # files silent peers as lost
+            with self._lock:
+                if all(p in self._closed or p in self._lost for p in self.others):
+                    return
+            time.sleep(_POLL)
+
+
+class Transport:
+    """One rank's end of the pipeline's links. Not for use from several threads at once."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, peer_timeout: float):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.peer_timeout = peer_timeout
+        # heartbeats come often enough that a few late ones never look like a lost rank
+        self.heartbeat_interval = min(1.0, peer_timeout / 10)
+        self._peers = _Peers(rank, world_size, peer_timeout)
+        self._closed = False
+
+    def _started(self) -> None:
+        # a process that dies of an exception still says goodbye and releases its threads
+        atexit.register(self.close)
+
+    def send(self, dst: int, header: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Queue a message for `dst` and return; the tensors are copied, so the caller may reuse them."""
+        self._check_usable(dst, "send to")
+        self._peers.check()
+        self._send(dst, header, list(tensors))
+
+    def recv(self, src: int) -> tuple[dict, list[torch.Tensor]]:
+        """The next message from `src` (header, tensors on this rank's device); blocks until it comes."""
+        self._check_usable(src, "receive from")
+        self._peers.check()
+        return self._recv(src)
+
+    def exchange(self, value: Any) -> list[Any]:
+        """Every rank's `value` (small, msgpack-able), in rank order; a collective: all ranks call it."""
+        self._check_usable(None, "")
+        self._peers.check()
+        # this rank's own value takes the same msgpack round trip as the others' (tuples -> lists)
+        return self._exchange(_unpack(msgpack.packb(value, use_bin_type=True)))
+
+    def close(self) -> None:
+        """Deliver what was sent, say goodbye, stop the threads. Idempotent; bounded when peers are gone."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._close()
+
+    def _check_usable(self, peer: int | None, verb: str) -> None:
+        if self._closed:
+            raise PipelineError(f"rank {self.rank}: the transport is already closed")
+        if peer is not None and (peer == self.rank or not 0 <= peer < self.world_size):
+            raise ValueError(f"rank {self.rank} cannot {verb} rank {peer} (world_size {self.world_size})")
+
+    # each implementation provides these
+    def _send(self, dst: int, header: dict, tensors: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _recv(self, src: int) -> tuple[dict, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _exchange(self, mine: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+_TAG = 0  # one tag for everything: per-pair FIFO order is what keeps header and tensors together
+
+
+class _TorchTransport(Transport):
+    """gloo (or NCCL for CUDA tensors, with headers over gloo) point-to-point, plus rank 0's
+    TCPStore for the roll call, heartbeats and `exchange`.
+
+    Heartbeats: every rank's heartbeat thread rewrites its `hb/<rank>` key with a counter and
+    reads the others'; a counter that moved means alive, "bye" means closed. If rank 0 dies,
+    its store goes with it and store calls fail: that is how rank 0's loss is seen."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, device, peer_timeout,
+                 connect_timeout, backend):
+        super().__init__(rank, world_size, device, peer_timeout)
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"unknown torch backend {backend!r} (use 'gloo' or 'nccl')")
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError(f"backend 'nccl' needs a CUDA device, not {device}")
+        # gloo cannot send CUDA tensors: they travel through CPU memory
+        self._wire = device if backend == "nccl" else torch.device("cpu")
+        self._where = f"{master_addr}:{master_port}"
+        deadline = time.monotonic() + connect_timeout
+        self._store = _open_store(master_addr, master_port, rank, world_size, connect_timeout, deadline)
+        try:
+            _roll_call(self._store, rank, world_size, deadline, connect_timeout, self._where)
+            beat_store = dist.TCPStore(master_addr, master_port, is_master=False,
+                                       timeout=timedelta(seconds=max(1.0, peer_timeout / 2)))
+        except RuntimeError as err:
+            raise self._store_error(err) from None
+        self._peers.restart_clock()
+        self._stop, self._nudge, self._leaving, self._left = (threading.Event() for _ in range(4))
+        self._beater = threading.Thread(target=self._beat, args=(beat_store,), daemon=True,
+                                        name=f"mlora-heartbeat-{rank}")
+        self._beater.start()
+        # sends complete asynchronously; this thread waits for them in order, then drops the buffers
+        self._outbox: SimpleQueue = SimpleQueue()
+        self._settler = threading.Thread(target=self._settle_sends, daemon=True, name=f"mlora-sends-{rank}")
+        self._settler.start()
+        self._exchanges = 0
+        # creating the group blocks until every rank takes part: watch the heartbeats meanwhile
+        self._ctrl = self._interruptibly(
+            lambda: dist.ProcessGroupGloo(dist.PrefixStore("gloo", self._store), rank, world_size, _FOREVER),
+            self._peers.others)
+        self._data = self._ctrl if backend == "gloo" else _nccl_group(self._store, rank, world_size)
+        self._started()
+
+    def _store_error(self, err: BaseException) -> PipelineError:
+        return PipelineError(f"rank 0 was lost (its store at {self._where} failed: {_short(err)})")
+
+    def _send(self, dst, header, tensors):
+        wire = [_wire_copy(t, self._wire) for t in tensors]
+        meta = torch.frombuffer(bytearray(_pack_meta(header, wire)), dtype=torch.uint8)
+        size = torch.tensor([meta.numel()], dtype=torch.int64)
+        try:
+            works = [self._ctrl.send([size], dst, _TAG), self._ctrl.send([meta], dst, _TAG)]
+            payload = [self._data.send([t], dst, _TAG) for t in wire if t.numel()]
+        except RuntimeError as err:  # gloo refuses at once when the link is already down
+            raise self._peers.link_error([dst], err) from None
+        if self._wire.type == "cpu":
+            works += payload
+        # (NCCL works finish on the GPU stream, and ProcessGroupNCCL keeps their tensors alive itself)
+        self._outbox.put((dst, works, [size, meta, *wire]))
+
+    def _recv(self, src):
+        if self._wire.type == "cpu":
+            header, tensors = self._interruptibly(lambda: self._recv_now(src), [src])
+        else:
+            header, descs = self._interruptibly(lambda: self._recv_meta(src), [src])
+            # NCCL: post and wait on the caller's thread so that its CUDA stream is the one ordered
+            # after the transfer (this wait does not block the CPU)
+            tensors, works = self._post_payload(src, descs)
+            for work in works:
+                work.wait()
+        return header, [t.to(self.device) for t in tensors]
+
+    def _recv_meta(self, src):
+        size = torch.empty(1, dtype=torch.int64)
+        self._ctrl.recv([size], src, _TAG).wait()
+        meta = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._ctrl.recv([meta], src, _TAG).wait()
+        meta = _unpack(meta.numpy().tobytes())
+        return meta["h"], meta["t"]
+
+    def _post_payload(self, src, descs):
+        tensors = [torch.empty(shape, dtype=_dtype(dtype), device=self._wire) for dtype, shape in descs]
+        return tensors, [self._data.recv([t], src, _TAG) for t in tensors if t.numel()]
+
+    def _recv_now(self, src):
+        header, descs = self._recv_meta(src)
+        tensors, works = self._post_payload(src, descs)
+        for work in works:
+            work.wait()
+        return header, tensors
+
+    def _exchange(self, mine):
+        n = self._exchanges
+        self._exchanges += 1
+        keys = [f"x/{n}/{r}" for r in range(self.world_size)]
+        try:
+            self._store.set(keys[self.rank], msgpack.packb(mine, use_bin_type=True))
+            while not self._store.check(keys):
+                self._peers.check(self._peers.others)
+                time.sleep(_POLL / 5)
+            return [mine if r == self.rank else _unpack(self._store.get(k)) for r, k in enumerate(keys)]
+        except RuntimeError as err:
+            raise self._store_error(err) from None
+
+    def _interruptibly(self, fn: Callable[[], Any], waiting_for: Sequence[int]) -> Any:
+        """fn() on a helper thread while this one watches the peers: a gloo wait can be neither
+        polled nor interrupted. A helper left stuck after an error is released by close()."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as err:  # noqa: BLE001 - handed over to the caller's thread
+                box["error"] = err
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name=f"mlora-wait-{self.rank}").start()
+        while not done.wait(_POLL):
+            err = self._peers.error(waiting_for)
+            if err is not None and not done.wait(_POLL):  # it may have finished as the peer left
+                raise err
+        if isinstance(box.get("error"), RuntimeError):
+            raise self._peers.link_error(waiting_for, box["error"]) from None
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _beat(self, store) -> None:
+        beats, seen = 0, {}
+        while True:
+            try:
+                beats += 1
+                leaving = self._leaving.is_set()
+                store.set(f"hb/{self.rank}", self._goodbye() if leaving else str(beats))
+                if leaving:
+                    self._left.set()
+                for peer in self._peers.others:
+                    value = store.get(f"hb/{peer}").decode()
+                    if value.startswith("bye"):
+                        _, lost, why = (value.split(" ", 2) + ["", ""])[:3]
+                        self._peers.said_goodbye(peer, (int(lost), why) if lost else None)
+                    elif value != seen.get(peer):
+                        seen[peer] = value
+                        self._peers.heard_from(peer)
+            except RuntimeError as err:  # the store lives in rank 0: it is gone or hung
+                if not self._stop.is_set() and self.rank != 0:
+                    self._peers.lost(0, f"its store at {self._where} stopped answering: {_short(err)}")
+                return
+            if self._stop.is_set():
+                return
+            self._nudge.wait(self.heartbeat_interval)
+            self._nudge.clear()
+
+    def _goodbye(self) -> str:
+        """"bye", plus the first rank this one lost and why, if any."""
+        loss = self._peers.first_loss()
+        return "bye" if loss is None else f"bye {loss[0]} {loss[1]}"
+
+    def _settle_sends(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            dst, works, _buffers = item
+            try:
+                for work in works:
+                    work.wait()
+            except RuntimeError as err:  # the receiver is gone
+                self._peers.lost(dst, _short(err))
+
+    def _close(self):
+        self._outbox.put(None)
+        while self._settler.is_alive() and self._peers.error() is None:
+            self._settler.join(_POLL)  # sends to a gone peer fail, so this ends
+        # the heartbeat thread writes the goodbye: one writer, so no beat can overwrite it
+        self._leaving.set()
+        self._nudge.set()
+        while self._beater.is_alive() and not self._left.wait(_POLL):
+            pass
+        if self.rank == 0:
+            self._peers.wait_until_settled()  # the store lives here: keep it up while others use it
+        self._stop.set()
+        self._nudge.set()
+        self._beater.join(self.peer_timeout)
+        # Abort, not shut down: it also releases gloo waits that an error left stuck, which
+        # would otherwise end the process with std::terminate at exit.
+        for group in {id(self._ctrl): self._ctrl, id(self._data): self._data}.values():
+            try:
+                group.abort()
+            except RuntimeError:
+                pass
+        self._ctrl = self._data = self._store = None
+
+
+def _open_store(addr: str, port: int, rank: int, world_size: int, timeout: float, deadline: float):
+    if rank != 0 and not _listening(addr, port, deadline):
+        # (TCPStore's own wait for its server can run to twice its timeout)
+        raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {addr}:{port})")
+    try:
+        return dist.TCPStore(addr, port, world_size, is_master=rank == 0,
+                             timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    except RuntimeError as err:
+        if rank == 0:
+            raise PipelineError(f"rank 0 cannot listen on {addr}:{port} ({_short(err)}); "
+                                "is another run using this port?") from None
+        raise PipelineError(f"rank 0 was lost (its store at {addr}:{port} failed: {_short(err)})") from None
+
+
+def _listening(addr: str, port: int, deadline: float) -> bool:
+    """Whether something accepts connections at addr:port before the deadline."""
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(_POLL)
+
+
+def _roll_call(store, rank: int, world_size: int, deadline: float, timeout: float, where: str) -> None:
+    """Each rank ticks `join/<rank>` and waits until every rank has; a second tick means two
+    processes claim one rank. If rank 0 gives up, it leaves its verdict in the store for the
+    others: their own deadlines may be a little later, and the store dies with rank 0."""
+    if store.compare_set("world_size", "", str(world_size)) != str(world_size).encode():
+        raise PipelineError(f"rank {rank} has world_size {world_size}, but rank 0 at {where} has "
+                            f"{store.get('world_size').decode()}")
+    if store.add(f"join/{rank}", 1) > 1:
+        raise PipelineError(f"rank {rank} is claimed by two processes")
+    store.set(f"hb/{rank}", "0")
+    keys = [f"join/{r}" for r in range(world_size)]
+    while not store.check(keys):
+        if rank != 0 and store.check(["verdict"]):
+            store.add("verdict read", 1)
+            raise PipelineError(store.get("verdict").decode())
+        if time.monotonic() > deadline:
+            present = [r for r, key in enumerate(keys) if store.check([key])]
+            err = f"{_ranks(set(range(world_size)) - set(present))} did not join within {timeout:g} s"
+            if rank == 0:
+                store.set("verdict", err)
+                wait_until = time.monotonic() + 2.0
+                while store.add("verdict read", 0) < len(present) - 1 and time.monotonic() < wait_until:
+                    time.sleep(_POLL / 5)
+            raise PipelineError(err)
+        time.sleep(_POLL / 5)
+
+
+def _nccl_group(store, rank: int, world_size: int):
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = _FOREVER  # NCCL's watchdog would abort a stage that waits long on purpose
+    return dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, world_size, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeroMQ
+
+
+class _Inbox:
+    """Arrived messages, kept per (source, kind) in arrival order until someone asks for them."""
+
+    def __init__(self):
+        self._queues: dict[tuple[int, str], deque] = defaultdict(deque)
+        self._ready = threading.Condition()
+
+    def put(self, key: tuple[int, str], item: Any) -> None:
+        with self._ready:
+            self._queues[key].append(item)
+            self._ready.notify_all()
+
+    def get(self, key: tuple[int, str], check: Callable[[], None]) -> Any:
+        """The oldest item under `key`; while there is none, call check() (which raises to give up)."""
+        with self._ready:
+            while not self._queues[key]:
+                check()
+                self._ready.wait(_POLL)
+            return self._queues[key].popleft()
+
+
+class _ZmqTransport(Transport):
+    """Each rank binds one PULL socket and PUSHes to each peer's. One I/O thread owns every
+    socket (ZeroMQ sockets are not thread-safe): it forwards what send() queues through an
+    in-process socket, files arrivals into the inbox, and sends heartbeats."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, device, peer_timeout, connect_timeout):
+        super().__init__(rank, world_size, device, peer_timeout)
+        self._ctx = zmq.Context()
+        self._inbox = _Inbox()
+        try:
+            loopback = _is_loopback(master_addr)
+            host = "127.0.0.1" if loopback else _local_ip_towards(master_addr, master_port)
+            self._pull = self._socket(zmq.PULL)
+            port = self._pull.bind_to_random_port("tcp://127.0.0.1" if loopback else "tcp://*")
+            me = f"tcp://{host}:{port}"
+            self._door = None  # rank 0's rendezvous socket, kept open to turn latecomers away
+            if rank == 0:
+                self._door = self._socket(zmq.ROUTER)
+                try:
+                    self._door.bind(f"tcp://{'127.0.0.1' if loopback else '*'}:{master_port}")
+                except zmq.ZMQError as err:
+                    raise PipelineError(f"rank 0 cannot listen on {master_addr}:{master_port} "
+                                        f"({err.strerror}); is another run using this port?") from None
+                table = _admit_all(self._door, me, world_size, connect_timeout)
+            else:
+                table = _register(self._socket(zmq.DEALER), f"tcp://{master_addr}:{master_port}",
+                                  rank, world_size, me, connect_timeout)
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            raise
+        self._pushes = {}
+        for peer, addr in enumerate(table):
+            if peer != rank:
+                self._pushes[peer] = self._socket(zmq.PUSH)
+                self._pushes[peer].sndhwm = 0  # never block the I/O thread; a gone peer is caught by heartbeats
+                self._pushes[peer].connect(addr)
+        self._peers.restart_clock()
+        self._cmd_addr = f"inproc://mlora-transport-{id(self)}"
+        self._cmd_in = self._socket(zmq.PULL)
+        self._cmd_in.bind(self._cmd_addr)
+        self._cmd = self._socket(zmq.PUSH)
+        self._cmd.sndhwm = 0
+        self._cmd.connect(self._cmd_addr)
+        self._io = threading.Thread(target=self._io_loop, daemon=True, name=f"mlora-zmq-{rank}")
+        self._io.start()
+        self._started()
+
+    def _socket(self, kind):
+        sock = self._ctx.socket(kind)
+        sock.linger = 0
+        return sock
+
+    def _post(self, dst: int, frames: list) -> None:
+        self._cmd.send_multipart([b"%d" % dst, *frames], copy=False)
+
+    def _envelope(self, kind: str, **fields) -> bytes:
+        return msgpack.packb({"src": self.rank, "kind": kind, **fields}, use_bin_type=True)
+
+    def _send(self, dst, header, tensors):
+        wire = [_wire_copy(t, torch.device("cpu")) for t in tensors]
+        meta = _pack_meta(header, wire, src=self.rank, kind="msg")
+        # the bytes of each tensor as a numpy array: ZeroMQ sends it without another copy
+        self._post(dst, [meta, *(t.reshape(-1).view(torch.uint8).numpy() for t in wire)])
+
+    def _recv(self, src):
+        meta, frames = self._inbox.get((src, "msg"), lambda: self._peers.check([src]))
+        tensors = []
+        for (dtype, shape), frame in zip(meta["t"], frames):
+            raw = torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8) if len(frame.buffer) \
+                else torch.empty(0, dtype=torch.uint8)  # (frombuffer refuses empty buffers)
+            tensors.append(raw.view(_dtype(dtype)).reshape(shape).to(self.device))
+        return meta["h"], tensors
+
+    def _exchange(self, mine):
+        for peer in self._peers.others:
+            self._post(peer, [self._envelope("x", value=mine)])
+        return [mine if r == self.rank else
+                self._inbox.get((r, "x"), lambda: self._peers.check(self._peers.others))[0]["value"]
+                for r in range(self.world_size)]
+
+    def _io_loop(self) -> None:
+        try:
+            self._pump()
+            # Goodbye after everything queued before it, lingering to deliver to live peers only:
+            # ZeroMQ would hold a message for a peer that has closed until the linger ran out.
+            self._take_arrivals()  # a peer's goodbye may just have come in
+            bye = self._envelope("bye", saw_lost=self._peers.first_loss())
+            for peer, push in self._pushes.items():
+                push.send(bye, zmq.NOBLOCK)
+                gone = self._peers.is_closed(peer) or self._peers.error() is not None
+                push.linger = 0 if gone else int(self.peer_timeout * 1000)
+        except Exception as err:  # noqa: BLE001 - a bug here must not look like a hang
+            self._peers.lost(self.rank, f"its ZeroMQ thread failed: {type(err).__name__}: {err}")
+        finally:
+            for sock in (self._pull, self._cmd_in, self._door, *self._pushes.values()):
+                if sock is not None:
+                    sock.close()
+
+    def _pump(self) -> None:
+        """Until close(): heartbeats out, arrivals in, queued sends on, latecomers away."""
+        poller = zmq.Poller()
+        for sock in (self._pull, self._cmd_in, self._door):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        beat = self._envelope("hb")
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                for push in self._pushes.values():
+                    push.send(beat, zmq.NOBLOCK)
+                next_beat = now + self.heartbeat_interval
+            ready = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
+            if self._pull in ready:
+                self._take_arrivals()
+            if self._door is not None and self._door in ready:
+                _turn_away(self._door)
+            if self._cmd_in in ready and not self._forward():
+                return
+
+    def _take_arrivals(self) -> None:
+        while True:
+            try:
+                frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            meta = _unpack(frames[0].bytes)
+            src, kind = meta["src"], meta["kind"]
+            self._peers.heard_from(src)  # any arrival is a sign of life, not only heartbeats
+            if kind == "bye":
+                self._peers.said_goodbye(src, meta["saw_lost"])
+            elif kind != "hb":
+                self._inbox.put((src, kind), (meta, frames[1:]))
+
+    def _forward(self) -> bool:
+        """Pass queued sends on to their peers; False once close() asked to stop."""
+        while True:
+            try:
+                frames = self._cmd_in.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            if frames[0].bytes == b"stop":
+                return False
+            self._pushes[int(frames[0].bytes)].send_multipart(frames[1:], copy=False)
+
+    def _close(self):
+        self._cmd.send(b"stop")
+        self._io.join()  # it never blocks: forwards what is queued, says goodbye, closes its sockets
+        self._cmd.close(linger=0)
+        self._ctx.term()  # returns once the goodbyes and last messages are delivered (or lingered out)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        raise PipelineError(f"cannot resolve the master address {host!r}") from None
+
+
+def _local_ip_towards(host: str, port: int) -> str:
+    """This host's address on the route to `host` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        return probe.getsockname()[0]
+
+
+def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[str]:
+    """Rank 0's side of the rendezvous: collect every rank's address, then send all of them the table.
+    Every arrival is told who is here so far, so a rank that gives up can say who was missing."""
+    table, callers = {0: rank0_addr}, {}
+    deadline = time.monotonic() + timeout
+
+    def tell(who, **reply):
+        door.send_multipart([who, msgpack.packb(reply, use_bin_type=True)])
+
+    while len(table) < world_size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            err = f"{_ranks(set(range(world_size)) - set(table))} did not join within {timeout:g} s"
+            for who in callers.values():
+                tell(who, error=err)
+            door.close(linger=1000)  # let the verdict reach the waiting ranks
+            raise PipelineError(err)
+        if not door.poll(int(left * 1000) + 1):
+            continue
+        who, body = door.recv_multipart()
+        ask = _unpack(body)
+        if ask["world_size"] != world_size:
+            tell(who, error=f"rank {ask['rank']} has world_size {ask['world_size']}, rank 0 has {world_size}")
+        elif ask["rank"] in table:
+            tell(who, error=f"rank {ask['rank']} is claimed by two processes")
+        else:
+            table[ask["rank"]] = ask["addr"]
+            callers[ask["rank"]] = who
+            for caller in callers.values():
+                tell(caller, joined=sorted(table))
+    for caller in callers.values():
+        tell(caller, table=[table[r] for r in range(world_size)])
+    return [table[r] for r in range(world_size)]
+
+
+def _turn_away(door) -> None:
+    """After start-up, any registration is a second process claiming a taken rank."""
+    while True:
+        try:
+            who, body = door.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        rank = _unpack(body).get("rank")
+        door.send_multipart([who, msgpack.packb(
+            {"error": f"rank {rank} is claimed by two processes (the pipeline already started)"})])
+
+
+def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeout: float) -> list[str]:
+    """A non-zero rank's side of the rendezvous: announce our address, wait for the table."""
+    dealer.connect(door_addr)
+    dealer.send(msgpack.packb({"rank": rank, "world_size": world_size, "addr": me}, use_bin_type=True))
+    deadline = time.monotonic() + timeout
+    joined = None
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not dealer.poll(int(left * 1000) + 1):
+                continue
+            reply = _unpack(dealer.recv())
+            if "error" in reply:
+                raise PipelineError(reply["error"])
+            if "table" in reply:
+                return reply["table"]
+            joined = reply["joined"]
+    finally:
+        dealer.close(linger=0)
+    if joined is None:
+        raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {door_addr})")
+    raise PipelineError(f"{_ranks(set(range(world_size)) - set(joined))} did not join within {timeout:g} s")

@@ -1,0 +1,345 @@
+"""One pipeline rank: it holds a stage (a contiguous run of the base's modules), follows its
+list of the shared plan, and exchanges activations forward and gradients backward.
+
+What travels, and why it keeps the semantics of single-process training exactly:
+
+- Forward messages (rank r -> r+1) carry the micro-batch's metadata (id, adapter, step, the
+  adapter's label-token total for the whole optimizer step), the activation, the labels (for
+  the last stage) and the attention mask when there is one.
+- Backward messages (r+1 -> r) carry the activation gradient. With the last micro-batch of an
+  adapter's step they also carry the running sum of the squares of that adapter's gradient on
+  ranks r+1..P-1, so rank 0 ends up with the adapter's whole gradient norm for clipping.
+- Rank 0 steps its part at once; it sends the global norm forward with the adapter's next
+  micro-batch (which by the plan's rule enters only after that step's backward has finished on
+  rank 0), and every later rank applies its pending step before running that micro-batch. So
+  no stage ever runs a micro-batch on stale weights, and every rank clips by the same norm.
+- Snapshots for `save_step` checkpoints ride back to rank 0 on backward messages; rank 0 writes
+  a checkpoint directory once all ranks' parts have arrived. At the end an END message carries
+  the last norms (and each rank's busy/bubble figures) forward, then a GATHER message carries
+  every rank's final adapter parts back to rank 0, which writes ordinary PEFT directories.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mlora.adapter import Adapter, save_checkpoint_dir, save_peft
+from mlora.batching import MicroBatch, adapter_stream, fuse, total_steps
+from mlora.config import adapter_seed
+from mlora.errors import PipelineError, UserError
+from mlora.lora import AdapterRows
+from mlora.loss import token_loss_sums
+from mlora.metrics import MetricsLog
+from mlora.pipeline.plan import MicroBatchRef, build_plan
+from mlora.session import Session
+
+if TYPE_CHECKING:
+    from mlora.pipeline.transport import Transport
+
+
+def fingerprint(session: Session, stages: list[list[str]], transport_kind: str) -> dict[str, str]:
+    """What every rank must agree on; compared with rank 0's at start-up."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    cfg = asdict(session.cfg)
+    cfg.pop("output_dir", None)  # each host may write elsewhere
+    data = {name: [ex.input_ids for ex in d.train] for name, d in session.data.items()}
+    model_cfg = (Path(session.base_dir) / "config.json").read_text()
+    return {"config": digest(cfg), "balance": digest(stages), "data": digest(data),
+            "base model": digest(model_cfg), "dtype": str(session.dtype), "transport": transport_kind}
+
+
+def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
+    everyone = transport.exchange(mine)
+    for rank, theirs in enumerate(everyone):
+        for key in mine:
+            if theirs.get(key) != everyone[0].get(key):
+                raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; "
+                                    f"start every rank with the same --config, --balance and --base_model")
+
+
+@dataclass
+class StepTally:
+    """The last stage's running totals for one adapter's current optimizer step."""
+
+    loss: float = 0.0
+    label_tokens: int = 0
+    input_tokens: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class StageTimer:
+    started: float = field(default_factory=time.perf_counter)
+    busy: float = 0.0
+
+    def measure(self, device: torch.device):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timer.busy += time.perf_counter() - self.t0
+
+        return _Span()
+
+
+class StageWorker:
+    def __init__(self, session: Session, transport: Transport, progress: bool = True):
+        cfg = session.cfg
+        if any(a.eval_step for a in cfg.lora):
+            raise UserError("eval_step is not supported with --pipeline yet; run `mlora eval` on the saved adapters")
+        self.session = session
+        self.transport = transport
+        self.rank, self.world = transport.rank, transport.world_size
+        self.first, self.last = self.rank == 0, self.rank == self.world - 1
+        self.device = session.device
+        self.out = Path(cfg.output_dir)
+        self.base_name = str(Path(session.base_dir).resolve())
+
+        self.adapters: dict[str, Adapter] = {}
+        self.micro: dict[int, MicroBatch] = {}
+        streams: dict[str, list[MicroBatchRef]] = {}
+        for a in cfg.lora:
+            rows = session.data[a.name].train
+            self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a))
+            refs = []
+            for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
+                mb = len(self.micro)
+                self.micro[mb] = part
+                refs.append(MicroBatchRef(mb, a.name, part.step, part.last_in_step))
+            streams[a.name] = refs
+        self.plan = build_plan(self.world, streams)
+
+        self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
+        self.norm_to_send: dict[str, tuple[int, float]] = {}  # rank 0: norms of finished steps
+        self.tally = {name: StepTally() for name in self.adapters}
+        self.outbox: list[tuple[str, str, int, dict[str, torch.Tensor]]] = []  # (adapter, tag, rank, tensors)
+        self.collected: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
+        self.timer = StageTimer()
+        self.metrics = MetricsLog(self.out / "metrics.jsonl") if self.last else None
+        self.bars = {}
+        self.last_loss: dict[str, float] = {}
+        if self.last:
+            for i, a in enumerate(cfg.lora):
+                self.bars[a.name] = tqdm(total=self.adapters[a.name].total_steps, desc=a.name, position=i,
+                                         disable=not progress, dynamic_ncols=True, mininterval=0.5,
+                                         file=sys.stderr)
+        self.run_started = time.perf_counter()
+
+    # ------------------------------------------------------------------ the plan
+    def run(self) -> dict:
+        try:
+            self.timer = StageTimer()
+            for action in self.plan.stages[self.rank]:
+                if action.op == "F":
+                    self.forward(action.mb)
+                else:
+                    self.backward(action.mb)
+            self.session.layout.rows = []
+            stats = self.finish_steps()
+            self.gather_and_save()
+            return stats
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            for bar in self.bars.values():
+                bar.close()
+
+    def forward(self, mb: int) -> None:
+        if self.first:
+            part = self.micro[mb]
+            batch = fuse([part], self.session.pad_id)
+            header = {"kind": "F", "mb": mb, "adapter": part.adapter, "step": part.step,
+                      "epoch": part.epoch, "step_tokens": part.step_label_tokens,
+                      "input_tokens": sum(len(ex.input_ids) for ex in part.examples),
+                      "rows": len(part.examples), "mask": batch.attention_mask is not None,
+                      "norm": self.norm_to_send.pop(part.adapter, None)}
+            x = batch.input_ids.to(self.device)
+            labels = batch.labels.to(self.device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+        else:
+            header, tensors = self.transport.recv(self.rank - 1)
+            self.expect(header, "F", mb)
+            x = tensors[0].requires_grad_(True)
+            labels = tensors[1]
+            mask = tensors[2] if header["mask"] else None
+            if header["norm"] is not None:
+                step, norm = header["norm"]
+                self.apply_step(header["adapter"], step, norm)
+        adapter = header["adapter"]
+        self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
+        with self.timer.measure(self.device):
+            out = self.session.model(x, mask)  # logits [B, S, V] on the last stage, else [B, S, H]
+            if self.last:
+                ce_sum, count = token_loss_sums(out, labels, self.session.layout.rows)[adapter]
+                out = ce_sum / max(1, header["step_tokens"])
+        if self.last:
+            tally = self.tally[adapter]
+            tally.loss += out.item()
+            tally.label_tokens += count
+            tally.input_tokens += header["input_tokens"]
+            tally.epoch = header["epoch"]
+        else:
+            self.transport.send(self.rank + 1, header,
+                                [out.detach(), labels] + ([mask] if mask is not None else []))
+        self.inflight[mb] = (None if self.first else x, out)
+
+    def backward(self, mb: int) -> None:
+        x, out = self.inflight.pop(mb)
+        adapter, step, last_in_step = self.mb_info(mb)
+        norm_sq_above = 0.0
+        if self.last:
+            with self.timer.measure(self.device):
+                out.backward()
+        else:
+            header, tensors = self.transport.recv(self.rank + 1)
+            self.expect(header, "B", mb)
+            self.take_parts(header, tensors[1:])
+            norm_sq_above = header["norm_sq"] or 0.0
+            with self.timer.measure(self.device):
+                out.backward(tensors[0])
+        norm_sq = self.adapters[adapter].local_grad_sq() + norm_sq_above if last_in_step else None
+        if not self.first:
+            header = {"kind": "B", "mb": mb, "norm_sq": norm_sq}
+            extra = self.pack_parts(header)
+            self.transport.send(self.rank - 1, header, [x.grad] + extra)
+            if last_in_step:
+                self.pending_step[adapter] = step
+        elif last_in_step:
+            norm = math.sqrt(norm_sq)
+            self.pending_step[adapter] = step
+            self.apply_step(adapter, step, norm)
+            if not self.last:
+                self.norm_to_send[adapter] = (step, norm)
+
+    def mb_info(self, mb: int) -> tuple[str, int, bool]:
+        part = self.micro[mb]
+        return part.adapter, part.step, part.last_in_step
+
+    def expect(self, header: dict, kind: str, mb: int | None) -> None:
+        if header.get("kind") != kind or (mb is not None and header.get("mb") != mb):
+            raise PipelineError(f"rank {self.rank}: expected {kind} of micro-batch {mb}, got "
+                                f"{header.get('kind')} of {header.get('mb')} (ranks disagree on the plan)")
+
+    # ------------------------------------------------------------------ optimizer steps
+    def apply_step(self, name: str, step: int, norm: float) -> None:
+        assert self.pending_step.pop(name, None) == step, (name, step)
+        adapter = self.adapters[name]
+        lr, _ = adapter.step(grad_norm=norm)
+        done = adapter.steps_done
+        save_step = self.session.cfg.save_step
+        if save_step and done % save_step == 0:
+            self.outbox.append((name, f"checkpoint-{done}", self.rank, adapter.peft_state_dict()))
+            if self.first:
+                self.collect(self.outbox.pop())
+        if self.last:
+            tally = self.tally[name]
+            self.metrics.write({"adapter": name, "step": done, "epoch": tally.epoch, "loss": tally.loss,
+                                "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
+                                "input_tokens": tally.input_tokens,
+                                "time": time.perf_counter() - self.run_started})
+            bar = self.bars[name]
+            bar.update(1)
+            bar.set_postfix(loss=f"{tally.loss:.4f}", refresh=False)
+            self.last_loss[name] = tally.loss
+            self.tally[name] = StepTally()
+
+    def finish_steps(self) -> dict:
+        """END: the last steps' norms travel forward; each rank adds its busy/bubble figures."""
+        wall = time.perf_counter() - self.timer.started
+        mine = {"rank": self.rank, "busy_fraction": self.timer.busy / wall if wall else 0.0,
+                "bubble_fraction": 1.0 - self.timer.busy / wall if wall else 0.0, "seconds": wall}
+        if self.first:
+            header = {"kind": "END", "norms": {a: list(v) for a, v in self.norm_to_send.items()},
+                      "stats": [mine]}
+        else:
+            header, _ = self.transport.recv(self.rank - 1)
+            self.expect(header, "END", None)
+            for name, (step, norm) in header["norms"].items():
+                self.apply_step(name, step, norm)
+            header["stats"].append(mine)
+        assert not self.pending_step, self.pending_step
+        if not self.last:
+            self.transport.send(self.rank + 1, header)
+        else:
+            for stat in header["stats"]:
+                self.metrics.write({"kind": "pipeline_stage", **stat})
+        print(f"mlora: rank {self.rank}: busy {mine['busy_fraction']:.1%}, bubble "
+              f"{mine['bubble_fraction']:.1%} of {wall:.1f} s", file=sys.stderr)
+        return {"stats": header["stats"], "losses": self.last_loss}
+
+    # ------------------------------------------------------------------ adapter parts
+    def pack_parts(self, header: dict) -> list[torch.Tensor]:
+        """Move the outbox into a backward message: metadata in the header, tensors appended."""
+        metas, tensors = [], []
+        for name, tag, rank, part in self.outbox:
+            keys = sorted(part)
+            metas.append({"adapter": name, "tag": tag, "rank": rank, "names": keys})
+            tensors.extend(part[k] for k in keys)
+        header["parts"] = metas
+        self.outbox = []
+        return tensors
+
+    def take_parts(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        """Parts that arrived from later ranks: rank 0 keeps them, others pass them on."""
+        offset = 0
+        for meta in header.get("parts", []):
+            names = meta["names"]
+            part = {n: t.detach().cpu() for n, t in zip(names, tensors[offset:offset + len(names)])}
+            offset += len(names)
+            item = (meta["adapter"], meta["tag"], meta["rank"], part)
+            if self.first:
+                self.collect(item)
+            else:
+                self.outbox.append(item)
+
+    def collect(self, item) -> None:
+        name, tag, rank, part = item
+        parts = self.collected.setdefault((name, tag), {})
+        parts[rank] = part
+        if len(parts) == self.world and tag.startswith("checkpoint-"):
+            merged = {k: v for p in parts.values() for k, v in p.items()}
+            adapter = self.adapters[name]
+            save_checkpoint_dir(self.out / name / tag, merged, adapter.peft_config(self.base_name))
+            del self.collected[(name, tag)]
+
+    def gather_and_save(self) -> None:
+        """GATHER: every rank's final parts travel back to rank 0, which writes the adapters."""
+        for name, adapter in self.adapters.items():
+            self.outbox.append((name, "final", self.rank, adapter.peft_state_dict()))
+        if not self.last:
+            header, tensors = self.transport.recv(self.rank + 1)
+            self.expect(header, "GATHER", None)
+            self.take_parts(header, tensors)
+        if not self.first:
+            header = {"kind": "GATHER"}
+            extra = self.pack_parts(header)
+            self.transport.send(self.rank - 1, header, extra)
+            return
+        for item in self.outbox:
+            self.collect(item)
+        self.outbox = []
+        for name, adapter in self.adapters.items():
+            parts = self.collected.pop((name, "final"))
+            assert len(parts) == self.world, (name, sorted(parts))
+            merged = {k: v for p in parts.values() for k, v in p.items()}
+            save_peft(self.out / name, merged, adapter.peft_config(self.base_name))
+        assert not self.collected, sorted(self.collected)

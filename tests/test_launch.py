@@ -1,0 +1,50 @@
+"""launch/torchrun.sh runs the same job as the single process: one node with 2 processes, and
+two "nodes" (two torchrun agents with c10d rendezvous) simulated on this host."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from test_pipeline import free_port, pipe_model, single_runs  # noqa: F401
+from test_train import rel_diff
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(args: list[str], out: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), *args, "--", "--output_dir", str(out),
+                             "--no_progress", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def check_same(out: Path, single_out: Path) -> None:
+    for name in ("p0", "p1"):
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(single_out / name / "adapter_model.safetensors")) <= 1e-5
+
+
+def test_torchrun_one_node(tmp_path, pipe_model, single_runs):
+    _, cfg, single_out = single_runs(2)
+    proc = torchrun(["--nproc", "2", "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg)],
+                    tmp_path / "out")
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    check_same(tmp_path / "out", single_out)
+
+
+def test_torchrun_two_nodes_on_one_host(tmp_path, pipe_model, single_runs):
+    _, cfg, single_out = single_runs(2)
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [torchrun(["--nproc", "1", "--nnodes", "2", "--node_rank", str(n), "--rdzv_endpoint", endpoint,
+                       "--balance", "2 2", "--base_model", str(pipe_model), "--config", str(cfg)], tmp_path / "out")
+             for n in (0, 1)]
+    for p in procs:
+        output, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, output[-3000:]
+    check_same(tmp_path / "out", single_out)
