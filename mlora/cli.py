@@ -22,6 +22,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", help="overrides the config's output_dir")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", help="base dtype: fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    q = p.add_argument_group("quantized base (QLoRA, through bitsandbytes)")
+    q.add_argument("--load_4bit", action="store_true", help="4-bit base projections")
+    q.add_argument("--load_8bit", action="store_true", help="8-bit base projections")
+    q.add_argument("--quant_type", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
+    q.add_argument("--double_quant", action="store_true", help="4-bit: quantize the scales too")
+    q.add_argument("--compute_dtype", help="4-bit matmul dtype: fp32, bf16 or fp16 (default: --dtype)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quant_config(args):
+    """The QuantConfig the flags ask for, or None for a full-precision base."""
+    if args.load_4bit and args.load_8bit:
+        raise UserError("--load_4bit and --load_8bit exclude each other")
+    if not args.load_4bit and (args.quant_type or args.double_quant or args.compute_dtype):
+        raise UserError("--quant_type, --double_quant and --compute_dtype apply to --load_4bit only")
+    if not (args.load_4bit or args.load_8bit):
+        return None
+    from mlora.device import resolve_device, resolve_dtype
+    from mlora.quant import QuantConfig
+
+    compute = None
+    if args.compute_dtype:
+        compute = resolve_dtype(resolve_device(args.device), args.compute_dtype)
+    if args.load_8bit:
+        return QuantConfig(bits=8)
+    return QuantConfig(bits=4, quant_type=args.quant_type or "nf4", double_quant=args.double_quant,
+                       compute_dtype=compute)
+
+
 def cmd_train(args) -> int:
     if args.pipeline:
         from mlora.pipeline.run import train_pipeline
@@ -66,7 +92,7 @@ def cmd_train(args) -> int:
     from mlora.trainer import train
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=args.device, dtype=args.dtype, seed=args.seed)
+                           device=args.device, dtype=args.dtype, seed=args.seed, quant=quant_config(args))
     prepare_output_dir(session.cfg.output_dir)
     summary = train(session, progress=not args.no_progress)
     for name, s in summary.items():
@@ -81,7 +107,7 @@ def cmd_eval(args) -> int:
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=args.device, dtype=args.dtype)
+                           device=args.device, dtype=args.dtype, quant=quant_config(args))
     out = Path(session.cfg.output_dir)
     for cfg in session.cfg.lora:
         saved = out / cfg.name

@@ -32,6 +32,7 @@ class Session:
     dtype: torch.dtype
     tokenizer: object
     data: dict[str, AdapterData]
+    quant: object | None = None  # mlora.quant.QuantConfig for a 4-/8-bit base
     model: torch.nn.Module | None = None
     layout: BatchLayout = field(default_factory=BatchLayout)
     wrappers: dict[str, LoraLinear] = field(default_factory=dict)
@@ -43,7 +44,7 @@ class Session:
 
     def load_base(self) -> None:
         """Load the frozen base onto the device and wrap its target projections."""
-        self.model = load_model(self.base_dir, self.device, self.dtype)
+        self.model = load_model(self.base_dir, self.device, self.dtype, quant=self.quant)
         self.wrappers = inject_lora(self.model, self.layout)
 
 
@@ -64,7 +65,7 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
 
 def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
                  output_dir: str | None = None, device: str | None = None,
-                 dtype: str | None = None, seed: int | None = None,
+                 dtype: str | None = None, seed: int | None = None, quant=None,
                  load_base: bool = True) -> Session:
     cfg = load_config(config_path)
     if output_dir is not None:
@@ -85,7 +86,11 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
                 if a.test_data else train)
         data[a.name] = AdapterData(train, test)
-    session = Session(cfg, base_dir, torch_device, torch_dtype, tokenizer, data)
+    if quant is not None:
+        from mlora.quant import check_available
+
+        check_available(quant, torch_device)  # before the data and the weights are read
+    session = Session(cfg, base_dir, torch_device, torch_dtype, tokenizer, data, quant)
     if load_base:
         session.load_base()
     return session

@@ -48,7 +48,7 @@ class QueueTransport:
         pass
 
 
-def run_threads(base: Path, cfg: Path, out: Path, world: int, balance):
+def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=None):
     stages = plan_stages(str(base), world, balance)
     hub = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
     hub["gather"], hub["barrier"] = {}, threading.Barrier(world)
@@ -56,10 +56,11 @@ def run_threads(base: Path, cfg: Path, out: Path, world: int, balance):
 
     def rank_main(rank):
         try:
-            session = open_session(base, cfg, output_dir=str(out), device="cpu", load_base=False)
+            session = open_session(base, cfg, output_dir=str(out), device="cpu", quant=quant, load_base=False)
             transport = QueueTransport(rank, world, hub)
             check_same_everywhere(transport, fingerprint(session, stages, "queue"))
-            session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[rank])
+            session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[rank],
+                                       quant=quant)
             session.wrappers = inject_lora(session.model, session.layout)
             StageWorker(session, transport, progress=False).run()
         except BaseException as err:  # reported to the test thread
@@ -96,3 +97,52 @@ def test_threaded_pipeline_checkpoints(tmp_path, pipe_model, single_runs):
             assert rel_diff(load_file(tmp_path / "out" / name / ckpt / "adapter_model.safetensors"),
                             load_file(single_out / name / ckpt / "adapter_model.safetensors")) <= 1e-5
     assert any(m.get("kind") == "pipeline_stage" for m in read_metrics(tmp_path / "out" / "metrics.jsonl"))
+
+
+def test_trains_from_converted_bin_shards_single_and_pipeline(tmp_path, tokenizer_dir):
+    """trans_to_safetensors turns .bin shards into a base that mlora trains from, in
+    single-process and pipeline mode, with the same result."""
+    from conftest import make_tiny_model
+    from mlora.cli import main
+    from test_trans_to_safetensors import conv, save_bin
+
+    src = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir, num_hidden_layers=NUM_LAYERS,
+                          tie_word_embeddings=True)
+    bins = save_bin(src, tmp_path / "bins", shard_bytes=120_000)
+    assert conv.main(["--model_path", str(bins)]) == 0
+    assert (bins / "model.safetensors.index.json").is_file()
+    cfg = write_config(tmp_path, 2, tmp_path / "single")
+    assert main(["train", "--base_model", str(bins), "--config", str(cfg), "--no_progress"]) == 0
+    run_threads(bins, cfg, tmp_path / "pipe", 2, [3, 4])
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
+
+
+@pytest.mark.parametrize("flag", ["--load_4bit", "--load_8bit"])
+def test_quantized_pipeline_equals_quantized_single_process(tmp_path, pipe_model, flag):
+    """Each rank quantizes only its slice; bitsandbytes quantizes a weight the same way
+    wherever it is, so a 2-rank 4-bit (8-bit) run equals the single-process one."""
+    from mlora.cli import main
+    from mlora.quant import QuantConfig
+
+    cfg = write_config(tmp_path, 2, tmp_path / "single")
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress", flag]) == 0
+    quant = QuantConfig(bits=4) if flag == "--load_4bit" else QuantConfig(bits=8)
+    run_threads(pipe_model, cfg, tmp_path / "pipe", 2, [3, 4], quant=quant)
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
+
+
+def test_pipeline_applies_lora_dropout(tmp_path, pipe_model, single_runs):
+    """Stages run in training mode: with dropout > 0 the result must move away from the
+    dropout-0 run (a stage left in eval mode would silently train without dropout)."""
+    import json
+
+    _, cfg_path, single_out = single_runs(2)
+    cfg = json.loads(cfg_path.read_text())
+    for adapter in cfg["lora"]:
+        adapter["dropout"] = 0.3
+    dropped = tmp_path / "dropout.json"
+    dropped.write_text(json.dumps(cfg))
+    run_threads(pipe_model, dropped, tmp_path / "out", 2, [3, 4])
+    for name in ("p0", "p1"):
+        assert rel_diff(load_file(tmp_path / "out" / name / "adapter_model.safetensors"),
+                        load_file(single_out / name / "adapter_model.safetensors")) > 1e-3

@@ -76,14 +76,15 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
 
 
 def train_pipeline(args) -> int:
-    from mlora.cli import prepare_output_dir
+    from mlora.cli import prepare_output_dir, quant_config
     from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
     from mlora.session import open_session
 
     place = resolve_place(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=place.device, dtype=args.dtype, seed=args.seed, load_base=False)
+                           device=place.device, dtype=args.dtype, seed=args.seed,
+                           quant=quant_config(args), load_base=False)
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     if place.rank in (0, place.world_size - 1):
         prepare_output_dir(session.cfg.output_dir)
@@ -92,7 +93,9 @@ def train_pipeline(args) -> int:
                         connect_timeout=args.connect_timeout)
     try:
         check_same_everywhere(transport, fingerprint(session, stages, args.transport))
-        session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[place.rank])
+        # Each rank reads and quantizes only its own slice.
+        session.model = load_model(session.base_dir, session.device, session.dtype,
+                                   parts=stages[place.rank], quant=session.quant)
         session.wrappers = inject_lora(session.model, session.layout)
         worker = StageWorker(session, transport, progress=not args.no_progress)
         result = worker.run()

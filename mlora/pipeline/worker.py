@@ -58,7 +58,8 @@ def fingerprint(session: Session, stages: list[list[str]], transport_kind: str) 
     data = {name: [ex.input_ids for ex in d.train] for name, d in session.data.items()}
     model_cfg = (Path(session.base_dir) / "config.json").read_text()
     return {"config": digest(cfg), "balance": digest(stages), "data": digest(data),
-            "base model": digest(model_cfg), "dtype": str(session.dtype), "transport": transport_kind}
+            "base model": digest(model_cfg), "dtype": str(session.dtype), "quantization": str(session.quant),
+            "transport": transport_kind}
 
 
 def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
@@ -147,6 +148,7 @@ class StageWorker:
     # ------------------------------------------------------------------ the plan
     def run(self) -> dict:
         try:
+            self.session.model.train()  # the base has no dropout; this turns on LoRA dropout
             self.timer = StageTimer()
             for action in self.plan.stages[self.rank]:
                 if action.op == "F":
