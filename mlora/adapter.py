@@ -115,6 +115,44 @@ class Adapter:
         self.steps_done += 1
         return lr, norm
 
+    def optimizer_zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients; the LR schedule still moves on (the data was used)."""
+        self.optimizer_zero_grad()
+        self.steps_done += 1
+
+    # ----------------------------------------------------------------- resumable state
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"{path}.{kind}", getattr(w, kind)) for path, w in self.weights.items()
+                for kind in ("lora_A", "lora_B")]
+
+    def state_for_checkpoint(self) -> dict:
+        """Everything that makes the rest of the run exact: weights, gradients accumulated so
+        far in the current step, optimizer state, step count and the dropout RNG."""
+        return {
+            "params": {n: p.detach().cpu().clone() for n, p in self._named_parameters()},
+            "grads": {n: p.grad.detach().cpu().clone() for n, p in self._named_parameters() if p.grad is not None},
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "steps_done": self.steps_done,
+            "generator": self.dropout_generator.get_state(),
+        }
+
+    def restore_from_checkpoint(self, saved: dict) -> None:
+        params = dict(self._named_parameters())
+        if set(saved["params"]) != set(params):
+            raise UserError(f"checkpoint: adapter '{self.name}' has different LoRA modules than the config")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved["params"][name])
+                p.grad = saved["grads"][name].to(p.device).clone() if name in saved["grads"] else None
+        if self.optimizer is not None and saved["optimizer"] is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        self.steps_done = saved["steps_done"]
+        self.dropout_generator.set_state(saved["generator"])
+
     # ----------------------------------------------------------------- PEFT format
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {}

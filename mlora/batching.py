@@ -90,7 +90,7 @@ def adapter_stream(examples: Sequence[Example], cfg: AdapterConfig, seed: int,
 
 
 def round_robin(streams: dict[str, Iterator[MicroBatch]], candidate_num: int,
-                simultaneously_num: int) -> Iterator[list[MicroBatch]]:
+                simultaneously_num: int, stopped: set[str] | None = None) -> Iterator[list[MicroBatch]]:
     """The `trivial` strategy: each fused batch takes the next micro-batch of up to
     `simultaneously_num` active adapters, in rotation. At most `candidate_num` adapters are
     active; when one runs out of data the next queued adapter (config order) starts."""
@@ -109,7 +109,8 @@ def round_robin(streams: dict[str, Iterator[MicroBatch]], candidate_num: int,
             name = next((n for n in active if n not in used), None)
             if name is None:
                 break
-            part = next(streams[name], None)
+            # `stopped` may grow while this runs (an adapter taken out after a NaN).
+            part = None if stopped and name in stopped else next(streams[name], None)
             if part is None:  # finished: its slot goes to the next queued adapter
                 active.remove(name)
                 admit()

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
     g = p.add_argument_group("pipeline parallelism (one process per stage)")
     g.add_argument("--pipeline", action="store_true", help="run as one rank of a pipeline")
     g.add_argument("--rank", type=int, help="this process's rank (default: torchrun's RANK)")
@@ -88,17 +90,46 @@ def cmd_train(args) -> int:
         from mlora.pipeline.run import train_pipeline
 
         return train_pipeline(args)
+    from mlora import checkpoint
     from mlora.session import open_session
-    from mlora.trainer import train
+    from mlora.trainer import Interrupted, train
 
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=args.device, dtype=args.dtype, seed=args.seed, quant=quant_config(args))
-    prepare_output_dir(session.cfg.output_dir)
-    summary = train(session, progress=not args.no_progress)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
+                           dtype=args.dtype, seed=args.seed, quant=quant_config(args), load_base=False)
+    out = session.cfg.output_dir
+    if args.resume:
+        if checkpoint.is_finished(out):
+            print(f"mlora: nothing to resume: the run in {out} already finished")
+            return 0
+        if not checkpoint.list_checkpoints(out):
+            raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
+    prepare_output_dir(out)
+    session.load_base()
+    try:
+        summary = train(session, progress=not args.no_progress, resume=args.resume)
+    except Interrupted as stop:
+        command = f"mlora train --base_model {args.base_model} --config {args.config} --output_dir {out}"
+        for flag in ("device", "dtype", "seed", "quant_type", "compute_dtype"):
+            if getattr(args, flag) is not None:
+                command += f" --{flag} {getattr(args, flag)}"
+        for flag in ("load_4bit", "load_8bit", "double_quant"):
+            if getattr(args, flag):
+                command += f" --{flag}"
+        command += " --resume"
+        print(f"mlora: stopped by {signal_name(stop.signum)}; checkpoint written to {stop.path}\n"
+              f"mlora: resume with: {command}", file=sys.stderr)
+        return 128 + stop.signum
     for name, s in summary.items():
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
-        print(f"{name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}")
+        extra = " (stopped after a non-finite loss)" if s["stopped"] else ""
+        print(f"{name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{extra}")
     return 0
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def cmd_eval(args) -> int:

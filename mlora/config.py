@@ -28,6 +28,7 @@ MLORA_MODULE_NAMES = {
 }
 BUILTIN_PROMPTS = ("alpaca",)
 OPTIMIZERS = ("adamw", "sgd")
+NAN_POLICIES = ("skip", "stop")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 EXPAND_SIDES = ("right", "left")
 TRAIN_STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
@@ -64,6 +65,7 @@ class AdapterConfig:
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_step: int | None = None  # filled from TrainConfig by parse_config; 0 = never
     init_from: str | None = None  # absolute path of a saved adapter directory
+    on_nan: str = "skip"  # a non-finite loss or gradient: skip that step, or stop the adapter
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainConfig:
     train_lora_candidate_num: int | None = None  # filled with len(lora) by parse_config
     train_lora_simultaneously_num: int | None = None  # filled with len(lora) by parse_config
     train_strategy: str = "trivial"
+    save_total_limit: int | None = None  # resumable checkpoints kept (None = all)
 
 
 def adapter_seed(seed: int, name: str) -> int:
@@ -141,6 +144,7 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     top.integer("train_lora_candidate_num", _POSITIVE, nullable=True)
     top.integer("train_lora_simultaneously_num", _POSITIVE, nullable=True)
     top.choice("train_strategy", TRAIN_STRATEGIES, MLORA_STRATEGY_NAMES)
+    top.integer("save_total_limit", _POSITIVE, nullable=True)
 
     entries = top.require("lora")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -227,6 +231,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
     if a.values.get("max_grad_norm") == 0:
         a.values["max_grad_norm"] = None
     a.integer("eval_step", _NON_NEGATIVE, nullable=True)
+    a.choice("on_nan", NAN_POLICIES)
 
     adapter = AdapterConfig(**a.values)
     if adapter.micro_batch_size is None:

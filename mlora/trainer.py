@@ -1,23 +1,44 @@
 """The single-stage training loop: fused batch -> forward -> per-adapter loss -> one backward
--> every adapter whose optimizer step is complete clips, steps and logs."""
+-> every adapter whose optimizer step is complete clips, steps and logs.
+
+It can stop and resume exactly: a resumable checkpoint (see checkpoint.py) holds every
+adapter's state at one fused-batch iteration, and because the batch stream is a pure function
+of the config, data and seed, a resumed run replays the stream up to that iteration without
+computing anything and goes on as if it had never stopped.
+"""
 
 from __future__ import annotations
 
+import math
+import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from mlora import checkpoint
 from mlora.adapter import Adapter, save_checkpoint_dir
 from mlora.batching import adapter_stream, fuse, round_robin, total_steps
 from mlora.config import adapter_seed
+from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.loss import token_loss_sums
 from mlora.metrics import MetricsLog
 from mlora.session import Session
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written after the current step."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"{signal.Signals(signum).name}: checkpoint written to {path}")
+        self.signum = signum
+        self.path = path
 
 
 @dataclass
@@ -36,89 +57,232 @@ class AdapterProgress:
     bar: tqdm
     step: StepAccumulator = field(default_factory=StepAccumulator)
     tokens_seen: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    busy_seconds: float = 0.0
     last_loss: float | None = None
+    stopped_at: int | None = None  # iteration at which on_nan=stop took it out
+    skipped_steps: int = 0
 
 
-def train(session: Session, progress: bool = True) -> dict[str, dict]:
+class SignalFlag:
+    """Remembers SIGINT/SIGTERM instead of dying mid-step (main thread only)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, session: Session, progress: bool = True, resume: bool = False):
+        self.session = session
+        self.cfg = session.cfg
+        self.out = Path(self.cfg.output_dir)
+        self.resume = resume
+        self.fingerprint = checkpoint.run_fingerprint(session)
+        self.runs: dict[str, AdapterProgress] = {}
+        for position, a in enumerate(self.cfg.lora):
+            steps = total_steps(len(session.data[a.name].train), a)
+            adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps)
+            bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,
+                       dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+            self.runs[a.name] = AdapterProgress(adapter, steps, bar)
+        check_disk_space(self.out, [r.adapter for r in self.runs.values()])
+        self.iteration = 0
+        self.elapsed_before = 0.0
+        self.started = time.perf_counter()
+        self.stopped: set[str] = set()
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, dict]:
+        cfg, session = self.cfg, self.session
+        if cfg.train_strategy != "trivial":
+            print(f"mlora: train_strategy '{cfg.train_strategy}' is not implemented yet; using "
+                  f"'trivial' (each adapter's result is the same, only the batching differs)",
+                  file=sys.stderr)
+        streams = {a.name: adapter_stream(session.data[a.name].train, a, adapter_seed(cfg.seed, a.name))
+                   for a in cfg.lora}
+        batches = round_robin(streams, cfg.train_lora_candidate_num, cfg.train_lora_simultaneously_num,
+                              self.stopped)
+        if self.resume:
+            metrics_bytes = self._restore(batches)
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
+        else:
+            checkpoint.clear(self.out)
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=0)
+        session.model.train()  # the base has no dropout; this turns on the adapters' LoRA dropout
+        try:
+            with SignalFlag() as flag:
+                for parts in batches:
+                    self.iteration += 1
+                    save_due = self._train_on(parts)
+                    if flag.signum is not None:
+                        raise Interrupted(flag.signum, self._write_checkpoint())
+                    if save_due:
+                        self._write_checkpoint()
+            session.layout.rows = []
+            summary = {}
+            for name, run in self.runs.items():
+                final_dir = run.adapter.save(self.out / name, str(session.base_dir.resolve()))
+                summary[name] = {"steps": run.adapter.steps_done, "loss": run.last_loss,
+                                 "output": str(final_dir), "stopped": run.stopped_at is not None,
+                                 "skipped_steps": run.skipped_steps}
+            checkpoint.mark_finished(self.out, self.fingerprint)
+            return summary
+        finally:
+            session.layout.rows = []
+            self.metrics.close()
+            for run in self.runs.values():
+                run.bar.close()
+
+    def _train_on(self, parts) -> bool:
+        """One fused batch; returns whether a save_step boundary was crossed."""
+        session = self.session
+        t0 = time.perf_counter()
+        batch = fuse(parts, session.pad_id).to(session.device)
+        session.layout.rows = batch.rows
+        logits = session.model(batch.input_ids, batch.attention_mask)  # [B, S, V]
+        sums = token_loss_sums(logits, batch.labels, batch.rows)
+        total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in parts)
+        total.backward()
+        del logits, total
+        seconds = time.perf_counter() - t0
+        save_due = False
+        for part in parts:
+            run = self.runs[part.adapter]
+            ce_sum, count = sums[part.adapter]
+            run.step.loss += ce_sum.item() / max(1, part.step_label_tokens)
+            run.step.label_tokens += count
+            run.step.input_tokens += sum(len(ex.input_ids) for ex in part.examples)
+            run.busy_seconds += seconds
+            if part.last_in_step:
+                save_due |= self._finish_step(run, part.epoch)
+        return save_due
+
+    def _finish_step(self, run: AdapterProgress, epoch: int) -> bool:
+        adapter, session = run.adapter, self.session
+        loss = run.step.loss
+        norm = adapter.grad_norm()
+        record = {"adapter": adapter.name, "step": adapter.steps_done + 1, "epoch": epoch, "loss": loss,
+                  "lr": adapter.current_lr(), "grad_norm": norm, "tokens": run.step.label_tokens,
+                  "input_tokens": run.step.input_tokens, "time": self.elapsed}
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return self._non_finite(run, record)
+        lr, _ = adapter.step(grad_norm=norm)
+        step = adapter.steps_done
+        run.tokens_seen += run.step.input_tokens
+        run.last_loss = loss
+        self.metrics.write(record)
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens_seen / max(run.busy_seconds, 1e-9):.0f}",
+                            refresh=False)
+        run.step = StepAccumulator()
+
+        cfg = adapter.cfg
+        if cfg.eval_step and (step % cfg.eval_step == 0 or step == run.total_steps):
+            eval_loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test)
+            session.model.train()
+            self.metrics.write({"adapter": adapter.name, "step": step, "eval_loss": eval_loss,
+                                "eval_tokens": tokens, "time": self.elapsed})
+            run.bar.write(f"[{adapter.name}] step {step}: eval loss {eval_loss:.4f} over {tokens} tokens")
+        if self.cfg.save_step and step % self.cfg.save_step == 0:
+            save_checkpoint_dir(self.out / adapter.name / f"checkpoint-{step}", adapter.peft_state_dict(),
+                                adapter.peft_config(str(session.base_dir.resolve())))
+            return True
+        return False
+
+    def _non_finite(self, run: AdapterProgress, record: dict) -> bool:
+        """A NaN/inf loss or gradient: skip the step or stop the adapter (its `on_nan`); the
+        other adapters never see it (they share no parameter and no row with it)."""
+        adapter = run.adapter
+        adapter.optimizer_zero_grad()
+        policy = adapter.cfg.on_nan
+        reason = "non-finite loss" if not math.isfinite(record["loss"]) else "non-finite gradient"
+        if policy == "stop":
+            run.stopped_at = self.iteration
+            self.stopped.add(adapter.name)
+            adapter.steps_done += 1
+        else:
+            adapter.skip_step()
+            run.skipped_steps += 1
+        self.metrics.write({**record, "skipped": True, "reason": reason, "action": policy})
+        run.bar.write(f"[{adapter.name}] step {record['step']}: {reason}; "
+                      + ("adapter stopped (on_nan: stop)" if policy == "stop" else "step skipped"))
+        run.bar.update(1)
+        run.step = StepAccumulator()
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _write_checkpoint(self) -> Path:
+        state = {"iteration": self.iteration, "elapsed": self.elapsed,
+                 "metrics_bytes": self.metrics.tell(), "adapters": {}}
+        for name, run in self.runs.items():
+            state["adapters"][name] = {
+                **run.adapter.state_for_checkpoint(),
+                "step": asdict(run.step), "tokens_seen": run.tokens_seen, "busy_seconds": run.busy_seconds,
+                "last_loss": run.last_loss, "stopped_at": run.stopped_at, "skipped_steps": run.skipped_steps,
+            }
+        return checkpoint.write_checkpoint(self.out, self.iteration, state, self.fingerprint,
+                                           self.cfg.save_total_limit)
+
+    def _restore(self, batches) -> int:
+        state = checkpoint.latest_loadable(self.out, self.fingerprint)
+        target = state["iteration"]
+        stops = {}
+        for name, saved in state["adapters"].items():
+            run = self.runs[name]
+            run.adapter.restore_from_checkpoint(saved)
+            run.step = StepAccumulator(**saved["step"])
+            run.tokens_seen, run.busy_seconds = saved["tokens_seen"], saved["busy_seconds"]
+            run.last_loss, run.skipped_steps = saved["last_loss"], saved["skipped_steps"]
+            run.stopped_at = saved["stopped_at"]
+            run.bar.update(run.adapter.steps_done)
+            if run.stopped_at is not None:
+                stops.setdefault(run.stopped_at, []).append(name)
+        # Replay the batch stream up to the checkpoint: no compute, only the bookkeeping that
+        # decides later batches (which adapters were stopped, and when).
+        while self.iteration < target:
+            next(batches)
+            self.iteration += 1
+            self.stopped.update(stops.get(self.iteration, []))
+        self.elapsed_before = state["elapsed"]
+        self.started = time.perf_counter()
+        print(f"mlora: resumed from iteration {target} of {self.out}", file=sys.stderr)
+        return state["metrics_bytes"]
+
+
+def check_disk_space(out: Path, adapters: list[Adapter]) -> None:
+    """Fail before training, not at the first checkpoint, when the disk cannot hold one."""
+    lora_bytes = sum(p.numel() * 4 for a in adapters for p in a.parameters())
+    # A checkpoint holds weights, gradients and up to two optimizer moments; the previous one
+    # stays until the new one is complete; plus the PEFT directories.
+    need = lora_bytes * 4 * 2 + lora_bytes * 2
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"output_dir {out}: only {free / 2**20:.1f} MiB free, but checkpoints of "
+                        f"these adapters need about {need / 2**20:.1f} MiB")
+
+
+def train(session: Session, progress: bool = True, resume: bool = False) -> dict[str, dict]:
     """Train every adapter of the session's config; returns {name: summary}."""
-    cfg = session.cfg
-    model = session.model
-    assert model is not None, "load the base model first"
-    out = Path(cfg.output_dir)
-    if cfg.train_strategy != "trivial":
-        print(f"mlora: train_strategy '{cfg.train_strategy}' is not implemented yet; using "
-              f"'trivial' (each adapter's result is the same, only the batching differs)",
-              file=sys.stderr)
-
-    runs: dict[str, AdapterProgress] = {}
-    streams = {}
-    for position, a in enumerate(cfg.lora):
-        train_rows = session.data[a.name].train
-        steps = total_steps(len(train_rows), a)
-        adapter = Adapter(a, session.wrappers, cfg.seed, session.device, steps)
-        bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,
-                   dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-        runs[a.name] = AdapterProgress(adapter, steps, bar)
-        streams[a.name] = adapter_stream(train_rows, a, adapter_seed(cfg.seed, a.name))
-
-    metrics = MetricsLog(out / "metrics.jsonl")
-    started = time.perf_counter()
-    model.train()  # the base has no dropout; this turns on the adapters' LoRA dropout
-    try:
-        for parts in round_robin(streams, cfg.train_lora_candidate_num, cfg.train_lora_simultaneously_num):
-            batch = fuse(parts, session.pad_id).to(session.device)
-            session.layout.rows = batch.rows
-            logits = model(batch.input_ids, batch.attention_mask)  # [B, S, V]
-            sums = token_loss_sums(logits, batch.labels, batch.rows)
-            total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in parts)
-            total.backward()
-            del logits, total
-            for part in parts:
-                run = runs[part.adapter]
-                ce_sum, count = sums[part.adapter]
-                run.step.loss += ce_sum.item() / max(1, part.step_label_tokens)
-                run.step.label_tokens += count
-                run.step.input_tokens += sum(len(ex.input_ids) for ex in part.examples)
-                if part.last_in_step:
-                    _finish_step(session, run, part.epoch, metrics, started)
-        session.layout.rows = []
-    finally:
-        metrics.close()
-        for run in runs.values():
-            run.bar.close()
-
-    summary = {}
-    for name, run in runs.items():
-        final_dir = run.adapter.save(out / name, str(session.base_dir.resolve()))
-        summary[name] = {"steps": run.adapter.steps_done, "loss": run.last_loss, "output": str(final_dir)}
-    return summary
-
-
-def _finish_step(session: Session, run: AdapterProgress, epoch: int, metrics: MetricsLog,
-                 started: float) -> None:
-    adapter = run.adapter
-    lr, grad_norm = adapter.step()
-    step = adapter.steps_done
-    run.tokens_seen += run.step.input_tokens
-    run.last_loss = run.step.loss
-    elapsed = time.perf_counter() - run.started
-    metrics.write({"adapter": adapter.name, "step": step, "epoch": epoch, "loss": run.step.loss,
-                   "lr": lr, "grad_norm": grad_norm, "tokens": run.step.label_tokens,
-                   "input_tokens": run.step.input_tokens, "time": time.perf_counter() - started})
-    run.bar.update(1)
-    run.bar.set_postfix(loss=f"{run.step.loss:.4f}", tok_s=f"{run.tokens_seen / max(elapsed, 1e-9):.0f}",
-                        refresh=False)
-    run.step = StepAccumulator()
-
-    cfg = adapter.cfg
-    out = Path(session.cfg.output_dir)
-    if cfg.eval_step and (step % cfg.eval_step == 0 or step == run.total_steps):
-        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test)
-        session.model.train()
-        metrics.write({"adapter": adapter.name, "step": step, "eval_loss": loss, "eval_tokens": tokens,
-                       "time": time.perf_counter() - started})
-        run.bar.write(f"[{adapter.name}] step {step}: eval loss {loss:.4f} over {tokens} tokens")
-    if session.cfg.save_step and step % session.cfg.save_step == 0:
-        save_checkpoint_dir(out / adapter.name / f"checkpoint-{step}", adapter.peft_state_dict(),
-                            adapter.peft_config(str(session.base_dir.resolve())))
+    return Trainer(session, progress=progress, resume=resume).run()

@@ -1,0 +1,152 @@
+"""Resumable checkpoints: one snapshot of the whole run at one fused-batch iteration.
+
+Layout: `<output_dir>/checkpoints/iter-<N>/` with `state.pt` (every adapter's weights,
+gradients accumulated so far, optimizer and schedule position, dropout RNG state, step
+tallies) and `manifest.json` (iteration, what the run was started with, and the SHA-256 of
+state.pt). A directory is written under a temporary name and renamed when complete, and the
+previous one is deleted only afterwards, so a crash at any moment leaves a good checkpoint.
+When training ends, `checkpoints/FINISHED.json` records that there is nothing to resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mlora.atomic import write_dir_atomically, write_file_atomically
+from mlora.errors import UserError
+
+FORMAT = 1
+DIRNAME = "checkpoints"
+FINISHED = "FINISHED.json"
+_ITER = re.compile(r"^iter-(\d+)$")
+
+
+def run_fingerprint(session) -> dict:
+    """What a checkpoint must agree with to be resumed: adapters, their configs, the global
+    settings that shape the batches, the base model and the data."""
+    cfg = session.cfg
+    adapters = {a.name: {k: v for k, v in asdict(a).items()} for a in cfg.lora}
+    globals_ = {k: v for k, v in asdict(cfg).items() if k not in ("lora", "output_dir", "save_step",
+                                                                    "save_total_limit")}
+    base_cfg = (Path(session.base_dir) / "config.json").read_bytes()
+    data = {name: hashlib.sha256(json.dumps([ex.input_ids for ex in d.train]).encode()).hexdigest()[:16]
+            for name, d in session.data.items()}
+    return {"adapters": adapters, "globals": globals_,
+            "base_model": hashlib.sha256(base_cfg).hexdigest()[:16], "dtype": str(session.dtype),
+            "quantization": str(session.quant), "data": data}
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / DIRNAME
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _ITER.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def write_checkpoint(output_dir, iteration: int, state: dict, fingerprint: dict,
+                     keep: int | None) -> Path:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    manifest = {"format": FORMAT, "iteration": iteration, "fingerprint": fingerprint,
+                "files": {"state.pt": {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "state.pt").write_bytes(payload)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+
+    target = write_dir_atomically(checkpoint_root(output_dir) / f"iter-{iteration:08d}", fill)
+    if keep is not None:
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def mark_finished(output_dir, fingerprint: dict) -> None:
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(root / FINISHED,
+                          lambda tmp: Path(tmp).write_text(json.dumps({"fingerprint": fingerprint}, default=str)))
+
+
+def clear(output_dir) -> None:
+    """A fresh run: old checkpoints of an earlier run in the same directory must not be resumed."""
+    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
+
+
+def is_finished(output_dir) -> bool:
+    return (checkpoint_root(output_dir) / FINISHED).is_file()
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """Verify and read one checkpoint; any corruption or mismatch is a one-line UserError."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path}: unreadable manifest.json ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path}: unknown format {manifest.get('format')!r}")
+    expected = manifest.get("files", {}).get("state.pt", {})
+    try:
+        payload = (path / "state.pt").read_bytes()
+    except OSError as err:
+        raise UserError(f"checkpoint {path}: cannot read state.pt ({err.strerror})") from None
+    if len(payload) != expected.get("bytes") or hashlib.sha256(payload).hexdigest() != expected.get("sha256"):
+        raise UserError(f"checkpoint {path}: state.pt is corrupt or truncated "
+                        f"({len(payload)} bytes, checksum mismatch)")
+    difference = describe_difference(json.loads(json.dumps(manifest["fingerprint"], default=str)),
+                                     json.loads(json.dumps(fingerprint, default=str)))
+    if difference:
+        raise UserError(f"checkpoint {path} does not match this run: {difference}")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if state.get("iteration") != manifest["iteration"]:
+        raise UserError(f"checkpoint {path}: manifest and state disagree on the iteration")
+    return state
+
+
+def describe_difference(saved: dict, current: dict) -> str | None:
+    """The first thing that differs, in words a user can act on."""
+    saved_names, current_names = list(saved["adapters"]), list(current["adapters"])
+    if saved_names != current_names:
+        return f"the checkpoint has adapters {saved_names}, the config has {current_names}"
+    for name in saved_names:
+        for key, value in current["adapters"][name].items():
+            if saved["adapters"][name].get(key) != value:
+                return (f"adapter '{name}': '{key}' was {saved['adapters'][name].get(key)!r}, "
+                        f"now {value!r}")
+    for key, value in current["globals"].items():
+        if saved["globals"].get(key) != value:
+            return f"'{key}' was {saved['globals'].get(key)!r}, now {value!r}"
+    if saved["base_model"] != current["base_model"]:
+        return "the base model's config.json differs"
+    for key in ("dtype", "quantization"):
+        if saved.get(key) != current.get(key):
+            return f"{key} was {saved.get(key)}, now {current.get(key)}"
+    for name, digest in current["data"].items():
+        if saved["data"].get(name) != digest:
+            return f"adapter '{name}': its training data differs"
+    return None
+
+
+def latest_loadable(output_dir, fingerprint: dict) -> dict:
+    """The state of the newest checkpoint; a damaged newest one is an error, not skipped,
+    so a user never silently loses progress they expected."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        raise UserError(f"nothing to resume: no checkpoint in {checkpoint_root(output_dir)} "
+                        f"(checkpoints are written every save_step and on SIGINT/SIGTERM)")
+    return load_checkpoint(found[-1][1], fingerprint)

@@ -1,0 +1,228 @@
+"""Resilience: kill -9 and --resume replays exactly, SIGTERM checkpoints, a NaN adapter never
+touches the others, damaged or mismatched checkpoints are clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mlora.checkpoint import list_checkpoints
+from mlora.cli import main
+from mlora.metrics import read_metrics
+
+from test_train import alpaca_rows, make_template, rel_diff, text_rows, write_jsonl
+
+
+def write_config(tmp: Path, out: Path, extra_adapter=None, **global_overrides) -> Path:
+    template = make_template(tmp)
+    lora = [
+        # dropout > 0 and accumulation over micro-batches: the RNG state and half-finished
+        # steps must survive the restart too.
+        {"name": "a", "data": write_jsonl(tmp / "a.jsonl", alpaca_rows(12, 1)), "prompt": template,
+         "r": 4, "dropout": 0.2, "batch_size": 4, "micro_batch_size": 2, "num_epochs": 6, "lr": 1e-2,
+         "lr_scheduler": "cosine", "warmup_steps": 2},
+        {"name": "b", "data": write_jsonl(tmp / "b.jsonl", text_rows(9, 2)), "r": 8, "dropout": 0.1,
+         "batch_size": 3, "micro_batch_size": 1, "num_epochs": 5, "optim": "sgd", "momentum": 0.9,
+         "lr": 3e-2, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]},
+    ]
+    if extra_adapter:
+        lora.append(extra_adapter)
+    cfg = {"cutoff_len": 64, "seed": 5, "save_step": 1, "output_dir": str(out), "lora": lora, **global_overrides}
+    path = tmp / f"config_{out.name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_config(tmp, tmp / "out")
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    return tmp / "out"
+
+
+def assert_same_run(out: Path, ref: Path, tol=1e-6):
+    for name in ("a", "b"):
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(ref / name / "adapter_model.safetensors")) <= tol
+        mine = [(m["step"], m["loss"]) for m in read_metrics(out / "metrics.jsonl") if m["adapter"] == name]
+        theirs = [(m["step"], m["loss"]) for m in read_metrics(ref / "metrics.jsonl") if m["adapter"] == name]
+        assert [s for s, _ in mine] == [s for s, _ in theirs]  # every step once, in order
+        assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], rel=1e-6)
+
+
+def start_training(base, cfg) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "mlora", "train", "--base_model", str(base),
+                             "--config", str(cfg), "--no_progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_lines(proc, metrics: Path, lines: int, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        if metrics.exists() and metrics.read_text().count("\n") >= lines:
+            return
+        assert proc.poll() is None, f"finished before line {lines}: " + proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("kill_after_lines", [3, 11, 20])
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, tiny_llama, reference, kill_after_lines):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out)
+    proc = start_training(tiny_llama, cfg)
+    try:
+        wait_for_lines(proc, out / "metrics.jsonl", kill_after_lines)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert list_checkpoints(out), "a checkpoint should exist by now"
+    assert not (out / "a" / "adapter_model.safetensors").exists()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 0
+    assert_same_run(out, reference)
+
+
+def test_sigterm_writes_a_checkpoint_and_resumes(tmp_path, tiny_llama, reference):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, save_step=0)  # no periodic checkpoints: the signal makes one
+    proc = start_training(tiny_llama, cfg)
+    try:
+        wait_for_lines(proc, out / "metrics.jsonl", 6)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "resume with: mlora train" in stderr and "--resume" in stderr
+    assert len(list_checkpoints(out)) == 1
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 0
+    ref_cfg = json.loads((tmp_path / f"config_{out.name}.json").read_text())
+    assert ref_cfg["save_step"] == 0
+    for name in ("a", "b"):  # save_step differs from the reference run, the training does not
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-6
+
+
+def test_resume_edge_cases(tmp_path, tiny_llama, reference, capsys):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out)
+    args = ["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]
+    capsys.readouterr()
+    assert main(args) == 2  # nothing there yet
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(args[:-1]) == 0
+    capsys.readouterr()
+    assert main(args) == 0  # the run finished
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, save_total_limit=2)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    kept = list_checkpoints(out)
+    assert len(kept) == 2 and kept[-1][0] > kept[0][0]
+
+
+def _interrupted_run(tmp_path, tiny_llama, name="out"):
+    out = tmp_path / name
+    cfg = write_config(tmp_path, out)
+    proc = start_training(tiny_llama, cfg)
+    try:
+        wait_for_lines(proc, out / "metrics.jsonl", 5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    return out, cfg
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, tiny_llama, capsys, damage):
+    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+    newest = list_checkpoints(out)[-1][1]
+    state = newest / "state.pt"
+    data = bytearray(state.read_bytes())
+    if damage == "truncate":
+        state.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+    else:
+        (newest / "manifest.json").write_text("{ not json")
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(newest) in err
+    assert ("corrupt" in err) if damage != "manifest" else ("manifest" in err)
+
+
+def test_mismatched_checkpoint_names_the_difference(tmp_path, tiny_llama, capsys):
+    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+    changed = json.loads(cfg.read_text())
+    changed["lora"][1]["lr"] = 0.5
+    cfg.write_text(json.dumps(changed))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter 'b'" in err and "'lr'" in err and "0.5" in err
+
+
+POISONS = {
+    # A learning rate of 1e30 blows the adapter's weights up; RMSNorm keeps the numbers finite.
+    "lr-1e30": ({"lr": 1e30, "optim": "adamw"}, None),
+    # alpha = 1e30 makes the adapter's own rows overflow: NaN loss and gradients.
+    "nan-skip": ({"alpha": 1e30, "optim": "sgd", "lr": 1.0, "on_nan": "skip"}, "skip"),
+    "nan-stop": ({"alpha": 1e30, "optim": "sgd", "lr": 1.0, "on_nan": "stop"}, "stop"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(POISONS))
+def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, reference, kind):
+    settings, policy = POISONS[kind]
+    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
+              "batch_size": 2, "num_epochs": 6, "max_grad_norm": None, **settings}
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, extra_adapter=poison)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    for name in ("a", "b"):
+        # The dropout masks of a and b come from their own generators: same as without poison.
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-5
+    records = [m for m in read_metrics(out / "metrics.jsonl") if m["adapter"] == "poison"]
+    flagged = [m for m in records if m.get("skipped")]
+    if policy is None:
+        return
+    assert flagged and all(m["action"] == policy for m in flagged)
+    assert all(m["reason"].startswith("non-finite") for m in flagged)
+    if policy == "stop":
+        assert records[-1].get("skipped") and len(flagged) == 1
+    else:
+        assert len(records) == 18  # every step is logged, the bad ones as skipped
+
+
+def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
+    import shutil
+
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out)
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "MiB free" in err and len(err.strip().splitlines()) == 1
+    assert not any(out.iterdir())
