@@ -26,7 +26,7 @@ from mlora.errors import UserError
 FORMAT = 1
 DIRNAME = "checkpoints"
 FINISHED = "FINISHED.json"
-_ITER = re.compile(r"^iter-(\d+)$")
+_ITER = re.compile(r"^iter-(\d+)(?:-(rank\d+))?$")
 
 
 def run_fingerprint(session) -> dict:
@@ -48,16 +48,23 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / DIRNAME
 
 
-def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+def list_checkpoints(output_dir, tag: str = "") -> list[tuple[int, Path]]:
+    """(iteration, directory) of the complete checkpoints, oldest first. A pipeline rank's
+    part carries the tag `rank<N>`."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _ITER.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _ITER.match(p.name)) and p.is_dir() and (m.group(2) or "") == tag]
     return sorted(found)
 
 
+def _name(iteration: int, tag: str) -> str:
+    return f"iter-{iteration:08d}" + (f"-{tag}" if tag else "")
+
+
 def write_checkpoint(output_dir, iteration: int, state: dict, fingerprint: dict,
-                     keep: int | None) -> Path:
+                     keep: int | None, tag: str = "") -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
@@ -68,27 +75,33 @@ def write_checkpoint(output_dir, iteration: int, state: dict, fingerprint: dict,
         (tmp / "state.pt").write_bytes(payload)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
 
-    target = write_dir_atomically(checkpoint_root(output_dir) / f"iter-{iteration:08d}", fill)
+    target = write_dir_atomically(checkpoint_root(output_dir) / _name(iteration, tag), fill)
     if keep is not None:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        for _, old in list_checkpoints(output_dir, tag)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def mark_finished(output_dir, fingerprint: dict) -> None:
+def _finished_name(tag: str) -> str:
+    return FINISHED if not tag else f"FINISHED-{tag}.json"
+
+
+def mark_finished(output_dir, fingerprint: dict, tag: str = "") -> None:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(root / FINISHED,
+    write_file_atomically(root / _finished_name(tag),
                           lambda tmp: Path(tmp).write_text(json.dumps({"fingerprint": fingerprint}, default=str)))
 
 
-def clear(output_dir) -> None:
+def clear(output_dir, tag: str = "") -> None:
     """A fresh run: old checkpoints of an earlier run in the same directory must not be resumed."""
-    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
+    for _, path in list_checkpoints(output_dir, tag):
+        shutil.rmtree(path, ignore_errors=True)
+    (checkpoint_root(output_dir) / _finished_name(tag)).unlink(missing_ok=True)
 
 
-def is_finished(output_dir) -> bool:
-    return (checkpoint_root(output_dir) / FINISHED).is_file()
+def is_finished(output_dir, tag: str = "") -> bool:
+    return (checkpoint_root(output_dir) / _finished_name(tag)).is_file()
 
 
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:
@@ -139,13 +152,17 @@ def describe_difference(saved: dict, current: dict) -> str | None:
     for name, digest in current["data"].items():
         if saved["data"].get(name) != digest:
             return f"adapter '{name}': its training data differs"
+    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data"}
+    for key in sorted(set(current) - known):  # e.g. a pipeline's stages and save_step
+        if saved.get(key) != current[key]:
+            return f"{key} was {saved.get(key)!r}, now {current[key]!r}"
     return None
 
 
-def latest_loadable(output_dir, fingerprint: dict) -> dict:
+def latest_loadable(output_dir, fingerprint: dict, tag: str = "") -> dict:
     """The state of the newest checkpoint; a damaged newest one is an error, not skipped,
     so a user never silently loses progress they expected."""
-    found = list_checkpoints(output_dir)
+    found = list_checkpoints(output_dir, tag)
     if not found:
         raise UserError(f"nothing to resume: no checkpoint in {checkpoint_root(output_dir)} "
                         f"(checkpoints are written every save_step and on SIGINT/SIGTERM)")

@@ -297,3 +297,57 @@ def test_ranks_with_different_balances_fail_on_every_rank(tmp_path, pipe_model):
         _, stderr = p.communicate(timeout=120)
         assert p.returncode == 3, stderr[-2000:]
         assert "balance" in stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("transport", ["zmq"])
+def test_pipeline_kill_9_then_resume(tmp_path, pipe_model, single_runs, transport):
+    """kill -9 one rank mid-run; the others stop; every rank restarted with --resume picks up
+    at the newest checkpoint all ranks hold, and the result equals the uninterrupted run."""
+    from test_pipeline_inprocess import run_threads
+
+    cfg_path = write_config(tmp_path, 2, tmp_path / "unused", save_step=1)
+    cfg = json.loads(cfg_path.read_text())
+    for adapter in cfg["lora"]:
+        adapter["num_epochs"] = 6
+    cfg_path.write_text(json.dumps(cfg))
+    reference = tmp_path / "reference"
+    run_threads(pipe_model, cfg_path, reference, 2, [3, 4])  # uninterrupted, same code path
+
+    out = tmp_path / "out"
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+    def start(rank, *extra):
+        return subprocess.Popen([sys.executable, "-m", "mlora", "train", "--pipeline", "--rank", str(rank),
+                                 "--device", "cpu", "--base_model", str(pipe_model), "--config", str(cfg_path),
+                                 "--output_dir", str(out), "--no_progress", "--transport", transport,
+                                 "--master_port", str(port), "--balance", "3", "4", "--peer_timeout", "5", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    procs = [start(r) for r in range(2)]
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 12):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.01)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[0].communicate(timeout=60)
+        assert procs[0].returncode == 3
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    port = free_port()
+    procs = [start(r, "--resume") for r in range(2)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stderr[-3000:]
+        assert "resumed at segment" in stderr
+    for name in ("p0", "p1"):
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-6
+        mine = [(m["step"], m["loss"]) for m in read_metrics(out / "metrics.jsonl") if m.get("adapter") == name]
+        theirs = [(m["step"], m["loss"]) for m in read_metrics(reference / "metrics.jsonl") if m.get("adapter") == name]
+        assert [s for s, _ in mine] == [s for s, _ in theirs]
+        assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], rel=1e-6)

@@ -4,10 +4,12 @@ its stage, connect to the other ranks, check they all run the same job, then tra
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from mlora import checkpoint
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config
 from mlora.lora import inject_lora
@@ -75,6 +77,23 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
     return split_by_cost(modules, costs, world_size)
 
 
+def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict | None:
+    """The newest checkpoint every rank holds a part of (ranks agree through `exchange`);
+    None when every rank had finished."""
+    mine = {"finished": checkpoint.is_finished(output_dir, tag),
+            "available": [it for it, _ in checkpoint.list_checkpoints(output_dir, tag)]}
+    everyone = transport.exchange(mine)
+    if all(e["finished"] for e in everyone):
+        return None
+    common = set.intersection(*(set(e["available"]) for e in everyone))
+    if not common:
+        raise UserError(f"nothing to resume: no checkpoint that every rank holds in "
+                        f"{checkpoint.checkpoint_root(output_dir)} (checkpoints are written every save_step)")
+    iteration = max(common)
+    path = dict(checkpoint.list_checkpoints(output_dir, tag))[iteration]
+    return checkpoint.load_checkpoint(path, run_print)
+
+
 def train_pipeline(args) -> int:
     from mlora.cli import prepare_output_dir, quant_config
     from mlora.pipeline.transport import connect
@@ -91,13 +110,28 @@ def train_pipeline(args) -> int:
     transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
                         place.master_port, session.device, peer_timeout=args.peer_timeout,
                         connect_timeout=args.connect_timeout)
+    tag = f"rank{place.rank}"
+    run_print = {**checkpoint.run_fingerprint(session), "stages": stages,
+                 "save_step": session.cfg.save_step}
     try:
+        if not args.resume:
+            checkpoint.clear(session.cfg.output_dir, tag)  # before the start-up barrier below
         check_same_everywhere(transport, fingerprint(session, stages, args.transport))
+        state = None
+        if args.resume:
+            state = resume_state(transport, session.cfg.output_dir, tag, run_print)
+            if state is None:
+                print(f"mlora: rank {place.rank}: nothing to resume: the run in "
+                      f"{session.cfg.output_dir} already finished")
+                return 0
         # Each rank reads and quantizes only its own slice.
         session.model = load_model(session.base_dir, session.device, session.dtype,
                                    parts=stages[place.rank], quant=session.quant)
         session.wrappers = inject_lora(session.model, session.layout)
-        worker = StageWorker(session, transport, progress=not args.no_progress)
+        worker = StageWorker(session, transport, progress=not args.no_progress, fingerprint=run_print)
+        if state is not None:
+            worker.restore(state)
+            print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
         result = worker.run()
     finally:
         transport.close()

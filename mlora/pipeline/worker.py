@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mlora import checkpoint
 from mlora.adapter import Adapter, save_checkpoint_dir, save_peft
 from mlora.batching import MicroBatch, adapter_stream, fuse, total_steps
 from mlora.config import adapter_seed
@@ -101,8 +102,20 @@ class StageTimer:
         return _Span()
 
 
+def segments_of(streams: dict[str, list[MicroBatchRef]], save_step: int) -> list[dict[str, list[MicroBatchRef]]]:
+    """Split the run at every save_step optimizer steps of each adapter. The pipeline drains at
+    each cut, so every rank holds the same logical state there: a consistent checkpoint."""
+    if not save_step:
+        return [streams]
+    count = max((refs[-1].step // save_step + 1 for refs in streams.values() if refs), default=1)
+    segments = [{name: [r for r in refs if r.step // save_step == j] for name, refs in streams.items()}
+                for j in range(count)]
+    return [{name: refs for name, refs in seg.items() if refs} for seg in segments]
+
+
 class StageWorker:
-    def __init__(self, session: Session, transport: Transport, progress: bool = True):
+    def __init__(self, session: Session, transport: Transport, progress: bool = True,
+                 fingerprint: dict | None = None):
         cfg = session.cfg
         if any(a.eval_step for a in cfg.lora):
             raise UserError("eval_step is not supported with --pipeline yet; run `mlora eval` on the saved adapters")
@@ -126,16 +139,19 @@ class StageWorker:
                 self.micro[mb] = part
                 refs.append(MicroBatchRef(mb, a.name, part.step, part.last_in_step))
             streams[a.name] = refs
-        self.plan = build_plan(self.world, streams)
+        self.plans = [build_plan(self.world, seg) for seg in segments_of(streams, cfg.save_step)]
+        self.next_segment = 0
+        self.fingerprint = fingerprint or {}
 
         self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
+        self.frozen: set[str] = set()  # adapters stopped by on_nan: "stop"
         self.norm_to_send: dict[str, tuple[int, float]] = {}  # rank 0: norms of finished steps
         self.tally = {name: StepTally() for name in self.adapters}
         self.outbox: list[tuple[str, str, int, dict[str, torch.Tensor]]] = []  # (adapter, tag, rank, tensors)
         self.collected: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
         self.timer = StageTimer()
-        self.metrics = MetricsLog(self.out / "metrics.jsonl") if self.last else None
+        self.metrics = None
         self.bars = {}
         self.last_loss: dict[str, float] = {}
         if self.last:
@@ -144,20 +160,30 @@ class StageWorker:
                                          disable=not progress, dynamic_ncols=True, mininterval=0.5,
                                          file=sys.stderr)
         self.run_started = time.perf_counter()
+        self.elapsed_before = 0.0
+        self.metrics_bytes = 0  # where metrics.jsonl starts over (0: a fresh run)
 
     # ------------------------------------------------------------------ the plan
     def run(self) -> dict:
         try:
+            if self.last:
+                self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=self.metrics_bytes)
             self.session.model.train()  # the base has no dropout; this turns on LoRA dropout
             self.timer = StageTimer()
-            for action in self.plan.stages[self.rank]:
-                if action.op == "F":
-                    self.forward(action.mb)
-                else:
-                    self.backward(action.mb)
+            while self.next_segment < len(self.plans):
+                for action in self.plans[self.next_segment].stages[self.rank]:
+                    if action.op == "F":
+                        self.forward(action.mb)
+                    else:
+                        self.backward(action.mb)
+                self.next_segment += 1
+                if self.next_segment < len(self.plans):
+                    self.flush_norms("FLUSH")
+                    self.write_checkpoint()
             self.session.layout.rows = []
             stats = self.finish_steps()
             self.gather_and_save()
+            checkpoint.mark_finished(self.out, self.fingerprint, tag=f"rank{self.rank}")
             return stats
         finally:
             if self.metrics is not None:
@@ -245,6 +271,22 @@ class StageWorker:
     def apply_step(self, name: str, step: int, norm: float) -> None:
         assert self.pending_step.pop(name, None) == step, (name, step)
         adapter = self.adapters[name]
+        # Every rank gets the same global norm, so a non-finite one is skipped on every rank.
+        # on_nan "stop" freezes the adapter from then on (its micro-batches still flow: the
+        # shared plan does not change mid-run).
+        if name in self.frozen or not math.isfinite(norm):
+            first_time = name not in self.frozen
+            if adapter.cfg.on_nan == "stop":
+                self.frozen.add(name)
+            lr = adapter.current_lr()
+            adapter.skip_step()
+            if self.last:
+                if first_time:  # a frozen adapter's later steps are not logged, as in one process
+                    self.log_step(name, lr, norm, skipped=True)
+                else:
+                    self.tally[name] = StepTally()
+                    self.bars[name].update(1)
+            return
         lr, _ = adapter.step(grad_norm=norm)
         done = adapter.steps_done
         save_step = self.session.cfg.save_step
@@ -253,35 +295,51 @@ class StageWorker:
             if self.first:
                 self.collect(self.outbox.pop())
         if self.last:
-            tally = self.tally[name]
-            self.metrics.write({"adapter": name, "step": done, "epoch": tally.epoch, "loss": tally.loss,
-                                "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
-                                "input_tokens": tally.input_tokens,
-                                "time": time.perf_counter() - self.run_started})
-            bar = self.bars[name]
-            bar.update(1)
-            bar.set_postfix(loss=f"{tally.loss:.4f}", refresh=False)
+            self.log_step(name, lr, norm)
+
+    def log_step(self, name: str, lr: float, norm: float, skipped: bool = False) -> None:
+        """The last stage's metrics line for one optimizer step (the same keys as one process)."""
+        tally = self.tally[name]
+        record = {"adapter": name, "step": self.adapters[name].steps_done, "epoch": tally.epoch,
+                  "loss": tally.loss, "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
+                  "input_tokens": tally.input_tokens,
+                  "time": self.elapsed_before + time.perf_counter() - self.run_started}
+        if skipped:
+            record.update(skipped=True, reason="non-finite gradient", action=self.adapters[name].cfg.on_nan)
+        else:
             self.last_loss[name] = tally.loss
-            self.tally[name] = StepTally()
+        self.metrics.write(record)
+        bar = self.bars[name]
+        bar.update(1)
+        bar.set_postfix(loss=f"{tally.loss:.4f}", refresh=False)
+        self.tally[name] = StepTally()
+
+    def flush_norms(self, kind: str, stats: dict | None = None) -> dict:
+        """The norms of steps still pending travel forward (with END also each rank's
+        busy/bubble figures); afterwards no rank has a pending step: the pipeline is drained."""
+        if self.first:
+            header = {"kind": kind, "norms": {a: list(v) for a, v in self.norm_to_send.items()},
+                      "stats": []}
+            self.norm_to_send = {}
+        else:
+            header, _ = self.transport.recv(self.rank - 1)
+            self.expect(header, kind, None)
+            for name, (step, norm) in header["norms"].items():
+                self.apply_step(name, step, norm)
+        if stats is not None:
+            header["stats"].append(stats)
+        assert not self.pending_step, self.pending_step
+        if not self.last:
+            self.transport.send(self.rank + 1, header)
+        return header
 
     def finish_steps(self) -> dict:
         """END: the last steps' norms travel forward; each rank adds its busy/bubble figures."""
         wall = time.perf_counter() - self.timer.started
         mine = {"rank": self.rank, "busy_fraction": self.timer.busy / wall if wall else 0.0,
                 "bubble_fraction": 1.0 - self.timer.busy / wall if wall else 0.0, "seconds": wall}
-        if self.first:
-            header = {"kind": "END", "norms": {a: list(v) for a, v in self.norm_to_send.items()},
-                      "stats": [mine]}
-        else:
-            header, _ = self.transport.recv(self.rank - 1)
-            self.expect(header, "END", None)
-            for name, (step, norm) in header["norms"].items():
-                self.apply_step(name, step, norm)
-            header["stats"].append(mine)
-        assert not self.pending_step, self.pending_step
-        if not self.last:
-            self.transport.send(self.rank + 1, header)
-        else:
+        header = self.flush_norms("END", mine)
+        if self.last:
             for stat in header["stats"]:
                 self.metrics.write({"kind": "pipeline_stage", **stat})
         print(f"mlora: rank {self.rank}: busy {mine['busy_fraction']:.1%}, bubble "
@@ -345,3 +403,33 @@ class StageWorker:
             merged = {k: v for p in parts.values() for k, v in p.items()}
             save_peft(self.out / name, merged, adapter.peft_config(self.base_name))
         assert not self.collected, sorted(self.collected)
+
+    # ------------------------------------------------------------------ resumable checkpoints
+    def write_checkpoint(self) -> None:
+        """At a drained cut: this rank's part of the run, under the segment number."""
+        if not self.session.cfg.save_step:
+            return
+        state = {"iteration": self.next_segment,
+                 "elapsed": self.elapsed_before + time.perf_counter() - self.run_started,
+                 "metrics_bytes": self.metrics.tell() if self.metrics else 0,
+                 "adapters": {n: a.state_for_checkpoint() for n, a in self.adapters.items()},
+                 "last_loss": dict(self.last_loss), "frozen": sorted(self.frozen),
+                 "outbox": [[n, tag, r, part] for n, tag, r, part in self.outbox],
+                 "collected": [[n, tag, r, part] for (n, tag), parts in self.collected.items()
+                               for r, part in parts.items()]}
+        checkpoint.write_checkpoint(self.out, self.next_segment, state, self.fingerprint,
+                                    self.session.cfg.save_total_limit, tag=f"rank{self.rank}")
+
+    def restore(self, state: dict) -> None:
+        self.next_segment = state["iteration"]
+        for name, saved in state["adapters"].items():
+            self.adapters[name].restore_from_checkpoint(saved)
+            if self.last:
+                self.bars[name].update(self.adapters[name].steps_done)
+        self.last_loss = dict(state["last_loss"])
+        self.frozen = set(state["frozen"])
+        self.outbox = [tuple(item) for item in state["outbox"]]
+        for name, tag, rank, part in state["collected"]:
+            self.collected.setdefault((name, tag), {})[rank] = part
+        self.elapsed_before = state["elapsed"]
+        self.metrics_bytes = state["metrics_bytes"]
