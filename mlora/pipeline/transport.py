@@ -3,20 +3,25 @@
 Two implementations behind one interface (`connect` picks):
 
 - "torch": torch.distributed point-to-point (gloo; NCCL for the tensors when the device is CUDA).
-  Rank 0 hosts a TCPStore that also carries the start-up roll call, heartbeats and `exchange`.
+  Rank 0 hosts a TCPStore that also carries the start-up roll call and the heartbeats.
 - "zmq": ZeroMQ sockets, msgpack headers and raw tensor bytes; ranks exchange addresses through
   rank 0. Works between hosts that have no NCCL.
+
+Both receive eagerly on background threads into one inbox per (source, kind), so `recv(src)`
+takes the next message from `src` while messages from others wait for their own `recv`.
 
 A rank can vanish at any time (even kill -9) and neither library says so reliably: gloo waits
 cannot be interrupted, ZeroMQ silently reconnects. So every rank sends heartbeats, and every
 blocking call re-checks its peers while it waits: a lost rank becomes a PipelineError that names
-it within about `peer_timeout` seconds instead of a hang.
+it within about `peer_timeout` seconds instead of a hang. A rank that gives up says goodbye
+naming the rank it lost, so the others name the same culprit at once.
 """
 
 from __future__ import annotations
 
 import atexit
 import ipaddress
+import math
 import socket
 import threading
 import time
@@ -61,13 +66,17 @@ def connect(kind: str, rank: int, world_size: int, master_addr: str, master_port
 
 
 # ---------------------------------------------------------------------------------------------
-# What both implementations share: message metadata, liveness bookkeeping, the public methods.
+# What both implementations share: message metadata, inbox, liveness, the public methods.
 
 
-def _pack_meta(header: dict, tensors: Sequence[torch.Tensor], **extra) -> bytes:
-    """The header plus each tensor's dtype and shape, so a receiver needs no prior knowledge."""
-    described = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]
-    return msgpack.packb({"h": header, "t": described, **extra}, use_bin_type=True)
+def _describe(tensors: Sequence[torch.Tensor]) -> list[tuple[str, list[int]]]:
+    return [(str(t.dtype).removeprefix("torch."), list(t.shape)) for t in tensors]
+
+
+def _pack_meta(kind: str, header: Any, tensors: Sequence[torch.Tensor], **extra) -> bytes:
+    """The message's kind and header plus each tensor's dtype and shape, so that a receiver
+    needs no prior knowledge."""
+    return msgpack.packb({"kind": kind, "h": header, "t": _describe(tensors), **extra}, use_bin_type=True)
 
 
 def _unpack(data: bytes) -> Any:
@@ -81,9 +90,15 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _wire_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A private contiguous copy on `device`: the caller may change or free `t` once send() returns."""
-    return t.detach().to(device=device, memory_format=torch.contiguous_format, copy=True)
+def _layout(start: int, descs: Sequence[tuple[str, list[int]]]) -> tuple[list[tuple[int, int]], int]:
+    """Byte spans of tensors packed one after another from `start`, and where the last ends.
+    Each starts 16-byte aligned, so that a byte buffer can be viewed as any dtype."""
+    spans, end = [], start
+    for dtype, shape in descs:
+        begin = -(-end // 16) * 16
+        end = begin + math.prod(shape) * _dtype(dtype).itemsize
+        spans.append((begin, end))
+    return spans, end
 
 
 def _ranks(ranks: Iterable[int]) -> str:
@@ -97,6 +112,27 @@ def _short(err: BaseException) -> str:
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     return text.split(". ")[0]
+
+
+class _Inbox:
+    """Arrived messages, kept per (source, kind) in arrival order until someone asks for them."""
+
+    def __init__(self):
+        self._queues: dict[tuple[int, str], deque] = defaultdict(deque)
+        self._ready = threading.Condition()
+
+    def put(self, key: tuple[int, str], item: Any) -> None:
+        with self._ready:
+            self._queues[key].append(item)
+            self._ready.notify_all()
+
+    def get(self, key: tuple[int, str], check: Callable[[], None]) -> Any:
+        """The oldest item under `key`; while there is none, call check() (which raises to give up)."""
+        with self._ready:
+            while not self._queues[key]:
+                check()
+                self._ready.wait(_POLL)
+            return self._queues[key].popleft()
 
 
 class _Peers:
@@ -120,12 +156,12 @@ class _Peers:
         with self._lock:
             self._heard[peer] = time.monotonic()
 
-    def said_goodbye(self, peer: int, saw_lost: tuple[int, str] | None = None) -> None:
+    def said_goodbye(self, peer: int, saw_lost: Sequence | None = None) -> None:
         """`peer` closed; if it closed because it had lost a rank, that rank is lost here too, so
         every survivor names the rank that actually died, not the neighbour that gave up."""
         with self._lock:
             self._closed.add(peer)
-        if saw_lost is not None:
+        if saw_lost:
             lost, why = saw_lost
             second_hand = why.startswith("rank ")  # "rank 3 saw: ...": keep the first witness
             self.lost(lost, why if second_hand else f"rank {peer} saw: {why}")
@@ -141,6 +177,10 @@ class _Peers:
     def is_closed(self, peer: int) -> bool:
         with self._lock:
             return peer in self._closed
+
+    def is_lost(self, peer: int) -> bool:
+        with self._lock:
+            return peer in self._lost
 
     def error(self, waiting_for: Iterable[int] = ()) -> PipelineError | None:
         """Why this rank cannot go on, or None: any peer gone or silent for too long (one lost
@@ -164,24 +204,16 @@ class _Peers:
         if err is not None:
             raise err
 
-    def link_error(self, peers: Sequence[int], err: BaseException) -> PipelineError:
-        """A broken link to `peers` as a PipelineError: a goodbye explains it, else they are gone."""
-        closed = [p for p in peers if self.is_closed(p)]
-        if closed:
-            return PipelineError(f"{_ranks(closed)} closed the connection while rank {self.rank} was using it")
-        for peer in peers:
-            self.lost(peer, _short(err))
-        return self.error()
+    def settled(self) -> bool:
+        """Whether every peer has said goodbye or is lost."""
+        self.error()  # files silent peers as lost
+        with self._lock:
+            return all(p in self._closed or p in self._lost for p in self.others)
 
     def wait_until_settled(self) -> None:
-        """Block while some peer is alive and has not said goodbye; bounded: a gone peer stops
-        counting within the timeout."""
-        while True:
-            now = time.monotonic()
-            self.error()  # files silent peers as lost
-            with self._lock:
-                if all(p in self._closed or p in self._lost for p in self.others):
-                    return
+        """Block while some peer is alive and has not said goodbye; bounded when peers die: a
+        gone peer stops counting within the timeout."""
+        while not self.settled():
             time.sleep(_POLL)
 
 
@@ -194,53 +226,62 @@ class Transport:
         # heartbeats come often enough that a few late ones never look like a lost rank
         self.heartbeat_interval = min(1.0, peer_timeout / 10)
         self._peers = _Peers(rank, world_size, peer_timeout)
+        self._inbox = _Inbox()  # filled by the implementation's receiving thread(s)
         self._closed = False
-
-    def _started(self) -> None:
-        # a process that dies of an exception still says goodbye and releases its threads
-        atexit.register(self.close)
 
     def send(self, dst: int, header: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
         """Queue a message for `dst` and return; the tensors are copied, so the caller may reuse them."""
-        self._check_usable(dst, "send to")
-        self._peers.check()
-        self._send(dst, header, list(tensors))
+        self._check_usable(dst)
+        self._post(dst, "msg", header, list(tensors))
 
     def recv(self, src: int) -> tuple[dict, list[torch.Tensor]]:
         """The next message from `src` (header, tensors on this rank's device); blocks until it comes."""
-        self._check_usable(src, "receive from")
-        self._peers.check()
-        return self._recv(src)
+        self._check_usable(src)
+        meta, payload = self._inbox.get((src, "msg"), lambda: self._peers.check([src]))
+        return meta["h"], self._tensors(src, meta["t"], payload)
 
     def exchange(self, value: Any) -> list[Any]:
         """Every rank's `value` (small, msgpack-able), in rank order; a collective: all ranks call it."""
-        self._check_usable(None, "")
-        self._peers.check()
+        self._check_usable()
         # this rank's own value takes the same msgpack round trip as the others' (tuples -> lists)
-        return self._exchange(_unpack(msgpack.packb(value, use_bin_type=True)))
+        mine = _unpack(msgpack.packb(value, use_bin_type=True))
+        for peer in self._peers.others:
+            self._post(peer, "exchange", mine, [])
+        everyone = []
+        for r in range(self.world_size):
+            # (a rank that has sent its value may close before we get to it: wait on r alone)
+            everyone.append(mine if r == self.rank else
+                            self._inbox.get((r, "exchange"), lambda: self._peers.check([r]))[0]["h"])
+        return everyone
 
     def close(self) -> None:
-        """Deliver what was sent, say goodbye, stop the threads. Idempotent; bounded when peers are gone."""
+        """Deliver what was sent, say goodbye, stop the threads. Idempotent. Returns once every
+        other rank has closed too (so nothing still needed is dropped) or is lost; a gone rank
+        stops counting within `peer_timeout`, so this is bounded when ranks die."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
         self._close()
 
-    def _check_usable(self, peer: int | None, verb: str) -> None:
+    def _started(self) -> None:
+        # a process that dies of an exception still says goodbye and releases its threads
+        atexit.register(self.close)
+
+    def _check_usable(self, peer: int | None = None) -> None:
         if self._closed:
             raise PipelineError(f"rank {self.rank}: the transport is already closed")
         if peer is not None and (peer == self.rank or not 0 <= peer < self.world_size):
-            raise ValueError(f"rank {self.rank} cannot {verb} rank {peer} (world_size {self.world_size})")
+            raise ValueError(f"rank {self.rank} has no peer {peer} (world_size {self.world_size})")
+        self._peers.check()  # a lost rank fails every call, not only those that wait on it
 
     # each implementation provides these
-    def _send(self, dst: int, header: dict, tensors: list[torch.Tensor]) -> None:
+    def _post(self, dst: int, kind: str, header: Any, tensors: list[torch.Tensor]) -> None:
+        """Queue a message of `kind` ("msg", "exchange"; "bye" for torch) for `dst`."""
         raise NotImplementedError
 
-    def _recv(self, src: int) -> tuple[dict, list[torch.Tensor]]:
-        raise NotImplementedError
-
-    def _exchange(self, mine: Any) -> list[Any]:
+    def _tensors(self, src: int, descs: list, payload: Any) -> list[torch.Tensor]:
+        """The tensors of a message from its inbox payload, on this rank's device."""
         raise NotImplementedError
 
     def _close(self) -> None:
@@ -251,16 +292,20 @@ class Transport:
 # torch.distributed
 
 
-_TAG = 0  # one tag for everything: per-pair FIFO order is what keeps header and tensors together
+_TAG = 0  # one tag for everything: per-pair FIFO order is what keeps a message's parts together
 
 
 class _TorchTransport(Transport):
-    """gloo (or NCCL for CUDA tensors, with headers over gloo) point-to-point, plus rank 0's
-    TCPStore for the roll call, heartbeats and `exchange`.
+    """gloo point-to-point (NCCL for the tensors of CUDA ranks, headers still over gloo), and
+    rank 0's TCPStore for the roll call and heartbeats.
 
-    Heartbeats: every rank's heartbeat thread rewrites its `hb/<rank>` key with a counter and
-    reads the others'; a counter that moved means alive, "bye" means closed. If rank 0 dies,
-    its store goes with it and store calls fail: that is how rank 0's loss is seen."""
+    A message is two gloo sends, a head (the blob's length, then the meta's) and a blob: the
+    msgpack meta, then with gloo the tensors' bytes; one transfer however many tensors, as each
+    gloo message costs a round of handshakes. With NCCL the tensors follow one by one.
+
+    Heartbeats: each rank's heartbeat thread rewrites its `hb/<rank>` key with a counter and
+    reads the others'; a counter that moved means alive. If rank 0 dies, its store goes with
+    it and store calls fail: that is how rank 0's loss is seen. Goodbyes travel as messages."""
 
     def __init__(self, rank, world_size, master_addr, master_port, device, peer_timeout,
                  connect_timeout, backend):
@@ -271,7 +316,7 @@ class _TorchTransport(Transport):
         if backend == "nccl" and device.type != "cuda":
             raise ValueError(f"backend 'nccl' needs a CUDA device, not {device}")
         # gloo cannot send CUDA tensors: they travel through CPU memory
-        self._wire = device if backend == "nccl" else torch.device("cpu")
+        self._inline = backend == "gloo"
         self._where = f"{master_addr}:{master_port}"
         deadline = time.monotonic() + connect_timeout
         self._store = _open_store(master_addr, master_port, rank, world_size, connect_timeout, deadline)
@@ -280,140 +325,131 @@ class _TorchTransport(Transport):
             beat_store = dist.TCPStore(master_addr, master_port, is_master=False,
                                        timeout=timedelta(seconds=max(1.0, peer_timeout / 2)))
         except RuntimeError as err:
-            raise self._store_error(err) from None
+            raise PipelineError(f"rank 0 was lost (its store at {self._where} failed: {_short(err)})") from None
         self._peers.restart_clock()
-        self._stop, self._nudge, self._leaving, self._left = (threading.Event() for _ in range(4))
-        self._beater = threading.Thread(target=self._beat, args=(beat_store,), daemon=True,
-                                        name=f"mlora-heartbeat-{rank}")
-        self._beater.start()
+        self._stop = threading.Event()
+        self._beater = self._thread(self._beat, "heartbeat", beat_store)
+        # creating the group blocks until every rank takes part: watch the heartbeats meanwhile
+        self._ctrl = self._while_peers_live(
+            lambda: dist.ProcessGroupGloo(dist.PrefixStore("gloo", self._store), rank, world_size, _FOREVER))
+        self._data = self._ctrl if self._inline else _nccl_group(self._store, rank, world_size)
+        self._receivers = {peer: self._thread(self._receive_from, f"recv-{peer}", peer)
+                           for peer in self._peers.others}
         # sends complete asynchronously; this thread waits for them in order, then drops the buffers
         self._outbox: SimpleQueue = SimpleQueue()
-        self._settler = threading.Thread(target=self._settle_sends, daemon=True, name=f"mlora-sends-{rank}")
-        self._settler.start()
-        self._exchanges = 0
-        # creating the group blocks until every rank takes part: watch the heartbeats meanwhile
-        self._ctrl = self._interruptibly(
-            lambda: dist.ProcessGroupGloo(dist.PrefixStore("gloo", self._store), rank, world_size, _FOREVER),
-            self._peers.others)
-        self._data = self._ctrl if backend == "gloo" else _nccl_group(self._store, rank, world_size)
+        self._settler = self._thread(self._settle_sends, "sends")
         self._started()
 
-    def _store_error(self, err: BaseException) -> PipelineError:
-        return PipelineError(f"rank 0 was lost (its store at {self._where} failed: {_short(err)})")
+    def _thread(self, target, name, *args) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, daemon=True, name=f"mlora-{name}-{self.rank}")
+        thread.start()
+        return thread
 
-    def _send(self, dst, header, tensors):
-        wire = [_wire_copy(t, self._wire) for t in tensors]
-        meta = torch.frombuffer(bytearray(_pack_meta(header, wire)), dtype=torch.uint8)
-        size = torch.tensor([meta.numel()], dtype=torch.int64)
+    def _post(self, dst, kind, header, tensors):
+        meta = _pack_meta(kind, header, tensors)
+        spans, size = _layout(len(meta), _describe(tensors)) if self._inline else ([], len(meta))
+        blob = torch.empty(size, dtype=torch.uint8)
+        blob[:len(meta)] = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+        for t, (begin, end) in zip(tensors, spans):  # the copy that lets the caller reuse `t`
+            blob[begin:end].view(t.dtype).view(t.shape).copy_(t.detach())
+        # NCCL: a private contiguous copy; its works finish on the GPU stream, and
+        # ProcessGroupNCCL keeps their tensors alive until then
+        wire = [] if self._inline else [t.detach().to(self.device, memory_format=torch.contiguous_format,
+                                                      copy=True) for t in tensors]
+        head = torch.tensor([blob.numel(), len(meta)], dtype=torch.int64)
         try:
-            works = [self._ctrl.send([size], dst, _TAG), self._ctrl.send([meta], dst, _TAG)]
-            payload = [self._data.send([t], dst, _TAG) for t in wire if t.numel()]
+            works = [self._ctrl.send([head], dst, _TAG), self._ctrl.send([blob], dst, _TAG)]
+            for t in wire:
+                if t.numel():
+                    self._data.send([t], dst, _TAG)
         except RuntimeError as err:  # gloo refuses at once when the link is already down
-            raise self._peers.link_error([dst], err) from None
-        if self._wire.type == "cpu":
-            works += payload
-        # (NCCL works finish on the GPU stream, and ProcessGroupNCCL keeps their tensors alive itself)
-        self._outbox.put((dst, works, [size, meta, *wire]))
+            raise self._link_error(dst, err) from None
+        self._outbox.put((dst, works, [head, blob]))
 
-    def _recv(self, src):
-        if self._wire.type == "cpu":
-            header, tensors = self._interruptibly(lambda: self._recv_now(src), [src])
-        else:
-            header, descs = self._interruptibly(lambda: self._recv_meta(src), [src])
-            # NCCL: post and wait on the caller's thread so that its CUDA stream is the one ordered
-            # after the transfer (this wait does not block the CPU)
-            tensors, works = self._post_payload(src, descs)
-            for work in works:
-                work.wait()
-        return header, [t.to(self.device) for t in tensors]
+    def _receive_from(self, src: int) -> None:
+        """Take every message `src` sends as soon as it comes; ends with its goodbye, or when
+        the link breaks."""
+        while True:
+            try:
+                head = torch.empty(2, dtype=torch.int64)
+                self._ctrl.recv([head], src, _TAG).wait()
+                size, meta_len = head.tolist()
+                blob = torch.empty(size, dtype=torch.uint8)
+                self._ctrl.recv([blob], src, _TAG).wait()
+                meta = _unpack(blob[:meta_len].numpy().tobytes())
+            except RuntimeError as err:
+                if not self._closed:
+                    self._link_error(src, err)
+                return
+            except Exception as err:  # a bad message must not look like a hang
+                self._peers.lost(src, f"it sent an unreadable message: {err!r}")
+                return
+            self._peers.heard_from(src)
+            if meta["kind"] == "bye":
+                self._peers.said_goodbye(src, meta["h"])
+                return
+            self._inbox.put((src, meta["kind"]), (meta, (blob, meta_len)))
 
-    def _recv_meta(self, src):
-        size = torch.empty(1, dtype=torch.int64)
-        self._ctrl.recv([size], src, _TAG).wait()
-        meta = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._ctrl.recv([meta], src, _TAG).wait()
-        meta = _unpack(meta.numpy().tobytes())
-        return meta["h"], meta["t"]
-
-    def _post_payload(self, src, descs):
-        tensors = [torch.empty(shape, dtype=_dtype(dtype), device=self._wire) for dtype, shape in descs]
-        return tensors, [self._data.recv([t], src, _TAG) for t in tensors if t.numel()]
-
-    def _recv_now(self, src):
-        header, descs = self._recv_meta(src)
-        tensors, works = self._post_payload(src, descs)
-        for work in works:
+    def _tensors(self, src, descs, payload):
+        blob, meta_len = payload
+        if self._inline:
+            # each tensor its own copy on the device: views of one byte buffer as several dtypes
+            # would trip up torch.save and safetensors
+            spans, _ = _layout(meta_len, descs)
+            return [blob[begin:end].view(_dtype(dtype)).view(shape).to(self.device, copy=True)
+                    for (dtype, shape), (begin, end) in zip(descs, spans)]
+        # NCCL: post and wait on the caller's thread so that its CUDA stream is the one ordered
+        # after the transfer (this wait does not block the CPU)
+        tensors = [torch.empty(shape, dtype=_dtype(dtype), device=self.device) for dtype, shape in descs]
+        for work in [self._data.recv([t], src, _TAG) for t in tensors if t.numel()]:
             work.wait()
-        return header, tensors
+        return tensors
 
-    def _exchange(self, mine):
-        n = self._exchanges
-        self._exchanges += 1
-        keys = [f"x/{n}/{r}" for r in range(self.world_size)]
-        try:
-            self._store.set(keys[self.rank], msgpack.packb(mine, use_bin_type=True))
-            while not self._store.check(keys):
-                self._peers.check(self._peers.others)
-                time.sleep(_POLL / 5)
-            return [mine if r == self.rank else _unpack(self._store.get(k)) for r, k in enumerate(keys)]
-        except RuntimeError as err:
-            raise self._store_error(err) from None
-
-    def _interruptibly(self, fn: Callable[[], Any], waiting_for: Sequence[int]) -> Any:
-        """fn() on a helper thread while this one watches the peers: a gloo wait can be neither
-        polled nor interrupted. A helper left stuck after an error is released by close()."""
+    def _while_peers_live(self, fn: Callable[[], Any]) -> Any:
+        """fn() on a helper thread while this one watches the peers: a gloo call can be neither
+        polled nor interrupted. (A helper left stuck after an error stays blocked until exit.)"""
         box: dict[str, Any] = {}
         done = threading.Event()
 
         def run():
             try:
                 box["value"] = fn()
-            except BaseException as err:  # noqa: BLE001 - handed over to the caller's thread
+            except BaseException as err:  # handed over to the caller's thread
                 box["error"] = err
             finally:
                 done.set()
 
-        threading.Thread(target=run, daemon=True, name=f"mlora-wait-{self.rank}").start()
+        self._thread(run, "wait")
         while not done.wait(_POLL):
-            err = self._peers.error(waiting_for)
-            if err is not None and not done.wait(_POLL):  # it may have finished as the peer left
-                raise err
+            self._peers.check()
         if isinstance(box.get("error"), RuntimeError):
-            raise self._peers.link_error(waiting_for, box["error"]) from None
+            raise PipelineError(f"cannot connect to the other ranks: {_short(box['error'])}") from None
         if "error" in box:
             raise box["error"]
         return box["value"]
 
     def _beat(self, store) -> None:
         beats, seen = 0, {}
-        while True:
+        while not self._stop.is_set():
             try:
                 beats += 1
-                leaving = self._leaving.is_set()
-                store.set(f"hb/{self.rank}", self._goodbye() if leaving else str(beats))
-                if leaving:
-                    self._left.set()
+                store.set(f"hb/{self.rank}", str(beats))
                 for peer in self._peers.others:
-                    value = store.get(f"hb/{peer}").decode()
-                    if value.startswith("bye"):
-                        _, lost, why = (value.split(" ", 2) + ["", ""])[:3]
-                        self._peers.said_goodbye(peer, (int(lost), why) if lost else None)
-                    elif value != seen.get(peer):
+                    value = store.get(f"hb/{peer}")
+                    if value != seen.get(peer):
                         seen[peer] = value
                         self._peers.heard_from(peer)
             except RuntimeError as err:  # the store lives in rank 0: it is gone or hung
                 if not self._stop.is_set() and self.rank != 0:
                     self._peers.lost(0, f"its store at {self._where} stopped answering: {_short(err)}")
                 return
-            if self._stop.is_set():
-                return
-            self._nudge.wait(self.heartbeat_interval)
-            self._nudge.clear()
+            self._stop.wait(self.heartbeat_interval)
 
-    def _goodbye(self) -> str:
-        """"bye", plus the first rank this one lost and why, if any."""
-        loss = self._peers.first_loss()
-        return "bye" if loss is None else f"bye {loss[0]} {loss[1]}"
+    def _link_error(self, peer: int, err: BaseException) -> PipelineError:
+        """A broken gloo link to `peer` as a PipelineError (a peer that closed said goodbye first)."""
+        if not self._peers.is_closed(peer):
+            self._peers.lost(peer, _short(err))
+        return self._peers.error([peer])
 
     def _settle_sends(self) -> None:
         while (item := self._outbox.get()) is not None:
@@ -422,30 +458,39 @@ class _TorchTransport(Transport):
                 for work in works:
                     work.wait()
             except RuntimeError as err:  # the receiver is gone
-                self._peers.lost(dst, _short(err))
+                self._link_error(dst, err)
+
+    def _still_busy(self) -> bool:
+        """Whether some send is not taken yet (and nothing is lost), or some live peer has not
+        said goodbye yet (so our thread receiving from it still runs)."""
+        something_lost = self._peers.error() is not None  # (this also files silent peers as lost)
+        if self._settler.is_alive() and not something_lost:
+            return True
+        return any(t.is_alive() and not self._peers.is_lost(p) for p, t in self._receivers.items())
 
     def _close(self):
+        # Goodbye to every live peer, after all we sent before: it ends that peer's thread
+        # receiving from us, and carries the rank we lost, if any.
+        for peer in self._peers.others:
+            if not self._peers.is_lost(peer):
+                try:
+                    self._post(peer, "bye", self._peers.first_loss(), [])
+                except PipelineError:
+                    pass
         self._outbox.put(None)
-        while self._settler.is_alive() and self._peers.error() is None:
-            self._settler.join(_POLL)  # sends to a gone peer fail, so this ends
-        # the heartbeat thread writes the goodbye: one writer, so no beat can overwrite it
-        self._leaving.set()
-        self._nudge.set()
-        while self._beater.is_alive() and not self._left.wait(_POLL):
-            pass
-        if self.rank == 0:
-            self._peers.wait_until_settled()  # the store lives here: keep it up while others use it
+        # No thread may be left to return from a gloo wait while the interpreter shuts down:
+        # Python would end it in the middle of C++ code, and the process would abort.
+        while self._still_busy():
+            time.sleep(_POLL)
         self._stop.set()
-        self._nudge.set()
         self._beater.join(self.peer_timeout)
-        # Abort, not shut down: it also releases gloo waits that an error left stuck, which
-        # would otherwise end the process with std::terminate at exit.
+        # Abort, not shut down: a thread still waiting on a lost peer stays blocked rather than
+        # failing during the interpreter's shutdown.
         for group in {id(self._ctrl): self._ctrl, id(self._data): self._data}.values():
             try:
                 group.abort()
             except RuntimeError:
                 pass
-        self._ctrl = self._data = self._store = None
 
 
 def _open_store(addr: str, port: int, rank: int, world_size: int, timeout: float, deadline: float):
@@ -486,19 +531,23 @@ def _roll_call(store, rank: int, world_size: int, deadline: float, timeout: floa
     store.set(f"hb/{rank}", "0")
     keys = [f"join/{r}" for r in range(world_size)]
     while not store.check(keys):
+        err = None
         if rank != 0 and store.check(["verdict"]):
-            store.add("verdict read", 1)
-            raise PipelineError(store.get("verdict").decode())
-        if time.monotonic() > deadline:
+            err = store.get("verdict").decode()
+        elif time.monotonic() > deadline:
             present = [r for r, key in enumerate(keys) if store.check([key])]
             err = f"{_ranks(set(range(world_size)) - set(present))} did not join within {timeout:g} s"
-            if rank == 0:
-                store.set("verdict", err)
-                wait_until = time.monotonic() + 2.0
-                while store.add("verdict read", 0) < len(present) - 1 and time.monotonic() < wait_until:
-                    time.sleep(_POLL / 5)
+        if err is None:
+            time.sleep(_POLL / 5)
+        elif rank != 0:
+            store.add("gave up", 1)
             raise PipelineError(err)
-        time.sleep(_POLL / 5)
+        else:
+            store.set("verdict", err)
+            wait_until = time.monotonic() + 2.0
+            while store.add("gave up", 0) < len(present) - 1 and time.monotonic() < wait_until:
+                time.sleep(_POLL / 5)
+            raise PipelineError(err)
 
 
 def _nccl_group(store, rank: int, world_size: int):
@@ -511,36 +560,16 @@ def _nccl_group(store, rank: int, world_size: int):
 # ZeroMQ
 
 
-class _Inbox:
-    """Arrived messages, kept per (source, kind) in arrival order until someone asks for them."""
-
-    def __init__(self):
-        self._queues: dict[tuple[int, str], deque] = defaultdict(deque)
-        self._ready = threading.Condition()
-
-    def put(self, key: tuple[int, str], item: Any) -> None:
-        with self._ready:
-            self._queues[key].append(item)
-            self._ready.notify_all()
-
-    def get(self, key: tuple[int, str], check: Callable[[], None]) -> Any:
-        """The oldest item under `key`; while there is none, call check() (which raises to give up)."""
-        with self._ready:
-            while not self._queues[key]:
-                check()
-                self._ready.wait(_POLL)
-            return self._queues[key].popleft()
-
-
 class _ZmqTransport(Transport):
     """Each rank binds one PULL socket and PUSHes to each peer's. One I/O thread owns every
-    socket (ZeroMQ sockets are not thread-safe): it forwards what send() queues through an
-    in-process socket, files arrivals into the inbox, and sends heartbeats."""
+    socket (ZeroMQ sockets are not thread-safe): it forwards what the caller queues through an
+    in-process socket, files arrivals into the inbox, and sends heartbeats.
+
+    A message is multipart: the msgpack meta (with the sender's rank), then one frame per tensor."""
 
     def __init__(self, rank, world_size, master_addr, master_port, device, peer_timeout, connect_timeout):
         super().__init__(rank, world_size, device, peer_timeout)
         self._ctx = zmq.Context()
-        self._inbox = _Inbox()
         try:
             loopback = _is_loopback(master_addr)
             host = "127.0.0.1" if loopback else _local_ip_towards(master_addr, master_port)
@@ -569,12 +598,11 @@ class _ZmqTransport(Transport):
                 self._pushes[peer].sndhwm = 0  # never block the I/O thread; a gone peer is caught by heartbeats
                 self._pushes[peer].connect(addr)
         self._peers.restart_clock()
-        self._cmd_addr = f"inproc://mlora-transport-{id(self)}"
         self._cmd_in = self._socket(zmq.PULL)
-        self._cmd_in.bind(self._cmd_addr)
+        self._cmd_in.bind(f"inproc://mlora-transport-{id(self)}")
         self._cmd = self._socket(zmq.PUSH)
         self._cmd.sndhwm = 0
-        self._cmd.connect(self._cmd_addr)
+        self._cmd.connect(f"inproc://mlora-transport-{id(self)}")
         self._io = threading.Thread(target=self._io_loop, daemon=True, name=f"mlora-zmq-{rank}")
         self._io.start()
         self._started()
@@ -584,46 +612,29 @@ class _ZmqTransport(Transport):
         sock.linger = 0
         return sock
 
-    def _post(self, dst: int, frames: list) -> None:
+    def _post(self, dst, kind, header, tensors):
+        wire = [t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for t in tensors]
+        meta = _pack_meta(kind, header, wire, src=self.rank)
+        # the bytes of each tensor as a numpy array: ZeroMQ sends it without another copy
+        frames = [meta, *(t.reshape(-1).view(torch.uint8).numpy() for t in wire)]
         self._cmd.send_multipart([b"%d" % dst, *frames], copy=False)
 
-    def _envelope(self, kind: str, **fields) -> bytes:
-        return msgpack.packb({"src": self.rank, "kind": kind, **fields}, use_bin_type=True)
-
-    def _send(self, dst, header, tensors):
-        wire = [_wire_copy(t, torch.device("cpu")) for t in tensors]
-        meta = _pack_meta(header, wire, src=self.rank, kind="msg")
-        # the bytes of each tensor as a numpy array: ZeroMQ sends it without another copy
-        self._post(dst, [meta, *(t.reshape(-1).view(torch.uint8).numpy() for t in wire)])
-
-    def _recv(self, src):
-        meta, frames = self._inbox.get((src, "msg"), lambda: self._peers.check([src]))
+    def _tensors(self, src, descs, frames):
         tensors = []
-        for (dtype, shape), frame in zip(meta["t"], frames):
+        for (dtype, shape), frame in zip(descs, frames):
             raw = torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8) if len(frame.buffer) \
                 else torch.empty(0, dtype=torch.uint8)  # (frombuffer refuses empty buffers)
-            tensors.append(raw.view(_dtype(dtype)).reshape(shape).to(self.device))
-        return meta["h"], tensors
-
-    def _exchange(self, mine):
-        for peer in self._peers.others:
-            self._post(peer, [self._envelope("x", value=mine)])
-        return [mine if r == self.rank else
-                self._inbox.get((r, "x"), lambda: self._peers.check(self._peers.others))[0]["value"]
-                for r in range(self.world_size)]
+            tensors.append(raw.view(_dtype(dtype)).view(shape).to(self.device))
+        return tensors
 
     def _io_loop(self) -> None:
         try:
             self._pump()
-            # Goodbye after everything queued before it, lingering to deliver to live peers only:
-            # ZeroMQ would hold a message for a peer that has closed until the linger ran out.
-            self._take_arrivals()  # a peer's goodbye may just have come in
-            bye = self._envelope("bye", saw_lost=self._peers.first_loss())
+            # Every peer has said goodbye (so it received all we sent before ours) or is lost:
+            # linger only towards the live ones, in case our own goodbye is still in flight.
             for peer, push in self._pushes.items():
-                push.send(bye, zmq.NOBLOCK)
-                gone = self._peers.is_closed(peer) or self._peers.error() is not None
-                push.linger = 0 if gone else int(self.peer_timeout * 1000)
-        except Exception as err:  # noqa: BLE001 - a bug here must not look like a hang
+                push.linger = 0 if self._peers.is_lost(peer) else int(self.peer_timeout * 1000)
+        except Exception as err:  # a bug here must not look like a hang
             self._peers.lost(self.rank, f"its ZeroMQ thread failed: {type(err).__name__}: {err}")
         finally:
             for sock in (self._pull, self._cmd_in, self._door, *self._pushes.values()):
@@ -636,7 +647,7 @@ class _ZmqTransport(Transport):
         for sock in (self._pull, self._cmd_in, self._door):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
-        beat = self._envelope("hb")
+        beat = msgpack.packb({"kind": "hb", "src": self.rank})
         next_beat = 0.0
         while True:
             now = time.monotonic()
@@ -667,7 +678,7 @@ class _ZmqTransport(Transport):
                 self._inbox.put((src, kind), (meta, frames[1:]))
 
     def _forward(self) -> bool:
-        """Pass queued sends on to their peers; False once close() asked to stop."""
+        """Pass queued messages on to their peers; False once close() asked to stop."""
         while True:
             try:
                 frames = self._cmd_in.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -675,13 +686,23 @@ class _ZmqTransport(Transport):
                 return True
             if frames[0].bytes == b"stop":
                 return False
-            self._pushes[int(frames[0].bytes)].send_multipart(frames[1:], copy=False)
+            if frames[0].bytes == b"bye":  # after everything queued before it, to every peer
+                bye = msgpack.packb({"kind": "bye", "src": self.rank, "saw_lost": self._peers.first_loss()})
+                for push in self._pushes.values():
+                    push.send(bye, zmq.NOBLOCK)
+            else:
+                self._pushes[int(frames[0].bytes)].send_multipart(frames[1:], copy=False)
 
     def _close(self):
+        # Say goodbye, then wait for every peer's goodbye (or loss), heartbeats still going. A
+        # peer says goodbye only once it needs nothing more from us, so after this no message
+        # of ours is still needed, and a peer that is gone cannot hold our sockets open.
+        self._cmd.send(b"bye")
+        self._peers.wait_until_settled()
         self._cmd.send(b"stop")
-        self._io.join()  # it never blocks: forwards what is queued, says goodbye, closes its sockets
+        self._io.join()  # it never blocks: forwards what is queued, then closes its sockets
         self._cmd.close(linger=0)
-        self._ctx.term()  # returns once the goodbyes and last messages are delivered (or lingered out)
+        self._ctx.term()  # returns once what is queued for live peers is delivered
 
 
 def _is_loopback(host: str) -> bool:
@@ -699,13 +720,13 @@ def _local_ip_towards(host: str, port: int) -> str:
 
 
 def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[str]:
-    """Rank 0's side of the rendezvous: collect every rank's address, then send all of them the table.
-    Every arrival is told who is here so far, so a rank that gives up can say who was missing."""
+    """Rank 0's side of the rendezvous: collect every rank's address, then send all of them the
+    table. Each arrival is told who is here so far, so a rank that gives up can name the missing."""
     table, callers = {0: rank0_addr}, {}
     deadline = time.monotonic() + timeout
 
     def tell(who, **reply):
-        door.send_multipart([who, msgpack.packb(reply, use_bin_type=True)])
+        door.send_multipart([who, msgpack.packb(reply)])
 
     while len(table) < world_size:
         left = deadline - time.monotonic()
@@ -719,7 +740,7 @@ def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[s
             continue
         who, body = door.recv_multipart()
         ask = _unpack(body)
-        if ask["world_size"] != world_size:
+        if ask["world_size"] != world_size or not 0 <= ask["rank"] < world_size:
             tell(who, error=f"rank {ask['rank']} has world_size {ask['world_size']}, rank 0 has {world_size}")
         elif ask["rank"] in table:
             tell(who, error=f"rank {ask['rank']} is claimed by two processes")
@@ -748,7 +769,7 @@ def _turn_away(door) -> None:
 def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeout: float) -> list[str]:
     """A non-zero rank's side of the rendezvous: announce our address, wait for the table."""
     dealer.connect(door_addr)
-    dealer.send(msgpack.packb({"rank": rank, "world_size": world_size, "addr": me}, use_bin_type=True))
+    dealer.send(msgpack.packb({"rank": rank, "world_size": world_size, "addr": me}))
     deadline = time.monotonic() + timeout
     joined = None
     try:

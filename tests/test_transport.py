@@ -1,0 +1,427 @@
+"""The pipeline transport between real processes on 127.0.0.1, for both kinds ("torch", "zmq").
+
+A scenario is one function run by every rank, each in its own process; the test collects what
+each returned (or the PipelineError it raised). Every wait has a deadline and leftover processes
+are killed, so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+from mlora.pipeline.transport import PipelineError, connect
+
+KINDS = ["torch", "zmq"]
+CPU = torch.device("cpu")
+
+# forkserver: children fork from a clean server that has already imported torch, which saves
+# seconds per process on a small machine (and nothing is forked from pytest's threads)
+_MP = multiprocessing.get_context("forkserver")
+_MP.set_forkserver_preload(["torch", "torch.distributed", "zmq", "msgpack", "mlora.pipeline.transport",
+                            __name__])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_REPORTS = None  # in a child: the queue its results go to, for scenarios that report progress
+
+
+def report(rank: int, status: str) -> None:
+    _REPORTS.put((rank, status, None, time.time()))
+
+
+def _child(scenario, kind, rank, world, port, results, options):
+    global _REPORTS
+    _REPORTS = results
+    try:
+        # as torch.save bytes: a pickled tensor would travel as shared memory that dies with the child
+        value = io.BytesIO()
+        torch.save(scenario(kind, rank, world, port, **options), value)
+        results.put((rank, "ok", value.getvalue(), time.time()))
+    except PipelineError as err:
+        results.put((rank, "PipelineError", str(err), time.time()))
+    except BaseException:  # reported to the test, which fails on it
+        results.put((rank, "crash", traceback.format_exc(), time.time()))
+
+
+class Ranks:
+    """Processes running `scenario(kind, rank, world, port, **options)`, one per entry of `ranks`
+    (default: every rank of the world)."""
+
+    def __init__(self, scenario, kind, world, ranks=None, **options):
+        self.port, self.results = free_port(), _MP.Queue()
+        self.procs = [(r, _MP.Process(target=_child, daemon=True,
+                                      args=(scenario, kind, r, world, self.port, self.results, options)))
+                      for r in (range(world) if ranks is None else ranks)]
+        for _, proc in self.procs:
+            proc.start()
+
+    def proc(self, rank: int):
+        return next(proc for r, proc in self.procs if r == rank)
+
+    def next(self, deadline: float) -> tuple:
+        """The next report: (rank, status, value, time)."""
+        try:
+            rank, status, value, when = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail("a rank hung (no result in time)")
+        assert status != "crash", f"rank {rank} crashed:\n{value}"
+        if status == "ok":
+            value = torch.load(io.BytesIO(value), weights_only=False)
+        return rank, status, value, when
+
+    def collect(self, n=None, timeout=30.0) -> dict[int, tuple]:
+        """{rank: (status, value, time)} for the next `n` (default: all) reports."""
+        deadline = time.monotonic() + timeout
+        reports = [self.next(deadline) for _ in range(len(self.procs) if n is None else n)]
+        return {rank: rest for rank, *rest in reports}
+
+    def values(self, timeout=30.0) -> dict[int, object]:
+        results = self.collect(timeout=timeout)
+        for rank, (status, value, _) in results.items():
+            assert status == "ok", f"rank {rank}: {status}: {value}"
+        return {rank: value for rank, (_, value, _) in results.items()}
+
+    def stop(self, timeout=10.0) -> dict[int, int]:
+        """Wait for the processes to exit (killing stragglers); {rank: exit code}."""
+        deadline = time.monotonic() + timeout
+        for _, proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for _, proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        return {r: proc.exitcode for r, proc in self.procs}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop(timeout=0 if exc[0] else 10.0)
+
+
+def join(kind, rank, world, port, **kw):
+    kw.setdefault("peer_timeout", 3.0)
+    kw.setdefault("connect_timeout", 10.0)
+    return connect(kind, rank, world, "127.0.0.1", port, CPU, **kw)
+
+
+# --- payloads ---------------------------------------------------------------------------------
+
+HEADER = {"kind": "F", "mb": 3, "loss": 1.25, "name": "añ", "flag": True, "none": None,
+          "norm": [2, 0.5], "nested": {"rows": [1, 2, 3]}, "blob": b"\x00\xff"}
+
+
+def sample_tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(3, 5, generator=g)
+    return [
+        wide,
+        wide.t(),                                            # not contiguous
+        torch.randn(2, 3, 4, generator=g).to(torch.bfloat16),
+        torch.randn(4, generator=g).to(torch.float16),
+        torch.randn(2, 2, generator=g, dtype=torch.float64),
+        torch.arange(-5, 7, dtype=torch.int64).reshape(3, 4),
+        torch.tensor([-3, 0, 7], dtype=torch.int8),
+        torch.tensor([True, False, True]),
+        torch.tensor(2.5),                                   # 0-d
+        torch.tensor(7, dtype=torch.int32),                  # 0-d
+        torch.zeros(0, 3),                                   # empty
+        torch.arange(12, dtype=torch.float32)[::3],          # a strided view of a larger tensor
+    ]
+
+
+def assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.device == CPU
+        assert torch.equal(g, w)
+
+
+# --- scenarios (module level: the child processes import them by name) ------------------------
+
+def echo_scenario(kind, rank, world, port):
+    """Rank 0 sends a rich message and an empty one; rank 1 sends each back as received."""
+    t = join(kind, rank, world, port)
+    try:
+        if rank == 0:
+            sent = sample_tensors()
+            t.send(1, HEADER, sent)
+            for x in sent:  # the transport copied them: changing them now must not matter
+                x.zero_()
+            t.send(1, {"empty": []})
+            return [t.recv(1), t.recv(1)]
+        for _ in range(2):
+            header, tensors = t.recv(0)
+            t.send(0, header, tensors)
+        return None
+    finally:
+        t.close()
+
+
+def order_scenario(kind, rank, world, port, n=25):
+    t = join(kind, rank, world, port)
+    try:
+        if rank == 0:
+            for i in range(n):
+                t.send(1, {"i": i}, [torch.full((i % 4 + 1,), float(i))])
+            return None
+        got = [t.recv(0) for _ in range(n)]
+        return [(h["i"], x[0].tolist()) for h, x in got]
+    finally:
+        t.close()
+
+
+def interleave_scenario(kind, rank, world, port):
+    """Ranks 1 and 2 each send three messages to rank 0, which asks for them in its own order."""
+    t = join(kind, rank, world, port)
+    try:
+        if rank == 0:
+            t.exchange("sent")  # by now every message is on its way (or has arrived)
+            order = [2, 2, 1, 2, 1, 1]
+            return [(src, t.recv(src)[0]["n"]) for src in order]
+        for n in range(3):
+            t.send(0, {"n": f"{rank}.{n}"}, [torch.tensor([rank, n])])
+        t.exchange("sent")
+        return None
+    finally:
+        t.close()
+
+
+def ring_scenario(kind, rank, world, port, laps=3):
+    """A token goes round the ring `laps` times, each rank adding its rank to it."""
+    t = join(kind, rank, world, port)
+    try:
+        nxt, prev = (rank + 1) % world, (rank - 1) % world
+        seen = []
+        if rank == 0:
+            t.send(nxt, {"lap": 0}, [torch.zeros(2)])
+        for lap in range(laps):
+            header, (token,) = t.recv(prev)
+            seen.append((header["lap"], token.tolist()))
+            if rank == 0:
+                header = {"lap": lap + 1}
+            if rank != 0 or lap + 1 < laps:
+                t.send(nxt, header, [token + rank])
+        return seen
+    finally:
+        t.close()
+
+
+def exchange_scenario(kind, rank, world, port):
+    t = join(kind, rank, world, port)
+    try:
+        first = t.exchange({"rank": rank, "balance": (2, 3), "name": f"r{rank}"})
+        second = t.exchange(rank * 10)
+        return first, second
+    finally:
+        t.close()
+
+
+def victim_scenario(kind, rank, world, port, victim, peer_timeout):
+    """Everyone joins; the victim then idles until the test kills (or freezes) it; the others
+    block in recv and return what they raised, when, and how long close() took after it."""
+    t = join(kind, rank, world, port, peer_timeout=peer_timeout)
+    t.exchange("ready")
+    report(rank, "ready")
+    try:
+        if rank == victim:
+            time.sleep(60)
+        # rank 0 waits for the last rank, everyone else for rank 0: some wait on the victim
+        # itself, some on a live rank that will never send
+        t.recv(world - 1 if rank == 0 else 0)
+        return "received?!"
+    except PipelineError as err:
+        raised = time.time()
+        t.close()
+        return str(err), raised, time.time() - raised
+    finally:
+        t.close()
+
+
+def early_close_scenario(kind, rank, world, port):
+    """Rank 1 closes without sending anything; rank 0 is waiting for it."""
+    t = join(kind, rank, world, port)
+    try:
+        if rank == 1:
+            return None
+        started = time.monotonic()
+        try:
+            t.recv(1)
+        except PipelineError as err:
+            return str(err), time.monotonic() - started
+        return "received?!", None
+    finally:
+        t.close()
+
+
+def no_show_scenario(kind, rank, world, port, connect_timeout):
+    """connect() while some rank never comes: what it raised and after how long."""
+    started = time.monotonic()
+    try:
+        join(kind, rank, world, port, connect_timeout=connect_timeout).close()
+    except PipelineError as err:
+        return str(err), time.monotonic() - started
+    return "joined?!", None
+
+
+def join_scenario(kind, rank, world, port, connect_timeout, hold=None):
+    t = join(kind, rank, world, port, connect_timeout=connect_timeout)
+    try:
+        everyone = t.exchange(rank)
+        if hold is not None and rank == 0:
+            hold.wait(20)
+        return everyone
+    finally:
+        t.close()
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_of_header_and_tensors(kind):
+    with Ranks(echo_scenario, kind, 2) as ranks:
+        (h1, t1), (h2, t2) = ranks.values()[0]
+    assert h1 == HEADER
+    assert_same(t1, sample_tensors())
+    assert h2 == {"empty": []} and t2 == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_messages_on_one_channel_arrive_in_order(kind):
+    with Ranks(order_scenario, kind, 2) as ranks:
+        got = ranks.values()[1]
+    assert got == [(i, [float(i)] * (i % 4 + 1)) for i in range(25)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_messages_from_two_sources_are_received_in_the_chosen_order(kind):
+    with Ranks(interleave_scenario, kind, 3) as ranks:
+        got = ranks.values()[0]
+    assert got == [(2, "2.0"), (2, "2.1"), (1, "1.0"), (2, "2.2"), (1, "1.1"), (1, "1.2")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_four_rank_ring(kind):
+    with Ranks(ring_scenario, kind, 4) as ranks:
+        seen = ranks.values()
+    # a full lap adds 0+1+2+3 = 6; rank r > 0 sees the token after ranks 0..r-1 added theirs,
+    # rank 0 at the end of each lap
+    for rank in range(4):
+        before = sum(range(rank))
+        assert seen[rank] == [(lap, [6.0 * lap + before + 6.0 * (rank == 0)] * 2)
+                              for lap in range(3)], rank
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exchange_gathers_every_ranks_value_in_rank_order(kind):
+    with Ranks(exchange_scenario, kind, 3) as ranks:
+        got = ranks.values()
+    want = ([{"rank": r, "balance": [2, 3], "name": f"r{r}"} for r in range(3)], [0, 10, 20])
+    assert all(got[r] == want for r in range(3))
+
+
+# Rank 0 waits on the last rank, the others on rank 0. Killing rank 2: rank 0 waits on it, rank 1
+# does not. Killing rank 0: the torch store goes with it. Freezing rank 1 (SIGSTOP): its sockets
+# stay open, so for torch only the missing heartbeats can tell (for zmq they are all it ever has,
+# so freezing would add nothing there to killing).
+LOSSES = [(kind, victim, sig) for kind in KINDS for victim, sig in [(2, signal.SIGKILL), (0, signal.SIGKILL)]]
+LOSSES.append(("torch", 1, signal.SIGSTOP))
+
+
+@pytest.mark.parametrize("kind,victim,sig", LOSSES, ids=[f"{k}-{s.name}-rank{v}" for k, v, s in LOSSES])
+def test_lost_rank_is_reported_by_every_survivor_within_peer_timeout(kind, victim, sig):
+    world, peer_timeout = 3, 3.0
+    survivors = [r for r in range(world) if r != victim]
+    with Ranks(victim_scenario, kind, world, victim=victim, peer_timeout=peer_timeout) as ranks:
+        assert all(status == "ready" for status, _, _ in ranks.collect().values())
+        time.sleep(0.5)  # let the survivors block in recv
+        killed_at = time.time()
+        os.kill(ranks.proc(victim).pid, sig)
+        results = ranks.collect(n=len(survivors), timeout=peer_timeout + 10)
+        if sig == signal.SIGSTOP:  # killed only once the survivors are gone
+            for rank in survivors:
+                ranks.proc(rank).join(peer_timeout + 5)
+            os.kill(ranks.proc(victim).pid, signal.SIGKILL)
+        codes = ranks.stop(timeout=peer_timeout + 5)
+    for rank in survivors:
+        status, outcome, _ = results[rank]
+        assert status == "ok" and len(outcome) == 3, (rank, status, outcome)
+        message, raised, closing = outcome
+        print(f"{kind}: rank {rank} raised {raised - killed_at:.2f} s after rank {victim} got {sig.name}, "
+              f"closed in {closing:.2f} s: {message}")
+        assert f"rank {victim} was lost" in message, (rank, message)
+        assert raised - killed_at < peer_timeout + 1.0, (rank, raised - killed_at)
+    assert codes == {r: (-signal.SIGKILL if r == victim else 0) for r in range(world)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_peer_that_closes_fails_a_recv_waiting_for_it_at_once(kind):
+    with Ranks(early_close_scenario, kind, 2) as ranks:
+        message, elapsed = ranks.values()[0]
+    assert message == "rank 1 closed its connection while rank 0 was waiting for it"
+    assert elapsed < 2.0  # its goodbye says so: no heartbeat timeout involved
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rank_that_never_joins_fails_the_others_within_connect_timeout(kind):
+    world, timeout = 3, 3.0
+    # rank 2 missing and rank 0 missing (different code paths), side by side to share the wait
+    worlds = {missing: Ranks(no_show_scenario, kind, world, ranks=[r for r in range(world) if r != missing],
+                             connect_timeout=timeout) for missing in (2, 0)}
+    try:
+        results = {missing: ranks.values(timeout=timeout + 15) for missing, ranks in worlds.items()}
+    finally:
+        for ranks in worlds.values():
+            ranks.stop()
+    for missing, by_rank in results.items():
+        for rank, (message, elapsed) in by_rank.items():
+            print(f"{kind}: rank {rank} gave up after {elapsed:.2f} s: {message}")
+            assert f"rank {missing} did not join within 3 s" in message
+            assert timeout - 0.5 < elapsed < timeout + 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_master_port_in_use_is_a_pipeline_error_naming_it(kind):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(PipelineError, match=f"127.0.0.1:{port}"):
+            connect(kind, 0, 2, "127.0.0.1", port, CPU, connect_timeout=2.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rank_outside_the_world_is_refused(kind):
+    with pytest.raises(PipelineError, match="rank 2 is outside 0..1"):
+        connect(kind, 2, 2, "127.0.0.1", free_port(), CPU)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_processes_claiming_one_rank(kind):
+    """One of the two claimants of rank 1 is refused; the other and rank 0 carry on."""
+    refused = _MP.Event()  # rank 0 stays up until then: a refusal needs rank 0 to answer
+    with Ranks(join_scenario, kind, 2, ranks=[0, 1, 1], connect_timeout=10.0, hold=refused) as ranks:
+        deadline, outcomes = time.monotonic() + 30, []
+        for _ in range(3):
+            outcomes.append(ranks.next(deadline)[:3])
+            if outcomes[-1][1] == "PipelineError":
+                refused.set()
+    outcomes.sort(key=lambda o: (o[0], o[1]))
+    assert [o[:2] for o in outcomes] == [(0, "ok"), (1, "PipelineError"), (1, "ok")], outcomes
+    assert outcomes[0][2] == outcomes[2][2] == [0, 1]
+    assert "rank 1 is claimed by two processes" in outcomes[1][2]
