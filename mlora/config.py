@@ -83,6 +83,7 @@ class TrainConfig:
     train_lora_simultaneously_num: int | None = None  # filled with len(lora) by parse_config
     train_strategy: str = "trivial"
     save_total_limit: int | None = None  # resumable checkpoints kept (None = all)
+    max_tokens_per_batch: int | None = None  # padded-token budget of one fused batch (fast-fit, optimal-fit)
 
 
 def adapter_seed(seed: int, name: str) -> int:
@@ -145,6 +146,7 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     top.integer("train_lora_simultaneously_num", _POSITIVE, nullable=True)
     top.choice("train_strategy", TRAIN_STRATEGIES, MLORA_STRATEGY_NAMES)
     top.integer("save_total_limit", _POSITIVE, nullable=True)
+    top.integer("max_tokens_per_batch", _POSITIVE, nullable=True)
 
     entries = top.require("lora")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

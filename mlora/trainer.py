@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from mlora import checkpoint
 from mlora.adapter import Adapter, save_checkpoint_dir
-from mlora.batching import adapter_stream, fuse, round_robin, total_steps
+from mlora.batching import adapter_stream, fuse, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.loss import token_loss_sums
 from mlora.metrics import MetricsLog
 from mlora.session import Session
+from mlora.strategies import fused_batches
 
 
 class Interrupted(Exception):
@@ -113,14 +114,10 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, dict]:
         cfg, session = self.cfg, self.session
-        if cfg.train_strategy != "trivial":
-            print(f"mlora: train_strategy '{cfg.train_strategy}' is not implemented yet; using "
-                  f"'trivial' (each adapter's result is the same, only the batching differs)",
-                  file=sys.stderr)
         streams = {a.name: adapter_stream(session.data[a.name].train, a, adapter_seed(cfg.seed, a.name))
                    for a in cfg.lora}
-        batches = round_robin(streams, cfg.train_lora_candidate_num, cfg.train_lora_simultaneously_num,
-                              self.stopped)
+        batches = fused_batches(cfg.train_strategy, streams, cfg.train_lora_candidate_num,
+                                cfg.train_lora_simultaneously_num, cfg.max_tokens_per_batch, self.stopped)
         if self.resume:
             metrics_bytes = self._restore(batches)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
