@@ -3,6 +3,9 @@
 The model is built on the meta device and each weight is read once, straight onto the
 target device, cast, and assigned: a stage reads only its own tensors and no weight is
 ever held twice (no random init, no second copy for `load_state_dict`).
+
+With `quant` (QLoRA), each projection weight is quantized as soon as it is read, so the
+device never holds more than one projection in full precision.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:  # transformers is slow to import; only read_model_config need
     from transformers import PretrainedConfig
 
     from mlora.models.llama import CausalLM, ModelArgs
+    from mlora.quant import QuantConfig
 
 PathLike = str | os.PathLike
 
@@ -96,14 +100,20 @@ def weight_index(base_dir: PathLike) -> dict[str, Path]:
 
 
 def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtype,
-               parts: Sequence[str] | None = None) -> CausalLM:
+               parts: Sequence[str] | None = None, quant: QuantConfig | None = None) -> CausalLM:
     """Build the CausalLM (or the stage `parts`) of `base_dir` on `device` in `dtype`, frozen.
 
+    With `quant`, the stage's seven projections become bitsandbytes 4-bit / 8-bit layers
+    (quantized from their `dtype` weights); everything else stays in `dtype`.
     `model.loaded_tensor_names` lists (sorted) the safetensors names that were read."""
     from safetensors import safe_open
 
     base = Path(base_dir)
     device = torch.device(device)
+    if quant is not None:
+        from mlora.quant import check_available
+
+        check_available(quant, device)  # before any reading: a missing bitsandbytes fails fast
     cfg, args = read_model_config(base)
     family = family_for(cfg.model_type)
     index = weight_index(base)
@@ -124,12 +134,21 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         targets[tname].append(pname)
     assert set(targets) == set(needed), (sorted(targets), needed)
 
+    # Projection weights to quantize: read to the CPU, cast, then each one is moved to the
+    # device and quantized there on its own, never a whole model in full precision on the GPU.
+    quantized = {}
+    if quant is not None:
+        from mlora.quant import projections
+
+        quantized = {f"{path}.weight": (parent, attr) for path, parent, attr, _ in projections(model)}
+    read_device = "cpu" if quant is not None else str(device)
+
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in needed:
         by_file[index[name]].append(name)
     for file, names in by_file.items():
         try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
+            with safe_open(str(file), framework="pt", device=read_device) as f:
                 present = set(f.keys())
                 for name in names:
                     if name not in present:
@@ -137,11 +156,22 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                     tensor = f.get_tensor(name)
                     if tensor.is_floating_point() and tensor.dtype != dtype:
                         tensor = tensor.to(dtype)
-                    param = torch.nn.Parameter(tensor, requires_grad=False)
+                    if name in quantized:
+                        _assign_quantized(quantized[name], name, tensor, quant, device)
+                        continue
+                    if quant is not None and device.type == "cpu":
+                        # Own the memory: a tensor read on the CPU is a view of the mapped file,
+                        # and one such view keeps the whole mapping alive, with every
+                        # full-precision projection page that quantization touched still
+                        # counted in the process's memory.
+                        tensor = tensor.clone()
+                    param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
                     for pname in targets[name]:
                         _assign(model, pname, param)
         except UserError:
             raise
+        except _QuantizeFailed as e:  # not the file's fault: keep the real error and traceback
+            raise e.__cause__ from None
         except Exception as e:  # corrupt or truncated file
             raise UserError(f"cannot read {file}: {e}") from None
 
@@ -152,6 +182,30 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     model.eval()  # the base has no dropout; this just keeps `training` honest
     model.loaded_tensor_names = sorted(needed)
     return model
+
+
+def _assign_quantized(slot: tuple[torch.nn.Module, str], pname: str, weight: torch.Tensor,
+                      quant: QuantConfig, device: torch.device) -> None:
+    """Swap the (meta) projection in `slot` for its quantized layer holding `weight`; its bias,
+    if any, is still meta and is filled by `_assign` like any other tensor."""
+    from mlora.quant import quantize_linear
+
+    parent, attr = slot
+    linear = getattr(parent, attr)
+    if weight.shape != linear.weight.shape:
+        raise UserError(f"tensor {pname!r} has shape {tuple(weight.shape)} but config.json implies "
+                        f"{tuple(linear.weight.shape)}")
+    try:
+        layer = quantize_linear(linear, weight, quant, device)
+    except UserError:
+        raise
+    except Exception as e:
+        raise _QuantizeFailed() from e
+    setattr(parent, attr, layer)
+
+
+class _QuantizeFailed(Exception):
+    """Carries a quantization error past the handler that blames the file for read errors."""
 
 
 def _assign(model: torch.nn.Module, pname: str, param: torch.nn.Parameter) -> None:
