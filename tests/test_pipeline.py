@@ -299,10 +299,12 @@ def test_ranks_with_different_balances_fail_on_every_rank(tmp_path, pipe_model):
         assert "balance" in stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("transport", ["zmq"])
-def test_pipeline_kill_9_then_resume(tmp_path, pipe_model, single_runs, transport):
-    """kill -9 one rank mid-run; the others stop; every rank restarted with --resume picks up
-    at the newest checkpoint all ranks hold, and the result equals the uninterrupted run."""
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_pipeline_stop_then_resume(tmp_path, pipe_model, how):
+    """kill -9 one rank mid-run (the others stop with a lost-rank error), or SIGTERM one rank
+    (every rank stops at the next drained cut and checkpoints); every rank restarted with
+    --resume picks up at the newest checkpoint all ranks hold; the result equals the
+    uninterrupted run."""
     from test_pipeline_inprocess import run_threads
 
     cfg_path = write_config(tmp_path, 2, tmp_path / "unused", save_step=1)
@@ -314,32 +316,39 @@ def test_pipeline_kill_9_then_resume(tmp_path, pipe_model, single_runs, transpor
     run_threads(pipe_model, cfg_path, reference, 2, [3, 4])  # uninterrupted, same code path
 
     out = tmp_path / "out"
-    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
-    def start(rank, *extra):
+    def start(rank, port, *extra):
         return subprocess.Popen([sys.executable, "-m", "mlora", "train", "--pipeline", "--rank", str(rank),
                                  "--device", "cpu", "--base_model", str(pipe_model), "--config", str(cfg_path),
-                                 "--output_dir", str(out), "--no_progress", "--transport", transport,
+                                 "--output_dir", str(out), "--no_progress", "--transport", "zmq",
                                  "--master_port", str(port), "--balance", "3", "4", "--peer_timeout", "5", *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
-    procs = [start(r) for r in range(2)]
+    port = free_port()
+    procs = [start(r, port) for r in range(2)]
     try:
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().count("\n") >= 12):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
             time.sleep(0.01)
-        procs[1].send_signal(signal.SIGKILL)
-        procs[0].communicate(timeout=60)
-        assert procs[0].returncode == 3
+        if how == "kill -9":
+            procs[1].send_signal(signal.SIGKILL)
+            procs[0].communicate(timeout=60)
+            assert procs[0].returncode == 3
+        else:
+            procs[1].send_signal(signal.SIGTERM)  # not rank 0: the request must travel back
+            for p in procs:
+                _, stderr = p.communicate(timeout=60)
+                assert p.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+                assert "--resume" in stderr
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     port = free_port()
-    procs = [start(r, "--resume") for r in range(2)]
+    procs = [start(r, port, "--resume") for r in range(2)]
     for p in procs:
         _, stderr = p.communicate(timeout=240)
         assert p.returncode == 0, stderr[-3000:]

@@ -3,7 +3,9 @@ its stage, connect to the other ranks, check they all run the same job, then tra
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -99,6 +101,7 @@ def train_pipeline(args) -> int:
     from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
     from mlora.session import open_session
+    from mlora.trainer import Interrupted, SignalFlag
 
     place = resolve_place(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
@@ -128,11 +131,20 @@ def train_pipeline(args) -> int:
         session.model = load_model(session.base_dir, session.device, session.dtype,
                                    parts=stages[place.rank], quant=session.quant)
         session.wrappers = inject_lora(session.model, session.layout)
-        worker = StageWorker(session, transport, progress=not args.no_progress, fingerprint=run_print)
-        if state is not None:
-            worker.restore(state)
-            print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
-        result = worker.run()
+        # Without save_step there is no drained cut to stop at: signals keep their default.
+        with SignalFlag() if session.cfg.save_step else contextlib.nullcontext() as signals:
+            worker = StageWorker(session, transport, progress=not args.no_progress, fingerprint=run_print,
+                                 signals=signals)
+            if state is not None:
+                worker.restore(state)
+                print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
+            try:
+                result = worker.run()
+            except Interrupted as stop:
+                print(f"mlora: rank {place.rank}: stopped by {signal.Signals(stop.signum).name} at a "
+                      f"checkpoint ({stop.path}); resume by starting every rank again with --resume",
+                      file=sys.stderr)
+                return 128 + stop.signum
     finally:
         transport.close()
     if place.rank == 0:

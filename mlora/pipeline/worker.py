@@ -44,6 +44,7 @@ from mlora.loss import token_loss_sums
 from mlora.metrics import MetricsLog
 from mlora.pipeline.plan import MicroBatchRef, build_plan
 from mlora.session import Session
+from mlora.trainer import Interrupted
 
 if TYPE_CHECKING:
     from mlora.pipeline.transport import Transport
@@ -115,7 +116,7 @@ def segments_of(streams: dict[str, list[MicroBatchRef]], save_step: int) -> list
 
 class StageWorker:
     def __init__(self, session: Session, transport: Transport, progress: bool = True,
-                 fingerprint: dict | None = None):
+                 fingerprint: dict | None = None, signals=None):
         cfg = session.cfg
         if any(a.eval_step for a in cfg.lora):
             raise UserError("eval_step is not supported with --pipeline yet; run `mlora eval` on the saved adapters")
@@ -142,6 +143,11 @@ class StageWorker:
         self.plans = [build_plan(self.world, seg) for seg in segments_of(streams, cfg.save_step)]
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
+        # SIGINT/SIGTERM (trainer.SignalFlag): a signalled rank's request travels to rank 0 on
+        # backward messages; rank 0 announces the stop in the next FLUSH, so every rank stops
+        # and checkpoints at the same drained cut (needs save_step > 0 to have cuts).
+        self.signals = signals
+        self.stop_from_later: int | None = None
 
         self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
@@ -178,8 +184,11 @@ class StageWorker:
                         self.backward(action.mb)
                 self.next_segment += 1
                 if self.next_segment < len(self.plans):
-                    self.flush_norms("FLUSH")
-                    self.write_checkpoint()
+                    header = self.flush_norms("FLUSH")
+                    path = self.write_checkpoint()
+                    if header["stop"] is not None and path is not None:
+                        # Every rank got the same FLUSH: all stop at this one drained cut.
+                        raise Interrupted(header["stop"], path)
             self.session.layout.rows = []
             stats = self.finish_steps()
             self.gather_and_save()
@@ -242,11 +251,13 @@ class StageWorker:
             self.expect(header, "B", mb)
             self.take_parts(header, tensors[1:])
             norm_sq_above = header["norm_sq"] or 0.0
+            if header.get("stop") is not None:  # a later rank was signalled: pass it on to rank 0
+                self.stop_from_later = header["stop"]
             with self.timer.measure(self.device):
                 out.backward(tensors[0])
         norm_sq = self.adapters[adapter].local_grad_sq() + norm_sq_above if last_in_step else None
         if not self.first:
-            header = {"kind": "B", "mb": mb, "norm_sq": norm_sq}
+            header = {"kind": "B", "mb": mb, "norm_sq": norm_sq, "stop": self.stop_requested()}
             extra = self.pack_parts(header)
             self.transport.send(self.rank - 1, header, [x.grad] + extra)
             if last_in_step:
@@ -319,7 +330,7 @@ class StageWorker:
         busy/bubble figures); afterwards no rank has a pending step: the pipeline is drained."""
         if self.first:
             header = {"kind": kind, "norms": {a: list(v) for a, v in self.norm_to_send.items()},
-                      "stats": []}
+                      "stats": [], "stop": self.stop_requested()}
             self.norm_to_send = {}
         else:
             header, _ = self.transport.recv(self.rank - 1)
@@ -405,10 +416,16 @@ class StageWorker:
         assert not self.collected, sorted(self.collected)
 
     # ------------------------------------------------------------------ resumable checkpoints
-    def write_checkpoint(self) -> None:
+    def stop_requested(self) -> int | None:
+        """The signal that asks this rank, or a later one, to stop at the next drained cut."""
+        if self.signals is not None and self.signals.signum is not None:
+            return self.signals.signum
+        return self.stop_from_later
+
+    def write_checkpoint(self) -> Path | None:
         """At a drained cut: this rank's part of the run, under the segment number."""
         if not self.session.cfg.save_step:
-            return
+            return None
         state = {"iteration": self.next_segment,
                  "elapsed": self.elapsed_before + time.perf_counter() - self.run_started,
                  "metrics_bytes": self.metrics.tell() if self.metrics else 0,
@@ -417,8 +434,8 @@ class StageWorker:
                  "outbox": [[n, tag, r, part] for n, tag, r, part in self.outbox],
                  "collected": [[n, tag, r, part] for (n, tag), parts in self.collected.items()
                                for r, part in parts.items()]}
-        checkpoint.write_checkpoint(self.out, self.next_segment, state, self.fingerprint,
-                                    self.session.cfg.save_total_limit, tag=f"rank{self.rank}")
+        return checkpoint.write_checkpoint(self.out, self.next_segment, state, self.fingerprint,
+                                           self.session.cfg.save_total_limit, tag=f"rank{self.rank}")
 
     def restore(self, state: dict) -> None:
         self.next_segment = state["iteration"]
