@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import contextlib
 import hashlib
 import json
 import math
@@ -88,19 +89,14 @@ class StageTimer:
     started: float = field(default_factory=time.perf_counter)
     busy: float = 0.0
 
+    @contextlib.contextmanager
     def measure(self, device: torch.device):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timer.busy += time.perf_counter() - self.t0
-
-        return _Span()
+        """Adds the time of the enclosed compute to `busy` (CUDA work is waited for)."""
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.busy += time.perf_counter() - t0
 
 
 def segments_of(streams: dict[str, list[MicroBatchRef]], save_step: int) -> list[dict[str, list[MicroBatchRef]]]:
