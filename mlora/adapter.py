@@ -72,7 +72,10 @@ class Adapter:
         if not params:  # a pipeline stage where this adapter has no target module
             return None
         if cfg.optim == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            # On CUDA the fused kernel steps all of an adapter's hundreds of small tensors in
+            # a few launches (the foreach default took ~7 ms per step for TinyLlama's 308).
+            fused = all(p.device.type == "cuda" for p in params)
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         if cfg.optim == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
@@ -88,7 +91,9 @@ class Adapter:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return 0.0
-        return torch.stack([g.float().pow(2).sum() for g in grads]).sum().item()  # one sync
+        # One fused kernel over all tensors (hundreds per adapter), then one sync.
+        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+        return torch.stack(norms).pow(2).sum().item()
 
     def grad_norm(self) -> float:
         """L2 norm of this adapter's whole gradient (on this process)."""
@@ -103,9 +108,9 @@ class Adapter:
         norm = self.grad_norm() if grad_norm is None else grad_norm
         if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
             factor = self.cfg.max_grad_norm / (norm + 1e-6)
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:  # a pipeline stage may hold none of this adapter's tensors
+                torch._foreach_mul_(grads, factor)
         lr = self.current_lr()
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:

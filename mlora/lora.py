@@ -1,12 +1,27 @@
-"""BatchLoRA: one frozen linear layer shared by several LoRA adapters in one fused batch.
+"""BatchLoRA: frozen linear layers shared by several LoRA adapters in one fused batch.
 
 A fused batch holds the rows of several adapters, each adapter a contiguous row range
-(`AdapterRows`). `LoraLinear` runs the frozen base matmul once for all rows and then adds
+(`AdapterRows`). `LoraLinear` runs the frozen base matmul once for all rows and adds
 `scale * B(A(dropout(x)))` to each adapter's own rows only.
 
-Gradients come from plain autograd, so they are exact with dropout > 0: the mask that scaled
-the forward is the one autograd saved for the backward (a hand-written backward that forgets
-the mask is a known bug in an older multi-LoRA runtime).
+Making the LoRA side cheap (measured in benchmarks/THROUGHPUT.md): the cost of LoRA is not
+its FLOPs (about 1% of the base at r=16) but memory traffic and kernel launches. So:
+
+* Projections that read the same input (q/k/v of attention, gate/up of the MLP) form one
+  `InputGroup`: the input is dropped out once per adapter, read once, and multiplied by all
+  members' A matrices in one matmul; each member then applies its own B. **One dropout mask
+  per adapter is shared by the projections of a group** (PEFT draws one per projection); it
+  is still inverted dropout on each LoRA input, and it avoids a masked copy of the
+  activation per projection. The 1/(1-p) rescaling is folded into the LoRA scale.
+* When every adapter of the batch has the same rank and targets, all adapters' matmuls of a
+  group run as one grouped matmul (`torch._grouped_mm`, per-adapter row offsets) instead of
+  a Python loop over adapters: the launch count no longer grows with the adapter count.
+* The B product is added to the base output inside the base GEMM (`addmm` with the LoRA
+  delta as the accumulator) instead of a separate read-modify-write of the output.
+* LoRA weights stay fp32 (the optimizer's master copy); matmuls run in the activation dtype.
+
+Gradients come from autograd through these ops, so they are exact with dropout > 0: the mask
+that scaled the forward is the one autograd saved for the backward.
 
 The model code knows nothing of LoRA: `inject_lora` swaps the target `nn.Linear` modules for
 `LoraLinear` wrappers after the model is built, and the trainer tells all wrappers which rows
@@ -15,7 +30,9 @@ belong to which adapter through one shared `BatchLayout` before each forward.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 
@@ -25,6 +42,39 @@ from torch import nn
 
 # The projections a LoRA may target, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections of one parent module that read the same input tensor.
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+# How the adapters of one batch share a matmul (benchmarks/THROUGHPUT.md measures each):
+#   "dense":   one ordinary GEMM for all adapters' A (and one per member for B) over all rows,
+#              with each row's other adapters' columns zeroed: G times the (tiny) LoRA FLOPs,
+#              but one well-tuned cuBLAS call; any ranks, targets and row layout.
+#   "grouped": torch._grouped_mm with per-adapter row offsets: exact FLOPs, one launch; needs
+#              equal ranks and targets, rows tiling the batch, bf16 on CUDA.
+#   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
+#   "auto":    dense up to DENSE_MAX_ADAPTERS adapters, then grouped where allowed, else loop.
+# MLORA_LORA_KERNEL sets it.
+KERNELS = ("auto", "dense", "loop", "grouped")
+DENSE_MAX_ADAPTERS = 8
+kernel = os.environ.get("MLORA_LORA_KERNEL", "auto")
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+@functools.lru_cache(maxsize=512)
+def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on `device`, made once: building it per call would copy from
+    host memory in every layer, and such a copy waits for the GPU to drain its queue."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tensor:
+    """[N] int32: for each token row of the flattened batch, the index of its adapter in
+    `ranges` (batch-row ranges), or -1 for rows no adapter owns."""
+    owner = torch.full((N,), -1, dtype=torch.int32)
+    for i, (start, end) in enumerate(ranges):
+        owner[start * S:end * S] = i
+    return owner.to(device)
 
 
 @dataclass(frozen=True)
@@ -49,22 +99,12 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 
 def dropout_mask(like: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted-dropout mask shaped like `like`: 0 with probability p, else 1 / (1 - p)."""
+    """Inverted-dropout mask shaped like `like`: 0 with probability p, else 1 / (1 - p).
+
+    Draws exactly what `LoraLinear` draws for an adapter's rows (a `bernoulli_(1 - p)` over a
+    tensor of that shape), so a reference can regenerate the mask from the same generator."""
     keep = torch.empty_like(like).bernoulli_(1.0 - p, generator=generator)
     return keep.div_(1.0 - p)
-
-
-def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """scale * B(A(x * mask)) for x [..., in], A [r, in], B [out, r] -> [..., out].
-
-    The weights are cast to the activation dtype (LoRA weights live in fp32 for the
-    optimizer; autograd casts their gradients back to fp32).
-    """
-    if mask is not None:
-        x = x * mask
-    hidden = F.linear(x, lora_A.to(x.dtype))  # [..., r]
-    return F.linear(hidden, lora_B.to(x.dtype)) * scale  # [..., out]
 
 
 class LoraWeights(nn.Module):
@@ -91,16 +131,183 @@ class LoraWeights(nn.Module):
         self.generator: torch.Generator | None = None
 
 
-class LoraLinear(nn.Module):
-    """A frozen `nn.Linear` plus any number of adapters, each applied to its rows of the batch."""
+@dataclass
+class _Hidden:
+    """What an InputGroup computed for one input: every adapter's `A(dropout(x))`.
 
-    def __init__(self, base: nn.Module, layout: BatchLayout):
+    grouped: `hidden` [members, N, R], one contiguous [N, R] block per member, and `offsets`
+    (int32 [G], the end token of each adapter's rows) for the grouped B matmul.
+    loop: `per_adapter` {adapter: (rows, h [n, sum of ranks over its members])} and
+    `columns` {(adapter, member): first column of that member's block in h}."""
+
+    x: torch.Tensor
+    served: int = 0
+    # dense: `hidden` [N, C] with other adapters' columns zeroed; member m owns columns
+    # dense_cols[m] = (start, end) and its adapters are dense_weights[m] in column order.
+    dense_cols: dict[int, tuple[int, int]] = field(default_factory=dict)
+    dense_weights: dict[int, list[str]] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    adapters: list[str] = field(default_factory=list)
+    per_adapter: dict[str, tuple[AdapterRows, torch.Tensor]] = field(default_factory=dict)
+    columns: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class InputGroup:
+    """Target projections of one module that read the same input (see the module docstring).
+
+    The first member called with an input computes the hidden states of all members and
+    caches them until every member has used them; a member called with another input (a
+    recomputation, a new batch) starts over."""
+
+    def __init__(self):
+        self.members: list[LoraLinear] = []
+        self._cache: _Hidden | None = None
+
+    def hidden_for(self, member: "LoraLinear", x: torch.Tensor) -> _Hidden | None:
+        cache = self._cache
+        if cache is None or cache.x is not x:
+            cache = self._compute(x)
+            self._cache = cache
+        if cache is None:
+            return None
+        cache.served += 1
+        if cache.served >= sum(1 for m in self.members if m.adapters):
+            self._cache = None  # every member has its block: do not keep x alive
+        return cache
+
+    def _compute(self, x: torch.Tensor) -> _Hidden | None:
+        layout = self.members[0].layout
+        active = [rows for rows in layout.rows
+                  if any(rows.name in m.adapters for m in self.members) and rows.end > rows.start]
+        if not active:
+            return None
+        training = self.members[0].training
+        B, S = x.shape[0], x.shape[1]
+        x2d = x.reshape(-1, x.shape[-1])  # [N = B*S, in]
+        mask = self._dropout_mask(x2d, active, S) if training else None
+        dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
+        choice = kernel
+        if choice == "auto":
+            choice = "dense" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
+        if choice == "dense":
+            return self._compute_dense(x, dropped, active, S)
+        if choice == "grouped" and self._grouped_ok(x, active, B):
+            return self._compute_grouped(x, dropped, active, S)
+        out = _Hidden(x)
+        for rows in active:
+            blocks, col = [], 0
+            for m, member in enumerate(self.members):
+                w = member.adapters.get(rows.name)
+                if w is not None:
+                    out.columns[(rows.name, m)] = col
+                    blocks.append(w.lora_A)
+                    col += w.r
+            a_cat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]  # [sum r, in] fp32
+            h = F.linear(dropped[rows.start * S:rows.end * S], a_cat.to(x.dtype))  # [n, sum r]
+            out.per_adapter[rows.name] = (rows, h)
+        return out
+
+    def _dropout_mask(self, x2d: torch.Tensor, active: list[AdapterRows], S: int) -> torch.Tensor | None:
+        """0/1 keep-mask [N, in]: each adapter's rows drawn from its own generator."""
+        probs = {rows.name: self._adapter_weights(rows.name)[0].dropout for rows in active}
+        if not any(p > 0 for p in probs.values()):
+            return None
+        covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
+        everywhere = covered and all(p > 0 for p in probs.values())
+        mask = torch.empty_like(x2d) if everywhere else torch.ones_like(x2d)  # skip a fill if we can
+        for rows in active:
+            p = probs[rows.name]
+            if p > 0:
+                gen = self._adapter_weights(rows.name)[0].generator
+                mask[rows.start * S:rows.end * S].bernoulli_(1.0 - p, generator=gen)
+        return mask
+
+    def _adapter_weights(self, name: str) -> list[LoraWeights]:
+        return [m.adapters[name] for m in self.members if name in m.adapters]
+
+    def _compute_dense(self, x, dropped, active, S) -> _Hidden:
+        out = _Hidden(x)
+        blocks, owners, col = [], [], 0
+        for m, member in enumerate(self.members):
+            names = [rows.name for rows in active if rows.name in member.adapters]
+            if not names:
+                continue
+            start = col
+            for i, rows in enumerate(active):
+                w = member.adapters.get(rows.name)
+                if w is not None:
+                    blocks.append(w.lora_A)
+                    owners += [i] * w.r
+                    col += w.r
+            out.dense_cols[m] = (start, col)
+            out.dense_weights[m] = names
+        a_all = torch.cat(blocks) if len(blocks) > 1 else blocks[0]  # [C, in] fp32, member-major
+        h = F.linear(dropped, a_all.to(x.dtype))  # [N, C]: every adapter's A on every row
+        if len(active) > 1 or active[0].start != 0 or active[0].end * S != h.shape[0]:
+            # Keep only each row's own adapter's columns (and none on rows without an adapter).
+            row_owner = _row_owner(tuple((r.start, r.end) for r in active), S, h.shape[0], x.device)  # [N]
+            col_owner = _device_constant(tuple(owners), torch.int32, x.device)  # [C]
+            h = h * (row_owner[:, None] == col_owner[None, :])
+        out.hidden = h
+        return out
+
+    def _grouped_ok(self, x: torch.Tensor, active: list[AdapterRows], batch_rows: int) -> bool:
+        if _GROUPED_MM is None:
+            return False
+        # Rows must tile the batch from 0 in layout order (grouped offsets are cumulative).
+        end = 0
+        for rows in active:
+            if rows.start != end:
+                return False
+            end = rows.end
+        if end != batch_rows:
+            return False
+        # Same rank and the same targeted members for every adapter: one stacked weight.
+        first = [m.adapters.get(active[0].name) for m in self.members]
+        for rows in active[1:]:
+            ws = [m.adapters.get(rows.name) for m in self.members]
+            if any((a is None) != (b is None) or (a is not None and a.r != b.r) for a, b in zip(first, ws)):
+                return False
+        # The kernel wants every row of every operand 16-byte aligned.
+        r = next(w.r for w in first if w is not None)
+        dims = [x.shape[-1], r] + [m.out_features for m in self.members]
+        if any(d * x.element_size() % 16 for d in dims):
+            return False
+        if x.device.type == "cuda":
+            return x.dtype == torch.bfloat16  # the CUDA kernel's only dtype
+        return True
+
+    def _compute_grouped(self, x, dropped, active, S) -> _Hidden:
+        names = [rows.name for rows in active]
+        present = [m for m, member in enumerate(self.members) if names[0] in member.adapters]
+        r = self.members[present[0]].adapters[names[0]].r
+        # A of every (adapter, member) in one tensor: [G, M*r, in] fp32 -> activation dtype.
+        a_all = torch.cat([self.members[m].adapters[n].lora_A for n in names for m in present])
+        a_all = a_all.to(x.dtype).view(len(names), len(present) * r, -1)
+        offsets = _device_constant(tuple(rows.end * S for rows in active), torch.int32, x.device)
+        h = _GROUPED_MM(dropped, a_all.transpose(1, 2), offs=offsets)  # [N, M*r]
+        # One contiguous [N, r] block per member for the B matmuls.
+        hidden = h.view(h.shape[0], len(present), r).permute(1, 0, 2).contiguous()  # [M, N, r]
+        out = _Hidden(x, hidden=hidden, offsets=offsets, adapters=names)
+        out.columns = {(n, m): i for n in names for i, m in enumerate(present)}
+        return out
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear plus any number of adapters, each applied to its rows of the batch."""
+
+    def __init__(self, base: nn.Module, layout: BatchLayout, group: InputGroup | None = None):
         super().__init__()
         self.base = base
         self.layout = layout
         # A plain dict, not a ModuleDict: adapter names may contain dots, and the adapters'
         # weights belong to their `Adapter` objects, not to the base model's state dict.
         self.adapters: dict[str, LoraWeights] = {}
+        group = group if group is not None else InputGroup()
+        group.members.append(self)
+        self._index = len(group.members) - 1
+        self.group = group  # a plain object: the siblings are not registered as children
 
     @property
     def in_features(self) -> int:
@@ -110,26 +317,70 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def _scale(self, w: LoraWeights) -> float:
+        # The dropout mask is 0/1; inverted dropout's 1/(1-p) is applied here instead.
+        return w.scale / (1.0 - w.dropout) if self.training and w.dropout > 0 else w.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, in]
-        y = self.base(x)  # [B, S, out], one matmul for every adapter's rows
-        if not y.requires_grad:
-            # F.linear on 3-D input returns an autograd view of a 2-D result; an in-place add
-            # of a grad-requiring delta into such a view is refused. detach() makes it a plain
-            # tensor again without copying (the base path needs no gradient here anyway).
-            y = y.detach()
-        for rows in self.layout.rows:
-            weights = self.adapters.get(rows.name)
-            if weights is None:
+        hidden = self.group.hidden_for(self, x) if self.adapters else None
+        if hidden is None:
+            return self.base(x)
+        if hidden.offsets is not None:
+            return self._forward_grouped(x, hidden)
+        if hidden.hidden is not None:
+            return self._forward_dense(x, hidden)
+        return self._forward_loop(x, hidden)
+
+    def _forward_dense(self, x: torch.Tensor, hidden: _Hidden) -> torch.Tensor:
+        cols = hidden.dense_cols.get(self._index)
+        if cols is None:
+            return self.base(x)
+        ws = [self.adapters[n] for n in hidden.dense_weights[self._index]]
+        # Every adapter's B side by side, each scaled: [out, C_m] in the activation dtype.
+        scales = _device_constant(tuple(self._scale(w) for w in ws for _ in range(w.r)), torch.float32, x.device)
+        b_all = torch.cat([w.lora_B for w in ws], dim=1) if len(ws) > 1 else ws[0].lora_B
+        b_all = (b_all * scales).to(x.dtype)
+        delta = F.linear(hidden.hidden[:, cols[0]:cols[1]], b_all)  # [N, out]
+        return self._add_base(x, delta)
+
+    def _forward_grouped(self, x: torch.Tensor, hidden: _Hidden) -> torch.Tensor:
+        slot = hidden.columns.get((hidden.adapters[0], self._index))
+        if slot is None:  # the batch's adapters do not target this member
+            return self.base(x)
+        ws = [self.adapters[n] for n in hidden.adapters]
+        scales = _device_constant(tuple(self._scale(w) for w in ws), torch.float32, x.device)
+        b_all = torch.stack([w.lora_B for w in ws]) * scales[:, None, None]  # [G, out, r] fp32
+        b_all = b_all.to(x.dtype).transpose(1, 2)  # [G, r, out]
+        delta = _GROUPED_MM(hidden.hidden[slot], b_all, offs=hidden.offsets)  # [N, out]
+        return self._add_base(x, delta)
+
+    def _forward_loop(self, x: torch.Tensor, hidden: _Hidden) -> torch.Tensor:
+        S = x.shape[1]
+        delta = None
+        for name, (rows, h) in hidden.per_adapter.items():
+            w = self.adapters.get(name)
+            col = hidden.columns.get((name, self._index))
+            if w is None or col is None:
                 continue
-            x_rows = x[rows.start:rows.end]  # [b, S, in]
-            mask = None
-            if self.training and weights.dropout > 0:
-                mask = dropout_mask(x_rows, weights.dropout, weights.generator)
-            delta = lora_delta(x_rows, weights.lora_A, weights.lora_B, weights.scale, mask)
-            # In place on the base output: the base matmul's backward does not need its output,
-            # and a slice add avoids concatenating a full-size copy per adapter.
-            y[rows.start:rows.end] += delta.to(y.dtype)
-        return y
+            if delta is None:
+                delta = x.new_zeros(x.shape[0] * S, self.out_features)  # [N, out]
+            b = (w.lora_B * self._scale(w)).to(x.dtype)  # [out, r]
+            # In place on one zero buffer: no concatenation of per-adapter pieces.
+            delta[rows.start * S:rows.end * S] += F.linear(h[:, col:col + w.r], b)
+        if delta is None:
+            return self.base(x)
+        return self._add_base(x, delta)
+
+    def _add_base(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """base(x) + delta; delta [N, out] in x's dtype. A plain linear adds it inside its GEMM."""
+        base = self.base
+        if type(base) is nn.Linear and base.weight.dtype == x.dtype:
+            if base.bias is not None:
+                delta = delta + base.bias
+            y = torch.addmm(delta, x.reshape(-1, x.shape[-1]), base.weight.t())  # [N, out]
+            return y.view(*x.shape[:-1], -1)
+        y = base(x)  # a quantized layer: its own kernel, then one add
+        return y + delta.view_as(y).to(y.dtype)
 
 
 def module_seed(adapter_seed: int, module_path: str) -> int:
@@ -138,12 +389,13 @@ def module_seed(adapter_seed: int, module_path: str) -> int:
 
 
 def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
-    """Wrap every target projection of `model` in a LoraLinear sharing `layout`.
+    """Wrap every target projection of `model` in a LoraLinear sharing `layout`; projections
+    of one parent that read the same input (`INPUT_GROUPS`) share an `InputGroup`.
 
     Returns {module path (HF name, e.g. 'model.layers.0.self_attn.q_proj'): wrapper}. Calling
-    it again returns the wrappers already in place.
-    """
+    it again returns the wrappers already in place."""
     wrappers: dict[str, LoraLinear] = {}
+    groups: dict[tuple[str, int], InputGroup] = {}
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
         if leaf not in TARGET_MODULES:
@@ -151,8 +403,13 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
         if isinstance(module, LoraLinear):
             wrappers[path] = module
             continue
-        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
-        wrapper = LoraLinear(module, layout)
+        parent_path = path.rsplit(".", 1)[0] if "." in path else ""
+        parent = model.get_submodule(parent_path) if parent_path else model
+        shared = next((i for i, g in enumerate(INPUT_GROUPS) if leaf in g), None)
+        group = None
+        if shared is not None:
+            group = groups.setdefault((parent_path, shared), InputGroup())
+        wrapper = LoraLinear(module, layout, group)
         setattr(parent, leaf, wrapper)
         wrappers[path] = wrapper
     return wrappers

@@ -81,3 +81,133 @@ def test_init_matches_peft_distribution_and_is_seeded():
     assert torch.count_nonzero(w1.lora_B) == 0
     assert w1.lora_A.abs().max() <= 1 / 64 ** 0.5
     assert lora_scale(16, 32, use_rslora=True) == pytest.approx(8.0)
+
+
+# ----------------------------------------------------------------------------- input groups
+
+
+def _group(in_f, outs, layout):
+    """Three projections reading one input, like q/k/v, wrapped the way inject_lora does."""
+    from mlora.lora import InputGroup
+
+    group = InputGroup()
+    bases = [torch.nn.Linear(in_f, o, bias=i == 0).requires_grad_(False) for i, o in enumerate(outs)]
+    return [LoraLinear(b, layout, group) for b in bases]
+
+
+def _run_group(kernel, monkeypatch, p, ranks, rows, batch=5, seq=3, in_f=16, outs=(16, 8, 8)):
+    """Forward+backward of a q/k/v-like group; returns outputs, x grad, LoRA grads, and
+    whether the grouped kernel ran."""
+    import mlora.lora as lora
+
+    monkeypatch.setattr(lora, "kernel", kernel)
+    calls = []
+    real = lora._GROUPED_MM
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "_GROUPED_MM", spy)
+    torch.manual_seed(0)
+    layout = BatchLayout(rows)
+    members = _group(in_f, outs, layout)
+    weights = {}
+    for i, r in enumerate(ranks):
+        name = rows[i].name
+        for m, lin in enumerate(members):
+            w = _weights(in_f, lin.out_features, r, 2.0 * r, p, 100 * i + m)
+            w.generator = torch.Generator().manual_seed(7 + i)  # one generator per adapter
+            lin.adapters[name] = w
+            weights[(name, m)] = w
+        for lin in members:
+            lin.train()
+    x = torch.randn(batch, seq, in_f, requires_grad=True)
+    ys = [lin(x) for lin in members]
+    grads = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, grads)
+    return ys, grads, x, weights, members, bool(calls)
+
+
+def _reference(x, grads, weights, members, rows, p):
+    """The group's math in plain autograd: one 0/1 mask per adapter shared by the members."""
+    x2 = x.detach().clone().requires_grad_(True)
+    params = {k: (w.lora_A.detach().clone().requires_grad_(True), w.lora_B.detach().clone().requires_grad_(True))
+              for k, w in weights.items()}
+    S = x.shape[1]
+    masks = {}
+    for i, rr in enumerate(rows):
+        gen = torch.Generator().manual_seed(7 + i)
+        xr = x2[rr.start:rr.end]
+        masks[rr.name] = dropout_mask(xr, p, gen) if p > 0 else torch.ones_like(xr)
+    outs = []
+    for m, lin in enumerate(members):
+        y = lin.base(x2)
+        pieces, end = [], 0
+        for rr in rows:
+            A, Bm = params[(rr.name, m)]
+            w = weights[(rr.name, m)]
+            pieces.append(y[rr.start:rr.end] + w.scale * ((x2[rr.start:rr.end] * masks[rr.name]) @ A.T @ Bm.T))
+            end = rr.end
+        pieces.append(y[end:])
+        outs.append(torch.cat(pieces))
+    torch.autograd.backward(outs, grads)
+    return outs, x2, params
+
+
+def _assert_matches_reference(ys, grads, x, weights, members, rows, p):
+    ref, x2, params = _reference(x, grads, weights, members, rows, p)
+    for y, r in zip(ys, ref):
+        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for key, w in weights.items():
+        torch.testing.assert_close(w.lora_A.grad, params[key][0].grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.lora_B.grad, params[key][1].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("kernel", ["loop", "grouped", "dense", "auto"])
+def test_input_group_matches_autograd_with_one_mask_per_adapter(monkeypatch, p, kernel):
+    rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 3), AdapterRows("c", 3, 5)]
+    ys, grads, x, weights, members, grouped = _run_group(kernel, monkeypatch, p, [4, 4, 4], rows)
+    assert grouped == (kernel == "grouped")
+    _assert_matches_reference(ys, grads, x, weights, members, rows, p)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "grouped", "loop"])
+def test_mixed_ranks_and_rows_without_adapter(monkeypatch, kernel):
+    """Ranks differ and the last row has no adapter: dense handles it itself, grouped falls
+    back to the loop; all must equal the reference."""
+    gap = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]  # row 4 has no adapter
+    ys, grads, x, weights, members, grouped = _run_group(kernel, monkeypatch, 0.3, [4, 8], gap)
+    assert not grouped
+    _assert_matches_reference(ys, grads, x, weights, members, gap, 0.3)
+
+
+def test_grouped_kernel_only_where_the_batch_allows_it(monkeypatch):
+    tiled = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 5)]
+    assert _run_group("grouped", monkeypatch, 0.1, [4, 4], tiled)[-1]  # same ranks, tiled rows
+    assert not _run_group("grouped", monkeypatch, 0.1, [4, 8], tiled)[-1]  # ranks differ: loop
+    gap = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
+    assert not _run_group("grouped", monkeypatch, 0.1, [4, 4], gap)[-1]  # a row without adapter
+    assert not _run_group("grouped", monkeypatch, 0.1, [2, 2], tiled)[-1]  # 8-byte rows: unaligned
+    assert not _run_group("auto", monkeypatch, 0.1, [4, 4], tiled)[-1]  # auto: dense for few adapters
+
+
+def test_group_members_share_one_mask_but_adapters_do_not():
+    """Dropping the same input positions for q, k and v: a zero of the mask shows up as
+    the same zero column pattern in every member's A gradient input."""
+    from mlora.lora import InputGroup
+
+    layout = BatchLayout([AdapterRows("a", 0, 1)])
+    group = InputGroup()
+    members = [LoraLinear(torch.nn.Linear(16, 16).requires_grad_(False), layout, group) for _ in range(2)]
+    for m, lin in enumerate(members):
+        w = _weights(16, 16, 4, 4.0, 0.5, m)
+        w.generator = torch.Generator().manual_seed(3)
+        lin.adapters["a"] = w
+        lin.train()
+    x = torch.randn(1, 64, 16)
+    hidden = group.hidden_for(members[0], x)
+    assert hidden is group.hidden_for(members[1], x)  # computed once for both
+    assert group._cache is None  # released once every member has it
