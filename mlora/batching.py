@@ -15,8 +15,9 @@ from typing import Iterator, Sequence
 import torch
 
 from mlora.config import AdapterConfig
-from mlora.data import Example, pad_rows
+from mlora.data import IGNORE_INDEX, Example, pad_rows
 from mlora.lora import AdapterRows
+from mlora.packing import pack_examples, packed_shape
 
 # group_by_length sorts rows by length inside windows of this many micro-batches, as
 # transformers' LengthGroupedSampler does: padding falls, while the order stays random.
@@ -125,26 +126,44 @@ def round_robin(streams: dict[str, Iterator[MicroBatch]], candidate_num: int,
 
 @dataclass
 class FusedBatch:
-    """Rows of several adapters padded to one length; each adapter owns a contiguous range."""
+    """Rows of several adapters padded to one length; each adapter owns a contiguous range.
+
+    With packing (see packing.py) a row holds several sequences of one adapter, and
+    position_ids / document_ids tell the model where each sequence starts."""
 
     input_ids: torch.Tensor  # [B, S] long
     labels: torch.Tensor  # [B, S] long, IGNORE_INDEX where not trained
     attention_mask: torch.Tensor | None  # [B, S] bool, None when every row is right-padded
     rows: list[AdapterRows]
     parts: list[MicroBatch]
+    position_ids: torch.Tensor | None = None  # [B, S] long, packed rows only
+    document_ids: torch.Tensor | None = None  # [B, S] long, packed rows only
 
     def to(self, device: torch.device) -> "FusedBatch":
-        mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
-        return FusedBatch(self.input_ids.to(device, non_blocking=True),
-                          self.labels.to(device, non_blocking=True), mask, self.rows, self.parts)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return FusedBatch(move(self.input_ids), move(self.labels), move(self.attention_mask), self.rows,
+                          self.parts, move(self.position_ids), move(self.document_ids))
 
 
-def fuse(parts: Sequence[MicroBatch], pad_id: int) -> FusedBatch:
-    """Concatenate micro-batches (one per adapter) into one padded batch."""
+def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) -> FusedBatch:
+    """Concatenate micro-batches (one per adapter) into one padded batch.
+
+    pack_len: None = one example per row; else each micro-batch is packed on its own into
+    rows of at most pack_len tokens (see packing.py), so no row mixes two adapters."""
+    if pack_len is not None:
+        return _fuse_packed(parts, pad_id, pack_len)
     examples = [ex for part in parts for ex in part.examples]
     sides = [part.side for part in parts for _ in part.examples]
     length = max(len(ex.input_ids) for ex in examples)
     input_ids, labels, mask = pad_rows(examples, sides, length, pad_id)
+    for row, (ex, side) in enumerate(zip(examples, sides)):
+        if side == "left" and len(ex.input_ids) < length:
+            # A left-padded row's first token sits after a pad, so the loss's shift would
+            # predict it from that pad. Alone it is never a target (nothing precedes it; see
+            # Example.num_label_tokens, the step's normaliser), so it must not be here either.
+            labels[row, length - len(ex.input_ids)] = IGNORE_INDEX
     rows, start = [], 0
     for part in parts:
         rows.append(AdapterRows(part.adapter, start, start + len(part.examples)))
@@ -153,3 +172,20 @@ def fuse(parts: Sequence[MicroBatch], pad_id: int) -> FusedBatch:
     # already hides it and attention can take the fast is_causal path.
     needs_mask = any(side == "left" for side in sides)
     return FusedBatch(input_ids, labels, mask if needs_mask else None, rows, list(parts))
+
+
+def _fuse_packed(parts: Sequence[MicroBatch], pad_id: int, pack_len: int) -> FusedBatch:
+    # Packed rows are always right-padded: the adapter's expand_side has nothing to pad.
+    width = max(packed_shape(part.examples, pack_len)[1] for part in parts)
+    packed = [pack_examples(part.examples, pack_len, pad_id, length=width) for part in parts]
+    rows, start = [], 0
+    for part, p in zip(parts, packed):
+        n = p.input_ids.shape[0]
+        rows.append(AdapterRows(part.adapter, start, start + n))
+        start += n
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in packed])  # [B, S]
+
+    return FusedBatch(cat("input_ids"), cat("labels"), None, rows, list(parts),
+                      cat("position_ids"), cat("document_ids"))

@@ -84,6 +84,8 @@ class TrainConfig:
     train_strategy: str = "trivial"
     save_total_limit: int | None = None  # resumable checkpoints kept (None = all)
     max_tokens_per_batch: int | None = None  # padded-token budget of one fused batch (fast-fit, optimal-fit)
+    packing: bool = False  # pack several sequences of one adapter into each row (up to cutoff_len)
+    recompute: bool = False  # activation checkpointing of every decoder layer while training
 
 
 def adapter_seed(seed: int, name: str) -> int:
@@ -147,6 +149,8 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     top.choice("train_strategy", TRAIN_STRATEGIES, MLORA_STRATEGY_NAMES)
     top.integer("save_total_limit", _POSITIVE, nullable=True)
     top.integer("max_tokens_per_batch", _POSITIVE, nullable=True)
+    top.boolean("packing")
+    top.boolean("recompute")
 
     entries = top.require("lora")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

@@ -3,7 +3,9 @@
 A fused batch is padded to its longest row, so it costs (rows) x (longest row) tokens of
 compute and memory whatever the rows really hold. `trivial` fuses the active adapters in
 rotation regardless of length; `fast-fit` and `optimal-fit` pick, for each fused batch, the
-micro-batches that fit a token budget with little padding.
+micro-batches that fit a token budget with little padding. With `packing: true` each
+micro-batch is first packed into rows of up to cutoff_len tokens (packing.py), and the cost
+counts those packed rows instead: (packed rows) x (longest packed row).
 
 Every strategy only ever takes an adapter's NEXT micro-batch: what changes is which adapters
 share a batch, never the order of one adapter's own micro-batches, so each adapter's result
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from mlora.batching import MicroBatch, round_robin
+from mlora.packing import packed_shape
 
 STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
 # optimal-fit tries every subset of the other candidates: 2**11 = 2048 at most, which stays
@@ -25,8 +28,12 @@ STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
 EXACT_SEARCH_LIMIT = 12
 
 
-def padded_tokens(parts: Sequence[MicroBatch]) -> int:
-    """What a fused batch costs: every row is padded to the longest one."""
+def padded_tokens(parts: Sequence[MicroBatch], pack_len: int | None = None) -> int:
+    """What a fused batch costs: every row is padded to the longest one. With packing
+    (pack_len = the packed row length, i.e. cutoff_len) the rows are the packed rows."""
+    if pack_len is not None:
+        shapes = [packed_shape(p.examples, pack_len) for p in parts]
+        return sum(rows for rows, _ in shapes) * max(longest for _, longest in shapes)
     rows = sum(len(p.examples) for p in parts)
     return rows * max(len(ex.input_ids) for p in parts for ex in p.examples)
 
@@ -36,12 +43,13 @@ def useful_tokens(parts: Sequence[MicroBatch]) -> int:
     return sum(len(ex.input_ids) for p in parts for ex in p.examples)
 
 
-def padding_stats(batches: Iterable[Sequence[MicroBatch]], max_tokens: int | None = None) -> dict:
+def padding_stats(batches: Iterable[Sequence[MicroBatch]], max_tokens: int | None = None,
+                  pack_len: int | None = None) -> dict:
     """Totals over a stream of fused batches; `over_budget` counts batches above max_tokens
     (only a lone micro-batch larger than the budget can be, for fast-fit and optimal-fit)."""
     n = useful = padded = over = largest = 0
     for parts in batches:
-        cost = padded_tokens(parts)
+        cost = padded_tokens(parts, pack_len)
         n += 1
         useful += useful_tokens(parts)
         padded += cost
@@ -58,15 +66,18 @@ class Candidate:
 
     name: str
     index: int  # position in the config (dict order): the last tie-breaker
-    rows: int
-    longest: int
+    rows: int  # rows it adds to the fused batch (packed rows with packing)
+    longest: int  # its longest row (packed row with packing)
     useful: int
     last_ran: int  # fused-batch number it last ran in (or was admitted at): smaller waited longer
 
     @classmethod
-    def of(cls, part: MicroBatch, index: int, last_ran: int) -> "Candidate":
-        return cls(part.adapter, index, len(part.examples), max(len(ex.input_ids) for ex in part.examples),
-                   useful_tokens([part]), last_ran)
+    def of(cls, part: MicroBatch, index: int, last_ran: int, pack_len: int | None = None) -> "Candidate":
+        if pack_len is None:
+            rows, longest = len(part.examples), max(len(ex.input_ids) for ex in part.examples)
+        else:
+            rows, longest = packed_shape(part.examples, pack_len)
+        return cls(part.adapter, index, rows, longest, useful_tokens([part]), last_ran)
 
 
 def _fits(rows: int, longest: int, max_tokens: int | None) -> bool:
@@ -138,14 +149,15 @@ PICKERS = {"fast-fit": fast_fit_pick, "optimal-fit": optimal_fit_pick}
 
 def fused_batches(strategy: str, streams: dict[str, Iterator[MicroBatch]], candidate_num: int,
                   simultaneously_num: int, max_tokens: int | None = None,
-                  stopped: set[str] | None = None) -> Iterator[list[MicroBatch]]:
+                  stopped: set[str] | None = None, pack_len: int | None = None) -> Iterator[list[MicroBatch]]:
     """Yield fused batches (lists of micro-batches, at most one per adapter, in config order).
 
     At most `candidate_num` adapters are active; when one's stream ends or its name enters
     `stopped` (which may grow while this runs), the next queued adapter in config order takes
     its place. At most `simultaneously_num` active adapters share a batch. `max_tokens` (None:
     no limit) bounds a batch's padded tokens for fast-fit and optimal-fit; `trivial` is
-    batching.round_robin exactly and ignores it.
+    batching.round_robin exactly and ignores it. `pack_len` (packing on: cutoff_len) makes the
+    budget count the packed rows that `fuse(..., pack_len)` will build, rows x longest row.
     """
     if strategy == "trivial":
         return round_robin(streams, candidate_num, simultaneously_num, stopped)
@@ -153,11 +165,12 @@ def fused_batches(strategy: str, streams: dict[str, Iterator[MicroBatch]], candi
         raise ValueError(f"unknown train_strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if candidate_num < 1 or simultaneously_num < 1:
         raise ValueError("candidate_num and simultaneously_num must be >= 1")
-    return _fitted(PICKERS[strategy], streams, candidate_num, simultaneously_num, max_tokens, stopped)
+    return _fitted(PICKERS[strategy], streams, candidate_num, simultaneously_num, max_tokens, stopped, pack_len)
 
 
 def _fitted(pick, streams: dict[str, Iterator[MicroBatch]], candidate_num: int, simultaneously_num: int,
-            max_tokens: int | None, stopped: set[str] | None) -> Iterator[list[MicroBatch]]:
+            max_tokens: int | None, stopped: set[str] | None,
+            pack_len: int | None = None) -> Iterator[list[MicroBatch]]:
     index = {name: i for i, name in enumerate(streams)}
     queued = deque(streams)
     heads: dict[str, MicroBatch] = {}  # active adapter -> its next micro-batch, already drawn
@@ -177,7 +190,7 @@ def _fitted(pick, streams: dict[str, Iterator[MicroBatch]], candidate_num: int, 
                 last_ran[name] = batch_no  # waiting starts at admission
         if not heads:
             return
-        cands = [Candidate.of(part, index[name], last_ran[name]) for name, part in heads.items()]
+        cands = [Candidate.of(part, index[name], last_ran[name], pack_len) for name, part in heads.items()]
         names = sorted((c.name for c in pick(cands, simultaneously_num, max_tokens)), key=index.get)
         yield [heads[name] for name in names]
         batch_no += 1

@@ -102,6 +102,13 @@ class Trainer:
                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
             self.runs[a.name] = AdapterProgress(adapter, steps, bar)
         check_disk_space(self.out, [r.adapter for r in self.runs.values()])
+        # Packed rows hold up to cutoff_len tokens (every example is truncated to it already).
+        self.pack_len = self.cfg.cutoff_len if self.cfg.packing else None
+        if session.model is not None:
+            # Recomputing a layer must replay the LoRA dropout masks its first forward drew,
+            # and those come from the adapters' own generators, not torch's global RNG.
+            session.model.recompute = self.cfg.recompute
+            session.model.rng_generators = [r.adapter.dropout_generator for r in self.runs.values()]
         self.iteration = 0
         self.elapsed_before = 0.0
         self.started = time.perf_counter()
@@ -117,7 +124,8 @@ class Trainer:
         streams = {a.name: adapter_stream(session.data[a.name].train, a, adapter_seed(cfg.seed, a.name))
                    for a in cfg.lora}
         batches = fused_batches(cfg.train_strategy, streams, cfg.train_lora_candidate_num,
-                                cfg.train_lora_simultaneously_num, cfg.max_tokens_per_batch, self.stopped)
+                                cfg.train_lora_simultaneously_num, cfg.max_tokens_per_batch, self.stopped,
+                                pack_len=self.pack_len)
         if self.resume:
             metrics_bytes = self._restore(batches)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
@@ -153,9 +161,13 @@ class Trainer:
         """One fused batch; returns whether a save_step boundary was crossed."""
         session = self.session
         t0 = time.perf_counter()
-        batch = fuse(parts, session.pad_id).to(session.device)
+        batch = fuse(parts, session.pad_id, pack_len=self.pack_len).to(session.device)
         session.layout.rows = batch.rows
-        logits = session.model(batch.input_ids, batch.attention_mask)  # [B, S, V]
+        logits = session.model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+                               document_ids=batch.document_ids)  # [B, S, V]
+        # Packing leaves the loss as it is: the same label tokens are targets (a packed
+        # sequence's first token never is, nor is it unpacked), so the CE sum and the step's
+        # token count, the normaliser, are those of the unpacked batch.
         sums = token_loss_sums(logits, batch.labels, batch.rows)
         total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in parts)
         total.backward()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from mlora.errors import UserError
@@ -252,13 +253,30 @@ def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device, dtype: tor
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_cos_sin_at(args: ModelArgs, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, S, head_dim] for arbitrary per-token positions (packed rows, where each
+    sequence restarts at 0). The same fp32 products as `rope_cos_sin`, so a token at position
+    p gets bit-identical values whichever row it sits in."""
+    seq_len = position_ids.shape[-1]
+    if args.rope.type == "dynamic":
+        # Dynamic NTK depends on the length; HF takes max(position) + 1, which for packed rows
+        # is the longest sequence, as the padded unpacked batch would have. Only this type
+        # pays for the host sync.
+        seq_len = int(position_ids.max()) + 1
+    inv_freq = rope_inv_freq(args.rope, args.head_dim, seq_len).to(position_ids.device)  # [D/2]
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcasts over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x [B, heads, S, D]; cos/sin [S, D] broadcast over batch and heads
+    # x [B, heads, S, D]; cos/sin [S, D] (shared positions) or [B, 1, S, D] (per-token
+    # positions), broadcast over batch and/or heads
     return x * cos + rotate_half(x) * sin
 
 
@@ -305,6 +323,69 @@ def _build_mask(window: int | None, key_ok: Tensor | None, seq_len: int, device:
         # A query always sees itself, so an all-pad row still has one key and never NaN.
         allowed = (allowed & key_ok) | (q == k)  # [B, 1, S, S]
     return allowed
+
+
+def document_masks(args: ModelArgs, layer_ids: Sequence[int], document_ids: Tensor,
+                   attention_mask: Tensor | None) -> dict[int, Tensor]:
+    """Masks for packed rows: bool [B, 1, S, S], True = may attend. A query sees the earlier
+    keys of its own document only (and, on a sliding-window layer, only the last `window` of
+    them), so several sequences share a row without seeing each other.
+
+    document_ids [B, S]: one id per packed sequence, a separate id for padding. Positions in
+    one document are consecutive columns, so the column distance q - k of two tokens of the
+    same document is their position distance, and the window needs no position ids."""
+    B, S = document_ids.shape
+    device = document_ids.device
+    q = torch.arange(S, device=device)[:, None]  # [S, 1]
+    k = torch.arange(S, device=device)[None, :]  # [1, S]
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, S(q), S(k)]
+    base = same_doc & (k <= q)  # [B, S, S]
+    if attention_mask is not None:
+        base = base & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]  # hide pad keys
+    by_window: dict[int | None, Tensor] = {}
+    out: dict[int, Tensor] = {}
+    for i in layer_ids:
+        window = args.sliding_window[i]
+        if window is not None and window >= S:
+            window = None  # the window cannot cut anything at this length
+        if window not in by_window:
+            allowed = base if window is None else base & (q - k < window)  # [B, S, S]
+            # A query always sees itself, so no row is all-False (SDPA would give NaN).
+            by_window[window] = (allowed | (q == k))[:, None]  # [B, 1, S, S]
+        out[i] = by_window[window]
+    return out
+
+
+# ----------------------------------------------------------------------------- recompute
+
+
+def checkpointed_layer(layer: nn.Module, generators: Sequence[torch.Generator], *inputs: Tensor) -> Tensor:
+    """Run `layer(*inputs)` under activation checkpointing (non-reentrant): its activations
+    are dropped after the forward and recomputed during the backward.
+
+    torch's checkpoint replays the global CPU/CUDA RNG, but LoRA dropout draws from the
+    adapters' own generators (`generators`), which it does not know. So: snapshot them before
+    the first forward; rewind them to that snapshot for the recomputation, which then draws
+    the very masks the first forward used; and afterwards put them back where they were just
+    before the recomputation, so the draws of later layers and later steps are untouched."""
+    before = [g.get_state() for g in generators]
+    first = True
+
+    def run(*args: Tensor) -> Tensor:
+        nonlocal first
+        if first:
+            first = False
+            return layer(*args)
+        now = [g.get_state() for g in generators]
+        for g, state in zip(generators, before):
+            g.set_state(state)
+        try:
+            return layer(*args)
+        finally:  # also when checkpoint's early stop ends the recomputation midway
+            for g, state in zip(generators, now):
+                g.set_state(state)
+
+    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -404,6 +485,12 @@ class CausalLM(nn.Module):
         if self.has_head:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
+        # Activation checkpointing of each decoder layer while grad is enabled (the trainer
+        # sets it from the config). `rng_generators`: every generator a layer's forward draws
+        # from besides torch's global RNG (the adapters' LoRA dropout generators), so the
+        # recomputation can replay exactly the same random masks.
+        self.recompute = False
+        self.rng_generators: list[torch.Generator] = []
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when both live here (a head-only stage of a tied
@@ -411,17 +498,33 @@ class CausalLM(nn.Module):
         if self.args.tie_word_embeddings and self.has_embed and self.has_head:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                document_ids: Tensor | None = None) -> Tensor:
         """x: input_ids [B, S] if the stage has the embedding, else hidden states [B, S, H].
-        attention_mask [B, S]: 1 = real token (None = all real). Positions are 0..S-1 per row.
+        attention_mask [B, S]: 1 = real token (None = all real).
+        position_ids [B, S] int64: RoPE positions (None = 0..S-1 in every row); packed rows
+        restart at 0 for each sequence.
+        document_ids [B, S] int: a token attends only to earlier tokens with the same id (None =
+        the whole row is one sequence); padding carries an id of its own.
         Returns logits [B, S, V] if the stage has the head, else hidden states [B, S, H]."""
         h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
         if self.layer_ids:
             S = h.shape[1]
-            cos, sin = rope_cos_sin(self.args, S, h.device, h.dtype)  # [S, D]
-            masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
+            if position_ids is None:
+                cos, sin = rope_cos_sin(self.args, S, h.device, h.dtype)  # [S, D]
+            else:
+                cos, sin = rope_cos_sin_at(self.args, position_ids.to(h.device), h.dtype)  # [B, 1, S, D]
+            if document_ids is None:
+                masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
+            else:
+                masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask)
+            recompute = self.recompute and torch.is_grad_enabled()
             for i in self.layer_ids:
-                h = self.model.layers[str(i)](h, cos, sin, masks[i])
+                layer = self.model.layers[str(i)]
+                if recompute:
+                    h = checkpointed_layer(layer, self.rng_generators, h, cos, sin, masks[i])
+                else:
+                    h = layer(h, cos, sin, masks[i])
         if self.has_norm:
             h = self.model.norm(h)
         if self.has_head:

@@ -1,0 +1,143 @@
+"""`recompute`: activation checkpointing per decoder layer gives the same losses, gradients
+and trained weights as no recomputation, LoRA dropout included (its masks come from the
+adapters' own generators, which torch's checkpoint does not replay by itself)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlora.adapter import Adapter
+from mlora.batching import MicroBatch, fuse
+from mlora.cli import main
+from mlora.config import AdapterConfig
+from mlora.loader import load_model
+from mlora.lora import BatchLayout, inject_lora
+from mlora.loss import token_loss_sums
+
+from test_packing import ALL, PAD, random_examples
+from test_train import make_config, rel_diff
+
+STEPS = 3
+
+
+def _count_forwards(layer) -> list[int]:
+    """Counts calls of layer.forward (module hooks do not fire in checkpoint's recomputation)."""
+    calls, forward = [0], layer.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    layer.forward = counted
+    return calls
+
+
+def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len=None):
+    """STEPS forward/backward passes of three adapters with dropout 0.1; per step the losses
+    and every LoRA gradient, plus the generators' final states and the layer-0 forward count."""
+    model = load_model(tiny_llama, "cpu", torch.float32)
+    layout = BatchLayout()
+    wrappers = inject_lora(model, layout)
+    specs = {"a": (4, ["q_proj", "v_proj"], "right"), "b": (8, ALL, "left"), "c": (2, ["k_proj", "down_proj"], "right")}
+    adapters = {}
+    for k, (name, (r, targets, side)) in enumerate(specs.items()):
+        cfg = AdapterConfig(name=name, data="", r=r, alpha=2 * r, dropout=0.1, target_modules=targets,
+                            expand_side=side)
+        adapter = Adapter(cfg, wrappers, 11, torch.device("cpu"))
+        g = torch.Generator().manual_seed(200 + k)
+        with torch.no_grad():  # B = 0 would hide the gradient of A
+            for w in adapter.weights.values():
+                w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.1)
+        adapters[name] = adapter
+    model.recompute = recompute
+    model.rng_generators = [a.dropout_generator for a in adapters.values()] if register_generators else []
+    calls = _count_forwards(model.model.layers["0"])
+    model.train()
+    history = []
+    for step in range(STEPS):
+        parts = []
+        for k, (name, a) in enumerate(adapters.items()):
+            examples = random_examples(3 + k, 10 * step + k, lo=2, hi=12, vocab=model.args.vocab_size)
+            tokens = sum(ex.num_label_tokens for ex in examples)
+            parts.append(MicroBatch(name, examples, 0, step, tokens, True, a.cfg.expand_side))
+        batch = fuse(parts, PAD, pack_len=pack_len)
+        layout.rows = batch.rows
+        logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+                       document_ids=batch.document_ids)
+        sums = token_loss_sums(logits, batch.labels, batch.rows)
+        losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
+        sum(losses.values()).backward()
+        grads = {}
+        for name, a in adapters.items():
+            for path, w in a.weights.items():
+                for kind in ("lora_A", "lora_B"):
+                    p = getattr(w, kind)
+                    grads[f"{name}.{path}.{kind}"] = p.grad.clone()
+                    with torch.no_grad():  # a plain SGD step, so the next step sees other weights
+                        p.sub_(0.1 * p.grad)
+                    p.grad = None
+        history.append(({k: v.item() for k, v in losses.items()}, grads))
+    states = [a.dropout_generator.get_state() for a in adapters.values()]
+    return history, states, calls[0]
+
+
+def _max_diff(run, ref) -> float:
+    worst = 0.0
+    for (losses, grads), (ref_losses, ref_grads) in zip(run, ref):
+        worst = max(worst, *(abs(losses[k] - ref_losses[k]) for k in ref_losses))
+        worst = max(worst, *((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads))
+    return worst
+
+
+@pytest.mark.parametrize("pack_len", [None, 24], ids=["padded", "packed"])
+def test_recompute_equals_plain_with_dropout(tiny_llama, pack_len):
+    ref, ref_states, ref_calls = _run(tiny_llama, recompute=False, pack_len=pack_len)
+    got, states, calls = _run(tiny_llama, recompute=True, pack_len=pack_len)
+    assert ref_calls == STEPS and calls == 2 * STEPS  # each layer really ran again in the backward
+    assert all(g.abs().max() > 0 for _, grads in ref for g in grads.values())
+    assert _max_diff(got, ref) <= 1e-6
+    # The generators end where they would without recompute: later steps draw the same masks.
+    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
+
+
+def test_unregistered_generators_would_break_dropout(tiny_llama):
+    """The test above can fail: without replaying the adapters' generators the recomputed
+    masks differ from the forward's, and so do the gradients."""
+    ref, ref_states, _ = _run(tiny_llama, recompute=False)
+    got, states, _ = _run(tiny_llama, recompute=True, register_generators=False)
+    assert _max_diff(got, ref) > 1e-3
+
+
+def test_recompute_only_while_grad_is_enabled(tiny_llama):
+    model = load_model(tiny_llama, "cpu", torch.float32)
+    model.recompute = True
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    calls = _count_forwards(model.model.layers["0"])
+    with torch.no_grad():
+        plain = model(ids)
+    assert calls[0] == 1
+    model.recompute = False
+    with torch.no_grad():
+        assert torch.equal(model(ids), plain)
+
+
+def test_train_with_recompute_equals_without(tmp_path, tiny_llama):
+    outs = {}
+    for recompute in (False, True):
+        out = tmp_path / f"out_{recompute}"
+        cfg = make_config(tmp_path, ["a", "b"], out, recompute=recompute)
+        obj = json.loads(cfg.read_text())
+        for adapter in obj["lora"]:
+            adapter.update(dropout=0.1, num_epochs=1)
+        cfg.write_text(json.dumps(obj))
+        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+        outs[recompute] = out
+    for name in ("a", "b"):
+        plain = load_file(outs[False] / name / "adapter_model.safetensors")
+        got = load_file(outs[True] / name / "adapter_model.safetensors")
+        assert all(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
+        assert rel_diff(got, plain) <= 1e-6
