@@ -1,0 +1,570 @@
+"""How much device memory one training step on a fused batch needs, and what to do when a
+batch turns out not to fit after all.
+
+`estimate_peak_bytes` is a first-principles model of *this* implementation (models/llama.py,
+lora.py, loss.py, trainer.py's `_train_on`): for every op of a decoder layer it counts what
+autograd keeps for the backward, then adds the head's cross-entropy peak, the backward's
+working set, the frozen weights and the adapters' trainable state. `choose_token_budget`
+inverts it: the most tokens per fused batch whose estimate fits the free memory.
+`run_splitting_on_oom` is the safety net for what a model cannot foresee (fragmentation,
+another process on the GPU): a batch that runs out of memory is halved and run again.
+
+Notation used in the shape comments: N = rows * seq_len tokens of the fused batch, H hidden
+size, I intermediate size, nh / nkv query / key-value heads of D dims, V vocabulary, r a LoRA
+rank, e the bytes of one element of the activation dtype (2 for bf16/fp16, 4 for fp32).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from mlora.models.llama import ModelArgs, module_sequence
+
+GiB = 2**30
+
+# What the allocator hands out beyond the tensors the model accounts for: cuBLAS keeps a
+# workspace per handle, and the backward runs on its own thread, so with its own handle (32 MiB
+# each on Hopper by default); plus the small tensors nobody counts (scalars, RNG state, indices).
+WORKSPACE_BYTES = 128 * 2**20
+
+# 4-bit blocks of bitsandbytes (mlora.quant.BLOCKSIZE_4BIT) and its double quantization of the
+# absmax values in blocks of 256.
+_BLOCK_4BIT = 64
+_BLOCK_ABSMAX = 256
+QUANT_KINDS = ("nf4", "fp4", "int8")
+
+# `enable_gqa` arrived in torch 2.5; llama.py repeats K/V on older builds (and with an explicit mask).
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+# Target projections that read one input tensor: the LoRA op saves that input (or its dropped-out
+# copy and the dropout mask) once per group when groups share inputs (lora.py's InputGroup).
+_INPUT_GROUPS = (
+    ("attn_in", ("q_proj", "k_proj", "v_proj")),  # input_layernorm output [N, H]
+    ("attn_out", ("o_proj",)),  # SDPA output [N, nh*D]
+    ("mlp_in", ("gate_proj", "up_proj")),  # post_attention_layernorm output [N, H]
+    ("mlp_act", ("down_proj",)),  # silu(gate) * up [N, I]
+)
+# Inputs that autograd keeps anyway, for a reason other than LoRA: SDPA saves its output.
+_SAVED_ANYWAY = {"attn_out"}
+
+
+def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each of the seven projections of a decoder layer."""
+    H, I = args.hidden_size, args.intermediate_size
+    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    return {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim), "o_proj": (q_dim, H),
+            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """What the memory model needs to know of one adapter."""
+
+    r: int
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+    optimizer_moments: int = 2  # AdamW: exp_avg + exp_avg_sq; SGD: 1 with momentum, else 0
+
+    @classmethod
+    def of(cls, adapter: Any) -> LoraShape:
+        """From a LoraShape, an `AdapterConfig` (or anything with `r` and `target_modules`), or
+        an `(r, target_modules)` / `(r, target_modules, dropout)` tuple."""
+        if isinstance(adapter, LoraShape):
+            return adapter
+        if isinstance(adapter, tuple):
+            return cls(adapter[0], tuple(adapter[1]), *adapter[2:])
+        optim = getattr(adapter, "optim", "adamw")
+        moments = 2 if optim == "adamw" else int(bool(getattr(adapter, "momentum", 0.0)))
+        return cls(int(adapter.r), tuple(adapter.target_modules), float(getattr(adapter, "dropout", 0.0)),
+                   moments)
+
+
+def _quant_kind(quant: Any, double_quant: bool) -> tuple[str | None, bool]:
+    """(None | 'nf4' | 'fp4' | 'int8', double quantization) from a name or a QuantConfig."""
+    if quant is None:
+        return None, False
+    if isinstance(quant, str):
+        if quant not in QUANT_KINDS:
+            raise ValueError(f"quant must be one of {QUANT_KINDS} or None, got {quant!r}")
+        return quant, double_quant and quant != "int8"
+    if quant.bits == 8:  # mlora.quant.QuantConfig
+        return "int8", False
+    return quant.quant_type, bool(quant.double_quant)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Which parts of the model live on this device (all of them without pipelining)."""
+
+    layers: list[int]
+    has_embed: bool
+    has_norm: bool
+    has_head: bool
+
+    @classmethod
+    def of(cls, args: ModelArgs, parts: Sequence[str] | None) -> _Stage:
+        parts = list(parts) if parts is not None else module_sequence(args)
+        return cls([int(p.split(".")[1]) for p in parts if p.startswith("layer.")],
+                   "embed" in parts, "norm" in parts, "head" in parts)
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one training step on a fused batch keeps on the device, by kind.
+
+    The peak is reached either in the head's cross-entropy backward (every layer's saved
+    activations plus the logits and three fp32 [N, V] tensors) or in the backward of the last
+    layer (activations, the logits the trainer still holds, and one layer's working set):
+
+        total = weights + lora_state + activations
+                + max(logits, held_logits + layer_backward) + workspace
+    """
+
+    weights: int  # the frozen base: projections (maybe quantized), embedding, norms, head
+    lora_state: int  # fp32 A/B of every adapter + their gradients + optimizer moments
+    activations: int  # kept for the backward at the end of the forward, all layers of the stage
+    logits: int  # the head at its peak: see `_head_bytes`
+    held_logits: int  # the part of `logits` alive through the whole backward (trainer holds logits)
+    layer_backward: int  # one layer's backward working set (+ its recomputed activations)
+    workspace: int  # fixed: cuBLAS workspaces and small tensors
+    per_layer: dict[str, int]  # activations of one decoder layer, by what keeps them (bytes)
+
+    @property
+    def total(self) -> int:
+        transient = max(self.logits, self.held_logits + self.layer_backward)
+        return self.weights + self.lora_state + self.activations + transient + self.workspace
+
+    @property
+    def peak_phase(self) -> str:
+        """Where the peak is: 'head' (cross-entropy backward) or 'layers'."""
+        return "head" if self.logits >= self.held_logits + self.layer_backward else "layers"
+
+    def gib(self) -> dict[str, float]:
+        """The fields in GiB, rounded, for printing."""
+        fields = ("weights", "lora_state", "activations", "logits", "layer_backward", "workspace", "total")
+        return {f: round(getattr(self, f) / GiB, 2) for f in fields}
+
+
+def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torch.dtype,
+                        lora: Iterable[Any] = (), recompute: bool = False, quant: Any = None,
+                        double_quant: bool = False, parts: Sequence[str] | None = None,
+                        shared_lora_inputs: bool = True, explicit_mask: bool | None = None) -> MemoryEstimate:
+    """Peak device memory of forward + loss + backward of one fused batch of `rows` rows of
+    `seq_len` tokens (padding included), by this implementation, on CUDA.
+
+    lora: every adapter resident on the device (LoraShape, AdapterConfig or (r, targets));
+    each may own any rows of the batch, so per-token LoRA costs take the costliest adapter.
+    With no adapter, the layers still save what they would for a backward to their input (as
+    a frozen model with `enable_input_require_grads` does) - a useful reference point.
+    recompute: each decoder layer runs under activation checkpointing (llama.py).
+    quant: 'nf4' | 'fp4' | 'int8' | a mlora.quant.QuantConfig | None for the projections.
+    parts: the module parts of a pipeline stage (see models/llama.py); None = whole model.
+    shared_lora_inputs: projections reading one input (q/k/v, gate/up) share one saved input
+    and one dropout mask (lora.py's InputGroup); False models one per projection and adapter.
+    explicit_mask: SDPA gets a mask tensor (left padding, packed rows, a sliding window shorter
+    than the sequence): K/V are repeated to all heads and a float mask is saved per layer.
+    None = only when a layer's sliding window is shorter than `seq_len`.
+
+    What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
+      RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)
+                        (the weight multiply keeps only the frozen weight)
+      frozen projections  nothing: F.linear/addmm keep their input only for a weight gradient
+                        (an 8-bit bitsandbytes layer does keep its input; 4-bit does not)
+      LoRA, per input group (see _INPUT_GROUPS): no dropout -> the input itself [N, in]
+                        (shared with whatever else keeps it); dropout -> the 0/1 mask and the
+                        dropped-out copy, 2 x [N, in]; plus every adapter's hidden A(x) [N, r]
+                        per target and the weights cast to the activation dtype (per layer)
+      RoPE              only cos/sin (shared): rotate_half/cat/mul keep no activation
+      SDPA              q [N, nh*D], k, v [N, nkv*D] (nh*D when repeated), out [N, nh*D] (the
+                        o_proj input, a view), logsumexp fp32 [nh, N] (+ the float mask
+                        [B, 1, S, S] with an explicit mask)
+      SwiGLU            gate, silu(gate), up: 3 x [N, I] (the product is down_proj's input)
+      residual adds     nothing
+    Layer 0 keeps a little less (its input needs no gradient); that is not subtracted.
+
+    The head (loss.py): logits [N, V] in the dtype are held by the trainer until the backward
+    ends; the cross-entropy upcasts to fp32 and log_softmax keeps its fp32 output; in the
+    backward, nll_loss's gradient and log_softmax's gradient are two more fp32 [N, V]: the head
+    peaks at N*V*(e + 12) bytes, usually the step's peak.
+
+    Checked on one H200 (torch 2.11) against torch.cuda.max_memory_allocated of the trainer's
+    forward + loss + backward: 0.3-1.4% above the measured peak over 17 shapes, adapter counts
+    and settings (tests/test_memory.py::H200_MEASURED), never below.
+
+    Not modelled: the optimizer step's temporaries (taken after the activations are freed);
+    several micro-batches in flight on a pipeline stage (multiply `activations` by them);
+    allocator fragmentation (why `choose_token_budget` keeps a margin).
+    """
+    if rows < 0 or seq_len < 0:
+        raise ValueError("rows and seq_len must be >= 0")
+    adapters = [LoraShape.of(a) for a in lora]
+    unknown = {m for a in adapters for m in a.target_modules} - set(projection_shapes(args))
+    if unknown:
+        raise ValueError(f"unknown target modules {sorted(unknown)}")
+    kind, dq = _quant_kind(quant, double_quant)
+    stage = _Stage.of(args, parts)
+    e = torch.empty((), dtype=dtype).element_size()
+    N = rows * seq_len
+    L = len(stage.layers)
+    if explicit_mask is None:
+        explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
+                            for i in stage.layers)
+
+    layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
+                                   explicit_mask=explicit_mask, seq_len=seq_len)
+    per_layer = {name: math.ceil(v * N) for name, v in layer.items()}
+    per_layer["lora_casts"] = _lora_cast_bytes(args, e, adapters)
+    one_layer = sum(per_layer.values())
+
+    batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
+    final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
+    stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
+    if recompute:
+        # Each checkpointed layer keeps only its input [N, H]; the layer being back-propagated
+        # is recomputed in full and is part of the backward's working set.
+        activations = L * args.hidden_size * e * N + batch + final_norm + stage_output
+    else:
+        activations = L * one_layer + batch + final_norm + stage_output
+
+    logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
+    backward = 0
+    if L:
+        backward += _layer_backward_per_token(args, e) * N + _dequant_bytes(args, e, kind, N)
+        backward += one_layer if recompute else 0
+    if not stage.has_head:
+        backward += args.hidden_size * e * N  # the gradient of the stage output, received
+
+    return MemoryEstimate(
+        weights=weight_bytes(args, dtype, quant=kind, double_quant=dq, parts=parts),
+        lora_state=lora_state_bytes(args, adapters, L),
+        activations=math.ceil(activations),
+        logits=logits,
+        held_logits=held,
+        layer_backward=math.ceil(backward),
+        workspace=WORKSPACE_BYTES,
+        per_layer=per_layer,
+    )
+
+
+def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *, shared: bool,
+                           quant: str | None, explicit_mask: bool, seq_len: int) -> dict[str, float]:
+    """Bytes per token that one decoder layer keeps for the backward, by what keeps them."""
+    H, I, D = args.hidden_size, args.intermediate_size, args.head_dim
+    nh, nkv = args.num_heads, args.num_kv_heads
+    repeat_kv = explicit_mask or not _SDPA_HAS_GQA
+    kv_heads = nh if repeat_kv else nkv
+    out = {
+        "norms": 2 * (4 * H + 4),  # fp32 input copy [N, H] + rsqrt [N], twice
+        # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output
+        "attention": (2 * nh * D + 2 * kv_heads * D) * e,
+        # logsumexp fp32 [B, nh, S]; the memory-efficient kernel pads S to a multiple of 32
+        "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
+        "mlp": 3 * I * e,  # gate (for silu), silu(gate) and up (for the product)
+    }
+    if explicit_mask:
+        # SDPA turns the bool mask into an additive one in the dtype on every call, and the
+        # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
+        out["attention_mask"] = _round_up(seq_len, 16) * e
+    widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": H, "mlp_act": I}
+    for group, members in _INPUT_GROUPS:
+        out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
+                                                      shared, quant)
+    # Every adapter's A(x) for each target [N, r], kept for B's gradient; a token belongs to one
+    # adapter, so the costliest adapter bounds the batch.
+    out["lora_hidden"] = max((a.r * len(a.target_modules) * e for a in adapters), default=0)
+    return out
+
+
+def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: int,
+                           adapters: list[LoraShape], shared: bool, quant: str | None) -> int:
+    """What keeps the input of one input group alive for the backward, bytes per token."""
+    targeting = [a for a in adapters if set(a.target_modules) & set(members)]
+    dropped = [a for a in targeting if a.dropout > 0]
+    if shared:
+        # When any adapter drops out: one 0/1 mask and one dropped-out copy over all rows of
+        # the batch (the other adapters' rows get ones); else the LoRA matmuls keep the input.
+        copies = 2 if dropped else 0
+        lora_keeps_input = bool(targeting) and not dropped
+    else:
+        # A mask and a dropped-out copy per projection and adapter, over that adapter's rows;
+        # the dropout-free adapters' rows keep views of the input itself.
+        copies = max((2 * len(set(a.target_modules) & set(members)) for a in dropped), default=0)
+        lora_keeps_input = any(a.dropout == 0 for a in targeting)
+    # An 8-bit base layer keeps its input itself (bitsandbytes' MatMul8bitLt ctx.tensors).
+    keeps_input = (lora_keeps_input or quant == "int8") and group not in _SAVED_ANYWAY
+    return (copies + keeps_input) * width * e
+
+
+def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape]) -> int:
+    """A and B of every adapter cast to the activation dtype, kept for the input gradient (one
+    layer). In fp32 some casts are the parameters themselves; counting them is conservative."""
+    shapes = projection_shapes(args)
+    return sum(a.r * (shapes[m][0] + shapes[m][1]) * e for a in adapters for m in a.target_modules)
+
+
+def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int) -> float:
+    """The fused batch itself and what the model derives from it once for all layers."""
+    ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
+    rope = 2 * args.head_dim * e  # cos, sin: [S, D], or [B, 1, S, D] with per-token positions
+    mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
+    return ids + rope + mask
+
+
+def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:
+    """(peak, held through the backward) of the head and loss.py's cross-entropy.
+
+    logits [N, V] in the dtype: held by the trainer until the backward has finished.
+    forward: the fp32 upcast [N, V] + log_softmax's output [N, V] fp32 (kept for the backward).
+    backward: nll_loss's gradient [N, V] fp32 and log_softmax's input gradient [N, V] fp32 while
+    its saved output is still alive; the upcast is gone by then. So the peak is three fp32
+    [N, V] beside the logits. (N - rows positions are shifted out; counted anyway.)"""
+    held = N * args.vocab_size * e
+    return held + 3 * N * args.vocab_size * 4, held
+
+
+def _layer_backward_per_token(args: ModelArgs, e: int) -> int:
+    """Bytes per token that one decoder layer's backward allocates beyond what the forward
+    kept: the gradients in flight, at the costliest moment."""
+    H, I, D, nh = args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads
+    residual = 2 * H * e  # the gradient of the layer output + the residual stream's sum
+    # down_proj's input gradient (base + LoRA, and through the dropout mask), then the
+    # gradients of silu(gate) and up, then of gate: about 6 [N, I] at once.
+    mlp = 6 * I * e
+    # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
+    # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
+    attention = nh * D * (4 * e + 4) + 4 * nh
+    norm = 3 * H * 4  # RMSNorm's backward works in fp32: grads of the upcast input and products
+    return residual + max(mlp, attention, norm)
+
+
+def _dequant_bytes(args: ModelArgs, e: int, quant: str | None, N: int) -> int:
+    """Quantized layers rebuild a full-precision weight for every matmul (bitsandbytes' 4-bit
+    gemm for more than one row, and the 8-bit backward's `CB.to(dtype) * SCB`); the 8-bit
+    forward also quantizes its input (an fp16 copy and an int8 one)."""
+    if quant is None:
+        return 0
+    shapes = projection_shapes(args).values()
+    largest = max(i * o for i, o in shapes)
+    extra = 2 * largest * e  # the dequantized weight and the copy a dtype change makes
+    if quant == "int8":
+        extra += N * max(i for i, _ in shapes) * (2 + 1)
+    return extra
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- weights and state
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, double_quant: bool = False,
+                 parts: Sequence[str] | None = None) -> int:
+    """Bytes of the frozen base (or of a stage's `parts`) on the device: projections in the
+    dtype or quantized (bitsandbytes' packed weight + its quantization state, as
+    `mlora.quant.linear_weight_bytes` counts it), biases, norms, embedding and head in the dtype."""
+    kind, dq = _quant_kind(quant, double_quant)
+    stage = _Stage.of(args, parts)
+    e = torch.empty((), dtype=dtype).element_size()
+    H, V = args.hidden_size, args.vocab_size
+    per_layer = sum(_projection_bytes(i, o, e, kind, dq) for i, o in projection_shapes(args).values())
+    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    biases = ((q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
+              + (2 * args.intermediate_size + H) * args.mlp_bias)
+    per_layer += (biases + 2 * H) * e  # biases + the two RMSNorm weights
+    total = len(stage.layers) * per_layer
+    total += V * H * e * stage.has_embed + H * e * stage.has_norm
+    if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):
+        total += V * H * e
+    return total
+
+
+def _projection_bytes(in_f: int, out_f: int, e: int, quant: str | None, double_quant: bool) -> int:
+    n = in_f * out_f
+    if quant is None:
+        return n * e
+    if quant == "int8":
+        return n + 4 * out_f  # int8 weight + fp32 absmax per output row (SCB)
+    blocks = math.ceil(n / _BLOCK_4BIT)
+    packed = math.ceil(n / 2)  # two 4-bit codes per byte
+    code = 16 * 4  # the 16-value fp32 code book (nf4 or fp4)
+    if not double_quant:
+        return packed + blocks * 4 + code  # fp32 absmax per block of 64
+    # absmax quantized to uint8 in blocks of 256, each with an fp32 absmax, its own 256-value
+    # code book and one fp32 offset
+    return packed + blocks + math.ceil(blocks / _BLOCK_ABSMAX) * 4 + 256 * 4 + 4 + code
+
+
+def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | None = None) -> int:
+    """fp32 A and B of every adapter on `num_layers` layers (default: all), with their
+    gradients (alive across gradient accumulation) and optimizer moments."""
+    shapes = projection_shapes(args)
+    layers = args.num_layers if num_layers is None else num_layers
+    total = 0
+    for a in map(LoraShape.of, lora):
+        params = sum(a.r * (shapes[m][0] + shapes[m][1]) for m in a.target_modules)
+        total += params * 4 * (2 + a.optimizer_moments) * layers
+    return total
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def choose_token_budget(args: ModelArgs, *, free_bytes: int, seq_len: int, dtype: torch.dtype,
+                        lora: Iterable[Any] = (), fraction: float = 0.9, recompute: bool = False,
+                        quant: Any = None, weights_resident: bool = True, **estimate_kwargs) -> int:
+    """The most tokens (rows * seq_len, in whole rows) whose estimated peak fits in
+    `fraction * free_bytes`; 0 when not even one row fits.
+
+    weights_resident: `free_bytes` was read after the base was loaded, so the weights are not
+    counted again (the adapters' state is, whole: its gradients and moments come later).
+    The fraction leaves room for what the estimate does not see, above all fragmentation.
+    `estimate_kwargs` go to `estimate_peak_bytes` (parts, shared_lora_inputs, ...)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0, got {seq_len}")
+    lora = list(lora)
+    budget = fraction * free_bytes
+
+    def need(rows: int) -> int:
+        est = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype, lora=lora,
+                                  recompute=recompute, quant=quant, **estimate_kwargs)
+        return est.total - (est.weights if weights_resident else 0)
+
+    if need(1) > budget:
+        return 0
+    fits, too_many = 1, 2  # the estimate grows with rows: double, then bisect
+    while need(too_many) <= budget:
+        fits, too_many = too_many, too_many * 2
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        fits, too_many = (mid, too_many) if need(mid) <= budget else (fits, mid)
+    return fits * seq_len
+
+
+def device_free_bytes(device: torch.device | str) -> int | None:
+    """Bytes this process can still allocate on a CUDA device: the driver's free memory plus
+    what PyTorch's caching allocator holds but has not handed out. None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+# ----------------------------------------------------------------------------- OOM split-and-retry
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# torch.OutOfMemoryError is torch.cuda.OutOfMemoryError on current torch; older builds have
+# only the latter. Both exist (as classes) on a CPU build too.
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {c for c in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+     if isinstance(c, type)})
+_OOM_BASE = _OOM_ERRORS[0] if _OOM_ERRORS else MemoryError
+
+
+class UnsplittableOOM(_OOM_BASE):  # type: ignore[misc, valid-type]
+    """Out of memory on a chunk that may not be split further. A torch.OutOfMemoryError, so a
+    generic OOM handler still sees it; `run_splitting_on_oom` never splits around it."""
+
+
+def free_device_memory() -> None:
+    """Drop unreachable Python objects (tensors in reference cycles) and hand PyTorch's cached
+    CUDA blocks back, so a retry starts from as much free memory as possible."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def run_splitting_on_oom(run_part: Callable[[list[T]], R], items: Sequence[T], *, min_items: int = 1,
+                         on_split: Callable[[list[T], list[T]], None] | None = None) -> list[R]:
+    """`[run_part(items)]`, or, when that runs out of device memory, the results of running
+    each half (recursively, halves of halves...) in order: the chunks always cover `items`
+    exactly once, in order, and the results come in chunk order.
+
+    items are whatever run_part can run a subset of: the trainer's per-adapter MicroBatches of
+    one fused batch, or the examples of one adapter's micro-batch. A chunk of `min_items` or
+    fewer that still runs out of memory raises UnsplittableOOM (chained to the original error).
+    on_split(left, right) is called before the halves run (to log, or to rewind the adapters'
+    dropout generators so the halves draw the masks the whole would have).
+
+    Why splitting is exact for training: the trainer's loss is each adapter's CE *sum* divided
+    by its whole optimizer step's label-token count (`MicroBatch.step_label_tokens`,
+    loss.py), so the backward of two halves adds up to the backward of the whole, exactly as
+    gradient accumulation over micro-batches does. Dropout masks are redrawn, unless on_split
+    rewinds the generators. run_part must be all-or-nothing: an OOM in the middle of a backward
+    leaves the gradients of the layers already done accumulated (see `grads_restored_on_error`).
+
+    No leak: the failed attempt's exception, whose traceback holds that attempt's frames and so
+    its tensors, is dropped before memory is freed and the halves run.
+    """
+    if min_items < 1:
+        raise ValueError(f"min_items must be >= 1, got {min_items}")
+    results: list[R] = []
+    pending = [list(items)]  # a stack: the next chunk to run is the last one
+    while pending:
+        chunk = pending.pop()
+        done, result = _attempt(run_part, chunk, min_items)
+        if done:
+            results.append(result)
+            continue
+        free_device_memory()
+        half = (len(chunk) + 1) // 2
+        left, right = chunk[:half], chunk[half:]
+        if on_split is not None:
+            on_split(left, right)
+        pending += [right, left]
+    return results
+
+
+def _attempt(run_part: Callable[[list[T]], R], chunk: list[T], min_items: int) -> tuple[bool, R | None]:
+    """(True, result), or (False, None) after an OOM on a chunk that may be split. The
+    exception is not kept: Python deletes the `except ... as` name when the block ends."""
+    try:
+        return True, run_part(chunk)
+    except UnsplittableOOM:
+        raise  # a nested split gave up on a single item: halving around it cannot help
+    except _OOM_ERRORS as err:
+        if len(chunk) <= min_items:
+            raise UnsplittableOOM(f"out of memory on {len(chunk)} item(s), which cannot be split further "
+                                  f"(min_items={min_items}): {_first_line(err)}") from err
+    return False, None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextmanager
+def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Make a forward + backward all-or-nothing for the gradients of `params`: if the block
+    raises (an OOM halfway through the backward, say), every `.grad` is put back as it was, so
+    a retry does not count the layers already back-propagated twice. Copies the existing
+    gradients (LoRA-sized, small next to the activations); none are copied at a step's start."""
+    params = list(params)
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    try:
+        yield
+    except BaseException:
+        for p, g in zip(params, saved):
+            p.grad = g
+        raise
+    finally:
+        del saved
