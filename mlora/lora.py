@@ -164,6 +164,10 @@ class InputGroup:
         self.members: list[LoraLinear] = []
         self._cache: _Hidden | None = None
 
+    def clear(self) -> None:
+        """Drop a cached input (after a failed forward, so an OOM retry does not keep it alive)."""
+        self._cache = None
+
     def hidden_for(self, member: "LoraLinear", x: torch.Tensor) -> _Hidden | None:
         cache = self._cache
         if cache is None or cache.x is not x:
@@ -381,6 +385,12 @@ class LoraLinear(nn.Module):
             return y.view(*x.shape[:-1], -1)
         y = base(x)  # a quantized layer: its own kernel, then one add
         return y + delta.view_as(y).to(y.dtype)
+
+
+def clear_lora_caches(wrappers: dict[str, LoraLinear]) -> None:
+    """Forget every input group's cached input (see InputGroup.clear)."""
+    for wrapper in wrappers.values():
+        wrapper.group.clear()
 
 
 def module_seed(adapter_seed: int, module_path: str) -> int:
