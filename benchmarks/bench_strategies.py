@@ -89,10 +89,14 @@ def streams(cfgs: list[AdapterConfig], data: dict[str, list[Example]], seed: int
 def padding_rows(cfgs, data, settings, seed) -> list[dict]:
     out = []
     for cand, sim, budget in settings:
-        for strategy in STRATEGIES:
+        # Each strategy, then fast-fit with packing (`packing: true`, rows of up to 512 tokens:
+        # an adapter's micro-batch becomes fewer, fuller rows).
+        for strategy, pack_len in [(s, None) for s in STRATEGIES] + [("fast-fit", 512)]:
             t0 = time.perf_counter()
-            stats = padding_stats(fused_batches(strategy, streams(cfgs, data, seed), cand, sim, budget), budget)
-            out.append({"strategy": strategy, "candidate_num": cand, "simultaneously_num": sim,
+            batches = fused_batches(strategy, streams(cfgs, data, seed), cand, sim, budget, pack_len=pack_len)
+            stats = padding_stats(batches, budget, pack_len=pack_len)
+            label = strategy if pack_len is None else f"{strategy} + packing"
+            out.append({"strategy": label, "candidate_num": cand, "simultaneously_num": sim,
                         "max_tokens": budget, "pick_seconds": time.perf_counter() - t0, **stats})
     return out
 
@@ -132,7 +136,8 @@ def train(base: Path, cfgs, data, seed, strategy, cand, sim, budget, out: Path) 
             if parts is None:
                 return
 
-    def timed_fused(_strategy, stream_dict, candidate_num, simultaneously_num, _max_tokens=None, stopped=None):
+    def timed_fused(_strategy, stream_dict, candidate_num, simultaneously_num, _max_tokens=None, stopped=None,
+                    pack_len=None):
         return timed(stream_dict, candidate_num, simultaneously_num, stopped)
 
     # The trainer calls round_robin today; fused_batches once it is wired in: replace both.

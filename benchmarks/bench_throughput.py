@@ -1,0 +1,461 @@
+"""Training throughput on one device: mlora with 1/2/4/8 fused adapters vs transformers + PEFT
+(one adapter at a time) vs the frozen base alone (forward + backward, no LoRA: the bound).
+
+All in ONE run on one device, random-initialised weights of a named shape built directly on
+the device (speed does not depend on the values), bf16, sequence 512, LoRA r=16, alpha=32,
+dropout 0.05 on all seven projections, AdamW. Every adapter gets the same rows per step, so
+"N adapters fused" processes N times the tokens of "one adapter" per step.
+
+    python benchmarks/bench_throughput.py                  # GPU: tinyllama-1.1b and llama2-7b
+    python benchmarks/bench_throughput.py --tiny           # CPU, seconds: the CI smoke test
+
+Writes JSON (every run, then the summary ratios) and, when matplotlib is installed, a PNG.
+Useful TFLOP/s = 4 x matmul parameters x tokens/s (LoRA training: forward 2N, activation
+gradients 2N; the frozen base gets no weight gradients). See benchmarks/THROUGHPUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlora.lora as lora_module  # noqa: E402
+from mlora.adapter import Adapter  # noqa: E402
+from mlora.config import AdapterConfig  # noqa: E402
+from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora  # noqa: E402
+from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab)
+    "tiny": (64, 176, 2, 4, 2, 512),
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000),
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
+}
+# Rows of 512 tokens per adapter per step: 8 fills an H200 well for 1.1B; 7B gets 4 so that
+# 8 fused adapters (32 rows) still fit next to the weights.
+DEFAULT_ROWS = {"tiny": 2, "tinyllama-1.1b": 8, "llama2-7b": 4}
+
+
+@dataclass
+class Settings:
+    seq: int
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    lr: float = 1e-4
+    warmup: int = 2
+    steps: int = 5
+
+
+def hf_config(shape: str, seq: int):
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                       max_position_embeddings=max(2048, seq), tie_word_embeddings=False)
+
+
+def matmul_params(shape: str) -> int:
+    """Parameters that do matmul work per token: every layer's projections and the head."""
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    head_dim = hidden // heads
+    attn = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
+    return layers * (attn + 3 * hidden * inter) + hidden * vocab
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(step, tokens_per_step: int, s: Settings, device: torch.device) -> dict:
+    """Warm up, then time `s.steps` steps; peak memory over warm-up and timed steps."""
+    free_memory(device)
+    for _ in range(s.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(s.steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"tokens_per_step": tokens_per_step, "seconds": seconds,
+            "tokens_per_s": tokens_per_step * s.steps / seconds, "peak_gib": peak}
+
+
+def batch(rows: int, seq: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (rows, seq), generator=g).to(device)  # [rows, S]
+
+
+# ----------------------------------------------------------------------------- mlora
+
+
+class MloraBench:
+    """mlora's own model with adapters fused, stepping exactly as the trainer does: one forward
+    over the fused batch, per-adapter token loss, one backward, each adapter clips and steps."""
+
+    def __init__(self, shape: str, s: Settings, device: torch.device, dtype: torch.dtype):
+        self.shape, self.s, self.device, self.dtype = shape, s, device, dtype
+        self.cfg = hf_config(shape, s.seq)
+        with torch.device(device):
+            self.model = CausalLM(args_from_hf_config(self.cfg)).to(dtype)
+        self.model.requires_grad_(False)
+        self.layout = BatchLayout()
+        self.wrappers = inject_lora(self.model, self.layout)
+
+    def adapters(self, n: int, rows: int, dropout: float) -> list[Adapter]:
+        out = []
+        for i in range(n):
+            cfg = AdapterConfig(name=f"a{i}", data="<bench>", r=self.s.r, alpha=self.s.alpha, dropout=dropout,
+                                target_modules=list(TARGET_MODULES), batch_size=rows, micro_batch_size=rows,
+                                lr=self.s.lr, max_grad_norm=1.0)
+            out.append(Adapter(cfg, self.wrappers, seed=i, device=self.device, total_steps=1000))
+        return out
+
+    def detach(self, adapters: list[Adapter]) -> None:
+        for a in adapters:
+            for w in self.wrappers.values():
+                w.adapters.pop(a.name, None)
+
+    def run(self, n: int, rows: int, dropout: float | None = None, kernel: str = "auto") -> dict:
+        dropout = self.s.dropout if dropout is None else dropout
+        adapters = self.adapters(n, rows, dropout)
+        ids = batch(n * rows, self.s.seq, self.cfg.vocab_size, self.device, seed=n)
+        layout_rows = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(adapters)]
+        self.model.train()
+        previous, lora_module.kernel = lora_module.kernel, kernel
+
+        def step():
+            self.layout.rows = layout_rows
+            logits = self.model(ids)  # [n*rows, S, V]
+            sums = token_loss_sums(logits, ids, layout_rows)
+            total = sum(ce / max(1, count) for ce, count in sums.values())
+            total.backward()
+            for a in adapters:
+                a.step()
+
+        try:
+            result = measure(step, n * rows * self.s.seq, self.s, self.device)
+            result["estimated_peak_gib"] = self.estimate(n * rows, [(self.s.r, TARGET_MODULES, dropout)] * n)
+            return result
+        finally:
+            lora_module.kernel = previous
+            self.layout.rows = []
+            self.detach(adapters)
+
+    def estimate(self, rows: int, lora: list) -> float:
+        """mlora.memory's prediction of this run's peak (GiB), to validate it against the
+        measured one."""
+        from mlora.memory import LoraShape, estimate_peak_bytes
+
+        shapes = [LoraShape(r, tuple(t), p) for r, t, p in lora]
+        args = args_from_hf_config(self.cfg)
+        return estimate_peak_bytes(args, rows=rows, seq_len=self.s.seq, dtype=self.dtype, lora=shapes).total / 2**30
+
+    def run_frozen(self, rows: int) -> dict:
+        """Forward + backward through every layer with no LoRA: the bound LoRA cannot beat."""
+        ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=rows)
+        embed = self.model.model.embed_tokens
+        hook = embed.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        one = [AdapterRows("base", 0, rows)]
+
+        def step():
+            logits = self.model(ids)
+            ce, count = token_loss_sums(logits, ids, one)["base"]
+            (ce / count).backward()
+
+        try:
+            result = measure(step, rows * self.s.seq, self.s, self.device)
+            result["estimated_peak_gib"] = self.estimate(rows, [])
+            return result
+        finally:
+            hook.remove()
+
+
+# ----------------------------------------------------------------------------- transformers + PEFT
+
+
+class HFBench:
+    def __init__(self, shape: str, s: Settings, device: torch.device, dtype: torch.dtype):
+        from transformers import LlamaForCausalLM
+
+        self.shape, self.s, self.device = shape, s, device
+        self.cfg = hf_config(shape, s.seq)
+        self.cfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            self.model = LlamaForCausalLM(self.cfg).to(dtype)
+        self.model.requires_grad_(False)
+
+    def run_peft(self, rows: int) -> dict:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=self.s.r, lora_alpha=self.s.alpha, lora_dropout=self.s.dropout,
+                            target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+        peft_model = get_peft_model(self.model, config)
+        peft_model.train()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.s.lr)
+        ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=rows)
+
+        def step():
+            loss = peft_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        try:
+            return measure(step, rows * self.s.seq, self.s, self.device)
+        finally:
+            self.model = peft_model.unload()  # the plain base again, for the next run
+            del optimizer, params, peft_model
+
+    def run_frozen(self, rows: int) -> dict:
+        ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=rows)
+        self.model.train()
+        embed = self.model.get_input_embeddings()
+        hook = embed.register_forward_hook(lambda m, i, out: out.requires_grad_())
+
+        def step():
+            self.model(input_ids=ids, labels=ids).loss.backward()
+
+        try:
+            return measure(step, rows * self.s.seq, self.s, self.device)
+        finally:
+            hook.remove()
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan(shape: str, rows: int, adapters: list[int], extras: bool) -> list[tuple]:
+    """(side, [(system, kwargs)]) in order of importance: the 4-adapter comparison first.
+    `role` says what a run is for: the adapter sweep, the memory comparison (one adapter
+    with all the rows), or an ablation that shows where the time goes."""
+    core_n = 4 if 4 in adapters else adapters[-1]
+    mlora = [("mlora-base", dict(rows=core_n * rows)), ("mlora", dict(n=core_n, rows=rows, role="sweep"))]
+    hf = [("peft", dict(rows=rows)), ("hf-base", dict(rows=core_n * rows))]
+    if extras:
+        mlora.append(("mlora", dict(n=1, rows=core_n * rows, role="memory")))
+        for n in adapters:
+            if n != core_n:
+                mlora += [("mlora", dict(n=n, rows=rows, role="sweep")), ("mlora-base", dict(rows=n * rows))]
+        # Where the time goes: the other LoRA kernels (auto is dense); no dropout.
+        mlora += [("mlora", dict(n=core_n, rows=rows, kernel="grouped", role="ablation")),
+                  ("mlora", dict(n=core_n, rows=rows, kernel="loop", role="ablation")),
+                  ("mlora", dict(n=core_n, rows=rows, dropout=0.0, role="ablation"))]
+        hf.append(("peft", dict(rows=core_n * rows)))
+    return [("mlora", mlora), ("hf", hf)]
+
+
+def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, dtype, extras: bool,
+              record) -> None:
+    for side, runs in plan(shape, rows, adapters, extras):
+        free_memory(device)
+        bench = MloraBench(shape, s, device, dtype) if side == "mlora" else HFBench(shape, s, device, dtype)
+        for system, kwargs in runs:
+            entry = {"shape": shape, "system": system, "seq": s.seq, **kwargs}
+            entry.setdefault("n", 1 if system == "peft" else 0 if system.endswith("base") else None)
+            if system == "mlora":
+                entry.setdefault("kernel", "auto")
+                entry.setdefault("dropout", s.dropout)
+            try:
+                if system == "mlora":
+                    result = bench.run(kwargs["n"], kwargs["rows"], kwargs.get("dropout"),
+                                       kwargs.get("kernel", "auto"))
+                elif system == "peft":
+                    result = bench.run_peft(kwargs["rows"])
+                else:
+                    result = bench.run_frozen(kwargs["rows"])
+            except torch.OutOfMemoryError:
+                result = {"error": "out of memory"}
+            entry.update(result)
+            if "tokens_per_s" in entry:
+                entry["useful_tflops"] = 4 * matmul_params(shape) * entry["tokens_per_s"] / 1e12
+            record(entry)
+        del bench
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Ratios per shape and adapter count: mlora vs PEFT (one adapter at a time, same rows per
+    adapter) and vs the faster frozen base (mlora's or transformers') at the same total rows."""
+    out = []
+    ok = [r for r in runs if "tokens_per_s" in r]
+    for shape in dict.fromkeys(r["shape"] for r in ok):
+        mine = [r for r in ok if r["shape"] == shape]
+        fused = [r for r in mine if r.get("role") == "sweep"]
+        for r in sorted(fused, key=lambda r: r["n"]):
+            total_rows = r["n"] * r["rows"]
+            peft = next((p for p in mine if p["system"] == "peft" and p["rows"] == r["rows"]), None)
+            bases = [b for b in mine if b["system"].endswith("base") and b["rows"] == total_rows]
+            bound = max(bases, key=lambda b: b["tokens_per_s"]) if bases else None
+            same_rows_one = next((o for o in mine if o["system"] == "mlora" and o["n"] == 1
+                                  and o["rows"] == total_rows and o.get("role") != "ablation"), None)
+            row = {"shape": shape, "adapters": r["n"], "rows_per_adapter": r["rows"],
+                   "mlora_tokens_per_s": r["tokens_per_s"], "mlora_peak_gib": r["peak_gib"]}
+            if peft:
+                row.update(peft_tokens_per_s=peft["tokens_per_s"], vs_peft=r["tokens_per_s"] / peft["tokens_per_s"])
+            if bound:
+                row.update(base_tokens_per_s=bound["tokens_per_s"], base_system=bound["system"],
+                           vs_frozen_base=r["tokens_per_s"] / bound["tokens_per_s"])
+            if same_rows_one and r["peak_gib"] and same_rows_one["peak_gib"]:
+                row["peak_vs_one_adapter_same_rows"] = r["peak_gib"] / same_rows_one["peak_gib"]
+            out.append(row)
+    return out
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = list(dict.fromkeys(r["shape"] for r in result["summary"]))
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(6 * max(1, len(shapes)), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in result["summary"] if r["shape"] == shape]
+        labels = [str(r["adapters"]) for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.27 for i in x], [r["mlora_tokens_per_s"] for r in rows], 0.27, label="mlora, N fused")
+        ax.bar([i for i in x], [r.get("peft_tokens_per_s", 0) for r in rows], 0.27, label="PEFT, one at a time")
+        ax.bar([i + 0.27 for i in x], [r.get("base_tokens_per_s", 0) for r in rows], 0.27,
+               label="frozen base (bound)")
+        ax.set_xticks(list(x), labels)
+        ax.set_xlabel("adapters")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{shape}, seq {result['meta']['seq']}, r={result['meta']['r']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Path) -> None:
+    """Where the time of one fused step goes: the top kernels by device time, and the count."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    bench = MloraBench(shape, s, device, dtype)
+    adapters = bench.adapters(n, rows, s.dropout)
+    ids = batch(n * rows, s.seq, bench.cfg.vocab_size, device, seed=n)
+    layout_rows = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(adapters)]
+    bench.model.train()
+
+    def step():
+        bench.layout.rows = layout_rows
+        sums = token_loss_sums(bench.model(ids), ids, layout_rows)
+        sum(ce / max(1, count) for ce, count in sums.values()).backward()
+        for a in adapters:
+            a.step()
+
+    for _ in range(2):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    kernels = sum(1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    path.write_text(f"{shape}, {n} adapters x {rows} rows x {s.seq}: {kernels / 2:.0f} device kernels per step\n"
+                    + table)
+    print(path.read_text()[:6000])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape (seconds)")
+    p.add_argument("--shapes", default="tinyllama-1.1b,llama2-7b")
+    p.add_argument("--adapters", default="1,2,4,8")
+    p.add_argument("--rows", type=int, default=None, help="rows per adapter (default per shape)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-extras", action="store_true", help="only the 4-adapter comparison")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    p.add_argument("--profile", default=None, metavar="TXT",
+                   help="instead of the benchmark: profile the core fused step of the first shape")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
+    args = p.parse_args(argv)
+    if args.plot_only:
+        result = json.loads(Path(args.out).read_text())
+        if not plot(result, Path(args.out).with_suffix(".png")):
+            raise SystemExit("bench_throughput: --plot-only needs matplotlib")
+        return result
+
+    if args.tiny:
+        args.shapes, args.seq, args.steps, args.warmup, args.adapters = "tiny", 32, 2, 1, "1,4"
+        args.device = args.device or "cpu"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    adapters = sorted(int(n) for n in args.adapters.split(","))
+    s = Settings(seq=args.seq, steps=args.steps, warmup=args.warmup)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        shape = args.shapes.split(",")[0]
+        profile(shape, args.rows or DEFAULT_ROWS[shape], 4 if 4 in adapters else adapters[-1], s, device, dtype,
+                Path(args.profile))
+        return {}
+
+    import peft
+    import transformers
+
+    result = {"meta": {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                       "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+                       "transformers": transformers.__version__, "peft": peft.__version__,
+                       "seq": s.seq, "r": s.r, "alpha": s.alpha, "dropout": s.dropout, "steps": s.steps,
+                       "warmup": s.warmup, "date": time.strftime("%Y-%m-%d")},
+              "runs": [], "summary": []}
+
+    def record(entry: dict) -> None:
+        result["runs"].append(entry)
+        result["summary"] = summarise(result["runs"])
+        out.write_text(json.dumps(result, indent=1))  # after every run: a timeout keeps what ran
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}
+        print(json.dumps(shown), flush=True)
+
+    for shape in args.shapes.split(","):
+        rows = args.rows or DEFAULT_ROWS[shape]
+        run_shape(shape, rows, s, adapters, device, dtype, not args.no_extras, record)
+    if plot(result, out.with_suffix(".png")):
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    else:
+        print(f"wrote {out} (no PNG: matplotlib is not installed)")
+    for row in result["summary"]:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

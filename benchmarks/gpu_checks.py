@@ -1,0 +1,127 @@
+"""Correctness checks that need a CUDA device (run by benchmarks/gpu_session.sh on a lent GPU).
+
+CI has no GPU, so the CPU test suite covers the same code paths with the CPU kernels; this
+script checks what only CUDA runs: the grouped LoRA kernel (torch._grouped_mm in bf16), and
+fused-vs-solo training with CUDA's dropout RNG. Prints one JSON line per check and exits
+non-zero if any fails.
+
+    python benchmarks/gpu_checks.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlora.lora as lora_module  # noqa: E402
+from mlora.adapter import Adapter  # noqa: E402
+from mlora.config import AdapterConfig  # noqa: E402
+from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora  # noqa: E402
+from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def tiny_model(device, dtype, layers=2):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = CausalLM(args_from_hf_config(cfg)).to(device=device, dtype=dtype).requires_grad_(False)
+    layout = BatchLayout()
+    return model, layout, inject_lora(model, layout)
+
+
+def lora_grads(device, dtype, kernel, names, rows_of, ids, dropout, seed=0):
+    """One fused forward/backward of adapters `names` (rows given by rows_of); returns
+    {adapter: flat gradient} and the per-adapter losses."""
+    model, layout, wrappers = tiny_model(device, dtype)
+    adapters = []
+    for n in names:
+        cfg = AdapterConfig(name=n, data="<check>", r=16, alpha=32, dropout=dropout,
+                            target_modules=list(TARGET_MODULES), batch_size=1, micro_batch_size=1)
+        a = Adapter(cfg, wrappers, seed=seed, device=device)
+        with torch.no_grad():  # B = 0 would hide errors in the B path
+            for p in a.parameters():
+                if p.shape[1] == 16:
+                    p.normal_(0, 0.02, generator=torch.Generator(device=device).manual_seed(hash(n) % 1000))
+        adapters.append(a)
+    rows = []
+    start = 0
+    for n in names:
+        rows.append(AdapterRows(n, start, start + rows_of[n]))
+        start += rows_of[n]
+    layout.rows = rows
+    model.train()
+    previous, lora_module.kernel = lora_module.kernel, kernel
+    try:
+        logits = model(ids)
+        sums = token_loss_sums(logits, ids, rows)
+        total = sum(ce / count for ce, count in sums.values())
+        total.backward()
+    finally:
+        lora_module.kernel = previous
+    grads = {a.name: torch.cat([p.grad.flatten() for p in a.parameters()]) for a in adapters}
+    losses = {n: (ce / count).item() for n, (ce, count) in sums.items()}
+    return grads, losses
+
+
+def check_fused_vs_solo(device, dtype, kernel, tol):
+    names = ["a", "b", "c", "d"]
+    rows_of = {n: 2 for n in names}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1024, (8, 128), generator=g).to(device)
+    fused, fused_loss = lora_grads(device, dtype, kernel, names, rows_of, ids, dropout=0.1)
+    worst = 0.0
+    for i, n in enumerate(names):
+        solo, solo_loss = lora_grads(device, dtype, "loop", [n], {n: 2}, ids[2 * i:2 * i + 2], dropout=0.1)
+        worst = max(worst, rel_err(fused[n], solo[n]), abs(fused_loss[n] - solo_loss[n]) / abs(solo_loss[n]))
+    return {"check": f"fused({kernel}) vs solo(loop) grads+loss, {dtype}", "max_rel_err": worst,
+            "tolerance": tol, "ok": worst <= tol}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cuda", help="cpu runs the same checks (a dry run)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    results = []
+    # Each kernel's fused run against solo runs of the loop kernel. fp32 is strict; in bf16
+    # different batch sizes pick different GEMM tilings, so rounding differs (looser tolerance).
+    # The grouped kernel runs only in bf16 on CUDA (fp32 falls back to the loop).
+    results.append(check_fused_vs_solo(device, torch.float32, "dense", 1e-4))
+    results.append(check_fused_vs_solo(device, torch.float32, "loop", 1e-4))
+    for kernel in ("dense", "grouped", "loop"):
+        results.append(check_fused_vs_solo(device, torch.bfloat16, kernel, 3e-2))
+    # The grouped kernel really runs on CUDA bf16 (else its benchmark row measures the loop).
+    calls = []
+    real = lora_module._GROUPED_MM
+    lora_module._GROUPED_MM = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        check_fused_vs_solo(device, torch.bfloat16, "grouped", 1.0)
+    finally:
+        lora_module._GROUPED_MM = real
+    results.append({"check": "kernel=grouped runs torch._grouped_mm on CUDA bf16", "grouped_calls": len(calls),
+                    "ok": len(calls) > 0})
+    for r in results:
+        print(json.dumps(r), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

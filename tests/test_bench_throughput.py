@@ -1,0 +1,59 @@
+"""benchmarks/bench_throughput.py: its --tiny CPU mode runs every system of the real
+benchmark end to end, and its summary ratios are the right quotients."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "benchmarks" / "bench_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_mode_runs_every_system(tmp_path):
+    bench = _load()
+    out = tmp_path / "throughput.json"
+    result = bench.main(["--tiny", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    runs = result["runs"]
+    assert {r["system"] for r in runs} == {"mlora", "mlora-base", "peft", "hf-base"}
+    assert all(r["tokens_per_s"] > 0 for r in runs)
+    mlora = [r for r in runs if r["system"] == "mlora"]
+    assert {r["n"] for r in mlora if r["role"] == "sweep"} == {1, 4}
+    assert {r["kernel"] for r in mlora if r["role"] == "ablation"} >= {"grouped", "loop"}
+    assert any(r["role"] == "memory" and r["n"] == 1 and r["rows"] == 4 * 2 for r in mlora)
+    assert all(r["estimated_peak_gib"] > 0 for r in runs if r["system"].startswith("mlora"))
+    # Tokens per step: every fused adapter brings the same rows.
+    four = next(r for r in mlora if r["n"] == 4 and r["role"] == "sweep")
+    assert four["tokens_per_step"] == 4 * 2 * result["meta"]["seq"]
+    assert [row["adapters"] for row in result["summary"]] == [1, 4]
+    pytest.importorskip("matplotlib")
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_summary_ratios_use_the_faster_bound_and_same_rows():
+    bench = _load()
+    runs = [
+        {"shape": "s", "system": "mlora", "n": 4, "rows": 8, "role": "sweep", "tokens_per_s": 60.0, "peak_gib": 11.0},
+        {"shape": "s", "system": "mlora", "n": 1, "rows": 32, "role": "memory", "tokens_per_s": 61.0, "peak_gib": 10.0},
+        {"shape": "s", "system": "mlora", "n": 4, "rows": 8, "role": "ablation", "tokens_per_s": 1.0, "peak_gib": 1.0},
+        {"shape": "s", "system": "peft", "n": 1, "rows": 8, "tokens_per_s": 30.0, "peak_gib": 5.0},
+        {"shape": "s", "system": "peft", "n": 1, "rows": 32, "tokens_per_s": 40.0, "peak_gib": 9.0},
+        {"shape": "s", "system": "mlora-base", "n": 0, "rows": 32, "tokens_per_s": 70.0, "peak_gib": 7.0},
+        {"shape": "s", "system": "hf-base", "n": 0, "rows": 32, "tokens_per_s": 80.0, "peak_gib": 7.0},
+        {"shape": "s", "system": "hf-base", "n": 0, "rows": 8, "tokens_per_s": 99.0, "peak_gib": 7.0},
+    ]
+    [row] = bench.summarise(runs)
+    assert row["adapters"] == 4
+    assert row["vs_peft"] == pytest.approx(60 / 30)  # PEFT with the same rows per adapter
+    assert row["base_system"] == "hf-base" and row["vs_frozen_base"] == pytest.approx(60 / 80)
+    assert row["peak_vs_one_adapter_same_rows"] == pytest.approx(11 / 10)
