@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import torch
 
+import mlora.lora
+from mlora.errors import UserError
 from mlora.models.llama import ModelArgs, module_sequence
 
 GiB = 2**30
@@ -161,7 +163,8 @@ class MemoryEstimate:
 def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torch.dtype,
                         lora: Iterable[Any] = (), recompute: bool = False, quant: Any = None,
                         double_quant: bool = False, parts: Sequence[str] | None = None,
-                        shared_lora_inputs: bool = True, explicit_mask: bool | None = None) -> MemoryEstimate:
+                        shared_lora_inputs: bool = True, explicit_mask: bool | None = None,
+                        active_adapters: int | None = None, lora_kernel: str | None = None) -> MemoryEstimate:
     """Peak device memory of forward + loss + backward of one fused batch of `rows` rows of
     `seq_len` tokens (padding included), by this implementation, on CUDA.
 
@@ -177,6 +180,10 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     explicit_mask: SDPA gets a mask tensor (left padding, packed rows, a sliding window shorter
     than the sequence): K/V are repeated to all heads and a float mask is saved per layer.
     None = only when a layer's sliding window is shorter than `seq_len`.
+    active_adapters: the most adapters one fused batch holds (train_lora_simultaneously_num);
+    None = all of `lora`. Only the dense LoRA kernel's cost depends on it (see below).
+    lora_kernel: lora.py's kernel choice ('auto', 'dense', 'grouped', 'loop'); None = the one
+    lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL).
 
     What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
       RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)
@@ -185,8 +192,15 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                         (an 8-bit bitsandbytes layer does keep its input; 4-bit does not)
       LoRA, per input group (see _INPUT_GROUPS): no dropout -> the input itself [N, in]
                         (shared with whatever else keeps it); dropout -> the 0/1 mask and the
-                        dropped-out copy, 2 x [N, in]; plus every adapter's hidden A(x) [N, r]
-                        per target and the weights cast to the activation dtype (per layer)
+                        dropped-out copy, 2 x [N, in]; plus the hidden A(x), kept for B's
+                        gradient, and the weights cast to the activation dtype (per layer).
+                        The hidden depends on the kernel (lora.py): the loop and grouped
+                        kernels keep each row's own adapter's [N, r] per target (the costliest
+                        adapter bounds it); the dense kernel (auto: up to DENSE_MAX_ADAPTERS
+                        adapters in a batch) multiplies every row by every adapter's A, so it
+                        keeps [N, C] with C = the sum of r x targets over the batch's adapters,
+                        and, with more than one adapter, the bool [N, C] mask that zeroes the
+                        other adapters' columns: (e + 1) x C bytes per token
       RoPE              only cos/sin (shared): rotate_half/cat/mul keep no activation
       SDPA              q [N, nh*D], k, v [N, nkv*D] (nh*D when repeated), out [N, nh*D] (the
                         o_proj input, a view), logsumexp fp32 [nh, N] (+ the float mask
@@ -201,8 +215,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     peaks at N*V*(e + 12) bytes, usually the step's peak.
 
     Checked on one H200 (torch 2.11) against torch.cuda.max_memory_allocated of the trainer's
-    forward + loss + backward: 0.3-1.4% above the measured peak over 17 shapes, adapter counts
-    and settings (tests/test_memory.py::H200_MEASURED), never below.
+    forward + loss + backward (and, for the later points, AdamW steps): 0.0-2.2% above the
+    measured peak over 29 shapes, adapter counts, kernels and settings
+    (tests/test_memory.py::H200_MEASURED), never below.
 
     Not modelled: the optimizer step's temporaries (taken after the activations are freed);
     several micro-batches in flight on a pipeline stage (multiply `activations` by them);
@@ -224,7 +239,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                             for i in stage.layers)
 
     layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
-                                   explicit_mask=explicit_mask, seq_len=seq_len)
+                                   explicit_mask=explicit_mask, seq_len=seq_len,
+                                   active=active_adapters, kernel=lora_kernel)
     per_layer = {name: math.ceil(v * N) for name, v in layer.items()}
     per_layer["lora_casts"] = _lora_cast_bytes(args, e, adapters)
     one_layer = sum(per_layer.values())
@@ -260,7 +276,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
 
 def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *, shared: bool,
-                           quant: str | None, explicit_mask: bool, seq_len: int) -> dict[str, float]:
+                           quant: str | None, explicit_mask: bool, seq_len: int,
+                           active: int | None = None, kernel: str | None = None) -> dict[str, float]:
     """Bytes per token that one decoder layer keeps for the backward, by what keeps them."""
     H, I, D = args.hidden_size, args.intermediate_size, args.head_dim
     nh, nkv = args.num_heads, args.num_kv_heads
@@ -282,10 +299,33 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     for group, members in _INPUT_GROUPS:
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
                                                       shared, quant)
-    # Every adapter's A(x) for each target [N, r], kept for B's gradient; a token belongs to one
-    # adapter, so the costliest adapter bounds the batch.
-    out["lora_hidden"] = max((a.r * len(a.target_modules) * e for a in adapters), default=0)
+    out.update(_lora_hidden_per_token(adapters, e, shared, active, kernel))
     return out
+
+
+def _lora_hidden_per_token(adapters: list[LoraShape], e: int, shared: bool, active: int | None,
+                           kernel: str | None) -> dict[str, int]:
+    """The LoRA hidden A(x) that the B matmuls keep for their weight gradient, and the dense
+    kernel's column mask, bytes per token of one layer (summed over its input groups)."""
+    columns = sorted((a.r * len(a.target_modules) for a in adapters), reverse=True)  # per adapter
+    if not columns:
+        return {"lora_hidden": 0, "lora_mask": 0}
+    kernel = mlora.lora.kernel if kernel is None else kernel
+    if kernel not in mlora.lora.KERNELS:
+        raise ValueError(f"lora_kernel must be one of {mlora.lora.KERNELS}, got {kernel!r}")
+    in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
+    # How many adapters a dense batch can hold: every batch under 'dense'; under 'auto' the
+    # batches of up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
+    dense = {"dense": in_batch, "auto": min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)}.get(kernel, 0)
+    if not shared:  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
+        dense = 0
+    if dense == 0:
+        # Each row's own adapter's [N, r] per target: the costliest adapter bounds the batch.
+        return {"lora_hidden": columns[0] * e, "lora_mask": 0}
+    # [N, C] over every row for the batch's (costliest) adapters, and with more than one of
+    # them the bool [N, C] mask the product saves for its backward.
+    width = sum(columns[:dense])
+    return {"lora_hidden": width * e, "lora_mask": width if dense > 1 else 0}
 
 
 def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: int,
