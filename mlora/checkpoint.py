@@ -34,8 +34,11 @@ def run_fingerprint(session) -> dict:
     settings that shape the batches, the base model and the data."""
     cfg = session.cfg
     adapters = {a.name: {k: v for k, v in asdict(a).items()} for a in cfg.lora}
-    globals_ = {k: v for k, v in asdict(cfg).items() if k not in ("lora", "output_dir", "save_step",
-                                                                    "save_total_limit")}
+    # Not part of it: where and how often to save, and what changes memory but not results:
+    # recompute (bit-identical, tested) and memory_fraction (its budget is saved in every
+    # checkpoint and replayed), so a run that ran out of memory can resume with either changed.
+    ignored = ("lora", "output_dir", "save_step", "save_total_limit", "recompute", "memory_fraction")
+    globals_ = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     base_cfg = (Path(session.base_dir) / "config.json").read_bytes()
     data = {name: hashlib.sha256(json.dumps([ex.input_ids for ex in d.train]).encode()).hexdigest()[:16]
             for name, d in session.data.items()}

@@ -86,6 +86,9 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None  # padded-token budget of one fused batch (fast-fit, optimal-fit)
     packing: bool = False  # pack several sequences of one adapter into each row (up to cutoff_len)
     recompute: bool = False  # activation checkpointing of every decoder layer while training
+    # Share of the free device memory (CUDA) a fused batch may use: sizes the automatic token
+    # budget of fast-fit / optimal-fit when max_tokens_per_batch is null (memory.plan_token_budget).
+    memory_fraction: float = 0.9
 
 
 def adapter_seed(seed: int, name: str) -> int:
@@ -151,6 +154,7 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     top.integer("max_tokens_per_batch", _POSITIVE, nullable=True)
     top.boolean("packing")
     top.boolean("recompute")
+    top.number("memory_fraction", _FRACTION)
 
     entries = top.require("lora")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -309,6 +313,7 @@ class _Bound:
 _POSITIVE = _Bound("> 0", lambda v: v > 0)
 _NON_NEGATIVE = _Bound(">= 0", lambda v: v >= 0)
 _UNIT = _Bound("in [0, 1)", lambda v: 0 <= v < 1)
+_FRACTION = _Bound("in (0, 1]", lambda v: 0 < v <= 1)
 # numpy and torch both take seeds in this range.
 _SEED_RANGE = _Bound("in [0, 2**63)", lambda v: 0 <= v < 2**63)
 

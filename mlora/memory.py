@@ -5,7 +5,9 @@ batch turns out not to fit after all.
 lora.py, loss.py, trainer.py's `_train_on`): for every op of a decoder layer it counts what
 autograd keeps for the backward, then adds the head's cross-entropy peak, the backward's
 working set, the frozen weights and the adapters' trainable state. `choose_token_budget`
-inverts it: the most tokens per fused batch whose estimate fits the free memory.
+inverts it: the most tokens per fused batch whose estimate fits the free memory, and
+`plan_token_budget` is what the trainer makes of that for a config (the automatic budget of
+fast-fit / optimal-fit on CUDA, or a warning).
 `run_splitting_on_oom` is the safety net for what a model cannot foresee (fragmentation,
 another process on the GPU): a batch that runs out of memory is halved and run again.
 
@@ -215,9 +217,11 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     peaks at N*V*(e + 12) bytes, usually the step's peak.
 
     Checked on one H200 (torch 2.11) against torch.cuda.max_memory_allocated of the trainer's
-    forward + loss + backward (and, for the later points, AdamW steps): 0.0-2.2% above the
-    measured peak over 29 shapes, adapter counts, kernels and settings
-    (tests/test_memory.py::H200_MEASURED), never below.
+    forward + loss + backward (and, for the later points, whole steps with AdamW): never below
+    the measured peak over 33 shapes, adapter counts, kernels and settings
+    (tests/test_memory.py::H200_MEASURED), 0.4-2.4% above it for all but the first series'
+    small multi-adapter points with recompute (3-9% above: that series took no optimizer
+    step, so it lacks the AdamW moments the estimate counts, a large share of a small peak).
 
     Not modelled: the optimizer step's temporaries (taken after the activations are freed);
     several micro-batches in flight on a pipeline stage (multiply `activations` by them);
@@ -496,6 +500,82 @@ def choose_token_budget(args: ModelArgs, *, free_bytes: int, seq_len: int, dtype
     return fits * seq_len
 
 
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What the trainer does about memory before it starts: the fused batches' token budget
+    (None = no limit) and, maybe, one line to print on stderr about it."""
+
+    max_tokens: int | None
+    note: str | None = None
+
+
+FITTED_STRATEGIES = ("fast-fit", "optimal-fit")
+
+
+def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtype: torch.dtype,
+                      quant: Any = None, parts: Sequence[str] | None = None) -> BudgetPlan:
+    """Memory-aware admission for a run of `cfg` (a TrainConfig) on a base of shape `args`.
+
+    free_bytes: what the device can still allocate with the base loaded and no adapter yet
+    (`device_free_bytes`); None (not CUDA) leaves everything as configured.
+    fast-fit / optimal-fit with no `max_tokens_per_batch`: the budget is the most tokens
+    (whole rows of cutoff_len) whose estimated peak fits `memory_fraction` of the free memory;
+    a UserError when not even one row fits. With a configured budget, or with `trivial` (which
+    has no budget), a warning when the largest batch may not fit: split-and-retry will catch
+    it. Every adapter of the config counts as resident (the trainer builds them all), and a
+    fused batch holds up to train_lora_simultaneously_num of them."""
+    configured = cfg.max_tokens_per_batch
+    if free_bytes is None:
+        return BudgetPlan(configured)
+    fraction = cfg.memory_fraction
+    lora = [LoraShape.of(a) for a in cfg.lora]
+    active = cfg.train_lora_simultaneously_num or len(lora)
+    # Left-padded and packed rows give SDPA an explicit mask (None: only for sliding windows).
+    mask = True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
+    common = dict(seq_len=cfg.cutoff_len, dtype=dtype, lora=lora, recompute=cfg.recompute, quant=quant,
+                  parts=parts, explicit_mask=mask, active_adapters=active)
+    where = f"{fraction:.0%} of {_size(free_bytes)} free"
+    micro_rows = sorted((a.micro_batch_size or a.batch_size for a in cfg.lora), reverse=True)
+
+    def need(rows: int) -> int:  # the weights are resident already: free_bytes is net of them
+        est = estimate_peak_bytes(args, rows=rows, **common)
+        return est.total - est.weights
+
+    if cfg.train_strategy in FITTED_STRATEGIES:
+        tokens = choose_token_budget(args, free_bytes=free_bytes, fraction=fraction, **common)
+        if configured is None:
+            if tokens == 0:
+                fixes = "lower cutoff_len" if cfg.recompute else "set \"recompute\": true, lower cutoff_len"
+                raise UserError(
+                    f"memory_fraction {fraction}: not even one row of cutoff_len {cfg.cutoff_len} tokens "
+                    f"is estimated to fit in {where} (one row needs about {_size(need(1))}); "
+                    f"{fixes}, train fewer adapters at once, or raise memory_fraction")
+            note = f"mlora: token budget {tokens} (estimated to fit {where})"
+            if micro_rows[0] * cfg.cutoff_len > tokens:
+                note += (f"; a micro-batch of more than {tokens // cfg.cutoff_len} full rows runs alone, "
+                         f"split and retried if it runs out of memory")
+            return BudgetPlan(tokens, note)
+        if configured > tokens:
+            return BudgetPlan(configured, (
+                f"mlora: warning: max_tokens_per_batch {configured} is above the {tokens} tokens estimated "
+                f"to fit {where}; a batch that runs out of memory will be split and retried"))
+        return BudgetPlan(configured)
+    # trivial: the largest fused batch takes the micro-batches of the `active` adapters with
+    # the most rows, every row cutoff_len tokens (packed rows are no longer than that).
+    rows = sum(micro_rows[:active])
+    needed = need(rows)
+    if needed > fraction * free_bytes:
+        return BudgetPlan(configured, (
+            f"mlora: warning: the largest fused batch ({rows} rows of {cfg.cutoff_len} tokens) is estimated "
+            f"to need {_size(needed)}, more than {where}; batches that run out of memory will be "
+            f"split and retried (train_strategy fast-fit or optimal-fit would size batches to fit)"))
+    return BudgetPlan(configured)
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+
+
 def device_free_bytes(device: torch.device | str) -> int | None:
     """Bytes this process can still allocate on a CUDA device: the driver's free memory plus
     what PyTorch's caching allocator holds but has not handed out. None off CUDA."""
@@ -596,15 +676,36 @@ def _first_line(err: BaseException) -> str:
 def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
     """Make a forward + backward all-or-nothing for the gradients of `params`: if the block
     raises (an OOM halfway through the backward, say), every `.grad` is put back as it was, so
-    a retry does not count the layers already back-propagated twice. Copies the existing
-    gradients (LoRA-sized, small next to the activations); none are copied at a step's start."""
+    a retry does not count the layers already back-propagated twice.
+
+    Nothing is copied: the gradients accumulated so far are set aside (`.grad = None`), the
+    block's backward writes fresh ones, and on success each is added into the set-aside one in
+    place - the very `old += new` that autograd's accumulation would have done, so the result
+    is bit-identical to running the block unprotected. The cost: when gradients were already
+    accumulated (not at the first micro-batch of an optimizer step, when every `.grad` is
+    None), the block's fresh gradients live until it ends instead of being added in one by one.
+    They pile up as the backward goes down the layers, while those layers' activations, far
+    larger, are freed, so the step's peak (in the head or the last layer) does not move."""
     params = list(params)
-    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
     try:
         yield
     except BaseException:
-        for p, g in zip(params, saved):
-            p.grad = g
+        for p, old in zip(params, saved):
+            p.grad = old
         raise
+    else:
+        olds, news = [], []
+        for p, old in zip(params, saved):
+            if old is None:
+                continue  # the block's gradient (or still none) is the whole gradient
+            if p.grad is not None:
+                olds.append(old)
+                news.append(p.grad)
+            p.grad = old
+        if olds:
+            torch._foreach_add_(olds, news)  # one fused launch for hundreds of LoRA tensors
     finally:
         del saved

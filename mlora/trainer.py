@@ -5,6 +5,12 @@ It can stop and resume exactly: a resumable checkpoint (see checkpoint.py) holds
 adapter's state at one fused-batch iteration, and because the batch stream is a pure function
 of the config, data and seed, a resumed run replays the stream up to that iteration without
 computing anything and goes on as if it had never stopped.
+
+Memory: on CUDA, fast-fit and optimal-fit get a token budget from the memory model when the
+config sets none (memory.plan_token_budget; it is saved in the checkpoints, so a resumed run
+replays the same batches whatever memory is free then). And a fused batch that still runs out
+of device memory is split in halves and retried (memory.run_splitting_on_oom), down to single
+examples; see `_train_on`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +33,10 @@ from mlora.batching import adapter_stream, fuse, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
+from mlora.lora import clear_lora_caches
 from mlora.loss import token_loss_sums
+from mlora.memory import (UnsplittableOOM, device_free_bytes, grads_restored_on_error, plan_token_budget,
+                          run_splitting_on_oom)
 from mlora.metrics import MetricsLog
 from mlora.session import Session
 from mlora.strategies import fused_batches
@@ -94,6 +103,8 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.resume = resume
         self.fingerprint = checkpoint.run_fingerprint(session)
+        # Before the adapters take any device memory: the plan counts their state itself.
+        self.max_tokens = self._plan_budget()
         self.runs: dict[str, AdapterProgress] = {}
         for position, a in enumerate(self.cfg.lora):
             steps = total_steps(len(session.data[a.name].train), a)
@@ -113,21 +124,44 @@ class Trainer:
         self.elapsed_before = 0.0
         self.started = time.perf_counter()
         self.stopped: set[str] = set()
+        self._attempt: list = []  # the examples of the fused batch being tried (see _train_on)
 
     @property
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def _plan_budget(self) -> int | None:
+        """The fused batches' token budget: the config's, or on CUDA for fast-fit/optimal-fit
+        the one the memory model picks (memory.plan_token_budget), said on stderr."""
+        session = self.session
+        free = device_free_bytes(session.device) if session.model is not None else None
+        if free is None:
+            return self.cfg.max_tokens_per_batch
+        plan = plan_token_budget(self.cfg, session.model.args, free_bytes=free, dtype=session.dtype,
+                                 quant=session.quant)
+        if plan.note:
+            print(plan.note, file=sys.stderr)
+        return plan.max_tokens
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, dict]:
         cfg, session = self.cfg, self.session
         streams = {a.name: adapter_stream(session.data[a.name].train, a, adapter_seed(cfg.seed, a.name))
                    for a in cfg.lora}
+        state = checkpoint.latest_loadable(self.out, self.fingerprint) if self.resume else None
+        if state is not None:
+            # Replay the batches exactly as they ran: with the budget they ran with (a
+            # checkpoint from before budgets were saved ran with the configured one).
+            saved = state.get("max_tokens_per_batch", cfg.max_tokens_per_batch)
+            if saved != self.max_tokens:
+                budget = "no token budget" if saved is None else f"token budget {saved}"
+                print(f"mlora: {budget} (as the run being resumed)", file=sys.stderr)
+            self.max_tokens = saved
         batches = fused_batches(cfg.train_strategy, streams, cfg.train_lora_candidate_num,
-                                cfg.train_lora_simultaneously_num, cfg.max_tokens_per_batch, self.stopped,
+                                cfg.train_lora_simultaneously_num, self.max_tokens, self.stopped,
                                 pack_len=self.pack_len)
-        if self.resume:
-            metrics_bytes = self._restore(batches)
+        if state is not None:
+            metrics_bytes = self._restore(batches, state)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
         else:
             checkpoint.clear(self.out)
@@ -158,32 +192,90 @@ class Trainer:
                 run.bar.close()
 
     def _train_on(self, parts) -> bool:
-        """One fused batch; returns whether a save_step boundary was crossed."""
-        session = self.session
+        """One fused batch; returns whether a save_step boundary was crossed.
+
+        Forward + loss + backward run through `run_splitting_on_oom` over the batch's examples:
+        when the device runs out of memory, the batch is split in halves (across adapters, and
+        within one adapter's micro-batch down to single examples) and each half runs on its own.
+        That leaves the gradients as they would be (each adapter's CE sum is divided by its whole
+        step's label-token count, so halves add up like micro-batches do), and a failed attempt
+        leaves none behind (`grads_restored_on_error`). Retried halves draw fresh dropout masks:
+        the failed attempt's draws are not rewound, so a run with dropout that hit an OOM is not
+        bit-identical to one that did not (it is with dropout 0, up to summation order). The
+        bookkeeping below sees whole micro-batches, split or not."""
         t0 = time.perf_counter()
-        batch = fuse(parts, session.pad_id, pack_len=self.pack_len).to(session.device)
-        session.layout.rows = batch.rows
-        logits = session.model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
-                               document_ids=batch.document_ids)  # [B, S, V]
-        # Packing leaves the loss as it is: the same label tokens are targets (a packed
-        # sequence's first token never is, nor is it unpacked), so the CE sum and the step's
-        # token count, the normaliser, are those of the unpacked batch.
-        sums = token_loss_sums(logits, batch.labels, batch.rows)
-        total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in parts)
-        total.backward()
-        del logits, total
+        items = [(i, ex) for i, part in enumerate(parts) for ex in part.examples]
+        params = [p for part in parts for p in self.runs[part.adapter].adapter.parameters()]
+        try:
+            chunks = run_splitting_on_oom(lambda chunk: self._forward_backward(parts, chunk, params), items,
+                                          on_split=self._report_split)
+        except UnsplittableOOM as err:
+            raise self._unsplittable(parts, err) from None
+        ce_sums, counts = [0.0] * len(parts), [0] * len(parts)
+        for sums in chunks:
+            for i, (ce_sum, count) in sums.items():
+                ce_sums[i] += ce_sum.item()
+                counts[i] += count
         seconds = time.perf_counter() - t0
         save_due = False
-        for part in parts:
+        for i, part in enumerate(parts):
             run = self.runs[part.adapter]
-            ce_sum, count = sums[part.adapter]
-            run.step.loss += ce_sum.item() / max(1, part.step_label_tokens)
-            run.step.label_tokens += count
+            run.step.loss += ce_sums[i] / max(1, part.step_label_tokens)
+            run.step.label_tokens += counts[i]
             run.step.input_tokens += sum(len(ex.input_ids) for ex in part.examples)
             run.busy_seconds += seconds
             if part.last_in_step:
                 save_due |= self._finish_step(run, part.epoch)
         return save_due
+
+    def _forward_backward(self, parts, chunk, params) -> dict[int, tuple[torch.Tensor, int]]:
+        """Forward, loss and backward of the examples `chunk` ((part index, example) pairs) of
+        the fused batch `parts`; returns {part index: (CE sum, label tokens)} of its pieces.
+        All or nothing: if it raises, the LoRA gradients are as they were before."""
+        session = self.session
+        self._attempt = chunk
+        pieces: dict[int, list] = {}
+        for i, ex in chunk:
+            pieces.setdefault(i, []).append(ex)
+        # Each piece is its adapter's micro-batch cut down to the chunk's examples; it keeps the
+        # whole step's label-token count, the loss normaliser.
+        micro = [parts[i] if len(exs) == len(parts[i].examples) else replace(parts[i], examples=exs)
+                 for i, exs in pieces.items()]
+        with grads_restored_on_error(params):
+            try:
+                batch = fuse(micro, session.pad_id, pack_len=self.pack_len).to(session.device)
+                session.layout.rows = batch.rows
+                logits = session.model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+                                       document_ids=batch.document_ids)  # [B, S, V]
+                # Packing leaves the loss as it is: the same label tokens are targets (a packed
+                # sequence's first token never is, nor is it unpacked), so the CE sum and the
+                # step's token count, the normaliser, are those of the unpacked batch.
+                sums = token_loss_sums(logits, batch.labels, batch.rows)
+                total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in micro)
+                total.backward()
+            except BaseException:
+                # The input groups may still hold this attempt's inputs: a retry must not.
+                clear_lora_caches(session.wrappers)
+                raise
+        return {i: (sums[p.adapter][0].detach(), sums[p.adapter][1]) for i, p in zip(pieces, micro)}
+
+    def _report_split(self, left, right) -> None:
+        unit = "sequences" if self.pack_len else "rows"
+        tqdm.write(f"mlora: out of memory on a batch of {len(left) + len(right)} {unit}; retrying in halves",
+                   file=sys.stderr)
+
+    def _unsplittable(self, parts, err: UnsplittableOOM) -> UserError:
+        """The one-line error for a single example that does not fit even alone."""
+        (i, ex), = self._attempt
+        cause = err.__cause__ if err.__cause__ is not None else err
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if len(detail) > 160:
+            detail = detail[:157] + "..."
+        fixes = "lower cutoff_len" if self.cfg.recompute else "set \"recompute\": true, lower cutoff_len"
+        return UserError(f"out of device memory on a single example of adapter {parts[i].adapter!r} "
+                         f"({len(ex.input_ids)} tokens, cutoff_len {self.cfg.cutoff_len}), even after splitting "
+                         f"its fused batch down to it; {fixes}, train fewer or smaller adapters (their state stays on "
+                         f"the device), or free device memory ({detail})")
 
     def _finish_step(self, run: AdapterProgress, epoch: int) -> bool:
         adapter, session = run.adapter, self.session
@@ -241,7 +333,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self) -> Path:
         state = {"iteration": self.iteration, "elapsed": self.elapsed,
-                 "metrics_bytes": self.metrics.tell(), "adapters": {}}
+                 "metrics_bytes": self.metrics.tell(), "max_tokens_per_batch": self.max_tokens,
+                 "adapters": {}}
         for name, run in self.runs.items():
             state["adapters"][name] = {
                 **run.adapter.state_for_checkpoint(),
@@ -251,8 +344,7 @@ class Trainer:
         return checkpoint.write_checkpoint(self.out, self.iteration, state, self.fingerprint,
                                            self.cfg.save_total_limit)
 
-    def _restore(self, batches) -> int:
-        state = checkpoint.latest_loadable(self.out, self.fingerprint)
+    def _restore(self, batches, state: dict) -> int:
         target = state["iteration"]
         stops = {}
         for name, saved in state["adapters"].items():

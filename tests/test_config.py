@@ -249,6 +249,19 @@ def test_global_out_of_range(workdir, key, value, expected):
     assert error({"lora": [adapter()], key: value}) == f"cfg.json: {expected}"
 
 
+def test_memory_fraction(workdir):
+    assert parse().memory_fraction == 0.9
+    assert parse(memory_fraction=1).memory_fraction == 1.0  # an int is a number; 1 is allowed
+    assert parse(memory_fraction=0.5).memory_fraction == 0.5
+    for value in (0, -0.1, 1.01):
+        assert error({"lora": [adapter()], "memory_fraction": value}) == \
+            f"cfg.json: 'memory_fraction' must be in (0, 1], got {value!r}"
+    for value, shown in (("0.9", "str '0.9'"), (True, "bool True"), (None, "null")):
+        assert error({"lora": [adapter()], "memory_fraction": value}) == \
+            f"cfg.json: 'memory_fraction' must be a number, got {shown}"
+    assert "did you mean 'memory_fraction'?" in error({"lora": [adapter()], "memory_fracton": 0.8})
+
+
 def test_nan_is_not_a_number(workdir):
     assert "'lr' must be a number" in adapter_error(lr=float("nan"))
 

@@ -106,9 +106,12 @@ def test_sigterm_writes_a_checkpoint_and_resumes(tmp_path, tiny_llama, reference
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "resume with: mlora train" in stderr and "--resume" in stderr
     assert len(list_checkpoints(out)) == 1
+    # Resume with recompute on and another memory_fraction (what a user does after running out
+    # of memory): neither changes results, so the checkpoint accepts them.
+    cfg = write_config(tmp_path, out, save_step=0, recompute=True, memory_fraction=0.5)
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 0
     ref_cfg = json.loads((tmp_path / f"config_{out.name}.json").read_text())
-    assert ref_cfg["save_step"] == 0
+    assert ref_cfg["save_step"] == 0 and ref_cfg["recompute"] is True
     for name in ("a", "b"):  # save_step differs from the reference run, the training does not
         assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
                         load_file(reference / name / "adapter_model.safetensors")) <= 1e-6
