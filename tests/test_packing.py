@@ -297,8 +297,8 @@ def test_bad_value_is_one_line_error_naming_the_key(tmp_path, monkeypatch, key):
         assert "\n" not in message and f"'{key}'" in message and message.startswith("cfg.json: ")
 
 
-@pytest.mark.parametrize("key", ["packing", "recompute"])
-def test_pipeline_rejects_packing_and_recompute(tmp_path, tiny_llama, capsys, key):
+def test_pipeline_rejects_packing(tmp_path, tiny_llama, capsys):
+    key = "packing"
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["a"], out, **{key: True})
     code = main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",

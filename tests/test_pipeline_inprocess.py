@@ -146,3 +146,30 @@ def test_pipeline_applies_lora_dropout(tmp_path, pipe_model, single_runs):
     for name in ("p0", "p1"):
         assert rel_diff(load_file(tmp_path / "out" / name / "adapter_model.safetensors"),
                         load_file(single_out / name / "adapter_model.safetensors")) > 1e-3
+
+
+def test_pipeline_recompute_equals_no_recompute_with_dropout(tmp_path, pipe_model, single_runs, monkeypatch):
+    """Each stage checkpoints its layers; the recomputation runs in a micro-batch's backward,
+    after later micro-batches of the same adapter drew their masks, and must still replay
+    exactly the masks of its own forward."""
+    import json
+
+    import mlora.models.llama as llama
+
+    _, cfg_path, _ = single_runs(2)
+    cfg = json.loads(cfg_path.read_text())
+    for adapter in cfg["lora"]:
+        adapter["dropout"] = 0.3
+    outs = {}
+    calls = []
+    real = llama.checkpointed_layer
+    monkeypatch.setattr(llama, "checkpointed_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for recompute in (False, True):
+        path = tmp_path / f"recompute_{recompute}.json"
+        path.write_text(json.dumps({**cfg, "recompute": recompute}))
+        run_threads(pipe_model, path, tmp_path / f"out_{recompute}", 3, [3, 2, 2])
+        outs[recompute] = tmp_path / f"out_{recompute}"
+        assert bool(calls) == recompute
+    for name in ("p0", "p1"):
+        assert rel_diff(load_file(outs[True] / name / "adapter_model.safetensors"),
+                        load_file(outs[False] / name / "adapter_model.safetensors")) <= 1e-6

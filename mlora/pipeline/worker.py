@@ -136,6 +136,11 @@ class StageWorker:
                 self.micro[mb] = part
                 refs.append(MicroBatchRef(mb, a.name, part.step, part.last_in_step))
             streams[a.name] = refs
+        # recompute: each stage checkpoints its own layers; the recomputation (in a micro-batch's
+        # backward, after other micro-batches ran forward) replays the dropout masks from the
+        # adapters' generators as they were at that micro-batch's forward.
+        session.model.recompute = cfg.recompute
+        session.model.rng_generators = [a.dropout_generator for a in self.adapters.values()]
         self.plans = [build_plan(self.world, seg) for seg in segments_of(streams, cfg.save_step)]
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
@@ -145,7 +150,7 @@ class StageWorker:
         self.signals = signals
         self.stop_from_later: int | None = None
 
-        self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor, list[AdapterRows]]] = {}
         self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
         self.frozen: set[str] = set()  # adapters stopped by on_nan: "stop"
         self.norm_to_send: dict[str, tuple[int, float]] = {}  # rank 0: norms of finished steps
@@ -233,10 +238,13 @@ class StageWorker:
         else:
             self.transport.send(self.rank + 1, header,
                                 [out.detach(), labels] + ([mask] if mask is not None else []))
-        self.inflight[mb] = (None if self.first else x, out)
+        self.inflight[mb] = (None if self.first else x, out, self.session.layout.rows)
 
     def backward(self, mb: int) -> None:
-        x, out = self.inflight.pop(mb)
+        x, out, rows = self.inflight.pop(mb)
+        # Other micro-batches ran forward since: with recompute, this one's layers run again
+        # during its backward and must see its own row layout.
+        self.session.layout.rows = rows
         adapter, step, last_in_step = self.mb_info(mb)
         norm_sq_above = 0.0
         if self.last:
