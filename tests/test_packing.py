@@ -297,16 +297,6 @@ def test_bad_value_is_one_line_error_naming_the_key(tmp_path, monkeypatch, key):
         assert "\n" not in message and f"'{key}'" in message and message.startswith("cfg.json: ")
 
 
-def test_pipeline_rejects_packing(tmp_path, tiny_llama, capsys):
-    key = "packing"
-    out = tmp_path / "out"
-    cfg = make_config(tmp_path, ["a"], out, **{key: True})
-    code = main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",
-                 "--pipeline", "--world_size", "2", "--rank", "0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and f"'{key}: true'" in err and "--pipeline" in err
-    assert not out.exists()
-
 
 def test_left_padding_never_predicts_a_first_token_from_a_pad():
     # A text row trains every token, position 0 included; left-padded, that label must still

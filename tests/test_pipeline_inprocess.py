@@ -173,3 +173,26 @@ def test_pipeline_recompute_equals_no_recompute_with_dropout(tmp_path, pipe_mode
     for name in ("p0", "p1"):
         assert rel_diff(load_file(outs[True] / name / "adapter_model.safetensors"),
                         load_file(outs[False] / name / "adapter_model.safetensors")) <= 1e-6
+
+
+def test_pipeline_with_packing_equals_single_process_with_packing(tmp_path, pipe_model, single_runs, monkeypatch):
+    """Packed rows travel through the stages with their positions and document ids: a 3-rank
+    pipeline with packing trains what one process with packing trains (dropout 0)."""
+    import json
+
+    import mlora.pipeline.worker as worker
+    from mlora.cli import main
+
+    _, cfg_path, _ = single_runs(2)
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(packing=True, cutoff_len=256)
+    packed_cfg = tmp_path / "packed.json"
+    packed_cfg.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "single")}))
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(packed_cfg), "--no_progress"]) == 0
+    rows = []  # (examples, packed rows) of each micro-batch rank 0 fused
+    real = worker.fuse
+    monkeypatch.setattr(worker, "fuse", lambda parts, pad, pack_len=None: (
+        lambda b: (rows.append((len(parts[0].examples), b.input_ids.shape[0])), b)[1])(real(parts, pad, pack_len)))
+    run_threads(pipe_model, packed_cfg, tmp_path / "pipe", 3, [3, 2, 2])
+    assert any(packed < examples for examples, packed in rows), rows  # rows really were packed
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)

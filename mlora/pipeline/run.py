@@ -107,8 +107,6 @@ def train_pipeline(args) -> int:
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
                            device=place.device, dtype=args.dtype, seed=args.seed,
                            quant=quant_config(args), load_base=False)
-    if session.cfg.packing:  # the stage worker runs plain padded rows only
-        raise UserError(f"{args.config}: 'packing: true' is not supported with --pipeline; set it to false")
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     if place.rank in (0, place.world_size - 1):
         prepare_output_dir(session.cfg.output_dir)

@@ -121,6 +121,8 @@ class StageWorker:
         self.rank, self.world = transport.rank, transport.world_size
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
         self.device = session.device
+        # Packed rows hold up to cutoff_len tokens, as in the single-process trainer.
+        self.pack_len = cfg.cutoff_len if cfg.packing else None
         self.out = Path(cfg.output_dir)
         self.base_name = str(Path(session.base_dir).resolve())
 
@@ -204,28 +206,35 @@ class StageWorker:
     def forward(self, mb: int) -> None:
         if self.first:
             part = self.micro[mb]
-            batch = fuse([part], self.session.pad_id)
+            batch = fuse([part], self.session.pad_id, pack_len=self.pack_len)
             header = {"kind": "F", "mb": mb, "adapter": part.adapter, "step": part.step,
                       "epoch": part.epoch, "step_tokens": part.step_label_tokens,
                       "input_tokens": sum(len(ex.input_ids) for ex in part.examples),
-                      "rows": len(part.examples), "mask": batch.attention_mask is not None,
+                      "rows": batch.input_ids.shape[0], "mask": batch.attention_mask is not None,
+                      "packed": batch.position_ids is not None,
                       "norm": self.norm_to_send.pop(part.adapter, None)}
             x = batch.input_ids.to(self.device)
             labels = batch.labels.to(self.device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+            positions, documents = ((batch.position_ids.to(self.device), batch.document_ids.to(self.device))
+                                    if header["packed"] else (None, None))
         else:
             header, tensors = self.transport.recv(self.rank - 1)
             self.expect(header, "F", mb)
             x = tensors[0].requires_grad_(True)
             labels = tensors[1]
-            mask = tensors[2] if header["mask"] else None
+            rest = list(tensors[2:])
+            mask = rest.pop(0) if header["mask"] else None
+            positions, documents = rest if header["packed"] else (None, None)
             if header["norm"] is not None:
                 step, norm = header["norm"]
                 self.apply_step(header["adapter"], step, norm)
         adapter = header["adapter"]
         self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
         with self.timer.measure(self.device):
-            out = self.session.model(x, mask)  # logits [B, S, V] on the last stage, else [B, S, H]
+            # logits [B, S, V] on the last stage, else hidden states [B, S, H]; packed rows carry
+            # their RoPE positions and document ids to every stage.
+            out = self.session.model(x, mask, position_ids=positions, document_ids=documents)
             if self.last:
                 ce_sum, count = token_loss_sums(out, labels, self.session.layout.rows)[adapter]
                 out = ce_sum / max(1, header["step_tokens"])
@@ -237,7 +246,8 @@ class StageWorker:
             tally.epoch = header["epoch"]
         else:
             self.transport.send(self.rank + 1, header,
-                                [out.detach(), labels] + ([mask] if mask is not None else []))
+                                [out.detach(), labels] + ([mask] if mask is not None else [])
+                                + ([positions, documents] if positions is not None else []))
         self.inflight[mb] = (None if self.first else x, out, self.session.layout.rows)
 
     def backward(self, mb: int) -> None:
