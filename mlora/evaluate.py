@@ -8,7 +8,10 @@ import torch
 
 from mlora.batching import MicroBatch, fuse
 from mlora.data import Example
+from mlora.errors import UserError
+from mlora.lora import clear_lora_caches
 from mlora.loss import token_loss_sums
+from mlora.memory import UnsplittableOOM, run_splitting_on_oom
 
 
 @torch.no_grad()
@@ -18,22 +21,39 @@ def evaluate_adapter(session, name: str, examples: Sequence[Example],
 
     With use_adapter=False the rows run through the bare base (the wrappers skip a name they
     do not hold, so the same code path serves both).
+
+    A batch of test_batch_size rows that runs out of device memory is split in halves and
+    retried (the result is a sum over rows, so it does not change).
     """
     cfg = next(a for a in session.cfg.lora if a.name == name)
     model = session.model
     model.eval()
-    total, count = 0.0, 0
     row_name = name if use_adapter else f"\0bare:{name}"
+
+    def run(chunk: list[Example]) -> tuple[float, int]:
+        part = MicroBatch(row_name, chunk, 0, 0, 0, True, cfg.expand_side)
+        batch = fuse([part], session.pad_id).to(session.device)
+        session.layout.rows = batch.rows
+        try:
+            logits = model(batch.input_ids, batch.attention_mask)  # [B, S, V]
+        except BaseException:
+            clear_lora_caches(session.wrappers)  # a retry must not keep this attempt's inputs
+            raise
+        ce_sum, n = token_loss_sums(logits, batch.labels, batch.rows)[row_name]
+        return ce_sum.item(), n
+
+    total, count = 0.0, 0
     try:
         for start in range(0, len(examples), cfg.test_batch_size):
             chunk = list(examples[start:start + cfg.test_batch_size])
-            part = MicroBatch(row_name, chunk, 0, 0, 0, True, cfg.expand_side)
-            batch = fuse([part], session.pad_id).to(session.device)
-            session.layout.rows = batch.rows
-            logits = model(batch.input_ids, batch.attention_mask)  # [B, S, V]
-            ce_sum, n = token_loss_sums(logits, batch.labels, batch.rows)[row_name]
-            total += ce_sum.item()
-            count += n
+            try:
+                results = run_splitting_on_oom(run, chunk)
+            except UnsplittableOOM:
+                longest = max(len(ex.input_ids) for ex in chunk)
+                raise UserError(f"evaluating adapter {name!r}: out of device memory on a single row "
+                                f"(up to {longest} tokens); lower cutoff_len or free device memory") from None
+            total += sum(ce for ce, _ in results)
+            count += sum(n for _, n in results)
     finally:
         session.layout.rows = []
     return (total / count if count else float("nan")), count

@@ -307,3 +307,34 @@ def test_the_trainer_sets_the_budget_on_a_cuda_device(tmp_path, tiny_llama, monk
     assert f"mlora: token budget {expected.max_tokens} (as the run being resumed)" in capsys.readouterr().err
     for name in NAMES:
         assert rel_diff(run.weights(name), finished[name]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_splits_a_batch_that_does_not_fit(tmp_path, tiny_llama, monkeypatch):
+    """Evaluation sums over rows, so a split batch gives the same loss; a single row that does
+    not fit is a one-line UserError."""
+    from mlora.evaluate import evaluate_adapter
+    from mlora.session import open_session
+
+    session = open_session(tiny_llama, make_config(tmp_path, tmp_path / "out"))
+    examples = session.data["a"].train  # test_batch_size 16: one batch of all 6 rows
+    expected = evaluate_adapter(session, "a", examples)
+    limit, calls = [1], []
+    forward = CausalLM.forward
+
+    def patched(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if x.shape[0] > limit[0]:
+            raise oom(x.shape[0])
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "forward", patched)
+    loss, count = evaluate_adapter(session, "a", examples)
+    assert count == expected[1] and loss == pytest.approx(expected[0], rel=1e-6)
+    assert calls[0] == len(examples) and calls.count(1) == len(examples)
+    limit[0] = 0
+    with pytest.raises(UserError, match="out of device memory on a single row") as info:
+        evaluate_adapter(session, "a", examples)
+    assert "\n" not in str(info.value)
