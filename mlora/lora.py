@@ -387,6 +387,14 @@ class LoraLinear(nn.Module):
         return y + delta.view_as(y).to(y.dtype)
 
 
+def check_kernel() -> None:
+    """The kernel named by MLORA_LORA_KERNEL (or set in code) must be one of KERNELS."""
+    if kernel not in KERNELS:
+        from mlora.errors import UserError
+
+        raise UserError(f"MLORA_LORA_KERNEL={kernel!r} is not a LoRA kernel (use one of: {', '.join(KERNELS)})")
+
+
 def clear_lora_caches(wrappers: dict[str, LoraLinear]) -> None:
     """Forget every input group's cached input (see InputGroup.clear)."""
     for wrapper in wrappers.values():

@@ -15,7 +15,7 @@ from mlora.data import Example, encode_rows, load_rows, load_template
 from mlora.device import resolve_device, resolve_dtype
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
-from mlora.lora import BatchLayout, LoraLinear, inject_lora
+from mlora.lora import BatchLayout, LoraLinear, check_kernel, inject_lora
 
 
 @dataclass
@@ -67,6 +67,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
                  load_base: bool = True) -> Session:
+    check_kernel()
     cfg = load_config(config_path)
     if output_dir is not None:
         cfg = replace(cfg, output_dir=str(output_dir))

@@ -147,3 +147,13 @@ def test_real_process_prints_no_traceback(setup, tiny_llama):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "'r'" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_unknown_lora_kernel_names_the_variable(setup, capsys, tiny_llama, monkeypatch):
+    import mlora.lora
+
+    _, _, out, config = setup
+    monkeypatch.setattr(mlora.lora, "kernel", "fast")
+    code, err = run_train(capsys, tiny_llama, config())
+    assert code == 2 and "MLORA_LORA_KERNEL='fast'" in err and len(err.splitlines()) == 1
+    assert not out.exists()
