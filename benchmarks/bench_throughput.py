@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -142,13 +141,12 @@ class MloraBench:
             for w in self.wrappers.values():
                 w.adapters.pop(a.name, None)
 
-    def run(self, n: int, rows: int, dropout: float | None = None, kernel: str = "auto") -> dict:
-        dropout = self.s.dropout if dropout is None else dropout
+    def fused_step(self, n: int, rows: int, dropout: float):
+        """n new adapters of `rows` rows each, and one training step of all of them fused."""
         adapters = self.adapters(n, rows, dropout)
         ids = batch(n * rows, self.s.seq, self.cfg.vocab_size, self.device, seed=n)
         layout_rows = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(adapters)]
         self.model.train()
-        previous, lora_module.kernel = lora_module.kernel, kernel
 
         def step():
             self.layout.rows = layout_rows
@@ -159,6 +157,12 @@ class MloraBench:
             for a in adapters:
                 a.step()
 
+        return step, adapters
+
+    def run(self, n: int, rows: int, dropout: float | None = None, kernel: str = "auto") -> dict:
+        dropout = self.s.dropout if dropout is None else dropout
+        step, adapters = self.fused_step(n, rows, dropout)
+        previous, lora_module.kernel = lora_module.kernel, kernel
         try:
             result = measure(step, n * rows * self.s.seq, self.s, self.device)
             result["estimated_peak_gib"] = self.estimate(n * rows, [(self.s.r, TARGET_MODULES, dropout)] * n)
@@ -361,19 +365,7 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
     """Where the time of one fused step goes: the top kernels by device time, and the count."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    bench = MloraBench(shape, s, device, dtype)
-    adapters = bench.adapters(n, rows, s.dropout)
-    ids = batch(n * rows, s.seq, bench.cfg.vocab_size, device, seed=n)
-    layout_rows = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(adapters)]
-    bench.model.train()
-
-    def step():
-        bench.layout.rows = layout_rows
-        sums = token_loss_sums(bench.model(ids), ids, layout_rows)
-        sum(ce / max(1, count) for ce, count in sums.values()).backward()
-        for a in adapters:
-            a.step()
-
+    step, _ = MloraBench(shape, s, device, dtype).fused_step(n, rows, s.dropout)
     for _ in range(2):
         step()
     sync(device)

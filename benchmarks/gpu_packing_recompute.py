@@ -16,7 +16,7 @@ from mlora.batching import MicroBatch, fuse
 from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX, Example
 from mlora.lora import BatchLayout, inject_lora
-from mlora.loss import token_loss_sums
+from mlora.loss import fused_loss_sums
 from mlora.models.llama import CausalLM, ModelArgs
 from mlora.packing import pack_examples
 
@@ -62,10 +62,7 @@ def build(args, dtype, n_adapters, r, dropout, seed=0):
 
 def step(model, layout, adapters, parts, pack_len):
     batch = fuse(parts, 2, pack_len=pack_len).to(DEV)
-    layout.rows = batch.rows
-    logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
-                   document_ids=batch.document_ids)
-    sums = token_loss_sums(logits, batch.labels, batch.rows)
+    sums = fused_loss_sums(model, layout, batch)
     losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
     sum(losses.values()).backward()
     grads = {}

@@ -92,7 +92,7 @@ class Adapter:
         if not grads:
             return 0.0
         # One fused kernel over all tensors (hundreds per adapter), then one sync.
-        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+        norms = torch._foreach_norm([g.float() for g in grads])  # .float() of an fp32 grad is itself
         return torch.stack(norms).pow(2).sum().item()
 
     def grad_norm(self) -> float:

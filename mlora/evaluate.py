@@ -10,7 +10,7 @@ from mlora.batching import MicroBatch, fuse
 from mlora.data import Example
 from mlora.errors import UserError
 from mlora.lora import clear_lora_caches
-from mlora.loss import token_loss_sums
+from mlora.loss import fused_loss_sums
 from mlora.memory import UnsplittableOOM, run_splitting_on_oom
 
 
@@ -33,13 +33,11 @@ def evaluate_adapter(session, name: str, examples: Sequence[Example],
     def run(chunk: list[Example]) -> tuple[float, int]:
         part = MicroBatch(row_name, chunk, 0, 0, 0, True, cfg.expand_side)
         batch = fuse([part], session.pad_id).to(session.device)
-        session.layout.rows = batch.rows
         try:
-            logits = model(batch.input_ids, batch.attention_mask)  # [B, S, V]
+            ce_sum, n = fused_loss_sums(model, session.layout, batch)[row_name]
         except BaseException:
             clear_lora_caches(session.wrappers)  # a retry must not keep this attempt's inputs
             raise
-        ce_sum, n = token_loss_sums(logits, batch.labels, batch.rows)[row_name]
         return ce_sum.item(), n
 
     total, count = 0.0, 0
@@ -48,8 +46,8 @@ def evaluate_adapter(session, name: str, examples: Sequence[Example],
             chunk = list(examples[start:start + cfg.test_batch_size])
             try:
                 results = run_splitting_on_oom(run, chunk)
-            except UnsplittableOOM:
-                longest = max(len(ex.input_ids) for ex in chunk)
+            except UnsplittableOOM as err:
+                longest = max(len(ex.input_ids) for ex in err.items)
                 raise UserError(f"evaluating adapter {name!r}: out of device memory on a single row "
                                 f"(up to {longest} tokens); lower cutoff_len or free device memory") from None
             total += sum(ce for ce, _ in results)

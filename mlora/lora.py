@@ -214,21 +214,19 @@ class InputGroup:
 
     def _dropout_mask(self, x2d: torch.Tensor, active: list[AdapterRows], S: int) -> torch.Tensor | None:
         """0/1 keep-mask [N, in]: each adapter's rows drawn from its own generator."""
-        probs = {rows.name: self._adapter_weights(rows.name)[0].dropout for rows in active}
-        if not any(p > 0 for p in probs.values()):
+        # An adapter has one dropout rate and one generator for all of its modules.
+        first = {rows.name: next(m.adapters[rows.name] for m in self.members if rows.name in m.adapters)
+                 for rows in active}
+        if not any(w.dropout > 0 for w in first.values()):
             return None
         covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
-        everywhere = covered and all(p > 0 for p in probs.values())
+        everywhere = covered and all(w.dropout > 0 for w in first.values())
         mask = torch.empty_like(x2d) if everywhere else torch.ones_like(x2d)  # skip a fill if we can
         for rows in active:
-            p = probs[rows.name]
-            if p > 0:
-                gen = self._adapter_weights(rows.name)[0].generator
-                mask[rows.start * S:rows.end * S].bernoulli_(1.0 - p, generator=gen)
+            w = first[rows.name]
+            if w.dropout > 0:
+                mask[rows.start * S:rows.end * S].bernoulli_(1.0 - w.dropout, generator=w.generator)
         return mask
-
-    def _adapter_weights(self, name: str) -> list[LoraWeights]:
-        return [m.adapters[name] for m in self.members if name in m.adapters]
 
     def _compute_dense(self, x, dropped, active, S) -> _Hidden:
         out = _Hidden(x)

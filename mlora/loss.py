@@ -6,7 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from mlora.data import IGNORE_INDEX
-from mlora.lora import AdapterRows
+from mlora.lora import AdapterRows, BatchLayout
+
+
+def fused_loss_sums(model: torch.nn.Module, layout: BatchLayout,
+                    batch) -> dict[str, tuple[torch.Tensor, int]]:
+    """Forward a fused batch (`batching.FusedBatch`): every adapter's rows through its own LoRA
+    (`layout` tells the wrappers which rows are whose), packed rows with their positions and
+    documents; returns `token_loss_sums` of the logits."""
+    layout.rows = batch.rows
+    logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+                   document_ids=batch.document_ids)  # [B, S, V]
+    return token_loss_sums(logits, batch.labels, batch.rows)
 
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor,

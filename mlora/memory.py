@@ -600,8 +600,11 @@ _OOM_BASE = _OOM_ERRORS[0] if _OOM_ERRORS else MemoryError
 
 
 class UnsplittableOOM(_OOM_BASE):  # type: ignore[misc, valid-type]
-    """Out of memory on a chunk that may not be split further. A torch.OutOfMemoryError, so a
-    generic OOM handler still sees it; `run_splitting_on_oom` never splits around it."""
+    """Out of memory on a chunk that may not be split further (`items`). A
+    torch.OutOfMemoryError, so a generic OOM handler still sees it; `run_splitting_on_oom`
+    never splits around it."""
+
+    items: list = []
 
 
 def free_device_memory() -> None:
@@ -662,8 +665,10 @@ def _attempt(run_part: Callable[[list[T]], R], chunk: list[T], min_items: int) -
         raise  # a nested split gave up on a single item: halving around it cannot help
     except _OOM_ERRORS as err:
         if len(chunk) <= min_items:
-            raise UnsplittableOOM(f"out of memory on {len(chunk)} item(s), which cannot be split further "
-                                  f"(min_items={min_items}): {_first_line(err)}") from err
+            unsplittable = UnsplittableOOM(f"out of memory on {len(chunk)} item(s), which cannot be split "
+                                           f"further (min_items={min_items}): {_first_line(err)}")
+            unsplittable.items = chunk
+            raise unsplittable from err
     return False, None
 
 

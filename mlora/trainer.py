@@ -34,7 +34,7 @@ from mlora.config import adapter_seed
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.lora import clear_lora_caches
-from mlora.loss import token_loss_sums
+from mlora.loss import fused_loss_sums
 from mlora.memory import (UnsplittableOOM, device_free_bytes, grads_restored_on_error, plan_token_budget,
                           run_splitting_on_oom)
 from mlora.metrics import MetricsLog
@@ -124,7 +124,6 @@ class Trainer:
         self.elapsed_before = 0.0
         self.started = time.perf_counter()
         self.stopped: set[str] = set()
-        self._attempt: list = []  # the examples of the fused batch being tried (see _train_on)
 
     @property
     def elapsed(self) -> float:
@@ -233,7 +232,6 @@ class Trainer:
         the fused batch `parts`; returns {part index: (CE sum, label tokens)} of its pieces.
         All or nothing: if it raises, the LoRA gradients are as they were before."""
         session = self.session
-        self._attempt = chunk
         pieces: dict[int, list] = {}
         for i, ex in chunk:
             pieces.setdefault(i, []).append(ex)
@@ -244,13 +242,10 @@ class Trainer:
         with grads_restored_on_error(params):
             try:
                 batch = fuse(micro, session.pad_id, pack_len=self.pack_len).to(session.device)
-                session.layout.rows = batch.rows
-                logits = session.model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
-                                       document_ids=batch.document_ids)  # [B, S, V]
                 # Packing leaves the loss as it is: the same label tokens are targets (a packed
                 # sequence's first token never is, nor is it unpacked), so the CE sum and the
                 # step's token count, the normaliser, are those of the unpacked batch.
-                sums = token_loss_sums(logits, batch.labels, batch.rows)
+                sums = fused_loss_sums(session.model, session.layout, batch)
                 total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in micro)
                 total.backward()
             except BaseException:
@@ -266,7 +261,7 @@ class Trainer:
 
     def _unsplittable(self, parts, err: UnsplittableOOM) -> UserError:
         """The one-line error for a single example that does not fit even alone."""
-        (i, ex), = self._attempt
+        (i, ex), = err.items
         cause = err.__cause__ if err.__cause__ is not None else err
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         if len(detail) > 160:

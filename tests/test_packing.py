@@ -22,7 +22,7 @@ from mlora.data import IGNORE_INDEX, Example
 from mlora.errors import UserError
 from mlora.loader import load_model
 from mlora.lora import BatchLayout, inject_lora
-from mlora.loss import token_loss_sums
+from mlora.loss import fused_loss_sums
 from mlora.packing import PAD_DOCUMENT, pack_bins, pack_examples, packed_shape
 from mlora.strategies import Candidate, padded_tokens
 
@@ -231,10 +231,7 @@ def _step(tiny_llama, pack_len):
         parts.append(MicroBatch(name, examples, 0, 0, tokens, True, side))
     model.train()
     batch = fuse(parts, PAD, pack_len=pack_len)
-    layout.rows = batch.rows
-    logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
-                   document_ids=batch.document_ids)
-    sums = token_loss_sums(logits, batch.labels, batch.rows)
+    sums = fused_loss_sums(model, layout, batch)
     losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
     sum(losses.values()).backward()
     grads = {f"{name}.{path}.{kind}": getattr(w, kind).grad.clone()
@@ -259,25 +256,39 @@ def test_packed_step_equals_unpacked(tiny_llama):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_train_with_packing_equals_without(tmp_path, tiny_llama):
+def train_variants(tmp_path, base, names, variants: dict, **adapter_overrides) -> dict:
+    """Train test_train's adapters `names` once per {label: global config overrides}, each
+    adapter updated with `adapter_overrides`; returns {label: output dir}."""
     outs = {}
-    for packing in (False, True):
-        out = tmp_path / f"out_{packing}"
-        # cutoff_len 160: rows of ~50 tokens pack three to a row. fast-fit with a budget also
-        # exercises the strategies' packed-row cost (the strategy never changes the result).
-        extra = dict(packing=True, train_strategy="fast-fit", max_tokens_per_batch=400) if packing else {}
-        cfg = make_config(tmp_path, ["a", "c"], out, cutoff_len=160, **extra)  # a right-, c left-padded; dropout 0
+    for label, overrides in variants.items():
+        out = tmp_path / f"out_{label}"
+        cfg = make_config(tmp_path, names, out, **overrides)
         obj = json.loads(cfg.read_text())
         for adapter in obj["lora"]:
-            adapter.update(num_epochs=1, batch_size=4, micro_batch_size=4)
+            adapter.update(adapter_overrides)
         cfg.write_text(json.dumps(obj))
-        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
-        outs[packing] = out
-    for name in ("a", "c"):
-        plain = load_file(outs[False] / name / "adapter_model.safetensors")
-        packed = load_file(outs[True] / name / "adapter_model.safetensors")
+        assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+        outs[label] = out
+    return outs
+
+
+def assert_same_adapters(got, ref, names, tol: float) -> None:
+    """The adapters saved under `got` equal those under `ref`, which training really moved."""
+    for name in names:
+        plain = load_file(ref / name / "adapter_model.safetensors")
         assert all(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
-        assert rel_diff(packed, plain) <= 1e-4
+        assert rel_diff(load_file(got / name / "adapter_model.safetensors"), plain) <= tol
+
+
+def test_train_with_packing_equals_without(tmp_path, tiny_llama):
+    # cutoff_len 160: rows of ~50 tokens pack three to a row. fast-fit with a budget also
+    # exercises the strategies' packed-row cost (the strategy never changes the result).
+    # Adapter a is right-, c left-padded; dropout 0.
+    packed = dict(packing=True, train_strategy="fast-fit", max_tokens_per_batch=400)
+    outs = train_variants(tmp_path, tiny_llama, ["a", "c"], {"plain": dict(cutoff_len=160),
+                                                             "packed": dict(cutoff_len=160, **packed)},
+                          num_epochs=1, batch_size=4, micro_batch_size=4)
+    assert_same_adapters(outs["packed"], outs["plain"], ["a", "c"], 1e-4)
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -4,22 +4,17 @@ adapters' own generators, which torch's checkpoint does not replay by itself).""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mlora.adapter import Adapter
 from mlora.batching import MicroBatch, fuse
-from mlora.cli import main
 from mlora.config import AdapterConfig
 from mlora.loader import load_model
 from mlora.lora import BatchLayout, inject_lora
-from mlora.loss import token_loss_sums
+from mlora.loss import fused_loss_sums
 
-from test_packing import ALL, PAD, random_examples
-from test_train import make_config, rel_diff
+from test_packing import ALL, PAD, assert_same_adapters, random_examples, train_variants
 
 STEPS = 3
 
@@ -65,10 +60,7 @@ def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len
             tokens = sum(ex.num_label_tokens for ex in examples)
             parts.append(MicroBatch(name, examples, 0, step, tokens, True, a.cfg.expand_side))
         batch = fuse(parts, PAD, pack_len=pack_len)
-        layout.rows = batch.rows
-        logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
-                       document_ids=batch.document_ids)
-        sums = token_loss_sums(logits, batch.labels, batch.rows)
+        sums = fused_loss_sums(model, layout, batch)
         losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
         sum(losses.values()).backward()
         grads = {}
@@ -126,18 +118,6 @@ def test_recompute_only_while_grad_is_enabled(tiny_llama):
 
 
 def test_train_with_recompute_equals_without(tmp_path, tiny_llama):
-    outs = {}
-    for recompute in (False, True):
-        out = tmp_path / f"out_{recompute}"
-        cfg = make_config(tmp_path, ["a", "b"], out, recompute=recompute)
-        obj = json.loads(cfg.read_text())
-        for adapter in obj["lora"]:
-            adapter.update(dropout=0.1, num_epochs=1)
-        cfg.write_text(json.dumps(obj))
-        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
-        outs[recompute] = out
-    for name in ("a", "b"):
-        plain = load_file(outs[False] / name / "adapter_model.safetensors")
-        got = load_file(outs[True] / name / "adapter_model.safetensors")
-        assert all(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
-        assert rel_diff(got, plain) <= 1e-6
+    outs = train_variants(tmp_path, tiny_llama, ["a", "b"], {False: dict(recompute=False), True: dict(recompute=True)},
+                          dropout=0.1, num_epochs=1)
+    assert_same_adapters(outs[True], outs[False], ["a", "b"], 1e-6)
