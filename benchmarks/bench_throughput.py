@@ -269,8 +269,9 @@ def plan(shape: str, rows: int, adapters: list[int], extras: bool) -> list[tuple
         for n in adapters:
             if n != core_n:
                 mlora += [("mlora", dict(n=n, rows=rows, role="sweep")), ("mlora-base", dict(rows=n * rows))]
-        # Where the time goes: the other LoRA kernels (auto is dense); no dropout.
-        mlora += [("mlora", dict(n=core_n, rows=rows, kernel="grouped", role="ablation")),
+        # Where the time goes: the other LoRA kernels (auto is fused); no dropout.
+        mlora += [("mlora", dict(n=core_n, rows=rows, kernel="dense", role="ablation")),
+                  ("mlora", dict(n=core_n, rows=rows, kernel="grouped", role="ablation")),
                   ("mlora", dict(n=core_n, rows=rows, kernel="loop", role="ablation")),
                   ("mlora", dict(n=core_n, rows=rows, dropout=0.0, role="ablation"))]
         hf.append(("peft", dict(rows=core_n * rows)))

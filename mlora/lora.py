@@ -40,21 +40,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora.lora_fused import DropoutRows, FusedGroupLoRA, FusedGroupSpec, clear_factor_cache, column_factor, draw_keep_mask
+
 # The projections a LoRA may target, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections of one parent module that read the same input tensor.
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # How the adapters of one batch share a matmul (benchmarks/THROUGHPUT.md measures each):
+#   "fused":   the dense math as one hand-written autograd op per input group, base GEMMs
+#              included (lora_fused.py): a bool dropout mask, the input gradient
+#              accumulated inside the GEMMs, one autograd node per group. Needs plain
+#              nn.Linear bases in the activation dtype.
 #   "dense":   one ordinary GEMM for all adapters' A (and one per member for B) over all rows,
 #              with each row's other adapters' columns zeroed: G times the (tiny) LoRA FLOPs,
 #              but one well-tuned cuBLAS call; any ranks, targets and row layout.
 #   "grouped": torch._grouped_mm with per-adapter row offsets: exact FLOPs, one launch; needs
 #              equal ranks and targets, rows tiling the batch, bf16 on CUDA.
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
-#   "auto":    dense up to DENSE_MAX_ADAPTERS adapters, then grouped where allowed, else loop.
+#   "auto":    up to DENSE_MAX_ADAPTERS adapters fused (dense where fused cannot run, e.g. a
+#              quantized base), then grouped where allowed, else loop.
 # MLORA_LORA_KERNEL sets it.
-KERNELS = ("auto", "dense", "loop", "grouped")
+KERNELS = ("auto", "fused", "dense", "loop", "grouped")
 DENSE_MAX_ADAPTERS = 8
 kernel = os.environ.get("MLORA_LORA_KERNEL", "auto")
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -151,6 +158,8 @@ class _Hidden:
     adapters: list[str] = field(default_factory=list)
     per_adapter: dict[str, tuple[AdapterRows, torch.Tensor]] = field(default_factory=dict)
     columns: dict[tuple[str, int], int] = field(default_factory=dict)
+    # fused: each member's whole output [N, out] (base + LoRA), by member index.
+    outputs: dict[int, torch.Tensor] | None = None
 
 
 class InputGroup:
@@ -189,11 +198,16 @@ class InputGroup:
         training = self.members[0].training
         B, S = x.shape[0], x.shape[1]
         x2d = x.reshape(-1, x.shape[-1])  # [N = B*S, in]
-        mask = self._dropout_mask(x2d, active, S) if training else None
-        dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
+        dropout, everywhere = self._dropout_rows(x2d, active, S) if training else ([], False)
         choice = kernel
         if choice == "auto":
-            choice = "dense" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
+            choice = "fused" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
+        if choice == "fused":
+            if self._fused_ok(x):
+                return self._compute_fused(x, x2d, active, S, dropout, everywhere)
+            choice = "dense"
+        mask = draw_keep_mask(x2d, dropout, everywhere) if dropout else None
+        dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
         if choice == "dense":
             return self._compute_dense(x, dropped, active, S)
         if choice == "grouped" and self._grouped_ok(x, active, B):
@@ -212,21 +226,43 @@ class InputGroup:
             out.per_adapter[rows.name] = (rows, h)
         return out
 
-    def _dropout_mask(self, x2d: torch.Tensor, active: list[AdapterRows], S: int) -> torch.Tensor | None:
-        """0/1 keep-mask [N, in]: each adapter's rows drawn from its own generator."""
+    def _dropout_rows(self, x2d: torch.Tensor, active: list[AdapterRows], S: int) -> tuple[list[DropoutRows], bool]:
+        """The token ranges that drop out, each with its adapter's rate and generator, and
+        whether they cover every row (see draw_keep_mask)."""
         # An adapter has one dropout rate and one generator for all of its modules.
         first = {rows.name: next(m.adapters[rows.name] for m in self.members if rows.name in m.adapters)
                  for rows in active}
-        if not any(w.dropout > 0 for w in first.values()):
-            return None
+        dropout = [DropoutRows(rows.start * S, rows.end * S, first[rows.name].dropout, first[rows.name].generator)
+                   for rows in active if first[rows.name].dropout > 0]
         covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
-        everywhere = covered and all(w.dropout > 0 for w in first.values())
-        mask = torch.empty_like(x2d) if everywhere else torch.ones_like(x2d)  # skip a fill if we can
-        for rows in active:
-            w = first[rows.name]
-            if w.dropout > 0:
-                mask[rows.start * S:rows.end * S].bernoulli_(1.0 - w.dropout, generator=w.generator)
-        return mask
+        return dropout, covered and len(dropout) == len(active)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """Fused needs plain linears in the activation dtype (a quantized layer has its own
+        kernel)."""
+        return all(type(m.base) is nn.Linear and m.base.weight.dtype == x.dtype and not m.base.weight.requires_grad
+                   for m in self.members if m.adapters)
+
+    def _compute_fused(self, x, x2d, active, S, dropout, everywhere) -> _Hidden:
+        a_params, b_params, owners, scales, members, cols, counts = [], [], [], [], [], [], []
+        for m, member in enumerate(self.members):
+            ws = [(i, member.adapters[rows.name]) for i, rows in enumerate(active) if rows.name in member.adapters]
+            if not ws:
+                continue
+            start = len(owners)
+            for i, w in ws:
+                a_params.append(w.lora_A)
+                b_params.append(w.lora_B)
+                owners += [i] * w.r
+                scales += [member._scale(w)] * w.r
+            members.append(m)
+            cols.append((start, len(owners)))
+            counts.append(len(ws))
+        factor = column_factor(tuple((r.start * S, r.end * S) for r in active), tuple(owners), tuple(scales),
+                               x2d.shape[0], x.dtype, x.device)
+        spec = FusedGroupSpec([self.members[m].base for m in members], cols, counts, factor, dropout, everywhere)
+        ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
+        return _Hidden(x, outputs=dict(zip(members, ys)))
 
     def _compute_dense(self, x, dropped, active, S) -> _Hidden:
         out = _Hidden(x)
@@ -327,6 +363,9 @@ class LoraLinear(nn.Module):
         hidden = self.group.hidden_for(self, x) if self.adapters else None
         if hidden is None:
             return self.base(x)
+        if hidden.outputs is not None:
+            y = hidden.outputs.get(self._index)  # [N, out]; None: the batch's adapters skip this member
+            return self.base(x) if y is None else y.view(*x.shape[:-1], -1)
         if hidden.offsets is not None:
             return self._forward_grouped(x, hidden)
         if hidden.hidden is not None:
@@ -397,6 +436,7 @@ def clear_lora_caches(wrappers: dict[str, LoraLinear]) -> None:
     """Forget every input group's cached input (see InputGroup.clear)."""
     for wrapper in wrappers.values():
         wrapper.group.clear()
+    clear_factor_cache()
 
 
 def module_seed(adapter_seed: int, module_path: str) -> int:

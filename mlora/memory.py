@@ -184,8 +184,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     None = only when a layer's sliding window is shorter than `seq_len`.
     active_adapters: the most adapters one fused batch holds (train_lora_simultaneously_num);
     None = all of `lora`. Only the dense LoRA kernel's cost depends on it (see below).
-    lora_kernel: lora.py's kernel choice ('auto', 'dense', 'grouped', 'loop'); None = the one
-    lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL).
+    lora_kernel: lora.py's kernel choice ('auto', 'fused', 'dense', 'grouped', 'loop'); None =
+    the one lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL). 'auto' and
+    'fused' mean the dense kernel on a quantized base (fused needs plain linears).
 
     What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
       RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)
@@ -193,16 +194,18 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
       frozen projections  nothing: F.linear/addmm keep their input only for a weight gradient
                         (an 8-bit bitsandbytes layer does keep its input; 4-bit does not)
       LoRA, per input group (see _INPUT_GROUPS): no dropout -> the input itself [N, in]
-                        (shared with whatever else keeps it); dropout -> the 0/1 mask and the
-                        dropped-out copy, 2 x [N, in]; plus the hidden A(x), kept for B's
-                        gradient, and the weights cast to the activation dtype (per layer).
+                        (shared with whatever else keeps it); dropout -> the dropped-out copy
+                        [N, in] and the 0/1 mask [N, in], in the dtype (bool with the fused
+                        kernel); plus the hidden A(x), kept for B's gradient,
+                        and the weights cast to the activation dtype (per layer).
                         The hidden depends on the kernel (lora.py): the loop and grouped
                         kernels keep each row's own adapter's [N, r] per target (the costliest
-                        adapter bounds it); the dense kernel (auto: up to DENSE_MAX_ADAPTERS
-                        adapters in a batch) multiplies every row by every adapter's A, so it
-                        keeps [N, C] with C = the sum of r x targets over the batch's adapters,
-                        and, with more than one adapter, the bool [N, C] mask that zeroes the
-                        other adapters' columns: (e + 1) x C bytes per token
+                        adapter bounds it); the fused and dense kernels (auto: up to
+                        DENSE_MAX_ADAPTERS adapters in a batch) multiply every row by every
+                        adapter's A, so they keep [N, C] with C = the sum of r x targets over
+                        the batch's adapters; dense also keeps, with more than one adapter, the
+                        bool [N, C] mask that zeroes the other adapters' columns (fused has one
+                        cached [N, C] factor for all layers, counted with the batch).
       RoPE              only cos/sin (shared): rotate_half/cat/mul keep no activation
       SDPA              q [N, nh*D], k, v [N, nkv*D] (nh*D when repeated), out [N, nh*D] (the
                         o_proj input, a view), logsumexp fp32 [nh, N] (+ the float mask
@@ -242,6 +245,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
                             for i in stage.layers)
 
+    lora_kernel = _effective_kernel(lora_kernel, kind, shared_lora_inputs)
     layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
                                    explicit_mask=explicit_mask, seq_len=seq_len,
                                    active=active_adapters, kernel=lora_kernel)
@@ -250,6 +254,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     one_layer = sum(per_layer.values())
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
+    if lora_kernel == "fused" and adapters and L:
+        # lora_fused.column_factor: one cached [N, C] per input group for all layers.
+        batch += _dense_columns(adapters, active_adapters, "fused") * e * N
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
     if recompute:
@@ -302,45 +309,62 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": H, "mlp_act": I}
     for group, members in _INPUT_GROUPS:
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
-                                                      shared, quant)
-    out.update(_lora_hidden_per_token(adapters, e, shared, active, kernel))
+                                                      shared, quant, kernel)
+    out.update(_lora_hidden_per_token(adapters, e, active, kernel))
     return out
 
 
-def _lora_hidden_per_token(adapters: list[LoraShape], e: int, shared: bool, active: int | None,
-                           kernel: str | None) -> dict[str, int]:
-    """The LoRA hidden A(x) that the B matmuls keep for their weight gradient, and the dense
-    kernel's column mask, bytes per token of one layer (summed over its input groups)."""
-    columns = sorted((a.r * len(a.target_modules) for a in adapters), reverse=True)  # per adapter
-    if not columns:
-        return {"lora_hidden": 0, "lora_mask": 0}
+def _effective_kernel(kernel: str | None, quant: str | None, shared: bool) -> str:
+    """The kernel lora.py runs for `kernel` ('auto' and 'fused' resolve here; 'auto' beyond
+    DENSE_MAX_ADAPTERS adapters is handled by _dense_columns)."""
     kernel = mlora.lora.kernel if kernel is None else kernel
     if kernel not in mlora.lora.KERNELS:
         raise ValueError(f"lora_kernel must be one of {mlora.lora.KERNELS}, got {kernel!r}")
+    if not shared:
+        return "loop"  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
+    if kernel in ("auto", "fused"):
+        return "dense" if quant else "fused"
+    return kernel
+
+
+def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -> int:
+    """C: the hidden's columns per token of one layer when every row is multiplied by every
+    adapter of the batch (fused, dense), over the costliest adapters a batch can hold; 0 for
+    the kernels that keep only each row's own adapter."""
+    columns = sorted((a.r * len(a.target_modules) for a in adapters), reverse=True)  # per adapter
     in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
-    # How many adapters a dense batch can hold: every batch under 'dense'; under 'auto' the
-    # batches of up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
-    dense = {"dense": in_batch, "auto": min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)}.get(kernel, 0)
-    if not shared:  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
-        dense = 0
-    if dense == 0:
+    # Every batch is dense under 'dense'; 'fused' (auto) batches hold up to DENSE_MAX_ADAPTERS
+    # (larger ones go grouped or loop, which keep less).
+    dense = {"dense": in_batch, "fused": min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)}.get(kernel, 0)
+    return sum(columns[:dense])
+
+
+def _lora_hidden_per_token(adapters: list[LoraShape], e: int, active: int | None,
+                           kernel: str) -> dict[str, int]:
+    """The LoRA hidden A(x) that the B matmuls keep for their weight gradient, and the dense
+    kernel's column mask, bytes per token of one layer (summed over its input groups)."""
+    if not adapters:
+        return {"lora_hidden": 0, "lora_mask": 0}
+    width = _dense_columns(adapters, active, kernel)
+    if width == 0:
         # Each row's own adapter's [N, r] per target: the costliest adapter bounds the batch.
-        return {"lora_hidden": columns[0] * e, "lora_mask": 0}
-    # [N, C] over every row for the batch's (costliest) adapters, and with more than one of
-    # them the bool [N, C] mask the product saves for its backward.
-    width = sum(columns[:dense])
-    return {"lora_hidden": width * e, "lora_mask": width if dense > 1 else 0}
+        return {"lora_hidden": max(a.r * len(a.target_modules) for a in adapters) * e, "lora_mask": 0}
+    # [N, C] over every row for the batch's (costliest) adapters; dense, with more than one
+    # of them, also keeps the bool [N, C] mask its product saves for the backward.
+    several = (len(adapters) if active is None else min(active, len(adapters))) > 1
+    return {"lora_hidden": width * e, "lora_mask": width if kernel == "dense" and several else 0}
 
 
 def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: int,
-                           adapters: list[LoraShape], shared: bool, quant: str | None) -> int:
+                           adapters: list[LoraShape], shared: bool, quant: str | None, kernel: str) -> int:
     """What keeps the input of one input group alive for the backward, bytes per token."""
     targeting = [a for a in adapters if set(a.target_modules) & set(members)]
     dropped = [a for a in targeting if a.dropout > 0]
     if shared:
-        # When any adapter drops out: one 0/1 mask and one dropped-out copy over all rows of
-        # the batch (the other adapters' rows get ones); else the LoRA matmuls keep the input.
-        copies = 2 if dropped else 0
+        # When any adapter drops out: one dropped-out copy and one 0/1 mask over all rows of
+        # the batch (the other adapters' rows get ones), the mask in the dtype, or bool (1
+        # byte) with fused; else the LoRA matmuls keep the input.
+        copies = ((1 + 1 / e) if kernel == "fused" else 2) if dropped else 0
         lora_keeps_input = bool(targeting) and not dropped
     else:
         # A mask and a dropped-out copy per projection and adapter, over that adapter's rows;

@@ -97,18 +97,23 @@ def _group(in_f, outs, layout):
 
 def _run_group(kernel, monkeypatch, p, ranks, rows, batch=5, seq=3, in_f=16, outs=(16, 8, 8)):
     """Forward+backward of a q/k/v-like group; returns outputs, x grad, LoRA grads, and
-    whether the grouped kernel ran."""
+    which kernel ran: 'grouped', 'fused' or 'other' (dense, loop)."""
     import mlora.lora as lora
 
     monkeypatch.setattr(lora, "kernel", kernel)
     calls = []
-    real = lora._GROUPED_MM
+    real_grouped, real_fused = lora._GROUPED_MM, lora.FusedGroupLoRA.apply
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy_grouped(*args, **kwargs):
+        calls.append("grouped")
+        return real_grouped(*args, **kwargs)
 
-    monkeypatch.setattr(lora, "_GROUPED_MM", spy)
+    def spy_fused(*args):
+        calls.append("fused")
+        return real_fused(*args)
+
+    monkeypatch.setattr(lora, "_GROUPED_MM", spy_grouped)
+    monkeypatch.setattr(lora.FusedGroupLoRA, "apply", spy_fused)
     torch.manual_seed(0)
     layout = BatchLayout(rows)
     members = _group(in_f, outs, layout)
@@ -126,7 +131,7 @@ def _run_group(kernel, monkeypatch, p, ranks, rows, batch=5, seq=3, in_f=16, out
     ys = [lin(x) for lin in members]
     grads = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(ys, grads)
-    return ys, grads, x, weights, members, bool(calls)
+    return ys, grads, x, weights, members, calls[0] if calls else "other"
 
 
 def _reference(x, grads, weights, members, rows, p):
@@ -166,32 +171,32 @@ def _assert_matches_reference(ys, grads, x, weights, members, rows, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("kernel", ["loop", "grouped", "dense", "auto"])
+@pytest.mark.parametrize("kernel", ["loop", "grouped", "dense", "fused", "auto"])
 def test_input_group_matches_autograd_with_one_mask_per_adapter(monkeypatch, p, kernel):
     rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 3), AdapterRows("c", 3, 5)]
-    ys, grads, x, weights, members, grouped = _run_group(kernel, monkeypatch, p, [4, 4, 4], rows)
-    assert grouped == (kernel == "grouped")
+    ys, grads, x, weights, members, ran = _run_group(kernel, monkeypatch, p, [4, 4, 4], rows)
+    assert ran == {"grouped": "grouped", "fused": "fused", "auto": "fused"}.get(kernel, "other")
     _assert_matches_reference(ys, grads, x, weights, members, rows, p)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "grouped", "loop"])
+@pytest.mark.parametrize("kernel", ["fused", "dense", "grouped", "loop"])
 def test_mixed_ranks_and_rows_without_adapter(monkeypatch, kernel):
-    """Ranks differ and the last row has no adapter: dense handles it itself, grouped falls
-    back to the loop; all must equal the reference."""
+    """Ranks differ and the last row has no adapter: fused and dense handle it themselves,
+    grouped falls back to the loop; all must equal the reference."""
     gap = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]  # row 4 has no adapter
-    ys, grads, x, weights, members, grouped = _run_group(kernel, monkeypatch, 0.3, [4, 8], gap)
-    assert not grouped
+    ys, grads, x, weights, members, ran = _run_group(kernel, monkeypatch, 0.3, [4, 8], gap)
+    assert ran == ("fused" if kernel == "fused" else "other")
     _assert_matches_reference(ys, grads, x, weights, members, gap, 0.3)
 
 
 def test_grouped_kernel_only_where_the_batch_allows_it(monkeypatch):
     tiled = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 5)]
-    assert _run_group("grouped", monkeypatch, 0.1, [4, 4], tiled)[-1]  # same ranks, tiled rows
-    assert not _run_group("grouped", monkeypatch, 0.1, [4, 8], tiled)[-1]  # ranks differ: loop
+    assert _run_group("grouped", monkeypatch, 0.1, [4, 4], tiled)[-1] == "grouped"  # same ranks, tiled rows
+    assert _run_group("grouped", monkeypatch, 0.1, [4, 8], tiled)[-1] == "other"  # ranks differ: loop
     gap = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
-    assert not _run_group("grouped", monkeypatch, 0.1, [4, 4], gap)[-1]  # a row without adapter
-    assert not _run_group("grouped", monkeypatch, 0.1, [2, 2], tiled)[-1]  # 8-byte rows: unaligned
-    assert not _run_group("auto", monkeypatch, 0.1, [4, 4], tiled)[-1]  # auto: dense for few adapters
+    assert _run_group("grouped", monkeypatch, 0.1, [4, 4], gap)[-1] == "other"  # a row without adapter
+    assert _run_group("grouped", monkeypatch, 0.1, [2, 2], tiled)[-1] == "other"  # 8-byte rows: unaligned
+    assert _run_group("auto", monkeypatch, 0.1, [4, 4], tiled)[-1] == "fused"  # auto: fused for few adapters
 
 
 def test_group_members_share_one_mask_but_adapters_do_not():
@@ -213,7 +218,7 @@ def test_group_members_share_one_mask_but_adapters_do_not():
     assert group._cache is None  # released once every member has it
 
 
-@pytest.mark.parametrize("kernel", ["dense", "loop"])
+@pytest.mark.parametrize("kernel", ["fused", "dense", "loop"])
 def test_bf16_compute_with_fp32_weights_stays_close_to_fp32(monkeypatch, kernel):
     """LoRA weights stay fp32 (the optimizer's copy); the matmuls run in the activation dtype.
     In bf16 the LoRA gradients stay within 1% (relative norm) of an all-fp32 run (0.4% here,
@@ -242,3 +247,58 @@ def test_bf16_compute_with_fp32_weights_stays_close_to_fp32(monkeypatch, kernel)
                    for p in (w.lora_A, w.lora_B))
     err = ((grads[torch.bfloat16] - grads[torch.float32]).norm() / grads[torch.float32].norm()).item()
     assert err < 1e-2, err
+
+
+def _two_steps(kernel, monkeypatch, x_grad, retain=False):
+    """Two forward+backward passes of a q/k/v-like group with dropout (the adapters'
+    generators advance between them); returns the outputs and gradients of both."""
+    import mlora.lora as lora
+
+    monkeypatch.setattr(lora, "kernel", kernel)
+    torch.manual_seed(0)
+    layout = BatchLayout([AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)])
+    members = _group(16, (16, 8, 8), layout)
+    for i, name in enumerate(("a", "b")):
+        gen = torch.Generator().manual_seed(5 + i)
+        for m, lin in enumerate(members):
+            w = _weights(16, lin.out_features, 4, 8.0, 0.3, 10 * i + m)
+            w.generator = gen
+            lin.adapters[name] = w
+            lin.train()
+    results = []
+    for step in range(2):
+        x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(step), requires_grad=x_grad)
+        ys = [lin(x) for lin in members]
+        gys = [torch.randn(y.shape, generator=torch.Generator().manual_seed(9)) for y in ys]
+        torch.autograd.backward(ys, gys, retain_graph=retain)
+        grads = [p.grad.clone() for lin in members for w in lin.adapters.values() for p in (w.lora_A, w.lora_B)]
+        if retain:  # a second backward of the same graph
+            x.grad = None
+            for lin in members:
+                for w in lin.adapters.values():
+                    w.lora_A.grad = w.lora_B.grad = None
+            torch.autograd.backward(ys, gys)
+            again = [p.grad for lin in members for w in lin.adapters.values() for p in (w.lora_A, w.lora_B)]
+            assert all(torch.equal(a, b) for a, b in zip(grads, again))
+        results.append(([y.detach() for y in ys], x.grad, grads))
+        for lin in members:
+            for w in lin.adapters.values():
+                w.lora_A.grad = w.lora_B.grad = None
+    return results
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_equals_dense_over_steps(monkeypatch, x_grad):
+    """The fused op draws from the adapters' generators exactly as dense does (so a second
+    step sees the same masks), gives the same gradients in a second, retained backward, and
+    skips the input gradient when the input needs none (layer 0)."""
+    fused = _two_steps("fused", monkeypatch, x_grad, retain=True)
+    dense = _two_steps("dense", monkeypatch, x_grad)
+    for (ys_f, gx_f, g_f), (ys_d, gx_d, g_d) in zip(fused, dense):
+        for a, b in zip(ys_f + g_f, ys_d + g_d):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if x_grad:
+            torch.testing.assert_close(gx_f, gx_d, rtol=1e-5, atol=1e-5)
+        else:
+            assert gx_f is None
+

@@ -178,7 +178,7 @@ H200_MEASURED_KERNELS = [
 def test_estimate_covers_h200_measurements(shape, rows, n, p, recompute, targets, mask, measured):
     args = {"tinyllama": TINYLLAMA, "llama2-7b": LLAMA2_7B}[shape]
     total = est(args, rows=rows, lora=[LoraShape(16, targets, p)] * n, recompute=recompute,
-                explicit_mask=mask or None, lora_kernel="auto").total / GiB
+                explicit_mask=mask or None, lora_kernel="dense").total / GiB  # auto was dense then
     assert measured <= total <= 1.25 * measured
 
 
@@ -188,25 +188,39 @@ def test_estimate_covers_h200_kernel_ablation(shape, rows, kernel, measured):
     lora = [LoraShape(16, ALL7, 0.05)] * 4
     total = est(args, rows=rows, lora=lora, lora_kernel=kernel).total / GiB
     assert measured <= total <= 1.25 * measured
-    assert total < est(args, rows=rows, lora=lora, lora_kernel="auto").total / GiB  # dense keeps more
+    assert total < est(args, rows=rows, lora=lora, lora_kernel="dense").total / GiB  # dense keeps more
 
 
 def test_dense_kernel_hidden_grows_with_the_adapters_in_a_batch():
     one = LoraShape(16, ALL7, 0.05)
     rT = 16 * 7
-    assert est(lora=[one], lora_kernel="auto").per_layer["lora_mask"] == 0  # one adapter: no mask
-    eight = est(lora=[one] * 8, lora_kernel="auto").per_layer
+    assert est(lora=[one], lora_kernel="dense").per_layer["lora_mask"] == 0  # one adapter: no mask
+    eight = est(lora=[one] * 8, lora_kernel="dense").per_layer
     N = 32 * 512
     assert eight["lora_hidden"] == 8 * rT * 2 * N and eight["lora_mask"] == 8 * rT * N
     # train_lora_simultaneously_num bounds the adapters of one batch; beyond DENSE_MAX_ADAPTERS
     # a batch goes grouped/loop, so the dense cost tops out at 8 adapters.
-    assert est(lora=[one] * 8, active_adapters=2, lora_kernel="auto").per_layer["lora_hidden"] == 2 * rT * 2 * N
+    assert est(lora=[one] * 8, active_adapters=2, lora_kernel="dense").per_layer["lora_hidden"] == 2 * rT * 2 * N
     assert est(lora=[one] * 20, lora_kernel="auto").per_layer["lora_hidden"] == 8 * rT * 2 * N
     assert est(lora=[one] * 20, lora_kernel="dense").per_layer["lora_hidden"] == 20 * rT * 2 * N
     loop = est(lora=[one] * 8, lora_kernel="loop").per_layer
     assert loop["lora_hidden"] == rT * 2 * N and loop["lora_mask"] == 0
     with pytest.raises(ValueError, match="lora_kernel"):
         est(lora=[one], lora_kernel="fast")
+
+
+def test_fused_kernel_keeps_a_bool_dropout_mask_and_no_column_mask():
+    """Fused (auto) keeps dense's hidden, its dropout mask as bool instead of bf16, and no
+    per-layer column mask: one [N, C] factor serves all layers (counted once, with the batch)."""
+    one = LoraShape(16, ALL7, 0.05)
+    dense, fused = est(lora=[one] * 4, lora_kernel="dense"), est(lora=[one] * 4, lora_kernel="auto")
+    N, H, I = 32 * 512, TINYLLAMA.hidden_size, TINYLLAMA.intermediate_size
+    assert fused.per_layer["lora_hidden"] == dense.per_layer["lora_hidden"] and fused.per_layer["lora_mask"] == 0
+    for group, width in (("attn_in", H), ("mlp_in", H), ("mlp_act", I)):
+        assert dense.per_layer[f"lora_{group}"] - fused.per_layer[f"lora_{group}"] == width * (2 - 1) * N
+    assert fused.activations < dense.activations
+    # A quantized base runs the dense kernel under auto.
+    assert est(lora=[one] * 4, quant="nf4").per_layer == est(lora=[one] * 4, quant="nf4", lora_kernel="dense").per_layer
 
 
 # ----------------------------------------------------------------------------- against autograd
@@ -275,15 +289,9 @@ def test_activations_bound_what_autograd_saves(dtype, adapters, targets):
     assert measured <= estimate.activations <= (1.5 if SHARED else 1.6) * measured
 
 
-@pytest.mark.parametrize("adapters, targets", [
-    ([(4, 0.0)] * 4, ALL7),
-    ([(4, 0.1), (4, 0.0), (4, 0.1)], ("q_proj", "v_proj", "down_proj")),
-])
-def test_dense_kernel_extra_is_what_autograd_saves(monkeypatch, adapters, targets):
-    """The dense kernel saves more than the loop kernel by the [N, C] hidden and the bool mask
-    the estimate adds for it (bf16: in fp32 the loop kernel saves some A/B casts that are the
-    parameters themselves, which the estimate counts anyway; equal ranks: with unequal ones the
-    loop kernel keeps less than its bound, the costliest adapter on every row)."""
+def _saved_per_kernel(monkeypatch, adapters, targets, kernels):
+    """Bytes autograd saves in one bf16 forward of SMALL, per LoRA kernel: two rows per adapter
+    of 16 tokens. Returns ({kernel: bytes}, rows, seq_len)."""
     model, layout, wrappers = _model_with_adapters(BF16, adapters, targets)
     rows, seq_len = 2 * len(adapters), 16
     layout.rows = [AdapterRows(f"a{a}", 2 * a, 2 * a + 2) for a in range(len(adapters))]
@@ -293,9 +301,22 @@ def test_dense_kernel_extra_is_what_autograd_saves(monkeypatch, adapters, target
                for t in (lw.lora_A, lw.lora_B)}
     ids = torch.randint(0, SMALL.vocab_size, (rows, seq_len))
     saved = {}
-    for kernel in ("dense", "loop"):
+    for kernel in kernels:
         monkeypatch.setattr(mlora.lora, "kernel", kernel)
         saved[kernel] = saved_tensor_bytes(model, ids, params)
+    return saved, rows, seq_len
+
+
+@pytest.mark.parametrize("adapters, targets", [
+    ([(4, 0.0)] * 4, ALL7),
+    ([(4, 0.1), (4, 0.0), (4, 0.1)], ("q_proj", "v_proj", "down_proj")),
+])
+def test_dense_kernel_extra_is_what_autograd_saves(monkeypatch, adapters, targets):
+    """The dense kernel saves more than the loop kernel by the [N, C] hidden and the bool mask
+    the estimate adds for it (bf16: in fp32 the loop kernel saves some A/B casts that are the
+    parameters themselves, which the estimate counts anyway; equal ranks: with unequal ones the
+    loop kernel keeps less than its bound, the costliest adapter on every row)."""
+    saved, rows, seq_len = _saved_per_kernel(monkeypatch, adapters, targets, ("dense", "loop"))
     lora = [LoraShape(r, targets, p) for r, p in adapters]
     layers = {k: estimate_peak_bytes(SMALL, rows=rows, seq_len=seq_len, dtype=BF16, lora=lora,
                                      lora_kernel=k).per_layer for k in ("dense", "loop")}
@@ -304,6 +325,28 @@ def test_dense_kernel_extra_is_what_autograd_saves(monkeypatch, adapters, target
     # ...give or take the dense kernel's per-column LoRA scales (one small fp32 constant per
     # distinct member layout, shared by the layers), which its B product saves.
     assert 0 <= saved["dense"] - saved["loop"] - extra <= 4 * sum(r for r, _ in adapters) * 7
+
+
+@pytest.mark.parametrize("adapters, targets", [
+    ([(4, 0.1)] * 3, ALL7),
+    ([(4, 0.1), (8, 0.0)], ("q_proj", "v_proj", "down_proj")),
+])
+def test_fused_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targets):
+    """What fused keeps less than dense (the dropout masks, dense's bool column mask) is what
+    the estimate subtracts. In layer 0 neither keeps a dropout mask (its input needs no
+    gradient), which the estimate does not subtract; the weight casts differ a little
+    (bounded by one layer's casts)."""
+    saved, rows, seq_len = _saved_per_kernel(monkeypatch, adapters, targets, ("dense", "fused"))
+    lora = [LoraShape(r, targets, p) for r, p in adapters]
+    estimates = {k: estimate_peak_bytes(SMALL, rows=rows, seq_len=seq_len, dtype=BF16, lora=lora, lora_kernel=k)
+                 for k in ("dense", "fused")}
+    N = rows * seq_len
+    # The estimate adds fused's shared column factor to the batch; autograd does not see it.
+    factor = N * sum(r * len(targets) for r, _ in adapters) * 2
+    estimated = estimates["dense"].activations - estimates["fused"].activations + factor
+    measured = saved["dense"] - saved["fused"]
+    layer0_mask = SMALL.hidden_size * (2 - 1) * N if any(p > 0 for _, p in adapters) else 0
+    assert 0 < measured <= estimated <= measured + layer0_mask + estimates["fused"].per_layer["lora_casts"]
 
 
 def test_sharing_inputs_never_costs_more():

@@ -1,0 +1,163 @@
+"""One input group's base projections and all its adapters' LoRA as ONE autograd op.
+
+lora.py's "dense" kernel composes the LoRA path from ordinary torch ops and lets autograd
+record each of them. That costs, per input group and step (measured in
+benchmarks/THROUGHPUT.md): the 0/1 dropout mask *and* the dropped-out copy kept for the
+backward (two [N, in] activations), a bool [N, C] column mask, a cast/concat/scale node per
+weight, and a separate read-modify-write of the input gradient for every projection that
+reads the input (q, k, v, and the LoRA path). This op writes the backward by hand instead:
+
+* the dropout mask is drawn and kept as bool (1 byte a value, not 2 in bf16), and the
+  dropped-out input is one mixed-dtype multiply: half a [N, in] activation less per group,
+  about 9% of TinyLlama's peak at 4 adapters x 8 rows with dropout 0.05. (Redrawing the
+  mask in the backward from saved generator states would save all of it, but costs one
+  bernoulli launch per adapter and group more, about 22 us each on the H200.)
+* the input gradient is accumulated inside the GEMMs: dx = ((dh @ A) * mask) is computed
+  first, then every projection adds dy @ W into it with `addmm_` (beta=1), so no separate
+  add kernel reads and writes dx per projection (autograd's accumulation does);
+* the per-row "which adapter" mask and the per-column LoRA scale are one cached [N, C]
+  factor shared by every layer (`column_factor`), applied once forward and once backward;
+* autograd records one node per group instead of about thirty.
+
+The math is the dense kernel's (lora.py), so every adapter's rows see only its own A and B:
+    dropped = x * mask                       [N, in]   (mask 0/1; 1/(1-p) is in the scale)
+    h       = (dropped @ A_all^T) * factor   [N, C]    (C = all adapters' ranks, per member)
+    y_m     = x @ W_m^T + bias_m + h[:, cols_m] @ B_m^T          for each member m
+and the backward, for dy_m = dL/dy_m:
+    dh      = cat_m(dy_m @ B_m) * factor                         [N, C]
+    dA_all  = dh^T @ dropped;  dB_m = dy_m^T @ h[:, cols_m]
+    dx      = (dh @ A_all) * mask + sum_m dy_m @ W_m             [N, in]
+Weights are fp32 parameters; the matmuls run in the activation dtype, as in the dense kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DropoutRows:
+    """Token rows [start, end) of the flattened batch drop out with probability p, drawn from
+    `generator` (the adapter's own)."""
+
+    start: int
+    end: int
+    p: float
+    generator: torch.Generator | None
+
+
+def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bool,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """0/1 keep-mask [N, in] shaped like x2d (in `dtype`, default x2d's): each DropoutRows
+    range drawn from its own generator with `bernoulli_(1 - p)`, ones elsewhere. The draws do
+    not depend on the dtype (checked on CPU; on CUDA each kernel is consistent with itself).
+    `everywhere`: the ranges cover every row, so the ones-fill is skipped."""
+    dtype = x2d.dtype if dtype is None else dtype
+    mask = torch.empty_like(x2d, dtype=dtype) if everywhere else torch.ones_like(x2d, dtype=dtype)
+    for d in dropout:
+        mask[d.start:d.end].bernoulli_(1.0 - d.p, generator=d.generator)
+    return mask
+
+
+@functools.lru_cache(maxsize=8)
+def column_factor(row_ranges: tuple, owners: tuple, scales: tuple, N: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The factor h is multiplied by: column c's LoRA scale on the rows of the adapter that
+    owns c (owners[c], an index into row_ranges of token ranges), 0 elsewhere.
+
+    [C] when one adapter owns every row (a plain per-column scale), else [N, C]. Cached: every
+    layer's group of one kind asks for the same factor, and building it per call costs two
+    kernels forward and two backward. Eight entries hold the four groups of a LLaMA layer for
+    two batch layouts; older layouts fall out."""
+    scale = torch.tensor(scales, dtype=torch.float32)
+    if len(row_ranges) == 1 and row_ranges[0] == (0, N):
+        return scale.to(device=device, dtype=dtype)
+    row_owner = torch.full((N,), -1, dtype=torch.int64)
+    for i, (start, end) in enumerate(row_ranges):
+        row_owner[start:end] = i
+    own = row_owner[:, None] == torch.tensor(owners, dtype=torch.int64)[None, :]  # [N, C]
+    return torch.where(own, scale[None, :], 0.0).to(device=device, dtype=dtype)
+
+
+def clear_factor_cache() -> None:
+    column_factor.cache_clear()
+
+
+@dataclass
+class FusedGroupSpec:
+    """What the op needs besides tensors: the members' frozen linears, each member's columns
+    of the hidden, how many A/B parameters belong to each, the factor and the dropout plan."""
+
+    bases: list[nn.Linear]
+    cols: list[tuple[int, int]]  # member -> [start, end) columns of h
+    b_counts: list[int]  # member -> number of its B parameters (the adapters, in column order)
+    factor: torch.Tensor  # [C] or [N, C], activation dtype
+    dropout: list[DropoutRows] = field(default_factory=list)
+    everywhere: bool = False
+
+
+class FusedGroupLoRA(torch.autograd.Function):
+    """outputs = FusedGroupLoRA.apply(x2d, spec, *A_params, *B_params): one [N, out_m] per member.
+
+    A_params in column order (member-major, then adapter), B_params likewise; see the module
+    docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, spec: FusedGroupSpec, *weights: torch.Tensor):
+        dt = x2d.dtype
+        n_a = len(weights) - sum(spec.b_counts)
+        a_params, b_params = weights[:n_a], weights[n_a:]
+        a_all = (torch.cat(a_params) if n_a > 1 else a_params[0]).to(dt)  # [C, in]
+
+        mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
+        dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
+
+        h = torch.mm(dropped, a_all.t()).mul_(spec.factor)  # [N, C], scaled, other adapters' 0
+        outputs, b_alls, i = [], [], 0
+        for base, (c0, c1), count in zip(spec.bases, spec.cols, spec.b_counts):
+            bs = b_params[i:i + count]
+            i += count
+            b_all = (torch.cat(bs, dim=1) if count > 1 else bs[0]).to(dt)  # [out, C_m]
+            delta = torch.mm(h[:, c0:c1], b_all.t())  # [N, out]
+            if base.bias is not None:
+                delta.add_(base.bias)
+            outputs.append(torch.addmm(delta, x2d, base.weight.t()))  # the base GEMM adds delta
+            b_alls.append(b_all)
+        if not ctx.needs_input_grad[0]:  # layer 0's input: the mask and A serve only dx
+            mask = a_all = None
+        ctx.save_for_backward(dropped, mask, h, a_all, *b_alls)
+        ctx.spec = spec
+        ctx.a_rows = [a.shape[0] for a in a_params]
+        ctx.b_cols = [b.shape[1] for b in b_params]
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *dys: torch.Tensor):
+        dropped, mask, h, a_all, *b_alls = ctx.saved_tensors
+        spec = ctx.spec
+        # dh: each member's slice from its own output gradient, then the factor (scale, owner).
+        dh = [torch.mm(dy, b_all) for dy, b_all in zip(dys, b_alls)]  # [N, C_m] each
+        dh = (torch.cat(dh, dim=1) if len(dh) > 1 else dh[0]).mul_(spec.factor)  # [N, C]
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(dh, a_all)  # [N, in]: the LoRA path, before the dropout mask
+            if mask is not None:
+                dx.mul_(mask)
+            for dy, base in zip(dys, spec.bases):
+                dx.addmm_(dy, base.weight)  # + dy @ W, accumulated inside the GEMM
+
+        d_a = torch.mm(dh.t(), dropped).float()  # [C, in]
+        d_b = [torch.mm(dy.t(), h[:, c0:c1]).float() for dy, (c0, c1) in zip(dys, spec.cols)]
+        grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))
+        grads_b, i = [], 0
+        for d, count in zip(d_b, spec.b_counts):
+            widths = ctx.b_cols[i:i + count]
+            i += count
+            grads_b += list(torch.split(d, widths, dim=1))
+        return (dx, None, *grads_a, *grads_b)
+
