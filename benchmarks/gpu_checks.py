@@ -3,7 +3,7 @@
 CI has no GPU, so the CPU test suite covers the same code paths with the CPU kernels; this
 script checks what only CUDA runs: the grouped LoRA kernel (torch._grouped_mm in bf16), and
 fused-vs-solo training with CUDA's dropout RNG. Prints one JSON line per check and exits
-non-zero if any fails.
+non-zero if any fails (checks marked "informational" do not count).
 
     python benchmarks/gpu_checks.py [--out results.json]
 """
@@ -76,7 +76,8 @@ def lora_grads(device, dtype, kernel, names, rows_of, ids, dropout, seed=0):
     return grads, losses
 
 
-def check_fused_vs_solo(device, dtype, kernel, tol):
+def check_fused_vs_solo(device, dtype, kernel, tol, solo_kernel="loop"):
+    """Four adapters fused with `kernel` against each adapter alone with `solo_kernel`."""
     names = ["a", "b", "c", "d"]
     rows_of = {n: 2 for n in names}
     g = torch.Generator().manual_seed(1)
@@ -84,9 +85,9 @@ def check_fused_vs_solo(device, dtype, kernel, tol):
     fused, fused_loss = lora_grads(device, dtype, kernel, names, rows_of, ids, dropout=0.1)
     worst = 0.0
     for i, n in enumerate(names):
-        solo, solo_loss = lora_grads(device, dtype, "loop", [n], {n: 2}, ids[2 * i:2 * i + 2], dropout=0.1)
+        solo, solo_loss = lora_grads(device, dtype, solo_kernel, [n], {n: 2}, ids[2 * i:2 * i + 2], dropout=0.1)
         worst = max(worst, rel_err(fused[n], solo[n]), abs(fused_loss[n] - solo_loss[n]) / abs(solo_loss[n]))
-    return {"check": f"fused({kernel}) vs solo(loop) grads+loss, {dtype}", "max_rel_err": worst,
+    return {"check": f"fused({kernel}) vs solo({solo_kernel}) grads+loss, {dtype}", "max_rel_err": worst,
             "tolerance": tol, "ok": worst <= tol}
 
 
@@ -102,6 +103,13 @@ def main() -> int:
     # Each kernel's fused run against solo runs of the loop kernel. fp32 is strict; in bf16
     # different batch sizes pick different GEMM tilings, so rounding differs (looser tolerance).
     # The grouped kernel runs only in bf16 on CUDA (fp32 falls back to the loop).
+    # The fused kernel (the default) draws its dropout masks as bool: its solo reference is a
+    # solo fused run. Whether CUDA's bool draws equal its float draws (as on CPU) is only
+    # informational: each kernel is consistent with itself, which is what training needs.
+    results.append(check_fused_vs_solo(device, torch.float32, "fused", 1e-4, solo_kernel="fused"))
+    results.append(check_fused_vs_solo(device, torch.bfloat16, "fused", 3e-2, solo_kernel="fused"))
+    same_masks = check_fused_vs_solo(device, torch.float32, "fused", 1e-4)
+    results.append({**same_masks, "informational": True})
     results.append(check_fused_vs_solo(device, torch.float32, "dense", 1e-4))
     results.append(check_fused_vs_solo(device, torch.float32, "loop", 1e-4))
     for kernel in ("dense", "grouped", "loop"):
@@ -120,7 +128,7 @@ def main() -> int:
         print(json.dumps(r), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    return 0 if all(r["ok"] for r in results) else 1
+    return 0 if all(r["ok"] for r in results if not r.get("informational")) else 1
 
 
 if __name__ == "__main__":

@@ -57,3 +57,18 @@ def test_summary_ratios_use_the_faster_bound_and_same_rows():
     assert row["vs_peft"] == pytest.approx(60 / 30)  # PEFT with the same rows per adapter
     assert row["base_system"] == "hf-base" and row["vs_frozen_base"] == pytest.approx(60 / 80)
     assert row["peak_vs_one_adapter_same_rows"] == pytest.approx(11 / 10)
+
+
+def test_count_ops_ranks_the_kernels():
+    """benchmarks/count_ops.py: per layer, the fused kernel dispatches fewer ops (launches on a
+    GPU) than dense, and the loop far more; fused keeps fewer bytes for the backward than
+    dense (a bool dropout mask, no column mask). Counts, not timings: deterministic."""
+    _load()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_ops
+
+    result = count_ops.main(["--shape", "tiny", "--layers", "1", "--rows", "2", "--seq", "16",
+                             "--kernels", "fused,dense,loop"])
+    fused, dense, loop = result["fused"], result["dense"], result["loop"]
+    assert 0 < fused["ops"] < dense["ops"] < loop["ops"]
+    assert 0 < fused["saved_bytes"] < dense["saved_bytes"]

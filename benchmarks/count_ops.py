@@ -1,0 +1,117 @@
+"""Ops dispatched and activations saved by one fused training step, per LoRA kernel: the
+device-independent part of "what does the LoRA side cost" (runs on CPU, in seconds).
+
+Every op that reaches torch's dispatcher (views excluded) is one kernel launch on a GPU, so
+the count is the launch count a GPU would see, minus the optimizer (left out: on CUDA AdamW
+is one fused launch per adapter). Saved bytes are what autograd keeps for the backward
+(saved-tensor hooks; parameters excluded), the activations part of the memory model.
+
+    python benchmarks/count_ops.py                     # tinyllama-1.1b layout, 2 layers
+    python benchmarks/count_ops.py --shape tiny --rows 2 --seq 32
+
+Reported per decoder layer, after subtracting the frozen base (no LoRA, input requiring
+grad): the LoRA side's own ops and saved bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_throughput as bt  # noqa: E402
+import mlora.lora as lora_module  # noqa: E402
+from mlora.lora import AdapterRows  # noqa: E402
+from mlora.loss import token_loss_sums  # noqa: E402
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_cost(model, ids, rows, params: set[int]) -> dict:
+    """Ops of forward + loss + backward, and bytes saved for the backward."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with _CountOps() as count:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids)
+        sums = token_loss_sums(logits, ids, rows)
+        sum(ce / max(1, n) for ce, n in sums.values()).backward()
+    return {"ops": count.ops, "saved_bytes": sum(saved.values())}
+
+
+def measure(shape: str, layers: int, adapters: int, rows: int, seq: int, dropout: float,
+            kernels: list[str]) -> dict:
+    hidden, inter, _, heads, kv, vocab = bt.SHAPES[shape]
+    bt.SHAPES["_count"] = (hidden, inter, layers, heads, kv, vocab)
+    bench = bt.MloraBench("_count", bt.Settings(seq=seq), torch.device("cpu"), torch.bfloat16)
+    model = bench.model
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = bt.batch(adapters * rows, seq, vocab, torch.device("cpu"), seed=0)
+
+    embed = model.model.embed_tokens
+    hook = embed.register_forward_hook(lambda m, i, out: out.requires_grad_())
+    base = _step_cost(model, ids, [AdapterRows("base", 0, adapters * rows)], params)
+    hook.remove()
+
+    out = {"shape": shape, "layers": layers, "adapters": adapters, "rows": rows, "seq": seq,
+           "dropout": dropout, "frozen_base_per_layer": {k: v / layers for k, v in base.items()}}
+    objs = bench.adapters(adapters, rows, dropout)
+    params |= {p.untyped_storage().data_ptr() for a in objs for p in a.parameters()}
+    layout = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(objs)]
+    model.train()
+    previous = lora_module.kernel
+    try:
+        for kernel in kernels:
+            lora_module.kernel = kernel
+            bench.layout.rows = layout
+            for _ in range(2):  # the first step builds the cached constants (row owners, factors)
+                cost = _step_cost(model, ids, layout, params)
+                for a in objs:  # as the optimizer step does: the next backward starts from no grad
+                    for p in a.parameters():
+                        p.grad = None
+            out[kernel] = {k: (cost[k] - base[k]) / layers for k in cost}
+    finally:
+        lora_module.kernel = previous
+        bench.layout.rows = []
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tinyllama-1.1b", choices=[s for s in bt.SHAPES if not s.startswith("_")])
+    p.add_argument("--layers", type=int, default=2, help="decoder layers to build (costs are per layer)")
+    p.add_argument("--adapters", type=int, default=4)
+    p.add_argument("--rows", type=int, default=1, help="rows per adapter")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--kernels", default="fused,dense,grouped,loop")
+    args = p.parse_args(argv)
+    result = measure(args.shape, args.layers, args.adapters, args.rows, args.seq, args.dropout,
+                     args.kernels.split(","))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
