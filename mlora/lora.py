@@ -20,8 +20,11 @@ its FLOPs (about 1% of the base at r=16) but memory traffic and kernel launches.
   delta as the accumulator) instead of a separate read-modify-write of the output.
 * LoRA weights stay fp32 (the optimizer's master copy); matmuls run in the activation dtype.
 
-Gradients come from autograd through these ops, so they are exact with dropout > 0: the mask
-that scaled the forward is the one autograd saved for the backward.
+The default kernel, "fused" (lora_fused.py), runs one input group - base GEMMs included - as
+one autograd op with a hand-written backward; the others are composed of torch ops whose
+gradients autograd derives. Either way the mask that scaled the forward is the one the
+backward uses, so gradients are exact with dropout > 0 (tests/test_lora.py holds every
+kernel to plain autograd with the same masks).
 
 The model code knows nothing of LoRA: `inject_lora` swaps the target `nn.Linear` modules for
 `LoraLinear` wrappers after the model is built, and the trainer tells all wrappers which rows
@@ -59,7 +62,8 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 #              equal ranks and targets, rows tiling the batch, bf16 on CUDA.
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
 #   "auto":    up to DENSE_MAX_ADAPTERS adapters fused (dense where fused cannot run, e.g. a
-#              quantized base), then grouped where allowed, else loop.
+#              quantized base), then grouped where allowed, else loop. (The cap is named for
+#              what fused and dense share: every row times every adapter's columns.)
 # MLORA_LORA_KERNEL sets it.
 KERNELS = ("auto", "fused", "dense", "loop", "grouped")
 DENSE_MAX_ADAPTERS = 8
@@ -140,7 +144,8 @@ class LoraWeights(nn.Module):
 
 @dataclass
 class _Hidden:
-    """What an InputGroup computed for one input: every adapter's `A(dropout(x))`.
+    """What an InputGroup computed for one input: every adapter's `A(dropout(x))`, or with
+    the fused kernel every member's whole output (base GEMM included) in `outputs`.
 
     grouped: `hidden` [members, N, R], one contiguous [N, R] block per member, and `offsets`
     (int32 [G], the end token of each adapter's rows) for the grouped B matmul.
@@ -165,8 +170,8 @@ class _Hidden:
 class InputGroup:
     """Target projections of one module that read the same input (see the module docstring).
 
-    The first member called with an input computes the hidden states of all members and
-    caches them until every member has used them; a member called with another input (a
+    The first member called with an input computes the hidden states of all members (fused:
+    their complete outputs) and caches them until every member has used them; a member called with another input (a
     recomputation, a new batch) starts over."""
 
     def __init__(self):
@@ -239,8 +244,9 @@ class InputGroup:
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         """Fused needs plain linears in the activation dtype (a quantized layer has its own
-        kernel)."""
+        kernel) whose weight and bias are frozen (its backward computes no gradient for them)."""
         return all(type(m.base) is nn.Linear and m.base.weight.dtype == x.dtype and not m.base.weight.requires_grad
+                   and (m.base.bias is None or not m.base.bias.requires_grad)
                    for m in self.members if m.adapters)
 
     def _compute_fused(self, x, x2d, active, S, dropout, everywhere) -> _Hidden:
@@ -259,7 +265,7 @@ class InputGroup:
             cols.append((start, len(owners)))
             counts.append(len(ws))
         factor = column_factor(tuple((r.start * S, r.end * S) for r in active), tuple(owners), tuple(scales),
-                               x2d.shape[0], x.dtype, x.device)
+                               x2d.shape[0], torch.float32, x.device)
         spec = FusedGroupSpec([self.members[m].base for m in members], cols, counts, factor, dropout, everywhere)
         ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
         return _Hidden(x, outputs=dict(zip(members, ys)))

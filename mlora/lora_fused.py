@@ -15,8 +15,9 @@ reads the input (q, k, v, and the LoRA path). This op writes the backward by han
 * the input gradient is accumulated inside the GEMMs: dx = ((dh @ A) * mask) is computed
   first, then every projection adds dy @ W into it with `addmm_` (beta=1), so no separate
   add kernel reads and writes dx per projection (autograd's accumulation does);
-* the per-row "which adapter" mask and the per-column LoRA scale are one cached [N, C]
-  factor shared by every layer (`column_factor`), applied once forward and once backward;
+* the per-row "which adapter" mask and the per-column LoRA scale are one cached fp32 [N, C]
+  factor shared by every layer (`column_factor`), applied once forward and once backward
+  (fp32: a scale rounded to bf16 would bias every value of its column alike, up to 0.2 %);
 * autograd records one node per group instead of about thirty.
 
 The math is the dense kernel's (lora.py), so every adapter's rows see only its own A and B:
@@ -67,7 +68,8 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
 def column_factor(row_ranges: tuple, owners: tuple, scales: tuple, N: int,
                    dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The factor h is multiplied by: column c's LoRA scale on the rows of the adapter that
-    owns c (owners[c], an index into row_ranges of token ranges), 0 elsewhere.
+    owns c (owners[c], an index into row_ranges of token ranges), 0 elsewhere. `dtype` is
+    fp32 for the fused op: the product is computed in fp32 and rounded once.
 
     [C] when one adapter owns every row (a plain per-column scale), else [N, C]. Cached: every
     layer's group of one kind asks for the same factor, and building it per call costs two
@@ -95,7 +97,7 @@ class FusedGroupSpec:
     bases: list[nn.Linear]
     cols: list[tuple[int, int]]  # member -> [start, end) columns of h
     b_counts: list[int]  # member -> number of its B parameters (the adapters, in column order)
-    factor: torch.Tensor  # [C] or [N, C], activation dtype
+    factor: torch.Tensor  # [C] or [N, C], fp32
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
 
@@ -127,7 +129,7 @@ class FusedGroupLoRA(torch.autograd.Function):
                 delta.add_(base.bias)
             outputs.append(torch.addmm(delta, x2d, base.weight.t()))  # the base GEMM adds delta
             b_alls.append(b_all)
-        if not ctx.needs_input_grad[0]:  # layer 0's input: the mask and A serve only dx
+        if not ctx.needs_input_grad[0]:  # x needs no gradient (layer 0): mask and A serve only dx
             mask = a_all = None
         ctx.save_for_backward(dropped, mask, h, a_all, *b_alls)
         ctx.spec = spec
@@ -136,6 +138,7 @@ class FusedGroupLoRA(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the A/B casts made in forward are not in a graph
     def backward(ctx, *dys: torch.Tensor):
         dropped, mask, h, a_all, *b_alls = ctx.saved_tensors
         spec = ctx.spec

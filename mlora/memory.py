@@ -205,7 +205,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                         adapter's A, so they keep [N, C] with C = the sum of r x targets over
                         the batch's adapters; dense also keeps, with more than one adapter, the
                         bool [N, C] mask that zeroes the other adapters' columns (fused has one
-                        cached [N, C] factor for all layers, counted with the batch).
+                        cached fp32 [N, C] factor for all layers, counted with the batch).
       RoPE              only cos/sin (shared): rotate_half/cat/mul keep no activation
       SDPA              q [N, nh*D], k, v [N, nkv*D] (nh*D when repeated), out [N, nh*D] (the
                         o_proj input, a view), logsumexp fp32 [nh, N] (+ the float mask
@@ -255,8 +255,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
     if lora_kernel == "fused" and adapters and L:
-        # lora_fused.column_factor: one cached [N, C] per input group for all layers.
-        batch += _dense_columns(adapters, active_adapters, "fused") * e * N
+        # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers.
+        batch += _dense_columns(adapters, active_adapters, "fused") * 4 * N
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
     if recompute:
