@@ -558,7 +558,7 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     mask = True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
     common = dict(seq_len=cfg.cutoff_len, dtype=dtype, lora=lora, recompute=cfg.recompute, quant=quant,
                   parts=parts, explicit_mask=mask, active_adapters=active)
-    where = f"{fraction:.0%} of {_size(free_bytes)} free"
+    where = f"{fraction:.0%} of {format_size(free_bytes)} free"
     micro_rows = sorted((a.micro_batch_size or a.batch_size for a in cfg.lora), reverse=True)
 
     def need(rows: int) -> int:  # the weights are resident already: free_bytes is net of them
@@ -572,7 +572,7 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
                 fixes = "lower cutoff_len" if cfg.recompute else "set \"recompute\": true, lower cutoff_len"
                 raise UserError(
                     f"memory_fraction {fraction}: not even one row of cutoff_len {cfg.cutoff_len} tokens "
-                    f"is estimated to fit in {where} (one row needs about {_size(need(1))}); "
+                    f"is estimated to fit in {where} (one row needs about {format_size(need(1))}); "
                     f"{fixes}, train fewer adapters at once, or raise memory_fraction")
             note = f"mlora: token budget {tokens} (estimated to fit {where})"
             if micro_rows[0] * cfg.cutoff_len > tokens:
@@ -591,12 +591,12 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     if needed > fraction * free_bytes:
         return BudgetPlan(configured, (
             f"mlora: warning: the largest fused batch ({rows} rows of {cfg.cutoff_len} tokens) is estimated "
-            f"to need {_size(needed)}, more than {where}; batches that run out of memory will be "
+            f"to need {format_size(needed)}, more than {where}; batches that run out of memory will be "
             f"split and retried (train_strategy fast-fit or optimal-fit would size batches to fit)"))
     return BudgetPlan(configured)
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
@@ -738,3 +738,45 @@ def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
             torch._foreach_add_(olds, news)  # one fused launch for hundreds of LoRA tensors
     finally:
         del saved
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+@dataclass(frozen=True)
+class InFlightFit:
+    """How many micro-batches a pipeline stage can hold forwarded but not yet backwarded.
+
+    A stage keeps each such micro-batch's activations until its backward; the rest of what a
+    step adds is there once however many are in flight (the adapters' state, one backward's
+    working set or the head's cross-entropy, the workspace). So k in flight need about
+    `once + k * per_micro_batch` bytes beyond the resident weights."""
+
+    fits: int  # the most in flight within the budget; 0: not even one
+    per_micro_batch: int  # bytes each one in flight keeps: its activations
+    once: int  # bytes counted once, whatever the number in flight
+    budget: int  # fraction * free bytes
+
+    def need(self, count: int) -> int:
+        return self.once + count * self.per_micro_batch
+
+
+def micro_batches_in_flight(args: ModelArgs, *, free_bytes: int, rows: int, seq_len: int,
+                            dtype: torch.dtype, fraction: float = 0.9, **estimate_kwargs) -> InFlightFit:
+    """The most micro-batches of `rows` rows of `seq_len` tokens that a pipeline stage may hold
+    in flight within `fraction * free_bytes`, by `estimate_peak_bytes` (its `parts`, `lora`,
+    `recompute`, `quant`... come in `estimate_kwargs`).
+
+    free_bytes is read with the stage's weights resident, so they are not counted; everything
+    else of the estimate but the activations is counted once (see `InFlightFit`):
+
+        fits = floor((fraction * free_bytes - once) / activations), 0 when negative
+        once = total - weights - activations"""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    est = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype, **estimate_kwargs)
+    per = est.activations
+    once = est.total - est.weights - per
+    budget = int(fraction * free_bytes)
+    fits = max(0, (budget - once) // max(per, 1))  # (a stage that keeps nothing: any number fits)
+    return InFlightFit(fits, per, once, budget)

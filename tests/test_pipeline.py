@@ -68,12 +68,14 @@ def write_config(tmp: Path, num_adapters: int, out: Path, save_step: int = 0) ->
 
 
 def launch_ranks(base: Path, cfg: Path, out: Path, world: int, transport: str, balance: list[int] | None,
-                 extra: tuple = (), timeout: float = 240) -> list[subprocess.CompletedProcess]:
+                 extra: tuple = (), timeout: float = 240,
+                 entry: tuple = ("-m", "mlora")) -> list[subprocess.CompletedProcess]:
+    """Every rank as a process: `python <entry> train --pipeline ...` (entry: how to start mlora's CLI)."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs = []
     for rank in range(world):
-        cmd = [sys.executable, "-m", "mlora", "train", "--pipeline", "--rank", str(rank), "--device", "cpu",
+        cmd = [sys.executable, *entry, "train", "--pipeline", "--rank", str(rank), "--device", "cpu",
                "--base_model", str(base), "--config", str(cfg), "--output_dir", str(out), "--no_progress",
                "--transport", transport, "--master_addr", "127.0.0.1", "--master_port", str(port),
                "--peer_timeout", "20", "--connect_timeout", "120", *extra]

@@ -29,13 +29,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mlora import checkpoint
+from mlora import checkpoint, memory
 from mlora.adapter import Adapter, save_checkpoint_dir, save_peft
 from mlora.batching import MicroBatch, adapter_stream, fuse, total_steps
 from mlora.config import adapter_seed
@@ -43,7 +44,8 @@ from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
 from mlora.loss import token_loss_sums
 from mlora.metrics import MetricsLog
-from mlora.pipeline.plan import MicroBatchRef, build_plan
+from mlora.packing import packed_shape
+from mlora.pipeline.plan import MicroBatchRef, build_plan, max_in_flight_1f1b
 from mlora.session import Session
 from mlora.trainer import Interrupted
 
@@ -72,6 +74,70 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
             if theirs.get(key) != everyone[0].get(key):
                 raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; "
                                     f"start every rank with the same --config, --balance and --base_model")
+
+
+def largest_micro_batch(micro_batches: Iterable[MicroBatch], pack_len: int | None) -> tuple[int, int]:
+    """(rows, seq_len) that bound every micro-batch's shape as rank 0 fuses it: the most rows
+    of any and the longest (padded) row of any; packed, as packed into rows of pack_len tokens."""
+    rows = seq_len = 0
+    for part in micro_batches:
+        if pack_len is None:
+            shape = len(part.examples), max(len(ex.input_ids) for ex in part.examples)
+        else:
+            shape = packed_shape(part.examples, pack_len)
+        rows, seq_len = max(rows, shape[0]), max(seq_len, shape[1])
+    return rows, seq_len
+
+
+def stage_memory(session: Session, micro_batches: list[MicroBatch], pack_len: int | None) -> dict:
+    """This rank's figures for `in_flight_bounds` (msgpack-able): how many micro-batches of the
+    largest shape fit memory_fraction of its device's free memory, read now that its weights
+    and adapters are resident; fits None when the device does not say (not CUDA)."""
+    free = memory.device_free_bytes(session.device)
+    if free is None or not micro_batches:
+        return {"fits": None}
+    cfg, model = session.cfg, session.model
+    rows, seq_len = largest_micro_batch(micro_batches, pack_len)
+    # Left-padded and packed rows give SDPA an explicit mask; each micro-batch is one adapter's.
+    mask = True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
+    fit = memory.micro_batches_in_flight(
+        model.args, free_bytes=free, rows=rows, seq_len=seq_len, dtype=session.dtype,
+        fraction=cfg.memory_fraction, lora=cfg.lora, recompute=cfg.recompute, quant=session.quant,
+        parts=model.parts, explicit_mask=mask, active_adapters=1)
+    where = model.parts[0] if len(model.parts) == 1 else f"{model.parts[0]}..{model.parts[-1]}"
+    return {"fits": fit.fits, "need": fit.need(1), "per": fit.per_micro_batch, "free": free,
+            "rows": rows, "seq_len": seq_len, "parts": where}
+
+
+def in_flight_bounds(session: Session, transport: Transport, micro_batches: list[MicroBatch],
+                     pack_len: int | None) -> list[int]:
+    """Each stage's bound on micro-batches in flight for `build_plan`: 1F1B's P - s, lowered
+    to what fits the stage's device by the memory model (`stage_memory`). A collective: every
+    rank calls it and gets the same list (or the same UserError, when some stage cannot hold
+    even one micro-batch). Rank 0 says on stderr which bounds it lowered."""
+    everyone = transport.exchange(stage_memory(session, micro_batches, pack_len))
+    cfg = session.cfg
+    fraction = cfg.memory_fraction
+    short = [(rank, e) for rank, e in enumerate(everyone) if e["fits"] == 0]
+    if short:
+        where = "; ".join(f"rank {rank} ({e['parts']}) needs about {memory.format_size(e['need'])} beyond its "
+                          f"weights, more than memory_fraction {fraction} of its {memory.format_size(e['free'])} free"
+                          for rank, e in short)
+        fixes = "lower micro_batch_size or cutoff_len, " + ("" if cfg.recompute else "set \"recompute\": true, ")
+        e = short[0][1]
+        raise UserError(f"not even one micro-batch of {e['rows']} rows x {e['seq_len']} tokens is estimated "
+                        f"to fit: {where}; {fixes}or split the model over more stages")
+    bounds, lowered = [], []
+    for stage, e in enumerate(everyone):
+        default = max_in_flight_1f1b(len(everyone), stage)
+        bounds.append(default if e["fits"] is None else min(default, e["fits"]))
+        if bounds[-1] < default:
+            lowered.append(f"stage {stage}: {bounds[-1]} (1F1B: {default}; {memory.format_size(e['per'])} each, "
+                           f"{memory.format_size(e['free'])} free)")
+    if lowered and transport.rank == 0:
+        print(f"mlora: micro-batches in flight per stage lowered to fit {fraction:.0%} of free memory: "
+              + ", ".join(lowered), file=sys.stderr)
+    return bounds
 
 
 @dataclass
@@ -143,7 +209,10 @@ class StageWorker:
         # adapters' generators as they were at that micro-batch's forward.
         session.model.recompute = cfg.recompute
         session.model.rng_generators = [a.dropout_generator for a in self.adapters.values()]
-        self.plans = [build_plan(self.world, seg) for seg in segments_of(streams, cfg.save_step)]
+        # Before any plan: memory-aware admission, the same bounds on every rank.
+        self.max_in_flight = in_flight_bounds(session, transport, list(self.micro.values()), self.pack_len)
+        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight)
+                      for seg in segments_of(streams, cfg.save_step)]
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
         # SIGINT/SIGTERM (trainer.SignalFlag): a signalled rank's request travels to rank 0 on
