@@ -53,17 +53,18 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # How the adapters of one batch share a matmul (benchmarks/THROUGHPUT.md measures each):
 #   "fused":   the dense math as one hand-written autograd op per input group, base GEMMs
 #              included (lora_fused.py): a bool dropout mask, the input gradient
-#              accumulated inside the GEMMs, one autograd node per group. Needs plain
-#              nn.Linear bases in the activation dtype.
+#              accumulated inside the GEMMs, one autograd node per group. A base it cannot
+#              run itself (a quantized layer) runs outside with its own autograd, and the
+#              op's LoRA delta is added to its output.
 #   "dense":   one ordinary GEMM for all adapters' A (and one per member for B) over all rows,
 #              with each row's other adapters' columns zeroed: G times the (tiny) LoRA FLOPs,
 #              but one well-tuned cuBLAS call; any ranks, targets and row layout.
 #   "grouped": torch._grouped_mm with per-adapter row offsets: exact FLOPs, one launch; needs
 #              equal ranks and targets, rows tiling the batch, bf16 on CUDA.
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
-#   "auto":    up to DENSE_MAX_ADAPTERS adapters fused (dense where fused cannot run, e.g. a
-#              quantized base), then grouped where allowed, else loop. (The cap is named for
-#              what fused and dense share: every row times every adapter's columns.)
+#   "auto":    up to DENSE_MAX_ADAPTERS adapters fused, then grouped where allowed, else
+#              loop. (The cap is named for what fused and dense share: every row times
+#              every adapter's columns.)
 # MLORA_LORA_KERNEL sets it.
 KERNELS = ("auto", "fused", "dense", "loop", "grouped")
 DENSE_MAX_ADAPTERS = 8
@@ -208,9 +209,7 @@ class InputGroup:
         if choice == "auto":
             choice = "fused" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
         if choice == "fused":
-            if self._fused_ok(x):
-                return self._compute_fused(x, x2d, active, S, dropout, everywhere)
-            choice = "dense"
+            return self._compute_fused(x, x2d, active, S, dropout, everywhere)
         mask = draw_keep_mask(x2d, dropout, everywhere) if dropout else None
         dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
         if choice == "dense":
@@ -242,13 +241,6 @@ class InputGroup:
         covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
         return dropout, covered and len(dropout) == len(active)
 
-    def _fused_ok(self, x: torch.Tensor) -> bool:
-        """Fused needs plain linears in the activation dtype (a quantized layer has its own
-        kernel) whose weight and bias are frozen (its backward computes no gradient for them)."""
-        return all(type(m.base) is nn.Linear and m.base.weight.dtype == x.dtype and not m.base.weight.requires_grad
-                   and (m.base.bias is None or not m.base.bias.requires_grad)
-                   for m in self.members if m.adapters)
-
     def _compute_fused(self, x, x2d, active, S, dropout, everywhere) -> _Hidden:
         a_params, b_params, owners, scales, members, cols, counts = [], [], [], [], [], [], []
         for m, member in enumerate(self.members):
@@ -266,7 +258,8 @@ class InputGroup:
             counts.append(len(ws))
         factor = column_factor(tuple((r.start * S, r.end * S) for r in active), tuple(owners), tuple(scales),
                                x2d.shape[0], torch.float32, x.device)
-        spec = FusedGroupSpec([self.members[m].base for m in members], cols, counts, factor, dropout, everywhere)
+        bases = [self.members[m].base if self.members[m].base_inline(x) else None for m in members]
+        spec = FusedGroupSpec(bases, cols, counts, factor, dropout, everywhere)
         ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
         return _Hidden(x, outputs=dict(zip(members, ys)))
 
@@ -371,7 +364,12 @@ class LoraLinear(nn.Module):
             return self.base(x)
         if hidden.outputs is not None:
             y = hidden.outputs.get(self._index)  # [N, out]; None: the batch's adapters skip this member
-            return self.base(x) if y is None else y.view(*x.shape[:-1], -1)
+            if y is None:
+                return self.base(x)
+            if self.base_inline(x):  # y is base + LoRA
+                return y.view(*x.shape[:-1], -1)
+            base = self.base(x)  # a quantized layer: its own kernel and autograd, then the delta
+            return base + y.view_as(base).to(base.dtype)
         if hidden.offsets is not None:
             return self._forward_grouped(x, hidden)
         if hidden.hidden is not None:
@@ -417,6 +415,13 @@ class LoraLinear(nn.Module):
         if delta is None:
             return self.base(x)
         return self._add_base(x, delta)
+
+    def base_inline(self, x: torch.Tensor) -> bool:
+        """The fused op may run this projection's base GEMM itself: a plain linear in x's
+        dtype, frozen (the op's backward computes no weight or bias gradient)."""
+        base = self.base
+        return (type(base) is nn.Linear and base.weight.dtype == x.dtype and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad))
 
     def _add_base(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """base(x) + delta; delta [N, out] in x's dtype. A plain linear adds it inside its GEMM."""

@@ -24,10 +24,12 @@ The math is the dense kernel's (lora.py), so every adapter's rows see only its o
     dropped = x * mask                       [N, in]   (mask 0/1; 1/(1-p) is in the scale)
     h       = (dropped @ A_all^T) * factor   [N, C]    (C = all adapters' ranks, per member)
     y_m     = x @ W_m^T + bias_m + h[:, cols_m] @ B_m^T          for each member m
+(a member whose base the op cannot run - a quantized layer - gets only h[:, cols_m] @ B_m^T,
+and its base runs outside the op under autograd)
 and the backward, for dy_m = dL/dy_m:
     dh      = cat_m(dy_m @ B_m) * factor                         [N, C]
     dA_all  = dh^T @ dropped;  dB_m = dy_m^T @ h[:, cols_m]
-    dx      = (dh @ A_all) * mask + sum_m dy_m @ W_m             [N, in]
+    dx      = (dh @ A_all) * mask + sum_m dy_m @ W_m             [N, in] (inline bases)
 Weights are fp32 parameters; the matmuls run in the activation dtype, as in the dense kernel.
 """
 
@@ -94,7 +96,7 @@ class FusedGroupSpec:
     """What the op needs besides tensors: the members' frozen linears, each member's columns
     of the hidden, how many A/B parameters belong to each, the factor and the dropout plan."""
 
-    bases: list[nn.Linear]
+    bases: list[nn.Linear | None]  # None: the base runs outside the op, which returns the LoRA delta
     cols: list[tuple[int, int]]  # member -> [start, end) columns of h
     b_counts: list[int]  # member -> number of its B parameters (the adapters, in column order)
     factor: torch.Tensor  # [C] or [N, C], fp32
@@ -124,11 +126,14 @@ class FusedGroupLoRA(torch.autograd.Function):
             bs = b_params[i:i + count]
             i += count
             b_all = (torch.cat(bs, dim=1) if count > 1 else bs[0]).to(dt)  # [out, C_m]
+            b_alls.append(b_all)
             delta = torch.mm(h[:, c0:c1], b_all.t())  # [N, out]
+            if base is None:
+                outputs.append(delta)
+                continue
             if base.bias is not None:
                 delta.add_(base.bias)
             outputs.append(torch.addmm(delta, x2d, base.weight.t()))  # the base GEMM adds delta
-            b_alls.append(b_all)
         if not ctx.needs_input_grad[0]:  # x needs no gradient (layer 0): mask and A serve only dx
             mask = a_all = None
         ctx.save_for_backward(dropped, mask, h, a_all, *b_alls)
@@ -152,7 +157,8 @@ class FusedGroupLoRA(torch.autograd.Function):
             if mask is not None:
                 dx.mul_(mask)
             for dy, base in zip(dys, spec.bases):
-                dx.addmm_(dy, base.weight)  # + dy @ W, accumulated inside the GEMM
+                if base is not None:
+                    dx.addmm_(dy, base.weight)  # + dy @ W, accumulated inside the GEMM
 
         d_a = torch.mm(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
         grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))

@@ -185,8 +185,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     active_adapters: the most adapters one fused batch holds (train_lora_simultaneously_num);
     None = all of `lora`. Only the dense LoRA kernel's cost depends on it (see below).
     lora_kernel: lora.py's kernel choice ('auto', 'fused', 'dense', 'grouped', 'loop'); None =
-    the one lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL). 'auto' and
-    'fused' mean the dense kernel on a quantized base (fused needs plain linears).
+    the one lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL). 'auto' is fused, on a
+    quantized base too (its layers run outside the op; the LoRA tensors are the same).
 
     What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
       RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)
@@ -245,7 +245,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
                             for i in stage.layers)
 
-    lora_kernel = _effective_kernel(lora_kernel, kind, shared_lora_inputs)
+    lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs)
     layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
                                    explicit_mask=explicit_mask, seq_len=seq_len,
                                    active=active_adapters, kernel=lora_kernel)
@@ -314,17 +314,15 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     return out
 
 
-def _effective_kernel(kernel: str | None, quant: str | None, shared: bool) -> str:
-    """The kernel lora.py runs for `kernel` ('auto' and 'fused' resolve here; 'auto' beyond
+def _effective_kernel(kernel: str | None, shared: bool) -> str:
+    """The kernel lora.py runs for `kernel` ('auto' resolves to fused here; 'auto' beyond
     DENSE_MAX_ADAPTERS adapters is handled by _dense_columns)."""
     kernel = mlora.lora.kernel if kernel is None else kernel
     if kernel not in mlora.lora.KERNELS:
         raise ValueError(f"lora_kernel must be one of {mlora.lora.KERNELS}, got {kernel!r}")
     if not shared:
         return "loop"  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
-    if kernel in ("auto", "fused"):
-        return "dense" if quant else "fused"
-    return kernel
+    return "fused" if kernel == "auto" else kernel
 
 
 def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -> int:

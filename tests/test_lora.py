@@ -326,8 +326,9 @@ def test_fused_scale_is_applied_in_fp32():
     assert abs(ratio - 1) < 5e-4, ratio
 
 
-def test_fused_leaves_a_trainable_base_bias_to_dense():
-    """The fused backward computes no base-bias gradient, so a trainable bias runs dense."""
+def test_fused_runs_a_trainable_base_outside_the_op():
+    """The fused backward computes no base weight or bias gradient, so a base with a trainable
+    bias runs outside the op, under autograd, and the op adds only the LoRA delta."""
     base = torch.nn.Linear(8, 8)
     base.weight.requires_grad_(False)
     lin = LoraLinear(base, BatchLayout([AdapterRows("a", 0, 2)]))

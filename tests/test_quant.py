@@ -191,6 +191,48 @@ def test_lora_gradients_are_those_of_the_dequantized_weight(bits):
     assert all(g.isfinite().all() for g in run(layer, "eval"))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_kernel_on_a_quantized_group_equals_dense(bits, monkeypatch):
+    """On a quantized base the fused op runs only the LoRA side (the bitsandbytes layers run
+    outside it, under their own autograd): a q/k/v-like group with two adapters and dropout
+    gives dense's outputs and gradients, the same masks drawn."""
+    import mlora.lora as lora
+    from mlora.lora import BatchLayout, InputGroup, LoraLinear, LoraWeights
+    from mlora.quant import quantize_linear
+
+    torch.manual_seed(0)
+    layout = BatchLayout([AdapterRows("a", 0, 2), AdapterRows("b", 2, 3)])
+    group = InputGroup()
+    members = []
+    for out in (64, 32, 32):
+        linear = torch.nn.Linear(64, out)
+        members.append(LoraLinear(quantize_linear(linear, linear.weight.detach(), QuantConfig(bits), "cpu"),
+                                  layout, group))
+    for i, name in enumerate("ab"):
+        for m, lin in enumerate(members):
+            w = LoraWeights(64, lin.out_features, 4, 8.0, 0.2, False, 10 * i + m)
+            torch.nn.init.normal_(w.lora_B, generator=torch.Generator().manual_seed(m))
+            lin.adapters[name] = w
+    x = torch.randn(3, 5, 64)
+    grads_out = [torch.randn(3, 5, lin.out_features) for lin in members]
+    runs = {}
+    for kernel in ("fused", "dense"):
+        monkeypatch.setattr(lora, "kernel", kernel)
+        for i, name in enumerate("ab"):
+            generator = torch.Generator().manual_seed(7 + i)
+            for lin in members:
+                lin.adapters[name].generator = generator
+                for p in (lin.adapters[name].lora_A, lin.adapters[name].lora_B):
+                    p.grad = None
+        inputs = x.clone().requires_grad_(True)
+        ys = [lin.train()(inputs) for lin in members]
+        torch.autograd.backward(ys, grads_out)
+        runs[kernel] = ys + [inputs.grad] + [p.grad for lin in members for w in lin.adapters.values()
+                                            for p in (w.lora_A, w.lora_B)]
+    for got, want in zip(runs["fused"], runs["dense"], strict=True):  # fp32, other op order
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_biased_projections_load_like_transformers(tmp_path):
     """Qwen2's q/k/v biases are read after their weight was quantized; they must land in the
     quantized layer (the same logits as transformers' own 4-bit model)."""
