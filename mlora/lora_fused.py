@@ -57,7 +57,8 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """0/1 keep-mask [N, in] shaped like x2d (in `dtype`, default x2d's): each DropoutRows
     range drawn from its own generator with `bernoulli_(1 - p)`, ones elsewhere. The draws do
-    not depend on the dtype (checked on CPU; on CUDA each kernel is consistent with itself).
+    not depend on the dtype: the CPU and CUDA kernels draw a float uniform per value for bool
+    and bf16 alike (equal on CPU in tests; benchmarks/gpu_checks.py compares them on CUDA).
     `everywhere`: the ranges cover every row, so the ones-fill is skipped."""
     dtype = x2d.dtype if dtype is None else dtype
     mask = torch.empty_like(x2d, dtype=dtype) if everywhere else torch.ones_like(x2d, dtype=dtype)
