@@ -172,8 +172,8 @@ class InputGroup:
     """Target projections of one module that read the same input (see the module docstring).
 
     The first member called with an input computes the hidden states of all members (fused:
-    their complete outputs) and caches them until every member has used them; a member called with another input (a
-    recomputation, a new batch) starts over."""
+    their complete outputs) and caches them until every member has used them; a member called
+    with another input (a recomputation, a new batch) starts over."""
 
     def __init__(self):
         self.members: list[LoraLinear] = []
@@ -368,8 +368,7 @@ class LoraLinear(nn.Module):
                 return self.base(x)
             if self.base_inline(x):  # y is base + LoRA
                 return y.view(*x.shape[:-1], -1)
-            base = self.base(x)  # a quantized layer: its own kernel and autograd, then the delta
-            return base + y.view_as(base).to(base.dtype)
+            return self._add_base(x, y)  # y is the LoRA delta of a base the op did not run
         if hidden.offsets is not None:
             return self._forward_grouped(x, hidden)
         if hidden.hidden is not None:

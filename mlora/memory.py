@@ -183,7 +183,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     than the sequence): K/V are repeated to all heads and a float mask is saved per layer.
     None = only when a layer's sliding window is shorter than `seq_len`.
     active_adapters: the most adapters one fused batch holds (train_lora_simultaneously_num);
-    None = all of `lora`. Only the dense LoRA kernel's cost depends on it (see below).
+    None = all of `lora`. Only the fused and dense LoRA kernels' cost depends on it (see below).
     lora_kernel: lora.py's kernel choice ('auto', 'fused', 'dense', 'grouped', 'loop'); None =
     the one lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL). 'auto' is fused, on a
     quantized base too (its layers run outside the op; the LoRA tensors are the same).
@@ -254,8 +254,10 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     one_layer = sum(per_layer.values())
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
-    if lora_kernel == "fused" and adapters and L:
-        # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers.
+    in_batch = len(adapters) if active_adapters is None else min(active_adapters, len(adapters))
+    if lora_kernel == "fused" and L and in_batch > 1:
+        # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
+        # (with one adapter on every row it is a [C] scale).
         batch += _dense_columns(adapters, active_adapters, "fused") * 4 * N
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
