@@ -61,7 +61,9 @@ def _step_cost(model, ids, rows, params: set[int]) -> dict:
 
 
 def measure(shape: str, layers: int, adapters: int, rows: int, seq: int, dropout: float,
-            kernels: list[str]) -> dict:
+            kernels: list[str], accumulate: bool = False) -> dict:
+    """accumulate: the step measured is a later micro-batch of the same optimizer step (the
+    weights unchanged since the previous forward), not the first after a weight update."""
     hidden, inter, _, heads, kv, vocab = bt.SHAPES[shape]
     bt.SHAPES["_count"] = (hidden, inter, layers, heads, kv, vocab)
     bench = bt.MloraBench("_count", bt.Settings(seq=seq), torch.device("cpu"), torch.bfloat16)
@@ -75,7 +77,7 @@ def measure(shape: str, layers: int, adapters: int, rows: int, seq: int, dropout
     hook.remove()
 
     out = {"shape": shape, "layers": layers, "adapters": adapters, "rows": rows, "seq": seq,
-           "dropout": dropout, "frozen_base_per_layer": {k: v / layers for k, v in base.items()}}
+           "dropout": dropout, "accumulate": accumulate, "frozen_base_per_layer": {k: v / layers for k, v in base.items()}}
     objs = bench.adapters(adapters, rows, dropout)
     params |= {p.untyped_storage().data_ptr() for a in objs for p in a.parameters()}
     layout = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(objs)]
@@ -87,9 +89,12 @@ def measure(shape: str, layers: int, adapters: int, rows: int, seq: int, dropout
             bench.layout.rows = layout
             for _ in range(2):  # the first step builds the cached constants (row owners, factors)
                 cost = _step_cost(model, ids, layout, params)
-                for a in objs:  # as the optimizer step does: the next backward starts from no grad
-                    for p in a.parameters():
-                        p.grad = None
+                with torch.no_grad():
+                    for a in objs:
+                        for p in a.parameters():
+                            p.grad = None  # as after an optimizer step: no grad to add to
+                            if not accumulate:
+                                p.add_(0.0)  # ...and new weights (an in-place update), to cast again
             out[kernel] = {k: (cost[k] - base[k]) / layers for k in cost}
     finally:
         lora_module.kernel = previous
@@ -106,9 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--kernels", default="fused,dense,grouped,loop")
+    p.add_argument("--accumulate", action="store_true",
+                   help="measure a later micro-batch of one optimizer step (weights unchanged)")
     args = p.parse_args(argv)
     result = measure(args.shape, args.layers, args.adapters, args.rows, args.seq, args.dropout,
-                     args.kernels.split(","))
+                     args.kernels.split(","), args.accumulate)
     print(json.dumps(result, indent=1))
     return result
 

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.lora_fused import DropoutRows, FusedGroupLoRA, FusedGroupSpec, clear_factor_cache, column_factor, draw_keep_mask
+from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
+                               column_factor, draw_keep_mask)
 
 # The projections a LoRA may target, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -178,6 +179,7 @@ class InputGroup:
     def __init__(self):
         self.members: list[LoraLinear] = []
         self._cache: _Hidden | None = None
+        self._casts: WeightCasts | None = None  # fused: the weights in the activation dtype
 
     def clear(self) -> None:
         """Drop a cached input (after a failed forward, so an OOM retry does not keep it alive)."""
@@ -259,7 +261,8 @@ class InputGroup:
         factor = column_factor(tuple((r.start * S, r.end * S) for r in active), tuple(owners), tuple(scales),
                                x2d.shape[0], torch.float32, x.device)
         bases = [self.members[m].base if self.members[m].base_inline(x) else None for m in members]
-        spec = FusedGroupSpec(bases, cols, counts, factor, dropout, everywhere)
+        self._casts = WeightCasts.of(self._casts, a_params, b_params, counts, x.dtype)
+        spec = FusedGroupSpec(bases, cols, counts, factor, self._casts, dropout, everywhere)
         ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
         return _Hidden(x, outputs=dict(zip(members, ys)))
 

@@ -93,6 +93,40 @@ def clear_factor_cache() -> None:
 
 
 @dataclass
+class WeightCasts:
+    """A group's LoRA weights as the op uses them: A of every (member, adapter) stacked
+    [C, in] and each member's B side by side [out, C_m], in the activation dtype. Kept until
+    a parameter changes (an optimizer step, a restore: in-place, so their versions move), so
+    the micro-batches of one optimizer step (gradient accumulation) and a recomputed forward
+    reuse one cast instead of a concatenation and a cast per group and per member each."""
+
+    params: tuple[torch.Tensor, ...]  # held, so no id can be reused while this is cached
+    versions: tuple[int, ...]
+    b_counts: tuple[int, ...]
+    dtype: torch.dtype
+    a_all: torch.Tensor
+    b_alls: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, previous: "WeightCasts | None", a_params: list[torch.Tensor], b_params: list[torch.Tensor],
+           b_counts: list[int], dtype: torch.dtype) -> "WeightCasts":
+        params = (*a_params, *b_params)
+        versions = tuple(p._version for p in params)
+        if (previous is not None and previous.dtype == dtype and previous.versions == versions
+                and previous.b_counts == tuple(b_counts) and len(previous.params) == len(params)
+                and all(a is b for a, b in zip(previous.params, params))):
+            return previous
+        with torch.no_grad():  # the op returns the parameters' gradients itself
+            a_all = (torch.cat(a_params) if len(a_params) > 1 else a_params[0]).to(dtype)
+            b_alls, i = [], 0
+            for count in b_counts:
+                bs = b_params[i:i + count]
+                i += count
+                b_alls.append((torch.cat(bs, dim=1) if count > 1 else bs[0]).to(dtype))
+        return cls(params, versions, tuple(b_counts), dtype, a_all, b_alls)
+
+
+@dataclass
 class FusedGroupSpec:
     """What the op needs besides tensors: the members' frozen linears, each member's columns
     of the hidden, how many A/B parameters belong to each, the factor and the dropout plan."""
@@ -101,6 +135,7 @@ class FusedGroupSpec:
     cols: list[tuple[int, int]]  # member -> [start, end) columns of h
     b_counts: list[int]  # member -> number of its B parameters (the adapters, in column order)
     factor: torch.Tensor  # [C] or [N, C], fp32
+    casts: WeightCasts  # the parameters in the activation dtype, as the op uses them
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
 
@@ -113,21 +148,18 @@ class FusedGroupLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, spec: FusedGroupSpec, *weights: torch.Tensor):
-        dt = x2d.dtype
+        # The parameters come in as inputs so that autograd routes their gradients; the math
+        # uses their casts (spec.casts).
         n_a = len(weights) - sum(spec.b_counts)
         a_params, b_params = weights[:n_a], weights[n_a:]
-        a_all = (torch.cat(a_params) if n_a > 1 else a_params[0]).to(dt)  # [C, in]
+        a_all = spec.casts.a_all  # [C, in]
 
         mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
         dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
 
         h = torch.mm(dropped, a_all.t()).mul_(spec.factor)  # [N, C], scaled, other adapters' 0
-        outputs, b_alls, i = [], [], 0
-        for base, (c0, c1), count in zip(spec.bases, spec.cols, spec.b_counts):
-            bs = b_params[i:i + count]
-            i += count
-            b_all = (torch.cat(bs, dim=1) if count > 1 else bs[0]).to(dt)  # [out, C_m]
-            b_alls.append(b_all)
+        outputs, b_alls = [], spec.casts.b_alls
+        for base, (c0, c1), b_all in zip(spec.bases, spec.cols, b_alls):  # b_all [out, C_m]
             delta = torch.mm(h[:, c0:c1], b_all.t())  # [N, out]
             if base is None:
                 outputs.append(delta)

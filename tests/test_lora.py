@@ -346,3 +346,48 @@ def test_fused_refuses_double_backward():
     (gx,) = torch.autograd.grad(lin(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(gx.square().sum(), lin.adapters["a"].lora_B)
+
+
+def test_fused_weight_casts_are_kept_until_a_parameter_changes():
+    """The fused op's bf16 casts of the LoRA weights serve every forward of one optimizer step
+    (gradient accumulation, recompute) and are rebuilt once a parameter changes in place (an
+    optimizer step, a restore); the outputs always equal dense's."""
+    import mlora.lora as lora
+
+    torch.manual_seed(0)
+    rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
+    members = _group(16, (16, 8, 8), BatchLayout(rows))
+    for m in members:
+        m.base.to(torch.bfloat16)
+    for i, name in enumerate("ab"):
+        for m, lin in enumerate(members):
+            lin.adapters[name] = _weights(16, lin.out_features, 4, 8.0, 0.0, 10 * i + m)
+    params = [p for lin in members for w in lin.adapters.values() for p in (w.lora_A, w.lora_B)]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    group = members[0].group
+    x = torch.randn(4, 3, 16).bfloat16()
+
+    def outputs(kernel):
+        previous, lora.kernel = lora.kernel, kernel
+        try:
+            ys = [lin(x) for lin in members]
+        finally:
+            lora.kernel = previous
+        return ys
+
+    def check():
+        for got, want in zip(outputs("fused"), outputs("dense")):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    check()
+    casts = group._casts
+    sum(y.float().sum() for y in outputs("fused")).backward()
+    assert group._casts is casts  # a second forward of the same step: the same casts
+    optimizer.step()
+    check()
+    assert group._casts is not casts  # the step moved the parameters' versions
+    casts = group._casts
+    with torch.no_grad():
+        members[1].adapters["b"].lora_B.copy_(torch.ones_like(members[1].adapters["b"].lora_B))
+    check()
+    assert group._casts is not casts
