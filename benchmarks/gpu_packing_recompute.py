@@ -67,11 +67,9 @@ def step(model, layout, adapters, parts, pack_len):
     sum(losses.values()).backward()
     grads = {}
     for name, a in adapters.items():
-        for path, w in a.weights.items():
-            for kind in ("lora_A", "lora_B"):
-                p = getattr(w, kind)
-                grads[f"{name}.{path}.{kind}"] = p.grad.clone()
-                p.grad = None
+        for n, p in a.named_parameters():
+            grads[f"{name}.{n}"] = p.grad.clone()
+            p.grad = None
     return {k: v.item() for k, v in losses.items()}, grads, tuple(batch.input_ids.shape)
 
 

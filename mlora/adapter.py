@@ -64,7 +64,12 @@ class Adapter:
 
     # ----------------------------------------------------------------- optimisation
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for w in self.weights.values() for p in (w.lora_A, w.lora_B)]
+        return [p for _, p in self.named_parameters()]
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """('<module path>.lora_A' | '.lora_B', parameter), in module order."""
+        return [(f"{path}.{kind}", getattr(w, kind)) for path, w in self.weights.items()
+                for kind in ("lora_A", "lora_B")]
 
     def _make_optimizer(self) -> torch.optim.Optimizer | None:
         cfg = self.cfg
@@ -130,23 +135,19 @@ class Adapter:
         self.steps_done += 1
 
     # ----------------------------------------------------------------- resumable state
-    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(f"{path}.{kind}", getattr(w, kind)) for path, w in self.weights.items()
-                for kind in ("lora_A", "lora_B")]
-
     def state_for_checkpoint(self) -> dict:
         """Everything that makes the rest of the run exact: weights, gradients accumulated so
         far in the current step, optimizer state, step count and the dropout RNG."""
         return {
-            "params": {n: p.detach().cpu().clone() for n, p in self._named_parameters()},
-            "grads": {n: p.grad.detach().cpu().clone() for n, p in self._named_parameters() if p.grad is not None},
+            "params": {n: p.detach().cpu().clone() for n, p in self.named_parameters()},
+            "grads": {n: p.grad.detach().cpu().clone() for n, p in self.named_parameters() if p.grad is not None},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "steps_done": self.steps_done,
             "generator": self.dropout_generator.get_state(),
         }
 
     def restore_from_checkpoint(self, saved: dict) -> None:
-        params = dict(self._named_parameters())
+        params = dict(self.named_parameters())
         if set(saved["params"]) != set(params):
             raise UserError(f"checkpoint: adapter '{self.name}' has different LoRA modules than the config")
         with torch.no_grad():

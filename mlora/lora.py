@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
-                               column_factor, draw_keep_mask)
+                               column_factor, draw_keep_mask, row_owner)
 
 # The projections a LoRA may target, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,16 +78,6 @@ def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
     """A small constant tensor on `device`, made once: building it per call would copy from
     host memory in every layer, and such a copy waits for the GPU to drain its queue."""
     return torch.tensor(values, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tensor:
-    """[N] int32: for each token row of the flattened batch, the index of its adapter in
-    `ranges` (batch-row ranges), or -1 for rows no adapter owns."""
-    owner = torch.full((N,), -1, dtype=torch.int32)
-    for i, (start, end) in enumerate(ranges):
-        owner[start * S:end * S] = i
-    return owner.to(device)
 
 
 @dataclass(frozen=True)
@@ -165,8 +155,10 @@ class _Hidden:
     adapters: list[str] = field(default_factory=list)
     per_adapter: dict[str, tuple[AdapterRows, torch.Tensor]] = field(default_factory=dict)
     columns: dict[tuple[str, int], int] = field(default_factory=dict)
-    # fused: each member's whole output [N, out] (base + LoRA), by member index.
+    # fused: each member's whole output [N, out] (base + LoRA), by member index; for the
+    # members in `delta_only` (a base the op did not run) only the LoRA delta.
     outputs: dict[int, torch.Tensor] | None = None
+    delta_only: set[int] = field(default_factory=set)
 
 
 class InputGroup:
@@ -258,13 +250,14 @@ class InputGroup:
             members.append(m)
             cols.append((start, len(owners)))
             counts.append(len(ws))
-        factor = column_factor(tuple((r.start * S, r.end * S) for r in active), tuple(owners), tuple(scales),
+        factor = column_factor(tuple((r.start, r.end) for r in active), S, tuple(owners), tuple(scales),
                                x2d.shape[0], torch.float32, x.device)
         bases = [self.members[m].base if self.members[m].base_inline(x) else None for m in members]
         self._casts = WeightCasts.of(self._casts, a_params, b_params, counts, x.dtype)
         spec = FusedGroupSpec(bases, cols, counts, factor, self._casts, dropout, everywhere)
         ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
-        return _Hidden(x, outputs=dict(zip(members, ys)))
+        return _Hidden(x, outputs=dict(zip(members, ys)),
+                       delta_only={m for m, base in zip(members, bases) if base is None})
 
     def _compute_dense(self, x, dropped, active, S) -> _Hidden:
         out = _Hidden(x)
@@ -286,9 +279,9 @@ class InputGroup:
         h = F.linear(dropped, a_all.to(x.dtype))  # [N, C]: every adapter's A on every row
         if len(active) > 1 or active[0].start != 0 or active[0].end * S != h.shape[0]:
             # Keep only each row's own adapter's columns (and none on rows without an adapter).
-            row_owner = _row_owner(tuple((r.start, r.end) for r in active), S, h.shape[0], x.device)  # [N]
+            owner = row_owner(tuple((r.start, r.end) for r in active), S, h.shape[0], x.device)  # [N]
             col_owner = _device_constant(tuple(owners), torch.int32, x.device)  # [C]
-            h = h * (row_owner[:, None] == col_owner[None, :])
+            h = h * (owner[:, None] == col_owner[None, :])
         out.hidden = h
         return out
 
@@ -369,9 +362,9 @@ class LoraLinear(nn.Module):
             y = hidden.outputs.get(self._index)  # [N, out]; None: the batch's adapters skip this member
             if y is None:
                 return self.base(x)
-            if self.base_inline(x):  # y is base + LoRA
-                return y.view(*x.shape[:-1], -1)
-            return self._add_base(x, y)  # y is the LoRA delta of a base the op did not run
+            if self._index in hidden.delta_only:  # a base the op did not run: add it here
+                return self._add_base(x, y)
+            return y.view(*x.shape[:-1], -1)  # base + LoRA
         if hidden.offsets is not None:
             return self._forward_grouped(x, hidden)
         if hidden.hidden is not None:

@@ -67,25 +67,32 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
     return mask
 
 
+@functools.lru_cache(maxsize=64)
+def row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tensor:
+    """[N] int32: for each token row of the flattened batch, the index of its adapter in
+    `ranges` (batch-row ranges, S tokens a row), or -1 for rows no adapter owns."""
+    owner = torch.full((N,), -1, dtype=torch.int32)
+    for i, (start, end) in enumerate(ranges):
+        owner[start * S:end * S] = i
+    return owner.to(device)
+
+
 @functools.lru_cache(maxsize=8)
-def column_factor(row_ranges: tuple, owners: tuple, scales: tuple, N: int,
-                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def column_factor(row_ranges: tuple, S: int, owners: tuple, scales: tuple, N: int,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The factor h is multiplied by: column c's LoRA scale on the rows of the adapter that
-    owns c (owners[c], an index into row_ranges of token ranges), 0 elsewhere. `dtype` is
+    owns c (owners[c], an index into row_ranges of batch rows), 0 elsewhere. `dtype` is
     fp32 for the fused op: the product is computed in fp32 and rounded once.
 
     [C] when one adapter owns every row (a plain per-column scale), else [N, C]. Cached: every
     layer's group of one kind asks for the same factor, and building it per call costs two
     kernels forward and two backward. Eight entries hold the four groups of a LLaMA layer for
     two batch layouts; older layouts fall out."""
-    scale = torch.tensor(scales, dtype=torch.float32)
-    if len(row_ranges) == 1 and row_ranges[0] == (0, N):
-        return scale.to(device=device, dtype=dtype)
-    row_owner = torch.full((N,), -1, dtype=torch.int64)
-    for i, (start, end) in enumerate(row_ranges):
-        row_owner[start:end] = i
-    own = row_owner[:, None] == torch.tensor(owners, dtype=torch.int64)[None, :]  # [N, C]
-    return torch.where(own, scale[None, :], 0.0).to(device=device, dtype=dtype)
+    scale = torch.tensor(scales, dtype=dtype, device=device)
+    if len(row_ranges) == 1 and row_ranges[0][0] == 0 and row_ranges[0][1] * S == N:
+        return scale
+    own = row_owner(row_ranges, S, N, device)[:, None] == torch.tensor(owners, dtype=torch.int32, device=device)
+    return torch.where(own, scale[None, :], 0.0)  # [N, C]
 
 
 def clear_factor_cache() -> None:

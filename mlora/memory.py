@@ -536,6 +536,12 @@ class BudgetPlan:
 FITTED_STRATEGIES = ("fast-fit", "optimal-fit")
 
 
+def explicit_mask_of(cfg: Any) -> bool | None:
+    """`estimate_peak_bytes`' explicit_mask for a run: left-padded and packed rows give SDPA an
+    explicit mask (None: only where a sliding window asks for one)."""
+    return True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
+
+
 def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtype: torch.dtype,
                       quant: Any = None, parts: Sequence[str] | None = None) -> BudgetPlan:
     """Memory-aware admission for a run of `cfg` (a TrainConfig) on a base of shape `args`.
@@ -554,10 +560,8 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     fraction = cfg.memory_fraction
     lora = [LoraShape.of(a) for a in cfg.lora]
     active = cfg.train_lora_simultaneously_num or len(lora)
-    # Left-padded and packed rows give SDPA an explicit mask (None: only for sliding windows).
-    mask = True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
     common = dict(seq_len=cfg.cutoff_len, dtype=dtype, lora=lora, recompute=cfg.recompute, quant=quant,
-                  parts=parts, explicit_mask=mask, active_adapters=active)
+                  parts=parts, explicit_mask=explicit_mask_of(cfg), active_adapters=active)
     where = f"{fraction:.0%} of {format_size(free_bytes)} free"
     micro_rows = sorted((a.micro_batch_size or a.batch_size for a in cfg.lora), reverse=True)
 

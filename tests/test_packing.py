@@ -210,22 +210,40 @@ def test_trivial_positions_and_one_document_equal_fast_path(tiny_llama):
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _step(tiny_llama, pack_len):
-    """One fused forward + backward of three adapters; returns their losses and LoRA grads."""
-    torch.manual_seed(0)
+# Three adapters of different ranks, targets and padding sides.
+SPECS = {"a": (4, ["q_proj", "v_proj"], "right"), "b": (8, ALL, "left"), "c": (2, ["k_proj", "down_proj"], "right")}
+
+
+def three_adapters(tiny_llama, dropout: float, seed: int, b_seed: int):
+    """tiny_llama with the SPECS adapters, B drawn from N(0, 0.1^2) (B = 0 would hide half of
+    the gradient); returns (model, layout, {name: Adapter})."""
     model = load_model(tiny_llama, "cpu", torch.float32)
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
-    specs = {"a": (4, ["q_proj", "v_proj"], "right"), "b": (8, ALL, "left"), "c": (2, ["k_proj", "down_proj"], "right")}
-    adapters, parts = {}, []
-    for k, (name, (r, targets, side)) in enumerate(specs.items()):
-        cfg = AdapterConfig(name=name, data="", r=r, alpha=2 * r, dropout=0.0, target_modules=targets)
-        adapter = Adapter(cfg, wrappers, 7, torch.device("cpu"))
-        g = torch.Generator().manual_seed(100 + k)
-        with torch.no_grad():  # B = 0 would hide half of the gradient
+    adapters = {}
+    for k, (name, (r, targets, side)) in enumerate(SPECS.items()):
+        cfg = AdapterConfig(name=name, data="", r=r, alpha=2 * r, dropout=dropout, target_modules=targets,
+                            expand_side=side)
+        adapter = Adapter(cfg, wrappers, seed, torch.device("cpu"))
+        g = torch.Generator().manual_seed(b_seed + k)
+        with torch.no_grad():
             for w in adapter.weights.values():
                 w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.1)
         adapters[name] = adapter
+    return model, layout, adapters
+
+
+def lora_grads(adapters) -> dict[str, torch.Tensor]:
+    """{'<adapter>.<module path>.lora_A|B': a copy of its gradient}."""
+    return {f"{name}.{n}": p.grad.clone() for name, a in adapters.items() for n, p in a.named_parameters()}
+
+
+def _step(tiny_llama, pack_len):
+    """One fused forward + backward of three adapters; returns their losses and LoRA grads."""
+    torch.manual_seed(0)
+    model, layout, adapters = three_adapters(tiny_llama, dropout=0.0, seed=7, b_seed=100)
+    parts = []
+    for k, (name, (_, _, side)) in enumerate(SPECS.items()):
         examples = random_examples(5 + k, 20 + k, lo=2, hi=15, vocab=model.args.vocab_size)
         tokens = sum(ex.num_label_tokens for ex in examples) + 7  # as if the step had more micro-batches
         parts.append(MicroBatch(name, examples, 0, 0, tokens, True, side))
@@ -234,8 +252,7 @@ def _step(tiny_llama, pack_len):
     sums = fused_loss_sums(model, layout, batch)
     losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
     sum(losses.values()).backward()
-    grads = {f"{name}.{path}.{kind}": getattr(w, kind).grad.clone()
-             for name, a in adapters.items() for path, w in a.weights.items() for kind in ("lora_A", "lora_B")}
+    grads = lora_grads(adapters)
     counts = {name: c for name, (_, c) in sums.items()}
     return {k: v.item() for k, v in losses.items()}, counts, grads, batch.input_ids.numel()
 

@@ -7,14 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlora.adapter import Adapter
 from mlora.batching import MicroBatch, fuse
-from mlora.config import AdapterConfig
 from mlora.loader import load_model
-from mlora.lora import BatchLayout, inject_lora
 from mlora.loss import fused_loss_sums
 
-from test_packing import ALL, PAD, assert_same_adapters, random_examples, train_variants
+from test_packing import PAD, assert_same_adapters, lora_grads, random_examples, three_adapters, train_variants
 
 STEPS = 3
 
@@ -34,20 +31,7 @@ def _count_forwards(layer) -> list[int]:
 def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len=None):
     """STEPS forward/backward passes of three adapters with dropout 0.1; per step the losses
     and every LoRA gradient, plus the generators' final states and the layer-0 forward count."""
-    model = load_model(tiny_llama, "cpu", torch.float32)
-    layout = BatchLayout()
-    wrappers = inject_lora(model, layout)
-    specs = {"a": (4, ["q_proj", "v_proj"], "right"), "b": (8, ALL, "left"), "c": (2, ["k_proj", "down_proj"], "right")}
-    adapters = {}
-    for k, (name, (r, targets, side)) in enumerate(specs.items()):
-        cfg = AdapterConfig(name=name, data="", r=r, alpha=2 * r, dropout=0.1, target_modules=targets,
-                            expand_side=side)
-        adapter = Adapter(cfg, wrappers, 11, torch.device("cpu"))
-        g = torch.Generator().manual_seed(200 + k)
-        with torch.no_grad():  # B = 0 would hide the gradient of A
-            for w in adapter.weights.values():
-                w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.1)
-        adapters[name] = adapter
+    model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=11, b_seed=200)
     model.recompute = recompute
     model.rng_generators = [a.dropout_generator for a in adapters.values()] if register_generators else []
     calls = _count_forwards(model.model.layers["0"])
@@ -63,14 +47,11 @@ def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len
         sums = fused_loss_sums(model, layout, batch)
         losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
         sum(losses.values()).backward()
-        grads = {}
-        for name, a in adapters.items():
-            for path, w in a.weights.items():
-                for kind in ("lora_A", "lora_B"):
-                    p = getattr(w, kind)
-                    grads[f"{name}.{path}.{kind}"] = p.grad.clone()
-                    with torch.no_grad():  # a plain SGD step, so the next step sees other weights
-                        p.sub_(0.1 * p.grad)
+        grads = lora_grads(adapters)
+        with torch.no_grad():  # a plain SGD step, so the next step sees other weights
+            for a in adapters.values():
+                for p in a.parameters():
+                    p.sub_(0.1 * p.grad)
                     p.grad = None
         history.append(({k: v.item() for k, v in losses.items()}, grads))
     states = [a.dropout_generator.get_state() for a in adapters.values()]

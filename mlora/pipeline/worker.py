@@ -98,12 +98,11 @@ def stage_memory(session: Session, micro_batches: list[MicroBatch], pack_len: in
         return {"fits": None}
     cfg, model = session.cfg, session.model
     rows, seq_len = largest_micro_batch(micro_batches, pack_len)
-    # Left-padded and packed rows give SDPA an explicit mask; each micro-batch is one adapter's.
-    mask = True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
     fit = memory.micro_batches_in_flight(
         model.args, free_bytes=free, rows=rows, seq_len=seq_len, dtype=session.dtype,
         fraction=cfg.memory_fraction, lora=cfg.lora, recompute=cfg.recompute, quant=session.quant,
-        parts=model.parts, explicit_mask=mask, active_adapters=1)
+        parts=model.parts, explicit_mask=memory.explicit_mask_of(cfg),
+        active_adapters=1)  # each micro-batch is one adapter's
     where = model.parts[0] if len(model.parts) == 1 else f"{model.parts[0]}..{model.parts[-1]}"
     return {"fits": fit.fits, "need": fit.need(1), "per": fit.per_micro_batch, "free": free,
             "rows": rows, "seq_len": seq_len, "parts": where}
