@@ -257,30 +257,37 @@ class HFBench:
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(shape: str, rows: int, adapters: list[int], extras: bool) -> list[tuple]:
-    """(side, [(system, kwargs)]) in order of importance: the 4-adapter comparison first.
-    `role` says what a run is for: the adapter sweep, the memory comparison (one adapter
-    with all the rows), or an ablation that shows where the time goes."""
+def plan(shape: str, rows: int, adapters: list[int], part: str, triton: bool = False) -> list[tuple]:
+    """(side, [(system, kwargs)]) in order of importance. part "core": the 4-adapter
+    comparison (main runs it for every shape before any "extras", so a session cut short
+    still has it); "extras": the other adapter counts, the memory comparison and the
+    ablations. `role` says what a run is for: the adapter sweep, the memory comparison (one
+    adapter with all the rows), or an ablation that shows where the time goes. `triton`: the
+    triton LoRA kernel can run here; it is part of the core (not yet the default: these are
+    its first measurements)."""
     core_n = 4 if 4 in adapters else adapters[-1]
-    mlora = [("mlora-base", dict(rows=core_n * rows)), ("mlora", dict(n=core_n, rows=rows, role="sweep"))]
-    hf = [("peft", dict(rows=rows)), ("hf-base", dict(rows=core_n * rows))]
-    if extras:
-        mlora.append(("mlora", dict(n=1, rows=core_n * rows, role="memory")))
-        for n in adapters:
-            if n != core_n:
-                mlora += [("mlora", dict(n=n, rows=rows, role="sweep")), ("mlora-base", dict(rows=n * rows))]
-        # Where the time goes: the other LoRA kernels (auto is fused); no dropout.
-        mlora += [("mlora", dict(n=core_n, rows=rows, kernel="dense", role="ablation")),
-                  ("mlora", dict(n=core_n, rows=rows, kernel="grouped", role="ablation")),
-                  ("mlora", dict(n=core_n, rows=rows, kernel="loop", role="ablation")),
-                  ("mlora", dict(n=core_n, rows=rows, dropout=0.0, role="ablation"))]
-        hf.append(("peft", dict(rows=core_n * rows)))
-    return [("mlora", mlora), ("hf", hf)]
+    if part == "core":
+        mlora = [("mlora-base", dict(rows=core_n * rows)), ("mlora", dict(n=core_n, rows=rows, role="sweep"))]
+        if triton:
+            mlora.append(("mlora", dict(n=core_n, rows=rows, kernel="triton", role="ablation")))
+        return [("mlora", mlora), ("hf", [("peft", dict(rows=rows)), ("hf-base", dict(rows=core_n * rows))])]
+    mlora = [("mlora", dict(n=1, rows=core_n * rows, role="memory"))]
+    for n in adapters:
+        if n != core_n:
+            mlora += [("mlora", dict(n=n, rows=rows, role="sweep")), ("mlora-base", dict(rows=n * rows))]
+    # Where the time goes: the other LoRA kernels (auto is fused); no dropout.
+    mlora += [("mlora", dict(n=core_n, rows=rows, kernel="dense", role="ablation")),
+              ("mlora", dict(n=core_n, rows=rows, kernel="grouped", role="ablation")),
+              ("mlora", dict(n=core_n, rows=rows, kernel="loop", role="ablation")),
+              ("mlora", dict(n=core_n, rows=rows, dropout=0.0, role="ablation"))]
+    return [("mlora", mlora), ("hf", [("peft", dict(rows=core_n * rows))])]
 
 
-def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, dtype, extras: bool,
+def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, dtype, part: str,
               record) -> None:
-    for side, runs in plan(shape, rows, adapters, extras):
+    from mlora.lora_triton import unavailable
+
+    for side, runs in plan(shape, rows, adapters, part, triton=unavailable(device) is None):
         free_memory(device)
         bench = MloraBench(shape, s, device, dtype) if side == "mlora" else HFBench(shape, s, device, dtype)
         for system, kwargs in runs:
@@ -331,6 +338,21 @@ def summarise(runs: list[dict]) -> list[dict]:
             if same_rows_one and r["peak_gib"] and same_rows_one["peak_gib"]:
                 row["peak_vs_one_adapter_same_rows"] = r["peak_gib"] / same_rows_one["peak_gib"]
             out.append(row)
+    return out
+
+
+def ablations(runs: list[dict]) -> list[dict]:
+    """Each ablation (another kernel, no dropout) beside the frozen base of the same rows."""
+    out = []
+    ok = [r for r in runs if "tokens_per_s" in r]
+    for r in (r for r in ok if r.get("role") == "ablation"):
+        bases = [b for b in ok if b["shape"] == r["shape"] and b["system"].endswith("base")
+                 and b["rows"] == r["n"] * r["rows"]]
+        row = {"shape": r["shape"], "adapters": r["n"], "kernel": r["kernel"], "dropout": r["dropout"],
+               "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"]}
+        if bases:
+            row["vs_frozen_base"] = r["tokens_per_s"] / max(b["tokens_per_s"] for b in bases)
+        out.append(row)
     return out
 
 
@@ -434,18 +456,20 @@ def main(argv: list[str] | None = None) -> dict:
     def record(entry: dict) -> None:
         result["runs"].append(entry)
         result["summary"] = summarise(result["runs"])
+        result["ablations"] = ablations(result["runs"])
         out.write_text(json.dumps(result, indent=1))  # after every run: a timeout keeps what ran
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}
         print(json.dumps(shown), flush=True)
 
-    for shape in args.shapes.split(","):
-        rows = args.rows or DEFAULT_ROWS[shape]
-        run_shape(shape, rows, s, adapters, device, dtype, not args.no_extras, record)
+    for part in ("core",) if args.no_extras else ("core", "extras"):
+        for shape in args.shapes.split(","):
+            rows = args.rows or DEFAULT_ROWS[shape]
+            run_shape(shape, rows, s, adapters, device, dtype, part, record)
     if plot(result, out.with_suffix(".png")):
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:
         print(f"wrote {out} (no PNG: matplotlib is not installed)")
-    for row in result["summary"]:
+    for row in result["summary"] + result["ablations"]:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     return result
 

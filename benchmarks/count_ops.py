@@ -1,7 +1,8 @@
 """Ops dispatched and activations saved by one fused training step, per LoRA kernel: the
 device-independent part of "what does the LoRA side cost" (runs on CPU, in seconds).
 
-Every op that reaches torch's dispatcher (views excluded) is one kernel launch on a GPU, so
+Every op that reaches torch's dispatcher (views excluded) is one kernel launch on a GPU, and so
+is each Triton kernel launch of the triton kernel (run here through Triton's interpreter), so
 the count is the launch count a GPU would see, minus the optimizer (left out: on CUDA AdamW
 is one fused launch per adapter). Saved bytes are what autograd keeps for the backward
 (saved-tensor hooks; parameters excluded), the activations part of the memory model.
@@ -16,12 +17,18 @@ grad): the LoRA side's own ops and saved bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+# The triton kernel's Triton kernels run here through Triton's interpreter (before their import).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,6 +49,43 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _CountedLaunches:
+    """Stands in for mlora.philox_kernels: each Triton kernel launch counts as one op (what a
+    GPU sees), and the interpreter's own tensor copies behind it are not counted."""
+
+    def __init__(self, kernels, count: _CountOps):
+        self._kernels, self._count = kernels, count
+
+    def __getattr__(self, name):
+        kernel = getattr(self._kernels, name)
+        count = self._count
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    count.ops += 1
+                    with _disable_current_modes():
+                        return kernel[grid](*args, **kwargs)
+                return launch
+
+        return Launcher()
+
+
+@contextlib.contextmanager
+def _counting_triton(count: _CountOps):
+    if importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from mlora import lora_triton
+
+    real = lora_triton._kernels
+    lora_triton._kernels = lambda: _CountedLaunches(real(), count)
+    try:
+        yield
+    finally:
+        lora_triton._kernels = real
+
+
 def _step_cost(model, ids, rows, params: set[int]) -> dict:
     """Ops of forward + loss + backward, and bytes saved for the backward."""
     saved: dict[int, int] = {}
@@ -52,7 +96,7 @@ def _step_cost(model, ids, rows, params: set[int]) -> dict:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with _CountOps() as count:
+    with _CountOps() as count, _counting_triton(count):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(ids)
         sums = token_loss_sums(logits, ids, rows)
@@ -102,6 +146,12 @@ def measure(shape: str, layers: int, adapters: int, rows: int, seq: int, dropout
     return out
 
 
+def _triton_runs() -> bool:
+    from mlora.lora_triton import unavailable
+
+    return unavailable(torch.device("cpu")) is None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="tinyllama-1.1b", choices=[s for s in bt.SHAPES if not s.startswith("_")])
@@ -110,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=1, help="rows per adapter")
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--kernels", default="fused,dense,grouped,loop")
+    p.add_argument("--kernels", default="fused,triton,dense,grouped,loop" if _triton_runs()
+                   else "fused,dense,grouped,loop", help="triton needs the triton package (run interpreted here)")
     p.add_argument("--accumulate", action="store_true",
                    help="measure a later micro-batch of one optimizer step (weights unchanged)")
     args = p.parse_args(argv)

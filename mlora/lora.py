@@ -21,8 +21,9 @@ its FLOPs (about 1% of the base at r=16) but memory traffic and kernel launches.
 * LoRA weights stay fp32 (the optimizer's master copy); matmuls run in the activation dtype.
 
 The default kernel, "fused" (lora_fused.py), runs one input group - base GEMMs included - as
-one autograd op with a hand-written backward; the others are composed of torch ops whose
-gradients autograd derives. Either way the mask that scaled the forward is the one the
+one autograd op with a hand-written backward; "triton" is that op with its dropout side in
+Triton kernels that draw the mask where they need it (lora_triton.py); the others are
+composed of torch ops whose gradients autograd derives. Either way the mask that scaled the forward is the one the
 backward uses, so gradients are exact with dropout > 0 (tests/test_lora.py holds every
 kernel to plain autograd with the same masks).
 
@@ -63,11 +64,15 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 #   "grouped": torch._grouped_mm with per-adapter row offsets: exact FLOPs, one launch; needs
 #              equal ranks and targets, rows tiling the batch, bf16 on CUDA.
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
+#   "triton":  fused, with the dropout mask drawn inside Triton kernels instead of stored
+#              (lora_triton.py): no mask, no dropped-out copy, no masking pass. CUDA only
+#              (and the CPU under Triton's interpreter, for tests); not yet measured on a
+#              GPU, so auto does not pick it.
 #   "auto":    up to DENSE_MAX_ADAPTERS adapters fused, then grouped where allowed, else
 #              loop. (The cap is named for what fused and dense share: every row times
 #              every adapter's columns.)
 # MLORA_LORA_KERNEL sets it.
-KERNELS = ("auto", "fused", "dense", "loop", "grouped")
+KERNELS = ("auto", "fused", "triton", "dense", "loop", "grouped")
 DENSE_MAX_ADAPTERS = 8
 kernel = os.environ.get("MLORA_LORA_KERNEL", "auto")
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -202,8 +207,8 @@ class InputGroup:
         choice = kernel
         if choice == "auto":
             choice = "fused" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
-        if choice == "fused":
-            return self._compute_fused(x, x2d, active, S, dropout, everywhere)
+        if choice in ("fused", "triton"):
+            return self._compute_fused(x, x2d, active, S, dropout, everywhere, philox=choice == "triton")
         mask = draw_keep_mask(x2d, dropout, everywhere) if dropout else None
         dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
         if choice == "dense":
@@ -235,7 +240,7 @@ class InputGroup:
         covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
         return dropout, covered and len(dropout) == len(active)
 
-    def _compute_fused(self, x, x2d, active, S, dropout, everywhere) -> _Hidden:
+    def _compute_fused(self, x, x2d, active, S, dropout, everywhere, philox=False) -> _Hidden:
         a_params, b_params, owners, scales, members, cols, counts = [], [], [], [], [], [], []
         for m, member in enumerate(self.members):
             ws = [(i, member.adapters[rows.name]) for i, rows in enumerate(active) if rows.name in member.adapters]
@@ -254,7 +259,7 @@ class InputGroup:
                                x2d.shape[0], torch.float32, x.device)
         bases = [self.members[m].base if self.members[m].base_inline(x) else None for m in members]
         self._casts = WeightCasts.of(self._casts, a_params, b_params, counts, x.dtype)
-        spec = FusedGroupSpec(bases, cols, counts, factor, self._casts, dropout, everywhere)
+        spec = FusedGroupSpec(bases, cols, counts, factor, self._casts, dropout, everywhere, philox)
         ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
         return _Hidden(x, outputs=dict(zip(members, ys)),
                        delta_only={m for m, base in zip(members, bases) if base is None})
@@ -430,12 +435,19 @@ class LoraLinear(nn.Module):
         return y + delta.view_as(y).to(y.dtype)
 
 
-def check_kernel() -> None:
-    """The kernel named by MLORA_LORA_KERNEL (or set in code) must be one of KERNELS."""
-    if kernel not in KERNELS:
-        from mlora.errors import UserError
+def check_kernel(device: torch.device | None = None) -> None:
+    """The kernel named by MLORA_LORA_KERNEL (or set in code) must be one of KERNELS and able
+    to run on `device` (None: not checked)."""
+    from mlora.errors import UserError
 
+    if kernel not in KERNELS:
         raise UserError(f"MLORA_LORA_KERNEL={kernel!r} is not a LoRA kernel (use one of: {', '.join(KERNELS)})")
+    if kernel == "triton":
+        from mlora.lora_triton import unavailable
+
+        why = unavailable(device)
+        if why:
+            raise UserError(f"MLORA_LORA_KERNEL=triton: {why}")
 
 
 def clear_lora_caches(wrappers: dict[str, LoraLinear]) -> None:
@@ -443,6 +455,10 @@ def clear_lora_caches(wrappers: dict[str, LoraLinear]) -> None:
     for wrapper in wrappers.values():
         wrapper.group.clear()
     clear_factor_cache()
+    if kernel == "triton":
+        from mlora.lora_triton import clear_caches
+
+        clear_caches()
 
 
 def module_seed(adapter_seed: int, module_path: str) -> int:

@@ -19,6 +19,8 @@ reads the input (q, k, v, and the LoRA path). This op writes the backward by han
   factor shared by every layer (`column_factor`), applied once forward and once backward
   (fp32: a scale rounded to bf16 would bias every value of its column alike, up to 0.2 %);
 * autograd records one node per group instead of about thirty.
+With `spec.philox` (the "triton" kernel) the dropout side runs in Triton kernels that draw
+the mask where they need it, so neither the mask nor a dropped-out copy exists (lora_triton.py).
 
 The math is the dense kernel's (lora.py), so every adapter's rows see only its own A and B:
     dropped = x * mask                       [N, in]   (mask 0/1; 1/(1-p) is in the scale)
@@ -40,6 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from mlora import lora_triton  # imports triton only when its kernels first run
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class FusedGroupSpec:
     casts: WeightCasts  # the parameters in the activation dtype, as the op uses them
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
+    philox: bool = False  # draw the dropout mask inside Triton kernels (lora_triton.py), never stored
 
 
 class FusedGroupLoRA(torch.autograd.Function):
@@ -161,10 +166,15 @@ class FusedGroupLoRA(torch.autograd.Function):
         a_params, b_params = weights[:n_a], weights[n_a:]
         a_all = spec.casts.a_all  # [C, in]
 
-        mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
-        dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
-
-        h = torch.mm(dropped, a_all.t()).mul_(spec.factor)  # [N, C], scaled, other adapters' 0
+        plan = mask = None
+        if spec.dropout and spec.philox:  # the kernels draw the mask where they need it
+            plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)
+            dropped = x2d  # the backward's kernels mask it again
+            h = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
+        else:
+            mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
+            dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
+            h = torch.mm(dropped, a_all.t()).mul_(spec.factor)  # [N, C], scaled, other adapters' 0
         outputs, b_alls = [], spec.casts.b_alls
         for base, (c0, c1), b_all in zip(spec.bases, spec.cols, b_alls):  # b_all [out, C_m]
             delta = torch.mm(h[:, c0:c1], b_all.t())  # [N, out]
@@ -178,6 +188,7 @@ class FusedGroupLoRA(torch.autograd.Function):
             mask = a_all = None
         ctx.save_for_backward(dropped, mask, h, a_all, *b_alls)
         ctx.spec = spec
+        ctx.plan = plan
         ctx.a_rows = [a.shape[0] for a in a_params]
         ctx.b_cols = [b.shape[1] for b in b_params]
         return tuple(outputs)
@@ -191,16 +202,23 @@ class FusedGroupLoRA(torch.autograd.Function):
         dh = [torch.mm(dy, b_all) for dy, b_all in zip(dys, b_alls)]  # [N, C_m] each
         dh = (torch.cat(dh, dim=1) if len(dh) > 1 else dh[0]).mul_(spec.factor)  # [N, C]
 
+        plan = ctx.plan
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(dh, a_all)  # [N, in]: the LoRA path, before the dropout mask
-            if mask is not None:
-                dx.mul_(mask)
+            if plan is not None:
+                dx = lora_triton.up_masked(dh, a_all, plan)  # [N, in]: the LoRA path, masked
+            else:
+                dx = torch.mm(dh, a_all)  # [N, in]: the LoRA path, before the dropout mask
+                if mask is not None:
+                    dx.mul_(mask)
             for dy, base in zip(dys, spec.bases):
                 if base is not None:
                     dx.addmm_(dy, base.weight)  # + dy @ W, accumulated inside the GEMM
 
-        d_a = torch.mm(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
+        if plan is not None:
+            d_a = lora_triton.grad_a(dh, dropped, plan)  # [C, in] fp32; `dropped` is x here
+        else:
+            d_a = torch.mm(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
         grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))
         grads_b, i = [], 0
         for dy, (c0, c1), count in zip(dys, spec.cols, spec.b_counts):

@@ -184,7 +184,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     None = only when a layer's sliding window is shorter than `seq_len`.
     active_adapters: the most adapters one fused batch holds (train_lora_simultaneously_num);
     None = all of `lora`. Only the fused and dense LoRA kernels' cost depends on it (see below).
-    lora_kernel: lora.py's kernel choice ('auto', 'fused', 'dense', 'grouped', 'loop'); None =
+    lora_kernel: lora.py's kernel choice ('auto', 'fused', 'triton', 'dense', 'grouped', 'loop'); None =
     the one lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL). 'auto' is fused, on a
     quantized base too (its layers run outside the op; the LoRA tensors are the same).
 
@@ -196,11 +196,12 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
       LoRA, per input group (see _INPUT_GROUPS): no dropout -> the input itself [N, in]
                         (shared with whatever else keeps it); dropout -> the dropped-out copy
                         [N, in] and the 0/1 mask [N, in], in the dtype (bool with the fused
-                        kernel); plus the hidden A(x), kept for B's gradient,
+                        kernel; the triton kernel keeps only the input itself: it redraws the
+                        mask); plus the hidden A(x), kept for B's gradient,
                         and the weights cast to the activation dtype (per layer).
                         The hidden depends on the kernel (lora.py): the loop and grouped
                         kernels keep each row's own adapter's [N, r] per target (the costliest
-                        adapter bounds it); the fused and dense kernels (auto: up to
+                        adapter bounds it); the fused (and triton) and dense kernels (auto: up to
                         DENSE_MAX_ADAPTERS adapters in a batch) multiply every row by every
                         adapter's A, so they keep [N, C] with C = the sum of r x targets over
                         the batch's adapters; dense also keeps, with more than one adapter, the
@@ -255,7 +256,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
     in_batch = len(adapters) if active_adapters is None else min(active_adapters, len(adapters))
-    if lora_kernel == "fused" and L and in_batch > 1:
+    if lora_kernel in ("fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
         batch += _dense_columns(adapters, active_adapters, "fused") * 4 * N
@@ -335,7 +336,8 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -
     in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
     # Every batch is dense under 'dense'; 'fused' (auto) batches hold up to DENSE_MAX_ADAPTERS
     # (larger ones go grouped or loop, which keep less).
-    dense = {"dense": in_batch, "fused": min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)}.get(kernel, 0)
+    fused = min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)
+    dense = {"dense": in_batch, "fused": fused, "triton": fused}.get(kernel, 0)
     return sum(columns[:dense])
 
 
@@ -366,6 +368,8 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
         # byte) with fused; else the LoRA matmuls keep the input.
         copies = ((1 + 1 / e) if kernel == "fused" else 2) if dropped else 0
         lora_keeps_input = bool(targeting) and not dropped
+        if kernel == "triton":  # the mask is drawn inside the kernels: the input itself is kept
+            copies, lora_keeps_input = 0, bool(targeting)
     else:
         # A mask and a dropped-out copy per projection and adapter, over that adapter's rows;
         # the dropout-free adapters' rows keep views of the input itself.

@@ -74,6 +74,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     if seed is not None:
         cfg = replace(cfg, seed=seed)
     torch_device = resolve_device(device)
+    check_kernel(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
     base_dir = Path(base_model)
     read_model_config(base_dir)  # config.json present and of a supported family

@@ -19,6 +19,14 @@ def _load():
     return module
 
 
+def _triton_unavailable():
+    import torch
+
+    from mlora.lora_triton import unavailable
+
+    return unavailable(torch.device("cpu"))
+
+
 def test_tiny_mode_runs_every_system(tmp_path):
     bench = _load()
     out = tmp_path / "throughput.json"
@@ -29,7 +37,10 @@ def test_tiny_mode_runs_every_system(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in runs)
     mlora = [r for r in runs if r["system"] == "mlora"]
     assert {r["n"] for r in mlora if r["role"] == "sweep"} == {1, 4}
-    assert {r["kernel"] for r in mlora if r["role"] == "ablation"} >= {"dense", "grouped", "loop"}
+    kernels = {r["kernel"] for r in mlora if r["role"] == "ablation"}
+    assert kernels >= {"dense", "grouped", "loop"}
+    if importlib.util.find_spec("triton") and not _triton_unavailable():  # interpreted here (conftest)
+        assert "triton" in kernels and any(a["kernel"] == "triton" for a in result["ablations"])
     assert any(r["role"] == "memory" and r["n"] == 1 and r["rows"] == 4 * 2 for r in mlora)
     assert all(r["estimated_peak_gib"] > 0 for r in runs if r["system"].startswith("mlora"))
     # Tokens per step: every fused adapter brings the same rows.
@@ -45,7 +56,8 @@ def test_summary_ratios_use_the_faster_bound_and_same_rows():
     runs = [
         {"shape": "s", "system": "mlora", "n": 4, "rows": 8, "role": "sweep", "tokens_per_s": 60.0, "peak_gib": 11.0},
         {"shape": "s", "system": "mlora", "n": 1, "rows": 32, "role": "memory", "tokens_per_s": 61.0, "peak_gib": 10.0},
-        {"shape": "s", "system": "mlora", "n": 4, "rows": 8, "role": "ablation", "tokens_per_s": 1.0, "peak_gib": 1.0},
+        {"shape": "s", "system": "mlora", "n": 4, "rows": 8, "role": "ablation", "kernel": "triton", "dropout": 0.05,
+         "tokens_per_s": 1.0, "peak_gib": 1.0},
         {"shape": "s", "system": "peft", "n": 1, "rows": 8, "tokens_per_s": 30.0, "peak_gib": 5.0},
         {"shape": "s", "system": "peft", "n": 1, "rows": 32, "tokens_per_s": 40.0, "peak_gib": 9.0},
         {"shape": "s", "system": "mlora-base", "n": 0, "rows": 32, "tokens_per_s": 70.0, "peak_gib": 7.0},
@@ -57,6 +69,8 @@ def test_summary_ratios_use_the_faster_bound_and_same_rows():
     assert row["vs_peft"] == pytest.approx(60 / 30)  # PEFT with the same rows per adapter
     assert row["base_system"] == "hf-base" and row["vs_frozen_base"] == pytest.approx(60 / 80)
     assert row["peak_vs_one_adapter_same_rows"] == pytest.approx(11 / 10)
+    [ablation] = bench.ablations(runs)
+    assert ablation["kernel"] == "triton" and ablation["vs_frozen_base"] == pytest.approx(1 / 80)
 
 
 def test_count_ops_ranks_the_kernels():

@@ -134,34 +134,34 @@ def _run_group(kernel, monkeypatch, p, ranks, rows, batch=5, seq=3, in_f=16, out
     return ys, grads, x, weights, members, calls[0] if calls else "other"
 
 
-def _reference(x, grads, weights, members, rows, p):
-    """The group's math in plain autograd: one 0/1 mask per adapter shared by the members."""
+def _reference(x, grads, weights, members, rows, p, masks=None):
+    """The group's math in plain autograd: one inverted-dropout mask per adapter shared by the
+    members; `masks` {adapter: [rows, S, in]}, default the bernoulli draws of the adapter's
+    generator (seed 7 + its index, as _run_group sets)."""
     x2 = x.detach().clone().requires_grad_(True)
     params = {k: (w.lora_A.detach().clone().requires_grad_(True), w.lora_B.detach().clone().requires_grad_(True))
               for k, w in weights.items()}
-    S = x.shape[1]
-    masks = {}
-    for i, rr in enumerate(rows):
-        gen = torch.Generator().manual_seed(7 + i)
-        xr = x2[rr.start:rr.end]
-        masks[rr.name] = dropout_mask(xr, p, gen) if p > 0 else torch.ones_like(xr)
+    if masks is None:
+        masks = {}
+        for i, rr in enumerate(rows):
+            gen = torch.Generator().manual_seed(7 + i)
+            xr = x2[rr.start:rr.end]
+            masks[rr.name] = dropout_mask(xr, p, gen) if p > 0 else torch.ones_like(xr)
     outs = []
     for m, lin in enumerate(members):
         y = lin.base(x2)
-        pieces, end = [], 0
+        delta = torch.zeros_like(y)  # rows without an adapter get none
         for rr in rows:
             A, Bm = params[(rr.name, m)]
             w = weights[(rr.name, m)]
-            pieces.append(y[rr.start:rr.end] + w.scale * ((x2[rr.start:rr.end] * masks[rr.name]) @ A.T @ Bm.T))
-            end = rr.end
-        pieces.append(y[end:])
-        outs.append(torch.cat(pieces))
+            delta[rr.start:rr.end] = w.scale * ((x2[rr.start:rr.end] * masks[rr.name]) @ A.T @ Bm.T)
+        outs.append(y + delta)
     torch.autograd.backward(outs, grads)
     return outs, x2, params
 
 
-def _assert_matches_reference(ys, grads, x, weights, members, rows, p):
-    ref, x2, params = _reference(x, grads, weights, members, rows, p)
+def _assert_matches_reference(ys, grads, x, weights, members, rows, p, masks=None):
+    ref, x2, params = _reference(x, grads, weights, members, rows, p, masks)
     for y, r in zip(ys, ref):
         torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)

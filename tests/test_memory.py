@@ -480,3 +480,26 @@ def test_protected_accumulation_is_bit_identical_to_plain_accumulation():
             (guarded @ x.T).sin().sum().backward()
     assert torch.equal(guarded.grad, plain.grad)
     assert torch.equal(untouched.grad, torch.ones(2))
+
+
+@pytest.mark.parametrize("adapters, targets", [
+    ([(4, 0.1)] * 3, ALL7),
+    ([(4, 0.1), (8, 0.0)], ("q_proj", "v_proj", "down_proj")),
+])
+def test_triton_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targets):
+    """The triton kernel keeps the input itself where fused keeps a dropped-out copy and a bool
+    mask; the estimate subtracts exactly that (layer 0 keeps no mask under fused: its input
+    needs no gradient; the estimate does not subtract it there)."""
+    pytest.importorskip("triton")
+    from mlora.lora_triton import unavailable
+
+    if unavailable(torch.device("cpu")):
+        pytest.skip(unavailable(torch.device("cpu")))
+    saved, rows, seq_len = _saved_per_kernel(monkeypatch, adapters, targets, ("fused", "triton"))
+    lora = [LoraShape(r, targets, p) for r, p in adapters]
+    estimates = {k: estimate_peak_bytes(SMALL, rows=rows, seq_len=seq_len, dtype=BF16, lora=lora, lora_kernel=k)
+                 for k in ("fused", "triton")}
+    estimated = estimates["fused"].activations - estimates["triton"].activations
+    measured = saved["fused"] - saved["triton"]
+    layer0_attention_mask = SMALL.hidden_size * rows * seq_len  # bool [N, H]
+    assert measured > 0 and estimated == measured + layer0_attention_mask

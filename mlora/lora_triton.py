@@ -1,0 +1,212 @@
+"""The `triton` LoRA kernel's dropout side: the fused op (lora_fused.py) with the keep-mask
+drawn inside Triton kernels instead of stored.
+
+Why. With dropout, the fused op spends per input group [N, in] and step: a bool mask written
+and read three times, a dropped-out copy of the input written and read (kept for the
+backward), and a separate masking pass over the input gradient - about 11 bytes per input
+value of memory traffic, next to the 2 it needs to read the input once (benchmarks/
+THROUGHPUT.md). Here three kernels draw the mask from (seed, row, column) wherever they need
+it (philox_kernels.py):
+    down:      h  = ((x * keep) @ A^T) * factor       reads x once; no mask, no copy
+    up_masked: dx = (dh @ A) * keep                    the LoRA part of the input gradient
+    grad_a:    dA = dh^T @ (x * keep)                  reads the saved x, not a copy
+The op keeps x itself for the backward (often kept anyway: SDPA keeps o_proj's input).
+
+What changes for the user: the masks are other draws than torch's bernoulli (same
+distribution; the rate is rounded to a multiple of 1/65536, 0.05 -> 0.0500031, while the
+1/(1-p) rescaling keeps p: a bias of 3e-6). Each adapter still draws from its own generator
+(one 62-bit seed per input group and step), so an adapter's masks do not depend on the other
+adapters of its batch, and a resumed or recomputed step redraws the same ones.
+
+Runs on CUDA (compiled) and, for the tests, on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1 before the first use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # lora_fused imports this module
+    from mlora.lora_fused import DropoutRows
+
+# A kept draw is >= round(p * 2**16) (philox_kernels.py).
+DRAW_LEVELS = 1 << 16
+
+
+# Triton's interpreter before 3.9 fails on these kernels' loops with numpy 2 (compiled, 3.6 works).
+INTERPRETER_MIN_TRITON = (3, 9)
+
+
+def unavailable(device: torch.device | None = None) -> str | None:
+    """Why the triton kernel cannot run on `device` (None: any device), or None if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "it needs the triton package (pip install triton; CUDA builds of torch bring it)"
+    if device is not None and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return f"it runs on CUDA devices, not {device.type} (TRITON_INTERPRET=1 runs it on the CPU, slowly)"
+        version = importlib.metadata.version("triton")
+        if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < INTERPRETER_MIN_TRITON:
+            return f"Triton's interpreter needs triton >= 3.9 to run it on the {device.type}, not {version}"
+    return None
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (a pipeline rank
+    runs on cuda:N without making it current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _kernels():
+    from mlora import philox_kernels
+
+    return philox_kernels
+
+
+def threshold(p: float) -> int:
+    """The 16-bit draw below which an element drops out, for dropout rate p."""
+    return min(DRAW_LEVELS - 1, round(p * DRAW_LEVELS))
+
+
+@dataclass
+class PhiloxDropout:
+    """Where the kernels find each token row's draw: owner [N] int32 (the row's adapter, an
+    index into the [G] tables, or -1: no dropout), its first token row starts [G] int32, its
+    thresholds [G] int32 and this call's seeds [G] int64."""
+
+    owner: torch.Tensor
+    starts: torch.Tensor
+    thresholds: torch.Tensor
+    seeds: torch.Tensor
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return self.owner, self.seeds, self.starts, self.thresholds
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(ranges: tuple, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """owner [N], starts [G], thresholds [G] for dropout ranges ((start, end, p), ...): the
+    same for every layer of a batch layout, so made once (a host-to-device copy each)."""
+    owner = torch.full((n,), -1, dtype=torch.int32)
+    for i, (start, end, _) in enumerate(ranges):
+        owner[start:end] = i
+    starts = torch.tensor([start for start, _, _ in ranges], dtype=torch.int32)
+    thresholds = torch.tensor([threshold(p) for _, _, p in ranges], dtype=torch.int32)
+    return owner.to(device), starts.to(device), thresholds.to(device)
+
+
+def draw(dropout: list[DropoutRows], n: int, device: torch.device) -> PhiloxDropout:
+    """This call's draw plan for token rows [0, n): one seed from each adapter's generator."""
+    owner, starts, thresholds = _tables(tuple((d.start, d.end, d.p) for d in dropout), n, device)
+    seeds = torch.empty(len(dropout), dtype=torch.int64, device=device)
+    for i, d in enumerate(dropout):  # one small launch per adapter; no host sync
+        seeds[i:i + 1].random_(0, 1 << 62, generator=d.generator)
+    return PhiloxDropout(owner, starts, thresholds, seeds)
+
+
+def clear_caches() -> None:
+    """Forget the per-layout tables (lora.clear_lora_caches, e.g. before an OOM retry)."""
+    _tables.cache_clear()
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    return max(low, min(high, 1 << max(0, (n - 1).bit_length())))
+
+
+def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor, plan: PhiloxDropout) -> torch.Tensor:
+    """h [N, C] = ((x2d * keep) @ a_all^T) * factor, in x2d's dtype; factor [C] or [N, C] fp32."""
+    N, K = x2d.shape
+    C = a_all.shape[0]
+    a_all = a_all.contiguous()
+    factor = factor.contiguous()
+    h = torch.empty(N, C, dtype=x2d.dtype, device=x2d.device)
+    # The whole C in one tile where it fits: x is read (and its mask drawn) once per tile of C.
+    # Register counts from ptxas (sm_90, triton 3.6): BM 64 with 8 warps keeps BC 256 on
+    # wgmma without spilling; fp32 operands need the narrower BK.
+    BC = _pow2(C, 16, 256)
+    BM, BK = 64, 32 if x2d.dtype == torch.float32 else 64
+    grid = (_cdiv(C, BC), _cdiv(N, BM))
+    with _on(x2d.device):
+        _kernels().down_kernel[grid](x2d, a_all, factor, h, *plan.args(), N, K, C, x2d.stride(0), x2d.stride(1),
+                                     factor.stride(0) if factor.dim() == 2 else 0,
+                                     BM=BM, BC=BC, BK=BK, IEEE=_ieee(x2d), num_warps=8 if BC >= 128 else 4)
+    return h
+
+
+def up_masked(dh: torch.Tensor, a_all: torch.Tensor, plan: PhiloxDropout) -> torch.Tensor:
+    """dx [N, K] = (dh @ a_all) * keep, in dh's dtype; dh [N, C], a_all [C, K]."""
+    N, C = dh.shape
+    K = a_all.shape[1]
+    a_all = a_all.contiguous()
+    if dh.stride(1) != 1:
+        dh = dh.contiguous()
+    dx = torch.empty(N, K, dtype=dh.dtype, device=dh.device)
+    BM, BK = 64, 128
+    grid = (_cdiv(N, BM), _cdiv(K, BK))
+    with _on(dh.device):
+        _kernels().up_masked_kernel[grid](dh, a_all, dx, *plan.args(), N, K, C, dh.stride(0),
+                                          BM=BM, BK=BK, BC=_pow2(C, 16, 64), IEEE=_ieee(dh), num_warps=8)
+    return dx
+
+
+def grad_a(dh: torch.Tensor, x2d: torch.Tensor, plan: PhiloxDropout, splits: int | None = None) -> torch.Tensor:
+    """dA [C, K] fp32 = dh^T @ (x2d * keep). The token dimension is split over `splits`
+    programs per output tile (default: enough to fill the GPU) and the partial sums added."""
+    N, C = dh.shape
+    K = x2d.shape[1]
+    if N == 0:
+        return torch.zeros(C, K, dtype=torch.float32, device=dh.device)
+    if dh.stride(1) != 1:
+        dh = dh.contiguous()
+    # The whole C in one tile where it fits (x read and its mask drawn once per tile of C);
+    # fp32 operands spill at that size (ptxas), so they take narrower tiles.
+    if dh.dtype == torch.float32:
+        BC, BK, BT = _pow2(C, 16, 128), 64, 16
+    else:
+        BC, BK, BT = _pow2(C, 16, 256), 64, 64
+    tiles = _cdiv(K, BK) * _cdiv(C, BC)
+    if splits is None:
+        programs = 2 * _multiprocessors(x2d.device)
+        splits = max(1, min(_cdiv(N, 4 * BT), _cdiv(programs, tiles)))
+    per_split = _cdiv(_cdiv(N, splits), BT) * BT
+    splits = _cdiv(N, per_split)
+    partial = torch.empty(splits, C, K, dtype=torch.float32, device=dh.device)
+    grid = (_cdiv(K, BK), _cdiv(C, BC), splits)
+    with _on(dh.device):
+        _kernels().grad_a_kernel[grid](dh, x2d, partial, *plan.args(), N, K, C, dh.stride(0), x2d.stride(0),
+                                       x2d.stride(1), per_split, BC=BC, BK=BK, BT=BT, IEEE=_ieee(dh), num_warps=8)
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def keep_mask(plan: PhiloxDropout, n: int, k: int) -> torch.Tensor:
+    """The bool [n, k] keep-mask the kernels apply under `plan`, written out (tests, references)."""
+    out = torch.empty(n, k, dtype=torch.int8, device=plan.seeds.device)
+    BM, BK = 32, 64
+    with _on(out.device):
+        _kernels().mask_kernel[(_cdiv(n, BM), _cdiv(k, BK))](out, *plan.args(), n, k, BM=BM, BK=BK)
+    return out.bool()
+
+
+def _ieee(t: torch.Tensor) -> bool:
+    """fp32 products in the dots: for fp32 operands, and under the interpreter (CPU)."""
+    return t.dtype == torch.float32 or t.device.type != "cuda"
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

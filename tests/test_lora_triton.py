@@ -1,0 +1,218 @@
+"""The `triton` LoRA kernel (lora_triton.py, philox_kernels.py), run on the CPU through
+Triton's interpreter (conftest sets TRITON_INTERPRET=1): its keep-mask, each kernel against
+torch with that mask written out, the input group against plain autograd, and at model level
+fused equals solo and recompute equals plain, dropout > 0 throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # a test dependency on Linux x86-64 (pyproject); CI installs it
+
+import mlora.lora as lora  # noqa: E402
+from mlora import lora_triton  # noqa: E402
+
+if lora_triton.unavailable(torch.device("cpu")):  # an older interpreter (a CUDA box's pinned triton)
+    pytest.skip(lora_triton.unavailable(torch.device("cpu")), allow_module_level=True)
+from mlora.errors import UserError  # noqa: E402
+from mlora.lora import AdapterRows, BatchLayout, LoraLinear  # noqa: E402
+from mlora.lora_fused import DropoutRows  # noqa: E402
+
+from test_lora import _assert_matches_reference, _group, _weights  # noqa: E402
+
+
+def _plan(ranges, n, seed=0):
+    """A draw plan over token rows [0, n) for ((start, end, p), ...), each range its own generator."""
+    drops = [DropoutRows(s, e, p, torch.Generator().manual_seed(seed + i)) for i, (s, e, p) in enumerate(ranges)]
+    return lora_triton.draw(drops, n, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- the mask
+
+
+def test_keep_mask_rate_rows_and_position_independence():
+    n, k = 96, 200
+    plan = _plan([(0, 40, 0.25), (50, 96, 0.5)], n)
+    keep = lora_triton.keep_mask(plan, n, k)
+    assert keep[40:50].all()  # rows of no dropping adapter keep everything
+    for rows, p in ((slice(0, 40), 0.25), (slice(50, 96), 0.5)):
+        rate = 1 - keep[rows].float().mean().item()
+        sd = (p * (1 - p) / keep[rows].numel()) ** 0.5
+        assert abs(rate - p) < 5 * sd
+    # Not one pattern repeated: rows and columns differ.
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 8])
+    # An adapter's mask depends on its own rows only, not on where the batch puts them:
+    # the same generator gives the same mask at rows 50.. of a fused batch and at 0.. alone.
+    alone = lora_triton.draw([DropoutRows(0, 46, 0.5, torch.Generator().manual_seed(1))], 46, torch.device("cpu"))
+    assert torch.equal(lora_triton.keep_mask(alone, 46, k), keep[50:96])
+    # The next call draws a new seed from the adapter's generator: a new mask.
+    g = torch.Generator().manual_seed(3)
+    first = lora_triton.keep_mask(lora_triton.draw([DropoutRows(0, 8, 0.5, g)], 8, torch.device("cpu")), 8, k)
+    second = lora_triton.keep_mask(lora_triton.draw([DropoutRows(0, 8, 0.5, g)], 8, torch.device("cpu")), 8, k)
+    assert not torch.equal(first, second)
+
+
+def test_threshold_is_the_rate_on_16_bits():
+    assert lora_triton.threshold(0.0) == 0
+    assert lora_triton.threshold(0.05) == 3277
+    assert lora_triton.threshold(0.5) == 32768
+    assert lora_triton.threshold(0.99999999) == 65535  # never a threshold no draw reaches
+
+
+# ----------------------------------------------------------------------------- each kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factor_rows", [False, True], ids=["factor[C]", "factor[N,C]"])
+def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows):
+    torch.manual_seed(0)
+    n, k, c = 70, 100, 24  # no dimension a multiple of a tile
+    x = torch.randn(n, k + 12)[:, 5:5 + k].to(dtype)  # strided: a column slice
+    a = torch.randn(c, k).to(dtype)
+    factor = torch.rand(n, c) if factor_rows else torch.rand(c)
+    plan = _plan([(3, 40, 0.3), (40, 70, 0.5)], n)
+    keep = lora_triton.keep_mask(plan, n, k)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+
+    h = lora_triton.down(x, a, factor, plan)
+    torch.testing.assert_close(h.float(), ((x.float() * keep) @ a.float().t()) * factor, **tol)
+    assert h.dtype == dtype
+
+    dh = torch.randn(n, c).to(dtype)
+    dx = lora_triton.up_masked(dh, a, plan)
+    torch.testing.assert_close(dx.float(), (dh.float() @ a.float()) * keep, **tol)
+    assert dx.dtype == dtype and (dx[~keep] == 0).all()
+
+    ref = dh.float().t() @ (x.float() * keep)
+    for splits in (None, 1, 3):
+        d_a = lora_triton.grad_a(dh, x, plan, splits=splits)
+        assert d_a.dtype == torch.float32
+        torch.testing.assert_close(d_a, ref, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the input group
+
+
+def _triton_reference_masks(rows, seq, in_f, p):
+    """{adapter: its inverted-dropout mask [rows, seq, in]}: what the group drew from each
+    adapter's generator (seed 7 + i, as test_lora._run_group sets), written out."""
+    masks = {}
+    for i, rr in enumerate(rows):
+        n = (rr.end - rr.start) * seq
+        plan = lora_triton.draw([DropoutRows(0, n, p, torch.Generator().manual_seed(7 + i))], n, torch.device("cpu"))
+        masks[rr.name] = lora_triton.keep_mask(plan, n, in_f).view(rr.end - rr.start, seq, in_f) / (1 - p)
+    return masks
+
+
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 8, 4]])
+def test_input_group_matches_autograd_with_its_masks(monkeypatch, ranks):
+    """q/k/v-like group, three adapters (one row without an adapter), dropout 0.2: outputs, the
+    input gradient and every LoRA gradient equal plain autograd with the kernels' masks."""
+    monkeypatch.setattr(lora, "kernel", "triton")
+    p, seq, in_f = 0.2, 3, 16
+    rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 3), AdapterRows("c", 4, 6)]
+    torch.manual_seed(0)
+    layout = BatchLayout(rows)
+    members = _group(in_f, (16, 8, 8), layout)
+    weights = {}
+    for i, r in enumerate(ranks):
+        for m, lin in enumerate(members):
+            w = _weights(in_f, lin.out_features, r, 2.0 * r, p, 100 * i + m)
+            w.generator = torch.Generator().manual_seed(7 + i)
+            lin.adapters[rows[i].name] = weights[(rows[i].name, m)] = w
+    x = torch.randn(6, seq, in_f, requires_grad=True)
+    ys = [lin(x) for lin in members]
+    grads = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, grads)
+
+    masks = _triton_reference_masks(rows, seq, in_f, p)
+    _assert_matches_reference(ys, grads, x, weights, members, rows, p, masks)
+
+
+def test_without_dropout_it_is_the_fused_kernel(monkeypatch):
+    """p = 0 and eval mode: no mask to draw, and the op runs no Triton kernel."""
+    calls = []
+    monkeypatch.setattr(lora_triton, "down", lambda *a: calls.append("down"))
+    monkeypatch.setattr(lora, "kernel", "triton")
+    layout = BatchLayout([AdapterRows("a", 0, 2)])
+    members = _group(16, (16, 8, 8), layout)
+    for m, lin in enumerate(members):
+        lin.adapters["a"] = _weights(16, lin.out_features, 4, 8.0, 0.0, m)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    sum(lin(x).sum() for lin in members).backward()
+    assert calls == [] and members[0].adapters["a"].lora_A.grad is not None
+
+
+# ----------------------------------------------------------------------------- at model level
+
+
+@pytest.mark.parametrize("kernel", ["triton", "fused"])
+def test_fused_batch_equals_each_adapter_alone(monkeypatch, tiny_llama, kernel):
+    """Three adapters with dropout 0.1 in one batch give each adapter the loss and gradients of
+    a batch of its rows alone: its masks come from its own generator and rows. (The torch
+    kernel too: its bernoulli draws run over each adapter's rows with its generator.)"""
+    from mlora.batching import MicroBatch, fuse
+    from mlora.loss import fused_loss_sums
+
+    from test_packing import PAD, SPECS, lora_grads, random_examples, three_adapters
+
+    monkeypatch.setattr(lora, "kernel", kernel)
+
+    def step(names):
+        model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=5, b_seed=300)
+        model.train()
+        parts = []
+        for k, name in enumerate(SPECS):
+            # One length for all: an adapter's masks follow its token rows, and the padded
+            # length of a batch (the longest row of any adapter) would move them.
+            examples = random_examples(3 + k, 40 + k, lo=11, hi=11, vocab=model.args.vocab_size)
+            if name in names:
+                tokens = sum(ex.num_label_tokens for ex in examples)
+                parts.append(MicroBatch(name, examples, 0, 0, tokens, True, adapters[name].cfg.expand_side))
+        sums = fused_loss_sums(model, layout, fuse(parts, PAD))
+        losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
+        sum(losses.values()).backward()
+        grads = {k: g for k, g in lora_grads({n: adapters[n] for n in names}).items()}
+        return {k: v.item() for k, v in losses.items()}, grads
+
+    fused_losses, fused_grads = step(list(SPECS))
+    assert all(g.abs().max() > 0 for g in fused_grads.values())
+    for name in SPECS:
+        losses, grads = step([name])
+        assert losses[name] == pytest.approx(fused_losses[name], rel=1e-5)
+        for key, g in grads.items():
+            torch.testing.assert_close(g, fused_grads[key], rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_redraws_the_same_masks(monkeypatch, tiny_llama):
+    """Activation checkpointing replays each adapter's generator, so the recomputed forward
+    draws the same seeds: recompute equals plain, as with the torch kernels."""
+    from test_recompute import STEPS, _max_diff, _run
+
+    monkeypatch.setattr(lora, "kernel", "triton")
+    ref, ref_states, _ = _run(tiny_llama, recompute=False)
+    got, states, calls = _run(tiny_llama, recompute=True)
+    assert calls == 2 * STEPS
+    assert _max_diff(got, ref) <= 1e-6
+    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
+    # And the masks are not torch's bernoulli draws: the fused kernel gives other gradients.
+    monkeypatch.setattr(lora, "kernel", "fused")
+    fused, _, _ = _run(tiny_llama, recompute=False)
+    assert _max_diff(fused, ref) > 1e-4
+
+
+# ----------------------------------------------------------------------------- where it runs
+
+
+def test_unavailable_device_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(lora, "kernel", "triton")
+    lora.check_kernel(torch.device("cpu"))  # the interpreter is on in the tests
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UserError, match="MLORA_LORA_KERNEL=triton: it runs on CUDA devices, not cpu"):
+        lora.check_kernel(torch.device("cpu"))
+    lora.check_kernel(None)  # the package is there; the device is not known yet
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(lora_triton.importlib.metadata, "version", lambda name: "3.6.0")
+    with pytest.raises(UserError, match="interpreter needs triton >= 3.9 to run it on the cpu, not 3.6.0"):
+        lora.check_kernel(torch.device("cpu"))
