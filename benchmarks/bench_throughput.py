@@ -267,11 +267,12 @@ def plan(shape: str, rows: int, adapters: list[int], part: str, triton: bool = F
     its first measurements)."""
     core_n = 4 if 4 in adapters else adapters[-1]
     if part == "core":
-        mlora = [("mlora-base", dict(rows=core_n * rows)), ("mlora", dict(n=core_n, rows=rows, role="sweep"))]
+        mlora = [("mlora-base", dict(rows=core_n * rows)), ("mlora", dict(n=core_n, rows=rows, role="sweep")),
+                 ("mlora", dict(n=1, rows=core_n * rows, role="memory"))]
         if triton:
             mlora.append(("mlora", dict(n=core_n, rows=rows, kernel="triton", role="ablation")))
         return [("mlora", mlora), ("hf", [("peft", dict(rows=rows)), ("hf-base", dict(rows=core_n * rows))])]
-    mlora = [("mlora", dict(n=1, rows=core_n * rows, role="memory"))]
+    mlora = []
     for n in adapters:
         if n != core_n:
             mlora += [("mlora", dict(n=n, rows=rows, role="sweep")), ("mlora-base", dict(rows=n * rows))]
@@ -306,6 +307,11 @@ def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, d
                     result = bench.run_frozen(kwargs["rows"])
             except torch.OutOfMemoryError:
                 result = {"error": "out of memory"}
+            except Exception as err:  # noqa: BLE001 - a first-time Triton compile must not end the session
+                if kwargs.get("kernel") != "triton":
+                    raise
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                result = {"error": f"{type(err).__name__}: {first}"}
             entry.update(result)
             if "tokens_per_s" in entry:
                 entry["useful_tflops"] = 4 * matmul_params(shape) * entry["tokens_per_s"] / 1e12

@@ -2,8 +2,9 @@
 device-independent part of "what does the LoRA side cost" (runs on CPU, in seconds).
 
 Every op that reaches torch's dispatcher (views excluded) is one kernel launch on a GPU, and so
-is each Triton kernel launch of the triton kernel (run here through Triton's interpreter), so
-the count is the launch count a GPU would see, minus the optimizer (left out: on CUDA AdamW
+is each Triton kernel launch of the triton kernel (run here through Triton's interpreter; on
+a GPU its A gradient splits the tokens over more programs at benchmark sizes and adds one sum
+per group), so the count is the launch count a GPU would see, minus the optimizer (left out: on CUDA AdamW
 is one fused launch per adapter). Saved bytes are what autograd keeps for the backward
 (saved-tensor hooks; parameters excluded), the activations part of the memory model.
 

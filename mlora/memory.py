@@ -256,10 +256,10 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
     in_batch = len(adapters) if active_adapters is None else min(active_adapters, len(adapters))
-    if lora_kernel in ("fused", "triton") and L and in_batch > 1:
+    if lora_kernel in ("auto", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
-        batch += _dense_columns(adapters, active_adapters, "fused") * 4 * N
+        batch += _dense_columns(adapters, active_adapters, lora_kernel) * 4 * N
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
     if recompute:
@@ -318,14 +318,15 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
 
 
 def _effective_kernel(kernel: str | None, shared: bool) -> str:
-    """The kernel lora.py runs for `kernel` ('auto' resolves to fused here; 'auto' beyond
-    DENSE_MAX_ADAPTERS adapters is handled by _dense_columns)."""
+    """The kernel lora.py runs for `kernel`. 'auto' stays 'auto': it is fused for batches of up
+    to DENSE_MAX_ADAPTERS adapters (counted as fused everywhere; _dense_columns caps its
+    columns there), where an explicit 'fused' or 'triton' takes every adapter of a batch."""
     kernel = mlora.lora.kernel if kernel is None else kernel
     if kernel not in mlora.lora.KERNELS:
         raise ValueError(f"lora_kernel must be one of {mlora.lora.KERNELS}, got {kernel!r}")
     if not shared:
         return "loop"  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
-    return "fused" if kernel == "auto" else kernel
+    return kernel
 
 
 def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -> int:
@@ -334,10 +335,10 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -
     the kernels that keep only each row's own adapter."""
     columns = sorted((a.r * len(a.target_modules) for a in adapters), reverse=True)  # per adapter
     in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
-    # Every batch is dense under 'dense'; 'fused' (auto) batches hold up to DENSE_MAX_ADAPTERS
-    # (larger ones go grouped or loop, which keep less).
-    fused = min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)
-    dense = {"dense": in_batch, "fused": fused, "triton": fused}.get(kernel, 0)
+    # Every batch is dense under an explicit 'dense', 'fused' or 'triton'; auto's dense (fused)
+    # batches hold up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
+    capped = min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)
+    dense = {"dense": in_batch, "fused": in_batch, "triton": in_batch, "auto": capped}.get(kernel, 0)
     return sum(columns[:dense])
 
 
@@ -366,7 +367,7 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
         # When any adapter drops out: one dropped-out copy and one 0/1 mask over all rows of
         # the batch (the other adapters' rows get ones), the mask in the dtype, or bool (1
         # byte) with fused; else the LoRA matmuls keep the input.
-        copies = ((1 + 1 / e) if kernel == "fused" else 2) if dropped else 0
+        copies = ((1 + 1 / e) if kernel in ("auto", "fused") else 2) if dropped else 0
         lora_keeps_input = bool(targeting) and not dropped
         if kernel == "triton":  # the mask is drawn inside the kernels: the input itself is kept
             copies, lora_keeps_input = 0, bool(targeting)

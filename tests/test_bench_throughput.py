@@ -76,13 +76,18 @@ def test_summary_ratios_use_the_faster_bound_and_same_rows():
 def test_count_ops_ranks_the_kernels():
     """benchmarks/count_ops.py: per layer, the fused kernel dispatches fewer ops (launches on a
     GPU) than dense, and the loop far more; fused keeps fewer bytes for the backward than
-    dense (a bool dropout mask, no column mask). Counts, not timings: deterministic."""
+    dense (a bool dropout mask, no column mask), triton fewer still. Counts, not timings:
+    deterministic."""
     _load()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import count_ops
 
+    triton = not _triton_unavailable()
     result = count_ops.main(["--shape", "tiny", "--layers", "1", "--rows", "2", "--seq", "16",
-                             "--kernels", "fused,dense,loop"])
+                             "--kernels", "fused,dense,loop" + (",triton" if triton else "")])
     fused, dense, loop = result["fused"], result["dense"], result["loop"]
     assert 0 < fused["ops"] < dense["ops"] < loop["ops"]
     assert 0 < fused["saved_bytes"] < dense["saved_bytes"]
+    if triton:  # its Triton launches counted as ops (interpreted), and no mask or copy kept
+        assert 0 < result["triton"]["ops"] < fused["ops"]
+        assert 0 < result["triton"]["saved_bytes"] < fused["saved_bytes"]

@@ -391,3 +391,15 @@ def test_fused_weight_casts_are_kept_until_a_parameter_changes():
         members[1].adapters["b"].lora_B.copy_(torch.ones_like(members[1].adapters["b"].lora_B))
     check()
     assert group._casts is not casts
+
+
+def test_ci_runs_the_triton_kernel_tests():
+    """In CI, Triton's interpreter must be able to run the triton kernel: its tests
+    (test_lora_triton.py, and the triton cases of test_memory and test_bench_throughput) skip
+    without it, and a skip would pass silently. (.ci/run sets CI.)"""
+    import os
+
+    if os.environ.get("CI"):
+        from mlora.lora_triton import unavailable
+
+        assert unavailable(torch.device("cpu")) is None

@@ -130,89 +130,77 @@ def test_input_group_matches_autograd_with_its_masks(monkeypatch, ranks):
     _assert_matches_reference(ys, grads, x, weights, members, rows, p, masks)
 
 
-def test_without_dropout_it_is_the_fused_kernel(monkeypatch):
-    """p = 0 and eval mode: no mask to draw, and the op runs no Triton kernel."""
+@pytest.mark.parametrize("p, train", [(0.0, True), (0.2, False)], ids=["p=0", "eval"])
+def test_without_dropout_it_is_the_fused_kernel(monkeypatch, p, train):
+    """p = 0, or eval mode with p > 0: no mask to draw, and the op runs no Triton kernel."""
     calls = []
     monkeypatch.setattr(lora_triton, "down", lambda *a: calls.append("down"))
     monkeypatch.setattr(lora, "kernel", "triton")
     layout = BatchLayout([AdapterRows("a", 0, 2)])
     members = _group(16, (16, 8, 8), layout)
     for m, lin in enumerate(members):
-        lin.adapters["a"] = _weights(16, lin.out_features, 4, 8.0, 0.0, m)
+        lin.adapters["a"] = _weights(16, lin.out_features, 4, 8.0, p, m)
+        lin.train(train)
     x = torch.randn(2, 3, 16, requires_grad=True)
     sum(lin(x).sum() for lin in members).backward()
     assert calls == [] and members[0].adapters["a"].lora_A.grad is not None
 
 
-# ----------------------------------------------------------------------------- at model level
-
-
-@pytest.mark.parametrize("kernel", ["triton", "fused"])
-def test_fused_batch_equals_each_adapter_alone(monkeypatch, tiny_llama, kernel):
-    """Three adapters with dropout 0.1 in one batch give each adapter the loss and gradients of
-    a batch of its rows alone: its masks come from its own generator and rows. (The torch
-    kernel too: its bernoulli draws run over each adapter's rows with its generator.)"""
-    from mlora.batching import MicroBatch, fuse
-    from mlora.loss import fused_loss_sums
-
-    from test_packing import PAD, SPECS, lora_grads, random_examples, three_adapters
-
-    monkeypatch.setattr(lora, "kernel", kernel)
-
-    def step(names):
-        model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=5, b_seed=300)
-        model.train()
-        parts = []
-        for k, name in enumerate(SPECS):
-            # One length for all: an adapter's masks follow its token rows, and the padded
-            # length of a batch (the longest row of any adapter) would move them.
-            examples = random_examples(3 + k, 40 + k, lo=11, hi=11, vocab=model.args.vocab_size)
-            if name in names:
-                tokens = sum(ex.num_label_tokens for ex in examples)
-                parts.append(MicroBatch(name, examples, 0, 0, tokens, True, adapters[name].cfg.expand_side))
-        sums = fused_loss_sums(model, layout, fuse(parts, PAD))
-        losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
-        sum(losses.values()).backward()
-        grads = {k: g for k, g in lora_grads({n: adapters[n] for n in names}).items()}
-        return {k: v.item() for k, v in losses.items()}, grads
-
-    fused_losses, fused_grads = step(list(SPECS))
-    assert all(g.abs().max() > 0 for g in fused_grads.values())
-    for name in SPECS:
-        losses, grads = step([name])
-        assert losses[name] == pytest.approx(fused_losses[name], rel=1e-5)
-        for key, g in grads.items():
-            torch.testing.assert_close(g, fused_grads[key], rtol=1e-4, atol=1e-6)
-
-
-def test_recompute_redraws_the_same_masks(monkeypatch, tiny_llama):
-    """Activation checkpointing replays each adapter's generator, so the recomputed forward
-    draws the same seeds: recompute equals plain, as with the torch kernels."""
-    from test_recompute import STEPS, _max_diff, _run
-
+def _group_grads(monkeypatch, x_grad=True, trainable_bias=False, dtype=torch.float32):
+    """One triton step of a q/k/v-like group, two adapters, dropout 0.3: the outputs and the
+    LoRA gradients (fresh generators each call, so the masks repeat)."""
     monkeypatch.setattr(lora, "kernel", "triton")
-    ref, ref_states, _ = _run(tiny_llama, recompute=False)
-    got, states, calls = _run(tiny_llama, recompute=True)
-    assert calls == 2 * STEPS
-    assert _max_diff(got, ref) <= 1e-6
-    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
-    # And the masks are not torch's bernoulli draws: the fused kernel gives other gradients.
-    monkeypatch.setattr(lora, "kernel", "fused")
-    fused, _, _ = _run(tiny_llama, recompute=False)
-    assert _max_diff(fused, ref) > 1e-4
+    torch.manual_seed(0)
+    rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
+    members = _group(16, (16, 8, 8), BatchLayout(rows))
+    for i, rr in enumerate(rows):
+        for m, lin in enumerate(members):
+            w = _weights(16, lin.out_features, 4, 8.0, 0.3, 10 * i + m)
+            w.generator = torch.Generator().manual_seed(7 + i)
+            lin.adapters[rr.name] = w
+    if trainable_bias:
+        members[0].base.bias.requires_grad_(True)  # that base runs outside the op
+    for lin in members:
+        lin.to(dtype)
+        for w in lin.adapters.values():
+            w.float()  # LoRA weights stay fp32
+    x = torch.randn(4, 3, 16, dtype=dtype, requires_grad=x_grad)
+    ys = [lin(x) for lin in members]
+    torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+    grads = {(n, m): (w.lora_A.grad.clone(), w.lora_B.grad.clone())
+             for m, lin in enumerate(members) for n, w in lin.adapters.items()}
+    return [y.detach() for y in ys], grads, members
 
 
-# ----------------------------------------------------------------------------- where it runs
+def test_input_without_grad_and_base_outside_the_op_give_the_same_lora_grads(monkeypatch):
+    """Layer 0 (the input needs no gradient: no dx kernel) and a base the op cannot run (here
+    a trainable bias; a quantized layer in practice: the op returns the delta only) give the
+    LoRA gradients and outputs of the plain triton path."""
+    ref_ys, ref, _ = _group_grads(monkeypatch)
+    for kwargs in (dict(x_grad=False), dict(trainable_bias=True)):
+        ys, grads, members = _group_grads(monkeypatch, **kwargs)
+        for y, r in zip(ys, ref_ys):
+            torch.testing.assert_close(y, r, rtol=1e-6, atol=1e-6)
+        for key in ref:
+            for g, r in zip(grads[key], ref[key]):
+                torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    assert members[0].base.bias.grad is not None
 
 
-def test_unavailable_device_is_a_one_line_error(monkeypatch):
+def test_bf16_stays_close_to_fp32(monkeypatch):
+    """bf16 activations (LoRA weights fp32) against the same step in fp32: the same masks, the
+    LoRA gradients within bf16 rounding."""
+    _, ref, _ = _group_grads(monkeypatch)
+    _, grads, _ = _group_grads(monkeypatch, dtype=torch.bfloat16)
+    for key in ref:
+        for g, r in zip(grads[key], ref[key]):
+            assert g.dtype == torch.float32
+            assert (g - r).norm() <= 2e-2 * r.norm()
+
+
+def test_caches_are_cleared_with_the_lora_caches(monkeypatch):
     monkeypatch.setattr(lora, "kernel", "triton")
-    lora.check_kernel(torch.device("cpu"))  # the interpreter is on in the tests
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(UserError, match="MLORA_LORA_KERNEL=triton: it runs on CUDA devices, not cpu"):
-        lora.check_kernel(torch.device("cpu"))
-    lora.check_kernel(None)  # the package is there; the device is not known yet
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(lora_triton.importlib.metadata, "version", lambda name: "3.6.0")
-    with pytest.raises(UserError, match="interpreter needs triton >= 3.9 to run it on the cpu, not 3.6.0"):
-        lora.check_kernel(torch.device("cpu"))
+    _plan([(0, 4, 0.5)], 4)
+    assert lora_triton._tables.cache_info().currsize > 0
+    lora.clear_lora_caches({})
+    assert lora_triton._tables.cache_info().currsize == 0

@@ -203,6 +203,9 @@ def test_dense_kernel_hidden_grows_with_the_adapters_in_a_batch():
     assert est(lora=[one] * 8, active_adapters=2, lora_kernel="dense").per_layer["lora_hidden"] == 2 * rT * 2 * N
     assert est(lora=[one] * 20, lora_kernel="auto").per_layer["lora_hidden"] == 8 * rT * 2 * N
     assert est(lora=[one] * 20, lora_kernel="dense").per_layer["lora_hidden"] == 20 * rT * 2 * N
+    # An explicit fused or triton kernel takes every adapter of a batch (auto caps at 8).
+    for kernel in ("fused", "triton"):
+        assert est(lora=[one] * 20, lora_kernel=kernel).per_layer["lora_hidden"] == 20 * rT * 2 * N
     loop = est(lora=[one] * 8, lora_kernel="loop").per_layer
     assert loop["lora_hidden"] == rT * 2 * N and loop["lora_mask"] == 0
     with pytest.raises(ValueError, match="lora_kernel"):
@@ -501,5 +504,5 @@ def test_triton_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targ
                  for k in ("fused", "triton")}
     estimated = estimates["fused"].activations - estimates["triton"].activations
     measured = saved["fused"] - saved["triton"]
-    layer0_attention_mask = SMALL.hidden_size * rows * seq_len  # bool [N, H]
-    assert measured > 0 and estimated == measured + layer0_attention_mask
+    layer0_qkv_dropout_mask = SMALL.hidden_size * rows * seq_len  # fused's bool [N, H], not kept in layer 0
+    assert measured > 0 and estimated == measured + layer0_qkv_dropout_mask
