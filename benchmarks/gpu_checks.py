@@ -103,6 +103,19 @@ def guarded(name: str, fn, *args) -> list[dict]:
         return [{"check": name, "ok": False, "error": f"{type(err).__name__}: {first}"}]
 
 
+def check_strided_draws(device) -> dict:
+    """draw_keep_mask draws an adapter's mask straight into its tokens' slice of a longer
+    batch (lora_fused.DropoutRows): fused equals solo only if a bernoulli into a strided slice
+    draws what it draws into a contiguous tensor of that shape, as on the CPU."""
+    g = torch.Generator(device=device).manual_seed(0)
+    alone = torch.empty(16, 300, 2048, dtype=torch.bool, device=device).bernoulli_(0.95, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    batch = torch.ones(16, 512, 2048, dtype=torch.bool, device=device)
+    batch[:, 212:].bernoulli_(0.95, generator=g)  # a left-padded adapter's tokens
+    return {"check": "bernoulli into a strided slice draws as into a contiguous tensor",
+            "ok": torch.equal(alone, batch[:, 212:]) and bool(batch[:, :212].all())}
+
+
 def check_triton_kernels(device) -> list[dict]:
     """The triton LoRA kernel's three Triton kernels against torch with their keep-mask
     written out, at TinyLlama's q/k/v group shape with 4 adapters of r = 16 (C = 192), and the
@@ -192,7 +205,7 @@ def main() -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    results = []
+    results = guarded("strided draws", check_strided_draws, device)
     # The triton kernel first: it is the newest and compiles here for the first time.
     results += guarded("triton kernels", check_triton_kernels, device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):

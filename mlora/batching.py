@@ -166,7 +166,8 @@ def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) 
             labels[row, length - len(ex.input_ids)] = IGNORE_INDEX
     rows, start = [], 0
     for part in parts:
-        rows.append(AdapterRows(part.adapter, start, start + len(part.examples)))
+        own = max(len(ex.input_ids) for ex in part.examples)  # its length alone (dropout's layout)
+        rows.append(AdapterRows(part.adapter, start, start + len(part.examples), own, part.side == "left"))
         start += len(part.examples)
     # With right padding every pad key sits after every real query, so the causal mask
     # already hides it and attention can take the fast is_causal path.
@@ -176,12 +177,13 @@ def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) 
 
 def _fuse_packed(parts: Sequence[MicroBatch], pad_id: int, pack_len: int) -> FusedBatch:
     # Packed rows are always right-padded: the adapter's expand_side has nothing to pad.
-    width = max(packed_shape(part.examples, pack_len)[1] for part in parts)
+    widths = [packed_shape(part.examples, pack_len)[1] for part in parts]  # each alone
+    width = max(widths)
     packed = [pack_examples(part.examples, pack_len, pad_id, length=width) for part in parts]
     rows, start = [], 0
-    for part, p in zip(parts, packed):
+    for part, p, own in zip(parts, packed, widths):
         n = p.input_ids.shape[0]
-        rows.append(AdapterRows(part.adapter, start, start + n))
+        rows.append(AdapterRows(part.adapter, start, start + n, own))
         start += n
 
     def cat(name: str) -> torch.Tensor:

@@ -87,11 +87,18 @@ def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
 
 @dataclass(frozen=True)
 class AdapterRows:
-    """Rows [start, end) of a fused batch belong to adapter `name`."""
+    """Rows [start, end) of a fused batch belong to adapter `name`.
+
+    length: how long its rows would be padded alone (its own longest row; None: the batch's
+    length), and left: whether they are left-padded. Dropout draws an adapter's masks in that
+    own layout and places them at its tokens, so they do not depend on how far the other
+    adapters' rows made the batch pad: fused equals solo with dropout too."""
 
     name: str
     start: int
     end: int
+    length: int | None = None
+    left: bool = False
 
 
 @dataclass
@@ -235,10 +242,16 @@ class InputGroup:
         # An adapter has one dropout rate and one generator for all of its modules.
         first = {rows.name: next(m.adapters[rows.name] for m in self.members if rows.name in m.adapters)
                  for rows in active}
-        dropout = [DropoutRows(rows.start * S, rows.end * S, first[rows.name].dropout, first[rows.name].generator)
-                   for rows in active if first[rows.name].dropout > 0]
+        dropout = []
+        for rows in active:
+            w = first[rows.name]
+            if w.dropout > 0:
+                own = S if rows.length is None else min(rows.length, S)
+                dropout.append(DropoutRows(rows.start * S, rows.end * S, w.dropout, w.generator,
+                                           S, own, S - own if rows.left else 0))
         covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
-        return dropout, covered and len(dropout) == len(active)
+        whole = all(d.length == S for d in dropout)  # else the padding around each draw is filled
+        return dropout, covered and whole and len(dropout) == len(active)
 
     def _compute_fused(self, x, x2d, active, S, dropout, everywhere, philox=False) -> _Hidden:
         a_params, b_params, owners, scales, members, cols, counts = [], [], [], [], [], [], []

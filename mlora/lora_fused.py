@@ -49,25 +49,42 @@ from mlora import lora_triton  # imports triton only when its kernels first run
 @dataclass(frozen=True)
 class DropoutRows:
     """Token rows [start, end) of the flattened batch drop out with probability p, drawn from
-    `generator` (the adapter's own)."""
+    `generator` (the adapter's own).
+
+    The batch's rows are `seq` tokens long (0: one draw over the whole range); the adapter's
+    own rows only `length` (what they would be padded to alone), its tokens starting at
+    `offset` in each row (0 right-padded, seq - length left-padded). Masks are drawn for that
+    own layout and placed there, the padding around them kept: the same draws as alone."""
 
     start: int
     end: int
     p: float
     generator: torch.Generator | None
+    seq: int = 0
+    length: int = 0
+    offset: int = 0
+
+    @property
+    def partial(self) -> bool:
+        """The adapter's own rows are shorter than the batch's."""
+        return 0 < self.length < self.seq
 
 
 def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bool,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """0/1 keep-mask [N, in] shaped like x2d (in `dtype`, default x2d's): each DropoutRows
-    range drawn from its own generator with `bernoulli_(1 - p)`, ones elsewhere. The draws do
-    not depend on the dtype: the CPU and CUDA kernels draw a float uniform per value for bool
-    and bf16 alike (equal on CPU in tests; benchmarks/gpu_checks.py compares them on CUDA).
-    `everywhere`: the ranges cover every row, so the ones-fill is skipped."""
+    range drawn from its own generator with `bernoulli_(1 - p)` over the adapter's own layout
+    [rows, length, in] (see DropoutRows), ones elsewhere. The draws do not depend on the
+    dtype, nor on whether the target is a strided slice: the CPU and CUDA kernels draw a float
+    uniform per value in logical order (equal on CPU in tests; benchmarks/gpu_checks.py
+    compares them on CUDA). `everywhere`: the ranges cover every token, so no ones-fill."""
     dtype = x2d.dtype if dtype is None else dtype
     mask = torch.empty_like(x2d, dtype=dtype) if everywhere else torch.ones_like(x2d, dtype=dtype)
     for d in dropout:
-        mask[d.start:d.end].bernoulli_(1.0 - d.p, generator=d.generator)
+        block = mask[d.start:d.end]  # [n, in]
+        if d.partial:  # its tokens only: [rows, length, in], a strided slice of [rows, seq, in]
+            block = block.view(-1, d.seq, block.shape[-1])[:, d.offset:d.offset + d.length]
+        block.bernoulli_(1.0 - d.p, generator=d.generator)
     return mask
 
 

@@ -79,38 +79,49 @@ def threshold(p: float) -> int:
 
 @dataclass
 class PhiloxDropout:
-    """Where the kernels find each token row's draw: owner [N] int32 (the row's adapter, an
-    index into the [G] tables, or -1: no dropout), its first token row starts [G] int32, its
-    thresholds [G] int32 and this call's seeds [G] int64."""
+    """Where the kernels find each token's draw. owner [N] int32: the token's adapter (an
+    index into the tables) or -1, no dropout; table [4, G] int32: per adapter its first batch
+    row, threshold, own row length and the offset of its tokens in a batch row; seeds [G]
+    int64, this call's. seq: the batch's row length. A token at (batch row b, position s) of
+    adapter g draws at index (b - first_row[g]) * length[g] + (s - offset[g]): its index in
+    the adapter's own layout, the same whether it trains alone or in a longer batch."""
 
     owner: torch.Tensor
-    starts: torch.Tensor
-    thresholds: torch.Tensor
+    table: torch.Tensor
     seeds: torch.Tensor
+    seq: int
 
-    def args(self) -> tuple[torch.Tensor, ...]:
-        return self.owner, self.seeds, self.starts, self.thresholds
+    def args(self) -> tuple:
+        return self.owner, self.seeds, self.table, self.table.shape[1], self.seq
 
 
 @functools.lru_cache(maxsize=16)
-def _tables(ranges: tuple, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """owner [N], starts [G], thresholds [G] for dropout ranges ((start, end, p), ...): the
-    same for every layer of a batch layout, so made once (a host-to-device copy each)."""
+def _tables(ranges: tuple, seq: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """owner [N] and table [4, G] for dropout ranges ((start, end, p, length, offset), ...) in
+    tokens: the same for every layer of a batch layout, so made once (a host-to-device copy
+    each)."""
     owner = torch.full((n,), -1, dtype=torch.int32)
-    for i, (start, end, _) in enumerate(ranges):
+    for i, (start, end, *_) in enumerate(ranges):
         owner[start:end] = i
-    starts = torch.tensor([start for start, _, _ in ranges], dtype=torch.int32)
-    thresholds = torch.tensor([threshold(p) for _, _, p in ranges], dtype=torch.int32)
-    return owner.to(device), starts.to(device), thresholds.to(device)
+    table = torch.tensor([[start // seq for start, *_ in ranges],
+                          [threshold(p) for _, _, p, _, _ in ranges],
+                          [length for *_, length, _ in ranges],
+                          [offset for *_, offset in ranges]], dtype=torch.int32)  # [4, G]
+    return owner.to(device), table.to(device)
 
 
 def draw(dropout: list[DropoutRows], n: int, device: torch.device) -> PhiloxDropout:
-    """This call's draw plan for token rows [0, n): one seed from each adapter's generator."""
-    owner, starts, thresholds = _tables(tuple((d.start, d.end, d.p) for d in dropout), n, device)
+    """This call's draw plan for token rows [0, n): one seed from each adapter's generator.
+    DropoutRows without a row length (seq 0) are taken as rows of one token: a token's index
+    is then its offset from the range's start."""
+    seq = dropout[0].seq or 1
+    assert all((d.seq or 1) == seq for d in dropout), "one batch, one row length"
+    ranges = tuple((d.start, d.end, d.p, d.length or seq, d.offset) for d in dropout)
+    owner, table = _tables(ranges, seq, n, device)
     seeds = torch.empty(len(dropout), dtype=torch.int64, device=device)
     for i, d in enumerate(dropout):  # one small launch per adapter; no host sync
         seeds[i:i + 1].random_(0, 1 << 62, generator=d.generator)
-    return PhiloxDropout(owner, starts, thresholds, seeds)
+    return PhiloxDropout(owner, table, seeds, seq)
 
 
 def clear_caches() -> None:

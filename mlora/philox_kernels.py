@@ -5,9 +5,11 @@ Imported only when that kernel runs (lora_triton.py): importing triton costs a s
 TRITON_INTERPRET=1 set before the import the kernels run on the CPU through Triton's
 interpreter (the test suite does this); on CUDA they are compiled.
 
-The mask. Element (row, k) of an adapter's rows - row counted from the adapter's first token
-row, so the same element gets the same draw whether the adapter trains alone or fused with
-others - is kept when a 16-bit draw is >= the adapter's threshold round(p * 65536). One Philox
+The mask. Element (row, k) of an adapter's tokens - row being the token's index in the
+adapter's own layout (its rows padded to its own longest, as alone; lora_triton.PhiloxDropout),
+so the same element gets the same draw whether the adapter trains alone or fused with others
+that make the batch longer - is kept when a 16-bit draw is >= the adapter's threshold
+round(p * 65536). One Philox
 call gives four 32-bit words, i.e. eight 16-bit draws: columns 8w .. 8w + 7 of a row share
 call w = philox(seed, w, row, 0, 0), column 8w + j taking half j % 2 of word j // 2. The seed
 is drawn per call from the adapter's own generator (lora_triton.draw). Every kernel derives
@@ -15,7 +17,8 @@ a tile's mask from absolute (row, k), so tiles of any size agree; tile widths ar
 of 8 and tiles start at multiples of 8.
 
 Per token row the kernels read owner[row] (index of the row's adapter in the per-call tables,
--1: the row does not drop out), and that adapter's seed, first token row and threshold.
+-1: the row does not drop out), and that adapter's seed and its table column: first batch
+row, threshold, own length and offset of its tokens in a row.
 """
 
 from __future__ import annotations
@@ -25,16 +28,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_draws(owner_ptr, seed_ptr, start_ptr, thr_ptr, rows, ok):
-    """For token rows `rows` [R] (ok: in range): seed [R] int64, row within its adapter [R],
-    threshold [R] int32 (0 for rows that do not drop out: every draw keeps)."""
+def _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rows, ok):
+    """For token rows `rows` [R] (ok: in range) of a batch of S-token rows: seed [R] int64,
+    the token's index in its adapter's own layout [R] (see lora_triton.PhiloxDropout) and the
+    threshold [R] int32 (0 for tokens that do not drop out: every draw keeps)."""
     owner = tl.load(owner_ptr + rows, mask=ok, other=-1)
     has = owner >= 0
     owner = tl.where(has, owner, 0)
     seed = tl.load(seed_ptr + owner, mask=has, other=0)
-    start = tl.load(start_ptr + owner, mask=has, other=0)
-    thr = tl.load(thr_ptr + owner, mask=has, other=0)
-    return seed, rows - start, thr
+    first_row = tl.load(table_ptr + owner, mask=has, other=0)
+    thr = tl.load(table_ptr + G + owner, mask=has, other=0)
+    length = tl.load(table_ptr + 2 * G + owner, mask=has, other=1)
+    offset = tl.load(table_ptr + 3 * G + owner, mask=has, other=0)
+    b = rows // S
+    return seed, (b - first_row) * length + (rows - b * S - offset), thr
 
 
 @triton.jit
@@ -68,7 +75,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, start_ptr, thr_ptr,
+def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
                 N, K, C, stride_xm, stride_xk, stride_fm,
                 BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     """h [N, C] = ((x * keep) @ A^T) * factor: x [N, K] any strides, A [C, K] contiguous,
@@ -81,7 +88,7 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, start_ptr, thr_
     rc = pid_c * BC + tl.arange(0, BC)
     m_ok = rm < N
     c_ok = rc < C
-    seed, row, thr = _row_draws(owner_ptr, seed_ptr, start_ptr, thr_ptr, rm, m_ok)
+    seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
     acc = tl.zeros((BM, BC), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -97,7 +104,7 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, start_ptr, thr_
 
 
 @triton.jit
-def up_masked_kernel(dh_ptr, a_ptr, dx_ptr, owner_ptr, seed_ptr, start_ptr, thr_ptr,
+def up_masked_kernel(dh_ptr, a_ptr, dx_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
                      N, K, C, stride_dhm,
                      BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
     """dx [N, K] (contiguous) = (dh @ A) * keep: dh [N, C] (row stride stride_dhm), A [C, K]."""
@@ -115,14 +122,14 @@ def up_masked_kernel(dh_ptr, a_ptr, dx_ptr, owner_ptr, seed_ptr, start_ptr, thr_
         dh = tl.load(dh_ptr + rm64[:, None] * stride_dhm + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         a = tl.load(a_ptr + rc[:, None] * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _dot(dh, a, acc, IEEE)
-    seed, row, thr = _row_draws(owner_ptr, seed_ptr, start_ptr, thr_ptr, rm, m_ok)
+    seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
     acc = tl.where(_keep(seed, row, thr, pid_k * BK, BM, BK), acc, 0.0)
     tl.store(dx_ptr + rm64[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, start_ptr, thr_ptr,
+def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
                   N, K, C, stride_dhm, stride_xm, stride_xk, tokens_per_split,
                   BC: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
     """out[s] [C, K] fp32 = dh[T_s]^T @ (x[T_s] * keep) over split s's token rows T_s; the
@@ -141,7 +148,7 @@ def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, start_ptr, thr_pt
         rt = t0 + tl.arange(0, BT)
         rt64 = rt.to(tl.int64)
         t_ok = rt < t_end
-        seed, row, thr = _row_draws(owner_ptr, seed_ptr, start_ptr, thr_ptr, rt, t_ok)
+        seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rt, t_ok)
         x = tl.load(x_ptr + rt64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # [BT, BK]
         x = tl.where(_keep(seed, row, thr, pid_k * BK, BT, BK), x, tl.zeros_like(x))
@@ -151,13 +158,13 @@ def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, start_ptr, thr_pt
 
 
 @triton.jit
-def mask_kernel(out_ptr, owner_ptr, seed_ptr, start_ptr, thr_ptr, N, K, BM: tl.constexpr, BK: tl.constexpr):
+def mask_kernel(out_ptr, owner_ptr, seed_ptr, table_ptr, G, S, N, K, BM: tl.constexpr, BK: tl.constexpr):
     """out [N, K] int8: the keep-mask the other kernels apply, written out (tests, references)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
     m_ok = rm < N
-    seed, row, thr = _row_draws(owner_ptr, seed_ptr, start_ptr, thr_ptr, rm, m_ok)
+    seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
     keep = _keep(seed, row, thr, pid_k * BK, BM, BK)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=m_ok[:, None] & (rk < K)[None, :])

@@ -53,6 +53,34 @@ def test_keep_mask_rate_rows_and_position_independence():
     assert not torch.equal(first, second)
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_masks_follow_the_adapters_own_layout(left):
+    """Rows padded to 5 alone, to 8 in a fused batch: the kernels' masks on its tokens are
+    the same (the padding around them keeps), and so are draw_keep_mask's (the torch kernels)."""
+    from mlora.lora_fused import draw_keep_mask
+
+    k, rows = 24, 3
+    offset = 3 if left else 0
+    alone = [DropoutRows(0, rows * 5, 0.5, torch.Generator().manual_seed(4), 5, 5, 0)]
+    fused = [DropoutRows(2 * 8, (2 + rows) * 8, 0.5, torch.Generator().manual_seed(4), 8, 5, offset)]
+    x_alone, x_fused = torch.zeros(rows * 5, k), torch.zeros((2 + rows) * 8, k)
+    torch_alone = draw_keep_mask(x_alone, alone, True, torch.bool).view(rows, 5, k)
+    torch_fused = draw_keep_mask(x_fused, fused, False, torch.bool)[16:].view(rows, 8, k)
+    plan_alone = lora_triton.draw([DropoutRows(0, rows * 5, 0.5, torch.Generator().manual_seed(4), 5, 5, 0)],
+                                  rows * 5, torch.device("cpu"))
+    plan_fused = lora_triton.draw([DropoutRows(16, 16 + rows * 8, 0.5, torch.Generator().manual_seed(4), 8, 5, offset)],
+                                  16 + rows * 8, torch.device("cpu"))
+    triton_alone = lora_triton.keep_mask(plan_alone, rows * 5, k).view(rows, 5, k)
+    triton_fused = lora_triton.keep_mask(plan_fused, 16 + rows * 8, k)[16:].view(rows, 8, k)
+    tokens = slice(offset, offset + 5)
+    for got, want in ((torch_fused, torch_alone), (triton_fused, triton_alone)):
+        assert torch.equal(got[:, tokens], want)
+        assert not want.all()  # something dropped: the comparison means something
+    pads = torch.ones(rows, 8, dtype=torch.bool)
+    pads[:, tokens] = False
+    assert torch_fused[pads].all()  # the padding keeps (ones), as rows of no adapter do
+
+
 def test_threshold_is_the_rate_on_16_bits():
     assert lora_triton.threshold(0.0) == 0
     assert lora_triton.threshold(0.05) == 3277
@@ -204,3 +232,77 @@ def test_caches_are_cleared_with_the_lora_caches(monkeypatch):
     assert lora_triton._tables.cache_info().currsize > 0
     lora.clear_lora_caches({})
     assert lora_triton._tables.cache_info().currsize == 0
+
+
+# ----------------------------------------------------------------------------- at model level
+
+
+@pytest.mark.parametrize("kernel", ["triton", "fused"])
+def test_fused_batch_equals_each_adapter_alone(monkeypatch, tiny_llama, kernel):
+    """Three adapters with dropout 0.1 in one batch give each adapter the loss and gradients of
+    a batch of its rows alone: its masks come from its own generator, drawn over its own
+    layout (its rows padded to its own longest). The torch kernel too (draw_keep_mask)."""
+    from mlora.batching import MicroBatch, fuse
+    from mlora.loss import fused_loss_sums
+
+    from test_packing import PAD, SPECS, lora_grads, random_examples, three_adapters
+
+    monkeypatch.setattr(lora, "kernel", kernel)
+
+    def step(names):
+        model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=5, b_seed=300)
+        model.train()
+        parts = []
+        for k, name in enumerate(SPECS):
+            # Lengths differ between adapters, so the fused batch pads further than each
+            # alone; b is left-padded. Its masks follow its own layout, not the batch's.
+            examples = random_examples(3 + k, 40 + k, lo=2, hi=6 + 4 * k, vocab=model.args.vocab_size)
+            if name in names:
+                tokens = sum(ex.num_label_tokens for ex in examples)
+                parts.append(MicroBatch(name, examples, 0, 0, tokens, True, adapters[name].cfg.expand_side))
+        sums = fused_loss_sums(model, layout, fuse(parts, PAD))
+        losses = {p.adapter: sums[p.adapter][0] / p.step_label_tokens for p in parts}
+        sum(losses.values()).backward()
+        grads = {k: g for k, g in lora_grads({n: adapters[n] for n in names}).items()}
+        return {k: v.item() for k, v in losses.items()}, grads
+
+    fused_losses, fused_grads = step(list(SPECS))
+    assert all(g.abs().max() > 0 for g in fused_grads.values())
+    for name in SPECS:
+        losses, grads = step([name])
+        assert losses[name] == pytest.approx(fused_losses[name], rel=1e-5)
+        for key, g in grads.items():
+            torch.testing.assert_close(g, fused_grads[key], rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_redraws_the_same_masks(monkeypatch, tiny_llama):
+    """Activation checkpointing replays each adapter's generator, so the recomputed forward
+    draws the same seeds: recompute equals plain, as with the torch kernels."""
+    from test_recompute import STEPS, _max_diff, _run
+
+    monkeypatch.setattr(lora, "kernel", "triton")
+    ref, ref_states, _ = _run(tiny_llama, recompute=False)
+    got, states, calls = _run(tiny_llama, recompute=True)
+    assert calls == 2 * STEPS
+    assert _max_diff(got, ref) <= 1e-6
+    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
+    # And the masks are not torch's bernoulli draws: the fused kernel gives other gradients.
+    monkeypatch.setattr(lora, "kernel", "fused")
+    fused, _, _ = _run(tiny_llama, recompute=False)
+    assert _max_diff(fused, ref) > 1e-4
+
+
+# ----------------------------------------------------------------------------- where it runs
+
+
+def test_unavailable_device_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(lora, "kernel", "triton")
+    lora.check_kernel(torch.device("cpu"))  # the interpreter is on in the tests
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UserError, match="MLORA_LORA_KERNEL=triton: it runs on CUDA devices, not cpu"):
+        lora.check_kernel(torch.device("cpu"))
+    lora.check_kernel(None)  # the package is there; the device is not known yet
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(lora_triton.importlib.metadata, "version", lambda name: "3.6.0")
+    with pytest.raises(UserError, match="interpreter needs triton >= 3.9 to run it on the cpu, not 3.6.0"):
+        lora.check_kernel(torch.device("cpu"))

@@ -113,6 +113,24 @@ def test_fused_equals_solo(fused_run, tiny_llama, tmp_path, name):
     assert fused_losses == pytest.approx(solo_losses, rel=1e-5)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_fused_equals_solo_with_dropout(tmp_path, tiny_llama, packing):
+    """Dropout 0.1 on every adapter, rows of different lengths, c left-padded: each adapter of
+    the fused run equals its solo run. Its masks come from its own generator, drawn over its
+    rows padded to its own length, wherever the batch (padded to the longest adapter's) puts
+    them."""
+    from test_packing import assert_same_adapters, train_variants
+
+    overrides = dict(packing=True, cutoff_len=160) if packing else {}
+    fused = train_variants(tmp_path, tiny_llama, ["a", "b", "c"], {"fused": overrides}, dropout=0.1)["fused"]
+    for name in ("a", "b", "c"):
+        solo = train_variants(tmp_path, tiny_llama, [name], {f"solo_{name}": overrides}, dropout=0.1)[f"solo_{name}"]
+        assert_same_adapters(fused, solo, [name], 1e-5)
+        fused_losses = [m["loss"] for m in read_metrics(fused / "metrics.jsonl") if m["adapter"] == name]
+        solo_losses = [m["loss"] for m in read_metrics(solo / "metrics.jsonl") if m["adapter"] == name]
+        assert fused_losses == pytest.approx(solo_losses, rel=1e-5)
+
+
 def test_adapters_really_differ(fused_run):
     _, out, _ = fused_run
     a = load_file(out / "a" / "adapter_model.safetensors")
