@@ -23,9 +23,9 @@ its FLOPs (about 1% of the base at r=16) but memory traffic and kernel launches.
 The default kernel, "fused" (lora_fused.py), runs one input group - base GEMMs included - as
 one autograd op with a hand-written backward; "triton" is that op with its dropout side in
 Triton kernels that draw the mask where they need it (lora_triton.py); the others are
-composed of torch ops whose gradients autograd derives. Either way the mask that scaled the forward is the one the
-backward uses, so gradients are exact with dropout > 0 (tests/test_lora.py holds every
-kernel to plain autograd with the same masks).
+composed of torch ops whose gradients autograd derives. Either way the mask that scaled the
+forward is the one the backward uses, so gradients are exact with dropout > 0
+(tests/test_lora.py holds every kernel to plain autograd with the same masks).
 
 The model code knows nothing of LoRA: `inject_lora` swaps the target `nn.Linear` modules for
 `LoraLinear` wrappers after the model is built, and the trainer tells all wrappers which rows
@@ -237,8 +237,9 @@ class InputGroup:
         return out
 
     def _dropout_rows(self, x2d: torch.Tensor, active: list[AdapterRows], S: int) -> tuple[list[DropoutRows], bool]:
-        """The token ranges that drop out, each with its adapter's rate and generator, and
-        whether they cover every row (see draw_keep_mask)."""
+        """The token ranges that drop out, each with its adapter's rate, generator and own
+        layout (its rows padded to its own length: AdapterRows.length), and whether they cover
+        every token (see draw_keep_mask)."""
         # An adapter has one dropout rate and one generator for all of its modules.
         first = {rows.name: next(m.adapters[rows.name] for m in self.members if rows.name in m.adapters)
                  for rows in active}

@@ -133,6 +133,32 @@ def _pow2(n: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(0, (n - 1).bit_length())))
 
 
+# Launch settings per kernel, for C columns of h and 16- or 32-bit operands: the constexprs
+# and num_warps (scripts/compile_triton_kernels.py compiles exactly these for a GPU target).
+# Register counts from ptxas (sm_90, triton 3.6): 8 warps keep the widest tiles on wgmma
+# without spilling; fp32 operands (FMA, not tensor cores) need narrower tiles.
+
+
+def down_config(C: int, fp32: bool) -> dict:
+    # The whole C in one tile where it fits: x is read (and its mask drawn) once per tile of C.
+    BC = _pow2(C, 16, 256)
+    return dict(BM=64, BC=BC, BK=32 if fp32 else 64, num_warps=8 if BC >= 128 else 4)
+
+
+def up_masked_config(C: int, fp32: bool) -> dict:
+    return dict(BM=64, BK=128, BC=_pow2(C, 16, 64), num_warps=8)
+
+
+def grad_a_config(C: int, fp32: bool) -> dict:
+    # The whole C in one tile where it fits (x read and its mask drawn once per tile of C).
+    if fp32:
+        return dict(BC=_pow2(C, 16, 128), BK=64, BT=16, num_warps=8)
+    return dict(BC=_pow2(C, 16, 256), BK=64, BT=64, num_warps=8)
+
+
+MASK_CONFIG = dict(BM=32, BK=64)
+
+
 def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor, plan: PhiloxDropout) -> torch.Tensor:
     """h [N, C] = ((x2d * keep) @ a_all^T) * factor, in x2d's dtype; factor [C] or [N, C] fp32."""
     N, K = x2d.shape
@@ -140,16 +166,11 @@ def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor, plan: Phi
     a_all = a_all.contiguous()
     factor = factor.contiguous()
     h = torch.empty(N, C, dtype=x2d.dtype, device=x2d.device)
-    # The whole C in one tile where it fits: x is read (and its mask drawn) once per tile of C.
-    # Register counts from ptxas (sm_90, triton 3.6): BM 64 with 8 warps keeps BC 256 on
-    # wgmma without spilling; fp32 operands need the narrower BK.
-    BC = _pow2(C, 16, 256)
-    BM, BK = 64, 32 if x2d.dtype == torch.float32 else 64
-    grid = (_cdiv(C, BC), _cdiv(N, BM))
+    config = down_config(C, x2d.dtype == torch.float32)
+    grid = (_cdiv(C, config["BC"]), _cdiv(N, config["BM"]))
     with _on(x2d.device):
         _kernels().down_kernel[grid](x2d, a_all, factor, h, *plan.args(), N, K, C, x2d.stride(0), x2d.stride(1),
-                                     factor.stride(0) if factor.dim() == 2 else 0,
-                                     BM=BM, BC=BC, BK=BK, IEEE=_ieee(x2d), num_warps=8 if BC >= 128 else 4)
+                                     factor.stride(0) if factor.dim() == 2 else 0, IEEE=_ieee(x2d), **config)
     return h
 
 
@@ -161,11 +182,11 @@ def up_masked(dh: torch.Tensor, a_all: torch.Tensor, plan: PhiloxDropout) -> tor
     if dh.stride(1) != 1:
         dh = dh.contiguous()
     dx = torch.empty(N, K, dtype=dh.dtype, device=dh.device)
-    BM, BK = 64, 128
-    grid = (_cdiv(N, BM), _cdiv(K, BK))
+    config = up_masked_config(C, dh.dtype == torch.float32)
+    grid = (_cdiv(N, config["BM"]), _cdiv(K, config["BK"]))
     with _on(dh.device):
-        _kernels().up_masked_kernel[grid](dh, a_all, dx, *plan.args(), N, K, C, dh.stride(0),
-                                          BM=BM, BK=BK, BC=_pow2(C, 16, 64), IEEE=_ieee(dh), num_warps=8)
+        _kernels().up_masked_kernel[grid](dh, a_all, dx, *plan.args(), N, K, C, dh.stride(0), IEEE=_ieee(dh),
+                                          **config)
     return dx
 
 
@@ -178,12 +199,8 @@ def grad_a(dh: torch.Tensor, x2d: torch.Tensor, plan: PhiloxDropout, splits: int
         return torch.zeros(C, K, dtype=torch.float32, device=dh.device)
     if dh.stride(1) != 1:
         dh = dh.contiguous()
-    # The whole C in one tile where it fits (x read and its mask drawn once per tile of C);
-    # fp32 operands spill at that size (ptxas), so they take narrower tiles.
-    if dh.dtype == torch.float32:
-        BC, BK, BT = _pow2(C, 16, 128), 64, 16
-    else:
-        BC, BK, BT = _pow2(C, 16, 256), 64, 64
+    config = grad_a_config(C, dh.dtype == torch.float32)
+    BC, BK, BT = config["BC"], config["BK"], config["BT"]
     tiles = _cdiv(K, BK) * _cdiv(C, BC)
     if splits is None:
         programs = 2 * _multiprocessors(x2d.device)
@@ -194,16 +211,16 @@ def grad_a(dh: torch.Tensor, x2d: torch.Tensor, plan: PhiloxDropout, splits: int
     grid = (_cdiv(K, BK), _cdiv(C, BC), splits)
     with _on(dh.device):
         _kernels().grad_a_kernel[grid](dh, x2d, partial, *plan.args(), N, K, C, dh.stride(0), x2d.stride(0),
-                                       x2d.stride(1), per_split, BC=BC, BK=BK, BT=BT, IEEE=_ieee(dh), num_warps=8)
+                                       x2d.stride(1), per_split, IEEE=_ieee(dh), **config)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
 def keep_mask(plan: PhiloxDropout, n: int, k: int) -> torch.Tensor:
     """The bool [n, k] keep-mask the kernels apply under `plan`, written out (tests, references)."""
     out = torch.empty(n, k, dtype=torch.int8, device=plan.seeds.device)
-    BM, BK = 32, 64
+    grid = (_cdiv(n, MASK_CONFIG["BM"]), _cdiv(k, MASK_CONFIG["BK"]))
     with _on(out.device):
-        _kernels().mask_kernel[(_cdiv(n, BM), _cdiv(k, BK))](out, *plan.args(), n, k, BM=BM, BK=BK)
+        _kernels().mask_kernel[grid](out, *plan.args(), n, k, **MASK_CONFIG)
     return out.bool()
 
 

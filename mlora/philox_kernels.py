@@ -154,7 +154,8 @@ def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
         x = tl.where(_keep(seed, row, thr, pid_k * BK, BT, BK), x, tl.zeros_like(x))
         dh = tl.load(dh_ptr + rt64[:, None] * stride_dhm + rc[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(tl.trans(dh), x, acc, IEEE)  # [BC, BT] @ [BT, BK]
-    tl.store(out_ptr + pid_s.to(tl.int64) * C * K + rc[:, None] * K + rk[None, :], acc, mask=c_ok[:, None] & k_ok[None, :])
+    tl.store(out_ptr + pid_s.to(tl.int64) * C * K + rc[:, None] * K + rk[None, :], acc,
+             mask=c_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -167,4 +168,5 @@ def mask_kernel(out_ptr, owner_ptr, seed_ptr, table_ptr, G, S, N, K, BM: tl.cons
     m_ok = rm < N
     seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
     keep = _keep(seed, row, thr, pid_k * BK, BM, BK)
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=m_ok[:, None] & (rk < K)[None, :])
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8),
+             mask=m_ok[:, None] & (rk < K)[None, :])

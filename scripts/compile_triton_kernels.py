@@ -1,0 +1,122 @@
+"""Compile the `triton` LoRA kernel's Triton kernels for a GPU target on a machine without a
+GPU: the check that they compile for the H200 (sm_90) before a GPU session spends its minutes
+on it (CI runs it: tests/test_triton_compile.py), with the launch settings mlora uses
+(lora_triton.*_config). Prints, per kernel, the shared memory, whether the dots became
+Hopper's wgmma, and, where Triton's bundled ptxas is found, registers and spill stores.
+
+    python scripts/compile_triton_kernels.py [--arch 90] [--columns 192] [--dtype bf16|fp16|fp32]
+
+Exit 0: every kernel compiled. 1: one failed (its error printed). 77: this Triton has no
+ahead-of-time compile API this script knows (nothing was checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real: the interpreter's kernels cannot be
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SKIP = 77
+POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+TABLES = dict(owner_ptr="*i32", seed_ptr="*i64", table_ptr="*i32", G="i32", S="i32")
+
+
+def kernels(dtype: str, columns: int) -> list[tuple]:
+    """(name, signature {arg: type}, constexprs) of each kernel as lora_triton launches it."""
+    from mlora import lora_triton
+
+    fp32, act = dtype == "fp32", POINTER[dtype]
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    down = lora_triton.down_config(columns, fp32)
+    up = lora_triton.up_masked_config(columns, fp32)
+    grad = lora_triton.grad_a_config(columns, fp32)
+    return [
+        ("down_kernel", dict(x_ptr=act, a_ptr=act, f_ptr="*fp32", h_ptr=act, **TABLES,
+                             **ints("N", "K", "C", "stride_xm", "stride_xk", "stride_fm")), down),
+        ("up_masked_kernel", dict(dh_ptr=act, a_ptr=act, dx_ptr=act, **TABLES, **ints("N", "K", "C", "stride_dhm")), up),
+        ("grad_a_kernel", dict(dh_ptr=act, x_ptr=act, out_ptr="*fp32", **TABLES,
+                               **ints("N", "K", "C", "stride_dhm", "stride_xm", "stride_xk", "tokens_per_split")), grad),
+        ("mask_kernel", dict(out_ptr="*i8", **TABLES, **ints("N", "K")), dict(lora_triton.MASK_CONFIG)),
+    ]
+
+
+def ptxas_report(ptx: str, arch: int) -> str:
+    import triton
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "**", "ptxas*"), recursive=True))
+    if not found:
+        return ""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        for ptxas in found:  # Triton bundles more than one; the first that reads this PTX version
+            run = subprocess.run([ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", f.name,
+                                  "-o", os.devnull], capture_output=True, text=True)
+            if run.returncode == 0:
+                regs = re.findall(r"Used (\d+) registers", run.stderr)
+                spills = re.findall(r"(\d+) bytes spill stores", run.stderr)
+                return f" registers={','.join(regs) or '?'} spill_stores={','.join(spills) or '?'}"
+        return ""
+    finally:
+        os.unlink(f.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--columns", type=int, default=192, help="C: adapters x rank x members (192: 4 x 16 x q/k/v)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(POINTER))
+    args = p.parse_args(argv)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        print(f"compile_triton_kernels: no ahead-of-time compile API here ({err})")
+        return SKIP
+    from mlora import philox_kernels
+
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, C={args.columns}")
+    failed = False
+    for name, signature, config in kernels(args.dtype, args.columns):
+        fn = getattr(philox_kernels, name)
+        constexprs = {k: v for k, v in config.items() if k != "num_warps"}
+        if "IEEE" in fn.arg_names:
+            constexprs["IEEE"] = args.dtype == "fp32"
+        # Specialised as Triton's runtime does for a TinyLlama-like call: an integer equal to
+        # 1 becomes a constant, pointers (torch aligns them) and integers divisible by 16 are
+        # marked so; that decides vectorised loads and the registers they need.
+        values = dict(N=16384, K=2048, C=args.columns, G=4, S=512, stride_xm=2048, stride_xk=1,
+                      stride_fm=args.columns, stride_dhm=args.columns, tokens_per_split=3328)
+        constexprs.update({arg: 1 for arg in fn.arg_names if values.get(arg) == 1})
+        full = {arg: "constexpr" if arg in constexprs else signature[arg] for arg in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+                 if arg not in constexprs and (signature[arg][:1] == "*" or values.get(arg, 1) % 16 == 0)}
+        try:
+            source = ASTSource(fn, full, constexprs, attrs)
+        except TypeError as err:  # another Triton's API, not our kernel
+            print(f"compile_triton_kernels: unknown ASTSource API ({err})")
+            return SKIP
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
+                                      options=dict(num_warps=config.get("num_warps", 4)))
+        except Exception as err:  # noqa: BLE001 - report which kernel and why
+            failed = True
+            print(f"FAIL {name}: {type(err).__name__}: {str(err).strip()[:3000]}")
+            continue
+        ptx = compiled.asm.get("ptx", "")
+        mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
+        print(f"ok   {name:18s} {config} shared={compiled.metadata.shared} {mma}{ptxas_report(ptx, args.arch)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
