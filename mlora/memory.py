@@ -749,6 +749,23 @@ def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
         del saved
 
 
+@contextmanager
+def generators_restored_on_error(generators: Iterable[torch.Generator]) -> Iterator[None]:
+    """Put the adapters' dropout generators back where they were if the block raises: the
+    halves a failed batch is retried in then draw the masks it would have drawn. Each
+    adapter draws over its own rows (lora.AdapterRows.length), so a split that keeps every
+    adapter's micro-batch whole (across adapters) trains exactly as the unsplit batch would;
+    a micro-batch cut into pieces draws over other layouts, a statistically equal run."""
+    generators = list(dict.fromkeys(generators))  # adapters may share none, but be safe
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    except BaseException:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+        raise
+
+
 # ----------------------------------------------------------------------------- pipeline stages
 
 

@@ -35,8 +35,8 @@ from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.lora import clear_lora_caches
 from mlora.loss import fused_loss_sums
-from mlora.memory import (UnsplittableOOM, device_free_bytes, grads_restored_on_error, plan_token_budget,
-                          run_splitting_on_oom)
+from mlora.memory import (UnsplittableOOM, device_free_bytes, generators_restored_on_error, grads_restored_on_error,
+                          plan_token_budget, run_splitting_on_oom)
 from mlora.metrics import MetricsLog
 from mlora.session import Session
 from mlora.strategies import fused_batches
@@ -198,16 +198,19 @@ class Trainer:
         within one adapter's micro-batch down to single examples) and each half runs on its own.
         That leaves the gradients as they would be (each adapter's CE sum is divided by its whole
         step's label-token count, so halves add up like micro-batches do), and a failed attempt
-        leaves none behind (`grads_restored_on_error`). Retried halves draw fresh dropout masks:
-        the failed attempt's draws are not rewound, so a run with dropout that hit an OOM is not
-        bit-identical to one that did not (it is with dropout 0, up to summation order). The
-        bookkeeping below sees whole micro-batches, split or not."""
+        leaves none behind (`grads_restored_on_error`), nor any dropout draw: the adapters'
+        generators are rewound (`generators_restored_on_error`), so halves that keep each
+        adapter's micro-batch whole draw the masks of the unsplit batch and train exactly as it
+        would (with dropout too, up to summation order); a micro-batch cut into pieces draws
+        over its pieces' layouts, a statistically equal run. The bookkeeping below sees whole
+        micro-batches, split or not."""
         t0 = time.perf_counter()
         items = [(i, ex) for i, part in enumerate(parts) for ex in part.examples]
         params = [p for part in parts for p in self.runs[part.adapter].adapter.parameters()]
+        generators = [self.runs[part.adapter].adapter.dropout_generator for part in parts]
         try:
-            chunks = run_splitting_on_oom(lambda chunk: self._forward_backward(parts, chunk, params), items,
-                                          on_split=self._report_split)
+            chunks = run_splitting_on_oom(lambda chunk: self._forward_backward(parts, chunk, params, generators),
+                                          items, on_split=self._report_split)
         except UnsplittableOOM as err:
             raise self._unsplittable(parts, err) from None
         ce_sums, counts = [0.0] * len(parts), [0] * len(parts)
@@ -227,10 +230,11 @@ class Trainer:
                 save_due |= self._finish_step(run, part.epoch)
         return save_due
 
-    def _forward_backward(self, parts, chunk, params) -> dict[int, tuple[torch.Tensor, int]]:
+    def _forward_backward(self, parts, chunk, params, generators) -> dict[int, tuple[torch.Tensor, int]]:
         """Forward, loss and backward of the examples `chunk` ((part index, example) pairs) of
         the fused batch `parts`; returns {part index: (CE sum, label tokens)} of its pieces.
-        All or nothing: if it raises, the LoRA gradients are as they were before."""
+        All or nothing: if it raises, the LoRA gradients and the dropout generators are as
+        they were before."""
         session = self.session
         pieces: dict[int, list] = {}
         for i, ex in chunk:
@@ -239,7 +243,7 @@ class Trainer:
         # whole step's label-token count, the loss normaliser.
         micro = [parts[i] if len(exs) == len(parts[i].examples) else replace(parts[i], examples=exs)
                  for i, exs in pieces.items()]
-        with grads_restored_on_error(params):
+        with grads_restored_on_error(params), generators_restored_on_error(generators):
             try:
                 batch = fuse(micro, session.pad_id, pack_len=self.pack_len).to(session.device)
                 # Packing leaves the loss as it is: the same label tokens are targets (a packed

@@ -28,12 +28,12 @@ from test_train import ADAPTERS, alpaca_rows, chat_rows, make_template, rel_diff
 NAMES = ["a", "b", "c"]  # micro-batches of 2, 1 and 2 rows (c left-padded): fused batches of 5 rows
 
 
-def make_config(tmp, out, **global_overrides):
+def make_config(tmp, out, dropout=0.0, **global_overrides):
     """test_train's three adapters (different ranks, targets, optimizers, padding sides), on
     less data and for one epoch: every fused batch may run as five single examples here."""
     data = {"a": alpaca_rows(6, 1), "b": text_rows(4, 2), "c": chat_rows(4, 3)}
     template = make_template(tmp)
-    lora = [{"name": n, "data": write_jsonl(tmp / f"{n}.jsonl", data[n]), "prompt": template, "dropout": 0.0,
+    lora = [{"name": n, "data": write_jsonl(tmp / f"{n}.jsonl", data[n]), "prompt": template, "dropout": dropout,
              "num_epochs": 1, **ADAPTERS[n]} for n in NAMES]
     path = tmp / f"config_{out.name}.json"
     path.write_text(json.dumps({"cutoff_len": 64, "seed": 3, "output_dir": str(out), "lora": lora,
@@ -111,6 +111,31 @@ def test_oom_in_forward_splits_down_to_single_examples(tmp_path, tiny_llama, ref
     err = capsys.readouterr().err
     assert "mlora: out of memory on a batch of 5 rows; retrying in halves" in err
     assert "mlora: out of memory on a batch of 2 rows; retrying in halves" in err
+
+
+def test_oom_split_across_adapters_redraws_the_same_dropout(tmp_path, tiny_llama, monkeypatch, capsys):
+    """Dropout 0.1: a 5-row batch runs out of memory after its first decoder layer (whose
+    masks are drawn by then) and is retried as 2 + 3 rows, each adapter's micro-batch whole.
+    The failed attempt's draws are rewound, and each adapter draws over its own rows, so the
+    run equals one that never ran out of memory."""
+    ref = Run(tmp_path, tiny_llama, "ref_dropout", dropout=0.1)
+    assert train(ref) == 0
+    forward = DecoderLayer.forward
+
+    def patched(self, x, cos, sin, mask):
+        out = forward(self, x, cos, sin, mask)
+        if torch.is_grad_enabled() and out.shape[0] > 3:
+            raise oom(out.shape[0])
+        return out
+
+    monkeypatch.setattr(DecoderLayer, "forward", patched)
+    run = Run(tmp_path, tiny_llama, "split_dropout", dropout=0.1)
+    assert train(run) == 0
+    err = capsys.readouterr().err
+    # Halves of 5 rows are 2 + 3, whole micro-batches (a: 2; b: 1, c: 2); none is split again.
+    assert "out of memory on a batch of 5 rows; retrying in halves" in err
+    assert "a batch of 3 rows" not in err and "a batch of 2 rows" not in err
+    assert_same_training(run, ref)
 
 
 def test_oom_in_backward_does_not_count_gradients_twice(tmp_path, tiny_llama, reference, monkeypatch):
