@@ -657,15 +657,14 @@ def run_splitting_on_oom(run_part: Callable[[list[T]], R], items: Sequence[T], *
     items are whatever run_part can run a subset of: the trainer's per-adapter MicroBatches of
     one fused batch, or the examples of one adapter's micro-batch. A chunk of `min_items` or
     fewer that still runs out of memory raises UnsplittableOOM (chained to the original error).
-    on_split(left, right) is called before the halves run (to log, or to rewind the adapters'
-    dropout generators so the halves draw the masks the whole would have).
+    on_split(left, right) is called before the halves run (the trainer logs there).
 
     Why splitting is exact for training: the trainer's loss is each adapter's CE *sum* divided
     by its whole optimizer step's label-token count (`MicroBatch.step_label_tokens`,
     loss.py), so the backward of two halves adds up to the backward of the whole, exactly as
-    gradient accumulation over micro-batches does. Dropout masks are redrawn, unless on_split
-    rewinds the generators. run_part must be all-or-nothing: an OOM in the middle of a backward
-    leaves the gradients of the layers already done accumulated (see `grads_restored_on_error`).
+    gradient accumulation over micro-batches does. run_part must be all-or-nothing: an OOM in
+    the middle of a backward leaves the gradients of the layers already done accumulated, and
+    the dropout generators advanced (see `grads_restored_on_error`, `generators_restored_on_error`).
 
     No leak: the failed attempt's exception, whose traceback holds that attempt's frames and so
     its tensors, is dropped before memory is freed and the halves run.

@@ -41,7 +41,9 @@ def _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rows, ok):
     length = tl.load(table_ptr + 2 * G + owner, mask=has, other=1)
     offset = tl.load(table_ptr + 3 * G + owner, mask=has, other=0)
     b = rows // S
-    return seed, (b - first_row) * length + (rows - b * S - offset), thr
+    s = rows - b * S - offset  # position among the adapter's own tokens of its row
+    thr = tl.where((s >= 0) & (s < length), thr, 0)  # the padding around them keeps, as in torch's
+    return seed, (b - first_row) * length + s, thr
 
 
 @triton.jit

@@ -115,7 +115,7 @@ def test_oom_in_forward_splits_down_to_single_examples(tmp_path, tiny_llama, ref
 
 def test_oom_split_across_adapters_redraws_the_same_dropout(tmp_path, tiny_llama, monkeypatch, capsys):
     """Dropout 0.1: a 5-row batch runs out of memory after its first decoder layer (whose
-    masks are drawn by then) and is retried as 2 + 3 rows, each adapter's micro-batch whole.
+    masks are drawn by then) and is retried as 3 + 2 rows, each adapter's micro-batch whole.
     The failed attempt's draws are rewound, and each adapter draws over its own rows, so the
     run equals one that never ran out of memory."""
     ref = Run(tmp_path, tiny_llama, "ref_dropout", dropout=0.1)
@@ -132,7 +132,7 @@ def test_oom_split_across_adapters_redraws_the_same_dropout(tmp_path, tiny_llama
     run = Run(tmp_path, tiny_llama, "split_dropout", dropout=0.1)
     assert train(run) == 0
     err = capsys.readouterr().err
-    # Halves of 5 rows are 2 + 3, whole micro-batches (a: 2; b: 1, c: 2); none is split again.
+    # Halves of 5 rows are 3 + 2, whole micro-batches (a: 2, b: 1; c: 2); none is split again.
     assert "out of memory on a batch of 5 rows; retrying in halves" in err
     assert "a batch of 3 rows" not in err and "a batch of 2 rows" not in err
     assert_same_training(run, ref)
