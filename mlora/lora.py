@@ -251,8 +251,7 @@ class InputGroup:
                 dropout.append(DropoutRows(rows.start * S, rows.end * S, w.dropout, w.generator,
                                            S, own, S - own if rows.left else 0))
         covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
-        whole = all(d.length == S for d in dropout)  # else the padding around each draw is filled
-        return dropout, covered and whole and len(dropout) == len(active)
+        return dropout, covered and len(dropout) == len(active)
 
     def _compute_fused(self, x, x2d, active, S, dropout, everywhere, philox=False) -> _Hidden:
         a_params, b_params, owners, scales, members, cols, counts = [], [], [], [], [], [], []

@@ -77,13 +77,18 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
     [rows, length, in] (see DropoutRows), ones elsewhere. The draws do not depend on the
     dtype, nor on whether the target is a strided slice: the CPU and CUDA kernels draw a float
     uniform per value in logical order (equal on CPU in tests; benchmarks/gpu_checks.py
-    compares them on CUDA). `everywhere`: the ranges cover every token, so no ones-fill."""
+    compares them on CUDA). `everywhere`: the ranges cover every token, so no ones-fill of the
+    whole mask, only of the padding around a shorter adapter's tokens."""
     dtype = x2d.dtype if dtype is None else dtype
     mask = torch.empty_like(x2d, dtype=dtype) if everywhere else torch.ones_like(x2d, dtype=dtype)
     for d in dropout:
         block = mask[d.start:d.end]  # [n, in]
         if d.partial:  # its tokens only: [rows, length, in], a strided slice of [rows, seq, in]
-            block = block.view(-1, d.seq, block.shape[-1])[:, d.offset:d.offset + d.length]
+            rows = block.view(-1, d.seq, block.shape[-1])
+            if everywhere:  # the padding keeps, as rows of no adapter do
+                rows[:, :d.offset].fill_(1)
+                rows[:, d.offset + d.length:].fill_(1)
+            block = rows[:, d.offset:d.offset + d.length]
         block.bernoulli_(1.0 - d.p, generator=d.generator)
     return mask
 

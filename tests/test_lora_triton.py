@@ -79,6 +79,10 @@ def test_masks_follow_the_adapters_own_layout(left):
     pads = torch.ones(rows, 8, dtype=torch.bool)
     pads[:, tokens] = False
     assert torch_fused[pads].all() and triton_fused[pads].all()  # the padding keeps, as rows of no adapter do
+    # Every token of the batch is an adapter's (no ones-fill of the whole mask): the same.
+    only = [DropoutRows(0, rows * 8, 0.5, torch.Generator().manual_seed(4), 8, 5, offset)]
+    torch_only = draw_keep_mask(torch.zeros(rows * 8, k), only, True, torch.bool).view(rows, 8, k)
+    assert torch.equal(torch_only[:, tokens], torch_alone) and torch_only[pads].all()
 
 
 def test_threshold_is_the_rate_on_16_bits():
