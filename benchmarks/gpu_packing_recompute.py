@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
-from mlora.adapter import Adapter
+from mlora.adapter import Adapter, layer_generators
 from mlora.batching import MicroBatch, fuse
 from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX, Example
@@ -56,7 +56,7 @@ def build(args, dtype, n_adapters, r, dropout, seed=0):
             for w in a.weights.values():
                 w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.05)
         adapters[cfg.name] = a
-    model.rng_generators = [a.dropout_generator for a in adapters.values()]
+    model.rng_generators = layer_generators(adapters.values())
     return model, layout, adapters
 
 
@@ -123,7 +123,7 @@ def exactness():
                 model.recompute = recompute
                 model.train()
                 hist = [step(model, layout, adapters, parts_for(adapters, s, 5, 3, 30, 500), pack_len) for s in range(3)]
-                res[recompute] = (hist, [a.dropout_generator.get_state() for a in adapters.values()])
+                res[recompute] = (hist, [g.get_state() for a in adapters.values() for g in a.dropout_generators.values()])
             d = max(maxdiff(h1[1], h0[1]) for h0, h1 in zip(res[False][0], res[True][0]))
             dl = max(abs(h1[0][k] - h0[0][k]) for h0, h1 in zip(res[False][0], res[True][0]) for k in h0[0])
             same_gen = all(torch.equal(a, b) for a, b in zip(res[False][1], res[True][1]))

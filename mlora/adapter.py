@@ -46,8 +46,10 @@ class Adapter:
         self.total_steps = total_steps
         self.steps_done = 0
         own_seed = adapter_seed(seed, cfg.name)
-        # One dropout generator per adapter: its masks never depend on other adapters.
-        self.dropout_generator = torch.Generator(device=device).manual_seed(own_seed ^ 0x5EED)
+        # One dropout generator per adapter and decoder layer, seeded from both: the adapter's
+        # masks never depend on the other adapters, nor on which layers this process holds (a
+        # pipeline stage draws for its layers what one process draws for them).
+        self.dropout_generators: dict[str, torch.Generator] = {}  # decoder layer path -> generator
         self.weights: dict[str, LoraWeights] = {}
         for path in sorted(wrappers, key=_module_sort_key):
             if path.rsplit(".", 1)[-1] not in cfg.target_modules:
@@ -55,12 +57,20 @@ class Adapter:
             wrapper = wrappers[path]
             weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
                                   cfg.dropout, cfg.use_rslora, module_seed(own_seed, path), device)
-            weights.generator = self.dropout_generator
+            layer = decoder_layer_of(path)
+            if layer not in self.dropout_generators:
+                seed_of_layer = module_seed(own_seed ^ 0x5EED, layer)
+                self.dropout_generators[layer] = torch.Generator(device=device).manual_seed(seed_of_layer)
+            weights.generator = self.dropout_generators[layer]
             wrapper.adapters[cfg.name] = weights
             self.weights[path] = weights
         if cfg.init_from:
             self.load_peft(cfg.init_from)
         self.optimizer = self._make_optimizer()
+
+    def generators_by_layer(self) -> dict[int, torch.Generator]:
+        """{decoder layer index: this adapter's dropout generator there} (CausalLM.rng_generators)."""
+        return {int(layer.rsplit(".", 1)[-1]): g for layer, g in self.dropout_generators.items()}
 
     # ----------------------------------------------------------------- optimisation
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -143,7 +153,7 @@ class Adapter:
             "grads": {n: p.grad.detach().cpu().clone() for n, p in self.named_parameters() if p.grad is not None},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "steps_done": self.steps_done,
-            "generator": self.dropout_generator.get_state(),
+            "generators": {layer: g.get_state() for layer, g in self.dropout_generators.items()},
         }
 
     def restore_from_checkpoint(self, saved: dict) -> None:
@@ -157,7 +167,11 @@ class Adapter:
         if self.optimizer is not None and saved["optimizer"] is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
         self.steps_done = saved["steps_done"]
-        self.dropout_generator.set_state(saved["generator"])
+        if "generators" not in saved or set(saved["generators"]) != set(self.dropout_generators):
+            raise UserError(f"checkpoint: adapter '{self.name}' has other dropout generators than this mlora draws "
+                            "from (one per decoder layer; a checkpoint of an older mlora cannot be resumed)")
+        for layer, g in self.dropout_generators.items():
+            g.set_state(saved["generators"][layer])
 
     # ----------------------------------------------------------------- PEFT format
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
@@ -219,6 +233,21 @@ class Adapter:
         """Remove this adapter from the model (its weights stay in `self.weights`)."""
         for path in self.weights:
             wrappers[path].adapters.pop(self.name, None)
+
+
+def decoder_layer_of(path: str) -> str:
+    """'model.layers.3' for 'model.layers.3.self_attn.q_proj' (a target's decoder layer)."""
+    return path.rsplit(".", 2)[0]
+
+
+def layer_generators(adapters) -> dict[int, list[torch.Generator]]:
+    """{decoder layer index: every adapter's dropout generator there}: what a recomputed layer
+    must replay (CausalLM.rng_generators)."""
+    out: dict[int, list[torch.Generator]] = {}
+    for adapter in adapters:
+        for i, g in adapter.generators_by_layer().items():
+            out.setdefault(i, []).append(g)
+    return out
 
 
 def _module_sort_key(path: str) -> tuple:

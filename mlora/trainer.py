@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mlora import checkpoint
-from mlora.adapter import Adapter, save_checkpoint_dir
+from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir
 from mlora.batching import adapter_stream, fuse, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import UserError
@@ -119,7 +119,7 @@ class Trainer:
             # Recomputing a layer must replay the LoRA dropout masks its first forward drew,
             # and those come from the adapters' own generators, not torch's global RNG.
             session.model.recompute = self.cfg.recompute
-            session.model.rng_generators = [r.adapter.dropout_generator for r in self.runs.values()]
+            session.model.rng_generators = layer_generators(r.adapter for r in self.runs.values())
         self.iteration = 0
         self.elapsed_before = 0.0
         self.started = time.perf_counter()
@@ -207,7 +207,7 @@ class Trainer:
         t0 = time.perf_counter()
         items = [(i, ex) for i, part in enumerate(parts) for ex in part.examples]
         params = [p for part in parts for p in self.runs[part.adapter].adapter.parameters()]
-        generators = [self.runs[part.adapter].adapter.dropout_generator for part in parts]
+        generators = [g for part in parts for g in self.runs[part.adapter].adapter.dropout_generators.values()]
         try:
             chunks = run_splitting_on_oom(lambda chunk: self._forward_backward(parts, chunk, params, generators),
                                           items, on_split=self._report_split)

@@ -155,6 +155,25 @@ def test_pipeline_applies_lora_dropout(tmp_path, pipe_model, single_runs):
                         load_file(single_out / name / "adapter_model.safetensors")) > 1e-3
 
 
+@pytest.mark.parametrize("world, balance", [(2, [3, 4]), (3, [3, 2, 2])])
+def test_pipeline_equals_single_process_with_dropout(tmp_path, pipe_model, world, balance):
+    """Dropout 0.3 on three adapters of different lengths and padding sides: every stage draws
+    for its layers what one process draws for them (a generator per adapter and layer), each
+    adapter over its own rows (its micro-batch padded alone here, fused with others there)."""
+    import json
+
+    from mlora.cli import main
+
+    cfg_path = write_config(tmp_path, 3, tmp_path / "single")
+    cfg = json.loads(cfg_path.read_text())
+    for adapter in cfg["lora"]:
+        adapter["dropout"] = 0.3
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress"]) == 0
+    run_threads(pipe_model, cfg_path, tmp_path / "pipe", world, balance)
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 3)
+
+
 def test_pipeline_recompute_equals_no_recompute_with_dropout(tmp_path, pipe_model, single_runs, monkeypatch):
     """Each stage checkpoints its layers; the recomputation runs in a micro-batch's backward,
     after later micro-batches of the same adapter drew their masks, and must still replay

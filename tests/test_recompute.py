@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlora.adapter import layer_generators
 from mlora.batching import MicroBatch, fuse
 from mlora.loader import load_model
 from mlora.loss import fused_loss_sums
@@ -33,7 +34,7 @@ def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len
     and every LoRA gradient, plus the generators' final states and the layer-0 forward count."""
     model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=11, b_seed=200)
     model.recompute = recompute
-    model.rng_generators = [a.dropout_generator for a in adapters.values()] if register_generators else []
+    model.rng_generators = layer_generators(adapters.values()) if register_generators else []
     calls = _count_forwards(model.model.layers["0"])
     model.train()
     history = []
@@ -54,7 +55,7 @@ def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len
                     p.sub_(0.1 * p.grad)
                     p.grad = None
         history.append(({k: v.item() for k, v in losses.items()}, grads))
-    states = [a.dropout_generator.get_state() for a in adapters.values()]
+    states = [g.get_state() for a in adapters.values() for g in a.dropout_generators.values()]
     return history, states, calls[0]
 
 

@@ -495,11 +495,12 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
         # Activation checkpointing of each decoder layer while grad is enabled (the trainer
-        # sets it from the config). `rng_generators`: every generator a layer's forward draws
-        # from besides torch's global RNG (the adapters' LoRA dropout generators), so the
+        # sets it from the config). `rng_generators`: the generators a layer's forward draws
+        # from besides torch's global RNG (the adapters' LoRA dropout generators), by layer
+        # index ({i: [...]}, adapter.layer_generators) or one list for every layer, so the
         # recomputation can replay exactly the same random masks.
         self.recompute = False
-        self.rng_generators: list[torch.Generator] = []
+        self.rng_generators: dict[int, list[torch.Generator]] | list[torch.Generator] = []
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when both live here (a head-only stage of a tied
@@ -531,7 +532,9 @@ class CausalLM(nn.Module):
             for i in self.layer_ids:
                 layer = self.model.layers[str(i)]
                 if recompute:
-                    h = checkpointed_layer(layer, self.rng_generators, h, cos, sin, masks[i])
+                    gens = self.rng_generators
+                    gens = gens.get(i, []) if isinstance(gens, dict) else gens
+                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i])
                 else:
                     h = layer(h, cos, sin, masks[i])
         if self.has_norm:

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from mlora import checkpoint, memory
-from mlora.adapter import Adapter, save_checkpoint_dir, save_peft
+from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir, save_peft
 from mlora.batching import MicroBatch, adapter_stream, fuse, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import PipelineError, UserError
@@ -207,7 +207,7 @@ class StageWorker:
         # backward, after other micro-batches ran forward) replays the dropout masks from the
         # adapters' generators as they were at that micro-batch's forward.
         session.model.recompute = cfg.recompute
-        session.model.rng_generators = [a.dropout_generator for a in self.adapters.values()]
+        session.model.rng_generators = layer_generators(self.adapters.values())
         # Before any plan: memory-aware admission, the same bounds on every rank.
         self.max_in_flight = in_flight_bounds(session, transport, list(self.micro.values()), self.pack_len)
         self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight)
