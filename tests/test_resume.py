@@ -229,3 +229,36 @@ def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsy
     err = capsys.readouterr().err
     assert "MiB free" in err and len(err.strip().splitlines()) == 1
     assert not any(out.iterdir())
+
+
+def test_dropout_generators_are_saved_per_layer_and_an_older_state_is_refused(tiny_llama):
+    """An adapter's checkpoint state holds one dropout generator state per decoder layer, and
+    restoring it puts each back; a state of an older mlora (one generator per adapter) is a
+    one-line error, not a silently different run."""
+    import torch
+
+    from mlora.adapter import Adapter
+    from mlora.config import AdapterConfig
+    from mlora.errors import UserError
+    from mlora.loader import load_model
+    from mlora.lora import BatchLayout, inject_lora
+
+    model = load_model(tiny_llama, "cpu", torch.float32)
+    wrappers = inject_lora(model, BatchLayout())
+    cfg = AdapterConfig(name="a", data="", r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "down_proj"])
+    adapter = Adapter(cfg, wrappers, 3, torch.device("cpu"))
+    layers = {p.rsplit(".", 2)[0] for p in wrappers}
+    assert set(adapter.dropout_generators) == layers and len(layers) > 1
+    # Different layers draw different streams.
+    first, second = (g.get_state() for g in list(adapter.dropout_generators.values())[:2])
+    assert not torch.equal(first, second)
+    saved = adapter.state_for_checkpoint()
+    for g in adapter.dropout_generators.values():
+        torch.empty(8).bernoulli_(0.5, generator=g)  # draws move every generator on
+    adapter.restore_from_checkpoint(saved)
+    assert all(torch.equal(g.get_state(), saved["generators"][layer])
+               for layer, g in adapter.dropout_generators.items())
+    old = {k: v for k, v in saved.items() if k != "generators"}
+    old["generator"] = saved["generators"][sorted(layers)[0]]
+    with pytest.raises(UserError, match="adapter 'a' has other dropout generators"):
+        adapter.restore_from_checkpoint(old)
