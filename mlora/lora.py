@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora import lora_triton
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
                                column_factor, draw_keep_mask, row_owner)
 
@@ -468,10 +469,7 @@ def clear_lora_caches(wrappers: dict[str, LoraLinear]) -> None:
     for wrapper in wrappers.values():
         wrapper.group.clear()
     clear_factor_cache()
-    if kernel == "triton":
-        from mlora.lora_triton import clear_caches
-
-        clear_caches()
+    lora_triton.clear_caches()
 
 
 def module_seed(adapter_seed: int, module_path: str) -> int:
