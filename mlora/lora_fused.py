@@ -131,7 +131,9 @@ class WeightCasts:
     [C, in] and each member's B side by side [out, C_m], in the activation dtype. Kept until
     a parameter changes (an optimizer step, a restore: in-place, so their versions move), so
     the micro-batches of one optimizer step (gradient accumulation) and a recomputed forward
-    reuse one cast instead of a concatenation and a cast per group and per member each."""
+    reuse one cast instead of a concatenation and a cast per group and per member each.
+    (torch's fused AdamW writes the weights without moving their versions; Adapter moves them
+    after every step. Code that steps the weights another way must do the same.)"""
 
     params: tuple[torch.Tensor, ...]  # held, so no id can be reused while this is cached
     versions: tuple[int, ...]

