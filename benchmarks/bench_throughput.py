@@ -142,20 +142,24 @@ class MloraBench:
                 w.adapters.pop(a.name, None)
 
     def fused_step(self, n: int, rows: int, dropout: float):
-        """n new adapters of `rows` rows each, and one training step of all of them fused."""
+        """n new adapters of `rows` rows each, and one training step of all of them fused, as
+        the trainer takes it: the label counts come from the host, every adapter's clipping
+        and optimizer step is queued without a read (Adapter.step_on_device), and the losses
+        and gradient norms are read back once, at the end."""
         adapters = self.adapters(n, rows, dropout)
         ids = batch(n * rows, self.s.seq, self.cfg.vocab_size, self.device, seed=n)
         layout_rows = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(adapters)]
+        counts = {r.name: (r.end - r.start) * (self.s.seq - 1) for r in layout_rows}  # every token is a target
         self.model.train()
 
         def step():
             self.layout.rows = layout_rows
             logits = self.model(ids)  # [n*rows, S, V]
-            sums = token_loss_sums(logits, ids, layout_rows)
+            sums = token_loss_sums(logits, ids, layout_rows, counts)
             total = sum(ce / max(1, count) for ce, count in sums.values())
             total.backward()
-            for a in adapters:
-                a.step()
+            norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
+            torch.stack([ce for ce, _ in sums.values()] + norms).tolist()  # the trainer's one read
 
         return step, adapters
 
@@ -187,11 +191,12 @@ class MloraBench:
         embed = self.model.model.embed_tokens
         hook = embed.register_forward_hook(lambda m, i, out: out.requires_grad_())
         one = [AdapterRows("base", 0, rows)]
+        counts = {"base": rows * (self.s.seq - 1)}
 
         def step():
             logits = self.model(ids)
-            ce, count = token_loss_sums(logits, ids, one)["base"]
-            (ce / count).backward()
+            ce, count = token_loss_sums(logits, ids, one, counts)["base"]
+            (ce / count).backward()  # no read back at all: the bound
 
         try:
             result = measure(step, rows * self.s.seq, self.s, self.device)
@@ -223,7 +228,8 @@ class HFBench:
         peft_model = get_peft_model(self.model, config)
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.s.lr)
+        # Fused, as transformers' Trainer defaults to with torch >= 2.8 ("adamw_torch_fused").
+        optimizer = torch.optim.AdamW(params, lr=self.s.lr, fused=True)
         ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=rows)
 
         def step():

@@ -116,6 +116,69 @@ def check_strided_draws(device) -> dict:
             "ok": torch.equal(alone, batch[:, 212:]) and bool(batch[:, :212].all())}
 
 
+def check_steps_reach_the_fused_kernel(device) -> list[dict]:
+    """Adapter's optimizer step moves the weights' version counters, so the fused kernel's
+    weight casts follow the steps: after two steps of fused AdamW, the fused kernel's logits
+    equal the loop kernel's (which reads the weights directly). Also recorded: whether CUDA's
+    fused AdamW moves them itself (it does not on the CPU; mlora does not rely on it)."""
+    p = torch.nn.Parameter(torch.ones(4, device=device))
+    p.grad = torch.ones_like(p)
+    before = p._version
+    torch.optim.AdamW([p], lr=0.1, fused=True).step()
+    own = {"check": "torch's fused AdamW moves the version counter itself", "moves": p._version != before,
+           "informational": True, "ok": True}
+    model, layout, wrappers = tiny_model(device, torch.float32)
+    cfg = AdapterConfig(name="a", data="<check>", r=16, alpha=32, dropout=0.0, target_modules=list(TARGET_MODULES),
+                        lr=0.01, batch_size=1, micro_batch_size=1)
+    adapter = Adapter(cfg, wrappers, seed=0, device=device, total_steps=10)
+    ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(3)).to(device)
+    layout.rows = [AdapterRows("a", 0, 2)]
+    model.train()
+    for _ in range(2):
+        model(ids).float().logsumexp(-1).mean().backward()
+        adapter.step_on_device()
+    model.eval()
+    out = {}
+    for kernel in ("fused", "loop", "base"):
+        layout.rows = [] if kernel == "base" else [AdapterRows("a", 0, 2)]
+        previous, lora_module.kernel = lora_module.kernel, "loop" if kernel == "base" else kernel
+        try:
+            with torch.no_grad():
+                out[kernel] = model(ids)
+        finally:
+            lora_module.kernel = previous
+    # The LoRA deltas, not the logits: stale casts (B = 0) would give no delta at all.
+    err = rel_err(out["fused"] - out["base"], out["loop"] - out["base"])
+    return [own, {"check": "after Adapter steps the fused kernel runs on the stepped weights (LoRA delta vs loop, fp32)",
+                  "max_rel_err": err, "tolerance": 1e-4, "ok": err <= 1e-4}]
+
+
+def check_one_read_per_step(device) -> dict:
+    """A fused training step as the trainer takes it (bench_throughput's: forward, loss,
+    backward, every adapter's clip and AdamW step) synchronises with the host once, at its
+    one read of the losses and norms: counted by torch.cuda.set_sync_debug_mode."""
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_throughput as bt
+
+    bench = bt.MloraBench("tiny", bt.Settings(seq=64), device, torch.bfloat16)
+    step, _ = bench.fused_step(4, 2, 0.05)
+    step()
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    return {"check": "host-device synchronisations per fused training step (4 adapters)",
+            "per_step": len(syncs) / 3, "first": syncs[:3], "ok": len(syncs) == 3}
+
+
 def check_triton_kernels(device) -> list[dict]:
     """The triton LoRA kernel's three Triton kernels against torch with their keep-mask
     written out, at TinyLlama's q/k/v group shape with 4 adapters of r = 16 (C = 192), and the
@@ -206,6 +269,9 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = guarded("strided draws", check_strided_draws, device)
+    results += guarded("steps reach the fused kernel", check_steps_reach_the_fused_kernel, device)
+    if device.type == "cuda":
+        results += guarded("one read per step", check_one_read_per_step, device)
     # The triton kernel first: it is the newest and compiles here for the first time.
     results += guarded("triton kernels", check_triton_kernels, device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):

@@ -88,7 +88,9 @@ class Adapter:
             return None
         if cfg.optim == "adamw":
             # Fused (CUDA and CPU): one kernel steps all of an adapter's hundreds of small
-            # tensors (the foreach default took ~7 ms per step for TinyLlama's 308 on the H200).
+            # tensors (the foreach default took ~7 ms per step for TinyLlama's 308 on the H200),
+            # and it can skip a step the device found non-finite without the host looking
+            # (`found_inf`, as torch.amp's GradScaler uses it): see step_on_device.
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         if cfg.optim == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -99,15 +101,25 @@ class Adapter:
         return self.cfg.lr * lr_factor(self.cfg.lr_scheduler, self.steps_done,
                                        self.cfg.warmup_steps, self.total_steps)
 
-    def local_grad_sq(self) -> float:
-        """Sum of squares of this process's part of the adapter's gradient (a pipeline stage
-        adds these up over all ranks to clip by the adapter's whole norm)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.parameters() if p.grad is not None]
+
+    def grad_sq(self) -> torch.Tensor | None:
+        """Sum of squares of this process's part of the adapter's gradient, as an fp32 scalar
+        on the device (None: no gradient here). Nothing waits for the device."""
+        grads = self._grads()
         if not grads:
-            return 0.0
-        # One fused kernel over all tensors (hundreds per adapter), then one sync.
-        norms = torch._foreach_norm([g.float() for g in grads])  # .float() of an fp32 grad is itself
-        return torch.stack(norms).pow(2).sum().item()
+            return None
+        # One fused kernel over all tensors (hundreds per adapter). The gradients are fp32
+        # (the weights are); .float() only guards the norm's dtype.
+        norms = torch._foreach_norm([g.float() for g in grads])
+        return torch.stack(norms).pow(2).sum()
+
+    def local_grad_sq(self) -> float:
+        """grad_sq as a number (a pipeline stage adds these up over all ranks to clip by the
+        adapter's whole norm); reading it waits for the device."""
+        sq = self.grad_sq()
+        return 0.0 if sq is None else sq.item()
 
     def grad_norm(self) -> float:
         """L2 norm of this adapter's whole gradient (on this process)."""
@@ -122,16 +134,55 @@ class Adapter:
         norm = self.grad_norm() if grad_norm is None else grad_norm
         if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
             factor = self.cfg.max_grad_norm / (norm + 1e-6)
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            grads = self._grads()
             if grads:  # a pipeline stage may hold none of this adapter's tensors
                 torch._foreach_mul_(grads, factor)
         lr = self.current_lr()
         if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self._set_lr(lr)
             self._optimizer_step()
         self.steps_done += 1
         return lr, norm
+
+    @property
+    def steps_on_device(self) -> bool:
+        """Whether step_on_device can run: the optimizer skips a step on the device's word
+        (fused AdamW reads `found_inf`; SGD's fused kernel leaves a skipped first step's
+        momentum buffer uninitialised, so it keeps the host's decision)."""
+        return isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
+
+    def step_on_device(self, bad: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
+        """`step` without reading anything back from the device, so the host never waits for
+        it between two fused batches (on a GPU that wait idles the GPU for as long as the host
+        then takes to queue the next work). The clipping factor is computed on the device,
+        and a non-finite gradient norm, or `bad` (a device bool scalar: e.g. the step's loss
+        is non-finite), makes the optimizer skip the step there: weights, moments and its
+        step count stay as they were. The gradients are zeroed and steps_done moves on either
+        way, as `skip_step` does; the caller reads the norm later and logs the skip.
+
+        The same arithmetic as `step`: the norm's square summed in fp32, its root and the
+        factor in float64, the factor rounded to fp32 once, applied only above the limit.
+        Returns (lr, the squared gradient norm as a device scalar, or None without gradients)."""
+        assert self.steps_on_device, "step_on_device needs the fused AdamW optimizer"
+        sq = self.grad_sq()
+        lr = self.current_lr()
+        if sq is not None:
+            skip = ~torch.isfinite(sq)
+            if bad is not None:
+                skip = skip | bad
+            limit = self.cfg.max_grad_norm
+            if limit is not None:
+                norm = sq.double().sqrt()
+                factor = torch.where(norm > limit, limit / (norm + 1e-6), 1.0).float()
+                torch._foreach_mul_(self._grads(), factor)
+            self._set_lr(lr)
+            self.optimizer.found_inf = skip.float()
+            try:
+                self._optimizer_step()
+            finally:
+                del self.optimizer.found_inf
+        self.steps_done += 1
+        return lr, sq
 
     def _optimizer_step(self) -> None:
         self.optimizer.step()
@@ -141,6 +192,10 @@ class Adapter:
         # after the first step would run on the first step's weights.
         torch.autograd.graph.increment_version(self.parameters())
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def optimizer_zero_grad(self) -> None:
         for p in self.parameters():

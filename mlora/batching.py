@@ -138,13 +138,27 @@ class FusedBatch:
     parts: list[MicroBatch]
     position_ids: torch.Tensor | None = None  # [B, S] long, packed rows only
     document_ids: torch.Tensor | None = None  # [B, S] long, packed rows only
+    # {adapter: its label tokens (targets of the loss)}, counted on the host where the batch
+    # is built, so the loss never reads a count back from the device (which waits for it).
+    label_counts: dict[str, int] | None = None
 
     def to(self, device: torch.device) -> "FusedBatch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return FusedBatch(move(self.input_ids), move(self.labels), move(self.attention_mask), self.rows,
-                          self.parts, move(self.position_ids), move(self.document_ids))
+        counts = self.label_counts if self.label_counts is not None else label_token_counts(self.labels, self.rows)
+        # The attention mask stays here: the model checks on it whether the rows need a mask at
+        # all (no read back from the device) and moves it itself.
+        return FusedBatch(move(self.input_ids), move(self.labels), self.attention_mask, self.rows,
+                          self.parts, move(self.position_ids), move(self.document_ids), counts)
+
+
+def label_token_counts(labels: torch.Tensor, rows: Sequence[AdapterRows]) -> dict[str, int]:
+    """{adapter: number of its loss targets}: labels [B, S] other than IGNORE_INDEX after the
+    one-token shift (position t predicts labels[t + 1]), over its rows. Read from `labels`'
+    device (a batch built by `fuse` has them already)."""
+    targets = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # [B]
+    return {r.name: int(sum(targets[r.start:r.end])) for r in rows}
 
 
 def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) -> FusedBatch:
@@ -172,7 +186,15 @@ def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) 
     # With right padding every pad key sits after every real query, so the causal mask
     # already hides it and attention can take the fast is_causal path.
     needs_mask = any(side == "left" for side in sides)
-    return FusedBatch(input_ids, labels, mask if needs_mask else None, rows, list(parts))
+    return FusedBatch(input_ids, labels, mask if needs_mask else None, rows, list(parts),
+                      label_counts=_label_counts(parts))
+
+
+def _label_counts(parts: Sequence[MicroBatch]) -> dict[str, int]:
+    """The loss targets of each adapter, from the examples: the same tokens as its rows'
+    labels count, padded or packed (label_token_counts; tests/test_batching.py holds them
+    equal), and no tensor is read."""
+    return {part.adapter: part.label_tokens for part in parts}
 
 
 def _fuse_packed(parts: Sequence[MicroBatch], pad_id: int, pack_len: int) -> FusedBatch:
@@ -190,4 +212,4 @@ def _fuse_packed(parts: Sequence[MicroBatch], pad_id: int, pack_len: int) -> Fus
         return torch.cat([getattr(p, name) for p in packed])  # [B, S]
 
     return FusedBatch(cat("input_ids"), cat("labels"), None, rows, list(parts),
-                      cat("position_ids"), cat("document_ids"))
+                      cat("position_ids"), cat("document_ids"), _label_counts(parts))

@@ -17,22 +17,27 @@ def fused_loss_sums(model: torch.nn.Module, layout: BatchLayout,
     layout.rows = batch.rows
     logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
                    document_ids=batch.document_ids)  # [B, S, V]
-    return token_loss_sums(logits, batch.labels, batch.rows)
+    return token_loss_sums(logits, batch.labels, batch.rows, batch.label_counts)
 
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor,
-                    rows: list[AdapterRows]) -> dict[str, tuple[torch.Tensor, int]]:
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, rows: list[AdapterRows],
+                    counts: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """For each adapter: (sum of next-token cross-entropy over its label tokens, token count).
 
     logits [B, S, V], labels [B, S] aligned with the inputs (HF convention): position t
     predicts labels[t + 1]. Summing here and dividing by the optimizer step's token total
     later makes gradient accumulation exact, whatever the micro-batch split.
+
+    counts: the token counts, when the caller counted them on the host
+    (batching.label_token_counts); otherwise they are read back from labels' device, which
+    waits for everything queued on it (on a GPU, mid-step: the host loses its lead).
     """
     shift_logits = logits[:, :-1].float()  # [B, S-1, V]
     shift_labels = labels[:, 1:]  # [B, S-1]
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
     per_row = ce.sum(dim=1)  # [B]
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)  # [B]
-    return {r.name: (per_row[r.start:r.end].sum(), int(counts[r.start:r.end].sum()))
-            for r in rows}
+    if counts is None:
+        targets = (shift_labels != IGNORE_INDEX).sum(dim=1)  # [B]
+        counts = {r.name: int(targets[r.start:r.end].sum()) for r in rows}
+    return {r.name: (per_row[r.start:r.end].sum(), counts[r.name]) for r in rows}

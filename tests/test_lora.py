@@ -393,7 +393,7 @@ def test_fused_weight_casts_are_kept_until_a_parameter_changes():
     assert group._casts is not casts
 
 
-@pytest.mark.parametrize("optim,on_device", [("adamw", False), ("sgd", False)])
+@pytest.mark.parametrize("optim,on_device", [("adamw", False), ("adamw", True), ("sgd", False)])
 def test_the_forward_after_an_adapter_step_runs_on_the_stepped_weights(monkeypatch, optim, on_device):
     """The fused op keeps its casts of the weights until their version counters move, and
     torch's fused AdamW (mlora's optimizer) writes the weights without moving them:

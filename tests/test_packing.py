@@ -333,3 +333,18 @@ def test_left_padding_never_predicts_a_first_token_from_a_pad():
     batch = fuse([MicroBatch("a", ex, 0, 0, 1, True, "left")], PAD)
     assert batch.labels.tolist() == [[5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 10]]
     assert int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) == sum(e.num_label_tokens for e in ex)
+
+
+@pytest.mark.parametrize("pack_len", [None, 24])
+def test_fused_batch_counts_its_loss_targets_on_the_host(pack_len):
+    """fuse counts each adapter's loss targets from its examples, so the loss reads no count
+    back from the device; the counts equal the labels' own (after the one-token shift), left
+    or right padded, packed or not."""
+    from mlora.batching import label_token_counts
+
+    a, b = random_examples(7, 20), random_examples(5, 21)
+    parts = [MicroBatch("a", a, 0, 0, 1, True, "right"), MicroBatch("b", b, 0, 0, 1, True, "left")]
+    batch = fuse(parts, PAD, pack_len=pack_len)
+    assert batch.label_counts == label_token_counts(batch.labels, batch.rows)
+    assert batch.label_counts == {"a": sum(ex.num_label_tokens for ex in a), "b": sum(ex.num_label_tokens for ex in b)}
+    assert batch.to(torch.device("cpu")).label_counts == batch.label_counts

@@ -188,6 +188,9 @@ POISONS = {
     # alpha = 1e30 makes the adapter's own rows overflow: NaN loss and gradients.
     "nan-skip": ({"alpha": 1e30, "optim": "sgd", "lr": 1.0, "on_nan": "skip"}, "skip"),
     "nan-stop": ({"alpha": 1e30, "optim": "sgd", "lr": 1.0, "on_nan": "stop"}, "stop"),
+    # AdamW skips on the device (Adapter.step_on_device), SGD on the host's word.
+    "nan-skip-adamw": ({"alpha": 1e30, "optim": "adamw", "lr": 1.0, "on_nan": "skip"}, "skip"),
+    "nan-stop-adamw": ({"alpha": 1e30, "optim": "adamw", "lr": 1.0, "on_nan": "stop"}, "stop"),
 }
 
 
@@ -213,6 +216,9 @@ def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, refer
         assert records[-1].get("skipped") and len(flagged) == 1
     else:
         assert len(records) == 18  # every step is logged, the bad ones as skipped
+    if len(flagged) == len(records):  # no step taken: the weights are the initial ones (B = 0)
+        saved = load_file(out / "poison" / "adapter_model.safetensors")
+        assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
 
 
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):

@@ -294,10 +294,12 @@ def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: T
     fine: real queries never look right, and pad queries feed only ignored positions."""
     key_ok = None  # [B, 1, 1, S]
     if attention_mask is not None:
-        am = attention_mask.to(device=device, dtype=torch.bool)  # [B, S]
+        # Checked where the mask is: a mask on the host (the trainer's) costs no read back
+        # from the device, which would wait for everything queued there.
+        am = attention_mask.to(dtype=torch.bool)  # [B, S]
         right_padded_only = bool((am[:, 1:] <= am[:, :-1]).all())  # ones then zeros, per row
         if not right_padded_only:
-            key_ok = am[:, None, None, :]
+            key_ok = am.to(device)[:, None, None, :]
     by_window: dict[int | None, Tensor | None] = {}
     out: dict[int, Tensor | None] = {}
     for i in layer_ids:

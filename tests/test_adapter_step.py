@@ -1,0 +1,134 @@
+"""An adapter's optimizer step queued without reading anything back from the device
+(Adapter.step_on_device), against the host-decided step, and the trainer's one read per
+fused batch."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from mlora.adapter import Adapter
+from mlora.config import AdapterConfig
+from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora
+
+
+def _adapter(max_grad_norm=1.0, seed=1):
+    from transformers import LlamaConfig
+
+    from mlora.models.llama import CausalLM, args_from_hf_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    model = CausalLM(args_from_hf_config(config)).requires_grad_(False)
+    wrappers = inject_lora(model, BatchLayout())
+    cfg = AdapterConfig(name="a", data="<test>", r=4, alpha=8, dropout=0.0, target_modules=list(TARGET_MODULES),
+                        lr=0.05, weight_decay=0.01, max_grad_norm=max_grad_norm, lr_scheduler="cosine",
+                        warmup_steps=1)
+    return Adapter(cfg, wrappers, seed=seed, device=torch.device("cpu"), total_steps=6)
+
+
+def _set_grads(adapter, step, scale):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in adapter.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_step_on_device_equals_the_host_step_bit_for_bit(max_grad_norm):
+    """Clipped steps (gradient norm above the limit), unclipped ones and no clipping at all:
+    the same weights, optimizer state and norms, to the last bit."""
+    host, device = _adapter(max_grad_norm), _adapter(max_grad_norm)
+    norms = []
+    for step, scale in enumerate([0.001, 0.05, 0.002, 0.3, 0.0005]):
+        _set_grads(host, step, scale)
+        _set_grads(device, step, scale)
+        lr_h, norm_h = host.step()
+        lr_d, sq = device.step_on_device()
+        assert lr_h == lr_d and norm_h == sq.item() ** 0.5
+        assert device.steps_done == host.steps_done == step + 1
+        norms.append(norm_h)
+    assert min(norms) < 1.0 < max(norms)  # both sides of the clipping limit
+    for (name, p), q in zip(host.named_parameters(), device.parameters()):
+        assert torch.equal(p, q), name
+        assert q.grad is None
+        for key, value in host.optimizer.state[p].items():
+            assert torch.equal(value, device.optimizer.state[q][key]), (name, key)
+
+
+@pytest.mark.parametrize("poison", ["nan_grad", "inf_grad", "bad_loss"])
+def test_step_on_device_skips_a_non_finite_step_on_the_device(poison):
+    """A non-finite gradient norm, or `bad` (a non-finite loss), leaves the weights and the
+    optimizer state as they were; the gradients are dropped and the step is counted, as
+    skip_step does; the next finite step goes on as if the bad one had not happened."""
+    adapter, reference = _adapter(), _adapter()
+    for a in (adapter, reference):
+        _set_grads(a, 0, 0.01)
+        a.step_on_device()
+    before = {n: p.detach().clone() for n, p in adapter.named_parameters()}
+    state = {n: {k: v.clone() for k, v in adapter.optimizer.state[p].items()} for n, p in adapter.named_parameters()}
+    _set_grads(adapter, 1, 0.01)
+    bad = None
+    if poison == "bad_loss":
+        bad = torch.tensor(True)
+    else:
+        adapter.parameters()[3].grad[0, 0] = float("nan") if poison == "nan_grad" else float("inf")
+    _, sq = adapter.step_on_device(bad)
+    assert (poison == "bad_loss") == bool(torch.isfinite(sq))
+    assert adapter.steps_done == 2 and all(p.grad is None for p in adapter.parameters())
+    for n, p in adapter.named_parameters():
+        assert torch.equal(p, before[n]), n
+        for k, v in adapter.optimizer.state[p].items():
+            assert torch.equal(v, state[n][k]), (n, k)
+    reference.skip_step()
+    for a in (adapter, reference):  # and on from there alike
+        _set_grads(a, 2, 0.01)
+        a.step_on_device()
+    for p, q in zip(adapter.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_trainer_reads_the_device_once_per_fused_batch(tmp_path, tiny_llama, monkeypatch):
+    """Forward, loss, backward and every adapter's optimizer step of a fused batch are queued
+    without reading anything back from the device; the losses and gradient norms come back
+    in one read at the end. (On a GPU each read waits for the queue to drain, and the GPU
+    idles until the host queues more: the step used to read three times per adapter.) Two
+    AdamW adapters and an SGD one, which keeps its own read: SGD cannot skip a step on the
+    device's word."""
+    from test_train import make_config
+
+    from mlora.cli import main
+    from mlora.trainer import Trainer
+
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            # The model's check of the attention mask reads the host's copy (FusedBatch.to
+            # leaves the mask there), not the device's: on the CPU the two look alike.
+            if inside[0] and sys._getframe(1).f_code.co_name != "attention_masks":
+                reads[-1].append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    train_on = Trainer._train_on
+
+    def counted(self, parts):
+        reads.append([])
+        inside[0] = True
+        try:
+            return train_on(self, parts)
+        finally:
+            inside[0] = False
+            reads[-1] = (reads[-1], [p.adapter for p in parts if p.last_in_step])
+
+    monkeypatch.setattr(Trainer, "_train_on", counted)
+    cfg = make_config(tmp_path, ["a", "b", "c"], tmp_path / "out")
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    assert reads
+    for names, stepping in reads:
+        sgd_steps = stepping.count("b")  # test_train's b is the SGD adapter: its norm is read alone
+        assert names == ["tolist"] + ["item"] * sgd_steps, (names, stepping)
