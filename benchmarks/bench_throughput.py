@@ -396,25 +396,68 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Path) -> None:
-    """Where the time of one fused step goes: the top kernels by device time, and the count."""
+def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Path) -> dict:
+    """Where a step's time goes: the frozen base at n x rows, then n fused adapters of `rows`
+    (kernel auto, and triton where it runs), two profiled steps each. Writes to `path`, per
+    variant, the device kernels and their time per step, the wall time per step and the
+    share of it the device was busy (below 1: it waited for the host), and the top kernels
+    by device time; what the LoRA side adds is the difference to the base. Returns the
+    figures per variant."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    step, _ = MloraBench(shape, s, device, dtype).fused_step(n, rows, s.dropout)
-    for _ in range(2):
-        step()
-    sync(device)
+    from mlora.lora_triton import unavailable
+
+    bench = MloraBench(shape, s, device, dtype)
+    variants = [("frozen base", None), ("fused", "auto")]
+    if unavailable(device) is None:
+        variants.append(("triton", "triton"))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(2):
-            step()
-        sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40)
-    kernels = sum(1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    path.write_text(f"{shape}, {n} adapters x {rows} rows x {s.seq}: {kernels / 2:.0f} device kernels per step\n"
-                    + table)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    figures, texts = {}, []
+    for label, kernel in variants:
+        free_memory(device)
+        previous = lora_module.kernel
+        hook = None
+        if kernel is None:
+            ids = batch(n * rows, s.seq, bench.cfg.vocab_size, device, seed=0)
+            hook = bench.model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
+            one, counts = [AdapterRows("base", 0, n * rows)], {"base": n * rows * (s.seq - 1)}
+
+            def step():
+                ce, count = token_loss_sums(bench.model(ids), ids, one, counts)["base"]
+                (ce / count).backward()
+            adapters = []
+        else:
+            lora_module.kernel = kernel
+            step, adapters = bench.fused_step(n, rows, s.dropout)
+        try:
+            for _ in range(2):
+                step()
+            sync(device)
+            with torch_profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(2):
+                    step()
+                sync(device)
+                wall = (time.perf_counter() - start) / 2
+        finally:
+            lora_module.kernel = previous
+            if hook is not None:
+                hook.remove()
+            bench.layout.rows = []
+            bench.detach(adapters)
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 2 / 1e3  # ms of kernels per step
+        figures[label] = {"kernels_per_step": len(kernels) / 2, "device_ms_per_step": busy,
+                          "wall_ms_per_step": wall * 1e3,
+                          "device_busy": busy / (wall * 1e3) if device.type == "cuda" else None}
+        shown = {k: (round(v, 3) if v is not None else None) for k, v in figures[label].items()}
+        texts.append(f"== {label}: {json.dumps(shown)}\n"
+                     + prof.key_averages().table(sort_by=sort, row_limit=25))
+    path.write_text(f"{shape}, {n} adapters x {rows} rows x {s.seq} (frozen base: {n * rows} rows), "
+                    f"2 profiled steps each\n" + "\n".join(texts))
     print(path.read_text()[:6000])
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -430,7 +473,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     p.add_argument("--profile", default=None, metavar="TXT",
-                   help="instead of the benchmark: profile the core fused step of the first shape")
+                   help="instead of the benchmark: profile the first shape's frozen base and core fused step")
+    p.add_argument("--no-profile", action="store_true",
+                   help="on CUDA, skip the profile of the first shape's core step (run after the core part)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = p.parse_args(argv)
     if args.plot_only:
@@ -477,6 +522,14 @@ def main(argv: list[str] | None = None) -> dict:
         for shape in args.shapes.split(","):
             rows = args.rows or DEFAULT_ROWS[shape]
             run_shape(shape, rows, s, adapters, device, dtype, part, record)
+        if part == "core" and device.type == "cuda" and not args.no_profile:
+            # Between the headline figures and the extras: where the first shape's step goes.
+            shape = args.shapes.split(",")[0]
+            path = out.with_name(out.stem + "_profile.txt")
+            result["profile"] = {"file": path.name, "shape": shape,
+                                 **profile(shape, args.rows or DEFAULT_ROWS[shape], 4 if 4 in adapters else adapters[-1],
+                                           s, device, dtype, path)}
+            out.write_text(json.dumps(result, indent=1))
     if plot(result, out.with_suffix(".png")):
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:

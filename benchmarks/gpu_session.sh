@@ -2,9 +2,11 @@
 # One prepared session on a lent GPU (see /work/.library/device/README.md), in two parts that
 # each fit one device call (at most 10 minutes):
 #   OUT=/some/dir bash benchmarks/gpu_session.sh 1   # CUDA-only checks, then the throughput
-#                                                    # benchmark (most important figures first;
-#                                                    # its JSON is rewritten after every run, so
-#                                                    # a timeout keeps what ran)
+#                                                    # benchmark (most important figures first,
+#                                                    # then a profile of the first shape's frozen
+#                                                    # base, fused and triton steps, then the
+#                                                    # extras; its JSON is rewritten after every
+#                                                    # run, so a timeout keeps what ran)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the batch strategies on the GPU, then a
 #                                                    # profile of the fused 4-adapter step
 # Part 1 alone answers the throughput issue's targets; run part 2 if device time is left.

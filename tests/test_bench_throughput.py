@@ -91,3 +91,19 @@ def test_count_ops_ranks_the_kernels():
     if triton:  # its Triton launches counted as ops (interpreted), and no mask or copy kept
         assert 0 < result["triton"]["ops"] < fused["ops"]
         assert 0 < result["triton"]["saved_bytes"] < fused["saved_bytes"]
+
+
+def test_profile_compares_the_frozen_base_with_the_fused_step(tmp_path):
+    """The profile (run on CUDA between the core part and the extras) writes the frozen base's
+    step and the fused step (and triton's where it runs) side by side, with their figures."""
+    import torch
+
+    bench = _load()
+    path = tmp_path / "profile.txt"
+    figures = bench.profile("tiny", 2, 2, bench.Settings(seq=16, steps=1, warmup=1), torch.device("cpu"),
+                            torch.float32, path)
+    expected = {"frozen base", "fused"} | (set() if _triton_unavailable() else {"triton"})
+    assert set(figures) == expected
+    assert all(f["wall_ms_per_step"] > 0 and f["device_busy"] is None for f in figures.values())
+    text = path.read_text()
+    assert all(f"== {label}:" in text for label in expected)
