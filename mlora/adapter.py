@@ -36,6 +36,14 @@ def lr_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -> floa
     raise AssertionError(f"unknown lr_scheduler {kind!r}")
 
 
+def clip_factor(norm: torch.Tensor, limit: float) -> torch.Tensor:
+    """What clipping multiplies the gradient by, on the device: limit / (norm + 1e-6) above the
+    limit, else 1; norm a float64 scalar, the factor rounded to fp32 once. Exactly the
+    factor Adapter.step computes on the host from the same norm."""
+    # Not limit / tensor: that is tensor.reciprocal() * limit, two roundings.
+    return torch.where(norm > limit, torch.full_like(norm, limit) / (norm + 1e-6), 1.0).float()
+
+
 class Adapter:
     """A LoRA adapter attached to the `LoraLinear` wrappers of one model (or one stage)."""
 
@@ -149,7 +157,8 @@ class Adapter:
         """Whether step_on_device can run: the optimizer skips a step on the device's word
         (fused AdamW reads `found_inf`; SGD's fused kernel leaves a skipped first step's
         momentum buffer uninitialised, so it keeps the host's decision)."""
-        return isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
+        return (isinstance(self.optimizer, torch.optim.AdamW)
+                and all(group.get("fused") for group in self.optimizer.param_groups))
 
     def step_on_device(self, bad: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
         """`step` without reading anything back from the device, so the host never waits for
@@ -172,9 +181,7 @@ class Adapter:
                 skip = skip | bad
             limit = self.cfg.max_grad_norm
             if limit is not None:
-                norm = sq.double().sqrt()
-                factor = torch.where(norm > limit, limit / (norm + 1e-6), 1.0).float()
-                torch._foreach_mul_(self._grads(), factor)
+                torch._foreach_mul_(self._grads(), clip_factor(sq.double().sqrt(), limit))
             self._set_lr(lr)
             self.optimizer.found_inf = skip.float()
             try:
@@ -228,6 +235,11 @@ class Adapter:
                 p.grad = saved["grads"][name].to(p.device).clone() if name in saved["grads"] else None
         if self.optimizer is not None and saved["optimizer"] is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
+            if isinstance(self.optimizer, torch.optim.AdamW):
+                # A checkpoint of an older mlora stepped the CPU's AdamW unfused, and loading
+                # its state brings that setting back: step as this mlora does.
+                for group in self.optimizer.param_groups:
+                    group["fused"], group["foreach"] = True, None
         self.steps_done = saved["steps_done"]
         if "generators" not in saved or set(saved["generators"]) != set(self.dropout_generators):
             raise UserError(f"checkpoint: adapter '{self.name}' has other dropout generators than this mlora draws "

@@ -231,7 +231,7 @@ class Trainer:
         values = iter(torch.stack(reads).tolist())
         ce_sums = [sum(next(values) for _ in ce_of[i]) for i in range(len(parts))]
         norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, (_, sq) in issued.items()}
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
         save_due = False
         for i, part in enumerate(parts):
             run = self.runs[part.adapter]

@@ -36,10 +36,11 @@ def _set_grads(adapter, step, scale):
         p.grad = torch.randn(p.shape, generator=g) * scale
 
 
-@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.3, None])
 def test_step_on_device_equals_the_host_step_bit_for_bit(max_grad_norm):
     """Clipped steps (gradient norm above the limit), unclipped ones and no clipping at all:
-    the same weights, optimizer state and norms, to the last bit."""
+    the same weights, optimizer state and norms, to the last bit. (0.3: a limit that is not a
+    power of two, where limit / tensor, a reciprocal times the limit, rounds twice.)"""
     host, device = _adapter(max_grad_norm), _adapter(max_grad_norm)
     norms = []
     for step, scale in enumerate([0.001, 0.05, 0.002, 0.3, 0.0005]):
@@ -50,7 +51,8 @@ def test_step_on_device_equals_the_host_step_bit_for_bit(max_grad_norm):
         assert lr_h == lr_d and norm_h == sq.item() ** 0.5
         assert device.steps_done == host.steps_done == step + 1
         norms.append(norm_h)
-    assert min(norms) < 1.0 < max(norms)  # both sides of the clipping limit
+    limit = max_grad_norm or 1.0
+    assert min(norms) < limit < max(norms)  # both sides of the clipping limit
     for (name, p), q in zip(host.named_parameters(), device.parameters()):
         assert torch.equal(p, q), name
         assert q.grad is None
@@ -132,3 +134,40 @@ def test_the_trainer_reads_the_device_once_per_fused_batch(tmp_path, tiny_llama,
     for names, stepping in reads:
         sgd_steps = stepping.count("b")  # test_train's b is the SGD adapter: its norm is read alone
         assert names == ["tolist"] + ["item"] * sgd_steps, (names, stepping)
+
+
+def test_a_resumed_older_state_steps_on_the_device(tmp_path):
+    """An older mlora stepped AdamW unfused on the CPU; loading such a state brings back its
+    `fused=None`, which would make step_on_device's found_inf fail: restoring sets it fused."""
+    adapter = _adapter()
+    _set_grads(adapter, 0, 0.01)
+    adapter.step()
+    state = adapter.state_for_checkpoint()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    again = _adapter()
+    again.restore_from_checkpoint(state)
+    assert again.steps_on_device
+    _set_grads(again, 1, 0.01)
+    again.step_on_device(torch.tensor(False))
+    assert again.steps_done == 2
+
+
+def test_the_device_clip_factor_is_the_host_one_where_rounding_could_split_them():
+    """Norms that put limit / (norm + 1e-6) right between two fp32 values, where one rounding
+    more (limit / tensor is a reciprocal times the limit) lands on the other neighbour."""
+    import random
+    import struct
+
+    from mlora.adapter import clip_factor
+
+    rng = random.Random(1)
+    for limit in (0.3, 1.0, 5.0):
+        for _ in range(20000):
+            f32 = struct.unpack("f", struct.pack("f", rng.uniform(0.01, 0.99)))[0]
+            bits = struct.unpack("I", struct.pack("f", f32))[0]
+            midpoint = (f32 + struct.unpack("f", struct.pack("I", bits + 1))[0]) / 2
+            norm = limit / midpoint - 1e-6
+            host = torch.tensor(limit / (norm + 1e-6), dtype=torch.float64).float()
+            device = clip_factor(torch.tensor(norm, dtype=torch.float64), limit)
+            assert torch.equal(device, host), (limit, norm)

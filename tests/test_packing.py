@@ -347,4 +347,7 @@ def test_fused_batch_counts_its_loss_targets_on_the_host(pack_len):
     batch = fuse(parts, PAD, pack_len=pack_len)
     assert batch.label_counts == label_token_counts(batch.labels, batch.rows)
     assert batch.label_counts == {"a": sum(ex.num_label_tokens for ex in a), "b": sum(ex.num_label_tokens for ex in b)}
-    assert batch.to(torch.device("cpu")).label_counts == batch.label_counts
+    moved = batch.to(torch.device("meta"))  # a stand-in for a GPU: nothing is read from it
+    assert moved.label_counts == batch.label_counts and moved.input_ids.device.type == "meta"
+    # The attention mask stays on the host, where the model checks whether it is needed.
+    assert moved.attention_mask is batch.attention_mask

@@ -191,14 +191,25 @@ POISONS = {
     # AdamW skips on the device (Adapter.step_on_device), SGD on the host's word.
     "nan-skip-adamw": ({"alpha": 1e30, "optim": "adamw", "lr": 1.0, "on_nan": "skip"}, "skip"),
     "nan-stop-adamw": ({"alpha": 1e30, "optim": "adamw", "lr": 1.0, "on_nan": "stop"}, "stop"),
+    # Two micro-batches a step and a NaN loss (the test makes it): the first micro-batch's
+    # non-finite loss is known on the host when the step comes, and the trainer skips it there.
+    # The loop kernel: the fused and dense kernels reduce every adapter's weight gradients
+    # over all rows, and a NaN on the poison's rows reaches the others' (0 x NaN; see
+    # test_a_nan_on_one_adapters_rows_reaches_the_others_in_the_fused_kernel).
+    "nan-loss-accumulated": ({"optim": "adamw", "lr": 1e-2, "on_nan": "skip", "micro_batch_size": 1}, "skip"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(POISONS))
-def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, reference, kind):
+def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, reference, kind, monkeypatch):
     settings, policy = POISONS[kind]
     poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
               "batch_size": 2, "num_epochs": 6, "max_grad_norm": None, **settings}
+    if kind == "nan-loss-accumulated":
+        import mlora.lora
+
+        monkeypatch.setattr(mlora.lora, "kernel", "loop")
+        _poison_the_loss(monkeypatch, "poison")
     out = tmp_path / "out"
     cfg = write_config(tmp_path, out, extra_adapter=poison)
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
@@ -216,9 +227,48 @@ def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, refer
         assert records[-1].get("skipped") and len(flagged) == 1
     else:
         assert len(records) == 18  # every step is logged, the bad ones as skipped
-    if len(flagged) == len(records):  # no step taken: the weights are the initial ones (B = 0)
-        saved = load_file(out / "poison" / "adapter_model.safetensors")
-        assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+    if kind == "nan-loss-accumulated":
+        assert all(m["reason"] == "non-finite loss" for m in flagged)
+    # Every step was non-finite, so none was taken: the weights are the initial ones (B = 0).
+    assert len(flagged) == len(records)
+    saved = load_file(out / "poison" / "adapter_model.safetensors")
+    assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+
+
+def _poison_the_loss(monkeypatch, name: str) -> None:
+    """Adapter `name`'s CE sum becomes NaN in every fused batch (and so does the gradient that
+    flows back through its rows)."""
+    import mlora.trainer
+
+    real = mlora.trainer.fused_loss_sums
+
+    def poisoned(*args):
+        sums = real(*args)
+        if name in sums:
+            ce, count = sums[name]
+            sums[name] = (ce * float("nan"), count)
+        return sums
+
+    monkeypatch.setattr(mlora.trainer, "fused_loss_sums", poisoned)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the fused kernel reduces each adapter's weight gradients over "
+                                       "every row of the batch, and 0 x NaN on another adapter's rows is NaN")
+def test_a_nan_on_one_adapters_rows_reaches_the_others_in_the_fused_kernel(tmp_path, tiny_llama, reference,
+                                                                           monkeypatch):
+    """A NaN loss (non-finite activations) on one adapter's rows: the other adapters of the
+    fused batch should train as without it. With the fused (and dense) kernel they do not:
+    their gradients come out NaN too and their steps are skipped. The loop kernel isolates
+    them (the poison case "nan-loss-accumulated" above). Strict: this fails once fixed."""
+    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
+              "batch_size": 2, "num_epochs": 6, "optim": "adamw", "on_nan": "skip"}
+    _poison_the_loss(monkeypatch, "poison")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, extra_adapter=poison)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    for name in ("a", "b"):
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-5
 
 
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
