@@ -203,20 +203,12 @@ POISONS = {
 @pytest.mark.parametrize("kind", sorted(POISONS))
 def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, reference, kind, monkeypatch):
     settings, policy = POISONS[kind]
-    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
-              "batch_size": 2, "num_epochs": 6, "max_grad_norm": None, **settings}
     if kind == "nan-loss-accumulated":
         import mlora.lora
 
         monkeypatch.setattr(mlora.lora, "kernel", "loop")
         _poison_the_loss(monkeypatch, "poison")
-    out = tmp_path / "out"
-    cfg = write_config(tmp_path, out, extra_adapter=poison)
-    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
-    for name in ("a", "b"):
-        # The dropout masks of a and b come from their own generators: same as without poison.
-        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
-                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-5
+    out = _train_beside_a_poison(tmp_path, tiny_llama, reference, {"max_grad_norm": None, **settings})
     records = [m for m in read_metrics(out / "metrics.jsonl") if m["adapter"] == "poison"]
     flagged = [m for m in records if m.get("skipped")]
     if policy is None:
@@ -233,6 +225,21 @@ def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, refer
     assert len(flagged) == len(records)
     saved = load_file(out / "poison" / "adapter_model.safetensors")
     assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+
+
+def _train_beside_a_poison(tmp_path, tiny_llama, reference, settings: dict):
+    """Train the reference's adapters a and b beside an adapter "poison" (`settings` on top of
+    its defaults); a and b must come out as without it. Returns the output directory."""
+    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
+              "batch_size": 2, "num_epochs": 6, **settings}
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, extra_adapter=poison)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    for name in ("a", "b"):
+        # The dropout masks of a and b come from their own generators: same as without poison.
+        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
+                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-5
+    return out
 
 
 def _poison_the_loss(monkeypatch, name: str) -> None:
@@ -260,15 +267,8 @@ def test_a_nan_on_one_adapters_rows_reaches_the_others_in_the_fused_kernel(tmp_p
     fused batch should train as without it. With the fused (and dense) kernel they do not:
     their gradients come out NaN too and their steps are skipped. The loop kernel isolates
     them (the poison case "nan-loss-accumulated" above). Strict: this fails once fixed."""
-    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
-              "batch_size": 2, "num_epochs": 6, "optim": "adamw", "on_nan": "skip"}
     _poison_the_loss(monkeypatch, "poison")
-    out = tmp_path / "out"
-    cfg = write_config(tmp_path, out, extra_adapter=poison)
-    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
-    for name in ("a", "b"):
-        assert rel_diff(load_file(out / name / "adapter_model.safetensors"),
-                        load_file(reference / name / "adapter_model.safetensors")) <= 1e-5
+    _train_beside_a_poison(tmp_path, tiny_llama, reference, {"optim": "adamw", "on_nan": "skip"})
 
 
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
