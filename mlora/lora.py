@@ -174,6 +174,32 @@ class _Hidden:
     delta_only: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _FusedPlan:
+    """What the fused op needs for one batch layout besides the input: the members it runs,
+    their adapters' parameters in column order, the column factor, the bases it runs inline
+    and the dropout ranges. Valid while `key` (layout, shapes, mode, dtype, device and the
+    attached LoraWeights) is unchanged and every inline base stays frozen."""
+
+    key: tuple
+    a_params: list[torch.Tensor]
+    b_params: list[torch.Tensor]
+    counts: list[int]
+    cols: list[tuple[int, int]]
+    members: list[int]
+    factor: torch.Tensor
+    bases: list[nn.Linear | None]
+    delta_only: set[int]
+    dropout: list[DropoutRows]
+    everywhere: bool
+
+    def still_inline(self) -> bool:
+        """The bases the op runs itself are still frozen (the op computes no base gradient)."""
+        return not any(base is not None and (base.weight.requires_grad or
+                                             (base.bias is not None and base.bias.requires_grad))
+                       for base in self.bases)
+
+
 class InputGroup:
     """Target projections of one module that read the same input (see the module docstring).
 
@@ -185,10 +211,13 @@ class InputGroup:
         self.members: list[LoraLinear] = []
         self._cache: _Hidden | None = None
         self._casts: WeightCasts | None = None  # fused: the weights in the activation dtype
+        self._plan: _FusedPlan | None = None  # fused: what a batch layout asks of the op
 
     def clear(self) -> None:
-        """Drop a cached input (after a failed forward, so an OOM retry does not keep it alive)."""
+        """Drop a cached input (after a failed forward, so an OOM retry does not keep it
+        alive) and the fused op's plan (it holds the layout's [N, C] factor)."""
         self._cache = None
+        self._plan = None
 
     def hidden_for(self, member: "LoraLinear", x: torch.Tensor) -> _Hidden | None:
         cache = self._cache
@@ -211,12 +240,12 @@ class InputGroup:
         training = self.members[0].training
         B, S = x.shape[0], x.shape[1]
         x2d = x.reshape(-1, x.shape[-1])  # [N = B*S, in]
-        dropout, everywhere = self._dropout_rows(x2d, active, S) if training else ([], False)
         choice = kernel
         if choice == "auto":
             choice = "fused" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
         if choice in ("fused", "triton"):
-            return self._compute_fused(x, x2d, active, S, dropout, everywhere, philox=choice == "triton")
+            return self._compute_fused(x, x2d, active, S, training, philox=choice == "triton")
+        dropout, everywhere = self._dropout_rows(x2d.shape[0], active, S) if training else ([], False)
         mask = draw_keep_mask(x2d, dropout, everywhere) if dropout else None
         dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
         if choice == "dense":
@@ -237,7 +266,7 @@ class InputGroup:
             out.per_adapter[rows.name] = (rows, h)
         return out
 
-    def _dropout_rows(self, x2d: torch.Tensor, active: list[AdapterRows], S: int) -> tuple[list[DropoutRows], bool]:
+    def _dropout_rows(self, N: int, active: list[AdapterRows], S: int) -> tuple[list[DropoutRows], bool]:
         """The token ranges that drop out, each with its adapter's rate, generator and own
         layout (its rows padded to its own length: AdapterRows.length), and whether they cover
         every token (see draw_keep_mask)."""
@@ -251,10 +280,25 @@ class InputGroup:
                 own = S if rows.length is None else min(rows.length, S)
                 dropout.append(DropoutRows(rows.start * S, rows.end * S, w.dropout, w.generator,
                                            S, own, S - own if rows.left else 0))
-        covered = sum((rows.end - rows.start) * S for rows in active) == x2d.shape[0]
+        covered = sum((rows.end - rows.start) * S for rows in active) == N
         return dropout, covered and len(dropout) == len(active)
 
-    def _compute_fused(self, x, x2d, active, S, dropout, everywhere, philox=False) -> _Hidden:
+    def _compute_fused(self, x, x2d, active, S, training, philox=False) -> _Hidden:
+        # The plan depends only on the batch layout and the adapters attached; building it is
+        # Python work (~60 us a group on a CPU host, more than the op's own launches), so it
+        # is built once per layout and reused by every step that keeps the layout.
+        weights = tuple(member.adapters.get(rows.name) for member in self.members for rows in active)
+        key = (tuple(active), S, x2d.shape[0], training, x.dtype, x.device, weights)
+        plan = self._plan
+        if plan is None or plan.key != key or not plan.still_inline():
+            plan = self._plan = self._fused_plan(key, x, active, S, training)
+        self._casts = WeightCasts.of(self._casts, plan.a_params, plan.b_params, plan.counts, x.dtype)
+        spec = FusedGroupSpec(plan.bases, plan.cols, plan.counts, plan.factor, self._casts, plan.dropout,
+                              plan.everywhere, philox)
+        ys = FusedGroupLoRA.apply(x2d, spec, *plan.a_params, *plan.b_params)
+        return _Hidden(x, outputs=dict(zip(plan.members, ys)), delta_only=plan.delta_only)
+
+    def _fused_plan(self, key, x, active, S, training) -> "_FusedPlan":
         a_params, b_params, owners, scales, members, cols, counts = [], [], [], [], [], [], []
         for m, member in enumerate(self.members):
             ws = [(i, member.adapters[rows.name]) for i, rows in enumerate(active) if rows.name in member.adapters]
@@ -269,14 +313,13 @@ class InputGroup:
             members.append(m)
             cols.append((start, len(owners)))
             counts.append(len(ws))
+        N = key[2]
         factor = column_factor(tuple((r.start, r.end) for r in active), S, tuple(owners), tuple(scales),
-                               x2d.shape[0], torch.float32, x.device)
+                               N, torch.float32, x.device)
         bases = [self.members[m].base if self.members[m].base_inline(x) else None for m in members]
-        self._casts = WeightCasts.of(self._casts, a_params, b_params, counts, x.dtype)
-        spec = FusedGroupSpec(bases, cols, counts, factor, self._casts, dropout, everywhere, philox)
-        ys = FusedGroupLoRA.apply(x2d, spec, *a_params, *b_params)
-        return _Hidden(x, outputs=dict(zip(members, ys)),
-                       delta_only={m for m, base in zip(members, bases) if base is None})
+        dropout, everywhere = self._dropout_rows(N, active, S) if training else ([], False)
+        return _FusedPlan(key, a_params, b_params, counts, cols, members, factor, bases,
+                          {m for m, base in zip(members, bases) if base is None}, dropout, everywhere)
 
     def _compute_dense(self, x, dropped, active, S) -> _Hidden:
         out = _Hidden(x)

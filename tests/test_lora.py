@@ -393,6 +393,49 @@ def test_fused_weight_casts_are_kept_until_a_parameter_changes():
     assert group._casts is not casts
 
 
+def test_fused_plan_is_kept_per_layout_and_rebuilt_when_it_changes(monkeypatch):
+    """The fused op's plan (parameters in column order, factor, dropout ranges, inline bases)
+    is built once per batch layout: kept while the layout, the mode and the attached adapters
+    stay, rebuilt when any of them changes or a base becomes trainable; the outputs always
+    equal dense's."""
+    import mlora.lora as lora
+
+    torch.manual_seed(0)
+    layout = BatchLayout([AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)])
+    members = _group(16, (16, 8, 8), layout)
+    for i, name in enumerate("ab"):
+        for m, lin in enumerate(members):
+            lin.adapters[name] = _weights(16, lin.out_features, 4, 8.0, 0.0, 10 * i + m)
+    group = members[0].group
+    x = torch.randn(4, 3, 16)
+
+    def outputs(kernel):
+        monkeypatch.setattr(lora, "kernel", kernel)
+        with torch.no_grad():
+            return [lin(x) for lin in members]
+
+    def plan_after_check():
+        for got, want in zip(outputs("fused"), outputs("dense")):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        return group._plan
+
+    first = plan_after_check()
+    assert plan_after_check() is first  # same layout: kept
+    layout.rows = [AdapterRows("b", 0, 2), AdapterRows("a", 2, 4)]
+    swapped = plan_after_check()
+    assert swapped is not first
+    members[1].adapters["c"] = members[1].adapters.pop("a")  # a leaves k_proj
+    layout.rows = [AdapterRows("b", 0, 2), AdapterRows("a", 2, 4)]
+    assert plan_after_check() is not swapped
+    kept = plan_after_check()
+    for lin in members:
+        lin.eval()
+    assert plan_after_check() is not kept  # eval: no dropout, another scale
+    kept = plan_after_check()
+    members[2].base.weight.requires_grad_(True)  # now the op must not run v_proj's base
+    assert plan_after_check() is not kept and group._plan.bases[-1] is None
+
+
 @pytest.mark.parametrize("optim,on_device", [("adamw", False), ("adamw", True), ("sgd", False)])
 def test_the_forward_after_an_adapter_step_runs_on_the_stepped_weights(monkeypatch, optim, on_device):
     """The fused op keeps its casts of the weights until their version counters move, and
