@@ -160,7 +160,8 @@ class Adapter:
         return (isinstance(self.optimizer, torch.optim.AdamW)
                 and all(group.get("fused") for group in self.optimizer.param_groups))
 
-    def step_on_device(self, bad: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
+    def step_on_device(self, bad: torch.Tensor | None = None,
+                       sq: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
         """`step` without reading anything back from the device, so the host never waits for
         it between two fused batches (on a GPU that wait idles the GPU for as long as the host
         then takes to queue the next work). The clipping factor is computed on the device,
@@ -171,9 +172,11 @@ class Adapter:
 
         The same arithmetic as `step`: the norm's square summed in fp32, its root and the
         factor in float64, the factor rounded to fp32 once, applied only above the limit.
+        `sq`: grad_sq() of the current gradients, when the caller has it already.
         Returns (lr, the squared gradient norm as a device scalar, or None without gradients)."""
         assert self.steps_on_device, "step_on_device needs the fused AdamW optimizer"
-        sq = self.grad_sq()
+        if sq is None:
+            sq = self.grad_sq()
         lr = self.current_lr()
         if sq is not None:
             skip = ~torch.isfinite(sq)

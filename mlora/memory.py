@@ -710,7 +710,7 @@ def _first_line(err: BaseException) -> str:
 
 
 @contextmanager
-def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
+def grads_restored_on_error(params: Iterable[torch.Tensor], before: dict | None = None) -> Iterator[None]:
     """Make a forward + backward all-or-nothing for the gradients of `params`: if the block
     raises (an OOM halfway through the backward, say), every `.grad` is put back as it was, so
     a retry does not count the layers already back-propagated twice.
@@ -722,7 +722,11 @@ def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
     accumulated (not at the first micro-batch of an optimizer step, when every `.grad` is
     None), the block's fresh gradients live until it ends instead of being added in one by one.
     They pile up as the backward goes down the layers, while those layers' activations, far
-    larger, are freed, so the step's peak (in the head or the last layer) does not move."""
+    larger, are freed, so the step's peak (in the head or the last layer) does not move.
+
+    before: a dict that, on success, gets each parameter's gradient from before the block (None:
+    none yet) unless it has one already (so over several blocks it keeps the first's); the sum
+    is then made out of place, leaving those gradients intact for the caller to put back."""
     params = list(params)
     saved = [p.grad for p in params]
     for p in params:
@@ -734,16 +738,22 @@ def grads_restored_on_error(params: Iterable[torch.Tensor]) -> Iterator[None]:
             p.grad = old
         raise
     else:
-        olds, news = [], []
+        olds, news, summed_into = [], [], []
         for p, old in zip(params, saved):
+            if before is not None:
+                before.setdefault(p, old)
             if old is None:
                 continue  # the block's gradient (or still none) is the whole gradient
             if p.grad is not None:
                 olds.append(old)
                 news.append(p.grad)
+                summed_into.append(p)
             p.grad = old
-        if olds:
+        if olds and before is None:
             torch._foreach_add_(olds, news)  # one fused launch for hundreds of LoRA tensors
+        elif olds:  # the same sums, into new tensors: the old ones stay as they were
+            for p, total in zip(summed_into, torch._foreach_add(olds, news)):
+                p.grad = total
     finally:
         del saved
 

@@ -208,9 +208,14 @@ class Trainer:
         items = [(i, ex) for i, part in enumerate(parts) for ex in part.examples]
         params = [p for part in parts for p in self.runs[part.adapter].adapter.parameters()]
         generators = [g for part in parts for g in self.runs[part.adapter].adapter.dropout_generators.values()]
+        # For a rerun of the adapters a NaN of another one reached (see _nan_victims): their
+        # generators' states and gradients from before this batch.
+        states = [g.get_state() for g in generators]
+        before: dict[torch.Tensor, torch.Tensor | None] = {}
         try:
-            chunks = run_splitting_on_oom(lambda chunk: self._forward_backward(parts, chunk, params, generators),
-                                          items, on_split=self._report_split)
+            chunks = run_splitting_on_oom(
+                lambda chunk: self._forward_backward(parts, chunk, params, generators, before),
+                items, on_split=self._report_split)
         except UnsplittableOOM as err:
             raise self._unsplittable(parts, err) from None
         # Everything below is queued without reading anything back from the device, then read
@@ -218,33 +223,66 @@ class Trainer:
         # queues more (on a GPU, once per read; a step used to read three times per adapter).
         ce_of = {i: [sums[i][0] for sums in chunks if i in sums] for i in range(len(parts))}  # device scalars
         counts = [sum(sums[i][1] for sums in chunks if i in sums) for i in range(len(parts))]
-        issued = {}  # part index -> (lr, squared gradient norm on the device, or None)
+        sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts)}  # device or None
+        issued = {}  # part index -> lr of the step queued on the device
         for i, part in enumerate(parts):
             run = self.runs[part.adapter]
             if part.last_in_step and run.adapter.steps_on_device and math.isfinite(run.step.loss):
                 # The step's loss is non-finite if any micro-batch's is: the earlier ones are
                 # known here, this one only on the device, which skips the update itself then.
                 bad = ~torch.isfinite(torch.stack(ce_of[i])).all()
-                issued[i] = run.adapter.step_on_device(bad)
+                issued[i], _ = run.adapter.step_on_device(bad, sqs[i])
         reads = [t.float() for i in range(len(parts)) for t in ce_of[i]]
-        reads += [sq.float() for _, sq in issued.values() if sq is not None]
+        reads += [sq.float() for sq in sqs.values() if sq is not None]
         values = iter(torch.stack(reads).tolist())
         ce_sums = [sum(next(values) for _ in ce_of[i]) for i in range(len(parts))]
-        norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, (_, sq) in issued.items()}
+        norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, sq in sqs.items()}
         seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
+        victims, together = self._nan_victims(ce_sums, norms)
+        for i in victims:  # as before this batch: no step taken, the gradients and draws of before
+            adapter = self.runs[parts[i].adapter].adapter
+            if i in issued:
+                adapter.steps_done -= 1  # the device skipped it: its gradient was not finite
+            for param in adapter.parameters():
+                param.grad = before.get(param)
+            mine = set(adapter.dropout_generators.values())
+            for g, state in zip(generators, states):
+                if g in mine:
+                    g.set_state(state)
         save_due = False
         for i, part in enumerate(parts):
+            if i in victims:
+                continue
             run = self.runs[part.adapter]
             run.step.loss += ce_sums[i] / max(1, part.step_label_tokens)
             run.step.label_tokens += counts[i]
             run.step.input_tokens += sum(len(ex.input_ids) for ex in part.examples)
             run.busy_seconds += seconds
             if part.last_in_step:
-                stepped = (issued[i][0], norms[i]) if i in issued else None
-                save_due |= self._finish_step(run, part.epoch, stepped)
+                save_due |= self._finish_step(run, part.epoch, norms[i], issued.get(i))
+        for rerun in ([[parts[i] for i in victims]] if together else [[parts[i]] for i in victims]):
+            save_due |= self._train_on(rerun)
         return save_due
 
-    def _forward_backward(self, parts, chunk, params, generators) -> dict[int, tuple[torch.Tensor, int]]:
+    @staticmethod
+    def _nan_victims(ce_sums: list[float], norms: dict[int, float]) -> tuple[list[int], bool]:
+        """The parts of a fused batch whose non-finite gradient may be another adapter's NaN,
+        and whether to rerun them together. The fused (and dense) kernels reduce each
+        adapter's weight gradients over every row of the batch, its zeros included, and
+        0 x NaN is NaN: non-finite activations on one adapter's rows (a non-finite loss) make
+        the others' gradients NaN too. So when an adapter's loss is non-finite, the others
+        whose gradient is non-finite run again without it; when no loss is but several
+        gradients are, each of those runs again alone. Their steps were not taken (the device
+        skipped them), so a rerun trains them exactly as if the culprit had not been there."""
+        culprits = {i for i, ce in enumerate(ce_sums) if not math.isfinite(ce)}
+        suspects = [i for i, norm in norms.items() if not math.isfinite(norm) and i not in culprits]
+        if culprits and suspects:
+            return suspects, True
+        if len(suspects) >= 2:
+            return suspects, False
+        return [], False
+
+    def _forward_backward(self, parts, chunk, params, generators, before) -> dict[int, tuple[torch.Tensor, int]]:
         """Forward, loss and backward of the examples `chunk` ((part index, example) pairs) of
         the fused batch `parts`; returns {part index: (CE sum, label tokens)} of its pieces.
         All or nothing: if it raises, the LoRA gradients and the dropout generators are as
@@ -257,7 +295,7 @@ class Trainer:
         # whole step's label-token count, the loss normaliser.
         micro = [parts[i] if len(exs) == len(parts[i].examples) else replace(parts[i], examples=exs)
                  for i, exs in pieces.items()]
-        with grads_restored_on_error(params), generators_restored_on_error(generators):
+        with grads_restored_on_error(params, before), generators_restored_on_error(generators):
             try:
                 batch = fuse(micro, session.pad_id, pack_len=self.pack_len).to(session.device)
                 # Packing leaves the loss as it is: the same label tokens are targets (a packed
@@ -290,22 +328,20 @@ class Trainer:
                          f"its fused batch down to it; {fixes}, train fewer or smaller adapters (their state stays on "
                          f"the device), or free device memory ({detail})")
 
-    def _finish_step(self, run: AdapterProgress, epoch: int, stepped: tuple[float, float] | None = None) -> bool:
-        """Log (and, unless `stepped`, take) the adapter's optimizer step. stepped: (lr, grad
-        norm) of a step already queued by step_on_device, which the device skipped if the
-        step turns out non-finite here."""
+    def _finish_step(self, run: AdapterProgress, epoch: int, norm: float, stepped_lr: float | None = None) -> bool:
+        """Log (and, unless `stepped_lr`, take) the adapter's optimizer step; `norm` is its
+        gradient norm. stepped_lr: the LR of a step already queued by step_on_device, which the
+        device skipped if the step turns out non-finite here."""
         adapter, session = run.adapter, self.session
         loss = run.step.loss
-        if stepped is None:
-            lr, norm = adapter.current_lr(), adapter.grad_norm()
-        else:
-            lr, norm = stepped
-        record = {"adapter": adapter.name, "step": adapter.steps_done + (1 if stepped is None else 0),
+        stepped = stepped_lr is not None
+        lr = stepped_lr if stepped else adapter.current_lr()
+        record = {"adapter": adapter.name, "step": adapter.steps_done + (0 if stepped else 1),
                   "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": run.step.label_tokens,
                   "input_tokens": run.step.input_tokens, "time": self.elapsed}
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            return self._non_finite(run, record, counted=stepped is not None)
-        if stepped is None:
+            return self._non_finite(run, record, counted=stepped)
+        if not stepped:
             adapter.step(grad_norm=norm)
         step = adapter.steps_done
         run.tokens_seen += run.step.input_tokens
@@ -331,7 +367,8 @@ class Trainer:
 
     def _non_finite(self, run: AdapterProgress, record: dict, counted: bool = False) -> bool:
         """A NaN/inf loss or gradient: skip the step or stop the adapter (its `on_nan`); the
-        other adapters never see it (they share no parameter and no row with it). counted:
+        other adapters never see it (they share no parameter and no row with it; a NaN that
+        reaches their gradients through a fused kernel sends them round again: _nan_victims). counted:
         step_on_device already dropped the gradients and counted the step (the device
         skipped the update)."""
         adapter = run.adapter

@@ -331,6 +331,28 @@ def test_dense_kernel_extra_is_what_autograd_saves(monkeypatch, adapters, target
     assert 0 <= saved["dense"] - saved["loop"] - extra <= 4 * sum(r for r, _ in adapters) * 7
 
 
+def test_protected_accumulation_can_keep_the_gradients_of_before():
+    """With `before`, the gradients from before the first block are handed back untouched (the
+    trainer puts them back for an adapter it runs again after a NaN), and the sums are still
+    the plain accumulation's, bit for bit."""
+    torch.manual_seed(0)
+    xs = [torch.randn(8, 64) for _ in range(3)]
+    plain = torch.nn.Parameter(torch.randn(64, 64))
+    guarded = torch.nn.Parameter(plain.detach().clone())
+    untouched = torch.nn.Parameter(torch.ones(2))
+    untouched.grad = torch.ones(2)
+    (plain @ xs[0].T).sin().sum().backward()
+    (guarded @ xs[0].T).sin().sum().backward()
+    first, before = guarded.grad.clone(), {}
+    for x in xs[1:]:
+        (plain @ x.T).sin().sum().backward()
+        with grads_restored_on_error([guarded, untouched], before):
+            (guarded @ x.T).sin().sum().backward()
+    assert torch.equal(guarded.grad, plain.grad)
+    assert torch.equal(before[guarded], first) and torch.equal(untouched.grad, torch.ones(2))
+    assert before[untouched] is untouched.grad
+
+
 @pytest.mark.parametrize("adapters, targets", [
     ([(4, 0.1)] * 3, ALL7),
     ([(4, 0.1), (8, 0.0)], ("q_proj", "v_proj", "down_proj")),

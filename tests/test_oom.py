@@ -169,7 +169,7 @@ def test_oom_in_backward_does_not_count_gradients_twice(tmp_path, tiny_llama, re
 
     # The same without putting the gradients back: the upper layer's count twice, and the
     # weights differ, so the comparison above would have caught it.
-    monkeypatch.setattr(mlora.trainer, "grads_restored_on_error", lambda params: nullcontext())
+    monkeypatch.setattr(mlora.trainer, "grads_restored_on_error", lambda params, before=None: nullcontext())
     broken = Run(tmp_path, tiny_llama, "unprotected")
     assert train(broken) == 0
     assert max(rel_diff(broken.weights(n), reference.weights(n)) for n in NAMES) > 1e-3

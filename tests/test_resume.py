@@ -193,9 +193,8 @@ POISONS = {
     "nan-stop-adamw": ({"alpha": 1e30, "optim": "adamw", "lr": 1.0, "on_nan": "stop"}, "stop"),
     # Two micro-batches a step and a NaN loss (the test makes it): the first micro-batch's
     # non-finite loss is known on the host when the step comes, and the trainer skips it there.
-    # The loop kernel: the fused and dense kernels reduce every adapter's weight gradients
-    # over all rows, and a NaN on the poison's rows reaches the others' (0 x NaN; see
-    # test_a_nan_on_one_adapters_rows_reaches_the_others_in_the_fused_kernel).
+    # The loop kernel, which reduces each adapter's gradients over its own rows (see
+    # test_a_nan_in_one_adapters_rows_does_not_reach_the_others for the fused one).
     "nan-loss-accumulated": ({"optim": "adamw", "lr": 1e-2, "on_nan": "skip", "micro_batch_size": 1}, "skip"),
 }
 
@@ -259,16 +258,22 @@ def _poison_the_loss(monkeypatch, name: str) -> None:
     monkeypatch.setattr(mlora.trainer, "fused_loss_sums", poisoned)
 
 
-@pytest.mark.xfail(strict=True, reason="known: the fused kernel reduces each adapter's weight gradients over "
-                                       "every row of the batch, and 0 x NaN on another adapter's rows is NaN")
-def test_a_nan_on_one_adapters_rows_reaches_the_others_in_the_fused_kernel(tmp_path, tiny_llama, reference,
-                                                                           monkeypatch):
-    """A NaN loss (non-finite activations) on one adapter's rows: the other adapters of the
-    fused batch should train as without it. With the fused (and dense) kernel they do not:
-    their gradients come out NaN too and their steps are skipped. The loop kernel isolates
-    them (the poison case "nan-loss-accumulated" above). Strict: this fails once fixed."""
+@pytest.mark.parametrize("kernel,policy", [("auto", "skip"), ("auto", "stop"), ("dense", "skip")])
+def test_a_nan_in_one_adapters_rows_does_not_reach_the_others(tmp_path, tiny_llama, reference, monkeypatch,
+                                                             kernel, policy):
+    """A NaN loss (non-finite activations) on one adapter's rows in every batch. The fused and
+    dense kernels reduce each adapter's weight gradients over every row of the batch, so the
+    NaN reaches the gradients of the adapters fused with it (0 x NaN); the trainer then runs
+    those again without the culprit (Trainer._nan_victims), and they train exactly as
+    without it: a (which accumulates two micro-batches a step) and b (SGD)."""
+    import mlora.lora
+
+    monkeypatch.setattr(mlora.lora, "kernel", kernel)
     _poison_the_loss(monkeypatch, "poison")
-    _train_beside_a_poison(tmp_path, tiny_llama, reference, {"optim": "adamw", "on_nan": "skip"})
+    out = _train_beside_a_poison(tmp_path, tiny_llama, reference, {"optim": "adamw", "on_nan": policy})
+    records = [m for m in read_metrics(out / "metrics.jsonl") if m["adapter"] == "poison"]
+    assert records and all(m.get("skipped") and m["reason"] == "non-finite loss" for m in records)
+    assert len(records) == (1 if policy == "stop" else 18)
 
 
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
