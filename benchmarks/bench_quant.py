@@ -119,12 +119,13 @@ def run_base(args) -> list[dict]:
     from mlora.device import resolve_device, resolve_dtype
     from mlora.loader import load_model, read_model_config
     from mlora.loss import token_loss_sums
-    from mlora.lora import BatchLayout, inject_lora
+    from mlora.lora import BatchLayout, check_kernel, inject_lora
     from mlora.quant import QuantConfig, check_available, linear_weight_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    check_kernel(device)  # MLORA_LORA_KERNEL: a one-line error now, not an ImportError mid-step
     dtype = resolve_dtype(device, None)
     quant = {"full": None, "nf4": QuantConfig(4, "nf4"), "int8": QuantConfig(8)}[args.child]
     label = args.child if quant else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

@@ -10,12 +10,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from mlora.models.llama import ModelArgs, CausalLM
-from mlora.lora import inject_lora, BatchLayout, LoraWeights, AdapterRows, TARGET_MODULES
+from mlora.lora import inject_lora, BatchLayout, LoraWeights, AdapterRows, TARGET_MODULES, check_kernel
 from mlora.loss import token_loss_sums
 from mlora.memory import (estimate_peak_bytes, LoraShape, GiB, run_splitting_on_oom, choose_token_budget,
                           device_free_bytes, UnsplittableOOM)
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+check_kernel(dev)  # MLORA_LORA_KERNEL: a one-line error now, not an ImportError mid-step
 SMOKE = dev.type == "cpu"
 dt = torch.bfloat16
 SHAPES = {

@@ -15,12 +15,13 @@ from mlora.adapter import Adapter, layer_generators
 from mlora.batching import MicroBatch, fuse
 from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX, Example
-from mlora.lora import BatchLayout, inject_lora
+from mlora.lora import BatchLayout, check_kernel, inject_lora
 from mlora.loss import fused_loss_sums
 from mlora.models.llama import CausalLM, ModelArgs
 from mlora.packing import pack_examples
 
 DEV = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+check_kernel(DEV)  # MLORA_LORA_KERNEL: a one-line error now, not an ImportError mid-step
 SMALL = len(sys.argv) > 2 and sys.argv[2] == "small"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
