@@ -726,7 +726,8 @@ def grads_restored_on_error(params: Iterable[torch.Tensor], before: dict | None 
 
     before: a dict that, on success, gets each parameter's gradient from before the block (None:
     none yet) unless it has one already (so over several blocks it keeps the first's); the sum
-    is then made out of place, leaving those gradients intact for the caller to put back."""
+    is then made out of place, leaving those gradients intact for the caller to put back. That
+    is one copy of the accumulated gradients more, for as long as the caller keeps the dict."""
     params = list(params)
     saved = [p.grad for p in params]
     for p in params:

@@ -124,6 +124,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self.started = time.perf_counter()
         self.stopped: set[str] = set()
+        self.reran_for: set[tuple[str, ...]] = set()  # culprits whose NaN made others run again (said once)
 
     @property
     def elapsed(self) -> float:
@@ -209,15 +210,24 @@ class Trainer:
         params = [p for part in parts for p in self.runs[part.adapter].adapter.parameters()]
         generators = [g for part in parts for g in self.runs[part.adapter].adapter.dropout_generators.values()]
         # For a rerun of the adapters a NaN of another one reached (see _nan_victims): their
-        # generators' states and gradients from before this batch.
+        # generators' states and gradients from before this batch. Kept gradients cost one
+        # more copy of the accumulated ones from the end of the backward to the read; a batch
+        # split for memory keeps none (its halves would hold three copies at their peaks),
+        # and then no rerun is possible: the victims skip this step, as the culprit does.
         states = [g.get_state() for g in generators]
-        before: dict[torch.Tensor, torch.Tensor | None] = {}
+        kept: list[dict | None] = [{}]
+
+        def split(left, right) -> None:
+            kept[0] = None
+            self._report_split(left, right)
+
         try:
             chunks = run_splitting_on_oom(
-                lambda chunk: self._forward_backward(parts, chunk, params, generators, before),
-                items, on_split=self._report_split)
+                lambda chunk: self._forward_backward(parts, chunk, params, generators, kept[0]),
+                items, on_split=split)
         except UnsplittableOOM as err:
             raise self._unsplittable(parts, err) from None
+        before = kept[0]
         # Everything below is queued without reading anything back from the device, then read
         # in ONE go: a read waits for the device, and after it the device idles until the host
         # queues more (on a GPU, once per read; a step used to read three times per adapter).
@@ -238,7 +248,7 @@ class Trainer:
         ce_sums = [sum(next(values) for _ in ce_of[i]) for i in range(len(parts))]
         norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, sq in sqs.items()}
         seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
-        victims, together = self._nan_victims(ce_sums, norms)
+        victims, together = self._nan_victims(ce_sums, norms) if before is not None else ([], False)
         for i in victims:  # as before this batch: no step taken, the gradients and draws of before
             adapter = self.runs[parts[i].adapter].adapter
             if i in issued:
@@ -249,6 +259,9 @@ class Trainer:
             for g, state in zip(generators, states):
                 if g in mine:
                     g.set_state(state)
+        if victims:
+            self._report_rerun(parts, ce_sums, victims)
+        before = kept[0] = None  # the copies of before go now, before the rerun makes its own
         save_due = False
         for i, part in enumerate(parts):
             if i in victims:
@@ -309,6 +322,21 @@ class Trainer:
                 clear_lora_caches(session.wrappers)
                 raise
         return {i: (sums[p.adapter][0].detach(), sums[p.adapter][1]) for i, p in zip(pieces, micro)}
+
+    def _report_rerun(self, parts, ce_sums: list[float], victims: list[int]) -> None:
+        """Say once per culprit that its NaN made others run again (every batch it shares does,
+        for as long as it trains: on_nan "stop" takes it out)."""
+        culprits = tuple(parts[i].adapter for i, ce in enumerate(ce_sums) if not math.isfinite(ce))
+        if culprits in self.reran_for:
+            return
+        self.reran_for.add(culprits)
+        others = ", ".join(repr(parts[i].adapter) for i in victims)
+        if culprits:
+            cause = f"non-finite activations of {', '.join(repr(n) for n in culprits)} reached the gradients of {others}"
+        else:
+            cause = f"the gradients of {others} came out non-finite together"
+        tqdm.write(f"mlora: {cause} in a fused batch; they ran again, apart (each such batch will; "
+                   "on_nan: stop takes a culprit out)", file=sys.stderr)
 
     def _report_split(self, left, right) -> None:
         unit = "sequences" if self.pack_len else "rows"

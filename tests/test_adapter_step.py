@@ -119,6 +119,8 @@ def test_the_trainer_reads_the_device_once_per_fused_batch(tmp_path, tiny_llama,
     train_on = Trainer._train_on
 
     def counted(self, parts):
+        if inside[0]:  # a rerun after a NaN (none here) counts with its batch
+            return train_on(self, parts)
         reads.append([])
         inside[0] = True
         try:

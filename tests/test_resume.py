@@ -260,20 +260,28 @@ def _poison_the_loss(monkeypatch, name: str) -> None:
 
 @pytest.mark.parametrize("kernel,policy", [("auto", "skip"), ("auto", "stop"), ("dense", "skip")])
 def test_a_nan_in_one_adapters_rows_does_not_reach_the_others(tmp_path, tiny_llama, reference, monkeypatch,
-                                                             kernel, policy):
+                                                             capsys, kernel, policy):
     """A NaN loss (non-finite activations) on one adapter's rows in every batch. The fused and
     dense kernels reduce each adapter's weight gradients over every row of the batch, so the
     NaN reaches the gradients of the adapters fused with it (0 x NaN); the trainer then runs
     those again without the culprit (Trainer._nan_victims), and they train exactly as
     without it: a (which accumulates two micro-batches a step) and b (SGD)."""
     import mlora.lora
+    import mlora.trainer
 
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
     _poison_the_loss(monkeypatch, "poison")
+    batches = []
+    train_on = mlora.trainer.Trainer._train_on
+    monkeypatch.setattr(mlora.trainer.Trainer, "_train_on",
+                        lambda self, parts: batches.append([p.adapter for p in parts]) or train_on(self, parts))
     out = _train_beside_a_poison(tmp_path, tiny_llama, reference, {"optim": "adamw", "on_nan": policy})
+    assert_same_run(out, reference, tol=1e-5)  # steps, losses and weights of a and b
     records = [m for m in read_metrics(out / "metrics.jsonl") if m["adapter"] == "poison"]
     assert records and all(m.get("skipped") and m["reason"] == "non-finite loss" for m in records)
     assert len(records) == (1 if policy == "stop" else 18)
+    assert any("poison" not in names and len(names) > 1 for names in batches)  # a and b did run again
+    assert "non-finite activations of 'poison' reached the gradients of" in capsys.readouterr().err
 
 
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
