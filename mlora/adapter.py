@@ -59,6 +59,7 @@ class Adapter:
         # pipeline stage draws for its layers what one process draws for them).
         self.dropout_generators: dict[str, torch.Generator] = {}  # decoder layer path -> generator
         self.weights: dict[str, LoraWeights] = {}
+        self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # named_parameters, built once
         for path in sorted(wrappers, key=_module_sort_key):
             if path.rsplit(".", 1)[-1] not in cfg.target_modules:
                 continue
@@ -85,9 +86,14 @@ class Adapter:
         return [p for _, p in self.named_parameters()]
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """('<module path>.lora_A' | '.lora_B', parameter), in module order."""
-        return [(f"{path}.{kind}", getattr(w, kind)) for path, w in self.weights.items()
-                for kind in ("lora_A", "lora_B")]
+        """('<module path>.lora_A' | '.lora_B', parameter), in module order. Built once: the
+        step asks for them several times, and building the names of hundreds of parameters
+        each time is host time a GPU waits for. (The weights are set in __init__ and only
+        ever changed in place.)"""
+        if self._named is None or len(self._named) != 2 * len(self.weights):
+            self._named = [(f"{path}.{kind}", getattr(w, kind)) for path, w in self.weights.items()
+                           for kind in ("lora_A", "lora_B")]
+        return list(self._named)
 
     def _make_optimizer(self) -> torch.optim.Optimizer | None:
         cfg = self.cfg
@@ -118,9 +124,8 @@ class Adapter:
         grads = self._grads()
         if not grads:
             return None
-        # One fused kernel over all tensors (hundreds per adapter). The gradients are fp32
-        # (the weights are); .float() only guards the norm's dtype.
-        norms = torch._foreach_norm([g.float() for g in grads])
+        # One fused kernel over all tensors (hundreds per adapter); fp32, as the weights are.
+        norms = torch._foreach_norm(grads)
         return torch.stack(norms).pow(2).sum()
 
     def local_grad_sq(self) -> float:
