@@ -233,7 +233,8 @@ class Trainer:
         # queues more (on a GPU, once per read; a step used to read three times per adapter).
         ce_of = {i: [sums[i][0] for sums in chunks if i in sums] for i in range(len(parts))}  # device scalars
         counts = [sum(sums[i][1] for sums in chunks if i in sums) for i in range(len(parts))]
-        sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts)}  # device or None
+        # The squared gradient norms of the adapters that step now (device scalars or None).
+        sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts) if part.last_in_step}
         issued = {}  # part index -> lr of the step queued on the device
         for i, part in enumerate(parts):
             run = self.runs[part.adapter]
@@ -247,6 +248,13 @@ class Trainer:
         values = iter(torch.stack(reads).tolist())
         ce_sums = [sum(next(values) for _ in ce_of[i]) for i in range(len(parts))]
         norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, sq in sqs.items()}
+        if before is not None and not all(math.isfinite(ce) for ce in ce_sums):
+            # A NaN loss: whether it reached the gradients of the adapters still accumulating
+            # is a second read, made only then (see _nan_victims).
+            rest = {i: self.runs[p.adapter].adapter.grad_sq() for i, p in enumerate(parts) if i not in sqs}
+            rest = {i: sq for i, sq in rest.items() if sq is not None}
+            if rest:
+                norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
         seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
         victims, together = self._nan_victims(ce_sums, norms) if before is not None else ([], False)
         for i in victims:  # as before this batch: no step taken, the gradients and draws of before
