@@ -18,7 +18,10 @@ reads the input (q, k, v, and the LoRA path). This op writes the backward by han
 * the per-row "which adapter" mask and the per-column LoRA scale are one cached fp32 [N, C]
   factor shared by every layer (`column_factor`), applied once forward and once backward
   (fp32: a scale rounded to bf16 would bias every value of its column alike, up to 0.2 %);
-* autograd records one node per group instead of about thirty.
+* autograd records one node per group instead of about thirty, and none per parameter: the
+  backward adds the LoRA gradients into the parameters' .grad itself (`_accumulate`), where
+  autograd would keep an accumulation node and check every gradient it returns (24
+  parameters in a group of 4 adapters: more host time than the op's own launches).
 With `spec.philox` (the "triton" kernel) the dropout side runs in Triton kernels that draw
 the mask where they need it, so neither the mask nor a dropped-out copy exists (lora_triton.py).
 
@@ -174,20 +177,24 @@ class FusedGroupSpec:
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
     philox: bool = False  # draw the dropout mask inside Triton kernels (lora_triton.py), never stored
+    a_params: list[torch.Tensor] = field(default_factory=list)  # column order; their .grad gets dA
+    b_params: list[torch.Tensor] = field(default_factory=list)  # likewise dB
 
 
 class FusedGroupLoRA(torch.autograd.Function):
-    """outputs = FusedGroupLoRA.apply(x2d, spec, *A_params, *B_params): one [N, out_m] per member.
+    """outputs = FusedGroupLoRA.apply(x2d, spec, anchor): one [N, out_m] per member.
 
-    A_params in column order (member-major, then adapter), B_params likewise; see the module
-    docstring for the math."""
+    spec.a_params in column order (member-major, then adapter), spec.b_params likewise; the
+    backward accumulates their gradients into their .grad and returns none for `anchor` (one
+    of them). So torch.autograd.grad cannot ask this op for a LoRA gradient; mlora never does.
+    See the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, spec: FusedGroupSpec, *weights: torch.Tensor):
-        # The parameters come in as inputs so that autograd routes their gradients; the math
-        # uses their casts (spec.casts).
-        n_a = len(weights) - sum(spec.b_counts)
-        a_params, b_params = weights[:n_a], weights[n_a:]
+    def forward(ctx, x2d: torch.Tensor, spec: FusedGroupSpec, anchor: torch.Tensor):
+        # The parameters' gradients are accumulated into their .grad by the backward itself
+        # (see _accumulate); `anchor`, one of them, only makes autograd run it when the input
+        # needs no gradient (layer 0). The math uses the parameters' casts (spec.casts).
+        a_params, b_params = spec.a_params, spec.b_params
         a_all = spec.casts.a_all  # [C, in]
 
         plan = mask = None
@@ -249,7 +256,23 @@ class FusedGroupLoRA(torch.autograd.Function):
             d_b = torch.mm(dy.t(), h[:, c0:c1])  # [out, C_m]: adapters side by side
             grads_b += _contiguous_fp32_blocks(d_b, ctx.b_cols[i:i + count])
             i += count
-        return (dx, None, *grads_a, *grads_b)
+        _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
+        return dx, None, None
+
+
+def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """param.grad += grad, as autograd's accumulation would (a first gradient is taken as it
+    is), without an autograd node and its bookkeeping per parameter: a group of 4 adapters has
+    24 parameters, and that bookkeeping cost more host time than the op's own launches."""
+    olds, news = [], []
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g
+        else:
+            olds.append(p.grad)
+            news.append(g)
+    if olds:
+        torch._foreach_add_(olds, news)
 
 
 def _contiguous_fp32_blocks(d: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
