@@ -295,7 +295,8 @@ class InputGroup:
         self._casts = WeightCasts.of(self._casts, plan.a_params, plan.b_params, plan.counts, x.dtype)
         spec = FusedGroupSpec(plan.bases, plan.cols, plan.counts, plan.factor, self._casts, plan.dropout,
                               plan.everywhere, philox, plan.a_params, plan.b_params)
-        ys = FusedGroupLoRA.apply(x2d, spec, plan.a_params[0])
+        anchor = next((p for p in plan.a_params + plan.b_params if p.requires_grad), plan.a_params[0])
+        ys = FusedGroupLoRA.apply(x2d, spec, anchor)
         return _Hidden(x, outputs=dict(zip(plan.members, ys)), delta_only=plan.delta_only)
 
     def _fused_plan(self, key, x, active, S, training) -> "_FusedPlan":

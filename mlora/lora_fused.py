@@ -186,8 +186,9 @@ class FusedGroupLoRA(torch.autograd.Function):
 
     spec.a_params in column order (member-major, then adapter), spec.b_params likewise; the
     backward accumulates their gradients into their .grad and returns none for `anchor` (one
-    of them). So torch.autograd.grad cannot ask this op for a LoRA gradient; mlora never does.
-    See the module docstring for the math."""
+    of them that needs a gradient). So torch.autograd.grad cannot ask this op for a LoRA
+    gradient, and hooks on the LoRA parameters do not fire; mlora uses neither. See the
+    module docstring for the math."""
 
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, spec: FusedGroupSpec, anchor: torch.Tensor):
@@ -256,7 +257,10 @@ class FusedGroupLoRA(torch.autograd.Function):
             d_b = torch.mm(dy.t(), h[:, c0:c1])  # [out, C_m]: adapters side by side
             grads_b += _contiguous_fp32_blocks(d_b, ctx.b_cols[i:i + count])
             i += count
-        _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
+        # Only when this backward reaches the parameters (not for torch.autograd.grad(loss, x)
+        # or backward(inputs=[x])): the anchor's accumulation node says whether it does.
+        if torch._C._will_engine_execute_node(ctx.next_functions[-1][0]):
+            _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
         return dx, None, None
 
 
@@ -266,6 +270,8 @@ def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     24 parameters, and that bookkeeping cost more host time than the op's own launches."""
     olds, news = [], []
     for p, g in zip(params, grads):
+        if not p.requires_grad:
+            continue
         if p.grad is None:
             p.grad = g
         else:

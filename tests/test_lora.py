@@ -337,6 +337,30 @@ def test_fused_runs_a_trainable_base_outside_the_op():
     assert base.bias.grad is not None
 
 
+def test_fused_writes_lora_gradients_only_when_the_backward_asks_for_them():
+    """The fused op adds the LoRA gradients into .grad itself: a backward that asks only for the
+    input's gradient (torch.autograd.grad, backward(inputs=[x])) must leave them alone, a full
+    one must write them, and a frozen parameter gets none."""
+    layout = BatchLayout([AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)])
+    members = _group(16, (16, 8, 8), layout)
+    for i, name in enumerate("ab"):
+        for m, lin in enumerate(members):
+            lin.adapters[name] = _weights(16, lin.out_features, 4, 8.0, 0.0, 10 * i + m)
+    params = [p for lin in members for w in lin.adapters.values() for p in (w.lora_A, w.lora_B)]
+    x = torch.randn(4, 3, 16, requires_grad=True)
+
+    def loss():
+        return sum(lin(x).square().sum() for lin in members)
+
+    (gx,) = torch.autograd.grad(loss(), x)
+    loss().backward(inputs=[x])
+    assert gx.abs().sum() > 0 and all(p.grad is None for p in params)
+    members[0].adapters["a"].lora_A.requires_grad_(False)  # the first one: not the anchor then
+    loss().backward()
+    assert members[0].adapters["a"].lora_A.grad is None
+    assert all(p.grad is not None for p in params if p.requires_grad)
+
+
 def test_fused_refuses_double_backward():
     """create_graph through the hand-written backward raises instead of returning a
     second-order gradient that misses the weight casts made inside the forward."""
