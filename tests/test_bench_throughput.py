@@ -107,3 +107,17 @@ def test_profile_compares_the_frozen_base_with_the_fused_step(tmp_path):
     assert all(f["wall_ms_per_step"] > 0 and f["device_busy"] is None for f in figures.values())
     text = path.read_text()
     assert all(f"== {label}:" in text for label in expected)
+
+
+def test_host_benchmark_quick_mode(tmp_path):
+    """benchmarks/bench_host.py: host time of a step on TinyLlama's depth at a tiny width."""
+    spec = importlib.util.spec_from_file_location("bench_host", ROOT / "benchmarks" / "bench_host.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "host.json"
+    result = module.main(["--quick", "--kernels", "auto", "--out", str(out)])
+    (run,) = result["runs"]
+    assert run["layers"] == 22 and json.loads(out.read_text())["runs"] == [run]
+    assert all(run[k] > 0 for k in ("fwd_bwd_ms_1_adapters", "fwd_bwd_ms_4_adapters", "fwd_bwd_ms_frozen_base",
+                                    "optimizer_steps_ms_4_adapters"))

@@ -368,8 +368,9 @@ def test_fused_refuses_double_backward():
     lin.adapters["a"] = _weights(8, 8, 2, 4.0, 0.0, 0)
     x = torch.randn(2, 3, 8, requires_grad=True)
     (gx,) = torch.autograd.grad(lin(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gx.square().sum(), lin.adapters["a"].lora_B)
+    for wrt in (x, lin.adapters["a"].lora_B):  # no second-order path at all: an error, not a number
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(gx.square().sum(), wrt, retain_graph=True)
 
 
 def test_fused_weight_casts_are_kept_until_a_parameter_changes():

@@ -1,0 +1,122 @@
+"""Host time of a training step: what the CPU spends to dispatch one forward + backward (and
+the adapters' optimizer steps) when the math itself costs next to nothing.
+
+TinyLlama-1.1B's 22 decoder layers at a tiny width (hidden 64) and a handful of tokens, so the
+time measured is dispatch and Python, the part that does not shrink on a faster GPU: on a GPU
+the host must queue a step's kernels faster than the GPU runs them, or the GPU waits (the
+profile in bench_throughput.py says how busy it was). One thread, best of several repeats.
+
+    python benchmarks/bench_host.py                 # writes benchmarks/results/host.json
+    python benchmarks/bench_host.py --quick         # seconds (tested in CI)
+
+Figures: benchmarks/THROUGHPUT.md ("Host time").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_throughput as bt  # noqa: E402
+import mlora.lora as lora_module  # noqa: E402
+from mlora.lora import AdapterRows  # noqa: E402
+from mlora.loss import token_loss_sums  # noqa: E402
+
+# TinyLlama's depth and head layout at a width where the math is negligible.
+bt.SHAPES.setdefault("host", (64, 176, 22, 4, 2, 512))
+SEQ = 8
+
+
+def best_ms(fn, steps: int, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1e3
+
+
+def loss_sums(logits, ids, rows, counts):
+    try:
+        return token_loss_sums(logits, ids, rows, counts)
+    except TypeError:  # an mlora from before host-side counts (for a comparison): it reads them
+        return token_loss_sums(logits, ids, rows)
+
+
+def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
+    torch.set_num_threads(1)
+    bench = bt.MloraBench("host", bt.Settings(seq=SEQ, dropout=0.05), torch.device("cpu"), torch.float32)
+    vocab = bench.cfg.vocab_size
+    out = {"kernel": kernel, "layers": bt.SHAPES["host"][2], "tokens_per_row": SEQ}
+    previous, lora_module.kernel = lora_module.kernel, kernel
+    try:
+        for n in (1, 4):
+            adapters = bench.adapters(n, 1, 0.05)
+            ids = bt.batch(n, SEQ, vocab, torch.device("cpu"), seed=n)
+            rows = [AdapterRows(a.name, i, i + 1) for i, a in enumerate(adapters)]
+            counts = {r.name: SEQ - 1 for r in rows}
+            bench.model.train()
+
+            def forward_backward():
+                bench.layout.rows = rows
+                sums = loss_sums(bench.model(ids), ids, rows, counts)
+                sum(ce / count for ce, count in sums.values()).backward()
+
+            def optimizer_steps():
+                for a in adapters:
+                    for p in a.parameters():
+                        p.grad = torch.zeros_like(p)
+                for a in adapters:
+                    # (an mlora from before step_on_device: its host step, for a comparison)
+                    a.step_on_device() if hasattr(a, "step_on_device") else a.step()
+
+            out[f"fwd_bwd_ms_{n}_adapters"] = best_ms(forward_backward, steps, repeats)
+            out[f"optimizer_steps_ms_{n}_adapters"] = best_ms(optimizer_steps, steps, repeats)
+            bench.layout.rows = []
+            bench.detach(adapters)
+        ids = bt.batch(4, SEQ, vocab, torch.device("cpu"), seed=0)
+        hook = bench.model.model.embed_tokens.register_forward_hook(lambda m, i, o: o.requires_grad_())
+        one, counts = [AdapterRows("base", 0, 4)], {"base": 4 * (SEQ - 1)}
+
+        def frozen():
+            ce, count = loss_sums(bench.model(ids), ids, one, counts)["base"]
+            (ce / count).backward()
+
+        out["fwd_bwd_ms_frozen_base"] = best_ms(frozen, steps, repeats)
+        hook.remove()
+    finally:
+        lora_module.kernel = previous
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few steps, for CI")
+    p.add_argument("--kernels", default="auto,dense")
+    p.add_argument("--out", default=None, help="JSON (default benchmarks/results/host.json; none with --quick)")
+    args = p.parse_args(argv)
+    steps, repeats = (2, 1) if args.quick else (30, 5)
+    result = {"meta": {"torch": torch.__version__, "threads": 1, "steps": steps, "repeats": repeats,
+                       "date": time.strftime("%Y-%m-%d")},
+              "runs": [measure(steps, repeats, kernel) for kernel in args.kernels.split(",")]}
+    for run in result["runs"]:
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}))
+    out = args.out or (None if args.quick else str(Path(__file__).resolve().parent / "results" / "host.json"))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
