@@ -259,7 +259,8 @@ class FusedGroupLoRA(torch.autograd.Function):
             i += count
         # Only when this backward reaches the parameters (not for torch.autograd.grad(loss, x)
         # or backward(inputs=[x])): the anchor's accumulation node says whether it does.
-        if torch._C._will_engine_execute_node(ctx.next_functions[-1][0]):
+        anchor_node = ctx.next_functions[-1][0]  # None: no LoRA parameter needs a gradient
+        if anchor_node is not None and torch._C._will_engine_execute_node(anchor_node):
             _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
         return dx, None, None
 
