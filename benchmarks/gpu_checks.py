@@ -163,20 +163,35 @@ def check_one_read_per_step(device) -> dict:
     import bench_throughput as bt
 
     bench = bt.MloraBench("tiny", bt.Settings(seq=64), device, torch.bfloat16)
-    step, _ = bench.fused_step(4, 2, 0.05)
+    step, adapters = bench.fused_step(4, 2, 0.05)
     step()
     torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(3):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
-    return {"check": "host-device synchronisations per fused training step (4 adapters)",
-            "per_step": len(syncs) / 3, "first": syncs[:3], "ok": len(syncs) == 3}
+
+    def new_layout_step(seq: int):
+        # Another row length each time: a new batch layout, so new row owners and factors.
+        ids = bt.batch(8, seq, bench.cfg.vocab_size, device, seed=seq)
+        rows = [AdapterRows(a.name, 2 * i, 2 * i + 2) for i, a in enumerate(adapters)]
+        bench.layout.rows = rows
+        sums = token_loss_sums(bench.model(ids), ids, rows, {r.name: 2 * (seq - 1) for r in rows})
+        sum(ce / count for ce, count in sums.values()).backward()
+        norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
+        torch.stack([ce for ce, _ in sums.values()] + norms).tolist()
+
+    counts = {}
+    for label, steps in (("same layout", [step] * 3),
+                         ("a new layout each step", [lambda s=s: new_layout_step(s) for s in (40, 48, 56)])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for fn in steps:
+                    fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        counts[label] = {"per_step": len(syncs) / len(steps), "first": syncs[:3]}
+    return {"check": "host-device synchronisations per fused training step (4 adapters)", **counts,
+            "ok": all(c["per_step"] == 1 for c in counts.values())}
 
 
 def check_triton_kernels(device) -> list[dict]:

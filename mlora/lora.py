@@ -46,7 +46,7 @@ from torch import nn
 
 from mlora import lora_triton
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
-                               column_factor, draw_keep_mask, row_owner)
+                               column_factor, draw_keep_mask, row_owner, upload)
 
 # The projections a LoRA may target, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -83,7 +83,7 @@ _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant tensor on `device`, made once: building it per call would copy from
     host memory in every layer, and such a copy waits for the GPU to drain its queue."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 @dataclass(frozen=True)

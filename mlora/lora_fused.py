@@ -96,6 +96,16 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
     return mask
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, copied without waiting: a plain copy from pageable
+    memory to a GPU synchronises with it (the host waits until everything queued has run),
+    so the copy goes through pinned memory, which the caching allocator keeps until the copy
+    is done. Layout constants (row owners, column scales) are made once per batch layout."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @functools.lru_cache(maxsize=64)
 def row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tensor:
     """[N] int32: for each token row of the flattened batch, the index of its adapter in
@@ -103,7 +113,7 @@ def row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tens
     owner = torch.full((N,), -1, dtype=torch.int32)
     for i, (start, end) in enumerate(ranges):
         owner[start * S:end * S] = i
-    return owner.to(device)
+    return upload(owner, device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,10 +127,10 @@ def column_factor(row_ranges: tuple, S: int, owners: tuple, scales: tuple, N: in
     layer's group of one kind asks for the same factor, and building it per call costs two
     kernels forward and two backward. Eight entries hold the four groups of a LLaMA layer for
     two batch layouts; older layouts fall out."""
-    scale = torch.tensor(scales, dtype=dtype, device=device)
+    scale = upload(torch.tensor(scales, dtype=dtype), device)
     if len(row_ranges) == 1 and row_ranges[0][0] == 0 and row_ranges[0][1] * S == N:
         return scale
-    own = row_owner(row_ranges, S, N, device)[:, None] == torch.tensor(owners, dtype=torch.int32, device=device)
+    own = row_owner(row_ranges, S, N, device)[:, None] == upload(torch.tensor(owners, dtype=torch.int32), device)
     return torch.where(own, scale[None, :], 0.0)  # [N, C]
 
 

@@ -100,14 +100,14 @@ def _tables(ranges: tuple, seq: int, n: int, device: torch.device) -> tuple[torc
     """owner [N] and table [4, G] for dropout ranges ((start, end, p, length, offset), ...) in
     tokens: the same for every layer of a batch layout, so made once (a host-to-device copy
     each)."""
-    from mlora.lora_fused import row_owner  # (lora_fused imports this module)
+    from mlora.lora_fused import row_owner, upload  # (lora_fused imports this module)
 
     owner = row_owner(tuple((start // seq, end // seq) for start, end, *_ in ranges), seq, n, device)
     table = torch.tensor([[start // seq for start, *_ in ranges],
                           [threshold(p) for _, _, p, _, _ in ranges],
                           [length for *_, length, _ in ranges],
                           [offset for *_, offset in ranges]], dtype=torch.int32)  # [4, G]
-    return owner, table.to(device)
+    return owner, upload(table, device)
 
 
 def draw(dropout: list[DropoutRows], n: int, device: torch.device) -> PhiloxDropout:
