@@ -192,7 +192,7 @@ def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) 
 
 def _label_counts(parts: Sequence[MicroBatch]) -> dict[str, int]:
     """The loss targets of each adapter, from the examples: the same tokens as its rows'
-    labels count, padded or packed (label_token_counts; tests/test_batching.py holds them
+    labels count, padded or packed (label_token_counts; tests/test_packing.py holds them
     equal), and no tensor is read."""
     return {part.adapter: part.label_tokens for part in parts}
 
