@@ -1,4 +1,5 @@
-"""Turn the user's `device` / `dtype` settings into torch objects, or a one-line UserError."""
+"""Turn the user's `device` / `dtype` settings into torch objects, or a one-line UserError;
+and put small host tensors on a device without waiting for it (`upload`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,14 @@ def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
     if dtype is None:
         raise UserError(f"dtype {name!r} is not supported (use one of {', '.join(_DTYPES)})")
     return dtype
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, copied without waiting: a plain copy from pageable
+    memory to a GPU synchronises with it (the host waits until everything queued has run),
+    so the copy goes through pinned memory, which the caching allocator keeps until the copy
+    is done. For layout constants (row owners, column scales, made once per batch layout) and
+    RoPE frequencies (once per forward)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora import lora_triton
+from mlora.device import upload
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
-                               column_factor, draw_keep_mask, row_owner, upload)
+                               column_factor, draw_keep_mask, row_owner)
 
 # The projections a LoRA may target, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

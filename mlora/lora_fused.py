@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from mlora import lora_triton  # imports triton only when its kernels first run
+from mlora.device import upload
 
 
 @dataclass(frozen=True)
@@ -94,16 +95,6 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
             block = rows[:, d.offset:d.offset + d.length]
         block.bernoulli_(1.0 - d.p, generator=d.generator)
     return mask
-
-
-def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, copied without waiting: a plain copy from pageable
-    memory to a GPU synchronises with it (the host waits until everything queued has run),
-    so the copy goes through pinned memory, which the caching allocator keeps until the copy
-    is done. Layout constants (row owners, column scales) are made once per batch layout."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=64)

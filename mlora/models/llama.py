@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from mlora.device import upload
 from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -246,7 +247,7 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
 
 def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin [S, head_dim] for positions 0..S-1; fp32 math, then cast (cheap, so no cache)."""
-    inv_freq = rope_inv_freq(args.rope, args.head_dim, seq_len).to(device)  # [D/2]
+    inv_freq = upload(rope_inv_freq(args.rope, args.head_dim, seq_len), device)  # [D/2], no wait
     pos = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
@@ -263,7 +264,7 @@ def rope_cos_sin_at(args: ModelArgs, position_ids: Tensor, dtype: torch.dtype) -
         # is the longest sequence, as the padded unpacked batch would have. Only this type
         # pays for the host sync.
         seq_len = int(position_ids.max()) + 1
-    inv_freq = rope_inv_freq(args.rope, args.head_dim, seq_len).to(position_ids.device)  # [D/2]
+    inv_freq = upload(rope_inv_freq(args.rope, args.head_dim, seq_len), position_ids.device)  # [D/2]
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcasts over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
