@@ -440,6 +440,11 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
                     step()
                 sync(device)
                 wall = (time.perf_counter() - start) / 2
+        except Exception as err:  # noqa: BLE001 - a Triton compile error must not end the session
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            figures[label] = {"error": f"{type(err).__name__}: {first}"}
+            texts.append(f"== {label}: {json.dumps(figures[label])}")
+            continue
         finally:
             lora_module.kernel = previous
             if hook is not None:
