@@ -47,13 +47,6 @@ def best_ms(fn, steps: int, repeats: int) -> float:
     return best * 1e3
 
 
-def loss_sums(logits, ids, rows, counts):
-    try:
-        return token_loss_sums(logits, ids, rows, counts)
-    except TypeError:  # an mlora from before host-side counts (for a comparison): it reads them
-        return token_loss_sums(logits, ids, rows)
-
-
 def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
     torch.set_num_threads(1)
     bench = bt.MloraBench("host", bt.Settings(seq=SEQ, dropout=0.05), torch.device("cpu"), torch.float32)
@@ -70,7 +63,7 @@ def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
 
             def forward_backward():
                 bench.layout.rows = rows
-                sums = loss_sums(bench.model(ids), ids, rows, counts)
+                sums = token_loss_sums(bench.model(ids), ids, rows, counts)
                 sum(ce / count for ce, count in sums.values()).backward()
 
             def optimizer_steps():
@@ -78,23 +71,17 @@ def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
                     for p in a.parameters():
                         p.grad = torch.zeros_like(p)
                 for a in adapters:
-                    # (an mlora from before step_on_device: its host step, for a comparison)
-                    a.step_on_device() if hasattr(a, "step_on_device") else a.step()
+                    a.step_on_device()
 
             out[f"fwd_bwd_ms_{n}_adapters"] = best_ms(forward_backward, steps, repeats)
             out[f"optimizer_steps_ms_{n}_adapters"] = best_ms(optimizer_steps, steps, repeats)
             bench.layout.rows = []
             bench.detach(adapters)
-        ids = bt.batch(4, SEQ, vocab, torch.device("cpu"), seed=0)
-        hook = bench.model.model.embed_tokens.register_forward_hook(lambda m, i, o: o.requires_grad_())
-        one, counts = [AdapterRows("base", 0, 4)], {"base": 4 * (SEQ - 1)}
-
-        def frozen():
-            ce, count = loss_sums(bench.model(ids), ids, one, counts)["base"]
-            (ce / count).backward()
-
-        out["fwd_bwd_ms_frozen_base"] = best_ms(frozen, steps, repeats)
-        hook.remove()
+        frozen, undo = bench.frozen_step(4, seed=0)
+        try:
+            out["fwd_bwd_ms_frozen_base"] = best_ms(frozen, steps, repeats)
+        finally:
+            undo()
     finally:
         lora_module.kernel = previous
     return out

@@ -34,6 +34,7 @@ from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora  # noqa: E402
 from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.memory import _first_line  # noqa: E402
 from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
 
 SHAPES = {
@@ -185,25 +186,29 @@ class MloraBench:
         args = args_from_hf_config(self.cfg)
         return estimate_peak_bytes(args, rows=rows, seq_len=self.s.seq, dtype=self.dtype, lora=shapes).total / 2**30
 
-    def run_frozen(self, rows: int) -> dict:
-        """Forward + backward through every layer with no LoRA: the bound LoRA cannot beat."""
-        ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=rows)
-        embed = self.model.model.embed_tokens
-        hook = embed.register_forward_hook(lambda m, i, out: out.requires_grad_())
-        one = [AdapterRows("base", 0, rows)]
-        counts = {"base": rows * (self.s.seq - 1)}
+    def frozen_step(self, rows: int, seed: int):
+        """Forward + backward through every layer with no LoRA (the embedding output requires
+        grad), reading nothing back: the bound LoRA cannot beat. Returns (step, undo): undo
+        removes the hook that makes the embedding output require grad."""
+        ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=seed)
+        hook = self.model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        one, counts = [AdapterRows("base", 0, rows)], {"base": rows * (self.s.seq - 1)}
 
         def step():
-            logits = self.model(ids)
-            ce, count = token_loss_sums(logits, ids, one, counts)["base"]
-            (ce / count).backward()  # no read back at all: the bound
+            ce, count = token_loss_sums(self.model(ids), ids, one, counts)["base"]
+            (ce / count).backward()
 
+        return step, hook.remove
+
+    def run_frozen(self, rows: int) -> dict:
+        """The frozen base's step (frozen_step), measured."""
+        step, undo = self.frozen_step(rows, seed=rows)
         try:
             result = measure(step, rows * self.s.seq, self.s, self.device)
             result["estimated_peak_gib"] = self.estimate(rows, [])
             return result
         finally:
-            hook.remove()
+            undo()
 
 
 # ----------------------------------------------------------------------------- transformers + PEFT
@@ -316,7 +321,7 @@ def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, d
             except Exception as err:  # noqa: BLE001 - a first-time Triton compile must not end the session
                 if kwargs.get("kernel") != "triton":
                     raise
-                first = (str(err).strip().splitlines() or [""])[0][:300]
+                first = _first_line(err)[:300]
                 result = {"error": f"{type(err).__name__}: {first}"}
             entry.update(result)
             if "tokens_per_s" in entry:
@@ -417,15 +422,9 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
     for label, kernel in variants:
         free_memory(device)
         previous = lora_module.kernel
-        hook = None
+        undo = None
         if kernel is None:
-            ids = batch(n * rows, s.seq, bench.cfg.vocab_size, device, seed=0)
-            hook = bench.model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
-            one, counts = [AdapterRows("base", 0, n * rows)], {"base": n * rows * (s.seq - 1)}
-
-            def step():
-                ce, count = token_loss_sums(bench.model(ids), ids, one, counts)["base"]
-                (ce / count).backward()
+            step, undo = bench.frozen_step(n * rows, seed=0)
             adapters = []
         else:
             lora_module.kernel = kernel
@@ -441,14 +440,14 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
                 sync(device)
                 wall = (time.perf_counter() - start) / 2
         except Exception as err:  # noqa: BLE001 - a Triton compile error must not end the session
-            first = (str(err).strip().splitlines() or [""])[0][:300]
+            first = _first_line(err)[:300]
             figures[label] = {"error": f"{type(err).__name__}: {first}"}
             texts.append(f"== {label}: {json.dumps(figures[label])}")
             continue
         finally:
             lora_module.kernel = previous
-            if hook is not None:
-                hook.remove()
+            if undo is not None:
+                undo()
             bench.layout.rows = []
             bench.detach(adapters)
         kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]

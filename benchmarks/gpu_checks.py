@@ -25,6 +25,7 @@ from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora  # noqa: E402
 from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.memory import _first_line  # noqa: E402
 from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def guarded(name: str, fn, *args) -> list[dict]:
         out = fn(*args)
         return out if isinstance(out, list) else [out]
     except Exception as err:  # noqa: BLE001 - report anything, keep checking
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = _first_line(err)[:300]
         return [{"check": name, "ok": False, "error": f"{type(err).__name__}: {first}"}]
 
 

@@ -90,7 +90,7 @@ class Adapter:
         step asks for them several times, and building the names of hundreds of parameters
         each time is host time a GPU waits for. (The weights are set in __init__ and only
         ever changed in place.)"""
-        if self._named is None or len(self._named) != 2 * len(self.weights):
+        if self._named is None:
             self._named = [(f"{path}.{kind}", getattr(w, kind)) for path, w in self.weights.items()
                            for kind in ("lora_A", "lora_B")]
         return list(self._named)

@@ -502,9 +502,7 @@ def check_kernel(device: torch.device | None = None) -> None:
     if kernel not in KERNELS:
         raise UserError(f"MLORA_LORA_KERNEL={kernel!r} is not a LoRA kernel (use one of: {', '.join(KERNELS)})")
     if kernel == "triton":
-        from mlora.lora_triton import unavailable
-
-        why = unavailable(device)
+        why = lora_triton.unavailable(device)
         if why:
             raise UserError(f"MLORA_LORA_KERNEL=triton: {why}")
 

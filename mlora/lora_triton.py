@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mlora.device import upload
+
 if TYPE_CHECKING:  # lora_fused imports this module
     from mlora.lora_fused import DropoutRows
 
@@ -100,7 +102,6 @@ def _tables(ranges: tuple, seq: int, n: int, device: torch.device) -> tuple[torc
     """owner [N] and table [4, G] for dropout ranges ((start, end, p, length, offset), ...) in
     tokens: the same for every layer of a batch layout, so made once (a host-to-device copy
     each)."""
-    from mlora.device import upload
     from mlora.lora_fused import row_owner  # (lora_fused imports this module)
 
     owner = row_owner(tuple((start // seq, end // seq) for start, end, *_ in ranges), seq, n, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mlora.batching import label_token_counts
 from mlora.data import IGNORE_INDEX
 from mlora.lora import AdapterRows, BatchLayout
 
@@ -28,8 +29,8 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, rows: list[Adapt
     predicts labels[t + 1]. Summing here and dividing by the optimizer step's token total
     later makes gradient accumulation exact, whatever the micro-batch split.
 
-    counts: the token counts, when the caller counted them on the host
-    (batching.label_token_counts); otherwise they are read back from labels' device, which
+    counts: the token counts, when the caller counted them on the host (a FusedBatch's
+    label_counts); otherwise they are read back from labels' device, which
     waits for everything queued on it (on a GPU, mid-step: the host loses its lead).
     """
     shift_logits = logits[:, :-1].float()  # [B, S-1, V]
@@ -38,6 +39,5 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, rows: list[Adapt
                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
     per_row = ce.sum(dim=1)  # [B]
     if counts is None:
-        targets = (shift_labels != IGNORE_INDEX).sum(dim=1)  # [B]
-        counts = {r.name: int(targets[r.start:r.end].sum()) for r in rows}
+        counts = label_token_counts(labels, rows)
     return {r.name: (per_row[r.start:r.end].sum(), counts[r.name]) for r in rows}

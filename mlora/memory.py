@@ -367,10 +367,11 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
         # When any adapter drops out: one dropped-out copy and one 0/1 mask over all rows of
         # the batch (the other adapters' rows get ones), the mask in the dtype, or bool (1
         # byte) with fused; else the LoRA matmuls keep the input.
-        copies = ((1 + 1 / e) if kernel in ("auto", "fused") else 2) if dropped else 0
-        lora_keeps_input = bool(targeting) and not dropped
         if kernel == "triton":  # the mask is drawn inside the kernels: the input itself is kept
             copies, lora_keeps_input = 0, bool(targeting)
+        else:
+            copies = ((1 + 1 / e) if kernel in ("auto", "fused") else 2) if dropped else 0
+            lora_keeps_input = bool(targeting) and not dropped
     else:
         # A mask and a dropped-out copy per projection and adapter, over that adapter's rows;
         # the dropout-free adapters' rows keep views of the input itself.

@@ -56,12 +56,13 @@ CALLS = [("fused batch", dict(N=16384, K=2048, G=4, S=512, stride_xm=2048, strid
          ("solo, odd rows", dict(N=296, K=2048, G=1, S=37, stride_xm=2048, stride_xk=1, tokens_per_split=296))]
 
 
-def ptxas_report(ptx: str, arch: int) -> str:
+def ptxas_report(ptx: str, arch: int) -> tuple[str, bool]:
+    """(" registers=... spill_stores=...", whether any kernel spills); ("", False) without ptxas."""
     import triton
 
     found = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "**", "ptxas*"), recursive=True))
     if not found:
-        return ""
+        return "", False
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
@@ -71,8 +72,9 @@ def ptxas_report(ptx: str, arch: int) -> str:
             if run.returncode == 0:
                 regs = re.findall(r"Used (\d+) registers", run.stderr)
                 spills = re.findall(r"(\d+) bytes spill stores", run.stderr)
-                return f" registers={','.join(regs) or '?'} spill_stores={','.join(spills) or '?'}"
-        return ""
+                report = f" registers={','.join(regs) or '?'} spill_stores={','.join(spills) or '?'}"
+                return report, any(int(n) > 0 for n in spills)
+        return "", False
     finally:
         os.unlink(f.name)
 
@@ -133,8 +135,7 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
             continue
         ptx = compiled.asm.get("ptx", "")
         mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
-        report = ptxas_report(ptx, args.arch)
-        spilled = any(int(n) > 0 for n in re.findall(r"spill_stores=([\d,]+)", report)[0].split(",")) if report else False
+        report, spilled = ptxas_report(ptx, args.arch)
         failed |= spilled
         print(f"{'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
     return 1 if failed else 0
