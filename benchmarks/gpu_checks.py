@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -178,9 +179,23 @@ def check_one_read_per_step(device) -> dict:
         norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
         torch.stack([ce for ce, _ in sums.values()] + norms).tolist()
 
+    def left_padded_step():
+        # Left-padded rows need an attention mask, which the model checks on the host's copy
+        # and uploads without waiting (a plain copy to the GPU synchronises).
+        ids = bt.batch(8, 64, bench.cfg.vocab_size, device, seed=1)
+        mask = torch.ones(8, 64, dtype=torch.bool)
+        mask[::2, :5] = False
+        rows = [AdapterRows(a.name, 2 * i, 2 * i + 2) for i, a in enumerate(adapters)]
+        bench.layout.rows = rows
+        sums = token_loss_sums(bench.model(ids, mask), ids, rows, {r.name: 2 * 63 for r in rows})
+        sum(ce / count for ce, count in sums.values()).backward()
+        norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
+        torch.stack([ce for ce, _ in sums.values()] + norms).tolist()
+
     counts = {}
     for label, steps in (("same layout", [step] * 3),
-                         ("a new layout each step", [lambda s=s: new_layout_step(s) for s in (40, 48, 56)])):
+                         ("a new layout each step", [lambda s=s: new_layout_step(s) for s in (40, 48, 56)]),
+                         ("left-padded rows", [left_padded_step] * 2)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -193,6 +208,35 @@ def check_one_read_per_step(device) -> dict:
         counts[label] = {"per_step": len(syncs) / len(steps), "first": syncs[:3]}
     return {"check": "host-device synchronisations per fused training step (4 adapters)", **counts,
             "ok": all(c["per_step"] == 1 for c in counts.values())}
+
+
+def check_stage_timer_waits_for_nothing(device) -> dict:
+    """The pipeline's StageTimer times a stage's compute with CUDA events, read only when the
+    busy time is asked for: timing it does not synchronise (sync_debug_mode counts), and the
+    time it reports is the device's (within the host's wall time around it)."""
+    import warnings
+
+    from mlora.pipeline.worker import StageTimer
+
+    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    timer = StageTimer()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(300):  # past the 256 events at which it folds finished ones
+                with timer.measure(device):
+                    y = x @ x
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    busy = timer.busy
+    wall = time.perf_counter() - t0
+    del y
+    return {"check": "pipeline StageTimer: no synchronisation while timing", "syncs": len(syncs),
+            "first": syncs[:3], "busy_s": busy, "wall_s": wall, "ok": not syncs and 0 < busy <= wall}
 
 
 def check_triton_kernels(device) -> list[dict]:
@@ -288,6 +332,7 @@ def main() -> int:
     results += guarded("steps reach the fused kernel", check_steps_reach_the_fused_kernel, device)
     if device.type == "cuda":
         results += guarded("one read per step", check_one_read_per_step, device)
+        results += guarded("stage timer", check_stage_timer_waits_for_nothing, device)
     # The triton kernel first: it is the newest and compiles here for the first time.
     results += guarded("triton kernels", check_triton_kernels, device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):

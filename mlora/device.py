@@ -56,6 +56,6 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     so the copy goes through pinned memory, which the caching allocator keeps until the copy
     is done. For layout constants (row owners, column scales, made once per batch layout) and
     RoPE frequencies (once per forward)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mlora.errors import PipelineError
@@ -222,3 +223,58 @@ def test_pipeline_with_packing_equals_single_process_with_packing(tmp_path, pipe
     run_threads(pipe_model, packed_cfg, tmp_path / "pipe", 3, [3, 2, 2])
     assert any(packed < examples for examples, packed in rows), rows  # rows really were packed
     assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
+
+
+def test_each_rank_reads_the_device_once_per_optimizer_step(tmp_path, pipe_model, single_runs, monkeypatch):
+    """A pipeline rank reads nothing back from its device per micro-batch: the loss count
+    comes from rank 0's host, the loss is summed on the device, the attention mask travels as
+    runs of real tokens (the left-padded adapter p2 has one), and the busy time comes from
+    device events. Each rank reads once per optimizer step of an adapter, its part of the
+    gradient norm with (on the last stage) the step's loss; the result is the single
+    process's. (A read waits for the device's queue to drain; on a CPU the reads that would
+    be device reads are counted where they happen.)"""
+    import sys
+
+    from mlora.pipeline import worker as worker_module
+
+    reads: dict[str, list[str]] = {}
+    host_checks = {"attention_masks", "mask_runs"}  # they read host tensors by design
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            where = threading.current_thread().name
+            if where in reads and sys._getframe(1).f_code.co_name not in host_checks:
+                reads[where].append(f"{_name} in {sys._getframe(1).f_code.co_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    run = worker_module.StageWorker.run
+
+    def counted(self):
+        reads[threading.current_thread().name] = []
+        try:
+            return run(self)
+        finally:
+            reads[threading.current_thread().name + " done"] = reads.pop(threading.current_thread().name)
+
+    monkeypatch.setattr(worker_module.StageWorker, "run", counted)
+    _, cfg, single_out = single_runs(3)
+    run_threads(pipe_model, cfg, tmp_path / "out", 3, [3, 2, 2])
+    assert_same_as_single(single_out, tmp_path / "out", 3)
+    steps = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if "step" in m and "adapter" in m]
+    assert len(steps) > 6
+    for rank in range(3):
+        assert reads[f"rank{rank} done"] == ["tolist in read_step_figures"] * len(steps), rank
+
+
+def test_mask_runs_round_trip():
+    from mlora.pipeline.worker import mask_from_runs, mask_runs
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    runs = mask_runs(mask)
+    assert runs == [[2, 5], [0, 3], [0, 0], [0, 5]]
+    assert torch.equal(mask_from_runs(runs, 5), mask)
+    assert mask_runs(None) is None and mask_from_runs(None, 5) is None
+    with pytest.raises(AssertionError):
+        mask_runs(torch.tensor([[1, 0, 1]], dtype=torch.bool))

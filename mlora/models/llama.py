@@ -300,7 +300,7 @@ def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: T
         am = attention_mask.to(dtype=torch.bool)  # [B, S]
         right_padded_only = bool((am[:, 1:] <= am[:, :-1]).all())  # ones then zeros, per row
         if not right_padded_only:
-            key_ok = am.to(device)[:, None, None, :]
+            key_ok = upload(am, device)[:, None, None, :]  # a plain copy would wait for the device
     by_window: dict[int | None, Tensor | None] = {}
     out: dict[int, Tensor | None] = {}
     for i in layer_ids:

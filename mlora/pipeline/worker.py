@@ -4,8 +4,13 @@ list of the shared plan, and exchanges activations forward and gradients backwar
 What travels, and why it keeps the semantics of single-process training exactly:
 
 - Forward messages (rank r -> r+1) carry the micro-batch's metadata (id, adapter, step, the
-  adapter's label-token total for the whole optimizer step), the activation, the labels (for
-  the last stage) and the attention mask when there is one.
+  adapter's label-token total for the whole optimizer step and this micro-batch's, counted on
+  rank 0's host; the attention mask's runs of real tokens, when there is a mask), the
+  activation and the labels (for the last stage).
+- Nothing is read back from a device per micro-batch: each rank reads once per optimizer step
+  of an adapter (its part of the gradient norm, with the step's loss on the last stage), and
+  the busy time is taken from CUDA events at the end (StageTimer). A read waits for
+  everything queued, and the GPU then idles until the host queues more.
 - Backward messages (r+1 -> r) carry the activation gradient. With the last micro-batch of an
   adapter's step they also carry the running sum of the squares of that adapter's gradient on
   ranks r+1..P-1, so rank 0 ends up with the adapter's whole gradient norm for clipping.
@@ -141,9 +146,12 @@ def in_flight_bounds(session: Session, transport: Transport, micro_batches: list
 
 @dataclass
 class StepTally:
-    """The last stage's running totals for one adapter's current optimizer step."""
+    """The last stage's running totals for one adapter's current optimizer step. The loss is
+    summed on the device (one scalar per micro-batch) and read with the step's gradient norm:
+    reading it per micro-batch would wait for the device each time."""
 
     loss: float = 0.0
+    losses: list[torch.Tensor] = field(default_factory=list)  # device scalars, not yet read
     label_tokens: int = 0
     input_tokens: int = 0
     epoch: int = 0
@@ -151,17 +159,70 @@ class StepTally:
 
 @dataclass
 class StageTimer:
+    """How long this stage computed. On CUDA the compute is timed on the device, between two
+    events per forward or backward that are read when the figures are asked for: timing it on
+    the host would wait for the device after each of them, and the GPU would then idle until
+    the host queued more (twice per micro-batch)."""
+
     started: float = field(default_factory=time.perf_counter)
-    busy: float = 0.0
+    _seconds: float = 0.0  # measured so far (host clock, or device events already read)
+    _events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
     @contextlib.contextmanager
     def measure(self, device: torch.device):
-        """Adds the time of the enclosed compute to `busy` (CUDA work is waited for)."""
-        t0 = time.perf_counter()
+        """Adds the time of the enclosed compute to `busy`."""
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.busy += time.perf_counter() - t0
+        end.record()
+        self._events.append((start, end))
+        if len(self._events) >= 256:  # fold the finished ones, so a long run keeps few events
+            self._fold(wait=False)
+
+    def _fold(self, wait: bool) -> None:
+        pending = []
+        for start, end in self._events:
+            if wait or (pending == [] and end.query()):  # in order: the first unfinished stops it
+                if wait:
+                    end.synchronize()
+                self._seconds += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((start, end))
+        self._events = pending
+
+    @property
+    def busy(self) -> float:
+        """Seconds of compute so far (waits for the device to finish what was timed)."""
+        self._fold(wait=True)
+        return self._seconds
+
+
+def mask_runs(mask: torch.Tensor | None) -> list[list[int]] | None:
+    """A batch's host attention mask [B, S] as each row's [first, end) of real tokens: what
+    travels to the later ranks instead of the mask (a fused row is one run of real tokens)."""
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    first = mask.int().argmax(dim=1)  # [B]; 0 for a row without real tokens
+    runs = torch.stack([first, first + mask.sum(dim=1)], dim=1).tolist()  # [B, 2]
+    if not torch.equal(mask_from_runs(runs, mask.shape[1]), mask):
+        raise AssertionError("a fused row's real tokens are not one run")
+    return runs
+
+
+def mask_from_runs(runs: list[list[int]] | None, seq_len: int) -> torch.Tensor | None:
+    """The host attention mask [B, S] that `mask_runs` described."""
+    if runs is None:
+        return None
+    mask = torch.zeros(len(runs), seq_len, dtype=torch.bool)
+    for row, (begin, end) in zip(mask, runs):
+        row[begin:end] = True
+    return mask
 
 
 def segments_of(streams: dict[str, list[MicroBatchRef]], save_step: int) -> list[dict[str, list[MicroBatchRef]]]:
@@ -274,26 +335,26 @@ class StageWorker:
     def forward(self, mb: int) -> None:
         if self.first:
             part = self.micro[mb]
-            batch = fuse([part], self.session.pad_id, pack_len=self.pack_len)
+            host = fuse([part], self.session.pad_id, pack_len=self.pack_len)
+            batch = host.to(self.device)  # without waiting for the device; the mask stays here
             header = {"kind": "F", "mb": mb, "adapter": part.adapter, "step": part.step,
                       "epoch": part.epoch, "step_tokens": part.step_label_tokens,
+                      "label_tokens": batch.label_counts[part.adapter],
                       "input_tokens": sum(len(ex.input_ids) for ex in part.examples),
-                      "rows": batch.input_ids.shape[0], "mask": batch.attention_mask is not None,
+                      "rows": batch.input_ids.shape[0], "mask_runs": mask_runs(host.attention_mask),
                       "packed": batch.position_ids is not None,
                       "norm": self.norm_to_send.pop(part.adapter, None)}
-            x = batch.input_ids.to(self.device)
-            labels = batch.labels.to(self.device)
-            mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
-            positions, documents = ((batch.position_ids.to(self.device), batch.document_ids.to(self.device))
-                                    if header["packed"] else (None, None))
+            x, labels, mask = batch.input_ids, batch.labels, host.attention_mask
+            positions, documents = batch.position_ids, batch.document_ids
         else:
             header, tensors = self.transport.recv(self.rank - 1)
             self.expect(header, "F", mb)
             x = tensors[0].requires_grad_(True)
             labels = tensors[1]
-            rest = list(tensors[2:])
-            mask = rest.pop(0) if header["mask"] else None
-            positions, documents = rest if header["packed"] else (None, None)
+            positions, documents = tensors[2:] if header["packed"] else (None, None)
+            # The mask travels as its rows' runs of real tokens and is rebuilt here, on the host,
+            # where the model checks it without reading anything back from the device.
+            mask = mask_from_runs(header["mask_runs"], x.shape[1])
             if header["norm"] is not None:
                 step, norm = header["norm"]
                 self.apply_step(header["adapter"], step, norm)
@@ -304,18 +365,18 @@ class StageWorker:
             # their RoPE positions and document ids to every stage.
             out = self.session.model(x, mask, position_ids=positions, document_ids=documents)
             if self.last:
-                ce_sum, count = token_loss_sums(out, labels, self.session.layout.rows)[adapter]
+                counts = {adapter: header["label_tokens"]}  # counted on rank 0's host
+                ce_sum, count = token_loss_sums(out, labels, self.session.layout.rows, counts)[adapter]
                 out = ce_sum / max(1, header["step_tokens"])
         if self.last:
             tally = self.tally[adapter]
-            tally.loss += out.item()
+            tally.losses.append(out.detach())  # read with the step's norm (backward)
             tally.label_tokens += count
             tally.input_tokens += header["input_tokens"]
             tally.epoch = header["epoch"]
         else:
             self.transport.send(self.rank + 1, header,
-                                [out.detach(), labels] + ([mask] if mask is not None else [])
-                                + ([positions, documents] if positions is not None else []))
+                                [out.detach(), labels] + ([positions, documents] if positions is not None else []))
         self.inflight[mb] = (None if self.first else x, out, self.session.layout.rows)
 
     def backward(self, mb: int) -> None:
@@ -337,7 +398,7 @@ class StageWorker:
                 self.stop_from_later = header["stop"]
             with self.timer.measure(self.device):
                 out.backward(tensors[0])
-        norm_sq = self.adapters[adapter].local_grad_sq() + norm_sq_above if last_in_step else None
+        norm_sq = self.read_step_figures(adapter) + norm_sq_above if last_in_step else None
         if not self.first:
             header = {"kind": "B", "mb": mb, "norm_sq": norm_sq, "stop": self.stop_requested()}
             extra = self.pack_parts(header)
@@ -350,6 +411,21 @@ class StageWorker:
             self.apply_step(adapter, step, norm)
             if not self.last:
                 self.norm_to_send[adapter] = (step, norm)
+
+    def read_step_figures(self, adapter: str) -> float:
+        """At the end of an adapter's step on this rank: the square of its gradient norm here
+        and, on the last stage, the step's loss, read back in one go: the only read of a
+        micro-batch's work, once per optimizer step (a read waits for everything queued)."""
+        sq = self.adapters[adapter].grad_sq()
+        reads = [torch.zeros((), device=self.device) if sq is None else sq]
+        tally = self.tally[adapter] if self.last else None
+        if tally is not None and tally.losses:
+            reads.append(torch.stack(tally.losses).sum())
+        values = torch.stack([t.float() for t in reads]).tolist()
+        if tally is not None:
+            tally.loss += sum(values[1:])
+            tally.losses = []
+        return values[0]
 
     def mb_info(self, mb: int) -> tuple[str, int, bool]:
         part = self.micro[mb]
@@ -428,9 +504,10 @@ class StageWorker:
 
     def finish_steps(self) -> dict:
         """END: the last steps' norms travel forward; each rank adds its busy/bubble figures."""
+        busy = self.timer.busy  # first: it waits for the device
         wall = time.perf_counter() - self.timer.started
-        mine = {"rank": self.rank, "busy_fraction": self.timer.busy / wall if wall else 0.0,
-                "bubble_fraction": 1.0 - self.timer.busy / wall if wall else 0.0, "seconds": wall}
+        mine = {"rank": self.rank, "busy_fraction": busy / wall if wall else 0.0,
+                "bubble_fraction": 1.0 - busy / wall if wall else 0.0, "seconds": wall}
         header = self.flush_norms("END", mine)
         if self.last:
             for stat in header["stats"]:
