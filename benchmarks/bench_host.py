@@ -87,6 +87,31 @@ def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
     return out
 
 
+def measure_batching(steps: int, repeats: int) -> dict:
+    """Host time to build one fused batch as the trainer does (fuse, then the copy to the
+    device; here the CPU): 4 adapters x 8 examples of 256..512 tokens, one adapter left-padded,
+    and the same packed into rows of 512. On a GPU this is time the device waits after the
+    step's one read, before the next step's first kernel."""
+    import random
+
+    from mlora.batching import MicroBatch, fuse
+    from mlora.data import Example
+
+    rng = random.Random(0)
+    parts = []
+    for a in range(4):
+        examples = []
+        for _ in range(8):
+            n = rng.randrange(256, 513)
+            ids = [rng.randrange(32000) for _ in range(n)]
+            examples.append(Example(ids, [-100] * (n // 2) + ids[n // 2:]))
+        parts.append(MicroBatch(f"a{a}", examples, 0, 0, sum(ex.num_label_tokens for ex in examples), True,
+                                "left" if a == 1 else "right"))
+    cpu = torch.device("cpu")
+    return {"batch_ms_4x8x512": best_ms(lambda: fuse(parts, 0).to(cpu), steps, repeats),
+            "batch_ms_4x8x512_packed": best_ms(lambda: fuse(parts, 0, pack_len=512).to(cpu), steps, repeats)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few steps, for CI")
@@ -96,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     steps, repeats = (2, 1) if args.quick else (30, 5)
     result = {"meta": {"torch": torch.__version__, "threads": 1, "steps": steps, "repeats": repeats,
                        "date": time.strftime("%Y-%m-%d")},
-              "runs": [measure(steps, repeats, kernel) for kernel in args.kernels.split(",")]}
+              "runs": [measure(steps, repeats, kernel) for kernel in args.kernels.split(",")],
+              "batching": measure_batching(steps, repeats)}
+    print(json.dumps({k: round(v, 2) for k, v in result["batching"].items()}))
     for run in result["runs"]:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}))
     out = args.out or (None if args.quick else str(Path(__file__).resolve().parent / "results" / "host.json"))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -36,15 +37,36 @@ class Example:
     input_ids: list[int]
     # Same length as input_ids; IGNORE_INDEX where the token is not trained.
     labels: list[int]
+    _label_count: int | None = field(default=None, init=False, repr=False, compare=False)
+    _tensors: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """(input_ids, labels) as long tensors [n], made once: torch.tensor converts a Python
+        list value by value (0.2 ms for 512 tokens), and fusing a batch of 32 such rows that
+        way took 14 ms per step, time in which a GPU waits for the next step's first kernel.
+        The lists must not change afterwards (nothing in mlora changes an Example's)."""
+        if self._tensors is None:
+            self._tensors = (_long_tensor(self.input_ids), _long_tensor(self.labels))
+        return self._tensors
 
     @property
     def num_label_tokens(self) -> int:
         """Tokens that contribute to the loss. Position 0 is never predicted (nothing precedes
-        it), so its label does not count even when set."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+        it), so its label does not count even when set. Counted once: every fused batch asks
+        (a Python pass over the labels, 1 ms for 32 rows of 512 tokens)."""
+        if self._label_count is None:
+            self._label_count = len(self.labels[1:]) - self.labels[1:].count(IGNORE_INDEX)
+        return self._label_count
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def _long_tensor(values: list[int]) -> Tensor:
+    """A long tensor of `values` through a flat buffer: about 2x faster than torch.tensor."""
+    if not values:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(array("q", values), dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- loading rows
@@ -344,23 +366,24 @@ def pad_rows(examples: Sequence[Example], sides: Sequence[str], length: int,
     attention_mask [B, length] bool (True on real tokens).
     """
     assert len(sides) == len(examples), f"{len(sides)} sides for {len(examples)} examples"
-    batch = len(examples)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)       # [B, L]
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)    # [B, L]
-    attention_mask = torch.zeros((batch, length), dtype=torch.bool)         # [B, L]
-    for row, (example, side) in enumerate(zip(examples, sides)):
+    starts = []
+    for example, side in zip(examples, sides):
         n = len(example.input_ids)
         assert n <= length, f"example of {n} tokens does not fit in length {length}"
         assert len(example.labels) == n, "labels and input_ids differ in length"
-        if side == "right":
-            cols = slice(0, n)
-        elif side == "left":
-            cols = slice(length - n, length)
-        else:
+        if side not in ("right", "left"):
             raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
-        input_ids[row, cols] = torch.tensor(example.input_ids, dtype=torch.long)
-        labels[row, cols] = torch.tensor(example.labels, dtype=torch.long)
-        attention_mask[row, cols] = True
+        starts.append(0 if side == "right" else length - n)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
+    for row, (example, start) in enumerate(zip(examples, starts)):
+        ids, labs = example.tensors()
+        input_ids[row, start:start + len(ids)] = ids
+        labels[row, start:start + len(labs)] = labs
+    begin = torch.tensor(starts, dtype=torch.long)[:, None]  # [B, 1]
+    end = begin + torch.tensor([len(ex.input_ids) for ex in examples], dtype=torch.long)[:, None]
+    cols = torch.arange(length)[None, :]  # [1, L]
+    attention_mask = (cols >= begin) & (cols < end)  # [B, L] bool
     return input_ids, labels, attention_mask
 
 

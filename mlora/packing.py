@@ -88,8 +88,9 @@ def pack_examples(examples: Sequence[Example], max_len: int, pad_id: int,
         for doc, i in enumerate(row):
             ex, n = examples[i], lengths[i]
             assert len(ex.labels) == n, "labels and input_ids differ in length"
-            input_ids[r, col:col + n] = torch.tensor(ex.input_ids, dtype=torch.long)
-            labels[r, col:col + n] = torch.tensor(ex.labels, dtype=torch.long)
+            ids, labs = ex.tensors()  # made once per example (Example.tensors)
+            input_ids[r, col:col + n] = ids
+            labels[r, col:col + n] = labs
             labels[r, col] = IGNORE_INDEX  # never predicted from the previous sequence's end
             position_ids[r, col:col + n] = torch.arange(n)
             document_ids[r, col:col + n] = doc

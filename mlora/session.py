@@ -87,6 +87,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         train = encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
         test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
                 if a.test_data else train)
+        for ex in train:  # the tensors the fused batches copy from (Example.tensors), made now, not mid-run
+            ex.tensors()
         data[a.name] = AdapterData(train, test)
     if quant is not None:
         from mlora.quant import check_available

@@ -121,3 +121,5 @@ def test_host_benchmark_quick_mode(tmp_path):
     assert run["layers"] == 22 and json.loads(out.read_text())["runs"] == [run]
     assert all(run[k] > 0 for k in ("fwd_bwd_ms_1_adapters", "fwd_bwd_ms_4_adapters", "fwd_bwd_ms_frozen_base",
                                     "optimizer_steps_ms_4_adapters"))
+    assert all(v > 0 for v in result["batching"].values()) and set(result["batching"]) == {
+        "batch_ms_4x8x512", "batch_ms_4x8x512_packed"}

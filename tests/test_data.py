@@ -378,3 +378,21 @@ def test_pad_rejects_too_short_length_and_bad_side():
 def test_num_label_tokens_ignores_position_zero():
     assert make([1, 2, 3]).num_label_tokens == 2
     assert make([1, 2, 3], [IGNORE_INDEX, IGNORE_INDEX, 3]).num_label_tokens == 1
+
+
+def test_example_tensors_and_label_count_are_made_once():
+    """Fused batches copy an example's tokens from tensors made once (torch.tensor on a list
+    converts value by value, milliseconds per batch with the GPU waiting), and its label
+    count is counted once; both equal what the lists say."""
+    from mlora.data import IGNORE_INDEX, Example
+
+    ex = Example([5, 6, 7, 8], [5, IGNORE_INDEX, 7, 8])
+    ids, labels = ex.tensors()
+    assert ids.dtype == labels.dtype == torch.long
+    assert ids.tolist() == [5, 6, 7, 8] and labels.tolist() == [5, IGNORE_INDEX, 7, 8]
+    assert ex.tensors()[0] is ids
+    assert ex.num_label_tokens == 2  # position 0 is never a target
+    assert Example([1], [1]).num_label_tokens == 0
+    empty = Example([], [])
+    assert empty.tensors()[0].shape == (0,) and empty.num_label_tokens == 0
+    assert ex == Example([5, 6, 7, 8], [5, IGNORE_INDEX, 7, 8])  # the caches take no part in equality
