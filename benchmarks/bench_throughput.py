@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlora.lora as lora_module  # noqa: E402
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
-from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora  # noqa: E402
+from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, clear_lora_caches, inject_lora  # noqa: E402
 from mlora.loss import token_loss_sums  # noqa: E402
 from mlora.memory import _first_line  # noqa: E402
 from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
@@ -65,7 +65,8 @@ def hf_config(shape: str, seq: int):
     hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
     return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                       max_position_embeddings=max(2048, seq), tie_word_embeddings=False)
+                       max_position_embeddings=max(2048, seq), tie_word_embeddings=False,
+                       use_cache=False)  # transformers would otherwise grow a KV cache in every training forward
 
 
 def matmul_params(shape: str) -> int:
@@ -141,6 +142,9 @@ class MloraBench:
         for a in adapters:
             for w in self.wrappers.values():
                 w.adapters.pop(a.name, None)
+        # The input groups' plans and weight casts hold the detached adapters' weights until
+        # the next fused forward; a frozen-base run next would carry them in its peak.
+        clear_lora_caches(self.wrappers)
 
     def fused_step(self, n: int, rows: int, dropout: float):
         """n new adapters of `rows` rows each, and one training step of all of them fused, as
@@ -270,19 +274,20 @@ class HFBench:
 
 def plan(shape: str, rows: int, adapters: list[int], part: str, triton: bool = False) -> list[tuple]:
     """(side, [(system, kwargs)]) in order of importance. part "core": the 4-adapter
-    comparison (main runs it for every shape before any "extras", so a session cut short
-    still has it); "extras": the other adapter counts, the memory comparison and the
-    ablations. `role` says what a run is for: the adapter sweep, the memory comparison (one
-    adapter with all the rows), or an ablation that shows where the time goes. `triton`: the
-    triton LoRA kernel can run here; it is part of the core (not yet the default: these are
-    its first measurements)."""
+    comparison (main runs it for every shape before any other part, so a session cut short
+    still has it); "triton": the triton LoRA kernel, when it can run here (not yet the
+    default: these are its first measurements on a GPU, so they come after every shape's core,
+    where a fault in a new kernel cannot cost the headline figures); "extras": the other
+    adapter counts, the memory comparison's partner and the ablations. `role` says what a run
+    is for: the adapter sweep, the memory comparison (one adapter with all the rows), or an
+    ablation that shows where the time goes."""
     core_n = 4 if 4 in adapters else adapters[-1]
     if part == "core":
         mlora = [("mlora-base", dict(rows=core_n * rows)), ("mlora", dict(n=core_n, rows=rows, role="sweep")),
                  ("mlora", dict(n=1, rows=core_n * rows, role="memory"))]
-        if triton:
-            mlora.append(("mlora", dict(n=core_n, rows=rows, kernel="triton", role="ablation")))
         return [("mlora", mlora), ("hf", [("peft", dict(rows=rows)), ("hf-base", dict(rows=core_n * rows))])]
+    if part == "triton":
+        return [("mlora", [("mlora", dict(n=core_n, rows=rows, kernel="triton", role="ablation"))])] if triton else []
     mlora = []
     for n in adapters:
         if n != core_n:
@@ -318,16 +323,37 @@ def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, d
                     result = bench.run_frozen(kwargs["rows"])
             except torch.OutOfMemoryError:
                 result = {"error": "out of memory"}
-            except Exception as err:  # noqa: BLE001 - a first-time Triton compile must not end the session
-                if kwargs.get("kernel") != "triton":
-                    raise
-                first = _first_line(err)[:300]
-                result = {"error": f"{type(err).__name__}: {first}"}
+            except Exception as err:  # noqa: BLE001 - one run's failure must not end the session
+                result = {"error": f"{type(err).__name__}: {_first_line(err)[:300]}"}
             entry.update(result)
+            if "error" in result:
+                broken = device_broken(device)
+                if broken:
+                    entry["device_error"] = broken
+                    record(entry)
+                    raise DeviceBroken(broken)
             if "tokens_per_s" in entry:
                 entry["useful_tflops"] = 4 * matmul_params(shape) * entry["tokens_per_s"] / 1e12
             record(entry)
         del bench
+
+
+class DeviceBroken(RuntimeError):
+    """A run left the CUDA context unusable (a fault in a kernel): nothing more can run."""
+
+
+def device_broken(device: torch.device) -> str | None:
+    """After a failed run: None if the device still works, else why not. A fault inside a
+    kernel (an illegal address, say) poisons the process's CUDA context for good, and every
+    later run would fail with the same error."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as err:  # noqa: BLE001
+        return f"{type(err).__name__}: {_first_line(err)[:300]}"
+    return None
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -346,7 +372,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             same_rows_one = next((o for o in mine if o["system"] == "mlora" and o["n"] == 1
                                   and o["rows"] == total_rows and o.get("role") != "ablation"), None)
             row = {"shape": shape, "adapters": r["n"], "rows_per_adapter": r["rows"],
-                   "mlora_tokens_per_s": r["tokens_per_s"], "mlora_peak_gib": r["peak_gib"]}
+                   "mlora_tokens_per_s": r["tokens_per_s"], "mlora_useful_tflops": r.get("useful_tflops"),
+                   "mlora_peak_gib": r["peak_gib"]}
             if peft:
                 row.update(peft_tokens_per_s=peft["tokens_per_s"], vs_peft=r["tokens_per_s"] / peft["tokens_per_s"])
             if bound:
@@ -401,7 +428,7 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Path) -> dict:
+def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Path, triton: bool = True) -> dict:
     """Where a step's time goes: the frozen base at n x rows, then n fused adapters of `rows`
     (kernel auto, and triton where it runs), two profiled steps each. Writes to `path`, per
     variant, the device kernels and their time per step, the wall time per step and the
@@ -414,7 +441,7 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
 
     bench = MloraBench(shape, s, device, dtype)
     variants = [("frozen base", None), ("fused", "auto")]
-    if unavailable(device) is None:
+    if triton and unavailable(device) is None:
         variants.append(("triton", "triton"))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -460,7 +487,9 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
                      + prof.key_averages().table(sort_by=sort, row_limit=25))
     path.write_text(f"{shape}, {n} adapters x {rows} rows x {s.seq} (frozen base: {n * rows} rows), "
                     f"2 profiled steps each\n" + "\n".join(texts))
-    print(path.read_text()[:6000])
+    for label, figure in figures.items():  # the tables are in the file
+        print(json.dumps({"profile": label, **{k: (round(v, 3) if isinstance(v, float) else v)
+                                               for k, v in figure.items()}}), flush=True)
     return figures
 
 
@@ -522,18 +551,28 @@ def main(argv: list[str] | None = None) -> dict:
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}
         print(json.dumps(shown), flush=True)
 
-    for part in ("core",) if args.no_extras else ("core", "extras"):
-        for shape in args.shapes.split(","):
-            rows = args.rows or DEFAULT_ROWS[shape]
-            run_shape(shape, rows, s, adapters, device, dtype, part, record)
-        if part == "core" and device.type == "cuda" and not args.no_profile:
-            # Between the headline figures and the extras: where the first shape's step goes.
-            shape = args.shapes.split(",")[0]
-            path = out.with_name(out.stem + "_profile.txt")
-            result["profile"] = {"file": path.name, "shape": shape,
-                                 **profile(shape, args.rows or DEFAULT_ROWS[shape], 4 if 4 in adapters else adapters[-1],
-                                           s, device, dtype, path)}
-            out.write_text(json.dumps(result, indent=1))
+    try:
+        for part in ("core", "triton") if args.no_extras else ("core", "triton", "extras"):
+            for shape in args.shapes.split(","):
+                rows = args.rows or DEFAULT_ROWS[shape]
+                run_shape(shape, rows, s, adapters, device, dtype, part, record)
+            if part == "core":
+                plot(result, out.with_suffix(".png"))  # the headline plot, in case the rest is cut short
+            if part == "triton" and device.type == "cuda" and not args.no_profile:
+                # Before the extras: where the first shape's step goes (its triton variant only
+                # if the triton runs went through).
+                shape = args.shapes.split(",")[0]
+                triton_ok = not any(r.get("kernel") == "triton" and "error" in r for r in result["runs"])
+                path = out.with_name(out.stem + "_profile.txt")
+                result["profile"] = {"file": path.name, "shape": shape,
+                                     **profile(shape, args.rows or DEFAULT_ROWS[shape],
+                                               4 if 4 in adapters else adapters[-1], s, device, dtype, path,
+                                               triton=triton_ok)}
+                out.write_text(json.dumps(result, indent=1))
+    except DeviceBroken as err:
+        result["stopped"] = f"the device stopped working: {err}"
+        out.write_text(json.dumps(result, indent=1))
+        print(f"bench_throughput: stopped early, {result['stopped']}", file=sys.stderr)
     if plot(result, out.with_suffix(".png")):
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:

@@ -328,50 +328,56 @@ def main() -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    results = guarded("strided draws", check_strided_draws, device)
-    results += guarded("steps reach the fused kernel", check_steps_reach_the_fused_kernel, device)
+    results: list[dict] = []
+
+    def check(name: str, fn, *fn_args) -> None:
+        # Printed and saved after every check: the session's time limit may cut the rest.
+        found = guarded(name, fn, *fn_args)
+        results.extend(found)
+        for r in found:
+            print(json.dumps(r), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+    def grouped_runs_grouped_mm() -> dict:
+        # The grouped kernel really runs on CUDA bf16 (else its benchmark row measures the loop).
+        calls = []
+        real = lora_module._GROUPED_MM
+        lora_module._GROUPED_MM = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        try:
+            check_fused_vs_solo(device, torch.bfloat16, "grouped", 1.0)
+        finally:
+            lora_module._GROUPED_MM = real
+        return {"check": "kernel=grouped runs torch._grouped_mm on CUDA bf16", "grouped_calls": len(calls),
+                "ok": len(calls) > 0}
+
+    # The default kernel's checks first, the triton kernel's (new, and compiled here for the
+    # first time: a fault in it could leave the device unusable) and the timings last.
+    check("strided draws", check_strided_draws, device)
+    check("steps reach the fused kernel", check_steps_reach_the_fused_kernel, device)
     if device.type == "cuda":
-        results += guarded("one read per step", check_one_read_per_step, device)
-        results += guarded("stage timer", check_stage_timer_waits_for_nothing, device)
-    # The triton kernel first: it is the newest and compiles here for the first time.
-    results += guarded("triton kernels", check_triton_kernels, device)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        results += guarded(f"fused(triton) vs solo(triton), {dtype}", check_fused_vs_solo, device, dtype, "triton",
-                           tol, "triton")
-    if device.type == "cuda":
-        results += guarded("group timing", check_group_timing, device)
-    printed = list(results)
-    for r in printed:
-        print(json.dumps(r), flush=True)
+        check("one read per step", check_one_read_per_step, device)
+        check("stage timer", check_stage_timer_waits_for_nothing, device)
     # Each kernel's fused run against solo runs of the loop kernel. fp32 is strict; in bf16
     # different batch sizes pick different GEMM tilings, so rounding differs (looser tolerance).
     # The grouped kernel runs only in bf16 on CUDA (fp32 falls back to the loop).
     # The fused kernel (the default) draws its dropout masks as bool: its solo reference is a
     # solo fused run, and then a solo loop run (float masks): CUDA's bool draws must equal its
     # float draws, as on the CPU.
-    results.append(check_fused_vs_solo(device, torch.float32, "fused", 1e-4, solo_kernel="fused"))
-    results.append(check_fused_vs_solo(device, torch.bfloat16, "fused", 3e-2, solo_kernel="fused"))
+    check("fused vs solo fused, fp32", check_fused_vs_solo, device, torch.float32, "fused", 1e-4, "fused")
+    check("fused vs solo fused, bf16", check_fused_vs_solo, device, torch.bfloat16, "fused", 3e-2, "fused")
     # Not only informational: auto runs batches of more than 8 adapters grouped (masks drawn in
     # the activation dtype) and smaller ones, solo runs included, fused (bool masks).
-    results.append(check_fused_vs_solo(device, torch.float32, "fused", 1e-4))
-    results.append(check_fused_vs_solo(device, torch.float32, "dense", 1e-4))
-    results.append(check_fused_vs_solo(device, torch.float32, "loop", 1e-4))
+    for kernel in ("fused", "dense", "loop"):
+        check(f"{kernel} vs solo loop, fp32", check_fused_vs_solo, device, torch.float32, kernel, 1e-4)
     for kernel in ("dense", "grouped", "loop"):
-        results.append(check_fused_vs_solo(device, torch.bfloat16, kernel, 3e-2))
-    # The grouped kernel really runs on CUDA bf16 (else its benchmark row measures the loop).
-    calls = []
-    real = lora_module._GROUPED_MM
-    lora_module._GROUPED_MM = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    try:
-        check_fused_vs_solo(device, torch.bfloat16, "grouped", 1.0)
-    finally:
-        lora_module._GROUPED_MM = real
-    results.append({"check": "kernel=grouped runs torch._grouped_mm on CUDA bf16", "grouped_calls": len(calls),
-                    "ok": len(calls) > 0})
-    for r in results[len(printed):]:
-        print(json.dumps(r), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        check(f"{kernel} vs solo loop, bf16", check_fused_vs_solo, device, torch.bfloat16, kernel, 3e-2)
+    check("grouped runs grouped_mm", grouped_runs_grouped_mm)
+    check("triton kernels", check_triton_kernels, device)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        check(f"fused(triton) vs solo(triton), {dtype}", check_fused_vs_solo, device, dtype, "triton", tol, "triton")
+    if device.type == "cuda":
+        check("group timing", check_group_timing, device)
     return 0 if all(r["ok"] for r in results if not r.get("informational")) else 1
 
 

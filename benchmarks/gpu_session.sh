@@ -8,20 +8,27 @@
 #                                                    # extras; its JSON is rewritten after every
 #                                                    # run, so a timeout keeps what ran)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the batch strategies on the GPU, then a
-#                                                    # profile of the fused 4-adapter step
-# Part 1 alone answers the throughput issue's targets; run part 2 if device time is left.
+#                                                    # profile of llama2-7b's 4-adapter step
+# Part 1 alone answers the throughput issue's targets (run it with the device call's
+# timeout_s at 600); run part 2 if device time is left.
 set -u
 PART=${1:-1}
 OUT=${OUT:-/tmp/mlora-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+T0=$SECONDS
+# Everything printed also goes to $OUT/session.log: the device tool returns only the output's
+# last 12,000 characters, and a traceback early in the session would scroll out of them.
+log() { grep --line-buffered -v -i warn | tee -a "$OUT/session.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt" | log
 if [ "$PART" = 1 ]; then
-  timeout 180 python3 benchmarks/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | grep -v Warning
-  timeout "${BENCH_TIMEOUT:-340}" python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" 2>&1 | grep -v -i warn
+  # The checks take about a minute; the benchmark gets what is left of one device call
+  # (BUDGET seconds, default 560 of its 600), and records the library versions itself.
+  timeout 150 python3 benchmarks/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | log
+  LEFT=$(( ${BUDGET:-560} - (SECONDS - T0) ))
+  timeout "$LEFT" python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" 2>&1 | log
 else
-  timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | grep -v -i warn | tail -30
-  timeout 90 python3 benchmarks/bench_throughput.py --shapes tinyllama-1.1b --profile "$OUT/profile.txt" > /dev/null 2>&1
-  head -c 4000 "$OUT/profile.txt"
+  # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
+  timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
+  timeout 120 python3 benchmarks/bench_throughput.py --shapes llama2-7b --profile "$OUT/profile_7b.txt" 2>&1 | log
 fi

@@ -51,6 +51,35 @@ def test_tiny_mode_runs_every_system(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_a_failed_run_is_recorded_and_a_broken_device_ends_the_run_cleanly(tmp_path, monkeypatch):
+    """The GPU session runs the benchmark once: a run that fails (a first Triton compile, a
+    GPU-only error) is recorded with its first line and the rest goes on; a failure that
+    leaves the device unusable (a kernel fault poisons the CUDA context) ends the run with
+    what ran saved, the JSON saying why it stopped."""
+    bench = _load()
+    real = bench.MloraBench.run
+
+    def failing(self, n, rows, dropout, kernel):
+        if kernel == "dense":
+            raise RuntimeError("first line of the failure\nand more")
+        return real(self, n, rows, dropout, kernel)
+
+    monkeypatch.setattr(bench.MloraBench, "run", failing)
+    out = tmp_path / "throughput.json"
+    result = bench.main(["--tiny", "--out", str(out)])
+    dense = next(r for r in result["runs"] if r.get("kernel") == "dense")
+    assert dense["error"] == "RuntimeError: first line of the failure"
+    assert any(r.get("kernel") == "loop" and r["tokens_per_s"] > 0 for r in result["runs"])  # went on
+    assert "stopped" not in result
+
+    monkeypatch.setattr(bench, "device_broken", lambda device: "AcceleratorError: illegal memory access")
+    result = bench.main(["--tiny", "--out", str(out)])
+    assert result["runs"][-1]["kernel"] == "dense" and result["runs"][-1]["device_error"]
+    assert "illegal memory access" in result["stopped"]
+    assert json.loads(out.read_text())["stopped"] == result["stopped"]
+    assert [r["role"] for r in result["runs"] if r["system"] == "mlora"][:2] == ["sweep", "memory"]  # the core ran
+
+
 def test_summary_ratios_use_the_faster_bound_and_same_rows():
     bench = _load()
     runs = [
