@@ -286,26 +286,33 @@ class Adapter:
         atomically (temporary file, then rename), so a reader never sees half a file."""
         return save_peft(directory, self.peft_state_dict(), self.peft_config(base_model))
 
-    def load_peft(self, directory: str | os.PathLike) -> None:
-        """Copy weights from a PEFT LoRA directory into this adapter (for `init_from`)."""
+    def load_peft(self, directory: str | os.PathLike, label: str = "init_from") -> None:
+        """Copy weights from a PEFT LoRA directory into this adapter (`init_from`, or `label`
+        "adapter" for a trained adapter that eval loads). Its r, lora_alpha and use_rslora
+        must be the config's: they set the scale the weights were trained with, and using
+        another would silently compute something else."""
         directory = Path(directory)
+        where = f"{label} {directory}"
         peft_cfg = read_peft_config(directory)
-        if int(peft_cfg.get("r", -1)) != self.cfg.r:
-            raise UserError(f"init_from {directory}: its r is {peft_cfg.get('r')}, "
-                            f"but adapter '{self.name}' has r={self.cfg.r}")
+        saved = {"r": peft_cfg["r"], "alpha": peft_cfg["lora_alpha"], "use_rslora": peft_cfg["use_rslora"]}
+        for key, mine in (("r", self.cfg.r), ("alpha", self.cfg.alpha), ("use_rslora", self.cfg.use_rslora)):
+            if saved[key] != mine:
+                peft_key = "lora_alpha" if key == "alpha" else key
+                raise UserError(f"{where}: its {peft_key} is {saved[key]}, but adapter '{self.name}' has "
+                                f"{key}={mine} in the config (they must match)")
         tensors = read_peft_weights(directory)
         expected = self.peft_state_dict()
         missing = sorted(set(expected) - set(tensors))
         if missing:
-            raise UserError(f"init_from {directory}: tensor {missing[0]} is missing "
+            raise UserError(f"{where}: tensor {missing[0]} is missing "
                             f"(the adapter's target_modules must match)")
         for name, value in tensors.items():
             if name not in expected:
-                raise UserError(f"init_from {directory}: unexpected tensor {name} "
+                raise UserError(f"{where}: unexpected tensor {name} "
                                 f"(not among adapter '{self.name}''s target_modules)")
             if value.shape != expected[name].shape:
-                raise UserError(f"init_from {directory}: tensor {name} has shape "
-                                f"{tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+                raise UserError(f"{where}: tensor {name} has shape {tuple(value.shape)}, expected "
+                                f"{tuple(expected[name].shape)} (was it trained on another base model?)")
         with torch.no_grad():
             for path, w in self.weights.items():
                 w.lora_A.copy_(tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"])
@@ -360,12 +367,27 @@ def read_peft_config(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: malformed JSON ({err})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only LORA is supported")
-    return cfg
+    # The fields that set what the weights compute, checked and normalised (PEFT's defaults).
+    r, alpha, rslora = cfg.get("r"), cfg.get("lora_alpha", 8), cfg.get("use_rslora", False)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"{path}: 'r' must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise UserError(f"{path}: 'lora_alpha' must be a number, got {alpha!r}")
+    if not isinstance(rslora, bool):
+        raise UserError(f"{path}: 'use_rslora' must be true or false, got {rslora!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise UserError(f"{path}: per-module {key} is not supported (one r and lora_alpha per adapter)")
+    return {**cfg, "r": r, "lora_alpha": float(alpha), "use_rslora": rslora}
 
 
 def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX, Example, pad_rows
+from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.packing import pack_examples, packed_shape
 
@@ -64,6 +65,16 @@ def total_steps(num_rows: int, cfg: AdapterConfig) -> int:
     """Optimizer steps the adapter will take (a short last batch of an epoch still steps)."""
     steps = steps_per_epoch(num_rows, cfg.batch_size) * cfg.num_epochs
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def check_trainable(examples: Sequence[Example], cfg: AdapterConfig, cutoff_len: int) -> None:
+    """An adapter whose data has no token to learn would train on nothing, its loss 0 and its
+    weights unchanged, and look like a success: refuse it in one line."""
+    if not any(ex.num_label_tokens for ex in examples):
+        raise UserError(f"adapter {cfg.name!r}: no row of {cfg.data} has a token to learn within cutoff_len "
+                        f"{cutoff_len} (rows too long, empty, or without an output/assistant turn"
+                        + ("" if cfg.train_on_inputs else "; only outputs are learned unless train_on_inputs")
+                        + ")")
 
 
 def adapter_stream(examples: Sequence[Example], cfg: AdapterConfig, seed: int,

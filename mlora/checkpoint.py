@@ -114,9 +114,13 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"checkpoint {path}: unreadable manifest.json ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"checkpoint {path}: unknown format {manifest.get('format')!r}")
-    expected = manifest.get("files", {}).get("state.pt", {})
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise UserError(f"checkpoint {path}: unknown format {found!r}")
+    files = manifest.get("files")
+    expected = files.get("state.pt") if isinstance(files, dict) else None
+    if not isinstance(expected, dict):
+        raise UserError(f"checkpoint {path}: manifest.json does not describe state.pt")
     try:
         payload = (path / "state.pt").read_bytes()
     except OSError as err:

@@ -1,4 +1,4 @@
-"""The `mlora` command: train | eval | demo. Thin: parse, then call.
+"""The `mlora` command: train | eval | generate | demo. Thin: parse, then call.
 
 A UserError becomes one line on stderr and exit code 2; anything else is a bug and keeps its
 traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -30,13 +31,51 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     q.add_argument("--compute_dtype", help="4-bit matmul dtype: fp32, bf16 or fp16 (default: --dtype)")
 
 
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is 0..2**63-1, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train every adapter of a config in fused batches")
     _add_common(p)
-    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--seed", type=_seed, help="overrides the config's seed")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
@@ -49,14 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transport", choices=["torch", "zmq"], default="torch",
                    help="torch.distributed point-to-point (default) or ZeroMQ")
     g.add_argument("--master_addr", help="rendezvous host (default: MASTER_ADDR or 127.0.0.1)")
-    g.add_argument("--master_port", type=int, help="rendezvous port (default: MASTER_PORT or 29500)")
-    g.add_argument("--peer_timeout", type=float, default=30.0,
+    g.add_argument("--master_port", type=_port, help="rendezvous port (default: MASTER_PORT or 29500)")
+    g.add_argument("--peer_timeout", type=_positive_seconds, default=30.0,
                    help="seconds without a sign of life before a rank counts as lost (default 30)")
-    g.add_argument("--connect_timeout", type=float, default=300.0,
+    g.add_argument("--connect_timeout", type=_positive_seconds, default=300.0,
                    help="seconds to wait for every rank to join (default 300)")
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
     _add_common(p)
+
+    p = sub.add_parser("generate", help="complete prompts with every trained adapter of a config, in one fused batch")
+    _add_common(p)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt (repeat for several); every adapter completes every prompt")
+    p.add_argument("--format", choices=["alpaca", "chat", "text"], default="alpaca",
+                   help="how a prompt is rendered, as training rendered rows: alpaca (the adapter's "
+                        "prompt template; default), chat (a user turn, the tokenizer's chat template), text (as is)")
+    p.add_argument("--adapters", help="comma-separated adapter names (default: every adapter of the config)")
+    p.add_argument("--base", action="store_true", help="also complete each prompt with the bare base model")
+    p.add_argument("--max_new_tokens", type=_positive_int, default=64, help="tokens to add at most (default 64)")
 
     p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -91,12 +141,15 @@ def cmd_train(args) -> int:
 
         return train_pipeline(args)
     from mlora import checkpoint
+    from mlora.batching import check_trainable
     from mlora.session import open_session
     from mlora.trainer import Interrupted, train
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
                            dtype=args.dtype, seed=args.seed, quant=quant_config(args), load_base=False)
     out = session.cfg.output_dir
+    for a in session.cfg.lora:  # before the output directory is touched (the trainer checks too)
+        check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
     if args.resume:
         if checkpoint.is_finished(out):
             print(f"mlora: nothing to resume: the run in {out} already finished")
@@ -145,12 +198,53 @@ def cmd_eval(args) -> int:
         adapter = None
         if (saved / WEIGHTS_NAME).is_file():
             adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device)
-            adapter.load_peft(saved)
+            adapter.load_peft(saved, label="adapter")
         loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test)
         if adapter is not None:
             adapter.detach_from(session.wrappers)
-        print(json.dumps({"adapter": cfg.name, "loss": loss, "tokens": tokens,
+        # JSON has no NaN: no label token (or non-finite weights) gives null, as metrics.jsonl does.
+        print(json.dumps({"adapter": cfg.name, "loss": loss if math.isfinite(loss) else None, "tokens": tokens,
                           "weights": str(saved) if adapter is not None else "base"}), flush=True)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Each prompt through each chosen adapter (and with --base the bare base), all rows in one
+    fused batch: one JSON line per (prompt, adapter), in the order given."""
+    from mlora.adapter import WEIGHTS_NAME, Adapter
+    from mlora.data import load_template, prompt_tokens
+    from mlora.generate import greedy_generate
+    from mlora.session import open_session
+
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                           device=args.device, dtype=args.dtype, quant=quant_config(args), load_base=False)
+    by_name = {a.name: a for a in session.cfg.lora}
+    names = list(by_name) if args.adapters is None else [n.strip() for n in args.adapters.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise UserError(f"--adapters: {unknown[0] if unknown else args.adapters!r} is not an adapter of "
+                        f"{args.config} (its adapters: {', '.join(by_name)})")
+    out = Path(session.cfg.output_dir)
+    for name in names:
+        if not (out / name / WEIGHTS_NAME).is_file():
+            raise UserError(f"adapter {name!r}: nothing saved in {out / name} (train it first, or point "
+                            f"--output_dir at where it was saved)")
+    rows = []  # (adapter, prompt, prompt token ids), every prompt rendered as its adapter was trained
+    for name in names:
+        template = load_template(by_name[name].prompt)
+        rows += [(name, text, prompt_tokens(text, args.format, session.tokenizer, template)) for text in args.prompt]
+    session.load_base()
+    for name in names:
+        adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device)
+        adapter.load_peft(out / name, label="adapter")
+    requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
+    outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens)
+    decode = session.tokenizer.decode
+    for i, (name, text, _) in enumerate(rows):
+        line = {"adapter": name, "prompt": text, "output": decode(outputs[i], skip_special_tokens=True)}
+        if args.base:
+            line["base_output"] = decode(outputs[len(rows) + i], skip_special_tokens=True)
+        print(json.dumps(line, ensure_ascii=False), flush=True)
     return 0
 
 
@@ -173,7 +267,7 @@ def prepare_output_dir(path: str) -> None:
         raise UserError(f"output_dir {p} is not writable")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,8 +203,11 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
     if not _is_directory_name(name):
         a.fail(
             f"'name' must be usable as a directory name (non-empty, no '/' or '\\', no leading "
-            f"dot, no control characters), got {name!r}"
+            f"dot, no control characters, at most 255 bytes), got {name!r}"
         )
+    if name in RESERVED_NAMES:
+        a.fail(f"'name' {name!r} is taken by mlora's own output in output_dir (adapters cannot be "
+               f"named {' or '.join(repr(n) for n in RESERVED_NAMES)})")
     a.values["name"] = name
 
     a.require("data")
@@ -292,6 +295,10 @@ def _canonical_module(a: _Reader, name: str) -> str:
     )
 
 
+# What mlora itself writes into output_dir next to the adapters' directories.
+RESERVED_NAMES = ("metrics.jsonl", "checkpoints")
+
+
 def _is_directory_name(name: str) -> bool:
     return (
         name != ""
@@ -299,6 +306,7 @@ def _is_directory_name(name: str) -> bool:
         and "/" not in name
         and "\\" not in name
         and all(ch.isprintable() for ch in name)
+        and len(name.encode("utf-8", "surrogatepass")) <= 255  # a file name's limit on common file systems
     )
 
 

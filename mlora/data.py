@@ -324,6 +324,28 @@ def _check_messages(messages) -> None:
                                 f"{_json_type(message.get(key)) if key in message else 'nothing'}")
 
 
+PROMPT_FORMATS = ("alpaca", "chat", "text")
+
+
+def prompt_tokens(text: str, fmt: str, tokenizer, template: PromptTemplate) -> list[int]:
+    """A generation prompt's token ids, made the way training made a row's prompt part:
+    "alpaca" renders `text` as the instruction through the adapter's template (BOS and all);
+    "chat" as a user turn through the tokenizer's chat template, with the assistant's
+    generation prompt after it; "text" tokenizes it as it is (a text row's start)."""
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    if fmt == "alpaca":
+        return tokenizer(template.render(text, None)[0]).input_ids
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--format chat: the base model's tokenizer has no chat template")
+        rendered = _render_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+        return tokenizer(rendered, add_special_tokens=False).input_ids
+    if fmt == "text":
+        return tokenizer(text).input_ids
+    raise UserError(f"prompt format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
+
+
 def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,

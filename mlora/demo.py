@@ -123,9 +123,14 @@ def run_demo(device: str | None = None, output_dir: str | None = None, short: bo
     from mlora.session import open_session
     from mlora.trainer import train
 
+    from mlora.cli import prepare_output_dir
+    from mlora.device import resolve_device
+
+    resolve_device(device)  # a bad device fails here, before anything is written
+    if output_dir:
+        prepare_output_dir(output_dir)  # a file, or a place that cannot be written: one line
     base = smollm2_base_dir()
     workdir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="mlora-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     config_path = write_demo_config(workdir, short)
     session = open_session(base, config_path, device=device)
     print(f"mlora demo: base {base} on {session.device}, 3 adapters fused in every batch; "

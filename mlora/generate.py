@@ -1,6 +1,7 @@
 """Greedy generation for a fused batch: every row may use a different adapter (or none).
 
-A plain loop without a KV cache: it serves the demo and quick checks; a cached multi-adapter
+A plain loop without a KV cache (every new token runs the whole sequence again): it serves
+`mlora generate`, the demo and quick checks, for short completions; a cached multi-adapter
 generation API is a later piece of work.
 """
 
@@ -25,7 +26,7 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
     """
     model, tok = session.model, session.tokenizer
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: str(prompts[i][0]))
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
     names = [prompts[i][0] for i in order]
     seqs = [list(prompts[i][1]) for i in order]
     new_tokens: list[list[int]] = [[] for _ in order]
@@ -45,7 +46,8 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
             for r, s in enumerate(seqs):
                 ids[r, length - len(s):] = torch.tensor(s)
                 mask[r, length - len(s):] = True
-            logits = model(ids.to(session.device), mask.to(session.device))  # [B, S, V]
+            # The mask stays on the host: the model checks it there and uploads it without a wait.
+            logits = model(ids.to(session.device), mask)  # [B, S, V]
             next_ids = logits[:, -1].argmax(dim=-1).tolist()
             for r, token in enumerate(next_ids):
                 if done[r]:

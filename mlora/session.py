@@ -70,6 +70,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_kernel()
     cfg = load_config(config_path)
     if output_dir is not None:
+        if not str(output_dir).strip():
+            raise UserError("--output_dir is empty (give a directory, or leave it out to use the config's)")
         cfg = replace(cfg, output_dir=str(output_dir))
     if seed is not None:
         cfg = replace(cfg, seed=seed)
@@ -77,16 +79,27 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_kernel(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
     base_dir = Path(base_model)
-    read_model_config(base_dir)  # config.json present and of a supported family
+    _, model_args = read_model_config(base_dir)  # config.json present and of a supported family
     weight_index(base_dir)  # weights present
     tokenizer = load_tokenizer(base_dir)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model {base_dir}: the tokenizer has no EOS token")
+    vocab = model_args.vocab_size
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    if pad >= vocab:
+        raise UserError(f"base_model {base_dir}: the tokenizer's padding token id {pad} is outside the "
+                        f"model's vocab_size {vocab} (is the tokenizer the model's?)")
     data = {}
     for a in cfg.lora:
         train = encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
         test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
                 if a.test_data else train)
+        for path, examples in ((a.data, train), (a.test_data, test)):
+            # Before anything is written: an id past the embedding would fail mid-run.
+            largest = max((max(ex.input_ids, default=0) for ex in examples), default=0)
+            if largest >= vocab:
+                raise UserError(f"adapter {a.name!r}: {path} tokenizes to id {largest}, outside the model's "
+                                f"vocab_size {vocab} (is the tokenizer in {base_dir} the model's?)")
         for ex in train:  # the tensors the fused batches copy from (Example.tensors), made now, not mid-run
             ex.tensors()
         data[a.name] = AdapterData(train, test)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mlora import checkpoint
 from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir
-from mlora.batching import adapter_stream, fuse, total_steps
+from mlora.batching import adapter_stream, check_trainable, fuse, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
@@ -106,6 +106,8 @@ class Trainer:
         # Before the adapters take any device memory: the plan counts their state itself.
         self.max_tokens = self._plan_budget()
         self.runs: dict[str, AdapterProgress] = {}
+        for a in self.cfg.lora:
+            check_trainable(session.data[a.name].train, a, self.cfg.cutoff_len)
         for position, a in enumerate(self.cfg.lora):
             steps = total_steps(len(session.data[a.name].train), a)
             adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps)

@@ -55,7 +55,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 100KiB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * UNITS[m.group(2).upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} is less than one byte")
+    return size
 
 
 def first_line(e: BaseException) -> str:
@@ -146,6 +149,9 @@ def prepare(state: dict[str, torch.Tensor], drop_head: bool) -> dict[str, torch.
     for name, tensor in state.items():
         if drop_head and name == HEAD:
             continue
+        if tensor.layout != torch.strided or tensor.is_meta:  # safetensors holds dense values only
+            kind = "a meta tensor (no values)" if tensor.is_meta else f"a {tensor.layout} tensor"
+            raise ConvertError(f"{name!r} is {kind}; only dense tensors with values can be converted")
         storage = tensor.untyped_storage().data_ptr()
         if storage in seen and tensor.numel():  # shared but saved under both names: own copy
             tensor = tensor.clone()

@@ -157,3 +157,69 @@ def test_unknown_lora_kernel_names_the_variable(setup, capsys, tiny_llama, monke
     code, err = run_train(capsys, tiny_llama, config())
     assert code == 2 and "MLORA_LORA_KERNEL='fast'" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name,fragment", [("metrics.jsonl", "taken by mlora"), ("checkpoints", "taken by mlora"),
+                                           ("x" * 256, "255 bytes")])
+def test_adapter_names_that_cannot_be_written(setup, tiny_llama, capsys, name, fragment):
+    """Names that clash with mlora's own outputs, or that no file system takes, fail before
+    training (they used to fail with a traceback when the adapter was saved at the end)."""
+    _, _, out, config = setup
+    check(*run_train(capsys, tiny_llama, config({"name": name})), out, fragment)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(setup, capsys, tmp_path, tokenizer_dir):
+    """A tokenizer that is not the model's makes ids past the embedding: one line before
+    anything is written (it used to fail mid-run, after clearing the output's checkpoints)."""
+    from conftest import make_tiny_model
+
+    _, data, out, config = setup
+    base = make_tiny_model(tmp_path / "small_vocab", "llama", tokenizer_dir, vocab_size=100)
+    check(*run_train(capsys, base, config()), out, "vocab_size 100", "'a'")
+
+
+@pytest.mark.parametrize("rows,extra", [
+    ([{"text": ""}], {}),
+    ([{"messages": [{"role": "user", "content": "only a question"}]}], {}),
+    ([{"instruction": "a long instruction " * 20, "output": "x"}], {"cutoff_len": 8}),
+])
+def test_data_without_a_token_to_learn(setup, tiny_llama, capsys, rows, extra):
+    """Training on nothing used to 'succeed' with loss 0 and an untrained adapter."""
+    tmp, data, out, config = setup
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check(*run_train(capsys, tiny_llama, config(**extra)), out, "no row of", "token to learn")
+
+
+@pytest.mark.parametrize("flag,value,fragment", [("--master_port", "99999", "1..65535"),
+                                                ("--peer_timeout", "0", "more than 0"),
+                                                ("--connect_timeout", "-1", "more than 0"),
+                                                ("--seed", "-1", "seed")])
+def test_pipeline_flags_out_of_range(setup, tiny_llama, capsys, flag, value, fragment):
+    _, _, out, config = setup
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--base_model", str(tiny_llama), "--config", str(config()), "--pipeline", "--rank", "0",
+              "--world_size", "2", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_empty_output_dir_flag(setup, tiny_llama, capsys, monkeypatch, tmp_path):
+    _, _, out, config = setup
+    monkeypatch.chdir(tmp_path)
+    check(*run_train(capsys, tiny_llama, config(), "--output_dir", ""), out, "--output_dir")
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "a").exists()
+
+
+def test_demo_with_a_bad_device_or_output_dir_writes_nothing(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["demo", "--device", "tpu"]) == 2
+    assert "tpu" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["demo", "--output_dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a directory" in err

@@ -222,6 +222,94 @@ def test_eval_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, token
         assert line["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
+def test_eval_refuses_an_adapter_saved_with_another_scale(fused_run, tiny_llama, capsys, tmp_path):
+    """The scale the weights were trained with (r, lora_alpha, use_rslora) is read back: a
+    config that says otherwise is one line naming the field, not a silently different loss;
+    so is a damaged adapter_config.json. An adapter with no token to score says null."""
+    import shutil
+
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    saved = out / cfg["lora"][0]["name"]
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy / saved.name)
+    cases = [({"alpha": 1000}, None, "lora_alpha"), ({"use_rslora": True}, None, "use_rslora"),
+             ({}, {"r": "abc"}, "'r' must be a positive integer"), ({}, [1, 2], "expected a JSON object")]
+    for change, damage, fragment in cases:
+        adapter_cfg = json.loads((saved / "adapter_config.json").read_text())
+        if damage is not None:
+            adapter_cfg = damage if isinstance(damage, list) else {**adapter_cfg, **damage}
+        (copy / saved.name / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+        mine = tmp_path / "cfg.json"
+        mine.write_text(json.dumps({**cfg, "lora": [{**cfg["lora"][0], **change}]}))
+        capsys.readouterr()
+        assert main(["eval", "--base_model", str(tiny_llama), "--config", str(mine),
+                     "--output_dir", str(copy)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err, err
+        if damage is None:
+            assert err.startswith(f"mlora: error: adapter {copy / saved.name}"), err
+
+    empty = tmp_path / "nothing.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    (copy / saved.name / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+    mine.write_text(json.dumps({**cfg, "lora": [{**cfg["lora"][0], "test_data": str(empty)}]}))
+    capsys.readouterr()
+    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(mine), "--output_dir", str(copy)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line)["loss"] is None and "NaN" not in line
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat", "text"])
+def test_generate_equals_transformers_plus_peft_greedy(fused_run, tiny_llama, capsys, tokenizer, fmt):
+    """`mlora generate`: every adapter completes every prompt, all rows in one fused batch
+    (left-padded to one length, each row its adapter's), and each completion is what
+    transformers + PEFT's greedy generate gives for that adapter and prompt; --base adds the
+    bare base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlora.data import load_template, prompt_tokens
+
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    prompts = ["say hi", "count to three please"]
+    capsys.readouterr()
+    assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--format", fmt,
+                 "--max_new_tokens", "6", "--base", "--adapters", "a,c", *sum((["--prompt", p] for p in prompts), [])]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["adapter"], line["prompt"]) for line in lines] == [(n, p) for n in ("a", "c") for p in prompts]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out / "a", adapter_name="a").eval()
+    model.load_adapter(out / "c", adapter_name="c")
+    for line in lines:
+        adapter_cfg = next(a for a in cfg["lora"] if a["name"] == line["adapter"])
+        ids = torch.tensor([prompt_tokens(line["prompt"], fmt, tokenizer, load_template(adapter_cfg["prompt"]))])
+        model.set_adapter(line["adapter"])
+        with torch.no_grad():
+            expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+            with model.disable_adapter():
+                bare = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+        assert line["output"] == tokenizer.decode(expected, skip_special_tokens=True), line
+        assert line["base_output"] == tokenizer.decode(bare, skip_special_tokens=True), line
+    assert any(line["output"] != line["base_output"] for line in lines)  # the adapters matter
+
+
+def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
+    _, out, cfg_path = fused_run
+    for extra, fragment in ((["--adapters", "zz"], "'zz' is not an adapter"), (["--prompt", " "], "prompt is empty"),
+                            (["--output_dir", str(tmp_path / "nowhere")], "nothing saved")):
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    with pytest.raises(SystemExit):
+        main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi",
+              "--max_new_tokens", "0"])
+
+
 def test_every_adapters_loss_goes_down(tmp_path, tiny_llama):
     rows = [{"text": "one two three four five six seven eight nine ten"}] * 4
     lora = [{"name": f"x{i}", "data": write_jsonl(tmp_path / f"x{i}.jsonl", rows), "r": 4 + 4 * i,

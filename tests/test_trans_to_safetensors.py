@@ -318,7 +318,16 @@ ERRORS = {
     "bad index": (lambda d: (d / "pytorch_model.bin.index.json").write_text("{"), (), "not a valid checkpoint index"),
     "not a state dict": (lambda d: torch.save([1, 2], d / "pytorch_model.bin"), (), "not a state dict"),
     "bad shard size": (lambda d: None, ("--max_shard_size", "5 parsecs"), "invalid size"),
+    "shard size under a byte": (lambda d: None, ("--max_shard_size", "0.5B"), "less than one byte"),
+    "sparse tensor": (lambda d: _add_tensor(d, torch.eye(3).to_sparse()), (), "'extra.weight' is a torch.sparse_coo"),
+    "meta tensor": (lambda d: _add_tensor(d, torch.empty(3, device="meta")), (), "'extra.weight' is a meta tensor"),
 }
+
+
+def _add_tensor(path: Path, tensor: torch.Tensor):
+    state = torch.load(path / "pytorch_model.bin", weights_only=True)
+    state["extra.weight"] = tensor
+    torch.save(state, path / "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))

@@ -97,6 +97,7 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
 
 
 def train_pipeline(args) -> int:
+    from mlora.batching import check_trainable
     from mlora.cli import prepare_output_dir, quant_config
     from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
@@ -108,6 +109,8 @@ def train_pipeline(args) -> int:
                            device=place.device, dtype=args.dtype, seed=args.seed,
                            quant=quant_config(args), load_base=False)
     stages = plan_stages(args.base_model, place.world_size, args.balance)
+    for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
+        check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
     if place.rank in (0, place.world_size - 1):
         prepare_output_dir(session.cfg.output_dir)
     transport = connect(args.transport, place.rank, place.world_size, place.master_addr,

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from mlora import checkpoint, memory
 from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir, save_peft
-from mlora.batching import MicroBatch, adapter_stream, fuse, total_steps
+from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
@@ -257,6 +257,7 @@ class StageWorker:
         streams: dict[str, list[MicroBatchRef]] = {}
         for a in cfg.lora:
             rows = session.data[a.name].train
+            check_trainable(rows, a, cfg.cutoff_len)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a))
             refs = []
             for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
