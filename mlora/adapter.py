@@ -64,6 +64,11 @@ class Adapter:
             if path.rsplit(".", 1)[-1] not in cfg.target_modules:
                 continue
             wrapper = wrappers[path]
+            if cfg.r > min(wrapper.in_features, wrapper.out_features):
+                # More than the rank the product B @ A can have: weights and optimizer state for
+                # nothing (at an absurd r, an allocation that fails deep inside torch).
+                raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than the rank a {path} "
+                                f"({wrapper.out_features} x {wrapper.in_features}) can have")
             weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
                                   cfg.dropout, cfg.use_rslora, module_seed(own_seed, path), device)
             layer = decoder_layer_of(path)

@@ -108,6 +108,10 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == 1 and path.suffix != ".jsonl" and line.strip() == "{":
+                # A pretty-printed object: the file is one JSON value spread over lines.
+                raise UserError(f"{path}: expected a JSON array of row objects or one object per line "
+                                f"(JSONL); the file starts a multi-line object") from None
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")

@@ -39,7 +39,8 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
     """(transformers config, ModelArgs) of the checkpoint in `base_dir`."""
     base = Path(base_dir)
     if not base.is_dir():
-        raise UserError(f"base model directory {str(base)!r} does not exist")
+        what = "is a file, not a directory" if base.exists() else "does not exist"
+        raise UserError(f"base model directory {str(base)!r} {what}")
     config_file = base / "config.json"
     if not config_file.is_file():
         raise UserError(f"no config.json in base model directory {str(base)!r}")

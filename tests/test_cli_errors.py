@@ -223,3 +223,22 @@ def test_demo_with_a_bad_device_or_output_dir_writes_nothing(tmp_path, capsys, m
     assert main(["demo", "--output_dir", str(blocker)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not a directory" in err
+
+
+def test_rank_larger_than_a_projection(setup, tiny_llama, capsys):
+    """An absurd r used to fail inside torch's allocator with a traceback."""
+    _, _, out, config = setup
+    code, err = run_train(capsys, tiny_llama, config({"r": 10**9}))
+    assert code == 2 and len(err.splitlines()) == 1 and "r=1000000000" in err and "Traceback" not in err
+
+
+def test_a_pretty_printed_object_is_not_called_malformed(setup, tiny_llama, capsys):
+    tmp, _, out, config = setup
+    data = tmp / "one.json"
+    data.write_text(json.dumps(GOOD_ROWS[0], indent=2))
+    check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, "multi-line object")
+
+
+def test_base_model_that_is_a_file(setup, capsys, tmp_path):
+    _, data, out, config = setup
+    check(*run_train(capsys, data, config()), out, "is a file, not a directory")

@@ -39,6 +39,8 @@ def resolve_place(args) -> RankPlace:
         world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
     if world is None:
         raise UserError("--pipeline needs the world size: give --balance, --world_size, or start under torchrun")
+    if world < 1:
+        raise UserError(f"--world_size must be at least 1, got {world}")
     if rank is None:
         raise UserError("--pipeline needs --rank (or torchrun's RANK)")
     if not 0 <= rank < world:
