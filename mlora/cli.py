@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
         if (saved / WEIGHTS_NAME).is_file():
             adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device)
             adapter.load_peft(saved, label="adapter")
-        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test)
+        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test, progress=True)
         if adapter is not None:
             adapter.detach_from(session.wrappers)
         # JSON has no NaN: no label token (or non-finite weights) gives null, as metrics.jsonl does.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from mlora.batching import MicroBatch, fuse
 from mlora.data import Example
@@ -16,7 +18,7 @@ from mlora.memory import UnsplittableOOM, run_splitting_on_oom
 
 @torch.no_grad()
 def evaluate_adapter(session, name: str, examples: Sequence[Example],
-                     use_adapter: bool = True) -> tuple[float, int]:
+                     use_adapter: bool = True, progress: bool = False) -> tuple[float, int]:
     """(mean CE over all label tokens of all rows, number of label tokens).
 
     With use_adapter=False the rows run through the bare base (the wrappers skip a name they
@@ -41,6 +43,10 @@ def evaluate_adapter(session, name: str, examples: Sequence[Example],
         return ce_sum.item(), n
 
     total, count = 0.0, 0
+    # A bar on a terminal only (disable=None): `mlora eval` of a large test set, not the
+    # trainer's eval_step, whose own bars are on screen.
+    bar = tqdm(total=len(examples), desc=f"eval {name}", unit="row", disable=None if progress else True,
+               leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     try:
         for start in range(0, len(examples), cfg.test_batch_size):
             chunk = list(examples[start:start + cfg.test_batch_size])
@@ -52,6 +58,8 @@ def evaluate_adapter(session, name: str, examples: Sequence[Example],
                                 f"(up to {longest} tokens); lower cutoff_len or free device memory") from None
             total += sum(ce for ce, _ in results)
             count += sum(n for _, n in results)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         session.layout.rows = []
     return (total / count if count else float("nan")), count
