@@ -1,8 +1,8 @@
 """Greedy generation for a fused batch: every row may use a different adapter (or none).
 
-A plain loop without a KV cache (every new token runs the whole sequence again): it serves
-`mlora generate`, the demo and quick checks, for short completions; a cached multi-adapter
-generation API is a later piece of work.
+Greedy decoding with a KV cache (models.llama.KVCache): the left-padded prompts run once,
+then one token per row and step, every row through its own adapter. Serves `mlora generate`
+and the demo; no sampling, no beam search.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from mlora.data import Example
 from mlora.lora import AdapterRows
+from mlora.models.llama import KVCache
 
 
 @torch.no_grad()
@@ -39,16 +40,17 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
             start = i
     try:
         session.layout.rows = rows
-        for _ in range(max_new_tokens):
-            length = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), length), session.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), length), dtype=torch.bool)
-            for r, s in enumerate(seqs):
-                ids[r, length - len(s):] = torch.tensor(s)
-                mask[r, length - len(s):] = True
-            # The mask stays on the host: the model checks it there and uploads it without a wait.
-            logits = model(ids.to(session.device), mask)  # [B, S, V]
-            next_ids = logits[:, -1].argmax(dim=-1).tolist()
+        # The prompts, left-padded, fill the cache; then each step runs one new token per row.
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), session.pad_id, dtype=torch.long)  # [B, L]
+        mask = torch.zeros((len(seqs), length), dtype=torch.bool)  # [B, L], on the host (the model uploads it)
+        for r, s in enumerate(seqs):
+            ids[r, length - len(s):] = torch.tensor(s)
+            mask[r, length - len(s):] = True
+        cache = KVCache()
+        logits = model(ids.to(session.device), mask, cache=cache)  # [B, L, V]
+        for step in range(max_new_tokens):
+            next_ids = logits[:, -1].argmax(dim=-1).tolist()  # [B]
             for r, token in enumerate(next_ids):
                 if done[r]:
                     continue
@@ -57,8 +59,11 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
                     continue
                 seqs[r].append(token)
                 new_tokens[r].append(token)
-            if all(done):
+            if all(done) or step == max_new_tokens - 1:
                 break
+            column = [session.pad_id if done[r] else seqs[r][-1] for r in range(len(seqs))]
+            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.bool)], dim=1)  # [B, T + 1]
+            logits = model(torch.tensor(column)[:, None].to(session.device), mask, cache=cache)  # [B, 1, V]
     finally:
         session.layout.rows = []
     result: list[list[int]] = [[] for _ in prompts]

@@ -81,6 +81,29 @@ def test_logits_match_transformers(case, tmp_path):
     _compare(path, seq_lens=(S, 6) if case == "rope_dynamic" else (S,))
 
 
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3"])
+def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
+    """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
+    every position the logits of one forward over the whole sequence, with left-padded rows
+    (the pad keys hidden) and sliding windows that cut the cached keys."""
+    family, overrides = CASES[case]
+    model = load_model(make_tiny_model(tmp_path, family, **overrides), "cpu", torch.float32)
+    ids = torch.randint(3, model.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    mask[2, :6] = False
+    with torch.no_grad():
+        whole = model(ids, mask)  # [B, S, V]
+        cache = llama.KVCache()
+        pieces = [model(ids[:, :5], mask[:, :5], cache=cache)]
+        for start, end in ((5, 6), (6, 8), *((t, t + 1) for t in range(8, S))):
+            pieces.append(model(ids[:, start:end], mask[:, :end], cache=cache))
+    assert cache.length == S and len(cache.layers) == model.args.num_layers
+    _assert_close_on_real(torch.cat(pieces, dim=1), whole, mask)
+    with pytest.raises(ValueError):
+        model(ids[:, :1], position_ids=torch.zeros(B, 1, dtype=torch.long), cache=cache)
+
+
 def test_older_rope_scaling_form(tmp_path):
     """A transformers-4 config.json: `rope_theta` + `rope_scaling` instead of `rope_parameters`."""
     path = make_tiny_model(tmp_path, "llama")

@@ -122,8 +122,8 @@ def test_oom_split_across_adapters_redraws_the_same_dropout(tmp_path, tiny_llama
     assert train(ref) == 0
     forward = DecoderLayer.forward
 
-    def patched(self, x, cos, sin, mask):
-        out = forward(self, x, cos, sin, mask)
+    def patched(self, x, cos, sin, mask, *cache):
+        out = forward(self, x, cos, sin, mask, *cache)
         if torch.is_grad_enabled() and out.shape[0] > 3:
             raise oom(out.shape[0])
         return out
@@ -143,8 +143,8 @@ def test_oom_in_backward_does_not_count_gradients_twice(tmp_path, tiny_llama, re
     have been accumulated: the retried halves must not add them a second time."""
     forward, calls = DecoderLayer.forward, []
 
-    def patched(self, x, cos, sin, mask):
-        out = forward(self, x, cos, sin, mask)
+    def patched(self, x, cos, sin, mask, *cache):
+        out = forward(self, x, cos, sin, mask, *cache)
         if getattr(self, "probe", False) and out.requires_grad and out.shape[0] > 2:
             calls.append(out.shape[0])
 

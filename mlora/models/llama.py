@@ -359,6 +359,48 @@ def document_masks(args: ModelArgs, layer_ids: Sequence[int], document_ids: Tens
     return out
 
 
+# ----------------------------------------------------------------------------- KV cache
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens a model has seen, per decoder layer, so generation runs
+    each new token alone instead of the whole sequence again. Rows are the batch's rows; all
+    rows share one length (left-padded prompts, one new token per row and step)."""
+
+    layers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # [B, nkv, T, D] each, after RoPE
+    length: int = 0  # T: tokens cached per row
+
+    def extend(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's keys and values with k, v [B, nkv, S, D] appended; kept for the next call."""
+        past = self.layers.get(layer_id)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, nkv, T + S, D]
+        self.layers[layer_id] = (k, v)
+        return k, v
+
+
+def cached_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: Tensor | None, past: int,
+                 seq_len: int, device: torch.device) -> dict[int, Tensor]:
+    """Masks for `seq_len` new queries after `past` cached tokens: bool [B or 1, 1, S, past + S],
+    True = may attend. Always explicit: SDPA's is_causal aligns queries with the first keys,
+    not the last. attention_mask [B, past + S] covers every key, cached ones included."""
+    q = torch.arange(past, past + seq_len)[:, None]  # [S, 1] positions of the new tokens
+    k = torch.arange(past + seq_len)[None, :]  # [1, T]
+    key_ok = None if attention_mask is None else attention_mask.to(torch.bool)[:, None, :]  # [B, 1, T]
+    out, by_window = {}, {}
+    for i in layer_ids:
+        window = args.sliding_window[i]
+        if window not in by_window:
+            allowed = k <= q  # [S, T]
+            if window is not None:
+                allowed = allowed & (q - k < window)
+            allowed = allowed[None] if key_ok is None else (allowed[None] & key_ok) | (q == k)[None]  # [B, S, T]
+            by_window[window] = upload(allowed[:, None], device)  # [B, 1, S, T]
+        out[i] = by_window[window]
+    return out
+
+
 # ----------------------------------------------------------------------------- recompute
 
 
@@ -426,12 +468,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
         B, S, _ = x.shape  # x [B, S, H]
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, D]
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         n_rep = self.num_heads // self.num_kv_heads
         if mask is None and _SDPA_HAS_GQA:
             # The causal kernels read grouped K/V natively.
@@ -461,14 +506,16 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id
         self.sliding_window = args.sliding_window[layer_id]
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)  # [B, S, H]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_id)  # [B, S, H]
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -512,22 +559,31 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                document_ids: Tensor | None = None) -> Tensor:
+                document_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """x: input_ids [B, S] if the stage has the embedding, else hidden states [B, S, H].
         attention_mask [B, S]: 1 = real token (None = all real).
         position_ids [B, S] int64: RoPE positions (None = 0..S-1 in every row); packed rows
         restart at 0 for each sequence.
         document_ids [B, S] int: a token attends only to earlier tokens with the same id (None =
         the whole row is one sequence); padding carries an id of its own.
+        cache: keys and values of the tokens before x (KVCache, for generation): x holds the
+        next S tokens of every row, at positions cache.length.., and attention_mask covers the
+        cached tokens too [B, cache.length + S]; the cache takes x's keys and values.
         Returns logits [B, S, V] if the stage has the head, else hidden states [B, S, H]."""
         h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
         if self.layer_ids:
             S = h.shape[1]
+            past = 0 if cache is None else cache.length
+            if cache is not None and (position_ids is not None or document_ids is not None):
+                raise ValueError("a KV cache takes neither position_ids nor document_ids (packed rows)")
             if position_ids is None:
-                cos, sin = rope_cos_sin(self.args, S, h.device, h.dtype)  # [S, D]
+                cos, sin = rope_cos_sin(self.args, past + S, h.device, h.dtype)  # [T, D]
+                cos, sin = cos[past:], sin[past:]  # [S, D]: the new tokens' positions
             else:
                 cos, sin = rope_cos_sin_at(self.args, position_ids.to(h.device), h.dtype)  # [B, 1, S, D]
-            if document_ids is None:
+            if past:
+                masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)
+            elif document_ids is None:
                 masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
             else:
                 masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask)
@@ -539,7 +595,9 @@ class CausalLM(nn.Module):
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens
                     h = checkpointed_layer(layer, gens, h, cos, sin, masks[i])
                 else:
-                    h = layer(h, cos, sin, masks[i])
+                    h = layer(h, cos, sin, masks[i], cache)
+            if cache is not None:
+                cache.length += S
         if self.has_norm:
             h = self.model.norm(h)
         if self.has_head:
