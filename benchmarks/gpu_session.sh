@@ -26,6 +26,7 @@ if [ "$PART" = 1 ]; then
   # (BUDGET seconds, default 560 of its 600), and records the library versions itself.
   timeout 150 python3 benchmarks/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | log
   LEFT=$(( ${BUDGET:-560} - (SECONDS - T0) ))
+  [ "$LEFT" -gt 60 ] || LEFT=60  # (timeout 0 would mean no limit at all)
   timeout "$LEFT" python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" 2>&1 | log
 else
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.

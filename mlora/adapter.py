@@ -48,8 +48,11 @@ class Adapter:
     """A LoRA adapter attached to the `LoraLinear` wrappers of one model (or one stage)."""
 
     def __init__(self, cfg: AdapterConfig, wrappers: dict[str, LoraLinear], seed: int,
-                 device: torch.device, total_steps: int = 1):
+                 device: torch.device, total_steps: int = 1, stage_layers: set[str] | None = None):
+        """stage_layers: on a pipeline stage, the decoder layers it holds ('model.layers.3', ...):
+        an `init_from` adapter's tensors for other layers belong to other stages."""
         self.cfg = cfg
+        self.stage_layers = stage_layers
         self.name = cfg.name
         self.total_steps = total_steps
         self.steps_done = 0
@@ -313,6 +316,9 @@ class Adapter:
                             f"(the adapter's target_modules must match)")
         for name, value in tensors.items():
             if name not in expected:
+                module = name[len(PEFT_PREFIX):].rsplit(".", 2)[0]  # without '.lora_A.weight'
+                if self.stage_layers is not None and decoder_layer_of(module) not in self.stage_layers:
+                    continue  # another pipeline stage's layer: that stage loads it
                 raise UserError(f"{where}: unexpected tensor {name} "
                                 f"(not among adapter '{self.name}''s target_modules)")
             if value.shape != expected[name].shape:

@@ -111,8 +111,8 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     """Verify and read one checkpoint; any corruption or mismatch is a one-line UserError."""
     manifest_path = path / "manifest.json"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"checkpoint {path}: unreadable manifest.json ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
@@ -121,6 +121,10 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     expected = files.get("state.pt") if isinstance(files, dict) else None
     if not isinstance(expected, dict):
         raise UserError(f"checkpoint {path}: manifest.json does not describe state.pt")
+    saved_print = manifest.get("fingerprint")
+    if (not isinstance(saved_print, dict) or not isinstance(saved_print.get("adapters"), dict)
+            or not isinstance(manifest.get("iteration"), int)):
+        raise UserError(f"checkpoint {path}: manifest.json lacks the run's fingerprint or iteration")
     try:
         payload = (path / "state.pt").read_bytes()
     except OSError as err:
@@ -128,8 +132,11 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     if len(payload) != expected.get("bytes") or hashlib.sha256(payload).hexdigest() != expected.get("sha256"):
         raise UserError(f"checkpoint {path}: state.pt is corrupt or truncated "
                         f"({len(payload)} bytes, checksum mismatch)")
-    difference = describe_difference(json.loads(json.dumps(manifest["fingerprint"], default=str)),
-                                     json.loads(json.dumps(fingerprint, default=str)))
+    try:
+        difference = describe_difference(json.loads(json.dumps(saved_print, default=str)),
+                                         json.loads(json.dumps(fingerprint, default=str)))
+    except (KeyError, AttributeError, TypeError):  # a fingerprint of the wrong shape
+        raise UserError(f"checkpoint {path}: manifest.json's fingerprint is damaged") from None
     if difference:
         raise UserError(f"checkpoint {path} does not match this run: {difference}")
     state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

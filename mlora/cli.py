@@ -216,10 +216,11 @@ def cmd_generate(args) -> int:
     from mlora.generate import greedy_generate
     from mlora.session import open_session
 
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=args.device, dtype=args.dtype, quant=quant_config(args), load_base=False)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
+                           dtype=args.dtype, quant=quant_config(args), load_base=False, load_data=False)
     by_name = {a.name: a for a in session.cfg.lora}
-    names = list(by_name) if args.adapters is None else [n.strip() for n in args.adapters.split(",") if n.strip()]
+    names = (list(by_name) if args.adapters is None
+             else list(dict.fromkeys(n.strip() for n in args.adapters.split(",") if n.strip())))
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:
         raise UserError(f"--adapters: {unknown[0] if unknown else args.adapters!r} is not an adapter of "

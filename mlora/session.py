@@ -66,7 +66,9 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
 def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
-                 load_base: bool = True) -> Session:
+                 load_base: bool = True, load_data: bool = True) -> Session:
+    """Everything a command needs, checked before work starts. load_data=False: no dataset is
+    read (generation needs none), session.data stays empty."""
     check_kernel()
     cfg = load_config(config_path)
     if output_dir is not None:
@@ -90,7 +92,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         raise UserError(f"base_model {base_dir}: the tokenizer's padding token id {pad} is outside the "
                         f"model's vocab_size {vocab} (is the tokenizer the model's?)")
     data = {}
-    for a in cfg.lora:
+    for a in cfg.lora if load_data else ():
         train = encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
         test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
                 if a.test_data else train)
@@ -100,8 +102,6 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
             if largest >= vocab:
                 raise UserError(f"adapter {a.name!r}: {path} tokenizes to id {largest}, outside the model's "
                                 f"vocab_size {vocab} (is the tokenizer in {base_dir} the model's?)")
-        for ex in train:  # the tensors the fused batches copy from (Example.tensors), made now, not mid-run
-            ex.tensors()
         data[a.name] = AdapterData(train, test)
     if quant is not None:
         from mlora.quant import check_available

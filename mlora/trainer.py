@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mlora import checkpoint
 from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir
-from mlora.batching import adapter_stream, check_trainable, fuse, total_steps
+from mlora.batching import adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
@@ -108,6 +108,7 @@ class Trainer:
         self.runs: dict[str, AdapterProgress] = {}
         for a in self.cfg.lora:
             check_trainable(session.data[a.name].train, a, self.cfg.cutoff_len)
+            prepare_examples(session.data[a.name].train)
         for position, a in enumerate(self.cfg.lora):
             steps = total_steps(len(session.data[a.name].train), a)
             adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps)

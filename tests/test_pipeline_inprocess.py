@@ -278,3 +278,25 @@ def test_mask_runs_round_trip():
     assert mask_runs(None) is None and mask_from_runs(None, 5) is None
     with pytest.raises(AssertionError):
         mask_runs(torch.tensor([[1, 0, 1]], dtype=torch.bool))
+
+
+def test_pipeline_init_from_equals_single_process(tmp_path, pipe_model, single_runs):
+    """init_from a saved (whole-model) adapter: each stage loads its own layers' tensors and
+    leaves the others' to their stages (it used to refuse them as unexpected), and the run
+    equals the single process started from the same adapter."""
+    import json
+
+    from mlora.cli import main
+
+    _, cfg_path, single_out = single_runs(2)
+    cfg = json.loads(cfg_path.read_text())
+    for adapter in cfg["lora"]:
+        adapter["init_from"] = str(single_out / adapter["name"])
+    cfg["output_dir"] = str(tmp_path / "single")
+    path = tmp_path / "init_from.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(path), "--no_progress"]) == 0
+    run_threads(pipe_model, path, tmp_path / "pipe", 3, [3, 2, 2])
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
+    first = load_file(single_out / "p0" / "adapter_model.safetensors")  # where both started
+    assert rel_diff(load_file(tmp_path / "pipe" / "p0" / "adapter_model.safetensors"), first) > 1e-4

@@ -171,6 +171,23 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, tiny_llama, capsys, damag
     assert ("corrupt" in err) if damage != "manifest" else ("manifest" in err)
 
 
+def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, tiny_llama, capsys):
+    """manifest.json is JSON but not what mlora wrote (a list, no fingerprint, a fingerprint
+    of the wrong shape, not UTF-8): one line naming the checkpoint, never a traceback."""
+    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+    newest = list_checkpoints(out)[-1][1]
+    good = json.loads((newest / "manifest.json").read_text())
+    damages = [b"[1]", json.dumps({k: v for k, v in good.items() if k != "fingerprint"}).encode(),
+               json.dumps({**good, "fingerprint": {**good["fingerprint"], "adapters": {"a": 5}}}).encode(),
+               json.dumps({**good, "iteration": "3"}).encode(), b'{"format": "' + bytes([0xFF, 0xFE]) + b'"}']
+    for damage in damages:
+        (newest / "manifest.json").write_bytes(damage)
+        capsys.readouterr()
+        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(newest) in err and "Traceback" not in err, (damage, err)
+
+
 def test_mismatched_checkpoint_names_the_difference(tmp_path, tiny_llama, capsys):
     out, cfg = _interrupted_run(tmp_path, tiny_llama)
     changed = json.loads(cfg.read_text())

@@ -51,11 +51,13 @@ def resolve_place(args) -> RankPlace:
     addr = args.master_addr or env.get("MASTER_ADDR", "127.0.0.1")
     if args.master_port is not None:
         port = args.master_port
-    elif "TORCHELASTIC_RUN_ID" in env:
+    elif "TORCHELASTIC_RUN_ID" in env and "MASTER_PORT" in env:
         # Under torchrun, MASTER_PORT is the elastic agent's own store; ours takes the next port.
-        port = int(env["MASTER_PORT"]) + 1
+        port = _env_int("MASTER_PORT") + 1
     else:
-        port = int(env.get("MASTER_PORT", "29500"))
+        port = _env_int("MASTER_PORT") if "MASTER_PORT" in env else 29500
+    if not 1 <= port <= 65535:
+        raise UserError(f"rendezvous port {port} (from MASTER_PORT) is not a TCP port (1..65535)")
     return RankPlace(rank, world, device, addr, port)
 
 

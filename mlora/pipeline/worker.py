@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from mlora import checkpoint, memory
 from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir, save_peft
-from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, total_steps
+from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
@@ -176,10 +176,13 @@ class StageTimer:
             yield
             self._seconds += time.perf_counter() - t0
             return
+        # On this rank's device's stream: the current device may be another GPU (nothing sets
+        # it), and a bare record() would time that one's idle stream.
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         yield
-        end.record()
+        end.record(stream)
         self._events.append((start, end))
         if len(self._events) >= 256:  # fold the finished ones, so a long run keeps few events
             self._fold(wait=False)
@@ -258,7 +261,10 @@ class StageWorker:
         for a in cfg.lora:
             rows = session.data[a.name].train
             check_trainable(rows, a, cfg.cutoff_len)
-            self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a))
+            if self.first:  # the rank that builds the batches
+                prepare_examples(rows)
+            self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
+                                            stage_layers={f"model.layers.{i}" for i in session.model.layer_ids})
             refs = []
             for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
                 mb = len(self.micro)
@@ -421,8 +427,8 @@ class StageWorker:
         reads = [torch.zeros((), device=self.device) if sq is None else sq]
         tally = self.tally[adapter] if self.last else None
         if tally is not None and tally.losses:
-            reads.append(torch.stack(tally.losses).sum())
-        values = torch.stack([t.float() for t in reads]).tolist()
+            reads.append(torch.stack(tally.losses).double().sum())
+        values = torch.stack([t.double() for t in reads]).tolist()  # float64, as Python sums floats
         if tally is not None:
             tally.loss += sum(values[1:])
             tally.losses = []
