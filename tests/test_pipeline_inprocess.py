@@ -300,3 +300,40 @@ def test_pipeline_init_from_equals_single_process(tmp_path, pipe_model, single_r
     assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
     first = load_file(single_out / "p0" / "adapter_model.safetensors")  # where both started
     assert rel_diff(load_file(tmp_path / "pipe" / "p0" / "adapter_model.safetensors"), first) > 1e-4
+
+
+@pytest.mark.parametrize("save_step", [0, 2])
+def test_pipeline_eval_step_equals_single_process(tmp_path, pipe_model, save_step):
+    """eval_step in pipeline mode (it used to be refused): at drained cuts every rank runs the
+    due adapters' test data forward and the last rank logs the eval loss, the records one
+    process writes (different eval_step per adapter, the last step included), next to
+    save_step checkpoints; training itself is unchanged."""
+    import json
+
+    from mlora.cli import main
+
+    from test_train import text_rows, write_jsonl
+
+    cfg_path = write_config(tmp_path, 3, tmp_path / "single", save_step=save_step)
+    cfg = json.loads(cfg_path.read_text())
+    for i, (adapter, every) in enumerate(zip(cfg["lora"], (2, 4, None))):
+        if every:
+            adapter["eval_step"] = every
+            adapter["test_data"] = write_jsonl(tmp_path / f"test{i}.jsonl", text_rows(5, 20 + i))
+            adapter["test_batch_size"] = 2
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress"]) == 0
+    run_threads(pipe_model, cfg_path, tmp_path / "pipe", 3, [3, 2, 2])
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 3)
+
+    def evals(out):
+        records = [m for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m]
+        return {name: [(m["step"], m["eval_loss"], m["eval_tokens"]) for m in records if m["adapter"] == name]
+                for name in ("p0", "p1", "p2")}
+
+    single, pipe = evals(tmp_path / "single"), evals(tmp_path / "pipe")
+    assert [s for s, _, _ in single["p0"]] == [2, 4] and not single["p2"]
+    assert [s for s, _, _ in single["p1"]] == [4, 6]  # 6 steps: its last step is evaluated too
+    for name in ("p0", "p1", "p2"):
+        assert [(s, t) for s, _, t in pipe[name]] == [(s, t) for s, _, t in single[name]], name
+        assert [v for _, v, _ in pipe[name]] == pytest.approx([v for _, v, _ in single[name]], rel=1e-5)

@@ -18,6 +18,9 @@ What travels, and why it keeps the semantics of single-process training exactly:
   micro-batch (which by the plan's rule enters only after that step's backward has finished on
   rank 0), and every later rank applies its pending step before running that micro-batch. So
   no stage ever runs a micro-batch on stale weights, and every rank clips by the same norm.
+- The run is cut into segments (every gcd(save_step, eval_steps) steps, `cut_every`); after
+  each the pipeline drains, so all ranks hold the same state: checkpoints are written there,
+  and adapters due for `eval_step` run their test data forward (E messages) there.
 - Snapshots for `save_step` checkpoints ride back to rank 0 on backward messages; rank 0 writes
   a checkpoint directory once all ranks' parts have arrived. At the end an END message carries
   the last norms (and each rank's busy/bubble figures) forward, then a GATHER message carries
@@ -228,13 +231,20 @@ def mask_from_runs(runs: list[list[int]] | None, seq_len: int) -> torch.Tensor |
     return mask
 
 
-def segments_of(streams: dict[str, list[MicroBatchRef]], save_step: int) -> list[dict[str, list[MicroBatchRef]]]:
-    """Split the run at every save_step optimizer steps of each adapter. The pipeline drains at
-    each cut, so every rank holds the same logical state there: a consistent checkpoint."""
-    if not save_step:
+def cut_every(cfg) -> int:
+    """Optimizer steps between two drained cuts (0: none): every save_step (a consistent
+    checkpoint) and every adapter's eval_step (its weights the same on every rank while its
+    test data runs through), so the greatest common divisor of those set."""
+    return math.gcd(cfg.save_step, *(a.eval_step or 0 for a in cfg.lora))
+
+
+def segments_of(streams: dict[str, list[MicroBatchRef]], every: int) -> list[dict[str, list[MicroBatchRef]]]:
+    """Split the run at every `every` optimizer steps of each adapter (cut_every). The
+    pipeline drains at each cut, so every rank holds the same logical state there."""
+    if not every:
         return [streams]
-    count = max((refs[-1].step // save_step + 1 for refs in streams.values() if refs), default=1)
-    segments = [{name: [r for r in refs if r.step // save_step == j] for name, refs in streams.items()}
+    count = max((refs[-1].step // every + 1 for refs in streams.values() if refs), default=1)
+    segments = [{name: [r for r in refs if r.step // every == j] for name, refs in streams.items()}
                 for j in range(count)]
     return [{name: refs for name, refs in seg.items() if refs} for seg in segments]
 
@@ -243,8 +253,6 @@ class StageWorker:
     def __init__(self, session: Session, transport: Transport, progress: bool = True,
                  fingerprint: dict | None = None, signals=None):
         cfg = session.cfg
-        if any(a.eval_step for a in cfg.lora):
-            raise UserError("eval_step is not supported with --pipeline yet; run `mlora eval` on the saved adapters")
         self.session = session
         self.transport = transport
         self.rank, self.world = transport.rank, transport.world_size
@@ -278,8 +286,8 @@ class StageWorker:
         session.model.rng_generators = layer_generators(self.adapters.values())
         # Before any plan: memory-aware admission, the same bounds on every rank.
         self.max_in_flight = in_flight_bounds(session, transport, list(self.micro.values()), self.pack_len)
-        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight)
-                      for seg in segments_of(streams, cfg.save_step)]
+        self.segments = segments_of(streams, cut_every(cfg))
+        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight) for seg in self.segments]
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
         # SIGINT/SIGTERM (trainer.SignalFlag): a signalled rank's request travels to rank 0 on
@@ -324,12 +332,14 @@ class StageWorker:
                 self.next_segment += 1
                 if self.next_segment < len(self.plans):
                     header = self.flush_norms("FLUSH")
+                    self.evaluate(self.segments[self.next_segment - 1])
                     path = self.write_checkpoint()
                     if header["stop"] is not None and path is not None:
                         # Every rank got the same FLUSH: all stop at this one drained cut.
                         raise Interrupted(header["stop"], path)
             self.session.layout.rows = []
             stats = self.finish_steps()
+            self.evaluate(self.segments[-1])  # END applied the last steps
             self.gather_and_save()
             checkpoint.mark_finished(self.out, self.fingerprint, tag=f"rank{self.rank}")
             return stats
@@ -433,6 +443,65 @@ class StageWorker:
             tally.loss += sum(values[1:])
             tally.losses = []
         return values[0]
+
+    # ------------------------------------------------------------------ eval_step
+    def evaluate(self, segment: dict[str, list[MicroBatchRef]]) -> None:
+        """At a drained cut, every rank together: the test data of each adapter whose step count
+        reached a multiple of its eval_step (or its last step) in `segment` runs forward
+        through all stages, as `mlora eval` runs it in one process (no dropout, test_batch_size
+        rows at a time, padded alone); the last rank logs eval_loss and eval_tokens, the
+        records one process writes. Every rank decides the same: its steps_done are the
+        others' after the flush."""
+        due = [a for a in self.session.cfg.lora if a.eval_step and segment.get(a.name)
+               and (self.adapters[a.name].steps_done % a.eval_step == 0
+                    or self.adapters[a.name].steps_done == self.adapters[a.name].total_steps)]
+        if not due:
+            return
+        model = self.session.model
+        model.eval()
+        try:
+            with torch.no_grad():
+                for cfg in due:
+                    examples = self.session.data[cfg.name].test
+                    total, count = 0.0, 0
+                    for start in range(0, len(examples), cfg.test_batch_size):
+                        ce_sum, tokens = self.eval_forward(cfg, examples[start:start + cfg.test_batch_size])
+                        total += ce_sum
+                        count += tokens
+                    if self.last:
+                        self.log_eval(cfg.name, total / count if count else None, count)
+        finally:
+            model.train()
+            self.session.layout.rows = []
+
+    def eval_forward(self, cfg, chunk) -> tuple[float, int]:
+        """One test chunk through this stage; on the last stage its CE sum and label tokens."""
+        if self.first:
+            host = fuse([MicroBatch(cfg.name, list(chunk), 0, 0, 0, True, cfg.expand_side)], self.session.pad_id)
+            batch = host.to(self.device)
+            header = {"kind": "E", "adapter": cfg.name, "rows": batch.input_ids.shape[0],
+                      "label_tokens": batch.label_counts[cfg.name], "mask_runs": mask_runs(host.attention_mask)}
+            x, labels, mask = batch.input_ids, batch.labels, host.attention_mask
+        else:
+            header, tensors = self.transport.recv(self.rank - 1)
+            self.expect(header, "E", None)
+            x, labels = tensors
+            mask = mask_from_runs(header["mask_runs"], x.shape[1])
+        self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
+        out = self.session.model(x, mask)
+        if not self.last:
+            self.transport.send(self.rank + 1, header, [out, labels])
+            return 0.0, 0
+        counts = {cfg.name: header["label_tokens"]}
+        ce_sum, tokens = token_loss_sums(out, labels, self.session.layout.rows, counts)[cfg.name]
+        return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
+
+    def log_eval(self, name: str, loss: float | None, tokens: int) -> None:
+        step = self.adapters[name].steps_done
+        self.metrics.write({"adapter": name, "step": step, "eval_loss": loss, "eval_tokens": tokens,
+                            "time": self.elapsed_before + time.perf_counter() - self.run_started})
+        shown = "n/a" if loss is None else f"{loss:.4f}"
+        self.bars[name].write(f"[{name}] step {step}: eval loss {shown} over {tokens} tokens")
 
     def mb_info(self, mb: int) -> tuple[str, int, bool]:
         part = self.micro[mb]
