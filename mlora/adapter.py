@@ -324,6 +324,8 @@ class Adapter:
             if value.shape != expected[name].shape:
                 raise UserError(f"{where}: tensor {name} has shape {tuple(value.shape)}, expected "
                                 f"{tuple(expected[name].shape)} (was it trained on another base model?)")
+            if not torch.isfinite(value).all():  # every step would be skipped, or every output NaN
+                raise UserError(f"{where}: tensor {name} has non-finite values (NaN or inf)")
         with torch.no_grad():
             for path, w in self.weights.items():
                 w.lora_A.copy_(tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"])

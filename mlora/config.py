@@ -258,6 +258,8 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
     # a global eval_step simply skips adapters that have none.
     if adapter.eval_step and adapter.test_data is None:
         a.fail(f"'eval_step' is {adapter.eval_step} but no 'test_data' is given")
+    if adapter.momentum and adapter.optim != "sgd":
+        a.fail(f"'momentum' is {adapter.momentum} but optim is {adapter.optim!r}; momentum applies to 'sgd' only")
     return adapter
 
 

@@ -235,6 +235,11 @@ def test_adapter_out_of_range(workdir, key, value, expected):
     assert message == f"cfg.json: lora[0] (name 'a'): {expected}"
 
 
+def test_momentum_is_for_sgd_only(workdir):
+    """AdamW has no momentum setting: a momentum beside it would be silently ignored."""
+    assert "momentum applies to 'sgd' only" in adapter_error(optim="adamw", momentum=0.9)
+
+
 @pytest.mark.parametrize(
     "key, value, expected",
     [

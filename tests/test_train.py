@@ -310,6 +310,29 @@ def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
               "--max_new_tokens", "0"])
 
 
+def test_init_from_non_finite_weights_is_refused(fused_run, tiny_llama, capsys, tmp_path):
+    """An adapter with NaN weights would skip every step (or make every output NaN): one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    bad = tmp_path / "bad"
+    shutil.copytree(out / cfg["lora"][0]["name"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, bad / "adapter_model.safetensors")
+    mine = tmp_path / "cfg.json"
+    mine.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "out"),
+                                "lora": [{**cfg["lora"][0], "init_from": str(bad)}]}))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(mine), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite" in err and first in err, err
+
+
 def test_every_adapters_loss_goes_down(tmp_path, tiny_llama):
     rows = [{"text": "one two three four five six seven eight nine ten"}] * 4
     lora = [{"name": f"x{i}", "data": write_jsonl(tmp_path / f"x{i}.jsonl", rows), "r": 4 + 4 * i,
