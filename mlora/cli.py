@@ -31,20 +31,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     q.add_argument("--compute_dtype", help="4-bit matmul dtype: fp32, bf16 or fp16 (default: --dtype)")
 
 
-def _port(text: str) -> int:
-    value = _int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed is 0..2**63-1, got {value}")
-    return value
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -52,21 +38,32 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
+def _float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
+
+
+def _checked(parse, ok, what: str):
+    """An argparse type: `parse` the text, then require ok(value) ("must be {what}")."""
+    def convert(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return convert
+
+
+_port = _checked(_int, lambda v: 1 <= v <= 65535, "a TCP port (1..65535)")
+_seed = _checked(_int, lambda v: 0 <= v < 2**63, "a seed in 0..2**63-1")
+_positive_int = _checked(_int, lambda v: v >= 1, "at least 1")
+_non_negative_float = _checked(_float, lambda v: v >= 0, ">= 0")
+_probability = _checked(_float, lambda v: 0 < v <= 1, "in (0, 1]")
+_positive_seconds = _checked(_float, lambda v: v > 0, "more than 0 seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", help="comma-separated adapter names (default: every adapter of the config)")
     p.add_argument("--base", action="store_true", help="also complete each prompt with the bare base model")
     p.add_argument("--max_new_tokens", type=_positive_int, default=64, help="tokens to add at most (default 64)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                   help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")
+    p.add_argument("--top_p", type=_probability, default=1.0,
+                   help="when sampling: only from the most likely tokens that make up this probability (default 1)")
+    p.add_argument("--seed", type=_seed, default=0, help="when sampling: the draws' seed (default 0)")
 
     p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -213,7 +215,7 @@ def cmd_generate(args) -> int:
     fused batch: one JSON line per (prompt, adapter), in the order given."""
     from mlora.adapter import WEIGHTS_NAME, Adapter
     from mlora.data import load_template, prompt_tokens
-    from mlora.generate import greedy_generate
+    from mlora.generate import Sampling, greedy_generate
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
@@ -239,7 +241,8 @@ def cmd_generate(args) -> int:
         adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device)
         adapter.load_peft(out / name, label="adapter")
     requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
-    outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens)
+    sampling = Sampling(args.temperature, args.top_p, args.seed) if args.temperature > 0 else None
+    outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=sampling)
     decode = session.tokenizer.decode
     for i, (name, text, _) in enumerate(rows):
         line = {"adapter": name, "prompt": text, "output": decode(outputs[i], skip_special_tokens=True)}

@@ -1,12 +1,13 @@
 """Greedy generation for a fused batch: every row may use a different adapter (or none).
 
-Greedy decoding with a KV cache (models.llama.KVCache): the left-padded prompts run once,
-then one token per row and step, every row through its own adapter. Serves `mlora generate`
-and the demo; no sampling, no beam search.
+Decoding with a KV cache (models.llama.KVCache): the left-padded prompts run once, then one
+token per row and step, every row through its own adapter; greedy, or sampled with a
+temperature and top-p (Sampling). Serves `mlora generate` and the demo; no beam search.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -16,14 +17,37 @@ from mlora.lora import AdapterRows
 from mlora.models.llama import KVCache
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Draw each next token instead of taking the most likely one: from the softmax of the
+    logits / temperature, cut to the smallest set of tokens whose probability reaches top_p
+    (nucleus sampling). Row i of a request draws from its own generator, seeded by seed + i,
+    so its tokens do not depend on the rows generated beside it."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        """One token id from logits [V] (fp32, on the CPU)."""
+        probs = torch.softmax(logits / self.temperature, dim=-1)  # [V]
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
+            sorted_probs[before >= self.top_p] = 0.0  # the most likely token always stays
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @torch.no_grad()
 def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
-                    max_new_tokens: int = 32) -> list[list[int]]:
+                    max_new_tokens: int = 32, sampling: Sampling | None = None) -> list[list[int]]:
     """prompts: (adapter name or None for the bare base, prompt token ids).
 
     Rows are left-padded so every row's next token is predicted at the last position; rows of
     one adapter are kept contiguous (the fused-batch layout) and the results are returned in
-    the order given. A row stops at the tokenizer's EOS.
+    the order given. A row stops at the tokenizer's EOS. sampling: draw tokens (Sampling)
+    instead of taking the most likely one.
     """
     model, tok = session.model, session.tokenizer
     model.eval()
@@ -48,9 +72,15 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
             ids[r, length - len(s):] = torch.tensor(s)
             mask[r, length - len(s):] = True
         cache = KVCache()
+        generators = None if sampling is None else [
+            torch.Generator().manual_seed(sampling.seed + order[r]) for r in range(len(seqs))]
         logits = model(ids.to(session.device), mask, cache=cache)  # [B, L, V]
         for step in range(max_new_tokens):
-            next_ids = logits[:, -1].argmax(dim=-1).tolist()  # [B]
+            if sampling is None:
+                next_ids = logits[:, -1].argmax(dim=-1).tolist()  # [B]
+            else:
+                last = logits[:, -1].float().cpu()  # [B, V]
+                next_ids = [sampling.pick(last[r], generators[r]) for r in range(len(seqs))]
             for r, token in enumerate(next_ids):
                 if done[r]:
                     continue

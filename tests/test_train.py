@@ -297,6 +297,39 @@ def test_generate_equals_transformers_plus_peft_greedy(fused_run, tiny_llama, ca
     assert any(line["output"] != line["base_output"] for line in lines)  # the adapters matter
 
 
+def test_generate_sampling(fused_run, tiny_llama, capsys):
+    """--temperature > 0 samples: reproducible for a seed, another seed draws otherwise, and
+    a top_p so small that only the most likely token is left gives the greedy completion."""
+    _, _, cfg_path = fused_run
+
+    def generate(*extra):
+        capsys.readouterr()
+        assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a",
+                     "--prompt", "say hi", "--prompt", "count", "--max_new_tokens", "8", *extra]) == 0
+        return [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+
+    greedy = generate()
+    sampled = generate("--temperature", "1.5", "--seed", "3")
+    assert sampled == generate("--temperature", "1.5", "--seed", "3")
+    assert sampled != generate("--temperature", "1.5", "--seed", "4")
+    assert sampled != greedy
+    assert generate("--temperature", "1.5", "--top_p", "1e-9") == greedy
+    # A row's draws do not depend on the rows beside it.
+    capsys.readouterr()
+    assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a",
+                 "--prompt", "say hi", "--max_new_tokens", "8", "--temperature", "1.5", "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == sampled[0]
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    from mlora.generate import Sampling
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    draws = {Sampling(top_p=0.75).pick(logits, torch.Generator().manual_seed(i)) for i in range(200)}
+    assert draws == {0, 1}  # 0.5 falls short of 0.75, 0.5 + 0.3 reaches it
+    assert {Sampling(top_p=0.85).pick(logits, torch.Generator().manual_seed(i)) for i in range(200)} == {0, 1, 2}
+
+
 def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
     _, out, cfg_path = fused_run
     for extra, fragment in ((["--adapters", "zz"], "'zz' is not an adapter"), (["--prompt", " "], "prompt is empty"),
@@ -305,9 +338,10 @@ def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
         code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi", *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-    with pytest.raises(SystemExit):
-        main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi",
-              "--max_new_tokens", "0"])
+    for flag, value in (("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "0"), ("--top_p", "1.5")):
+        with pytest.raises(SystemExit):
+            main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi",
+                  flag, value])
 
 
 def test_init_from_non_finite_weights_is_refused(fused_run, tiny_llama, capsys, tmp_path):
