@@ -21,7 +21,7 @@ from mlora.models.llama import KVCache
 class Sampling:
     """Draw each next token instead of taking the most likely one: from the softmax of the
     logits / temperature, cut to the smallest set of tokens whose probability reaches top_p
-    (nucleus sampling). Row i of a request draws from its own generator, seeded by seed + i,
+    (nucleus sampling). Row i of a request draws from its own generator, seeded from (seed, i),
     so its tokens do not depend on the rows generated beside it."""
 
     temperature: float = 1.0
@@ -30,13 +30,21 @@ class Sampling:
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
         """One token id from logits [V] (fp32, on the CPU)."""
-        probs = torch.softmax(logits / self.temperature, dim=-1)  # [V]
+        # float64, shifted by the maximum: a tiny temperature must not overflow to inf (NaN probabilities).
+        probs = torch.softmax((logits.double() - logits.max()) / self.temperature, dim=-1)  # [V]
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
             sorted_probs[before >= self.top_p] = 0.0  # the most likely token always stays
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def row_seed(seed: int, row: int) -> int:
+    """A generator seed for row `row` of a request: distinct rows and seeds do not share draws
+    (seed + row would: seed 4's row 0 would draw as seed 3's row 1). Python hashes ints the
+    same in every run."""
+    return hash((seed, row)) & (2**63 - 1)
 
 
 @torch.no_grad()
@@ -73,8 +81,8 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
             mask[r, length - len(s):] = True
         cache = KVCache()
         generators = None if sampling is None else [
-            torch.Generator().manual_seed(sampling.seed + order[r]) for r in range(len(seqs))]
-        logits = model(ids.to(session.device), mask, cache=cache)  # [B, L, V]
+            torch.Generator().manual_seed(row_seed(sampling.seed, order[r])) for r in range(len(seqs))]
+        logits = model(ids.to(session.device), mask, cache=cache, last_only=True)  # [B, 1, V]
         for step in range(max_new_tokens):
             if sampling is None:
                 next_ids = logits[:, -1].argmax(dim=-1).tolist()  # [B]

@@ -100,6 +100,10 @@ def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
             pieces.append(model(ids[:, start:end], mask[:, :end], cache=cache))
     assert cache.length == S and len(cache.layers) == model.args.num_layers
     _assert_close_on_real(torch.cat(pieces, dim=1), whole, mask)
+    with torch.no_grad():  # last_only: the head on the last position alone
+        last = model(ids, mask, cache=llama.KVCache(), last_only=True)
+    assert last.shape == (B, 1, model.args.vocab_size)
+    assert (last[:, 0] - whole[:, -1]).abs().max().item() < TOL
     with pytest.raises(ValueError):
         model(ids[:, :1], position_ids=torch.zeros(B, 1, dtype=torch.long), cache=cache)
 

@@ -337,3 +337,69 @@ def test_pipeline_eval_step_equals_single_process(tmp_path, pipe_model, save_ste
     for name in ("p0", "p1", "p2"):
         assert [(s, t) for s, _, t in pipe[name]] == [(s, t) for s, _, t in single[name]], name
         assert [v for _, v, _ in pipe[name]] == pytest.approx([v for _, v, _ in single[name]], rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_pipeline_eval_step_skips_what_one_process_skips(tmp_path, pipe_model, policy):
+    """An adapter whose steps are skipped (a non-finite gradient) or that on_nan stopped is
+    not evaluated after them, in one process as in the pipeline (where a skipped step still
+    moves its step count)."""
+    import json
+
+    from mlora.cli import main
+
+    from test_train import text_rows, write_jsonl
+
+    cfg_path = write_config(tmp_path, 2, tmp_path / "single")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"][0].update(alpha=1e30, optim="sgd", lr=1.0, on_nan=policy, max_grad_norm=None, momentum=0.0)
+    for i, adapter in enumerate(cfg["lora"]):
+        adapter.update(eval_step=2, test_batch_size=2,
+                       test_data=write_jsonl(tmp_path / f"test{i}.jsonl", text_rows(3, 20 + i)))
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress"]) == 0
+    run_threads(pipe_model, cfg_path, tmp_path / "pipe", 2, [4, 3])
+
+    def evals(out):
+        return sorted((m["adapter"], m["step"]) for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m)
+
+    single = evals(tmp_path / "single")
+    assert single and all(name == "p1" for name, _ in single)  # p0 never took a step
+    assert evals(tmp_path / "pipe") == single
+
+
+def test_segments_cut_at_multiples_of_each_period():
+    """Cuts after every multiple of save_step or of an eval_step (not of their gcd: 4 and 6
+    would otherwise drain after every second step), none after the last step."""
+    from mlora.pipeline.plan import MicroBatchRef
+    from mlora.pipeline.worker import segments_of
+
+    streams = {"a": [MicroBatchRef(i, "a", i, True) for i in range(13)],
+               "b": [MicroBatchRef(100 + i, "b", i // 2, i % 2 == 1) for i in range(10)]}  # 5 steps
+    segments, cuts = segments_of(streams, [4, 6])
+    assert cuts == [4, 6, 8, 12]
+    assert [[r.step for r in seg.get("a", [])] for seg in segments] == [
+        [0, 1, 2, 3], [4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    assert [sorted({r.step for r in seg.get("b", [])}) for seg in segments] == [[0, 1, 2, 3], [4], [], [], []]
+    assert segments_of(streams, []) == ([streams], [])
+
+
+def test_ranks_must_agree_on_evaluated_test_data(tmp_path, pipe_model):
+    """Every rank walks an evaluated adapter's test rows chunk by chunk: ranks whose test
+    data differ are refused at start-up (they would hang or log a partial loss)."""
+    import json
+
+    from mlora.pipeline.worker import fingerprint as stage_fingerprint
+    from test_train import text_rows, write_jsonl
+
+    prints = []
+    for rows in (3, 4):
+        cfg_path = write_config(tmp_path, 1, tmp_path / "out")
+        cfg = json.loads(cfg_path.read_text())
+        cfg["lora"][0].update(eval_step=2, test_data=write_jsonl(tmp_path / f"t{rows}.jsonl", text_rows(rows, 7)))
+        cfg["lora"][0]["test_data"] = str(tmp_path / "test.jsonl")
+        (tmp_path / "test.jsonl").write_text((tmp_path / f"t{rows}.jsonl").read_text())  # same path, other rows
+        cfg_path.write_text(json.dumps(cfg))
+        session = open_session(pipe_model, cfg_path, device="cpu", load_base=False)
+        prints.append(stage_fingerprint(session, [["embed"]], "queue"))
+    assert prints[0]["config"] == prints[1]["config"] and prints[0]["data"] != prints[1]["data"]

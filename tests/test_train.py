@@ -328,6 +328,15 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     draws = {Sampling(top_p=0.75).pick(logits, torch.Generator().manual_seed(i)) for i in range(200)}
     assert draws == {0, 1}  # 0.5 falls short of 0.75, 0.5 + 0.3 reaches it
     assert {Sampling(top_p=0.85).pick(logits, torch.Generator().manual_seed(i)) for i in range(200)} == {0, 1, 2}
+    # A temperature near 0 is greedy, not NaN probabilities.
+    assert Sampling(temperature=1e-39).pick(torch.tensor([1.0, 3.0, 2.0]), torch.Generator()) == 1
+
+
+def test_row_seeds_do_not_overlap():
+    from mlora.generate import row_seed
+
+    seeds = {row_seed(seed, row) for seed in range(50) for row in range(50)}
+    assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
 
 
 def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):

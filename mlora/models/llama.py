@@ -559,7 +559,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                document_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                document_ids: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
         """x: input_ids [B, S] if the stage has the embedding, else hidden states [B, S, H].
         attention_mask [B, S]: 1 = real token (None = all real).
         position_ids [B, S] int64: RoPE positions (None = 0..S-1 in every row); packed rows
@@ -569,13 +570,18 @@ class CausalLM(nn.Module):
         cache: keys and values of the tokens before x (KVCache, for generation): x holds the
         next S tokens of every row, at positions cache.length.., and attention_mask covers the
         cached tokens too [B, cache.length + S]; the cache takes x's keys and values.
-        Returns logits [B, S, V] if the stage has the head, else hidden states [B, S, H]."""
+        last_only: the norm and head run on the last position only (generation needs no more;
+        a long prompt's [B, S, V] logits would be most of its memory).
+        Returns logits [B, S, V] (S = 1 with last_only) if the stage has the head, else hidden
+        states [B, S, H]."""
         h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
         if self.layer_ids:
             S = h.shape[1]
             past = 0 if cache is None else cache.length
             if cache is not None and (position_ids is not None or document_ids is not None):
                 raise ValueError("a KV cache takes neither position_ids nor document_ids (packed rows)")
+            if cache is not None and self.recompute and torch.is_grad_enabled():
+                raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
             if position_ids is None:
                 cos, sin = rope_cos_sin(self.args, past + S, h.device, h.dtype)  # [T, D]
                 cos, sin = cos[past:], sin[past:]  # [S, D]: the new tokens' positions
@@ -598,6 +604,8 @@ class CausalLM(nn.Module):
                     h = layer(h, cos, sin, masks[i], cache)
             if cache is not None:
                 cache.length += S
+        if last_only:
+            h = h[:, -1:]  # [B, 1, H]
         if self.has_norm:
             h = self.model.norm(h)
         if self.has_head:

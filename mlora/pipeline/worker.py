@@ -18,7 +18,8 @@ What travels, and why it keeps the semantics of single-process training exactly:
   micro-batch (which by the plan's rule enters only after that step's backward has finished on
   rank 0), and every later rank applies its pending step before running that micro-batch. So
   no stage ever runs a micro-batch on stale weights, and every rank clips by the same norm.
-- The run is cut into segments (every gcd(save_step, eval_steps) steps, `cut_every`); after
+- The run is cut into segments (after every multiple of save_step or of an eval_step,
+  `cut_periods`); after
   each the pipeline drains, so all ranks hold the same state: checkpoints are written there,
   and adapters due for `eval_step` run their test data forward (E messages) there.
 - Snapshots for `save_step` checkpoints ride back to rank 0 on backward messages; rank 0 writes
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -69,6 +71,9 @@ def fingerprint(session: Session, stages: list[list[str]], transport_kind: str) 
     cfg = asdict(session.cfg)
     cfg.pop("output_dir", None)  # each host may write elsewhere
     data = {name: [ex.input_ids for ex in d.train] for name, d in session.data.items()}
+    # The test rows of adapters evaluated mid-run: every rank walks them chunk by chunk.
+    evaluated = {a.name for a in session.cfg.lora if a.eval_step and a.test_data}
+    data["test"] = {name: [ex.input_ids for ex in d.test] for name, d in session.data.items() if name in evaluated}
     model_cfg = (Path(session.base_dir) / "config.json").read_text()
     return {"config": digest(cfg), "balance": digest(stages), "data": digest(data),
             "base model": digest(model_cfg), "dtype": str(session.dtype), "quantization": str(session.quant),
@@ -231,22 +236,27 @@ def mask_from_runs(runs: list[list[int]] | None, seq_len: int) -> torch.Tensor |
     return mask
 
 
-def cut_every(cfg) -> int:
-    """Optimizer steps between two drained cuts (0: none): every save_step (a consistent
-    checkpoint) and every adapter's eval_step (its weights the same on every rank while its
-    test data runs through), so the greatest common divisor of those set."""
-    return math.gcd(cfg.save_step, *(a.eval_step or 0 for a in cfg.lora))
+def cut_periods(cfg) -> list[int]:
+    """Every how many optimizer steps the run is cut (drained): save_step (a consistent
+    checkpoint) and each adapter's eval_step (its weights the same on every rank while its
+    test data runs through)."""
+    return sorted({cfg.save_step, *(a.eval_step or 0 for a in cfg.lora)} - {0})
 
 
-def segments_of(streams: dict[str, list[MicroBatchRef]], every: int) -> list[dict[str, list[MicroBatchRef]]]:
-    """Split the run at every `every` optimizer steps of each adapter (cut_every). The
-    pipeline drains at each cut, so every rank holds the same logical state there."""
-    if not every:
-        return [streams]
-    count = max((refs[-1].step // every + 1 for refs in streams.values() if refs), default=1)
-    segments = [{name: [r for r in refs if r.step // every == j] for name, refs in streams.items()}
-                for j in range(count)]
-    return [{name: refs for name, refs in seg.items() if refs} for seg in segments]
+def segments_of(streams: dict[str, list[MicroBatchRef]], periods: list[int]) -> tuple[list[dict], list[int]]:
+    """Split the run after every step count that is a multiple of one of `periods`
+    (cut_periods). Returns the segments ({adapter: its micro-batches there}) and, for each but
+    the last, the step count at its end (the cut). The pipeline drains at each cut, so every
+    rank holds the same logical state there."""
+    last = max((refs[-1].step + 1 for refs in streams.values() if refs), default=0)
+    cuts = [k for k in range(1, last) if any(k % m == 0 for m in periods)]
+    segments = [{} for _ in range(len(cuts) + 1)]
+    for name, refs in streams.items():
+        for r in refs:
+            j = bisect.bisect_left(cuts, r.step + 1)  # the first cut at or after its step's end
+            segments[j].setdefault(name, []).append(r)
+    kept = [j for j, seg in enumerate(segments) if seg]
+    return [segments[j] for j in kept], [cuts[j] for j in kept[:-1]]
 
 
 class StageWorker:
@@ -286,7 +296,7 @@ class StageWorker:
         session.model.rng_generators = layer_generators(self.adapters.values())
         # Before any plan: memory-aware admission, the same bounds on every rank.
         self.max_in_flight = in_flight_bounds(session, transport, list(self.micro.values()), self.pack_len)
-        self.segments = segments_of(streams, cut_every(cfg))
+        self.segments, self.cuts = segments_of(streams, cut_periods(cfg))
         self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight) for seg in self.segments]
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
@@ -299,6 +309,7 @@ class StageWorker:
         self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor, list[AdapterRows]]] = {}
         self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
         self.frozen: set[str] = set()  # adapters stopped by on_nan: "stop"
+        self.stepped: dict[str, int] = {}  # adapter -> steps_done after the last step it took
         self.norm_to_send: dict[str, tuple[int, float]] = {}  # rank 0: norms of finished steps
         self.tally = {name: StepTally() for name in self.adapters}
         self.outbox: list[tuple[str, str, int, dict[str, torch.Tensor]]] = []  # (adapter, tag, rank, tensors)
@@ -333,7 +344,10 @@ class StageWorker:
                 if self.next_segment < len(self.plans):
                     header = self.flush_norms("FLUSH")
                     self.evaluate(self.segments[self.next_segment - 1])
-                    path = self.write_checkpoint()
+                    save_step = self.session.cfg.save_step
+                    at_save = save_step and self.cuts[self.next_segment - 1] % save_step == 0
+                    # Resumable state at save_step cuts, and at any cut a signal stops the run at.
+                    path = self.write_checkpoint() if at_save or header["stop"] is not None else None
                     if header["stop"] is not None and path is not None:
                         # Every rank got the same FLUSH: all stop at this one drained cut.
                         raise Interrupted(header["stop"], path)
@@ -452,7 +466,9 @@ class StageWorker:
         rows at a time, padded alone); the last rank logs eval_loss and eval_tokens, the
         records one process writes. Every rank decides the same: its steps_done are the
         others' after the flush."""
+        # As one process: after a step the adapter took (not a skipped one, not once stopped).
         due = [a for a in self.session.cfg.lora if a.eval_step and segment.get(a.name)
+               and self.stepped.get(a.name) == self.adapters[a.name].steps_done
                and (self.adapters[a.name].steps_done % a.eval_step == 0
                     or self.adapters[a.name].steps_done == self.adapters[a.name].total_steps)]
         if not due:
@@ -485,6 +501,9 @@ class StageWorker:
         else:
             header, tensors = self.transport.recv(self.rank - 1)
             self.expect(header, "E", None)
+            if header.get("adapter") != cfg.name:
+                raise PipelineError(f"rank {self.rank}: expected test data of adapter '{cfg.name}', got "
+                                    f"'{header.get('adapter')}' (ranks disagree on the test data)")
             x, labels = tensors
             mask = mask_from_runs(header["mask_runs"], x.shape[1])
         self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
@@ -534,6 +553,7 @@ class StageWorker:
             return
         lr, _ = adapter.step(grad_norm=norm)
         done = adapter.steps_done
+        self.stepped[name] = done  # a step taken, not skipped: eval_step may evaluate it
         save_step = self.session.cfg.save_step
         if save_step and done % save_step == 0:
             self.outbox.append((name, f"checkpoint-{done}", self.rank, adapter.peft_state_dict()))
