@@ -169,33 +169,26 @@ def check_one_read_per_step(device) -> dict:
     step()
     torch.cuda.synchronize(device)
 
-    def new_layout_step(seq: int):
-        # Another row length each time: a new batch layout, so new row owners and factors.
+    def train_step(seq: int, mask: torch.Tensor | None = None):
+        # Forward, loss, backward and every adapter's step, then the one read.
         ids = bt.batch(8, seq, bench.cfg.vocab_size, device, seed=seq)
         rows = [AdapterRows(a.name, 2 * i, 2 * i + 2) for i, a in enumerate(adapters)]
         bench.layout.rows = rows
-        sums = token_loss_sums(bench.model(ids), ids, rows, {r.name: 2 * (seq - 1) for r in rows})
+        sums = token_loss_sums(bench.model(ids, mask), ids, rows, {r.name: 2 * (seq - 1) for r in rows})
         sum(ce / count for ce, count in sums.values()).backward()
         norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
         torch.stack([ce for ce, _ in sums.values()] + norms).tolist()
 
-    def left_padded_step():
-        # Left-padded rows need an attention mask, which the model checks on the host's copy
-        # and uploads without waiting (a plain copy to the GPU synchronises).
-        ids = bt.batch(8, 64, bench.cfg.vocab_size, device, seed=1)
-        mask = torch.ones(8, 64, dtype=torch.bool)
-        mask[::2, :5] = False
-        rows = [AdapterRows(a.name, 2 * i, 2 * i + 2) for i, a in enumerate(adapters)]
-        bench.layout.rows = rows
-        sums = token_loss_sums(bench.model(ids, mask), ids, rows, {r.name: 2 * 63 for r in rows})
-        sum(ce / count for ce, count in sums.values()).backward()
-        norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
-        torch.stack([ce for ce, _ in sums.values()] + norms).tolist()
+    # Left-padded rows need an attention mask, which the model checks on the host's copy and
+    # uploads without waiting (a plain copy to the GPU synchronises).
+    left_padded = torch.ones(8, 64, dtype=torch.bool)
+    left_padded[::2, :5] = False
 
     counts = {}
     for label, steps in (("same layout", [step] * 3),
-                         ("a new layout each step", [lambda s=s: new_layout_step(s) for s in (40, 48, 56)]),
-                         ("left-padded rows", [left_padded_step] * 2)):
+                         # Another row length each time: a new batch layout, new row owners and factors.
+                         ("a new layout each step", [lambda s=s: train_step(s) for s in (40, 48, 56)]),
+                         ("left-padded rows", [lambda: train_step(64, left_padded)] * 2)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from mlora.data import Example
+from mlora.data import Example, pad_rows
 from mlora.lora import AdapterRows
 from mlora.models.llama import KVCache
 
@@ -73,12 +73,9 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
     try:
         session.layout.rows = rows
         # The prompts, left-padded, fill the cache; then each step runs one new token per row.
-        length = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), length), session.pad_id, dtype=torch.long)  # [B, L]
-        mask = torch.zeros((len(seqs), length), dtype=torch.bool)  # [B, L], on the host (the model uploads it)
-        for r, s in enumerate(seqs):
-            ids[r, length - len(s):] = torch.tensor(s)
-            mask[r, length - len(s):] = True
+        # mask [B, L] stays on the host (the model checks it there and uploads it)
+        ids, _, mask = pad_rows([Example(s, s) for s in seqs], ["left"] * len(seqs),
+                                max(len(s) for s in seqs), session.pad_id)  # [B, L]
         cache = KVCache()
         generators = None if sampling is None else [
             torch.Generator().manual_seed(row_seed(sampling.seed, order[r])) for r in range(len(seqs))]

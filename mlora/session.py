@@ -96,7 +96,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         train = encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
         test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
                 if a.test_data else train)
-        for path, examples in ((a.data, train), (a.test_data, test)):
+        for path, examples in ((a.data, train), (a.test_data, test)) if test is not train else ((a.data, train),):
             # Before anything is written: an id past the embedding would fail mid-run.
             largest = max((max(ex.input_ids, default=0) for ex in examples), default=0)
             if largest >= vocab:

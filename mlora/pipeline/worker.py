@@ -366,26 +366,19 @@ class StageWorker:
     def forward(self, mb: int) -> None:
         if self.first:
             part = self.micro[mb]
-            host = fuse([part], self.session.pad_id, pack_len=self.pack_len)
-            batch = host.to(self.device)  # without waiting for the device; the mask stays here
+            batch, mask, fields = self.first_stage_batch(part, self.pack_len)
             header = {"kind": "F", "mb": mb, "adapter": part.adapter, "step": part.step,
-                      "epoch": part.epoch, "step_tokens": part.step_label_tokens,
-                      "label_tokens": batch.label_counts[part.adapter],
+                      "epoch": part.epoch, "step_tokens": part.step_label_tokens, **fields,
                       "input_tokens": sum(len(ex.input_ids) for ex in part.examples),
-                      "rows": batch.input_ids.shape[0], "mask_runs": mask_runs(host.attention_mask),
                       "packed": batch.position_ids is not None,
                       "norm": self.norm_to_send.pop(part.adapter, None)}
-            x, labels, mask = batch.input_ids, batch.labels, host.attention_mask
+            x, labels = batch.input_ids, batch.labels
             positions, documents = batch.position_ids, batch.document_ids
         else:
-            header, tensors = self.transport.recv(self.rank - 1)
-            self.expect(header, "F", mb)
+            header, tensors, mask = self.receive_batch("F", mb)
             x = tensors[0].requires_grad_(True)
             labels = tensors[1]
             positions, documents = tensors[2:] if header["packed"] else (None, None)
-            # The mask travels as its rows' runs of real tokens and is rebuilt here, on the host,
-            # where the model checks it without reading anything back from the device.
-            mask = mask_from_runs(header["mask_runs"], x.shape[1])
             if header["norm"] is not None:
                 step, norm = header["norm"]
                 self.apply_step(header["adapter"], step, norm)
@@ -409,6 +402,24 @@ class StageWorker:
             self.transport.send(self.rank + 1, header,
                                 [out.detach(), labels] + ([positions, documents] if positions is not None else []))
         self.inflight[mb] = (None if self.first else x, out, self.session.layout.rows)
+
+    def first_stage_batch(self, part: MicroBatch, pack_len: int | None = None):
+        """Rank 0: `part` fused and on the device (no wait), its host attention mask, and the
+        header fields every stage needs: rows, label tokens (counted on this host, so the last
+        stage reads no count back) and the mask as runs of real tokens."""
+        host = fuse([part], self.session.pad_id, pack_len=pack_len)
+        batch = host.to(self.device)  # the mask stays here
+        fields = {"rows": batch.input_ids.shape[0], "label_tokens": batch.label_counts[part.adapter],
+                  "mask_runs": mask_runs(host.attention_mask)}
+        return batch, host.attention_mask, fields
+
+    def receive_batch(self, kind: str, mb: int | None):
+        """Ranks > 0: the previous stage's message of `kind`, its tensors, and the attention mask
+        rebuilt on this host from its runs, where the model checks it without reading anything
+        back from the device."""
+        header, tensors = self.transport.recv(self.rank - 1)
+        self.expect(header, kind, mb)
+        return header, tensors, mask_from_runs(header["mask_runs"], tensors[0].shape[1])
 
     def backward(self, mb: int) -> None:
         x, out, rows = self.inflight.pop(mb)
@@ -466,11 +477,13 @@ class StageWorker:
         rows at a time, padded alone); the last rank logs eval_loss and eval_tokens, the
         records one process writes. Every rank decides the same: its steps_done are the
         others' after the flush."""
-        # As one process: after a step the adapter took (not a skipped one, not once stopped).
-        due = [a for a in self.session.cfg.lora if a.eval_step and segment.get(a.name)
-               and self.stepped.get(a.name) == self.adapters[a.name].steps_done
-               and (self.adapters[a.name].steps_done % a.eval_step == 0
-                    or self.adapters[a.name].steps_done == self.adapters[a.name].total_steps)]
+        def is_due(cfg) -> bool:
+            # As one process: after a step the adapter took (not a skipped one, not once stopped).
+            done = self.adapters[cfg.name].steps_done
+            return (bool(cfg.eval_step) and bool(segment.get(cfg.name)) and self.stepped.get(cfg.name) == done
+                    and (done % cfg.eval_step == 0 or done == self.adapters[cfg.name].total_steps))
+
+        due = [a for a in self.session.cfg.lora if is_due(a)]
         if not due:
             return
         model = self.session.model
@@ -493,19 +506,15 @@ class StageWorker:
     def eval_forward(self, cfg, chunk) -> tuple[float, int]:
         """One test chunk through this stage; on the last stage its CE sum and label tokens."""
         if self.first:
-            host = fuse([MicroBatch(cfg.name, list(chunk), 0, 0, 0, True, cfg.expand_side)], self.session.pad_id)
-            batch = host.to(self.device)
-            header = {"kind": "E", "adapter": cfg.name, "rows": batch.input_ids.shape[0],
-                      "label_tokens": batch.label_counts[cfg.name], "mask_runs": mask_runs(host.attention_mask)}
-            x, labels, mask = batch.input_ids, batch.labels, host.attention_mask
+            batch, mask, fields = self.first_stage_batch(MicroBatch(cfg.name, list(chunk), 0, 0, 0, True,
+                                                                    cfg.expand_side))
+            header = {"kind": "E", "adapter": cfg.name, **fields}
+            x, labels = batch.input_ids, batch.labels
         else:
-            header, tensors = self.transport.recv(self.rank - 1)
-            self.expect(header, "E", None)
+            header, (x, labels), mask = self.receive_batch("E", None)
             if header.get("adapter") != cfg.name:
                 raise PipelineError(f"rank {self.rank}: expected test data of adapter '{cfg.name}', got "
                                     f"'{header.get('adapter')}' (ranks disagree on the test data)")
-            x, labels = tensors
-            mask = mask_from_runs(header["mask_runs"], x.shape[1])
         self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
         out = self.session.model(x, mask)
         if not self.last:
