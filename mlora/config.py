@@ -181,7 +181,12 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     if config.train_lora_candidate_num is None:
         config.train_lora_candidate_num = len(adapters)
     if config.train_lora_simultaneously_num is None:
-        config.train_lora_simultaneously_num = len(adapters)
+        # A fused batch holds active adapters only, so candidate_num bounds it too.
+        config.train_lora_simultaneously_num = min(len(adapters), config.train_lora_candidate_num)
+    elif config.train_lora_simultaneously_num > config.train_lora_candidate_num:
+        top.fail(f"train_lora_simultaneously_num ({config.train_lora_simultaneously_num}) is more than "
+                 f"train_lora_candidate_num ({config.train_lora_candidate_num}): a fused batch holds only "
+                 "active adapters")
     return config
 
 

@@ -124,6 +124,16 @@ def test_explicit_train_lora_nums_kept(workdir):
     )
 
 
+def test_simultaneously_num_defaults_to_and_may_not_exceed_candidate_num(workdir):
+    three = [adapter(name=n) for n in "abc"]
+    config = parse(lora=three, train_lora_candidate_num=2)
+    assert (config.train_lora_candidate_num, config.train_lora_simultaneously_num) == (2, 2)
+    config = parse(lora=three, train_lora_candidate_num=5)  # more than the adapters: all of them
+    assert config.train_lora_simultaneously_num == 3
+    message = error({"lora": three, "train_lora_candidate_num": 1, "train_lora_simultaneously_num": 2})
+    assert "train_lora_simultaneously_num (2) is more than train_lora_candidate_num (1)" in message
+
+
 def test_parse_does_not_modify_its_input(workdir):
     obj = {"lora": [adapter(lora_alpha=4)], "early_stop_test_step": 3}
     snapshot = json.loads(json.dumps(obj))

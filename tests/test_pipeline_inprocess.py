@@ -403,3 +403,32 @@ def test_ranks_must_agree_on_evaluated_test_data(tmp_path, pipe_model):
         session = open_session(pipe_model, cfg_path, device="cpu", load_base=False)
         prints.append(stage_fingerprint(session, [["embed"]], "queue"))
     assert prints[0]["config"] == prints[1]["config"] and prints[0]["data"] != prints[1]["data"]
+
+
+def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, single_runs, monkeypatch):
+    """train_lora_candidate_num in pipeline mode (it used to be ignored): with 1, every rank's
+    plan feeds the adapters one after another in config order, and each still equals its
+    single-process result."""
+    import json
+
+    import mlora.pipeline.worker as worker
+
+    plans = []
+
+    def recording_build_plan(world, streams, **kwargs):
+        plan = worker.build_plan.__wrapped__(world, streams, **kwargs)
+        plans.append((plan, streams))
+        return plan
+
+    recording_build_plan.__wrapped__ = worker.build_plan
+    monkeypatch.setattr(worker, "build_plan", recording_build_plan)
+    _, cfg_path, single_out = single_runs(2)
+    cfg = json.loads(cfg_path.read_text())
+    cfg["train_lora_candidate_num"] = 1
+    path = tmp_path / "one_at_a_time.json"
+    path.write_text(json.dumps(cfg))
+    run_threads(pipe_model, path, tmp_path / "out", 3, [3, 2, 2])
+    assert_same_as_single(single_out, tmp_path / "out", 2)
+    assert len(plans) == 3  # one per rank, one segment each
+    for plan, streams in plans:
+        assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]

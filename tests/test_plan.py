@@ -33,10 +33,10 @@ def random_costs(rng: random.Random, stages: int) -> StageCosts:
                       [rng.uniform(1.0, 3.0) for _ in range(stages)], rng.uniform(0.0, 0.5))
 
 
-def check_all(stages, streams, costs=None, max_in_flight=None) -> Plan:
+def check_all(stages, streams, costs=None, max_in_flight=None, candidate_num=None) -> Plan:
     """Builds, checks every invariant, and runs the plan under its own and under other costs."""
-    plan = build_plan(stages, streams, costs, max_in_flight)
-    check_plan(plan, streams, max_in_flight)
+    plan = build_plan(stages, streams, costs, max_in_flight, candidate_num)
+    check_plan(plan, streams, max_in_flight, candidate_num)
     # The stronger form the docstring proves: every stage backwards in feed order too.
     for actions in plan.stages:
         assert [a.mb for a in actions if a.op == "B"] == plan.feed_order
@@ -93,6 +93,62 @@ def test_max_in_flight_1f1b():
     assert [max_in_flight_1f1b(4, s) for s in range(4)] == [4, 3, 2, 1]
     with pytest.raises(ValueError):
         max_in_flight_1f1b(4, 4)
+
+
+# ---------------------------------------------------------------- admission (train_lora_candidate_num)
+
+@pytest.mark.parametrize("seed", range(4))
+def test_admission_invariants(seed):
+    rng = random.Random(100 + seed)
+    for _ in range(20):
+        stages = rng.randint(1, 6)
+        streams = make_streams({f"a{i}": [rng.randint(1, 3) for _ in range(rng.randint(0, 4))]
+                                for i in range(rng.randint(1, 6))})
+        check_all(stages, streams, random_costs(rng, stages), candidate_num=rng.randint(1, 4))
+
+
+def active_counts(plan, streams):
+    """How many adapters are between their first and last fed micro-batch, after each feed."""
+    first = {s[0].id for s in streams.values() if s}
+    last = {s[-1].id for s in streams.values() if s}
+    active, counts = 0, []
+    for mb in plan.feed_order:
+        active += mb in first
+        counts.append(active)
+        active -= mb in last
+    return counts
+
+
+def test_one_candidate_trains_adapters_one_after_another():
+    streams = make_streams({"long": [2, 2, 2], "short": [1], "mid": [2, 1]})
+    plan = build_plan(3, streams, candidate_num=1)
+    every = [mb.id for name in ("long", "short", "mid") for mb in streams[name]]
+    assert plan.feed_order == every  # dict order, each adapter wholly before the next
+    assert max(active_counts(plan, streams)) == 1
+    # Without the limit the adapters interleave (and "long" keeps its head start).
+    free = build_plan(3, streams)
+    assert max(active_counts(free, streams)) == 3
+
+
+def test_admitted_adapter_leaves_when_wholly_fed():
+    # Two at a time: "c" starts right after "a" (the shorter) has fed its last micro-batch.
+    streams = make_streams({"a": [1], "b": [2, 2, 2], "c": [1]})
+    plan = build_plan(2, streams, candidate_num=2)
+    check_plan(plan, streams, candidate_num=2)
+    order = [mb for mb in plan.feed_order]
+    assert order.index(streams["c"][0].id) > order.index(streams["a"][-1].id)
+    assert max(active_counts(plan, streams)) == 2
+
+
+def test_check_plan_catches_admission():
+    streams = make_streams({"a": [1, 1], "b": [1]})
+    plan = build_plan(2, streams)  # interleaves a and b
+    assert max(active_counts(plan, streams)) == 2
+    with pytest.raises(AssertionError, match="admission"):
+        check_plan(plan, streams, candidate_num=1)
+    swapped = build_plan(2, {"b": streams["b"], "a": streams["a"]}, candidate_num=1)
+    with pytest.raises(AssertionError, match="before its turn"):
+        check_plan(swapped, streams, candidate_num=1)
 
 
 # ---------------------------------------------------------------- the Rule, order, determinism
@@ -271,6 +327,8 @@ def test_bad_inputs_raise_value_error():
         build_plan(2, streams, max_in_flight=[1, 0])
     with pytest.raises(ValueError):
         build_plan(2, streams, max_in_flight=[1])
+    with pytest.raises(ValueError, match="candidate_num"):
+        build_plan(2, streams, candidate_num=0)
     with pytest.raises(ValueError):
         build_plan(2, streams, StageCosts([1.0], [1.0]))
     with pytest.raises(ValueError):

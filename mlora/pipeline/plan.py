@@ -97,20 +97,26 @@ def max_in_flight_1f1b(num_stages: int, stage: int) -> int:
 
 
 def build_plan(num_stages: int, streams: dict[str, list[MicroBatchRef]],
-               costs: StageCosts | None = None, max_in_flight: list[int] | None = None) -> Plan:
+               costs: StageCosts | None = None, max_in_flight: list[int] | None = None,
+               candidate_num: int | None = None) -> Plan:
     """A greedy 1F1B list schedule, simulated with `costs` (default: forward 1, backward 2).
 
     `streams` holds each adapter's micro-batches in order; dict order breaks ties between
     adapters. Each stage, whenever it is free, runs a ready backward first, else a ready forward
     if it holds fewer than max_in_flight[s] (default: 1F1B's P - s) micro-batches.
+    `candidate_num` (None: no limit) is the config's train_lora_candidate_num: stage 0 feeds
+    from at most that many adapters at a time, admitted in dict order; an adapter leaves once
+    its stream is wholly fed, and the next one in dict order takes its place.
     Cost: about 10 us per action here (32,000 micro-batches on 8 stages build in about 5 s).
     """
     if num_stages < 1:
         raise ValueError(f"num_stages must be at least 1, got {num_stages}")
+    if candidate_num is not None and candidate_num < 1:
+        raise ValueError(f"candidate_num must be at least 1, got {candidate_num}")
     _index_streams(streams)
     costs = costs if costs is not None else StageCosts.uniform(num_stages)
     _check_costs(costs, num_stages)
-    return _Builder(num_stages, streams, costs, _bounds(num_stages, max_in_flight)).run()
+    return _Builder(num_stages, streams, costs, _bounds(num_stages, max_in_flight), candidate_num).run()
 
 
 class _Feeder:
@@ -128,11 +134,16 @@ class _Feeder:
        it early leaves the short adapters to fill its gaps at the end, rather than the other way
        round), then the least recently fed (round-robin, which staggers equal adapters), then
        dict order.
+    Only admitted adapters are fed: at most `candidate_num` at a time, in dict order, each
+    until its stream is wholly fed (the single-process trainer's admission).
     """
 
-    def __init__(self, streams: dict[str, list[MicroBatchRef]]):
+    def __init__(self, streams: dict[str, list[MicroBatchRef]], candidate_num: int | None = None):
         self.streams = [list(s) for s in streams.values()]
         n = len(self.streams)
+        self.limit = n if candidate_num is None else candidate_num
+        self.queued = deque(a for a in range(n) if self.streams[a])  # not admitted yet
+        self.admitted: list[int] = []  # admitted and not wholly fed
         self.adapter_of = {mb.id: a for a, s in enumerate(self.streams) for mb in s}
         self.pos = [0] * n  # next micro-batch to feed, per adapter
         self.unfinished = [0] * n  # fed, but backward on stage 0 not done yet
@@ -151,7 +162,9 @@ class _Feeder:
     def choose(self) -> int | None:
         if self.open is not None:
             return self.open
-        ready = [a for a in range(len(self.streams)) if self._admissible(a)]
+        while self.queued and len(self.admitted) < self.limit:
+            self.admitted.append(self.queued.popleft())
+        ready = [a for a in self.admitted if self._admissible(a)]
         if not ready:
             return None
         return min(ready, key=lambda a: (-self.steps_left[a], self.last_fed[a], a))
@@ -166,6 +179,8 @@ class _Feeder:
         step_fed = self.pos[a] == len(stream) or stream[self.pos[a]].step != mb.step
         if step_fed:
             self.steps_left[a] -= 1
+        if self.pos[a] == len(stream):
+            self.admitted.remove(a)
         self.open = None if step_fed else a
         return mb.id
 
@@ -179,9 +194,9 @@ class _Builder:
     after its start, so a stage deciding at time t already knows every arrival up to t."""
 
     def __init__(self, num_stages: int, streams: dict[str, list[MicroBatchRef]],
-                 costs: StageCosts, bound: list[int]):
+                 costs: StageCosts, bound: list[int], candidate_num: int | None = None):
         self.P, self.costs, self.bound = num_stages, costs, bound
-        self.feeder = _Feeder(streams)
+        self.feeder = _Feeder(streams, candidate_num)
         self.total = sum(len(s) for s in streams.values())
         self.free_at = [0.0] * num_stages
         self.in_flight = [0] * num_stages
@@ -321,9 +336,11 @@ def _timings(spans: list[list[tuple[str, float, float]]]) -> SimResult:
 
 
 def check_plan(plan: Plan, streams: dict[str, list[MicroBatchRef]],
-               max_in_flight: list[int] | None = None) -> None:
+               max_in_flight: list[int] | None = None, candidate_num: int | None = None) -> None:
     """Raises AssertionError naming the first invariant the plan breaks."""
     refs = _index_streams(streams)
+    if candidate_num is not None:
+        _check_admission(plan.feed_order, streams, candidate_num)
     P = plan.num_stages
     assert P >= 1, f"plan has {P} stages"
     assert len(plan.stages) == P, f"plan has {len(plan.stages)} stage lists for {P} stages"
@@ -377,6 +394,28 @@ def check_plan(plan: Plan, streams: dict[str, list[MicroBatchRef]],
         simulate(plan, StageCosts.uniform(P))
     except DeadlockError as e:
         raise AssertionError(str(e)) from None
+
+
+def _check_admission(feed_order: list[int], streams: dict[str, list[MicroBatchRef]], limit: int) -> None:
+    """At most `limit` adapters between their first and last fed micro-batch at any time, and
+    admission in dict order: the i-th adapter (0-based, among those with micro-batches) starts
+    only once all but limit - 1 of the adapters before it are wholly fed."""
+    order = {name: i for i, name in enumerate(name for name, s in streams.items() if s)}
+    first = {s[0].id: name for name, s in streams.items() if s}
+    last = {s[-1].id: name for name, s in streams.items() if s}
+    active: set[str] = set()
+    done: set[str] = set()
+    for mb in feed_order:
+        if mb in first:
+            name = first[mb]
+            before_done = sum(order[d] < order[name] for d in done)
+            assert before_done >= order[name] + 1 - limit, (
+                f"admission: {name} started before its turn (limit {limit}, dict order)")
+            active.add(name)
+            assert len(active) <= limit, f"admission: {sorted(active)} active at once, limit {limit}"
+        if mb in last:
+            active.discard(last[mb])
+            done.add(last[mb])
 
 
 def _index_streams(streams: dict[str, list[MicroBatchRef]]) -> dict[int, MicroBatchRef]:

@@ -297,7 +297,8 @@ class StageWorker:
         # Before any plan: memory-aware admission, the same bounds on every rank.
         self.max_in_flight = in_flight_bounds(session, transport, list(self.micro.values()), self.pack_len)
         self.segments, self.cuts = segments_of(streams, cut_periods(cfg))
-        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight) for seg in self.segments]
+        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight,
+                                 candidate_num=cfg.train_lora_candidate_num) for seg in self.segments]
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
         # SIGINT/SIGTERM (trainer.SignalFlag): a signalled rank's request travels to rank 0 on
