@@ -93,6 +93,11 @@ def weight_index(base_dir: PathLike) -> dict[str, Path]:
         weight_map = json.loads(source.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{source} is not a valid safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise UserError(f"{source} is not a valid safetensors index (weight_map must map names to files)")
+    outside = next((f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")), None)
+    if outside is not None:  # shards are files of the model directory, as transformers writes them
+        raise UserError(f"{source}: shard {outside!r} is not a file name inside {base}")
     index = {name: base / file for name, file in weight_map.items()}
     for file in sorted(set(index.values())):
         if not file.is_file():

@@ -79,6 +79,9 @@ def find_checkpoint(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]
         weight_map = json.loads(index.read_text())["weight_map"]
         if not all(isinstance(f, str) for f in weight_map.values()):
             raise TypeError("file names must be strings")
+        outside = next((f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")), None)
+        if outside is not None:  # a shard is a file of the model directory, as transformers writes them
+            raise TypeError(f"shard {outside!r} is not a file name inside the model directory")
         files = sorted(set(weight_map.values()))  # shard names sort in their numbered order
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ConvertError(f"{index} is not a valid checkpoint index ({first_line(e)})") from None

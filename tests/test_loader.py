@@ -165,6 +165,17 @@ def test_missing_shard_named(tiny_llama, tmp_path):
         load_model(d, "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("shard,message", [("../elsewhere.safetensors", "not a file name inside"),
+                                           ("/abs/model.safetensors", "not a file name inside"),
+                                           (3, "must map names to files")])
+def test_index_shards_must_be_files_of_the_model_directory(tiny_llama, tmp_path, shard, message):
+    d = _copy_config(tiny_llama, tmp_path / "m")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}))
+    with pytest.raises(UserError, match=message):
+        load_model(d, "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("spec", ["cuda:99", "nonsense", "meta"])
 def test_bad_device(spec):
     with pytest.raises(UserError, match=f"device '{spec}' is not available"):

@@ -306,6 +306,13 @@ def _add_to_index(path: Path):
     index_file.write_text(json.dumps(index))
 
 
+def _point_index(path: Path, shard: str):
+    index_file = path / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    index_file.write_text(json.dumps(index))
+
+
 ERRORS = {
     "missing model dir": (lambda d: shutil.rmtree(d), (), "does not exist"),
     "no checkpoint": (lambda d: [f.unlink() for f in d.glob("pytorch_model*")], (), "no pytorch_model.bin"),
@@ -316,6 +323,8 @@ ERRORS = {
     "truncated shard": (lambda d: _corrupt(d, "pytorch_model-00003-*.bin"), (), "cannot read"),
     "tensor missing from shard": (_add_to_index, (), "'extra.weight' listed in pytorch_model.bin.index.json"),
     "bad index": (lambda d: (d / "pytorch_model.bin.index.json").write_text("{"), (), "not a valid checkpoint index"),
+    "shard outside the directory": (lambda d: _point_index(d, "../elsewhere.bin"), (),
+                                    "shard '../elsewhere.bin' is not a file name inside"),
     "not a state dict": (lambda d: torch.save([1, 2], d / "pytorch_model.bin"), (), "not a state dict"),
     "bad shard size": (lambda d: None, ("--max_shard_size", "5 parsecs"), "invalid size"),
     "shard size under a byte": (lambda d: None, ("--max_shard_size", "0.5B"), "less than one byte"),
