@@ -258,17 +258,29 @@ def cmd_demo(args) -> int:
     return run_demo(device=args.device, output_dir=args.output_dir, short=args.short)
 
 
-def prepare_output_dir(path: str) -> None:
-    """Create the output directory, or fail with one line before any training starts."""
+def prepare_output_dir(path: str) -> list[Path]:
+    """Create the output directory, or fail with one line before any training starts.
+    Returns the directories it created, deepest first (for `remove_if_still_empty`)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output_dir {p} exists and is not a directory")
+    created = [d for d in (p, *p.parents) if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"output_dir {p}: cannot create it ({err.strerror})") from None
     if not os.access(p, os.W_OK):
         raise UserError(f"output_dir {p} is not writable")
+    return created
+
+
+def remove_if_still_empty(created: list[Path]) -> None:
+    """Undo `prepare_output_dir` after a start that failed before writing anything."""
+    for d in created:
+        try:
+            d.rmdir()  # only an empty directory; stop at the first that is not
+        except OSError:
+            return
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}

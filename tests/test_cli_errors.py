@@ -205,6 +205,23 @@ def test_pipeline_flags_out_of_range(setup, tiny_llama, capsys, flag, value, fra
     assert not out.exists()
 
 
+def test_a_pipeline_that_never_connects_leaves_no_output_dir(setup, tiny_llama, capsys):
+    """Rank 0 alone (rank 1 never starts): one line, exit 3, and the output directory it had
+    created is gone again (it used to stay behind, empty)."""
+    from test_pipeline import free_port
+
+    _, _, out, config = setup
+    nested = out / "deeper"
+    capsys.readouterr()
+    code = main(["train", "--base_model", str(tiny_llama), "--config", str(config()), "--pipeline", "--rank", "0",
+                 "--world_size", "2", "--device", "cpu", "--transport", "zmq", "--master_addr", "127.0.0.1",
+                 "--master_port", str(free_port()), "--connect_timeout", "1", "--output_dir", str(nested),
+                 "--no_progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_empty_output_dir_flag(setup, tiny_llama, capsys, monkeypatch, tmp_path):
     _, _, out, config = setup
     monkeypatch.chdir(tmp_path)

@@ -102,7 +102,7 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
 
 def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
-    from mlora.cli import prepare_output_dir, quant_config
+    from mlora.cli import prepare_output_dir, quant_config, remove_if_still_empty
     from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -115,18 +115,25 @@ def train_pipeline(args) -> int:
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
-    if place.rank in (0, place.world_size - 1):
-        prepare_output_dir(session.cfg.output_dir)
-    transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
-                        place.master_port, session.device, peer_timeout=args.peer_timeout,
-                        connect_timeout=args.connect_timeout)
+    created = prepare_output_dir(session.cfg.output_dir) if place.rank in (0, place.world_size - 1) else []
+    try:
+        transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
+                            place.master_port, session.device, peer_timeout=args.peer_timeout,
+                            connect_timeout=args.connect_timeout)
+    except BaseException:  # no run started: leave no empty output directory behind
+        remove_if_still_empty(created)
+        raise
     tag = f"rank{place.rank}"
     run_print = {**checkpoint.run_fingerprint(session), "stages": stages,
                  "save_step": session.cfg.save_step}
     try:
         if not args.resume:
             checkpoint.clear(session.cfg.output_dir, tag)  # before the start-up barrier below
-        check_same_everywhere(transport, fingerprint(session, stages, args.transport))
+        try:
+            check_same_everywhere(transport, fingerprint(session, stages, args.transport))
+        except BaseException:  # ranks of different jobs: nothing was written
+            remove_if_still_empty(created)
+            raise
         state = None
         if args.resume:
             state = resume_state(transport, session.cfg.output_dir, tag, run_print)
