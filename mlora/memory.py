@@ -305,6 +305,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
         "mlp": 3 * I * e,  # gate (for silu), silu(gate) and up (for the product)
     }
+    if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
+        out["qk_norms"] = (nh + nkv) * (4 * D + 4)
     if explicit_mask:
         # SDPA turns the bool mask into an additive one in the dtype on every call, and the
         # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
@@ -458,7 +460,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     biases = ((q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
               + (2 * args.intermediate_size + H) * args.mlp_bias)
-    per_layer += (biases + 2 * H) * e  # biases + the two RMSNorm weights
+    per_layer += (biases + 2 * H + 2 * args.head_dim * args.qk_norm) * e  # biases + RMSNorm weights
     total = len(stage.layers) * per_layer
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
     if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):

@@ -94,7 +94,7 @@ TINY = dict(
 
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
-    """Build a random HF model of `family` (llama | mistral | qwen2), save it as safetensors
+    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`."""
     import transformers
 
@@ -102,6 +102,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -119,6 +120,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif "q_norm" in name or "k_norm" in name:  # Qwen3's per-head norms start at ones
+                p.normal_(1.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer

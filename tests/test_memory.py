@@ -3,6 +3,8 @@ split-and-retry. All on CPU; the estimator's GPU anchors are measurements record
 
 from __future__ import annotations
 
+import dataclasses
+
 import weakref
 
 import pytest
@@ -251,10 +253,10 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor, frozen: 
     return sum(storages.values())
 
 
-def _model_with_adapters(dtype, adapters, targets):
-    """SMALL with LoRA adapters a0, a1, ... of (r, dropout) on `targets`."""
+def _model_with_adapters(dtype, adapters, targets, args=SMALL):
+    """SMALL (or `args`) with LoRA adapters a0, a1, ... of (r, dropout) on `targets`."""
     torch.manual_seed(0)
-    model = CausalLM(SMALL).to(dtype).requires_grad_(False)
+    model = CausalLM(args).to(dtype).requires_grad_(False)
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     for path, wrapper in wrappers.items():
@@ -291,6 +293,32 @@ def test_activations_bound_what_autograd_saves(dtype, adapters, targets):
                                    shared_lora_inputs=SHARED)
     # Without shared inputs, mixed dropout rates are bounded per adapter, not per row range.
     assert measured <= estimate.activations <= (1.5 if SHARED else 1.6) * measured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_qwen3_qk_norms_are_counted(dtype):
+    """Qwen3's per-head q/k RMSNorms keep fp32 copies for the backward: the estimate's extra
+    over the same LLaMA covers what autograd saves extra, and the bound still holds."""
+    qwen3 = dataclasses.replace(SMALL, model_type="qwen3", qk_norm=True)
+    rows, seq_len, adapters = 2, 32, [(4, 0.1)]
+    measured, estimated = {}, {}
+    for args in (SMALL, qwen3):
+        model, layout, wrappers = _model_with_adapters(dtype, adapters, ALL7, args)
+        layout.rows = [AdapterRows("a0", 0, rows)]
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
+                   for t in (lw.lora_A, lw.lora_B)}
+        measured[args.model_type] = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
+        estimated[args.model_type] = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype,
+                                                         lora=[LoraShape(4, ALL7, 0.1)]).activations
+    extra = measured["qwen3"] - measured["llama"]
+    assert extra > 0
+    assert extra <= estimated["qwen3"] - estimated["llama"] <= 1.1 * extra
+    assert measured["qwen3"] <= estimated["qwen3"] <= 1.5 * measured["qwen3"]
+    assert weight_bytes(qwen3, dtype) - weight_bytes(SMALL, dtype) == sum(
+        p.numel() * p.element_size() for n, p in CausalLM(qwen3).to(dtype).named_parameters() if "_norm." in n
+        and ("q_norm" in n or "k_norm" in n))
 
 
 def _saved_per_kernel(monkeypatch, adapters, targets, kernels):

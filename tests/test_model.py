@@ -24,6 +24,9 @@ CASES = {
     "qwen2_qkv_bias": ("qwen2", {}),
     "qwen2_sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "mistral_sliding": ("mistral", dict(sliding_window=4)),
+    "qwen3_qk_norm": ("qwen3", dict(head_dim=32)),  # q/k heads normed before RoPE; head_dim != H / nh
+    "qwen3_bias_sliding": ("qwen3", dict(attention_bias=True, use_sliding_window=True, sliding_window=4,
+                                         max_window_layers=1)),  # o_proj biased too
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -81,7 +84,8 @@ def test_logits_match_transformers(case, tmp_path):
     _compare(path, seq_lens=(S, 6) if case == "rope_dynamic" else (S,))
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3"])
+@pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
+                                  "qwen3_bias_sliding"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -201,7 +205,7 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3"}
     assert all(family_for(t) is llama for t in SUPPORTED)
 
 

@@ -462,3 +462,29 @@ def test_lr_schedule_matches_transformers(kind):
         assert lr_factor(kind, step, 3, 20) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9)
         opt.step()
         sched.step()
+
+
+def test_qwen3_trains_and_loads_in_peft(tmp_path, tokenizer_dir):
+    """A Qwen3 base (per-head q/k norms, head_dim != hidden / heads): mlora trains an adapter on
+    all seven projections, and PEFT on transformers' Qwen3 gives the saved adapter's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "qwen3", "qwen3", tokenizer_dir, head_dim=32)
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path, ["b"], out)
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           out / "b").eval()
+    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids).logits
+        with peft_model.disable_adapter():
+            bare = peft_model(input_ids).logits
+    got = _mlora_logits(base, out / "b", "b", input_ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (bare - expected).abs().max().item() > 1e-4

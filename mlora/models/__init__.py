@@ -1,8 +1,8 @@
 """Model families mlora implements itself, keyed by the config's `model_type`.
 
 Each family module provides `args_from_hf_config`, `ModelArgs`, `CausalLM`,
-`module_sequence` and `tensor_names`. LLaMA, Mistral and Qwen2 differ only in switches,
-so one module serves all three.
+`module_sequence` and `tensor_names`. LLaMA, Mistral, Qwen2 and Qwen3 differ only in
+switches, so one module serves all four.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from types import ModuleType
 from mlora.errors import UserError
 from mlora.models import llama
 
-SUPPORTED = {"llama", "mistral", "qwen2"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
-_FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
+_FAMILIES: dict[str, ModuleType] = {name: llama for name in SUPPORTED}
 
 
 def family_for(model_type: str) -> ModuleType:

@@ -1,6 +1,7 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral and Qwen2 in one readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2 and Qwen3 in one readable file.
 
-The three families differ only in a few switches (biases, sliding windows, RoPE scaling),
+The families differ only in a few switches (biases, sliding windows, RoPE scaling, Qwen3's
+RMSNorm of each query and key head),
 which `args_from_hf_config` reads from a transformers config into a plain `ModelArgs`.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
 name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from mlora.device import upload
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
@@ -61,6 +62,7 @@ class ModelArgs:
     attention_bias: bool = False  # bias on q/k/v_proj
     o_proj_bias: bool = False  # bias on o_proj (LLaMA's `attention_bias` sets both; Qwen2 only q/k/v)
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head (weights [D]) before RoPE
     hidden_act: str = "silu"
     rope: RopeArgs = field(default_factory=RopeArgs)
     sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
@@ -108,18 +110,13 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         # MistralModel masks every layer with `config.sliding_window` when it is set.
         qkv_bias = o_bias = mlp_bias = False
         windows = [get("sliding_window")] * num_layers
-    else:  # qwen2: q/k/v always biased, o_proj and MLP never
+    elif model_type == "qwen2":  # q/k/v always biased, o_proj and MLP never
         qkv_bias, o_bias, mlp_bias = True, False, False
-        # Qwen2Config nulls sliding_window unless use_sliding_window; layer_types then picks
-        # the sliding layers (by default those from max_window_layers on).
-        window = get("sliding_window") if get("use_sliding_window", False) else None
-        layer_types = get("layer_types") or [
-            "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
-            for i in range(num_layers)
-        ]
-        if len(layer_types) != num_layers:
-            raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
-        windows = [window if t == "sliding_attention" else None for t in layer_types]
+        windows = _qwen_windows(get, num_layers)
+    else:  # qwen3: `attention_bias` on q/k/v and o_proj alike, no MLP bias
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = _qwen_windows(get, num_layers)
 
     return ModelArgs(
         model_type=model_type,
@@ -135,11 +132,25 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
+        qk_norm=model_type == "qwen3",
         hidden_act="silu",
         rope=_rope_args(get, max_pos),
         sliding_window=[int(w) if w is not None else None for w in windows],
         max_position_embeddings=max_pos,
     )
+
+
+def _qwen_windows(get, num_layers: int) -> list[int | None]:
+    """Qwen2/Qwen3: the config nulls sliding_window unless use_sliding_window; layer_types then
+    picks the sliding layers (by default those from max_window_layers on)."""
+    window = get("sliding_window") if get("use_sliding_window", False) else None
+    layer_types = get("layer_types") or [
+        "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
+        for i in range(num_layers)
+    ]
+    if len(layer_types) != num_layers:
+        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    return [window if t == "sliding_attention" else None for t in layer_types]
 
 
 def _rope_args(get, max_pos: int) -> RopeArgs:
@@ -210,6 +221,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             for proj, bias in (("q", args.attention_bias), ("k", args.attention_bias),
                                ("v", args.attention_bias), ("o", args.o_proj_bias)):
                 names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
+            if args.qk_norm:
+                names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
             for proj in ("gate", "up", "down"):
                 names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
             names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
@@ -467,12 +480,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
         B, S, _ = x.shape  # x [B, S, H]
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, D]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # [B, S, nh, D]
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, nkv, D]
+        if self.qk_norm:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, D], [B, nkv, S, D]
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
