@@ -252,6 +252,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                                    active=active_adapters, kernel=lora_kernel)
     per_layer = {name: math.ceil(v * N) for name, v in layer.items()}
     per_layer["lora_casts"] = _lora_cast_bytes(args, e, adapters)
+    if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
+        per_layer["norm_weights"] = ((2 + 2 * args.sandwich_norms) * args.hidden_size
+                                     + 2 * args.head_dim * args.qk_norm) * 4
     one_layer = sum(per_layer.values())
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
@@ -261,6 +264,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         # (with one adapter on every row it is a [C] scale).
         batch += _dense_columns(adapters, active_adapters, lora_kernel) * 4 * N
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
+    final_norm += 4 * args.hidden_size * (stage.has_norm and args.gemma_norms)  # fp32 (1 + w)
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
     if recompute:
         # Each checkpointed layer keeps only its input [N, H]; the layer being back-propagated
@@ -298,7 +302,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     repeat_kv = explicit_mask or not _SDPA_HAS_GQA
     kv_heads = nh if repeat_kv else nkv
     out = {
-        "norms": 2 * (4 * H + 4),  # fp32 input copy [N, H] + rsqrt [N], twice
+        # fp32 input copy [N, H] + rsqrt [N], per norm: two, or four with Gemma 3's sandwich
+        "norms": (2 + 2 * args.sandwich_norms) * (4 * H + 4),
         # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output
         "attention": (2 * nh * D + 2 * kv_heads * D) * e,
         # logsumexp fp32 [B, nh, S]; the memory-efficient kernel pads S to a multiple of 32
@@ -460,7 +465,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     biases = ((q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
               + (2 * args.intermediate_size + H) * args.mlp_bias)
-    per_layer += (biases + 2 * H + 2 * args.head_dim * args.qk_norm) * e  # biases + RMSNorm weights
+    norms = (2 + 2 * args.sandwich_norms) * H + 2 * args.head_dim * args.qk_norm
+    per_layer += (biases + norms) * e  # biases + RMSNorm weights
     total = len(stage.layers) * per_layer
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
     if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):

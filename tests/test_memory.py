@@ -16,6 +16,7 @@ from mlora.lora import AdapterRows, BatchLayout, LoraWeights, TARGET_MODULES, in
 from mlora.memory import (GiB, LoraShape, UnsplittableOOM, choose_token_budget, device_free_bytes,
                           estimate_peak_bytes, grads_restored_on_error, lora_state_bytes,
                           run_splitting_on_oom, weight_bytes)
+from mlora.models import llama
 from mlora.models.llama import CausalLM, ModelArgs
 
 BF16 = torch.bfloat16
@@ -295,14 +296,21 @@ def test_activations_bound_what_autograd_saves(dtype, adapters, targets):
     assert measured <= estimate.activations <= (1.5 if SHARED else 1.6) * measured
 
 
+GEMMA3 = dataclasses.replace(SMALL, model_type="gemma3_text", qk_norm=True, hidden_act="gelu_tanh", gemma_norms=True,
+                             embed_scale=True, sandwich_norms=True, attn_scale=0.2,
+                             local_rope=llama.RopeArgs("default", 1e4))  # no window: the same attention as SMALL
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_qwen3_qk_norms_are_counted(dtype):
-    """Qwen3's per-head q/k RMSNorms keep fp32 copies for the backward: the estimate's extra
-    over the same LLaMA covers what autograd saves extra, and the bound still holds."""
-    qwen3 = dataclasses.replace(SMALL, model_type="qwen3", qk_norm=True)
+def test_norms_of_other_families_are_counted(dtype, family):
+    """Qwen3's per-head q/k RMSNorms (and Gemma 3's four norms per layer too) keep fp32 copies
+    for the backward: the estimate's extra over the same LLaMA covers what autograd saves
+    extra, and the bound still holds; the weights count the norms' weights."""
+    other = dataclasses.replace(SMALL, model_type="qwen3", qk_norm=True) if family == "qwen3" else GEMMA3
     rows, seq_len, adapters = 2, 32, [(4, 0.1)]
     measured, estimated = {}, {}
-    for args in (SMALL, qwen3):
+    for args in (SMALL, other):
         model, layout, wrappers = _model_with_adapters(dtype, adapters, ALL7, args)
         layout.rows = [AdapterRows("a0", 0, rows)]
         model.train()
@@ -312,13 +320,13 @@ def test_qwen3_qk_norms_are_counted(dtype):
         measured[args.model_type] = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
         estimated[args.model_type] = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype,
                                                          lora=[LoraShape(4, ALL7, 0.1)]).activations
-    extra = measured["qwen3"] - measured["llama"]
+    extra = measured[family] - measured["llama"]
     assert extra > 0
-    assert extra <= estimated["qwen3"] - estimated["llama"] <= 1.1 * extra
-    assert measured["qwen3"] <= estimated["qwen3"] <= 1.5 * measured["qwen3"]
-    assert weight_bytes(qwen3, dtype) - weight_bytes(SMALL, dtype) == sum(
-        p.numel() * p.element_size() for n, p in CausalLM(qwen3).to(dtype).named_parameters() if "_norm." in n
-        and ("q_norm" in n or "k_norm" in n))
+    assert extra <= estimated[family] - estimated["llama"] <= 1.1 * extra
+    assert measured[family] <= estimated[family] <= 1.5 * measured[family]
+    for args in (SMALL, other):  # every parameter of the model, the norms' included
+        assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size()
+                                                for p in CausalLM(args).to(dtype).parameters())
 
 
 def _saved_per_kernel(monkeypatch, adapters, targets, kernels):

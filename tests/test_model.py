@@ -27,6 +27,13 @@ CASES = {
     "qwen3_qk_norm": ("qwen3", dict(head_dim=32)),  # q/k heads normed before RoPE; head_dim != H / nh
     "qwen3_bias_sliding": ("qwen3", dict(attention_bias=True, use_sliding_window=True, sliding_window=4,
                                          max_window_layers=1)),  # o_proj biased too
+    # sliding layer 0 with its own RoPE (theta 1e4), full layer 1 (theta 1e6), sandwich and
+    # (1 + w) norms, q/k norms, scaled embedding, GELU, query_pre_attn_scalar 16 (not D)
+    "gemma3": ("gemma3_text", {}),
+    "gemma3_scaled_rope_bias": ("gemma3_text", dict(
+        attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -85,7 +92,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
-                                  "qwen3_bias_sliding"])
+                                  "qwen3_bias_sliding", "gemma3"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -136,8 +143,9 @@ def test_sliding_windows_per_family(tmp_path):
     assert read_model_config(m)[1].sliding_window == [5, 5]
 
 
-def test_stage_split_equals_whole(tmp_path):
-    path = make_tiny_model(tmp_path, "llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma: scaled embedding, a RoPE per layer type
+def test_stage_split_equals_whole(tmp_path, family):
+    path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
     first = load_model(path, "cpu", torch.float32, parts=["embed", "layer.0"])
     second = load_model(path, "cpu", torch.float32, parts=["layer.1", "norm", "head"])
@@ -205,7 +213,24 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+    gemma = dict(base, model_type="gemma3_text", sliding_window=4)
+    with pytest.raises(UserError, match="attn_logit_softcapping"):
+        llama.args_from_hf_config(dict(gemma, attn_logit_softcapping=50.0))
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        llama.args_from_hf_config(dict(gemma, final_logit_softcapping=30.0))
+    with pytest.raises(UserError, match="use_bidirectional_attention"):
+        llama.args_from_hf_config(dict(gemma, use_bidirectional_attention=True))
+    with pytest.raises(UserError, match="hidden_activation 'gelu'"):
+        llama.args_from_hf_config(dict(gemma, hidden_activation="gelu"))
+    with pytest.raises(UserError, match="sliding_window is not set"):
+        llama.args_from_hf_config(dict(gemma, sliding_window=None))
+    # A transformers-4 config.json: rope_theta / rope_scaling for the full layers and
+    # rope_local_base_freq for the sliding ones; every 6th layer full by default.
+    old = llama.args_from_hf_config(dict(gemma, num_hidden_layers=7, rope_theta=5e5, rope_local_base_freq=2e4,
+                                         rope_scaling=dict(rope_type="linear", factor=8.0)))
+    assert old.sliding_window == [4, 4, 4, 4, 4, None, 4]
+    assert old.rope == llama.RopeArgs("linear", 5e5, factor=8.0) and old.local_rope == llama.RopeArgs("default", 2e4)
     assert all(family_for(t) is llama for t in SUPPORTED)
 
 

@@ -1,5 +1,5 @@
 """Sequence packing: the packer's invariants, packed logits == each sequence alone (llama,
-mistral with a sliding window, qwen2, qwen3), a packed training step == the unpacked one, and a
+mistral with a sliding window, qwen2, qwen3, gemma 3), a packed training step == the unpacked one, and a
 `packing: true` run trains the same adapters as `packing: false`."""
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("llama", dict(max_position_embeddings=8,  # dynamic NTK: depends on the longest sequence
                    rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
     ("qwen3", dict(head_dim=32)),  # per-head q/k norms
-], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3"])
+    ("gemma3_text", {}),  # a sliding layer with its own RoPE, a full one
+], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma3"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

@@ -464,15 +464,17 @@ def test_lr_schedule_matches_transformers(kind):
         sched.step()
 
 
-def test_qwen3_trains_and_loads_in_peft(tmp_path, tokenizer_dir):
-    """A Qwen3 base (per-head q/k norms, head_dim != hidden / heads): mlora trains an adapter on
-    all seven projections, and PEFT on transformers' Qwen3 gives the saved adapter's logits."""
+@pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma3_text", {})])
+def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
+    """A Qwen3 base (per-head q/k norms, head_dim != hidden / heads) and a Gemma 3 one (sandwich
+    norms, two RoPEs, a sliding layer): mlora trains an adapter on all seven projections, and
+    PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from conftest import make_tiny_model
 
-    base = make_tiny_model(tmp_path / "qwen3", "qwen3", tokenizer_dir, head_dim=32)
+    base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0

@@ -1,7 +1,9 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2 and Qwen3 in one readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3 and Gemma 3 in one
+readable file.
 
-The families differ only in a few switches (biases, sliding windows, RoPE scaling, Qwen3's
-RMSNorm of each query and key head),
+The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
+of each query and key head; Gemma 3's norms around both sublayers, (1 + w) norm weights,
+scaled embeddings, GELU and a RoPE of its own on the sliding layers),
 which `args_from_hf_config` reads from a transformers config into a plain `ModelArgs`.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
 name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from mlora.device import upload
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
@@ -62,9 +64,18 @@ class ModelArgs:
     attention_bias: bool = False  # bias on q/k/v_proj
     o_proj_bias: bool = False  # bias on o_proj (LLaMA's `attention_bias` sets both; Qwen2 only q/k/v)
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head (weights [D]) before RoPE
-    hidden_act: str = "silu"
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each query and key head (weights [D]) before RoPE
+    hidden_act: str = "silu"  # or "gelu_tanh" (Gemma's gelu_pytorch_tanh)
+    # Gemma 3: norms scale by (1 + w) in fp32; the embedding output is multiplied by sqrt(H)
+    # (rounded to the dtype); each sublayer's output is normed too, before the residual add
+    # (post_attention_layernorm, post_feedforward_layernorm; the MLP's input norm is then
+    # pre_feedforward_layernorm); attention scales by attn_scale instead of 1 / sqrt(D).
+    gemma_norms: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    attn_scale: float | None = None
     rope: RopeArgs = field(default_factory=RopeArgs)
+    local_rope: RopeArgs | None = None  # Gemma 3: the RoPE of the sliding-window layers
     sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
     max_position_embeddings: int = 2048
 
@@ -91,9 +102,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    hidden_act = get("hidden_act", "silu")
-    if hidden_act not in ("silu", "swish"):  # transformers maps both names to SiLU
-        raise UserError(f"hidden_act {hidden_act!r} is not supported (only silu)")
+    if model_type == "gemma3_text":
+        if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise UserError(f"hidden_activation {get('hidden_activation')!r} is not supported (only gelu_pytorch_tanh)")
+    elif get("hidden_act", "silu") not in ("silu", "swish"):  # transformers maps both names to SiLU
+        raise UserError(f"hidden_act {get('hidden_act')!r} is not supported (only silu)")
 
     num_layers = int(get("num_hidden_layers"))
     hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
@@ -113,11 +126,22 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     elif model_type == "qwen2":  # q/k/v always biased, o_proj and MLP never
         qkv_bias, o_bias, mlp_bias = True, False, False
         windows = _qwen_windows(get, num_layers)
-    else:  # qwen3: `attention_bias` on q/k/v and o_proj alike, no MLP bias
+    elif model_type == "qwen3":  # `attention_bias` on q/k/v and o_proj alike, no MLP bias
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = _qwen_windows(get, num_layers)
+    else:  # gemma3_text
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key) is not None:
+                raise UserError(f"{key} is not supported (logit soft-capping, as in Gemma 2)")
+        if get("use_bidirectional_attention", False):
+            raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = _gemma3_windows(get, num_layers)
 
+    gemma = model_type == "gemma3_text"
+    full_rope, local_rope = _gemma3_ropes(get, max_pos) if gemma else (_rope_args(get, max_pos), None)
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -132,9 +156,14 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type == "qwen3",
-        hidden_act="silu",
-        rope=_rope_args(get, max_pos),
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        hidden_act="gelu_tanh" if gemma else "silu",
+        gemma_norms=gemma,
+        embed_scale=gemma,
+        sandwich_norms=gemma,
+        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+        rope=full_rope,
+        local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
         max_position_embeddings=max_pos,
     )
@@ -153,10 +182,42 @@ def _qwen_windows(get, num_layers: int) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
-def _rope_args(get, max_pos: int) -> RopeArgs:
+def _gemma3_windows(get, num_layers: int) -> list[int | None]:
+    """Gemma 3: every `sliding_window_pattern`-th layer (6 by default) has full attention, the
+    others a window, unless the config lists layer_types."""
+    pattern = int(get("sliding_window_pattern", 6))
+    layer_types = get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if len(layer_types) != num_layers:
+        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    window = get("sliding_window")
+    if window is None and "sliding_attention" in layer_types:
+        raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+def _gemma3_ropes(get, max_pos: int) -> tuple[RopeArgs, RopeArgs]:
+    """Gemma 3's two RoPEs: full-attention layers (rope_theta 1e6 and any scaling by default)
+    and sliding layers (rope_local_base_freq 1e4, never scaled). transformers 5 keeps them in
+    rope_parameters by layer type; a transformers-4 config.json has rope_theta, rope_scaling and
+    rope_local_base_freq."""
+    params = get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = dict(get("rope_scaling") or {})
+        local = {}
+    full.setdefault("rope_theta", get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", get("rope_local_base_freq", 10_000.0))
+    return _rope_args(get, max_pos, full), _rope_args(get, max_pos, local)
+
+
+def _rope_args(get, max_pos: int, params: Mapping | None = None) -> RopeArgs:
     # transformers 5 folds `rope_theta` + `rope_scaling` into `rope_parameters`; a raw
     # config.json from transformers 4 still has the two separate fields.
-    params = get("rope_parameters") or get("rope_scaling") or {}
+    if params is None:
+        params = get("rope_parameters") or get("rope_scaling") or {}
     params = dict(params)
     if any(isinstance(v, Mapping) for v in params.values()):
         raise UserError("per-layer-type rope_parameters are not supported")
@@ -226,6 +287,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             for proj in ("gate", "up", "down"):
                 names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
             names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            if args.sandwich_norms:
+                names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
 
 
@@ -258,26 +321,28 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
     return inv_freq
 
 
-def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(rope: RopeArgs, head_dim: int, seq_len: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin [S, head_dim] for positions 0..S-1; fp32 math, then cast (cheap, so no cache)."""
-    inv_freq = upload(rope_inv_freq(args.rope, args.head_dim, seq_len), device)  # [D/2], no wait
+    inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), device)  # [D/2], no wait
     pos = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rope_cos_sin_at(args: ModelArgs, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin [B, 1, S, head_dim] for arbitrary per-token positions (packed rows, where each
     sequence restarts at 0). The same fp32 products as `rope_cos_sin`, so a token at position
     p gets bit-identical values whichever row it sits in."""
     seq_len = position_ids.shape[-1]
-    if args.rope.type == "dynamic":
+    if rope.type == "dynamic":
         # Dynamic NTK depends on the length; HF takes max(position) + 1, which for packed rows
         # is the longest sequence, as the padded unpacked batch would have. Only this type
         # pays for the host sync.
         seq_len = int(position_ids.max()) + 1
-    inv_freq = upload(rope_inv_freq(args.rope, args.head_dim, seq_len), position_ids.device)  # [D/2]
+    inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), position_ids.device)  # [D/2]
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcasts over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -453,10 +518,11 @@ _RMS_NORM = getattr(F, "rms_norm", None)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
         self.eps = eps
+        self.gemma = gemma  # scale by (1 + w) in fp32, then cast (HF's Gemma3RMSNorm)
 
     def forward(self, x: Tensor) -> Tensor:
         # fp32 statistics even for bf16 activations; cast back before the weight, as HF does.
@@ -468,6 +534,8 @@ class RMSNorm(nn.Module):
             h = _RMS_NORM(h, (h.shape[-1],), eps=self.eps)
         else:  # torch < 2.4
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -481,9 +549,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
         self.qk_norm = args.qk_norm
+        self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
@@ -500,14 +569,14 @@ class Attention(nn.Module):
         n_rep = self.num_heads // self.num_kv_heads
         if mask is None and _SDPA_HAS_GQA:
             # The causal kernels read grouped K/V natively.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=n_rep > 1)
         else:
             # With an explicit mask the memory-efficient kernel is the one that applies, and
             # it wants as many K/V heads as query heads.
             if n_rep > 1:
                 k = k.repeat_interleave(n_rep, dim=1)  # [B, nh, S, D]
                 v = v.repeat_interleave(n_rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
         return self.o_proj(y)
 
@@ -518,9 +587,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.gelu = args.hidden_act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate = self.gate_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)  # GeGLU / SwiGLU
+        return self.down_proj(act * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -530,13 +602,24 @@ class DecoderLayer(nn.Module):
         self.sliding_window = args.sliding_window[layer_id]
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        g = args.gemma_norms
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_id)  # [B, S, H]
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_id)  # [B, S, H]
+        if not self.sandwich:
+            h = x + attn
+            return h + self.mlp(self.post_attention_layernorm(h))
+        # Gemma 3: post_attention_layernorm norms the attention's output; the MLP has its own
+        # input and output norms.
+        h = x + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class CausalLM(nn.Module):
@@ -560,7 +643,7 @@ class CausalLM(nn.Module):
         if self.layer_ids:
             self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i) for i in self.layer_ids})
         if self.has_norm:
-            self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+            self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.gemma_norms)
         if self.has_head:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
@@ -571,6 +654,11 @@ class CausalLM(nn.Module):
         # recomputation can replay exactly the same random masks.
         self.recompute = False
         self.rng_generators: dict[int, list[torch.Generator]] | list[torch.Generator] = []
+
+    def rope_of(self, layer_id: int) -> RopeArgs:
+        """The RoPE of a layer: Gemma 3's sliding layers have their own."""
+        local = self.args.local_rope is not None and self.args.sliding_window[layer_id] is not None
+        return self.args.local_rope if local else self.args.rope
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when both live here (a head-only stage of a tied
@@ -595,6 +683,9 @@ class CausalLM(nn.Module):
         Returns logits [B, S, V] (S = 1 with last_only) if the stage has the head, else hidden
         states [B, S, H]."""
         h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
+        if self.has_embed and self.args.embed_scale:
+            # sqrt(H) as HF rounds it: an fp32 scalar cast to the dtype (55.4 -> 55.5 in bf16)
+            h = h * torch.tensor(self.args.hidden_size ** 0.5, dtype=torch.float32).to(h.dtype)
         if self.layer_ids:
             S = h.shape[1]
             past = 0 if cache is None else cache.length
@@ -602,11 +693,13 @@ class CausalLM(nn.Module):
                 raise ValueError("a KV cache takes neither position_ids nor document_ids (packed rows)")
             if cache is not None and self.recompute and torch.is_grad_enabled():
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
-            if position_ids is None:
-                cos, sin = rope_cos_sin(self.args, past + S, h.device, h.dtype)  # [T, D]
-                cos, sin = cos[past:], sin[past:]  # [S, D]: the new tokens' positions
-            else:
-                cos, sin = rope_cos_sin_at(self.args, position_ids.to(h.device), h.dtype)  # [B, 1, S, D]
+            tables = {}  # RopeArgs -> (cos, sin): [S, D] (the new tokens' positions) or [B, 1, S, D]
+            for rope in {self.rope_of(i) for i in self.layer_ids}:
+                if position_ids is None:
+                    cos, sin = rope_cos_sin(rope, self.args.head_dim, past + S, h.device, h.dtype)  # [T, D]
+                    tables[rope] = cos[past:], sin[past:]
+                else:
+                    tables[rope] = rope_cos_sin_at(rope, self.args.head_dim, position_ids.to(h.device), h.dtype)
             if past:
                 masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)
             elif document_ids is None:
@@ -616,6 +709,7 @@ class CausalLM(nn.Module):
             recompute = self.recompute and torch.is_grad_enabled()
             for i in self.layer_ids:
                 layer = self.model.layers[str(i)]
+                cos, sin = tables[self.rope_of(i)]
                 if recompute:
                     gens = self.rng_generators
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens
