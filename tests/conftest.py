@@ -94,7 +94,7 @@ TINY = dict(
 
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
-    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma3_text), save it as safetensors
+    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma3_text), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`."""
     import transformers
 
@@ -103,6 +103,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
     vocab = 400
@@ -113,6 +114,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     if family == "gemma3_text":  # its defaults are a real model's: head_dim 256, windows of 4096
         kwargs.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
                       layer_types=["sliding_attention", "full_attention"])
+    if family == "gemma":
+        kwargs.update(head_dim=16)
     kwargs.update(overrides)
     config = cls_config(**kwargs)
     torch.manual_seed(seed)
@@ -126,7 +129,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 0.05)
             elif "q_norm" in name or "k_norm" in name:  # Qwen3's per-head norms start at ones
                 p.normal_(1.0, 0.2)
-            if "norm" in name and family == "gemma3_text":  # (1 + w) norms: w starts at zeros
+            if "norm" in name and family.startswith("gemma"):  # (1 + w) norms: w starts at zeros
                 p.normal_(0.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_dir is not None:

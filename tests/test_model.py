@@ -29,6 +29,8 @@ CASES = {
                                          max_window_layers=1)),  # o_proj biased too
     # sliding layer 0 with its own RoPE (theta 1e4), full layer 1 (theta 1e6), sandwich and
     # (1 + w) norms, q/k norms, scaled embedding, GELU, query_pre_attn_scalar 16 (not D)
+    "gemma": ("gemma", {}),  # (1 + w) norms, scaled embedding, GELU; head_dim 16
+    "gemma_legacy_gelu_mqa": ("gemma", dict(hidden_act="gelu", num_key_value_heads=1)),  # means tanh GELU
     "gemma3": ("gemma3_text", {}),
     "gemma3_scaled_rope_bias": ("gemma3_text", dict(
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
@@ -213,7 +215,10 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"}
+    with pytest.raises(UserError, match="hidden_act 'relu'"):
+        llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
+    assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
     gemma = dict(base, model_type="gemma3_text", sliding_window=4)
     with pytest.raises(UserError, match="attn_logit_softcapping"):
         llama.args_from_hf_config(dict(gemma, attn_logit_softcapping=50.0))

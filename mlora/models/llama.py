@@ -1,9 +1,9 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3 and Gemma 3 in one
-readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma and Gemma 3 in
+one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
-of each query and key head; Gemma 3's norms around both sublayers, (1 + w) norm weights,
-scaled embeddings, GELU and a RoPE of its own on the sliding layers),
+of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 3's
+norms around both sublayers and a RoPE of its own on the sliding layers),
 which `args_from_hf_config` reads from a transformers config into a plain `ModelArgs`.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
 name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mlora.device import upload
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
@@ -105,6 +105,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     if model_type == "gemma3_text":
         if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise UserError(f"hidden_activation {get('hidden_activation')!r} is not supported (only gelu_pytorch_tanh)")
+    elif model_type == "gemma":
+        # GemmaConfig turns the original releases' "gelu" into the tanh approximation they meant.
+        if get("hidden_act", "gelu_pytorch_tanh") not in ("gelu", "gelu_pytorch_tanh"):
+            raise UserError(f"hidden_act {get('hidden_act')!r} is not supported (only gelu_pytorch_tanh)")
     elif get("hidden_act", "silu") not in ("silu", "swish"):  # transformers maps both names to SiLU
         raise UserError(f"hidden_act {get('hidden_act')!r} is not supported (only silu)")
 
@@ -130,6 +134,12 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = _qwen_windows(get, num_layers)
+    elif model_type == "gemma":
+        if get("use_bidirectional_attention", False):
+            raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = [None] * num_layers
     else:  # gemma3_text
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if get(key) is not None:
@@ -140,8 +150,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = False
         windows = _gemma3_windows(get, num_layers)
 
-    gemma = model_type == "gemma3_text"
-    full_rope, local_rope = _gemma3_ropes(get, max_pos) if gemma else (_rope_args(get, max_pos), None)
+    gemma3 = model_type == "gemma3_text"
+    gemma = gemma3 or model_type == "gemma"
+    full_rope, local_rope = _gemma3_ropes(get, max_pos) if gemma3 else (_rope_args(get, max_pos), None)
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -160,8 +171,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         hidden_act="gelu_tanh" if gemma else "silu",
         gemma_norms=gemma,
         embed_scale=gemma,
-        sandwich_norms=gemma,
-        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+        sandwich_norms=gemma3,
+        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if gemma3 else None,
         rope=full_rope,
         local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
