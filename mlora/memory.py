@@ -276,7 +276,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        backward += _layer_backward_per_token(args, e) * N + _dequant_bytes(args, e, kind, N)
+        backward += _layer_backward_per_token(args, e, seq_len) * N + _dequant_bytes(args, e, kind, N)
         backward += one_layer if recompute else 0
     if not stage.has_head:
         backward += args.hidden_size * e * N  # the gradient of the stage output, received
@@ -316,6 +316,15 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # SDPA turns the bool mask into an additive one in the dtype on every call, and the
         # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
         out["attention_mask"] = _round_up(seq_len, 16) * e
+    if args.attn_softcap is not None:
+        # Gemma 2's softcapped_attention in plain ops: q, K/V repeated to nh heads and the
+        # output, plus per query and head S scores three times: tanh's output and the
+        # probabilities in the dtype, softmax's output in fp32; the bool mask if explicit.
+        out["attention"] = 4 * nh * D * e
+        out["attention_scores"] = nh * seq_len * (2 * e + 4)
+        del out["attention_lse"]
+        if explicit_mask:
+            out["attention_mask"] = seq_len
     widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": H, "mlp_act": I}
     for group, members in _INPUT_GROUPS:
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
@@ -413,10 +422,14 @@ def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:
     its saved output is still alive; the upcast is gone by then. So the peak is three fp32
     [N, V] beside the logits. (N - rows positions are shifted out; counted anyway.)"""
     held = N * args.vocab_size * e
-    return held + 3 * N * args.vocab_size * 4, held
+    peak = held + 3 * N * args.vocab_size * 4
+    if args.final_softcap is not None:  # Gemma 2: tanh's output [N, V] is kept, and its gradient made
+        held += N * args.vocab_size * e
+        peak += 2 * N * args.vocab_size * e
+    return peak, held
 
 
-def _layer_backward_per_token(args: ModelArgs, e: int) -> int:
+def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int) -> int:
     """Bytes per token that one decoder layer's backward allocates beyond what the forward
     kept: the gradients in flight, at the costliest moment."""
     H, I, D, nh = args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads
@@ -427,6 +440,10 @@ def _layer_backward_per_token(args: ModelArgs, e: int) -> int:
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
     attention = nh * D * (4 * e + 4) + 4 * nh
+    if args.attn_softcap is not None:
+        # softcapped_attention: the gradients of softmax's fp32 input and output, then of the
+        # scores in the dtype twice (through the cast and the tanh), per query and head S each
+        attention = nh * seq_len * (8 + 2 * e) + 3 * nh * D * e
     norm = 3 * H * 4  # RMSNorm's backward works in fp32: grads of the upcast input and products
     return residual + max(mlp, attention, norm)
 

@@ -94,7 +94,7 @@ TINY = dict(
 
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
-    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma3_text), save it as safetensors
+    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`."""
     import transformers
 
@@ -104,6 +104,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
     vocab = 400
@@ -116,6 +117,9 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                       layer_types=["sliding_attention", "full_attention"])
     if family == "gemma":
         kwargs.update(head_dim=16)
+    if family == "gemma2":  # caps that bite on tiny random weights (the real ones: 50 and 30)
+        kwargs.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=2.0,
+                      final_logit_softcapping=3.0)
     kwargs.update(overrides)
     config = cls_config(**kwargs)
     torch.manual_seed(seed)

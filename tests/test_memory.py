@@ -329,6 +329,29 @@ def test_norms_of_other_families_are_counted(dtype, family):
                                                 for p in CausalLM(args).to(dtype).parameters())
 
 
+@pytest.mark.parametrize("windows", [[None, None], [4, None]], ids=["causal", "sliding_layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_gemma2_softcapped_attention_bounds_what_autograd_saves(dtype, windows):
+    """Gemma 2's attention runs in plain ops and keeps [B, nh, S, S] scores: the estimate bounds
+    what autograd saves, and counts them (a model of SDPA's saved tensors falls short)."""
+    # (final_softcap's saved tanh of the logits is the head's, counted in held_logits)
+    gemma2 = dataclasses.replace(SMALL, model_type="gemma2", hidden_act="gelu_tanh", gemma_norms=True,
+                                 embed_scale=True, sandwich_norms=True, attn_scale=0.25, attn_softcap=2.0,
+                                 sliding_window=windows)
+    rows, seq_len = 2, 64
+    model, layout, wrappers = _model_with_adapters(dtype, [(4, 0.1)], ALL7, gemma2)
+    layout.rows = [AdapterRows("a0", 0, rows)]
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
+               for t in (lw.lora_A, lw.lora_B)}
+    measured = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
+    estimate = estimate_peak_bytes(gemma2, rows=rows, seq_len=seq_len, dtype=dtype, lora=[LoraShape(4, ALL7, 0.1)])
+    assert measured <= estimate.activations <= 1.5 * measured
+    scores = estimate.per_layer["attention_scores"] * gemma2.num_layers
+    assert estimate.activations - scores < measured  # without the scores it would not bound
+
+
 def _saved_per_kernel(monkeypatch, adapters, targets, kernels):
     """Bytes autograd saves in one bf16 forward of SMALL, per LoRA kernel: two rows per adapter
     of 16 tokens. Returns ({kernel: bytes}, rows, seq_len)."""

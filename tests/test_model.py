@@ -31,6 +31,10 @@ CASES = {
     # (1 + w) norms, q/k norms, scaled embedding, GELU, query_pre_attn_scalar 16 (not D)
     "gemma": ("gemma", {}),  # (1 + w) norms, scaled embedding, GELU; head_dim 16
     "gemma_legacy_gelu_mqa": ("gemma", dict(hidden_act="gelu", num_key_value_heads=1)),  # means tanh GELU
+    # sliding layer 0, full layer 1; attention scores and logits soft-capped (caps 2 and 3)
+    "gemma2": ("gemma2", {}),
+    "gemma2_no_caps_mqa": ("gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
+                                          num_key_value_heads=1)),
     "gemma3": ("gemma3_text", {}),
     "gemma3_scaled_rope_bias": ("gemma3_text", dict(
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
@@ -94,7 +98,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
-                                  "qwen3_bias_sliding", "gemma3"])
+                                  "qwen3_bias_sliding", "gemma2", "gemma3"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -215,15 +219,19 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
     gemma = dict(base, model_type="gemma3_text", sliding_window=4)
-    with pytest.raises(UserError, match="attn_logit_softcapping"):
+    with pytest.raises(UserError, match="soft-capping is not supported for gemma3_text"):
         llama.args_from_hf_config(dict(gemma, attn_logit_softcapping=50.0))
-    with pytest.raises(UserError, match="final_logit_softcapping"):
+    with pytest.raises(UserError, match="soft-capping is not supported for gemma3_text"):
         llama.args_from_hf_config(dict(gemma, final_logit_softcapping=30.0))
+    gemma2 = llama.args_from_hf_config(dict(gemma, model_type="gemma2", num_hidden_layers=4, attn_logit_softcapping=50,
+                                            final_logit_softcapping=30))
+    assert gemma2.sliding_window == [4, None, 4, None] and gemma2.local_rope is None
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.sandwich_norms, gemma2.qk_norm) == (50.0, 30.0, True, False)
     with pytest.raises(UserError, match="use_bidirectional_attention"):
         llama.args_from_hf_config(dict(gemma, use_bidirectional_attention=True))
     with pytest.raises(UserError, match="hidden_activation 'gelu'"):

@@ -175,8 +175,10 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("llama", dict(max_position_embeddings=8,  # dynamic NTK: depends on the longest sequence
                    rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
     ("qwen3", dict(head_dim=32)),  # per-head q/k norms
+    ("gemma2", {}),  # soft-capped attention in plain ops, with document masks
     ("gemma3_text", {}),  # a sliding layer with its own RoPE, a full one
-], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma3"])
+], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
+        "gemma3"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

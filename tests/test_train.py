@@ -464,11 +464,12 @@ def test_lr_schedule_matches_transformers(kind):
         sched.step()
 
 
-@pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma3_text", {})])
+@pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma2", {}),
+                                              ("gemma3_text", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
-    """A Qwen3 base (per-head q/k norms, head_dim != hidden / heads), a Gemma and a Gemma 3 one (sandwich
-    norms, two RoPEs, a sliding layer): mlora trains an adapter on all seven projections, and
-    PEFT on transformers' model gives the saved adapter's logits."""
+    """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
+    logits) and 3 (sandwich norms, two RoPEs, a sliding layer): mlora trains an adapter on all
+    seven projections, and PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

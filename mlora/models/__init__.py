@@ -1,7 +1,7 @@
 """Model families mlora implements itself, keyed by the config's `model_type`.
 
 Each family module provides `args_from_hf_config`, `ModelArgs`, `CausalLM`,
-`module_sequence` and `tensor_names`. LLaMA, Mistral, Qwen2, Qwen3, Gemma and Gemma 3 (text)
+`module_sequence` and `tensor_names`. LLaMA, Mistral, Qwen2, Qwen3 and Gemma 1/2/3 (text)
 differ only in switches, so one module serves them all.
 """
 
@@ -12,7 +12,7 @@ from types import ModuleType
 from mlora.errors import UserError
 from mlora.models import llama
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 
 _FAMILIES: dict[str, ModuleType] = {name: llama for name in SUPPORTED}
 

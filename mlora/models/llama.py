@@ -1,9 +1,10 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma and Gemma 3 in
-one readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3 and Gemma 1/2/3 in one
+readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
-of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 3's
-norms around both sublayers and a RoPE of its own on the sliding layers),
+of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
+and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and logits; Gemma
+3's RoPE of its own on the sliding layers),
 which `args_from_hf_config` reads from a transformers config into a plain `ModelArgs`.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
 name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from mlora.device import upload
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
@@ -74,6 +75,10 @@ class ModelArgs:
     embed_scale: bool = False
     sandwich_norms: bool = False
     attn_scale: float | None = None
+    # Gemma 2: attention scores and the final logits pass through cap * tanh(x / cap). SDPA
+    # cannot do that to the scores, so those layers compute attention in plain ops.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     rope: RopeArgs = field(default_factory=RopeArgs)
     local_rope: RopeArgs | None = None  # Gemma 3: the RoPE of the sliding-window layers
     sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
@@ -102,7 +107,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    if model_type == "gemma3_text":
+    if model_type in ("gemma2", "gemma3_text"):
         if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise UserError(f"hidden_activation {get('hidden_activation')!r} is not supported (only gelu_pytorch_tanh)")
     elif model_type == "gemma":
@@ -140,18 +145,19 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = [None] * num_layers
-    else:  # gemma3_text
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if get(key) is not None:
-                raise UserError(f"{key} is not supported (logit soft-capping, as in Gemma 2)")
+    else:  # gemma2, gemma3_text
         if get("use_bidirectional_attention", False):
             raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
-        windows = _gemma3_windows(get, num_layers)
+        windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
 
     gemma3 = model_type == "gemma3_text"
-    gemma = gemma3 or model_type == "gemma"
+    gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+    sandwich = model_type in ("gemma2", "gemma3_text")
+    softcaps = {key: get(key) for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    if model_type != "gemma2" and any(v is not None for v in softcaps.values()):
+        raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 has it)")
     full_rope, local_rope = _gemma3_ropes(get, max_pos) if gemma3 else (_rope_args(get, max_pos), None)
     return ModelArgs(
         model_type=model_type,
@@ -171,8 +177,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         hidden_act="gelu_tanh" if gemma else "silu",
         gemma_norms=gemma,
         embed_scale=gemma,
-        sandwich_norms=gemma3,
-        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if gemma3 else None,
+        sandwich_norms=sandwich,
+        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich else None,
+        attn_softcap=None if softcaps["attn_logit_softcapping"] is None else float(softcaps["attn_logit_softcapping"]),
+        final_softcap=None if softcaps["final_logit_softcapping"] is None else float(softcaps["final_logit_softcapping"]),
         rope=full_rope,
         local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
@@ -193,10 +201,10 @@ def _qwen_windows(get, num_layers: int) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
-def _gemma3_windows(get, num_layers: int) -> list[int | None]:
-    """Gemma 3: every `sliding_window_pattern`-th layer (6 by default) has full attention, the
-    others a window, unless the config lists layer_types."""
-    pattern = int(get("sliding_window_pattern", 6))
+def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | None]:
+    """Gemma 2 / 3: every `sliding_window_pattern`-th layer (2nd / 6th by default) has full
+    attention, the others a window, unless the config lists layer_types."""
+    pattern = int(get("sliding_window_pattern", default_pattern))
     layer_types = get("layer_types") or [
         "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if len(layer_types) != num_layers:
@@ -564,6 +572,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
         self.qk_norm = args.qk_norm
         self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
+        self.softcap = args.attn_softcap
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
@@ -578,7 +587,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         n_rep = self.num_heads // self.num_kv_heads
-        if mask is None and _SDPA_HAS_GQA:
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        elif mask is None and _SDPA_HAS_GQA:
             # The causal kernels read grouped K/V natively.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=n_rep > 1)
         else:
@@ -590,6 +601,29 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
         return self.o_proj(y)
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+                         cap: float) -> Tensor:
+    """Attention with Gemma 2's scores cap * tanh(s / cap), in the ops and dtypes of HF's eager
+    path (scores in the dtype, softmax in fp32). q [B, nh, S, D]; k, v [B, nkv, T, D]; mask
+    bool [B or 1, 1, S, T] (True = may attend) or None (causal, the last S of T keys).
+    Returns [B, nh, S, D]. It keeps [B, nh, S, T] scores for the backward: memory grows with
+    the square of the length, unlike SDPA's kernels."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # [B, nh, T, D]
+        v = v.repeat_interleave(n_rep, dim=1)
+    S, T = q.shape[2], k.shape[2]
+    scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # [B, nh, S, T]
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)  # [S, T]
+    # HF adds the dtype's minimum where a key is hidden; a row with no visible key (a pad
+    # query) then spreads evenly instead of giving NaN.
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 class MLP(nn.Module):
@@ -735,4 +769,7 @@ class CausalLM(nn.Module):
             h = self.model.norm(h)
         if self.has_head:
             h = self.lm_head(h)  # [B, S, V]
+            cap = self.args.final_softcap
+            if cap is not None:  # Gemma 2
+                h = torch.tanh(h / cap) * cap
         return h
