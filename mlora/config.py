@@ -178,15 +178,16 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
             adapter.group_by_length = config.group_by_length
         if adapter.eval_step is None:
             adapter.eval_step = config.eval_step
-    if config.train_lora_candidate_num is None:
+    candidate_given = config.train_lora_candidate_num is not None
+    if not candidate_given:
         config.train_lora_candidate_num = len(adapters)
-    if config.train_lora_simultaneously_num is None:
-        # A fused batch holds active adapters only, so candidate_num bounds it too.
-        config.train_lora_simultaneously_num = min(len(adapters), config.train_lora_candidate_num)
-    elif config.train_lora_simultaneously_num > config.train_lora_candidate_num:
-        top.fail(f"train_lora_simultaneously_num ({config.train_lora_simultaneously_num}) is more than "
-                 f"train_lora_candidate_num ({config.train_lora_candidate_num}): a fused batch holds only "
-                 "active adapters")
+    simultaneously = config.train_lora_simultaneously_num
+    if simultaneously is not None and candidate_given and simultaneously > config.train_lora_candidate_num:
+        top.fail(f"train_lora_simultaneously_num ({simultaneously}) is more than train_lora_candidate_num "
+                 f"({config.train_lora_candidate_num}): a fused batch holds only active adapters")
+    # A fused batch holds active adapters only, so candidate_num bounds it (a larger value
+    # without a candidate_num is a harmless cap, as in m-LoRA's configs).
+    config.train_lora_simultaneously_num = min(simultaneously or len(adapters), config.train_lora_candidate_num)
     return config
 
 

@@ -7,12 +7,15 @@ temperature and top-p (Sampling). Serves `mlora generate` and the demo; no beam 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from mlora.data import Example, pad_rows
+from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.models.llama import KVCache
 
@@ -47,6 +50,29 @@ def row_seed(seed: int, row: int) -> int:
     return hash((seed, row)) & (2**63 - 1)
 
 
+def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
+    """The tokens that end a row: the tokenizer's EOS (what training appends to every answer)
+    and the EOS ids of the model's generation_config.json (else its config.json), as
+    transformers' generate stops: an instruct model often ends its turns with another token
+    (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    ids = {tokenizer.eos_token_id}
+    for name in ("generation_config.json", "config.json"):
+        path = Path(base_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            raise UserError(f"{path} is not a JSON object") from None
+        if eos is None:
+            continue
+        listed = eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+            raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        return ids | set(listed)
+    return ids
+
+
 @torch.no_grad()
 def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
                     max_new_tokens: int = 32, sampling: Sampling | None = None) -> list[list[int]]:
@@ -54,10 +80,11 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
 
     Rows are left-padded so every row's next token is predicted at the last position; rows of
     one adapter are kept contiguous (the fused-batch layout) and the results are returned in
-    the order given. A row stops at the tokenizer's EOS. sampling: draw tokens (Sampling)
-    instead of taking the most likely one.
+    the order given. A row stops at an EOS token (stop_token_ids). sampling: draw tokens
+    (Sampling) instead of taking the most likely one.
     """
-    model, tok = session.model, session.tokenizer
+    model = session.model
+    stop = stop_token_ids(session.base_dir, session.tokenizer)
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
     names = [prompts[i][0] for i in order]
@@ -89,7 +116,7 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
             for r, token in enumerate(next_ids):
                 if done[r]:
                     continue
-                if token == tok.eos_token_id:
+                if token in stop:
                     done[r] = True
                     continue
                 seqs[r].append(token)

@@ -132,6 +132,9 @@ def test_simultaneously_num_defaults_to_and_may_not_exceed_candidate_num(workdir
     assert config.train_lora_simultaneously_num == 3
     message = error({"lora": three, "train_lora_candidate_num": 1, "train_lora_simultaneously_num": 2})
     assert "train_lora_simultaneously_num (2) is more than train_lora_candidate_num (1)" in message
+    # Without a candidate_num, a simultaneously_num above the adapter count is a harmless cap.
+    assert parse(lora=three, train_lora_simultaneously_num=8).train_lora_simultaneously_num == 3
+    assert parse(train_lora_simultaneously_num=4).train_lora_simultaneously_num == 1
 
 
 def test_parse_does_not_modify_its_input(workdir):

@@ -321,6 +321,33 @@ def test_generate_sampling(fused_run, tiny_llama, capsys):
     assert json.loads(capsys.readouterr().out)["output"] == sampled[0]
 
 
+def test_generate_stops_at_the_generation_configs_eos(fused_run, tiny_llama, capsys, tmp_path):
+    """An instruct model ends its turns with a token other than the tokenizer's EOS (Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>), listed in generation_config.json: a row stops there,
+    as transformers' generate does (it ran to max_new_tokens)."""
+    import shutil
+
+    from mlora.generate import greedy_generate
+    from mlora.session import open_session
+
+    _, _, cfg_path = fused_run
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    session = open_session(base, cfg_path, device="cpu", load_data=False)
+    prompt = [(None, [5, 6, 7, 8])]
+    before = greedy_generate(session, prompt, max_new_tokens=6)[0]
+    assert len(before) == 6
+    generation = json.loads((base / "generation_config.json").read_text())
+    generation["eos_token_id"] = [session.tokenizer.eos_token_id, before[2]]
+    (base / "generation_config.json").write_text(json.dumps(generation))
+    assert greedy_generate(session, prompt, max_new_tokens=6)[0] == before[:before.index(before[2])]
+    (base / "generation_config.json").write_text(json.dumps(dict(generation, eos_token_id="x")))
+    capsys.readouterr()
+    assert main(["generate", "--base_model", str(base), "--config", str(cfg_path), "--adapters", "a",
+                 "--prompt", "say hi"]) == 2
+    assert "eos_token_id must be a token id" in capsys.readouterr().err
+
+
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     from mlora.generate import Sampling
 

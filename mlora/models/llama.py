@@ -107,6 +107,13 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    # A config.json leaves out what equals its config class's default; those classes differ.
+    family_defaults = _CONFIG_DEFAULTS.get(model_type, {})
+    plain_get = get
+
+    def get(key, default=None):
+        return plain_get(key, family_defaults.get(key, default))
+
     if model_type in ("gemma2", "gemma3_text"):
         if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise UserError(f"hidden_activation {get('hidden_activation')!r} is not supported (only gelu_pytorch_tanh)")
@@ -186,6 +193,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         sliding_window=[int(w) if w is not None else None for w in windows],
         max_position_embeddings=max_pos,
     )
+
+
+_GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
+_CONFIG_DEFAULTS = {"qwen3": {"head_dim": 128}, "gemma": _GEMMA_DEFAULTS, "gemma2": _GEMMA_DEFAULTS,
+                    "gemma3_text": _GEMMA_DEFAULTS}
 
 
 def _qwen_windows(get, num_layers: int) -> list[int | None]:

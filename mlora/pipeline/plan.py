@@ -135,7 +135,8 @@ class _Feeder:
        round), then the least recently fed (round-robin, which staggers equal adapters), then
        dict order.
     Only admitted adapters are fed: at most `candidate_num` at a time, in dict order, each
-    until its stream is wholly fed (the single-process trainer's admission).
+    until its stream is wholly fed (the single-process trainer's admission, applied to the
+    streams of one plan: a run cut into segments admits anew in each).
     """
 
     def __init__(self, streams: dict[str, list[MicroBatchRef]], candidate_num: int | None = None):
