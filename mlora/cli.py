@@ -301,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
+        # tools do, and keep Python's exit-time flush of stdout from failing again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a descriptor (a test's capture)
+            pass
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
     try:
         cfg = AutoConfig.from_pretrained(str(base))
     except Exception as e:  # strict config validation, bad values, ...
-        raise UserError(f"cannot read {config_file}: {e}") from None
+        # transformers' validation errors span lines (validator, then the cause): one line
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise UserError(f"cannot read {config_file}: {detail}") from None
     if cfg.model_type not in SUPPORTED:
         # e.g. transformers reads a "mistral" config.json that has `layer_types` as "ministral"
         raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "

@@ -112,6 +112,19 @@ def _copy_config(src, dst, **edits):
     return dst
 
 
+def test_a_config_transformers_rejects_is_one_line(tmp_path):
+    """transformers' validation errors span two lines (the validator, then the cause)."""
+    from conftest import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "g", "gemma3_text")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention"]  # 2 layers
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as info:
+        read_model_config(d)
+    assert "\n" not in str(info.value) and "layer_types" in str(info.value)
+
+
 def test_missing_dir(tmp_path):
     with pytest.raises(UserError, match="nope"):
         load_model(tmp_path / "nope", "cpu", torch.float32)

@@ -238,6 +238,10 @@ def test_config_errors():
         llama.args_from_hf_config(dict(gemma, hidden_activation="gelu"))
     with pytest.raises(UserError, match="sliding_window is not set"):
         llama.args_from_hf_config(dict(gemma, sliding_window=None))
+    with pytest.raises(UserError, match=r"layer_types \['chunked_attention'\] are not supported"):
+        llama.args_from_hf_config(dict(gemma, layer_types=["chunked_attention", "full_attention"]))
+    with pytest.raises(UserError, match="layer_types has 1 entries"):
+        llama.args_from_hf_config(dict(base, model_type="qwen3", layer_types=["full_attention"]))
     # A transformers-4 config.json: rope_theta / rope_scaling for the full layers and
     # rope_local_base_freq for the sliding ones; every 6th layer full by default.
     old = llama.args_from_hf_config(dict(gemma, num_hidden_layers=7, rope_theta=5e5, rope_local_base_freq=2e4,

@@ -83,7 +83,8 @@ def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=Non
     return stages
 
 
-CASES = [(1, 2, None), (2, 1, [4, 3]), (2, 4, [1, 3]), (3, 2, [1, 1, 2]), (3, 4, [2, 2, 3]), (4, 4, None)]
+CASES = [(1, 2, None), (2, 1, [4, 3]), (2, 4, [1, 3]), (3, 2, [1, 1, 2]), (3, 4, [2, 2, 3]), (4, 4, None),
+         (2, 2, [1, 6])]  # [1, 6]: rank 0 holds the embedding alone (nothing to train there)
 
 
 @pytest.mark.parametrize("world,adapters,balance", CASES,

@@ -60,10 +60,10 @@ def fake_device(monkeypatch):
         fits[thread_rank()] = real_fit(*args, **kwargs)
         return fits[thread_rank()]
 
-    def plan(num_stages, streams, costs=None, max_in_flight=None):
-        result = real_plan(num_stages, streams, costs, max_in_flight)
+    def plan(num_stages, streams, costs=None, max_in_flight=None, candidate_num=None):
+        result = real_plan(num_stages, streams, costs, max_in_flight, candidate_num)
         plans.setdefault(thread_rank(), []).append((max_in_flight, result))
-        check_plan(result, streams, max_in_flight)
+        check_plan(result, streams, max_in_flight, candidate_num)
         return result
 
     monkeypatch.setattr(memory, "device_free_bytes", lambda device: free[thread_rank()])

@@ -222,6 +222,23 @@ def test_eval_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, token
         assert line["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
+def test_eval_into_a_closed_pipe_stops_quietly(fused_run, tiny_llama):
+    """`mlora eval ... | head -1`: the reader leaves before the output is written; mlora stops
+    with 128 + SIGPIPE and no traceback (it printed a BrokenPipeError one)."""
+    import os
+    import subprocess
+    import sys
+
+    _, _, cfg_path = fused_run
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlora", "eval", "--base_model", str(tiny_llama), "--config",
+                             str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before mlora writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_eval_refuses_an_adapter_saved_with_another_scale(fused_run, tiny_llama, capsys, tmp_path):
     """The scale the weights were trained with (r, lora_alpha, use_rslora) is read back: a
     config that says otherwise is one line naming the field, not a silently different loss;

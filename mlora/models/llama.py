@@ -200,6 +200,14 @@ _CONFIG_DEFAULTS = {"qwen3": {"head_dim": 128}, "gemma": _GEMMA_DEFAULTS, "gemma
                     "gemma3_text": _GEMMA_DEFAULTS}
 
 
+def _check_layer_types(layer_types, num_layers: int) -> None:
+    if len(layer_types) != num_layers:
+        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UserError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
+
+
 def _qwen_windows(get, num_layers: int) -> list[int | None]:
     """Qwen2/Qwen3: the config nulls sliding_window unless use_sliding_window; layer_types then
     picks the sliding layers (by default those from max_window_layers on)."""
@@ -208,8 +216,7 @@ def _qwen_windows(get, num_layers: int) -> list[int | None]:
         "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
         for i in range(num_layers)
     ]
-    if len(layer_types) != num_layers:
-        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    _check_layer_types(layer_types, num_layers)
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
@@ -219,8 +226,7 @@ def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | Non
     pattern = int(get("sliding_window_pattern", default_pattern))
     layer_types = get("layer_types") or [
         "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
-    if len(layer_types) != num_layers:
-        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    _check_layer_types(layer_types, num_layers)
     window = get("sliding_window")
     if window is None and "sliding_attention" in layer_types:
         raise UserError("layer_types has sliding_attention layers but sliding_window is not set")

@@ -439,8 +439,9 @@ class StageWorker:
             norm_sq_above = header["norm_sq"] or 0.0
             if header.get("stop") is not None:  # a later rank was signalled: pass it on to rank 0
                 self.stop_from_later = header["stop"]
-            with self.timer.measure(self.device):
-                out.backward(tensors[0])
+            if out.requires_grad:  # else: an embedding-only first stage has nothing to train
+                with self.timer.measure(self.device):
+                    out.backward(tensors[0])
         norm_sq = self.read_step_figures(adapter) + norm_sq_above if last_in_step else None
         if not self.first:
             header = {"kind": "B", "mb": mb, "norm_sq": norm_sq, "stop": self.stop_requested()}
