@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import AdapterConfig, adapter_seed
 from mlora.errors import UserError
-from mlora.lora import TARGET_MODULES, LoraLinear, LoraWeights, module_seed
+from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
 
 # PEFT prefixes every LoRA tensor name with this (the PeftModel -> base model path).
 PEFT_PREFIX = "base_model.model."
@@ -357,7 +357,7 @@ def _module_sort_key(path: str) -> tuple:
     parts = path.split(".")
     layer = next((int(p) for p in parts if p.isdigit()), -1)
     leaf = parts[-1]
-    return (layer, TARGET_MODULES.index(leaf) if leaf in TARGET_MODULES else 99, path)
+    return (layer, ALL_TARGET_MODULES.index(leaf) if leaf in ALL_TARGET_MODULES else 99, path)
 
 
 def save_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:

@@ -18,8 +18,11 @@ from typing import Any, Callable, Iterable, NoReturn
 
 from mlora.errors import UserError
 
-# Canonical order of the LLaMA-style projections; target_modules comes out in this order.
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Canonical order of the projections a LoRA may target; target_modules comes out in this order.
+# LLaMA-style models have q/k/v/o and gate/up/down; Phi-3 fuses q/k/v into qkv_proj and gate/up
+# into gate_up_proj. Which of them a base model has is checked against the model (session.py).
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                  "down_proj")
 # m-LoRA names the MLP projections after the LLaMA paper's w1/w2/w3.
 MLORA_MODULE_NAMES = {
     "w1_proj": "gate_proj", "w1": "gate_proj",

@@ -45,12 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora import lora_triton
+from mlora.config import TARGET_MODULES as CONFIG_TARGET_MODULES
 from mlora.device import upload
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
                                column_factor, draw_keep_mask, row_owner)
 
-# The projections a LoRA may target, in PEFT/HF naming and canonical order.
+# The seven projections of a LLaMA-style decoder layer, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every projection a LoRA may target (Phi-3's fused qkv_proj and gate_up_proj too), canonical order.
+ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
 # Projections of one parent module that read the same input tensor.
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -530,7 +533,7 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
     groups: dict[tuple[str, int], InputGroup] = {}
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
-        if leaf not in TARGET_MODULES:
+        if leaf not in ALL_TARGET_MODULES:
             continue
         if isinstance(module, LoraLinear):
             wrappers[path] = module

@@ -55,14 +55,21 @@ _INPUT_GROUPS = (
     ("mlp_in", ("gate_proj", "up_proj")),  # post_attention_layernorm output [N, H]
     ("mlp_act", ("down_proj",)),  # silu(gate) * up [N, I]
 )
+# Phi-3 reads the same inputs with one fused projection each.
+_FUSED_INPUT_GROUPS = (("attn_in", ("qkv_proj",)), ("attn_out", ("o_proj",)), ("mlp_in", ("gate_up_proj",)),
+                       ("mlp_act", ("down_proj",)))
 # Inputs that autograd keeps anyway, for a reason other than LoRA: SDPA saves its output.
 _SAVED_ANYWAY = {"attn_out"}
 
 
 def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each of the seven projections of a decoder layer."""
+    """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
+    Phi-3's four (fused qkv_proj and gate_up_proj). Its keys are the model's LoRA targets."""
     H, I = args.hidden_size, args.intermediate_size
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    if args.fused_projections:
+        return {"qkv_proj": (H, q_dim + 2 * kv_dim), "o_proj": (q_dim, H), "gate_up_proj": (H, 2 * I),
+                "down_proj": (I, H)}
     return {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim), "o_proj": (q_dim, H),
             "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
 
@@ -304,8 +311,10 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     out = {
         # fp32 input copy [N, H] + rsqrt [N], per norm: two, or four with Gemma 3's sandwich
         "norms": (2 + 2 * args.sandwich_norms) * (4 * H + 4),
-        # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output
-        "attention": (2 * nh * D + 2 * kv_heads * D) * e,
+        # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output;
+        # Phi-3's unrepeated v is a view of the whole qkv_proj output, which it keeps alive
+        "attention": (2 * nh * D + kv_heads * D
+                      + ((nh + 2 * nkv) * D if args.fused_projections and not repeat_kv else kv_heads * D)) * e,
         # logsumexp fp32 [B, nh, S]; the memory-efficient kernel pads S to a multiple of 32
         "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
         "mlp": 3 * I * e,  # gate (for silu), silu(gate) and up (for the product)
@@ -326,7 +335,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         if explicit_mask:
             out["attention_mask"] = seq_len
     widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": H, "mlp_act": I}
-    for group, members in _INPUT_GROUPS:
+    for group, members in _FUSED_INPUT_GROUPS if args.fused_projections else _INPUT_GROUPS:
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
                                                       shared, quant, kernel)
     out.update(_lora_hidden_per_token(adapters, e, active, kernel))
@@ -408,7 +417,7 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape]) -> int:
 def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int) -> float:
     """The fused batch itself and what the model derives from it once for all layers."""
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
-    rope = 2 * args.head_dim * e  # cos, sin: [S, D], or [B, 1, S, D] with per-token positions
+    rope = 2 * args.rope_dim * e  # cos, sin: [S, R], or [B, 1, S, R] with per-token positions
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mlora.errors import UserError
-from mlora.lora import TARGET_MODULES, LoraLinear
+from mlora.lora import ALL_TARGET_MODULES, LoraLinear
 
 INSTALL_HINT = "pip install bitsandbytes"
 QUANT_TYPES = ("nf4", "fp4")
@@ -195,7 +195,7 @@ def projections(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]
     found = []
     for path, module in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
-        if leaf not in TARGET_MODULES:
+        if leaf not in ALL_TARGET_MODULES:
             continue
         if isinstance(module, LoraLinear):
             found.append((path, module, "base", module.base))

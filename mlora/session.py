@@ -48,6 +48,20 @@ class Session:
         self.wrappers = inject_lora(self.model, self.layout)
 
 
+def check_targets(cfg: TrainConfig, model_args) -> None:
+    """Every adapter's target_modules must be projections the base model has: LLaMA-style
+    models have q/k/v/o_proj and gate/up/down_proj, Phi-3 qkv_proj, o_proj, gate_up_proj and
+    down_proj (an adapter would otherwise train nothing on a name the model lacks)."""
+    from mlora.memory import projection_shapes
+
+    has = list(projection_shapes(model_args))
+    for a in cfg.lora:
+        missing = [m for m in a.target_modules if m not in has]
+        if missing:
+            raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
+                            f"{model_args.model_type} model (its projections: {', '.join(has)})")
+
+
 def load_tokenizer(base_dir: Path):
     from transformers import AutoTokenizer
 
@@ -82,6 +96,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     torch_dtype = resolve_dtype(torch_device, dtype)
     base_dir = Path(base_model)
     _, model_args = read_model_config(base_dir)  # config.json present and of a supported family
+    check_targets(cfg, model_args)
     weight_index(base_dir)  # weights present
     tokenizer = load_tokenizer(base_dir)
     if tokenizer.eos_token_id is None:

@@ -352,6 +352,29 @@ def test_gemma2_softcapped_attention_bounds_what_autograd_saves(dtype, windows):
     assert estimate.activations - scores < measured  # without the scores it would not bound
 
 
+@pytest.mark.parametrize("windows", [[None, None], [4, 4]], ids=["causal", "sliding"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_phi3_fused_projections_bound_what_autograd_saves(dtype, windows):
+    """Phi-3's fused qkv_proj and gate_up_proj (each alone in its input group), partial rotary:
+    the estimate bounds what autograd saves (v, a view of the whole qkv output, keeps all of it
+    alive), and the weights are the model's parameters."""
+    phi3 = dataclasses.replace(SMALL, model_type="phi3", fused_projections=True, rotary_dim=8, sliding_window=windows)
+    targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    rows, seq_len = 2, 32
+    model, layout, wrappers = _model_with_adapters(dtype, [(4, 0.1), (4, 0.0)], targets, phi3)
+    assert sorted({path.rsplit(".", 1)[-1] for path in wrappers}) == sorted(targets)
+    layout.rows = [AdapterRows("a0", 0, 1), AdapterRows("a1", 1, 2)]
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
+               for t in (lw.lora_A, lw.lora_B)}
+    measured = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
+    estimate = estimate_peak_bytes(phi3, rows=rows, seq_len=seq_len, dtype=dtype,
+                                   lora=[LoraShape(4, targets, 0.1), LoraShape(4, targets, 0.0)])
+    assert measured <= estimate.activations <= 1.5 * measured
+    assert weight_bytes(phi3, dtype) == sum(p.numel() * p.element_size() for p in CausalLM(phi3).to(dtype).parameters())
+
+
 def _saved_per_kernel(monkeypatch, adapters, targets, kernels):
     """Bytes autograd saves in one bf16 forward of SMALL, per LoRA kernel: two rows per adapter
     of 16 tokens. Returns ({kernel: bytes}, rows, seq_len)."""

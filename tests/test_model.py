@@ -36,6 +36,14 @@ CASES = {
     "gemma2_no_caps_mqa": ("gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
                                           num_key_value_heads=1)),
     "gemma3": ("gemma3_text", {}),
+    "phi3": ("phi3", {}),  # fused qkv_proj (GQA 4/2) and gate_up_proj
+    "phi3_partial_sliding": ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),
+    # LongRoPE: short factors up to 8 positions, long ones beyond (S = 12, then 6), cos/sin
+    # scaled by sqrt(1 + ln(64 / 8) / ln(8)); a quarter of each head turns
+    "phi3_longrope_partial": ("phi3", dict(
+        max_position_embeddings=64, original_max_position_embeddings=8, partial_rotary_factor=0.25,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5],
+                             long_factor=[2.0, 7.0]))),
     "gemma3_scaled_rope_bias": ("gemma3_text", dict(
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
         rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
@@ -94,11 +102,11 @@ def test_logits_match_transformers(case, tmp_path):
     family, overrides = CASES[case]
     path = make_tiny_model(tmp_path, family, **overrides)
     # dynamic: also a short sequence after the long one (HF resets its cached frequencies)
-    _compare(path, seq_lens=(S, 6) if case == "rope_dynamic" else (S,))
+    _compare(path, seq_lens=(S, 6) if case in ("rope_dynamic", "phi3_longrope_partial") else (S,))
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
-                                  "qwen3_bias_sliding", "gemma2", "gemma3"])
+                                  "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -149,7 +157,7 @@ def test_sliding_windows_per_family(tmp_path):
     assert read_model_config(m)[1].sliding_window == [5, 5]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma: scaled embedding, a RoPE per layer type
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])  # gemma: scaled embedding, a RoPE per layer type
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -219,7 +227,7 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

@@ -1,5 +1,5 @@
 """Sequence packing: the packer's invariants, packed logits == each sequence alone (llama,
-mistral with a sliding window, qwen2, qwen3, gemma 3), a packed training step == the unpacked one, and a
+mistral with a sliding window, qwen2, qwen3, gemma 2 and 3, phi-3), a packed training step == the unpacked one, and a
 `packing: true` run trains the same adapters as `packing: false`."""
 
 from __future__ import annotations
@@ -177,8 +177,9 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("qwen3", dict(head_dim=32)),  # per-head q/k norms
     ("gemma2", {}),  # soft-capped attention in plain ops, with document masks
     ("gemma3_text", {}),  # a sliding layer with its own RoPE, a full one
+    ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),  # fused projections, partial rotary
 ], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
-        "gemma3"])
+        "gemma3", "phi3"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

