@@ -104,6 +104,12 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
         ids, _, mask = pad_rows([Example(s, s) for s in seqs], ["left"] * len(seqs),
                                 max(len(s) for s in seqs), session.pad_id)  # [B, L]
         cache = KVCache()
+        # LongRoPE turns a sequence longer than original_max_position_embeddings with other
+        # factors, all of its positions: when a row grows past that length its cached keys are
+        # stale, and the whole batch runs again (as transformers' Phi-3 drops its cache there).
+        rope = model.args.rope
+        switch_at = rope.original_max_position_embeddings if rope.type == "longrope" else None
+        fed = ids  # [B, T]: every token given so far, pads included
         generators = None if sampling is None else [
             torch.Generator().manual_seed(row_seed(sampling.seed, order[r])) for r in range(len(seqs))]
         logits = model(ids.to(session.device), mask, cache=cache, last_only=True)  # [B, 1, V]
@@ -123,9 +129,15 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
                 new_tokens[r].append(token)
             if all(done) or step == max_new_tokens - 1:
                 break
-            column = [session.pad_id if done[r] else seqs[r][-1] for r in range(len(seqs))]
+            column = torch.tensor([session.pad_id if done[r] else seqs[r][-1] for r in range(len(seqs))])[:, None]
+            grows_past = switch_at is not None and bool((mask.sum(-1) == switch_at).any())
             mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.bool)], dim=1)  # [B, T + 1]
-            logits = model(torch.tensor(column)[:, None].to(session.device), mask, cache=cache)  # [B, 1, V]
+            fed = torch.cat([fed, column], dim=1)  # [B, T + 1]
+            if grows_past:
+                cache = KVCache()
+                logits = model(fed.to(session.device), mask, cache=cache, last_only=True)  # [B, 1, V]
+            else:
+                logits = model(column.to(session.device), mask, cache=cache)  # [B, 1, V]
     finally:
         session.layout.rows = []
     result: list[list[int]] = [[] for _ in prompts]

@@ -312,9 +312,10 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # fp32 input copy [N, H] + rsqrt [N], per norm: two, or four with Gemma 3's sandwich
         "norms": (2 + 2 * args.sandwich_norms) * (4 * H + 4),
         # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output;
-        # Phi-3's unrepeated v is a view of the whole qkv_proj output, which it keeps alive
+        # Phi-3's v, unless repeated, is a view of the whole qkv_proj output and keeps it alive
         "attention": (2 * nh * D + kv_heads * D
-                      + ((nh + 2 * nkv) * D if args.fused_projections and not repeat_kv else kv_heads * D)) * e,
+                      + ((nh + 2 * nkv) * D if args.fused_projections and (not repeat_kv or nh == nkv)
+                         else kv_heads * D)) * e,
         # logsumexp fp32 [B, nh, S]; the memory-efficient kernel pads S to a multiple of 32
         "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
         "mlp": 3 * I * e,  # gate (for silu), silu(gate) and up (for the product)

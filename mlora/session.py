@@ -58,8 +58,10 @@ def check_targets(cfg: TrainConfig, model_args) -> None:
     for a in cfg.lora:
         missing = [m for m in a.target_modules if m not in has]
         if missing:
+            default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
+                "q_proj", "v_proj"] else ""
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
-                            f"{model_args.model_type} model (its projections: {', '.join(has)})")
+                            f"{model_args.model_type} model (its projections: {', '.join(has)}){default}")
 
 
 def load_tokenizer(base_dir: Path):

@@ -38,12 +38,6 @@ CASES = {
     "gemma3": ("gemma3_text", {}),
     "phi3": ("phi3", {}),  # fused qkv_proj (GQA 4/2) and gate_up_proj
     "phi3_partial_sliding": ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),
-    # LongRoPE: short factors up to 8 positions, long ones beyond (S = 12, then 6), cos/sin
-    # scaled by sqrt(1 + ln(64 / 8) / ln(8)); a quarter of each head turns
-    "phi3_longrope_partial": ("phi3", dict(
-        max_position_embeddings=64, original_max_position_embeddings=8, partial_rotary_factor=0.25,
-        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5],
-                             long_factor=[2.0, 7.0]))),
     "gemma3_scaled_rope_bias": ("gemma3_text", dict(
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
         rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
@@ -102,7 +96,7 @@ def test_logits_match_transformers(case, tmp_path):
     family, overrides = CASES[case]
     path = make_tiny_model(tmp_path, family, **overrides)
     # dynamic: also a short sequence after the long one (HF resets its cached frequencies)
-    _compare(path, seq_lens=(S, 6) if case in ("rope_dynamic", "phi3_longrope_partial") else (S,))
+    _compare(path, seq_lens=(S, 6) if case == "rope_dynamic" else (S,))
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
@@ -131,6 +125,59 @@ def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     assert (last[:, 0] - whole[:, -1]).abs().max().item() < TOL
     with pytest.raises(ValueError):
         model(ids[:, :1], position_ids=torch.zeros(B, 1, dtype=torch.long), cache=cache)
+
+
+# LongRoPE: short factors up to 8 tokens, long ones beyond, cos/sin scaled by
+# sqrt(1 + ln(64 / 8) / ln(8)); a quarter of each head turns.
+LONGROPE = dict(max_position_embeddings=64, original_max_position_embeddings=8, partial_rotary_factor=0.25,
+                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5],
+                                     long_factor=[2.0, 7.0]))
+
+
+def test_longrope_chooses_its_factors_per_sequence(tmp_path):
+    """Each sequence turns with the factors of its own length, as transformers turns it alone:
+    rows of 12, 9 and 5 real tokens padded right or left to one batch, and packed rows
+    holding a 12-token and a 5-token document; a short row beside a long one keeps its short
+    factors (transformers would give every row of a batch its longest row's)."""
+    from mlora.packing import pack_examples
+    from test_packing import random_examples
+
+    path = make_tiny_model(tmp_path, "phi3", **LONGROPE)
+    ours, ref = load_model(path, "cpu", torch.float32), _hf(path)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=gen)
+    lengths = [12, 9, 5]
+    with torch.no_grad():
+        alone = [ref(input_ids=ids[r:r + 1, :n]).logits[0] for r, n in enumerate(lengths)]  # [n, V]
+        right = torch.zeros(B, S, dtype=torch.long)
+        left = torch.zeros(B, S, dtype=torch.long)
+        for r, n in enumerate(lengths):
+            right[r, :n] = 1
+            left[r, S - n:] = 1
+        out_right = ours(ids, right)
+        left_ids = torch.stack([torch.cat([ids[r, n:], ids[r, :n]]) for r, n in enumerate(lengths)])  # real at the end
+        out_left = ours(left_ids, left)
+        for r, n in enumerate(lengths):
+            assert (out_right[r, :n] - alone[r]).abs().max().item() < TOL
+            assert (out_left[r, S - n:] - alone[r]).abs().max().item() < TOL  # positions shifted by the pads: rounding
+        examples = random_examples(2, 1, lo=12, hi=12, vocab=ours.args.vocab_size)
+        examples += random_examples(2, 2, lo=5, hi=5, vocab=ours.args.vocab_size)
+        packed = pack_examples(examples, 17, 0)
+        out = ours(packed.input_ids, None, position_ids=packed.position_ids,
+                   document_ids=packed.document_ids)
+        checked = 0
+        for row in range(out.shape[0]):
+            starts = (packed.position_ids[row] == 0).nonzero().flatten().tolist()
+            for start in starts:
+                match = [ex for ex in examples
+                         if packed.input_ids[row, start:start + len(ex.input_ids)].tolist() == ex.input_ids]
+                if not match:
+                    continue  # padding
+                n = len(match[0].input_ids)
+                want = ref(input_ids=torch.tensor(match[0].input_ids)[None]).logits[0]
+                assert (out[row, start:start + n] - want).abs().max().item() < TOL
+                checked += 1
+        assert checked == 4 and out.shape[0] == 2  # a long and a short document in each row
 
 
 def test_older_rope_scaling_form(tmp_path):

@@ -559,10 +559,42 @@ def test_targets_must_be_projections_of_the_base(tmp_path, tokenizer_dir, tiny_l
     assert main(["train", "--base_model", str(phi3), "--config", str(cfg), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("mlora: error: adapter 'a': target_modules q_proj, v_proj not in this phi3 model "
-                   "(its projections: qkv_proj, o_proj, gate_up_proj, down_proj)")
+                   "(its projections: qkv_proj, o_proj, gate_up_proj, down_proj) (q_proj, v_proj is the default: "
+                   "set target_modules)")
     assert not out.exists()
     raw = json.loads(cfg.read_text())
     raw["lora"][0]["target_modules"] = ["qkv_proj"]
     cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 2
     assert "target_modules qkv_proj not in this llama model" in capsys.readouterr().err
+
+
+def test_generate_past_the_longrope_switch_equals_transformers(tmp_path, tokenizer_dir):
+    """A LongRoPE model (Phi-3 128k's kind) turns a sequence longer than
+    original_max_position_embeddings with its long factors, every position of it: when a row
+    grows past that length in generation, the KV cache is rebuilt, as transformers' Phi-3 does
+    (the cached keys kept the short factors and the tokens went elsewhere)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model
+    from mlora.generate import greedy_generate
+    from mlora.session import open_session
+    from test_model import LONGROPE
+
+    base = make_tiny_model(tmp_path / "phi3", "phi3", tokenizer_dir, **LONGROPE)
+    cfg = make_config(tmp_path, ["b"], tmp_path / "out")
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = PHI3_TARGETS
+    cfg.write_text(json.dumps(raw))
+    session = open_session(base, cfg, device="cpu", load_data=False)
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]  # 5 and 3 tokens: each crosses 8 at another step
+    ours = greedy_generate(session, [(None, p) for p in prompts], max_new_tokens=10)
+    for prompt, got in zip(prompts, ours):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                           eos_token_id=session.tokenizer.eos_token_id,
+                           pad_token_id=session.tokenizer.eos_token_id)[0, len(prompt):].tolist()
+        if want and want[-1] == session.tokenizer.eos_token_id:
+            want = want[:-1]
+        assert got == want
+        assert len(prompt) + len(got) > 9  # it did grow past the switch

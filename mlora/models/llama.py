@@ -410,9 +410,10 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
 
 
 def rope_cos_sin(rope: RopeArgs, head_dim: int, seq_len: int, device: torch.device,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [S, head_dim] for positions 0..S-1; fp32 math, then cast (cheap, so no cache)."""
-    inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), device)  # [D/2], no wait
+                 dtype: torch.dtype, freq_len: int | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin [S, head_dim] for positions 0..S-1; fp32 math, then cast (cheap, so no cache).
+    freq_len: the length the frequencies are chosen for (dynamic, longrope), else seq_len."""
+    inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len if freq_len is None else freq_len), device)  # [D/2]
     pos = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
@@ -425,20 +426,60 @@ def _scaled(table: Tensor, rope: RopeArgs, dtype: torch.dtype) -> Tensor:
 
 
 def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
-                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                    dtype: torch.dtype, freq_len: int | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin [B, 1, S, head_dim] for arbitrary per-token positions (packed rows, where each
     sequence restarts at 0). The same fp32 products as `rope_cos_sin`, so a token at position
     p gets bit-identical values whichever row it sits in."""
     seq_len = position_ids.shape[-1]
-    if rope.type in ("dynamic", "longrope"):
-        # Dynamic NTK and LongRoPE depend on the length; HF takes max(position) + 1, which for
-        # packed rows is the longest sequence, as the padded unpacked batch would have. Only
-        # these types pay for the host sync.
+    if freq_len is not None:
+        seq_len = freq_len
+    elif rope.type in ("dynamic", "longrope"):
+        # Dynamic NTK depends on the length; HF takes max(position) + 1, which for packed rows
+        # is the longest sequence, as the padded unpacked batch would have. Only this type
+        # pays for the host sync (LongRoPE chooses per sequence: longrope_cos_sin).
         seq_len = int(position_ids.max()) + 1
     inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), position_ids.device)  # [D/2]
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcasts over heads
     return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
+
+
+def sequence_lengths(attention_mask: Tensor | None, position_ids: Tensor | None, document_ids: Tensor | None,
+                     B: int, T: int) -> Tensor:
+    """How long the sequence of each new token is, [B, S] or [B, 1] int64: a padded row's real
+    tokens (the cached ones included), a packed row's document. LongRoPE picks its factors by
+    this length per sequence, so a row's rotation never depends on the rows beside it (HF
+    picks by the batch's longest row; for one sequence alone both agree)."""
+    if position_ids is None:
+        if attention_mask is None:
+            return torch.full((B, 1), T, dtype=torch.int64)
+        return attention_mask.to(torch.int64).sum(-1, keepdim=True)  # [B, 1]
+    if document_ids is None:  # one sequence per row
+        return position_ids.amax(-1, keepdim=True).to(torch.int64) + 1
+    ids = document_ids
+    change = torch.ones_like(ids, dtype=torch.bool)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]  # documents are contiguous runs of one id
+    segment = change.to(torch.int64).cumsum(-1) - 1  # [B, S]: 0, 1, ... per row
+    counts = torch.zeros(segment.shape, dtype=torch.int64, device=segment.device)
+    counts.scatter_add_(1, segment, torch.ones_like(segment))
+    return counts.gather(1, segment)  # [B, S]
+
+
+def longrope_cos_sin(rope: RopeArgs, head_dim: int, lengths: Tensor, past: int, S: int,
+                     position_ids: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, S, R] of LongRoPE: each token turns with the long factors when its
+    sequence (lengths [B, S] or [B, 1]) is longer than original_max_position_embeddings, with
+    the short ones otherwise. position_ids [B, S] or None (past..past+S-1 in every row)."""
+    tables = []
+    for seq_len in (0, rope.original_max_position_embeddings + 1):  # short, then long factors
+        if position_ids is None:
+            cos, sin = rope_cos_sin(rope, head_dim, past + S, lengths.device, dtype, freq_len=seq_len)
+            tables.append((cos[past:][None, None], sin[past:][None, None]))  # [1, 1, S, R]
+        else:
+            tables.append(rope_cos_sin_at(rope, head_dim, position_ids, dtype, freq_len=seq_len))  # [B, 1, S, R]
+    (cos_s, sin_s), (cos_l, sin_l) = tables
+    long = (lengths > rope.original_max_position_embeddings)[:, None, :, None]  # [B, 1, S or 1, 1]
+    return torch.where(long, cos_l, cos_s), torch.where(long, sin_l, sin_s)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -835,7 +876,13 @@ class CausalLM(nn.Module):
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
             tables = {}  # RopeArgs -> (cos, sin): [S, D] (the new tokens' positions) or [B, 1, S, D]
             for rope in {self.rope_of(i) for i in self.layer_ids}:
-                if position_ids is None:
+                if rope.type == "longrope":
+                    lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
+                                                      T=past + S), h.device)
+                    tables[rope] = longrope_cos_sin(rope, self.args.rope_dim, lengths, past, S,
+                                                    None if position_ids is None else position_ids.to(h.device),
+                                                    h.dtype)
+                elif position_ids is None:
                     cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, h.dtype)  # [T, R]
                     tables[rope] = cos[past:], sin[past:]
                 else:
