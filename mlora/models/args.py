@@ -1,0 +1,308 @@
+"""A base model's config.json read into the plain arguments mlora's decoder is built from.
+
+`args_from_hf_config` reads a transformers config (or the plain dict of a config.json) into a
+`ModelArgs`: each family's switches follow what transformers' modeling file of that family
+actually does, not just which config fields exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlora.errors import UserError
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+
+
+@dataclass(frozen=True)
+class RopeArgs:
+    type: str = "default"  # one of ROPE_TYPES
+    theta: float = 10000.0
+    factor: float = 1.0  # linear, dynamic, llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    # llama3: the pretraining context length; dynamic: the length beyond which the base grows;
+    # longrope: the length beyond which long_factor replaces short_factor.
+    original_max_position_embeddings: int | None = None
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0  # longrope: cos and sin are scaled by it
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v_proj
+    o_proj_bias: bool = False  # bias on o_proj (LLaMA's `attention_bias` sets both; Qwen2 only q/k/v)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each query and key head (weights [D]) before RoPE
+    hidden_act: str = "silu"  # or "gelu_tanh" (Gemma's gelu_pytorch_tanh)
+    # Gemma 3: norms scale by (1 + w) in fp32; the embedding output is multiplied by sqrt(H)
+    # (rounded to the dtype); each sublayer's output is normed too, before the residual add
+    # (post_attention_layernorm, post_feedforward_layernorm; the MLP's input norm is then
+    # pre_feedforward_layernorm); attention scales by attn_scale instead of 1 / sqrt(D).
+    gemma_norms: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    attn_scale: float | None = None
+    # Gemma 2: attention scores and the final logits pass through cap * tanh(x / cap). SDPA
+    # cannot do that to the scores, so those layers compute attention in plain ops.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    # Phi-3: q/k/v as one qkv_proj [q_dim + 2 kv_dim, H] and gate/up as one gate_up_proj
+    # [2 I, H] (gate first); RoPE may turn only the first rotary_dim dims of each head.
+    fused_projections: bool = False
+    rotary_dim: int | None = None  # None: the whole head_dim
+    rope: RopeArgs = field(default_factory=RopeArgs)
+    local_rope: RopeArgs | None = None  # Gemma 3: the RoPE of the sliding-window layers
+    sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if not self.sliding_window:
+            self.sliding_window = [None] * self.num_layers
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+
+def args_from_hf_config(cfg: Any) -> ModelArgs:
+    """Read a transformers config (or the plain dict of a config.json) into ModelArgs.
+
+    Each switch follows what transformers' modeling file of that family actually does, not
+    just which config fields exist: e.g. Qwen2 always has q/k/v biases whatever the config
+    says, and Mistral ignores `layer_types`."""
+    if isinstance(cfg, Mapping):
+        def get(key, default=None):
+            value = cfg.get(key, default)
+            return default if value is None else value
+    else:
+        def get(key, default=None):
+            value = getattr(cfg, key, default)
+            return default if value is None else value
+
+    model_type = get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    # A config.json leaves out what equals its config class's default; those classes differ.
+    family_defaults = _CONFIG_DEFAULTS.get(model_type, {})
+    plain_get = get
+
+    def get(key, default=None):
+        return plain_get(key, family_defaults.get(key, default))
+
+    if model_type in ("gemma2", "gemma3_text"):
+        if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise UserError(f"hidden_activation {get('hidden_activation')!r} is not supported (only gelu_pytorch_tanh)")
+    elif model_type == "gemma":
+        # GemmaConfig turns the original releases' "gelu" into the tanh approximation they meant.
+        if get("hidden_act", "gelu_pytorch_tanh") not in ("gelu", "gelu_pytorch_tanh"):
+            raise UserError(f"hidden_act {get('hidden_act')!r} is not supported (only gelu_pytorch_tanh)")
+    elif get("hidden_act", "silu") not in ("silu", "swish"):  # transformers maps both names to SiLU
+        raise UserError(f"hidden_act {get('hidden_act')!r} is not supported (only silu)")
+
+    num_layers = int(get("num_hidden_layers"))
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    kv_heads = int(get("num_key_value_heads", heads))
+    if heads % kv_heads:
+        raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    max_pos = int(get("max_position_embeddings", 2048))
+
+    if model_type == "llama":
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = bool(get("mlp_bias", False))
+        windows = [None] * num_layers
+    elif model_type in ("mistral", "phi3"):
+        # MistralModel and Phi3Model mask every layer with `config.sliding_window` when it is set.
+        qkv_bias = o_bias = mlp_bias = False
+        windows = [get("sliding_window")] * num_layers
+    elif model_type == "qwen2":  # q/k/v always biased, o_proj and MLP never
+        qkv_bias, o_bias, mlp_bias = True, False, False
+        windows = _qwen_windows(get, num_layers)
+    elif model_type == "qwen3":  # `attention_bias` on q/k/v and o_proj alike, no MLP bias
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = _qwen_windows(get, num_layers)
+    elif model_type == "gemma":
+        if get("use_bidirectional_attention", False):
+            raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = [None] * num_layers
+    else:  # gemma2, gemma3_text
+        if get("use_bidirectional_attention", False):
+            raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
+
+    head_dim = int(get("head_dim", hidden // heads))
+    rope_params = get("rope_parameters") or {}
+    partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
+    rotary_dim = None
+    if partial != 1.0:
+        if model_type != "phi3":  # the other families' attention turns whole heads
+            raise UserError(f"partial_rotary_factor other than 1.0 is not supported for {model_type}")
+        rotary_dim = int(head_dim * partial)
+    gemma3 = model_type == "gemma3_text"
+    gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+    sandwich = model_type in ("gemma2", "gemma3_text")
+    softcaps = {key: get(key) for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    if model_type != "gemma2" and any(v is not None for v in softcaps.values()):
+        raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 has it)")
+    rope_dim = head_dim if rotary_dim is None else rotary_dim
+    full_rope, local_rope = (_gemma3_ropes(get, max_pos, rope_dim) if gemma3
+                             else (_rope_args(get, max_pos, rope_dim), None))
+    return ModelArgs(
+        model_type=model_type,
+        vocab_size=int(get("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(get("intermediate_size")),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias,
+        o_proj_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        hidden_act="gelu_tanh" if gemma else "silu",
+        gemma_norms=gemma,
+        embed_scale=gemma,
+        sandwich_norms=sandwich,
+        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich else None,
+        attn_softcap=None if softcaps["attn_logit_softcapping"] is None else float(softcaps["attn_logit_softcapping"]),
+        final_softcap=None if softcaps["final_logit_softcapping"] is None else float(softcaps["final_logit_softcapping"]),
+        fused_projections=model_type == "phi3",
+        rotary_dim=rotary_dim,
+        rope=full_rope,
+        local_rope=local_rope,
+        sliding_window=[int(w) if w is not None else None for w in windows],
+        max_position_embeddings=max_pos,
+    )
+
+
+_GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
+_CONFIG_DEFAULTS = {"qwen3": {"head_dim": 128}, "gemma": _GEMMA_DEFAULTS, "gemma2": _GEMMA_DEFAULTS,
+                    "gemma3_text": _GEMMA_DEFAULTS}
+
+
+def _check_layer_types(layer_types, num_layers: int) -> None:
+    if len(layer_types) != num_layers:
+        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UserError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
+
+
+def _qwen_windows(get, num_layers: int) -> list[int | None]:
+    """Qwen2/Qwen3: the config nulls sliding_window unless use_sliding_window; layer_types then
+    picks the sliding layers (by default those from max_window_layers on)."""
+    window = get("sliding_window") if get("use_sliding_window", False) else None
+    layer_types = get("layer_types") or [
+        "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
+        for i in range(num_layers)
+    ]
+    _check_layer_types(layer_types, num_layers)
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | None]:
+    """Gemma 2 / 3: every `sliding_window_pattern`-th layer (2nd / 6th by default) has full
+    attention, the others a window, unless the config lists layer_types."""
+    pattern = int(get("sliding_window_pattern", default_pattern))
+    layer_types = get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    _check_layer_types(layer_types, num_layers)
+    window = get("sliding_window")
+    if window is None and "sliding_attention" in layer_types:
+        raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+def _gemma3_ropes(get, max_pos: int, rope_dim: int) -> tuple[RopeArgs, RopeArgs]:
+    """Gemma 3's two RoPEs: full-attention layers (rope_theta 1e6 and any scaling by default)
+    and sliding layers (rope_local_base_freq 1e4, never scaled). transformers 5 keeps them in
+    rope_parameters by layer type; a transformers-4 config.json has rope_theta, rope_scaling and
+    rope_local_base_freq."""
+    params = get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = dict(get("rope_scaling") or {})
+        local = {}
+    full.setdefault("rope_theta", get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", get("rope_local_base_freq", 10_000.0))
+    return _rope_args(get, max_pos, rope_dim, full), _rope_args(get, max_pos, rope_dim, local)
+
+
+def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) -> RopeArgs:
+    # transformers 5 folds `rope_theta` + `rope_scaling` into `rope_parameters`; a raw
+    # config.json from transformers 4 still has the two separate fields.
+    if params is None:
+        params = get("rope_parameters") or get("rope_scaling") or {}
+    params = dict(params)
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise UserError("per-layer-type rope_parameters are not supported")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta") or get("rope_theta", 10000.0))
+
+    def need(key):
+        if params.get(key) is None:
+            raise UserError(f"rope type {rope_type!r} needs {key!r} in rope_parameters")
+        return float(params[key])
+
+    if rope_type == "default":
+        return RopeArgs("default", theta)
+    if rope_type == "linear":
+        return RopeArgs("linear", theta, factor=need("factor"))
+    if rope_type == "dynamic":
+        # HF's dynamic NTK grows the base past `max_position_embeddings` (it ignores any
+        # original_max_position_embeddings for this type).
+        return RopeArgs("dynamic", theta, factor=need("factor"), original_max_position_embeddings=max_pos)
+    if rope_type == "llama3":
+        original = get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
+        return RopeArgs("llama3", theta, factor=need("factor"), low_freq_factor=need("low_freq_factor"),
+                        high_freq_factor=need("high_freq_factor"), original_max_position_embeddings=int(original))
+    if rope_type == "longrope":
+        return _longrope_args(get, params, theta, max_pos, rope_dim)
+    raise UserError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+
+def _longrope_args(get, params: Mapping, theta: float, max_pos: int, rope_dim: int) -> RopeArgs:
+    """Phi-3's LongRoPE, as transformers computes it: per-frequency divisors, short_factor up to
+    original_max_position_embeddings and long_factor beyond, and cos/sin scaled by
+    attention_factor (by default from the ratio of max_position_embeddings to the original)."""
+    original = params.get("original_max_position_embeddings") or get("original_max_position_embeddings")
+    if original is None:
+        raise UserError("rope type 'longrope' needs original_max_position_embeddings")
+    original = int(original)
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
+        if not isinstance(value, (list, tuple)) or len(value) != rope_dim // 2:
+            raise UserError(f"rope type 'longrope' needs {key} as a list of {rope_dim // 2} numbers")
+        factors[key] = tuple(float(v) for v in value)
+    factor = float(params.get("factor") or max_pos / original)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeArgs("longrope", theta, factor=factor, original_max_position_embeddings=original,
+                    attention_factor=float(attention), **factors)
