@@ -202,11 +202,10 @@ def fuse(parts: Sequence[MicroBatch], pad_id: int, pack_len: int | None = None) 
         own = max(len(ex.input_ids) for ex in part.examples)  # its length alone (dropout's layout)
         rows.append(AdapterRows(part.adapter, start, start + len(part.examples), own, part.side == "left"))
         start += len(part.examples)
-    # With right padding every pad key sits after every real query, so the causal mask
-    # already hides it and attention can take the fast is_causal path.
-    needs_mask = any(side == "left" for side in sides)
-    return FusedBatch(input_ids, labels, mask if needs_mask else None, rows, list(parts),
-                      label_counts=_label_counts(parts))
+    # The mask travels with right padding too: attention still takes the fast is_causal path
+    # (every pad key sits after every real query; attention_masks sees that on the host), and
+    # LongRoPE reads each row's own length from it (models/rope.py sequence_lengths).
+    return FusedBatch(input_ids, labels, mask, rows, list(parts), label_counts=_label_counts(parts))
 
 
 def _label_counts(parts: Sequence[MicroBatch]) -> dict[str, int]:

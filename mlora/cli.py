@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
         # tools do, and keep Python's exit-time flush of stdout from failing again.
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         except (OSError, ValueError):  # stdout without a descriptor (a test's capture)
             pass
         return 141  # 128 + SIGPIPE

@@ -130,7 +130,8 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
             if all(done) or step == max_new_tokens - 1:
                 break
             column = torch.tensor([session.pad_id if done[r] else seqs[r][-1] for r in range(len(seqs))])[:, None]
-            grows_past = switch_at is not None and bool((mask.sum(-1) == switch_at).any())
+            # (a stopped row crossing it changes nothing that is kept)
+            grows_past = switch_at is not None and bool(((mask.sum(-1) == switch_at) & ~torch.tensor(done)).any())
             mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.bool)], dim=1)  # [B, T + 1]
             fed = torch.cat([fed, column], dim=1)  # [B, T + 1]
             if grows_past:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 import pytest
 
 from mlora.batching import adapter_stream, epoch_order, fuse, round_robin, total_steps
@@ -104,6 +106,14 @@ def test_fuse_gives_each_adapter_a_contiguous_range():
     parts = [next(s["a"]), next(s["b"])]
     batch = fuse(parts, pad_id=0)
     assert [(r.name, r.start, r.end) for r in batch.rows] == [("a", 0, 1), ("b", 1, 2)]
-    assert batch.attention_mask is None  # right padding only: the causal path
+    # Right padding only: the mask goes with the batch (LongRoPE reads the rows' lengths from
+    # it), and attention takes the causal path anyway.
+    from mlora.models.llama import ModelArgs, attention_masks
+
+    args = ModelArgs("llama", 400, 64, 96, 2, 4, 2, 16)
+    S = batch.input_ids.shape[1]
+    assert batch.attention_mask is not None and batch.attention_mask.device.type == "cpu"
+    assert attention_masks(args, [0, 1], batch.attention_mask, S, torch.device("cpu")) == {0: None, 1: None}
     left = list(itertools.islice(adapter_stream(examples(3), cfg("l", expand_side="left"), 0), 1))
-    assert fuse(left + parts, 0).attention_mask is not None
+    mixed = fuse(left + parts, 0)
+    assert attention_masks(args, [0], mixed.attention_mask, mixed.input_ids.shape[1], torch.device("cpu"))[0] is not None

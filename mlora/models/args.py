@@ -199,8 +199,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
 
 
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
-_CONFIG_DEFAULTS = {"qwen3": {"head_dim": 128}, "gemma": _GEMMA_DEFAULTS, "gemma2": _GEMMA_DEFAULTS,
-                    "gemma3_text": _GEMMA_DEFAULTS}
+_CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128}, "gemma": _GEMMA_DEFAULTS,
+                    "gemma2": {**_GEMMA_DEFAULTS, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                               "final_logit_softcapping": 30.0},
+                    "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window": 4096}}
 
 
 def _check_layer_types(layer_types, num_layers: int) -> None:
