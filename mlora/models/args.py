@@ -98,12 +98,16 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    # A config.json leaves out what equals its config class's default; those classes differ.
-    family_defaults = _CONFIG_DEFAULTS.get(model_type, {})
+    # A config.json leaves out what equals its config class's default, and those classes
+    # differ; a key that is there, null included, says what it says (a config object always
+    # has every key).
+    family_defaults = _CONFIG_DEFAULTS.get(model_type, {}) if isinstance(cfg, Mapping) else {}
     plain_get = get
 
     def get(key, default=None):
-        return plain_get(key, family_defaults.get(key, default))
+        if key in family_defaults and key not in cfg:
+            return family_defaults[key]
+        return plain_get(key, default)
 
     if model_type in ("gemma2", "gemma3_text"):
         if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
