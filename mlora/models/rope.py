@@ -66,10 +66,10 @@ def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
     seq_len = position_ids.shape[-1]
     if freq_len is not None:
         seq_len = freq_len
-    elif rope.type in ("dynamic", "longrope"):
+    elif rope.type == "dynamic":
         # Dynamic NTK depends on the length; HF takes max(position) + 1, which for packed rows
         # is the longest sequence, as the padded unpacked batch would have. Only this type
-        # pays for the host sync (LongRoPE chooses per sequence: longrope_cos_sin).
+        # pays for the host sync (LongRoPE chooses per sequence, in longrope_cos_sin).
         seq_len = int(position_ids.max()) + 1
     inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), position_ids.device)  # [D/2]
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
