@@ -5,6 +5,7 @@ here as a UserError, before the output directory is touched."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -64,6 +65,20 @@ def check_targets(cfg: TrainConfig, model_args) -> None:
                             f"{model_args.model_type} model (its projections: {', '.join(has)}){default}")
 
 
+# Dropout inside the base model, which transformers applies in training mode and mlora does
+# not (the base is frozen; released models set 0).
+BASE_DROPOUTS = ("attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout")
+
+
+def warn_unapplied_dropout(hf_config) -> None:
+    rates = {k: getattr(hf_config, k, None) for k in BASE_DROPOUTS}
+    set_ = {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
+    if set_:
+        listed = ", ".join(f"{k}={v}" for k, v in set_.items())
+        print(f"mlora: warning: the base model's {listed} is not applied (mlora runs the frozen base "
+              "without dropout; transformers + PEFT would drop out in training)", file=sys.stderr)
+
+
 def load_tokenizer(base_dir: Path):
     from transformers import AutoTokenizer
 
@@ -97,8 +112,9 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_kernel(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
     base_dir = Path(base_model)
-    _, model_args = read_model_config(base_dir)  # config.json present and of a supported family
+    hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
     check_targets(cfg, model_args)
+    warn_unapplied_dropout(hf_config)
     weight_index(base_dir)  # weights present
     tokenizer = load_tokenizer(base_dir)
     if tokenizer.eos_token_id is None:

@@ -625,3 +625,21 @@ def test_longrope_fused_equals_solo(tmp_path, tokenizer_dir):
     # SGD: AdamW's first steps magnify the padded batch's other rounding (4e-5 here); with
     # the long rows' factors on the short rows it was 0.24
     assert rel_diff(run(["s", "l"], "fused"), run(["s"], "solo")) <= 1e-5
+
+
+def test_dropout_inside_the_base_is_named_when_set(tmp_path, tokenizer_dir, capsys):
+    """transformers drops out inside the base in training when its config says so; mlora runs
+    the frozen base without: a config that sets a rate gets a one-line warning naming it."""
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "phi3", "phi3", tokenizer_dir, resid_pdrop=0.1)
+    cfg = make_config(tmp_path, ["b"], tmp_path / "out")
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = PHI3_TARGETS
+    raw["lora"][0]["max_steps"] = 1
+    cfg.write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+    err = capsys.readouterr().err
+    assert "mlora: warning: the base model's resid_pdrop=0.1 is not applied" in err
+    assert "attention_dropout" not in err  # 0.0: no word
