@@ -94,7 +94,7 @@ TINY = dict(
 
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
-    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text | phi3), save it as safetensors
+    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text | phi3 | smollm3), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`."""
     import transformers
 
@@ -107,6 +107,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:

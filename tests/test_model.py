@@ -37,6 +37,9 @@ CASES = {
                                           num_key_value_heads=1)),
     "gemma3": ("gemma3_text", {}),
     "phi3": ("phi3", {}),  # fused qkv_proj (GQA 4/2) and gate_up_proj
+    # layer 1 without RoPE (and windowed), biases on all four attention projections and the MLP
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=4,
+                                attention_bias=True, mlp_bias=True)),
     "phi3_partial_sliding": ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),
     "gemma3_scaled_rope_bias": ("gemma3_text", dict(
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
@@ -100,7 +103,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
-                                  "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding"])
+                                  "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -274,7 +277,7 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

@@ -513,12 +513,13 @@ PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma2", {}),
-                                              ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5))])
+                                              ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5)),
+                                              ("smollm3", dict(no_rope_layers=[1, 0]))])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
-    gate_up_proj, partial rotary): mlora trains an adapter on every projection, and PEFT on
-    transformers' model gives the saved adapter's logits."""
+    gate_up_proj, partial rotary), SmolLM3 (a layer without RoPE): mlora trains an adapter on
+    every projection, and PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 
 
@@ -66,6 +66,8 @@ class ModelArgs:
     # [2 I, H] (gate first); RoPE may turn only the first rotary_dim dims of each head.
     fused_projections: bool = False
     rotary_dim: int | None = None  # None: the whole head_dim
+    # SmolLM3: the layers that turn q and k with RoPE (the others use no position encoding)
+    rope_layers: list[bool] = field(default_factory=list)  # per layer; empty: all
     rope: RopeArgs = field(default_factory=RopeArgs)
     local_rope: RopeArgs | None = None  # Gemma 3: the RoPE of the sliding-window layers
     sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
@@ -74,6 +76,8 @@ class ModelArgs:
     def __post_init__(self):
         if not self.sliding_window:
             self.sliding_window = [None] * self.num_layers
+        if not self.rope_layers:
+            self.rope_layers = [True] * self.num_layers
 
     @property
     def rope_dim(self) -> int:
@@ -126,6 +130,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
     max_pos = int(get("max_position_embeddings", 2048))
 
+    rope_layers: list[bool] = []  # every layer turns q and k, but SmolLM3's
     if model_type == "llama":
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = bool(get("mlp_bias", False))
@@ -141,6 +146,17 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = _qwen_windows(get, num_layers)
+    elif model_type == "smollm3":
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = bool(get("mlp_bias", False))
+        rope_layers = _smollm3_rope_layers(get, num_layers)
+        layer_types = get("layer_types") or [
+            "sliding_attention" if get("use_sliding_window", False) and get("sliding_window") is not None
+            and not rope_layers[i] else "full_attention" for i in range(num_layers)]
+        _check_layer_types(layer_types, num_layers)
+        # SmolLM3Attention windows a sliding layer only while use_sliding_window is set
+        window = get("sliding_window") if get("use_sliding_window", False) else None
+        windows = [window if t == "sliding_attention" else None for t in layer_types]
     elif model_type == "gemma":
         if get("use_bidirectional_attention", False):
             raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
@@ -195,6 +211,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         final_softcap=None if softcaps["final_logit_softcapping"] is None else float(softcaps["final_logit_softcapping"]),
         fused_projections=model_type == "phi3",
         rotary_dim=rotary_dim,
+        rope_layers=rope_layers,
         rope=full_rope,
         local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
@@ -203,10 +220,22 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
 
 
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
-_CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128}, "gemma": _GEMMA_DEFAULTS,
+_CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128}, "smollm3": {"tie_word_embeddings": True},
+                    "gemma": _GEMMA_DEFAULTS,
                     "gemma2": {**_GEMMA_DEFAULTS, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                                "final_logit_softcapping": 30.0},
                     "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window": 4096}}
+
+
+def _smollm3_rope_layers(get, num_layers: int) -> list[bool]:
+    """SmolLM3's no_rope_layers (1 = RoPE, 0 = none), by default every 4th layer without."""
+    flags = get("no_rope_layers")
+    if flags is None:
+        interval = int(get("no_rope_layer_interval", 4))
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(flags) != num_layers:
+        raise UserError(f"no_rope_layers has {len(flags)} entries but num_hidden_layers is {num_layers}")
+    return [bool(f) for f in flags]
 
 
 def _check_layer_types(layer_types, num_layers: int) -> None:

@@ -1,11 +1,11 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3 and Phi-3
-in one readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3 and
+SmolLM3 in one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
 and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and logits; Gemma
 3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
-rotary dimensions and LongRoPE),
+rotary dimensions and LongRoPE; SmolLM3's layers without RoPE),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
@@ -296,7 +296,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, D], [B, nkv, S, D]
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # (a SmolLM3 layer without position encoding)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         n_rep = self.num_heads // self.num_kv_heads
@@ -420,8 +421,11 @@ class CausalLM(nn.Module):
         self.recompute = False
         self.rng_generators: dict[int, list[torch.Generator]] | list[torch.Generator] = []
 
-    def rope_of(self, layer_id: int) -> RopeArgs:
-        """The RoPE of a layer: Gemma 3's sliding layers have their own."""
+    def rope_of(self, layer_id: int) -> RopeArgs | None:
+        """The RoPE of a layer: Gemma 3's sliding layers have their own; None for SmolLM3's
+        layers without position encoding."""
+        if not self.args.rope_layers[layer_id]:
+            return None
         local = self.args.local_rope is not None and self.args.sliding_window[layer_id] is not None
         return self.args.local_rope if local else self.args.rope
 
@@ -458,8 +462,8 @@ class CausalLM(nn.Module):
                 raise ValueError("a KV cache takes neither position_ids nor document_ids (packed rows)")
             if cache is not None and self.recompute and torch.is_grad_enabled():
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
-            tables = {}  # RopeArgs -> (cos, sin): [S, D] (the new tokens' positions) or [B, 1, S, D]
-            for rope in {self.rope_of(i) for i in self.layer_ids}:
+            tables = {None: (None, None)}  # RopeArgs -> (cos, sin): [S, R] (the new tokens') or [B, 1, S, R]
+            for rope in {self.rope_of(i) for i in self.layer_ids} - {None}:
                 if rope.type == "longrope":
                     lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
                                                       T=past + S), h.device)
