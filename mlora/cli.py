@@ -293,24 +293,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        print(f"mlora: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"mlora: error: {err}", 2)
     except PipelineError as err:
-        print(f"mlora: pipeline error: {err}", file=sys.stderr)
-        return 3
+        return _fail(f"mlora: pipeline error: {err}", 3)
     except KeyboardInterrupt:
-        print("mlora: interrupted", file=sys.stderr)
-        return 130
+        return _fail("mlora: interrupted", 130)
     except BrokenPipeError:
         # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
         # tools do, and keep Python's exit-time flush of stdout from failing again.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):  # stdout without a descriptor (a test's capture)
-            pass
+        _silence(sys.stdout)
         return 141  # 128 + SIGPIPE
+
+
+def _fail(message: str, code: int) -> int:
+    """The one-line message on stderr, unless stderr's reader has left too (`2>&1 | head`)."""
+    try:
+        print(message, file=sys.stderr)
+    except BrokenPipeError:
+        _silence(sys.stderr)
+    return code
+
+
+def _silence(stream) -> None:
+    """Point a stream whose reader left at /dev/null, so Python's exit-time flush of it does
+    not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stream without a descriptor (a test's capture)
+        pass
 
 
 if __name__ == "__main__":

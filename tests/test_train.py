@@ -240,6 +240,21 @@ def test_eval_into_a_closed_pipe_stops_quietly(fused_run, tiny_llama):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_an_error_into_a_closed_pipe_keeps_its_exit_code(tmp_path):
+    """`mlora train ... 2>&1 | head -0`: the one-line error cannot be written either; the exit
+    code still says what happened (2), not a traceback's 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlora", "train", "--base_model", str(tmp_path / "nowhere"),
+                             "--config", str(tmp_path / "missing.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 2
+
+
 def test_eval_refuses_an_adapter_saved_with_another_scale(fused_run, tiny_llama, capsys, tmp_path):
     """The scale the weights were trained with (r, lora_alpha, use_rslora) is read back: a
     config that says otherwise is one line naming the field, not a silently different loss;
