@@ -291,18 +291,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UserError as err:
-        return _fail(f"mlora: error: {err}", 2)
+        code = _fail(f"mlora: error: {err}", 2)
     except PipelineError as err:
-        return _fail(f"mlora: pipeline error: {err}", 3)
+        code = _fail(f"mlora: pipeline error: {err}", 3)
     except KeyboardInterrupt:
-        return _fail("mlora: interrupted", 130)
+        code = _fail("mlora: interrupted", 130)
     except BrokenPipeError:
         # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
         # tools do, and keep Python's exit-time flush of stdout from failing again.
         _silence(sys.stdout)
         return 141  # 128 + SIGPIPE
+    # Flushed here, not at exit: a reader that left then costs the exit code nothing (Python's
+    # failing exit-time flush would make it 120).
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence(sys.stdout)
+        return code or 141
+    return code
 
 
 def _fail(message: str, code: int) -> int:

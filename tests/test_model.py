@@ -40,6 +40,9 @@ CASES = {
     # layer 1 without RoPE (and windowed), biases on all four attention projections and the MLP
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=4,
                                 attention_bias=True, mlp_bias=True)),
+    # transformers' eager/SDPA path windows a sliding layer whatever use_sliding_window says
+    "smollm3_layer_types": ("smollm3", dict(layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+                                            use_sliding_window=False)),
     "phi3_partial_sliding": ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),
     "gemma3_scaled_rope_bias": ("gemma3_text", dict(
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
@@ -298,6 +301,8 @@ def test_config_errors():
         llama.args_from_hf_config(dict(gemma, sliding_window=None))
     with pytest.raises(UserError, match=r"layer_types \['chunked_attention'\] are not supported"):
         llama.args_from_hf_config(dict(gemma, layer_types=["chunked_attention", "full_attention"]))
+    with pytest.raises(UserError, match="sliding_window is not set"):
+        llama.args_from_hf_config(dict(base, model_type="smollm3", layer_types=["full_attention", "sliding_attention"]))
     with pytest.raises(UserError, match="layer_types has 1 entries"):
         llama.args_from_hf_config(dict(base, model_type="qwen3", layer_types=["full_attention"]))
     # A transformers-4 config.json: rope_theta / rope_scaling for the full layers and

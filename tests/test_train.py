@@ -247,10 +247,18 @@ def test_an_error_into_a_closed_pipe_keeps_its_exit_code(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as usual
+    env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "mlora", "train", "--base_model", str(tmp_path / "nowhere"),
                              "--config", str(tmp_path / "missing.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 2
+    # Output still buffered when the error comes: its flush at exit failed too (exit 120).
+    script = ("import sys; from mlora import cli; from mlora.errors import UserError\n"
+              "def boom(args):\n    print('a line of results')\n    raise UserError('late')\n"
+              "cli.COMMANDS['eval'] = boom\nsys.exit(cli.main(['eval', '--base_model', 'x', '--config', 'y']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     proc.stdout.close()
     assert proc.wait(timeout=120) == 2
 

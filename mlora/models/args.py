@@ -154,8 +154,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
             "sliding_attention" if get("use_sliding_window", False) and get("sliding_window") is not None
             and not rope_layers[i] else "full_attention" for i in range(num_layers)]
         _check_layer_types(layer_types, num_layers)
-        # SmolLM3Attention windows a sliding layer only while use_sliding_window is set
-        window = get("sliding_window") if get("use_sliding_window", False) else None
+        # SmolLM3Model masks each layer by its layer type, with config.sliding_window for the
+        # sliding ones whatever use_sliding_window says (eager and SDPA attention)
+        window = get("sliding_window")
+        if window is None and "sliding_attention" in layer_types:
+            raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
         windows = [window if t == "sliding_attention" else None for t in layer_types]
     elif model_type == "gemma":
         if get("use_bidirectional_attention", False):
@@ -220,7 +223,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
 
 
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
-_CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128}, "smollm3": {"tie_word_embeddings": True},
+_CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128},
+                    "smollm3": {"tie_word_embeddings": True, "rope_theta": 2_000_000.0, "num_key_value_heads": 4},
                     "gemma": _GEMMA_DEFAULTS,
                     "gemma2": {**_GEMMA_DEFAULTS, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                                "final_logit_softcapping": 30.0},
