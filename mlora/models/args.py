@@ -130,6 +130,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
     max_pos = int(get("max_position_embeddings", 2048))
 
+    if model_type.startswith("gemma") and get("use_bidirectional_attention", False):
+        raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
     rope_layers: list[bool] = []  # every layer turns q and k, but SmolLM3's
     if model_type == "llama":
         qkv_bias = o_bias = bool(get("attention_bias", False))
@@ -153,22 +155,14 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         layer_types = get("layer_types") or [
             "sliding_attention" if get("use_sliding_window", False) and get("sliding_window") is not None
             and not rope_layers[i] else "full_attention" for i in range(num_layers)]
-        _check_layer_types(layer_types, num_layers)
         # SmolLM3Model masks each layer by its layer type, with config.sliding_window for the
         # sliding ones whatever use_sliding_window says (eager and SDPA attention)
-        window = get("sliding_window")
-        if window is None and "sliding_attention" in layer_types:
-            raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
-        windows = [window if t == "sliding_attention" else None for t in layer_types]
+        windows = _windows_by_type(layer_types, num_layers, get("sliding_window"), required=True)
     elif model_type == "gemma":
-        if get("use_bidirectional_attention", False):
-            raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = [None] * num_layers
     else:  # gemma2, gemma3_text
-        if get("use_bidirectional_attention", False):
-            raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
@@ -184,8 +178,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     gemma3 = model_type == "gemma3_text"
     gemma = model_type in ("gemma", "gemma2", "gemma3_text")
     sandwich = model_type in ("gemma2", "gemma3_text")
-    softcaps = {key: get(key) for key in ("attn_logit_softcapping", "final_logit_softcapping")}
-    if model_type != "gemma2" and any(v is not None for v in softcaps.values()):
+    attn_cap, final_cap = (None if get(k) is None else float(get(k))
+                           for k in ("attn_logit_softcapping", "final_logit_softcapping"))
+    if model_type != "gemma2" and (attn_cap is not None or final_cap is not None):
         raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 has it)")
     rope_dim = head_dim if rotary_dim is None else rotary_dim
     full_rope, local_rope = (_gemma3_ropes(get, max_pos, rope_dim) if gemma3
@@ -210,8 +205,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         embed_scale=gemma,
         sandwich_norms=sandwich,
         attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich else None,
-        attn_softcap=None if softcaps["attn_logit_softcapping"] is None else float(softcaps["attn_logit_softcapping"]),
-        final_softcap=None if softcaps["final_logit_softcapping"] is None else float(softcaps["final_logit_softcapping"]),
+        attn_softcap=attn_cap,
+        final_softcap=final_cap,
         fused_projections=model_type == "phi3",
         rotary_dim=rotary_dim,
         rope_layers=rope_layers,
@@ -242,12 +237,17 @@ def _smollm3_rope_layers(get, num_layers: int) -> list[bool]:
     return [bool(f) for f in flags]
 
 
-def _check_layer_types(layer_types, num_layers: int) -> None:
+def _windows_by_type(layer_types, num_layers: int, window: int | None, required: bool) -> list[int | None]:
+    """Each layer's window: `window` on the sliding_attention layers, None elsewhere. required:
+    a sliding layer must have a window (else the config nulls it on purpose: Qwen)."""
     if len(layer_types) != num_layers:
         raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise UserError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
+    if required and window is None and "sliding_attention" in layer_types:
+        raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
+    return [window if t == "sliding_attention" else None for t in layer_types]
 
 
 def _qwen_windows(get, num_layers: int) -> list[int | None]:
@@ -258,8 +258,7 @@ def _qwen_windows(get, num_layers: int) -> list[int | None]:
         "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
         for i in range(num_layers)
     ]
-    _check_layer_types(layer_types, num_layers)
-    return [window if t == "sliding_attention" else None for t in layer_types]
+    return _windows_by_type(layer_types, num_layers, window, required=False)
 
 
 def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | None]:
@@ -268,11 +267,7 @@ def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | Non
     pattern = int(get("sliding_window_pattern", default_pattern))
     layer_types = get("layer_types") or [
         "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
-    _check_layer_types(layer_types, num_layers)
-    window = get("sliding_window")
-    if window is None and "sliding_attention" in layer_types:
-        raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
-    return [window if t == "sliding_attention" else None for t in layer_types]
+    return _windows_by_type(layer_types, num_layers, get("sliding_window"), required=True)
 
 
 def _gemma3_ropes(get, max_pos: int, rope_dim: int) -> tuple[RopeArgs, RopeArgs]:

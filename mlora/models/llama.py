@@ -429,6 +429,25 @@ class CausalLM(nn.Module):
         local = self.args.local_rope is not None and self.args.sliding_window[layer_id] is not None
         return self.args.local_rope if local else self.args.rope
 
+    def rope_tables(self, h: Tensor, past: int, attention_mask: Tensor | None, position_ids: Tensor | None,
+                    document_ids: Tensor | None) -> dict:
+        """{RopeArgs (None: no RoPE) -> (cos, sin)} for this stage's layers and the S new tokens
+        of h [B, S, H]: [S, R] for shared positions past.., else [B, 1, S, R]."""
+        S = h.shape[1]
+        pos = None if position_ids is None else position_ids.to(h.device)
+        tables = {None: (None, None)}
+        for rope in {self.rope_of(i) for i in self.layer_ids} - {None}:
+            if rope.type == "longrope":  # factors by each sequence's own length
+                lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
+                                                  T=past + S), h.device)
+                tables[rope] = longrope_cos_sin(rope, self.args.rope_dim, lengths, past, S, pos, h.dtype)
+            elif pos is None:
+                cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, h.dtype)  # [T, R]
+                tables[rope] = cos[past:], sin[past:]
+            else:
+                tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, pos, h.dtype)
+        return tables
+
     def tie_weights(self) -> None:
         """Share the embedding with the head when both live here (a head-only stage of a tied
         model keeps its own copy, loaded from `model.embed_tokens.weight`)."""
@@ -462,19 +481,7 @@ class CausalLM(nn.Module):
                 raise ValueError("a KV cache takes neither position_ids nor document_ids (packed rows)")
             if cache is not None and self.recompute and torch.is_grad_enabled():
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
-            tables = {None: (None, None)}  # RopeArgs -> (cos, sin): [S, R] (the new tokens') or [B, 1, S, R]
-            for rope in {self.rope_of(i) for i in self.layer_ids} - {None}:
-                if rope.type == "longrope":
-                    lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
-                                                      T=past + S), h.device)
-                    tables[rope] = longrope_cos_sin(rope, self.args.rope_dim, lengths, past, S,
-                                                    None if position_ids is None else position_ids.to(h.device),
-                                                    h.dtype)
-                elif position_ids is None:
-                    cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, h.dtype)  # [T, R]
-                    tables[rope] = cos[past:], sin[past:]
-                else:
-                    tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, position_ids.to(h.device), h.dtype)
+            tables = self.rope_tables(h, past, attention_mask, position_ids, document_ids)
             if past:
                 masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)
             elif document_ids is None:
