@@ -15,6 +15,7 @@ from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import AdapterConfig, adapter_seed
 from mlora.errors import UserError
 from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
+from mlora.models.naming import Naming
 
 # PEFT prefixes every LoRA tensor name with this (the PeftModel -> base model path).
 PEFT_PREFIX = "base_model.model."
@@ -48,10 +49,13 @@ class Adapter:
     """A LoRA adapter attached to the `LoraLinear` wrappers of one model (or one stage)."""
 
     def __init__(self, cfg: AdapterConfig, wrappers: dict[str, LoraLinear], seed: int,
-                 device: torch.device, total_steps: int = 1, stage_layers: set[str] | None = None):
+                 device: torch.device, total_steps: int = 1, stage_layers: set[str] | None = None,
+                 naming: Naming = Naming()):
         """stage_layers: on a pipeline stage, the decoder layers it holds ('model.layers.3', ...):
-        an `init_from` adapter's tensors for other layers belong to other stages."""
+        an `init_from` adapter's tensors for other layers belong to other stages.
+        naming: the base checkpoint's names, which the PEFT files use (ChatGLM, Baichuan)."""
         self.cfg = cfg
+        self.naming = naming
         self.stage_layers = stage_layers
         self.name = cfg.name
         self.total_steps = total_steps
@@ -267,9 +271,13 @@ class Adapter:
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for path, w in self.weights.items():
-            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = w.lora_A.detach().float().cpu().contiguous()
-            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = w.lora_B.detach().float().cpu().contiguous()
+            tensors[self._peft_key(path, "lora_A")] = w.lora_A.detach().float().cpu().contiguous()
+            tensors[self._peft_key(path, "lora_B")] = w.lora_B.detach().float().cpu().contiguous()
         return tensors
+
+    def _peft_key(self, path: str, kind: str) -> str:
+        """PEFT's name of a LoRA weight: the module path as the base checkpoint names it."""
+        return f"{PEFT_PREFIX}{self.naming.to_checkpoint(path)}.{kind}.weight"
 
     def peft_config(self, base_model: str) -> dict:
         cfg = self.cfg
@@ -280,7 +288,7 @@ class Adapter:
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": list(cfg.target_modules),
+            "target_modules": [self.naming.leaf(m) for m in cfg.target_modules],
             "use_rslora": cfg.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -316,7 +324,7 @@ class Adapter:
                             f"(the adapter's target_modules must match)")
         for name, value in tensors.items():
             if name not in expected:
-                module = name[len(PEFT_PREFIX):].rsplit(".", 2)[0]  # without '.lora_A.weight'
+                module = self.naming.from_checkpoint(name[len(PEFT_PREFIX):].rsplit(".", 2)[0])  # no '.lora_A.weight'
                 if self.stage_layers is not None and decoder_layer_of(module) not in self.stage_layers:
                     continue  # another pipeline stage's layer: that stage loads it
                 raise UserError(f"{where}: unexpected tensor {name} "
@@ -328,8 +336,8 @@ class Adapter:
                 raise UserError(f"{where}: tensor {name} has non-finite values (NaN or inf)")
         with torch.no_grad():
             for path, w in self.weights.items():
-                w.lora_A.copy_(tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-                w.lora_B.copy_(tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+                w.lora_A.copy_(tensors[self._peft_key(path, "lora_A")])
+                w.lora_B.copy_(tensors[self._peft_key(path, "lora_B")])
 
     def detach_from(self, wrappers: dict[str, LoraLinear]) -> None:
         """Remove this adapter from the model (its weights stay in `self.weights`)."""

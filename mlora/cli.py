@@ -23,6 +23,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", help="overrides the config's output_dir")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", help="base dtype: fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run the tokenizer code that --base_model ships (ChatGLM's and Baichuan's tokenizers "
+                        "need it; mlora runs its own model code, never the checkpoint's)")
     q = p.add_argument_group("quantized base (QLoRA, through bitsandbytes)")
     q.add_argument("--load_4bit", action="store_true", help="4-bit base projections")
     q.add_argument("--load_8bit", action="store_true", help="8-bit base projections")
@@ -148,7 +151,7 @@ def cmd_train(args) -> int:
     from mlora.trainer import Interrupted, train
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, seed=args.seed, quant=quant_config(args), load_base=False)
+                           dtype=args.dtype, seed=args.seed, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False)
     out = session.cfg.output_dir
     for a in session.cfg.lora:  # before the output directory is touched (the trainer checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
@@ -193,13 +196,14 @@ def cmd_eval(args) -> int:
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=args.device, dtype=args.dtype, quant=quant_config(args))
+                           device=args.device, dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code)
     out = Path(session.cfg.output_dir)
     for cfg in session.cfg.lora:
         saved = out / cfg.name
         adapter = None
         if (saved / WEIGHTS_NAME).is_file():
-            adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device)
+            adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device,
+                              naming=session.naming)
             adapter.load_peft(saved, label="adapter")
         loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test, progress=True)
         if adapter is not None:
@@ -219,7 +223,7 @@ def cmd_generate(args) -> int:
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, quant=quant_config(args), load_base=False, load_data=False)
+                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, load_data=False)
     by_name = {a.name: a for a in session.cfg.lora}
     names = (list(by_name) if args.adapters is None
              else list(dict.fromkeys(n.strip() for n in args.adapters.split(",") if n.strip())))
@@ -238,7 +242,8 @@ def cmd_generate(args) -> int:
         rows += [(name, text, prompt_tokens(text, args.format, session.tokenizer, template)) for text in args.prompt]
     session.load_base()
     for name in names:
-        adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device)
+        adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,
+                          naming=session.naming)
         adapter.load_peft(out / name, label="adapter")
     requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
     sampling = Sampling(args.temperature, args.top_p, args.seed) if args.temperature > 0 else None

@@ -23,6 +23,10 @@ from mlora.errors import UserError
 # into gate_up_proj. Which of them a base model has is checked against the model (session.py).
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
                   "down_proj")
+# ChatGLM's and Baichuan's own names of the same projections (what PEFT users of those
+# models write); an adapter saved for them uses these names again (models/naming.py).
+NATIVE_MODULE_NAMES = {"query_key_value": "qkv_proj", "W_pack": "qkv_proj", "dense": "o_proj",
+                       "dense_h_to_4h": "gate_up_proj", "dense_4h_to_h": "down_proj"}
 # m-LoRA names the MLP projections after the LLaMA paper's w1/w2/w3.
 MLORA_MODULE_NAMES = {
     "w1_proj": "gate_proj", "w1": "gate_proj",
@@ -300,8 +304,11 @@ def _canonical_module(a: _Reader, name: str) -> str:
         return name
     if name in MLORA_MODULE_NAMES:
         return MLORA_MODULE_NAMES[name]
+    if name in NATIVE_MODULE_NAMES:
+        return NATIVE_MODULE_NAMES[name]
+    known = [*TARGET_MODULES, *MLORA_MODULE_NAMES, *NATIVE_MODULE_NAMES]
     a.fail(
-        f"unknown module {name!r} in 'target_modules'{_hint(name, [*TARGET_MODULES, *MLORA_MODULE_NAMES])}"
+        f"unknown module {name!r} in 'target_modules'{_hint(name, known)}"
         f" (valid: {', '.join(TARGET_MODULES)})"
     )
 

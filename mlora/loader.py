@@ -15,12 +15,15 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for
+from mlora.models.args import REMOTE_CODE_FAMILIES
+from mlora.models.naming import naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
     from transformers import PretrainedConfig
@@ -52,6 +55,11 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
     if model_type not in SUPPORTED:
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
+    if model_type in REMOTE_CODE_FAMILIES:
+        # Only the model's own code (auto_map) reads this config in transformers; mlora
+        # implements the model, so the plain JSON is all it needs (no remote code runs).
+        raw = json.loads(config_file.read_text())
+        return SimpleNamespace(**raw), family_for(model_type).args_from_hf_config(raw)
 
     from transformers import AutoConfig
 
@@ -129,8 +137,12 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 
     with torch.device("meta"):
         model = family.CausalLM(args, parts)
-    needed = family.tensor_names(args, model.parts)
-    missing = [name for name in needed if name not in index]
+    # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise)
+    naming = naming_for(args.model_type)
+    stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
+    index = {name: index[stored_name] for name, stored_name in stored.items() if stored_name in index}
+    needed = list(stored)
+    missing = [stored[name] for name in needed if name not in index]
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from {source}"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -159,13 +171,16 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
             with safe_open(str(file), framework="pt", device=read_device) as f:
                 present = set(f.keys())
                 for name in names:
-                    if name not in present:
-                        raise UserError(f"tensor {name!r} is missing from {file}")
-                    tensor = f.get_tensor(name)
+                    if stored[name] not in present:
+                        raise UserError(f"tensor {stored[name]!r} is missing from {file}")
+                    tensor = f.get_tensor(stored[name])
+                    if name == "lm_head.weight" and args.normalized_head:
+                        # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
+                        tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
                     if tensor.is_floating_point() and tensor.dtype != dtype:
                         tensor = tensor.to(dtype)
                     if name in quantized:
-                        _assign_quantized(quantized[name], name, tensor, quant, device)
+                        _assign_quantized(quantized[name], stored[name], tensor, quant, device)
                         continue
                     if quant is not None and device.type == "cpu":
                         # Own the memory: a tensor read on the CPU is a view of the mapped file,
@@ -175,7 +190,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                         tensor = tensor.clone()
                     param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
                     for pname in targets[name]:
-                        _assign(model, pname, param)
+                        _assign(model, pname, param, stored[name])
         except UserError:
             raise
         except _QuantizeFailed as e:  # not the file's fault: keep the real error and traceback
@@ -188,7 +203,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         assert not p.is_meta, f"{pname} was not loaded"
         p.requires_grad_(False)
     model.eval()  # the base has no dropout; this just keeps `training` honest
-    model.loaded_tensor_names = sorted(needed)
+    model.loaded_tensor_names = sorted(stored.values())  # as the checkpoint names them
     return model
 
 
@@ -216,10 +231,10 @@ class _QuantizeFailed(Exception):
     """Carries a quantization error past the handler that blames the file for read errors."""
 
 
-def _assign(model: torch.nn.Module, pname: str, param: torch.nn.Parameter) -> None:
+def _assign(model: torch.nn.Module, pname: str, param: torch.nn.Parameter, stored_name: str) -> None:
     module_name, _, attr = pname.rpartition(".")
     module = model.get_submodule(module_name)
     expected = getattr(module, attr).shape
     if param.shape != expected:
-        raise UserError(f"tensor {pname!r} has shape {tuple(param.shape)} but config.json implies {tuple(expected)}")
+        raise UserError(f"tensor {stored_name!r} has shape {tuple(param.shape)} but config.json implies {tuple(expected)}")
     setattr(module, attr, param)

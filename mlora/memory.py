@@ -55,23 +55,27 @@ _INPUT_GROUPS = (
     ("mlp_in", ("gate_proj", "up_proj")),  # post_attention_layernorm output [N, H]
     ("mlp_act", ("down_proj",)),  # silu(gate) * up [N, I]
 )
-# Phi-3 reads the same inputs with one fused projection each.
-_FUSED_INPUT_GROUPS = (("attn_in", ("qkv_proj",)), ("attn_out", ("o_proj",)), ("mlp_in", ("gate_up_proj",)),
-                       ("mlp_act", ("down_proj",)))
+
+def _input_groups(args: ModelArgs) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """_INPUT_GROUPS of this model: Phi-3 reads the same inputs with one fused projection each,
+    ChatGLM and Baichuan with a fused qkv_proj, GLM with a fused gate_up_proj."""
+    fused = {"attn_in": ("qkv_proj",) if args.fused_qkv else None,
+             "mlp_in": ("gate_up_proj",) if args.fused_gate_up else None}
+    return tuple((group, fused.get(group) or members) for group, members in _INPUT_GROUPS)
 # Inputs that autograd keeps anyway, for a reason other than LoRA: SDPA saves its output.
 _SAVED_ANYWAY = {"attn_out"}
 
 
 def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
-    Phi-3's four (fused qkv_proj and gate_up_proj). Its keys are the model's LoRA targets."""
+    with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
+    LoRA targets."""
     H, I = args.hidden_size, args.intermediate_size
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    if args.fused_projections:
-        return {"qkv_proj": (H, q_dim + 2 * kv_dim), "o_proj": (q_dim, H), "gate_up_proj": (H, 2 * I),
-                "down_proj": (I, H)}
-    return {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim), "o_proj": (q_dim, H),
-            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    attn = ({"qkv_proj": (H, q_dim + 2 * kv_dim)} if args.fused_qkv
+            else {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim)})
+    mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
+    return {**attn, "o_proj": (q_dim, H), **mlp, "down_proj": (I, H)}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -314,7 +318,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output;
         # Phi-3's v, unless repeated, is a view of the whole qkv_proj output and keeps it alive
         "attention": (2 * nh * D + kv_heads * D
-                      + ((nh + 2 * nkv) * D if args.fused_projections and (not repeat_kv or nh == nkv)
+                      + ((nh + 2 * nkv) * D if args.fused_qkv and (not repeat_kv or nh == nkv)
                          else kv_heads * D)) * e,
         # logsumexp fp32 [B, nh, S]; the memory-efficient kernel pads S to a multiple of 32
         "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
@@ -336,7 +340,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         if explicit_mask:
             out["attention_mask"] = seq_len
     widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": H, "mlp_act": I}
-    for group, members in _FUSED_INPUT_GROUPS if args.fused_projections else _INPUT_GROUPS:
+    for group, members in _input_groups(args):
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
                                                       shared, quant, kernel)
     out.update(_lora_hidden_per_token(adapters, e, active, kernel))

@@ -16,7 +16,9 @@ from mlora.data import Example, encode_rows, load_rows, load_template
 from mlora.device import resolve_device, resolve_dtype
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
+from mlora.models.args import REMOTE_CODE_FAMILIES
 from mlora.lora import BatchLayout, LoraLinear, check_kernel, inject_lora
+from mlora.models.naming import Naming, naming_for
 
 
 @dataclass
@@ -43,6 +45,11 @@ class Session:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
 
+    @property
+    def naming(self) -> Naming:
+        """The base checkpoint's names (ChatGLM and Baichuan differ from mlora's own)."""
+        return naming_for(self.model.args.model_type) if self.model is not None else Naming()
+
     def load_base(self) -> None:
         """Load the frozen base onto the device and wrap its target projections."""
         self.model = load_model(self.base_dir, self.device, self.dtype, quant=self.quant)
@@ -52,8 +59,14 @@ class Session:
 def check_targets(cfg: TrainConfig, model_args) -> None:
     """Every adapter's target_modules must be projections the base model has: LLaMA-style
     models have q/k/v/o_proj and gate/up/down_proj, Phi-3 qkv_proj, o_proj, gate_up_proj and
-    down_proj (an adapter would otherwise train nothing on a name the model lacks)."""
+    down_proj, GLM q/k/v/o_proj, gate_up_proj and down_proj (an adapter would otherwise train
+    nothing on a name the model lacks)."""
     from mlora.memory import projection_shapes
+
+    naming = naming_for(model_args.model_type)
+
+    def named(m: str) -> str:  # ChatGLM's and Baichuan's own name, then mlora's
+        return m if naming.leaf(m) == m else f"{naming.leaf(m)} ({m})"
 
     has = list(projection_shapes(model_args))
     for a in cfg.lora:
@@ -62,7 +75,7 @@ def check_targets(cfg: TrainConfig, model_args) -> None:
             default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
                 "q_proj", "v_proj"] else ""
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
-                            f"{model_args.model_type} model (its projections: {', '.join(has)}){default}")
+                            f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
 
 
 # Dropout inside the base model, which transformers applies in training mode and mlora does
@@ -79,14 +92,27 @@ def warn_unapplied_dropout(hf_config) -> None:
               "without dropout; transformers + PEFT would drop out in training)", file=sys.stderr)
 
 
-def load_tokenizer(base_dir: Path):
+def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: str | None = None):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    quiet = model_type in REMOTE_CODE_FAMILIES
+    if quiet:
+        # AutoTokenizer reads config.json too and warns that no transformers class has its
+        # model_type (mlora has one; the tokenizer does not depend on it)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(base_dir))
+        return AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types for a missing/broken tokenizer
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise UserError(f"base_model {base_dir}: its tokenizer is code shipped with the model; pass "
+                            "--trust_remote_code to run it") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"base_model {base_dir}: cannot load its tokenizer ({first})") from None
+    finally:
+        if quiet:
+            hf_logging.set_verbosity(verbosity)
 
 
 def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inputs: bool) -> list[Example]:
@@ -97,9 +123,10 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
 def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
-                 load_base: bool = True, load_data: bool = True) -> Session:
+                 load_base: bool = True, load_data: bool = True, trust_remote_code: bool = False) -> Session:
     """Everything a command needs, checked before work starts. load_data=False: no dataset is
-    read (generation needs none), session.data stays empty."""
+    read (generation needs none), session.data stays empty. trust_remote_code: the base's
+    tokenizer may run code shipped with it (ChatGLM, Baichuan)."""
     check_kernel()
     cfg = load_config(config_path)
     if output_dir is not None:
@@ -116,7 +143,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_targets(cfg, model_args)
     warn_unapplied_dropout(hf_config)
     weight_index(base_dir)  # weights present
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code, model_args.model_type)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model {base_dir}: the tokenizer has no EOS token")
     vocab = model_args.vocab_size

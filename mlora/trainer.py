@@ -111,7 +111,7 @@ class Trainer:
             prepare_examples(session.data[a.name].train)
         for position, a in enumerate(self.cfg.lora):
             steps = total_steps(len(session.data[a.name].train), a)
-            adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps)
+            adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps, naming=session.naming)
             bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,
                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
             self.runs[a.name] = AdapterProgress(adapter, steps, bar)

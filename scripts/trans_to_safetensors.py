@@ -42,6 +42,9 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
              "merges.txt", "chat_template.jinja", "chat_template.json")
+# ChatGLM's and Baichuan's tokenizers are code shipped with the model (tokenization_chatglm.py,
+# their config class beside it) reading their own vocabulary files.
+AUX_PATTERNS = ("tokenization_*.py", "configuration_*.py", "*.tiktoken")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # as transformers reads them
 
@@ -253,7 +256,8 @@ def convert(model_dir: Path, out_dir: Path, overwrite: bool, max_shard_size: int
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         aux = []
         if out_dir.resolve() != model_dir.resolve():
-            for name in AUX_FILES:
+            remote_code = sorted({p.name for pattern in AUX_PATTERNS for p in model_dir.glob(pattern)})
+            for name in (*AUX_FILES, *remote_code):
                 if (model_dir / name).is_file():
                     shutil.copyfile(model_dir / name, tmp / name)
                     aux.append(name)

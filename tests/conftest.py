@@ -92,10 +92,27 @@ TINY = dict(
 )
 
 
+def reference_dir(path: Path) -> Path:
+    """Where transformers' own model of a tiny model lives: the model itself, or for ChatGLM and
+    Baichuan (remote-code checkpoints) its twin in transformers' layout (see make_tiny_model)."""
+    twin = Path(str(path) + "-hf")
+    return twin if twin.is_dir() else Path(path)
+
+
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
-    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text | phi3 | smollm3), save it as safetensors
-    (plus the tiny tokenizer when given) into `path`, and return `path`."""
+    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
+    gemma3_text | phi3 | smollm3 | glm | glm4 | chatglm | baichuan), save it as safetensors
+    (plus the tiny tokenizer when given) into `path`, and return `path`.
+
+    chatglm and baichuan have no model class in transformers: their checkpoint is written in
+    their own layout (names, fused projections, config keys) from a GLM / LLaMA model built by
+    transformers, which is kept beside it (reference_dir) as the reference. The conversion is
+    the one transformers' GLM conversion and vLLM's Baichuan loader apply, written here
+    independently of mlora's naming.py. Baichuan 2 (vocab_size 125696) gets an un-normalized
+    head in its file and the normalized one (its NormHead) in the reference."""
+    if family in ("chatglm", "baichuan"):
+        return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
     import transformers
 
     cls_config, cls_model = {
@@ -108,6 +125,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
+        "glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
+        "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -122,6 +141,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     if family == "gemma2":  # caps that bite on tiny random weights (the real ones: 50 and 30)
         kwargs.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=2.0,
                       final_logit_softcapping=3.0)
+    if family in ("glm", "glm4"):  # their defaults are GLM-4-9B's head_dim 128
+        kwargs.update(head_dim=16)
     kwargs.update(overrides)
     config = cls_config(**kwargs)
     torch.manual_seed(seed)
@@ -143,6 +164,76 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return Path(path)
+
+
+def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None, seed: int, **overrides) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    reference = Path(str(path) + "-hf")
+    if family == "chatglm":
+        overrides.setdefault("attention_bias", True)  # ChatGLM2/3's add_qkv_bias
+        make_tiny_model(reference, "glm", tokenizer_dir, seed, **overrides)
+    else:  # Baichuan: LLaMA without grouped K/V
+        make_tiny_model(reference, "llama", tokenizer_dir, seed, **{"num_key_value_heads": 4, **overrides})
+    hf = json.loads((reference / "config.json").read_text())
+    weights = load_file(reference / "model.safetensors")
+    layers = range(hf["num_hidden_layers"])
+    qkv = {}
+    for i in layers:
+        p = f"model.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            parts = [weights.get(f"{p}{x}_proj.{kind}") for x in "qkv"]
+            if parts[0] is not None:
+                qkv[(i, kind)] = torch.cat(parts)  # [q_dim + 2 kv_dim, ...]: q, then k, then v
+    if family == "chatglm":
+        rope = hf.get("rope_parameters") or {}
+        config = {
+            "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+            "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
+            "ffn_hidden_size": hf["intermediate_size"], "kv_channels": hf["head_dim"],
+            "num_attention_heads": hf["num_attention_heads"], "multi_query_attention": True,
+            "multi_query_group_num": hf["num_key_value_heads"], "padded_vocab_size": hf["vocab_size"],
+            "layernorm_epsilon": hf["rms_norm_eps"], "rmsnorm": True, "post_layer_norm": True,
+            "apply_residual_connection_post_layernorm": False, "add_bias_linear": False,
+            "add_qkv_bias": hf["attention_bias"], "rope_ratio": rope.get("rope_theta", 10000.0) / 10000.0,
+            "seq_length": hf["max_position_embeddings"], "original_rope": True, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32",
+        }
+        stored = {"transformer.embedding.word_embeddings.weight": weights["model.embed_tokens.weight"],
+                  "transformer.encoder.final_layernorm.weight": weights["model.norm.weight"],
+                  "transformer.output_layer.weight": weights["lm_head.weight"],
+                  # real checkpoints carry it; mlora computes its own
+                  "transformer.rotary_pos_emb.inv_freq": torch.zeros(hf["head_dim"] // 4)}
+        for i in layers:
+            src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                if (i, kind) in qkv:
+                    stored[f"{dst}self_attention.query_key_value.{kind}"] = qkv[(i, kind)]
+            stored[f"{dst}self_attention.dense.weight"] = weights[f"{src}self_attn.o_proj.weight"]
+            stored[f"{dst}mlp.dense_h_to_4h.weight"] = weights[f"{src}mlp.gate_up_proj.weight"]
+            stored[f"{dst}mlp.dense_4h_to_h.weight"] = weights[f"{src}mlp.down_proj.weight"]
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                stored[f"{dst}{norm}.weight"] = weights[f"{src}{norm}.weight"]
+    else:
+        config = {k: hf[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "rms_norm_eps", "vocab_size", "max_position_embeddings", "hidden_act")}
+        config.update(model_type="baichuan", architectures=["BaichuanForCausalLM"], tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32")
+        stored = {k: v for k, v in weights.items() if not any(f".{x}_proj." in k for x in "qkv")}
+        for (i, kind), w in qkv.items():
+            stored[f"model.layers.{i}.self_attn.W_pack.{kind}"] = w
+        if hf["vocab_size"] == 125696:  # Baichuan 2: the reference computes with unit-length rows
+            head = torch.nn.functional.normalize(weights["lm_head.weight"], dim=-1)
+            save_file({**weights, "lm_head.weight": head}, reference / "model.safetensors", metadata={"format": "pt"})
+            scales = torch.rand(head.shape[0], 1, generator=torch.Generator().manual_seed(seed)) + 0.5
+            stored["lm_head.weight"] = head * scales
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in stored.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    for extra in reference.iterdir():  # the tokenizer, generation_config.json
+        if extra.name not in ("config.json", "model.safetensors"):
+            (path / extra.name).write_bytes(extra.read_bytes())
+    return path
 
 
 @pytest.fixture(scope="session")

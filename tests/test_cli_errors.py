@@ -259,3 +259,28 @@ def test_a_pretty_printed_object_is_not_called_malformed(setup, tiny_llama, caps
 def test_base_model_that_is_a_file(setup, capsys, tmp_path):
     _, data, out, config = setup
     check(*run_train(capsys, data, config()), out, "is a file, not a directory")
+
+
+def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_path, tokenizer_dir):
+    """ChatGLM's and Baichuan's tokenizers are Python files in the model directory: without
+    --trust_remote_code, one line saying so and nothing written; with it, the run works (mlora
+    never runs the checkpoint's model code, only the tokenizer's)."""
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "glm", "chatglm", tokenizer_dir)
+    (base / "tokenization_tiny.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class TinyRemoteTokenizer(PreTrainedTokenizerFast):\n"
+        "    \"\"\"Stands in for a model's own tokenizer code.\"\"\"\n")
+    tok_config = json.loads((base / "tokenizer_config.json").read_text())
+    tok_config.update(tokenizer_class="TinyRemoteTokenizer",
+                      auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyRemoteTokenizer"]})
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    _, _, out, config = setup
+    cfg = config({"target_modules": ["query_key_value"], "num_epochs": 1})
+    code, err = run_train(capsys, base, cfg)
+    check(code, err, out, "its tokenizer is code shipped with the model", "--trust_remote_code")
+    code, err = run_train(capsys, base, cfg, "--trust_remote_code")
+    assert code == 0, err
+    assert "model of type" not in err  # transformers' warning that it has no class for chatglm
+    assert json.loads((out / "a" / "adapter_config.json").read_text())["target_modules"] == ["query_key_value"]

@@ -352,17 +352,29 @@ def test_gemma2_softcapped_attention_bounds_what_autograd_saves(dtype, windows):
     assert estimate.activations - scores < measured  # without the scores it would not bound
 
 
+FUSED = {  # the fused layouts: Phi-3 (both), ChatGLM (both, RoPE on pairs, q/k/v biases),
+    # GLM-4-0414 (gate_up only, four norms), Baichuan (qkv only)
+    "phi3": (dict(fused_qkv=True, fused_gate_up=True), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "chatglm": (dict(fused_qkv=True, fused_gate_up=True, attention_bias=True,
+                     rope=llama.RopeArgs(interleaved=True)), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "glm4": (dict(fused_gate_up=True, attention_bias=True, sandwich_norms=True, rope=llama.RopeArgs(interleaved=True)),
+             ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "baichuan": (dict(fused_qkv=True), ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+@pytest.mark.parametrize("family", FUSED)
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 @pytest.mark.parametrize("windows", [[None, None], [4, 4]], ids=["causal", "sliding"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_phi3_fused_projections_bound_what_autograd_saves(dtype, windows, kv_heads):
-    """Phi-3's fused qkv_proj and gate_up_proj (each alone in its input group), partial rotary:
-    the estimate bounds what autograd saves (v, a view of the whole qkv output unless K/V are
+def test_fused_projections_bound_what_autograd_saves(dtype, windows, kv_heads, family):
+    """Fused qkv_proj and/or gate_up_proj (each alone in its input group), partial rotary: the
+    estimate bounds what autograd saves (v, a view of the whole qkv output unless K/V are
     repeated, keeps all of it alive: with a mask too when there is nothing to repeat), and the
     weights are the model's parameters."""
-    phi3 = dataclasses.replace(SMALL, model_type="phi3", fused_projections=True, rotary_dim=8, sliding_window=windows,
-                               num_kv_heads=kv_heads)
-    targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    switches, targets = FUSED[family]
+    phi3 = dataclasses.replace(SMALL, model_type=family, rotary_dim=8, sliding_window=windows, num_kv_heads=kv_heads,
+                               **switches)
     rows, seq_len = 2, 32
     model, layout, wrappers = _model_with_adapters(dtype, [(4, 0.1), (4, 0.0)], targets, phi3)
     assert sorted({path.rsplit(".", 1)[-1] for path in wrappers}) == sorted(targets)

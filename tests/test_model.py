@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, reference_dir
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config
 from mlora.models import SUPPORTED, family_for, llama
@@ -48,6 +48,14 @@ CASES = {
         attention_bias=True, query_pre_attn_scalar=24, layer_types=["full_attention", "sliding_attention"],
         rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
                          "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # GLM-4: q/k/v biases, fused gate_up_proj, RoPE on adjacent pairs of the first half of each head
+    "glm": ("glm", {}),
+    "glm4": ("glm4", dict(num_key_value_heads=1)),  # GLM-4-0414: norms after both sublayers too
+    # ChatGLM2/3, GLM-4 in their own layout (fused query_key_value), against GlmForCausalLM
+    "chatglm": ("chatglm", {}),
+    "chatglm_mqa_rope_ratio": ("chatglm", dict(num_key_value_heads=1, rope_parameters=dict(rope_theta=5e5))),
+    "baichuan": ("baichuan", {}),  # W_pack, against LlamaForCausalLM
+    "baichuan2_norm_head": ("baichuan", dict(vocab_size=125696)),  # Baichuan 2's normalized head
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -73,7 +81,7 @@ def _masks() -> dict[str, torch.Tensor | None]:
 def _hf(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=torch.float32).eval()
 
 
 def _assert_close_on_real(ours, ref, mask):
@@ -106,7 +114,8 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
-                                  "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3"])
+                                  "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
+                                  "glm4", "chatglm"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -210,7 +219,8 @@ def test_sliding_windows_per_family(tmp_path):
     assert read_model_config(m)[1].sliding_window == [5, 5]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])  # gemma: scaled embedding, a RoPE per layer type
+# gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm"])
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -280,7 +290,8 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+                         "glm", "glm4", "chatglm", "baichuan"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -332,7 +343,7 @@ def test_gemma_rounds_as_transformers_in_bf16(tmp_path, family):
     assert diff[mask.bool()].max().item() < 0.01
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED - {"chatglm", "baichuan"}))  # no config class in transformers
 def test_a_config_json_without_defaults_reads_as_its_config_class(model_type):
     """A config.json leaves out values equal to its class's defaults, which differ by family
     (Gemma ties its head and has head_dim 256, Qwen3 head_dim 128): read as a plain dict, it
@@ -354,3 +365,77 @@ def test_bf16_runs_close_to_fp32(tiny_llama):
         out = load_model(tiny_llama, "cpu", torch.bfloat16)(ids, mask)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref)[mask.bool()].abs().max() < 0.1
+
+
+CHATGLM = dict(model_type="chatglm", num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
+               num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=400,
+               layernorm_epsilon=1e-5, rmsnorm=True, post_layer_norm=True, add_bias_linear=False, add_qkv_bias=True,
+               apply_residual_connection_post_layernorm=False, seq_length=1024, rope_ratio=50)
+
+
+def test_chatglm_and_baichuan_configs():
+    """ChatGLM2/3 and Baichuan config.json keys (only their remote code reads them) as mlora
+    reads them, and the variants it refuses in one line rather than compute something else."""
+    args = llama.args_from_hf_config(CHATGLM)
+    assert (args.num_layers, args.intermediate_size, args.num_kv_heads, args.head_dim, args.vocab_size) == (
+        2, 96, 2, 16, 400)
+    assert (args.rope.theta, args.rope.interleaved, args.rotary_dim, args.max_position_embeddings) == (
+        5e5, True, 8, 1024)
+    assert (args.attention_bias, args.o_proj_bias, args.mlp_bias, args.tie_word_embeddings) == (True, False, False, False)
+    assert (args.fused_qkv, args.fused_gate_up) == (True, True)
+    mha = llama.args_from_hf_config(dict(CHATGLM, multi_query_attention=False, add_bias_linear=True))
+    assert (mha.num_kv_heads, mha.o_proj_bias, mha.mlp_bias) == (4, True, True)
+    chatglm1 = dict(model_type="chatglm", num_layers=28, hidden_size=4096, inner_hidden_size=16384,
+                    num_attention_heads=32, vocab_size=130528, position_encoding_2d=True)
+    with pytest.raises(UserError, match="first ChatGLM"):
+        llama.args_from_hf_config(chatglm1)
+    for key, value, match in (("rmsnorm", False, "LayerNorm"), ("post_layer_norm", False, "final norm"),
+                              ("apply_residual_connection_post_layernorm", True, "after the norm"),
+                              ("pre_seq_len", 128, "P-tuning"), ("quantization_bit", 4, "quantized checkpoints")):
+        with pytest.raises(UserError, match=match):
+            llama.args_from_hf_config(dict(CHATGLM, **{key: value}))
+
+    baichuan = dict(model_type="baichuan", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, vocab_size=64000, model_max_length=4096, rms_norm_eps=1e-6)
+    args = llama.args_from_hf_config(baichuan)
+    assert (args.fused_qkv, args.fused_gate_up, args.num_kv_heads, args.normalized_head) == (True, False, 4, False)
+    assert args.max_position_embeddings == 4096 and not args.rope.interleaved
+    assert llama.args_from_hf_config(dict(baichuan, vocab_size=125696)).normalized_head  # Baichuan 2
+    assert not llama.args_from_hf_config(dict(baichuan, vocab_size=125696, normalized_head=False)).normalized_head
+    for config in (dict(baichuan, hidden_size=5120, num_attention_heads=40), dict(baichuan, position_embedding="alibi")):
+        with pytest.raises(UserError, match="13B models .ALiBi"):  # Baichuan 13B and Baichuan 2 13B
+            llama.args_from_hf_config(config)
+    assert llama.args_from_hf_config(dict(baichuan, hidden_size=5120, num_attention_heads=40,
+                                          position_embedding="rope")).rope.type == "default"
+
+
+def test_checkpoint_names_of_chatglm_and_baichuan(tmp_path):
+    """A stage of a ChatGLM checkpoint reads its own tensors under ChatGLM's names; the
+    translation goes both ways and leaves LLaMA-named checkpoints alone."""
+    from mlora.models.naming import Naming, naming_for
+
+    path = make_tiny_model(tmp_path / "glm", "chatglm")
+    stage = load_model(path, "cpu", torch.float32, parts=["layer.1", "norm", "head"])
+    assert stage.loaded_tensor_names == sorted([
+        "transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight",
+        *(f"transformer.encoder.layers.1.{n}" for n in (
+            "input_layernorm.weight", "post_attention_layernorm.weight", "self_attention.query_key_value.weight",
+            "self_attention.query_key_value.bias", "self_attention.dense.weight", "mlp.dense_h_to_4h.weight",
+            "mlp.dense_4h_to_h.weight"))])
+    chatglm, baichuan = naming_for("chatglm"), naming_for("baichuan")
+    for name in llama.tensor_names(stage.args):
+        assert chatglm.from_checkpoint(chatglm.to_checkpoint(name)) == name
+    assert chatglm.to_checkpoint("model.layers.10.mlp.down_proj") == "transformer.encoder.layers.10.mlp.dense_4h_to_h"
+    assert baichuan.to_checkpoint("model.layers.3.self_attn.qkv_proj.weight") == "model.layers.3.self_attn.W_pack.weight"
+    assert baichuan.to_checkpoint("model.layers.3.self_attn.o_proj.weight") == "model.layers.3.self_attn.o_proj.weight"
+    assert (chatglm.leaf("qkv_proj"), chatglm.leaf("o_proj"), baichuan.leaf("qkv_proj"), baichuan.leaf("o_proj")) == (
+        "query_key_value", "dense", "W_pack", "o_proj")
+    assert naming_for("llama") == Naming() and Naming().to_checkpoint("lm_head.weight") == "lm_head.weight"
+    (path / "model.safetensors").rename(tmp_path / "elsewhere")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "elsewhere")
+    del tensors["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(UserError, match="'transformer.encoder.layers.0.mlp.dense_4h_to_h.weight' is missing"):
+        load_model(path, "cpu", torch.float32)

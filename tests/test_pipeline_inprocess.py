@@ -433,3 +433,33 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
     assert len(plans) == 3  # one per rank, one segment each
     for plan, streams in plans:
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
+
+
+def test_chatglm_pipeline_equals_single_process(tmp_path, tokenizer_dir):
+    """ChatGLM's own tensor names: each rank reads its layers under them, the ranks' adapter
+    pieces merge into one PEFT file with ChatGLM's module names, and the run equals one process
+    (an init_from adapter under those names too)."""
+    import json
+
+    from conftest import make_tiny_model
+    from mlora.cli import main
+
+    base = make_tiny_model(tmp_path / "glm", "chatglm", tokenizer_dir, num_hidden_layers=4)
+    cfg = write_config(tmp_path, 2, tmp_path / "single")
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = ["query_key_value", "dense_4h_to_h"]
+    raw["lora"][1]["target_modules"] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+    run_threads(base, cfg, tmp_path / "pipe", 2, [3, 4])
+    assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
+    keys = load_file(tmp_path / "pipe" / "p1" / "adapter_model.safetensors")
+    assert len(keys) == 4 * 4 * 2 and all(k.startswith("base_model.model.transformer.encoder.layers.") for k in keys)
+    # a trained adapter as init_from: every rank takes its layers' tensors from the one file
+    raw["lora"] = [dict(raw["lora"][1], init_from=str(tmp_path / "single" / "p1"), num_epochs=1)]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress",
+                 "--output_dir", str(tmp_path / "single2")]) == 0
+    run_threads(base, cfg, tmp_path / "pipe2", 2, [2, 5])
+    assert rel_diff(load_file(tmp_path / "pipe2" / "p1" / "adapter_model.safetensors"),
+                    load_file(tmp_path / "single2" / "p1" / "adapter_model.safetensors")) <= 1e-5

@@ -159,13 +159,18 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     from mlora.loader import load_model
     from mlora.lora import BatchLayout, inject_lora
 
+    from mlora.config import NATIVE_MODULE_NAMES
+    from mlora.models.naming import naming_for
+
     model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"],
-                        target_modules=peft_cfg["target_modules"])
-    adapter = Adapter(cfg, wrappers, 0, torch.device("cpu"))
+    naming = naming_for(model.args.model_type)
+    targets = [NATIVE_MODULE_NAMES[m] if naming.leaf(m) == m and m in NATIVE_MODULE_NAMES else m
+               for m in peft_cfg["target_modules"]] if naming.family else peft_cfg["target_modules"]
+    cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], target_modules=targets)
+    adapter = Adapter(cfg, wrappers, 0, torch.device("cpu"), naming=naming)
     adapter.load_peft(adapter_dir)
     layout.rows = [AdapterRows(name, 0, input_ids.shape[0])]
     model.eval()
@@ -532,17 +537,32 @@ def test_lr_schedule_matches_transformers(kind):
         sched.step()
 
 
+def _assert_peft_gives_mlora_logits(peft_model, base: Path, adapter_dir: Path) -> None:
+    """PEFT's logits with the adapter equal mlora's, and differ from the bare base's."""
+    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids).logits
+        with peft_model.disable_adapter():
+            bare = peft_model(input_ids).logits
+    got = _mlora_logits(base, adapter_dir, adapter_dir.name, input_ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (bare - expected).abs().max().item() > 1e-4
+
+
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma2", {}),
                                               ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5)),
-                                              ("smollm3", dict(no_rope_layers=[1, 0]))])
+                                              ("smollm3", dict(no_rope_layers=[1, 0])), ("glm", {}),
+                                              ("glm4", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
-    gate_up_proj, partial rotary), SmolLM3 (a layer without RoPE): mlora trains an adapter on
-    every projection, and PEFT on transformers' model gives the saved adapter's logits."""
+    gate_up_proj, partial rotary), SmolLM3 (a layer without RoPE), GLM-4 (fused gate_up_proj,
+    RoPE on adjacent pairs; GLM-4-0414's extra norms): mlora trains an adapter on every
+    projection, and PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -551,23 +571,95 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
-    if family == "phi3":
+    if family in ("phi3", "glm", "glm4"):
         raw = json.loads(cfg.read_text())
-        raw["lora"][0]["target_modules"] = PHI3_TARGETS
+        raw["lora"][0]["target_modules"] = PHI3_TARGETS if family == "phi3" else GLM_TARGETS
         cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3])  # the second epoch's loss is lower
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                            out / "b").eval()
-    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = peft_model(input_ids).logits
-        with peft_model.disable_adapter():
-            bare = peft_model(input_ids).logits
-    got = _mlora_logits(base, out / "b", "b", input_ids)
-    assert (got - expected).abs().max().item() < 1e-4
-    assert (bare - expected).abs().max().item() > 1e-4
+    _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
+
+
+# ChatGLM's and Baichuan's own projection names, as their PEFT users write them
+REMOTE_TARGETS = {"chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+                  "baichuan": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def _as_reference_adapter(adapter_dir: Path, family: str, ref_config: dict, out: Path) -> Path:
+    """The adapter of a ChatGLM / Baichuan checkpoint rewritten for transformers' GLM / LLaMA
+    twin of the base (conftest.reference_dir): the same modules under the twin's names, and
+    a fused qkv LoRA as three LoRAs that share A (B A x split by rows is B_q A x, B_k A x, B_v A x)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    head_dim = ref_config.get("head_dim") or ref_config["hidden_size"] // ref_config["num_attention_heads"]
+    q_dim = ref_config["num_attention_heads"] * head_dim
+    kv_dim = ref_config["num_key_value_heads"] * head_dim
+    renames = ([(r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.", r"model.layers.\1.self_attn.o_proj."),
+                (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.", r"model.layers.\1.self_attn.qkv."),
+                (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"model.layers.\1.mlp.gate_up_proj."),
+                (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"model.layers.\1.mlp.down_proj.")]
+               if family == "chatglm" else [(r"\.self_attn\.W_pack\.", ".self_attn.qkv.")])
+    tensors = {}
+    for name, value in load_file(adapter_dir / "adapter_model.safetensors").items():
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        if ".self_attn.qkv." not in name:
+            tensors[name] = value
+            continue
+        parts = [value.clone() for _ in range(3)] if ".lora_A." in name else value.split([q_dim, kv_dim, kv_dim])
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+            tensors[name.replace(".qkv.", f".{proj}.")] = part.contiguous()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["target_modules"] = GLM_TARGETS if family == "chatglm" else [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    out.mkdir()
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("family", ["chatglm", "baichuan"])
+def test_chatglm_and_baichuan_adapters_use_their_own_names(tmp_path, tokenizer_dir, family, capsys):
+    """ChatGLM2/3 and Baichuan checkpoints name their tensors otherwise than LLaMA: an adapter
+    trained on one targets the projections by their own names and is saved under the names
+    PEFT sees on the real (remote-code) model, so it loads there; rewritten for transformers'
+    GLM / LLaMA twin of the base, PEFT gives mlora's logits. `mlora eval` reads it back."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model, reference_dir
+
+    base = make_tiny_model(tmp_path / family, family, tokenizer_dir)
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path, ["b"], out)
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = REMOTE_TARGETS[family]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+    saved = json.loads((out / "b" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == REMOTE_TARGETS[family]
+    with safe_open(str(out / "b" / "adapter_model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    layer0 = ("base_model.model.transformer.encoder.layers.0.self_attention.query_key_value" if family == "chatglm"
+              else "base_model.model.model.layers.0.self_attn.W_pack")
+    assert {f"{layer0}.lora_A.weight", f"{layer0}.lora_B.weight"} <= keys
+    assert len(keys) == 2 * 2 * len(REMOTE_TARGETS[family])  # A and B, two layers
+
+    ref_dir = reference_dir(base)
+    converted = _as_reference_adapter(out / "b", family, json.loads((ref_dir / "config.json").read_text()),
+                                      tmp_path / "converted")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32),
+                                           converted).eval()
+    _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
+    capsys.readouterr()
+    assert main(["eval", "--base_model", str(base), "--config", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["adapter"] == "b"
 
 
 def test_targets_must_be_projections_of_the_base(tmp_path, tokenizer_dir, tiny_llama, capsys):

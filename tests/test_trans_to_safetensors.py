@@ -386,3 +386,29 @@ def test_runs_as_a_script_from_any_directory(models, tmp_path):
 
     usage = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True)
     assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1 and "--model_path" in usage.stderr
+
+
+def test_a_chatglm_bin_checkpoint_with_its_tokenizer_code(tmp_path, capsys, tokenizer_dir):
+    """ChatGLM2/3 and Baichuan 2 ship .bin weights under their own names and a tokenizer that is
+    code (tokenization_*.py beside its vocabulary): the converted directory has both, and mlora
+    loads it as it loads the safetensors original."""
+    from safetensors.torch import load_file
+
+    src = make_tiny_model(tmp_path / "src", "chatglm", tokenizer_dir)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, bins / f.name)
+    (bins / "tokenization_chatglm.py").write_text("# the model's tokenizer code\n")
+    (bins / "configuration_chatglm.py").write_text("# its config class\n")
+    (bins / "modeling_chatglm.py").write_text("# model code: mlora has its own\n")
+    torch.save(load_file(src / "model.safetensors"), bins / "pytorch_model.bin")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "--model_path", bins, "--output_dir", out)
+    assert code == 0, err
+    assert (out / "tokenization_chatglm.py").is_file() and (out / "configuration_chatglm.py").is_file()
+    assert not (out / "modeling_chatglm.py").exists()
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(out, "cpu", torch.float32)(ids), load_model(src, "cpu", torch.float32)(ids))

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "glm", "glm4",
+            "chatglm", "baichuan")
+# Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
+# dict, and their safetensors names are not LLaMA's (models/naming.py).
+REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 
 
@@ -31,6 +35,8 @@ class RopeArgs:
     short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors
     long_factor: tuple[float, ...] | None = None
     attention_factor: float = 1.0  # longrope: cos and sin are scaled by it
+    # GLM / ChatGLM: RoPE turns adjacent pairs (0, 1), (2, 3), ... instead of the two halves
+    interleaved: bool = False
 
 
 @dataclass
@@ -56,15 +62,17 @@ class ModelArgs:
     # pre_feedforward_layernorm); attention scales by attn_scale instead of 1 / sqrt(D).
     gemma_norms: bool = False
     embed_scale: bool = False
-    sandwich_norms: bool = False
+    sandwich_norms: bool = False  # GLM-4-0414 too, under other names (DecoderLayer.NORM_NAMES)
     attn_scale: float | None = None
     # Gemma 2: attention scores and the final logits pass through cap * tanh(x / cap). SDPA
     # cannot do that to the scores, so those layers compute attention in plain ops.
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    # Phi-3: q/k/v as one qkv_proj [q_dim + 2 kv_dim, H] and gate/up as one gate_up_proj
-    # [2 I, H] (gate first); RoPE may turn only the first rotary_dim dims of each head.
-    fused_projections: bool = False
+    # Phi-3, ChatGLM, Baichuan: q/k/v as one qkv_proj [q_dim + 2 kv_dim, H]; Phi-3, GLM,
+    # ChatGLM: gate/up as one gate_up_proj [2 I, H] (gate first). RoPE may turn only the first
+    # rotary_dim dims of each head (Phi-3, GLM, ChatGLM).
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     rotary_dim: int | None = None  # None: the whole head_dim
     # SmolLM3: the layers that turn q and k with RoPE (the others use no position encoding)
     rope_layers: list[bool] = field(default_factory=list)  # per layer; empty: all
@@ -72,6 +80,8 @@ class ModelArgs:
     local_rope: RopeArgs | None = None  # Gemma 3: the RoPE of the sliding-window layers
     sliding_window: list[int | None] = field(default_factory=list)  # per layer; None = full attention
     max_position_embeddings: int = 2048
+    # Baichuan 2: the head's rows are normalized to unit length (its NormHead), done once at load
+    normalized_head: bool = False
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -102,6 +112,14 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if model_type in REMOTE_CODE_FAMILIES:
+        if not isinstance(cfg, Mapping):
+            cfg = cfg.to_dict()
+        cfg = _chatglm_keys(cfg) if model_type == "chatglm" else _baichuan_keys(cfg)
+
+        def get(key, default=None):
+            value = cfg.get(key, default)
+            return default if value is None else value
     # A config.json leaves out what equals its config class's default, and those classes
     # differ; a key that is there, null included, says what it says (a config object always
     # has every key).
@@ -162,6 +180,12 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = [None] * num_layers
+    elif model_type in ("glm", "glm4", "chatglm", "baichuan"):
+        # GLM: `attention_bias` on q/k/v only; ChatGLM's add_bias_linear (read into linear_bias)
+        # on every projection
+        qkv_bias = bool(get("attention_bias", False))
+        o_bias = mlp_bias = bool(get("linear_bias", False))
+        windows = [None] * num_layers
     else:  # gemma2, gemma3_text
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
@@ -172,7 +196,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
     rotary_dim = None
     if partial != 1.0:
-        if model_type != "phi3":  # the other families' attention turns whole heads
+        if model_type not in _PARTIAL_ROTARY:  # the other families' attention turns whole heads
             raise UserError(f"partial_rotary_factor other than 1.0 is not supported for {model_type}")
         rotary_dim = int(head_dim * partial)
     gemma3 = model_type == "gemma3_text"
@@ -185,6 +209,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     rope_dim = head_dim if rotary_dim is None else rotary_dim
     full_rope, local_rope = (_gemma3_ropes(get, max_pos, rope_dim) if gemma3
                              else (_rope_args(get, max_pos, rope_dim), None))
+    if model_type in ("glm", "glm4", "chatglm"):
+        full_rope = replace(full_rope, interleaved=True)
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -203,27 +229,100 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         hidden_act="gelu_tanh" if gemma else "silu",
         gemma_norms=gemma,
         embed_scale=gemma,
-        sandwich_norms=sandwich,
+        sandwich_norms=sandwich or model_type == "glm4",
         attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich else None,
         attn_softcap=attn_cap,
         final_softcap=final_cap,
-        fused_projections=model_type == "phi3",
+        fused_qkv=model_type in ("phi3", "chatglm", "baichuan"),
+        fused_gate_up=model_type in ("phi3", "glm", "glm4", "chatglm"),
         rotary_dim=rotary_dim,
         rope_layers=rope_layers,
         rope=full_rope,
         local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
         max_position_embeddings=max_pos,
+        normalized_head=bool(get("normalized_head", False)),
     )
 
 
+_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm")
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
+_GLM_DEFAULTS = {"num_key_value_heads": 2, "head_dim": 128, "attention_bias": True, "rms_norm_eps": 1.5625e-07,
+                 "max_position_embeddings": 131072, "partial_rotary_factor": 0.5}
 _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128},
                     "smollm3": {"tie_word_embeddings": True, "rope_theta": 2_000_000.0, "num_key_value_heads": 4},
                     "gemma": _GEMMA_DEFAULTS,
                     "gemma2": {**_GEMMA_DEFAULTS, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                                "final_logit_softcapping": 30.0},
-                    "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window": 4096}}
+                    "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window": 4096},
+                    "glm": _GLM_DEFAULTS, "glm4": _GLM_DEFAULTS}
+
+
+def _chatglm_keys(cfg: Mapping) -> dict:
+    """A ChatGLM2 / ChatGLM3 / GLM-4 (remote-code, model_type chatglm) config.json in the keys
+    the other families use. Its architecture is GLM's (transformers' GlmForCausalLM, converted
+    from these very checkpoints): RMSNorm, grouped queries, a fused query_key_value with biases,
+    RoPE on the first half of each head in adjacent pairs, base 10000 * rope_ratio."""
+    def get(key, default=None):
+        return default if cfg.get(key) is None else cfg[key]
+
+    if "ffn_hidden_size" not in cfg or get("position_encoding_2d", False):
+        raise UserError("the first ChatGLM (ChatGLM-6B, 2D position encoding) is not supported; "
+                        "ChatGLM2, ChatGLM3 and GLM-4 are")
+    refused = {"rmsnorm": (True, "LayerNorm models"), "post_layer_norm": (True, "models without a final norm"),
+               "apply_residual_connection_post_layernorm": (False, "residuals taken after the norm")}
+    for key, (supported, what) in refused.items():
+        if bool(get(key, supported)) != supported:
+            raise UserError(f"ChatGLM config {key}={cfg[key]!r} is not supported ({what})")
+    if get("pre_seq_len") is not None:
+        raise UserError("ChatGLM config pre_seq_len is set: P-tuning v2 prefixes are not supported")
+    if get("quantization_bit", 0):
+        raise UserError("ChatGLM config quantization_bit is set: ChatGLM's own quantized checkpoints are not "
+                        "supported (load the full-precision model; mlora quantizes with bitsandbytes)")
+    heads = int(get("num_attention_heads"))
+    linear_bias = bool(get("add_bias_linear", False))
+    return {
+        "model_type": "chatglm",
+        "num_hidden_layers": get("num_layers"),
+        "hidden_size": get("hidden_size"),
+        "intermediate_size": get("ffn_hidden_size"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("multi_query_group_num", heads)) if get("multi_query_attention") else heads,
+        "head_dim": get("kv_channels"),
+        "vocab_size": get("padded_vocab_size"),
+        "rms_norm_eps": get("layernorm_epsilon", 1e-5),
+        "rope_theta": 10000.0 * float(get("rope_ratio", 1)),
+        "partial_rotary_factor": 0.5,
+        "max_position_embeddings": get("seq_length", 2048),
+        "tie_word_embeddings": False,  # ChatGLM's output_layer is never tied
+        "attention_bias": linear_bias or bool(get("add_qkv_bias", False)),
+        "linear_bias": linear_bias,
+        "hidden_dropout": get("hidden_dropout"),
+        "attention_dropout": get("attention_dropout"),
+    }
+
+
+BAICHUAN2_VOCAB = 125696
+
+
+def _baichuan_keys(cfg: Mapping) -> dict:
+    """A Baichuan / Baichuan 2 (remote-code, model_type baichuan) config.json in the keys the
+    other families use: LLaMA with q/k/v fused into W_pack. Its config does not say which
+    position encoding or head the model's code uses; as vLLM does, mlora takes the 13B models
+    (hidden_size 5120) for ALiBi ones and Baichuan 2 (vocab_size 125696) for a NormHead one.
+    `position_embedding` ("rope" or "alibi") and `normalized_head` in config.json override that."""
+    out = dict(cfg)
+    position = cfg.get("position_embedding") or ("alibi" if cfg.get("hidden_size") == 5120 else "rope")
+    if position not in ("rope", "alibi"):
+        raise UserError(f"Baichuan config position_embedding {position!r} is not 'rope' or 'alibi'")
+    if position == "alibi":
+        raise UserError("Baichuan 13B models (ALiBi attention) are not supported; the 7B ones (RoPE) are")
+    out["max_position_embeddings"] = cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096
+    out.pop("num_key_value_heads", None)  # Baichuan's attention has as many K/V heads as queries
+    if cfg.get("normalized_head") is None:
+        out["normalized_head"] = cfg.get("vocab_size") == BAICHUAN2_VOCAB
+    out["tie_word_embeddings"] = False
+    return out
 
 
 def _smollm3_rope_layers(get, num_layers: int) -> list[bool]:

@@ -1,15 +1,17 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3 and
-SmolLM3 in one readable file.
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3,
+SmolLM3, GLM-4 (and ChatGLM2/3) and Baichuan in one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
 and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and logits; Gemma
 3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
-rotary dimensions and LongRoPE; SmolLM3's layers without RoPE),
+rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
+Baichuan 2's normalized head),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
-name (`model.layers.3.self_attn.q_proj.weight`), and the seven projections are plain
+name (`model.layers.3.self_attn.q_proj.weight`; ChatGLM's and Baichuan's checkpoints, which
+only their remote code reads, name them otherwise: naming.py translates), and the projections are plain
 `nn.Linear` attributes that the LoRA code swaps out by name; nothing here knows about LoRA.
 
 A `CausalLM` may hold the whole model or one pipeline stage: a contiguous run of the
@@ -69,16 +71,14 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             names.append("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
         else:
             p = f"model.layers.{part.split('.')[1]}."
-            attn = ("qkv",) if args.fused_projections else ("q", "k", "v")
+            attn = ("qkv",) if args.fused_qkv else ("q", "k", "v")
             for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
                 names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
             if args.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-            for proj in ("gate_up", "down") if args.fused_projections else ("gate", "up", "down"):
+            for proj in ("gate_up", "down") if args.fused_gate_up else ("gate", "up", "down"):
                 names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
-            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-            if args.sandwich_norms:
-                names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
+            names += [p + f"{norm}.weight" for norm in DecoderLayer.norm_names(args)]
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
 
 
@@ -267,8 +267,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.fused = args.fused_projections
-        if self.fused:  # Phi-3: one projection, split into q, k, v
+        self.fused = args.fused_qkv
+        if self.fused:  # Phi-3, ChatGLM, Baichuan: one projection, split into q, k, v
             self.qkv_proj = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.attention_bias)
             self.splits = (q_dim, kv_dim, kv_dim)
         else:
@@ -281,6 +281,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
         self.qk_norm = args.qk_norm
         self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
+        self.rope_interleaved = args.rope.interleaved
         self.softcap = args.attn_softcap
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
@@ -297,7 +298,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, D], [B, nkv, S, D]
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
         if cos is not None:  # (a SmolLM3 layer without position encoding)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         n_rep = self.num_heads // self.num_kv_heads
@@ -343,8 +344,8 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.fused = args.fused_projections
-        if self.fused:  # Phi-3: [gate; up] in one projection
+        self.fused = args.fused_gate_up
+        if self.fused:  # Phi-3, GLM, ChatGLM: [gate; up] in one projection
             self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
         else:
             self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
@@ -362,30 +363,40 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # HF's names of the norms (attention input, attention output, MLP input, MLP output). Gemma 2
+    # and 3 and GLM-4-0414 norm each sublayer's output too, the same design under other names.
+    NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                            "post_feedforward_layernorm"),
+                  "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+                           "post_mlp_layernorm")}
+
+    @classmethod
+    def norm_names(cls, args: ModelArgs) -> tuple[str, ...]:
+        """The layer's norms in the order above: two without sandwich norms (inputs only)."""
+        if not args.sandwich_norms:
+            return ("input_layernorm", "post_attention_layernorm")
+        return cls.NORM_NAMES["glm4" if args.model_type == "glm4" else "gemma"]
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
         self.sliding_window = args.sliding_window[layer_id]
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        g = args.gemma_norms
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
         self.sandwich = args.sandwich_norms
-        if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
-            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, g)
+        self.norms = self.norm_names(args)
+        for name in self.norms:
+            setattr(self, name, RMSNorm(args.hidden_size, args.rms_norm_eps, args.gemma_norms))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_id)  # [B, S, H]
         if not self.sandwich:
-            h = x + attn
-            return h + self.mlp(self.post_attention_layernorm(h))
-        # Gemma 3: post_attention_layernorm norms the attention's output; the MLP has its own
-        # input and output norms.
-        h = x + self.post_attention_layernorm(attn)
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            attn_in, mlp_in = (getattr(self, n) for n in self.norms)
+            h = x + self.self_attn(attn_in(x), cos, sin, mask, cache, self.layer_id)  # [B, S, H]
+            return h + self.mlp(mlp_in(h))
+        attn_in, attn_out, mlp_in, mlp_out = (getattr(self, n) for n in self.norms)
+        h = x + attn_out(self.self_attn(attn_in(x), cos, sin, mask, cache, self.layer_id))
+        return h + mlp_out(self.mlp(mlp_in(h)))
 
 
 class CausalLM(nn.Module):

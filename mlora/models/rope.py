@@ -49,8 +49,16 @@ def rope_cos_sin(rope: RopeArgs, head_dim: int, seq_len: int, device: torch.devi
     inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len if freq_len is None else freq_len), device)  # [D/2]
     pos = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+    emb = _angles(freqs, rope)  # [S, D]
     return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
+
+
+def _angles(freqs: Tensor, rope: RopeArgs) -> Tensor:
+    """[..., D/2] angles laid out for the rotation: once per half ([f0..f(D/2-1), f0..], LLaMA's
+    rotate_half) or per adjacent pair ([f0, f0, f1, f1, ...], GLM's)."""
+    if rope.interleaved:
+        return freqs.repeat_interleave(2, dim=-1)
+    return torch.cat((freqs, freqs), dim=-1)
 
 
 def _scaled(table: Tensor, rope: RopeArgs, dtype: torch.dtype) -> Tensor:
@@ -73,7 +81,7 @@ def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
         seq_len = int(position_ids.max()) + 1
     inv_freq = upload(rope_inv_freq(rope, head_dim, seq_len), position_ids.device)  # [D/2]
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcasts over heads
+    emb = _angles(freqs, rope)[:, None]  # [B, 1, S, D]: broadcasts over heads
     return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
 
 
@@ -120,12 +128,19 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotate_pairs(x: Tensor) -> Tensor:
+    """GLM's rotation: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
     # x [B, heads, S, D]; cos/sin [S, R] (shared positions) or [B, 1, S, R] (per-token
-    # positions), broadcast over batch and/or heads. R < D (Phi-3's partial rotary): the
-    # first R dims turn, the rest pass through.
+    # positions), broadcast over batch and/or heads. R < D (partial rotary): the first R dims
+    # turn, the rest pass through. interleaved (GLM): dims 2i and 2i+1 turn together by
+    # frequency i (the tables are laid out f0, f0, f1, f1, ..., see _angles).
     rot = cos.shape[-1]
+    rotate = rotate_pairs if interleaved else rotate_half
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)

@@ -282,7 +282,8 @@ class StageWorker:
             if self.first:  # the rank that builds the batches
                 prepare_examples(rows)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
-                                            stage_layers={f"model.layers.{i}" for i in session.model.layer_ids})
+                                            stage_layers={f"model.layers.{i}" for i in session.model.layer_ids},
+                                            naming=session.naming)
             refs = []
             for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
                 mb = len(self.micro)

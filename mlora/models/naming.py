@@ -1,0 +1,76 @@
+"""Checkpoint names of the families whose safetensors files do not use LLaMA's names.
+
+mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
+LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
+(read by their own remote code) name the same tensors otherwise; a `Naming` translates at the
+two edges where names leave mlora: reading the base's safetensors, and writing or reading a
+PEFT adapter, whose keys and target_modules must be the names PEFT sees on the real model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# (mlora's name, the checkpoint's), as prefixes; {i} is a decoder layer's index. The first
+# pattern that matches wins, so a projection's entry comes before its layer's.
+_CHATGLM = (
+    ("model.embed_tokens.", "transformer.embedding.word_embeddings."),
+    ("model.layers.{i}.self_attn.qkv_proj.", "transformer.encoder.layers.{i}.self_attention.query_key_value."),
+    ("model.layers.{i}.self_attn.o_proj.", "transformer.encoder.layers.{i}.self_attention.dense."),
+    ("model.layers.{i}.mlp.gate_up_proj.", "transformer.encoder.layers.{i}.mlp.dense_h_to_4h."),
+    ("model.layers.{i}.mlp.down_proj.", "transformer.encoder.layers.{i}.mlp.dense_4h_to_h."),
+    ("model.layers.{i}.", "transformer.encoder.layers.{i}."),  # input_layernorm, post_attention_layernorm
+    ("model.norm.", "transformer.encoder.final_layernorm."),
+    ("lm_head.", "transformer.output_layer."),
+)
+_BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_attn.W_pack."),)
+
+# A projection's own name in each family (PEFT's target_modules match the last name part).
+_LEAVES = {
+    "chatglm": {"qkv_proj": "query_key_value", "o_proj": "dense", "gate_up_proj": "dense_h_to_4h",
+                "down_proj": "dense_4h_to_h"},
+    "baichuan": {"qkv_proj": "W_pack"},
+}
+
+
+def _compile(prefix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Translates between mlora's tensor / module names and a checkpoint's. Names are full
+    paths; a module path (no '.weight') translates like its tensors."""
+
+    family: str | None = None  # None: the checkpoint uses mlora's names
+
+    def _rules(self) -> tuple[tuple[str, str], ...]:
+        return {"chatglm": _CHATGLM, "baichuan": _BAICHUAN}.get(self.family, ())
+
+    def _translate(self, name: str, forward: bool) -> str:
+        for mine, theirs in self._rules():
+            src, dst = (mine, theirs) if forward else (theirs, mine)
+            full = name + "."  # so that a module path matches its prefix too
+            m = _compile(src).match(full)
+            if m:
+                out = dst.replace("{i}", m["i"]) if "{i}" in dst else dst
+                return (out + full[m.end():])[:-1]
+        return name
+
+    def to_checkpoint(self, name: str) -> str:
+        """mlora's name -> the checkpoint's ('model.layers.0.self_attn.qkv_proj.weight' ->
+        'transformer.encoder.layers.0.self_attention.query_key_value.weight' for ChatGLM)."""
+        return self._translate(name, forward=True)
+
+    def from_checkpoint(self, name: str) -> str:
+        """The checkpoint's name -> mlora's (names no rule matches stay as they are)."""
+        return self._translate(name, forward=False)
+
+    def leaf(self, projection: str) -> str:
+        """The checkpoint's name of a projection ('qkv_proj' -> 'W_pack' for Baichuan)."""
+        return _LEAVES.get(self.family, {}).get(projection, projection)
+
+
+def naming_for(model_type: str) -> Naming:
+    return Naming(model_type if model_type in ("chatglm", "baichuan") else None)
