@@ -192,6 +192,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     and one dropout mask (lora.py's InputGroup); False models one per projection and adapter.
     explicit_mask: SDPA gets a mask tensor (left padding, packed rows, a sliding window shorter
     than the sequence): K/V are repeated to all heads and a float mask is saved per layer.
+    (ALiBi models always give SDPA a float mask, made once for all layers, per row with an
+    explicit mask, else one for the batch.)
     None = only when a layer's sliding window is shorter than `seq_len`.
     active_adapters: the most adapters one fused batch holds (train_lora_simultaneously_num);
     None = all of `lora`. Only the fused and dense LoRA kernels' cost depends on it (see below).
@@ -259,7 +261,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
     lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs)
     layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
-                                   explicit_mask=explicit_mask, seq_len=seq_len,
+                                   explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
                                    active=active_adapters, kernel=lora_kernel)
     per_layer = {name: math.ceil(v * N) for name, v in layer.items()}
     per_layer["lora_casts"] = _lora_cast_bytes(args, e, adapters)
@@ -269,6 +271,10 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     one_layer = sum(per_layer.values())
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
+    if args.alibi and L:
+        # alibi.py's float mask, shared by every layer: [B, nh, S, S'] (S' = S rounded up to
+        # 16), or [1, nh, S, S'] when causality is all there is to hide
+        batch += (rows if explicit_mask else min(rows, 1)) * args.num_heads * seq_len * _round_up(seq_len, 16) * e
     in_batch = len(adapters) if active_adapters is None else min(active_adapters, len(adapters))
     if lora_kernel in ("auto", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
@@ -326,9 +332,10 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     }
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
         out["qk_norms"] = (nh + nkv) * (4 * D + 4)
-    if explicit_mask:
+    if explicit_mask and not args.alibi:
         # SDPA turns the bool mask into an additive one in the dtype on every call, and the
         # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
+        # (ALiBi's float mask is made once for all layers: counted with the batch.)
         out["attention_mask"] = _round_up(seq_len, 16) * e
     if args.attn_softcap is not None:
         # Gemma 2's softcapped_attention in plain ops: q, K/V repeated to nh heads and the
@@ -422,7 +429,7 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape]) -> int:
 def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int) -> float:
     """The fused batch itself and what the model derives from it once for all layers."""
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
-    rope = 2 * args.rope_dim * e  # cos, sin: [S, R], or [B, 1, S, R] with per-token positions
+    rope = 2 * args.rope_dim * e * any(args.rope_layers)  # cos, sin: [S, R], or [B, 1, S, R] per token
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask
 

@@ -166,7 +166,47 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     return Path(path)
 
 
-def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None, seed: int, **overrides) -> Path:
+def load_reference(path: Path, dtype: torch.dtype = torch.float32):
+    """transformers' own model of the tiny model in `path` (reference_dir), in eval mode. A
+    Baichuan 13B (ALiBi) one runs as transformers' LlamaForCausalLM without RoPE (its rotary
+    frequencies zeroed: cos 1, sin 0) and with an attention that adds ALiBi biases, whose
+    slopes come from transformers' Bloom; like Baichuan's own code it adds slope * key
+    position, where mlora adds slope * (key - query)."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("position_embedding") != "alibi":
+        return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype).eval()
+    _register_alibi_attention()
+    model = AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype,
+                                                 attn_implementation="alibi_eager").eval()
+    model.model.rotary_emb.inv_freq.zero_()
+    model.model.rotary_emb.original_inv_freq.zero_()
+    return model
+
+
+def _register_alibi_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    def alibi_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        B, nh, S, D = query.shape
+        T = key.shape[2]
+        ones = torch.ones(1, T, device=query.device)
+        alibi = build_alibi_tensor(ones, nh, torch.float32).view(1, nh, 1, T)  # slope * key position
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling + alibi.to(query.dtype)
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, :T]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+    AttentionInterface.register("alibi_eager", alibi_eager)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("alibi_eager", eager_mask)
+
+
+def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None, seed: int,
+                            position_embedding: str | None = None, **overrides) -> Path:
     from safetensors.torch import load_file, save_file
 
     reference = Path(str(path) + "-hf")
@@ -174,7 +214,8 @@ def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None,
         overrides.setdefault("attention_bias", True)  # ChatGLM2/3's add_qkv_bias
         make_tiny_model(reference, "glm", tokenizer_dir, seed, **overrides)
     else:  # Baichuan: LLaMA without grouped K/V
-        make_tiny_model(reference, "llama", tokenizer_dir, seed, **{"num_key_value_heads": 4, **overrides})
+        heads = overrides.get("num_attention_heads", TINY["num_attention_heads"])
+        make_tiny_model(reference, "llama", tokenizer_dir, seed, **{"num_key_value_heads": heads, **overrides})
     hf = json.loads((reference / "config.json").read_text())
     weights = load_file(reference / "model.safetensors")
     layers = range(hf["num_hidden_layers"])
@@ -219,6 +260,8 @@ def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None,
                                      "rms_norm_eps", "vocab_size", "max_position_embeddings", "hidden_act")}
         config.update(model_type="baichuan", architectures=["BaichuanForCausalLM"], tie_word_embeddings=False,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32")
+        if position_embedding is not None:  # "alibi": Baichuan 13B (the reference: load_reference)
+            config["position_embedding"] = position_embedding
         stored = {k: v for k, v in weights.items() if not any(f".{x}_proj." in k for x in "qkv")}
         for (i, kind), w in qkv.items():
             stored[f"model.layers.{i}.self_attn.W_pack.{kind}"] = w

@@ -360,6 +360,9 @@ FUSED = {  # the fused layouts: Phi-3 (both), ChatGLM (both, RoPE on pairs, q/k/
     "glm4": (dict(fused_gate_up=True, attention_bias=True, sandwich_norms=True, rope=llama.RopeArgs(interleaved=True)),
              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
     "baichuan": (dict(fused_qkv=True), ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    # Baichuan 13B: no RoPE, a float ALiBi mask shared by the layers
+    "baichuan_alibi": (dict(fused_qkv=True, alibi=True, rope_layers=[False, False]),
+                       ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
 }
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model, reference_dir
+from conftest import load_reference, make_tiny_model
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config
 from mlora.models import SUPPORTED, family_for, llama
@@ -56,6 +56,8 @@ CASES = {
     "chatglm_mqa_rope_ratio": ("chatglm", dict(num_key_value_heads=1, rope_parameters=dict(rope_theta=5e5))),
     "baichuan": ("baichuan", {}),  # W_pack, against LlamaForCausalLM
     "baichuan2_norm_head": ("baichuan", dict(vocab_size=125696)),  # Baichuan 2's normalized head
+    # Baichuan 13B: ALiBi instead of RoPE; 6 heads: slopes of 4 heads, then every other of 8
+    "baichuan_alibi": ("baichuan", dict(position_embedding="alibi", hidden_size=48, num_attention_heads=6)),
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -79,9 +81,7 @@ def _masks() -> dict[str, torch.Tensor | None]:
 
 
 def _hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=torch.float32).eval()
+    return load_reference(path)
 
 
 def _assert_close_on_real(ours, ref, mask):
@@ -115,7 +115,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
-                                  "glm4", "chatglm"])
+                                  "glm4", "chatglm", "baichuan_alibi"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -402,11 +402,15 @@ def test_chatglm_and_baichuan_configs():
     assert args.max_position_embeddings == 4096 and not args.rope.interleaved
     assert llama.args_from_hf_config(dict(baichuan, vocab_size=125696)).normalized_head  # Baichuan 2
     assert not llama.args_from_hf_config(dict(baichuan, vocab_size=125696, normalized_head=False)).normalized_head
+    # Baichuan 13B and Baichuan 2 13B: ALiBi, no layer turns q and k
     for config in (dict(baichuan, hidden_size=5120, num_attention_heads=40), dict(baichuan, position_embedding="alibi")):
-        with pytest.raises(UserError, match="13B models .ALiBi"):  # Baichuan 13B and Baichuan 2 13B
-            llama.args_from_hf_config(config)
-    assert llama.args_from_hf_config(dict(baichuan, hidden_size=5120, num_attention_heads=40,
-                                          position_embedding="rope")).rope.type == "default"
+        alibi = llama.args_from_hf_config(config)
+        assert alibi.alibi and alibi.rope_layers == [False, False]
+    rope = llama.args_from_hf_config(dict(baichuan, hidden_size=5120, num_attention_heads=40, position_embedding="rope"))
+    assert not rope.alibi and rope.rope_layers == [True, True]
+    with pytest.raises(UserError, match="position_embedding 'nope'"):
+        llama.args_from_hf_config(dict(baichuan, position_embedding="nope"))
+    assert not llama.args_from_hf_config(dict(CHATGLM, alibi=True)).alibi  # only Baichuan's reader sets it
 
 
 def test_checkpoint_names_of_chatglm_and_baichuan(tmp_path):
@@ -439,3 +443,28 @@ def test_checkpoint_names_of_chatglm_and_baichuan(tmp_path):
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(UserError, match="'transformer.encoder.layers.0.mlp.dense_4h_to_h.weight' is missing"):
         load_model(path, "cpu", torch.float32)
+
+
+def test_alibi_slopes_and_bias():
+    """ALiBi's slopes are Bloom's (transformers' build_alibi_tensor), for any head count
+    (Baichuan 13B has 40); the bias is slope * (k - q) where a key is visible and -inf elsewhere,
+    laid out with rows padded to 16 elements so SDPA's memory-efficient kernel takes it as it is
+    (not a padded copy per layer)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    from mlora.models.alibi import alibi_bias, alibi_slopes
+
+    for heads in (1, 2, 5, 6, 8, 12, 40, 64):
+        bloom = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # slope * position 1
+        assert torch.tensor(alibi_slopes(heads)) == pytest.approx(bloom, rel=1e-6), heads
+    bias = alibi_bias(2, None, 0, 3, torch.device("cpu"), torch.float32)  # [1, 2, 3, 3]
+    s = alibi_slopes(2)
+    inf = float("-inf")
+    assert bias.tolist() == [[[[0.0, inf, inf], [-s[0], 0.0, inf], [-2 * s[0], -s[0], 0.0]],
+                              [[0.0, inf, inf], [-s[1], 0.0, inf], [-2 * s[1], -s[1], 0.0]]]]
+    assert bias.stride(-2) % 16 == 0
+    # two new queries after three cached keys, the first key hidden (left padding)
+    allowed = torch.tensor([[False, True, True, True, False], [False, True, True, True, True]])[None, None]
+    cached = alibi_bias(2, allowed, 3, 2, torch.device("cpu"), torch.bfloat16)  # [1, 2, 2, 5]
+    assert cached.dtype == torch.bfloat16 and cached.shape == (1, 2, 2, 5)
+    assert cached[0, 1, 1].tolist() == [inf, *(torch.tensor([-3.0, -2.0, -1.0, 0.0]) * s[1]).bfloat16().tolist()]

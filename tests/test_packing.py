@@ -179,8 +179,10 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("gemma3_text", {}),  # a sliding layer with its own RoPE, a full one
     ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),  # fused projections, partial rotary
     ("smollm3", dict(no_rope_layers=[0, 1])),  # a layer without RoPE: positions only through masks
+    ("chatglm", {}),  # RoPE on pairs of half of each head, fused projections, own tensor names
+    ("baichuan", dict(position_embedding="alibi")),  # ALiBi: biases by column distance in each document
 ], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
-        "gemma3", "phi3", "smollm3"])
+        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

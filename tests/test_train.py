@@ -623,19 +623,21 @@ def _as_reference_adapter(adapter_dir: Path, family: str, ref_config: dict, out:
     return out
 
 
-@pytest.mark.parametrize("family", ["chatglm", "baichuan"])
-def test_chatglm_and_baichuan_adapters_use_their_own_names(tmp_path, tokenizer_dir, family, capsys):
+@pytest.mark.parametrize("family,overrides", [("chatglm", {}), ("baichuan", {}),
+                                              ("baichuan", dict(position_embedding="alibi"))],
+                         ids=["chatglm", "baichuan", "baichuan_alibi"])
+def test_chatglm_and_baichuan_adapters_use_their_own_names(tmp_path, tokenizer_dir, family, overrides, capsys):
     """ChatGLM2/3 and Baichuan checkpoints name their tensors otherwise than LLaMA: an adapter
     trained on one targets the projections by their own names and is saved under the names
     PEFT sees on the real (remote-code) model, so it loads there; rewritten for transformers'
-    GLM / LLaMA twin of the base, PEFT gives mlora's logits. `mlora eval` reads it back."""
+    GLM / LLaMA twin of the base, PEFT gives mlora's logits (Baichuan 13B's ALiBi too). `mlora
+    eval` reads it back."""
     from peft import PeftModel
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
-    from conftest import make_tiny_model, reference_dir
+    from conftest import load_reference, make_tiny_model, reference_dir
 
-    base = make_tiny_model(tmp_path / family, family, tokenizer_dir)
+    base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
     raw = json.loads(cfg.read_text())
@@ -654,8 +656,7 @@ def test_chatglm_and_baichuan_adapters_use_their_own_names(tmp_path, tokenizer_d
     ref_dir = reference_dir(base)
     converted = _as_reference_adapter(out / "b", family, json.loads((ref_dir / "config.json").read_text()),
                                       tmp_path / "converted")
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32),
-                                           converted).eval()
+    peft_model = PeftModel.from_pretrained(load_reference(base), converted).eval()
     _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
     capsys.readouterr()
     assert main(["eval", "--base_model", str(base), "--config", str(cfg)]) == 0

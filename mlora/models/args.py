@@ -82,6 +82,8 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     # Baichuan 2: the head's rows are normalized to unit length (its NormHead), done once at load
     normalized_head: bool = False
+    # Baichuan 13B: ALiBi (alibi.py) instead of RoPE; no layer turns q and k
+    alibi: bool = False
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -150,7 +152,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
 
     if model_type.startswith("gemma") and get("use_bidirectional_attention", False):
         raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
-    rope_layers: list[bool] = []  # every layer turns q and k, but SmolLM3's
+    rope_layers: list[bool] = []  # every layer turns q and k, but SmolLM3's (and none with ALiBi)
+    alibi = model_type == "baichuan" and bool(get("alibi", False))  # set by _baichuan_keys
+    if alibi:
+        rope_layers = [False] * num_layers
     if model_type == "llama":
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = bool(get("mlp_bias", False))
@@ -242,6 +247,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         sliding_window=[int(w) if w is not None else None for w in windows],
         max_position_embeddings=max_pos,
         normalized_head=bool(get("normalized_head", False)),
+        alibi=alibi,
     )
 
 
@@ -307,7 +313,8 @@ BAICHUAN2_VOCAB = 125696
 
 def _baichuan_keys(cfg: Mapping) -> dict:
     """A Baichuan / Baichuan 2 (remote-code, model_type baichuan) config.json in the keys the
-    other families use: LLaMA with q/k/v fused into W_pack. Its config does not say which
+    other families use: LLaMA with q/k/v fused into W_pack, the 13B models with ALiBi instead of
+    RoPE. Its config does not say which
     position encoding or head the model's code uses; as vLLM does, mlora takes the 13B models
     (hidden_size 5120) for ALiBi ones and Baichuan 2 (vocab_size 125696) for a NormHead one.
     `position_embedding` ("rope" or "alibi") and `normalized_head` in config.json override that."""
@@ -315,8 +322,7 @@ def _baichuan_keys(cfg: Mapping) -> dict:
     position = cfg.get("position_embedding") or ("alibi" if cfg.get("hidden_size") == 5120 else "rope")
     if position not in ("rope", "alibi"):
         raise UserError(f"Baichuan config position_embedding {position!r} is not 'rope' or 'alibi'")
-    if position == "alibi":
-        raise UserError("Baichuan 13B models (ALiBi attention) are not supported; the 7B ones (RoPE) are")
+    out["alibi"] = position == "alibi"
     out["max_position_embeddings"] = cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096
     out.pop("num_key_value_heads", None)  # Baichuan's attention has as many K/V heads as queries
     if cfg.get("normalized_head") is None:

@@ -6,7 +6,7 @@ of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and 
 and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and logits; Gemma
 3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
-Baichuan 2's normalized head),
+Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
@@ -29,6 +29,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from mlora.device import upload
+from mlora.models.alibi import alibi_bias
 # Re-exported: the family's API (mlora.models) is this module.
 from mlora.models.args import FAMILIES, ROPE_TYPES, ModelArgs, RopeArgs, args_from_hf_config  # noqa: F401
 from mlora.models.rope import (apply_rope, longrope_cos_sin, rope_cos_sin, rope_cos_sin_at,  # noqa: F401
@@ -499,6 +500,12 @@ class CausalLM(nn.Module):
                 masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
             else:
                 masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask)
+            if self.args.alibi:  # the bool masks become float ones carrying the biases
+                biases = {}
+                for i, mask in masks.items():
+                    if id(mask) not in biases:  # one per distinct mask (layers share them)
+                        biases[id(mask)] = alibi_bias(self.args.num_heads, mask, past, S, h.device, h.dtype)
+                    masks[i] = biases[id(mask)]
             recompute = self.recompute and torch.is_grad_enabled()
             for i in self.layer_ids:
                 layer = self.model.layers[str(i)]
