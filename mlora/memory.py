@@ -266,8 +266,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     per_layer = {name: math.ceil(v * N) for name, v in layer.items()}
     per_layer["lora_casts"] = _lora_cast_bytes(args, e, adapters)
     if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
-        per_layer["norm_weights"] = ((2 + 2 * args.sandwich_norms) * args.hidden_size
-                                     + 2 * args.head_dim * args.qk_norm) * 4
+        per_layer["norm_weights"] = (args.num_norms * args.hidden_size + _qk_norm_width(args)) * 4
     one_layer = sum(per_layer.values())
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
@@ -320,7 +319,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     kv_heads = nh if repeat_kv else nkv
     out = {
         # fp32 input copy [N, H] + rsqrt [N], per norm: two, or four with Gemma 3's sandwich
-        "norms": (2 + 2 * args.sandwich_norms) * (4 * H + 4),
+        "norms": args.num_norms * (4 * H + 4),
         # q, k, v as SDPA got them (after RoPE; K/V repeated to nh heads with a mask) + output;
         # Phi-3's v, unless repeated, is a view of the whole qkv_proj output and keeps it alive
         "attention": (2 * nh * D + kv_heads * D
@@ -331,7 +330,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         "mlp": 3 * I * e,  # gate (for silu), silu(gate) and up (for the product)
     }
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
-        out["qk_norms"] = (nh + nkv) * (4 * D + 4)
+        # (OLMo 2's over the whole q and k: one rsqrt each)
+        out["qk_norms"] = (nh + nkv) * (4 * D + 4) if args.qk_norm_per_head else (nh + nkv) * 4 * D + 2 * 4
     if explicit_mask and not args.alibi:
         # SDPA turns the bool mask into an additive one in the dtype on every call, and the
         # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
@@ -429,7 +429,8 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape]) -> int:
 def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int) -> float:
     """The fused batch itself and what the model derives from it once for all layers."""
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
-    rope = 2 * args.rope_dim * e * any(args.rope_layers)  # cos, sin: [S, R], or [B, 1, S, R] per token
+    # cos, sin: [S, R], or [B, 1, S, R] per token; fp32 for OLMo 2
+    rope = 2 * args.rope_dim * (4 if args.rope_fp32 else e) * any(args.rope_layers)
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask
 
@@ -447,7 +448,16 @@ def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:
     if args.final_softcap is not None:  # Gemma 2: tanh's output [N, V] is kept, and its gradient made
         held += N * args.vocab_size * e
         peak += 2 * N * args.vocab_size * e
+    if args.logits_scaling != 1.0:  # Granite: the head's output and its quotient, both alive a moment
+        peak += N * args.vocab_size * e
     return peak, held
+
+
+def _qk_norm_width(args: ModelArgs) -> int:
+    """Elements of the q and k norms' weights: [D] each (per head), or [nh D] and [nkv D]."""
+    if not args.qk_norm:
+        return 0
+    return 2 * args.head_dim if args.qk_norm_per_head else (args.num_heads + args.num_kv_heads) * args.head_dim
 
 
 def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int) -> int:
@@ -503,7 +513,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     biases = ((q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
               + (2 * args.intermediate_size + H) * args.mlp_bias)
-    norms = (2 + 2 * args.sandwich_norms) * H + 2 * args.head_dim * args.qk_norm
+    norms = args.num_norms * H + _qk_norm_width(args)
     per_layer += (biases + norms) * e  # biases + RMSNorm weights
     total = len(stage.layers) * per_layer
     total += V * H * e * stage.has_embed + H * e * stage.has_norm

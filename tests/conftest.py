@@ -102,7 +102,7 @@ def reference_dir(path: Path) -> Path:
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
     """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
-    gemma3_text | phi3 | smollm3 | glm | glm4 | chatglm | baichuan), save it as safetensors
+    gemma3_text | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -127,6 +127,9 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
         "glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
         "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM),
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+        "olmo3": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -143,6 +146,11 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                       final_logit_softcapping=3.0)
     if family in ("glm", "glm4"):  # their defaults are GLM-4-9B's head_dim 128
         kwargs.update(head_dim=16)
+    if family == "granite":  # multipliers that bite (granite-3.x: 12, 0.22, 1/128, 8)
+        kwargs.update(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                      logits_scaling=2.5)
+    if family == "olmo3":  # a sliding layer 0, a full layer 1 (by default every 4th is full)
+        kwargs.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     kwargs.update(overrides)
     config = cls_config(**kwargs)
     torch.manual_seed(seed)
@@ -154,10 +162,12 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
-            elif "q_norm" in name or "k_norm" in name:  # Qwen3's per-head norms start at ones
+            elif "q_norm" in name or "k_norm" in name:  # Qwen3's / OLMo 2's q/k norms start at ones
                 p.normal_(1.0, 0.2)
             if "norm" in name and family.startswith("gemma"):  # (1 + w) norms: w starts at zeros
                 p.normal_(0.0, 0.2)
+            elif "layernorm" in name and family in ("glm4", "olmo2", "olmo3"):  # a misplaced norm must show
+                p.normal_(1.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ CASES = {
     "baichuan2_norm_head": ("baichuan", dict(vocab_size=125696)),  # Baichuan 2's normalized head
     # Baichuan 13B: ALiBi instead of RoPE; 6 heads: slopes of 4 heads, then every other of 8
     "baichuan_alibi": ("baichuan", dict(position_embedding="alibi", hidden_size=48, num_attention_heads=6)),
+    "granite": ("granite", dict(attention_bias=True)),  # embedding, residual, attention and logit multipliers
+    # OLMo 2: norms after each sublayer only, q/k norms over the whole projections, fp32 norm weights
+    "olmo2": ("olmo2", {}),
+    "olmo3": ("olmo3", {}),  # OLMo 2 with a sliding layer and a full one, each with its RoPE
+    "olmo3_yarn": ("olmo3", dict(rope_parameters={  # YaRN on the full layers, not the sliding ones
+        "full_attention": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, rope_theta=5e5),
+        "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    "qwen2_yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                                      original_max_position_embeddings=16))),
+    "llama_yarn_mscale": ("llama", dict(rope_parameters=dict(  # DeepSeek's attention factor, no truncation
+        rope_type="yarn", factor=8.0, rope_theta=1e4, original_max_position_embeddings=32, mscale=0.707,
+        mscale_all_dim=0.8, beta_fast=16, beta_slow=2, truncate=False))),
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -115,7 +128,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
-                                  "glm4", "chatglm", "baichuan_alibi"])
+                                  "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -282,8 +295,12 @@ def test_config_errors():
     base = dict(model_type="llama", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2)
     assert llama.args_from_hf_config(base).head_dim == 16
-    with pytest.raises(UserError, match="yarn"):
-        llama.args_from_hf_config(dict(base, rope_parameters=dict(rope_type="yarn", factor=2.0, rope_theta=1e4)))
+    with pytest.raises(UserError, match="rope type 'mystery' is not supported"):
+        llama.args_from_hf_config(dict(base, rope_parameters=dict(rope_type="mystery", factor=2.0, rope_theta=1e4)))
+    yarn = llama.args_from_hf_config(dict(base, max_position_embeddings=4096,  # factor from the two lengths
+                                          rope_parameters=dict(rope_type="yarn", rope_theta=1e4,
+                                                               original_max_position_embeddings=1024)))
+    assert (yarn.rope.factor, yarn.rope.attention_factor) == (4.0, pytest.approx(0.1 * math.log(4.0) + 1))
     with pytest.raises(UserError, match="gelu"):
         llama.args_from_hf_config(dict(base, hidden_act="gelu"))
     with pytest.raises(UserError, match="factor"):
@@ -291,7 +308,7 @@ def test_config_errors():
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
     assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                         "glm", "glm4", "chatglm", "baichuan"}
+                         "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -303,7 +320,8 @@ def test_config_errors():
     gemma2 = llama.args_from_hf_config(dict(gemma, model_type="gemma2", num_hidden_layers=4, attn_logit_softcapping=50,
                                             final_logit_softcapping=30))
     assert gemma2.sliding_window == [4, None, 4, None] and gemma2.local_rope is None
-    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.sandwich_norms, gemma2.qk_norm) == (50.0, 30.0, True, False)
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.norm_layout, gemma2.qk_norm) == (50.0, 30.0, "sandwich",
+                                                                                                 False)
     with pytest.raises(UserError, match="use_bidirectional_attention"):
         llama.args_from_hf_config(dict(gemma, use_bidirectional_attention=True))
     with pytest.raises(UserError, match="hidden_activation 'gelu'"):
@@ -325,11 +343,12 @@ def test_config_errors():
     assert all(family_for(t) is llama for t in SUPPORTED)
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
-def test_gemma_rounds_as_transformers_in_bf16(tmp_path, family):
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2"])
+def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
-    norms' (1 + w) applied before the cast. In bf16, mlora's logits equal transformers' (fp32
-    cannot tell either rounding apart; each one done LLaMA's way is off by about 0.05 here)."""
+    norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the
+    cast. In bf16, mlora's logits equal transformers' (fp32 cannot tell either rounding apart;
+    each one done LLaMA's way is off by about 0.05 here)."""
     extra = dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"]) if family == "gemma3_text" else {}
     path = make_tiny_model(tmp_path, family, hidden_size=72, num_hidden_layers=3, **extra)
     ours = load_model(path, "cpu", torch.bfloat16)

@@ -181,8 +181,9 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("smollm3", dict(no_rope_layers=[0, 1])),  # a layer without RoPE: positions only through masks
     ("chatglm", {}),  # RoPE on pairs of half of each head, fused projections, own tensor names
     ("baichuan", dict(position_embedding="alibi")),  # ALiBi: biases by column distance in each document
+    ("olmo3", dict(sliding_window=3)),  # q/k norms over whole projections, a window, a RoPE per layer type
 ], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
-        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi"])
+        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

@@ -556,13 +556,14 @@ GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
 @pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma2", {}),
                                               ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5)),
                                               ("smollm3", dict(no_rope_layers=[1, 0])), ("glm", {}),
-                                              ("glm4", {})])
+                                              ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
     gate_up_proj, partial rotary), SmolLM3 (a layer without RoPE), GLM-4 (fused gate_up_proj,
-    RoPE on adjacent pairs; GLM-4-0414's extra norms): mlora trains an adapter on every
-    projection, and PEFT on transformers' model gives the saved adapter's logits."""
+    RoPE on adjacent pairs; GLM-4-0414's extra norms), Granite (multipliers), OLMo 2 / 3 (norms
+    after the sublayers, q/k norms over whole projections; a sliding layer): mlora trains an
+    adapter on every projection, and PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

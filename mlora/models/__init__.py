@@ -2,7 +2,7 @@
 
 Each family module provides `args_from_hf_config`, `ModelArgs`, `CausalLM`,
 `module_sequence` and `tensor_names`. LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3 (text), Phi-3,
-SmolLM3, GLM-4, ChatGLM2/3 and Baichuan differ only in switches, so one module serves them all
+SmolLM3, GLM-4, ChatGLM2/3, Baichuan, Granite and OLMo 2/3 differ only in switches, so one module serves them all
 (ChatGLM's and Baichuan's checkpoint names are translated by naming.py).
 """
 
@@ -14,7 +14,7 @@ from mlora.errors import UserError
 from mlora.models import llama
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "glm", "glm4",
-             "chatglm", "baichuan"}
+             "chatglm", "baichuan", "granite", "olmo2", "olmo3"}
 
 _FAMILIES: dict[str, ModuleType] = {name: llama for name in SUPPORTED}
 

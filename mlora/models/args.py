@@ -15,11 +15,21 @@ from typing import Any
 from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "glm", "glm4",
-            "chatglm", "baichuan")
+            "chatglm", "baichuan", "granite", "olmo2", "olmo3")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
+# The norms of a decoder layer, by HF's names: (attention input, attention output, MLP input,
+# MLP output), None where the layout has none. Gemma 2/3 and GLM-4-0414 norm each sublayer's
+# input and output (the same design under other names); OLMo 2/3 only the outputs.
+NORM_LAYOUTS = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,10 @@ class RopeArgs:
     original_max_position_embeddings: int | None = None
     short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors
     long_factor: tuple[float, ...] | None = None
-    attention_factor: float = 1.0  # longrope: cos and sin are scaled by it
+    attention_factor: float = 1.0  # longrope, yarn: cos and sin are scaled by it
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: round the ramp's ends outwards
     # GLM / ChatGLM: RoPE turns adjacent pairs (0, 1), (2, 3), ... instead of the two halves
     interleaved: bool = False
 
@@ -55,6 +68,7 @@ class ModelArgs:
     o_proj_bias: bool = False  # bias on o_proj (LLaMA's `attention_bias` sets both; Qwen2 only q/k/v)
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each query and key head (weights [D]) before RoPE
+    qk_norm_per_head: bool = True  # False (OLMo 2/3): over the whole q and k projections (weights [nh D], [nkv D])
     hidden_act: str = "silu"  # or "gelu_tanh" (Gemma's gelu_pytorch_tanh)
     # Gemma 3: norms scale by (1 + w) in fp32; the embedding output is multiplied by sqrt(H)
     # (rounded to the dtype); each sublayer's output is normed too, before the residual add
@@ -62,7 +76,11 @@ class ModelArgs:
     # pre_feedforward_layernorm); attention scales by attn_scale instead of 1 / sqrt(D).
     gemma_norms: bool = False
     embed_scale: bool = False
-    sandwich_norms: bool = False  # GLM-4-0414 too, under other names (DecoderLayer.NORM_NAMES)
+    norm_layout: str = "pre"  # a key of NORM_LAYOUTS
+    # OLMo 2/3, ChatGLM: RMSNorm multiplies by its weight in fp32, then casts (LLaMA casts first)
+    norm_weight_fp32: bool = False
+    # OLMo 2/3: q and k turn in fp32 (cos/sin are not cast to the dtype), then are cast back
+    rope_fp32: bool = False
     attn_scale: float | None = None
     # Gemma 2: attention scores and the final logits pass through cap * tanh(x / cap). SDPA
     # cannot do that to the scores, so those layers compute attention in plain ops.
@@ -84,6 +102,12 @@ class ModelArgs:
     normalized_head: bool = False
     # Baichuan 13B: ALiBi (alibi.py) instead of RoPE; no layer turns q and k
     alibi: bool = False
+    # Granite: the embedding output times embedding_multiplier, each sublayer's output times
+    # residual_multiplier before the residual add, the logits divided by logits_scaling
+    # (attention scales by attention_multiplier: attn_scale)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -94,6 +118,21 @@ class ModelArgs:
     @property
     def rope_dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def norm_names(self) -> tuple[str | None, str | None, str | None, str | None]:
+        """A decoder layer's norms: (attention input, attention output, MLP input, MLP output)."""
+        return NORM_LAYOUTS[self.norm_layout]
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Norms after the sublayers too (Gemma 2/3, GLM-4-0414), not instead of (OLMo 2)."""
+        return self.norm_layout in ("sandwich", "glm4")
+
+    @property
+    def num_norms(self) -> int:
+        """RMSNorms over the hidden size per decoder layer."""
+        return sum(name is not None for name in self.norm_names)
 
 
 def args_from_hf_config(cfg: Any) -> ModelArgs:
@@ -156,10 +195,16 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     alibi = model_type == "baichuan" and bool(get("alibi", False))  # set by _baichuan_keys
     if alibi:
         rope_layers = [False] * num_layers
-    if model_type == "llama":
+    if model_type in ("llama", "granite"):
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = bool(get("mlp_bias", False))
         windows = [None] * num_layers
+    elif model_type in ("olmo2", "olmo3"):  # `attention_bias` on all four attention projections
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = ([None] * num_layers if model_type == "olmo2" else _windows_by_type(
+            get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(num_layers)],
+            num_layers, get("sliding_window"), required=True))
     elif model_type in ("mistral", "phi3"):
         # MistralModel and Phi3Model mask every layer with `config.sliding_window` when it is set.
         qkv_bias = o_bias = mlp_bias = False
@@ -212,8 +257,13 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     if model_type != "gemma2" and (attn_cap is not None or final_cap is not None):
         raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 has it)")
     rope_dim = head_dim if rotary_dim is None else rotary_dim
-    full_rope, local_rope = (_gemma3_ropes(get, max_pos, rope_dim) if gemma3
-                             else (_rope_args(get, max_pos, rope_dim), None))
+    if gemma3:  # the sliding layers' own theta, 1e4 by default
+        full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 1_000_000.0),
+                                                get("rope_local_base_freq", 10_000.0))
+    elif model_type == "olmo3":  # a RoPE per layer type, by default the same
+        full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta"), get("rope_theta"))
+    else:
+        full_rope, local_rope = _rope_args(get, max_pos, rope_dim), None
     if model_type in ("glm", "glm4", "chatglm"):
         full_rope = replace(full_rope, interleaved=True)
     return ModelArgs(
@@ -230,12 +280,17 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
+        qk_norm_per_head=model_type not in ("olmo2", "olmo3"),
         hidden_act="gelu_tanh" if gemma else "silu",
         gemma_norms=gemma,
         embed_scale=gemma,
-        sandwich_norms=sandwich or model_type == "glm4",
-        attn_scale=float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich else None,
+        norm_layout=("sandwich" if sandwich else "glm4" if model_type == "glm4"
+                     else "post" if model_type in ("olmo2", "olmo3") else "pre"),
+        norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm"),
+        rope_fp32=model_type in ("olmo2", "olmo3"),
+        attn_scale=(float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
+                    else float(get("attention_multiplier", 1.0)) if model_type == "granite" else None),
         attn_softcap=attn_cap,
         final_softcap=final_cap,
         fused_qkv=model_type in ("phi3", "chatglm", "baichuan"),
@@ -248,6 +303,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         max_position_embeddings=max_pos,
         normalized_head=bool(get("normalized_head", False)),
         alibi=alibi,
+        embedding_multiplier=float(get("embedding_multiplier", 1.0)) if model_type == "granite" else 1.0,
+        residual_multiplier=float(get("residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
+        logits_scaling=float(get("logits_scaling", 1.0)) if model_type == "granite" else 1.0,
     )
 
 
@@ -261,7 +319,8 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                     "gemma2": {**_GEMMA_DEFAULTS, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                                "final_logit_softcapping": 30.0},
                     "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window": 4096},
-                    "glm": _GLM_DEFAULTS, "glm4": _GLM_DEFAULTS}
+                    "glm": _GLM_DEFAULTS, "glm4": _GLM_DEFAULTS, "olmo2": {"rms_norm_eps": 1e-5},
+                    "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500_000.0}}
 
 
 def _chatglm_keys(cfg: Mapping) -> dict:
@@ -375,11 +434,12 @@ def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | Non
     return _windows_by_type(layer_types, num_layers, get("sliding_window"), required=True)
 
 
-def _gemma3_ropes(get, max_pos: int, rope_dim: int) -> tuple[RopeArgs, RopeArgs]:
-    """Gemma 3's two RoPEs: full-attention layers (rope_theta 1e6 and any scaling by default)
-    and sliding layers (rope_local_base_freq 1e4, never scaled). transformers 5 keeps them in
-    rope_parameters by layer type; a transformers-4 config.json has rope_theta, rope_scaling and
-    rope_local_base_freq."""
+def _per_type_ropes(get, max_pos: int, rope_dim: int, full_theta: float | None,
+                    local_theta: float | None) -> tuple[RopeArgs, RopeArgs]:
+    """The RoPEs of Gemma 3 and OLMo 3: full-attention layers (full_theta and any scaling by
+    default) and sliding layers (local_theta, never scaled by default). transformers 5 keeps
+    them in rope_parameters by layer type; a transformers-4 config.json has rope_theta,
+    rope_scaling (the full layers') and Gemma 3's rope_local_base_freq."""
     params = get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full = dict(params.get("full_attention") or {})
@@ -387,8 +447,8 @@ def _gemma3_ropes(get, max_pos: int, rope_dim: int) -> tuple[RopeArgs, RopeArgs]
     else:
         full = dict(get("rope_scaling") or {})
         local = {}
-    full.setdefault("rope_theta", get("rope_theta", 1_000_000.0))
-    local.setdefault("rope_theta", get("rope_local_base_freq", 10_000.0))
+    full.setdefault("rope_theta", full_theta)
+    local.setdefault("rope_theta", local_theta)
     return _rope_args(get, max_pos, rope_dim, full), _rope_args(get, max_pos, rope_dim, local)
 
 
@@ -422,7 +482,31 @@ def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) 
                         high_freq_factor=need("high_freq_factor"), original_max_position_embeddings=int(original))
     if rope_type == "longrope":
         return _longrope_args(get, params, theta, max_pos, rope_dim)
+    if rope_type == "yarn":
+        return _yarn_args(get, params, theta, max_pos)
     raise UserError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+
+def _yarn_args(get, params: Mapping, theta: float, max_pos: int) -> RopeArgs:
+    """YaRN (Qwen2.5 and Qwen3 long context, OLMo 3, DeepSeek), as transformers computes it:
+    frequencies blended between extrapolated and interpolated (by `factor`) along a ramp set by
+    beta_fast / beta_slow, and cos/sin scaled by attention_factor (by default 0.1 ln(factor) + 1,
+    or from mscale / mscale_all_dim)."""
+    original = int(get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or max_pos)
+    factor = float(params.get("factor") or max_pos / original)
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                     else get_mscale(factor))
+    return RopeArgs("yarn", theta, factor=factor, original_max_position_embeddings=original,
+                    attention_factor=float(attention), beta_fast=float(params.get("beta_fast") or 32),
+                    beta_slow=float(params.get("beta_slow") or 1), truncate=bool(params.get("truncate", True)))
 
 
 def _longrope_args(get, params: Mapping, theta: float, max_pos: int, rope_dim: int) -> RopeArgs:

@@ -79,7 +79,7 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
             for proj in ("gate_up", "down") if args.fused_gate_up else ("gate", "up", "down"):
                 names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
-            names += [p + f"{norm}.weight" for norm in DecoderLayer.norm_names(args)]
+            names += [p + f"{norm}.weight" for norm in args.norm_names if norm is not None]
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
 
 
@@ -242,11 +242,16 @@ _RMS_NORM = getattr(F, "rms_norm", None)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, gemma: bool = False):
+    def __init__(self, dim: int, eps: float, gemma: bool = False, weight_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
         self.eps = eps
         self.gemma = gemma  # scale by (1 + w) in fp32, then cast (HF's Gemma3RMSNorm)
+        self.weight_fp32 = weight_fp32  # scale by w in fp32, then cast (OLMo 2, ChatGLM)
+
+    @classmethod
+    def of(cls, args: ModelArgs, dim: int) -> RMSNorm:
+        return cls(dim, args.rms_norm_eps, args.gemma_norms, args.norm_weight_fp32)
 
     def forward(self, x: Tensor) -> Tensor:
         # fp32 statistics even for bf16 activations; cast back before the weight, as HF does.
@@ -260,6 +265,8 @@ class RMSNorm(nn.Module):
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
             return (h * (1.0 + self.weight.float())).to(x.dtype)
+        if self.weight_fp32:
+            return (self.weight * h).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -277,10 +284,12 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
             self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
-        if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.gemma_norms)
-        self.qk_norm = args.qk_norm
+        if args.qk_norm:  # per head ([D] weights), or over the whole projection (OLMo 2)
+            per_head = args.qk_norm_per_head
+            self.q_norm = RMSNorm.of(args, args.head_dim if per_head else q_dim)
+            self.k_norm = RMSNorm.of(args, args.head_dim if per_head else kv_dim)
+        self.qk_norm = args.qk_norm and args.qk_norm_per_head
+        self.qk_norm_whole = args.qk_norm and not args.qk_norm_per_head
         self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
         self.rope_interleaved = args.rope.interleaved
         self.softcap = args.attn_softcap
@@ -292,6 +301,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm_whole:  # OLMo 2: over all heads at once, before the split
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, nh, D]
         k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, nkv, D]
         if self.qk_norm:  # per head, before RoPE
@@ -300,6 +311,7 @@ class Attention(nn.Module):
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
         if cos is not None:  # (a SmolLM3 layer without position encoding)
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
+            q, k = q.to(v.dtype), k.to(v.dtype)  # fp32 tables (OLMo 2) turn in fp32; back to the dtype
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         n_rep = self.num_heads // self.num_kv_heads
@@ -364,40 +376,31 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    # HF's names of the norms (attention input, attention output, MLP input, MLP output). Gemma 2
-    # and 3 and GLM-4-0414 norm each sublayer's output too, the same design under other names.
-    NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                            "post_feedforward_layernorm"),
-                  "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
-                           "post_mlp_layernorm")}
-
-    @classmethod
-    def norm_names(cls, args: ModelArgs) -> tuple[str, ...]:
-        """The layer's norms in the order above: two without sandwich norms (inputs only)."""
-        if not args.sandwich_norms:
-            return ("input_layernorm", "post_attention_layernorm")
-        return cls.NORM_NAMES["glm4" if args.model_type == "glm4" else "gemma"]
-
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
         self.sliding_window = args.sliding_window[layer_id]
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.sandwich = args.sandwich_norms
-        self.norms = self.norm_names(args)
+        # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
+        # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output
+        # before the residual add; OLMo 2/3 only its output.
+        self.norms = args.norm_names
         for name in self.norms:
-            setattr(self, name, RMSNorm(args.hidden_size, args.rms_norm_eps, args.gemma_norms))
+            if name is not None:
+                setattr(self, name, RMSNorm.of(args, args.hidden_size))
+        self.residual_multiplier = args.residual_multiplier  # Granite
+
+    def _norm(self, which: int, x: Tensor) -> Tensor:
+        name = self.norms[which]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
-        if not self.sandwich:
-            attn_in, mlp_in = (getattr(self, n) for n in self.norms)
-            h = x + self.self_attn(attn_in(x), cos, sin, mask, cache, self.layer_id)  # [B, S, H]
-            return h + self.mlp(mlp_in(h))
-        attn_in, attn_out, mlp_in, mlp_out = (getattr(self, n) for n in self.norms)
-        h = x + attn_out(self.self_attn(attn_in(x), cos, sin, mask, cache, self.layer_id))
-        return h + mlp_out(self.mlp(mlp_in(h)))
+        attn = self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id))  # [B, S, H]
+        h = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
+        mlp = self._norm(3, self.mlp(self._norm(2, h)))
+        return h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
 
 
 class CausalLM(nn.Module):
@@ -421,7 +424,7 @@ class CausalLM(nn.Module):
         if self.layer_ids:
             self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i) for i in self.layer_ids})
         if self.has_norm:
-            self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.gemma_norms)
+            self.model.norm = RMSNorm.of(args, args.hidden_size)
         if self.has_head:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
@@ -447,17 +450,18 @@ class CausalLM(nn.Module):
         of h [B, S, H]: [S, R] for shared positions past.., else [B, 1, S, R]."""
         S = h.shape[1]
         pos = None if position_ids is None else position_ids.to(h.device)
+        dtype = torch.float32 if self.args.rope_fp32 else h.dtype
         tables = {None: (None, None)}
         for rope in {self.rope_of(i) for i in self.layer_ids} - {None}:
             if rope.type == "longrope":  # factors by each sequence's own length
                 lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
                                                   T=past + S), h.device)
-                tables[rope] = longrope_cos_sin(rope, self.args.rope_dim, lengths, past, S, pos, h.dtype)
+                tables[rope] = longrope_cos_sin(rope, self.args.rope_dim, lengths, past, S, pos, dtype)
             elif pos is None:
-                cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, h.dtype)  # [T, R]
+                cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, dtype)  # [T, R]
                 tables[rope] = cos[past:], sin[past:]
             else:
-                tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, pos, h.dtype)
+                tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, pos, dtype)
         return tables
 
     def tie_weights(self) -> None:
@@ -486,6 +490,8 @@ class CausalLM(nn.Module):
         if self.has_embed and self.args.embed_scale:
             # sqrt(H) as HF rounds it: an fp32 scalar cast to the dtype (55.4 -> 55.5 in bf16)
             h = h * torch.tensor(self.args.hidden_size ** 0.5, dtype=torch.float32).to(h.dtype)
+        if self.has_embed and self.args.embedding_multiplier != 1.0:  # Granite, as HF: times a Python float
+            h = h * self.args.embedding_multiplier
         if self.layer_ids:
             S = h.shape[1]
             past = 0 if cache is None else cache.length
@@ -527,4 +533,6 @@ class CausalLM(nn.Module):
             cap = self.args.final_softcap
             if cap is not None:  # Gemma 2
                 h = torch.tanh(h / cap) * cap
+            if self.args.logits_scaling != 1.0:  # Granite
+                h = h / self.args.logits_scaling
         return h

@@ -19,6 +19,8 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
         ext = rope.long_factor if seq_len > rope.original_max_position_embeddings else rope.short_factor
         shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         return 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta ** shape)
+    if rope.type == "yarn":
+        return _yarn_inv_freq(rope, head_dim)
     if rope.type == "dynamic" and seq_len > rope.original_max_position_embeddings:
         # NTK-aware: stretch the base as the sequence outgrows the trained context.
         scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
@@ -40,6 +42,26 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     return inv_freq
+
+
+def _yarn_inv_freq(rope: RopeArgs, dim: int) -> Tensor:
+    """YaRN's frequencies: those that turn fewer than beta_slow times over the original context
+    are interpolated (divided by factor), those that turn more than beta_fast times are kept, a
+    linear ramp in between."""
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)  # [D/2]
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolated = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+    return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
 
 
 def rope_cos_sin(rope: RopeArgs, head_dim: int, seq_len: int, device: torch.device,
