@@ -24,7 +24,8 @@ from mlora.errors import UserError
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
                   "down_proj")
 # ChatGLM's and Baichuan's own names of the same projections (what PEFT users of those
-# models write); an adapter saved for them uses these names again (models/naming.py).
+# models write); valid only on those models (session.resolve_targets), and an adapter saved for
+# them uses these names again (models/naming.py).
 NATIVE_MODULE_NAMES = {"query_key_value": "qkv_proj", "W_pack": "qkv_proj", "dense": "o_proj",
                        "dense_h_to_4h": "gate_up_proj", "dense_4h_to_h": "down_proj"}
 # m-LoRA names the MLP projections after the LLaMA paper's w1/w2/w3.
@@ -296,7 +297,9 @@ def _target_modules(a: _Reader, value: Any) -> list[str]:
     chosen = {_canonical_module(a, n) for n in names}
     if not chosen:
         a.fail(f"'target_modules' selects no modules; choose from {', '.join(TARGET_MODULES)}")
-    return [m for m in TARGET_MODULES if m in chosen]
+    # ChatGLM's / Baichuan's own names stay as written (the base model decides whether they are
+    # its names: session.resolve_targets), in the place of the projection they name
+    return sorted(chosen, key=lambda m: (TARGET_MODULES.index(NATIVE_MODULE_NAMES.get(m, m)), m))
 
 
 def _canonical_module(a: _Reader, name: str) -> str:
@@ -305,7 +308,7 @@ def _canonical_module(a: _Reader, name: str) -> str:
     if name in MLORA_MODULE_NAMES:
         return MLORA_MODULE_NAMES[name]
     if name in NATIVE_MODULE_NAMES:
-        return NATIVE_MODULE_NAMES[name]
+        return name
     known = [*TARGET_MODULES, *MLORA_MODULE_NAMES, *NATIVE_MODULE_NAMES]
     a.fail(
         f"unknown module {name!r} in 'target_modules'{_hint(name, known)}"

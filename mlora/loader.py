@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +60,12 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # Only the model's own code (auto_map) reads this config in transformers; mlora
         # implements the model, so the plain JSON is all it needs (no remote code runs).
         raw = json.loads(config_file.read_text())
-        return SimpleNamespace(**raw), family_for(model_type).args_from_hf_config(raw)
+        if model_type == "chatglm" and "rope_ratio_scales" not in raw:
+            raw["rope_ratio_scales"] = _chatglm_rope_ratio_scales(base)
+        try:
+            return SimpleNamespace(**raw), family_for(model_type).args_from_hf_config(raw)
+        except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a value of the wrong kind
+            raise UserError(f"cannot read {config_file}: {type(e).__name__}: {e}") from None
 
     from transformers import AutoConfig
 
@@ -74,6 +80,21 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "
                         f"{cfg.model_type!r}, which is not supported")
     return cfg, family_for(cfg.model_type).args_from_hf_config(cfg)
+
+
+def _chatglm_rope_ratio_scales(base: Path) -> str | None:
+    """How the ChatGLM model code beside the config applies rope_ratio (models/args.py,
+    ROPE_RATIO_SCALES), read from its text, which is never run: ChatGLM2 divides the positions
+    by it, ChatGLM3 and GLM-4 multiply the base. None: no such file, or neither pattern."""
+    code = base / "modeling_chatglm.py"
+    if not code.is_file():
+        return None
+    text = code.read_text(errors="replace")
+    if re.search(r"/\s*self\.rope_ratio\b", text):
+        return "positions"
+    if re.search(r"\*\s*self\.rope_ratio\b|\bself\.rope_ratio\s*\*", text):
+        return "base"
+    return None
 
 
 def _weights_source(base: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mlora.config import TrainConfig, load_config
+from mlora.config import NATIVE_MODULE_NAMES, TrainConfig, load_config
 from mlora.data import Example, encode_rows, load_rows, load_template
 from mlora.device import resolve_device, resolve_dtype
 from mlora.errors import UserError
@@ -56,11 +56,12 @@ class Session:
         self.wrappers = inject_lora(self.model, self.layout)
 
 
-def check_targets(cfg: TrainConfig, model_args) -> None:
-    """Every adapter's target_modules must be projections the base model has: LLaMA-style
-    models have q/k/v/o_proj and gate/up/down_proj, Phi-3 qkv_proj, o_proj, gate_up_proj and
-    down_proj, GLM q/k/v/o_proj, gate_up_proj and down_proj (an adapter would otherwise train
-    nothing on a name the model lacks)."""
+def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
+    """Every adapter's target_modules as mlora names the projections, checked against the base:
+    LLaMA-style models have q/k/v/o_proj and gate/up/down_proj, Phi-3 qkv_proj, o_proj,
+    gate_up_proj and down_proj, GLM q/k/v/o_proj, gate_up_proj and down_proj (an adapter would
+    otherwise train nothing on a name the model lacks). ChatGLM's and Baichuan's own names
+    (query_key_value, W_pack, dense, ...) are taken on those models only."""
     from mlora.memory import projection_shapes
 
     naming = naming_for(model_args.model_type)
@@ -69,13 +70,18 @@ def check_targets(cfg: TrainConfig, model_args) -> None:
         return m if naming.leaf(m) == m else f"{naming.leaf(m)} ({m})"
 
     has = list(projection_shapes(model_args))
+    resolved = []
     for a in cfg.lora:
-        missing = [m for m in a.target_modules if m not in has]
+        foreign = [m for m in a.target_modules if m in NATIVE_MODULE_NAMES and naming.leaf(NATIVE_MODULE_NAMES[m]) != m]
+        missing = foreign or [m for m in a.target_modules if m not in has and m not in NATIVE_MODULE_NAMES]
         if missing:
             default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
                 "q_proj", "v_proj"] else ""
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
                             f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
+        mine = {NATIVE_MODULE_NAMES.get(m, m) for m in a.target_modules}
+        resolved.append(replace(a, target_modules=[m for m in has if m in mine]))
+    return replace(cfg, lora=resolved)
 
 
 # Dropout inside the base model, which transformers applies in training mode and mlora does
@@ -140,7 +146,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     torch_dtype = resolve_dtype(torch_device, dtype)
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
-    check_targets(cfg, model_args)
+    cfg = resolve_targets(cfg, model_args)
     warn_unapplied_dropout(hf_config)
     weight_index(base_dir)  # weights present
     tokenizer = load_tokenizer(base_dir, trust_remote_code, model_args.model_type)

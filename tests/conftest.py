@@ -216,7 +216,7 @@ def _register_alibi_attention() -> None:
 
 
 def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None, seed: int,
-                            position_embedding: str | None = None, **overrides) -> Path:
+                            position_embedding: str = "rope", **overrides) -> Path:
     from safetensors.torch import load_file, save_file
 
     reference = Path(str(path) + "-hf")
@@ -238,6 +238,15 @@ def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None,
                 qkv[(i, kind)] = torch.cat(parts)  # [q_dim + 2 kv_dim, ...]: q, then k, then v
     if family == "chatglm":
         rope = hf.get("rope_parameters") or {}
+        # ChatGLM2 scales the positions by rope_ratio (linear RoPE scaling), ChatGLM3 and GLM-4
+        # the base; the loader tells them apart by the model's code, stood in for by one line
+        if rope.get("rope_type") == "linear":
+            rope_ratio, code = rope["factor"], "seq_idx = torch.arange(seq_len, dtype=torch.float) / self.rope_ratio"
+        else:
+            rope_ratio, code = rope.get("rope_theta", 10000.0) / 10000.0, "base = base * self.rope_ratio"
+        if rope_ratio != 1:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "modeling_chatglm.py").write_text(f"# {family}'s RoPE, in short\n{code}\n")
         config = {
             "model_type": "chatglm", "architectures": ["ChatGLMModel"],
             "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
@@ -246,7 +255,7 @@ def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None,
             "multi_query_group_num": hf["num_key_value_heads"], "padded_vocab_size": hf["vocab_size"],
             "layernorm_epsilon": hf["rms_norm_eps"], "rmsnorm": True, "post_layer_norm": True,
             "apply_residual_connection_post_layernorm": False, "add_bias_linear": False,
-            "add_qkv_bias": hf["attention_bias"], "rope_ratio": rope.get("rope_theta", 10000.0) / 10000.0,
+            "add_qkv_bias": hf["attention_bias"], "rope_ratio": rope_ratio,
             "seq_length": hf["max_position_embeddings"], "original_rope": True, "hidden_dropout": 0.0,
             "attention_dropout": 0.0, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32",
         }
@@ -270,8 +279,8 @@ def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None,
                                      "rms_norm_eps", "vocab_size", "max_position_embeddings", "hidden_act")}
         config.update(model_type="baichuan", architectures=["BaichuanForCausalLM"], tie_word_embeddings=False,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32")
-        if position_embedding is not None:  # "alibi": Baichuan 13B (the reference: load_reference)
-            config["position_embedding"] = position_embedding
+        # said outright: by its size rule a tiny model would be taken for a 13B, ALiBi one
+        config["position_embedding"] = position_embedding  # "alibi": the reference is load_reference's
         stored = {k: v for k, v in weights.items() if not any(f".{x}_proj." in k for x in "qkv")}
         for (i, kind), w in qkv.items():
             stored[f"model.layers.{i}.self_attn.W_pack.{kind}"] = w

@@ -284,3 +284,23 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
     assert code == 0, err
     assert "model of type" not in err  # transformers' warning that it has no class for chatglm
     assert json.loads((out / "a" / "adapter_config.json").read_text())["target_modules"] == ["query_key_value"]
+
+
+@pytest.mark.parametrize("family,key,value,fragment", [
+    ("baichuan", "rms_norm_eps", "x", "could not convert string to float: 'x'"),
+    ("baichuan", "num_hidden_layers", None, "Baichuan config num_hidden_layers must be a positive integer, got None"),
+    ("chatglm", "num_attention_heads", 0, "ChatGLM config num_attention_heads must be a positive integer, got 0"),
+    ("chatglm", "seq_length", "long", "ChatGLM config seq_length must be a positive integer, got 'long'"),
+])
+def test_bad_values_in_a_remote_code_config(setup, capsys, tmp_path, tokenizer_dir, family, key, value, fragment):
+    """ChatGLM's and Baichuan's config.json is read as plain JSON, not by transformers: a value
+    of the wrong kind is one line naming the file or the key, never a traceback."""
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / family, family, tokenizer_dir)
+    raw = json.loads((base / "config.json").read_text())
+    raw[key] = value
+    (base / "config.json").write_text(json.dumps(raw))
+    _, _, out, config = setup
+    code, err = run_train(capsys, base, config())
+    check(code, err, out, fragment)

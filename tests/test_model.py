@@ -54,7 +54,9 @@ CASES = {
     "glm4": ("glm4", dict(num_key_value_heads=1)),  # GLM-4-0414: norms after both sublayers too
     # ChatGLM2/3, GLM-4 in their own layout (fused query_key_value), against GlmForCausalLM
     "chatglm": ("chatglm", {}),
+    # ChatGLM3 / GLM-4's rope_ratio scales the base (here 50), ChatGLM2-32k's the positions (here 16)
     "chatglm_mqa_rope_ratio": ("chatglm", dict(num_key_value_heads=1, rope_parameters=dict(rope_theta=5e5))),
+    "chatglm2_rope_ratio": ("chatglm", dict(rope_parameters=dict(rope_type="linear", factor=16.0, rope_theta=1e4))),
     "baichuan": ("baichuan", {}),  # W_pack, against LlamaForCausalLM
     "baichuan2_norm_head": ("baichuan", dict(vocab_size=125696)),  # Baichuan 2's normalized head
     # Baichuan 13B: ALiBi instead of RoPE; 6 heads: slopes of 4 heads, then every other of 8
@@ -389,7 +391,8 @@ def test_bf16_runs_close_to_fp32(tiny_llama):
 CHATGLM = dict(model_type="chatglm", num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
                num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=400,
                layernorm_epsilon=1e-5, rmsnorm=True, post_layer_norm=True, add_bias_linear=False, add_qkv_bias=True,
-               apply_residual_connection_post_layernorm=False, seq_length=1024, rope_ratio=50)
+               apply_residual_connection_post_layernorm=False, seq_length=1024, rope_ratio=50,
+               rope_ratio_scales="base")
 
 
 def test_chatglm_and_baichuan_configs():
@@ -402,31 +405,62 @@ def test_chatglm_and_baichuan_configs():
         5e5, True, 8, 1024)
     assert (args.attention_bias, args.o_proj_bias, args.mlp_bias, args.tie_word_embeddings) == (True, False, False, False)
     assert (args.fused_qkv, args.fused_gate_up) == (True, True)
-    mha = llama.args_from_hf_config(dict(CHATGLM, multi_query_attention=False, add_bias_linear=True))
-    assert (mha.num_kv_heads, mha.o_proj_bias, mha.mlp_bias) == (4, True, True)
+    biased = llama.args_from_hf_config(dict(CHATGLM, add_bias_linear=True))
+    assert (biased.attention_bias, biased.o_proj_bias, biased.mlp_bias) == (True, True, True)
+    # ChatGLM2-6b-32k divides the positions by rope_ratio: linear scaling of the base 10000
+    positions = llama.args_from_hf_config(dict(CHATGLM, rope_ratio=16, rope_ratio_scales="positions"))
+    assert positions.rope == llama.RopeArgs("linear", 1e4, factor=16.0, interleaved=True)
+    with pytest.raises(UserError, match='rope_ratio is 16.*"rope_ratio_scales"'):  # which one, unknown
+        llama.args_from_hf_config({k: v for k, v in dict(CHATGLM, rope_ratio=16).items() if k != "rope_ratio_scales"})
+    assert llama.args_from_hf_config(dict(CHATGLM, rope_ratio=1, rope_ratio_scales=None)).rope.theta == 1e4
+    # keys a config.json leaves out take ChatGLMConfig's defaults (one K/V group, 128 per head)
+    sparse = llama.args_from_hf_config({k: v for k, v in CHATGLM.items() if k not in ("multi_query_group_num",
+                                                                                      "kv_channels")})
+    assert (sparse.num_kv_heads, sparse.head_dim) == (1, 128)
     chatglm1 = dict(model_type="chatglm", num_layers=28, hidden_size=4096, inner_hidden_size=16384,
                     num_attention_heads=32, vocab_size=130528, position_encoding_2d=True)
     with pytest.raises(UserError, match="first ChatGLM"):
         llama.args_from_hf_config(chatglm1)
     for key, value, match in (("rmsnorm", False, "LayerNorm"), ("post_layer_norm", False, "final norm"),
                               ("apply_residual_connection_post_layernorm", True, "after the norm"),
-                              ("pre_seq_len", 128, "P-tuning"), ("quantization_bit", 4, "quantized checkpoints")):
+                              ("multi_query_attention", False, "per head"),  # [q k v] per head, not [Q K V]
+                              ("pre_seq_len", 128, "P-tuning"), ("quantization_bit", 4, "quantized checkpoints"),
+                              ("vision_config", {"hidden_size": 8}, "GLM-4V"),
+                              ("num_layers", 0, "num_layers must be a positive integer, got 0"),
+                              ("padded_vocab_size", [400], "padded_vocab_size must be a positive integer"),
+                              ("multi_query_group_num", 0, "multi_query_group_num must be"),
+                              ("rope_ratio", 0, "rope_ratio must be a positive number, got 0"),
+                              ("layernorm_epsilon", "1e-5", "layernorm_epsilon must be a positive number")):
         with pytest.raises(UserError, match=match):
             llama.args_from_hf_config(dict(CHATGLM, **{key: value}))
 
     baichuan = dict(model_type="baichuan", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, vocab_size=64000, model_max_length=4096, rms_norm_eps=1e-6)
+                    num_attention_heads=4, vocab_size=64000, model_max_length=4096, rms_norm_eps=1e-6,
+                    position_embedding="rope")
     args = llama.args_from_hf_config(baichuan)
     assert (args.fused_qkv, args.fused_gate_up, args.num_kv_heads, args.normalized_head) == (True, False, 4, False)
     assert args.max_position_embeddings == 4096 and not args.rope.interleaved
     assert llama.args_from_hf_config(dict(baichuan, vocab_size=125696)).normalized_head  # Baichuan 2
     assert not llama.args_from_hf_config(dict(baichuan, vocab_size=125696, normalized_head=False)).normalized_head
-    # Baichuan 13B and Baichuan 2 13B: ALiBi, no layer turns q and k
-    for config in (dict(baichuan, hidden_size=5120, num_attention_heads=40), dict(baichuan, position_embedding="alibi")):
+    # as vLLM decides: hidden_size 4096 (the 7B models) RoPE, the others (13B: 5120) ALiBi, in
+    # which no layer turns q and k
+    by_size = {k: v for k, v in baichuan.items() if k != "position_embedding"}
+    for config in (dict(by_size, hidden_size=5120, num_attention_heads=40), by_size,
+                   dict(baichuan, position_embedding="alibi")):
         alibi = llama.args_from_hf_config(config)
         assert alibi.alibi and alibi.rope_layers == [False, False]
-    rope = llama.args_from_hf_config(dict(baichuan, hidden_size=5120, num_attention_heads=40, position_embedding="rope"))
-    assert not rope.alibi and rope.rope_layers == [True, True]
+    for config in (dict(by_size, hidden_size=4096), dict(baichuan, hidden_size=5120, position_embedding="rope")):
+        rope = llama.args_from_hf_config(config)
+        assert not rope.alibi and rope.rope_layers == [True, True]
+    # Baichuan's code fixes the RoPE base, head_dim and K/V heads, whatever its config says
+    fixed = llama.args_from_hf_config(dict(baichuan, rope_theta=5e5, head_dim=8, num_key_value_heads=2,
+                                           rope_scaling=dict(type="linear", factor=2.0)))
+    assert (fixed.rope, fixed.head_dim, fixed.num_kv_heads) == (llama.RopeArgs(), 16, 4)
+    for key, value, match in (("z_loss_weight", 0.1, "z-loss"), ("vocab_size", None, "vocab_size must be"),
+                              ("num_attention_heads", 0, "num_attention_heads must be")):
+        with pytest.raises(UserError, match=match):
+            llama.args_from_hf_config(dict(baichuan, **{key: value}))
+    assert llama.args_from_hf_config(dict(baichuan, z_loss_weight=0)).vocab_size == 64000
     with pytest.raises(UserError, match="position_embedding 'nope'"):
         llama.args_from_hf_config(dict(baichuan, position_embedding="nope"))
     assert not llama.args_from_hf_config(dict(CHATGLM, alibi=True)).alibi  # only Baichuan's reader sets it

@@ -685,6 +685,21 @@ def test_targets_must_be_projections_of_the_base(tmp_path, tokenizer_dir, tiny_l
     cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 2
     assert "target_modules qkv_proj not in this llama model" in capsys.readouterr().err
+    # ChatGLM's and Baichuan's own names are theirs only (on LLaMA, "dense" would have been o_proj)
+    for names, culprit in ((["dense", "q_proj"], "dense"), (["W_pack"], "W_pack")):
+        raw["lora"][0]["target_modules"] = names
+        cfg.write_text(json.dumps(raw))
+        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 2
+        assert f"target_modules {culprit} not in this llama model" in capsys.readouterr().err
+    chatglm = make_tiny_model(tmp_path / "chatglm", "chatglm", tokenizer_dir)
+    raw["lora"][0]["target_modules"] = ["W_pack"]
+    cfg.write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(chatglm), "--config", str(cfg), "--no_progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mlora: error: adapter 'a': target_modules W_pack not in this chatglm model (its projections: "
+        "query_key_value (qkv_proj), dense (o_proj), dense_h_to_4h (gate_up_proj), dense_4h_to_h (down_proj))")
+    assert not out.exists()
 
 
 def test_generate_past_the_longrope_switch_equals_transformers(tmp_path, tokenizer_dir):

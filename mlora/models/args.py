@@ -323,48 +323,89 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                     "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500_000.0}}
 
 
+# ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out
+_CHATGLM_DEFAULTS = {"num_layers": 28, "padded_vocab_size": 65024, "hidden_size": 4096, "ffn_hidden_size": 13696,
+                     "kv_channels": 128, "num_attention_heads": 32, "seq_length": 2048, "layernorm_epsilon": 1e-5,
+                     "rmsnorm": True, "apply_residual_connection_post_layernorm": False, "post_layer_norm": True,
+                     "add_bias_linear": False, "add_qkv_bias": False, "multi_query_attention": False,
+                     "multi_query_group_num": 1, "rope_ratio": 1, "quantization_bit": 0}
+# How a ChatGLM's code applies rope_ratio, which its config does not say: ChatGLM2 (6b-32k)
+# divides the positions by it, ChatGLM3 and GLM-4 multiply the RoPE base. The loader reads the
+# model's modeling_chatglm.py as text (it never runs it); config.json may say it instead.
+ROPE_RATIO_SCALES = ("positions", "base")
+
+
 def _chatglm_keys(cfg: Mapping) -> dict:
     """A ChatGLM2 / ChatGLM3 / GLM-4 (remote-code, model_type chatglm) config.json in the keys
     the other families use. Its architecture is GLM's (transformers' GlmForCausalLM, converted
     from these very checkpoints): RMSNorm, grouped queries, a fused query_key_value with biases,
-    RoPE on the first half of each head in adjacent pairs, base 10000 * rope_ratio."""
-    def get(key, default=None):
-        return default if cfg.get(key) is None else cfg[key]
+    RoPE on the first half of each head in adjacent pairs, its base or positions scaled by
+    rope_ratio (see ROPE_RATIO_SCALES)."""
+    def get(key):
+        return _CHATGLM_DEFAULTS.get(key) if cfg.get(key) is None else cfg[key]
 
-    if "ffn_hidden_size" not in cfg or get("position_encoding_2d", False):
+    if "inner_hidden_size" in cfg or cfg.get("position_encoding_2d"):
         raise UserError("the first ChatGLM (ChatGLM-6B, 2D position encoding) is not supported; "
                         "ChatGLM2, ChatGLM3 and GLM-4 are")
+    if cfg.get("vision_config") is not None:
+        raise UserError("ChatGLM config has a vision_config: image-text models (GLM-4V) are not supported")
     refused = {"rmsnorm": (True, "LayerNorm models"), "post_layer_norm": (True, "models without a final norm"),
-               "apply_residual_connection_post_layernorm": (False, "residuals taken after the norm")}
+               "apply_residual_connection_post_layernorm": (False, "residuals taken after the norm"),
+               # without it, query_key_value interleaves q, k, v per head; the released models all set it
+               "multi_query_attention": (True, "query_key_value laid out per head")}
     for key, (supported, what) in refused.items():
-        if bool(get(key, supported)) != supported:
-            raise UserError(f"ChatGLM config {key}={cfg[key]!r} is not supported ({what})")
-    if get("pre_seq_len") is not None:
+        if bool(get(key)) != supported:
+            raise UserError(f"ChatGLM config {key}={get(key)!r} is not supported ({what})")
+    if cfg.get("pre_seq_len") is not None:
         raise UserError("ChatGLM config pre_seq_len is set: P-tuning v2 prefixes are not supported")
-    if get("quantization_bit", 0):
+    if get("quantization_bit"):
         raise UserError("ChatGLM config quantization_bit is set: ChatGLM's own quantized checkpoints are not "
                         "supported (load the full-precision model; mlora quantizes with bitsandbytes)")
-    heads = int(get("num_attention_heads"))
-    linear_bias = bool(get("add_bias_linear", False))
+    sizes = {key: _positive_int(get(key), f"ChatGLM config {key}") for key in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "multi_query_group_num",
+        "kv_channels", "padded_vocab_size", "seq_length")}
+    ratio = _positive_number(get("rope_ratio"), "ChatGLM config rope_ratio")
+    rope: dict = {"rope_type": "default", "rope_theta": 10000.0}
+    if ratio != 1:
+        scales = cfg.get("rope_ratio_scales")
+        if scales not in ROPE_RATIO_SCALES:
+            raise UserError(f"ChatGLM config rope_ratio is {ratio:g}, which ChatGLM2 applies to the positions and "
+                            "ChatGLM3 / GLM-4 to the RoPE base: keep the model's modeling_chatglm.py beside its "
+                            'config.json, or set "rope_ratio_scales": "positions" or "base" in it')
+        rope = ({"rope_type": "linear", "factor": ratio, "rope_theta": 10000.0} if scales == "positions"
+                else {"rope_type": "default", "rope_theta": 10000.0 * ratio})
+    linear_bias = bool(get("add_bias_linear"))
     return {
         "model_type": "chatglm",
-        "num_hidden_layers": get("num_layers"),
-        "hidden_size": get("hidden_size"),
-        "intermediate_size": get("ffn_hidden_size"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("multi_query_group_num", heads)) if get("multi_query_attention") else heads,
-        "head_dim": get("kv_channels"),
-        "vocab_size": get("padded_vocab_size"),
-        "rms_norm_eps": get("layernorm_epsilon", 1e-5),
-        "rope_theta": 10000.0 * float(get("rope_ratio", 1)),
+        "num_hidden_layers": sizes["num_layers"],
+        "hidden_size": sizes["hidden_size"],
+        "intermediate_size": sizes["ffn_hidden_size"],
+        "num_attention_heads": sizes["num_attention_heads"],
+        "num_key_value_heads": sizes["multi_query_group_num"],
+        "head_dim": sizes["kv_channels"],
+        "vocab_size": sizes["padded_vocab_size"],
+        "rms_norm_eps": _positive_number(get("layernorm_epsilon"), "ChatGLM config layernorm_epsilon"),
+        "rope_parameters": rope,
         "partial_rotary_factor": 0.5,
-        "max_position_embeddings": get("seq_length", 2048),
+        "max_position_embeddings": sizes["seq_length"],
         "tie_word_embeddings": False,  # ChatGLM's output_layer is never tied
-        "attention_bias": linear_bias or bool(get("add_qkv_bias", False)),
+        "attention_bias": linear_bias or bool(get("add_qkv_bias")),
         "linear_bias": linear_bias,
-        "hidden_dropout": get("hidden_dropout"),
-        "attention_dropout": get("attention_dropout"),
+        "hidden_dropout": cfg.get("hidden_dropout"),
+        "attention_dropout": cfg.get("attention_dropout"),
     }
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise UserError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
 
 
 BAICHUAN2_VOCAB = 125696
@@ -373,17 +414,25 @@ BAICHUAN2_VOCAB = 125696
 def _baichuan_keys(cfg: Mapping) -> dict:
     """A Baichuan / Baichuan 2 (remote-code, model_type baichuan) config.json in the keys the
     other families use: LLaMA with q/k/v fused into W_pack, the 13B models with ALiBi instead of
-    RoPE. Its config does not say which
-    position encoding or head the model's code uses; as vLLM does, mlora takes the 13B models
-    (hidden_size 5120) for ALiBi ones and Baichuan 2 (vocab_size 125696) for a NormHead one.
+    RoPE. Its config does not say which position encoding or head the model's code uses; as
+    vLLM does, mlora takes the models with hidden_size 4096 (7B) for RoPE ones and the others
+    (13B) for ALiBi ones, and Baichuan 2 (vocab_size 125696) for a NormHead one.
     `position_embedding` ("rope" or "alibi") and `normalized_head` in config.json override that."""
-    out = dict(cfg)
-    position = cfg.get("position_embedding") or ("alibi" if cfg.get("hidden_size") == 5120 else "rope")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        _positive_int(cfg.get(key), f"Baichuan config {key}")
+    if cfg.get("z_loss_weight"):
+        raise UserError("Baichuan config z_loss_weight is not 0: Baichuan 2's z-loss is not supported")
+    # Baichuan's code fixes these: base 10000 without scaling, head_dim = hidden / heads, as
+    # many K/V heads as queries; mlora does not read them from its config either
+    out = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters", "head_dim",
+                                                     "num_key_value_heads", "partial_rotary_factor")}
+    position = cfg.get("position_embedding") or ("rope" if cfg["hidden_size"] == 4096 else "alibi")
     if position not in ("rope", "alibi"):
         raise UserError(f"Baichuan config position_embedding {position!r} is not 'rope' or 'alibi'")
     out["alibi"] = position == "alibi"
-    out["max_position_embeddings"] = cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096
-    out.pop("num_key_value_heads", None)  # Baichuan's attention has as many K/V heads as queries
+    out["max_position_embeddings"] = _positive_int(
+        cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096,
+        "Baichuan config max_position_embeddings")
     if cfg.get("normalized_head") is None:
         out["normalized_head"] = cfg.get("vocab_size") == BAICHUAN2_VOCAB
     out["tie_word_embeddings"] = False
