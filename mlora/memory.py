@@ -269,7 +269,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         per_layer["norm_weights"] = (args.num_norms * args.hidden_size + _qk_norm_width(args)) * 4
     one_layer = sum(per_layer.values())
 
-    batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len) * N
+    batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len, stage.layers) * N
     if args.alibi and L:
         # alibi.py's float mask, shared by every layer: [B, nh, S, S'] (S' = S rounded up to
         # 16), or [1, nh, S, S'] when causality is all there is to hide
@@ -426,11 +426,15 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape]) -> int:
     return sum(a.r * (shapes[m][0] + shapes[m][1]) * e for a in adapters for m in a.target_modules)
 
 
-def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int) -> float:
+def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int,
+                           layers: Sequence[int]) -> float:
     """The fused batch itself and what the model derives from it once for all layers."""
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
-    # cos, sin: [S, R], or [B, 1, S, R] per token; fp32 for OLMo 2
-    rope = 2 * args.rope_dim * (4 if args.rope_fp32 else e) * any(args.rope_layers)
+    # cos, sin: [S, R], or [B, 1, S, R] per token, for each distinct RoPE of the stage's layers
+    # (Gemma 3's and OLMo 3's sliding layers may have their own); fp32 for OLMo 2
+    ropes = {args.local_rope if args.local_rope is not None and args.sliding_window[i] is not None else args.rope
+             for i in layers if args.rope_layers[i]}
+    rope = 2 * args.rope_dim * (4 if args.rope_fp32 else e) * len(ropes)
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask
 

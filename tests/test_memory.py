@@ -340,6 +340,38 @@ def test_norms_of_other_families_are_counted(dtype, family):
                                                 for p in CausalLM(args).to(dtype).parameters())
 
 
+def test_each_distinct_rope_of_packed_rows_is_counted():
+    """Packed rows turn by per-token positions: each distinct RoPE (OLMo 3's and Gemma 3's
+    sliding layers have their own) keeps fp32 (OLMo) cos and sin [B, 1, S, R] for the
+    backward, and the estimate counts each (one fell 5% short with head_dim 64)."""
+    olmo3 = dataclasses.replace(OLMO2, model_type="olmo3", head_dim=64, num_heads=4, num_kv_heads=2,
+                                hidden_size=64, sliding_window=[4, None], local_rope=llama.RopeArgs(theta=1e4),
+                                rope=llama.RopeArgs("yarn", 5e5, factor=4.0, original_max_position_embeddings=8,
+                                                    attention_factor=1.1))
+    rows, seq_len = 2, 32
+    model, layout, wrappers = _model_with_adapters(BF16, [(4, 0.0)], ALL7, olmo3)
+    layout.rows = [AdapterRows("a0", 0, rows)]
+    model.train()
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    frozen |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
+               for t in (lw.lora_A, lw.lora_B)}
+    position_ids = torch.arange(seq_len).remainder(11).repeat(rows, 1)  # [B, S]: documents of 11 tokens
+    document_ids = torch.arange(seq_len).div(11, rounding_mode="floor").repeat(rows, 1)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in frozen:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 400, (rows, seq_len)), position_ids=position_ids, document_ids=document_ids)
+    measured = sum(storages.values())
+    estimate = estimate_peak_bytes(olmo3, rows=rows, seq_len=seq_len, dtype=BF16, lora=[LoraShape(4, ALL7, 0.0)],
+                                   explicit_mask=True)
+    assert measured <= estimate.activations <= 1.5 * measured
+
+
 @pytest.mark.parametrize("windows", [[None, None], [4, None]], ids=["causal", "sliding_layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_gemma2_softcapped_attention_bounds_what_autograd_saves(dtype, windows):

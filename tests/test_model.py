@@ -66,7 +66,9 @@ CASES = {
     "olmo2": ("olmo2", {}),
     "olmo3": ("olmo3", {}),  # OLMo 2 with a sliding layer and a full one, each with its RoPE
     "olmo3_yarn": ("olmo3", dict(rope_parameters={  # YaRN on the full layers, not the sliding ones
-        "full_attention": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, rope_theta=5e5),
+        # (transformers reads `truncate` at the top level only: here it is ignored)
+        "full_attention": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, rope_theta=5e5,
+                               truncate=False),
         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
     "qwen2_yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
                                                       original_max_position_embeddings=16))),
@@ -299,6 +301,12 @@ def test_config_errors():
     assert llama.args_from_hf_config(base).head_dim == 16
     with pytest.raises(UserError, match="rope type 'mystery' is not supported"):
         llama.args_from_hf_config(dict(base, rope_parameters=dict(rope_type="mystery", factor=2.0, rope_theta=1e4)))
+    # OLMo 3: a transformers-4 config.json's rope_theta goes to the full layers only, as Olmo3Config does
+    import transformers
+
+    olmo3 = dict(base, model_type="olmo3", sliding_window=4, rope_theta=1e4)
+    assert llama.args_from_hf_config(olmo3) == llama.args_from_hf_config(transformers.Olmo3Config(**olmo3))
+    assert (llama.args_from_hf_config(olmo3).rope.theta, llama.args_from_hf_config(olmo3).local_rope.theta) == (1e4, 5e5)
     yarn = llama.args_from_hf_config(dict(base, max_position_embeddings=4096,  # factor from the two lengths
                                           rope_parameters=dict(rope_type="yarn", rope_theta=1e4,
                                                                original_max_position_embeddings=1024)))
@@ -440,7 +448,10 @@ def test_chatglm_and_baichuan_configs():
     args = llama.args_from_hf_config(baichuan)
     assert (args.fused_qkv, args.fused_gate_up, args.num_kv_heads, args.normalized_head) == (True, False, 4, False)
     assert args.max_position_embeddings == 4096 and not args.rope.interleaved
-    assert llama.args_from_hf_config(dict(baichuan, vocab_size=125696)).normalized_head  # Baichuan 2
+    baichuan2 = llama.args_from_hf_config(dict(baichuan, vocab_size=125696))  # its head normalized, RoPE in fp32
+    assert baichuan2.normalized_head and baichuan2.rope_fp32
+    assert not llama.args_from_hf_config(dict(baichuan, position_embedding="alibi", vocab_size=125696)).rope_fp32
+    assert not llama.args_from_hf_config(dict(baichuan, rope_fp32=True)).rope_fp32  # Baichuan 1
     assert not llama.args_from_hf_config(dict(baichuan, vocab_size=125696, normalized_head=False)).normalized_head
     # as vLLM decides: hidden_size 4096 (the 7B models) RoPE, the others (13B: 5120) ALiBi, in
     # which no layer turns q and k

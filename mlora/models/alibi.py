@@ -3,8 +3,9 @@ q and k; instead each head adds slope_h * (k - q) to its attention scores, so a 
 less to keys the farther back they lie.
 
 The bias goes to SDPA as a float mask that also hides what the bool mask hides. The models'
-own code adds slope_h * k (the key's absolute position); the two differ by a constant per
-query, which softmax ignores, and the distance k - q stays small, so it rounds less in bf16.
+inference code adds slope_h * k (the key's absolute position), their training code slope_h *
+(k - q), as here; the two differ by a constant per query, which softmax ignores, and the
+distance k - q rounds less in bf16.
 Within a packed document and a left-padded row, columns are positions up to such a constant
 too, so the bias needs no position ids.
 """
@@ -43,18 +44,20 @@ def alibi_bias(num_heads: int, allowed: Tensor | None, past: int, seq_len: int, 
     """The float attention mask of S = seq_len queries at positions past.. over T = past + S
     keys: slope_h * (k - q) where `allowed` (bool [B or 1, 1, S, T], True = may attend; None:
     causal), -inf elsewhere. Returns [B or 1, nh, S, T], a view of a tensor whose rows are
-    padded to a multiple of 16 (see _ALIGN). Built in fp32, then cast to `dtype`."""
+    padded to a multiple of 16 (see _ALIGN). The products in fp32, rounded to `dtype`."""
     T = past + seq_len
     padded = -(-T // _ALIGN) * _ALIGN
     q = torch.arange(past, T, device=device)[:, None]  # [S, 1]
     k = torch.arange(padded, device=device)[None, :]  # [1, T']
     slopes = upload(torch.tensor(alibi_slopes(num_heads), dtype=torch.float32), device)  # [nh]
-    bias = slopes[:, None, None] * (k - q).to(torch.float32)  # [nh, S, T']
+    bias = (slopes[:, None, None] * (k - q).to(torch.float32)).to(dtype)  # [nh, S, T']
     if allowed is None:
         allowed = (k <= q)[None, None]  # [1, 1, S, T']
     else:
         full = torch.zeros(*allowed.shape[:-1], padded, dtype=torch.bool, device=device)  # padded keys hidden
         full[..., :T] = allowed
         allowed = full
-    bias = bias[None].masked_fill(~allowed, float("-inf"))  # [B or 1, nh, S, T']
-    return bias.to(dtype)[..., :T]
+    # Broadcast into [B or 1, nh, S, T'] in the dtype at once: no full-size fp32 copy to cast
+    # (three times the mask's memory at the start of a forward)
+    hidden = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    return torch.where(allowed, bias[None], hidden)[..., :T]

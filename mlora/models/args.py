@@ -260,8 +260,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     if gemma3:  # the sliding layers' own theta, 1e4 by default
         full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 1_000_000.0),
                                                 get("rope_local_base_freq", 10_000.0))
-    elif model_type == "olmo3":  # a RoPE per layer type, by default the same
-        full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta"), get("rope_theta"))
+    elif model_type == "olmo3":  # a RoPE per layer type; Olmo3Config gives a transformers-4
+        # config.json's rope_theta to the full layers only (the sliding ones keep 500000)
+        full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 500_000.0), 500_000.0)
     else:
         full_rope, local_rope = _rope_args(get, max_pos, rope_dim), None
     if model_type in ("glm", "glm4", "chatglm"):
@@ -288,7 +289,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         norm_layout=("sandwich" if sandwich else "glm4" if model_type == "glm4"
                      else "post" if model_type in ("olmo2", "olmo3") else "pre"),
         norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm"),
-        rope_fp32=model_type in ("olmo2", "olmo3"),
+        rope_fp32=model_type in ("olmo2", "olmo3") or (model_type == "baichuan" and bool(get("rope_fp32"))),
         attn_scale=(float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
                     else float(get("attention_multiplier", 1.0)) if model_type == "granite" else None),
         attn_softcap=attn_cap,
@@ -433,8 +434,10 @@ def _baichuan_keys(cfg: Mapping) -> dict:
     out["max_position_embeddings"] = _positive_int(
         cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096,
         "Baichuan config max_position_embeddings")
+    baichuan2 = cfg.get("vocab_size") == BAICHUAN2_VOCAB
     if cfg.get("normalized_head") is None:
-        out["normalized_head"] = cfg.get("vocab_size") == BAICHUAN2_VOCAB
+        out["normalized_head"] = baichuan2
+    out["rope_fp32"] = baichuan2 and not out["alibi"]  # Baichuan2-7B turns q and k in fp32
     out["tie_word_embeddings"] = False
     return out
 
@@ -504,6 +507,7 @@ def _per_type_ropes(get, max_pos: int, rope_dim: int, full_theta: float | None,
 def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) -> RopeArgs:
     # transformers 5 folds `rope_theta` + `rope_scaling` into `rope_parameters`; a raw
     # config.json from transformers 4 still has the two separate fields.
+    per_type = params is not None  # one layer type's RoPE (Gemma 3, OLMo 3)
     if params is None:
         params = get("rope_parameters") or get("rope_scaling") or {}
     params = dict(params)
@@ -532,11 +536,13 @@ def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) 
     if rope_type == "longrope":
         return _longrope_args(get, params, theta, max_pos, rope_dim)
     if rope_type == "yarn":
-        return _yarn_args(get, params, theta, max_pos)
+        # transformers reads `truncate` from the top level of rope_parameters, where a per-type
+        # RoPE has none: such a YaRN always truncates
+        return _yarn_args(get, params, theta, max_pos, truncate=True if per_type else params.get("truncate", True))
     raise UserError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
 
 
-def _yarn_args(get, params: Mapping, theta: float, max_pos: int) -> RopeArgs:
+def _yarn_args(get, params: Mapping, theta: float, max_pos: int, truncate: bool) -> RopeArgs:
     """YaRN (Qwen2.5 and Qwen3 long context, OLMo 3, DeepSeek), as transformers computes it:
     frequencies blended between extrapolated and interpolated (by `factor`) along a ramp set by
     beta_fast / beta_slow, and cos/sin scaled by attention_factor (by default 0.1 ln(factor) + 1,
@@ -555,7 +561,7 @@ def _yarn_args(get, params: Mapping, theta: float, max_pos: int) -> RopeArgs:
                      else get_mscale(factor))
     return RopeArgs("yarn", theta, factor=factor, original_max_position_embeddings=original,
                     attention_factor=float(attention), beta_fast=float(params.get("beta_fast") or 32),
-                    beta_slow=float(params.get("beta_slow") or 1), truncate=bool(params.get("truncate", True)))
+                    beta_slow=float(params.get("beta_slow") or 1), truncate=bool(truncate))
 
 
 def _longrope_args(get, params: Mapping, theta: float, max_pos: int, rope_dim: int) -> RopeArgs:
