@@ -277,7 +277,7 @@ class Adapter:
 
     def _peft_key(self, path: str, kind: str) -> str:
         """PEFT's name of a LoRA weight: the module path as the base checkpoint names it."""
-        return f"{PEFT_PREFIX}{self.naming.to_checkpoint(path)}.{kind}.weight"
+        return f"{PEFT_PREFIX}{self.naming.to_module(path)}.{kind}.weight"
 
     def peft_config(self, base_model: str) -> dict:
         cfg = self.cfg
@@ -288,7 +288,7 @@ class Adapter:
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": [self.naming.leaf(m) for m in cfg.target_modules],
+            "target_modules": self.naming.peft_target_modules(list(cfg.target_modules)),
             "use_rslora": cfg.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -324,7 +324,7 @@ class Adapter:
                             f"(the adapter's target_modules must match)")
         for name, value in tensors.items():
             if name not in expected:
-                module = self.naming.from_checkpoint(name[len(PEFT_PREFIX):].rsplit(".", 2)[0])  # no '.lora_A.weight'
+                module = self.naming.from_module(name[len(PEFT_PREFIX):].rsplit(".", 2)[0])  # no '.lora_A.weight'
                 if self.stage_layers is not None and decoder_layer_of(module) not in self.stage_layers:
                     continue  # another pipeline stage's layer: that stage loads it
                 raise UserError(f"{where}: unexpected tensor {name} "

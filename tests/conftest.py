@@ -102,7 +102,7 @@ def reference_dir(path: Path) -> Path:
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
     """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
-    gemma3_text | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan), save it as safetensors
+    gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -113,6 +113,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     head in its file and the normalized one (its NormHead) in the reference."""
     if family in ("chatglm", "baichuan"):
         return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
+    if family == "gemma3":  # an image-text model: a tiny vision tower beside a Gemma 3 text model
+        return _make_gemma3_image_text_model(Path(path), tokenizer_dir, seed, **overrides)
     import transformers
 
     cls_config, cls_model = {
@@ -174,6 +176,34 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return Path(path)
+
+
+def _make_gemma3_image_text_model(path: Path, tokenizer_dir: Path | None, seed: int, **overrides) -> Path:
+    """Gemma 3 4B/12B/27B's layout (Gemma3ForConditionalGeneration): its language model is a
+    gemma3_text one, built here, and saved with a two-layer vision tower."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text_dir = Path(str(path) + "-text")
+    make_tiny_model(text_dir, "gemma3_text", tokenizer_dir, seed, **overrides)
+    text_config = json.loads((text_dir / "config.json").read_text())
+    config = transformers.Gemma3Config(
+        text_config=text_config, mm_tokens_per_image=4, tie_word_embeddings=text_config.get("tie_word_embeddings", True),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    # the language model's weights: the text model's, under the image-text model's names
+    tensors = load_file(path / "model.safetensors")
+    for name, value in load_file(text_dir / "model.safetensors").items():
+        assert "language_model." + name in tensors, name
+        tensors["language_model." + name] = value
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for extra in text_dir.iterdir():  # the tokenizer
+        if extra.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            (path / extra.name).write_bytes(extra.read_bytes())
+    return path
 
 
 def load_reference(path: Path, dtype: torch.dtype = torch.float32):

@@ -37,6 +37,8 @@ CASES = {
     "gemma2_no_caps_mqa": ("gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
                                           num_key_value_heads=1)),
     "gemma3": ("gemma3_text", {}),
+    # Gemma 3 4B/12B/27B: an image-text checkpoint, its language model under another prefix
+    "gemma3_image_text": ("gemma3", {}),
     "phi3": ("phi3", {}),  # fused qkv_proj (GQA 4/2) and gate_up_proj
     # layer 1 without RoPE (and windowed), biases on all four attention projections and the MLP
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=4,
@@ -237,7 +239,7 @@ def test_sliding_windows_per_family(tmp_path):
 
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3"])
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -317,8 +319,8 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                         "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3"}
+    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
+                         "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -372,7 +374,8 @@ def test_rounds_as_transformers_in_bf16(tmp_path, family):
     assert diff[mask.bool()].max().item() < 0.01
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED - {"chatglm", "baichuan"}))  # no config class in transformers
+# chatglm, baichuan: no config class in transformers; gemma3: its text_config is gemma3_text
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED - {"chatglm", "baichuan", "gemma3"}))
 def test_a_config_json_without_defaults_reads_as_its_config_class(model_type):
     """A config.json leaves out values equal to its class's defaults, which differ by family
     (Gemma ties its head and has head_dim 256, Qwen3 head_dim 128): read as a plain dict, it

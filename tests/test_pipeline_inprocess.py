@@ -435,26 +435,35 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
 
 
-def test_chatglm_pipeline_equals_single_process(tmp_path, tokenizer_dir):
-    """ChatGLM's own tensor names: each rank reads its layers under them, the ranks' adapter
-    pieces merge into one PEFT file with ChatGLM's module names, and the run equals one process
-    (an init_from adapter under those names too)."""
+@pytest.mark.parametrize("family", ["chatglm", "gemma3"])
+def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
+    """ChatGLM's own tensor names, and Gemma 3's image-text layout (its language model's
+    tensors and modules under other prefixes, which differ): each rank reads its layers under
+    the checkpoint's names, the ranks' adapter pieces merge into one PEFT file with the
+    model's module names, and the run equals one process (an init_from adapter under those
+    names too)."""
     import json
 
     from conftest import make_tiny_model
     from mlora.cli import main
 
-    base = make_tiny_model(tmp_path / "glm", "chatglm", tokenizer_dir, num_hidden_layers=4)
+    base = make_tiny_model(tmp_path / family, family, tokenizer_dir, num_hidden_layers=4,
+                           **({"layer_types": ["sliding_attention", "full_attention"] * 2} if family == "gemma3" else {}))
     cfg = write_config(tmp_path, 2, tmp_path / "single")
     raw = json.loads(cfg.read_text())
-    raw["lora"][0]["target_modules"] = ["query_key_value", "dense_4h_to_h"]
-    raw["lora"][1]["target_modules"] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    if family == "chatglm":
+        raw["lora"][0]["target_modules"] = ["query_key_value", "dense_4h_to_h"]
+        raw["lora"][1]["target_modules"] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    else:
+        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
     cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     run_threads(base, cfg, tmp_path / "pipe", 2, [3, 4])
     assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
     keys = load_file(tmp_path / "pipe" / "p1" / "adapter_model.safetensors")
-    assert len(keys) == 4 * 4 * 2 and all(k.startswith("base_model.model.transformer.encoder.layers.") for k in keys)
+    prefix = {"chatglm": "base_model.model.transformer.encoder.layers.",
+              "gemma3": "base_model.model.model.language_model.layers."}[family]
+    assert len(keys) == 4 * 4 * 2 and all(k.startswith(prefix) for k in keys)
     # a trained adapter as init_from: every rank takes its layers' tensors from the one file
     raw["lora"] = [dict(raw["lora"][1], init_from=str(tmp_path / "single" / "p1"), num_epochs=1)]
     cfg.write_text(json.dumps(raw))

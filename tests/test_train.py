@@ -159,7 +159,6 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     from mlora.loader import load_model
     from mlora.lora import BatchLayout, inject_lora
 
-    from mlora.config import NATIVE_MODULE_NAMES
     from mlora.models.naming import naming_for
 
     model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
@@ -167,8 +166,10 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     wrappers = inject_lora(model, layout)
     peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     naming = naming_for(model.args.model_type)
-    targets = [NATIVE_MODULE_NAMES[m] if naming.leaf(m) == m and m in NATIVE_MODULE_NAMES else m
-               for m in peft_cfg["target_modules"]] if naming.family else peft_cfg["target_modules"]
+    # the projections the adapter holds, by mlora's names (its config may name them otherwise)
+    keys = load_file(adapter_dir / "adapter_model.safetensors")
+    targets = sorted({naming.from_module(k[len("base_model.model."):].rsplit(".", 2)[0]).rsplit(".", 1)[-1]
+                      for k in keys})
     cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], target_modules=targets)
     adapter = Adapter(cfg, wrappers, 0, torch.device("cpu"), naming=naming)
     adapter.load_peft(adapter_dir)
@@ -556,14 +557,16 @@ GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
 @pytest.mark.parametrize("family,overrides", [("qwen3", dict(head_dim=32)), ("gemma", {}), ("gemma2", {}),
                                               ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5)),
                                               ("smollm3", dict(no_rope_layers=[1, 0])), ("glm", {}),
-                                              ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {})])
+                                              ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
+                                              ("gemma3", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
     gate_up_proj, partial rotary), SmolLM3 (a layer without RoPE), GLM-4 (fused gate_up_proj,
     RoPE on adjacent pairs; GLM-4-0414's extra norms), Granite (multipliers), OLMo 2 / 3 (norms
-    after the sublayers, q/k norms over whole projections; a sliding layer): mlora trains an
-    adapter on every projection, and PEFT on transformers' model gives the saved adapter's logits."""
+    after the sublayers, q/k norms over whole projections; a sliding layer), Gemma 3's image-text
+    layout (the vision tower's q/k/v_proj left alone): mlora trains an adapter on every
+    projection, and PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -582,6 +585,9 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                            out / "b").eval()
     _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
+    # PEFT puts LoRA exactly where mlora trained it (not also in Gemma 3's vision tower)
+    lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")]
+    assert len(lora_modules) == len([k for k in load_file(out / "b" / "adapter_model.safetensors") if ".lora_A." in k])
 
 
 # ChatGLM's and Baichuan's own projection names, as their PEFT users write them

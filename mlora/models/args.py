@@ -14,8 +14,8 @@ from typing import Any
 
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "glm", "glm4",
-            "chatglm", "baichuan", "granite", "olmo2", "olmo3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
+            "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -153,6 +153,16 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if model_type == "gemma3":
+        # Gemma 3 4B/12B/27B are image-text checkpoints: mlora trains their language model, a
+        # Gemma 3 text model (its tensors under another prefix: models/naming.py)
+        text = get("text_config")
+        if text is None:
+            raise UserError("gemma3 config has no text_config")
+        text = {**text, "model_type": "gemma3_text"} if isinstance(text, Mapping) else text
+        # Gemma3ForConditionalGeneration ties its head by the outer config's flag
+        return replace(args_from_hf_config(text), model_type="gemma3",
+                       tie_word_embeddings=bool(get("tie_word_embeddings", True)))
     if model_type in REMOTE_CODE_FAMILIES:
         if not isinstance(cfg, Mapping):
             cfg = cfg.to_dict()

@@ -25,6 +25,10 @@ _CHATGLM = (
     ("lm_head.", "transformer.output_layer."),
 )
 _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_attn.W_pack."),)
+# Gemma 3's image-text checkpoints: the language model's tensors as its safetensors names them,
+# and its modules as transformers' Gemma3ForConditionalGeneration names them (what PEFT sees)
+_GEMMA3 = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+_GEMMA3_MODULES = (("model.", "model.language_model."),)
 
 # A projection's own name in each family (PEFT's target_modules match the last name part).
 _LEAVES = {
@@ -45,11 +49,13 @@ class Naming:
 
     family: str | None = None  # None: the checkpoint uses mlora's names
 
-    def _rules(self) -> tuple[tuple[str, str], ...]:
-        return {"chatglm": _CHATGLM, "baichuan": _BAICHUAN}.get(self.family, ())
+    def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
+        if modules and self.family == "gemma3":
+            return _GEMMA3_MODULES
+        return {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3}.get(self.family, ())
 
-    def _translate(self, name: str, forward: bool) -> str:
-        for mine, theirs in self._rules():
+    def _translate(self, name: str, forward: bool, modules: bool = False) -> str:
+        for mine, theirs in self._rules(modules):
             src, dst = (mine, theirs) if forward else (theirs, mine)
             full = name + "."  # so that a module path matches its prefix too
             m = _compile(src).match(full)
@@ -67,10 +73,28 @@ class Naming:
         """The checkpoint's name -> mlora's (names no rule matches stay as they are)."""
         return self._translate(name, forward=False)
 
+    def to_module(self, path: str) -> str:
+        """mlora's module path -> the path of the same module in transformers' (or the remote
+        code's) model, which PEFT's adapter keys use; the checkpoint's name but for Gemma 3's
+        image-text models ('model.layers.0.mlp' -> 'model.language_model.layers.0.mlp')."""
+        return self._translate(path, forward=True, modules=True)
+
+    def from_module(self, path: str) -> str:
+        return self._translate(path, forward=False, modules=True)
+
+    def peft_target_modules(self, projections: list[str]) -> list[str] | str:
+        """adapter_config.json's target_modules for these projections: their names, or for Gemma
+        3's image-text models a regular expression that PEFT matches against whole module paths,
+        so that the vision tower's q/k/v_proj stay untouched."""
+        leaves = [self.leaf(p) for p in projections]
+        if self.family != "gemma3":
+            return leaves
+        return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(leaves)})"
+
     def leaf(self, projection: str) -> str:
         """The checkpoint's name of a projection ('qkv_proj' -> 'W_pack' for Baichuan)."""
         return _LEAVES.get(self.family, {}).get(projection, projection)
 
 
 def naming_for(model_type: str) -> Naming:
-    return Naming(model_type if model_type in ("chatglm", "baichuan") else None)
+    return Naming(model_type if model_type in ("chatglm", "baichuan", "gemma3") else None)
