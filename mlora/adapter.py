@@ -53,7 +53,8 @@ class Adapter:
                  naming: Naming = Naming()):
         """stage_layers: on a pipeline stage, the decoder layers it holds ('model.layers.3', ...):
         an `init_from` adapter's tensors for other layers belong to other stages.
-        naming: the base checkpoint's names, which the PEFT files use (ChatGLM, Baichuan)."""
+        naming: the base model's own module names, which the PEFT files use (ChatGLM, Baichuan,
+        Gemma 3's image-text models name theirs otherwise than mlora)."""
         self.cfg = cfg
         self.naming = naming
         self.stage_layers = stage_layers
@@ -276,7 +277,7 @@ class Adapter:
         return tensors
 
     def _peft_key(self, path: str, kind: str) -> str:
-        """PEFT's name of a LoRA weight: the module path as the base checkpoint names it."""
+        """PEFT's name of a LoRA weight: the module path in the base's own model (naming.to_module)."""
         return f"{PEFT_PREFIX}{self.naming.to_module(path)}.{kind}.weight"
 
     def peft_config(self, base_model: str) -> dict:

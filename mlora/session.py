@@ -47,7 +47,7 @@ class Session:
 
     @property
     def naming(self) -> Naming:
-        """The base checkpoint's names (ChatGLM and Baichuan differ from mlora's own)."""
+        """The base checkpoint's names (ChatGLM's, Baichuan's and Gemma 3 image-text's differ from mlora's)."""
         return naming_for(self.model.args.model_type) if self.model is not None else Naming()
 
     def load_base(self) -> None:

@@ -312,7 +312,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         local_rope=local_rope,
         sliding_window=[int(w) if w is not None else None for w in windows],
         max_position_embeddings=max_pos,
-        normalized_head=bool(get("normalized_head", False)),
+        normalized_head=model_type == "baichuan" and bool(get("normalized_head", False)),  # _baichuan_keys
         alibi=alibi,
         embedding_multiplier=float(get("embedding_multiplier", 1.0)) if model_type == "granite" else 1.0,
         residual_multiplier=float(get("residual_multiplier", 1.0)) if model_type == "granite" else 1.0,

@@ -2,9 +2,12 @@
 
 mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
 LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
-(read by their own remote code) name the same tensors otherwise; a `Naming` translates at the
-two edges where names leave mlora: reading the base's safetensors, and writing or reading a
-PEFT adapter, whose keys and target_modules must be the names PEFT sees on the real model.
+(read by their own remote code) and Gemma 3's image-text ones name the same tensors otherwise;
+a `Naming` translates at the two edges where names leave mlora: reading the base's
+safetensors (to_checkpoint), and writing or reading a PEFT adapter, whose keys and
+target_modules must be the module paths PEFT sees on the real model (to_module; the same as
+the tensor names but for Gemma 3, whose transformers model nests its modules otherwise than
+its files).
 """
 
 from __future__ import annotations
