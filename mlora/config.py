@@ -312,7 +312,7 @@ def _canonical_module(a: _Reader, name: str) -> str:
     known = [*TARGET_MODULES, *MLORA_MODULE_NAMES, *NATIVE_MODULE_NAMES]
     a.fail(
         f"unknown module {name!r} in 'target_modules'{_hint(name, known)}"
-        f" (valid: {', '.join(TARGET_MODULES)})"
+        f" (valid: {', '.join(TARGET_MODULES)}; on ChatGLM and Baichuan also {', '.join(NATIVE_MODULE_NAMES)})"
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,9 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
     if model_type not in SUPPORTED:
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
+    if model_type == "gemma3" and not isinstance(json.loads(config_file.read_text()).get("text_config"), dict):
+        # (Gemma3Config would fill in a 4B model's text config and blame the weights)
+        raise UserError(f"{config_file}: a gemma3 config needs its text_config")
     if model_type in REMOTE_CODE_FAMILIES:
         # Only the model's own code (auto_map) reads this config in transformers; mlora
         # implements the model, so the plain JSON is all it needs (no remote code runs).
@@ -79,7 +83,10 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # e.g. transformers reads a "mistral" config.json that has `layer_types` as "ministral"
         raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "
                         f"{cfg.model_type!r}, which is not supported")
-    return cfg, family_for(cfg.model_type).args_from_hf_config(cfg)
+    try:
+        return cfg, family_for(cfg.model_type).args_from_hf_config(cfg)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a value of the wrong kind
+        raise UserError(f"cannot read {config_file}: {type(e).__name__}: {e}") from None
 
 
 def _chatglm_rope_ratio_scales(base: Path) -> str | None:
@@ -90,11 +97,11 @@ def _chatglm_rope_ratio_scales(base: Path) -> str | None:
     if not code.is_file():
         return None
     text = code.read_text(errors="replace")
-    if re.search(r"/\s*self\.rope_ratio\b", text):
-        return "positions"
-    if re.search(r"\*\s*self\.rope_ratio\b|\bself\.rope_ratio\s*\*", text):
-        return "base"
-    return None
+    positions = re.search(r"/\s*self\.rope_ratio\b", text) is not None
+    base_scaled = re.search(r"\*\s*self\.rope_ratio\b|\bself\.rope_ratio\s*\*", text) is not None
+    if positions == base_scaled:  # neither, or both (merged versions): not guessed
+        return None
+    return "positions" if positions else "base"
 
 
 def _weights_source(base: Path) -> Path:
@@ -160,6 +167,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         model = family.CausalLM(args, parts)
     # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise)
     naming = naming_for(args.model_type)
+    if "embed" in model.parts:  # once per model (a pipeline's first stage)
+        _warn_unused_tensors(set(index), {naming.to_checkpoint(n) for n in family.tensor_names(args)}, args, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
     index = {name: index[stored_name] for name, stored_name in stored.items() if stored_name in index}
     needed = list(stored)
@@ -226,6 +235,22 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     model.eval()  # the base has no dropout; this just keeps `training` honest
     model.loaded_tensor_names = sorted(stored.values())  # as the checkpoint names them
     return model
+
+
+# Tensors a checkpoint may hold that no model computes with: RoPE tables some releases saved,
+# Gemma 3's vision tower and projector (mlora trains the language model), a tied head's copy.
+_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector)\.|"
+                        r"^(language_model\.)?lm_head\.weight$")
+
+
+def _warn_unused_tensors(stored: set[str], used: set[str], args: ModelArgs, base: Path) -> None:
+    """A checkpoint tensor this config leaves unused means config.json and the weights disagree
+    (a bias the config turns off, fewer layers than the file has): say so, as transformers does."""
+    unused = sorted(name for name in stored - used if not _UNUSED_OK.match(name))
+    if unused:
+        more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+        print(f"mlora: warning: {base}: config.json leaves tensor {unused[0]!r}{more} of the checkpoint unused "
+              f"(does config.json describe these weights?)", file=sys.stderr)
 
 
 def _assign_quantized(slot: tuple[torch.nn.Module, str], pname: str, weight: torch.Tensor,

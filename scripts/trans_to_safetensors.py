@@ -43,8 +43,9 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
              "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
              "merges.txt", "chat_template.jinja", "chat_template.json")
 # ChatGLM's and Baichuan's tokenizers are code shipped with the model (tokenization_chatglm.py,
-# their config class beside it) reading their own vocabulary files.
-AUX_PATTERNS = ("tokenization_*.py", "configuration_*.py", "*.tiktoken")
+# their config class beside it) reading their own vocabulary files; their modeling_*.py is
+# copied too (mlora reads how ChatGLM applies rope_ratio from it, and PEFT users load with it).
+AUX_PATTERNS = ("tokenization_*.py", "configuration_*.py", "modeling_*.py", "*.tiktoken")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # as transformers reads them
 
@@ -115,6 +116,8 @@ def ties_embeddings(model_dir: Path) -> bool:
         return False
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
+    if "auto_map" in config:  # remote-code models (ChatGLM, Baichuan) keep their head; never run their code
+        return False
     try:  # not written out: the model class's default decides, which only transformers knows
         from transformers import AutoConfig
 

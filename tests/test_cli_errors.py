@@ -286,20 +286,26 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
     assert json.loads((out / "a" / "adapter_config.json").read_text())["target_modules"] == ["query_key_value"]
 
 
-@pytest.mark.parametrize("family,key,value,fragment", [
-    ("baichuan", "rms_norm_eps", "x", "could not convert string to float: 'x'"),
-    ("baichuan", "num_hidden_layers", None, "Baichuan config num_hidden_layers must be a positive integer, got None"),
-    ("chatglm", "num_attention_heads", 0, "ChatGLM config num_attention_heads must be a positive integer, got 0"),
-    ("chatglm", "seq_length", "long", "ChatGLM config seq_length must be a positive integer, got 'long'"),
+@pytest.mark.parametrize("family,changes,fragment", [
+    ("baichuan", dict(rms_norm_eps="x"), "could not convert string to float: 'x'"),
+    ("baichuan", dict(rms_norm_eps=-1), "baichuan config rms_norm_eps must be a positive number, got -1"),
+    ("baichuan", dict(num_hidden_layers=None), "Baichuan config num_hidden_layers must be a positive integer, got None"),
+    ("chatglm", dict(num_attention_heads=0), "ChatGLM config num_attention_heads must be a positive integer, got 0"),
+    ("chatglm", dict(seq_length="long"), "ChatGLM config seq_length must be a positive integer, got 'long'"),
+    ("chatglm", dict(rope_ratio=16, rope_ratio_scales="foo"), "rope_ratio_scales 'foo' is not"),
+    ("granite", dict(embedding_multiplier="x"), "cannot read"),
+    ("granite", dict(logits_scaling=0), "granite config logits_scaling must be a positive number, got 0"),
+    ("gemma3", dict(text_config=None), "a gemma3 config needs its text_config"),
 ])
-def test_bad_values_in_a_remote_code_config(setup, capsys, tmp_path, tokenizer_dir, family, key, value, fragment):
-    """ChatGLM's and Baichuan's config.json is read as plain JSON, not by transformers: a value
-    of the wrong kind is one line naming the file or the key, never a traceback."""
+def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, changes, fragment):
+    """A value of the wrong kind in config.json (ChatGLM's and Baichuan's are read as plain JSON,
+    not by transformers) is one line naming the file or the key, never a traceback nor a run
+    whose every step is skipped."""
     from conftest import make_tiny_model
 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir)
     raw = json.loads((base / "config.json").read_text())
-    raw[key] = value
+    raw.update(changes)
     (base / "config.json").write_text(json.dumps(raw))
     _, _, out, config = setup
     code, err = run_train(capsys, base, config())

@@ -224,3 +224,59 @@ def test_device_and_dtype_defaults():
 def test_bad_dtype(name):
     with pytest.raises(UserError, match=name):
         resolve_dtype(torch.device("cpu"), name)
+
+
+def test_checkpoint_tensors_the_config_leaves_unused_are_reported(tmp_path, capsys):
+    """A ChatGLM config without add_qkv_bias (ChatGLMConfig's default: none) beside weights that
+    have the biases, or a config with fewer layers than the file: the run would train another
+    model than the checkpoint's, so a warning names a tensor left unused; known extras (a saved
+    RoPE table, Gemma 3's vision tower) are not reported."""
+    import json
+
+    from conftest import make_tiny_model
+
+    glm = make_tiny_model(tmp_path / "glm", "chatglm")
+    capsys.readouterr()
+    load_model(glm, "cpu", torch.float32)  # its transformer.rotary_pos_emb.inv_freq is expected
+    assert capsys.readouterr().err == ""
+    raw = json.loads((glm / "config.json").read_text())
+    (glm / "config.json").write_text(json.dumps(dict(raw, add_qkv_bias=False)))
+    load_model(glm, "cpu", torch.float32)
+    err = capsys.readouterr().err
+    assert "warning" in err and "'transformer.encoder.layers.0.self_attention.query_key_value.bias' and 1 more" in err
+    gemma3 = make_tiny_model(tmp_path / "gemma3", "gemma3")
+    capsys.readouterr()
+    load_model(gemma3, "cpu", torch.float32, parts=["embed", "layer.0"])
+    assert capsys.readouterr().err == ""
+
+
+def test_how_chatglm_applies_rope_ratio_is_read_from_its_code(tmp_path):
+    """ChatGLM2 divides the positions by rope_ratio, ChatGLM3 / GLM-4 multiply the base: the
+    model's own modeling_chatglm.py says which (read as text); code with both, or neither, is
+    not guessed from."""
+    from mlora.loader import _chatglm_rope_ratio_scales
+
+    code = tmp_path / "modeling_chatglm.py"
+    assert _chatglm_rope_ratio_scales(tmp_path) is None
+    for text, expected in (("seq_idx = torch.arange(seq_len) / self.rope_ratio", "positions"),
+                           ("base = base * self.rope_ratio", "base"), ("base = self.rope_ratio * base", "base"),
+                           ("x = seq / self.rope_ratio\nbase = base * self.rope_ratio", None), ("pass", None)):
+        code.write_text(text)
+        assert _chatglm_rope_ratio_scales(tmp_path) == expected, text
+
+
+def test_a_value_transformers_lets_through_but_mlora_cannot_use_is_one_error(tmp_path):
+    """transformers only warns about a YaRN factor that is not a number; reading it into mlora's
+    arguments fails, as a UserError naming config.json (was a traceback)."""
+    import json
+
+    from conftest import make_tiny_model
+    from mlora.errors import UserError
+    from mlora.loader import read_model_config
+
+    base = make_tiny_model(tmp_path / "olmo2", "olmo2")
+    raw = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(raw, rope_parameters=dict(rope_type="yarn", factor="x",
+                                                                                 rope_theta=1e4))))
+    with pytest.raises(UserError, match=r"cannot read .*config.json: ValueError: could not convert string to float"):
+        read_model_config(base)

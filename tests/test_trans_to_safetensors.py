@@ -390,8 +390,9 @@ def test_runs_as_a_script_from_any_directory(models, tmp_path):
 
 def test_a_chatglm_bin_checkpoint_with_its_tokenizer_code(tmp_path, capsys, tokenizer_dir):
     """ChatGLM2/3 and Baichuan 2 ship .bin weights under their own names and a tokenizer that is
-    code (tokenization_*.py beside its vocabulary): the converted directory has both, and mlora
-    loads it as it loads the safetensors original."""
+    code (tokenization_*.py beside its vocabulary): the converted directory has both, and the
+    model code (which tells how rope_ratio applies), and mlora loads it as it loads the
+    safetensors original. The converter never runs the model's code (auto_map)."""
     from safetensors.torch import load_file
 
     src = make_tiny_model(tmp_path / "src", "chatglm", tokenizer_dir)
@@ -402,13 +403,17 @@ def test_a_chatglm_bin_checkpoint_with_its_tokenizer_code(tmp_path, capsys, toke
             shutil.copy(f, bins / f.name)
     (bins / "tokenization_chatglm.py").write_text("# the model's tokenizer code\n")
     (bins / "configuration_chatglm.py").write_text("# its config class\n")
-    (bins / "modeling_chatglm.py").write_text("# model code: mlora has its own\n")
+    (bins / "modeling_chatglm.py").write_text("seq_idx = torch.arange(seq_len) / self.rope_ratio\n")
+    raw = json.loads((bins / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)  # unknown: asking transformers would prompt to run the model's code
+    (bins / "config.json").write_text(json.dumps(dict(raw, auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
+                                                      rope_ratio=1)))
     torch.save(load_file(src / "model.safetensors"), bins / "pytorch_model.bin")
     out = tmp_path / "out"
     code, _, err = run(capsys, "--model_path", bins, "--output_dir", out)
     assert code == 0, err
-    assert (out / "tokenization_chatglm.py").is_file() and (out / "configuration_chatglm.py").is_file()
-    assert not (out / "modeling_chatglm.py").exists()
+    for name in ("tokenization_chatglm.py", "configuration_chatglm.py", "modeling_chatglm.py"):
+        assert (out / name).read_bytes() == (bins / name).read_bytes()
     ids = torch.randint(3, 300, (2, 9))
     with torch.no_grad():
         assert torch.equal(load_model(out, "cpu", torch.float32)(ids), load_model(src, "cpu", torch.float32)(ids))

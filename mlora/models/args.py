@@ -286,7 +286,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_positive_number(float(get("rms_norm_eps", 1e-6)), f"{model_type} config rms_norm_eps"),
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
@@ -316,7 +316,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         alibi=alibi,
         embedding_multiplier=float(get("embedding_multiplier", 1.0)) if model_type == "granite" else 1.0,
         residual_multiplier=float(get("residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
-        logits_scaling=float(get("logits_scaling", 1.0)) if model_type == "granite" else 1.0,
+        logits_scaling=(_positive_number(float(get("logits_scaling", 1.0)), "granite config logits_scaling")
+                        if model_type == "granite" else 1.0),
     )
 
 
@@ -379,7 +380,9 @@ def _chatglm_keys(cfg: Mapping) -> dict:
     rope: dict = {"rope_type": "default", "rope_theta": 10000.0}
     if ratio != 1:
         scales = cfg.get("rope_ratio_scales")
-        if scales not in ROPE_RATIO_SCALES:
+        if scales is not None and scales not in ROPE_RATIO_SCALES:
+            raise UserError(f'ChatGLM config rope_ratio_scales {scales!r} is not "positions" or "base"')
+        if scales is None:
             raise UserError(f"ChatGLM config rope_ratio is {ratio:g}, which ChatGLM2 applies to the positions and "
                             "ChatGLM3 / GLM-4 to the RoPE base: keep the model's modeling_chatglm.py beside its "
                             'config.json, or set "rope_ratio_scales": "positions" or "base" in it')
