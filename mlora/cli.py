@@ -161,8 +161,12 @@ def cmd_train(args) -> int:
             return 0
         if not checkpoint.list_checkpoints(out):
             raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
-    prepare_output_dir(out)
-    session.load_base()
+    created = prepare_output_dir(out)  # before the (long) load: a bad output_dir fails at once
+    try:
+        session.load_base()
+    except UserError:  # weights that do not fit config.json: leave nothing behind
+        remove_if_still_empty(created)
+        raise
     try:
         summary = train(session, progress=not args.no_progress, resume=args.resume)
     except Interrupted as stop:

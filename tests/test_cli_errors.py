@@ -310,3 +310,17 @@ def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, 
     _, _, out, config = setup
     code, err = run_train(capsys, base, config())
     check(code, err, out, fragment)
+
+
+def test_weights_that_do_not_fit_the_config_leave_no_output_dir(setup, capsys, tmp_path, tokenizer_dir):
+    """A mismatch found only when the weights load (here a vocabulary larger in config.json than
+    in the file) is one line, and the output directory made just before is removed again."""
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "glm", "chatglm", tokenizer_dir)
+    raw = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(raw, padded_vocab_size=raw["padded_vocab_size"] + 100)))
+    _, _, out, config = setup
+    check(*run_train(capsys, base, config({"target_modules": ["query_key_value"]})), out,
+          "transformer.embedding.word_embeddings.weight", "has shape")
+    assert not out.exists()
