@@ -51,19 +51,19 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         raise UserError(f"no config.json in base model directory {str(base)!r}")
     # Check the type before AutoConfig: it raises its own long error for unknown types.
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        raw = json.loads(config_file.read_text())
+        model_type = raw.get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise UserError(f"{config_file} is not a valid JSON config: {e}") from None
     if model_type not in SUPPORTED:
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
-    if model_type == "gemma3" and not isinstance(json.loads(config_file.read_text()).get("text_config"), dict):
+    if model_type == "gemma3" and not isinstance(raw.get("text_config"), dict):
         # (Gemma3Config would fill in a 4B model's text config and blame the weights)
         raise UserError(f"{config_file}: a gemma3 config needs its text_config")
     if model_type in REMOTE_CODE_FAMILIES:
         # Only the model's own code (auto_map) reads this config in transformers; mlora
         # implements the model, so the plain JSON is all it needs (no remote code runs).
-        raw = json.loads(config_file.read_text())
         if model_type == "chatglm" and "rope_ratio_scales" not in raw:
             raw["rope_ratio_scales"] = _chatglm_rope_ratio_scales(base)
         try:

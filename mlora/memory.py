@@ -432,8 +432,7 @@ def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
     # cos, sin: [S, R], or [B, 1, S, R] per token, for each distinct RoPE of the stage's layers
     # (Gemma 3's and OLMo 3's sliding layers may have their own); fp32 for OLMo 2
-    ropes = {args.local_rope if args.local_rope is not None and args.sliding_window[i] is not None else args.rope
-             for i in layers if args.rope_layers[i]}
+    ropes = {args.rope_of(i) for i in layers} - {None}
     rope = 2 * args.rope_dim * (4 if args.rope_fp32 else e) * len(ropes)
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask

@@ -238,9 +238,17 @@ SMALL = ModelArgs("llama", vocab_size=400, hidden_size=64, intermediate_size=96,
 SHARED = hasattr(mlora.lora, "InputGroup")
 
 
-def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor, frozen: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for the backward during `model(input_ids)`,
-    leaving out the parameters (they are weights / LoRA state, not activations)."""
+def frozen_storages(model: torch.nn.Module, wrappers) -> set[int]:
+    """The storages of the model's parameters and its adapters' LoRA weights (not activations)."""
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return frozen | {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
+                     for t in (lw.lora_A, lw.lora_B)}
+
+
+def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor, frozen: set[int], **inputs) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during
+    `model(input_ids, **inputs)`, leaving out the parameters (they are weights / LoRA state, not
+    activations)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -250,7 +258,7 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor, frozen: 
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids)
+        model(input_ids, **inputs)
     return sum(storages.values())
 
 
@@ -284,9 +292,7 @@ def test_activations_bound_what_autograd_saves(dtype, adapters, targets):
     per = rows // len(adapters)
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
-               for t in (lw.lora_A, lw.lora_B)}
+    params = frozen_storages(model, wrappers)
     measured = saved_tensor_bytes(model, torch.randint(0, SMALL.vocab_size, (rows, seq_len)), params)
 
     estimate = estimate_peak_bytes(SMALL, rows=rows, seq_len=seq_len, dtype=dtype,
@@ -320,9 +326,7 @@ def test_norms_of_other_families_are_counted(dtype, family):
         model, layout, wrappers = _model_with_adapters(dtype, adapters, ALL7, args)
         layout.rows = [AdapterRows("a0", 0, rows)]
         model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
-                   for t in (lw.lora_A, lw.lora_B)}
+        params = frozen_storages(model, wrappers)
         measured[args.model_type] = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
         estimated[args.model_type] = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype,
                                                          lora=[LoraShape(4, ALL7, 0.1)]).activations
@@ -352,21 +356,10 @@ def test_each_distinct_rope_of_packed_rows_is_counted():
     model, layout, wrappers = _model_with_adapters(BF16, [(4, 0.0)], ALL7, olmo3)
     layout.rows = [AdapterRows("a0", 0, rows)]
     model.train()
-    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    frozen |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
-               for t in (lw.lora_A, lw.lora_B)}
     position_ids = torch.arange(seq_len).remainder(11).repeat(rows, 1)  # [B, S]: documents of 11 tokens
     document_ids = torch.arange(seq_len).div(11, rounding_mode="floor").repeat(rows, 1)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in frozen:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randint(0, 400, (rows, seq_len)), position_ids=position_ids, document_ids=document_ids)
-    measured = sum(storages.values())
+    measured = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), frozen_storages(model, wrappers),
+                                  position_ids=position_ids, document_ids=document_ids)
     estimate = estimate_peak_bytes(olmo3, rows=rows, seq_len=seq_len, dtype=BF16, lora=[LoraShape(4, ALL7, 0.0)],
                                    explicit_mask=True)
     assert measured <= estimate.activations <= 1.5 * measured
@@ -385,9 +378,7 @@ def test_gemma2_softcapped_attention_bounds_what_autograd_saves(dtype, windows):
     model, layout, wrappers = _model_with_adapters(dtype, [(4, 0.1)], ALL7, gemma2)
     layout.rows = [AdapterRows("a0", 0, rows)]
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
-               for t in (lw.lora_A, lw.lora_B)}
+    params = frozen_storages(model, wrappers)
     measured = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
     estimate = estimate_peak_bytes(gemma2, rows=rows, seq_len=seq_len, dtype=dtype, lora=[LoraShape(4, ALL7, 0.1)])
     assert measured <= estimate.activations <= 1.5 * measured
@@ -426,9 +417,7 @@ def test_fused_projections_bound_what_autograd_saves(dtype, windows, kv_heads, f
     assert sorted({path.rsplit(".", 1)[-1] for path in wrappers}) == sorted(targets)
     layout.rows = [AdapterRows("a0", 0, 1), AdapterRows("a1", 1, 2)]
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
-               for t in (lw.lora_A, lw.lora_B)}
+    params = frozen_storages(model, wrappers)
     measured = saved_tensor_bytes(model, torch.randint(0, 400, (rows, seq_len)), params)
     estimate = estimate_peak_bytes(phi3, rows=rows, seq_len=seq_len, dtype=dtype,
                                    lora=[LoraShape(4, targets, 0.1), LoraShape(4, targets, 0.0)])
@@ -443,9 +432,7 @@ def _saved_per_kernel(monkeypatch, adapters, targets, kernels):
     rows, seq_len = 2 * len(adapters), 16
     layout.rows = [AdapterRows(f"a{a}", 2 * a, 2 * a + 2) for a in range(len(adapters))]
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {t.untyped_storage().data_ptr() for w in wrappers.values() for lw in w.adapters.values()
-               for t in (lw.lora_A, lw.lora_B)}
+    params = frozen_storages(model, wrappers)
     ids = torch.randint(0, SMALL.vocab_size, (rows, seq_len))
     saved = {}
     for kernel in kernels:

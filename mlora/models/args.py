@@ -119,6 +119,14 @@ class ModelArgs:
     def rope_dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
+    def rope_of(self, layer_id: int) -> RopeArgs | None:
+        """The RoPE of a layer: Gemma 3's and OLMo 3's sliding layers have their own; None for
+        SmolLM3's layers without position encoding (and every layer with ALiBi)."""
+        if not self.rope_layers[layer_id]:
+            return None
+        local = self.local_rope is not None and self.sliding_window[layer_id] is not None
+        return self.local_rope if local else self.rope
+
     @property
     def norm_names(self) -> tuple[str | None, str | None, str | None, str | None]:
         """A decoder layer's norms: (attention input, attention output, MLP input, MLP output)."""
@@ -135,21 +143,23 @@ class ModelArgs:
         return sum(name is not None for name in self.norm_names)
 
 
+def _getter(cfg: Any):
+    """get(key, default): a config object's attribute or a config.json dict's key, where null
+    counts as absent."""
+    def get(key, default=None):
+        value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+        return default if value is None else value
+
+    return get
+
+
 def args_from_hf_config(cfg: Any) -> ModelArgs:
     """Read a transformers config (or the plain dict of a config.json) into ModelArgs.
 
     Each switch follows what transformers' modeling file of that family actually does, not
     just which config fields exist: e.g. Qwen2 always has q/k/v biases whatever the config
     says, and Mistral ignores `layer_types`."""
-    if isinstance(cfg, Mapping):
-        def get(key, default=None):
-            value = cfg.get(key, default)
-            return default if value is None else value
-    else:
-        def get(key, default=None):
-            value = getattr(cfg, key, default)
-            return default if value is None else value
-
+    get = _getter(cfg)
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
@@ -167,10 +177,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         if not isinstance(cfg, Mapping):
             cfg = cfg.to_dict()
         cfg = _chatglm_keys(cfg) if model_type == "chatglm" else _baichuan_keys(cfg)
-
-        def get(key, default=None):
-            value = cfg.get(key, default)
-            return default if value is None else value
+        get = _getter(cfg)
     # A config.json leaves out what equals its config class's default, and those classes
     # differ; a key that is there, null included, says what it says (a config object always
     # has every key).

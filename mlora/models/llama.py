@@ -439,12 +439,7 @@ class CausalLM(nn.Module):
         self.rng_generators: dict[int, list[torch.Generator]] | list[torch.Generator] = []
 
     def rope_of(self, layer_id: int) -> RopeArgs | None:
-        """The RoPE of a layer: Gemma 3's sliding layers have their own; None for SmolLM3's
-        layers without position encoding."""
-        if not self.args.rope_layers[layer_id]:
-            return None
-        local = self.args.local_rope is not None and self.args.sliding_window[layer_id] is not None
-        return self.args.local_rope if local else self.args.rope
+        return self.args.rope_of(layer_id)
 
     def rope_tables(self, h: Tensor, past: int, attention_mask: Tensor | None, position_ids: Tensor | None,
                     document_ids: Tensor | None) -> dict:

@@ -12,6 +12,7 @@ its files).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ _LEAVES = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
 def _compile(prefix: str) -> re.Pattern:
     return re.compile(re.escape(prefix).replace(re.escape("{i}"), r"(?P<i>\d+)"))
 
