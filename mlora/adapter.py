@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -347,8 +348,15 @@ class Adapter:
 
 
 def decoder_layer_of(path: str) -> str:
-    """'model.layers.3' for 'model.layers.3.self_attn.q_proj' (a target's decoder layer)."""
-    return path.rsplit(".", 2)[0]
+    """'model.layers.3' for 'model.layers.3.self_attn.q_proj' or 'model.layers.3.mlp.experts.5.up_proj'
+    (a target's decoder layer)."""
+    m = _LAYER_PATH.match(path)
+    if m is None:
+        raise ValueError(f"{path!r} is not a module of a decoder layer")
+    return m[0]
+
+
+_LAYER_PATH = re.compile(r"^.*?\blayers\.\d+")
 
 
 def layer_generators(adapters) -> dict[int, list[torch.Generator]]:
@@ -364,9 +372,10 @@ def layer_generators(adapters) -> dict[int, list[torch.Generator]]:
 def _module_sort_key(path: str) -> tuple:
     """Order module paths by layer number, then by the canonical target order."""
     parts = path.split(".")
-    layer = next((int(p) for p in parts if p.isdigit()), -1)
+    numbers = [int(p) for p in parts if p.isdigit()]  # the layer's, then an expert's
     leaf = parts[-1]
-    return (layer, ALL_TARGET_MODULES.index(leaf) if leaf in ALL_TARGET_MODULES else 99, path)
+    return (numbers[:1] or [-1], ALL_TARGET_MODULES.index(leaf) if leaf in ALL_TARGET_MODULES else 99,
+            numbers[1:], path)
 
 
 def save_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:

@@ -54,6 +54,8 @@ from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, Weigh
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Every projection a LoRA may target (Phi-3's fused qkv_proj and gate_up_proj too), canonical order.
 ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
+# The MLP's projections (on an MoE model: its experts').
+MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 # Projections of one parent module that read the same input tensor.
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -528,12 +530,19 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
     of one parent that read the same input (`INPUT_GROUPS`) share an `InputGroup`.
 
     Returns {module path (HF name, e.g. 'model.layers.0.self_attn.q_proj'): wrapper}. Calling
-    it again returns the wrappers already in place."""
+    it again returns the wrappers already in place. The projections of a mixture-of-experts
+    layer's experts are wrapped too (lora_moe.py)."""
     wrappers: dict[str, LoraLinear] = {}
     groups: dict[tuple[str, int], InputGroup] = {}
+    args = getattr(model, "args", None)
+    experts_only = args is not None and args.is_moe
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
         if leaf not in ALL_TARGET_MODULES:
+            continue
+        if experts_only and leaf in MLP_MODULES and ".experts." not in path:
+            # An MoE model's MLP targets are its routed experts only, as PEFT on transformers 5
+            # has them: Qwen2-MoE's shared expert and Qwen's dense layers stay without LoRA.
             continue
         if isinstance(module, LoraLinear):
             wrappers[path] = module
@@ -547,4 +556,9 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
         wrapper = LoraLinear(module, layout, group)
         setattr(parent, leaf, wrapper)
         wrappers[path] = wrapper
+    # The experts of a sparse MLP see gathered tokens, not the batch's rows: they get layouts of
+    # their own (imported here: lora_moe builds on this module's classes).
+    from mlora.lora_moe import attach_expert_routing
+
+    attach_expert_routing(model, layout, wrappers)
     return wrappers

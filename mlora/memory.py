@@ -69,8 +69,10 @@ _SAVED_ANYWAY = {"attn_out"}
 def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
-    LoRA targets."""
-    H, I = args.hidden_size, args.intermediate_size
+    LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
+    has num_experts of them, and its dense layers' MLPs are no LoRA targets: lora.inject_lora)."""
+    H = args.hidden_size
+    I = args.moe_intermediate_size if args.is_moe else args.intermediate_size  # (MoE: each expert's)
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     attn = ({"qkv_proj": (H, q_dim + 2 * kv_dim)} if args.fused_qkv
             else {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim)})
@@ -260,14 +262,20 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                             for i in stage.layers)
 
     lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs)
-    layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
-                                   explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
-                                   active=active_adapters, kernel=lora_kernel)
-    per_layer = {name: math.ceil(v * N) for name, v in layer.items()}
-    per_layer["lora_casts"] = _lora_cast_bytes(args, e, adapters)
-    if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
-        per_layer["norm_weights"] = (args.num_norms * args.hidden_size + _qk_norm_width(args)) * 4
+    # One layer's activations, by kind: an MoE model's sparse and dense layers keep different things.
+    by_kind: dict[bool, dict[str, int]] = {}
+    for sparse in sorted({args.moe_layers[i] for i in stage.layers} or {args.is_moe}):
+        layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
+                                       explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
+                                       active=active_adapters, kernel=lora_kernel, sparse=sparse)
+        terms = {name: math.ceil(v * N) for name, v in layer.items()}
+        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse)
+        if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
+            terms["norm_weights"] = (args.num_norms * args.hidden_size + _qk_norm_width(args)) * 4
+        by_kind[sparse] = terms
+    per_layer = max(by_kind.values(), key=lambda terms: sum(terms.values()))  # the costliest kind
     one_layer = sum(per_layer.values())
+    all_layers = sum(sum(by_kind[args.moe_layers[i]].values()) for i in stage.layers)
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len, stage.layers) * N
     if args.alibi and L:
@@ -287,19 +295,20 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         # is recomputed in full and is part of the backward's working set.
         activations = L * args.hidden_size * e * N + batch + final_norm + stage_output
     else:
-        activations = L * one_layer + batch + final_norm + stage_output
+        activations = all_layers + batch + final_norm + stage_output
 
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        backward += _layer_backward_per_token(args, e, seq_len) * N + _dequant_bytes(args, e, kind, N)
+        backward += (max(_layer_backward_per_token(args, e, seq_len, sparse) for sparse in by_kind) * N
+                     + _dequant_bytes(args, e, kind, N))
         backward += one_layer if recompute else 0
     if not stage.has_head:
         backward += args.hidden_size * e * N  # the gradient of the stage output, received
 
     return MemoryEstimate(
         weights=weight_bytes(args, dtype, quant=kind, double_quant=dq, parts=parts),
-        lora_state=lora_state_bytes(args, adapters, L),
+        lora_state=lora_state_bytes(args, adapters, layers=stage.layers),
         activations=math.ceil(activations),
         logits=logits,
         held_logits=held,
@@ -311,9 +320,15 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
 def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *, shared: bool,
                            quant: str | None, explicit_mask: bool, seq_len: int,
-                           active: int | None = None, kernel: str | None = None) -> dict[str, float]:
-    """Bytes per token that one decoder layer keeps for the backward, by what keeps them."""
+                           active: int | None = None, kernel: str | None = None,
+                           sparse: bool = False) -> dict[str, float]:
+    """Bytes per token that one decoder layer keeps for the backward, by what keeps them.
+    sparse: a mixture-of-experts layer (models/moe.py), whose k experts per token each keep
+    what a dense MLP of their width keeps, over the tokens routed to them."""
     H, I, D = args.hidden_size, args.intermediate_size, args.head_dim
+    k = args.num_experts_per_tok if sparse else 1  # MLP passes per token
+    if sparse:
+        I = args.moe_intermediate_size
     nh, nkv = args.num_heads, args.num_kv_heads
     repeat_kv = explicit_mask or not _SDPA_HAS_GQA
     kv_heads = nh if repeat_kv else nkv
@@ -327,8 +342,18 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
                          else kv_heads * D)) * e,
         # logsumexp fp32 [B, nh, S]; the memory-efficient kernel pads S to a multiple of 32
         "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
-        "mlp": 3 * I * e,  # gate (for silu), silu(gate) and up (for the product)
+        "mlp": 3 * k * I * e,  # gate (for silu), silu(gate) and up (for the product)
     }
+    if sparse:
+        # the router: its logits and softmax's fp32 output [N, E] (measured: three [N, E] fp32
+        # tensors); top-k's indices, the (token, slot) order and each pair's token (int64 [N, k]
+        # each); the renormalization's fp32 inputs; the pairs' weights; each expert's output
+        # [n, H], kept by the product with its weights, and that product, kept by index_add_
+        E = args.num_experts
+        out["moe_routing"] = (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob
+                              + k * (4 if args.router_weights_fp32 else e) + 2 * k * H * e)
+        if args.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP, and its sigmoid gate
+            out["mlp"] += 3 * args.shared_expert_intermediate_size * e + H * e + e
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
         # (OLMo 2's over the whole q and k: one rsqrt each)
         out["qk_norms"] = (nh + nkv) * (4 * D + 4) if args.qk_norm_per_head else (nh + nkv) * 4 * D + 2 * 4
@@ -346,12 +371,27 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         del out["attention_lse"]
         if explicit_mask:
             out["attention_mask"] = seq_len
-    widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": H, "mlp_act": I}
+    # an expert's LoRA keeps its gathered input [n, H] and product [n, I]: k per token
+    widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": k * H, "mlp_act": k * I}
+    mlp_lora = sparse or not args.is_moe  # an MoE model's dense MLPs are no targets
     for group, members in _input_groups(args):
-        out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, adapters,
+        on = adapters if mlp_lora or not group.startswith("mlp") else _without_mlp(adapters)
+        out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on,
                                                       shared, quant, kernel)
-    out.update(_lora_hidden_per_token(adapters, e, active, kernel))
+    out.update(_lora_hidden_per_token(adapters if mlp_lora else _without_mlp(adapters), e, active, kernel, k))
+    if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
+        # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
+        # the batch's shared one is per layer here
+        out["lora_expert_factor"] = _dense_columns(adapters, active, kernel, k, mlp_only=True) * 4
     return out
+
+
+_MLP_TARGETS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+
+
+def _without_mlp(adapters: list[LoraShape]) -> list[LoraShape]:
+    return [a for a in (LoraShape(a.r, tuple(m for m in a.target_modules if m not in _MLP_TARGETS), a.dropout,
+                                  a.optimizer_moments) for a in adapters) if a.target_modules]
 
 
 def _effective_kernel(kernel: str | None, shared: bool) -> str:
@@ -366,11 +406,14 @@ def _effective_kernel(kernel: str | None, shared: bool) -> str:
     return kernel
 
 
-def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -> int:
+def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str, k: int = 1,
+                   mlp_only: bool = False) -> int:
     """C: the hidden's columns per token of one layer when every row is multiplied by every
     adapter of the batch (fused, dense), over the costliest adapters a batch can hold; 0 for
-    the kernels that keep only each row's own adapter."""
-    columns = sorted((a.r * len(a.target_modules) for a in adapters), reverse=True)  # per adapter
+    the kernels that keep only each row's own adapter. k: passes of each token through the
+    MLP's targets (an MoE layer's experts per token); mlp_only: those targets' columns only."""
+    columns = sorted((a.r * sum((k if m in _MLP_TARGETS else 0 if mlp_only else 1) for m in a.target_modules)
+                      for a in adapters), reverse=True)  # per adapter
     in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
     # Every batch is dense under an explicit 'dense', 'fused' or 'triton'; auto's dense (fused)
     # batches hold up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
@@ -380,15 +423,17 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str) -
 
 
 def _lora_hidden_per_token(adapters: list[LoraShape], e: int, active: int | None,
-                           kernel: str) -> dict[str, int]:
+                           kernel: str, k: int = 1) -> dict[str, int]:
     """The LoRA hidden A(x) that the B matmuls keep for their weight gradient, and the dense
-    kernel's column mask, bytes per token of one layer (summed over its input groups)."""
+    kernel's column mask, bytes per token of one layer (summed over its input groups; k: an
+    MoE layer's experts per token, each with its LoRA on the MLP targets)."""
     if not adapters:
         return {"lora_hidden": 0, "lora_mask": 0}
-    width = _dense_columns(adapters, active, kernel)
+    width = _dense_columns(adapters, active, kernel, k)
     if width == 0:
         # Each row's own adapter's [N, r] per target: the costliest adapter bounds the batch.
-        return {"lora_hidden": max(a.r * len(a.target_modules) for a in adapters) * e, "lora_mask": 0}
+        return {"lora_hidden": max(a.r * sum(k if m in _MLP_TARGETS else 1 for m in a.target_modules)
+                                   for a in adapters) * e, "lora_mask": 0}
     # [N, C] over every row for the batch's (costliest) adapters; dense, with more than one
     # of them, also keeps the bool [N, C] mask its product saves for the backward.
     several = (len(adapters) if active is None else min(active, len(adapters))) > 1
@@ -419,11 +464,20 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
     return (copies + keeps_input) * width * e
 
 
-def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape]) -> int:
+def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse: bool = False) -> int:
     """A and B of every adapter cast to the activation dtype, kept for the input gradient (one
     layer). In fp32 some casts are the parameters themselves; counting them is conservative."""
     shapes = projection_shapes(args)
-    return sum(a.r * (shapes[m][0] + shapes[m][1]) * e for a in adapters for m in a.target_modules)
+    return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * _lora_copies(args, m, sparse)
+               for a in adapters for m in a.target_modules)
+
+
+def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
+    """LoRA modules of one adapter for `target` in one layer: one, or on an MoE model one per
+    expert of a sparse layer and none in a dense layer's MLP."""
+    if not args.is_moe or target not in _MLP_TARGETS:
+        return 1
+    return args.num_experts if sparse else 0
 
 
 def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int,
@@ -463,7 +517,7 @@ def _qk_norm_width(args: ModelArgs) -> int:
     return 2 * args.head_dim if args.qk_norm_per_head else (args.num_heads + args.num_kv_heads) * args.head_dim
 
 
-def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int) -> int:
+def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: bool = False) -> int:
     """Bytes per token that one decoder layer's backward allocates beyond what the forward
     kept: the gradients in flight, at the costliest moment."""
     H, I, D, nh = args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads
@@ -471,6 +525,10 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int) -> int:
     # down_proj's input gradient (base + LoRA, and through the dropout mask), then the
     # gradients of silu(gate) and up, then of gate: about 6 [N, I] at once.
     mlp = 6 * I * e
+    if sparse:
+        # one expert at a time, over at most every token, and the [N, H] input gradient its
+        # gather scatters into, summed with the others'
+        mlp = 6 * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * e
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
     attention = nh * D * (4 * e + 4) + 4 * nh
@@ -512,13 +570,25 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     stage = _Stage.of(args, parts)
     e = torch.empty((), dtype=dtype).element_size()
     H, V = args.hidden_size, args.vocab_size
-    per_layer = sum(_projection_bytes(i, o, e, kind, dq) for i, o in projection_shapes(args).values())
+    shapes = projection_shapes(args)
+    attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     biases = ((q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
               + (2 * args.intermediate_size + H) * args.mlp_bias)
     norms = args.num_norms * H + _qk_norm_width(args)
-    per_layer += (biases + norms) * e  # biases + RMSNorm weights
-    total = len(stage.layers) * per_layer
+    attention += (biases + norms) * e  # biases + RMSNorm weights
+
+    def mlp(width: int) -> int:  # one SwiGLU's projections
+        return 2 * _projection_bytes(H, width, e, kind, dq) + _projection_bytes(width, H, e, kind, dq)
+
+    # a dense layer's MLP (shapes has an expert's on an MoE model, whose MLPs are never fused)
+    dense = (mlp(args.intermediate_size) if args.is_moe else
+             sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m in _MLP_TARGETS))
+    if args.is_moe:  # every expert, the router in the dtype; Qwen2-MoE's shared expert and its gate
+        sparse = args.num_experts * (mlp(args.moe_intermediate_size) + H * e)
+        if args.shared_expert_intermediate_size:
+            sparse += mlp(args.shared_expert_intermediate_size) + H * e
+    total = sum(attention + (sparse if args.moe_layers[i] else dense) for i in stage.layers)
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
     if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):
         total += V * H * e
@@ -541,15 +611,20 @@ def _projection_bytes(in_f: int, out_f: int, e: int, quant: str | None, double_q
     return packed + blocks + math.ceil(blocks / _BLOCK_ABSMAX) * 4 + 256 * 4 + 4 + code
 
 
-def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | None = None) -> int:
-    """fp32 A and B of every adapter on `num_layers` layers (default: all), with their
-    gradients (alive across gradient accumulation) and optimizer moments."""
+def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | None = None,
+                     layers: Sequence[int] | None = None) -> int:
+    """fp32 A and B of every adapter on the decoder layers `layers` (or the first `num_layers`;
+    default: all), with their gradients (alive across gradient accumulation) and optimizer
+    moments."""
     shapes = projection_shapes(args)
-    layers = args.num_layers if num_layers is None else num_layers
+    if layers is None:
+        layers = range(args.num_layers if num_layers is None else num_layers)
     total = 0
     for a in map(LoraShape.of, lora):
-        params = sum(a.r * (shapes[m][0] + shapes[m][1]) for m in a.target_modules)
-        total += params * 4 * (2 + a.optimizer_moments) * layers
+        for i in layers:
+            params = sum(a.r * (shapes[m][0] + shapes[m][1]) * _lora_copies(args, m, args.moe_layers[i])
+                         for m in a.target_modules)
+            total += params * 4 * (2 + a.optimizer_moments)
     return total
 
 

@@ -81,7 +81,39 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
                             f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
         mine = {NATIVE_MODULE_NAMES.get(m, m) for m in a.target_modules}
         resolved.append(replace(a, target_modules=[m for m in has if m in mine]))
+        if model_args.is_moe:
+            _check_expert_targets(resolved[-1], model_args.model_type, named)
     return replace(cfg, lora=resolved)
+
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _check_expert_targets(a, model_type: str, named) -> None:
+    """An adapter on the experts of an MoE model must be one PEFT can load on transformers 5,
+    which stacks each layer's experts (gate and up fused) into parameters: PEFT turns the
+    per-expert gate and up LoRAs into one of twice the rank (so both or neither, and alpha / r
+    scaling: no rsLoRA) and refuses dropout on parameters."""
+    on_experts = [m for m in a.target_modules if m in EXPERT_PROJECTIONS]
+    if not on_experts:
+        return
+    if model_type == "qwen2_moe":
+        # PEFT converts Qwen3-MoE's and OLMoE's per-expert adapters to transformers 5's stacked
+        # experts, but not Qwen2-MoE's: it would drop the experts' LoRA (and put the rest on the
+        # shared expert, which mlora would not have trained)
+        raise UserError(f"adapter {a.name!r}: on a qwen2_moe model target the attention projections only "
+                        f"(not {', '.join(on_experts)}): PEFT does not load LoRA on Qwen2-MoE's experts")
+    pair = {"gate_proj", "up_proj"}
+    if pair & set(on_experts) and not pair <= set(on_experts):
+        raise UserError(f"adapter {a.name!r}: on a {model_type} model target {named('gate_proj')} and "
+                        f"{named('up_proj')} together or neither (PEFT fuses the experts' two into one LoRA)")
+    if a.dropout:
+        raise UserError(f"adapter {a.name!r}: dropout must be 0 when target_modules include the experts' "
+                        f"{', '.join(map(named, on_experts))} on a {model_type} model (PEFT cannot load dropout "
+                        f"on experts)")
+    if a.use_rslora:
+        raise UserError(f"adapter {a.name!r}: use_rslora does not go with the experts' projections on a {model_type} "
+                        "model (PEFT's loader rescales their fused LoRA as alpha / r)")
 
 
 # Dropout inside the base model, which transformers applies in training mode and mlora does

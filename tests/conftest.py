@@ -92,6 +92,17 @@ TINY = dict(
 )
 
 
+# Mixture-of-experts sizes: 4 experts, 2 per token (the expert width differs from the dense
+# one where the family has both; Qwen2-MoE's shared expert differs again)
+MOE_TINY = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48),
+}
+
+
 def reference_dir(path: Path) -> Path:
     """Where transformers' own model of a tiny model lives: the model itself, or for ChatGLM and
     Baichuan (remote-code checkpoints) its twin in transformers' layout (see make_tiny_model)."""
@@ -102,7 +113,8 @@ def reference_dir(path: Path) -> Path:
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
     """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
-    gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan), save it as safetensors
+    gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan |
+    mixtral | qwen2_moe | qwen3_moe | olmoe), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -132,6 +144,10 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
         "olmo3": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -153,6 +169,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                       logits_scaling=2.5)
     if family == "olmo3":  # a sliding layer 0, a full layer 1 (by default every 4th is full)
         kwargs.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    if family in MOE_TINY:
+        kwargs.update(MOE_TINY[family])
     kwargs.update(overrides)
     config = cls_config(**kwargs)
     torch.manual_seed(seed)
@@ -160,7 +178,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     # HF's init (std 0.02) gives near-uniform logits; larger weights make parity tests sharper.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # (transformers 5 stacks an MoE layer's experts: 3D)
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)

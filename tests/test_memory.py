@@ -658,3 +658,41 @@ def test_triton_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targ
     measured = saved["fused"] - saved["triton"]
     layer0_qkv_dropout_mask = SMALL.hidden_size * rows * seq_len  # fused's bool [N, H], not kept in layer 0
     assert measured > 0 and estimated == measured + layer0_qkv_dropout_mask
+
+
+# Mixture of experts: 4 experts of width 48, 2 per token; layer 1 dense in the Qwen variants
+MIXTRAL = dataclasses.replace(SMALL, model_type="mixtral", num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=48, norm_topk_prob=True, router_weights_fp32=True)
+QWEN2_MOE = dataclasses.replace(SMALL, model_type="qwen2_moe", attention_bias=True, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                moe_layers=[True, False])
+QWEN3_MOE = dataclasses.replace(SMALL, model_type="qwen3_moe", qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=48, norm_topk_prob=True, moe_layers=[False, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("args, adapters, targets", [
+    (MIXTRAL, [(4, 0.0)], ALL7),
+    (MIXTRAL, [(4, 0.0), (8, 0.0)], ALL7),
+    (MIXTRAL, [(8, 0.1)], ("q_proj", "v_proj")),
+    (QWEN2_MOE, [(4, 0.0)], ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (QWEN3_MOE, [(4, 0.0), (4, 0.0)], ALL7),
+], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer"])
+def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
+    """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
+    keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's
+    gathered input, hidden and (several adapters) column factor. The estimate bounds what
+    autograd saves, and the weights and LoRA state are every parameter's bytes."""
+    model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
+    rows, seq_len = 4, 32
+    per = rows // len(adapters)
+    layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]
+    model.train()
+    measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
+                                  frozen_storages(model, wrappers))
+    shapes = [LoraShape(r, targets, p) for r, p in adapters]
+    estimate = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype, lora=shapes)
+    assert measured <= estimate.activations <= 1.5 * measured
+    assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
+    lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
+    assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2

@@ -77,6 +77,15 @@ CASES = {
     "llama_yarn_mscale": ("llama", dict(rope_parameters=dict(  # DeepSeek's attention factor, no truncation
         rope_type="yarn", factor=8.0, rope_theta=1e4, original_max_position_embeddings=32, mscale=0.707,
         mscale_all_dim=0.8, beta_fast=16, beta_slow=2, truncate=False))),
+    # Mixture of experts: 4 experts, 2 per token; Mixtral renormalizes the chosen probabilities
+    # and weighs in fp32, its sparse MLP is block_sparse_moe with experts' w1/w3/w2
+    "mixtral": ("mixtral", {}),
+    "mixtral_sliding": ("mixtral", dict(sliding_window=4, num_experts_per_tok=1)),
+    # Qwen2-MoE: q/k/v biases, a shared expert behind a sigmoid gate, layer 1 dense (mlp_only_layers)
+    "qwen2_moe": ("qwen2_moe", dict(mlp_only_layers=[1])),
+    # Qwen3-MoE: per-head q/k norms, renormalized top-k, every 2nd layer sparse (layer 0 dense)
+    "qwen3_moe": ("qwen3_moe", dict(norm_topk_prob=True, decoder_sparse_step=2)),
+    "olmoe": ("olmoe", {}),  # q/k norms over the whole projections, probabilities not renormalized
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -134,7 +143,8 @@ def test_logits_match_transformers(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
-                                  "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite"])
+                                  "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
+                                  "qwen2_moe"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -239,7 +249,7 @@ def test_sliding_windows_per_family(tmp_path):
 
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral"])
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -320,7 +330,8 @@ def test_config_errors():
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
     assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
-                         "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3"}
+                         "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral",
+                         "qwen2_moe", "qwen3_moe", "olmoe"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

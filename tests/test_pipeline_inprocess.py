@@ -435,13 +435,13 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
 
 
-@pytest.mark.parametrize("family", ["chatglm", "gemma3"])
+@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral"])
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
-    """ChatGLM's own tensor names, and Gemma 3's image-text layout (its language model's
-    tensors and modules under other prefixes, which differ): each rank reads its layers under
-    the checkpoint's names, the ranks' adapter pieces merge into one PEFT file with the
-    model's module names, and the run equals one process (an init_from adapter under those
-    names too)."""
+    """ChatGLM's own tensor names, Gemma 3's image-text layout (its language model's tensors
+    and modules under other prefixes, which differ) and Mixtral's experts (block_sparse_moe,
+    w1/w3/w2; LoRA on every expert): each rank reads its layers under the checkpoint's names,
+    the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
+    run equals one process (an init_from adapter under those names too)."""
     import json
 
     from conftest import make_tiny_model
@@ -454,16 +454,22 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     if family == "chatglm":
         raw["lora"][0]["target_modules"] = ["query_key_value", "dense_4h_to_h"]
         raw["lora"][1]["target_modules"] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    else:
+    elif family == "gemma3":
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
+    else:  # Mixtral's own names of the experts' projections
+        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "w1", "w3", "w2"]
     cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     run_threads(base, cfg, tmp_path / "pipe", 2, [3, 4])
     assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 2)
     keys = load_file(tmp_path / "pipe" / "p1" / "adapter_model.safetensors")
     prefix = {"chatglm": "base_model.model.transformer.encoder.layers.",
-              "gemma3": "base_model.model.model.language_model.layers."}[family]
-    assert len(keys) == 4 * 4 * 2 and all(k.startswith(prefix) for k in keys)
+              "gemma3": "base_model.model.model.language_model.layers.",
+              "mixtral": "base_model.model.model.layers."}[family]
+    per_layer = 2 + 3 * 4 if family == "mixtral" else 4  # q_proj, o_proj and three per expert
+    assert len(keys) == 4 * per_layer * 2 and all(k.startswith(prefix) for k in keys)
+    if family == "mixtral":
+        assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2
     # a trained adapter as init_from: every rank takes its layers' tensors from the one file
     raw["lora"] = [dict(raw["lora"][1], init_from=str(tmp_path / "single" / "p1"), num_epochs=1)]
     cfg.write_text(json.dumps(raw))

@@ -558,15 +558,17 @@ GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
                                               ("gemma3_text", {}), ("phi3", dict(partial_rotary_factor=0.5)),
                                               ("smollm3", dict(no_rope_layers=[1, 0])), ("glm", {}),
                                               ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
-                                              ("gemma3", {})])
+                                              ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
+                                              ("qwen2_moe", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
     gate_up_proj, partial rotary), SmolLM3 (a layer without RoPE), GLM-4 (fused gate_up_proj,
     RoPE on adjacent pairs; GLM-4-0414's extra norms), Granite (multipliers), OLMo 2 / 3 (norms
     after the sublayers, q/k norms over whole projections; a sliding layer), Gemma 3's image-text
-    layout (the vision tower's q/k/v_proj left alone): mlora trains an adapter on every
-    projection, and PEFT on transformers' model gives the saved adapter's logits."""
+    layout (the vision tower's q/k/v_proj left alone), Qwen3-MoE (LoRA on every expert; a dense
+    layer without), Qwen2-MoE (its attention): mlora trains an adapter on every projection, and
+    PEFT on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -579,15 +581,24 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         raw = json.loads(cfg.read_text())
         raw["lora"][0]["target_modules"] = PHI3_TARGETS if family == "phi3" else GLM_TARGETS
         cfg.write_text(json.dumps(raw))
+    if family == "qwen2_moe":  # PEFT loads no LoRA on its experts (session.resolve_targets)
+        raw = json.loads(cfg.read_text())
+        raw["lora"][0]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3])  # the second epoch's loss is lower
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                            out / "b").eval()
     _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
-    # PEFT puts LoRA exactly where mlora trained it (not also in Gemma 3's vision tower)
+    # PEFT puts LoRA exactly where mlora trained it (not also in Gemma 3's vision tower; on an
+    # MoE model, one LoRA per stacked projection of each layer's experts)
     lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")]
-    assert len(lora_modules) == len([k for k in load_file(out / "b" / "adapter_model.safetensors") if ".lora_A." in k])
+    saved = [k for k in load_file(out / "b" / "adapter_model.safetensors") if ".lora_A." in k]
+    if family == "qwen3_moe":  # layer 0's experts: gate_up_proj (gate and up of 4) and down_proj (4)
+        assert sum(".experts." in k for k in saved) == 3 * 4 and sum(".experts." in n for n in lora_modules) == 2
+        saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]
+    assert len(lora_modules) == len(saved)
 
 
 # ChatGLM's and Baichuan's own projection names, as their PEFT users write them

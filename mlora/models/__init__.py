@@ -14,7 +14,7 @@ from mlora.errors import UserError
 from mlora.models import llama
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
-             "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3"}
+             "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 
 _FAMILIES: dict[str, ModuleType] = {name: llama for name in SUPPORTED}
 

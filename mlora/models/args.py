@@ -15,7 +15,9 @@ from typing import Any
 from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
-            "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3")
+            "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -108,12 +110,33 @@ class ModelArgs:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; models/moe.py): the MLP of a
+    # sparse layer sends each token to num_experts_per_tok of num_experts SwiGLU experts of
+    # moe_intermediate_size, picked by a linear router's softmax, and sums their outputs weighted
+    # by those probabilities (renormalized over the chosen ones with norm_topk_prob). Mixtral
+    # weighs in fp32 (router_weights_fp32), the others in the dtype. Qwen2-MoE adds a shared
+    # expert (shared_expert_intermediate_size) scaled by a sigmoid gate. moe_layers: which
+    # layers are sparse (Qwen's mlp_only_layers and decoder_sparse_step keep some dense, with
+    # intermediate_size).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    router_weights_fp32: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_layers: list[bool] = field(default_factory=list)  # per layer; empty: all sparse iff num_experts
 
     def __post_init__(self):
         if not self.sliding_window:
             self.sliding_window = [None] * self.num_layers
         if not self.rope_layers:
             self.rope_layers = [True] * self.num_layers
+        if not self.moe_layers:
+            self.moe_layers = [self.num_experts > 0] * self.num_layers
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.moe_layers)
 
     @property
     def rope_dim(self) -> int:
@@ -222,8 +245,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         windows = ([None] * num_layers if model_type == "olmo2" else _windows_by_type(
             get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(num_layers)],
             num_layers, get("sliding_window"), required=True))
-    elif model_type in ("mistral", "phi3"):
-        # MistralModel and Phi3Model mask every layer with `config.sliding_window` when it is set.
+    elif model_type in ("mistral", "phi3", "mixtral"):
+        # Mistral, Phi-3 and Mixtral mask every layer with `config.sliding_window` when it is set.
         qkv_bias = o_bias = mlp_bias = False
         windows = [get("sliding_window")] * num_layers
     elif model_type == "qwen2":  # q/k/v always biased, o_proj and MLP never
@@ -233,6 +256,21 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = _qwen_windows(get, num_layers)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        # Qwen2-MoE: `qkv_bias` on q/k/v; Qwen3-MoE: `attention_bias` on q/k/v and o_proj
+        qkv_bias = bool(get("qkv_bias", True)) if model_type == "qwen2_moe" else bool(get("attention_bias", False))
+        o_bias = model_type == "qwen3_moe" and qkv_bias
+        mlp_bias = False
+        if get("use_sliding_window", False):  # the released models use none; their layout is odd
+            raise UserError(f"{model_type} config use_sliding_window is true: sliding windows are not supported "
+                            "on Qwen MoE models")
+        windows = [None] * num_layers
+    elif model_type == "olmoe":
+        if get("clip_qkv") is not None:
+            raise UserError("olmoe config clip_qkv is set: clipping q, k and v is not supported")
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = [None] * num_layers
     elif model_type == "smollm3":
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = bool(get("mlp_bias", False))
@@ -298,8 +336,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
-        qk_norm_per_head=model_type not in ("olmo2", "olmo3"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_moe", "olmoe"),
+        qk_norm_per_head=model_type not in ("olmo2", "olmo3", "olmoe"),
         hidden_act="gelu_tanh" if gemma else "silu",
         gemma_norms=gemma,
         embed_scale=gemma,
@@ -325,7 +363,35 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         residual_multiplier=float(get("residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
         logits_scaling=(_positive_number(float(get("logits_scaling", 1.0)), "granite config logits_scaling")
                         if model_type == "granite" else 1.0),
+        **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
+
+
+def _moe_args(get, model_type: str, num_layers: int) -> dict:
+    """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
+    its config (the expert count is num_local_experts for Mixtral, num_experts elsewhere)."""
+    qwen = model_type in ("qwen2_moe", "qwen3_moe")
+    experts = get("num_local_experts" if model_type == "mixtral" else "num_experts")
+    experts = _positive_int(experts, f"{model_type} config num_experts")
+    top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
+    if top_k > experts:
+        raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
+    if model_type == "mixtral" and get("router_jitter_noise", 0.0):
+        raise UserError("mixtral config router_jitter_noise is not 0: the router's training noise is not supported")
+    expert_size = get("moe_intermediate_size") if qwen else get("intermediate_size")
+    expert_size = _positive_int(expert_size, f"{model_type} config {'moe_' if qwen else ''}intermediate_size")
+    sparse = [True] * num_layers
+    if qwen:  # a layer is dense if listed in mlp_only_layers or off the decoder_sparse_step grid
+        step = _positive_int(get("decoder_sparse_step", 1), f"{model_type} config decoder_sparse_step")
+        dense = set(get("mlp_only_layers") or [])
+        sparse = [i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
+    shared = 0
+    if model_type == "qwen2_moe":
+        shared = _positive_int(get("shared_expert_intermediate_size"), "qwen2_moe config shared_expert_intermediate_size")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+                norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
+                router_weights_fp32=model_type == "mixtral", shared_expert_intermediate_size=shared,
+                moe_layers=sparse)
 
 
 _PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm")
@@ -339,7 +405,13 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                "final_logit_softcapping": 30.0},
                     "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window": 4096},
                     "glm": _GLM_DEFAULTS, "glm4": _GLM_DEFAULTS, "olmo2": {"rms_norm_eps": 1e-5},
-                    "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500_000.0}}
+                    "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500_000.0},
+                    # the MoE config classes' defaults (Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B, OLMoE-1B-7B, Mixtral 8x7B)
+                    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5},
+                    "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                                  "shared_expert_intermediate_size": 5632},
+                    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+                    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5}}
 
 
 # ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mlora.device import upload
 from mlora.models.alibi import alibi_bias
+from mlora.models.moe import SparseMoE, moe_tensor_names
 # Re-exported: the family's API (mlora.models) is this module.
 from mlora.models.args import FAMILIES, ROPE_TYPES, ModelArgs, RopeArgs, args_from_hf_config  # noqa: F401
 from mlora.models.rope import (apply_rope, longrope_cos_sin, rope_cos_sin, rope_cos_sin_at,  # noqa: F401
@@ -79,8 +80,11 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
                 names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
             if args.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-            for proj in ("gate_up", "down") if args.fused_gate_up else ("gate", "up", "down"):
-                names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
+            if args.moe_layers[int(part.split(".")[1])]:
+                names += moe_tensor_names(args, p + "mlp.")
+            else:
+                for proj in ("gate_up", "down") if args.fused_gate_up else ("gate", "up", "down"):
+                    names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
             names += [p + f"{norm}.weight" for norm in args.norm_names if norm is not None]
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
 
@@ -357,15 +361,16 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, intermediate_size: int | None = None):
         super().__init__()
+        inter = args.intermediate_size if intermediate_size is None else intermediate_size  # (an MoE expert's own)
         self.fused = args.fused_gate_up
         if self.fused:  # Phi-3, GLM, ChatGLM: [gate; up] in one projection
-            self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+            self.gate_up_proj = nn.Linear(args.hidden_size, 2 * inter, bias=args.mlp_bias)
         else:
-            self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-            self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+            self.gate_proj = nn.Linear(args.hidden_size, inter, bias=args.mlp_bias)
+            self.up_proj = nn.Linear(args.hidden_size, inter, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(inter, args.hidden_size, bias=args.mlp_bias)
         self.gelu = args.hidden_act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -383,7 +388,7 @@ class DecoderLayer(nn.Module):
         self.layer_id = layer_id
         self.sliding_window = args.sliding_window[layer_id]
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id] else MLP(args))
         # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
         # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output
         # before the residual add; OLMo 2/3 only its output.

@@ -1,5 +1,8 @@
 """Checkpoint names of the families whose safetensors files do not use LLaMA's names.
 
+(Mixtral's sparse MLP is `block_sparse_moe` and its experts' projections w1, w3, w2; mlora
+names them as Qwen's MoE models do: `mlp.experts.{e}.gate_proj`, `up_proj`, `down_proj`.)
+
 mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
 LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
 (read by their own remote code) and Gemma 3's image-text ones name the same tensors otherwise;
@@ -29,6 +32,13 @@ _CHATGLM = (
     ("lm_head.", "transformer.output_layer."),
 )
 _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_attn.W_pack."),)
+# Mixtral's sparse MLP and its experts' projections (the LLaMA paper's w1, w3, w2); {e}: an expert
+_MIXTRAL = (
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj.", "model.layers.{i}.block_sparse_moe.experts.{e}.w1."),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj.", "model.layers.{i}.block_sparse_moe.experts.{e}.w3."),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj.", "model.layers.{i}.block_sparse_moe.experts.{e}.w2."),
+    ("model.layers.{i}.mlp.", "model.layers.{i}.block_sparse_moe."),
+)
 # Gemma 3's image-text checkpoints: the language model's tensors as its safetensors names them,
 # and its modules as transformers' Gemma3ForConditionalGeneration names them (what PEFT sees)
 _GEMMA3 = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
@@ -39,12 +49,16 @@ _LEAVES = {
     "chatglm": {"qkv_proj": "query_key_value", "o_proj": "dense", "gate_up_proj": "dense_h_to_4h",
                 "down_proj": "dense_4h_to_h"},
     "baichuan": {"qkv_proj": "W_pack"},
+    "mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
 }
 
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
 def _compile(prefix: str) -> re.Pattern:
-    return re.compile(re.escape(prefix).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+    pattern = re.escape(prefix)
+    for key in ("i", "e"):  # a layer's index, an expert's
+        pattern = pattern.replace(re.escape("{%s}" % key), rf"(?P<{key}>\d+)")
+    return re.compile(pattern)
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,7 @@ class Naming:
     def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
         if modules and self.family == "gemma3":
             return _GEMMA3_MODULES
-        return {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3}.get(self.family, ())
+        return {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL}.get(self.family, ())
 
     def _translate(self, name: str, forward: bool, modules: bool = False) -> str:
         for mine, theirs in self._rules(modules):
@@ -65,7 +79,9 @@ class Naming:
             full = name + "."  # so that a module path matches its prefix too
             m = _compile(src).match(full)
             if m:
-                out = dst.replace("{i}", m["i"]) if "{i}" in dst else dst
+                out = dst
+                for key, value in m.groupdict().items():
+                    out = out.replace("{%s}" % key, value)
                 return (out + full[m.end():])[:-1]
         return name
 
@@ -102,4 +118,4 @@ class Naming:
 
 
 def naming_for(model_type: str) -> Naming:
-    return Naming(model_type if model_type in ("chatglm", "baichuan", "gemma3") else None)
+    return Naming(model_type if model_type in ("chatglm", "baichuan", "gemma3", "mixtral") else None)

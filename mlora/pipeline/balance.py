@@ -39,16 +39,20 @@ def split_by_balance(modules: list[str], num_layers: int, balance: list[int]) ->
 
 
 def module_costs(modules: list[str], hidden: int, intermediate: int, vocab: int,
-                 num_heads: int, num_kv_heads: int, head_dim: int) -> list[float]:
+                 num_heads: int, num_kv_heads: int, head_dim: int,
+                 mlp_widths: dict[int, int] | None = None) -> list[float]:
     """Relative cost of each module: matmul parameters touched per token (the embedding is a
-    lookup, the norm nearly free)."""
+    lookup, the norm nearly free). mlp_widths: the MLP width a token goes through in a layer
+    where it is not `intermediate` (a mixture-of-experts layer: its k experts' widths summed,
+    plus a shared expert's and the router's share), by layer index."""
     attention = hidden * head_dim * (2 * num_heads + 2 * num_kv_heads)
-    mlp = 3 * hidden * intermediate
-    layer = float(attention + mlp)
+    mlp_widths = mlp_widths or {}
+    layer = float(attention + 3 * hidden * intermediate)
     costs = []
     for m in modules:
         if m.startswith("layer."):
-            costs.append(layer)
+            i = int(m.split(".")[1])
+            costs.append(float(attention + 3 * hidden * mlp_widths[i]) if i in mlp_widths else layer)
         elif m == "head":
             costs.append(float(hidden * vocab))
         else:  # embed, norm

@@ -78,8 +78,12 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
     modules = family_for(cfg.model_type).module_sequence(margs)
     if balance:
         return split_by_balance(modules, margs.num_layers, balance)
+    # a sparse layer: k experts per token, a shared expert, and the router (E outputs: E / 3 of a width)
+    sparse = (margs.num_experts_per_tok * margs.moe_intermediate_size + margs.shared_expert_intermediate_size
+              + margs.num_experts // 3)
     costs = module_costs(modules, margs.hidden_size, margs.intermediate_size, margs.vocab_size,
-                         margs.num_heads, margs.num_kv_heads, margs.head_dim)
+                         margs.num_heads, margs.num_kv_heads, margs.head_dim,
+                         {i: sparse for i, moe in enumerate(margs.moe_layers) if moe})
     return split_by_cost(modules, costs, world_size)
 
 

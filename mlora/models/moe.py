@@ -1,0 +1,108 @@
+"""The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+
+A linear router scores every token against every expert; each token goes to its
+`num_experts_per_tok` best experts (softmax probabilities, renormalized over the chosen ones
+where the family does), and the layer's output is the sum of those experts' SwiGLU outputs
+weighted by the probabilities. Qwen2-MoE adds a shared expert that every token passes through,
+scaled by a sigmoid gate.
+
+The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
+`nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
+checkpoints' (`model.layers.3.mlp.experts.5.up_proj.weight`; Mixtral's `block_sparse_moe.
+experts.5.w3` translates in naming.py). transformers 5 stacks each layer's experts into 3D
+parameters instead; it reads and writes the per-expert layout above, which is also what the
+released checkpoints and PEFT adapters use.
+
+The router is frozen and never a LoRA target, as in PEFT's usual setups; only the language
+modelling loss is trained (transformers adds the router's load-balancing loss only when
+`output_router_logits` is set, which released configs do not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mlora.models.args import ModelArgs
+
+
+def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
+    """The checkpoint tensors of one sparse MLP; prefix is its path ('model.layers.3.mlp.')."""
+    projections = ("gate_proj", "up_proj", "down_proj")
+    names = [prefix + "gate.weight"]
+    for e in range(args.num_experts):
+        names += [f"{prefix}experts.{e}.{proj}.weight" for proj in projections]
+    if args.shared_expert_intermediate_size:
+        names += [f"{prefix}shared_expert.{proj}.weight" for proj in projections]
+        names.append(prefix + "shared_expert_gate.weight")
+    return names
+
+
+# What the LoRA code is told before a sparse MLP's experts run (lora.ExpertRouting):
+# (the expert of each routed token [N*k] and the token [N*k], both ordered by expert and then by
+# token, the number of tokens each expert gets, tokens per batch row, tokens in the batch)
+RoutingHook = Callable[[Tensor, Tensor, list[int], int, int], None]
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, args: ModelArgs, make_mlp: Callable[[int], nn.Module]):
+        """make_mlp(intermediate_size): one SwiGLU MLP of that width (models/llama.MLP)."""
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.weights_fp32 = args.router_weights_fp32
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(make_mlp(args.moe_intermediate_size) for _ in range(args.num_experts))
+        self.has_shared = args.shared_expert_intermediate_size > 0
+        if self.has_shared:  # Qwen2-MoE
+            self.shared_expert = make_mlp(args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+        # Set by lora.inject_lora, so that each adapter's LoRA of an expert applies to its own
+        # tokens among those routed there; None without LoRA on the experts.
+        self.routing_hook: RoutingHook | None = None
+
+    def route(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """flat [N, H] -> (weights [N, k], chosen experts [N, k] int64), as transformers' routers
+        compute them: softmax in fp32, top k, renormalized (Mixtral, norm_topk_prob), then cast
+        to the dtype unless Mixtral."""
+        logits = self.gate(flat)  # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.weights_fp32:
+            weights = weights.to(flat.dtype)
+        return weights, chosen
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, H = x.shape  # x [B, S, H]
+        flat = x.reshape(-1, H)  # [N, H]
+        weights, chosen = self.route(flat)
+        # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
+        # sort of the flattened [N, k] choices, whose positions grow with the token).
+        experts = chosen.flatten()  # [N*k]
+        order = torch.argsort(experts, stable=True)  # [N*k]
+        experts, tokens = experts[order], order // self.top_k  # [N*k] each
+        pair_weights = weights.flatten()[order]  # [N*k]
+        counts = torch.bincount(experts, minlength=len(self.experts)).tolist()  # tokens per expert
+        if self.routing_hook is not None:
+            self.routing_hook(experts, tokens, counts, S, flat.shape[0])
+        out = torch.zeros_like(flat)  # [N, H]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = tokens[start:start + n]  # [n] ascending
+            # The expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
+            y = self.experts[e](flat[idx].unsqueeze(1)).squeeze(1)  # [n, H]
+            # As transformers: the product in the weights' dtype (fp32 for Mixtral), added in the dtype,
+            # experts in ascending order.
+            out.index_add_(0, idx, (y * pair_weights[start:start + n, None]).to(out.dtype))
+            start += n
+        out = out.view(B, S, H)
+        if self.has_shared:
+            shared = self.shared_expert(x)  # [B, S, H]
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out

@@ -1,0 +1,236 @@
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): LoRA on the routed experts.
+
+The logits of the frozen models are checked with the other families in test_model.py; here:
+the experts' LoRA gradients against PEFT's on transformers' own model (which stacks each
+layer's experts into 3D parameters and loads mlora's per-expert adapter by converting it), a
+fused batch of several adapters against each adapter alone under every LoRA kernel, and what
+the configuration refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+import mlora.lora
+from conftest import make_tiny_model
+from mlora.adapter import Adapter
+from mlora.config import AdapterConfig, TrainConfig
+from mlora.errors import UserError
+from mlora.loader import load_model
+from mlora.lora import AdapterRows, BatchLayout, inject_lora
+from mlora.models import llama
+from mlora.models.naming import naming_for
+from mlora.session import resolve_targets
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+B, S = 4, 10
+
+
+def _mlora_with_adapters(base, specs):
+    """The model of `base` with adapters {name: (r, targets)}, every B and A drawn at random (B
+    starts at zero otherwise, and its gradient alone would be checked)."""
+    model = load_model(base, "cpu", torch.float32)
+    layout = BatchLayout()
+    wrappers = inject_lora(model, layout)
+    adapters = {}
+    for i, (name, (r, targets)) in enumerate(specs.items()):
+        cfg = AdapterConfig(name=name, data="", r=r, alpha=2.0 * r, dropout=0.0, target_modules=targets)
+        adapters[name] = Adapter(cfg, wrappers, i, torch.device("cpu"), naming=naming_for(model.args.model_type))
+        gen = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for w in adapters[name].weights.values():
+                w.lora_A.copy_(torch.randn(w.lora_A.shape, generator=gen) * 0.2)
+                w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=gen) * 0.2)
+    model.train()
+    return model, layout, adapters
+
+
+def _inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (B, S), generator=gen)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    probe = torch.randn(B, S, 400, generator=gen)  # loss = sum(logits * probe) over real tokens
+    return ids, mask, probe
+
+
+def _expert_grads_from_peft(name: str, grad: torch.Tensor, E: int, r: int, H: int) -> dict[str, torch.Tensor]:
+    """PEFT's gradient of one stacked-experts LoRA weight, per expert and projection, in mlora's
+    shapes. PEFT's layout (peft.utils.transformers_weight_conversion): gate_up_proj's A is
+    [E * 2r, H], each expert's gate rows then up rows; its B is [2I, 2r * E] (column k * E + e),
+    block-diagonal (gate: first I rows and r columns); down_proj's A [E * r, I], B [H, r * E]."""
+    kind = name.split(".")[-3]  # lora_A / lora_B
+    out = {}
+    if kind == "lora_A" and grad.shape[1] == H:  # gate_up_proj
+        g = grad.view(E, 2 * r, H)
+        for e in range(E):
+            out[f"{e}.gate_proj.lora_A"], out[f"{e}.up_proj.lora_A"] = g[e, :r], g[e, r:]
+    elif kind == "lora_A":  # down_proj
+        g = grad.view(E, r, -1)
+        for e in range(E):
+            out[f"{e}.down_proj.lora_A"] = g[e]
+    elif grad.shape[0] == H:  # down_proj's B
+        g = grad.view(H, r, E)
+        for e in range(E):
+            out[f"{e}.down_proj.lora_B"] = g[:, :, e]
+    else:  # gate_up_proj's B
+        I2 = grad.shape[0]
+        g = grad.view(I2, 2 * r, E)
+        for e in range(E):
+            out[f"{e}.gate_proj.lora_B"] = g[:I2 // 2, :r, e]
+            out[f"{e}.up_proj.lora_B"] = g[I2 // 2:, r:, e]
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_expert_lora_gradients_equal_peft(tmp_path, family):
+    """mlora's LoRA on every projection, experts included, gives PEFT's logits and PEFT's
+    gradients (on transformers' stacked experts) for every A and B."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_model(tmp_path / family, family)
+    r = 4
+    model, layout, adapters = _mlora_with_adapters(base, {"x": (r, ALL7)})
+    adapter = adapters["x"]
+    adapter.save(tmp_path / "x", str(base))
+    ids, mask, probe = _inputs()
+    layout.rows = [AdapterRows("x", 0, B)]
+    ours = model(ids, mask)
+    (ours * probe * mask[..., None]).sum().backward()
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           tmp_path / "x", is_trainable=True)
+    ref = peft_model(input_ids=ids, attention_mask=mask).logits
+    assert (ours - ref).abs()[mask.bool()].max().item() < 1e-4
+    (ref * probe * mask[..., None]).sum().backward()
+
+    args = model.args
+    E, H = args.num_experts, args.hidden_size
+    expected = {}  # mlora module path + '.lora_A' / '.lora_B' -> PEFT's gradient
+    experts_seen = 0
+    for name, p in peft_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        layer = re.search(r"layers\.(\d+)\.", name)[1]
+        if ".experts." in name:
+            experts_seen += 1
+            for key, g in _expert_grads_from_peft(name, p.grad, E, r, H).items():
+                expert, proj, kind = key.split(".")
+                expected[f"model.layers.{layer}.mlp.experts.{expert}.{proj}.{kind}"] = g
+        else:
+            module = re.search(r"(self_attn\.\w+)\.(lora_[AB])\.", name)
+            expected[f"model.layers.{layer}.{module[1]}.{module[2]}"] = p.grad
+    assert experts_seen == 4 * args.num_layers  # PEFT did put LoRA on the experts: A and B, two per layer
+    got = {f"{path}.{kind}": getattr(w, kind).grad for path, w in adapter.weights.items()
+           for kind in ("lora_A", "lora_B")}
+    assert got.keys() == expected.keys()
+    for key, g in got.items():
+        assert g is not None and g.abs().max() > 0, key
+        # fp32 sums in another order: relative to the gradient's scale (up to ~100 here)
+        assert (g - expected[key]).abs().max() <= 1e-5 * expected[key].abs().max(), key
+
+
+@pytest.mark.parametrize("kernel", ["fused", "dense", "loop", "grouped"])
+def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, kernel):
+    """Three adapters in one batch (two on the experts with different ranks, one between them
+    on attention only): each adapter's logits and gradients equal its solo run's, whatever the
+    tokens of each adapter the router sends to each expert."""
+    monkeypatch.setattr(mlora.lora, "kernel", kernel)
+    base = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    specs = {"e1": (4, ALL7), "a": (2, ["q_proj", "v_proj"]), "e2": (8 if kernel != "grouped" else 4, ALL7)}
+    rows = {"e1": (0, 2), "a": (2, 3), "e2": (3, 4)}
+    ids, mask, probe = _inputs(1)
+
+    def run(names):
+        model, layout, adapters = _mlora_with_adapters(base, specs)
+        picked = torch.cat([torch.arange(*rows[n]) for n in names])
+        start, layout.rows = 0, []
+        for n in names:
+            count = rows[n][1] - rows[n][0]
+            layout.rows.append(AdapterRows(n, start, start + count))
+            start += count
+        logits = model(ids[picked], mask[picked])
+        (logits * probe[picked] * mask[picked][..., None]).sum().backward()
+        # (an expert that got none of an adapter's tokens has no gradient: zeros)
+        grads = {n: {p: torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten() for t in (w.lora_A, w.lora_B)])
+                     for p, w in adapters[n].weights.items()} for n in names}
+        return logits, grads
+
+    fused_logits, fused_grads = run(["e1", "a", "e2"])
+    real = mask.bool()
+    for n, (lo, hi) in rows.items():
+        solo_logits, solo_grads = run([n])
+        diff = (fused_logits[lo:hi] - solo_logits).abs()[real[lo:hi]].max().item()
+        assert diff < 1e-5, (n, diff)
+        for path, g in solo_grads[n].items():
+            assert (fused_grads[n][path] - g).abs().max() <= 1e-5 * g.abs().max(), (n, path)
+    for n in ("e1", "e2"):  # the experts' LoRA took part (B and A both nonzero, so gradients flow)
+        assert any(".experts." in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
+
+
+def _cfg(**adapter):
+    return TrainConfig(lora=[AdapterConfig(name="x", data="", **adapter)])
+
+
+def test_targets_on_moe_models():
+    """Expert targets that PEFT could not load are refused with one line naming the adapter;
+    the MLP targets of an MoE model are its routed experts."""
+    base = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    mixtral = llama.args_from_hf_config(dict(base, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2))
+    assert mixtral.is_moe and mixtral.moe_intermediate_size == 96 and mixtral.norm_topk_prob
+    # (the config reader turns m-LoRA's and Mixtral's w1, w3, w2 into these names)
+    ok = resolve_targets(_cfg(dropout=0.0, target_modules=["up_proj", "gate_proj", "down_proj", "q_proj"]), mixtral)
+    assert ok.lora[0].target_modules == ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "v_proj"]), mixtral)  # attention: dropout is fine
+    with pytest.raises(UserError, match=r"adapter 'x': on a mixtral model target w1 \(gate_proj\) and w3"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["gate_proj", "down_proj"]), mixtral)
+    with pytest.raises(UserError, match="adapter 'x': dropout must be 0 when target_modules include the experts'"):
+        resolve_targets(_cfg(dropout=0.05, target_modules=["down_proj"]), mixtral)
+    with pytest.raises(UserError, match="use_rslora"):
+        resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["down_proj"]), mixtral)
+    qwen2 = llama.args_from_hf_config(dict(base, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                           mlp_only_layers=[1]))
+    assert qwen2.moe_layers == [True, False] and not qwen2.norm_topk_prob and qwen2.attention_bias
+    with pytest.raises(UserError, match="qwen2_moe model target the attention projections only"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["up_proj", "gate_proj"]), qwen2)
+    resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "o_proj"]), qwen2)
+    # the dense layer's MLP and the shared expert get no LoRA (PEFT on transformers 5 gives them none)
+    model = llama.CausalLM(replace(qwen2, model_type="qwen3_moe", shared_expert_intermediate_size=0))
+    wrappers = inject_lora(model, BatchLayout())
+    assert not any(".mlp." in p and ".experts." not in p for p in wrappers)
+    assert sum(".experts." in p for p in wrappers) == 4 * 3
+
+
+def test_moe_config_errors():
+    base = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    with pytest.raises(UserError, match="router_jitter_noise"):
+        llama.args_from_hf_config(dict(base, model_type="mixtral", router_jitter_noise=0.1))
+    with pytest.raises(UserError, match="clip_qkv"):
+        llama.args_from_hf_config(dict(base, model_type="olmoe", clip_qkv=8.0))
+    with pytest.raises(UserError, match="use_sliding_window"):
+        llama.args_from_hf_config(dict(base, model_type="qwen3_moe", use_sliding_window=True))
+    with pytest.raises(UserError, match=r"num_experts_per_tok \(8\) exceeds the number of experts \(4\)"):
+        llama.args_from_hf_config(dict(base, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=8))
+    with pytest.raises(UserError, match="num_experts must be a positive integer"):
+        llama.args_from_hf_config(dict(base, model_type="olmoe", num_experts=0))
+
+
+def test_mixtral_checkpoint_names():
+    naming = naming_for("mixtral")
+    assert naming.to_checkpoint("model.layers.3.mlp.experts.12.up_proj.weight") == \
+        "model.layers.3.block_sparse_moe.experts.12.w3.weight"
+    assert naming.to_checkpoint("model.layers.3.mlp.gate.weight") == "model.layers.3.block_sparse_moe.gate.weight"
+    assert naming.from_module("model.layers.0.block_sparse_moe.experts.1.w2") == "model.layers.0.mlp.experts.1.down_proj"
+    assert naming.to_checkpoint("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert naming.peft_target_modules(["q_proj", "gate_proj", "up_proj", "down_proj"]) == ["q_proj", "w1", "w3", "w2"]
+    assert json.dumps(naming_for("qwen3_moe").peft_target_modules(["gate_proj"])) == '["gate_proj"]'
