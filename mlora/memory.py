@@ -348,10 +348,11 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # the router: its logits and softmax's fp32 output [N, E] (measured: three [N, E] fp32
         # tensors); top-k's indices, the (token, slot) order and each pair's token (int64 [N, k]
         # each); the renormalization's fp32 inputs; the pairs' weights; each expert's output
-        # [n, H], kept by the product with its weights, and that product, kept by index_add_
+        # [n, H], kept by the product with its weights, and that product in fp32, kept by the
+        # index_add_ that sums it
         E = args.num_experts
         out["moe_routing"] = (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob
-                              + k * (4 if args.router_weights_fp32 else e) + 2 * k * H * e)
+                              + k * (4 if args.router_weights_fp32 else e) + k * H * (e + 4))
         if args.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP, and its sigmoid gate
             out["mlp"] += 3 * args.shared_expert_intermediate_size * e + H * e + e
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
@@ -528,7 +529,7 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
     if sparse:
         # one expert at a time, over at most every token, and the [N, H] input gradient its
         # gather scatters into, summed with the others'
-        mlp = 6 * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * e
+        mlp = 6 * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
     attention = nh * D * (4 * e + 4) + 4 * nh

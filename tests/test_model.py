@@ -366,12 +366,13 @@ def test_config_errors():
     assert all(family_for(t) is llama for t in SUPPORTED)
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe"])
 def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
     norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the
-    cast. In bf16, mlora's logits equal transformers' (fp32 cannot tell either rounding apart;
-    each one done LLaMA's way is off by about 0.05 here)."""
+    cast; Mixtral weighs its experts' outputs in fp32, Qwen3-MoE in bf16. In bf16, mlora's
+    logits equal transformers' (fp32 cannot tell either rounding apart; each one done LLaMA's
+    way is off by about 0.05 here)."""
     extra = dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"]) if family == "gemma3_text" else {}
     path = make_tiny_model(tmp_path, family, hidden_size=72, num_hidden_layers=3, **extra)
     ours = load_model(path, "cpu", torch.bfloat16)

@@ -234,3 +234,44 @@ def test_mixtral_checkpoint_names():
     assert naming.to_checkpoint("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert naming.peft_target_modules(["q_proj", "gate_proj", "up_proj", "down_proj"]) == ["q_proj", "w1", "w3", "w2"]
     assert json.dumps(naming_for("qwen3_moe").peft_target_modules(["gate_proj"])) == '["gate_proj"]'
+
+
+def test_recompute_and_a_quantized_base_with_expert_lora(tmp_path):
+    """Activation checkpointing reruns each layer's routing in the backward and gives the same
+    gradients; a 4-bit base quantizes every expert (the router stays in the dtype) and its
+    experts' LoRA trains."""
+    from mlora.quant import QuantConfig
+
+    base = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe")
+    specs = {"e1": (4, ALL7), "e2": (2, ["q_proj", "gate_proj", "up_proj"])}
+    ids, mask, probe = _inputs(2)
+
+    def grads(recompute: bool):
+        model, layout, adapters = _mlora_with_adapters(base, specs)
+        model.recompute = recompute
+        layout.rows = [AdapterRows("e1", 0, 2), AdapterRows("e2", 2, B)]
+        (model(ids, mask) * probe * mask[..., None]).sum().backward()
+        return {(n, p): w.lora_B.grad for n, a in adapters.items() for p, w in a.weights.items()
+                if w.lora_B.grad is not None}
+
+    plain, again = grads(False), grads(True)
+    assert plain.keys() == again.keys() and any(".experts." in p for _, p in plain)
+    for key, g in plain.items():
+        assert (again[key] - g).abs().max() <= 1e-5 * g.abs().max(), key
+
+    model = load_model(base, "cpu", torch.float32, quant=QuantConfig(4))
+    moe = model.model.layers["0"].mlp
+    assert type(moe.experts[3].down_proj) is not torch.nn.Linear and type(moe.gate) is torch.nn.Linear
+    layout = BatchLayout()
+    wrappers = inject_lora(model, layout)
+    adapter = Adapter(AdapterConfig(name="q", data="", r=4, dropout=0.0, target_modules=ALL7), wrappers, 0,
+                      torch.device("cpu"))
+    with torch.no_grad():
+        for w in adapter.weights.values():
+            w.lora_B.normal_(0.0, 0.1)
+    layout.rows = [AdapterRows("q", 0, B)]
+    model.train()
+    (model(ids, mask) * probe * mask[..., None]).sum().backward()
+    expert_grads = [w.lora_A.grad for p, w in adapter.weights.items() if ".experts." in p and w.lora_A.grad is not None]
+    assert expert_grads and all(torch.isfinite(g).all() for g in expert_grads)
+    assert any(g.abs().max() > 0 for g in expert_grads)

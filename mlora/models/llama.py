@@ -1,5 +1,6 @@
 """mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3,
-SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite and OLMo 2/3 in one readable file.
+SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE and OLMoE
+in one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
@@ -7,7 +8,8 @@ and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and 
 3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
-norms after the sublayers; the norm layouts are args.NORM_LAYOUTS),
+norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Mixtral's, Qwen2/3-MoE's
+and OLMoE's mixture-of-experts MLPs, moe.py),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor

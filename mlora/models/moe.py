@@ -89,7 +89,9 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()  # tokens per expert
         if self.routing_hook is not None:
             self.routing_hook(experts, tokens, counts, S, flat.shape[0])
-        out = torch.zeros_like(flat)  # [N, H]
+        # The k weighted outputs of a token are summed in fp32 and rounded once, as transformers'
+        # default experts implementation (grouped_mm) does; its eager loop rounds after each add.
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)  # [N, H]
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -97,11 +99,10 @@ class SparseMoE(nn.Module):
             idx = tokens[start:start + n]  # [n] ascending
             # The expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
             y = self.experts[e](flat[idx].unsqueeze(1)).squeeze(1)  # [n, H]
-            # As transformers: the product in the weights' dtype (fp32 for Mixtral), added in the dtype,
-            # experts in ascending order.
-            out.index_add_(0, idx, (y * pair_weights[start:start + n, None]).to(out.dtype))
+            # the product in the weights' dtype (fp32 for Mixtral, else the dtype's rounding)
+            out.index_add_(0, idx, (y * pair_weights[start:start + n, None]).float())
             start += n
-        out = out.view(B, S, H)
+        out = out.to(x.dtype).view(B, S, H)
         if self.has_shared:
             shared = self.shared_expert(x)  # [B, S, H]
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
