@@ -346,13 +346,12 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     }
     if sparse:
         # the router: its logits and softmax's fp32 output [N, E] (measured: three [N, E] fp32
-        # tensors); top-k's indices, the (token, slot) order and each pair's token (int64 [N, k]
-        # each); the renormalization's fp32 inputs; the pairs' weights; each expert's output
-        # [n, H], kept by the product with its weights, and that product in fp32, kept by the
-        # index_add_ that sums it
+        # tensors); top-k's indices, the (token, slot) order, each pair's token and its way back
+        # (int64 [N, k] each); the renormalization's fp32 inputs; the pairs' weights; the
+        # experts' outputs [N k, H], kept by the product with their weights
         E = args.num_experts
-        out["moe_routing"] = (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob
-                              + k * (4 if args.router_weights_fp32 else e) + k * H * (e + 4))
+        out["moe_routing"] = (3 * 4 * E + 4 * 8 * k + (4 * k + 4) * args.norm_topk_prob
+                              + k * (4 if args.router_weights_fp32 else e) + k * H * e)
         if args.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP, and its sigmoid gate
             out["mlp"] += 3 * args.shared_expert_intermediate_size * e + H * e + e
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head

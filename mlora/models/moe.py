@@ -79,30 +79,30 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, S, H = x.shape  # x [B, S, H]
         flat = x.reshape(-1, H)  # [N, H]
+        N, k = flat.shape[0], self.top_k
         weights, chosen = self.route(flat)
         # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
         # sort of the flattened [N, k] choices, whose positions grow with the token).
         experts = chosen.flatten()  # [N*k]
-        order = torch.argsort(experts, stable=True)  # [N*k]
-        experts, tokens = experts[order], order // self.top_k  # [N*k] each
-        pair_weights = weights.flatten()[order]  # [N*k]
+        order = torch.argsort(experts, stable=True)  # [N*k]: the pair at each sorted position
+        experts, tokens = experts[order], order // k  # [N*k] each
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()  # tokens per expert
         if self.routing_hook is not None:
-            self.routing_hook(experts, tokens, counts, S, flat.shape[0])
-        # The k weighted outputs of a token are summed in fp32 and rounded once, as transformers'
-        # default experts implementation (grouped_mm) does; its eager loop rounds after each add.
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)  # [N, H]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = tokens[start:start + n]  # [n] ascending
-            # The expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
-            y = self.experts[e](flat[idx].unsqueeze(1)).squeeze(1)  # [n, H]
-            # the product in the weights' dtype (fp32 for Mixtral, else the dtype's rounding)
-            out.index_add_(0, idx, (y * pair_weights[start:start + n, None]).float())
-            start += n
-        out = out.to(x.dtype).view(B, S, H)
+            self.routing_hook(experts, tokens, counts, S, N)
+        # One gather and one split for all experts (the backward then scatters once, where a
+        # gather per expert would add a zero-filled [N, H] gradient per expert).
+        pieces = torch.split(flat[tokens], counts)  # each [n, H]
+        # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
+        outputs = [self.experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
+                   for e, (piece, n) in enumerate(zip(pieces, counts))]
+        routed = torch.cat(outputs)  # [N*k, H] by expert
+        # Weighted in the weights' dtype (fp32 for Mixtral, else the dtype's rounding), then each
+        # token's k outputs summed in fp32 in slot order and rounded once: transformers' default
+        # experts implementation (grouped_mm) exactly.
+        weighted = (routed * weights.flatten()[order, None]).float()  # [N*k, H]
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
+        out = weighted[back].view(N, k, H).sum(dim=1).to(x.dtype).view(B, S, H)
         if self.has_shared:
             shared = self.shared_expert(x)  # [B, S, H]
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
