@@ -386,7 +386,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     return out
 
 
-_MLP_TARGETS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+_MLP_TARGETS = mlora.lora.MLP_MODULES
 
 
 def _without_mlp(adapters: list[LoraShape]) -> list[LoraShape]:

@@ -17,7 +17,7 @@ from mlora.device import resolve_device, resolve_dtype
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
 from mlora.models.args import REMOTE_CODE_FAMILIES
-from mlora.lora import BatchLayout, LoraLinear, check_kernel, inject_lora
+from mlora.lora import MLP_MODULES, BatchLayout, LoraLinear, check_kernel, inject_lora
 from mlora.models.naming import Naming, naming_for
 
 
@@ -86,15 +86,12 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
     return replace(cfg, lora=resolved)
 
 
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
 def _check_expert_targets(a, model_type: str, named) -> None:
     """An adapter on the experts of an MoE model must be one PEFT can load on transformers 5,
     which stacks each layer's experts (gate and up fused) into parameters: PEFT turns the
     per-expert gate and up LoRAs into one of twice the rank (so both or neither, and alpha / r
     scaling: no rsLoRA) and refuses dropout on parameters."""
-    on_experts = [m for m in a.target_modules if m in EXPERT_PROJECTIONS]
+    on_experts = [m for m in a.target_modules if m in MLP_MODULES]
     if not on_experts:
         return
     if model_type == "qwen2_moe":

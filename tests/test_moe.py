@@ -275,3 +275,16 @@ def test_recompute_and_a_quantized_base_with_expert_lora(tmp_path):
     expert_grads = [w.lora_A.grad for p, w in adapter.weights.items() if ".experts." in p and w.lora_A.grad is not None]
     assert expert_grads and all(torch.isfinite(g).all() for g in expert_grads)
     assert any(g.abs().max() > 0 for g in expert_grads)
+
+
+def test_pipeline_split_weighs_sparse_layers(tmp_path):
+    """Without --balance, the ranks split by cost: a sparse layer costs its k experts' (and a
+    shared expert's) widths, not the dense intermediate_size: with two dense layers 10x as
+    costly as the four sparse ones, the first rank takes one dense layer and the second the rest
+    (counted as dense, the six layers would split three and three)."""
+    from mlora.pipeline.run import plan_stages
+
+    base = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe", num_hidden_layers=6, intermediate_size=960,
+                           mlp_only_layers=[0, 1])  # dense layers 10x the width of 2 experts of 48
+    stages = plan_stages(str(base), 2, None)
+    assert stages == [["embed", "layer.0"], [f"layer.{i}" for i in range(1, 6)] + ["norm", "head"]]
