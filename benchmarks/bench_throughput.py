@@ -120,9 +120,11 @@ class MloraBench:
     """mlora's own model with adapters fused, stepping exactly as the trainer does: one forward
     over the fused batch, per-adapter token loss, one backward, each adapter clips and steps."""
 
+    config_of = staticmethod(hf_config)  # (shape, seq) -> the transformers config of the shape
+
     def __init__(self, shape: str, s: Settings, device: torch.device, dtype: torch.dtype):
         self.shape, self.s, self.device, self.dtype = shape, s, device, dtype
-        self.cfg = hf_config(shape, s.seq)
+        self.cfg = self.config_of(shape, s.seq)
         with torch.device(device):
             self.model = CausalLM(args_from_hf_config(self.cfg)).to(dtype)
         self.model.requires_grad_(False)
@@ -219,14 +221,20 @@ class MloraBench:
 
 
 class HFBench:
-    def __init__(self, shape: str, s: Settings, device: torch.device, dtype: torch.dtype):
+    config_of = staticmethod(hf_config)
+
+    @staticmethod
+    def model_of(cfg):
         from transformers import LlamaForCausalLM
 
+        return LlamaForCausalLM(cfg)
+
+    def __init__(self, shape: str, s: Settings, device: torch.device, dtype: torch.dtype):
         self.shape, self.s, self.device = shape, s, device
-        self.cfg = hf_config(shape, s.seq)
+        self.cfg = self.config_of(shape, s.seq)
         self.cfg._attn_implementation = "sdpa"
         with torch.device(device):
-            self.model = LlamaForCausalLM(self.cfg).to(dtype)
+            self.model = self.model_of(self.cfg).to(dtype)
         self.model.requires_grad_(False)
 
     def run_peft(self, rows: int) -> dict:

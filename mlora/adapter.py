@@ -327,7 +327,8 @@ class Adapter:
         for name, value in tensors.items():
             if name not in expected:
                 module = self.naming.from_module(name[len(PEFT_PREFIX):].rsplit(".", 2)[0])  # no '.lora_A.weight'
-                if self.stage_layers is not None and decoder_layer_of(module) not in self.stage_layers:
+                layer = _LAYER_PATH.match(module)  # None: not a decoder layer's (an lm_head's LoRA)
+                if self.stage_layers is not None and layer is not None and layer[0] not in self.stage_layers:
                     continue  # another pipeline stage's layer: that stage loads it
                 raise UserError(f"{where}: unexpected tensor {name} "
                                 f"(not among adapter '{self.name}''s target_modules)")

@@ -47,8 +47,8 @@ from torch import nn
 from mlora import lora_triton
 from mlora.config import TARGET_MODULES as CONFIG_TARGET_MODULES
 from mlora.device import upload
-from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, clear_factor_cache,
-                               column_factor, draw_keep_mask, row_owner)
+from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, build_column_factor,
+                               build_row_owner, clear_factor_cache, column_factor, draw_keep_mask, row_owner)
 
 # The seven projections of a LLaMA-style decoder layer, in PEFT/HF naming and canonical order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -218,6 +218,10 @@ class InputGroup:
         self._cache: _Hidden | None = None
         self._casts: WeightCasts | None = None  # fused: the weights in the activation dtype
         self._plan: _FusedPlan | None = None  # fused: what a batch layout asks of the op
+        # An MoE expert's group (lora_moe.py): its tokens change with every routing, so a plan
+        # is never reused, and keeping it (and the casts) would hold them for every expert of
+        # every layer; its factors bypass the shared cache.
+        self.transient = False
 
     def clear(self) -> None:
         """Drop a cached input (after a failed forward, so an OOM retry does not keep it
@@ -303,6 +307,8 @@ class InputGroup:
                               plan.everywhere, philox, plan.a_params, plan.b_params)
         anchor = next((p for p in plan.a_params + plan.b_params if p.requires_grad), plan.a_params[0])
         ys = FusedGroupLoRA.apply(x2d, spec, anchor)
+        if self.transient:  # (autograd keeps what the backward needs)
+            self._plan = self._casts = None
         return _Hidden(x, outputs=dict(zip(plan.members, ys)), delta_only=plan.delta_only)
 
     def _fused_plan(self, key, x, active, S, training) -> "_FusedPlan":
@@ -321,8 +327,9 @@ class InputGroup:
             cols.append((start, len(owners)))
             counts.append(len(ws))
         N = key[2]
-        factor = column_factor(tuple((r.start, r.end) for r in active), S, tuple(owners), tuple(scales),
-                               N, torch.float32, x.device)
+        build = functools.partial(build_column_factor, cached=False) if self.transient else column_factor
+        factor = build(tuple((r.start, r.end) for r in active), S, tuple(owners), tuple(scales), N,
+                       torch.float32, x.device)
         bases = [self.members[m].base if self.members[m].base_inline(x) else None for m in members]
         dropout, everywhere = self._dropout_rows(N, active, S) if training else ([], False)
         return _FusedPlan(key, a_params, b_params, counts, cols, members, factor, bases,
@@ -348,7 +355,8 @@ class InputGroup:
         h = F.linear(dropped, a_all.to(x.dtype))  # [N, C]: every adapter's A on every row
         if len(active) > 1 or active[0].start != 0 or active[0].end * S != h.shape[0]:
             # Keep only each row's own adapter's columns (and none on rows without an adapter).
-            owner = row_owner(tuple((r.start, r.end) for r in active), S, h.shape[0], x.device)  # [N]
+            owners_of = build_row_owner if self.transient else row_owner  # (experts: uncached)
+            owner = owners_of(tuple((r.start, r.end) for r in active), S, h.shape[0], x.device)  # [N]
             col_owner = _device_constant(tuple(owners), torch.int32, x.device)  # [C]
             h = h * (owner[:, None] == col_owner[None, :])
         out.hidden = h

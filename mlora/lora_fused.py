@@ -97,8 +97,7 @@ def draw_keep_mask(x2d: torch.Tensor, dropout: list[DropoutRows], everywhere: bo
     return mask
 
 
-@functools.lru_cache(maxsize=64)
-def row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tensor:
+def build_row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tensor:
     """[N] int32: for each token row of the flattened batch, the index of its adapter in
     `ranges` (batch-row ranges, S tokens a row), or -1 for rows no adapter owns."""
     owner = torch.full((N,), -1, dtype=torch.int32)
@@ -107,9 +106,11 @@ def row_owner(ranges: tuple, S: int, N: int, device: torch.device) -> torch.Tens
     return upload(owner, device)
 
 
-@functools.lru_cache(maxsize=8)
-def column_factor(row_ranges: tuple, S: int, owners: tuple, scales: tuple, N: int,
-                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+row_owner = functools.lru_cache(maxsize=64)(build_row_owner)
+
+
+def build_column_factor(row_ranges: tuple, S: int, owners: tuple, scales: tuple, N: int,
+                        dtype: torch.dtype, device: torch.device, cached: bool = True) -> torch.Tensor:
     """The factor h is multiplied by: column c's LoRA scale on the rows of the adapter that
     owns c (owners[c], an index into row_ranges of batch rows), 0 elsewhere. `dtype` is
     fp32 for the fused op: the product is computed in fp32 and rounded once.
@@ -117,12 +118,17 @@ def column_factor(row_ranges: tuple, S: int, owners: tuple, scales: tuple, N: in
     [C] when one adapter owns every row (a plain per-column scale), else [N, C]. Cached: every
     layer's group of one kind asks for the same factor, and building it per call costs two
     kernels forward and two backward. Eight entries hold the four groups of a LLaMA layer for
-    two batch layouts; older layouts fall out."""
+    two batch layouts; older layouts fall out. An MoE expert's factor (its tokens change with
+    every routing) is built uncached (cached=False), so that it pushes no other factor out."""
     scale = upload(torch.tensor(scales, dtype=dtype), device)
     if len(row_ranges) == 1 and row_ranges[0][0] == 0 and row_ranges[0][1] * S == N:
         return scale
-    own = row_owner(row_ranges, S, N, device)[:, None] == upload(torch.tensor(owners, dtype=torch.int32), device)
+    owner = (row_owner if cached else build_row_owner)(row_ranges, S, N, device)
+    own = owner[:, None] == upload(torch.tensor(owners, dtype=torch.int32), device)
     return torch.where(own, scale[None, :], 0.0)  # [N, C]
+
+
+column_factor = functools.lru_cache(maxsize=8)(build_column_factor)
 
 
 def clear_factor_cache() -> None:

@@ -21,6 +21,7 @@ import re
 import torch
 from torch import nn
 
+from mlora.device import upload
 from mlora.lora import AdapterRows, BatchLayout, LoraLinear
 
 _EXPERT_PATH = re.compile(r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.[^.]+$")
@@ -29,25 +30,27 @@ _EXPERT_PATH = re.compile(r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.[^.]+$")
 class ExpertRouting:
     """A sparse MLP's routing hook: the batch's layout, restated per expert."""
 
-    def __init__(self, layout: BatchLayout, expert_layouts: list[BatchLayout]):
+    def __init__(self, layout: BatchLayout, expert_layouts: list[BatchLayout], wrappers: list[LoraLinear]):
         self.layout = layout
         self.expert_layouts = expert_layouts
+        self.wrappers = wrappers  # the experts' (to know whether any adapter is on them)
 
     def __call__(self, experts: torch.Tensor, tokens: torch.Tensor, counts: list[int], S: int, N: int) -> None:
         """experts, tokens [N*k]: each routed token's expert and batch position (row * S + t),
         ordered by expert and then position; counts: tokens per expert; S: tokens per row; N:
         tokens in the batch."""
-        rows = sorted((r for r in self.layout.rows if r.end > r.start), key=lambda r: r.start)
-        if not rows:
+        on_experts = {name for w in self.wrappers for name in w.adapters}
+        rows = sorted((r for r in self.layout.rows if r.end > r.start and r.name in on_experts), key=lambda r: r.start)
+        if not rows:  # (no adapter of this batch is on the experts: nothing to read back)
             for layout in self.expert_layouts:
                 layout.rows = []
             return
         # (expert, position) as one ascending key; where each adapter's first and last row
         # start in it, per expert, is one searchsorted (and one read back to the host).
         key = experts * N + tokens  # [N*k] ascending
-        bounds = torch.tensor([b for r in rows for b in (r.start * S, r.end * S)], dtype=torch.int64)  # [2G]
-        queries = torch.arange(len(self.expert_layouts), dtype=torch.int64)[:, None] * N + bounds[None, :]  # [E, 2G]
-        at = torch.searchsorted(key, queries.to(key.device)).tolist()
+        bounds = upload(torch.tensor([b for r in rows for b in (r.start * S, r.end * S)]), key.device)  # [2G]
+        starts = torch.arange(len(self.expert_layouts), device=key.device)[:, None] * N  # [E, 1]
+        at = torch.searchsorted(key, starts + bounds[None, :]).tolist()  # [E, 2G]
         first = 0  # the expert's first position in the ordering
         for e, layout in enumerate(self.expert_layouts):
             ends = [p - first for p in at[e]]
@@ -72,4 +75,5 @@ def attach_expert_routing(model: nn.Module, layout: BatchLayout, wrappers: dict[
         for e, members in by_expert.items():
             for wrapper in members:
                 wrapper.layout = expert_layouts[e]
-        moe.routing_hook = ExpertRouting(layout, expert_layouts)
+                wrapper.group.transient = True
+        moe.routing_hook = ExpertRouting(layout, expert_layouts, [w for ws in by_expert.values() for w in ws])

@@ -283,17 +283,22 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         # 16), or [1, nh, S, S'] when causality is all there is to hide
         batch += (rows if explicit_mask else min(rows, 1)) * args.num_heads * seq_len * _round_up(seq_len, 16) * e
     in_batch = len(adapters) if active_adapters is None else min(active_adapters, len(adapters))
+    # LoRA that every layer's groups share or keep: on an MoE model, the experts' LoRA keeps
+    # nothing beyond its call (lora.InputGroup.transient), and the dense layers' MLPs have none
+    kept = _without_mlp(adapters) if args.is_moe else adapters
     if lora_kernel in ("auto", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
-        batch += _dense_columns(adapters, active_adapters, lora_kernel) * 4 * N
+        batch += _dense_columns(kept, active_adapters, lora_kernel) * 4 * N
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
     final_norm += 4 * args.hidden_size * (stage.has_norm and args.gemma_norms)  # fp32 (1 + w)
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
     if recompute:
         # Each checkpointed layer keeps only its input [N, H]; the layer being back-propagated
-        # is recomputed in full and is part of the backward's working set.
-        activations = L * args.hidden_size * e * N + batch + final_norm + stage_output
+        # is recomputed in full and is part of the backward's working set. Each input group
+        # keeps its weights' casts between calls (the other layers' too).
+        activations = (L * args.hidden_size * e * N + batch + final_norm + stage_output
+                       + max(L - 1, 0) * _lora_cast_bytes(args, e, kept))
     else:
         activations = all_layers + batch + final_norm + stage_output
 
@@ -546,7 +551,10 @@ def _dequant_bytes(args: ModelArgs, e: int, quant: str | None, N: int) -> int:
     forward also quantizes its input (an fp16 copy and an int8 one)."""
     if quant is None:
         return 0
-    shapes = projection_shapes(args).values()
+    shapes = list(projection_shapes(args).values())
+    if args.is_moe:  # a dense layer's or a shared expert's MLP may be wider than an expert's
+        width = max(args.intermediate_size if not all(args.moe_layers) else 0, args.shared_expert_intermediate_size)
+        shapes += [(args.hidden_size, width), (width, args.hidden_size)]
     largest = max(i * o for i, o in shapes)
     extra = 2 * largest * e  # the dequantized weight and the copy a dtype change makes
     if quant == "int8":

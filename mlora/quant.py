@@ -1,5 +1,9 @@
 """QLoRA: the frozen base's projections in 4-bit (NF4/FP4) or 8-bit through bitsandbytes.
 
+(On a mixture-of-experts model every expert's projections too, the router excepted:
+transformers 5 stacks the experts into 3D parameters that bitsandbytes does not quantize, so
+there its base keeps them in full precision and the bit-for-bit claim below does not hold.)
+
 Only the seven projections (q, k, v, o, gate, up, down) are quantized; the embedding, the
 norms and the head stay in full precision, as in QLoRA and transformers' `load_in_4bit`.
 The quantized layers are bitsandbytes' own `Linear4bit` / `Linear8bitLt`, built with the same

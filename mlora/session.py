@@ -89,8 +89,8 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
 def _check_expert_targets(a, model_type: str, named) -> None:
     """An adapter on the experts of an MoE model must be one PEFT can load on transformers 5,
     which stacks each layer's experts (gate and up fused) into parameters: PEFT turns the
-    per-expert gate and up LoRAs into one of twice the rank (so both or neither, and alpha / r
-    scaling: no rsLoRA) and refuses dropout on parameters."""
+    per-expert gate and up LoRAs into one of twice the rank and alpha (so both or neither, and
+    no rsLoRA on them: its alpha / sqrt(r) would change) and refuses dropout on parameters."""
     on_experts = [m for m in a.target_modules if m in MLP_MODULES]
     if not on_experts:
         return
@@ -98,19 +98,20 @@ def _check_expert_targets(a, model_type: str, named) -> None:
         # PEFT converts Qwen3-MoE's and OLMoE's per-expert adapters to transformers 5's stacked
         # experts, but not Qwen2-MoE's: it would drop the experts' LoRA (and put the rest on the
         # shared expert, which mlora would not have trained)
-        raise UserError(f"adapter {a.name!r}: on a qwen2_moe model target the attention projections only "
+        raise UserError(f"adapter {a.name!r}: on this qwen2_moe model target the attention projections only "
                         f"(not {', '.join(on_experts)}): PEFT does not load LoRA on Qwen2-MoE's experts")
     pair = {"gate_proj", "up_proj"}
     if pair & set(on_experts) and not pair <= set(on_experts):
-        raise UserError(f"adapter {a.name!r}: on a {model_type} model target {named('gate_proj')} and "
+        raise UserError(f"adapter {a.name!r}: on this {model_type} model target {named('gate_proj')} and "
                         f"{named('up_proj')} together or neither (PEFT fuses the experts' two into one LoRA)")
     if a.dropout:
         raise UserError(f"adapter {a.name!r}: dropout must be 0 when target_modules include the experts' "
-                        f"{', '.join(map(named, on_experts))} on a {model_type} model (PEFT cannot load dropout "
-                        f"on experts)")
-    if a.use_rslora:
-        raise UserError(f"adapter {a.name!r}: use_rslora does not go with the experts' projections on a {model_type} "
-                        "model (PEFT's loader rescales their fused LoRA as alpha / r)")
+                        f"{', '.join(map(named, on_experts))} on this {model_type} model (PEFT cannot load "
+                        f"dropout on experts)")
+    if a.use_rslora and pair <= set(on_experts):
+        raise UserError(f"adapter {a.name!r}: use_rslora does not go with the experts' {named('gate_proj')} and "
+                        f"{named('up_proj')} on this {model_type} model (PEFT fuses them into one LoRA of twice "
+                        "the rank and alpha, which rsLoRA scales otherwise)")
 
 
 # Dropout inside the base model, which transformers applies in training mode and mlora does
@@ -119,12 +120,17 @@ BASE_DROPOUTS = ("attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropo
 
 
 def warn_unapplied_dropout(hf_config) -> None:
+    """Say which of the base config's training-time settings mlora does not apply: dropout, and
+    an MoE router's balancing loss."""
     rates = {k: getattr(hf_config, k, None) for k in BASE_DROPOUTS}
     set_ = {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
     if set_:
         listed = ", ".join(f"{k}={v}" for k, v in set_.items())
         print(f"mlora: warning: the base model's {listed} is not applied (mlora runs the frozen base "
               "without dropout; transformers + PEFT would drop out in training)", file=sys.stderr)
+    if getattr(hf_config, "output_router_logits", False) is True:
+        print("mlora: warning: the base model's output_router_logits is set, but mlora trains on the language "
+              "modelling loss only (transformers + PEFT would add the router's balancing loss)", file=sys.stderr)
 
 
 def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: str | None = None):

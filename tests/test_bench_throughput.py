@@ -154,3 +154,20 @@ def test_host_benchmark_quick_mode(tmp_path):
                                     "optimizer_steps_ms_4_adapters"))
     assert all(v > 0 for v in result["batching"].values()) and set(result["batching"]) == {
         "batch_ms_4x8x512", "batch_ms_4x8x512_packed"}
+
+
+def test_moe_benchmark_runs_every_system(tmp_path):
+    """benchmarks/bench_moe.py on its smallest shape for one step: mlora (1 and 4 adapters on
+    the experts), PEFT on transformers' stacked experts, both frozen bases; the ratios are the
+    quotients of the rates."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "benchmarks" / "bench_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "moe.json"
+    result = bench.main(["--cpu", "--shapes", "tiny-mixtral", "--steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    (shape,) = result["results"]
+    rates = shape["tokens_per_s"]
+    assert set(rates) == {"mlora_1", "mlora_4", "mlora_frozen", "peft_1", "hf_frozen"} and min(rates.values()) > 0
+    assert shape["mlora_4_over_peft"] == pytest.approx(rates["mlora_4"] / rates["peft_1"])

@@ -137,33 +137,41 @@ def test_expert_lora_gradients_equal_peft(tmp_path, family):
         assert (g - expected[key]).abs().max() <= 1e-5 * expected[key].abs().max(), key
 
 
-@pytest.mark.parametrize("kernel", ["fused", "dense", "loop", "grouped"])
+@pytest.mark.parametrize("kernel", ["auto", "fused", "dense", "loop", "grouped", "triton"])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, kernel):
-    """Three adapters in one batch (two on the experts with different ranks, one between them
-    on attention only): each adapter's logits and gradients equal its solo run's, whatever the
-    tokens of each adapter the router sends to each expert."""
+    """Three adapters in one batch (two on the experts with different ranks, one on attention
+    only), a row of no adapter between them and the layout's rows out of order: each adapter's
+    logits and gradients equal its solo run's, whatever the tokens of each adapter the router
+    sends to each expert."""
+    from mlora import lora_triton
+
+    if kernel == "triton" and lora_triton.unavailable(torch.device("cpu")):
+        pytest.skip(lora_triton.unavailable(torch.device("cpu")))
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
     base = make_tiny_model(tmp_path / "mixtral", "mixtral")
     specs = {"e1": (4, ALL7), "a": (2, ["q_proj", "v_proj"]), "e2": (8 if kernel != "grouped" else 4, ALL7)}
-    rows = {"e1": (0, 2), "a": (2, 3), "e2": (3, 4)}
+    rows = {"e2": (3, 4), "a": (2, 3), "e1": (0, 1)}  # (row 1: no adapter)
     ids, mask, probe = _inputs(1)
 
     def run(names):
         model, layout, adapters = _mlora_with_adapters(base, specs)
-        picked = torch.cat([torch.arange(*rows[n]) for n in names])
-        start, layout.rows = 0, []
-        for n in names:
-            count = rows[n][1] - rows[n][0]
-            layout.rows.append(AdapterRows(n, start, start + count))
-            start += count
+        if len(names) > 1:  # the whole batch, rows as placed
+            picked = torch.arange(B)
+            layout.rows = [AdapterRows(n, *rows[n]) for n in names]
+        else:
+            picked = torch.arange(*rows[names[0]])
+            layout.rows = [AdapterRows(names[0], 0, len(picked))]
         logits = model(ids[picked], mask[picked])
         (logits * probe[picked] * mask[picked][..., None]).sum().backward()
         # (an expert that got none of an adapter's tokens has no gradient: zeros)
-        grads = {n: {p: torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten() for t in (w.lora_A, w.lora_B)])
+        grads = {n: {p: torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten()
+                                   for t in (w.lora_A, w.lora_B)])
                      for p, w in adapters[n].weights.items()} for n in names}
+        for moe in (layer.mlp for layer in model.model.layers.values()):  # an expert's LoRA keeps no plan
+            assert all(w.group._plan is None and w.group._casts is None for w in moe.routing_hook.wrappers)
         return logits, grads
 
-    fused_logits, fused_grads = run(["e1", "a", "e2"])
+    fused_logits, fused_grads = run(list(rows))
     real = mask.bool()
     for n, (lo, hi) in rows.items():
         solo_logits, solo_grads = run([n])
@@ -190,12 +198,13 @@ def test_targets_on_moe_models():
     ok = resolve_targets(_cfg(dropout=0.0, target_modules=["up_proj", "gate_proj", "down_proj", "q_proj"]), mixtral)
     assert ok.lora[0].target_modules == ["q_proj", "gate_proj", "up_proj", "down_proj"]
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "v_proj"]), mixtral)  # attention: dropout is fine
-    with pytest.raises(UserError, match=r"adapter 'x': on a mixtral model target w1 \(gate_proj\) and w3"):
+    with pytest.raises(UserError, match=r"adapter 'x': on this mixtral model target w1 \(gate_proj\) and w3"):
         resolve_targets(_cfg(dropout=0.0, target_modules=["gate_proj", "down_proj"]), mixtral)
     with pytest.raises(UserError, match="adapter 'x': dropout must be 0 when target_modules include the experts'"):
         resolve_targets(_cfg(dropout=0.05, target_modules=["down_proj"]), mixtral)
-    with pytest.raises(UserError, match="use_rslora"):
-        resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["down_proj"]), mixtral)
+    with pytest.raises(UserError, match="use_rslora does not go with the experts' w1"):
+        resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["gate_proj", "up_proj"]), mixtral)
+    resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["down_proj"]), mixtral)  # PEFT loads it as is
     qwen2 = llama.args_from_hf_config(dict(base, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                                            moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                            mlp_only_layers=[1]))
@@ -288,3 +297,29 @@ def test_pipeline_split_weighs_sparse_layers(tmp_path):
                            mlp_only_layers=[0, 1])  # dense layers 10x the width of 2 experts of 48
     stages = plan_stages(str(base), 2, None)
     assert stages == [["embed", "layer.0"], [f"layer.{i}" for i in range(1, 6)] + ["norm", "head"]]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_a_config_json_without_the_class_defaults(model_type):
+    """A config.json that leaves out what its config class defaults (Mixtral's RoPE base 1e6
+    and 8 K/V heads, the Qwen MoE models' K/V heads, the expert counts and widths) reads as the
+    config object does."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    dropped = ("num_key_value_heads", "rope_parameters", "rope_theta", "max_position_embeddings", "num_experts",
+               "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "rms_norm_eps")
+    plain = {k: v for k, v in config.to_dict().items() if k not in dropped}
+    assert llama.args_from_hf_config(dict(plain, model_type=model_type)) == llama.args_from_hf_config(config)
+
+
+def test_router_balancing_loss_is_reported_as_not_applied(capsys):
+    import transformers
+
+    from mlora.session import warn_unapplied_dropout
+
+    warn_unapplied_dropout(transformers.MixtralConfig(output_router_logits=True))
+    assert "output_router_logits is set, but mlora trains on the language modelling loss only" in capsys.readouterr().err
+    warn_unapplied_dropout(transformers.MixtralConfig())
+    assert capsys.readouterr().err == ""

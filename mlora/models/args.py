@@ -371,8 +371,8 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
     its config (the expert count is num_local_experts for Mixtral, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
-    experts = get("num_local_experts" if model_type == "mixtral" else "num_experts")
-    experts = _positive_int(experts, f"{model_type} config num_experts")
+    experts_key = "num_local_experts" if model_type == "mixtral" else "num_experts"
+    experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
     if top_k > experts:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
@@ -407,11 +407,15 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                     "glm": _GLM_DEFAULTS, "glm4": _GLM_DEFAULTS, "olmo2": {"rms_norm_eps": 1e-5},
                     "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "rope_theta": 500_000.0},
                     # the MoE config classes' defaults (Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B, OLMoE-1B-7B, Mixtral 8x7B)
-                    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5},
+                    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+                                "num_key_value_heads": 8, "rope_theta": 1e6, "max_position_embeddings": 131072},
                     "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
-                                  "shared_expert_intermediate_size": 5632},
-                    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
-                    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5}}
+                                  "shared_expert_intermediate_size": 5632, "num_key_value_heads": 16,
+                                  "max_position_embeddings": 32768},
+                    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                                  "num_key_value_heads": 4, "max_position_embeddings": 32768},
+                    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5,
+                              "max_position_embeddings": 4096}}
 
 
 # ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out

@@ -40,7 +40,7 @@ def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     return names
 
 
-# What the LoRA code is told before a sparse MLP's experts run (lora.ExpertRouting):
+# What the LoRA code is told before a sparse MLP's experts run (lora_moe.ExpertRouting):
 # (the expert of each routed token [N*k] and the token [N*k], both ordered by expert and then by
 # token, the number of tokens each expert gets, tokens per batch row, tokens in the batch)
 RoutingHook = Callable[[Tensor, Tensor, list[int], int, int], None]
@@ -59,8 +59,8 @@ class SparseMoE(nn.Module):
         if self.has_shared:  # Qwen2-MoE
             self.shared_expert = make_mlp(args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
-        # Set by lora.inject_lora, so that each adapter's LoRA of an expert applies to its own
-        # tokens among those routed there; None without LoRA on the experts.
+        # Set by lora.inject_lora (lora_moe.ExpertRouting), so that each adapter's LoRA of an
+        # expert applies to its own tokens among those routed there.
         self.routing_hook: RoutingHook | None = None
 
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor]:

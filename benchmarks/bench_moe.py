@@ -1,0 +1,130 @@
+"""Training steps on a mixture-of-experts base: mlora (1 and 4 adapters fused, LoRA on
+attention and every expert) vs transformers + PEFT (one adapter, on transformers 5's stacked
+experts) vs the frozen base alone (forward + backward, no LoRA).
+
+Random weights of a named shape, built directly on the device; LoRA r=16, alpha=32, dropout 0
+(PEFT allows none on experts) on q/k/v/o and the experts' gate/up/down; AdamW. Every adapter
+gets the same rows per step. The steps are bench_throughput.py's (the trainer's per-adapter
+loss, clipping and optimizer step).
+
+    python benchmarks/bench_moe.py --cpu          # the two small shapes on the CPU (about a minute)
+    python benchmarks/bench_moe.py                # GPU: olmoe-1b-7b and mixtral-small shapes
+
+Prints and writes JSON (--out). Results: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_throughput import HFBench, MloraBench, Settings, free_memory, measure  # noqa: E402
+
+from mlora.adapter import Adapter  # noqa: E402
+from mlora.config import AdapterConfig  # noqa: E402
+from mlora.lora import TARGET_MODULES  # noqa: E402
+
+SHAPES = {
+    # name: (config class, its arguments)
+    "tiny-mixtral": ("MixtralConfig", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                            num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
+                                            num_local_experts=8, num_experts_per_tok=2)),
+    "tiny-qwen3-moe": ("Qwen3MoeConfig", dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=512,
+                                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                               head_dim=32, vocab_size=512, num_experts=64, num_experts_per_tok=8,
+                                               norm_topk_prob=True)),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                                         num_attention_heads=16, num_key_value_heads=16, vocab_size=50304,
+                                         num_experts=64, num_experts_per_tok=8)),
+    "mixtral-small": ("MixtralConfig", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                             num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                             num_local_experts=8, num_experts_per_tok=2)),
+}
+
+
+def moe_config(shape: str, seq: int):
+    import transformers
+
+    cls, kwargs = SHAPES[shape]
+    return getattr(transformers, cls)(**kwargs, max_position_embeddings=max(2048, seq), tie_word_embeddings=False,
+                                      use_cache=False)
+
+
+class MoeMlora(MloraBench):
+    config_of = staticmethod(moe_config)
+
+    def adapters(self, n: int, rows: int, dropout: float) -> list[Adapter]:
+        out = []
+        for i in range(n):
+            cfg = AdapterConfig(name=f"a{i}", data="<bench>", r=self.s.r, alpha=self.s.alpha, dropout=0.0,
+                                target_modules=list(TARGET_MODULES), batch_size=rows, micro_batch_size=rows,
+                                lr=self.s.lr, max_grad_norm=1.0)
+            out.append(Adapter(cfg, self.wrappers, seed=i, device=self.device, total_steps=1000))
+        return out
+
+
+class MoeHF(HFBench):
+    config_of = staticmethod(moe_config)
+
+    @staticmethod
+    def model_of(cfg):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, rows: int, steps: int) -> dict:
+    s = Settings(seq=seq, dropout=0.0, steps=steps)
+    results = []
+    for shape in shapes:
+        mine = MoeMlora(shape, s, device, dtype)
+        runs = {f"mlora_{n}": mine.run(n, rows) for n in (1, 4)}
+        runs["mlora_frozen"] = mine.run_frozen(rows)
+        del mine
+        free_memory(device)
+        hf = MoeHF(shape, s, device, dtype)
+        runs["peft_1"] = hf.run_peft(rows)
+        runs["hf_frozen"] = hf.run_frozen(rows)
+        del hf
+        free_memory(device)
+        tps = {k: v["tokens_per_s"] for k, v in runs.items()}
+        results.append({"shape": shape, "runs": runs, "tokens_per_s": tps,
+                        "mlora_1_over_peft": tps["mlora_1"] / tps["peft_1"],
+                        "mlora_4_over_peft": tps["mlora_4"] / tps["peft_1"],
+                        "mlora_4_over_frozen": tps["mlora_4"] / tps["hf_frozen"]})
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[-1].items()
+                          if k != "runs"}), flush=True)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "seq": seq,
+            "rows_per_adapter": rows, "results": results}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="the small shapes on the CPU, fp32")
+    p.add_argument("--shapes", nargs="*", help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    a = p.parse_args(argv)
+    if a.cpu or not torch.cuda.is_available():
+        result = run(a.shapes or ["tiny-mixtral", "tiny-qwen3-moe"], torch.device("cpu"), torch.float32,
+                     seq=128, rows=4, steps=a.steps or 5)
+    else:
+        result = run(a.shapes or ["olmoe-1b-7b", "mixtral-small"], torch.device("cuda"), torch.bfloat16,
+                     seq=512, rows=8, steps=a.steps or 5)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
