@@ -323,3 +323,25 @@ def test_router_balancing_loss_is_reported_as_not_applied(capsys):
     assert "output_router_logits is set, but mlora trains on the language modelling loss only" in capsys.readouterr().err
     warn_unapplied_dropout(transformers.MixtralConfig())
     assert capsys.readouterr().err == ""
+
+
+def test_a_stage_refuses_an_init_from_tensor_of_no_decoder_layer(tmp_path):
+    """A pipeline stage skips another stage's layers in an init_from adapter, but a tensor of no
+    decoder layer (an lm_head LoRA mlora never trains) is the one-line error, as in one process."""
+    from safetensors.torch import load_file, save_file
+
+    base = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    model, layout, adapters = _mlora_with_adapters(base, {"x": (4, ALL7)})
+    adapters["x"].save(tmp_path / "x", str(base))
+    tensors = load_file(tmp_path / "x" / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 64)
+    save_file(tensors, tmp_path / "x" / "adapter_model.safetensors")
+    cfg = AdapterConfig(name="x", data="", r=4, alpha=8.0, dropout=0.0, target_modules=ALL7)
+    wrappers = inject_lora(load_model(base, "cpu", torch.float32, parts=["embed", "layer.0"]), BatchLayout())
+    stage = Adapter(cfg, wrappers, 0, torch.device("cpu"), stage_layers={"model.layers.0"},
+                    naming=naming_for("mixtral"))
+    with pytest.raises(UserError, match="unexpected tensor base_model.model.lm_head.lora_A.weight"):
+        stage.load_peft(tmp_path / "x")
+    del tensors["base_model.model.lm_head.lora_A.weight"]
+    save_file(tensors, tmp_path / "x" / "adapter_model.safetensors")
+    stage.load_peft(tmp_path / "x")  # layer 1's tensors: the other stage's
