@@ -8,7 +8,8 @@
 #                                                    # extras; its JSON is rewritten after every
 #                                                    # run, so a timeout keeps what ran)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the batch strategies on the GPU, then a
-#                                                    # profile of llama2-7b's 4-adapter step
+#                                                    # profile of llama2-7b's 4-adapter step,
+#                                                    # then the MoE benchmark (bench_moe.py)
 # Part 1 alone answers the throughput issue's targets (run it with the device call's
 # timeout_s at 600); run part 2 if device time is left.
 set -u
@@ -32,4 +33,6 @@ else
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
   timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
   timeout 120 python3 benchmarks/bench_throughput.py --shapes llama2-7b --profile "$OUT/profile_7b.txt" 2>&1 | log
+  # Mixture-of-experts bases: mlora's per-expert path vs PEFT on transformers' grouped experts
+  timeout 150 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
 fi

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
     _add_common(p)
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("generate", help="complete prompts with every trained adapter of a config, in one fused batch")
     _add_common(p)
@@ -209,7 +210,8 @@ def cmd_eval(args) -> int:
             adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device,
                               naming=session.naming)
             adapter.load_peft(saved, label="adapter")
-        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test, progress=True)
+        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test,
+                                        progress=not args.no_progress)
         if adapter is not None:
             adapter.detach_from(session.wrappers)
         # JSON has no NaN: no label token (or non-finite weights) gives null, as metrics.jsonl does.

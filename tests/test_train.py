@@ -205,7 +205,7 @@ def test_eval_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, token
 
     tmp, out, cfg_path = fused_run
     capsys.readouterr()
-    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path)]) == 0
+    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["adapter"] for line in lines] == ["a", "b", "c"]
     cfg = json.loads(cfg_path.read_text())
