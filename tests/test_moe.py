@@ -345,3 +345,28 @@ def test_a_stage_refuses_an_init_from_tensor_of_no_decoder_layer(tmp_path):
     del tensors["base_model.model.lm_head.lora_A.weight"]
     save_file(tensors, tmp_path / "x" / "adapter_model.safetensors")
     stage.load_peft(tmp_path / "x")  # layer 1's tensors: the other stage's
+
+
+def test_pair_gather_has_the_gradient_of_plain_indexing():
+    """The dispatch's gather (each token once per slot, ordered by expert) and its un-sort
+    (a permutation) give what plain indexing gives, forward and backward."""
+    from mlora.models.moe import _PairGather
+
+    gen = torch.Generator().manual_seed(0)
+    N, k, H = 7, 3, 5
+    order = torch.randperm(N * k, generator=gen)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(N * k)
+    x = torch.randn(N, H, generator=gen, requires_grad=True)
+    probe = torch.randn(N * k, H, generator=gen)
+    ours = _PairGather.apply(x, order // k, back, k)
+    plain = x[order // k]
+    assert torch.equal(ours, plain)
+    (gx,) = torch.autograd.grad((ours * probe).sum(), x)
+    (ref,) = torch.autograd.grad((plain * probe).sum(), x)
+    torch.testing.assert_close(gx, ref)
+    y = torch.randn(N * k, H, generator=gen, requires_grad=True)
+    ours, plain = _PairGather.apply(y, back, order, 1), y[back]
+    assert torch.equal(ours, plain)
+    torch.testing.assert_close(torch.autograd.grad((ours * probe).sum(), y)[0],
+                               torch.autograd.grad((plain * probe).sum(), y)[0])

@@ -40,6 +40,28 @@ def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     return names
 
 
+class _PairGather(torch.autograd.Function):
+    """x.index_select(0, index) where index visits every row of x exactly k times (the routing's
+    (token, slot) pairs, or a permutation with k = 1), with `inverse` the position each pair
+    went to. Its backward gathers with the inverse and sums each row's k copies; autograd's own
+    backward of a gather is an accumulating scatter (index_put_), which took most of an MoE
+    layer's backward on the CPU and uses atomic adds on CUDA."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k, ctx.rows = k, x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)  # [rows * k, ...]: each row's k copies together
+        if ctx.k > 1:
+            g = g.view(ctx.rows, ctx.k, *g.shape[1:]).sum(dim=1)
+        return g, None, None, None
+
+
 # What the LoRA code is told before a sparse MLP's experts run (lora_moe.ExpertRouting):
 # (the expert of each routed token [N*k] and the token [N*k], both ordered by expert and then by
 # token, the number of tokens each expert gets, tokens per batch row, tokens in the batch)
@@ -89,9 +111,11 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()  # tokens per expert
         if self.routing_hook is not None:
             self.routing_hook(experts, tokens, counts, S, N)
-        # One gather and one split for all experts (the backward then scatters once, where a
-        # gather per expert would add a zero-filled [N, H] gradient per expert).
-        pieces = torch.split(flat[tokens], counts)  # each [n, H]
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
+        # One gather and one split for all experts (a gather per expert would add a zero-filled
+        # [N, H] gradient per expert in the backward).
+        pieces = torch.split(_PairGather.apply(flat, tokens, back, k), counts)  # each [n, H]
         # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
         outputs = [self.experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
                    for e, (piece, n) in enumerate(zip(pieces, counts))]
@@ -100,9 +124,8 @@ class SparseMoE(nn.Module):
         # token's k outputs summed in fp32 in slot order and rounded once: transformers' default
         # experts implementation (grouped_mm) exactly.
         weighted = (routed * weights.flatten()[order, None]).float()  # [N*k, H]
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
-        out = weighted[back].view(N, k, H).sum(dim=1).to(x.dtype).view(B, S, H)
+        by_pair = _PairGather.apply(weighted, back, order, 1)  # [N*k, H]: token-major
+        out = by_pair.view(N, k, H).sum(dim=1).to(x.dtype).view(B, S, H)
         if self.has_shared:
             shared = self.shared_expert(x)  # [B, S, H]
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
