@@ -31,6 +31,8 @@ from bench_throughput import HFBench, MloraBench, Settings, free_memory, measure
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.lora import TARGET_MODULES  # noqa: E402
+from mlora.models.llama import args_from_hf_config  # noqa: E402
+from mlora.models.naming import naming_for  # noqa: E402
 
 SHAPES = {
     # name: (config class, its arguments)
@@ -74,6 +76,12 @@ class MoeMlora(MloraBench):
 class MoeHF(HFBench):
     config_of = staticmethod(moe_config)
 
+    def __init__(self, shape: str, s: Settings, device: torch.device, dtype: torch.dtype):
+        super().__init__(shape, s, device, dtype)
+        # the projections by the model's own names (Mixtral's experts: w1, w3, w2), as the
+        # adapters mlora saves name them; PEFT converts them to the stacked experts
+        self.peft_targets = naming_for(self.cfg.model_type).peft_target_modules(list(TARGET_MODULES))
+
     @staticmethod
     def model_of(cfg):
         from transformers import AutoModelForCausalLM
@@ -96,6 +104,12 @@ def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, r
         del hf
         free_memory(device)
         tps = {k: v["tokens_per_s"] for k, v in runs.items()}
+        # The same LoRA on both sides: PEFT fuses each expert's gate and up LoRAs into one of rank
+        # 2r whose B is a full [2I, 2r] (mlora's two [I, r] and the off-diagonal blocks).
+        args = args_from_hf_config(moe_config(shape, seq))
+        extra = sum(args.moe_layers) * args.num_experts * 2 * args.moe_intermediate_size * s.r
+        runs["peft_1"]["lora_params_matched"] = runs["peft_1"]["lora_params"] == runs["mlora_1"]["lora_params"] + extra
+        assert runs["peft_1"]["lora_params_matched"], (shape, runs["peft_1"]["lora_params"], runs["mlora_1"]["lora_params"])
         results.append({"shape": shape, "runs": runs, "tokens_per_s": tps,
                         "mlora_1_over_peft": tps["mlora_1"] / tps["peft_1"],
                         "mlora_4_over_peft": tps["mlora_4"] / tps["peft_1"],

@@ -177,6 +177,7 @@ class MloraBench:
         try:
             result = measure(step, n * rows * self.s.seq, self.s, self.device)
             result["estimated_peak_gib"] = self.estimate(n * rows, [(self.s.r, TARGET_MODULES, dropout)] * n)
+            result["lora_params"] = sum(p.numel() for p in adapters[0].parameters())  # one adapter's
             return result
         finally:
             lora_module.kernel = previous
@@ -222,6 +223,7 @@ class MloraBench:
 
 class HFBench:
     config_of = staticmethod(hf_config)
+    peft_targets = list(TARGET_MODULES)  # PEFT's target_modules: the names of the base's own modules
 
     @staticmethod
     def model_of(cfg):
@@ -241,7 +243,7 @@ class HFBench:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=self.s.r, lora_alpha=self.s.alpha, lora_dropout=self.s.dropout,
-                            target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+                            target_modules=list(self.peft_targets), task_type="CAUSAL_LM")
         peft_model = get_peft_model(self.model, config)
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -257,7 +259,9 @@ class HFBench:
             optimizer.zero_grad(set_to_none=True)
 
         try:
-            return measure(step, rows * self.s.seq, self.s, self.device)
+            result = measure(step, rows * self.s.seq, self.s, self.device)
+            result["lora_params"] = sum(p.numel() for p in params)
+            return result
         finally:
             self.model = peft_model.unload()  # the plain base again, for the next run
             del optimizer, params, peft_model

@@ -395,7 +395,10 @@ class InputGroup:
         # A of every (adapter, member) in one tensor: [G, M*r, in] fp32 -> activation dtype.
         a_all = torch.cat([self.members[m].adapters[n].lora_A for n in names for m in present])
         a_all = a_all.to(x.dtype).view(len(names), len(present) * r, -1)
-        offsets = _device_constant(tuple(rows.end * S for rows in active), torch.int32, x.device)
+        ends = tuple(rows.end * S for rows in active)
+        # (an expert's ends change with every routing: uploaded, not cached)
+        offsets = (upload(torch.tensor(ends, dtype=torch.int32), x.device) if self.transient
+                   else _device_constant(ends, torch.int32, x.device))
         h = _GROUPED_MM(dropped, a_all.transpose(1, 2), offs=offsets)  # [N, M*r]
         # One contiguous [N, r] block per member for the B matmuls.
         hidden = h.view(h.shape[0], len(present), r).permute(1, 0, 2).contiguous()  # [M, N, r]

@@ -351,11 +351,11 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     }
     if sparse:
         # the router: its logits and softmax's fp32 output [N, E] (measured: three [N, E] fp32
-        # tensors); top-k's indices, the (token, slot) order, each pair's token and its way back
-        # (int64 [N, k] each); the renormalization's fp32 inputs; the pairs' weights; the
-        # experts' outputs [N k, H], kept by the product with their weights
+        # tensors); top-k's indices, the (token, slot) order and its inverse (int64 [N, k] each);
+        # the renormalization's fp32 inputs; the pairs' weights; the experts' outputs [N k, H],
+        # kept by the product with their weights
         E = args.num_experts
-        out["moe_routing"] = (3 * 4 * E + 4 * 8 * k + (4 * k + 4) * args.norm_topk_prob
+        out["moe_routing"] = (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob
                               + k * (4 if args.router_weights_fp32 else e) + k * H * e)
         if args.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP, and its sigmoid gate
             out["mlp"] += 3 * args.shared_expert_intermediate_size * e + H * e + e

@@ -171,3 +171,6 @@ def test_moe_benchmark_runs_every_system(tmp_path):
     rates = shape["tokens_per_s"]
     assert set(rates) == {"mlora_1", "mlora_4", "mlora_frozen", "peft_1", "hf_frozen"} and min(rates.values()) > 0
     assert shape["mlora_4_over_peft"] == pytest.approx(rates["mlora_4"] / rates["peft_1"])
+    # PEFT trains the LoRA of one mlora adapter, the experts' too (and its fused gate/up B's
+    # off-diagonal blocks)
+    assert shape["runs"]["peft_1"]["lora_params_matched"] and shape["runs"]["mlora_1"]["lora_params"] > 0

@@ -661,8 +661,10 @@ def test_triton_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targ
 
 
 # Mixture of experts: 4 experts of width 48, 2 per token; layer 1 dense in the Qwen variants
+# (moe_layers given: SMALL's own, all dense, would carry over)
 MIXTRAL = dataclasses.replace(SMALL, model_type="mixtral", num_experts=4, num_experts_per_tok=2,
-                              moe_intermediate_size=48, norm_topk_prob=True, router_weights_fp32=True)
+                              moe_intermediate_size=48, norm_topk_prob=True, router_weights_fp32=True,
+                              moe_layers=[True, True])
 QWEN2_MOE = dataclasses.replace(SMALL, model_type="qwen2_moe", attention_bias=True, num_experts=4,
                                 num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
                                 moe_layers=[True, False])
@@ -684,6 +686,7 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     gathered input, hidden and (several adapters) column factor. The estimate bounds what
     autograd saves, and the weights and LoRA state are every parameter's bytes."""
     model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
+    assert args.is_moe and sum(".experts." in p for p in wrappers) == 3 * 4 * sum(args.moe_layers)
     rows, seq_len = 4, 32
     per = rows // len(adapters)
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]
