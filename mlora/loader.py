@@ -66,10 +66,7 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # implements the model, so the plain JSON is all it needs (no remote code runs).
         if model_type == "chatglm" and "rope_ratio_scales" not in raw:
             raw["rope_ratio_scales"] = _chatglm_rope_ratio_scales(base)
-        try:
-            return SimpleNamespace(**raw), family_for(model_type).args_from_hf_config(raw)
-        except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a value of the wrong kind
-            raise UserError(f"cannot read {config_file}: {type(e).__name__}: {e}") from None
+        return SimpleNamespace(**raw), _args_of(raw, model_type, config_file)
 
     from transformers import AutoConfig
 
@@ -83,9 +80,14 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # e.g. transformers reads a "mistral" config.json that has `layer_types` as "ministral"
         raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "
                         f"{cfg.model_type!r}, which is not supported")
+    return cfg, _args_of(cfg, cfg.model_type, config_file)
+
+
+def _args_of(cfg, model_type: str, config_file: Path) -> ModelArgs:
+    """The ModelArgs of a config (object or plain dict); a value of the wrong kind is one line."""
     try:
-        return cfg, family_for(cfg.model_type).args_from_hf_config(cfg)
-    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a value of the wrong kind
+        return family_for(model_type).args_from_hf_config(cfg)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
         raise UserError(f"cannot read {config_file}: {type(e).__name__}: {e}") from None
 
 
@@ -168,7 +170,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise)
     naming = naming_for(args.model_type)
     if "embed" in model.parts:  # once per model (a pipeline's first stage)
-        _warn_unused_tensors(set(index), {naming.to_checkpoint(n) for n in family.tensor_names(args)}, args, base)
+        _warn_unused_tensors(set(index), {naming.to_checkpoint(n) for n in family.tensor_names(args)}, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
     index = {name: index[stored_name] for name, stored_name in stored.items() if stored_name in index}
     needed = list(stored)
@@ -243,7 +245,7 @@ _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi
                         r"^(language_model\.)?lm_head\.weight$")
 
 
-def _warn_unused_tensors(stored: set[str], used: set[str], args: ModelArgs, base: Path) -> None:
+def _warn_unused_tensors(stored: set[str], used: set[str], base: Path) -> None:
     """A checkpoint tensor this config leaves unused means config.json and the weights disagree
     (a bias the config turns off, fewer layers than the file has): say so, as transformers does."""
     unused = sorted(name for name in stored - used if not _UNUSED_OK.match(name))

@@ -378,12 +378,12 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
             out["attention_mask"] = seq_len
     # an expert's LoRA keeps its gathered input [n, H] and product [n, I]: k per token
     widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": k * H, "mlp_act": k * I}
-    mlp_lora = sparse or not args.is_moe  # an MoE model's dense MLPs are no targets
+    # an MoE model's dense MLPs are no targets
+    on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
     for group, members in _input_groups(args):
-        on = adapters if mlp_lora or not group.startswith("mlp") else _without_mlp(adapters)
-        out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on,
+        out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on_layer,
                                                       shared, quant, kernel)
-    out.update(_lora_hidden_per_token(adapters if mlp_lora else _without_mlp(adapters), e, active, kernel, k))
+    out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
     if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
         # the batch's shared one is per layer here
@@ -392,6 +392,12 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
 
 
 _MLP_TARGETS = mlora.lora.MLP_MODULES
+
+
+def _columns(a: LoraShape, k: int = 1, mlp_only: bool = False) -> int:
+    """The hidden's columns one adapter adds per token of a layer: r per target, k times on the
+    MLP's targets (an MoE layer's experts per token); mlp_only: those targets' only."""
+    return a.r * sum(k if m in _MLP_TARGETS else 0 if mlp_only else 1 for m in a.target_modules)
 
 
 def _without_mlp(adapters: list[LoraShape]) -> list[LoraShape]:
@@ -417,8 +423,7 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str, k
     adapter of the batch (fused, dense), over the costliest adapters a batch can hold; 0 for
     the kernels that keep only each row's own adapter. k: passes of each token through the
     MLP's targets (an MoE layer's experts per token); mlp_only: those targets' columns only."""
-    columns = sorted((a.r * sum((k if m in _MLP_TARGETS else 0 if mlp_only else 1) for m in a.target_modules)
-                      for a in adapters), reverse=True)  # per adapter
+    columns = sorted((_columns(a, k, mlp_only) for a in adapters), reverse=True)  # per adapter
     in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
     # Every batch is dense under an explicit 'dense', 'fused' or 'triton'; auto's dense (fused)
     # batches hold up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
@@ -437,8 +442,7 @@ def _lora_hidden_per_token(adapters: list[LoraShape], e: int, active: int | None
     width = _dense_columns(adapters, active, kernel, k)
     if width == 0:
         # Each row's own adapter's [N, r] per target: the costliest adapter bounds the batch.
-        return {"lora_hidden": max(a.r * sum(k if m in _MLP_TARGETS else 1 for m in a.target_modules)
-                                   for a in adapters) * e, "lora_mask": 0}
+        return {"lora_hidden": max(_columns(a, k) for a in adapters) * e, "lora_mask": 0}
     # [N, C] over every row for the batch's (costliest) adapters; dense, with more than one
     # of them, also keeps the bool [N, C] mask its product saves for the backward.
     several = (len(adapters) if active is None else min(active, len(adapters))) > 1
@@ -491,7 +495,7 @@ def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
     # cos, sin: [S, R], or [B, 1, S, R] per token, for each distinct RoPE of the stage's layers
     # (Gemma 3's and OLMo 3's sliding layers may have their own); fp32 for OLMo 2
-    ropes = {args.rope_of(i) for i in layers} - {None}
+    ropes = args.ropes_of(layers)
     rope = 2 * args.rope_dim * (4 if args.rope_fp32 else e) * len(ropes)
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask

@@ -59,5 +59,4 @@ def alibi_bias(num_heads: int, allowed: Tensor | None, past: int, seq_len: int, 
         allowed = full
     # Broadcast into [B or 1, nh, S, T'] in the dtype at once: no full-size fp32 copy to cast
     # (three times the mask's memory at the start of a forward)
-    hidden = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    return torch.where(allowed, bias[None], hidden)[..., :T]
+    return torch.where(allowed, bias, float("-inf"))[..., :T]  # (a Python scalar keeps bias's dtype)

@@ -150,15 +150,14 @@ class ModelArgs:
         local = self.local_rope is not None and self.sliding_window[layer_id] is not None
         return self.local_rope if local else self.rope
 
+    def ropes_of(self, layers) -> set[RopeArgs]:
+        """The distinct RoPEs of these layers (None, no RoPE, left out)."""
+        return {self.rope_of(i) for i in layers} - {None}
+
     @property
     def norm_names(self) -> tuple[str | None, str | None, str | None, str | None]:
         """A decoder layer's norms: (attention input, attention output, MLP input, MLP output)."""
         return NORM_LAYOUTS[self.norm_layout]
-
-    @property
-    def sandwich_norms(self) -> bool:
-        """Norms after the sublayers too (Gemma 2/3, GLM-4-0414), not instead of (OLMo 2)."""
-        return self.norm_layout in ("sandwich", "glm4")
 
     @property
     def num_norms(self) -> int:
@@ -243,8 +242,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = ([None] * num_layers if model_type == "olmo2" else _windows_by_type(
-            get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(num_layers)],
-            num_layers, get("sliding_window"), required=True))
+            get("layer_types") or _every_nth_full(num_layers, 4), num_layers, get("sliding_window"), required=True))
     elif model_type in ("mistral", "phi3", "mixtral"):
         # Mistral, Phi-3 and Mixtral mask every layer with `config.sliding_window` when it is set.
         qkv_bias = o_bias = mlp_bias = False
@@ -577,9 +575,13 @@ def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | Non
     """Gemma 2 / 3: every `sliding_window_pattern`-th layer (2nd / 6th by default) has full
     attention, the others a window, unless the config lists layer_types."""
     pattern = int(get("sliding_window_pattern", default_pattern))
-    layer_types = get("layer_types") or [
-        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    layer_types = get("layer_types") or _every_nth_full(num_layers, pattern)
     return _windows_by_type(layer_types, num_layers, get("sliding_window"), required=True)
+
+
+def _every_nth_full(num_layers: int, n: int) -> list[str]:
+    """layer_types with every n-th layer full attention and the others sliding."""
+    return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(num_layers)]
 
 
 def _per_type_ropes(get, max_pos: int, rope_dim: int, full_theta: float | None,
@@ -597,13 +599,17 @@ def _per_type_ropes(get, max_pos: int, rope_dim: int, full_theta: float | None,
         local = {}
     full.setdefault("rope_theta", full_theta)
     local.setdefault("rope_theta", local_theta)
-    return _rope_args(get, max_pos, rope_dim, full), _rope_args(get, max_pos, rope_dim, local)
+    # transformers reads YaRN's `truncate` from the top level of rope_parameters, where a
+    # per-type RoPE has none: such a YaRN always truncates
+    return (_rope_args(get, max_pos, rope_dim, full, yarn_truncate=True),
+            _rope_args(get, max_pos, rope_dim, local, yarn_truncate=True))
 
 
-def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) -> RopeArgs:
+def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None,
+               yarn_truncate: bool | None = None) -> RopeArgs:
     # transformers 5 folds `rope_theta` + `rope_scaling` into `rope_parameters`; a raw
     # config.json from transformers 4 still has the two separate fields.
-    per_type = params is not None  # one layer type's RoPE (Gemma 3, OLMo 3)
+    # yarn_truncate: YaRN's truncate (None: from params)
     if params is None:
         params = get("rope_parameters") or get("rope_scaling") or {}
     params = dict(params)
@@ -632,9 +638,8 @@ def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None) 
     if rope_type == "longrope":
         return _longrope_args(get, params, theta, max_pos, rope_dim)
     if rope_type == "yarn":
-        # transformers reads `truncate` from the top level of rope_parameters, where a per-type
-        # RoPE has none: such a YaRN always truncates
-        return _yarn_args(get, params, theta, max_pos, truncate=True if per_type else params.get("truncate", True))
+        truncate = params.get("truncate", True) if yarn_truncate is None else yarn_truncate
+        return _yarn_args(get, params, theta, max_pos, truncate=truncate)
     raise UserError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
 
 

@@ -445,9 +445,6 @@ class CausalLM(nn.Module):
         self.recompute = False
         self.rng_generators: dict[int, list[torch.Generator]] | list[torch.Generator] = []
 
-    def rope_of(self, layer_id: int) -> RopeArgs | None:
-        return self.args.rope_of(layer_id)
-
     def rope_tables(self, h: Tensor, past: int, attention_mask: Tensor | None, position_ids: Tensor | None,
                     document_ids: Tensor | None) -> dict:
         """{RopeArgs (None: no RoPE) -> (cos, sin)} for this stage's layers and the S new tokens
@@ -456,7 +453,7 @@ class CausalLM(nn.Module):
         pos = None if position_ids is None else position_ids.to(h.device)
         dtype = torch.float32 if self.args.rope_fp32 else h.dtype
         tables = {None: (None, None)}
-        for rope in {self.rope_of(i) for i in self.layer_ids} - {None}:
+        for rope in self.args.ropes_of(self.layer_ids):
             if rope.type == "longrope":  # factors by each sequence's own length
                 lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
                                                   T=past + S), h.device)
@@ -519,7 +516,7 @@ class CausalLM(nn.Module):
             recompute = self.recompute and torch.is_grad_enabled()
             for i in self.layer_ids:
                 layer = self.model.layers[str(i)]
-                cos, sin = tables[self.rope_of(i)]
+                cos, sin = tables[self.args.rope_of(i)]
                 if recompute:
                     gens = self.rng_generators
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens

@@ -32,13 +32,6 @@ _CHATGLM = (
     ("lm_head.", "transformer.output_layer."),
 )
 _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_attn.W_pack."),)
-# Mixtral's sparse MLP and its experts' projections (the LLaMA paper's w1, w3, w2); {e}: an expert
-_MIXTRAL = (
-    ("model.layers.{i}.mlp.experts.{e}.gate_proj.", "model.layers.{i}.block_sparse_moe.experts.{e}.w1."),
-    ("model.layers.{i}.mlp.experts.{e}.up_proj.", "model.layers.{i}.block_sparse_moe.experts.{e}.w3."),
-    ("model.layers.{i}.mlp.experts.{e}.down_proj.", "model.layers.{i}.block_sparse_moe.experts.{e}.w2."),
-    ("model.layers.{i}.mlp.", "model.layers.{i}.block_sparse_moe."),
-)
 # Gemma 3's image-text checkpoints: the language model's tensors as its safetensors names them,
 # and its modules as transformers' Gemma3ForConditionalGeneration names them (what PEFT sees)
 _GEMMA3 = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
@@ -49,8 +42,14 @@ _LEAVES = {
     "chatglm": {"qkv_proj": "query_key_value", "o_proj": "dense", "gate_up_proj": "dense_h_to_4h",
                 "down_proj": "dense_4h_to_h"},
     "baichuan": {"qkv_proj": "W_pack"},
-    "mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+    "mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},  # the LLaMA paper's names
 }
+# Mixtral's sparse MLP (block_sparse_moe) and its experts' projections; {e}: an expert
+_MIXTRAL = (*((f"model.layers.{{i}}.mlp.experts.{{e}}.{mine}.", f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{theirs}.")
+              for mine, theirs in _LEAVES["mixtral"].items()),
+            ("model.layers.{i}.mlp.", "model.layers.{i}.block_sparse_moe."))
+# The families whose checkpoints name tensors otherwise, and their rules
+_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL}
 
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
@@ -71,7 +70,7 @@ class Naming:
     def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
         if modules and self.family == "gemma3":
             return _GEMMA3_MODULES
-        return {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL}.get(self.family, ())
+        return _RULES.get(self.family, ())
 
     def _translate(self, name: str, forward: bool, modules: bool = False) -> str:
         for mine, theirs in self._rules(modules):
@@ -110,7 +109,7 @@ class Naming:
         leaves = [self.leaf(p) for p in projections]
         if self.family != "gemma3":
             return leaves
-        return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(leaves)})"
+        return rf"{re.escape(self.to_module('model.layers'))}\.\d+\.(self_attn|mlp)\.({'|'.join(leaves)})"
 
     def leaf(self, projection: str) -> str:
         """The checkpoint's name of a projection ('qkv_proj' -> 'W_pack' for Baichuan)."""
@@ -118,4 +117,4 @@ class Naming:
 
 
 def naming_for(model_type: str) -> Naming:
-    return Naming(model_type if model_type in ("chatglm", "baichuan", "gemma3", "mixtral") else None)
+    return Naming(model_type if model_type in _RULES else None)

@@ -84,7 +84,8 @@ def _angles(freqs: Tensor, rope: RopeArgs) -> Tensor:
 
 
 def _scaled(table: Tensor, rope: RopeArgs, dtype: torch.dtype) -> Tensor:
-    """LongRoPE scales cos and sin in fp32 before the cast; the other types leave them."""
+    """LongRoPE and YaRN scale cos and sin (attention_factor) in fp32 before the cast; the other
+    types leave them."""
     return (table if rope.attention_factor == 1.0 else table * rope.attention_factor).to(dtype)
 
 
