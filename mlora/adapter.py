@@ -167,9 +167,24 @@ class Adapter:
         lr = self.current_lr()
         if self.optimizer is not None:
             self._set_lr(lr)
+            self._fill_missing_grads()
             self._optimizer_step()
         self.steps_done += 1
         return lr, norm
+
+    def _fill_missing_grads(self) -> None:
+        """A zero gradient for each of this process's LoRA weights that got none in this step:
+        an MoE expert's LoRA when the expert got none of the adapter's tokens. Whether it got
+        any may depend on the other adapters of a fused batch (they set how far the adapter's
+        rows are padded, and pad tokens are routed too: with a zero gradient), so without this
+        the optimizer (momentum, AdamW's moments, weight decay) would step such a weight in a
+        fused batch and leave it alone in a solo run. With it, every step moves every weight,
+        as PEFT on transformers 5's stacked experts does."""
+        if not self._grads():  # no step of this adapter here (a pipeline stage without its tensors)
+            return
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     @property
     def steps_on_device(self) -> bool:
@@ -205,6 +220,7 @@ class Adapter:
             if limit is not None:
                 torch._foreach_mul_(self._grads(), clip_factor(sq.double().sqrt(), limit))
             self._set_lr(lr)
+            self._fill_missing_grads()
             self.optimizer.found_inf = skip.float()
             try:
                 self._optimizer_step()
