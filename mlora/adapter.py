@@ -3,6 +3,7 @@ LR schedule, and saving/loading in PEFT's LoRA format."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mlora import stacked_lora
 from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import AdapterConfig, adapter_seed
 from mlora.errors import UserError
@@ -287,11 +289,26 @@ class Adapter:
 
     # ----------------------------------------------------------------- PEFT format
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {}
+        tensors, per_expert = {}, {}
         for path, w in self.weights.items():
-            tensors[self._peft_key(path, "lora_A")] = w.lora_A.detach().float().cpu().contiguous()
-            tensors[self._peft_key(path, "lora_B")] = w.lora_B.detach().float().cpu().contiguous()
+            a, b = w.lora_A.detach().float().cpu().contiguous(), w.lora_B.detach().float().cpu().contiguous()
+            if path in self._stacked:  # GPT-OSS's experts: one LoRA per stacked parameter (stacked_lora.py)
+                per_expert[path] = (a, b)
+                continue
+            tensors[self._peft_key(path, "lora_A")], tensors[self._peft_key(path, "lora_B")] = a, b
+        for module, (a, b) in stacked_lora.stack(per_expert, list(self.cfg.target_modules)).items():
+            tensors[self._peft_key(module, "lora_A")], tensors[self._peft_key(module, "lora_B")] = a, b
         return tensors
+
+    @functools.cached_property
+    def _stacked(self) -> dict[str, str]:
+        """{expert projection path: PEFT's module path of the stacked LoRA it is part of} where
+        the base stacks its experts (GPT-OSS); else empty."""
+        if not self.naming.stacks_experts:
+            return {}
+        targets = list(self.cfg.target_modules)
+        modules = {path: stacked_lora.peft_module(path, targets) for path in self.weights}
+        return {path: module for path, module in modules.items() if module is not None}
 
     def _peft_key(self, path: str, kind: str) -> str:
         """PEFT's name of a LoRA weight: the module path in the base's own model (naming.to_module)."""
@@ -299,6 +316,11 @@ class Adapter:
 
     def peft_config(self, base_model: str) -> dict:
         cfg = self.cfg
+        targets = list(cfg.target_modules)
+        # GPT-OSS's experts are parameters to PEFT (target_parameters), not modules
+        stacked = self.naming.stacks_experts and any(m in stacked_lora.STACKED_PROJECTIONS for m in targets)
+        if self.naming.stacks_experts:
+            targets = [m for m in targets if m not in stacked_lora.STACKED_PROJECTIONS]
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -306,7 +328,8 @@ class Adapter:
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": self.naming.peft_target_modules(list(cfg.target_modules)),
+            "target_modules": self.naming.peft_target_modules(targets),
+            **({"target_parameters": stacked_lora.target_parameters(list(cfg.target_modules))} if stacked else {}),
             "use_rslora": cfg.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -355,8 +378,14 @@ class Adapter:
                 raise UserError(f"{where}: tensor {name} has non-finite values (NaN or inf)")
         with torch.no_grad():
             for path, w in self.weights.items():
-                w.lora_A.copy_(tensors[self._peft_key(path, "lora_A")])
-                w.lora_B.copy_(tensors[self._peft_key(path, "lora_B")])
+                if path in self._stacked:  # one expert's part of a stacked LoRA
+                    module = self._stacked[path]
+                    a, b = tensors[self._peft_key(module, "lora_A")], tensors[self._peft_key(module, "lora_B")]
+                    a, b = stacked_lora.unstack(a, b, stacked_lora.split_path(path)[1], a.shape[0] // w.lora_A.shape[0])
+                else:
+                    a, b = tensors[self._peft_key(path, "lora_A")], tensors[self._peft_key(path, "lora_B")]
+                w.lora_A.copy_(a)
+                w.lora_B.copy_(b)
 
     def detach_from(self, wrappers: dict[str, LoraLinear]) -> None:
         """Remove this adapter from the model (its weights stay in `self.weights`)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mlora.errors import UserError
-from mlora.models import SUPPORTED, family_for
+from mlora.models import SUPPORTED, family_for, mxfp4
 from mlora.models.args import REMOTE_CODE_FAMILIES
 from mlora.models.naming import naming_for
 
@@ -167,17 +167,22 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 
     with torch.device("meta"):
         model = family.CausalLM(args, parts)
-    # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise)
+    # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise;
+    # GPT-OSS stacks its experts, so many of mlora's tensors are slices of one of its tensors)
     naming = naming_for(args.model_type)
     if "embed" in model.parts:  # once per model (a pipeline's first stage)
-        _warn_unused_tensors(set(index), {naming.to_checkpoint(n) for n in family.tensor_names(args)}, base)
+        used = {naming.to_checkpoint(n) for n in family.tensor_names(args)}
+        _warn_unused_tensors(set(index), used | {part for name in used for part in _mxfp4_parts(name)}, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
-    index = {name: index[stored_name] for name, stored_name in stored.items() if stored_name in index}
-    needed = list(stored)
-    missing = [stored[name] for name in needed if name not in index]
+    # What each checkpoint tensor is read from: itself, or (GPT-OSS's released checkpoints) the
+    # MXFP4 blocks and scales of a stacked expert weight
+    sources = {t: (t,) if t in index or not all(p in index for p in _mxfp4_parts(t)) else _mxfp4_parts(t)
+               for t in dict.fromkeys(stored.values())}
+    missing = [t for t, parts_of in sources.items() if parts_of[0] not in index]
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from {source}"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    needed = list(stored)
 
     # Which module parameters each checkpoint tensor fills: the tied head reads the embedding.
     targets: dict[str, list[str]] = defaultdict(list)
@@ -193,36 +198,56 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         from mlora.quant import projections
 
         quantized = {f"{path}.weight": (parent, attr) for path, parent, attr, _ in projections(model)}
-    read_device = "cpu" if quant is not None else str(device)
+    # A stacked tensor is read to the CPU too: only one expert's slice at a time goes to the device.
+    stacked = {name: naming.stacked_slice(name) for name in needed}
 
-    by_file: dict[Path, list[str]] = defaultdict(list)
+    def place(name: str, tensor: torch.Tensor, stored_name: str) -> None:
+        """Cast one of mlora's tensors (read, or sliced from a stacked one) and put it in the model."""
+        if name == "lm_head.weight" and args.normalized_head:
+            # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
+            tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if name in quantized:
+            _assign_quantized(quantized[name], stored_name, tensor, quant, device)
+            return
+        if device.type == "cpu" and (quant is not None or stacked[name] is not None):
+            # Own the memory: a tensor read on the CPU is a view of the mapped file (or of a
+            # whole stacked tensor), and one such view keeps all of it alive, with every
+            # full-precision projection page that quantization touched still counted in the
+            # process's memory.
+            tensor = tensor.clone()
+        param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+        for pname in targets[name]:
+            _assign(model, pname, param, stored_name)
+
+    by_stored: dict[str, list[str]] = defaultdict(list)  # checkpoint tensor -> mlora's names it fills
     for name in needed:
-        by_file[index[name]].append(name)
-    for file, names in by_file.items():
+        by_stored[stored[name]].append(name)
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for stored_name in by_stored:
+        by_file[index[sources[stored_name][0]]].append(stored_name)
+    read_device = "cpu" if quant is not None or any(stacked.values()) else str(device)
+    for file, stored_names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device=read_device) as f:
                 present = set(f.keys())
-                for name in names:
-                    if stored[name] not in present:
-                        raise UserError(f"tensor {stored[name]!r} is missing from {file}")
-                    tensor = f.get_tensor(stored[name])
-                    if name == "lm_head.weight" and args.normalized_head:
-                        # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
-                        tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
-                    if tensor.is_floating_point() and tensor.dtype != dtype:
-                        tensor = tensor.to(dtype)
-                    if name in quantized:
-                        _assign_quantized(quantized[name], stored[name], tensor, quant, device)
+                for stored_name in stored_names:
+                    names = by_stored[stored_name]
+                    if any(stacked[n] is not None for n in names):
+                        tensor = _read_stacked(f, present, file, sources[stored_name], index, dtype)
+                        if tensor.shape[0] != args.num_experts:
+                            raise UserError(f"tensor {stored_name!r} stacks {tensor.shape[0]} experts but config.json "
+                                            f"implies {args.num_experts}")
+                        for name in names:
+                            piece = tensor[stacked[name].expert]
+                            place(name, piece.t().contiguous() if stacked[name].transposed else piece, stored_name)
                         continue
-                    if quant is not None and device.type == "cpu":
-                        # Own the memory: a tensor read on the CPU is a view of the mapped file,
-                        # and one such view keeps the whole mapping alive, with every
-                        # full-precision projection page that quantization touched still
-                        # counted in the process's memory.
-                        tensor = tensor.clone()
-                    param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
-                    for pname in targets[name]:
-                        _assign(model, pname, param, stored[name])
+                    if stored_name not in present:
+                        raise UserError(f"tensor {stored_name!r} is missing from {file}")
+                    tensor = f.get_tensor(stored_name)
+                    for name in names:
+                        place(name, tensor, stored_name)
         except UserError:
             raise
         except _QuantizeFailed as e:  # not the file's fault: keep the real error and traceback
@@ -235,7 +260,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         assert not p.is_meta, f"{pname} was not loaded"
         p.requires_grad_(False)
     model.eval()  # the base has no dropout; this just keeps `training` honest
-    model.loaded_tensor_names = sorted(stored.values())  # as the checkpoint names them
+    # as the checkpoint names them (an MXFP4 weight: its blocks and scales)
+    model.loaded_tensor_names = sorted({t for parts_of in sources.values() for t in parts_of})
     return model
 
 
@@ -243,6 +269,34 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # Gemma 3's vision tower and projector (mlora trains the language model), a tied head's copy.
 _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector)\.|"
                         r"^(language_model\.)?lm_head\.weight$")
+
+
+def _mxfp4_parts(stacked: str) -> tuple[str, str]:
+    """The MXFP4 blocks and scales a stacked expert weight may be stored as (GPT-OSS)."""
+    return mxfp4.blocks_name(stacked), mxfp4.scales_name(stacked)
+
+
+def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], index: dict[str, Path],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A stacked expert tensor (f reads to the CPU): as stored, or dequantized from its MXFP4 blocks
+    and scales ([E, out, in], the experts' weights already in nn.Linear's layout)."""
+    if parts_of[0] not in present:
+        raise UserError(f"tensor {parts_of[0]!r} is missing from {file}")
+    if len(parts_of) == 1:
+        return f.get_tensor(parts_of[0])
+    from safetensors import safe_open
+
+    blocks_name, scales_name = parts_of
+    if index[scales_name] == file:
+        scales = f.get_tensor(scales_name)
+    else:  # another shard
+        with safe_open(str(index[scales_name]), framework="pt") as g:
+            scales = g.get_tensor(scales_name)
+    try:
+        weight = mxfp4.dequantize(f.get_tensor(blocks_name), scales, dtype)
+    except ValueError as e:
+        raise UserError(f"{file}: {blocks_name}: {e}") from None
+    return weight.transpose(1, 2)  # [E, in, out], as a stacked tensor in full precision is stored
 
 
 def _warn_unused_tensors(stored: set[str], used: set[str], base: Path) -> None:

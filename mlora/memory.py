@@ -29,7 +29,7 @@ import torch
 
 import mlora.lora
 from mlora.errors import UserError
-from mlora.models.llama import ModelArgs, module_sequence
+from mlora.models.llama import SINK_PAD, ModelArgs, module_sequence
 
 GiB = 2**30
 
@@ -260,6 +260,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     if explicit_mask is None:
         explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
                             for i in stage.layers)
+    explicit_mask = explicit_mask or args.attn_sinks  # (llama.with_sink_key: always a mask)
 
     lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs)
     # One layer's activations, by kind: an MoE model's sparse and dense layers keep different things.
@@ -349,6 +350,15 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         "attention_lse": 4 * nh * (_round_up(seq_len, 32) / max(seq_len, 1) if explicit_mask else 1),
         "mlp": 3 * k * I * e,  # gate (for silu), silu(gate) and up (for the product)
     }
+    if args.glu_limit:
+        # GPT-OSS's clamped GLU: the [2I] projection output (clamp keeps its two strided views),
+        # the sigmoid's output, the clamped gate, the shifted up and the GLU: 6 [n, I] per pass
+        out["mlp"] = 6 * k * I * e
+    if args.attn_sinks:
+        # with_sink_key: q, K/V (repeated, the mask is explicit) and the output at D + 8 dims
+        # (out is then sliced and copied: o_proj's input is no longer SDPA's output, kept with a LoRA)
+        Dp = D + SINK_PAD
+        out["attention"] = 4 * nh * Dp * e
     if sparse:
         # the router: its logits and softmax's fp32 output [N, E] (measured: three [N, E] fp32
         # tensors); top-k's indices, the (token, slot) order and its inverse (int64 [N, k] each);
@@ -366,7 +376,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # SDPA turns the bool mask into an additive one in the dtype on every call, and the
         # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
         # (ALiBi's float mask is made once for all layers: counted with the batch.)
-        out["attention_mask"] = _round_up(seq_len, 16) * e
+        out["attention_mask"] = _round_up(seq_len + args.attn_sinks, 16) * e
     if args.attn_softcap is not None:
         # Gemma 2's softcapped_attention in plain ops: q, K/V repeated to nh heads and the
         # output, plus per query and head S scores three times: tanh's output and the
@@ -382,7 +392,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
     for group, members in _input_groups(args):
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on_layer,
-                                                      shared, quant, kernel)
+                                                      shared, quant, kernel, sinks=args.attn_sinks)
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
     if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
@@ -450,8 +460,10 @@ def _lora_hidden_per_token(adapters: list[LoraShape], e: int, active: int | None
 
 
 def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: int,
-                           adapters: list[LoraShape], shared: bool, quant: str | None, kernel: str) -> int:
-    """What keeps the input of one input group alive for the backward, bytes per token."""
+                           adapters: list[LoraShape], shared: bool, quant: str | None, kernel: str,
+                           sinks: bool = False) -> int:
+    """What keeps the input of one input group alive for the backward, bytes per token.
+    sinks: attention with sinks, whose o_proj input is a copy of SDPA's output, not the output."""
     targeting = [a for a in adapters if set(a.target_modules) & set(members)]
     dropped = [a for a in targeting if a.dropout > 0]
     if shared:
@@ -469,7 +481,7 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
         copies = max((2 * len(set(a.target_modules) & set(members)) for a in dropped), default=0)
         lora_keeps_input = any(a.dropout == 0 for a in targeting)
     # An 8-bit base layer keeps its input itself (bitsandbytes' MatMul8bitLt ctx.tensors).
-    keeps_input = (lora_keeps_input or quant == "int8") and group not in _SAVED_ANYWAY
+    keeps_input = (lora_keeps_input or quant == "int8") and (sinks or group not in _SAVED_ANYWAY)
     return (copies + keeps_input) * width * e
 
 
@@ -533,14 +545,16 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
     residual = 2 * H * e  # the gradient of the layer output + the residual stream's sum
     # down_proj's input gradient (base + LoRA, and through the dropout mask), then the
     # gradients of silu(gate) and up, then of gate: about 6 [N, I] at once.
-    mlp = 6 * I * e
+    # (GPT-OSS's clamped GLU: about 8)
+    glu = 8 if args.glu_limit else 6
+    mlp = glu * I * e
     if sparse:
         # one expert at a time, over at most every token, and the [N, H] input gradient its
         # gather scatters into, summed with the others'
-        mlp = 6 * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
+        mlp = glu * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
-    attention = nh * D * (4 * e + 4) + 4 * nh
+    attention = nh * (D + SINK_PAD * args.attn_sinks) * (4 * e + 4) + 4 * nh
     if args.attn_softcap is not None:
         # softcapped_attention: the gradients of softmax's fp32 input and output, then of the
         # scores in the dtype twice (through the cast and the tanh), per query and head S each
@@ -585,19 +599,20 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     shapes = projection_shapes(args)
     attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    biases = ((q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
-              + (2 * args.intermediate_size + H) * args.mlp_bias)
+    biases = (q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
     norms = args.num_norms * H + _qk_norm_width(args)
-    attention += (biases + norms) * e  # biases + RMSNorm weights
+    sinks = args.num_heads * args.attn_sinks  # GPT-OSS: a logit per head
+    attention += (biases + norms + sinks) * e  # biases + RMSNorm weights
 
-    def mlp(width: int) -> int:  # one SwiGLU's projections
-        return 2 * _projection_bytes(H, width, e, kind, dq) + _projection_bytes(width, H, e, kind, dq)
+    def mlp(width: int) -> int:  # one SwiGLU's projections (gate and up fused or not: the same bytes
+        # unquantized) and their biases
+        gate_up = ([_projection_bytes(H, 2 * width, e, kind, dq)] if args.fused_gate_up
+                   else [_projection_bytes(H, width, e, kind, dq)] * 2)
+        return sum(gate_up) + _projection_bytes(width, H, e, kind, dq) + (2 * width + H) * args.mlp_bias * e
 
-    # a dense layer's MLP (shapes has an expert's on an MoE model, whose MLPs are never fused)
-    dense = (mlp(args.intermediate_size) if args.is_moe else
-             sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m in _MLP_TARGETS))
+    dense = mlp(args.intermediate_size)  # a dense layer's MLP
     if args.is_moe:  # every expert, the router in the dtype; Qwen2-MoE's shared expert and its gate
-        sparse = args.num_experts * (mlp(args.moe_intermediate_size) + H * e)
+        sparse = args.num_experts * (mlp(args.moe_intermediate_size) + H * e) + args.num_experts * args.router_bias * e
         if args.shared_expert_intermediate_size:
             sparse += mlp(args.shared_expert_intermediate_size) + H * e
     total = sum(attention + (sparse if args.moe_layers[i] else dense) for i in stage.layers)

@@ -100,6 +100,12 @@ MOE_TINY = {
                       shared_expert_intermediate_size=80),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48),
+    # GPT-OSS: a sliding layer 0 and a full layer 1, its YaRN (without truncation) on a short
+    # context, and a GLU clamp that bites on tiny random weights (the real one: 7)
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=4,
+                    swiglu_limit=0.5, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, beta_fast=32.0,
+                                                           beta_slow=1.0, original_max_position_embeddings=64,
+                                                           truncate=False)),
 }
 
 
@@ -114,7 +120,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                     seed: int = 0, **overrides) -> Path:
     """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
     gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan |
-    mixtral | qwen2_moe | qwen3_moe | olmoe), save it as safetensors
+    mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -148,6 +154,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -182,6 +189,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif "sinks" in name:  # GPT-OSS's attention sinks: logits on the scale of the scores
+                p.normal_(0.0, 1.0)
             elif "q_norm" in name or "k_norm" in name:  # Qwen3's / OLMo 2's q/k norms start at ones
                 p.normal_(1.0, 0.2)
             if "norm" in name and family.startswith("gemma"):  # (1 + w) norms: w starts at zeros

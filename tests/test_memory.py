@@ -670,6 +670,13 @@ QWEN2_MOE = dataclasses.replace(SMALL, model_type="qwen2_moe", attention_bias=Tr
                                 moe_layers=[True, False])
 QWEN3_MOE = dataclasses.replace(SMALL, model_type="qwen3_moe", qk_norm=True, num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=48, norm_topk_prob=True, moe_layers=[False, True])
+# GPT-OSS: attention sinks (an explicit mask on every layer), q/k/v/o biases, a sliding layer;
+# biased experts with a fused, interleaved gate_up_proj and a clamped GLU; a biased router
+GPT_OSS = dataclasses.replace(SMALL, model_type="gpt_oss", attention_bias=True, o_proj_bias=True, mlp_bias=True,
+                              attn_sinks=True, sliding_window=[8, None], num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=48, fused_gate_up=True, gate_up_interleaved=True, glu_limit=7.0,
+                              glu_alpha=1.702, router_bias=True, router_topk_first=True, moe_layers=[True, True])
+GPT_OSS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -679,14 +686,19 @@ QWEN3_MOE = dataclasses.replace(SMALL, model_type="qwen3_moe", qk_norm=True, num
     (MIXTRAL, [(8, 0.1)], ("q_proj", "v_proj")),
     (QWEN2_MOE, [(4, 0.0)], ("q_proj", "k_proj", "v_proj", "o_proj")),
     (QWEN3_MOE, [(4, 0.0), (4, 0.0)], ALL7),
-], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer"])
+    (GPT_OSS, [(4, 0.0)], GPT_OSS_ALL),
+    (GPT_OSS, [(4, 0.0), (8, 0.0)], GPT_OSS_ALL),
+    (GPT_OSS, [(8, 0.1)], ("q_proj", "v_proj")),
+], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
+        "gpt_oss_two", "gpt_oss_attention"])
 def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's
     gathered input, hidden and (several adapters) column factor. The estimate bounds what
     autograd saves, and the weights and LoRA state are every parameter's bytes."""
     model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
-    assert args.is_moe and sum(".experts." in p for p in wrappers) == 3 * 4 * sum(args.moe_layers)
+    per_expert = 2 if args.fused_gate_up else 3  # (gate_up_proj, down_proj) or (gate, up, down)
+    assert args.is_moe and sum(".experts." in p for p in wrappers) == per_expert * 4 * sum(args.moe_layers)
     rows, seq_len = 4, 32
     per = rows // len(adapters)
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]

@@ -86,6 +86,11 @@ CASES = {
     # Qwen3-MoE: per-head q/k norms, renormalized top-k, every 2nd layer sparse (layer 0 dense)
     "qwen3_moe": ("qwen3_moe", dict(norm_topk_prob=True, decoder_sparse_step=2)),
     "olmoe": ("olmoe", {}),  # q/k norms over the whole projections, probabilities not renormalized
+    # GPT-OSS: attention sinks, q/k/v/o biases, sliding and full layers, YaRN; a biased router
+    # whose top-k logits get the softmax, biased experts with a clamped GLU over interleaved gate/up
+    "gpt_oss": ("gpt_oss", {}),
+    "gpt_oss_mqa_top1": ("gpt_oss", dict(num_key_value_heads=1, num_experts_per_tok=1,
+                                         layer_types=["full_attention", "full_attention"])),
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
     "rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
     # max_position_embeddings 8 < S: the NTK base grows
@@ -144,7 +149,7 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
-                                  "qwen2_moe"])
+                                  "qwen2_moe", "gpt_oss"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -249,7 +254,7 @@ def test_sliding_windows_per_family(tmp_path):
 
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss"])
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -331,7 +336,7 @@ def test_config_errors():
         family_for("gpt2")
     assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
                          "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral",
-                         "qwen2_moe", "qwen3_moe", "olmoe"}
+                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

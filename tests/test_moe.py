@@ -1,4 +1,5 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): LoRA on the routed experts.
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and GPT-OSS, whose own checks
+are in test_gpt_oss.py): LoRA on the routed experts.
 
 The logits of the frozen models are checked with the other families in test_model.py; here:
 the experts' LoRA gradients against PEFT's on transformers' own model (which stacks each
@@ -88,28 +89,35 @@ def _expert_grads_from_peft(name: str, grad: torch.Tensor, E: int, r: int, H: in
     return out
 
 
+def backward_against_peft(model, layout, base, adapter_dir):
+    """Run mlora's model (its adapter 'x' on every row) and PEFT's with the adapter saved in
+    `adapter_dir` on the same inputs, check their logits are equal and back-propagate the same
+    probe through both; returns PEFT's model, whose LoRA weights hold its gradients."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids, mask, probe = _inputs()
+    layout.rows = [AdapterRows("x", 0, B)]
+    ours = model(ids, mask)
+    (ours * probe * mask[..., None]).sum().backward()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           adapter_dir, is_trainable=True)
+    ref = peft_model(input_ids=ids, attention_mask=mask).logits
+    assert (ours - ref).abs()[mask.bool()].max().item() < 1e-4
+    (ref * probe * mask[..., None]).sum().backward()
+    return peft_model
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
 def test_expert_lora_gradients_equal_peft(tmp_path, family):
     """mlora's LoRA on every projection, experts included, gives PEFT's logits and PEFT's
     gradients (on transformers' stacked experts) for every A and B."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     base = make_tiny_model(tmp_path / family, family)
     r = 4
     model, layout, adapters = _mlora_with_adapters(base, {"x": (r, ALL7)})
     adapter = adapters["x"]
     adapter.save(tmp_path / "x", str(base))
-    ids, mask, probe = _inputs()
-    layout.rows = [AdapterRows("x", 0, B)]
-    ours = model(ids, mask)
-    (ours * probe * mask[..., None]).sum().backward()
-
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                           tmp_path / "x", is_trainable=True)
-    ref = peft_model(input_ids=ids, attention_mask=mask).logits
-    assert (ours - ref).abs()[mask.bool()].max().item() < 1e-4
-    (ref * probe * mask[..., None]).sum().backward()
+    peft_model = backward_against_peft(model, layout, base, tmp_path / "x")
 
     args = model.args
     E, H = args.num_experts, args.hidden_size
@@ -128,17 +136,26 @@ def test_expert_lora_gradients_equal_peft(tmp_path, family):
             module = re.search(r"(self_attn\.\w+)\.(lora_[AB])\.", name)
             expected[f"model.layers.{layer}.{module[1]}.{module[2]}"] = p.grad
     assert experts_seen == 4 * args.num_layers  # PEFT did put LoRA on the experts: A and B, two per layer
+    assert_grads_equal(adapter, expected)
+
+
+def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
+    """Every LoRA weight of `adapter` has a nonzero gradient equal to expected['<module
+    path>.lora_A' / '.lora_B'] (fp32 sums in another order: relative to the gradient's scale,
+    up to ~100 here)."""
     got = {f"{path}.{kind}": getattr(w, kind).grad for path, w in adapter.weights.items()
            for kind in ("lora_A", "lora_B")}
     assert got.keys() == expected.keys()
     for key, g in got.items():
         assert g is not None and g.abs().max() > 0, key
-        # fp32 sums in another order: relative to the gradient's scale (up to ~100 here)
         assert (g - expected[key]).abs().max() <= 1e-5 * expected[key].abs().max(), key
 
 
-@pytest.mark.parametrize("kernel", ["auto", "fused", "dense", "loop", "grouped", "triton"])
-def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, kernel):
+# GPT-OSS: experts with biases, a fused gate_up_proj of interleaved columns and a clamped GLU
+@pytest.mark.parametrize("family, kernel", [*(("mixtral", k) for k in ("auto", "fused", "dense", "loop", "grouped",
+                                                                       "triton")),
+                                            ("gpt_oss", "auto"), ("gpt_oss", "dense"), ("gpt_oss", "triton")])
+def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
     logits and gradients equal its solo run's, whatever the tokens of each adapter the router
@@ -148,8 +165,9 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, kernel):
     if kernel == "triton" and lora_triton.unavailable(torch.device("cpu")):
         pytest.skip(lora_triton.unavailable(torch.device("cpu")))
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
-    base = make_tiny_model(tmp_path / "mixtral", "mixtral")
-    specs = {"e1": (4, ALL7), "a": (2, ["q_proj", "v_proj"]), "e2": (8 if kernel != "grouped" else 4, ALL7)}
+    base = make_tiny_model(tmp_path / family, family)
+    every = ALL7 if family == "mixtral" else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    specs = {"e1": (4, every), "a": (2, ["q_proj", "v_proj"]), "e2": (8 if kernel != "grouped" else 4, every)}
     rows = {"e2": (3, 4), "a": (2, 3), "e1": (0, 1)}  # (row 1: no adapter)
     ids, mask, probe = _inputs(1)
 
@@ -212,6 +230,12 @@ def test_targets_on_moe_models():
     with pytest.raises(UserError, match="qwen2_moe model target the attention projections only"):
         resolve_targets(_cfg(dropout=0.0, target_modules=["up_proj", "gate_proj"]), qwen2)
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "o_proj"]), qwen2)
+    # GPT-OSS: gate_up_proj is one LoRA per expert (PEFT's target_parameters), so rsLoRA is fine
+    gpt_oss = llama.args_from_hf_config(dict(base, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2))
+    assert gpt_oss.fused_gate_up and gpt_oss.gate_up_interleaved and gpt_oss.sliding_window == [128, None]
+    resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["gate_up_proj", "down_proj"]), gpt_oss)
+    with pytest.raises(UserError, match="adapter 'x': dropout must be 0 when target_modules include the experts'"):
+        resolve_targets(_cfg(dropout=0.05, target_modules=["q_proj", "gate_up_proj"]), gpt_oss)
     # the dense layer's MLP and the shared expert get no LoRA (PEFT on transformers 5 gives them none)
     model = llama.CausalLM(replace(qwen2, model_type="qwen3_moe", shared_expert_intermediate_size=0))
     wrappers = inject_lora(model, BatchLayout())
@@ -299,7 +323,7 @@ def test_pipeline_split_weighs_sparse_layers(tmp_path):
     assert stages == [["embed", "layer.0"], [f"layer.{i}" for i in range(1, 6)] + ["norm", "head"]]
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
 def test_a_config_json_without_the_class_defaults(model_type):
     """A config.json that leaves out what its config class defaults (Mixtral's RoPE base 1e6
     and 8 K/V heads, the Qwen MoE models' K/V heads, the expert counts and widths) reads as the
@@ -309,7 +333,7 @@ def test_a_config_json_without_the_class_defaults(model_type):
     config = transformers.AutoConfig.for_model(model_type)
     dropped = ("num_key_value_heads", "rope_parameters", "rope_theta", "max_position_embeddings", "num_experts",
                "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-               "rms_norm_eps")
+               "rms_norm_eps", "head_dim", "sliding_window", "attention_bias", "layer_types")
     plain = {k: v for k, v in config.to_dict().items() if k not in dropped}
     assert llama.args_from_hf_config(dict(plain, model_type=model_type)) == llama.args_from_hf_config(config)
 
@@ -370,3 +394,29 @@ def test_pair_gather_has_the_gradient_of_plain_indexing():
     assert torch.equal(ours, plain)
     torch.testing.assert_close(torch.autograd.grad((ours * probe).sum(), y)[0],
                                torch.autograd.grad((plain * probe).sum(), y)[0])
+
+
+def test_fused_training_equals_solo_when_only_pad_tokens_reach_an_expert(tmp_path, tokenizer_dir):
+    """Pad tokens are routed too. In a fused batch an adapter's rows are padded to the batch's
+    longest row, so an expert may get some of its (pad) tokens there and none alone: a zero
+    gradient against none. Every LoRA weight of a stepping adapter gets a gradient (zero if
+    none came), so SGD's momentum and AdamW's moments move it alike and the fused run equals
+    the solo one. (Here layer 3's expert 2 gets none of p1's real tokens in some steps: without
+    the zero gradients, its B differed by 15%.)"""
+    from safetensors.torch import load_file
+
+    from mlora.cli import main
+    from test_pipeline import rel_diff, write_config
+
+    base = make_tiny_model(tmp_path / "gpt_oss", "gpt_oss", tokenizer_dir, num_hidden_layers=4)
+    cfg = write_config(tmp_path, 2, tmp_path / "fused")  # p0: q/v, AdamW; p1: SGD with momentum
+    raw = json.loads(cfg.read_text())
+    raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "gate_up_proj", "down_proj"]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+    raw["lora"] = raw["lora"][1:]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress",
+                 "--output_dir", str(tmp_path / "solo")]) == 0
+    assert rel_diff(load_file(tmp_path / "fused" / "p1" / "adapter_model.safetensors"),
+                    load_file(tmp_path / "solo" / "p1" / "adapter_model.safetensors")) <= 1e-5

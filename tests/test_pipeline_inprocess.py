@@ -435,11 +435,12 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
 
 
-@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral"])
+@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss"])
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
     """ChatGLM's own tensor names, Gemma 3's image-text layout (its language model's tensors
     and modules under other prefixes, which differ) and Mixtral's experts (block_sparse_moe,
-    w1/w3/w2; LoRA on every expert): each rank reads its layers under the checkpoint's names,
+    w1/w3/w2; LoRA on every expert) and GPT-OSS's stacked experts (each rank reads its layers'
+    slices; their LoRA saved stacked): each rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
     import json
@@ -456,6 +457,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
         raw["lora"][1]["target_modules"] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     elif family == "gemma3":
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
+    elif family == "gpt_oss":
+        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "gate_up_proj", "down_proj"]
     else:  # Mixtral's own names of the experts' projections
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "w1", "w3", "w2"]
     cfg.write_text(json.dumps(raw))
@@ -465,11 +468,14 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     keys = load_file(tmp_path / "pipe" / "p1" / "adapter_model.safetensors")
     prefix = {"chatglm": "base_model.model.transformer.encoder.layers.",
               "gemma3": "base_model.model.model.language_model.layers.",
-              "mixtral": "base_model.model.model.layers."}[family]
-    per_layer = 2 + 3 * 4 if family == "mixtral" else 4  # q_proj, o_proj and three per expert
+              "mixtral": "base_model.model.model.layers.", "gpt_oss": "base_model.model.model.layers."}[family]
+    # q_proj, o_proj and three per expert (Mixtral), or one stacked gate_up_proj and down_proj (GPT-OSS)
+    per_layer = 2 + 3 * 4 if family == "mixtral" else 4
     assert len(keys) == 4 * per_layer * 2 and all(k.startswith(prefix) for k in keys)
     if family == "mixtral":
         assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2
+    if family == "gpt_oss":
+        assert sum(".mlp.experts.base_layer.lora_" in k for k in keys) == 4 * 2
     # a trained adapter as init_from: every rank takes its layers' tensors from the one file
     raw["lora"] = [dict(raw["lora"][1], init_from=str(tmp_path / "single" / "p1"), num_epochs=1)]
     cfg.write_text(json.dumps(raw))

@@ -169,7 +169,8 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     # the projections the adapter holds, by mlora's names (its config may name them otherwise)
     keys = load_file(adapter_dir / "adapter_model.safetensors")
     targets = sorted({naming.from_module(k[len("base_model.model."):].rsplit(".", 2)[0]).rsplit(".", 1)[-1]
-                      for k in keys})
+                      for k in keys if ".experts." not in k or "target_parameters" not in peft_cfg})
+    targets += [p.rsplit(".", 1)[-1] for p in peft_cfg.get("target_parameters") or []]  # GPT-OSS's stacked experts
     cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], target_modules=targets)
     adapter = Adapter(cfg, wrappers, 0, torch.device("cpu"), naming=naming)
     adapter.load_peft(adapter_dir)
@@ -559,7 +560,7 @@ GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
                                               ("smollm3", dict(no_rope_layers=[1, 0])), ("glm", {}),
                                               ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
                                               ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
-                                              ("qwen2_moe", {})])
+                                              ("qwen2_moe", {}), ("gpt_oss", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
@@ -567,8 +568,9 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     RoPE on adjacent pairs; GLM-4-0414's extra norms), Granite (multipliers), OLMo 2 / 3 (norms
     after the sublayers, q/k norms over whole projections; a sliding layer), Gemma 3's image-text
     layout (the vision tower's q/k/v_proj left alone), Qwen3-MoE (LoRA on every expert; a dense
-    layer without), Qwen2-MoE (its attention): mlora trains an adapter on every projection, and
-    PEFT on transformers' model gives the saved adapter's logits."""
+    layer without), Qwen2-MoE (its attention), GPT-OSS (attention sinks; LoRA on its stacked
+    experts as PEFT's target_parameters): mlora trains an adapter on every projection, and PEFT
+    on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -577,7 +579,7 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
-    if family in ("phi3", "glm", "glm4"):
+    if family in ("phi3", "glm", "glm4", "gpt_oss"):
         raw = json.loads(cfg.read_text())
         raw["lora"][0]["target_modules"] = PHI3_TARGETS if family == "phi3" else GLM_TARGETS
         cfg.write_text(json.dumps(raw))
@@ -598,6 +600,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     if family == "qwen3_moe":  # layer 0's experts: gate_up_proj (gate and up of 4) and down_proj (4)
         assert sum(".experts." in k for k in saved) == 3 * 4 and sum(".experts." in n for n in lora_modules) == 2
         saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]
+    if family == "gpt_oss":  # each layer's experts: gate_up_proj and down_proj, each one stacked LoRA
+        assert sum(".experts." in k for k in saved) == 2 * 2 and sum(".experts." in n for n in lora_modules) == 2 * 2
     assert len(lora_modules) == len(saved)
 
 

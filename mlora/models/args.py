@@ -15,9 +15,10 @@ from typing import Any
 from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
-            "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+            "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+            "gpt_oss")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -125,6 +126,17 @@ class ModelArgs:
     router_weights_fp32: bool = False
     shared_expert_intermediate_size: int = 0
     moe_layers: list[bool] = field(default_factory=list)  # per layer; empty: all sparse iff num_experts
+    # GPT-OSS: the router has a bias and takes the softmax of the top k logits (router_topk_first)
+    # instead of the top k of the softmax; each expert's gate_up_proj interleaves gate and up
+    # columns (gate_up_interleaved) and its GLU is clamped: (clamp(up, +-limit) + 1) *
+    # g * sigmoid(alpha * g), g = min(gate, limit) (glu_limit, glu_alpha; 0: plain SwiGLU);
+    # attention adds a learnt logit per head to each softmax's denominator (attn_sinks).
+    router_bias: bool = False
+    router_topk_first: bool = False
+    gate_up_interleaved: bool = False
+    glu_limit: float = 0.0
+    glu_alpha: float = 1.0
+    attn_sinks: bool = False
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -263,6 +275,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
             raise UserError(f"{model_type} config use_sliding_window is true: sliding windows are not supported "
                             "on Qwen MoE models")
         windows = [None] * num_layers
+    elif model_type == "gpt_oss":  # `attention_bias` on all four attention projections; biased experts
+        qkv_bias = o_bias = bool(get("attention_bias", True))
+        mlp_bias = True
+        windows = _windows_by_type(get("layer_types") or _every_nth_full(num_layers, 2), num_layers,
+                                   get("sliding_window"), required=False)  # (null: every layer full)
     elif model_type == "olmoe":
         if get("clip_qkv") is not None:
             raise UserError("olmoe config clip_qkv is set: clipping q, k and v is not supported")
@@ -348,7 +365,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attn_softcap=attn_cap,
         final_softcap=final_cap,
         fused_qkv=model_type in ("phi3", "chatglm", "baichuan"),
-        fused_gate_up=model_type in ("phi3", "glm", "glm4", "chatglm"),
+        fused_gate_up=model_type in ("phi3", "glm", "glm4", "chatglm", "gpt_oss"),
         rotary_dim=rotary_dim,
         rope_layers=rope_layers,
         rope=full_rope,
@@ -361,6 +378,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         residual_multiplier=float(get("residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
         logits_scaling=(_positive_number(float(get("logits_scaling", 1.0)), "granite config logits_scaling")
                         if model_type == "granite" else 1.0),
+        attn_sinks=model_type == "gpt_oss",
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
 
@@ -369,7 +387,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
     its config (the expert count is num_local_experts for Mixtral, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
-    experts_key = "num_local_experts" if model_type == "mixtral" else "num_experts"
+    experts_key = "num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts"
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
     if top_k > experts:
@@ -386,10 +404,15 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     shared = 0
     if model_type == "qwen2_moe":
         shared = _positive_int(get("shared_expert_intermediate_size"), "qwen2_moe config shared_expert_intermediate_size")
+    gpt_oss = {}
+    if model_type == "gpt_oss":
+        gpt_oss = dict(router_bias=True, router_topk_first=True, gate_up_interleaved=True,
+                       glu_limit=_positive_number(get("swiglu_limit", 7.0), "gpt_oss config swiglu_limit"),
+                       glu_alpha=_positive_number(get("swiglu_alpha", 1.702), "gpt_oss config swiglu_alpha"))
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
                 router_weights_fp32=model_type == "mixtral", shared_expert_intermediate_size=shared,
-                moe_layers=sparse)
+                moe_layers=sparse, **gpt_oss)
 
 
 _PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm")
@@ -413,7 +436,14 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                                   "num_key_value_heads": 4, "max_position_embeddings": 32768},
                     "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5,
-                              "max_position_embeddings": 4096}}
+                              "max_position_embeddings": 4096},
+                    # (gpt-oss-120b's, and the YaRN RoPE GptOssConfig fills in)
+                    "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "rms_norm_eps": 1e-5,
+                                "num_key_value_heads": 8, "head_dim": 64, "sliding_window": 128,
+                                "max_position_embeddings": 131072, "attention_bias": True,
+                                "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                    "beta_slow": 1.0, "truncate": False, "rope_theta": 150_000.0,
+                                                    "original_max_position_embeddings": 4096}}}
 
 
 # ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out

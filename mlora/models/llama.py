@@ -1,6 +1,6 @@
 """mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3,
-SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE and OLMoE
-in one readable file.
+SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE, OLMoE and
+GPT-OSS in one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
@@ -8,8 +8,8 @@ and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and 
 3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
-norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Mixtral's, Qwen2/3-MoE's
-and OLMoE's mixture-of-experts MLPs, moe.py),
+norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Mixtral's, Qwen2/3-MoE's,
+OLMoE's and GPT-OSS's mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
@@ -82,6 +82,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
                 names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
             if args.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+            if args.attn_sinks:
+                names.append(p + "self_attn.sinks")
             if args.moe_layers[int(part.split(".")[1])]:
                 names += moe_tensor_names(args, p + "mlp.")
             else:
@@ -301,6 +303,9 @@ class Attention(nn.Module):
         self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
         self.rope_interleaved = args.rope.interleaved
         self.softcap = args.attn_softcap
+        if args.attn_sinks:  # GPT-OSS: one learnt logit per head in every softmax's denominator
+            self.sinks = nn.Parameter(torch.zeros(args.num_heads))
+        self.has_sinks = args.attn_sinks
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
@@ -322,21 +327,59 @@ class Attention(nn.Module):
             q, k = q.to(v.dtype), k.to(v.dtype)  # fp32 tables (OLMo 2) turn in fp32; back to the dtype
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
+        scale = self.scale
+        if self.has_sinks:  # (+1 key, +8 dims: the scale must be the real head size's)
+            scale = self.head_dim ** -0.5 if scale is None else scale
+            q, k, v, mask = with_sink_key(q, k, v, mask, self.sinks, scale)
         n_rep = self.num_heads // self.num_kv_heads
         if self.softcap is not None:
-            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+            y = softcapped_attention(q, k, v, mask, scale, self.softcap)
         elif mask is None and _SDPA_HAS_GQA:
             # The causal kernels read grouped K/V natively.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=n_rep > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
         else:
             # With an explicit mask the memory-efficient kernel is the one that applies, and
             # it wants as many K/V heads as query heads.
             if n_rep > 1:
                 k = k.repeat_interleave(n_rep, dim=1)  # [B, nh, S, D]
                 v = v.repeat_interleave(n_rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        if self.has_sinks:
+            y = y[..., :self.head_dim]  # the padded dims' outputs are zero: v is padded with zeros
         y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
         return self.o_proj(y)
+
+
+SINK_PAD = 8  # the sink's extra query/key dim, padded so that D stays a multiple of 8 for SDPA's kernels
+
+
+def with_sink_key(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks: Tensor,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GPT-OSS's attention sinks as one more key that SDPA's kernels can take: a head's softmax
+    gets exp(sinks[h]) added to its denominator, as if a key with score sinks[h] and a zero value
+    were there. q [B, nh, S, D]; k, v [B, nkv, T, D]; mask bool [B or 1, 1, S, T] or None (causal,
+    the last S of T keys); sinks [nh]; scale: the attention's (SDPA must be given it: D grows).
+
+    The sink key is a unit vector in an extra dimension, in which each query holds its head's
+    sink / scale: q'.k'_sink * scale = sinks[h], and every real key is 0 there, so no real score
+    changes. The sink's value is zero. Unlike a per-head float mask ([B, nh, S, T+1], what an
+    additive bias would need), this adds only a key and D -> D + 8 (the extra dim, padded for
+    SDPA's kernels: 12.5% more attention FLOPs at D = 64), and grouped K/V heads stay shared.
+    Returns (q' [B, nh, S, D+8], k' [B, nkv, T+1, D+8], v' [B, nkv, T+1, D+8], mask' [B or 1,
+    1, S, T+1]); the output's first D dims are the attention, its others zero."""
+    B, nh, S, D = q.shape
+    nkv, T = k.shape[1], k.shape[2]
+    pad = (0, SINK_PAD)  # the last dim: D -> D + 8
+    logit = (sinks.to(q.dtype) / scale).view(1, nh, 1, 1).expand(B, nh, S, 1)  # [B, nh, S, 1]
+    q = torch.cat([q, logit, q.new_zeros(B, nh, S, SINK_PAD - 1)], dim=-1)  # [B, nh, S, D+8]
+    sink_key = k.new_zeros(B, nkv, 1, D + SINK_PAD)
+    sink_key[..., D] = 1.0
+    k = torch.cat([F.pad(k, pad), sink_key], dim=2)  # [B, nkv, T+1, D+8]
+    v = F.pad(v, (0, SINK_PAD, 0, 1))  # [B, nkv, T+1, D+8]: the sink's value is zero
+    if mask is None:
+        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)[None, None]  # [1, 1, S, T]
+    mask = F.pad(mask, (0, 1), value=True)  # [B or 1, 1, S, T+1]: every query sees the sink
+    return q, k, v, mask
 
 
 def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
@@ -374,12 +417,21 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(args.hidden_size, inter, bias=args.mlp_bias)
         self.down_proj = nn.Linear(inter, args.hidden_size, bias=args.mlp_bias)
         self.gelu = args.hidden_act == "gelu_tanh"
+        self.interleaved = args.gate_up_interleaved  # GPT-OSS: gate, up, gate, up, ... columns
+        self.limit, self.alpha = args.glu_limit, args.glu_alpha
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
+        if self.fused and self.interleaved:
+            gate_up = self.gate_up_proj(x)  # [B, S, 2I]
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]  # [B, S, I] each
+        elif self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit:  # GPT-OSS's clamped GLU, as transformers writes it
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)  # GeGLU / SwiGLU
         return self.down_proj(act * up)
 

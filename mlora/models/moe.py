@@ -1,17 +1,19 @@
-"""The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+"""The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS.
 
 A linear router scores every token against every expert; each token goes to its
 `num_experts_per_tok` best experts (softmax probabilities, renormalized over the chosen ones
 where the family does), and the layer's output is the sum of those experts' SwiGLU outputs
 weighted by the probabilities. Qwen2-MoE adds a shared expert that every token passes through,
-scaled by a sigmoid gate.
+scaled by a sigmoid gate. GPT-OSS's router has a bias and takes the softmax of the top k logits;
+its experts have biases and a clamped GLU (llama.MLP).
 
 The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
 checkpoints' (`model.layers.3.mlp.experts.5.up_proj.weight`; Mixtral's `block_sparse_moe.
 experts.5.w3` translates in naming.py). transformers 5 stacks each layer's experts into 3D
 parameters instead; it reads and writes the per-expert layout above, which is also what the
-released checkpoints and PEFT adapters use.
+released checkpoints and PEFT adapters use. GPT-OSS's checkpoints stack them too: each expert
+reads its slice (loader.py, naming.StackedSlice), and its LoRA is saved stacked (stacked_lora.py).
 
 The router is frozen and never a LoRA target, as in PEFT's usual setups; only the language
 modelling loss is trained (transformers adds the router's load-balancing loss only when
@@ -30,10 +32,11 @@ from mlora.models.args import ModelArgs
 
 def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     """The checkpoint tensors of one sparse MLP; prefix is its path ('model.layers.3.mlp.')."""
-    projections = ("gate_proj", "up_proj", "down_proj")
-    names = [prefix + "gate.weight"]
+    projections = ("gate_up_proj", "down_proj") if args.fused_gate_up else ("gate_proj", "up_proj", "down_proj")
+    names = [prefix + "gate.weight"] + ([prefix + "gate.bias"] if args.router_bias else [])
     for e in range(args.num_experts):
-        names += [f"{prefix}experts.{e}.{proj}.weight" for proj in projections]
+        for proj in projections:
+            names += [f"{prefix}experts.{e}.{proj}.weight"] + ([f"{prefix}experts.{e}.{proj}.bias"] if args.mlp_bias else [])
     if args.shared_expert_intermediate_size:
         names += [f"{prefix}shared_expert.{proj}.weight" for proj in projections]
         names.append(prefix + "shared_expert_gate.weight")
@@ -75,7 +78,8 @@ class SparseMoE(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
         self.weights_fp32 = args.router_weights_fp32
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)  # the router
+        self.topk_first = args.router_topk_first
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=args.router_bias)  # the router
         self.experts = nn.ModuleList(make_mlp(args.moe_intermediate_size) for _ in range(args.num_experts))
         self.has_shared = args.shared_expert_intermediate_size > 0
         if self.has_shared:  # Qwen2-MoE
@@ -88,8 +92,11 @@ class SparseMoE(nn.Module):
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """flat [N, H] -> (weights [N, k], chosen experts [N, k] int64), as transformers' routers
         compute them: softmax in fp32, top k, renormalized (Mixtral, norm_topk_prob), then cast
-        to the dtype unless Mixtral."""
+        to the dtype unless Mixtral; GPT-OSS: the top k logits, then their softmax in the dtype."""
         logits = self.gate(flat)  # [N, E]
+        if self.topk_first:
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
+            return torch.softmax(top, dim=-1), chosen
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:

@@ -48,8 +48,27 @@ _LEAVES = {
 _MIXTRAL = (*((f"model.layers.{{i}}.mlp.experts.{{e}}.{mine}.", f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{theirs}.")
               for mine, theirs in _LEAVES["mixtral"].items()),
             ("model.layers.{i}.mlp.", "model.layers.{i}.block_sparse_moe."))
+# GPT-OSS's router is `mlp.router` (mlora's `mlp.gate`); its experts are stacked (below)
+_GPT_OSS = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.mlp.router."),)
 # The families whose checkpoints name tensors otherwise, and their rules
-_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL}
+_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS}
+
+# GPT-OSS stores a sparse layer's experts stacked, one tensor per projection for all experts:
+# `mlp.experts.gate_up_proj` [E, in, out] and `mlp.experts.gate_up_proj_bias` [E, out] (the
+# released checkpoints hold the weights in MXFP4 instead: `..._blocks` and `..._scales`, see
+# mxfp4.py). mlora's experts are nn.Linear modules per expert, as for the other MoE families;
+# each reads its slice of the stacked tensor (its weight transposed).
+_STACKED = {"gpt_oss": re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
+                                  r"(?P<proj>gate_up_proj|down_proj)\.(?P<kind>weight|bias)")}
+
+
+@dataclass(frozen=True)
+class StackedSlice:
+    """Where a per-expert tensor of mlora lives in a checkpoint that stacks the experts."""
+
+    tensor: str  # the stacked checkpoint tensor ('model.layers.0.mlp.experts.gate_up_proj')
+    expert: int  # the index along its first dim
+    transposed: bool  # a weight stacked as [E, in, out]: nn.Linear's [out, in] is its transpose
 
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
@@ -86,8 +105,27 @@ class Naming:
 
     def to_checkpoint(self, name: str) -> str:
         """mlora's name -> the checkpoint's ('model.layers.0.self_attn.qkv_proj.weight' ->
-        'transformer.encoder.layers.0.self_attention.query_key_value.weight' for ChatGLM)."""
-        return self._translate(name, forward=True)
+        'transformer.encoder.layers.0.self_attention.query_key_value.weight' for ChatGLM); a
+        stacked expert tensor's name for a slice of one (GPT-OSS, `stacked_slice`)."""
+        stacked = self.stacked_slice(name)
+        return self._translate(name, forward=True) if stacked is None else stacked.tensor
+
+    @property
+    def stacks_experts(self) -> bool:
+        """Whether the checkpoint (and transformers' model, and PEFT's LoRA on it) stack each
+        sparse layer's experts into one parameter per projection (GPT-OSS)."""
+        return self.family in _STACKED
+
+    def stacked_slice(self, name: str) -> StackedSlice | None:
+        """The stacked checkpoint tensor that holds this per-expert tensor of mlora, if the
+        family stacks its experts ('model.layers.0.mlp.experts.5.down_proj.weight' -> expert 5 of
+        'model.layers.0.mlp.experts.down_proj', transposed, for GPT-OSS)."""
+        pattern = _STACKED.get(self.family)
+        m = None if pattern is None else pattern.fullmatch(name)
+        if m is None:
+            return None
+        weight = m["kind"] == "weight"
+        return StackedSlice(f"{m['experts']}.{m['proj']}{'' if weight else '_bias'}", int(m["e"]), weight)
 
     def from_checkpoint(self, name: str) -> str:
         """The checkpoint's name -> mlora's (names no rule matches stay as they are)."""

@@ -1,0 +1,75 @@
+"""An adapter's LoRA on stacked experts in PEFT's format (GPT-OSS).
+
+mlora trains a LoRA per expert (each expert's projections are nn.Linear modules). GPT-OSS's
+checkpoint and transformers' model stack a layer's experts into one parameter per projection
+(`mlp.experts.gate_up_proj` [E, H, 2I], `mlp.experts.down_proj` [E, I, H]), and PEFT puts a LoRA
+on such a parameter through `target_parameters` (peft.tuners.lora.ParamWrapper): one
+`lora_A` [E * r, in] holding the experts' A one after another, and one `lora_B` [out, r * E]
+whose column j * E + e is column j of expert e's B. Each expert's update is then exactly
+scale * B_e A_e, which mlora's per-expert LoRA computes.
+
+PEFT wraps the experts module once per targeted parameter, the later wrapper around the
+earlier: with both targeted, gate_up_proj's LoRA sits under `experts.base_layer.` and
+down_proj's under `experts.`; with one, it is under `experts.`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+# mlora's per-expert module path -> (the experts module, expert index, projection)
+_EXPERT_MODULE = re.compile(r"(?P<experts>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)")
+STACKED_PROJECTIONS = ("gate_up_proj", "down_proj")  # PEFT's wrapping order: the first innermost
+
+
+def target_parameters(projections: list[str]) -> list[str]:
+    """adapter_config.json's target_parameters for these (per-expert) projections."""
+    return [f"mlp.experts.{p}" for p in STACKED_PROJECTIONS if p in projections]
+
+
+def _wrapper_prefix(proj: str, projections: list[str]) -> str:
+    """Where PEFT keeps the LoRA of `proj` under the experts module: nested ParamWrappers."""
+    stacked = [p for p in STACKED_PROJECTIONS if p in projections]
+    return "base_layer." * (len(stacked) - 1 - stacked.index(proj))
+
+
+def split_path(path: str) -> tuple[str, int, str] | None:
+    """(experts module path, expert, projection) of an expert's projection; None otherwise."""
+    m = _EXPERT_MODULE.fullmatch(path)
+    return None if m is None else (m["experts"], int(m["e"]), m["proj"])
+
+
+def peft_module(path: str, projections: list[str]) -> str | None:
+    """PEFT's module path of the stacked LoRA that an expert's projection is part of
+    ('model.layers.0.mlp.experts.5.gate_up_proj' -> 'model.layers.0.mlp.experts.base_layer'
+    with down_proj targeted too); None for any other module."""
+    parts = split_path(path)
+    if parts is None:
+        return None
+    experts, _, proj = parts
+    return f"{experts}.{_wrapper_prefix(proj, projections)}".rstrip(".")
+
+
+def stack(per_expert: dict[str, tuple[Tensor, Tensor]], projections: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """{per-expert module path: (A [r, in], B [out, r])} -> {PEFT module path: (A [E r, in],
+    B [out, r E])}, experts in index order (every expert of a layer must be there)."""
+    groups: dict[str, dict[int, tuple[Tensor, Tensor]]] = defaultdict(dict)
+    for path, ab in per_expert.items():
+        groups[peft_module(path, projections)][split_path(path)[1]] = ab
+    out = {}
+    for key, by_expert in groups.items():
+        E = len(by_expert)
+        assert sorted(by_expert) == list(range(E)), (key, sorted(by_expert))
+        a = torch.cat([by_expert[e][0] for e in range(E)])  # [E r, in]: expert-major
+        b = torch.stack([by_expert[e][1] for e in range(E)], dim=-1)  # [out, r, E]
+        out[key] = (a, b.reshape(b.shape[0], -1))  # [out, r E]: column j E + e
+    return out
+
+
+def unstack(a: Tensor, b: Tensor, expert: int, experts: int) -> tuple[Tensor, Tensor]:
+    """One expert's (A [r, in], B [out, r]) from PEFT's stacked A [E r, in] and B [out, r E]."""
+    return a.view(experts, -1, a.shape[-1])[expert], b.view(b.shape[0], -1, experts)[:, :, expert]
