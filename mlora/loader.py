@@ -172,7 +172,10 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     naming = naming_for(args.model_type)
     if "embed" in model.parts:  # once per model (a pipeline's first stage)
         used = {naming.to_checkpoint(n) for n in family.tensor_names(args)}
-        _warn_unused_tensors(set(index), used | {part for name in used for part in _mxfp4_parts(name)}, base)
+        used |= {part for name in used for part in _mxfp4_parts(name)}
+        # GLM-4.5's multi-token-prediction layers after the last one: no forward uses them
+        extra = {f"model.layers.{i}." for i in range(args.num_layers, args.num_layers + args.extra_layers)}
+        _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
     # What each checkpoint tensor is read from: itself, or (GPT-OSS's released checkpoints) the
     # MXFP4 blocks and scales of a stacked expert weight
@@ -207,7 +210,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
             # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
             tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
         if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
+            # GLM-4.5's router stays in fp32 whatever the dtype, as in transformers
+            tensor = tensor.to(torch.float32 if args.router_fp32 and _ROUTER.match(name) else dtype)
         if name in quantized:
             _assign_quantized(quantized[name], stored_name, tensor, quant, device)
             return
@@ -269,6 +273,9 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # Gemma 3's vision tower and projector (mlora trains the language model), a tied head's copy.
 _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector)\.|"
                         r"^(language_model\.)?lm_head\.weight$")
+
+
+_ROUTER = re.compile(r".*\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
 def _mxfp4_parts(stacked: str) -> tuple[str, str]:

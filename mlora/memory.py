@@ -612,9 +612,11 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
 
     dense = mlp(args.intermediate_size)  # a dense layer's MLP
     if args.is_moe:  # every expert, the router in the dtype; Qwen2-MoE's shared expert and its gate
-        sparse = args.num_experts * (mlp(args.moe_intermediate_size) + H * e) + args.num_experts * args.router_bias * e
+        # the router's weight, bias and correction bias (GLM-4.5: in fp32)
+        router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_fp32 else e)
+        sparse = args.num_experts * mlp(args.moe_intermediate_size) + router
         if args.shared_expert_intermediate_size:
-            sparse += mlp(args.shared_expert_intermediate_size) + H * e
+            sparse += mlp(args.shared_expert_intermediate_size) + H * e * args.shared_expert_gated
     total = sum(attention + (sparse if args.moe_layers[i] else dense) for i in stage.layers)
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
     if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):

@@ -106,6 +106,11 @@ MOE_TINY = {
                     swiglu_limit=0.5, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, beta_fast=32.0,
                                                            beta_slow=1.0, original_max_position_embeddings=64,
                                                            truncate=False)),
+    # GLM-4.5: 8 experts in 2 groups (a token uses the experts of its best group), a shared
+    # expert, layer 0 dense, per-head q/k norms, half of each head turned, scaled weights
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True,
+                     attention_bias=True, head_dim=16),
 }
 
 
@@ -120,7 +125,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                     seed: int = 0, **overrides) -> Path:
     """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
     gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan |
-    mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss), save it as safetensors
+    mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -155,6 +160,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
         "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
+        "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -197,6 +203,9 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 0.2)
             elif "layernorm" in name and family in ("glm4", "olmo2", "olmo3"):  # a misplaced norm must show
                 p.normal_(1.0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # GLM-4.5's router: it must change the choice
+                b.normal_(0.0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer

@@ -266,6 +266,10 @@ def _model_with_adapters(dtype, adapters, targets, args=SMALL):
     """SMALL (or `args`) with LoRA adapters a0, a1, ... of (r, dropout) on `targets`."""
     torch.manual_seed(0)
     model = CausalLM(args).to(dtype).requires_grad_(False)
+    if args.router_fp32:  # GLM-4.5's router stays in fp32, as the loader keeps it
+        for layer in model.model.layers.values():
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.float()
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     for path, wrapper in wrappers.items():
@@ -675,8 +679,15 @@ QWEN3_MOE = dataclasses.replace(SMALL, model_type="qwen3_moe", qk_norm=True, num
 GPT_OSS = dataclasses.replace(SMALL, model_type="gpt_oss", attention_bias=True, o_proj_bias=True, mlp_bias=True,
                               attn_sinks=True, sliding_window=[8, None], num_experts=4, num_experts_per_tok=2,
                               moe_intermediate_size=48, fused_gate_up=True, gate_up_interleaved=True, glu_limit=7.0,
-                              glu_alpha=1.702, router_bias=True, router_topk_first=True, moe_layers=[True, True])
+                              glu_alpha=1.702, router_bias=True, router="topk_softmax", moe_layers=[True, True])
 GPT_OSS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# GLM-4.5: a sigmoid router in fp32 with a correction bias and 2 groups, an ungated shared
+# expert, layer 0 dense, q/k/v biases and norms
+GLM4_MOE = dataclasses.replace(SMALL, model_type="glm4_moe", attention_bias=True, qk_norm=True, num_experts=8,
+                               num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                               router_weights_fp32=True, router="sigmoid", router_fp32=True, router_groups=2,
+                               routed_scaling=2.5, shared_expert_intermediate_size=32, shared_expert_gated=False,
+                               moe_layers=[False, True])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -689,8 +700,9 @@ GPT_OSS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
     (GPT_OSS, [(4, 0.0)], GPT_OSS_ALL),
     (GPT_OSS, [(4, 0.0), (8, 0.0)], GPT_OSS_ALL),
     (GPT_OSS, [(8, 0.1)], ("q_proj", "v_proj")),
+    (GLM4_MOE, [(4, 0.0), (4, 0.0)], ALL7),
 ], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
-        "gpt_oss_two", "gpt_oss_attention"])
+        "gpt_oss_two", "gpt_oss_attention", "glm4_moe"])
 def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's
@@ -698,7 +710,8 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     autograd saves, and the weights and LoRA state are every parameter's bytes."""
     model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
     per_expert = 2 if args.fused_gate_up else 3  # (gate_up_proj, down_proj) or (gate, up, down)
-    assert args.is_moe and sum(".experts." in p for p in wrappers) == per_expert * 4 * sum(args.moe_layers)
+    experts = per_expert * args.num_experts * sum(args.moe_layers)
+    assert args.is_moe and sum(".experts." in p for p in wrappers) == experts
     rows, seq_len = 4, 32
     per = rows // len(adapters)
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]

@@ -89,6 +89,11 @@ CASES = {
     # GPT-OSS: attention sinks, q/k/v/o biases, sliding and full layers, YaRN; a biased router
     # whose top-k logits get the softmax, biased experts with a clamped GLU over interleaved gate/up
     "gpt_oss": ("gpt_oss", {}),
+    # GLM-4.5: a sigmoid router with a correction bias, groups of experts, scaled weights, an
+    # ungated shared expert, a dense first layer, partial rotary, per-head q/k norms
+    "glm4_moe": ("glm4_moe", {}),
+    "glm4_moe_no_groups": ("glm4_moe", dict(n_group=1, topk_group=1, use_qk_norm=False, norm_topk_prob=False,
+                                            n_shared_experts=0, first_k_dense_replace=0)),
     "gpt_oss_mqa_top1": ("gpt_oss", dict(num_key_value_heads=1, num_experts_per_tok=1,
                                          layer_types=["full_attention", "full_attention"])),
     "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=None)),
@@ -149,7 +154,7 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
-                                  "qwen2_moe", "gpt_oss"])
+                                  "qwen2_moe", "gpt_oss", "glm4_moe"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -336,7 +341,7 @@ def test_config_errors():
         family_for("gpt2")
     assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
                          "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral",
-                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
+                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -371,7 +376,7 @@ def test_config_errors():
     assert all(family_for(t) is llama for t in SUPPORTED)
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "glm4_moe"])
 def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
     norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the

@@ -108,7 +108,7 @@ def backward_against_peft(model, layout, base, adapter_dir):
     return peft_model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe"])
 def test_expert_lora_gradients_equal_peft(tmp_path, family):
     """mlora's LoRA on every projection, experts included, gives PEFT's logits and PEFT's
     gradients (on transformers' stacked experts) for every A and B."""
@@ -135,7 +135,7 @@ def test_expert_lora_gradients_equal_peft(tmp_path, family):
         else:
             module = re.search(r"(self_attn\.\w+)\.(lora_[AB])\.", name)
             expected[f"model.layers.{layer}.{module[1]}.{module[2]}"] = p.grad
-    assert experts_seen == 4 * args.num_layers  # PEFT did put LoRA on the experts: A and B, two per layer
+    assert experts_seen == 4 * sum(args.moe_layers)  # PEFT did put LoRA on the experts: A and B, two per sparse layer
     assert_grads_equal(adapter, expected)
 
 
@@ -154,7 +154,8 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
 # GPT-OSS: experts with biases, a fused gate_up_proj of interleaved columns and a clamped GLU
 @pytest.mark.parametrize("family, kernel", [*(("mixtral", k) for k in ("auto", "fused", "dense", "loop", "grouped",
                                                                        "triton")),
-                                            ("gpt_oss", "auto"), ("gpt_oss", "dense"), ("gpt_oss", "triton")])
+                                            ("gpt_oss", "auto"), ("gpt_oss", "dense"), ("gpt_oss", "triton"),
+                                            ("glm4_moe", "auto")])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
@@ -185,7 +186,8 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
         grads = {n: {p: torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten()
                                    for t in (w.lora_A, w.lora_B)])
                      for p, w in adapters[n].weights.items()} for n in names}
-        for moe in (layer.mlp for layer in model.model.layers.values()):  # an expert's LoRA keeps no plan
+        for moe in (layer.mlp for layer in model.model.layers.values() if hasattr(layer.mlp, "routing_hook")):
+            # an expert's LoRA keeps no plan
             assert all(w.group._plan is None and w.group._casts is None for w in moe.routing_hook.wrappers)
         return logits, grads
 
@@ -246,6 +248,16 @@ def test_targets_on_moe_models():
 def test_moe_config_errors():
     base = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2)
+    glm = dict(base, model_type="glm4_moe", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    args = llama.args_from_hf_config(dict(glm, n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1))
+    assert (args.router, args.router_groups, args.router_topk_groups, args.shared_expert_intermediate_size,
+            args.shared_expert_gated, args.moe_layers, args.rotary_dim) == ("sigmoid", 4, 2, 64, False, [False, True], 8)
+    with pytest.raises(UserError, match=r"n_group \(3\) and topk_group \(1\) do not fit 8 experts"):
+        llama.args_from_hf_config(dict(glm, n_group=3, topk_group=1))
+    with pytest.raises(UserError, match=r"num_experts_per_tok \(6\) exceeds the experts of topk_group groups"):
+        llama.args_from_hf_config(dict(glm, n_group=4, topk_group=2, num_experts_per_tok=6))
+    with pytest.raises(UserError, match="first_k_dense_replace must be a non-negative integer"):
+        llama.args_from_hf_config(dict(glm, first_k_dense_replace=-1))
     with pytest.raises(UserError, match="router_jitter_noise"):
         llama.args_from_hf_config(dict(base, model_type="mixtral", router_jitter_noise=0.1))
     with pytest.raises(UserError, match="clip_qkv"):
@@ -323,7 +335,7 @@ def test_pipeline_split_weighs_sparse_layers(tmp_path):
     assert stages == [["embed", "layer.0"], [f"layer.{i}" for i in range(1, 6)] + ["norm", "head"]]
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"])
 def test_a_config_json_without_the_class_defaults(model_type):
     """A config.json that leaves out what its config class defaults (Mixtral's RoPE base 1e6
     and 8 K/V heads, the Qwen MoE models' K/V heads, the expert counts and widths) reads as the
@@ -333,7 +345,9 @@ def test_a_config_json_without_the_class_defaults(model_type):
     config = transformers.AutoConfig.for_model(model_type)
     dropped = ("num_key_value_heads", "rope_parameters", "rope_theta", "max_position_embeddings", "num_experts",
                "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-               "rms_norm_eps", "head_dim", "sliding_window", "attention_bias", "layer_types")
+               "rms_norm_eps", "head_dim", "sliding_window", "attention_bias", "layer_types", "n_routed_experts",
+               "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob",
+               "num_nextn_predict_layers")
     plain = {k: v for k, v in config.to_dict().items() if k not in dropped}
     assert llama.args_from_hf_config(dict(plain, model_type=model_type)) == llama.args_from_hf_config(config)
 
@@ -420,3 +434,24 @@ def test_fused_training_equals_solo_when_only_pad_tokens_reach_an_expert(tmp_pat
                  "--output_dir", str(tmp_path / "solo")]) == 0
     assert rel_diff(load_file(tmp_path / "fused" / "p1" / "adapter_model.safetensors"),
                     load_file(tmp_path / "solo" / "p1" / "adapter_model.safetensors")) <= 1e-5
+
+
+def test_multi_token_prediction_layers_are_left_unused_quietly(tmp_path, capsys):
+    """GLM-4.5's checkpoints hold num_nextn_predict_layers more layers than num_hidden_layers
+    (multi-token prediction, which transformers ignores too): no warning for those, as there is
+    for any other tensor the config leaves unused. The router stays in fp32 in a bf16 model."""
+    from safetensors.torch import load_file, save_file
+
+    base = make_tiny_model(tmp_path / "glm", "glm4_moe")  # 2 layers, num_nextn_predict_layers 1
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)  # the MTP layer's
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(base, "cpu", torch.bfloat16)
+    assert "unused" not in capsys.readouterr().err
+    gate = model.model.layers["1"].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert model.model.layers["1"].self_attn.q_proj.weight.dtype == torch.bfloat16
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)  # past the MTP layers: reported
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    load_model(base, "cpu", torch.float32)
+    assert "leaves tensor 'model.layers.3.eh_proj.weight'" in capsys.readouterr().err

@@ -560,7 +560,7 @@ GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
                                               ("smollm3", dict(no_rope_layers=[1, 0])), ("glm", {}),
                                               ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
                                               ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
-                                              ("qwen2_moe", {}), ("gpt_oss", {})])
+                                              ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
@@ -568,7 +568,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     RoPE on adjacent pairs; GLM-4-0414's extra norms), Granite (multipliers), OLMo 2 / 3 (norms
     after the sublayers, q/k norms over whole projections; a sliding layer), Gemma 3's image-text
     layout (the vision tower's q/k/v_proj left alone), Qwen3-MoE (LoRA on every expert; a dense
-    layer without), Qwen2-MoE (its attention), GPT-OSS (attention sinks; LoRA on its stacked
+    layer without), Qwen2-MoE (its attention), GLM-4.5 (its router, a shared expert and a dense
+    layer without LoRA on their MLPs), GPT-OSS (attention sinks; LoRA on its stacked
     experts as PEFT's target_parameters): mlora trains an adapter on every projection, and PEFT
     on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
@@ -597,8 +598,9 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     # MoE model, one LoRA per stacked projection of each layer's experts)
     lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")]
     saved = [k for k in load_file(out / "b" / "adapter_model.safetensors") if ".lora_A." in k]
-    if family == "qwen3_moe":  # layer 0's experts: gate_up_proj (gate and up of 4) and down_proj (4)
-        assert sum(".experts." in k for k in saved) == 3 * 4 and sum(".experts." in n for n in lora_modules) == 2
+    if family in ("qwen3_moe", "glm4_moe"):  # layer 0's experts: gate_up_proj (gate and up of each) and down_proj
+        experts = 4 if family == "qwen3_moe" else 8
+        assert sum(".experts." in k for k in saved) == 3 * experts and sum(".experts." in n for n in lora_modules) == 2
         saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]
     if family == "gpt_oss":  # each layer's experts: gate_up_proj and down_proj, each one stacked LoRA
         assert sum(".experts." in k for k in saved) == 2 * 2 and sum(".experts." in n for n in lora_modules) == 2 * 2

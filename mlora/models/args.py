@@ -16,9 +16,14 @@ from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
             "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-            "gpt_oss")
+            "gpt_oss", "glm4_moe")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe")
+# How a router turns its logits into the chosen experts' weights (models/moe.SparseMoE.route):
+# softmax, then the top k (Mixtral, Qwen-MoE, OLMoE); the top k logits, then their softmax
+# (GPT-OSS); DeepSeek-V3's sigmoid scores, the top k of them plus a per-expert correction bias
+# within the best groups of experts, scaled (GLM-4.5).
+ROUTERS = ("softmax", "topk_softmax", "sigmoid")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -118,21 +123,31 @@ class ModelArgs:
     # weighs in fp32 (router_weights_fp32), the others in the dtype. Qwen2-MoE adds a shared
     # expert (shared_expert_intermediate_size) scaled by a sigmoid gate. moe_layers: which
     # layers are sparse (Qwen's mlp_only_layers and decoder_sparse_step keep some dense, with
-    # intermediate_size).
+    # intermediate_size). GLM-4.5's shared experts have no gate (shared_expert_gated).
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     router_weights_fp32: bool = False
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True
     moe_layers: list[bool] = field(default_factory=list)  # per layer; empty: all sparse iff num_experts
-    # GPT-OSS: the router has a bias and takes the softmax of the top k logits (router_topk_first)
-    # instead of the top k of the softmax; each expert's gate_up_proj interleaves gate and up
+    # router: one of ROUTERS. GLM-4.5: the sigmoid router's weights and correction bias stay in
+    # fp32 (router_fp32), its experts come in router_groups groups of which each token may use
+    # the router_topk_groups best, and the chosen weights are scaled by routed_scaling.
+    router: str = "softmax"
+    router_fp32: bool = False
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    routed_scaling: float = 1.0
+    # Checkpoint layers past num_layers that no forward uses (GLM-4.5's multi-token prediction)
+    extra_layers: int = 0
+    # GPT-OSS: the router has a bias and takes the softmax of the top k logits (router
+    # "topk_softmax") instead of the top k of the softmax; each expert's gate_up_proj interleaves gate and up
     # columns (gate_up_interleaved) and its GLU is clamped: (clamp(up, +-limit) + 1) *
     # g * sigmoid(alpha * g), g = min(gate, limit) (glu_limit, glu_alpha; 0: plain SwiGLU);
     # attention adds a learnt logit per head to each softmax's denominator (attn_sinks).
     router_bias: bool = False
-    router_topk_first: bool = False
     gate_up_interleaved: bool = False
     glu_limit: float = 0.0
     glu_alpha: float = 1.0
@@ -280,6 +295,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = True
         windows = _windows_by_type(get("layer_types") or _every_nth_full(num_layers, 2), num_layers,
                                    get("sliding_window"), required=False)  # (null: every layer full)
+    elif model_type == "glm4_moe":  # `attention_bias` on q/k/v only
+        qkv_bias, o_bias, mlp_bias = bool(get("attention_bias", False)), False, False
+        windows = [None] * num_layers
     elif model_type == "olmoe":
         if get("clip_qkv") is not None:
             raise UserError("olmoe config clip_qkv is set: clipping q, k and v is not supported")
@@ -351,7 +369,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_moe", "olmoe"),
+        qk_norm=(model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_moe", "olmoe")
+                 or (model_type == "glm4_moe" and bool(get("use_qk_norm", False)))),
         qk_norm_per_head=model_type not in ("olmo2", "olmo3", "olmoe"),
         hidden_act="gelu_tanh" if gemma else "silu",
         gemma_norms=gemma,
@@ -387,15 +406,17 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
     its config (the expert count is num_local_experts for Mixtral, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
-    experts_key = "num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts"
+    experts_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts",
+                   "glm4_moe": "n_routed_experts"}.get(model_type, "num_experts")
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
     if top_k > experts:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
     if model_type == "mixtral" and get("router_jitter_noise", 0.0):
         raise UserError("mixtral config router_jitter_noise is not 0: the router's training noise is not supported")
-    expert_size = get("moe_intermediate_size") if qwen else get("intermediate_size")
-    expert_size = _positive_int(expert_size, f"{model_type} config {'moe_' if qwen else ''}intermediate_size")
+    own_width = qwen or model_type == "glm4_moe"  # experts narrower than the dense MLPs
+    expert_size = get("moe_intermediate_size") if own_width else get("intermediate_size")
+    expert_size = _positive_int(expert_size, f"{model_type} config {'moe_' if own_width else ''}intermediate_size")
     sparse = [True] * num_layers
     if qwen:  # a layer is dense if listed in mlp_only_layers or off the decoder_sparse_step grid
         step = _positive_int(get("decoder_sparse_step", 1), f"{model_type} config decoder_sparse_step")
@@ -404,18 +425,45 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     shared = 0
     if model_type == "qwen2_moe":
         shared = _positive_int(get("shared_expert_intermediate_size"), "qwen2_moe config shared_expert_intermediate_size")
-    gpt_oss = {}
+    family = {}
     if model_type == "gpt_oss":
-        gpt_oss = dict(router_bias=True, router_topk_first=True, gate_up_interleaved=True,
-                       glu_limit=_positive_number(get("swiglu_limit", 7.0), "gpt_oss config swiglu_limit"),
-                       glu_alpha=_positive_number(get("swiglu_alpha", 1.702), "gpt_oss config swiglu_alpha"))
+        family = dict(router_bias=True, router="topk_softmax", gate_up_interleaved=True,
+                      glu_limit=_positive_number(get("swiglu_limit", 7.0), "gpt_oss config swiglu_limit"),
+                      glu_alpha=_positive_number(get("swiglu_alpha", 1.702), "gpt_oss config swiglu_alpha"))
+    if model_type == "glm4_moe":
+        family = _glm4_moe_args(get, experts, top_k, num_layers)
+        shared = expert_size * family.pop("n_shared_experts")
+        sparse = family.pop("sparse")
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
-                router_weights_fp32=model_type == "mixtral", shared_expert_intermediate_size=shared,
-                moe_layers=sparse, **gpt_oss)
+                router_weights_fp32=model_type in ("mixtral", "glm4_moe"), shared_expert_intermediate_size=shared,
+                moe_layers=sparse, **family)
 
 
-_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm")
+def _glm4_moe_args(get, experts: int, top_k: int, num_layers: int) -> dict:
+    """GLM-4.5's router (DeepSeek-V3's: sigmoid scores in fp32, a correction bias that only
+    picks, group-limited top k, scaled weights), its ungated shared experts and its first
+    first_k_dense_replace dense layers."""
+    groups = _positive_int(get("n_group", 1), "glm4_moe config n_group")
+    topk_groups = _positive_int(get("topk_group", 1), "glm4_moe config topk_group")
+    if experts % groups or topk_groups > groups or (groups > 1 and experts // groups < 2):
+        raise UserError(f"glm4_moe config n_group ({groups}) and topk_group ({topk_groups}) do not fit "
+                        f"{experts} experts")
+    if top_k > experts // groups * topk_groups:
+        raise UserError(f"glm4_moe config num_experts_per_tok ({top_k}) exceeds the experts of topk_group groups")
+    n_shared = get("n_shared_experts", 0)
+    if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:
+        raise UserError(f"glm4_moe config n_shared_experts must be a non-negative integer, got {n_shared!r}")
+    dense = get("first_k_dense_replace", 0)
+    if isinstance(dense, bool) or not isinstance(dense, int) or dense < 0:
+        raise UserError(f"glm4_moe config first_k_dense_replace must be a non-negative integer, got {dense!r}")
+    return dict(router="sigmoid", router_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
+                routed_scaling=_positive_number(get("routed_scaling_factor", 1.0), "glm4_moe config routed_scaling_factor"),
+                shared_expert_gated=False, n_shared_experts=n_shared, sparse=[i >= dense for i in range(num_layers)],
+                extra_layers=int(get("num_nextn_predict_layers", 0) or 0))
+
+
+_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe")
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
 _GLM_DEFAULTS = {"num_key_value_heads": 2, "head_dim": 128, "attention_bias": True, "rms_norm_eps": 1.5625e-07,
                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5}
@@ -443,7 +491,13 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                 "max_position_embeddings": 131072, "attention_bias": True,
                                 "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
                                                     "beta_slow": 1.0, "truncate": False, "rope_theta": 150_000.0,
-                                                    "original_max_position_embeddings": 4096}}}
+                                                    "original_max_position_embeddings": 4096}},
+                    # (GLM-4.5-Air's shape is GLM-4.5's; Glm4MoeConfig's defaults)
+                    "glm4_moe": {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+                                 "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                                 "n_group": 1, "topk_group": 1, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                                 "max_position_embeddings": 131072, "partial_rotary_factor": 0.5,
+                                 "num_nextn_predict_layers": 1}}
 
 
 # ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out

@@ -1,6 +1,6 @@
 """mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3,
-SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE, OLMoE and
-GPT-OSS in one readable file.
+SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE, OLMoE,
+GPT-OSS and GLM-4.5 in one readable file.
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
@@ -9,7 +9,7 @@ and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and 
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
 norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Mixtral's, Qwen2/3-MoE's,
-OLMoE's and GPT-OSS's mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
+OLMoE's, GPT-OSS's and GLM-4.5's mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor

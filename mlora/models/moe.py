@@ -1,11 +1,13 @@
-"""The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS.
+"""The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
+GLM-4.5.
 
 A linear router scores every token against every expert; each token goes to its
 `num_experts_per_tok` best experts (softmax probabilities, renormalized over the chosen ones
 where the family does), and the layer's output is the sum of those experts' SwiGLU outputs
 weighted by the probabilities. Qwen2-MoE adds a shared expert that every token passes through,
 scaled by a sigmoid gate. GPT-OSS's router has a bias and takes the softmax of the top k logits;
-its experts have biases and a clamped GLU (llama.MLP).
+its experts have biases and a clamped GLU (llama.MLP). GLM-4.5's router is DeepSeek-V3's (sigmoid
+scores, a correction bias, groups of experts; _sigmoid_route), and its shared experts are ungated.
 
 The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlora.models.args import ModelArgs
@@ -34,12 +37,15 @@ def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     """The checkpoint tensors of one sparse MLP; prefix is its path ('model.layers.3.mlp.')."""
     projections = ("gate_up_proj", "down_proj") if args.fused_gate_up else ("gate_proj", "up_proj", "down_proj")
     names = [prefix + "gate.weight"] + ([prefix + "gate.bias"] if args.router_bias else [])
+    if args.router == "sigmoid":
+        names.append(prefix + "gate.e_score_correction_bias")
     for e in range(args.num_experts):
         for proj in projections:
             names += [f"{prefix}experts.{e}.{proj}.weight"] + ([f"{prefix}experts.{e}.{proj}.bias"] if args.mlp_bias else [])
     if args.shared_expert_intermediate_size:
-        names += [f"{prefix}shared_expert.{proj}.weight" for proj in projections]
-        names.append(prefix + "shared_expert_gate.weight")
+        names += [f"{prefix}shared_expert.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+        if args.shared_expert_gated:
+            names.append(prefix + "shared_expert_gate.weight")
     return names
 
 
@@ -78,12 +84,19 @@ class SparseMoE(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
         self.weights_fp32 = args.router_weights_fp32
-        self.topk_first = args.router_topk_first
+        self.router = args.router
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=args.router_bias)  # the router
+        if self.router == "sigmoid":  # (loaded and kept in fp32, with the router's weight: router_fp32)
+            self.gate.register_parameter("e_score_correction_bias",
+                                         nn.Parameter(torch.zeros(args.num_experts), requires_grad=False))
+        self.router_fp32 = args.router_fp32
+        self.groups, self.topk_groups, self.scaling = args.router_groups, args.router_topk_groups, args.routed_scaling
         self.experts = nn.ModuleList(make_mlp(args.moe_intermediate_size) for _ in range(args.num_experts))
         self.has_shared = args.shared_expert_intermediate_size > 0
-        if self.has_shared:  # Qwen2-MoE
+        self.shared_gated = self.has_shared and args.shared_expert_gated
+        if self.has_shared:  # Qwen2-MoE, GLM-4.5 (its shared experts as one MLP, without a gate)
             self.shared_expert = make_mlp(args.shared_expert_intermediate_size)
+        if self.shared_gated:
             self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
         # Set by lora.inject_lora (lora_moe.ExpertRouting), so that each adapter's LoRA of an
         # expert applies to its own tokens among those routed there.
@@ -92,9 +105,15 @@ class SparseMoE(nn.Module):
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """flat [N, H] -> (weights [N, k], chosen experts [N, k] int64), as transformers' routers
         compute them: softmax in fp32, top k, renormalized (Mixtral, norm_topk_prob), then cast
-        to the dtype unless Mixtral; GPT-OSS: the top k logits, then their softmax in the dtype."""
-        logits = self.gate(flat)  # [N, E]
-        if self.topk_first:
+        to the dtype unless Mixtral; GPT-OSS: the top k logits, then their softmax in the dtype;
+        GLM-4.5: sigmoid (below)."""
+        if self.router_fp32:  # GLM-4.5 keeps the router's weights in fp32 and scores in fp32
+            logits = F.linear(flat.float(), self.gate.weight.float())  # [N, E] fp32
+        else:
+            logits = self.gate(flat)  # [N, E]
+        if self.router == "sigmoid":
+            return self._sigmoid_route(logits)
+        if self.router == "topk_softmax":
             top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
             return torch.softmax(top, dim=-1), chosen
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -104,6 +123,26 @@ class SparseMoE(nn.Module):
         if not self.weights_fp32:
             weights = weights.to(flat.dtype)
         return weights, chosen
+
+    def _sigmoid_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """DeepSeek-V3's router, as transformers' GLM-4.5 writes it: sigmoid scores; the experts
+        are picked by score + correction bias, among the topk_groups groups whose two best
+        such scores sum highest; their weights are the plain scores, renormalized
+        (norm_topk_prob) and scaled. logits [N, E] fp32 -> (weights [N, k] fp32, experts [N, k])."""
+        N, E = logits.shape
+        scores = logits.sigmoid()  # [N, E]
+        for_choice = scores + self.gate.e_score_correction_bias  # [N, E]
+        if self.topk_groups < self.groups:
+            per_group = for_choice.view(N, self.groups, E // self.groups)  # [N, G, E/G]
+            group_scores = per_group.topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
+            best = torch.topk(group_scores, k=self.topk_groups, dim=-1, sorted=False)[1]  # [N, g]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
+            for_choice = for_choice.masked_fill(~keep.repeat_interleave(E // self.groups, dim=1), float("-inf"))
+        chosen = torch.topk(for_choice, k=self.top_k, dim=-1, sorted=False)[1]  # [N, k]
+        weights = scores.gather(1, chosen)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, chosen
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, H = x.shape  # x [B, S, H]
@@ -135,5 +174,5 @@ class SparseMoE(nn.Module):
         out = by_pair.view(N, k, H).sum(dim=1).to(x.dtype).view(B, S, H)
         if self.has_shared:
             shared = self.shared_expert(x)  # [B, S, H]
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + (torch.sigmoid(self.shared_expert_gate(x)) * shared if self.shared_gated else shared)
         return out
