@@ -57,7 +57,8 @@ ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
 # The MLP's projections (on an MoE model: its experts').
 MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 # Projections of one parent module that read the same input tensor.
-INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# (DeepSeek-V3: q_proj or q_a_proj, and kv_a_proj_with_mqa, read the layer's normed input.)
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj"))
 
 # How the adapters of one batch share a matmul (benchmarks/THROUGHPUT.md measures each):
 #   "fused":   the dense math as one hand-written autograd op per input group, base GEMMs

@@ -51,6 +51,8 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 # copy and the dropout mask) once per group when groups share inputs (lora.py's InputGroup).
 _INPUT_GROUPS = (
     ("attn_in", ("q_proj", "k_proj", "v_proj")),  # input_layernorm output [N, H]
+    ("q_latent", ("q_b_proj",)),  # DeepSeek-V3: q_a_layernorm output [N, q_lora_rank]
+    ("kv_latent", ("kv_b_proj",)),  # DeepSeek-V3: kv_a_layernorm output [N, kv_lora_rank]
     ("attn_out", ("o_proj",)),  # SDPA output [N, nh*D]
     ("mlp_in", ("gate_proj", "up_proj")),  # post_attention_layernorm output [N, H]
     ("mlp_act", ("down_proj",)),  # silu(gate) * up [N, I]
@@ -59,7 +61,8 @@ _INPUT_GROUPS = (
 def _input_groups(args: ModelArgs) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """_INPUT_GROUPS of this model: Phi-3 reads the same inputs with one fused projection each,
     ChatGLM and Baichuan with a fused qkv_proj, GLM with a fused gate_up_proj."""
-    fused = {"attn_in": ("qkv_proj",) if args.fused_qkv else None,
+    fused = {"attn_in": (("q_a_proj" if args.q_lora_rank else "q_proj", "kv_a_proj_with_mqa") if args.mla
+                         else ("qkv_proj",) if args.fused_qkv else None),
              "mlp_in": ("gate_up_proj",) if args.fused_gate_up else None}
     return tuple((group, fused.get(group) or members) for group, members in _INPUT_GROUPS)
 # Inputs that autograd keeps anyway, for a reason other than LoRA: SDPA saves its output.
@@ -76,8 +79,15 @@ def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     attn = ({"qkv_proj": (H, q_dim + 2 * kv_dim)} if args.fused_qkv
             else {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim)})
+    o_in = q_dim
+    if args.mla:  # DeepSeek-V3 (models/mla.py)
+        nh, qk, r = args.num_heads, args.qk_nope_head_dim + args.head_dim, args.q_lora_rank
+        attn = ({"q_a_proj": (H, r), "q_b_proj": (r, nh * qk)} if r else {"q_proj": (H, nh * qk)})
+        attn |= {"kv_a_proj_with_mqa": (H, args.kv_lora_rank + args.head_dim),
+                 "kv_b_proj": (args.kv_lora_rank, nh * (args.qk_nope_head_dim + args.v_head_dim))}
+        o_in = nh * args.v_head_dim
     mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
-    return {**attn, "o_proj": (q_dim, H), **mlp, "down_proj": (I, H)}
+    return {**attn, "o_proj": (o_in, H), **mlp, "down_proj": (I, H)}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -354,6 +364,14 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # GPT-OSS's clamped GLU: the [2I] projection output (clamp keeps its two strided views),
         # the sigmoid's output, the clamped gate, the shifted up and the GLU: 6 [n, I] per pass
         out["mlp"] = 6 * k * I * e
+    if args.mla:
+        # q and k as concatenated [nope | rope] per head, v (padded to their size when narrower,
+        # else a view that keeps the kv_b_proj output alive) and the output; the q and kv
+        # latents' norms (fp32 copy + rsqrt)
+        dqk, dv = args.qk_nope_head_dim + D, args.v_head_dim
+        v = nh * dqk if dv < dqk else nh * (args.qk_nope_head_dim + dv)
+        out["attention"] = (2 * nh * dqk + v + nh * max(dv, dqk)) * e
+        out["latent_norms"] = (args.q_lora_rank + args.kv_lora_rank) * 4 + 8
     if args.attn_sinks:
         # with_sink_key: q, K/V (repeated, the mask is explicit) and the output at D + 8 dims
         # (out is then sliced and copied: o_proj's input is no longer SDPA's output, kept with a LoRA)
@@ -387,12 +405,14 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         if explicit_mask:
             out["attention_mask"] = seq_len
     # an expert's LoRA keeps its gathered input [n, H] and product [n, I]: k per token
-    widths = {"attn_in": H, "attn_out": nh * D, "mlp_in": k * H, "mlp_act": k * I}
+    widths = {"attn_in": H, "attn_out": nh * (args.v_head_dim if args.mla else D), "mlp_in": k * H, "mlp_act": k * I,
+              "q_latent": args.q_lora_rank, "kv_latent": args.kv_lora_rank}
     # an MoE model's dense MLPs are no targets
     on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
     for group, members in _input_groups(args):
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on_layer,
-                                                      shared, quant, kernel, sinks=args.attn_sinks)
+                                                      shared, quant, kernel,
+                                                      sinks=args.attn_sinks or (args.mla and args.v_head_dim < D + args.qk_nope_head_dim))
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
     if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
@@ -463,7 +483,8 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
                            adapters: list[LoraShape], shared: bool, quant: str | None, kernel: str,
                            sinks: bool = False) -> int:
     """What keeps the input of one input group alive for the backward, bytes per token.
-    sinks: attention with sinks, whose o_proj input is a copy of SDPA's output, not the output."""
+    sinks: attention whose o_proj input is a copy of SDPA's output, not the output (sinks, or
+    MLA's padded values: the padding is sliced off)."""
     targeting = [a for a in adapters if set(a.target_modules) & set(members)]
     dropped = [a for a in targeting if a.dropout > 0]
     if shared:
@@ -554,6 +575,8 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
         mlp = glu * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
+    if args.mla:
+        D = args.qk_nope_head_dim + D  # a query's and key's head
     attention = nh * (D + SINK_PAD * args.attn_sinks) * (4 * e + 4) + 4 * nh
     if args.attn_softcap is not None:
         # softcapped_attention: the gradients of softmax's fp32 input and output, then of the
@@ -601,6 +624,9 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     biases = (q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
     norms = args.num_norms * H + _qk_norm_width(args)
+    if args.mla:  # biases on q_a_proj and kv_a_proj_with_mqa (and o_proj); the latents' norms
+        biases = (args.q_lora_rank + args.kv_lora_rank + args.head_dim) * args.attention_bias + H * args.o_proj_bias
+        norms += args.q_lora_rank + args.kv_lora_rank
     sinks = args.num_heads * args.attn_sinks  # GPT-OSS: a logit per head
     attention += (biases + norms + sinks) * e  # biases + RMSNorm weights
 

@@ -24,13 +24,15 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL6 = [*ATTN, "gate_up_proj", "down_proj"]
 
 
-def test_bf16_is_closer_to_fp32_than_transformers_bf16(tmp_path):
-    """transformers' GPT-OSS attention takes its softmax in bf16 (eager, with the sinks); mlora's
-    runs through SDPA, which accumulates in fp32. So mlora's bf16 logits cannot equal
-    transformers' bf16 ones; they stay closer to the fp32 model than transformers' do."""
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_bf16_is_as_close_to_fp32_as_transformers_bf16(tmp_path, family):
+    """transformers' GPT-OSS attention takes its softmax in bf16 (eager, with the sinks), and its
+    DeepSeek-V3 one runs SDPA's plain-math path (values narrower than keys); mlora's runs SDPA's
+    kernels, which accumulate in fp32. So mlora's bf16 logits cannot equal transformers' bf16
+    ones; they stay as close to the fp32 model as transformers' (GPT-OSS: closer)."""
     from transformers import AutoModelForCausalLM
 
-    path = make_tiny_model(tmp_path, "gpt_oss", hidden_size=72, num_hidden_layers=3)
+    path = make_tiny_model(tmp_path, family, hidden_size=72, num_hidden_layers=3)
     ours = load_model(path, "cpu", torch.bfloat16)
     ref16 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
     ref32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -42,7 +44,8 @@ def test_bf16_is_closer_to_fp32_than_transformers_bf16(tmp_path):
         exact = ref32(input_ids=ids, attention_mask=mask).logits
         ours_err = (ours(ids, mask).float() - exact).abs()[mask.bool()]
         hf_err = (ref16(input_ids=ids, attention_mask=mask).logits.float() - exact).abs()[mask.bool()]
-    assert ours_err.max() < 0.1 and ours_err.max() <= hf_err.max() and ours_err.mean() <= hf_err.mean()
+    slack = 1.0 if family == "gpt_oss" else 1.1
+    assert ours_err.max() < 0.1 and ours_err.max() <= slack * hf_err.max() and ours_err.mean() <= slack * hf_err.mean()
 
 
 def test_mxfp4_dequantization_equals_transformers():

@@ -688,6 +688,12 @@ GLM4_MOE = dataclasses.replace(SMALL, model_type="glm4_moe", attention_bias=True
                                router_weights_fp32=True, router="sigmoid", router_fp32=True, router_groups=2,
                                routed_scaling=2.5, shared_expert_intermediate_size=32, shared_expert_gated=False,
                                moe_layers=[False, True])
+# DeepSeek-V3: latent attention (a rank-24 query bottleneck, a rank-16 kv latent, values of 12
+# against keys of 8 + 8) on GLM-4.5's MoE
+DEEPSEEK_V3 = dataclasses.replace(GLM4_MOE, model_type="deepseek_v3", attention_bias=False, qk_norm=False, head_dim=8,
+                                  mla=True, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=12,
+                                  num_kv_heads=4, attn_scale=0.3)
+MLA_ALL = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -701,8 +707,10 @@ GLM4_MOE = dataclasses.replace(SMALL, model_type="glm4_moe", attention_bias=True
     (GPT_OSS, [(4, 0.0), (8, 0.0)], GPT_OSS_ALL),
     (GPT_OSS, [(8, 0.1)], ("q_proj", "v_proj")),
     (GLM4_MOE, [(4, 0.0), (4, 0.0)], ALL7),
+    (DEEPSEEK_V3, [(4, 0.0), (8, 0.0)], MLA_ALL),
+    (DEEPSEEK_V3, [(8, 0.1)], ("q_b_proj", "kv_b_proj", "o_proj")),
 ], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
-        "gpt_oss_two", "gpt_oss_attention", "glm4_moe"])
+        "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents"])
 def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's

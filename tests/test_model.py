@@ -92,6 +92,10 @@ CASES = {
     # GLM-4.5: a sigmoid router with a correction bias, groups of experts, scaled weights, an
     # ungated shared expert, a dense first layer, partial rotary, per-head q/k norms
     "glm4_moe": ("glm4_moe", {}),
+    "deepseek_v3": ("deepseek_v3", {}),
+    # queries straight from q_proj, RoPE on the two halves, no YaRN
+    "deepseek_v3_q_proj": ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False,
+                                               rope_parameters=dict(rope_type="default", rope_theta=1e4))),
     "glm4_moe_no_groups": ("glm4_moe", dict(n_group=1, topk_group=1, use_qk_norm=False, norm_topk_prob=False,
                                             n_shared_experts=0, first_k_dense_replace=0)),
     "gpt_oss_mqa_top1": ("gpt_oss", dict(num_key_value_heads=1, num_experts_per_tok=1,
@@ -154,7 +158,7 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
-                                  "qwen2_moe", "gpt_oss", "glm4_moe"])
+                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -259,7 +263,8 @@ def test_sliding_windows_per_family(tmp_path):
 
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss",
+                                    "deepseek_v3"])
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -341,7 +346,7 @@ def test_config_errors():
         family_for("gpt2")
     assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
                          "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral",
-                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"}
+                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

@@ -3,7 +3,7 @@
 Each family module provides `args_from_hf_config`, `ModelArgs`, `CausalLM`,
 `module_sequence` and `tensor_names`. LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3 (text), Phi-3,
 SmolLM3, GLM-4, ChatGLM2/3, Baichuan, Granite, OLMo 2/3 and the mixture-of-experts Mixtral,
-Qwen2/3-MoE, OLMoE, GPT-OSS and GLM-4.5 differ only in switches, so one module serves them all
+Qwen2/3-MoE, OLMoE, GPT-OSS, GLM-4.5 and DeepSeek-V3 differ only in switches, so one module serves them all
 (checkpoint names that differ, and GPT-OSS's stacked experts, are translated by naming.py).
 """
 
@@ -16,7 +16,7 @@ from mlora.models import llama
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
              "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
-             "glm4_moe"}
+             "glm4_moe", "deepseek_v3"}
 
 _FAMILIES: dict[str, ModuleType] = {name: llama for name in SUPPORTED}
 

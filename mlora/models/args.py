@@ -16,9 +16,9 @@ from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
             "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-            "gpt_oss", "glm4_moe")
+            "gpt_oss", "glm4_moe", "deepseek_v3")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v3")
 # How a router turns its logits into the chosen experts' weights (models/moe.SparseMoE.route):
 # softmax, then the top k (Mixtral, Qwen-MoE, OLMoE); the top k logits, then their softmax
 # (GPT-OSS); DeepSeek-V3's sigmoid scores, the top k of them plus a per-expert correction bias
@@ -152,6 +152,13 @@ class ModelArgs:
     glu_limit: float = 0.0
     glu_alpha: float = 1.0
     attn_sinks: bool = False
+    # DeepSeek-V3: multi-head latent attention (models/mla.py). head_dim is then the RoPE part
+    # of each query and key head (qk_rope_head_dim), as in transformers' config.
+    mla: bool = False
+    q_lora_rank: int = 0  # 0: q_proj; else q_a_proj -> norm -> q_b_proj through this rank
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -298,6 +305,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     elif model_type == "glm4_moe":  # `attention_bias` on q/k/v only
         qkv_bias, o_bias, mlp_bias = bool(get("attention_bias", False)), False, False
         windows = [None] * num_layers
+    elif model_type == "deepseek_v3":  # `attention_bias` on q_a_proj, kv_a_proj_with_mqa and o_proj
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = [None] * num_layers
     elif model_type == "olmoe":
         if get("clip_qkv") is not None:
             raise UserError("olmoe config clip_qkv is set: clipping q, k and v is not supported")
@@ -329,7 +340,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = False
         windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
 
-    head_dim = int(get("head_dim", hidden // heads))
+    head_dim = int(get("qk_rope_head_dim", 64) if model_type == "deepseek_v3" else get("head_dim", hidden // heads))
     rope_params = get("rope_parameters") or {}
     partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
     rotary_dim = None
@@ -353,8 +364,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 500_000.0), 500_000.0)
     else:
         full_rope, local_rope = _rope_args(get, max_pos, rope_dim), None
-    if model_type in ("glm", "glm4", "chatglm"):
+    if model_type in ("glm", "glm4", "chatglm") or (model_type == "deepseek_v3" and get("rope_interleave", True)):
         full_rope = replace(full_rope, interleaved=True)
+    mla = _mla_args(get, head_dim, rope_params or get("rope_scaling") or {}) if model_type == "deepseek_v3" else {}
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -380,7 +392,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm"),
         rope_fp32=model_type in ("olmo2", "olmo3") or (model_type == "baichuan" and bool(get("rope_fp32"))),
         attn_scale=(float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
-                    else float(get("attention_multiplier", 1.0)) if model_type == "granite" else None),
+                    else float(get("attention_multiplier", 1.0)) if model_type == "granite"
+                    else mla.pop("attn_scale") if mla else None),
         attn_softcap=attn_cap,
         final_softcap=final_cap,
         fused_qkv=model_type in ("phi3", "chatglm", "baichuan"),
@@ -398,6 +411,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         logits_scaling=(_positive_number(float(get("logits_scaling", 1.0)), "granite config logits_scaling")
                         if model_type == "granite" else 1.0),
         attn_sinks=model_type == "gpt_oss",
+        **mla,
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
 
@@ -406,15 +420,15 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
     its config (the expert count is num_local_experts for Mixtral, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
-    experts_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts",
-                   "glm4_moe": "n_routed_experts"}.get(model_type, "num_experts")
+    experts_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "glm4_moe": "n_routed_experts",
+                   "deepseek_v3": "n_routed_experts"}.get(model_type, "num_experts")
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
     if top_k > experts:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
     if model_type == "mixtral" and get("router_jitter_noise", 0.0):
         raise UserError("mixtral config router_jitter_noise is not 0: the router's training noise is not supported")
-    own_width = qwen or model_type == "glm4_moe"  # experts narrower than the dense MLPs
+    own_width = qwen or model_type in ("glm4_moe", "deepseek_v3")  # experts narrower than the dense MLPs
     expert_size = get("moe_intermediate_size") if own_width else get("intermediate_size")
     expert_size = _positive_int(expert_size, f"{model_type} config {'moe_' if own_width else ''}intermediate_size")
     sparse = [True] * num_layers
@@ -430,37 +444,54 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         family = dict(router_bias=True, router="topk_softmax", gate_up_interleaved=True,
                       glu_limit=_positive_number(get("swiglu_limit", 7.0), "gpt_oss config swiglu_limit"),
                       glu_alpha=_positive_number(get("swiglu_alpha", 1.702), "gpt_oss config swiglu_alpha"))
-    if model_type == "glm4_moe":
-        family = _glm4_moe_args(get, experts, top_k, num_layers)
+    if model_type in ("glm4_moe", "deepseek_v3"):
+        family = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
         shared = expert_size * family.pop("n_shared_experts")
         sparse = family.pop("sparse")
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
-                router_weights_fp32=model_type in ("mixtral", "glm4_moe"), shared_expert_intermediate_size=shared,
+                router_weights_fp32=model_type in ("mixtral", "glm4_moe", "deepseek_v3"),
+                shared_expert_intermediate_size=shared,
                 moe_layers=sparse, **family)
 
 
-def _glm4_moe_args(get, experts: int, top_k: int, num_layers: int) -> dict:
-    """GLM-4.5's router (DeepSeek-V3's: sigmoid scores in fp32, a correction bias that only
-    picks, group-limited top k, scaled weights), its ungated shared experts and its first
-    first_k_dense_replace dense layers."""
-    groups = _positive_int(get("n_group", 1), "glm4_moe config n_group")
-    topk_groups = _positive_int(get("topk_group", 1), "glm4_moe config topk_group")
+def _deepseek_router_args(get, model_type: str, experts: int, top_k: int, num_layers: int) -> dict:
+    """DeepSeek-V3's router, which GLM-4.5 shares (sigmoid scores in fp32, a correction bias
+    that only picks, group-limited top k, scaled weights), their ungated shared experts and
+    their first first_k_dense_replace dense layers."""
+    groups = _positive_int(get("n_group", 1), f"{model_type} config n_group")
+    topk_groups = _positive_int(get("topk_group", 1), f"{model_type} config topk_group")
     if experts % groups or topk_groups > groups or (groups > 1 and experts // groups < 2):
-        raise UserError(f"glm4_moe config n_group ({groups}) and topk_group ({topk_groups}) do not fit "
+        raise UserError(f"{model_type} config n_group ({groups}) and topk_group ({topk_groups}) do not fit "
                         f"{experts} experts")
     if top_k > experts // groups * topk_groups:
-        raise UserError(f"glm4_moe config num_experts_per_tok ({top_k}) exceeds the experts of topk_group groups")
-    n_shared = get("n_shared_experts", 0)
-    if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:
-        raise UserError(f"glm4_moe config n_shared_experts must be a non-negative integer, got {n_shared!r}")
-    dense = get("first_k_dense_replace", 0)
-    if isinstance(dense, bool) or not isinstance(dense, int) or dense < 0:
-        raise UserError(f"glm4_moe config first_k_dense_replace must be a non-negative integer, got {dense!r}")
+        raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the experts of topk_group groups")
+    counts = {}
+    for key in ("n_shared_experts", "first_k_dense_replace"):
+        counts[key] = get(key, 0)
+        if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 0:
+            raise UserError(f"{model_type} config {key} must be a non-negative integer, got {counts[key]!r}")
+    scaling = _positive_number(get("routed_scaling_factor", 1.0), f"{model_type} config routed_scaling_factor")
     return dict(router="sigmoid", router_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
-                routed_scaling=_positive_number(get("routed_scaling_factor", 1.0), "glm4_moe config routed_scaling_factor"),
-                shared_expert_gated=False, n_shared_experts=n_shared, sparse=[i >= dense for i in range(num_layers)],
+                routed_scaling=scaling, shared_expert_gated=False, n_shared_experts=counts["n_shared_experts"],
+                sparse=[i >= counts["first_k_dense_replace"] for i in range(num_layers)],
                 extra_layers=int(get("num_nextn_predict_layers", 0) or 0))
+
+
+def _mla_args(get, rope_dim: int, rope_params: Mapping) -> dict:
+    """DeepSeek-V3's latent attention sizes, and its softmax scale: 1 / sqrt(nope + rope), times
+    YaRN's mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale)."""
+    sizes = {key: _positive_int(get(key), f"deepseek_v3 config {key}")
+             for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")}
+    q_rank = get("q_lora_rank")
+    scale = (sizes["qk_nope_head_dim"] + rope_dim) ** -0.5
+    mscale_all_dim = rope_params.get("mscale_all_dim") or 0
+    factor = float(rope_params.get("factor") or 1.0)
+    if (rope_params.get("rope_type") or rope_params.get("type") or "default") != "default" and mscale_all_dim:
+        mscale = 1.0 if factor <= 1 else 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return dict(mla=True, q_lora_rank=0 if q_rank is None else _positive_int(q_rank, "deepseek_v3 config q_lora_rank"),
+                attn_scale=scale, **sizes)
 
 
 _PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe")
@@ -497,7 +528,14 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                  "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
                                  "n_group": 1, "topk_group": 1, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
                                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5,
-                                 "num_nextn_predict_layers": 1}}
+                                 "num_nextn_predict_layers": 1},
+                    # DeepseekV3Config's (DeepSeek-V3's own shape)
+                    "deepseek_v3": {"n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                                    "n_shared_experts": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+                                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+                                    "num_key_value_heads": 128, "max_position_embeddings": 4096,
+                                    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+                                    "qk_nope_head_dim": 128, "v_head_dim": 128, "num_nextn_predict_layers": 1}}
 
 
 # ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out

@@ -1,6 +1,6 @@
 """mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3,
 SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE, OLMoE,
-GPT-OSS and GLM-4.5 in one readable file.
+GPT-OSS, GLM-4.5 and DeepSeek-V3 in one readable file (DeepSeek-V3's latent attention: mla.py).
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mlora.device import upload
 from mlora.models.alibi import alibi_bias
+from mlora.models.mla import LatentAttention, mla_tensor_names
 from mlora.models.moe import SparseMoE, moe_tensor_names
 # Re-exported: the family's API (mlora.models) is this module.
 from mlora.models.args import FAMILIES, ROPE_TYPES, ModelArgs, RopeArgs, args_from_hf_config  # noqa: F401
@@ -78,8 +79,10 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
         else:
             p = f"model.layers.{part.split('.')[1]}."
             attn = ("qkv",) if args.fused_qkv else ("q", "k", "v")
-            for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
+            for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)] * (not args.mla):
                 names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
+            if args.mla:
+                names += mla_tensor_names(args, p + "self_attn.")
             if args.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
             if args.attn_sinks:
@@ -441,7 +444,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.sliding_window = args.sliding_window[layer_id]
-        self.self_attn = Attention(args)
+        self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args)
         self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id] else MLP(args))
         # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
         # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output

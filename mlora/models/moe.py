@@ -1,5 +1,5 @@
 """The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
-GLM-4.5.
+GLM-4.5, DeepSeek-V3.
 
 A linear router scores every token against every expert; each token goes to its
 `num_experts_per_tok` best experts (softmax probabilities, renormalized over the chosen ones
