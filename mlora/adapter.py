@@ -182,11 +182,12 @@ class Adapter:
         the optimizer (momentum, AdamW's moments, weight decay) would step such a weight in a
         fused batch and leave it alone in a solo run. With it, every step moves every weight,
         as PEFT on transformers 5's stacked experts does."""
-        if not self._grads():  # no step of this adapter here (a pipeline stage without its tensors)
+        params = self.parameters()
+        missing = [p for p in params if p.grad is None]
+        if not missing or len(missing) == len(params):  # all there; or no step of this adapter here
             return
-        for p in self.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        for p in missing:
+            p.grad = torch.zeros_like(p)
 
     @property
     def steps_on_device(self) -> bool:

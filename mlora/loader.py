@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -25,7 +25,7 @@ import torch
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, mxfp4
 from mlora.models.args import REMOTE_CODE_FAMILIES
-from mlora.models.naming import naming_for
+from mlora.models.naming import StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
     from transformers import PretrainedConfig
@@ -171,16 +171,15 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     # GPT-OSS stacks its experts, so many of mlora's tensors are slices of one of its tensors)
     naming = naming_for(args.model_type)
     if "embed" in model.parts:  # once per model (a pipeline's first stage)
-        used = {naming.to_checkpoint(n) for n in family.tensor_names(args)}
-        used |= {part for name in used for part in _mxfp4_parts(name)}
+        used = {part for n in family.tensor_names(args)
+                for part in _sources_of(naming.to_checkpoint(n), index, naming)}
         # GLM-4.5's multi-token-prediction layers after the last one: no forward uses them
         extra = {f"model.layers.{i}." for i in range(args.num_layers, args.num_layers + args.extra_layers)}
         _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
     # What each checkpoint tensor is read from: itself, or (GPT-OSS's released checkpoints) the
     # MXFP4 blocks and scales of a stacked expert weight
-    sources = {t: (t,) if t in index or not all(p in index for p in _mxfp4_parts(t)) else _mxfp4_parts(t)
-               for t in dict.fromkeys(stored.values())}
+    sources = {t: _sources_of(t, index, naming) for t in dict.fromkeys(stored.values())}
     missing = [t for t, parts_of in sources.items() if parts_of[0] not in index]
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from {source}"
@@ -239,13 +238,12 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                 for stored_name in stored_names:
                     names = by_stored[stored_name]
                     if any(stacked[n] is not None for n in names):
-                        tensor = _read_stacked(f, present, file, sources[stored_name], index, dtype)
-                        if tensor.shape[0] != args.num_experts:
-                            raise UserError(f"tensor {stored_name!r} stacks {tensor.shape[0]} experts but config.json "
+                        count, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device)
+                        if count != args.num_experts:
+                            raise UserError(f"tensor {stored_name!r} stacks {count} experts but config.json "
                                             f"implies {args.num_experts}")
                         for name in names:
-                            piece = tensor[stacked[name].expert]
-                            place(name, piece.t().contiguous() if stacked[name].transposed else piece, stored_name)
+                            place(name, expert(stacked[name]).contiguous(), stored_name)
                         continue
                     if stored_name not in present:
                         raise UserError(f"tensor {stored_name!r} is missing from {file}")
@@ -278,32 +276,49 @@ _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi
 _ROUTER = re.compile(r".*\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
-def _mxfp4_parts(stacked: str) -> tuple[str, str]:
-    """The MXFP4 blocks and scales a stacked expert weight may be stored as (GPT-OSS)."""
-    return mxfp4.blocks_name(stacked), mxfp4.scales_name(stacked)
+def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:
+    """The checkpoint tensors a tensor is read from: itself, or for a stacked expert weight that
+    the checkpoint stores in MXFP4 (GPT-OSS's releases), its blocks and scales."""
+    parts = (mxfp4.blocks_name(tensor), mxfp4.scales_name(tensor))
+    if tensor in index or not naming.stacks_experts or not all(p in index for p in parts):
+        return (tensor,)
+    return parts
 
 
 def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], index: dict[str, Path],
-                  dtype: torch.dtype) -> torch.Tensor:
-    """A stacked expert tensor (f reads to the CPU): as stored, or dequantized from its MXFP4 blocks
-    and scales ([E, out, in], the experts' weights already in nn.Linear's layout)."""
+                  dtype: torch.dtype, device: torch.device) -> tuple[int, Callable[[StackedSlice], torch.Tensor]]:
+    """A stacked expert tensor (f reads to the CPU, mapped, not copied): (its expert count, a
+    function giving one expert's slice in nn.Linear's layout). Stored in MXFP4, each expert is
+    dequantized when asked for, on `device`, so that no whole stacked tensor is ever held in full
+    precision (and a GPU does the work)."""
     if parts_of[0] not in present:
         raise UserError(f"tensor {parts_of[0]!r} is missing from {file}")
     if len(parts_of) == 1:
-        return f.get_tensor(parts_of[0])
+        stacked = f.get_tensor(parts_of[0])  # [E, in, out] (a weight) or [E, out] (a bias)
+        return stacked.shape[0], lambda part: stacked[part.expert].t() if part.transposed else stacked[part.expert]
     from safetensors import safe_open
 
     blocks_name, scales_name = parts_of
+    blocks = f.get_tensor(blocks_name)  # [E, out, in / 32, 16]
     if index[scales_name] == file:
         scales = f.get_tensor(scales_name)
     else:  # another shard
-        with safe_open(str(index[scales_name]), framework="pt") as g:
-            scales = g.get_tensor(scales_name)
-    try:
-        weight = mxfp4.dequantize(f.get_tensor(blocks_name), scales, dtype)
-    except ValueError as e:
-        raise UserError(f"{file}: {blocks_name}: {e}") from None
-    return weight.transpose(1, 2)  # [E, in, out], as a stacked tensor in full precision is stored
+        try:
+            with safe_open(str(index[scales_name]), framework="pt") as g:
+                scales = g.get_tensor(scales_name)  # [E, out, in / 32]
+        except Exception as e:
+            raise UserError(f"cannot read {index[scales_name]}: {e}") from None
+    if blocks.shape[:-1] != scales.shape:
+        raise UserError(f"{file}: {blocks_name}: MXFP4 blocks {tuple(blocks.shape)} do not match scales "
+                        f"{tuple(scales.shape)}")
+
+    def expert(part: StackedSlice) -> torch.Tensor:  # [out, in]: the weight as nn.Linear holds it
+        try:
+            return mxfp4.dequantize(blocks[part.expert].to(device), scales[part.expert].to(device), dtype)
+        except ValueError as e:
+            raise UserError(f"{file}: {blocks_name}: {e}") from None
+
+    return blocks.shape[0], expert
 
 
 def _warn_unused_tensors(stored: set[str], used: set[str], base: Path) -> None:

@@ -15,15 +15,12 @@ down_proj's under `experts.`; with one, it is under `experts.`.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
-# mlora's per-expert module path -> (the experts module, expert index, projection)
-_EXPERT_MODULE = re.compile(r"(?P<experts>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)")
-STACKED_PROJECTIONS = ("gate_up_proj", "down_proj")  # PEFT's wrapping order: the first innermost
+from mlora.models.naming import EXPERT_PROJECTION, STACKED_PROJECTIONS
 
 
 def target_parameters(projections: list[str]) -> list[str]:
@@ -39,7 +36,7 @@ def _wrapper_prefix(proj: str, projections: list[str]) -> str:
 
 def split_path(path: str) -> tuple[str, int, str] | None:
     """(experts module path, expert, projection) of an expert's projection; None otherwise."""
-    m = _EXPERT_MODULE.fullmatch(path)
+    m = EXPERT_PROJECTION.fullmatch(path)
     return None if m is None else (m["experts"], int(m["e"]), m["proj"])
 
 

@@ -211,7 +211,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(1.0, 0.2)
             if "norm" in name and family.startswith("gemma"):  # (1 + w) norms: w starts at zeros
                 p.normal_(0.0, 0.2)
-            elif "layernorm" in name and family in ("glm4", "olmo2", "olmo3"):  # a misplaced norm must show
+            elif ("layernorm" in name and family in ("glm4", "olmo2", "olmo3")  # a misplaced norm must show
+                  or "norm" in name and family == "gpt_oss"):  # (GPT-OSS's norms scale in fp32: bf16 tells)
                 p.normal_(1.0, 0.2)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # GLM-4.5's router: it must change the choice

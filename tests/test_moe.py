@@ -161,7 +161,8 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
 # GPT-OSS: experts with biases, a fused gate_up_proj of interleaved columns and a clamped GLU
 @pytest.mark.parametrize("family, kernel", [*(("mixtral", k) for k in ("auto", "fused", "dense", "loop", "grouped",
                                                                        "triton")),
-                                            ("gpt_oss", "auto"), ("gpt_oss", "dense"), ("gpt_oss", "triton"),
+                                            *(("gpt_oss", k) for k in ("auto", "fused", "dense", "loop", "grouped",
+                                                                       "triton")),
                                             ("glm4_moe", "auto"), ("deepseek_v3", "auto"), ("deepseek_v3", "dense")])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention

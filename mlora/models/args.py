@@ -85,7 +85,7 @@ class ModelArgs:
     gemma_norms: bool = False
     embed_scale: bool = False
     norm_layout: str = "pre"  # a key of NORM_LAYOUTS
-    # OLMo 2/3, ChatGLM: RMSNorm multiplies by its weight in fp32, then casts (LLaMA casts first)
+    # OLMo 2/3, ChatGLM, GPT-OSS: RMSNorm multiplies by its weight in fp32, then casts (LLaMA casts first)
     norm_weight_fp32: bool = False
     # OLMo 2/3: q and k turn in fp32 (cos/sin are not cast to the dtype), then are cast back
     rope_fp32: bool = False
@@ -389,7 +389,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         embed_scale=gemma,
         norm_layout=("sandwich" if sandwich else "glm4" if model_type == "glm4"
                      else "post" if model_type in ("olmo2", "olmo3") else "pre"),
-        norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm"),
+        norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm", "gpt_oss"),
         rope_fp32=model_type in ("olmo2", "olmo3") or (model_type == "baichuan" and bool(get("rope_fp32"))),
         attn_scale=(float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
                     else float(get("attention_multiplier", 1.0)) if model_type == "granite"
@@ -519,10 +519,12 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                     # (gpt-oss-120b's, and the YaRN RoPE GptOssConfig fills in)
                     "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "rms_norm_eps": 1e-5,
                                 "num_key_value_heads": 8, "head_dim": 64, "sliding_window": 128,
-                                "max_position_embeddings": 131072, "attention_bias": True,
-                                "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
-                                                    "beta_slow": 1.0, "truncate": False, "rope_theta": 150_000.0,
-                                                    "original_max_position_embeddings": 4096}},
+                                "max_position_embeddings": 131072, "attention_bias": True, "rope_theta": 150_000.0,
+                                # (as rope_scaling: a transformers-4 config.json's rope_scaling or a
+                                # transformers-5 one's rope_parameters still wins)
+                                "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "truncate": False,
+                                                 "original_max_position_embeddings": 4096}},
                     # (GLM-4.5-Air's shape is GLM-4.5's; Glm4MoeConfig's defaults)
                     "glm4_moe": {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
                                  "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,

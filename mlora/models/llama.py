@@ -331,9 +331,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         scale = self.scale
-        if self.has_sinks:  # (+1 key, +8 dims: the scale must be the real head size's)
+        if self.has_sinks:  # (+1 key, +8 dims: the scale must be the real head size's; mask: sink_masks')
             scale = self.head_dim ** -0.5 if scale is None else scale
-            q, k, v, mask = with_sink_key(q, k, v, mask, self.sinks, scale)
+            q, k, v = with_sink_key(q, k, v, self.sinks, scale)
         n_rep = self.num_heads // self.num_kv_heads
         if self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, scale, self.softcap)
@@ -356,33 +356,45 @@ class Attention(nn.Module):
 SINK_PAD = 8  # the sink's extra query/key dim, padded so that D stays a multiple of 8 for SDPA's kernels
 
 
-def with_sink_key(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks: Tensor,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def with_sink_key(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """GPT-OSS's attention sinks as one more key that SDPA's kernels can take: a head's softmax
     gets exp(sinks[h]) added to its denominator, as if a key with score sinks[h] and a zero value
-    were there. q [B, nh, S, D]; k, v [B, nkv, T, D]; mask bool [B or 1, 1, S, T] or None (causal,
-    the last S of T keys); sinks [nh]; scale: the attention's (SDPA must be given it: D grows).
+    were there. q [B, nh, S, D]; k, v [B, nkv, T, D]; sinks [nh]; scale: the attention's (SDPA
+    must be given it: D grows). The mask must show every query the sink (sink_masks).
 
     The sink key is a unit vector in an extra dimension, in which each query holds its head's
     sink / scale: q'.k'_sink * scale = sinks[h], and every real key is 0 there, so no real score
-    changes. The sink's value is zero. Unlike a per-head float mask ([B, nh, S, T+1], what an
-    additive bias would need), this adds only a key and D -> D + 8 (the extra dim, padded for
-    SDPA's kernels: 12.5% more attention FLOPs at D = 64), and grouped K/V heads stay shared.
-    Returns (q' [B, nh, S, D+8], k' [B, nkv, T+1, D+8], v' [B, nkv, T+1, D+8], mask' [B or 1,
-    1, S, T+1]); the output's first D dims are the attention, its others zero."""
+    changes. The sink's value is zero. Unlike an additive bias (a float mask per head, [B, nh, S,
+    T+1]), this adds only a key and D -> D + 8 (the extra dim, padded for SDPA's kernels: 12.5%
+    more attention FLOPs at D = 64). The mask is explicit on every layer, so K/V are repeated to
+    the query heads as with any explicit mask (Attention.forward), and FlashAttention, which
+    takes no mask, does not apply on CUDA (the memory-efficient kernel does).
+    Returns (q' [B, nh, S, D+8], k' [B, nkv, T+1, D+8], v' [B, nkv, T+1, D+8]); the output's first
+    D dims are the attention, its others zero."""
     B, nh, S, D = q.shape
-    nkv, T = k.shape[1], k.shape[2]
-    pad = (0, SINK_PAD)  # the last dim: D -> D + 8
+    nkv = k.shape[1]
     logit = (sinks.to(q.dtype) / scale).view(1, nh, 1, 1).expand(B, nh, S, 1)  # [B, nh, S, 1]
     q = torch.cat([q, logit, q.new_zeros(B, nh, S, SINK_PAD - 1)], dim=-1)  # [B, nh, S, D+8]
     sink_key = k.new_zeros(B, nkv, 1, D + SINK_PAD)
     sink_key[..., D] = 1.0
-    k = torch.cat([F.pad(k, pad), sink_key], dim=2)  # [B, nkv, T+1, D+8]
+    k = torch.cat([F.pad(k, (0, SINK_PAD)), sink_key], dim=2)  # [B, nkv, T+1, D+8]
     v = F.pad(v, (0, SINK_PAD, 0, 1))  # [B, nkv, T+1, D+8]: the sink's value is zero
-    if mask is None:
-        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)[None, None]  # [1, 1, S, T]
-    mask = F.pad(mask, (0, 1), value=True)  # [B or 1, 1, S, T+1]: every query sees the sink
-    return q, k, v, mask
+    return q, k, v
+
+
+def sink_masks(masks: dict[int, Tensor | None], S: int, T: int, device: torch.device) -> dict[int, Tensor]:
+    """The layers' masks with a last key column that every query sees (the sink of with_sink_key):
+    bool [B or 1, 1, S, T+1]; a None mask (causal: the last S of T keys) made explicit. Built once
+    per distinct mask and forward, not per layer."""
+    padded: dict[int, Tensor] = {}
+    out = {}
+    for i, mask in masks.items():
+        if id(mask) not in padded:
+            if mask is None:
+                mask = torch.ones(S, T, dtype=torch.bool, device=device).tril(T - S)[None, None]  # [1, 1, S, T]
+            padded[id(masks[i])] = F.pad(mask, (0, 1), value=True)
+        out[i] = padded[id(masks[i])]
+    return out
 
 
 def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
@@ -562,6 +574,8 @@ class CausalLM(nn.Module):
                 masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
             else:
                 masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask)
+            if self.args.attn_sinks:  # GPT-OSS: every query sees the sink key too (with_sink_key)
+                masks = sink_masks(masks, S, past + S, h.device)
             if self.args.alibi:  # the bool masks become float ones carrying the biases
                 biases = {}
                 for i, mask in masks.items():

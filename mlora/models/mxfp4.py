@@ -29,27 +29,15 @@ def scales_name(stacked: str) -> str:
 
 def dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G * 32] in dtype: the weight in
-    the checkpoint's [E, out, in] layout (nn.Linear's per expert)."""
+    the checkpoint's [E, out, in] layout (nn.Linear's per expert). The loader calls it per expert,
+    so its temporaries stay a few times one expert's size."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]  # [..., G, 16] each
-    values = torch.stack([low, high], dim=-1).flatten(-2)  # [..., G, 32]: low nibble first
-    out = torch.ldexp(values, scales.to(torch.int32)[..., None] - SCALE_BIAS)  # [..., G, 32]
-    return out.flatten(-2).to(dtype)  # [..., G * 32]
-
-
-def quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """weight [..., n * 32] -> (blocks, scales), rounding each value to the nearest E2M1 value
-    times its block's power of two (the block's largest magnitude scaled to at most 6). For
-    tests: a checkpoint in the released models' format from any weights."""
-    w = weight.float().unflatten(-1, (-1, BLOCK))  # [..., G, 32]
-    peak = w.abs().amax(dim=-1).clamp_min(2.0 ** -126)  # [..., G]
-    exponent = torch.ceil(torch.log2(peak / 6.0)).clamp(-SCALE_BIAS, 127)  # 6 * 2^e >= peak
-    scaled = w / torch.exp2(exponent)[..., None]  # [..., G, 32] within [-6, 6]
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    codes = (scaled[..., None] - lut).abs().argmin(dim=-1).to(torch.uint8)  # [..., G, 32]
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., G, 16]
-    return blocks.contiguous(), (exponent + SCALE_BIAS).to(torch.uint8)
+    lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=blocks.device)  # exact in any float dtype
+    out = torch.empty(*blocks.shape[:-1], BLOCK, dtype=dtype, device=blocks.device)  # [..., G, 32]
+    out[..., 0::2] = lut[(blocks & 0x0F).int()]  # the low nibble first
+    out[..., 1::2] = lut[(blocks >> 4).int()]
+    torch.ldexp(out, scales.to(torch.int32)[..., None] - SCALE_BIAS, out=out)  # times 2^(scale - 127)
+    return out.flatten(-2)  # [..., G * 32]

@@ -62,8 +62,11 @@ _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtra
 # released checkpoints hold the weights in MXFP4 instead: `..._blocks` and `..._scales`, see
 # mxfp4.py). mlora's experts are nn.Linear modules per expert, as for the other MoE families;
 # each reads its slice of the stacked tensor (its weight transposed).
-_STACKED = {"gpt_oss": re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
-                                  r"(?P<proj>gate_up_proj|down_proj)\.(?P<kind>weight|bias)")}
+STACKED_PROJECTIONS = ("gate_up_proj", "down_proj")  # (PEFT's wrapping order, stacked_lora.py: the first innermost)
+# An expert's projection as mlora names the module: (the experts module, the expert, the projection)
+EXPERT_PROJECTION = re.compile(rf"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
+                               rf"(?P<proj>{'|'.join(STACKED_PROJECTIONS)})")
+_STACKED = {"gpt_oss": re.compile(EXPERT_PROJECTION.pattern + r"\.(?P<kind>weight|bias)")}
 
 
 @dataclass(frozen=True)
