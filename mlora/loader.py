@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mlora.errors import UserError
-from mlora.models import SUPPORTED, family_for, mxfp4
+from mlora.models import SUPPORTED, family_for, fp8, mxfp4
 from mlora.models.args import REMOTE_CODE_FAMILIES
 from mlora.models.naming import StackedSlice, naming_for
 
@@ -58,6 +58,7 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
     if model_type not in SUPPORTED:
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
+    _check_quantization_config(raw.get("quantization_config"), model_type, config_file)
     if model_type == "gemma3" and not isinstance(raw.get("text_config"), dict):
         # (Gemma3Config would fill in a 4B model's text config and blame the weights)
         raise UserError(f"{config_file}: a gemma3 config needs its text_config")
@@ -81,6 +82,30 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "
                         f"{cfg.model_type!r}, which is not supported")
     return cfg, _args_of(cfg, cfg.model_type, config_file)
+
+
+def _check_quantization_config(qc, model_type: str, config_file: Path) -> None:
+    """A checkpoint stored quantized is read only in the formats mlora dequantizes at load: GPT-OSS's
+    MXFP4 experts (models/mxfp4.py) and block-scaled FP8 (DeepSeek-V3's; models/fp8.py)."""
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method == "mxfp4" and model_type == "gpt_oss":
+        return
+    if method == "fp8" and _fp8_block(qc) is not None:
+        return
+    raise UserError(f"{config_file}: a checkpoint stored with quantization_config quant_method {method!r} is not "
+                    "supported (mlora reads full-precision, GPT-OSS's MXFP4 and block-scaled FP8 weights; "
+                    "load the full-precision model and quantize with --load_4bit / --load_8bit)")
+
+
+def _fp8_block(qc) -> tuple[int, int] | None:
+    """An FP8 quantization_config's weight_block_size, e.g. (128, 128); None if it has none."""
+    block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+    if (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        return tuple(block)
+    return None
 
 
 def _args_of(cfg, model_type: str, config_file: Path) -> ModelArgs:
@@ -208,9 +233,10 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         if name == "lm_head.weight" and args.normalized_head:
             # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
             tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            # GLM-4.5's router stays in fp32 whatever the dtype, as in transformers
-            tensor = tensor.to(torch.float32 if args.router_fp32 and _ROUTER.match(name) else dtype)
+        # GLM-4.5's and DeepSeek-V3's router stays in fp32 whatever the dtype, as in transformers
+        target = torch.float32 if args.router_fp32 and _ROUTER.match(name) else dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor = tensor.to(target)
         if name in quantized:
             _assign_quantized(quantized[name], stored_name, tensor, quant, device)
             return
@@ -248,6 +274,9 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                     if stored_name not in present:
                         raise UserError(f"tensor {stored_name!r} is missing from {file}")
                     tensor = f.get_tensor(stored_name)
+                    if tensor.dtype in fp8.FP8_DTYPES:  # DeepSeek-V3's releases: block-scaled FP8
+                        tensor = _dequantize_fp8(f, file, stored_name, tensor, sources[stored_name], index,
+                                                 getattr(cfg, "quantization_config", None))
                     for name in names:
                         place(name, tensor, stored_name)
         except UserError:
@@ -277,12 +306,42 @@ _ROUTER = re.compile(r".*\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
 def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:
-    """The checkpoint tensors a tensor is read from: itself, or for a stacked expert weight that
-    the checkpoint stores in MXFP4 (GPT-OSS's releases), its blocks and scales."""
+    """The checkpoint tensors a tensor is read from: itself (and, a block-FP8 weight, its scales),
+    or for a stacked expert weight that the checkpoint stores in MXFP4 (GPT-OSS's releases), its
+    blocks and scales."""
+    if tensor in index:
+        return (tensor, fp8.scale_name(tensor)) if fp8.scale_name(tensor) in index else (tensor,)
     parts = (mxfp4.blocks_name(tensor), mxfp4.scales_name(tensor))
-    if tensor in index or not naming.stacks_experts or not all(p in index for p in parts):
+    if not naming.stacks_experts or not all(p in index for p in parts):
         return (tensor,)
     return parts
+
+
+def _dequantize_fp8(f, file: Path, name: str, weight: torch.Tensor, parts_of: tuple[str, ...],
+                    index: dict[str, Path], qc) -> torch.Tensor:
+    """A block-FP8 weight read with its scales (models/fp8.py), in fp32."""
+    block = _fp8_block(qc)
+    if block is None or len(parts_of) < 2:
+        raise UserError(f"tensor {name!r} in {file} is float8 but " + ("config.json has no FP8 quantization_config "
+                        "with a weight_block_size" if block is None else f"{fp8.scale_name(name)!r} is missing"))
+    scale = _read_other(f, file, parts_of[1], index)
+    try:
+        return fp8.dequantize(weight, scale, block)
+    except ValueError as e:
+        raise UserError(f"{file}: {name}: {e}") from None
+
+
+def _read_other(f, file: Path, name: str, index: dict[str, Path]) -> torch.Tensor:
+    """A tensor that may live in another shard than the one f reads."""
+    if index[name] == file:
+        return f.get_tensor(name)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(index[name]), framework="pt") as g:
+            return g.get_tensor(name)
+    except Exception as e:
+        raise UserError(f"cannot read {index[name]}: {e}") from None
 
 
 def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], index: dict[str, Path],
@@ -296,18 +355,9 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
     if len(parts_of) == 1:
         stacked = f.get_tensor(parts_of[0])  # [E, in, out] (a weight) or [E, out] (a bias)
         return stacked.shape[0], lambda part: stacked[part.expert].t() if part.transposed else stacked[part.expert]
-    from safetensors import safe_open
-
     blocks_name, scales_name = parts_of
     blocks = f.get_tensor(blocks_name)  # [E, out, in / 32, 16]
-    if index[scales_name] == file:
-        scales = f.get_tensor(scales_name)
-    else:  # another shard
-        try:
-            with safe_open(str(index[scales_name]), framework="pt") as g:
-                scales = g.get_tensor(scales_name)  # [E, out, in / 32]
-        except Exception as e:
-            raise UserError(f"cannot read {index[scales_name]}: {e}") from None
+    scales = _read_other(f, file, scales_name, index)  # [E, out, in / 32]
     if blocks.shape[:-1] != scales.shape:
         raise UserError(f"{file}: {blocks_name}: MXFP4 blocks {tuple(blocks.shape)} do not match scales "
                         f"{tuple(scales.shape)}")

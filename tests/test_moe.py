@@ -455,15 +455,81 @@ def test_multi_token_prediction_layers_are_left_unused_quietly(tmp_path, capsys)
     from safetensors.torch import load_file, save_file
 
     base = make_tiny_model(tmp_path / "glm", "glm4_moe")  # 2 layers, num_nextn_predict_layers 1
-    tensors = load_file(base / "model.safetensors")
-    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)  # the MTP layer's
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()}  # router too
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)  # the MTP layer's
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     model = load_model(base, "cpu", torch.bfloat16)
     assert "unused" not in capsys.readouterr().err
     gate = model.model.layers["1"].mlp.gate
     assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
     assert model.model.layers["1"].self_attn.q_proj.weight.dtype == torch.bfloat16
-    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)  # past the MTP layers: reported
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)  # past them: reported
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     load_model(base, "cpu", torch.float32)
     assert "leaves tensor 'model.layers.3.eh_proj.weight'" in capsys.readouterr().err
+
+
+def test_a_block_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, capsys):
+    """DeepSeek-V3's released checkpoints store their projections in FP8 with a scale per block
+    (quantization_config quant_method fp8, weight_block_size): mlora's logits equal transformers'
+    DeepseekV3ForCausalLM holding the weights transformers' own FP8 code dequantizes, every scale
+    is read, and any other stored quantization is refused with one line."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    base = make_tiny_model(tmp_path / "full", "deepseek_v3")
+    tensors = load_file(base / "model.safetensors")
+    block = (16, 16)  # (the releases: 128 x 128); 24 x 64 weights leave partial blocks
+    dequantized = {}
+    for name in [n for n, t in tensors.items() if n.endswith("_proj.weight") and t.dim() == 2]:
+        w = tensors[name]
+        rows, cols = w.shape
+        peak = torch.nn.functional.pad(w.abs(), (0, -cols % 16, 0, -rows % 16)).unflatten(0, (-1, 16)).unflatten(
+            -1, (-1, 16)).amax(dim=(1, 3))  # [row blocks, col blocks]
+        scale = (peak / 448.0).clamp_min(1e-8)  # e4m3's largest value
+        full = scale.repeat_interleave(16, 0)[:rows].repeat_interleave(16, 1)[:, :cols]
+        tensors[name] = (w / full).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale
+        dequantized[name] = _dequantize_fp8_weight(tensors[name], scale, list(block), torch.float32)
+    out = tmp_path / "fp8"
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block), "fmt": "e4m3"}
+    (out / "config.json").write_text(json.dumps(config))
+    ours = load_model(out, "cpu", torch.float32)
+    assert "unused" not in capsys.readouterr().err
+    assert sum(n.endswith("_scale_inv") for n in ours.loaded_tensor_names) == len(dequantized)
+    ref = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, weight in dequantized.items():
+            expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+            if expert is None:
+                ref.get_parameter(name).copy_(weight)
+                continue
+            # transformers 5 stacks the experts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]
+            stacked = ref.get_parameter(f"{expert[1]}.{'down_proj' if expert[3] == 'down' else 'gate_up_proj'}")
+            rows = {"gate": slice(0, weight.shape[0]), "up": slice(weight.shape[0], None), "down": slice(None)}
+            stacked[int(expert[2])][rows[expert[3]]].copy_(weight)
+        ids, mask, _ = _inputs()
+        diff = (ours(ids, mask) - ref(input_ids=ids, attention_mask=mask).logits).abs()[mask.bool()]
+    assert diff.max() < 1e-4
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="quantization_config quant_method 'awq' is not supported"):
+        load_model(out, "cpu", torch.float32)
+
+
+def test_deepseek_v3_config_checks():
+    base = dict(model_type="deepseek_v3", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+    args = llama.args_from_hf_config(base)
+    assert args.mla and args.q_lora_rank == 0 and args.rope.interleaved and args.head_dim == 8
+    assert not llama.args_from_hf_config(dict(base, rope_interleave=None)).rope.interleaved  # as transformers
+    with pytest.raises(UserError, match="deepseek_v3 config qk_rope_head_dim must be a positive integer"):
+        llama.args_from_hf_config(dict(base, qk_rope_head_dim=0))
+    with pytest.raises(UserError, match="deepseek_v3 config num_nextn_predict_layers must be a non-negative"):
+        llama.args_from_hf_config(dict(base, num_nextn_predict_layers=-1))

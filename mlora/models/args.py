@@ -199,6 +199,11 @@ class ModelArgs:
         return sum(name is not None for name in self.norm_names)
 
 
+def _raw(cfg: Any, key: str, default: Any) -> Any:
+    """A config's value as it is, null included (`default` only when the key is absent)."""
+    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+
+
 def _getter(cfg: Any):
     """get(key, default): a config object's attribute or a config.json dict's key, where null
     counts as absent."""
@@ -340,7 +345,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = False
         windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
 
-    head_dim = int(get("qk_rope_head_dim", 64) if model_type == "deepseek_v3" else get("head_dim", hidden // heads))
+    head_dim = (_positive_int(get("qk_rope_head_dim"), "deepseek_v3 config qk_rope_head_dim")
+                if model_type == "deepseek_v3" else int(get("head_dim", hidden // heads)))
     rope_params = get("rope_parameters") or {}
     partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
     rotary_dim = None
@@ -364,7 +370,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 500_000.0), 500_000.0)
     else:
         full_rope, local_rope = _rope_args(get, max_pos, rope_dim), None
-    if model_type in ("glm", "glm4", "chatglm") or (model_type == "deepseek_v3" and get("rope_interleave", True)):
+    # (DeepSeek-V3: rope_interleave null means no interleaving, as in transformers)
+    if model_type in ("glm", "glm4", "chatglm") or (model_type == "deepseek_v3" and _raw(cfg, "rope_interleave", True)):
         full_rope = replace(full_rope, interleaved=True)
     mla = _mla_args(get, head_dim, rope_params or get("rope_scaling") or {}) if model_type == "deepseek_v3" else {}
     return ModelArgs(
@@ -467,7 +474,7 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int, num_la
     if top_k > experts // groups * topk_groups:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the experts of topk_group groups")
     counts = {}
-    for key in ("n_shared_experts", "first_k_dense_replace"):
+    for key in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
         counts[key] = get(key, 0)
         if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 0:
             raise UserError(f"{model_type} config {key} must be a non-negative integer, got {counts[key]!r}")
@@ -475,7 +482,7 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int, num_la
     return dict(router="sigmoid", router_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
                 routed_scaling=scaling, shared_expert_gated=False, n_shared_experts=counts["n_shared_experts"],
                 sparse=[i >= counts["first_k_dense_replace"] for i in range(num_layers)],
-                extra_layers=int(get("num_nextn_predict_layers", 0) or 0))
+                extra_layers=counts["num_nextn_predict_layers"])
 
 
 def _mla_args(get, rope_dim: int, rope_params: Mapping) -> dict:
