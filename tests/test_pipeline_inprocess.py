@@ -435,7 +435,7 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
 
 
-@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss", "deepseek_v3"])
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
     """ChatGLM's own tensor names, Gemma 3's image-text layout (its language model's tensors
     and modules under other prefixes, which differ) and Mixtral's experts (block_sparse_moe,
@@ -459,6 +459,9 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
     elif family == "gpt_oss":
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "gate_up_proj", "down_proj"]
+    elif family == "deepseek_v3":  # latent attention; shared_experts named otherwise (no LoRA), a dense layer 0
+        raw["lora"][0]["target_modules"] = ["q_b_proj", "kv_b_proj"]
+        raw["lora"][1]["target_modules"] = ["q_a_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     else:  # Mixtral's own names of the experts' projections
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "w1", "w3", "w2"]
     cfg.write_text(json.dumps(raw))
@@ -468,9 +471,12 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     keys = load_file(tmp_path / "pipe" / "p1" / "adapter_model.safetensors")
     prefix = {"chatglm": "base_model.model.transformer.encoder.layers.",
               "gemma3": "base_model.model.model.language_model.layers.",
-              "mixtral": "base_model.model.model.layers.", "gpt_oss": "base_model.model.model.layers."}[family]
+              "mixtral": "base_model.model.model.layers.", "gpt_oss": "base_model.model.model.layers.",
+              "deepseek_v3": "base_model.model.model.layers."}[family]
     # q_proj, o_proj and three per expert (Mixtral), or one stacked gate_up_proj and down_proj (GPT-OSS)
     per_layer = 2 + 3 * 4 if family == "mixtral" else 4
+    if family == "deepseek_v3":  # q_a_proj and o_proj in 4 layers, 3 per expert in the 3 sparse layers
+        per_layer = 2 + 3 * 8 * 3 / 4
     assert len(keys) == 4 * per_layer * 2 and all(k.startswith(prefix) for k in keys)
     if family == "mixtral":
         assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2
