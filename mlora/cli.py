@@ -170,6 +170,9 @@ def cmd_train(args) -> int:
         raise
     try:
         summary = train(session, progress=not args.no_progress, resume=args.resume)
+    except UserError:  # refused before writing (an init_from that does not fit, ...): nothing left behind
+        remove_if_still_empty(created)
+        raise
     except Interrupted as stop:
         command = f"mlora train --base_model {args.base_model} --config {args.config} --output_dir {out}"
         for flag in ("device", "dtype", "seed", "quant_type", "compute_dtype"):

@@ -89,10 +89,15 @@ def _check_quantization_config(qc, model_type: str, config_file: Path) -> None:
     MXFP4 experts (models/mxfp4.py) and block-scaled FP8 (DeepSeek-V3's; models/fp8.py)."""
     if qc is None:
         return
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not isinstance(qc, dict):
+        raise UserError(f"{config_file}: quantization_config must be an object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
     if method == "mxfp4" and model_type == "gpt_oss":
         return
-    if method == "fp8" and _fp8_block(qc) is not None:
+    if method == "fp8":
+        if _fp8_block(qc) is None:
+            raise UserError(f"{config_file}: quantization_config quant_method 'fp8' without a weight_block_size "
+                            "(per-tensor FP8) is not supported; block-scaled FP8 is")
         return
     raise UserError(f"{config_file}: a checkpoint stored with quantization_config quant_method {method!r} is not "
                     "supported (mlora reads full-precision, GPT-OSS's MXFP4 and block-scaled FP8 weights; "
@@ -198,14 +203,14 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     if "embed" in model.parts:  # once per model (a pipeline's first stage)
         used = {part for n in family.tensor_names(args)
                 for part in _sources_of(naming.to_checkpoint(n), index, naming)}
-        # GLM-4.5's multi-token-prediction layers after the last one: no forward uses them
+        # GLM-4.5's and DeepSeek-V3's multi-token-prediction layers after the last one: unused
         extra = {f"model.layers.{i}." for i in range(args.num_layers, args.num_layers + args.extra_layers)}
         _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
     # What each checkpoint tensor is read from: itself, or (GPT-OSS's released checkpoints) the
     # MXFP4 blocks and scales of a stacked expert weight
     sources = {t: _sources_of(t, index, naming) for t in dict.fromkeys(stored.values())}
-    missing = [t for t, parts_of in sources.items() if parts_of[0] not in index]
+    missing = [part for parts_of in sources.values() for part in parts_of if part not in index]
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from {source}"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -234,7 +239,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
             # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
             tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
         # GLM-4.5's and DeepSeek-V3's router stays in fp32 whatever the dtype, as in transformers
-        target = torch.float32 if args.router_fp32 and _ROUTER.match(name) else dtype
+        target = torch.float32 if args.router_params_fp32 and _ROUTER.match(name) else dtype
         if tensor.is_floating_point() and tensor.dtype != target:
             tensor = tensor.to(target)
         if name in quantized:
@@ -312,9 +317,9 @@ def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:
     if tensor in index:
         return (tensor, fp8.scale_name(tensor)) if fp8.scale_name(tensor) in index else (tensor,)
     parts = (mxfp4.blocks_name(tensor), mxfp4.scales_name(tensor))
-    if not naming.stacks_experts or not all(p in index for p in parts):
+    if not naming.stacks_experts or not any(p in index for p in parts):
         return (tensor,)
-    return parts
+    return parts  # (one of them missing: the error names it)
 
 
 def _dequantize_fp8(f, file: Path, name: str, weight: torch.Tensor, parts_of: tuple[str, ...],

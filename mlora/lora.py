@@ -554,7 +554,8 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
             continue
         if experts_only and leaf in MLP_MODULES and ".experts." not in path:
             # An MoE model's MLP targets are its routed experts only, as PEFT on transformers 5
-            # has them: Qwen2-MoE's shared expert and Qwen's dense layers stay without LoRA.
+            # has them: the shared experts (Qwen2-MoE, GLM-4.5, DeepSeek-V3) and the dense layers
+            # stay without LoRA.
             continue
         if isinstance(module, LoraLinear):
             wrappers[path] = module

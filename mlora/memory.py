@@ -60,7 +60,8 @@ _INPUT_GROUPS = (
 
 def _input_groups(args: ModelArgs) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """_INPUT_GROUPS of this model: Phi-3 reads the same inputs with one fused projection each,
-    ChatGLM and Baichuan with a fused qkv_proj, GLM with a fused gate_up_proj."""
+    ChatGLM and Baichuan with a fused qkv_proj, GLM with a fused gate_up_proj; DeepSeek-V3's
+    latent attention reads the layer's input with q_proj (or q_a_proj) and kv_a_proj_with_mqa."""
     fused = {"attn_in": (("q_a_proj" if args.q_lora_rank else "q_proj", "kv_a_proj_with_mqa") if args.mla
                          else ("qkv_proj",) if args.fused_qkv else None),
              "mlp_in": ("gate_up_proj",) if args.fused_gate_up else None}
@@ -81,7 +82,7 @@ def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
             else {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim)})
     o_in = q_dim
     if args.mla:  # DeepSeek-V3 (models/mla.py)
-        nh, qk, r = args.num_heads, args.qk_nope_head_dim + args.head_dim, args.q_lora_rank
+        nh, qk, r = args.num_heads, args.qk_head_dim, args.q_lora_rank
         attn = ({"q_a_proj": (H, r), "q_b_proj": (r, nh * qk)} if r else {"q_proj": (H, nh * qk)})
         attn |= {"kv_a_proj_with_mqa": (H, args.kv_lora_rank + args.head_dim),
                  "kv_b_proj": (args.kv_lora_rank, nh * (args.qk_nope_head_dim + args.v_head_dim))}
@@ -368,8 +369,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # q and k as concatenated [nope | rope] per head, v (padded to their size when narrower,
         # else a view that keeps the kv_b_proj output alive) and the output; the q and kv
         # latents' norms (fp32 copy + rsqrt)
-        dqk, dv = args.qk_nope_head_dim + D, args.v_head_dim
-        v = nh * dqk if dv < dqk else nh * (args.qk_nope_head_dim + dv)
+        dqk, dv = args.qk_head_dim, args.v_head_dim
+        v = nh * dqk if args.values_padded else nh * (args.qk_nope_head_dim + dv)
         out["attention"] = (2 * nh * dqk + v + nh * max(dv, dqk)) * e
         out["latent_norms"] = (args.q_lora_rank + args.kv_lora_rank) * 4 + 8
     if args.attn_sinks:
@@ -384,9 +385,9 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # kept by the product with their weights
         E = args.num_experts
         out["moe_routing"] = (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob
-                              + k * (4 if args.router_weights_fp32 else e) + k * H * e)
-        if args.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP, and its sigmoid gate
-            out["mlp"] += 3 * args.shared_expert_intermediate_size * e + H * e + e
+                              + k * (4 if args.routing_weights_fp32 else e) + k * H * e)
+        if args.shared_expert_intermediate_size:  # a dense MLP (Qwen2-MoE: and its sigmoid gate)
+            out["mlp"] += 3 * args.shared_expert_intermediate_size * e + (H * e + e) * args.shared_expert_gated
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
         # (OLMo 2's over the whole q and k: one rsqrt each)
         out["qk_norms"] = (nh + nkv) * (4 * D + 4) if args.qk_norm_per_head else (nh + nkv) * 4 * D + 2 * 4
@@ -412,7 +413,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     for group, members in _input_groups(args):
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on_layer,
                                                       shared, quant, kernel,
-                                                      sinks=args.attn_sinks or (args.mla and args.v_head_dim < D + args.qk_nope_head_dim))
+                                                      o_proj_input_copied=args.attn_sinks or args.values_padded)
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
     if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
@@ -481,10 +482,10 @@ def _lora_hidden_per_token(adapters: list[LoraShape], e: int, active: int | None
 
 def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: int,
                            adapters: list[LoraShape], shared: bool, quant: str | None, kernel: str,
-                           sinks: bool = False) -> int:
+                           o_proj_input_copied: bool = False) -> int:
     """What keeps the input of one input group alive for the backward, bytes per token.
-    sinks: attention whose o_proj input is a copy of SDPA's output, not the output (sinks, or
-    MLA's padded values: the padding is sliced off)."""
+    o_proj_input_copied: o_proj's input is a copy of SDPA's output, not the output (GPT-OSS's
+    sinks, DeepSeek-V3's padded values: extra dims are sliced off)."""
     targeting = [a for a in adapters if set(a.target_modules) & set(members)]
     dropped = [a for a in targeting if a.dropout > 0]
     if shared:
@@ -502,7 +503,7 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
         copies = max((2 * len(set(a.target_modules) & set(members)) for a in dropped), default=0)
         lora_keeps_input = any(a.dropout == 0 for a in targeting)
     # An 8-bit base layer keeps its input itself (bitsandbytes' MatMul8bitLt ctx.tensors).
-    keeps_input = (lora_keeps_input or quant == "int8") and (sinks or group not in _SAVED_ANYWAY)
+    keeps_input = (lora_keeps_input or quant == "int8") and (o_proj_input_copied or group not in _SAVED_ANYWAY)
     return (copies + keeps_input) * width * e
 
 
@@ -575,8 +576,7 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
         mlp = glu * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
-    if args.mla:
-        D = args.qk_nope_head_dim + D  # a query's and key's head
+    D = args.qk_head_dim  # (latent attention's: nope + rope parts)
     attention = nh * (D + SINK_PAD * args.attn_sinks) * (4 * e + 4) + 4 * nh
     if args.attn_softcap is not None:
         # softcapped_attention: the gradients of softmax's fp32 input and output, then of the
@@ -637,9 +637,9 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
         return sum(gate_up) + _projection_bytes(width, H, e, kind, dq) + (2 * width + H) * args.mlp_bias * e
 
     dense = mlp(args.intermediate_size)  # a dense layer's MLP
-    if args.is_moe:  # every expert, the router in the dtype; Qwen2-MoE's shared expert and its gate
+    if args.is_moe:  # every expert, the router; the shared expert (and Qwen2-MoE's gate)
         # the router's weight, bias and correction bias (GLM-4.5: in fp32)
-        router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_fp32 else e)
+        router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_params_fp32 else e)
         sparse = args.num_experts * mlp(args.moe_intermediate_size) + router
         if args.shared_expert_intermediate_size:
             sparse += mlp(args.shared_expert_intermediate_size) + H * e * args.shared_expert_gated

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from mlora.models.naming import EXPERT_PROJECTION, STACKED_PROJECTIONS
+from mlora.models.naming import STACKED_EXPERT_PROJECTION, STACKED_PROJECTIONS
 
 
 def target_parameters(projections: list[str]) -> list[str]:
@@ -36,7 +36,7 @@ def _wrapper_prefix(proj: str, projections: list[str]) -> str:
 
 def split_path(path: str) -> tuple[str, int, str] | None:
     """(experts module path, expert, projection) of an expert's projection; None otherwise."""
-    m = EXPERT_PROJECTION.fullmatch(path)
+    m = STACKED_EXPERT_PROJECTION.fullmatch(path)
     return None if m is None else (m["experts"], int(m["e"]), m["proj"])
 
 

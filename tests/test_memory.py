@@ -266,7 +266,7 @@ def _model_with_adapters(dtype, adapters, targets, args=SMALL):
     """SMALL (or `args`) with LoRA adapters a0, a1, ... of (r, dropout) on `targets`."""
     torch.manual_seed(0)
     model = CausalLM(args).to(dtype).requires_grad_(False)
-    if args.router_fp32:  # GLM-4.5's router stays in fp32, as the loader keeps it
+    if args.router_params_fp32:  # GLM-4.5's router stays in fp32, as the loader keeps it
         for layer in model.model.layers.values():
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.float()
@@ -667,7 +667,7 @@ def test_triton_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targ
 # Mixture of experts: 4 experts of width 48, 2 per token; layer 1 dense in the Qwen variants
 # (moe_layers given: SMALL's own, all dense, would carry over)
 MIXTRAL = dataclasses.replace(SMALL, model_type="mixtral", num_experts=4, num_experts_per_tok=2,
-                              moe_intermediate_size=48, norm_topk_prob=True, router_weights_fp32=True,
+                              moe_intermediate_size=48, norm_topk_prob=True, routing_weights_fp32=True,
                               moe_layers=[True, True])
 QWEN2_MOE = dataclasses.replace(SMALL, model_type="qwen2_moe", attention_bias=True, num_experts=4,
                                 num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
@@ -685,7 +685,7 @@ GPT_OSS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
 # expert, layer 0 dense, q/k/v biases and norms
 GLM4_MOE = dataclasses.replace(SMALL, model_type="glm4_moe", attention_bias=True, qk_norm=True, num_experts=8,
                                num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-                               router_weights_fp32=True, router="sigmoid", router_fp32=True, router_groups=2,
+                               routing_weights_fp32=True, router="sigmoid", router_params_fp32=True, router_groups=2,
                                routed_scaling=2.5, shared_expert_intermediate_size=32, shared_expert_gated=False,
                                moe_layers=[False, True])
 # DeepSeek-V3: latent attention (a rank-24 query bottleneck, a rank-16 kv latent, values of 12

@@ -1,5 +1,6 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and GPT-OSS, whose own checks
-are in test_gpt_oss.py): LoRA on the routed experts.
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, DeepSeek-V3, and
+GPT-OSS, whose own checks are in test_gpt_oss.py): LoRA on the routed experts, DeepSeek-V3's
+latent attention and FP8 checkpoints.
 
 The logits of the frozen models are checked with the other families in test_model.py; here:
 the experts' LoRA gradients against PEFT's on transformers' own model (which stacks each
@@ -163,7 +164,8 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                                                        "triton")),
                                             *(("gpt_oss", k) for k in ("auto", "fused", "dense", "loop", "grouped",
                                                                        "triton")),
-                                            ("glm4_moe", "auto"), ("deepseek_v3", "auto"), ("deepseek_v3", "dense")])
+                                            *((family, k) for family in ("glm4_moe", "deepseek_v3")
+                                              for k in ("auto", "fused", "dense", "loop", "grouped", "triton"))])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
@@ -531,10 +533,13 @@ def test_a_block_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, c
         ids, mask, _ = _inputs()
         diff = (ours(ids, mask) - ref(input_ids=ids, attention_mask=mask).logits).abs()[mask.bool()]
     assert diff.max() < 1e-4
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
-    (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="quantization_config quant_method 'awq' is not supported"):
-        load_model(out, "cpu", torch.float32)
+    for qc, message in [({"quant_method": "awq", "bits": 4}, "quantization_config quant_method 'awq' is not supported"),
+                        ({"quant_method": "fp8"}, "'fp8' without a weight_block_size"),
+                        ("fp8", "quantization_config must be an object")]:
+        config["quantization_config"] = qc
+        (out / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UserError, match=message):
+            load_model(out, "cpu", torch.float32)
 
 
 def test_deepseek_v3_config_checks():

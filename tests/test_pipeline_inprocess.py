@@ -439,8 +439,9 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
     """ChatGLM's own tensor names, Gemma 3's image-text layout (its language model's tensors
     and modules under other prefixes, which differ) and Mixtral's experts (block_sparse_moe,
-    w1/w3/w2; LoRA on every expert) and GPT-OSS's stacked experts (each rank reads its layers'
-    slices; their LoRA saved stacked): each rank reads its layers under the checkpoint's names,
+    w1/w3/w2; LoRA on every expert), GPT-OSS's stacked experts (each rank reads its layers'
+    slices; their LoRA saved stacked) and DeepSeek-V3 (latent attention, shared_experts): each
+    rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
     import json
@@ -475,9 +476,10 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
               "deepseek_v3": "base_model.model.model.layers."}[family]
     # q_proj, o_proj and three per expert (Mixtral), or one stacked gate_up_proj and down_proj (GPT-OSS)
     per_layer = 2 + 3 * 4 if family == "mixtral" else 4
-    if family == "deepseek_v3":  # q_a_proj and o_proj in 4 layers, 3 per expert in the 3 sparse layers
-        per_layer = 2 + 3 * 8 * 3 / 4
-    assert len(keys) == 4 * per_layer * 2 and all(k.startswith(prefix) for k in keys)
+    modules = 4 * per_layer
+    if family == "deepseek_v3":  # q_a_proj and o_proj in 4 layers, 3 per expert (8) in the 3 sparse layers
+        modules = 4 * 2 + 3 * 8 * 3
+    assert len(keys) == modules * 2 and all(k.startswith(prefix) for k in keys)
     if family == "mixtral":
         assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2
     if family == "gpt_oss":

@@ -449,6 +449,7 @@ def test_init_from_non_finite_weights_is_refused(fused_run, tiny_llama, capsys, 
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(mine), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "non-finite" in err and first in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything was written: no directory left
 
 
 def test_every_adapters_loss_goes_down(tmp_path, tiny_llama):

@@ -13,10 +13,9 @@ from types import ModuleType
 
 from mlora.errors import UserError
 from mlora.models import llama
+from mlora.models.args import FAMILIES
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
-             "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
-             "glm4_moe", "deepseek_v3"}
+SUPPORTED = set(FAMILIES)
 
 _FAMILIES: dict[str, ModuleType] = {name: llama for name in SUPPORTED}
 

@@ -116,31 +116,35 @@ class ModelArgs:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
-    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; models/moe.py): the MLP of a
-    # sparse layer sends each token to num_experts_per_tok of num_experts SwiGLU experts of
-    # moe_intermediate_size, picked by a linear router's softmax, and sums their outputs weighted
-    # by those probabilities (renormalized over the chosen ones with norm_topk_prob). Mixtral
-    # weighs in fp32 (router_weights_fp32), the others in the dtype. Qwen2-MoE adds a shared
-    # expert (shared_expert_intermediate_size) scaled by a sigmoid gate. moe_layers: which
-    # layers are sparse (Qwen's mlp_only_layers and decoder_sparse_step keep some dense, with
-    # intermediate_size). GLM-4.5's shared experts have no gate (shared_expert_gated).
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, DeepSeek-V3;
+    # models/moe.py): the MLP of a sparse layer sends each token to num_experts_per_tok of
+    # num_experts SwiGLU experts of moe_intermediate_size, picked by a linear router (`router`),
+    # and sums their outputs weighted by the router's weights (renormalized over the chosen ones
+    # with norm_topk_prob). Mixtral, GLM-4.5 and DeepSeek-V3 weigh in fp32
+    # (routing_weights_fp32), the others in the dtype. Qwen2-MoE adds a shared expert
+    # (shared_expert_intermediate_size) scaled by a sigmoid gate; GLM-4.5's and DeepSeek-V3's
+    # have no gate (shared_expert_gated). moe_layers: which layers are sparse (Qwen's
+    # mlp_only_layers and decoder_sparse_step, GLM-4.5's and DeepSeek-V3's first_k_dense_replace
+    # keep some dense, with intermediate_size).
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
-    router_weights_fp32: bool = False
+    routing_weights_fp32: bool = False
     shared_expert_intermediate_size: int = 0
     shared_expert_gated: bool = True
     moe_layers: list[bool] = field(default_factory=list)  # per layer; empty: all sparse iff num_experts
-    # router: one of ROUTERS. GLM-4.5: the sigmoid router's weights and correction bias stay in
-    # fp32 (router_fp32), its experts come in router_groups groups of which each token may use
-    # the router_topk_groups best, and the chosen weights are scaled by routed_scaling.
+    # router: one of ROUTERS. GLM-4.5, DeepSeek-V3: the sigmoid router's weights and correction
+    # bias stay in fp32 (router_params_fp32), its experts come in router_groups groups of which
+    # each token may use the router_topk_groups best, and the chosen weights are scaled by
+    # routed_scaling.
     router: str = "softmax"
-    router_fp32: bool = False
+    router_params_fp32: bool = False
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scaling: float = 1.0
-    # Checkpoint layers past num_layers that no forward uses (GLM-4.5's multi-token prediction)
+    # Checkpoint layers past num_layers that no forward uses (GLM-4.5's and DeepSeek-V3's
+    # multi-token prediction)
     extra_layers: int = 0
     # GPT-OSS: the router has a bias and takes the softmax of the top k logits (router
     # "topk_softmax") instead of the top k of the softmax; each expert's gate_up_proj interleaves gate and up
@@ -171,6 +175,16 @@ class ModelArgs:
     @property
     def is_moe(self) -> bool:
         return any(self.moe_layers)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """A query's and key's head size: head_dim, or with latent attention nope + rope part."""
+        return self.qk_nope_head_dim + self.head_dim if self.mla else self.head_dim
+
+    @property
+    def values_padded(self) -> bool:
+        """Latent attention's values, narrower than its keys, zero-padded to their size (mla.py)."""
+        return self.mla and self.v_head_dim < self.qk_head_dim
 
     @property
     def rope_dim(self) -> int:
@@ -373,7 +387,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     # (DeepSeek-V3: rope_interleave null means no interleaving, as in transformers)
     if model_type in ("glm", "glm4", "chatglm") or (model_type == "deepseek_v3" and _raw(cfg, "rope_interleave", True)):
         full_rope = replace(full_rope, interleaved=True)
-    mla = _mla_args(get, head_dim, rope_params or get("rope_scaling") or {}) if model_type == "deepseek_v3" else {}
+    mla, mla_scale = (_mla_args(get, head_dim, rope_params or get("rope_scaling") or {}) if model_type == "deepseek_v3"
+                      else ({}, None))
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -400,7 +415,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         rope_fp32=model_type in ("olmo2", "olmo3") or (model_type == "baichuan" and bool(get("rope_fp32"))),
         attn_scale=(float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
                     else float(get("attention_multiplier", 1.0)) if model_type == "granite"
-                    else mla.pop("attn_scale") if mla else None),
+                    else mla_scale),
         attn_softcap=attn_cap,
         final_softcap=final_cap,
         fused_qkv=model_type in ("phi3", "chatglm", "baichuan"),
@@ -425,7 +440,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
 
 def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
-    its config (the expert count is num_local_experts for Mixtral, num_experts elsewhere)."""
+    its config (the expert count is num_local_experts for Mixtral and GPT-OSS, n_routed_experts
+    for GLM-4.5 and DeepSeek-V3, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
     experts_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "glm4_moe": "n_routed_experts",
                    "deepseek_v3": "n_routed_experts"}.get(model_type, "num_experts")
@@ -457,7 +473,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         sparse = family.pop("sparse")
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
-                router_weights_fp32=model_type in ("mixtral", "glm4_moe", "deepseek_v3"),
+                routing_weights_fp32=model_type in ("mixtral", "glm4_moe", "deepseek_v3"),
                 shared_expert_intermediate_size=shared,
                 moe_layers=sparse, **family)
 
@@ -479,26 +495,27 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int, num_la
         if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 0:
             raise UserError(f"{model_type} config {key} must be a non-negative integer, got {counts[key]!r}")
     scaling = _positive_number(get("routed_scaling_factor", 1.0), f"{model_type} config routed_scaling_factor")
-    return dict(router="sigmoid", router_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
+    return dict(router="sigmoid", router_params_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
                 routed_scaling=scaling, shared_expert_gated=False, n_shared_experts=counts["n_shared_experts"],
                 sparse=[i >= counts["first_k_dense_replace"] for i in range(num_layers)],
                 extra_layers=counts["num_nextn_predict_layers"])
 
 
-def _mla_args(get, rope_dim: int, rope_params: Mapping) -> dict:
-    """DeepSeek-V3's latent attention sizes, and its softmax scale: 1 / sqrt(nope + rope), times
-    YaRN's mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale)."""
+def _mla_args(get, rope_dim: int, rope_params: Mapping) -> tuple[dict, float]:
+    """(DeepSeek-V3's latent attention's ModelArgs, its softmax scale): 1 / sqrt(nope + rope),
+    times YaRN's mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale)."""
     sizes = {key: _positive_int(get(key), f"deepseek_v3 config {key}")
              for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")}
     q_rank = get("q_lora_rank")
+    q_rank = 0 if q_rank is None else _positive_int(q_rank, "deepseek_v3 config q_lora_rank (null: one q_proj)")
     scale = (sizes["qk_nope_head_dim"] + rope_dim) ** -0.5
-    mscale_all_dim = rope_params.get("mscale_all_dim") or 0
-    factor = float(rope_params.get("factor") or 1.0)
-    if (rope_params.get("rope_type") or rope_params.get("type") or "default") != "default" and mscale_all_dim:
+    if (rope_params.get("rope_type") or rope_params.get("type") or "default") != "default" and rope_params.get(
+            "mscale_all_dim"):
+        mscale_all_dim = _positive_number(rope_params["mscale_all_dim"], "deepseek_v3 rope mscale_all_dim")
+        factor = _positive_number(rope_params.get("factor") or 1.0, "deepseek_v3 rope factor")
         mscale = 1.0 if factor <= 1 else 0.1 * mscale_all_dim * math.log(factor) + 1.0
         scale *= mscale * mscale
-    return dict(mla=True, q_lora_rank=0 if q_rank is None else _positive_int(q_rank, "deepseek_v3 config q_lora_rank"),
-                attn_scale=scale, **sizes)
+    return dict(mla=True, q_lora_rank=q_rank, **sizes), scale
 
 
 _PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe")

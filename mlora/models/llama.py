@@ -9,7 +9,7 @@ and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and 
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
 norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Mixtral's, Qwen2/3-MoE's,
-OLMoE's, GPT-OSS's and GLM-4.5's mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
+OLMoE's, GPT-OSS's, GLM-4.5's and DeepSeek-V3's mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
@@ -79,10 +79,12 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
         else:
             p = f"model.layers.{part.split('.')[1]}."
             attn = ("qkv",) if args.fused_qkv else ("q", "k", "v")
-            for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)] * (not args.mla):
-                names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias else [])
-            if args.mla:
+            if args.mla:  # DeepSeek-V3's latent attention
                 names += mla_tensor_names(args, p + "self_attn.")
+            else:
+                for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
+                    names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias
+                                                                      else [])
             if args.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
             if args.attn_sinks:
@@ -260,7 +262,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
         self.eps = eps
         self.gemma = gemma  # scale by (1 + w) in fp32, then cast (HF's Gemma3RMSNorm)
-        self.weight_fp32 = weight_fp32  # scale by w in fp32, then cast (OLMo 2, ChatGLM)
+        self.weight_fp32 = weight_fp32  # scale by w in fp32, then cast (OLMo 2, ChatGLM, GPT-OSS)
 
     @classmethod
     def of(cls, args: ModelArgs, dim: int) -> RMSNorm:

@@ -17,12 +17,17 @@ and PEFT see them like any other; q_proj / q_a_proj and kv_a_proj_with_mqa read 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlora.models.args import ModelArgs
 from mlora.models.rope import apply_rope
+
+if TYPE_CHECKING:
+    from mlora.models.llama import KVCache
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default: the latent norms do not take rms_norm_eps
 
@@ -37,7 +42,7 @@ def mla_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
         names.append(prefix + "q_proj.weight")
     names += [prefix + "kv_a_proj_with_mqa.weight"] + ([prefix + "kv_a_proj_with_mqa.bias"] if args.attention_bias else [])
     names += [prefix + "kv_a_layernorm.weight", prefix + "kv_b_proj.weight", prefix + "o_proj.weight"]
-    return names + ([prefix + "o_proj.bias"] if args.attention_bias else [])
+    return names + ([prefix + "o_proj.bias"] if args.o_proj_bias else [])
 
 
 class LatentAttention(nn.Module):
@@ -46,9 +51,9 @@ class LatentAttention(nn.Module):
         super().__init__()
         H, nh = args.hidden_size, args.num_heads
         self.num_heads = nh
-        self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.head_dim, args.v_head_dim  # (head_dim: the RoPE part)
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.head_dim, args.v_head_dim  # (head_dim: the RoPE part)
         self.kv_rank = args.kv_lora_rank
-        q_out = nh * (self.nope + self.rope)
+        q_out = nh * (self.nope_dim + self.rope_dim)
         self.low_rank_q = bool(args.q_lora_rank)
         if self.low_rank_q:
             self.q_a_proj = nn.Linear(H, args.q_lora_rank, bias=args.attention_bias)
@@ -56,27 +61,27 @@ class LatentAttention(nn.Module):
             self.q_b_proj = nn.Linear(args.q_lora_rank, q_out, bias=False)
         else:
             self.q_proj = nn.Linear(H, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=args.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope_dim, bias=args.attention_bias)
         self.kv_a_layernorm = make_norm(self.kv_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=args.attention_bias)
+        self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=args.o_proj_bias)
         self.scale = args.attn_scale  # qk_head_dim^-0.5, times YaRN's mscale^2
         self.interleaved = args.rope.interleaved
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache=None, layer_id: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
         B, S, _ = x.shape  # x [B, S, H]
         nh = self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
-        q = q.view(B, S, nh, self.nope + self.rope).transpose(1, 2)  # [B, nh, S, dn + dr]
-        q_pass, q_rot = q.split([self.nope, self.rope], dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)  # [B, S, kv], [B, S, dr]
+        q = q.view(B, S, nh, self.nope_dim + self.rope_dim).transpose(1, 2)  # [B, nh, S, dn + dr]
+        q_pass, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # [B, S, kv], [B, S, dr]
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [B, S, nh (dn + dv)]
-        k_pass, v = kv.view(B, S, nh, self.nope + self.v_dim).transpose(1, 2).split([self.nope, self.v_dim], dim=-1)
+        k_pass, v = kv.view(B, S, nh, self.nope_dim + self.v_dim).transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
         q_rot = apply_rope(q_rot, cos, sin, self.interleaved).to(q.dtype)
         k_rot = apply_rope(k_rot[:, None], cos, sin, self.interleaved).to(q.dtype)  # [B, 1, S, dr]: every head's
         q = torch.cat([q_pass, q_rot], dim=-1)  # [B, nh, S, dn + dr]
-        k = torch.cat([k_pass, k_rot.expand(B, nh, S, self.rope)], dim=-1)  # [B, nh, S, dn + dr]
+        k = torch.cat([k_pass, k_rot.expand(B, nh, S, self.rope_dim)], dim=-1)  # [B, nh, S, dn + dr]
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nh, T, .]: the cached tokens' too
         # Values narrower than keys are padded to the keys' size with zeros: SDPA's flash and CPU

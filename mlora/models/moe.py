@@ -83,13 +83,13 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
-        self.weights_fp32 = args.router_weights_fp32
+        self.weights_fp32 = args.routing_weights_fp32
         self.router = args.router
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=args.router_bias)  # the router
-        if self.router == "sigmoid":  # (loaded and kept in fp32, with the router's weight: router_fp32)
+        if self.router == "sigmoid":  # (loaded and kept in fp32, with the router's weight: router_params_fp32)
             self.gate.register_parameter("e_score_correction_bias",
                                          nn.Parameter(torch.zeros(args.num_experts), requires_grad=False))
-        self.router_fp32 = args.router_fp32
+        self.router_params_fp32 = args.router_params_fp32
         self.groups, self.topk_groups, self.scaling = args.router_groups, args.router_topk_groups, args.routed_scaling
         self.experts = nn.ModuleList(make_mlp(args.moe_intermediate_size) for _ in range(args.num_experts))
         self.has_shared = args.shared_expert_intermediate_size > 0
@@ -106,8 +106,9 @@ class SparseMoE(nn.Module):
         """flat [N, H] -> (weights [N, k], chosen experts [N, k] int64), as transformers' routers
         compute them: softmax in fp32, top k, renormalized (Mixtral, norm_topk_prob), then cast
         to the dtype unless Mixtral; GPT-OSS: the top k logits, then their softmax in the dtype;
-        GLM-4.5: sigmoid (below)."""
-        if self.router_fp32:  # GLM-4.5 keeps the router's weights in fp32 and scores in fp32
+        GLM-4.5 and DeepSeek-V3: sigmoid (below)."""
+        if self.router_params_fp32:  # GLM-4.5, DeepSeek-V3: the router's weights and scores in fp32
+            assert self.gate.bias is None, "an fp32 router with a bias is no family's"
             logits = F.linear(flat.float(), self.gate.weight.float())  # [N, E] fp32
         else:
             logits = self.gate(flat)  # [N, E]

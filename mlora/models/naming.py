@@ -1,7 +1,10 @@
 """Checkpoint names of the families whose safetensors files do not use LLaMA's names.
 
 (Mixtral's sparse MLP is `block_sparse_moe` and its experts' projections w1, w3, w2; mlora
-names them as Qwen's MoE models do: `mlp.experts.{e}.gate_proj`, `up_proj`, `down_proj`.)
+names them as Qwen's MoE models do: `mlp.experts.{e}.gate_proj`, `up_proj`, `down_proj`.
+GPT-OSS's router is `mlp.router`, and its checkpoints stack each layer's experts into one
+tensor per projection, of which each of mlora's per-expert modules reads a slice
+(`StackedSlice`). GLM-4.5's and DeepSeek-V3's shared experts are `mlp.shared_experts`.)
 
 mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
 LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
@@ -64,9 +67,9 @@ _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtra
 # each reads its slice of the stacked tensor (its weight transposed).
 STACKED_PROJECTIONS = ("gate_up_proj", "down_proj")  # (PEFT's wrapping order, stacked_lora.py: the first innermost)
 # An expert's projection as mlora names the module: (the experts module, the expert, the projection)
-EXPERT_PROJECTION = re.compile(rf"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
+STACKED_EXPERT_PROJECTION = re.compile(rf"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
                                rf"(?P<proj>{'|'.join(STACKED_PROJECTIONS)})")
-_STACKED = {"gpt_oss": re.compile(EXPERT_PROJECTION.pattern + r"\.(?P<kind>weight|bias)")}
+_STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<kind>weight|bias)")}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class StackedSlice:
 
     tensor: str  # the stacked checkpoint tensor ('model.layers.0.mlp.experts.gate_up_proj')
     expert: int  # the index along its first dim
-    transposed: bool  # a weight stacked as [E, in, out]: nn.Linear's [out, in] is its transpose
+    transposed: bool  # a weight (stacked as [E, in, out] in full precision: nn.Linear's [out, in] is its transpose)
 
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name

@@ -154,14 +154,18 @@ def train_pipeline(args) -> int:
                 print(f"mlora: rank {place.rank}: nothing to resume: the run in "
                       f"{session.cfg.output_dir} already finished")
                 return 0
-        # Each rank reads and quantizes only its own slice.
-        session.model = load_model(session.base_dir, session.device, session.dtype,
-                                   parts=stages[place.rank], quant=session.quant)
-        session.wrappers = inject_lora(session.model, session.layout)
         # Without save_step there is no drained cut to stop at: signals keep their default.
         with SignalFlag() if session.cfg.save_step else contextlib.nullcontext() as signals:
-            worker = StageWorker(session, transport, progress=not args.no_progress, fingerprint=run_print,
-                                 signals=signals)
+            try:
+                # Each rank reads and quantizes only its own slice.
+                session.model = load_model(session.base_dir, session.device, session.dtype,
+                                           parts=stages[place.rank], quant=session.quant)
+                session.wrappers = inject_lora(session.model, session.layout)
+                worker = StageWorker(session, transport, progress=not args.no_progress, fingerprint=run_print,
+                                     signals=signals)
+            except UserError:  # weights or an init_from that do not fit: nothing written, nothing left behind
+                remove_if_still_empty(created)
+                raise
             if state is not None:
                 worker.restore(state)
                 print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
