@@ -207,8 +207,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         extra = {f"model.layers.{i}." for i in range(args.num_layers, args.num_layers + args.extra_layers)}
         _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
-    # What each checkpoint tensor is read from: itself, or (GPT-OSS's released checkpoints) the
-    # MXFP4 blocks and scales of a stacked expert weight
+    # What each checkpoint tensor is read from: itself (a block-FP8 weight with its scales), or
+    # (GPT-OSS's released checkpoints) the MXFP4 blocks and scales of a stacked expert weight
     sources = {t: _sources_of(t, index, naming) for t in dict.fromkeys(stored.values())}
     missing = [part for parts_of in sources.values() for part in parts_of if part not in index]
     if missing:
@@ -329,7 +329,7 @@ def _dequantize_fp8(f, file: Path, name: str, weight: torch.Tensor, parts_of: tu
     if block is None or len(parts_of) < 2:
         raise UserError(f"tensor {name!r} in {file} is float8 but " + ("config.json has no FP8 quantization_config "
                         "with a weight_block_size" if block is None else f"{fp8.scale_name(name)!r} is missing"))
-    scale = _read_other(f, file, parts_of[1], index)
+    scale = _read_other(f, file, parts_of[1], index).to(weight.device)  # (another shard's is read to the CPU)
     try:
         return fp8.dequantize(weight, scale, block)
     except ValueError as e:
