@@ -297,7 +297,7 @@ class Adapter:
                 per_expert[path] = (a, b)
                 continue
             tensors[self._peft_key(path, "lora_A")], tensors[self._peft_key(path, "lora_B")] = a, b
-        for module, (a, b) in stacked_lora.stack(per_expert, list(self.cfg.target_modules)).items():
+        for module, (a, b) in stacked_lora.stack(per_expert, self._stacked).items():
             tensors[self._peft_key(module, "lora_A")], tensors[self._peft_key(module, "lora_B")] = a, b
         return tensors
 

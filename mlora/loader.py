@@ -262,6 +262,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     for stored_name in by_stored:
         by_file[index[sources[stored_name][0]]].append(stored_name)
     read_device = "cpu" if quant is not None or any(stacked.values()) else str(device)
+    fp8_block = _fp8_block(getattr(cfg, "quantization_config", None))  # (DeepSeek-V3's FP8 releases)
     for file, stored_names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device=read_device) as f:
@@ -280,8 +281,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                         raise UserError(f"tensor {stored_name!r} is missing from {file}")
                     tensor = f.get_tensor(stored_name)
                     if tensor.dtype in fp8.FP8_DTYPES:  # DeepSeek-V3's releases: block-scaled FP8
-                        tensor = _dequantize_fp8(f, file, stored_name, tensor, sources[stored_name], index,
-                                                 getattr(cfg, "quantization_config", None))
+                        tensor = _dequantize_fp8(f, file, stored_name, tensor, sources[stored_name], index, fp8_block)
                     for name in names:
                         place(name, tensor, stored_name)
         except UserError:
@@ -323,9 +323,9 @@ def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:
 
 
 def _dequantize_fp8(f, file: Path, name: str, weight: torch.Tensor, parts_of: tuple[str, ...],
-                    index: dict[str, Path], qc) -> torch.Tensor:
-    """A block-FP8 weight read with its scales (models/fp8.py), in fp32."""
-    block = _fp8_block(qc)
+                    index: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
+    """A block-FP8 weight read with its scales (models/fp8.py), in fp32; block: the config's
+    weight_block_size."""
     if block is None or len(parts_of) < 2:
         raise UserError(f"tensor {name!r} in {file} is float8 but " + ("config.json has no FP8 quantization_config "
                         "with a weight_block_size" if block is None else f"{fp8.scale_name(name)!r} is missing"))

@@ -51,12 +51,13 @@ def peft_module(path: str, projections: list[str]) -> str | None:
     return f"{experts}.{_wrapper_prefix(proj, projections)}".rstrip(".")
 
 
-def stack(per_expert: dict[str, tuple[Tensor, Tensor]], projections: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+def stack(per_expert: dict[str, tuple[Tensor, Tensor]], modules: dict[str, str]) -> dict[str, tuple[Tensor, Tensor]]:
     """{per-expert module path: (A [r, in], B [out, r])} -> {PEFT module path: (A [E r, in],
-    B [out, r E])}, experts in index order (every expert of a layer must be there)."""
+    B [out, r E])}, experts in index order (every expert of a layer must be there); modules:
+    each per-expert path's PEFT module (peft_module)."""
     groups: dict[str, dict[int, tuple[Tensor, Tensor]]] = defaultdict(dict)
     for path, ab in per_expert.items():
-        groups[peft_module(path, projections)][split_path(path)[1]] = ab
+        groups[modules[path]][split_path(path)[1]] = ab
     out = {}
     for key, by_expert in groups.items():
         E = len(by_expert)

@@ -468,9 +468,8 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
                       glu_limit=_positive_number(get("swiglu_limit", 7.0), "gpt_oss config swiglu_limit"),
                       glu_alpha=_positive_number(get("swiglu_alpha", 1.702), "gpt_oss config swiglu_alpha"))
     if model_type in ("glm4_moe", "deepseek_v3"):
-        family = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
-        shared = expert_size * family.pop("n_shared_experts")
-        sparse = family.pop("sparse")
+        family, n_shared, sparse = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
+        shared = expert_size * n_shared
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
                 routing_weights_fp32=model_type in ("mixtral", "glm4_moe", "deepseek_v3"),
@@ -478,10 +477,12 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
                 moe_layers=sparse, **family)
 
 
-def _deepseek_router_args(get, model_type: str, experts: int, top_k: int, num_layers: int) -> dict:
-    """DeepSeek-V3's router, which GLM-4.5 shares (sigmoid scores in fp32, a correction bias
-    that only picks, group-limited top k, scaled weights), their ungated shared experts and
-    their first first_k_dense_replace dense layers."""
+def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
+                          num_layers: int) -> tuple[dict, int, list[bool]]:
+    """(ModelArgs of DeepSeek-V3's router, which GLM-4.5 shares: sigmoid scores in fp32, a
+    correction bias that only picks, group-limited top k, scaled weights; and of their ungated
+    shared experts; the number of shared experts; which layers are sparse: all but the first
+    first_k_dense_replace)."""
     groups = _positive_int(get("n_group", 1), f"{model_type} config n_group")
     topk_groups = _positive_int(get("topk_group", 1), f"{model_type} config topk_group")
     if experts % groups or topk_groups > groups or (groups > 1 and experts // groups < 2):
@@ -495,10 +496,9 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int, num_la
         if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 0:
             raise UserError(f"{model_type} config {key} must be a non-negative integer, got {counts[key]!r}")
     scaling = _positive_number(get("routed_scaling_factor", 1.0), f"{model_type} config routed_scaling_factor")
-    return dict(router="sigmoid", router_params_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
-                routed_scaling=scaling, shared_expert_gated=False, n_shared_experts=counts["n_shared_experts"],
-                sparse=[i >= counts["first_k_dense_replace"] for i in range(num_layers)],
-                extra_layers=counts["num_nextn_predict_layers"])
+    router = dict(router="sigmoid", router_params_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
+                  routed_scaling=scaling, shared_expert_gated=False, extra_layers=counts["num_nextn_predict_layers"])
+    return router, counts["n_shared_experts"], [i >= counts["first_k_dense_replace"] for i in range(num_layers)]
 
 
 def _mla_args(get, rope_dim: int, rope_params: Mapping) -> tuple[dict, float]:

@@ -71,9 +71,6 @@ def _env_int(name: str) -> int | None:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-_MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-
-
 def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> list[list[str]]:
     from mlora.models import family_for
 
@@ -84,11 +81,11 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
     # a sparse layer: k experts per token, a shared expert, and the router (E outputs: E / 3 of a width)
     sparse = (margs.num_experts_per_tok * margs.moe_intermediate_size + margs.shared_expert_intermediate_size
               + margs.num_experts // 3)
-    attention = None
-    if margs.mla:  # its projections' parameters (head_dim is only the RoPE part of a head)
-        from mlora.memory import projection_shapes
+    from mlora.lora import MLP_MODULES
+    from mlora.memory import projection_shapes
 
-        attention = sum(i * o for m, (i, o) in projection_shapes(margs).items() if m in _MLA_PROJECTIONS)
+    # a layer's attention parameters (latent attention's too, whose head_dim is only a RoPE part)
+    attention = sum(i * o for m, (i, o) in projection_shapes(margs).items() if m not in MLP_MODULES)
     costs = module_costs(modules, margs.hidden_size, margs.intermediate_size, margs.vocab_size,
                          margs.num_heads, margs.num_kv_heads, margs.head_dim,
                          {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}, attention)
