@@ -59,7 +59,7 @@ class Session:
 def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
     """Every adapter's target_modules as mlora names the projections, checked against the base:
     LLaMA-style models have q/k/v/o_proj and gate/up/down_proj, Phi-3 qkv_proj, o_proj,
-    gate_up_proj and down_proj, GLM q/k/v/o_proj, gate_up_proj and down_proj, DeepSeek-V3 q_proj or
+    gate_up_proj and down_proj, GLM q/k/v/o_proj, gate_up_proj and down_proj, DeepSeek-V2/V3 q_proj or
     q_a_proj and q_b_proj, kv_a_proj_with_mqa, kv_b_proj and o_proj (an adapter would otherwise
     train nothing on a name the model lacks). ChatGLM's and Baichuan's own names
     (query_key_value, W_pack, dense, ...) are taken on those models only."""

@@ -111,6 +111,15 @@ MOE_TINY = {
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
                      first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True,
                      attention_bias=True, head_dim=16),
+    # DeepSeek-V2: DeepSeek-V3's latent attention (RoPE on adjacent pairs, as complex numbers), a
+    # softmax router limited to the group of each token's best expert, scaled weights
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
+                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                        rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                             original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707,
+                                             beta_fast=32.0, beta_slow=1.0)),
     # DeepSeek-V3: latent attention (queries through a rank-24 bottleneck, keys and values from a
     # rank-16 latent, values narrower than keys, interleaved RoPE, YaRN scaling the softmax), and
     # GLM-4.5's router, shared expert and dense first layer
@@ -134,7 +143,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                     seed: int = 0, **overrides) -> Path:
     """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
     gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan |
-    mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v3), save it as safetensors
+    mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -170,6 +179,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
         "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
         "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }[family]
     vocab = 400

@@ -25,7 +25,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL6 = [*ATTN, "gate_up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "deepseek_v2"])
 def test_bf16_is_as_close_to_fp32_as_transformers_bf16(tmp_path, family):
     """transformers' GPT-OSS attention takes its softmax in bf16 (eager, with the sinks), and its
     DeepSeek-V3 one runs SDPA's plain-math path (values narrower than keys); mlora's runs SDPA's

@@ -693,6 +693,10 @@ GLM4_MOE = dataclasses.replace(SMALL, model_type="glm4_moe", attention_bias=True
 DEEPSEEK_V3 = dataclasses.replace(GLM4_MOE, model_type="deepseek_v3", attention_bias=False, qk_norm=False, head_dim=8,
                                   mla=True, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=12,
                                   num_kv_heads=4, attn_scale=0.3)
+# DeepSeek-V2: the latent attention with queries straight from q_proj, a softmax router limited to
+# the best group's experts, scaled and not renormalized
+DEEPSEEK_V2 = dataclasses.replace(DEEPSEEK_V3, model_type="deepseek_v2", q_lora_rank=0, router="grouped_softmax",
+                                  norm_topk_prob=False)
 MLA_ALL = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -709,8 +713,9 @@ MLA_ALL = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", 
     (GLM4_MOE, [(4, 0.0), (4, 0.0)], ALL7),
     (DEEPSEEK_V3, [(4, 0.0), (8, 0.0)], MLA_ALL),
     (DEEPSEEK_V3, [(8, 0.1)], ("q_b_proj", "kv_b_proj", "o_proj")),
+    (DEEPSEEK_V2, [(4, 0.0), (8, 0.0)], ("q_proj", *MLA_ALL[2:])),
 ], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
-        "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents"])
+        "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents", "deepseek_v2"])
 def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's

@@ -93,6 +93,12 @@ CASES = {
     # ungated shared expert, a dense first layer, partial rotary, per-head q/k norms
     "glm4_moe": ("glm4_moe", {}),
     "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v2": ("deepseek_v2", {}),
+    # DeepSeek-V2-Lite's: queries straight from q_proj, every expert open to every token (greedy),
+    # two shared experts, no dense layer, plain RoPE
+    "deepseek_v2_lite": ("deepseek_v2", dict(q_lora_rank=None, topk_method="greedy", n_group=None, topk_group=None,
+                                             n_shared_experts=2, first_k_dense_replace=0, routed_scaling_factor=1.0,
+                                             rope_parameters=dict(rope_type="default", rope_theta=1e4))),
     # queries straight from q_proj, RoPE on the two halves, no YaRN
     "deepseek_v3_q_proj": ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False,
                                                rope_parameters=dict(rope_type="default", rope_theta=1e4))),
@@ -158,7 +164,7 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
-                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3"])
+                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -346,7 +352,7 @@ def test_config_errors():
         family_for("gpt2")
     assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
                          "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral",
-                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v3"}
+                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -409,7 +415,9 @@ def test_a_config_json_without_defaults_reads_as_its_config_class(model_type):
     gives the arguments the config object gives."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type)
+    # (DeepseekV2Config has no default top k)
+    config = transformers.AutoConfig.for_model(model_type, **({"num_experts_per_tok": 6}
+                                                               if model_type == "deepseek_v2" else {}))
     # e.g. gemma-3-1b's config.json has neither of the first two
     dropped = ("tie_word_embeddings", "head_dim", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
     plain = {k: v for k, v in config.to_diff_dict().items() if k not in dropped}

@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, DeepSeek-V3, and
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, and
 GPT-OSS, whose own checks are in test_gpt_oss.py): LoRA on the routed experts, DeepSeek-V3's
 latent attention and FP8 checkpoints.
 
@@ -111,13 +111,14 @@ def backward_against_peft(model, layout, base, adapter_dir):
     return peft_model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3"])
 def test_expert_lora_gradients_equal_peft(tmp_path, family):
     """mlora's LoRA on every projection, experts included, gives PEFT's logits and PEFT's
     gradients (on transformers' stacked experts) for every A and B."""
     base = make_tiny_model(tmp_path / family, family)
     r = 4
-    model, layout, adapters = _mlora_with_adapters(base, {"x": (r, MLA_ALL if family == "deepseek_v3" else ALL7)})
+    model, layout, adapters = _mlora_with_adapters(base, {"x": (r, MLA_ALL if family.startswith("deepseek")
+                                                                else ALL7)})
     adapter = adapters["x"]
     adapter.save(tmp_path / "x", str(base))
     peft_model = backward_against_peft(model, layout, base, tmp_path / "x")
@@ -164,7 +165,7 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                                                        "triton")),
                                             *(("gpt_oss", k) for k in ("auto", "fused", "dense", "loop", "grouped",
                                                                        "triton")),
-                                            *((family, k) for family in ("glm4_moe", "deepseek_v3")
+                                            *((family, k) for family in ("glm4_moe", "deepseek_v2", "deepseek_v3")
                                               for k in ("auto", "fused", "dense", "loop", "grouped", "triton"))])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
@@ -178,8 +179,8 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
     base = make_tiny_model(tmp_path / family, family)
     every = {"gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
-             "deepseek_v3": MLA_ALL}.get(family, ALL7)
-    attention = ["q_b_proj", "kv_b_proj"] if family == "deepseek_v3" else ["q_proj", "v_proj"]
+             "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL}.get(family, ALL7)
+    attention = ["q_b_proj", "kv_b_proj"] if family.startswith("deepseek") else ["q_proj", "v_proj"]
     specs = {"e1": (4, every), "a": (2, attention), "e2": (8 if kernel != "grouped" else 4, every)}
     rows = {"e2": (3, 4), "a": (2, 3), "e1": (0, 1)}  # (row 1: no adapter)
     ids, mask, probe = _inputs(1)
@@ -348,21 +349,22 @@ def test_pipeline_split_weighs_sparse_layers(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe",
-                                        "deepseek_v3"])
+                                        "deepseek_v2", "deepseek_v3"])
 def test_a_config_json_without_the_class_defaults(model_type):
     """A config.json that leaves out what its config class defaults (Mixtral's RoPE base 1e6
     and 8 K/V heads, the Qwen MoE models' K/V heads, the expert counts and widths) reads as the
     config object does."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type)
+    v2 = model_type == "deepseek_v2"  # (DeepseekV2Config has no default top k: one given and kept)
+    config = transformers.AutoConfig.for_model(model_type, **({"num_experts_per_tok": 6} if v2 else {}))
     dropped = ("num_key_value_heads", "rope_parameters", "rope_theta", "max_position_embeddings", "num_experts",
                "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "rms_norm_eps", "head_dim", "sliding_window", "attention_bias", "layer_types", "n_routed_experts",
                "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob",
                "num_nextn_predict_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-               "v_head_dim", "routed_scaling_factor")
-    plain = {k: v for k, v in config.to_dict().items() if k not in dropped}
+               "v_head_dim", "routed_scaling_factor", "topk_method")
+    plain = {k: v for k, v in config.to_dict().items() if k not in dropped or (v2 and k == "num_experts_per_tok")}
     assert llama.args_from_hf_config(dict(plain, model_type=model_type)) == llama.args_from_hf_config(config)
 
 
@@ -554,3 +556,29 @@ def test_deepseek_v3_config_checks():
         llama.args_from_hf_config(dict(base, qk_rope_head_dim=0))
     with pytest.raises(UserError, match="deepseek_v3 config num_nextn_predict_layers must be a non-negative"):
         llama.args_from_hf_config(dict(base, num_nextn_predict_layers=-1))
+
+
+def test_deepseek_v2_config_checks():
+    """DeepSeek-V2's router: groups only under group_limited_greedy (its released V2-Lite says
+    greedy beside n_group 1); the keys its original code reads and transformers' does not are
+    refused where they would change the model; a bad value is named in one line."""
+    base = dict(model_type="deepseek_v2", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                n_shared_experts=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                v_head_dim=12, topk_method="greedy", n_group=4, topk_group=1, scoring_func="softmax",
+                moe_layer_freq=1, norm_topk_prob=False, aux_loss_alpha=0.001, seq_aux=True)
+    args = llama.args_from_hf_config(base)
+    assert args.mla and args.rope.interleaved and args.router == "grouped_softmax" and args.routing_weights_fp32
+    assert (args.router_groups, args.router_topk_groups, args.num_kv_heads) == (1, 1, 4)
+    assert args.shared_expert_intermediate_size == 64 and not args.shared_expert_gated
+    grouped = llama.args_from_hf_config(dict(base, topk_method="group_limited_greedy"))
+    assert (grouped.router_groups, grouped.router_topk_groups) == (4, 1)
+    for change, message in [(dict(topk_method="noaux_tc"), "deepseek_v2 config topk_method 'noaux_tc'"),
+                            (dict(scoring_func="sigmoid"), "deepseek_v2 config scoring_func 'sigmoid'"),
+                            (dict(norm_topk_prob=True), "deepseek_v2 config norm_topk_prob is true"),
+                            (dict(moe_layer_freq=2), "deepseek_v2 config moe_layer_freq 2"),
+                            (dict(mlp_bias=True), "deepseek_v2 config mlp_bias is true"),
+                            (dict(topk_method="group_limited_greedy", n_group=3), r"deepseek_v2 config n_group \(3\)"),
+                            (dict(kv_lora_rank=0), "deepseek_v2 config kv_lora_rank must be a positive integer")]:
+        with pytest.raises(UserError, match=message):
+            llama.args_from_hf_config(dict(base, **change))

@@ -127,8 +127,10 @@ def test_fused_equals_solo_with_dropout(tmp_path, tiny_llama, packing):
     for name in ("a", "b", "c"):
         solo = train_variants(tmp_path, tiny_llama, [name], {f"solo_{name}": overrides}, dropout=0.1)[f"solo_{name}"]
         # Packed, the fused and the solo batch have rows of other shapes, so their matmuls
-        # round differently, and AdamW's first steps magnify that (measured: 1.0e-5 for a).
-        assert_same_adapters(fused, solo, [name], 2e-5 if packing else 1e-5)
+        # round differently, and AdamW's first steps magnify that (measured: 1.0e-5 on an
+        # Intel CPU, 2.1e-5 on an AMD EPYC one, whose BLAS blocks otherwise; a wrong dropout
+        # mask or row is off by 1e-2 and more).
+        assert_same_adapters(fused, solo, [name], 5e-5 if packing else 1e-5)
         fused_losses = [m["loss"] for m in read_metrics(fused / "metrics.jsonl") if m["adapter"] == name]
         solo_losses = [m["loss"] for m in read_metrics(solo / "metrics.jsonl") if m["adapter"] == name]
         assert fused_losses == pytest.approx(solo_losses, rel=1e-5)
@@ -563,7 +565,7 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
                                               ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
-                                              ("deepseek_v3", {})])
+                                              ("deepseek_v3", {}), ("deepseek_v2", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
@@ -572,7 +574,7 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     after the sublayers, q/k norms over whole projections; a sliding layer), Gemma 3's image-text
     layout (the vision tower's q/k/v_proj left alone), Qwen3-MoE (LoRA on every expert; a dense
     layer without), Qwen2-MoE (its attention), GLM-4.5 (its router, a shared expert and a dense
-    layer without LoRA on their MLPs), DeepSeek-V3 (latent attention's five projections), GPT-OSS (attention sinks; LoRA on its stacked
+    layer without LoRA on their MLPs), DeepSeek-V2/V3 (latent attention's five projections), GPT-OSS (attention sinks; LoRA on its stacked
     experts as PEFT's target_parameters): mlora trains an adapter on every projection, and PEFT
     on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
@@ -583,9 +585,10 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
-    if family in ("phi3", "glm", "glm4", "gpt_oss", "deepseek_v3"):
+    if family in ("phi3", "glm", "glm4", "gpt_oss", "deepseek_v2", "deepseek_v3"):
         raw = json.loads(cfg.read_text())
-        raw["lora"][0]["target_modules"] = {"phi3": PHI3_TARGETS, "deepseek_v3": MLA_TARGETS}.get(family, GLM_TARGETS)
+        raw["lora"][0]["target_modules"] = {"phi3": PHI3_TARGETS, "deepseek_v2": MLA_TARGETS,
+                                            "deepseek_v3": MLA_TARGETS}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
     if family == "qwen2_moe":  # PEFT loads no LoRA on its experts (session.resolve_targets)
         raw = json.loads(cfg.read_text())
@@ -601,7 +604,7 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     # MoE model, one LoRA per stacked projection of each layer's experts)
     lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")]
     saved = [k for k in load_file(out / "b" / "adapter_model.safetensors") if ".lora_A." in k]
-    if family in ("qwen3_moe", "glm4_moe", "deepseek_v3"):  # layer 0's / 1's experts: gate_up_proj (gate and up
+    if family in ("qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3"):  # layer 0's / 1's experts: gate_up_proj (gate and up
         # of each) and down_proj
         experts = 4 if family == "qwen3_moe" else 8
         assert sum(".experts." in k for k in saved) == 3 * experts and sum(".experts." in n for n in lora_modules) == 2

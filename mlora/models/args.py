@@ -16,14 +16,17 @@ from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
             "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-            "gpt_oss", "glm4_moe", "deepseek_v3")
+            "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
+# Families with multi-head latent attention (models/mla.py); DeepSeek-V2's and V3's config keys
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # How a router turns its logits into the chosen experts' weights (models/moe.SparseMoE.route):
 # softmax, then the top k (Mixtral, Qwen-MoE, OLMoE); the top k logits, then their softmax
 # (GPT-OSS); DeepSeek-V3's sigmoid scores, the top k of them plus a per-expert correction bias
-# within the best groups of experts, scaled (GLM-4.5).
-ROUTERS = ("softmax", "topk_softmax", "sigmoid")
+# within the best groups of experts, scaled (GLM-4.5); DeepSeek-V2's softmax, the top k within
+# the groups of the best single scores, scaled and never renormalized.
+ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -324,9 +327,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     elif model_type == "glm4_moe":  # `attention_bias` on q/k/v only
         qkv_bias, o_bias, mlp_bias = bool(get("attention_bias", False)), False, False
         windows = [None] * num_layers
-    elif model_type == "deepseek_v3":  # `attention_bias` on q_a_proj, kv_a_proj_with_mqa and o_proj
+    elif model_type in MLA_FAMILIES:  # `attention_bias` on q_a_proj, kv_a_proj_with_mqa and o_proj
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
+        if model_type == "deepseek_v2" and get("mlp_bias", False):  # (transformers: on the dense MLPs only)
+            raise UserError("deepseek_v2 config mlp_bias is true: biased MLPs are not supported")
         windows = [None] * num_layers
     elif model_type == "olmoe":
         if get("clip_qkv") is not None:
@@ -359,8 +364,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = False
         windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
 
-    head_dim = (_positive_int(get("qk_rope_head_dim"), "deepseek_v3 config qk_rope_head_dim")
-                if model_type == "deepseek_v3" else int(get("head_dim", hidden // heads)))
+    head_dim = (_positive_int(get("qk_rope_head_dim"), f"{model_type} config qk_rope_head_dim")
+                if model_type in MLA_FAMILIES else int(get("head_dim", hidden // heads)))
     rope_params = get("rope_parameters") or {}
     partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
     rotary_dim = None
@@ -384,11 +389,13 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 500_000.0), 500_000.0)
     else:
         full_rope, local_rope = _rope_args(get, max_pos, rope_dim), None
-    # (DeepSeek-V3: rope_interleave null means no interleaving, as in transformers)
-    if model_type in ("glm", "glm4", "chatglm") or (model_type == "deepseek_v3" and _raw(cfg, "rope_interleave", True)):
+    # (DeepSeek-V3: rope_interleave null means no interleaving, as in transformers; DeepSeek-V2
+    # always turns adjacent pairs, as complex numbers)
+    if (model_type in ("glm", "glm4", "chatglm", "deepseek_v2")
+            or (model_type == "deepseek_v3" and _raw(cfg, "rope_interleave", True))):
         full_rope = replace(full_rope, interleaved=True)
-    mla, mla_scale = (_mla_args(get, head_dim, rope_params or get("rope_scaling") or {}) if model_type == "deepseek_v3"
-                      else ({}, None))
+    mla, mla_scale = (_mla_args(get, model_type, head_dim, rope_params or get("rope_scaling") or {})
+                      if model_type in MLA_FAMILIES else ({}, None))
     return ModelArgs(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -441,17 +448,18 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
 def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
     its config (the expert count is num_local_experts for Mixtral and GPT-OSS, n_routed_experts
-    for GLM-4.5 and DeepSeek-V3, num_experts elsewhere)."""
+    for GLM-4.5 and DeepSeek-V2/V3, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
-    experts_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "glm4_moe": "n_routed_experts",
-                   "deepseek_v3": "n_routed_experts"}.get(model_type, "num_experts")
+    deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3")  # DeepSeek's MoE layout and keys
+    experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "n_routed_experts" if deepseek
+                   else "num_experts")
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
     if top_k > experts:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
     if model_type == "mixtral" and get("router_jitter_noise", 0.0):
         raise UserError("mixtral config router_jitter_noise is not 0: the router's training noise is not supported")
-    own_width = qwen or model_type in ("glm4_moe", "deepseek_v3")  # experts narrower than the dense MLPs
+    own_width = qwen or deepseek  # experts narrower than the dense MLPs
     expert_size = get("moe_intermediate_size") if own_width else get("intermediate_size")
     expert_size = _positive_int(expert_size, f"{model_type} config {'moe_' if own_width else ''}intermediate_size")
     sparse = [True] * num_layers
@@ -467,12 +475,12 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         family = dict(router_bias=True, router="topk_softmax", gate_up_interleaved=True,
                       glu_limit=_positive_number(get("swiglu_limit", 7.0), "gpt_oss config swiglu_limit"),
                       glu_alpha=_positive_number(get("swiglu_alpha", 1.702), "gpt_oss config swiglu_alpha"))
-    if model_type in ("glm4_moe", "deepseek_v3"):
+    if deepseek:
         family, n_shared, sparse = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
         shared = expert_size * n_shared
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
-                routing_weights_fp32=model_type in ("mixtral", "glm4_moe", "deepseek_v3"),
+                routing_weights_fp32=model_type == "mixtral" or deepseek,
                 shared_expert_intermediate_size=shared,
                 moe_layers=sparse, **family)
 
@@ -480,11 +488,16 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
 def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
                           num_layers: int) -> tuple[dict, int, list[bool]]:
     """(ModelArgs of DeepSeek-V3's router, which GLM-4.5 shares: sigmoid scores in fp32, a
-    correction bias that only picks, group-limited top k, scaled weights; and of their ungated
-    shared experts; the number of shared experts; which layers are sparse: all but the first
-    first_k_dense_replace)."""
-    groups = _positive_int(get("n_group", 1), f"{model_type} config n_group")
-    topk_groups = _positive_int(get("topk_group", 1), f"{model_type} config topk_group")
+    correction bias that only picks, group-limited top k, scaled weights; or of DeepSeek-V2's:
+    softmax scores in fp32, top k within the best groups by `topk_method`, scaled weights; and of
+    their ungated shared experts; the number of shared experts; which layers are sparse: all but
+    the first first_k_dense_replace)."""
+    v2 = model_type == "deepseek_v2"
+    if v2:
+        _check_deepseek_v2_router(get)
+    grouped = not v2 or get("topk_method", "greedy") == "group_limited_greedy"  # (V2's greedy: one group)
+    groups = _positive_int(get("n_group", 1), f"{model_type} config n_group") if grouped else 1
+    topk_groups = _positive_int(get("topk_group", 1), f"{model_type} config topk_group") if grouped else 1
     if experts % groups or topk_groups > groups or (groups > 1 and experts // groups < 2):
         raise UserError(f"{model_type} config n_group ({groups}) and topk_group ({topk_groups}) do not fit "
                         f"{experts} experts")
@@ -496,23 +509,39 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
         if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 0:
             raise UserError(f"{model_type} config {key} must be a non-negative integer, got {counts[key]!r}")
     scaling = _positive_number(get("routed_scaling_factor", 1.0), f"{model_type} config routed_scaling_factor")
-    router = dict(router="sigmoid", router_params_fp32=True, router_groups=groups, router_topk_groups=topk_groups,
+    router = dict(router="grouped_softmax" if v2 else "sigmoid", router_params_fp32=True, router_groups=groups,
+                  router_topk_groups=topk_groups,
                   routed_scaling=scaling, shared_expert_gated=False, extra_layers=counts["num_nextn_predict_layers"])
     return router, counts["n_shared_experts"], [i >= counts["first_k_dense_replace"] for i in range(num_layers)]
 
 
-def _mla_args(get, rope_dim: int, rope_params: Mapping) -> tuple[dict, float]:
-    """(DeepSeek-V3's latent attention's ModelArgs, its softmax scale): 1 / sqrt(nope + rope),
+def _check_deepseek_v2_router(get) -> None:
+    """DeepSeek-V2's config keys that transformers' DeepseekV2Moe does not read but its original
+    remote code does: refused where they would change the model, so that both agree."""
+    method = get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UserError(f"deepseek_v2 config topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+    if get("scoring_func", "softmax") != "softmax":
+        raise UserError(f"deepseek_v2 config scoring_func {get('scoring_func')!r} is not supported (only softmax)")
+    if get("norm_topk_prob", False):  # (the original code then renormalizes instead of scaling)
+        raise UserError("deepseek_v2 config norm_topk_prob is true: renormalized expert weights are not supported "
+                        "(transformers ignores the flag; DeepSeek-V2's releases set it false)")
+    if get("moe_layer_freq", 1) != 1:
+        raise UserError(f"deepseek_v2 config moe_layer_freq {get('moe_layer_freq')!r} is not supported (only 1)")
+
+
+def _mla_args(get, model_type: str, rope_dim: int, rope_params: Mapping) -> tuple[dict, float]:
+    """(DeepSeek-V2/V3's latent attention's ModelArgs, its softmax scale): 1 / sqrt(nope + rope),
     times YaRN's mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale)."""
-    sizes = {key: _positive_int(get(key), f"deepseek_v3 config {key}")
+    sizes = {key: _positive_int(get(key), f"{model_type} config {key}")
              for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")}
     q_rank = get("q_lora_rank")
-    q_rank = 0 if q_rank is None else _positive_int(q_rank, "deepseek_v3 config q_lora_rank (null: one q_proj)")
+    q_rank = 0 if q_rank is None else _positive_int(q_rank, f"{model_type} config q_lora_rank (null: one q_proj)")
     scale = (sizes["qk_nope_head_dim"] + rope_dim) ** -0.5
     if (rope_params.get("rope_type") or rope_params.get("type") or "default") != "default" and rope_params.get(
             "mscale_all_dim"):
-        mscale_all_dim = _positive_number(rope_params["mscale_all_dim"], "deepseek_v3 rope mscale_all_dim")
-        factor = _positive_number(rope_params.get("factor") or 1.0, "deepseek_v3 rope factor")
+        mscale_all_dim = _positive_number(rope_params["mscale_all_dim"], f"{model_type} rope mscale_all_dim")
+        factor = _positive_number(rope_params.get("factor") or 1.0, f"{model_type} rope factor")
         mscale = 1.0 if factor <= 1 else 0.1 * mscale_all_dim * math.log(factor) + 1.0
         scale *= mscale * mscale
     return dict(mla=True, q_lora_rank=q_rank, **sizes), scale
@@ -555,6 +584,12 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                  "n_group": 1, "topk_group": 1, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
                                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5,
                                  "num_nextn_predict_layers": 1},
+                    # DeepseekV2Config's (DeepSeek-V2's shape, without its top k: no default)
+                    "deepseek_v2": {"n_routed_experts": 64, "moe_intermediate_size": 1407, "n_shared_experts": 2,
+                                    "first_k_dense_replace": 0, "norm_topk_prob": False,
+                                    "routed_scaling_factor": 1.0, "topk_method": "greedy", "kv_lora_rank": 512,
+                                    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                                    "v_head_dim": 128, "intermediate_size": 11008},
                     # DeepseekV3Config's (DeepSeek-V3's own shape)
                     "deepseek_v3": {"n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
                                     "n_shared_experts": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA): DeepSeek-V3's attention (and Kimi K2's, Moonlight's).
+"""Multi-head latent attention (MLA): DeepSeek-V2's and V3's attention (and Kimi K2's, Moonlight's).
 
 Queries come from the hidden state directly (`q_proj`) or through a low-rank bottleneck
 (`q_a_proj` -> RMSNorm -> `q_b_proj`). Keys and values come from one compressed latent:
@@ -6,8 +6,8 @@ Queries come from the hidden state directly (`q_proj`) or through a low-rank bot
 shared by every head; the normed latent goes through `kv_b_proj` to each head's non-rotated
 key part [qk_nope_head_dim] and value [v_head_dim]. Each head's query and key are
 [nope | rope], so scores need no RoPE on the nope part; values may be narrower than keys.
-RoPE turns adjacent pairs when `rope_interleave` (DeepSeek-V3's released weights); transformers
-then writes the turned pairs de-interleaved, the same reordering for queries and keys, so the
+RoPE turns adjacent pairs when `rope_interleave` (DeepSeek-V3's released weights; DeepSeek-V2
+always, as complex numbers, in place); transformers' V3 then writes the turned pairs de-interleaved, the same reordering for queries and keys, so the
 scores are the same as turning them in place, as here.
 
 All five projections are plain nn.Linear modules under transformers' names, so LoRA, quantization

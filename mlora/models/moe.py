@@ -1,5 +1,5 @@
 """The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
-GLM-4.5, DeepSeek-V3.
+GLM-4.5, DeepSeek-V2, DeepSeek-V3.
 
 A linear router scores every token against every expert; each token goes to its
 `num_experts_per_tok` best experts (softmax probabilities, renormalized over the chosen ones
@@ -8,6 +8,8 @@ weighted by the probabilities. Qwen2-MoE adds a shared expert that every token p
 scaled by a sigmoid gate. GPT-OSS's router has a bias and takes the softmax of the top k logits;
 its experts have biases and a clamped GLU (llama.MLP). GLM-4.5's router is DeepSeek-V3's (sigmoid
 scores, a correction bias, groups of experts; _sigmoid_route), and its shared experts are ungated.
+DeepSeek-V2's router takes softmax scores within the groups of the best single scores, scaled and
+never renormalized (_grouped_softmax_route).
 
 The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
@@ -106,7 +108,7 @@ class SparseMoE(nn.Module):
         """flat [N, H] -> (weights [N, k], chosen experts [N, k] int64), as transformers' routers
         compute them: softmax in fp32, top k, renormalized (Mixtral, norm_topk_prob), then cast
         to the dtype unless Mixtral; GPT-OSS: the top k logits, then their softmax in the dtype;
-        GLM-4.5 and DeepSeek-V3: sigmoid (below)."""
+        GLM-4.5 and DeepSeek-V3: sigmoid; DeepSeek-V2: grouped softmax (below)."""
         if self.router_params_fp32:  # GLM-4.5, DeepSeek-V3: the router's weights and scores in fp32
             assert self.gate.bias is None, "an fp32 router with a bias is no family's"
             logits = F.linear(flat.float(), self.gate.weight.float())  # [N, E] fp32
@@ -114,6 +116,8 @@ class SparseMoE(nn.Module):
             logits = self.gate(flat)  # [N, E]
         if self.router == "sigmoid":
             return self._sigmoid_route(logits)
+        if self.router == "grouped_softmax":
+            return self._grouped_softmax_route(logits)
         if self.router == "topk_softmax":
             top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
             return torch.softmax(top, dim=-1), chosen
@@ -135,15 +139,32 @@ class SparseMoE(nn.Module):
         for_choice = scores + self.gate.e_score_correction_bias  # [N, E]
         if self.topk_groups < self.groups:
             per_group = for_choice.view(N, self.groups, E // self.groups)  # [N, G, E/G]
-            group_scores = per_group.topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
-            best = torch.topk(group_scores, k=self.topk_groups, dim=-1, sorted=False)[1]  # [N, g]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
-            for_choice = for_choice.masked_fill(~keep.repeat_interleave(E // self.groups, dim=1), float("-inf"))
+            keep = self._best_groups(per_group.topk(2, dim=-1)[0].sum(dim=-1))  # [N, E]
+            for_choice = for_choice.masked_fill(~keep, float("-inf"))
         chosen = torch.topk(for_choice, k=self.top_k, dim=-1, sorted=False)[1]  # [N, k]
         weights = scores.gather(1, chosen)  # [N, k]
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, chosen
+
+    def _grouped_softmax_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """DeepSeek-V2's router (transformers' DeepseekV2TopkRouter): softmax scores in fp32; with
+        groups (topk_method group_limited_greedy), only the experts of the topk_groups groups
+        whose best score is highest may be picked; the top k scores are the weights, scaled and
+        never renormalized. logits [N, E] fp32 -> (weights [N, k] fp32, experts [N, k])."""
+        N, E = logits.shape
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
+        if self.topk_groups < self.groups:
+            keep = self._best_groups(scores.view(N, self.groups, E // self.groups).amax(dim=-1))  # [N, E]
+            scores = scores.masked_fill(~keep, 0.0)  # (a softmax score is > 0: a kept expert still wins)
+        weights, chosen = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [N, k] each
+        return weights * self.scaling, chosen
+
+    def _best_groups(self, group_scores: Tensor) -> Tensor:
+        """group_scores [N, G] -> [N, E] bool: the experts of each token's topk_groups best groups."""
+        best = torch.topk(group_scores, k=self.topk_groups, dim=-1, sorted=False)[1]  # [N, g]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
+        return keep.repeat_interleave(len(self.experts) // self.groups, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, H = x.shape  # x [B, S, H]

@@ -53,12 +53,12 @@ _MIXTRAL = (*((f"model.layers.{{i}}.mlp.experts.{{e}}.{mine}.", f"model.layers.{
             ("model.layers.{i}.mlp.", "model.layers.{i}.block_sparse_moe."))
 # GPT-OSS's router is `mlp.router` (mlora's `mlp.gate`); its experts are stacked (below)
 _GPT_OSS = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.mlp.router."),)
-# DeepSeek-V3's and GLM-4.5's shared experts are one MLP, `mlp.shared_experts` (mlora's
+# DeepSeek-V2/V3's and GLM-4.5's shared experts are one MLP, `mlp.shared_experts` (mlora's
 # `mlp.shared_expert`, Qwen2-MoE's name)
 _SHARED_EXPERTS = (("model.layers.{i}.mlp.shared_expert.", "model.layers.{i}.mlp.shared_experts."),)
 # The families whose checkpoints name tensors otherwise, and their rules
 _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
-          "glm4_moe": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS}
+          "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS}
 
 # GPT-OSS stores a sparse layer's experts stacked, one tensor per projection for all experts:
 # `mlp.experts.gate_up_proj` [E, in, out] and `mlp.experts.gate_up_proj_bias` [E, out] (the
