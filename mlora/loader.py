@@ -24,7 +24,7 @@ import torch
 
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
-from mlora.models.args import REMOTE_CODE_FAMILIES
+from mlora.models.args import IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES
 from mlora.models.naming import StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
@@ -59,9 +59,10 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
     _check_quantization_config(raw.get("quantization_config"), model_type, config_file)
-    if model_type == "gemma3" and not isinstance(raw.get("text_config"), dict):
-        # (Gemma3Config would fill in a 4B model's text config and blame the weights)
-        raise UserError(f"{config_file}: a gemma3 config needs its text_config")
+    if model_type in IMAGE_TEXT_FAMILIES and not isinstance(raw.get("text_config"), dict):
+        # (Gemma3Config would fill in a 4B model's text config, Mistral3Config a 7B one, and
+        # blame the weights)
+        raise UserError(f"{config_file}: a {model_type} config needs its text_config")
     if model_type in REMOTE_CODE_FAMILIES:
         # Only the model's own code (auto_map) reads this config in transformers; mlora
         # implements the model, so the plain JSON is all it needs (no remote code runs).

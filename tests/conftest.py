@@ -141,9 +141,10 @@ def reference_dir(path: Path) -> Path:
 
 def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | None = None,
                     seed: int = 0, **overrides) -> Path:
-    """Build a random HF model of `family` (llama | mistral | qwen2 | qwen3 | gemma | gemma2 |
-    gemma3_text | gemma3 | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan |
-    mixtral | qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3), save it as safetensors
+    """Build a random HF model of `family` (llama | mistral | ministral | ministral3 | qwen2 |
+    qwen3 | gemma | gemma2 | gemma3_text | gemma3 | mistral3 (text_family: mistral or ministral3)
+    | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan | mixtral |
+    qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -154,13 +155,15 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     head in its file and the normalized one (its NormHead) in the reference."""
     if family in ("chatglm", "baichuan"):
         return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
-    if family == "gemma3":  # an image-text model: a tiny vision tower beside a Gemma 3 text model
-        return _make_gemma3_image_text_model(Path(path), tokenizer_dir, seed, **overrides)
+    if family in ("gemma3", "mistral3"):  # image-text models: a tiny vision tower beside a text model
+        return _make_image_text_model(Path(path), family, tokenizer_dir, seed, **overrides)
     import transformers
 
     cls_config, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "ministral": (transformers.MinistralConfig, transformers.MinistralForCausalLM),
+        "ministral3": (transformers.Ministral3Config, transformers.Ministral3ForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
@@ -200,6 +203,14 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     if family == "granite":  # multipliers that bite (granite-3.x: 12, 0.22, 1/128, 8)
         kwargs.update(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                       logits_scaling=2.5)
+    if family == "ministral":  # a sliding layer 0 and a full layer 1 (its attention needs head_dim set)
+        kwargs.update(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    if family == "ministral3":  # its default head_dim is 128; YaRN on an original context of 8, so that
+        # queries past position 8 get the position-dependent scale (the released: 16384)
+        kwargs.update(head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                        original_max_position_embeddings=8, beta_fast=32.0,
+                                                        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                                        llama_4_scaling_beta=0.1))
     if family == "olmo3":  # a sliding layer 0, a full layer 1 (by default every 4th is full)
         kwargs.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family in MOE_TINY:
@@ -235,22 +246,34 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     return Path(path)
 
 
-def _make_gemma3_image_text_model(path: Path, tokenizer_dir: Path | None, seed: int, **overrides) -> Path:
-    """Gemma 3 4B/12B/27B's layout (Gemma3ForConditionalGeneration): its language model is a
-    gemma3_text one, built here, and saved with a two-layer vision tower."""
+def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, seed: int,
+                           text_family: str | None = None, **overrides) -> Path:
+    """An image-text checkpoint: Gemma 3 4B/12B/27B's layout (Gemma3ForConditionalGeneration,
+    a gemma3_text language model) or Mistral Small 3.x's / Ministral 3's
+    (Mistral3ForConditionalGeneration, a mistral or ministral3 one: text_family). Its language
+    model is built here, and saved with a two-layer vision tower."""
     import transformers
     from safetensors.torch import load_file, save_file
 
+    text_family = text_family or {"gemma3": "gemma3_text", "mistral3": "mistral"}[family]
     text_dir = Path(str(path) + "-text")
-    make_tiny_model(text_dir, "gemma3_text", tokenizer_dir, seed, **overrides)
+    make_tiny_model(text_dir, text_family, tokenizer_dir, seed, **overrides)
     text_config = json.loads((text_dir / "config.json").read_text())
-    config = transformers.Gemma3Config(
-        text_config=text_config, mm_tokens_per_image=4, tie_word_embeddings=text_config.get("tie_word_embeddings", True),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14))
+    tie = text_config.get("tie_word_embeddings", family == "gemma3")
+    if family == "gemma3":
+        config = transformers.Gemma3Config(
+            text_config=text_config, mm_tokens_per_image=4, tie_word_embeddings=tie,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=28, patch_size=14))
+        model = transformers.Gemma3ForConditionalGeneration
+    else:  # (a Pixtral vision tower)
+        config = transformers.Mistral3Config(
+            text_config=text_config, tie_word_embeddings=tie,
+            vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=2, head_dim=16, image_size=56, patch_size=14))
+        model = transformers.Mistral3ForConditionalGeneration
     torch.manual_seed(seed)
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
+    model(config).eval().save_pretrained(path, safe_serialization=True)
     # the language model's weights: the text model's, under the image-text model's names
     tensors = load_file(path / "model.safetensors")
     for name, value in load_file(text_dir / "model.safetensors").items():
@@ -272,6 +295,10 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") == "mistral3":  # (no causal-LM class: the image-text model, on text)
+        from transformers import Mistral3ForConditionalGeneration
+
+        return Mistral3ForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
     if config.get("position_embedding") != "alibi":
         return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype).eval()
     _register_alibi_attention()

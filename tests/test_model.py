@@ -94,6 +94,13 @@ CASES = {
     "glm4_moe": ("glm4_moe", {}),
     "deepseek_v3": ("deepseek_v3", {}),
     "deepseek_v2": ("deepseek_v2", {}),
+    # Ministral: a window on its sliding_attention layers only; Ministral 3: YaRN, and queries
+    # scaled by position past the original context (8 here); both as Mistral 3 image-text models
+    "ministral": ("ministral", {}),
+    "ministral3": ("ministral3", {}),
+    "ministral3_tied": ("ministral3", dict(tie_word_embeddings=True)),
+    "mistral3": ("mistral3", dict(sliding_window=4)),
+    "mistral3_ministral3": ("mistral3", dict(text_family="ministral3")),
     # DeepSeek-V2-Lite's: queries straight from q_proj, every expert open to every token (greedy),
     # two shared experts, no dense layer, plain RoPE
     "deepseek_v2_lite": ("deepseek_v2", dict(q_lora_rank=None, topk_method="greedy", n_group=None, topk_group=None,
@@ -164,7 +171,8 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
-                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite"])
+                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite",
+                                  "ministral", "mistral3_ministral3"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -266,11 +274,46 @@ def test_sliding_windows_per_family(tmp_path):
     assert read_model_config(q_off)[1].sliding_window == [None, None]
     m = make_tiny_model(tmp_path / "m", "mistral", sliding_window=5)
     assert read_model_config(m)[1].sliding_window == [5, 5]
+    # Ministral: by layer_types, else every layer sliding (a window given) or full
+    base = dict(model_type="ministral", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert llama.args_from_hf_config(dict(base, sliding_window=6)).sliding_window == [6, 6]
+    assert llama.args_from_hf_config(dict(base, sliding_window=None)).sliding_window == [None, None]
+    assert llama.args_from_hf_config(base).sliding_window == [4096, 4096]  # MinistralConfig's default window
+    # (transformers reads a mistral config.json that has layer_types as ministral)
+    m = make_tiny_model(tmp_path / "m2", "mistral", sliding_window=5, layer_types=["full_attention", "sliding_attention"])
+    assert read_model_config(m)[1].sliding_window == [None, 5]
+
+
+def test_mistral3_and_ministral3_configs(tmp_path):
+    """Mistral 3's image-text config: its language model's family (mistral or ministral3) and the
+    outer tie flag; Ministral 3's query scale from its rope_parameters; refusals in one line."""
+    text = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+    rope = dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384,
+                llama_4_scaling_beta=0.1)
+    m3 = llama.args_from_hf_config(dict(model_type="mistral3", text_config=dict(text, model_type="ministral3",
+                                                                                 rope_parameters=rope)))
+    assert (m3.model_type, m3.query_scale_beta, m3.query_scale_period, m3.tie_word_embeddings) == (
+        "mistral3", 0.1, 16384, True)  # (Mistral3Config ties by default, whatever text_config says)
+    small = llama.args_from_hf_config(dict(model_type="mistral3", tie_word_embeddings=False, text_config=text))
+    assert (small.query_scale_beta, small.tie_word_embeddings) == (0.0, False)  # text_config: mistral by default
+    with pytest.raises(UserError, match="mistral3 config text_config model_type 'llama' is not supported"):
+        llama.args_from_hf_config(dict(model_type="mistral3", text_config=dict(text, model_type="llama")))
+    with pytest.raises(UserError, match="ministral3 config rope_parameters needs llama_4_scaling_beta"):
+        llama.args_from_hf_config(dict(text, model_type="ministral3", rope_parameters=dict(rope_type="default",
+                                                                                          rope_theta=1e6)))
+    path = make_tiny_model(tmp_path / "m3", "mistral3")
+    config = json.loads((path / "config.json").read_text())
+    del config["text_config"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="a mistral3 config needs its text_config"):
+        read_model_config(path)
 
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss",
-                                    "deepseek_v3"])
+                                    "deepseek_v3", "ministral3"])
 def test_stage_split_equals_whole(tmp_path, family):
     path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
     whole = load_model(path, "cpu", torch.float32)
@@ -284,6 +327,20 @@ def test_stage_split_equals_whole(tmp_path, family):
         assert torch.equal(second(hidden, mask), whole(ids, mask))
     assert list(second.state_dict()) == [k for k in whole.state_dict() if "layers.0." not in k
                                          and "embed_tokens" not in k]
+
+
+def test_ministral3_scales_queries_by_their_position_ids(tmp_path):
+    """Ministral 3's query scale follows the RoPE positions given (packed rows restart them, a
+    left-padded prompt may start them late): logits equal transformers' with the same
+    position_ids, past the original context (8) and back below it."""
+    path = make_tiny_model(tmp_path, "ministral3")
+    ours, ref = load_model(path, "cpu", torch.float32), _hf(path)
+    positions = torch.tensor([list(range(30, 30 + S)), list(range(6)) + list(range(6)), list(range(S))])
+    ids = torch.randint(3, 400, (B, S), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = ours(ids, position_ids=positions)
+        _assert_close_on_real(out, ref(input_ids=ids, position_ids=positions).logits, None)
+        assert (out - ours(ids)).abs().max() > 1e-3  # (the positions do change the logits)
 
 
 def test_stage_split_tied_head_only(tmp_path):
@@ -350,9 +407,10 @@ def test_config_errors():
         llama.args_from_hf_config(dict(base, rope_scaling=dict(type="linear")))
     with pytest.raises(UserError, match="gpt2.*llama"):
         family_for("gpt2")
-    assert SUPPORTED == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
-                         "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral",
-                         "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3"}
+    assert SUPPORTED == {"llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma",
+                         "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan",
+                         "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
+                         "glm4_moe", "deepseek_v2", "deepseek_v3"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

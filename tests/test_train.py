@@ -565,7 +565,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
                                               ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
-                                              ("deepseek_v3", {}), ("deepseek_v2", {})])
+                                              ("deepseek_v3", {}), ("deepseek_v2", {}), ("ministral", {}),
+                                              ("mistral3", dict(text_family="ministral3"))])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
@@ -580,7 +581,7 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import make_tiny_model
+    from conftest import load_reference, make_tiny_model
 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
@@ -597,15 +598,14 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3])  # the second epoch's loss is lower
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                           out / "b").eval()
+    peft_model = PeftModel.from_pretrained(load_reference(base), out / "b").eval()  # (Mistral 3: the image-text model)
     _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
-    # PEFT puts LoRA exactly where mlora trained it (not also in Gemma 3's vision tower; on an
+    # PEFT puts LoRA exactly where mlora trained it (not also in Gemma 3's or Mistral 3's vision tower; on an
     # MoE model, one LoRA per stacked projection of each layer's experts)
     lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")]
     saved = [k for k in load_file(out / "b" / "adapter_model.safetensors") if ".lora_A." in k]
-    if family in ("qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3"):  # layer 0's / 1's experts: gate_up_proj (gate and up
-        # of each) and down_proj
+    if family in ("qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3"):
+        # layer 0's / 1's experts: gate_up_proj (gate and up of each) and down_proj
         experts = 4 if family == "qwen3_moe" else 8
         assert sum(".experts." in k for k in saved) == 3 * experts and sum(".experts." in n for n in lora_modules) == 2
         saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]

@@ -14,9 +14,9 @@ from typing import Any
 
 from mlora.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm",
-            "glm4", "chatglm", "baichuan", "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-            "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
+            "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2",
+            "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
 # Families with multi-head latent attention (models/mla.py); DeepSeek-V2's and V3's config keys
@@ -27,6 +27,10 @@ MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # within the best groups of experts, scaled (GLM-4.5); DeepSeek-V2's softmax, the top k within
 # the groups of the best single scores, scaled and never renormalized.
 ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax")
+# Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
+# not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x and Ministral 3 (a
+# mistral or ministral3 one, Mistral3ForConditionalGeneration).
+IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "mistral3": ("mistral", "ministral3")}
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -93,6 +97,11 @@ class ModelArgs:
     # OLMo 2/3: q and k turn in fp32 (cos/sin are not cast to the dtype), then are cast back
     rope_fp32: bool = False
     attn_scale: float | None = None
+    # Ministral 3 (rope_parameters' llama_4_scaling_beta): each query, after RoPE, times
+    # 1 + beta * log(1 + floor(position / period)), period the RoPE's original context length;
+    # exactly 1 below it (0: no scaling)
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 0
     # Gemma 2: attention scores and the final logits pass through cap * tanh(x / cap). SDPA
     # cannot do that to the scores, so those layers compute attention in plain ops.
     attn_softcap: float | None = None
@@ -241,15 +250,21 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     model_type = get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    if model_type == "gemma3":
-        # Gemma 3 4B/12B/27B are image-text checkpoints: mlora trains their language model, a
-        # Gemma 3 text model (its tensors under another prefix: models/naming.py)
+    if model_type in IMAGE_TEXT_FAMILIES:
+        # Gemma 3 4B/12B/27B, Mistral Small 3.x, Ministral 3 are image-text checkpoints: mlora
+        # trains their language model (its tensors under another prefix: models/naming.py)
         text = get("text_config")
         if text is None:
-            raise UserError("gemma3 config has no text_config")
-        text = {**text, "model_type": "gemma3_text"} if isinstance(text, Mapping) else text
-        # Gemma3ForConditionalGeneration ties its head by the outer config's flag
-        return replace(args_from_hf_config(text), model_type="gemma3",
+            raise UserError(f"{model_type} config has no text_config")
+        inner = IMAGE_TEXT_FAMILIES[model_type]
+        text_type = (text.get("model_type") if isinstance(text, Mapping) else getattr(text, "model_type", None)) \
+            or inner[0]  # (Gemma3Config's is always gemma3_text; Mistral3Config's default is mistral)
+        if text_type not in inner:
+            raise UserError(f"{model_type} config text_config model_type {text_type!r} is not supported "
+                            f"(supported: {', '.join(inner)})")
+        text = {**text, "model_type": text_type} if isinstance(text, Mapping) else text
+        # The image-text model ties its head by the outer config's flag
+        return replace(args_from_hf_config(text), model_type=model_type,
                        tie_word_embeddings=bool(get("tie_word_embeddings", True)))
     if model_type in REMOTE_CODE_FAMILIES:
         if not isinstance(cfg, Mapping):
@@ -299,10 +314,16 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         mlp_bias = False
         windows = ([None] * num_layers if model_type == "olmo2" else _windows_by_type(
             get("layer_types") or _every_nth_full(num_layers, 4), num_layers, get("sliding_window"), required=True))
-    elif model_type in ("mistral", "phi3", "mixtral"):
-        # Mistral, Phi-3 and Mixtral mask every layer with `config.sliding_window` when it is set.
+    elif model_type in ("mistral", "ministral3", "phi3", "mixtral"):
+        # Mistral, Ministral 3, Phi-3 and Mixtral mask every layer with `config.sliding_window`
+        # when it is set.
         qkv_bias = o_bias = mlp_bias = False
         windows = [get("sliding_window")] * num_layers
+    elif model_type == "ministral":  # Mistral with a window on its sliding_attention layers only
+        qkv_bias = o_bias = mlp_bias = False
+        window = get("sliding_window")
+        windows = _windows_by_type(get("layer_types") or [("full_attention" if window is None else "sliding_attention")]
+                                   * num_layers, num_layers, window, required=True)
     elif model_type == "qwen2":  # q/k/v always biased, o_proj and MLP never
         qkv_bias, o_bias, mlp_bias = True, False, False
         windows = _qwen_windows(get, num_layers)
@@ -440,6 +461,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         logits_scaling=(_positive_number(float(get("logits_scaling", 1.0)), "granite config logits_scaling")
                         if model_type == "granite" else 1.0),
         attn_sinks=model_type == "gpt_oss",
+        **(_query_scale_args(rope_params) if model_type == "ministral3" else {}),
         **mla,
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
@@ -515,6 +537,21 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
     return router, counts["n_shared_experts"], [i >= counts["first_k_dense_replace"] for i in range(num_layers)]
 
 
+def _query_scale_args(rope_params: Mapping) -> dict:
+    """Ministral 3's position-dependent query scale (transformers' get_llama_4_attn_scale): its
+    beta and period from rope_parameters, both required (transformers fails without them)."""
+    beta, period = rope_params.get("llama_4_scaling_beta"), rope_params.get("original_max_position_embeddings")
+    if beta is None or period is None:
+        raise UserError("ministral3 config rope_parameters needs llama_4_scaling_beta and "
+                        "original_max_position_embeddings (the queries' position-dependent scale)")
+    beta = float(beta)
+    if not math.isfinite(beta) or beta < 0:
+        raise UserError(f"ministral3 config rope_parameters llama_4_scaling_beta must be >= 0, got {beta!r}")
+    return dict(query_scale_beta=beta,
+                query_scale_period=_positive_int(period, "ministral3 config rope_parameters "
+                                                         "original_max_position_embeddings"))
+
+
 def _check_deepseek_v2_router(get) -> None:
     """DeepSeek-V2's config keys that transformers' DeepseekV2Moe does not read but its original
     remote code does: refused where they would change the model, so that both agree."""
@@ -552,6 +589,14 @@ _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
 _GLM_DEFAULTS = {"num_key_value_heads": 2, "head_dim": 128, "attention_bias": True, "rms_norm_eps": 1.5625e-07,
                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5}
 _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128},
+                    "ministral": {"sliding_window": 4096, "num_key_value_heads": 8, "max_position_embeddings": 131072},
+                    # Ministral3Config's (Ministral 3 8B's shape and YaRN)
+                    "ministral3": {"head_dim": 128, "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
+                                   "max_position_embeddings": 262144,
+                                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                                                       "original_max_position_embeddings": 16384,
+                                                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                                                       "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}},
                     "smollm3": {"tie_word_embeddings": True, "rope_theta": 2_000_000.0, "num_key_value_heads": 4},
                     "gemma": _GEMMA_DEFAULTS,
                     "gemma2": {**_GEMMA_DEFAULTS, "sliding_window": 4096, "attn_logit_softcapping": 50.0,

@@ -313,7 +313,8 @@ class Attention(nn.Module):
         self.has_sinks = args.attn_sinks
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer_id: int = 0, q_scale: Tensor | None = None) -> Tensor:
+        """q_scale: each query's factor after RoPE ([S, 1] or [B, 1, S, 1]; Ministral 3), or None."""
         B, S, _ = x.shape  # x [B, S, H]
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
@@ -330,6 +331,8 @@ class Attention(nn.Module):
         if cos is not None:  # (a SmolLM3 layer without position encoding)
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
             q, k = q.to(v.dtype), k.to(v.dtype)  # fp32 tables (OLMo 2) turn in fp32; back to the dtype
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)  # (cast first, as transformers)
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         scale = self.scale
@@ -474,8 +477,9 @@ class DecoderLayer(nn.Module):
         return x if name is None else getattr(self, name)(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None) -> Tensor:
-        attn = self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id))  # [B, S, H]
+                cache: KVCache | None = None, q_scale: Tensor | None = None) -> Tensor:
+        attn = self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id,
+                                            q_scale))  # [B, S, H]
         h = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
         mlp = self._norm(3, self.mlp(self._norm(2, h)))
         return h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
@@ -534,6 +538,19 @@ class CausalLM(nn.Module):
                 tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, pos, dtype)
         return tables
 
+    def query_scale(self, h: Tensor, past: int, position_ids: Tensor | None) -> Tensor | None:
+        """Ministral 3's factor on each query (transformers' get_llama_4_attn_scale), fp32:
+        1 + beta * log(1 + floor(position / period)) for the S new tokens of h [B, S, H], [S, 1]
+        at positions past.. or [B, 1, S, 1] at position_ids; None for the other families."""
+        if not self.args.query_scale_beta:
+            return None
+        S = h.shape[1]
+        if position_ids is None:
+            pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
+        else:
+            pos = position_ids.to(h.device, torch.float32)[:, None, :, None]  # [B, 1, S, 1]
+        return 1 + self.args.query_scale_beta * torch.log(1 + torch.floor(pos / self.args.query_scale_period))
+
     def tie_weights(self) -> None:
         """Share the embedding with the head when both live here (a head-only stage of a tied
         model keeps its own copy, loaded from `model.embed_tokens.weight`)."""
@@ -570,6 +587,7 @@ class CausalLM(nn.Module):
             if cache is not None and self.recompute and torch.is_grad_enabled():
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
             tables = self.rope_tables(h, past, attention_mask, position_ids, document_ids)
+            q_scale = self.query_scale(h, past, position_ids)
             if past:
                 masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)
             elif document_ids is None:
@@ -591,9 +609,9 @@ class CausalLM(nn.Module):
                 if recompute:
                     gens = self.rng_generators
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens
-                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i])
+                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i], None, q_scale)
                 else:
-                    h = layer(h, cos, sin, masks[i], cache)
+                    h = layer(h, cos, sin, masks[i], cache, q_scale)
             if cache is not None:
                 cache.length += S
         if last_only:

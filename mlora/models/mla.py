@@ -69,7 +69,7 @@ class LatentAttention(nn.Module):
         self.interleaved = args.rope.interleaved
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer_id: int = 0, q_scale: Tensor | None = None) -> Tensor:
         B, S, _ = x.shape  # x [B, S, H]
         nh = self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
@@ -81,6 +81,7 @@ class LatentAttention(nn.Module):
         q_rot = apply_rope(q_rot, cos, sin, self.interleaved).to(q.dtype)
         k_rot = apply_rope(k_rot[:, None], cos, sin, self.interleaved).to(q.dtype)  # [B, 1, S, dr]: every head's
         q = torch.cat([q_pass, q_rot], dim=-1)  # [B, nh, S, dn + dr]
+        assert q_scale is None, "no latent-attention family scales its queries by position"
         k = torch.cat([k_pass, k_rot.expand(B, nh, S, self.rope_dim)], dim=-1)  # [B, nh, S, dn + dr]
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nh, T, .]: the cached tokens' too

@@ -8,12 +8,12 @@ tensor per projection, of which each of mlora's per-expert modules reads a slice
 
 mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
 LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
-(read by their own remote code) and Gemma 3's image-text ones name the same tensors otherwise;
-a `Naming` translates at the two edges where names leave mlora: reading the base's
-safetensors (to_checkpoint), and writing or reading a PEFT adapter, whose keys and
+(read by their own remote code) and the image-text ones (Gemma 3, Mistral 3) name the same
+tensors otherwise; a `Naming` translates at the two edges where names leave mlora: reading the
+base's safetensors (to_checkpoint), and writing or reading a PEFT adapter, whose keys and
 target_modules must be the module paths PEFT sees on the real model (to_module; the same as
-the tensor names but for Gemma 3, whose transformers model nests its modules otherwise than
-its files).
+the tensor names but for the image-text ones, whose transformers model nests its modules
+otherwise than its files).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+
+from mlora.models.args import IMAGE_TEXT_FAMILIES
 
 # (mlora's name, the checkpoint's), as prefixes; {i} is a decoder layer's index. The first
 # pattern that matches wins, so a projection's entry comes before its layer's.
@@ -35,10 +37,11 @@ _CHATGLM = (
     ("lm_head.", "transformer.output_layer."),
 )
 _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_attn.W_pack."),)
-# Gemma 3's image-text checkpoints: the language model's tensors as its safetensors names them,
-# and its modules as transformers' Gemma3ForConditionalGeneration names them (what PEFT sees)
-_GEMMA3 = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
-_GEMMA3_MODULES = (("model.", "model.language_model."),)
+# Image-text checkpoints (Gemma 3's, Mistral 3's): the language model's tensors as their
+# safetensors name them, and its modules as transformers' Gemma3ForConditionalGeneration /
+# Mistral3ForConditionalGeneration name them (what PEFT sees)
+_IMAGE_TEXT = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+_IMAGE_TEXT_MODULES = (("model.", "model.language_model."),)
 
 # A projection's own name in each family (PEFT's target_modules match the last name part).
 _LEAVES = {
@@ -57,7 +60,8 @@ _GPT_OSS = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.mlp.router."),)
 # `mlp.shared_expert`, Qwen2-MoE's name)
 _SHARED_EXPERTS = (("model.layers.{i}.mlp.shared_expert.", "model.layers.{i}.mlp.shared_experts."),)
 # The families whose checkpoints name tensors otherwise, and their rules
-_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _GEMMA3, "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
+_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mistral3": _IMAGE_TEXT,
+          "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
           "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS}
 
 # GPT-OSS stores a sparse layer's experts stacked, one tensor per projection for all experts:
@@ -97,8 +101,8 @@ class Naming:
     family: str | None = None  # None: the checkpoint uses mlora's names
 
     def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
-        if modules and self.family == "gemma3":
-            return _GEMMA3_MODULES
+        if modules and self.family in IMAGE_TEXT_FAMILIES:
+            return _IMAGE_TEXT_MODULES
         return _RULES.get(self.family, ())
 
     def _translate(self, name: str, forward: bool, modules: bool = False) -> str:
@@ -143,19 +147,19 @@ class Naming:
 
     def to_module(self, path: str) -> str:
         """mlora's module path -> the path of the same module in transformers' (or the remote
-        code's) model, which PEFT's adapter keys use; the checkpoint's name but for Gemma 3's
-        image-text models ('model.layers.0.mlp' -> 'model.language_model.layers.0.mlp')."""
+        code's) model, which PEFT's adapter keys use; the checkpoint's name but for the image-text
+        models ('model.layers.0.mlp' -> 'model.language_model.layers.0.mlp')."""
         return self._translate(path, forward=True, modules=True)
 
     def from_module(self, path: str) -> str:
         return self._translate(path, forward=False, modules=True)
 
     def peft_target_modules(self, projections: list[str]) -> list[str] | str:
-        """adapter_config.json's target_modules for these projections: their names, or for Gemma
-        3's image-text models a regular expression that PEFT matches against whole module paths,
+        """adapter_config.json's target_modules for these projections: their names, or for the
+        image-text models a regular expression that PEFT matches against whole module paths,
         so that the vision tower's q/k/v_proj stay untouched."""
         leaves = [self.leaf(p) for p in projections]
-        if self.family != "gemma3":
+        if self.family not in IMAGE_TEXT_FAMILIES:
             return leaves
         return rf"{re.escape(self.to_module('model.layers'))}\.\d+\.(self_attn|mlp)\.({'|'.join(leaves)})"
 
