@@ -75,11 +75,13 @@ class Adapter:
             if path.rsplit(".", 1)[-1] not in cfg.target_modules:
                 continue
             wrapper = wrappers[path]
-            if cfg.r > min(wrapper.in_features, wrapper.out_features):
-                # More than the rank the product B @ A can have: weights and optimizer state for
-                # nothing (at an absurd r, an allocation that fails deep inside torch).
-                raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than the rank a {path} "
-                                f"({wrapper.out_features} x {wrapper.in_features}) can have")
+            if cfg.r > max(wrapper.in_features, wrapper.out_features):
+                # More weights than the projection itself has, for a product B @ A of rank at
+                # most min(in, out) (at an absurd r, an allocation that fails deep inside torch).
+                # An r above the smaller side alone is allowed, as in PEFT: one r for every
+                # target puts r = 64 on Qwen3.5's in_proj_b and in_proj_a, 32 outputs wide.
+                raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than either side of {path} "
+                                f"({wrapper.out_features} x {wrapper.in_features})")
             weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
                                   cfg.dropout, cfg.use_rslora, module_seed(own_seed, path), device)
             layer = decoder_layer_of(path)

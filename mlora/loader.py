@@ -303,8 +303,9 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 
 
 # Tensors a checkpoint may hold that no model computes with: RoPE tables some releases saved,
-# Gemma 3's vision tower and projector (mlora trains the language model), a tied head's copy.
-_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector)\.|"
+# the image-text models' vision towers and projectors (mlora trains the language model; Qwen3.5's
+# `model.visual`), Qwen3.5's multi-token-prediction layer (`mtp.`), a tied head's copy.
+_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector|model\.visual|mtp)\.|"
                         r"^(language_model\.)?lm_head\.weight$")
 
 

@@ -57,8 +57,10 @@ ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
 # The MLP's projections (on an MoE model: its experts').
 MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 # Projections of one parent module that read the same input tensor.
-# (DeepSeek-V3: q_proj or q_a_proj, and kv_a_proj_with_mqa, read the layer's normed input.)
-INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj"))
+# (DeepSeek-V3: q_proj or q_a_proj, and kv_a_proj_with_mqa, read the layer's normed input; so
+# do Qwen3.5's linear-attention input projections.)
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"),
+                ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"), ("gate_proj", "up_proj"))
 
 # How the adapters of one batch share a matmul (benchmarks/THROUGHPUT.md measures each):
 #   "fused":   the dense math as one hand-written autograd op per input group, base GEMMs
@@ -84,6 +86,20 @@ KERNELS = ("auto", "fused", "triton", "dense", "loop", "grouped")
 DENSE_MAX_ADAPTERS = 8
 kernel = os.environ.get("MLORA_LORA_KERNEL", "auto")
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient: torch._grouped_mm's backward
+    wants 16-byte aligned strides, and a projection whose output is read transposed (Qwen3.5's
+    in_proj_qkv, through its conv) or per head (in_proj_b, in_proj_a) gets its gradient strided."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 @functools.lru_cache(maxsize=512)
@@ -473,7 +489,7 @@ class LoraLinear(nn.Module):
         b_all = torch.stack([w.lora_B for w in ws]) * scales[:, None, None]  # [G, out, r] fp32
         b_all = b_all.to(x.dtype).transpose(1, 2)  # [G, r, out]
         delta = _GROUPED_MM(hidden.hidden[slot], b_all, offs=hidden.offsets)  # [N, out]
-        return self._add_base(x, delta)
+        return self._add_base(x, _ContiguousGrad.apply(delta))
 
     def _forward_loop(self, x: torch.Tensor, hidden: _Hidden) -> torch.Tensor:
         S = x.shape[1]

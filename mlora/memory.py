@@ -22,7 +22,7 @@ import gc
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -54,6 +54,8 @@ _INPUT_GROUPS = (
     ("q_latent", ("q_b_proj",)),  # DeepSeek-V3: q_a_layernorm output [N, q_lora_rank]
     ("kv_latent", ("kv_b_proj",)),  # DeepSeek-V3: kv_a_layernorm output [N, kv_lora_rank]
     ("attn_out", ("o_proj",)),  # SDPA output [N, nh*D]
+    ("linear_in", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),  # Qwen3.5: input_layernorm output [N, H]
+    ("linear_out", ("out_proj",)),  # Qwen3.5: the gated norm's output [N, Hv*Dv]
     ("mlp_in", ("gate_proj", "up_proj")),  # post_attention_layernorm output [N, H]
     ("mlp_act", ("down_proj",)),  # silu(gate) * up [N, I]
 )
@@ -70,11 +72,13 @@ def _input_groups(args: ModelArgs) -> tuple[tuple[str, tuple[str, ...]], ...]:
 _SAVED_ANYWAY = {"attn_out"}
 
 
-def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+def projection_shapes(args: ModelArgs, kind: str | None = None) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
     LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
-    has num_experts of them, and its dense layers' MLPs are no LoRA targets: lora.inject_lora)."""
+    has num_experts of them, and its dense layers' MLPs are no LoRA targets: lora.inject_lora).
+    kind: "attention" or "linear" (Qwen3.5's layers of either kind: models/gdn.py), that kind's
+    layers' projections; None, those of every layer."""
     H = args.hidden_size
     I = args.moe_intermediate_size if args.is_moe else args.intermediate_size  # (MoE: each expert's)
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
@@ -87,8 +91,24 @@ def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
         attn |= {"kv_a_proj_with_mqa": (H, args.kv_lora_rank + args.head_dim),
                  "kv_b_proj": (args.kv_lora_rank, nh * (args.qk_nope_head_dim + args.v_head_dim))}
         o_in = nh * args.v_head_dim
+    if args.attn_output_gate:  # Qwen3.5: each head's query and its output gate
+        attn["q_proj"] = (H, 2 * q_dim)
     mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
-    return {**attn, "o_proj": (o_in, H), **mlp, "down_proj": (I, H)}
+    kinds = set(args.layer_kinds) if kind is None else {kind}
+    mixers = {**attn, "o_proj": (o_in, H)} if "attention" in kinds else {}
+    if "linear" in kinds:
+        mixers |= linear_projection_shapes(args)
+    return {**mixers, **mlp, "down_proj": (I, H)}
+
+
+def linear_projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """Qwen3.5's linear-attention projections (models/gdn.py): q, k, v together; the output
+    gate z; beta and the decay input a (one per value head); the output."""
+    H = args.hidden_size
+    keys, values = args.linear_num_key_heads * args.linear_key_head_dim, args.linear_num_value_heads * args.linear_value_head_dim
+    heads = args.linear_num_value_heads
+    return {"in_proj_qkv": (H, 2 * keys + values), "in_proj_z": (H, values), "in_proj_b": (H, heads),
+            "in_proj_a": (H, heads), "out_proj": (values, H)}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -274,20 +294,24 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     explicit_mask = explicit_mask or args.attn_sinks  # (llama.with_sink_key: always a mask)
 
     lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs)
-    # One layer's activations, by kind: an MoE model's sparse and dense layers keep different things.
-    by_kind: dict[bool, dict[str, int]] = {}
-    for sparse in sorted({args.moe_layers[i] for i in stage.layers} or {args.is_moe}):
+    # One layer's activations, by kind: an MoE model's sparse and dense layers keep different
+    # things, and so do Qwen3.5's attention and linear-attention layers. (sparse, mixer) -> terms
+    by_kind: dict[tuple[bool, str], dict[str, int]] = {}
+    kinds = sorted({(args.moe_layers[i], args.layer_kinds[i]) for i in stage.layers}
+                   or {(args.is_moe, args.layer_kinds[0] if args.layer_kinds else "attention")})
+    for sparse, mixer in kinds:
         layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
                                        explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
-                                       active=active_adapters, kernel=lora_kernel, sparse=sparse)
+                                       active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer)
         terms = {name: math.ceil(v * N) for name, v in layer.items()}
-        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse)
+        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer)
         if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
-            terms["norm_weights"] = (args.num_norms * args.hidden_size + _qk_norm_width(args)) * 4
-        by_kind[sparse] = terms
+            terms["norm_weights"] = (args.num_norms * args.hidden_size
+                                     + (_qk_norm_width(args) if mixer == "attention" else 0)) * 4
+        by_kind[sparse, mixer] = terms
     per_layer = max(by_kind.values(), key=lambda terms: sum(terms.values()))  # the costliest kind
     one_layer = sum(per_layer.values())
-    all_layers = sum(sum(by_kind[args.moe_layers[i]].values()) for i in stage.layers)
+    all_layers = sum(sum(by_kind[args.moe_layers[i], args.layer_kinds[i]].values()) for i in stage.layers)
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len, stage.layers) * N
     if args.alibi and L:
@@ -317,7 +341,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        backward += (max(_layer_backward_per_token(args, e, seq_len, sparse) for sparse in by_kind) * N
+        backward += (max(_layer_backward_per_token(args, e, seq_len, sparse, mixer) for sparse, mixer in by_kind) * N
                      + _dequant_bytes(args, e, kind, N))
         backward += one_layer if recompute else 0
     if not stage.has_head:
@@ -338,10 +362,11 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *, shared: bool,
                            quant: str | None, explicit_mask: bool, seq_len: int,
                            active: int | None = None, kernel: str | None = None,
-                           sparse: bool = False) -> dict[str, float]:
+                           sparse: bool = False, mixer: str = "attention") -> dict[str, float]:
     """Bytes per token that one decoder layer keeps for the backward, by what keeps them.
     sparse: a mixture-of-experts layer (models/moe.py), whose k experts per token each keep
-    what a dense MLP of their width keeps, over the tokens routed to them."""
+    what a dense MLP of their width keeps, over the tokens routed to them. mixer: "attention",
+    or "linear" for Qwen3.5's linear-attention layers (models/gdn.py)."""
     H, I, D = args.hidden_size, args.intermediate_size, args.head_dim
     k = args.num_experts_per_tok if sparse else 1  # MLP passes per token
     if sparse:
@@ -405,15 +430,29 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         del out["attention_lse"]
         if explicit_mask:
             out["attention_mask"] = seq_len
+    if args.attn_output_gate:
+        # Qwen3.5: o_proj's input is SDPA's output (copied out of its heads' layout) times
+        # sigmoid(gate): the product keeps both [N, nh*D]
+        out["attention_gate"] = 2 * nh * D * e
+    if mixer == "linear":  # no softmax attention in this layer, linear attention instead
+        for name in ("attention", "attention_lse", "qk_norms", "attention_mask", "attention_gate"):
+            out.pop(name, None)
+        out["linear_attention"] = _linear_attention_saved_per_token(args, e, seq_len)
     # an expert's LoRA keeps its gathered input [n, H] and product [n, I]: k per token
     widths = {"attn_in": H, "attn_out": nh * (args.v_head_dim if args.mla else D), "mlp_in": k * H, "mlp_act": k * I,
-              "q_latent": args.q_lora_rank, "kv_latent": args.kv_lora_rank}
+              "q_latent": args.q_lora_rank, "kv_latent": args.kv_lora_rank, "linear_in": H,
+              "linear_out": args.linear_num_value_heads * args.linear_value_head_dim}
     # an MoE model's dense MLPs are no targets
     on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
+    here = projection_shapes(args, mixer)
+    on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     for group, members in _input_groups(args):
+        if not set(members) & set(here):
+            continue
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on_layer,
                                                       shared, quant, kernel,
-                                                      o_proj_input_copied=args.attn_sinks or args.values_padded)
+                                                      o_proj_input_copied=(args.attn_sinks or args.values_padded
+                                                                           or args.attn_output_gate))
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
     if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
@@ -507,12 +546,16 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
     return (copies + keeps_input) * width * e
 
 
-def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse: bool = False) -> int:
+def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse: bool = False,
+                     kind: str | None = None) -> int:
     """A and B of every adapter cast to the activation dtype, kept for the input gradient (one
-    layer). In fp32 some casts are the parameters themselves; counting them is conservative."""
-    shapes = projection_shapes(args)
+    layer, of `kind`: Qwen3.5's layers have either kind's projections; None: the costlier). In
+    fp32 some casts are the parameters themselves; counting them is conservative."""
+    if kind is None:
+        return max(_lora_cast_bytes(args, e, adapters, sparse, k) for k in set(args.layer_kinds))
+    shapes = projection_shapes(args, kind)
     return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * _lora_copies(args, m, sparse)
-               for a in adapters for m in a.target_modules)
+               for a in adapters for m in a.target_modules if m in shapes)
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
@@ -560,7 +603,24 @@ def _qk_norm_width(args: ModelArgs) -> int:
     return 2 * args.head_dim if args.qk_norm_per_head else (args.num_heads + args.num_kv_heads) * args.head_dim
 
 
-def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: bool = False) -> int:
+def _linear_attention_saved_per_token(args: ModelArgs, e: int, seq_len: int) -> float:
+    """What one Gated DeltaNet layer (models/gdn.py) keeps for the backward, bytes per token:
+    the conv's input and output; q and k (repeated to the value heads) and v in fp32, several
+    times over as the chunked delta rule derives them; the chunks' [C, C] decay and attention
+    matrices per value head; the recurrent state of every chunk; the gated norm's tensors. The
+    chunked tensors cover the sequence rounded up to whole chunks of 64."""
+    Hv, Dk, Dv = args.linear_num_value_heads, args.linear_key_head_dim, args.linear_value_head_dim
+    conv = 2 * args.linear_num_key_heads * Dk + Hv * Dv
+    chunk = 64
+    padded = _round_up(max(seq_len, 1), chunk) / max(seq_len, 1)  # chunked tensors per real token
+    keys, values = Hv * Dk, Hv * Dv
+    core = (8 * keys + 4 * values + 5 * Hv * chunk) * 4 * padded + 2 * Hv * Dk * Dv * 4 / chunk * padded
+    norm = values * (2 * e + 2 * 4)  # w * normed in the dtype, its product, silu(z) and z in fp32
+    return 2 * conv * e + core + norm + 16 * Hv
+
+
+def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: bool = False,
+                              mixer: str = "attention") -> int:
     """Bytes per token that one decoder layer's backward allocates beyond what the forward
     kept: the gradients in flight, at the costliest moment."""
     H, I, D, nh = args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads
@@ -582,6 +642,10 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
         # softcapped_attention: the gradients of softmax's fp32 input and output, then of the
         # scores in the dtype twice (through the cast and the tanh), per query and head S each
         attention = nh * seq_len * (8 + 2 * e) + 3 * nh * D * e
+    if mixer == "linear":
+        # the chunked delta rule's backward: a gradient for each fp32 tensor it kept, about as
+        # many bytes at its peak as the forward kept
+        attention = math.ceil(_linear_attention_saved_per_token(args, e, seq_len))
     norm = 3 * H * 4  # RMSNorm's backward works in fp32: grads of the upcast input and products
     return residual + max(mlp, attention, norm)
 
@@ -619,7 +683,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     stage = _Stage.of(args, parts)
     e = torch.empty((), dtype=dtype).element_size()
     H, V = args.hidden_size, args.vocab_size
-    shapes = projection_shapes(args)
+    shapes = projection_shapes(args, "attention")
     attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     biases = (q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
@@ -629,6 +693,12 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
         norms += args.q_lora_rank + args.kv_lora_rank
     sinks = args.num_heads * args.attn_sinks  # GPT-OSS: a logit per head
     attention += (biases + norms + sinks) * e  # biases + RMSNorm weights
+    mixer = {"attention": attention}
+    if "linear" in args.layer_kinds:  # Qwen3.5's linear attention: its projections, conv, decays, gated norm
+        Hv, Dv = args.linear_num_value_heads, args.linear_value_head_dim
+        conv_channels = linear_projection_shapes(args)["in_proj_qkv"][1]
+        mixer["linear"] = (sum(_projection_bytes(i, o, e, kind, dq) for i, o in linear_projection_shapes(args).values())
+                           + (conv_channels * args.linear_conv_kernel + 2 * Hv + Dv + args.num_norms * H) * e)
 
     def mlp(width: int) -> int:  # one SwiGLU's projections (gate and up fused or not: the same bytes
         # unquantized) and their biases
@@ -643,7 +713,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
         sparse = args.num_experts * mlp(args.moe_intermediate_size) + router
         if args.shared_expert_intermediate_size:
             sparse += mlp(args.shared_expert_intermediate_size) + H * e * args.shared_expert_gated
-    total = sum(attention + (sparse if args.moe_layers[i] else dense) for i in stage.layers)
+    total = sum(mixer[args.layer_kinds[i]] + (sparse if args.moe_layers[i] else dense) for i in stage.layers)
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
     if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):
         total += V * H * e
@@ -671,14 +741,15 @@ def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | Non
     """fp32 A and B of every adapter on the decoder layers `layers` (or the first `num_layers`;
     default: all), with their gradients (alive across gradient accumulation) and optimizer
     moments."""
-    shapes = projection_shapes(args)
+    shapes = {kind: projection_shapes(args, kind) for kind in set(args.layer_kinds)}
     if layers is None:
         layers = range(args.num_layers if num_layers is None else num_layers)
     total = 0
     for a in map(LoraShape.of, lora):
         for i in layers:
-            params = sum(a.r * (shapes[m][0] + shapes[m][1]) * _lora_copies(args, m, args.moe_layers[i])
-                         for m in a.target_modules)
+            here = shapes[args.layer_kinds[i]]  # (Qwen3.5: a layer has one kind's projections)
+            params = sum(a.r * (here[m][0] + here[m][1]) * _lora_copies(args, m, args.moe_layers[i])
+                         for m in a.target_modules if m in here)
             total += params * 4 * (2 + a.optimizer_moments)
     return total
 

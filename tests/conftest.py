@@ -155,7 +155,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     head in its file and the normalized one (its NormHead) in the reference."""
     if family in ("chatglm", "baichuan"):
         return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
-    if family in ("gemma3", "mistral3"):  # image-text models: a tiny vision tower beside a text model
+    if family in ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe"):  # image-text: a tiny vision tower beside a text model
         return _make_image_text_model(Path(path), family, tokenizer_dir, seed, **overrides)
     import transformers
 
@@ -183,6 +183,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
         "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
         "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+        "qwen3_5_text": (transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM),
+        "qwen3_5_moe_text": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }[family]
     vocab = 400
@@ -211,6 +213,14 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                                                         original_max_position_embeddings=8, beta_fast=32.0,
                                                         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
                                                         llama_4_scaling_beta=0.1))
+    if family in ("qwen3_5_text", "qwen3_5_moe_text"):
+        # linear attention in layers 0, 1 and 3, full attention (its output gated) in layer 2; 2
+        # key and 4 value heads of 16; RoPE on a quarter of each head (by default)
+        kwargs.update(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                      linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                      layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
+    if family == "qwen3_5_moe_text":
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
     if family == "olmo3":  # a sliding layer 0, a full layer 1 (by default every 4th is full)
         kwargs.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family in MOE_TINY:
@@ -230,8 +240,13 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 1.0)
             elif "q_norm" in name or "k_norm" in name:  # Qwen3's / OLMo 2's q/k norms start at ones
                 p.normal_(1.0, 0.2)
-            if "norm" in name and family.startswith("gemma"):  # (1 + w) norms: w starts at zeros
+            if "norm" in name and (family.startswith("gemma") or family.startswith("qwen3_5")) and not (
+                    "linear_attn.norm" in name):  # (1 + w) norms: w starts at zeros
                 p.normal_(0.0, 0.2)
+            elif "linear_attn.norm" in name:  # Qwen3.5's gated norm: plain w, from ones
+                p.normal_(1.0, 0.2)
+            elif name.endswith(("A_log", "dt_bias")):  # decay rates from slow to fast (exp(A_log) in 0.5 .. 4)
+                p.uniform_(-0.7, 1.4) if name.endswith("A_log") else p.normal_(0.0, 0.5)
             elif ("layernorm" in name and family in ("glm4", "olmo2", "olmo3")  # a misplaced norm must show
                   or "norm" in name and family == "gpt_oss"):  # (GPT-OSS's norms scale in fp32: bf16 tells)
                 p.normal_(1.0, 0.2)
@@ -255,7 +270,8 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
     import transformers
     from safetensors.torch import load_file, save_file
 
-    text_family = text_family or {"gemma3": "gemma3_text", "mistral3": "mistral"}[family]
+    text_family = text_family or {"gemma3": "gemma3_text", "mistral3": "mistral", "qwen3_5": "qwen3_5_text",
+                                  "qwen3_5_moe": "qwen3_5_moe_text"}[family]
     text_dir = Path(str(path) + "-text")
     make_tiny_model(text_dir, text_family, tokenizer_dir, seed, **overrides)
     text_config = json.loads((text_dir / "config.json").read_text())
@@ -266,6 +282,13 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                image_size=28, patch_size=14))
         model = transformers.Gemma3ForConditionalGeneration
+    elif family in ("qwen3_5", "qwen3_5_moe"):  # (its outer tie flag: False by default)
+        moe = family == "qwen3_5_moe"
+        config = (transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config)(
+            text_config=text_config, tie_word_embeddings=text_config.get("tie_word_embeddings", False),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14,
+                               out_hidden_size=text_config["hidden_size"]))
+        model = transformers.Qwen3_5MoeForConditionalGeneration if moe else transformers.Qwen3_5ForConditionalGeneration
     else:  # (a Pixtral vision tower)
         config = transformers.Mistral3Config(
             text_config=text_config, tie_word_embeddings=tie,
@@ -275,10 +298,14 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
     torch.manual_seed(seed)
     model(config).eval().save_pretrained(path, safe_serialization=True)
     # the language model's weights: the text model's, under the image-text model's names
+    # (Qwen3.5's: model.language_model.layers..., lm_head unprefixed; the others' language_model.model...)
+    qwen = family.startswith("qwen3_5")
     tensors = load_file(path / "model.safetensors")
     for name, value in load_file(text_dir / "model.safetensors").items():
-        assert "language_model." + name in tensors, name
-        tensors["language_model." + name] = value
+        name = (name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name) if qwen \
+            else "language_model." + name
+        assert name in tensors, name
+        tensors[name] = value
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     for extra in text_dir.iterdir():  # the tokenizer
         if extra.name not in ("config.json", "model.safetensors", "generation_config.json"):

@@ -187,3 +187,25 @@ def test_nan_victims_rule():
     assert Trainer._nan_victims([1.0, 2.0, 3.0], {0: inf, 1: 0.1, 2: nan}) == ([0, 2], False)
     assert Trainer._nan_victims([1.0, 2.0], {0: nan, 1: 0.1}) == ([], False)
     assert Trainer._nan_victims([nan, 2.0], {0: nan, 1: 0.1}) == ([], False)
+
+
+def test_an_r_above_either_side_of_a_projection_is_refused_in_one_line():
+    """r may exceed the smaller side of a projection (PEFT allows it; Qwen3.5's in_proj_b is 32
+    outputs wide under an r of 64), but not both sides: weights beyond the projection's own."""
+    from transformers import LlamaConfig
+
+    from mlora.errors import UserError
+    from mlora.models.llama import CausalLM, args_from_hf_config
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=1, vocab_size=64)  # k_proj: 8 x 32
+    wrappers = inject_lora(CausalLM(args_from_hf_config(config)).requires_grad_(False), BatchLayout())
+
+    def adapter(r):
+        cfg = AdapterConfig(name="a", data="<test>", r=r, alpha=8, dropout=0.0, target_modules=["k_proj"])
+        return Adapter(cfg, wrappers, seed=1, device=torch.device("cpu"))
+
+    assert adapter(16).weights["model.layers.0.self_attn.k_proj"].lora_A.shape == (16, 32)
+    with pytest.raises(UserError, match=r"adapter 'a': r=33 is more than either side of "
+                                        r"model\.layers\.0\.self_attn\.k_proj \(8 x 32\)"):
+        adapter(33)

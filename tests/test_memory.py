@@ -737,3 +737,42 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
     lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
     assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2
+
+
+# Qwen3.5: a linear-attention layer (Gated DeltaNet: 2 key heads and 4 value heads of 16, a
+# 4-tap conv) and a softmax-attention one whose output is gated; (1 + w) norms; and its MoE
+QWEN3_5 = dataclasses.replace(SMALL, model_type="qwen3_5_text", qk_norm=True, gemma_norms=True, rotary_dim=4,
+                              layer_kinds=["linear", "attention"], attn_output_gate=True, linear_num_key_heads=2,
+                              linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                              linear_conv_kernel=4)
+QWEN3_5_MOE = dataclasses.replace(QWEN3_5, model_type="qwen3_5_moe_text", num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, norm_topk_prob=True, shared_expert_intermediate_size=48)
+QWEN3_5_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj",
+               "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("args, adapters, targets, seq_len", [
+    (QWEN3_5, [(4, 0.0)], QWEN3_5_ALL, 32),
+    (QWEN3_5, [(4, 0.0), (8, 0.1)], QWEN3_5_ALL, 70),  # two chunks of 64, the second padded
+    (QWEN3_5, [(8, 0.0)], ("in_proj_qkv", "out_proj"), 64),
+    (QWEN3_5_MOE, [(4, 0.0)], QWEN3_5_ALL[:9], 32),
+], ids=["qwen3_5", "qwen3_5_two_chunks", "qwen3_5_linear_only", "qwen3_5_moe"])
+def test_linear_attention_layers_bound_what_autograd_saves(dtype, args, adapters, targets, seq_len):
+    """Qwen3.5's Gated DeltaNet layers keep far more per token than softmax attention (fp32
+    copies of q, k, v as the chunked delta rule derives them, [64, 64] matrices per chunk and
+    value head, a state per chunk): the estimate bounds what autograd saves, each layer kind
+    its own projections' LoRA, and the weights and LoRA state are every parameter's bytes."""
+    model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
+    rows = 4
+    per = rows // len(adapters)
+    layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]
+    model.train()
+    measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
+                                  frozen_storages(model, wrappers))
+    estimate = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype,
+                                   lora=[LoraShape(r, targets, p) for r, p in adapters])
+    assert measured <= estimate.activations <= 1.5 * measured
+    assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
+    lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
+    assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2

@@ -101,6 +101,14 @@ CASES = {
     "ministral3_tied": ("ministral3", dict(tie_word_embeddings=True)),
     "mistral3": ("mistral3", dict(sliding_window=4)),
     "mistral3_ministral3": ("mistral3", dict(text_family="ministral3")),
+    # Qwen3.5: Gated DeltaNet linear attention in layers 0, 1, 3 (GQA-like key heads, a causal
+    # conv, decays, a gated norm), gated softmax attention in layer 2, (1 + w) norms, RoPE on a
+    # quarter of each head; its MoE (a gated shared expert, renormalized weights); the
+    # image-text checkpoints of both (model.language_model.*)
+    "qwen3_5_text": ("qwen3_5_text", {}),
+    "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
+    "qwen3_5": ("qwen3_5", {}),
+    "qwen3_5_moe": ("qwen3_5_moe", {}),
     # DeepSeek-V2-Lite's: queries straight from q_proj, every expert open to every token (greedy),
     # two shared experts, no dense layer, plain RoPE
     "deepseek_v2_lite": ("deepseek_v2", dict(q_lora_rank=None, topk_method="greedy", n_group=None, topk_group=None,
@@ -172,7 +180,7 @@ def test_logits_match_transformers(case, tmp_path):
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
                                   "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite",
-                                  "ministral", "mistral3_ministral3"])
+                                  "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -189,7 +197,10 @@ def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
         pieces = [model(ids[:, :5], mask[:, :5], cache=cache)]
         for start, end in ((5, 6), (6, 8), *((t, t + 1) for t in range(8, S))):
             pieces.append(model(ids[:, start:end], mask[:, :end], cache=cache))
-    assert cache.length == S and len(cache.layers) == model.args.num_layers
+    # (Qwen3.5's linear-attention layers carry states instead of keys and values)
+    linear = {i for i in range(model.args.num_layers) if model.args.is_linear(i)}
+    assert cache.length == S and (cache.layers.keys(), cache.states.keys()) == (
+        set(range(model.args.num_layers)) - linear, linear)
     _assert_close_on_real(torch.cat(pieces, dim=1), whole, mask)
     with torch.no_grad():  # last_only: the head on the last position alone
         last = model(ids, mask, cache=llama.KVCache(), last_only=True)
@@ -313,9 +324,12 @@ def test_mistral3_and_ministral3_configs(tmp_path):
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss",
-                                    "deepseek_v3", "ministral3"])
+                                    "deepseek_v3", "ministral3", "qwen3_5"])
 def test_stage_split_equals_whole(tmp_path, family):
-    path = make_tiny_model(tmp_path, family, **({"tie_word_embeddings": False} if family != "llama" else {}))
+    overrides = {"tie_word_embeddings": False} if family != "llama" else {}
+    if family == "qwen3_5":  # (two layers: linear attention, then softmax attention)
+        overrides.update(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    path = make_tiny_model(tmp_path, family, **overrides)
     whole = load_model(path, "cpu", torch.float32)
     first = load_model(path, "cpu", torch.float32, parts=["embed", "layer.0"])
     second = load_model(path, "cpu", torch.float32, parts=["layer.1", "norm", "head"])
@@ -341,6 +355,39 @@ def test_ministral3_scales_queries_by_their_position_ids(tmp_path):
         out = ours(ids, position_ids=positions)
         _assert_close_on_real(out, ref(input_ids=ids, position_ids=positions).logits, None)
         assert (out - ours(ids)).abs().max() > 1e-3  # (the positions do change the logits)
+
+
+def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
+    """Qwen3.5's layer kinds (by layer_types, else every 4th layer softmax attention), its
+    linear attention's sizes and the image-text config's head (untied unless it says so);
+    one-line refusals; the vision tower and the multi-token-prediction layer of a checkpoint
+    are left unread without a warning."""
+    from safetensors.torch import load_file, save_file
+
+    text = dict(model_type="qwen3_5_text", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
+    args = llama.args_from_hf_config(text)
+    assert args.layer_kinds == ["linear", "linear", "linear", "attention"] * 2 and args.attn_output_gate
+    assert (args.rotary_dim, args.gemma_norms, args.embed_scale, args.qk_norm) == (4, True, False, True)
+    wrapped = llama.args_from_hf_config(dict(model_type="qwen3_5", text_config=text))
+    assert wrapped.model_type == "qwen3_5" and not wrapped.tie_word_embeddings
+    assert llama.args_from_hf_config(dict(model_type="qwen3_5", text_config=text, tie_word_embeddings=True)
+                                     ).tie_word_embeddings
+    for change, message in [(dict(layer_types=["linear_attention"] * 7), "qwen3_5 config layer_types must list"),
+                            (dict(layer_types=["sliding_attention"] * 8), "qwen3_5 config layer_types must list"),
+                            (dict(linear_num_value_heads=3), r"linear_num_value_heads \(3\) is not a multiple"),
+                            (dict(linear_conv_kernel_dim=0), "linear_conv_kernel_dim must be a positive integer")]:
+        with pytest.raises(UserError, match=message):
+            llama.args_from_hf_config(dict(text, **change))
+    path = make_tiny_model(tmp_path / "q", "qwen3_5")
+    tensors = load_file(path / "model.safetensors")
+    assert any(name.startswith("model.visual.") for name in tensors)
+    tensors["mtp.fc.weight"] = torch.zeros(4, 4)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    load_model(path, "cpu", torch.float32)
+    assert "unused" not in capsys.readouterr().err
 
 
 def test_stage_split_tied_head_only(tmp_path):
@@ -410,7 +457,8 @@ def test_config_errors():
     assert SUPPORTED == {"llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma",
                          "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan",
                          "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
-                         "glm4_moe", "deepseek_v2", "deepseek_v3"}
+                         "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text",
+                         "qwen3_5_moe"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

@@ -182,8 +182,10 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("chatglm", {}),  # RoPE on pairs of half of each head, fused projections, own tensor names
     ("baichuan", dict(position_embedding="alibi")),  # ALiBi: biases by column distance in each document
     ("olmo3", dict(sliding_window=3)),  # q/k norms over whole projections, a window, a RoPE per layer type
+    # linear attention, whose conv and state restart at each document (transformers' do not)
+    ("qwen3_5_text", {}),
 ], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
-        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3"])
+        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3", "qwen3_5"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:
@@ -223,14 +225,14 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 SPECS = {"a": (4, ["q_proj", "v_proj"], "right"), "b": (8, ALL, "left"), "c": (2, ["k_proj", "down_proj"], "right")}
 
 
-def three_adapters(tiny_llama, dropout: float, seed: int, b_seed: int):
-    """tiny_llama with the SPECS adapters, B drawn from N(0, 0.1^2) (B = 0 would hide half of
-    the gradient); returns (model, layout, {name: Adapter})."""
+def three_adapters(tiny_llama, dropout: float, seed: int, b_seed: int, specs=None):
+    """tiny_llama (or another base) with the SPECS (or `specs`) adapters, B drawn from
+    N(0, 0.1^2) (B = 0 would hide half of the gradient); returns (model, layout, {name: Adapter})."""
     model = load_model(tiny_llama, "cpu", torch.float32)
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     adapters = {}
-    for k, (name, (r, targets, side)) in enumerate(SPECS.items()):
+    for k, (name, (r, targets, side)) in enumerate((specs or SPECS).items()):
         cfg = AdapterConfig(name=name, data="", r=r, alpha=2 * r, dropout=dropout, target_modules=targets,
                             expand_side=side)
         adapter = Adapter(cfg, wrappers, seed, torch.device("cpu"))

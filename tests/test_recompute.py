@@ -29,10 +29,11 @@ def _count_forwards(layer) -> list[int]:
     return calls
 
 
-def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len=None):
-    """STEPS forward/backward passes of three adapters with dropout 0.1; per step the losses
-    and every LoRA gradient, plus the generators' final states and the layer-0 forward count."""
-    model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=11, b_seed=200)
+def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len=None, specs=None):
+    """STEPS forward/backward passes of three adapters (test_packing's SPECS, or `specs`) with
+    dropout 0.1; per step the losses and every LoRA gradient, plus the generators' final states
+    and the layer-0 forward count."""
+    model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=11, b_seed=200, specs=specs)
     model.recompute = recompute
     model.rng_generators = layer_generators(adapters.values()) if register_generators else []
     calls = _count_forwards(model.model.layers["0"])
@@ -75,6 +76,23 @@ def test_recompute_equals_plain_with_dropout(tiny_llama, pack_len):
     assert all(g.abs().max() > 0 for _, grads in ref for g in grads.values())
     assert _max_diff(got, ref) <= 1e-6
     # The generators end where they would without recompute: later steps draw the same masks.
+    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
+
+
+@pytest.mark.parametrize("pack_len", [None, 24], ids=["padded", "packed"])
+def test_recompute_equals_plain_on_linear_attention(tmp_path, pack_len):
+    """Qwen3.5's linear-attention layers (their pad mask and packed documents an input of the
+    checkpointed layer) recompute to the same losses and gradients, LoRA dropout included."""
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "qwen3_5", "qwen3_5_text")
+    specs = {"a": (4, ["in_proj_qkv", "in_proj_b", "out_proj"], "right"),
+             "b": (8, ["q_proj", "o_proj", "in_proj_z", "in_proj_a", "up_proj"], "left"),
+             "c": (2, ["in_proj_qkv", "down_proj"], "right")}
+    ref, ref_states, _ = _run(base, recompute=False, pack_len=pack_len, specs=specs)
+    got, states, calls = _run(base, recompute=True, pack_len=pack_len, specs=specs)
+    assert calls == 2 * STEPS and all(g.abs().max() > 0 for _, grads in ref for g in grads.values())
+    assert _max_diff(got, ref) <= 1e-6
     assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
 
 

@@ -556,6 +556,9 @@ def _assert_peft_gives_mlora_logits(peft_model, base: Path, adapter_dir: Path) -
 
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+# Qwen3.5: its softmax-attention layers' projections, its linear-attention layers', the MLP's
+QWEN3_5_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                   "out_proj", "gate_proj", "up_proj", "down_proj"]
 MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -566,7 +569,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
                                               ("deepseek_v3", {}), ("deepseek_v2", {}), ("ministral", {}),
-                                              ("mistral3", dict(text_family="ministral3"))])
+                                              ("mistral3", dict(text_family="ministral3")), ("qwen3_5", {}),
+                                              ("qwen3_5_moe", {})])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
@@ -591,9 +595,10 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         raw["lora"][0]["target_modules"] = {"phi3": PHI3_TARGETS, "deepseek_v2": MLA_TARGETS,
                                             "deepseek_v3": MLA_TARGETS}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
-    if family == "qwen2_moe":  # PEFT loads no LoRA on its experts (session.resolve_targets)
+    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe"):  # (PEFT loads no LoRA on those MoE models' experts)
         raw = json.loads(cfg.read_text())
-        raw["lora"][0]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        raw["lora"][0]["target_modules"] = QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None] \
+            if family != "qwen2_moe" else ["q_proj", "k_proj", "v_proj", "o_proj"]
         cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
@@ -806,3 +811,44 @@ def test_dropout_inside_the_base_is_named_when_set(tmp_path, tokenizer_dir, caps
     err = capsys.readouterr().err
     assert "mlora: warning: the base model's resid_pdrop=0.1 is not applied" in err
     assert "attention_dropout" not in err  # 0.0: no word
+
+
+def test_qwen3_5_generate_equals_transformers_plus_peft(tmp_path, tokenizer_dir):
+    """Qwen3.5's linear-attention layers carry a conv and a recurrent state from token to token
+    in generation: a trained adapter and the bare base, prompts of several lengths in one
+    left-padded batch, give PEFT's greedy `generate` on transformers' model."""
+    from peft import PeftModel
+
+    from conftest import load_reference, make_tiny_model
+    from mlora.adapter import Adapter
+    from mlora.generate import greedy_generate
+    from mlora.session import open_session
+
+    base = make_tiny_model(tmp_path / "qwen3_5", "qwen3_5", tokenizer_dir)
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path, ["b"], out)
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = QWEN3_5_TARGETS
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
+    session = open_session(base, cfg, device="cpu", load_data=False)
+    Adapter(session.cfg.lora[0], session.wrappers, session.cfg.seed, session.device,
+            naming=session.naming).load_peft(out / "b", label="adapter")  # (as `mlora generate` does)
+    prompts = [("b", [5, 6, 7, 8, 9, 10, 11]), ("b", [12, 13]), (None, [14, 15, 16])]
+    ours = greedy_generate(session, prompts, max_new_tokens=8)
+    peft_model = PeftModel.from_pretrained(load_reference(base), out / "b").eval()
+    eos = session.tokenizer.eos_token_id
+    for (name, prompt), got in zip(prompts, ours):
+        with torch.no_grad():
+            if name is None:
+                with peft_model.disable_adapter():
+                    want = peft_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                               eos_token_id=eos, pad_token_id=eos)
+            else:
+                want = peft_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                           eos_token_id=eos, pad_token_id=eos)
+        want = want[0, len(prompt):].tolist()
+        if want and want[-1] == eos:
+            want = want[:-1]
+        assert got == want, (name, prompt)
+    assert ours[0] != greedy_generate(session, [(None, prompts[0][1])], max_new_tokens=8)[0]  # the adapter matters

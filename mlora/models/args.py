@@ -16,9 +16,13 @@ from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2",
-            "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
+            "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe",
+            "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
+                "qwen3_5_moe_text")
+# Qwen3.5's text models: Gated DeltaNet linear attention in 3 of 4 layers (models/gdn.py)
+QWEN3_5_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 # Families with multi-head latent attention (models/mla.py); DeepSeek-V2's and V3's config keys
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # How a router turns its logits into the chosen experts' weights (models/moe.SparseMoE.route):
@@ -29,8 +33,11 @@ MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax")
 # Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
 # not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x and Ministral 3 (a
-# mistral or ministral3 one, Mistral3ForConditionalGeneration).
-IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "mistral3": ("mistral", "ministral3")}
+# mistral or ministral3 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
+IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "mistral3": ("mistral", "ministral3"), "qwen3_5": ("qwen3_5_text",),
+                       "qwen3_5_moe": ("qwen3_5_moe_text",)}
+# Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
+_IMAGE_TEXT_TIED = {"gemma3": True, "mistral3": True, "qwen3_5": False, "qwen3_5_moe": False}
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -175,6 +182,19 @@ class ModelArgs:
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
+    # Qwen3.5: hybrid layers. layer_kinds[i] is "attention" (softmax attention, whose output is
+    # gated per channel by sigmoid(gate) when attn_output_gate: q_proj then gives each head's
+    # query and gate, [q_h | gate_h]) or "linear" (Gated DeltaNet linear attention,
+    # models/gdn.py, of linear_num_key_heads key heads of linear_key_head_dim,
+    # linear_num_value_heads value heads of linear_value_head_dim, and a causal depthwise conv
+    # of linear_conv_kernel taps).
+    layer_kinds: list[str] = field(default_factory=list)  # per layer; empty: all attention
+    attn_output_gate: bool = False
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -183,6 +203,12 @@ class ModelArgs:
             self.rope_layers = [True] * self.num_layers
         if not self.moe_layers:
             self.moe_layers = [self.num_experts > 0] * self.num_layers
+        if not self.layer_kinds:
+            self.layer_kinds = ["attention"] * self.num_layers
+
+    def is_linear(self, layer_id: int) -> bool:
+        """Whether the layer mixes its tokens by linear attention (Qwen3.5's Gated DeltaNet)."""
+        return self.layer_kinds[layer_id] == "linear"
 
     @property
     def is_moe(self) -> bool:
@@ -265,7 +291,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         text = {**text, "model_type": text_type} if isinstance(text, Mapping) else text
         # The image-text model ties its head by the outer config's flag
         return replace(args_from_hf_config(text), model_type=model_type,
-                       tie_word_embeddings=bool(get("tie_word_embeddings", True)))
+                       tie_word_embeddings=bool(get("tie_word_embeddings", _IMAGE_TEXT_TIED[model_type])))
     if model_type in REMOTE_CODE_FAMILIES:
         if not isinstance(cfg, Mapping):
             cfg = cfg.to_dict()
@@ -354,6 +380,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         if model_type == "deepseek_v2" and get("mlp_bias", False):  # (transformers: on the dense MLPs only)
             raise UserError("deepseek_v2 config mlp_bias is true: biased MLPs are not supported")
         windows = [None] * num_layers
+    elif model_type in QWEN3_5_FAMILIES:  # `attention_bias` on q/k/v and o_proj (never on linear attention)
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = [None] * num_layers
     elif model_type == "olmoe":
         if get("clip_qkv") is not None:
             raise UserError("olmoe config clip_qkv is set: clipping q, k and v is not supported")
@@ -396,6 +426,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         rotary_dim = int(head_dim * partial)
     gemma3 = model_type == "gemma3_text"
     gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+    qwen3_5 = model_type in QWEN3_5_FAMILIES
     sandwich = model_type in ("gemma2", "gemma3_text")
     attn_cap, final_cap = (None if get(k) is None else float(get(k))
                            for k in ("attn_logit_softcapping", "final_logit_softcapping"))
@@ -421,7 +452,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
-        intermediate_size=int(get("intermediate_size")),
+        # (Qwen3.5-MoE has no dense MLP, nor its width)
+        intermediate_size=int(get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None)),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -431,11 +463,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=(model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_moe", "olmoe")
+        qk_norm=(model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_moe", "olmoe", *QWEN3_5_FAMILIES)
                  or (model_type == "glm4_moe" and bool(get("use_qk_norm", False)))),
         qk_norm_per_head=model_type not in ("olmo2", "olmo3", "olmoe"),
         hidden_act="gelu_tanh" if gemma else "silu",
-        gemma_norms=gemma,
+        gemma_norms=gemma or qwen3_5,  # (Qwen3.5's norms scale by 1 + w too)
         embed_scale=gemma,
         norm_layout=("sandwich" if sandwich else "glm4" if model_type == "glm4"
                      else "post" if model_type in ("olmo2", "olmo3") else "pre"),
@@ -462,6 +494,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
                         if model_type == "granite" else 1.0),
         attn_sinks=model_type == "gpt_oss",
         **(_query_scale_args(rope_params) if model_type == "ministral3" else {}),
+        **(_linear_attention_args(get, num_layers) if qwen3_5 else {}),
         **mla,
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
@@ -472,6 +505,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     its config (the expert count is num_local_experts for Mixtral and GPT-OSS, n_routed_experts
     for GLM-4.5 and DeepSeek-V2/V3, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
+    qwen3_5 = model_type == "qwen3_5_moe_text"  # every layer sparse, a gated shared expert, renormalized weights
     deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3")  # DeepSeek's MoE layout and keys
     experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "n_routed_experts" if deepseek
                    else "num_experts")
@@ -481,7 +515,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
     if model_type == "mixtral" and get("router_jitter_noise", 0.0):
         raise UserError("mixtral config router_jitter_noise is not 0: the router's training noise is not supported")
-    own_width = qwen or deepseek  # experts narrower than the dense MLPs
+    own_width = qwen or qwen3_5 or deepseek  # experts narrower than the dense MLPs
     expert_size = get("moe_intermediate_size") if own_width else get("intermediate_size")
     expert_size = _positive_int(expert_size, f"{model_type} config {'moe_' if own_width else ''}intermediate_size")
     sparse = [True] * num_layers
@@ -490,8 +524,9 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         dense = set(get("mlp_only_layers") or [])
         sparse = [i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
     shared = 0
-    if model_type == "qwen2_moe":
-        shared = _positive_int(get("shared_expert_intermediate_size"), "qwen2_moe config shared_expert_intermediate_size")
+    if model_type in ("qwen2_moe", "qwen3_5_moe_text"):
+        shared = _positive_int(get("shared_expert_intermediate_size"),
+                               f"{model_type} config shared_expert_intermediate_size")
     family = {}
     if model_type == "gpt_oss":
         family = dict(router_bias=True, router="topk_softmax", gate_up_interleaved=True,
@@ -501,7 +536,8 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         family, n_shared, sparse = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
         shared = expert_size * n_shared
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
-                norm_topk_prob=model_type == "mixtral" or bool(get("norm_topk_prob", False)),
+                # (Qwen3.5-MoE's router always renormalizes, whatever the config says)
+                norm_topk_prob=model_type in ("mixtral", "qwen3_5_moe_text") or bool(get("norm_topk_prob", False)),
                 routing_weights_fp32=model_type == "mixtral" or deepseek,
                 shared_expert_intermediate_size=shared,
                 moe_layers=sparse, **family)
@@ -535,6 +571,29 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
                   router_topk_groups=topk_groups,
                   routed_scaling=scaling, shared_expert_gated=False, extra_layers=counts["num_nextn_predict_layers"])
     return router, counts["n_shared_experts"], [i >= counts["first_k_dense_replace"] for i in range(num_layers)]
+
+
+def _linear_attention_args(get, num_layers: int) -> dict:
+    """Qwen3.5's hybrid layers (Qwen3_5TextConfig): `layer_types` (else every 4th layer full
+    attention, full_attention_interval), the Gated DeltaNet's sizes, the gated attention output."""
+    interval = _positive_int(get("full_attention_interval", 4), "qwen3_5 config full_attention_interval")
+    types = get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                   for i in range(num_layers)]
+    kinds = {"full_attention": "attention", "linear_attention": "linear"}
+    if len(types) != num_layers or any(t not in kinds for t in types):
+        raise UserError(f"qwen3_5 config layer_types must list full_attention or linear_attention for each of the "
+                        f"{num_layers} layers, got {types!r}")
+    sizes = {key: _positive_int(get(key), f"qwen3_5 config {key}")
+             for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                         "linear_value_head_dim", "linear_conv_kernel_dim")}
+    if sizes["linear_num_value_heads"] % sizes["linear_num_key_heads"]:
+        raise UserError(f"qwen3_5 config linear_num_value_heads ({sizes['linear_num_value_heads']}) is not a "
+                        f"multiple of linear_num_key_heads ({sizes['linear_num_key_heads']})")
+    return dict(layer_kinds=[kinds[t] for t in types], attn_output_gate=True,
+                linear_num_key_heads=sizes["linear_num_key_heads"],
+                linear_num_value_heads=sizes["linear_num_value_heads"],
+                linear_key_head_dim=sizes["linear_key_head_dim"], linear_value_head_dim=sizes["linear_value_head_dim"],
+                linear_conv_kernel=sizes["linear_conv_kernel_dim"])
 
 
 def _query_scale_args(rope_params: Mapping) -> dict:
@@ -584,10 +643,13 @@ def _mla_args(get, model_type: str, rope_dim: int, rope_params: Mapping) -> tupl
     return dict(mla=True, q_lora_rank=q_rank, **sizes), scale
 
 
-_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe")
+_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe", *QWEN3_5_FAMILIES)
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
 _GLM_DEFAULTS = {"num_key_value_heads": 2, "head_dim": 128, "attention_bias": True, "rms_norm_eps": 1.5625e-07,
                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5}
+_QWEN3_5_DEFAULTS = {"vocab_size": 248320, "num_attention_heads": 16, "head_dim": 256, "max_position_embeddings": 32768,
+                     "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+                     "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32}
 _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128},
                     "ministral": {"sliding_window": 4096, "num_key_value_heads": 8, "max_position_embeddings": 131072},
                     # Ministral3Config's (Ministral 3 8B's shape and YaRN)
@@ -629,6 +691,12 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                  "n_group": 1, "topk_group": 1, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
                                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5,
                                  "num_nextn_predict_layers": 1},
+                    # Qwen3_5TextConfig's and Qwen3_5MoeTextConfig's (Qwen3.5-9B's, Qwen3.5-35B-A3B's shapes)
+                    "qwen3_5_text": {**_QWEN3_5_DEFAULTS, "hidden_size": 4096, "intermediate_size": 12288,
+                                     "num_hidden_layers": 32, "num_key_value_heads": 4},
+                    "qwen3_5_moe_text": {**_QWEN3_5_DEFAULTS, "hidden_size": 2048, "num_hidden_layers": 40,
+                                         "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
+                                         "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
                     # DeepseekV2Config's (DeepSeek-V2's shape, without its top k: no default)
                     "deepseek_v2": {"n_routed_experts": 64, "moe_intermediate_size": 1407, "n_shared_experts": 2,
                                     "first_k_dense_replace": 0, "norm_topk_prob": False,

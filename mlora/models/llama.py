@@ -1,6 +1,7 @@
-"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3,
-SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3, Mixtral, Qwen2/3-MoE, OLMoE,
-GPT-OSS, GLM-4.5 and DeepSeek-V3 in one readable file (DeepSeek-V3's latent attention: mla.py).
+"""mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral (Ministral, Ministral 3), Qwen2, Qwen3,
+Qwen3.5, Gemma 1/2/3, Phi-3, SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3,
+Mixtral, Qwen2/3-MoE, Qwen3.5-MoE, OLMoE, GPT-OSS, GLM-4.5 and DeepSeek-V2/V3 in one readable
+file (DeepSeek's latent attention: mla.py; Qwen3.5's linear attention: gdn.py).
 
 The families differ only in switches (biases, sliding windows, RoPE scaling, Qwen3's RMSNorm
 of each query and key head; Gemma's (1 + w) norm weights, scaled embeddings and GELU; Gemma 2
@@ -8,13 +9,14 @@ and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and 
 3's RoPE of its own on the sliding layers; Phi-3's fused qkv_proj and gate_up_proj, partial
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
-norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Mixtral's, Qwen2/3-MoE's,
-OLMoE's, GPT-OSS's, GLM-4.5's and DeepSeek-V3's mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
+norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Ministral 3's queries
+scaled by position; Qwen3.5's gated attention output and its linear-attention layers; the
+mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
 Module names equal Hugging Face's, so a state-dict key is exactly the safetensors tensor
 name (`model.layers.3.self_attn.q_proj.weight`; ChatGLM's and Baichuan's checkpoints, which
-only their remote code reads, and Gemma 3's image-text ones name them otherwise: naming.py
+only their remote code reads, and the image-text ones name them otherwise: naming.py
 translates), and the projections are plain
 `nn.Linear` attributes that the LoRA code swaps out by name; nothing here knows about LoRA.
 
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from mlora.device import upload
 from mlora.models.alibi import alibi_bias
+from mlora.models.gdn import GatedDeltaNet, LinearMixerInputs, linear_tensor_names
 from mlora.models.mla import LatentAttention, mla_tensor_names
 from mlora.models.moe import SparseMoE, moe_tensor_names
 # Re-exported: the family's API (mlora.models) is this module.
@@ -79,13 +82,16 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
         else:
             p = f"model.layers.{part.split('.')[1]}."
             attn = ("qkv",) if args.fused_qkv else ("q", "k", "v")
-            if args.mla:  # DeepSeek-V3's latent attention
+            linear = args.is_linear(int(part.split(".")[1]))
+            if linear:  # Qwen3.5's Gated DeltaNet layers
+                names += linear_tensor_names(args, p + "linear_attn.")
+            elif args.mla:  # DeepSeek-V3's latent attention
                 names += mla_tensor_names(args, p + "self_attn.")
             else:
                 for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
                     names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias
                                                                       else [])
-            if args.qk_norm:
+            if args.qk_norm and not linear:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
             if args.attn_sinks:
                 names.append(p + "self_attn.sinks")
@@ -187,6 +193,9 @@ class KVCache:
 
     layers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # [B, nkv, T, D] each, after RoPE
     length: int = 0  # T: tokens cached per row
+    # Linear-attention layers (Qwen3.5, models/gdn.py): what they carry from token to token instead
+    # of keys and values: (conv state [B, conv_dim, K - 1] in the dtype, recurrent state [B, Hv, Dk, Dv] fp32)
+    states: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def extend(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """The layer's keys and values with k, v [B, nkv, S, D] appended; kept for the next call."""
@@ -291,11 +300,13 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.fused = args.fused_qkv
+        self.output_gate = args.attn_output_gate  # Qwen3.5: sigmoid(gate) times SDPA's output
         if self.fused:  # Phi-3, ChatGLM, Baichuan: one projection, split into q, k, v
             self.qkv_proj = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.attention_bias)
             self.splits = (q_dim, kv_dim, kv_dim)
         else:
-            self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=args.attention_bias)
+            # (Qwen3.5: each head's query and output gate, [q_h | gate_h])
+            self.q_proj = nn.Linear(args.hidden_size, q_dim * (2 if self.output_gate else 1), bias=args.attention_bias)
             self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
             self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
@@ -316,10 +327,14 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer_id: int = 0, q_scale: Tensor | None = None) -> Tensor:
         """q_scale: each query's factor after RoPE ([S, 1] or [B, 1, S, 1]; Ministral 3), or None."""
         B, S, _ = x.shape  # x [B, S, H]
+        gate = None
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if self.output_gate:
+                q, gate = q.view(B, S, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, S, nh, D] each
+                gate = gate.reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
         if self.qk_norm_whole:  # OLMo 2: over all heads at once, before the split
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, nh, D]
@@ -355,6 +370,8 @@ class Attention(nn.Module):
         if self.has_sinks:
             y = y[..., :self.head_dim]  # the padded dims' outputs are zero: v is padded with zeros
         y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
         return self.o_proj(y)
 
 
@@ -461,7 +478,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.sliding_window = args.sliding_window[layer_id]
-        self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args)
+        self.linear = args.is_linear(layer_id)
+        if self.linear:  # Qwen3.5: linear attention (its mask argument is then a LinearMixerInputs)
+            self.linear_attn = GatedDeltaNet(args)
+        else:
+            self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args)
         self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id] else MLP(args))
         # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
         # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output
@@ -476,10 +497,13 @@ class DecoderLayer(nn.Module):
         name = self.norms[which]
         return x if name is None else getattr(self, name)(x)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | LinearMixerInputs | None,
                 cache: KVCache | None = None, q_scale: Tensor | None = None) -> Tensor:
-        attn = self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id,
-                                            q_scale))  # [B, S, H]
+        if self.linear:
+            mixed = self.linear_attn(self._norm(0, x), mask, cache, self.layer_id)
+        else:
+            mixed = self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id, q_scale)
+        attn = self._norm(1, mixed)  # [B, S, H]
         h = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
         mlp = self._norm(3, self.mlp(self._norm(2, h)))
         return h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
@@ -594,6 +618,11 @@ class CausalLM(nn.Module):
                 masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
             else:
                 masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask)
+            if any(self.args.is_linear(i) for i in self.layer_ids):
+                # Qwen3.5's linear-attention layers take the pads and documents instead of a mask
+                pads = None if attention_mask is None else attention_mask[:, -S:].to(h.device, torch.bool)
+                mixer_inputs = LinearMixerInputs(pads, None if document_ids is None else document_ids.to(h.device))
+                masks.update({i: mixer_inputs for i in self.layer_ids if self.args.is_linear(i)})
             if self.args.attn_sinks:  # GPT-OSS: every query sees the sink key too (with_sink_key)
                 masks = sink_masks(masks, S, past + S, h.device)
             if self.args.alibi:  # the bool masks become float ones carrying the biases

@@ -22,7 +22,6 @@ import functools
 import re
 from dataclasses import dataclass
 
-from mlora.models.args import IMAGE_TEXT_FAMILIES
 
 # (mlora's name, the checkpoint's), as prefixes; {i} is a decoder layer's index. The first
 # pattern that matches wins, so a projection's entry comes before its layer's.
@@ -42,6 +41,12 @@ _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_att
 # Mistral3ForConditionalGeneration name them (what PEFT sees)
 _IMAGE_TEXT = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
 _IMAGE_TEXT_MODULES = (("model.", "model.language_model."),)
+# Qwen3.5's image-text checkpoints name the language model `model.language_model.` (the head stays
+# `lm_head`); transformers' AutoModelForCausalLM builds the text model from them, whose modules
+# carry mlora's names (and PEFT's adapter keys with them).
+_QWEN3_5 = (("model.", "model.language_model."),)
+# The families whose modules (what PEFT sees) are not named as their tensors are
+_MODULE_RULES = {"gemma3": _IMAGE_TEXT_MODULES, "mistral3": _IMAGE_TEXT_MODULES, "qwen3_5": (), "qwen3_5_moe": ()}
 
 # A projection's own name in each family (PEFT's target_modules match the last name part).
 _LEAVES = {
@@ -61,6 +66,7 @@ _GPT_OSS = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.mlp.router."),)
 _SHARED_EXPERTS = (("model.layers.{i}.mlp.shared_expert.", "model.layers.{i}.mlp.shared_experts."),)
 # The families whose checkpoints name tensors otherwise, and their rules
 _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mistral3": _IMAGE_TEXT,
+          "qwen3_5": _QWEN3_5, "qwen3_5_moe": _QWEN3_5,
           "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
           "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS}
 
@@ -101,8 +107,8 @@ class Naming:
     family: str | None = None  # None: the checkpoint uses mlora's names
 
     def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
-        if modules and self.family in IMAGE_TEXT_FAMILIES:
-            return _IMAGE_TEXT_MODULES
+        if modules and self.family in _MODULE_RULES:
+            return _MODULE_RULES[self.family]
         return _RULES.get(self.family, ())
 
     def _translate(self, name: str, forward: bool, modules: bool = False) -> str:
@@ -159,7 +165,7 @@ class Naming:
         image-text models a regular expression that PEFT matches against whole module paths,
         so that the vision tower's q/k/v_proj stay untouched."""
         leaves = [self.leaf(p) for p in projections]
-        if self.family not in IMAGE_TEXT_FAMILIES:
+        if not _MODULE_RULES.get(self.family):  # (PEFT's model has no vision tower)
             return leaves
         return rf"{re.escape(self.to_module('model.layers'))}\.\d+\.(self_attn|mlp)\.({'|'.join(leaves)})"
 

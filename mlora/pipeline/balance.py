@@ -40,21 +40,23 @@ def split_by_balance(modules: list[str], num_layers: int, balance: list[int]) ->
 
 def module_costs(modules: list[str], hidden: int, intermediate: int, vocab: int,
                  num_heads: int, num_kv_heads: int, head_dim: int,
-                 mlp_widths: dict[int, int] | None = None, attention: int | None = None) -> list[float]:
+                 mlp_widths: dict[int, int] | None = None, attention: int | None = None,
+                 attention_of: dict[int, int] | None = None) -> list[float]:
     """Relative cost of each module: matmul parameters touched per token (the embedding is a
     lookup, the norm nearly free). mlp_widths: the MLP width a token goes through in a layer
     where it is not `intermediate` (a mixture-of-experts layer: its k experts' widths summed,
     plus a shared expert's and the router's share), by layer index. attention: a layer's
-    attention parameters where they are not q/k/v/o's (DeepSeek-V3's latent attention)."""
+    attention parameters where they are not q/k/v/o's (DeepSeek-V3's latent attention);
+    attention_of: by layer index where a layer's differ from that (Qwen3.5's linear attention)."""
     if attention is None:
         attention = hidden * head_dim * (2 * num_heads + 2 * num_kv_heads)
-    mlp_widths = mlp_widths or {}
+    mlp_widths, attention_of = mlp_widths or {}, attention_of or {}
     layer = float(attention + 3 * hidden * intermediate)
     costs = []
     for m in modules:
         if m.startswith("layer."):
             i = int(m.split(".")[1])
-            costs.append(float(attention + 3 * hidden * mlp_widths[i]) if i in mlp_widths else layer)
+            costs.append(float(attention_of.get(i, attention) + 3 * hidden * mlp_widths.get(i, intermediate)))
         elif m == "head":
             costs.append(float(hidden * vocab))
         else:  # embed, norm

@@ -84,11 +84,14 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
     from mlora.lora import MLP_MODULES
     from mlora.memory import projection_shapes
 
-    # a layer's attention parameters (latent attention's too, whose head_dim is only a RoPE part)
-    attention = sum(i * o for m, (i, o) in projection_shapes(margs).items() if m not in MLP_MODULES)
+    # a layer's attention parameters (latent attention's too, whose head_dim is only a RoPE part;
+    # Qwen3.5's layers have softmax or linear attention)
+    mixers = {kind: sum(i * o for m, (i, o) in projection_shapes(margs, kind).items() if m not in MLP_MODULES)
+              for kind in set(margs.layer_kinds)}
     costs = module_costs(modules, margs.hidden_size, margs.intermediate_size, margs.vocab_size,
                          margs.num_heads, margs.num_kv_heads, margs.head_dim,
-                         {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}, attention)
+                         {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}, None,
+                         {i: mixers[kind] for i, kind in enumerate(margs.layer_kinds)})
     return split_by_cost(modules, costs, world_size)
 
 
