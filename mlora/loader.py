@@ -16,6 +16,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -82,7 +83,29 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # e.g. transformers reads a "mistral" config.json that has `layer_types` as "ministral"
         raise UserError(f"{config_file} (model_type {model_type!r}) is read by transformers as "
                         f"{cfg.model_type!r}, which is not supported")
-    return cfg, _args_of(cfg, cfg.model_type, config_file)
+    return cfg, _tied_as_transformers_ties(base, raw, _args_of(cfg, cfg.model_type, config_file))
+
+
+def _tied_as_transformers_ties(base: Path, raw: dict, args: ModelArgs) -> ModelArgs:
+    """A config.json without tie_word_embeddings takes its class's default, tied for Gemma and
+    Mistral 3; but Mistral Small 3.x's (written by transformers 4, which left the then-default
+    out) hold a head of their own, which transformers then keeps untied (it ties only tensors it
+    does not find). So does mlora: untied when the checkpoint stores the head. Qwen3.5's
+    image-text configs: transformers' causal LM is the text model, tied by text_config's flag."""
+    if "tie_word_embeddings" in raw:
+        return args
+    inner = raw.get("text_config", {}).get("tie_word_embeddings") if isinstance(raw.get("text_config"), dict) else None
+    if args.model_type in ("qwen3_5", "qwen3_5_moe") and inner is not None:
+        args = replace(args, tie_word_embeddings=bool(inner))
+    if not args.tie_word_embeddings:
+        return args
+    try:
+        stored = weight_index(base)
+    except UserError:  # (no weights yet: whoever loads them says so)
+        return args
+    if naming_for(args.model_type).to_checkpoint("lm_head.weight") in stored:
+        return replace(args, tie_word_embeddings=False)
+    return args
 
 
 def _check_quantization_config(qc, model_type: str, config_file: Path) -> None:
@@ -306,6 +329,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # the image-text models' vision towers and projectors (mlora trains the language model; Qwen3.5's
 # `model.visual`), Qwen3.5's multi-token-prediction layer (`mtp.`), a tied head's copy.
 _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector|model\.visual|mtp)\.|"
+                        r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio)\.|"  # (Gemma 4's)
                         r"^(language_model\.)?lm_head\.weight$")
 
 

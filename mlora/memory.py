@@ -77,13 +77,31 @@ def projection_shapes(args: ModelArgs, kind: str | None = None) -> dict[str, tup
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
     LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
     has num_experts of them, and its dense layers' MLPs are no LoRA targets: lora.inject_lora).
-    kind: "attention" or "linear" (Qwen3.5's layers of either kind: models/gdn.py), that kind's
-    layers' projections; None, those of every layer."""
+    kind: a layer kind (ModelArgs.layer_kinds: Qwen3.5's "linear" layers, Gemma 4's
+    "global_attention" ones), that kind's layers' projections; None, those of every layer (a
+    projection's shape is then the first kind's, in sorted order)."""
     H = args.hidden_size
     I = args.moe_intermediate_size if args.is_moe else args.intermediate_size  # (MoE: each expert's)
-    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    mixers: dict[str, tuple[int, int]] = {}
+    for k in sorted(set(args.layer_kinds) if kind is None else {kind}):
+        shapes = linear_projection_shapes(args) if k == "linear" else _attention_shapes(args, k)
+        mixers |= {name: shape for name, shape in shapes.items() if name not in mixers}
+    mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
+    return {**mixers, **mlp, "down_proj": (I, H)}
+
+
+def _attention_shapes(args: ModelArgs, kind: str) -> dict[str, tuple[int, int]]:
+    """The attention projections of a layer of `kind` ("attention", or Gemma 4's "global_attention",
+    whose heads, K/V heads and v_proj are its own)."""
+    H = args.hidden_size
+    D, nkv = args.head_dim, args.num_kv_heads
+    if kind == "global_attention":
+        D, nkv = args.global_head_dim, args.global_num_kv_heads
+    q_dim, kv_dim = args.num_heads * D, nkv * D
     attn = ({"qkv_proj": (H, q_dim + 2 * kv_dim)} if args.fused_qkv
             else {"q_proj": (H, q_dim), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim)})
+    if kind == "global_attention" and args.attn_k_eq_v:  # (the values are k_proj's output)
+        del attn["v_proj"]
     o_in = q_dim
     if args.mla:  # DeepSeek-V3 (models/mla.py)
         nh, qk, r = args.num_heads, args.qk_head_dim, args.q_lora_rank
@@ -93,12 +111,7 @@ def projection_shapes(args: ModelArgs, kind: str | None = None) -> dict[str, tup
         o_in = nh * args.v_head_dim
     if args.attn_output_gate:  # Qwen3.5: each head's query and its output gate
         attn["q_proj"] = (H, 2 * q_dim)
-    mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
-    kinds = set(args.layer_kinds) if kind is None else {kind}
-    mixers = {**attn, "o_proj": (o_in, H)} if "attention" in kinds else {}
-    if "linear" in kinds:
-        mixers |= linear_projection_shapes(args)
-    return {**mixers, **mlp, "down_proj": (I, H)}
+    return {**attn, "o_proj": (o_in, H)}
 
 
 def linear_projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -307,7 +320,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer)
         if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
             terms["norm_weights"] = (args.num_norms * args.hidden_size
-                                     + (_qk_norm_width(args) if mixer == "attention" else 0)) * 4
+                                     + (_qk_norm_width(args, mixer) if mixer != "linear" else 0)) * 4
         by_kind[sparse, mixer] = terms
     per_layer = max(by_kind.values(), key=lambda terms: sum(terms.values()))  # the costliest kind
     one_layer = sum(per_layer.values())
@@ -365,13 +378,16 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
                            sparse: bool = False, mixer: str = "attention") -> dict[str, float]:
     """Bytes per token that one decoder layer keeps for the backward, by what keeps them.
     sparse: a mixture-of-experts layer (models/moe.py), whose k experts per token each keep
-    what a dense MLP of their width keeps, over the tokens routed to them. mixer: "attention",
-    or "linear" for Qwen3.5's linear-attention layers (models/gdn.py)."""
+    what a dense MLP of their width keeps, over the tokens routed to them. mixer: the layer's
+    kind: "attention", Gemma 4's "global_attention" (heads of their own), or "linear" for
+    Qwen3.5's linear-attention layers (models/gdn.py)."""
     H, I, D = args.hidden_size, args.intermediate_size, args.head_dim
     k = args.num_experts_per_tok if sparse else 1  # MLP passes per token
     if sparse:
         I = args.moe_intermediate_size
     nh, nkv = args.num_heads, args.num_kv_heads
+    if mixer == "global_attention":
+        D, nkv = args.global_head_dim, args.global_num_kv_heads
     repeat_kv = explicit_mask or not _SDPA_HAS_GQA
     kv_heads = nh if repeat_kv else nkv
     out = {
@@ -413,6 +429,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
                               + k * (4 if args.routing_weights_fp32 else e) + k * H * e)
         if args.shared_expert_intermediate_size:  # a dense MLP (Qwen2-MoE: and its sigmoid gate)
             out["mlp"] += 3 * args.shared_expert_intermediate_size * e + (H * e + e) * args.shared_expert_gated
+    if args.v_norm:  # Gemma 4: each value head normed without a weight: its fp32 copy, the power's in and out
+        out["v_norm"] = nkv * (4 * D + 8)
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
         # (OLMo 2's over the whole q and k: one rsqrt each)
         out["qk_norms"] = (nh + nkv) * (4 * D + 4) if args.qk_norm_per_head else (nh + nkv) * 4 * D + 2 * 4
@@ -573,7 +591,7 @@ def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len
     # cos, sin: [S, R], or [B, 1, S, R] per token, for each distinct RoPE of the stage's layers
     # (Gemma 3's and OLMo 3's sliding layers may have their own); fp32 for OLMo 2
     ropes = args.ropes_of(layers)
-    rope = 2 * args.rope_dim * (4 if args.rope_fp32 else e) * len(ropes)
+    rope = 2 * sum(r.dim or args.rope_dim for r in ropes) * (4 if args.rope_fp32 else e)
     mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
     return ids + rope + mask
 
@@ -596,11 +614,13 @@ def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:
     return peak, held
 
 
-def _qk_norm_width(args: ModelArgs) -> int:
-    """Elements of the q and k norms' weights: [D] each (per head), or [nh D] and [nkv D]."""
+def _qk_norm_width(args: ModelArgs, kind: str = "attention") -> int:
+    """Elements of the q and k norms' weights: [D] each (per head), or [nh D] and [nkv D]
+    (D: the head size of a layer of `kind`)."""
     if not args.qk_norm:
         return 0
-    return 2 * args.head_dim if args.qk_norm_per_head else (args.num_heads + args.num_kv_heads) * args.head_dim
+    D = args.global_head_dim if kind == "global_attention" else args.head_dim
+    return 2 * D if args.qk_norm_per_head else (args.num_heads + args.num_kv_heads) * D
 
 
 def _linear_attention_saved_per_token(args: ModelArgs, e: int, seq_len: int) -> float:
@@ -637,6 +657,8 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
     D = args.qk_head_dim  # (latent attention's: nope + rope parts)
+    if mixer == "global_attention":  # (Gemma 4's full layers' heads)
+        D = args.global_head_dim
     attention = nh * (D + SINK_PAD * args.attn_sinks) * (4 * e + 4) + 4 * nh
     if args.attn_softcap is not None:
         # softcapped_attention: the gradients of softmax's fp32 input and output, then of the
@@ -683,17 +705,20 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     stage = _Stage.of(args, parts)
     e = torch.empty((), dtype=dtype).element_size()
     H, V = args.hidden_size, args.vocab_size
-    shapes = projection_shapes(args, "attention")
-    attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
-    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    biases = (q_dim + 2 * kv_dim) * args.attention_bias + H * args.o_proj_bias
-    norms = args.num_norms * H + _qk_norm_width(args)
-    if args.mla:  # biases on q_a_proj and kv_a_proj_with_mqa (and o_proj); the latents' norms
-        biases = (args.q_lora_rank + args.kv_lora_rank + args.head_dim) * args.attention_bias + H * args.o_proj_bias
-        norms += args.q_lora_rank + args.kv_lora_rank
-    sinks = args.num_heads * args.attn_sinks  # GPT-OSS: a logit per head
-    attention += (biases + norms + sinks) * e  # biases + RMSNorm weights
-    mixer = {"attention": attention}
+    mixer = {}
+    for layer_kind in set(args.layer_kinds) - {"linear"}:  # (Gemma 4's full layers: their own sizes)
+        shapes = projection_shapes(args, layer_kind)
+        attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
+        # (the biases of q/k/v_proj or qkv_proj, and o_proj)
+        biases = sum(o for m, (_, o) in shapes.items() if m not in {*_MLP_TARGETS, "o_proj"}) * args.attention_bias
+        biases += H * args.o_proj_bias
+        norms = args.num_norms * H + _qk_norm_width(args, layer_kind)
+        if args.mla:  # biases on q_a_proj and kv_a_proj_with_mqa (and o_proj); the latents' norms
+            biases = (args.q_lora_rank + args.kv_lora_rank + args.head_dim) * args.attention_bias + H * args.o_proj_bias
+            norms += args.q_lora_rank + args.kv_lora_rank
+        sinks = args.num_heads * args.attn_sinks  # GPT-OSS: a logit per head
+        scalar = int(args.layer_scalar)  # Gemma 4's scalar after each layer
+        mixer[layer_kind] = attention + (biases + norms + sinks + scalar) * e  # biases + RMSNorm weights
     if "linear" in args.layer_kinds:  # Qwen3.5's linear attention: its projections, conv, decays, gated norm
         Hv, Dv = args.linear_num_value_heads, args.linear_value_head_dim
         conv_channels = linear_projection_shapes(args)["in_proj_qkv"][1]

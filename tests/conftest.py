@@ -155,7 +155,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     head in its file and the normalized one (its NormHead) in the reference."""
     if family in ("chatglm", "baichuan"):
         return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
-    if family in ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe"):  # image-text: a tiny vision tower beside a text model
+    if family in ("gemma3", "gemma4", "mistral3", "qwen3_5", "qwen3_5_moe"):  # image-text: a vision tower beside a text model
         return _make_image_text_model(Path(path), family, tokenizer_dir, seed, **overrides)
     import transformers
 
@@ -169,6 +169,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "gemma4_text": (transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
         "glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
@@ -197,6 +198,11 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                       layer_types=["sliding_attention", "full_attention"])
     if family == "gemma":
         kwargs.update(head_dim=16)
+    if family == "gemma4_text":  # a sliding layer of heads of 16, a full one of heads of 32 (with a quarter
+        # turned), a logit cap that bites (the released: 30); no per-layer inputs, KV sharing or experts
+        kwargs.update(head_dim=16, global_head_dim=32, sliding_window=4, final_logit_softcapping=3.0,
+                      layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                      vocab_size_per_layer_input=kwargs["vocab_size"])
     if family == "gemma2":  # caps that bite on tiny random weights (the real ones: 50 and 30)
         kwargs.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=2.0,
                       final_logit_softcapping=3.0)
@@ -241,8 +247,10 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
             elif "q_norm" in name or "k_norm" in name:  # Qwen3's / OLMo 2's q/k norms start at ones
                 p.normal_(1.0, 0.2)
             if "norm" in name and (family.startswith("gemma") or family.startswith("qwen3_5")) and not (
-                    "linear_attn.norm" in name):  # (1 + w) norms: w starts at zeros
+                    "linear_attn.norm" in name or family == "gemma4_text"):  # (1 + w) norms: w starts at zeros
                 p.normal_(0.0, 0.2)
+            elif "norm" in name and family == "gemma4_text":  # (plain w, multiplied in fp32: bf16 tells)
+                p.normal_(1.0, 0.2)
             elif "linear_attn.norm" in name:  # Qwen3.5's gated norm: plain w, from ones
                 p.normal_(1.0, 0.2)
             elif name.endswith(("A_log", "dt_bias")):  # decay rates from slow to fast (exp(A_log) in 0.5 .. 4)
@@ -253,6 +261,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # GLM-4.5's router: it must change the choice
                 b.normal_(0.0, 0.1)
+            elif name.endswith("layer_scalar"):  # Gemma 4: the stream's scale after each layer (stored)
+                b.uniform_(0.5, 1.5)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
@@ -270,8 +280,8 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
     import transformers
     from safetensors.torch import load_file, save_file
 
-    text_family = text_family or {"gemma3": "gemma3_text", "mistral3": "mistral", "qwen3_5": "qwen3_5_text",
-                                  "qwen3_5_moe": "qwen3_5_moe_text"}[family]
+    text_family = text_family or {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "mistral3": "mistral",
+                                  "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}[family]
     text_dir = Path(str(path) + "-text")
     make_tiny_model(text_dir, text_family, tokenizer_dir, seed, **overrides)
     text_config = json.loads((text_dir / "config.json").read_text())
@@ -282,6 +292,12 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                image_size=28, patch_size=14))
         model = transformers.Gemma3ForConditionalGeneration
+    elif family == "gemma4":  # (a vision tower, no audio)
+        config = transformers.Gemma4Config(
+            text_config=text_config, tie_word_embeddings=tie, audio_config=None,
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2, head_dim=16))
+        model = transformers.Gemma4ForConditionalGeneration
     elif family in ("qwen3_5", "qwen3_5_moe"):  # (its outer tie flag: False by default)
         moe = family == "qwen3_5_moe"
         config = (transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config)(
@@ -299,7 +315,7 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
     model(config).eval().save_pretrained(path, safe_serialization=True)
     # the language model's weights: the text model's, under the image-text model's names
     # (Qwen3.5's: model.language_model.layers..., lm_head unprefixed; the others' language_model.model...)
-    qwen = family.startswith("qwen3_5")
+    qwen = family.startswith("qwen3_5") or family == "gemma4"  # (Gemma 4's: model.language_model. too)
     tensors = load_file(path / "model.safetensors")
     for name, value in load_file(text_dir / "model.safetensors").items():
         name = (name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name) if qwen \

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mlora.models.args import ModelArgs
-from mlora.models.gdn import GatedDeltaNet, LinearMixerInputs, document_layout, linear_tensor_names
+from mlora.models.gdn import GatedDeltaNet, LinearMixerInputs, linear_tensor_names
 from mlora.models.llama import KVCache
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +77,7 @@ def test_fp32_matches_transformers(S):
         assert _max_diff(ours(x, None), ref(x)) < 1e-5
         # an all-ones pad mask and a packing of one document per row change nothing
         inputs = LinearMixerInputs(torch.ones(2, S, dtype=torch.bool), torch.zeros(2, S, dtype=torch.long))
-        assert inputs.documents is None
+        assert inputs.segments is None
         assert _max_diff(ours(x, inputs), ref(x)) < 1e-5
 
 
@@ -127,8 +127,7 @@ def test_packed_documents_run_alone():
     _, ours = _pair()
     ids, mask, docs = _packed()
     x = _x(3, ids.shape[1]).requires_grad_()
-    layout = document_layout(ids, mask)
-    assert (layout.num_docs, layout.max_len) == (6, 114)
+    assert LinearMixerInputs(mask, ids).segments is not None
     out = ours(x, LinearMixerInputs(mask, ids))
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)) * mask[:, :, None]
     (out * w).sum().backward()
@@ -140,7 +139,8 @@ def test_packed_documents_run_alone():
     total = 0
     for row, start, end in docs:
         alone = ours(xs[row:row + 1, start:end], None)
-        assert _max_diff(out[row, start:end], alone[0]) < 2e-6
+        # (documents start inside chunks here, so fp32 rounds otherwise: 2e-6; leaking state: 0.1 and more)
+        assert _max_diff(out[row, start:end], alone[0]) < 1e-5
         total = total + (alone * w[row:row + 1, start:end]).sum()
     total.backward()
     assert _max_diff(x.grad, xs.grad) < 1e-5

@@ -757,22 +757,65 @@ QWEN3_5_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z
     (QWEN3_5, [(4, 0.0), (8, 0.1)], QWEN3_5_ALL, 70),  # two chunks of 64, the second padded
     (QWEN3_5, [(8, 0.0)], ("in_proj_qkv", "out_proj"), 64),
     (QWEN3_5_MOE, [(4, 0.0)], QWEN3_5_ALL[:9], 32),
-], ids=["qwen3_5", "qwen3_5_two_chunks", "qwen3_5_linear_only", "qwen3_5_moe"])
+    (QWEN3_5, [(4, 0.0), (8, 0.1)], QWEN3_5_ALL, "packed"),  # rows of several documents and pads
+], ids=["qwen3_5", "qwen3_5_two_chunks", "qwen3_5_linear_only", "qwen3_5_moe", "qwen3_5_packed"])
 def test_linear_attention_layers_bound_what_autograd_saves(dtype, args, adapters, targets, seq_len):
     """Qwen3.5's Gated DeltaNet layers keep far more per token than softmax attention (fp32
     copies of q, k, v as the chunked delta rule derives them, [64, 64] matrices per chunk and
     value head, a state per chunk): the estimate bounds what autograd saves, each layer kind
-    its own projections' LoRA, and the weights and LoRA state are every parameter's bytes."""
+    its own projections' LoRA (packed rows too: no document padded to another's length), and the
+    weights and LoRA state are every parameter's bytes."""
+    inputs = {}
+    if seq_len == "packed":  # 96 tokens a row: documents of 10 .. 70 tokens, a few pads at the end
+        seq_len, rows = 96, 4
+        lengths = [[10, 70, 12], [30, 30, 30], [90], [5, 17, 41, 20]]
+        ids, positions, mask = (torch.zeros(rows, seq_len, dtype=torch.long) for _ in range(3))
+        for r, row in enumerate(lengths):
+            ids[r], start = -1, 0
+            for d, n in enumerate(row):
+                ids[r, start:start + n], positions[r, start:start + n], mask[r, start:start + n] = d, torch.arange(n), 1
+                start += n
+        inputs = dict(attention_mask=mask, position_ids=positions, document_ids=ids)
+    _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len, inputs=inputs)
+
+
+def _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len: int, rows: int = 4, inputs=None):
+    """The estimate of a model whose layers differ in kind bounds what autograd saves (within
+    1.5x), and its weights and LoRA state are the parameters' bytes; returns the LoRA wrappers."""
     model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
-    rows = 4
     per = rows // len(adapters)
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]
     model.train()
     measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
-                                  frozen_storages(model, wrappers))
+                                  frozen_storages(model, wrappers), **(inputs or {}))
+    # (packed rows: the attention layers' document masks, as memory.explicit_mask_of says)
     estimate = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype,
-                                   lora=[LoraShape(r, targets, p) for r, p in adapters])
+                                   lora=[LoraShape(r, targets, p) for r, p in adapters],
+                                   explicit_mask=True if inputs else None)
     assert measured <= estimate.activations <= 1.5 * measured
     assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
     lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
     assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2
+    return wrappers
+
+
+# Gemma 4: a sliding layer (heads of 16, 2 K/V heads) and a full one (heads of 32; with
+# attention_k_eq_v one K/V head and no v_proj), values normed per head, plain-w norms in fp32,
+# sandwich norms, a scalar after each layer
+GEMMA4 = dataclasses.replace(SMALL, model_type="gemma4_text", qk_norm=True, hidden_act="gelu_tanh", embed_scale=True,
+                             norm_layout="sandwich", norm_weight_fp32=True, attn_scale=1.0, sliding_window=[4, None],
+                             layer_kinds=["attention", "global_attention"], global_head_dim=32, global_num_kv_heads=2,
+                             v_norm=True, layer_scalar=True,
+                             rope=llama.RopeArgs("proportional", 1e6, partial=0.25, dim=32),
+                             local_rope=llama.RopeArgs("default", 1e4, dim=16))
+GEMMA4_K_EQ_V = dataclasses.replace(GEMMA4, global_num_kv_heads=1, attn_k_eq_v=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("args", [GEMMA4, GEMMA4_K_EQ_V], ids=["gemma4", "gemma4_k_eq_v"])
+def test_gemma4_layers_bound_what_autograd_saves(dtype, args):
+    """Gemma 4's two layer kinds keep what their own head sizes make them keep (plus the values'
+    norm): the estimate bounds what autograd saves, and the weights and LoRA state are every
+    parameter's bytes (a full layer with attention_k_eq_v has no v_proj, nor its LoRA)."""
+    wrappers = _assert_layer_kinds_bounded(dtype, args, [(4, 0.0), (8, 0.1)], ALL7, seq_len=32)
+    assert ("model.layers.1.self_attn.v_proj" in wrappers) == (not args.attn_k_eq_v)

@@ -105,6 +105,13 @@ CASES = {
     # conv, decays, a gated norm), gated softmax attention in layer 2, (1 + w) norms, RoPE on a
     # quarter of each head; its MoE (a gated shared expert, renormalized weights); the
     # image-text checkpoints of both (model.language_model.*)
+    # Gemma 4: plain-w norms in fp32, sandwich norms, a sliding layer (heads of 16, default RoPE)
+    # and a full one (heads of 32, proportional RoPE over a quarter of each half), values normed
+    # per head, attention unscaled, each layer's output scaled by a stored scalar, capped logits;
+    # with attention_k_eq_v the full layer's values are its keys (one K/V head); the image-text model
+    "gemma4_text": ("gemma4_text", {}),
+    "gemma4_k_eq_v": ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1)),
+    "gemma4": ("gemma4", {}),
     "qwen3_5_text": ("qwen3_5_text", {}),
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
     "qwen3_5": ("qwen3_5", {}),
@@ -165,7 +172,12 @@ def _compare(path, seq_lens=(S,)):
                 out = ours(ids, mask)
                 assert out.shape == (B, seq_len, ours.args.vocab_size)
                 assert torch.isfinite(out).all(), name  # pad rows too: no NaN from empty rows
-                _assert_close_on_real(out, ref(input_ids=ids, attention_mask=mask).logits, mask)
+                extra = {}
+                if ours.args.query_scale_beta and mask is not None:
+                    # Ministral 3's query scale counts a left-padded row's positions from its
+                    # first real token, as transformers' generate does (its plain forward does not)
+                    extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+                _assert_close_on_real(out, ref(input_ids=ids, attention_mask=mask, **extra).logits, mask)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -180,7 +192,7 @@ def test_logits_match_transformers(case, tmp_path):
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
                                   "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite",
-                                  "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe"])
+                                  "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -314,8 +326,17 @@ def test_mistral3_and_ministral3_configs(tmp_path):
     with pytest.raises(UserError, match="ministral3 config rope_parameters needs llama_4_scaling_beta"):
         llama.args_from_hf_config(dict(text, model_type="ministral3", rope_parameters=dict(rope_type="default",
                                                                                           rope_theta=1e6)))
-    path = make_tiny_model(tmp_path / "m3", "mistral3")
+    # Mistral Small 3.x's config.json (transformers 4's) has no tie_word_embeddings, and a head
+    # of its own in the checkpoint: untied, as transformers keeps it
+    path = make_tiny_model(tmp_path / "m3", "mistral3", tie_word_embeddings=False)
     config = json.loads((path / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    config["text_config"].pop("tie_word_embeddings", None)
+    (path / "config.json").write_text(json.dumps(config))
+    assert not read_model_config(path)[1].tie_word_embeddings
+    ids = torch.randint(3, 400, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_close_on_real(load_model(path, "cpu", torch.float32)(ids), _hf(path)(input_ids=ids).logits, None)
     del config["text_config"]
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="a mistral3 config needs its text_config"):
@@ -324,7 +345,7 @@ def test_mistral3_and_ministral3_configs(tmp_path):
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss",
-                                    "deepseek_v3", "ministral3", "qwen3_5"])
+                                    "deepseek_v3", "ministral3", "qwen3_5", "gemma4"])
 def test_stage_split_equals_whole(tmp_path, family):
     overrides = {"tie_word_embeddings": False} if family != "llama" else {}
     if family == "qwen3_5":  # (two layers: linear attention, then softmax attention)
@@ -355,6 +376,16 @@ def test_ministral3_scales_queries_by_their_position_ids(tmp_path):
         out = ours(ids, position_ids=positions)
         _assert_close_on_real(out, ref(input_ids=ids, position_ids=positions).logits, None)
         assert (out - ours(ids)).abs().max() > 1e-3  # (the positions do change the logits)
+        # a row left-padded by 9 (as a batch with a longer row pads it) equals the row alone,
+        # its queries scaled by their own positions (as transformers' generate counts them)
+        padded = torch.cat([torch.full((1, 9), 2), ids[:1]], dim=1)
+        mask = torch.cat([torch.zeros(1, 9, dtype=torch.bool), torch.ones(1, S, dtype=torch.bool)], dim=1)
+        alone = ours(ids[:1])
+        assert (ours(padded, mask)[:, 9:] - alone).abs().max() < TOL
+        cache = llama.KVCache()  # and so does generation's KV cache, step by step
+        steps = [ours(padded[:, :12], mask[:, :12], cache=cache)] + [
+            ours(padded[:, t:t + 1], mask[:, :t + 1], cache=cache) for t in range(12, 9 + S)]
+        assert (torch.cat(steps, dim=1)[:, 9:] - alone).abs().max() < TOL
 
 
 def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
@@ -363,6 +394,8 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
     one-line refusals; the vision tower and the multi-token-prediction layer of a checkpoint
     are left unread without a warning."""
     from safetensors.torch import load_file, save_file
+
+    from mlora.models.naming import naming_for
 
     text = dict(model_type="qwen3_5_text", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
@@ -377,7 +410,8 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
     for change, message in [(dict(layer_types=["linear_attention"] * 7), "qwen3_5 config layer_types must list"),
                             (dict(layer_types=["sliding_attention"] * 8), "qwen3_5 config layer_types must list"),
                             (dict(linear_num_value_heads=3), r"linear_num_value_heads \(3\) is not a multiple"),
-                            (dict(linear_conv_kernel_dim=0), "linear_conv_kernel_dim must be a positive integer")]:
+                            (dict(linear_conv_kernel_dim=0), "linear_conv_kernel_dim must be a positive integer"),
+                            (dict(linear_conv_kernel_dim=1), "linear_conv_kernel_dim must be at least 2")]:
         with pytest.raises(UserError, match=message):
             llama.args_from_hf_config(dict(text, **change))
     path = make_tiny_model(tmp_path / "q", "qwen3_5")
@@ -388,6 +422,49 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
     capsys.readouterr()
     load_model(path, "cpu", torch.float32)
     assert "unused" not in capsys.readouterr().err
+    # an adapter named as the image-text model names its modules reads as the text model's
+    assert naming_for("qwen3_5").from_module("model.language_model.layers.3.linear_attn.out_proj") == (
+        "model.layers.3.linear_attn.out_proj")
+    # a tied one whose config.json says so in text_config only: tied, as transformers' causal LM is
+    tied = make_tiny_model(tmp_path / "tied", "qwen3_5", tie_word_embeddings=True)
+    config = json.loads((tied / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (tied / "config.json").write_text(json.dumps(config))
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")
+    assert read_model_config(tied)[1].tie_word_embeddings
+
+
+def test_gemma4_configs():
+    """Gemma 4's layer kinds (every 6th full by default, the last always), the full layers' head
+    size and K/V heads in either config form (transformers 5.24's per_layer_config, the
+    releases' global keys), their RoPEs; the E2B/E4B and 26B-A4B features refused in one line."""
+    import transformers
+
+    text = dict(model_type="gemma4_text", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                hidden_size_per_layer_input=0, sliding_window=4)
+    args = llama.args_from_hf_config(text)
+    assert args.layer_kinds == ["attention"] * 5 + ["global_attention"] * 2  # (layer 6 is the last)
+    assert args.sliding_window == [4] * 5 + [None] * 2 and args.head_dim_of(6) == 32 and args.kv_heads_of(6) == 2
+    assert (args.rope.type, args.rope.partial, args.rope.dim, args.local_rope.dim) == ("proportional", 0.25, 32, 16)
+    assert (args.attn_scale, args.v_norm, args.layer_scalar, args.embed_scale, args.gemma_norms) == (
+        1.0, True, True, True, False)
+    released = dict(text, attention_k_eq_v=True, num_global_key_value_heads=1)
+    config = transformers.Gemma4TextConfig(**{k: v for k, v in released.items() if k != "model_type"})
+    for form in (released, config, json.loads(config.to_json_string())):  # (the last: per_layer_config)
+        args = llama.args_from_hf_config(form)
+        assert (args.global_head_dim, args.global_num_kv_heads, args.values_from_keys(6)) == (32, 1, True)
+    wrapped = llama.args_from_hf_config(dict(model_type="gemma4", text_config=text))
+    assert wrapped.model_type == "gemma4" and wrapped.tie_word_embeddings
+    for change, message in [
+            (dict(hidden_size_per_layer_input=256), "hidden_size_per_layer_input is 256: per-layer input embeddings"),
+            (dict(num_kv_shared_layers=2), "num_kv_shared_layers is 2: layers sharing"),
+            (dict(enable_moe_block=True), "enable_moe_block is true: Gemma 4's experts"),
+            (dict(use_bidirectional_attention="all"), "use_bidirectional_attention is not supported"),
+            (dict(layer_types=["sliding_attention"] * 6), "gemma4_text config layer_types must list")]:
+        with pytest.raises(UserError, match=message):
+            llama.args_from_hf_config(dict(text, **change))
+    assert llama.args_from_hf_config(dict(text, use_bidirectional_attention="vision")).layer_kinds[-1] == "global_attention"
 
 
 def test_stage_split_tied_head_only(tmp_path):
@@ -458,7 +535,7 @@ def test_config_errors():
                          "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan",
                          "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
                          "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text",
-                         "qwen3_5_moe"}
+                         "qwen3_5_moe", "gemma4_text", "gemma4"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -493,14 +570,16 @@ def test_config_errors():
     assert all(family_for(t) is llama for t in SUPPORTED)
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "glm4_moe",
+                                    "gemma4_text"])
 def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
     norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the
     cast; Mixtral weighs its experts' outputs in fp32, Qwen3-MoE in bf16. In bf16, mlora's
     logits equal transformers' (fp32 cannot tell either rounding apart; each one done LLaMA's
     way is off by about 0.05 here)."""
-    extra = dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"]) if family == "gemma3_text" else {}
+    extra = (dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+             if family in ("gemma3_text", "gemma4_text") else {})
     path = make_tiny_model(tmp_path, family, hidden_size=72, num_hidden_layers=3, **extra)
     ours = load_model(path, "cpu", torch.bfloat16)
     from transformers import AutoModelForCausalLM
@@ -521,9 +600,10 @@ def test_a_config_json_without_defaults_reads_as_its_config_class(model_type):
     gives the arguments the config object gives."""
     import transformers
 
-    # (DeepseekV2Config has no default top k)
-    config = transformers.AutoConfig.for_model(model_type, **({"num_experts_per_tok": 6}
-                                                               if model_type == "deepseek_v2" else {}))
+    # (DeepseekV2Config has no default top k; Gemma4TextConfig's defaults are E2B's per-layer inputs)
+    extra = {"deepseek_v2": {"num_experts_per_tok": 6}, "gemma4_text": {"hidden_size_per_layer_input": 0},
+             "gemma4": {"text_config": {"hidden_size_per_layer_input": 0}}}.get(model_type, {})
+    config = transformers.AutoConfig.for_model(model_type, **extra)
     # e.g. gemma-3-1b's config.json has neither of the first two
     dropped = ("tie_word_embeddings", "head_dim", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
     plain = {k: v for k, v in config.to_diff_dict().items() if k not in dropped}

@@ -570,7 +570,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
                                               ("deepseek_v3", {}), ("deepseek_v2", {}), ("ministral", {}),
                                               ("mistral3", dict(text_family="ministral3")), ("qwen3_5", {}),
-                                              ("qwen3_5_moe", {})])
+                                              ("qwen3_5_moe", {}), ("gemma4", {}),
+                                              ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1))])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and

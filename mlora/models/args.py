@@ -15,7 +15,7 @@ from typing import Any
 from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
-            "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2",
+            "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2",
             "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe",
             "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
@@ -34,14 +34,14 @@ ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax")
 # Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
 # not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x and Ministral 3 (a
 # mistral or ministral3 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
-IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "mistral3": ("mistral", "ministral3"), "qwen3_5": ("qwen3_5_text",),
-                       "qwen3_5_moe": ("qwen3_5_moe_text",)}
+IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3"),
+                       "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",)}
 # Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
-_IMAGE_TEXT_TIED = {"gemma3": True, "mistral3": True, "qwen3_5": False, "qwen3_5_moe": False}
+_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True, "qwen3_5": False, "qwen3_5_moe": False}
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn", "proportional")
 # The norms of a decoder layer, by HF's names: (attention input, attention output, MLP input,
 # MLP output), None where the layout has none. Gemma 2/3 and GLM-4-0414 norm each sublayer's
 # input and output (the same design under other names); OLMo 2/3 only the outputs.
@@ -72,6 +72,10 @@ class RopeArgs:
     truncate: bool = True  # yarn: round the ramp's ends outwards
     # GLM / ChatGLM: RoPE turns adjacent pairs (0, 1), (2, 3), ... instead of the two halves
     interleaved: bool = False
+    # Gemma 4's full layers ("proportional"): the first `partial` of each half of the head
+    # turns, by the frequencies a whole head would have; the rest keeps still
+    partial: float = 1.0
+    dim: int = 0  # the head size the tables cover (0: ModelArgs.rope_dim; Gemma 4's layer types differ)
 
 
 @dataclass
@@ -101,7 +105,7 @@ class ModelArgs:
     norm_layout: str = "pre"  # a key of NORM_LAYOUTS
     # OLMo 2/3, ChatGLM, GPT-OSS: RMSNorm multiplies by its weight in fp32, then casts (LLaMA casts first)
     norm_weight_fp32: bool = False
-    # OLMo 2/3: q and k turn in fp32 (cos/sin are not cast to the dtype), then are cast back
+    # OLMo 2/3, DeepSeek-V2: q and k turn in fp32 (cos/sin are not cast to the dtype), then are cast back
     rope_fp32: bool = False
     attn_scale: float | None = None
     # Ministral 3 (rope_parameters' llama_4_scaling_beta): each query, after RoPE, times
@@ -195,6 +199,15 @@ class ModelArgs:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # Gemma 4: its full-attention layers (layer_kinds "global_attention") have heads of
+    # global_head_dim and global_num_kv_heads K/V heads, and with attn_k_eq_v no v_proj (the
+    # values are k_proj's output); every layer norms its values per head without a weight
+    # (v_norm) and scales the residual stream by a stored scalar after it (layer_scalar)
+    global_head_dim: int = 0
+    global_num_kv_heads: int = 0
+    attn_k_eq_v: bool = False
+    v_norm: bool = False
+    layer_scalar: bool = False
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -205,6 +218,17 @@ class ModelArgs:
             self.moe_layers = [self.num_experts > 0] * self.num_layers
         if not self.layer_kinds:
             self.layer_kinds = ["attention"] * self.num_layers
+
+    def head_dim_of(self, layer_id: int) -> int:
+        """The query/key/value head size of a layer (Gemma 4's full layers have their own)."""
+        return self.global_head_dim if self.layer_kinds[layer_id] == "global_attention" else self.head_dim
+
+    def kv_heads_of(self, layer_id: int) -> int:
+        return self.global_num_kv_heads if self.layer_kinds[layer_id] == "global_attention" else self.num_kv_heads
+
+    def values_from_keys(self, layer_id: int) -> bool:
+        """Gemma 4's full layers with attention_k_eq_v: no v_proj, the values are k_proj's output."""
+        return self.attn_k_eq_v and self.layer_kinds[layer_id] == "global_attention"
 
     def is_linear(self, layer_id: int) -> bool:
         """Whether the layer mixes its tokens by linear attention (Qwen3.5's Gated DeltaNet)."""
@@ -292,6 +316,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         # The image-text model ties its head by the outer config's flag
         return replace(args_from_hf_config(text), model_type=model_type,
                        tie_word_embeddings=bool(get("tie_word_embeddings", _IMAGE_TEXT_TIED[model_type])))
+    if model_type == "gemma4_text" and not isinstance(cfg, Mapping):
+        # (Gemma4TextConfig refuses to read per-layer attributes such as head_dim as a whole)
+        cfg = cfg.to_dict()
+        get = _getter(cfg)
     if model_type in REMOTE_CODE_FAMILIES:
         if not isinstance(cfg, Mapping):
             cfg = cfg.to_dict()
@@ -308,7 +336,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
             return family_defaults[key]
         return plain_get(key, default)
 
-    if model_type in ("gemma2", "gemma3_text"):
+    if model_type in ("gemma2", "gemma3_text", "gemma4_text"):
         if get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise UserError(f"hidden_activation {get('hidden_activation')!r} is not supported (only gelu_pytorch_tanh)")
     elif model_type == "gemma":
@@ -325,8 +353,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
     max_pos = int(get("max_position_embeddings", 2048))
 
-    if model_type.startswith("gemma") and get("use_bidirectional_attention", False):
+    # (Gemma 4's "vision" lets image tokens see each other: on text, attention stays causal)
+    if model_type.startswith("gemma") and get("use_bidirectional_attention", False) and not (
+            model_type == "gemma4_text" and get("use_bidirectional_attention") == "vision"):
         raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
+    gemma4 = _gemma4_args(get, num_layers, kv_heads) if model_type == "gemma4_text" else {}
     rope_layers: list[bool] = []  # every layer turns q and k, but SmolLM3's (and none with ALiBi)
     alibi = model_type == "baichuan" and bool(get("alibi", False))  # set by _baichuan_keys
     if alibi:
@@ -410,6 +441,10 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         qkv_bias = bool(get("attention_bias", False))
         o_bias = mlp_bias = bool(get("linear_bias", False))
         windows = [None] * num_layers
+    elif model_type == "gemma4_text":  # `attention_bias` on all four projections
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = gemma4.pop("windows")
     else:  # gemma2, gemma3_text
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
@@ -427,15 +462,19 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     gemma3 = model_type == "gemma3_text"
     gemma = model_type in ("gemma", "gemma2", "gemma3_text")
     qwen3_5 = model_type in QWEN3_5_FAMILIES
-    sandwich = model_type in ("gemma2", "gemma3_text")
+    sandwich = model_type in ("gemma2", "gemma3_text", "gemma4_text")
     attn_cap, final_cap = (None if get(k) is None else float(get(k))
                            for k in ("attn_logit_softcapping", "final_logit_softcapping"))
-    if model_type != "gemma2" and (attn_cap is not None or final_cap is not None):
-        raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 has it)")
+    if model_type == "gemma4_text":  # (Gemma 4 caps its logits only; its config has no attention cap)
+        attn_cap = None
+    if model_type not in ("gemma2", "gemma4_text") and (attn_cap is not None or final_cap is not None):
+        raise UserError(f"logit soft-capping is not supported for {model_type} (only Gemma 2 and 4 have it)")
     rope_dim = head_dim if rotary_dim is None else rotary_dim
     if gemma3:  # the sliding layers' own theta, 1e4 by default
         full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 1_000_000.0),
                                                 get("rope_local_base_freq", 10_000.0))
+    elif gemma4:  # per layer type, each over its layers' head size
+        full_rope, local_rope = gemma4.pop("full_rope"), gemma4.pop("local_rope")
     elif model_type == "olmo3":  # a RoPE per layer type; Olmo3Config gives a transformers-4
         # config.json's rope_theta to the full layers only (the sliding ones keep 500000)
         full_rope, local_rope = _per_type_ropes(get, max_pos, rope_dim, get("rope_theta", 500_000.0), 500_000.0)
@@ -463,17 +502,20 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=(model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_moe", "olmoe", *QWEN3_5_FAMILIES)
+        qk_norm=(model_type in ("qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3", "qwen3_moe", "olmoe",
+                                *QWEN3_5_FAMILIES)
                  or (model_type == "glm4_moe" and bool(get("use_qk_norm", False)))),
         qk_norm_per_head=model_type not in ("olmo2", "olmo3", "olmoe"),
-        hidden_act="gelu_tanh" if gemma else "silu",
-        gemma_norms=gemma or qwen3_5,  # (Qwen3.5's norms scale by 1 + w too)
-        embed_scale=gemma,
+        hidden_act="gelu_tanh" if gemma or gemma4 else "silu",
+        gemma_norms=gemma or qwen3_5,  # (Qwen3.5's norms scale by 1 + w too; Gemma 4's by w)
+        embed_scale=gemma or bool(gemma4),
         norm_layout=("sandwich" if sandwich else "glm4" if model_type == "glm4"
                      else "post" if model_type in ("olmo2", "olmo3") else "pre"),
-        norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm", "gpt_oss"),
-        rope_fp32=model_type in ("olmo2", "olmo3") or (model_type == "baichuan" and bool(get("rope_fp32"))),
-        attn_scale=(float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
+        norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm", "gpt_oss", "gemma4_text"),
+        # (DeepSeek-V2 turns q and k as fp32 complex numbers)
+        rope_fp32=(model_type in ("olmo2", "olmo3", "deepseek_v2")
+                   or (model_type == "baichuan" and bool(get("rope_fp32")))),
+        attn_scale=(1.0 if gemma4 else float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
                     else float(get("attention_multiplier", 1.0)) if model_type == "granite"
                     else mla_scale),
         attn_softcap=attn_cap,
@@ -495,6 +537,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attn_sinks=model_type == "gpt_oss",
         **(_query_scale_args(rope_params) if model_type == "ministral3" else {}),
         **(_linear_attention_args(get, num_layers) if qwen3_5 else {}),
+        **gemma4,
         **mla,
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
@@ -573,6 +616,59 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
     return router, counts["n_shared_experts"], [i >= counts["first_k_dense_replace"] for i in range(num_layers)]
 
 
+def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
+    """Gemma 4's text model (Gemma4TextConfig): sliding layers (heads of head_dim,
+    num_key_value_heads) and full ones (global_head_dim, and with attention_k_eq_v
+    num_global_key_value_heads and no v_proj), whose RoPEs differ: the full layers' is
+    "proportional" over a quarter of each half-head. The releases' multimodal-only and
+    small-model features are refused: per-layer input embeddings and KV sharing (E2B, E4B), the
+    MoE block beside the MLP (26B-A4B). Returns ModelArgs keys, plus windows / full_rope /
+    local_rope for the caller."""
+    for key, what in (("hidden_size_per_layer_input", "per-layer input embeddings (Gemma 4 E2B/E4B)"),
+                      ("num_kv_shared_layers", "layers sharing another layer's keys and values (Gemma 4 E2B/E4B)")):
+        if get(key, 0):
+            raise UserError(f"gemma4_text config {key} is {get(key)!r}: {what} are not supported")
+    if get("enable_moe_block", False):
+        raise UserError("gemma4_text config enable_moe_block is true: Gemma 4's experts (26B-A4B) are not supported")
+    types = list(get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                        for i in range(num_layers)])
+    if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise UserError(f"gemma4_text config layer_types must list full_attention or sliding_attention for each of "
+                        f"the {num_layers} layers, got {types!r}")
+    types[-1] = "full_attention"  # (as Gemma4TextConfig: the last layer is always full)
+    windows = _windows_by_type(types, num_layers, get("sliding_window"), required=True)
+    full = next(i for i, t in enumerate(types) if t == "full_attention")
+    per_layer = get("per_layer_config") or {}  # transformers 5.24's form: {"<layer>": {"head_dim": ...}}
+    entry = per_layer.get(str(full), per_layer.get(full)) if isinstance(per_layer, Mapping) else per_layer[full]
+    entry = entry if isinstance(entry, Mapping) else vars(entry) if entry is not None else {}
+    global_dim = _positive_int(entry.get("head_dim") or get("global_head_dim", 512), "gemma4_text config global_head_dim")
+    k_eq_v = bool(get("attention_k_eq_v", False))
+    global_kv = (entry.get("num_key_value_heads") or get("num_global_key_value_heads") or kv_heads) if k_eq_v else kv_heads
+    head_dim = _positive_int(get("head_dim", 256), "gemma4_text config head_dim")
+    params = get("rope_parameters") or {}
+    full_params = dict(params.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                         "rope_theta": 1e6})
+    local_params = dict(params.get("sliding_attention") or {"rope_type": "default", "rope_theta": 1e4})
+    max_pos = int(get("max_position_embeddings", 131072))
+    ropes = []
+    for rope_params, dim in ((full_params, global_dim), (local_params, head_dim)):
+        if (rope_params.get("rope_type") or "default") == "proportional":
+            partial = float(rope_params.get("partial_rotary_factor", 1.0))
+            rope = RopeArgs("proportional", float(rope_params.get("rope_theta", 1e4)),
+                            factor=float(rope_params.get("factor", 1.0)), partial=partial)
+        else:
+            rope = _rope_args(get, max_pos, dim, rope_params, yarn_truncate=True)
+        ropes.append(replace(rope, dim=dim))
+    global_kv = _positive_int(global_kv, "gemma4_text config num_global_key_value_heads")
+    if int(get("num_attention_heads")) % global_kv:
+        raise UserError(f"gemma4_text config num_attention_heads ({get('num_attention_heads')}) is not a multiple of "
+                        f"num_global_key_value_heads ({global_kv})")
+    return dict(windows=windows, full_rope=ropes[0], local_rope=ropes[1],
+                layer_kinds=["global_attention" if t == "full_attention" else "attention" for t in types],
+                global_head_dim=global_dim, global_num_kv_heads=global_kv, attn_k_eq_v=k_eq_v, v_norm=True,
+                layer_scalar=True)
+
+
 def _linear_attention_args(get, num_layers: int) -> dict:
     """Qwen3.5's hybrid layers (Qwen3_5TextConfig): `layer_types` (else every 4th layer full
     attention, full_attention_interval), the Gated DeltaNet's sizes, the gated attention output."""
@@ -586,6 +682,8 @@ def _linear_attention_args(get, num_layers: int) -> dict:
     sizes = {key: _positive_int(get(key), f"qwen3_5 config {key}")
              for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                          "linear_value_head_dim", "linear_conv_kernel_dim")}
+    if sizes["linear_conv_kernel_dim"] < 2:  # (its conv state holds the K - 1 tokens before)
+        raise UserError("qwen3_5 config linear_conv_kernel_dim must be at least 2")
     if sizes["linear_num_value_heads"] % sizes["linear_num_key_heads"]:
         raise UserError(f"qwen3_5 config linear_num_value_heads ({sizes['linear_num_value_heads']}) is not a "
                         f"multiple of linear_num_key_heads ({sizes['linear_num_key_heads']})")
@@ -691,6 +789,9 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                  "n_group": 1, "topk_group": 1, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
                                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5,
                                  "num_nextn_predict_layers": 1},
+                    # Gemma4TextConfig's
+                    "gemma4_text": {**_GEMMA_DEFAULTS, "sliding_window": 512, "hidden_size_per_layer_input": 256,
+                                    "max_position_embeddings": 131072},
                     # Qwen3_5TextConfig's and Qwen3_5MoeTextConfig's (Qwen3.5-9B's, Qwen3.5-35B-A3B's shapes)
                     "qwen3_5_text": {**_QWEN3_5_DEFAULTS, "hidden_size": 4096, "intermediate_size": 12288,
                                      "num_hidden_layers": 32, "num_key_value_heads": 4},

@@ -16,9 +16,9 @@ and one sequential step per chunk); a cached decode step of one token runs it di
 
 Packed rows (several documents in one row): transformers' torch path lets the conv and the
 state run on across documents. Here each document starts afresh, exactly as if it were run
-alone: after the projections (which LoRA applies per row, so they see the batch as it is) the
-conv and the recurrence run on the documents gathered into a batch of their own, and their
-outputs are scattered back.
+alone, in the row as it is (no document padded to another's length): the conv's taps read only
+their own document's tokens, and the chunked recurrence masks the pairs of tokens of different
+documents and the state carried into or out of a chunk where a document starts in it.
 
 The projections are plain nn.Linear modules under transformers' names (the LoRA code swaps
 them out by name; in_proj_qkv/z/b/a read the same input, lora.INPUT_GROUPS); the conv weight,
@@ -55,59 +55,6 @@ def linear_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class DocumentLayout:
-    """Where the real tokens of packed rows sit in a batch of one document per row, each
-    right-padded with zeros to the longest document."""
-
-    tokens: Tensor  # [N] long: the real tokens' flat indices (row * S + column), document by document
-    slots: Tensor  # [N] long: their flat indices (document * max_len + position) in the documents' batch
-    num_docs: int
-    max_len: int
-
-    def gather(self, x: Tensor) -> Tensor:
-        """x [B, S, *] -> [num_docs, max_len, *], zeros past each document's end."""
-        flat = x.flatten(0, 1)  # [B S, *]
-        out = flat.new_zeros((self.num_docs * self.max_len, *flat.shape[1:]))
-        out = out.index_copy(0, self.slots, flat.index_select(0, self.tokens))
-        return out.unflatten(0, (self.num_docs, self.max_len))
-
-    def scatter(self, y: Tensor, B: int, S: int) -> Tensor:
-        """y [num_docs, max_len, *] -> [B, S, *], zeros on padding."""
-        flat = y.flatten(0, 1)  # [num_docs max_len, *]
-        out = flat.new_zeros((B * S, *flat.shape[1:]))
-        return out.index_copy(0, self.tokens, flat.index_select(0, self.slots)).unflatten(0, (B, S))
-
-
-def document_layout(document_ids: Tensor, pad_mask: Tensor | None) -> DocumentLayout | None:
-    """The documents of packed rows: document_ids [B, S] (a token belongs to the document of its
-    id within its row), pad_mask [B, S] (False: padding, left out). None when each row is one
-    whole document, so the rows can run as they are."""
-    B, S = document_ids.shape
-    device = document_ids.device
-    ids = document_ids.long()
-    lo, hi = torch.aminmax(ids)
-    rows = torch.arange(B, device=device)[:, None]  # [B, 1]
-    key = (rows * (hi - lo + 1) + (ids - lo)).flatten()  # [B S]: one value per (row, document)
-    tokens = torch.arange(B * S, device=device)  # [B S]
-    if pad_mask is not None:
-        real = pad_mask.to(device=device, dtype=torch.bool).flatten()
-        tokens, key = tokens[real], key[real]  # [N]
-    if tokens.numel() == 0:
-        return None
-    # A stable sort keeps each document's tokens in their order along the row.
-    key, order = torch.sort(key, stable=True)
-    tokens = tokens[order]
-    counts = torch.unique_consecutive(key, return_counts=True)[1]  # [num_docs]: each document's length
-    num_docs, max_len = counts.numel(), int(counts.max())
-    if num_docs == B and max_len == S and tokens.numel() == B * S:
-        return None
-    starts = torch.cumsum(counts, 0) - counts  # [num_docs]
-    doc = torch.repeat_interleave(torch.arange(num_docs, device=device), counts)  # [N]
-    position = torch.arange(tokens.numel(), device=device) - starts[doc]  # [N]
-    return DocumentLayout(tokens, doc * max_len + position, num_docs, max_len)
-
-
-@dataclass(frozen=True)
 class LinearMixerInputs:
     """What a linear-attention layer needs of the batch besides its hidden states."""
 
@@ -117,12 +64,13 @@ class LinearMixerInputs:
     document_ids: Tensor | None
 
     @cached_property
-    def documents(self) -> DocumentLayout | None:
-        """The documents' layout, worked out once for all the layers of one forward (it needs a
-        few host syncs); None without packing or when each row is one document."""
+    def segments(self) -> Tensor | None:
+        """document_ids [B, S] int64 where some row holds several documents, else None (the
+        rows run as they are). Worked out once for all the layers of one forward (a host sync)."""
         if self.document_ids is None:
             return None
-        return document_layout(self.document_ids, self.pad_mask)
+        ids = self.document_ids.long()
+        return ids if bool((ids[:, 1:] != ids[:, :-1]).any()) else None
 
 
 # ----------------------------------------------------------------------------- the recurrence
@@ -145,7 +93,8 @@ def _heads_first_fp32(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) 
 
 
 def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-                           initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           initial_state: Tensor | None = None,
+                           segments: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The gated delta rule by chunks (transformers' torch_chunk_gated_delta_rule).
 
     q, k [B, S, Hk, Dk], v [B, S, Hv, Dv], g (log decay) and beta [B, S, Hv], initial_state
@@ -153,7 +102,14 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
 
     Within a chunk, the deltas' dependence on each other is one unit-lower-triangular system
     (the UT transform), solved for all of them at once; only the state is carried from chunk
-    to chunk, in a Python loop of S / 64 steps."""
+    to chunk, in a Python loop of S / 64 steps.
+
+    segments [B, S] int64 (packed rows: each token's document, documents contiguous) or None:
+    each document starts from a zero state, exactly as if it ran alone. Within a chunk the
+    pairs of tokens of different documents are masked out of the decays (the UT system becomes
+    block diagonal, one block per document); a token reads the state carried in only if it
+    continues the previous chunk's last document, and the state carried out holds only the
+    chunk's last document. No token is padded beyond the chunks' own rounding up."""
     dtype = q.dtype
     B, S, _, Dk = k.shape
     Hv, Dv = v.shape[-2:]
@@ -168,14 +124,25 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     k_beta = k * beta.unsqueeze(-1)
     q, k, k_beta, v_beta = (x.reshape(B, Hv, n, C, x.shape[-1]) for x in (q, k, k_beta, v_beta))  # [B, Hv, n, C, .]
     g = g.reshape(B, Hv, n, C)
-    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    hidden = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)  # [C, C]: j after i
     cum = g.cumsum(dim=3)  # [B, Hv, n, C]: the log decay from the chunk's start to each position
-    # decay[..., i, j] = exp(cum_i - cum_j): from position j to i (j <= i); -inf above the
-    # diagonal before the exp, so no positive exponent overflows
-    decay = (cum.unsqueeze(4) - cum.unsqueeze(3)).masked_fill(upper, float("-inf")).exp()  # [B, Hv, n, C, C]
+    reads_state = writes_state = None  # (every token continues the one sequence of its row)
+    if segments is not None:
+        # (the rounding-up tokens: the last document's, as zeros they change nothing)
+        seg = torch.cat([segments, segments[:, -1:].expand(B, pad)], dim=1).view(B, 1, n, C)  # [B, 1, n, C]
+        hidden = hidden | (seg.unsqueeze(4) != seg.unsqueeze(3))  # [B, 1, n, C, C]: or another document
+        # the document running into each chunk: the previous chunk's last token's (the first
+        # chunk's state is the initial one)
+        before = torch.cat([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], dim=2)  # [B, 1, n, 1]
+        reads_state = (seg == before).to(cum.dtype)  # [B, 1, n, C]
+        writes_state = (seg == seg[..., -1:]).to(cum.dtype)  # [B, 1, n, C]: the chunk's last document
+    # decay[..., i, j] = exp(cum_i - cum_j): from position j to i (j <= i, the same document);
+    # -inf before the exp, so no positive exponent overflows
+    decay = (cum.unsqueeze(4) - cum.unsqueeze(3)).masked_fill(hidden, float("-inf")).exp()  # [B, Hv, n, C, C]
     system = (k_beta @ k.transpose(-1, -2)) * decay
     intra = (q @ k.transpose(-1, -2)) * decay  # [B, Hv, n, C, C]: the attention within each chunk
-    decayed_k_beta = k_beta * cum.exp().unsqueeze(-1)
+    to_here = cum.exp() if reads_state is None else cum.exp() * reads_state  # [B, Hv, n, C]
+    decayed_k_beta = k_beta * to_here.unsqueeze(-1)
     new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)  # [B, Hv, n, C, Dv]
     k_cumdecay = torch.linalg.solve_triangular(system, decayed_k_beta, upper=False,
                                                unitriangular=True)  # [B, Hv, n, C, Dk]
@@ -185,9 +152,13 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
         state = initial_state.to(new_values)
     # The decays applied once for all chunks: queries read the state decayed to their position,
     # keys write into the state decayed to the chunk's end
-    q = q * cum.exp().unsqueeze(-1)
-    k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
-    chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, Hv, n, 1, 1]
+    to_end = (cum[..., -1:] - cum).exp()  # [B, Hv, n, C]
+    chunk_decay = cum[..., -1].exp()  # [B, Hv, n]
+    if segments is not None:  # (a document that starts in a chunk reads nothing of the state carried in)
+        to_end, chunk_decay = to_end * writes_state, chunk_decay * reads_state[..., -1]
+    q = q * to_here.unsqueeze(-1)
+    k = k * to_end.unsqueeze(-1)
+    chunk_decay = chunk_decay[..., None, None]  # [B, Hv, n, 1, 1]
     out = []
     for i in range(n):
         v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state  # [B, Hv, C, Dv]: what the state does not yet predict
@@ -287,20 +258,17 @@ class GatedDeltaNet(nn.Module):
             states = cache.states.get(layer_id)
             y, conv_state, state = self.mix(qkv, beta, g, *(states or (None, None)))
             cache.states[layer_id] = (conv_state, state)
-        else:
-            docs = None if inputs is None else inputs.documents
-            if docs is None:
-                y = self.mix(qkv, beta, g)[0]
-            else:  # each document alone, from zero states
-                y = docs.scatter(self.mix(docs.gather(qkv), docs.gather(beta), docs.gather(g))[0], B, S)
+        else:  # (packed rows: each document alone, from zero states)
+            y = self.mix(qkv, beta, g, segments=None if inputs is None else inputs.segments)[0]
         y = self.norm(y, z.reshape(B, S, self.num_v_heads, self.v_dim))  # [B, S, Hv, Dv]
         return self.out_proj(y.reshape(B, S, -1))
 
     def mix(self, qkv: Tensor, beta: Tensor, g: Tensor, conv_state: Tensor | None = None,
-            state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            state: Tensor | None = None, segments: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The conv and the recurrence of rows that each continue from (conv_state, state)
         ([B, conv_dim, K - 1] in qkv's dtype: the last K - 1 inputs of the conv; [B, Hv, Dk, Dv]
-        fp32), or start afresh when None.
+        fp32), or start afresh when None; segments [B, S] (packed rows' documents): each starts
+        afresh.
 
         qkv [B, S, conv_dim], beta [B, S, Hv], g [B, S, Hv] fp32 -> (output [B, S, Hv, Dv] in
         qkv's dtype, the conv state and the state after the S tokens)."""
@@ -311,7 +279,9 @@ class GatedDeltaNet(nn.Module):
         past = h.new_zeros(B, self.conv_dim, keep) if conv_state is None else conv_state
         new_conv_state = torch.cat([past, h[:, :, -keep:]], dim=-1)[:, :, -keep:]  # [B, conv_dim, K - 1]
         # In the weight's dtype, SiLU, then cast (transformers' causal_conv1d_fn / _update)
-        if conv_state is None:
+        if segments is not None:
+            h = _conv_within_documents(h, w, segments)
+        elif conv_state is None:
             h = F.conv1d(h.to(w.dtype), w, padding=keep, groups=self.conv_dim)[:, :, :S]
         else:
             h = F.conv1d(torch.cat([conv_state, h], dim=-1).to(w.dtype), w, groups=self.conv_dim)  # [B, conv_dim, S]
@@ -321,5 +291,22 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(B, S, self.num_k_heads, self.k_dim)
         v = v.reshape(B, S, self.num_v_heads, self.v_dim)  # [B, S, Hv, Dv]
         rule = recurrent_gated_delta_rule if state is not None and S == 1 else chunk_gated_delta_rule
-        y, state = rule(q, k, v, g, beta, state)
+        y, state = rule(q, k, v, g, beta, state) if segments is None else rule(q, k, v, g, beta, segments=segments)
         return y, new_conv_state, state
+
+
+def _conv_within_documents(h: Tensor, w: Tensor, segments: Tensor) -> Tensor:
+    """The causal depthwise conv of packed rows, each tap reading only its own document's
+    tokens (zeros before a document's start, as if it ran alone): h [B, C, S], w [C, 1, K],
+    segments [B, S] -> [B, C, S] in w's dtype. The taps are summed in fp32 and rounded once, as
+    F.conv1d accumulates."""
+    K, S = w.shape[-1], h.shape[-1]
+    out = None
+    for tap in range(K):
+        shift = K - 1 - tap  # the tap reads the token `shift` before
+        x = F.pad(h, (shift, 0))[..., :S].float()  # [B, C, S]
+        same = (F.pad(segments, (shift, 0), value=-1)[:, :S] == segments) & (torch.arange(S, device=h.device) >= shift)
+        # (masked first, then weighted: autograd keeps only the bool mask and the weight)
+        term = (x * same[:, None, :]) * w[:, 0, tap].float()[:, None]  # [B, C, S]
+        out = term if out is None else out + term
+    return out.to(w.dtype)

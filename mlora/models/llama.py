@@ -1,5 +1,5 @@
 """mlora's own LLaMA-family decoder: LLaMA 1/2/3, Mistral (Ministral, Ministral 3), Qwen2, Qwen3,
-Qwen3.5, Gemma 1/2/3, Phi-3, SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3,
+Qwen3.5, Gemma 1/2/3/4, Phi-3, SmolLM3, GLM-4 (and ChatGLM2/3), Baichuan, Granite, OLMo 2/3,
 Mixtral, Qwen2/3-MoE, Qwen3.5-MoE, OLMoE, GPT-OSS, GLM-4.5 and DeepSeek-V2/V3 in one readable
 file (DeepSeek's latent attention: mla.py; Qwen3.5's linear attention: gdn.py).
 
@@ -10,7 +10,8 @@ and 3's norms around both sublayers; Gemma 2's soft-capped attention scores and 
 rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adjacent pairs;
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
 norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Ministral 3's queries
-scaled by position; Qwen3.5's gated attention output and its linear-attention layers; the
+scaled by position; Qwen3.5's gated attention output and its linear-attention layers; Gemma 4's
+heads of two sizes, normed values and layer scalars; the
 mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
@@ -88,6 +89,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             elif args.mla:  # DeepSeek-V3's latent attention
                 names += mla_tensor_names(args, p + "self_attn.")
             else:
+                if args.values_from_keys(int(part.split(".")[1])):  # (Gemma 4's full layers: no v_proj)
+                    attn = ("q", "k")
                 for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
                     names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias
                                                                       else [])
@@ -101,6 +104,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
                 for proj in ("gate_up", "down") if args.fused_gate_up else ("gate", "up", "down"):
                     names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
             names += [p + f"{norm}.weight" for norm in args.norm_names if norm is not None]
+            if args.layer_scalar:
+                names.append(p + "layer_scalar")
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
 
 
@@ -295,10 +300,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        # (Gemma 4's full layers have heads and K/V heads of their own)
+        self.num_heads, self.num_kv_heads = args.num_heads, args.kv_heads_of(layer_id)
+        self.head_dim = args.head_dim_of(layer_id)
+        q_dim, kv_dim = args.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Gemma 4: with attention_k_eq_v its full layers have no v_proj (the values are k_proj's
+        # output), and the values are normed per head without a weight
+        self.values_from_keys, self.v_norm = args.values_from_keys(layer_id), args.v_norm
         self.fused = args.fused_qkv
         self.output_gate = args.attn_output_gate  # Qwen3.5: sigmoid(gate) times SDPA's output
         if self.fused:  # Phi-3, ChatGLM, Baichuan: one projection, split into q, k, v
@@ -308,12 +318,14 @@ class Attention(nn.Module):
             # (Qwen3.5: each head's query and output gate, [q_h | gate_h])
             self.q_proj = nn.Linear(args.hidden_size, q_dim * (2 if self.output_gate else 1), bias=args.attention_bias)
             self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
-            self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
+            if not self.values_from_keys:
+                self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
         if args.qk_norm:  # per head ([D] weights), or over the whole projection (OLMo 2)
             per_head = args.qk_norm_per_head
-            self.q_norm = RMSNorm.of(args, args.head_dim if per_head else q_dim)
-            self.k_norm = RMSNorm.of(args, args.head_dim if per_head else kv_dim)
+            self.q_norm = RMSNorm.of(args, self.head_dim if per_head else q_dim)
+            self.k_norm = RMSNorm.of(args, self.head_dim if per_head else kv_dim)
+        self.eps = args.rms_norm_eps
         self.qk_norm = args.qk_norm and args.qk_norm_per_head
         self.qk_norm_whole = args.qk_norm and not args.qk_norm_per_head
         self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
@@ -331,7 +343,8 @@ class Attention(nn.Module):
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k = self.q_proj(x), self.k_proj(x)
+            v = k if self.values_from_keys else self.v_proj(x)
             if self.output_gate:
                 q, gate = q.view(B, S, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, S, nh, D] each
                 gate = gate.reshape(B, S, self.num_heads * self.head_dim)  # [B, S, nh*D]
@@ -342,7 +355,10 @@ class Attention(nn.Module):
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, S, D], [B, nkv, S, D]
-        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
+        v = v.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, nkv, D]
+        if self.v_norm:  # Gemma 4: each value head normed, without a weight
+            v = (v.float() * torch.pow(v.float().pow(2).mean(-1, keepdim=True) + self.eps, -0.5)).type_as(v)
+        v = v.transpose(1, 2)  # [B, nkv, S, D]
         if cos is not None:  # (a SmolLM3 layer without position encoding)
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
             q, k = q.to(v.dtype), k.to(v.dtype)  # fp32 tables (OLMo 2) turn in fp32; back to the dtype
@@ -482,7 +498,7 @@ class DecoderLayer(nn.Module):
         if self.linear:  # Qwen3.5: linear attention (its mask argument is then a LinearMixerInputs)
             self.linear_attn = GatedDeltaNet(args)
         else:
-            self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args)
+            self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args, layer_id)
         self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id] else MLP(args))
         # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
         # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output
@@ -492,6 +508,8 @@ class DecoderLayer(nn.Module):
             if name is not None:
                 setattr(self, name, RMSNorm.of(args, args.hidden_size))
         self.residual_multiplier = args.residual_multiplier  # Granite
+        if args.layer_scalar:  # Gemma 4: the stream times a stored scalar after the layer (frozen, loaded)
+            self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
 
     def _norm(self, which: int, x: Tensor) -> Tensor:
         name = self.norms[which]
@@ -506,7 +524,8 @@ class DecoderLayer(nn.Module):
         attn = self._norm(1, mixed)  # [B, S, H]
         h = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
         mlp = self._norm(3, self.mlp(self._norm(2, h)))
-        return h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
+        out = h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
+        return out * self.layer_scalar if hasattr(self, "layer_scalar") else out
 
 
 class CausalLM(nn.Module):
@@ -551,28 +570,38 @@ class CausalLM(nn.Module):
         dtype = torch.float32 if self.args.rope_fp32 else h.dtype
         tables = {None: (None, None)}
         for rope in self.args.ropes_of(self.layer_ids):
+            dim = rope.dim or self.args.rope_dim  # (Gemma 4's layer types turn heads of two sizes)
             if rope.type == "longrope":  # factors by each sequence's own length
                 lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
                                                   T=past + S), h.device)
-                tables[rope] = longrope_cos_sin(rope, self.args.rope_dim, lengths, past, S, pos, dtype)
+                tables[rope] = longrope_cos_sin(rope, dim, lengths, past, S, pos, dtype)
             elif pos is None:
-                cos, sin = rope_cos_sin(rope, self.args.rope_dim, past + S, h.device, dtype)  # [T, R]
+                cos, sin = rope_cos_sin(rope, dim, past + S, h.device, dtype)  # [T, R]
                 tables[rope] = cos[past:], sin[past:]
             else:
-                tables[rope] = rope_cos_sin_at(rope, self.args.rope_dim, pos, dtype)
+                tables[rope] = rope_cos_sin_at(rope, dim, pos, dtype)
         return tables
 
-    def query_scale(self, h: Tensor, past: int, position_ids: Tensor | None) -> Tensor | None:
+    def query_scale(self, h: Tensor, past: int, position_ids: Tensor | None,
+                    attention_mask: Tensor | None) -> Tensor | None:
         """Ministral 3's factor on each query (transformers' get_llama_4_attn_scale), fp32:
         1 + beta * log(1 + floor(position / period)) for the S new tokens of h [B, S, H], [S, 1]
-        at positions past.. or [B, 1, S, 1] at position_ids; None for the other families."""
+        at positions past.. or [B, 1, S, 1] at position_ids; None for the other families.
+
+        The first scale of an absolute position: a row's tokens are counted from its first real
+        one (attention_mask [B, past + S]), as transformers' generate counts them, so that left
+        padding, which depends on the other rows of a batch, changes nothing (RoPE, relative,
+        never minded it)."""
         if not self.args.query_scale_beta:
             return None
         S = h.shape[1]
-        if position_ids is None:
-            pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
-        else:
+        if position_ids is not None:
             pos = position_ids.to(h.device, torch.float32)[:, None, :, None]  # [B, 1, S, 1]
+        elif attention_mask is not None and not bool(attention_mask[:, 0].all()):  # (left padding)
+            real = attention_mask.to(h.device, torch.int64)
+            pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -S:].float()[:, None, :, None]  # [B, 1, S, 1]
+        else:
+            pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
         return 1 + self.args.query_scale_beta * torch.log(1 + torch.floor(pos / self.args.query_scale_period))
 
     def tie_weights(self) -> None:
@@ -611,7 +640,7 @@ class CausalLM(nn.Module):
             if cache is not None and self.recompute and torch.is_grad_enabled():
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
             tables = self.rope_tables(h, past, attention_mask, position_ids, document_ids)
-            q_scale = self.query_scale(h, past, position_ids)
+            q_scale = self.query_scale(h, past, position_ids, attention_mask)
             if past:
                 masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)
             elif document_ids is None:

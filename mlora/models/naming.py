@@ -41,12 +41,14 @@ _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_att
 # Mistral3ForConditionalGeneration name them (what PEFT sees)
 _IMAGE_TEXT = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
 _IMAGE_TEXT_MODULES = (("model.", "model.language_model."),)
-# Qwen3.5's image-text checkpoints name the language model `model.language_model.` (the head stays
-# `lm_head`); transformers' AutoModelForCausalLM builds the text model from them, whose modules
-# carry mlora's names (and PEFT's adapter keys with them).
-_QWEN3_5 = (("model.", "model.language_model."),)
+# Qwen3.5's and Gemma 4's image-text checkpoints name the language model `model.language_model.`
+# (the head stays `lm_head`). For Qwen3.5, transformers' AutoModelForCausalLM builds the text
+# model from them, whose modules carry mlora's names (and PEFT's adapter keys with them); for
+# Gemma 4 it builds the image-text model, whose modules are named as the tensors.
+_LANGUAGE_MODEL = (("model.", "model.language_model."),)
 # The families whose modules (what PEFT sees) are not named as their tensors are
-_MODULE_RULES = {"gemma3": _IMAGE_TEXT_MODULES, "mistral3": _IMAGE_TEXT_MODULES, "qwen3_5": (), "qwen3_5_moe": ()}
+_MODULE_RULES = {"gemma3": _IMAGE_TEXT_MODULES, "mistral3": _IMAGE_TEXT_MODULES, "gemma4": _LANGUAGE_MODEL,
+                 "qwen3_5": (), "qwen3_5_moe": ()}
 
 # A projection's own name in each family (PEFT's target_modules match the last name part).
 _LEAVES = {
@@ -66,7 +68,7 @@ _GPT_OSS = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.mlp.router."),)
 _SHARED_EXPERTS = (("model.layers.{i}.mlp.shared_expert.", "model.layers.{i}.mlp.shared_experts."),)
 # The families whose checkpoints name tensors otherwise, and their rules
 _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mistral3": _IMAGE_TEXT,
-          "qwen3_5": _QWEN3_5, "qwen3_5_moe": _QWEN3_5,
+          "qwen3_5": _LANGUAGE_MODEL, "qwen3_5_moe": _LANGUAGE_MODEL, "gemma4": _LANGUAGE_MODEL,
           "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
           "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS}
 
@@ -158,6 +160,11 @@ class Naming:
         return self._translate(path, forward=True, modules=True)
 
     def from_module(self, path: str) -> str:
+        """A module path of transformers' model -> mlora's. For Qwen3.5, whose adapters mlora
+        names as its text model does (AutoModelForCausalLM), also the image-text model's
+        (`model.language_model.layers.0...`), which an adapter trained on that one carries."""
+        if self.family in ("qwen3_5", "qwen3_5_moe") and path.startswith("model.language_model."):
+            return "model." + path[len("model.language_model."):]
         return self._translate(path, forward=False, modules=True)
 
     def peft_target_modules(self, projections: list[str]) -> list[str] | str:

@@ -21,6 +21,12 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, seq_len: int) -> Tensor:
         return 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta ** shape)
     if rope.type == "yarn":
         return _yarn_inv_freq(rope, head_dim)
+    if rope.type == "proportional":
+        # Gemma 4's full layers: the first `partial` of the frequencies a whole head would have
+        # (the exponent divides by the whole head size), zero for the rest (cos 1, sin 0)
+        turned = int(rope.partial * head_dim // 2)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, 2 * turned, 2, dtype=torch.int64).float() / head_dim))
+        return torch.cat([inv_freq, torch.zeros(head_dim // 2 - turned)]) / rope.factor
     if rope.type == "dynamic" and seq_len > rope.original_max_position_embeddings:
         # NTK-aware: stretch the base as the sequence outgrows the trained context.
         scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
