@@ -76,11 +76,13 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
 #   "triton":  fused, with the dropout mask drawn inside Triton kernels instead of stored
 #              (lora_triton.py): no mask, no dropped-out copy, no masking pass. CUDA only
-#              (and the CPU under Triton's interpreter, for tests); not yet measured on a
-#              GPU, so auto does not pick it.
-#   "auto":    up to DENSE_MAX_ADAPTERS adapters fused, then grouped where allowed, else
-#              loop. (The cap is named for what fused and dense share: every row times
-#              every adapter's columns.)
+#              (and the CPU under Triton's interpreter, for tests). On one H200 it was 4-5%
+#              faster than fused with 11-14% less memory (benchmarks/RESULTS.md), and equal to
+#              torch and fused == solo there (gpu_checks.py).
+#   "auto":    up to DENSE_MAX_ADAPTERS adapters triton on CUDA devices of compute
+#              capability 9.0 and up (where it was measured), else fused; beyond, grouped
+#              where allowed, else loop. (The cap is named for what fused and dense share:
+#              every row times every adapter's columns.)
 # MLORA_LORA_KERNEL sets it.
 KERNELS = ("auto", "fused", "triton", "dense", "loop", "grouped")
 DENSE_MAX_ADAPTERS = 8
@@ -100,6 +102,16 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+@functools.cache
+def auto_kernel(device: torch.device) -> str:
+    """The kernel `auto` runs batches of up to DENSE_MAX_ADAPTERS adapters with on `device`:
+    triton on CUDA devices of compute capability 9.0 and up (Hopper on; measured on an H200),
+    where Triton is installed; fused elsewhere."""
+    if device.type != "cuda" or lora_triton.unavailable(device) is not None:
+        return "fused"
+    return "triton" if torch.cuda.get_device_capability(device) >= (9, 0) else "fused"
 
 
 @functools.lru_cache(maxsize=512)
@@ -269,7 +281,7 @@ class InputGroup:
         x2d = x.reshape(-1, x.shape[-1])  # [N = B*S, in]
         choice = kernel
         if choice == "auto":
-            choice = "fused" if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
+            choice = auto_kernel(x.device) if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
         if choice in ("fused", "triton"):
             return self._compute_fused(x, x2d, active, S, training, philox=choice == "triton")
         dropout, everywhere = self._dropout_rows(x2d.shape[0], active, S) if training else ([], False)

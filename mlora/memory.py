@@ -29,7 +29,7 @@ import torch
 
 import mlora.lora
 from mlora.errors import UserError
-from mlora.models.llama import SINK_PAD, ModelArgs, module_sequence
+from mlora.models.llama import GQA_MAX_HEAD_DIM, SINK_PAD, ModelArgs, module_sequence
 
 GiB = 2**30
 
@@ -388,7 +388,9 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     nh, nkv = args.num_heads, args.num_kv_heads
     if mixer == "global_attention":
         D, nkv = args.global_head_dim, args.global_num_kv_heads
-    repeat_kv = explicit_mask or not _SDPA_HAS_GQA
+    # (K/V repeated to every head with an explicit mask, and for heads FlashAttention does not
+    # take: llama.GQA_MAX_HEAD_DIM)
+    repeat_kv = explicit_mask or not _SDPA_HAS_GQA or D > GQA_MAX_HEAD_DIM
     kv_heads = nh if repeat_kv else nkv
     out = {
         # fp32 input copy [N, H] + rsqrt [N], per norm: two, or four with Gemma 3's sandwich

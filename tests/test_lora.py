@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import mlora.lora
 from mlora.lora import (AdapterRows, BatchLayout, LoraLinear, LoraWeights, dropout_mask,
                         lora_scale)
 
@@ -508,3 +509,23 @@ def test_ci_runs_the_triton_kernel_tests():
         from mlora.lora_triton import unavailable
 
         assert unavailable(torch.device("cpu")) is None
+
+
+def test_auto_runs_triton_on_hopper_and_later_gpus_only(monkeypatch):
+    """`auto` picks the triton kernel on CUDA devices of compute capability 9.0 and up (where it
+    was measured faster and leaner than fused, and checked), fused on older ones, on the CPU,
+    and where Triton is missing."""
+    from mlora import lora_triton
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(lora_triton, "unavailable", lambda device=None: None)
+    for capability, expected in (((9, 0), "triton"), ((10, 0), "triton"), ((8, 0), "fused")):
+        mlora.lora.auto_kernel.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert mlora.lora.auto_kernel(cuda) == expected
+    mlora.lora.auto_kernel.cache_clear()
+    monkeypatch.setattr(lora_triton, "unavailable", lambda device=None: "no triton")
+    assert mlora.lora.auto_kernel(cuda) == "fused"
+    mlora.lora.auto_kernel.cache_clear()
+    assert mlora.lora.auto_kernel(torch.device("cpu")) == "fused"
+    mlora.lora.auto_kernel.cache_clear()

@@ -819,3 +819,20 @@ def test_gemma4_layers_bound_what_autograd_saves(dtype, args):
     parameter's bytes (a full layer with attention_k_eq_v has no v_proj, nor its LoRA)."""
     wrappers = _assert_layer_kinds_bounded(dtype, args, [(4, 0.0), (8, 0.1)], ALL7, seq_len=32)
     assert ("model.layers.1.self_attn.v_proj" in wrappers) == (not args.attn_k_eq_v)
+
+
+def test_heads_beyond_flash_attention_count_repeated_kv():
+    """Gemma 4's full layers have heads of 512, which FlashAttention does not take: SDPA then
+    gets K/V repeated to every head (llama.GQA_MAX_HEAD_DIM), and the estimate counts them so;
+    the sliding layers' heads of 256 keep grouped K/V."""
+    from mlora.memory import _layer_saved_per_token
+
+    args = dataclasses.replace(GEMMA4, head_dim=256, global_head_dim=512, global_num_kv_heads=1, num_heads=4,
+                               num_kv_heads=2)
+
+    def attention(mixer):
+        return _layer_saved_per_token(args, 2, [], shared=True, quant=None, explicit_mask=False, seq_len=64,
+                                      mixer=mixer)["attention"]
+
+    assert attention("global_attention") == 4 * 4 * 512 * 2  # q, output, k and v on all 4 heads
+    assert attention("attention") == (2 * 4 + 2 * 2) * 256 * 2  # k and v on their 2 heads

@@ -112,6 +112,9 @@ CASES = {
     "gemma4_text": ("gemma4_text", {}),
     "gemma4_k_eq_v": ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1)),
     "gemma4": ("gemma4", {}),
+    # 12 layers (full ones at 5 and 11: transformers writes their sizes under keys "05", "11")
+    "gemma4_12_layers": ("gemma4", dict(num_hidden_layers=12, layer_types=None, attention_k_eq_v=True,
+                                        num_global_key_value_heads=1)),
     "qwen3_5_text": ("qwen3_5_text", {}),
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
     "qwen3_5": ("qwen3_5", {}),
@@ -449,11 +452,12 @@ def test_gemma4_configs():
     assert (args.rope.type, args.rope.partial, args.rope.dim, args.local_rope.dim) == ("proportional", 0.25, 32, 16)
     assert (args.attn_scale, args.v_norm, args.layer_scalar, args.embed_scale, args.gemma_norms) == (
         1.0, True, True, True, False)
-    released = dict(text, attention_k_eq_v=True, num_global_key_value_heads=1)
+    released = dict(text, attention_k_eq_v=True, num_global_key_value_heads=1, num_hidden_layers=12)
     config = transformers.Gemma4TextConfig(**{k: v for k, v in released.items() if k != "model_type"})
+    assert "05" in config.to_dict()["per_layer_config"]  # (12 layers: keys zero-padded)
     for form in (released, config, json.loads(config.to_json_string())):  # (the last: per_layer_config)
         args = llama.args_from_hf_config(form)
-        assert (args.global_head_dim, args.global_num_kv_heads, args.values_from_keys(6)) == (32, 1, True)
+        assert (args.global_head_dim, args.global_num_kv_heads, args.values_from_keys(11)) == (32, 1, True)
     wrapped = llama.args_from_hf_config(dict(model_type="gemma4", text_config=text))
     assert wrapped.model_type == "gemma4" and wrapped.tie_word_embeddings
     for change, message in [

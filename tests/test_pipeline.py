@@ -111,14 +111,14 @@ def single_runs(tmp_path_factory, pipe_model):
     return get
 
 
-def assert_same_as_single(single_out: Path, pipe_out: Path, num_adapters: int) -> None:
+def assert_same_as_single(single_out: Path, pipe_out: Path, num_adapters: int, tol: float = 1e-5) -> None:
     single_metrics = [m for m in read_metrics(single_out / "metrics.jsonl") if "loss" in m]
     pipe_metrics = read_metrics(pipe_out / "metrics.jsonl")
     for i in range(num_adapters):
         name = f"p{i}"
         a = load_file(pipe_out / name / "adapter_model.safetensors")
         b = load_file(single_out / name / "adapter_model.safetensors")
-        assert rel_diff(a, b) <= 1e-5, name
+        assert rel_diff(a, b) <= tol, name
         assert (json.loads((pipe_out / name / "adapter_config.json").read_text())
                 == json.loads((single_out / name / "adapter_config.json").read_text()))
         single_losses = [(m["step"], m["loss"]) for m in single_metrics if m["adapter"] == name]

@@ -638,8 +638,11 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
     types[-1] = "full_attention"  # (as Gemma4TextConfig: the last layer is always full)
     windows = _windows_by_type(types, num_layers, get("sliding_window"), required=True)
     full = next(i for i, t in enumerate(types) if t == "full_attention")
-    per_layer = get("per_layer_config") or {}  # transformers 5.24's form: {"<layer>": {"head_dim": ...}}
-    entry = per_layer.get(str(full), per_layer.get(full)) if isinstance(per_layer, Mapping) else per_layer[full]
+    # transformers 5.24's form: {"<layer>": {"head_dim": ...}}, the layers zero-padded to one width ("05")
+    per_layer = get("per_layer_config") or {}
+    if isinstance(per_layer, Mapping):
+        per_layer = {int(layer): entry for layer, entry in per_layer.items()}
+    entry = per_layer.get(full) if isinstance(per_layer, Mapping) else per_layer[full]
     entry = entry if isinstance(entry, Mapping) else vars(entry) if entry is not None else {}
     global_dim = _positive_int(entry.get("head_dim") or get("global_head_dim", 512), "gemma4_text config global_head_dim")
     k_eq_v = bool(get("attention_k_eq_v", False))

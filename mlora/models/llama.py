@@ -373,8 +373,10 @@ class Attention(nn.Module):
         n_rep = self.num_heads // self.num_kv_heads
         if self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, scale, self.softcap)
-        elif mask is None and _SDPA_HAS_GQA:
-            # The causal kernels read grouped K/V natively.
+        elif mask is None and _SDPA_HAS_GQA and self.head_dim <= GQA_MAX_HEAD_DIM:
+            # The causal kernels read grouped K/V natively (FlashAttention up to heads of 256;
+            # beyond, only the memory-efficient kernel runs, and not with grouped K/V: SDPA
+            # would fall back to plain math, [S, S] scores per head, as on Gemma 4's full layers).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
         else:
             # With an explicit mask the memory-efficient kernel is the one that applies, and
@@ -391,6 +393,7 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+GQA_MAX_HEAD_DIM = 256  # the largest head FlashAttention takes (SDPA's grouped-K/V path needs it)
 SINK_PAD = 8  # the sink's extra query/key dim, padded so that D stays a multiple of 8 for SDPA's kernels
 
 
