@@ -118,7 +118,8 @@ def linear_projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """Qwen3.5's linear-attention projections (models/gdn.py): q, k, v together; the output
     gate z; beta and the decay input a (one per value head); the output."""
     H = args.hidden_size
-    keys, values = args.linear_num_key_heads * args.linear_key_head_dim, args.linear_num_value_heads * args.linear_value_head_dim
+    keys = args.linear_num_key_heads * args.linear_key_head_dim
+    values = args.linear_num_value_heads * args.linear_value_head_dim
     heads = args.linear_num_value_heads
     return {"in_proj_qkv": (H, 2 * keys + values), "in_proj_z": (H, values), "in_proj_b": (H, heads),
             "in_proj_a": (H, heads), "out_proj": (values, H)}

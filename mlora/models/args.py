@@ -15,9 +15,9 @@ from typing import Any
 from mlora.errors import UserError
 
 FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
-            "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan", "granite", "olmo2",
-            "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe",
-            "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe")
+            "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm",
+            "baichuan", "granite", "olmo2", "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe",
+            "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
                 "qwen3_5_moe_text")
@@ -301,8 +301,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
     if model_type in IMAGE_TEXT_FAMILIES:
-        # Gemma 3 4B/12B/27B, Mistral Small 3.x, Ministral 3 are image-text checkpoints: mlora
-        # trains their language model (its tensors under another prefix: models/naming.py)
+        # Gemma 3 4B/12B/27B, Gemma 4, Mistral Small 3.x, Ministral 3, Qwen3.5 are image-text
+        # checkpoints: mlora trains their language model (its tensors under another prefix:
+        # models/naming.py)
         text = get("text_config")
         if text is None:
             raise UserError(f"{model_type} config has no text_config")
@@ -644,9 +645,11 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
         per_layer = {int(layer): entry for layer, entry in per_layer.items()}
     entry = per_layer.get(full) if isinstance(per_layer, Mapping) else per_layer[full]
     entry = entry if isinstance(entry, Mapping) else vars(entry) if entry is not None else {}
-    global_dim = _positive_int(entry.get("head_dim") or get("global_head_dim", 512), "gemma4_text config global_head_dim")
+    global_dim = _positive_int(entry.get("head_dim") or get("global_head_dim", 512),
+                               "gemma4_text config global_head_dim")
     k_eq_v = bool(get("attention_k_eq_v", False))
-    global_kv = (entry.get("num_key_value_heads") or get("num_global_key_value_heads") or kv_heads) if k_eq_v else kv_heads
+    global_kv = ((entry.get("num_key_value_heads") or get("num_global_key_value_heads") or kv_heads) if k_eq_v
+                 else kv_heads)
     head_dim = _positive_int(get("head_dim", 256), "gemma4_text config head_dim")
     params = get("rope_parameters") or {}
     full_params = dict(params.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,

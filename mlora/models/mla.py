@@ -7,8 +7,9 @@ shared by every head; the normed latent goes through `kv_b_proj` to each head's 
 key part [qk_nope_head_dim] and value [v_head_dim]. Each head's query and key are
 [nope | rope], so scores need no RoPE on the nope part; values may be narrower than keys.
 RoPE turns adjacent pairs when `rope_interleave` (DeepSeek-V3's released weights; DeepSeek-V2
-always, as complex numbers, in place); transformers' V3 then writes the turned pairs de-interleaved, the same reordering for queries and keys, so the
-scores are the same as turning them in place, as here.
+always, as complex numbers, in place); transformers' V3 then writes the turned pairs
+de-interleaved, the same reordering for queries and keys, so the scores are the same as turning
+them in place, as here.
 
 All five projections are plain nn.Linear modules under transformers' names, so LoRA, quantization
 and PEFT see them like any other; q_proj / q_a_proj and kv_a_proj_with_mqa read the same input
