@@ -361,6 +361,11 @@ class Adapter:
                 raise UserError(f"{where}: its {peft_key} is {saved[key]}, but adapter '{self.name}' has "
                                 f"{key}={mine} in the config (they must match)")
         tensors = read_peft_weights(directory)
+        if self.naming.family in ("qwen3_5", "qwen3_5_moe"):
+            # (an adapter trained on Qwen3.5's image-text model names its modules
+            # model.language_model.*; mlora's are the text model's: naming.from_module)
+            tensors = {PEFT_PREFIX + self.naming.from_module(k[len(PEFT_PREFIX):]) if k.startswith(PEFT_PREFIX)
+                       else k: v for k, v in tensors.items()}
         expected = self.peft_state_dict()
         missing = sorted(set(expected) - set(tensors))
         if missing:

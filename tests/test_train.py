@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mlora.cli import main
 from mlora.lora import AdapterRows
@@ -434,8 +434,6 @@ def test_init_from_non_finite_weights_is_refused(fused_run, tiny_llama, capsys, 
     """An adapter with NaN weights would skip every step (or make every output NaN): one line."""
     import shutil
 
-    from safetensors.torch import save_file
-
     _, out, cfg_path = fused_run
     cfg = json.loads(cfg_path.read_text())
     bad = tmp_path / "bad"
@@ -833,8 +831,17 @@ def test_qwen3_5_generate_equals_transformers_plus_peft(tmp_path, tokenizer_dir)
     cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     session = open_session(base, cfg, device="cpu", load_data=False)
+    # (as `mlora generate` does; the adapter under the image-text model's module names, as PEFT
+    # on Qwen3_5ForConditionalGeneration saves it, reads the same)
+    renamed = tmp_path / "image_text_names"
+    renamed.mkdir()
+    (renamed / "adapter_config.json").write_text((out / "b" / "adapter_config.json").read_text())
+    save_file({k.replace("model.model.layers.", "model.model.language_model.layers."): v
+               for k, v in load_file(out / "b" / "adapter_model.safetensors").items()},
+              renamed / "adapter_model.safetensors")
+    assert all(".language_model." in k for k in load_file(renamed / "adapter_model.safetensors"))
     Adapter(session.cfg.lora[0], session.wrappers, session.cfg.seed, session.device,
-            naming=session.naming).load_peft(out / "b", label="adapter")  # (as `mlora generate` does)
+            naming=session.naming).load_peft(renamed, label="adapter")
     prompts = [("b", [5, 6, 7, 8, 9, 10, 11]), ("b", [12, 13]), (None, [14, 15, 16])]
     ours = greedy_generate(session, prompts, max_new_tokens=8)
     peft_model = PeftModel.from_pretrained(load_reference(base), out / "b").eval()
