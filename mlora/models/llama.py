@@ -600,7 +600,7 @@ class CausalLM(nn.Module):
         S = h.shape[1]
         if position_ids is not None:
             pos = position_ids.to(h.device, torch.float32)[:, None, :, None]  # [B, 1, S, 1]
-        elif attention_mask is not None and not bool(attention_mask[:, 0].all()):  # (left padding)
+        elif attention_mask is not None:  # (real tokens counted: equal to the columns without left padding)
             real = attention_mask.to(h.device, torch.int64)
             pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -S:].float()[:, None, :, None]  # [B, 1, S, 1]
         else:
