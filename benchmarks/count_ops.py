@@ -1,7 +1,8 @@
 """Ops dispatched and activations saved by one fused training step, per LoRA kernel: the
 device-independent part of "what does the LoRA side cost" (runs on CPU, in seconds).
 
-Every op that reaches torch's dispatcher (views excluded) is one kernel launch on a GPU, and so
+Every op that reaches torch's dispatcher (views and bare allocations excluded: they launch
+nothing) is one kernel launch on a GPU, and so
 is each Triton kernel launch of the triton kernel (run here through Triton's interpreter; on
 a GPU its A gradient splits the tokens over more programs at benchmark sizes and adds one sum
 per group), so the count is the launch count a GPU would see, minus the optimizer (left out: on CUDA AdamW
@@ -39,13 +40,17 @@ from mlora.lora import AdapterRows  # noqa: E402
 from mlora.loss import token_loss_sums  # noqa: E402
 
 
+# Allocations without a fill: the caching allocator's, no kernel launch.
+_ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::empty_strided"}
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+        if not func.is_view and func._schema.name not in _ALLOCATIONS:
             self.ops += 1
         return func(*args, **(kwargs or {}))
 

@@ -22,7 +22,8 @@ its FLOPs (about 1% of the base at r=16) but memory traffic and kernel launches.
 
 The default kernel, "fused" (lora_fused.py), runs one input group - base GEMMs included - as
 one autograd op with a hand-written backward; "triton" is that op with its dropout side in
-Triton kernels that draw the mask where they need it (lora_triton.py); the others are
+Triton kernels that draw the mask in the forward's pass over the input and keep it as bits
+(lora_triton.py); the others are
 composed of torch ops whose gradients autograd derives. Either way the mask that scaled the
 forward is the one the backward uses, so gradients are exact with dropout > 0
 (tests/test_lora.py holds every kernel to plain autograd with the same masks).
@@ -74,8 +75,8 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
 #   "grouped": torch._grouped_mm with per-adapter row offsets: exact FLOPs, one launch; needs
 #              equal ranks and targets, rows tiling the batch, bf16 on CUDA.
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
-#   "triton":  fused, with the dropout mask drawn inside Triton kernels instead of stored
-#              (lora_triton.py): no mask, no dropped-out copy, no masking pass. CUDA only
+#   "triton":  fused, with the dropout mask drawn inside a Triton kernel and kept as bits
+#              (lora_triton.py): no dropped-out copy, no masking pass. CUDA only
 #              (and the CPU under Triton's interpreter, for tests). On one H200 it was 4-5%
 #              faster than fused with 11-14% less memory (benchmarks/RESULTS.md), and equal to
 #              torch and fused == solo there (gpu_checks.py).

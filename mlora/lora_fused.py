@@ -22,8 +22,9 @@ reads the input (q, k, v, and the LoRA path). This op writes the backward by han
   backward adds the LoRA gradients into the parameters' .grad itself (`_accumulate`), where
   autograd would keep an accumulation node and check every gradient it returns (24
   parameters in a group of 4 adapters: more host time than the op's own launches).
-With `spec.philox` (the "triton" kernel) the dropout side runs in Triton kernels that draw
-the mask where they need it, so neither the mask nor a dropped-out copy exists (lora_triton.py).
+With `spec.philox` (the "triton" kernel) the dropout side runs in Triton kernels: the forward
+draws the mask in its pass over the input and keeps it as bits, and no dropped-out copy
+exists (lora_triton.py).
 
 The math is the dense kernel's (lora.py), so every adapter's rows see only its own A and B:
     dropped = x * mask                       [N, in]   (mask 0/1; 1/(1-p) is in the scale)
@@ -183,7 +184,7 @@ class FusedGroupSpec:
     casts: WeightCasts  # the parameters in the activation dtype, as the op uses them
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
-    philox: bool = False  # draw the dropout mask inside Triton kernels (lora_triton.py), never stored
+    philox: bool = False  # draw the dropout mask inside a Triton kernel (lora_triton.py), kept as bits
     a_params: list[torch.Tensor] = field(default_factory=list)  # column order; their .grad gets dA
     b_params: list[torch.Tensor] = field(default_factory=list)  # likewise dB
 
@@ -205,11 +206,11 @@ class FusedGroupLoRA(torch.autograd.Function):
         a_params, b_params = spec.a_params, spec.b_params
         a_all = spec.casts.a_all  # [C, in]
 
-        plan = mask = None
-        if spec.dropout and spec.philox:  # the kernels draw the mask where they need it
+        bits = mask = None
+        if spec.dropout and spec.philox:  # the kernel draws the mask and keeps it as bits
             plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)
-            dropped = x2d  # the backward's kernels mask it again
-            h = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
+            dropped = x2d  # the backward's kernels mask it again, from the bits
+            h, bits = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
         else:
             mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
             dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
@@ -225,9 +226,8 @@ class FusedGroupLoRA(torch.autograd.Function):
             outputs.append(torch.addmm(delta, x2d, base.weight.t()))  # the base GEMM adds delta
         if not ctx.needs_input_grad[0]:  # x needs no gradient (layer 0): mask and A serve only dx
             mask = a_all = None
-        ctx.save_for_backward(dropped, mask, h, a_all, *b_alls)
+        ctx.save_for_backward(dropped, mask, bits, h, a_all, *b_alls)
         ctx.spec = spec
-        ctx.plan = plan
         ctx.a_rows = [a.shape[0] for a in a_params]
         ctx.b_cols = [b.shape[1] for b in b_params]
         return tuple(outputs)
@@ -235,17 +235,16 @@ class FusedGroupLoRA(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the A/B casts made in forward are not in a graph
     def backward(ctx, *dys: torch.Tensor):
-        dropped, mask, h, a_all, *b_alls = ctx.saved_tensors
+        dropped, mask, bits, h, a_all, *b_alls = ctx.saved_tensors
         spec = ctx.spec
         # dh: each member's slice from its own output gradient, then the factor (scale, owner).
         dh = [torch.mm(dy, b_all) for dy, b_all in zip(dys, b_alls)]  # [N, C_m] each
         dh = (torch.cat(dh, dim=1) if len(dh) > 1 else dh[0]).mul_(spec.factor)  # [N, C]
 
-        plan = ctx.plan
         dx = None
         if ctx.needs_input_grad[0]:
-            if plan is not None:
-                dx = lora_triton.up_masked(dh, a_all, plan)  # [N, in]: the LoRA path, masked
+            if bits is not None:
+                dx = lora_triton.up_masked(dh, a_all, bits)  # [N, in]: the LoRA path, masked
             else:
                 dx = torch.mm(dh, a_all)  # [N, in]: the LoRA path, before the dropout mask
                 if mask is not None:
@@ -254,8 +253,8 @@ class FusedGroupLoRA(torch.autograd.Function):
                 if base is not None:
                     dx.addmm_(dy, base.weight)  # + dy @ W, accumulated inside the GEMM
 
-        if plan is not None:
-            d_a = lora_triton.grad_a(dh, dropped, plan)  # [C, in] fp32; `dropped` is x here
+        if bits is not None:
+            d_a = lora_triton.grad_a(dh, dropped, bits)  # [C, in] fp32; `dropped` is x here
         else:
             d_a = torch.mm(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
         grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))

@@ -1,16 +1,20 @@
 """The `triton` LoRA kernel's dropout side: the fused op (lora_fused.py) with the keep-mask
-drawn inside Triton kernels instead of stored.
+drawn inside a Triton kernel instead of by torch.
 
 Why. With dropout, the fused op spends per input group [N, in] and step: a bool mask written
 and read three times, a dropped-out copy of the input written and read (kept for the
 backward), and a separate masking pass over the input gradient - about 11 bytes per input
 value of memory traffic, next to the 2 it needs to read the input once (benchmarks/
-THROUGHPUT.md). Here three kernels draw the mask from (seed, row, column) wherever they need
-it (philox_kernels.py):
-    down:      h  = ((x * keep) @ A^T) * factor       reads x once; no mask, no copy
-    up_masked: dx = (dh @ A) * keep                    the LoRA part of the input gradient
-    grad_a:    dA = dh^T @ (x * keep)                  reads the saved x, not a copy
-The op keeps x itself for the backward (often kept anyway: SDPA keeps o_proj's input).
+THROUGHPUT.md). Here (philox_kernels.py):
+    down:      h  = ((x * keep) @ A^T) * factor    reads x once, draws the mask, writes it as bits
+    up_masked: dx = (dh @ A) * keep                 the LoRA part of the input gradient
+    grad_a:    dA = dh^T @ (x * keep)               reads the saved x, not a copy
+The op keeps x itself for the backward (often kept anyway: SDPA keeps o_proj's input) and
+the mask as bits (1/16 of x in bf16). `down` draws every element once from a counter-based
+generator; the backward's kernels read the bits. (A first version drew the mask again in
+each backward kernel, keeping nothing: three draws of every element a step, integer work
+that made the kernels compute-bound - by its instruction count about twice the time their
+memory traffic needs - where one draw and two reads of bits are not.)
 
 What changes for the user: the masks are other draws than torch's bernoulli (same
 distribution; the rate is rounded to a multiple of 1/65536, 0.05 -> 0.0500031, while the
@@ -161,23 +165,35 @@ def grad_a_config(C: int, fp32: bool) -> dict:
 MASK_CONFIG = dict(BM=32, BK=64)
 
 
-def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor, plan: PhiloxDropout) -> torch.Tensor:
-    """h [N, C] = ((x2d * keep) @ a_all^T) * factor, in x2d's dtype; factor [C] or [N, C] fp32."""
+def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor,
+         plan: PhiloxDropout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, bits): h [N, C] = ((x2d * keep) @ a_all^T) * factor, in x2d's dtype (factor [C] or
+    [N, C] fp32), and the keep-mask it applied, bits [N, ceil(K / 8)] uint8 (philox_kernels.py;
+    `unpack` writes them out), for up_masked and grad_a."""
     N, K = x2d.shape
     C = a_all.shape[0]
     a_all = a_all.contiguous()
     factor = factor.contiguous()
     h = torch.empty(N, C, dtype=x2d.dtype, device=x2d.device)
+    bits = torch.empty(N, _cdiv(K, 8), dtype=torch.uint8, device=x2d.device)
     config = down_config(C, x2d.dtype == torch.float32)
     grid = (_cdiv(C, config["BC"]), _cdiv(N, config["BM"]))
     with _on(x2d.device):
-        _kernels().down_kernel[grid](x2d, a_all, factor, h, *plan.args(), N, K, C, x2d.stride(0), x2d.stride(1),
-                                     factor.stride(0) if factor.dim() == 2 else 0, IEEE=_ieee(x2d), **config)
-    return h
+        _kernels().down_kernel[grid](x2d, a_all, factor, h, bits, *plan.args(), N, K, C, bits.shape[1],
+                                     x2d.stride(0), x2d.stride(1), factor.stride(0) if factor.dim() == 2 else 0,
+                                     IEEE=_ieee(x2d), **config)
+    return h, bits
 
 
-def up_masked(dh: torch.Tensor, a_all: torch.Tensor, plan: PhiloxDropout) -> torch.Tensor:
-    """dx [N, K] = (dh @ a_all) * keep, in dh's dtype; dh [N, C], a_all [C, K]."""
+def unpack(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """The bool [N, k] keep-mask packed in bits [N, ceil(k / 8)] uint8 (tests, references)."""
+    lanes = (bits[:, :, None] >> torch.arange(8, dtype=torch.uint8, device=bits.device)) & 1  # [N, W, 8]
+    return lanes.reshape(bits.shape[0], -1)[:, :k].bool()
+
+
+def up_masked(dh: torch.Tensor, a_all: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """dx [N, K] = (dh @ a_all) * keep, in dh's dtype; dh [N, C], a_all [C, K], keep from
+    `down`'s bits."""
     N, C = dh.shape
     K = a_all.shape[1]
     a_all = a_all.contiguous()
@@ -187,13 +203,13 @@ def up_masked(dh: torch.Tensor, a_all: torch.Tensor, plan: PhiloxDropout) -> tor
     config = up_masked_config(C, dh.dtype == torch.float32)
     grid = (_cdiv(N, config["BM"]), _cdiv(K, config["BK"]))
     with _on(dh.device):
-        _kernels().up_masked_kernel[grid](dh, a_all, dx, *plan.args(), N, K, C, dh.stride(0), IEEE=_ieee(dh),
-                                          **config)
+        _kernels().up_masked_kernel[grid](dh, a_all, dx, bits, N, K, C, bits.shape[1], dh.stride(0),
+                                          IEEE=_ieee(dh), **config)
     return dx
 
 
-def grad_a(dh: torch.Tensor, x2d: torch.Tensor, plan: PhiloxDropout, splits: int | None = None) -> torch.Tensor:
-    """dA [C, K] fp32 = dh^T @ (x2d * keep). The token dimension is split over `splits`
+def grad_a(dh: torch.Tensor, x2d: torch.Tensor, bits: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """dA [C, K] fp32 = dh^T @ (x2d * keep), keep from `down`'s bits. The token dimension is split over `splits`
     programs per output tile (default: enough to fill the GPU) and the partial sums added."""
     N, C = dh.shape
     K = x2d.shape[1]
@@ -212,13 +228,13 @@ def grad_a(dh: torch.Tensor, x2d: torch.Tensor, plan: PhiloxDropout, splits: int
     partial = torch.empty(splits, C, K, dtype=torch.float32, device=dh.device)
     grid = (_cdiv(K, BK), _cdiv(C, BC), splits)
     with _on(dh.device):
-        _kernels().grad_a_kernel[grid](dh, x2d, partial, *plan.args(), N, K, C, dh.stride(0), x2d.stride(0),
-                                       x2d.stride(1), per_split, IEEE=_ieee(dh), **config)
+        _kernels().grad_a_kernel[grid](dh, x2d, partial, bits, N, K, C, bits.shape[1], dh.stride(0),
+                                       x2d.stride(0), x2d.stride(1), per_split, IEEE=_ieee(dh), **config)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
 def keep_mask(plan: PhiloxDropout, n: int, k: int) -> torch.Tensor:
-    """The bool [n, k] keep-mask the kernels apply under `plan`, written out (tests, references)."""
+    """The bool [n, k] keep-mask `down` draws under `plan`, written out (tests, references)."""
     out = torch.empty(n, k, dtype=torch.int8, device=plan.seeds.device)
     grid = (_cdiv(n, MASK_CONFIG["BM"]), _cdiv(k, MASK_CONFIG["BK"]))
     with _on(out.device):

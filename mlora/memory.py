@@ -224,7 +224,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                         lora: Iterable[Any] = (), recompute: bool = False, quant: Any = None,
                         double_quant: bool = False, parts: Sequence[str] | None = None,
                         shared_lora_inputs: bool = True, explicit_mask: bool | None = None,
-                        active_adapters: int | None = None, lora_kernel: str | None = None) -> MemoryEstimate:
+                        active_adapters: int | None = None, lora_kernel: str | None = None,
+                        device: torch.device | None = None) -> MemoryEstimate:
     """Peak device memory of forward + loss + backward of one fused batch of `rows` rows of
     `seq_len` tokens (padding included), by this implementation, on CUDA.
 
@@ -247,6 +248,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     lora_kernel: lora.py's kernel choice ('auto', 'fused', 'triton', 'dense', 'grouped', 'loop'); None =
     the one lora.py uses now (`mlora.lora.kernel`, from MLORA_LORA_KERNEL). 'auto' is fused, on a
     quantized base too (its layers run outside the op; the LoRA tensors are the same).
+    device: where the run is; 'auto' runs its batches with the triton kernel on CUDA devices
+    of compute capability 9.0 and up (lora.auto_kernel), which keeps less, and is counted so
+    there. None: counted as fused (an overestimate there: 16 % on the H200's TinyLlama run).
 
     What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
       RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)
@@ -256,8 +260,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
       LoRA, per input group (see _INPUT_GROUPS): no dropout -> the input itself [N, in]
                         (shared with whatever else keeps it); dropout -> the dropped-out copy
                         [N, in] and the 0/1 mask [N, in], in the dtype (bool with the fused
-                        kernel; the triton kernel keeps only the input itself: it redraws the
-                        mask); plus the hidden A(x), kept for B's gradient,
+                        kernel; the triton kernel keeps the input itself and the mask as bits,
+                        [N, in / 8] bytes); plus the hidden A(x), kept for B's gradient,
                         and the weights cast to the activation dtype (per layer).
                         The hidden depends on the kernel (lora.py): the loop and grouped
                         kernels keep each row's own adapter's [N, r] per target (the costliest
@@ -307,7 +311,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                             for i in stage.layers)
     explicit_mask = explicit_mask or args.attn_sinks  # (llama.with_sink_key: always a mask)
 
-    lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs)
+    lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs, device)
     # One layer's activations, by kind: an MoE model's sparse and dense layers keep different
     # things, and so do Qwen3.5's attention and linear-attention layers. (sparse, mixer) -> terms
     by_kind: dict[tuple[bool, str], dict[str, int]] = {}
@@ -336,7 +340,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     # LoRA that every layer's groups share or keep: on an MoE model, the experts' LoRA keeps
     # nothing beyond its call (lora.InputGroup.transient), and the dense layers' MLPs have none
     kept = _without_mlp(adapters) if args.is_moe else adapters
-    if lora_kernel in ("auto", "fused", "triton") and L and in_batch > 1:
+    if lora_kernel in ("auto", "auto_triton", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
         batch += _dense_columns(kept, active_adapters, lora_kernel) * 4 * N
@@ -475,7 +479,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
                                                       o_proj_input_copied=(args.attn_sinks or args.values_padded
                                                                            or args.attn_output_gate))
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
-    if sparse and kernel in ("auto", "fused", "triton") and len(adapters) > 1:
+    if sparse and kernel in ("auto", "auto_triton", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
         # the batch's shared one is per layer here
         out["lora_expert_factor"] = _dense_columns(adapters, active, kernel, k, mlp_only=True) * 4
@@ -496,15 +500,18 @@ def _without_mlp(adapters: list[LoraShape]) -> list[LoraShape]:
                                   a.optimizer_moments) for a in adapters) if a.target_modules]
 
 
-def _effective_kernel(kernel: str | None, shared: bool) -> str:
-    """The kernel lora.py runs for `kernel`. 'auto' stays 'auto': it is fused for batches of up
-    to DENSE_MAX_ADAPTERS adapters (counted as fused everywhere; _dense_columns caps its
-    columns there), where an explicit 'fused' or 'triton' takes every adapter of a batch."""
+def _effective_kernel(kernel: str | None, shared: bool, device: torch.device | None = None) -> str:
+    """The kernel lora.py runs for `kernel`. 'auto' stays 'auto' (or 'auto_triton' where it
+    runs triton on `device`): it runs batches of up to DENSE_MAX_ADAPTERS adapters fused (or
+    triton), and _dense_columns caps its columns there, where an explicit 'fused' or 'triton'
+    takes every adapter of a batch."""
     kernel = mlora.lora.kernel if kernel is None else kernel
     if kernel not in mlora.lora.KERNELS:
         raise ValueError(f"lora_kernel must be one of {mlora.lora.KERNELS}, got {kernel!r}")
     if not shared:
         return "loop"  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
+    if kernel == "auto" and device is not None and mlora.lora.auto_kernel(torch.device(device)) == "triton":
+        return "auto_triton"
     return kernel
 
 
@@ -519,7 +526,7 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str, k
     # Every batch is dense under an explicit 'dense', 'fused' or 'triton'; auto's dense (fused)
     # batches hold up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
     capped = min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)
-    dense = {"dense": in_batch, "fused": in_batch, "triton": in_batch, "auto": capped}.get(kernel, 0)
+    dense = {"dense": in_batch, "fused": in_batch, "triton": in_batch, "auto": capped, "auto_triton": capped}.get(kernel, 0)
     return sum(columns[:dense])
 
 
@@ -548,12 +555,14 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
     sinks, DeepSeek-V3's padded values: extra dims are sliced off)."""
     targeting = [a for a in adapters if set(a.target_modules) & set(members)]
     dropped = [a for a in targeting if a.dropout > 0]
+    mask_bits = 0
     if shared:
         # When any adapter drops out: one dropped-out copy and one 0/1 mask over all rows of
         # the batch (the other adapters' rows get ones), the mask in the dtype, or bool (1
         # byte) with fused; else the LoRA matmuls keep the input.
-        if kernel == "triton":  # the mask is drawn inside the kernels: the input itself is kept
+        if kernel in ("triton", "auto_triton"):  # the input itself is kept, and the mask as bits (8 a byte)
             copies, lora_keeps_input = 0, bool(targeting)
+            mask_bits = -(-width // 8) if dropped else 0
         else:
             copies = ((1 + 1 / e) if kernel in ("auto", "fused") else 2) if dropped else 0
             lora_keeps_input = bool(targeting) and not dropped
@@ -564,7 +573,7 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
         lora_keeps_input = any(a.dropout == 0 for a in targeting)
     # An 8-bit base layer keeps its input itself (bitsandbytes' MatMul8bitLt ctx.tensors).
     keeps_input = (lora_keeps_input or quant == "int8") and (o_proj_input_copied or group not in _SAVED_ANYWAY)
-    return (copies + keeps_input) * width * e
+    return (copies + keeps_input) * width * e + mask_bits
 
 
 def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse: bool = False,
@@ -837,7 +846,8 @@ def explicit_mask_of(cfg: Any) -> bool | None:
 
 
 def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtype: torch.dtype,
-                      quant: Any = None, parts: Sequence[str] | None = None) -> BudgetPlan:
+                      quant: Any = None, parts: Sequence[str] | None = None,
+                      device: torch.device | None = None) -> BudgetPlan:
     """Memory-aware admission for a run of `cfg` (a TrainConfig) on a base of shape `args`.
 
     free_bytes: what the device can still allocate with the base loaded and no adapter yet
@@ -847,7 +857,8 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     a UserError when not even one row fits. With a configured budget, or with `trivial` (which
     has no budget), a warning when the largest batch may not fit: split-and-retry will catch
     it. Every adapter of the config counts as resident (the trainer builds them all), and a
-    fused batch holds up to train_lora_simultaneously_num of them."""
+    fused batch holds up to train_lora_simultaneously_num of them. device: the run's (what
+    kernel `auto` runs there, see estimate_peak_bytes)."""
     configured = cfg.max_tokens_per_batch
     if free_bytes is None:
         return BudgetPlan(configured)
@@ -855,7 +866,7 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     lora = [LoraShape.of(a) for a in cfg.lora]
     active = cfg.train_lora_simultaneously_num or len(lora)
     common = dict(seq_len=cfg.cutoff_len, dtype=dtype, lora=lora, recompute=cfg.recompute, quant=quant,
-                  parts=parts, explicit_mask=explicit_mask_of(cfg), active_adapters=active)
+                  parts=parts, explicit_mask=explicit_mask_of(cfg), active_adapters=active, device=device)
     where = f"{fraction:.0%} of {format_size(free_bytes)} free"
     micro_rows = sorted((a.micro_batch_size or a.batch_size for a in cfg.lora), reverse=True)
 

@@ -1,5 +1,5 @@
-"""Triton kernels of the `triton` LoRA kernel: the dropout keep-mask drawn inside each kernel
-from a counter-based generator (Philox 4x32, 7 rounds), so it is never written to memory.
+"""Triton kernels of the `triton` LoRA kernel: the dropout keep-mask drawn inside the
+forward's kernel from a counter-based generator (Philox 4x32, 7 rounds) and kept as bits.
 
 Imported only when that kernel runs (lora_triton.py): importing triton costs a second. With
 TRITON_INTERPRET=1 set before the import the kernels run on the CPU through Triton's
@@ -15,6 +15,11 @@ call w = philox(seed, w, row, 0, 0), column 8w + j taking half j % 2 of word j /
 is drawn per call from the adapter's own generator (lora_triton.draw). Every kernel derives
 a tile's mask from absolute (row, k), so tiles of any size agree; tile widths are multiples
 of 8 and tiles start at multiples of 8.
+
+The forward draws each element once: `down` writes the mask it applied as bits, 8 columns
+to a byte (bit j of byte w of a row: column 8w + j, the columns of one Philox call), and the
+backward's kernels read those bits instead of drawing again: drawing is integer work (7 Philox rounds per 8 draws)
+that bounded the kernels, and the bits cost 1/16 of a bf16 activation to keep.
 
 Per token row the kernels read owner[row] (index of the row's adapter in the per-call tables,
 -1: the row does not drop out), and that adapter's seed and its table column: first batch
@@ -47,22 +52,40 @@ def _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rows, ok):
 
 
 @triton.jit
-def _keep(seed, row, thr, k0, BR: tl.constexpr, BK: tl.constexpr):
-    """[BR, BK] bool keep-mask of BR rows (seed, row, thr [BR] from _row_draws) at columns
-    k0 .. k0 + BK - 1; k0 and BK multiples of 8 (see the module docstring)."""
+def _keep_bytes(seed, row, thr, k0, BR: tl.constexpr, BK: tl.constexpr):
+    """The keep-mask of BR rows (seed, row, thr [BR] from _row_draws) at columns k0 .. k0 +
+    BK - 1 (k0 and BK multiples of 8; see the module docstring) as [BR, BK/8] int32 bytes: bit
+    j of byte w keeps column k0 + 8w + j. Built on the draws' own [BR, BK/8] shape, so packing
+    costs no reshape (a reshape-and-sum of the [BR, BK] mask spilled registers)."""
     words = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)  # [BK/8]
     c0 = tl.broadcast_to(words[None, :], (BR, BK // 8))
     c1 = tl.broadcast_to(row.to(tl.uint32)[:, None], (BR, BK // 8))
     zero = tl.zeros((BR, BK // 8), dtype=tl.uint32)
     # 7 rounds: the fewest that pass BigCrush (Random123); the default 10 costs ~30% more
-    # integer work, and drawing the mask is what bounds these kernels.
+    # integer work, and drawing the mask is what bounds the forward's kernel.
     r0, r1, r2, r3 = tl.random.philox(seed[:, None], c0, c1, zero, zero, 7)  # [BR, BK/8] each
-    lane = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]: column j of the word's 8
-    word = tl.where(lane < 2, r0[:, :, None],
-                    tl.where(lane < 4, r1[:, :, None], tl.where(lane < 6, r2[:, :, None], r3[:, :, None])))
-    bits = (word >> ((lane % 2) * 16).to(tl.uint32)) & 0xFFFF  # [BR, BK/8, 8] 16-bit draws
-    bits = tl.reshape(bits.to(tl.int32), (BR, BK))
-    return bits >= thr[:, None]
+    t = thr.to(tl.uint32)[:, None]  # a draw >= t keeps
+    byte = ((r0 & 0xFFFF) >= t).to(tl.int32) | (((r0 >> 16) >= t).to(tl.int32) << 1)
+    byte |= (((r1 & 0xFFFF) >= t).to(tl.int32) << 2) | (((r1 >> 16) >= t).to(tl.int32) << 3)
+    byte |= (((r2 & 0xFFFF) >= t).to(tl.int32) << 4) | (((r2 >> 16) >= t).to(tl.int32) << 5)
+    byte |= (((r3 & 0xFFFF) >= t).to(tl.int32) << 6) | (((r3 >> 16) >= t).to(tl.int32) << 7)
+    return byte
+
+
+@triton.jit
+def _unpack(byte, BR: tl.constexpr, BK: tl.constexpr):
+    """[BR, BK/8] bytes (int32) -> the [BR, BK] bool keep-mask they hold."""
+    lane = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]: column j of the byte's 8
+    return tl.reshape((byte[:, :, None] >> lane) & 1, (BR, BK)) != 0
+
+
+@triton.jit
+def _load_keep(bits_ptr, W, rows64, rows_ok, k0, BR: tl.constexpr, BK: tl.constexpr):
+    """The [BR, BK] bool keep-mask at columns k0 .. k0 + BK - 1 (k0, BK multiples of 8) of
+    token rows `rows64` [BR], from the bytes `down` wrote (W a row)."""
+    w = k0 // 8 + tl.arange(0, BK // 8)  # [BK/8]
+    byte = tl.load(bits_ptr + rows64[:, None] * W + w[None, :], mask=rows_ok[:, None] & (w < W)[None, :], other=0)
+    return _unpack(byte.to(tl.int32), BR, BK)
 
 
 @triton.jit
@@ -77,12 +100,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
-                N, K, C, stride_xm, stride_xk, stride_fm,
+def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
+                N, K, C, W, stride_xm, stride_xk, stride_fm,
                 BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     """h [N, C] = ((x * keep) @ A^T) * factor: x [N, K] any strides, A [C, K] contiguous,
     factor [N, C] fp32 (stride_fm = 0 for a per-column [C]); fp32 accumulation, one rounding.
-    The C tiles of one row block are neighbours on axis 0, so a second one finds x in L2."""
+    The C tiles of one row block are neighbours on axis 0, so a second one finds x in L2.
+    bits [N, W] uint8 (W = ceil(K / 8)) gets the keep-mask, from the first C tile."""
     pid_c = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -91,13 +115,17 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, table_ptr, G, S
     m_ok = rm < N
     c_ok = rc < C
     seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
+    bytes_ = tl.where(pid_c == 0, W, 0)  # of the mask this program writes: the first C tile's
     acc = tl.zeros((BM, BC), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        x = tl.where(_keep(seed, row, thr, k0, BM, BK), x, tl.zeros_like(x))
+        byte = _keep_bytes(seed, row, thr, k0, BM, BK)  # [BM, BK/8]
+        w = k0 // 8 + tl.arange(0, BK // 8)
+        tl.store(bits_ptr + rm64[:, None] * W + w[None, :], byte.to(tl.uint8), mask=m_ok[:, None] & (w < bytes_)[None, :])
+        x = tl.where(_unpack(byte, BM, BK), x, tl.zeros_like(x))
         a = tl.load(a_ptr + rc[None, :] * K + rk[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BC]
         acc = _dot(x, a, acc, IEEE)
     f = tl.load(f_ptr + rm64[:, None] * stride_fm + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
@@ -106,10 +134,10 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, owner_ptr, seed_ptr, table_ptr, G, S
 
 
 @triton.jit
-def up_masked_kernel(dh_ptr, a_ptr, dx_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
-                     N, K, C, stride_dhm,
+def up_masked_kernel(dh_ptr, a_ptr, dx_ptr, bits_ptr, N, K, C, W, stride_dhm,
                      BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
-    """dx [N, K] (contiguous) = (dh @ A) * keep: dh [N, C] (row stride stride_dhm), A [C, K]."""
+    """dx [N, K] (contiguous) = (dh @ A) * keep: dh [N, C] (row stride stride_dhm), A [C, K],
+    keep from the bits [N, W] (uint8) down wrote."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -124,18 +152,18 @@ def up_masked_kernel(dh_ptr, a_ptr, dx_ptr, owner_ptr, seed_ptr, table_ptr, G, S
         dh = tl.load(dh_ptr + rm64[:, None] * stride_dhm + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         a = tl.load(a_ptr + rc[:, None] * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _dot(dh, a, acc, IEEE)
-    seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
-    acc = tl.where(_keep(seed, row, thr, pid_k * BK, BM, BK), acc, 0.0)
+    acc = tl.where(_load_keep(bits_ptr, W, rm64, m_ok, pid_k * BK, BM, BK), acc, 0.0)
     tl.store(dx_ptr + rm64[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
-                  N, K, C, stride_dhm, stride_xm, stride_xk, tokens_per_split,
+def grad_a_kernel(dh_ptr, x_ptr, out_ptr, bits_ptr, N, K, C, W, stride_dhm, stride_xm, stride_xk,
+                  tokens_per_split,
                   BC: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
     """out[s] [C, K] fp32 = dh[T_s]^T @ (x[T_s] * keep) over split s's token rows T_s; the
-    caller sums the splits (a fixed order: deterministic, unlike atomics)."""
+    caller sums the splits (a fixed order: deterministic, unlike atomics). keep from the bits
+    [N, W] (uint8) down wrote."""
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -150,10 +178,9 @@ def grad_a_kernel(dh_ptr, x_ptr, out_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
         rt = t0 + tl.arange(0, BT)
         rt64 = rt.to(tl.int64)
         t_ok = rt < t_end
-        seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rt, t_ok)
         x = tl.load(x_ptr + rt64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # [BT, BK]
-        x = tl.where(_keep(seed, row, thr, pid_k * BK, BT, BK), x, tl.zeros_like(x))
+        x = tl.where(_load_keep(bits_ptr, W, rt64, t_ok, pid_k * BK, BT, BK), x, tl.zeros_like(x))
         dh = tl.load(dh_ptr + rt64[:, None] * stride_dhm + rc[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(tl.trans(dh), x, acc, IEEE)  # [BC, BT] @ [BT, BK]
     tl.store(out_ptr + pid_s.to(tl.int64) * C * K + rc[:, None] * K + rk[None, :], acc,
@@ -169,6 +196,6 @@ def mask_kernel(out_ptr, owner_ptr, seed_ptr, table_ptr, G, S, N, K, BM: tl.cons
     rk = pid_k * BK + tl.arange(0, BK)
     m_ok = rm < N
     seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
-    keep = _keep(seed, row, thr, pid_k * BK, BM, BK)
+    keep = _unpack(_keep_bytes(seed, row, thr, pid_k * BK, BM, BK), BM, BK)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8),
              mask=m_ok[:, None] & (rk < K)[None, :])

@@ -4,7 +4,14 @@ on it (CI runs it: tests/test_triton_compile.py), with the launch settings mlora
 (lora_triton.*_config). Prints, per kernel, the shared memory, whether the dots became
 Hopper's wgmma, and, where Triton's bundled ptxas is found, registers and spill stores.
 
-    python scripts/compile_triton_kernels.py [--arch 90] [--columns 192] [--dtype bf16|fp16|fp32]
+    python scripts/compile_triton_kernels.py [--arch 90] [--columns 192] [--dtype bf16|fp16|fp32] [--cost]
+
+--cost also prints a static cost per kernel, where Triton's bundled nvdisasm is found: the
+machine instructions (SASS) one tile executes, per element of the input it masks, summed over
+warps ("warp-instructions per element"; the main loop's body for down and grad_a, the whole
+kernel for up_masked, whose loop over C runs once at these widths). A rough guide to whether a
+kernel is bound by its instructions or by memory: reading a bf16 input at the H200's 4.8 TB/s
+leaves an SM about 0.22 warp-instructions per element at two instructions a cycle.
 
 Two calls are specialised as Triton's runtime would: a fused batch (4 adapters, 512-token rows,
 everything divisible by 16) and a solo run (1 adapter, 37-token rows, C = 64).
@@ -42,18 +49,20 @@ def kernels(dtype: str, columns: int) -> list[tuple]:
     up = lora_triton.up_masked_config(columns, fp32)
     grad = lora_triton.grad_a_config(columns, fp32)
     return [
-        ("down_kernel", dict(x_ptr=act, a_ptr=act, f_ptr="*fp32", h_ptr=act, **TABLES,
-                             **ints("N", "K", "C", "stride_xm", "stride_xk", "stride_fm")), down),
-        ("up_masked_kernel", dict(dh_ptr=act, a_ptr=act, dx_ptr=act, **TABLES, **ints("N", "K", "C", "stride_dhm")), up),
-        ("grad_a_kernel", dict(dh_ptr=act, x_ptr=act, out_ptr="*fp32", **TABLES,
-                               **ints("N", "K", "C", "stride_dhm", "stride_xm", "stride_xk", "tokens_per_split")), grad),
+        ("down_kernel", dict(x_ptr=act, a_ptr=act, f_ptr="*fp32", h_ptr=act, bits_ptr="*u8", **TABLES,
+                             **ints("N", "K", "C", "W", "stride_xm", "stride_xk", "stride_fm")), down),
+        ("up_masked_kernel", dict(dh_ptr=act, a_ptr=act, dx_ptr=act, bits_ptr="*u8",
+                                  **ints("N", "K", "C", "W", "stride_dhm")), up),
+        ("grad_a_kernel", dict(dh_ptr=act, x_ptr=act, out_ptr="*fp32", bits_ptr="*u8",
+                               **ints("N", "K", "C", "W", "stride_dhm", "stride_xm", "stride_xk", "tokens_per_split")),
+         grad),
         ("mask_kernel", dict(out_ptr="*i8", **TABLES, **ints("N", "K")), dict(lora_triton.MASK_CONFIG)),
     ]
 
 
 # (description, runtime values of the integer arguments); C comes from --columns for the first.
-CALLS = [("fused batch", dict(N=16384, K=2048, G=4, S=512, stride_xm=2048, stride_xk=1, tokens_per_split=3328)),
-         ("solo, odd rows", dict(N=296, K=2048, G=1, S=37, stride_xm=2048, stride_xk=1, tokens_per_split=296))]
+CALLS = [("fused batch", dict(N=16384, K=2048, W=256, G=4, S=512, stride_xm=2048, stride_xk=1, tokens_per_split=3328)),
+         ("solo, odd rows", dict(N=296, K=2048, W=256, G=1, S=37, stride_xm=2048, stride_xk=1, tokens_per_split=296))]
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[str, bool]:
@@ -79,11 +88,48 @@ def ptxas_report(ptx: str, arch: int) -> tuple[str, bool]:
         os.unlink(f.name)
 
 
+def sass_cost(compiled, name: str, config: dict) -> str:
+    """" sass=<warp-instructions per element>" of a compiled kernel (see the module docstring),
+    or "" without nvdisasm or without a loop where one is expected."""
+    import triton
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "**", "nvdisasm"), recursive=True))
+    if not found or "cubin" not in compiled.asm:
+        return ""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        lines = subprocess.run([found[0], "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    finally:
+        os.unlink(f.name)
+    address = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in map(address.match, lines) if m]
+    labels = {}  # label -> address of the instruction after it
+    for i, line in enumerate(lines):
+        label = re.match(r"\.(L_x_\d+):", line.strip())
+        following = next((m for m in map(address.match, lines[i + 1:]) if m), None)
+        if label and following:
+            labels[label.group(1)] = int(following.group(1), 16)
+    loops = [(labels[m.group(1)], at) for at, text in instructions
+             for m in [re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)] if m and labels.get(m.group(1), at) < at]
+    warps = config.get("num_warps", 4)
+    if name == "up_masked_kernel":
+        count, elements = len(instructions), config["BM"] * config["BK"]
+    else:
+        if not loops:
+            return ""
+        start, end = max(loops, key=lambda loop: loop[1] - loop[0])  # the main loop: the longest
+        count = sum(start <= at <= end for at, _ in instructions)
+        elements = config["BM" if name != "grad_a_kernel" else "BT"] * config["BK"]
+    return f" sass={count * warps / elements:.2f}/element"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--columns", type=int, default=192, help="C: adapters x rank x members (192: 4 x 16 x q/k/v)")
     p.add_argument("--dtype", default="bf16", choices=sorted(POINTER))
+    p.add_argument("--cost", action="store_true", help="print each kernel's static instruction count per element")
     args = p.parse_args(argv)
     try:
         import triton
@@ -136,6 +182,8 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
         ptx = compiled.asm.get("ptx", "")
         mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
         report, spilled = ptxas_report(ptx, args.arch)
+        if args.cost and name != "mask_kernel":
+            report += sass_cost(compiled, name, config)
         failed |= spilled
         print(f"{'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
     return 1 if failed else 0

@@ -97,9 +97,11 @@ def test_threshold_is_the_rate_on_16_bits():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("factor_rows", [False, True], ids=["factor[C]", "factor[N,C]"])
-def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows):
+@pytest.mark.parametrize("c", [24, 300], ids=["one C tile", "several C tiles"])
+def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows, c):
+    """Several C tiles: each draws the mask, the first writes its bits."""
     torch.manual_seed(0)
-    n, k, c = 70, 100, 24  # no dimension a multiple of a tile
+    n, k = 70, 100  # no dimension a multiple of a tile
     x = torch.randn(n, k + 12)[:, 5:5 + k].to(dtype)  # strided: a column slice
     a = torch.randn(c, k).to(dtype)
     factor = torch.rand(n, c) if factor_rows else torch.rand(c)
@@ -107,18 +109,21 @@ def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows):
     keep = lora_triton.keep_mask(plan, n, k)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
 
-    h = lora_triton.down(x, a, factor, plan)
+    h, bits = lora_triton.down(x, a, factor, plan)
     torch.testing.assert_close(h.float(), ((x.float() * keep) @ a.float().t()) * factor, **tol)
     assert h.dtype == dtype
+    # The mask down applied, kept as bits for the backward: the one the plan draws.
+    assert bits.shape == (n, 13) and bits.dtype == torch.uint8
+    assert torch.equal(lora_triton.unpack(bits, k), keep)
 
     dh = torch.randn(n, c).to(dtype)
-    dx = lora_triton.up_masked(dh, a, plan)
+    dx = lora_triton.up_masked(dh, a, bits)
     torch.testing.assert_close(dx.float(), (dh.float() @ a.float()) * keep, **tol)
     assert dx.dtype == dtype and (dx[~keep] == 0).all()
 
     ref = dh.float().t() @ (x.float() * keep)
     for splits in (None, 1, 3):
-        d_a = lora_triton.grad_a(dh, x, plan, splits=splits)
+        d_a = lora_triton.grad_a(dh, x, bits, splits=splits)
         assert d_a.dtype == torch.float32
         torch.testing.assert_close(d_a, ref, rtol=1e-5, atol=1e-4)
 

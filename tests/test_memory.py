@@ -215,6 +215,25 @@ def test_dense_kernel_hidden_grows_with_the_adapters_in_a_batch():
         est(lora=[one], lora_kernel="fast")
 
 
+def test_auto_is_counted_as_the_kernel_it_runs_on_the_device(monkeypatch):
+    """Given the device, 'auto' is counted as what it runs there: triton where lora.auto_kernel
+    says so (CUDA, compute capability 9.0 and up), its columns still capped at 8 adapters; fused
+    without a device (the budget's fallback, an overestimate on Hopper) or where it runs fused."""
+    import mlora.lora
+
+    one = LoraShape(16, ALL7, 0.05)
+    cuda = torch.device("cuda", 0)
+    for runs in ("triton", "fused"):
+        monkeypatch.setattr(mlora.lora, "auto_kernel", lambda device, runs=runs: runs)
+        on_device = est(lora=[one] * 4, lora_kernel="auto", device=cuda).total
+        assert on_device == est(lora=[one] * 4, lora_kernel=runs).total
+    monkeypatch.setattr(mlora.lora, "auto_kernel", lambda device: "triton")
+    assert est(lora=[one] * 4, lora_kernel="auto").total == est(lora=[one] * 4, lora_kernel="fused").total
+    assert est(lora=[one] * 4, lora_kernel="auto", device=cuda).total < est(lora=[one] * 4, lora_kernel="fused").total
+    twenty = est(lora=[one] * 20, lora_kernel="auto", device=cuda).per_layer["lora_hidden"]
+    assert twenty == est(lora=[one] * 8, lora_kernel="triton").per_layer["lora_hidden"]
+
+
 def test_fused_kernel_keeps_a_bool_dropout_mask_and_no_column_mask():
     """Fused (auto) keeps dense's hidden, its dropout mask as bool instead of bf16, and no
     per-layer column mask: one [N, C] factor serves all layers (counted once, with the batch)."""
@@ -646,8 +665,8 @@ def test_protected_accumulation_is_bit_identical_to_plain_accumulation():
     ([(4, 0.1), (8, 0.0)], ("q_proj", "v_proj", "down_proj")),
 ])
 def test_triton_kernel_saving_is_what_autograd_saves(monkeypatch, adapters, targets):
-    """The triton kernel keeps the input itself where fused keeps a dropped-out copy and a bool
-    mask; the estimate subtracts exactly that (layer 0 keeps no mask under fused: its input
+    """The triton kernel keeps the input itself and the mask as bits where fused keeps a
+    dropped-out copy and a bool mask; the estimate subtracts exactly that (layer 0 keeps no mask under fused: its input
     needs no gradient; the estimate does not subtract it there)."""
     pytest.importorskip("triton")
     from mlora.lora_triton import unavailable
