@@ -191,7 +191,8 @@ class MloraBench:
 
         shapes = [LoraShape(r, tuple(t), p) for r, t, p in lora]
         args = args_from_hf_config(self.cfg)
-        return estimate_peak_bytes(args, rows=rows, seq_len=self.s.seq, dtype=self.dtype, lora=shapes).total / 2**30
+        return estimate_peak_bytes(args, rows=rows, seq_len=self.s.seq, dtype=self.dtype, lora=shapes,
+                                   device=self.device).total / 2**30
 
     def frozen_step(self, rows: int, seed: int):
         """Forward + backward through every layer with no LoRA (the embedding output requires

@@ -16,6 +16,7 @@ import torch
 
 from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX, Example, pad_rows
+from mlora.device import upload
 from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.packing import pack_examples, packed_shape
@@ -162,8 +163,11 @@ class FusedBatch:
     label_counts: dict[str, int] | None = None
 
     def to(self, device: torch.device) -> "FusedBatch":
+        # Through pinned memory (device.upload): a copy from pageable memory to a GPU waits
+        # for everything queued there, a second synchronisation per step besides the trainer's
+        # one read (benchmarks/gpu_checks.py counts them).
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else upload(t, device)
 
         counts = self.label_counts if self.label_counts is not None else label_token_counts(self.labels, self.rows)
         # The attention mask stays here: the model checks on it whether the rows need a mask at

@@ -141,7 +141,7 @@ class Trainer:
         if free is None:
             return self.cfg.max_tokens_per_batch
         plan = plan_token_budget(self.cfg, session.model.args, free_bytes=free, dtype=session.dtype,
-                                 quant=session.quant)
+                                 quant=session.quant, device=session.device)
         if plan.note:
             print(plan.note, file=sys.stderr)
         return plan.max_tokens

@@ -117,3 +117,22 @@ def test_fuse_gives_each_adapter_a_contiguous_range():
     left = list(itertools.islice(adapter_stream(examples(3), cfg("l", expand_side="left"), 0), 1))
     mixed = fuse(left + parts, 0)
     assert attention_masks(args, [0], mixed.attention_mask, mixed.input_ids.shape[1], torch.device("cpu"))[0] is not None
+
+
+def test_moving_a_batch_to_the_device_goes_through_upload(monkeypatch):
+    """FusedBatch.to moves every tensor with device.upload (through pinned memory on CUDA: a
+    plain copy from pageable memory would wait for the GPU, a second sync per step besides
+    the trainer's one read); the attention mask stays on the host, where the model reads it."""
+    import mlora.batching as batching
+
+    moved = []
+    monkeypatch.setattr(batching, "upload", lambda t, device: moved.append(t) or t.to(device))
+    s = _streams({"a": 2, "b": 2})
+    batch = fuse([next(s["a"]), next(s["b"])], pad_id=0)
+    on_device = batch.to(torch.device("cpu"))
+    assert [id(t) for t in moved] == [id(batch.input_ids), id(batch.labels)]
+    assert on_device.attention_mask is batch.attention_mask
+    packed = fuse([next(s["a"])], pad_id=0, pack_len=64)
+    moved.clear()
+    packed.to(torch.device("cpu"))
+    assert len(moved) == 4  # input_ids, labels, position_ids, document_ids

@@ -115,7 +115,7 @@ def stage_memory(session: Session, micro_batches: list[MicroBatch], pack_len: in
         model.args, free_bytes=free, rows=rows, seq_len=seq_len, dtype=session.dtype,
         fraction=cfg.memory_fraction, lora=cfg.lora, recompute=cfg.recompute, quant=session.quant,
         parts=model.parts, explicit_mask=memory.explicit_mask_of(cfg),
-        active_adapters=1)  # each micro-batch is one adapter's
+        active_adapters=1, device=session.device)  # each micro-batch is one adapter's
     where = model.parts[0] if len(model.parts) == 1 else f"{model.parts[0]}..{model.parts[-1]}"
     return {"fits": fit.fits, "need": fit.need(1), "per": fit.per_micro_batch, "free": free,
             "rows": rows, "seq_len": seq_len, "parts": where}
