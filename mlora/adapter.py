@@ -48,6 +48,19 @@ def clip_factor(norm: torch.Tensor, limit: float) -> torch.Tensor:
     return torch.where(norm > limit, torch.full_like(norm, limit) / (norm + 1e-6), 1.0).float()
 
 
+def check_rank(cfg: AdapterConfig, wrappers: dict[str, LoraLinear]) -> None:
+    """Refuse an r above both sides of one of the adapter's target projections: more weights
+    than the projection itself has, for a product B @ A of rank at most min(in, out) (at an
+    absurd r, an allocation that fails deep inside torch). An r above the smaller side alone
+    is allowed, as in PEFT: one r for every target puts r = 64 on Qwen3.5's in_proj_b and
+    in_proj_a, 32 outputs wide."""
+    for path in sorted(wrappers, key=_module_sort_key):
+        wrapper = wrappers[path]
+        if path.rsplit(".", 1)[-1] in cfg.target_modules and cfg.r > max(wrapper.in_features, wrapper.out_features):
+            raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than either side of {path} "
+                            f"({wrapper.out_features} x {wrapper.in_features})")
+
+
 class Adapter:
     """A LoRA adapter attached to the `LoraLinear` wrappers of one model (or one stage)."""
 
@@ -71,17 +84,11 @@ class Adapter:
         self.dropout_generators: dict[str, torch.Generator] = {}  # decoder layer path -> generator
         self.weights: dict[str, LoraWeights] = {}
         self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # named_parameters, built once
+        check_rank(cfg, wrappers)
         for path in sorted(wrappers, key=_module_sort_key):
             if path.rsplit(".", 1)[-1] not in cfg.target_modules:
                 continue
             wrapper = wrappers[path]
-            if cfg.r > max(wrapper.in_features, wrapper.out_features):
-                # More weights than the projection itself has, for a product B @ A of rank at
-                # most min(in, out) (at an absurd r, an allocation that fails deep inside torch).
-                # An r above the smaller side alone is allowed, as in PEFT: one r for every
-                # target puts r = 64 on Qwen3.5's in_proj_b and in_proj_a, 32 outputs wide.
-                raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than either side of {path} "
-                                f"({wrapper.out_features} x {wrapper.in_features})")
             weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
                                   cfg.dropout, cfg.use_rslora, module_seed(own_seed, path), device)
             layer = decoder_layer_of(path)

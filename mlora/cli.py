@@ -199,12 +199,16 @@ def signal_name(signum: int) -> str:
 
 
 def cmd_eval(args) -> int:
-    from mlora.adapter import WEIGHTS_NAME, Adapter
+    from mlora.adapter import WEIGHTS_NAME, Adapter, check_rank
     from mlora.evaluate import evaluate_adapter
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
                            device=args.device, dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code)
+    for cfg in session.cfg.lora:
+        # An adapter that training refuses, refused here too (before any line is printed): even
+        # with nothing saved, whose line would be the base's, for a config that can never train.
+        check_rank(cfg, session.wrappers)
     out = Path(session.cfg.output_dir)
     for cfg in session.cfg.lora:
         saved = out / cfg.name

@@ -243,10 +243,15 @@ def test_demo_with_a_bad_device_or_output_dir_writes_nothing(tmp_path, capsys, m
 
 
 def test_rank_larger_than_a_projection(setup, tiny_llama, capsys):
-    """An absurd r used to fail inside torch's allocator with a traceback."""
+    """An absurd r used to fail inside torch's allocator with a traceback. eval refuses it too,
+    even with no saved weights (it used to print the base's loss for it and exit 0)."""
     _, _, out, config = setup
     code, err = run_train(capsys, tiny_llama, config({"r": 10**9}))
     assert code == 2 and len(err.splitlines()) == 1 and "r=1000000000" in err and "Traceback" not in err
+    code = main(["eval", "--base_model", str(tiny_llama), "--config", str(config({"r": 1000})), "--no_progress"])
+    captured = capsys.readouterr()
+    check(code, captured.err.strip(), out, "adapter 'a'", "r=1000", "q_proj")
+    assert captured.out == ""
 
 
 def test_a_pretty_printed_object_is_not_called_malformed(setup, tiny_llama, capsys):
