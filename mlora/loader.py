@@ -25,7 +25,7 @@ import torch
 
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
-from mlora.models.args import IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES
+from mlora.models.args import IMAGE_TEXT_FAMILIES, QWEN3_5_FAMILIES, REMOTE_CODE_FAMILIES
 from mlora.models.naming import StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
@@ -64,6 +64,7 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # (Gemma3Config would fill in a 4B model's text config, Mistral3Config a 7B one, and
         # blame the weights)
         raise UserError(f"{config_file}: a {model_type} config needs its text_config")
+    _check_full_attention_interval(raw, model_type, config_file)
     if model_type in REMOTE_CODE_FAMILIES:
         # Only the model's own code (auto_map) reads this config in transformers; mlora
         # implements the model, so the plain JSON is all it needs (no remote code runs).
@@ -106,6 +107,18 @@ def _tied_as_transformers_ties(base: Path, raw: dict, args: ModelArgs) -> ModelA
     if naming_for(args.model_type).to_checkpoint("lm_head.weight") in stored:
         return replace(args, tie_word_embeddings=False)
     return args
+
+
+def _check_full_attention_interval(raw: dict, model_type: str, config_file: Path) -> None:
+    """Qwen3.5's full_attention_interval (every how many layers one is full attention, when
+    layer_types is left out): transformers' config divides by it, and fails on a 0 with its own
+    ZeroDivisionError, which names no key."""
+    if model_type not in ("qwen3_5", "qwen3_5_moe", *QWEN3_5_FAMILIES):
+        return
+    text = raw["text_config"] if model_type in IMAGE_TEXT_FAMILIES else raw
+    interval = text.get("full_attention_interval", 4)
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise UserError(f"{config_file}: full_attention_interval must be an integer >= 1, got {interval!r}")
 
 
 def _check_quantization_config(qc, model_type: str, config_file: Path) -> None:

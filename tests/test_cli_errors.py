@@ -301,6 +301,8 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
     ("granite", dict(embedding_multiplier="x"), "cannot read"),
     ("granite", dict(logits_scaling=0), "granite config logits_scaling must be a positive number, got 0"),
     ("gemma3", dict(text_config=None), "a gemma3 config needs its text_config"),
+    # (transformers divides by it where layer_types is left out)
+    ("qwen3_5_text", dict(full_attention_interval=0, layer_types=None), "full_attention_interval must be an integer >= 1"),
 ])
 def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, changes, fragment):
     """A value of the wrong kind in config.json (ChatGLM's and Baichuan's are read as plain JSON,
