@@ -30,7 +30,8 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "q_b_pro
 # them uses these names again (models/naming.py).
 NATIVE_MODULE_NAMES = {"query_key_value": "qkv_proj", "W_pack": "qkv_proj", "dense": "o_proj",
                        "dense_h_to_4h": "gate_up_proj", "dense_4h_to_h": "down_proj"}
-# m-LoRA names the MLP projections after the LLaMA paper's w1/w2/w3.
+# m-LoRA names the MLP projections after the LLaMA paper's w1/w2/w3. Kept as written, like the
+# names above, until session.resolve_targets, so that its errors name what the user wrote.
 MLORA_MODULE_NAMES = {
     "w1_proj": "gate_proj", "w1": "gate_proj",
     "w2_proj": "down_proj", "w2": "down_proj",
@@ -43,6 +44,11 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 EXPAND_SIDES = ("right", "left")
 TRAIN_STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
 MLORA_STRATEGY_NAMES = {"none": "trivial", "optim": "optimal-fit"}
+
+
+def projection_of(name: str) -> str:
+    """mlora's name of the projection a target_modules entry names (query_key_value, w1: qkv_proj, gate_proj)."""
+    return MLORA_MODULE_NAMES.get(name) or NATIVE_MODULE_NAMES.get(name, name)
 
 
 @dataclass
@@ -280,7 +286,8 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
 
 
 def _target_modules(a: _Reader, value: Any) -> list[str]:
-    """PEFT's list of names or m-LoRA's {name: bool}; returns canonical names in canonical order."""
+    """PEFT's list of names or m-LoRA's {name: bool}; returns the names as written, each once, in
+    the canonical order of the projections they name."""
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         names = value
     elif isinstance(value, dict):
@@ -290,26 +297,22 @@ def _target_modules(a: _Reader, value: Any) -> list[str]:
         names = [key for key, on in value.items() if on]
         # Typos hide even behind false: check every key, not only the selected ones.
         for key in value:
-            _canonical_module(a, key)
+            _check_module(a, key)
     else:
         a.fail(
             "'target_modules' must be a list of module names or an object of name: true/false, "
             f"got {_describe(value)}"
         )
-    chosen = {_canonical_module(a, n) for n in names}
+    chosen = {_check_module(a, n) for n in names}
     if not chosen:
         a.fail(f"'target_modules' selects no modules; choose from {', '.join(TARGET_MODULES)}")
-    # ChatGLM's / Baichuan's own names stay as written (the base model decides whether they are
-    # its names: session.resolve_targets), in the place of the projection they name
-    return sorted(chosen, key=lambda m: (TARGET_MODULES.index(NATIVE_MODULE_NAMES.get(m, m)), m))
+    # ChatGLM's / Baichuan's own names and m-LoRA's stay as written (the base model decides
+    # whether the former are its names: session.resolve_targets), in the place of the projection they name
+    return sorted(chosen, key=lambda m: (TARGET_MODULES.index(projection_of(m)), m))
 
 
-def _canonical_module(a: _Reader, name: str) -> str:
-    if name in TARGET_MODULES:
-        return name
-    if name in MLORA_MODULE_NAMES:
-        return MLORA_MODULE_NAMES[name]
-    if name in NATIVE_MODULE_NAMES:
+def _check_module(a: _Reader, name: str) -> str:
+    if name in TARGET_MODULES or name in MLORA_MODULE_NAMES or name in NATIVE_MODULE_NAMES:
         return name
     known = [*TARGET_MODULES, *MLORA_MODULE_NAMES, *NATIVE_MODULE_NAMES]
     a.fail(

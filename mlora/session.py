@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mlora.config import NATIVE_MODULE_NAMES, TrainConfig, load_config
+from mlora.config import MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config, projection_of
 from mlora.data import Example, encode_rows, load_rows, load_template
 from mlora.device import resolve_device, resolve_dtype
 from mlora.errors import UserError
@@ -62,7 +62,8 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
     gate_up_proj and down_proj, GLM q/k/v/o_proj, gate_up_proj and down_proj, DeepSeek-V2/V3 q_proj or
     q_a_proj and q_b_proj, kv_a_proj_with_mqa, kv_b_proj and o_proj (an adapter would otherwise
     train nothing on a name the model lacks). ChatGLM's and Baichuan's own names
-    (query_key_value, W_pack, dense, ...) are taken on those models only."""
+    (query_key_value, W_pack, dense, ...) are taken on those models only; m-LoRA's (w1_proj, w1,
+    ...) on any, and its errors name them as written."""
     from mlora.memory import projection_shapes
 
     naming = naming_for(model_args.model_type)
@@ -74,16 +75,19 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
     resolved = []
     for a in cfg.lora:
         foreign = [m for m in a.target_modules if m in NATIVE_MODULE_NAMES and naming.leaf(NATIVE_MODULE_NAMES[m]) != m]
-        missing = foreign or [m for m in a.target_modules if m not in has and m not in NATIVE_MODULE_NAMES]
+        missing = foreign or [m for m in a.target_modules
+                              if m not in NATIVE_MODULE_NAMES and projection_of(m) not in has]
         if missing:
             default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
                 "q_proj", "v_proj"] else ""
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
                             f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
-        mine = {NATIVE_MODULE_NAMES.get(m, m) for m in a.target_modules}
+        mine = {projection_of(m) for m in a.target_modules}
         resolved.append(replace(a, target_modules=[m for m in has if m in mine]))
         if model_args.is_moe:
-            _check_expert_targets(resolved[-1], model_args.model_type, named)
+            # an m-LoRA name (w1_proj) as the user wrote it, not as mlora or the model names it
+            written = {projection_of(m): m for m in a.target_modules if m in MLORA_MODULE_NAMES}
+            _check_expert_targets(resolved[-1], model_args.model_type, lambda m: written.get(m) or named(m))
     return replace(cfg, lora=resolved)
 
 
@@ -91,7 +95,8 @@ def _check_expert_targets(a, model_type: str, named) -> None:
     """An adapter on the experts of an MoE model must be one PEFT can load on transformers 5,
     which stacks each layer's experts (gate and up fused) into parameters: PEFT turns the
     per-expert gate and up LoRAs into one of twice the rank and alpha (so both or neither, and
-    no rsLoRA on them: its alpha / sqrt(r) would change) and refuses dropout on parameters."""
+    no rsLoRA on them: its alpha / sqrt(r) would change) and refuses dropout on parameters.
+    named: a projection's name in the errors (as the user wrote it, or as the model names it)."""
     on_experts = [m for m in a.target_modules if m in MLP_MODULES]
     if not on_experts:
         return
@@ -100,7 +105,7 @@ def _check_expert_targets(a, model_type: str, named) -> None:
         # experts, but not Qwen2-MoE's or Qwen3.5-MoE's: it would drop the experts' LoRA (and put
         # the rest on the shared expert, which mlora would not have trained)
         raise UserError(f"adapter {a.name!r}: on this {model_type} model target the attention projections only "
-                        f"(not {', '.join(on_experts)}): PEFT does not load LoRA on its experts")
+                        f"(not {', '.join(map(named, on_experts))}): PEFT does not load LoRA on its experts")
     pair = {"gate_proj", "up_proj"}
     if pair & set(on_experts) and not pair <= set(on_experts):
         raise UserError(f"adapter {a.name!r}: on this {model_type} model target {named('gate_proj')} and "

@@ -156,21 +156,30 @@ def test_target_modules_mlora_dict_keeps_true_ones(workdir):
     modules = {"q_proj": True, "k_proj": False, "v_proj": True, "o_proj": False,
                "w1_proj": True, "w2_proj": False, "w3_proj": True}
     a = parse(lora=[adapter(target_modules=modules)]).lora[0]
-    assert a.target_modules == ["q_proj", "v_proj", "gate_proj", "up_proj"]
+    assert a.target_modules == ["q_proj", "v_proj", "w1_proj", "w3_proj"]
 
 
 @pytest.mark.parametrize(
-    "names, expected",
+    "names, written, expected",
     [
-        (["w1_proj", "w2_proj", "w3_proj"], ["gate_proj", "up_proj", "down_proj"]),
-        (["w1"], ["gate_proj"]),
-        (["w2"], ["down_proj"]),
-        (["w3"], ["up_proj"]),
-        (["gate_proj", "w1"], ["gate_proj"]),
+        (["w1_proj", "w2_proj", "w3_proj"], ["w1_proj", "w3_proj", "w2_proj"], ["gate_proj", "up_proj", "down_proj"]),
+        (["w1"], ["w1"], ["gate_proj"]),
+        (["w2"], ["w2"], ["down_proj"]),
+        (["w3"], ["w3"], ["up_proj"]),
+        (["gate_proj", "w1"], ["gate_proj", "w1"], ["gate_proj"]),
     ],
 )
-def test_w123_names_map_to_llama_names(workdir, names, expected):
-    assert parse(lora=[adapter(target_modules=names)]).lora[0].target_modules == expected
+def test_w123_names_map_to_llama_names(workdir, names, written, expected):
+    """Kept as written (in LLaMA's order) until the base model is known, so that errors about
+    them name them as the user did; then mlora's names."""
+    from mlora.models.llama import args_from_hf_config
+    from mlora.session import resolve_targets
+
+    cfg = parse(lora=[adapter(target_modules=names)])
+    assert cfg.lora[0].target_modules == written
+    llama = args_from_hf_config(dict(model_type="llama", vocab_size=400, hidden_size=64, intermediate_size=96,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    assert resolve_targets(cfg, llama).lora[0].target_modules == expected
 
 
 def test_target_modules_errors(workdir):
@@ -517,7 +526,7 @@ def test_shipped_configs_cover_the_documented_features(monkeypatch):
     compat = load_config("config/mlora_compat.json")
     assert compat.train_strategy == "optimal-fit"
     assert compat.eval_step > 0
-    assert any("gate_proj" in a.target_modules for a in compat.lora)
+    assert any("w1_proj" in a.target_modules for a in compat.lora)
 
 
 # --- adapter_seed ------------------------------------------------------------------------------

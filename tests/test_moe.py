@@ -236,7 +236,7 @@ def test_targets_on_moe_models():
                 num_key_value_heads=2)
     mixtral = llama.args_from_hf_config(dict(base, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2))
     assert mixtral.is_moe and mixtral.moe_intermediate_size == 96 and mixtral.norm_topk_prob
-    # (the config reader turns m-LoRA's and Mixtral's w1, w3, w2 into these names)
+    # (resolve_targets turns m-LoRA's and Mixtral's w1, w3, w2 into these names)
     ok = resolve_targets(_cfg(dropout=0.0, target_modules=["up_proj", "gate_proj", "down_proj", "q_proj"]), mixtral)
     assert ok.lora[0].target_modules == ["q_proj", "gate_proj", "up_proj", "down_proj"]
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "v_proj"]), mixtral)  # attention: dropout is fine
@@ -247,12 +247,21 @@ def test_targets_on_moe_models():
     with pytest.raises(UserError, match="use_rslora does not go with the experts' w1"):
         resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["gate_proj", "up_proj"]), mixtral)
     resolve_targets(_cfg(dropout=0.0, use_rslora=True, target_modules=["down_proj"]), mixtral)  # PEFT loads it as is
+    # m-LoRA's names, as the user wrote them (not gate_proj)
+    with pytest.raises(UserError, match=r"mixtral model target w1_proj and w3 \(up_proj\) together or neither"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "w1_proj"]), mixtral)
+    with pytest.raises(UserError, match="include the experts' w1_proj, w3, w2_proj on this mixtral model"):
+        resolve_targets(_cfg(dropout=0.05, target_modules=["w1_proj", "w3", "w2_proj"]), mixtral)
+    ok = resolve_targets(_cfg(dropout=0.0, target_modules=["w1_proj", "w3", "w2_proj"]), mixtral)
+    assert ok.lora[0].target_modules == ["gate_proj", "up_proj", "down_proj"]
     qwen2 = llama.args_from_hf_config(dict(base, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                                            moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                            mlp_only_layers=[1]))
     assert qwen2.moe_layers == [True, False] and not qwen2.norm_topk_prob and qwen2.attention_bias
     with pytest.raises(UserError, match="qwen2_moe model target the attention projections only"):
         resolve_targets(_cfg(dropout=0.0, target_modules=["up_proj", "gate_proj"]), qwen2)
+    with pytest.raises(UserError, match=r"attention projections only \(not w1_proj\)"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "w1_proj"]), qwen2)
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "o_proj"]), qwen2)
     # GPT-OSS: gate_up_proj is one LoRA per expert (PEFT's target_parameters), so rsLoRA is fine
     gpt_oss = llama.args_from_hf_config(dict(base, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2))

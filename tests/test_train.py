@@ -725,6 +725,11 @@ def test_targets_must_be_projections_of_the_base(tmp_path, tokenizer_dir, tiny_l
         cfg.write_text(json.dumps(raw))
         assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 2
         assert f"target_modules {culprit} not in this llama model" in capsys.readouterr().err
+    # m-LoRA's w1/w2/w3 are named as written (w2_proj is Phi-3's down_proj; it said gate_proj)
+    raw["lora"][0]["target_modules"] = ["w1_proj", "w2_proj"]
+    cfg.write_text(json.dumps(raw))
+    assert main(["train", "--base_model", str(phi3), "--config", str(cfg), "--no_progress"]) == 2
+    assert "target_modules w1_proj not in this phi3 model" in capsys.readouterr().err
     chatglm = make_tiny_model(tmp_path / "chatglm", "chatglm", tokenizer_dir)
     raw["lora"][0]["target_modules"] = ["W_pack"]
     cfg.write_text(json.dumps(raw))
