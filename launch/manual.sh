@@ -6,7 +6,9 @@
 #   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh
 #
 # On several hosts, start each rank on its host with --master_addr set to rank 0's address.
+# Set PYTHON to the interpreter that has mlora installed (default: python3), e.g. .venv/bin/python.
 set -euo pipefail
+PY=${PYTHON:-python3}
 BASE=${BASE:?set BASE to the base model directory}
 CONFIG=${CONFIG:?set CONFIG to the training config}
 BALANCE=${BALANCE:-"9 9 9 8"}
@@ -18,7 +20,7 @@ pids=()
 for rank in "${!balance[@]}"; do
     device=${DEVICE_PREFIX:-cuda:}$rank
     [ "${DEVICE_PREFIX:-cuda:}" = "cpu" ] && device=cpu
-    python3 -m mlora train --pipeline --rank "$rank" --device "$device" --balance "${balance[@]}" \
+    "$PY" -m mlora train --pipeline --rank "$rank" --device "$device" --balance "${balance[@]}" \
         --transport "$TRANSPORT" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         --base_model "$BASE" --config "$CONFIG" "$@" &
     pids+=($!)

@@ -8,7 +8,8 @@
 #   launch/torchrun.sh --nproc 2 --nnodes 2 --node_rank NODE_RANK --rdzv_endpoint HOST:29400 \
 #       --balance "9 9 9 8" --base_model /models/llama-2-7b --config config/example.json
 # Anything after `--` goes to `mlora train` (e.g. -- --transport zmq --output_dir out).
-# Set TORCHRUN to the torchrun command if it is not on PATH (default: python -m torch.distributed.run).
+# Set PYTHON to the interpreter that has mlora installed (default: python3), or TORCHRUN to the
+# torchrun command (default: $PYTHON -m torch.distributed.run).
 set -euo pipefail
 nproc=1; nnodes=1; node_rank=0; rdzv_endpoint=""; balance=""; base_model=""; config=""
 while [ $# -gt 0 ]; do

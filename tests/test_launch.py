@@ -1,5 +1,6 @@
 """launch/torchrun.sh runs the same job as the single process: one node with 2 processes, and
-two "nodes" (two torchrun agents with c10d rendezvous) simulated on this host."""
+two "nodes" (two torchrun agents with c10d rendezvous) simulated on this host; so does
+launch/manual.sh (one process per rank, started by the script)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,17 @@ def test_torchrun_two_nodes_on_one_host(tmp_path, pipe_model, single_runs):
     for p in procs:
         output, _ = p.communicate(timeout=240)
         assert p.returncode == 0, output[-3000:]
+    check_same(tmp_path / "out", single_out)
+
+
+def test_manual_two_ranks(tmp_path, pipe_model, single_runs):
+    """Under the interpreter PYTHON names (it ran python3, which need not be the one that has
+    mlora and torch)."""
+    _, cfg, single_out = single_runs(2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, BASE=str(pipe_model), CONFIG=str(cfg),
+               BALANCE="3 4", DEVICE_PREFIX="cpu", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--output_dir", str(tmp_path / "out"),
+                           "--no_progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     check_same(tmp_path / "out", single_out)
