@@ -92,12 +92,11 @@ def _tied_as_transformers_ties(base: Path, raw: dict, args: ModelArgs) -> ModelA
     Mistral 3; but Mistral Small 3.x's (written by transformers 4, which left the then-default
     out) hold a head of their own, which transformers then keeps untied (it ties only tensors it
     does not find). So does mlora: untied when the checkpoint stores the head. Qwen3.5's
-    image-text configs: transformers' causal LM is the text model, tied by text_config's flag."""
-    if "tie_word_embeddings" in raw:
+    image-text configs: transformers' causal LM is the text model, tied by text_config's flag
+    (ModelArgs has it), so that is the flag to look for."""
+    flags = raw["text_config"] if args.model_type in ("qwen3_5", "qwen3_5_moe") else raw
+    if "tie_word_embeddings" in flags:
         return args
-    inner = raw.get("text_config", {}).get("tie_word_embeddings") if isinstance(raw.get("text_config"), dict) else None
-    if args.model_type in ("qwen3_5", "qwen3_5_moe") and inner is not None:
-        args = replace(args, tie_word_embeddings=bool(inner))
     if not args.tie_word_embeddings:
         return args
     try:

@@ -408,8 +408,11 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
     assert (args.rotary_dim, args.gemma_norms, args.embed_scale, args.qk_norm) == (4, True, False, True)
     wrapped = llama.args_from_hf_config(dict(model_type="qwen3_5", text_config=text))
     assert wrapped.model_type == "qwen3_5" and not wrapped.tie_word_embeddings
-    assert llama.args_from_hf_config(dict(model_type="qwen3_5", text_config=text, tie_word_embeddings=True)
-                                     ).tie_word_embeddings
+    # (the head is tied by text_config's flag, as transformers' causal LM of the checkpoint is)
+    assert not llama.args_from_hf_config(dict(model_type="qwen3_5", text_config=text, tie_word_embeddings=True)
+                                         ).tie_word_embeddings
+    assert llama.args_from_hf_config(dict(model_type="qwen3_5", text_config=dict(text, tie_word_embeddings=True),
+                                          tie_word_embeddings=False)).tie_word_embeddings
     for change, message in [(dict(layer_types=["linear_attention"] * 7), "qwen3_5 config layer_types must list"),
                             (dict(layer_types=["sliding_attention"] * 8), "qwen3_5 config layer_types must list"),
                             (dict(linear_num_value_heads=3), r"linear_num_value_heads \(3\) is not a multiple"),
@@ -435,6 +438,18 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
     (tied / "config.json").write_text(json.dumps(config))
     assert "lm_head.weight" not in load_file(tied / "model.safetensors")
     assert read_model_config(tied)[1].tie_word_embeddings
+    # and whatever the outer flag says: the logits are AutoModelForCausalLM's (which ties it too;
+    # mlora refused the head as missing)
+    config["tie_word_embeddings"] = False
+    (tied / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(3, 400, (B, S), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_close_on_real(load_model(tied, "cpu", torch.float32)(ids), _hf(tied)(input_ids=ids).logits, None)
+    # untied by text_config while the outer flag ties: the head is missing (transformers would draw one)
+    config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"] = True, False
+    (tied / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="'lm_head.weight' is missing"):
+        load_model(tied, "cpu", torch.float32)
 
 
 def test_gemma4_configs():

@@ -37,7 +37,8 @@ ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax")
 IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3"),
                        "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",)}
 # Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
-_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True, "qwen3_5": False, "qwen3_5_moe": False}
+# (Qwen3.5's head follows text_config's flag: args_from_hf_config)
+_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True}
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -314,9 +315,12 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
             raise UserError(f"{model_type} config text_config model_type {text_type!r} is not supported "
                             f"(supported: {', '.join(inner)})")
         text = {**text, "model_type": text_type} if isinstance(text, Mapping) else text
-        # The image-text model ties its head by the outer config's flag
-        return replace(args_from_hf_config(text), model_type=model_type,
-                       tie_word_embeddings=bool(get("tie_word_embeddings", _IMAGE_TEXT_TIED[model_type])))
+        text_args = args_from_hf_config(text)
+        # The image-text model ties its head by the outer config's flag; but transformers' causal
+        # LM of a Qwen3.5 checkpoint (AutoModelForCausalLM's: the text model) by text_config's
+        tied = (text_args.tie_word_embeddings if model_type in ("qwen3_5", "qwen3_5_moe")
+                else bool(get("tie_word_embeddings", _IMAGE_TEXT_TIED[model_type])))
+        return replace(text_args, model_type=model_type, tie_word_embeddings=tied)
     if model_type == "gemma4_text" and not isinstance(cfg, Mapping):
         # (Gemma4TextConfig refuses to read per-layer attributes such as head_dim as a whole)
         cfg = cfg.to_dict()
