@@ -441,6 +441,25 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+# Device kernels by what they do, first match of their name (lower case) wins: what the LoRA
+# side adds per category is the difference of a variant's figures to the frozen base's.
+KERNEL_CATEGORIES = (
+    ("lora triton", ("down_kernel", "up_masked_kernel", "grad_a_kernel")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_", "splitk")),
+    ("optimizer", ("adam", "sgd")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("norm", ("norm",)),
+    ("reduce", ("reduce", "sum", "softmax", "cross_entropy", "nll")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """KERNEL_CATEGORIES' category of a device kernel's name, "elementwise" for the rest."""
+    lower = name.lower()
+    return next((category for category, keys in KERNEL_CATEGORIES if any(k in lower for k in keys)), "elementwise")
+
+
 def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Path, triton: bool = True) -> dict:
     """Where a step's time goes: the frozen base at n x rows, then n fused adapters of `rows`
     (kernel auto, and triton where it runs), two profiled steps each. Writes to `path`, per
@@ -492,10 +511,15 @@ def profile(shape: str, rows: int, n: int, s: Settings, device, dtype, path: Pat
             bench.detach(adapters)
         kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         busy = sum(e.time_range.elapsed_us() for e in kernels) / 2 / 1e3  # ms of kernels per step
+        by_category: dict[str, float] = {}
+        for e in kernels:
+            category = kernel_category(e.name)
+            by_category[category] = by_category.get(category, 0.0) + e.time_range.elapsed_us() / 2 / 1e3
         figures[label] = {"kernels_per_step": len(kernels) / 2, "device_ms_per_step": busy,
                           "wall_ms_per_step": wall * 1e3,
-                          "device_busy": busy / (wall * 1e3) if device.type == "cuda" else None}
-        shown = {k: (round(v, 3) if v is not None else None) for k, v in figures[label].items()}
+                          "device_busy": busy / (wall * 1e3) if device.type == "cuda" else None,
+                          "device_ms_by_category": {k: round(v, 3) for k, v in sorted(by_category.items())}}
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures[label].items()}
         texts.append(f"== {label}: {json.dumps(shown)}\n"
                      + prof.key_averages().table(sort_by=sort, row_limit=25))
     path.write_text(f"{shape}, {n} adapters x {rows} rows x {s.seq} (frozen base: {n * rows} rows), "

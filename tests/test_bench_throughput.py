@@ -138,6 +138,22 @@ def test_profile_compares_the_frozen_base_with_the_fused_step(tmp_path):
     assert all(f["wall_ms_per_step"] > 0 and f["device_busy"] is None for f in figures.values())
     text = path.read_text()
     assert all(f"== {label}:" in text for label in expected)
+    assert all(f["device_ms_by_category"] == {} for f in figures.values())  # no device kernels on the CPU
+
+
+def test_profile_sorts_device_kernels_by_what_they_do():
+    """The profile's per-category device time (where the LoRA side's time goes, next to the
+    frozen base): names as the H200's profile reported them."""
+    bench = _load()
+    names = {"nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+             "down_kernel": "lora triton", "grad_a_kernel": "lora triton", "up_masked_kernel": "lora triton",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg": "attention",
+             "void at::native::(anonymous namespace)::fused_adam_kernel": "optimizer",
+             "Memcpy DtoD (Device -> Device)": "copy",
+             "void at::native::vectorized_elementwise_kernel<8, at::native::BinaryFunctor>": "elementwise",
+             "void at::native::reduce_kernel<512, 1>": "reduce",
+             "void at::native::(anonymous namespace)::rms_norm_kernel": "norm"}
+    assert {name: bench.kernel_category(name) for name in names} == names
 
 
 def test_host_benchmark_quick_mode(tmp_path):
