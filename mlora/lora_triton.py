@@ -13,8 +13,9 @@ The op keeps x itself for the backward (often kept anyway: SDPA keeps o_proj's i
 the mask as bits (1/16 of x in bf16). `down` draws every element once from a counter-based
 generator; the backward's kernels read the bits. (A first version drew the mask again in
 each backward kernel, keeping nothing: three draws of every element a step, integer work
-that made the kernels compute-bound - by its instruction count about twice the time their
-memory traffic needs - where one draw and two reads of bits are not.)
+that bounds these kernels rather than their memory traffic. One draw and two reads of bits
+issue about a third fewer instructions per element: scripts/compile_triton_kernels.py --cost,
+benchmarks/RESULTS.md.)
 
 What changes for the user: the masks are other draws than torch's bernoulli (same
 distribution; the rate is rounded to a multiple of 1/65536, 0.05 -> 0.0500031, while the

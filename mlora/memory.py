@@ -526,7 +526,8 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str, k
     # Every batch is dense under an explicit 'dense', 'fused' or 'triton'; auto's dense (fused)
     # batches hold up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
     capped = min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)
-    dense = {"dense": in_batch, "fused": in_batch, "triton": in_batch, "auto": capped, "auto_triton": capped}.get(kernel, 0)
+    dense = {"dense": in_batch, "fused": in_batch, "triton": in_batch,
+             "auto": capped, "auto_triton": capped}.get(kernel, 0)
     return sum(columns[:dense])
 
 

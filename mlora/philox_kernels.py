@@ -18,8 +18,9 @@ of 8 and tiles start at multiples of 8.
 
 The forward draws each element once: `down` writes the mask it applied as bits, 8 columns
 to a byte (bit j of byte w of a row: column 8w + j, the columns of one Philox call), and the
-backward's kernels read those bits instead of drawing again: drawing is integer work (7 Philox rounds per 8 draws)
-that bounded the kernels, and the bits cost 1/16 of a bf16 activation to keep.
+backward's kernels read those bits instead of drawing again: drawing is integer work (7
+Philox rounds per 8 draws) that bounded the kernels, and the bits cost 1/16 of a bf16
+activation to keep.
 
 Per token row the kernels read owner[row] (index of the row's adapter in the per-call tables,
 -1: the row does not drop out), and that adapter's seed and its table column: first batch
@@ -124,7 +125,8 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         byte = _keep_bytes(seed, row, thr, k0, BM, BK)  # [BM, BK/8]
         w = k0 // 8 + tl.arange(0, BK // 8)
-        tl.store(bits_ptr + rm64[:, None] * W + w[None, :], byte.to(tl.uint8), mask=m_ok[:, None] & (w < bytes_)[None, :])
+        tl.store(bits_ptr + rm64[:, None] * W + w[None, :], byte.to(tl.uint8),
+                 mask=m_ok[:, None] & (w < bytes_)[None, :])
         x = tl.where(_unpack(byte, BM, BK), x, tl.zeros_like(x))
         a = tl.load(a_ptr + rc[None, :] * K + rk[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BC]
         acc = _dot(x, a, acc, IEEE)
