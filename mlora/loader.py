@@ -26,7 +26,7 @@ import torch
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
 from mlora.models.args import IMAGE_TEXT_FAMILIES, QWEN3_5_FAMILIES, REMOTE_CODE_FAMILIES
-from mlora.models.naming import StackedSlice, naming_for
+from mlora.models.naming import GATE_UP_STACKED, Naming, StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
     from transformers import PretrainedConfig
@@ -235,7 +235,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         model = family.CausalLM(args, parts)
     # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise;
     # GPT-OSS stacks its experts, so many of mlora's tensors are slices of one of its tensors)
-    naming = naming_for(args.model_type)
+    naming = _checkpoint_naming(args, family, index)
     if "embed" in model.parts:  # once per model (a pipeline's first stage)
         used = {part for n in family.tensor_names(args)
                 for part in _sources_of(naming.to_checkpoint(n), index, naming)}
@@ -306,9 +306,9 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                 for stored_name in stored_names:
                     names = by_stored[stored_name]
                     if any(stacked[n] is not None for n in names):
-                        count, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device)
-                        if count != args.num_experts:
-                            raise UserError(f"tensor {stored_name!r} stacks {count} experts but config.json "
+                        shape, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device)
+                        if shape[0] != args.num_experts:
+                            raise UserError(f"tensor {stored_name!r} stacks {shape[0]} experts but config.json "
                                             f"implies {args.num_experts}")
                         for name in names:
                             place(name, expert(stacked[name]).contiguous(), stored_name)
@@ -346,6 +346,17 @@ _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi
 
 
 _ROUTER = re.compile(r".*\.mlp\.gate\.(weight|e_score_correction_bias)$")
+
+
+def _checkpoint_naming(args: ModelArgs, family, index: dict[str, Path]) -> Naming:
+    """The checkpoint's naming: for a GATE_UP_STACKED family whose checkpoint stacks its experts as
+    transformers 5 holds them (any one of them: then all are read so), the stacked one."""
+    if args.model_type in GATE_UP_STACKED:
+        stacked = naming_for(args.model_type, experts_stacked=True)
+        parts = map(stacked.stacked_slice, family.tensor_names(args))
+        if any(part is not None and part.tensor in index for part in parts):
+            return stacked
+    return naming_for(args.model_type)
 
 
 def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:
@@ -388,16 +399,24 @@ def _read_other(f, file: Path, name: str, index: dict[str, Path]) -> torch.Tenso
 
 
 def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], index: dict[str, Path],
-                  dtype: torch.dtype, device: torch.device) -> tuple[int, Callable[[StackedSlice], torch.Tensor]]:
-    """A stacked expert tensor (f reads to the CPU, mapped, not copied): (its expert count, a
-    function giving one expert's slice in nn.Linear's layout). Stored in MXFP4, each expert is
-    dequantized when asked for, on `device`, so that no whole stacked tensor is ever held in full
-    precision (and a GPU does the work)."""
+                  dtype: torch.dtype, device: torch.device
+                  ) -> tuple[tuple[int, ...], Callable[[StackedSlice], torch.Tensor]]:
+    """A stacked expert tensor (f reads to the CPU, mapped, not copied): (its shape, its MXFP4
+    blocks' if so stored, and a function giving one expert's slice in nn.Linear's layout). Stored in
+    MXFP4, each expert is dequantized when asked for, on `device`, so that no whole stacked tensor is
+    ever held in full precision (and a GPU does the work)."""
     if parts_of[0] not in present:
         raise UserError(f"tensor {parts_of[0]!r} is missing from {file}")
     if len(parts_of) == 1:
-        stacked = f.get_tensor(parts_of[0])  # [E, in, out] (a weight) or [E, out] (a bias)
-        return stacked.shape[0], lambda part: stacked[part.expert].t() if part.transposed else stacked[part.expert]
+        # GPT-OSS's [E, in, out] (a weight) or [E, out] (a bias); the other families' [E, out, in]
+        # (gate_up_proj: [E, 2 * I, H], gate rows then up rows)
+        stacked = f.get_tensor(parts_of[0])
+
+        def expert(part: StackedSlice) -> torch.Tensor:
+            weight = stacked[part.expert].t() if part.transposed else stacked[part.expert]
+            return weight if part.half is None else weight.chunk(2)[part.half]
+
+        return tuple(stacked.shape), expert
     blocks_name, scales_name = parts_of
     blocks = f.get_tensor(blocks_name)  # [E, out, in / 32, 16]
     scales = _read_other(f, file, scales_name, index)  # [E, out, in / 32]
@@ -411,7 +430,7 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
         except ValueError as e:
             raise UserError(f"{file}: {blocks_name}: {e}") from None
 
-    return blocks.shape[0], expert
+    return tuple(blocks.shape), expert
 
 
 def _warn_unused_tensors(stored: set[str], used: set[str], base: Path) -> None:

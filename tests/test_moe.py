@@ -5,8 +5,8 @@ latent attention and FP8 checkpoints.
 The logits of the frozen models are checked with the other families in test_model.py; here:
 the experts' LoRA gradients against PEFT's on transformers' own model (which stacks each
 layer's experts into 3D parameters and loads mlora's per-expert adapter by converting it), a
-fused batch of several adapters against each adapter alone under every LoRA kernel, and what
-the configuration refuses.
+fused batch of several adapters against each adapter alone under every LoRA kernel, checkpoints
+that stack the experts as transformers 5 holds them, and what the configuration refuses.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from mlora.errors import UserError
 from mlora.loader import load_model
 from mlora.lora import AdapterRows, BatchLayout, inject_lora
 from mlora.models import llama
-from mlora.models.naming import naming_for
+from mlora.models.naming import GATE_UP_STACKED, naming_for
 from mlora.session import resolve_targets
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -600,3 +600,65 @@ def test_deepseek_v2_config_checks():
                             (dict(kv_lora_rank=0), "deepseek_v2 config kv_lora_rank must be a positive integer")]:
         with pytest.raises(UserError, match=message):
             llama.args_from_hf_config(dict(base, **change))
+
+
+def _stacked_checkpoint(base, out):
+    """base's checkpoint with the experts stacked as transformers 5 holds them in memory (and reads
+    them from a file: Qwen3.5-MoE's releases): the state_dict of the model it was saved from,
+    `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I] per sparse layer
+    (Mixtral's sparse MLP is then `mlp`, router and all)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    arch = json.loads((base / "config.json").read_text())["architectures"][0]
+    tensors = getattr(transformers, arch).from_pretrained(str(base), dtype=torch.float32).state_dict()
+    assert any(n.endswith(".mlp.experts.gate_up_proj") for n in tensors) and not any(".experts.0." in n for n in tensors)
+    out.mkdir()
+    save_file({n: t.contiguous() for n, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_bytes((base / "config.json").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("family", GATE_UP_STACKED)
+def test_a_checkpoint_that_stacks_the_experts_loads(tmp_path, capsys, family):
+    """A checkpoint whose experts are stacked as transformers 5 stacks them loads to exactly the
+    model of the per-expert checkpoint, gives the logits of transformers' model read from it, and
+    leaves no tensor unused; a pipeline stage reads its own layers' stacked tensors only."""
+    from conftest import load_reference
+
+    base = make_tiny_model(tmp_path / "per_expert", family)
+    stacked = _stacked_checkpoint(base, tmp_path / "stacked")
+    ours = load_model(stacked, "cpu", torch.float32)
+    assert "unused" not in capsys.readouterr().err
+    assert any(n.endswith(".mlp.experts.gate_up_proj") for n in ours.loaded_tensor_names)
+    per_expert = load_model(base, "cpu", torch.float32).state_dict()
+    assert ours.state_dict().keys() == per_expert.keys()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, per_expert[name]), name
+    ids, mask, _ = _inputs()
+    with torch.no_grad():
+        ref = load_reference(stacked)(input_ids=ids, attention_mask=mask).logits
+        diff = (ours(ids, mask) - ref).abs()[mask.bool()]
+    assert diff.max() < 1e-4
+    stage = load_model(stacked, "cpu", torch.float32, parts=["layer.1"])
+    assert {re.search(r"layers\.(\d+)", n)[1] for n in stage.loaded_tensor_names} == {"1"}
+    assert torch.equal(stage.model.layers["1"].mlp.experts[2].up_proj.weight,
+                       per_expert["model.layers.1.mlp.experts.2.up_proj.weight"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_from_stacked_experts_equals_one_from_per_expert_tensors(tmp_path, bits):
+    """With --load_4bit / --load_8bit each expert's slice of a stacked tensor is quantized on its own,
+    to the very layers the per-expert checkpoint gives."""
+    pytest.importorskip("bitsandbytes")
+    from mlora.quant import QuantConfig
+
+    base = make_tiny_model(tmp_path / "per_expert", "qwen3_5_moe_text")
+    stacked = _stacked_checkpoint(base, tmp_path / "stacked")
+    ids, mask, _ = _inputs()
+    with torch.no_grad():
+        model = load_model(stacked, "cpu", torch.float32, quant=QuantConfig(bits))
+        expert = model.model.layers["1"].mlp.experts[3].up_proj
+        assert type(expert).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+        assert torch.equal(model(ids, mask), load_model(base, "cpu", torch.float32, quant=QuantConfig(bits))(ids, mask))
+

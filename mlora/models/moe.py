@@ -15,9 +15,10 @@ The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections 
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
 checkpoints' (`model.layers.3.mlp.experts.5.up_proj.weight`; Mixtral's `block_sparse_moe.
 experts.5.w3` translates in naming.py). transformers 5 stacks each layer's experts into 3D
-parameters instead; it reads and writes the per-expert layout above, which is also what the
-released checkpoints and PEFT adapters use. GPT-OSS's checkpoints stack them too: each expert
-reads its slice (loader.py, naming.StackedSlice), and its LoRA is saved stacked (stacked_lora.py).
+parameters instead; it writes the per-expert layout above, which is also what most released
+checkpoints and PEFT adapters use, and reads both. Checkpoints that stack them (GPT-OSS's,
+Qwen3.5-MoE's, a transformers 5 state_dict saved as is) are read by each expert reading its slice
+(loader.py, naming.StackedSlice); GPT-OSS's LoRA is saved stacked (stacked_lora.py).
 
 The router is frozen and never a LoRA target, as in PEFT's usual setups; only the language
 modelling loss is trained (transformers adds the router's load-balancing loss only when

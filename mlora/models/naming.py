@@ -4,7 +4,8 @@
 names them as Qwen's MoE models do: `mlp.experts.{e}.gate_proj`, `up_proj`, `down_proj`.
 GPT-OSS's router is `mlp.router`, and its checkpoints stack each layer's experts into one
 tensor per projection, of which each of mlora's per-expert modules reads a slice
-(`StackedSlice`). GLM-4.5's and DeepSeek-V3's shared experts are `mlp.shared_experts`.)
+(`StackedSlice`); so may the other MoE families' (`experts_stacked`, as transformers 5 holds
+them). GLM-4.5's and DeepSeek-V3's shared experts are `mlp.shared_experts`.)
 
 mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
 LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
@@ -82,6 +83,16 @@ STACKED_PROJECTIONS = ("gate_up_proj", "down_proj")  # (PEFT's wrapping order, s
 STACKED_EXPERT_PROJECTION = re.compile(rf"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
                                rf"(?P<proj>{'|'.join(STACKED_PROJECTIONS)})")
 _STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<kind>weight|bias)")}
+# The other MoE families' checkpoints hold the experts per expert, but transformers 5 holds them
+# stacked in memory, `mlp.experts.gate_up_proj` [E, 2 * I, H] (each expert's gate rows, then its up
+# rows: conversion_mapping.py's MergeModulelist(dim=0), Concatenate(dim=1)) and `mlp.experts.down_proj`
+# [E, H, I], and reads checkpoints saved that way too (Qwen3.5-MoE's releases, a state_dict saved as
+# is). Both are nn.Linear's layout per expert: mlora's gate_proj and up_proj are the halves of
+# gate_up_proj's rows. (Mixtral's sparse MLP is then `mlp`, transformers 5's name for block_sparse_moe.)
+GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
+                   "qwen3_5_moe_text", "qwen3_5_moe")
+_GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
+                      r"(?P<proj>gate|up|down)_proj\.weight")
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class StackedSlice:
     tensor: str  # the stacked checkpoint tensor ('model.layers.0.mlp.experts.gate_up_proj')
     expert: int  # the index along its first dim
     transposed: bool  # a weight (stacked as [E, in, out] in full precision: nn.Linear's [out, in] is its transpose)
+    half: int | None = None  # gate_up_proj [E, 2 * I, H]'s gate rows (0) or up rows (1); None: the whole slice
 
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
@@ -107,10 +119,13 @@ class Naming:
     paths; a module path (no '.weight') translates like its tensors."""
 
     family: str | None = None  # None: the checkpoint uses mlora's names
+    experts_stacked: bool = False  # a GATE_UP_STACKED family's checkpoint that stacks the experts
 
     def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
         if modules and self.family in _MODULE_RULES:
             return _MODULE_RULES[self.family]
+        if self.experts_stacked and self.family == "mixtral":  # (transformers 5's names: mlora's)
+            return ()
         return _RULES.get(self.family, ())
 
     def _translate(self, name: str, forward: bool, modules: bool = False) -> str:
@@ -128,20 +143,29 @@ class Naming:
     def to_checkpoint(self, name: str) -> str:
         """mlora's name -> the checkpoint's ('model.layers.0.self_attn.qkv_proj.weight' ->
         'transformer.encoder.layers.0.self_attention.query_key_value.weight' for ChatGLM); a
-        stacked expert tensor's name for a slice of one (GPT-OSS, `stacked_slice`)."""
+        stacked expert tensor's name for a slice of one (GPT-OSS, experts_stacked; `stacked_slice`)."""
         stacked = self.stacked_slice(name)
         return self._translate(name, forward=True) if stacked is None else stacked.tensor
 
     @property
     def stacks_experts(self) -> bool:
         """Whether the checkpoint (and transformers' model, and PEFT's LoRA on it) stack each
-        sparse layer's experts into one parameter per projection (GPT-OSS)."""
+        sparse layer's experts into one parameter per projection (GPT-OSS; not PEFT's LoRA on the
+        other families, whichever way their checkpoint holds them: experts_stacked)."""
         return self.family in _STACKED
 
     def stacked_slice(self, name: str) -> StackedSlice | None:
         """The stacked checkpoint tensor that holds this per-expert tensor of mlora, if the
         family stacks its experts ('model.layers.0.mlp.experts.5.down_proj.weight' -> expert 5 of
-        'model.layers.0.mlp.experts.down_proj', transposed, for GPT-OSS)."""
+        'model.layers.0.mlp.experts.down_proj', transposed, for GPT-OSS; experts_stacked:
+        '...experts.5.up_proj.weight' -> the up rows of expert 5 of '...experts.gate_up_proj')."""
+        if self.experts_stacked:
+            m = _GATE_UP.fullmatch(name)
+            if m is None:
+                return None
+            tensor = f"{m['experts']}.{'down_proj' if m['proj'] == 'down' else 'gate_up_proj'}"
+            half = {"gate": 0, "up": 1, "down": None}[m["proj"]]
+            return StackedSlice(self._translate(tensor, forward=True), int(m["e"]), False, half)
         pattern = _STACKED.get(self.family)
         m = None if pattern is None else pattern.fullmatch(name)
         if m is None:
@@ -181,5 +205,9 @@ class Naming:
         return _LEAVES.get(self.family, {}).get(projection, projection)
 
 
-def naming_for(model_type: str) -> Naming:
+def naming_for(model_type: str, experts_stacked: bool = False) -> Naming:
+    """The family's naming; experts_stacked: of a checkpoint that stacks a GATE_UP_STACKED family's experts."""
+    if experts_stacked:
+        assert model_type in GATE_UP_STACKED, model_type
+        return Naming(model_type, experts_stacked=True)
     return Naming(model_type if model_type in _RULES else None)
