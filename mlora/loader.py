@@ -308,8 +308,16 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                     if any(stacked[n] is not None for n in names):
                         shape, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device)
                         if shape[0] != args.num_experts:
-                            raise UserError(f"tensor {stored_name!r} stacks {shape[0]} experts but config.json "
-                                            f"implies {args.num_experts}")
+                            raise UserError(f"tensor {stored_name!r} in {file} stacks {shape[0]} experts but "
+                                            f"config.json implies {args.num_experts}")
+                        if len(sources[stored_name]) == 1:  # (MXFP4's: each expert is checked when placed)
+                            # the whole tensor, before any slice of it: one of the wrong width would
+                            # split gate_up_proj's gate rows from its up rows at the wrong row
+                            want = stacked[names[0]].stacked_shape(args.num_experts,
+                                                                   model.get_parameter(targets[names[0]][0]).shape)
+                            if tuple(shape) != want:
+                                raise UserError(f"tensor {stored_name!r} in {file} has shape {tuple(shape)} but "
+                                                f"config.json implies {want}")
                         for name in names:
                             place(name, expert(stacked[name]).contiguous(), stored_name)
                         continue
@@ -407,10 +415,13 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
     ever held in full precision (and a GPU does the work)."""
     if parts_of[0] not in present:
         raise UserError(f"tensor {parts_of[0]!r} is missing from {file}")
-    if len(parts_of) == 1:
+    if len(parts_of) == 1 or parts_of[1] == fp8.scale_name(parts_of[0]):
         # GPT-OSS's [E, in, out] (a weight) or [E, out] (a bias); the other families' [E, out, in]
         # (gate_up_proj: [E, 2 * I, H], gate rows then up rows)
         stacked = f.get_tensor(parts_of[0])
+        if stacked.dtype in fp8.FP8_DTYPES:  # (dequantized per 2D weight only, fp8.py)
+            raise UserError(f"tensor {parts_of[0]!r} in {file} stacks experts in FP8, which mlora does not read "
+                            "(FP8 experts stored one tensor per expert are read)")
 
         def expert(part: StackedSlice) -> torch.Tensor:
             weight = stacked[part.expert].t() if part.transposed else stacked[part.expert]

@@ -104,6 +104,11 @@ class StackedSlice:
     transposed: bool  # a weight (stacked as [E, in, out] in full precision: nn.Linear's [out, in] is its transpose)
     half: int | None = None  # gate_up_proj [E, 2 * I, H]'s gate rows (0) or up rows (1); None: the whole slice
 
+    def stacked_shape(self, experts: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The full-precision stacked tensor's shape, for `experts` slices of mlora's `shape`."""
+        shape = tuple(reversed(shape)) if self.transposed else tuple(shape)
+        return (experts, *shape) if self.half is None else (experts, 2 * shape[0], *shape[1:])
+
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
 def _compile(prefix: str) -> re.Pattern:
