@@ -91,6 +91,26 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
     return replace(cfg, lora=resolved)
 
 
+def note_partial_targets(cfg: TrainConfig, model_args) -> None:
+    """Say on stderr which adapters have LoRA on some of the base's layers only, because their
+    target_modules are in some layers only (Qwen3.5's q/k/v/o_proj in its softmax-attention
+    layers, a quarter of them; its in_proj_* in the linear-attention ones): as with PEFT, which
+    a user of the default q_proj, v_proj may not expect."""
+    from mlora.memory import projection_shapes
+
+    kinds = model_args.layer_kinds  # per layer
+    per_kind = {kind: list(projection_shapes(model_args, kind)) for kind in sorted(set(kinds))}
+    for a in cfg.lora:
+        untouched = [kind for kind, names in per_kind.items() if not set(a.target_modules) & set(names)]
+        if not untouched:
+            continue
+        reached = sum(kind not in untouched for kind in kinds)
+        others = dict.fromkeys(m for kind in untouched for m in per_kind[kind])
+        print(f"mlora: note: adapter {a.name!r}: its target_modules are in {reached} of this {model_args.model_type} "
+              f"model's {len(kinds)} layers only; LoRA goes there (the other layers' projections: "
+              f"{', '.join(others)})", file=sys.stderr)
+
+
 def _check_expert_targets(a, model_type: str, named) -> None:
     """An adapter on the experts of an MoE model must be one PEFT can load on transformers 5,
     which stacks each layer's experts (gate and up fused) into parameters: PEFT turns the
@@ -188,6 +208,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
     cfg = resolve_targets(cfg, model_args)
+    note_partial_targets(cfg, model_args)
     warn_unapplied_dropout(hf_config)
     weight_index(base_dir)  # weights present
     tokenizer = load_tokenizer(base_dir, trust_remote_code, model_args.model_type)
