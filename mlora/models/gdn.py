@@ -259,25 +259,29 @@ class GatedDeltaNet(nn.Module):
             y, conv_state, state = self.mix(qkv, beta, g, *(states or (None, None)))
             cache.states[layer_id] = (conv_state, state)
         else:  # (packed rows: each document alone, from zero states)
-            y = self.mix(qkv, beta, g, segments=None if inputs is None else inputs.segments)[0]
+            y = self.mix(qkv, beta, g, segments=None if inputs is None else inputs.segments, conv_out=False)[0]
         y = self.norm(y, z.reshape(B, S, self.num_v_heads, self.v_dim))  # [B, S, Hv, Dv]
         return self.out_proj(y.reshape(B, S, -1))
 
     def mix(self, qkv: Tensor, beta: Tensor, g: Tensor, conv_state: Tensor | None = None,
-            state: Tensor | None = None, segments: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            state: Tensor | None = None, segments: Tensor | None = None,
+            conv_out: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
         """The conv and the recurrence of rows that each continue from (conv_state, state)
         ([B, conv_dim, K - 1] in qkv's dtype: the last K - 1 inputs of the conv; [B, Hv, Dk, Dv]
         fp32), or start afresh when None; segments [B, S] (packed rows' documents): each starts
         afresh.
 
         qkv [B, S, conv_dim], beta [B, S, Hv], g [B, S, Hv] fp32 -> (output [B, S, Hv, Dv] in
-        qkv's dtype, the conv state and the state after the S tokens)."""
+        qkv's dtype, the conv state and the state after the S tokens). conv_out=False: no conv
+        state (None), where nothing carries it on (training: a copy per layer saved)."""
         B, S, _ = qkv.shape
         w = self.conv1d.weight  # [conv_dim, 1, K]
         h = qkv.transpose(1, 2)  # [B, conv_dim, S]
         keep = self.kernel - 1
-        past = h.new_zeros(B, self.conv_dim, keep) if conv_state is None else conv_state
-        new_conv_state = torch.cat([past, h[:, :, -keep:]], dim=-1)[:, :, -keep:]  # [B, conv_dim, K - 1]
+        new_conv_state = None
+        if conv_out:
+            past = h.new_zeros(B, self.conv_dim, keep) if conv_state is None else conv_state
+            new_conv_state = torch.cat([past, h[:, :, -keep:]], dim=-1)[:, :, -keep:]  # [B, conv_dim, K - 1]
         # In the weight's dtype, SiLU, then cast (transformers' causal_conv1d_fn / _update)
         if segments is not None:
             h = _conv_within_documents(h, w, segments)
