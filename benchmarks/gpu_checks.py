@@ -268,9 +268,11 @@ def check_triton_kernels(device) -> list[dict]:
         plan = lora_triton.draw(drops, n, device)
         keep = lora_triton.keep_mask(plan, n, k)
         xm = x.float() * keep
-        errs = {"down": rel_err(lora_triton.down(x, a, factor, plan), (xm @ a.float().t()) * factor),
-                "up_masked": rel_err(lora_triton.up_masked(dh, a, plan), (dh.float() @ a.float()) * keep),
-                "grad_a": rel_err(lora_triton.grad_a(dh, x, plan), dh.float().t() @ xm)}
+        h, bits = lora_triton.down(x, a, factor, plan)  # and the mask it applied, as bits
+        errs = {"down": rel_err(h, (xm @ a.float().t()) * factor),
+                "bits": float(not torch.equal(lora_triton.unpack(bits, k), keep)),  # 0: the drawn mask
+                "up_masked": rel_err(lora_triton.up_masked(dh, a, bits), (dh.float() @ a.float()) * keep),
+                "grad_a": rel_err(lora_triton.grad_a(dh, x, bits), dh.float().t() @ xm)}
         rates = [1 - keep[d.start:d.end].float().mean().item() for d in drops]
         counts = [(d.end - d.start) * k for d in drops]
         rate_ok = all(abs(r - d.p) < 5 * (d.p * (1 - d.p) / m) ** 0.5 for r, d, m in zip(rates, drops, counts))

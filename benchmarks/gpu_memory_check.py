@@ -93,7 +93,7 @@ def case(name, args, m, layout, wrappers, rows, S, n, p, recompute, targets=TARG
     peak = torch.cuda.max_memory_allocated(dev) if not SMOKE else 0
     lora = [LoraShape(16, tuple(targets), p)] * n
     est = estimate_peak_bytes(args, rows=rows, seq_len=S, dtype=dt, lora=lora, recompute=recompute,
-                              explicit_mask=True if left_pad else None)
+                              explicit_mask=True if left_pad else None, device=dev)  # (what auto runs there)
     moments = sum(t.numel() * 4 * 2 for t in params)  # no optimizer step here
     est_no_moments = est.total - moments
     r = dict(name=name, rows=rows, S=S, adapters=n, dropout=p, recompute=recompute, left_pad=left_pad,
@@ -150,7 +150,7 @@ for name in ("tinyllama", "llama2-7b"):
     if not SMOKE and name == "tinyllama":
         free = device_free_bytes(dev)
         lora = [LoraShape(16, TARGET_MODULES, 0.05)] * 4
-        tokens = choose_token_budget(args, free_bytes=free, seq_len=S, dtype=dt, lora=lora, fraction=0.9)
+        tokens = choose_token_budget(args, free_bytes=free, seq_len=S, dtype=dt, lora=lora, fraction=0.9, device=dev)
         r = dict(name="budget", free_gib=round(free / GiB, 2), tokens=tokens, rows=tokens // S)
         print(json.dumps(r), flush=True); results.append(r)
         case(name, args, m, layout, wrappers, min(tokens // S, 160), S, 4, 0.05, False)

@@ -471,11 +471,15 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
     here = projection_shapes(args, mixer)
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
+    # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
+    # dropped-out copy and a mask of each input (counting fused's or triton's underestimated it)
+    in_batch = len(adapters) if active is None else max(1, min(active, len(adapters)))
+    many = kernel in ("auto", "auto_triton") and in_batch > mlora.lora.DENSE_MAX_ADAPTERS
     for group, members in _input_groups(args):
         if not set(members) & set(here):
             continue
         out[f"lora_{group}"] = _group_input_per_token(group, members, widths[group], e, on_layer,
-                                                      shared, quant, kernel,
+                                                      shared, quant, "grouped" if many else kernel,
                                                       o_proj_input_copied=(args.attn_sinks or args.values_padded
                                                                            or args.attn_output_gate))
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))

@@ -94,20 +94,25 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
 def note_partial_targets(cfg: TrainConfig, model_args) -> None:
     """Say on stderr which adapters have LoRA on some of the base's layers only, because their
     target_modules are in some layers only (Qwen3.5's q/k/v/o_proj in its softmax-attention
-    layers, a quarter of them; its in_proj_* in the linear-attention ones): as with PEFT, which
-    a user of the default q_proj, v_proj may not expect."""
+    layers, a quarter of them; its in_proj_* in the linear-attention ones; an MoE model's MLP
+    targets in its sparse layers, not its dense ones): as with PEFT, which a user of the
+    default q_proj, v_proj may not expect."""
     from mlora.memory import projection_shapes
 
-    kinds = model_args.layer_kinds  # per layer
-    per_kind = {kind: list(projection_shapes(model_args, kind)) for kind in sorted(set(kinds))}
+    # Per layer: its kind of mixer, and on an MoE model whether its MLP is sparse (a dense
+    # layer's MLP takes no LoRA there: lora.inject_lora)
+    layers = list(zip(model_args.layer_kinds, model_args.moe_layers if model_args.is_moe else
+                      [True] * model_args.num_layers))
+    offers = {(kind, lora_mlp): [m for m in projection_shapes(model_args, kind) if lora_mlp or m not in MLP_MODULES]
+              for kind, lora_mlp in set(layers)}
     for a in cfg.lora:
-        untouched = [kind for kind, names in per_kind.items() if not set(a.target_modules) & set(names)]
+        untouched = [layer for layer, names in offers.items() if not set(a.target_modules) & set(names)]
         if not untouched:
             continue
-        reached = sum(kind not in untouched for kind in kinds)
-        others = dict.fromkeys(m for kind in untouched for m in per_kind[kind])
+        reached = sum(layer not in untouched for layer in layers)
+        others = dict.fromkeys(m for layer in untouched for m in offers[layer])
         print(f"mlora: note: adapter {a.name!r}: its target_modules are in {reached} of this {model_args.model_type} "
-              f"model's {len(kinds)} layers only; LoRA goes there (the other layers' projections: "
+              f"model's {len(layers)} layers only; LoRA goes there (the other layers' LoRA targets: "
               f"{', '.join(others)})", file=sys.stderr)
 
 

@@ -208,3 +208,19 @@ def test_gpu_checks_count_synchronising_operations_only():
         warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:162.)")
     assert module._synchronisations(caught) == ["called a synchronizing CUDA operation (Triggered internally at "
                                                 "CUDAFunctions.cpp:162.)"]
+
+
+def test_gpu_checks_triton_kernel_check_runs_on_the_cpu():
+    """gpu_checks.py's check of the triton kernels against torch, as a dry run on the CPU
+    (interpreted, small shapes): it calls the kernels as lora_triton defines them now (it once
+    lagged behind a change of their API, which only the next GPU session would have seen)."""
+    import torch
+
+    if _triton_unavailable():
+        pytest.skip(_triton_unavailable())
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.check_triton_kernels(torch.device("cpu"))
+    assert len(results) == 2 and all(r["ok"] for r in results), results
+    assert all(r["rel_err"]["bits"] == 0.0 for r in results)

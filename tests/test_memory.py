@@ -232,6 +232,14 @@ def test_auto_is_counted_as_the_kernel_it_runs_on_the_device(monkeypatch):
     assert est(lora=[one] * 4, lora_kernel="auto", device=cuda).total < est(lora=[one] * 4, lora_kernel="fused").total
     twenty = est(lora=[one] * 20, lora_kernel="auto", device=cuda).per_layer["lora_hidden"]
     assert twenty == est(lora=[one] * 8, lora_kernel="triton").per_layer["lora_hidden"]
+    # A batch of more than 8 adapters runs grouped (or loop), which keeps a dropped-out copy and
+    # a mask of each input group's input: so counted, on any device (fused's or triton's was less).
+    for device in (None, cuda):
+        nine = est(lora=[one] * 9, lora_kernel="auto", device=device).per_layer
+        grouped = est(lora=[one] * 9, lora_kernel="grouped").per_layer
+        assert all(nine[k] == grouped[k] for k in nine if k.startswith("lora_") and k != "lora_hidden")
+    assert est(lora=[one] * 9, lora_kernel="auto", active_adapters=8, device=cuda).total < \
+        est(lora=[one] * 9, lora_kernel="auto", device=cuda).total
 
 
 def test_fused_kernel_keeps_a_bool_dropout_mask_and_no_column_mask():

@@ -699,10 +699,11 @@ def test_chatglm_and_baichuan_adapters_use_their_own_names(tmp_path, tokenizer_d
 
 
 def test_targets_in_some_layers_only_are_noted(tmp_path, capsys):
-    """Qwen3.5's q/k/v/o_proj are in its softmax-attention layers only: LoRA reaches those
-    layers alone (as with PEFT), which the default q_proj, v_proj hides; a note on stderr says
-    so. None where every layer gets some (Gemma 4's v_proj is not in its global layers with
-    attention_k_eq_v, but its q_proj is), nor for LLaMA."""
+    """Qwen3.5's q/k/v/o_proj are in its softmax-attention layers only, an MoE model's MLP
+    targets in its sparse layers only: LoRA reaches those layers alone (as with PEFT), which
+    the default q_proj, v_proj hides; a note on stderr says so. None where every layer gets
+    some (Gemma 4's v_proj is not in its global layers with attention_k_eq_v, but its q_proj
+    is), nor for LLaMA."""
     from conftest import make_tiny_model
 
     from mlora.config import AdapterConfig, TrainConfig
@@ -711,19 +712,25 @@ def test_targets_in_some_layers_only_are_noted(tmp_path, capsys):
 
     def note(family: str, targets: list[str], **overrides) -> str:
         _, args = read_model_config(make_tiny_model(tmp_path / family, family, **overrides))
-        cfg = resolve_targets(TrainConfig(lora=[AdapterConfig(name="a", data="d.json", target_modules=targets)]), args)
+        adapter = AdapterConfig(name="a", data="d.json", target_modules=targets, dropout=0.0)
+        cfg = resolve_targets(TrainConfig(lora=[adapter]), args)
         capsys.readouterr()
         note_partial_targets(cfg, args)
         return capsys.readouterr().err.strip()
 
     assert note("qwen3_5_text", ["q_proj", "v_proj"]) == (  # layers: linear, linear, attention, linear
         "mlora: note: adapter 'a': its target_modules are in 1 of this qwen3_5_text model's 4 layers only; LoRA "
-        "goes there (the other layers' projections: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj, "
+        "goes there (the other layers' LoRA targets: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj, "
         "gate_proj, up_proj, down_proj)")
     assert "in 3 of this qwen3_5_text model's 4 layers" in note("qwen3_5_text", ["in_proj_qkv"])
     assert note("qwen3_5_text", ["q_proj", "in_proj_qkv"]) == ""
     assert note("gemma4_text", ["q_proj", "v_proj"], attention_k_eq_v=True) == ""
     assert note("llama", ["q_proj", "v_proj"]) == ""
+    # GLM-4.5's first layer is dense: its MLP takes no LoRA (only the experts' do)
+    assert note("glm4_moe", ["gate_proj", "up_proj", "down_proj"]) == (
+        "mlora: note: adapter 'a': its target_modules are in 1 of this glm4_moe model's 2 layers only; LoRA goes "
+        "there (the other layers' LoRA targets: q_proj, k_proj, v_proj, o_proj)")
+    assert note("glm4_moe", ["q_proj", "down_proj"]) == ""
 
 
 def test_targets_must_be_projections_of_the_base(tmp_path, tokenizer_dir, tiny_llama, capsys):
