@@ -21,10 +21,11 @@ from mlora.errors import UserError
 # Canonical order of the projections a LoRA may target; target_modules comes out in this order.
 # LLaMA-style models have q/k/v/o and gate/up/down; Phi-3 fuses q/k/v into qkv_proj and gate/up
 # into gate_up_proj. Which of them a base model has is checked against the model (session.py).
-# (q_a_proj ... kv_b_proj: DeepSeek-V2/V3's latent attention; in_proj_qkv ... out_proj: Qwen3.5's linear attention)
+# (q_a_proj ... kv_b_proj: DeepSeek-V2/V3's latent attention; in_proj_qkv ... out_proj: Qwen3.5's linear
+# attention, in_proj_qkvz and in_proj_ba Qwen3-Next's fused input projections of it)
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
-                  "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj",
-                  "gate_up_proj", "down_proj")
+                  "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",
+                  "out_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 # ChatGLM's and Baichuan's own names of the same projections (what PEFT users of those
 # models write); valid only on those models (session.resolve_targets), and an adapter saved for
 # them uses these names again (models/naming.py).

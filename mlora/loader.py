@@ -25,7 +25,7 @@ import torch
 
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
-from mlora.models.args import IMAGE_TEXT_FAMILIES, QWEN3_5_FAMILIES, REMOTE_CODE_FAMILIES
+from mlora.models.args import GATED_DELTANET_FAMILIES, IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES
 from mlora.models.naming import GATE_UP_STACKED, Naming, StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
@@ -112,7 +112,7 @@ def _check_full_attention_interval(raw: dict, model_type: str, config_file: Path
     """Qwen3.5's full_attention_interval (every how many layers one is full attention, when
     layer_types is left out): transformers' config divides by it, and fails on a 0 with its own
     ZeroDivisionError, which names no key."""
-    if model_type not in ("qwen3_5", "qwen3_5_moe", *QWEN3_5_FAMILIES):
+    if model_type not in ("qwen3_5", "qwen3_5_moe", *GATED_DELTANET_FAMILIES):
         return
     text = raw["text_config"] if model_type in IMAGE_TEXT_FAMILIES else raw
     interval = text.get("full_attention_interval", 4)

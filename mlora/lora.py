@@ -59,9 +59,10 @@ ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
 MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 # Projections of one parent module that read the same input tensor.
 # (DeepSeek-V3: q_proj or q_a_proj, and kv_a_proj_with_mqa, read the layer's normed input; so
-# do Qwen3.5's linear-attention input projections.)
+# do Qwen3.5's linear-attention input projections, and Qwen3-Next's two fused ones.)
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"),
-                ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"), ("gate_proj", "up_proj"))
+                ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba"),
+                ("gate_proj", "up_proj"))
 
 # How the adapters of one batch share a matmul (benchmarks/THROUGHPUT.md measures each):
 #   "fused":   the dense math as one hand-written autograd op per input group, base GEMMs
@@ -94,7 +95,8 @@ _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 class _ContiguousGrad(torch.autograd.Function):
     """The identity, whose backward hands on a contiguous gradient: torch._grouped_mm's backward
     wants 16-byte aligned strides, and a projection whose output is read transposed (Qwen3.5's
-    in_proj_qkv, through its conv) or per head (in_proj_b, in_proj_a) gets its gradient strided."""
+    in_proj_qkv, through its conv) or per head (in_proj_b, in_proj_a; Qwen3-Next's in_proj_qkvz
+    and in_proj_ba, split per key head) gets its gradient strided."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

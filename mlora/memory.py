@@ -54,7 +54,8 @@ _INPUT_GROUPS = (
     ("q_latent", ("q_b_proj",)),  # DeepSeek-V3: q_a_layernorm output [N, q_lora_rank]
     ("kv_latent", ("kv_b_proj",)),  # DeepSeek-V3: kv_a_layernorm output [N, kv_lora_rank]
     ("attn_out", ("o_proj",)),  # SDPA output [N, nh*D]
-    ("linear_in", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),  # Qwen3.5: input_layernorm output [N, H]
+    # Qwen3.5 (Qwen3-Next: in_proj_qkvz, in_proj_ba): input_layernorm output [N, H]
+    ("linear_in", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba")),
     ("linear_out", ("out_proj",)),  # Qwen3.5: the gated norm's output [N, Hv*Dv]
     ("mlp_in", ("gate_proj", "up_proj")),  # post_attention_layernorm output [N, H]
     ("mlp_act", ("down_proj",)),  # silu(gate) * up [N, I]
@@ -116,11 +117,14 @@ def _attention_shapes(args: ModelArgs, kind: str) -> dict[str, tuple[int, int]]:
 
 def linear_projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """Qwen3.5's linear-attention projections (models/gdn.py): q, k, v together; the output
-    gate z; beta and the decay input a (one per value head); the output."""
+    gate z; beta and the decay input a (one per value head); the output. Qwen3-Next's: q, k, v
+    and z in one, b and a in another; the output."""
     H = args.hidden_size
     keys = args.linear_num_key_heads * args.linear_key_head_dim
     values = args.linear_num_value_heads * args.linear_value_head_dim
     heads = args.linear_num_value_heads
+    if args.linear_fused_projections:
+        return {"in_proj_qkvz": (H, 2 * keys + 2 * values), "in_proj_ba": (H, 2 * heads), "out_proj": (values, H)}
     return {"in_proj_qkv": (H, 2 * keys + values), "in_proj_z": (H, values), "in_proj_b": (H, heads),
             "in_proj_a": (H, heads), "out_proj": (values, H)}
 
@@ -738,7 +742,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
         mixer[layer_kind] = attention + (biases + norms + sinks + scalar) * e  # biases + RMSNorm weights
     if "linear" in args.layer_kinds:  # Qwen3.5's linear attention: its projections, conv, decays, gated norm
         Hv, Dv = args.linear_num_value_heads, args.linear_value_head_dim
-        conv_channels = linear_projection_shapes(args)["in_proj_qkv"][1]
+        conv_channels = 2 * args.linear_num_key_heads * args.linear_key_head_dim + Hv * Dv  # (q, k, v)
         mixer["linear"] = (sum(_projection_bytes(i, o, e, kind, dq) for i, o in linear_projection_shapes(args).values())
                            + (conv_channels * args.linear_conv_kernel + 2 * Hv + Dv + args.num_norms * H) * e)
 

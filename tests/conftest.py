@@ -144,7 +144,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     """Build a random HF model of `family` (llama | mistral | ministral | ministral3 | qwen2 |
     qwen3 | gemma | gemma2 | gemma3_text | gemma3 | mistral3 (text_family: mistral or ministral3)
     | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan | mixtral |
-    qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3), save it as safetensors
+    qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3 | qwen3_5_text |
+    qwen3_5_moe_text | qwen3_5 | qwen3_5_moe | qwen3_next), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
     chatglm and baichuan have no model class in transformers: their checkpoint is written in
@@ -186,6 +187,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
         "qwen3_5_text": (transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM),
         "qwen3_5_moe_text": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
+        "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }[family]
     vocab = 400
@@ -219,7 +221,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                                                         original_max_position_embeddings=8, beta_fast=32.0,
                                                         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
                                                         llama_4_scaling_beta=0.1))
-    if family in ("qwen3_5_text", "qwen3_5_moe_text"):
+    if family in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):
         # linear attention in layers 0, 1 and 3, full attention (its output gated) in layer 2; 2
         # key and 4 value heads of 16; RoPE on a quarter of each head (by default)
         kwargs.update(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -227,6 +229,10 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                       layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
     if family == "qwen3_5_moe_text":
         kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
+    if family == "qwen3_next":  # Qwen3.5's layers with fused linear-attention projections; layer 1's MLP dense
+        # (mlp_only_layers), the others 2 of 4 experts and a gated shared expert, renormalized weights
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      mlp_only_layers=[1], norm_topk_prob=True)
     if family == "olmo3":  # a sliding layer 0, a full layer 1 (by default every 4th is full)
         kwargs.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family in MOE_TINY:
@@ -246,7 +252,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 1.0)
             elif "q_norm" in name or "k_norm" in name:  # Qwen3's / OLMo 2's q/k norms start at ones
                 p.normal_(1.0, 0.2)
-            if "norm" in name and (family.startswith("gemma") or family.startswith("qwen3_5")) and not (
+            if "norm" in name and (family.startswith("gemma") or family.startswith(("qwen3_5", "qwen3_next"))) and not (
                     "linear_attn.norm" in name or family == "gemma4_text"):  # (1 + w) norms: w starts at zeros
                 p.normal_(0.0, 0.2)
             elif "norm" in name and family == "gemma4_text":  # (plain w, multiplied in fp32: bf16 tells)

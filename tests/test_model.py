@@ -119,6 +119,11 @@ CASES = {
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
     "qwen3_5": ("qwen3_5", {}),
     "qwen3_5_moe": ("qwen3_5_moe", {}),
+    # Qwen3-Next: Qwen3.5's layers with the linear attention's fused in_proj_qkvz and in_proj_ba
+    # (laid out per key head), MoE layers beside a dense one (mlp_only_layers); without
+    # renormalized weights, and every other layer sparse (decoder_sparse_step)
+    "qwen3_next": ("qwen3_next", {}),
+    "qwen3_next_sparse_step": ("qwen3_next", dict(mlp_only_layers=[], decoder_sparse_step=2, norm_topk_prob=False)),
     # DeepSeek-V2-Lite's: queries straight from q_proj, every expert open to every token (greedy),
     # two shared experts, no dense layer, plain RoPE
     "deepseek_v2_lite": ("deepseek_v2", dict(q_lora_rank=None, topk_method="greedy", n_group=None, topk_group=None,
@@ -195,7 +200,8 @@ def test_logits_match_transformers(case, tmp_path):
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
                                   "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite",
-                                  "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v"])
+                                  "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v",
+                                  "qwen3_next"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows

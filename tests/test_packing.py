@@ -184,8 +184,9 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("olmo3", dict(sliding_window=3)),  # q/k norms over whole projections, a window, a RoPE per layer type
     # linear attention, whose conv and state restart at each document (transformers' do not)
     ("qwen3_5_text", {}),
+    ("qwen3_next", {}),  # the same, from fused projections (and experts)
 ], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
-        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3", "qwen3_5"])
+        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3", "qwen3_5", "qwen3_next"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

@@ -17,12 +17,16 @@ from mlora.errors import UserError
 FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm",
             "baichuan", "granite", "olmo2", "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe",
-            "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe")
+            "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe",
+            "qwen3_next")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
-                "qwen3_5_moe_text")
+                "qwen3_5_moe_text", "qwen3_next")
 # Qwen3.5's text models: Gated DeltaNet linear attention in 3 of 4 layers (models/gdn.py)
 QWEN3_5_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
+# ... and Qwen3-Next, from which Qwen3.5 descends: the same layers, but its linear attention's
+# input projections fused (in_proj_qkvz, in_proj_ba; models/gdn.py)
+GATED_DELTANET_FAMILIES = (*QWEN3_5_FAMILIES, "qwen3_next")
 # Families with multi-head latent attention (models/mla.py); DeepSeek-V2's and V3's config keys
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # How a router turns its logits into the chosen experts' weights (models/moe.SparseMoE.route):
@@ -200,6 +204,9 @@ class ModelArgs:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # Qwen3-Next: the linear attention's input projections are two fused ones, in_proj_qkvz and
+    # in_proj_ba, their outputs laid out per key-head group (Qwen3.5: in_proj_qkv/z/b/a)
+    linear_fused_projections: bool = False
     # Gemma 4: its full-attention layers (layer_kinds "global_attention") have heads of
     # global_head_dim and global_num_kv_heads K/V heads, and with attn_k_eq_v no v_proj (the
     # values are k_proj's output); every layer norms its values per head without a weight
@@ -416,7 +423,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         if model_type == "deepseek_v2" and get("mlp_bias", False):  # (transformers: on the dense MLPs only)
             raise UserError("deepseek_v2 config mlp_bias is true: biased MLPs are not supported")
         windows = [None] * num_layers
-    elif model_type in QWEN3_5_FAMILIES:  # `attention_bias` on q/k/v and o_proj (never on linear attention)
+    elif model_type in GATED_DELTANET_FAMILIES:  # `attention_bias` on q/k/v and o_proj (never on linear attention)
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
         windows = [None] * num_layers
@@ -466,7 +473,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         rotary_dim = int(head_dim * partial)
     gemma3 = model_type == "gemma3_text"
     gemma = model_type in ("gemma", "gemma2", "gemma3_text")
-    qwen3_5 = model_type in QWEN3_5_FAMILIES
+    qwen3_5 = model_type in GATED_DELTANET_FAMILIES  # (Qwen3.5 and Qwen3-Next)
     sandwich = model_type in ("gemma2", "gemma3_text", "gemma4_text")
     attn_cap, final_cap = (None if get(k) is None else float(get(k))
                            for k in ("attn_logit_softcapping", "final_logit_softcapping"))
@@ -508,7 +515,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         o_proj_bias=o_bias,
         mlp_bias=mlp_bias,
         qk_norm=(model_type in ("qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3", "qwen3_moe", "olmoe",
-                                *QWEN3_5_FAMILIES)
+                                *GATED_DELTANET_FAMILIES)
                  or (model_type == "glm4_moe" and bool(get("use_qk_norm", False)))),
         qk_norm_per_head=model_type not in ("olmo2", "olmo3", "olmoe"),
         hidden_act="gelu_tanh" if gemma or gemma4 else "silu",
@@ -541,7 +548,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
                         if model_type == "granite" else 1.0),
         attn_sinks=model_type == "gpt_oss",
         **(_query_scale_args(rope_params) if model_type == "ministral3" else {}),
-        **(_linear_attention_args(get, num_layers) if qwen3_5 else {}),
+        **(_linear_attention_args(get, num_layers, model_type) if qwen3_5 else {}),
         **gemma4,
         **mla,
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
@@ -552,7 +559,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     """The ModelArgs of a mixture-of-experts family's sparse layers, as its modeling file reads
     its config (the expert count is num_local_experts for Mixtral and GPT-OSS, n_routed_experts
     for GLM-4.5 and DeepSeek-V2/V3, num_experts elsewhere)."""
-    qwen = model_type in ("qwen2_moe", "qwen3_moe")
+    qwen = model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next")  # (Qwen3-Next: Qwen2-MoE's sparse block)
     qwen3_5 = model_type == "qwen3_5_moe_text"  # every layer sparse, a gated shared expert, renormalized weights
     deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3")  # DeepSeek's MoE layout and keys
     experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "n_routed_experts" if deepseek
@@ -572,7 +579,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         dense = set(get("mlp_only_layers") or [])
         sparse = [i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
     shared = 0
-    if model_type in ("qwen2_moe", "qwen3_5_moe_text"):
+    if model_type in ("qwen2_moe", "qwen3_5_moe_text", "qwen3_next"):
         shared = _positive_int(get("shared_expert_intermediate_size"),
                                f"{model_type} config shared_expert_intermediate_size")
     family = {}
@@ -679,29 +686,32 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
                 layer_scalar=True)
 
 
-def _linear_attention_args(get, num_layers: int) -> dict:
-    """Qwen3.5's hybrid layers (Qwen3_5TextConfig): `layer_types` (else every 4th layer full
-    attention, full_attention_interval), the Gated DeltaNet's sizes, the gated attention output."""
-    interval = _positive_int(get("full_attention_interval", 4), "qwen3_5 config full_attention_interval")
+def _linear_attention_args(get, num_layers: int, model_type: str = "qwen3_5_text") -> dict:
+    """Qwen3.5's hybrid layers (Qwen3_5TextConfig), and Qwen3-Next's (Qwen3NextConfig, the same
+    keys): `layer_types` (else every 4th layer full attention, full_attention_interval), the
+    Gated DeltaNet's sizes, the gated attention output; Qwen3-Next's fused input projections."""
+    family = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"  # (as the errors name it)
+    interval = _positive_int(get("full_attention_interval", 4), f"{family} config full_attention_interval")
     types = get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                                    for i in range(num_layers)]
     kinds = {"full_attention": "attention", "linear_attention": "linear"}
     if len(types) != num_layers or any(t not in kinds for t in types):
-        raise UserError(f"qwen3_5 config layer_types must list full_attention or linear_attention for each of the "
+        raise UserError(f"{family} config layer_types must list full_attention or linear_attention for each of the "
                         f"{num_layers} layers, got {types!r}")
-    sizes = {key: _positive_int(get(key), f"qwen3_5 config {key}")
+    sizes = {key: _positive_int(get(key), f"{family} config {key}")
              for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                          "linear_value_head_dim", "linear_conv_kernel_dim")}
     if sizes["linear_conv_kernel_dim"] < 2:  # (its conv state holds the K - 1 tokens before)
-        raise UserError("qwen3_5 config linear_conv_kernel_dim must be at least 2")
+        raise UserError(f"{family} config linear_conv_kernel_dim must be at least 2")
     if sizes["linear_num_value_heads"] % sizes["linear_num_key_heads"]:
-        raise UserError(f"qwen3_5 config linear_num_value_heads ({sizes['linear_num_value_heads']}) is not a "
+        raise UserError(f"{family} config linear_num_value_heads ({sizes['linear_num_value_heads']}) is not a "
                         f"multiple of linear_num_key_heads ({sizes['linear_num_key_heads']})")
     return dict(layer_kinds=[kinds[t] for t in types], attn_output_gate=True,
                 linear_num_key_heads=sizes["linear_num_key_heads"],
                 linear_num_value_heads=sizes["linear_num_value_heads"],
                 linear_key_head_dim=sizes["linear_key_head_dim"], linear_value_head_dim=sizes["linear_value_head_dim"],
-                linear_conv_kernel=sizes["linear_conv_kernel_dim"])
+                linear_conv_kernel=sizes["linear_conv_kernel_dim"],
+                linear_fused_projections=model_type == "qwen3_next")
 
 
 def _query_scale_args(rope_params: Mapping) -> dict:
@@ -751,7 +761,7 @@ def _mla_args(get, model_type: str, rope_dim: int, rope_params: Mapping) -> tupl
     return dict(mla=True, q_lora_rank=q_rank, **sizes), scale
 
 
-_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe", *QWEN3_5_FAMILIES)
+_PARTIAL_ROTARY = ("phi3", "glm", "glm4", "chatglm", "glm4_moe", *GATED_DELTANET_FAMILIES)
 _GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
 _GLM_DEFAULTS = {"num_key_value_heads": 2, "head_dim": 128, "attention_bias": True, "rms_norm_eps": 1.5625e-07,
                  "max_position_embeddings": 131072, "partial_rotary_factor": 0.5}
@@ -808,6 +818,13 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                     "qwen3_5_moe_text": {**_QWEN3_5_DEFAULTS, "hidden_size": 2048, "num_hidden_layers": 40,
                                          "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
                                          "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+                    # Qwen3NextConfig's (Qwen3-Next-80B-A3B's shape but 10 of 512 experts; its RoPE's theta
+                    # is 1e4 by default, the release's config.json says 1e7)
+                    "qwen3_next": {**_QWEN3_5_DEFAULTS, "vocab_size": 151936, "hidden_size": 2048,
+                                   "intermediate_size": 5632, "num_hidden_layers": 48, "num_key_value_heads": 2,
+                                   "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+                                   "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+                                   "decoder_sparse_step": 1},
                     # DeepseekV2Config's (DeepSeek-V2's shape, without its top k: no default)
                     "deepseek_v2": {"n_routed_experts": 64, "moe_intermediate_size": 1407, "n_shared_experts": 2,
                                     "first_k_dense_replace": 0, "norm_topk_prob": False,

@@ -1,4 +1,4 @@
-"""Gated DeltaNet: the linear attention of Qwen3.5's "linear_attention" layers.
+"""Gated DeltaNet: the linear attention of Qwen3.5's and Qwen3-Next's "linear_attention" layers.
 
 The same math, in the same order and dtypes, as transformers' `Qwen3_5GatedDeltaNet` on its
 torch path (no FLA or causal-conv1d kernels). Per token, from the layer's normed input x:
@@ -23,6 +23,13 @@ documents and the state carried into or out of a chunk where a document starts i
 The projections are plain nn.Linear modules under transformers' names (the LoRA code swaps
 them out by name; in_proj_qkv/z/b/a read the same input, lora.INPUT_GROUPS); the conv weight,
 dt_bias, A_log and the norm's weight are plain parameters, also under transformers' names.
+
+Qwen3-Next (`Qwen3NextGatedDeltaNet`) computes the same, but from two fused projections:
+in_proj_qkvz gives, per key head h, [q_h | k_h | v_h | z_h] (v_h, z_h: the Hv / Hk value heads
+that key head serves), and in_proj_ba, per key head, [b_h | a_h]. `fused_split` reorders them
+into Qwen3.5's layout (q of every head, then k, then v: the conv's channels; z, b, a per value
+head) exactly as transformers' fix_query_key_value_ordering does; the rest is shared. A LoRA on
+in_proj_qkvz is one LoRA on the fused projection, as PEFT puts it on transformers' model.
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ L2NORM_EPS = 1e-6  # of the q and k L2 norms (FLA's), not rms_norm_eps
 
 def linear_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     """The checkpoint tensors of one Gated DeltaNet; prefix is its path ('model.layers.0.linear_attn.')."""
-    return [prefix + name for name in ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight",
-                                       "in_proj_a.weight", "conv1d.weight", "dt_bias", "A_log",
-                                       "norm.weight", "out_proj.weight")]
+    projections = (("in_proj_qkvz.weight", "in_proj_ba.weight") if args.linear_fused_projections
+                   else ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight"))
+    return [prefix + name for name in (*projections, "conv1d.weight", "dt_bias", "A_log", "norm.weight",
+                                       "out_proj.weight")]
 
 
 # ----------------------------------------------------------------------------- packed rows
@@ -218,10 +226,15 @@ class GatedDeltaNet(nn.Module):
         self.splits = (key_dim, key_dim, value_dim)
         self.conv_dim = 2 * key_dim + value_dim
         self.kernel = args.linear_conv_kernel
-        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(H, value_dim, bias=False)
-        self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
-        self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
+        self.fused = args.linear_fused_projections
+        if self.fused:  # Qwen3-Next: [q_h | k_h | v_h | z_h] and [b_h | a_h] per key head h
+            self.in_proj_qkvz = nn.Linear(H, self.conv_dim + value_dim, bias=False)
+            self.in_proj_ba = nn.Linear(H, 2 * self.num_v_heads, bias=False)
+        else:
+            self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)
+            self.in_proj_z = nn.Linear(H, value_dim, bias=False)
+            self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
+            self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
         # Depthwise causal conv over the sequence; only its weight [conv_dim, 1, K] is used
         # (F.conv1d in forward: the padding depends on a cached state)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim,
@@ -244,11 +257,14 @@ class GatedDeltaNet(nn.Module):
             # Padding reads as zeros: no bias anywhere, so pads write nothing into the state
             # and left padding leaves the real tokens as they are alone
             x = x * pad_mask.to(device=x.device, dtype=x.dtype)[:, :, None]
-        # The four projections on the same x object, in the batch's rows (LoRA input group)
-        qkv = self.in_proj_qkv(x)  # [B, S, 2 Hk Dk + Hv Dv]
-        z = self.in_proj_z(x)  # [B, S, Hv Dv]
-        b = self.in_proj_b(x)  # [B, S, Hv]
-        a = self.in_proj_a(x)  # [B, S, Hv]
+        # The projections on the same x object, in the batch's rows (LoRA input group)
+        if self.fused:
+            qkv, z, b, a = self.fused_split(self.in_proj_qkvz(x), self.in_proj_ba(x))
+        else:
+            qkv = self.in_proj_qkv(x)  # [B, S, 2 Hk Dk + Hv Dv]
+            z = self.in_proj_z(x)  # [B, S, Hv Dv]
+            b = self.in_proj_b(x)  # [B, S, Hv]
+            a = self.in_proj_a(x)  # [B, S, Hv]
         beta = b.sigmoid()  # in the dtype
         # fp32: in fp16, exp(A_log) could overflow
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [B, S, Hv] fp32
@@ -262,6 +278,19 @@ class GatedDeltaNet(nn.Module):
             y = self.mix(qkv, beta, g, segments=None if inputs is None else inputs.segments, conv_out=False)[0]
         y = self.norm(y, z.reshape(B, S, self.num_v_heads, self.v_dim))  # [B, S, Hv, Dv]
         return self.out_proj(y.reshape(B, S, -1))
+
+    def fused_split(self, qkvz: Tensor, ba: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Qwen3-Next's fused outputs qkvz [B, S, Hk (2 Dk + 2 r Dv)] and ba [B, S, Hk 2 r]
+        (r = Hv / Hk; laid out per key head) -> Qwen3.5's qkv [B, S, 2 Hk Dk + Hv Dv] (every
+        head's q, then k, then v), z [B, S, Hv Dv], b and a [B, S, Hv] (transformers'
+        fix_query_key_value_ordering, then its concatenation of q, k and v)."""
+        B, S, _ = qkvz.shape
+        Hk, Dk, Dv = self.num_k_heads, self.k_dim, self.v_dim
+        r = self.num_v_heads // Hk
+        q, k, v, z = qkvz.view(B, S, Hk, 2 * Dk + 2 * r * Dv).split([Dk, Dk, r * Dv, r * Dv], dim=3)
+        b, a = ba.view(B, S, Hk, 2 * r).split([r, r], dim=3)
+        qkv = torch.cat([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], dim=-1)
+        return qkv, z.reshape(B, S, -1), b.reshape(B, S, -1), a.reshape(B, S, -1)
 
     def mix(self, qkv: Tensor, beta: Tensor, g: Tensor, conv_state: Tensor | None = None,
             state: Tensor | None = None, segments: Tensor | None = None,

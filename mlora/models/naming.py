@@ -90,7 +90,7 @@ _STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<ki
 # is). Both are nn.Linear's layout per expert: mlora's gate_proj and up_proj are the halves of
 # gate_up_proj's rows. (Mixtral's sparse MLP is then `mlp`, transformers 5's name for block_sparse_moe.)
 GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
-                   "qwen3_5_moe_text", "qwen3_5_moe")
+                   "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
 _GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
                       r"(?P<proj>gate|up|down)_proj\.weight")
 
