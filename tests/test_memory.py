@@ -774,6 +774,12 @@ QWEN3_5 = dataclasses.replace(SMALL, model_type="qwen3_5_text", qk_norm=True, ge
                               linear_conv_kernel=4)
 QWEN3_5_MOE = dataclasses.replace(QWEN3_5, model_type="qwen3_5_moe_text", num_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, norm_topk_prob=True, shared_expert_intermediate_size=48)
+# Qwen3-Next: Qwen3.5-MoE's layers with the linear attention's input projections fused (in_proj_qkvz,
+# in_proj_ba), the softmax-attention layer's MLP dense (mlp_only_layers)
+QWEN3_NEXT = dataclasses.replace(QWEN3_5_MOE, model_type="qwen3_next", linear_fused_projections=True,
+                                 moe_layers=[True, False])
+QWEN3_NEXT_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj",
+                  "up_proj", "down_proj")
 QWEN3_5_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj",
                "gate_proj", "up_proj", "down_proj")
 
@@ -785,7 +791,8 @@ QWEN3_5_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z
     (QWEN3_5, [(8, 0.0)], ("in_proj_qkv", "out_proj"), 64),
     (QWEN3_5_MOE, [(4, 0.0)], QWEN3_5_ALL[:9], 32),
     (QWEN3_5, [(4, 0.0), (8, 0.1)], QWEN3_5_ALL, "packed"),  # rows of several documents and pads
-], ids=["qwen3_5", "qwen3_5_two_chunks", "qwen3_5_linear_only", "qwen3_5_moe", "qwen3_5_packed"])
+    (QWEN3_NEXT, [(4, 0.0), (8, 0.1)], QWEN3_NEXT_ALL[:7], 70),
+], ids=["qwen3_5", "qwen3_5_two_chunks", "qwen3_5_linear_only", "qwen3_5_moe", "qwen3_5_packed", "qwen3_next"])
 def test_linear_attention_layers_bound_what_autograd_saves(dtype, args, adapters, targets, seq_len):
     """Qwen3.5's Gated DeltaNet layers keep far more per token than softmax attention (fp32
     copies of q, k, v as the chunked delta rule derives them, [64, 64] matrices per chunk and

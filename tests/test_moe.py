@@ -35,6 +35,9 @@ MLA_ALL = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", 
 # Qwen3.5's: its softmax and linear attention's projections, the MLP's
 QWEN3_5_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                "out_proj", "gate_proj", "up_proj", "down_proj"]
+# Qwen3-Next's: the same with the linear attention's two fused input projections
+QWEN3_NEXT_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj",
+                  "up_proj", "down_proj"]
 B, S = 4, 10
 
 
@@ -168,7 +171,8 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                                                        "triton")),
                                             *(("gpt_oss", k) for k in ("auto", "fused", "dense", "loop", "grouped",
                                                                        "triton")),
-                                            *((family, k) for family in ("glm4_moe", "deepseek_v3", "qwen3_5_moe_text")
+                                            *((family, k) for family in ("glm4_moe", "deepseek_v3", "qwen3_5_moe_text",
+                                                                         "qwen3_next")
                                               for k in ("auto", "fused", "dense", "loop", "grouped", "triton")),
                                             # (DeepSeek-V2 differs from V3 by its router only)
                                             *(("deepseek_v2", k) for k in ("auto", "grouped"))])
@@ -184,9 +188,11 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
     base = make_tiny_model(tmp_path / family, family)
     every = {"gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
-             "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL, "qwen3_5_moe_text": QWEN3_5_ALL}.get(family, ALL7)
+             "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL, "qwen3_5_moe_text": QWEN3_5_ALL,
+             "qwen3_next": QWEN3_NEXT_ALL}.get(family, ALL7)
     attention = (["q_b_proj", "kv_b_proj"] if family.startswith("deepseek")
-                 else ["in_proj_qkv", "in_proj_b", "out_proj"] if family.startswith("qwen3_5") else ["q_proj", "v_proj"])
+                 else ["in_proj_qkv", "in_proj_b", "out_proj"] if family.startswith("qwen3_5")
+                 else ["in_proj_qkvz", "in_proj_ba", "out_proj"] if family == "qwen3_next" else ["q_proj", "v_proj"])
     specs = {"e1": (4, every), "a": (2, attention), "e2": (8 if kernel != "grouped" else 4, every)}
     rows = {"e2": (3, 4), "a": (2, 3), "e1": (0, 1)}  # (row 1: no adapter)
     ids, mask, probe = _inputs(1)
@@ -219,7 +225,7 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
         for path, g in solo_grads[n].items():
             # (Qwen3.5's chunked delta rule - exponentials of cumulative decays, triangular
             # solves - rounds another batch shape up to a few times more in fp32: 1.1e-5 seen)
-            tol = 5e-5 if family.startswith("qwen3_5") else 1e-5
+            tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next")) else 1e-5
             assert (fused_grads[n][path] - g).abs().max() <= tol * g.abs().max(), (n, path)
     for n in ("e1", "e2"):  # the experts' LoRA took part (B and A both nonzero, so gradients flow)
         assert any(".experts." in path and g.abs().max() > 0 for path, g in fused_grads[n].items())

@@ -557,6 +557,8 @@ GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pro
 # Qwen3.5: its softmax-attention layers' projections, its linear-attention layers', the MLP's
 QWEN3_5_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                    "out_proj", "gate_proj", "up_proj", "down_proj"]
+# Qwen3-Next: its softmax-attention layers' projections, its linear-attention layers' (two fused input ones)
+QWEN3_NEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
 MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -568,7 +570,7 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
                                               ("deepseek_v3", {}), ("deepseek_v2", {}), ("ministral", {}),
                                               ("mistral3", dict(text_family="ministral3")), ("qwen3_5", {}),
-                                              ("qwen3_5_moe", {}), ("gemma4", {}),
+                                              ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
                                               ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1))])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
@@ -594,10 +596,11 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         raw["lora"][0]["target_modules"] = {"phi3": PHI3_TARGETS, "deepseek_v2": MLA_TARGETS,
                                             "deepseek_v3": MLA_TARGETS}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
-    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe"):  # (PEFT loads no LoRA on those MoE models' experts)
+    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"):  # (PEFT loads no LoRA on those MoE models' experts)
         raw = json.loads(cfg.read_text())
-        raw["lora"][0]["target_modules"] = QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None] \
-            if family != "qwen2_moe" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        raw["lora"][0]["target_modules"] = (["q_proj", "k_proj", "v_proj", "o_proj"] if family == "qwen2_moe"
+                                            else QWEN3_NEXT_TARGETS if family == "qwen3_next"
+                                            else QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None])
         cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
