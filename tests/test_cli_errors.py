@@ -303,6 +303,7 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
     ("gemma3", dict(text_config=None), "a gemma3 config needs its text_config"),
     # (transformers divides by it where layer_types is left out)
     ("qwen3_5_text", dict(full_attention_interval=0, layer_types=None), "full_attention_interval must be an integer >= 1"),
+    ("qwen3_next", dict(full_attention_interval=0, layer_types=None), "full_attention_interval must be an integer >= 1"),
 ])
 def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, changes, fragment):
     """A value of the wrong kind in config.json (ChatGLM's and Baichuan's are read as plain JSON,

@@ -397,6 +397,44 @@ def test_ministral3_scales_queries_by_their_position_ids(tmp_path):
         assert (torch.cat(steps, dim=1)[:, 9:] - alone).abs().max() < TOL
 
 
+def test_qwen3_next_configs():
+    """Qwen3-Next's config.json reads as transformers' Qwen3NextConfig reads it: its class's
+    defaults for the keys a config.json leaves out (Qwen3-Next-80B-A3B's shape), the sparse
+    layers by mlp_only_layers and decoder_sparse_step, renormalized weights by norm_topk_prob,
+    the fused linear-attention projections; values transformers would fail on or mlora cannot
+    build are one line naming the key."""
+    import transformers
+
+    from mlora.memory import linear_projection_shapes
+
+    assert llama.args_from_hf_config(dict(model_type="qwen3_next")) == llama.args_from_hf_config(
+        transformers.Qwen3NextConfig())
+    released = llama.args_from_hf_config(dict(model_type="qwen3_next"))
+    assert (released.num_experts, released.num_experts_per_tok, released.moe_intermediate_size,
+            released.shared_expert_intermediate_size, released.norm_topk_prob, released.rotary_dim,
+            released.tie_word_embeddings) == (512, 10, 512, 512, True, 64, False)
+    assert released.layer_kinds == ["linear", "linear", "linear", "attention"] * 12 and all(released.moe_layers)
+    assert linear_projection_shapes(released) == {"in_proj_qkvz": (2048, 2 * 2048 + 2 * 4096),
+                                                  "in_proj_ba": (2048, 64), "out_proj": (4096, 2048)}
+    tiny = dict(model_type="qwen3_next", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=False, partial_rotary_factor=0.5)
+    args = llama.args_from_hf_config(tiny)
+    assert args == llama.args_from_hf_config(transformers.Qwen3NextConfig(**{k: v for k, v in tiny.items()
+                                                                             if k != "model_type"}))
+    assert (args.moe_layers, args.norm_topk_prob, args.rotary_dim, args.linear_fused_projections) == (
+        [False, True, False, False], False, 8, True)
+    for change, message in [(dict(decoder_sparse_step=0), "qwen3_next config decoder_sparse_step must be a positive"),
+                            (dict(num_experts=0), "qwen3_next config num_experts must be a positive"),
+                            (dict(layer_types=["linear_attention"] * 3), "qwen3_next config layer_types must list"),
+                            (dict(linear_num_value_heads=3), r"qwen3_next config linear_num_value_heads \(3\) is not"),
+                            (dict(linear_conv_kernel_dim=1), "qwen3_next config linear_conv_kernel_dim must be at least")]:
+        with pytest.raises(UserError, match=message):
+            llama.args_from_hf_config(dict(tiny, **change))
+
+
 def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
     """Qwen3.5's layer kinds (by layer_types, else every 4th layer softmax attention), its
     linear attention's sizes and the image-text config's head (untied unless it says so);
@@ -560,7 +598,7 @@ def test_config_errors():
                          "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan",
                          "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
                          "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text",
-                         "qwen3_5_moe", "gemma4_text", "gemma4"}
+                         "qwen3_5_moe", "gemma4_text", "gemma4", "qwen3_next"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

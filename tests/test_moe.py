@@ -269,6 +269,16 @@ def test_targets_on_moe_models():
     with pytest.raises(UserError, match=r"attention projections only \(not w1_proj\)"):
         resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "w1_proj"]), qwen2)
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "o_proj"]), qwen2)
+    # Qwen3-Next: transformers converts its experts as Qwen2-MoE's, which PEFT does not load LoRA on
+    qwen3_next = llama.args_from_hf_config(dict(base, model_type="qwen3_next", num_hidden_layers=4, num_experts=4,
+                                                num_experts_per_tok=2,
+                                                linear_num_key_heads=2, linear_num_value_heads=4,
+                                                linear_key_head_dim=16, linear_value_head_dim=16))
+    with pytest.raises(UserError, match="qwen3_next model target the attention projections only"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["in_proj_qkvz", "down_proj"]), qwen3_next)
+    ok = resolve_targets(_cfg(dropout=0.1, target_modules=["out_proj", "in_proj_ba", "in_proj_qkvz", "q_proj"]),
+                         qwen3_next)
+    assert ok.lora[0].target_modules == ["q_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
     # GPT-OSS: gate_up_proj is one LoRA per expert (PEFT's target_parameters), so rsLoRA is fine
     gpt_oss = llama.args_from_hf_config(dict(base, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2))
     assert gpt_oss.fused_gate_up and gpt_oss.gate_up_interleaved and gpt_oss.sliding_window == [128, None]
