@@ -221,3 +221,55 @@ def test_cached_decoding_bf16_matches_transformers():
             mine = ours(x[:, at:at + n], None, cache)
             assert _max_diff(mine, theirs) == 0
         assert cache.states[0][0].dtype == torch.bfloat16
+
+
+def _next_pair() -> tuple[torch.nn.Module, GatedDeltaNet, ModelArgs]:
+    """transformers' Qwen3NextGatedDeltaNet (fused in_proj_qkvz, in_proj_ba) with random
+    parameters, mlora's with the same ones, and mlora's args."""
+    from dataclasses import replace
+
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    config = transformers.Qwen3NextConfig(
+        vocab_size=128, hidden_size=H, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=HK, linear_num_value_heads=HV,
+        linear_key_head_dim=DK, linear_value_head_dim=DV, linear_conv_kernel_dim=K, layer_types=["linear_attention"])
+    ref = Qwen3NextGatedDeltaNet(config, 0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            scale = {"A_log": None, "dt_bias": 1.0, "norm.weight": 0.3, "conv1d.weight": 0.5}.get(name, p.shape[-1] ** -0.5)
+            p.copy_(torch.rand(p.shape, generator=gen) * 2 - 2.5 if scale is None
+                    else (name == "norm.weight") + scale * torch.randn(p.shape, generator=gen))
+    args = replace(_args(), model_type="qwen3_next", linear_fused_projections=True)
+    ours = GatedDeltaNet(args)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours, args
+
+
+def test_qwen3_next_fused_projections_match_transformers():
+    """Qwen3-Next's layer: the same tensors, and from its fused projections (laid out per key
+    head) the outputs of transformers' Qwen3NextGatedDeltaNet in fp32 (padded, over chunks) and
+    bf16, and the gradients of the input and of every parameter."""
+    ref, ours, args = _next_pair()
+    assert sorted(linear_tensor_names(args, "p.")) == sorted("p." + n for n in ours.state_dict())
+    assert {n: t.shape for n, t in ours.state_dict().items()} == {n: t.shape for n, t in ref.state_dict().items()}
+    S = 130
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[1, :9] = False  # left padding
+    x = _x(2, S)
+    w = torch.randn(2, S, H, generator=torch.Generator().manual_seed(3)) * mask[:, :, None]
+    results = []
+    for module, call in ((ref, lambda x: ref(x, attention_mask=mask.long())),
+                         (ours, lambda x: ours(x, LinearMixerInputs(mask, None)))):
+        xg = x.clone().requires_grad_()
+        out = call(xg)
+        (out * w).sum().backward()
+        results.append((out.detach() * mask[:, :, None], xg.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out_ref, x_ref, params_ref), (out_ours, x_ours, params_ours) = results
+    assert _max_diff(out_ours, out_ref) < 1e-5 and _max_diff(x_ours, x_ref) < 1e-5
+    for n, g in params_ref.items():
+        assert _max_diff(params_ours[n], g) < 1e-5 * max(1.0, g.abs().max().item()), n
+    with torch.no_grad():
+        ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+        assert _max_diff(ours(x.bfloat16(), None), ref(x.bfloat16())) <= 1e-2  # (the same ops in the same dtypes)
