@@ -435,13 +435,15 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
 
 
-@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss", "deepseek_v3", "qwen3_5", "gemma4"])
+@pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss", "deepseek_v3", "qwen3_5", "gemma4",
+                                    "qwen3_next"])
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
     """ChatGLM's own tensor names, Gemma 3's image-text layout (its language model's tensors
     and modules under other prefixes, which differ) and Mixtral's experts (block_sparse_moe,
     w1/w3/w2; LoRA on every expert), GPT-OSS's stacked experts (each rank reads its layers'
     slices; their LoRA saved stacked), DeepSeek-V3 (latent attention, shared_experts) and Qwen3.5
-    (image-text tensor names, module names of the text model; linear-attention layers): each
+    (image-text tensor names, module names of the text model; linear-attention layers), Qwen3-Next
+    (fused linear-attention projections, a dense layer among sparse ones): each
     rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
@@ -472,6 +474,9 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     elif family == "qwen3_5":  # layers 0, 1, 3 linear attention, 2 softmax attention
         raw["lora"][0]["target_modules"] = ["in_proj_qkv", "out_proj"]
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "in_proj_z", "in_proj_b", "up_proj", "down_proj"]
+    elif family == "qwen3_next":  # as Qwen3.5's layers; its experts and dense MLP take no LoRA
+        raw["lora"][0]["target_modules"] = ["in_proj_qkvz", "out_proj"]
+        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "in_proj_ba"]
     elif family == "deepseek_v3":  # latent attention; shared_experts named otherwise (no LoRA), a dense layer 0
         raw["lora"][0]["target_modules"] = ["q_b_proj", "kv_b_proj"]
         raw["lora"][1]["target_modules"] = ["q_a_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -487,7 +492,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
               "gemma3": "base_model.model.model.language_model.layers.",
               "gemma4": "base_model.model.model.language_model.layers.",
               "mixtral": "base_model.model.model.layers.", "gpt_oss": "base_model.model.model.layers.",
-              "deepseek_v3": "base_model.model.model.layers.", "qwen3_5": "base_model.model.model.layers."}[family]
+              "deepseek_v3": "base_model.model.model.layers.", "qwen3_5": "base_model.model.model.layers.",
+              "qwen3_next": "base_model.model.model.layers."}[family]
     # q_proj, o_proj and three per expert (Mixtral), or one stacked gate_up_proj and down_proj (GPT-OSS)
     per_layer = 2 + 3 * 4 if family == "mixtral" else 4
     modules = 4 * per_layer
@@ -495,6 +501,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
         modules = 4 * 2 + 3 * 8 * 3
     if family == "qwen3_5":  # q_proj and o_proj in layer 2, in_proj_z and in_proj_b in the others; the MLP's two
         modules = 2 + 3 * 2 + 4 * 2
+    if family == "qwen3_next":  # q_proj and o_proj in layer 2, in_proj_ba in the other three
+        modules = 2 + 3
     assert len(keys) == modules * 2 and all(k.startswith(prefix) for k in keys)
     if family == "mixtral":
         assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2

@@ -79,16 +79,21 @@ def test_recompute_equals_plain_with_dropout(tiny_llama, pack_len):
     assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
 
 
-@pytest.mark.parametrize("pack_len", [None, 24], ids=["padded", "packed"])
-def test_recompute_equals_plain_on_linear_attention(tmp_path, pack_len):
+@pytest.mark.parametrize("family, pack_len", [("qwen3_5_text", None), ("qwen3_5_text", 24), ("qwen3_next", 24)],
+                         ids=["padded", "packed", "qwen3_next-packed"])
+def test_recompute_equals_plain_on_linear_attention(tmp_path, family, pack_len):
     """Qwen3.5's linear-attention layers (their pad mask and packed documents an input of the
-    checkpointed layer) recompute to the same losses and gradients, LoRA dropout included."""
+    checkpointed layer) recompute to the same losses and gradients, LoRA dropout included; so do
+    Qwen3-Next's (fused projections; its MLPs take no LoRA)."""
     from conftest import make_tiny_model
 
-    base = make_tiny_model(tmp_path / "qwen3_5", "qwen3_5_text")
+    base = make_tiny_model(tmp_path / family, family)
     specs = {"a": (4, ["in_proj_qkv", "in_proj_b", "out_proj"], "right"),
              "b": (8, ["q_proj", "o_proj", "in_proj_z", "in_proj_a", "up_proj"], "left"),
              "c": (2, ["in_proj_qkv", "down_proj"], "right")}
+    if family == "qwen3_next":
+        specs = {"a": (4, ["in_proj_qkvz", "out_proj"], "right"), "b": (8, ["q_proj", "o_proj", "in_proj_ba"], "left"),
+                 "c": (2, ["in_proj_qkvz", "in_proj_ba"], "right")}
     ref, ref_states, _ = _run(base, recompute=False, pack_len=pack_len, specs=specs)
     got, states, calls = _run(base, recompute=True, pack_len=pack_len, specs=specs)
     assert calls == 2 * STEPS and all(g.abs().max() > 0 for _, grads in ref for g in grads.values())
