@@ -129,6 +129,18 @@ MOE_TINY = {
                         v_head_dim=12, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
                                                             original_max_position_embeddings=64, mscale=1.0,
                                                             mscale_all_dim=1.0, beta_fast=32.0, beta_slow=1.0)),
+    # Mistral Small 4: DeepSeek-V3's latent attention (RoPE over the rope part only: partial rotary)
+    # with Ministral 3's query scale on an original context of 8, so that queries past position 8
+    # are scaled (the released: 8192); its own router (softmax in the dtype, groups by their two
+    # best scores, renormalized, scaled), a shared expert, layer 0 dense
+    "mistral4": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                     norm_topk_prob=True, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                     rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                          original_max_position_embeddings=8, mscale=1.0, mscale_all_dim=1.0,
+                                          beta_fast=32.0, beta_slow=1.0, llama_4_scaling_beta=0.1,
+                                          partial_rotary_factor=0.5)),
 }
 
 
@@ -144,7 +156,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     """Build a random HF model of `family` (llama | mistral | ministral | ministral3 | qwen2 |
     qwen3 | gemma | gemma2 | gemma3_text | gemma3 | mistral3 (text_family: mistral or ministral3)
     | phi3 | smollm3 | glm | glm4 | granite | olmo2 | olmo3 | chatglm | baichuan | mixtral |
-    qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3 | qwen3_5_text |
+    qwen2_moe | qwen3_moe | olmoe | gpt_oss | glm4_moe | deepseek_v2 | deepseek_v3 | mistral4 | qwen3_5_text |
     qwen3_5_moe_text | qwen3_5 | qwen3_5_moe | qwen3_next), save it as safetensors
     (plus the tiny tokenizer when given) into `path`, and return `path`.
 
@@ -189,6 +201,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "qwen3_5_moe_text": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
         "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "mistral4": (transformers.Mistral4Config, transformers.Mistral4ForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -348,6 +361,10 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32):
         from transformers import Mistral3ForConditionalGeneration
 
         return Mistral3ForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
+    if config.get("model_type") == "mistral4":  # (transformers 5.24's AutoModelForCausalLM does not map it)
+        from transformers import Mistral4ForCausalLM
+
+        return Mistral4ForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     if config.get("position_embedding") != "alibi":
         return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype).eval()
     _register_alibi_attention()

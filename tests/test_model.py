@@ -94,6 +94,14 @@ CASES = {
     "glm4_moe": ("glm4_moe", {}),
     "deepseek_v3": ("deepseek_v3", {}),
     "deepseek_v2": ("deepseek_v2", {}),
+    # Mistral Small 4: DeepSeek-V3's latent attention with queries scaled by position past the
+    # original context (8 here) as Ministral 3's; its router (softmax in the dtype, 2 groups
+    # ranked by their two best scores, renormalized and scaled); experts stacked in the checkpoint
+    "mistral4": ("mistral4", {}),
+    # queries straight from q_proj, RoPE on the two halves, one group, weights not renormalized,
+    # no dense layer, two shared experts
+    "mistral4_q_proj": ("mistral4", dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                                         norm_topk_prob=False, first_k_dense_replace=0, n_shared_experts=2)),
     # Ministral: a window on its sliding_attention layers only; Ministral 3: YaRN, and queries
     # scaled by position past the original context (8 here); both as Mistral 3 image-text models
     "ministral": ("ministral", {}),

@@ -12,6 +12,7 @@ that stack the experts as transformers 5 holds them, and what the configuration 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -174,8 +175,10 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                             *((family, k) for family in ("glm4_moe", "deepseek_v3", "qwen3_5_moe_text",
                                                                          "qwen3_next")
                                               for k in ("auto", "fused", "dense", "loop", "grouped", "triton")),
-                                            # (DeepSeek-V2 differs from V3 by its router only)
-                                            *(("deepseek_v2", k) for k in ("auto", "grouped"))])
+                                            # (DeepSeek-V2 differs from V3 by its router only; Mistral Small 4
+                                            # by its router and query scale)
+                                            *(("deepseek_v2", k) for k in ("auto", "grouped")),
+                                            ("mistral4", "auto")])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
@@ -188,9 +191,9 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
     base = make_tiny_model(tmp_path / family, family)
     every = {"gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
-             "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL, "qwen3_5_moe_text": QWEN3_5_ALL,
+             "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL, "mistral4": MLA_ALL, "qwen3_5_moe_text": QWEN3_5_ALL,
              "qwen3_next": QWEN3_NEXT_ALL}.get(family, ALL7)
-    attention = (["q_b_proj", "kv_b_proj"] if family.startswith("deepseek")
+    attention = (["q_b_proj", "kv_b_proj"] if family.startswith("deepseek") or family == "mistral4"
                  else ["in_proj_qkv", "in_proj_b", "out_proj"] if family.startswith("qwen3_5")
                  else ["in_proj_qkvz", "in_proj_ba", "out_proj"] if family == "qwen3_next" else ["q_proj", "v_proj"])
     specs = {"e1": (4, every), "a": (2, attention), "e2": (8 if kernel != "grouped" else 4, every)}
@@ -279,6 +282,14 @@ def test_targets_on_moe_models():
     ok = resolve_targets(_cfg(dropout=0.1, target_modules=["out_proj", "in_proj_ba", "in_proj_qkvz", "q_proj"]),
                          qwen3_next)
     assert ok.lora[0].target_modules == ["q_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
+    # Mistral Small 4: transformers has no conversion of per-expert tensors for it, nor PEFT of LoRAs
+    mistral4 = llama.args_from_hf_config(dict(base, model_type="mistral4", num_key_value_heads=4, n_routed_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=32, kv_lora_rank=16,
+                                              q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
+    with pytest.raises(UserError, match="mistral4 model target the attention projections only"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "down_proj"]), mistral4)
+    resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
+                    mistral4)
     # GPT-OSS: gate_up_proj is one LoRA per expert (PEFT's target_parameters), so rsLoRA is fine
     gpt_oss = llama.args_from_hf_config(dict(base, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2))
     assert gpt_oss.fused_gate_up and gpt_oss.gate_up_interleaved and gpt_oss.sliding_window == [128, None]
@@ -383,7 +394,7 @@ def test_pipeline_split_weighs_sparse_layers(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe",
-                                        "deepseek_v2", "deepseek_v3"])
+                                        "deepseek_v2", "deepseek_v3", "mistral4"])
 def test_a_config_json_without_the_class_defaults(model_type):
     """A config.json that leaves out what its config class defaults (Mixtral's RoPE base 1e6
     and 8 K/V heads, the Qwen MoE models' K/V heads, the expert counts and widths) reads as the
@@ -652,8 +663,11 @@ def test_a_checkpoint_that_stacks_the_experts_loads(tmp_path, capsys, family):
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, per_expert[name]), name
     ids, mask, _ = _inputs()
+    # (Mistral Small 4's query scale counts a left-padded row's positions from its first real
+    # token, as transformers' generate does; its plain forward does not)
+    extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if ours.args.query_scale_beta else {}
     with torch.no_grad():
-        ref = load_reference(stacked)(input_ids=ids, attention_mask=mask).logits
+        ref = load_reference(stacked)(input_ids=ids, attention_mask=mask, **extra).logits
         diff = (ours(ids, mask) - ref).abs()[mask.bool()]
     assert diff.max() < 1e-4
     i = next(i for i in range(1, ours.args.num_layers) if ours.args.moe_layers[i])  # (Qwen3-Next's tiny layer 1 is dense)
@@ -698,3 +712,69 @@ def test_a_stacked_expert_tensor_of_the_wrong_shape_is_one_line(tmp_path):
         with pytest.raises(UserError, match=f"tensor '{re.escape(name)}' in {re.escape(str(file))} {message}") as e:
             load_model(stacked, "cpu", torch.float32)
         assert "\n" not in str(e.value)
+
+
+def test_mistral4_config_checks():
+    """Mistral Small 4's config: DeepSeek-V3's latent attention keys, its router (model dtype,
+    renormalized by default), Ministral 3's query scale from rope_parameters; what transformers
+    would fail on or mlora would get wrong is one line naming the key."""
+    base = dict(model_type="mistral4", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, n_group=2, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=64,
+                                     mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1,
+                                     partial_rotary_factor=0.5))
+    args = llama.args_from_hf_config(base)
+    assert args.mla and args.rope.interleaved and args.head_dim == 8 and args.rotary_dim is None
+    assert (args.router, args.router_params_fp32, args.routing_weights_fp32, args.norm_topk_prob) == (
+        "grouped_softmax_top2", False, False, True)
+    assert (args.router_groups, args.router_topk_groups, args.extra_layers) == (2, 1, 0)
+    assert (args.query_scale_beta, args.query_scale_period) == (0.1, 64)
+    assert args.shared_expert_intermediate_size == 32 and args.moe_layers == [True, True]
+    assert args.attn_scale == pytest.approx(16 ** -0.5 * (0.1 * math.log(4.0) + 1) ** 2)
+    assert not llama.args_from_hf_config(dict(base, rope_interleave=None)).rope.interleaved  # as transformers
+    no_partial = dict(base["rope_parameters"])
+    del no_partial["partial_rotary_factor"]  # (Mistral4Config sets the default: rope / (nope + rope))
+    assert llama.args_from_hf_config(dict(base, rope_parameters=no_partial)) == args
+    for change, message in [
+            (dict(rope_parameters=dict(base["rope_parameters"], partial_rotary_factor=1.0)),
+             r"mistral4 config rope_parameters partial_rotary_factor \(1.0\) must be qk_rope_head_dim"),
+            (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+             "mistral4 config rope_parameters needs llama_4_scaling_beta"),
+            (dict(n_group=3), r"mistral4 config n_group \(3\)"),
+            (dict(n_routed_experts=1, num_experts_per_tok=1, n_group=1), r"mistral4 config n_group \(1\)"),
+            (dict(qk_nope_head_dim=0), "mistral4 config qk_nope_head_dim must be a positive integer")]:
+        with pytest.raises(UserError, match=message) as e:
+            llama.args_from_hf_config(dict(base, **change))
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups, topk_groups, norm", [(4, 2, True), (1, 1, False), (2, 1, True)])
+def test_mistral4_router_equals_transformers(dtype, groups, topk_groups, norm):
+    """Mistral Small 4's router on the same inputs picks transformers' Mistral4TopkRouter's experts with
+    its weights exactly, in fp32 and in bf16 (its logits and softmax in the model's dtype)."""
+    import transformers
+    from transformers.models.mistral4.modeling_mistral4 import Mistral4TopkRouter
+
+    from mlora.models.moe import SparseMoE
+
+    config = transformers.Mistral4Config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=4, n_group=groups,
+                                         topk_group=topk_groups, norm_topk_prob=norm, routed_scaling_factor=2.5,
+                                         moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=4)
+    args = llama.args_from_hf_config(config)
+    moe = SparseMoE(args, lambda size: torch.nn.Linear(1, 1)).to(dtype)
+    theirs = Mistral4TopkRouter(config).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(16, 64, generator=gen) * 0.5)
+        moe.gate.weight.copy_(theirs.weight)
+        x = torch.randn(200, 64, generator=gen).to(dtype)
+        weights, chosen = moe.route(x)
+        _, their_weights, their_chosen = theirs(x)
+    assert weights.dtype == their_weights.dtype == dtype
+    order, their_order = chosen.argsort(dim=-1), their_chosen.argsort(dim=-1)
+    assert torch.equal(chosen.gather(1, order), their_chosen.gather(1, their_order))
+    assert torch.equal(weights.gather(1, order), their_weights.gather(1, their_order))

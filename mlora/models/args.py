@@ -17,24 +17,27 @@ from mlora.errors import UserError
 FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm",
             "baichuan", "granite", "olmo2", "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe",
-            "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_moe_text", "qwen3_5_moe",
-            "qwen3_next")
+            "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4", "qwen3_5_moe_text",
+            "qwen3_5_moe", "qwen3_next")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
-                "qwen3_5_moe_text", "qwen3_next")
+                "mistral4", "qwen3_5_moe_text", "qwen3_next")
 # Qwen3.5's text models: Gated DeltaNet linear attention in 3 of 4 layers (models/gdn.py)
 QWEN3_5_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 # ... and Qwen3-Next, from which Qwen3.5 descends: the same layers, but its linear attention's
 # input projections fused (in_proj_qkvz, in_proj_ba; models/gdn.py)
 GATED_DELTANET_FAMILIES = (*QWEN3_5_FAMILIES, "qwen3_next")
 # Families with multi-head latent attention (models/mla.py); DeepSeek-V2's and V3's config keys
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
+# (Mistral Small 4's too, with Ministral 3's query scale and a router of its own)
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "mistral4")
 # How a router turns its logits into the chosen experts' weights (models/moe.SparseMoE.route):
 # softmax, then the top k (Mixtral, Qwen-MoE, OLMoE); the top k logits, then their softmax
 # (GPT-OSS); DeepSeek-V3's sigmoid scores, the top k of them plus a per-expert correction bias
 # within the best groups of experts, scaled (GLM-4.5); DeepSeek-V2's softmax, the top k within
-# the groups of the best single scores, scaled and never renormalized.
-ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax")
+# the groups of the best single scores, scaled and never renormalized; Mistral Small 4's softmax
+# in the model's dtype, the top k within the groups whose two best scores sum highest,
+# renormalized (norm_topk_prob) and scaled.
+ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax", "grouped_softmax_top2")
 # Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
 # not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x and Ministral 3 (a
 # mistral or ministral3 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
@@ -467,7 +470,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     rope_params = get("rope_parameters") or {}
     partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
     rotary_dim = None
-    if partial != 1.0:
+    if model_type == "mistral4":  # (head_dim is already the RoPE part; Mistral4Config's partial factor
+        # says which part of nope + rope that is, by default the right one)
+        if rope_params.get("partial_rotary_factor") is not None:
+            _check_mistral4_partial_rotary(get, head_dim, float(rope_params["partial_rotary_factor"]))
+    elif partial != 1.0:
         if model_type not in _PARTIAL_ROTARY:  # the other families' attention turns whole heads
             raise UserError(f"partial_rotary_factor other than 1.0 is not supported for {model_type}")
         rotary_dim = int(head_dim * partial)
@@ -495,7 +502,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     # (DeepSeek-V3: rope_interleave null means no interleaving, as in transformers; DeepSeek-V2
     # always turns adjacent pairs, as complex numbers)
     if (model_type in ("glm", "glm4", "chatglm", "deepseek_v2")
-            or (model_type == "deepseek_v3" and _raw(cfg, "rope_interleave", True))):
+            or (model_type in ("deepseek_v3", "mistral4") and _raw(cfg, "rope_interleave", True))):
         full_rope = replace(full_rope, interleaved=True)
     mla, mla_scale = (_mla_args(get, model_type, head_dim, rope_params or get("rope_scaling") or {})
                       if model_type in MLA_FAMILIES else ({}, None))
@@ -547,7 +554,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         logits_scaling=(_positive_number(float(get("logits_scaling", 1.0)), "granite config logits_scaling")
                         if model_type == "granite" else 1.0),
         attn_sinks=model_type == "gpt_oss",
-        **(_query_scale_args(rope_params) if model_type == "ministral3" else {}),
+        **(_query_scale_args(rope_params, model_type) if model_type in ("ministral3", "mistral4") else {}),
         **(_linear_attention_args(get, num_layers, model_type) if qwen3_5 else {}),
         **gemma4,
         **mla,
@@ -561,7 +568,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     for GLM-4.5 and DeepSeek-V2/V3, num_experts elsewhere)."""
     qwen = model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next")  # (Qwen3-Next: Qwen2-MoE's sparse block)
     qwen3_5 = model_type == "qwen3_5_moe_text"  # every layer sparse, a gated shared expert, renormalized weights
-    deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3")  # DeepSeek's MoE layout and keys
+    deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4")  # DeepSeek's MoE layout and keys
     experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "n_routed_experts" if deepseek
                    else "num_experts")
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
@@ -593,7 +600,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 # (Qwen3.5-MoE's router always renormalizes, whatever the config says)
                 norm_topk_prob=model_type in ("mixtral", "qwen3_5_moe_text") or bool(get("norm_topk_prob", False)),
-                routing_weights_fp32=model_type == "mixtral" or deepseek,
+                routing_weights_fp32=model_type == "mixtral" or (deepseek and model_type != "mistral4"),
                 shared_expert_intermediate_size=shared,
                 moe_layers=sparse, **family)
 
@@ -604,14 +611,17 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
     correction bias that only picks, group-limited top k, scaled weights; or of DeepSeek-V2's:
     softmax scores in fp32, top k within the best groups by `topk_method`, scaled weights; and of
     their ungated shared experts; the number of shared experts; which layers are sparse: all but
-    the first first_k_dense_replace)."""
-    v2 = model_type == "deepseek_v2"
+    the first first_k_dense_replace). Mistral Small 4's: softmax scores in the model's dtype (its
+    router has no fp32 weights), top k within the groups whose two best scores sum highest,
+    renormalized by norm_topk_prob and scaled."""
+    v2, mistral4 = model_type == "deepseek_v2", model_type == "mistral4"
     if v2:
         _check_deepseek_v2_router(get)
     grouped = not v2 or get("topk_method", "greedy") == "group_limited_greedy"  # (V2's greedy: one group)
     groups = _positive_int(get("n_group", 1), f"{model_type} config n_group") if grouped else 1
     topk_groups = _positive_int(get("topk_group", 1), f"{model_type} config topk_group") if grouped else 1
-    if experts % groups or topk_groups > groups or (groups > 1 and experts // groups < 2):
+    # (Mistral Small 4 sums each group's two best scores even with one group)
+    if experts % groups or topk_groups > groups or ((groups > 1 or mistral4) and experts // groups < 2):
         raise UserError(f"{model_type} config n_group ({groups}) and topk_group ({topk_groups}) do not fit "
                         f"{experts} experts")
     if top_k > experts // groups * topk_groups:
@@ -619,10 +629,13 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
     counts = {}
     for key in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
         counts[key] = get(key, 0)
+        if mistral4 and key == "num_nextn_predict_layers":  # (Mistral4Config has none: no MTP layers)
+            counts[key] = 0
         if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 0:
             raise UserError(f"{model_type} config {key} must be a non-negative integer, got {counts[key]!r}")
     scaling = _positive_number(get("routed_scaling_factor", 1.0), f"{model_type} config routed_scaling_factor")
-    router = dict(router="grouped_softmax" if v2 else "sigmoid", router_params_fp32=True, router_groups=groups,
+    router = dict(router="grouped_softmax" if v2 else "grouped_softmax_top2" if mistral4 else "sigmoid",
+                  router_params_fp32=not mistral4, router_groups=groups,
                   router_topk_groups=topk_groups,
                   routed_scaling=scaling, shared_expert_gated=False, extra_layers=counts["num_nextn_predict_layers"])
     return router, counts["n_shared_experts"], [i >= counts["first_k_dense_replace"] for i in range(num_layers)]
@@ -714,19 +727,30 @@ def _linear_attention_args(get, num_layers: int, model_type: str = "qwen3_5_text
                 linear_fused_projections=model_type == "qwen3_next")
 
 
-def _query_scale_args(rope_params: Mapping) -> dict:
-    """Ministral 3's position-dependent query scale (transformers' get_llama_4_attn_scale): its
-    beta and period from rope_parameters, both required (transformers fails without them)."""
+def _query_scale_args(rope_params: Mapping, model_type: str) -> dict:
+    """Ministral 3's and Mistral Small 4's position-dependent query scale (transformers'
+    get_llama_4_attn_scale): its beta and period from rope_parameters, both required
+    (transformers fails without them)."""
     beta, period = rope_params.get("llama_4_scaling_beta"), rope_params.get("original_max_position_embeddings")
     if beta is None or period is None:
-        raise UserError("ministral3 config rope_parameters needs llama_4_scaling_beta and "
+        raise UserError(f"{model_type} config rope_parameters needs llama_4_scaling_beta and "
                         "original_max_position_embeddings (the queries' position-dependent scale)")
     beta = float(beta)
     if not math.isfinite(beta) or beta < 0:
-        raise UserError(f"ministral3 config rope_parameters llama_4_scaling_beta must be >= 0, got {beta!r}")
+        raise UserError(f"{model_type} config rope_parameters llama_4_scaling_beta must be >= 0, got {beta!r}")
     return dict(query_scale_beta=beta,
-                query_scale_period=_positive_int(period, "ministral3 config rope_parameters "
+                query_scale_period=_positive_int(period, f"{model_type} config rope_parameters "
                                                          "original_max_position_embeddings"))
+
+
+def _check_mistral4_partial_rotary(get, rope_dim: int, partial: float) -> None:
+    """Mistral4Config's head_dim is nope + rope and its RoPE turns int(head_dim * partial) dims
+    (by default partial = rope / head_dim); transformers fails on any other count than the
+    queries' and keys' rope part (qk_rope_head_dim), which mlora turns."""
+    head_dim = _positive_int(get("qk_nope_head_dim"), "mistral4 config qk_nope_head_dim") + rope_dim
+    if int(head_dim * partial) != rope_dim:
+        raise UserError(f"mistral4 config rope_parameters partial_rotary_factor ({partial}) must be qk_rope_head_dim / "
+                        f"(qk_nope_head_dim + qk_rope_head_dim) = {rope_dim}/{head_dim}")
 
 
 def _check_deepseek_v2_router(get) -> None:
@@ -837,7 +861,19 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                     "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
                                     "num_key_value_heads": 128, "max_position_embeddings": 4096,
                                     "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-                                    "qk_nope_head_dim": 128, "v_head_dim": 128, "num_nextn_predict_layers": 1}}
+                                    "qk_nope_head_dim": 128, "v_head_dim": 128, "num_nextn_predict_layers": 1},
+                    # Mistral4Config's (Mistral Small 4's shape; its YaRN and query scale)
+                    "mistral4": {"vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 12288,
+                                 "moe_intermediate_size": 2048, "num_hidden_layers": 36, "num_attention_heads": 32,
+                                 "num_key_value_heads": 32, "n_shared_experts": 1, "n_routed_experts": 128,
+                                 "routed_scaling_factor": 1.0, "kv_lora_rank": 256, "q_lora_rank": 1024,
+                                 "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 64, "n_group": 1,
+                                 "topk_group": 1, "num_experts_per_tok": 4, "first_k_dense_replace": 0,
+                                 "norm_topk_prob": True, "max_position_embeddings": 1048576,
+                                 "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
+                                                     "original_max_position_embeddings": 8192, "beta_fast": 32.0,
+                                                     "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                                                     "llama_4_scaling_beta": 0.1}}}
 
 
 # ChatGLMConfig's defaults (configuration_chatglm.py), for keys a config.json leaves out

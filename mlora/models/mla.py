@@ -1,4 +1,5 @@
-"""Multi-head latent attention (MLA): DeepSeek-V2's and V3's attention (and Kimi K2's, Moonlight's).
+"""Multi-head latent attention (MLA): DeepSeek-V2's and V3's attention (and Kimi K2's, Moonlight's,
+Mistral Small 4's, which scales each query after RoPE by its position as Ministral 3 does).
 
 Queries come from the hidden state directly (`q_proj`) or through a low-rank bottleneck
 (`q_a_proj` -> RMSNorm -> `q_b_proj`). Keys and values come from one compressed latent:
@@ -82,7 +83,8 @@ class LatentAttention(nn.Module):
         q_rot = apply_rope(q_rot, cos, sin, self.interleaved).to(q.dtype)
         k_rot = apply_rope(k_rot[:, None], cos, sin, self.interleaved).to(q.dtype)  # [B, 1, S, dr]: every head's
         q = torch.cat([q_pass, q_rot], dim=-1)  # [B, nh, S, dn + dr]
-        assert q_scale is None, "no latent-attention family scales its queries by position"
+        if q_scale is not None:  # Mistral Small 4: Ministral 3's factor on each whole query, cast first as transformers
+            q = q * q_scale.to(q.dtype)
         k = torch.cat([k_pass, k_rot.expand(B, nh, S, self.rope_dim)], dim=-1)  # [B, nh, S, dn + dr]
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nh, T, .]: the cached tokens' too

@@ -1,5 +1,5 @@
 """The sparse MLP of mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
-GLM-4.5, DeepSeek-V2, DeepSeek-V3.
+GLM-4.5, DeepSeek-V2, DeepSeek-V3, Mistral Small 4.
 
 A linear router scores every token against every expert; each token goes to its
 `num_experts_per_tok` best experts (softmax probabilities, renormalized over the chosen ones
@@ -9,7 +9,9 @@ scaled by a sigmoid gate. GPT-OSS's router has a bias and takes the softmax of t
 its experts have biases and a clamped GLU (llama.MLP). GLM-4.5's router is DeepSeek-V3's (sigmoid
 scores, a correction bias, groups of experts; _sigmoid_route), and its shared experts are ungated.
 DeepSeek-V2's router takes softmax scores within the groups of the best single scores, scaled and
-never renormalized (_grouped_softmax_route).
+never renormalized (_grouped_softmax_route). Mistral Small 4's takes softmax scores in the model's
+dtype within the groups whose two best scores sum highest, renormalized and scaled
+(_grouped_top2_softmax_route); its shared experts are DeepSeek-V3's.
 
 The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
@@ -119,6 +121,8 @@ class SparseMoE(nn.Module):
             return self._sigmoid_route(logits)
         if self.router == "grouped_softmax":
             return self._grouped_softmax_route(logits)
+        if self.router == "grouped_softmax_top2":
+            return self._grouped_top2_softmax_route(logits)
         if self.router == "topk_softmax":
             top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
             return torch.softmax(top, dim=-1), chosen
@@ -159,6 +163,25 @@ class SparseMoE(nn.Module):
             keep = self._best_groups(scores.view(N, self.groups, E // self.groups).amax(dim=-1))  # [N, E]
             scores = scores.masked_fill(~keep, 0.0)  # (a softmax score is > 0: a kept expert still wins)
         weights, chosen = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [N, k] each
+        return weights * self.scaling, chosen
+
+    def _grouped_top2_softmax_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Mistral Small 4's router (transformers' Mistral4TopkRouter): softmax scores in the
+        logits' dtype (the model's: no fp32 router); only the experts of the topk_groups groups
+        whose two best scores sum highest may be picked; the top k scores are the weights,
+        renormalized (norm_topk_prob) and scaled, in that dtype. logits [N, E] -> (weights
+        [N, k], experts [N, k])."""
+        N, E = logits.shape
+        scores = logits.softmax(dim=-1)  # [N, E]
+        for_choice = scores
+        if self.topk_groups < self.groups:
+            per_group = scores.view(N, self.groups, E // self.groups)  # [N, G, E/G]
+            keep = self._best_groups(per_group.topk(2, dim=-1)[0].sum(dim=-1))  # [N, E]
+            for_choice = scores.masked_fill(~keep, 0.0)  # (a softmax score is > 0: a kept expert still wins)
+        chosen = torch.topk(for_choice, k=self.top_k, dim=-1, sorted=False)[1]  # [N, k]
+        weights = scores.gather(1, chosen)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, chosen
 
     def _best_groups(self, group_scores: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ names them as Qwen's MoE models do: `mlp.experts.{e}.gate_proj`, `up_proj`, `dow
 GPT-OSS's router is `mlp.router`, and its checkpoints stack each layer's experts into one
 tensor per projection, of which each of mlora's per-expert modules reads a slice
 (`StackedSlice`); so may the other MoE families' (`experts_stacked`, as transformers 5 holds
-them). GLM-4.5's and DeepSeek-V3's shared experts are `mlp.shared_experts`.)
+them). GLM-4.5's, DeepSeek-V2/V3's and Mistral Small 4's shared experts are `mlp.shared_experts`.)
 
 mlora's modules always carry LLaMA's names (`model.layers.3.self_attn.qkv_proj`), which the
 LoRA, quantization, pipeline and memory code rely on. ChatGLM's and Baichuan's checkpoints
@@ -71,7 +71,8 @@ _SHARED_EXPERTS = (("model.layers.{i}.mlp.shared_expert.", "model.layers.{i}.mlp
 _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mistral3": _IMAGE_TEXT,
           "qwen3_5": _LANGUAGE_MODEL, "qwen3_5_moe": _LANGUAGE_MODEL, "gemma4": _LANGUAGE_MODEL,
           "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
-          "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS}
+          "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS,
+          "mistral4": _SHARED_EXPERTS}
 
 # GPT-OSS stores a sparse layer's experts stacked, one tensor per projection for all experts:
 # `mlp.experts.gate_up_proj` [E, in, out] and `mlp.experts.gate_up_proj_bias` [E, out] (the
@@ -90,7 +91,7 @@ _STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<ki
 # is). Both are nn.Linear's layout per expert: mlora's gate_proj and up_proj are the halves of
 # gate_up_proj's rows. (Mixtral's sparse MLP is then `mlp`, transformers 5's name for block_sparse_moe.)
 GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
-                   "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
+                   "mistral4", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
 _GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
                       r"(?P<proj>gate|up|down)_proj\.weight")
 
