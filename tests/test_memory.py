@@ -725,6 +725,12 @@ DEEPSEEK_V3 = dataclasses.replace(GLM4_MOE, model_type="deepseek_v3", attention_
 DEEPSEEK_V2 = dataclasses.replace(DEEPSEEK_V3, model_type="deepseek_v2", q_lora_rank=0, router="grouped_softmax",
                                   norm_topk_prob=False)
 MLA_ALL = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Mistral Small 4: DeepSeek-V3's latent attention with queries scaled past position 8, its router in
+# the model's dtype (groups by their two best scores, renormalized), LoRA on attention only (PEFT
+# loads none on its experts)
+MISTRAL4 = dataclasses.replace(DEEPSEEK_V3, model_type="mistral4", router="grouped_softmax_top2",
+                               router_params_fp32=False, routing_weights_fp32=False, query_scale_beta=0.1,
+                               query_scale_period=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -741,8 +747,10 @@ MLA_ALL = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", 
     (DEEPSEEK_V3, [(4, 0.0), (8, 0.0)], MLA_ALL),
     (DEEPSEEK_V3, [(8, 0.1)], ("q_b_proj", "kv_b_proj", "o_proj")),
     (DEEPSEEK_V2, [(4, 0.0), (8, 0.0)], ("q_proj", *MLA_ALL[2:])),
+    (MISTRAL4, [(4, 0.0), (8, 0.1)], MLA_ALL[:5]),
 ], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
-        "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents", "deepseek_v2"])
+        "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents", "deepseek_v2",
+        "mistral4"])
 def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's

@@ -605,8 +605,8 @@ def test_config_errors():
     assert SUPPORTED == {"llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma",
                          "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan",
                          "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
-                         "glm4_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text",
-                         "qwen3_5_moe", "gemma4_text", "gemma4", "qwen3_next"}
+                         "glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4", "qwen3_5_text", "qwen3_5",
+                         "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen3_next"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"

@@ -568,7 +568,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("glm4", {}), ("granite", {}), ("olmo2", {}), ("olmo3", {}),
                                               ("gemma3", {}), ("qwen3_moe", dict(mlp_only_layers=[1])),
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
-                                              ("deepseek_v3", {}), ("deepseek_v2", {}), ("ministral", {}),
+                                              ("deepseek_v3", {}), ("deepseek_v2", {}), ("mistral4", {}),
+                                              ("ministral", {}),
                                               ("mistral3", dict(text_family="ministral3")), ("qwen3_5", {}),
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
                                               ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1))])
@@ -580,7 +581,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     after the sublayers, q/k norms over whole projections; a sliding layer), Gemma 3's image-text
     layout (the vision tower's q/k/v_proj left alone), Qwen3-MoE (LoRA on every expert; a dense
     layer without), Qwen2-MoE (its attention), GLM-4.5 (its router, a shared expert and a dense
-    layer without LoRA on their MLPs), DeepSeek-V2/V3 (latent attention's five projections), GPT-OSS (attention sinks; LoRA on its stacked
+    layer without LoRA on their MLPs), DeepSeek-V2/V3 and Mistral Small 4 (latent attention's five
+    projections; Mistral Small 4's queries scaled by position), GPT-OSS (attention sinks; LoRA on its stacked
     experts as PEFT's target_parameters): mlora trains an adapter on every projection, and PEFT
     on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
@@ -591,10 +593,12 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
-    if family in ("phi3", "glm", "glm4", "gpt_oss", "deepseek_v2", "deepseek_v3"):
+    if family in ("phi3", "glm", "glm4", "gpt_oss", "deepseek_v2", "deepseek_v3", "mistral4"):
         raw = json.loads(cfg.read_text())
+        # (Mistral Small 4: its latent attention only, PEFT loads no LoRA on its experts)
         raw["lora"][0]["target_modules"] = {"phi3": PHI3_TARGETS, "deepseek_v2": MLA_TARGETS,
-                                            "deepseek_v3": MLA_TARGETS}.get(family, GLM_TARGETS)
+                                            "deepseek_v3": MLA_TARGETS,
+                                            "mistral4": MLA_TARGETS[:5]}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
     if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"):  # (PEFT loads no LoRA on those MoE models' experts)
         raw = json.loads(cfg.read_text())
