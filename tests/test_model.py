@@ -207,7 +207,7 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen2_sliding", "mistral_sliding", "rope_llama3",
                                   "qwen3_bias_sliding", "gemma2", "gemma3", "phi3_partial_sliding", "smollm3",
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
-                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite",
+                                  "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite", "mistral4",
                                   "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v",
                                   "qwen3_next"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
