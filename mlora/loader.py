@@ -122,7 +122,8 @@ def _check_full_attention_interval(raw: dict, model_type: str, config_file: Path
 
 def _check_quantization_config(qc, model_type: str, config_file: Path) -> None:
     """A checkpoint stored quantized is read only in the formats mlora dequantizes at load: GPT-OSS's
-    MXFP4 experts (models/mxfp4.py) and block-scaled FP8 (DeepSeek-V3's; models/fp8.py)."""
+    MXFP4 experts (models/mxfp4.py) and FP8, block-scaled (DeepSeek-V3's) or per-tensor (Mistral
+    Small 4's, Ministral 3's; models/fp8.py)."""
     if qc is None:
         return
     if not isinstance(qc, dict):
@@ -131,18 +132,24 @@ def _check_quantization_config(qc, model_type: str, config_file: Path) -> None:
     if method == "mxfp4" and model_type == "gpt_oss":
         return
     if method == "fp8":
-        if _fp8_block(qc) is None:
-            raise UserError(f"{config_file}: quantization_config quant_method 'fp8' without a weight_block_size "
-                            "(per-tensor FP8) is not supported; block-scaled FP8 is")
+        if _fp8_scheme(qc) is None:
+            raise UserError(f"{config_file}: quantization_config weight_block_size must be two positive integers "
+                            f"(block-scaled FP8) or null (per-tensor FP8), got {qc['weight_block_size']!r}")
         return
     raise UserError(f"{config_file}: a checkpoint stored with quantization_config quant_method {method!r} is not "
-                    "supported (mlora reads full-precision, GPT-OSS's MXFP4 and block-scaled FP8 weights; "
+                    "supported (mlora reads full-precision, GPT-OSS's MXFP4 and FP8 weights; "
                     "load the full-precision model and quantize with --load_4bit / --load_8bit)")
 
 
-def _fp8_block(qc) -> tuple[int, int] | None:
-    """An FP8 quantization_config's weight_block_size, e.g. (128, 128); None if it has none."""
-    block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+def _fp8_scheme(qc) -> tuple[int, int] | str | None:
+    """An FP8 quantization_config's scales: its weight_block_size, e.g. (128, 128) (transformers'
+    FineGrainedFP8Config default when the key is absent), or fp8.PER_TENSOR when it is null; None
+    for no FP8 quantization_config (or a weight_block_size of neither form)."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != "fp8":
+        return None
+    block = qc.get("weight_block_size", (128, 128))
+    if block is None:
+        return fp8.PER_TENSOR
     if (isinstance(block, (list, tuple)) and len(block) == 2
             and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         return tuple(block)
@@ -298,7 +305,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     for stored_name in by_stored:
         by_file[index[sources[stored_name][0]]].append(stored_name)
     read_device = "cpu" if quant is not None or any(stacked.values()) else str(device)
-    fp8_block = _fp8_block(getattr(cfg, "quantization_config", None))  # (DeepSeek-V3's FP8 releases)
+    fp8_scheme = _fp8_scheme(getattr(cfg, "quantization_config", None))  # (block: DeepSeek-V3's; per-tensor: Mistral's)
     for file, stored_names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device=read_device) as f:
@@ -306,11 +313,13 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                 for stored_name in stored_names:
                     names = by_stored[stored_name]
                     if any(stacked[n] is not None for n in names):
-                        shape, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device)
+                        halved = stacked[names[0]].half is not None
+                        shape, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device,
+                                                      fp8_scheme, halved)
                         if shape[0] != args.num_experts:
                             raise UserError(f"tensor {stored_name!r} in {file} stacks {shape[0]} experts but "
                                             f"config.json implies {args.num_experts}")
-                        if len(sources[stored_name]) == 1:  # (MXFP4's: each expert is checked when placed)
+                        if sources[stored_name][0] == stored_name:  # (MXFP4's: each expert is checked when placed)
                             # the whole tensor, before any slice of it: one of the wrong width would
                             # split gate_up_proj's gate rows from its up rows at the wrong row
                             want = stacked[names[0]].stacked_shape(args.num_experts,
@@ -324,8 +333,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                     if stored_name not in present:
                         raise UserError(f"tensor {stored_name!r} is missing from {file}")
                     tensor = f.get_tensor(stored_name)
-                    if tensor.dtype in fp8.FP8_DTYPES:  # DeepSeek-V3's releases: block-scaled FP8
-                        tensor = _dequantize_fp8(f, file, stored_name, tensor, sources[stored_name], index, fp8_block)
+                    if tensor.dtype in fp8.FP8_DTYPES:  # DeepSeek-V3's (block) and Mistral's (per-tensor) releases
+                        tensor = _dequantize_fp8(f, file, stored_name, tensor, sources[stored_name], index, fp8_scheme)
                     for name in names:
                         place(name, tensor, stored_name)
         except UserError:
@@ -350,6 +359,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # `model.visual`), Qwen3.5's multi-token-prediction layer (`mtp.`), a tied head's copy.
 _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector|model\.visual|mtp)\.|"
                         r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio)\.|"  # (Gemma 4's)
+                        r".*[._]activation_scale$|"  # (per-tensor FP8's static activation scheme: run-time only)
                         r"^(language_model\.)?lm_head\.weight$")
 
 
@@ -380,17 +390,19 @@ def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:
 
 
 def _dequantize_fp8(f, file: Path, name: str, weight: torch.Tensor, parts_of: tuple[str, ...],
-                    index: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
-    """A block-FP8 weight read with its scales (models/fp8.py), in fp32; block: the config's
-    weight_block_size."""
-    if block is None or len(parts_of) < 2:
-        raise UserError(f"tensor {name!r} in {file} is float8 but " + ("config.json has no FP8 quantization_config "
-                        "with a weight_block_size" if block is None else f"{fp8.scale_name(name)!r} is missing"))
+                    index: dict[str, Path], scheme: tuple[int, int] | str | None) -> torch.Tensor:
+    """An FP8 weight read with its scales (models/fp8.py), in fp32; scheme: the config's
+    weight_block_size, or fp8.PER_TENSOR."""
+    if scheme is None or len(parts_of) < 2:
+        raise UserError(f"tensor {name!r} in {file} is float8 but " + ("config.json has no FP8 quantization_config"
+                        if scheme is None else f"{fp8.scale_name(name)!r} is missing"))
     scale = _read_other(f, file, parts_of[1], index).to(weight.device)  # (another shard's is read to the CPU)
     try:
-        return fp8.dequantize(weight, scale, block)
+        if scheme == fp8.PER_TENSOR:
+            return fp8.dequantize_per_tensor(weight, scale)
+        return fp8.dequantize(weight, scale, scheme)
     except ValueError as e:
-        raise UserError(f"{file}: {name}: {e}") from None
+        raise UserError(f"{file}: {parts_of[1]}: {e}") from None
 
 
 def _read_other(f, file: Path, name: str, index: dict[str, Path]) -> torch.Tensor:
@@ -407,24 +419,33 @@ def _read_other(f, file: Path, name: str, index: dict[str, Path]) -> torch.Tenso
 
 
 def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], index: dict[str, Path],
-                  dtype: torch.dtype, device: torch.device
-                  ) -> tuple[tuple[int, ...], Callable[[StackedSlice], torch.Tensor]]:
+                  dtype: torch.dtype, device: torch.device, fp8_scheme: tuple[int, int] | str | None = None,
+                  halved: bool = False) -> tuple[tuple[int, ...], Callable[[StackedSlice], torch.Tensor]]:
     """A stacked expert tensor (f reads to the CPU, mapped, not copied): (its shape, its MXFP4
     blocks' if so stored, and a function giving one expert's slice in nn.Linear's layout). Stored in
-    MXFP4, each expert is dequantized when asked for, on `device`, so that no whole stacked tensor is
-    ever held in full precision (and a GPU does the work)."""
+    MXFP4 or per-tensor FP8, each expert is dequantized when asked for, on `device`, so that no whole
+    stacked tensor is ever held in full precision (and a GPU does the work). halved: the tensor is
+    gate_up_proj, whose per-tensor FP8 scales are one per expert and half."""
     if parts_of[0] not in present:
         raise UserError(f"tensor {parts_of[0]!r} is missing from {file}")
     if len(parts_of) == 1 or parts_of[1] == fp8.scale_name(parts_of[0]):
         # GPT-OSS's [E, in, out] (a weight) or [E, out] (a bias); the other families' [E, out, in]
         # (gate_up_proj: [E, 2 * I, H], gate rows then up rows)
         stacked = f.get_tensor(parts_of[0])
-        if stacked.dtype in fp8.FP8_DTYPES:  # (dequantized per 2D weight only, fp8.py)
-            raise UserError(f"tensor {parts_of[0]!r} in {file} stacks experts in FP8, which mlora does not read "
-                            "(FP8 experts stored one tensor per expert are read)")
+        if stacked.dtype in fp8.FP8_DTYPES:
+            scales = _stacked_fp8_scales(f, file, parts_of, index, stacked.shape, fp8_scheme, halved)
+        else:
+            scales = None
 
         def expert(part: StackedSlice) -> torch.Tensor:
-            weight = stacked[part.expert].t() if part.transposed else stacked[part.expert]
+            weight = stacked[part.expert]
+            if scales is not None:  # [2, 1] (gate, up) or [1, 1]: this expert's (half's) one scale
+                scale = scales[part.expert]
+                if part.half is not None:
+                    weight, scale = weight.chunk(2)[part.half], scale[part.half]
+                weight = fp8.dequantize_per_tensor(weight.to(device), scale.to(device))
+                return weight.t() if part.transposed else weight
+            weight = weight.t() if part.transposed else weight
             return weight if part.half is None else weight.chunk(2)[part.half]
 
         return tuple(stacked.shape), expert
@@ -442,6 +463,26 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
             raise UserError(f"{file}: {blocks_name}: {e}") from None
 
     return tuple(blocks.shape), expert
+
+
+def _stacked_fp8_scales(f, file: Path, parts_of: tuple[str, ...], index: dict[str, Path], shape: torch.Size,
+                        scheme: tuple[int, int] | str | None, halved: bool) -> torch.Tensor:
+    """A stacked FP8 expert tensor's per-tensor scales (on the CPU), checked whole: [E, 2, 1] for
+    gate_up_proj, [E, 1, 1] otherwise. Block-scaled stacked experts are refused (fp8.py dequantizes
+    those per 2D weight)."""
+    name = parts_of[0]
+    if scheme != fp8.PER_TENSOR:
+        raise UserError(f"tensor {name!r} in {file} stacks experts in FP8, which mlora reads only with per-tensor "
+                        "scales (quantization_config weight_block_size null; block-scaled FP8 experts stored one "
+                        "tensor per expert are read)")
+    if len(parts_of) < 2:
+        raise UserError(f"tensor {name!r} in {file} is float8 but {fp8.scale_name(name)!r} is missing")
+    scales = _read_other(f, file, parts_of[1], index)
+    want = fp8.per_expert_scale_shape(shape[0], halved)
+    if tuple(scales.shape) != want:
+        raise UserError(f"tensor {parts_of[1]!r} in {index[parts_of[1]]} has shape {tuple(scales.shape)} but per-tensor "
+                        f"FP8 scales of {name} {tuple(shape)} are {want}")
+    return scales
 
 
 def _warn_unused_tensors(stored: set[str], used: set[str], base: Path) -> None:

@@ -581,7 +581,9 @@ def test_a_block_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, c
         diff = (ours(ids, mask) - ref(input_ids=ids, attention_mask=mask).logits).abs()[mask.bool()]
     assert diff.max() < 1e-4
     for qc, message in [({"quant_method": "awq", "bits": 4}, "quantization_config quant_method 'awq' is not supported"),
-                        ({"quant_method": "fp8"}, "'fp8' without a weight_block_size"),
+                        ({"quant_method": "fp8", "weight_block_size": [16]}, "weight_block_size must be two positive"),
+                        # (absent: transformers' 128 x 128, which the 16 x 16 blocks' scales do not fit)
+                        ({"quant_method": "fp8"}, r"scales \(2, 4\) do not fit a 24 x 64 weight in blocks of 128 x 128"),
                         ("fp8", "quantization_config must be an object")]:
         config["quantization_config"] = qc
         (out / "config.json").write_text(json.dumps(config))
@@ -697,7 +699,7 @@ def test_a_quantized_base_from_stacked_experts_equals_one_from_per_expert_tensor
 def test_a_stacked_expert_tensor_of_the_wrong_shape_is_one_line(tmp_path):
     """A stacked tensor is checked whole before any expert's slice of it is read (a wrong width would
     split the gate rows from the up rows elsewhere): one line naming the tensor and its file. So is
-    one in FP8, which is dequantized per 2D weight only."""
+    one in FP8 without per-tensor scales (block-scaled FP8 is dequantized per 2D weight only)."""
     from safetensors.torch import load_file, save_file
 
     stacked = _stacked_checkpoint(make_tiny_model(tmp_path / "per_expert", "qwen3_moe"), tmp_path / "stacked")
