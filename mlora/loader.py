@@ -398,7 +398,10 @@ def _dequantize_fp8(f, file: Path, name: str, weight: torch.Tensor, parts_of: tu
                         if scheme is None else f"{fp8.scale_name(name)!r} is missing"))
     scale = _read_other(f, file, parts_of[1], index).to(weight.device)  # (another shard's is read to the CPU)
     try:
-        if scheme == fp8.PER_TENSOR:
+        # One scale is per tensor whatever the config says: transformers reads the blocks from the
+        # scale's shape, so a per-tensor checkpoint whose config leaves weight_block_size out (its
+        # default: 128 x 128) loads there too
+        if scheme == fp8.PER_TENSOR or scale.numel() == 1:
             return fp8.dequantize_per_tensor(weight, scale)
         return fp8.dequantize(weight, scale, scheme)
     except ValueError as e:
@@ -471,14 +474,15 @@ def _stacked_fp8_scales(f, file: Path, parts_of: tuple[str, ...], index: dict[st
     gate_up_proj, [E, 1, 1] otherwise. Block-scaled stacked experts are refused (fp8.py dequantizes
     those per 2D weight)."""
     name = parts_of[0]
-    if scheme != fp8.PER_TENSOR:
-        raise UserError(f"tensor {name!r} in {file} stacks experts in FP8, which mlora reads only with per-tensor "
-                        "scales (quantization_config weight_block_size null; block-scaled FP8 experts stored one "
-                        "tensor per expert are read)")
+    if scheme is None:
+        raise UserError(f"tensor {name!r} in {file} is float8 but config.json has no FP8 quantization_config")
     if len(parts_of) < 2:
         raise UserError(f"tensor {name!r} in {file} is float8 but {fp8.scale_name(name)!r} is missing")
     scales = _read_other(f, file, parts_of[1], index)
     want = fp8.per_expert_scale_shape(shape[0], halved)
+    if scheme != fp8.PER_TENSOR and tuple(scales.shape) != want:  # (per tensor by their shape: as transformers)
+        raise UserError(f"tensor {name!r} in {file} stacks experts in FP8, which mlora reads only with per-tensor "
+                        f"scales ({want}; block-scaled FP8 experts stored one tensor per expert are read)")
     if tuple(scales.shape) != want:
         raise UserError(f"tensor {parts_of[1]!r} in {index[parts_of[1]]} has shape {tuple(scales.shape)} but per-tensor "
                         f"FP8 scales of {name} {tuple(shape)} are {want}")

@@ -699,7 +699,7 @@ def test_a_quantized_base_from_stacked_experts_equals_one_from_per_expert_tensor
 def test_a_stacked_expert_tensor_of_the_wrong_shape_is_one_line(tmp_path):
     """A stacked tensor is checked whole before any expert's slice of it is read (a wrong width would
     split the gate rows from the up rows elsewhere): one line naming the tensor and its file. So is
-    one in FP8 without per-tensor scales (block-scaled FP8 is dequantized per 2D weight only)."""
+    one in FP8 in a checkpoint whose config.json declares no FP8 quantization."""
     from safetensors.torch import load_file, save_file
 
     stacked = _stacked_checkpoint(make_tiny_model(tmp_path / "per_expert", "qwen3_moe"), tmp_path / "stacked")
@@ -708,7 +708,8 @@ def test_a_stacked_expert_tensor_of_the_wrong_shape_is_one_line(tmp_path):
     name = "model.layers.1.mlp.experts.gate_up_proj"  # [4, 96, 64]
     for wrong, message in [(torch.zeros(4, 98, 64), r"has shape \(4, 98, 64\) but config.json implies \(4, 96, 64\)"),
                            (torch.zeros(3, 96, 64), "stacks 3 experts but config.json implies 4"),
-                           (torch.zeros(4, 96, 64, dtype=torch.float8_e4m3fn), "stacks experts in FP8")]:
+                           (torch.zeros(4, 96, 64, dtype=torch.float8_e4m3fn),
+                            "is float8 but config.json has no FP8 quantization_config")]:
         scale = {name + "_scale_inv": torch.ones(4, 1, 1)} if wrong.dtype == torch.float8_e4m3fn else {}
         save_file({**tensors, name: wrong, **scale}, file, metadata={"format": "pt"})
         with pytest.raises(UserError, match=f"tensor '{re.escape(name)}' in {re.escape(str(file))} {message}") as e:
