@@ -26,7 +26,7 @@ import torch
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
 from mlora.models.args import GATED_DELTANET_FAMILIES, IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES
-from mlora.models.naming import GATE_UP_STACKED, Naming, StackedSlice, naming_for
+from mlora.models.naming import GATE_UP_STACKED, NATIVE_MARK, Naming, StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
     from transformers import PretrainedConfig
@@ -103,7 +103,7 @@ def _tied_as_transformers_ties(base: Path, raw: dict, args: ModelArgs) -> ModelA
         stored = weight_index(base)
     except UserError:  # (no weights yet: whoever loads them says so)
         return args
-    if naming_for(args.model_type).to_checkpoint("lm_head.weight") in stored:
+    if _checkpoint_naming(args, None, stored).to_checkpoint("lm_head.weight") in stored:
         return replace(args, tie_word_embeddings=False)
     return args
 
@@ -358,7 +358,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # the image-text models' vision towers and projectors (mlora trains the language model; Qwen3.5's
 # `model.visual`), Qwen3.5's multi-token-prediction layer (`mtp.`), a tied head's copy.
 _UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector|model\.visual|mtp)\.|"
-                        r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio)\.|"  # (Gemma 4's)
+                        r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio|multi_modal_projector)\.|"  # (Gemma 4's, Mistral 3's)
                         r".*[._]activation_scale$|"  # (per-tensor FP8's static activation scheme: run-time only)
                         r"^(language_model\.)?lm_head\.weight$")
 
@@ -368,13 +368,16 @@ _ROUTER = re.compile(r".*\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 def _checkpoint_naming(args: ModelArgs, family, index: dict[str, Path]) -> Naming:
     """The checkpoint's naming: for a GATE_UP_STACKED family whose checkpoint stacks its experts as
-    transformers 5 holds them (any one of them: then all are read so), the stacked one."""
-    if args.model_type in GATE_UP_STACKED:
-        stacked = naming_for(args.model_type, experts_stacked=True)
+    transformers 5 holds them (any one of them: then all are read so), the stacked one; for a mistral3
+    one named as transformers 5's modules (`model.language_model.*`: Mistral Small 4's release), that.
+    family None: the naming of the non-expert tensors only."""
+    native = args.model_type == "mistral3" and NATIVE_MARK in index
+    if args.model_type in GATE_UP_STACKED and family is not None:
+        stacked = naming_for(args.model_type, experts_stacked=True, native=native)
         parts = map(stacked.stacked_slice, family.tensor_names(args))
         if any(part is not None and part.tensor in index for part in parts):
             return stacked
-    return naming_for(args.model_type)
+    return naming_for(args.model_type, native=native)
 
 
 def _sources_of(tensor: str, index: dict[str, Path], naming) -> tuple[str, ...]:

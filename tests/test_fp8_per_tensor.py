@@ -74,8 +74,10 @@ def _fp8_pair(tmp_path, family: str, static: bool = True, block_key: bool = True
     128 x 128, which the one-element scales overrule there: it reads blocks from their shapes)."""
     from safetensors.torch import load_file
 
-    base = make_tiny_model(tmp_path / "base", "mistral4" if family == "mistral4" else family)
-    if family == "mistral4":  # the experts stacked as Mistral Small 4's release stores them
+    # (mistral3_mistral4: Mistral Small 4's image-text release, model.language_model.*)
+    text = dict(text_family="mistral4") if family == "mistral3_mistral4" else {}
+    base = make_tiny_model(tmp_path / "base", "mistral3" if text else family, **text)
+    if family in ("mistral4", "mistral3_mistral4"):  # the experts stacked as Mistral Small 4's release stores them
         base = _stacked_checkpoint(base, tmp_path / "stacked")
     fp8, full = _quantize(load_file(base / "model.safetensors"), static)
     config = json.loads((base / "config.json").read_text())
@@ -90,7 +92,7 @@ def _fp8_pair(tmp_path, family: str, static: bool = True, block_key: bool = True
 
 @pytest.mark.parametrize("family,static,block_key", [("mistral4", True, True), ("ministral3", True, True),
                                                      ("mistral", False, True), ("mistral3", True, True),
-                                                     ("mistral4", False, False)])
+                                                     ("mistral4", False, False), ("mistral3_mistral4", True, True)])
 def test_a_per_tensor_fp8_checkpoint_loads_to_its_dequantized_weights(tmp_path, capsys, family, static, block_key):
     fp8_dir, full_dir = _fp8_pair(tmp_path, family, static, block_key)
     capsys.readouterr()
@@ -99,7 +101,7 @@ def test_a_per_tensor_fp8_checkpoint_loads_to_its_dequantized_weights(tmp_path, 
     ref = load_model(full_dir, "cpu", torch.float32)
     scales = [n for n in ours.loaded_tensor_names if n.endswith("_scale_inv")]
     assert scales and not any("activation_scale" in n for n in ours.loaded_tensor_names)
-    if family == "mistral4":
+    if family in ("mistral4", "mistral3_mistral4"):
         assert any(n.endswith("mlp.experts.gate_up_proj_scale_inv") for n in scales)
     state = ref.state_dict()
     for name, tensor in ours.state_dict().items():

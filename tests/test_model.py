@@ -109,6 +109,8 @@ CASES = {
     "ministral3_tied": ("ministral3", dict(tie_word_embeddings=True)),
     "mistral3": ("mistral3", dict(sliding_window=4)),
     "mistral3_ministral3": ("mistral3", dict(text_family="ministral3")),
+    # Mistral Small 4's release: a Mistral 3 image-text model around a mistral4 one (experts stacked)
+    "mistral3_mistral4": ("mistral3", dict(text_family="mistral4")),
     # Qwen3.5: Gated DeltaNet linear attention in layers 0, 1, 3 (GQA-like key heads, a causal
     # conv, decays, a gated norm), gated softmax attention in layer 2, (1 + w) norms, RoPE on a
     # quarter of each head; its MoE (a gated shared expert, renormalized weights); the
@@ -827,3 +829,25 @@ def test_alibi_slopes_and_bias():
     cached = alibi_bias(2, allowed, 3, 2, torch.device("cpu"), torch.bfloat16)  # [1, 2, 2, 5]
     assert cached.dtype == torch.bfloat16 and cached.shape == (1, 2, 2, 5)
     assert cached[0, 1, 1].tolist() == [inf, *(torch.tensor([-3.0, -2.0, -1.0, 0.0]) * s[1]).bfloat16().tolist()]
+
+
+def test_mistral_small_4_release_layout_loads(tmp_path, capsys):
+    """Mistral Small 4's release: a Mistral 3 image-text checkpoint whose tensors are named as
+    transformers 5 holds them (`model.language_model.*`, `lm_head`), experts stacked, loads to the
+    model of the `language_model.model.*` checkpoint and gives transformers' logits."""
+    from conftest import load_reference
+    from test_moe import _stacked_checkpoint
+
+    base = make_tiny_model(tmp_path / "m", "mistral3", text_family="mistral4")
+    native = _stacked_checkpoint(base, tmp_path / "native")
+    capsys.readouterr()
+    ours = load_model(native, "cpu", torch.float32)
+    assert "unused" not in capsys.readouterr().err
+    assert any(n.startswith("model.language_model.layers.") and n.endswith(".mlp.experts.gate_up_proj")
+               for n in ours.loaded_tensor_names)
+    state = load_model(base, "cpu", torch.float32).state_dict()
+    assert all(torch.equal(t, state[n]) for n, t in ours.state_dict().items())
+    ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, S, dtype=torch.bool)
+    with torch.no_grad():
+        _assert_close_on_real(ours(ids, mask), load_reference(native)(input_ids=ids, attention_mask=mask).logits, mask)

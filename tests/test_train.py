@@ -570,7 +570,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("qwen2_moe", {}), ("gpt_oss", {}), ("glm4_moe", {}),
                                               ("deepseek_v3", {}), ("deepseek_v2", {}), ("mistral4", {}),
                                               ("ministral", {}),
-                                              ("mistral3", dict(text_family="ministral3")), ("qwen3_5", {}),
+                                              ("mistral3", dict(text_family="ministral3")),
+                                              ("mistral3", dict(text_family="mistral4")), ("qwen3_5", {}),
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
                                               ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1))])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
@@ -593,12 +594,13 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
-    if family in ("phi3", "glm", "glm4", "gpt_oss", "deepseek_v2", "deepseek_v3", "mistral4"):
+    if family in ("phi3", "glm", "glm4", "gpt_oss", "deepseek_v2", "deepseek_v3", "mistral4") or (
+            overrides.get("text_family") == "mistral4"):
         raw = json.loads(cfg.read_text())
-        # (Mistral Small 4: its latent attention only, PEFT loads no LoRA on its experts)
+        # (Mistral Small 4, text-only or image-text: its latent attention only, PEFT loads no LoRA on its experts)
         raw["lora"][0]["target_modules"] = {"phi3": PHI3_TARGETS, "deepseek_v2": MLA_TARGETS,
-                                            "deepseek_v3": MLA_TARGETS,
-                                            "mistral4": MLA_TARGETS[:5]}.get(family, GLM_TARGETS)
+                                            "deepseek_v3": MLA_TARGETS, "mistral4": MLA_TARGETS[:5],
+                                            "mistral3": MLA_TARGETS[:5]}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
     if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"):  # (PEFT loads no LoRA on those MoE models' experts)
         raw = json.loads(cfg.read_text())

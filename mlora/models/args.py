@@ -39,9 +39,9 @@ MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "mistral4")
 # renormalized (norm_topk_prob) and scaled.
 ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax", "grouped_softmax_top2")
 # Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
-# not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x and Ministral 3 (a
-# mistral or ministral3 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
-IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3"),
+# not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x, Ministral 3 and Mistral
+# Small 4 (a mistral, ministral3 or mistral4 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
+IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3", "mistral4"),
                        "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",)}
 # Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
 # (Qwen3.5's head follows text_config's flag: args_from_hf_config)

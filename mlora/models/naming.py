@@ -42,13 +42,22 @@ _BAICHUAN = (("model.layers.{i}.self_attn.qkv_proj.", "model.layers.{i}.self_att
 # Mistral3ForConditionalGeneration name them (what PEFT sees)
 _IMAGE_TEXT = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
 _IMAGE_TEXT_MODULES = (("model.", "model.language_model."),)
+# Mistral 3's: its language model may be Mistral Small 4's (mistral4), whose shared experts are
+# `mlp.shared_experts` (below); the rule is idle for its dense language models. Its checkpoints
+# name the language model either as transformers 4 (and transformers 5's save_pretrained) wrote
+# them, `language_model.model.*`, or as transformers 5 holds them in memory (its modules' names),
+# `model.language_model.*` with `lm_head` unprefixed (Mistral Small 4's release: `native`)
+_MISTRAL3 = (("model.layers.{i}.mlp.shared_expert.", "language_model.model.layers.{i}.mlp.shared_experts."),
+             *_IMAGE_TEXT)
+_MISTRAL3_MODULES = (("model.layers.{i}.mlp.shared_expert.", "model.language_model.layers.{i}.mlp.shared_experts."),
+                     *_IMAGE_TEXT_MODULES)
 # Qwen3.5's and Gemma 4's image-text checkpoints name the language model `model.language_model.`
 # (the head stays `lm_head`). For Qwen3.5, transformers' AutoModelForCausalLM builds the text
 # model from them, whose modules carry mlora's names (and PEFT's adapter keys with them); for
 # Gemma 4 it builds the image-text model, whose modules are named as the tensors.
 _LANGUAGE_MODEL = (("model.", "model.language_model."),)
 # The families whose modules (what PEFT sees) are not named as their tensors are
-_MODULE_RULES = {"gemma3": _IMAGE_TEXT_MODULES, "mistral3": _IMAGE_TEXT_MODULES, "gemma4": _LANGUAGE_MODEL,
+_MODULE_RULES = {"gemma3": _IMAGE_TEXT_MODULES, "mistral3": _MISTRAL3_MODULES, "gemma4": _LANGUAGE_MODEL,
                  "qwen3_5": (), "qwen3_5_moe": ()}
 
 # A projection's own name in each family (PEFT's target_modules match the last name part).
@@ -68,7 +77,7 @@ _GPT_OSS = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.mlp.router."),)
 # `mlp.shared_expert`, Qwen2-MoE's name)
 _SHARED_EXPERTS = (("model.layers.{i}.mlp.shared_expert.", "model.layers.{i}.mlp.shared_experts."),)
 # The families whose checkpoints name tensors otherwise, and their rules
-_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mistral3": _IMAGE_TEXT,
+_RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mistral3": _MISTRAL3,
           "qwen3_5": _LANGUAGE_MODEL, "qwen3_5_moe": _LANGUAGE_MODEL, "gemma4": _LANGUAGE_MODEL,
           "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
           "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS,
@@ -91,7 +100,8 @@ _STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<ki
 # is). Both are nn.Linear's layout per expert: mlora's gate_proj and up_proj are the halves of
 # gate_up_proj's rows. (Mixtral's sparse MLP is then `mlp`, transformers 5's name for block_sparse_moe.)
 GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
-                   "mistral4", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
+                   "mistral4", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
+                   "mistral3")  # (Mistral 3's: Mistral Small 4's experts; its dense models have none)
 _GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
                       r"(?P<proj>gate|up|down)_proj\.weight")
 
@@ -126,9 +136,10 @@ class Naming:
 
     family: str | None = None  # None: the checkpoint uses mlora's names
     experts_stacked: bool = False  # a GATE_UP_STACKED family's checkpoint that stacks the experts
+    native: bool = False  # a mistral3 checkpoint named as transformers 5's modules (`model.language_model.*`)
 
     def _rules(self, modules: bool = False) -> tuple[tuple[str, str], ...]:
-        if modules and self.family in _MODULE_RULES:
+        if (modules or self.native) and self.family in _MODULE_RULES:
             return _MODULE_RULES[self.family]
         if self.experts_stacked and self.family == "mixtral":  # (transformers 5's names: mlora's)
             return ()
@@ -211,9 +222,15 @@ class Naming:
         return _LEAVES.get(self.family, {}).get(projection, projection)
 
 
-def naming_for(model_type: str, experts_stacked: bool = False) -> Naming:
-    """The family's naming; experts_stacked: of a checkpoint that stacks a GATE_UP_STACKED family's experts."""
+def naming_for(model_type: str, experts_stacked: bool = False, native: bool = False) -> Naming:
+    """The family's naming; experts_stacked: of a checkpoint that stacks a GATE_UP_STACKED family's experts;
+    native: of a mistral3 checkpoint that names its tensors as transformers 5's modules (NATIVE_MARK)."""
+    assert not native or model_type == "mistral3", model_type
     if experts_stacked:
         assert model_type in GATE_UP_STACKED, model_type
-        return Naming(model_type, experts_stacked=True)
-    return Naming(model_type if model_type in _RULES else None)
+        return Naming(model_type, experts_stacked=True, native=native)
+    return Naming(model_type if model_type in _RULES else None, native=native)
+
+
+# The tensor whose presence tells a `native` mistral3 checkpoint
+NATIVE_MARK = "model.language_model.embed_tokens.weight"
