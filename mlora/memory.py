@@ -340,7 +340,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         # alibi.py's float mask, shared by every layer: [B, nh, S, S'] (S' = S rounded up to
         # 16), or [1, nh, S, S'] when causality is all there is to hide
         batch += (rows if explicit_mask else min(rows, 1)) * args.num_heads * seq_len * _round_up(seq_len, 16) * e
-    in_batch = len(adapters) if active_adapters is None else min(active_adapters, len(adapters))
+    in_batch = _adapters_in_batch(len(adapters), active_adapters)
     # LoRA that every layer's groups share or keep: on an MoE model, the experts' LoRA keeps
     # nothing beyond its call (lora.InputGroup.transient), and the dense layers' MLPs have none
     kept = _without_mlp(adapters) if args.is_moe else adapters
@@ -477,8 +477,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
     # dropped-out copy and a mask of each input (counting fused's or triton's underestimated it)
-    in_batch = len(adapters) if active is None else max(1, min(active, len(adapters)))
-    many = kernel in ("auto", "auto_triton") and in_batch > mlora.lora.DENSE_MAX_ADAPTERS
+    many = (kernel in ("auto", "auto_triton")
+            and _adapters_in_batch(len(adapters), active) > mlora.lora.DENSE_MAX_ADAPTERS)
     for group, members in _input_groups(args):
         if not set(members) & set(here):
             continue
@@ -523,6 +523,12 @@ def _effective_kernel(kernel: str | None, shared: bool, device: torch.device | N
     return kernel
 
 
+def _adapters_in_batch(resident: int, active: int | None) -> int:
+    """How many of `resident` adapters one fused batch holds: at most `active`
+    (train_lora_simultaneously_num; None: all of them)."""
+    return resident if active is None else max(1, min(active, resident))
+
+
 def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str, k: int = 1,
                    mlp_only: bool = False) -> int:
     """C: the hidden's columns per token of one layer when every row is multiplied by every
@@ -530,7 +536,7 @@ def _dense_columns(adapters: list[LoraShape], active: int | None, kernel: str, k
     the kernels that keep only each row's own adapter. k: passes of each token through the
     MLP's targets (an MoE layer's experts per token); mlp_only: those targets' columns only."""
     columns = sorted((_columns(a, k, mlp_only) for a in adapters), reverse=True)  # per adapter
-    in_batch = len(columns) if active is None else max(1, min(active, len(columns)))
+    in_batch = _adapters_in_batch(len(columns), active)
     # Every batch is dense under an explicit 'dense', 'fused' or 'triton'; auto's dense (fused)
     # batches hold up to DENSE_MAX_ADAPTERS (larger ones go grouped or loop, which keep less).
     capped = min(in_batch, mlora.lora.DENSE_MAX_ADAPTERS)
@@ -552,7 +558,7 @@ def _lora_hidden_per_token(adapters: list[LoraShape], e: int, active: int | None
         return {"lora_hidden": max(_columns(a, k) for a in adapters) * e, "lora_mask": 0}
     # [N, C] over every row for the batch's (costliest) adapters; dense, with more than one
     # of them, also keeps the bool [N, C] mask its product saves for the backward.
-    several = (len(adapters) if active is None else min(active, len(adapters))) > 1
+    several = _adapters_in_batch(len(adapters), active) > 1
     return {"lora_hidden": width * e, "lora_mask": width if kernel == "dense" and several else 0}
 
 

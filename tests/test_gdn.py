@@ -161,13 +161,18 @@ def _capture_projection_outputs(module: torch.nn.Module) -> list[torch.Tensor]:
     return outs
 
 
+def _left_padded_batch(S: int = 130):
+    """Two rows of S tokens, the second left-padded by 9: (mask [2, S], x [2, S, H], w: random
+    weights of the output, zero on the padding)."""
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[1, :9] = False
+    w = torch.randn(2, S, H, generator=torch.Generator().manual_seed(3)) * mask[:, :, None]
+    return mask, _x(2, S), w
+
+
 def test_gradients_match_transformers():
     ref, ours = _pair()
-    S = 130
-    mask = torch.ones(2, S, dtype=torch.bool)
-    mask[1, :9] = False  # left padding
-    x = _x(2, S)
-    w = torch.randn(2, S, H, generator=torch.Generator().manual_seed(3)) * mask[:, :, None]
+    mask, x, w = _left_padded_batch()
     results = []
     for module, call in ((ref, lambda x: ref(x, attention_mask=mask.long())),
                          (ours, lambda x: ours(x, LinearMixerInputs(mask, None)))):
@@ -254,11 +259,7 @@ def test_qwen3_next_fused_projections_match_transformers():
     ref, ours, args = _next_pair()
     assert sorted(linear_tensor_names(args, "p.")) == sorted("p." + n for n in ours.state_dict())
     assert {n: t.shape for n, t in ours.state_dict().items()} == {n: t.shape for n, t in ref.state_dict().items()}
-    S = 130
-    mask = torch.ones(2, S, dtype=torch.bool)
-    mask[1, :9] = False  # left padding
-    x = _x(2, S)
-    w = torch.randn(2, S, H, generator=torch.Generator().manual_seed(3)) * mask[:, :, None]
+    mask, x, w = _left_padded_batch()
     results = []
     for module, call in ((ref, lambda x: ref(x, attention_mask=mask.long())),
                          (ours, lambda x: ours(x, LinearMixerInputs(mask, None)))):
