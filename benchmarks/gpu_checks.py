@@ -281,6 +281,25 @@ def check_triton_kernels(device) -> list[dict]:
     return out
 
 
+def device_ms(fn, device, steps: int) -> float:
+    """Milliseconds of one call of fn: on CUDA the mean of `steps` after 3 warm-up calls, by
+    CUDA events; elsewhere (dry runs) one call's wall time."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def time_group(device, kernel: str, n_tokens=16384, steps=20) -> float:
     """Milliseconds of one forward + backward of TinyLlama's q/k/v input group with 4
     adapters (r = 16, dropout 0.05) in bf16 under `kernel` ("base": the three frozen GEMMs
@@ -304,16 +323,7 @@ def time_group(device, kernel: str, n_tokens=16384, steps=20) -> float:
         def step():
             ys = [m(x) for m in members]
             torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
-        for _ in range(3):
-            step()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / steps
+        return device_ms(step, device, steps)
     finally:
         lora_module.kernel = previous
 
@@ -323,6 +333,43 @@ def check_group_timing(device) -> dict:
     GEMMs alone (what the LoRA side adds is the difference)."""
     ms = {k: time_group(device, k) for k in ("base", "fused", "triton", "dense")}
     return {"check": "q/k/v group fwd+bwd ms (TinyLlama shape, 16384 tokens, 4 adapters)", "ms": ms,
+            "informational": True, "ok": True}
+
+
+# The backward kernels' bf16 tiles before 2026-11-29's enlargement (their SASS issued 0.87 and
+# 0.50 instructions per element at C = 192, the new 0.38 and 0.32; benchmarks/RESULTS.md):
+# timed side by side, so that the device says whether the larger tiles are faster there too.
+PREVIOUS_TILES = {"up_masked": dict(BM=64, BK=128, BC=64, num_warps=8),
+                  "grad_a": dict(BC=256, BK=64, BT=64, num_warps=8)}
+
+
+def check_triton_tiles(device, steps=20) -> dict:
+    """Informational: milliseconds of up_masked and grad_a with their current tiles and the
+    previous ones, bf16, at TinyLlama's q/k/v (K 2048, C 192) and down_proj (K 5632, C 64)
+    inputs, 16384 tokens."""
+    from mlora import lora_triton
+    from mlora.lora_fused import DropoutRows
+
+    cuda = device.type == "cuda"  # else a dry run through Triton's interpreter, tiny shapes
+    ms = lambda fn: device_ms(fn, device, steps)  # noqa: E731
+
+    out, n = {}, 16384 if cuda else 160
+    for name, k, c in ((("q/k/v", 2048, 192), ("down_proj", 5632, 64)) if cuda else (("q/k/v", 272, 48),)):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, k, device=device, generator=g, dtype=torch.bfloat16)
+        a = torch.randn(c, k, device=device, generator=g, dtype=torch.bfloat16)
+        dh = torch.randn(n, c, device=device, generator=g, dtype=torch.bfloat16)
+        drops = [DropoutRows(i * n // 4, (i + 1) * n // 4, 0.05, torch.Generator(device=device).manual_seed(i))
+                 for i in range(4)]
+        plan = lora_triton.draw(drops, n, device)
+        _, bits = lora_triton.down(x, a, torch.ones(c, device=device), plan)
+        out[name] = {
+            "up_masked": {"now": ms(lambda: lora_triton.up_masked(dh, a, bits)),
+                          "previous": ms(lambda: lora_triton.up_masked(dh, a, bits, config=PREVIOUS_TILES["up_masked"]))},
+            "grad_a": {"now": ms(lambda: lora_triton.grad_a(dh, x, bits)),
+                       "previous": ms(lambda: lora_triton.grad_a(dh, x, bits, config=PREVIOUS_TILES["grad_a"]))},
+            "down": ms(lambda: lora_triton.down(x, a, torch.ones(c, device=device), plan))}
+    return {"check": "triton kernels' ms, current vs previous tiles (bf16, 16384 tokens)", "ms": out,
             "informational": True, "ok": True}
 
 
@@ -386,6 +433,7 @@ def main() -> int:
         check(f"fused(triton) vs solo(triton), {dtype}", check_fused_vs_solo, device, dtype, "triton", tol, "triton")
     if device.type == "cuda":
         check("group timing", check_group_timing, device)
+        check("triton tiles", check_triton_tiles, device)
     return 0 if all(r["ok"] for r in results if not r.get("informational")) else 1
 
 

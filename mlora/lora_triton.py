@@ -153,14 +153,21 @@ def down_config(C: int, fp32: bool) -> dict:
 
 
 def up_masked_config(C: int, fp32: bool) -> dict:
-    return dict(BM=64, BK=128, BC=_pow2(C, 16, 64), num_warps=8)
+    # Large output tiles: the epilogue (the bits unpacked into the accumulator's layout, the
+    # masking, the store's layout change) is a fixed cost per tile, most of this kernel's
+    # instructions at 64 x 128 (0.87 per element at C = 192, 0.38 at 128 x 256; RESULTS.md).
+    if fp32:
+        return dict(BM=64, BK=128, BC=_pow2(C, 16, 64), num_warps=8)
+    return dict(BM=128, BK=256, BC=_pow2(C, 16, 64), num_warps=8)
 
 
 def grad_a_config(C: int, fp32: bool) -> dict:
-    # The whole C in one tile where it fits (x read and its mask drawn once per tile of C).
+    # The whole C in one tile where it fits (x read and masked once per tile of C); 128 columns
+    # of x a tile, so that each [BT, C] tile of dh loaded serves twice as many (0.50 -> 0.32
+    # instructions per element at C = 192).
     if fp32:
         return dict(BC=_pow2(C, 16, 128), BK=64, BT=16, num_warps=8)
-    return dict(BC=_pow2(C, 16, 256), BK=64, BT=64, num_warps=8)
+    return dict(BC=_pow2(C, 16, 256), BK=128, BT=64, num_warps=8)
 
 
 MASK_CONFIG = dict(BM=32, BK=64)
@@ -192,16 +199,16 @@ def unpack(bits: torch.Tensor, k: int) -> torch.Tensor:
     return lanes.reshape(bits.shape[0], -1)[:, :k].bool()
 
 
-def up_masked(dh: torch.Tensor, a_all: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def up_masked(dh: torch.Tensor, a_all: torch.Tensor, bits: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """dx [N, K] = (dh @ a_all) * keep, in dh's dtype; dh [N, C], a_all [C, K], keep from
-    `down`'s bits."""
+    `down`'s bits. config: launch settings other than up_masked_config's (benchmarks)."""
     N, C = dh.shape
     K = a_all.shape[1]
     a_all = a_all.contiguous()
     if dh.stride(1) != 1:
         dh = dh.contiguous()
     dx = torch.empty(N, K, dtype=dh.dtype, device=dh.device)
-    config = up_masked_config(C, dh.dtype == torch.float32)
+    config = config or up_masked_config(C, dh.dtype == torch.float32)
     grid = (_cdiv(N, config["BM"]), _cdiv(K, config["BK"]))
     with _on(dh.device):
         _kernels().up_masked_kernel[grid](dh, a_all, dx, bits, N, K, C, bits.shape[1], dh.stride(0),
@@ -209,16 +216,18 @@ def up_masked(dh: torch.Tensor, a_all: torch.Tensor, bits: torch.Tensor) -> torc
     return dx
 
 
-def grad_a(dh: torch.Tensor, x2d: torch.Tensor, bits: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+def grad_a(dh: torch.Tensor, x2d: torch.Tensor, bits: torch.Tensor, splits: int | None = None,
+           config: dict | None = None) -> torch.Tensor:
     """dA [C, K] fp32 = dh^T @ (x2d * keep), keep from `down`'s bits. The token dimension is split over `splits`
-    programs per output tile (default: enough to fill the GPU) and the partial sums added."""
+    programs per output tile (default: enough to fill the GPU) and the partial sums added.
+    config: launch settings other than grad_a_config's (benchmarks)."""
     N, C = dh.shape
     K = x2d.shape[1]
     if N == 0:
         return torch.zeros(C, K, dtype=torch.float32, device=dh.device)
     if dh.stride(1) != 1:
         dh = dh.contiguous()
-    config = grad_a_config(C, dh.dtype == torch.float32)
+    config = config or grad_a_config(C, dh.dtype == torch.float32)
     BC, BK, BT = config["BC"], config["BK"], config["BT"]
     tiles = _cdiv(K, BK) * _cdiv(C, BC)
     if splits is None:

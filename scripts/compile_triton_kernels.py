@@ -8,10 +8,14 @@ Hopper's wgmma, and, where Triton's bundled ptxas is found, registers and spill 
 
 --cost also prints a static cost per kernel, where Triton's bundled nvdisasm is found: the
 machine instructions (SASS) one tile executes, per element of the input it masks, summed over
-warps ("warp-instructions per element"; the main loop's body for down and grad_a, the whole
-kernel for up_masked, whose loop over C runs once at these widths). A rough guide to whether a
-kernel is bound by its instructions or by memory: reading a bf16 input at the H200's 4.8 TB/s
-leaves an SM about 0.22 warp-instructions per element at two instructions a cycle.
+warps ("warp-instructions per element"; the main loop's body for down and grad_a, whose loops
+run 32 times and more at these shapes; for up_masked the whole kernel, its loop over C counted
+as often as it runs, ceil(C / BC) times). A rough guide to whether a kernel is bound by its
+instructions or by memory: reading a bf16 input at the H200's 4.8 TB/s leaves an SM about 0.22
+warp-instructions per element at two instructions a cycle.
+
+A kernel that needs more shared memory than one block of the target may have (227 KiB on
+sm_90) compiles but cannot launch: that counts as a failure too.
 
 Two calls are specialised as Triton's runtime would: a fused batch (4 adapters, 512-token rows,
 everything divisible by 16) and a solo run (1 adapter, 37-token rows, C = 64).
@@ -35,6 +39,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real: the interpreter's 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SKIP = 77
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch settings, not the kernels' constexprs
+# The most dynamic shared memory one block may use, in bytes, by compute capability x 10.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 TABLES = dict(owner_ptr="*i32", seed_ptr="*i64", table_ptr="*i32", G="i32", S="i32")
 
@@ -88,7 +95,7 @@ def ptxas_report(ptx: str, arch: int) -> tuple[str, bool]:
         os.unlink(f.name)
 
 
-def sass_cost(compiled, name: str, config: dict) -> str:
+def sass_cost(compiled, name: str, config: dict, columns: int) -> str:
     """" sass=<warp-instructions per element>" of a compiled kernel (see the module docstring),
     or "" without nvdisasm or without a loop where one is expected."""
     import triton
@@ -113,13 +120,15 @@ def sass_cost(compiled, name: str, config: dict) -> str:
     loops = [(labels[m.group(1)], at) for at, text in instructions
              for m in [re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)] if m and labels.get(m.group(1), at) < at]
     warps = config.get("num_warps", 4)
-    if name == "up_masked_kernel":
-        count, elements = len(instructions), config["BM"] * config["BK"]
+    longest = max(loops, key=lambda loop: loop[1] - loop[0]) if loops else None  # the main loop
+    body = sum(longest[0] <= at <= longest[1] for at, _ in instructions) if longest else 0
+    if name == "up_masked_kernel":  # the whole kernel, its loop over C as often as it runs
+        count = len(instructions) + (max(1, -(-columns // config["BC"])) - 1) * body
+        elements = config["BM"] * config["BK"]
     else:
         if not loops:
             return ""
-        start, end = max(loops, key=lambda loop: loop[1] - loop[0])  # the main loop: the longest
-        count = sum(start <= at <= end for at, _ in instructions)
+        count = body
         elements = config["BM" if name != "grad_a_kernel" else "BT"] * config["BK"]
     return f" sass={count * warps / elements:.2f}/element"
 
@@ -157,7 +166,7 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
     failed = False
     for name, signature, config in kernels(args.dtype, columns):
         fn = getattr(philox_kernels, name)
-        constexprs = {k: v for k, v in config.items() if k != "num_warps"}
+        constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
         if "IEEE" in fn.arg_names:
             constexprs["IEEE"] = args.dtype == "fp32"
         # Specialised as Triton's runtime does for a TinyLlama-like call: an integer equal to
@@ -174,7 +183,7 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
             return SKIP
         try:
             compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
-                                      options=dict(num_warps=config.get("num_warps", 4)))
+                                      options={k: v for k, v in config.items() if k in LAUNCH_OPTIONS})
         except Exception as err:  # noqa: BLE001 - report which kernel and why
             failed = True
             print(f"FAIL {name}: {type(err).__name__}: {str(err).strip()[:3000]}")
@@ -183,9 +192,13 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
         mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
         report, spilled = ptxas_report(ptx, args.arch)
         if args.cost and name != "mask_kernel":
-            report += sass_cost(compiled, name, config)
+            report += sass_cost(compiled, name, config, columns)
+        too_big = compiled.metadata.shared > SHARED_LIMIT.get(args.arch, 1 << 30)
+        if too_big:
+            report += f" (more shared memory than a block may have: {SHARED_LIMIT[args.arch]})"
+        spilled |= too_big
         failed |= spilled
-        print(f"{'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
+        print(f"{'FAIL ' if too_big else 'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
     return 1 if failed else 0
 
 

@@ -198,9 +198,7 @@ def test_gpu_checks_count_synchronising_operations_only():
     synchronizing operations") is not one (its first H200 run counted it: 1.33 per step)."""
     import warnings
 
-    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _gpu_checks()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
@@ -218,9 +216,30 @@ def test_gpu_checks_triton_kernel_check_runs_on_the_cpu():
 
     if _triton_unavailable():
         pytest.skip(_triton_unavailable())
-    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _gpu_checks()
     results = module.check_triton_kernels(torch.device("cpu"))
     assert len(results) == 2 and all(r["ok"] for r in results), results
     assert all(r["rel_err"]["bits"] == 0.0 for r in results)
+
+
+def test_gpu_checks_tile_timing_runs_on_the_cpu():
+    """gpu_checks.py's timing of the triton backward kernels with their current and previous
+    tiles, as a dry run on the CPU (interpreted, one small shape): the previous tiles it passes
+    still launch, and it reports every timing."""
+    import torch
+
+    if _triton_unavailable():
+        pytest.skip(_triton_unavailable())
+    module = _gpu_checks()
+    result = module.check_triton_tiles(torch.device("cpu"))
+    timings = result["ms"]["q/k/v"]
+    assert set(timings) == {"up_masked", "grad_a", "down"}
+    assert all(t > 0 for kernel in ("up_masked", "grad_a") for t in timings[kernel].values())
+
+
+def _gpu_checks():
+    """benchmarks/gpu_checks.py as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -100,12 +100,21 @@ def test_threshold_is_the_rate_on_16_bits():
 @pytest.mark.parametrize("c", [24, 300], ids=["one C tile", "several C tiles"])
 def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows, c):
     """Several C tiles: each draws the mask, the first writes its bits."""
+    _check_kernels(dtype, factor_rows, c, n=70, k=100)  # no dimension a multiple of a tile
+
+
+def test_kernels_match_torch_over_several_output_tiles():
+    """bf16's backward tiles are large (up_masked 128 x 256, grad_a 128 columns of x): rows and
+    columns over several of them, neither a multiple of one."""
+    _check_kernels(torch.bfloat16, True, 40, n=300, k=530)
+
+
+def _check_kernels(dtype, factor_rows, c, n, k):
     torch.manual_seed(0)
-    n, k = 70, 100  # no dimension a multiple of a tile
     x = torch.randn(n, k + 12)[:, 5:5 + k].to(dtype)  # strided: a column slice
     a = torch.randn(c, k).to(dtype)
     factor = torch.rand(n, c) if factor_rows else torch.rand(c)
-    plan = _plan([(3, 40, 0.3), (40, 70, 0.5)], n)
+    plan = _plan([(3, 40, 0.3), (40, n, 0.5)], n)
     keep = lora_triton.keep_mask(plan, n, k)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
 
@@ -113,7 +122,7 @@ def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows, c):
     torch.testing.assert_close(h.float(), ((x.float() * keep) @ a.float().t()) * factor, **tol)
     assert h.dtype == dtype
     # The mask down applied, kept as bits for the backward: the one the plan draws.
-    assert bits.shape == (n, 13) and bits.dtype == torch.uint8
+    assert bits.shape == (n, -(-k // 8)) and bits.dtype == torch.uint8
     assert torch.equal(lora_triton.unpack(bits, k), keep)
 
     dh = torch.randn(n, c).to(dtype)
