@@ -110,7 +110,8 @@ class _ContiguousGrad(torch.autograd.Function):
 @functools.cache
 def auto_kernel(device: torch.device) -> str:
     """The kernel `auto` runs batches of up to DENSE_MAX_ADAPTERS adapters with on `device`:
-    triton on CUDA devices of compute capability 9.0 and up (Hopper on; measured on an H200),
+    triton on CUDA devices of compute capability 9.0 and up (Hopper on; measured on an H200)
+    whose blocks may have the shared memory its kernels need (not consumer Blackwell's 99 KiB),
     where Triton is installed; fused elsewhere."""
     if device.type != "cuda" or lora_triton.unavailable(device) is not None:
         return "fused"

@@ -53,10 +53,23 @@ DRAW_LEVELS = 1 << 16
 INTERPRETER_MIN_TRITON = (3, 9)
 
 
+# Shared memory per block the kernels' largest tiles need (bf16 grad_a at C >= 256: 146 KiB;
+# scripts/compile_triton_kernels.py prints each kernel's, and its test holds them under this).
+# Hopper and data-centre Blackwell let a block have 227 KiB; consumer Blackwell (compute
+# capability 12.x, the RTX 50 series) only 99 KiB: the kernels cannot launch there.
+SHARED_BYTES = 150 * 1024
+
+
 def unavailable(device: torch.device | None = None) -> str | None:
     """Why the triton kernel cannot run on `device` (None: any device), or None if it can."""
     if importlib.util.find_spec("triton") is None:
         return "it needs the triton package (pip install triton; CUDA builds of torch bring it)"
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        shared = getattr(props, "shared_memory_per_block_optin", None)  # bytes; absent on ROCm builds
+        if shared is not None and shared < SHARED_BYTES:
+            return (f"its kernels need {SHARED_BYTES // 1024} KiB of shared memory per block and {props.name} "
+                    f"offers {shared // 1024} KiB")
     if device is not None and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return f"it runs on CUDA devices, not {device.type} (TRITON_INTERPRET=1 runs it on the CPU, slowly)"

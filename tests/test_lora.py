@@ -529,3 +529,28 @@ def test_auto_runs_triton_on_hopper_and_later_gpus_only(monkeypatch):
     mlora.lora.auto_kernel.cache_clear()
     assert mlora.lora.auto_kernel(torch.device("cpu")) == "fused"
     mlora.lora.auto_kernel.cache_clear()
+
+
+def test_triton_is_unavailable_where_a_block_lacks_its_shared_memory(monkeypatch):
+    """Consumer Blackwell (compute capability 12.0, 99 KiB of shared memory per block) would
+    fail to launch the triton kernel's tiles: `auto` runs fused there, and an explicit
+    kernel=triton says why in one line; an H200 (227 KiB) runs it."""
+    from types import SimpleNamespace
+
+    from mlora import lora_triton
+
+    if lora_triton.unavailable() is not None:
+        pytest.skip(lora_triton.unavailable())
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    for name, shared, expected in (("RTX 5090", 99 * 1024, "fused"), ("H200", 227 * 1024, "triton")):
+        props = SimpleNamespace(name=name, shared_memory_per_block_optin=shared)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, p=props: p)
+        mlora.lora.auto_kernel.cache_clear()
+        assert mlora.lora.auto_kernel(cuda) == expected
+    assert lora_triton.unavailable(cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(name="RTX 5090", shared_memory_per_block_optin=99 * 1024))
+    assert lora_triton.unavailable(cuda) == ("its kernels need 150 KiB of shared memory per block and RTX 5090 "
+                                             "offers 99 KiB")
+    mlora.lora.auto_kernel.cache_clear()

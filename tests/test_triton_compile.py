@@ -6,6 +6,7 @@ rejects would otherwise first fail on the GPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,9 @@ def test_kernels_compile_for_sm90():
     compiled = [line for line in run.stdout.splitlines() if line.startswith("ok ")]
     assert len(compiled) == 8, run.stdout
     assert all("wgmma" in line for line in compiled if "mask_kernel" not in line), run.stdout
+    # lora_triton.unavailable turns the kernel away on devices whose blocks have less shared
+    # memory than SHARED_BYTES: it must cover what every kernel needs.
+    from mlora import lora_triton
+
+    shared = [int(re.search(r"shared=(\d+)", line).group(1)) for line in compiled]
+    assert max(shared) <= lora_triton.SHARED_BYTES, run.stdout
