@@ -589,6 +589,8 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
             # has them: the shared experts (Qwen2-MoE, GLM-4.5, DeepSeek-V3) and the dense layers
             # stay without LoRA.
             continue
+        if args is not None and args.moe_beside_mlp and ".experts." in path:
+            continue  # Gemma 4's experts take no LoRA: its MLP targets are the dense MLP's, as in PEFT
         if isinstance(module, LoraLinear):
             wrappers[path] = module
             continue

@@ -435,11 +435,13 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # tensors); top-k's indices, the (token, slot) order and its inverse (int64 [N, k] each);
         # the renormalization's fp32 inputs; the pairs' weights; the experts' outputs [N k, H],
         # kept by the product with their weights
-        E = args.num_experts
-        out["moe_routing"] = (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob
-                              + k * (4 if args.routing_weights_fp32 else e) + k * H * e)
+        out["moe_routing"] = _routing_saved_per_token(args, e)
         if args.shared_expert_intermediate_size:  # a dense MLP (Qwen2-MoE: and its sigmoid gate)
             out["mlp"] += 3 * args.shared_expert_intermediate_size * e + (H * e + e) * args.shared_expert_gated
+    if args.moe_beside_mlp:  # Gemma 4 26B-A4B: experts beside the dense MLP (no LoRA on them)
+        out["norms"] += 3 * (4 * H + 4)  # (their input's, the dense MLP's output's and theirs)
+        out["mlp"] += 3 * args.num_experts_per_tok * args.moe_intermediate_size * e  # each pass's gate, act and up
+        out["moe_routing"] = _routing_saved_per_token(args, e) + 4 * H + 8 + args.num_experts_per_tok * e
     if args.v_norm:  # Gemma 4: each value head normed without a weight: its fp32 copy, the power's in and out
         out["v_norm"] = nkv * (4 * D + 8)
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
@@ -495,6 +497,17 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
 
 
 _MLP_TARGETS = mlora.lora.MLP_MODULES
+
+
+def _routing_saved_per_token(args: ModelArgs, e: int) -> int:
+    """What routing keeps per token (models/moe.py): the router's logits and softmax's fp32
+    output [N, E] (measured: three [N, E] fp32 tensors); top-k's indices, the (token, slot) order
+    and its inverse (int64 [N, k] each); the renormalization's fp32 inputs; the pairs' weights;
+    the experts' outputs [N k, H], kept by the product with their weights. (Gemma 4's router
+    adds its norm's fp32 input and the per-expert scales it gathers: the caller's.)"""
+    H, E, k = args.hidden_size, args.num_experts, args.num_experts_per_tok
+    return (3 * 4 * E + 3 * 8 * k + (4 * k + 4) * args.norm_topk_prob + k * (4 if args.routing_weights_fp32 else e)
+            + k * H * e)
 
 
 def _columns(a: LoraShape, k: int = 1, mlp_only: bool = False) -> int:
@@ -681,6 +694,8 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
         # one expert at a time, over at most every token, and the [N, H] input gradient its
         # gather scatters into, summed with the others'
         mlp = glu * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
+    if args.moe_beside_mlp:  # (Gemma 4: the dense MLP's, or one expert's beside it)
+        mlp = max(mlp, glu * args.moe_intermediate_size * e + 2 * H * 4)
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
     D = args.qk_head_dim  # (latent attention's: nope + rope parts)
@@ -759,6 +774,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
         return sum(gate_up) + _projection_bytes(width, H, e, kind, dq) + (2 * width + H) * args.mlp_bias * e
 
     dense = mlp(args.intermediate_size)  # a dense layer's MLP
+    if args.moe_beside_mlp:  # Gemma 4: every expert beside it, the router (proj, scale, per_expert_scale), 3 norms
+        dense += args.num_experts * mlp(args.moe_intermediate_size) + (args.num_experts * (H + 1) + 4 * H) * e
     if args.is_moe:  # every expert, the router; the shared expert (and Qwen2-MoE's gate)
         # the router's weight, bias and correction bias (GLM-4.5: in fp32)
         router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_params_fp32 else e)

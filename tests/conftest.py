@@ -92,6 +92,11 @@ TINY = dict(
 )
 
 
+# Gemma 4 26B-A4B's form (a make_tiny_model override of gemma4_text or gemma4): 2 of 4 experts,
+# narrower than the dense MLP, beside it in every layer
+GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=48)
+
+
 # Mixture-of-experts sizes: 4 experts, 2 per token (the expert width differs from the dense
 # one where the family has both; Qwen2-MoE's shared expert differs again)
 MOE_TINY = {
@@ -270,6 +275,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                 p.normal_(0.0, 0.2)
             elif "norm" in name and family == "gemma4_text":  # (plain w, multiplied in fp32: bf16 tells)
                 p.normal_(1.0, 0.2)
+            elif name.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's router: from ones,
+                p.uniform_(0.5, 1.5) if "per_expert" in name else p.uniform_(4.0, 8.0)  # logits that differ
             elif "linear_attn.norm" in name:  # Qwen3.5's gated norm: plain w, from ones
                 p.normal_(1.0, 0.2)
             elif name.endswith(("A_log", "dt_bias")):  # decay rates from slow to fast (exp(A_log) in 0.5 .. 4)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import load_reference, make_tiny_model
+from conftest import GEMMA4_MOE, load_reference, make_tiny_model
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config
 from mlora.models import SUPPORTED, family_for, llama
@@ -125,6 +125,11 @@ CASES = {
     # 12 layers (full ones at 5 and 11: transformers writes their sizes under keys "05", "11")
     "gemma4_12_layers": ("gemma4", dict(num_hidden_layers=12, layer_types=None, attention_k_eq_v=True,
                                         num_global_key_value_heads=1)),
+    # Gemma 4 26B-A4B's form: 2 of 4 experts beside each layer's dense MLP (their router on the
+    # stream, softmax in fp32, renormalized, times per_expert_scale; stacked in the checkpoint);
+    # the image-text model with k_eq_v too
+    "gemma4_moe": ("gemma4_text", GEMMA4_MOE),
+    "gemma4_moe_image_text": ("gemma4", dict(GEMMA4_MOE, attention_k_eq_v=True, num_global_key_value_heads=1)),
     "qwen3_5_text": ("qwen3_5_text", {}),
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
     "qwen3_5": ("qwen3_5", {}),
@@ -211,7 +216,7 @@ def test_logits_match_transformers(case, tmp_path):
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
                                   "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite", "mistral4",
                                   "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v",
-                                  "qwen3_next"])
+                                  "qwen3_next", "gemma4_moe"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -364,9 +369,11 @@ def test_mistral3_and_ministral3_configs(tmp_path):
 
 # gemma: scaled embedding, a RoPE per layer type; chatglm: its own tensor names
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "chatglm", "gemma3", "mixtral", "gpt_oss",
-                                    "deepseek_v3", "ministral3", "qwen3_5", "gemma4"])
+                                    "deepseek_v3", "ministral3", "qwen3_5", "gemma4", "gemma4_moe"])
 def test_stage_split_equals_whole(tmp_path, family):
     overrides = {"tie_word_embeddings": False} if family != "llama" else {}
+    if family == "gemma4_moe":  # (the image-text model with Gemma 4 26B-A4B's experts)
+        family, overrides = "gemma4", dict(overrides, **GEMMA4_MOE)
     if family == "qwen3_5":  # (two layers: linear attention, then softmax attention)
         overrides.update(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
     path = make_tiny_model(tmp_path, family, **overrides)
@@ -509,7 +516,8 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
 def test_gemma4_configs():
     """Gemma 4's layer kinds (every 6th full by default, the last always), the full layers' head
     size and K/V heads in either config form (transformers 5.24's per_layer_config, the
-    releases' global keys), their RoPEs; the E2B/E4B and 26B-A4B features refused in one line."""
+    releases' global keys), their RoPEs, 26B-A4B's experts; the E2B/E4B features refused in one line, and
+    so are missing or impossible expert counts."""
     import transformers
 
     text = dict(model_type="gemma4_text", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
@@ -532,12 +540,23 @@ def test_gemma4_configs():
     for change, message in [
             (dict(hidden_size_per_layer_input=256), "hidden_size_per_layer_input is 256: per-layer input embeddings"),
             (dict(num_kv_shared_layers=2), "num_kv_shared_layers is 2: layers sharing"),
-            (dict(enable_moe_block=True), "enable_moe_block is true: Gemma 4's experts"),
+            (dict(enable_moe_block=True), "gemma4_text config num_experts must be a positive integer, got None"),
+            (dict(GEMMA4_MOE, top_k_experts=None), "gemma4_text config top_k_experts must be a positive integer"),
+            (dict(GEMMA4_MOE, moe_intermediate_size=0), "gemma4_text config moe_intermediate_size must be a positive"),
+            (dict(GEMMA4_MOE, top_k_experts=5), r"gemma4_text config top_k_experts \(5\) exceeds num_experts \(4\)"),
             (dict(use_bidirectional_attention="all"), "use_bidirectional_attention is not supported"),
             (dict(layer_types=["sliding_attention"] * 6), "gemma4_text config layer_types must list")]:
         with pytest.raises(UserError, match=message):
             llama.args_from_hf_config(dict(text, **change))
     assert llama.args_from_hf_config(dict(text, use_bidirectional_attention="vision")).layer_kinds[-1] == "global_attention"
+    # 26B-A4B's experts beside every layer's dense MLP: read alike from a config.json and the config
+    # class (whose dense form ignores the MoE keys); moe_layers all False (each layer's mlp is the dense one)
+    moe = llama.args_from_hf_config(dict(text, **GEMMA4_MOE))
+    assert moe == llama.args_from_hf_config(transformers.Gemma4TextConfig(
+        **{k: v for k, v in dict(text, **GEMMA4_MOE).items() if k != "model_type"}))
+    assert (moe.moe_beside_mlp, moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.is_moe) == (
+        True, 4, 2, 48, False)
+    assert not llama.args_from_hf_config(dict(text, num_experts=4, top_k_experts=2)).moe_beside_mlp
 
 
 def test_stage_split_tied_head_only(tmp_path):

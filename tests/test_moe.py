@@ -648,8 +648,9 @@ def _stacked_checkpoint(base, out):
     return out
 
 
-# (mistral3's stacked experts, Mistral Small 4's release: test_model.py's test_mistral_small_4_release_layout_loads)
-@pytest.mark.parametrize("family", [f for f in GATE_UP_STACKED if f != "mistral3"])
+# (mistral3's stacked experts, Mistral Small 4's release: test_model.py's test_mistral_small_4_release_layout_loads;
+# Gemma 4's, which transformers always saves stacked (`layers.{i}.experts`): test_model.py's logits tests)
+@pytest.mark.parametrize("family", [f for f in GATE_UP_STACKED if f not in ("mistral3", "gemma4_text", "gemma4")])
 def test_a_checkpoint_that_stacks_the_experts_loads(tmp_path, capsys, family):
     """A checkpoint whose experts are stacked as transformers 5 stacks them loads to exactly the
     model of the per-expert checkpoint, gives the logits of transformers' model read from it, and

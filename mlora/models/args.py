@@ -219,6 +219,12 @@ class ModelArgs:
     attn_k_eq_v: bool = False
     v_norm: bool = False
     layer_scalar: bool = False
+    # Gemma 4 26B-A4B (enable_moe_block): every layer runs num_experts_per_tok of num_experts
+    # GeGLU experts (moe_intermediate_size) beside its dense MLP (models/moe.py's Gemma4Router,
+    # run_experts): the router and experts hang off the layer itself, three more norms around
+    # them. moe_layers stays all False: a layer's `mlp` is its dense MLP, which takes LoRA as on
+    # a dense model; the experts take none.
+    moe_beside_mlp: bool = False
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -557,6 +563,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         **(_query_scale_args(rope_params, model_type) if model_type in ("ministral3", "mistral4") else {}),
         **(_linear_attention_args(get, num_layers, model_type) if qwen3_5 else {}),
         **gemma4,
+        **(_gemma4_moe_args(get, num_layers) if gemma4 and get("enable_moe_block", False) else {}),
         **mla,
         **(_moe_args(get, model_type, num_layers) if model_type in MOE_FAMILIES else {}),
     )
@@ -646,15 +653,13 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
     num_key_value_heads) and full ones (global_head_dim, and with attention_k_eq_v
     num_global_key_value_heads and no v_proj), whose RoPEs differ: the full layers' is
     "proportional" over a quarter of each half-head. The releases' multimodal-only and
-    small-model features are refused: per-layer input embeddings and KV sharing (E2B, E4B), the
-    MoE block beside the MLP (26B-A4B). Returns ModelArgs keys, plus windows / full_rope /
+    small-model features are refused: per-layer input embeddings and KV sharing (E2B, E4B). The
+    MoE block beside the MLP (26B-A4B): _gemma4_moe_args. Returns ModelArgs keys, plus windows / full_rope /
     local_rope for the caller."""
     for key, what in (("hidden_size_per_layer_input", "per-layer input embeddings (Gemma 4 E2B/E4B)"),
                       ("num_kv_shared_layers", "layers sharing another layer's keys and values (Gemma 4 E2B/E4B)")):
         if get(key, 0):
             raise UserError(f"gemma4_text config {key} is {get(key)!r}: {what} are not supported")
-    if get("enable_moe_block", False):
-        raise UserError("gemma4_text config enable_moe_block is true: Gemma 4's experts (26B-A4B) are not supported")
     types = list(get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                                         for i in range(num_layers)])
     if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
@@ -697,6 +702,20 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
                 layer_kinds=["global_attention" if t == "full_attention" else "attention" for t in types],
                 global_head_dim=global_dim, global_num_kv_heads=global_kv, attn_k_eq_v=k_eq_v, v_norm=True,
                 layer_scalar=True)
+
+
+def _gemma4_moe_args(get, num_layers: int) -> dict:
+    """Gemma 4 26B-A4B's experts beside every layer's dense MLP (Gemma4TextRouter,
+    Gemma4TextExperts): top_k_experts of num_experts, each of moe_intermediate_size; the router's
+    softmax in fp32, its top k renormalized, then times per_expert_scale (weights kept in fp32)."""
+    experts = _positive_int(get("num_experts"), "gemma4_text config num_experts")
+    top_k = _positive_int(get("top_k_experts"), "gemma4_text config top_k_experts")
+    if top_k > experts:
+        raise UserError(f"gemma4_text config top_k_experts ({top_k}) exceeds num_experts ({experts})")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, routing_weights_fp32=True,
+                moe_intermediate_size=_positive_int(get("moe_intermediate_size"),
+                                                    "gemma4_text config moe_intermediate_size"),
+                moe_layers=[False] * num_layers, moe_beside_mlp=True)
 
 
 def _linear_attention_args(get, num_layers: int, model_type: str = "qwen3_5_text") -> dict:

@@ -11,7 +11,7 @@ rotary dimensions and LongRoPE; SmolLM3's layers without RoPE; GLM's RoPE on adj
 Baichuan 2's normalized head; Baichuan 13B's ALiBi, alibi.py; Granite's multipliers; OLMo's
 norms after the sublayers; the norm layouts are args.NORM_LAYOUTS; Ministral 3's queries
 scaled by position; Qwen3.5's gated attention output and its linear-attention layers; Gemma 4's
-heads of two sizes, normed values and layer scalars; the
+heads of two sizes, normed values and layer scalars, and 26B-A4B's experts beside the dense MLP; the
 mixture-of-experts MLPs, moe.py; GPT-OSS's attention sinks, with_sink_key),
 which `args_from_hf_config` (args.py) reads from a transformers config into a plain
 `ModelArgs`; RoPE lives in rope.py.
@@ -39,7 +39,7 @@ from mlora.device import upload
 from mlora.models.alibi import alibi_bias
 from mlora.models.gdn import GatedDeltaNet, LinearMixerInputs, linear_tensor_names
 from mlora.models.mla import LatentAttention, mla_tensor_names
-from mlora.models.moe import SparseMoE, moe_tensor_names
+from mlora.models.moe import BESIDE_NORMS, Gemma4Router, SparseMoE, beside_tensor_names, moe_tensor_names, run_experts
 # Re-exported: the family's API (mlora.models) is this module.
 from mlora.models.args import FAMILIES, ROPE_TYPES, ModelArgs, RopeArgs, args_from_hf_config  # noqa: F401
 from mlora.models.rope import (apply_rope, longrope_cos_sin, rope_cos_sin, rope_cos_sin_at,  # noqa: F401
@@ -104,6 +104,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
                 for proj in ("gate_up", "down") if args.fused_gate_up else ("gate", "up", "down"):
                     names += [p + f"mlp.{proj}_proj.weight"] + ([p + f"mlp.{proj}_proj.bias"] if args.mlp_bias else [])
             names += [p + f"{norm}.weight" for norm in args.norm_names if norm is not None]
+            if args.moe_beside_mlp:  # Gemma 4 26B-A4B's experts
+                names += beside_tensor_names(args, p)
             if args.layer_scalar:
                 names.append(p + "layer_scalar")
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
@@ -511,6 +513,12 @@ class DecoderLayer(nn.Module):
             if name is not None:
                 setattr(self, name, RMSNorm.of(args, args.hidden_size))
         self.residual_multiplier = args.residual_multiplier  # Granite
+        self.moe_beside_mlp = args.moe_beside_mlp
+        if self.moe_beside_mlp:  # Gemma 4 26B-A4B: routed experts beside the dense MLP, three norms around them
+            self.router = Gemma4Router(args)
+            self.experts = nn.ModuleList(MLP(args, args.moe_intermediate_size) for _ in range(args.num_experts))
+            for name in BESIDE_NORMS:
+                setattr(self, name, RMSNorm.of(args, args.hidden_size))
         if args.layer_scalar:  # Gemma 4: the stream times a stored scalar after the layer (frozen, loaded)
             self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
 
@@ -526,7 +534,13 @@ class DecoderLayer(nn.Module):
             mixed = self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id, q_scale)
         attn = self._norm(1, mixed)  # [B, S, H]
         h = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
-        mlp = self._norm(3, self.mlp(self._norm(2, h)))
+        mlp = self.mlp(self._norm(2, h))
+        if self.moe_beside_mlp:  # (the router reads the stream h, the experts its own norm of it)
+            B, S, H = h.shape
+            flat = h.reshape(-1, H)
+            routed = run_experts(self.experts, self.pre_feedforward_layernorm_2(flat), *self.router(flat), None, S)
+            mlp = self.post_feedforward_layernorm_1(mlp) + self.post_feedforward_layernorm_2(routed.view(B, S, H))
+        mlp = self._norm(3, mlp)
         out = h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
         return out * self.layer_scalar if hasattr(self, "layer_scalar") else out
 

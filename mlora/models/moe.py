@@ -11,7 +11,9 @@ scores, a correction bias, groups of experts; _sigmoid_route), and its shared ex
 DeepSeek-V2's router takes softmax scores within the groups of the best single scores, scaled and
 never renormalized (_grouped_softmax_route). Mistral Small 4's takes softmax scores in the model's
 dtype within the groups whose two best scores sum highest, renormalized and scaled
-(_grouped_top2_softmax_route); its shared experts are DeepSeek-V3's.
+(_grouped_top2_softmax_route); its shared experts are DeepSeek-V3's. Gemma 4 26B-A4B's experts
+run beside each layer's dense MLP, routed by a router of their own (Gemma4Router, run_experts;
+the layer wires them: llama.DecoderLayer).
 
 The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
@@ -80,6 +82,73 @@ class _PairGather(torch.autograd.Function):
 # (the expert of each routed token [N*k] and the token [N*k], both ordered by expert and then by
 # token, the number of tokens each expert gets, tokens per batch row, tokens in the batch)
 RoutingHook = Callable[[Tensor, Tensor, list[int], int, int], None]
+
+
+def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: Tensor,
+                routing_hook: RoutingHook | None, S: int) -> Tensor:
+    """flat [N, H] through each token's chosen experts (chosen [N, k]), their outputs weighted
+    by weights [N, k] and summed: [N, H] in flat's dtype. S: tokens per batch row (for the
+    routing hook, which LoRA on the experts sets)."""
+    N, H = flat.shape
+    k = chosen.shape[1]
+    # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
+    # sort of the flattened [N, k] choices, whose positions grow with the token).
+    order = torch.argsort(chosen.flatten(), stable=True)  # [N*k]: the pair at each sorted position
+    by_expert, tokens = chosen.flatten()[order], order // k  # [N*k] each
+    counts = torch.bincount(by_expert, minlength=len(experts)).tolist()  # tokens per expert
+    if routing_hook is not None:
+        routing_hook(by_expert, tokens, counts, S, N)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
+    # One gather and one split for all experts (a gather per expert would add a zero-filled
+    # [N, H] gradient per expert in the backward).
+    pieces = torch.split(_PairGather.apply(flat, tokens, back, k), counts)  # each [n, H]
+    # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
+    outputs = [experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
+               for e, (piece, n) in enumerate(zip(pieces, counts))]
+    routed = torch.cat(outputs)  # [N*k, H] by expert
+    # Weighted in the weights' dtype (fp32 for Mixtral, else the dtype's rounding), then each
+    # token's k outputs summed in fp32 in slot order and rounded once: transformers' default
+    # experts implementation (grouped_mm) exactly.
+    weighted = (routed * weights.flatten()[order, None]).float()  # [N*k, H]
+    by_pair = _PairGather.apply(weighted, back, order, 1)  # [N*k, H]: token-major
+    return by_pair.view(N, k, H).sum(dim=1).to(flat.dtype)
+
+
+# Gemma 4's norms around its experts: of their input, of the dense MLP's output, of theirs
+BESIDE_NORMS = ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")
+
+
+def beside_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
+    """Gemma 4's router, experts and their norms in one layer; prefix: its path ('model.layers.3.')."""
+    names = [prefix + name for name in ("router.proj.weight", "router.scale", "router.per_expert_scale")]
+    names += [f"{prefix}experts.{e}.{proj}.weight" for e in range(args.num_experts)
+              for proj in ("gate_proj", "up_proj", "down_proj")]
+    return names + [f"{prefix}{norm}.weight" for norm in BESIDE_NORMS]
+
+
+class Gemma4Router(nn.Module):
+    """Gemma 4 26B-A4B's router (transformers' Gemma4TextRouter): the layer's stream (not the
+    MLP's normed input) normed without a weight, times `scale` [H] and H^-0.5 in the dtype, then
+    `proj` to one logit per expert; softmax in fp32, the top k renormalized, each times its
+    expert's per_expert_scale."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, E = args.hidden_size, args.num_experts
+        self.proj = nn.Linear(H, E, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(E))
+        self.eps, self.top_k, self.root = args.rms_norm_eps, args.num_experts_per_tok, H ** -0.5
+
+    def forward(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """flat [N, H] -> (weights [N, k] fp32, chosen experts [N, k] int64)."""
+        h = flat.float()
+        h = (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)).type_as(flat)
+        probs = torch.softmax(self.proj(h * self.scale * self.root), dim=-1, dtype=torch.float32)  # [N, E]
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[chosen], chosen
 
 
 class SparseMoE(nn.Module):
@@ -193,31 +262,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, S, H = x.shape  # x [B, S, H]
         flat = x.reshape(-1, H)  # [N, H]
-        N, k = flat.shape[0], self.top_k
         weights, chosen = self.route(flat)
-        # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
-        # sort of the flattened [N, k] choices, whose positions grow with the token).
-        experts = chosen.flatten()  # [N*k]
-        order = torch.argsort(experts, stable=True)  # [N*k]: the pair at each sorted position
-        experts, tokens = experts[order], order // k  # [N*k] each
-        counts = torch.bincount(experts, minlength=len(self.experts)).tolist()  # tokens per expert
-        if self.routing_hook is not None:
-            self.routing_hook(experts, tokens, counts, S, N)
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
-        # One gather and one split for all experts (a gather per expert would add a zero-filled
-        # [N, H] gradient per expert in the backward).
-        pieces = torch.split(_PairGather.apply(flat, tokens, back, k), counts)  # each [n, H]
-        # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
-        outputs = [self.experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
-                   for e, (piece, n) in enumerate(zip(pieces, counts))]
-        routed = torch.cat(outputs)  # [N*k, H] by expert
-        # Weighted in the weights' dtype (fp32 for Mixtral, else the dtype's rounding), then each
-        # token's k outputs summed in fp32 in slot order and rounded once: transformers' default
-        # experts implementation (grouped_mm) exactly.
-        weighted = (routed * weights.flatten()[order, None]).float()  # [N*k, H]
-        by_pair = _PairGather.apply(weighted, back, order, 1)  # [N*k, H]: token-major
-        out = by_pair.view(N, k, H).sum(dim=1).to(x.dtype).view(B, S, H)
+        out = run_experts(self.experts, flat, weights, chosen, self.routing_hook, S).view(B, S, H)
         if self.has_shared:
             shared = self.shared_expert(x)  # [B, S, H]
             out = out + (torch.sigmoid(self.shared_expert_gate(x)) * shared if self.shared_gated else shared)

@@ -101,8 +101,9 @@ _STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<ki
 # gate_up_proj's rows. (Mixtral's sparse MLP is then `mlp`, transformers 5's name for block_sparse_moe.)
 GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
                    "mistral4", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-                   "mistral3")  # (Mistral 3's: Mistral Small 4's experts; its dense models have none)
-_GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\."
+                   "mistral3",  # (Mistral 3's: Mistral Small 4's experts; its dense models have none)
+                   "gemma4_text", "gemma4")  # (Gemma 4 26B-A4B's: `layers.{i}.experts`, no `mlp.`)
+_GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.(mlp\.)?experts)\.(?P<e>\d+)\."
                       r"(?P<proj>gate|up|down)_proj\.weight")
 
 

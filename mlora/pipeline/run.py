@@ -88,9 +88,11 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
     # Qwen3.5's layers have softmax or linear attention)
     mixers = {kind: sum(i * o for m, (i, o) in projection_shapes(margs, kind).items() if m not in MLP_MODULES)
               for kind in set(margs.layer_kinds)}
+    widths = {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}
+    if margs.moe_beside_mlp:  # Gemma 4 26B-A4B: every layer's dense MLP and the experts beside it
+        widths = {i: margs.intermediate_size + sparse for i in range(margs.num_layers)}
     costs = module_costs(modules, margs.hidden_size, margs.intermediate_size, margs.vocab_size,
-                         margs.num_heads, margs.num_kv_heads, margs.head_dim,
-                         {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}, None,
+                         margs.num_heads, margs.num_kv_heads, margs.head_dim, widths, None,
                          {i: mixers[kind] for i, kind in enumerate(margs.layer_kinds)})
     return split_by_cost(modules, costs, world_size)
 
