@@ -851,16 +851,22 @@ GEMMA4 = dataclasses.replace(SMALL, model_type="gemma4_text", qk_norm=True, hidd
                              rope=llama.RopeArgs("proportional", 1e6, partial=0.25, dim=32),
                              local_rope=llama.RopeArgs("default", 1e4, dim=16))
 GEMMA4_K_EQ_V = dataclasses.replace(GEMMA4, global_num_kv_heads=1, attn_k_eq_v=True)
+# 26B-A4B's form: 2 of 4 experts (of 48) beside each layer's dense MLP, their router on the stream
+GEMMA4_MOE = dataclasses.replace(GEMMA4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                 norm_topk_prob=True, routing_weights_fp32=True, moe_beside_mlp=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-@pytest.mark.parametrize("args", [GEMMA4, GEMMA4_K_EQ_V], ids=["gemma4", "gemma4_k_eq_v"])
+@pytest.mark.parametrize("args", [GEMMA4, GEMMA4_K_EQ_V, GEMMA4_MOE], ids=["gemma4", "gemma4_k_eq_v", "gemma4_moe"])
 def test_gemma4_layers_bound_what_autograd_saves(dtype, args):
     """Gemma 4's two layer kinds keep what their own head sizes make them keep (plus the values'
     norm): the estimate bounds what autograd saves, and the weights and LoRA state are every
-    parameter's bytes (a full layer with attention_k_eq_v has no v_proj, nor its LoRA)."""
+    parameter's bytes (a full layer with attention_k_eq_v has no v_proj, nor its LoRA; with
+    26B-A4B's experts, the router's and the experts' activations, weights and norms, their
+    LoRA on the dense MLP only)."""
     wrappers = _assert_layer_kinds_bounded(dtype, args, [(4, 0.0), (8, 0.1)], ALL7, seq_len=32)
     assert ("model.layers.1.self_attn.v_proj" in wrappers) == (not args.attn_k_eq_v)
+    assert "model.layers.1.mlp.down_proj" in wrappers and not any(".experts." in path for path in wrappers)
 
 
 def test_heads_beyond_flash_attention_count_repeated_kv():

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import mlora.lora
-from conftest import make_tiny_model
+from conftest import GEMMA4_MOE, make_tiny_model
 from mlora.adapter import Adapter
 from mlora.config import AdapterConfig, TrainConfig
 from mlora.errors import UserError
@@ -178,7 +178,9 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                             # (DeepSeek-V2 differs from V3 by its router only; Mistral Small 4
                                             # by its router and query scale)
                                             *(("deepseek_v2", k) for k in ("auto", "grouped")),
-                                            ("mistral4", "auto")])
+                                            ("mistral4", "auto"),
+                                            # (Gemma 4 26B-A4B: LoRA on the dense MLP beside the experts)
+                                            *(("gemma4_moe", k) for k in ("auto", "grouped"))])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
@@ -189,7 +191,8 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
     if kernel == "triton" and lora_triton.unavailable(torch.device("cpu")):
         pytest.skip(lora_triton.unavailable(torch.device("cpu")))
     monkeypatch.setattr(mlora.lora, "kernel", kernel)
-    base = make_tiny_model(tmp_path / family, family)
+    base = (make_tiny_model(tmp_path / family, "gemma4_text", **GEMMA4_MOE) if family == "gemma4_moe"
+            else make_tiny_model(tmp_path / family, family))
     every = {"gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
              "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL, "mistral4": MLA_ALL, "qwen3_5_moe_text": QWEN3_5_ALL,
              "qwen3_next": QWEN3_NEXT_ALL}.get(family, ALL7)
@@ -228,9 +231,14 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
         for path, g in solo_grads[n].items():
             # (Qwen3.5's chunked delta rule - exponentials of cumulative decays, triangular
             # solves - rounds another batch shape up to a few times more in fp32: 1.1e-5 seen)
-            tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next")) else 1e-5
+            # (Gemma 4's many norms do too: its dense model's gradients here 0.9e-5 apart, with the experts 1.05e-5)
+            tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next")) else 3e-5 if family == "gemma4_moe" else 1e-5
             assert (fused_grads[n][path] - g).abs().max() <= tol * g.abs().max(), (n, path)
     for n in ("e1", "e2"):  # the experts' LoRA took part (B and A both nonzero, so gradients flow)
+        if family == "gemma4_moe":  # (Gemma 4's experts take none: the MLP targets are the dense MLP's)
+            assert not any(".experts." in path for path in fused_grads[n])
+            assert any(".mlp.down_proj" in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
+            continue
         assert any(".experts." in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
 
 
@@ -783,3 +791,31 @@ def test_mistral4_router_equals_transformers(dtype, groups, topk_groups, norm):
     order, their_order = chosen.argsort(dim=-1), their_chosen.argsort(dim=-1)
     assert torch.equal(chosen.gather(1, order), their_chosen.gather(1, their_order))
     assert torch.equal(weights.gather(1, order), their_weights.gather(1, their_order))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma4_router_equals_transformers(dtype):
+    """Gemma 4 26B-A4B's router on the same inputs picks transformers' Gemma4TextRouter's experts
+    with its weights exactly, in fp32 and in bf16 (its norm and scales in the model's dtype, the
+    softmax and the weights in fp32)."""
+    import transformers
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
+
+    from mlora.models.moe import Gemma4Router
+
+    config = transformers.Gemma4TextConfig(hidden_size=64, num_experts=16, top_k_experts=4, enable_moe_block=True,
+                                           moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+                                           num_key_value_heads=4, hidden_size_per_layer_input=0)
+    ours = Gemma4Router(llama.args_from_hf_config(config)).to(dtype)
+    theirs = Gemma4TextRouter(config).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        theirs.proj.weight.copy_(torch.randn(16, 64, generator=gen) * 0.5)
+        theirs.scale.copy_(torch.rand(64, generator=gen) + 0.5)
+        theirs.per_expert_scale.copy_(torch.rand(16, generator=gen) + 0.5)
+        ours.load_state_dict(theirs.state_dict())
+        x = (torch.randn(200, 64, generator=gen) * 3).to(dtype)
+        weights, chosen = ours(x)
+        _, their_weights, their_chosen = theirs(x)
+    assert weights.dtype == their_weights.dtype == torch.float32
+    assert torch.equal(chosen, their_chosen) and torch.equal(weights, their_weights)

@@ -443,18 +443,20 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     w1/w3/w2; LoRA on every expert), GPT-OSS's stacked experts (each rank reads its layers'
     slices; their LoRA saved stacked), DeepSeek-V3 (latent attention, shared_experts) and Qwen3.5
     (image-text tensor names, module names of the text model; linear-attention layers), Qwen3-Next
-    (fused linear-attention projections, a dense layer among sparse ones): each
+    (fused linear-attention projections, a dense layer among sparse ones), Gemma 4 26B-A4B (its
+    experts' stacked tensors and router per layer, LoRA on the dense MLP beside them): each
     rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
     import json
 
-    from conftest import make_tiny_model
+    from conftest import GEMMA4_MOE, make_tiny_model
     from mlora.cli import main
 
+    # (Gemma 4's in 26B-A4B's form: experts beside each layer's dense MLP, which takes the LoRA)
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, num_hidden_layers=4,
                            **({"layer_types": ["sliding_attention", "full_attention"] * 2}
-                              if family in ("gemma3", "gemma4") else {}))
+                              if family in ("gemma3", "gemma4") else {}), **(GEMMA4_MOE if family == "gemma4" else {}))
     cfg = write_config(tmp_path, 2, tmp_path / "single")
     raw = json.loads(cfg.read_text())
     if family == "chatglm":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import GEMMA4_MOE
 from mlora.cli import main
 from mlora.lora import AdapterRows
 from mlora.metrics import read_metrics
@@ -573,7 +574,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("mistral3", dict(text_family="ministral3")),
                                               ("mistral3", dict(text_family="mistral4")), ("qwen3_5", {}),
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
-                                              ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1))])
+                                              ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1)),
+                                              ("gemma4_text", GEMMA4_MOE)])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and
@@ -584,7 +586,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     layer without), Qwen2-MoE (its attention), GLM-4.5 (its router, a shared expert and a dense
     layer without LoRA on their MLPs), DeepSeek-V2/V3 and Mistral Small 4 (latent attention's five
     projections; Mistral Small 4's queries scaled by position), GPT-OSS (attention sinks; LoRA on its stacked
-    experts as PEFT's target_parameters): mlora trains an adapter on every projection, and PEFT
+    experts as PEFT's target_parameters), Gemma 4 26B-A4B (LoRA on the dense MLP beside
+    the experts, none on them): mlora trains an adapter on every projection, and PEFT
     on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
