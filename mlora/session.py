@@ -80,6 +80,8 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
         if missing:
             default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
                 "q_proj", "v_proj"] else ""
+            if model_args.moe_beside_mlp:  # (Gemma 4 26B-A4B: PEFT sees its experts as parameters, not modules)
+                default += "; its experts take no LoRA: gate_proj, up_proj, down_proj are its dense MLP's"
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
                             f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
         mine = {projection_of(m) for m in a.target_modules}

@@ -311,6 +311,19 @@ def test_targets_on_moe_models():
     assert sum(".experts." in p for p in wrappers) == 4 * 3
 
 
+def test_targets_on_gemma4_moe():
+    """Gemma 4 26B-A4B: the MLP targets are the dense MLP's (as PEFT matches them on transformers' model,
+    whose experts are parameters); a target for its experts is one line saying they take none."""
+    args = llama.args_from_hf_config(dict(model_type="gemma4_text", vocab_size=400, hidden_size=64,
+                                          intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                          hidden_size_per_layer_input=0, sliding_window=4, **GEMMA4_MOE))
+    assert resolve_targets(_cfg(target_modules=ALL7, dropout=0.1), args).lora[0].target_modules == ALL7
+    with pytest.raises(UserError, match="target_modules gate_up_proj not in this gemma4_text model .*; its experts "
+                                        "take no LoRA: gate_proj, up_proj, down_proj are its dense MLP's"):
+        resolve_targets(_cfg(target_modules=["q_proj", "gate_up_proj"]), args)
+
+
 def test_moe_config_errors():
     base = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2)
