@@ -663,7 +663,7 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "glm4_moe",
-                                    "gemma4_text"])
+                                    "gemma4_text", "gemma4_moe"])
 def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
     norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the
@@ -671,7 +671,9 @@ def test_rounds_as_transformers_in_bf16(tmp_path, family):
     logits equal transformers' (fp32 cannot tell either rounding apart; each one done LLaMA's
     way is off by about 0.05 here)."""
     extra = (dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-             if family in ("gemma3_text", "gemma4_text") else {})
+             if family in ("gemma3_text", "gemma4_text", "gemma4_moe") else {})
+    if family == "gemma4_moe":  # (its router's weights in fp32, each expert's output weighed so, summed once)
+        family, extra = "gemma4_text", dict(extra, **GEMMA4_MOE)
     path = make_tiny_model(tmp_path, family, hidden_size=72, num_hidden_layers=3, **extra)
     ours = load_model(path, "cpu", torch.bfloat16)
     from transformers import AutoModelForCausalLM

@@ -574,7 +574,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("mistral3", dict(text_family="ministral3")),
                                               ("mistral3", dict(text_family="mistral4")), ("qwen3_5", {}),
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
-                                              ("gemma4_text", dict(attention_k_eq_v=True, num_global_key_value_heads=1)),
+                                              ("gemma4_text", dict(attention_k_eq_v=True,
+                                                                   num_global_key_value_heads=1)),
                                               ("gemma4_text", GEMMA4_MOE)])
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
