@@ -225,6 +225,15 @@ class ModelArgs:
     # them. moe_layers stays all False: a layer's `mlp` is its dense MLP, which takes LoRA as on
     # a dense model; the experts take none.
     moe_beside_mlp: bool = False
+    # Gemma 4 E2B/E4B: per-layer inputs, one [per_layer_input_size] slice per layer of a second
+    # embedding (per_layer_vocab_size rows) plus a projection of the embedding output, gated into
+    # the stream after the MLP; the last kv_shared_layers layers have no k/v projections and
+    # attend to the keys and values of the last earlier layer of their kind (kv_source), and
+    # with double_wide_mlp their MLPs are twice as wide
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
 
     def __post_init__(self):
         if not self.sliding_window:
@@ -246,6 +255,19 @@ class ModelArgs:
     def values_from_keys(self, layer_id: int) -> bool:
         """Gemma 4's full layers with attention_k_eq_v: no v_proj, the values are k_proj's output."""
         return self.attn_k_eq_v and self.layer_kinds[layer_id] == "global_attention"
+
+    def kv_source(self, layer_id: int) -> int | None:
+        """Gemma 4's KV sharing: the layer whose keys and values this one attends to (the last
+        layer before the shared ones of the same kind), or None: its own."""
+        first = self.num_layers - self.kv_shared_layers
+        if layer_id < first:
+            return None
+        return max(i for i in range(first) if self.layer_kinds[i] == self.layer_kinds[layer_id])
+
+    def mlp_size_of(self, layer_id: int) -> int:
+        """A dense MLP's width: Gemma 4's KV-shared layers' is doubled with double_wide_mlp."""
+        wide = self.double_wide_mlp and self.kv_source(layer_id) is not None
+        return self.intermediate_size * (2 if wide else 1)
 
     def is_linear(self, layer_id: int) -> bool:
         """Whether the layer mixes its tokens by linear attention (Qwen3.5's Gated DeltaNet)."""
@@ -652,14 +674,9 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
     """Gemma 4's text model (Gemma4TextConfig): sliding layers (heads of head_dim,
     num_key_value_heads) and full ones (global_head_dim, and with attention_k_eq_v
     num_global_key_value_heads and no v_proj), whose RoPEs differ: the full layers' is
-    "proportional" over a quarter of each half-head. The releases' multimodal-only and
-    small-model features are refused: per-layer input embeddings and KV sharing (E2B, E4B). The
-    MoE block beside the MLP (26B-A4B): _gemma4_moe_args. Returns ModelArgs keys, plus windows / full_rope /
-    local_rope for the caller."""
-    for key, what in (("hidden_size_per_layer_input", "per-layer input embeddings (Gemma 4 E2B/E4B)"),
-                      ("num_kv_shared_layers", "layers sharing another layer's keys and values (Gemma 4 E2B/E4B)")):
-        if get(key, 0):
-            raise UserError(f"gemma4_text config {key} is {get(key)!r}: {what} are not supported")
+    "proportional" over a quarter of each half-head; E2B's and E4B's per-layer inputs, KV
+    sharing and double-wide MLPs (_gemma4_small_args). The MoE block beside the MLP (26B-A4B):
+    _gemma4_moe_args. Returns ModelArgs keys, plus windows / full_rope / local_rope for the caller."""
     types = list(get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                                         for i in range(num_layers)])
     if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
@@ -701,7 +718,31 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
     return dict(windows=windows, full_rope=ropes[0], local_rope=ropes[1],
                 layer_kinds=["global_attention" if t == "full_attention" else "attention" for t in types],
                 global_head_dim=global_dim, global_num_kv_heads=global_kv, attn_k_eq_v=k_eq_v, v_norm=True,
-                layer_scalar=True)
+                layer_scalar=True, **_gemma4_small_args(get, num_layers, types))
+
+
+def _gemma4_small_args(get, num_layers: int, types: list[str]) -> dict:
+    """Gemma 4 E2B/E4B: per-layer inputs (hidden_size_per_layer_input wide, from a table of
+    vocab_size_per_layer_input rows), the last num_kv_shared_layers layers attending to the keys
+    and values of the last earlier layer of their type, their MLPs double-wide with use_double_wide_mlp."""
+    size = int(get("hidden_size_per_layer_input") or 0)
+    if size < 0:
+        raise UserError(f"gemma4_text config hidden_size_per_layer_input must be >= 0, got {size}")
+    vocab = int(get("vocab_size"))
+    per_layer_vocab = int(get("vocab_size_per_layer_input", vocab)) if size else 0
+    if size and per_layer_vocab < vocab:  # (transformers would index past its table)
+        raise UserError(f"gemma4_text config vocab_size_per_layer_input ({per_layer_vocab}) is smaller than "
+                        f"vocab_size ({vocab}): every token needs a per-layer embedding")
+    shared = int(get("num_kv_shared_layers") or 0)
+    if not 0 <= shared < num_layers:
+        raise UserError(f"gemma4_text config num_kv_shared_layers must be in 0..{num_layers - 1} (a layer must "
+                        f"compute the keys and values the others share), got {shared}")
+    missing = set(types[num_layers - shared:]) - set(types[:num_layers - shared])
+    if shared and missing:
+        raise UserError(f"gemma4_text config num_kv_shared_layers ({shared}) leaves no earlier "
+                        f"{sorted(missing)[0]} layer to share keys and values with")
+    return dict(per_layer_input_size=size, per_layer_vocab_size=per_layer_vocab, kv_shared_layers=shared,
+                double_wide_mlp=bool(get("use_double_wide_mlp", False)) and shared > 0)
 
 
 def _gemma4_moe_args(get, num_layers: int) -> dict:
@@ -854,7 +895,7 @@ _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 1
                                  "num_nextn_predict_layers": 1},
                     # Gemma4TextConfig's
                     "gemma4_text": {**_GEMMA_DEFAULTS, "sliding_window": 512, "hidden_size_per_layer_input": 256,
-                                    "max_position_embeddings": 131072},
+                                    "vocab_size_per_layer_input": 262144, "max_position_embeddings": 131072},
                     # Qwen3_5TextConfig's and Qwen3_5MoeTextConfig's (Qwen3.5-9B's, Qwen3.5-35B-A3B's shapes)
                     "qwen3_5_text": {**_QWEN3_5_DEFAULTS, "hidden_size": 4096, "intermediate_size": 12288,
                                      "num_hidden_layers": 32, "num_key_value_heads": 4},

@@ -76,6 +76,9 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
     for part in _check_parts(args, parts):
         if part == "embed":
             names.append("model.embed_tokens.weight")
+            if args.per_layer_input_size:  # Gemma 4 E2B/E4B: the per-layer inputs' table, projection, norm
+                names += [f"model.{n}.weight" for n in ("embed_tokens_per_layer", "per_layer_model_projection",
+                                                         "per_layer_projection_norm")]
         elif part == "norm":
             names.append("model.norm.weight")
         elif part == "head":
@@ -91,11 +94,14 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             else:
                 if args.values_from_keys(int(part.split(".")[1])):  # (Gemma 4's full layers: no v_proj)
                     attn = ("q", "k")
+                if args.kv_source(int(part.split(".")[1])) is not None:  # (Gemma 4's KV-shared layers)
+                    attn = ("q",)
                 for proj, bias in [*((a, args.attention_bias) for a in attn), ("o", args.o_proj_bias)]:
                     names += [p + f"self_attn.{proj}_proj.weight"] + ([p + f"self_attn.{proj}_proj.bias"] if bias
                                                                       else [])
             if args.qk_norm and not linear:
-                names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+                names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"][
+                    :1 if args.kv_source(int(part.split(".")[1])) is not None else 2]
             if args.attn_sinks:
                 names.append(p + "self_attn.sinks")
             if args.moe_layers[int(part.split(".")[1])]:
@@ -106,6 +112,8 @@ def tensor_names(args: ModelArgs, parts: Sequence[str] | None = None) -> list[st
             names += [p + f"{norm}.weight" for norm in args.norm_names if norm is not None]
             if args.moe_beside_mlp:  # Gemma 4 26B-A4B's experts
                 names += beside_tensor_names(args, p)
+            if args.per_layer_input_size:
+                names += [p + f"{n}.weight" for n in PER_LAYER_INPUT_MODULES]
             if args.layer_scalar:
                 names.append(p + "layer_scalar")
     return list(dict.fromkeys(names))  # drop the duplicate of a tied embed + head
@@ -311,6 +319,10 @@ class Attention(nn.Module):
         # Gemma 4: with attention_k_eq_v its full layers have no v_proj (the values are k_proj's
         # output), and the values are normed per head without a weight
         self.values_from_keys, self.v_norm = args.values_from_keys(layer_id), args.v_norm
+        # Gemma 4's KV sharing: a shared layer has no k/v projections (it attends to its source
+        # layer's keys and values); a source layer hands its keys and values on
+        self.kv_shared = args.kv_source(layer_id) is not None
+        self.keeps_kv = any(args.kv_source(i) == layer_id for i in range(args.num_layers))
         self.fused = args.fused_qkv
         self.output_gate = args.attn_output_gate  # Qwen3.5: sigmoid(gate) times SDPA's output
         if self.fused:  # Phi-3, ChatGLM, Baichuan: one projection, split into q, k, v
@@ -319,14 +331,16 @@ class Attention(nn.Module):
         else:
             # (Qwen3.5: each head's query and output gate, [q_h | gate_h])
             self.q_proj = nn.Linear(args.hidden_size, q_dim * (2 if self.output_gate else 1), bias=args.attention_bias)
-            self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
-            if not self.values_from_keys:
+            if not self.kv_shared:
+                self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
+            if not self.values_from_keys and not self.kv_shared:
                 self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
         if args.qk_norm:  # per head ([D] weights), or over the whole projection (OLMo 2)
             per_head = args.qk_norm_per_head
             self.q_norm = RMSNorm.of(args, self.head_dim if per_head else q_dim)
-            self.k_norm = RMSNorm.of(args, self.head_dim if per_head else kv_dim)
+            if not self.kv_shared:
+                self.k_norm = RMSNorm.of(args, self.head_dim if per_head else kv_dim)
         self.eps = args.rms_norm_eps
         self.qk_norm = args.qk_norm and args.qk_norm_per_head
         self.qk_norm_whole = args.qk_norm and not args.qk_norm_per_head
@@ -338,9 +352,16 @@ class Attention(nn.Module):
         self.has_sinks = args.attn_sinks
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer_id: int = 0, q_scale: Tensor | None = None) -> Tensor:
-        """q_scale: each query's factor after RoPE ([S, 1] or [B, 1, S, 1]; Ministral 3), or None."""
+                cache: KVCache | None = None, layer_id: int = 0, q_scale: Tensor | None = None,
+                shared_kv: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+        """q_scale: each query's factor after RoPE ([S, 1] or [B, 1, S, 1]; Ministral 3), or None.
+        shared_kv: a KV-shared layer's keys and values, its source layer's [B, nkv, T, D] each
+        (Gemma 4). A source layer returns (output, (its keys, its values)) to hand on."""
         B, S, _ = x.shape  # x [B, S, H]
+        if self.kv_shared:
+            return self._attend(self._rope_queries(self.q_norm(self.q_proj(x).view(B, S, self.num_heads,
+                                                                                      self.head_dim)), cos, sin),
+                                *shared_kv, mask, None)
         gate = None
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
@@ -368,6 +389,17 @@ class Attention(nn.Module):
             q = q * q_scale.to(q.dtype)  # (cast first, as transformers)
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
+        y = self._attend(q, k, v, mask, gate)
+        return (y, (k, v)) if self.keeps_kv else y
+
+    def _rope_queries(self, q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """A KV-shared layer's queries [B, S, nh, D], normed, as [B, nh, S, D] turned by RoPE."""
+        q = q.transpose(1, 2)
+        return q if cos is None else apply_rope(q, cos, sin, self.rope_interleaved).to(q.dtype)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, gate: Tensor | None) -> Tensor:
+        """o_proj of the attention of q [B, nh, S, D] to k, v [B, nkv, T, D]."""
+        B, _, S, _ = q.shape
         scale = self.scale
         if self.has_sinks:  # (+1 key, +8 dims: the scale must be the real head size's; mask: sink_masks')
             scale = self.head_dim ** -0.5 if scale is None else scale
@@ -395,6 +427,8 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+# Gemma 4 E2B/E4B: a decoder layer's per-layer input gate, its projection back and the norm of that
+PER_LAYER_INPUT_MODULES = ("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm")
 GQA_MAX_HEAD_DIM = 256  # the largest head FlashAttention takes (SDPA's grouped-K/V path needs it)
 SINK_PAD = 8  # the sink's extra query/key dim, padded so that D stays a multiple of 8 for SDPA's kernels
 
@@ -504,7 +538,8 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(args)
         else:
             self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args, layer_id)
-        self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id] else MLP(args))
+        self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id]
+                    else MLP(args, args.mlp_size_of(layer_id)))
         # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
         # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output
         # before the residual add; OLMo 2/3 only its output.
@@ -521,17 +556,29 @@ class DecoderLayer(nn.Module):
                 setattr(self, name, RMSNorm.of(args, args.hidden_size))
         if args.layer_scalar:  # Gemma 4: the stream times a stored scalar after the layer (frozen, loaded)
             self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+        if args.per_layer_input_size:  # Gemma 4 E2B/E4B: its per-layer input, gated into the stream
+            self.per_layer_input_gate = nn.Linear(args.hidden_size, args.per_layer_input_size, bias=False)
+            self.per_layer_projection = nn.Linear(args.per_layer_input_size, args.hidden_size, bias=False)
+            self.post_per_layer_input_norm = RMSNorm.of(args, args.hidden_size)
 
     def _norm(self, which: int, x: Tensor) -> Tensor:
         name = self.norms[which]
         return x if name is None else getattr(self, name)(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | LinearMixerInputs | None,
-                cache: KVCache | None = None, q_scale: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, q_scale: Tensor | None = None, per_layer_input: Tensor | None = None,
+                shared_k: Tensor | None = None, shared_v: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Gemma 4 E2B/E4B: per_layer_input [B, S, P] this layer's slice of the per-layer inputs;
+        shared_k, shared_v the source layer's keys and values of a KV-shared layer. A source layer
+        returns (output, keys, values)."""
+        kv = None
         if self.linear:
             mixed = self.linear_attn(self._norm(0, x), mask, cache, self.layer_id)
         else:
-            mixed = self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id, q_scale)
+            mixed = self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id, q_scale,
+                                   None if shared_k is None else (shared_k, shared_v))
+            if isinstance(mixed, tuple):
+                mixed, kv = mixed
         attn = self._norm(1, mixed)  # [B, S, H]
         h = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
         mlp = self.mlp(self._norm(2, h))
@@ -542,7 +589,11 @@ class DecoderLayer(nn.Module):
             mlp = self.post_feedforward_layernorm_1(mlp) + self.post_feedforward_layernorm_2(routed.view(B, S, H))
         mlp = self._norm(3, mlp)
         out = h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
-        return out * self.layer_scalar if hasattr(self, "layer_scalar") else out
+        if per_layer_input is not None:  # (the gate's activation is the MLP's: GELU, tanh-approximated)
+            gated = F.gelu(self.per_layer_input_gate(out), approximate="tanh") * per_layer_input  # [B, S, P]
+            out = out + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        out = out * self.layer_scalar if hasattr(self, "layer_scalar") else out
+        return out if kv is None else (out, *kv)
 
 
 class CausalLM(nn.Module):
@@ -563,6 +614,17 @@ class CausalLM(nn.Module):
         self.model = nn.Module()  # holds HF's `model.` prefix
         if self.has_embed:
             self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        P = args.per_layer_input_size  # Gemma 4 E2B/E4B: every layer's input of its own, from the embedding stage
+        if P and self.has_embed:
+            self.model.embed_tokens_per_layer = nn.Embedding(args.per_layer_vocab_size, args.num_layers * P)
+            self.model.per_layer_model_projection = nn.Linear(args.hidden_size, args.num_layers * P, bias=False)
+            self.model.per_layer_projection_norm = RMSNorm.of(args, P)
+        if P and self.layer_ids and not self.has_embed:
+            raise ValueError("a stage without the embedding cannot hold Gemma 4's layers with per-layer inputs")
+        away = [i for i in self.layer_ids if args.kv_source(i) not in (None, *self.layer_ids)]
+        if away:
+            raise ValueError(f"layer {away[0]} shares the keys and values of layer {args.kv_source(away[0])}, "
+                             "which is not in this stage")
         if self.layer_ids:
             self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i) for i in self.layer_ids})
         if self.has_norm:
@@ -621,6 +683,18 @@ class CausalLM(nn.Module):
             pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
         return 1 + self.args.query_scale_beta * torch.log(1 + torch.floor(pos / self.args.query_scale_period))
 
+    def per_layer_inputs(self, ids: Tensor, h: Tensor) -> Tensor:
+        """Gemma 4 E2B/E4B's per-layer inputs [B, S, L, P] of input_ids [B, S] and the (scaled)
+        embedding output h [B, S, H], as transformers rounds them: the table's rows times sqrt(P)
+        (cast to the dtype), plus the normed projection of h times H^-0.5, both times 2^-0.5."""
+        B, S = ids.shape
+        P, L = self.args.per_layer_input_size, self.args.num_layers
+        table = self.model.embed_tokens_per_layer(ids)  # [B, S, L P]
+        table = table * torch.tensor(P ** 0.5, dtype=torch.float32).to(table.dtype)
+        proj = self.model.per_layer_model_projection(h) * self.args.hidden_size ** -0.5  # [B, S, L P]
+        proj = self.model.per_layer_projection_norm(proj.view(B, S, L, P))
+        return (proj + table.view(B, S, L, P)) * 2.0 ** -0.5
+
     def tie_weights(self) -> None:
         """Share the embedding with the head when both live here (a head-only stage of a tied
         model keeps its own copy, loaded from `model.embed_tokens.weight`)."""
@@ -649,6 +723,7 @@ class CausalLM(nn.Module):
             h = h * torch.tensor(self.args.hidden_size ** 0.5, dtype=torch.float32).to(h.dtype)
         if self.has_embed and self.args.embedding_multiplier != 1.0:  # Granite, as HF: times a Python float
             h = h * self.args.embedding_multiplier
+        per_layer = self.per_layer_inputs(x, h) if self.has_embed and self.args.per_layer_input_size else None
         if self.layer_ids:
             S = h.shape[1]
             past = 0 if cache is None else cache.length
@@ -678,15 +753,21 @@ class CausalLM(nn.Module):
                         biases[id(mask)] = alibi_bias(self.args.num_heads, mask, past, S, h.device, h.dtype)
                     masks[i] = biases[id(mask)]
             recompute = self.recompute and torch.is_grad_enabled()
+            kv: dict[int, tuple[Tensor, Tensor]] = {}  # Gemma 4: source layers' keys and values, to share
             for i in self.layer_ids:
                 layer = self.model.layers[str(i)]
                 cos, sin = tables[self.args.rope_of(i)]
+                # (Gemma 4 E2B/E4B: the layer's per-layer input [B, S, P], a shared layer's keys and values)
+                more = (() if per_layer is None and not kv else
+                        (None if per_layer is None else per_layer[:, :, i], *kv.get(self.args.kv_source(i), (None,) * 2)))
                 if recompute:
                     gens = self.rng_generators
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens
-                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i], None, q_scale)
+                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i], None, q_scale, *more)
                 else:
-                    h = layer(h, cos, sin, masks[i], cache, q_scale)
+                    h = layer(h, cos, sin, masks[i], cache, q_scale, *more)
+                if isinstance(h, tuple):  # (a source layer: its keys and values too)
+                    h, kv[i] = h[0], h[1:]
             if cache is not None:
                 cache.length += S
         if last_only:
