@@ -97,6 +97,14 @@ TINY = dict(
 GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=48)
 
 
+# Gemma 4 E2B/E4B's features on the tiny gemma4_text model: per-layer inputs of 8, the last two
+# of five layers (sliding 3, full 4) attending to the keys and values of layers 2 and 1 (the last
+# earlier layer of each kind: not the first, layer 0, for the sliding one), their MLPs double-wide
+GEMMA4_E2B = dict(num_hidden_layers=5, hidden_size_per_layer_input=8, num_kv_shared_layers=2, use_double_wide_mlp=True,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                               "full_attention"])
+
+
 # Mixture-of-experts sizes: 4 experts, 2 per token (the expert width differs from the dense
 # one where the family has both; Qwen2-MoE's shared expert differs again)
 MOE_TINY = {

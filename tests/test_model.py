@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import GEMMA4_MOE, load_reference, make_tiny_model
+from conftest import GEMMA4_E2B, GEMMA4_MOE, load_reference, make_tiny_model
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config
 from mlora.models import SUPPORTED, family_for, llama
@@ -130,6 +130,10 @@ CASES = {
     # the image-text model with k_eq_v too
     "gemma4_moe": ("gemma4_text", GEMMA4_MOE),
     "gemma4_moe_image_text": ("gemma4", dict(GEMMA4_MOE, attention_k_eq_v=True, num_global_key_value_heads=1)),
+    # E2B/E4B: per-layer inputs, KV-shared layers (from the last earlier layer of their kind), their
+    # MLPs double-wide (conftest.GEMMA4_E2B); the image-text form, k_eq_v on the full layers too
+    "gemma4_e2b": ("gemma4_text", GEMMA4_E2B),
+    "gemma4_e2b_image_text": ("gemma4", dict(GEMMA4_E2B, attention_k_eq_v=True, num_global_key_value_heads=1)),
     "qwen3_5_text": ("qwen3_5_text", {}),
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
     "qwen3_5": ("qwen3_5", {}),
@@ -216,7 +220,7 @@ def test_logits_match_transformers(case, tmp_path):
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
                                   "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite", "mistral4",
                                   "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v",
-                                  "qwen3_next", "gemma4_moe"])
+                                  "qwen3_next", "gemma4_moe", "gemma4_e2b"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows
@@ -233,10 +237,12 @@ def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
         pieces = [model(ids[:, :5], mask[:, :5], cache=cache)]
         for start, end in ((5, 6), (6, 8), *((t, t + 1) for t in range(8, S))):
             pieces.append(model(ids[:, start:end], mask[:, :end], cache=cache))
-    # (Qwen3.5's linear-attention layers carry states instead of keys and values)
+    # (Qwen3.5's linear-attention layers carry states instead of keys and values; Gemma 4's KV-shared
+    # layers read their source layer's)
     linear = {i for i in range(model.args.num_layers) if model.args.is_linear(i)}
+    shared = {i for i in range(model.args.num_layers) if model.args.kv_source(i) is not None}
     assert cache.length == S and (cache.layers.keys(), cache.states.keys()) == (
-        set(range(model.args.num_layers)) - linear, linear)
+        set(range(model.args.num_layers)) - linear - shared, linear)
     _assert_close_on_real(torch.cat(pieces, dim=1), whole, mask)
     with torch.no_grad():  # last_only: the head on the last position alone
         last = model(ids, mask, cache=llama.KVCache(), last_only=True)
@@ -516,8 +522,8 @@ def test_qwen3_5_configs_and_checkpoints(tmp_path, capsys):
 def test_gemma4_configs():
     """Gemma 4's layer kinds (every 6th full by default, the last always), the full layers' head
     size and K/V heads in either config form (transformers 5.24's per_layer_config, the
-    releases' global keys), their RoPEs, 26B-A4B's experts; the E2B/E4B features refused in one line, and
-    so are missing or impossible expert counts."""
+    releases' global keys), their RoPEs, 26B-A4B's experts, E2B/E4B's per-layer inputs and KV
+    sharing; missing or impossible expert counts and KV sharing refused in one line."""
     import transformers
 
     text = dict(model_type="gemma4_text", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
@@ -538,12 +544,14 @@ def test_gemma4_configs():
     wrapped = llama.args_from_hf_config(dict(model_type="gemma4", text_config=text))
     assert wrapped.model_type == "gemma4" and wrapped.tie_word_embeddings
     for change, message in [
-            (dict(hidden_size_per_layer_input=256), "hidden_size_per_layer_input is 256: per-layer input embeddings"),
-            (dict(num_kv_shared_layers=2), "num_kv_shared_layers is 2: layers sharing"),
             (dict(enable_moe_block=True), "gemma4_text config num_experts must be a positive integer, got None"),
             (dict(GEMMA4_MOE, top_k_experts=None), "gemma4_text config top_k_experts must be a positive integer"),
             (dict(GEMMA4_MOE, moe_intermediate_size=0), "gemma4_text config moe_intermediate_size must be a positive"),
             (dict(GEMMA4_MOE, top_k_experts=5), r"gemma4_text config top_k_experts \(5\) exceeds num_experts \(4\)"),
+            (dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=399),
+             r"vocab_size_per_layer_input \(399\) is smaller than vocab_size \(400\)"),
+            (dict(num_kv_shared_layers=7), r"num_kv_shared_layers must be in 0\.\.6 .*got 7"),
+            (dict(num_kv_shared_layers=3), r"num_kv_shared_layers \(3\) leaves no earlier full_attention layer"),
             (dict(use_bidirectional_attention="all"), "use_bidirectional_attention is not supported"),
             (dict(layer_types=["sliding_attention"] * 6), "gemma4_text config layer_types must list")]:
         with pytest.raises(UserError, match=message):
@@ -557,6 +565,14 @@ def test_gemma4_configs():
     assert (moe.moe_beside_mlp, moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.is_moe) == (
         True, 4, 2, 48, False)
     assert not llama.args_from_hf_config(dict(text, num_experts=4, top_k_experts=2)).moe_beside_mlp
+    # E2B/E4B: per-layer inputs; the last 3 layers (sliding 4 and 5, full 6: the last is always full)
+    # attend to the keys and values of the last earlier layer of their kind (2, 3); their MLPs double-wide
+    small = llama.args_from_hf_config(dict(text, hidden_size_per_layer_input=8, num_kv_shared_layers=3,
+                                           use_double_wide_mlp=True, layer_types=["sliding_attention"] * 3
+                                           + ["full_attention"] + ["sliding_attention"] * 3))
+    assert (small.per_layer_input_size, small.per_layer_vocab_size) == (8, 262144)  # (Gemma4TextConfig's default)
+    assert [small.kv_source(i) for i in range(7)] == [None] * 4 + [2, 2, 3]
+    assert [small.mlp_size_of(i) for i in range(7)] == [96] * 4 + [192] * 3
 
 
 def test_stage_split_tied_head_only(tmp_path):
