@@ -73,22 +73,31 @@ def _input_groups(args: ModelArgs) -> tuple[tuple[str, tuple[str, ...]], ...]:
 _SAVED_ANYWAY = {"attn_out"}
 
 
-def projection_shapes(args: ModelArgs, kind: str | None = None) -> dict[str, tuple[int, int]]:
+def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool = False) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
     LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
     has num_experts of them, and its dense layers' MLPs are no LoRA targets: lora.inject_lora).
     kind: a layer kind (ModelArgs.layer_kinds: Qwen3.5's "linear" layers, Gemma 4's
     "global_attention" ones), that kind's layers' projections; None, those of every layer (a
-    projection's shape is then the first kind's, in sorted order)."""
+    projection's shape is then the first kind's, in sorted order). kv_shared: a Gemma 4 KV-shared
+    layer's (no k/v projections; its MLP double-wide with double_wide_mlp)."""
     H = args.hidden_size
     I = args.moe_intermediate_size if args.is_moe else args.intermediate_size  # (MoE: each expert's)
+    I *= 2 if kv_shared and args.double_wide_mlp else 1
     mixers: dict[str, tuple[int, int]] = {}
     for k in sorted(set(args.layer_kinds) if kind is None else {kind}):
         shapes = linear_projection_shapes(args) if k == "linear" else _attention_shapes(args, k)
-        mixers |= {name: shape for name, shape in shapes.items() if name not in mixers}
+        mixers |= {name: shape for name, shape in shapes.items() if name not in mixers and not (
+            kv_shared and name in ("k_proj", "v_proj"))}
     mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
     return {**mixers, **mlp, "down_proj": (I, H)}
+
+
+def layer_signature(args: ModelArgs, i: int) -> tuple[bool, str, bool]:
+    """What sets a decoder layer's shapes and what it keeps: (sparse MLP, layer kind, Gemma 4
+    KV-shared)."""
+    return args.moe_layers[i], args.layer_kinds[i], args.kv_source(i) is not None
 
 
 def _attention_shapes(args: ModelArgs, kind: str) -> dict[str, tuple[int, int]]:
@@ -318,24 +327,27 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs, device)
     # One layer's activations, by kind: an MoE model's sparse and dense layers keep different
     # things, and so do Qwen3.5's attention and linear-attention layers. (sparse, mixer) -> terms
-    by_kind: dict[tuple[bool, str], dict[str, int]] = {}
-    kinds = sorted({(args.moe_layers[i], args.layer_kinds[i]) for i in stage.layers}
-                   or {(args.is_moe, args.layer_kinds[0] if args.layer_kinds else "attention")})
-    for sparse, mixer in kinds:
+    by_kind: dict[tuple[bool, str, bool], dict[str, int]] = {}
+    kinds = sorted({layer_signature(args, i) for i in stage.layers}
+                   or {(args.is_moe, args.layer_kinds[0] if args.layer_kinds else "attention", False)})
+    for sparse, mixer, kv_shared in kinds:
         layer = _layer_saved_per_token(args, e, adapters, shared=shared_lora_inputs, quant=kind,
                                        explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
-                                       active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer)
+                                       active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer,
+                                       kv_shared=kv_shared)
         terms = {name: math.ceil(v * N) for name, v in layer.items()}
-        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer)
+        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer, kv_shared)
         if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
             terms["norm_weights"] = (args.num_norms * args.hidden_size
                                      + (_qk_norm_width(args, mixer) if mixer != "linear" else 0)) * 4
-        by_kind[sparse, mixer] = terms
+        by_kind[sparse, mixer, kv_shared] = terms
     per_layer = max(by_kind.values(), key=lambda terms: sum(terms.values()))  # the costliest kind
     one_layer = sum(per_layer.values())
-    all_layers = sum(sum(by_kind[args.moe_layers[i], args.layer_kinds[i]].values()) for i in stage.layers)
+    all_layers = sum(sum(by_kind[layer_signature(args, i)].values()) for i in stage.layers)
 
     batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len, stage.layers) * N
+    if stage.layers and args.per_layer_input_size:  # Gemma 4 E2B/E4B: every layer's input [N, L P], kept by their gates
+        batch += args.num_layers * args.per_layer_input_size * e * N
     if args.alibi and L:
         # alibi.py's float mask, shared by every layer: [B, nh, S, S'] (S' = S rounded up to
         # 16), or [1, nh, S, S'] when causality is all there is to hide
@@ -355,15 +367,18 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         # Each checkpointed layer keeps only its input [N, H]; the layer being back-propagated
         # is recomputed in full and is part of the backward's working set. Each input group
         # keeps its weights' casts between calls (the other layers' too).
+        # (Gemma 4: a source layer's keys and values are kept as the inputs of the layers sharing them)
+        sources = {args.kv_source(i) for i in stage.layers} - {None}
         activations = (L * args.hidden_size * e * N + batch + final_norm + stage_output
-                       + max(L - 1, 0) * _lora_cast_bytes(args, e, kept))
+                       + max(L - 1, 0) * _lora_cast_bytes(args, e, kept)
+                       + sum(2 * args.kv_heads_of(i) * args.head_dim_of(i) * e * N for i in sources))
     else:
         activations = all_layers + batch + final_norm + stage_output
 
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        backward += (max(_layer_backward_per_token(args, e, seq_len, sparse, mixer) for sparse, mixer in by_kind) * N
+        backward += (max(_layer_backward_per_token(args, e, seq_len, *kind) for kind in by_kind) * N
                      + _dequant_bytes(args, e, kind, N))
         backward += one_layer if recompute else 0
     if not stage.has_head:
@@ -384,13 +399,15 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *, shared: bool,
                            quant: str | None, explicit_mask: bool, seq_len: int,
                            active: int | None = None, kernel: str | None = None,
-                           sparse: bool = False, mixer: str = "attention") -> dict[str, float]:
+                           sparse: bool = False, mixer: str = "attention", kv_shared: bool = False) -> dict[str, float]:
     """Bytes per token that one decoder layer keeps for the backward, by what keeps them.
     sparse: a mixture-of-experts layer (models/moe.py), whose k experts per token each keep
     what a dense MLP of their width keeps, over the tokens routed to them. mixer: the layer's
     kind: "attention", Gemma 4's "global_attention" (heads of their own), or "linear" for
-    Qwen3.5's linear-attention layers (models/gdn.py)."""
-    H, I, D = args.hidden_size, args.intermediate_size, args.head_dim
+    Qwen3.5's linear-attention layers (models/gdn.py). kv_shared: a Gemma 4 layer attending to
+    another's keys and values (no k/v projections nor norms; its MLP double-wide with
+    double_wide_mlp; their keys and values counted again, a bound)."""
+    H, I, D = args.hidden_size, args.intermediate_size * (2 if kv_shared and args.double_wide_mlp else 1), args.head_dim
     k = args.num_experts_per_tok if sparse else 1  # MLP passes per token
     if sparse:
         I = args.moe_intermediate_size
@@ -442,11 +459,14 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         out["norms"] += 3 * (4 * H + 4)  # (their input's, the dense MLP's output's and theirs)
         out["mlp"] += 3 * args.num_experts_per_tok * args.moe_intermediate_size * e  # each pass's gate, act and up
         out["moe_routing"] = _routing_saved_per_token(args, e) + 4 * H + 8 + args.num_experts_per_tok * e
-    if args.v_norm:  # Gemma 4: each value head normed without a weight: its fp32 copy, the power's in and out
+    if args.v_norm and not kv_shared:  # Gemma 4: each value head normed without a weight: its fp32 copy, the power's in and out
         out["v_norm"] = nkv * (4 * D + 8)
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
         # (OLMo 2's over the whole q and k: one rsqrt each)
         out["qk_norms"] = (nh + nkv) * (4 * D + 4) if args.qk_norm_per_head else (nh + nkv) * 4 * D + 2 * 4
+        out["qk_norms"] -= kv_shared * nkv * (4 * D + 4)  # (Gemma 4's KV-shared layers: no k norm)
+    if args.per_layer_input_size:  # Gemma 4 E2B/E4B: the gate's GELU input and output [N, P], the norm after
+        out["per_layer_input"] = 2 * args.per_layer_input_size * e + 4 * H + 4
     if explicit_mask and not args.alibi:
         # SDPA turns the bool mask into an additive one in the dtype on every call, and the
         # memory-efficient kernel keeps it: [B, 1, S, S] (S padded to 16), per token S values.
@@ -475,7 +495,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
               "linear_out": args.linear_num_value_heads * args.linear_value_head_dim}
     # an MoE model's dense MLPs are no targets
     on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
-    here = projection_shapes(args, mixer)
+    here = projection_shapes(args, mixer, kv_shared)
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
     # dropped-out copy and a mask of each input (counting fused's or triton's underestimated it)
@@ -605,13 +625,13 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
 
 
 def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse: bool = False,
-                     kind: str | None = None) -> int:
+                     kind: str | None = None, kv_shared: bool = False) -> int:
     """A and B of every adapter cast to the activation dtype, kept for the input gradient (one
     layer, of `kind`: Qwen3.5's layers have either kind's projections; None: the costlier). In
     fp32 some casts are the parameters themselves; counting them is conservative."""
     if kind is None:
         return max(_lora_cast_bytes(args, e, adapters, sparse, k) for k in set(args.layer_kinds))
-    shapes = projection_shapes(args, kind)
+    shapes = projection_shapes(args, kind, kv_shared)
     return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * _lora_copies(args, m, sparse)
                for a in adapters for m in a.target_modules if m in shapes)
 
@@ -680,10 +700,11 @@ def _linear_attention_saved_per_token(args: ModelArgs, e: int, seq_len: int) -> 
 
 
 def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: bool = False,
-                              mixer: str = "attention") -> int:
+                              mixer: str = "attention", kv_shared: bool = False) -> int:
     """Bytes per token that one decoder layer's backward allocates beyond what the forward
     kept: the gradients in flight, at the costliest moment."""
-    H, I, D, nh = args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads
+    H, D, nh = args.hidden_size, args.head_dim, args.num_heads
+    I = args.intermediate_size * (2 if kv_shared and args.double_wide_mlp else 1)
     residual = 2 * H * e  # the gradient of the layer output + the residual stream's sum
     # down_proj's input gradient (base + LoRA, and through the dropout mask), then the
     # gradients of silu(gate) and up, then of gate: about 6 [N, I] at once.
@@ -748,23 +769,26 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     e = torch.empty((), dtype=dtype).element_size()
     H, V = args.hidden_size, args.vocab_size
     mixer = {}
-    for layer_kind in set(args.layer_kinds) - {"linear"}:  # (Gemma 4's full layers: their own sizes)
-        shapes = projection_shapes(args, layer_kind)
+    # (Gemma 4's full layers: their own sizes; its KV-shared layers: no k/v projections nor k norm)
+    for layer_kind, kv_shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)} - {("linear", False)}:
+        shapes = projection_shapes(args, layer_kind, kv_shared)
         attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
         # (the biases of q/k/v_proj or qkv_proj, and o_proj)
         biases = sum(o for m, (_, o) in shapes.items() if m not in {*_MLP_TARGETS, "o_proj"}) * args.attention_bias
         biases += H * args.o_proj_bias
-        norms = args.num_norms * H + _qk_norm_width(args, layer_kind)
+        norms = args.num_norms * H + _qk_norm_width(args, layer_kind) // (2 if kv_shared else 1)
+        # Gemma 4 E2B/E4B: the per-layer input's gate, its projection and the norm after
+        norms += args.per_layer_input_size and 2 * H * args.per_layer_input_size + H
         if args.mla:  # biases on q_a_proj and kv_a_proj_with_mqa (and o_proj); the latents' norms
             biases = (args.q_lora_rank + args.kv_lora_rank + args.head_dim) * args.attention_bias + H * args.o_proj_bias
             norms += args.q_lora_rank + args.kv_lora_rank
         sinks = args.num_heads * args.attn_sinks  # GPT-OSS: a logit per head
         scalar = int(args.layer_scalar)  # Gemma 4's scalar after each layer
-        mixer[layer_kind] = attention + (biases + norms + sinks + scalar) * e  # biases + RMSNorm weights
+        mixer[layer_kind, kv_shared] = attention + (biases + norms + sinks + scalar) * e  # biases + RMSNorm weights
     if "linear" in args.layer_kinds:  # Qwen3.5's linear attention: its projections, conv, decays, gated norm
         Hv, Dv = args.linear_num_value_heads, args.linear_value_head_dim
         conv_channels = 2 * args.linear_num_key_heads * args.linear_key_head_dim + Hv * Dv  # (q, k, v)
-        mixer["linear"] = (sum(_projection_bytes(i, o, e, kind, dq) for i, o in linear_projection_shapes(args).values())
+        mixer["linear", False] = (sum(_projection_bytes(i, o, e, kind, dq) for i, o in linear_projection_shapes(args).values())
                            + (conv_channels * args.linear_conv_kernel + 2 * Hv + Dv + args.num_norms * H) * e)
 
     def mlp(width: int) -> int:  # one SwiGLU's projections (gate and up fused or not: the same bytes
@@ -773,17 +797,22 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
                    else [_projection_bytes(H, width, e, kind, dq)] * 2)
         return sum(gate_up) + _projection_bytes(width, H, e, kind, dq) + (2 * width + H) * args.mlp_bias * e
 
-    dense = mlp(args.intermediate_size)  # a dense layer's MLP
-    if args.moe_beside_mlp:  # Gemma 4: every expert beside it, the router (proj, scale, per_expert_scale), 3 norms
-        dense += args.num_experts * mlp(args.moe_intermediate_size) + (args.num_experts * (H + 1) + 4 * H) * e
+    beside = 0  # Gemma 4 26B-A4B: every expert beside the dense MLP, the router (proj, scale,
+    if args.moe_beside_mlp:  # per_expert_scale), 3 norms
+        beside = args.num_experts * mlp(args.moe_intermediate_size) + (args.num_experts * (H + 1) + 4 * H) * e
     if args.is_moe:  # every expert, the router; the shared expert (and Qwen2-MoE's gate)
         # the router's weight, bias and correction bias (GLM-4.5: in fp32)
         router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_params_fp32 else e)
         sparse = args.num_experts * mlp(args.moe_intermediate_size) + router
         if args.shared_expert_intermediate_size:
             sparse += mlp(args.shared_expert_intermediate_size) + H * e * args.shared_expert_gated
-    total = sum(mixer[args.layer_kinds[i]] + (sparse if args.moe_layers[i] else dense) for i in stage.layers)
+    # (a dense layer's MLP: Gemma 4's KV-shared layers' maybe double-wide)
+    total = sum(mixer[layer_signature(args, i)[1:]] + (sparse if args.moe_layers[i] else mlp(args.mlp_size_of(i)) + beside)
+                for i in stage.layers)
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
+    if stage.has_embed and args.per_layer_input_size:  # Gemma 4 E2B/E4B: the per-layer inputs' table, projection, norm
+        LP = args.num_layers * args.per_layer_input_size
+        total += (args.per_layer_vocab_size * LP + H * LP + args.per_layer_input_size) * e
     if stage.has_head and not (args.tie_word_embeddings and stage.has_embed):
         total += V * H * e
     return total
@@ -810,13 +839,15 @@ def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | Non
     """fp32 A and B of every adapter on the decoder layers `layers` (or the first `num_layers`;
     default: all), with their gradients (alive across gradient accumulation) and optimizer
     moments."""
-    shapes = {kind: projection_shapes(args, kind) for kind in set(args.layer_kinds)}
+    shapes = {kind: projection_shapes(args, *kind) for kind in
+              {layer_signature(args, i)[1:] for i in range(args.num_layers)}}
     if layers is None:
         layers = range(args.num_layers if num_layers is None else num_layers)
     total = 0
     for a in map(LoraShape.of, lora):
         for i in layers:
-            here = shapes[args.layer_kinds[i]]  # (Qwen3.5: a layer has one kind's projections)
+            # (Qwen3.5: a layer has one kind's projections; Gemma 4's KV-shared ones no k/v_proj)
+            here = shapes[layer_signature(args, i)[1:]]
             params = sum(a.r * (here[m][0] + here[m][1]) * _lora_copies(args, m, args.moe_layers[i])
                          for m in a.target_modules if m in here)
             total += params * 4 * (2 + a.optimizer_moments)

@@ -97,16 +97,19 @@ def note_partial_targets(cfg: TrainConfig, model_args) -> None:
     """Say on stderr which adapters have LoRA on some of the base's layers only, because their
     target_modules are in some layers only (Qwen3.5's q/k/v/o_proj in its softmax-attention
     layers, a quarter of them; its in_proj_* in the linear-attention ones; an MoE model's MLP
-    targets in its sparse layers, not its dense ones): as with PEFT, which a user of the
-    default q_proj, v_proj may not expect."""
+    targets in its sparse layers, not its dense ones; Gemma 4's k/v_proj not in its KV-shared
+    layers): as with PEFT, which a user of the default q_proj, v_proj may not expect."""
     from mlora.memory import projection_shapes
 
-    # Per layer: its kind of mixer, and on an MoE model whether its MLP is sparse (a dense
-    # layer's MLP takes no LoRA there: lora.inject_lora)
+    # Per layer: its kind of mixer, on an MoE model whether its MLP is sparse (a dense layer's
+    # MLP takes no LoRA there: lora.inject_lora), whether it shares another's keys and values
+    # (Gemma 4's KV-shared layers have no k/v_proj)
     layers = list(zip(model_args.layer_kinds, model_args.moe_layers if model_args.is_moe else
-                      [True] * model_args.num_layers))
-    offers = {(kind, lora_mlp): [m for m in projection_shapes(model_args, kind) if lora_mlp or m not in MLP_MODULES]
-              for kind, lora_mlp in set(layers)}
+                      [True] * model_args.num_layers,
+                      [model_args.kv_source(i) is not None for i in range(model_args.num_layers)]))
+    offers = {(kind, lora_mlp, shared): [m for m in projection_shapes(model_args, kind, shared)
+                                         if lora_mlp or m not in MLP_MODULES]
+              for kind, lora_mlp, shared in set(layers)}
     for a in cfg.lora:
         untouched = [layer for layer, names in offers.items() if not set(a.target_modules) & set(names)]
         if not untouched:

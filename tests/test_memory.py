@@ -856,17 +856,41 @@ GEMMA4_MOE = dataclasses.replace(GEMMA4, num_experts=4, num_experts_per_tok=2, m
                                  norm_topk_prob=True, routing_weights_fp32=True, moe_beside_mlp=True)
 
 
+# E2B/E4B: per-layer inputs of 8; layers 2 (sliding) and 3 (full) attend to layers 0's and 1's
+# keys and values, with MLPs twice as wide
+GEMMA4_E2B = dataclasses.replace(GEMMA4, num_layers=4, sliding_window=[4, None, 4, None],
+                                 layer_kinds=["attention", "global_attention"] * 2, moe_layers=[False] * 4,
+                                 rope_layers=[True] * 4, per_layer_input_size=8,
+                                 per_layer_vocab_size=SMALL.vocab_size + 16, kv_shared_layers=2, double_wide_mlp=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-@pytest.mark.parametrize("args", [GEMMA4, GEMMA4_K_EQ_V, GEMMA4_MOE], ids=["gemma4", "gemma4_k_eq_v", "gemma4_moe"])
+@pytest.mark.parametrize("args", [GEMMA4, GEMMA4_K_EQ_V, GEMMA4_MOE, GEMMA4_E2B],
+                         ids=["gemma4", "gemma4_k_eq_v", "gemma4_moe", "gemma4_e2b"])
 def test_gemma4_layers_bound_what_autograd_saves(dtype, args):
     """Gemma 4's two layer kinds keep what their own head sizes make them keep (plus the values'
     norm): the estimate bounds what autograd saves, and the weights and LoRA state are every
     parameter's bytes (a full layer with attention_k_eq_v has no v_proj, nor its LoRA; with
     26B-A4B's experts, the router's and the experts' activations, weights and norms, their
-    LoRA on the dense MLP only)."""
+    LoRA on the dense MLP only; E2B/E4B's KV-shared layers no k/v_proj, their MLPs double-wide,
+    the per-layer inputs' table and gates)."""
     wrappers = _assert_layer_kinds_bounded(dtype, args, [(4, 0.0), (8, 0.1)], ALL7, seq_len=32)
     assert ("model.layers.1.self_attn.v_proj" in wrappers) == (not args.attn_k_eq_v)
     assert "model.layers.1.mlp.down_proj" in wrappers and not any(".experts." in path for path in wrappers)
+    assert args.num_layers < 4 or ("model.layers.3.self_attn.k_proj" in wrappers) == (not args.kv_shared_layers)
+
+
+def test_gemma4_kv_sharing_under_recompute_is_bounded():
+    """Under recompute a KV-shared layer keeps its source layer's keys and values as its inputs
+    (and each layer its slice of the per-layer inputs): counted."""
+    model, layout, wrappers = _model_with_adapters(torch.float32, [(4, 0.0)], ALL7, GEMMA4_E2B)
+    layout.rows = [AdapterRows("a0", 0, 4)]
+    model.train()
+    model.recompute = True
+    measured = saved_tensor_bytes(model, torch.randint(0, SMALL.vocab_size, (4, 32)), frozen_storages(model, wrappers))
+    estimate = estimate_peak_bytes(GEMMA4_E2B, rows=4, seq_len=32, dtype=torch.float32, lora=[LoraShape(4, ALL7, 0.0)],
+                                   recompute=True)
+    assert measured <= estimate.activations <= 1.5 * measured
 
 
 def test_heads_beyond_flash_attention_count_repeated_kv():

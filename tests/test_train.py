@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import GEMMA4_MOE
+from conftest import GEMMA4_E2B, GEMMA4_MOE
 from mlora.cli import main
 from mlora.lora import AdapterRows
 from mlora.metrics import read_metrics
@@ -576,7 +576,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
                                               ("gemma4_text", dict(attention_k_eq_v=True,
                                                                    num_global_key_value_heads=1)),
-                                              ("gemma4_text", GEMMA4_MOE)])
+                                              ("gemma4_text", GEMMA4_MOE), ("gemma4_text", GEMMA4_E2B)],
+                         ids=lambda v: v if isinstance(v, str) else "e2b" if v is GEMMA4_E2B else None)
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
     logits) and 3 (sandwich norms, two RoPEs, a sliding layer), Phi-3 (fused qkv_proj and

@@ -576,7 +576,7 @@ class DecoderLayer(nn.Module):
             mixed = self.linear_attn(self._norm(0, x), mask, cache, self.layer_id)
         else:
             mixed = self.self_attn(self._norm(0, x), cos, sin, mask, cache, self.layer_id, q_scale,
-                                   None if shared_k is None else (shared_k, shared_v))
+                                   *(() if shared_k is None else ((shared_k, shared_v),)))
             if isinstance(mixed, tuple):
                 mixed, kv = mixed
         attn = self._norm(1, mixed)  # [B, S, H]
