@@ -575,6 +575,29 @@ def test_gemma4_configs():
     assert [small.mlp_size_of(i) for i in range(7)] == [96] * 4 + [192] * 3
 
 
+def test_gemma4_kv_sharing_gradients_match_transformers(tmp_path):
+    """Gemma 4 E2B/E4B: the gradients reach a source layer's k/v projections through the layers
+    sharing its keys and values too (autograd through the shared keys), and the per-layer
+    inputs' projection and gates: the weights' gradients equal transformers' (mixed padding)."""
+    path = make_tiny_model(tmp_path, "gemma4_text", **GEMMA4_E2B)
+    ours, ref = load_model(path, "cpu", torch.float32), _hf(path)
+    names = ["model.layers.1.self_attn.k_proj.weight", "model.layers.2.self_attn.v_proj.weight",
+             "model.per_layer_model_projection.weight", "model.layers.3.per_layer_input_gate.weight",
+             "model.layers.4.mlp.up_proj.weight"]
+    ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(2))
+    mask = _masks()["mixed"]
+    weights = torch.randn(B, S, ours.args.vocab_size, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for model, run in ((ours, lambda: ours(ids, mask)), (ref, lambda: ref(input_ids=ids, attention_mask=mask).logits)):
+        params = dict(model.named_parameters())
+        for name in names:
+            params[name].requires_grad_(True)
+        ((run() * weights)[mask.bool()]).sum().backward()
+        grads.append([params[name].grad for name in names])
+    for name, a, b in zip(names, *grads):
+        assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item()), name
+
+
 def test_stage_split_tied_head_only(tmp_path):
     path = make_tiny_model(tmp_path, "llama", tie_word_embeddings=True)
     whole = load_model(path, "cpu", torch.float32)
