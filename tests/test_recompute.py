@@ -101,6 +101,22 @@ def test_recompute_equals_plain_on_linear_attention(tmp_path, family, pack_len):
     assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
 
 
+def test_recompute_equals_plain_on_gemma4_kv_sharing(tmp_path):
+    """Gemma 4 E2B/E4B: a KV-shared layer takes its source layer's keys and values as inputs of
+    its checkpoint (the source layer hands them on as outputs of its own), and each layer its
+    per-layer input: recomputed, the same losses and gradients, LoRA dropout included."""
+    from conftest import GEMMA4_E2B, make_tiny_model
+
+    base = make_tiny_model(tmp_path / "gemma4", "gemma4_text", **GEMMA4_E2B)
+    specs = {"a": (4, ["k_proj", "v_proj"], "right"), "b": (8, ["q_proj", "o_proj", "up_proj"], "left"),
+             "c": (2, ["v_proj", "down_proj"], "right")}
+    ref, ref_states, _ = _run(base, recompute=False, pack_len=24, specs=specs)
+    got, states, calls = _run(base, recompute=True, pack_len=24, specs=specs)
+    assert calls == 2 * STEPS and all(g.abs().max() > 0 for _, grads in ref for g in grads.values())
+    assert _max_diff(got, ref) <= 1e-6
+    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
+
+
 def test_unregistered_generators_would_break_dropout(tiny_llama):
     """The test above can fail: without replaying the adapters' generators the recomputed
     masks differ from the forward's, and so do the gradients."""
