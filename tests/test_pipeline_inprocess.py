@@ -435,6 +435,29 @@ def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, si
         assert plan.feed_order == [mb.id for name in ("p0", "p1") for mb in streams[name]]
 
 
+def test_gemma4_per_layer_inputs_and_kv_sharing_refuse_stages(tmp_path):
+    """Gemma 4 E2B/E4B: every layer's per-layer input comes from the first stage's embedding, and
+    a KV-shared layer needs its source layer's keys: --pipeline is refused in one line naming the
+    keys, and a stage that would separate them is never built."""
+    from dataclasses import replace
+
+    from conftest import GEMMA4_E2B, make_tiny_model
+    from mlora.errors import UserError
+    from mlora.loader import read_model_config
+    from mlora.models.llama import CausalLM, module_sequence
+
+    base = make_tiny_model(tmp_path / "gemma4", "gemma4_text", **GEMMA4_E2B)
+    with pytest.raises(UserError, match=r"^--pipeline: this Gemma 4 model's hidden_size_per_layer_input and "
+                                        r"num_kv_shared_layers \(E2B/E4B\) are not split into stages"):
+        plan_stages(str(base), 2, None)
+    _, args = read_model_config(base)
+    assert plan_stages(str(base), 1, None) == [module_sequence(args)]  # (one stage: the whole model)
+    with pytest.raises(ValueError, match="stage without the embedding"):
+        CausalLM(args, ["layer.2", "layer.3"])
+    with pytest.raises(ValueError, match="layer 4 shares the keys and values of layer 1"):
+        CausalLM(replace(args, per_layer_input_size=0), ["layer.2", "layer.3", "layer.4"])
+
+
 @pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss", "deepseek_v3", "qwen3_5", "gemma4",
                                     "qwen3_next"])
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
