@@ -248,6 +248,10 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                 for part in _sources_of(naming.to_checkpoint(n), index, naming)}
         # GLM-4.5's and DeepSeek-V3's multi-token-prediction layers after the last one: unused
         extra = {f"model.layers.{i}." for i in range(args.num_layers, args.num_layers + args.extra_layers)}
+        # Gemma 4's KV-shared layers: a checkpoint may hold k/v projections and norms they never use
+        # (transformers ignores them too)
+        extra |= {naming.to_checkpoint(f"model.layers.{i}.self_attn.{m}.") for i in range(args.num_layers)
+                  if args.kv_source(i) is not None for m in ("k_proj", "v_proj", "k_norm", "v_norm")}
         _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
     # What each checkpoint tensor is read from: itself (a block-FP8 weight with its scales), or

@@ -598,6 +598,25 @@ def test_gemma4_kv_sharing_gradients_match_transformers(tmp_path):
         assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item()), name
 
 
+def test_gemma4_kv_shared_layers_unused_tensors_are_no_warning(tmp_path, capsys):
+    """A Gemma 4 checkpoint may store k/v projections and norms for its KV-shared layers, which
+    transformers ignores: so does mlora, without a warning (another unused tensor still gets one)."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_tiny_model(tmp_path, "gemma4", **GEMMA4_E2B)
+    tensors = load_file(path / "model.safetensors")
+    for m in ("k_proj", "v_proj", "k_norm", "v_norm"):
+        tensors[f"model.language_model.layers.3.self_attn.{m}.weight"] = torch.zeros(2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    load_model(path, "cpu", torch.float32)
+    assert capsys.readouterr().err == ""
+    tensors["model.language_model.layers.2.self_attn.k_proj.bias"] = torch.zeros(2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    load_model(path, "cpu", torch.float32)
+    assert "leaves tensor 'model.language_model.layers.2.self_attn.k_proj.bias'" in capsys.readouterr().err
+
+
 def test_stage_split_tied_head_only(tmp_path):
     path = make_tiny_model(tmp_path, "llama", tie_word_embeddings=True)
     whole = load_model(path, "cpu", torch.float32)
