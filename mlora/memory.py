@@ -407,7 +407,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     Qwen3.5's linear-attention layers (models/gdn.py). kv_shared: a Gemma 4 layer attending to
     another's keys and values (no k/v projections nor norms; its MLP double-wide with
     double_wide_mlp; their keys and values counted again, a bound)."""
-    H, I, D = args.hidden_size, args.intermediate_size * (2 if kv_shared and args.double_wide_mlp else 1), args.head_dim
+    H, D = args.hidden_size, args.head_dim
+    I = args.intermediate_size * (2 if kv_shared and args.double_wide_mlp else 1)
     k = args.num_experts_per_tok if sparse else 1  # MLP passes per token
     if sparse:
         I = args.moe_intermediate_size
@@ -459,7 +460,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         out["norms"] += 3 * (4 * H + 4)  # (their input's, the dense MLP's output's and theirs)
         out["mlp"] += 3 * args.num_experts_per_tok * args.moe_intermediate_size * e  # each pass's gate, act and up
         out["moe_routing"] = _routing_saved_per_token(args, e) + 4 * H + 8 + args.num_experts_per_tok * e
-    if args.v_norm and not kv_shared:  # Gemma 4: each value head normed without a weight: its fp32 copy, the power's in and out
+    if args.v_norm and not kv_shared:  # Gemma 4: each value head normed without a weight: its fp32 copy,
+        # the power's in and out
         out["v_norm"] = nkv * (4 * D + 8)
     if args.qk_norm:  # Qwen3's per-head RMSNorm of q and k: fp32 input copy + rsqrt per head
         # (OLMo 2's over the whole q and k: one rsqrt each)
@@ -745,6 +747,8 @@ def _dequant_bytes(args: ModelArgs, e: int, quant: str | None, N: int) -> int:
     if args.is_moe:  # a dense layer's or a shared expert's MLP may be wider than an expert's
         width = max(args.intermediate_size if not all(args.moe_layers) else 0, args.shared_expert_intermediate_size)
         shapes += [(args.hidden_size, width), (width, args.hidden_size)]
+    if args.double_wide_mlp:  # (Gemma 4's KV-shared layers' MLPs: twice as wide)
+        shapes += [(args.hidden_size, 2 * args.intermediate_size), (2 * args.intermediate_size, args.hidden_size)]
     largest = max(i * o for i, o in shapes)
     extra = 2 * largest * e  # the dequantized weight and the copy a dtype change makes
     if quant == "int8":
@@ -788,7 +792,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     if "linear" in args.layer_kinds:  # Qwen3.5's linear attention: its projections, conv, decays, gated norm
         Hv, Dv = args.linear_num_value_heads, args.linear_value_head_dim
         conv_channels = 2 * args.linear_num_key_heads * args.linear_key_head_dim + Hv * Dv  # (q, k, v)
-        mixer["linear", False] = (sum(_projection_bytes(i, o, e, kind, dq) for i, o in linear_projection_shapes(args).values())
+        mixer["linear", False] = (sum(_projection_bytes(i, o, e, kind, dq)
+                                      for i, o in linear_projection_shapes(args).values())
                            + (conv_channels * args.linear_conv_kernel + 2 * Hv + Dv + args.num_norms * H) * e)
 
     def mlp(width: int) -> int:  # one SwiGLU's projections (gate and up fused or not: the same bytes

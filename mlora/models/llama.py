@@ -567,7 +567,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | LinearMixerInputs | None,
                 cache: KVCache | None = None, q_scale: Tensor | None = None, per_layer_input: Tensor | None = None,
-                shared_k: Tensor | None = None, shared_v: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+                shared_k: Tensor | None = None,
+                shared_v: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Gemma 4 E2B/E4B: per_layer_input [B, S, P] this layer's slice of the per-layer inputs;
         shared_k, shared_v the source layer's keys and values of a KV-shared layer. A source layer
         returns (output, keys, values)."""
@@ -759,7 +760,8 @@ class CausalLM(nn.Module):
                 cos, sin = tables[self.args.rope_of(i)]
                 # (Gemma 4 E2B/E4B: the layer's per-layer input [B, S, P], a shared layer's keys and values)
                 more = (() if per_layer is None and not kv else
-                        (None if per_layer is None else per_layer[:, :, i], *kv.get(self.args.kv_source(i), (None,) * 2)))
+                        (None if per_layer is None else per_layer[:, :, i],
+                         *kv.get(self.args.kv_source(i), (None, None))))
                 if recompute:
                     gens = self.rng_generators
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens
