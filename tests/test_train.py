@@ -739,6 +739,11 @@ def test_targets_in_some_layers_only_are_noted(tmp_path, capsys):
     assert "in 3 of this qwen3_5_text model's 4 layers" in note("qwen3_5_text", ["in_proj_qkv"])
     assert note("qwen3_5_text", ["q_proj", "in_proj_qkv"]) == ""
     assert note("gemma4_text", ["q_proj", "v_proj"], attention_k_eq_v=True) == ""
+    # Gemma 4 E2B/E4B: its last two layers share earlier layers' keys and values (no k/v_proj)
+    assert note("gemma4_text", ["k_proj", "v_proj"], **GEMMA4_E2B) == (
+        "mlora: note: adapter 'a': its target_modules are in 3 of this gemma4_text model's 5 layers only; LoRA "
+        "goes there (the other layers' LoRA targets: q_proj, o_proj, gate_proj, up_proj, down_proj)")
+    assert note("gemma4_text", ["q_proj", "v_proj"], **GEMMA4_E2B) == ""
     assert note("llama", ["q_proj", "v_proj"]) == ""
     # GLM-4.5's first layer is dense: its MLP takes no LoRA (only the experts' do)
     assert note("glm4_moe", ["gate_proj", "up_proj", "down_proj"]) == (
