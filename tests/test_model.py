@@ -721,7 +721,7 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "glm4_moe",
-                                    "gemma4_text", "gemma4_moe"])
+                                    "gemma4_text", "gemma4_moe", "gemma4_e2b"])
 def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
     norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the
@@ -732,7 +732,10 @@ def test_rounds_as_transformers_in_bf16(tmp_path, family):
              if family in ("gemma3_text", "gemma4_text", "gemma4_moe") else {})
     if family == "gemma4_moe":  # (its router's weights in fp32, each expert's output weighed so, summed once)
         family, extra = "gemma4_text", dict(extra, **GEMMA4_MOE)
-    path = make_tiny_model(tmp_path, family, hidden_size=72, num_hidden_layers=3, **extra)
+    if family == "gemma4_e2b":  # (and the per-layer table's sqrt(8), cast to the dtype as the main one's)
+        family, extra = "gemma4_text", dict(GEMMA4_E2B)
+    extra.setdefault("num_hidden_layers", 3)
+    path = make_tiny_model(tmp_path, family, hidden_size=72, **extra)
     ours = load_model(path, "cpu", torch.bfloat16)
     from transformers import AutoModelForCausalLM
 
