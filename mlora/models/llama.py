@@ -358,10 +358,11 @@ class Attention(nn.Module):
         shared_kv: a KV-shared layer's keys and values, its source layer's [B, nkv, T, D] each
         (Gemma 4). A source layer returns (output, (its keys, its values)) to hand on."""
         B, S, _ = x.shape  # x [B, S, H]
-        if self.kv_shared:
-            return self._attend(self._rope_queries(self.q_norm(self.q_proj(x).view(B, S, self.num_heads,
-                                                                                      self.head_dim)), cos, sin),
-                                *shared_kv, mask, None)
+        if self.kv_shared:  # (Gemma 4: per-head q norms, RoPE; the source layer's keys, its cache's included)
+            q = self.q_norm(self.q_proj(x).view(B, S, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, nh, S, D]
+            if cos is not None:
+                q = apply_rope(q, cos, sin, self.rope_interleaved).to(x.dtype)
+            return self._attend(q, *shared_kv, mask, None)
         gate = None
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)  # [B, S, nh*D], [B, S, nkv*D] x 2
@@ -391,11 +392,6 @@ class Attention(nn.Module):
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         y = self._attend(q, k, v, mask, gate)
         return (y, (k, v)) if self.keeps_kv else y
-
-    def _rope_queries(self, q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """A KV-shared layer's queries [B, S, nh, D], normed, as [B, nh, S, D] turned by RoPE."""
-        q = q.transpose(1, 2)
-        return q if cos is None else apply_rope(q, cos, sin, self.rope_interleaved).to(q.dtype)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, gate: Tensor | None) -> Tensor:
         """o_proj of the attention of q [B, nh, S, D] to k, v [B, nkv, T, D]."""
