@@ -361,7 +361,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # Tensors a checkpoint may hold that no model computes with: RoPE tables some releases saved,
 # the image-text models' vision towers and projectors (mlora trains the language model; Qwen3.5's
 # `model.visual`), Qwen3.5's multi-token-prediction layer (`mtp.`), a tied head's copy.
-_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|multi_modal_projector|model\.visual|mtp)\.|"
+_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|vision_model|multi_modal_projector|model\.visual|mtp)\.|"
                         r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio|multi_modal_projector)\.|"  # (Gemma 4's, Mistral 3's)
                         r".*[._]activation_scale$|"  # (per-tensor FP8's static activation scheme: run-time only)
                         r"^(language_model\.)?lm_head\.weight$")
@@ -451,8 +451,8 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
             weight = stacked[part.expert]
             if scales is not None:  # [2, 1] (gate, up) or [1, 1]: this expert's (half's) one scale
                 scale = scales[part.expert]
-                if part.half is not None:
-                    weight, scale = weight.chunk(2)[part.half], scale[part.half]
+                if part.half is not None:  # (Llama 4's [H, 2 * I]: the halves of its columns)
+                    weight, scale = weight.chunk(2, dim=-1 if part.transposed else 0)[part.half], scale[part.half]
                 weight = fp8.dequantize_per_tensor(weight.to(device), scale.to(device))
                 return weight.t() if part.transposed else weight
             weight = weight.t() if part.transposed else weight

@@ -154,6 +154,12 @@ MOE_TINY = {
                                           original_max_position_embeddings=8, mscale=1.0, mscale_all_dim=1.0,
                                           beta_fast=32.0, beta_slow=1.0, llama_4_scaling_beta=0.1,
                                           partial_rotary_factor=0.5)),
+    # Llama 4: layers 0, 1 RoPE (chunks of 4 positions, L2-normed q/k), 2, 3 NoPE (queries scaled by
+    # position from 3 on: floor_scale 4, the released 8192); 1, 3 sparse (2 of 4 experts, their
+    # input weighted by the sigmoid of the top logits, and a shared expert), 0, 2 dense and wider
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, intermediate_size_mlp=96,
+                        num_hidden_layers=4, head_dim=16, no_rope_layers=[1, 1, 0, 0], interleave_moe_layer_step=2,
+                        attention_chunk_size=4, floor_scale=4, attn_scale=0.5, rope_theta=1e4),
 }
 
 
@@ -181,7 +187,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     head in its file and the normalized one (its NormHead) in the reference."""
     if family in ("chatglm", "baichuan"):
         return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
-    if family in ("gemma3", "gemma4", "mistral3", "qwen3_5", "qwen3_5_moe"):  # image-text: a vision tower beside a text model
+    if family in ("gemma3", "gemma4", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4"):  # image-text: a vision tower beside a text model
         return _make_image_text_model(Path(path), family, tokenizer_dir, seed, **overrides)
     import transformers
 
@@ -215,6 +221,7 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
         "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
         "mistral4": (transformers.Mistral4Config, transformers.Mistral4ForCausalLM),
+        "llama4_text": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM),
     }[family]
     vocab = 400
     if tokenizer_dir is not None:
@@ -315,7 +322,8 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
     from safetensors.torch import load_file, save_file
 
     text_family = text_family or {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "mistral3": "mistral",
-                                  "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}[family]
+                                  "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                                  "llama4": "llama4_text"}[family]
     text_dir = Path(str(path) + "-text")
     make_tiny_model(text_dir, text_family, tokenizer_dir, seed, **overrides)
     text_config = json.loads((text_dir / "config.json").read_text())
@@ -339,6 +347,13 @@ def _make_image_text_model(path: Path, family: str, tokenizer_dir: Path | None, 
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14,
                                out_hidden_size=text_config["hidden_size"]))
         model = transformers.Qwen3_5MoeForConditionalGeneration if moe else transformers.Qwen3_5ForConditionalGeneration
+    elif family == "llama4":  # (its language model's tensors: language_model.model.*, language_model.lm_head)
+        config = transformers.Llama4Config(
+            text_config=text_config, tie_word_embeddings=tie,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                               projector_output_dim=32))
+        model = transformers.Llama4ForConditionalGeneration
     else:  # (a Pixtral vision tower)
         config = transformers.Mistral3Config(
             text_config=text_config, tie_word_embeddings=tie,
@@ -376,6 +391,11 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32):
         from transformers import Mistral3ForConditionalGeneration
 
         return Mistral3ForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
+    if config.get("model_type") == "llama4":  # the image-text model's language model (transformers 5.24's
+        # Llama4ForConditionalGeneration fails on text alone: its output has no image_outputs)
+        from transformers import Llama4ForConditionalGeneration
+
+        return Llama4ForConditionalGeneration.from_pretrained(str(path), dtype=dtype).language_model.eval()
     if config.get("model_type") == "mistral4":  # (transformers 5.24's AutoModelForCausalLM does not map it)
         from transformers import Mistral4ForCausalLM
 

@@ -111,6 +111,15 @@ CASES = {
     "mistral3_ministral3": ("mistral3", dict(text_family="ministral3")),
     # Mistral Small 4's release: a Mistral 3 image-text model around a mistral4 one (experts stacked)
     "mistral3_mistral4": ("mistral3", dict(text_family="mistral4")),
+    # Llama 4 (conftest's MOE_TINY: NoPE and RoPE layers, chunks of 4, queries scaled past position 2,
+    # dense and sparse layers); without the scale, the q/k norm, with top 1 and chunks of 5 (left
+    # padding compared in one batch: transformers counts chunks from a row's first real token too),
+    # default NoPE layers (layer 3), listed sparse layers, a tied head; the image-text checkpoint
+    "llama4_text": ("llama4_text", {}),
+    "llama4_plain": ("llama4_text", dict(attn_temperature_tuning=False, use_qk_norm=False, num_experts_per_tok=1,
+                                         attention_chunk_size=5, no_rope_layers=[], moe_layers=[0, 2],
+                                         tie_word_embeddings=True)),
+    "llama4": ("llama4", {}),
     # Qwen3.5: Gated DeltaNet linear attention in layers 0, 1, 3 (GQA-like key heads, a causal
     # conv, decays, a gated norm), gated softmax attention in layer 2, (1 + w) norms, RoPE on a
     # quarter of each head; its MoE (a gated shared expert, renormalized weights); the
@@ -200,11 +209,26 @@ def _compare(path, seq_lens=(S,)):
                 assert out.shape == (B, seq_len, ours.args.vocab_size)
                 assert torch.isfinite(out).all(), name  # pad rows too: no NaN from empty rows
                 extra = {}
+                if ours.args.query_scale_nope_only and mask is not None:
+                    # Llama 4's NoPE layers scale queries by position, which transformers counts in
+                    # columns (left padding shifts them) and mlora from a row's first real token
+                    _assert_close_on_real(out, _each_row_alone(ref, ids, mask), mask)
+                    continue
                 if ours.args.query_scale_beta and mask is not None:
                     # Ministral 3's query scale counts a left-padded row's positions from its
                     # first real token, as transformers' generate does (its plain forward does not)
                     extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
                 _assert_close_on_real(out, ref(input_ids=ids, attention_mask=mask, **extra).logits, mask)
+
+
+def _each_row_alone(ref, ids, mask):
+    """transformers' logits of each row's real tokens run alone, where they are in the row."""
+    rows = []
+    for r in range(ids.shape[0]):
+        real = mask[r].bool()
+        logits = ref(input_ids=ids[r:r + 1, real]).logits[0]
+        rows.append(torch.zeros(ids.shape[1], logits.shape[-1]).index_copy(0, real.nonzero()[:, 0], logits))
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -220,7 +244,7 @@ def test_logits_match_transformers(case, tmp_path):
                                   "glm4", "chatglm", "baichuan_alibi", "olmo3", "granite", "mixtral_sliding",
                                   "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2_lite", "mistral4",
                                   "ministral", "mistral3_ministral3", "qwen3_5_text", "qwen3_5_moe", "gemma4_k_eq_v",
-                                  "qwen3_next", "gemma4_moe", "gemma4_e2b"])
+                                  "qwen3_next", "gemma4_moe", "gemma4_e2b", "llama4_text", "llama4_plain"])
 def test_kv_cache_steps_equal_the_whole_sequence(case, tmp_path):
     """Generation's KV cache: a prefix, then one token at a time (and a chunk of two), gives
     every position the logits of one forward over the whole sequence, with left-padded rows

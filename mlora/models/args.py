@@ -18,10 +18,10 @@ FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", 
             "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm",
             "baichuan", "granite", "olmo2", "olmo3", "qwen3_5_text", "qwen3_5", "mixtral", "qwen2_moe", "qwen3_moe",
             "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4", "qwen3_5_moe_text",
-            "qwen3_5_moe", "qwen3_next")
+            "qwen3_5_moe", "qwen3_next", "llama4_text", "llama4")
 # Families whose decoder layers route each token to a few of many MLP experts (models/moe.py)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3",
-                "mistral4", "qwen3_5_moe_text", "qwen3_next")
+                "mistral4", "qwen3_5_moe_text", "qwen3_next", "llama4_text")
 # Qwen3.5's text models: Gated DeltaNet linear attention in 3 of 4 layers (models/gdn.py)
 QWEN3_5_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 # ... and Qwen3-Next, from which Qwen3.5 descends: the same layers, but its linear attention's
@@ -37,15 +37,18 @@ MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "mistral4")
 # the groups of the best single scores, scaled and never renormalized; Mistral Small 4's softmax
 # in the model's dtype, the top k within the groups whose two best scores sum highest,
 # renormalized (norm_topk_prob) and scaled.
-ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax", "grouped_softmax_top2")
+# Llama 4's: the top k logits, then their sigmoid (in fp32, cast to the dtype), which scales the
+# chosen experts' input, not their output (experts_input_weighted).
+ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax", "grouped_softmax_top2", "topk_sigmoid")
 # Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
 # not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x, Ministral 3 and Mistral
 # Small 4 (a mistral, ministral3 or mistral4 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
 IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3", "mistral4"),
-                       "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",)}
+                       "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",),
+                       "llama4": ("llama4_text",)}
 # Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
 # (Qwen3.5's head follows text_config's flag: args_from_hf_config)
-_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True}
+_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True, "llama4": False}
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -121,6 +124,16 @@ class ModelArgs:
     # exactly 1 below it (0: no scaling)
     query_scale_beta: float = 0.0
     query_scale_period: int = 0
+    # Llama 4 (attn_temperature_tuning): floor((position + 1) / period) (query_scale_offset 1),
+    # on the layers without RoPE only (query_scale_nope_only), the product taken in fp32
+    query_scale_offset: int = 0
+    query_scale_nope_only: bool = False
+    # Llama 4: its RoPE layers L2-norm each query and key head after RoPE, without a weight
+    # (use_qk_norm), and attend within chunks of attention_chunk positions (None: no chunks)
+    qk_l2_norm: bool = False
+    attention_chunk: list[int | None] = field(default_factory=list)  # per layer
+    # Llama 4: the router's weights scale each chosen expert's input, not its output
+    experts_input_weighted: bool = False
     # Gemma 2: attention scores and the final logits pass through cap * tanh(x / cap). SDPA
     # cannot do that to the scores, so those layers compute attention in plain ops.
     attn_softcap: float | None = None
@@ -244,6 +257,13 @@ class ModelArgs:
             self.moe_layers = [self.num_experts > 0] * self.num_layers
         if not self.layer_kinds:
             self.layer_kinds = ["attention"] * self.num_layers
+        if not any(self.attention_chunk):  # (also after a dataclasses.replace of num_layers)
+            self.attention_chunk = [None] * self.num_layers
+
+    def query_scaled(self, layer_id: int) -> bool:
+        """Whether the layer's queries take the position-dependent scale (Ministral 3's all,
+        Llama 4's NoPE layers)."""
+        return bool(self.query_scale_beta) and not (self.query_scale_nope_only and self.rope_layers[layer_id])
 
     def head_dim_of(self, layer_id: int) -> int:
         """The query/key/value head size of a layer (Gemma 4's full layers have their own)."""
@@ -401,6 +421,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
             model_type == "gemma4_text" and get("use_bidirectional_attention") == "vision"):
         raise UserError("use_bidirectional_attention is not supported (mlora trains causal decoders)")
     gemma4 = _gemma4_args(get, num_layers, kv_heads) if model_type == "gemma4_text" else {}
+    llama4 = _llama4_args(get, num_layers) if model_type == "llama4_text" else {}
     rope_layers: list[bool] = []  # every layer turns q and k, but SmolLM3's (and none with ALiBi)
     alibi = model_type == "baichuan" and bool(get("alibi", False))  # set by _baichuan_keys
     if alibi:
@@ -454,6 +475,11 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         if model_type == "deepseek_v2" and get("mlp_bias", False):  # (transformers: on the dense MLPs only)
             raise UserError("deepseek_v2 config mlp_bias is true: biased MLPs are not supported")
         windows = [None] * num_layers
+    elif model_type == "llama4_text":  # `attention_bias` on all four attention projections
+        qkv_bias = o_bias = bool(get("attention_bias", False))
+        mlp_bias = False
+        windows = [None] * num_layers
+        rope_layers = llama4.pop("rope_layers")
     elif model_type in GATED_DELTANET_FAMILIES:  # `attention_bias` on q/k/v and o_proj (never on linear attention)
         qkv_bias = o_bias = bool(get("attention_bias", False))
         mlp_bias = False
@@ -529,7 +555,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         full_rope, local_rope = _rope_args(get, max_pos, rope_dim), None
     # (DeepSeek-V3: rope_interleave null means no interleaving, as in transformers; DeepSeek-V2
     # always turns adjacent pairs, as complex numbers)
-    if (model_type in ("glm", "glm4", "chatglm", "deepseek_v2")
+    if (model_type in ("glm", "glm4", "chatglm", "deepseek_v2", "llama4_text")
             or (model_type in ("deepseek_v3", "mistral4") and _raw(cfg, "rope_interleave", True))):
         full_rope = replace(full_rope, interleaved=True)
     mla, mla_scale = (_mla_args(get, model_type, head_dim, rope_params or get("rope_scaling") or {})
@@ -538,8 +564,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
-        # (Qwen3.5-MoE has no dense MLP, nor its width)
-        intermediate_size=int(get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None)),
+        # (Qwen3.5-MoE has no dense MLP, nor its width; Llama 4's dense MLPs are intermediate_size_mlp wide)
+        intermediate_size=int(get("intermediate_size_mlp") if model_type == "llama4_text" else
+                              get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None)),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -560,7 +587,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
                      else "post" if model_type in ("olmo2", "olmo3") else "pre"),
         norm_weight_fp32=model_type in ("olmo2", "olmo3", "chatglm", "gpt_oss", "gemma4_text"),
         # (DeepSeek-V2 turns q and k as fp32 complex numbers)
-        rope_fp32=(model_type in ("olmo2", "olmo3", "deepseek_v2")
+        rope_fp32=(model_type in ("olmo2", "olmo3", "deepseek_v2", "llama4_text")
                    or (model_type == "baichuan" and bool(get("rope_fp32")))),
         attn_scale=(1.0 if gemma4 else float(get("query_pre_attn_scalar", 256)) ** -0.5 if sandwich
                     else float(get("attention_multiplier", 1.0)) if model_type == "granite"
@@ -584,6 +611,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         attn_sinks=model_type == "gpt_oss",
         **(_query_scale_args(rope_params, model_type) if model_type in ("ministral3", "mistral4") else {}),
         **(_linear_attention_args(get, num_layers, model_type) if qwen3_5 else {}),
+        **llama4,
         **gemma4,
         **(_gemma4_moe_args(get, num_layers) if gemma4 and get("enable_moe_block", False) else {}),
         **mla,
@@ -598,7 +626,7 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     qwen = model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next")  # (Qwen3-Next: Qwen2-MoE's sparse block)
     qwen3_5 = model_type == "qwen3_5_moe_text"  # every layer sparse, a gated shared expert, renormalized weights
     deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4")  # DeepSeek's MoE layout and keys
-    experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "n_routed_experts" if deepseek
+    experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss", "llama4_text") else "n_routed_experts" if deepseek
                    else "num_experts")
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
@@ -626,12 +654,57 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     if deepseek:
         family, n_shared, sparse = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
         shared = expert_size * n_shared
+    if model_type == "llama4_text":  # an ungated shared expert as wide as each routed one
+        family, shared = dict(router="topk_sigmoid", shared_expert_gated=False, experts_input_weighted=True), expert_size
+        sparse = _llama4_moe_layers(get, num_layers)
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 # (Qwen3.5-MoE's router always renormalizes, whatever the config says)
                 norm_topk_prob=model_type in ("mixtral", "qwen3_5_moe_text") or bool(get("norm_topk_prob", False)),
                 routing_weights_fp32=model_type == "mixtral" or (deepseek and model_type != "mistral4"),
                 shared_expert_intermediate_size=shared,
                 moe_layers=sparse, **family)
+
+
+def _llama4_moe_layers(get, num_layers: int) -> list[bool]:
+    """Llama 4's sparse layers: moe_layers, else every interleave_moe_layer_step-th layer (Llama4TextConfig)."""
+    listed = get("moe_layers")
+    if listed is None:
+        step = _positive_int(get("interleave_moe_layer_step", 1), "llama4_text config interleave_moe_layer_step")
+        listed = range(step - 1, num_layers, step)
+    elif not isinstance(listed, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in listed):
+        raise UserError(f"llama4_text config moe_layers must list layer indices below {num_layers}, got {listed!r}")
+    return [i in set(listed) for i in range(num_layers)]
+
+
+def _llama4_args(get, num_layers: int) -> dict:
+    """Llama 4's attention (Llama4TextConfig): no_rope_layers (1: RoPE, 0: none; by default every
+    no_rope_layer_interval-th layer without), the RoPE layers' weightless L2 norm of each query and
+    key head after RoPE (use_qk_norm) and their attention within chunks of attention_chunk_size
+    positions (layer_types chunked_attention), and the NoPE layers' queries scaled by
+    1 + attn_scale * log(1 + floor((position + 1) / floor_scale)) (attn_temperature_tuning)."""
+    flags = get("no_rope_layers") or None  # (Llama4TextConfig: an empty list means the default)
+    if flags is None:
+        interval = _positive_int(get("no_rope_layer_interval", 4), "llama4_text config no_rope_layer_interval")
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if not isinstance(flags, (list, tuple)) or len(flags) < num_layers or any(f not in (0, 1) for f in flags):
+        raise UserError(f"llama4_text config no_rope_layers must hold a 0 or 1 for each of the {num_layers} layers, "
+                        f"got {flags!r}")
+    rope_layers = [bool(f) for f in flags[:num_layers]]
+    chunk = get("attention_chunk_size")
+    types = get("layer_types") or ["chunked_attention" if rope and chunk is not None else "full_attention"
+                                   for rope in rope_layers]
+    if len(types) != num_layers or any(t not in ("full_attention", "chunked_attention") for t in types):
+        raise UserError(f"llama4_text config layer_types must list full_attention or chunked_attention for each of "
+                        f"the {num_layers} layers, got {types!r}")
+    if "chunked_attention" in types:
+        chunk = _positive_int(chunk, "llama4_text config attention_chunk_size")
+    tuning = bool(get("attn_temperature_tuning", True))
+    scale = dict(query_scale_beta=_positive_number(get("attn_scale", 0.1), "llama4_text config attn_scale"),
+                 query_scale_period=_positive_int(get("floor_scale", 8192), "llama4_text config floor_scale"),
+                 query_scale_offset=1, query_scale_nope_only=True) if tuning else {}
+    return dict(rope_layers=rope_layers, qk_l2_norm=bool(get("use_qk_norm", True)),
+                attention_chunk=[chunk if t == "chunked_attention" else None for t in types], **scale)
 
 
 def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
@@ -853,6 +926,13 @@ _QWEN3_5_DEFAULTS = {"vocab_size": 248320, "num_attention_heads": 16, "head_dim"
                      "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
                      "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32}
 _CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 128},
+                    # Llama4TextConfig's (Llama 4 Scout's shape)
+                    "llama4_text": {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+                                    "intermediate_size_mlp": 16384, "num_hidden_layers": 48,
+                                    "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                                    "num_experts_per_tok": 1, "num_local_experts": 16, "rope_theta": 500_000.0,
+                                    "attention_chunk_size": 8192},
                     "ministral": {"sliding_window": 4096, "num_key_value_heads": 8, "max_position_embeddings": 131072},
                     # Ministral3Config's (Ministral 3 8B's shape and YaRN)
                     "ministral3": {"head_dim": 128, "rms_norm_eps": 1e-5, "num_key_value_heads": 8,

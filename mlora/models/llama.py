@@ -131,7 +131,7 @@ def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: T
     be hidden from a query that causality alone would show it: a pad token with real tokens
     after it (left padding) or a token beyond an active sliding window. Right padding is
     fine: real queries never look right, and pad queries feed only ignored positions."""
-    key_ok = None  # [B, 1, 1, S]
+    key_ok = pos = None  # [B, 1, 1, S]; [B, S]: a left-padded row's positions (Llama 4's chunks)
     if attention_mask is not None:
         # Checked where the mask is: a mask on the host (the trainer's) costs no read back
         # from the device, which would wait for everything queued there.
@@ -139,20 +139,34 @@ def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: T
         right_padded_only = bool((am[:, 1:] <= am[:, :-1]).all())  # ones then zeros, per row
         if not right_padded_only:
             key_ok = upload(am, device)[:, None, None, :]  # a plain copy would wait for the device
-    by_window: dict[int | None, Tensor | None] = {}
+            if any(args.attention_chunk[i] is not None for i in layer_ids):
+                pos = upload((am.to(torch.int64).cumsum(-1) - 1).clamp(min=0), device)
+    by_window: dict[tuple[int | None, int | None], Tensor | None] = {}
     out: dict[int, Tensor | None] = {}
     for i in layer_ids:
-        window = args.sliding_window[i]
+        window, chunk = args.sliding_window[i], args.attention_chunk[i]
         if window is not None and window >= seq_len:
             window = None  # the window cannot cut anything at this length
-        if window not in by_window:
-            by_window[window] = _build_mask(window, key_ok, seq_len, device)
-        out[i] = by_window[window]
+        if chunk is not None and chunk >= seq_len:
+            chunk = None  # (nor the chunk)
+        if (window, chunk) not in by_window:
+            by_window[window, chunk] = _build_mask(window, key_ok, seq_len, device, chunk, pos)
+        out[i] = by_window[window, chunk]
     return out
 
 
-def _build_mask(window: int | None, key_ok: Tensor | None, seq_len: int, device: torch.device) -> Tensor | None:
-    if window is None and key_ok is None:
+def same_chunk(pos: Tensor, chunk: int, queries: int) -> Tensor:
+    """Llama 4's chunked attention: bool [B or 1, 1, S, T], whether the last `queries` of the
+    positions pos [B or 1, T] (each token's in its sequence: chunks start at a row's first real
+    token, as transformers' left-padding offset, and at each packed document's) are in the same
+    chunk of `chunk` positions as each key."""
+    ids = pos // chunk
+    return (ids[:, -queries:, None] == ids[:, None, :])[:, None]
+
+
+def _build_mask(window: int | None, key_ok: Tensor | None, seq_len: int, device: torch.device,
+                chunk: int | None = None, pos: Tensor | None = None) -> Tensor | None:
+    if window is None and key_ok is None and chunk is None:
         return None
     q = torch.arange(seq_len, device=device)[:, None]  # [S, 1]
     k = torch.arange(seq_len, device=device)[None, :]  # [1, S]
@@ -160,6 +174,8 @@ def _build_mask(window: int | None, key_ok: Tensor | None, seq_len: int, device:
     if window is not None:
         allowed = allowed & (q - k < window)
     allowed = allowed[None, None]  # [1, 1, S, S]
+    if chunk is not None:  # (positions: the columns, or a left-padded row's own)
+        allowed = allowed & same_chunk(k if pos is None else pos, chunk, seq_len)
     if key_ok is not None:
         # A query always sees itself, so an all-pad row still has one key and never NaN.
         allowed = (allowed & key_ok) | (q == k)  # [B, 1, S, S]
@@ -183,18 +199,30 @@ def document_masks(args: ModelArgs, layer_ids: Sequence[int], document_ids: Tens
     base = same_doc & (k <= q)  # [B, S, S]
     if attention_mask is not None:
         base = base & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]  # hide pad keys
-    by_window: dict[int | None, Tensor] = {}
+    by_window: dict[tuple[int | None, int | None], Tensor] = {}
     out: dict[int, Tensor] = {}
     for i in layer_ids:
-        window = args.sliding_window[i]
+        window, chunk = args.sliding_window[i], args.attention_chunk[i]
         if window is not None and window >= S:
             window = None  # the window cannot cut anything at this length
-        if window not in by_window:
+        if chunk is not None and chunk >= S:
+            chunk = None
+        if (window, chunk) not in by_window:
             allowed = base if window is None else base & (q - k < window)  # [B, S, S]
+            if chunk is not None:  # (Llama 4) by each token's position in its document
+                allowed = allowed & same_chunk(_document_positions(document_ids), chunk, S)[:, 0]
             # A query always sees itself, so no row is all-False (SDPA would give NaN).
-            by_window[window] = (allowed | (q == k))[:, None]  # [B, 1, S, S]
-        out[i] = by_window[window]
+            by_window[window, chunk] = (allowed | (q == k))[:, None]  # [B, 1, S, S]
+        out[i] = by_window[window, chunk]
     return out
+
+
+def _document_positions(document_ids: Tensor) -> Tensor:
+    """[B, S] int64: each token's column minus its document's first column (its position)."""
+    col = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # documents are contiguous runs of one id
+    return col - torch.cummax(torch.where(starts, col, torch.zeros_like(col)), dim=-1).values
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -229,16 +257,20 @@ def cached_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: Tens
     q = torch.arange(past, past + seq_len)[:, None]  # [S, 1] positions of the new tokens
     k = torch.arange(past + seq_len)[None, :]  # [1, T]
     key_ok = None if attention_mask is None else attention_mask.to(torch.bool)[:, None, :]  # [B, 1, T]
+    # (Llama 4's chunks: by each row's positions, counted from its first real token)
+    pos = k if attention_mask is None else (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)  # [B or 1, T]
     out, by_window = {}, {}
     for i in layer_ids:
-        window = args.sliding_window[i]
-        if window not in by_window:
-            allowed = k <= q  # [S, T]
+        window, chunk = args.sliding_window[i], args.attention_chunk[i]
+        if (window, chunk) not in by_window:
+            allowed = (k <= q)[None]  # [1, S, T]
             if window is not None:
                 allowed = allowed & (q - k < window)
-            allowed = allowed[None] if key_ok is None else (allowed[None] & key_ok) | (q == k)[None]  # [B, S, T]
-            by_window[window] = upload(allowed[:, None], device)  # [B, 1, S, T]
-        out[i] = by_window[window]
+            if chunk is not None:
+                allowed = allowed & same_chunk(pos, chunk, seq_len)[:, 0]  # [B or 1, S, T]
+            allowed = allowed if key_ok is None else (allowed & key_ok) | (q == k)[None]  # [B, S, T]
+            by_window[window, chunk] = upload(allowed[:, None], device)  # [B, 1, S, T]
+        out[i] = by_window[window, chunk]
     return out
 
 
@@ -346,6 +378,8 @@ class Attention(nn.Module):
         self.qk_norm_whole = args.qk_norm and not args.qk_norm_per_head
         self.scale = args.attn_scale  # None: SDPA's 1 / sqrt(D)
         self.rope_interleaved = args.rope.interleaved
+        self.qk_l2_norm = args.qk_l2_norm  # (Llama 4: after RoPE, on its RoPE layers)
+        self.q_scale_fp32 = bool(args.query_scale_offset)  # (Llama 4 scales in fp32, then casts)
         self.softcap = args.attn_softcap
         if args.attn_sinks:  # GPT-OSS: one learnt logit per head in every softmax's denominator
             self.sinks = nn.Parameter(torch.zeros(args.num_heads))
@@ -386,8 +420,10 @@ class Attention(nn.Module):
         if cos is not None:  # (a SmolLM3 layer without position encoding)
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
             q, k = q.to(v.dtype), k.to(v.dtype)  # fp32 tables (OLMo 2) turn in fp32; back to the dtype
-        if q_scale is not None:
-            q = q * q_scale.to(q.dtype)  # (cast first, as transformers)
+            if self.qk_l2_norm:
+                q, k = l2_norm(q, self.eps), l2_norm(k, self.eps)
+        if q_scale is not None:  # (Ministral 3: cast first, as transformers; Llama 4: cast after)
+            q = (q * q_scale).to(q.dtype) if self.q_scale_fp32 else q * q_scale.to(q.dtype)
         if cache is not None:
             k, v = cache.extend(layer_id, k, v)  # [B, nkv, T, D]: the cached tokens' too
         y = self._attend(q, k, v, mask, gate)
@@ -425,6 +461,14 @@ class Attention(nn.Module):
 
 # Gemma 4 E2B/E4B: a decoder layer's per-layer input gate, its projection back and the norm of that
 PER_LAYER_INPUT_MODULES = ("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm")
+
+
+def l2_norm(x: Tensor, eps: float) -> Tensor:
+    """Llama 4's weightless norm of each head (Llama4TextL2Norm): in fp32, then cast."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 GQA_MAX_HEAD_DIM = 256  # the largest head FlashAttention takes (SDPA's grouped-K/V path needs it)
 SINK_PAD = 8  # the sink's extra query/key dim, padded so that D stays a multiple of 8 for SDPA's kernels
 
@@ -678,6 +722,7 @@ class CausalLM(nn.Module):
             pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -S:].float()[:, None, :, None]  # [B, 1, S, 1]
         else:
             pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
+        pos = pos + self.args.query_scale_offset  # (Llama 4: floor((position + 1) / period))
         return 1 + self.args.query_scale_beta * torch.log(1 + torch.floor(pos / self.args.query_scale_period))
 
     def per_layer_inputs(self, ids: Tensor, h: Tensor) -> Tensor:
@@ -758,12 +803,13 @@ class CausalLM(nn.Module):
                 more = (() if per_layer is None and not kv else
                         (None if per_layer is None else per_layer[:, :, i],
                          *kv.get(self.args.kv_source(i), (None, None))))
+                scale = q_scale if self.args.query_scaled(i) else None  # (Llama 4: its NoPE layers only)
                 if recompute:
                     gens = self.rng_generators
                     gens = gens.get(i, []) if isinstance(gens, dict) else gens
-                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i], None, q_scale, *more)
+                    h = checkpointed_layer(layer, gens, h, cos, sin, masks[i], None, scale, *more)
                 else:
-                    h = layer(h, cos, sin, masks[i], cache, q_scale, *more)
+                    h = layer(h, cos, sin, masks[i], cache, scale, *more)
                 if isinstance(h, tuple):  # (a source layer: its keys and values too)
                     h, kv[i] = h[0], h[1:]
             if cache is not None:

@@ -13,7 +13,9 @@ never renormalized (_grouped_softmax_route). Mistral Small 4's takes softmax sco
 dtype within the groups whose two best scores sum highest, renormalized and scaled
 (_grouped_top2_softmax_route); its shared experts are DeepSeek-V3's. Gemma 4 26B-A4B's experts
 run beside each layer's dense MLP, routed by a router of their own (Gemma4Router, run_experts;
-the layer wires them: llama.DecoderLayer).
+the layer wires them: llama.DecoderLayer). Llama 4's router takes the sigmoid of the top k
+logits, and these weights scale the chosen experts' input instead of their output
+(experts_input_weighted); its shared expert is ungated.
 
 The experts are plain `MLP` modules in an `nn.ModuleList`, so their projections are the
 `nn.Linear` attributes the LoRA and quantization code already handle, and their names are the
@@ -85,10 +87,11 @@ RoutingHook = Callable[[Tensor, Tensor, list[int], int, int], None]
 
 
 def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: Tensor,
-                routing_hook: RoutingHook | None, S: int) -> Tensor:
+                routing_hook: RoutingHook | None, S: int, input_weighted: bool = False) -> Tensor:
     """flat [N, H] through each token's chosen experts (chosen [N, k]), their outputs weighted
     by weights [N, k] and summed: [N, H] in flat's dtype. S: tokens per batch row (for the
-    routing hook, which LoRA on the experts sets)."""
+    routing hook, which LoRA on the experts sets). input_weighted (Llama 4): the weights scale
+    each expert's input instead, in the dtype."""
     N, H = flat.shape
     k = chosen.shape[1]
     # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
@@ -102,7 +105,10 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
     # One gather and one split for all experts (a gather per expert would add a zero-filled
     # [N, H] gradient per expert in the backward).
-    pieces = torch.split(_PairGather.apply(flat, tokens, back, k), counts)  # each [n, H]
+    gathered = _PairGather.apply(flat, tokens, back, k)  # [N*k, H] by expert
+    if input_weighted:
+        gathered = gathered * weights.flatten()[order, None]
+    pieces = torch.split(gathered, counts)  # each [n, H]
     # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
     outputs = [experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
                for e, (piece, n) in enumerate(zip(pieces, counts))]
@@ -110,7 +116,7 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     # Weighted in the weights' dtype (fp32 for Mixtral, else the dtype's rounding), then each
     # token's k outputs summed in fp32 in slot order and rounded once: transformers' default
     # experts implementation (grouped_mm) exactly.
-    weighted = (routed * weights.flatten()[order, None]).float()  # [N*k, H]
+    weighted = (routed if input_weighted else routed * weights.flatten()[order, None]).float()  # [N*k, H]
     by_pair = _PairGather.apply(weighted, back, order, 1)  # [N*k, H]: token-major
     return by_pair.view(N, k, H).sum(dim=1).to(flat.dtype)
 
@@ -159,6 +165,7 @@ class SparseMoE(nn.Module):
         self.norm_topk_prob = args.norm_topk_prob
         self.weights_fp32 = args.routing_weights_fp32
         self.router = args.router
+        self.input_weighted = args.experts_input_weighted  # (Llama 4)
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=args.router_bias)  # the router
         if self.router == "sigmoid":  # (loaded and kept in fp32, with the router's weight: router_params_fp32)
             self.gate.register_parameter("e_score_correction_bias",
@@ -195,6 +202,9 @@ class SparseMoE(nn.Module):
         if self.router == "topk_softmax":
             top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
             return torch.softmax(top, dim=-1), chosen
+        if self.router == "topk_sigmoid":  # Llama 4: sigmoid in fp32, cast to the dtype
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
+            return torch.sigmoid(top.float()).to(logits.dtype), chosen
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:
@@ -263,7 +273,7 @@ class SparseMoE(nn.Module):
         B, S, H = x.shape  # x [B, S, H]
         flat = x.reshape(-1, H)  # [N, H]
         weights, chosen = self.route(flat)
-        out = run_experts(self.experts, flat, weights, chosen, self.routing_hook, S).view(B, S, H)
+        out = run_experts(self.experts, flat, weights, chosen, self.routing_hook, S, self.input_weighted).view(B, S, H)
         if self.has_shared:
             shared = self.shared_expert(x)  # [B, S, H]
             out = out + (torch.sigmoid(self.shared_expert_gate(x)) * shared if self.shared_gated else shared)

@@ -56,9 +56,15 @@ _MISTRAL3_MODULES = (("model.layers.{i}.mlp.shared_expert.", "model.language_mod
 # model from them, whose modules carry mlora's names (and PEFT's adapter keys with them); for
 # Gemma 4 it builds the image-text model, whose modules are named as the tensors.
 _LANGUAGE_MODEL = (("model.", "model.language_model."),)
+# Llama 4's sparse and dense MLPs are `feed_forward` (mlora's `mlp`), its router `feed_forward.router`;
+# its image-text checkpoints (Llama4ForConditionalGeneration) name the language model's tensors and
+# modules alike `language_model.model.*`
+_LLAMA4 = (("model.layers.{i}.mlp.gate.", "model.layers.{i}.feed_forward.router."),
+           ("model.layers.{i}.mlp.", "model.layers.{i}.feed_forward."))
+_LLAMA4_IMAGE_TEXT = (*((mine, "language_model." + theirs) for mine, theirs in _LLAMA4), *_IMAGE_TEXT)
 # The families whose modules (what PEFT sees) are not named as their tensors are
 _MODULE_RULES = {"gemma3": _IMAGE_TEXT_MODULES, "mistral3": _MISTRAL3_MODULES, "gemma4": _LANGUAGE_MODEL,
-                 "qwen3_5": (), "qwen3_5_moe": ()}
+                 "qwen3_5": (), "qwen3_5_moe": (), "llama4": _LLAMA4_IMAGE_TEXT}
 
 # A projection's own name in each family (PEFT's target_modules match the last name part).
 _LEAVES = {
@@ -81,7 +87,7 @@ _RULES = {"chatglm": _CHATGLM, "baichuan": _BAICHUAN, "gemma3": _IMAGE_TEXT, "mi
           "qwen3_5": _LANGUAGE_MODEL, "qwen3_5_moe": _LANGUAGE_MODEL, "gemma4": _LANGUAGE_MODEL,
           "mixtral": _MIXTRAL, "gpt_oss": _GPT_OSS,
           "glm4_moe": _SHARED_EXPERTS, "deepseek_v2": _SHARED_EXPERTS, "deepseek_v3": _SHARED_EXPERTS,
-          "mistral4": _SHARED_EXPERTS}
+          "mistral4": _SHARED_EXPERTS, "llama4_text": _LLAMA4, "llama4": _LLAMA4_IMAGE_TEXT}
 
 # GPT-OSS stores a sparse layer's experts stacked, one tensor per projection for all experts:
 # `mlp.experts.gate_up_proj` [E, in, out] and `mlp.experts.gate_up_proj_bias` [E, out] (the
@@ -102,7 +108,11 @@ _STACKED = {"gpt_oss": re.compile(STACKED_EXPERT_PROJECTION.pattern + r"\.(?P<ki
 GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3",
                    "mistral4", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
                    "mistral3",  # (Mistral 3's: Mistral Small 4's experts; its dense models have none)
-                   "gemma4_text", "gemma4")  # (Gemma 4 26B-A4B's: `layers.{i}.experts`, no `mlp.`)
+                   "gemma4_text", "gemma4",  # (Gemma 4 26B-A4B's: `layers.{i}.experts`, no `mlp.`)
+                   "llama4_text", "llama4")  # (Llama 4's always, as nn.Linear's transpose: _TRANSPOSED_STACKED)
+# Llama 4 stacks [E, in, out] (`feed_forward.experts.gate_up_proj` [E, H, 2 * I], gate columns then
+# up columns; `down_proj` [E, I, H]): each expert's weights are the transposes of its slices
+_TRANSPOSED_STACKED = ("llama4_text", "llama4")
 _GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.(mlp\.)?experts)\.(?P<e>\d+)\."
                       r"(?P<proj>gate|up|down)_proj\.weight")
 
@@ -119,7 +129,9 @@ class StackedSlice:
     def stacked_shape(self, experts: int, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The full-precision stacked tensor's shape, for `experts` slices of mlora's `shape`."""
         shape = tuple(reversed(shape)) if self.transposed else tuple(shape)
-        return (experts, *shape) if self.half is None else (experts, 2 * shape[0], *shape[1:])
+        if self.half is None:
+            return (experts, *shape)
+        return (experts, *shape[:-1], 2 * shape[-1]) if self.transposed else (experts, 2 * shape[0], *shape[1:])
 
 
 @functools.lru_cache(maxsize=None)  # a handful of prefixes, matched against every tensor name
@@ -183,7 +195,8 @@ class Naming:
                 return None
             tensor = f"{m['experts']}.{'down_proj' if m['proj'] == 'down' else 'gate_up_proj'}"
             half = {"gate": 0, "up": 1, "down": None}[m["proj"]]
-            return StackedSlice(self._translate(tensor, forward=True), int(m["e"]), False, half)
+            return StackedSlice(self._translate(tensor, forward=True), int(m["e"]), self.family in _TRANSPOSED_STACKED,
+                                half)
         pattern = _STACKED.get(self.family)
         m = None if pattern is None else pattern.fullmatch(name)
         if m is None:
@@ -216,7 +229,8 @@ class Naming:
         leaves = [self.leaf(p) for p in projections]
         if not _MODULE_RULES.get(self.family):  # (PEFT's model has no vision tower)
             return leaves
-        return rf"{re.escape(self.to_module('model.layers'))}\.\d+\.(self_attn|mlp)\.({'|'.join(leaves)})"
+        mlp = self.to_module("model.layers.0.mlp").rsplit(".", 1)[-1]  # (Llama 4's: feed_forward)
+        return rf"{re.escape(self.to_module('model.layers'))}\.\d+\.(self_attn|{mlp})\.({'|'.join(leaves)})"
 
     def leaf(self, projection: str) -> str:
         """The checkpoint's name of a projection ('qkv_proj' -> 'W_pack' for Baichuan)."""
