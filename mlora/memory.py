@@ -321,6 +321,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     L = len(stage.layers)
     if explicit_mask is None:
         explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
+                            or args.attention_chunk[i] is not None and args.attention_chunk[i] < seq_len  # (Llama 4)
                             for i in stage.layers)
     explicit_mask = explicit_mask or args.attn_sinks  # (llama.with_sink_key: always a mask)
 

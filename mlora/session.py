@@ -130,12 +130,14 @@ def _check_expert_targets(a, model_type: str, named) -> None:
     on_experts = [m for m in a.target_modules if m in MLP_MODULES]
     if not on_experts:
         return
-    if model_type in ("qwen2_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "mistral4"):
+    if model_type in ("qwen2_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "mistral4", "llama4_text",
+                      "llama4"):
         # PEFT converts Qwen3-MoE's and OLMoE's per-expert adapters to transformers 5's stacked
         # experts, but not Qwen2-MoE's, Qwen3.5-MoE's or Qwen3-Next's (transformers converts its
         # checkpoints as Qwen2-MoE's), nor Mistral Small 4's (transformers has no conversion for
-        # it: its checkpoints are stacked): it would drop the experts' LoRA (and put the rest on
-        # the shared expert, which mlora would not have trained)
+        # it: its checkpoints are stacked), nor Llama 4's (experts stacked as parameters, which
+        # target_modules do not reach): it would drop the experts' LoRA (and put the rest on
+        # the shared expert, and Llama 4's dense MLPs, which mlora would not have trained)
         raise UserError(f"adapter {a.name!r}: on this {model_type} model target the attention projections only "
                         f"(not {', '.join(map(named, on_experts))}): PEFT does not load LoRA on its experts")
     pair = {"gate_proj", "up_proj"}

@@ -732,6 +732,16 @@ MISTRAL4 = dataclasses.replace(DEEPSEEK_V3, model_type="mistral4", router="group
                                router_params_fp32=False, routing_weights_fp32=False, query_scale_beta=0.1,
                                query_scale_period=8)
 
+# Llama 4: a RoPE layer (adjacent pairs in fp32, weightless q/k norms after RoPE, chunks of 4: an
+# explicit mask) with 2 of 4 experts whose input the router's sigmoid weights, and a shared expert;
+# a NoPE layer with its queries scaled in fp32, a dense MLP
+LLAMA4 = dataclasses.replace(SMALL, model_type="llama4_text", num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=48, shared_expert_intermediate_size=48, shared_expert_gated=False,
+                             router="topk_sigmoid", experts_input_weighted=True, moe_layers=[True, False],
+                             rope_layers=[True, False], qk_l2_norm=True, rope_fp32=True,
+                             rope=llama.RopeArgs(interleaved=True), attention_chunk=[4, None], query_scale_beta=0.5,
+                             query_scale_period=4, query_scale_offset=1, query_scale_nope_only=True)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("args, adapters, targets", [
@@ -748,9 +758,10 @@ MISTRAL4 = dataclasses.replace(DEEPSEEK_V3, model_type="mistral4", router="group
     (DEEPSEEK_V3, [(8, 0.1)], ("q_b_proj", "kv_b_proj", "o_proj")),
     (DEEPSEEK_V2, [(4, 0.0), (8, 0.0)], ("q_proj", *MLA_ALL[2:])),
     (MISTRAL4, [(4, 0.0), (8, 0.1)], MLA_ALL[:5]),
+    (LLAMA4, [(4, 0.0), (8, 0.1)], ("q_proj", "k_proj", "v_proj", "o_proj")),
 ], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
         "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents", "deepseek_v2",
-        "mistral4"])
+        "mistral4", "llama4"])
 def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     """A mixture-of-experts layer keeps per routed token what a dense MLP of the expert's width
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's

@@ -180,7 +180,10 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                             *(("deepseek_v2", k) for k in ("auto", "grouped")),
                                             ("mistral4", "auto"),
                                             # (Gemma 4 26B-A4B: LoRA on the dense MLP beside the experts)
-                                            *(("gemma4_moe", k) for k in ("auto", "grouped"))])
+                                            *(("gemma4_moe", k) for k in ("auto", "grouped")),
+                                            # (Llama 4: the router's weights on the experts' input, NoPE
+                                            # layers' query scale, chunks)
+                                            *(("llama4_text", k) for k in ("auto", "grouped"))])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
@@ -231,8 +234,9 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
         for path, g in solo_grads[n].items():
             # (Qwen3.5's chunked delta rule - exponentials of cumulative decays, triangular
             # solves - rounds another batch shape up to a few times more in fp32: 1.1e-5 seen)
-            # (Gemma 4's many norms do too: its dense model's gradients here 0.9e-5 apart, with the experts 1.05e-5)
-            tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next")) else 3e-5 if family == "gemma4_moe" else 1e-5
+            # (Gemma 4's many norms do too: its dense model's gradients here 0.9e-5 apart, with the experts 1.05e-5;
+            # Llama 4's weightless q/k norms: 1.4e-5 seen, 1e-12 in fp64)
+            tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next", "llama4")) else 3e-5 if family == "gemma4_moe" else 1e-5
             assert (fused_grads[n][path] - g).abs().max() <= tol * g.abs().max(), (n, path)
     for n in ("e1", "e2"):  # the experts' LoRA took part (B and A both nonzero, so gradients flow)
         if family == "gemma4_moe":  # (Gemma 4's experts take none: the MLP targets are the dense MLP's)
@@ -298,6 +302,12 @@ def test_targets_on_moe_models():
         resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "down_proj"]), mistral4)
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
                     mistral4)
+    # Llama 4: its experts are stacked parameters, which PEFT's target_modules do not reach
+    llama4 = llama.args_from_hf_config(dict(base, model_type="llama4_text", num_local_experts=4, num_experts_per_tok=1,
+                                            intermediate_size_mlp=96, head_dim=16))
+    with pytest.raises(UserError, match="llama4_text model target the attention projections only"):
+        resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "gate_proj", "up_proj"]), llama4)
+    resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), llama4)
     # GPT-OSS: gate_up_proj is one LoRA per expert (PEFT's target_parameters), so rsLoRA is fine
     gpt_oss = llama.args_from_hf_config(dict(base, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2))
     assert gpt_oss.fused_gate_up and gpt_oss.gate_up_interleaved and gpt_oss.sliding_window == [128, None]
@@ -670,8 +680,10 @@ def _stacked_checkpoint(base, out):
 
 
 # (mistral3's stacked experts, Mistral Small 4's release: test_model.py's test_mistral_small_4_release_layout_loads;
-# Gemma 4's, which transformers always saves stacked (`layers.{i}.experts`): test_model.py's logits tests)
-@pytest.mark.parametrize("family", [f for f in GATE_UP_STACKED if f not in ("mistral3", "gemma4_text", "gemma4")])
+# Gemma 4's, which transformers always saves stacked (`layers.{i}.experts`), and Llama 4's, whose checkpoints are
+# always stacked: test_model.py's logits tests)
+@pytest.mark.parametrize("family", [f for f in GATE_UP_STACKED if f not in ("mistral3", "gemma4_text", "gemma4",
+                                                                          "llama4_text", "llama4")])
 def test_a_checkpoint_that_stacks_the_experts_loads(tmp_path, capsys, family):
     """A checkpoint whose experts are stacked as transformers 5 stacks them loads to exactly the
     model of the per-expert checkpoint, gives the logits of transformers' model read from it, and

@@ -187,8 +187,10 @@ def _packed_vs_alone(path, max_len=24, seed=0):
     ("qwen3_next", {}),  # the same, from fused projections (and experts)
     # Gemma 4 E2B/E4B: per-layer inputs, layers attending to earlier layers' keys and values
     ("gemma4_text", GEMMA4_E2B),
+    ("llama4_text", {}),  # chunks of 4 and the NoPE layers' query scale by each document's positions
 ], ids=["llama", "mistral_window4", "qwen2", "qwen2_mixed_window", "llama_rope_dynamic", "qwen3", "gemma2",
-        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3", "qwen3_5", "qwen3_next", "gemma4_e2b"])
+        "gemma3", "phi3", "smollm3", "chatglm", "baichuan_alibi", "olmo3", "qwen3_5", "qwen3_next", "gemma4_e2b",
+        "llama4_text"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, family, overrides):
     path = make_tiny_model(tmp_path, family, **overrides)
     if family == "llama" and "rope_parameters" in overrides:

@@ -459,7 +459,7 @@ def test_gemma4_per_layer_inputs_and_kv_sharing_refuse_stages(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["chatglm", "gemma3", "mixtral", "gpt_oss", "deepseek_v3", "qwen3_5", "gemma4",
-                                    "qwen3_next"])
+                                    "qwen3_next", "llama4"])
 def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir, family):
     """ChatGLM's own tensor names, Gemma 3's image-text layout (its language model's tensors
     and modules under other prefixes, which differ) and Mixtral's experts (block_sparse_moe,
@@ -467,7 +467,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     slices; their LoRA saved stacked), DeepSeek-V3 (latent attention, shared_experts) and Qwen3.5
     (image-text tensor names, module names of the text model; linear-attention layers), Qwen3-Next
     (fused linear-attention projections, a dense layer among sparse ones), Gemma 4 26B-A4B (its
-    experts' stacked tensors and router per layer, LoRA on the dense MLP beside them): each
+    experts' stacked tensors and router per layer, LoRA on the dense MLP beside them), Llama 4's
+    image-text checkpoint (language_model.model.*, feed_forward, stacked experts read transposed): each
     rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
@@ -505,6 +506,9 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     elif family == "deepseek_v3":  # latent attention; shared_experts named otherwise (no LoRA), a dense layer 0
         raw["lora"][0]["target_modules"] = ["q_b_proj", "kv_b_proj"]
         raw["lora"][1]["target_modules"] = ["q_a_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    elif family == "llama4":  # NoPE and chunked RoPE layers; attention only
+        raw["lora"][0]["target_modules"] = ["q_proj", "v_proj"]
+        raw["lora"][1]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     else:  # Mixtral's own names of the experts' projections
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "w1", "w3", "w2"]
     cfg.write_text(json.dumps(raw))
@@ -518,7 +522,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
               "gemma4": "base_model.model.model.language_model.layers.",
               "mixtral": "base_model.model.model.layers.", "gpt_oss": "base_model.model.model.layers.",
               "deepseek_v3": "base_model.model.model.layers.", "qwen3_5": "base_model.model.model.layers.",
-              "qwen3_next": "base_model.model.model.layers."}[family]
+              "qwen3_next": "base_model.model.model.layers.",
+              "llama4": "base_model.model.language_model.model.layers."}[family]
     # q_proj, o_proj and three per expert (Mixtral), or one stacked gate_up_proj and down_proj (GPT-OSS)
     per_layer = 2 + 3 * 4 if family == "mixtral" else 4
     modules = 4 * per_layer

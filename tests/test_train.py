@@ -576,7 +576,7 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
                                               ("gemma4_text", dict(attention_k_eq_v=True,
                                                                    num_global_key_value_heads=1)),
-                                              ("gemma4_text", GEMMA4_MOE), ("gemma4_text", GEMMA4_E2B)],
+                                              ("gemma4_text", GEMMA4_MOE), ("gemma4_text", GEMMA4_E2B), ("llama4_text", {})],
                          ids=lambda v: v if isinstance(v, str) else "e2b" if v is GEMMA4_E2B else None)
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
@@ -607,9 +607,9 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
                                             "deepseek_v3": MLA_TARGETS, "mistral4": MLA_TARGETS[:5],
                                             "mistral3": MLA_TARGETS[:5]}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
-    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"):  # (PEFT loads no LoRA on those MoE models' experts)
+    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next", "llama4_text"):  # (PEFT loads no LoRA on those MoE models' experts)
         raw = json.loads(cfg.read_text())
-        raw["lora"][0]["target_modules"] = (["q_proj", "k_proj", "v_proj", "o_proj"] if family == "qwen2_moe"
+        raw["lora"][0]["target_modules"] = (["q_proj", "k_proj", "v_proj", "o_proj"] if family in ("qwen2_moe", "llama4_text")
                                             else QWEN3_NEXT_TARGETS if family == "qwen3_next"
                                             else QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None])
         cfg.write_text(json.dumps(raw))
