@@ -709,7 +709,8 @@ def test_config_errors():
                          "gemma2", "gemma3_text", "gemma3", "phi3", "smollm3", "glm", "glm4", "chatglm", "baichuan",
                          "granite", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
                          "glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4", "qwen3_5_text", "qwen3_5",
-                         "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen3_next"}
+                         "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen3_next", "llama4_text",
+                         "llama4"}
     with pytest.raises(UserError, match="hidden_act 'relu'"):
         llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="relu"))
     assert llama.args_from_hf_config(dict(base, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_tanh"
@@ -745,7 +746,7 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "glm4_moe",
-                                    "gemma4_text", "gemma4_moe", "gemma4_e2b"])
+                                    "gemma4_text", "gemma4_moe", "gemma4_e2b", "llama4_text"])
 def test_rounds_as_transformers_in_bf16(tmp_path, family):
     """Gemma's bf16 roundings: sqrt(H) cast to the dtype (H = 72: not exact in bf16) and the
     norms' (1 + w) applied before the cast; OLMo 2's norms multiply by their weight before the
@@ -753,7 +754,8 @@ def test_rounds_as_transformers_in_bf16(tmp_path, family):
     logits equal transformers' (fp32 cannot tell either rounding apart; each one done LLaMA's
     way is off by about 0.05 here)."""
     extra = (dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-             if family in ("gemma3_text", "gemma4_text", "gemma4_moe") else {})
+             if family in ("gemma3_text", "gemma4_text", "gemma4_moe") else dict(no_rope_layers=[1, 0, 0])
+             if family == "llama4_text" else {})
     if family == "gemma4_moe":  # (its router's weights in fp32, each expert's output weighed so, summed once)
         family, extra = "gemma4_text", dict(extra, **GEMMA4_MOE)
     if family == "gemma4_e2b":  # (and the per-layer table's sqrt(8), cast to the dtype as the main one's)
@@ -765,7 +767,9 @@ def test_rounds_as_transformers_in_bf16(tmp_path, family):
 
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
     ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
-    mask = _masks()["mixed"]
+    # (Llama 4: RoPE in fp32, its query scale in fp32 then cast, its router's sigmoid in fp32; right
+    # padding: transformers' query scale counts a left-padded row's columns)
+    mask = _masks()["right" if family == "llama4_text" else "mixed"]
     with torch.no_grad():
         diff = (ours(ids, mask).float() - ref(input_ids=ids, attention_mask=mask).logits.float()).abs()
     assert diff[mask.bool()].max().item() < 0.01
@@ -957,3 +961,48 @@ def test_mistral_small_4_release_layout_loads(tmp_path, capsys):
     mask = torch.ones(B, S, dtype=torch.bool)
     with torch.no_grad():
         _assert_close_on_real(ours(ids, mask), load_reference(native)(input_ids=ids, attention_mask=mask).logits, mask)
+
+
+def test_llama4_configs():
+    """Llama 4's config.json reads as Llama4TextConfig does (its defaults: every 4th layer NoPE,
+    the RoPE layers chunked, every layer sparse; layer_types as listed; no chunks without
+    attention_chunk_size), and a bad key is one line naming it."""
+    base = dict(model_type="llama4_text", vocab_size=400, hidden_size=64, intermediate_size=48,
+                intermediate_size_mlp=96, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_local_experts=4)
+    args = llama.args_from_hf_config(base)
+    assert args.rope_layers == [True, True, True, False] * 2 and args.moe_layers == [True] * 8
+    assert args.attention_chunk == [8192, 8192, 8192, None] * 2 and args.qk_l2_norm and args.rope.interleaved
+    assert (args.intermediate_size, args.moe_intermediate_size, args.shared_expert_intermediate_size) == (96, 48, 48)
+    assert (args.query_scale_beta, args.query_scale_period, args.rope.theta, args.num_experts_per_tok) == (
+        0.1, 8192, 500_000.0, 1)
+    assert [args.query_scaled(i) for i in range(4)] == [False, False, False, True]
+    maverick = llama.args_from_hf_config(dict(base, interleave_moe_layer_step=2, attention_chunk_size=None,
+                                              use_qk_norm=False, attn_temperature_tuning=False))
+    assert maverick.moe_layers == [False, True] * 4 and maverick.attention_chunk == [None] * 8
+    assert not maverick.qk_l2_norm and not any(maverick.query_scaled(i) for i in range(8))
+    listed = llama.args_from_hf_config(dict(base, moe_layers=[0, 5], no_rope_layers=[0, 1] * 4,
+                                            layer_types=["full_attention"] * 7 + ["chunked_attention"]))
+    assert listed.moe_layers == [i in (0, 5) for i in range(8)] and listed.rope_layers == [False, True] * 4
+    assert listed.attention_chunk == [None] * 7 + [8192]
+    image_text = llama.args_from_hf_config(dict(model_type="llama4", text_config=base))
+    assert image_text.model_type == "llama4" and not image_text.tie_word_embeddings
+    for bad, message in [(dict(no_rope_layers=[1, 0]), "no_rope_layers must hold a 0 or 1 for each of the 8"),
+                         (dict(no_rope_layers=[2] * 8), "no_rope_layers must hold"),
+                         (dict(layer_types=["sliding_attention"] * 8), "layer_types must list full_attention or "
+                                                                      "chunked_attention"),
+                         (dict(attention_chunk_size=0), "attention_chunk_size must be a positive integer"),
+                         (dict(layer_types=["chunked_attention"] * 8, attention_chunk_size=None),
+                          "attention_chunk_size must be a positive integer"),
+                         (dict(floor_scale=0), "llama4_text config floor_scale"),
+                         (dict(attn_scale=-1.0), "llama4_text config attn_scale"),
+                         (dict(interleave_moe_layer_step=0), "interleave_moe_layer_step"),
+                         (dict(moe_layers=[8]), "moe_layers must list layer indices below 8"),
+                         (dict(num_experts_per_tok=5), r"num_experts_per_tok \(5\) exceeds"),
+                         (dict(intermediate_size=0), "llama4_text config intermediate_size"),
+                         (dict(intermediate_size_mlp=None), "llama4_text config intermediate_size_mlp"),
+                         (dict(hidden_act="gelu"), "hidden_act 'gelu'")]:
+        with pytest.raises(UserError, match=message):
+            llama.args_from_hf_config(dict(base, **bad))
+    with pytest.raises(UserError, match="text_config model_type 'llama' is not supported"):
+        llama.args_from_hf_config(dict(model_type="llama4", text_config=dict(base, model_type="llama")))

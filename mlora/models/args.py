@@ -565,8 +565,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
         # (Qwen3.5-MoE has no dense MLP, nor its width; Llama 4's dense MLPs are intermediate_size_mlp wide)
-        intermediate_size=int(get("intermediate_size_mlp") if model_type == "llama4_text" else
-                              get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None)),
+        intermediate_size=(_positive_int(get("intermediate_size_mlp"), "llama4_text config intermediate_size_mlp")
+                           if model_type == "llama4_text" else
+                           int(get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None))),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
