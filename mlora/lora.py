@@ -579,7 +579,8 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
     wrappers: dict[str, LoraLinear] = {}
     groups: dict[tuple[str, int], InputGroup] = {}
     args = getattr(model, "args", None)
-    experts_only = args is not None and args.is_moe
+    experts_only = args is not None and args.is_moe and args.mlp_lora_on_experts
+    no_experts = args is not None and args.is_moe and not args.mlp_lora_on_experts  # (Llama 4)
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
         if leaf not in ALL_TARGET_MODULES:
@@ -591,6 +592,8 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
             continue
         if args is not None and args.moe_beside_mlp and ".experts." in path:
             continue  # Gemma 4's experts take no LoRA: its MLP targets are the dense MLP's, as in PEFT
+        if no_experts and leaf in MLP_MODULES and ".experts." in path:
+            continue  # Llama 4's: its dense MLPs and shared expert take them, as PEFT's target_modules
         if isinstance(module, LoraLinear):
             wrappers[path] = module
             continue

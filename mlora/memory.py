@@ -73,7 +73,8 @@ def _input_groups(args: ModelArgs) -> tuple[tuple[str, tuple[str, ...]], ...]:
 _SAVED_ANYWAY = {"attn_out"}
 
 
-def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool = False) -> dict[str, tuple[int, int]]:
+def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool = False,
+                      sparse: bool = True) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
     LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
@@ -81,9 +82,11 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
     kind: a layer kind (ModelArgs.layer_kinds: Qwen3.5's "linear" layers, Gemma 4's
     "global_attention" ones), that kind's layers' projections; None, those of every layer (a
     projection's shape is then the first kind's, in sorted order). kv_shared: a Gemma 4 KV-shared
-    layer's (no k/v projections; its MLP double-wide with double_wide_mlp)."""
+    layer's (no k/v projections; its MLP double-wide with double_wide_mlp). sparse=False: a dense
+    layer's MLP (Llama 4's take LoRA; a sparse layer's MLP targets are its shared expert's, as wide
+    as an expert)."""
     H = args.hidden_size
-    I = args.moe_intermediate_size if args.is_moe else args.intermediate_size  # (MoE: each expert's)
+    I = args.moe_intermediate_size if args.is_moe and sparse else args.intermediate_size  # (MoE: each expert's)
     I *= 2 if kv_shared and args.double_wide_mlp else 1
     mixers: dict[str, tuple[int, int]] = {}
     for k in sorted(set(args.layer_kinds) if kind is None else {kind}):
@@ -356,7 +359,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     in_batch = _adapters_in_batch(len(adapters), active_adapters)
     # LoRA that every layer's groups share or keep: on an MoE model, the experts' LoRA keeps
     # nothing beyond its call (lora.InputGroup.transient), and the dense layers' MLPs have none
-    kept = _without_mlp(adapters) if args.is_moe else adapters
+    kept = _without_mlp(adapters) if args.is_moe and args.mlp_lora_on_experts else adapters
     if lora_kernel in ("auto", "auto_triton", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
@@ -492,12 +495,15 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         for name in ("attention", "attention_lse", "qk_norms", "attention_mask", "attention_gate"):
             out.pop(name, None)
         out["linear_attention"] = _linear_attention_saved_per_token(args, e, seq_len)
-    # an expert's LoRA keeps its gathered input [n, H] and product [n, I]: k per token
+    # an expert's LoRA keeps its gathered input [n, H] and product [n, I]: k per token (Llama 4's
+    # MLP LoRA is on the shared expert, as wide as an expert, or the dense MLP: one per token)
+    experts = args.mlp_lora_on_experts
+    k = k if experts else 1
     widths = {"attn_in": H, "attn_out": nh * (args.v_head_dim if args.mla else D), "mlp_in": k * H, "mlp_act": k * I,
               "q_latent": args.q_lora_rank, "kv_latent": args.kv_lora_rank, "linear_in": H,
               "linear_out": args.linear_num_value_heads * args.linear_value_head_dim}
     # an MoE model's dense MLPs are no targets
-    on_layer = adapters if sparse or not args.is_moe else _without_mlp(adapters)
+    on_layer = adapters if sparse or not args.is_moe or not experts else _without_mlp(adapters)
     here = projection_shapes(args, mixer, kv_shared)
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
@@ -512,7 +518,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
                                                       o_proj_input_copied=(args.attn_sinks or args.values_padded
                                                                            or args.attn_output_gate))
     out.update(_lora_hidden_per_token(on_layer, e, active, kernel, k))
-    if sparse and kernel in ("auto", "auto_triton", "fused", "triton") and len(adapters) > 1:
+    if sparse and experts and kernel in ("auto", "auto_triton", "fused", "triton") and len(adapters) > 1:
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
         # the batch's shared one is per layer here
         out["lora_expert_factor"] = _dense_columns(adapters, active, kernel, k, mlp_only=True) * 4
@@ -634,15 +640,16 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse:
     fp32 some casts are the parameters themselves; counting them is conservative."""
     if kind is None:
         return max(_lora_cast_bytes(args, e, adapters, sparse, k) for k in set(args.layer_kinds))
-    shapes = projection_shapes(args, kind, kv_shared)
+    shapes = projection_shapes(args, kind, kv_shared, sparse)
     return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * _lora_copies(args, m, sparse)
                for a in adapters for m in a.target_modules if m in shapes)
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
     """LoRA modules of one adapter for `target` in one layer: one, or on an MoE model one per
-    expert of a sparse layer and none in a dense layer's MLP."""
-    if not args.is_moe or target not in _MLP_TARGETS:
+    expert of a sparse layer and none in a dense layer's MLP (Llama 4: one, on the shared expert
+    or the dense MLP)."""
+    if not args.is_moe or target not in _MLP_TARGETS or not args.mlp_lora_on_experts:
         return 1
     return args.num_experts if sparse else 0
 
@@ -845,15 +852,16 @@ def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | Non
     """fp32 A and B of every adapter on the decoder layers `layers` (or the first `num_layers`;
     default: all), with their gradients (alive across gradient accumulation) and optimizer
     moments."""
-    shapes = {kind: projection_shapes(args, *kind) for kind in
-              {layer_signature(args, i)[1:] for i in range(args.num_layers)}}
+    shapes = {sig: projection_shapes(args, sig[1], sig[2], sig[0]) for sig in
+              {layer_signature(args, i) for i in range(args.num_layers)}}
     if layers is None:
         layers = range(args.num_layers if num_layers is None else num_layers)
     total = 0
     for a in map(LoraShape.of, lora):
         for i in layers:
-            # (Qwen3.5: a layer has one kind's projections; Gemma 4's KV-shared ones no k/v_proj)
-            here = shapes[layer_signature(args, i)[1:]]
+            # (Qwen3.5: a layer has one kind's projections; Gemma 4's KV-shared ones no k/v_proj; Llama 4's
+            # dense MLPs their own width)
+            here = shapes[layer_signature(args, i)]
             params = sum(a.r * (here[m][0] + here[m][1]) * _lora_copies(args, m, args.moe_layers[i])
                          for m in a.target_modules if m in here)
             total += params * 4 * (2 + a.optimizer_moments)

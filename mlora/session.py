@@ -102,10 +102,10 @@ def note_partial_targets(cfg: TrainConfig, model_args) -> None:
     from mlora.memory import projection_shapes
 
     # Per layer: its kind of mixer, on an MoE model whether its MLP is sparse (a dense layer's
-    # MLP takes no LoRA there: lora.inject_lora), whether it shares another's keys and values
-    # (Gemma 4's KV-shared layers have no k/v_proj)
-    layers = list(zip(model_args.layer_kinds, model_args.moe_layers if model_args.is_moe else
-                      [True] * model_args.num_layers,
+    # MLP takes no LoRA there: lora.inject_lora; but Llama 4's), whether it shares another's keys
+    # and values (Gemma 4's KV-shared layers have no k/v_proj)
+    layers = list(zip(model_args.layer_kinds, model_args.moe_layers if model_args.is_moe and
+                      model_args.mlp_lora_on_experts else [True] * model_args.num_layers,
                       [model_args.kv_source(i) is not None for i in range(model_args.num_layers)]))
     offers = {(kind, lora_mlp, shared): [m for m in projection_shapes(model_args, kind, shared)
                                          if lora_mlp or m not in MLP_MODULES]
@@ -130,14 +130,14 @@ def _check_expert_targets(a, model_type: str, named) -> None:
     on_experts = [m for m in a.target_modules if m in MLP_MODULES]
     if not on_experts:
         return
-    if model_type in ("qwen2_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "mistral4", "llama4_text",
-                      "llama4"):
+    if model_type in ("llama4_text", "llama4"):  # (its dense MLPs and shared expert take them: lora.inject_lora)
+        return
+    if model_type in ("qwen2_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "mistral4"):
         # PEFT converts Qwen3-MoE's and OLMoE's per-expert adapters to transformers 5's stacked
         # experts, but not Qwen2-MoE's, Qwen3.5-MoE's or Qwen3-Next's (transformers converts its
         # checkpoints as Qwen2-MoE's), nor Mistral Small 4's (transformers has no conversion for
-        # it: its checkpoints are stacked), nor Llama 4's (experts stacked as parameters, which
-        # target_modules do not reach): it would drop the experts' LoRA (and put the rest on
-        # the shared expert, and Llama 4's dense MLPs, which mlora would not have trained)
+        # it: its checkpoints are stacked): it would drop the experts' LoRA (and put the rest on
+        # the shared expert, which mlora would not have trained)
         raise UserError(f"adapter {a.name!r}: on this {model_type} model target the attention projections only "
                         f"(not {', '.join(map(named, on_experts))}): PEFT does not load LoRA on its experts")
     pair = {"gate_proj", "up_proj"}

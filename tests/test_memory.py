@@ -734,7 +734,7 @@ MISTRAL4 = dataclasses.replace(DEEPSEEK_V3, model_type="mistral4", router="group
 
 # Llama 4: a RoPE layer (adjacent pairs in fp32, weightless q/k norms after RoPE, chunks of 4: an
 # explicit mask) with 2 of 4 experts whose input the router's sigmoid weights, and a shared expert;
-# a NoPE layer with its queries scaled in fp32, a dense MLP
+# a NoPE layer with its queries scaled in fp32, a dense MLP (wider: intermediate_size)
 LLAMA4 = dataclasses.replace(SMALL, model_type="llama4_text", num_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=48, shared_expert_intermediate_size=48, shared_expert_gated=False,
                              router="topk_sigmoid", experts_input_weighted=True, moe_layers=[True, False],
@@ -758,7 +758,7 @@ LLAMA4 = dataclasses.replace(SMALL, model_type="llama4_text", num_experts=4, num
     (DEEPSEEK_V3, [(8, 0.1)], ("q_b_proj", "kv_b_proj", "o_proj")),
     (DEEPSEEK_V2, [(4, 0.0), (8, 0.0)], ("q_proj", *MLA_ALL[2:])),
     (MISTRAL4, [(4, 0.0), (8, 0.1)], MLA_ALL[:5]),
-    (LLAMA4, [(4, 0.0), (8, 0.1)], ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (LLAMA4, [(4, 0.0), (8, 0.1)], ALL7),  # (LoRA on its shared expert and dense MLP)
 ], ids=["mixtral", "mixtral_two", "mixtral_attention", "qwen2_moe_shared", "qwen3_moe_dense_layer", "gpt_oss",
         "gpt_oss_two", "gpt_oss_attention", "glm4_moe", "deepseek_v3", "deepseek_v3_latents", "deepseek_v2",
         "mistral4", "llama4"])
@@ -769,7 +769,7 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     autograd saves, and the weights and LoRA state are every parameter's bytes."""
     model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
     per_expert = 2 if args.fused_gate_up else 3  # (gate_up_proj, down_proj) or (gate, up, down)
-    experts = per_expert * args.num_experts * sum(args.moe_layers)
+    experts = per_expert * args.num_experts * sum(args.moe_layers) * args.mlp_lora_on_experts  # (Llama 4: none)
     assert args.is_moe and sum(".experts." in p for p in wrappers) == experts
     rows, seq_len = 4, 32
     per = rows // len(adapters)

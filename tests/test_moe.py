@@ -182,7 +182,8 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
                                             # (Gemma 4 26B-A4B: LoRA on the dense MLP beside the experts)
                                             *(("gemma4_moe", k) for k in ("auto", "grouped")),
                                             # (Llama 4: the router's weights on the experts' input, NoPE
-                                            # layers' query scale, chunks)
+                                            # layers' query scale, chunks; LoRA on the shared expert and
+                                            # the dense MLPs)
                                             *(("llama4_text", k) for k in ("auto", "grouped"))])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
@@ -220,7 +221,8 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
         grads = {n: {p: torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten()
                                    for t in (w.lora_A, w.lora_B)])
                      for p, w in adapters[n].weights.items()} for n in names}
-        for moe in (layer.mlp for layer in model.model.layers.values() if hasattr(layer.mlp, "routing_hook")):
+        for moe in (layer.mlp for layer in model.model.layers.values()
+                    if getattr(layer.mlp, "routing_hook", None) is not None):  # (Llama 4's experts: no LoRA)
             # an expert's LoRA keeps no plan
             assert all(w.group._plan is None and w.group._casts is None for w in moe.routing_hook.wrappers)
         return logits, grads
@@ -243,7 +245,9 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
             assert not any(".experts." in path for path in fused_grads[n])
             assert any(".mlp.down_proj" in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
             continue
-        assert any(".experts." in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
+        # (Llama 4's MLP LoRA is on its shared expert and dense MLPs)
+        on = ".experts." if family != "llama4_text" else ".shared_expert."
+        assert any(on in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
 
 
 def _cfg(**adapter):
@@ -303,11 +307,10 @@ def test_targets_on_moe_models():
     resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
                     mistral4)
     # Llama 4: its experts are stacked parameters, which PEFT's target_modules do not reach
+    # (but its dense MLPs and shared expert are: the MLP targets are those, any subset, with dropout)
     llama4 = llama.args_from_hf_config(dict(base, model_type="llama4_text", num_local_experts=4, num_experts_per_tok=1,
                                             intermediate_size_mlp=96, head_dim=16))
-    with pytest.raises(UserError, match="llama4_text model target the attention projections only"):
-        resolve_targets(_cfg(dropout=0.0, target_modules=["q_proj", "gate_proj", "up_proj"]), llama4)
-    resolve_targets(_cfg(dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), llama4)
+    resolve_targets(_cfg(dropout=0.1, use_rslora=True, target_modules=["q_proj", "gate_proj", "down_proj"]), llama4)
     # GPT-OSS: gate_up_proj is one LoRA per expert (PEFT's target_parameters), so rsLoRA is fine
     gpt_oss = llama.args_from_hf_config(dict(base, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2))
     assert gpt_oss.fused_gate_up and gpt_oss.gate_up_interleaved and gpt_oss.sliding_window == [128, None]

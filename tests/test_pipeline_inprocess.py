@@ -468,7 +468,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     (image-text tensor names, module names of the text model; linear-attention layers), Qwen3-Next
     (fused linear-attention projections, a dense layer among sparse ones), Gemma 4 26B-A4B (its
     experts' stacked tensors and router per layer, LoRA on the dense MLP beside them), Llama 4's
-    image-text checkpoint (language_model.model.*, feed_forward, stacked experts read transposed): each
+    image-text checkpoint (language_model.model.*, feed_forward, stacked experts read transposed, LoRA
+    on the shared experts and dense MLPs): each
     rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
@@ -506,9 +507,9 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     elif family == "deepseek_v3":  # latent attention; shared_experts named otherwise (no LoRA), a dense layer 0
         raw["lora"][0]["target_modules"] = ["q_b_proj", "kv_b_proj"]
         raw["lora"][1]["target_modules"] = ["q_a_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    elif family == "llama4":  # NoPE and chunked RoPE layers; attention only
+    elif family == "llama4":  # NoPE and chunked RoPE layers; the MLP targets on the dense MLPs and shared experts
         raw["lora"][0]["target_modules"] = ["q_proj", "v_proj"]
-        raw["lora"][1]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
     else:  # Mixtral's own names of the experts' projections
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "w1", "w3", "w2"]
     cfg.write_text(json.dumps(raw))

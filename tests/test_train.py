@@ -612,8 +612,9 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         cfg.write_text(json.dumps(raw))
     if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next", "llama4_text", "llama4"):  # (PEFT loads no LoRA on those MoE models' experts)
         raw = json.loads(cfg.read_text())
-        raw["lora"][0]["target_modules"] = (["q_proj", "k_proj", "v_proj", "o_proj"]
-                                            if family in ("qwen2_moe", "llama4_text", "llama4")
+        raw["lora"][0]["target_modules"] = (["q_proj", "k_proj", "v_proj", "o_proj"] if family == "qwen2_moe"
+                                            else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"] if family in ("llama4_text", "llama4")
                                             else QWEN3_NEXT_TARGETS if family == "qwen3_next"
                                             else QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None])
         cfg.write_text(json.dumps(raw))
@@ -638,6 +639,9 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         experts = 4 if family == "qwen3_moe" else 8
         assert sum(".experts." in k for k in saved) == 3 * experts and sum(".experts." in n for n in lora_modules) == 2
         saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]
+    if family.startswith("llama4"):  # no expert: layers 1 and 3's shared expert, layers 0 and 2's dense MLP
+        assert sum(".shared_expert." in k for k in saved) == sum(".feed_forward.down_proj." in k for k in saved) * 3 == 6
+        assert not any(".experts." in k for k in saved)
     if family == "gpt_oss":  # each layer's experts: gate_up_proj and down_proj, each one stacked LoRA
         assert sum(".experts." in k for k in saved) == 2 * 2 and sum(".experts." in n for n in lora_modules) == 2 * 2
     assert len(lora_modules) == len(saved)

@@ -298,6 +298,13 @@ class ModelArgs:
         return any(self.moe_layers)
 
     @property
+    def mlp_lora_on_experts(self) -> bool:
+        """Whether an MoE model's MLP targets are its routed experts (its dense MLPs and shared
+        experts then take none); Llama 4's are its dense MLPs and shared expert instead, which
+        PEFT's target_modules reach there (its experts are stacked parameters)."""
+        return self.model_type not in ("llama4_text", "llama4")
+
+    @property
     def qk_head_dim(self) -> int:
         """A query's and key's head size: head_dim, or with latent attention nope + rope part."""
         return self.qk_nope_head_dim + self.head_dim if self.mla else self.head_dim

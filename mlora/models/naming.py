@@ -229,7 +229,9 @@ class Naming:
         leaves = [self.leaf(p) for p in projections]
         if not _MODULE_RULES.get(self.family):  # (PEFT's model has no vision tower)
             return leaves
-        mlp = self.to_module("model.layers.0.mlp").rsplit(".", 1)[-1]  # (Llama 4's: feed_forward)
+        mlp = self.to_module("model.layers.0.mlp").rsplit(".", 1)[-1]
+        if self.family == "llama4":  # its MLPs are feed_forward, and its shared expert takes LoRA too
+            mlp = rf"{mlp}|{mlp}\.shared_expert"
         return rf"{re.escape(self.to_module('model.layers'))}\.\d+\.(self_attn|{mlp})\.({'|'.join(leaves)})"
 
     def leaf(self, projection: str) -> str:
