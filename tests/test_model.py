@@ -114,11 +114,15 @@ CASES = {
     # Llama 4 (conftest's MOE_TINY: NoPE and RoPE layers, chunks of 4, queries scaled past position 2,
     # dense and sparse layers); without the scale, the q/k norm, with top 1 and chunks of 5 (left
     # padding compared in one batch: transformers counts chunks from a row's first real token too),
-    # default NoPE layers (layer 3), listed sparse layers, a tied head; the image-text checkpoint
+    # default NoPE layers (layer 3), listed sparse layers, a tied head, Scout's llama3 RoPE scaling (its low
+    # and high frequency factors equal) on an original context of 8; the image-text checkpoint
     "llama4_text": ("llama4_text", {}),
     "llama4_plain": ("llama4_text", dict(attn_temperature_tuning=False, use_qk_norm=False, num_experts_per_tok=1,
                                          attention_chunk_size=5, no_rope_layers=[], moe_layers=[0, 2],
-                                         tie_word_embeddings=True)),
+                                         tie_word_embeddings=True,
+                                         rope_parameters=dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0,
+                                                              high_freq_factor=1.0, rope_theta=1e4,
+                                                              original_max_position_embeddings=8))),
     "llama4": ("llama4", {}),
     # Qwen3.5: Gated DeltaNet linear attention in layers 0, 1, 3 (GQA-like key heads, a causal
     # conv, decays, a gated norm), gated softmax attention in layer 2, (1 + w) norms, RoPE on a
