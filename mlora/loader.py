@@ -25,7 +25,7 @@ import torch
 
 from mlora.errors import UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
-from mlora.models.args import GATED_DELTANET_FAMILIES, IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES
+from mlora.models.args import GATED_DELTANET_FAMILIES, IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES, TEXT_CONFIG_TIES
 from mlora.models.naming import GATE_UP_STACKED, NATIVE_MARK, Naming, StackedSlice, naming_for
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
@@ -93,8 +93,9 @@ def _tied_as_transformers_ties(base: Path, raw: dict, args: ModelArgs) -> ModelA
     out) hold a head of their own, which transformers then keeps untied (it ties only tensors it
     does not find). So does mlora: untied when the checkpoint stores the head. Qwen3.5's
     image-text configs: transformers' causal LM is the text model, tied by text_config's flag
-    (ModelArgs has it), so that is the flag to look for."""
-    flags = raw["text_config"] if args.model_type in ("qwen3_5", "qwen3_5_moe") else raw
+    (ModelArgs has it), so that is the flag to look for; so is Llama 4's (its head is its
+    language_model's, a Llama4ForCausalLM of text_config)."""
+    flags = raw["text_config"] if args.model_type in TEXT_CONFIG_TIES else raw
     if "tie_word_embeddings" in flags:
         return args
     if not args.tie_word_embeddings:

@@ -991,6 +991,11 @@ def test_llama4_configs():
     assert listed.attention_chunk == [None] * 7 + [8192]
     image_text = llama.args_from_hf_config(dict(model_type="llama4", text_config=base))
     assert image_text.model_type == "llama4" and not image_text.tie_word_embeddings
+    # (its head is its language_model's, a Llama4ForCausalLM of text_config, tied by that config's flag alone)
+    assert not llama.args_from_hf_config(dict(model_type="llama4", tie_word_embeddings=True,
+                                              text_config=base)).tie_word_embeddings
+    assert llama.args_from_hf_config(dict(model_type="llama4", tie_word_embeddings=False,
+                                          text_config=dict(base, tie_word_embeddings=True))).tie_word_embeddings
     for bad, message in [(dict(no_rope_layers=[1, 0]), "no_rope_layers must hold a 0 or 1 for each of the 8"),
                          (dict(no_rope_layers=[2] * 8), "no_rope_layers must hold"),
                          (dict(layer_types=["sliding_attention"] * 8), "layer_types must list full_attention or "
@@ -1010,3 +1015,18 @@ def test_llama4_configs():
             llama.args_from_hf_config(dict(base, **bad))
     with pytest.raises(UserError, match="text_config model_type 'llama' is not supported"):
         llama.args_from_hf_config(dict(model_type="llama4", text_config=dict(base, model_type="llama")))
+
+
+def test_llama4_image_text_head_is_tied_by_its_text_config(tmp_path):
+    """Llama4ForConditionalGeneration's head is its language model's, which ties by text_config's
+    tie_word_embeddings, not the outer one: an outer true over a text_config false keeps the
+    stored head (transformers' logits), not the embedding."""
+    path = make_tiny_model(tmp_path / "m", "llama4")
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"] = True, False
+    (path / "config.json").write_text(json.dumps(config))
+    ours = load_model(path, "cpu", torch.float32)
+    assert not ours.args.tie_word_embeddings
+    ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_close_on_real(ours(ids), _hf(path)(input_ids=ids).logits, None)

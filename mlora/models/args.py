@@ -47,8 +47,12 @@ IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "
                        "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",),
                        "llama4": ("llama4_text",)}
 # Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
-# (Qwen3.5's head follows text_config's flag: args_from_hf_config)
-_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True, "llama4": False}
+# (Qwen3.5's and Llama 4's heads follow text_config's flag: args_from_hf_config)
+_IMAGE_TEXT_TIED = {"gemma3": True, "gemma4": True, "mistral3": True}
+# Image-text families whose head is tied by text_config's flag: transformers' causal LM of a
+# Qwen3.5 checkpoint is the text model; Llama4ForConditionalGeneration's head is its
+# language_model's (a Llama4ForCausalLM of text_config), which ties by that config alone
+TEXT_CONFIG_TIES = ("qwen3_5", "qwen3_5_moe", "llama4")
 # Families whose config.json only their own remote code reads (auto_map): mlora reads the plain
 # dict, and their safetensors names are not LLaMA's (models/naming.py).
 REMOTE_CODE_FAMILIES = ("chatglm", "baichuan")
@@ -381,9 +385,9 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
                             f"(supported: {', '.join(inner)})")
         text = {**text, "model_type": text_type} if isinstance(text, Mapping) else text
         text_args = args_from_hf_config(text)
-        # The image-text model ties its head by the outer config's flag; but transformers' causal
-        # LM of a Qwen3.5 checkpoint (AutoModelForCausalLM's: the text model) by text_config's
-        tied = (text_args.tie_word_embeddings if model_type in ("qwen3_5", "qwen3_5_moe")
+        # The image-text model ties its head by the outer config's flag; but Qwen3.5's and Llama 4's
+        # by text_config's (TEXT_CONFIG_TIES)
+        tied = (text_args.tie_word_embeddings if model_type in TEXT_CONFIG_TIES
                 else bool(get("tie_word_embeddings", _IMAGE_TEXT_TIED[model_type])))
         return replace(text_args, model_type=model_type, tie_word_embeddings=tied)
     if model_type == "gemma4_text" and not isinstance(cfg, Mapping):
