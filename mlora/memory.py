@@ -471,6 +471,9 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # (OLMo 2's over the whole q and k: one rsqrt each)
         out["qk_norms"] = (nh + nkv) * (4 * D + 4) if args.qk_norm_per_head else (nh + nkv) * 4 * D + 2 * 4
         out["qk_norms"] -= kv_shared * nkv * (4 * D + 4)  # (Gemma 4's KV-shared layers: no k norm)
+    if args.qk_l2_norm:  # Llama 4's weightless L2 norm of each q and k head after RoPE: fp32 copy + rsqrt per
+        # head (on its RoPE layers; counted on every layer, a bound)
+        out["qk_norms"] = (nh + nkv) * (4 * D + 4)
     if args.per_layer_input_size:  # Gemma 4 E2B/E4B: the gate's GELU input and output [N, P], the norm after
         out["per_layer_input"] = 2 * args.per_layer_input_size * e + 4 * H + 4
     if explicit_mask and not args.alibi:

@@ -783,6 +783,14 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
     lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
     assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2
+    if args.qk_l2_norm:  # (Llama 4: its RoPE layer's q/k L2 norms keep an fp32 copy and an rsqrt per head)
+        plain, plain_layout, plain_wrappers = _model_with_adapters(dtype, adapters, targets,
+                                                                   dataclasses.replace(args, qk_l2_norm=False))
+        plain_layout.rows = layout.rows
+        plain.train()
+        without = saved_tensor_bytes(plain, torch.randint(0, args.vocab_size, (rows, seq_len)),
+                                     frozen_storages(plain, plain_wrappers))
+        assert measured - without == estimate.per_layer["qk_norms"] * args.rope_layers.count(True)
 
 
 # Qwen3.5: a linear-attention layer (Gated DeltaNet: 2 key heads and 4 value heads of 16, a
@@ -849,6 +857,14 @@ def _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len: int, ro
     assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
     lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
     assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2
+    if args.qk_l2_norm:  # (Llama 4: its RoPE layer's q/k L2 norms keep an fp32 copy and an rsqrt per head)
+        plain, plain_layout, plain_wrappers = _model_with_adapters(dtype, adapters, targets,
+                                                                   dataclasses.replace(args, qk_l2_norm=False))
+        plain_layout.rows = layout.rows
+        plain.train()
+        without = saved_tensor_bytes(plain, torch.randint(0, args.vocab_size, (rows, seq_len)),
+                                     frozen_storages(plain, plain_wrappers))
+        assert measured - without == estimate.per_layer["qk_norms"] * args.rope_layers.count(True)
     return wrappers
 
 
