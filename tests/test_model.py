@@ -1030,3 +1030,18 @@ def test_llama4_image_text_head_is_tied_by_its_text_config(tmp_path):
     ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _assert_close_on_real(ours(ids), _hf(path)(input_ids=ids).logits, None)
+
+
+def test_llama4_query_scale_is_transformers_formula_bit_for_bit():
+    """Llama 4's NoPE layers' query scale, log1p(floor((position + 1) / floor_scale)) * attn_scale + 1
+    in fp32 as Llama4TextAttention computes it: log(1 + x) is one ulp off log1p(x) for some x, which
+    survives the scale's rounding (floor values 178, 401, ...: positions past 1.4M at floor_scale 8192)."""
+    args = llama.args_from_hf_config(dict(model_type="llama4_text", vocab_size=400, hidden_size=64, intermediate_size=48,
+                                          intermediate_size_mlp=96, num_hidden_layers=4, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, num_local_experts=4, floor_scale=1,
+                                          attn_scale=0.1))
+    model = llama.CausalLM(args)
+    positions = torch.arange(2000)
+    expected = torch.log1p(torch.floor((positions.float() + 1.0) / 1)) * 0.1 + 1.0
+    assert torch.equal(model.query_scale(torch.zeros(1, 2000, 64), 0, None, None)[:, 0], expected)
+    assert torch.equal(model.query_scale(torch.zeros(1, 1000, 64), 1000, None, None)[:, 0], expected[1000:])

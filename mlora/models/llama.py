@@ -706,12 +706,15 @@ class CausalLM(nn.Module):
                     attention_mask: Tensor | None) -> Tensor | None:
         """Ministral 3's factor on each query (transformers' get_llama_4_attn_scale), fp32:
         1 + beta * log(1 + floor(position / period)) for the S new tokens of h [B, S, H], [S, 1]
-        at positions past.. or [B, 1, S, 1] at position_ids; None for the other families.
+        at positions past.. or [B, 1, S, 1] at position_ids; Llama 4's (its NoPE layers'
+        attn_temperature_tuning) log1p(floor((position + 1) / period)) * beta + 1, as
+        transformers writes it; None for the other families.
 
         The first scale of an absolute position: a row's tokens are counted from its first real
-        one (attention_mask [B, past + S]), as transformers' generate counts them, so that left
-        padding, which depends on the other rows of a batch, changes nothing (RoPE, relative,
-        never minded it)."""
+        one (attention_mask [B, past + S]), so that left padding, which depends on the other rows
+        of a batch, changes nothing (RoPE, relative, never minded it). transformers' generate
+        counts them so for Ministral 3 (by position_ids); its Llama 4 counts columns, in its
+        forward and in generate alike (left padding shifts a row's scale)."""
         if not self.args.query_scale_beta:
             return None
         S = h.shape[1]
@@ -722,7 +725,9 @@ class CausalLM(nn.Module):
             pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -S:].float()[:, None, :, None]  # [B, 1, S, 1]
         else:
             pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
-        pos = pos + self.args.query_scale_offset  # (Llama 4: floor((position + 1) / period))
+        if self.args.query_scale_offset:  # Llama 4: floor((position + 1) / period), log1p (one ulp apart from log)
+            floor = torch.floor((pos + self.args.query_scale_offset) / self.args.query_scale_period)
+            return torch.log1p(floor) * self.args.query_scale_beta + 1.0
         return 1 + self.args.query_scale_beta * torch.log(1 + torch.floor(pos / self.args.query_scale_period))
 
     def per_layer_inputs(self, ids: Tensor, h: Tensor) -> Tensor:
