@@ -985,6 +985,8 @@ def test_llama4_configs():
                                               use_qk_norm=False, attn_temperature_tuning=False))
     assert maverick.moe_layers == [False, True] * 4 and maverick.attention_chunk == [None] * 8
     assert not maverick.qk_l2_norm and not any(maverick.query_scaled(i) for i in range(8))
+    # (attn_scale 0, which transformers takes: every scale 1, as without tuning)
+    assert not any(llama.args_from_hf_config(dict(base, attn_scale=0.0)).query_scaled(i) for i in range(8))
     listed = llama.args_from_hf_config(dict(base, moe_layers=[0, 5], no_rope_layers=[0, 1] * 4,
                                             layer_types=["full_attention"] * 7 + ["chunked_attention"]))
     assert listed.moe_layers == [i in (0, 5) for i in range(8)] and listed.rope_layers == [False, True] * 4
@@ -1045,3 +1047,19 @@ def test_llama4_query_scale_is_transformers_formula_bit_for_bit():
     expected = torch.log1p(torch.floor((positions.float() + 1.0) / 1)) * 0.1 + 1.0
     assert torch.equal(model.query_scale(torch.zeros(1, 2000, 64), 0, None, None)[:, 0], expected)
     assert torch.equal(model.query_scale(torch.zeros(1, 1000, 64), 1000, None, None)[:, 0], expected[1000:])
+
+
+@pytest.mark.parametrize("key", ["no_rope_layer_interval", "interleave_moe_layer_step"])
+def test_llama4_zero_intervals_are_one_line_naming_the_key(tmp_path, key):
+    """Llama4TextConfig takes a modulo by no_rope_layer_interval (even beside a listed no_rope_layers)
+    and a range step of interleave_moe_layer_step (without moe_layers): a 0 fails there with an error
+    that names no key; mlora names it first."""
+    from mlora.loader import read_model_config
+
+    config = dict(model_type="llama4_text", vocab_size=400, hidden_size=64, intermediate_size=48,
+                  intermediate_size_mlp=96, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, num_local_experts=4, no_rope_layers=[1] * 8, **{key: 0})
+    for raw in (config, dict(model_type="llama4", text_config=config)):
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(UserError, match=f"{key} must be an integer >= 1, got 0"):
+            read_model_config(tmp_path)

@@ -712,9 +712,12 @@ def _llama4_args(get, num_layers: int) -> dict:
     if "chunked_attention" in types:
         chunk = _positive_int(chunk, "llama4_text config attention_chunk_size")
     tuning = bool(get("attn_temperature_tuning", True))
-    scale = dict(query_scale_beta=_positive_number(get("attn_scale", 0.1), "llama4_text config attn_scale"),
+    beta = get("attn_scale", 0.1)
+    if tuning and beta != 0:  # (attn_scale 0: every scale is 1, as tuning off)
+        beta = _positive_number(beta, "llama4_text config attn_scale")
+    scale = dict(query_scale_beta=beta,
                  query_scale_period=_positive_int(get("floor_scale", 8192), "llama4_text config floor_scale"),
-                 query_scale_offset=1, query_scale_nope_only=True) if tuning else {}
+                 query_scale_offset=1, query_scale_nope_only=True) if tuning and beta != 0 else {}
     return dict(rope_layers=rope_layers, qk_l2_norm=bool(get("use_qk_norm", True)),
                 attention_chunk=[chunk if t == "chunked_attention" else None for t in types], **scale)
 
