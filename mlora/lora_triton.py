@@ -66,7 +66,11 @@ def unavailable(device: torch.device | None = None) -> str | None:
         return "it needs the triton package (pip install triton; CUDA builds of torch bring it)"
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        shared = getattr(props, "shared_memory_per_block_optin", None)  # bytes; absent on ROCm builds
+        # bytes. ROCm builds lack the opt-in figure: their block's whole LDS is
+        # shared_memory_per_block (64 KiB on MI200/MI300), as torch's own Triton heuristics read it
+        shared = getattr(props, "shared_memory_per_block_optin", None)
+        if shared is None:
+            shared = getattr(props, "shared_memory_per_block", None)
         if shared is not None and shared < SHARED_BYTES:
             return (f"its kernels need {SHARED_BYTES // 1024} KiB of shared memory per block and {props.name} "
                     f"offers {shared // 1024} KiB")

@@ -553,4 +553,13 @@ def test_triton_is_unavailable_where_a_block_lacks_its_shared_memory(monkeypatch
                         lambda device=None: SimpleNamespace(name="RTX 5090", shared_memory_per_block_optin=99 * 1024))
     assert lora_triton.unavailable(cuda) == ("its kernels need 150 KiB of shared memory per block and RTX 5090 "
                                              "offers 99 KiB")
+    # ROCm's properties have no opt-in figure: a block's whole LDS is shared_memory_per_block
+    # (MI300X: 64 KiB, and compute capability 9.4, which would otherwise pick triton)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(name="AMD Instinct MI300X", shared_memory_per_block=64 * 1024))
+    mlora.lora.auto_kernel.cache_clear()
+    assert mlora.lora.auto_kernel(cuda) == "fused"
+    assert lora_triton.unavailable(cuda) == ("its kernels need 150 KiB of shared memory per block and AMD Instinct "
+                                             "MI300X offers 64 KiB")
     mlora.lora.auto_kernel.cache_clear()
