@@ -166,7 +166,10 @@ def _pow2(n: int, low: int, high: int) -> int:
 def down_config(C: int, fp32: bool) -> dict:
     # The whole C in one tile where it fits: x is read (and its mask drawn) once per tile of C.
     BC = _pow2(C, 16, 128 if fp32 else 256)
-    return dict(BM=64, BC=BC, BK=32 if fp32 else 64, num_warps=8 if BC >= 128 else 4)
+    # Computed transposed where the tile of C is wgmma's M of 64 or more, in 16 bits only: fp32
+    # operands (FMA) spill registers in that form (philox_kernels.down_kernel)
+    return dict(BM=64, BC=BC, BK=32 if fp32 else 64, num_warps=8 if BC >= 128 else 4,
+                TRANS=not fp32 and BC >= 64)
 
 
 def up_masked_config(C: int, fp32: bool) -> dict:

@@ -103,13 +103,16 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
                 N, K, C, W, stride_xm, stride_xk, stride_fm,
-                BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                TRANS: tl.constexpr):
     """h [N, C] = ((x * keep) @ A^T) * factor: x [N, K] any strides, A [C, K] contiguous,
     factor [N, C] fp32 (stride_fm = 0 for a per-column [C]); fp32 accumulation, one rounding.
     Computed transposed, h^T = A @ (x * keep)^T: the masked x is then the dot's second operand,
     which the tensor cores read from shared memory where it is stored anyway, instead of the
     first, which took a round trip through shared memory into registers (5 % fewer instructions
-    with Triton 3.6, 20 % with 3.9: scripts/compile_triton_kernels.py --cost).
+    with Triton 3.6, 20 % with 3.9: scripts/compile_triton_kernels.py --cost). TRANS: that
+    form, for tiles of C of 64 and more (lora_triton.down_config); a narrower tile is the dot's
+    M, under Hopper's wgmma minimum of 64, and would fall back to mma.sync: there h = x @ A^T.
     The C tiles of one row block are neighbours on axis 0, so a second one finds x in L2.
     bits [N, W] uint8 (W = ceil(K / 8)) gets the keep-mask, from the first C tile."""
     pid_c = tl.program_id(0)
@@ -121,7 +124,10 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table
     c_ok = rc < C
     seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
     bytes_ = tl.where(pid_c == 0, W, 0)  # of the mask this program writes: the first C tile's
-    acc = tl.zeros((BC, BM), dtype=tl.float32)
+    if TRANS:
+        acc = tl.zeros((BC, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
@@ -132,11 +138,20 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table
         tl.store(bits_ptr + rm64[:, None] * W + w[None, :], byte.to(tl.uint8),
                  mask=m_ok[:, None] & (w < bytes_)[None, :])
         x = tl.where(_unpack(byte, BM, BK), x, tl.zeros_like(x))
-        a = tl.load(a_ptr + rc[:, None] * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)  # [BC, BK]
-        acc = _dot(a, tl.trans(x), acc, IEEE)  # [BC, BM]
-    f = tl.load(f_ptr + rm64[None, :] * stride_fm + rc[:, None], mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-    tl.store(h_ptr + rm64[None, :] * C + rc[:, None], (acc * f).to(h_ptr.dtype.element_ty),
-             mask=m_ok[None, :] & c_ok[:, None])
+        if TRANS:
+            a = tl.load(a_ptr + rc[:, None] * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)  # [BC, BK]
+            acc = _dot(a, tl.trans(x), acc, IEEE)  # [BC, BM]
+        else:
+            a = tl.load(a_ptr + rc[None, :] * K + rk[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BC]
+            acc = _dot(x, a, acc, IEEE)  # [BM, BC]
+    if TRANS:
+        f = tl.load(f_ptr + rm64[None, :] * stride_fm + rc[:, None], mask=m_ok[None, :] & c_ok[:, None], other=0.0)
+        tl.store(h_ptr + rm64[None, :] * C + rc[:, None], (acc * f).to(h_ptr.dtype.element_ty),
+                 mask=m_ok[None, :] & c_ok[:, None])
+    else:
+        f = tl.load(f_ptr + rm64[:, None] * stride_fm + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        tl.store(h_ptr + rm64[:, None] * C + rc[None, :], (acc * f).to(h_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit

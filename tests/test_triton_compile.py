@@ -36,3 +36,21 @@ def test_kernels_compile_for_sm90():
 
     shared = [int(re.search(r"shared=(\d+)", line).group(1)) for line in compiled]
     assert max(shared) <= lora_triton.SHARED_BYTES, run.stdout
+
+
+@pytest.mark.parametrize("dtype,columns", [("fp32", 192), ("bf16", 16)], ids=["fp32", "bf16 C=16"])
+def test_down_compiles_without_spills_and_on_wgmma_for_narrow_c(dtype, columns):
+    """down's transposed form (h^T = A @ (x * keep)^T) makes C the dot's M: fp32 operands spill
+    registers in it (580 and 724 spill stores at C = 192 and 64), and a tile of C under 64 falls
+    off Hopper's wgmma onto mma.sync; both keep h = (x * keep) @ A^T (down_config's TRANS)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_triton_kernels.py"), "--arch", "90",
+                          "--columns", str(columns), "--dtype", dtype], capture_output=True, text=True, env=env,
+                         timeout=600)
+    if run.returncode == 77:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    down = [line for line in run.stdout.splitlines() if "down_kernel" in line]
+    assert len(down) == 2 and all(line.startswith("ok ") for line in down), run.stdout
+    assert dtype == "fp32" or all("wgmma" in line for line in down), run.stdout
