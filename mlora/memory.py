@@ -640,9 +640,11 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse:
                      kind: str | None = None, kv_shared: bool = False) -> int:
     """A and B of every adapter cast to the activation dtype, kept for the input gradient (one
     layer, of `kind`: Qwen3.5's layers have either kind's projections; None: the costlier). In
-    fp32 some casts are the parameters themselves; counting them is conservative."""
+    fp32 some casts are the parameters themselves; counting them is conservative. kv_shared:
+    a Gemma 4 KV-shared layer's (None kind: those count too, their MLPs maybe double-wide)."""
     if kind is None:
-        return max(_lora_cast_bytes(args, e, adapters, sparse, k) for k in set(args.layer_kinds))
+        return max(_lora_cast_bytes(args, e, adapters, sparse, k, shared)
+                   for k, shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)})
     shapes = projection_shapes(args, kind, kv_shared, sparse)
     return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * _lora_copies(args, m, sparse)
                for a in adapters for m in a.target_modules if m in shapes)

@@ -920,6 +920,17 @@ def test_gemma4_kv_sharing_under_recompute_is_bounded():
     assert measured <= estimate.activations <= 1.5 * measured
 
 
+def test_gemma4_recompute_counts_the_double_wide_mlps_lora_casts():
+    """Under recompute every layer keeps its LoRA casts; with targets on the MLP, a KV-shared
+    layer's (double-wide) are the costliest, and the layer-kind-free figure is theirs."""
+    from mlora.memory import _lora_cast_bytes
+
+    mlp_only = [LoraShape(16, ("gate_proj", "up_proj", "down_proj"), 0.0)]
+    shared = _lora_cast_bytes(GEMMA4_E2B, 2, mlp_only, False, "attention", True)
+    assert shared > _lora_cast_bytes(GEMMA4_E2B, 2, mlp_only, False, "attention", False)
+    assert _lora_cast_bytes(GEMMA4_E2B, 2, mlp_only) == shared
+
+
 def test_heads_beyond_flash_attention_count_repeated_kv():
     """Gemma 4's full layers have heads of 512, which FlashAttention does not take: SDPA then
     gets K/V repeated to every head (llama.GQA_MAX_HEAD_DIM), and the estimate counts them so;
