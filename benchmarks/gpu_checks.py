@@ -339,8 +339,12 @@ def check_group_timing(device) -> dict:
 # The backward kernels' bf16 tiles before 2026-11-29's enlargement (their SASS issued 0.87 and
 # 0.50 instructions per element at C = 192, the new 0.38 and 0.32; benchmarks/RESULTS.md):
 # timed side by side, so that the device says whether the larger tiles are faster there too.
-PREVIOUS_TILES = {"up_masked": dict(BM=64, BK=128, BC=64, num_warps=8),
-                  "grad_a": dict(BC=256, BK=64, BT=64, num_warps=8)}
+# Their tiles of C followed C as the current ones do (grad_a's: 64 at down_proj's C = 64, not 256).
+def previous_tiles(C: int) -> dict:
+    from mlora.lora_triton import _pow2
+
+    return {"up_masked": dict(BM=64, BK=128, BC=_pow2(C, 16, 64), num_warps=8),
+            "grad_a": dict(BC=_pow2(C, 16, 256), BK=64, BT=64, num_warps=8)}
 
 
 def check_triton_tiles(device, steps=20) -> dict:
@@ -363,11 +367,12 @@ def check_triton_tiles(device, steps=20) -> dict:
                  for i in range(4)]
         plan = lora_triton.draw(drops, n, device)
         _, bits = lora_triton.down(x, a, torch.ones(c, device=device), plan)
+        previous = previous_tiles(c)
         out[name] = {
             "up_masked": {"now": ms(lambda: lora_triton.up_masked(dh, a, bits)),
-                          "previous": ms(lambda: lora_triton.up_masked(dh, a, bits, config=PREVIOUS_TILES["up_masked"]))},
+                          "previous": ms(lambda: lora_triton.up_masked(dh, a, bits, config=previous["up_masked"]))},
             "grad_a": {"now": ms(lambda: lora_triton.grad_a(dh, x, bits)),
-                       "previous": ms(lambda: lora_triton.grad_a(dh, x, bits, config=PREVIOUS_TILES["grad_a"]))},
+                       "previous": ms(lambda: lora_triton.grad_a(dh, x, bits, config=previous["grad_a"]))},
             "down": ms(lambda: lora_triton.down(x, a, torch.ones(c, device=device), plan))}
     return {"check": "triton kernels' ms, current vs previous tiles (bf16, 16384 tokens)", "ms": out,
             "informational": True, "ok": True}

@@ -235,6 +235,9 @@ def test_gpu_checks_tile_timing_runs_on_the_cpu():
     timings = result["ms"]["q/k/v"]
     assert set(timings) == {"up_masked", "grad_a", "down"}
     assert all(t > 0 for kernel in ("up_masked", "grad_a") for t in timings[kernel].values())
+    # the previous tiles as lora_triton chose them before, per C (down_proj's C = 64: grad_a's BC 64)
+    assert [module.previous_tiles(c)["grad_a"]["BC"] for c in (64, 192)] == [64, 256]
+    assert [module.previous_tiles(c)["up_masked"]["BC"] for c in (48, 192)] == [64, 64]
 
 
 def _gpu_checks():
