@@ -6,6 +6,9 @@ there its base keeps them in full precision and the bit-for-bit claim below does
 
 Only the seven projections (q, k, v, o, gate, up, down) are quantized; the embedding, the
 norms and the head stay in full precision, as in QLoRA and transformers' `load_in_4bit`.
+(transformers quantizes every other nn.Linear too: routers such as Llama 4's and Gemma 4's
+`router.proj`, Gemma 4 E2B/E4B's per-layer input projections. mlora keeps those few in full
+precision, so on such models the bit-for-bit claim below covers the seven projections only.)
 The quantized layers are bitsandbytes' own `Linear4bit` / `Linear8bitLt`, built with the same
 calls transformers makes, so a base quantized here holds bit-for-bit the weights of
 `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` and a saved adapter means
