@@ -95,19 +95,38 @@ def _tied_as_transformers_ties(base: Path, raw: dict, args: ModelArgs) -> ModelA
     does not find). So does mlora: untied when the checkpoint stores the head. Qwen3.5's
     image-text configs: transformers' causal LM is the text model, tied by text_config's flag
     (ModelArgs has it), so that is the flag to look for; so is Llama 4's (its head is its
-    language_model's, a Llama4ForCausalLM of text_config)."""
+    language_model's, a Llama4ForCausalLM of text_config). A config that does say tied, over a
+    checkpoint whose stored head differs from its embedding, is untied too: transformers 5 keeps
+    both then (with a warning), where tying would silently drop the stored head."""
     flags = raw["text_config"] if args.model_type in TEXT_CONFIG_TIES else raw
-    if "tie_word_embeddings" in flags:
-        return args
     if not args.tie_word_embeddings:
         return args
     try:
         stored = weight_index(base)
     except UserError:  # (no weights yet: whoever loads them says so)
         return args
-    if _checkpoint_naming(args, None, stored).to_checkpoint("lm_head.weight") in stored:
+    naming = _checkpoint_naming(args, None, stored)
+    head, embed = naming.to_checkpoint("lm_head.weight"), naming.to_checkpoint("model.embed_tokens.weight")
+    if head not in stored:
+        return args
+    if "tie_word_embeddings" not in flags:
+        return replace(args, tie_word_embeddings=False)
+    if embed in stored and not _stored_equal(stored, head, embed):
+        print(f"mlora: note: {base}: config.json ties the head to the embedding, but the checkpoint stores a "
+              f"different {head}: kept untied, as transformers does", file=sys.stderr)
         return replace(args, tie_word_embeddings=False)
     return args
+
+
+def _stored_equal(stored: dict[str, Path], a: str, b: str) -> bool:
+    """Whether checkpoint tensors a and b hold the same values (read only for this rare check)."""
+    from safetensors import safe_open
+
+    tensors = []
+    for name in (a, b):
+        with safe_open(str(stored[name]), framework="pt") as f:
+            tensors.append(f.get_tensor(name))
+    return tensors[0].shape == tensors[1].shape and torch.equal(tensors[0], tensors[1])
 
 
 def _check_full_attention_interval(raw: dict, model_type: str, config_file: Path) -> None:

@@ -1034,6 +1034,31 @@ def test_llama4_image_text_head_is_tied_by_its_text_config(tmp_path):
         _assert_close_on_real(ours(ids), _hf(path)(input_ids=ids).logits, None)
 
 
+def test_a_tied_config_over_a_different_stored_head_keeps_the_head(tmp_path, capsys):
+    """config.json says tie_word_embeddings, but the checkpoint stores a head that differs from
+    its embedding: transformers 5 keeps both untied (with a warning), so mlora does too and says
+    so on stderr, instead of silently dropping the stored head. A stored head equal to the
+    embedding (a tied model saved with both) stays tied."""
+    path = make_tiny_model(tmp_path / "m", "llama")
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    ours = load_model(path, "cpu", torch.float32)
+    assert not ours.args.tie_word_embeddings
+    assert "stores a different lm_head.weight: kept untied" in capsys.readouterr().err
+    ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_close_on_real(ours(ids), _hf(path)(input_ids=ids).logits, None)
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert load_model(path, "cpu", torch.float32).args.tie_word_embeddings
+    assert "kept untied" not in capsys.readouterr().err
+
+
 def test_llama4_query_scale_is_transformers_formula_bit_for_bit():
     """Llama 4's NoPE layers' query scale, log1p(floor((position + 1) / floor_scale)) * attn_scale + 1
     in fp32 as Llama4TextAttention computes it: log(1 + x) is one ulp off log1p(x) for some x, which
