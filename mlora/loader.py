@@ -64,8 +64,7 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         # (Gemma3Config would fill in a 4B model's text config, Mistral3Config a 7B one, and
         # blame the weights)
         raise UserError(f"{config_file}: a {model_type} config needs its text_config")
-    _check_full_attention_interval(raw, model_type, config_file)
-    _check_llama4_intervals(raw, model_type, config_file)
+    _check_intervals(raw, model_type, config_file)
     if model_type in REMOTE_CODE_FAMILIES:
         # Only the model's own code (auto_map) reads this config in transformers; mlora
         # implements the model, so the plain JSON is all it needs (no remote code runs).
@@ -129,26 +128,19 @@ def _stored_equal(stored: dict[str, Path], a: str, b: str) -> bool:
     return tensors[0].shape == tensors[1].shape and torch.equal(tensors[0], tensors[1])
 
 
-def _check_full_attention_interval(raw: dict, model_type: str, config_file: Path) -> None:
-    """Qwen3.5's full_attention_interval (every how many layers one is full attention, when
-    layer_types is left out): transformers' config divides by it, and fails on a 0 with its own
-    ZeroDivisionError, which names no key."""
-    if model_type not in ("qwen3_5", "qwen3_5_moe", *GATED_DELTANET_FAMILIES):
+def _check_intervals(raw: dict, model_type: str, config_file: Path) -> None:
+    """Config keys transformers' config classes divide by or step by, which fail on a 0 with an
+    error naming no key: Qwen3.5's full_attention_interval (every how many layers one is full
+    attention, when layer_types is left out); Llama 4's no_rope_layer_interval (always:
+    Llama4TextConfig builds its default NoPE list even when no_rope_layers is given) and
+    interleave_moe_layer_step (when moe_layers is left out)."""
+    if model_type not in ("qwen3_5", "qwen3_5_moe", *GATED_DELTANET_FAMILIES, "llama4_text", "llama4"):
         return
     text = raw["text_config"] if model_type in IMAGE_TEXT_FAMILIES else raw
-    interval = text.get("full_attention_interval", 4)
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise UserError(f"{config_file}: full_attention_interval must be an integer >= 1, got {interval!r}")
-
-
-def _check_llama4_intervals(raw: dict, model_type: str, config_file: Path) -> None:
-    """Llama 4's no_rope_layer_interval (always: Llama4TextConfig builds its default NoPE list even
-    when no_rope_layers is given) and interleave_moe_layer_step (when moe_layers is left out): its
-    config takes a modulo and a range step of them, and fails on a 0 with an error naming no key."""
-    if model_type not in ("llama4_text", "llama4"):
-        return
-    text = raw["text_config"] if model_type in IMAGE_TEXT_FAMILIES else raw
-    keys = ["no_rope_layer_interval"] + (["interleave_moe_layer_step"] if text.get("moe_layers") is None else [])
+    if model_type in ("llama4_text", "llama4"):
+        keys = ["no_rope_layer_interval"] + (["interleave_moe_layer_step"] if text.get("moe_layers") is None else [])
+    else:
+        keys = ["full_attention_interval"]
     for key in keys:
         value = text.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -767,30 +767,10 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     keeps, plus the router's and the dispatch's tensors; with LoRA on the experts, each expert's
     gathered input, hidden and (several adapters) column factor. The estimate bounds what
     autograd saves, and the weights and LoRA state are every parameter's bytes."""
-    model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
+    wrappers = _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len=32)
     per_expert = 2 if args.fused_gate_up else 3  # (gate_up_proj, down_proj) or (gate, up, down)
     experts = per_expert * args.num_experts * sum(args.moe_layers) * args.mlp_lora_on_experts  # (Llama 4: none)
     assert args.is_moe and sum(".experts." in p for p in wrappers) == experts
-    rows, seq_len = 4, 32
-    per = rows // len(adapters)
-    layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]
-    model.train()
-    measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
-                                  frozen_storages(model, wrappers))
-    shapes = [LoraShape(r, targets, p) for r, p in adapters]
-    estimate = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype, lora=shapes)
-    assert measured <= estimate.activations <= 1.5 * measured
-    assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
-    lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
-    assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2
-    if args.qk_l2_norm:  # (Llama 4: its RoPE layer's q/k L2 norms keep an fp32 copy and an rsqrt per head)
-        plain, plain_layout, plain_wrappers = _model_with_adapters(dtype, adapters, targets,
-                                                                   dataclasses.replace(args, qk_l2_norm=False))
-        plain_layout.rows = layout.rows
-        plain.train()
-        without = saved_tensor_bytes(plain, torch.randint(0, args.vocab_size, (rows, seq_len)),
-                                     frozen_storages(plain, plain_wrappers))
-        assert measured - without == estimate.per_layer["qk_norms"] * args.rope_layers.count(True)
 
 
 # Qwen3.5: a linear-attention layer (Gated DeltaNet: 2 key heads and 4 value heads of 16, a
@@ -841,8 +821,9 @@ def test_linear_attention_layers_bound_what_autograd_saves(dtype, args, adapters
 
 
 def _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len: int, rows: int = 4, inputs=None):
-    """The estimate of a model whose layers differ in kind bounds what autograd saves (within
-    1.5x), and its weights and LoRA state are the parameters' bytes; returns the LoRA wrappers."""
+    """The estimate of a model (layers of several kinds, MoE layers) bounds what autograd saves
+    (within 1.5x), and its weights and LoRA state are the parameters' bytes; with Llama 4's q/k L2
+    norms, their term is exactly what they add. Returns the LoRA wrappers."""
     model, layout, wrappers = _model_with_adapters(dtype, adapters, targets, args)
     per = rows // len(adapters)
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per) for a in range(len(adapters))]

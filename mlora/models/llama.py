@@ -140,7 +140,7 @@ def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: T
         if not right_padded_only:
             key_ok = upload(am, device)[:, None, None, :]  # a plain copy would wait for the device
             if any(args.attention_chunk[i] is not None for i in layer_ids):
-                pos = upload((am.to(torch.int64).cumsum(-1) - 1).clamp(min=0), device)
+                pos = upload(real_positions(am), device)
     by_window: dict[tuple[int | None, int | None], Tensor | None] = {}
     out: dict[int, Tensor | None] = {}
     for i in layer_ids:
@@ -153,6 +153,12 @@ def attention_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: T
             by_window[window, chunk] = _build_mask(window, key_ok, seq_len, device, chunk, pos)
         out[i] = by_window[window, chunk]
     return out
+
+
+def real_positions(attention_mask: Tensor) -> Tensor:
+    """[B, T] int64: each token's position counted from its row's first real token (0 on the
+    left padding before it), from a 0/1 attention_mask [B, T]."""
+    return (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
 
 
 def same_chunk(pos: Tensor, chunk: int, queries: int) -> Tensor:
@@ -183,14 +189,15 @@ def _build_mask(window: int | None, key_ok: Tensor | None, seq_len: int, device:
 
 
 def document_masks(args: ModelArgs, layer_ids: Sequence[int], document_ids: Tensor,
-                   attention_mask: Tensor | None) -> dict[int, Tensor]:
+                   attention_mask: Tensor | None, position_ids: Tensor | None = None) -> dict[int, Tensor]:
     """Masks for packed rows: bool [B, 1, S, S], True = may attend. A query sees the earlier
     keys of its own document only (and, on a sliding-window layer, only the last `window` of
     them), so several sequences share a row without seeing each other.
 
     document_ids [B, S]: one id per packed sequence, a separate id for padding. Positions in
     one document are consecutive columns, so the column distance q - k of two tokens of the
-    same document is their position distance, and the window needs no position ids."""
+    same document is their position distance, and the window needs no position ids. Llama 4's
+    chunks do: position_ids [B, S], each token's position in its document."""
     B, S = document_ids.shape
     device = document_ids.device
     q = torch.arange(S, device=device)[:, None]  # [S, 1]
@@ -210,19 +217,13 @@ def document_masks(args: ModelArgs, layer_ids: Sequence[int], document_ids: Tens
         if (window, chunk) not in by_window:
             allowed = base if window is None else base & (q - k < window)  # [B, S, S]
             if chunk is not None:  # (Llama 4) by each token's position in its document
-                allowed = allowed & same_chunk(_document_positions(document_ids), chunk, S)[:, 0]
+                if position_ids is None:
+                    raise ValueError("packed rows (document_ids) need their position_ids for chunked attention")
+                allowed = allowed & same_chunk(position_ids, chunk, S)[:, 0]
             # A query always sees itself, so no row is all-False (SDPA would give NaN).
             by_window[window, chunk] = (allowed | (q == k))[:, None]  # [B, 1, S, S]
         out[i] = by_window[window, chunk]
     return out
-
-
-def _document_positions(document_ids: Tensor) -> Tensor:
-    """[B, S] int64: each token's column minus its document's first column (its position)."""
-    col = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # documents are contiguous runs of one id
-    return col - torch.cummax(torch.where(starts, col, torch.zeros_like(col)), dim=-1).values
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -258,7 +259,7 @@ def cached_masks(args: ModelArgs, layer_ids: Sequence[int], attention_mask: Tens
     k = torch.arange(past + seq_len)[None, :]  # [1, T]
     key_ok = None if attention_mask is None else attention_mask.to(torch.bool)[:, None, :]  # [B, 1, T]
     # (Llama 4's chunks: by each row's positions, counted from its first real token)
-    pos = k if attention_mask is None else (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)  # [B or 1, T]
+    pos = k if attention_mask is None else real_positions(attention_mask)  # [B or 1, T]
     out, by_window = {}, {}
     for i in layer_ids:
         window, chunk = args.sliding_window[i], args.attention_chunk[i]
@@ -721,8 +722,7 @@ class CausalLM(nn.Module):
         if position_ids is not None:
             pos = position_ids.to(h.device, torch.float32)[:, None, :, None]  # [B, 1, S, 1]
         elif attention_mask is not None:  # (real tokens counted: equal to the columns without left padding)
-            real = attention_mask.to(h.device, torch.int64)
-            pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -S:].float()[:, None, :, None]  # [B, 1, S, 1]
+            pos = real_positions(attention_mask.to(h.device))[:, -S:].float()[:, None, :, None]  # [B, 1, S, 1]
         else:
             pos = torch.arange(past, past + S, device=h.device, dtype=torch.float32)[:, None]  # [S, 1]
         if self.args.query_scale_offset:  # Llama 4: floor((position + 1) / period), log1p (one ulp apart from log)
@@ -785,7 +785,8 @@ class CausalLM(nn.Module):
             elif document_ids is None:
                 masks = attention_masks(self.args, self.layer_ids, attention_mask, S, h.device)
             else:
-                masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask)
+                masks = document_masks(self.args, self.layer_ids, document_ids.to(h.device), attention_mask,
+                                       None if position_ids is None else position_ids.to(h.device))
             if any(self.args.is_linear(i) for i in self.layer_ids):
                 # Qwen3.5's linear-attention layers take the pads and documents instead of a mask
                 pads = None if attention_mask is None else attention_mask[:, -S:].to(h.device, torch.bool)
