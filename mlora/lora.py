@@ -537,7 +537,11 @@ class LoraLinear(nn.Module):
         if type(base) is nn.Linear and base.weight.dtype == x.dtype:
             if base.bias is not None:
                 delta = delta + base.bias
-            y = torch.addmm(delta, x.reshape(-1, x.shape[-1]), base.weight.t())  # [N, out]
+            x2d = x.reshape(-1, x.shape[-1])
+            # In place when autograd allows it: torch.addmm would first copy delta into a new
+            # output (a full-width device copy). A view made by a custom Function (the grouped
+            # kernel's) must not be modified in place.
+            y = delta.addmm_(x2d, base.weight.t()) if not delta._is_view() else torch.addmm(delta, x2d, base.weight.t())
             return y.view(*x.shape[:-1], -1)
         y = base(x)  # a quantized layer: its own kernel, then one add
         return y + delta.view_as(y).to(y.dtype)
