@@ -339,8 +339,12 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                                        explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
                                        active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer,
                                        kv_shared=kv_shared)
+        grouped = sparse and _experts_grouped(args, dtype, device, kind, adapters)
+        if grouped and "lora_expert_factor" in layer:
+            # grouped experts keep each routed token's adapter (int32) instead of factors
+            layer["lora_expert_factor"] = 4 * args.num_experts_per_tok
         terms = {name: math.ceil(v * N) for name, v in layer.items()}
-        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer, kv_shared)
+        terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer, kv_shared, experts=not grouped)
         if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
             terms["norm_weights"] = (args.num_norms * args.hidden_size
                                      + (_qk_norm_width(args, mixer) if mixer != "linear" else 0)) * 4
@@ -637,17 +641,37 @@ def _group_input_per_token(group: str, members: tuple[str, ...], width: int, e: 
 
 
 def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse: bool = False,
-                     kind: str | None = None, kv_shared: bool = False) -> int:
+                     kind: str | None = None, kv_shared: bool = False, experts: bool = True) -> int:
     """A and B of every adapter cast to the activation dtype, kept for the input gradient (one
     layer, of `kind`: Qwen3.5's layers have either kind's projections; None: the costlier). In
     fp32 some casts are the parameters themselves; counting them is conservative. kv_shared:
-    a Gemma 4 KV-shared layer's (None kind: those count too, their MLPs maybe double-wide)."""
+    a Gemma 4 KV-shared layer's (None kind: those count too, their MLPs maybe double-wide).
+    experts False: the experts' casts are not kept (grouped experts cast again in the backward)."""
     if kind is None:
-        return max(_lora_cast_bytes(args, e, adapters, sparse, k, shared)
+        return max(_lora_cast_bytes(args, e, adapters, sparse, k, shared, experts)
                    for k, shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)})
     shapes = projection_shapes(args, kind, kv_shared, sparse)
-    return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * _lora_copies(args, m, sparse)
+    copies = {m: _lora_copies(args, m, sparse) for m in shapes}
+    if not experts:
+        copies = {m: 0 if n > 1 else n for m, n in copies.items()}
+    return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * copies[m]
                for a in adapters for m in a.target_modules if m in shapes)
+
+
+def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,
+                     adapters: list[LoraShape]) -> bool:
+    """Whether a sparse layer's experts run as grouped GEMMs (models/moe.grouped_stacks, and
+    lora_moe.ExpertRouting.grouped for their LoRA), from the shapes: plain GLU experts without
+    biases, unquantized, 16-byte aligned rows, and a dtype torch groups on `device` (None:
+    unknown, counted as one expert at a time, which keeps more)."""
+    from mlora.models import moe
+
+    if (device is None or not moe.GROUPED_EXPERTS or quant is not None or args.fused_gate_up or args.glu_limit
+            or args.mlp_bias or not moe.grouped_mm_runs(dtype, torch.device(device))):
+        return False
+    e = torch.empty((), dtype=dtype).element_size()
+    columns = [sum(a.r for a in adapters if m in a.target_modules) for m in _MLP_TARGETS]
+    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *columns))
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:

@@ -277,6 +277,13 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor, frozen: 
     `model(input_ids, **inputs)`, leaving out the parameters (they are weights / LoRA state, not
     activations)."""
     storages: dict[int, int] = {}
+    # Grouped experts stack their weights on first use (models/moe.grouped_stacks), freeing the
+    # old ones, whose addresses activations could then take: stacked before measuring, and the
+    # parameters' storages taken again.
+    before = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.no_grad():
+        model(input_ids, **inputs)
+    frozen = (frozen - before) | {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -831,9 +838,10 @@ def _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len: int, ro
     measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
                                   frozen_storages(model, wrappers), **(inputs or {}))
     # (packed rows: the attention layers' document masks, as memory.explicit_mask_of says)
+    # (device: the CPU, where a sparse layer's experts run grouped, as they do here)
     estimate = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=dtype,
                                    lora=[LoraShape(r, targets, p) for r, p in adapters],
-                                   explicit_mask=True if inputs else None)
+                                   explicit_mask=True if inputs else None, device=torch.device("cpu"))
     assert measured <= estimate.activations <= 1.5 * measured
     assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
     lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))

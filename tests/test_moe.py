@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import mlora.lora
+import mlora.models.moe
 from conftest import GEMMA4_MOE, make_tiny_model
 from mlora.adapter import Adapter
 from mlora.config import AdapterConfig, TrainConfig
@@ -232,7 +233,9 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
     for n, (lo, hi) in rows.items():
         solo_logits, solo_grads = run([n])
         diff = (fused_logits[lo:hi] - solo_logits).abs()[real[lo:hi]].max().item()
-        assert diff < 1e-5, (n, diff)
+        # (Qwen3-Next's gated delta rule amplifies fp32 rounding: 1.2e-5 seen with its experts
+        # grouped, whose GEMMs round another batch shape differently than one expert at a time)
+        assert diff < (2e-5 if family == "qwen3_next" else 1e-5), (n, diff)
         for path, g in solo_grads[n].items():
             # (Qwen3.5's chunked delta rule - exponentials of cumulative decays, triangular
             # solves - rounds another batch shape up to a few times more in fp32: 1.1e-5 seen)
@@ -507,14 +510,16 @@ def test_pair_gather_has_the_gradient_of_plain_indexing():
 
 # (seeds whose routing has the premise: an expert gets some of p1's tokens in the fused run of a
 # step and none alone; the test checks it happens)
-@pytest.mark.parametrize("family, seed", [("gpt_oss", 2), ("olmoe", 0)])
+@pytest.mark.parametrize("family, seed, grouped", [("gpt_oss", 2, False), ("olmoe", 0, False), ("olmoe", 0, True)])
 def test_fused_training_equals_solo_when_only_pad_tokens_reach_an_expert(tmp_path, tokenizer_dir, monkeypatch,
-                                                                         family, seed):
+                                                                         family, seed, grouped):
     """Pad tokens are routed too. In a fused batch an adapter's rows are padded to the batch's
     longest row, so an expert may get some of its (pad) tokens there and none alone: a zero
     gradient against none. Every LoRA weight of a stepping adapter gets a gradient (zero if
     none came), so SGD's momentum and AdamW's moments move it alike and the fused run equals
-    the solo one. (Without the zero gradients, such an expert's B differed by up to 15%.)"""
+    the solo one. (Without the zero gradients, such an expert's B differed by up to 15%.)
+    Grouped experts (models/moe.grouped_experts; GPT-OSS's never are) give every expert's LoRA
+    a gradient, zero where no token came."""
     from safetensors.torch import load_file
 
     from mlora.cli import main
@@ -528,6 +533,7 @@ def test_fused_training_equals_solo_when_only_pad_tokens_reach_an_expert(tmp_pat
         fill(self)
 
     monkeypatch.setattr(Adapter, "_fill_missing_grads", spy)
+    monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, num_hidden_layers=4, seed=seed)
     cfg = write_config(tmp_path, 2, tmp_path / "fused")  # p0: q/v, AdamW; p1: SGD with momentum
     raw = json.loads(cfg.read_text())
@@ -542,7 +548,10 @@ def test_fused_training_equals_solo_when_only_pad_tokens_reach_an_expert(tmp_pat
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress",
                  "--output_dir", str(tmp_path / "solo")]) == 0
     solo = [n for name, n in missing if name == "p1"]
-    assert len(fused) == len(solo) and any(s > f for f, s in zip(fused, solo)), (fused, solo)  # the premise
+    if grouped:
+        assert len(fused) == len(solo) and not any(fused + solo), (fused, solo)
+    else:
+        assert len(fused) == len(solo) and any(s > f for f, s in zip(fused, solo)), (fused, solo)  # the premise
     assert rel_diff(load_file(tmp_path / "fused" / "p1" / "adapter_model.safetensors"),
                     load_file(tmp_path / "solo" / "p1" / "adapter_model.safetensors")) <= 1e-5
 
@@ -847,3 +856,69 @@ def test_gemma4_router_equals_transformers(dtype):
         _, their_weights, their_chosen = theirs(x)
     assert weights.dtype == their_weights.dtype == torch.float32
     assert torch.equal(chosen, their_chosen) and torch.equal(weights, their_weights)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama4_text"])
+def test_grouped_experts_equal_one_expert_at_a_time(tmp_path, monkeypatch, family):
+    """The experts as three grouped GEMMs (models/moe.grouped_experts, with their LoRA as
+    lora_moe.GroupedExpertLoRA) give the logits and every LoRA gradient of running each expert
+    on its own: two adapters on the experts with different ranks (one only on gate/up), one on
+    attention only, and a row of no adapter. Where an adapter is missing from one expert's
+    projection the experts run one at a time again. The experts' weights become views of one
+    stack (no second copy), made again after they are replaced."""
+    import mlora.models.moe as moe
+
+    base = make_tiny_model(tmp_path / family, family)
+    mlp = ["gate_proj", "up_proj", "down_proj"] if family != "llama4_text" else []
+    specs = {"e1": (4, ALL7), "a": (2, ["q_proj", "v_proj"]), "e2": (8, ["q_proj", "gate_proj", "up_proj"])}
+    layout_rows = [AdapterRows("e2", 3, 4), AdapterRows("a", 2, 3), AdapterRows("e1", 0, 1)]
+    ids, mask, probe = _inputs(2)
+    calls = []
+    real_grouped = moe.grouped_experts
+    monkeypatch.setattr(moe, "grouped_experts", lambda *a: calls.append(a[-1]) or real_grouped(*a))
+
+    def run(grouped, damage=False):
+        monkeypatch.setattr(moe, "GROUPED_EXPERTS", grouped)
+        model, layout, adapters = _mlora_with_adapters(base, specs)
+        layout.rows = layout_rows
+        sparse = [layer.mlp for layer in model.model.layers.values() if hasattr(layer.mlp, "experts")]
+        if damage:  # e1 missing from one expert's down_proj: cannot be grouped
+            del sparse[0].experts[1].down_proj.adapters["e1"]
+        calls.clear()
+        logits = model(ids, mask)
+        (logits * probe * mask[..., None]).sum().backward()
+        grads = {(n, p, k): getattr(w, k).grad for n in adapters for p, w in adapters[n].weights.items()
+                 for k in ("lora_A", "lora_B")}
+        return model, sparse, logits, grads, list(calls)
+
+    _, _, loop_logits, loop_grads, loop_calls = run(False)
+    model, sparse, logits, grads, grouped_calls = run(True)
+    assert not loop_calls and len(grouped_calls) == len(sparse) > 0
+    # LoRA on the experts went the grouped way (Llama 4's experts take none)
+    assert all((lora is not None) == bool(mlp) for lora in grouped_calls)
+    assert (logits - loop_logits).abs().max() <= 1e-5 * loop_logits.abs().max()
+    assert grads.keys() == loop_grads.keys()
+    for key, g in grads.items():
+        ref = loop_grads[key]
+        if ref is None:  # an expert no token reached: one at a time it has no gradient, grouped a zero one
+            assert g is None or not g.any(), key
+            continue
+        assert (g - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1e-12), key
+    if mlp:
+        assert any(".experts." in p and g is not None and g.abs().max() > 0 for (n, p, k), g in grads.items() if n == "e2")
+    # one stack per projection: every expert's weight a view into one storage
+    for proj in moe.EXPERT_PROJECTIONS:
+        linears = [getattr(e.get_submodule(proj), "base", e.get_submodule(proj)) for e in sparse[0].experts]
+        storages = {lin.weight.untyped_storage().data_ptr() for lin in linears}
+        assert len(storages) == 1, proj
+    with torch.no_grad():  # replaced weights (as .to() would) are stacked again
+        for p in model.parameters():
+            p.data = p.data.clone()
+    assert torch.equal(model(ids, mask), logits.detach())
+
+    if mlp:
+        _, _, damaged_loop, _, _ = run(False, damage=True)
+        _, _, damaged, _, damaged_calls = run(True, damage=True)
+        assert len(damaged_calls) == len(sparse) - 1  # the damaged layer ran one expert at a time
+        assert (damaged - damaged_loop).abs().max() <= 1e-5 * damaged_loop.abs().max()
+        assert (damaged - loop_logits).abs().max() > 1e-4  # (the damage shows)

@@ -33,6 +33,7 @@ modelling loss is trained (transformers adds the router's load-balancing loss on
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -80,6 +81,111 @@ class _PairGather(torch.autograd.Function):
         return g, None, None, None
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """y [M, out] = x [M, in] @ w[e]^T for each expert e's run of rows (ends [E] int32: where
+    each run ends); w [E, out, in] frozen. Its backward hands grouped_mm a contiguous gradient
+    (which it needs) and computes only dx."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+        ctx.save_for_backward(w, ends)
+        return _GROUPED_MM(x, w.transpose(1, 2), offs=ends)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, ends = ctx.saved_tensors
+        dx = _GROUPED_MM(grad.contiguous(), w, offs=ends) if ctx.needs_input_grad[0] else None
+        return dx, None, None
+
+
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
+# Off: every expert runs on its own (tests and benchmarks compare the two).
+GROUPED_EXPERTS = os.environ.get("MLORA_GROUPED_EXPERTS", "1") != "0"
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def grouped_mm_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether torch's grouped GEMM runs in dtype on device: bf16 on CUDA devices of compute
+    capability 9.0 and up (the kernel torch has), fp32 or bf16 on the CPU."""
+    if _GROUPED_MM is None:
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+
+
+def _frozen_linear(module: nn.Module) -> nn.Linear | None:
+    """The plain frozen nn.Linear of an expert's projection (under a LoRA wrapper: its base);
+    None for anything else (a quantized layer, a bias, a trained weight)."""
+    base = getattr(module, "base", module)
+    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+        return None
+    return base
+
+
+def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The experts' gate, up and down weights as [E, out, in] tensors, for grouped GEMMs; None
+    where the experts cannot run grouped: not plain SwiGLU/GeGLU MLPs (GPT-OSS's clamped GLU,
+    a fused gate_up, biases), quantized or in another dtype than flat, rows not 16-byte
+    aligned (torch._grouped_mm's rule), or a dtype torch's grouped GEMM lacks on the device
+    (CUDA: bf16 on compute capability 9.0 and up).
+
+    Each expert's weight becomes a view into one [E, out, in] tensor (a copy on first use, again
+    whenever a weight was replaced, e.g. by .to()); the stack handed out is a view of that
+    storage, made per call, so no reference outlives the modules' own (nothing is cached that
+    .to() would leave behind). The modules and their names stay as they are."""
+    first = experts[0]
+    if (not GROUPED_EXPERTS or getattr(first, "fused", True) or getattr(first, "limit", None)
+            or not all(hasattr(first, name) for name in EXPERT_PROJECTIONS)):
+        return None
+    if not grouped_mm_runs(flat.dtype, flat.device):
+        return None
+    stacks = []
+    for name in EXPERT_PROJECTIONS:
+        linears = [_frozen_linear(getattr(expert, name)) for expert in experts]
+        if any(lin is None or lin.weight.dtype != flat.dtype or lin.weight.device != flat.device for lin in linears):
+            return None
+        shape = linears[0].weight.shape
+        if any(lin.weight.shape != shape for lin in linears) or any(d * flat.element_size() % 16 for d in shape):
+            return None
+        stacks.append(_stack_of(linears))
+    return tuple(stacks)
+
+
+def _stack_of(linears: list[nn.Linear]) -> Tensor:
+    """[E, out, in]: a view of the storage the linears' weights (all [out, in]) lie in, one
+    after another; where they do not, they are copied into one such stack first."""
+    w0 = linears[0].weight
+    step = w0.numel() * w0.element_size()
+    base = w0.data_ptr()
+    if not all(lin.weight.is_contiguous() and lin.weight.data_ptr() == base + e * step
+               for e, lin in enumerate(linears)):
+        with torch.no_grad():
+            stack = torch.stack([lin.weight for lin in linears])  # [E, out, in]
+            for e, lin in enumerate(linears):
+                lin.weight.data = stack[e]
+        return stack
+    view = torch.empty(0, dtype=w0.dtype, device=w0.device)
+    return view.set_(w0.untyped_storage(), w0.storage_offset(), (len(linears), *w0.shape))
+
+
+def grouped_experts(expert: nn.Module, stacks: tuple[Tensor, Tensor, Tensor], x: Tensor, ends: Tensor,
+                    lora) -> Tensor:
+    """Every expert's SwiGLU (GeGLU where `expert.gelu`) over its run of x [M, H] (runs ending at
+    ends [E]), as three grouped GEMMs: [M, H]. lora(name, x, ends): the LoRA delta of that
+    projection, or None (lora_moe.GroupedExpertLoRA); lora None: no LoRA."""
+    gate_w, up_w, down_w = stacks
+
+    def project(name: str, inputs: Tensor, w: Tensor) -> Tensor:
+        y = _GroupedLinear.apply(inputs, w, ends)  # [M, out]
+        delta = lora(name, inputs, ends) if lora is not None else None
+        return y if delta is None else y + delta
+
+    gate, up = project("gate_proj", x, gate_w), project("up_proj", x, up_w)  # [M, I] each
+    act = F.gelu(gate, approximate="tanh") if expert.gelu else F.silu(gate)
+    return project("down_proj", act * up, down_w)
+
+
 # What the LoRA code is told before a sparse MLP's experts run (lora_moe.ExpertRouting):
 # (the expert of each routed token [N*k] and the token [N*k], both ordered by expert and then by
 # token, the number of tokens each expert gets, tokens per batch row, tokens in the batch)
@@ -91,16 +197,28 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     """flat [N, H] through each token's chosen experts (chosen [N, k]), their outputs weighted
     by weights [N, k] and summed: [N, H] in flat's dtype. S: tokens per batch row (for the
     routing hook, which LoRA on the experts sets). input_weighted (Llama 4): the weights scale
-    each expert's input instead, in the dtype."""
+    each expert's input instead, in the dtype.
+
+    The experts run as grouped GEMMs over all of them at once where they can (grouped_experts:
+    plain SwiGLU/GeGLU experts in one dtype, and any LoRA on them the hook can group), else one
+    after another."""
     N, H = flat.shape
     k = chosen.shape[1]
     # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
     # sort of the flattened [N, k] choices, whose positions grow with the token).
     order = torch.argsort(chosen.flatten(), stable=True)  # [N*k]: the pair at each sorted position
     by_expert, tokens = chosen.flatten()[order], order // k  # [N*k] each
-    counts = torch.bincount(by_expert, minlength=len(experts)).tolist()  # tokens per expert
-    if routing_hook is not None:
-        routing_hook(by_expert, tokens, counts, S, N)
+    stacks = grouped_stacks(experts, flat)
+    lora = None
+    if stacks is not None and routing_hook is not None:
+        grouped_lora = getattr(routing_hook, "grouped", None)  # lora_moe.ExpertRouting.grouped
+        lora = grouped_lora(tokens, S, N, flat.dtype) if grouped_lora is not None else False
+        if lora is False:  # LoRA on the experts that cannot be grouped: one expert at a time
+            stacks = None
+    if stacks is None:
+        counts = torch.bincount(by_expert, minlength=len(experts)).tolist()  # tokens per expert
+        if routing_hook is not None:
+            routing_hook(by_expert, tokens, counts, S, N)
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)  # each pair's sorted position
     # One gather and one split for all experts (a gather per expert would add a zero-filled
@@ -108,11 +226,16 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     gathered = _PairGather.apply(flat, tokens, back, k)  # [N*k, H] by expert
     if input_weighted:
         gathered = gathered * weights.flatten()[order, None]
-    pieces = torch.split(gathered, counts)  # each [n, H]
-    # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
-    outputs = [experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
-               for e, (piece, n) in enumerate(zip(pieces, counts))]
-    routed = torch.cat(outputs)  # [N*k, H] by expert
+    if stacks is not None:
+        # Each expert's tokens end at ends[e]: computed on the device, no wait for the host.
+        ends = torch.cumsum(torch.bincount(by_expert, minlength=len(experts)), 0).to(torch.int32)  # [E]
+        routed = grouped_experts(experts[0], stacks, gathered, ends, lora)  # [N*k, H] by expert
+    else:
+        pieces = torch.split(gathered, counts)  # each [n, H]
+        # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
+        outputs = [experts[e](piece.unsqueeze(1)).squeeze(1) if n else piece
+                   for e, (piece, n) in enumerate(zip(pieces, counts))]
+        routed = torch.cat(outputs)  # [N*k, H] by expert
     # Weighted in the weights' dtype (fp32 for Mixtral, else the dtype's rounding), then each
     # token's k outputs summed in fp32 in slot order and rounded once: transformers' default
     # experts implementation (grouped_mm) exactly.
