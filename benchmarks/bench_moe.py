@@ -1,6 +1,7 @@
 """Training steps on a mixture-of-experts base: mlora (1 and 4 adapters fused, LoRA on
 attention and every expert) vs transformers + PEFT (one adapter, on transformers 5's stacked
-experts) vs the frozen base alone (forward + backward, no LoRA).
+experts) vs the frozen base alone (forward + backward, no LoRA); and mlora's 4 adapters with
+the experts run one at a time (MLORA_GROUPED_EXPERTS=0) against grouped (the default).
 
 Random weights of a named shape, built directly on the device; LoRA r=16, alpha=32, dropout 0
 (PEFT allows none on experts) on q/k/v/o and the experts' gate/up/down; AdamW. Every adapter
@@ -31,6 +32,7 @@ from bench_throughput import HFBench, MloraBench, Settings, free_memory, measure
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.lora import TARGET_MODULES  # noqa: E402
+from mlora.models import moe  # noqa: E402
 from mlora.models.llama import args_from_hf_config  # noqa: E402
 from mlora.models.naming import naming_for  # noqa: E402
 
@@ -91,11 +93,18 @@ class MoeHF(HFBench):
 
 def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, rows: int, steps: int) -> dict:
     s = Settings(seq=seq, dropout=0.0, steps=steps)
+    grouped = moe.GROUPED_EXPERTS
     results = []
     for shape in shapes:
         mine = MoeMlora(shape, s, device, dtype)
         runs = {f"mlora_{n}": mine.run(n, rows) for n in (1, 4)}
         runs["mlora_frozen"] = mine.run_frozen(rows)
+        runs["mlora_frozen_4"] = mine.run_frozen(4 * rows)  # (the bound of 4 adapters' rows)
+        moe.GROUPED_EXPERTS = False  # the experts one at a time, as before they ran grouped
+        try:
+            runs["mlora_4_per_expert"] = mine.run(4, rows)
+        finally:
+            moe.GROUPED_EXPERTS = grouped
         del mine
         free_memory(device)
         hf = MoeHF(shape, s, device, dtype)
@@ -113,7 +122,8 @@ def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, r
         results.append({"shape": shape, "runs": runs, "tokens_per_s": tps,
                         "mlora_1_over_peft": tps["mlora_1"] / tps["peft_1"],
                         "mlora_4_over_peft": tps["mlora_4"] / tps["peft_1"],
-                        "mlora_4_over_frozen": tps["mlora_4"] / tps["hf_frozen"]})
+                        "mlora_4_over_frozen": tps["mlora_4"] / tps["mlora_frozen_4"],
+                        "grouped_over_per_expert": tps["mlora_4"] / tps["mlora_4_per_expert"]})
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[-1].items()
                           if k != "runs"}), flush=True)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

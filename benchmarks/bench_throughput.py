@@ -288,9 +288,10 @@ class HFBench:
 def plan(shape: str, rows: int, adapters: list[int], part: str, triton: bool = False) -> list[tuple]:
     """(side, [(system, kwargs)]) in order of importance. part "core": the 4-adapter
     comparison (main runs it for every shape before any other part, so a session cut short
-    still has it); "triton": the triton LoRA kernel, when it can run here (not yet the
-    default: these are its first measurements on a GPU, so they come after every shape's core,
-    where a fault in a new kernel cannot cost the headline figures); "extras": the other
+    still has it); "triton": the fused and triton LoRA kernels side by side at every adapter
+    count, when triton can run here (auto runs triton on Hopper and fused elsewhere; which is
+    faster may depend on the batch: the 2026-11-30 run saw triton ahead at 4 and 8 adapters but
+    1-2 adapters slower than fused had been the day before); "extras": the other
     adapter counts, the memory comparison's partner and the ablations. `role` says what a run
     is for: the adapter sweep, the memory comparison (one adapter with all the rows), or an
     ablation that shows where the time goes."""
@@ -300,7 +301,9 @@ def plan(shape: str, rows: int, adapters: list[int], part: str, triton: bool = F
                  ("mlora", dict(n=1, rows=core_n * rows, role="memory"))]
         return [("mlora", mlora), ("hf", [("peft", dict(rows=rows)), ("hf-base", dict(rows=core_n * rows))])]
     if part == "triton":
-        return [("mlora", [("mlora", dict(n=core_n, rows=rows, kernel="triton", role="ablation"))])] if triton else []
+        kernels = [("mlora", dict(n=n, rows=rows, kernel=kernel, role="ablation"))
+                   for n in [core_n, *(n for n in adapters if n != core_n)] for kernel in ("triton", "fused")]
+        return [("mlora", kernels)] if triton else []
     mlora = []
     for n in adapters:
         if n != core_n:

@@ -95,6 +95,55 @@ def check_fused_vs_solo(device, dtype, kernel, tol, solo_kernel="loop"):
             "tolerance": tol, "ok": worst <= tol}
 
 
+def check_grouped_experts(device, dtype=torch.bfloat16, tol=3e-2) -> dict:
+    """A small Mixtral (8 experts, 2 per token) with two adapters on attention and the experts
+    (ranks 8 and 16) and a row of none: the experts as grouped GEMMs (models/moe.grouped_experts,
+    the default) against one expert at a time, logits and every LoRA gradient; and that the
+    grouped path ran (torch._grouped_mm on CUDA bf16: Hopper and up)."""
+    from transformers import MixtralConfig
+
+    from mlora.models import moe
+
+    cfg = MixtralConfig(hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=1024, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=256)
+    ids = torch.randint(0, 1024, (5, 64), generator=torch.Generator().manual_seed(3)).to(device)
+
+    def run(grouped: bool):
+        torch.manual_seed(0)
+        model = CausalLM(args_from_hf_config(cfg)).to(device=device, dtype=dtype).requires_grad_(False)
+        layout = BatchLayout()
+        wrappers = inject_lora(model, layout)
+        adapters = []
+        for i, r in enumerate((8, 16)):
+            a = Adapter(AdapterConfig(name=f"e{i}", data="<check>", r=r, alpha=2 * r, dropout=0.0,
+                                      target_modules=list(TARGET_MODULES), batch_size=1, micro_batch_size=1),
+                        wrappers, seed=i, device=device)
+            with torch.no_grad():
+                for p in a.parameters():
+                    p.normal_(0, 0.05, generator=torch.Generator(device=device).manual_seed(i))
+            adapters.append(a)
+        layout.rows = [AdapterRows("e0", 0, 2), AdapterRows("e1", 3, 5)]  # (row 2: no adapter)
+        model.train()
+        calls = []
+        real, moe.GROUPED_EXPERTS = moe.grouped_experts, grouped
+        moe.grouped_experts = lambda *a: calls.append(1) or real(*a)
+        try:
+            logits = model(ids)
+            (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=device)).sum().backward()
+        finally:
+            moe.grouped_experts, moe.GROUPED_EXPERTS = real, True
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                           for a in adapters for p in a.parameters()])
+        return logits, grads, len(calls)
+
+    logits, grads, calls = run(True)
+    ref_logits, ref_grads, ref_calls = run(False)
+    err = max(rel_err(logits, ref_logits), rel_err(grads, ref_grads))
+    return {"check": f"grouped experts vs one at a time, logits + LoRA grads, {dtype}", "max_rel_err": err,
+            "tolerance": tol, "grouped_layers": calls, "ok": err <= tol and calls == 2 and ref_calls == 0}
+
+
 def guarded(name: str, fn, *args) -> list[dict]:
     """fn(*args) -> a result or a list of them; an exception (a Triton compile error, say) is a
     failed check with its first line, not the end of the session."""
@@ -433,6 +482,7 @@ def main() -> int:
     for kernel in ("dense", "grouped", "loop"):
         check(f"{kernel} vs solo loop, bf16", check_fused_vs_solo, device, torch.bfloat16, kernel, 3e-2)
     check("grouped runs grouped_mm", grouped_runs_grouped_mm)
+    check("grouped experts", check_grouped_experts, device)
     check("triton kernels", check_triton_kernels, device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         check(f"fused(triton) vs solo(triton), {dtype}", check_fused_vs_solo, device, dtype, "triton", tol, "triton")

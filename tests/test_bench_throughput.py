@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,9 @@ def test_tiny_mode_runs_every_system(tmp_path):
     assert kernels >= {"dense", "grouped", "loop"}
     if importlib.util.find_spec("triton") and not _triton_unavailable():  # interpreted here (conftest)
         assert "triton" in kernels and any(a["kernel"] == "triton" for a in result["ablations"])
+        # the two kernels side by side at every adapter count
+        assert {(a["adapters"], a["kernel"]) for a in result["ablations"]} >= {
+            (n, k) for n in (1, 4) for k in ("fused", "triton")}
     assert any(r["role"] == "memory" and r["n"] == 1 and r["rows"] == 4 * 2 for r in mlora)
     assert all(r["estimated_peak_gib"] > 0 for r in runs if r["system"].startswith("mlora"))
     # Tokens per step: every fused adapter brings the same rows.
@@ -174,8 +178,8 @@ def test_host_benchmark_quick_mode(tmp_path):
 
 def test_moe_benchmark_runs_every_system(tmp_path):
     """benchmarks/bench_moe.py on its smallest shape for one step: mlora (1 and 4 adapters on
-    the experts), PEFT on transformers' stacked experts, both frozen bases; the ratios are the
-    quotients of the rates."""
+    the experts; 4 with the experts one at a time), PEFT on transformers' stacked experts, both
+    frozen bases; the ratios are the quotients of the rates."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "benchmarks" / "bench_moe.py")
     bench = importlib.util.module_from_spec(spec)
@@ -185,8 +189,14 @@ def test_moe_benchmark_runs_every_system(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     (shape,) = result["results"]
     rates = shape["tokens_per_s"]
-    assert set(rates) == {"mlora_1", "mlora_4", "mlora_frozen", "peft_1", "hf_frozen"} and min(rates.values()) > 0
+    assert set(rates) == {"mlora_1", "mlora_4", "mlora_4_per_expert", "mlora_frozen", "mlora_frozen_4", "peft_1",
+                          "hf_frozen"} and min(rates.values()) > 0
     assert shape["mlora_4_over_peft"] == pytest.approx(rates["mlora_4"] / rates["peft_1"])
+    assert shape["mlora_4_over_frozen"] == pytest.approx(rates["mlora_4"] / rates["mlora_frozen_4"])
+    assert shape["grouped_over_per_expert"] == pytest.approx(rates["mlora_4"] / rates["mlora_4_per_expert"])
+    import mlora.models.moe
+
+    assert mlora.models.moe.GROUPED_EXPERTS  # (set back)
     # PEFT trains the LoRA of one mlora adapter, the experts' too (and its fused gate/up B's
     # off-diagonal blocks)
     assert shape["runs"]["peft_1"]["lora_params_matched"] and shape["runs"]["mlora_1"]["lora_params"] > 0
@@ -238,6 +248,15 @@ def test_gpu_checks_tile_timing_runs_on_the_cpu():
     # the previous tiles as lora_triton chose them before, per C (down_proj's C = 64: grad_a's BC 64)
     assert [module.previous_tiles(c)["grad_a"]["BC"] for c in (64, 192)] == [64, 256]
     assert [module.previous_tiles(c)["up_masked"]["BC"] for c in (48, 192)] == [64, 64]
+
+
+def test_gpu_checks_grouped_experts_check_runs_on_the_cpu():
+    """gpu_checks.py's check of the grouped experts against one expert at a time, as a dry run
+    on the CPU in bf16 and fp32 (the GPU session runs it in bf16 on CUDA)."""
+    module = _gpu_checks()
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float32, 1e-5)):
+        result = module.check_grouped_experts(torch.device("cpu"), dtype, tol)
+        assert result["ok"] and result["grouped_layers"] == 2, result
 
 
 def _gpu_checks():
