@@ -157,9 +157,10 @@ def _stack_of(linears: list[nn.Linear]) -> Tensor:
     after another; where they do not, they are copied into one such stack first."""
     w0 = linears[0].weight
     step = w0.numel() * w0.element_size()
-    base = w0.data_ptr()
+    base, storage = w0.data_ptr(), w0.untyped_storage().data_ptr()
+    # (one storage: separate tensors may lie side by side by chance, e.g. in one CUDA segment)
     if not all(lin.weight.is_contiguous() and lin.weight.data_ptr() == base + e * step
-               for e, lin in enumerate(linears)):
+               and lin.weight.untyped_storage().data_ptr() == storage for e, lin in enumerate(linears)):
         with torch.no_grad():
             stack = torch.stack([lin.weight for lin in linears])  # [E, out, in]
             for e, lin in enumerate(linears):
