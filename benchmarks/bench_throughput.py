@@ -598,17 +598,19 @@ def main(argv: list[str] | None = None) -> dict:
                 run_shape(shape, rows, s, adapters, device, dtype, part, record)
             if part == "core":
                 plot(result, out.with_suffix(".png"))  # the headline plot, in case the rest is cut short
-            if part == "triton" and device.type == "cuda" and not args.no_profile:
-                # Before the extras: where the first shape's step goes (its triton variant only
-                # if the triton runs went through).
-                shape = args.shapes.split(",")[0]
-                triton_ok = not any(r.get("kernel") == "triton" and "error" in r for r in result["runs"])
-                path = out.with_name(out.stem + "_profile.txt")
-                result["profile"] = {"file": path.name, "shape": shape,
-                                     **profile(shape, args.rows or DEFAULT_ROWS[shape],
-                                               4 if 4 in adapters else adapters[-1], s, device, dtype, path,
-                                               triton=triton_ok)}
-                out.write_text(json.dumps(result, indent=1))
+        if device.type == "cuda" and not args.no_profile:
+            # Last: where the first shape's step goes (its triton variant only if the triton
+            # runs went through). It ran before the extras until 2026-11-30, when the runs bound
+            # by the host that followed it (1-2 adapters, the loop kernel) came out 17-32 % slower
+            # than the day before without a profile: the profiler likely leaves the host slower.
+            shape = args.shapes.split(",")[0]
+            triton_ok = not any(r.get("kernel") == "triton" and "error" in r for r in result["runs"])
+            path = out.with_name(out.stem + "_profile.txt")
+            result["profile"] = {"file": path.name, "shape": shape,
+                                 **profile(shape, args.rows or DEFAULT_ROWS[shape],
+                                           4 if 4 in adapters else adapters[-1], s, device, dtype, path,
+                                           triton=triton_ok)}
+            out.write_text(json.dumps(result, indent=1))
     except DeviceBroken as err:
         result["stopped"] = f"the device stopped working: {err}"
         out.write_text(json.dumps(result, indent=1))

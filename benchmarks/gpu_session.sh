@@ -3,10 +3,11 @@
 # each fit one device call (at most 10 minutes):
 #   OUT=/some/dir bash benchmarks/gpu_session.sh 1   # CUDA-only checks, then the throughput
 #                                                    # benchmark (most important figures first,
-#                                                    # then a profile of the first shape's frozen
-#                                                    # base, fused and triton steps, then the
-#                                                    # extras; its JSON is rewritten after every
-#                                                    # run, so a timeout keeps what ran)
+#                                                    # then fused and triton side by side, the
+#                                                    # extras, and last a profile of the first
+#                                                    # shape's frozen base and 4-adapter step; its
+#                                                    # JSON is rewritten after every run, so a
+#                                                    # timeout keeps what ran), then bench_kext.py
 #   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the batch strategies on the GPU, then a
 #                                                    # profile of llama2-7b's 4-adapter step,
 #                                                    # then the MoE benchmark (bench_moe.py)
