@@ -100,6 +100,8 @@ def check_grouped_experts(device, dtype=torch.bfloat16, tol=3e-2) -> dict:
     (ranks 8 and 16) and a row of none: the experts as grouped GEMMs (models/moe.grouped_experts,
     the default) against one expert at a time, logits and every LoRA gradient; and that the
     grouped path ran (torch._grouped_mm on CUDA bf16: Hopper and up)."""
+    import warnings
+
     from transformers import MixtralConfig
 
     from mlora.models import moe
@@ -109,7 +111,8 @@ def check_grouped_experts(device, dtype=torch.bfloat16, tol=3e-2) -> dict:
                         max_position_embeddings=256)
     ids = torch.randint(0, 1024, (5, 64), generator=torch.Generator().manual_seed(3)).to(device)
 
-    def run(grouped: bool):
+    def run(grouped: bool, caught: list | None = None):
+        """caught: record the host waits of the forward + backward there (CUDA)."""
         torch.manual_seed(0)
         model = CausalLM(args_from_hf_config(cfg)).to(device=device, dtype=dtype).requires_grad_(False)
         layout = BatchLayout()
@@ -128,11 +131,21 @@ def check_grouped_experts(device, dtype=torch.bfloat16, tol=3e-2) -> dict:
         calls = []
         real, moe.GROUPED_EXPERTS = moe.grouped_experts, grouped
         moe.grouped_experts = lambda *a: calls.append(1) or real(*a)
+        weights = torch.linspace(-1, 1, cfg.vocab_size, device=device)
+        if caught is not None:
+            model(ids).float().sum().backward()  # (once before: first-use uploads and stacking)
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("warn")
         try:
-            logits = model(ids)
-            (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=device)).sum().backward()
+            with warnings.catch_warnings(record=caught is not None) as seen:
+                warnings.simplefilter("always")
+                logits = model(ids)
+                (logits.float() * weights).sum().backward()
         finally:
             moe.grouped_experts, moe.GROUPED_EXPERTS = real, True
+            if caught is not None:
+                torch.cuda.set_sync_debug_mode(0)
+                caught += seen
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                            for a in adapters for p in a.parameters()])
         return logits, grads, len(calls)
@@ -140,8 +153,13 @@ def check_grouped_experts(device, dtype=torch.bfloat16, tol=3e-2) -> dict:
     logits, grads, calls = run(True)
     ref_logits, ref_grads, ref_calls = run(False)
     err = max(rel_err(logits, ref_logits), rel_err(grads, ref_grads))
-    return {"check": f"grouped experts vs one at a time, logits + LoRA grads, {dtype}", "max_rel_err": err,
-            "tolerance": tol, "grouped_layers": calls, "ok": err <= tol and calls == 2 and ref_calls == 0}
+    out = {"check": f"grouped experts vs one at a time, logits + LoRA grads, {dtype}", "max_rel_err": err,
+           "tolerance": tol, "grouped_layers": calls, "ok": err <= tol and calls == 2 and ref_calls == 0}
+    if device.type == "cuda":  # (informational) host waits of a grouped forward + backward
+        caught = []
+        run(True, caught)
+        out["synchronisations"] = _synchronisations(caught)
+    return out
 
 
 def guarded(name: str, fn, *args) -> list[dict]:

@@ -228,8 +228,10 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     if input_weighted:
         gathered = gathered * weights.flatten()[order, None]
     if stacks is not None:
-        # Each expert's tokens end at ends[e]: computed on the device, no wait for the host.
-        ends = torch.cumsum(torch.bincount(by_expert, minlength=len(experts)), 0).to(torch.int32)  # [E]
+        # Each expert's tokens end at ends[e], found in the sorted experts on the device: no wait
+        # for the host (torch.bincount on CUDA reads its input's maximum back first).
+        bounds = torch.arange(1, len(experts) + 1, device=by_expert.device)  # [E]
+        ends = torch.searchsorted(by_expert, bounds).to(torch.int32)  # [E]
         routed = grouped_experts(experts[0], stacks, gathered, ends, lora)  # [N*k, H] by expert
     else:
         pieces = torch.split(gathered, counts)  # each [n, H]
