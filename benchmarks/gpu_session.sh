@@ -7,10 +7,10 @@
 #                                                    # extras, and last a profile of the first
 #                                                    # shape's frozen base and 4-adapter step; its
 #                                                    # JSON is rewritten after every run, so a
-#                                                    # timeout keeps what ran), then bench_kext.py
-#   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the batch strategies on the GPU, then a
+#                                                    # timeout keeps what ran)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the MoE benchmark (bench_moe.py), a
 #                                                    # profile of llama2-7b's 4-adapter step,
-#                                                    # then the MoE benchmark (bench_moe.py)
+#                                                    # then the batch strategies on the GPU
 # Part 1 alone answers the throughput issue's targets (run it with the device call's
 # timeout_s at 600); run part 2 if device time is left.
 set -u
@@ -25,17 +25,17 @@ log() { grep --line-buffered -v -i warn | tee -a "$OUT/session.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt" | log
 if [ "$PART" = 1 ]; then
   # The checks take about a minute; the benchmark gets what is left of one device call
-  # (BUDGET seconds, default 510 of its 600), and records the library versions itself; then
-  # bench_kext.py times the K-extended base GEMMs against today's B passes (about 30 s).
+  # (BUDGET seconds, default 560 of its 600), and records the library versions itself.
+  # (bench_kext.py, measured on 2026-11-30, is not rerun: RESULTS.md)
   timeout 150 python3 benchmarks/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | log
-  LEFT=$(( ${BUDGET:-510} - (SECONDS - T0) ))
+  LEFT=$(( ${BUDGET:-560} - (SECONDS - T0) ))
   [ "$LEFT" -gt 60 ] || LEFT=60  # (timeout 0 would mean no limit at all)
   timeout "$LEFT" python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" 2>&1 | log
-  timeout 60 python3 benchmarks/bench_kext.py --out "$OUT/kext.json" 2>&1 | log
 else
+  # Mixture-of-experts bases first: the grouped experts (after 2026-11-30) against the experts
+  # one at a time and PEFT on transformers' grouped experts
+  timeout 200 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
-  timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
   timeout 120 python3 benchmarks/bench_throughput.py --shapes llama2-7b --profile "$OUT/profile_7b.txt" 2>&1 | log
-  # Mixture-of-experts bases: mlora's per-expert path vs PEFT on transformers' grouped experts
-  timeout 150 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
+  timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
 fi
