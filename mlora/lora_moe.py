@@ -15,10 +15,10 @@ no random mask, so the fused batch equals each adapter's solo run whatever the r
 
 Where the experts run as grouped GEMMs (models/moe.grouped_experts), their LoRA does too
 (`GroupedExpertLoRA`): per projection, every adapter's A of every expert stacked into
-[E, C, in] (C: the adapters' ranks side by side) and B into [E, out, C]; a token's h keeps only
-its own adapter's columns, scaled. That is C/r times the LoRA FLOPs of one adapter (still small
-next to the frozen expert), in 2 grouped GEMMs instead of 2 per expert and adapter, and with
-no wait for the host: the per-expert layouts above are not needed.
+[E, C, in] (C: the adapters' ranks side by side) and B, scaled in fp32, into [E, out, C]; a
+token's h keeps only its own adapter's columns. That is C/r times the LoRA FLOPs of one
+adapter (still small next to the frozen expert), in 2 grouped GEMMs instead of 2 per expert
+and adapter, and with no wait for the host: the per-expert layouts above are not needed.
 """
 
 from __future__ import annotations
@@ -132,34 +132,42 @@ class GroupedExpertLoRA:
         plan = self.plans.get(name)
         if plan is None:
             return None
-        # [adapters + 1, C]: each adapter's scale on its own columns (the last row: no adapter)
+        # [adapters + 1, C]: 1 on each adapter's own columns (the last row: no adapter). The
+        # scales go into B in fp32 before its cast, as one expert at a time has them
+        # (LoraLinear): in the dtype a scale such as alpha / sqrt(r) would be rounded.
         table = [[0.0] * sum(plan.ranks) for _ in range(self.adapters + 1)]
         c0 = 0
         for g, ws in zip(plan.adapters, plan.weights):
-            table[g][c0:c0 + ws[0].r] = [ws[0].scale] * ws[0].r
+            table[g][c0:c0 + ws[0].r] = [1.0] * ws[0].r
             c0 += ws[0].r
         table = _device_constant(tuple(map(tuple, table)), x.dtype, x.device)
         a_params = [w.lora_A for ws in plan.weights for w in ws]  # adapter-major, then expert
         b_params = [w.lora_B for ws in plan.weights for w in ws]
+        scales = [ws[0].scale for ws in plan.weights]
         anchor = next((p for p in a_params + b_params if p.requires_grad), a_params[0])
-        return _GroupedExpertLoRAOp.apply(x, ends, self.token_adapter, table, (a_params, b_params, plan.ranks), anchor)
+        return _GroupedExpertLoRAOp.apply(x, ends, self.token_adapter, table,
+                                          (a_params, b_params, plan.ranks, scales), anchor)
 
 
 def _stacked_casts(params: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [E, C, in], B [E, out, C]) in dtype: each adapter's A and B of every expert stacked,
-    the adapters side by side (params: A and B lists adapter-major, then expert; the ranks)."""
-    a_params, b_params, ranks = params
+    the adapters side by side, each B times its adapter's scale in fp32 before the cast (params:
+    A and B lists adapter-major, then expert; the ranks; the scales)."""
+    a_params, b_params, ranks, scales = params
     E = len(a_params) // len(ranks)
     a = torch.cat([torch.stack(a_params[g * E:(g + 1) * E]) for g in range(len(ranks))], dim=1).to(dtype)
-    b = torch.cat([torch.stack(b_params[g * E:(g + 1) * E]) for g in range(len(ranks))], dim=2).to(dtype)
+    bs = [torch.stack(b_params[g * E:(g + 1) * E]) for g in range(len(ranks))]  # [E, out, r] fp32 each
+    for b, s in zip(bs, scales):
+        b.mul_(s)  # (a new tensor: the stack's)
+    b = torch.cat(bs, dim=2).to(dtype) if len(bs) > 1 else bs[0].to(dtype)
     return a, b
 
 
 class _GroupedExpertLoRAOp(torch.autograd.Function):
     """delta [M, out] = ((x @ A_e^T) * keep) @ B_e^T per expert e's run of rows, for every adapter
-    at once: A_e [C, in] and B_e [out, C] hold the adapters' weights side by side (cast to x's
-    dtype here), keep = table[token_adapter] [M, C] zeroes the columns of other adapters and
-    scales a token's own. The backward casts the weights again and gathers keep again rather
+    at once: A_e [C, in] and B_e [out, C] hold the adapters' weights side by side (B_e scaled
+    in fp32, then both cast to x's dtype here), keep = table[token_adapter] [M, C] zeroes the
+    columns of other adapters. The backward casts the weights again and gathers keep again rather
     than keeping them: all experts' LoRA of a layer in the dtype would be kept per projection.
     Like lora_fused.FusedGroupLoRA, it adds the parameters' gradients into their .grad itself
     (`anchor`: one of them, so that autograd runs it)."""
@@ -178,7 +186,7 @@ class _GroupedExpertLoRAOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d: torch.Tensor):
         x, ends, token_adapter, table, h = ctx.saved_tensors
-        a_params, b_params, ranks = ctx.params
+        a_params, b_params, ranks, scales = ctx.params
         a, b = _stacked_casts(ctx.params, x.dtype)
         d = d.contiguous()  # [M, out]
         dh = _GROUPED_MM(d, b, offs=ends).mul_(table.index_select(0, token_adapter))  # [M, C]
@@ -188,10 +196,14 @@ class _GroupedExpertLoRAOp(torch.autograd.Function):
             # The experts' runs split the token dimension: one [C, in] (and [C, out]) per expert.
             d_a = _GROUPED_MM(dh.t(), x, offs=ends).float()  # [E, C, in]
             d_bt = _GROUPED_MM(h.t(), d, offs=ends)  # [E, C, out]
+            E, out = d_bt.shape[0], d_bt.shape[2]
             grads_a, grads_b, c0 = [], [], 0
-            for r in ranks:
+            for r, s in zip(ranks, scales):
                 grads_a += d_a[:, c0:c0 + r].unbind(0)  # [r, in] each, contiguous
-                grads_b += d_bt[:, c0:c0 + r].transpose(1, 2).float().contiguous().unbind(0)  # [out, r] each
+                # d(B * s) in the dtype, then times s in fp32: as autograd through the cast
+                g_b = torch.empty(E, out, r, dtype=torch.float32, device=d.device)
+                g_b.copy_(d_bt[:, c0:c0 + r].transpose(1, 2))
+                grads_b += (g_b.mul_(s) if s != 1.0 else g_b).unbind(0)  # [out, r] each
                 c0 += r
             _accumulate(list(a_params) + list(b_params), grads_a + grads_b)
         return dx, None, None, None, None, None

@@ -922,3 +922,59 @@ def test_grouped_experts_equal_one_expert_at_a_time(tmp_path, monkeypatch, famil
         assert len(damaged_calls) == len(sparse) - 1  # the damaged layer ran one expert at a time
         assert (damaged - damaged_loop).abs().max() <= 1e-5 * damaged_loop.abs().max()
         assert (damaged - loop_logits).abs().max() > 1e-4  # (the damage shows)
+
+
+def test_grouped_expert_lora_rounds_as_one_expert_at_a_time_in_bf16():
+    """GroupedExpertLoRA in bf16 gives what LoraLinear computes one expert at a time: the scale
+    goes into B in fp32 before B's cast (in bf16 a scale like rsLoRA's 16 / sqrt(8) rounds by
+    1e-4, 1/48 by 2e-3), and B's gradient is the dtype's times the scale in fp32. Two adapters
+    of different scales, an expert no token reaches (zero gradients), a token of no adapter."""
+    from mlora.lora import LoraWeights
+    from mlora.lora_moe import GroupedExpertLoRA, _ExpertLoRAPlan
+
+    E, H, O, bf = 4, 32, 24, torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    specs = [(8, 16.0, True), (16, 1.0 / 3, False)]  # scales 5.657 and 0.0208: neither a bf16
+    weights = []
+    for g, (r, alpha, rs) in enumerate(specs):
+        ws = [LoraWeights(H, O, r, alpha, 0.0, rs, seed=g * E + e) for e in range(E)]
+        with torch.no_grad():
+            for w in ws:
+                w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=gen) * 0.2)
+        weights.append(ws)
+    counts = [5, 0, 7, 4]  # expert 1 gets no token
+    M = sum(counts)
+    token_adapter = torch.tensor([0, 1, 2, 0, 1] + [1, 1, 0, 2, 0, 0, 1] + [0, 1, 1, 0], dtype=torch.int32)
+    x = torch.randn(M, H, generator=gen).to(bf)
+    d = torch.randn(M, O, generator=gen).to(bf)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+
+    lora = GroupedExpertLoRA({"p": _ExpertLoRAPlan([0, 1], weights)}, token_adapter, 2, bf)
+    xg = x.clone().requires_grad_()
+    y = lora("p", xg, ends)
+    y.backward(d)
+    grads = [(w.lora_A.grad, w.lora_B.grad) for ws in weights for w in ws]
+    for ws in weights:
+        for w in ws:
+            w.lora_A.grad = w.lora_B.grad = None
+
+    # one expert at a time, each adapter on its own tokens (LoraLinear._forward_loop's arithmetic)
+    xl = x.clone().requires_grad_()
+    ref = torch.zeros(M, O, dtype=bf)
+    first = 0
+    for e, n in enumerate(counts):
+        for g, ws in enumerate(weights):
+            rows = [first + i for i in range(n) if token_adapter[first + i] == g]
+            if rows:
+                w = ws[e]
+                h = torch.nn.functional.linear(xl[rows], w.lora_A.to(bf))
+                ref = ref.index_put((torch.tensor(rows),), torch.nn.functional.linear(h, (w.lora_B * w.scale).to(bf)))
+        first += n
+    ref.backward(d)
+    assert torch.equal(y, ref)
+    assert torch.equal(xg.grad, xl.grad)
+    for (ga, gb), w in zip(grads, [w for ws in weights for w in ws]):
+        if w.lora_A.grad is None:  # expert 1: no token, a zero gradient
+            assert not ga.any() and not gb.any()
+            continue
+        assert torch.equal(ga, w.lora_A.grad) and torch.equal(gb, w.lora_B.grad)
