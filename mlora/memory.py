@@ -663,15 +663,17 @@ def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device |
     """Whether a sparse layer's experts run as grouped GEMMs (models/moe.grouped_stacks, and
     lora_moe.ExpertRouting.grouped for their LoRA), from the shapes: plain GLU experts without
     biases, unquantized, 16-byte aligned rows, and a dtype torch groups on `device` (None:
-    unknown, counted as one expert at a time, which keeps more)."""
+    unknown, counted as one expert at a time, which keeps more). Their LoRA's columns are those
+    of the adapters in a batch, which may be any of them, alone too: each adapter's rank must be
+    aligned (two of rank 4 in bf16 group together, but not either alone)."""
     from mlora.models import moe
 
     if (device is None or not moe.GROUPED_EXPERTS or quant is not None or args.fused_gate_up or args.glu_limit
             or args.mlp_bias or not moe.grouped_mm_runs(dtype, torch.device(device))):
         return False
     e = torch.empty((), dtype=dtype).element_size()
-    columns = [sum(a.r for a in adapters if m in a.target_modules) for m in _MLP_TARGETS]
-    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *columns))
+    ranks = [a.r for a in adapters if set(a.target_modules) & set(_MLP_TARGETS)]
+    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *ranks))
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:

@@ -935,3 +935,21 @@ def test_heads_beyond_flash_attention_count_repeated_kv():
 
     assert attention("global_attention") == 4 * 4 * 512 * 2  # q, output, k and v on all 4 heads
     assert attention("attention") == (2 * 4 + 2 * 2) * 256 * 2  # k and v on their 2 heads
+
+
+def test_grouped_experts_estimate_bounds_a_batch_of_one_adapter():
+    """Two adapters of rank 4 on the experts in bf16: their 8 columns together are 16 bytes and
+    group, either alone is 8 and runs one expert at a time, keeping each expert's LoRA casts
+    (64 experts here: more than the grouped estimate counted). A batch may hold one adapter
+    alone, so the estimate of the two bounds that batch too."""
+    args = dataclasses.replace(MIXTRAL, num_experts=64)
+    adapters, rows, seq_len = [(4, 0.0), (4, 0.0)], 2, 8
+    estimate = estimate_peak_bytes(args, rows=rows, seq_len=seq_len, dtype=BF16,
+                                   lora=[LoraShape(r, ALL7, p) for r, p in adapters], device=torch.device("cpu"))
+    for layout_rows in ([AdapterRows("a0", 0, 1), AdapterRows("a1", 1, 2)], [AdapterRows("a0", 0, 2)]):
+        model, layout, wrappers = _model_with_adapters(BF16, adapters, ALL7, args)
+        layout.rows = layout_rows
+        model.train()
+        measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
+                                      frozen_storages(model, wrappers))
+        assert measured <= estimate.activations, (layout_rows, measured, estimate.activations)
