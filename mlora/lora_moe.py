@@ -194,8 +194,11 @@ class _GroupedExpertLoRAOp(torch.autograd.Function):
         anchor_node = ctx.next_functions[-1][0]  # None: no LoRA parameter needs a gradient
         if anchor_node is not None and torch._C._will_engine_execute_node(anchor_node):
             # The experts' runs split the token dimension: one [C, in] (and [C, out]) per expert.
-            d_a = _GROUPED_MM(dh.t(), x, offs=ends).float()  # [E, C, in]
-            d_bt = _GROUPED_MM(h.t(), d, offs=ends)  # [E, C, out]
+            # An expert without tokens gets zeros, written here: torch's grouped GEMM on sm100
+            # was reported to leave such groups of this form unwritten (pytorch/pytorch#172439).
+            empty = (torch.diff(ends, prepend=ends.new_zeros(1)) == 0)[:, None, None]  # [E, 1, 1]
+            d_a = _GROUPED_MM(dh.t(), x, offs=ends).masked_fill_(empty, 0).float()  # [E, C, in]
+            d_bt = _GROUPED_MM(h.t(), d, offs=ends).masked_fill_(empty, 0)  # [E, C, out]
             E, out = d_bt.shape[0], d_bt.shape[2]
             grads_a, grads_b, c0 = [], [], 0
             for r, s in zip(ranks, scales):

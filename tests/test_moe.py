@@ -978,3 +978,35 @@ def test_grouped_expert_lora_rounds_as_one_expert_at_a_time_in_bf16():
             assert not ga.any() and not gb.any()
             continue
         assert torch.equal(ga, w.lora_A.grad) and torch.equal(gb, w.lora_B.grad)
+
+
+def test_grouped_expert_lora_zeroes_the_gradient_of_an_expert_without_tokens(monkeypatch):
+    """An expert no token reaches gets zero LoRA gradients whatever the grouped GEMM leaves in
+    its group (torch's sm100 kernel was reported to leave such groups unwritten, pytorch#172439;
+    here a stand-in that writes NaN there)."""
+    import mlora.lora_moe as lora_moe
+    from mlora.lora import LoraWeights
+    from mlora.lora_moe import GroupedExpertLoRA, _ExpertLoRAPlan
+
+    real = torch._grouped_mm
+
+    def garbage_in_empty_groups(a, b, offs=None, **kw):
+        out = real(a, b, offs=offs, **kw)
+        if a.dim() == 2 and b.dim() == 2:  # [E, ., .]: one per group of the token dimension
+            starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+            out[offs == starts] = float("nan")
+        return out
+
+    monkeypatch.setattr(lora_moe, "_GROUPED_MM", garbage_in_empty_groups)
+    E, H, O = 4, 32, 24
+    ws = [LoraWeights(H, O, 4, 8.0, 0.0, False, seed=e) for e in range(E)]
+    counts = [3, 0, 5, 0]
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), H, requires_grad=True)
+    lora = GroupedExpertLoRA({"p": _ExpertLoRAPlan([0], [ws])}, torch.zeros(sum(counts), dtype=torch.int32), 1,
+                             torch.float32)
+    lora("p", x, ends).sum().backward()
+    for e, w in enumerate(ws):
+        assert torch.isfinite(w.lora_A.grad).all() and torch.isfinite(w.lora_B.grad).all(), e
+        if not counts[e]:
+            assert not w.lora_A.grad.any() and not w.lora_B.grad.any(), e
