@@ -386,7 +386,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        backward += (max(_layer_backward_per_token(args, e, seq_len, *kind) for kind in by_kind) * N
+        may_group = (args.is_moe or args.moe_beside_mlp) and _experts_may_group(args, dtype, device, kind, adapters)
+        backward += (max(_layer_backward_per_token(args, e, seq_len, *layer_kind, grouped=may_group)
+                         for layer_kind in by_kind) * N
                      + _dequant_bytes(args, e, kind, N))
         backward += one_layer if recompute else 0
     if not stage.has_head:
@@ -672,8 +674,15 @@ def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device |
             or args.mlp_bias or not moe.grouped_mm_runs(dtype, torch.device(device))):
         return False
     e = torch.empty((), dtype=dtype).element_size()
-    ranks = [a.r for a in adapters if set(a.target_modules) & set(_MLP_TARGETS)]
+    ranks = [a.r for a in adapters if set(a.target_modules) & set(_MLP_TARGETS)] if args.mlp_lora_on_experts else []
     return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *ranks))
+
+
+def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,
+                       adapters: list[LoraShape]) -> bool:
+    """For the backward's working set, which is larger grouped: grouped where _experts_grouped
+    says so; on an unknown device wherever the dtype could group (fp32 and bf16, as on the CPU)."""
+    return _experts_grouped(args, dtype, device if device is not None else torch.device("cpu"), quant, adapters)
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
@@ -741,9 +750,11 @@ def _linear_attention_saved_per_token(args: ModelArgs, e: int, seq_len: int) -> 
 
 
 def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: bool = False,
-                              mixer: str = "attention", kv_shared: bool = False) -> int:
+                              mixer: str = "attention", kv_shared: bool = False, grouped: bool = False) -> int:
     """Bytes per token that one decoder layer's backward allocates beyond what the forward
-    kept: the gradients in flight, at the costliest moment."""
+    kept: the gradients in flight, at the costliest moment. grouped: the sparse layer's experts
+    run as grouped GEMMs (models/moe.grouped_experts), whose backward covers every routed token
+    at once."""
     H, D, nh = args.hidden_size, args.head_dim, args.num_heads
     I = args.intermediate_size * (2 if kv_shared and args.double_wide_mlp else 1)
     residual = 2 * H * e  # the gradient of the layer output + the residual stream's sum
@@ -752,12 +763,16 @@ def _layer_backward_per_token(args: ModelArgs, e: int, seq_len: int, sparse: boo
     # (GPT-OSS's clamped GLU: about 8)
     glu = 8 if args.glu_limit else 6
     mlp = glu * I * e
+    k = args.num_experts_per_tok
+    # grouped: every expert at once over the N k routed tokens: the GLU's gradients [N k, I],
+    # the experts' output gradient in fp32 and in the dtype, and their input's [N k, H]
+    experts = (glu * k * args.moe_intermediate_size * e + k * H * (3 * e + 4) if grouped
+               else glu * args.moe_intermediate_size * e)  # (else one expert at a time, at most every token)
     if sparse:
-        # one expert at a time, over at most every token, and the [N, H] input gradient its
-        # gather scatters into, summed with the others'
-        mlp = glu * max(args.moe_intermediate_size, args.shared_expert_intermediate_size) * e + 2 * H * 4
-    if args.moe_beside_mlp:  # (Gemma 4: the dense MLP's, or one expert's beside it)
-        mlp = max(mlp, glu * args.moe_intermediate_size * e + 2 * H * 4)
+        # and the [N, H] input gradient the gather scatters into, summed with the others'
+        mlp = max(experts, glu * args.shared_expert_intermediate_size * e) + 2 * H * 4
+    if args.moe_beside_mlp:  # (Gemma 4: the dense MLP's, or the experts' beside it)
+        mlp = max(mlp, experts + 2 * H * 4)
     # flash backward: grad_out, dq, dk/dv expanded to nh heads, an fp32 dq accumulator, and
     # softmax_d fp32 [B, nh, S]; the memory-efficient kernel needs about the same.
     D = args.qk_head_dim  # (latent attention's: nope + rope parts)

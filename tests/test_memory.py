@@ -953,3 +953,23 @@ def test_grouped_experts_estimate_bounds_a_batch_of_one_adapter():
         measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (rows, seq_len)),
                                       frozen_storages(model, wrappers))
         assert measured <= estimate.activations, (layout_rows, measured, estimate.activations)
+
+
+def test_grouped_experts_backward_working_set_covers_every_routed_token(monkeypatch):
+    """Grouped experts (models/moe.grouped_experts) run their backward over all N k routed
+    tokens at once, not one expert's at a time: the layer's backward working set holds the
+    GLU's gradients of every routed token, [N k, I] six times, and the [N k, H] ones; on an
+    unknown device it is counted so wherever the experts could group; with them off it is one
+    expert's."""
+    import mlora.models.moe as moe
+
+    args, rows, seq = QWEN3_MOE, 4, 32
+    e, k, N = 2, args.num_experts_per_tok, 4 * 32
+    grouped_term = N * (6 * k * args.moe_intermediate_size * e + k * args.hidden_size * (3 * e + 4))
+    for device in (None, torch.device("cpu")):
+        est = estimate_peak_bytes(args, rows=rows, seq_len=seq, dtype=BF16, lora=[LoraShape(16, ALL7, 0.0)],
+                                  device=device)
+        assert est.layer_backward >= grouped_term
+    monkeypatch.setattr(moe, "GROUPED_EXPERTS", False)
+    off = estimate_peak_bytes(args, rows=rows, seq_len=seq, dtype=BF16, lora=[LoraShape(16, ALL7, 0.0)])
+    assert off.layer_backward < grouped_term
