@@ -663,19 +663,19 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse:
 def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,
                      adapters: list[LoraShape]) -> bool:
     """Whether a sparse layer's experts run as grouped GEMMs (models/moe.grouped_stacks, and
-    lora_moe.ExpertRouting.grouped for their LoRA), from the shapes: plain GLU experts without
-    biases, unquantized, 16-byte aligned rows, and a dtype torch groups on `device` (None:
+    lora_moe.ExpertRouting.grouped for their LoRA), from the shapes: unquantized experts,
+    16-byte aligned rows, and a dtype torch groups on `device` (None:
     unknown, counted as one expert at a time, which keeps more). Their LoRA's columns are those
     of the adapters in a batch, which may be any of them, alone too: each adapter's rank must be
     aligned (two of rank 4 in bf16 group together, but not either alone)."""
     from mlora.models import moe
 
-    if (device is None or not moe.GROUPED_EXPERTS or quant is not None or args.fused_gate_up or args.glu_limit
-            or args.mlp_bias or not moe.grouped_mm_runs(dtype, torch.device(device))):
+    if (device is None or not moe.GROUPED_EXPERTS or quant is not None
+            or not moe.grouped_mm_runs(dtype, torch.device(device))):
         return False
     e = torch.empty((), dtype=dtype).element_size()
     ranks = [a.r for a in adapters if set(a.target_modules) & set(_MLP_TARGETS)] if args.mlp_lora_on_experts else []
-    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *ranks))
+    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *ranks))  # (2I: too)
 
 
 def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,

@@ -858,19 +858,21 @@ def test_gemma4_router_equals_transformers(dtype):
     assert torch.equal(chosen, their_chosen) and torch.equal(weights, their_weights)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama4_text"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama4_text", "gpt_oss"])
 def test_grouped_experts_equal_one_expert_at_a_time(tmp_path, monkeypatch, family):
     """The experts as three grouped GEMMs (models/moe.grouped_experts, with their LoRA as
     lora_moe.GroupedExpertLoRA) give the logits and every LoRA gradient of running each expert
     on its own: two adapters on the experts with different ranks (one only on gate/up), one on
     attention only, and a row of no adapter. Where an adapter is missing from one expert's
     projection the experts run one at a time again. The experts' weights become views of one
-    stack (no second copy), made again after they are replaced."""
+    stack (no second copy), made again after they are replaced. GPT-OSS: a fused gate_up of
+    interleaved columns, biases, its clamped GLU."""
     import mlora.models.moe as moe
 
     base = make_tiny_model(tmp_path / family, family)
-    mlp = ["gate_proj", "up_proj", "down_proj"] if family != "llama4_text" else []
-    specs = {"e1": (4, ALL7), "a": (2, ["q_proj", "v_proj"]), "e2": (8, ["q_proj", "gate_proj", "up_proj"])}
+    mlp = {"llama4_text": [], "gpt_oss": ["gate_up_proj", "down_proj"]}.get(family, ["gate_proj", "up_proj", "down_proj"])
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    specs = {"e1": (4, attention + mlp), "a": (2, ["q_proj", "v_proj"]), "e2": (8, ["q_proj", *mlp[:-1]])}
     layout_rows = [AdapterRows("e2", 3, 4), AdapterRows("a", 2, 3), AdapterRows("e1", 0, 1)]
     ids, mask, probe = _inputs(2)
     calls = []
@@ -907,10 +909,12 @@ def test_grouped_experts_equal_one_expert_at_a_time(tmp_path, monkeypatch, famil
     if mlp:
         assert any(".experts." in p and g is not None and g.abs().max() > 0 for (n, p, k), g in grads.items() if n == "e2")
     # one stack per projection: every expert's weight a view into one storage
-    for proj in moe.EXPERT_PROJECTIONS:
+    for proj in moe.expert_projections(sparse[0].experts[0]):
         linears = [getattr(e.get_submodule(proj), "base", e.get_submodule(proj)) for e in sparse[0].experts]
-        storages = {lin.weight.untyped_storage().data_ptr() for lin in linears}
-        assert len(storages) == 1, proj
+        for kind in ("weight", "bias"):
+            storages = {getattr(lin, kind).untyped_storage().data_ptr() for lin in linears
+                        if getattr(lin, kind) is not None}
+            assert len(storages) == (kind == "weight" or family == "gpt_oss"), (proj, kind)
     with torch.no_grad():  # replaced weights (as .to() would) are stacked again
         for p in model.parameters():
             p.data = p.data.clone()

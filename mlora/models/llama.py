@@ -554,19 +554,26 @@ class MLP(nn.Module):
         self.limit, self.alpha = args.glu_limit, args.glu_alpha
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and self.interleaved:
-            gate_up = self.gate_up_proj(x)  # [B, S, 2I]
-            gate, up = gate_up[..., ::2], gate_up[..., 1::2]  # [B, S, I] each
-        elif self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, I] each
+        if self.fused:
+            gate, up = self.split(self.gate_up_proj(x))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.glu(gate, up))
+
+    def split(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        """[..., 2I] of a fused gate_up_proj -> (gate, up) [..., I] each."""
+        if self.interleaved:  # GPT-OSS: gate, up, gate, up, ... columns
+            return gate_up[..., ::2], gate_up[..., 1::2]
+        return gate_up.chunk(2, dim=-1)
+
+    def glu(self, gate: Tensor, up: Tensor) -> Tensor:
+        """down_proj's input from the gate and up projections (also models/moe.grouped_experts')."""
         if self.limit:  # GPT-OSS's clamped GLU, as transformers writes it
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
-            return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)  # GeGLU / SwiGLU
-        return self.down_proj(act * up)
+        return act * up
 
 
 class DecoderLayer(nn.Module):

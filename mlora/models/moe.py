@@ -26,6 +26,11 @@ checkpoints and PEFT adapters use, and reads both. Checkpoints that stack them (
 Qwen3.5-MoE's, a transformers 5 state_dict saved as is) are read by each expert reading its slice
 (loader.py, naming.StackedSlice); GPT-OSS's LoRA is saved stacked (stacked_lora.py).
 
+They run as grouped GEMMs (`torch._grouped_mm`, as transformers 5 runs its experts): each
+projection of every expert in one GEMM over the routed tokens sorted by expert, the experts'
+weights views of one stack per projection (grouped_stacks, grouped_experts); one expert after
+another where that cannot run (quantized experts, a dtype or device torch does not group in).
+
 The router is frozen and never a LoRA target, as in PEFT's usual setups; only the language
 modelling loss is trained (transformers adds the router's load-balancing loss only when
 `output_router_logits` is set, which released configs do not).
@@ -116,75 +121,91 @@ def grouped_mm_runs(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _frozen_linear(module: nn.Module) -> nn.Linear | None:
     """The plain frozen nn.Linear of an expert's projection (under a LoRA wrapper: its base);
-    None for anything else (a quantized layer, a bias, a trained weight)."""
+    None for anything else (a quantized layer, a trained weight or bias)."""
     base = getattr(module, "base", module)
-    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+    if (type(base) is not nn.Linear or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)):
         return None
     return base
 
 
-def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The experts' gate, up and down weights as [E, out, in] tensors, for grouped GEMMs; None
-    where the experts cannot run grouped: not plain SwiGLU/GeGLU MLPs (GPT-OSS's clamped GLU,
-    a fused gate_up, biases), quantized or in another dtype than flat, rows not 16-byte
-    aligned (torch._grouped_mm's rule), or a dtype torch's grouped GEMM lacks on the device
-    (CUDA: bf16 on compute capability 9.0 and up).
+def expert_projections(expert: nn.Module) -> tuple[str, ...]:
+    """An expert MLP's projections, in the order they run: (gate_up_proj, down_proj) fused,
+    else (gate_proj, up_proj, down_proj)."""
+    return ("gate_up_proj", "down_proj") if getattr(expert, "fused", False) else EXPERT_PROJECTIONS
 
-    Each expert's weight becomes a view into one [E, out, in] tensor (a copy on first use, again
-    whenever a weight was replaced, e.g. by .to()); the stack handed out is a view of that
+
+def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> dict[str, tuple[Tensor, Tensor | None]] | None:
+    """{projection: (weight [E, out, in], bias [E, out] or None)} of the experts, for grouped
+    GEMMs; None where they cannot run grouped: not llama.MLP experts, quantized or in another
+    dtype than flat, rows not 16-byte aligned (torch._grouped_mm's rule), or a dtype torch's
+    grouped GEMM lacks on the device (CUDA: bf16 on compute capability 9.0 and up).
+
+    Each expert's weight (and bias) becomes a view into one [E, ...] tensor (a copy on first
+    use, again whenever one was replaced, e.g. by .to()); the stack handed out is a view of that
     storage, made per call, so no reference outlives the modules' own (nothing is cached that
     .to() would leave behind). The modules and their names stay as they are."""
     first = experts[0]
-    if (not GROUPED_EXPERTS or getattr(first, "fused", True) or getattr(first, "limit", None)
-            or not all(hasattr(first, name) for name in EXPERT_PROJECTIONS)):
+    names = expert_projections(first)
+    if (not GROUPED_EXPERTS or not all(hasattr(first, name) for name in names)
+            or not all(hasattr(first, attr) for attr in ("split", "glu"))):
         return None
     if not grouped_mm_runs(flat.dtype, flat.device):
         return None
-    stacks = []
-    for name in EXPERT_PROJECTIONS:
+    stacks = {}
+    for name in names:
         linears = [_frozen_linear(getattr(expert, name)) for expert in experts]
         if any(lin is None or lin.weight.dtype != flat.dtype or lin.weight.device != flat.device for lin in linears):
             return None
         shape = linears[0].weight.shape
         if any(lin.weight.shape != shape for lin in linears) or any(d * flat.element_size() % 16 for d in shape):
             return None
-        stacks.append(_stack_of(linears))
-    return tuple(stacks)
+        biased = [lin.bias is not None for lin in linears]
+        if any(biased) and (not all(biased) or any(lin.bias.dtype != flat.dtype for lin in linears)):
+            return None
+        weight = _stack_of([lin.weight for lin in linears])
+        stacks[name] = (weight, _stack_of([lin.bias for lin in linears]) if biased[0] else None)
+    return stacks
 
 
-def _stack_of(linears: list[nn.Linear]) -> Tensor:
-    """[E, out, in]: a view of the storage the linears' weights (all [out, in]) lie in, one
-    after another; where they do not, they are copied into one such stack first."""
-    w0 = linears[0].weight
+def _stack_of(params: list[nn.Parameter]) -> Tensor:
+    """[E, ...]: a view of the storage the parameters (all of one shape) lie in, one after
+    another; where they do not, they are copied into one such stack first."""
+    w0 = params[0]
     step = w0.numel() * w0.element_size()
     base, storage = w0.data_ptr(), w0.untyped_storage().data_ptr()
     # (one storage: separate tensors may lie side by side by chance, e.g. in one CUDA segment)
-    if not all(lin.weight.is_contiguous() and lin.weight.data_ptr() == base + e * step
-               and lin.weight.untyped_storage().data_ptr() == storage for e, lin in enumerate(linears)):
+    if not all(p.is_contiguous() and p.data_ptr() == base + e * step and p.untyped_storage().data_ptr() == storage
+               for e, p in enumerate(params)):
         with torch.no_grad():
-            stack = torch.stack([lin.weight for lin in linears])  # [E, out, in]
-            for e, lin in enumerate(linears):
-                lin.weight.data = stack[e]
+            stack = torch.stack(list(params))  # [E, ...]
+            for e, p in enumerate(params):
+                p.data = stack[e]
         return stack
     view = torch.empty(0, dtype=w0.dtype, device=w0.device)
-    return view.set_(w0.untyped_storage(), w0.storage_offset(), (len(linears), *w0.shape))
+    return view.set_(w0.untyped_storage(), w0.storage_offset(), (len(params), *w0.shape))
 
 
-def grouped_experts(expert: nn.Module, stacks: tuple[Tensor, Tensor, Tensor], x: Tensor, ends: Tensor,
-                    lora) -> Tensor:
-    """Every expert's SwiGLU (GeGLU where `expert.gelu`) over its run of x [M, H] (runs ending at
-    ends [E]), as three grouped GEMMs: [M, H]. lora(name, x, ends): the LoRA delta of that
-    projection, or None (lora_moe.GroupedExpertLoRA); lora None: no LoRA."""
-    gate_w, up_w, down_w = stacks
+def grouped_experts(expert: nn.Module, stacks: dict[str, tuple[Tensor, Tensor | None]], x: Tensor,
+                    experts_of: Tensor, ends: Tensor, lora) -> Tensor:
+    """Every expert's MLP (llama.MLP: its split of a fused gate_up and its GLU) over its run of
+    x [M, H] (runs ending at ends [E]; experts_of [M]: each row's expert, for the biases), as
+    grouped GEMMs: [M, H]. lora(name, x, ends): the LoRA delta of that projection, or None
+    (lora_moe.GroupedExpertLoRA); lora None: no LoRA."""
 
-    def project(name: str, inputs: Tensor, w: Tensor) -> Tensor:
-        y = _GroupedLinear.apply(inputs, w, ends)  # [M, out]
+    def project(name: str, inputs: Tensor) -> Tensor:
+        weight, bias = stacks[name]
+        y = _GroupedLinear.apply(inputs, weight, ends)  # [M, out]
+        if bias is not None:
+            y = y + bias.index_select(0, experts_of)
         delta = lora(name, inputs, ends) if lora is not None else None
         return y if delta is None else y + delta
 
-    gate, up = project("gate_proj", x, gate_w), project("up_proj", x, up_w)  # [M, I] each
-    act = F.gelu(gate, approximate="tanh") if expert.gelu else F.silu(gate)
-    return project("down_proj", act * up, down_w)
+    if "gate_up_proj" in stacks:
+        gate, up = expert.split(project("gate_up_proj", x))  # [M, I] each
+    else:
+        gate, up = project("gate_proj", x), project("up_proj", x)  # [M, I] each
+    return project("down_proj", expert.glu(gate, up))
 
 
 # What the LoRA code is told before a sparse MLP's experts run (lora_moe.ExpertRouting):
@@ -200,9 +221,9 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     routing hook, which LoRA on the experts sets). input_weighted (Llama 4): the weights scale
     each expert's input instead, in the dtype.
 
-    The experts run as grouped GEMMs over all of them at once where they can (grouped_experts:
-    plain SwiGLU/GeGLU experts in one dtype, and any LoRA on them the hook can group), else one
-    after another."""
+    The experts run as grouped GEMMs over all of them at once where they can (grouped_stacks:
+    unquantized experts in one dtype, and any LoRA on them the hook can group), else one after
+    another."""
     N, H = flat.shape
     k = chosen.shape[1]
     # Every (token, slot) pair ordered by expert, and by token within an expert (a stable
@@ -232,7 +253,7 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
         # for the host (torch.bincount on CUDA reads its input's maximum back first).
         bounds = torch.arange(1, len(experts) + 1, device=by_expert.device)  # [E]
         ends = torch.searchsorted(by_expert, bounds).to(torch.int32)  # [E]
-        routed = grouped_experts(experts[0], stacks, gathered, ends, lora)  # [N*k, H] by expert
+        routed = grouped_experts(experts[0], stacks, gathered, by_expert, ends, lora)  # [N*k, H] by expert
     else:
         pieces = torch.split(gathered, counts)  # each [n, H]
         # An expert sees its n tokens as n rows of one token (what LoRA's row layout expects).
