@@ -915,10 +915,14 @@ def test_grouped_experts_equal_one_expert_at_a_time(tmp_path, monkeypatch, famil
             storages = {getattr(lin, kind).untyped_storage().data_ptr() for lin in linears
                         if getattr(lin, kind) is not None}
             assert len(storages) == (kind == "weight" or family == "gpt_oss"), (proj, kind)
+    checked = []  # a later forward takes the stacks' views without a pass over every expert
+    real_check = moe._frozen_linear
+    monkeypatch.setattr(moe, "_frozen_linear", lambda m: checked.append(m) or real_check(m))
+    assert torch.equal(model(ids, mask), logits.detach()) and not checked
     with torch.no_grad():  # replaced weights (as .to() would) are stacked again
         for p in model.parameters():
             p.data = p.data.clone()
-    assert torch.equal(model(ids, mask), logits.detach())
+    assert torch.equal(model(ids, mask), logits.detach()) and checked
 
     if mlp:
         _, _, damaged_loop, _, _ = run(False, damage=True)

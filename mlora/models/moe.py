@@ -152,7 +152,17 @@ def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> dict[str, tuple[Tens
         return None
     if not grouped_mm_runs(flat.dtype, flat.device):
         return None
-    stacks = {}
+    # The last call's parameters, per projection: where they still lie in one stack (as after
+    # that call, unless .to() or the like replaced them), its views are all this call needs,
+    # not a pass over every expert (128 experts: hundreds of checks per layer and forward).
+    # (The projections themselves are not swapped after a first run: quantizing is the loader's.)
+    cached = experts.__dict__.get("_mlora_grouped_params")
+    if cached is not None and cached[0] == (flat.dtype, flat.device):
+        views = {name: tuple(_view_if_stacked(ps) if ps is not None else None for ps in pair)
+                 for name, pair in cached[1].items()}
+        if all(v[0] is not None and (v[1] is not None) == (cached[1][n][1] is not None) for n, v in views.items()):
+            return views
+    stacks, params = {}, {}
     for name in names:
         linears = [_frozen_linear(getattr(expert, name)) for expert in experts]
         if any(lin is None or lin.weight.dtype != flat.dtype or lin.weight.device != flat.device for lin in linears):
@@ -163,27 +173,39 @@ def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> dict[str, tuple[Tens
         biased = [lin.bias is not None for lin in linears]
         if any(biased) and (not all(biased) or any(lin.bias.dtype != flat.dtype for lin in linears)):
             return None
-        weight = _stack_of([lin.weight for lin in linears])
-        stacks[name] = (weight, _stack_of([lin.bias for lin in linears]) if biased[0] else None)
+        params[name] = ([lin.weight for lin in linears], [lin.bias for lin in linears] if biased[0] else None)
+        stacks[name] = tuple(_stack_of(ps) if ps is not None else None for ps in params[name])
+    experts.__dict__["_mlora_grouped_params"] = ((flat.dtype, flat.device), params)
     return stacks
 
 
-def _stack_of(params: list[nn.Parameter]) -> Tensor:
-    """[E, ...]: a view of the storage the parameters (all of one shape) lie in, one after
-    another; where they do not, they are copied into one such stack first."""
-    w0 = params[0]
-    step = w0.numel() * w0.element_size()
-    base, storage = w0.data_ptr(), w0.untyped_storage().data_ptr()
+def _view_if_stacked(params: list[nn.Parameter], every: bool = False) -> Tensor | None:
+    """[E, ...]: the view of the one storage the parameters (all of one shape) lie in, one after
+    another; None where they do not. every: check each of them, else the first and the last
+    (what replaces one replaces all: .to(), or _stack_of)."""
+    first = params[0]
+    step = first.numel() * first.element_size()
+    base, storage = first.data_ptr(), first.untyped_storage().data_ptr()
     # (one storage: separate tensors may lie side by side by chance, e.g. in one CUDA segment)
+    checked = list(enumerate(params)) if every else [(0, first), (len(params) - 1, params[-1])]
     if not all(p.is_contiguous() and p.data_ptr() == base + e * step and p.untyped_storage().data_ptr() == storage
-               for e, p in enumerate(params)):
-        with torch.no_grad():
-            stack = torch.stack(list(params))  # [E, ...]
-            for e, p in enumerate(params):
-                p.data = stack[e]
-        return stack
-    view = torch.empty(0, dtype=w0.dtype, device=w0.device)
-    return view.set_(w0.untyped_storage(), w0.storage_offset(), (len(params), *w0.shape))
+               for e, p in checked):
+        return None
+    view = torch.empty(0, dtype=first.dtype, device=first.device)
+    return view.set_(first.untyped_storage(), first.storage_offset(), (len(params), *first.shape))
+
+
+def _stack_of(params: list[nn.Parameter]) -> Tensor:
+    """[E, ...]: the parameters' stack, a view of their storage where they lie in one after
+    another; else they are copied into one first and become its views."""
+    view = _view_if_stacked(params, every=True)
+    if view is not None:
+        return view
+    with torch.no_grad():
+        stack = torch.stack(list(params))  # [E, ...]
+        for e, p in enumerate(params):
+            p.data = stack[e]
+    return stack
 
 
 def grouped_experts(expert: nn.Module, stacks: dict[str, tuple[Tensor, Tensor | None]], x: Tensor,
