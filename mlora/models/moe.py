@@ -217,11 +217,11 @@ def grouped_experts(expert: nn.Module, stacks: dict[str, tuple[Tensor, Tensor | 
 
     def project(name: str, inputs: Tensor) -> Tensor:
         weight, bias = stacks[name]
-        y = _GroupedLinear.apply(inputs, weight, ends)  # [M, out]
+        y = _GroupedLinear.apply(inputs, weight, ends)  # [M, out]; added to in place (it keeps no output)
         if bias is not None:
-            y = y + bias.index_select(0, experts_of)
+            y.add_(bias.index_select(0, experts_of))
         delta = lora(name, inputs, ends) if lora is not None else None
-        return y if delta is None else y + delta
+        return y if delta is None else y.add_(delta)
 
     if "gate_up_proj" in stacks:
         gate, up = expert.split(project("gate_up_proj", x))  # [M, I] each
