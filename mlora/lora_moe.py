@@ -51,8 +51,8 @@ class ExpertRouting:
     def grouped(self, tokens: torch.Tensor, S: int, N: int, dtype: torch.dtype) -> "GroupedExpertLoRA | None | bool":
         """For grouped experts: the LoRA of this batch's adapters on them (None: no adapter of
         the batch is on them), or False where it cannot be grouped (an adapter on some experts'
-        projection but not all, ranks that differ between experts, dropout, or columns not
-        16-byte aligned): then the experts run one at a time. tokens [M]: each routed token's
+        projection but not all, ranks that differ between experts, or dropout): then the
+        experts run one at a time. tokens [M]: each routed token's
         batch position (row * S + t), ordered by expert; N: tokens in the batch."""
         on_experts = {name for w in self.wrappers for name in w.adapters}
         rows = sorted((r for r in self.layout.rows if r.end > r.start and r.name in on_experts), key=lambda r: r.start)
@@ -68,9 +68,6 @@ class ExpertRouting:
             for ws in weights:
                 if any(w is None or w.dropout > 0 or w.r != ws[0].r for w in ws):
                     return False
-            C = sum(ws[0].r for ws in weights)
-            if C * torch.empty(0, dtype=dtype).element_size() % 16:
-                return False
             plans[proj] = _ExpertLoRAPlan([names.index(n) for n in present], weights)
         if not plans:
             return None
@@ -118,6 +115,12 @@ class _ExpertLoRAPlan:
     def ranks(self) -> list[int]:
         return [ws[0].r for ws in self.weights]
 
+    def columns(self, dtype: torch.dtype) -> int:
+        """The adapters' ranks side by side, padded with zero columns to 16 bytes (what
+        torch._grouped_mm wants of h's rows, read transposed in the weight gradients)."""
+        align = 16 // torch.empty(0, dtype=dtype).element_size()
+        return -(-sum(self.ranks) // align) * align
+
 
 class GroupedExpertLoRA:
     """lora(name, x, ends): the LoRA delta [M, out] of the experts' projection `name` for x
@@ -135,7 +138,7 @@ class GroupedExpertLoRA:
         # [adapters + 1, C]: 1 on each adapter's own columns (the last row: no adapter). The
         # scales go into B in fp32 before its cast, as one expert at a time has them
         # (LoraLinear): in the dtype a scale such as alpha / sqrt(r) would be rounded.
-        table = [[0.0] * sum(plan.ranks) for _ in range(self.adapters + 1)]
+        table = [[0.0] * plan.columns(x.dtype) for _ in range(self.adapters + 1)]  # (padding: 0)
         c0 = 0
         for g, ws in zip(plan.adapters, plan.weights):
             table[g][c0:c0 + ws[0].r] = [1.0] * ws[0].r
@@ -146,20 +149,25 @@ class GroupedExpertLoRA:
         scales = [ws[0].scale for ws in plan.weights]
         anchor = next((p for p in a_params + b_params if p.requires_grad), a_params[0])
         return _GroupedExpertLoRAOp.apply(x, ends, self.token_adapter, table,
-                                          (a_params, b_params, plan.ranks, scales), anchor)
+                                          (a_params, b_params, plan.ranks, scales, plan.columns(x.dtype)), anchor)
 
 
 def _stacked_casts(params: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [E, C, in], B [E, out, C]) in dtype: each adapter's A and B of every expert stacked,
-    the adapters side by side, each B times its adapter's scale in fp32 before the cast (params:
-    A and B lists adapter-major, then expert; the ranks; the scales)."""
-    a_params, b_params, ranks, scales = params
-    E = len(a_params) // len(ranks)
-    a = torch.cat([torch.stack(a_params[g * E:(g + 1) * E]) for g in range(len(ranks))], dim=1).to(dtype)
-    bs = [torch.stack(b_params[g * E:(g + 1) * E]) for g in range(len(ranks))]  # [E, out, r] fp32 each
-    for b, s in zip(bs, scales):
+    the adapters side by side, each B times its adapter's scale in fp32 before the cast, and
+    zero columns after them up to C (params: A and B lists adapter-major, then expert; the
+    ranks; the scales; C)."""
+    a_params, b_params, ranks, scales, C = params
+    E, pad = len(a_params) // len(ranks), C - sum(ranks)
+    a_blocks = [torch.stack(a_params[g * E:(g + 1) * E]) for g in range(len(ranks))]  # [E, r, in] each
+    b_blocks = [torch.stack(b_params[g * E:(g + 1) * E]) for g in range(len(ranks))]  # [E, out, r] fp32 each
+    for b, s in zip(b_blocks, scales):
         b.mul_(s)  # (a new tensor: the stack's)
-    b = torch.cat(bs, dim=2).to(dtype) if len(bs) > 1 else bs[0].to(dtype)
+    if pad:
+        a_blocks.append(a_blocks[0].new_zeros(E, pad, a_blocks[0].shape[2]))
+        b_blocks.append(b_blocks[0].new_zeros(E, b_blocks[0].shape[1], pad))
+    a = torch.cat(a_blocks, dim=1).to(dtype) if len(a_blocks) > 1 else a_blocks[0].to(dtype)
+    b = torch.cat(b_blocks, dim=2).to(dtype) if len(b_blocks) > 1 else b_blocks[0].to(dtype)
     return a, b
 
 
@@ -186,7 +194,7 @@ class _GroupedExpertLoRAOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d: torch.Tensor):
         x, ends, token_adapter, table, h = ctx.saved_tensors
-        a_params, b_params, ranks, scales = ctx.params
+        a_params, b_params, ranks, scales, _ = ctx.params
         a, b = _stacked_casts(ctx.params, x.dtype)
         d = d.contiguous()  # [M, out]
         dh = _GROUPED_MM(d, b, offs=ends).mul_(table.index_select(0, token_adapter))  # [M, C]

@@ -665,17 +665,15 @@ def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device |
     """Whether a sparse layer's experts run as grouped GEMMs (models/moe.grouped_stacks, and
     lora_moe.ExpertRouting.grouped for their LoRA), from the shapes: unquantized experts,
     16-byte aligned rows, and a dtype torch groups on `device` (None:
-    unknown, counted as one expert at a time, which keeps more). Their LoRA's columns are those
-    of the adapters in a batch, which may be any of them, alone too: each adapter's rank must be
-    aligned (two of rank 4 in bf16 group together, but not either alone)."""
+    unknown, counted as one expert at a time, which keeps more). Their LoRA groups whatever the
+    adapters' ranks (its columns are padded to 16 bytes: lora_moe._ExpertLoRAPlan.columns)."""
     from mlora.models import moe
 
     if (device is None or not moe.GROUPED_EXPERTS or quant is not None
             or not moe.grouped_mm_runs(dtype, torch.device(device))):
         return False
     e = torch.empty((), dtype=dtype).element_size()
-    ranks = [a.r for a in adapters if set(a.target_modules) & set(_MLP_TARGETS)] if args.mlp_lora_on_experts else []
-    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size, *ranks))  # (2I: too)
+    return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size))  # (2I: too)
 
 
 def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,

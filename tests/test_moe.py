@@ -1018,3 +1018,36 @@ def test_grouped_expert_lora_zeroes_the_gradient_of_an_expert_without_tokens(mon
         assert torch.isfinite(w.lora_A.grad).all() and torch.isfinite(w.lora_B.grad).all(), e
         if not counts[e]:
             assert not w.lora_A.grad.any() and not w.lora_B.grad.any(), e
+
+
+def test_grouped_expert_lora_pads_unaligned_ranks(tmp_path, monkeypatch):
+    """An adapter of rank 3 alone (12 bytes a row of h in fp32, not the 16 torch._grouped_mm
+    wants) still runs grouped, its columns padded with zeros, and equals one expert at a time
+    (logits, every LoRA gradient)."""
+    import mlora.models.moe as moe
+
+    base = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    ids, mask, probe = _inputs(4)
+    loras = []
+    real = moe.grouped_experts
+    monkeypatch.setattr(moe, "grouped_experts", lambda *a: loras.append(a[-1]) or real(*a))
+
+    def run(grouped):
+        monkeypatch.setattr(moe, "GROUPED_EXPERTS", grouped)
+        model, layout, adapters = _mlora_with_adapters(base, {"odd": (3, ALL7)})
+        layout.rows = [AdapterRows("odd", 0, B)]
+        logits = model(ids, mask)
+        (logits * probe * mask[..., None]).sum().backward()
+        return logits, {p: (w.lora_A.grad, w.lora_B.grad) for p, w in adapters["odd"].weights.items()}
+
+    ref_logits, ref_grads = run(False)
+    assert not loras
+    logits, grads = run(True)
+    assert loras and all(lora is not None and lora is not False for lora in loras)
+    assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+    for path, pair in grads.items():
+        for g, ref in zip(pair, ref_grads[path]):
+            if ref is None:  # (an expert no token reached)
+                assert g is None or not g.any(), path
+            else:
+                assert (g - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1e-12), path
