@@ -322,6 +322,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     e = torch.empty((), dtype=dtype).element_size()
     N = rows * seq_len
     L = len(stage.layers)
+    # the caller's padding or packing (or sinks) gives every kind of layer a mask; else only
+    # the layers whose window or chunk cuts something at this length get one
+    every_kind_masked = bool(explicit_mask) or args.attn_sinks
     if explicit_mask is None:
         explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
                             or args.attention_chunk[i] is not None and args.attention_chunk[i] < seq_len  # (Llama 4)
@@ -353,7 +356,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     one_layer = sum(per_layer.values())
     all_layers = sum(sum(by_kind[layer_signature(args, i)].values()) for i in stage.layers)
 
-    batch = _batch_bytes_per_token(args, e, explicit_mask, seq_len, stage.layers) * N
+    masks = _distinct_masks(args, stage.layers, seq_len, every_kind_masked) if explicit_mask else 0
+    batch = _batch_bytes_per_token(args, e, masks, seq_len, stage.layers) * N
     if stage.layers and args.per_layer_input_size:  # Gemma 4 E2B/E4B: every layer's input [N, L P], kept by their gates
         batch += args.num_layers * args.per_layer_input_size * e * N
     if args.alibi and L:
@@ -692,16 +696,28 @@ def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
     return args.num_experts if sparse else 0
 
 
-def _batch_bytes_per_token(args: ModelArgs, e: int, explicit_mask: bool, seq_len: int,
+def _distinct_masks(args: ModelArgs, layers: Sequence[int], seq_len: int, every_kind: bool) -> int:
+    """How many bool [B, 1, S, S] masks the layers' attention gets (llama.py builds one per
+    distinct window and chunk, a window or chunk no shorter than the sequence being none):
+    every kind's with padding or packing (every_kind), else those of windows or chunks that cut."""
+    kinds = set()
+    for i in layers:
+        window, chunk = args.sliding_window[i], args.attention_chunk[i]
+        kinds.add((window if window is not None and window < seq_len else None,
+                   chunk if chunk is not None and chunk < seq_len else None))
+    return len(kinds) if every_kind else sum(kind != (None, None) for kind in kinds)
+
+
+def _batch_bytes_per_token(args: ModelArgs, e: int, masks: int, seq_len: int,
                            layers: Sequence[int]) -> float:
-    """The fused batch itself and what the model derives from it once for all layers."""
+    """The fused batch itself and what the model derives from it once for all layers (masks:
+    how many bool [B, 1, S, S] attention masks, _distinct_masks)."""
     ids = 8 * 5  # input_ids, labels, attention_mask, position_ids, document_ids: int64
     # cos, sin: [S, R], or [B, 1, S, R] per token, for each distinct RoPE of the stage's layers
     # (Gemma 3's and OLMo 3's sliding layers may have their own); fp32 for OLMo 2
     ropes = args.ropes_of(layers)
     rope = 2 * sum(r.dim or args.rope_dim for r in ropes) * (4 if args.rope_fp32 else e)
-    mask = seq_len if explicit_mask else 0  # bool [B, 1, S, S], once per distinct window
-    return ids + rope + mask
+    return ids + rope + masks * seq_len  # (a bool [B, 1, S, S] mask: S bytes a token)
 
 
 def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:

@@ -973,3 +973,23 @@ def test_grouped_experts_backward_working_set_covers_every_routed_token(monkeypa
     monkeypatch.setattr(moe, "GROUPED_EXPERTS", False)
     off = estimate_peak_bytes(args, rows=rows, seq_len=seq, dtype=BF16, lora=[LoraShape(16, ALL7, 0.0)])
     assert off.layer_backward < grouped_term
+
+
+@pytest.mark.parametrize("args", [LLAMA4, dataclasses.replace(GEMMA3, sliding_window=[4, None])],
+                         ids=["llama4", "gemma3_windowed"])
+@pytest.mark.parametrize("seq_len", [3, 8, 32])
+def test_batch_counts_each_distinct_attention_mask(args, seq_len):
+    """The estimate's masks are the distinct ones llama.py builds for the stage's layers: with
+    left padding one per kind of layer (a chunked or windowed one and a full one: two, or one
+    where the chunk or window is no shorter than the sequence), without it only those whose
+    window or chunk cuts something at this length. (Packed rows: llama.document_masks keys its
+    masks the same way.)"""
+    from mlora.memory import _distinct_masks
+
+    layers = list(range(args.num_layers))
+    left_padded = torch.ones(2, seq_len, dtype=torch.long)
+    left_padded[0, :2] = 0
+    for attention_mask, every in ((left_padded, True), (None, False)):
+        built = llama.attention_masks(args, layers, attention_mask, seq_len, torch.device("cpu"))
+        distinct = {id(m) for m in built.values() if m is not None}
+        assert _distinct_masks(args, layers, seq_len, every) == len(distinct), (attention_mask is not None, built)
