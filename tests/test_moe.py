@@ -932,6 +932,59 @@ def test_grouped_experts_equal_one_expert_at_a_time(tmp_path, monkeypatch, famil
         assert (damaged - loop_logits).abs().max() > 1e-4  # (the damage shows)
 
 
+def test_grouped_experts_see_a_middle_expert_replaced_after_the_first_forward(tmp_path, monkeypatch):
+    """After a first forward stacked the experts' weights, a later one still runs what the
+    modules hold when one expert between the first and the last changed: its weight's .data, a
+    new Parameter (load_state_dict(assign=True)), its LoRA wrapper's base swapped for
+    another nn.Linear or quantized (quant.quantize_model): grouped == one expert at a time, and no
+    reference to a replaced weight is kept."""
+    import copy
+    import gc
+    import weakref
+
+    import mlora.models.moe as moe
+
+    base = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    ids, mask, _ = _inputs(5)
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+
+    def change(model, how):
+        sparse = [layer.mlp for layer in model.model.layers.values() if hasattr(layer.mlp, "experts")]
+        wrapper = sparse[0].experts[1].up_proj  # (a LoraLinear: its base is the nn.Linear)
+        old = weakref.ref(wrapper.base.weight)
+        if how == "data":
+            wrapper.base.weight.data = torch.randn_like(wrapper.base.weight)
+        elif how == "parameter":
+            state = {k: torch.randn_like(v) for k, v in model.state_dict().items() if ".experts.1." in k}
+            model.load_state_dict(state, strict=False, assign=True)
+        elif how == "module":
+            linear = copy.deepcopy(wrapper.base)
+            with torch.no_grad():
+                linear.weight.mul_(-2.0)
+            wrapper.base = linear
+        else:
+            pytest.importorskip("bitsandbytes")
+            from mlora.quant import QuantConfig, quantize_model
+
+            quantize_model(model, QuantConfig(4), "cpu")
+        return old
+
+    for how in ("data", "parameter", "module", "quantized"):
+        monkeypatch.setattr(moe, "GROUPED_EXPERTS", True)
+        model, layout, _ = _mlora_with_adapters(base, {"e": (4, ["q_proj", *mlp])})
+        layout.rows = [AdapterRows("e", 0, B)]
+        with torch.no_grad():
+            before = model(ids, mask)
+            old = change(model, how)
+            grouped = model(ids, mask)
+            monkeypatch.setattr(moe, "GROUPED_EXPERTS", False)
+            loop = model(ids, mask)
+        assert (grouped - before).abs().max() > 1e-3, how  # (the change shows)
+        assert (grouped - loop).abs().max() <= 1e-5 * loop.abs().max(), how
+        gc.collect()
+        assert how == "data" or old() is None, how
+
+
 def test_grouped_expert_lora_rounds_as_one_expert_at_a_time_in_bf16():
     """GroupedExpertLoRA in bf16 gives what LoraLinear computes one expert at a time: the scale
     goes into B in fp32 before B's cast (in bf16 a scale like rsLoRA's 16 / sqrt(8) rounds by

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from itertools import repeat
+from operator import attrgetter, itemgetter
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +146,8 @@ def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> dict[str, tuple[Tens
     Each expert's weight (and bias) becomes a view into one [E, ...] tensor (a copy on first
     use, again whenever one was replaced, e.g. by .to()); the stack handed out is a view of that
     storage, made per call, so no reference outlives the modules' own (nothing is cached that
-    .to() would leave behind). The modules and their names stay as they are."""
+    .to(), quantize_model or a swapped module would leave behind). The modules and their names
+    stay as they are."""
     first = experts[0]
     names = expert_projections(first)
     if (not GROUPED_EXPERTS or not all(hasattr(first, name) for name in names)
@@ -152,17 +155,13 @@ def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> dict[str, tuple[Tens
         return None
     if not grouped_mm_runs(flat.dtype, flat.device):
         return None
-    # The last call's parameters, per projection: where they still lie in one stack (as after
-    # that call, unless .to() or the like replaced them), its views are all this call needs,
-    # not a pass over every expert (128 experts: hundreds of checks per layer and forward).
-    # (The projections themselves are not swapped after a first run: quantizing is the loader's.)
-    cached = experts.__dict__.get("_mlora_grouped_params")
-    if cached is not None and cached[0] == (flat.dtype, flat.device):
-        views = {name: tuple(_view_if_stacked(ps) if ps is not None else None for ps in pair)
-                 for name, pair in cached[1].items()}
-        if all(v[0] is not None and (v[1] is not None) == (cached[1][n][1] is not None) for n, v in views.items()):
-            return views
-    stacks, params = {}, {}
+    # Once stacked, every later call finds them so: the views, checked for every expert by
+    # C-level maps over the modules' own dicts (128 experts: ~0.1 ms a layer; the pass below,
+    # through nn.Module.__getattr__ and a storage per parameter, takes ~3 ms).
+    views = _stacked_views(experts, names, flat)
+    if views is not None:
+        return views
+    stacks = {}
     for name in names:
         linears = [_frozen_linear(getattr(expert, name)) for expert in experts]
         if any(lin is None or lin.weight.dtype != flat.dtype or lin.weight.device != flat.device for lin in linears):
@@ -173,32 +172,75 @@ def grouped_stacks(experts: nn.ModuleList, flat: Tensor) -> dict[str, tuple[Tens
         biased = [lin.bias is not None for lin in linears]
         if any(biased) and (not all(biased) or any(lin.bias.dtype != flat.dtype for lin in linears)):
             return None
-        params[name] = ([lin.weight for lin in linears], [lin.bias for lin in linears] if biased[0] else None)
-        stacks[name] = tuple(_stack_of(ps) if ps is not None else None for ps in params[name])
-    experts.__dict__["_mlora_grouped_params"] = ((flat.dtype, flat.device), params)
+        params = ([lin.weight for lin in linears], [lin.bias for lin in linears] if biased[0] else None)
+        stacks[name] = tuple(_stack_of(ps) if ps is not None else None for ps in params)
     return stacks
 
 
-def _view_if_stacked(params: list[nn.Parameter], every: bool = False) -> Tensor | None:
-    """[E, ...]: the view of the one storage the parameters (all of one shape) lie in, one after
-    another; None where they do not. every: check each of them, else the first and the last
-    (what replaces one replaces all: .to(), or _stack_of)."""
-    first = params[0]
+_MODULES, _PARAMETERS = attrgetter("_modules"), attrgetter("_parameters")
+
+
+def _stacked_views(experts: nn.ModuleList, names: tuple[str, ...], flat: Tensor
+                   ) -> dict[str, tuple[Tensor, Tensor | None]] | None:
+    """grouped_stacks' answer where the experts' projections (under a LoRA wrapper: its base)
+    are plain nn.Linear whose frozen weights (and biases) in flat's dtype and device lie in one
+    stack each already, every expert checked; None otherwise (grouped_stacks' full pass then
+    decides). Accepts nothing that pass would refuse: the same checks, read from the modules'
+    _modules and _parameters dicts directly."""
+    experts_now = list(experts._modules.values())
+    views = {}
+    for name in names:
+        try:
+            outer = list(map(itemgetter(name), map(_MODULES, experts_now)))
+            linears = list(map(dict.get, map(_MODULES, outer), repeat("base"), outer))
+            if set(map(type, linears)) != {nn.Linear}:
+                return None
+            weights = list(map(itemgetter("weight"), map(_PARAMETERS, linears)))
+            biases = list(map(itemgetter("bias"), map(_PARAMETERS, linears)))
+        except KeyError:  # (an expert without that projection)
+            return None
+        weight = _view_if_stacked(weights, flat)
+        if weight is None or any(d * flat.element_size() % 16 for d in weight.shape[1:]):
+            return None
+        if biases.count(None) == len(biases):
+            views[name] = (weight, None)
+        elif None in biases or (bias := _view_if_stacked(biases, flat)) is None:
+            return None
+        else:
+            views[name] = (weight, bias)
+    return views
+
+
+def _view_if_stacked(params: list[nn.Parameter], flat: Tensor | None = None) -> Tensor | None:
+    """[E, ...]: the view of the one storage the parameters (all of one shape, frozen, in flat's
+    dtype and device where given) lie in, one after another; None where they do not. Each of
+    them is checked (a middle one may have been replaced: .data, a new Parameter, a module)."""
+    first, last = params[0], params[-1]
+    if (any(map(_REQUIRES_GRAD, params)) or len(set(map(_SHAPE, params))) != 1
+            or len(set(map(_DTYPE, params))) != 1 or not all(map(Tensor.is_contiguous, params))):
+        return None
+    if flat is not None and (first.dtype != flat.dtype or first.device != flat.device):
+        return None
     step = first.numel() * first.element_size()
-    base, storage = first.data_ptr(), first.untyped_storage().data_ptr()
-    # (one storage: separate tensors may lie side by side by chance, e.g. in one CUDA segment)
-    checked = list(enumerate(params)) if every else [(0, first), (len(params) - 1, params[-1])]
-    if not all(p.is_contiguous() and p.data_ptr() == base + e * step and p.untyped_storage().data_ptr() == storage
-               for e, p in checked):
+    base = first.data_ptr()
+    if not step or list(map(Tensor.data_ptr, params)) != list(range(base, base + len(params) * step, step)):
+        return None
+    # (one storage: separate tensors may lie side by side by chance, e.g. in one CUDA segment;
+    # the first and the last in one, every one between lies in it too)
+    storage = first.untyped_storage()
+    if last.untyped_storage().data_ptr() != storage.data_ptr():
         return None
     view = torch.empty(0, dtype=first.dtype, device=first.device)
-    return view.set_(first.untyped_storage(), first.storage_offset(), (len(params), *first.shape))
+    return view.set_(storage, first.storage_offset(), (len(params), *first.shape))
+
+
+_REQUIRES_GRAD, _SHAPE, _DTYPE = attrgetter("requires_grad"), attrgetter("shape"), attrgetter("dtype")
 
 
 def _stack_of(params: list[nn.Parameter]) -> Tensor:
     """[E, ...]: the parameters' stack, a view of their storage where they lie in one after
     another; else they are copied into one first and become its views."""
-    view = _view_if_stacked(params, every=True)
+    view = _view_if_stacked(params)
     if view is not None:
         return view
     with torch.no_grad():
