@@ -985,6 +985,23 @@ def test_grouped_experts_see_a_middle_expert_replaced_after_the_first_forward(tm
         assert how == "data" or old() is None, how
 
 
+def test_grouped_experts_stack_normal_tensors_under_inference_mode(tmp_path):
+    """A first forward under torch.inference_mode stacks the experts' weights as normal tensors:
+    inference tensors as the model's weights would refuse any later in-place change or use that
+    autograd records outside inference mode."""
+    base = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    model = load_model(base, "cpu", torch.float32)
+    ids, mask, _ = _inputs(6)
+    with torch.inference_mode():
+        model(ids, mask)
+    experts = next(layer.mlp for layer in model.model.layers.values() if hasattr(layer.mlp, "experts")).experts
+    weights = [expert.gate_proj.weight for expert in experts]
+    assert weights[1].data_ptr() == weights[0].data_ptr() + weights[0].nbytes  # (stacked)
+    assert not any(w.is_inference() for w in weights)
+    with torch.no_grad():
+        weights[1].mul_(1.0)
+
+
 def test_grouped_expert_lora_rounds_as_one_expert_at_a_time_in_bf16():
     """GroupedExpertLoRA in bf16 gives what LoraLinear computes one expert at a time: the scale
     goes into B in fp32 before B's cast (in bf16 a scale like rsLoRA's 16 / sqrt(8) rounds by

@@ -239,11 +239,13 @@ _REQUIRES_GRAD, _SHAPE, _DTYPE = attrgetter("requires_grad"), attrgetter("shape"
 
 def _stack_of(params: list[nn.Parameter]) -> Tensor:
     """[E, ...]: the parameters' stack, a view of their storage where they lie in one after
-    another; else they are copied into one first and become its views."""
+    another; else they are copied into one first and become its views (a normal tensor also
+    under torch.inference_mode: an inference tensor as the weights' data would fail every
+    later forward that autograd records)."""
     view = _view_if_stacked(params)
     if view is not None:
         return view
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         stack = torch.stack(list(params))  # [E, ...]
         for e, p in enumerate(params):
             p.data = stack[e]
