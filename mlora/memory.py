@@ -394,6 +394,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         backward += (max(_layer_backward_per_token(args, e, seq_len, *layer_kind, grouped=may_group)
                          for layer_kind in by_kind) * N
                      + _dequant_bytes(args, e, kind, N))
+        if may_group and args.is_moe and args.mlp_lora_on_experts and any(args.moe_layers[i] for i in stage.layers):
+            backward += _grouped_expert_lora_buffers(args, e, adapters, active_adapters)
         backward += one_layer if recompute else 0
     if not stage.has_head:
         backward += args.hidden_size * e * N  # the gradient of the stage output, received
@@ -678,6 +680,24 @@ def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device |
         return False
     e = torch.empty((), dtype=dtype).element_size()
     return all(d * e % 16 == 0 for d in (args.hidden_size, args.moe_intermediate_size))  # (2I: too)
+
+
+def _grouped_expert_lora_buffers(args: ModelArgs, e: int, adapters: list[LoraShape], active: int | None) -> int:
+    """What grouped experts' LoRA (lora_moe._GroupedExpertLoRAOp) builds for one projection of
+    one layer in its backward, not per token: every expert's A [E, C, in] and B [E, out, C]
+    stacked in fp32 and cast, and their gradients (in the dtype, then fp32), for the costliest
+    projection; C: the batch's costliest adapters' ranks side by side, padded to 16 bytes."""
+    shapes = projection_shapes(args)
+    per_adapter = {m: sorted((a.r for a in adapters if m in a.target_modules), reverse=True) for m in _MLP_TARGETS}
+    align = 16 // e
+    most = 0
+    for m, ranks in per_adapter.items():
+        if m not in shapes or not ranks:
+            continue
+        C = -(-sum(ranks[:_adapters_in_batch(len(ranks), active)]) // align) * align
+        fan_in, fan_out = shapes[m]
+        most = max(most, args.num_experts * C * (fan_in + fan_out) * (2 * e + 8))
+    return most
 
 
 def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,
