@@ -563,3 +563,43 @@ def test_triton_is_unavailable_where_a_block_lacks_its_shared_memory(monkeypatch
     assert lora_triton.unavailable(cuda) == ("its kernels need 150 KiB of shared memory per block and AMD Instinct "
                                              "MI300X offers 64 KiB")
     mlora.lora.auto_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_training_after_an_inference_mode_forward(family):
+    """A forward under torch.inference_mode runs as under no_grad: what the model makes once and
+    keeps (the LoRA ops' device constants and weight casts, grouped experts' stacks) stays
+    usable by a later training step, whose gradients equal a model's that never ran one.
+    (Before, that step failed: inference tensors cannot be saved for backward.)"""
+    from transformers import LlamaConfig, MixtralConfig
+
+    from mlora.adapter import Adapter
+    from mlora.config import AdapterConfig
+    from mlora.models.llama import CausalLM, args_from_hf_config
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100)
+    cfg = LlamaConfig(**shape) if family == "llama" else MixtralConfig(**shape, num_local_experts=4)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def grads(inference_first: bool):
+        torch.manual_seed(0)
+        model = CausalLM(args_from_hf_config(cfg)).requires_grad_(False)
+        layout = BatchLayout()
+        wrappers = mlora.lora.inject_lora(model, layout)
+        adapter = Adapter(AdapterConfig(name="a", data="<test>", r=4, alpha=8, dropout=0.0,
+                                        target_modules=list(mlora.lora.TARGET_MODULES)), wrappers, seed=0,
+                          device=torch.device("cpu"))
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        layout.rows = [AdapterRows("a", 0, 2)]
+        model.train()
+        if inference_first:
+            with torch.inference_mode():
+                out = model(ids)
+            assert not out.is_inference()
+        (model(ids) * torch.linspace(-1, 1, 100)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in adapter.parameters()])
+
+    assert torch.equal(grads(True), grads(False))

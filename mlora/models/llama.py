@@ -770,7 +770,14 @@ class CausalLM(nn.Module):
         last_only: the norm and head run on the last position only (generation needs no more;
         a long prompt's [B, S, V] logits would be most of its memory).
         Returns logits [B, S, V] (S = 1 with last_only) if the stage has the head, else hidden
-        states [B, S, H]."""
+        states [B, S, H].
+
+        Under torch.inference_mode it runs as under no_grad instead: what the forward makes once
+        and keeps (the LoRA ops' device constants and weight casts, the experts' stacks) would
+        otherwise be inference tensors, which a later training forward cannot save."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.forward(x, attention_mask, position_ids, document_ids, cache, last_only)
         h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
         if self.has_embed and self.args.embed_scale:
             # sqrt(H) as HF rounds it: an fp32 scalar cast to the dtype (55.4 -> 55.5 in bf16)
