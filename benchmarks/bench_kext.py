@@ -26,17 +26,22 @@ from pathlib import Path
 
 import torch
 
-# (hidden, intermediate, layers, kv width, tokens of the throughput benchmark's 4-adapter step)
-SHAPES = {
-    "tiny": (64, 128, 2, 32, 96),
-    "tinyllama-1.1b": (2048, 5632, 22, 256, 4 * 8 * 512),
-    "llama2-7b": (4096, 11008, 32, 4096, 4 * 4 * 512),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_throughput import DEFAULT_ROWS, SHAPES  # noqa: E402  (the shapes it benchmarks)
+
+SEQ = 512
+
+
+def tokens_of(shape: str) -> int:
+    """Tokens of bench_throughput's 4-adapter step of `shape` (the tiny one: a few dozen)."""
+    return 96 if shape == "tiny" else 4 * DEFAULT_ROWS[shape] * SEQ
 
 
 def projections(shape: str) -> dict[str, tuple[int, int]]:
     """{name: (in, out)} of one decoder layer's seven LoRA targets."""
-    hidden, inter, _, kv, _ = SHAPES[shape]
+    hidden, inter, _, heads, kv_heads, _ = SHAPES[shape]
+    kv = hidden // heads * kv_heads
     return {"q": (hidden, hidden), "k": (hidden, kv), "v": (hidden, kv), "o": (hidden, hidden),
             "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
 
@@ -112,7 +117,7 @@ def one_projection(tokens: int, k: int, n: int, c: int, device, dtype, reps: int
 
 
 def run(shape: str, cs: list[int], device, dtype, reps: int) -> list[dict]:
-    _, _, layers, _, tokens = SHAPES[shape]
+    layers, tokens = SHAPES[shape][2], tokens_of(shape)
     results = []
     for c in cs:
         per = {name: one_projection(tokens, k, n, c, device, dtype, reps)

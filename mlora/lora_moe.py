@@ -48,7 +48,7 @@ class ExpertRouting:
         # {projection name: its wrapper in each expert, None where that expert's is not wrapped}
         self.by_projection = by_projection or {}
 
-    def grouped(self, tokens: torch.Tensor, S: int, N: int, dtype: torch.dtype) -> "GroupedExpertLoRA | None | bool":
+    def grouped(self, tokens: torch.Tensor, S: int, N: int) -> "GroupedExpertLoRA | None | bool":
         """For grouped experts: the LoRA of this batch's adapters on them (None: no adapter of
         the batch is on them), or False where it cannot be grouped (an adapter on some experts'
         projection but not all, ranks that differ between experts, or dropout): then the
@@ -77,7 +77,7 @@ class ExpertRouting:
             row_of[r.start:r.end] = [names.index(r.name)] * (r.end - r.start)
         row_adapter = _device_constant(tuple(row_of), torch.int32, tokens.device)  # [rows]
         token_adapter = row_adapter.index_select(0, torch.div(tokens, S, rounding_mode="floor"))  # [M]
-        return GroupedExpertLoRA(plans, token_adapter, len(names), dtype)
+        return GroupedExpertLoRA(plans, token_adapter, len(names))
 
     def __call__(self, experts: torch.Tensor, tokens: torch.Tensor, counts: list[int], S: int, N: int) -> None:
         """experts, tokens [N*k]: each routed token's expert and batch position (row * S + t),
@@ -127,9 +127,8 @@ class GroupedExpertLoRA:
     [M, in] (each expert's tokens a run ending at ends [E], each token's adapter token_adapter
     [M]), or None where no adapter of the batch is on it."""
 
-    def __init__(self, plans: dict[str, _ExpertLoRAPlan], token_adapter: torch.Tensor, adapters: int,
-                 dtype: torch.dtype):
-        self.plans, self.token_adapter, self.adapters, self.dtype = plans, token_adapter, adapters, dtype
+    def __init__(self, plans: dict[str, _ExpertLoRAPlan], token_adapter: torch.Tensor, adapters: int):
+        self.plans, self.token_adapter, self.adapters = plans, token_adapter, adapters
 
     def __call__(self, name: str, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
         plan = self.plans.get(name)
@@ -138,7 +137,8 @@ class GroupedExpertLoRA:
         # [adapters + 1, C]: 1 on each adapter's own columns (the last row: no adapter). The
         # scales go into B in fp32 before its cast, as one expert at a time has them
         # (LoraLinear): in the dtype a scale such as alpha / sqrt(r) would be rounded.
-        table = [[0.0] * plan.columns(x.dtype) for _ in range(self.adapters + 1)]  # (padding: 0)
+        C = plan.columns(x.dtype)
+        table = [[0.0] * C for _ in range(self.adapters + 1)]  # (padding: 0)
         c0 = 0
         for g, ws in zip(plan.adapters, plan.weights):
             table[g][c0:c0 + ws[0].r] = [1.0] * ws[0].r
@@ -149,7 +149,7 @@ class GroupedExpertLoRA:
         scales = [ws[0].scale for ws in plan.weights]
         anchor = next((p for p in a_params + b_params if p.requires_grad), a_params[0])
         return _GroupedExpertLoRAOp.apply(x, ends, self.token_adapter, table,
-                                          (a_params, b_params, plan.ranks, scales, plan.columns(x.dtype)), anchor)
+                                          (a_params, b_params, plan.ranks, scales, C), anchor)
 
 
 def _stacked_casts(params: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

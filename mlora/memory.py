@@ -342,7 +342,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                                        explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
                                        active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer,
                                        kv_shared=kv_shared)
-        grouped = sparse and _experts_grouped(args, dtype, device, kind, adapters)
+        grouped = sparse and _experts_grouped(args, dtype, device, kind)
         if grouped and "lora_expert_factor" in layer:
             # grouped experts keep each routed token's adapter (int32) instead of factors
             layer["lora_expert_factor"] = 4 * args.num_experts_per_tok
@@ -390,7 +390,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        may_group = (args.is_moe or args.moe_beside_mlp) and _experts_may_group(args, dtype, device, kind, adapters)
+        may_group = (args.is_moe or args.moe_beside_mlp) and _experts_may_group(args, dtype, device, kind)
         backward += (max(_layer_backward_per_token(args, e, seq_len, *layer_kind, grouped=may_group)
                          for layer_kind in by_kind) * N
                      + _dequant_bytes(args, e, kind, N))
@@ -659,15 +659,12 @@ def _lora_cast_bytes(args: ModelArgs, e: int, adapters: list[LoraShape], sparse:
         return max(_lora_cast_bytes(args, e, adapters, sparse, k, shared, experts)
                    for k, shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)})
     shapes = projection_shapes(args, kind, kv_shared, sparse)
-    copies = {m: _lora_copies(args, m, sparse) for m in shapes}
-    if not experts:
-        copies = {m: 0 if n > 1 else n for m, n in copies.items()}
+    copies = {m: _lora_copies(args, m, sparse) for m in shapes}  # (an expert target's: num_experts)
     return sum(a.r * (shapes[m][0] + shapes[m][1]) * e * copies[m]
-               for a in adapters for m in a.target_modules if m in shapes)
+               for a in adapters for m in a.target_modules if m in shapes and (experts or copies[m] <= 1))
 
 
-def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,
-                     adapters: list[LoraShape]) -> bool:
+def _experts_grouped(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None) -> bool:
     """Whether a sparse layer's experts run as grouped GEMMs (models/moe.grouped_stacks, and
     lora_moe.ExpertRouting.grouped for their LoRA), from the shapes: unquantized experts,
     16-byte aligned rows, and a dtype torch groups on `device` (None:
@@ -700,11 +697,10 @@ def _grouped_expert_lora_buffers(args: ModelArgs, e: int, adapters: list[LoraSha
     return most
 
 
-def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None,
-                       adapters: list[LoraShape]) -> bool:
+def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None) -> bool:
     """For the backward's working set, which is larger grouped: grouped where _experts_grouped
     says so; on an unknown device wherever the dtype could group (fp32 and bf16, as on the CPU)."""
-    return _experts_grouped(args, dtype, device if device is not None else torch.device("cpu"), quant, adapters)
+    return _experts_grouped(args, dtype, device if device is not None else torch.device("cpu"), quant)
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:

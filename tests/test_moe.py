@@ -1027,7 +1027,7 @@ def test_grouped_expert_lora_rounds_as_one_expert_at_a_time_in_bf16():
     d = torch.randn(M, O, generator=gen).to(bf)
     ends = torch.tensor(counts).cumsum(0).to(torch.int32)
 
-    lora = GroupedExpertLoRA({"p": _ExpertLoRAPlan([0, 1], weights)}, token_adapter, 2, bf)
+    lora = GroupedExpertLoRA({"p": _ExpertLoRAPlan([0, 1], weights)}, token_adapter, 2)
     xg = x.clone().requires_grad_()
     y = lora("p", xg, ends)
     y.backward(d)
@@ -1081,8 +1081,7 @@ def test_grouped_expert_lora_zeroes_the_gradient_of_an_expert_without_tokens(mon
     counts = [3, 0, 5, 0]
     ends = torch.tensor(counts).cumsum(0).to(torch.int32)
     x = torch.randn(sum(counts), H, requires_grad=True)
-    lora = GroupedExpertLoRA({"p": _ExpertLoRAPlan([0], [ws])}, torch.zeros(sum(counts), dtype=torch.int32), 1,
-                             torch.float32)
+    lora = GroupedExpertLoRA({"p": _ExpertLoRAPlan([0], [ws])}, torch.zeros(sum(counts), dtype=torch.int32), 1)
     lora("p", x, ends).sum().backward()
     for e, w in enumerate(ws):
         assert torch.isfinite(w.lora_A.grad).all() and torch.isfinite(w.lora_B.grad).all(), e

@@ -239,13 +239,12 @@ _REQUIRES_GRAD, _SHAPE, _DTYPE = attrgetter("requires_grad"), attrgetter("shape"
 
 def _stack_of(params: list[nn.Parameter]) -> Tensor:
     """[E, ...]: the parameters' stack, a view of their storage where they lie in one after
-    another; else they are copied into one first and become its views (a normal tensor also
-    under torch.inference_mode: an inference tensor as the weights' data would fail every
-    later forward that autograd records)."""
+    another; else they are copied into one first and become its views. (Never under
+    torch.inference_mode: llama.CausalLM.forward leaves it, so the stack is a normal tensor.)"""
     view = _view_if_stacked(params)
     if view is not None:
         return view
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad():
         stack = torch.stack(list(params))  # [E, ...]
         for e, p in enumerate(params):
             p.data = stack[e]
@@ -300,7 +299,7 @@ def run_experts(experts: nn.ModuleList, flat: Tensor, weights: Tensor, chosen: T
     lora = None
     if stacks is not None and routing_hook is not None:
         grouped_lora = getattr(routing_hook, "grouped", None)  # lora_moe.ExpertRouting.grouped
-        lora = grouped_lora(tokens, S, N, flat.dtype) if grouped_lora is not None else False
+        lora = grouped_lora(tokens, S, N) if grouped_lora is not None else False
         if lora is False:  # LoRA on the experts that cannot be grouped: one expert at a time
             stacks = None
     if stacks is None:
