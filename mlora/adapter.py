@@ -17,6 +17,7 @@ from mlora import stacked_lora
 from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import AdapterConfig, adapter_seed
 from mlora.errors import UserError
+from mlora.flat_params import FlatParameters
 from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
 from mlora.models.naming import Naming
 
@@ -100,6 +101,12 @@ class Adapter:
             self.weights[path] = weights
         if cfg.init_from:
             self.load_peft(cfg.init_from)
+        # The weights as views of one fp32 buffer, which the optimizer steps (flat_params.py):
+        # every A, then every B, in module order, so that the A of an input group's members
+        # (q, k, v; gate, up) lie side by side, and the fused op's A of a one-adapter batch is
+        # a view of the adapter's cast, not a concatenation (lora_fused.WeightCasts).
+        params = self.parameters()
+        self.flat: FlatParameters | None = FlatParameters(params[0::2] + params[1::2]) if params else None
         self.optimizer = self._make_optimizer()
 
     def generators_by_layer(self) -> dict[int, torch.Generator]:
@@ -122,14 +129,16 @@ class Adapter:
 
     def _make_optimizer(self) -> torch.optim.Optimizer | None:
         cfg = self.cfg
-        params = self.parameters()
-        if not params:  # a pipeline stage where this adapter has no target module
+        if self.flat is None:  # a pipeline stage where this adapter has no target module
             return None
+        # One tensor: the adapter's weights as one buffer (flat_params.py), so a step is one
+        # launch of the optimizer's kernel, not one per few dozen of its hundreds of tensors.
+        params = [self.flat.param]
         if cfg.optim == "adamw":
-            # Fused (CUDA and CPU): one kernel steps all of an adapter's hundreds of small
-            # tensors (the foreach default took ~7 ms per step for TinyLlama's 308 on the H200),
-            # and it can skip a step the device found non-finite without the host looking
-            # (`found_inf`, as torch.amp's GradScaler uses it): see step_on_device.
+            # Fused (CUDA and CPU): one kernel for the whole step (the foreach default took ~7
+            # ms per step for TinyLlama's 308 tensors on the H200), and it can skip a step the
+            # device found non-finite without the host looking (`found_inf`, as torch.amp's
+            # GradScaler uses it): see step_on_device.
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         if cfg.optim == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -140,18 +149,17 @@ class Adapter:
         return self.cfg.lr * lr_factor(self.cfg.lr_scheduler, self.steps_done,
                                        self.cfg.warmup_steps, self.total_steps)
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.parameters() if p.grad is not None]
+    def _flat_grad(self) -> torch.Tensor | None:
+        """The adapter's gradient as one fp32 tensor (FlatParameters.gather_grad), None without any."""
+        return None if self.flat is None else self.flat.gather_grad()
 
     def grad_sq(self) -> torch.Tensor | None:
         """Sum of squares of this process's part of the adapter's gradient, as an fp32 scalar
         on the device (None: no gradient here). Nothing waits for the device."""
-        grads = self._grads()
-        if not grads:
+        grad = self._flat_grad()
+        if grad is None:
             return None
-        # One fused kernel over all tensors (hundreds per adapter); fp32, as the weights are.
-        norms = torch._foreach_norm(grads)
-        return torch.stack(norms).pow(2).sum()
+        return torch.dot(grad, grad)  # one kernel over the whole adapter, fp32 as the weights
 
     def local_grad_sq(self) -> float:
         """grad_sq as a number (a pipeline stage adds these up over all ranks to clip by the
@@ -170,33 +178,15 @@ class Adapter:
         of it (a pipeline stage); by default it is computed here. Returns (lr, grad_norm).
         """
         norm = self.grad_norm() if grad_norm is None else grad_norm
-        if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
-            factor = self.cfg.max_grad_norm / (norm + 1e-6)
-            grads = self._grads()
-            if grads:  # a pipeline stage may hold none of this adapter's tensors
-                torch._foreach_mul_(grads, factor)
+        grad = self._flat_grad()  # (a pipeline stage may hold none of this adapter's tensors)
+        if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm and grad is not None:
+            grad.mul_(self.cfg.max_grad_norm / (norm + 1e-6))
         lr = self.current_lr()
         if self.optimizer is not None:
             self._set_lr(lr)
-            self._fill_missing_grads()
-            self._optimizer_step()
+            self._optimizer_step(grad)
         self.steps_done += 1
         return lr, norm
-
-    def _fill_missing_grads(self) -> None:
-        """A zero gradient for each of this process's LoRA weights that got none in this step:
-        an MoE expert's LoRA when the expert got none of the adapter's tokens. Whether it got
-        any may depend on the other adapters of a fused batch (they set how far the adapter's
-        rows are padded, and pad tokens are routed too: with a zero gradient), so without this
-        the optimizer (momentum, AdamW's moments, weight decay) would step such a weight in a
-        fused batch and leave it alone in a solo run. With it, every step moves every weight,
-        as PEFT on transformers 5's stacked experts does."""
-        params = self.parameters()
-        missing = [p for p in params if p.grad is None]
-        if not missing or len(missing) == len(params):  # all there; or no step of this adapter here
-            return
-        for p in missing:
-            p.grad = torch.zeros_like(p)
 
     @property
     def steps_on_device(self) -> bool:
@@ -225,30 +215,41 @@ class Adapter:
             sq = self.grad_sq()
         lr = self.current_lr()
         if sq is not None:
+            grad = self._flat_grad()
             skip = ~torch.isfinite(sq)
             if bad is not None:
                 skip = skip | bad
             limit = self.cfg.max_grad_norm
             if limit is not None:
-                torch._foreach_mul_(self._grads(), clip_factor(sq.double().sqrt(), limit))
+                grad.mul_(clip_factor(sq.double().sqrt(), limit))
             self._set_lr(lr)
-            self._fill_missing_grads()
             self.optimizer.found_inf = skip.float()
             try:
-                self._optimizer_step()
+                self._optimizer_step(grad)
             finally:
                 del self.optimizer.found_inf
         self.steps_done += 1
         return lr, sq
 
-    def _optimizer_step(self) -> None:
-        self.optimizer.step()
-        # A fused optimizer writes the weights without moving their version counters
-        # (torch's _fused_adamw_ does not), and the fused LoRA op keeps its casts of the
-        # weights until a version moves (lora_fused.WeightCasts): without this, every forward
-        # after the first step would run on the first step's weights.
-        torch.autograd.graph.increment_version(self.parameters())
-        self.optimizer.zero_grad(set_to_none=True)
+    def _optimizer_step(self, grad: torch.Tensor | None) -> None:
+        """Step the weights by `grad` (_flat_grad(); None: no gradient here, no step). A weight
+        without a gradient of its own steps with a zero one: an MoE expert's LoRA when the
+        expert got none of the adapter's tokens. Whether it got any may depend on the other
+        adapters of a fused batch (they set how far the adapter's rows are padded, and pad
+        tokens are routed too: with a zero gradient), so without that the optimizer
+        (momentum, AdamW's moments, weight decay) would step such a weight in a fused batch
+        and leave it alone in a solo run. So every step moves every weight, as PEFT on
+        transformers 5's stacked experts does."""
+        if grad is not None:
+            self.flat.param.grad = grad
+            self.optimizer.step()
+            # The optimizer writes the weights through the flat buffer, which moves none of
+            # the parameters' version counters (nor does torch's _fused_adamw_ move its own),
+            # and the fused LoRA op keeps its casts of the weights until a version moves
+            # (lora_fused.WeightCasts, flat_params.cast_of): without this, every forward after
+            # the first step would run on the first step's weights.
+            torch.autograd.graph.increment_version(self.parameters())
+        self.optimizer_zero_grad()
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -257,6 +258,8 @@ class Adapter:
     def optimizer_zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None
+        if self.flat is not None:
+            self.flat.forget_grad()
 
     def skip_step(self) -> None:
         """Drop this step's gradients; the LR schedule still moves on (the data was used)."""
@@ -284,7 +287,8 @@ class Adapter:
                 p.copy_(saved["params"][name])
                 p.grad = saved["grads"][name].to(p.device).clone() if name in saved["grads"] else None
         if self.optimizer is not None and saved["optimizer"] is not None:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            # (a checkpoint of an mlora before flat_params.py has a state per weight)
+            self.optimizer.load_state_dict(self.flat.flat_optimizer_state(saved["optimizer"], self.parameters()))
             if isinstance(self.optimizer, torch.optim.AdamW):
                 # A checkpoint of an older mlora stepped the CPU's AdamW unfused, and loading
                 # its state brings that setting back: step as this mlora does.
@@ -301,7 +305,9 @@ class Adapter:
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         tensors, per_expert = {}, {}
         for path, w in self.weights.items():
-            a, b = w.lora_A.detach().float().cpu().contiguous(), w.lora_B.detach().float().cpu().contiguous()
+            # copies: on the CPU the weights are views of one buffer (flat_params.py), which
+            # safetensors refuses to save as separate tensors
+            a, b = (t.detach().to("cpu", torch.float32, copy=True) for t in (w.lora_A, w.lora_B))
             if path in self._stacked:  # GPT-OSS's experts: one LoRA per stacked parameter (stacked_lora.py)
                 per_expert[path] = (a, b)
                 continue

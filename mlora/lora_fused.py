@@ -49,6 +49,7 @@ from torch import nn
 
 from mlora import lora_triton  # imports triton only when its kernels first run
 from mlora.device import upload
+from mlora.flat_params import cast_of
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,12 @@ class WeightCasts:
     [C, in] and each member's B side by side [out, C_m], in the activation dtype. Kept until
     a parameter changes (an optimizer step, a restore: in-place, so their versions move), so
     the micro-batches of one optimizer step (gradient accumulation) and a recomputed forward
-    reuse one cast instead of a concatenation and a cast per group and per member each.
-    (torch's fused AdamW writes the weights without moving their versions; Adapter moves them
-    after every step. Code that steps the weights another way must do the same.)"""
+    reuse them. The casts themselves are views of the adapters' own casts (an adapter casts
+    all its weights at once: flat_params.cast_of), so after a step this costs a concatenation
+    per weight kind and member only where the group has several adapters, and nothing for one
+    adapter's A of q, k and v, which lie side by side. (An adapter's optimizer writes the
+    weights without moving their versions; Adapter moves them after every step. Code that
+    steps the weights another way must do the same.)"""
 
     params: tuple[torch.Tensor, ...]  # held, so no id can be reused while this is cached
     versions: tuple[int, ...]
@@ -163,13 +167,34 @@ class WeightCasts:
                 and all(a is b for a, b in zip(previous.params, params))):
             return previous
         with torch.no_grad():  # the op returns the parameters' gradients itself
-            a_all = (torch.cat(a_params) if len(a_params) > 1 else a_params[0]).to(dtype)
+            # Each weight as a view of its adapter's one cast (flat_params.cast_of: one launch
+            # per adapter and step, not one per weight kind and group), side by side.
+            a_casts = [cast_of(p, dtype) for p in a_params]
+            a_all = _side_by_side(a_casts)
+            if a_all is None:
+                a_all = torch.cat(a_casts)
             b_alls, i = [], 0
             for count in b_counts:
-                bs = b_params[i:i + count]
+                bs = [cast_of(p, dtype) for p in b_params[i:i + count]]
                 i += count
-                b_alls.append((torch.cat(bs, dim=1) if count > 1 else bs[0]).to(dtype))
+                b_alls.append(torch.cat(bs, dim=1) if count > 1 else bs[0])
         return cls(params, versions, tuple(b_counts), dtype, a_all, b_alls)
+
+
+def _side_by_side(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """torch.cat(rows) without a copy when the 2-D contiguous `rows` already lie one after
+    another in one storage (one adapter's A of q, k and v in its cast: Adapter lays them out
+    so), else None."""
+    first = rows[0]
+    if len(rows) == 1:
+        return first
+    storage, offset, width = first.untyped_storage().data_ptr(), first.storage_offset(), first.shape[1]
+    for t in rows:
+        if (not t.is_contiguous() or t.dim() != 2 or t.shape[1] != width or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    return first.as_strided((sum(t.shape[0] for t in rows), width), (width, 1), first.storage_offset())
 
 
 @dataclass
@@ -240,9 +265,16 @@ class FusedGroupLoRA(torch.autograd.Function):
     def backward(ctx, *dys: torch.Tensor):
         dropped, mask, bits, h, a_all, *b_alls = ctx.saved_tensors
         spec = ctx.spec
-        # dh: each member's slice from its own output gradient, then the factor (scale, owner).
-        dh = [torch.mm(dy, b_all) for dy, b_all in zip(dys, b_alls)]  # [N, C_m] each
-        dh = (torch.cat(dh, dim=1) if len(dh) > 1 else dh[0]).mul_(spec.factor)  # [N, C]
+        # dh: each member's columns from its own output gradient, written in place (cuBLAS
+        # writes a column block of a row-major matrix directly: no concatenation pass), then
+        # the factor (scale, owner).
+        if len(dys) == 1:
+            dh = torch.mm(dys[0], b_alls[0])  # [N, C]
+        else:
+            dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # [N, C]
+            for dy, b_all, (c0, c1) in zip(dys, b_alls, spec.cols):
+                torch.mm(dy, b_all, out=dh[:, c0:c1])  # [N, C_m]
+        dh.mul_(spec.factor)
 
         dx = None
         if ctx.needs_input_grad[0]:

@@ -212,7 +212,7 @@ class MemoryEstimate:
     """
 
     weights: int  # the frozen base: projections (maybe quantized), embedding, norms, head
-    lora_state: int  # fp32 A/B of every adapter + their gradients + optimizer moments
+    lora_state: int  # fp32 A/B of every adapter + their gradients + optimizer moments + their cast
     activations: int  # kept for the backward at the end of the forward, all layers of the stage
     logits: int  # the head at its peak: see `_head_bytes`
     held_logits: int  # the part of `logits` alive through the whole backward (trainer holds logits)
@@ -402,7 +402,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
 
     return MemoryEstimate(
         weights=weight_bytes(args, dtype, quant=kind, double_quant=dq, parts=parts),
-        lora_state=lora_state_bytes(args, adapters, layers=stage.layers),
+        lora_state=lora_state_bytes(args, adapters, layers=stage.layers, dtype=dtype),
         activations=math.ceil(activations),
         logits=logits,
         held_logits=held,
@@ -924,10 +924,14 @@ def _projection_bytes(in_f: int, out_f: int, e: int, quant: str | None, double_q
 
 
 def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | None = None,
-                     layers: Sequence[int] | None = None) -> int:
+                     layers: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> int:
     """fp32 A and B of every adapter on the decoder layers `layers` (or the first `num_layers`;
     default: all), with their gradients (alive across gradient accumulation) and optimizer
-    moments."""
+    moments; with a 16-bit activation `dtype`, also the adapter's weights cast to it, kept
+    between steps (flat_params.FlatParameters.cast_of: one cast of the whole adapter, which
+    the fused op's groups view)."""
+    e = 0 if dtype is None else torch.empty((), dtype=dtype).element_size()
+    cast = e if e < 4 else 0
     shapes = {sig: projection_shapes(args, sig[1], sig[2], sig[0]) for sig in
               {layer_signature(args, i) for i in range(args.num_layers)}}
     if layers is None:
@@ -940,7 +944,7 @@ def lora_state_bytes(args: ModelArgs, lora: Iterable[Any], num_layers: int | Non
             here = shapes[layer_signature(args, i)]
             params = sum(a.r * (here[m][0] + here[m][1]) * _lora_copies(args, m, args.moe_layers[i])
                          for m in a.target_modules if m in here)
-            total += params * 4 * (2 + a.optimizer_moments)
+            total += params * (4 * (2 + a.optimizer_moments) + cast)
     return total
 
 

@@ -526,13 +526,13 @@ def test_fused_training_equals_solo_when_only_pad_tokens_reach_an_expert(tmp_pat
     from test_pipeline import rel_diff, write_config
 
     missing = []  # (adapter, LoRA weights without a gradient) at each optimizer step
-    fill = Adapter._fill_missing_grads
+    step = Adapter._optimizer_step
 
-    def spy(self):
+    def spy(self, grad):
         missing.append((self.name, sum(p.grad is None for p in self.parameters())))
-        fill(self)
+        step(self, grad)
 
-    monkeypatch.setattr(Adapter, "_fill_missing_grads", spy)
+    monkeypatch.setattr(Adapter, "_optimizer_step", spy)
     monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, num_hidden_layers=4, seed=seed)
     cfg = write_config(tmp_path, 2, tmp_path / "fused")  # p0: q/v, AdamW; p1: SGD with momentum

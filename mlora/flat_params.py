@@ -1,0 +1,151 @@
+"""One adapter's LoRA weights as views of one fp32 buffer, so that the optimizer, the gradient
+clipping and the cast to the activation dtype each run over the adapter as one tensor.
+
+Why. An adapter has an A and a B per target module: 308 tensors on TinyLlama (7 targets x 22
+layers). torch's fused AdamW steps a list of tensors in launches of at most 36 tensors
+(multi_tensor_apply's limit for its four lists), one block per 64 K values, so 308 small
+tensors took 9 launches of a few dozen blocks each per adapter: 3.6 ms of a TinyLlama step
+for 4 adapters on the H200 (benchmarks/results/profile_copyfix.txt), where the values'
+traffic (4 x 12.6 M fp32 values, about 28 bytes each) takes about 0.3 ms. The clipping's
+per-tensor norms and scaling were launches of the same kind. And the fused LoRA op cast its
+group's weights to the activation dtype after every step: a cast per weight kind and group,
+11 launches per LLaMA layer. Here:
+
+* every LoRA parameter's data is a view of `param` (one fp32 tensor, in the adapter's
+  parameter order); the parameters stay what every other part of mlora sees (autograd, the
+  kernels, saving, loading, PEFT export);
+* the optimizer steps `param`, whose gradient is the parameters' gradients gathered into one
+  tensor at step time (`gather_grad`: one concatenation), so the AdamW step, the norm and
+  the clipping are one kernel each;
+* `cast_of(p, dtype)` is p in the activation dtype as a view of ONE cast of the whole buffer,
+  made again when a parameter has changed since (its version counter moved: an optimizer
+  step, a restore, any in-place write), so a step's casts cost one launch per adapter.
+
+`param` shares the parameters' storage but not their version counters (a `.data` view never
+does): whoever writes `param` in place (the optimizer) must move the parameters' versions, as
+Adapter._optimizer_step does, or `cast_of` would return the old weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+# parameter -> (its FlatParameters, its index there). Weak: a dropped adapter's parameters go
+# with it; keyed by identity, so a deep copy of a model does not find the original's buffer.
+_OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class FlatParameters:
+    """The fp32 parameters `params` (one device), re-homed as views of one buffer `param`."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        if not params:
+            raise ValueError("no parameters to flatten")
+        device = params[0].device
+        if any(p.dtype != torch.float32 or p.device != device for p in params):
+            raise ValueError("the parameters must all be fp32 on one device")
+        self.params = list(params)
+        self.offsets = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.numel()
+        data = torch.empty(total, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for p, o in zip(self.params, self.offsets):
+                view = data[o:o + p.numel()].view(p.shape)
+                view.copy_(p)
+                p.data = view
+        self.param = nn.Parameter(data)  # [total]: what the optimizer steps
+        for i, p in enumerate(self.params):
+            _OWNER[p] = (self, i)
+        self._cast: torch.Tensor | None = None  # [total] in _cast.dtype
+        self._cast_versions: list[int] = []
+        self._grads: tuple | None = None  # the gradients gather_grad last gathered, with versions
+        self._grad: torch.Tensor | None = None
+
+    def view_of(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter i's part of a [total] tensor laid out like `param`, in its shape."""
+        p = self.params[i]
+        return flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
+
+    # ----------------------------------------------------------------- the activation-dtype cast
+    def cast_of_index(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        p = self.params[i]
+        if dtype == torch.float32:
+            return p.detach()
+        if self._cast is None or self._cast.dtype != dtype or self._cast_versions[i] != p._version:
+            with torch.no_grad():
+                self._cast = self.param.detach().to(dtype)  # one launch for the whole adapter
+            self._cast_versions = [q._version for q in self.params]
+        return self.view_of(self._cast, i)
+
+    # ----------------------------------------------------------------- the gradient
+    def gather_grad(self) -> torch.Tensor | None:
+        """The parameters' gradients as one fp32 [total] tensor laid out like `param` (zeros for
+        a parameter without one, as an optimizer step of PEFT's stacked experts gives every
+        weight), or None when none has a gradient. Gathered once while the gradients stay the
+        same tensors with the same versions (the norm, then the step, ask for it)."""
+        grads = tuple(p.grad for p in self.params)
+        key = tuple(None if g is None else g._version for g in grads)
+        if self._grads is not None and all(a is b for a, b in zip(self._grads[0], grads)) and self._grads[1] == key:
+            return self._grad
+        if all(g is None for g in grads):
+            self._grads = self._grad = None
+            return None
+        with torch.no_grad():
+            pieces = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None else g.reshape(-1)
+                      for p, g in zip(self.params, grads)]
+            grad = torch.cat(pieces)  # [total]
+        self._grads, self._grad = (grads, key), grad
+        return grad
+
+    def forget_grad(self) -> None:
+        """Drop the gathered gradient (after a step, or when the parameters' gradients go)."""
+        self._grads = self._grad = None
+        self.param.grad = None
+
+    # ----------------------------------------------------------------- optimizer state
+    def flat_optimizer_state(self, saved: dict, order: list[torch.Tensor]) -> dict:
+        """An optimizer state_dict saved by an mlora that stepped each parameter on its own
+        (one entry per parameter, those of `order` in that order) as one for `param`: tensors
+        the size of their parameter concatenated in this buffer's layout (zeros where a
+        parameter had no state yet), the rest (AdamW's step count, the same for all) taken
+        from the first that has it. A state_dict that already has one parameter is returned
+        as it is."""
+        groups = saved["param_groups"]
+        ids = [i for group in groups for i in group["params"]]
+        if len(ids) == 1 or len(ids) != len(self.params):
+            return saved
+        by_param = {id(p): saved["state"].get(i, {}) for i, p in zip(ids, order)}
+        states = [by_param.get(id(p), {}) for p in self.params]
+        keys = {k for state in states for k in state}
+        merged = {}
+        for key in sorted(keys):
+            values = [state.get(key) for state in states]
+            if all(v is None or (torch.is_tensor(v) and v.numel() == p.numel() and v.dim() > 0)
+                   for v, p in zip(values, self.params)):
+                merged[key] = torch.cat([torch.zeros(p.numel()) if v is None else v.detach().float().cpu().reshape(-1)
+                                         for v, p in zip(values, self.params)])
+            else:
+                first = next(v for v in values if v is not None)
+                merged[key] = first.clone() if torch.is_tensor(first) else first
+        group = {k: v for k, v in groups[0].items() if k != "params"}
+        return {"state": {0: merged} if merged else {}, "param_groups": [{**group, "params": [0]}]}
+
+
+def owner_of(p: torch.Tensor) -> tuple[FlatParameters, int] | None:
+    """The FlatParameters p is part of, and its index there; None if it is not flattened."""
+    return _OWNER.get(p)
+
+
+def cast_of(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """p (a LoRA parameter) in `dtype`, without autograd: a view of its adapter's one cast when
+    it is flattened, else its own cast."""
+    owner = _OWNER.get(p)
+    if owner is None:
+        return p.detach().to(dtype)
+    flat, i = owner
+    return flat.cast_of_index(i, dtype)
