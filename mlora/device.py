@@ -54,8 +54,8 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on `device`, copied without waiting: a plain copy from pageable
     memory to a GPU synchronises with it (the host waits until everything queued has run),
     so the copy goes through pinned memory, which the caching allocator keeps until the copy
-    is done. For layout constants (row owners, column scales, made once per batch layout) and
-    RoPE frequencies (once per forward)."""
+    is done. For layout constants (row owners, column scales, made once per batch layout),
+    RoPE frequencies (once per forward) and the dropout seeds of over 8 adapters (lora_triton)."""
     if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -23,6 +23,14 @@ distribution; the rate is rounded to a multiple of 1/65536, 0.05 -> 0.0500031, w
 (one 62-bit seed per input group and step), so an adapter's masks do not depend on the other
 adapters of its batch, and a resumed or recomputed step redraws the same ones.
 
+The seeds are drawn on the host and passed to the kernel as scalar arguments (`draw_seed`):
+drawing each on the device, one small launch per adapter, made 352 of a TinyLlama step's
+~4,200 launches at 4 adapters (22 layers x 4 input groups x 4), host time and gaps on the
+device where the host is the bottleneck already. A CUDA generator's next seed is mixed from
+its seed and Philox offset, which it then advances: host reads and writes of its state (no
+sync), which get_state/set_state save and restore with the rest, so recompute, OOM retries
+and checkpoints replay them as they replay torch's draws.
+
 Runs on CUDA (compiled) and, for the tests, on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1 before the first use).
 """
@@ -47,6 +55,16 @@ if TYPE_CHECKING:  # lora_fused imports this module
 
 # A kept draw is >= round(p * 2**16) (philox_kernels.py).
 DRAW_LEVELS = 1 << 16
+
+# Seeds are 62-bit. Passed with bit 62 set, every seed is an i64 kernel argument of one Triton
+# signature (philox_kernels.py clears it): Triton types integers by value, so a seed under 2**31
+# would otherwise compile an i32 variant of the kernel.
+SEED_TAG = 1 << 62
+# Seeds passed as scalar arguments (philox_kernels' seed0 .. seed7); a call with more adapters
+# passes them as a tensor.
+SCALAR_SEEDS = 8
+# A CUDA generator's Philox offset moves in multiples of 4 (set_offset refuses others).
+OFFSET_STEP = 4
 
 
 # Triton's interpreter before 3.9 fails on these kernels' loops with numpy 2 (compiled, 3.6 works).
@@ -101,22 +119,76 @@ def threshold(p: float) -> int:
     return min(DRAW_LEVELS - 1, round(p * DRAW_LEVELS))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """splitmix64 (Steele, Lea and Flood 2014): a bijection of 64-bit integers that maps
+    neighbouring inputs to unrelated-looking outputs."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def offset_seed(g) -> int:
+    """The next 62-bit seed of a generator with a Philox offset (CUDA's; anything with
+    initial_seed, get_offset and set_offset): mixed from its seed and offset, which then moves
+    on by OFFSET_STEP. Its state (seed, offset) decides the seed, so a restored state redraws
+    it; neighbouring offsets, and generators of neighbouring seeds (an adapter's layers), give
+    unrelated seeds (splitmix64 of both; its top 62 bits kept)."""
+    offset = g.get_offset()
+    g.set_offset(offset + OFFSET_STEP)
+    return _splitmix64(_splitmix64(g.initial_seed()) ^ offset) >> 2
+
+
+def draw_seed(g: torch.Generator) -> int:
+    """This call's 62-bit seed from an adapter's generator, on the host."""
+    if g.device.type == "cuda":  # no device op: host reads and writes of its state
+        return offset_seed(g)
+    # A CPU generator (the tests) draws what the seed's launch drew before seeds moved to the
+    # host, so masks are those of earlier versions; a CPU op, host work on a GPU machine, no
+    # sync. Another device's generator (no known offset): drawn there and read back, a sync.
+    seed = torch.empty((), dtype=torch.int64, device=g.device).random_(0, 1 << 62, generator=g)
+    return int(seed.item())
+
+
 @dataclass
 class PhiloxDropout:
     """Where the kernels find each token's draw. owner [N] int32: the token's adapter (an
     index into the tables) or -1, no dropout; table [4, G] int32: per adapter its first batch
-    row, threshold, own row length and the offset of its tokens in a batch row; seeds [G]
-    int64, this call's. seq: the batch's row length. A token at (batch row b, position s) of
-    adapter g draws at index (b - first_row[g]) * length[g] + (s - offset[g]): its index in
-    the adapter's own layout, the same whether it trains alone or in a longer batch."""
+    row, threshold, own row length and the offset of its tokens in a batch row; seeds: G
+    host ints of 62 bits, this call's; seed_table [G] int64 on the device (tagged, SEED_TAG):
+    the seeds for more than SCALAR_SEEDS adapters, None for fewer (the kernels take them as
+    scalars). seq: the batch's row length. A token at (batch row b, position s) of adapter g
+    draws at index (b - first_row[g]) * length[g] + (s - offset[g]): its index in the adapter's
+    own layout, the same whether it trains alone or in a longer batch."""
 
     owner: torch.Tensor
     table: torch.Tensor
-    seeds: torch.Tensor
+    seeds: tuple[int, ...]
     seq: int
+    seed_table: torch.Tensor | None = None
+
+    def __post_init__(self):
+        assert len(self.seeds) == self.table.shape[1], "one seed per adapter"
+        assert all(0 <= s < SEED_TAG for s in self.seeds), "62-bit seeds"
+        if len(self.seeds) > SCALAR_SEEDS and self.seed_table is None:  # one upload, not one per adapter
+            self.seed_table = upload(torch.tensor([s | SEED_TAG for s in self.seeds], dtype=torch.int64),
+                                     self.owner.device)
+
+    @property
+    def many_seeds(self) -> bool:
+        """The kernels' MANY_SEEDS: they read the seeds from seed_table."""
+        return self.seed_table is not None
 
     def args(self) -> tuple:
-        return self.owner, self.seeds, self.table, self.table.shape[1], self.seq
+        """The kernels' arguments owner_ptr, table_ptr, G, S, seed_ptr, seed0 .. seed7 (unused
+        scalars: SEED_TAG, a seed of 0)."""
+        scalars = (SEED_TAG,) * SCALAR_SEEDS
+        if not self.many_seeds:
+            scalars = tuple(s | SEED_TAG for s in self.seeds) + scalars[len(self.seeds):]
+        return self.owner, self.table, self.table.shape[1], self.seq, self.seed_table, *scalars
 
 
 @functools.lru_cache(maxsize=16)
@@ -135,17 +207,14 @@ def _tables(ranges: tuple, seq: int, n: int, device: torch.device) -> tuple[torc
 
 
 def draw(dropout: list[DropoutRows], n: int, device: torch.device) -> PhiloxDropout:
-    """This call's draw plan for token rows [0, n): one seed from each adapter's generator.
-    DropoutRows without a row length (seq 0) are taken as rows of one token: a token's index
-    is then its offset from the range's start."""
+    """This call's draw plan for token rows [0, n): one seed from each adapter's generator,
+    drawn on the host (draw_seed). DropoutRows without a row length (seq 0) are taken as rows
+    of one token: a token's index is then its offset from the range's start."""
     seq = dropout[0].seq or 1
     assert all((d.seq or 1) == seq for d in dropout), "one batch, one row length"
     ranges = tuple((d.start, d.end, d.p, d.length or seq, d.offset) for d in dropout)
     owner, table = _tables(ranges, seq, n, device)
-    seeds = torch.empty(len(dropout), dtype=torch.int64, device=device)
-    for i, d in enumerate(dropout):  # one small launch per adapter; no host sync
-        seeds[i:i + 1].random_(0, 1 << 62, generator=d.generator)
-    return PhiloxDropout(owner, table, seeds, seq)
+    return PhiloxDropout(owner, table, tuple(draw_seed(d.generator) for d in dropout), seq)
 
 
 def clear_caches() -> None:
@@ -209,7 +278,7 @@ def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor,
     with _on(x2d.device):
         _kernels().down_kernel[grid](x2d, a_all, factor, h, bits, *plan.args(), N, K, C, bits.shape[1],
                                      x2d.stride(0), x2d.stride(1), factor.stride(0) if factor.dim() == 2 else 0,
-                                     IEEE=_ieee(x2d), **config)
+                                     IEEE=_ieee(x2d), MANY_SEEDS=plan.many_seeds, **config)
     return h, bits
 
 
@@ -265,10 +334,10 @@ def grad_a(dh: torch.Tensor, x2d: torch.Tensor, bits: torch.Tensor, splits: int 
 
 def keep_mask(plan: PhiloxDropout, n: int, k: int) -> torch.Tensor:
     """The bool [n, k] keep-mask `down` draws under `plan`, written out (tests, references)."""
-    out = torch.empty(n, k, dtype=torch.int8, device=plan.seeds.device)
+    out = torch.empty(n, k, dtype=torch.int8, device=plan.owner.device)
     grid = (_cdiv(n, MASK_CONFIG["BM"]), _cdiv(k, MASK_CONFIG["BK"]))
     with _on(out.device):
-        _kernels().mask_kernel[grid](out, *plan.args(), n, k, **MASK_CONFIG)
+        _kernels().mask_kernel[grid](out, *plan.args(), n, k, MANY_SEEDS=plan.many_seeds, **MASK_CONFIG)
     return out.bool()
 
 

@@ -12,7 +12,10 @@ that make the batch longer - is kept when a 16-bit draw is >= the adapter's thre
 round(p * 65536). One Philox
 call gives four 32-bit words, i.e. eight 16-bit draws: columns 8w .. 8w + 7 of a row share
 call w = philox(seed, w, row, 0, 0), column 8w + j taking half j % 2 of word j // 2. The seed
-is drawn per call from the adapter's own generator (lora_triton.draw). Every kernel derives
+(62 bits) is drawn per call from the adapter's own generator on the host (lora_triton.draw)
+and reaches the kernels as a scalar argument: up to 8 adapters a call, as seed0 .. seed7, each
+row picking its adapter's by a select chain on its owner (per row, not per element; seed_ptr
+is None); more, as a [G] int64 tensor at seed_ptr (MANY_SEEDS). Every kernel derives
 a tile's mask from absolute (row, k), so tiles of any size agree; tile widths are multiples
 of 8 and tiles start at multiples of 8.
 
@@ -25,6 +28,11 @@ activation to keep.
 Per token row the kernels read owner[row] (index of the row's adapter in the per-call tables,
 -1: the row does not drop out), and that adapter's seed and its table column: first batch
 row, threshold, own length and offset of its tokens in a row.
+
+The seed arguments are `do_not_specialize` and arrive with bit 62 set (lora_triton.SEED_TAG),
+cleared here: Triton types an integer argument by its value (i32 below 2**31, i64 above) and
+would otherwise specialise on it (== 1, divisible by 16), so seeds drawn anew each call would
+compile new variants; tagged, every seed is an i64 of one signature.
 """
 
 from __future__ import annotations
@@ -33,15 +41,40 @@ import triton
 import triton.language as tl
 
 
+# The kernels' seed arguments, by name: Triton must not specialise on their values (above).
+SEED_ARGS = [f"seed{i}" for i in range(8)]
+SEED_BITS = tl.constexpr((1 << 62) - 1)  # a seed's bits, without lora_triton.SEED_TAG
+
+
 @triton.jit
-def _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rows, ok):
+def _row_seeds(owner, has, seed_ptr, seed0, seed1, seed2, seed3, seed4, seed5, seed6, seed7,
+               MANY_SEEDS: tl.constexpr):
+    """The seed [R] int64 of rows whose adapters are `owner` [R] (has: a row with one): the
+    scalars seed0 .. seed7 selected by owner, or seed_ptr[owner] (MANY_SEEDS: over 8 adapters)."""
+    if MANY_SEEDS:
+        seed = tl.load(seed_ptr + owner, mask=has, other=0)
+    else:
+        seed = tl.where(owner == 7, seed7, 0)
+        seed = tl.where(owner == 6, seed6, seed)
+        seed = tl.where(owner == 5, seed5, seed)
+        seed = tl.where(owner == 4, seed4, seed)
+        seed = tl.where(owner == 3, seed3, seed)
+        seed = tl.where(owner == 2, seed2, seed)
+        seed = tl.where(owner == 1, seed1, seed)
+        seed = tl.where(owner == 0, seed0, seed)
+    return seed & SEED_BITS
+
+
+@triton.jit
+def _row_draws(owner_ptr, table_ptr, G, S, seed_ptr, seed0, seed1, seed2, seed3, seed4, seed5, seed6, seed7,
+               rows, ok, MANY_SEEDS: tl.constexpr):
     """For token rows `rows` [R] (ok: in range) of a batch of S-token rows: seed [R] int64,
     the token's index in its adapter's own layout [R] (see lora_triton.PhiloxDropout) and the
     threshold [R] int32 (0 for tokens that do not drop out: every draw keeps)."""
     owner = tl.load(owner_ptr + rows, mask=ok, other=-1)
     has = owner >= 0
     owner = tl.where(has, owner, 0)
-    seed = tl.load(seed_ptr + owner, mask=has, other=0)
+    seed = _row_seeds(owner, has, seed_ptr, seed0, seed1, seed2, seed3, seed4, seed5, seed6, seed7, MANY_SEEDS)
     first_row = tl.load(table_ptr + owner, mask=has, other=0)
     thr = tl.load(table_ptr + G + owner, mask=has, other=0)
     length = tl.load(table_ptr + 2 * G + owner, mask=has, other=1)
@@ -100,11 +133,12 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return acc
 
 
-@triton.jit
-def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table_ptr, G, S,
+@triton.jit(do_not_specialize=SEED_ARGS)
+def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, table_ptr, G, S, seed_ptr,
+                seed0, seed1, seed2, seed3, seed4, seed5, seed6, seed7,
                 N, K, C, W, stride_xm, stride_xk, stride_fm,
                 BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-                TRANS: tl.constexpr):
+                TRANS: tl.constexpr, MANY_SEEDS: tl.constexpr):
     """h [N, C] = ((x * keep) @ A^T) * factor: x [N, K] any strides, A [C, K] contiguous,
     factor [N, C] fp32 (stride_fm = 0 for a per-column [C]); fp32 accumulation, one rounding.
     Computed transposed, h^T = A @ (x * keep)^T: the masked x is then the dot's second operand,
@@ -122,7 +156,8 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, seed_ptr, table
     rc = pid_c * BC + tl.arange(0, BC)
     m_ok = rm < N
     c_ok = rc < C
-    seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
+    seed, row, thr = _row_draws(owner_ptr, table_ptr, G, S, seed_ptr, seed0, seed1, seed2, seed3, seed4, seed5,
+                                seed6, seed7, rm, m_ok, MANY_SEEDS)
     bytes_ = tl.where(pid_c == 0, W, 0)  # of the mask this program writes: the first C tile's
     if TRANS:
         acc = tl.zeros((BC, BM), dtype=tl.float32)
@@ -208,15 +243,17 @@ def grad_a_kernel(dh_ptr, x_ptr, out_ptr, bits_ptr, N, K, C, W, stride_dhm, stri
              mask=c_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit
-def mask_kernel(out_ptr, owner_ptr, seed_ptr, table_ptr, G, S, N, K, BM: tl.constexpr, BK: tl.constexpr):
+@triton.jit(do_not_specialize=SEED_ARGS)
+def mask_kernel(out_ptr, owner_ptr, table_ptr, G, S, seed_ptr, seed0, seed1, seed2, seed3, seed4, seed5, seed6,
+                seed7, N, K, BM: tl.constexpr, BK: tl.constexpr, MANY_SEEDS: tl.constexpr):
     """out [N, K] int8: the keep-mask the other kernels apply, written out (tests, references)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
     m_ok = rm < N
-    seed, row, thr = _row_draws(owner_ptr, seed_ptr, table_ptr, G, S, rm, m_ok)
+    seed, row, thr = _row_draws(owner_ptr, table_ptr, G, S, seed_ptr, seed0, seed1, seed2, seed3, seed4, seed5,
+                                seed6, seed7, rm, m_ok, MANY_SEEDS)
     keep = _unpack(_keep_bytes(seed, row, thr, pid_k * BK, BM, BK), BM, BK)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8),
              mask=m_ok[:, None] & (rk < K)[None, :])

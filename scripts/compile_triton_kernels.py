@@ -18,7 +18,9 @@ A kernel that needs more shared memory than one block of the target may have (22
 sm_90) compiles but cannot launch: that counts as a failure too.
 
 Two calls are specialised as Triton's runtime would: a fused batch (4 adapters, 512-token rows,
-everything divisible by 16) and a solo run (1 adapter, 37-token rows, C = 64).
+everything divisible by 16) and a solo run (1 adapter, 37-token rows, C = 64); and a third, a
+batch of 12 adapters, for the two kernels that draw the mask: over 8 adapters they read the
+seeds from a tensor instead of scalar arguments (lora_triton.SCALAR_SEEDS).
 
 Exit 0: every kernel compiled without spilling registers. 1: one failed or spilled (printed).
 77: this Triton has no ahead-of-time compile API this script knows (nothing was checked).
@@ -43,7 +45,10 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch settings, not the kernels
 # The most dynamic shared memory one block may use, in bytes, by compute capability x 10.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-TABLES = dict(owner_ptr="*i32", seed_ptr="*i64", table_ptr="*i32", G="i32", S="i32")
+# The seeds are i64 whatever their values (lora_triton.SEED_TAG); seed_ptr is None up to 8
+# adapters (a constexpr to Triton), an int64 tensor beyond.
+TABLES = dict(owner_ptr="*i32", table_ptr="*i32", G="i32", S="i32", seed_ptr="*i64",
+              **{f"seed{i}": "i64" for i in range(8)})
 
 
 def kernels(dtype: str, columns: int) -> list[tuple]:
@@ -69,7 +74,8 @@ def kernels(dtype: str, columns: int) -> list[tuple]:
 
 # (description, runtime values of the integer arguments); C comes from --columns for the first.
 CALLS = [("fused batch", dict(N=16384, K=2048, W=256, G=4, S=512, stride_xm=2048, stride_xk=1, tokens_per_split=3328)),
-         ("solo, odd rows", dict(N=296, K=2048, W=256, G=1, S=37, stride_xm=2048, stride_xk=1, tokens_per_split=296))]
+         ("solo, odd rows", dict(N=296, K=2048, W=256, G=1, S=37, stride_xm=2048, stride_xk=1, tokens_per_split=296)),
+         ("many adapters", dict(N=6144, K=2048, W=256, G=12, S=512, stride_xm=2048, stride_xk=1, tokens_per_split=3328))]
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[str, bool]:
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
     failed = False
     for call, ints in CALLS:
-        columns = args.columns if call == CALLS[0][0] else 64
+        columns = 64 if call == CALLS[1][0] else args.columns
         ints = dict(ints, C=columns, stride_fm=columns, stride_dhm=columns)
         print(f"{call}: C={columns}, G={ints['G']}, S={ints['S']}")
         status = compile_call(triton, ASTSource, GPUTarget, args, columns, ints)
@@ -161,21 +167,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict) -> int:
-    from mlora import philox_kernels
+    from mlora import lora_triton, philox_kernels
 
     failed = False
+    many = values["G"] > lora_triton.SCALAR_SEEDS
     for name, signature, config in kernels(args.dtype, columns):
         fn = getattr(philox_kernels, name)
+        if many and "MANY_SEEDS" not in fn.arg_names:
+            continue  # the same kernel as for the fused batch
         constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
         if "IEEE" in fn.arg_names:
             constexprs["IEEE"] = args.dtype == "fp32"
+        if "MANY_SEEDS" in fn.arg_names:
+            constexprs["MANY_SEEDS"] = many
+            if not many:
+                constexprs["seed_ptr"] = None
         # Specialised as Triton's runtime does for a TinyLlama-like call: an integer equal to
         # 1 becomes a constant, pointers (torch aligns them) and integers divisible by 16 are
-        # marked so; that decides vectorised loads and the registers they need.
-        constexprs.update({arg: 1 for arg in fn.arg_names if values.get(arg) == 1})
+        # marked so; that decides vectorised loads and the registers they need. Not the
+        # arguments the kernel says not to (the seeds: do_not_specialize).
+        unspecialised = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
+        constexprs.update({arg: 1 for arg in fn.arg_names if values.get(arg) == 1 and arg not in unspecialised})
         full = {arg: "constexpr" if arg in constexprs else signature[arg] for arg in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-                 if arg not in constexprs and (signature[arg][:1] == "*" or values.get(arg, 1) % 16 == 0)}
+                 if arg not in constexprs and arg not in unspecialised
+                 and (signature[arg][:1] == "*" or values.get(arg, 1) % 16 == 0)}
         try:
             source = ASTSource(fn, full, constexprs, attrs)
         except TypeError as err:  # another Triton's API, not our kernel

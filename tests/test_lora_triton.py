@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")  # a test dependency on Linux x86-64 (pyproject); CI installs it
 
@@ -85,6 +86,152 @@ def test_masks_follow_the_adapters_own_layout(left):
     assert torch.equal(torch_only[:, tokens], torch_alone) and torch_only[pads].all()
 
 
+class _OffsetGenerator:
+    """Stands in for a CUDA generator (no GPU here): a seed and a Philox offset, host state
+    only, with the calls lora_triton.draw_seed makes and the state recompute, OOM retries and
+    checkpoints save and restore (a CUDA generator's get_state holds seed and offset)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed: int, offset: int = 0):
+        self.seed, self.offset = seed, offset
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def get_offset(self) -> int:
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        assert offset % 4 == 0, "CUDA's set_offset refuses offsets that are not multiples of 4"
+        self.offset = offset
+
+    def get_state(self) -> tuple[int, int]:
+        return self.seed, self.offset
+
+    def set_state(self, state: tuple[int, int]) -> None:
+        self.seed, self.offset = state
+
+
+def test_a_cuda_generators_seed_comes_from_its_state_on_the_host():
+    g = _OffsetGenerator(1234)
+    seeds = [lora_triton.draw_seed(g) for _ in range(3)]
+    assert g.offset == 3 * lora_triton.OFFSET_STEP == 12  # offsets move in multiples of 4
+    assert len(set(seeds)) == 3 and all(0 <= s < 1 << 62 for s in seeds)
+    # The state decides the seed: the same state, the same seed; a restored state (recompute,
+    # an OOM retry, a resumed checkpoint) redraws the same seeds.
+    assert lora_triton.draw_seed(_OffsetGenerator(1234, 4)) == seeds[1]
+    g.set_state((1234, 0))
+    assert [lora_triton.draw_seed(g) for _ in range(3)] == seeds
+    # Another seed (another adapter or layer), other seeds.
+    assert not {lora_triton.draw_seed(_OffsetGenerator(1235, o)) for o in (0, 4, 8)} & set(seeds)
+    # Seeds of neighbouring offsets share no obvious bits (the mixer): about half differ.
+    flips = [bin(a ^ b).count("1") for a, b in zip(seeds, seeds[1:])]
+    assert all(16 <= f <= 46 for f in flips), flips
+
+
+def test_a_cpu_generators_seed_is_the_draw_the_kernel_made_before():
+    """CPU generators (the tests) draw the seed a device launch drew before seeds moved to the
+    host: the masks of the CPU tests are those of earlier versions, bit for bit."""
+    seeds = [lora_triton.draw_seed(torch.Generator().manual_seed(s)) for s in (0, 1, 2)]
+    before = [torch.empty(1, dtype=torch.int64).random_(0, 1 << 62, generator=torch.Generator().manual_seed(s))
+              for s in (0, 1, 2)]
+    assert seeds == [int(b) for b in before]
+    g = torch.Generator().manual_seed(5)
+    assert lora_triton.draw_seed(g) != lora_triton.draw_seed(g)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_draw_makes_no_tensor_op_up_to_8_adapters_and_recompute_redraws():
+    """Drawing the seeds of up to 8 adapters from CUDA generators is host work (no launch); the
+    kernels get them as scalars; a restored state redraws the same masks."""
+    cpu = torch.device("cpu")
+    drops = lambda gens: [DropoutRows(4 * i, 4 * i + 4, 0.5, g) for i, g in enumerate(gens)]  # noqa: E731
+    gens = [_OffsetGenerator(100 + i) for i in range(lora_triton.SCALAR_SEEDS)]
+    lora_triton.draw(drops(gens), 32, cpu)  # the per-layout tables, made once per layout
+    states = [g.get_state() for g in gens]
+    with _CountOps() as count:
+        plan = lora_triton.draw(drops(gens), 32, cpu)
+        args = plan.args()
+    assert count.ops == []
+    assert plan.seed_table is None and not plan.many_seeds
+    scalars = args[-lora_triton.SCALAR_SEEDS:]
+    assert all(isinstance(s, int) and s >> 62 == 1 for s in scalars)  # tagged: one i64 signature
+    assert [s & ~lora_triton.SEED_TAG for s in scalars] == list(plan.seeds)
+    keep = lora_triton.keep_mask(plan, 32, 24)
+    assert not keep.all() and not torch.equal(keep[:4], keep[4:8])
+    for g, state in zip(gens, states):
+        g.set_state(state)
+    assert torch.equal(lora_triton.keep_mask(lora_triton.draw(drops(gens), 32, cpu), 32, 24), keep)
+    assert not torch.equal(lora_triton.keep_mask(lora_triton.draw(drops(gens), 32, cpu), 32, 24), keep)
+
+
+def test_seeds_do_not_change_the_kernels_specialisation():
+    """Triton compiles a kernel per specialisation of its arguments, which for integers depends
+    on the value (i32 or i64, == 1, divisible by 16): seeds that change every call must all
+    land in one, or each call would compile anew. The specialisation Triton's runtime computes
+    for a launch (its JIT cache key's), for plans of very different seeds, is one."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from mlora import philox_kernels
+
+    owner, table = lora_triton._tables(((0, 4, 0.5, 1, 0), (4, 8, 0.5, 1, 0)), 1, 8, torch.device("cpu"))
+    for name in ("down_kernel", "mask_kernel"):
+        kernel = getattr(philox_kernels, name)  # the interpreter's wrapper here: the kernel as compiled
+        unspecialised = getattr(kernel, "kwargs", {}).get("do_not_specialize") or kernel.do_not_specialize
+        fn = JITFunction(getattr(kernel, "fn", kernel), do_not_specialize=unspecialised)
+        bind = create_function_from_signature(fn.signature, fn.params, BaseBackend)
+        keys = set()
+        for seeds in ((0, 1), (16, 5), (1 << 40, (1 << 62) - 1), (123456789, 2 ** 31)):
+            args = lora_triton.PhiloxDropout(owner, table, seeds, 1).args()
+            bound = dict(zip(fn.arg_names[fn.arg_names.index("owner_ptr"):], args))
+            _, specialisation, _ = bind(**{arg: bound.get(arg, 0) for arg in fn.arg_names})
+            keys.add(str(specialisation))
+        assert len(keys) == 1, keys
+        # ...which the seeds' tag makes so: untagged, a seed under 2**31 is an i32, one above an i64.
+        raw = {str(bind(**{arg: s if arg == "seed0" else 0 for arg in fn.arg_names})[1]) for s in (1, 5, 1 << 31)}
+        assert len(raw) == 2, raw
+
+
+def test_more_than_8_adapters_get_the_masks_they_get_alone():
+    """9 adapters, over the kernels' scalar seeds: the seeds go to the kernels as one tensor, and
+    each adapter's mask (rows padded to 6 in the batch, to its own length alone) is the one it
+    draws alone, in keep_mask and in down's bits alike."""
+    k, seq, rows, cpu = 24, 6, 2, torch.device("cpu")
+    lengths = [6, 5, 3, 6, 4, 6, 2, 5, 6]
+
+    def rows_of(i, seed):
+        start = (1 + rows * i) * seq  # batch row 0 has no adapter
+        return DropoutRows(start, start + rows * seq, 0.3 + 0.05 * i, torch.Generator().manual_seed(seed), seq,
+                           lengths[i], seq - lengths[i] if i % 2 else 0)
+
+    n = (1 + rows * len(lengths)) * seq
+    plan = lora_triton.draw([rows_of(i, 40 + i) for i in range(len(lengths))], n, cpu)
+    assert plan.many_seeds and plan.seed_table.shape == (len(lengths),)
+    keep = lora_triton.keep_mask(plan, n, k)
+    assert keep[:seq].all()
+    x = torch.randn(n, k)
+    _, bits = lora_triton.down(x, torch.randn(16, k), torch.ones(16), plan)
+    assert torch.equal(lora_triton.unpack(bits, k), keep)
+    for i, length in enumerate(lengths):
+        alone = lora_triton.draw([DropoutRows(0, rows * length, 0.3 + 0.05 * i, torch.Generator().manual_seed(40 + i),
+                                              length, length, 0)], rows * length, cpu)
+        want = lora_triton.keep_mask(alone, rows * length, k).view(rows, length, k)
+        got = keep[(1 + rows * i) * seq:(1 + rows * (i + 1)) * seq].view(rows, seq, k)
+        tokens = slice(seq - length, seq) if i % 2 else slice(0, length)
+        assert torch.equal(got[:, tokens], want) and not want.all()
+
+
 def test_threshold_is_the_rate_on_16_bits():
     assert lora_triton.threshold(0.0) == 0
     assert lora_triton.threshold(0.05) == 3277
@@ -151,13 +298,17 @@ def _triton_reference_masks(rows, seq, in_f, p):
     return masks
 
 
-@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 8, 4]])
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 8, 4], [2] * 9], ids=["3 adapters", "mixed ranks", "9 adapters"])
 def test_input_group_matches_autograd_with_its_masks(monkeypatch, ranks):
     """q/k/v-like group, three adapters (one row without an adapter), dropout 0.2: outputs, the
-    input gradient and every LoRA gradient equal plain autograd with the kernels' masks."""
+    input gradient and every LoRA gradient equal plain autograd with the kernels' masks, each
+    adapter's those it draws alone. Also for 9 adapters, whose seeds the kernel reads from a
+    tensor (over lora_triton.SCALAR_SEEDS)."""
     monkeypatch.setattr(lora, "kernel", "triton")
     p, seq, in_f = 0.2, 3, 16
     rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 3), AdapterRows("c", 4, 6)]
+    if len(ranks) > 3:  # one row each, row 3 without an adapter
+        rows = [AdapterRows(f"a{i}", i + (i >= 3), i + 1 + (i >= 3)) for i in range(len(ranks))]
     torch.manual_seed(0)
     layout = BatchLayout(rows)
     members = _group(in_f, (16, 8, 8), layout)
@@ -167,7 +318,7 @@ def test_input_group_matches_autograd_with_its_masks(monkeypatch, ranks):
             w = _weights(in_f, lin.out_features, r, 2.0 * r, p, 100 * i + m)
             w.generator = torch.Generator().manual_seed(7 + i)
             lin.adapters[rows[i].name] = weights[(rows[i].name, m)] = w
-    x = torch.randn(6, seq, in_f, requires_grad=True)
+    x = torch.randn(rows[-1].end, seq, in_f, requires_grad=True)
     ys = [lin(x) for lin in members]
     grads = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(ys, grads)
