@@ -6,7 +6,9 @@ nothing) is one kernel launch on a GPU, and so
 is each Triton kernel launch of the triton kernel (run here through Triton's interpreter; on
 a GPU its A gradient splits the tokens over more programs at benchmark sizes and adds one sum
 per group), so the count is the launch count a GPU would see, minus the optimizer (left out: on CUDA AdamW
-is one fused launch per adapter). Saved bytes are what autograd keeps for the backward
+is one fused launch per adapter). The triton kernel's dropout seeds are not counted either: on
+a GPU they come from the CUDA generators' state on the host (lora_triton.draw_seed), while the
+CPU generators here draw each with a CPU op. Saved bytes are what autograd keeps for the backward
 (saved-tensor hooks; parameters excluded), the activations part of the memory model.
 
     python benchmarks/count_ops.py                     # tinyllama-1.1b layout, 2 layers
@@ -84,12 +86,18 @@ def _counting_triton(count: _CountOps):
         return
     from mlora import lora_triton
 
-    real = lora_triton._kernels
+    real, real_seed = lora_triton._kernels, lora_triton.draw_seed
+
+    def uncounted_seed(g):  # host work on a GPU (see the module docstring)
+        with _disable_current_modes():
+            return real_seed(g)
+
     lora_triton._kernels = lambda: _CountedLaunches(real(), count)
+    lora_triton.draw_seed = uncounted_seed
     try:
         yield
     finally:
-        lora_triton._kernels = real
+        lora_triton._kernels, lora_triton.draw_seed = real, real_seed
 
 
 def _step_cost(model, ids, rows, params: set[int]) -> dict:
