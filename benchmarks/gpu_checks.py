@@ -223,6 +223,121 @@ def check_steps_reach_the_fused_kernel(device) -> list[dict]:
                   "max_rel_err": err, "tolerance": 1e-4, "ok": err <= 1e-4}]
 
 
+def check_bf16_casts_follow_steps(device) -> dict:
+    """bf16: the fused kernel's weights are views of one cast per adapter (flat_params.cast_of),
+    made again after each step: after two steps of each of two adapters, every weight's view
+    equals its own cast, and the fused kernel's LoRA delta equals the loop kernel's."""
+    from mlora.flat_params import cast_of
+
+    model, layout, wrappers = tiny_model(device, torch.bfloat16)
+    adapters = []
+    for name in ("a", "b"):
+        cfg = AdapterConfig(name=name, data="<check>", r=16, alpha=32, dropout=0.0, target_modules=list(TARGET_MODULES),
+                            lr=0.01, batch_size=1, micro_batch_size=1)
+        adapters.append(Adapter(cfg, wrappers, seed=len(adapters), device=device, total_steps=10))
+    ids = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(3)).to(device)
+    both = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
+    layout.rows = both
+    model.train()
+    previous, lora_module.kernel = lora_module.kernel, "fused"
+    try:
+        for _ in range(2):
+            model(ids).float().logsumexp(-1).mean().backward()
+            for a in adapters:
+                a.step_on_device()
+        model.eval()
+        out = {}
+        for kernel in ("fused", "loop", "base"):
+            layout.rows = [] if kernel == "base" else both
+            lora_module.kernel = "loop" if kernel == "base" else kernel
+            with torch.no_grad():
+                out[kernel] = model(ids).float()
+    finally:
+        lora_module.kernel = previous
+    views_ok = all(torch.equal(cast_of(p, torch.bfloat16), p.detach().bfloat16()) for a in adapters for p in a.parameters())
+    err = rel_err(out["fused"] - out["base"], out["loop"] - out["base"])
+    return {"check": "bf16: after Adapter steps the fused kernel's casts are the stepped weights' (views; delta vs loop)",
+            "views_equal_own_casts": views_ok, "max_rel_err": err, "tolerance": 3e-2, "ok": views_ok and err <= 3e-2}
+
+
+def check_fp32_weight_gradients(device) -> dict:
+    """The fused op's weight gradients come out of the GEMM in fp32 (lora_fused._mm_fp32:
+    torch.mm(out_dtype=float32) on CUDA, where the CPU casts a bf16 product): against the fp32
+    product of the same bf16 inputs."""
+    from mlora import lora_fused
+
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 8192 if device.type == "cuda" else 512  # (the CPU: a dry run)
+    a = torch.randn(2048, n, device=device, generator=g).bfloat16()
+    b = torch.randn(n, 64, device=device, generator=g).bfloat16()
+    got = lora_fused._mm_fp32(a, b)
+    want = a.float() @ b.float()
+    err = rel_err(got, want)
+    fp32_gemm = device.type == "cuda" and lora_fused._writes_fp32(device, torch.bfloat16)
+    # fp32 out: only the accumulation order differs; a bf16 product would be ~1e-3 off
+    tol = 1e-5 if fp32_gemm else 1e-2
+    return {"check": "weight gradients as fp32 GEMM outputs", "gemm_writes_fp32": fp32_gemm, "dtype": str(got.dtype),
+            "max_rel_err": err, "tolerance": tol, "ok": got.dtype == torch.float32 and err <= tol}
+
+
+def check_seeds_on_the_host(device) -> list[dict]:
+    """The triton kernel's dropout seeds (lora_triton.draw_seed): drawn on the host from a CUDA
+    generator's state with no device op, the same again after its state is restored, and
+    new seeds compile no new variant of the kernel (Triton would type a small seed as i32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlora import lora_triton
+    from mlora.lora_fused import DropoutRows
+
+    why = lora_triton.unavailable(device)
+    if why:
+        return [{"check": "triton kernel available", "ok": False, "error": why}]
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor)]
+            if any(t.device.type != "cpu" for t in tensors):  # (a CPU generator's draw is host work)
+                self.ops.append(str(func))
+            return out
+
+    gens = [torch.Generator(device=device).manual_seed(i) for i in range(4)]
+    rows = [DropoutRows(i * 512, (i + 1) * 512, 0.05, g, 512, 512, 0) for i, g in enumerate(gens)]
+    lora_triton.draw(rows, 2048, device)  # (the per-layout tables: made once)
+    states = [g.get_state() for g in gens]
+    with Ops() as ops:
+        plan = lora_triton.draw(rows, 2048, device)
+    for g, state in zip(gens, states):
+        g.set_state(state)
+    again = lora_triton.draw(rows, 2048, device)
+    out = [{"check": "triton seeds: no device op, redrawn after a restore", "device_ops": ops.ops,
+            "ok": not ops.ops and again.seeds == plan.seeds and len(set(plan.seeds)) == 4}]
+    x = torch.randn(2048, 256, device=device).bfloat16()
+    a_all = torch.randn(64, 256, device=device).bfloat16()
+    factor = torch.ones(64, device=device)
+    kernel = lora_triton._kernels().down_kernel
+
+    def variants() -> int | None:
+        caches = getattr(kernel, "device_caches", None)
+        if caches is None:
+            return None
+        return sum(len(entry[0]) for entry in caches.values())
+
+    lora_triton.down(x, a_all, factor, lora_triton.draw(rows, 2048, device))
+    first = variants()
+    for small in (0, 1, 16, 2**31 + 5):  # values Triton would otherwise type or specialise apart
+        plan = lora_triton.draw(rows, 2048, device)
+        plan.seeds = (small, *plan.seeds[1:])
+        lora_triton.down(x, a_all, factor, plan)
+    out.append({"check": "triton seeds: new seeds compile no new kernel variant", "variants_first": first,
+                "variants_after": variants(), "informational": first is None, "ok": first is None or variants() == first})
+    return out
+
+
 def _synchronisations(caught: list) -> list[str]:
     """The synchronising operations among warnings caught under set_sync_debug_mode("warn").
     Not its first warning, that the mode is a prototype ("... does not yet detect all
@@ -482,6 +597,8 @@ def main() -> int:
     # first time: a fault in it could leave the device unusable) and the timings last.
     check("strided draws", check_strided_draws, device)
     check("steps reach the fused kernel", check_steps_reach_the_fused_kernel, device)
+    check("bf16 casts follow steps", check_bf16_casts_follow_steps, device)
+    check("fp32 weight gradients", check_fp32_weight_gradients, device)
     if device.type == "cuda":
         check("one read per step", check_one_read_per_step, device)
         check("stage timer", check_stage_timer_waits_for_nothing, device)
@@ -502,6 +619,7 @@ def main() -> int:
     check("grouped runs grouped_mm", grouped_runs_grouped_mm)
     check("grouped experts", check_grouped_experts, device)
     check("triton kernels", check_triton_kernels, device)
+    check("seeds on the host", check_seeds_on_the_host, device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         check(f"fused(triton) vs solo(triton), {dtype}", check_fused_vs_solo, device, dtype, "triton", tol, "triton")
     if device.type == "cuda":

@@ -291,11 +291,11 @@ class FusedGroupLoRA(torch.autograd.Function):
         if bits is not None:
             d_a = lora_triton.grad_a(dh, dropped, bits)  # [C, in] fp32; `dropped` is x here
         else:
-            d_a = torch.mm(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
+            d_a = _mm_fp32(dh.t(), dropped)  # [C, in]; rows per adapter: contiguous views
         grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))
         grads_b, i = [], 0
         for dy, (c0, c1), count in zip(dys, spec.cols, spec.b_counts):
-            d_b = torch.mm(dy.t(), h[:, c0:c1])  # [out, C_m]: adapters side by side
+            d_b = _mm_fp32(dy.t(), h[:, c0:c1])  # [out, C_m] fp32: adapters side by side
             grads_b += _contiguous_fp32_blocks(d_b, ctx.b_cols[i:i + count])
             i += count
         # Only when this backward reaches the parameters (not for torch.autograd.grad(loss, x)
@@ -304,6 +304,27 @@ class FusedGroupLoRA(torch.autograd.Function):
         if anchor_node is not None and torch._C._will_engine_execute_node(anchor_node):
             _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
         return dx, None, None
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32, for the weights' gradients. On CUDA the GEMM writes fp32 itself from
+    16-bit inputs (its fp32 accumulator never rounded to the inputs' dtype: one launch instead
+    of a GEMM and a cast, and a gradient as exact as the inputs allow); elsewhere, and where
+    the GEMM cannot, the product in the inputs' dtype, then cast."""
+    if a.dtype != torch.float32 and a.device.type == "cuda" and _writes_fp32(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+@functools.cache
+def _writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(out_dtype=float32) runs for `dtype` inputs on `device` (torch 2.8 and
+    later, on CUDA): tried once on a tiny product."""
+    try:
+        one = torch.ones(1, 1, dtype=dtype, device=device)
+        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -330,7 +351,7 @@ def _contiguous_fp32_blocks(d: torch.Tensor, widths: list[int]) -> list[torch.Te
     launches of this op before)."""
     out, G = d.shape[0], len(widths)
     if G == 1:
-        return [d.float()]
+        return [d.float()]  # (no copy when d is fp32 already)
     if len(set(widths)) == 1:
         blocks = torch.empty(G, out, widths[0], dtype=torch.float32, device=d.device)  # [G, out, r]
         blocks.copy_(d.view(out, G, widths[0]).permute(1, 0, 2))

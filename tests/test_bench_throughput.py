@@ -265,3 +265,18 @@ def _gpu_checks():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_gpu_checks_of_the_flat_weights_and_host_seeds_run_on_the_cpu():
+    """gpu_checks.py's checks of this session's changes (bf16 casts that follow the steps, fp32
+    weight gradients, seeds drawn on the host), as a dry run on the CPU: they call mlora as it
+    is now and pass there."""
+    module = _gpu_checks()
+    cpu = torch.device("cpu")
+    for result in (module.check_bf16_casts_follow_steps(cpu), module.check_fp32_weight_gradients(cpu)):
+        assert result["ok"], result
+    assert module.check_fp32_weight_gradients(cpu)["gemm_writes_fp32"] is False  # (no such CPU GEMM)
+    if _triton_unavailable():
+        pytest.skip(_triton_unavailable())
+    results = module.check_seeds_on_the_host(cpu)
+    assert len(results) == 2 and all(r["ok"] for r in results), results
