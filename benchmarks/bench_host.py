@@ -47,11 +47,12 @@ def best_ms(fn, steps: int, repeats: int) -> float:
     return best * 1e3
 
 
-def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
+def measure(steps: int, repeats: int, kernel: str = "auto", dtype: torch.dtype = torch.float32) -> dict:
+    """dtype: the activations' (bf16 adds what a GPU run does besides: the weights' casts)."""
     torch.set_num_threads(1)
-    bench = bt.MloraBench("host", bt.Settings(seq=SEQ, dropout=0.05), torch.device("cpu"), torch.float32)
+    bench = bt.MloraBench("host", bt.Settings(seq=SEQ, dropout=0.05), torch.device("cpu"), dtype)
     vocab = bench.cfg.vocab_size
-    out = {"kernel": kernel, "layers": bt.SHAPES["host"][2], "tokens_per_row": SEQ}
+    out = {"kernel": kernel, "layers": bt.SHAPES["host"][2], "tokens_per_row": SEQ, "dtype": str(dtype).split(".")[-1]}
     previous, lora_module.kernel = lora_module.kernel, kernel
     try:
         for n in (1, 4):
@@ -73,8 +74,17 @@ def measure(steps: int, repeats: int, kernel: str = "auto") -> dict:
                 for a in adapters:
                     a.step_on_device()
 
+            def train_step():  # what the benchmark's every step is: weights cast again after the last
+                forward_backward()
+                for a in adapters:
+                    a.step_on_device()
+
+            # fwd_bwd: later micro-batches of one step (the weights' casts kept, the gradients
+            # accumulated); optimizer_steps: the steps alone (on gradients set to zeros, which
+            # is part of the time); train_step: forward, backward and the adapters' steps.
             out[f"fwd_bwd_ms_{n}_adapters"] = best_ms(forward_backward, steps, repeats)
             out[f"optimizer_steps_ms_{n}_adapters"] = best_ms(optimizer_steps, steps, repeats)
+            out[f"train_step_ms_{n}_adapters"] = best_ms(train_step, steps, repeats)
             bench.layout.rows = []
             bench.detach(adapters)
         frozen, undo = bench.frozen_step(4, seed=0)
@@ -116,12 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few steps, for CI")
     p.add_argument("--kernels", default="auto,dense")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="activation dtype (a GPU run's is bfloat16: it adds the weights' casts)")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/host.json; none with --quick)")
     args = p.parse_args(argv)
     steps, repeats = (2, 1) if args.quick else (30, 5)
     result = {"meta": {"torch": torch.__version__, "threads": 1, "steps": steps, "repeats": repeats,
                        "date": time.strftime("%Y-%m-%d")},
-              "runs": [measure(steps, repeats, kernel) for kernel in args.kernels.split(",")],
+              "runs": [measure(steps, repeats, kernel, getattr(torch, args.dtype)) for kernel in args.kernels.split(",")],
               "batching": measure_batching(steps, repeats)}
     print(json.dumps({k: round(v, 2) for k, v in result["batching"].items()}))
     for run in result["runs"]:

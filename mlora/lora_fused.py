@@ -291,12 +291,12 @@ class FusedGroupLoRA(torch.autograd.Function):
         if bits is not None:
             d_a = lora_triton.grad_a(dh, dropped, bits)  # [C, in] fp32; `dropped` is x here
         else:
-            d_a = _mm_fp32(dh.t(), dropped)  # [C, in]; rows per adapter: contiguous views
+            d_a = _mm_fp32(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
         grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))
         grads_b, i = [], 0
         for dy, (c0, c1), count in zip(dys, spec.cols, spec.b_counts):
-            d_b = _mm_fp32(dy.t(), h[:, c0:c1])  # [out, C_m] fp32: adapters side by side
-            grads_b += _contiguous_fp32_blocks(d_b, ctx.b_cols[i:i + count])
+            d_b = _mm_fp32(dy.t(), h[:, c0:c1])  # [out, C_m]: adapters side by side
+            grads_b += _contiguous_fp32_blocks(d_b, ctx.b_cols[i:i + count])  # (a cast, where d_b is not fp32)
             i += count
         # Only when this backward reaches the parameters (not for torch.autograd.grad(loss, x)
         # or backward(inputs=[x])): the anchor's accumulation node says whether it does.
@@ -307,13 +307,13 @@ class FusedGroupLoRA(torch.autograd.Function):
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32, for the weights' gradients. On CUDA the GEMM writes fp32 itself from
-    16-bit inputs (its fp32 accumulator never rounded to the inputs' dtype: one launch instead
-    of a GEMM and a cast, and a gradient as exact as the inputs allow); elsewhere, and where
-    the GEMM cannot, the product in the inputs' dtype, then cast."""
+    """a @ b for a weight's gradient: fp32 where the GEMM can write it from 16-bit inputs (CUDA:
+    its fp32 accumulator never rounded to the inputs' dtype, and no cast launch after it), else
+    in the inputs' dtype, for the caller to cast (the CPU has no such GEMM; a copy into the
+    parameters' layout casts on the way)."""
     if a.dtype != torch.float32 and a.device.type == "cuda" and _writes_fp32(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a, b).float()
+    return torch.mm(a, b)
 
 
 @functools.cache
