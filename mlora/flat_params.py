@@ -28,12 +28,16 @@ Adapter._optimizer_step does, or `cast_of` would return the old weights.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# parameter -> (its FlatParameters, its index there). Weak: a dropped adapter's parameters go
-# with it; keyed by identity, so a deep copy of a model does not find the original's buffer.
+# parameter -> (a weak reference to its FlatParameters, its index there). Weak both ways: a
+# dropped adapter's parameters and buffer go with it (a strong FlatParameters here would hold
+# its own key, every parameter, through `params`, and so every adapter ever built); keyed by
+# identity, so a deep copy of a model does not find the original's buffer.
 _OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -60,7 +64,7 @@ class FlatParameters:
                 p.data = view
         self.param = nn.Parameter(data)  # [total]: what the optimizer steps
         for i, p in enumerate(self.params):
-            _OWNER[p] = (self, i)
+            _OWNER[p] = (weakref.ref(self), i)
         self._cast: torch.Tensor | None = None  # [total] in _cast.dtype
         self._cast_versions: list[int] = []
         self._grads: tuple | None = None  # the gradients gather_grad last gathered, with versions
@@ -137,14 +141,19 @@ class FlatParameters:
 
 
 def owner_of(p: torch.Tensor) -> tuple[FlatParameters, int] | None:
-    """The FlatParameters p is part of, and its index there; None if it is not flattened."""
-    return _OWNER.get(p)
+    """The FlatParameters p is part of, and its index there; None if it is not flattened (or
+    its FlatParameters is gone: p keeps the buffer's storage, its values, alone)."""
+    entry = _OWNER.get(p)
+    if entry is None:
+        return None
+    flat = entry[0]()
+    return None if flat is None else (flat, entry[1])
 
 
 def cast_of(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """p (a LoRA parameter) in `dtype`, without autograd: a view of its adapter's one cast when
     it is flattened, else its own cast."""
-    owner = _OWNER.get(p)
+    owner = owner_of(p)
     if owner is None:
         return p.detach().to(dtype)
     flat, i = owner

@@ -5,6 +5,8 @@ the fused op's casts are views of one cast per adapter that follows every write.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -57,6 +59,20 @@ def test_weights_become_views_of_one_buffer_with_their_values():
     assert owner_of(copy.deepcopy(params[1])) is None  # a copy is not the buffer's
     with pytest.raises(ValueError):
         FlatParameters([torch.nn.Parameter(torch.randn(2, dtype=torch.float64))])
+
+
+def test_a_dropped_adapter_frees_its_buffer_and_cast():
+    """`mlora eval` builds, uses and drops one adapter after another: each one's fp32 buffer
+    and 16-bit cast must go with it, not stay reachable from flat_params' registry."""
+    wrappers = inject_lora(_model(), BatchLayout())
+    for name in "ab":
+        adapter = _adapter(wrappers, name)
+        cast_of(adapter.parameters()[0], torch.bfloat16)
+        buffer, cast = weakref.ref(adapter.flat.param), weakref.ref(adapter.flat._cast)
+        adapter.detach_from(wrappers)
+        del adapter
+        gc.collect()
+        assert buffer() is None and cast() is None
 
 
 @pytest.mark.parametrize("optim", ["adamw", "sgd"])
