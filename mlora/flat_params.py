@@ -103,7 +103,15 @@ class FlatParameters:
             pieces = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None else g.reshape(-1)
                       for p, g in zip(self.params, grads)]
             grad = torch.cat(pieces)  # [total]
-        self._grads, self._grad = (grads, key), grad
+        # The parameters' gradients become views of it, so the gradient is held once, not twice
+        # from here to the step (a pipeline stage reads the norm, then runs other micro-batches
+        # until the step: the memory model counts one gradient); what the gradients were stays
+        # what they are, and a write to them is one to `grad` (its version moves: gathered again).
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if g is not None:
+                p.grad = self.view_of(grad, i)
+        grads = tuple(p.grad for p in self.params)
+        self._grads, self._grad = (grads, tuple(None if g is None else g._version for g in grads)), grad
         return grad
 
     def forget_grad(self) -> None:

@@ -75,6 +75,31 @@ def test_a_dropped_adapter_frees_its_buffer_and_cast():
         assert buffer() is None and cast() is None
 
 
+def test_the_gathered_gradient_is_held_once():
+    """After grad_sq (a pipeline stage reads it, then runs other micro-batches until the
+    step), the adapter holds its gradient once: the weights' gradients are views of the
+    gathered one, with their values, and a later write to them is gathered again."""
+    adapter = _adapter(inject_lora(_model(), BatchLayout()))
+    params = adapter.parameters()
+    grads = _grads(params, 0, missing={3})
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    before = [weakref.ref(p.grad) if p.grad is not None else None for p in params]
+    sq = adapter.grad_sq()
+    gc.collect()
+    assert all(r is None or r() is None for r in before)
+    flat = adapter.flat.gather_grad()
+    for p, g in zip(params, grads):
+        if g is None:
+            assert p.grad is None
+        else:
+            assert torch.equal(p.grad, g) and p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    expected = sum(float((g.double() ** 2).sum()) for g in grads if g is not None)
+    assert float(sq) == pytest.approx(expected, rel=1e-5)
+    params[0].grad.add_(1.0)  # another micro-batch's gradient, added in place
+    assert torch.equal(adapter.flat.gather_grad()[:params[0].numel()], (grads[0] + 1.0).reshape(-1))
+
+
 @pytest.mark.parametrize("optim", ["adamw", "sgd"])
 def test_the_one_tensor_step_is_the_per_weight_step(optim):
     """The adapter's steps (clipped and not, a weight without a gradient in one step) give
