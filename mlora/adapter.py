@@ -150,16 +150,20 @@ class Adapter:
                                        self.cfg.warmup_steps, self.total_steps)
 
     def _flat_grad(self) -> torch.Tensor | None:
-        """The adapter's gradient as one fp32 tensor (FlatParameters.gather_grad), None without any."""
+        """The adapter's gradient as one fp32 tensor, for the step (FlatParameters.gather_grad),
+        None without any."""
         return None if self.flat is None else self.flat.gather_grad()
 
     def grad_sq(self) -> torch.Tensor | None:
         """Sum of squares of this process's part of the adapter's gradient, as an fp32 scalar
-        on the device (None: no gradient here). Nothing waits for the device."""
-        grad = self._flat_grad()
-        if grad is None:
+        on the device (None: no gradient here). Nothing waits for the device, and nothing the
+        size of the gradient is made (the step gathers it)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
             return None
-        return torch.dot(grad, grad)  # one kernel over the whole adapter, fp32 as the weights
+        # One multi-tensor kernel over hundreds of tensors; fp32, as the weights are.
+        norms = torch._foreach_norm(grads)
+        return torch.stack(norms).pow(2).sum()
 
     def local_grad_sq(self) -> float:
         """grad_sq as a number (a pipeline stage adds these up over all ranks to clip by the

@@ -15,8 +15,9 @@ group's weights to the activation dtype after every step: a cast per weight kind
   parameter order); the parameters stay what every other part of mlora sees (autograd, the
   kernels, saving, loading, PEFT export);
 * the optimizer steps `param`, whose gradient is the parameters' gradients gathered into one
-  tensor at step time (`gather_grad`: one concatenation), so the AdamW step, the norm and
-  the clipping are one kernel each;
+  tensor at step time (`gather_grad`: one concatenation), so the AdamW step and the clipping
+  are one kernel each (the norm, asked for before the step, stays per tensor: one
+  multi-tensor launch per 110 of them);
 * `cast_of(p, dtype)` is p in the activation dtype as a view of ONE cast of the whole buffer,
   made again when a parameter has changed since (its version counter moved: an optimizer
   step, a restore, any in-place write), so a step's casts cost one launch per adapter.
@@ -67,8 +68,6 @@ class FlatParameters:
             _OWNER[p] = (weakref.ref(self), i)
         self._cast: torch.Tensor | None = None  # [total] in _cast.dtype
         self._cast_versions: list[int] = []
-        self._grads: tuple | None = None  # the gradients gather_grad last gathered, with versions
-        self._grad: torch.Tensor | None = None
 
     def view_of(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter i's part of a [total] tensor laid out like `param`, in its shape."""
@@ -90,33 +89,20 @@ class FlatParameters:
     def gather_grad(self) -> torch.Tensor | None:
         """The parameters' gradients as one fp32 [total] tensor laid out like `param` (zeros for
         a parameter without one, as an optimizer step of PEFT's stacked experts gives every
-        weight), or None when none has a gradient. Gathered once while the gradients stay the
-        same tensors with the same versions (the norm, then the step, ask for it)."""
-        grads = tuple(p.grad for p in self.params)
-        key = tuple(None if g is None else g._version for g in grads)
-        if self._grads is not None and all(a is b for a, b in zip(self._grads[0], grads)) and self._grads[1] == key:
-            return self._grad
+        weight), or None when none has a gradient: one concatenation, made by the step itself
+        (Adapter._optimizer_step), which drops the parameters' gradients right after. (Made any
+        earlier, for the norm, it would hold the gradient twice until the step: a pipeline
+        stage reads the norm, then runs other micro-batches; and re-homing the 308 gradients
+        as views of it instead costs more host time than the launches it saves.)"""
+        grads = [p.grad for p in self.params]
         if all(g is None for g in grads):
-            self._grads = self._grad = None
             return None
         with torch.no_grad():
-            pieces = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None else g.reshape(-1)
-                      for p, g in zip(self.params, grads)]
-            grad = torch.cat(pieces)  # [total]
-        # The parameters' gradients become views of it, so the gradient is held once, not twice
-        # from here to the step (a pipeline stage reads the norm, then runs other micro-batches
-        # until the step: the memory model counts one gradient); what the gradients were stays
-        # what they are, and a write to them is one to `grad` (its version moves: gathered again).
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            if g is not None:
-                p.grad = self.view_of(grad, i)
-        grads = tuple(p.grad for p in self.params)
-        self._grads, self._grad = (grads, tuple(None if g is None else g._version for g in grads)), grad
-        return grad
+            return torch.cat([torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None
+                              else g.reshape(-1) for p, g in zip(self.params, grads)])  # [total]
 
     def forget_grad(self) -> None:
-        """Drop the gathered gradient (after a step, or when the parameters' gradients go)."""
-        self._grads = self._grad = None
+        """Drop the stepped gradient (after a step, or when the parameters' gradients go)."""
         self.param.grad = None
 
     # ----------------------------------------------------------------- optimizer state
