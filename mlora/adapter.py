@@ -413,9 +413,12 @@ class Adapter:
                 w.lora_B.copy_(b)
 
     def detach_from(self, wrappers: dict[str, LoraLinear]) -> None:
-        """Remove this adapter from the model (its weights stay in `self.weights`)."""
+        """Remove this adapter from the model (its weights stay in `self.weights`), and from
+        what the input groups keep of it (InputGroup.forget_weights)."""
         for path in self.weights:
-            wrappers[path].adapters.pop(self.name, None)
+            wrapper = wrappers[path]
+            wrapper.adapters.pop(self.name, None)
+            wrapper.group.forget_weights()
 
 
 def decoder_layer_of(path: str) -> str:

@@ -262,6 +262,14 @@ class InputGroup:
         self._cache = None
         self._plan = None
 
+    def forget_weights(self) -> None:
+        """Drop everything that holds adapters' weights (the plan, the casts: an adapter's
+        whole buffer and cast, flat_params.py), when an adapter leaves: they are rebuilt for
+        the next batch, and the departed adapter's memory is freed now, not at this group's
+        next call with another layout."""
+        self.clear()
+        self._casts = None
+
     def hidden_for(self, member: "LoraLinear", x: torch.Tensor) -> _Hidden | None:
         cache = self._cache
         if cache is None or cache.x is not x:

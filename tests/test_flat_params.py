@@ -61,13 +61,21 @@ def test_weights_become_views_of_one_buffer_with_their_values():
         FlatParameters([torch.nn.Parameter(torch.randn(2, dtype=torch.float64))])
 
 
-def test_a_dropped_adapter_frees_its_buffer_and_cast():
+def test_a_dropped_adapter_frees_its_buffer_and_cast(monkeypatch):
     """`mlora eval` builds, uses and drops one adapter after another: each one's fp32 buffer
-    and 16-bit cast must go with it, not stay reachable from flat_params' registry."""
-    wrappers = inject_lora(_model(), BatchLayout())
+    and 16-bit cast must go with it, not stay reachable from flat_params' registry, nor from
+    the fused op's cached plans and casts of the batch it last ran in."""
+    monkeypatch.setattr(lora, "kernel", "fused")
+    model = _model(torch.bfloat16)
+    layout = BatchLayout()
+    wrappers = inject_lora(model, layout)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     for name in "ab":
         adapter = _adapter(wrappers, name)
-        cast_of(adapter.parameters()[0], torch.bfloat16)
+        layout.rows = [AdapterRows(name, 0, 2)]
+        with torch.no_grad():
+            model(ids)  # the groups now keep the batch's plan and casts
+        layout.rows = []
         buffer, cast = weakref.ref(adapter.flat.param), weakref.ref(adapter.flat._cast)
         adapter.detach_from(wrappers)
         del adapter
