@@ -8,8 +8,9 @@
 #                                                    # shape's frozen base and 4-adapter step; its
 #                                                    # JSON is rewritten after every run, so a
 #                                                    # timeout keeps what ran)
-#   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the MoE benchmark (bench_moe.py), a
-#                                                    # profile of llama2-7b's 4-adapter step,
+#   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the MoE benchmark (bench_moe.py), the
+#                                                    # host's time at 1-2 adapters (profile_host.py),
+#                                                    # a profile of llama2-7b's 4-adapter step,
 #                                                    # then the batch strategies on the GPU
 # Part 1 alone answers the throughput issue's targets (run it with the device call's
 # timeout_s at 600); run part 2 if device time is left.
@@ -35,6 +36,8 @@ else
   # Mixture-of-experts bases first: the grouped experts (after 2026-11-30) against the experts
   # one at a time and PEFT on transformers' grouped experts
   timeout 200 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
+  # Where the host's time goes at 1 and 2 adapters (TinyLlama), where the step is bound by it
+  timeout 90 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | log
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
   timeout 120 python3 benchmarks/bench_throughput.py --shapes llama2-7b --profile "$OUT/profile_7b.txt" 2>&1 | log
   timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30

@@ -280,3 +280,20 @@ def test_gpu_checks_of_the_flat_weights_and_host_seeds_run_on_the_cpu():
         pytest.skip(_triton_unavailable())
     results = module.check_seeds_on_the_host(cpu)
     assert len(results) == 2 and all(r["ok"] for r in results), results
+
+
+def test_profile_host_splits_the_step_into_host_work_and_the_read(tmp_path):
+    """benchmarks/profile_host.py (gpu_session.sh 2 runs it on the GPU) as a CPU smoke run:
+    per adapter count, the step's wall time is the final read's wait plus the host's own work,
+    and the profile names mlora's functions."""
+    spec = importlib.util.spec_from_file_location("profile_host", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "profile_host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--tiny", "--device", "cpu", "--adapters", "1,2", "--out", str(tmp_path)])
+    assert [r["adapters"] for r in result["runs"]] == [1, 2]
+    for r in result["runs"]:
+        assert r["wall_ms_per_step"] > 0 and r["host_ms_per_step"] > 0
+        assert r["host_ms_per_step"] + r["read_wait_ms_per_step"] == pytest.approx(r["wall_ms_per_step"], abs=0.02)
+    assert json.loads((tmp_path / "host_profile.json").read_text())["runs"] == result["runs"]
+    assert "lora_fused.py" in (tmp_path / "host_profile.txt").read_text()
