@@ -37,8 +37,8 @@ else
   # one at a time and PEFT on transformers' grouped experts
   timeout 200 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
   # Where the host's time goes at 1 and 2 adapters (TinyLlama), where the step is bound by it
-  timeout 90 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | log
+  timeout 80 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | log
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
   timeout 120 python3 benchmarks/bench_throughput.py --shapes llama2-7b --profile "$OUT/profile_7b.txt" 2>&1 | log
-  timeout 200 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
+  timeout 180 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
 fi
