@@ -11,9 +11,9 @@ per-tensor norms and scaling were launches of the same kind. And the fused LoRA 
 group's weights to the activation dtype after every step: a cast per weight kind and group,
 11 launches per LLaMA layer. Here:
 
-* every LoRA parameter's data is a view of `param` (one fp32 tensor, in the adapter's
-  parameter order); the parameters stay what every other part of mlora sees (autograd, the
-  kernels, saving, loading, PEFT export);
+* every LoRA parameter's data is a view of `param` (one fp32 tensor, laid out in the order
+  the parameters are given: Adapter gives every A, then every B); the parameters stay what
+  every other part of mlora sees (autograd, the kernels, saving, loading, PEFT export);
 * the optimizer steps `param`, whose gradient is the parameters' gradients gathered into one
   tensor at step time (`gather_grad`: one concatenation), so the AdamW step and the clipping
   are one kernel each (the norm, asked for before the step, stays per tensor: one
@@ -105,7 +105,7 @@ class FlatParameters:
         """The parameters' gradients as one fp32 [total] tensor laid out like `param` (zeros for
         a parameter without one, as an optimizer step of PEFT's stacked experts gives every
         weight), or None when none has a gradient: one concatenation, made by the step itself
-        (Adapter._optimizer_step), which drops the parameters' gradients right after. (Made any
+        (Adapter.step, step_on_device), which drops the parameters' gradients right after. (Made any
         earlier, for the norm, it would hold the gradient twice until the step: a pipeline
         stage reads the norm, then runs other micro-batches; and re-homing the 308 gradients
         as views of it instead costs more host time than the launches it saves.)"""
