@@ -186,6 +186,40 @@ def check_strided_draws(device) -> dict:
             "ok": torch.equal(alone, batch[:, 212:]) and bool(batch[:, :212].all())}
 
 
+def _delta_after_steps(device, dtype, names, step_kernel) -> tuple[float, list[Adapter]]:
+    """Adapters `names` (2 rows each) stepped twice with fused AdamW through `step_kernel`, then
+    the relative error of the fused kernel's LoRA delta against the loop kernel's (which reads
+    the weights directly). The deltas, not the logits: stale casts (B = 0 at the first step)
+    would give no delta at all."""
+    model, layout, wrappers = tiny_model(device, dtype)
+    adapters = []
+    for name in names:
+        cfg = AdapterConfig(name=name, data="<check>", r=16, alpha=32, dropout=0.0, target_modules=list(TARGET_MODULES),
+                            lr=0.01, batch_size=1, micro_batch_size=1)
+        adapters.append(Adapter(cfg, wrappers, seed=len(adapters), device=device, total_steps=10))
+    ids = torch.randint(0, 1024, (2 * len(names), 64), generator=torch.Generator().manual_seed(3)).to(device)
+    rows = [AdapterRows(name, 2 * i, 2 * i + 2) for i, name in enumerate(names)]
+    previous = lora_module.kernel
+    try:
+        lora_module.kernel = step_kernel
+        layout.rows = rows
+        model.train()
+        for _ in range(2):
+            model(ids).float().logsumexp(-1).mean().backward()
+            for a in adapters:
+                a.step_on_device()
+        model.eval()
+        out = {}
+        for kernel in ("fused", "loop", "base"):
+            layout.rows = [] if kernel == "base" else rows
+            lora_module.kernel = "loop" if kernel == "base" else kernel
+            with torch.no_grad():
+                out[kernel] = model(ids).float()
+    finally:
+        lora_module.kernel = previous
+    return rel_err(out["fused"] - out["base"], out["loop"] - out["base"]), adapters
+
+
 def check_steps_reach_the_fused_kernel(device) -> list[dict]:
     """Adapter's optimizer step moves the weights' version counters, so the fused kernel's
     weight casts follow the steps: after two steps of fused AdamW, the fused kernel's logits
@@ -197,28 +231,7 @@ def check_steps_reach_the_fused_kernel(device) -> list[dict]:
     torch.optim.AdamW([p], lr=0.1, fused=True).step()
     own = {"check": "torch's fused AdamW moves the version counter itself", "moves": p._version != before,
            "informational": True, "ok": True}
-    model, layout, wrappers = tiny_model(device, torch.float32)
-    cfg = AdapterConfig(name="a", data="<check>", r=16, alpha=32, dropout=0.0, target_modules=list(TARGET_MODULES),
-                        lr=0.01, batch_size=1, micro_batch_size=1)
-    adapter = Adapter(cfg, wrappers, seed=0, device=device, total_steps=10)
-    ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(3)).to(device)
-    layout.rows = [AdapterRows("a", 0, 2)]
-    model.train()
-    for _ in range(2):
-        model(ids).float().logsumexp(-1).mean().backward()
-        adapter.step_on_device()
-    model.eval()
-    out = {}
-    for kernel in ("fused", "loop", "base"):
-        layout.rows = [] if kernel == "base" else [AdapterRows("a", 0, 2)]
-        previous, lora_module.kernel = lora_module.kernel, "loop" if kernel == "base" else kernel
-        try:
-            with torch.no_grad():
-                out[kernel] = model(ids)
-        finally:
-            lora_module.kernel = previous
-    # The LoRA deltas, not the logits: stale casts (B = 0) would give no delta at all.
-    err = rel_err(out["fused"] - out["base"], out["loop"] - out["base"])
+    err, _ = _delta_after_steps(device, torch.float32, ["a"], lora_module.kernel)
     return [own, {"check": "after Adapter steps the fused kernel runs on the stepped weights (LoRA delta vs loop, fp32)",
                   "max_rel_err": err, "tolerance": 1e-4, "ok": err <= 1e-4}]
 
@@ -229,33 +242,8 @@ def check_bf16_casts_follow_steps(device) -> dict:
     equals its own cast, and the fused kernel's LoRA delta equals the loop kernel's."""
     from mlora.flat_params import cast_of
 
-    model, layout, wrappers = tiny_model(device, torch.bfloat16)
-    adapters = []
-    for name in ("a", "b"):
-        cfg = AdapterConfig(name=name, data="<check>", r=16, alpha=32, dropout=0.0, target_modules=list(TARGET_MODULES),
-                            lr=0.01, batch_size=1, micro_batch_size=1)
-        adapters.append(Adapter(cfg, wrappers, seed=len(adapters), device=device, total_steps=10))
-    ids = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(3)).to(device)
-    both = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
-    layout.rows = both
-    model.train()
-    previous, lora_module.kernel = lora_module.kernel, "fused"
-    try:
-        for _ in range(2):
-            model(ids).float().logsumexp(-1).mean().backward()
-            for a in adapters:
-                a.step_on_device()
-        model.eval()
-        out = {}
-        for kernel in ("fused", "loop", "base"):
-            layout.rows = [] if kernel == "base" else both
-            lora_module.kernel = "loop" if kernel == "base" else kernel
-            with torch.no_grad():
-                out[kernel] = model(ids).float()
-    finally:
-        lora_module.kernel = previous
+    err, adapters = _delta_after_steps(device, torch.bfloat16, ["a", "b"], "fused")
     views_ok = all(torch.equal(cast_of(p, torch.bfloat16), p.detach().bfloat16()) for a in adapters for p in a.parameters())
-    err = rel_err(out["fused"] - out["base"], out["loop"] - out["base"])
     return {"check": "bf16: after Adapter steps the fused kernel's casts are the stepped weights' (views; delta vs loop)",
             "views_equal_own_casts": views_ok, "max_rel_err": err, "tolerance": 3e-2, "ok": views_ok and err <= 3e-2}
 

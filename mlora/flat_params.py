@@ -68,8 +68,7 @@ class FlatParameters:
             total += p.numel()
         data = torch.empty(total, dtype=torch.float32, device=device)
         with torch.no_grad():
-            for p, o in zip(self.params, self.offsets):
-                view = data[o:o + p.numel()].view(p.shape)
+            for p, view in zip(self.params, _unflatten_dense_tensors(data, self.params)):
                 view.copy_(p)
                 p.data = view
         self.param = nn.Parameter(data)  # [total]: what the optimizer steps
