@@ -691,7 +691,7 @@ def _grouped_expert_lora_buffers(args: ModelArgs, e: int, adapters: list[LoraSha
     for m, ranks in per_adapter.items():
         if m not in shapes or not ranks:
             continue
-        C = -(-sum(ranks[:_adapters_in_batch(len(ranks), active)]) // align) * align
+        C = _round_up(sum(ranks[:_adapters_in_batch(len(ranks), active)]), align)
         fan_in, fan_out = shapes[m]
         most = max(most, args.num_experts * C * (fan_in + fan_out) * (2 * e + 8))
     return most
