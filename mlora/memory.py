@@ -325,10 +325,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     # the caller's padding or packing (or sinks) gives every kind of layer a mask; else only
     # the layers whose window or chunk cuts something at this length get one
     every_kind_masked = bool(explicit_mask) or args.attn_sinks
-    if explicit_mask is None:
-        explicit_mask = any(args.sliding_window[i] is not None and args.sliding_window[i] < seq_len
-                            or args.attention_chunk[i] is not None and args.attention_chunk[i] < seq_len  # (Llama 4)
-                            for i in stage.layers)
+    if explicit_mask is None:  # (a window or chunk (Llama 4) that cuts something at this length)
+        explicit_mask = _distinct_masks(args, stage.layers, seq_len, every_kind=False) > 0
     explicit_mask = explicit_mask or args.attn_sinks  # (llama.with_sink_key: always a mask)
 
     lora_kernel = _effective_kernel(lora_kernel, shared_lora_inputs, device)
