@@ -388,7 +388,10 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
-        may_group = (args.is_moe or args.moe_beside_mlp) and _experts_may_group(args, dtype, device, kind)
+        # (the backward's working set is larger grouped: on an unknown device, grouped wherever
+        # the dtype could group, as on the CPU)
+        may_group = (args.is_moe or args.moe_beside_mlp) and _experts_grouped(
+            args, dtype, device if device is not None else torch.device("cpu"), kind)
         backward += (max(_layer_backward_per_token(args, e, seq_len, *layer_kind, grouped=may_group)
                          for layer_kind in by_kind) * N
                      + _dequant_bytes(args, e, kind, N))
@@ -693,12 +696,6 @@ def _grouped_expert_lora_buffers(args: ModelArgs, e: int, adapters: list[LoraSha
         fan_in, fan_out = shapes[m]
         most = max(most, args.num_experts * C * (fan_in + fan_out) * (2 * e + 8))
     return most
-
-
-def _experts_may_group(args: ModelArgs, dtype: torch.dtype, device: torch.device | None, quant: str | None) -> bool:
-    """For the backward's working set, which is larger grouped: grouped where _experts_grouped
-    says so; on an unknown device wherever the dtype could group (fp32 and bf16, as on the CPU)."""
-    return _experts_grouped(args, dtype, device if device is not None else torch.device("cpu"), quant)
 
 
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
