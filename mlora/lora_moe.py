@@ -48,14 +48,18 @@ class ExpertRouting:
         # {projection name: its wrapper in each expert, None where that expert's is not wrapped}
         self.by_projection = by_projection or {}
 
+    def _rows_on_experts(self) -> list[AdapterRows]:
+        """The batch's non-empty rows of adapters on the experts, by start."""
+        on_experts = {name for w in self.wrappers for name in w.adapters}
+        return sorted((r for r in self.layout.rows if r.end > r.start and r.name in on_experts), key=lambda r: r.start)
+
     def grouped(self, tokens: torch.Tensor, S: int, N: int) -> "GroupedExpertLoRA | None | bool":
         """For grouped experts: the LoRA of this batch's adapters on them (None: no adapter of
         the batch is on them), or False where it cannot be grouped (an adapter on some experts'
         projection but not all, ranks that differ between experts, or dropout): then the
         experts run one at a time. tokens [M]: each routed token's
         batch position (row * S + t), ordered by expert; N: tokens in the batch."""
-        on_experts = {name for w in self.wrappers for name in w.adapters}
-        rows = sorted((r for r in self.layout.rows if r.end > r.start and r.name in on_experts), key=lambda r: r.start)
+        rows = self._rows_on_experts()
         if not rows:
             return None
         names = list(dict.fromkeys(r.name for r in rows))  # the batch's adapters on the experts, in row order
@@ -83,8 +87,7 @@ class ExpertRouting:
         """experts, tokens [N*k]: each routed token's expert and batch position (row * S + t),
         ordered by expert and then position; counts: tokens per expert; S: tokens per row; N:
         tokens in the batch."""
-        on_experts = {name for w in self.wrappers for name in w.adapters}
-        rows = sorted((r for r in self.layout.rows if r.end > r.start and r.name in on_experts), key=lambda r: r.start)
+        rows = self._rows_on_experts()
         if not rows:  # (no adapter of this batch is on the experts: nothing to read back)
             for layout in self.expert_layouts:
                 layout.rows = []
