@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from mlora.device import upload
-from mlora.lora import AdapterRows, BatchLayout, LoraLinear, _device_constant
+from mlora.lora import _GROUPED_MM, AdapterRows, BatchLayout, LoraLinear, _device_constant
 from mlora.lora_fused import _accumulate
 
 _EXPERT_PATH = re.compile(r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
-_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 class ExpertRouting:
