@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_throughput as bt  # noqa: E402
 import mlora.lora as lora_module  # noqa: E402
 from mlora.lora import AdapterRows  # noqa: E402
-from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.loss import head_loss_sums  # noqa: E402
 
 # TinyLlama's depth and head layout at a width where the math is negligible.
 bt.SHAPES.setdefault("host", (64, 176, 22, 4, 2, 512))
@@ -64,7 +64,7 @@ def measure(steps: int, repeats: int, kernel: str = "auto", dtype: torch.dtype =
 
             def forward_backward():
                 bench.layout.rows = rows
-                sums = token_loss_sums(bench.model(ids), ids, rows, counts)
+                sums = head_loss_sums(bench.model, bench.model(ids, head=False), ids, rows, counts)
                 sum(ce / count for ce, count in sums.values()).backward()
 
             def optimizer_steps():

@@ -118,7 +118,7 @@ def run_base(args) -> list[dict]:
     from mlora.data import Example
     from mlora.device import resolve_device, resolve_dtype
     from mlora.loader import load_model, read_model_config
-    from mlora.loss import token_loss_sums
+    from mlora.loss import head_loss_sums
     from mlora.lora import BatchLayout, check_kernel, inject_lora
     from mlora.quant import QuantConfig, check_available, linear_weight_bytes
 
@@ -161,8 +161,8 @@ def run_base(args) -> list[dict]:
                 parts.append(MicroBatch(a.name, examples, 0, 0, tokens, True, "right"))
             batch = fuse(parts, 0).to(device)
             layout.rows = batch.rows
-            logits = model(batch.input_ids, batch.attention_mask)
-            sums = token_loss_sums(logits, batch.labels, batch.rows)
+            hidden = model(batch.input_ids, batch.attention_mask, head=False)
+            sums = head_loss_sums(model, hidden, batch.labels, batch.rows)
             total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in parts)
             total.backward()
             for a in adapters:

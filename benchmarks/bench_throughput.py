@@ -33,7 +33,7 @@ import mlora.lora as lora_module  # noqa: E402
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, clear_lora_caches, inject_lora  # noqa: E402
-from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.loss import head_loss_sums  # noqa: E402
 from mlora.memory import _first_line  # noqa: E402
 from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
 
@@ -161,8 +161,8 @@ class MloraBench:
 
         def step():
             self.layout.rows = layout_rows
-            logits = self.model(ids)  # [n*rows, S, V]
-            sums = token_loss_sums(logits, ids, layout_rows, counts)
+            hidden = self.model(ids, head=False)  # [n*rows, S, H]
+            sums = head_loss_sums(self.model, hidden, ids, layout_rows, counts)
             total = sum(ce / max(1, count) for ce, count in sums.values())
             total.backward()
             norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
@@ -203,7 +203,7 @@ class MloraBench:
         one, counts = [AdapterRows("base", 0, rows)], {"base": rows * (self.s.seq - 1)}
 
         def step():
-            ce, count = token_loss_sums(self.model(ids), ids, one, counts)["base"]
+            ce, count = head_loss_sums(self.model, self.model(ids, head=False), ids, one, counts)["base"]
             (ce / count).backward()
 
         return step, hook.remove

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_throughput as bt  # noqa: E402
 import mlora.lora as lora_module  # noqa: E402
 from mlora.lora import AdapterRows  # noqa: E402
-from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.loss import head_loss_sums  # noqa: E402
 
 
 # Allocations without a fill: the caching allocator's, no kernel launch.
@@ -112,8 +112,8 @@ def _step_cost(model, ids, rows, params: set[int]) -> dict:
 
     with _CountOps() as count, _counting_triton(count):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(ids)
-        sums = token_loss_sums(logits, ids, rows)
+            hidden = model(ids, head=False)
+        sums = head_loss_sums(model, hidden, ids, rows)
         sum(ce / max(1, n) for ce, n in sums.values()).backward()
     return {"ops": count.ops, "saved_bytes": sum(saved.values())}
 

@@ -26,7 +26,7 @@ from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.device import upload  # noqa: E402
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora  # noqa: E402
-from mlora.loss import token_loss_sums  # noqa: E402
+from mlora.loss import head_loss_sums  # noqa: E402
 from mlora.memory import _first_line  # noqa: E402
 from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
 
@@ -69,8 +69,8 @@ def lora_grads(device, dtype, kernel, names, rows_of, ids, dropout, seed=0):
     model.train()
     previous, lora_module.kernel = lora_module.kernel, kernel
     try:
-        logits = model(ids)
-        sums = token_loss_sums(logits, ids, rows)
+        hidden = model(ids, head=False)
+        sums = head_loss_sums(model, hidden, ids, rows)
         total = sum(ce / count for ce, count in sums.values())
         total.backward()
     finally:
@@ -358,7 +358,8 @@ def check_one_read_per_step(device) -> dict:
         ids = upload(host_ids[seq], device)
         rows = [AdapterRows(a.name, 2 * i, 2 * i + 2) for i, a in enumerate(adapters)]
         bench.layout.rows = rows
-        sums = token_loss_sums(bench.model(ids, mask), ids, rows, {r.name: 2 * (seq - 1) for r in rows})
+        sums = head_loss_sums(bench.model, bench.model(ids, mask, head=False), ids, rows,
+                              {r.name: 2 * (seq - 1) for r in rows})
         sum(ce / count for ce, count in sums.values()).backward()
         norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
         torch.stack([ce for ce, _ in sums.values()] + norms).tolist()

@@ -1,4 +1,17 @@
-"""Per-adapter token cross-entropy over a fused batch."""
+"""Per-adapter token cross-entropy over a fused batch, with the head run a chunk at a time.
+
+A batch's logits are its largest tensors: [N, V] in the dtype, upcast to fp32 for a stable
+log-softmax, whose fp32 output is kept for the backward, whose backward makes two more fp32
+[N, V]: about 14 bytes per token and vocabulary entry, 7 GB for TinyLlama's 16 K tokens and 29 GB
+for Llama 3's (V = 128,256). The frozen head needs no weight gradient, so each token's gradient
+with respect to its hidden state depends on that token alone. `chunked_head_cross_entropy`
+therefore runs the head and the cross-entropy a chunk of tokens at a time, takes each chunk's
+gradient with respect to the hidden states right away (for a unit loss), and drops its logits:
+only [N, H] survives the forward. The backward scales each token's stored gradient by its
+upstream gradient (an adapter's 1 / step tokens); the chain rule is linear in it, so that is
+exact up to one rounding of the product in the dtype. Same GEMMs and elementwise work as the
+whole-logits loss, and the [N, V] tensors never exist whole.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +22,92 @@ from mlora.batching import label_token_counts
 from mlora.data import IGNORE_INDEX
 from mlora.lora import AdapterRows, BatchLayout
 
+# fp32 logits of one chunk: the chunk's working set is about five times this (the dtype's
+# logits, the fp32 upcast, log_softmax's output and, in the chunk's backward, two fp32 gradients
+# and the dtype's one). 256 MiB: 2,048 tokens of a 32 K vocabulary, 512 of a 128 K one.
+CHUNK_LOGITS_BYTES = 256 * 2**20
+CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per head chunk: fp32 logits of at most CHUNK_LOGITS_BYTES, a multiple of
+    CHUNK_MULTIPLE (at least one multiple)."""
+    tokens = CHUNK_LOGITS_BYTES // (4 * vocab_size)
+    return max(CHUNK_MULTIPLE, tokens // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+
 
 def fused_loss_sums(model: torch.nn.Module, layout: BatchLayout,
                     batch) -> dict[str, tuple[torch.Tensor, int]]:
     """Forward a fused batch (`batching.FusedBatch`): every adapter's rows through its own LoRA
     (`layout` tells the wrappers which rows are whose), packed rows with their positions and
-    documents; returns `token_loss_sums` of the logits."""
+    documents; returns `head_loss_sums` of the final hidden states."""
     layout.rows = batch.rows
-    logits = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
-                   document_ids=batch.document_ids)  # [B, S, V]
-    return token_loss_sums(logits, batch.labels, batch.rows, batch.label_counts)
+    h = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+              document_ids=batch.document_ids, head=False)  # [B, S, H]
+    return head_loss_sums(model, h, batch.labels, batch.rows, batch.label_counts)
 
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, rows: list[AdapterRows],
-                    counts: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
-    """For each adapter: (sum of next-token cross-entropy over its label tokens, token count).
+def head_loss_sums(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, rows: list[AdapterRows],
+                   counts: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+    """For each adapter: (sum of next-token cross-entropy over its label tokens, token count),
+    from the final-normed hidden states h [B, S, H] of `model` (a CausalLM with the head,
+    forwarded with head=False).
 
-    logits [B, S, V], labels [B, S] aligned with the inputs (HF convention): position t
-    predicts labels[t + 1]. Summing here and dividing by the optimizer step's token total
-    later makes gradient accumulation exact, whatever the micro-batch split.
+    labels [B, S] aligned with the inputs (HF convention): position t predicts labels[t + 1].
+    Summing here and dividing by the optimizer step's token total later makes gradient
+    accumulation exact, whatever the micro-batch split.
 
     counts: the token counts, when the caller counted them on the host (a FusedBatch's
-    label_counts); otherwise they are read back from labels' device, which
-    waits for everything queued on it (on a GPU, mid-step: the host loses its lead).
+    label_counts); otherwise they are read back from labels' device, which waits for
+    everything queued on it (on a GPU, mid-step: the host loses its lead).
     """
-    shift_logits = logits[:, :-1].float()  # [B, S-1, V]
-    shift_labels = labels[:, 1:]  # [B, S-1]
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    B, S, H = h.shape
+    # The last position predicts nothing: its target is IGNORE_INDEX, so that h [B, S, H] is
+    # taken whole (a view, where h[:, :-1] would be a copy); one position in S more of head work.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]
+    ce = chunked_head_cross_entropy(model, h.reshape(B * S, H), targets.reshape(-1)).view(B, S)
     per_row = ce.sum(dim=1)  # [B]
     if counts is None:
         counts = label_token_counts(labels, rows)
     return {r.name: (per_row[r.start:r.end].sum(), counts[r.name]) for r in rows}
+
+
+def chunked_head_cross_entropy(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [N] fp32 of model.logits(h) for hidden states h [N, H] and
+    targets [N] (IGNORE_INDEX: 0, no gradient), the head run CHUNK tokens at a time (module
+    docstring). Differentiable with respect to h only: the head must be frozen."""
+    if any(p.requires_grad for p in model.lm_head.parameters()):
+        raise ValueError("the chunked cross-entropy needs a frozen head (no gradient for lm_head's weight)")
+    return _ChunkedHeadCrossEntropy.apply(h, targets, model, chunk_tokens(model.args.vocab_size))
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Forward: the per-token loss and, when h needs a gradient, each token's gradient of its
+    own loss with respect to h (held until the backward). Backward: those, scaled per token."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
+                chunk: int) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        N = h.shape[0]
+        ce = torch.empty(N, dtype=torch.float32, device=h.device)  # [N]
+        grad_h = torch.empty_like(h) if want_grad else None  # [N, H]: d ce[t] / d h[t]
+        for start in range(0, N, chunk):
+            end = min(start + chunk, N)
+            with torch.enable_grad():
+                piece = h[start:end].detach().requires_grad_(want_grad)  # [c, H]
+                # (the dtype's logits die in the upcast: only the fp32 ones are kept, by log_softmax)
+                loss = F.cross_entropy(model.logits(piece).float(), targets[start:end],
+                                       ignore_index=IGNORE_INDEX, reduction="none")  # [c]
+                if want_grad:
+                    grad_h[start:end], = torch.autograd.grad(loss, piece, torch.ones_like(loss))
+            ce[start:end] = loss.detach()
+        ctx.save_for_backward(grad_h)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor):
+        grad_h, = ctx.saved_tensors
+        # computed in fp32, rounded once to the dtype (out= casts)
+        scaled = torch.mul(grad_h, grad_ce[:, None], out=torch.empty_like(grad_h))  # [N, H]
+        return scaled, None, None, None

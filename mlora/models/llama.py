@@ -757,7 +757,7 @@ class CausalLM(nn.Module):
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, head: bool = True) -> Tensor:
         """x: input_ids [B, S] if the stage has the embedding, else hidden states [B, S, H].
         attention_mask [B, S]: 1 = real token (None = all real).
         position_ids [B, S] int64: RoPE positions (None = 0..S-1 in every row); packed rows
@@ -769,15 +769,17 @@ class CausalLM(nn.Module):
         cached tokens too [B, cache.length + S]; the cache takes x's keys and values.
         last_only: the norm and head run on the last position only (generation needs no more;
         a long prompt's [B, S, V] logits would be most of its memory).
-        Returns logits [B, S, V] (S = 1 with last_only) if the stage has the head, else hidden
-        states [B, S, H].
+        head: False stops after the final norm, so that the loss can run the head a few tokens
+        at a time (loss.py: a batch's [N, V] logits never exist whole); see `logits`.
+        Returns logits [B, S, V] (S = 1 with last_only) if the stage has the head and `head`,
+        else hidden states [B, S, H].
 
         Under torch.inference_mode it runs as under no_grad instead: what the forward makes once
         and keeps (the LoRA ops' device constants and weight casts, the experts' stacks) would
         otherwise be inference tensors, which a later training forward cannot save."""
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
-                return self.forward(x, attention_mask, position_ids, document_ids, cache, last_only)
+                return self.forward(x, attention_mask, position_ids, document_ids, cache, last_only, head)
         h = self.model.embed_tokens(x) if self.has_embed else x  # [B, S, H]
         if self.has_embed and self.args.embed_scale:
             # sqrt(H) as HF rounds it: an fp32 scalar cast to the dtype (55.4 -> 55.5 in bf16)
@@ -838,11 +840,17 @@ class CausalLM(nn.Module):
             h = h[:, -1:]  # [B, 1, H]
         if self.has_norm:
             h = self.model.norm(h)
-        if self.has_head:
-            h = self.lm_head(h)  # [B, S, V]
-            cap = self.args.final_softcap
-            if cap is not None:  # Gemma 2
-                h = torch.tanh(h / cap) * cap
-            if self.args.logits_scaling != 1.0:  # Granite
-                h = h / self.args.logits_scaling
+        if self.has_head and head:
+            h = self.logits(h)  # [B, S, V]
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The head: logits [..., V] of final-normed hidden states h [..., H], with Gemma 2's
+        soft cap and Granite's scaling, in the model's dtype."""
+        h = self.lm_head(h)
+        cap = self.args.final_softcap
+        if cap is not None:  # Gemma 2
+            h = torch.tanh(h / cap) * cap
+        if self.args.logits_scaling != 1.0:  # Granite
+            h = h / self.args.logits_scaling
         return h

@@ -52,7 +52,7 @@ from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, pr
 from mlora.config import adapter_seed
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
-from mlora.loss import token_loss_sums
+from mlora.loss import head_loss_sums
 from mlora.metrics import MetricsLog
 from mlora.packing import packed_shape
 from mlora.pipeline.plan import MicroBatchRef, build_plan, max_in_flight_1f1b
@@ -387,12 +387,13 @@ class StageWorker:
         adapter = header["adapter"]
         self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
         with self.timer.measure(self.device):
-            # logits [B, S, V] on the last stage, else hidden states [B, S, H]; packed rows carry
-            # their RoPE positions and document ids to every stage.
-            out = self.session.model(x, mask, position_ids=positions, document_ids=documents)
+            # hidden states [B, S, H] (final-normed on the last stage, whose loss runs the head a
+            # chunk at a time); packed rows carry their RoPE positions and document ids to every stage.
+            out = self.session.model(x, mask, position_ids=positions, document_ids=documents, head=False)
             if self.last:
                 counts = {adapter: header["label_tokens"]}  # counted on rank 0's host
-                ce_sum, count = token_loss_sums(out, labels, self.session.layout.rows, counts)[adapter]
+                ce_sum, count = head_loss_sums(self.session.model, out, labels, self.session.layout.rows,
+                                               counts)[adapter]
                 out = ce_sum / max(1, header["step_tokens"])
         if self.last:
             tally = self.tally[adapter]
@@ -519,12 +520,12 @@ class StageWorker:
                 raise PipelineError(f"rank {self.rank}: expected test data of adapter '{cfg.name}', got "
                                     f"'{header.get('adapter')}' (ranks disagree on the test data)")
         self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
-        out = self.session.model(x, mask)
+        out = self.session.model(x, mask, head=False)
         if not self.last:
             self.transport.send(self.rank + 1, header, [out, labels])
             return 0.0, 0
         counts = {cfg.name: header["label_tokens"]}
-        ce_sum, tokens = token_loss_sums(out, labels, self.session.layout.rows, counts)[cfg.name]
+        ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts)[cfg.name]
         return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
 
     def log_eval(self, name: str, loss: float | None, tokens: int) -> None:
