@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from mlora.models.llama import ModelArgs, CausalLM
 from mlora.lora import inject_lora, BatchLayout, LoraWeights, AdapterRows, TARGET_MODULES, check_kernel
-from mlora.loss import token_loss_sums
+from mlora.loss import head_loss_sums
 from mlora.memory import (estimate_peak_bytes, LoraShape, GiB, run_splitting_on_oom, choose_token_budget,
                           device_free_bytes, UnsplittableOOM)
 
@@ -65,12 +65,12 @@ def step(m, layout, n, rows, S, V, left_pad=False):
     labels = ids.clone()
     per = rows // n
     layout.rows = [AdapterRows(f"a{a}", a * per, (a + 1) * per if a < n - 1 else rows) for a in range(n)]
-    logits = m(ids, am)
-    sums = token_loss_sums(logits, labels, layout.rows)
+    hidden = m(ids, am, head=False)  # [rows, S, H]
+    sums = head_loss_sums(m, hidden, labels, layout.rows)
     total = sum(s / max(1, c) for s, c in sums.values())
     fwd = torch.cuda.memory_allocated(dev) if not SMOKE else 0
     total.backward()
-    del logits, total, sums
+    del hidden, total, sums
     return fwd
 
 def case(name, args, m, layout, wrappers, rows, S, n, p, recompute, targets=TARGET_MODULES, left_pad=False):

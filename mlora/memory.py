@@ -29,6 +29,7 @@ import torch
 
 import mlora.lora
 from mlora.errors import UserError
+from mlora.loss import chunk_tokens
 from mlora.models.llama import GQA_MAX_HEAD_DIM, SINK_PAD, ModelArgs, module_sequence
 
 GiB = 2**30
@@ -203,36 +204,34 @@ class _Stage:
 class MemoryEstimate:
     """Bytes one training step on a fused batch keeps on the device, by kind.
 
-    The peak is reached either in the head's cross-entropy backward (every layer's saved
-    activations plus the logits and three fp32 [N, V] tensors) or in the backward of the last
-    layer (activations, the logits the trainer still holds, and one layer's working set):
+    The peak is reached either in the head's chunked cross-entropy at the end of the forward
+    (every layer's saved activations and one chunk's logits with their gradients) or in the
+    backward of the last layer (activations and one layer's working set):
 
-        total = weights + lora_state + activations
-                + max(logits, held_logits + layer_backward) + workspace
+        total = weights + lora_state + activations + max(head, layer_backward) + workspace
     """
 
     weights: int  # the frozen base: projections (maybe quantized), embedding, norms, head
     lora_state: int  # fp32 A/B of every adapter + their gradients + optimizer moments + their cast
-    activations: int  # kept for the backward at the end of the forward, all layers of the stage
-    logits: int  # the head at its peak: see `_head_bytes`
-    held_logits: int  # the part of `logits` alive through the whole backward (trainer holds logits)
+    activations: int  # kept for the backward at the end of the forward: all layers of the stage, the head
+    head: int  # one chunk of the head and its cross-entropy, at its peak: see `_head_bytes`
     layer_backward: int  # one layer's backward working set (+ its recomputed activations)
     workspace: int  # fixed: cuBLAS workspaces and small tensors
     per_layer: dict[str, int]  # activations of one decoder layer, by what keeps them (bytes)
 
     @property
     def total(self) -> int:
-        transient = max(self.logits, self.held_logits + self.layer_backward)
+        transient = max(self.head, self.layer_backward)
         return self.weights + self.lora_state + self.activations + transient + self.workspace
 
     @property
     def peak_phase(self) -> str:
         """Where the peak is: 'head' (cross-entropy backward) or 'layers'."""
-        return "head" if self.logits >= self.held_logits + self.layer_backward else "layers"
+        return "head" if self.head >= self.layer_backward else "layers"
 
     def gib(self) -> dict[str, float]:
         """The fields in GiB, rounded, for printing."""
-        fields = ("weights", "lora_state", "activations", "logits", "layer_backward", "workspace", "total")
+        fields = ("weights", "lora_state", "activations", "head", "layer_backward", "workspace", "total")
         return {f: round(getattr(self, f) / GiB, 2) for f in fields}
 
 
@@ -295,10 +294,11 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
       residual adds     nothing
     Layer 0 keeps a little less (its input needs no gradient); that is not subtracted.
 
-    The head (loss.py): logits [N, V] in the dtype are held by the trainer until the backward
-    ends; the cross-entropy upcasts to fp32 and log_softmax keeps its fp32 output; in the
-    backward, nll_loss's gradient and log_softmax's gradient are two more fp32 [N, V]: the head
-    peaks at N*V*(e + 12) bytes, usually the step's peak.
+    The head (loss.py) runs a chunk of tokens at a time and keeps only the hidden states'
+    gradient [N, H] for the backward; a chunk peaks at about 12 bytes per token and vocabulary
+    entry (`_head_bytes`). Before the chunking (2026-11-30) the whole [N, V] logits peaked at
+    N*V*(e + 12) bytes, usually the step's peak: the H200 measurements below are of that loss,
+    and tests/test_memory.py checks them with that head.
 
     Checked on one H200 (torch 2.11) against torch.cuda.max_memory_allocated of the trainer's
     forward + loss + backward (and, for the later points, whole steps with AdamW): never below
@@ -373,19 +373,19 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     final_norm = (4 * args.hidden_size + 4) * N if stage.has_norm else 0  # fp32 copy + rsqrt
     final_norm += 4 * args.hidden_size * (stage.has_norm and args.gemma_norms)  # fp32 (1 + w)
     stage_output = 0 if stage.has_head else args.hidden_size * e * N  # held to be sent onwards
+    head_saved, head = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     if recompute:
         # Each checkpointed layer keeps only its input [N, H]; the layer being back-propagated
         # is recomputed in full and is part of the backward's working set. Each input group
         # keeps its weights' casts between calls (the other layers' too).
         # (Gemma 4: a source layer's keys and values are kept as the inputs of the layers sharing them)
         sources = {args.kv_source(i) for i in stage.layers} - {None}
-        activations = (L * args.hidden_size * e * N + batch + final_norm + stage_output
+        activations = (L * args.hidden_size * e * N + batch + final_norm + stage_output + head_saved
                        + max(L - 1, 0) * _lora_cast_bytes(args, e, kept)
                        + sum(2 * args.kv_heads_of(i) * args.head_dim_of(i) * e * N for i in sources))
     else:
-        activations = all_layers + batch + final_norm + stage_output
+        activations = all_layers + batch + final_norm + stage_output + head_saved
 
-    logits, held = _head_bytes(args, e, N) if stage.has_head else (0, 0)
     backward = 0
     if L:
         # (the backward's working set is larger grouped: on an unknown device, grouped wherever
@@ -405,8 +405,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
         weights=weight_bytes(args, dtype, quant=kind, double_quant=dq, parts=parts),
         lora_state=lora_state_bytes(args, adapters, layers=stage.layers, dtype=dtype),
         activations=math.ceil(activations),
-        logits=logits,
-        held_logits=held,
+        head=head,
         layer_backward=math.ceil(backward),
         workspace=WORKSPACE_BYTES,
         per_layer=per_layer,
@@ -732,21 +731,22 @@ def _batch_bytes_per_token(args: ModelArgs, e: int, masks: int, seq_len: int,
 
 
 def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:
-    """(peak, held through the backward) of the head and loss.py's cross-entropy.
+    """(kept from the forward to the backward, the peak of one chunk) of the head and loss.py's
+    chunked cross-entropy, which takes the hidden states' gradient in the forward.
 
-    logits [N, V] in the dtype: held by the trainer until the backward has finished.
-    forward: the fp32 upcast [N, V] + log_softmax's output [N, V] fp32 (kept for the backward).
-    backward: nll_loss's gradient [N, V] fp32 and log_softmax's input gradient [N, V] fp32 while
-    its saved output is still alive; the upcast is gone by then. So the peak is three fp32
-    [N, V] beside the logits. (N - rows positions are shifted out; counted anyway.)"""
-    held = N * args.vocab_size * e
-    peak = held + 3 * N * args.vocab_size * 4
-    if args.final_softcap is not None:  # Gemma 2: tanh's output [N, V] is kept, and its gradient made
-        held += N * args.vocab_size * e
-        peak += 2 * N * args.vocab_size * e
-    if args.logits_scaling != 1.0:  # Granite: the head's output and its quotient, both alive a moment
-        peak += N * args.vocab_size * e
-    return peak, held
+    kept: that gradient [N, H] in the dtype (the loss's saved state, held until its backward
+    like any activation: so counted per micro-batch in flight on a pipeline's last stage).
+    chunk, c = min(loss.chunk_tokens(V), N) tokens at a time: the chunk's fp32 logits, then
+    log_softmax's fp32 output (kept for the chunk's backward), and in that backward nll_loss's
+    gradient and log_softmax's input gradient while the output is still alive: three fp32
+    [c, V] (the dtype's logits die in the upcast), plus the chunk's gradient [c, H]. Gemma 2's
+    soft cap keeps tanh's output [c, V] in the dtype besides. Measured on the CPU with every
+    allocation tracked (tests/test_memory.py), bf16 and fp32, with and without the soft cap:
+    exact but for the [c, H] term, which the peak does not always overlap."""
+    c = min(chunk_tokens(args.vocab_size), N)
+    kept = N * args.hidden_size * e
+    per_entry = 12 + (e if args.final_softcap is not None else 0)
+    return kept, c * args.vocab_size * per_entry + c * args.hidden_size * e
 
 
 def _qk_norm_width(args: ModelArgs, kind: str = "attention") -> int:
