@@ -297,3 +297,18 @@ def test_profile_host_splits_the_step_into_host_work_and_the_read(tmp_path):
         assert r["host_ms_per_step"] + r["read_wait_ms_per_step"] == pytest.approx(r["wall_ms_per_step"], abs=0.02)
     assert json.loads((tmp_path / "host_profile.json").read_text())["runs"] == result["runs"]
     assert "lora_fused.py" in (tmp_path / "host_profile.txt").read_text()
+
+
+def test_loss_benchmark_quick_mode(tmp_path):
+    """benchmarks/bench_loss.py on the CPU: the chunked head (ten chunks) peaks well below the
+    whole logits, and the memory model's estimate of it covers the tracked peak."""
+    spec = importlib.util.spec_from_file_location("bench_loss", ROOT / "benchmarks" / "bench_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "loss.json"
+    report = module.main(["--quick", "--out", str(out)])
+    (r,) = report["results"]
+    assert json.loads(out.read_text())["results"] == [r]
+    assert r["chunked"]["peak_mib"] < 0.35 * r["whole_logits"]["peak_mib"]
+    assert r["chunked"]["peak_mib"] <= r["estimate_chunked_mib"] <= 1.05 * r["chunked"]["peak_mib"]
+    assert r["chunked"]["ms"] > 0 and r["whole_logits"]["ms"] > 0
