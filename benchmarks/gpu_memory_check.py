@@ -101,8 +101,7 @@ def case(name, args, m, layout, wrappers, rows, S, n, p, recompute, targets=TARG
              est_total_gib=round(est.total / GiB, 3), est_no_moments_gib=round(est_no_moments / GiB, 3),
              ratio=round(est_no_moments / peak, 3) if peak else None,
              measured_fwd_gib=round(fwd / GiB, 3),
-             est_fwd_gib=round((est.activations + est.held_logits + 4 * rows * S * args.vocab_size
-                                + moments // 2) / GiB, 3),
+             est_fwd_gib=round((est.activations + moments // 2) / GiB, 3),  # (the head's kept gradient included)
              weights_plus_lora_gib=round(base / GiB, 3), est=est.gib(), phase=est.peak_phase, secs=round(secs, 2))
     print(json.dumps(r), flush=True)
     results.append(r)
