@@ -98,6 +98,7 @@ class Adapter:
                 self.dropout_generators[layer] = torch.Generator(device=device).manual_seed(seed_of_layer)
             weights.generator = self.dropout_generators[layer]
             wrapper.adapters[cfg.name] = weights
+            wrapper.group.adapters_changed()
             self.weights[path] = weights
         if cfg.init_from:
             self.load_peft(cfg.init_from)

@@ -39,6 +39,7 @@ import functools
 import math
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -255,6 +256,9 @@ class InputGroup:
         # is never reused, and keeping it (and the casts) would hold them for every expert of
         # every layer; its factors bypass the shared cache.
         self.transient = False
+        # What keeps plans built from the members' adapters outside this group (an MoE layer's
+        # routing: lora_moe.ExpertRouting.forget_adapters), called when those adapters change.
+        self.on_adapters_changed: list[Callable[[], None]] = []
 
     def clear(self) -> None:
         """Drop a cached input (after a failed forward, so an OOM retry does not keep it
@@ -264,11 +268,19 @@ class InputGroup:
 
     def forget_weights(self) -> None:
         """Drop everything that holds adapters' weights (the plan, the casts: an adapter's
-        whole buffer and cast, flat_params.py), when an adapter leaves: they are rebuilt for
-        the next batch, and the departed adapter's memory is freed now, not at this group's
-        next call with another layout."""
+        whole buffer and cast, flat_params.py; plans kept elsewhere: adapters_changed), when an
+        adapter leaves: they are rebuilt for the next batch, and the departed adapter's memory
+        is freed now, not at this group's next call with another layout."""
         self.clear()
         self._casts = None
+        self.adapters_changed()
+
+    def adapters_changed(self) -> None:
+        """An adapter joined or left a member: plans kept elsewhere from the members' adapters
+        (on_adapters_changed) are dropped, as they key on the batch's adapter names only. Code
+        that edits a member's `adapters` itself, not through mlora.adapter.Adapter, calls this."""
+        for drop in self.on_adapters_changed:
+            drop()
 
     def hidden_for(self, member: "LoraLinear", x: torch.Tensor) -> _Hidden | None:
         cache = self._cache
