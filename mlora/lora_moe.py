@@ -46,10 +46,26 @@ class ExpertRouting:
         self.wrappers = wrappers  # the experts' (to know whether any adapter is on them)
         # {projection name: its wrapper in each expert, None where that expert's is not wrapped}
         self.by_projection = by_projection or {}
+        # Built from the adapters on the experts (a pass over every expert's wrappers), which
+        # change only when an adapter is attached or detached (forget_adapters), not with the
+        # routing: kept across forwards. The plans are keyed on the batch's adapter names.
+        self._on_experts: frozenset[str] | None = None
+        self._plans: tuple[tuple[str, ...], dict[str, _ExpertLoRAPlan] | None | bool] | None = None  # (names, plans)
+
+    def forget_adapters(self) -> None:
+        """An adapter joined or left the experts (InputGroup.adapters_changed): drop what was
+        built from them, which would miss a new adapter, or apply and hold a departed one's weights."""
+        self._on_experts = None
+        self._plans = None
+
+    def _adapters_on_experts(self) -> frozenset[str]:
+        if self._on_experts is None:
+            self._on_experts = frozenset(name for w in self.wrappers for name in w.adapters)
+        return self._on_experts
 
     def _rows_on_experts(self) -> list[AdapterRows]:
         """The batch's non-empty rows of adapters on the experts, by start."""
-        on_experts = {name for w in self.wrappers for name in w.adapters}
+        on_experts = self._adapters_on_experts()
         return sorted((r for r in self.layout.rows if r.end > r.start and r.name in on_experts), key=lambda r: r.start)
 
     def grouped(self, tokens: torch.Tensor, S: int, N: int) -> "GroupedExpertLoRA | None | bool":
@@ -61,7 +77,28 @@ class ExpertRouting:
         rows = self._rows_on_experts()
         if not rows:
             return None
-        names = list(dict.fromkeys(r.name for r in rows))  # the batch's adapters on the experts, in row order
+        names = tuple(dict.fromkeys(r.name for r in rows))  # the batch's adapters on the experts, in row order
+        plans = self._plans_for(names)
+        if not plans:  # (None: no adapter of the batch on any projection; False: cannot be grouped)
+            return plans
+        # Each batch row's adapter (its index in names; len(names): none), then each token's.
+        row_of = [len(names)] * (N // S)
+        for r in rows:
+            row_of[r.start:r.end] = [names.index(r.name)] * (r.end - r.start)
+        row_adapter = _device_constant(tuple(row_of), torch.int32, tokens.device)  # [rows]
+        token_adapter = row_adapter.index_select(0, torch.div(tokens, S, rounding_mode="floor"))  # [M]
+        return GroupedExpertLoRA(plans, token_adapter, len(names))
+
+    def _plans_for(self, names: tuple[str, ...]) -> "dict[str, _ExpertLoRAPlan] | None | bool":
+        """_build_plans(names), made again only when the names or the adapters on the experts
+        change: the plans do not depend on the routing, nor on where the adapters' rows lie."""
+        if self._plans is None or self._plans[0] != names:
+            self._plans = (names, self._build_plans(names))
+        return self._plans[1]
+
+    def _build_plans(self, names: tuple[str, ...]) -> "dict[str, _ExpertLoRAPlan] | None | bool":
+        """{projection: the LoRA of the adapters `names` on it}, None where none is on any, False
+        where one cannot be grouped (see grouped)."""
         plans = {}
         for proj, wrappers in self.by_projection.items():
             present = [n for n in names if any(w is not None and n in w.adapters for w in wrappers)]
@@ -72,15 +109,7 @@ class ExpertRouting:
                 if any(w is None or w.dropout > 0 or w.r != ws[0].r for w in ws):
                     return False
             plans[proj] = _ExpertLoRAPlan([names.index(n) for n in present], weights)
-        if not plans:
-            return None
-        # Each batch row's adapter (its index in names; len(names): none), then each token's.
-        row_of = [len(names)] * (N // S)
-        for r in rows:
-            row_of[r.start:r.end] = [names.index(r.name)] * (r.end - r.start)
-        row_adapter = _device_constant(tuple(row_of), torch.int32, tokens.device)  # [rows]
-        token_adapter = row_adapter.index_select(0, torch.div(tokens, S, rounding_mode="floor"))  # [M]
-        return GroupedExpertLoRA(plans, token_adapter, len(names))
+        return plans or None
 
     def __call__(self, experts: torch.Tensor, tokens: torch.Tensor, counts: list[int], S: int, N: int) -> None:
         """experts, tokens [N*k]: each routed token's expert and batch position (row * S + t),
@@ -238,9 +267,12 @@ def attach_expert_routing(model: nn.Module, layout: BatchLayout, wrappers: dict[
         if isinstance(moe.routing_hook, ExpertRouting):  # attached already (inject_lora called again)
             continue
         expert_layouts = [BatchLayout() for _ in moe.experts]
+        routing = ExpertRouting(layout, expert_layouts, [w for ws in by_expert.values() for w in ws],
+                                per_projection[moe_path])
         for e, members in by_expert.items():
             for wrapper in members:
                 wrapper.layout = expert_layouts[e]
                 wrapper.group.transient = True
-        moe.routing_hook = ExpertRouting(layout, expert_layouts, [w for ws in by_expert.values() for w in ws],
-                                         per_projection[moe_path])
+                if routing.forget_adapters not in wrapper.group.on_adapters_changed:  # (gate and up share one)
+                    wrapper.group.on_adapters_changed.append(routing.forget_adapters)
+        moe.routing_hook = routing
