@@ -23,8 +23,10 @@ and adapter, and with no wait for the host: the per-expert layouts above are not
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -137,14 +139,48 @@ class ExpertRouting:
 @dataclass
 class _ExpertLoRAPlan:
     """One expert projection's LoRA in a batch: the adapters on it (their indices among the
-    batch's adapters on the experts) and their weights, weights[g][e] for adapter g, expert e."""
+    batch's adapters on the experts) and their weights, weights[g][e] for adapter g, expert e.
+
+    A plan lives as long as the adapters on the experts stay (ExpertRouting keeps it), and a
+    LoraWeights' parameters, rank and scale are set once (flat_params moves a parameter's
+    .data, not the parameter): what the op needs of it besides the routing is made once."""
 
     adapters: list[int]
     weights: list[list]  # [G][E] LoraWeights
+    # {(adapters, dtype, device): (table, params)}, see operands
+    _operands: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def ranks(self) -> list[int]:
         return [ws[0].r for ws in self.weights]
+
+    def operands(self, adapters: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, tuple]:
+        """(table, params) of _GroupedExpertLoRAOp for `adapters` adapters in the batch: made
+        once per plan, as neither depends on the routing."""
+        key = (adapters, dtype, device)
+        if key not in self._operands:
+            self._operands[key] = (self._keep_table(adapters, dtype, device), self._params(dtype))
+        return self._operands[key]
+
+    def _keep_table(self, adapters: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[adapters + 1, C]: 1 on each adapter's own columns (the last row: no adapter; the
+        padding columns: 0)."""
+        C = self.columns(dtype)
+        table = [[0.0] * C for _ in range(adapters + 1)]
+        c0 = 0
+        for g, r in zip(self.adapters, self.ranks):
+            table[g][c0:c0 + r] = [1.0] * r
+            c0 += r
+        return _device_constant(tuple(map(tuple, table)), dtype, device)
+
+    def _params(self, dtype: torch.dtype) -> tuple:
+        """(A list, B list, ranks, scales, C), the lists adapter-major, then expert. The scales
+        go into B in fp32 before its cast, as one expert at a time has them (LoraLinear): in
+        the dtype a scale such as alpha / sqrt(r) would be rounded."""
+        a_params = [w.lora_A for ws in self.weights for w in ws]
+        b_params = [w.lora_B for ws in self.weights for w in ws]
+        scales = [ws[0].scale for ws in self.weights]
+        return a_params, b_params, self.ranks, scales, self.columns(dtype)
 
     def columns(self, dtype: torch.dtype) -> int:
         """The adapters' ranks side by side, padded with zero columns to 16 bytes (what
@@ -165,22 +201,11 @@ class GroupedExpertLoRA:
         plan = self.plans.get(name)
         if plan is None:
             return None
-        # [adapters + 1, C]: 1 on each adapter's own columns (the last row: no adapter). The
-        # scales go into B in fp32 before its cast, as one expert at a time has them
-        # (LoraLinear): in the dtype a scale such as alpha / sqrt(r) would be rounded.
-        C = plan.columns(x.dtype)
-        table = [[0.0] * C for _ in range(self.adapters + 1)]  # (padding: 0)
-        c0 = 0
-        for g, ws in zip(plan.adapters, plan.weights):
-            table[g][c0:c0 + ws[0].r] = [1.0] * ws[0].r
-            c0 += ws[0].r
-        table = _device_constant(tuple(map(tuple, table)), x.dtype, x.device)
-        a_params = [w.lora_A for ws in plan.weights for w in ws]  # adapter-major, then expert
-        b_params = [w.lora_B for ws in plan.weights for w in ws]
-        scales = [ws[0].scale for ws in plan.weights]
-        anchor = next((p for p in a_params + b_params if p.requires_grad), a_params[0])
-        return _GroupedExpertLoRAOp.apply(x, ends, self.token_adapter, table,
-                                          (a_params, b_params, plan.ranks, scales, C), anchor)
+        table, params = plan.operands(self.adapters, x.dtype, x.device)  # table [adapters + 1, C]
+        a_params, b_params = params[0], params[1]
+        # (looked up every call: which parameters need a gradient may change between forwards)
+        anchor = next((p for p in itertools.chain(a_params, b_params) if p.requires_grad), a_params[0])
+        return _GroupedExpertLoRAOp.apply(x, ends, self.token_adapter, table, params, anchor)
 
 
 def _stacked_casts(params: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
