@@ -11,6 +11,7 @@ that stack the experts as transformers 5 holds them, and what the configuration 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -44,9 +45,10 @@ B, S = 4, 10
 
 
 def _mlora_with_adapters(base, specs):
-    """The model of `base` with adapters {name: (r, targets)}, every B and A drawn at random (B
-    starts at zero otherwise, and its gradient alone would be checked)."""
-    model = load_model(base, "cpu", torch.float32)
+    """The model of `base` (a checkpoint's directory, or a model: a copy of it) with adapters
+    {name: (r, targets)}, every B and A drawn at random (B starts at zero otherwise, and its
+    gradient alone would be checked)."""
+    model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else load_model(base, "cpu", torch.float32)
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     adapters = {}
@@ -1120,3 +1122,55 @@ def test_grouped_expert_lora_pads_unaligned_ranks(tmp_path, monkeypatch):
                 assert g is None or not g.any(), path
             else:
                 assert (g - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1e-12), path
+
+
+def test_grouped_expert_lora_plans_are_kept_until_the_layout_or_the_adapters_change(monkeypatch):
+    """The plans of grouped expert LoRA (lora_moe.ExpertRouting) and their column tables are
+    made by the first forward and kept by the next, whatever the routing; after the batch's
+    adapters change places or one is detached or attached, a forward equals a fresh model's."""
+    import mlora.lora_moe as lora_moe
+    import mlora.models.moe as moe
+
+    monkeypatch.setattr(moe, "GROUPED_EXPERTS", True)
+    torch.manual_seed(0)
+    base = llama.CausalLM(llama.args_from_hf_config(dict(
+        model_type="mixtral", vocab_size=400, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))).requires_grad_(False)
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    specs = {"e1": (4, ["q_proj", *mlp]), "e2": (8, mlp)}
+    both = [AdapterRows("e1", 0, 2), AdapterRows("e2", 2, B)]
+    ids, mask, _ = _inputs(7)
+    other_ids = _inputs(8)[0]  # (another routing)
+
+    def fresh(specs, rows, ids=ids):
+        model, layout, _ = _mlora_with_adapters(base, specs)
+        layout.rows = rows
+        return model(ids, mask)
+
+    made = []  # a plan (ExpertRouting) or a table (operands: columns): what must not be made again
+    plan_init, columns = lora_moe._ExpertLoRAPlan.__init__, lora_moe._ExpertLoRAPlan.columns
+    monkeypatch.setattr(lora_moe._ExpertLoRAPlan, "__init__", lambda p, *a: made.append(p) or plan_init(p, *a))
+    monkeypatch.setattr(lora_moe._ExpertLoRAPlan, "columns", lambda p, dtype: made.append(p) or columns(p, dtype))
+    model, layout, adapters = _mlora_with_adapters(base, specs)
+    wrappers = inject_lora(model, layout)  # (the wrappers in place)
+    layout.rows = both
+    with torch.no_grad():
+        first = model(ids, mask)
+        assert made
+        made.clear()
+        assert torch.equal(model(ids, mask), first)
+        rerouted = model(other_ids, mask)
+        assert not made
+        assert torch.equal(rerouted, fresh(specs, both, other_ids))
+        adapters["e2"].detach_from(wrappers)  # (after a forward of the same layout: the same names)
+        detached = model(ids, mask)
+        assert torch.equal(detached, fresh({"e1": specs["e1"]}, both)) and not torch.equal(detached, first)
+        again = Adapter(adapters["e2"].cfg, wrappers, 1, torch.device("cpu"), naming=naming_for("mixtral"))
+        for path, w in again.weights.items():
+            w.lora_A.copy_(adapters["e2"].weights[path].lora_A)
+            w.lora_B.copy_(adapters["e2"].weights[path].lora_B)
+        assert torch.equal(model(ids, mask), first)
+        # e2 out of the batch; then the adapters in the other order (their indices in the plans swap)
+        for rows in ([AdapterRows("e1", 0, B)], [AdapterRows("e2", 0, 1), AdapterRows("e1", 1, 3)]):
+            layout.rows = rows
+            assert torch.equal(model(ids, mask), fresh(specs, rows)), rows
