@@ -8,7 +8,8 @@
 #                                                    # shape's frozen base and 4-adapter step; its
 #                                                    # JSON is rewritten after every run, so a
 #                                                    # timeout keeps what ran)
-#   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the MoE benchmark (bench_moe.py), the
+#   OUT=/some/dir bash benchmarks/gpu_session.sh 2   # the chunked head against the whole logits
+#                                                    # (bench_loss.py), the MoE benchmark (bench_moe.py), the
 #                                                    # host's time at 1-2 adapters (profile_host.py),
 #                                                    # a profile of llama2-7b's 4-adapter step,
 #                                                    # then the batch strategies on the GPU
@@ -33,12 +34,14 @@ if [ "$PART" = 1 ]; then
   [ "$LEFT" -gt 60 ] || LEFT=60  # (timeout 0 would mean no limit at all)
   timeout "$LEFT" python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" 2>&1 | log
 else
-  # Mixture-of-experts bases first: the grouped experts (after 2026-11-30) against the experts
+  # The head a chunk at a time against the whole logits (after 2026-11-30): peak and time
+  timeout 45 python3 benchmarks/bench_loss.py --out "$OUT/loss_gpu.json" 2>&1 | log
+  # Mixture-of-experts bases: the grouped experts (after 2026-11-30) against the experts
   # one at a time and PEFT on transformers' grouped experts
-  timeout 200 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
+  timeout 180 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
   # Where the host's time goes at 1 and 2 adapters (TinyLlama), where the step is bound by it
   timeout 80 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | log
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
   timeout 120 python3 benchmarks/bench_throughput.py --shapes llama2-7b --profile "$OUT/profile_7b.txt" 2>&1 | log
-  timeout 180 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
+  timeout 150 python3 benchmarks/bench_strategies.py --quick --device cuda --out "$OUT/strategies_gpu.json" 2>&1 | log | tail -30
 fi
