@@ -161,6 +161,9 @@ class FusedBatch:
     # {adapter: its label tokens (targets of the loss)}, counted on the host where the batch
     # is built, so the loss never reads a count back from the device (which waits for it).
     label_counts: dict[str, int] | None = None
+    # [M] long: the positions whose next token is a target (trained_positions), found on the
+    # host by `to`, so that only they go through the head (loss.head_loss_sums)
+    target_positions: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "FusedBatch":
         # Through pinned memory (device.upload): a copy from pageable memory to a GPU waits
@@ -170,10 +173,23 @@ class FusedBatch:
             return None if t is None else upload(t, device)
 
         counts = self.label_counts if self.label_counts is not None else label_token_counts(self.labels, self.rows)
+        positions = self.target_positions
+        if positions is None and self.labels.device.type == "cpu":  # (on a GPU, finding them would wait for it)
+            positions = trained_positions(self.labels, self.rows)
         # The attention mask stays here: the model checks on it whether the rows need a mask at
         # all (no read back from the device) and moves it itself.
         return FusedBatch(move(self.input_ids), move(self.labels), self.attention_mask, self.rows,
-                          self.parts, move(self.position_ids), move(self.document_ids), counts)
+                          self.parts, move(self.position_ids), move(self.document_ids), counts, move(positions))
+
+
+def trained_positions(labels: torch.Tensor, rows: Sequence[AdapterRows]) -> torch.Tensor:
+    """[M] long: the flat positions b * S + t of labels [B, S] whose next label is a loss
+    target (labels[b, t + 1] != IGNORE_INDEX), adapter by adapter in the order of `rows`, each
+    adapter's ascending; so adapter i's are the i-th of the runs label_token_counts counts."""
+    S = labels.shape[1]
+    trained = torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # [B, S]: position t predicts t + 1
+    return torch.cat([trained[r.start:r.end].flatten().nonzero().squeeze(1) + r.start * S for r in rows]
+                     or [torch.zeros(0, dtype=torch.long)])
 
 
 def label_token_counts(labels: torch.Tensor, rows: Sequence[AdapterRows]) -> dict[str, int]:

@@ -11,6 +11,10 @@ only [N, H] survives the forward. The backward scales each token's stored gradie
 upstream gradient (an adapter's 1 / step tokens); the chain rule is linear in it, so that is
 exact up to one rounding of the product in the dtype. Same GEMMs and elementwise work as the
 whole-logits loss, and the [N, V] tensors never exist whole.
+
+And only the positions that predict a target go through the head, when the batch says which
+(`batching.trained_positions`, found on the host): with train_on_inputs false a prompt's tokens
+predict nothing, nor do pads, and both cost the head its GEMMs and [N, V] passes all the same.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ def fused_loss_sums(model: torch.nn.Module, layout: BatchLayout,
     layout.rows = batch.rows
     h = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
               document_ids=batch.document_ids, head=False)  # [B, S, H]
-    return head_loss_sums(model, h, batch.labels, batch.rows, batch.label_counts)
+    return head_loss_sums(model, h, batch.labels, batch.rows, batch.label_counts, batch.target_positions)
 
 
 def head_loss_sums(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, rows: list[AdapterRows],
-                   counts: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+                   counts: dict[str, int] | None = None,
+                   positions: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """For each adapter: (sum of next-token cross-entropy over its label tokens, token count),
     from the final-normed hidden states h [B, S, H] of `model` (a CausalLM with the head,
     forwarded with head=False).
@@ -60,16 +65,26 @@ def head_loss_sums(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor
     counts: the token counts, when the caller counted them on the host (a FusedBatch's
     label_counts); otherwise they are read back from labels' device, which waits for
     everything queued on it (on a GPU, mid-step: the host loses its lead).
+    positions: batching.trained_positions of labels and rows (found on the host), with counts:
+    only those positions go through the head. A prompt token (train_on_inputs false), a pad or
+    a row's last token predicts no target, and the head's GEMMs and [N, V] passes on it
+    would be wasted: alpaca-style rows leave a third to a half of their tokens untrained.
     """
     B, S, H = h.shape
     # The last position predicts nothing: its target is IGNORE_INDEX, so that h [B, S, H] is
-    # taken whole (a view, where h[:, :-1] would be a copy); one position in S more of head work.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]
-    ce = chunked_head_cross_entropy(model, h.reshape(B * S, H), targets.reshape(-1)).view(B, S)
-    per_row = ce.sum(dim=1)  # [B]
-    if counts is None:
-        counts = label_token_counts(labels, rows)
-    return {r.name: (per_row[r.start:r.end].sum(), counts[r.name]) for r in rows}
+    # taken whole (a view, where h[:, :-1] would be a copy).
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # [B S]
+    flat = h.reshape(B * S, H)
+    if positions is None:  # every position, one more in S of head work
+        per_row = chunked_head_cross_entropy(model, flat, targets).view(B, S).sum(dim=1)  # [B]
+        if counts is None:
+            counts = label_token_counts(labels, rows)
+        return {r.name: (per_row[r.start:r.end].sum(), counts[r.name]) for r in rows}
+    sizes = [counts[r.name] for r in rows]
+    if positions.numel() != sum(sizes):
+        raise ValueError(f"{positions.numel()} trained positions for {sum(sizes)} label tokens")
+    ce = chunked_head_cross_entropy(model, flat.index_select(0, positions), targets.index_select(0, positions))  # [M]
+    return {r.name: (part.sum(), counts[r.name]) for r, part in zip(rows, ce.split(sizes))}
 
 
 def chunked_head_cross_entropy(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ import torch
 
 import pytest
 
-from mlora.batching import adapter_stream, epoch_order, fuse, round_robin, total_steps
+from mlora.batching import (adapter_stream, epoch_order, fuse, label_token_counts, round_robin, total_steps,
+                            trained_positions)
 from mlora.config import AdapterConfig
 from mlora.data import Example
+from mlora.lora import AdapterRows
 
 
 def examples(n, offset=0):
@@ -122,7 +124,8 @@ def test_fuse_gives_each_adapter_a_contiguous_range():
 def test_moving_a_batch_to_the_device_goes_through_upload(monkeypatch):
     """FusedBatch.to moves every tensor with device.upload (through pinned memory on CUDA: a
     plain copy from pageable memory would wait for the GPU, a second sync per step besides
-    the trainer's one read); the attention mask stays on the host, where the model reads it."""
+    the trainer's one read), the trained positions too, found on the host; the attention mask
+    stays on the host, where the model reads it."""
     import mlora.batching as batching
 
     moved = []
@@ -130,9 +133,21 @@ def test_moving_a_batch_to_the_device_goes_through_upload(monkeypatch):
     s = _streams({"a": 2, "b": 2})
     batch = fuse([next(s["a"]), next(s["b"])], pad_id=0)
     on_device = batch.to(torch.device("cpu"))
-    assert [id(t) for t in moved] == [id(batch.input_ids), id(batch.labels)]
+    assert [id(t) for t in moved[:2]] == [id(batch.input_ids), id(batch.labels)]
+    assert len(moved) == 3 and moved[2] is on_device.target_positions
+    assert torch.equal(on_device.target_positions, trained_positions(batch.labels, batch.rows))
     assert on_device.attention_mask is batch.attention_mask
     packed = fuse([next(s["a"])], pad_id=0, pack_len=64)
     moved.clear()
     packed.to(torch.device("cpu"))
-    assert len(moved) == 4  # input_ids, labels, position_ids, document_ids
+    assert len(moved) == 5  # input_ids, labels, position_ids, document_ids, target positions
+
+
+def test_trained_positions_follow_the_rows_and_the_shift():
+    """Flat positions b * S + t whose next label is trained, adapter by adapter in the rows'
+    order; as many as label_token_counts counts for each."""
+    labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 6, -100], [1, 2, 3, 4]])
+    rows = [AdapterRows("b", 2, 3), AdapterRows("a", 0, 2)]
+    assert trained_positions(labels, rows).tolist() == [8, 9, 10, 1, 2, 5]
+    assert label_token_counts(labels, rows) == {"b": 3, "a": 3}
+    assert trained_positions(labels, []).numel() == 0

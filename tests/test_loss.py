@@ -152,3 +152,76 @@ def test_chunk_sizes():
     assert loss.chunk_tokens(128256) == 512
     assert loss.chunk_tokens(151936) == 384
     assert loss.chunk_tokens(10**9) == loss.CHUNK_MULTIPLE  # at least one tile
+
+
+def alpaca_like_parts() -> list:
+    """Two adapters' micro-batches of rows of uneven length whose first ~40 % (the prompt) is
+    not trained, one padded on the left."""
+    from mlora.batching import MicroBatch
+    from mlora.data import Example
+
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for name, n, side in (("a", 2, "right"), ("b", 3, "left")):
+        examples = []
+        for _ in range(n):
+            length = int(torch.randint(6, 20, (1,), generator=g))
+            ids = torch.randint(3, SMALL.vocab_size, (length,), generator=g).tolist()
+            prompt = max(1, int(0.4 * length))
+            examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+        parts.append(MicroBatch(name, examples, 0, 0, sum(ex.num_label_tokens for ex in examples), True, side))
+    return parts
+
+
+@pytest.mark.parametrize("pack_len", [None, 24], ids=["padded", "packed"])
+def test_only_trained_positions_go_through_the_head(monkeypatch, pack_len):
+    """A batch moved by FusedBatch.to carries its trained positions, found on the host: the head
+    sees exactly the label tokens (no prompt token, pad or last position), and every adapter's
+    loss and every LoRA gradient equal those of the head on every position."""
+    from mlora.batching import fuse
+
+    model, layout, params = model_with_lora("plain", torch.float32)
+    parts = alpaca_like_parts()
+    batch = fuse(parts, 0, pack_len=pack_len)
+    moved = batch.to(torch.device("cpu"))
+    assert moved.target_positions is not None and batch.target_positions is None
+    seen = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: seen.append(h.shape[0]) or logits(h))
+
+    def run(b):
+        for p in params:
+            p.grad = None
+        sums = loss.fused_loss_sums(model, layout, b)
+        sum(ce / (i + 1) for i, (ce, _) in enumerate(sums.values())).backward()
+        return {k: (v[0].detach(), v[1]) for k, v in sums.items()}, [p.grad.clone() for p in params]
+
+    sums, grads = run(moved)
+    assert sum(seen) == sum(p.label_tokens for p in parts) == moved.target_positions.numel()
+    seen.clear()
+    ref_sums, ref_grads = run(batch)  # every position
+    assert sum(seen) == batch.input_ids.numel()
+    for name, (ce, count) in ref_sums.items():
+        assert sums[name][1] == count
+        torch.testing.assert_close(sums[name][0], ce, rtol=1e-6, atol=0)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_positions_that_disagree_with_the_counts_are_refused():
+    model = CausalLM(SMALL).requires_grad_(False)
+    h = torch.randn(2, 8, SMALL.hidden_size)
+    labels = torch.randint(0, SMALL.vocab_size, (2, 8))
+    with pytest.raises(ValueError, match="3 trained positions for 14 label tokens"):
+        loss.head_loss_sums(model, h, labels, [AdapterRows("a", 0, 2)], {"a": 14}, torch.arange(3))
+
+
+def test_a_batch_without_any_target_has_zero_loss():
+    """Every token a prompt: nothing goes through the head, and the loss is 0 with a gradient."""
+    model = CausalLM(SMALL).requires_grad_(False)
+    h = torch.randn(2, 8, SMALL.hidden_size, requires_grad=True)
+    labels = torch.full((2, 8), IGNORE_INDEX)
+    sums = loss.head_loss_sums(model, h, labels, [AdapterRows("a", 0, 2)], {"a": 0},
+                               torch.zeros(0, dtype=torch.long))
+    sums["a"][0].backward()
+    assert sums["a"][0].item() == 0 and (h.grad == 0).all()

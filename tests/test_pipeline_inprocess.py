@@ -239,7 +239,7 @@ def test_each_rank_reads_the_device_once_per_optimizer_step(tmp_path, pipe_model
     from mlora.pipeline import worker as worker_module
 
     reads: dict[str, list[str]] = {}
-    host_checks = {"attention_masks", "mask_runs"}  # they read host tensors by design
+    host_checks = {"attention_masks", "mask_runs", "position_runs"}  # they read host tensors by design
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
         original = getattr(torch.Tensor, name)
 
@@ -260,9 +260,18 @@ def test_each_rank_reads_the_device_once_per_optimizer_step(tmp_path, pipe_model
             reads[threading.current_thread().name + " done"] = reads.pop(threading.current_thread().name)
 
     monkeypatch.setattr(worker_module.StageWorker, "run", counted)
+    head_tokens = []  # (the last stage's head: the trained positions rank 0 sent, one per label token)
+    loss_sums = worker_module.head_loss_sums
+
+    def recorded(model, h, labels, rows, counts, positions):
+        head_tokens.append((positions.numel(), sum(counts.values()), h.shape[0] * h.shape[1]))
+        return loss_sums(model, h, labels, rows, counts, positions)
+
+    monkeypatch.setattr(worker_module, "head_loss_sums", recorded)
     _, cfg, single_out = single_runs(3)
     run_threads(pipe_model, cfg, tmp_path / "out", 3, [3, 2, 2])
     assert_same_as_single(single_out, tmp_path / "out", 3)
+    assert head_tokens and all(m == labels < tokens for m, labels, tokens in head_tokens), head_tokens
     steps = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if "step" in m and "adapter" in m]
     assert len(steps) > 6
     for rank in range(3):
@@ -279,6 +288,16 @@ def test_mask_runs_round_trip():
     assert mask_runs(None) is None and mask_from_runs(None, 5) is None
     with pytest.raises(AssertionError):
         mask_runs(torch.tensor([[1, 0, 1]], dtype=torch.bool))
+
+
+def test_position_runs_round_trip():
+    from mlora.pipeline.worker import position_runs, positions_from_runs
+
+    positions = torch.tensor([2, 3, 4, 9, 11, 12])
+    assert position_runs(positions) == [[2, 5], [9, 10], [11, 13]]
+    assert torch.equal(positions_from_runs(position_runs(positions)), positions)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert position_runs(empty) == [] and torch.equal(positions_from_runs([]), empty)
 
 
 def test_pipeline_init_from_equals_single_process(tmp_path, pipe_model, single_runs):

@@ -48,8 +48,10 @@ from tqdm import tqdm
 
 from mlora import checkpoint, memory
 from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir, save_peft
-from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
+from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps,
+                            trained_positions)
 from mlora.config import adapter_seed
+from mlora.device import upload
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
 from mlora.loss import head_loss_sums
@@ -236,6 +238,22 @@ def mask_from_runs(runs: list[list[int]] | None, seq_len: int) -> torch.Tensor |
     return mask
 
 
+def position_runs(positions: torch.Tensor) -> list[list[int]]:
+    """Ascending flat positions [M] as their runs [first, end) of consecutive values: what
+    travels to the last rank instead of the positions (a row's response is one run)."""
+    if positions.numel() == 0:
+        return []
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1  # where a new run starts
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    ends = torch.cat([breaks, torch.tensor([positions.numel()])])
+    return torch.stack([positions[starts], positions[ends - 1] + 1], dim=1).tolist()
+
+
+def positions_from_runs(runs: list[list[int]]) -> torch.Tensor:
+    """The positions [M] long that `position_runs` described."""
+    return torch.cat([torch.arange(begin, end) for begin, end in runs] or [torch.zeros(0, dtype=torch.long)])
+
+
 def cut_periods(cfg) -> list[int]:
     """Every how many optimizer steps the run is cut (drained): save_step (a consistent
     checkpoint) and each adapter's eval_step (its weights the same on every rank while its
@@ -393,7 +411,7 @@ class StageWorker:
             if self.last:
                 counts = {adapter: header["label_tokens"]}  # counted on rank 0's host
                 ce_sum, count = head_loss_sums(self.session.model, out, labels, self.session.layout.rows,
-                                               counts)[adapter]
+                                               counts, self.trained_positions(header))[adapter]
                 out = ce_sum / max(1, header["step_tokens"])
         if self.last:
             tally = self.tally[adapter]
@@ -411,10 +429,16 @@ class StageWorker:
         header fields every stage needs: rows, label tokens (counted on this host, so the last
         stage reads no count back) and the mask as runs of real tokens."""
         host = fuse([part], self.session.pad_id, pack_len=pack_len)
+        host.target_positions = trained_positions(host.labels, host.rows)
         batch = host.to(self.device)  # the mask stays here
         fields = {"rows": batch.input_ids.shape[0], "label_tokens": batch.label_counts[part.adapter],
-                  "mask_runs": mask_runs(host.attention_mask)}
+                  "mask_runs": mask_runs(host.attention_mask), "target_runs": position_runs(host.target_positions)}
         return batch, host.attention_mask, fields
+
+    def trained_positions(self, header: dict) -> torch.Tensor:
+        """The last stage: the micro-batch's trained positions (batching.trained_positions),
+        from the runs rank 0 found on its host, uploaded without a wait."""
+        return upload(positions_from_runs(header["target_runs"]), self.device)
 
     def receive_batch(self, kind: str, mb: int | None):
         """Ranks > 0: the previous stage's message of `kind`, its tensors, and the attention mask
@@ -525,7 +549,8 @@ class StageWorker:
             self.transport.send(self.rank + 1, header, [out, labels])
             return 0.0, 0
         counts = {cfg.name: header["label_tokens"]}
-        ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts)[cfg.name]
+        ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts,
+                                        self.trained_positions(header))[cfg.name]
         return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
 
     def log_eval(self, name: str, loss: float | None, tokens: int) -> None:
