@@ -26,9 +26,9 @@ from mlora.batching import label_token_counts
 from mlora.data import IGNORE_INDEX
 from mlora.lora import AdapterRows, BatchLayout
 
-# fp32 logits of one chunk: the chunk's working set is about five times this (the dtype's
-# logits, the fp32 upcast, log_softmax's output and, in the chunk's backward, two fp32 gradients
-# and the dtype's one). 256 MiB: 2,048 tokens of a 32 K vocabulary, 512 of a 128 K one.
+# fp32 logits of one chunk: the chunk's working set peaks at three times this (log_softmax's
+# fp32 output, kept, and in the chunk's backward nll_loss's and log_softmax's fp32 gradients;
+# memory._head_bytes). 256 MiB: 2,048 tokens of a 32 K vocabulary, 512 of a 128 K one.
 CHUNK_LOGITS_BYTES = 256 * 2**20
 CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
 

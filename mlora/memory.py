@@ -226,7 +226,7 @@ class MemoryEstimate:
 
     @property
     def peak_phase(self) -> str:
-        """Where the peak is: 'head' (cross-entropy backward) or 'layers'."""
+        """Where the peak is: 'head' (a chunk of the cross-entropy) or 'layers' (the backward)."""
         return "head" if self.head >= self.layer_backward else "layers"
 
     def gib(self) -> dict[str, float]:
