@@ -174,13 +174,14 @@ def rel_diff(a: dict, b: dict) -> float:
 
 
 def markdown(padding: list[dict], training: list[dict]) -> str:
-    lines = ["| candidate / simultaneously / max_tokens | strategy | fused batches | padding | largest batch | over budget |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| candidate / simultaneously / max_tokens | strategy | fused batches | padding | the head on | "
+             "largest batch | over budget |",
+             "|---|---|---|---|---|---|---|"]
     for r in padding:
         budget = "none" if r["max_tokens"] is None else r["max_tokens"]
         lines.append(f"| {r['candidate_num']} / {r['simultaneously_num']} / {budget} | {r['strategy']} | "
-                     f"{r['batches']} | {100 * r['padding_fraction']:.1f}% | {r['max_batch_tokens']} | "
-                     f"{r['over_budget']} |")
+                     f"{r['batches']} | {100 * r['padding_fraction']:.1f}% | {100 * r['head_fraction']:.1f}% | "
+                     f"{r['max_batch_tokens']} | {r['over_budget']} |")
     lines += ["", "| strategy | fused batches | padding | useful tokens | loop s | useful tok/s | useful tok/cpu-s | picking s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in training:
@@ -222,7 +223,8 @@ def main() -> None:
     padding = padding_rows(adapter_configs(names, None), data, settings, seed)
     for r in padding:
         print(f"padding {r['candidate_num']}/{r['simultaneously_num']}/{r['max_tokens']} {r['strategy']:>11}: "
-              f"{100 * r['padding_fraction']:5.1f}% over {r['batches']} batches", flush=True)
+              f"{100 * r['padding_fraction']:5.1f}% over {r['batches']} batches, the head on "
+              f"{100 * r['head_fraction']:.1f}% of the tokens", flush=True)
 
     training, weights = [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,17 +46,21 @@ def useful_tokens(parts: Sequence[MicroBatch]) -> int:
 def padding_stats(batches: Iterable[Sequence[MicroBatch]], max_tokens: int | None = None,
                   pack_len: int | None = None) -> dict:
     """Totals over a stream of fused batches; `over_budget` counts batches above max_tokens
-    (only a lone micro-batch larger than the budget can be, for fast-fit and optimal-fit)."""
-    n = useful = padded = over = largest = 0
+    (only a lone micro-batch larger than the budget can be, for fast-fit and optimal-fit).
+    `head_fraction`: the share of the padded tokens that predict a target, the only ones the
+    head runs on (loss.py; the others are pads and untrained prompt tokens)."""
+    n = useful = padded = over = largest = labels = 0
     for parts in batches:
         cost = padded_tokens(parts, pack_len)
         n += 1
         useful += useful_tokens(parts)
+        labels += sum(part.label_tokens for part in parts)
         padded += cost
         largest = max(largest, cost)
         over += max_tokens is not None and cost > max_tokens
     return {"batches": n, "useful_tokens": useful, "padded_tokens": padded,
             "padding_fraction": 1 - useful / padded if padded else 0.0,
+            "head_fraction": labels / padded if padded else 0.0,
             "max_batch_tokens": largest, "over_budget": over}
 
 

@@ -102,6 +102,8 @@ def test_budget_holds_except_for_a_lone_oversize_micro_batch(strategy, max_token
     for parts in batches:
         assert padded_tokens(parts) <= max_tokens or len(parts) == 1
     stats = padding_stats(batches, max_tokens)
+    # the head runs on the label tokens: fewer than the real ones (a row's first token is none)
+    assert 0 < stats["head_fraction"] < 1 - stats["padding_fraction"]
     lone_oversize = sum(len(b) == 1 and padded_tokens(b) > max_tokens for b in batches)
     assert stats["over_budget"] == lone_oversize
     if max_tokens == 150:  # "long" micro-batches are 2 rows of >= 100 tokens: they must still run
