@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from mlora.batching import label_token_counts
 from mlora.data import IGNORE_INDEX
@@ -80,6 +81,8 @@ def head_loss_sums(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor
         if counts is None:
             counts = label_token_counts(labels, rows)
         return {r.name: (per_row[r.start:r.end].sum(), counts[r.name]) for r in rows}
+    if counts is None:
+        raise ValueError("trained positions go with the host's label counts (counts)")
     sizes = [counts[r.name] for r in rows]
     if positions.numel() != sum(sizes):
         raise ValueError(f"{positions.numel()} trained positions for {sum(sizes)} label tokens")
@@ -89,11 +92,13 @@ def head_loss_sums(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor
 
 def chunked_head_cross_entropy(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [N] fp32 of model.logits(h) for hidden states h [N, H] and
-    targets [N] (IGNORE_INDEX: 0, no gradient), the head run CHUNK tokens at a time (module
-    docstring). Differentiable with respect to h only: the head must be frozen."""
+    targets [N] (IGNORE_INDEX: 0, and exactly no gradient, even from non-finite logits), the
+    head run CHUNK tokens at a time (module docstring). Differentiable with respect to h only:
+    the head must be frozen."""
     if any(p.requires_grad for p in model.lm_head.parameters()):
         raise ValueError("the chunked cross-entropy needs a frozen head (no gradient for lm_head's weight)")
-    return _ChunkedHeadCrossEntropy.apply(h, targets, model, chunk_tokens(model.args.vocab_size))
+    want_grad = torch.is_grad_enabled() and h.requires_grad  # (evaluation: no gradient made at all)
+    return _ChunkedHeadCrossEntropy.apply(h, targets, model, chunk_tokens(model.args.vocab_size), want_grad)
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -102,8 +107,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
-                chunk: int) -> torch.Tensor:
-        want_grad = ctx.needs_input_grad[0]
+                chunk: int, want_grad: bool) -> torch.Tensor:
         N = h.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=h.device)  # [N]
         grad_h = torch.empty_like(h) if want_grad else None  # [N, H]: d ce[t] / d h[t]
@@ -115,14 +119,19 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 loss = F.cross_entropy(model.logits(piece).float(), targets[start:end],
                                        ignore_index=IGNORE_INDEX, reduction="none")  # [c]
                 if want_grad:
-                    grad_h[start:end], = torch.autograd.grad(loss, piece, torch.ones_like(loss))
+                    grad, = torch.autograd.grad(loss, piece, torch.ones_like(loss))  # [c, H]
+                    # an ignored token's gradient is 0, but log_softmax's backward makes it
+                    # 0 * exp(logit): NaN from a non-finite logit, which would reach the layers
+                    trained = (targets[start:end] != IGNORE_INDEX)[:, None]  # [c, 1]
+                    torch.where(trained, grad, grad.new_zeros(()), out=grad_h[start:end])
             ce[start:end] = loss.detach()
         ctx.save_for_backward(grad_h)
         return ce
 
     @staticmethod
+    @once_differentiable  # (the stored gradients are constants: no second derivative)
     def backward(ctx, grad_ce: torch.Tensor):
         grad_h, = ctx.saved_tensors
         # computed in fp32, rounded once to the dtype (out= casts)
         scaled = torch.mul(grad_h, grad_ce[:, None], out=torch.empty_like(grad_h))  # [N, H]
-        return scaled, None, None, None
+        return scaled, None, None, None, None

@@ -130,9 +130,10 @@ def test_chunks_split_the_tokens_and_the_gradient_is_per_token(monkeypatch):
 
 
 def test_without_autograd_no_gradient_is_taken(monkeypatch):
-    """Under no_grad (evaluation) the chunks take no gradient: no hidden-state gradient is made."""
+    """Under no_grad (evaluation) the chunks take no gradient, even of hidden states that
+    require one: no hidden-state gradient is made."""
     model = CausalLM(SMALL).requires_grad_(False)
-    h = torch.randn(2, 8, SMALL.hidden_size)
+    h = torch.randn(2, 8, SMALL.hidden_size, requires_grad=True)
     calls = []
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1))
     with torch.no_grad():
@@ -206,6 +207,30 @@ def test_only_trained_positions_go_through_the_head(monkeypatch, pack_len):
         torch.testing.assert_close(sums[name][0], ce, rtol=1e-6, atol=0)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_an_ignored_position_passes_back_no_gradient_even_from_non_finite_logits():
+    """The head on every position (no trained positions given) runs the ignored ones too: a
+    non-finite hidden state there (a row's last position, a pad) leaves the loss finite and its
+    gradient exactly 0 (log_softmax's backward alone would make it NaN)."""
+    model = CausalLM(SMALL).requires_grad_(False)
+    h = torch.randn(2, 8, SMALL.hidden_size)
+    h[1, 7] = float("nan")  # row 1's last position: it predicts nothing
+    h[0, 2] = float("inf")  # a prompt token
+    h.requires_grad_()
+    labels = torch.randint(0, SMALL.vocab_size, (2, 8))
+    labels[0, 3] = IGNORE_INDEX
+    sums = loss.head_loss_sums(model, h, labels, [AdapterRows("a", 0, 2)])
+    sums["a"][0].backward()
+    assert torch.isfinite(sums["a"][0]) and torch.isfinite(h.grad).all()
+    assert (h.grad[1, 7] == 0).all() and (h.grad[0, 2] == 0).all() and (h.grad[0, 1] != 0).any()
+
+
+def test_positions_without_counts_are_refused():
+    model = CausalLM(SMALL).requires_grad_(False)
+    with pytest.raises(ValueError, match="label counts"):
+        loss.head_loss_sums(model, torch.randn(1, 4, SMALL.hidden_size), torch.zeros(1, 4, dtype=torch.long),
+                            [AdapterRows("a", 0, 1)], None, torch.arange(3))
 
 
 def test_positions_that_disagree_with_the_counts_are_refused():
