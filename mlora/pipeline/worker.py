@@ -250,8 +250,13 @@ def position_runs(positions: torch.Tensor) -> list[list[int]]:
 
 
 def positions_from_runs(runs: list[list[int]]) -> torch.Tensor:
-    """The positions [M] long that `position_runs` described."""
-    return torch.cat([torch.arange(begin, end) for begin, end in runs] or [torch.zeros(0, dtype=torch.long)])
+    """The positions [M] long that `position_runs` described (in a few ops, however many runs:
+    packed rows have one per sequence)."""
+    bounds = torch.tensor(runs, dtype=torch.long).view(-1, 2)  # [runs, 2]
+    lengths = bounds[:, 1] - bounds[:, 0]
+    before = torch.cumsum(lengths, 0) - lengths  # positions of the earlier runs
+    total = sum(end - begin for begin, end in runs)
+    return torch.arange(total) + torch.repeat_interleave(bounds[:, 0] - before, lengths, output_size=total)
 
 
 def cut_periods(cfg) -> list[int]:
@@ -411,7 +416,7 @@ class StageWorker:
             if self.last:
                 counts = {adapter: header["label_tokens"]}  # counted on rank 0's host
                 ce_sum, count = head_loss_sums(self.session.model, out, labels, self.session.layout.rows,
-                                               counts, self.trained_positions(header))[adapter]
+                                               counts, self.received_positions(header))[adapter]
                 out = ce_sum / max(1, header["step_tokens"])
         if self.last:
             tally = self.tally[adapter]
@@ -435,7 +440,7 @@ class StageWorker:
                   "mask_runs": mask_runs(host.attention_mask), "target_runs": position_runs(host.target_positions)}
         return batch, host.attention_mask, fields
 
-    def trained_positions(self, header: dict) -> torch.Tensor:
+    def received_positions(self, header: dict) -> torch.Tensor:
         """The last stage: the micro-batch's trained positions (batching.trained_positions),
         from the runs rank 0 found on its host, uploaded without a wait."""
         return upload(positions_from_runs(header["target_runs"]), self.device)
@@ -550,7 +555,7 @@ class StageWorker:
             return 0.0, 0
         counts = {cfg.name: header["label_tokens"]}
         ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts,
-                                        self.trained_positions(header))[cfg.name]
+                                        self.received_positions(header))[cfg.name]
         return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
 
     def log_eval(self, name: str, loss: float | None, tokens: int) -> None:
