@@ -59,12 +59,12 @@ def measure(steps: int, repeats: int, kernel: str = "auto", dtype: torch.dtype =
             adapters = bench.adapters(n, 1, 0.05)
             ids = bt.batch(n, SEQ, vocab, torch.device("cpu"), seed=n)
             rows = [AdapterRows(a.name, i, i + 1) for i, a in enumerate(adapters)]
-            counts = {r.name: SEQ - 1 for r in rows}
+            counts, targets = bt.every_token_a_target(rows, SEQ, torch.device("cpu"))
             bench.model.train()
 
             def forward_backward():
                 bench.layout.rows = rows
-                sums = head_loss_sums(bench.model, bench.model(ids, head=False), ids, rows, counts)
+                sums = head_loss_sums(bench.model, bench.model(ids, head=False), ids, rows, counts, targets)
                 sum(ce / count for ce, count in sums.values()).backward()
 
             def optimizer_steps():

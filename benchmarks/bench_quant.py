@@ -162,7 +162,7 @@ def run_base(args) -> list[dict]:
             batch = fuse(parts, 0).to(device)
             layout.rows = batch.rows
             hidden = model(batch.input_ids, batch.attention_mask, head=False)
-            sums = head_loss_sums(model, hidden, batch.labels, batch.rows)
+            sums = head_loss_sums(model, hidden, batch.labels, batch.rows, batch.label_counts, batch.target_positions)
             total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in parts)
             total.backward()
             for a in adapters:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlora.lora as lora_module  # noqa: E402
 from mlora.adapter import Adapter  # noqa: E402
+from mlora.batching import trained_positions  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, clear_lora_caches, inject_lora  # noqa: E402
 from mlora.loss import head_loss_sums  # noqa: E402
@@ -113,6 +114,15 @@ def batch(rows: int, seq: int, vocab: int, device: torch.device, seed: int) -> t
     return torch.randint(0, vocab, (rows, seq), generator=g).to(device)  # [rows, S]
 
 
+def every_token_a_target(layout_rows: list[AdapterRows], seq: int, device: torch.device):
+    """(label counts, trained positions) of rows whose every token is a target (the ids are
+    the labels), found on the host and uploaded once, as the trainer's FusedBatch.to gives
+    them: the head runs on each row's tokens but its last."""
+    rows = max(r.end for r in layout_rows)
+    positions = trained_positions(torch.zeros(rows, seq, dtype=torch.long), layout_rows)
+    return {r.name: (r.end - r.start) * (seq - 1) for r in layout_rows}, positions.to(device)
+
+
 # ----------------------------------------------------------------------------- mlora
 
 
@@ -156,13 +166,13 @@ class MloraBench:
         adapters = self.adapters(n, rows, dropout)
         ids = batch(n * rows, self.s.seq, self.cfg.vocab_size, self.device, seed=n)
         layout_rows = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(adapters)]
-        counts = {r.name: (r.end - r.start) * (self.s.seq - 1) for r in layout_rows}  # every token is a target
+        counts, targets = every_token_a_target(layout_rows, self.s.seq, self.device)
         self.model.train()
 
         def step():
             self.layout.rows = layout_rows
             hidden = self.model(ids, head=False)  # [n*rows, S, H]
-            sums = head_loss_sums(self.model, hidden, ids, layout_rows, counts)
+            sums = head_loss_sums(self.model, hidden, ids, layout_rows, counts, targets)
             total = sum(ce / max(1, count) for ce, count in sums.values())
             total.backward()
             norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
@@ -200,10 +210,11 @@ class MloraBench:
         removes the hook that makes the embedding output require grad."""
         ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=seed)
         hook = self.model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
-        one, counts = [AdapterRows("base", 0, rows)], {"base": rows * (self.s.seq - 1)}
+        one = [AdapterRows("base", 0, rows)]
+        counts, targets = every_token_a_target(one, self.s.seq, self.device)
 
         def step():
-            ce, count = head_loss_sums(self.model, self.model(ids, head=False), ids, one, counts)["base"]
+            ce, count = head_loss_sums(self.model, self.model(ids, head=False), ids, one, counts, targets)["base"]
             (ce / count).backward()
 
         return step, hook.remove
