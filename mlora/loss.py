@@ -12,12 +12,19 @@ upstream gradient (an adapter's 1 / step tokens); the chain rule is linear in it
 exact up to one rounding of the product in the dtype. Same GEMMs and elementwise work as the
 whole-logits loss, and the [N, V] tensors never exist whole.
 
+On CUDA a chunk's cross-entropy and its gradient run in one Triton kernel (loss_kernels.py:
+the logits read twice and overwritten once with their gradient, where torch's ops make and
+read fp32 copies of them five times over); elsewhere, and for soft-capped or scaled logits,
+torch's ops under autograd.
+
 And only the positions that predict a target go through the head, when the batch says which
 (`batching.trained_positions`, found on the host): with train_on_inputs false a prompt's tokens
 predict nothing, nor do pads, and both cost the head its GEMMs and [N, V] passes all the same.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,11 @@ from mlora.lora import AdapterRows, BatchLayout
 # memory._head_bytes). 256 MiB: 2,048 tokens of a 32 K vocabulary, 512 of a 128 K one.
 CHUNK_LOGITS_BYTES = 256 * 2**20
 CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
+# A chunk's cross-entropy and its gradient in one Triton kernel (loss_kernels.py: 6 bytes of
+# traffic per token and vocabulary entry in bf16, where torch's ops take about 36): "auto" on
+# CUDA when triton is installed, "on" wherever it is (the CPU through Triton's interpreter, for
+# the tests), "off" never. Only for a plain head (no soft cap, no scaling, an nn.Linear).
+FUSED_CROSS_ENTROPY = "auto"
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -98,7 +110,19 @@ def chunked_head_cross_entropy(model: torch.nn.Module, h: torch.Tensor, targets:
     if any(p.requires_grad for p in model.lm_head.parameters()):
         raise ValueError("the chunked cross-entropy needs a frozen head (no gradient for lm_head's weight)")
     want_grad = torch.is_grad_enabled() and h.requires_grad  # (evaluation: no gradient made at all)
-    return _ChunkedHeadCrossEntropy.apply(h, targets, model, chunk_tokens(model.args.vocab_size), want_grad)
+    return _ChunkedHeadCrossEntropy.apply(h, targets, model, chunk_tokens(model.args.vocab_size), want_grad,
+                                          _fused_cross_entropy(model, h))
+
+
+def _fused_cross_entropy(model: torch.nn.Module, h: torch.Tensor) -> bool:
+    """Whether the chunks run loss_kernels' kernel (FUSED_CROSS_ENTROPY)."""
+    if FUSED_CROSS_ENTROPY == "off" or importlib.util.find_spec("triton") is None:
+        return False
+    if model.args.final_softcap is not None or model.args.logits_scaling != 1.0:
+        return False  # (its logits are not the head's output: torch's ops, through autograd)
+    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.weight.dtype != h.dtype:
+        return False
+    return FUSED_CROSS_ENTROPY == "on" or h.is_cuda
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -107,12 +131,20 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
-                chunk: int, want_grad: bool) -> torch.Tensor:
+                chunk: int, want_grad: bool, fused: bool) -> torch.Tensor:
         N = h.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=h.device)  # [N]
         grad_h = torch.empty_like(h) if want_grad else None  # [N, H]: d ce[t] / d h[t]
         for start in range(0, N, chunk):
             end = min(start + chunk, N)
+            if fused:
+                from mlora.loss_kernels import cross_entropy_grad_  # (imports triton: only when used)
+
+                logits = model.lm_head(h[start:end])  # [c, V], in the dtype
+                ce[start:end] = cross_entropy_grad_(logits, targets[start:end], IGNORE_INDEX, want_grad)
+                if want_grad:  # logits now hold d ce / d logits: the head's input gradient, [c, H]
+                    torch.mm(logits, model.lm_head.weight, out=grad_h[start:end])
+                continue
             with torch.enable_grad():
                 piece = h[start:end].detach().requires_grad_(want_grad)  # [c, H]
                 # (the dtype's logits die in the upcast: only the fp32 ones are kept, by log_softmax)
@@ -134,4 +166,4 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_h, = ctx.saved_tensors
         # computed in fp32, rounded once to the dtype (out= casts)
         scaled = torch.mul(grad_h, grad_ce[:, None], out=torch.empty_like(grad_h))  # [N, H]
-        return scaled, None, None, None, None
+        return scaled, None, None, None, None, None

@@ -250,3 +250,62 @@ def test_a_batch_without_any_target_has_zero_loss():
                                torch.zeros(0, dtype=torch.long))
     sums["a"][0].backward()
     assert sums["a"][0].item() == 0 and (h.grad == 0).all()
+
+
+def _kernel_unavailable() -> str | None:
+    from mlora import lora_triton
+
+    return lora_triton.unavailable(torch.device("cpu"))  # (Triton's interpreter, as the triton LoRA kernel's tests)
+
+
+needs_triton = pytest.mark.skipif(_kernel_unavailable() is not None, reason=str(_kernel_unavailable()))
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab", [400, 5000], ids=["one_block", "two_blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_equals_torch(dtype, vocab):
+    """loss_kernels' kernel: each row's cross-entropy (0 when ignored) and, over the logits, its
+    gradient (exactly 0 when ignored) equal torch's log_softmax + nll_loss and their autograd
+    gradient rounded to the dtype; without the gradient the logits are left as they are."""
+    from mlora.loss_kernels import cross_entropy_grad_
+
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(37, vocab, generator=g)).to(dtype)
+    targets = torch.randint(0, vocab, (37,), generator=g)
+    targets[::5] = IGNORE_INDEX
+    targets[1] = vocab - 1  # (the last entry of a partial block)
+    exact = logits.float().requires_grad_()
+    ref = F.cross_entropy(exact, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    ref.sum().backward()
+    untouched = logits.clone()
+    loss = cross_entropy_grad_(untouched, targets, IGNORE_INDEX, with_grad=False)
+    assert torch.equal(untouched, logits)
+    grad = logits.clone()
+    torch.testing.assert_close(cross_entropy_grad_(grad, targets, IGNORE_INDEX), ref.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-5)
+    assert (loss[::5] == 0).all() and (grad[::5] == 0).all()
+    # (the same value computed another way: in bf16 it may round to the neighbour, one ulp)
+    ulp = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(grad.float(), exact.grad.to(dtype).float(), rtol=ulp, atol=1e-6)
+
+
+@needs_triton
+def test_the_kernel_through_the_model_equals_torchs_ops(monkeypatch):
+    """The chunks with loss_kernels' kernel give the losses and LoRA gradients of torch's ops
+    (fp32); a soft-capped or scaled head keeps torch's ops (its logits are not the head's output)."""
+    monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", 0)  # chunks of 64 tokens
+    model, layout, params = model_with_lora("plain", torch.float32)
+    monkeypatch.setattr(loss, "FUSED_CROSS_ENTROPY", "off")
+    ref_sums, ref_grads = losses_and_grads(model, layout, params, chunked=True)
+    monkeypatch.setattr(loss, "FUSED_CROSS_ENTROPY", "on")
+    h = torch.zeros(1, SMALL.hidden_size)
+    assert loss._fused_cross_entropy(model, h)
+    sums, grads = losses_and_grads(model, layout, params, chunked=True)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=0)
+    for g, ref in zip(grads, ref_grads):
+        assert (g - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for head in ("gemma2_softcap", "granite_scaling"):
+        assert not loss._fused_cross_entropy(model_with_lora(head, torch.float32)[0], h)
+    monkeypatch.setattr(loss, "FUSED_CROSS_ENTROPY", "auto")
+    assert not loss._fused_cross_entropy(model, h)  # (auto: on CUDA only)

@@ -1,0 +1,74 @@
+"""A Triton kernel for loss.py's chunks: the cross-entropy of a chunk's logits and its gradient
+with respect to them, written over the logits in place.
+
+Why. In torch ops a chunk's cross-entropy makes and reads fp32 copies of its [c, V] logits
+again and again: the upcast (written), log_softmax (read, its output written and kept),
+nll_loss's gradient (written, scattered), log_softmax's backward (two read, one written) and
+the cast back to the dtype (read, then written): about 36 bytes of memory traffic per token and
+vocabulary entry, with 12 bytes a token and entry alive at once. This kernel reads a row of the
+dtype's logits twice and writes it once (6 bytes an entry in bf16): a first pass finds the
+row's log-sum-exp (an online max and sum, in fp32), a second writes exp(x - lse) - onehot,
+rounded once to the dtype as torch's cast rounds it, over the logits. The head's GEMM then
+takes those as the gradient of the logits. An ignored target (IGNORE_INDEX) gives a loss of 0
+and a gradient of exactly 0.
+
+Imported only where it runs (importing triton costs a second): on CUDA, compiled; on the CPU
+under Triton's interpreter (TRITON_INTERPRET=1, the tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096  # vocabulary entries a program reads at once (a row of 32 K: 8 steps)
+
+
+@triton.jit
+def cross_entropy_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, ignore_index, BLOCK: tl.constexpr,
+                              WITH_GRAD: tl.constexpr):
+    """One program per row: loss_ptr[row] = logsumexp(x) - x[target] (0 when ignored), and
+    (WITH_GRAD) the row overwritten with softmax(x) - onehot(target) (0 when ignored), x = the
+    row in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    target = tl.load(targets_ptr + row)
+    trained = target != ignore_index
+    # pass 1: the row's max m and sum of exp(x - m), online over blocks
+    m = tl.zeros((), tl.float32) - float("inf")
+    total = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    x_target = tl.load(base + tl.where(trained, target, 0)).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(trained, lse - x_target, 0.0))
+    # pass 2: the gradient over the logits
+    for start in range(0, V if WITH_GRAD else 0, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+        grad = tl.where(trained, grad, 0.0)
+        tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                        with_grad: bool = True) -> torch.Tensor:
+    """Per-row cross-entropy [c] fp32 of logits [c, V] (each row contiguous) for targets [c];
+    with_grad: the logits are overwritten with the loss's gradient with respect to them (for a
+    unit loss), else left as they are."""
+    c, V = logits.shape
+    assert logits.stride(1) == 1, "each row of logits must be contiguous"
+    loss = torch.empty(c, dtype=torch.float32, device=logits.device)
+    if c:
+        # (Triton launches on the current CUDA device: a pipeline rank runs on cuda:N without making it current)
+        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+            cross_entropy_grad_kernel[(c,)](logits, logits.stride(0), targets, loss, V, ignore_index, BLOCK=BLOCK,
+                                            WITH_GRAD=with_grad, num_warps=8)
+    return loss
