@@ -1,5 +1,5 @@
-"""Compile the `triton` LoRA kernel's Triton kernels for a GPU target on a machine without a
-GPU: the check that they compile for the H200 (sm_90) before a GPU session spends its minutes
+"""Compile the `triton` LoRA kernel's Triton kernels (and the loss's, loss_kernels.py) for a GPU
+target on a machine without a GPU: the check that they compile for the H200 (sm_90) before a GPU session spends its minutes
 on it (CI runs it: tests/test_triton_compile.py), with the launch settings mlora uses
 (lora_triton.*_config). Prints, per kernel, the shared memory, whether the dots became
 Hopper's wgmma, and, where Triton's bundled ptxas is found, registers and spill stores.
@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         if status == SKIP:
             return SKIP
         failed |= status != 0
+    print("the loss's cross-entropy (loss_kernels.py)")
+    status = compile_loss_kernel(triton, ASTSource, GPUTarget, args)
+    if status == SKIP:
+        return SKIP
+    failed |= status != 0
     return 1 if failed else 0
 
 
@@ -192,30 +197,56 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
                  if arg not in constexprs and arg not in unspecialised
                  and (signature[arg][:1] == "*" or values.get(arg, 1) % 16 == 0)}
-        try:
-            source = ASTSource(fn, full, constexprs, attrs)
-        except TypeError as err:  # another Triton's API, not our kernel
-            print(f"compile_triton_kernels: unknown ASTSource API ({err})")
+        status = compile_and_report(triton, ASTSource, GPUTarget, args, fn, full, constexprs, attrs, config, columns)
+        if status == SKIP:
             return SKIP
-        try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
-                                      options={k: v for k, v in config.items() if k in LAUNCH_OPTIONS})
-        except Exception as err:  # noqa: BLE001 - report which kernel and why
-            failed = True
-            print(f"FAIL {name}: {type(err).__name__}: {str(err).strip()[:3000]}")
-            continue
-        ptx = compiled.asm.get("ptx", "")
-        mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
-        report, spilled = ptxas_report(ptx, args.arch)
-        if args.cost and name != "mask_kernel":
-            report += sass_cost(compiled, name, config, columns)
-        too_big = compiled.metadata.shared > SHARED_LIMIT.get(args.arch, 1 << 30)
-        if too_big:
-            report += f" (more shared memory than a block may have: {SHARED_LIMIT[args.arch]})"
-        spilled |= too_big
-        failed |= spilled
-        print(f"{'FAIL ' if too_big else 'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
+        failed |= status != 0
     return 1 if failed else 0
+
+
+def compile_loss_kernel(triton, ASTSource, GPUTarget, args) -> int:
+    """loss_kernels.cross_entropy_grad_kernel as loss.py launches it (TinyLlama's vocabulary)."""
+    from mlora import loss_kernels
+
+    fn = loss_kernels.cross_entropy_grad_kernel
+    config = dict(BLOCK=loss_kernels.BLOCK, WITH_GRAD=True, num_warps=8)
+    signature = dict(logits_ptr=POINTER[args.dtype], stride="i32", targets_ptr="*i64", loss_ptr="*fp32", V="i32",
+                     ignore_index="i32")
+    constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    full = {arg: "constexpr" if arg in constexprs else signature[arg] for arg in fn.arg_names}
+    # (the pointers, the row stride and V = 32,000 divisible by 16, as the runtime marks them)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+             if arg in ("logits_ptr", "targets_ptr", "loss_ptr", "stride", "V")}
+    return compile_and_report(triton, ASTSource, GPUTarget, args, fn, full, constexprs, attrs, config, 0)
+
+
+def compile_and_report(triton, ASTSource, GPUTarget, args, fn, full: dict, constexprs: dict, attrs: dict,
+                       config: dict, columns: int) -> int:
+    """Compile one kernel for the target and print a line (ok / SPILL / FAIL, shared memory,
+    the matmul instructions, registers, spills); 0 ok, 1 failed or spilled, SKIP: an unknown API."""
+    name = fn.__name__
+    try:
+        source = ASTSource(fn, full, constexprs, attrs)
+    except TypeError as err:  # another Triton's API, not our kernel
+        print(f"compile_triton_kernels: unknown ASTSource API ({err})")
+        return SKIP
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
+                                  options={k: v for k, v in config.items() if k in LAUNCH_OPTIONS})
+    except Exception as err:  # noqa: BLE001 - report which kernel and why
+        print(f"FAIL {name}: {type(err).__name__}: {str(err).strip()[:3000]}")
+        return 1
+    ptx = compiled.asm.get("ptx", "")
+    mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
+    report, spilled = ptxas_report(ptx, args.arch)
+    if args.cost and name not in ("mask_kernel", "cross_entropy_grad_kernel"):
+        report += sass_cost(compiled, name, config, columns)
+    too_big = compiled.metadata.shared > SHARED_LIMIT.get(args.arch, 1 << 30)
+    if too_big:
+        report += f" (more shared memory than a block may have: {SHARED_LIMIT[args.arch]})"
+    spilled |= too_big
+    print(f"{'FAIL ' if too_big else 'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
+    return 1 if spilled else 0
 
 
 if __name__ == "__main__":

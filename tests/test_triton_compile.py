@@ -1,5 +1,5 @@
-"""The triton LoRA kernel's Triton kernels compile for the H200 (sm_90, bf16) with mlora's
-launch settings, without spilling registers, on this machine without a GPU
+"""The triton LoRA kernel's Triton kernels, and the loss's, compile for the H200 (sm_90, bf16)
+with mlora's launch settings, without spilling registers, on this machine without a GPU
 (scripts/compile_triton_kernels.py): a kernel that the interpreter runs but the compiler
 rejects would otherwise first fail on the GPU."""
 
@@ -26,11 +26,12 @@ def test_kernels_compile_for_sm90():
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     # Two calls (a fused batch, a solo run) x four kernels, and the two that draw the mask for
-    # over 8 adapters (seeds from a tensor), none spilling (exit 1 otherwise); the three GEMM
-    # kernels on Hopper's wgmma.
+    # over 8 adapters (seeds from a tensor), and the loss's cross-entropy kernel, none spilling
+    # (exit 1 otherwise); the three GEMM kernels on Hopper's wgmma.
     compiled = [line for line in run.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 10, run.stdout
-    assert all("wgmma" in line for line in compiled if "mask_kernel" not in line), run.stdout
+    assert len(compiled) == 11 and "cross_entropy_grad_kernel" in compiled[-1], run.stdout
+    assert all("wgmma" in line for line in compiled if "mask_kernel" not in line and "cross_entropy" not in line), \
+        run.stdout
     # lora_triton.unavailable turns the kernel away on devices whose blocks have less shared
     # memory than SHARED_BYTES: it must cover what every kernel needs.
     from mlora import lora_triton
