@@ -1,6 +1,7 @@
 """The head and its cross-entropy alone, forward + backward to the hidden states: loss.py's
-chunked head against the whole-logits loss (the head on every token at once, the logits upcast
-to fp32, as transformers and mlora before 2026-11-30 compute it). Peak memory and time per call,
+chunked head (on CUDA with loss_kernels' cross-entropy kernel, and with torch's ops) against the
+whole-logits loss (the head on every token at once, the logits upcast to fp32, as transformers
+and mlora before 2026-11-30 compute it). Peak memory and time per call,
 for heads of named models' shapes (random weights built on the device, bf16 on CUDA).
 
     python benchmarks/bench_loss.py                     # on CUDA: 16 K tokens per shape
@@ -118,13 +119,20 @@ def run(name: str, tokens: int, device: torch.device, dtype: torch.dtype, repeat
         """loss.py as the trainer runs it: the trained positions gathered, then the chunks."""
         return loss.chunked_head_cross_entropy(model, x.index_select(0, everyone), targets.index_select(0, everyone))
 
-    chunked = measure(chunked_as_trained, model, h, targets, repeats)
+    chunked = measure(chunked_as_trained, model, h, targets, repeats)  # (on CUDA: loss_kernels' kernel)
+    previous, loss.FUSED_CROSS_ENTROPY = loss.FUSED_CROSS_ENTROPY, "off"
+    try:
+        chunked_torch_ops = measure(chunked_as_trained, model, h, targets, repeats)
+    finally:
+        loss.FUSED_CROSS_ENTROPY = previous
     whole = measure(whole_logits, model, h, targets, repeats)
     e = torch.finfo(dtype).bits // 8
     kept, chunk = memory._head_bytes(args, e, tokens)
     estimate = kept + chunk - tokens * hidden * e  # (the final norm's output, h, is made before the measuring)
     return {"head": name, "tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": str(dtype).split(".")[-1],
-            "chunked": chunked, "whole_logits": whole, "estimate_chunked_mib": round(estimate / 2**20, 1),
+            "cross_entropy_kernel": loss._fused_cross_entropy(model, h),
+            "chunked": chunked, "chunked_torch_ops": chunked_torch_ops, "whole_logits": whole,
+            "estimate_chunked_mib": round(estimate / 2**20, 1),
             "peak_ratio": round(chunked["peak_mib"] / whole["peak_mib"], 3),
             "time_ratio": round(chunked["ms"] / whole["ms"], 3)}
 

@@ -269,6 +269,43 @@ def check_fp32_weight_gradients(device) -> dict:
             "max_rel_err": err, "tolerance": tol, "ok": err <= tol}
 
 
+def check_cross_entropy_kernel(device) -> dict:
+    """loss_kernels' kernel on the device (compiled on CUDA: the CPU runs it interpreted): a
+    chunk of TinyLlama's head, bf16 logits [512, 32000] with ignored targets, its loss and
+    gradient against torch's log_softmax + nll_loss and their fp32 gradient rounded to bf16,
+    and which kernel loss.py picks there ("auto")."""
+    from mlora import loss
+    from mlora.data import IGNORE_INDEX
+    from mlora.loss_kernels import cross_entropy_grad_
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = 512 if device.type == "cuda" else 16  # (the CPU: a dry run through the interpreter)
+    logits = (4 * torch.randn(rows, 32000, device=device, generator=g)).bfloat16()
+    targets = torch.randint(0, 32000, (rows,), device=device, generator=g)
+    targets[::7] = IGNORE_INDEX
+    exact = logits.float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(exact, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    ref.sum().backward()
+    grad = logits.clone()
+    got = cross_entropy_grad_(grad, targets, IGNORE_INDEX)
+    loss_err = (got - ref.detach()).abs().max().item()
+    # one bf16 ulp of the largest entry, at most (the same value computed another way)
+    grad_err = ((grad.float() - exact.grad.bfloat16().float()).abs().max() / exact.grad.abs().max()).item()
+    fused = loss._fused_cross_entropy(_plain_head(device), logits)
+    return {"check": "cross-entropy kernel (loss_kernels.py)", "loss_max_abs_err": loss_err,
+            "grad_max_rel_err": grad_err, "auto_uses_it": fused,
+            "ok": loss_err <= 1e-4 and grad_err <= 2**-7 and fused == (device.type == "cuda")}
+
+
+def _plain_head(device) -> torch.nn.Module:
+    """A CausalLM of only a plain bf16 head (norm, lm_head) of TinyLlama's vocabulary."""
+    from mlora.models.llama import CausalLM, ModelArgs
+
+    args = ModelArgs("llama", vocab_size=32000, hidden_size=64, intermediate_size=64, num_layers=0,
+                     num_heads=1, num_kv_heads=1, head_dim=64)
+    return CausalLM(args, parts=["norm", "head"]).to(device, torch.bfloat16)
+
+
 def check_seeds_on_the_host(device) -> list[dict]:
     """The triton kernel's dropout seeds (lora_triton.draw_seed): drawn on the host from a CUDA
     generator's state with no device op, the same again after its state is restored, and
@@ -589,6 +626,7 @@ def main() -> int:
     check("steps reach the fused kernel", check_steps_reach_the_fused_kernel, device)
     check("bf16 casts follow steps", check_bf16_casts_follow_steps, device)
     check("fp32 weight gradients", check_fp32_weight_gradients, device)
+    check("cross-entropy kernel", check_cross_entropy_kernel, device)
     if device.type == "cuda":
         check("one read per step", check_one_read_per_step, device)
         check("stage timer", check_stage_timer_waits_for_nothing, device)

@@ -280,6 +280,8 @@ def test_gpu_checks_of_the_flat_weights_and_host_seeds_run_on_the_cpu():
         pytest.skip(_triton_unavailable())
     results = module.check_seeds_on_the_host(cpu)
     assert len(results) == 2 and all(r["ok"] for r in results), results
+    result = module.check_cross_entropy_kernel(cpu)  # (interpreted; "auto" keeps torch's ops here)
+    assert result["ok"] and not result["auto_uses_it"], result
 
 
 def test_profile_host_splits_the_step_into_host_work_and_the_read(tmp_path):
