@@ -746,7 +746,10 @@ def _head_bytes(args: ModelArgs, e: int, N: int) -> tuple[int, int]:
     the targets in int64, shifted and gathered, and the loss in fp32 (20 bytes).
     Measured on the CPU with every allocation tracked (tests/test_memory.py), bf16 and fp32,
     with and without the soft cap: within 5 %, the [c, H] term and, without the gathering, one
-    [N, H] being over."""
+    [N, H] being over. On CUDA the chunk's cross-entropy runs in loss_kernels' kernel, which
+    overwrites the dtype's [c, V] logits with their gradient and makes no fp32 copy: the 12
+    bytes an entry are then an overestimate (by about 0.6 GiB at TinyLlama's chunk), kept as
+    the bound until a GPU measures the kernel's peak."""
     c = min(chunk_tokens(args.vocab_size), N)
     kept = N * args.hidden_size * e
     per_entry = 12 + (e if args.final_softcap is not None else 0)
