@@ -49,13 +49,13 @@ def cross_entropy_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, igno
     lse = m + tl.log(total)
     x_target = tl.load(base + tl.where(trained, target, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(trained, lse - x_target, 0.0))
-    # pass 2: the gradient over the logits
-    for start in range(0, V if WITH_GRAD else 0, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-        grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-        grad = tl.where(trained, grad, 0.0)
-        tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+    if WITH_GRAD:  # pass 2: the gradient over the logits
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            grad = tl.where(trained, grad, 0.0)
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
