@@ -25,6 +25,7 @@ predict nothing, nor do pads, and both cost the head its GEMMs and [N, V] passes
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from mlora.batching import label_token_counts
 from mlora.data import IGNORE_INDEX
+from mlora.errors import UserError
 from mlora.lora import AdapterRows, BatchLayout
 
 # fp32 logits of one chunk: the chunk's working set peaks at three times this (log_softmax's
@@ -39,11 +41,14 @@ from mlora.lora import AdapterRows, BatchLayout
 # memory._head_bytes). 256 MiB: 2,048 tokens of a 32 K vocabulary, 512 of a 128 K one.
 CHUNK_LOGITS_BYTES = 256 * 2**20
 CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
-# A chunk's cross-entropy and its gradient in one Triton kernel (loss_kernels.py: 6 bytes of
-# traffic per token and vocabulary entry in bf16, where torch's ops take about 36): "auto" on
-# CUDA when triton is installed, "on" wherever it is (the CPU through Triton's interpreter, for
-# the tests), "off" never. Only for a plain head (no soft cap, no scaling, an nn.Linear).
-FUSED_CROSS_ENTROPY = "auto"
+# How a chunk's cross-entropy runs (MLORA_CROSS_ENTROPY): "triton", it and its gradient in one
+# Triton kernel (loss_kernels.py: 6 bytes of traffic per token and vocabulary entry in bf16,
+# where torch's ops take about 36; on the CPU through Triton's interpreter, for the tests);
+# "torch", torch's ops under autograd; "auto", triton on CUDA where triton is installed, torch
+# elsewhere. The kernel takes a plain head only (no soft cap, no scaling, an nn.Linear): other
+# heads run torch's ops whatever this says.
+cross_entropy = os.environ.get("MLORA_CROSS_ENTROPY", "auto")
+CROSS_ENTROPY_CHOICES = ("auto", "triton", "torch")
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -115,14 +120,28 @@ def chunked_head_cross_entropy(model: torch.nn.Module, h: torch.Tensor, targets:
 
 
 def _fused_cross_entropy(model: torch.nn.Module, h: torch.Tensor) -> bool:
-    """Whether the chunks run loss_kernels' kernel (FUSED_CROSS_ENTROPY)."""
-    if FUSED_CROSS_ENTROPY == "off" or importlib.util.find_spec("triton") is None:
+    """Whether the chunks run loss_kernels' kernel (`cross_entropy`)."""
+    if cross_entropy == "torch" or importlib.util.find_spec("triton") is None:
         return False
     if model.args.final_softcap is not None or model.args.logits_scaling != 1.0:
         return False  # (its logits are not the head's output: torch's ops, through autograd)
     if type(model.lm_head) is not torch.nn.Linear or model.lm_head.weight.dtype != h.dtype:
         return False
-    return FUSED_CROSS_ENTROPY == "on" or h.is_cuda
+    return cross_entropy == "triton" or h.is_cuda
+
+
+def check_cross_entropy(device: torch.device | None = None) -> None:
+    """MLORA_CROSS_ENTROPY (or `cross_entropy` set in code) must be one of
+    CROSS_ENTROPY_CHOICES, and "triton" able to run on `device` (None: not checked)."""
+    if cross_entropy not in CROSS_ENTROPY_CHOICES:
+        raise UserError(f"MLORA_CROSS_ENTROPY={cross_entropy!r} is not one of: {', '.join(CROSS_ENTROPY_CHOICES)}")
+    if cross_entropy != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise UserError("MLORA_CROSS_ENTROPY=triton: it needs the triton package (CUDA builds of torch bring it)")
+    if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"MLORA_CROSS_ENTROPY=triton: it runs on CUDA devices, not {device.type} "
+                        "(TRITON_INTERPRET=1 runs it on the CPU, slowly)")
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):

@@ -18,6 +18,7 @@ from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
 from mlora.models.args import REMOTE_CODE_FAMILIES
 from mlora.lora import MLP_MODULES, BatchLayout, LoraLinear, check_kernel, inject_lora
+from mlora.loss import check_cross_entropy
 from mlora.models.naming import Naming, naming_for
 
 
@@ -209,6 +210,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     read (generation needs none), session.data stays empty. trust_remote_code: the base's
     tokenizer may run code shipped with it (ChatGLM, Baichuan)."""
     check_kernel()
+    check_cross_entropy()
     cfg = load_config(config_path)
     if output_dir is not None:
         if not str(output_dir).strip():
@@ -218,6 +220,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         cfg = replace(cfg, seed=seed)
     torch_device = resolve_device(device)
     check_kernel(torch_device)
+    check_cross_entropy(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family

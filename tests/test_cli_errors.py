@@ -159,6 +159,20 @@ def test_unknown_lora_kernel_names_the_variable(setup, capsys, tiny_llama, monke
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value, fragment", [("fast", "MLORA_CROSS_ENTROPY='fast' is not one of"),
+                                             ("triton", "MLORA_CROSS_ENTROPY=triton: it runs on CUDA devices, not cpu")])
+def test_unknown_or_impossible_cross_entropy_names_the_variable(setup, capsys, tiny_llama, monkeypatch, value,
+                                                                 fragment):
+    import mlora.loss
+
+    _, _, out, config = setup
+    monkeypatch.setattr(mlora.loss, "cross_entropy", value)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err = run_train(capsys, tiny_llama, config())
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name,fragment", [("metrics.jsonl", "taken by mlora"), ("checkpoints", "taken by mlora"),
                                            ("x" * 256, "255 bytes")])
 def test_adapter_names_that_cannot_be_written(setup, tiny_llama, capsys, name, fragment):

@@ -296,9 +296,9 @@ def test_the_kernel_through_the_model_equals_torchs_ops(monkeypatch):
     (fp32); a soft-capped or scaled head keeps torch's ops (its logits are not the head's output)."""
     monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", 0)  # chunks of 64 tokens
     model, layout, params = model_with_lora("plain", torch.float32)
-    monkeypatch.setattr(loss, "FUSED_CROSS_ENTROPY", "off")
+    monkeypatch.setattr(loss, "cross_entropy", "torch")
     ref_sums, ref_grads = losses_and_grads(model, layout, params, chunked=True)
-    monkeypatch.setattr(loss, "FUSED_CROSS_ENTROPY", "on")
+    monkeypatch.setattr(loss, "cross_entropy", "triton")
     h = torch.zeros(1, SMALL.hidden_size)
     assert loss._fused_cross_entropy(model, h)
     sums, grads = losses_and_grads(model, layout, params, chunked=True)
@@ -307,5 +307,5 @@ def test_the_kernel_through_the_model_equals_torchs_ops(monkeypatch):
         assert (g - ref).abs().max() <= 1e-5 * ref.abs().max()
     for head in ("gemma2_softcap", "granite_scaling"):
         assert not loss._fused_cross_entropy(model_with_lora(head, torch.float32)[0], h)
-    monkeypatch.setattr(loss, "FUSED_CROSS_ENTROPY", "auto")
+    monkeypatch.setattr(loss, "cross_entropy", "auto")
     assert not loss._fused_cross_entropy(model, h)  # (auto: on CUDA only)
