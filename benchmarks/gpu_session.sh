@@ -35,10 +35,10 @@ if [ "$PART" = 1 ]; then
   timeout "$LEFT" python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" 2>&1 | log
 else
   # The head a chunk at a time against the whole logits (after 2026-11-30): peak and time
-  timeout 45 python3 benchmarks/bench_loss.py --out "$OUT/loss_gpu.json" 2>&1 | log
+  timeout 60 python3 benchmarks/bench_loss.py --out "$OUT/loss_gpu.json" 2>&1 | log
   # Mixture-of-experts bases: the grouped experts (after 2026-11-30) against the experts
   # one at a time and PEFT on transformers' grouped experts
-  timeout 180 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
+  timeout 165 python3 benchmarks/bench_moe.py --out "$OUT/moe_gpu.json" 2>&1 | log
   # Where the host's time goes at 1 and 2 adapters (TinyLlama), where the step is bound by it
   timeout 80 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | log
   # Part 1 profiled the first shape (tinyllama-1.1b); this profiles llama2-7b's step.
