@@ -24,6 +24,7 @@ predict nothing, nor do pads, and both cost the head its GEMMs and [N, V] passes
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -119,9 +120,14 @@ def chunked_head_cross_entropy(model: torch.nn.Module, h: torch.Tensor, targets:
                                           _fused_cross_entropy(model, h))
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # (a search of sys.path: once)
+
+
 def _fused_cross_entropy(model: torch.nn.Module, h: torch.Tensor) -> bool:
     """Whether the chunks run loss_kernels' kernel (`cross_entropy`)."""
-    if cross_entropy == "torch" or importlib.util.find_spec("triton") is None:
+    if cross_entropy == "torch" or not _triton_installed():
         return False
     if model.args.final_softcap is not None or model.args.logits_scaling != 1.0:
         return False  # (its logits are not the head's output: torch's ops, through autograd)
@@ -137,7 +143,7 @@ def check_cross_entropy(device: torch.device | None = None) -> None:
         raise UserError(f"MLORA_CROSS_ENTROPY={cross_entropy!r} is not one of: {', '.join(CROSS_ENTROPY_CHOICES)}")
     if cross_entropy != "triton":
         return
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         raise UserError("MLORA_CROSS_ENTROPY=triton: it needs the triton package (CUDA builds of torch bring it)")
     if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError(f"MLORA_CROSS_ENTROPY=triton: it runs on CUDA devices, not {device.type} "
