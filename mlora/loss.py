@@ -45,8 +45,8 @@ CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
 # How a chunk's cross-entropy runs (MLORA_CROSS_ENTROPY): "triton", it and its gradient in one
 # Triton kernel (loss_kernels.py: 6 bytes of traffic per token and vocabulary entry in bf16,
 # where torch's ops take about 36; on the CPU through Triton's interpreter, for the tests);
-# "torch", torch's ops under autograd; "auto", triton on CUDA where triton is installed, torch
-# elsewhere. The kernel takes a plain head only (no soft cap, no scaling, an nn.Linear): other
+# "torch", torch's ops under autograd; "auto", triton where mlora's LoRA kernel `auto` is
+# triton too (CUDA of compute capability 9.0 and up, with Triton), torch elsewhere. The kernel takes a plain head only (no soft cap, no scaling, an nn.Linear): other
 # heads run torch's ops whatever this says.
 cross_entropy = os.environ.get("MLORA_CROSS_ENTROPY", "auto")
 CROSS_ENTROPY_CHOICES = ("auto", "triton", "torch")
@@ -133,7 +133,16 @@ def _fused_cross_entropy(model: torch.nn.Module, h: torch.Tensor) -> bool:
         return False  # (its logits are not the head's output: torch's ops, through autograd)
     if type(model.lm_head) is not torch.nn.Linear or model.lm_head.weight.dtype != h.dtype:
         return False
-    return cross_entropy == "triton" or h.is_cuda
+    return cross_entropy == "triton" or (h.is_cuda and _auto_uses_kernel(h.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_uses_kernel(device: torch.device) -> bool:
+    """"auto" runs the kernel where mlora runs Triton kernels already: where the LoRA kernel
+    `auto` is triton (lora.auto_kernel: CUDA of compute capability 9.0 and up, Triton there)."""
+    from mlora.lora import auto_kernel
+
+    return auto_kernel(device) == "triton"
 
 
 def check_cross_entropy(device: torch.device | None = None) -> None:

@@ -37,17 +37,21 @@ def cross_entropy_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, igno
     base = logits_ptr + row * stride
     target = tl.load(targets_ptr + row)
     trained = target != ignore_index
-    # pass 1: the row's max m and sum of exp(x - m), online over blocks
+    # pass 1: the row's max m and sum of exp(x - m), online over blocks, and the target's logit
+    # (read here: in pass 2 another warp may already have overwritten it with its gradient)
     m = tl.zeros((), tl.float32) - float("inf")
     total = tl.zeros((), tl.float32)
+    x_target = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # (a block of -inf so far: shift by 0, not by -inf, whose exp(-inf - -inf) is NaN)
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        total = total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
+        x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
     lse = m + tl.log(total)
-    x_target = tl.load(base + tl.where(trained, target, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(trained, lse - x_target, 0.0))
     if WITH_GRAD:  # pass 2: the gradient over the logits
         for start in range(0, V, BLOCK):
@@ -65,6 +69,7 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     unit loss), else left as they are."""
     c, V = logits.shape
     assert logits.stride(1) == 1, "each row of logits must be contiguous"
+    assert targets.is_contiguous() and targets.device == logits.device and targets.shape == (c,)
     loss = torch.empty(c, dtype=torch.float32, device=logits.device)
     if c:
         # (Triton launches on the current CUDA device: a pipeline rank runs on cuda:N without making it current)
