@@ -105,12 +105,19 @@ def measure(loss_of, model: CausalLM, h: torch.Tensor, targets: torch.Tensor, re
     return {"peak_mib": round(peak / 2**20, 1), "ms": round(best * 1e3, 2)}
 
 
-def run(name: str, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
-    vocab, hidden = HEADS[name]
+def head_only(vocab: int, hidden: int, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """A frozen CausalLM of only a plain head (the final norm and lm_head), random, built on the device."""
     args = ModelArgs("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, num_layers=0,
                      num_heads=1, num_kv_heads=1, head_dim=hidden)
     with torch.device(device):
-        model = CausalLM(args, parts=["norm", "head"]).to(dtype).requires_grad_(False)
+        return CausalLM(args, parts=["norm", "head"]).to(dtype).requires_grad_(False)
+
+
+def run(name: str, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    vocab, hidden = HEADS[name]
+    model = head_only(vocab, hidden, device, dtype)
+    args = model.args
+    with torch.device(device):
         h = torch.randn(tokens, hidden, dtype=dtype)
         targets = torch.randint(0, vocab, (tokens,))
     everyone = torch.arange(tokens, device=device)  # the trained positions: every token here

@@ -291,20 +291,14 @@ def check_cross_entropy_kernel(device) -> dict:
     loss_err = (got - ref.detach()).abs().max().item()
     # one bf16 ulp of the largest entry, at most (the same value computed another way)
     grad_err = ((grad.float() - exact.grad.bfloat16().float()).abs().max() / exact.grad.abs().max()).item()
-    fused = loss._fused_cross_entropy(_plain_head(device), logits)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_loss import head_only
+
+    fused = loss._fused_cross_entropy(head_only(32000, 64, device, torch.bfloat16), logits)
     expected = device.type == "cuda" and lora_module.auto_kernel(device) == "triton"  # (Hopper and on)
     return {"check": "cross-entropy kernel (loss_kernels.py)", "loss_max_abs_err": loss_err,
             "grad_max_rel_err": grad_err, "auto_uses_it": fused,
             "ok": loss_err <= 1e-4 and grad_err <= 2**-7 and fused == expected}
-
-
-def _plain_head(device) -> torch.nn.Module:
-    """A CausalLM of only a plain bf16 head (norm, lm_head) of TinyLlama's vocabulary."""
-    from mlora.models.llama import CausalLM, ModelArgs
-
-    args = ModelArgs("llama", vocab_size=32000, hidden_size=64, intermediate_size=64, num_layers=0,
-                     num_heads=1, num_kv_heads=1, head_dim=64)
-    return CausalLM(args, parts=["norm", "head"]).to(device, torch.bfloat16)
 
 
 def check_seeds_on_the_host(device) -> list[dict]:

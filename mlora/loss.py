@@ -175,7 +175,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 from mlora.loss_kernels import cross_entropy_grad_  # (imports triton: only when used)
 
                 logits = model.lm_head(h[start:end])  # [c, V], in the dtype
-                ce[start:end] = cross_entropy_grad_(logits, targets[start:end], IGNORE_INDEX, want_grad)
+                cross_entropy_grad_(logits, targets[start:end], IGNORE_INDEX, want_grad, out=ce[start:end])
                 if want_grad:  # logits now hold d ce / d logits: the head's input gradient, [c, H]
                     torch.mm(logits, model.lm_head.weight, out=grad_h[start:end])
                 continue

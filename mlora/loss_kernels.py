@@ -63,14 +63,16 @@ def cross_entropy_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, igno
 
 
 def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                        with_grad: bool = True) -> torch.Tensor:
-    """Per-row cross-entropy [c] fp32 of logits [c, V] (each row contiguous) for targets [c];
-    with_grad: the logits are overwritten with the loss's gradient with respect to them (for a
-    unit loss), else left as they are."""
+                        with_grad: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row cross-entropy [c] fp32 of logits [c, V] (each row contiguous) for targets [c],
+    written into `out` (a contiguous [c] fp32, else a new one); with_grad: the logits are
+    overwritten with the loss's gradient with respect to them (for a unit loss), else left as
+    they are."""
     c, V = logits.shape
     assert logits.stride(1) == 1, "each row of logits must be contiguous"
     assert targets.is_contiguous() and targets.device == logits.device and targets.shape == (c,)
-    loss = torch.empty(c, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(c, dtype=torch.float32, device=logits.device) if out is None else out
+    assert loss.is_contiguous() and loss.dtype == torch.float32 and loss.shape == (c,)
     if c:
         # (Triton launches on the current CUDA device: a pipeline rank runs on cuda:N without making it current)
         with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
