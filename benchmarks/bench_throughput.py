@@ -151,11 +151,11 @@ class MloraBench:
         return out
 
     def detach(self, adapters: list[Adapter]) -> None:
+        # Adapter.detach_from drops what the input groups keep of them (their plans and weight
+        # casts, which hold each adapter's whole buffer): a frozen-base run next would carry
+        # them in its peak. Then the batch-layout caches go too.
         for a in adapters:
-            for w in self.wrappers.values():
-                w.adapters.pop(a.name, None)
-        # The input groups' plans and weight casts hold the detached adapters' weights until
-        # the next fused forward; a frozen-base run next would carry them in its peak.
+            a.detach_from(self.wrappers)
         clear_lora_caches(self.wrappers)
 
     def fused_step(self, n: int, rows: int, dropout: float):

@@ -34,13 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_throughput as bt  # noqa: E402
 import mlora.lora as lora_module  # noqa: E402
 
-# What the step waits for the device in: its one read (bench_throughput.MloraBench.fused_step).
-_READS = ("tolist", "item", "synchronize")
+# What the step waits for the device in: its one read (bench_throughput.MloraBench.fused_step),
+# by cProfile's exact names of the built-ins (a substring would also take dict.items, and
+# torch.cuda.synchronize's Python wrapper beside the built-in it calls: counted twice).
+_READS = ("<method 'tolist' of 'torch._C.TensorBase' objects>", "<method 'item' of 'torch._C.TensorBase' objects>")
 
 
 def _read_wait_seconds(stats: pstats.Stats) -> float:
     return sum(cumulative for (_, _, name), (_, _, _, cumulative, _) in stats.stats.items()
-               if any(read in name for read in _READS))
+               if name in _READS or "_cuda_synchronize" in name)
 
 
 def profile(shape: str, n: int, rows: int, steps: int, device: torch.device, dtype: torch.dtype,

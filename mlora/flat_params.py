@@ -61,12 +61,7 @@ class FlatParameters:
         if any(p.dtype != torch.float32 or p.device != device for p in params):
             raise ValueError("the parameters must all be fp32 on one device")
         self.params = list(params)
-        self.offsets = []
-        total = 0
-        for p in self.params:
-            self.offsets.append(total)
-            total += p.numel()
-        data = torch.empty(total, dtype=torch.float32, device=device)
+        data = torch.empty(sum(p.numel() for p in self.params), dtype=torch.float32, device=device)
         with torch.no_grad():
             for p, view in zip(self.params, _unflatten_dense_tensors(data, self.params)):
                 view.copy_(p)
@@ -79,11 +74,6 @@ class FlatParameters:
         self._cast: torch.Tensor | None = None  # [total] in _cast.dtype
         self._cast_views: list[torch.Tensor] = []  # each parameter's part of _cast, in its shape
         self._cast_versions: list[int] = []
-
-    def view_of(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        """Parameter i's part of a [total] tensor laid out like `param`, in its shape."""
-        p = self.params[i]
-        return flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
 
     # ----------------------------------------------------------------- the activation-dtype cast
     def cast_of_index(self, i: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,9 +101,13 @@ class FlatParameters:
         grads = [p.grad for p in self.params]
         if all(g is None for g in grads):
             return None
+        # (one zeros for every parameter without a gradient: on an MoE model, the experts an
+        # adapter's tokens missed can be hundreds)
+        missing = max((p.numel() for p, g in zip(self.params, grads) if g is None), default=0)
         with torch.no_grad():
-            return torch.cat([torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None
-                              else g.reshape(-1) for p, g in zip(self.params, grads)])  # [total]
+            zeros = torch.zeros(missing, dtype=torch.float32, device=self.param.device)
+            return torch.cat([zeros[:p.numel()] if g is None else g.reshape(-1)
+                              for p, g in zip(self.params, grads)])  # [total]
 
     def forget_grad(self) -> None:
         """Drop the stepped gradient (after a step, or when the parameters' gradients go)."""
