@@ -19,6 +19,7 @@ from mlora.config import AdapterConfig, adapter_seed
 from mlora.errors import UserError
 from mlora.flat_params import FlatParameters
 from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
+from mlora.loss_scale import LossScale
 from mlora.models.naming import Naming
 
 # PEFT prefixes every LoRA tensor name with this (the PeftModel -> base model path).
@@ -67,12 +68,15 @@ class Adapter:
 
     def __init__(self, cfg: AdapterConfig, wrappers: dict[str, LoraLinear], seed: int,
                  device: torch.device, total_steps: int = 1, stage_layers: set[str] | None = None,
-                 naming: Naming = Naming()):
+                 naming: Naming = Naming(), loss_scaling: bool = False):
         """stage_layers: on a pipeline stage, the decoder layers it holds ('model.layers.3', ...):
         an `init_from` adapter's tensors for other layers belong to other stages.
         naming: the base model's own module names, which the PEFT files use (ChatGLM, Baichuan,
-        Gemma 3's image-text models name theirs otherwise than mlora)."""
+        Gemma 3's image-text models name theirs otherwise than mlora).
+        loss_scaling: the backward runs in fp16 (loss_scale.needs_loss_scaling): the loss is
+        scaled by a dynamic power of two, which the step divides out again (loss_scale.py)."""
         self.cfg = cfg
+        self.loss_scale: LossScale | None = LossScale() if loss_scaling else None
         self.naming = naming
         self.stage_layers = stage_layers
         self.name = cfg.name
@@ -164,7 +168,33 @@ class Adapter:
             return None
         # One multi-tensor kernel over hundreds of tensors; fp32, as the weights are.
         norms = torch._foreach_norm(grads)
-        return torch.stack(norms).pow(2).sum()
+        sq = torch.stack(norms).pow(2).sum()
+        unscale = self._unscale()
+        return sq if unscale == 1.0 else sq.mul_(unscale * unscale)  # (a power of two: exact)
+
+    # ----------------------------------------------------------------- fp16 loss scaling
+    def loss_scale_for(self, step_tokens: int) -> float:
+        """What this adapter's loss of a step with `step_tokens` label tokens is multiplied by
+        before the backward: 1, or under fp16 its dynamic loss scale (loss_scale.py)."""
+        return 1.0 if self.loss_scale is None else self.loss_scale.for_step(step_tokens)
+
+    def _unscale(self) -> float:
+        """What the gradients are multiplied by to undo the loss scale (1/scale, exact)."""
+        if self.loss_scale is None or self.loss_scale.scale is None:
+            return 1.0
+        return 1.0 / self.loss_scale.scale
+
+    def update_loss_scale(self, finite: bool) -> bool:
+        """After a step whose gradient norm was `finite` or not (and whose loss was finite):
+        move the loss scale on. True when the non-finite gradient was an fp16 overflow that the
+        scale now backs off from: the step is skipped, and it is no NaN for on_nan. False
+        without loss scaling, and for a finite gradient."""
+        if self.loss_scale is None:
+            return False
+        if finite:
+            self.loss_scale.stepped()
+            return False
+        return self.loss_scale.back_off()
 
     def local_grad_sq(self) -> float:
         """grad_sq as a number (a pipeline stage adds these up over all ranks to clip by the
@@ -182,10 +212,13 @@ class Adapter:
         `grad_norm` is the adapter's whole gradient norm when this process holds only a part
         of it (a pipeline stage); by default it is computed here. Returns (lr, grad_norm).
         """
-        norm = self.grad_norm() if grad_norm is None else grad_norm
+        norm = self.grad_norm() if grad_norm is None else grad_norm  # (unscaled: grad_sq)
         grad = self._flat_grad()  # (a pipeline stage may hold none of this adapter's tensors)
-        if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm and grad is not None:
-            grad.mul_(self.cfg.max_grad_norm / (norm + 1e-6))
+        factor = self._unscale()
+        if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
+            factor *= self.cfg.max_grad_norm / (norm + 1e-6)
+        if factor != 1.0 and grad is not None:
+            grad.mul_(factor)
         lr = self.current_lr()
         if self.optimizer is not None:
             self._set_lr(lr)
@@ -224,9 +257,12 @@ class Adapter:
             skip = ~torch.isfinite(sq)
             if bad is not None:
                 skip = skip | bad
-            limit = self.cfg.max_grad_norm
+            limit, unscale = self.cfg.max_grad_norm, self._unscale()
             if limit is not None:
-                grad.mul_(clip_factor(sq.double().sqrt(), limit))
+                factor = clip_factor(sq.double().sqrt(), limit)  # (sq is unscaled: grad_sq)
+                grad.mul_(factor if unscale == 1.0 else factor.mul_(unscale))
+            elif unscale != 1.0:
+                grad.mul_(unscale)
             self._set_lr(lr)
             self.optimizer.found_inf = skip.float()
             try:
@@ -281,6 +317,7 @@ class Adapter:
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "steps_done": self.steps_done,
             "generators": {layer: g.get_state() for layer, g in self.dropout_generators.items()},
+            "loss_scale": None if self.loss_scale is None else self.loss_scale.state(),
         }
 
     def restore_from_checkpoint(self, saved: dict) -> None:
@@ -305,6 +342,8 @@ class Adapter:
                             "from (one per decoder layer; a checkpoint of an older mlora cannot be resumed)")
         for layer, g in self.dropout_generators.items():
             g.set_state(saved["generators"][layer])
+        if self.loss_scale is not None and saved.get("loss_scale") is not None:
+            self.loss_scale = LossScale.from_state(saved["loss_scale"])
 
     # ----------------------------------------------------------------- PEFT format
     def peft_state_dict(self) -> dict[str, torch.Tensor]:

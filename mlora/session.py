@@ -19,6 +19,7 @@ from mlora.loader import load_model, read_model_config, weight_index
 from mlora.models.args import REMOTE_CODE_FAMILIES
 from mlora.lora import MLP_MODULES, BatchLayout, LoraLinear, check_kernel, inject_lora
 from mlora.loss import check_cross_entropy
+from mlora.loss_scale import needs_loss_scaling
 from mlora.models.naming import Naming, naming_for
 
 
@@ -45,6 +46,11 @@ class Session:
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
+
+    @property
+    def loss_scaling(self) -> bool:
+        """The backward runs in fp16 somewhere: the adapters scale their losses (loss_scale.py)."""
+        return needs_loss_scaling(self.dtype, self.quant)
 
     @property
     def naming(self) -> Naming:

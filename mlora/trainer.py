@@ -111,7 +111,8 @@ class Trainer:
             prepare_examples(session.data[a.name].train)
         for position, a in enumerate(self.cfg.lora):
             steps = total_steps(len(session.data[a.name].train), a)
-            adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps, naming=session.naming)
+            adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps, naming=session.naming,
+                              loss_scaling=session.loss_scaling)
             bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,
                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
             self.runs[a.name] = AdapterProgress(adapter, steps, bar)
@@ -238,6 +239,12 @@ class Trainer:
         counts = [sum(sums[i][1] for sums in chunks if i in sums) for i in range(len(parts))]
         # The squared gradient norms of the adapters that step now (device scalars or None).
         sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts) if part.last_in_step}
+        # Under fp16 loss scaling, those of the adapters still accumulating too: an overflow on
+        # one adapter's rows can reach the others' gradients as a NaN (see _nan_victims), mid-step
+        # as well, and must be caught while this batch can still run again without it.
+        watched = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts)
+                   if not part.last_in_step and self.runs[part.adapter].adapter.loss_scale is not None}
+        watched = {i: sq for i, sq in watched.items() if sq is not None}
         issued = {}  # part index -> lr of the step queued on the device
         for i, part in enumerate(parts):
             run = self.runs[part.adapter]
@@ -248,13 +255,16 @@ class Trainer:
                 issued[i], _ = run.adapter.step_on_device(bad, sqs[i])
         reads = [t.float() for i in range(len(parts)) for t in ce_of[i]]
         reads += [sq.float() for sq in sqs.values() if sq is not None]
+        reads += [sq.float() for sq in watched.values()]
         values = iter(torch.stack(reads).tolist())
         ce_sums = [sum(next(values) for _ in ce_of[i]) for i in range(len(parts))]
         norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, sq in sqs.items()}
+        norms.update((i, math.sqrt(next(values))) for i in watched)
         if before is not None and not all(math.isfinite(ce) for ce in ce_sums):
             # A NaN loss: whether it reached the gradients of the adapters still accumulating
             # is a second read, made only then (see _nan_victims).
-            rest = {i: self.runs[p.adapter].adapter.grad_sq() for i, p in enumerate(parts) if i not in sqs}
+            rest = {i: self.runs[p.adapter].adapter.grad_sq() for i, p in enumerate(parts)
+                    if i not in sqs and i not in watched}
             rest = {i: sq for i, sq in rest.items() if sq is not None}
             if rest:
                 norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
@@ -326,13 +336,21 @@ class Trainer:
                 # sequence's first token never is, nor is it unpacked), so the CE sum and the
                 # step's token count, the normaliser, are those of the unpacked batch.
                 sums = fused_loss_sums(session.model, session.layout, batch)
-                total = sum(sums[p.adapter][0] / max(1, p.step_label_tokens) for p in micro)
+                total = sum(self._scaled_loss(sums[p.adapter][0], p) for p in micro)
                 total.backward()
             except BaseException:
                 # The input groups may still hold this attempt's inputs: a retry must not.
                 clear_lora_caches(session.wrappers)
                 raise
         return {i: (sums[p.adapter][0].detach(), sums[p.adapter][1]) for i, p in zip(pieces, micro)}
+
+    def _scaled_loss(self, ce_sum: torch.Tensor, part) -> torch.Tensor:
+        """A micro-batch's share of its adapter's step loss (CE sum / the step's label tokens),
+        times the adapter's fp16 loss scale where it has one (loss_scale.py)."""
+        tokens = max(1, part.step_label_tokens)
+        scale = self.runs[part.adapter].adapter.loss_scale_for(tokens)
+        loss = ce_sum / tokens
+        return loss if scale == 1.0 else loss * scale
 
     def _report_rerun(self, parts, ce_sums: list[float], victims: list[int]) -> None:
         """Say once per culprit that its NaN made others run again (every batch it shares does,
@@ -379,9 +397,12 @@ class Trainer:
                   "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": run.step.label_tokens,
                   "input_tokens": run.step.input_tokens, "time": self.elapsed}
         if not (math.isfinite(loss) and math.isfinite(norm)):
+            if math.isfinite(loss) and adapter.update_loss_scale(False):
+                return self._overflow(run, record, counted=stepped)
             return self._non_finite(run, record, counted=stepped)
         if not stepped:
             adapter.step(grad_norm=norm)
+        adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
         step = adapter.steps_done
         run.tokens_seen += run.step.input_tokens
         run.last_loss = loss
@@ -426,6 +447,22 @@ class Trainer:
         self.metrics.write({**record, "skipped": True, "reason": reason, "action": policy})
         run.bar.write(f"[{adapter.name}] step {record['step']}: {reason}; "
                       + ("adapter stopped (on_nan: stop)" if policy == "stop" else "step skipped"))
+        run.bar.update(1)
+        run.step = StepAccumulator()
+        return False
+
+    def _overflow(self, run: AdapterProgress, record: dict, counted: bool) -> bool:
+        """An fp16 gradient overflow (a finite loss, a non-finite gradient under loss scaling):
+        the step is skipped and the loss scale has halved (loss_scale.py); on_nan is not
+        consulted. counted: as for _non_finite."""
+        adapter = run.adapter
+        if not counted:
+            adapter.skip_step()
+        run.skipped_steps += 1
+        scale = adapter.loss_scale.scale
+        self.metrics.write({**record, "skipped": True, "reason": "fp16 gradient overflow", "loss_scale": scale})
+        run.bar.write(f"[{adapter.name}] step {record['step']}: fp16 gradient overflow; step skipped, "
+                      f"loss scale now {scale:g}")
         run.bar.update(1)
         run.step = StepAccumulator()
         return False

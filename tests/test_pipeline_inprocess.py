@@ -51,9 +51,10 @@ class QueueTransport:
         pass
 
 
-def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=None, allow_errors=False):
+def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=None, allow_errors=False,
+                dtype: str | None = None):
     """Every rank in a thread named rank<r>; returns the stages, or with allow_errors the
-    (rank, exception) of the ranks that failed."""
+    (rank, exception) of the ranks that failed. dtype: as `--dtype` (default fp32 on the CPU)."""
     stages = plan_stages(str(base), world, balance)
     hub = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
     hub["gather"], hub["barrier"] = {}, threading.Barrier(world)
@@ -61,7 +62,8 @@ def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=Non
 
     def rank_main(rank):
         try:
-            session = open_session(base, cfg, output_dir=str(out), device="cpu", quant=quant, load_base=False)
+            session = open_session(base, cfg, output_dir=str(out), device="cpu", quant=quant, load_base=False,
+                                   dtype=dtype)
             transport = QueueTransport(rank, world, hub)
             check_same_everywhere(transport, fingerprint(session, stages, "queue"))
             session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[rank],

@@ -306,7 +306,7 @@ class StageWorker:
                 prepare_examples(rows)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
                                             stage_layers={f"model.layers.{i}" for i in session.model.layer_ids},
-                                            naming=session.naming)
+                                            naming=session.naming, loss_scaling=session.loss_scaling)
             refs = []
             for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
                 mb = len(self.micro)
@@ -408,6 +408,9 @@ class StageWorker:
                 step, norm = header["norm"]
                 self.apply_step(header["adapter"], step, norm)
         adapter = header["adapter"]
+        # Every rank: its fp16 loss scale starts at this step's size (each rank divides it out of
+        # its part of the gradient; the last stage applies it).
+        scale = self.adapters[adapter].loss_scale_for(max(1, header["step_tokens"]))
         self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
         with self.timer.measure(self.device):
             # hidden states [B, S, H] (final-normed on the last stage, whose loss runs the head a
@@ -417,10 +420,11 @@ class StageWorker:
                 counts = {adapter: header["label_tokens"]}  # counted on rank 0's host
                 ce_sum, count = head_loss_sums(self.session.model, out, labels, self.session.layout.rows,
                                                counts, self.received_positions(header))[adapter]
-                out = ce_sum / max(1, header["step_tokens"])
+                loss = ce_sum / max(1, header["step_tokens"])
+                out = loss if scale == 1.0 else loss * scale  # what the backward starts from
         if self.last:
             tally = self.tally[adapter]
-            tally.losses.append(out.detach())  # read with the step's norm (backward)
+            tally.losses.append(loss.detach())  # read with the step's norm (backward)
             tally.label_tokens += count
             tally.input_tokens += header["input_tokens"]
             tally.epoch = header["epoch"]
@@ -490,17 +494,25 @@ class StageWorker:
     def read_step_figures(self, adapter: str) -> float:
         """At the end of an adapter's step on this rank: the square of its gradient norm here
         and, on the last stage, the step's loss, read back in one go: the only read of a
-        micro-batch's work, once per optimizer step (a read waits for everything queued)."""
+        micro-batch's work, once per optimizer step (a read waits for everything queued).
+
+        What a rank passes on says what went wrong, as the ranks add them up: a non-finite part
+        of the gradient is +inf, and a non-finite loss (known on the last stage only) makes the
+        sum NaN (inf + NaN is NaN). So every rank tells an fp16 overflow, which the loss scale
+        backs off from, from a non-finite loss, which on_nan handles (apply_step)."""
         sq = self.adapters[adapter].grad_sq()
         reads = [torch.zeros((), device=self.device) if sq is None else sq]
         tally = self.tally[adapter] if self.last else None
         if tally is not None and tally.losses:
             reads.append(torch.stack(tally.losses).double().sum())
         values = torch.stack([t.double() for t in reads]).tolist()  # float64, as Python sums floats
+        sq = values[0] if math.isfinite(values[0]) else math.inf
         if tally is not None:
             tally.loss += sum(values[1:])
             tally.losses = []
-        return values[0]
+            if not math.isfinite(tally.loss):
+                sq = math.nan
+        return sq
 
     # ------------------------------------------------------------------ eval_step
     def evaluate(self, segment: dict[str, list[MicroBatchRef]]) -> None:
@@ -578,9 +590,17 @@ class StageWorker:
     def apply_step(self, name: str, step: int, norm: float) -> None:
         assert self.pending_step.pop(name, None) == step, (name, step)
         adapter = self.adapters[name]
-        # Every rank gets the same global norm, so a non-finite one is skipped on every rank.
-        # on_nan "stop" freezes the adapter from then on (its micro-batches still flow: the
-        # shared plan does not change mid-run).
+        # Every rank gets the same global norm, so a non-finite one is skipped on every rank,
+        # and every rank's fp16 loss scale moves alike. +inf: a gradient overflowed under a
+        # finite loss (read_step_figures), which a loss scale backs off from, skipping the step
+        # without on_nan. on_nan "stop" freezes the adapter from then on (its micro-batches still
+        # flow: the shared plan does not change mid-run).
+        if name not in self.frozen and math.isinf(norm) and adapter.update_loss_scale(False):
+            lr = adapter.current_lr()
+            adapter.skip_step()
+            if self.last:
+                self.log_step(name, lr, norm, skipped=True, reason="fp16 gradient overflow")
+            return
         if name in self.frozen or not math.isfinite(norm):
             first_time = name not in self.frozen
             if adapter.cfg.on_nan == "stop":
@@ -589,12 +609,14 @@ class StageWorker:
             adapter.skip_step()
             if self.last:
                 if first_time:  # a frozen adapter's later steps are not logged, as in one process
-                    self.log_step(name, lr, norm, skipped=True)
+                    self.log_step(name, lr, norm, skipped=True,
+                                  reason="non-finite loss" if math.isnan(norm) else "non-finite gradient")
                 else:
                     self.tally[name] = StepTally()
                     self.bars[name].update(1)
             return
         lr, _ = adapter.step(grad_norm=norm)
+        adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
         done = adapter.steps_done
         self.stepped[name] = done  # a step taken, not skipped: eval_step may evaluate it
         save_step = self.session.cfg.save_step
@@ -605,15 +627,19 @@ class StageWorker:
         if self.last:
             self.log_step(name, lr, norm)
 
-    def log_step(self, name: str, lr: float, norm: float, skipped: bool = False) -> None:
+    def log_step(self, name: str, lr: float, norm: float, skipped: bool = False, reason: str = "") -> None:
         """The last stage's metrics line for one optimizer step (the same keys as one process)."""
         tally = self.tally[name]
         record = {"adapter": name, "step": self.adapters[name].steps_done, "epoch": tally.epoch,
                   "loss": tally.loss, "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
                   "input_tokens": tally.input_tokens,
                   "time": self.elapsed_before + time.perf_counter() - self.run_started}
-        if skipped:
-            record.update(skipped=True, reason="non-finite gradient", action=self.adapters[name].cfg.on_nan)
+        if skipped and reason == "fp16 gradient overflow":
+            record.update(skipped=True, reason=reason, loss_scale=self.adapters[name].loss_scale.scale)
+            self.bars[name].write(f"[{name}] step {record['step']}: {reason}; step skipped, "
+                                  f"loss scale now {record['loss_scale']:g}")
+        elif skipped:
+            record.update(skipped=True, reason=reason, action=self.adapters[name].cfg.on_nan)
         else:
             self.last_loss[name] = tally.loss
         self.metrics.write(record)
