@@ -242,7 +242,7 @@ def test_threshold_is_the_rate_on_16_bits():
 # ----------------------------------------------------------------------------- each kernel
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("factor_rows", [False, True], ids=["factor[C]", "factor[N,C]"])
 @pytest.mark.parametrize("c", [24, 300], ids=["one C tile", "several C tiles"])
 def test_kernels_match_torch_with_the_written_mask(dtype, factor_rows, c):
