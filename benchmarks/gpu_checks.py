@@ -46,9 +46,10 @@ def tiny_model(device, dtype, layers=2):
     return model, layout, inject_lora(model, layout)
 
 
-def lora_grads(device, dtype, kernel, names, rows_of, ids, dropout, seed=0):
+def lora_grads(device, dtype, kernel, names, rows_of, ids, dropout, seed=0, step_tokens=None, scale=1.0):
     """One fused forward/backward of adapters `names` (rows given by rows_of); returns
-    {adapter: flat gradient} and the per-adapter losses."""
+    {adapter: flat gradient} and the per-adapter losses. step_tokens: each CE sum's normaliser
+    (default its own count); scale: a loss scale, divided out of the gradients."""
     model, layout, wrappers = tiny_model(device, dtype)
     adapters = []
     for n in names:
@@ -71,11 +72,11 @@ def lora_grads(device, dtype, kernel, names, rows_of, ids, dropout, seed=0):
     try:
         hidden = model(ids, head=False)
         sums = head_loss_sums(model, hidden, ids, rows)
-        total = sum(ce / count for ce, count in sums.values())
-        total.backward()
+        total = sum(ce / (step_tokens or count) for ce, count in sums.values())
+        (total * scale).backward()
     finally:
         lora_module.kernel = previous
-    grads = {a.name: torch.cat([p.grad.flatten() for p in a.parameters()]) for a in adapters}
+    grads = {a.name: torch.cat([p.grad.flatten() for p in a.parameters()]) / scale for a in adapters}
     losses = {n: (ce / count).item() for n, (ce, count) in sums.items()}
     return grads, losses
 
@@ -160,6 +161,27 @@ def check_grouped_experts(device, dtype=torch.bfloat16, tol=3e-2) -> dict:
         run(True, caught)
         out["synchronisations"] = _synchronisations(caught)
     return out
+
+
+def check_fp16_loss_scale(device, step_tokens=10**5, tol=1e-2) -> dict:
+    """fp16 LoRA gradients under the loss scale an adapter starts at (loss_scale.py) against
+    fp32's, at a step of 10^5 label tokens, `auto`'s kernel (triton on the H200: its fp16
+    kernels compiled here), dropout 0.1; unscaled fp16's error beside it."""
+    from mlora.loss_scale import LossScale
+
+    names = ["a", "b"]
+    rows_of = {n: 2 for n in names}
+    ids = torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(3)).to(device)
+    run = dict(kernel="auto", names=names, rows_of=rows_of, ids=ids, dropout=0.1, step_tokens=step_tokens)
+    ref, _ = lora_grads(device, torch.float32, **run)
+    scale = LossScale().for_step(step_tokens)
+    scaled, _ = lora_grads(device, torch.float16, scale=scale, **run)
+    plain, _ = lora_grads(device, torch.float16, **run)
+    worst = max(rel_err(scaled[n], ref[n]) for n in names)
+    return {"check": f"fp16 LoRA gradients with the loss scale ({scale:g}) vs fp32, {step_tokens} step tokens, "
+                     f"kernel auto ({lora_module.auto_kernel(device)})",
+            "max_rel_err": worst, "unscaled_max_rel_err": max(rel_err(plain[n], ref[n]) for n in names),
+            "tolerance": tol, "ok": worst <= tol}
 
 
 def guarded(name: str, fn, *args) -> list[dict]:
@@ -643,6 +665,7 @@ def main() -> int:
     check("grouped experts", check_grouped_experts, device)
     check("triton kernels", check_triton_kernels, device)
     check("seeds on the host", check_seeds_on_the_host, device)
+    check("fp16 loss scale", check_fp16_loss_scale, device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         check(f"fused(triton) vs solo(triton), {dtype}", check_fused_vs_solo, device, dtype, "triton", tol, "triton")
     if device.type == "cuda":

@@ -259,6 +259,13 @@ def test_gpu_checks_grouped_experts_check_runs_on_the_cpu():
         assert result["ok"] and result["grouped_layers"] == 2, result
 
 
+def test_gpu_checks_fp16_loss_scale_check_runs_on_the_cpu():
+    """gpu_checks.py's fp16 loss-scale check, as a dry run on the CPU (auto is fused there):
+    it passes with the scale, and it would fail without (the unscaled error it reports)."""
+    result = _gpu_checks().check_fp16_loss_scale(torch.device("cpu"))
+    assert result["ok"] and result["unscaled_max_rel_err"] > 10 * result["tolerance"], result
+
+
 def _gpu_checks():
     """benchmarks/gpu_checks.py as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
