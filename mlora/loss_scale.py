@@ -53,13 +53,18 @@ class LossScale:
 
     def for_step(self, step_tokens: int) -> float:
         """The scale of a micro-batch of a step with `step_tokens` label tokens (the loss's
-        normaliser), set at the first one: the power of two nearest it."""
+        normaliser), set at the first one: the power of two nearest it. A step without label
+        tokens (its loss and gradient are 0) runs unscaled and leaves it to the next one."""
         if self.scale is None:
-            self.scale = 2.0 ** round(math.log2(max(1, step_tokens)))
+            if step_tokens < 1:
+                return 1.0
+            self.scale = 2.0 ** round(math.log2(step_tokens))
         return self.scale
 
     def stepped(self) -> None:
         """A step with a finite gradient was taken."""
+        if self.scale is None:  # (a step without label tokens: nothing to grow yet)
+            return
         self.clean_steps += 1
         if self.clean_steps >= GROWTH_INTERVAL:
             self.scale *= 2

@@ -348,7 +348,7 @@ class Trainer:
         """A micro-batch's share of its adapter's step loss (CE sum / the step's label tokens),
         times the adapter's fp16 loss scale where it has one (loss_scale.py)."""
         tokens = max(1, part.step_label_tokens)
-        scale = self.runs[part.adapter].adapter.loss_scale_for(tokens)
+        scale = self.runs[part.adapter].adapter.loss_scale_for(part.step_label_tokens)
         loss = ce_sum / tokens
         return loss if scale == 1.0 else loss * scale
 

@@ -171,3 +171,40 @@ def test_fp16_overflows_skip_the_step_and_halve_the_scale_in_one_process_and_the
         one = load_file(tmp_path / "single" / name / "adapter_model.safetensors")
         assert rel_diff(pipe, one) <= 5e-3, name  # (fp16: one process fuses the rows, the pipeline not)
         assert math.isfinite(sum(t.float().abs().sum().item() for t in one.values()))
+
+
+def test_a_first_step_without_label_tokens_leaves_the_scale_to_the_next(tmp_path, pipe_model, monkeypatch):
+    """A first step whose rows have no label tokens (all cut off by cutoff_len) has a zero loss:
+    it must not fix the scale at 1 (2^0, its normaliser's floor), where fp16 would underflow
+    from then on; the next step with label tokens sets it, in one process and in the pipeline."""
+    from mlora.cli import main
+
+    from test_pipeline_inprocess import run_threads
+    from test_train import alpaca_rows, make_template, write_jsonl
+
+    calls = []  # (step tokens asked for, scale returned)
+    start = LossScale.for_step
+
+    def spy(self, step_tokens):
+        scale = start(self, step_tokens)
+        calls.append((step_tokens, scale))
+        return scale
+
+    monkeypatch.setattr(LossScale, "for_step", spy)
+    long = [{"instruction": "reverse the words", "input": " ".join(["tea"] * 80), "output": "tea"}] * 2
+    adapter = {"name": "z", "data": write_jsonl(tmp_path / "z.jsonl", long + alpaca_rows(4, 1)),
+               "prompt": make_template(tmp_path), "r": 4, "dropout": 0.0, "batch_size": 2, "micro_batch_size": 1,
+               "num_epochs": 1, "group_by_length": True}  # the longest rows (no label left) first
+    cfg_path = tmp_path / "zero.json"
+    cfg_path.write_text(json.dumps({"cutoff_len": 64, "seed": 11, "output_dir": str(tmp_path / "single"),
+                                    "lora": [adapter]}))
+    for run in ("single", "pipe"):
+        calls.clear()
+        if run == "single":
+            assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress",
+                         "--dtype", "fp16"]) == 0
+        else:
+            run_threads(pipe_model, cfg_path, tmp_path / "pipe", 2, [3, 4], dtype="fp16")
+        assert calls[0][0] <= 1, calls  # the first step has no label token
+        later = [scale for tokens, scale in calls if tokens >= 2]
+        assert later and all(scale > 1 for scale in later), (run, calls)

@@ -410,7 +410,7 @@ class StageWorker:
         adapter = header["adapter"]
         # Every rank: its fp16 loss scale starts at this step's size (each rank divides it out of
         # its part of the gradient; the last stage applies it).
-        scale = self.adapters[adapter].loss_scale_for(max(1, header["step_tokens"]))
+        scale = self.adapters[adapter].loss_scale_for(header["step_tokens"])
         self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
         with self.timer.measure(self.device):
             # hidden states [B, S, H] (final-normed on the last stage, whose loss runs the head a
