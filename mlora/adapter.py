@@ -175,8 +175,22 @@ class Adapter:
     # ----------------------------------------------------------------- fp16 loss scaling
     def loss_scale_for(self, step_tokens: int) -> float:
         """What this adapter's loss of a step with `step_tokens` label tokens is multiplied by
-        before the backward: 1, or under fp16 its dynamic loss scale (loss_scale.py)."""
-        return 1.0 if self.loss_scale is None else self.loss_scale.for_step(step_tokens)
+        before the backward: 1, or under fp16 its dynamic loss scale (loss_scale.py). Call it
+        where the gradients accumulated so far are in place: when it sets the scale, they get
+        it too."""
+        if self.loss_scale is None:
+            return 1.0
+        unset = self.loss_scale.scale is None
+        scale = self.loss_scale.for_step(step_tokens)
+        if unset and scale != 1.0:
+            # Gradients already there were accumulated unscaled: a half-finished step restored
+            # from a checkpoint of an mlora before loss scaling (no "loss_scale" in it). Scaled
+            # (a power of two: exact), so the step divides one scale out of all of them.
+            with torch.no_grad():
+                for p in self.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        return scale
 
     def _unscale(self) -> float:
         """What the gradients are multiplied by to undo the loss scale (1/scale, exact)."""

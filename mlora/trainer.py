@@ -329,6 +329,8 @@ class Trainer:
         # whole step's label-token count, the loss normaliser.
         micro = [parts[i] if len(exs) == len(parts[i].examples) else replace(parts[i], examples=exs)
                  for i, exs in pieces.items()]
+        for p in micro:  # (a scale set now applies to the gradients so far: before they are set aside)
+            self.runs[p.adapter].adapter.loss_scale_for(p.step_label_tokens)
         with grads_restored_on_error(params, before), generators_restored_on_error(generators):
             try:
                 batch = fuse(micro, session.pad_id, pack_len=self.pack_len).to(session.device)

@@ -208,3 +208,54 @@ def test_a_first_step_without_label_tokens_leaves_the_scale_to_the_next(tmp_path
         assert calls[0][0] <= 1, calls  # the first step has no label token
         later = [scale for tokens, scale in calls if tokens >= 2]
         assert later and all(scale > 1 for scale in later), (run, calls)
+
+
+def test_resuming_a_checkpoint_from_before_loss_scaling_mid_step(tmp_path, tiny_llama):
+    """A checkpoint of an mlora before loss scaling holds no "loss_scale", and its gradients of a
+    half-finished step are unscaled: the scale the step's next micro-batch sets must be applied to
+    them too, or the step divides it out of gradients that never had it. Made here from a
+    checkpoint of this mlora (its gradients divided by their scale, the key removed): the run
+    resumed from it ends exactly where the uninterrupted one did."""
+    import hashlib
+    import io
+    import shutil
+
+    from mlora.checkpoint import list_checkpoints
+    from mlora.cli import main
+    from safetensors.torch import load_file
+
+    from test_resume import write_config
+    from test_train import rel_diff
+
+    out, old = tmp_path / "out", tmp_path / "old"
+    cfg = write_config(tmp_path, out)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",
+                 "--dtype", "fp16"]) == 0
+    shutil.copytree(out, old)
+    (old / "checkpoints" / "FINISHED.json").unlink()
+    made = False
+    for _, path in list_checkpoints(old):
+        if made:
+            shutil.rmtree(path)
+            continue
+        state = torch.load(path / "state.pt", weights_only=True)
+        mid_step = [s for s in state["adapters"].values() if s["grads"]]
+        if not mid_step:
+            continue
+        for saved in state["adapters"].values():
+            scale = saved.pop("loss_scale")["scale"]
+            saved["grads"] = {n: g / scale for n, g in saved["grads"].items()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        (path / "state.pt").write_bytes(payload)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["files"]["state.pt"] = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        made = True
+    assert made, "no checkpoint was written mid-step"
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",
+                 "--dtype", "fp16", "--output_dir", str(old), "--resume"]) == 0
+    for name in ("a", "b"):
+        assert rel_diff(load_file(old / name / "adapter_model.safetensors"),
+                        load_file(out / name / "adapter_model.safetensors")) <= 1e-6, name
