@@ -77,6 +77,8 @@ class Adapter:
         scaled by a dynamic power of two, which the step divides out again (loss_scale.py)."""
         self.cfg = cfg
         self.loss_scale: LossScale | None = LossScale() if loss_scaling else None
+        self._step_scale = 1.0  # the loss scale of the step in progress (loss_scale_for)
+        self._grads_unscaled = False  # restored gradients not yet scaled (restore_from_checkpoint)
         self.naming = naming
         self.stage_layers = stage_layers
         self.name = cfg.name
@@ -175,28 +177,29 @@ class Adapter:
     # ----------------------------------------------------------------- fp16 loss scaling
     def loss_scale_for(self, step_tokens: int) -> float:
         """What this adapter's loss of a step with `step_tokens` label tokens is multiplied by
-        before the backward: 1, or under fp16 its dynamic loss scale (loss_scale.py). Call it
-        where the gradients accumulated so far are in place: when it sets the scale, they get
-        it too."""
+        before the backward: 1, or under fp16 its dynamic loss scale (loss_scale.py), which
+        the step then divides out. Asked for by every micro-batch of a step (all of them have
+        the step's label-token count); call it where the gradients accumulated so far are in
+        place (see _grads_unscaled)."""
         if self.loss_scale is None:
             return 1.0
-        unset = self.loss_scale.scale is None
         scale = self.loss_scale.for_step(step_tokens)
-        if unset and scale != 1.0:
-            # Gradients already there were accumulated unscaled: a half-finished step restored
-            # from a checkpoint of an mlora before loss scaling (no "loss_scale" in it). Scaled
-            # (a power of two: exact), so the step divides one scale out of all of them.
+        if self._grads_unscaled:
+            # Gradients of a half-finished step restored from a checkpoint of an mlora before
+            # loss scaling (no "loss_scale" in it) were accumulated unscaled: scaled now (a
+            # power of two: exact), so that the step divides one scale out of all of them.
             with torch.no_grad():
                 for p in self.parameters():
                     if p.grad is not None:
                         p.grad.mul_(scale)
+            self._grads_unscaled = False
+        self._step_scale = scale
         return scale
 
     def _unscale(self) -> float:
-        """What the gradients are multiplied by to undo the loss scale (1/scale, exact)."""
-        if self.loss_scale is None or self.loss_scale.scale is None:
-            return 1.0
-        return 1.0 / self.loss_scale.scale
+        """What the gradients of the step in progress are multiplied by to undo its loss scale
+        (1 / its scale: exact)."""
+        return 1.0 / self._step_scale
 
     def update_loss_scale(self, finite: bool) -> bool:
         """After a step whose gradient norm was `finite` or not (and whose loss was finite):
@@ -331,7 +334,8 @@ class Adapter:
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "steps_done": self.steps_done,
             "generators": {layer: g.get_state() for layer, g in self.dropout_generators.items()},
-            "loss_scale": None if self.loss_scale is None else self.loss_scale.state(),
+            # (with the step in progress's scale, which its gradients so far carry)
+            "loss_scale": None if self.loss_scale is None else {**self.loss_scale.state(), "step_scale": self._step_scale},
         }
 
     def restore_from_checkpoint(self, saved: dict) -> None:
@@ -356,8 +360,12 @@ class Adapter:
                             "from (one per decoder layer; a checkpoint of an older mlora cannot be resumed)")
         for layer, g in self.dropout_generators.items():
             g.set_state(saved["generators"][layer])
-        if self.loss_scale is not None and saved.get("loss_scale") is not None:
-            self.loss_scale = LossScale.from_state(saved["loss_scale"])
+        if self.loss_scale is not None:
+            if saved.get("loss_scale") is not None:
+                self.loss_scale = LossScale.from_state(saved["loss_scale"])
+                self._step_scale = saved["loss_scale"]["step_scale"]
+            else:  # (a checkpoint of an mlora before loss scaling, or of a run without it)
+                self._grads_unscaled = bool(saved["grads"])
 
     # ----------------------------------------------------------------- PEFT format
     def peft_state_dict(self) -> dict[str, torch.Tensor]:

@@ -8,21 +8,24 @@ a step, most LoRA gradients of a small model round to zero or to a few bits (mea
 tests/test_loss.py's model: 41 % error at T = 10^4, nothing left at 10^6; test_loss_scale.py).
 bf16 and fp32 share fp32's range and need none of this.
 
-How, as torch.amp's GradScaler does it, per adapter:
-- The scale starts at the power of two nearest the first step's T, so a token's gradient starts
-  near 1 (a whole sequence of them: the range an fp16 forward works in).
+How, as torch.amp's GradScaler does it, per adapter, but per token:
+- A step's scale is its adapter's per-token scale times its label-token count T rounded to a
+  power of two (2^round(log2 T)), so each token's gradient starts within a factor of sqrt(2)
+  of the per-token scale, whatever the step's size: a short step is as safe from overflow as a
+  long one is from underflow. The per-token scale starts at 1: each token's gradient starts
+  near 1, the range an fp16 forward works in.
 - The gradients are fp32 sums of scaled fp16 products; dividing by a power of two is exact,
   so the step sees exactly what an unscaled fp32 gradient of these products would be.
 - A non-finite gradient under a finite loss is an overflow: the step is skipped (its
-  gradients dropped, as for a NaN) and the scale halves. Not an on_nan event: overflows are
-  how the scale finds its level. Only at a scale of 1 (no scaling left) does it count as a
-  non-finite gradient.
-- After GROWTH_INTERVAL steps without one the scale doubles, so it follows gradients that
-  shrink as training goes on.
-Each adapter has its own scale and its own steps, so an adapter's step never mixes
-micro-batches of different scales, and one adapter's overflow does not skip another's step.
-The scale is part of a checkpoint; a pipeline's ranks keep equal copies, since each updates
-its own from the same global gradient norm.
+  gradients dropped, as for a NaN) and the per-token scale halves. Not an on_nan event:
+  overflows are how the scale finds its level. Only at MIN_TOKEN_SCALE (a token's gradient
+  overflowing even at 1/256 of its size) does it count as a non-finite gradient.
+- After GROWTH_INTERVAL steps without one the per-token scale doubles, so it follows
+  gradients that shrink as training goes on.
+Each adapter has its own scale and its own steps; all micro-batches of one step have the same
+label-token count (the step's normaliser), so they share one scale, and one adapter's overflow
+does not skip another's step. The per-token scale is part of a checkpoint; a pipeline's ranks
+keep equal copies, since each updates its own from the same global gradient norm.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 GROWTH_INTERVAL = 2000  # clean steps before the scale doubles (GradScaler's default)
-MIN_SCALE = 1.0  # below this there is nothing left to back off: the gradient is truly non-finite
+MIN_TOKEN_SCALE = 2.0 ** -8  # the per-token scale backs off no further: a non-finite gradient
 
 
 def needs_loss_scaling(dtype: torch.dtype, quant=None) -> bool:
@@ -46,42 +49,35 @@ def needs_loss_scaling(dtype: torch.dtype, quant=None) -> bool:
 
 @dataclass
 class LossScale:
-    """One adapter's dynamic loss scale (a power of two; None until its first step)."""
+    """One adapter's dynamic loss scale, per label token (a power of two)."""
 
-    scale: float | None = None
+    per_token: float = 1.0
     clean_steps: int = 0  # steps taken since the scale last changed
 
     def for_step(self, step_tokens: int) -> float:
-        """The scale of a micro-batch of a step with `step_tokens` label tokens (the loss's
-        normaliser), set at the first one: the power of two nearest it. A step without label
-        tokens (its loss and gradient are 0) runs unscaled and leaves it to the next one."""
-        if self.scale is None:
-            if step_tokens < 1:
-                return 1.0
-            self.scale = 2.0 ** round(math.log2(step_tokens))
-        return self.scale
+        """The scale of a step with `step_tokens` label tokens (its loss's normaliser):
+        per_token x 2^round(log2 step_tokens), a power of two (step_tokens 0: per_token)."""
+        return self.per_token * 2.0 ** round(math.log2(max(1, step_tokens)))
 
     def stepped(self) -> None:
         """A step with a finite gradient was taken."""
-        if self.scale is None:  # (a step without label tokens: nothing to grow yet)
-            return
         self.clean_steps += 1
         if self.clean_steps >= GROWTH_INTERVAL:
-            self.scale *= 2
+            self.per_token *= 2
             self.clean_steps = 0
 
     def back_off(self) -> bool:
         """After a non-finite gradient: halve the scale and return True (an overflow, the step
-        to be skipped), or False at MIN_SCALE (a non-finite gradient of its own)."""
+        to be skipped), or False at MIN_TOKEN_SCALE (a non-finite gradient of its own)."""
         self.clean_steps = 0
-        if self.scale is None or self.scale <= MIN_SCALE:
+        if self.per_token <= MIN_TOKEN_SCALE:
             return False
-        self.scale = max(MIN_SCALE, self.scale / 2)
+        self.per_token /= 2
         return True
 
     def state(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {"per_token": self.per_token, "clean_steps": self.clean_steps}
 
     @classmethod
     def from_state(cls, state: dict) -> "LossScale":
-        return cls(state["scale"], state["clean_steps"])
+        return cls(state["per_token"], state["clean_steps"])

@@ -461,10 +461,10 @@ class Trainer:
         if not counted:
             adapter.skip_step()
         run.skipped_steps += 1
-        scale = adapter.loss_scale.scale
+        scale = adapter.loss_scale.per_token
         self.metrics.write({**record, "skipped": True, "reason": "fp16 gradient overflow", "loss_scale": scale})
         run.bar.write(f"[{adapter.name}] step {record['step']}: fp16 gradient overflow; step skipped, "
-                      f"loss scale now {scale:g}")
+                      f"loss scale now {scale:g} per token")
         run.bar.update(1)
         run.step = StepAccumulator()
         return False

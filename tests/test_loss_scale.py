@@ -12,7 +12,7 @@ import torch
 
 import mlora.loss as loss
 from mlora.adapter import Adapter
-from mlora.loss_scale import GROWTH_INTERVAL, LossScale, needs_loss_scaling
+from mlora.loss_scale import GROWTH_INTERVAL, MIN_TOKEN_SCALE, LossScale, needs_loss_scaling
 from mlora.metrics import read_metrics
 from mlora.quant import QuantConfig
 
@@ -47,21 +47,21 @@ def test_fp16_lora_gradients_need_the_loss_scale(step_tokens):
     assert worst_error(lora_grads(torch.float16, step_tokens, scale), ref) < 5e-3
 
 
-def test_the_scale_starts_near_the_step_size_halves_on_overflow_and_grows():
+def test_the_scale_follows_each_steps_size_halves_on_overflow_and_grows():
     s = LossScale()
-    assert s.for_step(2500) == 2048.0 and s.for_step(10**6) == 2048.0  # the nearest power of two, set once
-    assert LossScale().for_step(0) == 1.0 and LossScale().for_step(3) == 4.0
-    assert s.back_off() and s.scale == 1024.0
+    assert s.for_step(2500) == 2048.0 and s.for_step(3000) == 4096.0  # 2^round(log2 T): per token ~1
+    assert s.for_step(0) == 1.0 and s.for_step(1) == 1.0 and s.for_step(3) == 4.0
+    assert s.back_off() and s.per_token == 0.5 and s.for_step(2500) == 1024.0
     for _ in range(GROWTH_INTERVAL - 1):
         s.stepped()
-    assert s.scale == 1024.0
+    assert s.per_token == 0.5
     s.stepped()
-    assert s.scale == 2048.0 and s.clean_steps == 0
+    assert s.per_token == 1.0 and s.clean_steps == 0
     s.stepped()
-    assert s.back_off() and s.scale == 1024.0 and s.clean_steps == 0  # an overflow restarts the count
-    low = LossScale(2.0)
-    assert low.back_off() and low.scale == 1.0
-    assert not low.back_off() and low.scale == 1.0  # at 1 nothing is left: a non-finite gradient
+    assert s.back_off() and s.per_token == 0.5 and s.clean_steps == 0  # an overflow restarts the count
+    low = LossScale(2 * MIN_TOKEN_SCALE)
+    assert low.back_off() and low.per_token == MIN_TOKEN_SCALE
+    assert not low.back_off() and low.per_token == MIN_TOKEN_SCALE  # no further: a non-finite gradient
     assert LossScale.from_state(s.state()) == s
 
 
@@ -96,7 +96,7 @@ def test_a_scaled_gradient_steps_exactly_as_the_unscaled_one(on_device, max_grad
             assert a.item() == b.item()
         else:
             assert plain.step() == scaled_one.step()
-        assert not scaled_one.update_loss_scale(True) and scaled_one.loss_scale.scale == scale
+        assert not scaled_one.update_loss_scale(True) and scaled_one.loss_scale_for(2500) == scale
     for p, q in zip(plain.parameters(), scaled_one.parameters()):
         assert torch.equal(p, q)
     for key, value in plain.optimizer.state[plain.flat.param].items():
@@ -110,21 +110,19 @@ def test_the_scale_is_part_of_the_checkpoint():
     adapter.update_loss_scale(False)
     adapter.update_loss_scale(True)
     again.restore_from_checkpoint(adapter.state_for_checkpoint())
-    assert again.loss_scale == adapter.loss_scale == LossScale(1024.0, 1)
+    assert again.loss_scale == adapter.loss_scale == LossScale(0.5, 1)
+    assert again._unscale() == adapter._unscale() == 1 / 2048  # the step in progress's scale
 
 
 @pytest.fixture
 def overflowing_start(monkeypatch):
-    """Every adapter starts at a scale of 2^20, where the tiny model's fp16 gradients overflow
-    (at its ~40 label tokens a step, about 2^15 per token: they stop overflowing near 2^13)."""
-    start = LossScale.for_step
+    """Every adapter starts at a scale of 2^15 per token, where the tiny model's fp16 gradients
+    overflow (they stop near 2^13)."""
+    import functools
 
-    def high(self, step_tokens):
-        if self.scale is None:
-            self.scale = 2.0 ** 20
-        return start(self, step_tokens)
+    import mlora.adapter
 
-    monkeypatch.setattr(LossScale, "for_step", high)
+    monkeypatch.setattr(mlora.adapter, "LossScale", functools.partial(LossScale, 2.0 ** 15))
 
 
 def train_steps(out) -> dict[str, list[tuple]]:
@@ -156,12 +154,12 @@ def test_fp16_overflows_skip_the_step_and_halve_the_scale_in_one_process_and_the
     assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress",
                  "--dtype", "fp16"]) == 0
     said = capsys.readouterr()
-    assert "[p0] step 1: fp16 gradient overflow; step skipped, loss scale now 524288" in said.out + said.err
+    assert "[p0] step 1: fp16 gradient overflow; step skipped, loss scale now 16384 per token" in said.out + said.err
     single = train_steps(tmp_path / "single")
     for name, steps in single.items():
         skipped = [s for s in steps if s[1] is not None]
         assert skipped and all(reason == "fp16 gradient overflow" for _, reason, _ in skipped), name
-        assert [scale for *_, scale in skipped] == [2.0 ** (19 - i) for i in range(len(skipped))], name
+        assert [scale for *_, scale in skipped] == [2.0 ** (14 - i) for i in range(len(skipped))], name
         assert steps[len(skipped):] and all(reason is None for _, reason, _ in steps[len(skipped):]), name
         assert [step for step, *_ in steps] == list(range(1, len(steps) + 1)), name
     run_threads(pipe_model, cfg_path, tmp_path / "pipe", 2, [3, 4], dtype="fp16")
@@ -173,10 +171,11 @@ def test_fp16_overflows_skip_the_step_and_halve_the_scale_in_one_process_and_the
         assert math.isfinite(sum(t.float().abs().sum().item() for t in one.values()))
 
 
-def test_a_first_step_without_label_tokens_leaves_the_scale_to_the_next(tmp_path, pipe_model, monkeypatch):
-    """A first step whose rows have no label tokens (all cut off by cutoff_len) has a zero loss:
-    it must not fix the scale at 1 (2^0, its normaliser's floor), where fp16 would underflow
-    from then on; the next step with label tokens sets it, in one process and in the pipeline."""
+def test_a_first_step_without_label_tokens_sets_no_later_scale(tmp_path, pipe_model, monkeypatch):
+    """A first step whose rows have no label tokens (all cut off by cutoff_len) has a zero loss
+    and a scale of 1; the later steps' scales follow their own label tokens, in one process and
+    in the pipeline. (A first design set the scale once, from the first step: at 1 here, where
+    fp16 would underflow from then on.)"""
     from mlora.cli import main
 
     from test_pipeline_inprocess import run_threads
@@ -243,7 +242,7 @@ def test_resuming_a_checkpoint_from_before_loss_scaling_mid_step(tmp_path, tiny_
         if not mid_step:
             continue
         for saved in state["adapters"].values():
-            scale = saved.pop("loss_scale")["scale"]
+            scale = saved.pop("loss_scale")["step_scale"]
             saved["grads"] = {n: g / scale for n, g in saved["grads"].items()}
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -408,8 +408,8 @@ class StageWorker:
                 step, norm = header["norm"]
                 self.apply_step(header["adapter"], step, norm)
         adapter = header["adapter"]
-        # Every rank: its fp16 loss scale starts at this step's size (each rank divides it out of
-        # its part of the gradient; the last stage applies it).
+        # Every rank: this step's fp16 loss scale (the last stage multiplies the loss by it, and
+        # every rank divides it out of its part of the gradient at the step).
         scale = self.adapters[adapter].loss_scale_for(header["step_tokens"])
         self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
         with self.timer.measure(self.device):
@@ -635,9 +635,9 @@ class StageWorker:
                   "input_tokens": tally.input_tokens,
                   "time": self.elapsed_before + time.perf_counter() - self.run_started}
         if skipped and reason == "fp16 gradient overflow":
-            record.update(skipped=True, reason=reason, loss_scale=self.adapters[name].loss_scale.scale)
+            record.update(skipped=True, reason=reason, loss_scale=self.adapters[name].loss_scale.per_token)
             self.bars[name].write(f"[{name}] step {record['step']}: {reason}; step skipped, "
-                                  f"loss scale now {record['loss_scale']:g}")
+                                  f"loss scale now {record['loss_scale']:g} per token")
         elif skipped:
             record.update(skipped=True, reason=reason, action=self.adapters[name].cfg.on_nan)
         else:
