@@ -4,6 +4,7 @@ suite; the real transports are covered by test_pipeline.py with real processes."
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from pathlib import Path
@@ -388,6 +389,48 @@ def test_pipeline_eval_step_skips_what_one_process_skips(tmp_path, pipe_model, p
     single = evals(tmp_path / "single")
     assert single and all(name == "p1" for name, _ in single)  # p0 never took a step
     assert evals(tmp_path / "pipe") == single
+
+    def skips(out):  # each skipped step and why, and whether its gradient norm was finite (NaN: null)
+        return [(m["adapter"], m["step"], m["reason"], m.get("action"), m["grad_norm"] is not None)
+                for m in read_metrics(out / "metrics.jsonl") if m.get("skipped")]
+
+    assert skips(tmp_path / "single") and skips(tmp_path / "pipe") == skips(tmp_path / "single")
+
+
+def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_model, monkeypatch):
+    """A NaN loss in every step of one adapter: the last stage, the only rank that sees the
+    loss, tells the others, and every rank skips the step as one process does, logged with the
+    same reason ("non-finite loss", not "non-finite gradient"); the other adapter trains as in
+    one process."""
+    import mlora.pipeline.worker
+    import mlora.trainer
+
+    def poisoned(real):
+        def sums(*args):
+            result = real(*args)
+            if "p0" in result:
+                ce, count = result["p0"]
+                result["p0"] = (ce * float("nan"), count)
+            return result
+        return sums
+
+    monkeypatch.setattr(mlora.trainer, "fused_loss_sums", poisoned(mlora.trainer.fused_loss_sums))
+    monkeypatch.setattr(mlora.pipeline.worker, "head_loss_sums", poisoned(mlora.pipeline.worker.head_loss_sums))
+    from mlora.cli import main
+
+    cfg_path = write_config(tmp_path, 2, tmp_path / "single")
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress"]) == 0
+    run_threads(pipe_model, cfg_path, tmp_path / "pipe", 2, [3, 4])
+
+    def skips(out):
+        return [(m["adapter"], m["step"], m["reason"], m["action"])
+                for m in read_metrics(out / "metrics.jsonl") if m.get("skipped")]
+
+    single = skips(tmp_path / "single")
+    assert single and all(name == "p0" and reason == "non-finite loss" for name, _, reason, _ in single)
+    assert skips(tmp_path / "pipe") == single
+    pipe_p1 = load_file(tmp_path / "pipe" / "p1" / "adapter_model.safetensors")
+    assert rel_diff(pipe_p1, load_file(tmp_path / "single" / "p1" / "adapter_model.safetensors")) <= 1e-5
 
 
 def test_segments_cut_at_multiples_of_each_period():

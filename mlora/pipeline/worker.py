@@ -335,7 +335,8 @@ class StageWorker:
         self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
         self.frozen: set[str] = set()  # adapters stopped by on_nan: "stop"
         self.stepped: dict[str, int] = {}  # adapter -> steps_done after the last step it took
-        self.norm_to_send: dict[str, tuple[int, float]] = {}  # rank 0: norms of finished steps
+        # rank 0: (step, gradient norm, whether its loss was finite) of finished steps
+        self.norm_to_send: dict[str, tuple[int, float, bool]] = {}
         self.tally = {name: StepTally() for name in self.adapters}
         self.outbox: list[tuple[str, str, int, dict[str, torch.Tensor]]] = []  # (adapter, tag, rank, tensors)
         self.collected: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
@@ -405,8 +406,7 @@ class StageWorker:
             labels = tensors[1]
             positions, documents = tensors[2:] if header["packed"] else (None, None)
             if header["norm"] is not None:
-                step, norm = header["norm"]
-                self.apply_step(header["adapter"], step, norm)
+                self.apply_step(header["adapter"], *header["norm"])
         adapter = header["adapter"]
         # Every rank: this step's fp16 loss scale (the last stage multiplies the loss by it, and
         # every rank divides it out of its part of the gradient at the step).
@@ -463,7 +463,7 @@ class StageWorker:
         # during its backward and must see its own row layout.
         self.session.layout.rows = rows
         adapter, step, last_in_step = self.mb_info(mb)
-        norm_sq_above = 0.0
+        norm_sq_above, loss_ok = 0.0, True
         if self.last:
             with self.timer.measure(self.device):
                 out.backward()
@@ -472,14 +472,18 @@ class StageWorker:
             self.expect(header, "B", mb)
             self.take_parts(header, tensors[1:])
             norm_sq_above = header["norm_sq"] or 0.0
+            loss_ok = header["loss_ok"]
             if header.get("stop") is not None:  # a later rank was signalled: pass it on to rank 0
                 self.stop_from_later = header["stop"]
             if out.requires_grad:  # else: an embedding-only first stage has nothing to train
                 with self.timer.measure(self.device):
                     out.backward(tensors[0])
-        norm_sq = self.read_step_figures(adapter) + norm_sq_above if last_in_step else None
+        norm_sq = None
+        if last_in_step:
+            sq, finite_loss = self.read_step_figures(adapter)
+            norm_sq, loss_ok = sq + norm_sq_above, loss_ok and finite_loss
         if not self.first:
-            header = {"kind": "B", "mb": mb, "norm_sq": norm_sq, "stop": self.stop_requested()}
+            header = {"kind": "B", "mb": mb, "norm_sq": norm_sq, "loss_ok": loss_ok, "stop": self.stop_requested()}
             extra = self.pack_parts(header)
             self.transport.send(self.rank - 1, header, [x.grad] + extra)
             if last_in_step:
@@ -487,32 +491,28 @@ class StageWorker:
         elif last_in_step:
             norm = math.sqrt(norm_sq)
             self.pending_step[adapter] = step
-            self.apply_step(adapter, step, norm)
+            self.apply_step(adapter, step, norm, loss_ok)
             if not self.last:
-                self.norm_to_send[adapter] = (step, norm)
+                self.norm_to_send[adapter] = (step, norm, loss_ok)
 
-    def read_step_figures(self, adapter: str) -> float:
+    def read_step_figures(self, adapter: str) -> tuple[float, bool]:
         """At the end of an adapter's step on this rank: the square of its gradient norm here
         and, on the last stage, the step's loss, read back in one go: the only read of a
         micro-batch's work, once per optimizer step (a read waits for everything queued).
-
-        What a rank passes on says what went wrong, as the ranks add them up: a non-finite part
-        of the gradient is +inf, and a non-finite loss (known on the last stage only) makes the
-        sum NaN (inf + NaN is NaN). So every rank tells an fp16 overflow, which the loss scale
-        backs off from, from a non-finite loss, which on_nan handles (apply_step)."""
+        Returns the square and whether the loss is finite (known on the last stage only: True
+        elsewhere), which every rank needs to tell an fp16 overflow from a non-finite loss
+        (apply_step)."""
         sq = self.adapters[adapter].grad_sq()
         reads = [torch.zeros((), device=self.device) if sq is None else sq]
         tally = self.tally[adapter] if self.last else None
         if tally is not None and tally.losses:
             reads.append(torch.stack(tally.losses).double().sum())
         values = torch.stack([t.double() for t in reads]).tolist()  # float64, as Python sums floats
-        sq = values[0] if math.isfinite(values[0]) else math.inf
-        if tally is not None:
-            tally.loss += sum(values[1:])
-            tally.losses = []
-            if not math.isfinite(tally.loss):
-                sq = math.nan
-        return sq
+        if tally is None:
+            return values[0], True
+        tally.loss += sum(values[1:])
+        tally.losses = []
+        return values[0], math.isfinite(tally.loss)
 
     # ------------------------------------------------------------------ eval_step
     def evaluate(self, segment: dict[str, list[MicroBatchRef]]) -> None:
@@ -587,21 +587,23 @@ class StageWorker:
                                 f"{header.get('kind')} of {header.get('mb')} (ranks disagree on the plan)")
 
     # ------------------------------------------------------------------ optimizer steps
-    def apply_step(self, name: str, step: int, norm: float) -> None:
+    def apply_step(self, name: str, step: int, norm: float, loss_ok: bool) -> None:
+        """The adapter's step, with its global gradient norm and whether its loss was finite."""
         assert self.pending_step.pop(name, None) == step, (name, step)
         adapter = self.adapters[name]
-        # Every rank gets the same global norm, so a non-finite one is skipped on every rank,
-        # and every rank's fp16 loss scale moves alike. +inf: a gradient overflowed under a
-        # finite loss (read_step_figures), which a loss scale backs off from, skipping the step
-        # without on_nan. on_nan "stop" freezes the adapter from then on (its micro-batches still
-        # flow: the shared plan does not change mid-run).
-        if name not in self.frozen and math.isinf(norm) and adapter.update_loss_scale(False):
+        # Every rank gets the same global norm and loss verdict, so a non-finite step is skipped
+        # on every rank, and every rank's fp16 loss scale moves alike. A non-finite gradient
+        # under a finite loss is an overflow a loss scale backs off from, skipping the step
+        # without on_nan (as in one process). on_nan "stop" freezes the adapter from then on
+        # (its micro-batches still flow: the shared plan does not change mid-run).
+        finite = math.isfinite(norm)
+        if name not in self.frozen and loss_ok and not finite and adapter.update_loss_scale(False):
             lr = adapter.current_lr()
             adapter.skip_step()
             if self.last:
                 self.log_step(name, lr, norm, skipped=True, reason="fp16 gradient overflow")
             return
-        if name in self.frozen or not math.isfinite(norm):
+        if name in self.frozen or not (finite and loss_ok):
             first_time = name not in self.frozen
             if adapter.cfg.on_nan == "stop":
                 self.frozen.add(name)
@@ -610,7 +612,7 @@ class StageWorker:
             if self.last:
                 if first_time:  # a frozen adapter's later steps are not logged, as in one process
                     self.log_step(name, lr, norm, skipped=True,
-                                  reason="non-finite loss" if math.isnan(norm) else "non-finite gradient")
+                                  reason="non-finite gradient" if loss_ok else "non-finite loss")
                 else:
                     self.tally[name] = StepTally()
                     self.bars[name].update(1)
@@ -658,8 +660,8 @@ class StageWorker:
         else:
             header, _ = self.transport.recv(self.rank - 1)
             self.expect(header, kind, None)
-            for name, (step, norm) in header["norms"].items():
-                self.apply_step(name, step, norm)
+            for name, (step, norm, loss_ok) in header["norms"].items():
+                self.apply_step(name, step, norm, loss_ok)
         if stats is not None:
             header["stats"].append(stats)
         assert not self.pending_step, self.pending_step
