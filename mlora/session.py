@@ -228,6 +228,9 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_kernel(torch_device)
     check_cross_entropy(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
+    if torch_dtype == torch.float16 and torch_device.type == "cpu":
+        print("mlora: note: fp16 on the CPU is slow (most CPUs have no fp16 matrix math: the demo's training took "
+              "27x its fp32 time on this project's machine); fp32 or bf16 train faster there", file=sys.stderr)
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
     cfg = resolve_targets(cfg, model_args)

@@ -258,3 +258,15 @@ def test_resuming_a_checkpoint_from_before_loss_scaling_mid_step(tmp_path, tiny_
     for name in ("a", "b"):
         assert rel_diff(load_file(old / name / "adapter_model.safetensors"),
                         load_file(out / name / "adapter_model.safetensors")) <= 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_fp16_on_the_cpu_says_it_is_slow(tmp_path, tiny_llama, capsys, dtype):
+    from mlora.session import open_session
+
+    from test_train import make_config
+
+    session = open_session(tiny_llama, make_config(tmp_path, ["a"], tmp_path / "out"), device="cpu", dtype=dtype,
+                           load_base=False)
+    assert session.loss_scaling == (dtype == "fp16")
+    assert ("fp16 on the CPU is slow" in capsys.readouterr().err) == (dtype == "fp16")
