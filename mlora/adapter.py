@@ -334,8 +334,10 @@ class Adapter:
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "steps_done": self.steps_done,
             "generators": {layer: g.get_state() for layer, g in self.dropout_generators.items()},
-            # (with the step in progress's scale, which its gradients so far carry)
-            "loss_scale": None if self.loss_scale is None else {**self.loss_scale.state(), "step_scale": self._step_scale},
+            # (with the step in progress's scale, which its gradients so far carry, or whether they
+            # are still the unscaled ones of an older checkpoint: _grads_unscaled)
+            "loss_scale": None if self.loss_scale is None else {**self.loss_scale.state(), "step_scale": self._step_scale,
+                                                                "grads_unscaled": self._grads_unscaled},
         }
 
     def restore_from_checkpoint(self, saved: dict) -> None:
@@ -364,6 +366,7 @@ class Adapter:
             if saved.get("loss_scale") is not None:
                 self.loss_scale = LossScale.from_state(saved["loss_scale"])
                 self._step_scale = saved["loss_scale"]["step_scale"]
+                self._grads_unscaled = saved["loss_scale"].get("grads_unscaled", False)
             else:  # (a checkpoint of an mlora before loss scaling, or of a run without it)
                 self._grads_unscaled = bool(saved["grads"])
 

@@ -114,6 +114,28 @@ def test_the_scale_is_part_of_the_checkpoint():
     assert again._unscale() == adapter._unscale() == 1 / 2048  # the step in progress's scale
 
 
+def test_unscaled_gradients_stay_flagged_through_a_checkpoint_before_their_next_micro_batch():
+    """Gradients of a half-finished step restored from a checkpoint without "loss_scale" are
+    unscaled until the step's next micro-batch scales them. A checkpoint written before that
+    micro-batch (other adapters' batches ran, then save_step or a signal) must say so: resumed
+    from it, the step must still scale them, not divide its scale out of gradients that never
+    had it."""
+    old = _adapter(None)
+    _set_grads(old, 0, 0.01)
+    unscaled = [p.grad.clone() for p in old.parameters()]
+    saved = old.state_for_checkpoint()  # (no loss scaling: "loss_scale" None, as before it existed)
+    resumed, again = _adapter(None), _adapter(None)
+    scaled(resumed, 2500)
+    resumed.restore_from_checkpoint(saved)
+    scaled(again, 2500)
+    again.restore_from_checkpoint(resumed.state_for_checkpoint())  # before the step's next micro-batch
+    scale = again.loss_scale_for(2500)
+    assert scale == 2048.0
+    for p, g in zip(again.parameters(), unscaled):
+        assert torch.equal(p.grad, g * scale)
+    assert again.grad_sq().item() == old.grad_sq().item()
+
+
 @pytest.fixture
 def overflowing_start(monkeypatch):
     """Every adapter starts at a scale of 2^15 per token, where the tiny model's fp16 gradients
