@@ -5,7 +5,7 @@ Why. The trainer divides an adapter's loss by its step's label tokens T, so ever
 gradient starts at 1/T and shrinks further on its way down the layers. fp16 has no exponent
 range to spare (normal values end at 6.1e-5, subnormal ones at 6e-8): at a few thousand tokens
 a step, most LoRA gradients of a small model round to zero or to a few bits (measured on
-tests/test_loss.py's model: 41 % error at T = 10^4, nothing left at 10^6; test_loss_scale.py).
+tests/test_loss.py's model: 41 % error at T = 10^4, 100 % at 10^5; test_loss_scale.py).
 bf16 and fp32 share fp32's range and need none of this.
 
 How, as torch.amp's GradScaler does it, per adapter, but per token:
