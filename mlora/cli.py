@@ -22,7 +22,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the JSON training config")
     p.add_argument("--output_dir", help="overrides the config's output_dir")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", help="base dtype: fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", help="base dtype: fp32, bf16 or fp16 (default: bf16 on CUDA of compute capability 8.0+, "
+                   "fp16 on older GPUs, fp32 on CPU)")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="run the tokenizer code that --base_model ships (ChatGLM's and Baichuan's tokenizers "
                         "need it; mlora runs its own model code, never the checkpoint's)")

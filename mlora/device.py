@@ -41,13 +41,37 @@ def resolve_device(spec: str | None) -> torch.device:
 
 
 def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
-    """None -> bf16 on CUDA, fp32 elsewhere; else one of fp32/float32, bf16/bfloat16, fp16/float16."""
+    """None -> bf16 on CUDA GPUs with bf16 matrix math (native_bf16), fp16 on older ones (its
+    loss scaled: loss_scale.py), fp32 elsewhere; else one of fp32/float32, bf16/bfloat16,
+    fp16/float16."""
     if name is None:
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     dtype = _DTYPES.get(str(name).strip().lower())
     if dtype is None:
         raise UserError(f"dtype {name!r} is not supported (use one of {', '.join(_DTYPES)})")
     return dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA `device` has bf16 matrix math: compute capability 8.0 and up (Ampere
+    on), or ROCm. On older GPUs (V100, T4) torch emulates bf16, many times slower than fp16.
+    (torch.cuda.is_bf16_supported asks about the current device, not a pipeline rank's.)"""
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+
+
+def dtype_note(device: torch.device, dtype: torch.dtype) -> str | None:
+    """A one-line note when `dtype` computes slowly on `device`, else None."""
+    if dtype == torch.float16 and device.type == "cpu":
+        return ("fp16 on the CPU is slow (most CPUs have no fp16 matrix math: the demo's training took 27x its "
+                "fp32 time on this project's machine); fp32 or bf16 train faster there")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 matrix math "
+                "(8.0 and up have), and torch emulates it slowly; fp16 (--dtype fp16, its loss scaled) trains "
+                "faster there")
+    return None
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from mlora.config import MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config, projection_of
 from mlora.data import Example, encode_rows, load_rows, load_template
-from mlora.device import resolve_device, resolve_dtype
+from mlora.device import dtype_note, resolve_device, resolve_dtype
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
 from mlora.models.args import REMOTE_CODE_FAMILIES
@@ -228,9 +228,9 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_kernel(torch_device)
     check_cross_entropy(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
-    if torch_dtype == torch.float16 and torch_device.type == "cpu":
-        print("mlora: note: fp16 on the CPU is slow (most CPUs have no fp16 matrix math: the demo's training took "
-              "27x its fp32 time on this project's machine); fp32 or bf16 train faster there", file=sys.stderr)
+    note = dtype_note(torch_device, torch_dtype)
+    if note:
+        print(f"mlora: note: {note}", file=sys.stderr)
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
     cfg = resolve_targets(cfg, model_args)

@@ -209,12 +209,25 @@ def test_cuda_unavailable():
         resolve_device("cuda")
 
 
-def test_device_and_dtype_defaults():
+def fake_gpu(monkeypatch, major: int, minor: int = 0, name: str = "a GPU") -> None:
+    """torch.cuda answers as a GPU of compute capability major.minor (no GPU needed)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major, minor=minor))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_device_and_dtype_defaults(monkeypatch):
     expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     assert resolve_device(None) == expected
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype(torch.device("cpu"), None) == torch.float32
+    fake_gpu(monkeypatch, 8)  # Ampere on: bf16
     assert resolve_dtype(torch.device("cuda", 0), None) == torch.bfloat16
+    fake_gpu(monkeypatch, 7, 5)  # a T4: fp16 (its loss scaled), not bf16 torch would emulate
+    assert resolve_dtype(torch.device("cuda", 1), None) == torch.float16
     for name, dtype in [("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),
                         ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("float16", torch.float16)]:
         assert resolve_dtype(torch.device("cpu"), name) == dtype
@@ -280,3 +293,18 @@ def test_a_value_transformers_lets_through_but_mlora_cannot_use_is_one_error(tmp
                                                                                  rope_theta=1e4))))
     with pytest.raises(UserError, match=r"cannot read .*config.json: ValueError: could not convert string to float"):
         read_model_config(base)
+
+
+def test_slow_dtypes_are_noted(monkeypatch):
+    """fp16 on the CPU and bf16 on a GPU without bf16 matrix math get a one-line note; the
+    defaults and fast choices none."""
+    from mlora.device import dtype_note
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert "fp16 on the CPU is slow" in dtype_note(cpu, torch.float16)
+    assert dtype_note(cpu, torch.float32) is None and dtype_note(cpu, torch.bfloat16) is None
+    fake_gpu(monkeypatch, 7, 0, "Tesla V100-SXM2-32GB")
+    assert dtype_note(gpu, torch.bfloat16).startswith("Tesla V100-SXM2-32GB (compute capability 7.0) has no bf16")
+    assert dtype_note(gpu, torch.float16) is None and dtype_note(gpu, torch.float32) is None
+    fake_gpu(monkeypatch, 9)
+    assert dtype_note(gpu, torch.bfloat16) is None
