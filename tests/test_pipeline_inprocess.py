@@ -611,3 +611,22 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     run_threads(base, cfg, tmp_path / "pipe2", 2, [2, 5])
     assert rel_diff(load_file(tmp_path / "pipe2" / "p1" / "adapter_model.safetensors"),
                     load_file(tmp_path / "single2" / "p1" / "adapter_model.safetensors")) <= 1e-5
+
+
+def test_ranks_of_different_dtypes_are_told_to_pass_the_same_dtype():
+    """The default dtype follows each rank's GPU (bf16 from compute capability 8.0, fp16 below),
+    so ranks on mixed GPUs disagree unless --dtype is given: the error says so."""
+    class Everyone:  # rank 0 was started with `first`, rank 1 (this one) with what it passes
+        def __init__(self, first):
+            self.first = first
+
+        def exchange(self, mine):
+            return [self.first, mine]
+
+    rank0 = {"config": "c", "dtype": "torch.bfloat16"}
+    with pytest.raises(PipelineError, match="rank 1 was started with a different dtype than rank 0; "
+                                            "pass every rank the same --dtype"):
+        check_same_everywhere(Everyone(rank0), {"config": "c", "dtype": "torch.float16"})
+    with pytest.raises(PipelineError, match="different config .* same --config, --balance and --base_model"):
+        check_same_everywhere(Everyone(rank0), {"config": "d", "dtype": "torch.bfloat16"})
+    check_same_everywhere(Everyone(rank0), dict(rank0))

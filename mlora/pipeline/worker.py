@@ -87,8 +87,10 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
     for rank, theirs in enumerate(everyone):
         for key in mine:
             if theirs.get(key) != everyone[0].get(key):
-                raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; "
-                                    f"start every rank with the same --config, --balance and --base_model")
+                fix = ("pass every rank the same --dtype (its default follows each rank's GPU: bf16 from compute "
+                       "capability 8.0, fp16 below)" if key == "dtype" else
+                       "start every rank with the same --config, --balance and --base_model")
+                raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; {fix}")
 
 
 def largest_micro_batch(micro_batches: Iterable[MicroBatch], pack_len: int | None) -> tuple[int, int]:
