@@ -165,7 +165,9 @@ class FusedBatch:
     # host by `to`, so that only they go through the head (loss.head_loss_sums)
     target_positions: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> "FusedBatch":
+    def to(self, device: torch.device, with_positions: bool = True) -> "FusedBatch":
+        """The batch on `device` (the attention mask stays on the host); with_positions False:
+        without target_positions (a pipeline's rank 0, whose last stage gets them as runs)."""
         # Through pinned memory (device.upload): a copy from pageable memory to a GPU waits
         # for everything queued there, a second synchronisation per step besides the trainer's
         # one read (benchmarks/gpu_checks.py counts them).
@@ -173,8 +175,8 @@ class FusedBatch:
             return None if t is None else upload(t, device)
 
         counts = self.label_counts if self.label_counts is not None else label_token_counts(self.labels, self.rows)
-        positions = self.target_positions
-        if positions is None and self.labels.device.type == "cpu":  # (on a GPU, finding them would wait for it)
+        positions = self.target_positions if with_positions else None
+        if with_positions and positions is None and self.labels.device.type == "cpu":  # (on a GPU it would wait)
             positions = trained_positions(self.labels, self.rows)
         # The attention mask stays here: the model checks on it whether the rows need a mask at
         # all (no read back from the device) and moves it itself.

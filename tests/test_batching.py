@@ -141,6 +141,8 @@ def test_moving_a_batch_to_the_device_goes_through_upload(monkeypatch):
     moved.clear()
     packed.to(torch.device("cpu"))
     assert len(moved) == 5  # input_ids, labels, position_ids, document_ids, target positions
+    moved.clear()  # a pipeline's rank 0: its last stage rebuilds the positions from the header
+    assert batch.to(torch.device("cpu"), with_positions=False).target_positions is None and len(moved) == 2
 
 
 def test_trained_positions_follow_the_rows_and_the_shift():

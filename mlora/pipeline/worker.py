@@ -441,7 +441,9 @@ class StageWorker:
         stage reads no count back) and the mask as runs of real tokens."""
         host = fuse([part], self.session.pad_id, pack_len=pack_len)
         host.target_positions = trained_positions(host.labels, host.rows)
-        batch = host.to(self.device)  # the mask stays here
+        # The mask stays here; the positions are not uploaded: the last stage rebuilds them from
+        # the header's runs (received_positions), rank 0 too when it is the last.
+        batch = host.to(self.device, with_positions=False)
         fields = {"rows": batch.input_ids.shape[0], "label_tokens": batch.label_counts[part.adapter],
                   "mask_runs": mask_runs(host.attention_mask), "target_runs": position_runs(host.target_positions)}
         return batch, host.attention_mask, fields
