@@ -40,10 +40,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mlora.lora_triton import SEED_TAG
+
 
 # The kernels' seed arguments, by name: Triton must not specialise on their values (above).
 SEED_ARGS = [f"seed{i}" for i in range(8)]
-SEED_BITS = tl.constexpr((1 << 62) - 1)  # a seed's bits, without lora_triton.SEED_TAG
+SEED_BITS = tl.constexpr(SEED_TAG - 1)  # a seed's bits, without its tag
 
 
 @triton.jit
