@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The manual way, as in m-LoRA's README: one process per GPU, each told its rank, device and
-# balance. Every rank gets the same --config, --base_model and --balance (checked at start-up).
+# balance. Every rank gets the same --config, --base_model and --balance (checked at start-up),
+# and on GPUs of different generations the same --dtype (its default follows each GPU).
 # This example: a 32-layer model (35 modules: embedding, 32 layers, norm, head) on 4 GPUs.
 #
 #   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh

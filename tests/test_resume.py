@@ -199,6 +199,18 @@ def test_mismatched_checkpoint_names_the_difference(tmp_path, tiny_llama, capsys
     assert "adapter 'b'" in err and "'lr'" in err and "0.5" in err
 
 
+def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(tmp_path, tiny_llama, capsys):
+    """The default dtype follows the device (fp16 on GPUs older than compute capability 8.0, bf16
+    on newer, fp32 on the CPU): a checkpoint of another default is refused naming the --dtype
+    that resumes it."""
+    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume",
+                 "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "dtype was torch.float32, now torch.bfloat16 (resume it with --dtype fp32)" in err
+
+
 POISONS = {
     # A learning rate of 1e30 blows the adapter's weights up; RMSNorm keeps the numbers finite.
     "lr-1e30": ({"lr": 1e30, "optim": "adamw"}, None),
