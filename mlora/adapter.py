@@ -336,8 +336,8 @@ class Adapter:
             "generators": {layer: g.get_state() for layer, g in self.dropout_generators.items()},
             # (with the step in progress's scale, which its gradients so far carry, or whether they
             # are still the unscaled ones of an older checkpoint: _grads_unscaled)
-            "loss_scale": None if self.loss_scale is None else {**self.loss_scale.state(), "step_scale": self._step_scale,
-                                                                "grads_unscaled": self._grads_unscaled},
+            "loss_scale": None if self.loss_scale is None else {
+                **self.loss_scale.state(), "step_scale": self._step_scale, "grads_unscaled": self._grads_unscaled},
         }
 
     def restore_from_checkpoint(self, saved: dict) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mlora.atomic import write_dir_atomically, write_file_atomically
+from mlora.device import dtype_flag
 from mlora.errors import UserError
 
 FORMAT = 1
@@ -145,10 +146,6 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     return state
 
 
-# The fingerprint's dtype (str(torch.dtype)) -> the --dtype that selects it
-DTYPE_FLAGS = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
-
-
 def describe_difference(saved: dict, current: dict) -> str | None:
     """The first thing that differs, in words a user can act on."""
     saved_names, current_names = list(saved["adapters"]), list(current["adapters"])
@@ -166,7 +163,7 @@ def describe_difference(saved: dict, current: dict) -> str | None:
         return "the base model's config.json differs"
     for key in ("dtype", "quantization"):
         if saved.get(key) != current.get(key):
-            flag = DTYPE_FLAGS.get(saved.get(key)) if key == "dtype" else None
+            flag = dtype_flag(saved.get(key)) if key == "dtype" else None
             # (the default dtype follows the GPU: a checkpoint of another GPU generation's default)
             fix = f" (resume it with --dtype {flag})" if flag else ""
             return f"{key} was {saved.get(key)}, now {current.get(key)}{fix}"

@@ -3,6 +3,8 @@ and put small host tensors on a device without waiting for it (`upload`)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mlora.errors import UserError
@@ -72,6 +74,18 @@ def dtype_note(device: torch.device, dtype: torch.dtype) -> str | None:
                 "(8.0 and up have), and torch emulates it slowly; fp16 (--dtype fp16, its loss scaled) trains "
                 "faster there")
     return None
+
+
+def current_on(device: torch.device):
+    """A context making `device` CUDA's current device (a no-op elsewhere): Triton launches on
+    the current one, and a pipeline rank runs on cuda:N without making it current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def dtype_flag(name: str) -> str | None:
+    """The --dtype that selects a dtype named as str(torch.dtype) names it ("torch.bfloat16" ->
+    "bf16"), None for another."""
+    return next((flag for flag, dtype in _DTYPES.items() if str(dtype) == name), None)
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -37,7 +37,6 @@ Runs on CUDA (compiled) and, for the tests, on the CPU under Triton's interprete
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlora.device import upload
+from mlora.device import current_on, upload
 
 if TYPE_CHECKING:  # lora_fused imports this module
     from mlora.lora_fused import DropoutRows
@@ -99,12 +98,6 @@ def unavailable(device: torch.device | None = None) -> str | None:
         if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < INTERPRETER_MIN_TRITON:
             return f"Triton's interpreter needs triton >= 3.9 to run it on the {device.type}, not {version}"
     return None
-
-
-def _on(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (a pipeline rank
-    runs on cuda:N without making it current)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
@@ -275,7 +268,7 @@ def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor,
     bits = torch.empty(N, _cdiv(K, 8), dtype=torch.uint8, device=x2d.device)
     config = down_config(C, x2d.dtype == torch.float32)
     grid = (_cdiv(C, config["BC"]), _cdiv(N, config["BM"]))
-    with _on(x2d.device):
+    with current_on(x2d.device):
         _kernels().down_kernel[grid](x2d, a_all, factor, h, bits, *plan.args(), N, K, C, bits.shape[1],
                                      x2d.stride(0), x2d.stride(1), factor.stride(0) if factor.dim() == 2 else 0,
                                      IEEE=_ieee(x2d), MANY_SEEDS=plan.many_seeds, **config)
@@ -299,7 +292,7 @@ def up_masked(dh: torch.Tensor, a_all: torch.Tensor, bits: torch.Tensor, config:
     dx = torch.empty(N, K, dtype=dh.dtype, device=dh.device)
     config = config or up_masked_config(C, dh.dtype == torch.float32)
     grid = (_cdiv(N, config["BM"]), _cdiv(K, config["BK"]))
-    with _on(dh.device):
+    with current_on(dh.device):
         _kernels().up_masked_kernel[grid](dh, a_all, dx, bits, N, K, C, bits.shape[1], dh.stride(0),
                                           IEEE=_ieee(dh), **config)
     return dx
@@ -326,7 +319,7 @@ def grad_a(dh: torch.Tensor, x2d: torch.Tensor, bits: torch.Tensor, splits: int 
     splits = _cdiv(N, per_split)
     partial = torch.empty(splits, C, K, dtype=torch.float32, device=dh.device)
     grid = (_cdiv(K, BK), _cdiv(C, BC), splits)
-    with _on(dh.device):
+    with current_on(dh.device):
         _kernels().grad_a_kernel[grid](dh, x2d, partial, bits, N, K, C, bits.shape[1], dh.stride(0),
                                        x2d.stride(0), x2d.stride(1), per_split, IEEE=_ieee(dh), **config)
     return partial[0] if splits == 1 else partial.sum(0)
@@ -336,7 +329,7 @@ def keep_mask(plan: PhiloxDropout, n: int, k: int) -> torch.Tensor:
     """The bool [n, k] keep-mask `down` draws under `plan`, written out (tests, references)."""
     out = torch.empty(n, k, dtype=torch.int8, device=plan.owner.device)
     grid = (_cdiv(n, MASK_CONFIG["BM"]), _cdiv(k, MASK_CONFIG["BK"]))
-    with _on(out.device):
+    with current_on(out.device):
         _kernels().mask_kernel[grid](out, *plan.args(), n, k, MANY_SEEDS=plan.many_seeds, **MASK_CONFIG)
     return out.bool()
 

@@ -46,8 +46,9 @@ CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
 # Triton kernel (loss_kernels.py: 6 bytes of traffic per token and vocabulary entry in bf16,
 # where torch's ops take about 36; on the CPU through Triton's interpreter, for the tests);
 # "torch", torch's ops under autograd; "auto", triton where mlora's LoRA kernel `auto` is
-# triton too (CUDA of compute capability 9.0 and up, with Triton), torch elsewhere. The kernel takes a plain head only (no soft cap, no scaling, an nn.Linear): other
-# heads run torch's ops whatever this says.
+# triton too (CUDA of compute capability 9.0 and up, with Triton), torch elsewhere. The kernel
+# takes a plain head only (no soft cap, no scaling, an nn.Linear): other heads run torch's ops
+# whatever this says.
 cross_entropy = os.environ.get("MLORA_CROSS_ENTROPY", "auto")
 CROSS_ENTROPY_CHOICES = ("auto", "triton", "torch")
 

@@ -18,11 +18,11 @@ under Triton's interpreter (TRITON_INTERPRET=1, the tests).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from mlora.device import current_on
 
 BLOCK = 4096  # vocabulary entries a program reads at once (a row of 32 K: 8 steps)
 
@@ -74,8 +74,7 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     loss = torch.empty(c, dtype=torch.float32, device=logits.device) if out is None else out
     assert loss.is_contiguous() and loss.dtype == torch.float32 and loss.shape == (c,)
     if c:
-        # (Triton launches on the current CUDA device: a pipeline rank runs on cuda:N without making it current)
-        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        with current_on(logits.device):
             cross_entropy_grad_kernel[(c,)](logits, logits.stride(0), targets, loss, V, ignore_index, BLOCK=BLOCK,
                                             WITH_GRAD=with_grad, num_warps=8)
     return loss

@@ -329,8 +329,9 @@ class Trainer:
         # whole step's label-token count, the loss normaliser.
         micro = [parts[i] if len(exs) == len(parts[i].examples) else replace(parts[i], examples=exs)
                  for i, exs in pieces.items()]
-        for p in micro:  # (a scale set now applies to the gradients so far: before they are set aside)
-            self.runs[p.adapter].adapter.loss_scale_for(p.step_label_tokens)
+        # Each adapter's fp16 loss scale (1 without), asked for before grads_restored_on_error sets
+        # the gradients aside: an older checkpoint's unscaled ones get it then (Adapter.loss_scale_for).
+        scales = {p.adapter: self.runs[p.adapter].adapter.loss_scale_for(p.step_label_tokens) for p in micro}
         with grads_restored_on_error(params, before), generators_restored_on_error(generators):
             try:
                 batch = fuse(micro, session.pad_id, pack_len=self.pack_len).to(session.device)
@@ -338,21 +339,13 @@ class Trainer:
                 # sequence's first token never is, nor is it unpacked), so the CE sum and the
                 # step's token count, the normaliser, are those of the unpacked batch.
                 sums = fused_loss_sums(session.model, session.layout, batch)
-                total = sum(self._scaled_loss(sums[p.adapter][0], p) for p in micro)
+                total = sum(_scaled_loss(sums[p.adapter][0], p.step_label_tokens, scales[p.adapter]) for p in micro)
                 total.backward()
             except BaseException:
                 # The input groups may still hold this attempt's inputs: a retry must not.
                 clear_lora_caches(session.wrappers)
                 raise
         return {i: (sums[p.adapter][0].detach(), sums[p.adapter][1]) for i, p in zip(pieces, micro)}
-
-    def _scaled_loss(self, ce_sum: torch.Tensor, part) -> torch.Tensor:
-        """A micro-batch's share of its adapter's step loss (CE sum / the step's label tokens),
-        times the adapter's fp16 loss scale where it has one (loss_scale.py)."""
-        tokens = max(1, part.step_label_tokens)
-        scale = self.runs[part.adapter].adapter.loss_scale_for(part.step_label_tokens)
-        loss = ce_sum / tokens
-        return loss if scale == 1.0 else loss * scale
 
     def _report_rerun(self, parts, ce_sums: list[float], victims: list[int]) -> None:
         """Say once per culprit that its NaN made others run again (every batch it shares does,
@@ -506,6 +499,13 @@ class Trainer:
         self.started = time.perf_counter()
         print(f"mlora: resumed from iteration {target} of {self.out}", file=sys.stderr)
         return state["metrics_bytes"]
+
+
+def _scaled_loss(ce_sum: torch.Tensor, step_tokens: int, scale: float) -> torch.Tensor:
+    """A micro-batch's share of its adapter's step loss (CE sum / the step's label tokens),
+    times the adapter's fp16 loss scale (loss_scale.py; 1: none)."""
+    loss = ce_sum / max(1, step_tokens)
+    return loss if scale == 1.0 else loss * scale
 
 
 def check_disk_space(out: Path, adapters: list[Adapter]) -> None:
