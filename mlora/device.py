@@ -57,22 +57,44 @@ def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the CUDA `device` has bf16 matrix math: compute capability 8.0 and up (Ampere
-    on), or ROCm. On older GPUs (V100, T4) torch emulates bf16, many times slower than fp16.
-    (torch.cuda.is_bf16_supported asks about the current device, not a pipeline rank's.)"""
-    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+    """Whether the GPU `device` has bf16 matrix math: on CUDA compute capability 8.0 and up
+    (Ampere on); on ROCm the architectures with bf16 matrix or dot instructions (CDNA from
+    MI100, RDNA from RDNA 3). On older GPUs (V100, T4, MI50/MI60, RDNA 2) bf16 is emulated,
+    many times slower than fp16. torch.cuda.is_bf16_supported asks about the current device,
+    not a pipeline rank's, and says yes to every ROCm GPU."""
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        arch = str(getattr(props, "gcnArchName", "") or "").split(":")[0]
+        # An architecture torch does not name is taken as recent (as torch takes every one).
+        return not arch or arch.startswith(_ROCM_BF16_ARCHS)
+    return props.major >= 8
 
 
-def dtype_note(device: torch.device, dtype: torch.dtype) -> str | None:
-    """A one-line note when `dtype` computes slowly on `device`, else None."""
+# gfx908 MI100, gfx90a MI200, gfx94x MI300, gfx95x MI350; gfx11xx RDNA 3, gfx12xx RDNA 4.
+_ROCM_BF16_ARCHS = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+
+
+def gpu_label(device: torch.device) -> str:
+    """The GPU's name and its generation as the vendor numbers it, for a note: "Tesla T4
+    (compute capability 7.5)", "AMD Instinct MI60 (gfx906)"."""
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip:
+        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "") or "").split(":")[0]
+        return f"{name} ({arch})" if arch else name
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{name} (compute capability {major}.{minor})"
+
+
+def dtype_note(device: torch.device, dtype: torch.dtype, flag: str = "--dtype") -> str | None:
+    """A one-line note when `dtype` computes slowly on `device`, else None. `flag`: the option
+    that chose it (--dtype, or --compute_dtype for a 4-bit base's matmuls)."""
     if dtype == torch.float16 and device.type == "cpu":
         return ("fp16 on the CPU is slow (most CPUs have no fp16 matrix math: the demo's training took 27x its "
                 "fp32 time on this project's machine); fp32 or bf16 train faster there")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 matrix math "
-                "(8.0 and up have), and torch emulates it slowly; fp16 (--dtype fp16, its loss scaled) trains "
-                "faster there")
+        which = "MI100 on and RDNA 3 on have" if torch.version.hip else "8.0 and up have"
+        return (f"{gpu_label(device)} has no bf16 matrix math ({which}), and torch emulates it slowly; "
+                f"fp16 ({flag} fp16, its loss scaled) trains faster there")
     return None
 
 

@@ -228,8 +228,11 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     check_kernel(torch_device)
     check_cross_entropy(torch_device)
     torch_dtype = resolve_dtype(torch_device, dtype)
-    note = dtype_note(torch_device, torch_dtype)
-    if note:
+    notes = [dtype_note(torch_device, torch_dtype)]
+    compute = getattr(quant, "compute_dtype", None)  # a 4-bit base's matmul dtype, when it is not the run's
+    if compute is not None and compute != torch_dtype:
+        notes.append(dtype_note(torch_device, compute, flag="--compute_dtype"))
+    for note in filter(None, notes):
         print(f"mlora: note: {note}", file=sys.stderr)
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family

@@ -209,12 +209,14 @@ def test_cuda_unavailable():
         resolve_device("cuda")
 
 
-def fake_gpu(monkeypatch, major: int, minor: int = 0, name: str = "a GPU") -> None:
-    """torch.cuda answers as a GPU of compute capability major.minor (no GPU needed)."""
+def fake_gpu(monkeypatch, major: int, minor: int = 0, name: str = "a GPU", arch: str | None = None) -> None:
+    """torch.cuda answers as a GPU of compute capability major.minor (no GPU needed); with
+    `arch`, as a ROCm GPU of that gcnArchName."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major, minor=minor))
+    monkeypatch.setattr(torch.version, "hip", None if arch is None else "6.4")
+    props = SimpleNamespace(major=major, minor=minor, gcnArchName=arch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
@@ -308,3 +310,20 @@ def test_slow_dtypes_are_noted(monkeypatch):
     assert dtype_note(gpu, torch.float16) is None and dtype_note(gpu, torch.float32) is None
     fake_gpu(monkeypatch, 9)
     assert dtype_note(gpu, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("arch, native", [("gfx906:sramecc+:xnack-", False), ("gfx1030", False),
+                                          ("gfx908:sramecc+:xnack-", True), ("gfx90a:sramecc+:xnack-", True),
+                                          ("gfx942:sramecc+:xnack-", True), ("gfx1100", True), ("", True)])
+def test_rocm_gpus_without_bf16_matrix_math_default_to_fp16(monkeypatch, arch, native):
+    """ROCm GPUs before MI100 (MI50/MI60: gfx906) and RDNA 2 emulate bf16, as a V100 does
+    (torch.cuda.is_bf16_supported says yes to every ROCm GPU); an architecture torch does not
+    name counts as recent."""
+    from mlora.device import dtype_note
+
+    fake_gpu(monkeypatch, 9, 0, "AMD Instinct MI60", arch=arch)
+    gpu = torch.device("cuda", 0)
+    assert resolve_dtype(gpu, None) == (torch.bfloat16 if native else torch.float16)
+    note = dtype_note(gpu, torch.bfloat16, flag="--compute_dtype")
+    assert note is None if native else note.startswith(f"AMD Instinct MI60 ({arch.split(':')[0]}) has no bf16")
+    assert native or "--compute_dtype fp16" in note

@@ -292,3 +292,18 @@ def test_fp16_on_the_cpu_says_it_is_slow(tmp_path, tiny_llama, capsys, dtype):
                            load_base=False)
     assert session.loss_scaling == (dtype == "fp16")
     assert ("fp16 on the CPU is slow" in capsys.readouterr().err) == (dtype == "fp16")
+
+
+def test_a_4bit_compute_dtype_is_noted_on_its_own(tmp_path, tiny_llama, capsys):
+    """--compute_dtype fp16 on the CPU under an fp32 run gets the note too, naming its flag."""
+    from mlora.session import open_session
+
+    from test_train import make_config
+
+    config = make_config(tmp_path, ["a"], tmp_path / "out")
+    open_session(tiny_llama, config, device="cpu", dtype="fp32", load_base=False,
+                 quant=QuantConfig(bits=4, compute_dtype=torch.float16))
+    assert "fp16 on the CPU is slow" in capsys.readouterr().err
+    open_session(tiny_llama, config, device="cpu", dtype="fp32", load_base=False,
+                 quant=QuantConfig(bits=4, compute_dtype=torch.float32))
+    assert capsys.readouterr().err == ""
