@@ -58,6 +58,9 @@ class StepAccumulator:
     loss: float = 0.0  # sum of (CE sum / step label tokens) over the step's micro-batches
     label_tokens: int = 0
     input_tokens: int = 0
+    # The adapters whose non-finite activations reached this step's gradients in a batch that
+    # could not run again without them (one split for memory: Trainer._taint).
+    tainted_by: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Trainer:
         # generators' states and gradients from before this batch. Kept gradients cost one
         # more copy of the accumulated ones from the end of the backward to the read; a batch
         # split for memory keeps none (its halves would hold three copies at their peaks),
-        # and then no rerun is possible: the victims skip this step, as the culprit does.
+        # and then no rerun is possible: the victims skip this step (_taint).
         states = [g.get_state() for g in generators]
         kept: list[dict | None] = [{}]
 
@@ -260,7 +263,7 @@ class Trainer:
         ce_sums = [sum(next(values) for _ in ce_of[i]) for i in range(len(parts))]
         norms = {i: (math.sqrt(next(values)) if sq is not None else 0.0) for i, sq in sqs.items()}
         norms.update((i, math.sqrt(next(values))) for i in watched)
-        if before is not None and not all(math.isfinite(ce) for ce in ce_sums):
+        if not all(math.isfinite(ce) for ce in ce_sums):
             # A NaN loss: whether it reached the gradients of the adapters still accumulating
             # is a second read, made only then (see _nan_victims).
             rest = {i: self.runs[p.adapter].adapter.grad_sq() for i, p in enumerate(parts)
@@ -269,7 +272,10 @@ class Trainer:
             if rest:
                 norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
         seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
-        victims, together = self._nan_victims(ce_sums, norms) if before is not None else ([], False)
+        victims, together = self._nan_victims(ce_sums, norms)
+        if before is None:  # split for memory: nothing to run again from
+            self._taint(parts, chunks, ce_sums, victims if together else [])
+            victims, together = [], False
         for i in victims:  # as before this batch: no step taken, the gradients and draws of before
             adapter = self.runs[parts[i].adapter].adapter
             if i in issued:
@@ -315,6 +321,18 @@ class Trainer:
         if len(suspects) >= 2:
             return suspects, False
         return [], False
+
+    def _taint(self, parts, chunks: list[dict], ce_sums: list[float], victims: list[int]) -> None:
+        """In a batch split for memory, which keeps no gradients to run again from: mark the
+        step of each of `victims` (_nan_victims's, who have a culprit) as tainted by the
+        culprits it shared a piece (`chunks`' keys) with. Its step is then skipped as no fault
+        of its own (_finish_step): on_nan is not consulted and an fp16 loss scale does not back
+        off. A victim that shared no piece with a culprit has a non-finite gradient of its own."""
+        culprits = [c for c, ce in enumerate(ce_sums) if not math.isfinite(ce)]
+        for i in victims:
+            names = {parts[c].adapter for c in culprits for sums in chunks if i in sums and c in sums}
+            step = self.runs[parts[i].adapter].step
+            step.tainted_by = sorted(names.union(step.tainted_by))
 
     def _forward_backward(self, parts, chunk, params, generators, before) -> dict[int, tuple[torch.Tensor, int]]:
         """Forward, loss and backward of the examples `chunk` ((part index, example) pairs) of
@@ -392,6 +410,8 @@ class Trainer:
                   "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": run.step.label_tokens,
                   "input_tokens": run.step.input_tokens, "time": self.elapsed}
         if not (math.isfinite(loss) and math.isfinite(norm)):
+            if math.isfinite(loss) and run.step.tainted_by:
+                return self._tainted(run, record, counted=stepped)
             if math.isfinite(loss) and adapter.update_loss_scale(False):
                 return self._overflow(run, record, counted=stepped)
             return self._non_finite(run, record, counted=stepped)
@@ -458,6 +478,23 @@ class Trainer:
         self.metrics.write({**record, "skipped": True, "reason": "fp16 gradient overflow", "loss_scale": scale})
         run.bar.write(f"[{adapter.name}] step {record['step']}: fp16 gradient overflow; step skipped, "
                       f"loss scale now {scale:g} per token")
+        run.bar.update(1)
+        run.step = StepAccumulator()
+        return False
+
+    def _tainted(self, run: AdapterProgress, record: dict, counted: bool) -> bool:
+        """A step whose gradient another adapter's NaN reached where it could not run again
+        (_taint): skipped, whatever on_nan says, and an fp16 loss scale stays as it was.
+        counted: as for _non_finite."""
+        adapter, culprits = run.adapter, run.step.tainted_by
+        if not counted:
+            adapter.skip_step()
+        run.skipped_steps += 1
+        self.metrics.write({**record, "skipped": True, "reason": "non-finite values of another adapter",
+                            "culprits": culprits, "action": "skip"})
+        run.bar.write(f"[{adapter.name}] step {record['step']}: non-finite activations of "
+                      f"{', '.join(map(repr, culprits))} reached its gradient in a batch split for memory; "
+                      "step skipped")
         run.bar.update(1)
         run.step = StepAccumulator()
         return False

@@ -313,6 +313,44 @@ def test_a_nan_in_one_adapters_rows_does_not_reach_the_others(tmp_path, tiny_lla
     assert "non-finite activations of 'poison' reached the gradients of" in capsys.readouterr().err
 
 
+def test_a_nan_in_a_batch_split_for_memory_skips_the_others_step_as_no_fault_of_theirs(
+        tmp_path, tiny_llama, monkeypatch, capsys):
+    """A batch split for memory keeps no gradients to run its adapters again from, so those a
+    NaN loss's activations reached (a piece shared with the culprit) skip that step. It is
+    not theirs: under on_nan "stop" they train on, and under fp16 their loss scale does not
+    back off (a back-off would log "fp16 gradient overflow")."""
+    import mlora.trainer
+
+    _poison_the_loss(monkeypatch, "poison")
+
+    def split_once(run_part, items, on_split):
+        if len(items) < 2:
+            return [run_part(items)]
+        on_split(items[:1], items[1:])  # as run_splitting_on_oom after an OOM: halves, nothing kept
+        return [run_part(items[:1]), run_part(items[1:])]
+
+    monkeypatch.setattr(mlora.trainer, "run_splitting_on_oom", split_once)
+    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(6, 9)), "r": 4,
+              "batch_size": 2, "num_epochs": 6}
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, extra_adapter=poison)
+    raw = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps(dict(raw, lora=[dict(a, on_nan="stop", num_epochs=2) for a in raw["lora"]])))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",
+                 "--dtype", "fp16"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    tainted = [m for m in records if m.get("reason") == "non-finite values of another adapter"]
+    assert tainted and {m["adapter"] for m in tainted} <= {"a", "b"}
+    assert all(m["culprits"] == ["poison"] and m["action"] == "skip" for m in tainted)
+    assert not any(m.get("action") == "stop" or "overflow" in m.get("reason", "")
+                   for m in records if m["adapter"] != "poison")
+    for name in ("a", "b"):  # every step logged, none stopped
+        steps = [m["step"] for m in records if m["adapter"] == name and "loss" in m]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) > len([m for m in tainted if m["adapter"] == name])
+    captured = capsys.readouterr()
+    assert "reached its gradient in a batch split for memory; step skipped" in captured.out + captured.err
+
+
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
     import shutil
 
