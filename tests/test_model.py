@@ -424,6 +424,33 @@ def test_stage_split_equals_whole(tmp_path, family):
                                          and "embed_tokens" not in k]
 
 
+def test_dynamic_rope_generation_turns_a_left_padded_row_as_alone(tmp_path):
+    """Dynamic NTK RoPE grows its base with the sequence, and generation's cached keys keep the
+    rotation they were made with: past max_position_embeddings (8) a token's angle to its keys
+    is no longer relative, so the positions and the length that pick the frequencies must be
+    the row's own. A 5-token prompt left-padded beside a 9-token one, then 5 tokens one at a
+    time through the KV cache, gives the logits of transformers' generate of that prompt alone
+    (turned by the batch's columns and length, they were off by 0.08 here, by 2 and more in
+    generations of 20 tokens)."""
+    family, overrides = CASES["rope_dynamic"]
+    path = make_tiny_model(tmp_path, family, **overrides)
+    ours, ref = load_model(path, "cpu", torch.float32), _hf(path)
+    gen = torch.Generator().manual_seed(4)
+    prompt, other = torch.randint(3, 400, (1, 5), generator=gen), torch.randint(3, 400, (1, 14), generator=gen)
+    with torch.no_grad():
+        alone = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=2)
+        want = torch.cat(alone.logits)  # [5, V]: the prompt's last position, then 4 steps (10 > 8 tokens)
+        seq = alone.sequences  # [1, 10]
+        ids = torch.cat([torch.cat([torch.full((1, 4), 2), seq], dim=1), other], dim=0)  # [2, 14]
+        mask = torch.ones(2, 14, dtype=torch.bool)
+        mask[0, :4] = False
+        cache = llama.KVCache()
+        got = [ours(ids[:, :9], mask[:, :9], cache=cache, last_only=True)]
+        got += [ours(ids[:, t:t + 1], mask[:, :t + 1], cache=cache) for t in range(9, 13)]
+    assert (torch.cat(got, dim=1)[0] - want).abs().max() < TOL
+
+
 def test_ministral3_scales_queries_by_their_position_ids(tmp_path):
     """Ministral 3's query scale follows the RoPE positions given (packed rows restart them, a
     left-padded prompt may start them late): logits equal transformers' with the same

@@ -42,8 +42,8 @@ from mlora.models.mla import LatentAttention, mla_tensor_names
 from mlora.models.moe import BESIDE_NORMS, Gemma4Router, SparseMoE, beside_tensor_names, moe_tensor_names, run_experts
 # Re-exported: the family's API (mlora.models) is this module.
 from mlora.models.args import FAMILIES, ROPE_TYPES, ModelArgs, RopeArgs, args_from_hf_config  # noqa: F401
-from mlora.models.rope import (apply_rope, longrope_cos_sin, rope_cos_sin, rope_cos_sin_at,  # noqa: F401
-                               rope_inv_freq, rotate_half, sequence_lengths)
+from mlora.models.rope import (apply_rope, dynamic_cos_sin_per_row, longrope_cos_sin, rope_cos_sin,  # noqa: F401
+                               rope_cos_sin_at, rope_inv_freq, rotate_half, sequence_lengths)
 
 # `enable_gqa` arrived in torch 2.5; older builds (a user's CUDA torch) repeat K/V instead.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -690,9 +690,10 @@ class CausalLM(nn.Module):
         self.rng_generators: dict[int, list[torch.Generator]] | list[torch.Generator] = []
 
     def rope_tables(self, h: Tensor, past: int, attention_mask: Tensor | None, position_ids: Tensor | None,
-                    document_ids: Tensor | None) -> dict:
+                    document_ids: Tensor | None, cached: bool = False) -> dict:
         """{RopeArgs (None: no RoPE) -> (cos, sin)} for this stage's layers and the S new tokens
-        of h [B, S, H]: [S, R] for shared positions past.., else [B, 1, S, R]."""
+        of h [B, S, H]: [S, R] for shared positions past.., else [B, 1, S, R]. cached: the
+        forward fills a KV cache (generation)."""
         S = h.shape[1]
         pos = None if position_ids is None else position_ids.to(h.device)
         dtype = torch.float32 if self.args.rope_fp32 else h.dtype
@@ -703,6 +704,14 @@ class CausalLM(nn.Module):
                 lengths = upload(sequence_lengths(attention_mask, position_ids, document_ids, B=h.shape[0],
                                                   T=past + S), h.device)
                 tables[rope] = longrope_cos_sin(rope, dim, lengths, past, S, pos, dtype)
+            elif rope.type == "dynamic" and cached and attention_mask is not None:
+                # Dynamic NTK's frequencies change as the sequence grows while the cached keys keep
+                # the ones they were turned with, so past the trained context a query's angle to
+                # its keys is not relative: a left-padded row turned by the batch's columns and
+                # length gave other logits than the row alone. Each row turns by its own positions
+                # (from its first real token) and its own length, as transformers' generate turns
+                # the row alone (as LongRoPE picks its factors per row).
+                tables[rope] = dynamic_cos_sin_per_row(rope, dim, attention_mask, S, h.device, dtype)
             elif pos is None:
                 cos, sin = rope_cos_sin(rope, dim, past + S, h.device, dtype)  # [T, R]
                 tables[rope] = cos[past:], sin[past:]
@@ -794,7 +803,7 @@ class CausalLM(nn.Module):
                 raise ValueError("a KV cache takes neither position_ids nor document_ids (packed rows)")
             if cache is not None and self.recompute and torch.is_grad_enabled():
                 raise ValueError("a KV cache does not go with recompute under autograd (generation runs without grad)")
-            tables = self.rope_tables(h, past, attention_mask, position_ids, document_ids)
+            tables = self.rope_tables(h, past, attention_mask, position_ids, document_ids, cached=cache is not None)
             q_scale = self.query_scale(h, past, position_ids, attention_mask)
             if past:
                 masks = cached_masks(self.args, self.layer_ids, attention_mask, past, S, h.device)

@@ -114,6 +114,21 @@ def rope_cos_sin_at(rope: RopeArgs, head_dim: int, position_ids: Tensor,
     return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
 
 
+def dynamic_cos_sin_per_row(rope: RopeArgs, head_dim: int, attention_mask: Tensor, S: int,
+                            device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Dynamic NTK's cos, sin [B, 1, S, R] for the last S tokens of rows with attention_mask
+    [B, T] (the cached tokens' columns included; left padding before a row's first real token):
+    each row at its own positions (counted from its first real token) with the frequencies of
+    its own length (its real tokens so far), as transformers turns that row alone, step by step
+    (max(position_ids) + 1). The same fp32 products as `rope_cos_sin`."""
+    am = attention_mask.to(torch.int64)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)[:, -S:]  # [B, S] (pads: 0)
+    inv_freq = torch.stack([rope_inv_freq(rope, head_dim, n) for n in am.sum(-1).tolist()])  # [B, D/2]
+    freqs = upload(pos, device).to(torch.float32)[..., None] * upload(inv_freq, device)[:, None, :]  # [B, S, D/2]
+    emb = _angles(freqs, rope)[:, None]  # [B, 1, S, D]
+    return _scaled(emb.cos(), rope, dtype), _scaled(emb.sin(), rope, dtype)
+
+
 def sequence_lengths(attention_mask: Tensor | None, position_ids: Tensor | None, document_ids: Tensor | None,
                      B: int, T: int) -> Tensor:
     """How long the sequence of each new token is, [B, S] or [B, 1] int64: a padded row's real
