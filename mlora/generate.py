@@ -7,6 +7,7 @@ temperature and top-p (Sampling). Serves `mlora generate` and the demo; no beam 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,12 @@ class Sampling:
 
 def row_seed(seed: int, row: int) -> int:
     """A generator seed for row `row` of a request: distinct rows and seeds do not share draws
-    (seed + row would: seed 4's row 0 would draw as seed 3's row 1). Python hashes ints the
-    same in every run."""
-    return hash((seed, row)) & (2**63 - 1)
+    (seed + row would: seed 4's row 0 would draw as seed 3's row 1; and so would Python's hash
+    of the pair, which reduces an int modulo 2**61 - 1: --seed takes 0..2**63-1, and seed 0
+    drew as seed 2**61 - 1). A digest of both as 8-byte integers: the same in every run and
+    on every platform."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "little") + row.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:

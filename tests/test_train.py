@@ -415,6 +415,10 @@ def test_row_seeds_do_not_overlap():
 
     seeds = {row_seed(seed, row) for seed in range(50) for row in range(50)}
     assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
+    # --seed takes 0..2**63-1: seeds 2**61-1 apart drew alike (Python's hash of an int is
+    # modulo 2**61-1, so hash((s, row)) was hash((s + 2**61 - 1, row)))
+    for seed in (0, 7, 2**61 - 2):
+        assert row_seed(seed, 0) != row_seed(seed + 2**61 - 1, 0) != row_seed(seed + 2 * (2**61 - 1), 0)
 
 
 def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
