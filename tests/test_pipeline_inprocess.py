@@ -1,6 +1,9 @@
 """The pipeline worker driven in one process: each rank is a thread, and a queue stands in for
 the network. Fast enough to cover many (ranks, adapters, balance) combinations in the default
-suite; the real transports are covered by test_pipeline.py with real processes."""
+suite; the real transports are covered by test_pipeline.py with real processes, and here by
+threads joined over a real transport (run_threads' `transport`) where what is tested is what
+survives msgpack and the sockets: about a second a run, where two processes take about fifteen
+(each imports torch and loads its stage)."""
 
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from mlora.loader import load_model
 from mlora.lora import inject_lora
 from mlora.metrics import read_metrics
 from mlora.pipeline.run import plan_stages
+from mlora.pipeline.transport import connect
 from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
 from mlora.session import open_session
 
-from test_pipeline import NUM_LAYERS, assert_same_as_single, pipe_model, single_runs, write_config  # noqa: F401
+from test_pipeline import (NUM_LAYERS, assert_same_as_single, free_port, pipe_model, single_runs,  # noqa: F401
+                           write_config)
 from test_train import rel_diff
 
 
@@ -53,26 +58,35 @@ class QueueTransport:
 
 
 def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=None, allow_errors=False,
-                dtype: str | None = None):
+                dtype: str | None = None, transport: str = "queue"):
     """Every rank in a thread named rank<r>; returns the stages, or with allow_errors the
-    (rank, exception) of the ranks that failed. dtype: as `--dtype` (default fp32 on the CPU)."""
+    (rank, exception) of the ranks that failed. dtype: as `--dtype` (default fp32 on the CPU).
+    transport: "queue" (QueueTransport), or "torch" or "zmq": the ranks join on 127.0.0.1 as
+    separate processes would, and every message is serialized and sent."""
     stages = plan_stages(str(base), world, balance)
     hub = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
     hub["gather"], hub["barrier"] = {}, threading.Barrier(world)
+    port = free_port()
     errors = []
 
     def rank_main(rank):
+        link = None
         try:
             session = open_session(base, cfg, output_dir=str(out), device="cpu", quant=quant, load_base=False,
                                    dtype=dtype)
-            transport = QueueTransport(rank, world, hub)
-            check_same_everywhere(transport, fingerprint(session, stages, "queue"))
+            link = (QueueTransport(rank, world, hub) if transport == "queue" else
+                    connect(transport, rank, world, "127.0.0.1", port, session.device, peer_timeout=20,
+                            connect_timeout=60))
+            check_same_everywhere(link, fingerprint(session, stages, transport))
             session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[rank],
                                        quant=quant)
             session.wrappers = inject_lora(session.model, session.layout)
-            StageWorker(session, transport, progress=False).run()
+            StageWorker(session, link, progress=False).run()
         except BaseException as err:  # reported to the test thread
             errors.append((rank, err))
+        finally:
+            if link is not None:
+                link.close()
 
     threads = [threading.Thread(target=rank_main, args=(r,), name=f"rank{r}") for r in range(world)]
     for t in threads:
@@ -397,11 +411,15 @@ def test_pipeline_eval_step_skips_what_one_process_skips(tmp_path, pipe_model, p
     assert skips(tmp_path / "single") and skips(tmp_path / "pipe") == skips(tmp_path / "single")
 
 
-def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_model, monkeypatch):
+@pytest.mark.parametrize("transport", ["queue", "torch", "zmq"])
+def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_model, monkeypatch, transport):
     """A NaN loss in every step of one adapter: the last stage, the only rank that sees the
     loss, tells the others, and every rank skips the step as one process does, logged with the
     same reason ("non-finite loss", not "non-finite gradient"); the other adapter trains as in
-    one process."""
+    one process. Over the real transports the verdict and the (step, norm, loss_ok) triples go
+    through msgpack: a B header's loss_ok back to rank 0, then a step's triple forward in the F
+    header of the adapter's next micro-batch ("norm"), the last step's in END's "norms", each
+    with a NaN norm."""
     import mlora.pipeline.worker
     import mlora.trainer
 
@@ -420,7 +438,7 @@ def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_mod
 
     cfg_path = write_config(tmp_path, 2, tmp_path / "single")
     assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress"]) == 0
-    run_threads(pipe_model, cfg_path, tmp_path / "pipe", 2, [3, 4])
+    run_threads(pipe_model, cfg_path, tmp_path / "pipe", 2, [3, 4], transport=transport)
 
     def skips(out):
         return [(m["adapter"], m["step"], m["reason"], m["action"])
