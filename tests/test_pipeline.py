@@ -54,13 +54,17 @@ ADAPTER_SETTINGS = [
 ]
 
 
-def write_config(tmp: Path, num_adapters: int, out: Path, save_step: int = 0) -> Path:
+def write_config(tmp: Path, num_adapters: int, out: Path, save_step: int = 0, eval_step: int = 0) -> Path:
+    """eval_step: every adapter evaluates 5 test rows that often (2 a batch, so some padded)."""
     makers = [lambda: alpaca_rows(8, 1), lambda: text_rows(9, 2), lambda: chat_rows(6, 3), lambda: text_rows(6, 4)]
     template = make_template(tmp)
     lora = []
     for i in range(num_adapters):
         lora.append({"name": f"p{i}", "data": write_jsonl(tmp / f"p{i}.jsonl", makers[i]()), "prompt": template,
                      "dropout": 0.0, "num_epochs": 2, **ADAPTER_SETTINGS[i]})
+        if eval_step:
+            lora[-1].update(eval_step=eval_step, test_batch_size=2,
+                            test_data=write_jsonl(tmp / f"test{i}.jsonl", text_rows(5, 20 + i)))
     path = tmp / f"pipe_{num_adapters}.json"
     path.write_text(json.dumps({"cutoff_len": 64, "seed": 11, "save_step": save_step,
                                 "output_dir": str(out), "lora": lora}))
@@ -99,11 +103,11 @@ def single_runs(tmp_path_factory, pipe_model):
     """The single-process reference for 1, 2 and 4 adapters (run once per module)."""
     cache = {}
 
-    def get(num_adapters: int, save_step: int = 0):
-        key = (num_adapters, save_step)
+    def get(num_adapters: int, save_step: int = 0, eval_step: int = 0):
+        key = (num_adapters, save_step, eval_step)
         if key not in cache:
-            tmp = tmp_path_factory.mktemp(f"single{num_adapters}_{save_step}")
-            cfg = write_config(tmp, num_adapters, tmp / "out", save_step)
+            tmp = tmp_path_factory.mktemp(f"single{num_adapters}_{save_step}_{eval_step}")
+            cfg = write_config(tmp, num_adapters, tmp / "out", save_step, eval_step)
             assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]) == 0
             cache[key] = (tmp, cfg, tmp / "out")
         return cache[key]

@@ -363,17 +363,55 @@ def test_pipeline_eval_step_equals_single_process(tmp_path, pipe_model, save_ste
     run_threads(pipe_model, cfg_path, tmp_path / "pipe", 3, [3, 2, 2])
     assert_same_as_single(tmp_path / "single", tmp_path / "pipe", 3)
 
-    def evals(out):
-        records = [m for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m]
-        return {name: [(m["step"], m["eval_loss"], m["eval_tokens"]) for m in records if m["adapter"] == name]
-                for name in ("p0", "p1", "p2")}
+    # p2 has no eval_step; p1 takes 6 steps: its last step is evaluated too
+    assert assert_same_evals(tmp_path / "single", tmp_path / "pipe") == {"p0": [2, 4], "p1": [4, 6]}
 
-    single, pipe = evals(tmp_path / "single"), evals(tmp_path / "pipe")
-    assert [s for s, _, _ in single["p0"]] == [2, 4] and not single["p2"]
-    assert [s for s, _, _ in single["p1"]] == [4, 6]  # 6 steps: its last step is evaluated too
-    for name in ("p0", "p1", "p2"):
-        assert [(s, t) for s, _, t in pipe[name]] == [(s, t) for s, _, t in single[name]], name
-        assert [v for _, v, _ in pipe[name]] == pytest.approx([v for _, v, _ in single[name]], rel=1e-5)
+
+def assert_same_evals(single_out: Path, pipe_out: Path) -> dict[str, list[int]]:
+    """The pipeline logged the eval records one process logged: the same adapters, steps and
+    eval_tokens, eval_loss to 1e-5. Returns the steps each adapter was evaluated at."""
+    def evals(out):
+        return sorted((m["adapter"], m["step"], m["eval_tokens"], m["eval_loss"])
+                      for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m)
+
+    single, pipe = evals(single_out), evals(pipe_out)
+    assert [r[:3] for r in pipe] == [r[:3] for r in single]
+    assert [r[3] for r in pipe] == pytest.approx([r[3] for r in single], rel=1e-5)
+    steps = {}
+    for name, step, _, _ in single:
+        steps.setdefault(name, []).append(step)
+    return steps
+
+
+# eval_step 3: p0 (4 steps) is evaluated at 3 and at its last step, p1 and p2 (6 steps) at 3 and 6;
+# p2 pads its test chunks on the left, where the attention mask changes the loss
+EVALUATED = {"p0": [3, 4], "p1": [3, 6], "p2": [3, 6]}
+
+
+def test_one_rank_pipeline_evaluates_as_one_process(tmp_path, pipe_model, single_runs):
+    """`mlora train --pipeline` as a single rank that holds the whole model (a balance of all 4
+    decoder layers; the default transport): the rank is both first and last, so it builds each
+    test chunk and computes its loss itself, and logs the eval records one process logs."""
+    from mlora.cli import main
+
+    _, cfg, single_out = single_runs(3, eval_step=3)
+    out = tmp_path / "pipe"
+    assert main(["train", "--pipeline", "--rank", "0", "--balance", str(NUM_LAYERS), "--device", "cpu",
+                 "--master_port", str(free_port()), "--base_model", str(pipe_model), "--config", str(cfg),
+                 "--output_dir", str(out), "--no_progress"]) == 0
+    assert_same_as_single(single_out, out, 3)
+    assert assert_same_evals(single_out, out) == EVALUATED
+
+
+@pytest.mark.parametrize("transport", ["torch", "zmq"])
+def test_pipeline_eval_over_a_real_transport_equals_one_process(tmp_path, pipe_model, single_runs, transport):
+    """Test chunks travel as E messages (header with the mask's and the targets' runs, then the
+    activation and the labels) through msgpack and the transport's tensor path, which the
+    queue of the other eval tests skips."""
+    _, cfg, single_out = single_runs(3, eval_step=3)
+    run_threads(pipe_model, cfg, tmp_path / "pipe", 2, [3, 4], transport=transport)
+    assert_same_as_single(single_out, tmp_path / "pipe", 3)
+    assert assert_same_evals(single_out, tmp_path / "pipe") == EVALUATED
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
