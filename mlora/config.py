@@ -194,7 +194,9 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
         if adapter.group_by_length is None:
             adapter.group_by_length = config.group_by_length
         if adapter.eval_step is None:
-            adapter.eval_step = config.eval_step
+            # A global eval_step skips adapters without test_data (evaluating their training
+            # rows, which `mlora eval` falls back to, would log them as an eval_loss mid-run).
+            adapter.eval_step = config.eval_step if adapter.test_data else 0
     candidate_given = config.train_lora_candidate_num is not None
     if not candidate_given:
         config.train_lora_candidate_num = len(adapters)

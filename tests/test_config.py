@@ -377,7 +377,8 @@ def test_eval_step_without_test_data(workdir):
     message = adapter_error(eval_step=3)
     assert "'eval_step'" in message and "'test_data'" in message
     # A global eval_step just skips adapters without test data.
-    assert parse(eval_step=3).lora[0].eval_step == 3
+    assert parse(eval_step=3).lora[0].eval_step == 0
+    assert parse(eval_step=3, lora=[adapter(test_data="train.json")]).lora[0].eval_step == 3
 
 
 # --- paths -------------------------------------------------------------------------------------
