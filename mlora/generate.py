@@ -56,16 +56,20 @@ def row_seed(seed: int, row: int) -> int:
 
 def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
     """The tokens that end a row: the tokenizer's EOS (what training appends to every answer)
-    and the EOS ids of the model's generation_config.json (else its config.json), as
-    transformers' generate stops: an instruct model often ends its turns with another token
-    (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    and the EOS ids of the model's generation_config.json (else its config.json, or the
+    text_config an image-text checkpoint's config.json nests them in), as transformers'
+    generate stops: an instruct model often ends its turns with another token (Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>)."""
     ids = {tokenizer.eos_token_id}
     for name in ("generation_config.json", "config.json"):
         path = Path(base_dir) / name
         if not path.is_file():
             continue
         try:
-            eos = json.loads(path.read_text()).get("eos_token_id")
+            raw = json.loads(path.read_text())
+            eos = raw.get("eos_token_id")
+            if eos is None and isinstance(raw.get("text_config"), dict):
+                eos = raw["text_config"].get("eos_token_id")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             raise UserError(f"{path} is not a JSON object") from None
         if eos is None:

@@ -399,6 +399,22 @@ def test_generate_stops_at_the_generation_configs_eos(fused_run, tiny_llama, cap
     assert "eos_token_id must be a token id" in capsys.readouterr().err
 
 
+def test_stop_tokens_come_from_generation_config_else_config_else_its_text_config(tmp_path):
+    """Without generation_config.json, an image-text checkpoint's config.json nests its EOS ids
+    in text_config (Gemma 3's end_of_turn among them): they stop a row too."""
+    from types import SimpleNamespace
+
+    from mlora.generate import stop_token_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=1)
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"eos_token_id": [1, 106]}}))
+    assert stop_token_ids(tmp_path, tokenizer) == {1, 106}
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7, "text_config": {"eos_token_id": 106}}))
+    assert stop_token_ids(tmp_path, tokenizer) == {1, 7}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 9]}))
+    assert stop_token_ids(tmp_path, tokenizer) == {1, 9}
+
+
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     from mlora.generate import Sampling
 
