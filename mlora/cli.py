@@ -67,6 +67,8 @@ _seed = _checked(_int, lambda v: 0 <= v < 2**63, "a seed in 0..2**63-1")
 _positive_int = _checked(_int, lambda v: v >= 1, "at least 1")
 _non_negative_float = _checked(_float, lambda v: v >= 0, ">= 0")
 _probability = _checked(_float, lambda v: 0 < v <= 1, "in (0, 1]")
+_non_negative_int = _checked(_int, lambda v: v >= 0, ">= 0")
+_penalty = _checked(_float, lambda v: v > 0, "more than 0")
 _positive_seconds = _checked(_float, lambda v: v > 0, "more than 0 seconds")
 
 
@@ -113,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")
     p.add_argument("--top_p", type=_probability, default=1.0,
                    help="when sampling: only from the most likely tokens that make up this probability (default 1)")
+    p.add_argument("--top_k", type=_non_negative_int, default=0,
+                   help="when sampling: only from the k most likely tokens (default 0: all)")
+    p.add_argument("--repetition_penalty", type=_penalty, default=1.0,
+                   help="above 1: the tokens a row has seen (its prompt and output) get less likely, greedy or "
+                        "sampled (a positive logit divided by it, a negative one multiplied; default 1: off)")
     p.add_argument("--seed", type=_seed, default=0, help="when sampling: the draws' seed (default 0)")
 
     p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
@@ -260,8 +267,10 @@ def cmd_generate(args) -> int:
                           naming=session.naming)
         adapter.load_peft(out / name, label="adapter")
     requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
-    sampling = Sampling(args.temperature, args.top_p, args.seed) if args.temperature > 0 else None
-    outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    sampling = (Sampling(args.temperature, args.top_p, args.seed, top_k=args.top_k)
+                if args.temperature > 0 else None)
+    outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              repetition_penalty=args.repetition_penalty)
     decode = session.tokenizer.decode
     for i, (name, text, _) in enumerate(rows):
         line = {"adapter": name, "prompt": text, "output": decode(outputs[i], skip_special_tokens=True)}

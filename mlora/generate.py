@@ -2,7 +2,8 @@
 
 Decoding with a KV cache (models.llama.KVCache): the left-padded prompts run once, then one
 token per row and step, every row through its own adapter; greedy, or sampled with a
-temperature and top-p (Sampling). Serves `mlora generate` and the demo; no beam search.
+temperature, top-k and top-p (Sampling), either after an optional repetition penalty. Serves
+`mlora generate` and the demo; no beam search.
 """
 
 from __future__ import annotations
@@ -24,24 +25,43 @@ from mlora.models.llama import KVCache
 @dataclass(frozen=True)
 class Sampling:
     """Draw each next token instead of taking the most likely one: from the softmax of the
-    logits / temperature, cut to the smallest set of tokens whose probability reaches top_p
-    (nucleus sampling). Row i of a request draws from its own generator, seeded from (seed, i),
-    so its tokens do not depend on the rows generated beside it."""
+    logits / temperature, cut to the top_k most likely tokens (0: all), then to the smallest
+    set whose probability (among those left) reaches top_p (nucleus sampling): transformers'
+    warpers in its order. Row i of a request draws from its own generator, seeded from
+    (seed, i), so its tokens do not depend on the rows generated beside it."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        """One token id from logits [V] (fp32, on the CPU)."""
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution [V] (float64) a token is drawn from, for logits [V] (on the CPU)."""
         # float64, shifted by the maximum: a tiny temperature must not overflow to inf (NaN probabilities).
         probs = torch.softmax((logits.double() - logits.max()) / self.temperature, dim=-1)  # [V]
+        if 0 < self.top_k < probs.numel():
+            kth = probs.topk(self.top_k).values[-1]
+            probs = torch.where(probs < kth, 0.0, probs)  # ties with the k-th stay, as in transformers
+            probs = probs / probs.sum()
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
             sorted_probs[before >= self.top_p] = 0.0  # the most likely token always stays
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=generator))
+            probs = probs / probs.sum()
+        return probs
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        """One token id from logits [V] (fp32, on the CPU)."""
+        return int(torch.multinomial(self.probabilities(logits), 1, generator=generator))
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V] with every token a row has seen (seen [B, V] bool: its prompt, pads not
+    included, and what it generated) made less likely: a positive logit divided by `penalty`,
+    a negative one multiplied (CTRL's rule, transformers' RepetitionPenaltyLogitsProcessor)."""
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -83,13 +103,15 @@ def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
-                    max_new_tokens: int = 32, sampling: Sampling | None = None) -> list[list[int]]:
+                    max_new_tokens: int = 32, sampling: Sampling | None = None,
+                    repetition_penalty: float = 1.0) -> list[list[int]]:
     """prompts: (adapter name or None for the bare base, prompt token ids).
 
     Rows are left-padded so every row's next token is predicted at the last position; rows of
     one adapter are kept contiguous (the fused-batch layout) and the results are returned in
     the order given. A row stops at an EOS token (stop_token_ids). sampling: draw tokens
-    (Sampling) instead of taking the most likely one.
+    (Sampling) instead of taking the most likely one. repetition_penalty: above 1, the tokens
+    a row has seen are made less likely first (penalize_repetition).
     """
     model = session.model
     stop = stop_token_ids(session.base_dir, session.tokenizer)
@@ -121,12 +143,23 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
         generators = None if sampling is None else [
             torch.Generator().manual_seed(row_seed(sampling.seed, order[r])) for r in range(len(seqs))]
         logits = model(ids.to(session.device), mask, cache=cache, last_only=True)  # [B, 1, V]
+        seen = None
+        if repetition_penalty != 1.0:  # [B, V]: the tokens of each row's prompt (its pads are not)
+            seen = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.bool)
+            for r, seq in enumerate(seqs):
+                seen[r, seq] = True
+            seen = seen.to(logits.device)
         for step in range(max_new_tokens):
+            last = logits[:, -1]  # [B, V]
+            if seen is not None:
+                last = penalize_repetition(last, seen, repetition_penalty)
             if sampling is None:
-                next_ids = logits[:, -1].argmax(dim=-1).tolist()  # [B]
+                next_ids = last.argmax(dim=-1).tolist()  # [B]
             else:
-                last = logits[:, -1].float().cpu()  # [B, V]
+                last = last.float().cpu()  # [B, V]
                 next_ids = [sampling.pick(last[r], generators[r]) for r in range(len(seqs))]
+            if seen is not None:
+                seen[torch.arange(len(next_ids)), torch.tensor(next_ids)] = True
             for r, token in enumerate(next_ids):
                 if done[r]:
                     continue

@@ -348,6 +348,67 @@ def test_generate_equals_transformers_plus_peft_greedy(fused_run, tiny_llama, ca
     assert any(line["output"] != line["base_output"] for line in lines)  # the adapters matter
 
 
+def test_generate_with_a_repetition_penalty_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, tokenizer):
+    """--repetition_penalty: the greedy completions of rows of two lengths in one left-padded
+    batch are transformers + PEFT's generate with that penalty, each row alone (its pads not
+    counted as seen), and the penalty changes them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlora.data import prompt_tokens
+
+    _, out, cfg_path = fused_run
+
+    def generate(prompts, *extra):
+        capsys.readouterr()
+        assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--format", "text",
+                     "--max_new_tokens", "8", "--adapters", "a", *sum((["--prompt", p] for p in prompts), []),
+                     *extra]) == 0
+        return [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+
+    # Prompts that end in what the model goes on with unpenalized: a penalty that left the
+    # prompt's tokens out would pick them again.
+    prompts = ["say hi", "count to three please, one two"]
+    prompts = [p + o for p, o in zip(prompts, generate(prompts))]
+    penalized = generate(prompts, "--repetition_penalty", "1.8")
+    assert penalized != generate(prompts)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out / "a").eval()
+    for prompt, output in zip(prompts, penalized):
+        ids = torch.tensor([prompt_tokens(prompt, "text", tokenizer, None)])
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=8, do_sample=False, repetition_penalty=1.8,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        assert output == tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True), prompt
+
+
+def test_sampling_warps_as_transformers_does():
+    """Sampling's distribution is the softmax of transformers' temperature, top-k and top-p
+    warpers applied in its order; penalize_repetition is its RepetitionPenaltyLogitsProcessor."""
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    from mlora.generate import Sampling, penalize_repetition
+
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3  # [V]
+    logits[7] = logits[8]  # a tie, at the top-k cut for some k
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.9, 8, 0.5), (2.0, 20, 0.95)]:
+        scores = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        want = torch.softmax(scores[0].double(), -1)
+        got = Sampling(temperature, top_p, top_k=top_k).probabilities(logits)
+        assert torch.equal(got > 0, want > 0), (temperature, top_k, top_p)
+        assert torch.allclose(got, want, atol=1e-6), (temperature, top_k, top_p)
+    ids = torch.tensor([[3, 9, 9, 41], [0, 1, 2, 3]])
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, ids, True)
+    batch = torch.randn(2, 50)
+    assert torch.equal(penalize_repetition(batch, seen, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, batch.clone()))
+
+
 def test_generate_sampling(fused_run, tiny_llama, capsys):
     """--temperature > 0 samples: reproducible for a seed, another seed draws otherwise, and
     a top_p so small that only the most likely token is left gives the greedy completion."""
@@ -445,7 +506,8 @@ def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
         code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi", *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-    for flag, value in (("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "0"), ("--top_p", "1.5")):
+    for flag, value in (("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "0"), ("--top_p", "1.5"),
+                        ("--top_k", "-1"), ("--repetition_penalty", "0")):
         with pytest.raises(SystemExit):
             main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi",
                   flag, value])
