@@ -201,6 +201,10 @@ def _parse_template(path: Path) -> PromptTemplate:
             raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder")
         if value.count("{output}") > 1:
             raise UserError(f"{path}: '{key}' has more than one {{output}} placeholder")
+        try:
+            check_unicode(value, f"'{key}'")
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     if "{input}" not in prompt:
         # Without it every row's input would be dropped silently.
         raise UserError(f"{path}: 'prompt' has no {{input}} placeholder")
@@ -272,7 +276,19 @@ def _string_field(row: dict, key: str, required: bool = True) -> str | None:
         return None
     if not isinstance(value, str):
         raise UserError(f"{key!r} must be a string, got {_json_type(value)}")
+    check_unicode(value, repr(key))
     return value
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode: JSON's escapes may spell half of a surrogate pair
+    ("\\ud800"), and Python's command line turns bytes that are not UTF-8 into such halves;
+    the tokenizer fails on them with a TypeError that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid Unicode text: character {e.start} is an unpaired surrogate "
+                        f"{text[e.start]!r} (from a lone \\u escape, or bytes that are not UTF-8)") from None
 
 
 def _encode_alpaca(row: dict, tokenizer, template: PromptTemplate, train_on_inputs: bool) -> Example:
@@ -335,6 +351,7 @@ def _check_messages(messages) -> None:
             if not isinstance(message.get(key), str):
                 raise UserError(f"messages[{j}].{key} must be a string, got "
                                 f"{_json_type(message.get(key)) if key in message else 'nothing'}")
+            check_unicode(message[key], f"messages[{j}].{key}")
 
 
 PROMPT_FORMATS = ("alpaca", "chat", "text")
@@ -347,6 +364,7 @@ def prompt_tokens(text: str, fmt: str, tokenizer, template: PromptTemplate) -> l
     generation prompt after it; "text" tokenizes it as it is (a text row's start)."""
     if not text.strip():
         raise UserError("the prompt is empty")
+    check_unicode(text, f"the prompt {text[:40] + '...' if len(text) > 40 else text!r}")
     if fmt == "alpaca":
         return tokenizer(template.render(text, None)[0]).input_ids
     if fmt == "chat":

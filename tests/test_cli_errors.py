@@ -205,6 +205,14 @@ def test_data_without_a_token_to_learn(setup, tiny_llama, capsys, rows, extra):
     check(*run_train(capsys, tiny_llama, config(**extra)), out, "no row of", "token to learn")
 
 
+def test_data_that_is_not_valid_unicode(setup, tiny_llama, capsys):
+    """A lone \\u escape (half of a surrogate pair) used to reach the tokenizer, whose TypeError
+    was a traceback."""
+    tmp, data, out, config = setup
+    data.write_text(json.dumps(GOOD_ROWS[0]) + "\n" + '{"text": "caf\\ud800"}\n')
+    check(*run_train(capsys, tiny_llama, config()), out, f"{data}: row 1: 'text' is not valid Unicode", "'\\ud800'")
+
+
 @pytest.mark.parametrize("flag,value,fragment", [("--master_port", "99999", "1..65535"),
                                                 ("--peer_timeout", "0", "more than 0"),
                                                 ("--connect_timeout", "-1", "more than 0"),

@@ -288,6 +288,32 @@ def test_chat_errors(tokenizer):
         encode({"messages": CHAT}, tok)
 
 
+@pytest.mark.parametrize("row,culprit", [
+    ({"text": "ok \ud800"}, "'text'"),
+    ({"instruction": "x\udc80", "output": "y"}, "'instruction'"),
+    ({"instruction": "x", "input": "\udfff", "output": "y"}, "'input'"),
+    ({"messages": [{"role": "user", "content": "a\ud83d"}, {"role": "assistant", "content": "b"}]},
+     r"messages\[0\]\.content"),
+])
+def test_unpaired_surrogates_are_named(tokenizer, alpaca, row, culprit):
+    """JSON may escape half of a surrogate pair; the tokenizer then failed with a TypeError
+    naming nothing (a traceback from `mlora train`)."""
+    with pytest.raises(UserError, match=f"{culprit} is not valid Unicode text: character \\d+ is an unpaired"):
+        encode(row, tokenizer, alpaca)
+
+
+def test_unpaired_surrogates_in_a_template_or_a_prompt(tmp_path, tokenizer, alpaca):
+    from mlora.data import prompt_tokens
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt": "{instruction} {input} \udc00", "prompt_no_input": "{instruction}"}))
+    with pytest.raises(UserError, match="'prompt' is not valid Unicode text"):
+        load_template(str(path))
+    # (a command line's bytes that are not UTF-8 arrive as such halves: surrogateescape)
+    with pytest.raises(UserError, match="the prompt 'hi\\\\udcff' is not valid Unicode text"):
+        prompt_tokens("hi\udcff", "text", tokenizer, alpaca)
+
+
 # --------------------------------------------------------------------------- text rows
 
 
