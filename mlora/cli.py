@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable
 
 from mlora.errors import PipelineError, UserError
 
@@ -170,7 +171,8 @@ def cmd_train(args) -> int:
             return 0
         if not checkpoint.list_checkpoints(out):
             raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
-    created = prepare_output_dir(out)  # before the (long) load: a bad output_dir fails at once
+    # before the (long) load: a bad output_dir fails at once
+    created = prepare_output_dir(out, [a.name for a in session.cfg.lora])
     try:
         session.load_base()
     except UserError:  # weights that do not fit config.json: leave nothing behind
@@ -286,12 +288,28 @@ def cmd_demo(args) -> int:
     return run_demo(device=args.device, output_dir=args.output_dir, short=args.short)
 
 
-def prepare_output_dir(path: str) -> list[Path]:
-    """Create the output directory, or fail with one line before any training starts.
+def prepare_output_dir(path: str, adapters: Iterable[str] = ()) -> list[Path]:
+    """Create the output directory, or fail with one line before any training starts; so too
+    when something of another kind sits where mlora will write (`adapters`: their names), which
+    used to fail only when the run saved at the end, its training lost with a traceback.
     Returns the directories it created, deepest first (for `remove_if_still_empty`)."""
+    from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
+    from mlora.checkpoint import DIRNAME
+
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output_dir {p} exists and is not a directory")
+    if p.is_dir():
+        places = [(p / "metrics.jsonl", False, "its metrics log"), (p / DIRNAME, True, "its resumable checkpoints")]
+        for name in adapters:
+            places += [(p / name, True, f"adapter {name!r}"),
+                       (p / name / WEIGHTS_NAME, False, f"the weights of {name!r}"),
+                       (p / name / CONFIG_NAME, False, f"the PEFT config of {name!r}")]
+        for place, is_dir, what in places:
+            if place.exists() and place.is_dir() != is_dir:
+                found, wanted = ("a directory", "a file") if place.is_dir() else ("a file", "a directory")
+                raise UserError(f"output_dir {p}: {place} is {found}, but mlora writes {what} there ({wanted}); "
+                                f"move it away or choose another output_dir")
     created = [d for d in (p, *p.parents) if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)

@@ -355,3 +355,23 @@ def test_weights_that_do_not_fit_the_config_leave_no_output_dir(setup, capsys, t
     check(*run_train(capsys, base, config({"target_modules": ["query_key_value"]})), out,
           "transformer.embedding.word_embeddings.weight", "has shape")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("in_the_way,fragment", [
+    ("a", "out/a is a file, but mlora writes adapter 'a' there (a directory)"),
+    ("metrics.jsonl/", "out/metrics.jsonl is a directory, but mlora writes its metrics log there (a file)"),
+    ("checkpoints", "out/checkpoints is a file, but mlora writes its resumable checkpoints there"),
+    ("a/adapter_model.safetensors/", "adapter_model.safetensors is a directory, but mlora writes the weights of 'a'"),
+])
+def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_way, fragment):
+    """A file where an adapter's directory goes (or a directory where a file goes) used to let
+    the whole run train and then fail with a traceback when it saved, the training lost."""
+    _, _, out, config = setup
+    place = out / in_the_way.rstrip("/")
+    place.parent.mkdir(parents=True, exist_ok=True)
+    place.mkdir() if in_the_way.endswith("/") else place.write_text("x")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, err = run_train(capsys, tiny_llama, config())
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+

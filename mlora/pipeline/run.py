@@ -135,7 +135,8 @@ def train_pipeline(args) -> int:
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
-    created = prepare_output_dir(session.cfg.output_dir) if place.rank in (0, place.world_size - 1) else []
+    created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora])
+               if place.rank in (0, place.world_size - 1) else [])
     try:
         transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
                             place.master_port, session.device, peer_timeout=args.peer_timeout,
