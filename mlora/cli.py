@@ -310,11 +310,13 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = ()) -> list[Path]:
                 found, wanted = ("a directory", "a file") if place.is_dir() else ("a file", "a directory")
                 raise UserError(f"output_dir {p}: {place} is {found}, but mlora writes {what} there ({wanted}); "
                                 f"move it away or choose another output_dir")
-    created = [d for d in (p, *p.parents) if not d.exists()]
     try:
+        created = [d for d in (p, *p.parents) if not d.exists()]
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"output_dir {p}: cannot create it ({err.strerror})") from None
+    except ValueError as err:  # a NUL, or half a surrogate pair from a JSON escape: no file system names it
+        raise UserError(f"output_dir {str(p)!r} is not a valid path ({err})") from None
     if not os.access(p, os.W_OK):
         raise UserError(f"output_dir {p} is not writable")
     return created

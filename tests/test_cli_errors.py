@@ -375,3 +375,10 @@ def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_wa
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
 
+
+@pytest.mark.parametrize("output_dir", ["out\u0000x", "out\ud800"])
+def test_an_output_dir_no_file_system_names(setup, tiny_llama, capsys, output_dir):
+    """A NUL, or half a surrogate pair (JSON's "\\ud800"), in the config's output_dir: one line,
+    not os.mkdir's ValueError traceback."""
+    tmp, _, out, config = setup
+    check(*run_train(capsys, tiny_llama, config(output_dir=str(tmp / output_dir))), out, "is not a valid path")
