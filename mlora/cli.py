@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -184,22 +185,28 @@ def cmd_train(args) -> int:
         remove_if_still_empty(created)
         raise
     except Interrupted as stop:
-        command = f"mlora train --base_model {args.base_model} --config {args.config} --output_dir {out}"
-        for flag in ("device", "dtype", "seed", "quant_type", "compute_dtype"):
-            if getattr(args, flag) is not None:
-                command += f" --{flag} {getattr(args, flag)}"
-        for flag in ("load_4bit", "load_8bit", "double_quant"):
-            if getattr(args, flag):
-                command += f" --{flag}"
-        command += " --resume"
         print(f"mlora: stopped by {signal_name(stop.signum)}; checkpoint written to {stop.path}\n"
-              f"mlora: resume with: {command}", file=sys.stderr)
+              f"mlora: resume with: {resume_command(args, out)}", file=sys.stderr)
         return 128 + stop.signum
     for name, s in summary.items():
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
         extra = " (stopped after a non-finite loss)" if s["stopped"] else ""
         print(f"{name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{extra}")
     return 0
+
+
+def resume_command(args, out: str) -> str:
+    """The command that resumes this run, to paste into a shell: every flag the run depends on
+    (--trust_remote_code too: without it the tokenizer of a ChatGLM or Baichuan base will not
+    load), each argument quoted (a path with a space stays one argument)."""
+    argv = ["mlora", "train", "--base_model", args.base_model, "--config", args.config, "--output_dir", out]
+    for flag in ("device", "dtype", "seed", "quant_type", "compute_dtype"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    for flag in ("load_4bit", "load_8bit", "double_quant", "trust_remote_code", "no_progress"):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
+    return shlex.join([*argv, "--resume"])
 
 
 def signal_name(signum: int) -> str:

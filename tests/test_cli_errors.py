@@ -382,3 +382,27 @@ def test_an_output_dir_no_file_system_names(setup, tiny_llama, capsys, output_di
     not os.mkdir's ValueError traceback."""
     tmp, _, out, config = setup
     check(*run_train(capsys, tiny_llama, config(output_dir=str(tmp / output_dir))), out, "is not a valid path")
+
+
+def test_the_printed_resume_command_resumes(setup, tiny_llama, capsys, monkeypatch, tmp_path):
+    """After SIGINT/SIGTERM mlora prints the command that resumes the run: it used to leave out
+    --trust_remote_code (a ChatGLM or Baichuan base's tokenizer then fails to load) and to paste
+    paths unquoted (one with a space became two arguments)."""
+    import shlex
+    import signal
+
+    import mlora.trainer
+
+    def interrupted(session, progress, resume):
+        raise mlora.trainer.Interrupted(signal.SIGTERM, Path(session.cfg.output_dir) / "checkpoints" / "iter-1")
+
+    monkeypatch.setattr(mlora.trainer, "train", interrupted)
+    _, _, out, config = setup
+    base = tmp_path / "my base"
+    base.symlink_to(tiny_llama)
+    code, err = run_train(capsys, base, config(), "--trust_remote_code", "--seed", "7")
+    assert code == 128 + signal.SIGTERM
+    command = err.splitlines()[-1].removeprefix("mlora: resume with: ")
+    assert shlex.split(command) == ["mlora", "train", "--base_model", str(base), "--config", str(config()),
+                                    "--output_dir", str(out), "--seed", "7", "--trust_remote_code", "--no_progress",
+                                    "--resume"]
