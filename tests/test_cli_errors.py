@@ -406,3 +406,20 @@ def test_the_printed_resume_command_resumes(setup, tiny_llama, capsys, monkeypat
     assert shlex.split(command) == ["mlora", "train", "--base_model", str(base), "--config", str(config()),
                                     "--output_dir", str(out), "--seed", "7", "--trust_remote_code", "--no_progress",
                                     "--resume"]
+
+
+@pytest.mark.parametrize("key,value", [("num_attention_heads", -4), ("num_hidden_layers", 0), ("hidden_size", 0),
+                                       ("intermediate_size", 0), ("head_dim", 0), ("num_key_value_heads", -2)])
+def test_sizes_below_one_in_the_base_config(setup, capsys, tmp_path, tiny_llama, key, value):
+    """transformers' config classes let these through: negative heads made tensors of negative
+    size (a traceback), no layers was blamed on target_modules, and a size of 0 added torch's
+    warning about zero-element tensors to the error."""
+    _, _, out, config = setup
+    base = tmp_path / "base"
+    base.mkdir()
+    for file in tiny_llama.iterdir():
+        (base / file.name).symlink_to(file)
+    (base / "config.json").unlink()
+    raw = json.loads((tiny_llama / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(raw, **{key: value})))
+    check(*run_train(capsys, base, config()), out, f"llama config {key} must be a positive integer, got {value}")

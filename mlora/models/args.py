@@ -420,9 +420,12 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
     elif get("hidden_act", "silu") not in ("silu", "swish"):  # transformers maps both names to SiLU
         raise UserError(f"hidden_act {get('hidden_act')!r} is not supported (only silu)")
 
-    num_layers = int(get("num_hidden_layers"))
-    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-    kv_heads = int(get("num_key_value_heads", heads))
+    # Sizes of 0 or below built tensors of negative size (a traceback) or a model of no layers
+    # (then blamed on target_modules); transformers' config classes do not check them.
+    num_layers = _positive_int(get("num_hidden_layers"), f"{model_type} config num_hidden_layers")
+    hidden = _positive_int(get("hidden_size"), f"{model_type} config hidden_size")
+    heads = _positive_int(get("num_attention_heads"), f"{model_type} config num_attention_heads")
+    kv_heads = _positive_int(get("num_key_value_heads", heads), f"{model_type} config num_key_value_heads")
     if heads % kv_heads:
         raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
     max_pos = int(get("max_position_embeddings", 2048))
@@ -531,7 +534,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         windows = _gemma_windows(get, num_layers, 2 if model_type == "gemma2" else 6)
 
     head_dim = (_positive_int(get("qk_rope_head_dim"), f"{model_type} config qk_rope_head_dim")
-                if model_type in MLA_FAMILIES else int(get("head_dim", hidden // heads)))
+                if model_type in MLA_FAMILIES else
+                _positive_int(get("head_dim", hidden // heads), f"{model_type} config head_dim"))
     rope_params = get("rope_parameters") or {}
     partial = float(rope_params.get("partial_rotary_factor") or get("partial_rotary_factor", 1.0))
     rotary_dim = None
@@ -573,12 +577,13 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
                       if model_type in MLA_FAMILIES else ({}, None))
     return ModelArgs(
         model_type=model_type,
-        vocab_size=int(get("vocab_size")),
+        vocab_size=_positive_int(get("vocab_size"), f"{model_type} config vocab_size"),
         hidden_size=hidden,
         # (Qwen3.5-MoE has no dense MLP, nor its width; Llama 4's dense MLPs are intermediate_size_mlp wide)
         intermediate_size=(_positive_int(get("intermediate_size_mlp"), "llama4_text config intermediate_size_mlp")
                            if model_type == "llama4_text" else
-                           int(get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None))),
+                           _positive_int(get("intermediate_size", get("moe_intermediate_size") if qwen3_5 else None),
+                                         f"{model_type} config intermediate_size")),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
