@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 
@@ -16,7 +18,18 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_to is not None and self.path.exists():
             with open(self.path, "r+b") as f:
-                f.truncate(truncate_to)
+                size = f.seek(0, os.SEEK_END)
+                if size < truncate_to:
+                    # Lines were lost since the checkpoint (the log emptied or replaced): truncate()
+                    # would pad it with NUL bytes up to the checkpoint's offset, and no JSON reader
+                    # could read it again. Keep what is there, up to its last whole line.
+                    f.seek(0)
+                    keep = f.read().rfind(b"\n") + 1
+                    f.truncate(keep)
+                    print(f"mlora: note: {self.path} holds {size} bytes, {truncate_to} when the checkpoint was "
+                          f"written; the resumed run's lines follow its {keep} bytes of whole lines", file=sys.stderr)
+                else:
+                    f.truncate(truncate_to)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def tell(self) -> int:

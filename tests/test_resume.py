@@ -398,3 +398,22 @@ def test_dropout_generators_are_saved_per_layer_and_an_older_state_is_refused(ti
     old["generator"] = saved["generators"][sorted(layers)[0]]
     with pytest.raises(UserError, match="adapter 'a' has other dropout generators"):
         adapter.restore_from_checkpoint(old)
+
+
+def test_resuming_onto_a_shortened_metrics_log_pads_it_with_nothing(tmp_path, capsys):
+    """A metrics.jsonl emptied or replaced since the checkpoint (shorter than the offset the
+    checkpoint saved) used to be padded with NUL bytes up to that offset, and read_metrics then
+    failed on it; now the resumed run's lines follow its whole lines, and a note says so."""
+    from mlora.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"adapter": "a", "step": 1}\n{"adapter": "a", "st')  # its last line cut short
+    log = MetricsLog(path, truncate_to=10_000)
+    log.write({"adapter": "a", "step": 2})
+    log.close()
+    assert b"\0" not in path.read_bytes()
+    assert [m["step"] for m in read_metrics(path)] == [1, 2]
+    assert "holds 48 bytes, 10000 when the checkpoint was written" in capsys.readouterr().err
+    log = MetricsLog(path, truncate_to=len('{"adapter": "a", "step": 1}\n'))  # the usual case: cut to the offset
+    log.close()
+    assert [m["step"] for m in read_metrics(path)] == [1]
