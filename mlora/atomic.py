@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Callable
 
 
+def _usual_mode(mode: int) -> int:
+    """`mode` less the process's umask: what open() and mkdir() would have given. tempfile makes
+    its files 0600 and its directories 0700 (private to their owner), and a rename keeps that,
+    so adapters and checkpoints came out unreadable to the group and others that the umask
+    lets read everything else mlora writes (metrics.jsonl, output_dir itself)."""
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """`write(tmp_path)` fills a temporary file beside `path`, which is then renamed onto it."""
     path = Path(path)
@@ -16,6 +26,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None])
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _usual_mode(0o666))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -30,6 +41,7 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fill(tmp)
+        tmp.chmod(_usual_mode(0o777))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
