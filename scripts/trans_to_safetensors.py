@@ -72,6 +72,8 @@ def first_line(e: BaseException) -> str:
 
 def find_checkpoint(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The .bin files to convert, in order, and the index's weight_map (None for one file)."""
+    if model_dir.is_file():  # (it used to say "does not exist" of the .bin file itself)
+        raise ConvertError(f"--model_path {str(model_dir)!r} is a file; give the model directory that holds it")
     if not model_dir.is_dir():
         raise ConvertError(f"model directory {str(model_dir)!r} does not exist")
     if (model_dir / BIN_SINGLE).is_file():  # transformers' own preference when both exist

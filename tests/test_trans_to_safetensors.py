@@ -352,6 +352,12 @@ def test_errors_are_one_line(models, case, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_model_path_that_is_the_bin_file(models, tmp_path, capsys):
+    """--model_path pointing at pytorch_model.bin itself used to be told it "does not exist"."""
+    code, _, err = run(capsys, "--model_path", models["untied-bin"] / "pytorch_model.bin", "--output_dir", tmp_path)
+    check_error(code, err, "pytorch_model.bin' is a file; give the model directory that holds it")
+
+
 def test_unwritable_output_dir(models, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
