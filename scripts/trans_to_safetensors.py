@@ -103,11 +103,26 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # corrupt, truncated, or not a weights-only pickle
-        raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
+        raise ConvertError(f"cannot read {path}: {load_error(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                              for k, v in state.items()):
         raise ConvertError(f"{path} is not a state dict of named tensors")
     return state
+
+
+def load_error(e: BaseException) -> str:
+    """What went wrong in torch.load, in one line. Its weights-only refusal begins with advice
+    to load with weights_only=False (which would run code from the file; this script never
+    does) and says the reason further down: a file that is no checkpoint at all, or one that
+    pickles more than tensors (a whole model object)."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return first_line(e)
+    _, _, after = text.partition("WeightsUnpickler error:")
+    reason = next((line.strip() for line in after.splitlines() if line.strip()), "unknown reason")
+    reason = reason.split(". ")[0].rstrip(".")  # (not torch's advice on allowing globals)
+    return (f"not a checkpoint of tensors only ({reason}): no PyTorch checkpoint at all, or one that pickles "
+            f"other objects (this script loads tensors only, never code from a file)")
 
 
 def ties_embeddings(model_dir: Path) -> bool:

@@ -318,7 +318,12 @@ ERRORS = {
     "no checkpoint": (lambda d: [f.unlink() for f in d.glob("pytorch_model*")], (), "no pytorch_model.bin"),
     "missing shard": (lambda d: next(d.glob("pytorch_model-00002-*.bin")).unlink(), (),
                       "shard pytorch_model-00002-of-"),
-    "garbage file": (lambda d: _corrupt(d, "pytorch_model.bin", b"not a checkpoint" * 64), (), "cannot read"),
+    # (not torch's first line, which advises weights_only=False: this script never runs a file's code)
+    "garbage file": (lambda d: _corrupt(d, "pytorch_model.bin", b"not a checkpoint" * 64), (),
+                     "cannot read", "not a checkpoint of tensors only (Unsupported operand"),
+    "a pickled module": (lambda d: torch.save({"lm_head": torch.nn.Linear(2, 2)}, d / "pytorch_model.bin"), (),
+                         "(Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an allowed global by "
+                         "default): no PyTorch checkpoint at all, or one that pickles other objects"),
     "truncated file": (lambda d: _corrupt(d, "pytorch_model.bin"), (), "cannot read"),
     "truncated shard": (lambda d: _corrupt(d, "pytorch_model-00003-*.bin"), (), "cannot read"),
     "tensor missing from shard": (_add_to_index, (), "'extra.weight' listed in pytorch_model.bin.index.json"),
@@ -341,14 +346,15 @@ def _add_tensor(path: Path, tensor: torch.Tensor):
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
 def test_errors_are_one_line(models, case, tmp_path, capsys):
-    mutate, extra, fragment = ERRORS[case]
+    mutate, extra, *fragments = ERRORS[case]
     sharded = "shard" in case or "index" in case
     src = tmp_path / "src"
     shutil.copytree(models["untied-shards" if sharded else "untied-bin"], src)
     mutate(src)
     out = tmp_path / "out"
     code, _, err = run(capsys, "--model_path", src, "--output_dir", out, *extra)
-    check_error(code, err, fragment)
+    check_error(code, err, *fragments)
+    assert "weights_only" not in err
     assert not out.exists()
 
 
