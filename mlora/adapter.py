@@ -557,6 +557,15 @@ def read_peft_config(directory: Path) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise UserError(f"{path}: per-module {key} is not supported (one r and lora_alpha per adapter)")
+    # Read silently before: weights of these compute something else on the base as it is.
+    if cfg.get("use_dora"):
+        raise UserError(f"{path}: a DoRA adapter (use_dora) is not supported")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and (init.lower().startswith("pissa") or init.lower() in ("corda", "olora", "lora_ga")):
+        # PEFT rebuilds the change to the base weights these made when it loads such an adapter
+        raise UserError(f"{path}: init_lora_weights is {init!r}, which changes the base model's weights; convert it "
+                        f"to a plain LoRA adapter first (PEFT: save_pretrained with "
+                        f"path_initial_model_for_weight_conversion)")
     return {**cfg, "r": r, "lora_alpha": float(alpha), "use_rslora": rslora}
 
 

@@ -285,7 +285,11 @@ def test_eval_refuses_an_adapter_saved_with_another_scale(fused_run, tiny_llama,
     copy = tmp_path / "copy"
     shutil.copytree(saved, copy / saved.name)
     cases = [({"alpha": 1000}, None, "lora_alpha"), ({"use_rslora": True}, None, "use_rslora"),
-             ({}, {"r": "abc"}, "'r' must be a positive integer"), ({}, [1, 2], "expected a JSON object")]
+             ({}, {"r": "abc"}, "'r' must be a positive integer"), ({}, [1, 2], "expected a JSON object"),
+             # (read as plain LoRA before: PEFT applies them to a changed base, or adds a magnitude)
+             ({}, {"init_lora_weights": "pissa_niter_4"}, "init_lora_weights is 'pissa_niter_4', which changes"),
+             ({}, {"init_lora_weights": "olora"}, "path_initial_model_for_weight_conversion"),
+             ({}, {"use_dora": True}, "a DoRA adapter (use_dora) is not supported")]
     for change, damage, fragment in cases:
         adapter_cfg = json.loads((saved / "adapter_config.json").read_text())
         if damage is not None:
