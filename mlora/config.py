@@ -149,6 +149,8 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raise UserError(
             f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from None
+    except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
+        raise UserError(f"{source}: JSON nested too deeply to read") from None
     return parse_config(obj, source, Path(os.path.abspath(path)).parent)
 
 

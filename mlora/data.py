@@ -115,6 +115,8 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
                 raise UserError(f"{path}: expected a JSON array of row objects or one object per line "
                                 f"(JSONL); the file starts a multi-line object") from None
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")
         rows.append(row)
@@ -126,6 +128,8 @@ def _parse_json_array(path: Path, text: str) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of objects, got {_json_type(data)}")
     for i, row in enumerate(data):
@@ -187,6 +191,8 @@ def _parse_template(path: Path) -> PromptTemplate:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a prompt template must be a JSON object, got {_json_type(data)}")
     prompt = data.get("prompt", data.get("prompt_input"))

@@ -423,3 +423,19 @@ def test_sizes_below_one_in_the_base_config(setup, capsys, tmp_path, tiny_llama,
     raw = json.loads((tiny_llama / "config.json").read_text())
     (base / "config.json").write_text(json.dumps(dict(raw, **{key: value})))
     check(*run_train(capsys, base, config()), out, f"llama config {key} must be a positive integer, got {value}")
+
+
+@pytest.mark.parametrize("where", ["config", "jsonl", "json"])
+def test_json_nested_too_deeply(setup, tiny_llama, capsys, where):
+    """json's decoder recurses once per bracket: a config or data file nested some thousands
+    deep was a RecursionError traceback."""
+    tmp, data, out, config = setup
+    deep = "[" * 100_000 + "]" * 100_000
+    if where == "config":
+        cfg = tmp / "deep.json"
+        cfg.write_text(deep)
+        check(*run_train(capsys, tiny_llama, cfg), out, f"{cfg}: JSON nested too deeply")
+        return
+    data = tmp / f"deep.{where}"
+    data.write_text(f'{{"text": {deep}}}\n' if where == "jsonl" else deep)
+    check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, f"{data}", "nested too deeply")
