@@ -285,6 +285,12 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
     # a global eval_step simply skips adapters that have none.
     if adapter.eval_step and adapter.test_data is None:
         a.fail(f"'eval_step' is {adapter.eval_step} but no 'test_data' is given")
+    # Each step scales the weights by 1 - lr * weight_decay (AdamW; SGD's decay does too): at 1 or
+    # more they flip sign and grow, and a product like 1e300 makes them inf in one step, which
+    # was saved as the trained adapter (every later step skipped as non-finite).
+    if adapter.lr * adapter.weight_decay >= 1:
+        a.fail(f"'weight_decay' ({adapter.weight_decay:g}) times 'lr' ({adapter.lr:g}) must be below 1: each step "
+               f"scales the weights by 1 - lr * weight_decay")
     if adapter.momentum and adapter.optim != "sgd":
         a.fail(f"'momentum' is {adapter.momentum} but optim is {adapter.optim!r}; momentum applies to 'sgd' only")
     return adapter

@@ -63,6 +63,9 @@ CASES = [
     ("unknown target", dict(adapter_overrides={"target_modules": ["q_proj", "qq_proj"]}), ("qq_proj", "q_proj")),
     ("unknown global", dict(cutof_len=3), ("cutof_len", "cutoff_len")),
     ("bad strategy", dict(train_strategy="fastest"), ("train_strategy", "fastest")),
+    # (each step scaled the weights by 1 - 3e-4 * 1e300: inf at once, saved as the trained adapter)
+    ("weight decay times lr", dict(adapter_overrides={"weight_decay": 1e300}),
+     ("'weight_decay' (1e+300) times 'lr' (0.0003) must be below 1",)),
 ]
 
 
