@@ -227,20 +227,25 @@ def cmd_eval(args) -> int:
         # with nothing saved, whose line would be the base's, for a config that can never train.
         check_rank(cfg, session.wrappers)
     out = Path(session.cfg.output_dir)
-    for cfg in session.cfg.lora:
-        saved = out / cfg.name
-        adapter = None
-        if (saved / WEIGHTS_NAME).is_file():
-            adapter = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed, session.device,
-                              naming=session.naming)
-            adapter.load_peft(saved, label="adapter")
-        loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test,
-                                        progress=not args.no_progress)
-        if adapter is not None:
+    # Every saved adapter is loaded (and so checked: its r, alpha, tensors) before the first
+    # line is printed: a later adapter's mismatch used to end the command with exit 2 after
+    # the earlier adapters' lines, a partial result. Each row goes to its own adapter only.
+    adapters = {}
+    try:
+        for cfg in session.cfg.lora:
+            if (out / cfg.name / WEIGHTS_NAME).is_file():
+                adapters[cfg.name] = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed,
+                                             session.device, naming=session.naming)
+                adapters[cfg.name].load_peft(out / cfg.name, label="adapter")
+        for cfg in session.cfg.lora:
+            loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test,
+                                            progress=not args.no_progress)
+            # JSON has no NaN: no label token (or non-finite weights) gives null, as metrics.jsonl does.
+            print(json.dumps({"adapter": cfg.name, "loss": loss if math.isfinite(loss) else None, "tokens": tokens,
+                              "weights": str(out / cfg.name) if cfg.name in adapters else "base"}), flush=True)
+    finally:
+        for adapter in adapters.values():
             adapter.detach_from(session.wrappers)
-        # JSON has no NaN: no label token (or non-finite weights) gives null, as metrics.jsonl does.
-        print(json.dumps({"adapter": cfg.name, "loss": loss if math.isfinite(loss) else None, "tokens": tokens,
-                          "weights": str(saved) if adapter is not None else "base"}), flush=True)
     return 0
 
 

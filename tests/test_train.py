@@ -315,6 +315,23 @@ def test_eval_refuses_an_adapter_saved_with_another_scale(fused_run, tiny_llama,
     assert json.loads(line)["loss"] is None and "NaN" not in line
 
 
+def test_eval_prints_nothing_when_a_later_adapter_is_refused(fused_run, tiny_llama, capsys, tmp_path):
+    """Every saved adapter is checked before the first line: a mismatch in the last one used to
+    come after the others' lines (exit 2 with a partial result on stdout)."""
+    import shutil
+
+    _, out, cfg_path = fused_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    adapter_cfg = json.loads((copy / "c" / "adapter_config.json").read_text())
+    (copy / "c" / "adapter_config.json").write_text(json.dumps({**adapter_cfg, "r": adapter_cfg["r"] + 1}))
+    capsys.readouterr()
+    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--output_dir", str(copy),
+                 "--no_progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "its r is" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("fmt", ["alpaca", "chat", "text"])
 def test_generate_equals_transformers_plus_peft_greedy(fused_run, tiny_llama, capsys, tokenizer, fmt):
     """`mlora generate`: every adapter completes every prompt, all rows in one fused batch
