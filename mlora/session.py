@@ -222,6 +222,9 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         if not str(output_dir).strip():
             raise UserError("--output_dir is empty (give a directory, or leave it out to use the config's)")
         cfg = replace(cfg, output_dir=str(output_dir))
+    # "~/runs" as the config's input paths take it (config.py expands them), not a directory
+    # named "~" made in the working directory (the shell expands a bare ~ only, not "--x=~/y")
+    cfg = replace(cfg, output_dir=os.path.expanduser(cfg.output_dir))
     if seed is not None:
         cfg = replace(cfg, seed=seed)
     torch_device = resolve_device(device)

@@ -442,3 +442,19 @@ def test_json_nested_too_deeply(setup, tiny_llama, capsys, where):
     data = tmp / f"deep.{where}"
     data.write_text(f'{{"text": {deep}}}\n' if where == "jsonl" else deep)
     check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, f"{data}", "nested too deeply")
+
+
+def test_a_tilde_in_output_dir_is_the_home_directory(setup, tiny_llama, capsys, monkeypatch, tmp_path):
+    """The config's data paths expand "~"; its output_dir made a directory literally named "~"
+    in the working directory (one `rm -rf ~` away from the real one)."""
+    _, _, _, config = setup
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    code, err = run_train(capsys, tiny_llama, config(output_dir="~/runs"))
+    assert code == 0, err
+    assert (home / "runs" / "a" / "adapter_model.safetensors").is_file() and not any(work.iterdir())
+    code, err = run_train(capsys, tiny_llama, config(), "--output_dir=~/flag")
+    assert code == 0 and (home / "flag" / "a").is_dir() and not any(work.iterdir()), err
