@@ -230,7 +230,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
     if not _is_directory_name(name):
         a.fail(
             f"'name' must be usable as a directory name (non-empty, no '/' or '\\', no leading "
-            f"dot, no control characters, at most 255 bytes), got {name!r}"
+            f"dot or whitespace at either end, no control characters, at most 255 bytes), got {name!r}"
         )
     if name in RESERVED_NAMES:
         a.fail(f"'name' {name!r} is taken by mlora's own output in output_dir (adapters cannot be "
@@ -340,6 +340,9 @@ def _is_directory_name(name: str) -> bool:
     return (
         name != ""
         and not name.startswith(".")
+        # "a " trained, but `generate --adapters` strips what it is given and could never pick
+        # it; " " made a directory no listing shows
+        and name == name.strip()
         and "/" not in name
         and "\\" not in name
         and all(ch.isprintable() for ch in name)
