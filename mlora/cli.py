@@ -158,6 +158,7 @@ def cmd_train(args) -> int:
         return train_pipeline(args)
     from mlora import checkpoint
     from mlora.batching import check_trainable
+    from mlora.output_lock import output_dir_lock
     from mlora.session import open_session
     from mlora.trainer import Interrupted, train
 
@@ -174,20 +175,21 @@ def cmd_train(args) -> int:
             raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
     # before the (long) load: a bad output_dir fails at once
     created = prepare_output_dir(out, [a.name for a in session.cfg.lora])
-    try:
-        session.load_base()
-    except UserError:  # weights that do not fit config.json: leave nothing behind
-        remove_if_still_empty(created)
-        raise
-    try:
-        summary = train(session, progress=not args.no_progress, resume=args.resume)
-    except UserError:  # refused before writing (an init_from that does not fit, ...): nothing left behind
-        remove_if_still_empty(created)
-        raise
-    except Interrupted as stop:
-        print(f"mlora: stopped by {signal_name(stop.signum)}; checkpoint written to {stop.path}\n"
-              f"mlora: resume with: {resume_command(args, out)}", file=sys.stderr)
-        return 128 + stop.signum
+    with output_dir_lock(out):
+        try:
+            session.load_base()
+        except UserError:  # weights that do not fit config.json: leave nothing behind
+            remove_if_still_empty(created)
+            raise
+        try:
+            summary = train(session, progress=not args.no_progress, resume=args.resume)
+        except UserError:  # refused before writing (an init_from that does not fit, ...): nothing left behind
+            remove_if_still_empty(created)
+            raise
+        except Interrupted as stop:
+            print(f"mlora: stopped by {signal_name(stop.signum)}; checkpoint written to {stop.path}\n"
+                  f"mlora: resume with: {resume_command(args, out)}", file=sys.stderr)
+            return 128 + stop.signum
     for name, s in summary.items():
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
         extra = " (stopped after a non-finite loss)" if s["stopped"] else ""

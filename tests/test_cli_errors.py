@@ -458,3 +458,23 @@ def test_a_tilde_in_output_dir_is_the_home_directory(setup, tiny_llama, capsys, 
     assert (home / "runs" / "a" / "adapter_model.safetensors").is_file() and not any(work.iterdir())
     code, err = run_train(capsys, tiny_llama, config(), "--output_dir=~/flag")
     assert code == 0 and (home / "flag" / "a").is_dir() and not any(work.iterdir()), err
+
+
+def test_a_second_run_into_an_output_dir_in_use_is_refused(setup, tiny_llama, capsys):
+    """While a run holds its output_dir (a one-process run exclusively, a pipeline's ranks
+    shared), `mlora train` into it is one line and writes nothing; once it is free, it trains."""
+    from mlora.output_lock import output_dir_lock
+
+    _, _, out, config = setup
+    cfg = config()
+    out.mkdir()
+    for shared in (False, True):
+        with output_dir_lock(out, shared=shared):
+            code, err = run_train(capsys, tiny_llama, cfg)
+            check(code, err, out, f"output_dir {out} is in use by another mlora train run")
+    with output_dir_lock(out, shared=True), output_dir_lock(out, shared=True):
+        pass  # a pipeline's ranks 0 and last, threads of one process in the tests, share it
+    code, err = run_train(capsys, tiny_llama, cfg)
+    assert code == 0, err
+    code, err = run_train(capsys, tiny_llama, cfg, "--resume")  # the finished run let it go
+    assert code == 0 and "in use" not in err, err

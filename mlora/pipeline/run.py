@@ -122,6 +122,7 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
 def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
     from mlora.cli import prepare_output_dir, quant_config, remove_if_still_empty
+    from mlora.output_lock import output_dir_lock
     from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -137,11 +138,17 @@ def train_pipeline(args) -> int:
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
     created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora])
                if place.rank in (0, place.world_size - 1) else [])
+    # The ranks that prepared the output directory keep a one-process run out of it (and are
+    # kept out of one's) while they run.
+    lock = contextlib.ExitStack()
+    if place.rank in (0, place.world_size - 1):
+        lock.enter_context(output_dir_lock(session.cfg.output_dir, shared=True))
     try:
         transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
                             place.master_port, session.device, peer_timeout=args.peer_timeout,
                             connect_timeout=args.connect_timeout)
     except BaseException:  # no run started: leave no empty output directory behind
+        lock.close()
         remove_if_still_empty(created)
         raise
     tag = f"rank{place.rank}"
@@ -186,6 +193,7 @@ def train_pipeline(args) -> int:
                 return 128 + stop.signum
     finally:
         transport.close()
+        lock.close()
     if place.rank == 0:
         for a in session.cfg.lora:
             print(f"{a.name}: saved to {os.path.join(session.cfg.output_dir, a.name)}")
