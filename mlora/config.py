@@ -119,8 +119,9 @@ def adapter_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read and validate a JSON config file; relative paths inside may be relative to it."""
+def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
+    """Read and validate a JSON config file; relative paths inside may be relative to it.
+    reads: which of its files the command reads, and so must exist (READS)."""
     source = os.fspath(path)
     try:
         # utf-8-sig: editors on Windows like to write a BOM.
@@ -151,12 +152,23 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         ) from None
     except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
         raise UserError(f"{source}: JSON nested too deeply to read") from None
-    return parse_config(obj, source, Path(os.path.abspath(path)).parent)
+    return parse_config(obj, source, Path(os.path.abspath(path)).parent, reads)
 
 
-def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None) -> TrainConfig:
+# The commands, by the adapters' files they read: training its data, test_data and init_from;
+# eval the test_data, else the data (it evaluates the training rows then); generate none of
+# them (a trained adapter's prompts still go through its template). A file a command does not
+# read may be gone (data moved away after training) and is taken as given.
+READS = ("train", "eval", "generate")
+
+
+def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None,
+                 reads: str = "train") -> TrainConfig:
     """Validate an already-decoded config; `source` prefixes every message, `base_dir` is
-    where relative paths are looked up when they are not found from the working directory."""
+    where relative paths are looked up when they are not found from the working directory;
+    reads: the command (READS)."""
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
     if not isinstance(obj, dict):
         raise UserError(f"{source}: the top level must be a JSON object, got {_describe(obj)}")
     top = _Reader(obj, source, _GLOBAL_KEYS, {"early_stop_test_step": "eval_step"})
@@ -181,7 +193,7 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     if not entries:
         top.fail("'lora' must list at least one adapter")
     adapters = [
-        _parse_adapter(entry, f"{source}: lora[{i}]", base_dir) for i, entry in enumerate(entries)
+        _parse_adapter(entry, f"{source}: lora[{i}]", base_dir, reads) for i, entry in enumerate(entries)
     ]
     first_index: dict[str, int] = {}
     for i, adapter in enumerate(adapters):
@@ -212,7 +224,7 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None)
     return config
 
 
-def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfig:
+def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "train") -> AdapterConfig:
     name = obj.get("name")
     if isinstance(name, str) and name:
         where = f"{where} (name {name!r})"
@@ -238,9 +250,10 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None) -> AdapterConfi
     a.values["name"] = name
 
     a.require("data")
-    a.path("data", base_dir, kind="file")
-    a.path("test_data", base_dir, kind="file", nullable=True)
-    a.path("init_from", base_dir, kind="adapter", nullable=True)
+    a.path("data", base_dir, kind="file",
+           must_exist=reads == "train" or (reads == "eval" and obj.get("test_data") is None))
+    a.path("test_data", base_dir, kind="file", nullable=True, must_exist=reads != "generate")
+    a.path("init_from", base_dir, kind="adapter", nullable=True, must_exist=reads == "train")
     a.string("prompt")
     if a.values.get("prompt", BUILTIN_PROMPTS[0]) not in BUILTIN_PROMPTS:
         a.path("prompt", base_dir, kind="prompt")
@@ -432,9 +445,12 @@ class _Reader:
         hint = _hint(value.lower(), [*choices, *aliases])
         self.fail(f"{key!r} must be one of {listed}, got {value!r}{hint}")
 
-    def path(self, key: str, base_dir: Path | None, *, kind: str, nullable: bool = False) -> None:
+    def path(self, key: str, base_dir: Path | None, *, kind: str, nullable: bool = False,
+             must_exist: bool = True) -> None:
         """An existing file ("file", "prompt") or saved adapter directory ("adapter"), stored
-        absolute; relative paths are tried from the working directory, then from base_dir."""
+        absolute; relative paths are tried from the working directory, then from base_dir.
+        must_exist False: a path the command will not read may be missing (kept as given,
+        made absolute as the first place looked)."""
         self._read(key, "a non-empty string (a path)", lambda v: isinstance(v, str) and v != "", None,
                    nullable)
         value = self.values.get(key)
@@ -444,6 +460,9 @@ class _Reader:
         places = [Path.cwd()] if base_dir is None else [Path.cwd(), Path(base_dir)]
         candidates = [given] if given.is_absolute() else [place / given for place in places]
         found = next((c for c in candidates if c.exists()), None)
+        if found is None and not must_exist:
+            self.values[key] = os.path.abspath(candidates[0])
+            return
         if found is None:
             looked = "" if given.is_absolute() else " (looked in " + " and ".join(str(p) for p in places) + ")"
             what = {"file": "file", "prompt": "template file", "adapter": "adapter directory"}[kind]

@@ -217,7 +217,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     tokenizer may run code shipped with it (ChatGLM, Baichuan)."""
     check_kernel()
     check_cross_entropy()
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, reads="train" if load_data else "generate")
     if output_dir is not None:
         if not str(output_dir).strip():
             raise UserError("--output_dir is empty (give a directory, or leave it out to use the config's)")

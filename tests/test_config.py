@@ -549,3 +549,18 @@ def test_adapter_seed_independent_of_other_adapters(workdir):
     seed_alone = adapter_seed(alone.seed, alone.lora[0].name)
     seed_crowd = adapter_seed(crowd.seed, crowd.lora[1].name)
     assert seed_alone == seed_crowd
+
+
+def test_files_a_command_does_not_read_may_be_gone(workdir):
+    """Training reads every file it names; eval the test_data, else the data; generate none (a
+    trained adapter's data may have moved away). A missing one is kept absolute as given."""
+    gone = {"data": "moved.json", "test_data": "moved_test.json"}
+    assert "'data'" in error({"lora": [adapter(data="moved.json")]})
+    config = parse_config({"lora": [adapter(**gone)]}, "cfg.json", reads="generate")
+    assert config.lora[0].data == str(workdir / "moved.json")
+    assert "'test_data'" in str(pytest.raises(UserError, parse_config, {"lora": [adapter(**gone)]}, "cfg.json",
+                                              reads="eval").value)
+    assert parse_config({"lora": [adapter(data="moved.json", test_data="train.json")]}, "cfg.json",
+                        reads="eval").lora[0].test_data == str(workdir / "train.json")
+    assert "'data'" in str(pytest.raises(UserError, parse_config, {"lora": [adapter(data="moved.json")]},
+                                         "cfg.json", reads="eval").value)

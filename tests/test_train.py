@@ -403,6 +403,22 @@ def test_generate_with_a_repetition_penalty_equals_transformers_plus_peft(fused_
         assert output == tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True), prompt
 
 
+def test_generate_needs_no_data_file(fused_run, tiny_llama, capsys, tmp_path):
+    """A trained adapter generates after its data files moved away (generate reads none)."""
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps({**cfg, "output_dir": str(out),
+                                 "lora": [{**a, "data": str(tmp_path / "gone.jsonl")} for a in cfg["lora"]]}))
+    outputs = []
+    for path in (cfg_path, moved):
+        capsys.readouterr()
+        assert main(["generate", "--base_model", str(tiny_llama), "--config", str(path), "--adapters", "a",
+                     "--prompt", "say hi", "--max_new_tokens", "4"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0]
+
+
 def test_sampling_warps_as_transformers_does():
     """Sampling's distribution is the softmax of transformers' temperature, top-k and top-p
     warpers applied in its order; penalize_repetition is its RepetitionPenaltyLogitsProcessor."""
