@@ -257,6 +257,7 @@ def cmd_generate(args) -> int:
     from mlora.adapter import WEIGHTS_NAME, Adapter
     from mlora.data import load_template, prompt_tokens
     from mlora.generate import Sampling, greedy_generate
+    from mlora.loader import read_model_config
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
@@ -277,6 +278,11 @@ def cmd_generate(args) -> int:
     for name in names:
         template = load_template(by_name[name].prompt)
         rows += [(name, text, prompt_tokens(text, args.format, session.tokenizer, template)) for text in args.prompt]
+    vocab = read_model_config(session.base_dir)[1].vocab_size
+    for name, text, ids in rows:  # an id past the embedding would be an index error mid-run
+        if ids and max(ids) >= vocab:
+            raise UserError(f"--prompt {text!r} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
+                            f"(is the tokenizer in {session.base_dir} the model's?)")
     session.load_base()
     for name in names:
         adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,

@@ -196,6 +196,22 @@ def test_tokenizer_larger_than_the_model_vocabulary(setup, capsys, tmp_path, tok
     check(*run_train(capsys, base, config()), out, "vocab_size 100", "'a'")
 
 
+def test_a_generate_prompt_past_the_model_vocabulary(setup, capsys, tmp_path, tokenizer_dir):
+    """generate checks its prompts' ids as training checks the data: one line, not an index
+    error in the embedding."""
+    from conftest import make_tiny_model
+
+    _, _, out, config = setup
+    base = make_tiny_model(tmp_path / "small_vocab", "llama", tokenizer_dir, vocab_size=100)
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "adapter_model.safetensors").write_bytes(b"")  # "saved": the prompt is checked first
+    capsys.readouterr()
+    code = main(["generate", "--base_model", str(base), "--config", str(config()), "--prompt", "hello there"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--prompt 'hello there' tokenizes to id" in err, err
+    assert "vocab_size 100" in err
+
+
 @pytest.mark.parametrize("rows,extra", [
     ([{"text": ""}], {}),
     ([{"messages": [{"role": "user", "content": "only a question"}]}], {}),
