@@ -115,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=_positive_int, default=64, help="tokens to add at most (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")
-    p.add_argument("--top_p", type=_probability, default=1.0,
+    p.add_argument("--top_p", type=_probability,
                    help="when sampling: only from the most likely tokens that make up this probability (default 1)")
-    p.add_argument("--top_k", type=_non_negative_int, default=0,
+    p.add_argument("--top_k", type=_non_negative_int,
                    help="when sampling: only from the k most likely tokens (default 0: all)")
     p.add_argument("--repetition_penalty", type=_penalty, default=1.0,
                    help="above 1: the tokens a row has seen (its prompt and output) get less likely, greedy or "
                         "sampled (a positive logit divided by it, a negative one multiplied; default 1: off)")
-    p.add_argument("--seed", type=_seed, default=0, help="when sampling: the draws' seed (default 0)")
+    p.add_argument("--seed", type=_seed, help="when sampling: the draws' seed (default 0)")
 
     p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -260,6 +260,10 @@ def cmd_generate(args) -> int:
     from mlora.loader import read_model_config
     from mlora.session import open_session
 
+    given = [f"--{flag}" for flag in ("top_p", "top_k", "seed") if getattr(args, flag) is not None]
+    if given and args.temperature == 0:  # greedy would ignore them without a word
+        raise UserError(f"{', '.join(given)}: these apply when sampling (--temperature above 0); without it "
+                        "generation is greedy")
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
                            dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, load_data=False)
     by_name = {a.name: a for a in session.cfg.lora}
@@ -289,8 +293,8 @@ def cmd_generate(args) -> int:
                           naming=session.naming)
         adapter.load_peft(out / name, label="adapter")
     requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
-    sampling = (Sampling(args.temperature, args.top_p, args.seed, top_k=args.top_k)
-                if args.temperature > 0 else None)
+    sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
+                         top_k=args.top_k or 0) if args.temperature > 0 else None)
     outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=sampling,
                               repetition_penalty=args.repetition_penalty)
     decode = session.tokenizer.decode

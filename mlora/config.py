@@ -241,7 +241,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
         a.fail(f"'name' must be a string, got {_describe(name)}")
     if not _is_directory_name(name):
         a.fail(
-            f"'name' must be usable as a directory name (non-empty, no '/' or '\\', no leading "
+            f"'name' must be usable as a directory name (non-empty, no '/', '\\' or ',', no leading "
             f"dot or whitespace at either end, no control characters, at most 255 bytes), got {name!r}"
         )
     if name in RESERVED_NAMES:
@@ -358,6 +358,7 @@ def _is_directory_name(name: str) -> bool:
         and name == name.strip()
         and "/" not in name
         and "\\" not in name
+        and "," not in name  # `generate --adapters a,b` splits on commas: such a name could not be picked
         and all(ch.isprintable() for ch in name)
         and len(name.encode("utf-8", "surrogatepass")) <= 255  # a file name's limit on common file systems
     )

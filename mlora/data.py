@@ -403,6 +403,9 @@ def _assistant_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if i == 0:  # nothing before it to render (a template rejects an empty conversation)
+            raise UserError("messages[0] is an assistant turn: a conversation starts with a user (or system) "
+                            "turn, the prompt its answers are learnt for (or set train_on_inputs)")
         before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_chat(tokenizer, messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):

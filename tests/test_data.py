@@ -282,6 +282,10 @@ def test_chat_errors(tokenizer):
                tokenizer)
     with pytest.raises(UserError, match="non-empty list"):
         encode({"messages": []}, tokenizer)
+    # Was the template's own "empty conversation" error, naming nothing the user wrote.
+    with pytest.raises(UserError, match=r"messages\[0\] is an assistant turn"):
+        encode({"messages": [{"role": "assistant", "content": "hi"}]}, tokenizer)
+    assert encode({"messages": [{"role": "assistant", "content": "hi"}]}, tokenizer, train_on_inputs=True)
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = None
     with pytest.raises(UserError, match="chat template"):

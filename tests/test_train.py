@@ -543,6 +543,12 @@ def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
         code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi", *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    for flag in ("--top_p 0.9", "--top_k 5", "--seed 3", "--seed 3 --top_k 5"):  # greedy would ignore them
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi",
+                     *flag.split()])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "apply when sampling (--temperature above 0)" in err, err
     for flag, value in (("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "0"), ("--top_p", "1.5"),
                         ("--top_k", "-1"), ("--repetition_penalty", "0")):
         with pytest.raises(SystemExit):
