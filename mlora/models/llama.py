@@ -539,10 +539,12 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, intermediate_size: int | None = None):
+    def __init__(self, args: ModelArgs, intermediate_size: int | None = None, fused: bool | None = None):
+        """fused: gate and up as one gate_up_proj (None: as args.fused_gate_up says; Gemma 4
+        26B-A4B's experts are fused while its dense MLP is not)."""
         super().__init__()
         inter = args.intermediate_size if intermediate_size is None else intermediate_size  # (an MoE expert's own)
-        self.fused = args.fused_gate_up
+        self.fused = args.fused_gate_up if fused is None else fused
         if self.fused:  # Phi-3, GLM, ChatGLM: [gate; up] in one projection
             self.gate_up_proj = nn.Linear(args.hidden_size, 2 * inter, bias=args.mlp_bias)
         else:
@@ -599,7 +601,13 @@ class DecoderLayer(nn.Module):
         self.moe_beside_mlp = args.moe_beside_mlp
         if self.moe_beside_mlp:  # Gemma 4 26B-A4B: routed experts beside the dense MLP, three norms around them
             self.router = Gemma4Router(args)
-            self.experts = nn.ModuleList(MLP(args, args.moe_intermediate_size) for _ in range(args.num_experts))
+            # Each expert's gate and up as one gate_up_proj [2I, H] (gate rows first), as transformers
+            # and PEFT hold them: an adapter's LoRA on an expert is one on the whole of it (lora_moe.py)
+            self.experts = nn.ModuleList(MLP(args, args.moe_intermediate_size, fused=True)
+                                         for _ in range(args.num_experts))
+            # Set by lora.inject_lora (lora_moe.ExpertRouting), as on a SparseMoE: each adapter's
+            # LoRA on an expert applies to its own tokens among those routed there
+            self.routing_hook = None
             for name in BESIDE_NORMS:
                 setattr(self, name, RMSNorm.of(args, args.hidden_size))
         if args.layer_scalar:  # Gemma 4: the stream times a stored scalar after the layer (frozen, loaded)
@@ -634,7 +642,8 @@ class DecoderLayer(nn.Module):
         if self.moe_beside_mlp:  # (the router reads the stream h, the experts its own norm of it)
             B, S, H = h.shape
             flat = h.reshape(-1, H)
-            routed = run_experts(self.experts, self.pre_feedforward_layernorm_2(flat), *self.router(flat), None, S)
+            routed = run_experts(self.experts, self.pre_feedforward_layernorm_2(flat), *self.router(flat),
+                                 self.routing_hook, S)
             mlp = self.post_feedforward_layernorm_1(mlp) + self.post_feedforward_layernorm_2(routed.view(B, S, H))
         mlp = self._norm(3, mlp)
         out = h + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)

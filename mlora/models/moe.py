@@ -341,7 +341,7 @@ def beside_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     """Gemma 4's router, experts and their norms in one layer; prefix: its path ('model.layers.3.')."""
     names = [prefix + name for name in ("router.proj.weight", "router.scale", "router.per_expert_scale")]
     names += [f"{prefix}experts.{e}.{proj}.weight" for e in range(args.num_experts)
-              for proj in ("gate_proj", "up_proj", "down_proj")]
+              for proj in ("gate_up_proj", "down_proj")]  # (gate and up fused: llama.DecoderLayer)
     return names + [f"{prefix}{norm}.weight" for norm in BESIDE_NORMS]
 
 

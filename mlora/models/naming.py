@@ -113,8 +113,9 @@ GATE_UP_STACKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "de
 # Llama 4 stacks [E, in, out] (`feed_forward.experts.gate_up_proj` [E, H, 2 * I], gate columns then
 # up columns; `down_proj` [E, I, H]): each expert's weights are the transposes of its slices
 _TRANSPOSED_STACKED = ("llama4_text", "llama4")
+# (Gemma 4's experts keep gate_up_proj whole: each reads its expert's whole slice)
 _GATE_UP = re.compile(r"(?P<experts>model\.layers\.\d+\.(mlp\.)?experts)\.(?P<e>\d+)\."
-                      r"(?P<proj>gate|up|down)_proj\.weight")
+                      r"(?P<proj>gate_up|gate|up|down)_proj\.weight")
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class Naming:
             if m is None:
                 return None
             tensor = f"{m['experts']}.{'down_proj' if m['proj'] == 'down' else 'gate_up_proj'}"
-            half = {"gate": 0, "up": 1, "down": None}[m["proj"]]
+            half = {"gate": 0, "up": 1, "down": None, "gate_up": None}[m["proj"]]
             return StackedSlice(self._translate(tensor, forward=True), int(m["e"]), self.family in _TRANSPOSED_STACKED,
                                 half)
         pattern = _STACKED.get(self.family)
