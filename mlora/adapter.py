@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from mlora import stacked_lora
 from mlora.atomic import write_dir_atomically, write_file_atomically
-from mlora.config import AdapterConfig, adapter_seed
+from mlora.config import EXPERT_TARGET_MODULES, AdapterConfig, adapter_seed
 from mlora.errors import UserError
 from mlora.flat_params import FlatParameters
-from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
+from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed, target_name
 from mlora.loss_scale import LossScale
 from mlora.models.naming import Naming
 
@@ -58,7 +58,7 @@ def check_rank(cfg: AdapterConfig, wrappers: dict[str, LoraLinear]) -> None:
     in_proj_a, 32 outputs wide."""
     for path in sorted(wrappers, key=_module_sort_key):
         wrapper = wrappers[path]
-        if path.rsplit(".", 1)[-1] in cfg.target_modules and cfg.r > max(wrapper.in_features, wrapper.out_features):
+        if target_name(path) in cfg.target_modules and cfg.r > max(wrapper.in_features, wrapper.out_features):
             raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than either side of {path} "
                             f"({wrapper.out_features} x {wrapper.in_features})")
 
@@ -93,7 +93,7 @@ class Adapter:
         self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # named_parameters, built once
         check_rank(cfg, wrappers)
         for path in sorted(wrappers, key=_module_sort_key):
-            if path.rsplit(".", 1)[-1] not in cfg.target_modules:
+            if target_name(path) not in cfg.target_modules:
                 continue
             wrapper = wrappers[path]
             weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
@@ -386,13 +386,22 @@ class Adapter:
         return tensors
 
     @functools.cached_property
+    def _stacked_projections(self) -> list[str]:
+        """The experts' projections whose LoRA PEFT holds per stacked parameter (target_parameters):
+        GPT-OSS's gate_up_proj and down_proj where targeted; Gemma 4 26B-A4B's where
+        experts.gate_up_proj, experts.down_proj are (its plain names are its dense MLP's)."""
+        targets = self.cfg.target_modules
+        if self.naming.stacks_experts:
+            return [p for p in stacked_lora.STACKED_PROJECTIONS if p in targets]
+        return [p for p in stacked_lora.STACKED_PROJECTIONS if f"experts.{p}" in targets]
+
+    @functools.cached_property
     def _stacked(self) -> dict[str, str]:
         """{expert projection path: PEFT's module path of the stacked LoRA it is part of} where
-        the base stacks its experts (GPT-OSS); else empty."""
-        if not self.naming.stacks_experts:
+        PEFT stacks the experts' LoRA (GPT-OSS, Gemma 4 26B-A4B); else empty."""
+        if not self._stacked_projections:
             return {}
-        targets = list(self.cfg.target_modules)
-        modules = {path: stacked_lora.peft_module(path, targets) for path in self.weights}
+        modules = {path: stacked_lora.peft_module(path, self._stacked_projections) for path in self.weights}
         return {path: module for path, module in modules.items() if module is not None}
 
     def _peft_key(self, path: str, kind: str) -> str:
@@ -401,11 +410,11 @@ class Adapter:
 
     def peft_config(self, base_model: str) -> dict:
         cfg = self.cfg
-        targets = list(cfg.target_modules)
-        # GPT-OSS's experts are parameters to PEFT (target_parameters), not modules
-        stacked = self.naming.stacks_experts and any(m in stacked_lora.STACKED_PROJECTIONS for m in targets)
-        if self.naming.stacks_experts:
-            targets = [m for m in targets if m not in stacked_lora.STACKED_PROJECTIONS]
+        # GPT-OSS's and Gemma 4 26B-A4B's experts are parameters to PEFT (target_parameters), not modules
+        stacked = self._stacked_projections
+        targets = [m for m in cfg.target_modules if m not in EXPERT_TARGET_MODULES
+                   and not (self.naming.stacks_experts and m in stacked_lora.STACKED_PROJECTIONS)]
+        experts = "mlp.experts" if self.naming.stacks_experts else "experts"  # (Gemma 4's beside the dense MLP)
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -413,8 +422,9 @@ class Adapter:
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": self.naming.peft_target_modules(targets),
-            **({"target_parameters": stacked_lora.target_parameters(list(cfg.target_modules))} if stacked else {}),
+            # (none: an adapter on the experts alone; an image-text model's pattern would match nothing either)
+            "target_modules": self.naming.peft_target_modules(targets) if targets else [],
+            **({"target_parameters": stacked_lora.target_parameters(stacked, experts)} if stacked else {}),
             "use_rslora": cfg.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -512,7 +522,7 @@ def _module_sort_key(path: str) -> tuple:
     """Order module paths by layer number, then by the canonical target order."""
     parts = path.split(".")
     numbers = [int(p) for p in parts if p.isdigit()]  # the layer's, then an expert's
-    leaf = parts[-1]
+    leaf = target_name(path)  # (Gemma 4's experts after the dense MLP: experts.gate_up_proj, ...)
     return (numbers[:1] or [-1], ALL_TARGET_MODULES.index(leaf) if leaf in ALL_TARGET_MODULES else 99,
             numbers[1:], path)
 

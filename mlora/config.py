@@ -23,9 +23,13 @@ from mlora.errors import UserError
 # into gate_up_proj. Which of them a base model has is checked against the model (session.py).
 # (q_a_proj ... kv_b_proj: DeepSeek-V2/V3's latent attention; in_proj_qkv ... out_proj: Qwen3.5's linear
 # attention, in_proj_qkvz and in_proj_ba Qwen3-Next's fused input projections of it)
+# Gemma 4 26B-A4B's routed experts run beside its dense MLP, whose gate_proj, up_proj and
+# down_proj the MLP names target there (as in PEFT, to which the experts are parameters): its
+# experts are targeted by these, PEFT's target_parameters for them (lora.target_name).
+EXPERT_TARGET_MODULES = ("experts.gate_up_proj", "experts.down_proj")
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                   "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",
-                  "out_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+                  "out_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj", *EXPERT_TARGET_MODULES)
 # ChatGLM's and Baichuan's own names of the same projections (what PEFT users of those
 # models write); valid only on those models (session.resolve_targets), and an adapter saved for
 # them uses these names again (models/naming.py).

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,19 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
 # The MLP's projections (on an MoE model: its experts').
 MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+# Gemma 4 26B-A4B's experts hang off the decoder layer itself (`layers.3.experts.5.down_proj`),
+# not off an `mlp` as other families' do: config.EXPERT_TARGET_MODULES name them.
+_BESIDE_EXPERT = re.compile(r"\blayers\.\d+\.experts\.\d+\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def target_name(path: str) -> str:
+    """The target_modules entry that selects the projection at `path`: its own name ('q_proj',
+    'model.layers.0.mlp.experts.5.down_proj' -> 'down_proj'), but 'experts.down_proj' for Gemma 4's
+    experts beside its dense MLP ('model.layers.0.experts.5.down_proj')."""
+    m = _BESIDE_EXPERT.search(path)
+    return f"experts.{m['proj']}" if m else path.rsplit(".", 1)[-1]
+
+
 # Projections of one parent module that read the same input tensor.
 # (DeepSeek-V3: q_proj or q_a_proj, and kv_a_proj_with_mqa, read the layer's normed input; so
 # do Qwen3.5's linear-attention input projections, and Qwen3-Next's two fused ones.)
@@ -614,8 +628,6 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
             # has them: the shared experts (Qwen2-MoE, GLM-4.5, DeepSeek-V3) and the dense layers
             # stay without LoRA.
             continue
-        if args is not None and args.moe_beside_mlp and ".experts." in path:
-            continue  # Gemma 4's experts take no LoRA: its MLP targets are the dense MLP's, as in PEFT
         if no_experts and leaf in MLP_MODULES and ".experts." in path:
             continue  # Llama 4's: its dense MLPs and shared expert take them, as PEFT's target_modules
         if isinstance(module, LoraLinear):

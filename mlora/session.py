@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from mlora.config import MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config, projection_of
+from mlora.config import (EXPERT_TARGET_MODULES, MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config,
+                          projection_of)
 from mlora.data import Example, encode_rows, load_rows, load_template
 from mlora.device import dtype_note, resolve_device, resolve_dtype
 from mlora.errors import UserError
@@ -88,11 +89,14 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
             default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
                 "q_proj", "v_proj"] else ""
             if model_args.moe_beside_mlp:  # (Gemma 4 26B-A4B: PEFT sees its experts as parameters, not modules)
-                default += "; its experts take no LoRA: gate_proj, up_proj, down_proj are its dense MLP's"
+                default += (f"; gate_proj, up_proj, down_proj are its dense MLP's, "
+                            f"{', '.join(EXPERT_TARGET_MODULES)} its experts'")
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
                             f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
         mine = {projection_of(m) for m in a.target_modules}
         resolved.append(replace(a, target_modules=[m for m in has if m in mine]))
+        if model_args.moe_beside_mlp:
+            _check_beside_expert_targets(resolved[-1], model_args.model_type)
         if model_args.is_moe:
             # an m-LoRA name (w1_proj) as the user wrote it, not as mlora or the model names it
             written = {projection_of(m): m for m in a.target_modules if m in MLORA_MODULE_NAMES}
@@ -126,6 +130,16 @@ def note_partial_targets(cfg: TrainConfig, model_args) -> None:
         print(f"mlora: note: adapter {a.name!r}: its target_modules are in {reached} of this {model_args.model_type} "
               f"model's {len(layers)} layers only; LoRA goes there (the other layers' LoRA targets: "
               f"{', '.join(others)})", file=sys.stderr)
+
+
+def _check_beside_expert_targets(a, model_type: str) -> None:
+    """Gemma 4 26B-A4B's experts take one LoRA per stacked parameter in PEFT (target_parameters:
+    ParamWrapper), which refuses dropout; one LoRA on each expert's whole gate_up_proj, so rsLoRA
+    scales it as mlora does (alpha / sqrt(r))."""
+    on_experts = [m for m in a.target_modules if m in EXPERT_TARGET_MODULES]
+    if on_experts and a.dropout:
+        raise UserError(f"adapter {a.name!r}: dropout must be 0 when target_modules include "
+                        f"{', '.join(on_experts)} on this {model_type} model (PEFT cannot load dropout on experts)")
 
 
 def _check_expert_targets(a, model_type: str, named) -> None:

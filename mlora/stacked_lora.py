@@ -11,6 +11,11 @@ scale * B_e A_e, which mlora's per-expert LoRA computes.
 PEFT wraps the experts module once per targeted parameter, the later wrapper around the
 earlier: with both targeted, gate_up_proj's LoRA sits under `experts.base_layer.` and
 down_proj's under `experts.`; with one, it is under `experts.`.
+
+Gemma 4 26B-A4B's experts are stacked the other way round (`experts.gate_up_proj` [E, 2I, H],
+`down_proj` [E, H, I]: nn.Linear's layout per expert) and hang off the decoder layer itself
+(`model.layers.0.experts`, beside its dense MLP). PEFT's ParamWrapper swaps in and out for
+such parameters, so their LoRA has the same layout: gate_up_proj's A [E r, H], B [2I, r E].
 """
 
 from __future__ import annotations
@@ -20,12 +25,20 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from mlora.models.naming import STACKED_EXPERT_PROJECTION, STACKED_PROJECTIONS
+import re
+
+from mlora.models.naming import STACKED_PROJECTIONS
+
+# An expert's projection as mlora names the module: (the experts module, the expert, the
+# projection); GPT-OSS's experts are `mlp.experts`, Gemma 4's `experts` beside the dense MLP
+_EXPERT_PROJECTION = re.compile(rf"(?P<experts>model\.layers\.\d+\.(mlp\.)?experts)\.(?P<e>\d+)\."
+                                rf"(?P<proj>{'|'.join(STACKED_PROJECTIONS)})")
 
 
-def target_parameters(projections: list[str]) -> list[str]:
-    """adapter_config.json's target_parameters for these (per-expert) projections."""
-    return [f"mlp.experts.{p}" for p in STACKED_PROJECTIONS if p in projections]
+def target_parameters(projections: list[str], experts: str = "mlp.experts") -> list[str]:
+    """adapter_config.json's target_parameters for these (per-expert) projections; experts: the
+    experts module's path in a decoder layer (GPT-OSS's `mlp.experts`, Gemma 4's `experts`)."""
+    return [f"{experts}.{p}" for p in STACKED_PROJECTIONS if p in projections]
 
 
 def _wrapper_prefix(proj: str, projections: list[str]) -> str:
@@ -36,7 +49,7 @@ def _wrapper_prefix(proj: str, projections: list[str]) -> str:
 
 def split_path(path: str) -> tuple[str, int, str] | None:
     """(experts module path, expert, projection) of an expert's projection; None otherwise."""
-    m = STACKED_EXPERT_PROJECTION.fullmatch(path)
+    m = _EXPERT_PROJECTION.fullmatch(path)
     return None if m is None else (m["experts"], int(m["e"]), m["proj"])
 
 

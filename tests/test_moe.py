@@ -153,9 +153,9 @@ def test_expert_lora_gradients_equal_peft(tmp_path, family):
     assert_grads_equal(adapter, expected)
 
 
-def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
+def assert_grads_equal(adapter, expected: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
     """Every LoRA weight of `adapter` has a gradient equal to expected['<module path>.lora_A' /
-    '.lora_B'] (fp32 sums in another order: relative to the gradient's scale, up to ~100 here),
+    '.lora_B'] (fp32 sums in another order: within rtol of the gradient's scale, up to ~100 here),
     nonzero but for a few experts' (one that got only pad tokens has a zero gradient, one that got
     none no gradient)."""
     got = {f"{path}.{kind}": getattr(w, kind).grad for path, w in adapter.weights.items()
@@ -165,7 +165,7 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor]) -> None:
         if g is None and ".experts." in key:  # an expert that got no token: PEFT's stacked one gets zeros
             g = got[key] = torch.zeros_like(expected[key])
         assert g is not None and (g.abs().max() > 0 or ".experts." in key), key
-        assert (g - expected[key]).abs().max() <= 1e-5 * expected[key].abs().max(), key
+        assert (g - expected[key]).abs().max() <= rtol * expected[key].abs().max(), key
     experts = [g.abs().max() > 0 for key, g in got.items() if ".experts." in key]
     assert sum(experts) >= 0.75 * len(experts)
 
