@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 import mlora.lora
+from mlora.config import EXPERT_TARGET_MODULES
 from mlora.errors import UserError
 from mlora.loss import chunk_tokens
 from mlora.models.llama import GQA_MAX_HEAD_DIM, SINK_PAD, ModelArgs, module_sequence
@@ -95,7 +96,11 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
         mixers |= {name: shape for name, shape in shapes.items() if name not in mixers and not (
             kv_shared and name in ("k_proj", "v_proj"))}
     mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
-    return {**mixers, **mlp, "down_proj": (I, H)}
+    beside = {}
+    if args.moe_beside_mlp:  # Gemma 4 26B-A4B: one expert's (num_experts of them per layer), beside the dense MLP
+        Ie = args.moe_intermediate_size
+        beside = {"experts.gate_up_proj": (H, 2 * Ie), "experts.down_proj": (Ie, H)}
+    return {**mixers, **mlp, "down_proj": (I, H), **beside}
 
 
 def layer_signature(args: ModelArgs, i: int) -> tuple[bool, str, bool]:
@@ -340,10 +345,11 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                                        explicit_mask=explicit_mask or args.alibi, seq_len=seq_len,
                                        active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer,
                                        kv_shared=kv_shared)
-        grouped = sparse and _experts_grouped(args, dtype, device, kind)
-        if grouped and "lora_expert_factor" in layer:
-            # grouped experts keep each routed token's adapter (int32) instead of factors
-            layer["lora_expert_factor"] = 4 * args.num_experts_per_tok
+        grouped = (sparse or args.moe_beside_mlp) and _experts_grouped(args, dtype, device, kind)
+        for factor in ("lora_expert_factor", "experts_lora_expert_factor"):  # (the latter: Gemma 4's experts')
+            if grouped and factor in layer:
+                # grouped experts keep each routed token's adapter (int32) instead of factors
+                layer[factor] = 4 * args.num_experts_per_tok
         terms = {name: math.ceil(v * N) for name, v in layer.items()}
         terms["lora_casts"] = _lora_cast_bytes(args, e, adapters, sparse, mixer, kv_shared, experts=not grouped)
         if args.gemma_norms:  # each norm keeps its fp32 (1 + w) for the backward
@@ -366,6 +372,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     # LoRA that every layer's groups share or keep: on an MoE model, the experts' LoRA keeps
     # nothing beyond its call (lora.InputGroup.transient), and the dense layers' MLPs have none
     kept = _without_mlp(adapters) if args.is_moe and args.mlp_lora_on_experts else adapters
+    kept = _without_beside_experts(kept) if args.moe_beside_mlp else kept  # (Gemma 4's experts: as an MoE model's)
     if lora_kernel in ("auto", "auto_triton", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
@@ -397,6 +404,9 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                      + _dequant_bytes(args, e, kind, N))
         if may_group and args.is_moe and args.mlp_lora_on_experts and any(args.moe_layers[i] for i in stage.layers):
             backward += _grouped_expert_lora_buffers(args, e, adapters, active_adapters)
+        if may_group and args.moe_beside_mlp:  # (Gemma 4 26B-A4B's experts beside the dense MLP)
+            backward += _grouped_expert_lora_buffers(_beside_experts_as_sparse(args), e,
+                                                     _on_beside_experts(adapters), active_adapters)
         backward += one_layer if recompute else 0
     if not stage.has_head:
         backward += args.hidden_size * e * N  # the gradient of the stage output, received
@@ -472,7 +482,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         out["moe_routing"] = _routing_saved_per_token(args, e)
         if args.shared_expert_intermediate_size:  # a dense MLP (Qwen2-MoE: and its sigmoid gate)
             out["mlp"] += 3 * args.shared_expert_intermediate_size * e + (H * e + e) * args.shared_expert_gated
-    if args.moe_beside_mlp:  # Gemma 4 26B-A4B: experts beside the dense MLP (no LoRA on them)
+    if args.moe_beside_mlp:  # Gemma 4 26B-A4B: experts beside the dense MLP (their LoRA: below)
         out["norms"] += 3 * (4 * H + 4)  # (their input's, the dense MLP's output's and theirs)
         out["mlp"] += 3 * args.num_experts_per_tok * args.moe_intermediate_size * e  # each pass's gate, act and up
         out["moe_routing"] = _routing_saved_per_token(args, e) + 4 * H + 8 + args.num_experts_per_tok * e
@@ -519,7 +529,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
               "linear_out": args.linear_num_value_heads * args.linear_value_head_dim}
     # an MoE model's dense MLPs are no targets
     on_layer = adapters if sparse or not args.is_moe or not experts else _without_mlp(adapters)
-    here = projection_shapes(args, mixer, kv_shared)
+    # (Gemma 4 26B-A4B's experts beside the dense MLP: counted below, as a sparse MLP's)
+    here = {m: shape for m, shape in projection_shapes(args, mixer, kv_shared).items() if m not in EXPERT_TARGET_MODULES}
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
     # dropped-out copy and a mask of each input (counting fused's or triton's underestimated it)
@@ -537,7 +548,34 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
         # the batch's shared one is per layer here
         out["lora_expert_factor"] = _dense_columns(adapters, active, kernel, k, mlp_only=True) * 4
+    on_experts = _on_beside_experts(adapters) if args.moe_beside_mlp else []
+    if on_experts:  # Gemma 4 26B-A4B: the experts' LoRA keeps what a sparse MLP's LoRA does
+        beside = _layer_saved_per_token(_beside_experts_as_sparse(args), e, on_experts, shared=shared, quant=quant,
+                                         explicit_mask=explicit_mask, seq_len=seq_len, active=active, kernel=kernel,
+                                         sparse=True, mixer=mixer)
+        out.update({f"experts_{name}": v for name, v in beside.items() if name.startswith("lora_")})
     return out
+
+
+def _beside_experts_as_sparse(args: ModelArgs) -> ModelArgs:
+    """Gemma 4 26B-A4B's experts (beside each layer's dense MLP, gate and up fused) as the sparse
+    MLP of an MoE model: what their LoRA keeps and builds is counted as that one's."""
+    return replace(args, moe_layers=[True] * args.num_layers, moe_beside_mlp=False, fused_gate_up=True,
+                   shared_expert_intermediate_size=0)
+
+
+def _on_beside_experts(adapters: list[LoraShape]) -> list[LoraShape]:
+    """The adapters on Gemma 4 26B-A4B's experts, with those targets only, named as a sparse
+    MLP's ('experts.gate_up_proj' -> 'gate_up_proj': _beside_experts_as_sparse)."""
+    on = [LoraShape(a.r, tuple(m.removeprefix("experts.") for m in a.target_modules if m in EXPERT_TARGET_MODULES),
+                    a.dropout, a.optimizer_moments) for a in adapters]
+    return [a for a in on if a.target_modules]
+
+
+def _without_beside_experts(adapters: list[LoraShape]) -> list[LoraShape]:
+    on = [replace(a, target_modules=tuple(m for m in a.target_modules if m not in EXPERT_TARGET_MODULES))
+          for a in adapters]
+    return [a for a in on if a.target_modules]
 
 
 _MLP_TARGETS = mlora.lora.MLP_MODULES
@@ -701,6 +739,8 @@ def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
     """LoRA modules of one adapter for `target` in one layer: one, or on an MoE model one per
     expert of a sparse layer and none in a dense layer's MLP (Llama 4: one, on the shared expert
     or the dense MLP)."""
+    if target in EXPERT_TARGET_MODULES:  # Gemma 4 26B-A4B's experts, in every layer
+        return args.num_experts
     if not args.is_moe or target not in _MLP_TARGETS or not args.mlp_lora_on_experts:
         return 1
     return args.num_experts if sparse else 0
@@ -861,7 +901,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     mixer = {}
     # (Gemma 4's full layers: their own sizes; its KV-shared layers: no k/v projections nor k norm)
     for layer_kind, kv_shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)} - {("linear", False)}:
-        shapes = projection_shapes(args, layer_kind, kv_shared)
+        shapes = {m: shape for m, shape in projection_shapes(args, layer_kind, kv_shared).items()
+                  if m not in EXPERT_TARGET_MODULES}  # (Gemma 4 26B-A4B's experts: `beside`, below)
         attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
         # (the biases of q/k/v_proj or qkv_proj, and o_proj)
         biases = sum(o for m, (_, o) in shapes.items() if m not in {*_MLP_TARGETS, "o_proj"}) * args.attention_bias

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import mlora.lora
+import mlora.models.moe
 from mlora import memory
 from mlora.config import AdapterConfig
-from mlora.lora import AdapterRows, BatchLayout, LoraWeights, TARGET_MODULES, inject_lora
+from mlora.lora import AdapterRows, BatchLayout, LoraWeights, TARGET_MODULES, inject_lora, target_name
 from mlora.memory import (GiB, LoraShape, UnsplittableOOM, choose_token_budget, device_free_bytes,
                           estimate_peak_bytes, grads_restored_on_error, lora_state_bytes,
                           run_splitting_on_oom, weight_bytes)
@@ -326,7 +327,7 @@ def _model_with_adapters(dtype, adapters, targets, args=SMALL):
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     for path, wrapper in wrappers.items():
-        if path.rsplit(".", 1)[-1] in targets:
+        if target_name(path) in targets:  # (Gemma 4's experts: experts.gate_up_proj, experts.down_proj)
             for a, (r, p) in enumerate(adapters):
                 weights = LoraWeights(wrapper.in_features, wrapper.out_features, r, 2 * r, p, False, a)
                 weights.generator = torch.Generator().manual_seed(a)
@@ -911,8 +912,21 @@ def test_gemma4_layers_bound_what_autograd_saves(dtype, args):
     the per-layer inputs' table and gates)."""
     wrappers = _assert_layer_kinds_bounded(dtype, args, [(4, 0.0), (8, 0.1)], ALL7, seq_len=32)
     assert ("model.layers.1.self_attn.v_proj" in wrappers) == (not args.attn_k_eq_v)
-    assert "model.layers.1.mlp.down_proj" in wrappers and not any(".experts." in path for path in wrappers)
+    assert "model.layers.1.mlp.down_proj" in wrappers and not any(".experts." in path for path, w in wrappers.items()
+                                                                  if w.adapters)
     assert args.num_layers < 4 or ("model.layers.3.self_attn.k_proj" in wrappers) == (not args.kv_shared_layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one_at_a_time"])
+def test_gemma4_expert_lora_is_bounded(monkeypatch, dtype, grouped):
+    """26B-A4B with LoRA on its experts (experts.gate_up_proj, experts.down_proj) and on the dense
+    MLP beside them in the same layers: the estimate bounds what autograd saves, grouped or one
+    expert at a time, and the LoRA state is every expert's A and B."""
+    monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
+    targets = (*ALL7, "experts.gate_up_proj", "experts.down_proj")
+    wrappers = _assert_layer_kinds_bounded(dtype, GEMMA4_MOE, [(4, 0.0), (8, 0.0)], targets, seq_len=32)
+    assert wrappers["model.layers.1.experts.3.gate_up_proj"].adapters and wrappers["model.layers.1.mlp.up_proj"].adapters
 
 
 def test_gemma4_kv_sharing_under_recompute_is_bounded():

@@ -331,15 +331,28 @@ def test_targets_on_moe_models():
 
 def test_targets_on_gemma4_moe():
     """Gemma 4 26B-A4B: the MLP targets are the dense MLP's (as PEFT matches them on transformers' model,
-    whose experts are parameters); a target for its experts is one line saying they take none."""
-    args = llama.args_from_hf_config(dict(model_type="gemma4_text", vocab_size=400, hidden_size=64,
-                                          intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, global_head_dim=32,
-                                          hidden_size_per_layer_input=0, sliding_window=4, **GEMMA4_MOE))
+    whose experts are parameters), experts.gate_up_proj and experts.down_proj its experts' (PEFT's
+    target_parameters), which take no dropout (PEFT refuses it on parameters) but rsLoRA (one LoRA on
+    the whole gate_up_proj); a plain gate_up_proj is one line naming both; other models have no
+    experts.* targets."""
+    gemma4 = dict(model_type="gemma4_text", vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                  hidden_size_per_layer_input=0, sliding_window=4)
+    args = llama.args_from_hf_config(dict(gemma4, **GEMMA4_MOE))
     assert resolve_targets(_cfg(target_modules=ALL7, dropout=0.1), args).lora[0].target_modules == ALL7
-    with pytest.raises(UserError, match="target_modules gate_up_proj not in this gemma4_text model .*; its experts "
-                                        "take no LoRA: gate_proj, up_proj, down_proj are its dense MLP's"):
+    every = [*ALL7, "experts.gate_up_proj", "experts.down_proj"]
+    assert resolve_targets(_cfg(target_modules=every[::-1], dropout=0.0, use_rslora=True),
+                           args).lora[0].target_modules == every
+    with pytest.raises(UserError, match="target_modules gate_up_proj not in this gemma4_text model .*; gate_proj, "
+                                        "up_proj, down_proj are its dense MLP's, experts.gate_up_proj, "
+                                        "experts.down_proj its experts'"):
         resolve_targets(_cfg(target_modules=["q_proj", "gate_up_proj"]), args)
+    with pytest.raises(UserError, match="adapter 'x': dropout must be 0 when target_modules include "
+                                        "experts.down_proj on this gemma4_text model"):
+        resolve_targets(_cfg(target_modules=["q_proj", "experts.down_proj"], dropout=0.05), args)
+    dense = llama.args_from_hf_config(gemma4)
+    with pytest.raises(UserError, match="target_modules experts.gate_up_proj not in this gemma4_text model"):
+        resolve_targets(_cfg(target_modules=["experts.gate_up_proj"], dropout=0.0), dense)
 
 
 def test_moe_config_errors():
