@@ -127,3 +127,37 @@ def test_expert_lora_equals_peft(tmp_path, monkeypatch, family, targets, rslora,
     for path, w in adapter.weights.items():
         assert torch.equal(fresh["x"].weights[path].lora_A, w.lora_A.detach()), path
         assert torch.equal(fresh["x"].weights[path].lora_B, w.lora_B.detach()), path
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one_at_a_time"])
+def test_fused_batch_of_an_adapter_on_the_experts_and_one_without(tmp_path, monkeypatch, grouped):
+    """One batch of an adapter on the experts and the dense MLP ('e') and one on the attention
+    only ('a'), a row of no adapter between them: each adapter's logits and gradients equal its
+    solo run's, the experts grouped or one at a time (each with its own rows of the routed tokens)."""
+    monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
+    base = make_tiny_model(tmp_path / "base", "gemma4_text", **GEMMA4_MOE)
+    specs = {"e": (4, [*ATTN, *DENSE, *EXPERTS]), "a": (2, ["q_proj", "v_proj"])}
+    rows = {"a": (2, 4), "e": (0, 1)}  # (row 1: no adapter)
+    ids, mask, probe = _inputs(1)
+    probe = probe[..., :400]
+
+    def run(names):
+        model, layout, adapters = _gemma4_with_adapters(base, specs)
+        picked = torch.arange(B) if len(names) > 1 else torch.arange(*rows[names[0]])
+        layout.rows = ([AdapterRows(n, *rows[n]) for n in names] if len(names) > 1
+                       else [AdapterRows(names[0], 0, len(picked))])
+        logits = model(ids[picked], mask[picked])
+        (logits * probe[picked] * mask[picked][..., None]).sum().backward()
+        # (an expert that got none of an adapter's tokens has no gradient: zeros)
+        return logits, {n: {p: torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten()
+                                          for t in (w.lora_A, w.lora_B)]) for p, w in adapters[n].weights.items()}
+                        for n in names}
+
+    fused_logits, fused_grads = run(list(rows))
+    assert sum(".experts." in p and g.abs().max() > 0 for p, g in fused_grads["e"].items()) >= 8
+    for n, (lo, hi) in rows.items():
+        solo_logits, solo_grads = run([n])
+        assert (fused_logits[lo:hi] - solo_logits).abs()[mask[lo:hi].bool()].max() < 1e-5, n
+        for path, g in solo_grads[n].items():
+            # (Gemma 4's many norms round another batch shape up to ~1e-5 of the scale: test_moe.py)
+            assert (fused_grads[n][path] - g).abs().max() <= 3e-5 * g.abs().max(), (n, path)
