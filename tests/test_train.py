@@ -173,7 +173,8 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     keys = load_file(adapter_dir / "adapter_model.safetensors")
     targets = sorted({naming.from_module(k[len("base_model.model."):].rsplit(".", 2)[0]).rsplit(".", 1)[-1]
                       for k in keys if ".experts." not in k or "target_parameters" not in peft_cfg})
-    targets += [p.rsplit(".", 1)[-1] for p in peft_cfg.get("target_parameters") or []]  # GPT-OSS's stacked experts
+    # GPT-OSS's stacked experts (mlp.experts.gate_up_proj: mlora's gate_up_proj), Gemma 4 26B-A4B's (experts.gate_up_proj)
+    targets += [p.removeprefix("mlp.experts.") for p in peft_cfg.get("target_parameters") or []]
     cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], target_modules=targets)
     adapter = Adapter(cfg, wrappers, 0, torch.device("cpu"), naming=naming)
     adapter.load_peft(adapter_dir)
@@ -716,8 +717,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     layer without), Qwen2-MoE (its attention), GLM-4.5 (its router, a shared expert and a dense
     layer without LoRA on their MLPs), DeepSeek-V2/V3 and Mistral Small 4 (latent attention's five
     projections; Mistral Small 4's queries scaled by position), GPT-OSS (attention sinks; LoRA on its stacked
-    experts as PEFT's target_parameters), Gemma 4 26B-A4B (LoRA on the dense MLP beside
-    the experts, none on them): mlora trains an adapter on every projection, and PEFT
+    experts as PEFT's target_parameters), Gemma 4 26B-A4B (LoRA on its experts, as PEFT's
+    target_parameters, and on the dense MLP beside them): mlora trains an adapter on every projection, and PEFT
     on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -743,6 +744,10 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
                                             else QWEN3_NEXT_TARGETS if family == "qwen3_next"
                                             else QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None])
         cfg.write_text(json.dumps(raw))
+    if overrides is GEMMA4_MOE:  # (26B-A4B: its experts too, as PEFT's target_parameters name them)
+        raw = json.loads(cfg.read_text())
+        raw["lora"][0]["target_modules"] += ["experts.gate_up_proj", "experts.down_proj"]
+        cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3])  # the second epoch's loss is lower
@@ -767,7 +772,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     if family.startswith("llama4"):  # no expert: layers 1 and 3's shared expert, layers 0 and 2's dense MLP
         assert sum(".shared_expert." in k for k in saved) == sum(".feed_forward.down_proj." in k for k in saved) * 3 == 6
         assert not any(".experts." in k for k in saved)
-    if family == "gpt_oss":  # each layer's experts: gate_up_proj and down_proj, each one stacked LoRA
+    if family == "gpt_oss" or overrides is GEMMA4_MOE:  # each layer's experts: gate_up_proj and down_proj, each
+        # one stacked LoRA
         assert sum(".experts." in k for k in saved) == 2 * 2 and sum(".experts." in n for n in lora_modules) == 2 * 2
     assert len(lora_modules) == len(saved)
 
