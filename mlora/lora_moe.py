@@ -7,7 +7,8 @@ calls `ExpertRouting` with the routing, which writes into each expert's layout w
 tokens belong to which adapter. The tokens of an expert come ordered by batch position, and an
 adapter's rows are one contiguous run of the batch, so each adapter's tokens are one contiguous
 run of the expert's too: the same `AdapterRows` the rest of the LoRA code works with, counted
-in tokens.
+in tokens. (Gemma 4 26B-A4B's experts run beside the dense MLP, off the decoder layer, which
+holds the routing hook instead of a sparse MLP: `layers.{i}.experts.{e}.gate_up_proj`.)
 
 An adapter that targets the experts has no LoRA dropout (session.resolve_targets refuses it):
 PEFT cannot load such an adapter on transformers 5's stacked experts. Without dropout there is

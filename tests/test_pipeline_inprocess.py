@@ -8,6 +8,7 @@ survives msgpack and the sockets: about a second a run, where two processes take
 from __future__ import annotations
 
 import math
+import re
 import queue
 import threading
 from pathlib import Path
@@ -587,7 +588,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     slices; their LoRA saved stacked), DeepSeek-V3 (latent attention, shared_experts) and Qwen3.5
     (image-text tensor names, module names of the text model; linear-attention layers), Qwen3-Next
     (fused linear-attention projections, a dense layer among sparse ones), Gemma 4 26B-A4B (its
-    experts' stacked tensors and router per layer, LoRA on the dense MLP beside them), Llama 4's
+    experts' stacked tensors and router per layer, LoRA on them, saved stacked, and on the dense
+    MLP beside them), Llama 4's
     image-text checkpoint (language_model.model.*, feed_forward, stacked experts read transposed, LoRA
     on the shared experts and dense MLPs): each
     rank reads its layers under the checkpoint's names,
@@ -598,7 +600,7 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     from conftest import GEMMA4_MOE, make_tiny_model
     from mlora.cli import main
 
-    # (Gemma 4's in 26B-A4B's form: experts beside each layer's dense MLP, which takes the LoRA)
+    # (Gemma 4's in 26B-A4B's form: experts beside each layer's dense MLP, both with LoRA)
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir, num_hidden_layers=4,
                            **({"layer_types": ["sliding_attention", "full_attention"] * 2}
                               if family in ("gemma3", "gemma4") else {}), **(GEMMA4_MOE if family == "gemma4" else {}))
@@ -610,6 +612,7 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     elif family in ("gemma3", "gemma4"):
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
         if family == "gemma4":
+            raw["lora"][1]["target_modules"] += ["experts.gate_up_proj", "experts.down_proj"]
             # Gemma 4 norms each query, key and value head: the output does not change with a
             # head's scale, so q/k/v_proj's LoRA gets gradients with components near zero, which
             # AdamW divides by their square root and so magnifies fp32 rounding (8e-5 apart on
@@ -646,7 +649,7 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
               "qwen3_next": "base_model.model.model.layers.",
               "llama4": "base_model.model.language_model.model.layers."}[family]
     # q_proj, o_proj and three per expert (Mixtral), or one stacked gate_up_proj and down_proj (GPT-OSS)
-    per_layer = 2 + 3 * 4 if family == "mixtral" else 4
+    per_layer = 2 + 3 * 4 if family == "mixtral" else 6 if family == "gemma4" else 4
     modules = 4 * per_layer
     if family == "deepseek_v3":  # q_a_proj and o_proj in 4 layers, 3 per expert (8) in the 3 sparse layers
         modules = 4 * 2 + 3 * 8 * 3
@@ -659,6 +662,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
         assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2
     if family == "gpt_oss":
         assert sum(".mlp.experts.base_layer.lora_" in k for k in keys) == 4 * 2
+    if family == "gemma4":  # (the experts beside the dense MLP: `layers.{i}.experts`, stacked)
+        assert sum(re.search(r"layers\.\d+\.experts\.(base_layer\.)?lora_", k) is not None for k in keys) == 4 * 2 * 2
     # a trained adapter as init_from: every rank takes its layers' tensors from the one file
     raw["lora"] = [dict(raw["lora"][1], init_from=str(tmp_path / "single" / "p1"), num_epochs=1)]
     cfg.write_text(json.dumps(raw))

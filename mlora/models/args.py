@@ -240,7 +240,7 @@ class ModelArgs:
     # GeGLU experts (moe_intermediate_size) beside its dense MLP (models/moe.py's Gemma4Router,
     # run_experts): the router and experts hang off the layer itself, three more norms around
     # them. moe_layers stays all False: a layer's `mlp` is its dense MLP, which takes LoRA as on
-    # a dense model; the experts take none.
+    # a dense model; the experts take it by their own target names (config.EXPERT_TARGET_MODULES).
     moe_beside_mlp: bool = False
     # Gemma 4 E2B/E4B: per-layer inputs, one [per_layer_input_size] slice per layer of a second
     # embedding (per_layer_vocab_size rows) plus a projection of the embedding output, gated into
