@@ -161,3 +161,33 @@ def test_fused_batch_of_an_adapter_on_the_experts_and_one_without(tmp_path, monk
         for path, g in solo_grads[n].items():
             # (Gemma 4's many norms round another batch shape up to ~1e-5 of the scale: test_moe.py)
             assert (fused_grads[n][path] - g).abs().max() <= 3e-5 * g.abs().max(), (n, path)
+
+
+def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
+    """An adapter PEFT made on transformers' Gemma4ForCausalLM (target_parameters listed in the
+    other order, beside the dense MLP's down_proj) loads into mlora (init_from, eval) with
+    PEFT's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_model(tmp_path / "base", "gemma4_text", **GEMMA4_MOE)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+        target_parameters=["experts.down_proj", "experts.gate_up_proj"]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(tmp_path / "x")
+    model, layout, adapters = _gemma4_with_adapters(base, {"x": (4, ["q_proj", "down_proj", *EXPERTS])})
+    adapters["x"].load_peft(tmp_path / "x")
+    ids, mask, _ = _inputs()
+    layout.rows = [AdapterRows("x", 0, B)]
+    model.eval()
+    with torch.no_grad():
+        ours = model(ids, mask)
+        diff = (ours - peft_model.eval()(input_ids=ids, attention_mask=mask).logits).abs()[mask.bool()]
+        with peft_model.disable_adapter():
+            bare = peft_model(input_ids=ids, attention_mask=mask).logits
+    assert diff.max() < 1e-4 and (ours - bare).abs()[mask.bool()].max() > 1e-3
