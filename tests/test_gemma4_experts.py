@@ -191,3 +191,27 @@ def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
         with peft_model.disable_adapter():
             bare = peft_model(input_ids=ids, attention_mask=mask).logits
     assert diff.max() < 1e-4 and (ours - bare).abs()[mask.bool()].max() > 1e-3
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one_at_a_time"])
+def test_recompute_equals_plain_with_lora_on_the_experts(tmp_path, monkeypatch, grouped):
+    """Under activation checkpointing the layer's routing hook runs again in the recomputation:
+    the experts' LoRA gets the gradients of a plain run."""
+    monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
+    base = make_tiny_model(tmp_path / "base", "gemma4_text", **GEMMA4_MOE)
+    specs = {"e": (4, ["q_proj", "down_proj", *EXPERTS]), "a": (2, ["q_proj", "v_proj"])}
+    ids, mask, probe = _inputs(1)
+
+    def grads(recompute):
+        model, layout, adapters = _gemma4_with_adapters(base, specs)
+        model.recompute = recompute
+        layout.rows = [AdapterRows("a", 2, 4), AdapterRows("e", 0, 2)]
+        (model(ids, mask) * probe[..., :400] * mask[..., None]).sum().backward()
+        return {p: (w.lora_A.grad, w.lora_B.grad) for p, w in adapters["e"].weights.items()}
+
+    plain, again = grads(False), grads(True)
+    assert any(".experts." in p and g[0] is not None for p, g in plain.items())
+    for path, (a, b) in plain.items():
+        assert (a is None) == (again[path][0] is None), path
+        if a is not None:
+            assert torch.allclose(a, again[path][0], atol=1e-6) and torch.allclose(b, again[path][1], atol=1e-6), path
