@@ -344,7 +344,9 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                 for stored_name in stored_names:
                     names = by_stored[stored_name]
                     if any(stacked[n] is not None for n in names):
-                        halved = stacked[names[0]].half is not None
+                        # (Gemma 4's experts read gate_up_proj whole: its scales are per half all the same)
+                        halved = stacked[names[0]].half is not None or (naming.experts_stacked and
+                                                                         stored_name.endswith(".gate_up_proj"))
                         shape, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device,
                                                       fp8_scheme, halved)
                         if shape[0] != args.num_experts:
@@ -480,6 +482,11 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
                 scale = scales[part.expert]
                 if part.half is not None:  # (Llama 4's [H, 2 * I]: the halves of its columns)
                     weight, scale = weight.chunk(2, dim=-1 if part.transposed else 0)[part.half], scale[part.half]
+                elif scale.shape[0] == 2:  # a whole gate_up_proj (Gemma 4's experts): each half by its scale
+                    halves = weight.chunk(2, dim=-1 if part.transposed else 0)
+                    weight = torch.cat([fp8.dequantize_per_tensor(h.to(device), s.to(device)) for h, s in zip(halves, scale)],
+                                       dim=-1 if part.transposed else 0)
+                    return weight.t() if part.transposed else weight
                 weight = fp8.dequantize_per_tensor(weight.to(device), scale.to(device))
                 return weight.t() if part.transposed else weight
             weight = weight.t() if part.transposed else weight

@@ -13,14 +13,14 @@ import re
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import GEMMA4_MOE, make_tiny_model
 from mlora.errors import UserError
 from mlora.loader import load_model
 from test_moe import _inputs, _stacked_checkpoint
 
 E4M3_MAX = 448.0
 _DENSE = re.compile(r".*_proj(_with_mqa)?\.weight$")  # (Mistral 4's kv_a_proj_with_mqa too)
-_STACKED = re.compile(r".*\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_STACKED = re.compile(r".*\.experts\.(gate_up_proj|down_proj)$")  # (Gemma 4's: `layers.{i}.experts`, no `mlp.`)
 
 
 def _quantize(tensors: dict[str, torch.Tensor], static: bool):
@@ -76,7 +76,10 @@ def _fp8_pair(tmp_path, family: str, static: bool = True, block_key: bool = True
 
     # (mistral3_mistral4: Mistral Small 4's image-text release, model.language_model.*)
     text = dict(text_family="mistral4") if family == "mistral3_mistral4" else {}
-    base = make_tiny_model(tmp_path / "base", "mistral3" if text else family, **text)
+    if family == "gemma4_moe":  # (26B-A4B's experts beside the dense MLP, which read gate_up_proj whole)
+        text = dict(GEMMA4_MOE)
+    base = make_tiny_model(tmp_path / "base", "mistral3" if family == "mistral3_mistral4" else
+                           "gemma4_text" if family == "gemma4_moe" else family, **text)
     if family in ("mistral4", "mistral3_mistral4"):  # the experts stacked as Mistral Small 4's release stores them
         base = _stacked_checkpoint(base, tmp_path / "stacked")
     fp8, full = _quantize(load_file(base / "model.safetensors"), static)
@@ -92,7 +95,8 @@ def _fp8_pair(tmp_path, family: str, static: bool = True, block_key: bool = True
 
 @pytest.mark.parametrize("family,static,block_key", [("mistral4", True, True), ("ministral3", True, True),
                                                      ("mistral", False, True), ("mistral3", True, True),
-                                                     ("mistral4", False, False), ("mistral3_mistral4", True, True)])
+                                                     ("mistral4", False, False), ("mistral3_mistral4", True, True),
+                                                     ("gemma4_moe", True, True)])
 def test_a_per_tensor_fp8_checkpoint_loads_to_its_dequantized_weights(tmp_path, capsys, family, static, block_key):
     fp8_dir, full_dir = _fp8_pair(tmp_path, family, static, block_key)
     capsys.readouterr()
@@ -101,8 +105,8 @@ def test_a_per_tensor_fp8_checkpoint_loads_to_its_dequantized_weights(tmp_path, 
     ref = load_model(full_dir, "cpu", torch.float32)
     scales = [n for n in ours.loaded_tensor_names if n.endswith("_scale_inv")]
     assert scales and not any("activation_scale" in n for n in ours.loaded_tensor_names)
-    if family in ("mistral4", "mistral3_mistral4"):
-        assert any(n.endswith("mlp.experts.gate_up_proj_scale_inv") for n in scales)
+    if family in ("mistral4", "mistral3_mistral4", "gemma4_moe"):
+        assert any(n.endswith("experts.gate_up_proj_scale_inv") for n in scales)
     state = ref.state_dict()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, state[name]), name
