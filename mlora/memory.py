@@ -86,7 +86,8 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
     projection's shape is then the first kind's, in sorted order). kv_shared: a Gemma 4 KV-shared
     layer's (no k/v projections; its MLP double-wide with double_wide_mlp). sparse=False: a dense
     layer's MLP (Llama 4's take LoRA; a sparse layer's MLP targets are its shared expert's, as wide
-    as an expert)."""
+    as an expert). Gemma 4 26B-A4B's experts, beside every layer's dense MLP, add one expert's
+    experts.gate_up_proj and experts.down_proj (config.EXPERT_TARGET_MODULES)."""
     H = args.hidden_size
     I = args.moe_intermediate_size if args.is_moe and sparse else args.intermediate_size  # (MoE: each expert's)
     I *= 2 if kv_shared and args.double_wide_mlp else 1
