@@ -65,17 +65,24 @@ if TYPE_CHECKING:
     from mlora.pipeline.transport import Transport
 
 
-def fingerprint(session: Session, stages: list[list[str]], transport_kind: str) -> dict[str, str]:
-    """What every rank must agree on; compared with rank 0's at start-up."""
-    def digest(value) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
+def fingerprint(session: Session, stages: list[list[str]], transport_kind: str,
+                evaluating: bool = False) -> dict[str, str]:
+    """What every rank must agree on; compared with rank 0's at start-up. evaluating: for
+    `mlora eval --pipeline`, whose data is every adapter's test rows (no training rows)."""
     cfg = asdict(session.cfg)
     cfg.pop("output_dir", None)  # each host may write elsewhere
-    data = {name: [ex.input_ids for ex in d.train] for name, d in session.data.items()}
-    # The test rows of adapters evaluated mid-run: every rank walks them chunk by chunk.
-    evaluated = {a.name for a in session.cfg.lora if a.eval_step and a.test_data}
-    data["test"] = {name: [ex.input_ids for ex in d.test] for name, d in session.data.items() if name in evaluated}
+    if evaluating:  # every rank walks every adapter's test rows chunk by chunk
+        data = {"test": {name: [ex.input_ids for ex in d.test] for name, d in session.data.items()}}
+    else:
+        data = {name: [ex.input_ids for ex in d.train] for name, d in session.data.items()}
+        # The test rows of adapters evaluated mid-run: every rank walks them chunk by chunk.
+        evaluated = {a.name for a in session.cfg.lora if a.eval_step and a.test_data}
+        data["test"] = {name: [ex.input_ids for ex in d.test] for name, d in session.data.items()
+                        if name in evaluated}
     model_cfg = (Path(session.base_dir) / "config.json").read_text()
     return {"config": digest(cfg), "balance": digest(stages), "data": digest(data),
             "base model": digest(model_cfg), "dtype": str(session.dtype), "quantization": str(session.quant),
@@ -284,15 +291,93 @@ def segments_of(streams: dict[str, list[MicroBatchRef]], periods: list[int]) -> 
     return [segments[j] for j in kept], [cuts[j] for j in kept[:-1]]
 
 
-class StageWorker:
-    def __init__(self, session: Session, transport: Transport, progress: bool = True,
-                 fingerprint: dict | None = None, signals=None):
-        cfg = session.cfg
+class StageLink:
+    """A stage and its neighbours: what training (StageWorker) and `mlora eval --pipeline`
+    (`evaluate_stage`) share to run test chunks forward through the stages (E messages)."""
+
+    def __init__(self, session: Session, transport: Transport):
         self.session = session
         self.transport = transport
         self.rank, self.world = transport.rank, transport.world_size
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
         self.device = session.device
+
+    def first_stage_batch(self, part: MicroBatch, pack_len: int | None = None):
+        """Rank 0: `part` fused and on the device (no wait), its host attention mask, and the
+        header fields every stage needs: rows, label tokens (counted on this host, so the last
+        stage reads no count back) and the mask as runs of real tokens."""
+        host = fuse([part], self.session.pad_id, pack_len=pack_len)
+        host.target_positions = trained_positions(host.labels, host.rows)
+        # The mask stays here; the positions are not uploaded: the last stage rebuilds them from
+        # the header's runs (received_positions), rank 0 too when it is the last.
+        batch = host.to(self.device, with_positions=False)
+        fields = {"rows": batch.input_ids.shape[0], "label_tokens": batch.label_counts[part.adapter],
+                  "mask_runs": mask_runs(host.attention_mask), "target_runs": position_runs(host.target_positions)}
+        return batch, host.attention_mask, fields
+
+    def received_positions(self, header: dict) -> torch.Tensor:
+        """The last stage: the micro-batch's trained positions (batching.trained_positions),
+        from the runs rank 0 found on its host, uploaded without a wait."""
+        return upload(positions_from_runs(header["target_runs"]), self.device)
+
+    def receive_batch(self, kind: str, mb: int | None):
+        """Ranks > 0: the previous stage's message of `kind`, its tensors, and the attention mask
+        rebuilt on this host from its runs, where the model checks it without reading anything
+        back from the device."""
+        header, tensors = self.transport.recv(self.rank - 1)
+        self.expect(header, kind, mb)
+        return header, tensors, mask_from_runs(header["mask_runs"], tensors[0].shape[1])
+
+    def expect(self, header: dict, kind: str, mb: int | None) -> None:
+        if header.get("kind") != kind or (mb is not None and header.get("mb") != mb):
+            raise PipelineError(f"rank {self.rank}: expected {kind} of micro-batch {mb}, got "
+                                f"{header.get('kind')} of {header.get('mb')} (ranks disagree on the plan)")
+
+    def test_sums(self, cfg, bar=None) -> tuple[float, int]:
+        """The adapter's test data through this stage, test_batch_size rows at a time, as
+        `mlora eval` runs them in one process (each chunk padded alone, on its expand_side).
+        Every rank calls it together (the model in eval mode, under no_grad); the last rank
+        gets the CE sum over all label tokens and their number, the others (0.0, 0). `bar`: a
+        progress bar, advanced by each chunk's rows."""
+        examples = self.session.data[cfg.name].test
+        total, count = 0.0, 0
+        for start in range(0, len(examples), cfg.test_batch_size):
+            chunk = examples[start:start + cfg.test_batch_size]
+            ce_sum, tokens = self.eval_forward(cfg, chunk)
+            total += ce_sum
+            count += tokens
+            if bar is not None:
+                bar.update(len(chunk))
+        return total, count
+
+    def eval_forward(self, cfg, chunk) -> tuple[float, int]:
+        """One test chunk through this stage; on the last stage its CE sum and label tokens."""
+        if self.first:
+            batch, mask, fields = self.first_stage_batch(MicroBatch(cfg.name, list(chunk), 0, 0, 0, True,
+                                                                    cfg.expand_side))
+            header = {"kind": "E", "adapter": cfg.name, **fields}
+            x, labels = batch.input_ids, batch.labels
+        else:
+            header, (x, labels), mask = self.receive_batch("E", None)
+            if header.get("adapter") != cfg.name:
+                raise PipelineError(f"rank {self.rank}: expected test data of adapter '{cfg.name}', got "
+                                    f"'{header.get('adapter')}' (ranks disagree on the test data)")
+        self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
+        out = self.session.model(x, mask, head=False)
+        if not self.last:
+            self.transport.send(self.rank + 1, header, [out, labels])
+            return 0.0, 0
+        counts = {cfg.name: header["label_tokens"]}
+        ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts,
+                                        self.received_positions(header))[cfg.name]
+        return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
+
+
+class StageWorker(StageLink):
+    def __init__(self, session: Session, transport: Transport, progress: bool = True,
+                 fingerprint: dict | None = None, signals=None):
+        cfg = session.cfg
+        super().__init__(session, transport)
         # Packed rows hold up to cutoff_len tokens, as in the single-process trainer.
         self.pack_len = cfg.cutoff_len if cfg.packing else None
         self.out = Path(cfg.output_dir)
@@ -435,32 +520,6 @@ class StageWorker:
                                 [out.detach(), labels] + ([positions, documents] if positions is not None else []))
         self.inflight[mb] = (None if self.first else x, out, self.session.layout.rows)
 
-    def first_stage_batch(self, part: MicroBatch, pack_len: int | None = None):
-        """Rank 0: `part` fused and on the device (no wait), its host attention mask, and the
-        header fields every stage needs: rows, label tokens (counted on this host, so the last
-        stage reads no count back) and the mask as runs of real tokens."""
-        host = fuse([part], self.session.pad_id, pack_len=pack_len)
-        host.target_positions = trained_positions(host.labels, host.rows)
-        # The mask stays here; the positions are not uploaded: the last stage rebuilds them from
-        # the header's runs (received_positions), rank 0 too when it is the last.
-        batch = host.to(self.device, with_positions=False)
-        fields = {"rows": batch.input_ids.shape[0], "label_tokens": batch.label_counts[part.adapter],
-                  "mask_runs": mask_runs(host.attention_mask), "target_runs": position_runs(host.target_positions)}
-        return batch, host.attention_mask, fields
-
-    def received_positions(self, header: dict) -> torch.Tensor:
-        """The last stage: the micro-batch's trained positions (batching.trained_positions),
-        from the runs rank 0 found on its host, uploaded without a wait."""
-        return upload(positions_from_runs(header["target_runs"]), self.device)
-
-    def receive_batch(self, kind: str, mb: int | None):
-        """Ranks > 0: the previous stage's message of `kind`, its tensors, and the attention mask
-        rebuilt on this host from its runs, where the model checks it without reading anything
-        back from the device."""
-        header, tensors = self.transport.recv(self.rank - 1)
-        self.expect(header, kind, mb)
-        return header, tensors, mask_from_runs(header["mask_runs"], tensors[0].shape[1])
-
     def backward(self, mb: int) -> None:
         x, out, rows = self.inflight.pop(mb)
         # Other micro-batches ran forward since: with recompute, this one's layers run again
@@ -540,39 +599,12 @@ class StageWorker:
         try:
             with torch.no_grad():
                 for cfg in due:
-                    examples = self.session.data[cfg.name].test
-                    total, count = 0.0, 0
-                    for start in range(0, len(examples), cfg.test_batch_size):
-                        ce_sum, tokens = self.eval_forward(cfg, examples[start:start + cfg.test_batch_size])
-                        total += ce_sum
-                        count += tokens
+                    total, count = self.test_sums(cfg)
                     if self.last:
                         self.log_eval(cfg.name, total / count if count else None, count)
         finally:
             model.train()
             self.session.layout.rows = []
-
-    def eval_forward(self, cfg, chunk) -> tuple[float, int]:
-        """One test chunk through this stage; on the last stage its CE sum and label tokens."""
-        if self.first:
-            batch, mask, fields = self.first_stage_batch(MicroBatch(cfg.name, list(chunk), 0, 0, 0, True,
-                                                                    cfg.expand_side))
-            header = {"kind": "E", "adapter": cfg.name, **fields}
-            x, labels = batch.input_ids, batch.labels
-        else:
-            header, (x, labels), mask = self.receive_batch("E", None)
-            if header.get("adapter") != cfg.name:
-                raise PipelineError(f"rank {self.rank}: expected test data of adapter '{cfg.name}', got "
-                                    f"'{header.get('adapter')}' (ranks disagree on the test data)")
-        self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
-        out = self.session.model(x, mask, head=False)
-        if not self.last:
-            self.transport.send(self.rank + 1, header, [out, labels])
-            return 0.0, 0
-        counts = {cfg.name: header["label_tokens"]}
-        ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts,
-                                        self.received_positions(header))[cfg.name]
-        return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
 
     def log_eval(self, name: str, loss: float | None, tokens: int) -> None:
         step = self.adapters[name].steps_done
@@ -584,11 +616,6 @@ class StageWorker:
     def mb_info(self, mb: int) -> tuple[str, int, bool]:
         part = self.micro[mb]
         return part.adapter, part.step, part.last_in_step
-
-    def expect(self, header: dict, kind: str, mb: int | None) -> None:
-        if header.get("kind") != kind or (mb is not None and header.get("mb") != mb):
-            raise PipelineError(f"rank {self.rank}: expected {kind} of micro-batch {mb}, got "
-                                f"{header.get('kind')} of {header.get('mb')} (ranks disagree on the plan)")
 
     # ------------------------------------------------------------------ optimizer steps
     def apply_step(self, name: str, step: int, norm: float, loss_ok: bool) -> None:
