@@ -74,16 +74,7 @@ _penalty = _checked(_float, lambda v: v > 0, "more than 0")
 _positive_seconds = _checked(_float, lambda v: v > 0, "more than 0 seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train every adapter of a config in fused batches")
-    _add_common(p)
-    p.add_argument("--seed", type=_seed, help="overrides the config's seed")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline parallelism (one process per stage)")
     g.add_argument("--pipeline", action="store_true", help="run as one rank of a pipeline")
     g.add_argument("--rank", type=int, help="this process's rank (default: torchrun's RANK)")
@@ -99,9 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--connect_timeout", type=_positive_seconds, default=300.0,
                    help="seconds to wait for every rank to join (default 300)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train every adapter of a config in fused batches")
+    _add_common(p)
+    p.add_argument("--seed", type=_seed, help="overrides the config's seed")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
+    _add_pipeline(p)
+
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
     _add_common(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    _add_pipeline(p)
 
     p = sub.add_parser("generate", help="complete prompts with every trained adapter of a config, in one fused batch")
     _add_common(p)
@@ -218,6 +223,10 @@ def signal_name(signum: int) -> str:
 
 
 def cmd_eval(args) -> int:
+    if args.pipeline:  # each rank holds a slice of the base; rank 0 prints the lines
+        from mlora.pipeline.run import eval_pipeline
+
+        return eval_pipeline(args)
     from mlora.adapter import WEIGHTS_NAME, Adapter, check_rank
     from mlora.evaluate import evaluate_adapter
     from mlora.session import open_session

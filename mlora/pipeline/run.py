@@ -203,3 +203,143 @@ def train_pipeline(args) -> int:
         for name, loss in result["losses"].items():
             print(f"{name}: last loss {loss:.4f}")
     return 0
+
+
+def saved_adapters(cfg) -> dict[str, str]:
+    """{name: a digest of its files} for each adapter of `cfg` with weights saved in
+    output_dir/<name>: the adapters `mlora eval` loads (the others are evaluated on the bare
+    base). Every rank loads its part from its own output_dir, so the ranks compare these."""
+    import hashlib
+    from pathlib import Path
+
+    from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
+
+    saved = {}
+    for a in cfg.lora:
+        directory = Path(cfg.output_dir) / a.name
+        if not (directory / WEIGHTS_NAME).is_file():
+            continue
+        h = hashlib.sha256()
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            try:
+                with open(directory / name, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+            except OSError as err:  # loading it says what is wrong, in one line
+                h.update(f"unreadable {name}: {err.strerror}".encode())
+        saved[a.name] = h.hexdigest()[:16]
+    return saved
+
+
+def check_same_adapters(transport, cfg, saved: dict[str, str]) -> None:
+    """Every rank must hold the same saved adapters (or their absence): each loads its slice of
+    them, and a mix of two trainings' slices would evaluate to a loss of neither."""
+    from mlora.errors import PipelineError
+
+    everyone = transport.exchange(saved)
+    for rank, theirs in enumerate(everyone):
+        for a in cfg.lora:
+            if theirs.get(a.name) == everyone[0].get(a.name):
+                continue
+            if a.name in theirs and a.name in everyone[0]:
+                what = f"other saved weights of adapter '{a.name}' than rank 0"
+            else:
+                what = (f"{'saved weights' if a.name in theirs else 'no saved weights'} of adapter '{a.name}' "
+                        f"in its output_dir, rank 0 {'has' if a.name in everyone[0] else 'has none'}")
+            raise PipelineError(f"rank {rank} has {what}; every rank loads its part of each adapter from its "
+                                f"own output_dir/<adapter>: give every rank the same files (pipeline training "
+                                f"writes them on rank 0's host only)")
+
+
+def eval_pipeline(args) -> int:
+    """`mlora eval --pipeline`: every rank loads its slice of the base and of each saved
+    adapter; each adapter's test rows run forward through the stages test_batch_size rows at a
+    time (E messages, as eval_step in pipeline training); the last rank computes the losses and
+    rank 0 prints the lines one-process `mlora eval` prints, once every rank has finished (the
+    other ranks print nothing). A load that fails on one rank (a mismatched adapter, weights
+    that do not fit) fails every rank, each with one line."""
+    import json
+    import math
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from mlora.adapter import Adapter, check_rank
+    from mlora.cli import quant_config
+    from mlora.memory import _OOM_ERRORS
+    from mlora.pipeline.transport import connect
+    from mlora.pipeline.worker import StageLink, check_same_everywhere, fingerprint
+    from mlora.session import open_session
+
+    place = resolve_place(args)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                           device=place.device, dtype=args.dtype, quant=quant_config(args), load_base=False,
+                           trust_remote_code=args.trust_remote_code)
+    stages = plan_stages(args.base_model, place.world_size, args.balance)
+    cfg = session.cfg
+    out = Path(cfg.output_dir)
+    saved = saved_adapters(cfg)
+    transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
+                        session.device, peer_timeout=args.peer_timeout, connect_timeout=args.connect_timeout)
+    adapters = {}
+    try:
+        check_same_everywhere(transport, fingerprint(session, stages, args.transport, evaluating=True))
+        check_same_adapters(transport, cfg, saved)
+        error = None
+        try:
+            # Each rank reads (and quantizes) only its own slice, and of each adapter only the
+            # tensors of its decoder layers, with the checks one process makes.
+            session.model = load_model(session.base_dir, session.device, session.dtype,
+                                       parts=stages[place.rank], quant=session.quant)
+            session.wrappers = inject_lora(session.model, session.layout)
+            for a in cfg.lora:
+                check_rank(a, session.wrappers)
+            layers = {f"model.layers.{i}" for i in session.model.layer_ids}
+            for a in cfg.lora:
+                if a.name in saved:
+                    adapters[a.name] = Adapter(replace(a, init_from=None), session.wrappers, cfg.seed,
+                                               session.device, stage_layers=layers, naming=session.naming)
+                    adapters[a.name].load_peft(out / a.name, label="adapter")
+        except UserError as err:
+            error = str(err)
+        # Every rank learns whether every load succeeded: a rank that went on alone would send
+        # its test chunks to a rank that has given up.
+        errors = transport.exchange(error)
+        if error is not None:
+            raise UserError(error)
+        failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
+        if failed is not None:
+            raise UserError(f"rank {failed[0]}: {failed[1]}")
+        link = StageLink(session, transport)
+        session.model.eval()
+        sums = []
+        try:
+            with torch.no_grad():
+                for a in cfg.lora:
+                    # A bar on rank 0's terminal only, as one process shows it.
+                    bar = tqdm(total=len(session.data[a.name].test), desc=f"eval {a.name}", unit="row",
+                               disable=None if place.rank == 0 and not args.no_progress else True,
+                               leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+                    try:
+                        sums.append(link.test_sums(a, bar))
+                    finally:
+                        bar.close()
+        except _OOM_ERRORS:
+            raise UserError(f"rank {place.rank}: out of device memory evaluating the test data of its stage; lower "
+                            f"test_batch_size or cutoff_len, or split the model over more stages") from None
+        finally:
+            session.layout.rows = []
+        # The last rank's sums reach rank 0; the exchange also tells every rank all finished.
+        everyone = transport.exchange(sums if link.last else None)
+    finally:
+        transport.close()
+        for adapter in adapters.values():
+            adapter.detach_from(session.wrappers)
+    if place.rank == 0:
+        for a, (total, count) in zip(cfg.lora, everyone[-1]):
+            loss = total / count if count else float("nan")
+            # JSON has no NaN: no label token (or non-finite weights) gives null, as one process does.
+            print(json.dumps({"adapter": a.name, "loss": loss if math.isfinite(loss) else None, "tokens": count,
+                              "weights": str(out / a.name) if a.name in saved else "base"}), flush=True)
+    return 0
