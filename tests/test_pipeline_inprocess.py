@@ -691,3 +691,198 @@ def test_ranks_of_different_dtypes_are_told_to_pass_the_same_dtype():
     with pytest.raises(PipelineError, match="different config .* same --config, --balance and --base_model"):
         check_same_everywhere(Everyone(rank0), {"config": "d", "dtype": "torch.bfloat16"})
     check_same_everywhere(Everyone(rank0), dict(rank0))
+
+
+# ------------------------------------------------------------------ mlora eval --pipeline
+
+class ThreadStreams:
+    """A stand-in for sys.stdout or sys.stderr that keeps what each thread writes apart (by
+    the thread's name): ranks run as threads of this process, and each must be seen alone."""
+
+    def __init__(self):
+        self.parts: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.parts.setdefault(threading.current_thread().name, []).append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def text(self, thread: str) -> str:
+        with self.lock:
+            return "".join(self.parts.get(thread, []))
+
+
+def run_cli_threads(monkeypatch, argvs: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
+    """`mlora` (cli.main) once per {thread name: argv}, each in its thread, all at once:
+    {name: (exit code, stdout, stderr)}."""
+    from mlora.cli import main
+
+    out, err = ThreadStreams(), ThreadStreams()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    codes = {}
+
+    def run(name):
+        try:
+            codes[name] = main(argvs[name])
+        except BaseException as e:  # a traceback: the test names it
+            codes[name] = e
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in argvs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a rank hangs"
+    monkeypatch.undo()
+    return {name: (codes[name], out.text(name), err.text(name)) for name in argvs}
+
+
+def eval_argv(base: Path, cfg: Path, out: Path) -> list[str]:
+    return ["eval", "--base_model", str(base), "--config", str(cfg), "--output_dir", str(out), "--device", "cpu",
+            "--no_progress"]
+
+
+def pipeline_eval(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int],
+                  transport: str = "torch") -> list[tuple[int, str, str]]:
+    """`mlora eval --pipeline` over len(balance) ranks (outs: each rank's --output_dir), as
+    threads joined over a real transport: each rank's (exit code, stdout, stderr)."""
+    port = free_port()
+    argvs = {f"rank{r}": [*eval_argv(base, cfg, outs[r]), "--pipeline", "--rank", str(r), "--balance",
+                          *map(str, balance), "--transport", transport, "--master_addr", "127.0.0.1",
+                          "--master_port", str(port), "--peer_timeout", "20", "--connect_timeout", "60"]
+             for r in range(len(balance))}
+    results = run_cli_threads(monkeypatch, argvs)
+    return [results[f"rank{r}"] for r in range(len(balance))]
+
+
+@pytest.fixture(scope="module")
+def eval_job(tmp_path_factory, single_runs):
+    """The adapters one process trained (3 of them; p2 pads on the left; 5 test rows in chunks of
+    2, so the last chunk has 1 row), a 4th adapter never saved (evaluated on the base), and what
+    one-process `mlora eval` prints for them: (config, output_dir, its stdout lines)."""
+    import json
+    import shutil
+
+    from mlora.cli import main
+
+    _, cfg_path, single_out = single_runs(3, eval_step=3)
+    tmp = tmp_path_factory.mktemp("eval_job")
+    out = tmp / "out"
+    shutil.copytree(single_out, out)
+    cfg = json.loads(Path(cfg_path).read_text())
+    cfg["lora"].append({**cfg["lora"][0], "name": "unsaved"})
+    cfg_path = tmp / "eval.json"
+    cfg_path.write_text(json.dumps(cfg))
+    return cfg_path, out
+
+
+def single_eval(monkeypatch, base: Path, cfg: Path, out: Path) -> tuple[int, str, str]:
+    return run_cli_threads(monkeypatch, {"single": eval_argv(base, cfg, out)})["single"]
+
+
+def assert_same_lines(single: str, pipe: str) -> None:
+    import json
+
+    mine, theirs = [json.loads(line) for line in pipe.splitlines()], [json.loads(line) for line in single.splitlines()]
+    assert [list(m) for m in mine] == [list(t) for t in theirs]  # the same keys in the same order
+    assert [(m["adapter"], m["tokens"], m["weights"]) for m in mine] == \
+        [(t["adapter"], t["tokens"], t["weights"]) for t in theirs]
+    assert [m["loss"] for m in mine] == pytest.approx([t["loss"] for t in theirs], rel=1e-5)
+
+
+EVAL_CASES = [([3, 4], "torch"), ([1, 6], "zmq"), ([3, 2, 2], "torch"), ([NUM_LAYERS], "torch")]
+
+
+@pytest.mark.parametrize("balance,transport", EVAL_CASES, ids=[f"{b}-{t}" for b, t in EVAL_CASES])
+def test_pipeline_eval_prints_what_one_process_prints(tmp_path, pipe_model, eval_job, monkeypatch, balance,
+                                                      transport):
+    """`mlora eval --pipeline` (1, 2, 3 ranks; rank 0 holding the embedding alone in [1, 6]):
+    rank 0 prints exactly the lines one process prints (same keys in the same order, losses to
+    1e-5, the same token counts and weights), the other ranks print nothing."""
+    cfg, out = eval_job
+    code, single, _ = single_eval(monkeypatch, pipe_model, cfg, out)
+    assert code == 0 and len(single.splitlines()) == 4 and '"weights": "base"' in single.splitlines()[-1]
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out] * len(balance), balance, transport)
+    assert [code for code, _, _ in ranks] == [0] * len(balance), ranks
+    assert_same_lines(single, ranks[0][1])
+    assert [stdout for _, stdout, _ in ranks[1:]] == [""] * (len(balance) - 1)
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if not line.startswith("mlora: note:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_pipeline_eval_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, pipe_model, eval_job, monkeypatch):
+    """Each rank loads its part of an adapter from its own output_dir: one where rank 1 lacks
+    p1 (pipeline training writes adapters on rank 0's host only) would mix p1's first layers
+    with the base's last ones. Every rank says so in one line, none prints a result."""
+    import shutil
+
+    cfg, out = eval_job
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "p1")
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out, other], [3, 4])
+    for code, stdout, stderr in ranks:
+        assert (code, stdout) == (3, "")
+        assert one_line(stderr) == ("mlora: pipeline error: rank 1 has no saved weights of adapter 'p1' in its "
+                                    "output_dir, rank 0 has; every rank loads its part of each adapter from its own "
+                                    "output_dir/<adapter>: give every rank the same files (pipeline training writes "
+                                    "them on rank 0's host only)")
+
+
+def test_pipeline_eval_fails_every_rank_when_one_cannot_load(tmp_path, pipe_model, eval_job, monkeypatch):
+    """A non-finite tensor in decoder layer 3, which only rank 1 loads: rank 1 refuses it with
+    the line one process prints, rank 0 with the same line naming rank 1 (it would otherwise
+    send its test chunks to a rank that has given up); exit 2 on both, nothing on stdout."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cfg, out = eval_job
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "p1" / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if ".layers.3." in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "p1" / "adapter_model.safetensors")
+    code, stdout, stderr = single_eval(monkeypatch, pipe_model, cfg, bad)
+    assert (code, stdout) == (2, "") and key in one_line(stderr)
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [bad, bad], [3, 4])
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(2, ""), (2, "")], ranks
+    assert one_line(ranks[1][2]) == one_line(stderr)
+    assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
+
+
+def test_eval_ranks_must_agree_on_every_adapters_test_rows(tmp_path, pipe_model):
+    """`mlora eval --pipeline` walks every adapter's test rows (not only those of adapters
+    with an eval_step, which training compares): ranks whose rows differ are refused."""
+    import json
+
+    from mlora.pipeline.worker import fingerprint as stage_fingerprint
+    from test_train import text_rows, write_jsonl
+
+    prints = []
+    for rows in (3, 4):
+        cfg_path = write_config(tmp_path, 1, tmp_path / "out")
+        cfg = json.loads(cfg_path.read_text())
+        write_jsonl(tmp_path / f"t{rows}.jsonl", text_rows(rows, 7))
+        cfg["lora"][0]["test_data"] = str(tmp_path / "test.jsonl")  # no eval_step
+        (tmp_path / "test.jsonl").write_text((tmp_path / f"t{rows}.jsonl").read_text())  # same path, other rows
+        cfg_path.write_text(json.dumps(cfg))
+        session = open_session(pipe_model, cfg_path, device="cpu", load_base=False)
+        prints.append((stage_fingerprint(session, [["embed"]], "queue"),
+                       stage_fingerprint(session, [["embed"]], "queue", evaluating=True)))
+    (train0, eval0), (train1, eval1) = prints
+    assert train0 == train1  # training never walks these rows
+    assert eval0["config"] == eval1["config"] and eval0["data"] != eval1["data"]
