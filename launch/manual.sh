@@ -6,6 +6,9 @@
 #
 #   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh
 #
+# COMMAND=eval evaluates the adapters saved in output_dir the same way (`mlora eval --pipeline`;
+# rank 0 prints the JSON lines, the other ranks nothing). Arguments go to mlora, e.g. --output_dir.
+#
 # On several hosts, start each rank on its host with --master_addr set to rank 0's address.
 # Set PYTHON to the interpreter that has mlora installed (default: python3), e.g. .venv/bin/python.
 set -euo pipefail
@@ -16,12 +19,14 @@ BALANCE=${BALANCE:-"9 9 9 8"}
 TRANSPORT=${TRANSPORT:-torch}          # torch (NCCL between GPUs) or zmq
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
+COMMAND=${COMMAND:-train}              # train or eval
+case "$COMMAND" in train|eval) ;; *) echo "launch/manual.sh: COMMAND must be train or eval, not $COMMAND" >&2; exit 2 ;; esac
 read -r -a balance <<< "$BALANCE"
 pids=()
 for rank in "${!balance[@]}"; do
     device=${DEVICE_PREFIX:-cuda:}$rank
     [ "${DEVICE_PREFIX:-cuda:}" = "cpu" ] && device=cpu
-    "$PY" -m mlora train --pipeline --rank "$rank" --device "$device" --balance "${balance[@]}" \
+    "$PY" -m mlora "$COMMAND" --pipeline --rank "$rank" --device "$device" --balance "${balance[@]}" \
         --transport "$TRANSPORT" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         --base_model "$BASE" --config "$CONFIG" "$@" &
     pids+=($!)

@@ -7,13 +7,16 @@
 # Two nodes, 2 GPUs each (run on both nodes, NODE_RANK 0 and 1; HOST is node 0's address):
 #   launch/torchrun.sh --nproc 2 --nnodes 2 --node_rank NODE_RANK --rdzv_endpoint HOST:29400 \
 #       --balance "9 9 9 8" --base_model /models/llama-2-7b --config config/example.json
-# Anything after `--` goes to `mlora train` (e.g. -- --transport zmq --output_dir out).
+# Anything after `--` goes to mlora (e.g. -- --transport zmq --output_dir out).
+# --command eval evaluates the adapters saved in output_dir the same way (`mlora eval --pipeline`;
+# rank 0 prints the JSON lines, the other ranks nothing); the default is --command train.
 # Set PYTHON to the interpreter that has mlora installed (default: python3), or TORCHRUN to the
 # torchrun command (default: $PYTHON -m torch.distributed.run).
 set -euo pipefail
-nproc=1; nnodes=1; node_rank=0; rdzv_endpoint=""; balance=""; base_model=""; config=""
+command=train; nproc=1; nnodes=1; node_rank=0; rdzv_endpoint=""; balance=""; base_model=""; config=""
 while [ $# -gt 0 ]; do
     case "$1" in
+        --command) command=$2; shift 2 ;;
         --nproc) nproc=$2; shift 2 ;;
         --nnodes) nnodes=$2; shift 2 ;;
         --node_rank) node_rank=$2; shift 2 ;;
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$base_model" ] && [ -n "$config" ] || { echo "launch/torchrun.sh: --base_model and --config are required" >&2; exit 2; }
+case "$command" in train|eval) ;; *) echo "launch/torchrun.sh: --command must be train or eval, not $command" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 read -r -a torchrun <<< "${TORCHRUN:-$PY -m torch.distributed.run}"
 rdzv=(--standalone)
@@ -35,5 +39,5 @@ if [ "$nnodes" -gt 1 ]; then
 fi
 balance_args=()
 [ -n "$balance" ] && balance_args=(--balance $balance)
-exec "${torchrun[@]}" "${rdzv[@]}" --nproc_per_node "$nproc" -m mlora train --pipeline \
+exec "${torchrun[@]}" "${rdzv[@]}" --nproc_per_node "$nproc" -m mlora "$command" --pipeline \
     --base_model "$base_model" --config "$config" "${balance_args[@]}" "$@"

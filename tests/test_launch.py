@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from test_pipeline import free_port, pipe_model, single_runs  # noqa: F401
@@ -62,3 +63,53 @@ def test_manual_two_ranks(tmp_path, pipe_model, single_runs):
                           cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
     check_same(tmp_path / "out", single_out)
+
+
+def one_process_eval(base: Path, cfg: Path, out: Path) -> list[dict]:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "mlora", "eval", "--base_model", str(base), "--config", str(cfg),
+                           "--output_dir", str(out), "--device", "cpu", "--no_progress"],
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def assert_same_eval(stdout: str, single: list[dict]) -> None:
+    import json
+
+    import pytest
+
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert [list(m) for m in lines] == [list(s) for s in single]
+    assert [(m["adapter"], m["tokens"], m["weights"]) for m in lines] == \
+        [(s["adapter"], s["tokens"], s["weights"]) for s in single]
+    assert [m["loss"] for m in lines] == pytest.approx([s["loss"] for s in single], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_eval_one_node(pipe_model, single_runs):
+    """launch/torchrun.sh --command eval: rank and world from torchrun's environment; the only
+    lines on stdout are rank 0's, those one-process eval prints."""
+    _, cfg, single_out = single_runs(2)
+    single = one_process_eval(pipe_model, cfg, single_out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--command", "eval", "--nproc", "2",
+                           "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg), "--",
+                           "--output_dir", str(single_out), "--no_progress", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_eval(proc.stdout, single)
+
+
+@pytest.mark.slow
+def test_manual_eval_two_ranks(pipe_model, single_runs):
+    """launch/manual.sh with COMMAND=eval."""
+    _, cfg, single_out = single_runs(2)
+    single = one_process_eval(pipe_model, cfg, single_out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, BASE=str(pipe_model), CONFIG=str(cfg),
+               BALANCE="3 4", DEVICE_PREFIX="cpu", MASTER_PORT=str(free_port()), COMMAND="eval")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--output_dir", str(single_out),
+                           "--no_progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_eval(proc.stdout, single)
