@@ -68,9 +68,11 @@ class Adapter:
 
     def __init__(self, cfg: AdapterConfig, wrappers: dict[str, LoraLinear], seed: int,
                  device: torch.device, total_steps: int = 1, stage_layers: set[str] | None = None,
-                 naming: Naming = Naming(), loss_scaling: bool = False):
+                 naming: Naming = Naming(), loss_scaling: bool = False, model_layers: set[str] | None = None):
         """stage_layers: on a pipeline stage, the decoder layers it holds ('model.layers.3', ...):
         an `init_from` adapter's tensors for other layers belong to other stages.
+        model_layers: with stage_layers, every decoder layer of the whole model: a tensor of a
+        layer outside them belongs to no stage and is refused, as one process refuses it.
         naming: the base model's own module names, which the PEFT files use (ChatGLM, Baichuan,
         Gemma 3's image-text models name theirs otherwise than mlora).
         loss_scaling: the backward runs in fp16 (loss_scale.needs_loss_scaling): the loss is
@@ -81,6 +83,7 @@ class Adapter:
         self._grads_unscaled = False  # restored gradients not yet scaled (restore_from_checkpoint)
         self.naming = naming
         self.stage_layers = stage_layers
+        self.model_layers = model_layers
         self.name = cfg.name
         self.total_steps = total_steps
         self.steps_done = 0
@@ -467,7 +470,8 @@ class Adapter:
             if name not in expected:
                 module = self.naming.from_module(name[len(PEFT_PREFIX):].rsplit(".", 2)[0])  # no '.lora_A.weight'
                 layer = _LAYER_PATH.match(module)  # None: not a decoder layer's (an lm_head's LoRA)
-                if self.stage_layers is not None and layer is not None and layer[0] not in self.stage_layers:
+                if (self.stage_layers is not None and layer is not None and layer[0] not in self.stage_layers
+                        and (self.model_layers is None or layer[0] in self.model_layers)):
                     continue  # another pipeline stage's layer: that stage loads it
                 raise UserError(f"{where}: unexpected tensor {name} "
                                 f"(not among adapter '{self.name}''s target_modules)")

@@ -886,3 +886,24 @@ def test_eval_ranks_must_agree_on_every_adapters_test_rows(tmp_path, pipe_model)
     (train0, eval0), (train1, eval1) = prints
     assert train0 == train1  # training never walks these rows
     assert eval0["config"] == eval1["config"] and eval0["data"] != eval1["data"]
+
+
+def test_pipeline_eval_refuses_a_tensor_of_no_stage(tmp_path, pipe_model, eval_job, monkeypatch):
+    """A tensor of decoder layer 9 in a 4-layer model: one process refuses it as unexpected;
+    in a pipeline no stage holds that layer, and every rank refuses it with the same line
+    (each used to skip it as another stage's)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cfg, out = eval_job
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "p0" / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if ".layers.3." in k)
+    tensors[key.replace(".layers.3.", ".layers.9.")] = tensors[key].clone()
+    save_file(tensors, bad / "p0" / "adapter_model.safetensors")
+    code, stdout, stderr = single_eval(monkeypatch, pipe_model, cfg, bad)
+    assert (code, stdout) == (2, "") and "unexpected tensor" in one_line(stderr)
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [bad, bad], [3, 4])
+    assert [(code, stdout, one_line(stderr)) for code, stdout, stderr in ranks] == [(2, "", one_line(stderr))] * 2

@@ -296,10 +296,12 @@ def eval_pipeline(args) -> int:
             for a in cfg.lora:
                 check_rank(a, session.wrappers)
             layers = {f"model.layers.{i}" for i in session.model.layer_ids}
+            every_layer = {f"model.layers.{i}" for i in range(session.model.args.num_layers)}
             for a in cfg.lora:
                 if a.name in saved:
                     adapters[a.name] = Adapter(replace(a, init_from=None), session.wrappers, cfg.seed,
-                                               session.device, stage_layers=layers, naming=session.naming)
+                                               session.device, stage_layers=layers, naming=session.naming,
+                                               model_layers=every_layer)
                     adapters[a.name].load_peft(out / a.name, label="adapter")
         except UserError as err:
             error = str(err)
