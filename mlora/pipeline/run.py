@@ -79,7 +79,7 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
                                         ("num_kv_shared_layers", margs.kv_shared_layers)) if on]
     if small_gemma4 and world_size > 1:  # (every stage would need the first's per-layer inputs or keys)
         raise UserError(f"--pipeline: this Gemma 4 model's {' and '.join(small_gemma4)} (E2B/E4B) are not split "
-                        "into stages; train it in one process, without --pipeline")
+                        "into stages; run it in one process, without --pipeline")
     modules = family_for(cfg.model_type).module_sequence(margs)
     if balance:
         return split_by_balance(modules, margs.num_layers, balance)
