@@ -1,5 +1,6 @@
-"""`mlora train --pipeline`: work out this rank's place (flags or torchrun's environment),
-its stage, connect to the other ranks, check they all run the same job, then train."""
+"""`mlora train --pipeline` and `mlora eval --pipeline`: work out this rank's place (flags or
+torchrun's environment), its stage, connect to the other ranks, check they all run the same
+job, then train (or evaluate the saved adapters)."""
 
 from __future__ import annotations
 
