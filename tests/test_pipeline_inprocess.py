@@ -771,8 +771,6 @@ def eval_job(tmp_path_factory, single_runs):
     import json
     import shutil
 
-    from mlora.cli import main
-
     _, cfg_path, single_out = single_runs(3, eval_step=3)
     tmp = tmp_path_factory.mktemp("eval_job")
     out = tmp / "out"
