@@ -231,8 +231,9 @@ def cmd_eval(args) -> int:
     from mlora.evaluate import evaluate_adapter
     from mlora.session import open_session
 
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=args.device, dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
+                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code,
+                           reads="eval")
     for cfg in session.cfg.lora:
         # An adapter that training refuses, refused here too (before any line is printed): even
         # with nothing saved, whose line would be the base's, for a config that can never train.

@@ -225,13 +225,18 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
 def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
-                 load_base: bool = True, load_data: bool = True, trust_remote_code: bool = False) -> Session:
-    """Everything a command needs, checked before work starts. load_data=False: no dataset is
-    read (generation needs none), session.data stays empty. trust_remote_code: the base's
-    tokenizer may run code shipped with it (ChatGLM, Baichuan)."""
+                 load_base: bool = True, load_data: bool = True, trust_remote_code: bool = False,
+                 reads: str = "train") -> Session:
+    """Everything a command needs, checked before work starts. reads: the command, by the data
+    it reads (config.READS): "train" every adapter's rows; "eval" its test rows only (the
+    training rows where it has no test_data, which stand in for them; session.data's train
+    is empty otherwise); "generate" none (session.data stays empty; load_data=False says the
+    same). trust_remote_code: the base's tokenizer may run code shipped with it (ChatGLM,
+    Baichuan)."""
+    reads = reads if load_data else "generate"
     check_kernel()
     check_cross_entropy()
-    cfg = load_config(config_path, reads="train" if load_data else "generate")
+    cfg = load_config(config_path, reads=reads)
     if output_dir is not None:
         if not str(output_dir).strip():
             raise UserError("--output_dir is empty (give a directory, or leave it out to use the config's)")
@@ -266,8 +271,10 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         raise UserError(f"base_model {base_dir}: the tokenizer's padding token id {pad} is outside the "
                         f"model's vocab_size {vocab} (is the tokenizer the model's?)")
     data = {}
-    for a in cfg.lora if load_data else ():
-        train = encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
+    for a in cfg.lora if reads != "generate" else ():
+        # (eval with test_data: the training rows, maybe millions, are not read at all)
+        train = (encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
+                 if reads == "train" or not a.test_data else [])
         test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
                 if a.test_data else train)
         for path, examples in ((a.data, train), (a.test_data, test)) if test is not train else ((a.data, train),):

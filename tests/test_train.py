@@ -420,6 +420,28 @@ def test_generate_needs_no_data_file(fused_run, tiny_llama, capsys, tmp_path):
     assert outputs[0] == outputs[1] and outputs[0]
 
 
+def test_eval_reads_the_test_data_only(fused_run, tiny_llama, capsys, tmp_path):
+    """With test_data, eval does not read the training rows (they may be millions, or gone);
+    its lines are as with them there. Without test_data it evaluates the training rows, so a
+    missing data file is still one line naming it."""
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    lines = []
+    for i, data in enumerate((None, str(tmp_path / "gone.jsonl"))):
+        lora = [{**a, "test_data": a["data"], **({"data": data} if data else {})} for a in cfg["lora"]]
+        path = tmp_path / f"eval{i}.json"
+        path.write_text(json.dumps({**cfg, "output_dir": str(out), "lora": lora}))
+        capsys.readouterr()
+        assert main(["eval", "--base_model", str(tiny_llama), "--config", str(path), "--no_progress"]) == 0
+        lines.append(capsys.readouterr().out)
+    assert lines[0] == lines[1] and len(lines[0].splitlines()) == 3
+    path.write_text(json.dumps({**cfg, "output_dir": str(out),
+                                "lora": [{**a, "data": str(tmp_path / "gone.jsonl")} for a in cfg["lora"]]}))
+    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(path), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'data': file" in err and "gone.jsonl" in err, err
+
+
 def test_sampling_warps_as_transformers_does():
     """Sampling's distribution is the softmax of transformers' temperature, top-k and top-p
     warpers applied in its order; penalize_repetition is its RepetitionPenaltyLogitsProcessor."""

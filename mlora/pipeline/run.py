@@ -276,7 +276,7 @@ def eval_pipeline(args) -> int:
     place = resolve_place(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
                            device=place.device, dtype=args.dtype, quant=quant_config(args), load_base=False,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, reads="eval")
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     cfg = session.cfg
     out = Path(cfg.output_dir)
