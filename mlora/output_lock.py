@@ -31,7 +31,16 @@ def output_dir_lock(out: str | os.PathLike, shared: bool = False):
         yield
         return
     path = Path(out)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        # A directory this user may write into but not read (mode 0333, a drop box) trains
+        # fine, but cannot be opened to lock it: not guarded, as where flock is missing (it
+        # was PermissionError's traceback).
+        fd = None
+    if fd is None:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -494,3 +494,27 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused(setup, tiny_llama, ca
     assert code == 0, err
     code, err = run_train(capsys, tiny_llama, cfg, "--resume")  # the finished run let it go
     assert code == 0 and "in use" not in err, err
+
+
+def test_an_output_dir_that_cannot_be_opened_for_reading_is_not_locked(tmp_path, monkeypatch):
+    """A directory the user may write into but not list (mode 0333: a drop box) takes a run,
+    but no lock: opening it failed with PermissionError's traceback (os.open is what refuses
+    a non-root user there; the test plays it, as root passes every permission check)."""
+    import errno
+
+    from mlora import output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = os.open
+
+    def open_but_not_out(path, flags, *rest, **kw):
+        if os.fspath(path) == str(out):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *rest, **kw)
+
+    monkeypatch.setattr(output_lock.os, "open", open_but_not_out)
+    for shared in (False, True):
+        with output_lock.output_dir_lock(out, shared=shared):
+            (out / "written").write_text("x")
+    assert (out / "written").read_text() == "x"
