@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +15,28 @@ def _usual_mode(mode: int) -> int:
     its files 0600 and its directories 0700 (private to their owner), and a rename keeps that,
     so adapters and checkpoints came out unreadable to the group and others that the umask
     lets read everything else mlora writes (metrics.jsonl, output_dir itself)."""
-    umask = os.umask(0)  # the only way to read it is to set it
-    os.umask(umask)
-    return mode & ~umask
+    return mode & ~_umask()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status,
+    since 4.7). Setting it to read it (os.umask) leaves it 0 for a moment for every thread:
+    a file another thread made then was world-writable, and a second reader in that moment
+    read 0 and made an adapter 0777 (pipeline ranks run as threads in the tests)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: at least no two readers read each other's 0
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

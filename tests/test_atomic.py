@@ -25,3 +25,44 @@ def test_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert stat.S_IMODE(target.stat().st_mode) == dir_mode
     assert path.read_text() == "{}" and (target / "x").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.json"]  # no temporary left behind
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the umask from Linux's /proc")
+def test_the_umask_is_read_without_setting_it(tmp_path, monkeypatch):
+    """Reading the umask by setting it (os.umask(0), then back) left it 0 for a moment for every
+    thread: a file made then was world-writable, and a concurrent reader took 0 for the umask
+    and made an adapter 0777 (pipeline ranks run as threads in the tests)."""
+    import sys
+    import threading
+
+    import mlora.atomic
+
+    previous = os.umask(0o022)
+    try:
+        modes = set()
+
+        def read_many():
+            for _ in range(300):
+                modes.add(mlora.atomic._usual_mode(0o777))
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=read_many) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert modes == {0o755}
+
+        def no_setting(mask):
+            raise AssertionError(f"os.umask({mask:#o}) called to read the umask")
+
+        monkeypatch.setattr(mlora.atomic.os, "umask", no_setting)
+        target = write_dir_atomically(tmp_path / "d", lambda tmp: (tmp / "x").write_text("x"))
+        assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
