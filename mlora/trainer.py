@@ -272,7 +272,12 @@ class Trainer:
             if rest:
                 norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
         seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
-        victims, together = self._nan_victims(ce_sums, norms)
+        # A step that a NaN of another adapter tainted in an earlier batch split for memory
+        # (_taint) carries that non-finite gradient into this one: running it again cannot
+        # clear it (the step is skipped at its end), and two such steps made each run again.
+        tainted = {i for i, part in enumerate(parts) if self.runs[part.adapter].step.tainted_by}
+        victims, together = self._nan_victims(
+            ce_sums, norms if before is None else {i: n for i, n in norms.items() if i not in tainted})
         if before is None:  # split for memory: nothing to run again from
             self._taint(parts, chunks, ce_sums, victims if together else [])
             victims, together = [], False

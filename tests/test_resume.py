@@ -351,6 +351,40 @@ def test_a_nan_in_a_batch_split_for_memory_skips_the_others_step_as_no_fault_of_
     assert "reached its gradient in a batch split for memory; step skipped" in captured.out + captured.err
 
 
+def test_steps_tainted_in_a_batch_split_for_memory_do_not_run_again_later(tmp_path, tiny_llama, monkeypatch, capsys):
+    """Only the first fused batch is split for memory; it taints the steps of a and b, whose
+    gradients stay NaN through their next micro-batches (fp16 watches both mid-step). Two
+    non-finite gradients in a batch of no culprit made each run again alone, for nothing (a
+    NaN from before the batch stays) and said so; the steps are skipped as tainted either way."""
+    import mlora.trainer
+
+    _poison_the_loss(monkeypatch, "poison")
+    batches = []
+
+    def split_the_first(run_part, items, on_split):
+        batches.append(len(items))
+        if len(batches) > 1 or len(items) < 2:
+            return [run_part(items)]
+        on_split(items[:1], items[1:])  # as run_splitting_on_oom after an OOM: halves, nothing kept
+        return [run_part(items[:1]), run_part(items[1:])]
+
+    monkeypatch.setattr(mlora.trainer, "run_splitting_on_oom", split_the_first)
+    poison = {"name": "poison", "data": write_jsonl(tmp_path / "p.jsonl", text_rows(2, 9)), "r": 4,
+              "batch_size": 2, "on_nan": "stop"}
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out, extra_adapter=poison)
+    raw = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps(dict(raw, lora=[dict(a, num_epochs=1, max_steps=1) for a in raw["lora"]])))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",
+                 "--dtype", "fp16"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    tainted = {m["adapter"] for m in records if m.get("reason") == "non-finite values of another adapter"}
+    assert tainted == {"a", "b"}, records
+    err = capsys.readouterr().err
+    assert "ran again" not in err, err
+    assert len(batches) == 3, batches  # a and b's three fused batches (b: 3 micro-batches a step), no rerun
+
+
 def test_too_little_disk_is_an_error_before_training(tmp_path, tiny_llama, capsys, monkeypatch):
     import shutil
 
