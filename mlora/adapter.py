@@ -554,6 +554,8 @@ def read_peft_config(directory: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: malformed JSON ({err})") from None
+    except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror})") from None
     if not isinstance(cfg, dict):

@@ -90,7 +90,7 @@ def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
             eos = raw.get("eos_token_id")
             if eos is None and isinstance(raw.get("text_config"), dict):
                 eos = raw["text_config"].get("eos_token_id")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
             raise UserError(f"{path} is not a JSON object") from None
         if eos is None:
             continue

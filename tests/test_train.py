@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import GEMMA4_E2B, GEMMA4_MOE
 from mlora.cli import main
+from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.metrics import read_metrics
 
@@ -534,6 +535,17 @@ def test_stop_tokens_come_from_generation_config_else_config_else_its_text_confi
     assert stop_token_ids(tmp_path, tokenizer) == {1, 7}
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 9]}))
     assert stop_token_ids(tmp_path, tokenizer) == {1, 9}
+    (tmp_path / "generation_config.json").write_text("[" * 100_000)  # json's RecursionError: one line
+    with pytest.raises(UserError, match="generation_config.json is not a JSON object"):
+        stop_token_ids(tmp_path, tokenizer)
+
+
+def test_a_peft_config_nested_too_deeply_is_one_line(tmp_path):
+    from mlora.adapter import read_peft_config
+
+    (tmp_path / "adapter_config.json").write_text("[" * 100_000)
+    with pytest.raises(UserError, match="JSON nested too deeply to read"):
+        read_peft_config(tmp_path)
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
