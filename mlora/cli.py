@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -380,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         code = _fail(f"mlora: pipeline error: {err}", 3)
     except KeyboardInterrupt:
         code = _fail("mlora: interrupted", 130)
+    except OSError as err:
+        if err.errno not in _DISK_ERRORS:
+            raise
+        # A full disk or quota mid-run: outputs are written whole or not at all (atomic.py), so
+        # the last checkpoint is intact and the run resumes from it; the traceback said nothing more.
+        where = f"{err.filename}: " if err.filename else ""
+        code = _fail(f"mlora: error: {where}{err.strerror}; free space, then run again (a train run continues "
+                     "from its last checkpoint with --resume)", 2)
     except BrokenPipeError:
         # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
         # tools do, and keep Python's exit-time flush of stdout from failing again.
@@ -393,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         _silence(sys.stdout)
         return code or 141
     return code
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the disk, not mlora: one line
 
 
 def _fail(message: str, code: int) -> int:

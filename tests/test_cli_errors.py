@@ -518,3 +518,30 @@ def test_an_output_dir_that_cannot_be_opened_for_reading_is_not_locked(tmp_path,
         with output_lock.output_dir_lock(out, shared=shared):
             (out / "written").write_text("x")
     assert (out / "written").read_text() == "x"
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(setup, tiny_llama, capsys, monkeypatch):
+    """No space left while writing the second checkpoint: one line naming the file and what to
+    do (the first checkpoint is whole), and --resume finishes the run."""
+    import errno
+
+    import mlora.checkpoint
+
+    _, _, out, config = setup
+    cfg = config({"num_epochs": 3}, save_step=1)
+    write = mlora.checkpoint.write_checkpoint
+    calls = []
+
+    def full_disk(output_dir, iteration, *args, **kwargs):
+        calls.append(iteration)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", f"{output_dir}/checkpoints/x")
+        return write(output_dir, iteration, *args, **kwargs)
+
+    monkeypatch.setattr(mlora.checkpoint, "write_checkpoint", full_disk)
+    code, err = run_train(capsys, tiny_llama, cfg)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "checkpoints/x: No space left on device; free space" in err and "--resume" in err
+    monkeypatch.setattr(mlora.checkpoint, "write_checkpoint", write)
+    code, err = run_train(capsys, tiny_llama, cfg, "--resume")
+    assert code == 0 and f"resumed from iteration {calls[0]} " in err, err  # the whole checkpoint before
