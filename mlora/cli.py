@@ -184,7 +184,7 @@ def cmd_train(args) -> int:
     with output_dir_lock(out):
         try:
             session.load_base()
-        except UserError:  # weights that do not fit config.json: leave nothing behind
+        except BaseException:  # weights that do not fit config.json, or Ctrl-C: leave nothing behind
             remove_if_still_empty(created)
             raise
         try:

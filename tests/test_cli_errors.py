@@ -545,3 +545,16 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(setup, tiny_llama, 
     monkeypatch.setattr(mlora.checkpoint, "write_checkpoint", write)
     code, err = run_train(capsys, tiny_llama, cfg, "--resume")
     assert code == 0 and f"resumed from iteration {calls[0]} " in err, err  # the whole checkpoint before
+
+
+def test_ctrl_c_while_the_base_loads_leaves_no_output_dir(setup, tiny_llama, capsys, monkeypatch):
+    import mlora.session
+
+    _, _, out, config = setup
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlora.session.Session, "load_base", interrupted)
+    code, err = run_train(capsys, tiny_llama, config())
+    assert code == 130 and err == "mlora: interrupted" and not out.exists()
