@@ -924,15 +924,19 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
                                       for i, o in linear_projection_shapes(args).values())
                            + (conv_channels * args.linear_conv_kernel + 2 * Hv + Dv + args.num_norms * H) * e)
 
-    def mlp(width: int) -> int:  # one SwiGLU's projections (gate and up fused or not: the same bytes
-        # unquantized) and their biases
-        gate_up = ([_projection_bytes(H, 2 * width, e, kind, dq)] if args.fused_gate_up
+    def mlp(width: int, fused: bool = args.fused_gate_up) -> int:  # one SwiGLU's projections (gate and
+        # up fused or not: the same bytes unquantized, but a quantized one has one quantization
+        # state, code book included, per projection) and their biases
+        gate_up = ([_projection_bytes(H, 2 * width, e, kind, dq)] if fused
                    else [_projection_bytes(H, width, e, kind, dq)] * 2)
         return sum(gate_up) + _projection_bytes(width, H, e, kind, dq) + (2 * width + H) * args.mlp_bias * e
 
     beside = 0  # Gemma 4 26B-A4B: every expert beside the dense MLP, the router (proj, scale,
     if args.moe_beside_mlp:  # per_expert_scale), 3 norms
-        beside = args.num_experts * mlp(args.moe_intermediate_size) + (args.num_experts * (H + 1) + 4 * H) * e
+        # (each expert's gate and up are one gate_up_proj, quantized as one, while the dense
+        # MLP's are two: llama.DecoderLayer)
+        beside = (args.num_experts * mlp(args.moe_intermediate_size, fused=True)
+                  + (args.num_experts * (H + 1) + 4 * H) * e)
     if args.is_moe:  # every expert, the router; the shared expert (and Qwen2-MoE's gate)
         # the router's weight, bias and correction bias (GLM-4.5: in fp32)
         router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_params_fp32 else e)

@@ -892,6 +892,22 @@ GEMMA4_MOE = dataclasses.replace(GEMMA4, num_experts=4, num_experts_per_tok=2, m
                                  norm_topk_prob=True, routing_weights_fp32=True, moe_beside_mlp=True)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4-double", "int8"])
+def test_quantized_gemma4_experts_weights_equal_what_bitsandbytes_allocates(kind):
+    """Gemma 4 26B-A4B's experts hold gate and up as one gate_up_proj, quantized as one layer
+    (one quantization state, code book included), while its dense MLP's are two: weight_bytes
+    counted the experts' as two (a code book too many per expert and layer)."""
+    pytest.importorskip("bitsandbytes")
+    from mlora.quant import QuantConfig, linear_weight_bytes, quantize_model
+
+    cfg = {"nf4": QuantConfig(4, "nf4"), "fp4-double": QuantConfig(4, "fp4", double_quant=True),
+           "int8": QuantConfig(8)}[kind]
+    model = CausalLM(GEMMA4_MOE).to(BF16)
+    others = weight_bytes(GEMMA4_MOE, BF16) - linear_weight_bytes(model)  # (exact unquantized: tested above)
+    projections = quantize_model(model, cfg, "cpu")
+    assert weight_bytes(GEMMA4_MOE, BF16, quant=cfg, double_quant=cfg.double_quant) == others + projections
+
+
 # E2B/E4B: per-layer inputs of 8; layers 2 (sliding) and 3 (full) attend to layers 0's and 1's
 # keys and values, with MLPs twice as wide
 GEMMA4_E2B = dataclasses.replace(GEMMA4, num_layers=4, sliding_window=[4, None, 4, None],
