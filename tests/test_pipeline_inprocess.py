@@ -340,6 +340,34 @@ def test_pipeline_init_from_equals_single_process(tmp_path, pipe_model, single_r
     assert rel_diff(load_file(tmp_path / "pipe" / "p0" / "adapter_model.safetensors"), first) > 1e-4
 
 
+def test_pipeline_init_from_refuses_a_tensor_of_no_stage(tmp_path, pipe_model, single_runs):
+    """An init_from adapter with a tensor of decoder layer 9 in a 4-layer model: one process
+    refuses it as unexpected; a pipeline trained on without it, every stage skipping it as
+    another stage's (eval --pipeline refused it already). Every rank refuses it now."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mlora.errors import UserError
+
+    _, cfg_path, single_out = single_runs(2)
+    bad = tmp_path / "p0"
+    shutil.copytree(single_out / "p0", bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if ".layers.3." in k)
+    tensors[key.replace(".layers.3.", ".layers.9.")] = tensors[key].clone()
+    save_file(tensors, bad / "adapter_model.safetensors")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"] = [dict(cfg["lora"][0], init_from=str(bad))]
+    path = tmp_path / "init_from.json"
+    path.write_text(json.dumps(cfg))
+    errors = run_threads(pipe_model, path, tmp_path / "pipe", 2, [3, 4], allow_errors=True)
+    assert sorted(rank for rank, _ in errors) == [0, 1], errors
+    for _, err in errors:
+        assert isinstance(err, UserError) and "unexpected tensor" in str(err) and ".layers.9." in str(err), err
+
+
 @pytest.mark.parametrize("save_step", [0, 2])
 def test_pipeline_eval_step_equals_single_process(tmp_path, pipe_model, save_step):
     """eval_step in pipeline mode (it used to be refused): at drained cuts every rank runs the

@@ -391,9 +391,13 @@ class StageWorker(StageLink):
             check_trainable(rows, a, cfg.cutoff_len)
             if self.first:  # the rank that builds the batches
                 prepare_examples(rows)
+            # (model_layers: an init_from tensor of a layer no stage holds is refused, as one
+            # process refuses it, not skipped by every stage as another's)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
                                             stage_layers={f"model.layers.{i}" for i in session.model.layer_ids},
-                                            naming=session.naming, loss_scaling=session.loss_scaling)
+                                            naming=session.naming, loss_scaling=session.loss_scaling,
+                                            model_layers={f"model.layers.{i}"
+                                                          for i in range(session.model.args.num_layers)})
             refs = []
             for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
                 mb = len(self.micro)
