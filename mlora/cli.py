@@ -381,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         code = _fail(f"mlora: pipeline error: {err}", 3)
     except KeyboardInterrupt:
         code = _fail("mlora: interrupted", 130)
-    except OSError as err:
+    except BrokenPipeError:
+        # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
+        # tools do, and keep Python's exit-time flush of stdout from failing again.
+        _silence(sys.stdout)
+        return 141  # 128 + SIGPIPE
+    except OSError as err:  # (after BrokenPipeError, an OSError too)
         if err.errno not in _DISK_ERRORS:
             raise
         # A full disk or quota mid-run: outputs are written whole or not at all (atomic.py), so
@@ -389,11 +394,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         code = _fail(f"mlora: error: {where}{err.strerror}; free space, then run again (a train run continues "
                      "from its last checkpoint with --resume)", 2)
-    except BrokenPipeError:
-        # The reader of our output left (`mlora eval ... | head -1`): stop quietly, as Unix
-        # tools do, and keep Python's exit-time flush of stdout from failing again.
-        _silence(sys.stdout)
-        return 141  # 128 + SIGPIPE
     # Flushed here, not at exit: a reader that left then costs the exit code nothing (Python's
     # failing exit-time flush would make it 120).
     try:
