@@ -178,7 +178,9 @@ def load_template(spec: str) -> PromptTemplate:
     """`spec` is a builtin template name ("alpaca") or a path to a JSON template file with
     `prompt` (or alpaca-lora's `prompt_input`) and `prompt_no_input`."""
     path = Path(spec)
-    if spec in builtin_templates() and not path.is_file():
+    # A builtin name is always the builtin (config.py takes it so and resolves no path for it):
+    # a file of that name in the working directory made the prompts depend on where mlora ran.
+    if spec in builtin_templates():
         path = TEMPLATES_DIR / f"{spec}.json"
     elif not path.is_file():
         raise UserError(f"prompt template {spec!r}: no such file, and not a builtin "

@@ -115,6 +115,19 @@ def test_builtin_alpaca_template(alpaca):
     assert "### Input:\nto Bob\n\n### Response:\n" in prompt
 
 
+def test_a_builtin_name_is_the_builtin_wherever_mlora_runs(tmp_path, monkeypatch, alpaca):
+    """A file named "alpaca" in the working directory does not replace the builtin (the config
+    takes the name as the builtin and resolves no path for it); as a path it still can."""
+    import json
+
+    from mlora.data import load_template
+
+    (tmp_path / "alpaca").write_text(json.dumps({"prompt": "X {instruction} {input}", "prompt_no_input": "X {instruction}"}))
+    monkeypatch.chdir(tmp_path)
+    assert load_template("alpaca") == alpaca
+    assert load_template("./alpaca").prompt.startswith("X ")
+
+
 def test_mlora_template_file_with_output_placeholder(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps(MLORA_TEMPLATE))
