@@ -101,6 +101,107 @@ def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
     return ids
 
 
+class Decoding:
+    """The bookkeeping of one generation request, apart from running the model: the rows (in
+    the fused-batch order: rows of one adapter contiguous, the bare base's first), their
+    left-padded prompts and mask, each row's tokens, which rows are done, and the choice of each
+    next token. One process (greedy_generate) and a pipeline (mlora.pipeline.run, where every
+    rank keeps one and only the last stage picks) drive the same code.
+
+    prompts: (adapter name or None for the bare base, prompt token ids). stop: the token ids
+    that end a row (stop_token_ids). sampling: draw tokens (Sampling) instead of taking the
+    most likely one. repetition_penalty: above 1, the tokens a row has seen are made less likely
+    first (penalize_repetition). switch_at: LongRoPE's original_max_position_embeddings (None
+    for other RoPE): a row growing past it makes the whole batch run again (`advance`)."""
+
+    def __init__(self, prompts: Sequence[tuple[str | None, list[int]]], pad_id: int, stop: set[int],
+                 sampling: Sampling | None = None, repetition_penalty: float = 1.0,
+                 switch_at: int | None = None):
+        self.order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
+        self.num_prompts = len(prompts)
+        names = [prompts[i][0] for i in self.order]
+        self.seqs = [list(prompts[i][1]) for i in self.order]
+        self.new_tokens: list[list[int]] = [[] for _ in self.order]
+        self.done = [False] * len(self.order)
+        self.stop, self.pad_id = stop, pad_id
+        self.sampling, self.repetition_penalty, self.switch_at = sampling, repetition_penalty, switch_at
+        self.rows, start = [], 0
+        for i, name in enumerate(names + [object()]):  # sentinel closes the last run
+            if i == len(names) or (i > start and names[i] != names[start]):
+                if names[start] is not None:
+                    self.rows.append(AdapterRows(names[start], start, i))
+                start = i
+        # The prompts, left-padded, fill the cache; then each step runs one new token per row.
+        # mask [B, L] stays on the host (the model checks it there and uploads it)
+        self.ids, _, self.mask = pad_rows([Example(s, s) for s in self.seqs], ["left"] * len(self.seqs),
+                                          max(len(s) for s in self.seqs), pad_id)  # [B, L]
+        self.fed = self.ids  # [B, T]: every token given so far, pads included
+        self.generators = None if sampling is None else [
+            torch.Generator().manual_seed(row_seed(sampling.seed, self.order[r])) for r in range(len(self.seqs))]
+        self.seen = None  # [B, V] with a repetition penalty: the tokens each row has seen
+
+    def pick(self, last: torch.Tensor) -> list[int]:
+        """The next token of every row (done ones too) from the logits [B, V] of its last
+        position: greedy or sampled, after the repetition penalty."""
+        if self.repetition_penalty != 1.0:
+            if self.seen is None:  # the tokens of each row's prompt (its pads are not)
+                self.seen = torch.zeros(last.shape[0], last.shape[-1], dtype=torch.bool)
+                for r, seq in enumerate(self.seqs):
+                    self.seen[r, seq] = True
+                self.seen = self.seen.to(last.device)
+            last = penalize_repetition(last, self.seen, self.repetition_penalty)
+        if self.sampling is None:
+            next_ids = last.argmax(dim=-1).tolist()  # [B]
+        else:
+            last = last.float().cpu()  # [B, V]
+            next_ids = [self.sampling.pick(last[r], self.generators[r]) for r in range(len(self.seqs))]
+        if self.seen is not None:
+            self.seen[torch.arange(len(next_ids)), torch.tensor(next_ids)] = True
+        return next_ids
+
+    def record(self, next_ids: Sequence[int]) -> None:
+        """Each row not done takes its token, or stops at a stop token."""
+        for r, token in enumerate(next_ids):
+            if self.done[r]:
+                continue
+            if token in self.stop:
+                self.done[r] = True
+                continue
+            self.seqs[r].append(token)
+            self.new_tokens[r].append(token)
+
+    def finished(self, step: int, max_new_tokens: int) -> bool:
+        return all(self.done) or step == max_new_tokens - 1
+
+    def advance(self) -> tuple[torch.Tensor, bool]:
+        """The next column [B, 1] to run (a done row's is a pad), with the mask and `fed` grown
+        by it, and whether the whole batch must run again from a fresh cache instead (`fed`):
+        LongRoPE turns a sequence longer than original_max_position_embeddings with other
+        factors, all of its positions, so when a row grows past that length its cached keys are
+        stale (as transformers' Phi-3 drops its cache there)."""
+        column = torch.tensor([self.pad_id if self.done[r] else self.seqs[r][-1]
+                               for r in range(len(self.seqs))])[:, None]
+        # (a stopped row crossing it changes nothing that is kept)
+        grows_past = self.switch_at is not None and bool(
+            ((self.mask.sum(-1) == self.switch_at) & ~torch.tensor(self.done)).any())
+        self.mask = torch.cat([self.mask, torch.ones(len(self.seqs), 1, dtype=torch.bool)], dim=1)  # [B, T + 1]
+        self.fed = torch.cat([self.fed, column], dim=1)  # [B, T + 1]
+        return column, grows_past
+
+    def result(self) -> list[list[int]]:
+        """The new tokens of each prompt, in the order given."""
+        result: list[list[int]] = [[] for _ in range(self.num_prompts)]
+        for position, i in enumerate(self.order):
+            result[i] = self.new_tokens[position]
+        return result
+
+
+def longrope_switch(model_args) -> int | None:
+    """Where LongRoPE switches factors (Decoding's switch_at), None for other RoPE."""
+    rope = model_args.rope
+    return rope.original_max_position_embeddings if rope.type == "longrope" else None
+
+
 @torch.no_grad()
 def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
                     max_new_tokens: int = 32, sampling: Sampling | None = None,
@@ -111,81 +212,30 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
     one adapter are kept contiguous (the fused-batch layout) and the results are returned in
     the order given. A row stops at an EOS token (stop_token_ids). sampling: draw tokens
     (Sampling) instead of taking the most likely one. repetition_penalty: above 1, the tokens
-    a row has seen are made less likely first (penalize_repetition).
+    a row has seen are made less likely first (penalize_repetition). The bookkeeping is
+    Decoding's, shared with `mlora generate --pipeline`.
     """
     model = session.model
-    stop = stop_token_ids(session.base_dir, session.tokenizer)
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
-    names = [prompts[i][0] for i in order]
-    seqs = [list(prompts[i][1]) for i in order]
-    new_tokens: list[list[int]] = [[] for _ in order]
-    done = [False] * len(order)
-    rows, start = [], 0
-    for i, name in enumerate(names + [object()]):  # sentinel closes the last run
-        if i == len(names) or (i > start and names[i] != names[start]):
-            if names[start] is not None:
-                rows.append(AdapterRows(names[start], start, i))
-            start = i
+    state = Decoding(prompts, session.pad_id, stop_token_ids(session.base_dir, session.tokenizer), sampling,
+                     repetition_penalty, longrope_switch(model.args))
     try:
-        session.layout.rows = rows
-        # The prompts, left-padded, fill the cache; then each step runs one new token per row.
-        # mask [B, L] stays on the host (the model checks it there and uploads it)
-        ids, _, mask = pad_rows([Example(s, s) for s in seqs], ["left"] * len(seqs),
-                                max(len(s) for s in seqs), session.pad_id)  # [B, L]
+        session.layout.rows = state.rows
         cache = KVCache()
-        # LongRoPE turns a sequence longer than original_max_position_embeddings with other
-        # factors, all of its positions: when a row grows past that length its cached keys are
-        # stale, and the whole batch runs again (as transformers' Phi-3 drops its cache there).
-        rope = model.args.rope
-        switch_at = rope.original_max_position_embeddings if rope.type == "longrope" else None
-        fed = ids  # [B, T]: every token given so far, pads included
-        generators = None if sampling is None else [
-            torch.Generator().manual_seed(row_seed(sampling.seed, order[r])) for r in range(len(seqs))]
-        logits = model(ids.to(session.device), mask, cache=cache, last_only=True)  # [B, 1, V]
-        seen = None
-        if repetition_penalty != 1.0:  # [B, V]: the tokens of each row's prompt (its pads are not)
-            seen = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.bool)
-            for r, seq in enumerate(seqs):
-                seen[r, seq] = True
-            seen = seen.to(logits.device)
+        logits = model(state.ids.to(session.device), state.mask, cache=cache, last_only=True)  # [B, 1, V]
         for step in range(max_new_tokens):
-            last = logits[:, -1]  # [B, V]
-            if seen is not None:
-                last = penalize_repetition(last, seen, repetition_penalty)
-            if sampling is None:
-                next_ids = last.argmax(dim=-1).tolist()  # [B]
-            else:
-                last = last.float().cpu()  # [B, V]
-                next_ids = [sampling.pick(last[r], generators[r]) for r in range(len(seqs))]
-            if seen is not None:
-                seen[torch.arange(len(next_ids)), torch.tensor(next_ids)] = True
-            for r, token in enumerate(next_ids):
-                if done[r]:
-                    continue
-                if token in stop:
-                    done[r] = True
-                    continue
-                seqs[r].append(token)
-                new_tokens[r].append(token)
-            if all(done) or step == max_new_tokens - 1:
+            state.record(state.pick(logits[:, -1]))
+            if state.finished(step, max_new_tokens):
                 break
-            column = torch.tensor([session.pad_id if done[r] else seqs[r][-1] for r in range(len(seqs))])[:, None]
-            # (a stopped row crossing it changes nothing that is kept)
-            grows_past = switch_at is not None and bool(((mask.sum(-1) == switch_at) & ~torch.tensor(done)).any())
-            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.bool)], dim=1)  # [B, T + 1]
-            fed = torch.cat([fed, column], dim=1)  # [B, T + 1]
-            if grows_past:
+            column, rerun = state.advance()
+            if rerun:
                 cache = KVCache()
-                logits = model(fed.to(session.device), mask, cache=cache, last_only=True)  # [B, 1, V]
+                logits = model(state.fed.to(session.device), state.mask, cache=cache, last_only=True)  # [B, 1, V]
             else:
-                logits = model(column.to(session.device), mask, cache=cache)  # [B, 1, V]
+                logits = model(column.to(session.device), state.mask, cache=cache)  # [B, 1, V]
     finally:
         session.layout.rows = []
-    result: list[list[int]] = [[] for _ in prompts]
-    for position, i in enumerate(order):
-        result[i] = new_tokens[position]
-    return result
+    return state.result()
 
 
 def prompt_ids(example: Example) -> list[int]:
