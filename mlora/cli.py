@@ -13,7 +13,7 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="above 1: the tokens a row has seen (its prompt and output) get less likely, greedy or "
                         "sampled (a positive logit divided by it, a negative one multiplied; default 1: off)")
     p.add_argument("--seed", type=_seed, help="when sampling: the draws' seed (default 0)")
+    _add_pipeline(p)
 
     p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -265,18 +266,54 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     """Each prompt through each chosen adapter (and with --base the bare base), all rows in one
     fused batch: one JSON line per (prompt, adapter), in the order given."""
-    from mlora.adapter import WEIGHTS_NAME, Adapter
-    from mlora.data import load_template, prompt_tokens
-    from mlora.generate import Sampling, greedy_generate
-    from mlora.loader import read_model_config
+    from mlora.adapter import Adapter
+    from mlora.generate import greedy_generate
     from mlora.session import open_session
 
+    check_sampling_flags(args)
+    if args.pipeline:  # each rank holds a slice of the base and keeps its own KV cache; rank 0 prints
+        from mlora.pipeline.run import generate_pipeline
+
+        return generate_pipeline(args)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
+                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, load_data=False)
+    job = generate_job(args, session)
+    check_saved(job.names, Path(session.cfg.output_dir))
+    session.load_base()
+    by_name = {a.name: a for a in session.cfg.lora}
+    out = Path(session.cfg.output_dir)
+    for name in job.names:
+        adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,
+                          naming=session.naming)
+        adapter.load_peft(out / name, label="adapter")
+    outputs = greedy_generate(session, job.requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
+                              repetition_penalty=args.repetition_penalty)
+    print_generated(args, session, job, outputs)
+    return 0
+
+
+def check_sampling_flags(args) -> None:
     given = [f"--{flag}" for flag in ("top_p", "top_k", "seed") if getattr(args, flag) is not None]
     if given and args.temperature == 0:  # greedy would ignore them without a word
         raise UserError(f"{', '.join(given)}: these apply when sampling (--temperature above 0); without it "
                         "generation is greedy")
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, load_data=False)
+
+
+@dataclass
+class GenerateJob:
+    names: list[str]  # the chosen adapters
+    rows: list[tuple[str, str, list[int]]]  # (adapter, prompt, prompt token ids)
+    requests: list[tuple[str | None, list[int]]]  # greedy_generate's prompts (the bare base's after --base)
+    sampling: object  # mlora.generate.Sampling, or None: greedy
+
+
+def generate_job(args, session) -> GenerateJob:
+    """What `mlora generate` runs, from its flags (one process and --pipeline alike): the
+    chosen adapters, every prompt rendered as its adapter was trained, and the sampling."""
+    from mlora.data import load_template, prompt_tokens
+    from mlora.generate import Sampling
+    from mlora.loader import read_model_config
+
     by_name = {a.name: a for a in session.cfg.lora}
     names = (list(by_name) if args.adapters is None
              else list(dict.fromkeys(n.strip() for n in args.adapters.split(",") if n.strip())))
@@ -284,11 +321,6 @@ def cmd_generate(args) -> int:
     if unknown or not names:
         raise UserError(f"--adapters: {unknown[0] if unknown else args.adapters!r} is not an adapter of "
                         f"{args.config} (its adapters: {', '.join(by_name)})")
-    out = Path(session.cfg.output_dir)
-    for name in names:
-        if not (out / name / WEIGHTS_NAME).is_file():
-            raise UserError(f"adapter {name!r}: nothing saved in {out / name} (train it first, or point "
-                            f"--output_dir at where it was saved)")
     rows = []  # (adapter, prompt, prompt token ids), every prompt rendered as its adapter was trained
     for name in names:
         template = load_template(by_name[name].prompt)
@@ -298,23 +330,30 @@ def cmd_generate(args) -> int:
         if ids and max(ids) >= vocab:
             raise UserError(f"--prompt {text!r} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
                             f"(is the tokenizer in {session.base_dir} the model's?)")
-    session.load_base()
-    for name in names:
-        adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,
-                          naming=session.naming)
-        adapter.load_peft(out / name, label="adapter")
     requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature > 0 else None)
-    outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                              repetition_penalty=args.repetition_penalty)
+    return GenerateJob(names, rows, requests, sampling)
+
+
+def check_saved(names: Iterable[str], out: Path) -> None:
+    from mlora.adapter import WEIGHTS_NAME
+
+    for name in names:
+        if not (out / name / WEIGHTS_NAME).is_file():
+            raise UserError(f"adapter {name!r}: nothing saved in {out / name} (train it first, or point "
+                            f"--output_dir at where it was saved)")
+
+
+def print_generated(args, session, job: GenerateJob, outputs: list[list[int]]) -> None:
+    """One JSON line per (prompt, adapter), in the order given; with --base the base's output beside."""
     decode = session.tokenizer.decode
+    rows = job.rows
     for i, (name, text, _) in enumerate(rows):
         line = {"adapter": name, "prompt": text, "output": decode(outputs[i], skip_special_tokens=True)}
         if args.base:
             line["base_output"] = decode(outputs[len(rows) + i], skip_special_tokens=True)
         print(json.dumps(line, ensure_ascii=False), flush=True)
-    return 0
 
 
 def cmd_demo(args) -> int:

@@ -1,6 +1,7 @@
-"""`mlora train --pipeline` and `mlora eval --pipeline`: work out this rank's place (flags or
-torchrun's environment), its stage, connect to the other ranks, check they all run the same
-job, then train (or evaluate the saved adapters)."""
+"""`mlora train --pipeline`, `mlora eval --pipeline` and `mlora generate --pipeline`: work out
+this rank's place (flags or torchrun's environment), its stage, connect to the other ranks,
+check they all run the same job, then train (or evaluate the saved adapters, or complete
+prompts with them)."""
 
 from __future__ import annotations
 
@@ -252,6 +253,47 @@ def check_same_adapters(transport, cfg, saved: dict[str, str]) -> None:
                                 f"writes them on rank 0's host only)")
 
 
+def load_stage(session, parts: list[str], transport, names: list[str], adapters: dict,
+               check_ranks: bool = False) -> None:
+    """This rank's slice of the base (`parts`) and of each adapter in `names`, loaded from its
+    own output_dir/<name> with the checks one process makes, into `adapters` ({name: Adapter};
+    the caller detaches them, those loaded before a failure too). A load that
+    fails on any rank fails every rank, each with one line: a rank that went on alone would
+    send its batches to a rank that has given up. check_ranks: refuse every adapter of the
+    config that training refuses (`mlora eval`)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mlora.adapter import Adapter, check_rank
+
+    cfg = session.cfg
+    by_name = {a.name: a for a in cfg.lora}
+    error = None
+    try:
+        # Each rank reads (and quantizes) only its own slice, and of each adapter only the
+        # tensors of its decoder layers, with the checks one process makes.
+        session.model = load_model(session.base_dir, session.device, session.dtype, parts=parts, quant=session.quant)
+        session.wrappers = inject_lora(session.model, session.layout)
+        if check_ranks:
+            for a in cfg.lora:
+                check_rank(a, session.wrappers)
+        layers = {f"model.layers.{i}" for i in session.model.layer_ids}
+        every_layer = {f"model.layers.{i}" for i in range(session.model.args.num_layers)}
+        for name in names:
+            adapters[name] = Adapter(replace(by_name[name], init_from=None), session.wrappers, cfg.seed,
+                                     session.device, stage_layers=layers, naming=session.naming,
+                                     model_layers=every_layer)
+            adapters[name].load_peft(Path(cfg.output_dir) / name, label="adapter")
+    except UserError as err:
+        error = str(err)
+    errors = transport.exchange(error)
+    if error is not None:
+        raise UserError(error)
+    failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise UserError(f"rank {failed[0]}: {failed[1]}")
+
+
 def eval_pipeline(args) -> int:
     """`mlora eval --pipeline`: every rank loads its slice of the base and of each saved
     adapter; each adapter's test rows run forward through the stages test_batch_size rows at a
@@ -261,12 +303,10 @@ def eval_pipeline(args) -> int:
     that do not fit) fails every rank, each with one line."""
     import json
     import math
-    from dataclasses import replace
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from mlora.adapter import Adapter, check_rank
     from mlora.cli import quant_config
     from mlora.memory import _OOM_ERRORS
     from mlora.pipeline.transport import connect
@@ -287,33 +327,8 @@ def eval_pipeline(args) -> int:
     try:
         check_same_everywhere(transport, fingerprint(session, stages, args.transport, evaluating=True))
         check_same_adapters(transport, cfg, saved)
-        error = None
-        try:
-            # Each rank reads (and quantizes) only its own slice, and of each adapter only the
-            # tensors of its decoder layers, with the checks one process makes.
-            session.model = load_model(session.base_dir, session.device, session.dtype,
-                                       parts=stages[place.rank], quant=session.quant)
-            session.wrappers = inject_lora(session.model, session.layout)
-            for a in cfg.lora:
-                check_rank(a, session.wrappers)
-            layers = {f"model.layers.{i}" for i in session.model.layer_ids}
-            every_layer = {f"model.layers.{i}" for i in range(session.model.args.num_layers)}
-            for a in cfg.lora:
-                if a.name in saved:
-                    adapters[a.name] = Adapter(replace(a, init_from=None), session.wrappers, cfg.seed,
-                                               session.device, stage_layers=layers, naming=session.naming,
-                                               model_layers=every_layer)
-                    adapters[a.name].load_peft(out / a.name, label="adapter")
-        except UserError as err:
-            error = str(err)
-        # Every rank learns whether every load succeeded: a rank that went on alone would send
-        # its test chunks to a rank that has given up.
-        errors = transport.exchange(error)
-        if error is not None:
-            raise UserError(error)
-        failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
-        if failed is not None:
-            raise UserError(f"rank {failed[0]}: {failed[1]}")
+        load_stage(session, stages[place.rank], transport, [a.name for a in cfg.lora if a.name in saved], adapters,
+                   check_ranks=True)
         link = StageLink(session, transport)
         session.model.eval()
         sums = []
@@ -345,4 +360,77 @@ def eval_pipeline(args) -> int:
             # JSON has no NaN: no label token (or non-finite weights) gives null, as one process does.
             print(json.dumps({"adapter": a.name, "loss": loss if math.isfinite(loss) else None, "tokens": count,
                               "weights": str(out / a.name) if a.name in saved else "base"}), flush=True)
+    return 0
+
+
+def generate_pipeline(args) -> int:
+    """`mlora generate --pipeline`: every rank loads its slice of the base and of each chosen
+    adapter (as `mlora eval --pipeline` does, with its checks and error exchange) and keeps a
+    KV cache for its own layers. The left-padded prompts go forward through the stages once;
+    then at each step the last stage picks every row's next token (mlora.generate.Decoding, the
+    code one process runs: greedy or sampled, the repetition penalty, the stop tokens), and an
+    exchange gives every rank the tokens, so each keeps the same rows, mask and done flags and
+    all stop together when every row is done; rank 0 feeds the next column and at the end
+    prints the lines one-process `mlora generate` prints (the other ranks print nothing)."""
+    from pathlib import Path
+
+    from mlora.cli import check_saved, generate_job, print_generated, quant_config
+    from mlora.generate import Decoding, longrope_switch, stop_token_ids
+    from mlora.memory import _OOM_ERRORS
+    from mlora.models.llama import KVCache
+    from mlora.pipeline.transport import connect
+    from mlora.pipeline.worker import StageLink, check_same_everywhere, digest, fingerprint
+    from mlora.session import open_session
+
+    place = resolve_place(args)
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=place.device,
+                           dtype=args.dtype, quant=quant_config(args), load_base=False, load_data=False,
+                           trust_remote_code=args.trust_remote_code)
+    job = generate_job(args, session)
+    stages = plan_stages(args.base_model, place.world_size, args.balance)
+    cfg = session.cfg
+    saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
+    stop = stop_token_ids(session.base_dir, session.tokenizer)
+    transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
+                        session.device, peer_timeout=args.peer_timeout, connect_timeout=args.connect_timeout)
+    adapters = {}
+    try:
+        # The ranks must run the same rows the same way: every rank keeps the bookkeeping.
+        request = {"requests": job.requests, "max_new_tokens": args.max_new_tokens, "sampling": repr(job.sampling),
+                   "repetition_penalty": args.repetition_penalty, "stop": sorted(stop)}
+        check_same_everywhere(transport, {**fingerprint(session, stages, args.transport),
+                                          "generation request": digest(request)})
+        check_same_adapters(transport, cfg, saved)
+        check_saved(job.names, Path(cfg.output_dir))  # (the same on every rank once the digests agree)
+        load_stage(session, stages[place.rank], transport, job.names, adapters)
+        link = StageLink(session, transport)
+        session.model.eval()
+        state = Decoding(job.requests, session.pad_id, stop, job.sampling, args.repetition_penalty,
+                         longrope_switch(session.model.args))
+        try:
+            with torch.no_grad():
+                session.layout.rows = state.rows
+                cache = KVCache()
+                x = state.ids  # [B, T]: the prompts first, then one column a step (or all again: LongRoPE)
+                for step in range(args.max_new_tokens):
+                    logits = link.generate_forward(x, state.mask, cache, step)  # [B, 1, V] on the last stage
+                    # The last stage's choice reaches every rank, which keeps the same rows.
+                    state.record(transport.exchange(state.pick(logits[:, -1]) if link.last else None)[-1])
+                    if state.finished(step, args.max_new_tokens):
+                        break
+                    column, rerun = state.advance()
+                    if rerun:  # a row grew past LongRoPE's switch: every stage runs all again
+                        cache = KVCache()
+                    x = state.fed if rerun else column
+        except _OOM_ERRORS:
+            raise UserError(f"rank {place.rank}: out of device memory generating on its stage; give fewer prompts, "
+                            f"adapters or --max_new_tokens, or split the model over more stages") from None
+        finally:
+            session.layout.rows = []
+    finally:
+        transport.close()
+        for adapter in adapters.values():
+            adapter.detach_from(session.wrappers)
+    if place.rank == 0:
+        print_generated(args, session, job, state.result())
     return 0

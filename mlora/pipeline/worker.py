@@ -96,6 +96,8 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
             if theirs.get(key) != everyone[0].get(key):
                 fix = ("pass every rank the same --dtype (its default follows each rank's GPU: bf16 from compute "
                        "capability 8.0, fp16 below)" if key == "dtype" else
+                       "start every rank with the same --prompt, --format, --adapters, --base, --max_new_tokens and "
+                       "sampling flags" if key == "generation request" else
                        "start every rank with the same --config, --balance and --base_model")
                 raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; {fix}")
 
@@ -371,6 +373,24 @@ class StageLink:
         ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts,
                                         self.received_positions(header))[cfg.name]
         return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
+
+
+    def generate_forward(self, x: torch.Tensor, mask: torch.Tensor, cache, step: int) -> torch.Tensor | None:
+        """`mlora generate --pipeline`: one forward of generation through this stage, its layers'
+        keys and values kept in `cache`. x: rank 0's token ids [B, S] (on the host); the other
+        ranks receive the previous stage's hidden states. mask [B, cache.length + S]: every
+        rank keeps its own (mlora.generate.Decoding). The last stage returns the logits of the
+        last position [B, 1, V], the others None."""
+        if self.first:
+            x = x.to(self.device)
+        else:
+            header, (x,) = self.transport.recv(self.rank - 1)
+            self.expect(header, "G", step)
+        out = self.session.model(x, mask, cache=cache, last_only=self.last)
+        if not self.last:
+            self.transport.send(self.rank + 1, {"kind": "G", "mb": step}, [out])
+            return None
+        return out
 
 
 class StageWorker(StageLink):
