@@ -933,3 +933,202 @@ def test_pipeline_eval_refuses_a_tensor_of_no_stage(tmp_path, pipe_model, eval_j
     assert (code, stdout) == (2, "") and "unexpected tensor" in one_line(stderr)
     ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [bad, bad], [3, 4])
     assert [(code, stdout, one_line(stderr)) for code, stdout, stderr in ranks] == [(2, "", one_line(stderr))] * 2
+
+
+# ------------------------------------------------------------------ mlora generate --pipeline
+
+GEN_PENALTY = 2.0
+GEN_PROMPTS = ["hi", "write a much longer prompt than the others, with many more words in it", "count to three"]
+
+
+def generate_argv(base: Path, cfg: Path, out: Path, *extra: str) -> list[str]:
+    argv = ["generate", "--base_model", str(base), "--config", str(cfg), "--output_dir", str(out), "--device", "cpu",
+            "--max_new_tokens", "8"]
+    for prompt in GEN_PROMPTS:
+        argv += ["--prompt", prompt]
+    return argv + list(extra)
+
+
+def pipeline_generate(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int], *extra: str,
+                      transport: str = "torch", per_rank: dict[int, list[str]] | None = None):
+    """`mlora generate --pipeline` over len(balance) ranks, as threads joined over a real
+    transport: each rank's (exit code, stdout, stderr). per_rank: more flags for some ranks."""
+    port = free_port()
+    argvs = {f"rank{r}": [*generate_argv(base, cfg, outs[r], *extra, *(per_rank or {}).get(r, [])), "--pipeline",
+                          "--rank", str(r), "--balance", *map(str, balance), "--transport", transport,
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), "--peer_timeout", "20",
+                          "--connect_timeout", "60"]
+             for r in range(len(balance))}
+    results = run_cli_threads(monkeypatch, argvs)
+    return [results[f"rank{r}"] for r in range(len(balance))]
+
+
+def single_generate(monkeypatch, base: Path, cfg: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli_threads(monkeypatch, {"single": generate_argv(base, cfg, out, *extra)})["single"]
+
+
+@pytest.fixture(scope="module")
+def generate_job(tmp_path_factory, pipe_model, single_runs):
+    """3 adapters one process trained, and a copy of the base whose generation_config.json
+    lists two more stop tokens, picked from what greedy generation makes without them so that
+    the rows (3 prompts of different lengths through each adapter and the bare base) stop at
+    different steps, some not at all: (base, config, output_dir)."""
+    import json
+    import shutil
+
+    from mlora.adapter import Adapter
+    from mlora.cli import build_parser, generate_job as job_of
+    from mlora.generate import greedy_generate
+    from dataclasses import replace
+
+    _, cfg, out = single_runs(3, eval_step=3)
+    base = tmp_path_factory.mktemp("gen_base") / "base"
+    shutil.copytree(pipe_model, base)
+
+    def outputs():
+        args = build_parser().parse_args(generate_argv(base, cfg, out, "--base"))
+        session = open_session(base, cfg, output_dir=str(out), device="cpu", load_data=False)
+        job = job_of(args, session)
+        for a in session.cfg.lora:
+            Adapter(replace(a, init_from=None), session.wrappers, session.cfg.seed, session.device,
+                    naming=session.naming).load_peft(out / a.name, label="adapter")
+        # (the penalty varies each row's tokens: the tiny model repeats one token)
+        return greedy_generate(session, job.requests, max_new_tokens=8, repetition_penalty=GEN_PENALTY)
+
+    free = outputs()
+    # Two tokens that stop rows at the most distinct steps (a row stops at the first it makes).
+    def lengths_with(stop):
+        return [next((i for i, t in enumerate(o) if t in stop), len(o)) for o in free]
+
+    tokens = sorted({t for o in free for t in o})
+    stops = max(([a, b] for a in tokens for b in tokens if a < b),
+                key=lambda s: (len(set(lengths_with(s))), 8 in lengths_with(s)))
+    generation_config = base / "generation_config.json"
+    raw = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
+    raw["eos_token_id"] = [raw.get("eos_token_id", 0), *stops]
+    generation_config.write_text(json.dumps(raw))
+    lengths = [len(o) for o in outputs()]
+    assert len(set(lengths)) >= 3 and 8 in lengths and min(lengths) < 8, lengths
+    return base, cfg, out
+
+
+GENERATE_CASES = [([3, 4], "torch", True), ([1, 6], "zmq", True), ([3, 2, 2], "torch", True),
+                  ([NUM_LAYERS], "torch", True), ([3, 4], "zmq", False)]
+
+
+@pytest.mark.parametrize("balance,transport,penalty", GENERATE_CASES,
+                         ids=[f"{b}-{t}{'-penalty' if p else ''}" for b, t, p in GENERATE_CASES])
+def test_pipeline_generate_prints_what_one_process_prints(pipe_model, generate_job, monkeypatch, balance,
+                                                          transport, penalty):
+    """`mlora generate --pipeline` (1, 2, 3 ranks; rank 0 holding the embedding alone in [1,
+    6]), greedy, 3 adapters and --base, prompts of different lengths; with a repetition penalty
+    the rows stop at the stop tokens at different steps: rank 0 prints exactly what one process
+    prints, the other ranks nothing."""
+    base, cfg, out = generate_job
+    extra = ["--base", *(["--repetition_penalty", str(GEN_PENALTY)] if penalty else [])]
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
+    assert code == 0 and len(single.splitlines()) == 9 and '"base_output"' in single
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out] * len(balance), balance, *extra, transport=transport)
+    assert [code for code, _, _ in ranks] == [0] * len(balance), ranks
+    assert ranks[0][1] == single
+    assert [stdout for _, stdout, _ in ranks[1:]] == [""] * (len(balance) - 1)
+
+
+@pytest.mark.parametrize("transport", ["torch", "zmq"])
+def test_pipeline_generate_samples_what_one_process_samples(pipe_model, generate_job, monkeypatch, transport):
+    """Sampling with a seed, top-k and a repetition penalty, two of the adapters: the last
+    stage draws with the generators one process draws with, and rank 0 prints the same."""
+    base, cfg, out = generate_job
+    extra = ["--adapters", "p2,p0", "--temperature", "1.5", "--top_k", "40", "--seed", "7",
+             "--repetition_penalty", "1.3"]
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
+    greedy = single_generate(monkeypatch, base, cfg, out, "--adapters", "p2,p0")[1]
+    assert code == 0 and len(single.splitlines()) == 6 and single != greedy
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [2, 5], *extra, transport=transport)
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
+
+
+def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, generate_job, monkeypatch):
+    """Each rank loads its part of an adapter from its own output_dir: every rank says in one
+    line that rank 1 lacks p1, none prints a completion."""
+    import shutil
+
+    base, cfg, out = generate_job
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "p1")
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, other], [3, 4])
+    for code, stdout, stderr in ranks:
+        assert (code, stdout) == (3, "")
+        assert one_line(stderr).startswith("mlora: pipeline error: rank 1 has no saved weights of adapter 'p1' in "
+                                           "its output_dir, rank 0 has;")
+
+
+def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch):
+    """Ranks given other prompts (or other flags) would run other rows: one line per rank."""
+    base, cfg, out = generate_job
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], per_rank={1: ["--prompt", "more"]})
+    for code, stdout, stderr in ranks:
+        assert (code, stdout) == (3, "")
+        assert one_line(stderr) == ("mlora: pipeline error: rank 1 was started with a different generation request "
+                                    "than rank 0; start every rank with the same --prompt, --format, --adapters, "
+                                    "--base, --max_new_tokens and sampling flags")
+
+
+def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, generate_job, monkeypatch):
+    """A non-finite tensor in decoder layer 3, which only rank 1 loads: rank 1 says what one
+    process says, rank 0 the same naming rank 1; exit 2 on both, nothing on stdout."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base, cfg, out = generate_job
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "p1" / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if ".layers.3." in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "p1" / "adapter_model.safetensors")
+    code, stdout, stderr = single_generate(monkeypatch, base, cfg, bad)
+    assert (code, stdout) == (2, "") and key in one_line(stderr)
+    ranks = pipeline_generate(monkeypatch, base, cfg, [bad, bad], [3, 4])
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(2, ""), (2, "")], ranks
+    assert one_line(ranks[1][2]) == one_line(stderr)
+    assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
+
+
+def test_pipeline_generate_past_the_longrope_switch(tmp_path, tokenizer_dir, monkeypatch):
+    """A LongRoPE model (switch at 8 tokens): a row growing past it makes one process run the
+    whole batch again from a fresh cache; in a pipeline every stage does (rank 0 sends every
+    token so far), and rank 0 prints what one process prints. Prompts of --format text whose
+    rows cross 8 at different steps, an adapter whose B is not zero, and the bare base."""
+    import json
+
+    from conftest import make_tiny_model
+    from mlora.adapter import Adapter
+    from test_model import LONGROPE
+    from test_train import PHI3_TARGETS, make_config
+
+    base = make_tiny_model(tmp_path / "phi3", "phi3", tokenizer_dir, num_hidden_layers=2, **LONGROPE)
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path, ["b"], out)
+    raw = json.loads(cfg.read_text())
+    raw["lora"][0]["target_modules"] = PHI3_TARGETS
+    cfg.write_text(json.dumps(raw))
+    session = open_session(base, cfg, device="cpu", load_data=False)
+    adapter = Adapter(session.cfg.lora[0], session.wrappers, 0, session.device, naming=session.naming)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, p in adapter.named_parameters():
+            p.normal_(0, 0.5)
+    adapter.save(out / "b", str(base))
+    argv = ["generate", "--base_model", str(base), "--config", str(cfg), "--device", "cpu", "--format", "text",
+            "--prompt", "a b c d e", "--prompt", "a b", "--max_new_tokens", "10", "--base"]
+    code, single, _ = run_cli_threads(monkeypatch, {"single": argv})["single"]
+    assert code == 0 and len(single.splitlines()) == 2
+    port = free_port()
+    results = run_cli_threads(monkeypatch, {
+        f"rank{r}": [*argv, "--pipeline", "--rank", str(r), "--balance", "2", "3", "--master_addr", "127.0.0.1",
+                     "--master_port", str(port), "--peer_timeout", "20", "--connect_timeout", "60"]
+        for r in range(2)})
+    assert [results[f"rank{r}"][:2] for r in range(2)] == [(0, single), (0, "")], results
