@@ -7,7 +7,9 @@
 #   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh
 #
 # COMMAND=eval evaluates the adapters saved in output_dir the same way (`mlora eval --pipeline`;
-# rank 0 prints the JSON lines, the other ranks nothing). Arguments go to mlora, e.g. --output_dir.
+# rank 0 prints the JSON lines, the other ranks nothing); COMMAND=generate completes prompts
+# with them (`mlora generate --pipeline`, e.g. --prompt "..." --base; rank 0 prints the JSON
+# lines). Arguments go to mlora, e.g. --output_dir.
 #
 # On several hosts, start each rank on its host with --master_addr set to rank 0's address.
 # Set PYTHON to the interpreter that has mlora installed (default: python3), e.g. .venv/bin/python.
@@ -19,8 +21,8 @@ BALANCE=${BALANCE:-"9 9 9 8"}
 TRANSPORT=${TRANSPORT:-torch}          # torch (NCCL between GPUs) or zmq
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-COMMAND=${COMMAND:-train}              # train or eval
-case "$COMMAND" in train|eval) ;; *) echo "launch/manual.sh: COMMAND must be train or eval, not $COMMAND" >&2; exit 2 ;; esac
+COMMAND=${COMMAND:-train}              # train, eval or generate
+case "$COMMAND" in train|eval|generate) ;; *) echo "launch/manual.sh: COMMAND must be train, eval or generate, not $COMMAND" >&2; exit 2 ;; esac
 read -r -a balance <<< "$BALANCE"
 pids=()
 for rank in "${!balance[@]}"; do

@@ -9,7 +9,8 @@
 #       --balance "9 9 9 8" --base_model /models/llama-2-7b --config config/example.json
 # Anything after `--` goes to mlora (e.g. -- --transport zmq --output_dir out).
 # --command eval evaluates the adapters saved in output_dir the same way (`mlora eval --pipeline`;
-# rank 0 prints the JSON lines, the other ranks nothing); the default is --command train.
+# rank 0 prints the JSON lines, the other ranks nothing); --command generate completes prompts
+# with them (`mlora generate --pipeline`: -- --prompt "..." --base); the default is --command train.
 # Set PYTHON to the interpreter that has mlora installed (default: python3), or TORCHRUN to the
 # torchrun command (default: $PYTHON -m torch.distributed.run).
 set -euo pipefail
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$base_model" ] && [ -n "$config" ] || { echo "launch/torchrun.sh: --base_model and --config are required" >&2; exit 2; }
-case "$command" in train|eval) ;; *) echo "launch/torchrun.sh: --command must be train or eval, not $command" >&2; exit 2 ;; esac
+case "$command" in train|eval|generate) ;; *) echo "launch/torchrun.sh: --command must be train, eval or generate, not $command" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 read -r -a torchrun <<< "${TORCHRUN:-$PY -m torch.distributed.run}"
 rdzv=(--standalone)

@@ -113,3 +113,44 @@ def test_manual_eval_two_ranks(pipe_model, single_runs):
                            "--no_progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_eval(proc.stdout, single)
+
+
+def one_process_generate(base: Path, cfg: Path, out: Path, *flags: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mlora", "generate", "--base_model", str(base), "--config", str(cfg),
+                           "--output_dir", str(out), "--device", "cpu", *flags],
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+GENERATE_FLAGS = ["--prompt", "hi", "--prompt", "count to three", "--base", "--max_new_tokens", "6",
+                  "--repetition_penalty", "1.5"]
+
+
+@pytest.mark.slow
+def test_torchrun_generate_one_node(pipe_model, single_runs):
+    """launch/torchrun.sh --command generate: rank 0's lines are one-process generate's, the
+    only lines on stdout."""
+    _, cfg, single_out = single_runs(2)
+    single = one_process_generate(pipe_model, cfg, single_out, *GENERATE_FLAGS)
+    assert len(single.splitlines()) == 4
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--command", "generate", "--nproc", "2",
+                           "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg), "--",
+                           "--output_dir", str(single_out), "--device", "cpu", *GENERATE_FLAGS],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == single
+
+
+@pytest.mark.slow
+def test_manual_generate_two_ranks(pipe_model, single_runs):
+    """launch/manual.sh with COMMAND=generate."""
+    _, cfg, single_out = single_runs(2)
+    single = one_process_generate(pipe_model, cfg, single_out, *GENERATE_FLAGS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, BASE=str(pipe_model), CONFIG=str(cfg),
+               BALANCE="3 4", DEVICE_PREFIX="cpu", MASTER_PORT=str(free_port()), COMMAND="generate")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--output_dir", str(single_out),
+                           *GENERATE_FLAGS], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == single
