@@ -295,7 +295,8 @@ def segments_of(streams: dict[str, list[MicroBatchRef]], periods: list[int]) -> 
 
 class StageLink:
     """A stage and its neighbours: what training (StageWorker) and `mlora eval --pipeline`
-    (`evaluate_stage`) share to run test chunks forward through the stages (E messages)."""
+    (`evaluate_stage`) share to run test chunks forward through the stages (E messages), and
+    the forward of `mlora generate --pipeline` (G messages, generate_forward)."""
 
     def __init__(self, session: Session, transport: Transport):
         self.session = session
