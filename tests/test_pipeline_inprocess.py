@@ -1097,23 +1097,28 @@ def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, gener
     assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
 
 
-def test_pipeline_generate_past_the_longrope_switch(tmp_path, tokenizer_dir, monkeypatch):
-    """A LongRoPE model (switch at 8 tokens): a row growing past it makes one process run the
-    whole batch again from a fresh cache; in a pipeline every stage does (rank 0 sends every
-    token so far), and rank 0 prints what one process prints. Prompts of --format text whose
-    rows cross 8 at different steps, an adapter whose B is not zero, and the bare base."""
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_pipeline_generate_past_the_rope_switch(tmp_path, tokenizer_dir, monkeypatch, rope):
+    """RoPE that changes as a row grows past 8 tokens. LongRoPE: a row growing past its switch
+    makes one process run the whole batch again from a fresh cache; in a pipeline every stage
+    does (rank 0 sends every token so far). Dynamic NTK: each stage turns every row by its own
+    length and positions, from the mask every rank keeps. Rank 0 prints what one process
+    prints: prompts of --format text whose rows cross 8 at different steps, an adapter whose B
+    is not zero, and the bare base."""
     import json
 
     from conftest import make_tiny_model
     from mlora.adapter import Adapter
-    from test_model import LONGROPE
+    from test_model import CASES as MODEL_CASES, LONGROPE
     from test_train import PHI3_TARGETS, make_config
 
-    base = make_tiny_model(tmp_path / "phi3", "phi3", tokenizer_dir, num_hidden_layers=2, **LONGROPE)
+    family, overrides = ("phi3", LONGROPE) if rope == "longrope" else MODEL_CASES["rope_dynamic"]
+    base = make_tiny_model(tmp_path / family, family, tokenizer_dir, num_hidden_layers=2, **overrides)
     out = tmp_path / "out"
     cfg = make_config(tmp_path, ["b"], out)
     raw = json.loads(cfg.read_text())
-    raw["lora"][0]["target_modules"] = PHI3_TARGETS
+    if family == "phi3":
+        raw["lora"][0]["target_modules"] = PHI3_TARGETS
     cfg.write_text(json.dumps(raw))
     session = open_session(base, cfg, device="cpu", load_data=False)
     adapter = Adapter(session.cfg.lora[0], session.wrappers, 0, session.device, naming=session.naming)
