@@ -17,75 +17,13 @@ import torch
 
 import mlora.models.moe
 from conftest import GEMMA4_MOE, make_tiny_model
-from mlora.adapter import Adapter
-from mlora.config import AdapterConfig
-from mlora.loader import load_model
-from mlora.lora import AdapterRows, BatchLayout, inject_lora
-from mlora.models.naming import naming_for
-from test_moe import B, _inputs, assert_grads_equal
+from mlora.lora import AdapterRows
+from test_gpt_oss import _peft_grads
+from test_moe import B, _inputs, _mlora_with_adapters, assert_grads_equal, backward_against_peft
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DENSE = ["gate_proj", "up_proj", "down_proj"]
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-
-
-def _gemma4_with_adapters(base, specs, use_rslora=False):
-    """mlora's model of `base` with adapters {name: (r, targets)}, every A and B drawn at random."""
-    model = load_model(base, "cpu", torch.float32)
-    layout = BatchLayout()
-    wrappers = inject_lora(model, layout)
-    adapters = {}
-    for i, (name, (r, targets)) in enumerate(specs.items()):
-        cfg = AdapterConfig(name=name, data="", r=r, alpha=2.0 * r, dropout=0.0, target_modules=targets,
-                            use_rslora=use_rslora)
-        adapters[name] = Adapter(cfg, wrappers, i, torch.device("cpu"), naming=naming_for(model.args.model_type))
-        gen = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for w in adapters[name].weights.values():
-                w.lora_A.copy_(torch.randn(w.lora_A.shape, generator=gen) * 0.2)
-                w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=gen) * 0.2)
-    model.train()
-    return model, layout, adapters
-
-
-def _peft_grads(peft_model, E: int, r: int, stacked: list[str]) -> dict[str, torch.Tensor]:
-    """PEFT's LoRA gradients under mlora's module paths. A stacked LoRA keeps expert e's A as
-    rows e*r..(e+1)*r of its A [E r, in] and its B as columns j*E + e of its B [out, r E]; with
-    both parameters targeted, gate_up_proj's wrapper is the inner one (`experts.base_layer`)."""
-    out = {}
-    for name, p in peft_model.named_parameters():
-        if "lora_" not in name:
-            continue
-        layer = re.search(r"layers\.(\d+)\.", name)[1]
-        kind = re.search(r"(lora_[AB])\.", name)[1]
-        if ".experts." not in name:
-            module = re.search(r"((self_attn|mlp)\.\w+)\.lora_", name)[1]
-            out[f"model.layers.{layer}.{module}.{kind}"] = p.grad
-            continue
-        proj = stacked[0] if len(stacked) == 1 else "gate_up_proj" if ".experts.base_layer." in name else "down_proj"
-        for e in range(E):
-            g = p.grad.view(E, r, -1)[e] if kind == "lora_A" else p.grad.view(p.shape[0], r, E)[:, :, e]
-            out[f"model.layers.{layer}.experts.{e}.{proj}.{kind}"] = g
-    return out
-
-
-def _run_against_peft(model, layout, base, adapter_dir):
-    """mlora's logits (adapter 'x' on every row) equal PEFT's with the saved adapter; the same
-    probe back-propagated through both; returns PEFT's model, holding its gradients."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    ids, mask, probe = _inputs()
-    probe = probe[..., :model.args.vocab_size]
-    layout.rows = [AdapterRows("x", 0, B)]
-    ours = model(ids, mask)
-    (ours * probe * mask[..., None]).sum().backward()
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                           adapter_dir, is_trainable=True)
-    ref = peft_model(input_ids=ids, attention_mask=mask).logits
-    assert (ours - ref).abs()[mask.bool()].max().item() < 1e-4
-    (ref * probe * mask[..., None]).sum().backward()
-    return peft_model
 
 
 @pytest.mark.parametrize("family, targets, rslora, grouped", [
@@ -104,7 +42,7 @@ def test_expert_lora_equals_peft(tmp_path, monkeypatch, family, targets, rslora,
     monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
     base = make_tiny_model(tmp_path / "base", family, **GEMMA4_MOE)
     r = 4
-    model, layout, adapters = _gemma4_with_adapters(base, {"x": (r, targets)}, use_rslora=rslora)
+    model, layout, adapters = _mlora_with_adapters(base, {"x": (r, targets)}, use_rslora=rslora)
     adapter = adapters["x"]
     assert not any(re.search(r"experts\.\d+\.(gate|up)_proj$", path) for path in adapter.weights)
     assert any(".experts." in path for path in adapter.weights) and all(
@@ -116,13 +54,13 @@ def test_expert_lora_equals_peft(tmp_path, monkeypatch, family, targets, rslora,
     plain = [t for t in targets if t not in EXPERTS]
     assert (config["target_modules"] == plain if family == "gemma4_text"
             else "language_model" in config["target_modules"])
-    peft_model = _run_against_peft(model, layout, base, tmp_path / "x")
-    expected = _peft_grads(peft_model, model.args.num_experts, r, stacked)
+    peft_model = backward_against_peft(model, layout, base, tmp_path / "x")
+    expected = _peft_grads(peft_model, model.args.num_experts, r, stacked, experts="experts")
     # (Gemma 4's fp32 sums in another order reach 3e-5 of a gradient's scale with LoRA on its
     # attention and dense MLP alone, its experts untouched)
     assert_grads_equal(adapter, expected, rtol=1e-4)
 
-    _, _, fresh = _gemma4_with_adapters(base, {"x": (r, targets)}, use_rslora=rslora)
+    _, _, fresh = _mlora_with_adapters(base, {"x": (r, targets)}, use_rslora=rslora)
     fresh["x"].load_peft(tmp_path / "x")
     for path, w in adapter.weights.items():
         assert torch.equal(fresh["x"].weights[path].lora_A, w.lora_A.detach()), path
@@ -142,7 +80,7 @@ def test_fused_batch_of_an_adapter_on_the_experts_and_one_without(tmp_path, monk
     probe = probe[..., :400]
 
     def run(names):
-        model, layout, adapters = _gemma4_with_adapters(base, specs)
+        model, layout, adapters = _mlora_with_adapters(base, specs)
         picked = torch.arange(B) if len(names) > 1 else torch.arange(*rows[names[0]])
         layout.rows = ([AdapterRows(n, *rows[n]) for n in names] if len(names) > 1
                        else [AdapterRows(names[0], 0, len(picked))])
@@ -180,7 +118,7 @@ def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     peft_model.save_pretrained(tmp_path / "x")
-    model, layout, adapters = _gemma4_with_adapters(base, {"x": (4, ["q_proj", "down_proj", *EXPERTS])})
+    model, layout, adapters = _mlora_with_adapters(base, {"x": (4, ["q_proj", "down_proj", *EXPERTS])})
     adapters["x"].load_peft(tmp_path / "x")
     ids, mask, _ = _inputs()
     layout.rows = [AdapterRows("x", 0, B)]
@@ -203,7 +141,7 @@ def test_recompute_equals_plain_with_lora_on_the_experts(tmp_path, monkeypatch, 
     ids, mask, probe = _inputs(1)
 
     def grads(recompute):
-        model, layout, adapters = _gemma4_with_adapters(base, specs)
+        model, layout, adapters = _mlora_with_adapters(base, specs)
         model.recompute = recompute
         layout.rows = [AdapterRows("a", 2, 4), AdapterRows("e", 0, 2)]
         (model(ids, mask) * probe[..., :400] * mask[..., None]).sum().backward()

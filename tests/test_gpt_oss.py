@@ -120,11 +120,12 @@ def test_an_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, caps
     assert {re.search(r"layers\.(\d+)", n)[1] for n in stage.loaded_tensor_names if "layers." in n} == {"1"}
 
 
-def _peft_grads(peft_model, E: int, r: int, stacked: list[str]) -> dict[str, torch.Tensor]:
+def _peft_grads(peft_model, E: int, r: int, stacked: list[str], experts: str = "mlp.experts") -> dict[str, torch.Tensor]:
     """PEFT's LoRA gradients under mlora's module paths. A stacked LoRA (ParamWrapper:
     peft.tuners.lora.layer.get_delta_factors) keeps expert e's A as rows e*r..(e+1)*r of its
     A [E r, in] and its B as columns j*E + e of its B [out, r E]; with both parameters
-    targeted, gate_up_proj's wrapper is the inner one (`experts.base_layer`)."""
+    targeted, gate_up_proj's wrapper is the inner one (`experts.base_layer`). experts: where a
+    layer holds them (Gemma 4 26B-A4B: beside its dense MLP, as `experts`)."""
     out = {}
     for name, p in peft_model.named_parameters():
         if "lora_" not in name:
@@ -132,13 +133,13 @@ def _peft_grads(peft_model, E: int, r: int, stacked: list[str]) -> dict[str, tor
         layer = re.search(r"layers\.(\d+)\.", name)[1]
         kind = re.search(r"(lora_[AB])\.", name)[1]
         if ".experts." not in name:
-            module = re.search(r"(self_attn\.\w+)\.lora_", name)[1]
+            module = re.search(r"((self_attn|mlp)\.\w+)\.lora_", name)[1]
             out[f"model.layers.{layer}.{module}.{kind}"] = p.grad
             continue
         proj = stacked[0] if len(stacked) == 1 else "gate_up_proj" if ".experts.base_layer." in name else "down_proj"
         for e in range(E):
             g = p.grad.view(E, r, -1)[e] if kind == "lora_A" else p.grad.view(p.shape[0], r, E)[:, :, e]
-            out[f"model.layers.{layer}.mlp.experts.{e}.{proj}.{kind}"] = g
+            out[f"model.layers.{layer}.{experts}.{e}.{proj}.{kind}"] = g
     return out
 
 

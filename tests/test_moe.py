@@ -44,7 +44,7 @@ QWEN3_NEXT_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_pr
 B, S = 4, 10
 
 
-def _mlora_with_adapters(base, specs):
+def _mlora_with_adapters(base, specs, use_rslora=False):
     """The model of `base` (a checkpoint's directory, or a model: a copy of it) with adapters
     {name: (r, targets)}, every B and A drawn at random (B starts at zero otherwise, and its
     gradient alone would be checked)."""
@@ -53,7 +53,8 @@ def _mlora_with_adapters(base, specs):
     wrappers = inject_lora(model, layout)
     adapters = {}
     for i, (name, (r, targets)) in enumerate(specs.items()):
-        cfg = AdapterConfig(name=name, data="", r=r, alpha=2.0 * r, dropout=0.0, target_modules=targets)
+        cfg = AdapterConfig(name=name, data="", r=r, alpha=2.0 * r, dropout=0.0, target_modules=targets,
+                            use_rslora=use_rslora)
         adapters[name] = Adapter(cfg, wrappers, i, torch.device("cpu"), naming=naming_for(model.args.model_type))
         gen = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
@@ -110,6 +111,7 @@ def backward_against_peft(model, layout, base, adapter_dir):
     from transformers import AutoModelForCausalLM
 
     ids, mask, probe = _inputs()
+    probe = probe[..., :model.args.vocab_size]  # (a model of a smaller vocabulary than the probe's)
     layout.rows = [AdapterRows("x", 0, B)]
     ours = model(ids, mask)
     (ours * probe * mask[..., None]).sum().backward()

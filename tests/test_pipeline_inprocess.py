@@ -867,21 +867,27 @@ def test_pipeline_eval_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, pip
                                     "them on rank 0's host only)")
 
 
-def test_pipeline_eval_fails_every_rank_when_one_cannot_load(tmp_path, pipe_model, eval_job, monkeypatch):
-    """A non-finite tensor in decoder layer 3, which only rank 1 loads: rank 1 refuses it with
-    the line one process prints, rank 0 with the same line naming rank 1 (it would otherwise
-    send its test chunks to a rank that has given up); exit 2 on both, nothing on stdout."""
+def copy_with_a_nan_in_layer_3(out: Path, bad: Path) -> tuple[Path, str]:
+    """A copy of the output directory `out` at `bad` whose adapter p1 has a NaN in a tensor of
+    decoder layer 3 (which only a later rank loads); returns it and the tensor's name."""
     import shutil
 
     from safetensors.torch import save_file
 
-    cfg, out = eval_job
-    bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     tensors = load_file(bad / "p1" / "adapter_model.safetensors")
     key = next(k for k in sorted(tensors) if ".layers.3." in k)
     tensors[key][0, 0] = float("nan")
     save_file(tensors, bad / "p1" / "adapter_model.safetensors")
+    return bad, key
+
+
+def test_pipeline_eval_fails_every_rank_when_one_cannot_load(tmp_path, pipe_model, eval_job, monkeypatch):
+    """A non-finite tensor in decoder layer 3, which only rank 1 loads: rank 1 refuses it with
+    the line one process prints, rank 0 with the same line naming rank 1 (it would otherwise
+    send its test chunks to a rank that has given up); exit 2 on both, nothing on stdout."""
+    cfg, out = eval_job
+    bad, key = copy_with_a_nan_in_layer_3(out, tmp_path / "bad")
     code, stdout, stderr = single_eval(monkeypatch, pipe_model, cfg, bad)
     assert (code, stdout) == (2, "") and key in one_line(stderr)
     ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [bad, bad], [3, 4])
@@ -1078,17 +1084,8 @@ def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeyp
 def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, generate_job, monkeypatch):
     """A non-finite tensor in decoder layer 3, which only rank 1 loads: rank 1 says what one
     process says, rank 0 the same naming rank 1; exit 2 on both, nothing on stdout."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     base, cfg, out = generate_job
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    tensors = load_file(bad / "p1" / "adapter_model.safetensors")
-    key = next(k for k in sorted(tensors) if ".layers.3." in k)
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, bad / "p1" / "adapter_model.safetensors")
+    bad, key = copy_with_a_nan_in_layer_3(out, tmp_path / "bad")
     code, stdout, stderr = single_generate(monkeypatch, base, cfg, bad)
     assert (code, stdout) == (2, "") and key in one_line(stderr)
     ranks = pipeline_generate(monkeypatch, base, cfg, [bad, bad], [3, 4])
