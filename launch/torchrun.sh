@@ -17,6 +17,11 @@ set -euo pipefail
 command=train; nproc=1; nnodes=1; node_rank=0; rdzv_endpoint=""; balance=""; base_model=""; config=""
 while [ $# -gt 0 ]; do
     case "$1" in
+        --command|--nproc|--nnodes|--node_rank|--rdzv_endpoint|--balance|--base_model|--config)
+            # (set -u would otherwise end a value-less last option with bash's "unbound variable")
+            [ $# -ge 2 ] || { echo "launch/torchrun.sh: $1 needs a value" >&2; exit 2; } ;;
+    esac
+    case "$1" in
         --command) command=$2; shift 2 ;;
         --nproc) nproc=$2; shift 2 ;;
         --nnodes) nnodes=$2; shift 2 ;;

@@ -154,3 +154,17 @@ def test_manual_generate_two_ranks(pipe_model, single_runs):
                            *GENERATE_FLAGS], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == single
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--base_model", "m", "--config", "c", "--command"], "--command needs a value"),
+    (["--base_model", "m", "--config"], "--config needs a value"),
+    (["--base_model", "m", "--config", "c", "--command", "serve"], "--command must be train, eval or generate"),
+    (["--config", "c"], "--base_model and --config are required"),
+])
+def test_torchrun_script_bad_options_are_one_line(args, message):
+    """(A value-less last option was bash's "unbound variable" under set -u.)"""
+    done = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON="false"), cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip() == f"launch/torchrun.sh: {message}" + (
+        "" if "must be" not in message else ", not serve"), done.stderr
