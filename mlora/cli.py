@@ -278,10 +278,10 @@ def cmd_generate(args) -> int:
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
                            dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, load_data=False)
     job = generate_job(args, session)
-    check_saved(job.names, Path(session.cfg.output_dir))
+    out = Path(session.cfg.output_dir)
+    check_saved(job.names, out)
     session.load_base()
     by_name = {a.name: a for a in session.cfg.lora}
-    out = Path(session.cfg.output_dir)
     for name in job.names:
         adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,
                           naming=session.naming)

@@ -76,7 +76,7 @@ _SAVED_ANYWAY = {"attn_out"}
 
 
 def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool = False,
-                      sparse: bool = True) -> dict[str, tuple[int, int]]:
+                      sparse: bool = True, beside_experts: bool = True) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
     LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
@@ -87,7 +87,8 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
     layer's (no k/v projections; its MLP double-wide with double_wide_mlp). sparse=False: a dense
     layer's MLP (Llama 4's take LoRA; a sparse layer's MLP targets are its shared expert's, as wide
     as an expert). Gemma 4 26B-A4B's experts, beside every layer's dense MLP, add one expert's
-    experts.gate_up_proj and experts.down_proj (config.EXPERT_TARGET_MODULES)."""
+    experts.gate_up_proj and experts.down_proj (config.EXPERT_TARGET_MODULES), unless
+    beside_experts is False (the layer's own projections only)."""
     H = args.hidden_size
     I = args.moe_intermediate_size if args.is_moe and sparse else args.intermediate_size  # (MoE: each expert's)
     I *= 2 if kv_shared and args.double_wide_mlp else 1
@@ -98,7 +99,7 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
             kv_shared and name in ("k_proj", "v_proj"))}
     mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
     beside = {}
-    if args.moe_beside_mlp:  # Gemma 4 26B-A4B: one expert's (num_experts of them per layer), beside the dense MLP
+    if args.moe_beside_mlp and beside_experts:  # Gemma 4 26B-A4B: one expert's (num_experts per layer), beside the dense MLP
         Ie = args.moe_intermediate_size
         beside = {"experts.gate_up_proj": (H, 2 * Ie), "experts.down_proj": (Ie, H)}
     return {**mixers, **mlp, "down_proj": (I, H), **beside}
@@ -531,7 +532,7 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
     # an MoE model's dense MLPs are no targets
     on_layer = adapters if sparse or not args.is_moe or not experts else _without_mlp(adapters)
     # (Gemma 4 26B-A4B's experts beside the dense MLP: counted below, as a sparse MLP's)
-    here = {m: shape for m, shape in projection_shapes(args, mixer, kv_shared).items() if m not in EXPERT_TARGET_MODULES}
+    here = projection_shapes(args, mixer, kv_shared, beside_experts=False)
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
     # dropped-out copy and a mask of each input (counting fused's or triton's underestimated it)
@@ -902,8 +903,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     mixer = {}
     # (Gemma 4's full layers: their own sizes; its KV-shared layers: no k/v projections nor k norm)
     for layer_kind, kv_shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)} - {("linear", False)}:
-        shapes = {m: shape for m, shape in projection_shapes(args, layer_kind, kv_shared).items()
-                  if m not in EXPERT_TARGET_MODULES}  # (Gemma 4 26B-A4B's experts: `beside`, below)
+        # (Gemma 4 26B-A4B's experts: `beside`, below)
+        shapes = projection_shapes(args, layer_kind, kv_shared, beside_experts=False)
         attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
         # (the biases of q/k/v_proj or qkv_proj, and o_proj)
         biases = sum(o for m, (_, o) in shapes.items() if m not in {*_MLP_TARGETS, "o_proj"}) * args.attention_bias

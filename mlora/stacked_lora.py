@@ -20,12 +20,11 @@ such parameters, so their LoRA has the same layout: gate_up_proj's A [E r, H], B
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
 from torch import Tensor
-
-import re
 
 from mlora.models.naming import STACKED_PROJECTIONS
 

@@ -88,14 +88,13 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
     # a sparse layer: k experts per token, a shared expert, and the router (E outputs: E / 3 of a width)
     sparse = (margs.num_experts_per_tok * margs.moe_intermediate_size + margs.shared_expert_intermediate_size
               + margs.num_experts // 3)
-    from mlora.config import EXPERT_TARGET_MODULES
     from mlora.lora import MLP_MODULES
     from mlora.memory import projection_shapes
 
     # a layer's attention parameters (latent attention's too, whose head_dim is only a RoPE part;
     # Qwen3.5's layers have softmax or linear attention)
-    mixers = {kind: sum(i * o for m, (i, o) in projection_shapes(margs, kind).items()
-                        if m not in MLP_MODULES and m not in EXPERT_TARGET_MODULES)
+    mixers = {kind: sum(i * o for m, (i, o) in projection_shapes(margs, kind, beside_experts=False).items()
+                        if m not in MLP_MODULES)
               for kind in set(margs.layer_kinds)}
     widths = {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}
     if margs.moe_beside_mlp:  # Gemma 4 26B-A4B: every layer's dense MLP and the experts beside it
