@@ -108,6 +108,21 @@ def is_finished(output_dir, tag: str = "") -> bool:
     return (checkpoint_root(output_dir) / _finished_name(tag)).is_file()
 
 
+def unfinished_run(output_dir, tag: str = "") -> Path | None:
+    """The newest checkpoint of a run in output_dir that did not finish, or None: what a fresh
+    start would delete (`clear`), which is hours of work when --resume was only forgotten."""
+    if is_finished(output_dir, tag):
+        return None
+    found = list_checkpoints(output_dir, tag)
+    return found[-1][1] if found else None
+
+
+def refuse_to_clear(newest: Path) -> UserError:
+    """The one line for a fresh start over an unfinished run (`unfinished_run`)."""
+    return UserError(f"output_dir {newest.parent.parent} holds an unfinished run (newest checkpoint: {newest.name}); "
+                     f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
+
+
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     """Verify and read one checkpoint; any corruption or mismatch is a one-line UserError."""
     manifest_path = path / "manifest.json"

@@ -100,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--seed", type=_seed, help="overrides the config's seed")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output_dir that holds an unfinished run, deleting its checkpoints "
+                            "(without it, such a start is refused: --resume may have been forgotten)")
     _add_pipeline(p)
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
@@ -183,6 +187,9 @@ def cmd_train(args) -> int:
     # before the (long) load: a bad output_dir fails at once
     created = prepare_output_dir(out, [a.name for a in session.cfg.lora])
     with output_dir_lock(out):
+        # (under the lock: a run still writing there is the lock's one line, not this one)
+        if not (args.resume or args.overwrite) and (newest := checkpoint.unfinished_run(out)) is not None:
+            raise checkpoint.refuse_to_clear(newest)
         try:
             session.load_base()
         except BaseException:  # weights that do not fit config.json, or Ctrl-C: leave nothing behind

@@ -130,6 +130,31 @@ def test_resume_edge_cases(tmp_path, tiny_llama, reference, capsys):
     assert "nothing to resume" in capsys.readouterr().out
 
 
+def test_a_fresh_start_over_an_unfinished_run_is_refused_unless_overwrite(tmp_path, tiny_llama, reference, capsys):
+    """Starting again without --resume would delete the checkpoints of a run that did not
+    finish (hours of work, when --resume was only forgotten): one line, nothing touched."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "checkpoints" / "FINISHED.json").unlink()  # as a run killed after its last checkpoint
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    newest = list_checkpoints(out)[-1][1].name
+    args = ["train", "--base_model", str(tiny_llama), "--config", str(write_config(tmp_path, out)), "--no_progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mlora: error: output_dir {out} holds an unfinished run (newest checkpoint: {newest}); "
+                   f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit) as exit_:  # the two contradict each other: argparse's one line
+        main([*args, "--resume", "--overwrite"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert_same_run(out, reference)
+    assert main(args) == 0  # over a finished run: a fresh start (its adapters are replaced)
+
+
 def test_save_total_limit_keeps_the_newest(tmp_path, tiny_llama):
     out = tmp_path / "out"
     cfg = write_config(tmp_path, out, save_total_limit=2)

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -122,6 +123,17 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
     return checkpoint.load_checkpoint(path, run_print)
 
 
+def refuse_unfinished_runs(transport, output_dir: str, tag: str, overwrite: bool) -> None:
+    """A fresh start (no --resume) deletes every rank's checkpoints: refused on every rank, as
+    in one process, when any rank holds an unfinished run's, unless it was --overwrite."""
+    newest = None if overwrite else checkpoint.unfinished_run(output_dir, tag)
+    found = transport.exchange(None if newest is None else str(newest))
+    culprit = next(((rank, Path(path)) for rank, path in enumerate(found) if path is not None), None)
+    if culprit is not None:
+        rank, path = culprit
+        raise UserError(f"rank {rank}: {checkpoint.refuse_to_clear(path)}")
+
+
 def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
     from mlora.cli import prepare_output_dir, quant_config, remove_if_still_empty
@@ -158,15 +170,21 @@ def train_pipeline(args) -> int:
     run_print = {**checkpoint.run_fingerprint(session), "stages": stages,
                  "save_step": session.cfg.save_step}
     try:
-        if not args.resume:
-            checkpoint.clear(session.cfg.output_dir, tag)  # before the start-up barrier below
         try:
-            check_same_everywhere(transport, fingerprint(session, stages, args.transport))
+            # --resume too: a rank resuming beside one starting afresh would exchange out of step
+            check_same_everywhere(transport, {**fingerprint(session, stages, args.transport), "--resume": args.resume})
         except BaseException:  # ranks of different jobs: nothing was written
             remove_if_still_empty(created)
             raise
         state = None
-        if args.resume:
+        if not args.resume:
+            try:
+                refuse_unfinished_runs(transport, session.cfg.output_dir, tag, args.overwrite)
+            except UserError:  # (another rank's run: this rank's output_dir may be new)
+                remove_if_still_empty(created)
+                raise
+            checkpoint.clear(session.cfg.output_dir, tag)
+        else:
             state = resume_state(transport, session.cfg.output_dir, tag, run_print)
             if state is None:
                 print(f"mlora: rank {place.rank}: nothing to resume: the run in "
@@ -211,7 +229,6 @@ def saved_adapters(cfg) -> dict[str, str]:
     output_dir/<name>: the adapters `mlora eval` loads (the others are evaluated on the bare
     base). Every rank loads its part from its own output_dir, so the ranks compare these."""
     import hashlib
-    from pathlib import Path
 
     from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
 
@@ -261,7 +278,6 @@ def load_stage(session, parts: list[str], transport, names: list[str], adapters:
     send its batches to a rank that has given up. check_ranks: refuse every adapter of the
     config that training refuses (`mlora eval`)."""
     from dataclasses import replace
-    from pathlib import Path
 
     from mlora.adapter import Adapter, check_rank
 
@@ -302,7 +318,6 @@ def eval_pipeline(args) -> int:
     that do not fit) fails every rank, each with one line."""
     import json
     import math
-    from pathlib import Path
 
     from tqdm import tqdm
 
@@ -371,8 +386,6 @@ def generate_pipeline(args) -> int:
     exchange gives every rank the tokens, so each keeps the same rows, mask and done flags and
     all stop together when every row is done; rank 0 feeds the next column and at the end
     prints the lines one-process `mlora generate` prints (the other ranks print nothing)."""
-    from pathlib import Path
-
     from mlora.cli import check_saved, generate_job, print_generated, quant_config
     from mlora.generate import Decoding, longrope_switch, stop_token_ids
     from mlora.memory import _OOM_ERRORS

@@ -94,7 +94,8 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
     for rank, theirs in enumerate(everyone):
         for key in mine:
             if theirs.get(key) != everyone[0].get(key):
-                fix = ("pass every rank the same --dtype (its default follows each rank's GPU: bf16 from compute "
+                fix = ("start every rank with --resume, or none" if key == "--resume" else
+                       "pass every rank the same --dtype (its default follows each rank's GPU: bf16 from compute "
                        "capability 8.0, fp16 below)" if key == "dtype" else
                        "start every rank with the same --prompt, --format, --adapters, --base, --max_new_tokens and "
                        "sampling flags" if key == "generation request" else
