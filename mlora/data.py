@@ -6,12 +6,15 @@ A dataset is a JSON array or a JSONL file of rows. Three row shapes are understo
 * chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;
 * text    {"text"}  tokenized as is (plain language modelling; also used by evaluation).
 
+A key that appears twice in one JSON object is an error (json keeps the last silently).
+
 Every row becomes an Example: input_ids plus labels aligned with them (HF convention: the
 model's loss shifts labels by one), with IGNORE_INDEX on tokens that are not trained.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import sys
@@ -79,10 +82,19 @@ def load_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     text = _read_text(path)
     stripped = text.lstrip()
-    if path.suffix == ".jsonl" or not stripped.startswith("["):
-        rows = _parse_jsonl(path, text)
-    else:
-        rows = _parse_json_array(path, text)
+    # Without the cyclic garbage collector while parsing: JSON makes no cycles, and its passes
+    # over the growing rows took most of the time (50,000 chat rows as an array: 614 ms, 206
+    # without), more of it with _DuplicateKeys's extra objects.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if path.suffix == ".jsonl" or not stripped.startswith("["):
+            rows = _parse_jsonl(path, text)
+        else:
+            rows = _parse_json_array(path, text)
+    finally:
+        if collecting:
+            gc.enable()
     if not rows:
         raise UserError(f"{path}: the dataset is empty (no rows)")
     return rows
@@ -102,13 +114,56 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
+class _DuplicateKeys:
+    """json's object_pairs_hook: builds each object as json does, and keeps the first one that
+    names a key twice (json would keep the last value without a word), so that the caller can
+    say which row holds it. Flagging rather than raising: the hook sees objects innermost first
+    and cannot tell which row of an array it is in. The pairs and a Python call per object cost
+    ~1 µs an object: load_rows reads 50,000 alpaca rows as an array in ~120 ms instead of ~87,
+    as JSONL or chat rows no slower than without it (its GC pass is saved); tokenizing them
+    takes ~30 s."""
+
+    def __init__(self) -> None:
+        self.found: tuple[dict, str] | None = None  # (the object, its repeated key)
+
+    def __call__(self, pairs: list[tuple[str, object]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs) and self.found is None:
+            seen: set[str] = set()
+            self.found = (obj, next(k for k, _ in pairs if k in seen or seen.add(k)))
+        return obj
+
+    def message(self, row: dict) -> str:
+        """The duplicate, placed in `row` (which holds the flagged object)."""
+        obj, key = self.found
+        where = _path_to(row, obj)
+        return f"{where + ': ' if where else ''}key {key!r} appears twice in the same JSON object"
+
+
+def _path_to(root, target) -> str | None:
+    """Where the object `target` sits inside `root` ("messages[1]"; "" for root itself; None if
+    nowhere). Iterative: a row may nest as deep as json's recursion limit allowed."""
+    stack = [(root, "")]
+    while stack:
+        value, where = stack.pop()
+        if value is target:
+            return where
+        if isinstance(value, dict):
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return None
+
+
 def _parse_jsonl(path: Path, text: str) -> list[dict]:
     rows = []
+    duplicates = _DuplicateKeys()
+    decoder = json.JSONDecoder(object_pairs_hook=duplicates)
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = decoder.decode(line)
         except json.JSONDecodeError as e:
             if lineno == 1 and path.suffix != ".jsonl" and line.strip() == "{":
                 # A pretty-printed object: the file is one JSON value spread over lines.
@@ -117,6 +172,8 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
             raise UserError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        if duplicates.found:
+            raise UserError(f"{path}:{lineno}: {duplicates.message(row)}")
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")
         rows.append(row)
@@ -124,12 +181,16 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
 
 
 def _parse_json_array(path: Path, text: str) -> list[dict]:
+    duplicates = _DuplicateKeys()
     try:
-        data = json.loads(text)
+        data = json.JSONDecoder(object_pairs_hook=duplicates).decode(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply to read") from None
+    if duplicates.found:  # (the text starts with "[": data is a list, and a row holds the object)
+        i = next(i for i, row in enumerate(data) if _path_to(row, duplicates.found[0]) is not None)
+        raise UserError(f"{path}: row {i}: {duplicates.message(data[i])}")
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of objects, got {_json_type(data)}")
     for i, row in enumerate(data):

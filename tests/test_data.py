@@ -101,6 +101,35 @@ def test_non_object_rows(tmp_path):
         load_rows(array)
 
 
+DUPLICATES = [  # (file name, content, where the message places the duplicate)
+    ("d.jsonl", '{"text": "a"}\n\n{"instruction": "a", "instruction": "b", "output": "c"}\n',
+     ":3: key 'instruction'"),
+    ("d.jsonl", '{"messages": [{"role": "user", "content": "a"},'
+                ' {"role": "assistant", "content": "b", "content": "c"}]}\n', ":1: messages[1]: key 'content'"),
+    ("d.json", '[{"text": "a"},\n {"instruction": "a", "output": "b", "output": "c"}]', ": row 1: key 'output'"),
+    ("d.json", '[{"text": "a"}, {"text": "b", "meta": {"k": 1}},\n'
+               ' {"messages": [{"role": "user", "role": "x", "content": "a"}]}]', ": row 2: messages[0]: key 'role'"),
+]
+
+
+@pytest.mark.parametrize("name,content,where", DUPLICATES)
+def test_a_key_twice_in_one_object_is_an_error(tmp_path, name, content, where):
+    """json keeps the last of two equal keys without a word: the row would train on one of them."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_rows(path)
+    assert str(err.value) == f"{path}{where} appears twice in the same JSON object"
+
+
+def test_equal_keys_in_different_objects_are_no_duplicate(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"instruction": "a", "input": "b", "output": "c", "meta": {"instruction": 1, "output": [{"output": 2}]}}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    assert load_rows(path) == rows
+
+
 # --------------------------------------------------------------------------- templates
 
 
