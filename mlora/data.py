@@ -6,7 +6,9 @@ A dataset is a JSON array or a JSONL file of rows. Three row shapes are understo
 * chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;
 * text    {"text"}  tokenized as is (plain language modelling; also used by evaluation).
 
-A key that appears twice in one JSON object is an error (json keeps the last silently).
+A key that appears twice in one JSON object is an error (json keeps the last silently); keys
+that no row shape reads are ignored, and unread_keys_note tells which (a misspelt "inptu" would
+otherwise train every row without its input).
 
 Every row becomes an Example: input_ids plus labels aligned with them (HF convention: the
 model's loss shifts labels by one), with IGNORE_INDEX on tokens that are not trained.
@@ -14,14 +16,16 @@ model's loss shifts labels by one), with IGNORE_INDEX on tokens that are not tra
 
 from __future__ import annotations
 
+import difflib
 import gc
 import json
 import re
 import sys
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +39,9 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 
 # The key that identifies each row shape.
 _SHAPE_KEYS = {"alpaca": "instruction", "chat": "messages", "text": "text"}
+# The keys each row shape reads (a chat message's: _MESSAGE_KEYS, and what its template names).
+_READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+_MESSAGE_KEYS = ("role", "content")
 
 
 @dataclass
@@ -283,9 +290,14 @@ def _parse_template(path: Path) -> PromptTemplate:
 # --------------------------------------------------------------------------- encoding rows
 
 
+def _shapes(keys: Collection[str]) -> list[str]:
+    """The shapes whose identifying key is among `keys` (a row, or its keys)."""
+    return [shape for shape, key in _SHAPE_KEYS.items() if key in keys]
+
+
 def row_shape(row: dict) -> str:
     """'alpaca', 'chat' or 'text', detected by the row's keys; UserError if none or several."""
-    shapes = [shape for shape, key in _SHAPE_KEYS.items() if key in row]
+    shapes = _shapes(row)
     if not shapes:
         raise UserError(f"unknown row shape (keys: {', '.join(map(str, row)) or 'none'}); expected "
                         f"'instruction'/'input'/'output', 'messages', or 'text'")
@@ -293,6 +305,82 @@ def row_shape(row: dict) -> str:
         keys = ", ".join(repr(_SHAPE_KEYS[s]) for s in shapes)
         raise UserError(f"row mixes shapes ({' and '.join(shapes)}: keys {keys}); use one")
     return shapes[0]
+
+
+def unread_keys_note(rows: Sequence[dict], tokenizer) -> str | None:
+    """What a note about `rows` should say of their keys that nothing reads, or None when every
+    key is read: each such key with the number of rows holding it, likely misspellings of a key
+    the row lacks first ("did you mean 'input'?"). Real datasets carry extra columns (ids,
+    sources), so this is a note, not an error. A chat message's keys other than role and content
+    reach the tokenizer's chat template, which may read any of them (name, tool_calls,
+    reasoning_content...): only those its source never names are told. Rows of no single shape
+    are skipped (encoding names them)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # several named templates
+        template = "\n".join(template.values())
+
+    def row_layout(keys: tuple[str, ...]) -> tuple[str | None, dict[str, list[str]]]:
+        """The shape of rows with these keys (None: none or several) and their unread keys, each
+        with the key it may be a misspelling of."""
+        shapes = _shapes(keys)
+        if len(shapes) != 1:
+            return None, {}
+        read = _READ_KEYS[shapes[0]]
+        absent = [k for k in read if k not in keys]
+        return shapes[0], {k: _near(k, absent) for k in keys if k not in read}
+
+    def message_layout(keys: tuple[str, ...]) -> dict[str, list[str]]:
+        absent = [k for k in _MESSAGE_KEYS if k not in keys]
+        return {k: _near(k, absent) for k in keys if k not in _MESSAGE_KEYS
+                and not re.search(rf"(?<!\w){re.escape(k)}(?!\w)", template)}
+
+    counts: dict[tuple[str, str], int] = {}  # (where: "row" or "message", key) -> rows holding it
+    hints: dict[tuple[str, str], set[str]] = {}  # -> keys it may be a misspelling of
+    told: set[str] = set()  # the shapes (and "message") whose keys are told
+
+    def tally(where: str, strays: dict[str, list[str]], n: int) -> None:
+        for key, near in strays.items():
+            counts[where, key] = counts.get((where, key), 0) + n
+            hints.setdefault((where, key), set()).update(near)
+
+    # Rows share a few key layouts, each worked out once: counting them is C's work (~20 ms for
+    # 50,000 rows, against tens of seconds to tokenize them).
+    for keys, n in Counter(map(tuple, rows)).items():
+        shape, strays = row_layout(keys)
+        if strays:
+            told.add(shape)
+            tally("row", strays, n)
+    # A chat row counts once however many of its messages hold a key.
+    chats = (row["messages"] for row in rows if "messages" in row and len(_shapes(row)) == 1)
+    conversations = Counter(frozenset(tuple(m) for m in messages if isinstance(m, dict))
+                            for messages in chats if isinstance(messages, list))
+    for layouts, n in conversations.items():
+        strays = {}
+        for keys in layouts:
+            for key, near in message_layout(keys).items():
+                strays.setdefault(key, []).extend(near)
+        if strays:
+            told.add("message")
+            tally("message", strays, n)
+    if not counts:
+        return None
+    order = sorted(counts, key=lambda wk: (not hints[wk], -counts[wk], wk))  # misspellings, then most rows
+    shown = []
+    for where, key in order[:8]:
+        n = counts[where, key]
+        hint = "".join(f"; did you mean {h!r}?" for h in sorted(hints[where, key])[:1])
+        shown.append(f"{key!r}{' in messages' if where == 'message' else ''} ({n} row{'s' if n != 1 else ''}{hint})")
+    if len(order) > 8:
+        shown.append(f"and {len(order) - 8} more")
+    reads = [f"{shape} rows read {', '.join(_READ_KEYS[shape])}" for shape in _READ_KEYS if shape in told]
+    if "message" in told:
+        reads.append(f"chat messages read {', '.join(_MESSAGE_KEYS)} and the keys the chat template names")
+    return f"keys not read: {', '.join(shown)}; {'; '.join(reads)}"
+
+
+def _near(key: str, candidates: Iterable[str]) -> list[str]:
+    """The candidate `key` may be a misspelling of (as config.py's hints find them), if any."""
+    return difflib.get_close_matches(key.lower(), list(candidates), n=1)
 
 
 def encode_row(row: dict, tokenizer, template: PromptTemplate, cutoff_len: int,

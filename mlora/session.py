@@ -13,7 +13,7 @@ import torch
 
 from mlora.config import (EXPERT_TARGET_MODULES, MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config,
                           projection_of)
-from mlora.data import Example, encode_rows, load_rows, load_template
+from mlora.data import Example, encode_rows, load_rows, load_template, unread_keys_note
 from mlora.device import dtype_note, resolve_device, resolve_dtype
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
@@ -217,8 +217,17 @@ def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: 
             hf_logging.set_verbosity(verbosity)
 
 
-def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inputs: bool) -> list[Example]:
+def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inputs: bool,
+                noted: set[str] | None = None) -> list[Example]:
+    """The file's rows, encoded. Before encoding, a note on stderr names the keys that no row
+    shape reads (a misspelt "inptu" drops every row's input); once per file: `noted` holds the
+    files already told (None: tell nothing)."""
     rows = load_rows(path)
+    if noted is not None and os.path.realpath(path) not in noted:
+        noted.add(os.path.realpath(path))
+        note = unread_keys_note(rows, tokenizer)
+        if note:
+            print(f"mlora: note: {path}: {note}", file=sys.stderr)
     return encode_rows(rows, tokenizer, load_template(prompt), cutoff_len, train_on_inputs, source=str(path))
 
 
@@ -226,13 +235,14 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
                  load_base: bool = True, load_data: bool = True, trust_remote_code: bool = False,
-                 reads: str = "train") -> Session:
+                 reads: str = "train", data_notes: bool = True) -> Session:
     """Everything a command needs, checked before work starts. reads: the command, by the data
     it reads (config.READS): "train" every adapter's rows; "eval" its test rows only (the
     training rows where it has no test_data, which stand in for them; session.data's train
     is empty otherwise); "generate" none (session.data stays empty; load_data=False says the
     same). trust_remote_code: the base's tokenizer may run code shipped with it (ChatGLM,
-    Baichuan)."""
+    Baichuan). data_notes: tell the keys of the data files that nothing reads (a pipeline's
+    ranks read the same files: rank 0 tells)."""
     reads = reads if load_data else "generate"
     check_kernel()
     check_cross_entropy()
@@ -271,11 +281,12 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         raise UserError(f"base_model {base_dir}: the tokenizer's padding token id {pad} is outside the "
                         f"model's vocab_size {vocab} (is the tokenizer the model's?)")
     data = {}
+    noted = set() if data_notes else None  # adapters may share a file: one note for it
     for a in cfg.lora if reads != "generate" else ():
         # (eval with test_data: the training rows, maybe millions, are not read at all)
-        train = (encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
+        train = (encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
                  if reads == "train" or not a.test_data else [])
-        test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs)
+        test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
                 if a.test_data else train)
         for path, examples in ((a.data, train), (a.test_data, test)) if test is not train else ((a.data, train),):
             # Before anything is written: an id past the embedding would fail mid-run.

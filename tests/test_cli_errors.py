@@ -232,6 +232,33 @@ def test_data_that_is_not_valid_unicode(setup, tiny_llama, capsys):
     check(*run_train(capsys, tiny_llama, config()), out, f"{data}: row 1: 'text' is not valid Unicode", "'\\ud800'")
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("rank", [None, 0, 1])
+def test_keys_no_row_shape_reads_are_noted_once_per_file(setup, tiny_llama, capsys, command, rank):
+    """The note comes before encoding, so it explains the error a misspelling leads to; adapters
+    reading one file (also as test data) hear of it once, and of a pipeline's ranks, which all
+    read it, rank 0 tells."""
+    tmp, shared, out, config = setup
+    shared.write_text(json.dumps({"instruction": "say hi", "inptu": "now", "output": "hi"}) + "\n")
+    bad = tmp / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "say hi", "outptu": "hi"}) + "\n")
+    cfg = config()
+    adapters = json.loads(cfg.read_text())
+    adapters["lora"] += [{**adapters["lora"][0], "name": "b", "test_data": str(shared)},
+                         {**adapters["lora"][0], "name": "c", "data": str(bad)}]
+    cfg.write_text(json.dumps(adapters))
+    pipeline = () if rank is None else ("--pipeline", "--rank", str(rank), "--world_size", "2")
+    capsys.readouterr()
+    code = main([command, "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", *pipeline])
+    err = capsys.readouterr().err.strip()
+    notes = [f"mlora: note: {shared}: keys not read: 'inptu' (1 row; did you mean 'input'?); alpaca rows read "
+             "instruction, input, output",
+             f"mlora: note: {bad}: keys not read: 'outptu' (1 row; did you mean 'output'?); alpaca rows read "
+             "instruction, input, output"]
+    error = f"mlora: error: {bad}: row 0: missing 'output'"
+    assert code == 2 and err.splitlines() == notes * (rank != 1) + [error], err
+
+
 @pytest.mark.parametrize("flag,value,fragment", [("--master_port", "99999", "1..65535"),
                                                 ("--peer_timeout", "0", "more than 0"),
                                                 ("--connect_timeout", "-1", "more than 0"),

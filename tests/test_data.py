@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mlora.data import (
     load_template,
     pad_batch,
     pad_rows,
+    unread_keys_note,
 )
 from mlora.errors import UserError
 
@@ -401,6 +403,36 @@ def test_encode_rows(tokenizer, alpaca):
     rows = [{"text": "one two"}, {"instruction": "x", "output": "y"}, {"messages": CHAT[1:3]}]
     examples = encode_rows(rows, tokenizer, alpaca, 64, False, source="d")
     assert [e.input_ids for e in examples] == [encode(r, tokenizer, alpaca, 64).input_ids for r in rows]
+
+
+def test_keys_that_no_row_shape_reads_are_noted(tokenizer):
+    """A misspelt key trains every row without it; extra columns are common and only told.
+    Likely misspellings come first, then by rows; a row counts once however many messages."""
+    rows = ([{"instruction": "a", "inptu": "b", "output": "c", "source": "s"}] * 2
+            + [{"instruction": "a", "input": "b", "output": "c", "source": "s", "outputs": "d"}]
+            + [{"messages": [{"role": "user", "contnet": "a"},
+                             {"role": "assistant", "contnet": "b", "content": "c"}]}]
+            + [{"text": "a", "id": 7}])
+    assert unread_keys_note(rows, tokenizer) == (
+        "keys not read: 'inptu' (2 rows; did you mean 'input'?), 'contnet' in messages (1 row; did you mean "
+        "'content'?), 'source' (3 rows), 'id' (1 row), 'outputs' (1 row); alpaca rows read instruction, input, "
+        "output; text rows read text; chat messages read role, content and the keys the chat template names")
+
+
+def test_message_keys_the_chat_template_names_are_read(tokenizer):
+    """Templates read more of a message than role and content (a tool call's name, reasoning),
+    but a row's own "tools" never reaches apply_chat_template."""
+    rows = [{"messages": [{"role": "user", "content": "a", "name": "bob", "reasoning_content": "r"}], "tools": []}]
+    named = SimpleNamespace(chat_template=tokenizer.chat_template + "{{ m.name }}{{ m['reasoning_content'] }}")
+    assert unread_keys_note(rows, named) == "keys not read: 'tools' (1 row); chat rows read messages"
+    assert "'name' in messages (1 row)" in unread_keys_note(rows, tokenizer)
+    assert "'reasoning_content' in messages (1 row)" in unread_keys_note(rows, tokenizer)
+
+
+def test_no_note_when_every_key_is_read(tokenizer):
+    rows = [{"text": "a"}, {"instruction": "a", "input": "b", "output": "c"}, {"instruction": "a", "output": "c"},
+            {"messages": CHAT}]
+    assert unread_keys_note(rows, tokenizer) is None
 
 
 def test_tokenizer_without_eos(tokenizer, alpaca):

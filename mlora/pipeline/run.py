@@ -147,7 +147,7 @@ def train_pipeline(args) -> int:
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
                            device=place.device, dtype=args.dtype, seed=args.seed,
                            quant=quant_config(args), load_base=False,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, data_notes=place.rank == 0)
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
@@ -330,7 +330,7 @@ def eval_pipeline(args) -> int:
     place = resolve_place(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir,
                            device=place.device, dtype=args.dtype, quant=quant_config(args), load_base=False,
-                           trust_remote_code=args.trust_remote_code, reads="eval")
+                           trust_remote_code=args.trust_remote_code, reads="eval", data_notes=place.rank == 0)
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     cfg = session.cfg
     out = Path(cfg.output_dir)
