@@ -18,12 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from mlora.errors import PipelineError
-from mlora.loader import load_model
-from mlora.lora import inject_lora
 from mlora.metrics import read_metrics
-from mlora.pipeline.run import plan_stages
+from mlora.pipeline.run import plan_stages, start_stage
 from mlora.pipeline.transport import connect
-from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
+from mlora.pipeline.worker import check_same_everywhere, fingerprint
 from mlora.session import open_session
 
 from test_pipeline import (NUM_LAYERS, assert_same_as_single, free_port, pipe_model, single_runs,  # noqa: F401
@@ -79,10 +77,7 @@ def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=Non
                     connect(transport, rank, world, "127.0.0.1", port, session.device, peer_timeout=20,
                             connect_timeout=60))
             check_same_everywhere(link, fingerprint(session, stages, transport))
-            session.model = load_model(session.base_dir, session.device, session.dtype, parts=stages[rank],
-                                       quant=quant)
-            session.wrappers = inject_lora(session.model, session.layout)
-            StageWorker(session, link, progress=False).run()
+            start_stage(session, stages[rank], link, progress=False).run()
         except BaseException as err:  # reported to the test thread
             errors.append((rank, err))
         finally:
@@ -813,17 +808,24 @@ def eval_argv(base: Path, cfg: Path, out: Path) -> list[str]:
             "--no_progress"]
 
 
+def run_pipeline_cli(monkeypatch, argvs: list[list[str]], balance: list[int],
+                     transport: str) -> list[tuple[int, str, str]]:
+    """`mlora` with argvs[r] --pipeline as rank r of len(balance), each rank a thread joined
+    over a real transport: each rank's (exit code, stdout, stderr)."""
+    port = free_port()
+    results = run_cli_threads(monkeypatch, {
+        f"rank{r}": [*argv, "--pipeline", "--rank", str(r), "--balance", *map(str, balance), "--transport", transport,
+                     "--master_addr", "127.0.0.1", "--master_port", str(port), "--peer_timeout", "20",
+                     "--connect_timeout", "60"]
+        for r, argv in enumerate(argvs)})
+    return [results[f"rank{r}"] for r in range(len(argvs))]
+
+
 def pipeline_eval(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int],
                   transport: str = "torch") -> list[tuple[int, str, str]]:
-    """`mlora eval --pipeline` over len(balance) ranks (outs: each rank's --output_dir), as
-    threads joined over a real transport: each rank's (exit code, stdout, stderr)."""
-    port = free_port()
-    argvs = {f"rank{r}": [*eval_argv(base, cfg, outs[r]), "--pipeline", "--rank", str(r), "--balance",
-                          *map(str, balance), "--transport", transport, "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), "--peer_timeout", "20", "--connect_timeout", "60"]
-             for r in range(len(balance))}
-    results = run_cli_threads(monkeypatch, argvs)
-    return [results[f"rank{r}"] for r in range(len(balance))]
+    """`mlora eval --pipeline` over len(balance) ranks (outs: each rank's --output_dir)."""
+    return run_pipeline_cli(monkeypatch, [eval_argv(base, cfg, outs[r]) for r in range(len(balance))], balance,
+                            transport)
 
 
 @pytest.fixture(scope="module")
@@ -931,6 +933,72 @@ def test_pipeline_eval_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mode
     assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
 
 
+def train_argv(base: Path, cfg: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--base_model", str(base), "--config", str(cfg), "--output_dir", str(out), "--device", "cpu",
+            "--no_progress", *extra]
+
+
+def init_from_a_nan_in_layer_3(tmp_path: Path, cfg_path: Path, single_out: Path) -> tuple[Path, str]:
+    """A config of adapter p1 alone, started from a copy of `single_out`'s p1 with a NaN in a
+    tensor of decoder layer 3 (which only a later rank loads): the config and the tensor's name."""
+    import json
+
+    bad, key = copy_with_a_nan_in_layer_3(single_out, tmp_path / "init")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"] = [dict(cfg["lora"][1], init_from=str(bad / "p1"))]
+    path = tmp_path / "bad_init_from.json"
+    path.write_text(json.dumps(cfg))
+    return path, key
+
+
+@pytest.mark.parametrize("transport", ["torch", "zmq"])
+def test_pipeline_train_fails_every_rank_when_one_cannot_load(tmp_path, pipe_model, single_runs, monkeypatch,
+                                                              transport):
+    """An init_from tensor of decoder layer 3 with a NaN, which only rank 1 loads: rank 1
+    refuses it with the line one process prints, rank 0 with the same line naming rank 1 (it
+    used to learn only that rank 1 closed its connection, and leave its output_dir behind);
+    exit 2 on both, and no output_dir left, as one process leaves none."""
+    _, cfg_path, single_out = single_runs(2)
+    cfg, key = init_from_a_nan_in_layer_3(tmp_path, cfg_path, single_out)
+    code, _, stderr = run_cli_threads(monkeypatch, {"single": train_argv(pipe_model, cfg, tmp_path / "single")})["single"]
+    assert code == 2 and key in one_line(stderr) and not (tmp_path / "single").exists()
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "pipe")] * 2, [3, 4], transport)
+    assert [code for code, _, _ in ranks] == [2, 2], ranks
+    assert one_line(ranks[1][2]) == one_line(stderr)
+    assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_pipeline_resume_that_cannot_load_keeps_the_checkpoints(tmp_path, pipe_model, single_runs, monkeypatch):
+    """A resume whose init_from no longer loads on rank 1 (a NaN in its layer 3): every rank
+    fails with one line, and the checkpoints to resume from stay."""
+    import json
+    import shutil
+
+    from mlora import checkpoint
+
+    _, cfg_path, single_out = single_runs(2)
+    cfg, key = init_from_a_nan_in_layer_3(tmp_path, cfg_path, single_out)
+    raw = json.loads(cfg.read_text())
+    raw["save_step"] = 1
+    cfg.write_text(json.dumps(raw))
+    shutil.copy(single_out / "p1" / "adapter_model.safetensors", tmp_path / "init" / "p1")  # a good one first
+    out = tmp_path / "pipe"
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out)] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    for finished in checkpoint.checkpoint_root(out).glob("FINISHED-*"):  # as if stopped after the last one
+        finished.unlink()
+    saved = {r: checkpoint.list_checkpoints(out, f"rank{r}") for r in range(2)}
+    assert all(saved.values()), saved
+    copy_with_a_nan_in_layer_3(single_out, tmp_path / "nan")
+    shutil.copy(tmp_path / "nan" / "p1" / "adapter_model.safetensors", tmp_path / "init" / "p1")
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out, "--resume")] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [2, 2], ranks
+    assert [key in one_line(stderr) for _, _, stderr in ranks] == [True, True], ranks
+    assert one_line(ranks[0][2]).startswith("mlora: error: rank 1: ")
+    assert {r: checkpoint.list_checkpoints(out, f"rank{r}") for r in range(2)} == saved
+
+
 def test_eval_ranks_must_agree_on_every_adapters_test_rows(tmp_path, pipe_model):
     """`mlora eval --pipeline` walks every adapter's test rows (not only those of adapters
     with an eval_step, which training compares): ranks whose rows differ are refused."""
@@ -992,16 +1060,9 @@ def generate_argv(base: Path, cfg: Path, out: Path, *extra: str) -> list[str]:
 
 def pipeline_generate(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int], *extra: str,
                       transport: str = "torch", per_rank: dict[int, list[str]] | None = None):
-    """`mlora generate --pipeline` over len(balance) ranks, as threads joined over a real
-    transport: each rank's (exit code, stdout, stderr). per_rank: more flags for some ranks."""
-    port = free_port()
-    argvs = {f"rank{r}": [*generate_argv(base, cfg, outs[r], *extra, *(per_rank or {}).get(r, [])), "--pipeline",
-                          "--rank", str(r), "--balance", *map(str, balance), "--transport", transport,
-                          "--master_addr", "127.0.0.1", "--master_port", str(port), "--peer_timeout", "20",
-                          "--connect_timeout", "60"]
-             for r in range(len(balance))}
-    results = run_cli_threads(monkeypatch, argvs)
-    return [results[f"rank{r}"] for r in range(len(balance))]
+    """`mlora generate --pipeline` over len(balance) ranks. per_rank: more flags for some ranks."""
+    return run_pipeline_cli(monkeypatch, [generate_argv(base, cfg, outs[r], *extra, *(per_rank or {}).get(r, []))
+                                          for r in range(len(balance))], balance, transport)
 
 
 def single_generate(monkeypatch, base: Path, cfg: Path, out: Path, *extra: str) -> tuple[int, str, str]:

@@ -139,7 +139,7 @@ def train_pipeline(args) -> int:
     from mlora.cli import prepare_output_dir, quant_config, remove_if_still_empty
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.transport import connect
-    from mlora.pipeline.worker import StageWorker, check_same_everywhere, fingerprint
+    from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
     from mlora.trainer import Interrupted, SignalFlag
 
@@ -193,12 +193,8 @@ def train_pipeline(args) -> int:
         # Without save_step there is no drained cut to stop at: signals keep their default.
         with SignalFlag() if session.cfg.save_step else contextlib.nullcontext() as signals:
             try:
-                # Each rank reads and quantizes only its own slice.
-                session.model = load_model(session.base_dir, session.device, session.dtype,
-                                           parts=stages[place.rank], quant=session.quant)
-                session.wrappers = inject_lora(session.model, session.layout)
-                worker = StageWorker(session, transport, progress=not args.no_progress, fingerprint=run_print,
-                                     signals=signals)
+                worker = start_stage(session, stages[place.rank], transport, progress=not args.no_progress,
+                                     fingerprint=run_print, signals=signals)
             except UserError:  # weights or an init_from that do not fit: nothing written, nothing left behind
                 remove_if_still_empty(created)
                 raise
@@ -222,6 +218,42 @@ def train_pipeline(args) -> int:
         for name, loss in result["losses"].items():
             print(f"{name}: last loss {loss:.4f}")
     return 0
+
+
+@contextlib.contextmanager
+def failing_together(transport):
+    """Around a load that may fail on some ranks only (weights, an adapter): a UserError
+    inside, on any rank, fails every rank, each with one line (the failing rank its own, the
+    others the first failing rank's, naming it): a rank that went on alone would send its
+    batches to a rank that has given up, and learn only that it closed its connection. A
+    collective: every rank passes through it once, failed or not. Anything else (an
+    interrupt, a bug) skips the exchange and leaves the rank, which the others see as lost."""
+    error = None
+    try:
+        yield
+    except UserError as err:
+        error = err
+    errors = transport.exchange(None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise UserError(f"rank {failed[0]}: {failed[1]}")
+
+
+def start_stage(session, parts: list[str], transport, **worker_options):
+    """`mlora train --pipeline`'s stage: this rank's slice of the base (`parts`) with its
+    adapters (their init_from tensors of its layers), loaded as `failing_together`, then
+    planned with the other ranks. worker_options: StageWorker's."""
+    from mlora.pipeline.worker import StageWorker
+
+    with failing_together(transport):
+        # Each rank reads and quantizes only its own slice.
+        session.model = load_model(session.base_dir, session.device, session.dtype, parts=parts, quant=session.quant)
+        session.wrappers = inject_lora(session.model, session.layout)
+        worker = StageWorker(session, transport, **worker_options)
+    worker.plan()
+    return worker
 
 
 def saved_adapters(cfg) -> dict[str, str]:
@@ -273,9 +305,8 @@ def load_stage(session, parts: list[str], transport, names: list[str], adapters:
                check_ranks: bool = False) -> None:
     """This rank's slice of the base (`parts`) and of each adapter in `names`, loaded from its
     own output_dir/<name> with the checks one process makes, into `adapters` ({name: Adapter};
-    the caller detaches them, those loaded before a failure too). A load that
-    fails on any rank fails every rank, each with one line: a rank that went on alone would
-    send its batches to a rank that has given up. check_ranks: refuse every adapter of the
+    the caller detaches them, those loaded before a failure too). A load that fails on any
+    rank fails every rank (`failing_together`). check_ranks: refuse every adapter of the
     config that training refuses (`mlora eval`)."""
     from dataclasses import replace
 
@@ -283,8 +314,7 @@ def load_stage(session, parts: list[str], transport, names: list[str], adapters:
 
     cfg = session.cfg
     by_name = {a.name: a for a in cfg.lora}
-    error = None
-    try:
+    with failing_together(transport):
         # Each rank reads (and quantizes) only its own slice, and of each adapter only the
         # tensors of its decoder layers, with the checks one process makes.
         session.model = load_model(session.base_dir, session.device, session.dtype, parts=parts, quant=session.quant)
@@ -299,14 +329,6 @@ def load_stage(session, parts: list[str], transport, names: list[str], adapters:
                                      session.device, stage_layers=layers, naming=session.naming,
                                      model_layers=every_layer)
             adapters[name].load_peft(Path(cfg.output_dir) / name, label="adapter")
-    except UserError as err:
-        error = str(err)
-    errors = transport.exchange(error)
-    if error is not None:
-        raise UserError(error)
-    failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
-    if failed is not None:
-        raise UserError(f"rank {failed[0]}: {failed[1]}")
 
 
 def eval_pipeline(args) -> int:

@@ -431,11 +431,10 @@ class StageWorker(StageLink):
         # adapters' generators as they were at that micro-batch's forward.
         session.model.recompute = cfg.recompute
         session.model.rng_generators = layer_generators(self.adapters.values())
-        # Before any plan: memory-aware admission, the same bounds on every rank.
-        self.max_in_flight = in_flight_bounds(session, transport, list(self.micro.values()), self.pack_len)
-        self.segments, self.cuts = segments_of(streams, cut_periods(cfg))
-        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight,
-                                 candidate_num=cfg.train_lora_candidate_num) for seg in self.segments]
+        self.streams = streams
+        self.progress = progress
+        self.max_in_flight: list[int] = []
+        self.segments, self.cuts, self.plans = [], [], []
         self.next_segment = 0
         self.fingerprint = fingerprint or {}
         # SIGINT/SIGTERM (trainer.SignalFlag): a signalled rank's request travels to rank 0 on
@@ -457,14 +456,27 @@ class StageWorker(StageLink):
         self.metrics = None
         self.bars = {}
         self.last_loss: dict[str, float] = {}
-        if self.last:
-            for i, a in enumerate(cfg.lora):
-                self.bars[a.name] = tqdm(total=self.adapters[a.name].total_steps, desc=a.name, position=i,
-                                         disable=not progress, dynamic_ncols=True, mininterval=0.5,
-                                         file=sys.stderr)
-        self.run_started = time.perf_counter()
+        self.run_started = 0.0  # (set by plan: the run's clock starts once it is planned)
         self.elapsed_before = 0.0
         self.metrics_bytes = 0  # where metrics.jsonl starts over (0: a fresh run)
+
+    def plan(self) -> None:
+        """The collective half of setting up, apart from the constructor's local half (this
+        rank's adapters, whose init_from may fail on this rank alone: run.start_stage lets every
+        rank learn that first). Every rank calls it once, before `restore` and `run`."""
+        cfg = self.session.cfg
+        # Before any plan: memory-aware admission, the same bounds on every rank.
+        self.max_in_flight = in_flight_bounds(self.session, self.transport, list(self.micro.values()),
+                                              self.pack_len)
+        self.segments, self.cuts = segments_of(self.streams, cut_periods(cfg))
+        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight,
+                                 candidate_num=cfg.train_lora_candidate_num) for seg in self.segments]
+        if self.last:  # (only now: a start that fails leaves no bar behind)
+            for i, a in enumerate(cfg.lora):
+                self.bars[a.name] = tqdm(total=self.adapters[a.name].total_steps, desc=a.name, position=i,
+                                         disable=not self.progress, dynamic_ncols=True, mininterval=0.5,
+                                         file=sys.stderr)
+        self.run_started = time.perf_counter()
 
     # ------------------------------------------------------------------ the plan
     def run(self) -> dict:
