@@ -582,6 +582,11 @@ def read_peft_config(directory: Path) -> dict:
         raise UserError(f"{path}: init_lora_weights is {init!r}, which changes the base model's weights; convert it "
                         f"to a plain LoRA adapter first (PEFT: save_pretrained with "
                         f"path_initial_model_for_weight_conversion)")
+    if isinstance(init, str) and init.lower() == "loftq":
+        # LoftQ replaced each target's base weight by a quantized W - BA; PEFT has no conversion
+        raise UserError(f"{path}: init_lora_weights is {init!r}: a LoftQ adapter is right only on the base weights "
+                        f"LoftQ replaced, not on the original base, and PEFT cannot convert it to a plain LoRA "
+                        f"adapter")
     return {**cfg, "r": r, "lora_alpha": float(alpha), "use_rslora": rslora}
 
 

@@ -291,6 +291,8 @@ def test_eval_refuses_an_adapter_saved_with_another_scale(fused_run, tiny_llama,
              # (read as plain LoRA before: PEFT applies them to a changed base, or adds a magnitude)
              ({}, {"init_lora_weights": "pissa_niter_4"}, "init_lora_weights is 'pissa_niter_4', which changes"),
              ({}, {"init_lora_weights": "olora"}, "path_initial_model_for_weight_conversion"),
+             ({}, {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}},
+              "init_lora_weights is 'loftq': a LoftQ adapter is right only on the base weights LoftQ replaced"),
              ({}, {"use_dora": True}, "a DoRA adapter (use_dora) is not supported")]
     for change, damage, fragment in cases:
         adapter_cfg = json.loads((saved / "adapter_config.json").read_text())
@@ -591,25 +593,34 @@ def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
                   flag, value])
 
 
-def test_init_from_non_finite_weights_is_refused(fused_run, tiny_llama, capsys, tmp_path):
-    """An adapter with NaN weights would skip every step (or make every output NaN): one line."""
+@pytest.mark.parametrize("spoil", ["nan", "loftq"])
+def test_init_from_non_finite_weights_is_refused(fused_run, tiny_llama, capsys, tmp_path, spoil):
+    """An adapter with NaN weights would skip every step (or make every output NaN), a LoftQ
+    one start from another model than the base it is put on: one line."""
     import shutil
 
     _, out, cfg_path = fused_run
     cfg = json.loads(cfg_path.read_text())
     bad = tmp_path / "bad"
     shutil.copytree(out / cfg["lora"][0]["name"], bad)
-    tensors = load_file(bad / "adapter_model.safetensors")
-    first = sorted(tensors)[0]
-    tensors[first] = torch.full_like(tensors[first], float("nan"))
-    save_file(tensors, bad / "adapter_model.safetensors")
+    if spoil == "nan":
+        tensors = load_file(bad / "adapter_model.safetensors")
+        first = sorted(tensors)[0]
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, bad / "adapter_model.safetensors")
+        fragments = ["non-finite", first]
+    else:
+        peft = json.loads((bad / "adapter_config.json").read_text())
+        peft.update(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+        (bad / "adapter_config.json").write_text(json.dumps(peft))
+        fragments = [f"{bad / 'adapter_config.json'}: init_lora_weights is 'loftq'"]
     mine = tmp_path / "cfg.json"
     mine.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "out"),
                                 "lora": [{**cfg["lora"][0], "init_from": str(bad)}]}))
     capsys.readouterr()
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(mine), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "non-finite" in err and first in err, err
+    assert len(err.splitlines()) == 1 and all(f in err for f in fragments), err
     assert not (tmp_path / "out").exists()  # refused before anything was written: no directory left
 
 
