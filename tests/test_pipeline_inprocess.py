@@ -969,6 +969,25 @@ def test_pipeline_train_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mod
     assert not (tmp_path / "pipe").exists()
 
 
+def test_pipeline_train_start_that_breaks_on_one_rank_loses_it(tmp_path, pipe_model, monkeypatch):
+    """Only a UserError is exchanged: a bug (or an interrupt) while rank 1 loads keeps its own
+    exception there (a traceback), and rank 0 learns at once that rank 1 was lost."""
+    from mlora.pipeline import run
+
+    real = run.inject_lora
+
+    def breaking(model, layout):
+        if threading.current_thread().name == "rank1":
+            raise RuntimeError("a bug")
+        return real(model, layout)
+
+    monkeypatch.setattr(run, "inject_lora", breaking)
+    cfg = write_config(tmp_path, 1, tmp_path / "out")
+    errors = dict(run_threads(pipe_model, cfg, tmp_path / "out", 2, [3, 4], allow_errors=True, transport="torch"))
+    assert isinstance(errors[1], RuntimeError) and str(errors[1]) == "a bug", errors
+    assert isinstance(errors[0], PipelineError) and "rank 1" in str(errors[0]), errors
+
+
 def test_pipeline_resume_that_cannot_load_keeps_the_checkpoints(tmp_path, pipe_model, single_runs, monkeypatch):
     """A resume whose init_from no longer loads on rank 1 (a NaN in its layer 3): every rank
     fails with one line, and the checkpoints to resume from stay."""
