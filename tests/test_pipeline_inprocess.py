@@ -768,41 +768,6 @@ def run_cli_threads(monkeypatch, argvs: dict[str, list[str]]) -> dict[str, tuple
     return {name: (codes[name], out.text(name), err.text(name)) for name in argvs}
 
 
-def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tmp_path, pipe_model, single_runs,
-                                                                              monkeypatch):
-    """As in one process: without --resume, a start that would delete any rank's checkpoints
-    of an unfinished run is one line on every rank naming that rank, until --overwrite; and
-    ranks must agree on --resume (one resuming beside one starting afresh would exchange out
-    of step)."""
-    _, cfg, _ = single_runs(2, save_step=2)
-    out = tmp_path / "out"
-
-    def train(*extra: str, ranks=(0, 1)) -> list[tuple[int, str, str]]:
-        at = free_port()
-        argvs = {f"rank{r}": ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir",
-                              str(out), "--device", "cpu", "--no_progress", "--pipeline", "--rank", str(r),
-                              "--balance", "3", "4", "--master_addr", "127.0.0.1", "--master_port", str(at),
-                              "--peer_timeout", "20", "--connect_timeout", "60", *(extra if r in ranks else ())]
-                 for r in range(2)}
-        results = run_cli_threads(monkeypatch, argvs)
-        return [results[f"rank{r}"] for r in range(2)]
-
-    assert [code for code, _, _ in train()] == [0, 0]
-    (out / "checkpoints" / "FINISHED-rank1.json").unlink()  # rank 1's part: a run that did not finish
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    newest = max(p.name for p in (out / "checkpoints").glob("iter-*-rank1"))
-    for code, _, err in train():
-        assert code == 2 and err.strip() == (
-            f"mlora: error: rank 1: output_dir {out} holds an unfinished run (newest checkpoint: {newest}); "
-            f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    for code, _, err in train("--resume", ranks=(0,)):
-        assert code == 3 and "rank 1 was started with a different --resume than rank 0; start every rank " \
-                             "with --resume, or none" in err
-    assert [code for code, _, _ in train("--overwrite")] == [0, 0]
-    assert (out / "checkpoints" / "FINISHED-rank1.json").is_file()
-
-
 def eval_argv(base: Path, cfg: Path, out: Path) -> list[str]:
     return ["eval", "--base_model", str(base), "--config", str(cfg), "--output_dir", str(out), "--device", "cpu",
             "--no_progress"]
@@ -819,6 +784,37 @@ def run_pipeline_cli(monkeypatch, argvs: list[list[str]], balance: list[int],
                      "--connect_timeout", "60"]
         for r, argv in enumerate(argvs)})
     return [results[f"rank{r}"] for r in range(len(argvs))]
+
+
+def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tmp_path, pipe_model, single_runs,
+                                                                              monkeypatch):
+    """As in one process: without --resume, a start that would delete any rank's checkpoints
+    of an unfinished run is one line on every rank naming that rank, until --overwrite; and
+    ranks must agree on --resume (one resuming beside one starting afresh would exchange out
+    of step)."""
+    _, cfg, _ = single_runs(2, save_step=2)
+    out = tmp_path / "out"
+
+    def train(*extra: str, ranks=(0, 1)) -> list[tuple[int, str, str]]:
+        argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir", str(out),
+                "--device", "cpu", "--no_progress"]
+        return run_pipeline_cli(monkeypatch, [[*argv, *(extra if r in ranks else ())] for r in range(2)], [3, 4],
+                                "torch")
+
+    assert [code for code, _, _ in train()] == [0, 0]
+    (out / "checkpoints" / "FINISHED-rank1.json").unlink()  # rank 1's part: a run that did not finish
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    newest = max(p.name for p in (out / "checkpoints").glob("iter-*-rank1"))
+    line = (f"output_dir {out} holds an unfinished run (newest checkpoint: {newest}); "
+            f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
+    assert [(code, err.strip()) for code, _, err in train()] == [(2, f"mlora: error: rank 1: {line}"),
+                                                                 (2, f"mlora: error: {line}")]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    for code, _, err in train("--resume", ranks=(0,)):
+        assert code == 3 and "rank 1 was started with a different --resume than rank 0; start every rank " \
+                             "with --resume, or none" in err
+    assert [code for code, _, _ in train("--overwrite")] == [0, 0]
+    assert (out / "checkpoints" / "FINISHED-rank1.json").is_file()
 
 
 def pipeline_eval(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int],

@@ -126,12 +126,10 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
 def refuse_unfinished_runs(transport, output_dir: str, tag: str, overwrite: bool) -> None:
     """A fresh start (no --resume) deletes every rank's checkpoints: refused on every rank, as
     in one process, when any rank holds an unfinished run's, unless it was --overwrite."""
-    newest = None if overwrite else checkpoint.unfinished_run(output_dir, tag)
-    found = transport.exchange(None if newest is None else str(newest))
-    culprit = next(((rank, Path(path)) for rank, path in enumerate(found) if path is not None), None)
-    if culprit is not None:
-        rank, path = culprit
-        raise UserError(f"rank {rank}: {checkpoint.refuse_to_clear(path)}")
+    with failing_together(transport):
+        newest = None if overwrite else checkpoint.unfinished_run(output_dir, tag)
+        if newest is not None:
+            raise checkpoint.refuse_to_clear(newest)
 
 
 def train_pipeline(args) -> int:
