@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-short test test-slow bench clean
+.PHONY: setup demo demo-short test test-slow clean
 
 setup:
 	@bash scripts/setup_env.sh
