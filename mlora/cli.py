@@ -92,8 +92,18 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for every rank to join (default 300)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing or mistyped flag, a port out of range) end in one line
+    and exit code 2, as every other bad input does: argparse printed its whole usage first, a
+    dozen lines of flags above the line that names the culprit; the line points to --help instead.
+    The subcommands' parsers are of this class too (add_subparsers' default parser_class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
+    parser = _Parser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train every adapter of a config in fused batches")

@@ -269,9 +269,27 @@ def test_pipeline_flags_out_of_range(setup, tiny_llama, capsys, flag, value, fra
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--base_model", str(tiny_llama), "--config", str(config()), "--pipeline", "--rank", "0",
               "--world_size", "2", flag, value])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,line", [
+    ([], "mlora: error: the following arguments are required: command (see mlora --help)"),
+    (["bogus"], "mlora: error: argument command: invalid choice: 'bogus'"),
+    (["train"], "mlora train: error: the following arguments are required: --base_model, --config"),
+    (["eval", "--base_model", "m", "--config", "c", "--bogus"], "mlora: error: unrecognized arguments: --bogus"),
+    (["generate", "--base_model", "m", "--config", "c"], "mlora generate: error: the following arguments are "
+                                                         "required: --prompt (see mlora generate --help)"),
+    (["demo", "--short", "--device"], "mlora demo: error: argument --device: expected one argument"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, line):
+    """A missing, unknown or mistyped flag: argparse's one line, without the dozen lines of usage
+    it prints above it by default (they buried the culprit)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
 
 
 def test_a_pipeline_that_never_connects_leaves_no_output_dir(setup, tiny_llama, capsys):
