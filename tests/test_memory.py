@@ -893,19 +893,21 @@ GEMMA4_MOE = dataclasses.replace(GEMMA4, num_experts=4, num_experts_per_tok=2, m
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4-double", "int8"])
-def test_quantized_gemma4_experts_weights_equal_what_bitsandbytes_allocates(kind):
-    """Gemma 4 26B-A4B's experts hold gate and up as one gate_up_proj, quantized as one layer
-    (one quantization state, code book included), while its dense MLP's are two: weight_bytes
-    counted the experts' as two (a code book too many per expert and layer)."""
+@pytest.mark.parametrize("args", [GEMMA4_MOE, LLAMA4], ids=["gemma4_moe", "llama4"])
+def test_quantized_fused_experts_weights_equal_what_bitsandbytes_allocates(kind, args):
+    """Gemma 4 26B-A4B's and Llama 4's experts hold gate and up as one gate_up_proj, quantized as
+    one layer (one quantization state, code book included), while their dense MLPs' (and Llama
+    4's shared expert's) are two: weight_bytes counted the experts' as two (a code book too many
+    per expert and layer)."""
     pytest.importorskip("bitsandbytes")
     from mlora.quant import QuantConfig, linear_weight_bytes, quantize_model
 
     cfg = {"nf4": QuantConfig(4, "nf4"), "fp4-double": QuantConfig(4, "fp4", double_quant=True),
            "int8": QuantConfig(8)}[kind]
-    model = CausalLM(GEMMA4_MOE).to(BF16)
-    others = weight_bytes(GEMMA4_MOE, BF16) - linear_weight_bytes(model)  # (exact unquantized: tested above)
+    model = CausalLM(args).to(BF16)
+    others = weight_bytes(args, BF16) - linear_weight_bytes(model)  # (exact unquantized: tested above)
     projections = quantize_model(model, cfg, "cpu")
-    assert weight_bytes(GEMMA4_MOE, BF16, quant=cfg, double_quant=cfg.double_quant) == others + projections
+    assert weight_bytes(args, BF16, quant=cfg, double_quant=cfg.double_quant) == others + projections
 
 
 # E2B/E4B: per-layer inputs of 8; layers 2 (sliding) and 3 (full) attend to layers 0's and 1's

@@ -309,6 +309,14 @@ class ModelArgs:
         return self.model_type not in ("llama4_text", "llama4")
 
     @property
+    def experts_named(self) -> bool:
+        """Whether the routed experts take LoRA by names of their own (config.EXPERT_TARGET_MODULES:
+        experts.gate_up_proj, experts.down_proj, PEFT's target_parameters for them), each expert's
+        gate and up one gate_up_proj (one LoRA on it, as PEFT's): Gemma 4 26B-A4B's beside its
+        dense MLP, and Llama 4's, whose plain MLP names target its dense MLPs and shared expert."""
+        return self.moe_beside_mlp or (self.is_moe and not self.mlp_lora_on_experts)
+
+    @property
     def qk_head_dim(self) -> int:
         """A query's and key's head size: head_dim, or with latent attention nope + rope part."""
         return self.qk_nope_head_dim + self.head_dim if self.mla else self.head_dim

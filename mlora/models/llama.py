@@ -588,8 +588,12 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(args)
         else:
             self.self_attn = LatentAttention(args, RMSNorm) if args.mla else Attention(args, layer_id)
-        self.mlp = (SparseMoE(args, lambda size: MLP(args, size)) if args.moe_layers[layer_id]
-                    else MLP(args, args.mlp_size_of(layer_id)))
+        # (Llama 4's routed experts: each one's gate and up as one gate_up_proj [2I, H], gate rows
+        # first, as transformers and PEFT hold them, so that an adapter's LoRA on an expert is one
+        # on the whole of it; its shared expert keeps gate_proj and up_proj, as PEFT's modules)
+        self.mlp = (SparseMoE(args, lambda size: MLP(args, size),
+                              (lambda size: MLP(args, size, fused=True)) if args.experts_named else None)
+                    if args.moe_layers[layer_id] else MLP(args, args.mlp_size_of(layer_id)))
         # HF's names of (attention input, attention output, MLP input, MLP output) norms, by the
         # layout: LLaMA norms each sublayer's input; Gemma 2/3 and GLM-4-0414 also its output
         # before the residual add; OLMo 2/3 only its output.

@@ -54,7 +54,8 @@ from mlora.models.args import ModelArgs
 
 def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
     """The checkpoint tensors of one sparse MLP; prefix is its path ('model.layers.3.mlp.')."""
-    projections = ("gate_up_proj", "down_proj") if args.fused_gate_up else ("gate_proj", "up_proj", "down_proj")
+    # (Llama 4's experts hold gate and up as one gate_up_proj, its shared expert as two: llama.DecoderLayer)
+    projections = ("gate_up_proj", "down_proj") if args.fused_gate_up or args.experts_named else EXPERT_PROJECTIONS
     names = [prefix + "gate.weight"] + ([prefix + "gate.bias"] if args.router_bias else [])
     if args.router == "sigmoid":
         names.append(prefix + "gate.e_score_correction_bias")
@@ -372,8 +373,11 @@ class Gemma4Router(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, args: ModelArgs, make_mlp: Callable[[int], nn.Module]):
-        """make_mlp(intermediate_size): one SwiGLU MLP of that width (models/llama.MLP)."""
+    def __init__(self, args: ModelArgs, make_mlp: Callable[[int], nn.Module],
+                 make_expert: Callable[[int], nn.Module] | None = None):
+        """make_mlp(intermediate_size): one SwiGLU MLP of that width (models/llama.MLP); make_expert:
+        a routed expert, where it differs from make_mlp's (Llama 4's experts fuse gate and up, its
+        shared expert does not)."""
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
@@ -386,7 +390,8 @@ class SparseMoE(nn.Module):
                                          nn.Parameter(torch.zeros(args.num_experts), requires_grad=False))
         self.router_params_fp32 = args.router_params_fp32
         self.groups, self.topk_groups, self.scaling = args.router_groups, args.router_topk_groups, args.routed_scaling
-        self.experts = nn.ModuleList(make_mlp(args.moe_intermediate_size) for _ in range(args.num_experts))
+        self.experts = nn.ModuleList((make_expert or make_mlp)(args.moe_intermediate_size)
+                                     for _ in range(args.num_experts))
         self.has_shared = args.shared_expert_intermediate_size > 0
         self.shared_gated = self.has_shared and args.shared_expert_gated
         if self.has_shared:  # Qwen2-MoE, GLM-4.5 (its shared experts as one MLP, without a gate)
