@@ -18,7 +18,7 @@ from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import EXPERT_TARGET_MODULES, AdapterConfig, adapter_seed
 from mlora.errors import UserError
 from mlora.flat_params import FlatParameters
-from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed, target_name
+from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
 from mlora.loss_scale import LossScale
 from mlora.models.naming import Naming
 
@@ -56,9 +56,9 @@ def check_rank(cfg: AdapterConfig, wrappers: dict[str, LoraLinear]) -> None:
     absurd r, an allocation that fails deep inside torch). An r above the smaller side alone
     is allowed, as in PEFT: one r for every target puts r = 64 on Qwen3.5's in_proj_b and
     in_proj_a, 32 outputs wide."""
-    for path in sorted(wrappers, key=_module_sort_key):
+    for path in sorted(wrappers, key=lambda p: _module_sort_key(p, wrappers[p].target)):
         wrapper = wrappers[path]
-        if target_name(path) in cfg.target_modules and cfg.r > max(wrapper.in_features, wrapper.out_features):
+        if wrapper.target in cfg.target_modules and cfg.r > max(wrapper.in_features, wrapper.out_features):
             raise UserError(f"adapter '{cfg.name}': r={cfg.r} is more than either side of {path} "
                             f"({wrapper.out_features} x {wrapper.in_features})")
 
@@ -95,8 +95,8 @@ class Adapter:
         self.weights: dict[str, LoraWeights] = {}
         self._named: list[tuple[str, torch.nn.Parameter]] | None = None  # named_parameters, built once
         check_rank(cfg, wrappers)
-        for path in sorted(wrappers, key=_module_sort_key):
-            if target_name(path) not in cfg.target_modules:
+        for path in sorted(wrappers, key=lambda p: _module_sort_key(p, wrappers[p].target)):
+            if wrappers[path].target not in cfg.target_modules:
                 continue
             wrapper = wrappers[path]
             weights = LoraWeights(wrapper.in_features, wrapper.out_features, cfg.r, cfg.alpha,
@@ -380,28 +380,33 @@ class Adapter:
             # copies: on the CPU the weights are views of one buffer (flat_params.py), which
             # safetensors refuses to save as separate tensors
             a, b = (t.detach().to("cpu", torch.float32, copy=True) for t in (w.lora_A, w.lora_B))
-            if path in self._stacked:  # GPT-OSS's experts: one LoRA per stacked parameter (stacked_lora.py)
+            if path in self._stacked:  # stacked experts: one LoRA per stacked parameter (stacked_lora.py)
                 per_expert[path] = (a, b)
                 continue
             tensors[self._peft_key(path, "lora_A")], tensors[self._peft_key(path, "lora_B")] = a, b
-        for module, (a, b) in stacked_lora.stack(per_expert, self._stacked).items():
+        for module, (a, b) in stacked_lora.stack(per_expert, self._stacked, self._swapped).items():
             tensors[self._peft_key(module, "lora_A")], tensors[self._peft_key(module, "lora_B")] = a, b
         return tensors
 
     @functools.cached_property
     def _stacked_projections(self) -> list[str]:
         """The experts' projections whose LoRA PEFT holds per stacked parameter (target_parameters):
-        GPT-OSS's gate_up_proj and down_proj where targeted; Gemma 4 26B-A4B's where
-        experts.gate_up_proj, experts.down_proj are (its plain names are its dense MLP's)."""
+        GPT-OSS's gate_up_proj and down_proj where targeted; Gemma 4 26B-A4B's and Llama 4's where
+        experts.gate_up_proj, experts.down_proj are (their plain names are their dense MLPs')."""
         targets = self.cfg.target_modules
         if self.naming.stacks_experts:
             return [p for p in stacked_lora.STACKED_PROJECTIONS if p in targets]
         return [p for p in stacked_lora.STACKED_PROJECTIONS if f"experts.{p}" in targets]
 
+    @property
+    def _swapped(self) -> bool:
+        """Whether PEFT's stacked LoRA of these experts trades A and B (Llama 4's: stacked_lora.SWAPPED)."""
+        return self.naming.family in stacked_lora.SWAPPED
+
     @functools.cached_property
     def _stacked(self) -> dict[str, str]:
         """{expert projection path: PEFT's module path of the stacked LoRA it is part of} where
-        PEFT stacks the experts' LoRA (GPT-OSS, Gemma 4 26B-A4B); else empty."""
+        PEFT stacks the experts' LoRA (GPT-OSS, Gemma 4 26B-A4B, Llama 4); else empty."""
         if not self._stacked_projections:
             return {}
         modules = {path: stacked_lora.peft_module(path, self._stacked_projections) for path in self.weights}
@@ -413,11 +418,13 @@ class Adapter:
 
     def peft_config(self, base_model: str) -> dict:
         cfg = self.cfg
-        # GPT-OSS's and Gemma 4 26B-A4B's experts are parameters to PEFT (target_parameters), not modules
+        # GPT-OSS's, Gemma 4 26B-A4B's and Llama 4's experts are parameters to PEFT (target_parameters), not modules
         stacked = self._stacked_projections
         targets = [m for m in cfg.target_modules if m not in EXPERT_TARGET_MODULES
                    and not (self.naming.stacks_experts and m in stacked_lora.STACKED_PROJECTIONS)]
-        experts = "mlp.experts" if self.naming.stacks_experts else "experts"  # (Gemma 4's beside the dense MLP)
+        # (the experts' module in a decoder layer, as transformers names it: Gemma 4's beside the dense MLP)
+        experts = ("mlp.experts" if self.naming.stacks_experts
+                   else "feed_forward.experts" if self._swapped else "experts")
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -485,7 +492,8 @@ class Adapter:
                 if path in self._stacked:  # one expert's part of a stacked LoRA
                     module = self._stacked[path]
                     a, b = tensors[self._peft_key(module, "lora_A")], tensors[self._peft_key(module, "lora_B")]
-                    a, b = stacked_lora.unstack(a, b, stacked_lora.split_path(path)[1], a.shape[0] // w.lora_A.shape[0])
+                    a, b = stacked_lora.unstack(a, b, stacked_lora.split_path(path)[1], a.shape[0] // w.lora_A.shape[0],
+                                                self._swapped)
                 else:
                     a, b = tensors[self._peft_key(path, "lora_A")], tensors[self._peft_key(path, "lora_B")]
                 w.lora_A.copy_(a)
@@ -522,11 +530,12 @@ def layer_generators(adapters) -> dict[int, list[torch.Generator]]:
     return out
 
 
-def _module_sort_key(path: str) -> tuple:
-    """Order module paths by layer number, then by the canonical target order."""
+def _module_sort_key(path: str, leaf: str) -> tuple:
+    """Order module paths by layer number, then by the canonical target order of their target
+    names (leaf: LoraLinear.target; Gemma 4's and Llama 4's experts.gate_up_proj, ... after the
+    MLP's)."""
     parts = path.split(".")
     numbers = [int(p) for p in parts if p.isdigit()]  # the layer's, then an expert's
-    leaf = target_name(path)  # (Gemma 4's experts after the dense MLP: experts.gate_up_proj, ...)
     return (numbers[:1] or [-1], ALL_TARGET_MODULES.index(leaf) if leaf in ALL_TARGET_MODULES else 99,
             numbers[1:], path)
 

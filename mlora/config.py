@@ -24,8 +24,9 @@ from mlora.errors import UserError
 # (q_a_proj ... kv_b_proj: DeepSeek-V2/V3's latent attention; in_proj_qkv ... out_proj: Qwen3.5's linear
 # attention, in_proj_qkvz and in_proj_ba Qwen3-Next's fused input projections of it)
 # Gemma 4 26B-A4B's routed experts run beside its dense MLP, whose gate_proj, up_proj and
-# down_proj the MLP names target there (as in PEFT, to which the experts are parameters): its
-# experts are targeted by these, PEFT's target_parameters for them (lora.target_name).
+# down_proj the MLP names target there (as in PEFT, to which the experts are parameters), and
+# Llama 4's MLP names target its dense MLPs and shared expert: their experts are targeted by
+# these, PEFT's target_parameters for them (ModelArgs.experts_named, lora.target_name).
 EXPERT_TARGET_MODULES = ("experts.gate_up_proj", "experts.down_proj")
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                   "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",

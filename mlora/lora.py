@@ -59,17 +59,22 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 ALL_TARGET_MODULES = CONFIG_TARGET_MODULES
 # The MLP's projections (on an MoE model: its experts').
 MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
-# Gemma 4 26B-A4B's experts hang off the decoder layer itself (`layers.3.experts.5.down_proj`),
-# not off an `mlp` as other families' do: config.EXPERT_TARGET_MODULES name them.
-_BESIDE_EXPERT = re.compile(r"\blayers\.\d+\.experts\.\d+\.(?P<proj>gate_up_proj|down_proj)$")
+# An expert's projection that config.EXPERT_TARGET_MODULES may name: Gemma 4 26B-A4B's experts
+# hang off the decoder layer itself (`layers.3.experts.5.down_proj`), Llama 4's off its sparse
+# MLP as other families' do (`layers.3.mlp.experts.5.down_proj`).
+_EXPERT = re.compile(r"\blayers\.\d+\.(?P<mlp>mlp\.)?experts\.\d+\.(?P<proj>gate_up_proj|down_proj)$")
 
 
-def target_name(path: str) -> str:
+def target_name(path: str, experts_named: bool = False) -> str:
     """The target_modules entry that selects the projection at `path`: its own name ('q_proj',
-    'model.layers.0.mlp.experts.5.down_proj' -> 'down_proj'), but 'experts.down_proj' for Gemma 4's
-    experts beside its dense MLP ('model.layers.0.experts.5.down_proj')."""
-    m = _BESIDE_EXPERT.search(path)
-    return f"experts.{m['proj']}" if m else path.rsplit(".", 1)[-1]
+    'model.layers.0.mlp.experts.5.down_proj' -> 'down_proj'), but 'experts.down_proj' for the
+    experts of a model whose experts are named so (ModelArgs.experts_named: Llama 4's
+    'model.layers.1.mlp.experts.5.down_proj'), as Gemma 4's beside its dense MLP always are
+    ('model.layers.0.experts.5.down_proj')."""
+    m = _EXPERT.search(path)
+    if m and (experts_named or not m["mlp"]):
+        return f"experts.{m['proj']}"
+    return path.rsplit(".", 1)[-1]
 
 
 # Projections of one parent module that read the same input tensor.
@@ -477,9 +482,11 @@ class InputGroup:
 class LoraLinear(nn.Module):
     """A frozen linear plus any number of adapters, each applied to its rows of the batch."""
 
-    def __init__(self, base: nn.Module, layout: BatchLayout, group: InputGroup | None = None):
+    def __init__(self, base: nn.Module, layout: BatchLayout, group: InputGroup | None = None, target: str = ""):
+        """target: the target_modules entry that selects this projection (target_name)."""
         super().__init__()
         self.base = base
+        self.target = target
         self.layout = layout
         # A plain dict, not a ModuleDict: adapter names may contain dots, and the adapters'
         # weights belong to their `Adapter` objects, not to the base model's state dict.
@@ -618,7 +625,7 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
     groups: dict[tuple[str, int], InputGroup] = {}
     args = getattr(model, "args", None)
     experts_only = args is not None and args.is_moe and args.mlp_lora_on_experts
-    no_experts = args is not None and args.is_moe and not args.mlp_lora_on_experts  # (Llama 4)
+    experts_named = args is not None and args.experts_named  # (Gemma 4 26B-A4B's, Llama 4's: experts.*)
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
         if leaf not in ALL_TARGET_MODULES:
@@ -628,8 +635,6 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
             # has them: the shared experts (Qwen2-MoE, GLM-4.5, DeepSeek-V3) and the dense layers
             # stay without LoRA.
             continue
-        if no_experts and leaf in MLP_MODULES and ".experts." in path:
-            continue  # Llama 4's: its dense MLPs and shared expert take them, as PEFT's target_modules
         if isinstance(module, LoraLinear):
             wrappers[path] = module
             continue
@@ -639,7 +644,7 @@ def inject_lora(model: nn.Module, layout: BatchLayout) -> dict[str, LoraLinear]:
         group = None
         if shared is not None:
             group = groups.setdefault((parent_path, shared), InputGroup())
-        wrapper = LoraLinear(module, layout, group)
+        wrapper = LoraLinear(module, layout, group, target_name(path, experts_named))
         setattr(parent, leaf, wrapper)
         wrappers[path] = wrapper
     # The experts of a sparse MLP see gathered tokens, not the batch's rows: they get layouts of

@@ -76,7 +76,7 @@ _SAVED_ANYWAY = {"attn_out"}
 
 
 def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool = False,
-                      sparse: bool = True, beside_experts: bool = True) -> dict[str, tuple[int, int]]:
+                      sparse: bool = True, named_experts: bool = True) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of a decoder layer: LLaMA's seven, or
     with q/k/v fused into qkv_proj and/or gate/up into gate_up_proj. Its keys are the model's
     LoRA targets; on a mixture-of-experts model the MLP's are one expert's (each sparse layer
@@ -86,9 +86,10 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
     projection's shape is then the first kind's, in sorted order). kv_shared: a Gemma 4 KV-shared
     layer's (no k/v projections; its MLP double-wide with double_wide_mlp). sparse=False: a dense
     layer's MLP (Llama 4's take LoRA; a sparse layer's MLP targets are its shared expert's, as wide
-    as an expert). Gemma 4 26B-A4B's experts, beside every layer's dense MLP, add one expert's
-    experts.gate_up_proj and experts.down_proj (config.EXPERT_TARGET_MODULES), unless
-    beside_experts is False (the layer's own projections only)."""
+    as an expert). Gemma 4 26B-A4B's experts, beside every layer's dense MLP, and Llama 4's, in
+    its sparse layers, add one expert's experts.gate_up_proj and experts.down_proj
+    (config.EXPERT_TARGET_MODULES: ModelArgs.experts_named), unless named_experts is False (the
+    layer's other projections only)."""
     H = args.hidden_size
     I = args.moe_intermediate_size if args.is_moe and sparse else args.intermediate_size  # (MoE: each expert's)
     I *= 2 if kv_shared and args.double_wide_mlp else 1
@@ -98,11 +99,12 @@ def projection_shapes(args: ModelArgs, kind: str | None = None, kv_shared: bool 
         mixers |= {name: shape for name, shape in shapes.items() if name not in mixers and not (
             kv_shared and name in ("k_proj", "v_proj"))}
     mlp = {"gate_up_proj": (H, 2 * I)} if args.fused_gate_up else {"gate_proj": (H, I), "up_proj": (H, I)}
-    beside = {}
-    if args.moe_beside_mlp and beside_experts:  # Gemma 4 26B-A4B: one expert's (num_experts per layer), beside the dense MLP
+    experts = {}
+    # one expert's (num_experts per layer): Gemma 4 26B-A4B's beside the dense MLP, Llama 4's in a sparse layer
+    if args.experts_named and named_experts and (args.moe_beside_mlp or sparse):
         Ie = args.moe_intermediate_size
-        beside = {"experts.gate_up_proj": (H, 2 * Ie), "experts.down_proj": (Ie, H)}
-    return {**mixers, **mlp, "down_proj": (I, H), **beside}
+        experts = {"experts.gate_up_proj": (H, 2 * Ie), "experts.down_proj": (Ie, H)}
+    return {**mixers, **mlp, "down_proj": (I, H), **experts}
 
 
 def layer_signature(args: ModelArgs, i: int) -> tuple[bool, str, bool]:
@@ -348,7 +350,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                                        active=active_adapters, kernel=lora_kernel, sparse=sparse, mixer=mixer,
                                        kv_shared=kv_shared)
         grouped = (sparse or args.moe_beside_mlp) and _experts_grouped(args, dtype, device, kind)
-        for factor in ("lora_expert_factor", "experts_lora_expert_factor"):  # (the latter: Gemma 4's experts')
+        for factor in ("lora_expert_factor", "experts_lora_expert_factor"):  # (the latter: named experts')
             if grouped and factor in layer:
                 # grouped experts keep each routed token's adapter (int32) instead of factors
                 layer[factor] = 4 * args.num_experts_per_tok
@@ -374,7 +376,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     # LoRA that every layer's groups share or keep: on an MoE model, the experts' LoRA keeps
     # nothing beyond its call (lora.InputGroup.transient), and the dense layers' MLPs have none
     kept = _without_mlp(adapters) if args.is_moe and args.mlp_lora_on_experts else adapters
-    kept = _without_beside_experts(kept) if args.moe_beside_mlp else kept  # (Gemma 4's experts: as an MoE model's)
+    kept = _without_named_experts(kept) if args.experts_named else kept  # (as an MoE model's experts)
     if lora_kernel in ("auto", "auto_triton", "fused", "triton") and L and in_batch > 1:
         # lora_fused.column_factor: one cached fp32 [N, C] per input group for all layers
         # (with one adapter on every row it is a [C] scale).
@@ -406,9 +408,10 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
                      + _dequant_bytes(args, e, kind, N))
         if may_group and args.is_moe and args.mlp_lora_on_experts and any(args.moe_layers[i] for i in stage.layers):
             backward += _grouped_expert_lora_buffers(args, e, adapters, active_adapters)
-        if may_group and args.moe_beside_mlp:  # (Gemma 4 26B-A4B's experts beside the dense MLP)
-            backward += _grouped_expert_lora_buffers(_beside_experts_as_sparse(args), e,
-                                                     _on_beside_experts(adapters), active_adapters)
+        # (Gemma 4 26B-A4B's experts beside the dense MLP, Llama 4's)
+        if may_group and args.experts_named and (args.moe_beside_mlp or any(args.moe_layers[i] for i in stage.layers)):
+            backward += _grouped_expert_lora_buffers(_named_experts_as_sparse(args), e,
+                                                     _on_named_experts(adapters), active_adapters)
         backward += one_layer if recompute else 0
     if not stage.has_head:
         backward += args.hidden_size * e * N  # the gradient of the stage output, received
@@ -531,8 +534,8 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
               "linear_out": args.linear_num_value_heads * args.linear_value_head_dim}
     # an MoE model's dense MLPs are no targets
     on_layer = adapters if sparse or not args.is_moe or not experts else _without_mlp(adapters)
-    # (Gemma 4 26B-A4B's experts beside the dense MLP: counted below, as a sparse MLP's)
-    here = projection_shapes(args, mixer, kv_shared, beside_experts=False)
+    # (Gemma 4 26B-A4B's and Llama 4's experts: counted below, as a sparse MLP's)
+    here = projection_shapes(args, mixer, kv_shared, named_experts=False)
     on_layer = [replace(a, target_modules=tuple(m for m in a.target_modules if m in here)) for a in on_layer]
     # auto runs a batch of more adapters than DENSE_MAX_ADAPTERS grouped or loop, which keep a
     # dropped-out copy and a mask of each input (counting fused's or triton's underestimated it)
@@ -550,31 +553,34 @@ def _layer_saved_per_token(args: ModelArgs, e: int, adapters: list[LoraShape], *
         # the fused op of each expert keeps its own [n, C] fp32 column factor (lora_fused.column_factor):
         # the batch's shared one is per layer here
         out["lora_expert_factor"] = _dense_columns(adapters, active, kernel, k, mlp_only=True) * 4
-    on_experts = _on_beside_experts(adapters) if args.moe_beside_mlp else []
-    if on_experts:  # Gemma 4 26B-A4B: the experts' LoRA keeps what a sparse MLP's LoRA does
-        beside = _layer_saved_per_token(_beside_experts_as_sparse(args), e, on_experts, shared=shared, quant=quant,
-                                         explicit_mask=explicit_mask, seq_len=seq_len, active=active, kernel=kernel,
-                                         sparse=True, mixer=mixer)
-        out.update({f"experts_{name}": v for name, v in beside.items() if name.startswith("lora_")})
+    on_experts = _on_named_experts(adapters) if args.experts_named and (args.moe_beside_mlp or sparse) else []
+    if on_experts:  # Gemma 4 26B-A4B, Llama 4: the experts' LoRA keeps what a sparse MLP's LoRA does
+        named = _layer_saved_per_token(_named_experts_as_sparse(args), e, on_experts, shared=shared, quant=quant,
+                                        explicit_mask=explicit_mask, seq_len=seq_len, active=active, kernel=kernel,
+                                        sparse=True, mixer=mixer)
+        out.update({f"experts_{name}": v for name, v in named.items() if name.startswith("lora_")})
     return out
 
 
-def _beside_experts_as_sparse(args: ModelArgs) -> ModelArgs:
-    """Gemma 4 26B-A4B's experts (beside each layer's dense MLP, gate and up fused) as the sparse
-    MLP of an MoE model: what their LoRA keeps and builds is counted as that one's."""
-    return replace(args, moe_layers=[True] * args.num_layers, moe_beside_mlp=False, fused_gate_up=True,
-                   shared_expert_intermediate_size=0)
+def _named_experts_as_sparse(args: ModelArgs) -> ModelArgs:
+    """The experts named by config.EXPERT_TARGET_MODULES (ModelArgs.experts_named: Gemma 4
+    26B-A4B's beside each layer's dense MLP, Llama 4's; gate and up fused) as the sparse MLP of
+    an MoE model whose MLP targets are its experts (a model type other than Llama 4's:
+    mlp_lora_on_experts), without a shared expert: what their LoRA keeps and builds is counted
+    as that one's."""
+    return replace(args, model_type="experts", moe_layers=[True] * args.num_layers, moe_beside_mlp=False,
+                   fused_gate_up=True, shared_expert_intermediate_size=0)
 
 
-def _on_beside_experts(adapters: list[LoraShape]) -> list[LoraShape]:
-    """The adapters on Gemma 4 26B-A4B's experts, with those targets only, named as a sparse
-    MLP's ('experts.gate_up_proj' -> 'gate_up_proj': _beside_experts_as_sparse)."""
+def _on_named_experts(adapters: list[LoraShape]) -> list[LoraShape]:
+    """The adapters on the experts named by config.EXPERT_TARGET_MODULES, with those targets
+    only, named as a sparse MLP's ('experts.gate_up_proj' -> 'gate_up_proj': _named_experts_as_sparse)."""
     on = [LoraShape(a.r, tuple(m.removeprefix("experts.") for m in a.target_modules if m in EXPERT_TARGET_MODULES),
                     a.dropout, a.optimizer_moments) for a in adapters]
     return [a for a in on if a.target_modules]
 
 
-def _without_beside_experts(adapters: list[LoraShape]) -> list[LoraShape]:
+def _without_named_experts(adapters: list[LoraShape]) -> list[LoraShape]:
     on = [replace(a, target_modules=tuple(m for m in a.target_modules if m not in EXPERT_TARGET_MODULES))
           for a in adapters]
     return [a for a in on if a.target_modules]
@@ -740,9 +746,9 @@ def _grouped_expert_lora_buffers(args: ModelArgs, e: int, adapters: list[LoraSha
 def _lora_copies(args: ModelArgs, target: str, sparse: bool) -> int:
     """LoRA modules of one adapter for `target` in one layer: one, or on an MoE model one per
     expert of a sparse layer and none in a dense layer's MLP (Llama 4: one, on the shared expert
-    or the dense MLP)."""
-    if target in EXPERT_TARGET_MODULES:  # Gemma 4 26B-A4B's experts, in every layer
-        return args.num_experts
+    or the dense MLP; its experts.* one per expert of a sparse layer)."""
+    if target in EXPERT_TARGET_MODULES:  # Gemma 4 26B-A4B's experts, in every layer; Llama 4's, in its sparse ones
+        return args.num_experts  # (projection_shapes offers them there only)
     if not args.is_moe or target not in _MLP_TARGETS or not args.mlp_lora_on_experts:
         return 1
     return args.num_experts if sparse else 0
@@ -903,8 +909,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
     mixer = {}
     # (Gemma 4's full layers: their own sizes; its KV-shared layers: no k/v projections nor k norm)
     for layer_kind, kv_shared in {layer_signature(args, i)[1:] for i in range(args.num_layers)} - {("linear", False)}:
-        # (Gemma 4 26B-A4B's experts: `beside`, below)
-        shapes = projection_shapes(args, layer_kind, kv_shared, beside_experts=False)
+        # (Gemma 4 26B-A4B's experts: `beside`, below; Llama 4's: `sparse`)
+        shapes = projection_shapes(args, layer_kind, kv_shared, named_experts=False)
         attention = sum(_projection_bytes(i, o, e, kind, dq) for m, (i, o) in shapes.items() if m not in _MLP_TARGETS)
         # (the biases of q/k/v_proj or qkv_proj, and o_proj)
         biases = sum(o for m, (_, o) in shapes.items() if m not in {*_MLP_TARGETS, "o_proj"}) * args.attention_bias

@@ -88,15 +88,16 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
         if missing:
             default = " (q_proj, v_proj is the default: set target_modules)" if a.target_modules == [
                 "q_proj", "v_proj"] else ""
-            if model_args.moe_beside_mlp:  # (Gemma 4 26B-A4B: PEFT sees its experts as parameters, not modules)
-                default += (f"; gate_proj, up_proj, down_proj are its dense MLP's, "
+            if model_args.experts_named:  # (Gemma 4 26B-A4B, Llama 4: PEFT sees their experts as parameters)
+                mlps = "dense MLP's" if model_args.moe_beside_mlp else "dense MLPs' and shared expert's"
+                default += (f"; gate_proj, up_proj, down_proj are its {mlps}, "
                             f"{', '.join(EXPERT_TARGET_MODULES)} its experts'")
             raise UserError(f"adapter {a.name!r}: target_modules {', '.join(missing)} not in this "
                             f"{model_args.model_type} model (its projections: {', '.join(map(named, has))}){default}")
         mine = {projection_of(m) for m in a.target_modules}
         resolved.append(replace(a, target_modules=[m for m in has if m in mine]))
-        if model_args.moe_beside_mlp:
-            _check_beside_expert_targets(resolved[-1], model_args.model_type)
+        if model_args.experts_named:
+            _check_named_expert_targets(resolved[-1], model_args.model_type)
         if model_args.is_moe:
             # an m-LoRA name (w1_proj) as the user wrote it, not as mlora or the model names it
             written = {projection_of(m): m for m in a.target_modules if m in MLORA_MODULE_NAMES}
@@ -108,19 +109,24 @@ def note_partial_targets(cfg: TrainConfig, model_args) -> None:
     """Say on stderr which adapters have LoRA on some of the base's layers only, because their
     target_modules are in some layers only (Qwen3.5's q/k/v/o_proj in its softmax-attention
     layers, a quarter of them; its in_proj_* in the linear-attention ones; an MoE model's MLP
-    targets in its sparse layers, not its dense ones; Gemma 4's k/v_proj not in its KV-shared
-    layers): as with PEFT, which a user of the default q_proj, v_proj may not expect."""
+    targets in its sparse layers, not its dense ones; Llama 4's experts.gate_up_proj and
+    experts.down_proj likewise; Gemma 4's k/v_proj not in its KV-shared layers): as with PEFT,
+    which a user of the default q_proj, v_proj may not expect."""
     from mlora.memory import projection_shapes
 
     # Per layer: its kind of mixer, on an MoE model whether its MLP is sparse (a dense layer's
-    # MLP takes no LoRA there: lora.inject_lora; but Llama 4's), whether it shares another's keys
+    # MLP takes no LoRA there: lora.inject_lora; but Llama 4's), whether it has experts named by
+    # config.EXPERT_TARGET_MODULES (Llama 4's sparse layers), whether it shares another's keys
     # and values (Gemma 4's KV-shared layers have no k/v_proj)
-    layers = list(zip(model_args.layer_kinds, model_args.moe_layers if model_args.is_moe and
-                      model_args.mlp_lora_on_experts else [True] * model_args.num_layers,
+    every = [True] * model_args.num_layers
+    layers = list(zip(model_args.layer_kinds,
+                      model_args.moe_layers if model_args.is_moe and model_args.mlp_lora_on_experts else every,
+                      model_args.moe_layers if model_args.is_moe and model_args.experts_named else every,
                       [model_args.kv_source(i) is not None for i in range(model_args.num_layers)]))
-    offers = {(kind, lora_mlp, shared): [m for m in projection_shapes(model_args, kind, shared)
-                                         if lora_mlp or m not in MLP_MODULES]
-              for kind, lora_mlp, shared in set(layers)}
+    offers = {(kind, lora_mlp, experts, shared): [m for m in projection_shapes(model_args, kind, shared,
+                                                                               named_experts=experts)
+                                                  if lora_mlp or m not in MLP_MODULES]
+              for kind, lora_mlp, experts, shared in set(layers)}
     for a in cfg.lora:
         untouched = [layer for layer, names in offers.items() if not set(a.target_modules) & set(names)]
         if not untouched:
@@ -132,10 +138,10 @@ def note_partial_targets(cfg: TrainConfig, model_args) -> None:
               f"{', '.join(others)})", file=sys.stderr)
 
 
-def _check_beside_expert_targets(a, model_type: str) -> None:
-    """Gemma 4 26B-A4B's experts take one LoRA per stacked parameter in PEFT (target_parameters:
-    ParamWrapper), which refuses dropout; one LoRA on each expert's whole gate_up_proj, so rsLoRA
-    scales it as mlora does (alpha / sqrt(r))."""
+def _check_named_expert_targets(a, model_type: str) -> None:
+    """Gemma 4 26B-A4B's and Llama 4's experts take one LoRA per stacked parameter in PEFT
+    (target_parameters: ParamWrapper), which refuses dropout; one LoRA on each expert's whole
+    gate_up_proj, so rsLoRA scales it as mlora does (alpha / sqrt(r))."""
     on_experts = [m for m in a.target_modules if m in EXPERT_TARGET_MODULES]
     if on_experts and a.dropout:
         raise UserError(f"adapter {a.name!r}: dropout must be 0 when target_modules include "

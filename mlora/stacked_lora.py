@@ -1,4 +1,4 @@
-"""An adapter's LoRA on stacked experts in PEFT's format (GPT-OSS).
+"""An adapter's LoRA on stacked experts in PEFT's format (GPT-OSS, Gemma 4 26B-A4B, Llama 4).
 
 mlora trains a LoRA per expert (each expert's projections are nn.Linear modules). GPT-OSS's
 checkpoint and transformers' model stack a layer's experts into one parameter per projection
@@ -16,6 +16,17 @@ Gemma 4 26B-A4B's experts are stacked the other way round (`experts.gate_up_proj
 `down_proj` [E, H, I]: nn.Linear's layout per expert) and hang off the decoder layer itself
 (`model.layers.0.experts`, beside its dense MLP). PEFT's ParamWrapper swaps in and out for
 such parameters, so their LoRA has the same layout: gate_up_proj's A [E r, H], B [2I, r E].
+
+Llama 4's experts are stacked as GPT-OSS's (`feed_forward.experts.gate_up_proj` [E, H, 2I], gate
+columns then up columns; `down_proj` [E, I, H]: x @ W_e), but transformers' Llama4TextExperts
+does not say so (no `is_transposed`), and PEFT's ParamWrapper then takes them as [E, out, in]
+(peft.tuners.lora.layer.ParamWrapper.update_layer swaps in and out): its lora_A [E r, 2I] and
+lora_B [H, r E] of gate_up_proj make the update B_e A_e [H, 2I] that x @ (W_e + s B_e A_e)
+applies, x B_e A_e: its B reads the input and its A writes the output. The same update as
+nn.Linear's (mlora's: s B A x, A [r, H], B [2I, r]) is A = B_e^T, B = A_e^T: the factors trade
+places, each transposed (SWAPPED). The router's weights scale each expert's input before it
+(Llama4TextMoe: routed_in * router_scores), and so before the LoRA, in mlora as in PEFT
+(models/moe.run_experts, input_weighted).
 """
 
 from __future__ import annotations
@@ -32,6 +43,10 @@ from mlora.models.naming import STACKED_PROJECTIONS
 # projection); GPT-OSS's experts are `mlp.experts`, Gemma 4's `experts` beside the dense MLP
 _EXPERT_PROJECTION = re.compile(rf"(?P<experts>model\.layers\.\d+\.(mlp\.)?experts)\.(?P<e>\d+)\."
                                 rf"(?P<proj>{'|'.join(STACKED_PROJECTIONS)})")
+
+
+# The families whose experts PEFT stacks the LoRA of with A and B traded (above)
+SWAPPED = ("llama4_text", "llama4")
 
 
 def target_parameters(projections: list[str], experts: str = "mlp.experts") -> list[str]:
@@ -63,13 +78,15 @@ def peft_module(path: str, projections: list[str]) -> str | None:
     return f"{experts}.{_wrapper_prefix(proj, projections)}".rstrip(".")
 
 
-def stack(per_expert: dict[str, tuple[Tensor, Tensor]], modules: dict[str, str]) -> dict[str, tuple[Tensor, Tensor]]:
+def stack(per_expert: dict[str, tuple[Tensor, Tensor]], modules: dict[str, str],
+          swapped: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """{per-expert module path: (A [r, in], B [out, r])} -> {PEFT module path: (A [E r, in],
     B [out, r E])}, experts in index order (every expert of a layer must be there); modules:
-    each per-expert path's PEFT module (peft_module)."""
+    each per-expert path's PEFT module (peft_module). swapped (Llama 4: SWAPPED): PEFT's A
+    [E r, out] holds each B^T, its B [in, r E] each A^T."""
     groups: dict[str, dict[int, tuple[Tensor, Tensor]]] = defaultdict(dict)
-    for path, ab in per_expert.items():
-        groups[modules[path]][split_path(path)[1]] = ab
+    for path, (a, b) in per_expert.items():
+        groups[modules[path]][split_path(path)[1]] = (b.t(), a.t()) if swapped else (a, b)
     out = {}
     for key, by_expert in groups.items():
         E = len(by_expert)
@@ -80,6 +97,8 @@ def stack(per_expert: dict[str, tuple[Tensor, Tensor]], modules: dict[str, str])
     return out
 
 
-def unstack(a: Tensor, b: Tensor, expert: int, experts: int) -> tuple[Tensor, Tensor]:
-    """One expert's (A [r, in], B [out, r]) from PEFT's stacked A [E r, in] and B [out, r E]."""
-    return a.view(experts, -1, a.shape[-1])[expert], b.view(b.shape[0], -1, experts)[:, :, expert]
+def unstack(a: Tensor, b: Tensor, expert: int, experts: int, swapped: bool = False) -> tuple[Tensor, Tensor]:
+    """One expert's (A [r, in], B [out, r]) from PEFT's stacked A [E r, in] and B [out, r E]
+    (swapped: A [E r, out] and B [in, r E], stack's)."""
+    a_e, b_e = a.view(experts, -1, a.shape[-1])[expert], b.view(b.shape[0], -1, experts)[:, :, expert]
+    return (b_e.t(), a_e.t()) if swapped else (a_e, b_e)

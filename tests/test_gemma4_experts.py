@@ -105,10 +105,16 @@ def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
     """An adapter PEFT made on transformers' Gemma4ForCausalLM (target_parameters listed in the
     other order, beside the dense MLP's down_proj) loads into mlora (init_from, eval) with
     PEFT's logits."""
+    assert_peft_made_adapter_loads(tmp_path, make_tiny_model(tmp_path / "base", "gemma4_text", **GEMMA4_MOE), _inputs())
+
+
+def assert_peft_made_adapter_loads(tmp_path, base, inputs) -> None:
+    """An adapter PEFT makes on transformers' model of `base` (LoRA on q_proj and down_proj, and
+    target_parameters experts.down_proj, experts.gate_up_proj, in that order) loads into mlora
+    with PEFT's logits on inputs (ids, mask, _), and its experts' LoRA alone moves them."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = make_tiny_model(tmp_path / "base", "gemma4_text", **GEMMA4_MOE)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
         target_parameters=["experts.down_proj", "experts.gate_up_proj"]))
@@ -120,7 +126,7 @@ def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
     peft_model.save_pretrained(tmp_path / "x")
     model, layout, adapters = _mlora_with_adapters(base, {"x": (4, ["q_proj", "down_proj", *EXPERTS])})
     adapters["x"].load_peft(tmp_path / "x")
-    ids, mask, _ = _inputs()
+    ids, mask, _ = inputs
     layout.rows = [AdapterRows("x", 0, B)]
     model.eval()
     with torch.no_grad():
@@ -128,7 +134,11 @@ def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
         diff = (ours - peft_model.eval()(input_ids=ids, attention_mask=mask).logits).abs()[mask.bool()]
         with peft_model.disable_adapter():
             bare = peft_model(input_ids=ids, attention_mask=mask).logits
-    assert diff.max() < 1e-4 and (ours - bare).abs()[mask.bool()].max() > 1e-3
+        for name, p in peft_model.named_parameters():  # (the other modules' LoRA taken off)
+            if "lora_B" in name and ".experts." not in name:
+                p.zero_()
+        experts_only = peft_model(input_ids=ids, attention_mask=mask).logits
+    assert diff.max() < 1e-4 and (experts_only - bare).abs()[mask.bool()].max() > 1e-3
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one_at_a_time"])

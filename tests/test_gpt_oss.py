@@ -120,12 +120,16 @@ def test_an_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, caps
     assert {re.search(r"layers\.(\d+)", n)[1] for n in stage.loaded_tensor_names if "layers." in n} == {"1"}
 
 
-def _peft_grads(peft_model, E: int, r: int, stacked: list[str], experts: str = "mlp.experts") -> dict[str, torch.Tensor]:
+def _peft_grads(peft_model, E: int, r: int, stacked: list[str], experts: str = "mlp.experts",
+                naming=None, swapped: bool = False) -> dict[str, torch.Tensor]:
     """PEFT's LoRA gradients under mlora's module paths. A stacked LoRA (ParamWrapper:
     peft.tuners.lora.layer.get_delta_factors) keeps expert e's A as rows e*r..(e+1)*r of its
     A [E r, in] and its B as columns j*E + e of its B [out, r E]; with both parameters
     targeted, gate_up_proj's wrapper is the inner one (`experts.base_layer`). experts: where a
-    layer holds them (Gemma 4 26B-A4B: beside its dense MLP, as `experts`)."""
+    layer holds them (Gemma 4 26B-A4B: beside its dense MLP, as `experts`). naming: the family's
+    (its other modules' paths translated to mlora's: Llama 4's feed_forward); swapped: PEFT's
+    A of an expert is mlora's B transposed and its B mlora's A transposed (Llama 4's:
+    stacked_lora.SWAPPED)."""
     out = {}
     for name, p in peft_model.named_parameters():
         if "lora_" not in name:
@@ -133,13 +137,19 @@ def _peft_grads(peft_model, E: int, r: int, stacked: list[str], experts: str = "
         layer = re.search(r"layers\.(\d+)\.", name)[1]
         kind = re.search(r"(lora_[AB])\.", name)[1]
         if ".experts." not in name:
+            if naming is not None:
+                out[f"{naming.from_module(re.search(r'base_model[.]model[.](.+)[.]lora_', name)[1])}.{kind}"] = p.grad
+                continue
             module = re.search(r"((self_attn|mlp)\.\w+)\.lora_", name)[1]
             out[f"model.layers.{layer}.{module}.{kind}"] = p.grad
             continue
         proj = stacked[0] if len(stacked) == 1 else "gate_up_proj" if ".experts.base_layer." in name else "down_proj"
         for e in range(E):
             g = p.grad.view(E, r, -1)[e] if kind == "lora_A" else p.grad.view(p.shape[0], r, E)[:, :, e]
-            out[f"model.layers.{layer}.{experts}.{e}.{proj}.{kind}"] = g
+            if swapped:
+                out[f"model.layers.{layer}.{experts}.{e}.{proj}.{'lora_B' if kind == 'lora_A' else 'lora_A'}"] = g.t()
+            else:
+                out[f"model.layers.{layer}.{experts}.{e}.{proj}.{kind}"] = g
     return out
 
 

@@ -15,7 +15,7 @@ import mlora.lora
 import mlora.models.moe
 from mlora import memory
 from mlora.config import AdapterConfig
-from mlora.lora import AdapterRows, BatchLayout, LoraWeights, TARGET_MODULES, inject_lora, target_name
+from mlora.lora import AdapterRows, BatchLayout, LoraWeights, TARGET_MODULES, inject_lora
 from mlora.memory import (GiB, LoraShape, UnsplittableOOM, choose_token_budget, device_free_bytes,
                           estimate_peak_bytes, grads_restored_on_error, lora_state_bytes,
                           run_splitting_on_oom, weight_bytes)
@@ -327,7 +327,7 @@ def _model_with_adapters(dtype, adapters, targets, args=SMALL):
     layout = BatchLayout()
     wrappers = inject_lora(model, layout)
     for path, wrapper in wrappers.items():
-        if target_name(path) in targets:  # (Gemma 4's experts: experts.gate_up_proj, experts.down_proj)
+        if wrapper.target in targets:  # (Gemma 4's and Llama 4's experts: experts.gate_up_proj, experts.down_proj)
             for a, (r, p) in enumerate(adapters):
                 weights = LoraWeights(wrapper.in_features, wrapper.out_features, r, 2 * r, p, False, a)
                 weights.generator = torch.Generator().manual_seed(a)
@@ -795,8 +795,10 @@ def test_moe_layers_bound_what_autograd_saves(dtype, args, adapters, targets):
     gathered input, hidden and (several adapters) column factor. The estimate bounds what
     autograd saves, and the weights and LoRA state are every parameter's bytes."""
     wrappers = _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len=32)
-    per_expert = 2 if args.fused_gate_up else 3  # (gate_up_proj, down_proj) or (gate, up, down)
-    experts = per_expert * args.num_experts * sum(args.moe_layers) * args.mlp_lora_on_experts  # (Llama 4: none)
+    # (gate_up_proj, down_proj) or (gate, up, down); Llama 4's experts are wrapped, with LoRA where
+    # experts.* are targeted (test_expert_lora_beside_other_mlp_lora_is_bounded)
+    per_expert = 2 if args.fused_gate_up or args.experts_named else 3
+    experts = per_expert * args.num_experts * sum(args.moe_layers)
     assert args.is_moe and sum(".experts." in p for p in wrappers) == experts
 
 
@@ -937,14 +939,34 @@ def test_gemma4_layers_bound_what_autograd_saves(dtype, args):
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one_at_a_time"])
-def test_gemma4_expert_lora_is_bounded(monkeypatch, dtype, grouped):
+@pytest.mark.parametrize("args, experts, mlp", [
+    (GEMMA4_MOE, "model.layers.1.experts", "model.layers.1.mlp"),
+    (LLAMA4, "model.layers.0.mlp.experts", "model.layers.0.mlp.shared_expert"),
+], ids=["gemma4_moe", "llama4"])
+def test_expert_lora_beside_other_mlp_lora_is_bounded(monkeypatch, dtype, grouped, args, experts, mlp):
     """26B-A4B with LoRA on its experts (experts.gate_up_proj, experts.down_proj) and on the dense
-    MLP beside them in the same layers: the estimate bounds what autograd saves, grouped or one
+    MLP beside them in the same layers, Llama 4 on its experts and on the shared expert beside
+    them (and its dense layer's MLP): the estimate bounds what autograd saves, grouped or one
     expert at a time, and the LoRA state is every expert's A and B."""
     monkeypatch.setattr(mlora.models.moe, "GROUPED_EXPERTS", grouped)
     targets = (*ALL7, "experts.gate_up_proj", "experts.down_proj")
-    wrappers = _assert_layer_kinds_bounded(dtype, GEMMA4_MOE, [(4, 0.0), (8, 0.0)], targets, seq_len=32)
-    assert wrappers["model.layers.1.experts.3.gate_up_proj"].adapters and wrappers["model.layers.1.mlp.up_proj"].adapters
+    wrappers = _assert_layer_kinds_bounded(dtype, args, [(4, 0.0), (8, 0.0)], targets, seq_len=32)
+    assert wrappers[f"{experts}.3.gate_up_proj"].adapters and wrappers[f"{mlp}.up_proj"].adapters
+    # what the experts' LoRA adds is counted (the bound above has room for it to be left out):
+    # within 10% (bf16's grouped hidden rounds its columns up to 16 bytes: 6% more than counted)
+    added = {}
+    for on in (targets, ALL7):
+        model, layout, wrappers = _model_with_adapters(dtype, [(4, 0.0), (8, 0.0)], on, args)
+        layout.rows = [AdapterRows("a0", 0, 2), AdapterRows("a1", 2, 4)]
+        model.train()
+        # (the same tokens in both runs, so the same routing)
+        measured = saved_tensor_bytes(model, torch.randint(0, args.vocab_size, (4, 32), generator=torch.Generator()),
+                                      frozen_storages(model, wrappers))
+        estimate = estimate_peak_bytes(args, rows=4, seq_len=32, dtype=dtype, lora=[LoraShape(4, on), LoraShape(8, on)],
+                                       device=torch.device("cpu")).activations
+        added[on] = (measured, estimate)
+    measured, estimate = (added[targets][i] - added[ALL7][i] for i in (0, 1))
+    assert 0.9 * measured <= estimate <= 1.5 * measured
 
 
 def test_gemma4_kv_sharing_under_recompute_is_bounded():

@@ -103,14 +103,15 @@ def _expert_grads_from_peft(name: str, grad: torch.Tensor, E: int, r: int, H: in
     return out
 
 
-def backward_against_peft(model, layout, base, adapter_dir):
+def backward_against_peft(model, layout, base, adapter_dir, inputs=None):
     """Run mlora's model (its adapter 'x' on every row) and PEFT's with the adapter saved in
-    `adapter_dir` on the same inputs, check their logits are equal and back-propagate the same
-    probe through both; returns PEFT's model, whose LoRA weights hold its gradients."""
+    `adapter_dir` on the same inputs (ids, mask, probe; by default _inputs()), check their
+    logits are equal and back-propagate the same probe through both; returns PEFT's model,
+    whose LoRA weights hold its gradients."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ids, mask, probe = _inputs()
+    ids, mask, probe = inputs or _inputs()
     probe = probe[..., :model.args.vocab_size]  # (a model of a smaller vocabulary than the probe's)
     layout.rows = [AdapterRows("x", 0, B)]
     ours = model(ids, mask)

@@ -24,9 +24,10 @@ experts.5.w3` translates in naming.py). transformers 5 stacks each layer's exper
 parameters instead; it writes the per-expert layout above, which is also what most released
 checkpoints and PEFT adapters use, and reads both. Checkpoints that stack them (GPT-OSS's,
 Qwen3.5-MoE's, a transformers 5 state_dict saved as is) are read by each expert reading its slice
-(loader.py, naming.StackedSlice); GPT-OSS's and Gemma 4 26B-A4B's LoRA is saved stacked
-(stacked_lora.py). Gemma 4's experts keep gate and up fused in one gate_up_proj (one LoRA on it,
-as PEFT's), and their routing hook hangs off the decoder layer (llama.DecoderLayer.routing_hook).
+(loader.py, naming.StackedSlice); GPT-OSS's, Gemma 4 26B-A4B's and Llama 4's LoRA is saved stacked
+(stacked_lora.py). Gemma 4's and Llama 4's experts keep gate and up fused in one gate_up_proj (one
+LoRA on it, as PEFT's); Gemma 4's routing hook hangs off the decoder layer
+(llama.DecoderLayer.routing_hook).
 
 They run as grouped GEMMs (`torch._grouped_mm`, as transformers 5 runs its experts): each
 projection of every expert in one GEMM over the routed tokens sorted by expert, the experts'

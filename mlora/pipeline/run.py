@@ -94,7 +94,7 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
 
     # a layer's attention parameters (latent attention's too, whose head_dim is only a RoPE part;
     # Qwen3.5's layers have softmax or linear attention)
-    mixers = {kind: sum(i * o for m, (i, o) in projection_shapes(margs, kind, beside_experts=False).items()
+    mixers = {kind: sum(i * o for m, (i, o) in projection_shapes(margs, kind, named_experts=False).items()
                         if m not in MLP_MODULES)
               for kind in set(margs.layer_kinds)}
     widths = {i: sparse for i, moe in enumerate(margs.moe_layers) if moe}
