@@ -189,9 +189,9 @@ def assert_grads_equal(adapter, expected: dict[str, torch.Tensor], rtol: float =
                                             # beside them)
                                             *(("gemma4_moe", k) for k in ("auto", "grouped", "loop")),
                                             # (Llama 4: the router's weights on the experts' input, NoPE
-                                            # layers' query scale, chunks; LoRA on the shared expert and
-                                            # the dense MLPs)
-                                            *(("llama4_text", k) for k in ("auto", "grouped"))])
+                                            # layers' query scale, chunks; LoRA on the experts, the shared
+                                            # expert and the dense MLPs)
+                                            *(("llama4_text", k) for k in ("auto", "grouped", "loop"))])
 def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, kernel):
     """Three adapters in one batch (two on the experts with different ranks, one on attention
     only), a row of no adapter between them and the layout's rows out of order: each adapter's
@@ -206,8 +206,8 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
             else make_tiny_model(tmp_path / family, family))
     every = {"gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
              "deepseek_v2": MLA_ALL, "deepseek_v3": MLA_ALL, "mistral4": MLA_ALL, "qwen3_5_moe_text": QWEN3_5_ALL,
-             "qwen3_next": QWEN3_NEXT_ALL, "gemma4_moe": [*ALL7, "experts.gate_up_proj", "experts.down_proj"]
-             }.get(family, ALL7)
+             "qwen3_next": QWEN3_NEXT_ALL, "gemma4_moe": [*ALL7, "experts.gate_up_proj", "experts.down_proj"],
+             "llama4_text": [*ALL7, "experts.gate_up_proj", "experts.down_proj"]}.get(family, ALL7)
     attention = (["q_b_proj", "kv_b_proj"] if family.startswith("deepseek") or family == "mistral4"
                  else ["in_proj_qkv", "in_proj_b", "out_proj"] if family.startswith("qwen3_5")
                  else ["in_proj_qkvz", "in_proj_ba", "out_proj"] if family == "qwen3_next" else ["q_proj", "v_proj"])
@@ -230,7 +230,7 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
                                    for t in (w.lora_A, w.lora_B)])
                      for p, w in adapters[n].weights.items()} for n in names}
         for moe in (m for layer in model.model.layers.values() for m in (layer.mlp, layer)  # (Gemma 4's: the layer's)
-                    if getattr(m, "routing_hook", None) is not None):  # (Llama 4's experts: no LoRA)
+                    if getattr(m, "routing_hook", None) is not None):
             # an expert's LoRA keeps no plan
             assert all(w.group._plan is None and w.group._casts is None for w in moe.routing_hook.wrappers)
         return logits, grads
@@ -251,12 +251,13 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
             tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next", "llama4")) else 3e-5 if family == "gemma4_moe" else 1e-5
             assert (fused_grads[n][path] - g).abs().max() <= tol * g.abs().max(), (n, path)
     for n in ("e1", "e2"):  # the experts' LoRA took part (B and A both nonzero, so gradients flow)
-        if family == "gemma4_moe":  # (Gemma 4's experts.* targets its experts, gate_proj ... its dense MLP's)
+        if family in ("gemma4_moe", "llama4_text"):  # (their experts.* target the experts, gate_proj ... the dense
+            # MLPs: Gemma 4's beside them, Llama 4's and its shared expert)
             assert any(".mlp.down_proj" in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
             assert not any(re.search(r"experts\.\d+\.(gate|up)_proj", path) for path in fused_grads[n])
-        # (Llama 4's MLP LoRA is on its shared expert and dense MLPs)
-        on = ".experts." if family != "llama4_text" else ".shared_expert."
-        assert any(on in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
+        if family == "llama4_text":
+            assert any(".shared_expert." in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
+        assert any(".experts." in path and g.abs().max() > 0 for path, g in fused_grads[n].items())
 
 
 def _cfg(**adapter):

@@ -614,7 +614,7 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     experts' stacked tensors and router per layer, LoRA on them, saved stacked, and on the dense
     MLP beside them), Llama 4's
     image-text checkpoint (language_model.model.*, feed_forward, stacked experts read transposed, LoRA
-    on the shared experts and dense MLPs): each
+    on the shared experts and dense MLPs, and on the experts, saved stacked): each
     rank reads its layers under the checkpoint's names,
     the ranks' adapter pieces merge into one PEFT file with the model's module names, and the
     run equals one process (an init_from adapter under those names too)."""
@@ -653,9 +653,11 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
     elif family == "deepseek_v3":  # latent attention; shared_experts named otherwise (no LoRA), a dense layer 0
         raw["lora"][0]["target_modules"] = ["q_b_proj", "kv_b_proj"]
         raw["lora"][1]["target_modules"] = ["q_a_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    elif family == "llama4":  # NoPE and chunked RoPE layers; the MLP targets on the dense MLPs and shared experts
+    elif family == "llama4":  # NoPE and chunked RoPE layers; the MLP targets on the dense MLPs and shared experts,
+        # experts.* on the sparse layers' experts
         raw["lora"][0]["target_modules"] = ["q_proj", "v_proj"]
-        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj"]
+        raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "up_proj", "down_proj", "experts.gate_up_proj",
+                                            "experts.down_proj"]
     else:  # Mixtral's own names of the experts' projections
         raw["lora"][1]["target_modules"] = ["q_proj", "o_proj", "w1", "w3", "w2"]
     cfg.write_text(json.dumps(raw))
@@ -680,6 +682,8 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
         modules = 2 + 3 * 2 + 4 * 2
     if family == "qwen3_next":  # q_proj and o_proj in layer 2, in_proj_ba in the other three
         modules = 2 + 3
+    if family == "llama4":  # and the stacked experts' gate_up_proj and down_proj in the sparse layers 1 and 3
+        modules += 2 * 2
     assert len(keys) == modules * 2 and all(k.startswith(prefix) for k in keys)
     if family == "mixtral":
         assert sum(".block_sparse_moe.experts." in k for k in keys) == 4 * 3 * 4 * 2
@@ -687,6 +691,9 @@ def test_pipeline_with_other_names_equals_single_process(tmp_path, tokenizer_dir
         assert sum(".mlp.experts.base_layer.lora_" in k for k in keys) == 4 * 2
     if family == "gemma4":  # (the experts beside the dense MLP: `layers.{i}.experts`, stacked)
         assert sum(re.search(r"layers\.\d+\.experts\.(base_layer\.)?lora_", k) is not None for k in keys) == 4 * 2 * 2
+    if family == "llama4":
+        assert {re.search(r"layers\.(\d+)\.feed_forward\.experts\.(base_layer\.)?lora_", k)[1]
+                for k in keys if ".experts." in k} == {"1", "3"}
     # a trained adapter as init_from: every rank takes its layers' tensors from the one file
     raw["lora"] = [dict(raw["lora"][1], init_from=str(tmp_path / "single" / "p1"), num_epochs=1)]
     cfg.write_text(json.dumps(raw))

@@ -175,7 +175,9 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     targets = sorted({naming.from_module(k[len("base_model.model."):].rsplit(".", 2)[0]).rsplit(".", 1)[-1]
                       for k in keys if ".experts." not in k or "target_parameters" not in peft_cfg})
     # GPT-OSS's stacked experts (mlp.experts.gate_up_proj: mlora's gate_up_proj), Gemma 4 26B-A4B's (experts.gate_up_proj)
-    targets += [p.removeprefix("mlp.experts.") for p in peft_cfg.get("target_parameters") or []]
+    # and Llama 4's (feed_forward.experts.gate_up_proj: mlora's experts.gate_up_proj)
+    targets += [p.removeprefix("mlp.experts.").removeprefix("feed_forward.")
+                for p in peft_cfg.get("target_parameters") or []]
     cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], target_modules=targets)
     adapter = Adapter(cfg, wrappers, 0, torch.device("cpu"), naming=naming)
     adapter.load_peft(adapter_dir)
@@ -789,7 +791,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
                                             else QWEN3_NEXT_TARGETS if family == "qwen3_next"
                                             else QWEN3_5_TARGETS[:9 if family == "qwen3_5_moe" else None])
         cfg.write_text(json.dumps(raw))
-    if overrides is GEMMA4_MOE:  # (26B-A4B: its experts too, as PEFT's target_parameters name them)
+    if overrides is GEMMA4_MOE or family.startswith("llama4"):  # (26B-A4B, Llama 4: their experts too, as PEFT's
+        # target_parameters name them)
         raw = json.loads(cfg.read_text())
         raw["lora"][0]["target_modules"] += ["experts.gate_up_proj", "experts.down_proj"]
         cfg.write_text(json.dumps(raw))
@@ -814,11 +817,10 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         experts = 4 if family == "qwen3_moe" else 8
         assert sum(".experts." in k for k in saved) == 3 * experts and sum(".experts." in n for n in lora_modules) == 2
         saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]
-    if family.startswith("llama4"):  # no expert: layers 1 and 3's shared expert, layers 0 and 2's dense MLP
+    if family.startswith("llama4"):  # layers 1 and 3's shared expert, layers 0 and 2's dense MLP
         assert sum(".shared_expert." in k for k in saved) == sum(".feed_forward.down_proj." in k for k in saved) * 3 == 6
-        assert not any(".experts." in k for k in saved)
-    if family == "gpt_oss" or overrides is GEMMA4_MOE:  # each layer's experts: gate_up_proj and down_proj, each
-        # one stacked LoRA
+    if family in ("gpt_oss", "llama4_text", "llama4") or overrides is GEMMA4_MOE:  # each (sparse) layer's experts:
+        # gate_up_proj and down_proj, each one stacked LoRA
         assert sum(".experts." in k for k in saved) == 2 * 2 and sum(".experts." in n for n in lora_modules) == 2 * 2
     assert len(lora_modules) == len(saved)
 
