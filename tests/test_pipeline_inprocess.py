@@ -1252,3 +1252,27 @@ def test_pipeline_generate_past_the_rope_switch(tmp_path, tokenizer_dir, monkeyp
                      "--master_port", str(port), "--peer_timeout", "20", "--connect_timeout", "60"]
         for r in range(2)})
     assert [results[f"rank{r}"][:2] for r in range(2)] == [(0, single), (0, "")], results
+
+
+def test_pipeline_resume_from_a_damaged_checkpoint_on_one_rank_fails_every_rank(tmp_path, pipe_model, single_runs,
+                                                                                 monkeypatch):
+    """Rank 1's part of the checkpoint to resume is truncated: rank 1 says so in the line one
+    process prints, rank 0 in the same line naming rank 1 (it went on to load its stage alone
+    and learnt only that rank 1 closed its connection); exit 2 on both, nothing deleted."""
+    from mlora import checkpoint
+
+    _, cfg, _ = single_runs(2, save_step=2)
+    out = tmp_path / "out"
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out)] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    for finished in checkpoint.checkpoint_root(out).glob("FINISHED-*"):  # as if killed after the last one
+        finished.unlink()
+    newest = checkpoint.list_checkpoints(out, "rank1")[-1][1]
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:-1])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out, "--resume")] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [2, 2], ranks
+    assert one_line(ranks[1][2]).startswith(f"mlora: error: checkpoint {newest}: state.pt is corrupt")
+    assert one_line(ranks[0][2]) == one_line(ranks[1][2]).replace("mlora: error: ", "mlora: error: rank 1: ")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -107,8 +107,8 @@ def plan_stages(base_model: str, world_size: int, balance: list[int] | None) -> 
 
 
 def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict | None:
-    """The newest checkpoint every rank holds a part of (ranks agree through `exchange`);
-    None when every rank had finished."""
+    """The newest checkpoint every rank holds a part of (ranks agree through `exchange`), each
+    rank's part loaded `failing_together`; None when every rank had finished."""
     mine = {"finished": checkpoint.is_finished(output_dir, tag),
             "available": [it for it, _ in checkpoint.list_checkpoints(output_dir, tag)]}
     everyone = transport.exchange(mine)
@@ -120,7 +120,11 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
                         f"{checkpoint.checkpoint_root(output_dir)} (checkpoints are written every save_step)")
     iteration = max(common)
     path = dict(checkpoint.list_checkpoints(output_dir, tag))[iteration]
-    return checkpoint.load_checkpoint(path, run_print)
+    # (a rank whose part is damaged or from another run fails alone: the others must learn why,
+    # not load their stage and find it gone)
+    with failing_together(transport):
+        state = checkpoint.load_checkpoint(path, run_print)
+    return state
 
 
 def refuse_unfinished_runs(transport, output_dir: str, tag: str, overwrite: bool) -> None:
