@@ -96,15 +96,27 @@ class _Parser(argparse.ArgumentParser):
     """argparse's own errors (a missing or mistyped flag, a port out of range) end in one line
     and exit code 2, as every other bad input does: argparse printed its whole usage first, a
     dozen lines of flags above the line that names the culprit; the line points to --help instead.
-    The subcommands' parsers are of this class too (add_subparsers' default parser_class)."""
+    The commands' parsers are _CommandParser."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _CommandParser(_Parser):
+    """A command's parser: it refuses the flags it does not know itself, so that the line points
+    to `mlora <command> --help`, which lists them (argparse hands them up to the top parser,
+    whose --help lists only the commands)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mlora", description="Fine-tune many LoRA adapters at once on one frozen base model.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("train", help="train every adapter of a config in fused batches")
     _add_common(p)

@@ -278,7 +278,11 @@ def test_pipeline_flags_out_of_range(setup, tiny_llama, capsys, flag, value, fra
     ([], "mlora: error: the following arguments are required: command (see mlora --help)"),
     (["bogus"], "mlora: error: argument command: invalid choice: 'bogus'"),
     (["train"], "mlora train: error: the following arguments are required: --base_model, --config"),
-    (["eval", "--base_model", "m", "--config", "c", "--bogus"], "mlora: error: unrecognized arguments: --bogus"),
+    # (the command's parser names it: `mlora --help` lists the commands, not eval's flags)
+    (["eval", "--base_model", "m", "--config", "c", "--bogus"], "mlora eval: error: unrecognized arguments: --bogus "
+                                                                "(see mlora eval --help)"),
+    (["train", "--bogus", "--base_model", "m", "--config", "c"], "mlora train: error: unrecognized arguments: "
+                                                                 "--bogus (see mlora train --help)"),
     (["generate", "--base_model", "m", "--config", "c"], "mlora generate: error: the following arguments are "
                                                          "required: --prompt (see mlora generate --help)"),
     (["demo", "--short", "--device"], "mlora demo: error: argument --device: expected one argument"),
