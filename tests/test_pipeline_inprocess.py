@@ -1276,3 +1276,15 @@ def test_pipeline_resume_from_a_damaged_checkpoint_on_one_rank_fails_every_rank(
     assert one_line(ranks[1][2]).startswith(f"mlora: error: checkpoint {newest}: state.pt is corrupt")
     assert one_line(ranks[0][2]) == one_line(ranks[1][2]).replace("mlora: error: ", "mlora: error: rank 1: ")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_pipeline_resume_with_nothing_to_resume_leaves_no_output_dir(tmp_path, pipe_model, monkeypatch):
+    """--resume into an output_dir that does not exist: every rank says there is nothing to
+    resume, and the directory ranks 0 and 1 created is gone again, as one process (which
+    checks before creating it) leaves none."""
+    out = tmp_path / "new" / "out"
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, write_config(tmp_path, 1, out), out, "--resume")] * 2,
+                             [3, 4], "torch")
+    assert [(code, one_line(err).split(": ")[:3]) for code, _, err in ranks] == [(2, ["mlora", "error",
+                                                                                   "nothing to resume"])] * 2
+    assert not (tmp_path / "new").exists()

@@ -179,19 +179,19 @@ def train_pipeline(args) -> int:
             remove_if_still_empty(created)
             raise
         state = None
-        if not args.resume:
-            try:
+        try:
+            if not args.resume:
                 refuse_unfinished_runs(transport, session.cfg.output_dir, tag, args.overwrite)
-            except UserError:  # (another rank's run: this rank's output_dir may be new)
-                remove_if_still_empty(created)
-                raise
+            else:
+                state = resume_state(transport, session.cfg.output_dir, tag, run_print)
+        except UserError:  # another rank's run, or nothing to resume: this rank's output_dir may be new
+            remove_if_still_empty(created)
+            raise
+        if not args.resume:
             checkpoint.clear(session.cfg.output_dir, tag)
-        else:
-            state = resume_state(transport, session.cfg.output_dir, tag, run_print)
-            if state is None:
-                print(f"mlora: rank {place.rank}: nothing to resume: the run in "
-                      f"{session.cfg.output_dir} already finished")
-                return 0
+        elif state is None:
+            print(f"mlora: rank {place.rank}: nothing to resume: the run in {session.cfg.output_dir} already finished")
+            return 0
         # Without save_step there is no drained cut to stop at: signals keep their default.
         with SignalFlag() if session.cfg.save_step else contextlib.nullcontext() as signals:
             try:
