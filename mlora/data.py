@@ -135,9 +135,13 @@ class _DuplicateKeys:
 
     def __call__(self, pairs: list[tuple[str, object]]) -> dict:
         obj = dict(pairs)
-        if len(obj) != len(pairs) and self.found is None:
-            seen: set[str] = set()
-            self.found = (obj, next(k for k, _ in pairs if k in seen or seen.add(k)))
+        if len(obj) != len(pairs):
+            # This object's repeat replaces the one flagged so far where that one sits in a value
+            # this object drops ({"m": {"k": 1, "k": 2}, "m": 3}): it is in no row, nowhere to name.
+            dropped = [v for k, v in pairs if obj[k] is not v]
+            if self.found is None or any(_path_to(v, self.found[0]) is not None for v in dropped):
+                seen: set[str] = set()
+                self.found = (obj, next(k for k, _ in pairs if k in seen or seen.add(k)))
         return obj
 
     def message(self, row: dict) -> str:

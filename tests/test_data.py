@@ -111,6 +111,9 @@ DUPLICATES = [  # (file name, content, where the message places the duplicate)
     ("d.json", '[{"text": "a"},\n {"instruction": "a", "output": "b", "output": "c"}]', ": row 1: key 'output'"),
     ("d.json", '[{"text": "a"}, {"text": "b", "meta": {"k": 1}},\n'
                ' {"messages": [{"role": "user", "role": "x", "content": "a"}]}]', ": row 2: messages[0]: key 'role'"),
+    # a duplicate inside the value json then drops for a later one of the same key: the outer one
+    ("d.json", '[{"text": "a"}, {"text": "b", "meta": {"k": 1, "k": 2}, "meta": 3}]', ": row 1: key 'meta'"),
+    ("d.jsonl", '{"text": "b", "m": [{"n": {"k": 1, "k": 2}, "n": 0}], "m": 3}\n', ":1: key 'm'"),
 ]
 
 
