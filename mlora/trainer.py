@@ -566,5 +566,8 @@ def check_disk_space(out: Path, adapters: list[Adapter]) -> None:
 
 
 def train(session: Session, progress: bool = True, resume: bool = False) -> dict[str, dict]:
-    """Train every adapter of the session's config; returns {name: summary}."""
+    """Train every adapter of the session's config; returns {name: summary}. Without `resume`
+    it deletes the checkpoints in output_dir first, unasked: `mlora train` refuses that over an
+    unfinished run's (checkpoint.unfinished_run) unless --overwrite; a caller that wants the same
+    guard checks it before."""
     return Trainer(session, progress=progress, resume=resume).run()
