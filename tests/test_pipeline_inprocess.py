@@ -972,9 +972,12 @@ def test_pipeline_train_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mod
     assert not (tmp_path / "pipe").exists()
 
 
-def test_pipeline_train_start_that_breaks_on_one_rank_loses_it(tmp_path, pipe_model, monkeypatch):
+@pytest.mark.parametrize("rank0", ["loads", "refuses"])
+def test_pipeline_train_start_that_breaks_on_one_rank_loses_it(tmp_path, pipe_model, monkeypatch, rank0):
     """Only a UserError is exchanged: a bug (or an interrupt) while rank 1 loads keeps its own
-    exception there (a traceback), and rank 0 learns at once that rank 1 was lost."""
+    exception there (a traceback), and rank 0 learns at once that rank 1 was lost; or, when its
+    own load was refused meanwhile, says why in its own line (rank 1's loss would hide it)."""
+    from mlora.errors import UserError
     from mlora.pipeline import run
 
     real = run.inject_lora
@@ -982,13 +985,18 @@ def test_pipeline_train_start_that_breaks_on_one_rank_loses_it(tmp_path, pipe_mo
     def breaking(model, layout):
         if threading.current_thread().name == "rank1":
             raise RuntimeError("a bug")
+        if rank0 == "refuses":
+            raise UserError("rank 0's own reason")
         return real(model, layout)
 
     monkeypatch.setattr(run, "inject_lora", breaking)
     cfg = write_config(tmp_path, 1, tmp_path / "out")
     errors = dict(run_threads(pipe_model, cfg, tmp_path / "out", 2, [3, 4], allow_errors=True, transport="torch"))
     assert isinstance(errors[1], RuntimeError) and str(errors[1]) == "a bug", errors
-    assert isinstance(errors[0], PipelineError) and "rank 1" in str(errors[0]), errors
+    if rank0 == "loads":
+        assert isinstance(errors[0], PipelineError) and "rank 1" in str(errors[0]), errors
+    else:
+        assert type(errors[0]) is UserError and str(errors[0]) == "rank 0's own reason", errors
 
 
 def test_pipeline_resume_that_cannot_load_keeps_the_checkpoints(tmp_path, pipe_model, single_runs, monkeypatch):

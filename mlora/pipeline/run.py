@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mlora import checkpoint
-from mlora.errors import UserError
+from mlora.errors import PipelineError, UserError
 from mlora.loader import load_model, read_model_config
 from mlora.lora import inject_lora
 from mlora.pipeline.balance import module_costs, split_by_balance, split_by_cost
@@ -229,13 +229,19 @@ def failing_together(transport):
     others the first failing rank's, naming it): a rank that went on alone would send its
     batches to a rank that has given up, and learn only that it closed its connection. A
     collective: every rank passes through it once, failed or not. Anything else (an
-    interrupt, a bug) skips the exchange and leaves the rank, which the others see as lost."""
+    interrupt, a bug) skips the exchange and leaves the rank, which the others see as lost
+    (but for a rank refused meanwhile, which says its own line)."""
     error = None
     try:
         yield
     except UserError as err:
         error = err
-    errors = transport.exchange(None if error is None else str(error))
+    try:
+        errors = transport.exchange(None if error is None else str(error))
+    except PipelineError:  # another rank lost meanwhile: this rank's own reason, if it has one
+        if error is not None:
+            raise error from None
+        raise
     if error is not None:
         raise error
     failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
@@ -286,8 +292,6 @@ def saved_adapters(cfg) -> dict[str, str]:
 def check_same_adapters(transport, cfg, saved: dict[str, str]) -> None:
     """Every rank must hold the same saved adapters (or their absence): each loads its slice of
     them, and a mix of two trainings' slices would evaluate to a loss of neither."""
-    from mlora.errors import PipelineError
-
     everyone = transport.exchange(saved)
     for rank, theirs in enumerate(everyone):
         for a in cfg.lora:
