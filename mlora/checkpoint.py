@@ -97,24 +97,35 @@ def mark_finished(output_dir, fingerprint: dict, tag: str = "") -> None:
                           lambda tmp: Path(tmp).write_text(json.dumps({"fingerprint": fingerprint}, default=str)))
 
 
-def clear(output_dir, tag: str = "") -> None:
-    """A fresh run: old checkpoints of an earlier run in the same directory must not be resumed."""
-    for _, path in list_checkpoints(output_dir, tag):
-        shutil.rmtree(path, ignore_errors=True)
-    (checkpoint_root(output_dir) / _finished_name(tag)).unlink(missing_ok=True)
+def clear(output_dir) -> None:
+    """A fresh run: no checkpoint of an earlier run in the same directory may be resumed, one
+    process's or any pipeline rank's (a run of the other kind, or of more ranks, would be
+    refused by `unfinished_run` at every later start)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if _ITER.match(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)  # (pipeline ranks sharing the directory clear it together)
+        elif path.name == FINISHED or (path.name.startswith("FINISHED-rank") and path.suffix == ".json"):
+            path.unlink(missing_ok=True)
 
 
 def is_finished(output_dir, tag: str = "") -> bool:
     return (checkpoint_root(output_dir) / _finished_name(tag)).is_file()
 
 
-def unfinished_run(output_dir, tag: str = "") -> Path | None:
-    """The newest checkpoint of a run in output_dir that did not finish, or None: what a fresh
-    start would delete (`clear`), which is hours of work when --resume was only forgotten."""
-    if is_finished(output_dir, tag):
-        return None
-    found = list_checkpoints(output_dir, tag)
-    return found[-1][1] if found else None
+def unfinished_run(output_dir) -> Path | None:
+    """The newest checkpoint of a run in output_dir that did not finish (one process's, or a
+    pipeline rank's part), or None: what a fresh start would delete (`clear`), which is hours
+    of work when --resume was only forgotten."""
+    root = checkpoint_root(output_dir)
+    tags = sorted({m.group(2) or "" for p in root.iterdir() if (m := _ITER.match(p.name))}) if root.is_dir() else []
+    for tag in tags:
+        found = list_checkpoints(output_dir, tag)
+        if found and not is_finished(output_dir, tag):
+            return found[-1][1]
+    return None
 
 
 def refuse_to_clear(newest: Path) -> UserError:

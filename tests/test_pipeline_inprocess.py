@@ -794,34 +794,49 @@ def run_pipeline_cli(monkeypatch, argvs: list[list[str]], balance: list[int],
 
 
 def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tmp_path, pipe_model, single_runs,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """As in one process: without --resume, a start that would delete any rank's checkpoints
     of an unfinished run is one line on every rank naming that rank, until --overwrite; and
     ranks must agree on --resume (one resuming beside one starting afresh would exchange out
-    of step)."""
+    of step). A one-process start over a pipeline rank's unfinished part is refused too, and
+    --overwrite clears it."""
+    from mlora.cli import main
+
     _, cfg, _ = single_runs(2, save_step=2)
-    out = tmp_path / "out"
+    outs = [tmp_path / "out0", tmp_path / "out1"]  # (as on two hosts)
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir", str(out),
+                "--device", "cpu", "--no_progress", *extra]
 
     def train(*extra: str, ranks=(0, 1)) -> list[tuple[int, str, str]]:
-        argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir", str(out),
-                "--device", "cpu", "--no_progress"]
-        return run_pipeline_cli(monkeypatch, [[*argv, *(extra if r in ranks else ())] for r in range(2)], [3, 4],
-                                "torch")
+        return run_pipeline_cli(monkeypatch, [argv(outs[r], *(extra if r in ranks else ())) for r in range(2)],
+                                [3, 4], "torch")
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for out in outs for p in out.rglob("*") if p.is_file()}
 
     assert [code for code, _, _ in train()] == [0, 0]
-    (out / "checkpoints" / "FINISHED-rank1.json").unlink()  # rank 1's part: a run that did not finish
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    newest = max(p.name for p in (out / "checkpoints").glob("iter-*-rank1"))
-    line = (f"output_dir {out} holds an unfinished run (newest checkpoint: {newest}); "
+    (outs[1] / "checkpoints" / "FINISHED-rank1.json").unlink()  # rank 1's part: a run that did not finish
+    before = files()
+    newest = max(p.name for p in (outs[1] / "checkpoints").glob("iter-*-rank1"))
+    line = (f"output_dir {outs[1]} holds an unfinished run (newest checkpoint: {newest}); "
             f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
     assert [(code, err.strip()) for code, _, err in train()] == [(2, f"mlora: error: rank 1: {line}"),
                                                                  (2, f"mlora: error: {line}")]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files() == before
     for code, _, err in train("--resume", ranks=(0,)):
         assert code == 3 and "rank 1 was started with a different --resume than rank 0; start every rank " \
                              "with --resume, or none" in err
+    capsys.readouterr()
+    assert main(argv(outs[1])) == 2  # one process over the pipeline's part
+    assert capsys.readouterr().err.strip() == f"mlora: error: {line}"
+    assert files() == before
+    assert main(argv(outs[1], "--overwrite")) == 0  # one process's run replaces the pipeline's
+    assert not list((outs[1] / "checkpoints").glob("*rank*"))
     assert [code for code, _, _ in train("--overwrite")] == [0, 0]
-    assert (out / "checkpoints" / "FINISHED-rank1.json").is_file()
+    assert (outs[1] / "checkpoints" / "FINISHED-rank1.json").is_file()
+    assert not (outs[1] / "checkpoints" / "FINISHED.json").exists()  # (the one-process run's, cleared)
 
 
 def pipeline_eval(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int],

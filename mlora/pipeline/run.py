@@ -127,11 +127,11 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
     return state
 
 
-def refuse_unfinished_runs(transport, output_dir: str, tag: str, overwrite: bool) -> None:
+def refuse_unfinished_runs(transport, output_dir: str, overwrite: bool) -> None:
     """A fresh start (no --resume) deletes every rank's checkpoints: refused on every rank, as
     in one process, when any rank holds an unfinished run's, unless it was --overwrite."""
     with failing_together(transport):
-        newest = None if overwrite else checkpoint.unfinished_run(output_dir, tag)
+        newest = None if overwrite else checkpoint.unfinished_run(output_dir)
         if newest is not None:
             raise checkpoint.refuse_to_clear(newest)
 
@@ -181,14 +181,14 @@ def train_pipeline(args) -> int:
         state = None
         try:
             if not args.resume:
-                refuse_unfinished_runs(transport, session.cfg.output_dir, tag, args.overwrite)
+                refuse_unfinished_runs(transport, session.cfg.output_dir, args.overwrite)
             else:
                 state = resume_state(transport, session.cfg.output_dir, tag, run_print)
         except UserError:  # another rank's run, or nothing to resume: this rank's output_dir may be new
             remove_if_still_empty(created)
             raise
         if not args.resume:
-            checkpoint.clear(session.cfg.output_dir, tag)
+            checkpoint.clear(session.cfg.output_dir)
         elif state is None:
             print(f"mlora: rank {place.rank}: nothing to resume: the run in {session.cfg.output_dir} already finished")
             return 0
