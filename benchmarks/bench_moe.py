@@ -91,8 +91,9 @@ class MoeHF(HFBench):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, rows: int, steps: int) -> dict:
-    s = Settings(seq=seq, dropout=0.0, steps=steps)
+def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, rows: int, steps: int,
+        warmup: int = 2) -> dict:
+    s = Settings(seq=seq, dropout=0.0, steps=steps, warmup=warmup)
     grouped = moe.GROUPED_EXPERTS
     results = []
     for shape in shapes:
@@ -135,15 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="the small shapes on the CPU, fp32")
     p.add_argument("--shapes", nargs="*", help=f"of {', '.join(SHAPES)}")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     a = p.parse_args(argv)
     if a.cpu or not torch.cuda.is_available():
         result = run(a.shapes or ["tiny-mixtral", "tiny-qwen3-moe"], torch.device("cpu"), torch.float32,
-                     seq=128, rows=4, steps=a.steps or 5)
+                     seq=128, rows=4, steps=a.steps or 5, warmup=a.warmup)
     else:
         result = run(a.shapes or ["olmoe-1b-7b", "mixtral-small"], torch.device("cuda"), torch.bfloat16,
-                     seq=512, rows=8, steps=a.steps or 5)
+                     seq=512, rows=8, steps=a.steps or 5, warmup=a.warmup)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1))

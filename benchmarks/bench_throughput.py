@@ -551,8 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapters", default="1,2,4,8")
     p.add_argument("--rows", type=int, default=None, help="rows per adapter (default per shape)")
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 5; --tiny: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2; --tiny: 1)")
     p.add_argument("--no-extras", action="store_true", help="only the 4-adapter comparison")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="benchmarks/results/throughput.json")
@@ -569,8 +569,11 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     if args.tiny:
-        args.shapes, args.seq, args.steps, args.warmup, args.adapters = "tiny", 32, 2, 1, "1,4"
+        args.shapes, args.seq, args.adapters = "tiny", 32, "1,4"
         args.device = args.device or "cpu"
+    # Given ones stand, also with --tiny (the tests take the fewest steps that still step twice).
+    args.steps = args.steps if args.steps is not None else 2 if args.tiny else 5
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     adapters = sorted(int(n) for n in args.adapters.split(","))

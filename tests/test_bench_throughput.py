@@ -10,6 +10,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# --tiny's own 1 warm-up + 2 timed steps per run, cut to the fewest that still take a second
+# step on stepped weights (most of the time here is Triton's interpreter).
+FEWEST_STEPS = ["--steps", "1", "--warmup", "1"]
 
 
 def _load():
@@ -31,7 +34,8 @@ def _triton_unavailable():
 def test_tiny_mode_runs_every_system(tmp_path):
     bench = _load()
     out = tmp_path / "throughput.json"
-    result = bench.main(["--tiny", "--out", str(out)])
+    result = bench.main(["--tiny", *FEWEST_STEPS, "--out", str(out)])
+    assert (result["meta"]["steps"], result["meta"]["warmup"]) == (1, 1)  # (they stand with --tiny)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     runs = result["runs"]
     assert {r["system"] for r in runs} == {"mlora", "mlora-base", "peft", "hf-base"}
@@ -71,7 +75,7 @@ def test_a_failed_run_is_recorded_and_a_broken_device_ends_the_run_cleanly(tmp_p
     monkeypatch.setattr(bench.MloraBench, "run", failing)
     monkeypatch.setattr(bench, "plan", lambda *a, **k: [] if a[3] == "triton" else real_plan(*a, **k))
     out = tmp_path / "throughput.json"
-    args = ["--tiny", "--no-extras", "--no-profile", "--out", str(out)]
+    args = ["--tiny", *FEWEST_STEPS, "--no-extras", "--no-profile", "--out", str(out)]
     result = bench.main(args)
     memory = next(r for r in result["runs"] if r.get("role") == "memory")
     assert memory["error"] == "RuntimeError: first line of the failure"
@@ -177,7 +181,7 @@ def test_host_benchmark_quick_mode(tmp_path):
 
 
 def test_moe_benchmark_runs_every_system(tmp_path):
-    """benchmarks/bench_moe.py on its smallest shape for one step: mlora (1 and 4 adapters on
+    """benchmarks/bench_moe.py on its smallest shape for one warm-up and one timed step: mlora (1 and 4 adapters on
     the experts; 4 with the experts one at a time), PEFT on transformers' stacked experts, both
     frozen bases; the ratios are the quotients of the rates."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -185,7 +189,7 @@ def test_moe_benchmark_runs_every_system(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "moe.json"
-    result = bench.main(["--cpu", "--shapes", "tiny-mixtral", "--steps", "1", "--out", str(out)])
+    result = bench.main(["--cpu", "--shapes", "tiny-mixtral", *FEWEST_STEPS, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     (shape,) = result["results"]
     rates = shape["tokens_per_s"]
