@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,9 +164,12 @@ def test_save_total_limit_keeps_the_newest(tmp_path, tiny_llama):
     assert len(kept) == 2 and kept[-1][0] > kept[0][0]
 
 
-def _interrupted_run(tmp_path, tiny_llama, name="out"):
-    out = tmp_path / name
-    cfg = write_config(tmp_path, out)
+@pytest.fixture(scope="module")
+def _killed_once(tmp_path_factory, tiny_llama):
+    """One run killed (-9) after 10 metrics lines, with checkpoints; a copy of its output kept."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    out = tmp / "out"
+    cfg = write_config(tmp, out)
     proc = start_training(tiny_llama, cfg)
     try:
         wait_for_lines(proc, out / "metrics.jsonl", 10)
@@ -173,12 +177,25 @@ def _interrupted_run(tmp_path, tiny_llama, name="out"):
         proc.wait(timeout=30)
     finally:
         proc.kill()
+    shutil.copytree(out, tmp / "as_killed")
+    return out, cfg, cfg.read_bytes()
+
+
+@pytest.fixture
+def interrupted(_killed_once):
+    """(output dir, config) of the killed run as it was left: the tests damage either, so each
+    gets them back, in place (the checkpoint's fingerprint holds the adapters' data paths).
+    One killed training for them all, not one each."""
+    out, cfg, config = _killed_once
+    shutil.rmtree(out)
+    shutil.copytree(out.parent / "as_killed", out)
+    cfg.write_bytes(config)
     return out, cfg
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
-def test_damaged_checkpoint_is_a_clear_error(tmp_path, tiny_llama, capsys, damage):
-    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+def test_damaged_checkpoint_is_a_clear_error(interrupted, tiny_llama, capsys, damage):
+    out, cfg = interrupted
     newest = list_checkpoints(out)[-1][1]
     state = newest / "state.pt"
     data = bytearray(state.read_bytes())
@@ -196,10 +213,10 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, tiny_llama, capsys, damag
     assert ("corrupt" in err) if damage != "manifest" else ("manifest" in err)
 
 
-def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, tiny_llama, capsys):
+def test_a_manifest_of_the_wrong_shape_is_a_clear_error(interrupted, tiny_llama, capsys):
     """manifest.json is JSON but not what mlora wrote (a list, no fingerprint, a fingerprint
     of the wrong shape, not UTF-8): one line naming the checkpoint, never a traceback."""
-    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+    out, cfg = interrupted
     newest = list_checkpoints(out)[-1][1]
     good = json.loads((newest / "manifest.json").read_text())
     damages = [b"[1]", json.dumps({k: v for k, v in good.items() if k != "fingerprint"}).encode(),
@@ -213,8 +230,8 @@ def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, tiny_llama, ca
         assert len(err.splitlines()) == 1 and str(newest) in err and "Traceback" not in err, (damage, err)
 
 
-def test_mismatched_checkpoint_names_the_difference(tmp_path, tiny_llama, capsys):
-    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+def test_mismatched_checkpoint_names_the_difference(interrupted, tiny_llama, capsys):
+    out, cfg = interrupted
     changed = json.loads(cfg.read_text())
     changed["lora"][1]["lr"] = 0.5
     cfg.write_text(json.dumps(changed))
@@ -224,11 +241,11 @@ def test_mismatched_checkpoint_names_the_difference(tmp_path, tiny_llama, capsys
     assert "adapter 'b'" in err and "'lr'" in err and "0.5" in err
 
 
-def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(tmp_path, tiny_llama, capsys):
+def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(interrupted, tiny_llama, capsys):
     """The default dtype follows the device (fp16 on GPUs older than compute capability 8.0, bf16
     on newer, fp32 on the CPU): a checkpoint of another default is refused naming the --dtype
     that resumes it."""
-    out, cfg = _interrupted_run(tmp_path, tiny_llama)
+    out, cfg = interrupted
     capsys.readouterr()
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume",
                  "--dtype", "bf16"]) == 2
