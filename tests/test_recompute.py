@@ -29,8 +29,9 @@ def _count_forwards(layer) -> list[int]:
     return calls
 
 
-def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len=None, specs=None):
-    """STEPS forward/backward passes of three adapters (test_packing's SPECS, or `specs`) with
+def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len=None, specs=None,
+         steps: int = STEPS):
+    """`steps` forward/backward passes of three adapters (test_packing's SPECS, or `specs`) with
     dropout 0.1; per step the losses and every LoRA gradient, plus the generators' final states
     and the layer-0 forward count."""
     model, layout, adapters = three_adapters(tiny_llama, dropout=0.1, seed=11, b_seed=200, specs=specs)
@@ -39,7 +40,7 @@ def _run(tiny_llama, recompute: bool, register_generators: bool = True, pack_len
     calls = _count_forwards(model.model.layers["0"])
     model.train()
     history = []
-    for step in range(STEPS):
+    for step in range(steps):
         parts = []
         for k, (name, a) in enumerate(adapters.items()):
             examples = random_examples(3 + k, 10 * step + k, lo=2, hi=12, vocab=model.args.vocab_size)
