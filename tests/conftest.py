@@ -517,3 +517,36 @@ def _make_remote_code_model(path: Path, family: str, tokenizer_dir: Path | None,
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     """A 2-layer LLaMA (GQA 4/2) with the tiny tokenizer; shared read-only by many tests."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer_dir)
+
+
+# ------------------------------------------------------------------ the pipeline tests' model
+# Session-wide: five test modules use them, and only read them.
+
+@pytest.fixture(scope="session")
+def pipe_model(tmp_path_factory, tokenizer_dir):
+    """A 4-layer LLaMA with tied embeddings, split into stages by the pipeline tests."""
+    from test_pipeline import NUM_LAYERS
+
+    return make_tiny_model(tmp_path_factory.mktemp("pipe_llama"), "llama", tokenizer_dir,
+                           num_hidden_layers=NUM_LAYERS, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def single_runs(tmp_path_factory, pipe_model):
+    """The single-process reference of test_pipeline.write_config's runs, by (adapters,
+    save_step, eval_step): (its folder, config, output dir), each trained once."""
+    from mlora.cli import main
+    from test_pipeline import write_config
+
+    cache = {}
+
+    def get(num_adapters: int, save_step: int = 0, eval_step: int = 0):
+        key = (num_adapters, save_step, eval_step)
+        if key not in cache:
+            tmp = tmp_path_factory.mktemp(f"single{num_adapters}_{save_step}_{eval_step}")
+            cfg = write_config(tmp, num_adapters, tmp / "out", save_step, eval_step)
+            assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]) == 0
+            cache[key] = (tmp, cfg, tmp / "out")
+        return cache[key]
+
+    return get

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_pipeline import free_port, pipe_model, single_runs  # noqa: F401
+from test_pipeline import free_port
 from test_train import rel_diff
 
 ROOT = Path(__file__).resolve().parent.parent

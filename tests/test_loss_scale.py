@@ -18,7 +18,6 @@ from mlora.quant import QuantConfig
 
 from test_adapter_step import _adapter, _set_grads
 from test_loss import batch, model_with_lora
-from test_pipeline import pipe_model  # noqa: F401 (a fixture)
 
 
 def lora_grads(dtype: torch.dtype, step_tokens: int, scale: float = 1.0) -> list[torch.Tensor]:

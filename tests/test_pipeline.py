@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
 from mlora.cli import main
 from mlora.errors import UserError
 from mlora.metrics import read_metrics
@@ -26,14 +25,8 @@ from mlora.pipeline.run import plan_stages
 
 from test_train import alpaca_rows, chat_rows, make_template, rel_diff, text_rows, write_jsonl
 
-NUM_LAYERS = 4
+NUM_LAYERS = 4  # pipe_model's (conftest.py)
 MODULES = ["embed"] + [f"layer.{i}" for i in range(NUM_LAYERS)] + ["norm", "head"]
-
-
-@pytest.fixture(scope="module")
-def pipe_model(tmp_path_factory, tokenizer_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("pipe_llama"), "llama", tokenizer_dir,
-                           num_hidden_layers=NUM_LAYERS, tie_word_embeddings=True)
 
 
 def free_port() -> int:
@@ -96,23 +89,6 @@ def launch_ranks(base: Path, cfg: Path, out: Path, world: int, transport: str, b
             if p.poll() is None:
                 p.kill()
     return results
-
-
-@pytest.fixture(scope="module")
-def single_runs(tmp_path_factory, pipe_model):
-    """The single-process reference for 1, 2 and 4 adapters (run once per module)."""
-    cache = {}
-
-    def get(num_adapters: int, save_step: int = 0, eval_step: int = 0):
-        key = (num_adapters, save_step, eval_step)
-        if key not in cache:
-            tmp = tmp_path_factory.mktemp(f"single{num_adapters}_{save_step}_{eval_step}")
-            cfg = write_config(tmp, num_adapters, tmp / "out", save_step, eval_step)
-            assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]) == 0
-            cache[key] = (tmp, cfg, tmp / "out")
-        return cache[key]
-
-    return get
 
 
 def assert_same_as_single(single_out: Path, pipe_out: Path, num_adapters: int, tol: float = 1e-5) -> None:

@@ -24,8 +24,7 @@ from mlora.pipeline.transport import connect
 from mlora.pipeline.worker import check_same_everywhere, fingerprint
 from mlora.session import open_session
 
-from test_pipeline import (NUM_LAYERS, assert_same_as_single, free_port, pipe_model, single_runs,  # noqa: F401
-                           write_config)
+from test_pipeline import NUM_LAYERS, assert_same_as_single, free_port, write_config
 from test_train import rel_diff
 
 

@@ -15,7 +15,7 @@ from mlora import memory
 from mlora.errors import UserError
 from mlora.pipeline.plan import check_plan
 
-from test_pipeline import assert_same_as_single, launch_ranks, pipe_model, single_runs  # noqa: F401
+from test_pipeline import assert_same_as_single, launch_ranks
 from test_memory import TINYLLAMA
 from test_pipeline_inprocess import run_threads
 
