@@ -281,22 +281,35 @@ def test_ranks_with_different_balances_fail_on_every_rank(tmp_path, pipe_model):
         assert "balance" in stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
-def test_pipeline_stop_then_resume(tmp_path, pipe_model, how):
-    """kill -9 one rank mid-run (the others stop with a lost-rank error), or SIGTERM one rank
-    (every rank stops at the next drained cut and checkpoints); every rank restarted with
-    --resume picks up at the newest checkpoint all ranks hold; the result equals the
-    uninterrupted run."""
-    from test_pipeline_inprocess import run_threads
-
-    cfg_path = write_config(tmp_path, 2, tmp_path / "unused", save_step=1)
+def stop_resume_config(tmp: Path) -> Path:
+    """2 adapters for 6 epochs, a checkpoint at every step."""
+    cfg_path = write_config(tmp, 2, tmp / "unused", save_step=1)
     cfg = json.loads(cfg_path.read_text())
     for adapter in cfg["lora"]:
         adapter["num_epochs"] = 6
     cfg_path.write_text(json.dumps(cfg))
-    reference = tmp_path / "reference"
-    run_threads(pipe_model, cfg_path, reference, 2, [3, 4])  # uninterrupted, same code path
+    return cfg_path
 
+
+@pytest.fixture(scope="module")
+def stop_resume_reference(tmp_path_factory, pipe_model):
+    """The uninterrupted run of stop_resume_config, ranks in threads (the same code path);
+    one for every way of stopping."""
+    from test_pipeline_inprocess import run_threads
+
+    tmp = tmp_path_factory.mktemp("stop_resume_reference")
+    run_threads(pipe_model, stop_resume_config(tmp), tmp / "reference", 2, [3, 4])
+    return tmp / "reference"
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_pipeline_stop_then_resume(tmp_path, pipe_model, stop_resume_reference, how):
+    """kill -9 one rank mid-run (the others stop with a lost-rank error), or SIGTERM one rank
+    (every rank stops at the next drained cut and checkpoints); every rank restarted with
+    --resume picks up at the newest checkpoint all ranks hold; the result equals the
+    uninterrupted run."""
+    cfg_path = stop_resume_config(tmp_path)
+    reference = stop_resume_reference
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
