@@ -18,8 +18,13 @@ from test_train import rel_diff
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# One torch thread per rank, as launch_ranks gives them: two ranks of two threads each spin
+# against each other on 2 cores (torchrun sets it itself only for --nproc above 1).
+ONE_THREAD = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
 def torchrun(args: list[str], out: Path) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, **ONE_THREAD)
     return subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), *args, "--", "--output_dir", str(out),
                              "--no_progress", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -57,7 +62,7 @@ def test_manual_two_ranks(tmp_path, pipe_model, single_runs):
     mlora and torch)."""
     _, cfg, single_out = single_runs(2)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, BASE=str(pipe_model), CONFIG=str(cfg),
-               BALANCE="3 4", DEVICE_PREFIX="cpu", MASTER_PORT=str(free_port()))
+               BALANCE="3 4", DEVICE_PREFIX="cpu", MASTER_PORT=str(free_port()), **ONE_THREAD)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--output_dir", str(tmp_path / "out"),
                            "--no_progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           cwd=ROOT, timeout=240)
