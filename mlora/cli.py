@@ -430,6 +430,8 @@ def remove_if_still_empty(created: list[Path]) -> None:
     for d in created:
         try:
             d.rmdir()  # only an empty directory; stop at the first that is not
+        except FileNotFoundError:  # (pipeline ranks sharing a host undo the same directories)
+            continue
         except OSError:
             return
 

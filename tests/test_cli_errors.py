@@ -313,6 +313,26 @@ def test_a_pipeline_that_never_connects_leaves_no_output_dir(setup, tiny_llama, 
     assert not out.exists()
 
 
+def test_undoing_directories_another_rank_undid_in_part_goes_on():
+    """Two pipeline ranks on one host may both have created part of output_dir's path (one
+    `new`, the other `new/out` beside it) and undo their parts at once: a directory the other
+    already removed is no reason to stop (`new` stayed behind, a flaky test found)."""
+    import tempfile
+
+    from mlora.cli import prepare_output_dir, remove_if_still_empty
+
+    with tempfile.TemporaryDirectory() as tmp:
+        created = prepare_output_dir(str(Path(tmp) / "new" / "out"))
+        assert created == [Path(tmp) / "new" / "out", Path(tmp) / "new"]
+        created[0].rmdir()  # the other rank's part, undone first
+        remove_if_still_empty(created)
+        assert not (Path(tmp) / "new").exists()
+        (Path(tmp) / "kept" / "out").mkdir(parents=True)
+        (Path(tmp) / "kept" / "file").write_text("")
+        remove_if_still_empty([Path(tmp) / "kept" / "out", Path(tmp) / "kept"])
+        assert (Path(tmp) / "kept" / "file").exists()  # (only empty directories go)
+
+
 def test_empty_output_dir_flag(setup, tiny_llama, capsys, monkeypatch, tmp_path):
     _, _, out, config = setup
     monkeypatch.chdir(tmp_path)
