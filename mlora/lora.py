@@ -183,7 +183,9 @@ def dropout_mask(like: torch.Tensor, p: float, generator: torch.Generator | None
 
 
 class LoraWeights(nn.Module):
-    """One adapter's A and B for one target linear, initialised as PEFT does (B = 0)."""
+    """One adapter's A and B for one target linear, initialised as PEFT initialises a linear's
+    (A Kaiming-uniform, B = 0; on Llama 4's stacked experts PEFT, which takes them as [E, out, in],
+    zeroes the input side instead: mlora keeps the usual start there too)."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                  use_rslora: bool, seed: int, device: torch.device | str | None = None):
