@@ -838,6 +838,32 @@ def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tm
     assert not (outs[1] / "checkpoints" / "FINISHED.json").exists()  # (the one-process run's, cleared)
 
 
+def test_pipeline_save_total_limit_1_survives_a_kill_between_two_ranks_writes(tmp_path, pipe_model, single_runs,
+                                                                              monkeypatch):
+    """save_total_limit 1: rank 0 wrote the newest cut and dropped the one before while rank 1 was
+    killed before writing it; each rank keeps one part more, so a cut every rank holds remains
+    and --resume ends where the uninterrupted run did (with one part each, rank 0 would hold
+    only the newest cut and rank 1 only the one before: nothing to resume)."""
+    import json
+    import shutil
+
+    _, cfg, single_out = single_runs(2, save_step=2)
+    limited = tmp_path / "limited.json"
+    limited.write_text(json.dumps({**json.loads(cfg.read_text()), "save_total_limit": 1}))
+    out = tmp_path / "out"
+    argv = train_argv(pipe_model, limited, out)
+    assert [code for code, _, _ in run_pipeline_cli(monkeypatch, [argv] * 2, [3, 4], "torch")] == [0, 0]
+    root = out / "checkpoints"
+    parts = {r: sorted(p.name for p in root.glob(f"iter-*-rank{r}")) for r in range(2)}
+    assert [len(parts[r]) for r in range(2)] == [2, 2] and parts[0][0].split("-")[1] == parts[1][0].split("-")[1]
+    for r in range(2):
+        (root / f"FINISHED-rank{r}.json").unlink()
+    shutil.rmtree(root / parts[1][-1])  # killed before it wrote the newest cut: rank 0 alone holds it
+    ranks = run_pipeline_cli(monkeypatch, [[*argv, "--resume"]] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    assert_same_as_single(single_out, out, 2)
+
+
 def pipeline_eval(monkeypatch, base: Path, cfg: Path, outs: list[Path], balance: list[int],
                   transport: str = "torch") -> list[tuple[int, str, str]]:
     """`mlora eval --pipeline` over len(balance) ranks (outs: each rank's --output_dir)."""

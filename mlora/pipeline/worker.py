@@ -829,8 +829,12 @@ class StageWorker(StageLink):
                  "outbox": [[n, tag, r, part] for n, tag, r, part in self.outbox],
                  "collected": [[n, tag, r, part] for (n, tag), parts in self.collected.items()
                                for r, part in parts.items()]}
+        # One part more than save_total_limit: a rank killed before it wrote this cut's part, beside
+        # one that wrote it and dropped its oldest, must still share a cut with it to resume from
+        # (ranks are at most one cut apart: none passes the next cut before every rank wrote this one).
+        limit = self.session.cfg.save_total_limit
         return checkpoint.write_checkpoint(self.out, self.next_segment, state, self.fingerprint,
-                                           self.session.cfg.save_total_limit, tag=f"rank{self.rank}")
+                                           None if limit is None else limit + 1, tag=f"rank{self.rank}")
 
     def restore(self, state: dict) -> None:
         self.next_segment = state["iteration"]
