@@ -303,8 +303,10 @@ def row_shape(row: dict) -> str:
     """'alpaca', 'chat' or 'text', detected by the row's keys; UserError if none or several."""
     shapes = _shapes(row)
     if not shapes:
+        guesses = dict.fromkeys(near[0] for key in map(str, row) if (near := _near(key, _SHAPE_KEYS.values())))
+        hint = f" (did you mean {' or '.join(map(repr, guesses))}?)" if guesses else ""
         raise UserError(f"unknown row shape (keys: {', '.join(map(str, row)) or 'none'}); expected "
-                        f"'instruction'/'input'/'output', 'messages', or 'text'")
+                        f"'instruction'/'input'/'output', 'messages', or 'text'{hint}")
     if len(shapes) > 1:
         keys = ", ".join(repr(_SHAPE_KEYS[s]) for s in shapes)
         raise UserError(f"row mixes shapes ({' and '.join(shapes)}: keys {keys}); use one")

@@ -397,7 +397,11 @@ def test_unknown_and_mixed_row_shapes(tokenizer, alpaca):
     rows = [{"text": "a"}, {"prompt": "a", "completion": "b"}]
     with pytest.raises(UserError, match=r"^data\.jsonl: row 1: unknown row shape") as err:
         encode_rows(rows, tokenizer, alpaca, 64, False, source="data.jsonl")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "did you mean" not in str(err.value)
+    with pytest.raises(UserError) as err:  # a misspelt identifying key: the likely one is named
+        encode_rows([{"instrution": "a", "input": "b", "output": "c"}], tokenizer, alpaca, 64, False, source="d")
+    assert str(err.value) == ("d: row 0: unknown row shape (keys: instrution, input, output); expected "
+                              "'instruction'/'input'/'output', 'messages', or 'text' (did you mean 'instruction'?)")
     with pytest.raises(UserError, match=r"^d: row 0: row mixes shapes"):
         encode_rows([{"text": "a", "messages": CHAT}], tokenizer, alpaca, 64, False, source="d")
 
