@@ -261,12 +261,15 @@ def load_template(spec: str) -> PromptTemplate:
 
 
 def _parse_template(path: Path) -> PromptTemplate:
+    duplicates = _DuplicateKeys()  # (two "prompt"s: which one trains would be json's choice)
     try:
-        data = json.loads(_read_text(path))
+        data = json.JSONDecoder(object_pairs_hook=duplicates).decode(_read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply to read") from None
+    if duplicates.found:
+        raise UserError(f"{path}: {duplicates.message(data)}")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a prompt template must be a JSON object, got {_json_type(data)}")
     prompt = data.get("prompt", data.get("prompt_input"))

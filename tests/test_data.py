@@ -190,6 +190,11 @@ def test_template_errors(tmp_path):
     missing.write_text('{"prompt": "{instruction} {input}"}')
     with pytest.raises(UserError, match=rf"^{missing}: .*prompt_no_input"):
         load_template(str(missing))
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"prompt": "{instruction} {input}", "prompt_no_input": "{instruction}", "prompt": "{instruction}"}')
+    with pytest.raises(UserError) as err:
+        load_template(str(twice))
+    assert str(err.value) == f"{twice}: key 'prompt' appears twice in the same JSON object"
 
 
 def test_braces_in_user_text_stay_literal(tokenizer, alpaca):
