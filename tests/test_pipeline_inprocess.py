@@ -1039,6 +1039,28 @@ def test_pipeline_train_start_that_breaks_on_one_rank_loses_it(tmp_path, pipe_mo
         assert type(errors[0]) is UserError and str(errors[0]) == "rank 0's own reason", errors
 
 
+def test_pipeline_train_start_broken_on_one_rank_leaves_no_output_dir(tmp_path, pipe_model, monkeypatch):
+    """A bug (not a UserError: no exchange) while rank 1 loads: rank 1 keeps its exception, rank
+    0 reports rank 1 lost, and the output_dir they created, still empty, goes again (it stayed
+    behind on every path but a UserError's)."""
+    from mlora.pipeline import run
+
+    real = run.inject_lora
+
+    def breaking(model, layout):
+        if threading.current_thread().name == "rank1":
+            raise RuntimeError("a bug")
+        return real(model, layout)
+
+    monkeypatch.setattr(run, "inject_lora", breaking)
+    out = tmp_path / "new" / "out"
+    cfg = write_config(tmp_path, 1, out)
+    (code0, _, err0), (code1, _, _) = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out)] * 2, [3, 4],
+                                                       "torch")
+    assert code0 == 3 and "rank 1" in err0 and isinstance(code1, RuntimeError)
+    assert not (tmp_path / "new").exists()
+
+
 def test_pipeline_resume_that_cannot_load_keeps_the_checkpoints(tmp_path, pipe_model, single_runs, monkeypatch):
     """A resume whose init_from no longer loads on rank 1 (a NaN in its layer 3): every rank
     fails with one line, and the checkpoints to resume from stay."""

@@ -172,34 +172,22 @@ def train_pipeline(args) -> int:
     run_print = {**checkpoint.run_fingerprint(session), "stages": stages,
                  "save_step": session.cfg.save_step}
     try:
-        try:
-            # --resume too: a rank resuming beside one starting afresh would exchange out of step
-            check_same_everywhere(transport, {**fingerprint(session, stages, args.transport), "--resume": args.resume})
-        except BaseException:  # ranks of different jobs: nothing was written
-            remove_if_still_empty(created)
-            raise
-        state = None
-        try:
-            if not args.resume:
-                refuse_unfinished_runs(transport, session.cfg.output_dir, args.overwrite)
-            else:
-                state = resume_state(transport, session.cfg.output_dir, tag, run_print)
-        except UserError:  # another rank's run, or nothing to resume: this rank's output_dir may be new
-            remove_if_still_empty(created)
-            raise
+        # --resume too: a rank resuming beside one starting afresh would exchange out of step
+        check_same_everywhere(transport, {**fingerprint(session, stages, args.transport), "--resume": args.resume})
         if not args.resume:
+            refuse_unfinished_runs(transport, session.cfg.output_dir, args.overwrite)
             checkpoint.clear(session.cfg.output_dir)
-        elif state is None:
-            print(f"mlora: rank {place.rank}: nothing to resume: the run in {session.cfg.output_dir} already finished")
-            return 0
+            state = None
+        else:
+            state = resume_state(transport, session.cfg.output_dir, tag, run_print)
+            if state is None:
+                print(f"mlora: rank {place.rank}: nothing to resume: the run in {session.cfg.output_dir} "
+                      f"already finished")
+                return 0
         # Without save_step there is no drained cut to stop at: signals keep their default.
         with SignalFlag() if session.cfg.save_step else contextlib.nullcontext() as signals:
-            try:
-                worker = start_stage(session, stages[place.rank], transport, progress=not args.no_progress,
-                                     fingerprint=run_print, signals=signals)
-            except UserError:  # weights or an init_from that do not fit: nothing written, nothing left behind
-                remove_if_still_empty(created)
-                raise
+            worker = start_stage(session, stages[place.rank], transport, progress=not args.no_progress,
+                                 fingerprint=run_print, signals=signals)
             if state is not None:
                 worker.restore(state)
                 print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
@@ -210,6 +198,12 @@ def train_pipeline(args) -> int:
                       f"checkpoint ({stop.path}); resume by starting every rank again with --resume",
                       file=sys.stderr)
                 return 128 + stop.signum
+    except BaseException:
+        # Whatever stopped this rank (ranks of different jobs, another rank's unfinished run,
+        # nothing to resume, a load that failed here or elsewhere, a lost rank, Ctrl-C): an
+        # output_dir it created and nothing has written to goes again (only empty directories).
+        remove_if_still_empty(created)
+        raise
     finally:
         transport.close()
         lock.close()
