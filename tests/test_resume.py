@@ -134,8 +134,6 @@ def test_resume_edge_cases(tmp_path, tiny_llama, reference, capsys):
 def test_a_fresh_start_over_an_unfinished_run_is_refused_unless_overwrite(tmp_path, tiny_llama, reference, capsys):
     """Starting again without --resume would delete the checkpoints of a run that did not
     finish (hours of work, when --resume was only forgotten): one line, nothing touched."""
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     (out / "checkpoints" / "FINISHED.json").unlink()  # as a run killed after its last checkpoint
