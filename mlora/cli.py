@@ -305,7 +305,7 @@ def cmd_generate(args) -> int:
 
         return generate_pipeline(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, load_data=False)
+                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, reads="generate")
     job = generate_job(args, session)
     out = Path(session.cfg.output_dir)
     check_saved(job.names, out)

@@ -240,16 +240,15 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
 def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
-                 load_base: bool = True, load_data: bool = True, trust_remote_code: bool = False,
+                 load_base: bool = True, trust_remote_code: bool = False,
                  reads: str = "train", data_notes: bool = True) -> Session:
     """Everything a command needs, checked before work starts. reads: the command, by the data
     it reads (config.READS): "train" every adapter's rows; "eval" its test rows only (the
     training rows where it has no test_data, which stand in for them; session.data's train
-    is empty otherwise); "generate" none (session.data stays empty; load_data=False says the
-    same). trust_remote_code: the base's tokenizer may run code shipped with it (ChatGLM,
-    Baichuan). data_notes: tell the keys of the data files that nothing reads (a pipeline's
-    ranks read the same files: rank 0 tells)."""
-    reads = reads if load_data else "generate"
+    is empty otherwise); "generate" none (session.data stays empty). trust_remote_code: the
+    base's tokenizer may run code shipped with it (ChatGLM, Baichuan). data_notes: tell the
+    keys of the data files that nothing reads (a pipeline's ranks read the same files: rank 0
+    tells)."""
     check_kernel()
     check_cross_entropy()
     cfg = load_config(config_path, reads=reads)

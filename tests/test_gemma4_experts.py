@@ -18,7 +18,7 @@ import torch
 import mlora.models.moe
 from conftest import GEMMA4_MOE, make_tiny_model
 from mlora.lora import AdapterRows
-from test_gpt_oss import _peft_grads
+from test_gpt_oss import _peft_grads, peft_made_adapter
 from test_moe import B, _inputs, _mlora_with_adapters, assert_grads_equal, backward_against_peft
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -112,18 +112,8 @@ def assert_peft_made_adapter_loads(tmp_path, base, inputs) -> None:
     """An adapter PEFT makes on transformers' model of `base` (LoRA on q_proj and down_proj, and
     target_parameters experts.down_proj, experts.gate_up_proj, in that order) loads into mlora
     with PEFT's logits on inputs (ids, mask, _), and its experts' LoRA alone moves them."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-        target_parameters=["experts.down_proj", "experts.gate_up_proj"]))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(tmp_path / "x")
+    peft_model = peft_made_adapter(base, ["q_proj", "down_proj"], ["experts.down_proj", "experts.gate_up_proj"],
+                                   tmp_path / "x")
     model, layout, adapters = _mlora_with_adapters(base, {"x": (4, ["q_proj", "down_proj", *EXPERTS])})
     adapters["x"].load_peft(tmp_path / "x")
     ids, mask, _ = inputs

@@ -153,6 +153,23 @@ def _peft_grads(peft_model, E: int, r: int, stacked: list[str], experts: str = "
     return out
 
 
+def peft_made_adapter(base, target_modules: list[str], target_parameters: list[str], out):
+    """PEFT's LoRA (r 4, alpha 8) on transformers' model of `base`, its weights random (not
+    PEFT's zero B), saved to `out` (as adapter "default", under the plain keys): the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, target_modules=target_modules, target_parameters=target_parameters))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
 @pytest.mark.parametrize("targets", [ALL6, [*ATTN, "down_proj"], ["q_proj", "gate_up_proj"], ["gate_up_proj", "down_proj"]],
                          ids=["all", "down_only", "gate_up_only", "experts_only"])
 def test_expert_lora_gradients_equal_peft(tmp_path, targets):
@@ -246,19 +263,9 @@ def test_quantized_experts_keep_their_biases(tmp_path, bits):
 def test_an_adapter_peft_wrote_loads_in_mlora(tmp_path):
     """An adapter PEFT trained on transformers' GptOssForCausalLM (target_parameters, listed in
     the other order) loads into mlora (init_from, eval) and gives PEFT's logits."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     base = make_tiny_model(tmp_path / "base", "gpt_oss")
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-        target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(tmp_path / "x")  # (as adapter "default", saved under the plain keys)
+    peft_model = peft_made_adapter(base, ["q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+                                   tmp_path / "x")
     model, layout, adapters = _mlora_with_adapters(base, {"x": (4, ["q_proj", "v_proj", "gate_up_proj", "down_proj"])})
     adapters["x"].load_peft(tmp_path / "x")
     ids, mask, _ = _inputs()

@@ -928,16 +928,21 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def copy_without_p1(out: Path, other: Path) -> Path:
+    """A copy of output_dir `out` at `other` without adapter p1's saved files: another host's."""
+    import shutil
+
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "p1")
+    return other
+
+
 def test_pipeline_eval_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, pipe_model, eval_job, monkeypatch):
     """Each rank loads its part of an adapter from its own output_dir: one where rank 1 lacks
     p1 (pipeline training writes adapters on rank 0's host only) would mix p1's first layers
     with the base's last ones. Every rank says so in one line, none prints a result."""
-    import shutil
-
     cfg, out = eval_job
-    other = tmp_path / "other"
-    shutil.copytree(out, other)
-    shutil.rmtree(other / "p1")
+    other = copy_without_p1(out, tmp_path / "other")
     ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out, other], [3, 4])
     for code, stdout, stderr in ranks:
         assert (code, stdout) == (3, "")
@@ -945,6 +950,12 @@ def test_pipeline_eval_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, pip
                                     "output_dir, rank 0 has; every rank loads its part of each adapter from its own "
                                     "output_dir/<adapter>: give every rank the same files (pipeline training writes "
                                     "them on rank 0's host only)")
+
+
+def assert_rank_1s_line_on_every_rank(ranks: list[tuple[int, str, str]], line: str) -> None:
+    """Rank 1 failed with `line` (mlora's one line), rank 0 with the same line naming rank 1."""
+    assert one_line(ranks[1][2]) == line
+    assert one_line(ranks[0][2]) == line.replace("mlora: error: ", "mlora: error: rank 1: ")
 
 
 def copy_with_a_nan_in_layer_3(out: Path, bad: Path) -> tuple[Path, str]:
@@ -972,8 +983,7 @@ def test_pipeline_eval_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mode
     assert (code, stdout) == (2, "") and key in one_line(stderr)
     ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [bad, bad], [3, 4])
     assert [(code, stdout) for code, stdout, _ in ranks] == [(2, ""), (2, "")], ranks
-    assert one_line(ranks[1][2]) == one_line(stderr)
-    assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
+    assert_rank_1s_line_on_every_rank(ranks, one_line(stderr))
 
 
 def train_argv(base: Path, cfg: Path, out: Path, *extra: str) -> list[str]:
@@ -1007,8 +1017,7 @@ def test_pipeline_train_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mod
     assert code == 2 and key in one_line(stderr) and not (tmp_path / "single").exists()
     ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "pipe")] * 2, [3, 4], transport)
     assert [code for code, _, _ in ranks] == [2, 2], ranks
-    assert one_line(ranks[1][2]) == one_line(stderr)
-    assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
+    assert_rank_1s_line_on_every_rank(ranks, one_line(stderr))
     assert not (tmp_path / "pipe").exists()
 
 
@@ -1181,7 +1190,7 @@ def generate_job(tmp_path_factory, pipe_model, single_runs):
 
     def outputs():
         args = build_parser().parse_args(generate_argv(base, cfg, out, "--base"))
-        session = open_session(base, cfg, output_dir=str(out), device="cpu", load_data=False)
+        session = open_session(base, cfg, output_dir=str(out), device="cpu", reads="generate")
         job = job_of(args, session)
         for a in session.cfg.lora:
             Adapter(replace(a, init_from=None), session.wrappers, session.cfg.seed, session.device,
@@ -1245,12 +1254,8 @@ def test_pipeline_generate_samples_what_one_process_samples(pipe_model, generate
 def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, generate_job, monkeypatch):
     """Each rank loads its part of an adapter from its own output_dir: every rank says in one
     line that rank 1 lacks p1, none prints a completion."""
-    import shutil
-
     base, cfg, out = generate_job
-    other = tmp_path / "other"
-    shutil.copytree(out, other)
-    shutil.rmtree(other / "p1")
+    other = copy_without_p1(out, tmp_path / "other")
     ranks = pipeline_generate(monkeypatch, base, cfg, [out, other], [3, 4])
     for code, stdout, stderr in ranks:
         assert (code, stdout) == (3, "")
@@ -1278,8 +1283,7 @@ def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, gener
     assert (code, stdout) == (2, "") and key in one_line(stderr)
     ranks = pipeline_generate(monkeypatch, base, cfg, [bad, bad], [3, 4])
     assert [(code, stdout) for code, stdout, _ in ranks] == [(2, ""), (2, "")], ranks
-    assert one_line(ranks[1][2]) == one_line(stderr)
-    assert one_line(ranks[0][2]) == one_line(stderr).replace("mlora: error: ", "mlora: error: rank 1: ")
+    assert_rank_1s_line_on_every_rank(ranks, one_line(stderr))
 
 
 @pytest.mark.parametrize("rope", ["longrope", "dynamic"])
@@ -1305,7 +1309,7 @@ def test_pipeline_generate_past_the_rope_switch(tmp_path, tokenizer_dir, monkeyp
     if family == "phi3":
         raw["lora"][0]["target_modules"] = PHI3_TARGETS
     cfg.write_text(json.dumps(raw))
-    session = open_session(base, cfg, device="cpu", load_data=False)
+    session = open_session(base, cfg, device="cpu", reads="generate")
     adapter = Adapter(session.cfg.lora[0], session.wrappers, 0, session.device, naming=session.naming)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -1344,7 +1348,7 @@ def test_pipeline_resume_from_a_damaged_checkpoint_on_one_rank_fails_every_rank(
     ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out, "--resume")] * 2, [3, 4], "torch")
     assert [code for code, _, _ in ranks] == [2, 2], ranks
     assert one_line(ranks[1][2]).startswith(f"mlora: error: checkpoint {newest}: state.pt is corrupt")
-    assert one_line(ranks[0][2]) == one_line(ranks[1][2]).replace("mlora: error: ", "mlora: error: rank 1: ")
+    assert_rank_1s_line_on_every_rank(ranks, one_line(ranks[1][2]))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 

@@ -510,7 +510,7 @@ def test_generate_stops_at_the_generation_configs_eos(fused_run, tiny_llama, cap
     _, _, cfg_path = fused_run
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
-    session = open_session(base, cfg_path, device="cpu", load_data=False)
+    session = open_session(base, cfg_path, device="cpu", reads="generate")
     prompt = [(None, [5, 6, 7, 8])]
     before = greedy_generate(session, prompt, max_new_tokens=6)[0]
     assert len(before) == 6
@@ -1005,7 +1005,7 @@ def test_generate_past_the_longrope_switch_equals_transformers(tmp_path, tokeniz
     raw = json.loads(cfg.read_text())
     raw["lora"][0]["target_modules"] = PHI3_TARGETS
     cfg.write_text(json.dumps(raw))
-    session = open_session(base, cfg, device="cpu", load_data=False)
+    session = open_session(base, cfg, device="cpu", reads="generate")
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]  # 5 and 3 tokens: each crosses 8 at another step
     ours = greedy_generate(session, [(None, p) for p in prompts], max_new_tokens=10)
@@ -1082,7 +1082,7 @@ def test_qwen3_5_generate_equals_transformers_plus_peft(tmp_path, tokenizer_dir)
     raw["lora"][0]["target_modules"] = QWEN3_5_TARGETS
     cfg.write_text(json.dumps(raw))
     assert main(["train", "--base_model", str(base), "--config", str(cfg), "--no_progress"]) == 0
-    session = open_session(base, cfg, device="cpu", load_data=False)
+    session = open_session(base, cfg, device="cpu", reads="generate")
     # (as `mlora generate` does; the adapter under the image-text model's module names, as PEFT
     # on Qwen3_5ForConditionalGeneration saves it, reads the same)
     renamed = tmp_path / "image_text_names"

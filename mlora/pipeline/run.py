@@ -218,7 +218,8 @@ def train_pipeline(args) -> int:
 
 @contextlib.contextmanager
 def failing_together(transport):
-    """Around a load that may fail on some ranks only (weights, an adapter): a UserError
+    """Around a start-up step that may fail on some ranks only (loading weights or an adapter,
+    reading a checkpoint part, finding an unfinished run to keep): a UserError
     inside, on any rank, fails every rank, each with one line (the failing rank its own, the
     others the first failing rank's, naming it): a rank that went on alone would send its
     batches to a rank that has given up, and learn only that it closed its connection. A
@@ -243,6 +244,12 @@ def failing_together(transport):
         raise UserError(f"rank {failed[0]}: {failed[1]}")
 
 
+def load_slice(session, parts: list[str]) -> None:
+    """This rank's slice of the base (`parts`; read and quantized alone), with LoRA wrappers."""
+    session.model = load_model(session.base_dir, session.device, session.dtype, parts=parts, quant=session.quant)
+    session.wrappers = inject_lora(session.model, session.layout)
+
+
 def start_stage(session, parts: list[str], transport, **worker_options):
     """`mlora train --pipeline`'s stage: this rank's slice of the base (`parts`) with its
     adapters (their init_from tensors of its layers), loaded as `failing_together`, then
@@ -250,9 +257,7 @@ def start_stage(session, parts: list[str], transport, **worker_options):
     from mlora.pipeline.worker import StageWorker
 
     with failing_together(transport):
-        # Each rank reads and quantizes only its own slice.
-        session.model = load_model(session.base_dir, session.device, session.dtype, parts=parts, quant=session.quant)
-        session.wrappers = inject_lora(session.model, session.layout)
+        load_slice(session, parts)
         worker = StageWorker(session, transport, **worker_options)
     worker.plan()
     return worker
@@ -315,10 +320,9 @@ def load_stage(session, parts: list[str], transport, names: list[str], adapters:
     cfg = session.cfg
     by_name = {a.name: a for a in cfg.lora}
     with failing_together(transport):
-        # Each rank reads (and quantizes) only its own slice, and of each adapter only the
-        # tensors of its decoder layers, with the checks one process makes.
-        session.model = load_model(session.base_dir, session.device, session.dtype, parts=parts, quant=session.quant)
-        session.wrappers = inject_lora(session.model, session.layout)
+        # Of each adapter, too, only the tensors of this rank's decoder layers, with the checks
+        # one process makes.
+        load_slice(session, parts)
         if check_ranks:
             for a in cfg.lora:
                 check_rank(a, session.wrappers)
@@ -418,7 +422,7 @@ def generate_pipeline(args) -> int:
 
     place = resolve_place(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=place.device,
-                           dtype=args.dtype, quant=quant_config(args), load_base=False, load_data=False,
+                           dtype=args.dtype, quant=quant_config(args), load_base=False, reads="generate",
                            trust_remote_code=args.trust_remote_code)
     job = generate_job(args, session)
     stages = plan_stages(args.base_model, place.world_size, args.balance)
