@@ -1021,6 +1021,28 @@ def test_pipeline_train_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mod
     assert not (tmp_path / "pipe").exists()
 
 
+@pytest.mark.parametrize("command,transport,culprit", [("train", "torch", "config"), ("train", "zmq", "device"),
+                                                       ("eval", "zmq", "config"), ("generate", "torch", "device")])
+def test_pipeline_start_up_failure_before_connecting_fails_every_rank(tmp_path, pipe_model, single_runs,
+                                                                       monkeypatch, command, transport, culprit):
+    """Rank 1 fails before it connects (its config is missing, or its --device does not exist:
+    then it joins over the CPU): it still joins, and rank 0 fails at once with rank 1's line
+    naming it, where it used to wait out --connect_timeout to learn only that rank 1 did not
+    join; exit 2 on both, and no output_dir left by train."""
+    _, cfg, out = single_runs(2)
+    argv = {"train": lambda: train_argv(pipe_model, cfg, tmp_path / "pipe"),
+            "eval": lambda: eval_argv(pipe_model, cfg, out),
+            "generate": lambda: generate_argv(pipe_model, cfg, out)}[command]
+    bad = [*argv(), *({"config": ["--config", str(tmp_path / "missing.json")],
+                       "device": ["--device", "cuda:7"]}[culprit])]
+    code, _, stderr = run_cli_threads(monkeypatch, {"single": bad})["single"]
+    assert code == 2 and one_line(stderr).startswith("mlora: error: "), stderr
+    ranks = run_pipeline_cli(monkeypatch, [argv(), bad], [3, 4], transport)
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(2, ""), (2, "")], ranks
+    assert_rank_1s_line_on_every_rank(ranks, one_line(stderr))
+    assert not (tmp_path / "pipe").exists()
+
+
 @pytest.mark.parametrize("rank0", ["loads", "refuses"])
 def test_pipeline_train_start_that_breaks_on_one_rank_loses_it(tmp_path, pipe_model, monkeypatch, rank0):
     """Only a UserError is exchanged: a bug (or an interrupt) while rank 1 loads keeps its own

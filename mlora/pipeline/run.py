@@ -140,30 +140,29 @@ def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
     from mlora.cli import prepare_output_dir, quant_config, remove_if_still_empty
     from mlora.output_lock import output_dir_lock
-    from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
     from mlora.trainer import Interrupted, SignalFlag
 
     place = resolve_place(args)
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=place.device, dtype=args.dtype, seed=args.seed,
-                           quant=quant_config(args), load_base=False,
-                           trust_remote_code=args.trust_remote_code, data_notes=place.rank == 0)
-    stages = plan_stages(args.base_model, place.world_size, args.balance)
-    for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
-        check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
-    created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora])
-               if place.rank in (0, place.world_size - 1) else [])
-    # The ranks that prepared the output directory keep a one-process run out of it (and are
-    # kept out of one's) while they run.
-    lock = contextlib.ExitStack()
-    if place.rank in (0, place.world_size - 1):
-        lock.enter_context(output_dir_lock(session.cfg.output_dir, shared=True))
+    created, lock, device = [], contextlib.ExitStack(), None
+    with StartupError() as early:
+        session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                               device=place.device, dtype=args.dtype, seed=args.seed,
+                               quant=quant_config(args), load_base=False,
+                               trust_remote_code=args.trust_remote_code, data_notes=place.rank == 0)
+        device = session.device
+        stages = plan_stages(args.base_model, place.world_size, args.balance)
+        for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
+            check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
+        created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora])
+                   if place.rank in (0, place.world_size - 1) else [])
+        # The ranks that prepared the output directory keep a one-process run out of it (and are
+        # kept out of one's) while they run.
+        if place.rank in (0, place.world_size - 1):
+            lock.enter_context(output_dir_lock(session.cfg.output_dir, shared=True))
     try:
-        transport = connect(args.transport, place.rank, place.world_size, place.master_addr,
-                            place.master_port, session.device, peer_timeout=args.peer_timeout,
-                            connect_timeout=args.connect_timeout)
+        transport = join_peers(args, place, device, early.error)
     except BaseException:  # no run started: leave no empty output directory behind
         lock.close()
         remove_if_still_empty(created)
@@ -214,6 +213,51 @@ def train_pipeline(args) -> int:
         for name, loss in result["losses"].items():
             print(f"{name}: last loss {loss:.4f}")
     return 0
+
+
+class StartupError:
+    """Around a rank's own start-up, before it connects (the config, data, tokenizer, output
+    directory): a UserError inside is kept, not raised, for `join_peers` to report once the
+    rank has joined the others. Raised at once, the rank would exit and leave the others
+    waiting out --connect_timeout for a rank that never comes, to learn only that it did not
+    join (the data or a flag may be wrong on one host only)."""
+
+    error: UserError | None = None
+
+    def __enter__(self) -> "StartupError":
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        if isinstance(err, UserError):
+            self.error = err
+            return True
+        return False
+
+
+def join_peers(args, place: RankPlace, device: torch.device | None, early: UserError | None):
+    """Connect to the other ranks, then tell them whether this rank's start-up failed (`early`,
+    from `StartupError`): one failure fails every rank at once, each with one line (the
+    failing rank its own, the others its line naming it: `failing_together`). device: the
+    session's, or None when it failed before having one (then the flag's, or the CPU where the
+    device itself was the culprit: only the start-up message is still exchanged)."""
+    from mlora.device import resolve_device
+    from mlora.pipeline.transport import connect
+
+    if device is None:
+        try:
+            device = resolve_device(place.device)
+        except UserError:
+            device = torch.device("cpu")
+    transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
+                        device, peer_timeout=args.peer_timeout, connect_timeout=args.connect_timeout)
+    try:
+        with failing_together(transport):
+            if early is not None:
+                raise early
+    except BaseException:
+        transport.close()
+        raise
+    return transport
 
 
 @contextlib.contextmanager
@@ -349,20 +393,21 @@ def eval_pipeline(args) -> int:
 
     from mlora.cli import quant_config
     from mlora.memory import _OOM_ERRORS
-    from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageLink, check_same_everywhere, fingerprint
     from mlora.session import open_session
 
     place = resolve_place(args)
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir,
-                           device=place.device, dtype=args.dtype, quant=quant_config(args), load_base=False,
-                           trust_remote_code=args.trust_remote_code, reads="eval", data_notes=place.rank == 0)
-    stages = plan_stages(args.base_model, place.world_size, args.balance)
-    cfg = session.cfg
-    out = Path(cfg.output_dir)
-    saved = saved_adapters(cfg)
-    transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
-                        session.device, peer_timeout=args.peer_timeout, connect_timeout=args.connect_timeout)
+    device = None
+    with StartupError() as early:
+        session = open_session(args.base_model, args.config, output_dir=args.output_dir,
+                               device=place.device, dtype=args.dtype, quant=quant_config(args), load_base=False,
+                               trust_remote_code=args.trust_remote_code, reads="eval", data_notes=place.rank == 0)
+        device = session.device
+        stages = plan_stages(args.base_model, place.world_size, args.balance)
+        cfg = session.cfg
+        out = Path(cfg.output_dir)
+        saved = saved_adapters(cfg)
+    transport = join_peers(args, place, device, early.error)
     adapters = {}
     try:
         check_same_everywhere(transport, fingerprint(session, stages, args.transport, evaluating=True))
@@ -416,21 +461,22 @@ def generate_pipeline(args) -> int:
     from mlora.generate import Decoding, longrope_switch, stop_token_ids
     from mlora.memory import _OOM_ERRORS
     from mlora.models.llama import KVCache
-    from mlora.pipeline.transport import connect
     from mlora.pipeline.worker import StageLink, check_same_everywhere, digest, fingerprint
     from mlora.session import open_session
 
     place = resolve_place(args)
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=place.device,
-                           dtype=args.dtype, quant=quant_config(args), load_base=False, reads="generate",
-                           trust_remote_code=args.trust_remote_code)
-    job = generate_job(args, session)
-    stages = plan_stages(args.base_model, place.world_size, args.balance)
-    cfg = session.cfg
-    saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
-    stop = stop_token_ids(session.base_dir, session.tokenizer)
-    transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
-                        session.device, peer_timeout=args.peer_timeout, connect_timeout=args.connect_timeout)
+    device = None
+    with StartupError() as early:
+        session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=place.device,
+                               dtype=args.dtype, quant=quant_config(args), load_base=False, reads="generate",
+                               trust_remote_code=args.trust_remote_code)
+        device = session.device
+        job = generate_job(args, session)
+        stages = plan_stages(args.base_model, place.world_size, args.balance)
+        cfg = session.cfg
+        saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
+        stop = stop_token_ids(session.base_dir, session.tokenizer)
+    transport = join_peers(args, place, device, early.error)
     adapters = {}
     try:
         # The ranks must run the same rows the same way: every rank keeps the bookkeeping.
