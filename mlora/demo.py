@@ -7,6 +7,7 @@ which is what every mlora base model is.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -118,19 +119,27 @@ def write_demo_config(workdir: Path, short: bool, seed: int = 7) -> Path:
 
 
 def run_demo(device: str | None = None, output_dir: str | None = None, short: bool = False) -> int:
+    from mlora.cli import prepare_output_dir
+    from mlora.device import resolve_device
+    from mlora.output_lock import output_dir_lock
+
+    resolve_device(device)  # a bad device fails here, before anything is written
+    if output_dir:
+        prepare_output_dir(output_dir)  # a file, or a place that cannot be written: one line
+        # the demo trains into <output_dir>/out, clearing it: not while a run writes there
+        prepare_output_dir(str(Path(output_dir) / "out"), TASKS)
+    workdir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="mlora-demo-"))
+    with output_dir_lock(workdir / "out") if output_dir else contextlib.nullcontext():
+        return _demo(workdir, device, short)
+
+
+def _demo(workdir: Path, device: str | None, short: bool) -> int:
     from mlora.evaluate import evaluate_adapter
     from mlora.generate import greedy_generate, prompt_ids
     from mlora.session import open_session
     from mlora.trainer import train
 
-    from mlora.cli import prepare_output_dir
-    from mlora.device import resolve_device
-
-    resolve_device(device)  # a bad device fails here, before anything is written
-    if output_dir:
-        prepare_output_dir(output_dir)  # a file, or a place that cannot be written: one line
     base = smollm2_base_dir()
-    workdir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="mlora-demo-"))
     config_path = write_demo_config(workdir, short)
     session = open_session(base, config_path, device=device)
     print(f"mlora demo: base {base} on {session.device}, 3 adapters fused in every batch; "

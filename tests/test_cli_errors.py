@@ -353,6 +353,20 @@ def test_demo_with_a_bad_device_or_output_dir_writes_nothing(tmp_path, capsys, m
     assert len(err.strip().splitlines()) == 1 and "not a directory" in err
 
 
+
+def test_demo_into_an_output_dir_a_run_is_using_is_refused(tmp_path, capsys, monkeypatch):
+    """`demo --output_dir D` trains into D/out, clearing it: while a train run holds D/out's
+    lock, one line naming it, before the base is even looked for."""
+    from mlora import demo
+    from mlora.output_lock import output_dir_lock
+
+    monkeypatch.setattr(demo, "smollm2_base_dir", lambda: pytest.fail("the demo went on"))
+    (tmp_path / "d" / "out").mkdir(parents=True)
+    with output_dir_lock(tmp_path / "d" / "out"):
+        assert main(["demo", "--output_dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{tmp_path / 'd' / 'out'} is in use" in err
+
 def test_rank_larger_than_a_projection(setup, tiny_llama, capsys):
     """An absurd r used to fail inside torch's allocator with a traceback. eval refuses it too,
     even with no saved weights (it used to print the base's loss for it and exit 0)."""
