@@ -468,11 +468,20 @@ class Adapter:
             # model.language_model.*; mlora's are the text model's: naming.from_module)
             tensors = {PEFT_PREFIX + self.naming.from_module(k[len(PEFT_PREFIX):]) if k.startswith(PEFT_PREFIX)
                        else k: v for k, v in tensors.items()}
+        # bias="all" / "lora_only": PEFT puts the trained biases saved here in place of the base's
+        # (every rank of a pipeline refuses, whichever layer the bias is of)
+        bias = next((name for name in sorted(tensors) if name.endswith(".bias")), None)
+        if bias is not None:
+            raise UserError(f"{directory / WEIGHTS_NAME}: tensor {bias} is a trained bias of the base model "
+                            f"(its bias is {peft_cfg.get('bias', 'none')!r}), which mlora does not support")
         expected = self.peft_state_dict()
         missing = sorted(set(expected) - set(tensors))
         if missing:
-            raise UserError(f"{where}: tensor {missing[0]} is missing "
-                            f"(the adapter's target_modules must match)")
+            # mlora puts an adapter on every module of its target_modules, in every layer
+            left_out = [key for key in ("layers_to_transform", "exclude_modules") if peft_cfg.get(key)]
+            why = (f"its {' or '.join(left_out)} left it out, and mlora adapts every target module of every layer"
+                   if left_out else "the adapter's target_modules must match")
+            raise UserError(f"{where}: tensor {missing[0]} is missing ({why})")
         for name, value in tensors.items():
             if name not in expected:
                 module = self.naming.from_module(name[len(PEFT_PREFIX):].rsplit(".", 2)[0])  # no '.lora_A.weight'
@@ -555,6 +564,28 @@ def save_checkpoint_dir(target: str | os.PathLike, tensors: dict[str, torch.Tens
     return write_dir_atomically(target, lambda tmp: save_peft(tmp, tensors, config))
 
 
+# LoraConfig fields with which PEFT computes on the base what plain LoRA weights on mlora's target
+# modules do not: each refused (read silently as plain LoRA before, or refused as a tensor of no
+# target). Harmless ones, tested equal to PEFT (tests/test_peft_fields.py): fan_in_fan_out (PEFT
+# resets it on nn.Linear), lora_dropout (off at inference; init_from trains with the config's),
+# use_qalora (GPTQ layers only: plain LoRA on any other base), target_parameters on a Linear's
+# weight, ensure_weight_tying (it ties only what these refuse). layers_to_transform,
+# exclude_modules and `bias` show in the tensors, and are refused there (load_peft).
+_UNSUPPORTED_FIELDS = {
+    "layer_replication": "PEFT runs the base's decoder layers repeated or reordered as it lists them",
+    "alora_invocation_tokens": "an activated LoRA (aLoRA) acts only from its invocation tokens on",
+    "lora_bias": "each lora_B has a trained bias",
+    "modules_to_save": "whole modules of the base (e.g. lm_head, embed_tokens) are replaced by trained copies",
+    "trainable_token_indices": "rows of the token embedding are trained",
+    "arrow_config": "Arrow routes each token among several LoRA adapters",
+    "kasa_config": "KaSA truncates the base weights' smallest singular values and scales each rank",
+    "use_bdlora": "BD-LoRA's A or B is block-diagonal",
+    # (at inference these two are plain LoRA, but their trained state has no place in mlora's training)
+    "velora_config": "VeLoRA trains with a projection of its own (saved beside the weights)",
+    "monteclora_config": "MonteCLoRA trains with a sampler of its own (saved beside the weights)",
+}
+
+
 def read_peft_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
@@ -585,6 +616,9 @@ def read_peft_config(directory: Path) -> dict:
     # Read silently before: weights of these compute something else on the base as it is.
     if cfg.get("use_dora"):
         raise UserError(f"{path}: a DoRA adapter (use_dora) is not supported")
+    for key, what in _UNSUPPORTED_FIELDS.items():
+        if cfg.get(key):
+            raise UserError(f"{path}: {key} is set: {what}, which mlora does not support")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and (init.lower().startswith("pissa") or init.lower() in ("corda", "olora", "lora_ga")):
         # PEFT rebuilds the change to the base weights these made when it loads such an adapter
