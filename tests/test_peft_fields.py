@@ -128,3 +128,27 @@ def test_fields_peft_runs_otherwise_are_refused_in_one_line(base, tmp_path, case
     assert len(message.splitlines()) == 1 and fragment in message, message
     if fragment.startswith("adapter_"):
         assert message.startswith(f"{directory}/{fragment}"), message
+
+
+@pytest.mark.parametrize("case", ["extra", "missing", "shape"])
+def test_tensors_no_field_explains_are_refused_in_one_line(base, tmp_path, case):
+    """A tensor of a module mlora's adapter does not target, one it targets and the file lacks,
+    and one of another shape (an adapter of another base) are each one line naming it."""
+    from safetensors.torch import load_file, save_file
+
+    directory = peft_adapter(base, tmp_path / "a", target_modules=TARGETS[1:])
+    targets, fragment = {
+        "extra": (TARGETS[1:-1], "unexpected tensor base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"),
+        "missing": (TARGETS, "tensor base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is missing "
+                             "(the adapter's target_modules must match)"),
+        "shape": (TARGETS[1:], "tensor base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight has shape "
+                               "(4, 32), expected (4, 64)")}[case]
+    if case == "shape":
+        tensors = load_file(directory / "adapter_model.safetensors")
+        name = "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"
+        tensors[name] = tensors[name][:, :32].contiguous()  # [r, in]: as on a base half as wide
+        save_file(tensors, directory / "adapter_model.safetensors")
+    with pytest.raises(UserError) as err:
+        mlora_logits(base, directory, targets)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"adapter {directory}:") and fragment in message
