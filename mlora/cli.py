@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", help="comma-separated adapter names (default: every adapter of the config)")
     p.add_argument("--base", action="store_true", help="also complete each prompt with the bare base model")
     p.add_argument("--max_new_tokens", type=_positive_int, default=64, help="tokens to add at most (default 64)")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0,
+    p.add_argument("--temperature", type=_non_negative_float, default=None,
                    help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")
     p.add_argument("--top_p", type=_probability,
                    help="when sampling: only from the most likely tokens that make up this probability (default 1)")
@@ -307,6 +307,7 @@ def cmd_generate(args) -> int:
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
                            dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, reads="generate")
     job = generate_job(args, session)
+    note_base_sampling(args, session.base_dir)
     out = Path(session.cfg.output_dir)
     check_saved(job.names, out)
     session.load_base()
@@ -323,9 +324,22 @@ def cmd_generate(args) -> int:
 
 def check_sampling_flags(args) -> None:
     given = [f"--{flag}" for flag in ("top_p", "top_k", "seed") if getattr(args, flag) is not None]
-    if given and args.temperature == 0:  # greedy would ignore them without a word
+    if given and not args.temperature:  # greedy would ignore them without a word
         raise UserError(f"{', '.join(given)}: these apply when sampling (--temperature above 0); without it "
                         "generation is greedy")
+
+
+def note_base_sampling(args, base_dir: Path) -> None:
+    """Without --temperature, a note when the base's generation_config.json samples: transformers'
+    generate would take its settings as defaults, mlora stays greedy (deterministic) unless told."""
+    from mlora.generate import base_sampling
+
+    settings = base_sampling(base_dir) if args.temperature is None else None
+    if settings is not None:
+        flags = " ".join(f"--{key} {value}" for key, value in settings.items())
+        print(f"mlora: note: the base's {base_dir / 'generation_config.json'} samples by default, which transformers' "
+              f"generate follows; mlora generates greedily unless given --temperature (to sample as it would: "
+              f"{flags})", file=sys.stderr)
 
 
 @dataclass
@@ -361,7 +375,7 @@ def generate_job(args, session) -> GenerateJob:
                             f"(is the tokenizer in {session.base_dir} the model's?)")
     requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
-                         top_k=args.top_k or 0) if args.temperature > 0 else None)
+                         top_k=args.top_k or 0) if args.temperature else None)
     return GenerateJob(names, rows, requests, sampling)
 
 

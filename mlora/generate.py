@@ -101,6 +101,31 @@ def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
     return ids
 
 
+def base_sampling(base_dir: str | Path) -> dict[str, float | int] | None:
+    """When the base's generation_config.json samples by default (do_sample true), what
+    transformers' generate would sample with, as mlora generate's flags take them:
+    {"temperature": T, "top_p": P, "top_k": K, "repetition_penalty": R}, with transformers'
+    defaults for what the file leaves unset (1.0, 1.0, 50, 1.0) and without the values that
+    change nothing (top_p 1, top_k 0, repetition_penalty 1). Else None; so too for a file that
+    is missing or unreadable, or values the flags cannot take (this only feeds a note)."""
+    path = Path(base_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict) or raw.get("do_sample") is not True:
+        return None
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+    settings = {key: default if raw.get(key) is None else raw[key] for key, default in defaults.items()}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in settings.values()):
+        return None
+    if not (settings["temperature"] > 0 and 0 < settings["top_p"] <= 1 and settings["top_k"] >= 0
+            and settings["repetition_penalty"] > 0):
+        return None
+    neutral = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    return {key: value for key, value in settings.items() if key not in neutral or value != neutral[key]}
+
+
 class Decoding:
     """The bookkeeping of one generation request, apart from running the model: the rows (in
     the fused-batch order: rows of one adapter contiguous, the bare base's first), their

@@ -498,6 +498,50 @@ def test_generate_sampling(fused_run, tiny_llama, capsys):
     assert json.loads(capsys.readouterr().out)["output"] == sampled[0]
 
 
+
+def test_generate_notes_the_bases_sampling_defaults(fused_run, tiny_llama, capsys, tmp_path):
+    """A base whose generation_config.json samples (transformers' generate takes its settings
+    as defaults): mlora stays greedy without --temperature, and a note gives the flags that
+    sample as transformers would (its own reading of the file, defaults included); none with
+    --temperature, or for a file that does not sample."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from mlora.generate import base_sampling
+
+    _, _, cfg_path = fused_run
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    for written in ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, {"do_sample": True},
+                    {"do_sample": True, "top_k": 0, "temperature": 0.7, "repetition_penalty": 1.05},
+                    {"do_sample": False, "temperature": 0.6}):
+        (base / "generation_config.json").write_text(json.dumps(written))
+        hf = GenerationConfig.from_pretrained(base)
+        defaults = GenerationConfig._get_default_generation_params()  # what generate fills unset values with
+        used = {key: defaults[key] if getattr(hf, key) is None else getattr(hf, key)
+                for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
+        no_effect = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}  # (as transformers' warpers skip them)
+        want = None if not hf.do_sample else {key: value for key, value in used.items()
+                                              if no_effect.get(key) != value}
+        assert base_sampling(base) == want, written
+
+    def generate(*extra):
+        capsys.readouterr()
+        assert main(["generate", "--base_model", str(base), "--config", str(cfg_path), "--adapters", "a",
+                     "--prompt", "say hi", "--max_new_tokens", "8", *extra]) == 0
+        captured = capsys.readouterr()
+        return [json.loads(line)["output"] for line in captured.out.splitlines()], captured.err
+
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    greedy, err = generate()
+    assert err.strip().splitlines() == [
+        f"mlora: note: the base's {base / 'generation_config.json'} samples by default, which transformers' generate "
+        f"follows; mlora generates greedily unless given --temperature (to sample as it would: --temperature 0.6 "
+        f"--top_p 0.9 --top_k 50)"], err
+    assert generate("--temperature", "0") == (greedy, "")
+    assert generate("--temperature", "0.6", "--top_p", "0.9", "--top_k", "50", "--seed", "1")[1] == ""
+
 def test_generate_stops_at_the_generation_configs_eos(fused_run, tiny_llama, capsys, tmp_path):
     """An instruct model ends its turns with a token other than the tokenizer's EOS (Llama 3's
     <|eot_id|>, Gemma's <end_of_turn>), listed in generation_config.json: a row stops there,

@@ -457,7 +457,7 @@ def generate_pipeline(args) -> int:
     exchange gives every rank the tokens, so each keeps the same rows, mask and done flags and
     all stop together when every row is done; rank 0 feeds the next column and at the end
     prints the lines one-process `mlora generate` prints (the other ranks print nothing)."""
-    from mlora.cli import check_saved, generate_job, print_generated, quant_config
+    from mlora.cli import check_saved, generate_job, note_base_sampling, print_generated, quant_config
     from mlora.generate import Decoding, longrope_switch, stop_token_ids
     from mlora.memory import _OOM_ERRORS
     from mlora.models.llama import KVCache
@@ -472,6 +472,8 @@ def generate_pipeline(args) -> int:
                                trust_remote_code=args.trust_remote_code)
         device = session.device
         job = generate_job(args, session)
+        if place.rank == 0:
+            note_base_sampling(args, session.base_dir)
         stages = plan_stages(args.base_model, place.world_size, args.balance)
         cfg = session.cfg
         saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
