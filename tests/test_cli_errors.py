@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlora.cli import main
+from test_pipeline import free_port
 
 GOOD_ROWS = [{"instruction": "say hi", "output": "hi"}, {"text": "plain text row"}]
 
@@ -247,7 +248,9 @@ def test_keys_no_row_shape_reads_are_noted_once_per_file(setup, tiny_llama, caps
     adapters["lora"] += [{**adapters["lora"][0], "name": "b", "test_data": str(shared)},
                          {**adapters["lora"][0], "name": "c", "data": str(bad)}]
     cfg.write_text(json.dumps(adapters))
-    pipeline = () if rank is None else ("--pipeline", "--rank", str(rank), "--world_size", "2")
+    # (a pipeline rank alone: its failed start waits a second for the other rank, which never comes)
+    pipeline = () if rank is None else ("--pipeline", "--rank", str(rank), "--world_size", "2",
+                                        "--master_port", str(free_port()), "--connect_timeout", "1")
     capsys.readouterr()
     code = main([command, "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", *pipeline])
     err = capsys.readouterr().err.strip()
@@ -255,8 +258,10 @@ def test_keys_no_row_shape_reads_are_noted_once_per_file(setup, tiny_llama, caps
              "instruction, input, output",
              f"mlora: note: {bad}: keys not read: 'outptu' (1 row; did you mean 'output'?); alpaca rows read "
              "instruction, input, output"]
+    waits = [f"mlora: note: rank {rank} cannot start; it waits up to 1 s for the other ranks to connect, to tell "
+             "them why"] * (rank is not None)
     error = f"mlora: error: {bad}: row 0: missing 'output'"
-    assert code == 2 and err.splitlines() == notes * (rank != 1) + [error], err
+    assert code == 2 and err.splitlines() == notes * (rank != 1) + waits + [error], err
 
 
 @pytest.mark.parametrize("flag,value,fragment", [("--master_port", "99999", "1..65535"),
@@ -299,8 +304,6 @@ def test_argparse_errors_are_one_line(capsys, argv, line):
 def test_a_pipeline_that_never_connects_leaves_no_output_dir(setup, tiny_llama, capsys):
     """Rank 0 alone (rank 1 never starts): one line, exit 3, and the output directory it had
     created is gone again (it used to stay behind, empty)."""
-    from test_pipeline import free_port
-
     _, _, out, config = setup
     nested = out / "deeper"
     capsys.readouterr()

@@ -234,12 +234,20 @@ class StartupError:
         return False
 
 
+# How long a rank whose start-up failed waits for the others to connect, to tell them why: they
+# usually started with it and are seconds away; past this it gives its own line without them
+# (they then wait out --connect_timeout, as for a rank that never comes).
+REPORT_WAIT_S = 60.0
+
+
 def join_peers(args, place: RankPlace, device: torch.device | None, early: UserError | None):
     """Connect to the other ranks, then tell them whether this rank's start-up failed (`early`,
     from `StartupError`): one failure fails every rank at once, each with one line (the
-    failing rank its own, the others its line naming it: `failing_together`). device: the
-    session's, or None when it failed before having one (then the flag's, or the CPU where the
-    device itself was the culprit: only the start-up message is still exchanged)."""
+    failing rank its own, the others its line naming it: `failing_together`). A failed rank
+    says on stderr that it waits (at most REPORT_WAIT_S), and gives its own line whatever
+    becomes of the connection. device: the session's, or None when it failed before having one
+    (then the flag's, or the CPU where the device itself was the culprit: only the start-up
+    message is still exchanged)."""
     from mlora.device import resolve_device
     from mlora.pipeline.transport import connect
 
@@ -248,8 +256,18 @@ def join_peers(args, place: RankPlace, device: torch.device | None, early: UserE
             device = resolve_device(place.device)
         except UserError:
             device = torch.device("cpu")
-    transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
-                        device, peer_timeout=args.peer_timeout, connect_timeout=args.connect_timeout)
+    wait = args.connect_timeout
+    if early is not None:
+        wait = min(wait, REPORT_WAIT_S)
+        print(f"mlora: note: rank {place.rank} cannot start; it waits up to {wait:g} s for the other ranks to "
+              f"connect, to tell them why", file=sys.stderr)
+    try:
+        transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
+                            device, peer_timeout=args.peer_timeout, connect_timeout=wait)
+    except PipelineError:
+        if early is not None:  # no one to tell: this rank's own reason, not theirs
+            raise early from None
+        raise
     try:
         with failing_together(transport):
             if early is not None:
