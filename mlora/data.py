@@ -1,9 +1,13 @@
 """Datasets -> token ids: loading rows, prompt templates, tokenization, label masking, padding.
 
-A dataset is a JSON array or a JSONL file of rows. Three row shapes are understood:
+A dataset is a JSON array or a JSONL file of rows. Five row shapes are understood:
 
 * alpaca  {"instruction", "input"?, "output"}  rendered through a PromptTemplate;
 * chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;
+* sharegpt  {"conversations": [{"from", "value"}, ...]}  a chat row under ShareGPT's names
+  (from "human" / "gpt" = role "user" / "assistant"), as TRL converts it;
+* prompt/completion  {"prompt", "completion"}  TRL's shape: two strings (the completion, with
+  EOS, trained), or two lists of messages (the completion's turns trained);
 * text    {"text"}  tokenized as is (plain language modelling; also used by evaluation).
 
 A key that appears twice in one JSON object is an error (json keeps the last silently); keys
@@ -38,10 +42,15 @@ IGNORE_INDEX = -100
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
 # The key that identifies each row shape.
-_SHAPE_KEYS = {"alpaca": "instruction", "chat": "messages", "text": "text"}
+_SHAPE_KEYS = {"alpaca": "instruction", "chat": "messages", "sharegpt": "conversations",
+               "prompt/completion": "prompt", "text": "text"}
 # The keys each row shape reads (a chat message's: _MESSAGE_KEYS, and what its template names).
-_READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+_READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "sharegpt": ("conversations",),
+              "prompt/completion": ("prompt", "completion"), "text": ("text",)}
 _MESSAGE_KEYS = ("role", "content")
+# ShareGPT's message keys and role names (TRL's maybe_convert_to_chatml); other roles pass as they are.
+_SHAREGPT_KEYS = ("from", "value")
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 @dataclass
@@ -303,13 +312,14 @@ def _shapes(keys: Collection[str]) -> list[str]:
 
 
 def row_shape(row: dict) -> str:
-    """'alpaca', 'chat' or 'text', detected by the row's keys; UserError if none or several."""
+    """One of _SHAPE_KEYS' shapes, detected by the row's keys; UserError if none or several."""
     shapes = _shapes(row)
     if not shapes:
         guesses = dict.fromkeys(near[0] for key in map(str, row) if (near := _near(key, _SHAPE_KEYS.values())))
         hint = f" (did you mean {' or '.join(map(repr, guesses))}?)" if guesses else ""
         raise UserError(f"unknown row shape (keys: {', '.join(map(str, row)) or 'none'}); expected "
-                        f"'instruction'/'input'/'output', 'messages', or 'text'{hint}")
+                        f"'instruction'/'input'/'output', 'messages', 'conversations', 'prompt'/'completion', "
+                        f"or 'text'{hint}")
     if len(shapes) > 1:
         keys = ", ".join(repr(_SHAPE_KEYS[s]) for s in shapes)
         raise UserError(f"row mixes shapes ({' and '.join(shapes)}: keys {keys}); use one")
@@ -338,9 +348,9 @@ def unread_keys_note(rows: Sequence[dict], tokenizer) -> str | None:
         absent = [k for k in read if k not in keys]
         return shapes[0], {k: _near(k, absent) for k in keys if k not in read}
 
-    def message_layout(keys: tuple[str, ...]) -> dict[str, list[str]]:
-        absent = [k for k in _MESSAGE_KEYS if k not in keys]
-        return {k: _near(k, absent) for k in keys if k not in _MESSAGE_KEYS
+    def message_layout(keys: tuple[str, ...], read: tuple[str, ...]) -> dict[str, list[str]]:
+        absent = [k for k in read if k not in keys]
+        return {k: _near(k, absent) for k in keys if k not in read
                 and not re.search(rf"(?<!\w){re.escape(k)}(?!\w)", template)}
 
     counts: dict[tuple[str, str], int] = {}  # (where: "row" or "message", key) -> rows holding it
@@ -360,17 +370,17 @@ def unread_keys_note(rows: Sequence[dict], tokenizer) -> str | None:
             told.add(shape)
             tally("row", strays, n)
     # A chat row counts once however many of its messages hold a key.
-    chats = (row["messages"] for row in rows if "messages" in row and len(_shapes(row)) == 1)
-    conversations = Counter(frozenset(tuple(m) for m in messages if isinstance(m, dict))
-                            for messages in chats if isinstance(messages, list))
-    for layouts, n in conversations.items():
+    conversations = Counter((read, frozenset(tuple(m) for m in messages if isinstance(m, dict)))
+                            for read, messages in _row_messages(rows) if isinstance(messages, list))
+    for (read, layouts), n in conversations.items():
         strays = {}
         for keys in layouts:
-            for key, near in message_layout(keys).items():
+            for key, near in message_layout(keys, read).items():
                 strays.setdefault(key, []).extend(near)
         if strays:
-            told.add("message")
-            tally("message", strays, n)
+            where = "turn" if read == _SHAREGPT_KEYS else "message"
+            told.add(where)
+            tally(where, strays, n)
     if not counts:
         return None
     order = sorted(counts, key=lambda wk: (not hints[wk], -counts[wk], wk))  # misspellings, then most rows
@@ -378,13 +388,29 @@ def unread_keys_note(rows: Sequence[dict], tokenizer) -> str | None:
     for where, key in order[:8]:
         n = counts[where, key]
         hint = "".join(f"; did you mean {h!r}?" for h in sorted(hints[where, key])[:1])
-        shown.append(f"{key!r}{' in messages' if where == 'message' else ''} ({n} row{'s' if n != 1 else ''}{hint})")
+        inside = {"message": " in messages", "turn": " in conversations"}.get(where, "")
+        shown.append(f"{key!r}{inside} ({n} row{'s' if n != 1 else ''}{hint})")
     if len(order) > 8:
         shown.append(f"and {len(order) - 8} more")
     reads = [f"{shape} rows read {', '.join(_READ_KEYS[shape])}" for shape in _READ_KEYS if shape in told]
     if "message" in told:
         reads.append(f"chat messages read {', '.join(_MESSAGE_KEYS)} and the keys the chat template names")
+    if "turn" in told:
+        reads.append(f"ShareGPT turns read {', '.join(_SHAREGPT_KEYS)} and the keys the chat template names")
     return f"keys not read: {', '.join(shown)}; {'; '.join(reads)}"
+
+
+def _row_messages(rows: Sequence[dict]) -> Iterable[tuple[tuple[str, ...], object]]:
+    """(the message keys read, a list of messages) of every row of one shape that holds
+    messages: a chat row's, a ShareGPT row's, a prompt/completion row's two lists (as one)."""
+    for row in rows:
+        shapes = _shapes(row)
+        if shapes == ["chat"]:
+            yield _MESSAGE_KEYS, row["messages"]
+        elif shapes == ["sharegpt"]:
+            yield _SHAREGPT_KEYS, row["conversations"]
+        elif shapes == ["prompt/completion"] and isinstance(row["prompt"], list):
+            yield _MESSAGE_KEYS, row["prompt"] + (row.get("completion") if isinstance(row.get("completion"), list) else [])
 
 
 def _near(key: str, candidates: Iterable[str]) -> list[str]:
@@ -404,6 +430,10 @@ def encode_row(row: dict, tokenizer, template: PromptTemplate, cutoff_len: int,
         example = _encode_alpaca(row, tokenizer, template, train_on_inputs)
     elif shape == "chat":
         example = _encode_chat(row["messages"], tokenizer, train_on_inputs)
+    elif shape == "sharegpt":
+        example = _encode_chat(_sharegpt_messages(row["conversations"]), tokenizer, train_on_inputs)
+    elif shape == "prompt/completion":
+        example = _encode_prompt_completion(row, tokenizer, train_on_inputs)
     else:
         example = _encode_text(row, tokenizer)
     if not example.input_ids:
@@ -507,17 +537,78 @@ def _encode_chat(messages, tokenizer, train_on_inputs: bool) -> Example:
     return Example(input_ids, labels)
 
 
-def _check_messages(messages) -> None:
+def _sharegpt_messages(conversations) -> list[dict]:
+    """A ShareGPT conversation as chat messages, as TRL converts it: "from" -> role ("human" ->
+    user, "gpt" -> assistant, other names as they are), "value" -> content, other keys kept."""
+    if not isinstance(conversations, list) or not conversations:
+        raise UserError("'conversations' must be a non-empty list of {from, value} objects")
+    messages = []
+    for j, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise UserError(f"conversations[{j}] must be an object, got {_json_type(turn)}")
+        for key in _SHAREGPT_KEYS:
+            if not isinstance(turn.get(key), str):
+                raise UserError(f"conversations[{j}].{key} must be a string, got "
+                                f"{_json_type(turn.get(key)) if key in turn else 'nothing'}")
+            check_unicode(turn[key], f"conversations[{j}].{key}")
+        rest = {k: v for k, v in turn.items() if k not in _SHAREGPT_KEYS + _MESSAGE_KEYS}
+        messages.append({"role": _SHAREGPT_ROLES.get(turn["from"], turn["from"]), "content": turn["value"], **rest})
+    return messages
+
+
+def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Example:
+    """TRL's prompt-completion row (SFTTrainer's tokenization, its completion_only_loss): two
+    strings, the completion ended by the EOS token unless it ends so already, the two tokenized
+    together, and trained from the length of the prompt's own tokens on; or two lists of
+    messages, the prompt's rendering with the generation prompt untrained and the rest of the
+    whole conversation's trained (plus a trained EOS, as chat rows get one, when the template
+    ends the turn otherwise)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        for key, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, list) or not value:
+                raise UserError(f"{key!r} must be a non-empty list of {{role, content}} objects like "
+                                f"the other one, got {_json_type(value) if key in row else 'nothing'}")
+        _check_messages(prompt, "prompt")
+        _check_messages(completion, "completion")
+        messages = prompt + completion
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("prompt/completion rows of messages need a tokenizer with a chat template, "
+                            "and this tokenizer has none")
+        prompt_ids = tokenizer(_render_chat(tokenizer, prompt, add_generation_prompt=True),
+                               add_special_tokens=False).input_ids
+        input_ids = tokenizer(_render_chat(tokenizer, messages), add_special_tokens=False).input_ids
+        cut = min(len(prompt_ids), len(input_ids))
+        labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * cut + input_ids[cut:]
+        eos = tokenizer.eos_token_id
+        if messages[-1]["role"] == "assistant" and eos not in labels[cut:]:
+            input_ids, labels = input_ids + [eos], labels + [eos]
+        return Example(input_ids, labels)
+    prompt = _string_field(row, "prompt")
+    completion = _string_field(row, "completion")
+    eos = tokenizer.eos_token
+    if not completion.endswith(eos):
+        completion += eos
+    prompt_ids = tokenizer(prompt).input_ids
+    input_ids = tokenizer(prompt + completion).input_ids
+    if train_on_inputs:
+        return Example(input_ids, list(input_ids))
+    cut = min(len(prompt_ids), len(input_ids))  # (TRL's cut, also where the join merged two tokens)
+    return Example(input_ids, [IGNORE_INDEX] * cut + input_ids[cut:])
+
+
+def _check_messages(messages, name: str = "messages") -> None:
+    """`messages` (the row's key `name`) is a non-empty list of {role, content} with strings."""
     if not isinstance(messages, list) or not messages:
-        raise UserError("'messages' must be a non-empty list of {role, content} objects")
+        raise UserError(f"{name!r} must be a non-empty list of {{role, content}} objects")
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise UserError(f"messages[{j}] must be an object, got {_json_type(message)}")
+            raise UserError(f"{name}[{j}] must be an object, got {_json_type(message)}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                raise UserError(f"messages[{j}].{key} must be a string, got "
+                raise UserError(f"{name}[{j}].{key} must be a string, got "
                                 f"{_json_type(message.get(key)) if key in message else 'nothing'}")
-            check_unicode(message[key], f"messages[{j}].{key}")
+            check_unicode(message[key], f"{name}[{j}].{key}")
 
 
 PROMPT_FORMATS = ("alpaca", "chat", "text")

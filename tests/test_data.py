@@ -344,6 +344,64 @@ def test_chat_errors(tokenizer):
         encode({"messages": CHAT}, tok)
 
 
+
+def test_sharegpt_rows_are_chat_rows_under_other_names(tokenizer):
+    """ShareGPT's {"conversations": [{"from", "value"}]}, as TRL converts it ("human" -> user,
+    "gpt" -> assistant, other roles as they are, other keys kept): the tokens and labels of the
+    same conversation as a chat row."""
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    turns = [{"from": names[m["role"]], "value": m["content"]} for m in CHAT]
+    for train_on_inputs in (False, True):
+        got = encode({"conversations": turns}, tokenizer, train_on_inputs=train_on_inputs)
+        assert got == encode({"messages": CHAT}, tokenizer, train_on_inputs=train_on_inputs)
+    # roles spelt as chat messages spell them pass through
+    spelt = [{"from": m["role"], "value": m["content"]} for m in CHAT]
+    assert encode({"conversations": spelt}, tokenizer) == encode({"messages": CHAT}, tokenizer)
+    with pytest.raises(UserError, match=r"conversations\[1\]\.value must be a string, got a number"):
+        encode({"conversations": [turns[1], {"from": "gpt", "value": 5}]}, tokenizer)
+    with pytest.raises(UserError, match=r"conversations\[0\]\.from must be a string, got nothing"):
+        encode({"conversations": [{"role": "user", "value": "a"}]}, tokenizer)
+    with pytest.raises(UserError, match="'conversations' must be a non-empty list"):
+        encode({"conversations": []}, tokenizer)
+
+
+def test_prompt_completion_strings_are_tokenized_as_trl_does(tokenizer):
+    """TRL's prompt-completion row: the completion gets the EOS token unless it ends with it,
+    prompt + completion are tokenized together, and the tokens past the prompt's own tokens are
+    trained (SFTTrainer with completion_only_loss)."""
+    eos = tokenizer.eos_token
+    for prompt, completion in (("the quick brown", " fox jumps"), ("reverse the words", " please" + eos),
+                               ("the quick bro", "wn fox")):  # (the last: the join merges tokens; TRL cuts anyway)
+        full = completion if completion.endswith(eos) else completion + eos
+        ids = tokenizer(prompt + full).input_ids
+        cut = len(tokenizer(prompt).input_ids)
+        got = encode({"prompt": prompt, "completion": completion}, tokenizer)
+        assert got.input_ids == ids and got.labels == [IGNORE_INDEX] * cut + ids[cut:]
+        assert got.input_ids.count(tokenizer.eos_token_id) == 1
+        assert encode({"prompt": prompt, "completion": completion}, tokenizer, train_on_inputs=True).labels == ids
+    with pytest.raises(UserError, match="missing 'completion'"):
+        encode({"prompt": "a"}, tokenizer)
+    with pytest.raises(UserError, match="'completion' must be a string, got a number"):
+        encode({"prompt": "a", "completion": 3}, tokenizer)
+
+
+def test_prompt_completion_messages_train_the_completions_turns(tokenizer):
+    """Two lists of messages: the prompt's rendering with the generation prompt is not trained,
+    the rest of the conversation's is (TRL's cut); one assistant turn trains exactly as that
+    chat row does (the EOS appended after it too), several completion turns all train."""
+    got = encode({"prompt": CHAT[:2], "completion": CHAT[2:3]}, tokenizer)
+    assert got == encode({"messages": CHAT[:3]}, tokenizer)
+    whole = encode({"prompt": CHAT[:2], "completion": CHAT[2:]}, tokenizer)
+    assert trained_segments(tokenizer, whole) == ["three four<|im_end|>\n<|im_start|>user\nfive six<|im_end|>\n"
+                                                  "<|im_start|>assistant\nseven eight<|im_end|>\n</s>"]
+    assert encode({"prompt": CHAT[:2], "completion": CHAT[2:]}, tokenizer, train_on_inputs=True).labels == \
+        whole.input_ids
+    with pytest.raises(UserError, match="'completion' must be a non-empty list of {role, content} objects like the "
+                                        "other one, got a string"):
+        encode({"prompt": CHAT[:2], "completion": "three four"}, tokenizer)
+    with pytest.raises(UserError, match=r"prompt\[1\]\.content must be a string"):
+        encode({"prompt": [CHAT[0], {"role": "user"}], "completion": CHAT[2:3]}, tokenizer)
+
 @pytest.mark.parametrize("row,culprit", [
     ({"text": "ok \ud800"}, "'text'"),
     ({"instruction": "x\udc80", "output": "y"}, "'instruction'"),
@@ -399,14 +457,15 @@ def test_cutoff_truncates(tokenizer, alpaca):
 
 
 def test_unknown_and_mixed_row_shapes(tokenizer, alpaca):
-    rows = [{"text": "a"}, {"prompt": "a", "completion": "b"}]
+    rows = [{"text": "a"}, {"question": "a", "answer": "b"}]
     with pytest.raises(UserError, match=r"^data\.jsonl: row 1: unknown row shape") as err:
         encode_rows(rows, tokenizer, alpaca, 64, False, source="data.jsonl")
     assert "\n" not in str(err.value) and "did you mean" not in str(err.value)
     with pytest.raises(UserError) as err:  # a misspelt identifying key: the likely one is named
         encode_rows([{"instrution": "a", "input": "b", "output": "c"}], tokenizer, alpaca, 64, False, source="d")
     assert str(err.value) == ("d: row 0: unknown row shape (keys: instrution, input, output); expected "
-                              "'instruction'/'input'/'output', 'messages', or 'text' (did you mean 'instruction'?)")
+                              "'instruction'/'input'/'output', 'messages', 'conversations', 'prompt'/'completion', or 'text' "
+                              "(did you mean 'instruction'?)")
     with pytest.raises(UserError, match=r"^d: row 0: row mixes shapes"):
         encode_rows([{"text": "a", "messages": CHAT}], tokenizer, alpaca, 64, False, source="d")
 
@@ -429,6 +488,17 @@ def test_keys_that_no_row_shape_reads_are_noted(tokenizer):
         "keys not read: 'inptu' (2 rows; did you mean 'input'?), 'contnet' in messages (1 row; did you mean "
         "'content'?), 'source' (3 rows), 'id' (1 row), 'outputs' (1 row); alpaca rows read instruction, input, "
         "output; text rows read text; chat messages read role, content and the keys the chat template names")
+
+
+def test_keys_of_sharegpt_and_prompt_completion_rows_are_noted(tokenizer):
+    rows = [{"conversations": [{"from": "human", "valeu": "a"}], "id": 1},
+            {"prompt": [{"role": "user", "contnet": "a"}], "completion": CHAT[2:3]},
+            {"prompt": "a", "completoin": "b"}]
+    assert unread_keys_note(rows, tokenizer) == (
+        "keys not read: 'contnet' in messages (1 row; did you mean 'content'?), 'completoin' (1 row; did you mean "
+        "'completion'?), 'valeu' in conversations (1 row; did you mean 'value'?), 'id' (1 row); sharegpt rows read "
+        "conversations; prompt/completion rows read prompt, completion; chat messages read role, content and the "
+        "keys the chat template names; ShareGPT turns read from, value and the keys the chat template names")
 
 
 def test_message_keys_the_chat_template_names_are_read(tokenizer):
