@@ -517,8 +517,13 @@ def test_shipped_configs_load(path, monkeypatch):
 
 def test_shipped_configs_cover_the_documented_features(monkeypatch):
     monkeypatch.chdir(REPO)
+    from mlora.data import load_rows, row_shape
+
     example = load_config("config/example.json")
-    assert len(example.lora) == 3
+    assert len(example.lora) == 5
+    # every row shape the README lists has a sample
+    assert {row_shape(row) for a in example.lora for row in load_rows(a.data)} == {
+        "alpaca", "chat", "sharegpt", "prompt/completion", "text"}
     assert {a.optim for a in example.lora} == {"adamw", "sgd"}
     assert {a.lr_scheduler for a in example.lora} == {"constant", "linear", "cosine"}
     assert any(a.test_data and a.eval_step for a in example.lora)
