@@ -94,8 +94,11 @@ def _long_tensor(values: list[int]) -> Tensor:
 
 
 def load_rows(path: str | Path) -> list[dict]:
-    """Read a dataset file: JSONL (one object per non-blank line) or a JSON array of objects."""
+    """Read a dataset file: JSONL (one object per non-blank line), a JSON array of objects, or
+    (ending in .parquet) a Parquet table, as Hugging Face datasets are published."""
     path = Path(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     text = _read_text(path)
     stripped = text.lstrip()
     # Without the cyclic garbage collector while parsing: JSON makes no cycles, and its passes
@@ -114,6 +117,38 @@ def load_rows(path: str | Path) -> list[dict]:
     if not rows:
         raise UserError(f"{path}: the dataset is empty (no rows)")
     return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    """A Parquet file's rows as JSON rows would give them. Arrow gives every row every column,
+    and a list of structs (messages) every struct field of the column, so what a row lacks comes
+    as null: dropped, as TRL drops them (`remove_none_values`), or a chat template would see a
+    message's `tool_calls: null` and a note every key of every row."""
+    if not path.is_file():
+        raise UserError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet files needs pyarrow (pip install pyarrow), "
+                        f"or convert it to JSONL") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's own error types for a file that is not Parquet, or damaged
+        raise UserError(f"{path}: cannot read it as Parquet ({type(err).__name__}: {err})") from None
+    rows = [_without_nulls(row) for row in rows]
+    if not rows:
+        raise UserError(f"{path}: the dataset is empty (no rows)")
+    return rows
+
+
+def _without_nulls(value):
+    """`value` with every null member of its objects dropped, recursively (a null in a list
+    stays: it is a message that is not an object, which encoding names)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _read_text(path: Path) -> str:

@@ -79,6 +79,43 @@ def test_json_array_syntax_error_reports_line_and_column(tmp_path):
         load_rows(path)
 
 
+def test_parquet_rows_are_the_json_rows(tmp_path, tokenizer):
+    """A Parquet table (Hugging Face datasets' format) gives the rows a JSONL file of them gives:
+    Arrow's nulls for what a row lacks (a column it has not, a message field it has not) are
+    dropped, so nothing reads or notes them; a null message stays, and is named."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "output": "e"},
+            {"messages": [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yo"}]}]
+    columns = ("instruction", "input", "output", "messages")  # (as datasets writes them: every row every column)
+    pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]),
+                   tmp_path / "rows.parquet")
+    got = load_rows(tmp_path / "rows.parquet")
+    assert got == rows
+    assert unread_keys_note(got, tokenizer) == unread_keys_note(rows, tokenizer)
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": "hi"}, None]}]),
+                   tmp_path / "null.parquet")
+    with pytest.raises(UserError, match=r"messages\[1\] must be an object, got null"):
+        encode(load_rows(tmp_path / "null.parquet")[0], tokenizer)
+    (tmp_path / "fake.parquet").write_text('{"text": "a"}\n')
+    with pytest.raises(UserError, match=r"fake\.parquet: cannot read it as Parquet \(") as err:
+        load_rows(tmp_path / "fake.parquet")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="empty"):
+        pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("text", pa.string())])), tmp_path / "empty.parquet")
+        load_rows(tmp_path / "empty.parquet")
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as without pyarrow
+    with pytest.raises(UserError, match=r"rows\.parquet: reading Parquet files needs pyarrow \(pip install pyarrow\)"):
+        load_rows(tmp_path / "rows.parquet")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="nope.jsonl: no such file"):
         load_rows(tmp_path / "nope.jsonl")
