@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from mlora import stacked_lora
 from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.config import EXPERT_TARGET_MODULES, AdapterConfig, adapter_seed
-from mlora.errors import UserError
+from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.flat_params import FlatParameters
 from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
 from mlora.loss_scale import LossScale
@@ -594,6 +594,8 @@ def read_peft_config(directory: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: malformed JSON ({err})") from None
+    except ValueError:  # (after those two, ValueErrors too) Python's cap on an integer's digits
+        raise UserError(f"{path}: {INTEGER_TOO_LONG}") from None
     except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
         raise UserError(f"{path}: JSON nested too deeply to read") from None
     except OSError as err:

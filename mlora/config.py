@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
-from mlora.errors import UserError
+from mlora.errors import INTEGER_TOO_LONG, UserError
 
 # Canonical order of the projections a LoRA may target; target_modules comes out in this order.
 # LLaMA-style models have q/k/v/o and gate/up/down; Phi-3 fuses q/k/v into qkv_proj and gate/up
@@ -157,6 +157,8 @@ def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
         ) from None
     except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
         raise UserError(f"{source}: JSON nested too deeply to read") from None
+    except ValueError:  # (after JSONDecodeError, one too) Python's cap on an integer's digits
+        raise UserError(f"{source}: {INTEGER_TOO_LONG}") from None
     return parse_config(obj, source, Path(os.path.abspath(path)).parent, reads)
 
 

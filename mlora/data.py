@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from mlora.errors import UserError
+from mlora.errors import INTEGER_TOO_LONG, UserError
 
 IGNORE_INDEX = -100
 
@@ -227,6 +227,8 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
             raise UserError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        except ValueError:  # (after JSONDecodeError, one too) Python's cap on an integer's digits
+            raise UserError(f"{path}:{lineno}: {INTEGER_TOO_LONG}") from None
         if duplicates.found:
             raise UserError(f"{path}:{lineno}: {duplicates.message(row)}")
         if not isinstance(row, dict):
@@ -243,6 +245,8 @@ def _parse_json_array(path: Path, text: str) -> list[dict]:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError:  # (after JSONDecodeError, one too) Python's cap on an integer's digits
+        raise UserError(f"{path}: {INTEGER_TOO_LONG}") from None
     if duplicates.found:  # (the text starts with "[": data is a list, and a row holds the object)
         i = next(i for i, row in enumerate(data) if _path_to(row, duplicates.found[0]) is not None)
         raise UserError(f"{path}: row {i}: {duplicates.message(data[i])}")
@@ -312,6 +316,8 @@ def _parse_template(path: Path) -> PromptTemplate:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError:  # (after JSONDecodeError, one too) Python's cap on an integer's digits
+        raise UserError(f"{path}: {INTEGER_TOO_LONG}") from None
     if duplicates.found:
         raise UserError(f"{path}: {duplicates.message(data)}")
     if not isinstance(data, dict):

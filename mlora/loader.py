@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlora.errors import UserError
+from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
 from mlora.models.args import GATED_DELTANET_FAMILIES, IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES, TEXT_CONFIG_TIES
 from mlora.models.naming import GATE_UP_STACKED, NATIVE_MARK, Naming, StackedSlice, naming_for
@@ -56,6 +56,8 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         model_type = raw.get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise UserError(f"{config_file} is not a valid JSON config: {e}") from None
+    except ValueError:  # (after those two, ValueErrors too) Python's cap on an integer's digits
+        raise UserError(f"{config_file}: {INTEGER_TOO_LONG}") from None
     if model_type not in SUPPORTED:
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
@@ -231,7 +233,7 @@ def weight_index(base_dir: PathLike) -> dict[str, Path]:
             raise UserError(f"cannot read {source}: {e}") from None
     try:
         weight_map = json.loads(source.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # (JSONDecodeError, UnicodeDecodeError, an integer past Python's digits)
         raise UserError(f"{source} is not a valid safetensors index ({e})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise UserError(f"{source} is not a valid safetensors index (weight_map must map names to files)")

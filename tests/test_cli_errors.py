@@ -546,6 +546,55 @@ def test_json_nested_too_deeply(setup, tiny_llama, capsys, where):
     check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, f"{data}", "nested too deeply")
 
 
+@pytest.mark.parametrize("where", ["config", "jsonl", "json", "template", "config.json", "index", "adapter_config"])
+def test_an_integer_of_more_digits_than_python_reads(setup, tiny_llama, capsys, tmp_path, where):
+    """json turns a number of over 4300 digits into a ValueError (Python's cap on int()), not a
+    JSONDecodeError: a traceback from every JSON file mlora reads, the base's files and a saved
+    adapter's too."""
+    tmp, data, out, config = setup
+    huge = "9" * 5000
+    if where == "config":
+        cfg = tmp / "huge.json"
+        cfg.write_text(f'{{"seed": {huge}, "lora": []}}')
+        check(*run_train(capsys, tiny_llama, cfg), out, f"{cfg}: an integer of more than 4300 digits")
+        return
+    if where in ("config.json", "index"):
+        base = tmp_path / "base"
+        base.mkdir()
+        for file in tiny_llama.iterdir():
+            if file.name not in ("config.json", "model.safetensors"):
+                (base / file.name).symlink_to(file)
+        raw = (tiny_llama / "config.json").read_text()
+        if where == "index":
+            (base / "config.json").write_text(raw)
+            (base / "model.safetensors.index.json").write_text(f'{{"metadata": {{"total_size": {huge}}}}}')
+            check(*run_train(capsys, base, config()), out, "model.safetensors.index.json is not a valid safetensors index")
+        else:
+            (base / "config.json").write_text(raw.replace('"hidden_size": 64', f'"hidden_size": {huge}'))
+            check(*run_train(capsys, base, config()), out, f"{base / 'config.json'}: an integer of more than 4300")
+        return
+    if where == "adapter_config":
+        (out / "a").mkdir(parents=True)
+        (out / "a" / "adapter_config.json").write_text(f'{{"r": {huge}}}')
+        (out / "a" / "adapter_model.safetensors").write_bytes(b"")
+        capsys.readouterr()
+        code = main(["eval", "--base_model", str(tiny_llama), "--config", str(config()), "--no_progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{out / 'a' / 'adapter_config.json'}: an integer of more than 4300 digits" in err, err
+        return
+    path = tmp / f"huge.{where}"
+    if where == "template":
+        path = tmp / "template.json"
+        path.write_text(f'{{"prompt": "{{instruction}} {{input}}", "prompt_no_input": "{{instruction}}", "v": {huge}}}')
+        cfg = config({"prompt": str(path)})
+    else:
+        path.write_text(f'{{"text": "a", "n": {huge}}}\n' if where == "jsonl" else f'[{{"text": "a", "n": {huge}}}]')
+        cfg = config({"data": str(path)})
+    line = ":1" if where == "jsonl" else ""
+    check(*run_train(capsys, tiny_llama, cfg), out, f"{path}{line}: an integer of more than 4300 digits")
+
+
 def test_a_tilde_in_output_dir_is_the_home_directory(setup, tiny_llama, capsys, monkeypatch, tmp_path):
     """The config's data paths expand "~"; its output_dir made a directory literally named "~"
     in the working directory (one `rm -rf ~` away from the real one)."""
