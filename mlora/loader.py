@@ -53,12 +53,15 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
     # Check the type before AutoConfig: it raises its own long error for unknown types.
     try:
         raw = json.loads(config_file.read_text())
-        model_type = raw.get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_file} is not a valid JSON config: {e}") from None
     except ValueError:  # (after those two, ValueErrors too) Python's cap on an integer's digits
         raise UserError(f"{config_file}: {INTEGER_TOO_LONG}") from None
-    if model_type not in SUPPORTED:
+    if not isinstance(raw, dict):  # (it said "'list' object has no attribute 'get'")
+        raise UserError(f"{config_file} is not a valid JSON config: expected an object, got "
+                        f"{'null' if raw is None else type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:  # (a list was unhashable: a traceback)
         raise UserError(f"model_type {model_type!r} in {config_file} is not supported "
                         f"(supported: {', '.join(sorted(SUPPORTED))})")
     _check_quantization_config(raw.get("quantization_config"), model_type, config_file)

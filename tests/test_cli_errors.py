@@ -119,6 +119,21 @@ def test_base_model_without_config(setup, capsys, tmp_path):
     check(*run_train(capsys, empty, config()), out, "config.json")
 
 
+@pytest.mark.parametrize("text,fragment", [
+    ("[1, 2]", "config.json is not a valid JSON config: expected an object, got list"),
+    ("null", "config.json is not a valid JSON config: expected an object, got null"),
+    ('{"model_type": ["llama"]}', "model_type ['llama'] in"),
+])
+def test_base_config_json_of_the_wrong_kind(setup, capsys, tmp_path, text, fragment):
+    """A config.json that is JSON but not an object said "'list' object has no attribute 'get'";
+    a model_type that is a list was a TypeError traceback (unhashable)."""
+    _, _, out, config = setup
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(text)
+    check(*run_train(capsys, base, config()), out, fragment)
+
+
 def test_base_model_without_weights(setup, capsys, tmp_path, tiny_llama):
     _, _, out, config = setup
     base = tmp_path / "no_weights"
