@@ -314,6 +314,10 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 
     def place(name: str, tensor: torch.Tensor, stored_name: str) -> None:
         """Cast one of mlora's tensors (read, or sliced from a stacked one) and put it in the model."""
+        if not tensor.is_floating_point():  # (FP8 and MXFP4 ones are dequantized by now)
+            # an int or bool tensor loaded, and failed in the first matmul: a traceback mid-run
+            raise UserError(f"tensor {stored_name!r} holds {str(tensor.dtype).removeprefix('torch.')} values, but "
+                            f"the model's weights are floating point (a quantization mlora does not read?)")
         if name == "lm_head.weight" and args.normalized_head:
             # Baichuan 2's NormHead: unit-length rows, in fp32 before any cast
             tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)

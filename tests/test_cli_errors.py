@@ -477,6 +477,27 @@ def test_weights_that_do_not_fit_the_config_leave_no_output_dir(setup, capsys, t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+def test_a_base_tensor_that_is_not_floating_point(setup, capsys, tmp_path, tiny_llama, dtype):
+    """An integer tensor where a weight goes loaded, and the first matmul failed: a traceback
+    mid-run, with metrics.jsonl begun in output_dir."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _, _, out, config = setup
+    base = tmp_path / "base"
+    base.mkdir()
+    for file in tiny_llama.iterdir():
+        if file.name != "model.safetensors":
+            (base / file.name).symlink_to(file)
+    tensors = load_file(tiny_llama / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(getattr(torch, dtype))
+    save_file(tensors, base / "model.safetensors")
+    check(*run_train(capsys, base, config()), out, f"tensor {name!r} holds {dtype} values")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("in_the_way,fragment", [
     ("a", "out/a is a file, but mlora writes adapter 'a' there (a directory)"),
     ("metrics.jsonl/", "out/metrics.jsonl is a directory, but mlora writes its metrics log there (a file)"),
