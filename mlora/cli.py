@@ -471,13 +471,19 @@ def main(argv: list[str] | None = None) -> int:
         _silence(sys.stdout)
         return 141  # 128 + SIGPIPE
     except OSError as err:  # (after BrokenPipeError, an OSError too)
-        if err.errno not in _DISK_ERRORS:
+        if err.errno == errno.ENAMETOOLONG:
+            # A path of the config or the flags with a name longer than the file system takes:
+            # pathlib's exists() and is_dir() raise it wherever such a path is first looked at.
+            code = _fail(f"mlora: error: {err.filename}: {err.strerror} (a file system takes names of at most "
+                         "255 bytes)", 2)
+        elif err.errno not in _DISK_ERRORS:
             raise
-        # A full disk or quota mid-run: outputs are written whole or not at all (atomic.py), so
-        # the last checkpoint is intact and the run resumes from it; the traceback said nothing more.
-        where = f"{err.filename}: " if err.filename else ""
-        code = _fail(f"mlora: error: {where}{err.strerror}; free space, then run again (a train run continues "
-                     "from its last checkpoint with --resume)", 2)
+        else:
+            # A full disk or quota mid-run: outputs are written whole or not at all (atomic.py), so
+            # the last checkpoint is intact and the run resumes from it; the traceback said nothing more.
+            where = f"{err.filename}: " if err.filename else ""
+            code = _fail(f"mlora: error: {where}{err.strerror}; free space, then run again (a train run continues "
+                         "from its last checkpoint with --resume)", 2)
     # Flushed here, not at exit: a reader that left then costs the exit code nothing (Python's
     # failing exit-time flush would make it 120).
     try:

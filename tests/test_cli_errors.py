@@ -525,6 +525,24 @@ def test_an_output_dir_no_file_system_names(setup, tiny_llama, capsys, output_di
     check(*run_train(capsys, tiny_llama, config(output_dir=str(tmp / output_dir))), out, "is not a valid path")
 
 
+@pytest.mark.parametrize("where", ["data", "base_model", "output_dir", "eval"])
+def test_a_name_longer_than_the_file_system_takes(setup, tiny_llama, capsys, where):
+    """pathlib's exists() raises ENAMETOOLONG (it returns False only for a path that is not
+    there): a name of over 255 bytes in a path of the config or a flag was a traceback."""
+    tmp, _, out, config = setup
+    long = tmp / ("x" * 300)
+    if where == "eval":
+        capsys.readouterr()
+        code = main(["eval", "--base_model", str(tiny_llama), "--config", str(config(output_dir=str(long))),
+                     "--no_progress"])
+        err = capsys.readouterr().err.strip()
+    else:
+        cfg = config({"data": str(long)} if where == "data" else None)
+        base = long if where == "base_model" else tiny_llama
+        code, err = run_train(capsys, base, cfg, *(["--output_dir", str(long)] if where == "output_dir" else []))
+    check(code, err, out, f"{long}", "File name too long")
+
+
 def test_the_printed_resume_command_resumes(setup, tiny_llama, capsys, monkeypatch, tmp_path):
     """After SIGINT/SIGTERM mlora prints the command that resumes the run: it used to leave out
     --trust_remote_code (a ChatGLM or Baichuan base's tokenizer then fails to load) and to paste
