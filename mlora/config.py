@@ -128,9 +128,11 @@ def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
     """Read and validate a JSON config file; relative paths inside may be relative to it.
     reads: which of its files the command reads, and so must exist (READS)."""
     source = os.fspath(path)
+    if not source:  # (Path("") is ".": "is a directory" would puzzle)
+        raise UserError("the config file's path is empty")
     try:
         # utf-8-sig: editors on Windows like to write a BOM.
-        text = Path(path).read_text(encoding="utf-8-sig")
+        text = _read_without_waiting(source).decode("utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{source}: config file not found") from None
     except IsADirectoryError:
@@ -139,6 +141,10 @@ def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
         raise UserError(f"{source}: config file is not UTF-8 text") from None
     except OSError as err:
         raise UserError(f"{source}: cannot read config file: {err.strerror}") from None
+    except ValueError:  # (after UnicodeDecodeError, one too) a NUL in the path
+        raise UserError(f"{source!r} is not a valid path") from None
+    if not text.strip():  # (json's "Expecting value: line 1 column 1" said less)
+        raise UserError(f"{source}: the config file is empty")
 
     def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # json keeps the last of two equal keys without a word; that is always a mistake here.
@@ -160,6 +166,19 @@ def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
     except ValueError:  # (after JSONDecodeError, one too) Python's cap on an integer's digits
         raise UserError(f"{source}: {INTEGER_TOO_LONG}") from None
     return parse_config(obj, source, Path(os.path.abspath(path)).parent, reads)
+
+
+def _read_without_waiting(path: str) -> bytes:
+    """The file's bytes; a FIFO that no process writes to reads as empty, where opening it waited
+    forever. A pipe with a writer (`--config <(jq ... config.json)`) reads as it did."""
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK)  # (a FIFO's plain open waits for a writer)
+    with open(fd, "rb") as f:
+        if _NONBLOCK:
+            os.set_blocking(fd, True)  # read what a writer sends, to its end
+        return f.read()
+
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # (POSIX's; Windows has no FIFOs)
 
 
 # The commands, by the adapters' files they read: training its data, test_data and init_from;

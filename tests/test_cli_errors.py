@@ -99,6 +99,41 @@ def test_config_not_json(setup, tiny_llama, capsys):
     check(*run_train(capsys, tiny_llama, cfg), out, str(cfg))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_config_that_is_a_fifo_or_empty_or_no_path(setup, tiny_llama, capsys, tmp_path):
+    """A FIFO no process writes to made the command wait forever to open it; an empty path was
+    "'': is a directory" (Path("") is "."). A pipe that is written to (`--config <(jq ...)`,
+    here /dev/fd/N of a pipe) is still read."""
+    import signal
+
+    tmp, _, out, config = setup
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    empty = tmp_path / "empty.json"
+    empty.write_text(" \n")
+
+    def hung(signum, frame):
+        raise TimeoutError("mlora waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        check(*run_train(capsys, tiny_llama, fifo), out, f"{fifo}: the config file is empty")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    check(*run_train(capsys, tiny_llama, empty), out, f"{empty}: the config file is empty")
+    check(*run_train(capsys, tiny_llama, ""), out, "the config file's path is empty")
+    check(*run_train(capsys, tiny_llama, "con\0fig.json"), out, "'con\\x00fig.json' is not a valid path")
+    read, write = os.pipe()
+    try:
+        os.write(write, b'{"lora": []}')  # (its line shows the text was read)
+        os.close(write)
+        check(*run_train(capsys, tiny_llama, f"/dev/fd/{read}"), out, "'lora' must list at least one adapter")
+    finally:
+        os.close(read)
+
+
 def test_malformed_jsonl_names_the_line(setup, tiny_llama, capsys):
     tmp, data, out, config = setup
     data.write_text(json.dumps(GOOD_ROWS[0]) + "\n" + json.dumps(GOOD_ROWS[1]) + "\n{oops\n")
