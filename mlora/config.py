@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
@@ -221,13 +222,14 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None,
     adapters = [
         _parse_adapter(entry, f"{source}: lora[{i}]", base_dir, reads) for i, entry in enumerate(entries)
     ]
-    first_index: dict[str, int] = {}
+    first_index: dict[str, int] = {}  # by the name as a case-insensitive file system sees it
     for i, adapter in enumerate(adapters):
-        if adapter.name in first_index:
-            top.fail(
-                f"duplicate adapter name {adapter.name!r} (lora[{first_index[adapter.name]}] and lora[{i}])"
-            )
-        first_index[adapter.name] = i
+        j = first_index.setdefault(_as_file_systems_compare(adapter.name), i)
+        if j != i and adapters[j].name == adapter.name:
+            top.fail(f"duplicate adapter name {adapter.name!r} (lora[{j}] and lora[{i}])")
+        if j != i:  # macOS's and Windows' file systems would save both into one directory
+            top.fail(f"adapter names {adapters[j].name!r} (lora[{j}]) and {adapter.name!r} (lora[{i}]) differ only in "
+                     f"case or Unicode form: on a case-insensitive file system they name one directory")
 
     config = TrainConfig(lora=adapters, **top.values)
     for adapter in adapters:
@@ -270,7 +272,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
             f"'name' must be usable as a directory name (non-empty, no '/', '\\' or ',', no leading "
             f"dot or whitespace at either end, no control characters, at most 255 bytes), got {name!r}"
         )
-    if name in RESERVED_NAMES:
+    if _as_file_systems_compare(name) in RESERVED_NAMES:  # ("Checkpoints" is "checkpoints" on macOS)
         a.fail(f"'name' {name!r} is taken by mlora's own output in output_dir (adapters cannot be "
                f"named {' or '.join(repr(n) for n in RESERVED_NAMES)})")
     a.values["name"] = name
@@ -373,6 +375,12 @@ def _check_module(a: _Reader, name: str) -> str:
 
 # What mlora itself writes into output_dir next to the adapters' directories.
 RESERVED_NAMES = ("metrics.jsonl", "checkpoints")
+
+
+def _as_file_systems_compare(name: str) -> str:
+    """A name as case-insensitive file systems compare names (macOS's, which also takes a
+    composed and a decomposed "é" for one, and Windows'): casefolded, in one Unicode form."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _is_directory_name(name: str) -> bool:

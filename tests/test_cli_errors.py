@@ -85,6 +85,18 @@ def test_duplicate_names(setup, tiny_llama, capsys):
     check(*run_train(capsys, tiny_llama, cfg), out, "'x'")
 
 
+@pytest.mark.parametrize("first,second", [("reverse", "Reverse"), ("caf\u00e9", "cafe\u0301")])
+def test_names_one_directory_on_a_case_insensitive_file_system(setup, tiny_llama, capsys, first, second):
+    """Two adapters whose names differ only in case (or in Unicode form) trained here into two
+    directories, but on macOS or Windows into one: the second's weights overwrote the first's."""
+    tmp, data, out, _ = setup
+    cfg = tmp / "case.json"
+    cfg.write_text(json.dumps({"output_dir": str(out), "lora": [{"name": first, "data": str(data)},
+                                                               {"name": second, "data": str(data)}]}))
+    check(*run_train(capsys, tiny_llama, cfg), out, f"adapter names {first!r} (lora[0]) and {second!r} (lora[1]) "
+          "differ only in case or Unicode form")
+
+
 def test_empty_adapter_list(setup, tiny_llama, capsys):
     tmp, _, out, _ = setup
     cfg = tmp / "empty.json"
@@ -229,6 +241,7 @@ def test_unknown_or_impossible_cross_entropy_names_the_variable(setup, capsys, t
 
 
 @pytest.mark.parametrize("name,fragment", [("metrics.jsonl", "taken by mlora"), ("checkpoints", "taken by mlora"),
+                                           ("Checkpoints", "taken by mlora"),
                                            ("x" * 256, "255 bytes")])
 def test_adapter_names_that_cannot_be_written(setup, tiny_llama, capsys, name, fragment):
     """Names that clash with mlora's own outputs, or that no file system takes, fail before
