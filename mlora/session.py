@@ -271,6 +271,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         notes.append(dtype_note(torch_device, compute, flag="--compute_dtype"))
     for note in filter(None, notes):
         print(f"mlora: note: {note}", file=sys.stderr)
+    if not str(base_model).strip():  # (Path("") is ".": "no config.json in base model directory '.'" puzzled)
+        raise UserError("--base_model is empty (give the base model's directory)")
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
     cfg = resolve_targets(cfg, model_args)

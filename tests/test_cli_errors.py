@@ -399,10 +399,11 @@ def test_undoing_directories_another_rank_undid_in_part_goes_on():
         assert (Path(tmp) / "kept" / "file").exists()  # (only empty directories go)
 
 
-def test_empty_output_dir_flag(setup, tiny_llama, capsys, monkeypatch, tmp_path):
+def test_empty_output_dir_or_base_model_flag(setup, tiny_llama, capsys, monkeypatch, tmp_path):
     _, _, out, config = setup
     monkeypatch.chdir(tmp_path)
     check(*run_train(capsys, tiny_llama, config(), "--output_dir", ""), out, "--output_dir")
+    check(*run_train(capsys, "", config()), out, "--base_model is empty")  # (it named '.', the working directory)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "a").exists()
 
 
