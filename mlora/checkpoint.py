@@ -22,7 +22,7 @@ import torch
 
 from mlora.atomic import write_dir_atomically, write_file_atomically
 from mlora.device import dtype_flag
-from mlora.errors import UserError
+from mlora.errors import INTEGER_TOO_LONG, UserError
 
 FORMAT = 1
 DIRNAME = "checkpoints"
@@ -141,6 +141,8 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"checkpoint {path}: unreadable manifest.json ({err})") from None
+    except ValueError:  # (after those two, ValueErrors too) Python's cap on an integer's digits
+        raise UserError(f"checkpoint {path}: manifest.json holds {INTEGER_TOO_LONG}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
         raise UserError(f"checkpoint {path}: unknown format {found!r}")

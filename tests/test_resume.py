@@ -213,13 +213,15 @@ def test_damaged_checkpoint_is_a_clear_error(interrupted, tiny_llama, capsys, da
 
 def test_a_manifest_of_the_wrong_shape_is_a_clear_error(interrupted, tiny_llama, capsys):
     """manifest.json is JSON but not what mlora wrote (a list, no fingerprint, a fingerprint
-    of the wrong shape, not UTF-8): one line naming the checkpoint, never a traceback."""
+    of the wrong shape, not UTF-8, a number of more digits than Python reads): one line naming the
+    checkpoint, never a traceback."""
     out, cfg = interrupted
     newest = list_checkpoints(out)[-1][1]
     good = json.loads((newest / "manifest.json").read_text())
     damages = [b"[1]", json.dumps({k: v for k, v in good.items() if k != "fingerprint"}).encode(),
                json.dumps({**good, "fingerprint": {**good["fingerprint"], "adapters": {"a": 5}}}).encode(),
-               json.dumps({**good, "iteration": "3"}).encode(), b'{"format": "' + bytes([0xFF, 0xFE]) + b'"}']
+               json.dumps({**good, "iteration": "3"}).encode(), b'{"format": "' + bytes([0xFF, 0xFE]) + b'"}',
+               b'{"iteration": ' + b"9" * 5000 + b"}"]
     for damage in damages:
         (newest / "manifest.json").write_bytes(damage)
         capsys.readouterr()
