@@ -57,6 +57,8 @@ def read_model_config(base_dir: PathLike) -> tuple[PretrainedConfig, ModelArgs]:
         raise UserError(f"{config_file} is not a valid JSON config: {e}") from None
     except ValueError:  # (after those two, ValueErrors too) Python's cap on an integer's digits
         raise UserError(f"{config_file}: {INTEGER_TOO_LONG}") from None
+    except OSError as e:  # not readable by this user, an I/O error
+        raise UserError(f"{config_file}: cannot read it ({e.strerror})") from None
     if not isinstance(raw, dict):  # (it said "'list' object has no attribute 'get'")
         raise UserError(f"{config_file} is not a valid JSON config: expected an object, got "
                         f"{'null' if raw is None else type(raw).__name__}")
@@ -238,6 +240,8 @@ def weight_index(base_dir: PathLike) -> dict[str, Path]:
         weight_map = json.loads(source.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:  # (JSONDecodeError, UnicodeDecodeError, an integer past Python's digits)
         raise UserError(f"{source} is not a valid safetensors index ({e})") from None
+    except OSError as e:  # not readable by this user, an I/O error
+        raise UserError(f"{source}: cannot read it ({e.strerror})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise UserError(f"{source} is not a valid safetensors index (weight_map must map names to files)")
     outside = next((f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")), None)

@@ -181,6 +181,31 @@ def test_base_config_json_of_the_wrong_kind(setup, capsys, tmp_path, text, fragm
     check(*run_train(capsys, base, config()), out, fragment)
 
 
+@pytest.mark.parametrize("unreadable", ["config.json", "model.safetensors.index.json"])
+def test_a_base_file_that_cannot_be_read(setup, capsys, tmp_path, tiny_llama, monkeypatch, unreadable):
+    """A config.json or shard index this user may not read was a PermissionError traceback (the
+    test plays the refusal: root, which runs the tests here, passes every permission check)."""
+    import errno
+    import pathlib
+
+    _, _, out, config = setup
+    base = tmp_path / "base"
+    base.mkdir()
+    for file in tiny_llama.iterdir():
+        if file.name != "model.safetensors":
+            (base / file.name).symlink_to(file)
+    (base / "model.safetensors.index.json").write_text("{}")
+    read_text = pathlib.Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == base / unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+    check(*run_train(capsys, base, config()), out, f"{base / unreadable}: cannot read it (Permission denied)")
+
+
 def test_base_model_without_weights(setup, capsys, tmp_path, tiny_llama):
     _, _, out, config = setup
     base = tmp_path / "no_weights"
