@@ -52,6 +52,16 @@ def check(code, err, out: Path, *fragments):
     assert not out.exists() or not any(out.iterdir()), "output_dir must stay untouched"
 
 
+def linked_base(model: Path, base: Path, *leaving_out: str) -> Path:
+    """A base directory at `base` of links to `model`'s files but those `leaving_out`, which a
+    test writes damaged in their place."""
+    base.mkdir()
+    for file in model.iterdir():
+        if file.name not in leaving_out:
+            (base / file.name).symlink_to(file)
+    return base
+
+
 CASES = [
     ("unknown key", dict(adapter_overrides={"lrr": 0.1}), ("'lrr'", "'lr'", "name 'a'")),
     ("wrong type", dict(adapter_overrides={"r": "8"}), ("'r'", "integer")),
@@ -189,11 +199,7 @@ def test_a_base_file_that_cannot_be_read(setup, capsys, tmp_path, tiny_llama, mo
     import pathlib
 
     _, _, out, config = setup
-    base = tmp_path / "base"
-    base.mkdir()
-    for file in tiny_llama.iterdir():
-        if file.name != "model.safetensors":
-            (base / file.name).symlink_to(file)
+    base = linked_base(tiny_llama, tmp_path / "base", "model.safetensors")
     (base / "model.safetensors.index.json").write_text("{}")
     read_text = pathlib.Path.read_text
 
@@ -559,11 +565,7 @@ def test_a_base_tensor_that_is_not_floating_point(setup, capsys, tmp_path, tiny_
     from safetensors.torch import load_file, save_file
 
     _, _, out, config = setup
-    base = tmp_path / "base"
-    base.mkdir()
-    for file in tiny_llama.iterdir():
-        if file.name != "model.safetensors":
-            (base / file.name).symlink_to(file)
+    base = linked_base(tiny_llama, tmp_path / "base", "model.safetensors")
     tensors = load_file(tiny_llama / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
     tensors[name] = tensors[name].to(getattr(torch, dtype))
@@ -648,11 +650,7 @@ def test_sizes_below_one_in_the_base_config(setup, capsys, tmp_path, tiny_llama,
     size (a traceback), no layers was blamed on target_modules, and a size of 0 added torch's
     warning about zero-element tensors to the error."""
     _, _, out, config = setup
-    base = tmp_path / "base"
-    base.mkdir()
-    for file in tiny_llama.iterdir():
-        (base / file.name).symlink_to(file)
-    (base / "config.json").unlink()
+    base = linked_base(tiny_llama, tmp_path / "base", "config.json")
     raw = json.loads((tiny_llama / "config.json").read_text())
     (base / "config.json").write_text(json.dumps(dict(raw, **{key: value})))
     check(*run_train(capsys, base, config()), out, f"llama config {key} must be a positive integer, got {value}")
@@ -687,11 +685,7 @@ def test_an_integer_of_more_digits_than_python_reads(setup, tiny_llama, capsys, 
         check(*run_train(capsys, tiny_llama, cfg), out, f"{cfg}: an integer of more than 4300 digits")
         return
     if where in ("config.json", "index"):
-        base = tmp_path / "base"
-        base.mkdir()
-        for file in tiny_llama.iterdir():
-            if file.name not in ("config.json", "model.safetensors"):
-                (base / file.name).symlink_to(file)
+        base = linked_base(tiny_llama, tmp_path / "base", "config.json", "model.safetensors")
         raw = (tiny_llama / "config.json").read_text()
         if where == "index":
             (base / "config.json").write_text(raw)
