@@ -214,7 +214,10 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
     rows = []
     duplicates = _DuplicateKeys()
     decoder = json.JSONDecoder(object_pairs_hook=duplicates)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # At "\n" only (_read_text's universal newlines made "\r\n" and "\r" ones): str.splitlines()
+    # also breaks at U+2028, U+2029 and U+0085, which a JSON string may hold as they are
+    # (json.dumps(ensure_ascii=False) writes them so), and a valid row was "malformed JSON".
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -51,6 +51,16 @@ def test_load_jsonl_skips_blank_lines(tmp_path):
     assert load_rows(path) == [{"text": "a"}, {"text": "b"}]
 
 
+def test_load_jsonl_breaks_lines_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand as they are in a JSON string (json.dumps with
+    ensure_ascii=False leaves them): str.splitlines() broke such rows in two, "malformed JSON"."""
+    rows = [{"text": "a\u2028b"}, {"instruction": "c\u2029d", "output": "e\x85f"}, {"text": "g"}]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps(rows[0], ensure_ascii=False) + "\r\n" + json.dumps(rows[1], ensure_ascii=False)
+                      + "\r" + json.dumps(rows[2]) + "\n").encode())
+    assert load_rows(path) == rows
+
+
 def test_load_json_array(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"text": "a"}, {"instruction": "x", "output": "y"}], indent=2))
