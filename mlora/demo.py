@@ -46,6 +46,11 @@ def smollm2_base_dir(quiet: bool = False) -> Path:
     target = cache_dir()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    try:  # before the conversion, whose result would have nowhere to go
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # (a file where the cache goes, no permission: it was a traceback)
+        raise UserError(f"the demo's model cache {target.parent} cannot be created ({err.strerror}); "
+                        f"set MLORA_CACHE to a directory that can be written") from None
     gguf = find_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"reading the demo model needs the gguf package; install it with: {INSTALL_HINT}")
@@ -119,27 +124,32 @@ def write_demo_config(workdir: Path, short: bool, seed: int = 7) -> Path:
 
 
 def run_demo(device: str | None = None, output_dir: str | None = None, short: bool = False) -> int:
-    from mlora.cli import prepare_output_dir
+    from mlora.cli import prepare_output_dir, remove_if_still_empty
     from mlora.device import resolve_device
     from mlora.output_lock import output_dir_lock
 
     resolve_device(device)  # a bad device fails here, before anything is written
+    created = []
     if output_dir:
-        prepare_output_dir(output_dir)  # a file, or a place that cannot be written: one line
-        # the demo trains into <output_dir>/out, clearing it: not while a run writes there
-        prepare_output_dir(str(Path(output_dir) / "out"), TASKS)
+        made = prepare_output_dir(output_dir)  # a file, or a place that cannot be written: one line
+        # the demo trains into <output_dir>/out, clearing it: not while a run writes there (the lock below)
+        created = prepare_output_dir(str(Path(output_dir) / "out"), TASKS) + made  # (deepest first)
     workdir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="mlora-demo-"))
     with output_dir_lock(workdir / "out") if output_dir else contextlib.nullcontext():
-        return _demo(workdir, device, short)
+        try:
+            base = smollm2_base_dir()
+        except BaseException:  # (not installed, a cache that cannot be written, Ctrl-C): leave no output_dir behind
+            remove_if_still_empty(created)
+            raise
+        return _demo(base, workdir, device, short)
 
 
-def _demo(workdir: Path, device: str | None, short: bool) -> int:
+def _demo(base: Path, workdir: Path, device: str | None, short: bool) -> int:
     from mlora.evaluate import evaluate_adapter
     from mlora.generate import greedy_generate, prompt_ids
     from mlora.session import open_session
     from mlora.trainer import train
 
-    base = smollm2_base_dir()
     config_path = write_demo_config(workdir, short)
     session = open_session(base, config_path, device=device)
     print(f"mlora demo: base {base} on {session.device}, 3 adapters fused in every batch; "

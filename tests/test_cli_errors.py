@@ -452,6 +452,20 @@ def test_demo_with_a_bad_device_or_output_dir_writes_nothing(tmp_path, capsys, m
 
 
 
+
+def test_demo_with_a_cache_that_cannot_be_created_leaves_no_output_dir(tmp_path, capsys, monkeypatch):
+    """MLORA_CACHE naming a file: os.mkdir's FileExistsError traceback, and the empty output_dir
+    the demo had made before it stayed behind."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLORA_CACHE", str(blocker))
+    out = tmp_path / "new" / "out"
+    assert main(["demo", "--short", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mlora: error: the demo's model cache {blocker} cannot be created (File exists); set MLORA_CACHE "
+                   "to a directory that can be written"), err
+    assert not (tmp_path / "new").exists()
+
 def test_demo_into_an_output_dir_a_run_is_using_is_refused(tmp_path, capsys, monkeypatch):
     """`demo --output_dir D` trains into D/out, clearing it: while a train run holds D/out's
     lock, one line naming it, before the base is even looked for."""
