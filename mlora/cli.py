@@ -416,6 +416,8 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = ()) -> list[Path]:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output_dir {p} exists and is not a directory")
+    if os.path.lexists(p) and not p.exists():  # (mkdir said "File exists")
+        raise UserError(f"output_dir {p} is a symbolic link to nothing; remove it or choose another output_dir")
     if p.is_dir():
         places = [(p / "metrics.jsonl", False, "its metrics log"), (p / DIRNAME, True, "its resumable checkpoints")]
         for name in adapters:
@@ -423,8 +425,12 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = ()) -> list[Path]:
                        (p / name / WEIGHTS_NAME, False, f"the weights of {name!r}"),
                        (p / name / CONFIG_NAME, False, f"the PEFT config of {name!r}")]
         for place, is_dir, what in places:
-            if place.exists() and place.is_dir() != is_dir:
-                found, wanted = ("a directory", "a file") if place.is_dir() else ("a file", "a directory")
+            wanted = "a directory" if is_dir else "a file"
+            # (a link to nothing, or a FIFO, passed exists() or is_dir(): mlora then failed writing there)
+            found = (None if not os.path.lexists(place) else "a symbolic link to nothing" if not place.exists()
+                     else "a directory" if place.is_dir() else "a file" if place.is_file()
+                     else "neither a file nor a directory")
+            if found not in (None, wanted):
                 raise UserError(f"output_dir {p}: {place} is {found}, but mlora writes {what} there ({wanted}); "
                                 f"move it away or choose another output_dir")
     try:

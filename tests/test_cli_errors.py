@@ -593,14 +593,24 @@ def test_a_base_tensor_that_is_not_floating_point(setup, capsys, tmp_path, tiny_
     ("metrics.jsonl/", "out/metrics.jsonl is a directory, but mlora writes its metrics log there (a file)"),
     ("checkpoints", "out/checkpoints is a file, but mlora writes its resumable checkpoints there"),
     ("a/adapter_model.safetensors/", "adapter_model.safetensors is a directory, but mlora writes the weights of 'a'"),
+    ("a@", "out/a is a symbolic link to nothing, but mlora writes adapter 'a' there (a directory)"),
+    ("checkpoints@", "out/checkpoints is a symbolic link to nothing, but mlora writes its resumable checkpoints"),
+    ("metrics.jsonl|", "out/metrics.jsonl is neither a file nor a directory, but mlora writes its metrics log there"),
 ])
 def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_way, fragment):
     """A file where an adapter's directory goes (or a directory where a file goes) used to let
-    the whole run train and then fail with a traceback when it saved, the training lost."""
+    the whole run train and then fail with a traceback when it saved, the training lost; so did
+    a symbolic link to nothing (@; exists() says False), and a FIFO (|) where metrics.jsonl goes
+    failed at the start of training, output_dir in use."""
     _, _, out, config = setup
-    place = out / in_the_way.rstrip("/")
+    place = out / in_the_way.rstrip("/@|")
     place.parent.mkdir(parents=True, exist_ok=True)
-    place.mkdir() if in_the_way.endswith("/") else place.write_text("x")
+    if in_the_way.endswith("@"):
+        place.symlink_to(out / "nowhere")
+    elif in_the_way.endswith("|"):
+        os.mkfifo(place)
+    else:
+        place.mkdir() if in_the_way.endswith("/") else place.write_text("x")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     code, err = run_train(capsys, tiny_llama, config())
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
@@ -765,6 +775,15 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused(setup, tiny_llama, ca
     assert code == 0, err
     code, err = run_train(capsys, tiny_llama, cfg, "--resume")  # the finished run let it go
     assert code == 0 and "in use" not in err, err
+
+
+def test_an_output_dir_that_is_a_link_to_nothing(setup, tiny_llama, capsys, tmp_path):
+    _, _, _, config = setup
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    code, err = run_train(capsys, tiny_llama, config(output_dir=str(link)))
+    assert code == 2 and err == f"mlora: error: output_dir {link} is a symbolic link to nothing; remove it or choose " \
+                                "another output_dir", err  # (it said "cannot create it (File exists)")
 
 
 def test_an_output_dir_that_cannot_be_opened_for_reading_is_not_locked(tmp_path, monkeypatch):
