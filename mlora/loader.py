@@ -274,12 +274,10 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     index = weight_index(base)
     source = _weights_source(base)
 
-    with torch.device("meta"):
-        model = family.CausalLM(args, parts)
     # mlora's names, and the checkpoint's for each (ChatGLM and Baichuan name them otherwise;
     # GPT-OSS stacks its experts, so many of mlora's tensors are slices of one of its tensors)
     naming = _checkpoint_naming(args, family, index)
-    if "embed" in model.parts:  # once per model (a pipeline's first stage)
+    if parts is None or "embed" in parts:  # once per model (a pipeline's first stage)
         used = {part for n in family.tensor_names(args)
                 for part in _sources_of(naming.to_checkpoint(n), index, naming)}
         # GLM-4.5's and DeepSeek-V3's multi-token-prediction layers after the last one: unused
@@ -289,7 +287,7 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         extra |= {naming.to_checkpoint(f"model.layers.{i}.self_attn.{m}.") for i in range(args.num_layers)
                   if args.kv_source(i) is not None for m in ("k_proj", "v_proj", "k_norm", "v_norm")}
         _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
-    stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, model.parts)}
+    stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, parts)}
     # What each checkpoint tensor is read from: itself (a block-FP8 weight with its scales), or
     # (GPT-OSS's released checkpoints) the MXFP4 blocks and scales of a stacked expert weight
     sources = {t: _sources_of(t, index, naming) for t in dict.fromkeys(stored.values())}
@@ -297,6 +295,11 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from {source}"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    # Built once the checkpoint is known to hold its tensors: a num_hidden_layers of 100000 in
+    # config.json (a typo, or the wrong file) took minutes to build on the meta device before
+    # the missing tensors were told.
+    with torch.device("meta"):
+        model = family.CausalLM(args, parts)
     needed = list(stored)
 
     # Which module parameters each checkpoint tensor fills: the tied head reads the embedding.

@@ -557,6 +557,23 @@ def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, 
     check(code, err, out, fragment)
 
 
+def test_missing_layers_are_told_before_the_model_is_built(setup, capsys, tmp_path, tiny_llama, monkeypatch):
+    """A config.json with more layers than the checkpoint (num_hidden_layers 100000: a typo, or
+    the wrong file) built every layer on the meta device first, minutes of it, before saying
+    that their tensors were missing."""
+    import mlora.models.llama
+
+    _, _, out, config = setup
+    base = linked_base(tiny_llama, tmp_path / "base", "config.json")
+    raw = json.loads((tiny_llama / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(raw, num_hidden_layers=4)))
+    def never(self, *args, **kwargs):
+        raise AssertionError("the model was built before its tensors were checked")
+
+    monkeypatch.setattr(mlora.models.llama.CausalLM, "__init__", never)
+    check(*run_train(capsys, base, config()), out, "tensor 'model.layers.2.self_attn.q_proj.weight' is missing")
+
+
 def test_weights_that_do_not_fit_the_config_leave_no_output_dir(setup, capsys, tmp_path, tokenizer_dir):
     """A mismatch found only when the weights load (here a vocabulary larger in config.json than
     in the file) is one line, and the output directory made just before is removed again."""
