@@ -535,6 +535,10 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
     ("chatglm", dict(num_attention_heads=0), "ChatGLM config num_attention_heads must be a positive integer, got 0"),
     ("chatglm", dict(seq_length="long"), "ChatGLM config seq_length must be a positive integer, got 'long'"),
     ("chatglm", dict(rope_ratio=16, rope_ratio_scales="foo"), "rope_ratio_scales 'foo' is not"),
+    ("llama", dict(rope_parameters=dict(rope_type="linear", factor=0, rope_theta=1e4)),
+     "config.json's rope_parameters factor must be a positive number, got 0"),
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=-1.0)),
+     "config.json's rope_theta must be a positive number, got -1.0"),
     ("granite", dict(embedding_multiplier="x"), "cannot read"),
     ("granite", dict(logits_scaling=0), "granite config logits_scaling must be a positive number, got 0"),
     ("gemma3", dict(text_config=None), "a gemma3 config needs its text_config"),
@@ -544,8 +548,9 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
 ])
 def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, changes, fragment):
     """A value of the wrong kind in config.json (ChatGLM's and Baichuan's are read as plain JSON,
-    not by transformers) is one line naming the file or the key, never a traceback nor a run
-    whose every step is skipped."""
+    not by transformers; a RoPE factor of 0 or a negative rope_theta, which transformers only
+    warns of) is one line naming the file or the key, never a traceback nor a run whose every
+    step is skipped."""
     from conftest import make_tiny_model
 
     base = make_tiny_model(tmp_path / family, family, tokenizer_dir)

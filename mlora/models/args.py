@@ -1244,12 +1244,15 @@ def _rope_args(get, max_pos: int, rope_dim: int, params: Mapping | None = None,
     if any(isinstance(v, Mapping) for v in params.values()):
         raise UserError("per-layer-type rope_parameters are not supported")
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    theta = float(params.get("rope_theta") or get("rope_theta", 10000.0))
+    # (a theta of 0 fell through to the top-level one, or 10000, without a word; a negative one
+    # or a factor of 0 made every step's loss non-finite, each skipped, the adapter saved untrained)
+    theta = params.get("rope_theta")
+    theta = _positive_number(get("rope_theta", 10000.0) if theta is None else theta, "config.json's rope_theta")
 
     def need(key):
         if params.get(key) is None:
             raise UserError(f"rope type {rope_type!r} needs {key!r} in rope_parameters")
-        return float(params[key])
+        return _positive_number(params[key], f"config.json's rope_parameters {key}")
 
     if rope_type == "default":
         return RopeArgs("default", theta)
