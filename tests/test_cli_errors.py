@@ -539,6 +539,7 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
      "config.json's rope_parameters factor must be a positive number, got 0"),
     ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=-1.0)),
      "config.json's rope_theta must be a positive number, got -1.0"),
+    ("mistral", dict(sliding_window=0), "mistral config sliding_window must be a positive integer, got 0"),
     ("granite", dict(embedding_multiplier="x"), "cannot read"),
     ("granite", dict(logits_scaling=0), "granite config logits_scaling must be a positive number, got 0"),
     ("gemma3", dict(text_config=None), "a gemma3 config needs its text_config"),

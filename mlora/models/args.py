@@ -625,7 +625,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         rope_layers=rope_layers,
         rope=full_rope,
         local_rope=local_rope,
-        sliding_window=[int(w) if w is not None else None for w in windows],
+        # (a window of 0 or less let a token attend to no key at all, without a word)
+        sliding_window=[None if w is None else _positive_int(w, f"{model_type} config sliding_window") for w in windows],
         max_position_embeddings=max_pos,
         normalized_head=model_type == "baichuan" and bool(get("normalized_head", False)),  # _baichuan_keys
         alibi=alibi,
