@@ -270,6 +270,8 @@ def cmd_eval(args) -> int:
         # with nothing saved, whose line would be the base's, for a config that can never train.
         check_rank(cfg, session.wrappers)
     out = Path(session.cfg.output_dir)
+    if out.exists() and not out.is_dir():  # (each adapter was evaluated as the bare base, exit 0)
+        raise UserError(f"output_dir {out} is not a directory (eval reads the adapters saved in it)")
     # Every saved adapter is loaded (and so checked: its r, alpha, tensors) before the first
     # line is printed: a later adapter's mismatch used to end the command with exit 2 after
     # the earlier adapters' lines, a partial result. Each row goes to its own adapter only.

@@ -231,6 +231,13 @@ def test_output_dir_is_a_file(setup, capsys, tiny_llama, tmp_path):
     blocker.write_text("x")
     code, err = run_train(capsys, tiny_llama, config(output_dir=str(blocker)))
     assert code == 2 and str(blocker) in err and len(err.splitlines()) == 1
+    # eval evaluated every adapter as the bare base then, exit 0
+    code = main(["eval", "--base_model", str(tiny_llama), "--config", str(config(output_dir=str(blocker))),
+                 "--no_progress"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    assert captured.err.strip() == f"mlora: error: output_dir {blocker} is not a directory (eval reads the adapters " \
+                                   "saved in it)", captured.err
 
 
 def test_real_process_prints_no_traceback(setup, tiny_llama):
