@@ -200,6 +200,10 @@ def warn_unapplied_dropout(hf_config) -> None:
               "modelling loss only (transformers + PEFT would add the router's balancing loss)", file=sys.stderr)
 
 
+# The files a Hugging Face tokenizer is loaded from (one of them at least)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: str | None = None):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -216,6 +220,9 @@ def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: 
         if "trust_remote_code" in str(err) and not trust_remote_code:
             raise UserError(f"base_model {base_dir}: its tokenizer is code shipped with the model; pass "
                             "--trust_remote_code to run it") from None
+        if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
+            # (transformers' first line then was "Couldn't instantiate the backend tokenizer from one of:")
+            raise UserError(f"base_model {base_dir}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)})") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"base_model {base_dir}: cannot load its tokenizer ({first})") from None
     finally:

@@ -212,6 +212,15 @@ def test_a_base_file_that_cannot_be_read(setup, capsys, tmp_path, tiny_llama, mo
     check(*run_train(capsys, base, config()), out, f"{base / unreadable}: cannot read it (Permission denied)")
 
 
+def test_base_model_without_a_tokenizer(setup, capsys, tmp_path, tiny_llama):
+    """It said "cannot load its tokenizer (Couldn't instantiate the backend tokenizer from one of:)",
+    the first line of transformers' error."""
+    _, _, out, config = setup
+    base = linked_base(tiny_llama, tmp_path / "base", "tokenizer.json", "tokenizer_config.json")
+    check(*run_train(capsys, base, config()), out, f"base_model {base}: no tokenizer in it (none of tokenizer.json, "
+          "tokenizer_config.json, tokenizer.model, vocab.json)")
+
+
 def test_base_model_without_weights(setup, capsys, tmp_path, tiny_llama):
     _, _, out, config = setup
     base = tmp_path / "no_weights"
