@@ -203,6 +203,8 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None,
     top.integer("save_step", _NON_NEGATIVE)
     top.integer("seed", _SEED_RANGE)
     top.string("output_dir")
+    if not top.values.get("output_dir", "x").strip():  # (it made a directory named "   "; --output_dir refuses one)
+        top.fail("'output_dir' is blank: give a directory")
     top.boolean("group_by_length")
     top.integer("eval_step", _NON_NEGATIVE)
     top.integer("train_lora_candidate_num", _POSITIVE, nullable=True)

@@ -450,6 +450,9 @@ def test_empty_output_dir_or_base_model_flag(setup, tiny_llama, capsys, monkeypa
     _, _, out, config = setup
     monkeypatch.chdir(tmp_path)
     check(*run_train(capsys, tiny_llama, config(), "--output_dir", ""), out, "--output_dir")
+    # (the config's made a directory named "   " in the working directory)
+    check(*run_train(capsys, tiny_llama, config(output_dir="   ")), out, "'output_dir' is blank")
+    assert not (tmp_path / "   ").exists()
     check(*run_train(capsys, "", config()), out, "--base_model is empty")  # (it named '.', the working directory)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "a").exists()
 
