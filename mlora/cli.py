@@ -272,6 +272,7 @@ def cmd_eval(args) -> int:
     out = Path(session.cfg.output_dir)
     if out.exists() and not out.is_dir():  # (each adapter was evaluated as the bare base, exit 0)
         raise UserError(f"output_dir {out} is not a directory (eval reads the adapters saved in it)")
+    note_missing_output_dir(out)
     # Every saved adapter is loaded (and so checked: its r, alpha, tensors) before the first
     # line is printed: a later adapter's mismatch used to end the command with exit 2 after
     # the earlier adapters' lines, a partial result. Each row goes to its own adapter only.
@@ -292,6 +293,14 @@ def cmd_eval(args) -> int:
         for adapter in adapters.values():
             adapter.detach_from(session.wrappers)
     return 0
+
+
+def note_missing_output_dir(out: Path) -> None:
+    """eval evaluates an adapter with nothing saved on the bare base (its line says "weights":
+    "base"); when the whole output_dir is missing, likely a typo, a note says so up front."""
+    if not out.exists():
+        print(f"mlora: note: output_dir {out} does not exist: every adapter is evaluated on the bare base",
+              file=sys.stderr)
 
 
 def cmd_generate(args) -> int:

@@ -237,6 +237,21 @@ def test_eval_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, token
         assert line["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
+
+def test_eval_notes_an_output_dir_that_does_not_exist(fused_run, tiny_llama, capsys, tmp_path):
+    """A mistyped --output_dir evaluates every adapter on the bare base ("weights": "base", as
+    documented): a note says so up front; none when the directory exists."""
+    _, out, cfg_path = fused_run
+    for where, note in ((tmp_path / "typo", True), (out, False)):
+        capsys.readouterr()
+        assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--output_dir", str(where),
+                     "--no_progress"]) == 0
+        captured = capsys.readouterr()
+        weights = {json.loads(line)["weights"] for line in captured.out.splitlines()}
+        assert (weights == {"base"}) == note
+        assert captured.err.strip().splitlines() == (
+            [f"mlora: note: output_dir {where} does not exist: every adapter is evaluated on the bare base"] * note)
+
 def test_eval_into_a_closed_pipe_stops_quietly(fused_run, tiny_llama):
     """`mlora eval ... | head -1`: the reader leaves before the output is written; mlora stops
     with 128 + SIGPIPE and no traceback (it printed a BrokenPipeError one)."""

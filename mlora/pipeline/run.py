@@ -409,7 +409,7 @@ def eval_pipeline(args) -> int:
 
     from tqdm import tqdm
 
-    from mlora.cli import quant_config
+    from mlora.cli import note_missing_output_dir, quant_config
     from mlora.memory import _OOM_ERRORS
     from mlora.pipeline.worker import StageLink, check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -425,6 +425,8 @@ def eval_pipeline(args) -> int:
         cfg = session.cfg
         out = Path(cfg.output_dir)
         saved = saved_adapters(cfg)
+        if place.rank == 0:
+            note_missing_output_dir(out)
     transport = join_peers(args, place, device, early.error)
     adapters = {}
     try:
