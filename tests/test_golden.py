@@ -8,7 +8,8 @@ torchtitan (../shared/DESIGN.md).
 Everything the run depends on is in this file or committed beside it: the base's weights come
 from torch's CPU generator in a fixed order (not transformers' init, which may change between
 releases), the tokenizer is a committed file (tests/golden/tokenizer), the data rows are below.
-fp32 on the CPU; the tolerance covers another CPU's GEMM rounding, not a changed run.
+fp32 on the CPU; the tolerance covers another CPU's GEMM rounding, not a changed run. The
+tokenizer's files keep to what transformers 4 and 5 read alike (pyproject allows both).
 
 A change that moves these figures on purpose (a new dropout draw, a new init) regenerates them:
     MLORA_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
@@ -152,3 +153,13 @@ def test_golden_run_is_unchanged(tmp_path, capsys):
             assert got[name][key] == pytest.approx(want[name][key], rel=1e-4, abs=1e-5), (name, key)
         for kind, value in want[name]["weights"].items():
             assert got[name]["weights"][kind] == pytest.approx(value, rel=1e-4), (name, kind)
+
+
+def test_golden_tokenizer_reads_alike_in_transformers_4_and_5():
+    """The committed tokenizer_config.json holds only keys that every transformers mlora allows
+    (>=4.56) reads alike: transformers 5 saves its added special tokens as a list
+    `extra_special_tokens`, which 4.x takes for a dict ('list' object has no attribute 'keys',
+    and the golden run cannot start); they are special in tokenizer.json already."""
+    config = json.loads((GOLDEN / "tokenizer" / "tokenizer_config.json").read_text())
+    assert set(config) <= {"bos_token", "eos_token", "pad_token", "unk_token", "model_max_length",
+                           "tokenizer_class"}, sorted(config)
