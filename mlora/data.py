@@ -5,7 +5,7 @@ A dataset is a JSON array or a JSONL file of rows. Five row shapes are understoo
 * alpaca  {"instruction", "input"?, "output"}  rendered through a PromptTemplate;
 * chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;
 * sharegpt  {"conversations": [{"from", "value"}, ...]}  a chat row under ShareGPT's names
-  (from "human" / "gpt" = role "user" / "assistant"), as TRL converts it;
+  (from "human" / "gpt" = role "user" / "assistant": TRL renames the keys but keeps the names);
 * prompt/completion  {"prompt", "completion"}  TRL's shape: two strings (the completion, with
   EOS, trained), or two lists of messages (the completion's turns trained);
 * text    {"text"}  tokenized as is (plain language modelling; also used by evaluation).
@@ -48,7 +48,8 @@ _SHAPE_KEYS = {"alpaca": "instruction", "chat": "messages", "sharegpt": "convers
 _READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "sharegpt": ("conversations",),
               "prompt/completion": ("prompt", "completion"), "text": ("text",)}
 _MESSAGE_KEYS = ("role", "content")
-# ShareGPT's message keys and role names (TRL's maybe_convert_to_chatml); other roles pass as they are.
+# ShareGPT's message keys (renamed as TRL's maybe_convert_to_chatml renames them) and role names (which
+# TRL keeps, though chat templates know user and assistant); other roles pass as they are.
 _SHAREGPT_KEYS = ("from", "value")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
@@ -582,8 +583,9 @@ def _encode_chat(messages, tokenizer, train_on_inputs: bool) -> Example:
 
 
 def _sharegpt_messages(conversations) -> list[dict]:
-    """A ShareGPT conversation as chat messages, as TRL converts it: "from" -> role ("human" ->
-    user, "gpt" -> assistant, other names as they are), "value" -> content, other keys kept."""
+    """A ShareGPT conversation as chat messages: "from" -> role ("human" -> user, "gpt" ->
+    assistant, other names as they are; TRL renames the keys only), "value" -> content, other
+    keys kept."""
     if not isinstance(conversations, list) or not conversations:
         raise UserError("'conversations' must be a non-empty list of {from, value} objects")
     messages = []

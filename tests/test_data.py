@@ -393,9 +393,9 @@ def test_chat_errors(tokenizer):
 
 
 def test_sharegpt_rows_are_chat_rows_under_other_names(tokenizer):
-    """ShareGPT's {"conversations": [{"from", "value"}]}, as TRL converts it ("human" -> user,
-    "gpt" -> assistant, other roles as they are, other keys kept): the tokens and labels of the
-    same conversation as a chat row."""
+    """ShareGPT's {"conversations": [{"from", "value"}]}, its keys renamed as TRL renames them,
+    and "human" -> user, "gpt" -> assistant (TRL keeps those names), other roles as they are,
+    other keys kept: the tokens and labels of the same conversation as a chat row."""
     names = {"user": "human", "assistant": "gpt", "system": "system"}
     turns = [{"from": names[m["role"]], "value": m["content"]} for m in CHAT]
     for train_on_inputs in (False, True):
