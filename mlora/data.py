@@ -135,7 +135,10 @@ def _read_parquet(path: Path) -> list[dict]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow's own error types for a file that is not Parquet, or damaged
-        raise UserError(f"{path}: cannot read it as Parquet ({type(err).__name__}: {err})") from None
+        # (a damaged page's message spans lines: "Couldn't deserialize thrift: ...\nDeserializing
+        # page header failed.\n")
+        said = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UserError(f"{path}: cannot read it as Parquet ({type(err).__name__}: {said})") from None
     rows = [_without_nulls(row) for row in rows]
     if not rows:
         raise UserError(f"{path}: the dataset is empty (no rows)")

@@ -117,6 +117,23 @@ def test_parquet_rows_are_the_json_rows(tmp_path, tokenizer):
         load_rows(tmp_path / "empty.parquet")
 
 
+def test_a_damaged_parquet_file_is_one_line(tmp_path, monkeypatch):
+    """pyarrow's message for a damaged page spans lines (what it said for a file whose page
+    bytes were overwritten); mlora's stays one line."""
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    def damaged(path):
+        raise OSError("Couldn't deserialize thrift: TProtocolException: Invalid data\nDeserializing page header "
+                      "failed.\n")
+
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    monkeypatch.setattr(pq, "read_table", damaged)
+    with pytest.raises(UserError) as err:
+        load_rows(tmp_path / "rows.parquet")
+    assert str(err.value) == (f"{tmp_path / 'rows.parquet'}: cannot read it as Parquet (OSError: Couldn't "
+                              "deserialize thrift: TProtocolException: Invalid data; Deserializing page header failed.)")
+
+
 def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
     import sys
 
