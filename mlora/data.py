@@ -98,7 +98,7 @@ def load_rows(path: str | Path) -> list[dict]:
     """Read a dataset file: JSONL (one object per non-blank line), a JSON array of objects, or
     (ending in .parquet) a Parquet table, as Hugging Face datasets are published."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":  # (DATA.PARQUET too: read as JSON, it was "not UTF-8 text")
         return _read_parquet(path)
     text = _read_text(path)
     stripped = text.lstrip()

@@ -103,6 +103,8 @@ def test_parquet_rows_are_the_json_rows(tmp_path, tokenizer):
                    tmp_path / "rows.parquet")
     got = load_rows(tmp_path / "rows.parquet")
     assert got == rows
+    (tmp_path / "rows.parquet").rename(tmp_path / "ROWS.PARQUET")  # (its suffix in any case)
+    assert load_rows(tmp_path / "ROWS.PARQUET") == rows
     assert unread_keys_note(got, tokenizer) == unread_keys_note(rows, tokenizer)
     pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": "hi"}, None]}]),
                    tmp_path / "null.parquet")
