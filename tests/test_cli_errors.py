@@ -231,7 +231,7 @@ def test_base_model_without_weights(setup, capsys, tmp_path, tiny_llama):
 
 def test_device_that_does_not_exist(setup, capsys, tiny_llama):
     _, _, out, config = setup
-    check(*run_train(capsys, tiny_llama, config(), "--device", "cuda:7"), out, "cuda:7")
+    check(*run_train(capsys, tiny_llama, config(), "--device", "cuda:99"), out, "cuda:99")
 
 
 def test_output_dir_is_a_file(setup, capsys, tiny_llama, tmp_path):

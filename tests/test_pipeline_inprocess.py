@@ -1047,7 +1047,7 @@ def test_pipeline_start_up_failure_before_connecting_fails_every_rank(tmp_path, 
             "eval": lambda: eval_argv(pipe_model, cfg, out),
             "generate": lambda: generate_argv(pipe_model, cfg, out)}[command]
     bad = [*argv(), *({"config": ["--config", str(tmp_path / "missing.json")],
-                       "device": ["--device", "cuda:7"]}[culprit])]
+                       "device": ["--device", "cuda:99"]}[culprit])]
     code, _, stderr = run_cli_threads(monkeypatch, {"single": bad})["single"]
     assert code == 2 and one_line(stderr).startswith("mlora: error: "), stderr
     ranks = run_pipeline_cli(monkeypatch, [argv(), bad], [3, 4], transport)
