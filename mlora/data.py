@@ -355,8 +355,14 @@ def _parse_template(path: Path) -> PromptTemplate:
 
 
 def _shapes(keys: Collection[str]) -> list[str]:
-    """The shapes whose identifying key is among `keys` (a row, or its keys)."""
-    return [shape for shape, key in _SHAPE_KEYS.items() if key in keys]
+    """The shapes whose identifying key is among `keys` (a row, or its keys). A "prompt" without
+    a "completion" beside another shape's key is that row's unread key, not a second shape:
+    UltraChat's and No Robots' chat rows hold their first user turn as "prompt" beside "messages"
+    (they were chat rows before prompt/completion rows were read, and were then refused)."""
+    shapes = [shape for shape, key in _SHAPE_KEYS.items() if key in keys]
+    if len(shapes) > 1 and "prompt/completion" in shapes and "completion" not in keys:
+        shapes.remove("prompt/completion")
+    return shapes
 
 
 def row_shape(row: dict) -> str:

@@ -17,6 +17,7 @@ from mlora.data import (
     load_template,
     pad_batch,
     pad_rows,
+    row_shape,
     unread_keys_note,
 )
 from mlora.errors import UserError
@@ -554,6 +555,19 @@ def test_keys_that_no_row_shape_reads_are_noted(tokenizer):
         "keys not read: 'inptu' (2 rows; did you mean 'input'?), 'contnet' in messages (1 row; did you mean "
         "'content'?), 'source' (3 rows), 'id' (1 row), 'outputs' (1 row); alpaca rows read instruction, input, "
         "output; text rows read text; chat messages read role, content and the keys the chat template names")
+
+
+def test_a_chat_row_with_a_prompt_beside_is_a_chat_row(tokenizer):
+    """UltraChat's and No Robots' rows: "prompt" (the first user turn) and "prompt_id" beside
+    "messages", no completion. They are chat rows, encoded as the bare chat row, the prompt an
+    unread key (as before prompt/completion rows were read); with a completion too, two shapes."""
+    row = {"prompt": CHAT[1]["content"], "prompt_id": "f00d", "messages": CHAT}
+    assert row_shape(row) == "chat"
+    assert encode(row, tokenizer) == encode({"messages": CHAT}, tokenizer)
+    assert unread_keys_note([row], tokenizer) == ("keys not read: 'prompt' (1 row), 'prompt_id' (1 row); chat rows "
+                                                  "read messages")
+    with pytest.raises(UserError, match="row mixes shapes"):
+        row_shape({**row, "completion": "x"})
 
 
 def test_keys_of_sharegpt_and_prompt_completion_rows_are_noted(tokenizer):
