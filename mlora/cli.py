@@ -137,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete prompts with every trained adapter of a config, in one fused batch")
     _add_common(p)
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", default=[],
                    help="a prompt (repeat for several); every adapter completes every prompt")
+    p.add_argument("--prompt_file", help="a data file (JSON, JSONL or Parquet, rows of any shape but text): each "
+                                         "row's prompt, rendered as training rendered it, after the --prompt ones; "
+                                         "its lines also give the row's expected answer as \"reference\"")
     p.add_argument("--format", choices=["alpaca", "chat", "text"], default="alpaca",
                    help="how a prompt is rendered, as training rendered rows: alpaca (the adapter's "
                         "prompt template; default), chat (a user turn, the tokenizer's chat template), text (as is)")
@@ -356,7 +359,7 @@ def note_base_sampling(args, base_dir: Path) -> None:
 @dataclass
 class GenerateJob:
     names: list[str]  # the chosen adapters
-    rows: list[tuple[str, str, list[int]]]  # (adapter, prompt, prompt token ids)
+    rows: list[tuple[str, str, list[int], str | None]]  # (adapter, prompt, prompt token ids, reference)
     requests: list[tuple[str | None, list[int]]]  # greedy_generate's prompts (the bare base's after --base)
     sampling: object  # mlora.generate.Sampling, or None: greedy
 
@@ -364,7 +367,7 @@ class GenerateJob:
 def generate_job(args, session) -> GenerateJob:
     """What `mlora generate` runs, from its flags (one process and --pipeline alike): the
     chosen adapters, every prompt rendered as its adapter was trained, and the sampling."""
-    from mlora.data import load_template, prompt_tokens
+    from mlora.data import load_rows, load_template, prompt_tokens, row_prompt
     from mlora.generate import Sampling
     from mlora.loader import read_model_config
 
@@ -375,16 +378,28 @@ def generate_job(args, session) -> GenerateJob:
     if unknown or not names:
         raise UserError(f"--adapters: {unknown[0] if unknown else args.adapters!r} is not an adapter of "
                         f"{args.config} (its adapters: {', '.join(by_name)})")
-    rows = []  # (adapter, prompt, prompt token ids), every prompt rendered as its adapter was trained
+    if not args.prompt and not args.prompt_file:
+        raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
+    file_rows = load_rows(args.prompt_file) if args.prompt_file else []
+    rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
     for name in names:
         template = load_template(by_name[name].prompt)
-        rows += [(name, text, prompt_tokens(text, args.format, session.tokenizer, template)) for text in args.prompt]
+        rows += [(name, text, prompt_tokens(text, args.format, session.tokenizer, template), None)
+                 for text in args.prompt]
+        for i, row in enumerate(file_rows):
+            try:
+                if not isinstance(row, dict):
+                    raise UserError(f"expected a JSON object, got {type(row).__name__}")
+                asked = row_prompt(row, session.tokenizer, template)
+            except UserError as err:
+                raise UserError(f"--prompt_file {args.prompt_file}: row {i}: {err}") from None
+            rows.append((name, asked.shown, asked.ids, asked.reference))
     vocab = read_model_config(session.base_dir)[1].vocab_size
-    for name, text, ids in rows:  # an id past the embedding would be an index error mid-run
+    for name, text, ids, _ in rows:  # an id past the embedding would be an index error mid-run
         if ids and max(ids) >= vocab:
             raise UserError(f"--prompt {text!r} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
                             f"(is the tokenizer in {session.base_dir} the model's?)")
-    requests = [(name, ids) for name, _, ids in rows] + ([(None, ids) for _, _, ids in rows] if args.base else [])
+    requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)
     return GenerateJob(names, rows, requests, sampling)
@@ -403,8 +418,10 @@ def print_generated(args, session, job: GenerateJob, outputs: list[list[int]]) -
     """One JSON line per (prompt, adapter), in the order given; with --base the base's output beside."""
     decode = session.tokenizer.decode
     rows = job.rows
-    for i, (name, text, _) in enumerate(rows):
+    for i, (name, text, _, reference) in enumerate(rows):
         line = {"adapter": name, "prompt": text, "output": decode(outputs[i], skip_special_tokens=True)}
+        if reference is not None:  # (a --prompt_file row's expected answer)
+            line["reference"] = reference
         if args.base:
             line["base_output"] = decode(outputs[len(rows) + i], skip_special_tokens=True)
         print(json.dumps(line, ensure_ascii=False), flush=True)

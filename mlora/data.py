@@ -689,6 +689,50 @@ def prompt_tokens(text: str, fmt: str, tokenizer, template: PromptTemplate) -> l
     raise UserError(f"prompt format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
 
 
+@dataclass
+class RowPrompt:
+    """What a data row asks for, for generation: `shown` (its instruction or last user turn, for
+    people), `ids` (the tokens training fed before the first trained token: the row's prompt)
+    and `reference` (what training taught it to answer)."""
+    shown: str
+    ids: list[int]
+    reference: str
+
+
+def row_prompt(row: dict, tokenizer, template: PromptTemplate) -> RowPrompt:
+    """A row of any shape but text as a generation prompt, rendered as training rendered it
+    (`encode_row`): an alpaca row through `template`; a chat, ShareGPT or prompt/completion row
+    of messages up to its last assistant turn, with the chat template's generation prompt; a
+    prompt/completion row of strings, its prompt as is. UserError naming what is missing."""
+    shape = row_shape(row)
+    if shape == "alpaca":
+        instruction, input_text = _string_field(row, "instruction"), _string_field(row, "input", required=False)
+        output = _string_field(row, "output")
+        shown = instruction if not input_text else f"{instruction}\n{input_text}"
+        return RowPrompt(shown, tokenizer(template.render(instruction, input_text)[0]).input_ids, output)
+    if shape == "text":
+        raise UserError("a text row has no prompt to complete (its every token is trained)")
+    if shape == "prompt/completion" and not isinstance(row.get("prompt"), list):
+        prompt, completion = _string_field(row, "prompt"), _string_field(row, "completion")
+        return RowPrompt(prompt, tokenizer(prompt).input_ids, completion)
+    if shape == "prompt/completion":  # (trained from the prompt's end on: the prompt is the prompt)
+        _check_messages(row["prompt"], "prompt")
+        _check_messages(row.get("completion"), "completion")
+        prompt, answer = row["prompt"], row["completion"][0]
+    else:  # everything before the last assistant turn
+        messages = row["messages"] if shape == "chat" else _sharegpt_messages(row["conversations"])
+        _check_messages(messages)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if not last:  # (none, or only as the first turn: no prompt before it)
+            raise UserError("no assistant turn after a prompt: nothing to complete")
+        prompt, answer = messages[:last], messages[last]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("rows of messages need a tokenizer with a chat template, and this tokenizer has none")
+    asked = next((m["content"] for m in reversed(prompt) if m["role"] != "assistant"), "")
+    ids = tokenizer(_render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
+    return RowPrompt(asked, ids, answer["content"])
+
+
 def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,

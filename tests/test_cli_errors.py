@@ -398,8 +398,6 @@ def test_pipeline_flags_out_of_range(setup, tiny_llama, capsys, flag, value, fra
                                                                 "(see mlora eval --help)"),
     (["train", "--bogus", "--base_model", "m", "--config", "c"], "mlora train: error: unrecognized arguments: "
                                                                  "--bogus (see mlora train --help)"),
-    (["generate", "--base_model", "m", "--config", "c"], "mlora generate: error: the following arguments are "
-                                                         "required: --prompt (see mlora generate --help)"),
     (["demo", "--short", "--device"], "mlora demo: error: argument --device: expected one argument"),
 ])
 def test_argparse_errors_are_one_line(capsys, argv, line):

@@ -17,6 +17,7 @@ from mlora.data import (
     load_template,
     pad_batch,
     pad_rows,
+    row_prompt,
     row_shape,
     unread_keys_note,
 )
@@ -497,6 +498,34 @@ def test_unpaired_surrogates_in_a_template_or_a_prompt(tmp_path, tokenizer, alpa
 
 # --------------------------------------------------------------------------- text rows
 
+
+
+def test_a_rows_prompt_is_what_training_fed_before_its_last_answer(tokenizer, alpaca):
+    """row_prompt (mlora generate --prompt_file): a row's prompt tokens are exactly the tokens
+    its training encoding has before its last run of trained tokens (a prompt/completion row of
+    messages: before its first, the whole completion being trained), and its reference is that
+    answer's text, for every shape that has one; a text row has none (one line)."""
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    rows = [{"instruction": "x", "input": "y", "output": "z"}, {"instruction": "say hi", "output": "hi"},
+            {"messages": CHAT}, {"messages": CHAT[:3]},
+            {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in CHAT]},
+            {"prompt": "the quick", "completion": " brown fox"},
+            {"prompt": CHAT[:2], "completion": CHAT[2:3]}, {"prompt": CHAT[:2], "completion": CHAT[2:]}]
+    references = ["z", "hi", "seven eight", "three four", "seven eight", " brown fox", "three four", "three four"]
+    shown = ["x\ny", "say hi", "five six", "one two", "five six", "the quick", "one two", "one two"]
+    for row, reference, asked in zip(rows, references, shown):
+        example = encode(row, tokenizer)
+        trained_at = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+        start = max(i for i in trained_at if i - 1 not in trained_at)
+        if "completion" in row and isinstance(row["prompt"], list):
+            start = trained_at[0]
+        got = row_prompt(row, tokenizer, alpaca)
+        assert got.ids == example.input_ids[:start], row
+        assert (got.reference, got.shown) == (reference, asked), row
+    with pytest.raises(UserError, match="a text row has no prompt"):
+        row_prompt({"text": "a"}, tokenizer, alpaca)
+    with pytest.raises(UserError, match="no assistant turn after a prompt"):
+        row_prompt({"messages": CHAT[:2]}, tokenizer, alpaca)
 
 def test_text_row_is_exactly_the_tokenizer_encoding(tokenizer):
     text = "the quick brown fox jumps over the lazy dog"

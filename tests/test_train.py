@@ -514,6 +514,43 @@ def test_generate_sampling(fused_run, tiny_llama, capsys):
 
 
 
+
+def test_generate_prompts_from_a_data_file(fused_run, tiny_llama, capsys, tmp_path):
+    """--prompt_file: each row's prompt (an alpaca row through the adapter's template, a chat
+    row's turns before its last answer) completes as the same prompt given as --prompt does, in
+    file order after the --prompt ones, and each line carries the row's expected answer; a row
+    without a prompt (text) or no prompt at all is one line."""
+    _, _, cfg_path = fused_run
+    rows = [{"instruction": "say hi", "output": "hi"},
+            {"messages": [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two"}]}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def generate(*extra):
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,b",
+                     "--max_new_tokens", "6", *extra])
+        captured = capsys.readouterr()
+        return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+    code, lines, _ = generate("--prompt", "extra", "--prompt_file", str(data))
+    assert code == 0
+    assert [(x["adapter"], x["prompt"], x.get("reference")) for x in lines] == [
+        ("a", "extra", None), ("a", "say hi", "hi"), ("a", "count", "one two"),
+        ("b", "extra", None), ("b", "say hi", "hi"), ("b", "count", "one two")]
+    _, alpaca, _ = generate("--prompt", "extra", "--prompt", "say hi")
+    _, chat, _ = generate("--prompt", "count", "--format", "chat")
+    outputs = {(x["adapter"], x["prompt"]): x["output"] for x in alpaca + chat}
+    assert [x["output"] for x in lines] == [outputs[x["adapter"], x["prompt"]] for x in lines]
+    (tmp_path / "text.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"text": "a"}) + "\n")
+    for extra, line in ((["--prompt_file", str(tmp_path / "text.jsonl")],
+                         f"mlora: error: --prompt_file {tmp_path / 'text.jsonl'}: row 1: a text row has no prompt to "
+                         f"complete (its every token is trained)"),
+                        ([], "mlora: error: nothing to complete: give --prompt TEXT (repeat for several) or "
+                             "--prompt_file FILE")):
+        code, out, err = generate(*extra)
+        assert (code, out, err.strip()) == (2, [], line)
+
 def test_generate_notes_the_bases_sampling_defaults(fused_run, tiny_llama, capsys, tmp_path):
     """A base whose generation_config.json samples (transformers' generate takes its settings
     as defaults): mlora stays greedy without --temperature, and a note gives the flags that
