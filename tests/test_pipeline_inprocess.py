@@ -1286,6 +1286,20 @@ def test_pipeline_generate_samples_what_one_process_samples(pipe_model, generate
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
 
 
+
+def test_pipeline_generate_prompts_from_a_data_file(tmp_path, pipe_model, generate_job, monkeypatch):
+    """--prompt_file over two ranks: rank 0 prints what one process prints, references included."""
+    import json
+
+    base, cfg, out = generate_job
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    extra = ["--adapters", "p0", "--prompt_file", str(data)]
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
+    assert code == 0 and '"reference": "hi"' in single and len(single.splitlines()) == len(GEN_PROMPTS) + 1
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], *extra)
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
+
 def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, generate_job, monkeypatch):
     """Each rank loads its part of an adapter from its own output_dir: every rank says in one
     line that rank 1 lacks p1, none prints a completion."""
