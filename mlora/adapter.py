@@ -144,6 +144,15 @@ class Adapter:
         # One tensor: the adapter's weights as one buffer (flat_params.py), so a step is one
         # launch of the optimizer's kernel, not one per few dozen of its hundreds of tensors.
         params = [self.flat.param]
+        if cfg.loraplus_lr_ratio is not None:
+            # LoRA+: every B at lr * ratio, every A at lr, as PEFT's create_loraplus_optimizer
+            # groups them. The buffer holds every A, then every B (__init__): its two parts, as
+            # leaves sharing its storage (a write through either is a write to the weights),
+            # are the two groups' one tensor each (a launch per group).
+            n_a = sum(w.lora_A.numel() for w in self.weights.values())
+            data = self.flat.param.detach()  # [n_A + n_B]
+            params = [{"params": [torch.nn.Parameter(data[:n_a])]},
+                      {"params": [torch.nn.Parameter(data[n_a:])], "lr": cfg.lr * cfg.loraplus_lr_ratio}]
         if cfg.optim == "adamw":
             # Fused (CUDA and CPU): one kernel for the whole step (the foreach default took ~7
             # ms per step for TinyLlama's 308 tensors on the H200), and it can skip a step the
@@ -156,8 +165,11 @@ class Adapter:
         raise AssertionError(f"unknown optimizer {cfg.optim!r}")
 
     def current_lr(self) -> float:
-        return self.cfg.lr * lr_factor(self.cfg.lr_scheduler, self.steps_done,
-                                       self.cfg.warmup_steps, self.total_steps)
+        """The scheduled LR of this step (LoRA+: lora_A's; lora_B's is loraplus_lr_ratio times it)."""
+        return self.cfg.lr * self._lr_factor()
+
+    def _lr_factor(self) -> float:
+        return lr_factor(self.cfg.lr_scheduler, self.steps_done, self.cfg.warmup_steps, self.total_steps)
 
     def _flat_grad(self) -> torch.Tensor | None:
         """The adapter's gradient as one fp32 tensor, for the step (FlatParameters.gather_grad),
@@ -241,7 +253,7 @@ class Adapter:
             grad.mul_(factor)
         lr = self.current_lr()
         if self.optimizer is not None:
-            self._set_lr(lr)
+            self._set_lr()
             self._optimizer_step(grad)
         self.steps_done += 1
         return lr, norm
@@ -283,7 +295,7 @@ class Adapter:
                 grad.mul_(factor if unscale == 1.0 else factor.mul_(unscale))
             elif unscale != 1.0:
                 grad.mul_(unscale)
-            self._set_lr(lr)
+            self._set_lr()
             self.optimizer.found_inf = skip.float()
             try:
                 self._optimizer_step(grad)
@@ -302,8 +314,13 @@ class Adapter:
         and leave it alone in a solo run. So every step moves every weight, as PEFT on
         transformers 5's stacked experts does."""
         if grad is not None:
-            self.flat.param.grad = grad
+            # the buffer, or LoRA+'s A part and B part of it (_make_optimizer): grad's parts, in order
+            stepped = [group["params"][0] for group in self.optimizer.param_groups]
+            for p, part in zip(stepped, grad.split([p.numel() for p in stepped])):
+                p.grad = part
             self.optimizer.step()
+            for p in stepped:
+                p.grad = None
             # The optimizer writes the weights through the flat buffer, which moves none of
             # the parameters' version counters (nor does torch's _fused_adamw_ move its own),
             # and the fused LoRA op keeps its casts of the weights until a version moves
@@ -312,9 +329,14 @@ class Adapter:
             torch.autograd.graph.increment_version(self.parameters())
         self.optimizer_zero_grad()
 
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _set_lr(self) -> None:
+        """Each group at its base rate times the schedule's factor, as a LambdaLR sets it: lr
+        (current_lr), and under LoRA+ the B group's lr * ratio times the factor."""
+        factor = self._lr_factor()
+        ratio = self.cfg.loraplus_lr_ratio
+        bases = [self.cfg.lr] if ratio is None else [self.cfg.lr, self.cfg.lr * ratio]
+        for group, base in zip(self.optimizer.param_groups, bases):
+            group["lr"] = base * factor
 
     def optimizer_zero_grad(self) -> None:
         for p in self.parameters():
@@ -352,8 +374,12 @@ class Adapter:
                 p.copy_(saved["params"][name])
                 p.grad = saved["grads"][name].to(p.device).clone() if name in saved["grads"] else None
         if self.optimizer is not None and saved["optimizer"] is not None:
-            # (a checkpoint of an mlora before flat_params.py has a state per weight)
-            self.optimizer.load_state_dict(self.flat.flat_optimizer_state(saved["optimizer"], self.parameters()))
+            # (a checkpoint of an mlora before flat_params.py has a state per weight; not one of
+            # LoRA+, which came after it: its state is the A part's and the B part's, as saved)
+            optimizer_state = saved["optimizer"]
+            if self.cfg.loraplus_lr_ratio is None:
+                optimizer_state = self.flat.flat_optimizer_state(optimizer_state, self.parameters())
+            self.optimizer.load_state_dict(optimizer_state)
             if isinstance(self.optimizer, torch.optim.AdamW):
                 # A checkpoint of an older mlora stepped the CPU's AdamW unfused, and loading
                 # its state brings that setting back: step as this mlora does.

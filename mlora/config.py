@@ -83,6 +83,8 @@ class AdapterConfig:
     lr: float = 3e-4
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # LoRA+ (Hayou et al. 2024): every lora_B steps at lr times this, every lora_A at lr; None = plain LoRA
+    loraplus_lr_ratio: float | None = None
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # None = no clipping
@@ -262,7 +264,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
 
     for key in _UNSUPPORTED_KEYS:
         value = a.obj.get(key)
-        # `is False`, not `== False`: a loraplus_lr_ratio of 0 still asks for the feature.
+        # `is False`, not `== False`: a use_dora of 0 still asks for the feature.
         if not (value is None or value is False):
             a.fail(f"{key} is not supported by mlora")
 
@@ -308,6 +310,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     a.number("lr", _POSITIVE)
     a.number("momentum", _UNIT)
     a.number("weight_decay", _NON_NEGATIVE)
+    a.number("loraplus_lr_ratio", _POSITIVE, nullable=True)
     a.choice("lr_scheduler", LR_SCHEDULERS)
     a.integer("warmup_steps", _NON_NEGATIVE)
     a.number("max_grad_norm", _Bound(">= 0 (0 or null disables clipping)", lambda v: v >= 0), nullable=True)
@@ -331,6 +334,12 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     # Each step scales the weights by 1 - lr * weight_decay (AdamW; SGD's decay does too): at 1 or
     # more they flip sign and grow, and a product like 1e300 makes them inf in one step, which
     # was saved as the trained adapter (every later step skipped as non-finite).
+    # (LoRA+ steps lora_B at lr * loraplus_lr_ratio: its weights' factor when that is the larger rate)
+    ratio = adapter.loraplus_lr_ratio
+    if ratio is not None and ratio > 1 and adapter.lr * ratio * adapter.weight_decay >= 1:
+        a.fail(f"'weight_decay' ({adapter.weight_decay:g}) times 'lr' ({adapter.lr:g}) times 'loraplus_lr_ratio' "
+               f"({ratio:g}) must be below 1: each step scales every lora_B by "
+               f"1 - lr * loraplus_lr_ratio * weight_decay")
     if adapter.lr * adapter.weight_decay >= 1:
         a.fail(f"'weight_decay' ({adapter.weight_decay:g}) times 'lr' ({adapter.lr:g}) must be below 1: each step "
                f"scales the weights by 1 - lr * weight_decay")
@@ -530,7 +539,7 @@ class _Reader:
         self.values[key] = value
 
 
-_UNSUPPORTED_KEYS = ("use_dora", "loraplus_lr_ratio")
+_UNSUPPORTED_KEYS = ("use_dora",)
 _ADAPTER_KEYS = [f.name for f in fields(AdapterConfig)] + list(_UNSUPPORTED_KEYS)
 _GLOBAL_KEYS = [f.name for f in fields(TrainConfig)]
 

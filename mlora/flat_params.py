@@ -14,7 +14,8 @@ group's weights to the activation dtype after every step: a cast per weight kind
 * every LoRA parameter's data is a view of `param` (one fp32 tensor, laid out in the order
   the parameters are given: Adapter gives every A, then every B); the parameters stay what
   every other part of mlora sees (autograd, the kernels, saving, loading, PEFT export);
-* the optimizer steps `param`, whose gradient is the parameters' gradients gathered into one
+* the optimizer steps `param` (under LoRA+ its A part and its B part, two leaves sharing its
+  storage: Adapter._make_optimizer), whose gradient is the parameters' gradients gathered into one
   tensor at step time (`gather_grad`: one concatenation), so the AdamW step and the clipping
   are one kernel each (the norm, asked for before the step, stays per tensor: one
   multi-tensor launch per 110 of them);

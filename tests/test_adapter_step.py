@@ -15,7 +15,7 @@ from mlora.config import AdapterConfig
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora
 
 
-def _adapter(max_grad_norm=1.0, seed=1):
+def _adapter(max_grad_norm=1.0, seed=1, **overrides):
     from transformers import LlamaConfig
 
     from mlora.models.llama import CausalLM, args_from_hf_config
@@ -27,7 +27,7 @@ def _adapter(max_grad_norm=1.0, seed=1):
     wrappers = inject_lora(model, BatchLayout())
     cfg = AdapterConfig(name="a", data="<test>", r=4, alpha=8, dropout=0.0, target_modules=list(TARGET_MODULES),
                         lr=0.05, weight_decay=0.01, max_grad_norm=max_grad_norm, lr_scheduler="cosine",
-                        warmup_steps=1)
+                        warmup_steps=1, **overrides)
     return Adapter(cfg, wrappers, seed=seed, device=torch.device("cpu"), total_steps=6)
 
 

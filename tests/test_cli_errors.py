@@ -77,6 +77,8 @@ CASES = [
     # (each step scaled the weights by 1 - 3e-4 * 1e300: inf at once, saved as the trained adapter)
     ("weight decay times lr", dict(adapter_overrides={"weight_decay": 1e300}),
      ("'weight_decay' (1e+300) times 'lr' (0.0003) must be below 1",)),
+    ("loraplus ratio not positive", dict(adapter_overrides={"loraplus_lr_ratio": 0}),
+     ("'loraplus_lr_ratio' must be > 0, got 0", "name 'a'")),
 ]
 
 

@@ -362,15 +362,35 @@ def test_missing_data(workdir):
     assert error({"lora": [{"name": "a"}]}) == "cfg.json: lora[0] (name 'a'): missing required key 'data'"
 
 
-@pytest.mark.parametrize("key", ["use_dora", "loraplus_lr_ratio"])
 @pytest.mark.parametrize("value", [True, 16, 0, 0.5])
-def test_unsupported_mlora_features(workdir, key, value):
-    assert adapter_error(**{key: value}) == f"cfg.json: lora[0] (name 'a'): {key} is not supported by mlora"
+def test_unsupported_mlora_features(workdir, value):
+    assert adapter_error(use_dora=value) == "cfg.json: lora[0] (name 'a'): use_dora is not supported by mlora"
 
 
 def test_unsupported_features_switched_off_are_ignored(workdir):
-    a = parse(lora=[adapter(use_dora=False, loraplus_lr_ratio=None)]).lora[0]
+    a = parse(lora=[adapter(use_dora=False)]).lora[0]
     assert not hasattr(a, "use_dora")
+
+
+def test_loraplus_lr_ratio(workdir):
+    """A positive finite number (an int reads as one); null or absent: plain LoRA. Anything
+    else is one line naming the key, as is a B rate lr * ratio whose weight decay flips the
+    weights' sign (each step scales every lora_B by 1 - lr * ratio * weight_decay)."""
+    assert parse().lora[0].loraplus_lr_ratio is None
+    assert parse(lora=[adapter(loraplus_lr_ratio=None)]).lora[0].loraplus_lr_ratio is None
+    assert parse(lora=[adapter(loraplus_lr_ratio=16)]).lora[0].loraplus_lr_ratio == 16.0
+    assert parse(lora=[adapter(loraplus_lr_ratio=0.5)]).lora[0].loraplus_lr_ratio == 0.5
+    where = "cfg.json: lora[0] (name 'a'): "
+    for value, shown in ((0, "> 0, got 0"), (-2.5, "> 0, got -2.5"), (True, "a number, got bool True"),
+                         ("16", "a number, got str '16'"), (float("inf"), "a number, got float inf"),
+                         (float("nan"), "a number, got float nan"), ([16], "a number, got list [16]")):
+        assert adapter_error(loraplus_lr_ratio=value) == f"{where}'loraplus_lr_ratio' must be {shown}"
+    assert adapter_error(lr=0.01, weight_decay=5, loraplus_lr_ratio=20) == (
+        f"{where}'weight_decay' (5) times 'lr' (0.01) times 'loraplus_lr_ratio' (20) must be below 1: each step "
+        f"scales every lora_B by 1 - lr * loraplus_lr_ratio * weight_decay")
+    # (below 1 with the ratio; a ratio below 1 leaves lr * weight_decay the larger)
+    assert parse(lora=[adapter(lr=0.01, weight_decay=5, loraplus_lr_ratio=19.9)]).lora[0].weight_decay == 5
+    assert "times 'lr' (0.5) must be below 1" in adapter_error(lr=0.5, weight_decay=2, loraplus_lr_ratio=0.5)
 
 
 def test_eval_step_without_test_data(workdir):
