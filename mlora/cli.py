@@ -229,11 +229,22 @@ def cmd_train(args) -> int:
             print(f"mlora: stopped by {signal_name(stop.signum)}; checkpoint written to {stop.path}\n"
                   f"mlora: resume with: {resume_command(args, out)}", file=sys.stderr)
             return 128 + stop.signum
-    for name, s in summary.items():
+    for a in session.cfg.lora:
+        s = summary[a.name]
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
         extra = " (stopped after a non-finite loss)" if s["stopped"] else ""
-        print(f"{name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{extra}")
+        best = best_note(s["best"], s["output"]) if a.save_best else ""
+        print(f"{a.name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{best}{extra}")
     return 0
+
+
+def best_note(best: tuple[float, int] | None, output: str) -> str:
+    """What an adapter's last line adds under save_best: its best (eval loss, step), and where."""
+    from mlora.trainer import BEST_DIR
+
+    if best is None:
+        return ", no finite eval loss (no best saved)"
+    return f", best eval loss {best[0]:.4f} at step {best[1]} saved to {os.path.join(output, BEST_DIR)}"
 
 
 def resume_command(args, out: str) -> str:

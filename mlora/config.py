@@ -89,6 +89,7 @@ class AdapterConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_step: int | None = None  # filled from TrainConfig by parse_config; 0 = never
+    save_best: bool = False  # keep the weights of the lowest eval loss in <output_dir>/<name>/best
     init_from: str | None = None  # absolute path of a saved adapter directory
     on_nan: str = "skip"  # a non-finite loss or gradient: skip that step, or stop the adapter
 
@@ -236,13 +237,18 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None,
                      f"case or Unicode form: on a case-insensitive file system they name one directory")
 
     config = TrainConfig(lora=adapters, **top.values)
-    for adapter in adapters:
+    for i, adapter in enumerate(adapters):
         if adapter.group_by_length is None:
             adapter.group_by_length = config.group_by_length
         if adapter.eval_step is None:
             # A global eval_step skips adapters without test_data (evaluating their training
             # rows, which `mlora eval` falls back to, would log them as an eval_loss mid-run).
             adapter.eval_step = config.eval_step if adapter.test_data else 0
+        # (after the global eval_step is filled in: it counts for save_best too)
+        missing = "test_data" if adapter.test_data is None else "eval_step" if not adapter.eval_step else None
+        if adapter.save_best and missing:
+            raise UserError(f"{source}: lora[{i}] (name {adapter.name!r}): 'save_best' is true but no "
+                            f"'{missing}' is given (the best weights are those of the lowest eval loss)")
     candidate_given = config.train_lora_candidate_num is not None
     if not candidate_given:
         config.train_lora_candidate_num = len(adapters)
@@ -317,6 +323,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     if a.values.get("max_grad_norm") == 0:
         a.values["max_grad_norm"] = None
     a.integer("eval_step", _NON_NEGATIVE, nullable=True)
+    a.boolean("save_best")
     a.choice("on_nan", NAN_POLICIES)
 
     adapter = AdapterConfig(**a.values)

@@ -74,6 +74,7 @@ class AdapterProgress:
     last_loss: float | None = None
     stopped_at: int | None = None  # iteration at which on_nan=stop took it out
     skipped_steps: int = 0
+    best: tuple[float, int] | None = None  # (eval loss, step) of the lowest finite eval loss so far
 
 
 class SignalFlag:
@@ -189,7 +190,7 @@ class Trainer:
                 final_dir = run.adapter.save(self.out / name, str(session.base_dir.resolve()))
                 summary[name] = {"steps": run.adapter.steps_done, "loss": run.last_loss,
                                  "output": str(final_dir), "stopped": run.stopped_at is not None,
-                                 "skipped_steps": run.skipped_steps}
+                                 "skipped_steps": run.skipped_steps, "best": run.best}
             checkpoint.mark_finished(self.out, self.fingerprint)
             return summary
         finally:
@@ -436,8 +437,15 @@ class Trainer:
         if cfg.eval_step and (step % cfg.eval_step == 0 or step == run.total_steps):
             eval_loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test)
             session.model.train()
-            self.metrics.write({"adapter": adapter.name, "step": step, "eval_loss": eval_loss,
-                                "eval_tokens": tokens, "time": self.elapsed})
+            record = {"adapter": adapter.name, "step": step, "eval_loss": eval_loss, "eval_tokens": tokens,
+                      "time": self.elapsed}
+            if improves(run.best, eval_loss):
+                run.best = (eval_loss, step)
+                if cfg.save_best:
+                    save_checkpoint_dir(self.out / adapter.name / BEST_DIR, adapter.peft_state_dict(),
+                                        adapter.peft_config(str(session.base_dir.resolve())))
+                    record["best"] = True
+            self.metrics.write(record)
             run.bar.write(f"[{adapter.name}] step {step}: eval loss {eval_loss:.4f} over {tokens} tokens")
         if self.cfg.save_step and step % self.cfg.save_step == 0:
             save_checkpoint_dir(self.out / adapter.name / f"checkpoint-{step}", adapter.peft_state_dict(),
@@ -514,6 +522,7 @@ class Trainer:
                 **run.adapter.state_for_checkpoint(),
                 "step": asdict(run.step), "tokens_seen": run.tokens_seen, "busy_seconds": run.busy_seconds,
                 "last_loss": run.last_loss, "stopped_at": run.stopped_at, "skipped_steps": run.skipped_steps,
+                "best": None if run.best is None else list(run.best),
             }
         return checkpoint.write_checkpoint(self.out, self.iteration, state, self.fingerprint,
                                            self.cfg.save_total_limit)
@@ -528,6 +537,8 @@ class Trainer:
             run.tokens_seen, run.busy_seconds = saved["tokens_seen"], saved["busy_seconds"]
             run.last_loss, run.skipped_steps = saved["last_loss"], saved["skipped_steps"]
             run.stopped_at = saved["stopped_at"]
+            # (a checkpoint from before save_best has none: the evals after it start the tally)
+            run.best = tuple(saved["best"]) if saved.get("best") is not None else None
             run.bar.update(run.adapter.steps_done)
             if run.stopped_at is not None:
                 stops.setdefault(run.stopped_at, []).append(name)
@@ -541,6 +552,15 @@ class Trainer:
         self.started = time.perf_counter()
         print(f"mlora: resumed from iteration {target} of {self.out}", file=sys.stderr)
         return state["metrics_bytes"]
+
+
+BEST_DIR = "best"  # <output_dir>/<adapter>/best: the weights of the lowest eval loss (save_best)
+
+
+def improves(best: tuple[float, int] | None, eval_loss: float | None) -> bool:
+    """Whether an eval loss is finite and lower than the best (eval loss, step) so far; an
+    equal one is not (the earlier weights stay)."""
+    return eval_loss is not None and math.isfinite(eval_loss) and (best is None or eval_loss < best[0])
 
 
 def _scaled_loss(ce_sum: torch.Tensor, step_tokens: int, scale: float) -> torch.Tensor:

@@ -589,3 +589,19 @@ def test_files_a_command_does_not_read_may_be_gone(workdir):
                         reads="eval").lora[0].test_data == str(workdir / "train.json")
     assert "'data'" in str(pytest.raises(UserError, parse_config, {"lora": [adapter(data="moved.json")]},
                                          "cfg.json", reads="eval").value)
+
+
+def test_save_best_needs_eval_step_and_test_data(workdir):
+    """save_best keeps the weights of the lowest eval loss: without evals it would keep nothing."""
+    tail = "is given (the best weights are those of the lowest eval loss)"
+    where = "cfg.json: lora[0] (name 'a'): 'save_best' is true but no"
+    assert adapter_error(save_best=True) == f"{where} 'test_data' {tail}"
+    assert adapter_error(save_best=True, test_data="train.json") == f"{where} 'eval_step' {tail}"
+    # the adapter's own eval_step 0 overrides a global one
+    own_zero = adapter(save_best=True, test_data="train.json", eval_step=0)
+    assert error({"lora": [own_zero], "eval_step": 2}) == f"{where} 'eval_step' {tail}"
+    assert error({"lora": [adapter(), adapter(name="b", save_best=True)], "eval_step": 2}).startswith(
+        "cfg.json: lora[1] (name 'b'): 'save_best' is true but no 'test_data'")
+    assert parse(eval_step=2, lora=[adapter(save_best=True, test_data="train.json")]).lora[0].save_best
+    assert not parse().lora[0].save_best
+    assert "'save_best' must be true or false" in adapter_error(save_best="yes")

@@ -1,0 +1,148 @@
+"""save_best: <output_dir>/<name>/best holds the adapter's weights at its lowest eval loss, and
+that eval's metrics line says "best": true; the same across a kill and --resume."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlora import checkpoint
+from mlora.cli import main
+from mlora.metrics import read_metrics
+from mlora.trainer import Trainer
+
+from test_pipeline import write_config
+from test_train import rel_diff
+
+# High enough that p0's last eval (step 4) is worse than the one before: not every eval improves.
+LRS = (2e-1, 1.0)
+NAMES = ("p0", "p1")
+
+
+def write_best_config(tmp: Path, out: Path) -> Path:
+    """test_pipeline's two adapters (4 and 6 steps), evaluated and checkpointed at every step."""
+    path = write_config(tmp, 2, out, save_step=1, eval_step=1)
+    cfg = json.loads(path.read_text())
+    for adapter, lr in zip(cfg["lora"], LRS):
+        adapter.update(lr=lr, save_best=True)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, pipe_model):
+    """One process's run: (config, output dir, stdout)."""
+    tmp = tmp_path_factory.mktemp("best_single")
+    cfg = write_best_config(tmp, tmp / "out")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]) == 0
+    return cfg, tmp / "out", stdout.getvalue()
+
+
+def evals(out: Path, name: str) -> list[tuple[int, float, bool]]:
+    """(step, eval_loss, whether marked best) of the adapter's eval lines, in order."""
+    return [(m["step"], m["eval_loss"], m.get("best", False)) for m in read_metrics(out / "metrics.jsonl")
+            if m.get("adapter") == name and "eval_loss" in m]
+
+
+def improving(records: list[tuple[int, float, bool]]) -> list[int]:
+    """The steps whose eval loss is below every earlier one."""
+    steps, lowest = [], float("inf")
+    for step, loss, _ in records:
+        if loss < lowest:
+            steps.append(step)
+            lowest = loss
+    return steps
+
+
+def lowest(records: list[tuple[int, float, bool]]) -> tuple[int, float]:
+    step, loss, _ = min(records, key=lambda r: r[1])
+    return step, loss
+
+
+def best_weights(out: Path, name: str, sub: str = "best") -> dict[str, torch.Tensor]:
+    return load_file(out / name / sub / "adapter_model.safetensors")
+
+
+def assert_best_is_its_checkpoint(out: Path, name: str) -> int:
+    """<name>/best is exactly the checkpoint-<step> dir of the lowest eval loss; returns that step."""
+    step, _ = lowest(evals(out, name))
+    best, ckpt = best_weights(out, name), best_weights(out, name, f"checkpoint-{step}")
+    assert best.keys() == ckpt.keys() and all(torch.equal(best[k], ckpt[k]) for k in best), (name, step)
+    assert ((out / name / "best" / "adapter_config.json").read_text()
+            == (out / name / f"checkpoint-{step}" / "adapter_config.json").read_text())
+    return step
+
+
+def test_best_holds_the_checkpoint_of_the_lowest_eval_loss(single):
+    _, out, stdout = single
+    records = evals(out, "p0")
+    assert [s for s, _, best in records if best] == improving(records) == [1, 2, 3]  # step 4 is worse
+    assert assert_best_is_its_checkpoint(out, "p0") == 3
+    assert rel_diff(best_weights(out, "p0"), load_file(out / "p0" / "adapter_model.safetensors")) > 1e-3
+    for name in NAMES:
+        records = evals(out, name)
+        assert [s for s, _, best in records if best] == improving(records)
+        step, loss = lowest(records)
+        assert assert_best_is_its_checkpoint(out, name) == step
+        line = next(line for line in stdout.splitlines() if line.startswith(f"{name}: "))
+        assert line.endswith(f", saved to {out / name}, best eval loss {loss:.4f} at step {step} "
+                             f"saved to {out / name / 'best'}"), line
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_best(single, pipe_model, tmp_path, monkeypatch):
+    """Killed right after the checkpoint of p0's step 3, its best so far (its step 4 is worse):
+    the resumed run keeps that best, ending as the uninterrupted run did. A checkpoint from
+    before save_best (no best loss in it) still resumes, its tally starting afresh."""
+    _, single_out, _ = single
+    out = tmp_path / "out"
+    cfg = write_best_config(tmp_path, out)
+    write = Trainer._write_checkpoint
+
+    def write_then_die(self):
+        path = write(self)
+        if self.runs["p0"].adapter.steps_done == 3:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(Trainer, "_write_checkpoint", write_then_die)
+    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.undo()
+    assert [s for s, _, best in evals(out, "p0") if best] == [1, 2, 3]
+    shutil.copytree(out, tmp_path / "old")
+    assert main([*argv, "--resume"]) == 0
+    for name in NAMES:
+        mine, theirs = evals(out, name), evals(single_out, name)
+        assert [(s, b) for s, _, b in mine] == [(s, b) for s, _, b in theirs], name
+        assert [v for _, v, _ in mine] == pytest.approx([v for _, v, _ in theirs], rel=1e-6)
+        assert rel_diff(best_weights(out, name), best_weights(single_out, name)) <= 1e-6, name
+
+    # The same checkpoint as an older mlora wrote it: no "best" in its state, no save_best in its
+    # fingerprint.
+    old = tmp_path / "old"
+    (iteration, newest), = checkpoint.list_checkpoints(old)[-1:]
+    state = torch.load(newest / "state.pt", weights_only=True)
+    for saved in state["adapters"].values():
+        del saved["best"]
+    fingerprint = json.loads((newest / "manifest.json").read_text())["fingerprint"]
+    for adapter in fingerprint["adapters"].values():  # (nor the key in its fingerprint)
+        adapter.pop("save_best", None)
+    shutil.rmtree(newest)
+    checkpoint.write_checkpoint(old, iteration, state, fingerprint, None)
+    assert main([*argv, "--output_dir", str(old), "--resume"]) == 0
+    # p0's first eval after the resume, at step 4, is the first it knows of
+    assert [s for s, _, best in evals(old, "p0") if best] == [1, 2, 3, 4]
