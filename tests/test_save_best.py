@@ -1,5 +1,6 @@
 """save_best: <output_dir>/<name>/best holds the adapter's weights at its lowest eval loss, and
-that eval's metrics line says "best": true; the same across a kill and --resume."""
+that eval's metrics line says "best": true; the same in one process, in a pipeline, and across
+a kill and --resume."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from mlora.metrics import read_metrics
 from mlora.trainer import Trainer
 
 from test_pipeline import write_config
+from test_pipeline_inprocess import run_pipeline_cli, train_argv
 from test_train import rel_diff
 
 # High enough that p0's last eval (step 4) is worse than the one before: not every eval improves.
@@ -96,6 +98,39 @@ def test_best_holds_the_checkpoint_of_the_lowest_eval_loss(single):
         line = next(line for line in stdout.splitlines() if line.startswith(f"{name}: "))
         assert line.endswith(f", saved to {out / name}, best eval loss {loss:.4f} at step {step} "
                              f"saved to {out / name / 'best'}"), line
+
+
+def test_pipeline_saves_the_best_of_one_process_and_resumes_to_it(single, pipe_model, tmp_path, monkeypatch):
+    """Two ranks over a real transport: the last rank's eval loss reaches every rank, each
+    sends its part of the best weights to rank 0 (ranks 0 and 1 hold different layers). Then
+    the run is taken back to its checkpoint after step 3, p0's best, as if killed there, and
+    resumed: its step-4 eval must not count as an improvement."""
+    cfg, single_out, _ = single
+    out = tmp_path / "pipe"
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out)] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+
+    def assert_same_as_single():
+        for name in NAMES:
+            mine, theirs = evals(out, name), evals(single_out, name)
+            assert [(s, b) for s, _, b in mine] == [(s, b) for s, _, b in theirs], name
+            assert [v for _, v, _ in mine] == pytest.approx([v for _, v, _ in theirs], rel=1e-5)
+            assert assert_best_is_its_checkpoint(out, name) == lowest(theirs)[0]
+            assert rel_diff(best_weights(out, name), best_weights(single_out, name)) <= 1e-5, name
+
+    assert_same_as_single()
+    for name in NAMES:
+        step, loss = lowest(evals(out, name))
+        assert f"{name}: saved to {out / name}, best eval loss {loss:.4f} at step {step} saved to " \
+               f"{out / name / 'best'}" in ranks[0][1].splitlines()
+
+    root = checkpoint.checkpoint_root(out)
+    for path in root.iterdir():  # back to the cut after step 3 (segment 3): as if killed after it
+        if path.name.startswith("FINISHED") or int(path.name.split("-")[1]) > 3:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out, "--resume")] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    assert_same_as_single()
 
 
 class Killed(Exception):

@@ -138,7 +138,7 @@ def refuse_unfinished_runs(transport, output_dir: str, overwrite: bool) -> None:
 
 def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
-    from mlora.cli import prepare_output_dir, quant_config, remove_if_still_empty
+    from mlora.cli import best_note, prepare_output_dir, quant_config, remove_if_still_empty
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -208,7 +208,9 @@ def train_pipeline(args) -> int:
         lock.close()
     if place.rank == 0:
         for a in session.cfg.lora:
-            print(f"{a.name}: saved to {os.path.join(session.cfg.output_dir, a.name)}")
+            saved = os.path.join(session.cfg.output_dir, a.name)
+            best = best_note(result["best"].get(a.name), saved) if a.save_best else ""
+            print(f"{a.name}: saved to {saved}{best}")
     if place.rank == place.world_size - 1:
         for name, loss in result["losses"].items():
             print(f"{name}: last loss {loss:.4f}")

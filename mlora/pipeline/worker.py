@@ -22,8 +22,9 @@ What travels, and why it keeps the semantics of single-process training exactly:
   `cut_periods`); after
   each the pipeline drains, so all ranks hold the same state: checkpoints are written there,
   and adapters due for `eval_step` run their test data forward (E messages) there.
-- Snapshots for `save_step` checkpoints ride back to rank 0 on backward messages; rank 0 writes
-  a checkpoint directory once all ranks' parts have arrived. At the end an END message carries
+- Snapshots for `save_step` checkpoints (and save_best's new bests) ride back to rank 0 on
+  backward messages; rank 0 writes a checkpoint directory once all ranks' parts have arrived.
+  At the end an END message carries
   the last norms (and each rank's busy/bubble figures) forward, then a GATHER message carries
   every rank's final adapter parts back to rank 0, which writes ordinary PEFT directories.
 """
@@ -59,7 +60,7 @@ from mlora.metrics import MetricsLog
 from mlora.packing import packed_shape
 from mlora.pipeline.plan import MicroBatchRef, build_plan, max_in_flight_1f1b
 from mlora.session import Session
-from mlora.trainer import Interrupted
+from mlora.trainer import BEST_DIR, Interrupted, improves
 
 if TYPE_CHECKING:
     from mlora.pipeline.transport import Transport
@@ -456,6 +457,7 @@ class StageWorker(StageLink):
         self.metrics = None
         self.bars = {}
         self.last_loss: dict[str, float] = {}
+        self.best: dict[str, tuple[float, int]] = {}  # adapter -> (eval loss, step) of its lowest finite one
         self.run_started = 0.0  # (set by plan: the run's clock starts once it is planned)
         self.elapsed_before = 0.0
         self.metrics_bytes = 0  # where metrics.jsonl starts over (0: a fresh run)
@@ -507,7 +509,7 @@ class StageWorker(StageLink):
             self.evaluate(self.segments[-1])  # END applied the last steps
             self.gather_and_save()
             checkpoint.mark_finished(self.out, self.fingerprint, tag=f"rank{self.rank}")
-            return stats
+            return {**stats, "best": dict(self.best)}
         finally:
             if self.metrics is not None:
                 self.metrics.close()
@@ -638,16 +640,31 @@ class StageWorker(StageLink):
             with torch.no_grad():
                 for cfg in due:
                     total, count = self.test_sums(cfg)
+                    # Only the last rank has the loss: every rank learns it (the same collective
+                    # at the same cut), keeps the same best and so agrees on saving it.
+                    loss = self.transport.exchange(total / count if self.last and count else None)[-1]
+                    improved = improves(self.best.get(cfg.name), loss)
+                    if improved:
+                        self.best[cfg.name] = (loss, self.adapters[cfg.name].steps_done)
+                    saving = improved and cfg.save_best
+                    if saving:  # each rank's part travels to rank 0 as a checkpoint's does
+                        tag = f"best-{self.adapters[cfg.name].steps_done}"
+                        self.outbox.append((cfg.name, tag, self.rank, self.adapters[cfg.name].peft_state_dict()))
+                        if self.first:
+                            self.collect(self.outbox.pop())
                     if self.last:
-                        self.log_eval(cfg.name, total / count if count else None, count)
+                        self.log_eval(cfg.name, loss, count, best=saving)
         finally:
             model.train()
             self.session.layout.rows = []
 
-    def log_eval(self, name: str, loss: float | None, tokens: int) -> None:
+    def log_eval(self, name: str, loss: float | None, tokens: int, best: bool = False) -> None:
         step = self.adapters[name].steps_done
-        self.metrics.write({"adapter": name, "step": step, "eval_loss": loss, "eval_tokens": tokens,
-                            "time": self.elapsed_before + time.perf_counter() - self.run_started})
+        record = {"adapter": name, "step": step, "eval_loss": loss, "eval_tokens": tokens,
+                  "time": self.elapsed_before + time.perf_counter() - self.run_started}
+        if best:  # (its weights reach <name>/best once every rank's part is at rank 0)
+            record["best"] = True
+        self.metrics.write(record)
         shown = "n/a" if loss is None else f"{loss:.4f}"
         self.bars[name].write(f"[{name}] step {step}: eval loss {shown} over {tokens} tokens")
 
@@ -781,10 +798,12 @@ class StageWorker(StageLink):
         name, tag, rank, part = item
         parts = self.collected.setdefault((name, tag), {})
         parts[rank] = part
-        if len(parts) == self.world and tag.startswith("checkpoint-"):
+        if len(parts) == self.world and tag.startswith(("checkpoint-", "best-")):
+            # (parts travel in order from each rank: an earlier best is complete before a later one)
             merged = {k: v for p in parts.values() for k, v in p.items()}
             adapter = self.adapters[name]
-            save_checkpoint_dir(self.out / name / tag, merged, adapter.peft_config(self.base_name))
+            target = tag if tag.startswith("checkpoint-") else BEST_DIR
+            save_checkpoint_dir(self.out / name / target, merged, adapter.peft_config(self.base_name))
             del self.collected[(name, tag)]
 
     def gather_and_save(self) -> None:
@@ -826,6 +845,7 @@ class StageWorker(StageLink):
                  "metrics_bytes": self.metrics.tell() if self.metrics else 0,
                  "adapters": {n: a.state_for_checkpoint() for n, a in self.adapters.items()},
                  "last_loss": dict(self.last_loss), "frozen": sorted(self.frozen),
+                 "best": {n: list(b) for n, b in self.best.items()},
                  "outbox": [[n, tag, r, part] for n, tag, r, part in self.outbox],
                  "collected": [[n, tag, r, part] for (n, tag), parts in self.collected.items()
                                for r, part in parts.items()]}
@@ -844,6 +864,8 @@ class StageWorker(StageLink):
                 self.bars[name].update(self.adapters[name].steps_done)
         self.last_loss = dict(state["last_loss"])
         self.frozen = set(state["frozen"])
+        # (a checkpoint from before save_best has none: the evals after it start the tally)
+        self.best = {n: tuple(b) for n, b in state.get("best", {}).items()}
         self.outbox = [tuple(item) for item in state["outbox"]]
         for name, tag, rank, part in state["collected"]:
             self.collected.setdefault((name, tag), {})[rank] = part
