@@ -392,24 +392,30 @@ def generate_job(args, session) -> GenerateJob:
     if not args.prompt and not args.prompt_file:
         raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
     file_rows = load_rows(args.prompt_file) if args.prompt_file else []
+    vocab = read_model_config(session.base_dir)[1].vocab_size
+
+    def check_vocab(ids: list[int], what: str) -> None:  # an id past the embedding would be an index error mid-run
+        if ids and max(ids) >= vocab:
+            raise UserError(f"{what} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
+                            f"(is the tokenizer in {session.base_dir} the model's?)")
+
     rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
     for name in names:
         template = load_template(by_name[name].prompt)
-        rows += [(name, text, prompt_tokens(text, args.format, session.tokenizer, template), None)
-                 for text in args.prompt]
+        for text in args.prompt:
+            ids = prompt_tokens(text, args.format, session.tokenizer, template)
+            check_vocab(ids, f"--prompt {text!r}")
+            rows.append((name, text, ids, None))
         for i, row in enumerate(file_rows):
+            where = f"--prompt_file {args.prompt_file}: row {i}"
             try:
                 if not isinstance(row, dict):
                     raise UserError(f"expected a JSON object, got {type(row).__name__}")
                 asked = row_prompt(row, session.tokenizer, template)
             except UserError as err:
-                raise UserError(f"--prompt_file {args.prompt_file}: row {i}: {err}") from None
+                raise UserError(f"{where}: {err}") from None
+            check_vocab(asked.ids, where)
             rows.append((name, asked.shown, asked.ids, asked.reference))
-    vocab = read_model_config(session.base_dir)[1].vocab_size
-    for name, text, ids, _ in rows:  # an id past the embedding would be an index error mid-run
-        if ids and max(ids) >= vocab:
-            raise UserError(f"--prompt {text!r} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
-                            f"(is the tokenizer in {session.base_dir} the model's?)")
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)

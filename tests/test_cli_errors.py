@@ -323,6 +323,13 @@ def test_a_generate_prompt_past_the_model_vocabulary(setup, capsys, tmp_path, to
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--prompt 'hello there' tokenizes to id" in err, err
     assert "vocab_size 100" in err
+    # a --prompt_file row's line names the file and the row, not a --prompt never given
+    rows = out.parent / "prompts.jsonl"
+    rows.write_text(json.dumps({"instruction": "hello there", "output": "x"}) + "\n")
+    code = main(["generate", "--base_model", str(base), "--config", str(config()), "--prompt_file", str(rows)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"mlora: error: --prompt_file {rows}: row 0 tokenizes to id ") and "vocab_size 100" in err, err
 
 
 @pytest.mark.parametrize("rows,extra", [
