@@ -412,6 +412,9 @@ def generate_job(args, session) -> GenerateJob:
                 if not isinstance(row, dict):
                     raise UserError(f"expected a JSON object, got {type(row).__name__}")
                 asked = row_prompt(row, session.tokenizer, template)
+                if not asked.ids:  # (a prompt of "" without a BOS: the first forward would have no column)
+                    raise UserError("its prompt is no tokens (empty, and the tokenizer adds no BOS): nothing to "
+                                    "complete from")
             except UserError as err:
                 raise UserError(f"{where}: {err}") from None
             check_vocab(asked.ids, where)

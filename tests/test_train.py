@@ -551,6 +551,30 @@ def test_generate_prompts_from_a_data_file(fused_run, tiny_llama, capsys, tmp_pa
         code, out, err = generate(*extra)
         assert (code, out, err.strip()) == (2, [], line)
 
+def test_generate_refuses_a_data_file_row_of_no_prompt_tokens(fused_run, tiny_llama, capsys, tmp_path):
+    """A prompt/completion row whose prompt is "" under a tokenizer that adds no BOS (Qwen's, say)
+    has no token to complete from: one line naming the file and the row. (Alone it was a
+    RuntimeError in the first forward; beside other rows, a row of nothing but padding.)"""
+    import shutil
+
+    _, _, cfg_path = fused_run
+    base = tmp_path / "no_bos"
+    shutil.copytree(tiny_llama, base)
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None  # (the tiny tokenizer's only BOS)
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hello", "completion": " x"}) + "\n"
+                    + json.dumps({"prompt": "", "completion": "x"}) + "\n")
+    capsys.readouterr()
+    code = main(["generate", "--base_model", str(base), "--config", str(cfg_path), "--adapters", "a",
+                 "--max_new_tokens", "2", "--prompt_file", str(data)])
+    captured = capsys.readouterr()
+    assert (code, captured.out, captured.err.strip()) == (
+        2, "", f"mlora: error: --prompt_file {data}: row 1: its prompt is no tokens (empty, and the tokenizer "
+               f"adds no BOS): nothing to complete from")
+
+
 def test_generate_notes_the_bases_sampling_defaults(fused_run, tiny_llama, capsys, tmp_path):
     """A base whose generation_config.json samples (transformers' generate takes its settings
     as defaults): mlora stays greedy without --temperature, and a note gives the flags that
