@@ -322,6 +322,7 @@ def cmd_generate(args) -> int:
     fused batch: one JSON line per (prompt, adapter), in the order given."""
     from mlora.adapter import Adapter
     from mlora.generate import greedy_generate
+    from mlora.memory import _OOM_ERRORS
     from mlora.session import open_session
 
     check_sampling_flags(args)
@@ -341,8 +342,12 @@ def cmd_generate(args) -> int:
         adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,
                           naming=session.naming)
         adapter.load_peft(out / name, label="adapter")
-    outputs = greedy_generate(session, job.requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
-                              repetition_penalty=args.repetition_penalty)
+    try:
+        outputs = greedy_generate(session, job.requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
+                                  repetition_penalty=args.repetition_penalty)
+    except _OOM_ERRORS:  # (every row in one batch: a --prompt_file test set can outgrow the device)
+        raise UserError(f"out of device memory generating {len(job.requests)} rows in one batch; give fewer prompts "
+                        f"(or --prompt_file rows), adapters or --max_new_tokens") from None
     print_generated(args, session, job, outputs)
     return 0
 

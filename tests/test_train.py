@@ -575,6 +575,28 @@ def test_generate_refuses_a_data_file_row_of_no_prompt_tokens(fused_run, tiny_ll
                f"adds no BOS): nothing to complete from")
 
 
+def test_generate_out_of_device_memory_is_one_line(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
+    """Every row runs in one batch, and a --prompt_file test set of thousands of rows can outgrow
+    the device: one line saying how many rows and what to give fewer of (a traceback before),
+    as a pipeline's ranks say it."""
+    import mlora.generate
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    _, _, cfg_path = fused_run
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": "hi"}) + "\n" for i in range(3)))
+    monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory)
+    capsys.readouterr()
+    code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,b",
+                 "--prompt", "extra", "--prompt_file", str(data)])
+    captured = capsys.readouterr()
+    assert (code, captured.out, captured.err.strip()) == (
+        2, "", "mlora: error: out of device memory generating 8 rows in one batch; give fewer prompts "
+               "(or --prompt_file rows), adapters or --max_new_tokens")
+
+
 def test_generate_notes_the_bases_sampling_defaults(fused_run, tiny_llama, capsys, tmp_path):
     """A base whose generation_config.json samples (transformers' generate takes its settings
     as defaults): mlora stays greedy without --temperature, and a note gives the flags that
