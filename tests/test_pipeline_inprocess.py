@@ -1312,15 +1312,25 @@ def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path,
                                            "its output_dir, rank 0 has;")
 
 
-def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch):
-    """Ranks given other prompts (or other flags) would run other rows: one line per rank."""
+@pytest.mark.parametrize("files", [False, True])
+def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch, tmp_path, files):
+    """Ranks given other prompts (or other flags), or a --prompt_file of other rows (the same path
+    on two machines, say), would run other rows: one line per rank naming the flags to check."""
+    import json
+
     base, cfg, out = generate_job
-    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], per_rank={1: ["--prompt", "more"]})
+    per_rank = {1: ["--prompt", "more"]}
+    if files:
+        for rank, instruction in ((0, "say hi"), (1, "say bye")):
+            (tmp_path / f"rank{rank}.jsonl").write_text(json.dumps({"instruction": instruction, "output": "x"}) + "\n")
+        per_rank = {rank: ["--prompt_file", str(tmp_path / f"rank{rank}.jsonl")] for rank in (0, 1)}
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], per_rank=per_rank)
     for code, stdout, stderr in ranks:
         assert (code, stdout) == (3, "")
         assert one_line(stderr) == ("mlora: pipeline error: rank 1 was started with a different generation request "
-                                    "than rank 0; start every rank with the same --prompt, --format, --adapters, "
-                                    "--base, --max_new_tokens and sampling flags")
+                                    "than rank 0; start every rank with the same --prompt, --prompt_file (of the "
+                                    "same rows on every machine), --format, --adapters, --base, --max_new_tokens "
+                                    "and sampling flags")
 
 
 def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, generate_job, monkeypatch):
