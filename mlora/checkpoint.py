@@ -34,9 +34,9 @@ def run_fingerprint(session) -> dict:
     """What a checkpoint must agree with to be resumed: adapters, their configs, the global
     settings that shape the batches, the base model and the data."""
     cfg = session.cfg
-    # (save_best neither: it only chooses what else is saved, and every run tracks its best
-    # eval loss; so it may be turned on or off when resuming, and older checkpoints, written
-    # before the key existed, still match)
+    # (save_best neither: it only chooses what else is saved; so it may be turned on or off when
+    # resuming, turned on its tally starting at the next eval (a checkpoint written with it off
+    # holds none), and older checkpoints, written before the key existed, still match)
     adapters = {a.name: {k: v for k, v in asdict(a).items() if k != "save_best"} for a in cfg.lora}
     # Not part of it: where and how often to save, and what changes memory but not results:
     # recompute (bit-identical, tested) and memory_fraction (its budget is saved in every

@@ -439,12 +439,13 @@ class Trainer:
             session.model.train()
             record = {"adapter": adapter.name, "step": step, "eval_loss": eval_loss, "eval_tokens": tokens,
                       "time": self.elapsed}
-            if improves(run.best, eval_loss):
+            # (tallied only under save_best: a tally a resume turning save_best on found in the
+            # checkpoint would name a best whose weights were never written)
+            if cfg.save_best and improves(run.best, eval_loss):
                 run.best = (eval_loss, step)
-                if cfg.save_best:
-                    save_checkpoint_dir(self.out / adapter.name / BEST_DIR, adapter.peft_state_dict(),
-                                        adapter.peft_config(str(session.base_dir.resolve())))
-                    record["best"] = True
+                save_checkpoint_dir(self.out / adapter.name / BEST_DIR, adapter.peft_state_dict(),
+                                    adapter.peft_config(str(session.base_dir.resolve())))
+                record["best"] = True
             self.metrics.write(record)
             run.bar.write(f"[{adapter.name}] step {step}: eval loss {eval_loss:.4f} over {tokens} tokens")
         if self.cfg.save_step and step % self.cfg.save_step == 0:
@@ -537,7 +538,8 @@ class Trainer:
             run.tokens_seen, run.busy_seconds = saved["tokens_seen"], saved["busy_seconds"]
             run.last_loss, run.skipped_steps = saved["last_loss"], saved["skipped_steps"]
             run.stopped_at = saved["stopped_at"]
-            # (a checkpoint from before save_best has none: the evals after it start the tally)
+            # (a checkpoint from before save_best, or written with it off, has none: the evals
+            # after it start the tally)
             run.best = tuple(saved["best"]) if saved.get("best") is not None else None
             run.bar.update(run.adapter.steps_done)
             if run.stopped_at is not None:

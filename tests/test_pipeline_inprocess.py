@@ -388,6 +388,18 @@ def test_pipeline_eval_step_equals_single_process(tmp_path, pipe_model, save_ste
 
     # p2 has no eval_step; p1 takes 6 steps: its last step is evaluated too
     assert assert_same_evals(tmp_path / "single", tmp_path / "pipe") == {"p0": [2, 4], "p1": [4, 6]}
+    if save_step:  # no save_best: no best eval loss in a checkpoint, which a resume turning it on
+        # would take for a best whose weights were never written
+        import torch
+
+        from mlora import checkpoint
+
+        (_, newest), = checkpoint.list_checkpoints(tmp_path / "single")[-1:]
+        state = torch.load(newest / "state.pt", weights_only=True)
+        assert [saved["best"] for saved in state["adapters"].values()] == [None] * 3
+        for rank in range(3):
+            (_, newest), = checkpoint.list_checkpoints(tmp_path / "pipe", tag=f"rank{rank}")[-1:]
+            assert torch.load(newest / "state.pt", weights_only=True)["best"] == {}, rank
 
 
 def assert_same_evals(single_out: Path, pipe_out: Path) -> dict[str, list[int]]:

@@ -139,13 +139,8 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_run_resumes_to_the_same_best(single, pipe_model, tmp_path, monkeypatch):
-    """Killed right after the checkpoint of p0's step 3, its best so far (its step 4 is worse):
-    the resumed run keeps that best, ending as the uninterrupted run did. A checkpoint from
-    before save_best (no best loss in it) still resumes, its tally starting afresh."""
-    _, single_out, _ = single
-    out = tmp_path / "out"
-    cfg = write_best_config(tmp_path, out)
+def kill_after_p0_step_3(argv: list[str], monkeypatch) -> None:
+    """Runs `mlora train` killed right after the checkpoint that follows p0's step 3."""
     write = Trainer._write_checkpoint
 
     def write_then_die(self):
@@ -155,10 +150,20 @@ def test_a_killed_run_resumes_to_the_same_best(single, pipe_model, tmp_path, mon
         return path
 
     monkeypatch.setattr(Trainer, "_write_checkpoint", write_then_die)
-    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
     with pytest.raises(Killed):
         main(argv)
     monkeypatch.undo()
+
+
+def test_a_killed_run_resumes_to_the_same_best(single, pipe_model, tmp_path, monkeypatch):
+    """Killed right after the checkpoint of p0's step 3, its best so far (its step 4 is worse):
+    the resumed run keeps that best, ending as the uninterrupted run did. A checkpoint from
+    before save_best (no best loss in it) still resumes, its tally starting afresh."""
+    _, single_out, _ = single
+    out = tmp_path / "out"
+    cfg = write_best_config(tmp_path, out)
+    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
+    kill_after_p0_step_3(argv, monkeypatch)
     assert [s for s, _, best in evals(out, "p0") if best] == [1, 2, 3]
     shutil.copytree(out, tmp_path / "old")
     assert main([*argv, "--resume"]) == 0
@@ -183,3 +188,31 @@ def test_a_killed_run_resumes_to_the_same_best(single, pipe_model, tmp_path, mon
     assert main([*argv, "--output_dir", str(old), "--resume"]) == 0
     # p0's first eval after the resume, at step 4, is the first it knows of
     assert [s for s, _, best in evals(old, "p0") if best] == [1, 2, 3, 4]
+
+
+def test_save_best_turned_on_at_resume_saves_what_it_names(pipe_model, tmp_path, monkeypatch):
+    """save_best may be turned on at --resume (it is no part of the fingerprint). The run before
+    kept no best weights, so its evals must not count: a best (eval loss, step) tallied then, here
+    p0's step 3, was named by the end line with no <name>/best written (step 4's eval is worse)."""
+    out = tmp_path / "out"
+    cfg = write_best_config(tmp_path, out)
+    on = json.loads(cfg.read_text())
+    off = json.loads(cfg.read_text())
+    for adapter in off["lora"]:
+        adapter["save_best"] = False
+    cfg.write_text(json.dumps(off))
+    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
+    kill_after_p0_step_3(argv, monkeypatch)
+    assert not any(best for name in NAMES for _, _, best in evals(out, name))
+    cfg.write_text(json.dumps(on))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*argv, "--resume"]) == 0
+    records = evals(out, "p0")
+    assert [s for s, _, best in records if best] == [4]  # the first eval after the resume
+    for name in NAMES:  # the line names the last eval marked best, whose weights <name>/best holds
+        step, loss, _ = [r for r in evals(out, name) if r[2]][-1]
+        line = next(line for line in stdout.getvalue().splitlines() if line.startswith(f"{name}: "))
+        assert line.endswith(f"best eval loss {loss:.4f} at step {step} saved to {out / name / 'best'}"), line
+        best, ckpt = best_weights(out, name), best_weights(out, name, f"checkpoint-{step}")
+        assert all(torch.equal(best[k], ckpt[k]) for k in ckpt), name

@@ -644,11 +644,10 @@ class StageWorker(StageLink):
                     # Only the last rank has the loss: every rank learns it (the same collective
                     # at the same cut), keeps the same best and so agrees on saving it.
                     loss = self.transport.exchange(total / count if self.last and count else None)[-1]
-                    improved = improves(self.best.get(cfg.name), loss)
-                    if improved:
-                        self.best[cfg.name] = (loss, self.adapters[cfg.name].steps_done)
-                    saving = improved and cfg.save_best
+                    # (tallied only under save_best, as in one process)
+                    saving = cfg.save_best and improves(self.best.get(cfg.name), loss)
                     if saving:  # each rank's part travels to rank 0 as a checkpoint's does
+                        self.best[cfg.name] = (loss, self.adapters[cfg.name].steps_done)
                         tag = f"best-{self.adapters[cfg.name].steps_done}"
                         self.outbox.append((cfg.name, tag, self.rank, self.adapters[cfg.name].peft_state_dict()))
                         if self.first:
@@ -865,7 +864,8 @@ class StageWorker(StageLink):
                 self.bars[name].update(self.adapters[name].steps_done)
         self.last_loss = dict(state["last_loss"])
         self.frozen = set(state["frozen"])
-        # (a checkpoint from before save_best has none: the evals after it start the tally)
+        # (a checkpoint from before save_best, or written with it off, has none: the evals
+        # after it start the tally)
         self.best = {n: tuple(b) for n, b in state.get("best", {}).items()}
         self.outbox = [tuple(item) for item in state["outbox"]]
         for name, tag, rank, part in state["collected"]:
