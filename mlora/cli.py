@@ -210,7 +210,8 @@ def cmd_train(args) -> int:
         if not checkpoint.list_checkpoints(out):
             raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
     # before the (long) load: a bad output_dir fails at once
-    created = prepare_output_dir(out, [a.name for a in session.cfg.lora])
+    created = prepare_output_dir(out, [a.name for a in session.cfg.lora],
+                                 [a.name for a in session.cfg.lora if a.save_best])
     with output_dir_lock(out):
         # (under the lock: a run still writing there is the lock's one line, not this one)
         if not (args.resume or args.overwrite) and (newest := checkpoint.unfinished_run(out)) is not None:
@@ -458,13 +459,14 @@ def cmd_demo(args) -> int:
     return run_demo(device=args.device, output_dir=args.output_dir, short=args.short)
 
 
-def prepare_output_dir(path: str, adapters: Iterable[str] = ()) -> list[Path]:
+def prepare_output_dir(path: str, adapters: Iterable[str] = (), best: Iterable[str] = ()) -> list[Path]:
     """Create the output directory, or fail with one line before any training starts; so too
-    when something of another kind sits where mlora will write (`adapters`: their names), which
-    used to fail only when the run saved at the end, its training lost with a traceback.
-    Returns the directories it created, deepest first (for `remove_if_still_empty`)."""
+    when something of another kind sits where mlora will write (`adapters`: their names; `best`:
+    those under save_best), which used to fail only when the run saved there, its training lost
+    with a traceback. Returns the directories it created, deepest first (for `remove_if_still_empty`)."""
     from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
     from mlora.checkpoint import DIRNAME
+    from mlora.trainer import BEST_DIR
 
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -477,6 +479,7 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = ()) -> list[Path]:
             places += [(p / name, True, f"adapter {name!r}"),
                        (p / name / WEIGHTS_NAME, False, f"the weights of {name!r}"),
                        (p / name / CONFIG_NAME, False, f"the PEFT config of {name!r}")]
+        places += [(p / name / BEST_DIR, True, f"the best weights of {name!r} (save_best)") for name in best]
         for place, is_dir, what in places:
             wanted = "a directory" if is_dir else "a file"
             # (a link to nothing, or a FIFO, passed exists() or is_dir(): mlora then failed writing there)

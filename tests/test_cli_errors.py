@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -645,13 +646,17 @@ def test_a_base_tensor_that_is_not_floating_point(setup, capsys, tmp_path, tiny_
     ("a@", "out/a is a symbolic link to nothing, but mlora writes adapter 'a' there (a directory)"),
     ("checkpoints@", "out/checkpoints is a symbolic link to nothing, but mlora writes its resumable checkpoints"),
     ("metrics.jsonl|", "out/metrics.jsonl is neither a file nor a directory, but mlora writes its metrics log there"),
+    ("a/best", "out/a/best is a file, but mlora writes the best weights of 'a' (save_best) there (a directory)"),
+    ("a/best@", "out/a/best is a symbolic link to nothing, but mlora writes the best weights of 'a' (save_best)"),
 ])
 def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_way, fragment):
     """A file where an adapter's directory goes (or a directory where a file goes) used to let
     the whole run train and then fail with a traceback when it saved, the training lost; so did
     a symbolic link to nothing (@; exists() says False), and a FIFO (|) where metrics.jsonl goes
-    failed at the start of training, output_dir in use."""
-    _, _, out, config = setup
+    failed at the start of training, output_dir in use. (save_best's <name>/best: at its first
+    new best, mid-run.)"""
+    _, data, out, config = setup
+    config = functools.partial(config, {"save_best": True, "test_data": str(data), "eval_step": 1})
     place = out / in_the_way.rstrip("/@|")
     place.parent.mkdir(parents=True, exist_ok=True)
     if in_the_way.endswith("@"):

@@ -155,7 +155,8 @@ def train_pipeline(args) -> int:
         stages = plan_stages(args.base_model, place.world_size, args.balance)
         for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
             check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
-        created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora])
+        created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora],
+                                      [a.name for a in session.cfg.lora if a.save_best])
                    if place.rank in (0, place.world_size - 1) else [])
         # The ranks that prepared the output directory keep a one-process run out of it (and are
         # kept out of one's) while they run.
