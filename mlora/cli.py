@@ -210,8 +210,7 @@ def cmd_train(args) -> int:
         if not checkpoint.list_checkpoints(out):
             raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
     # before the (long) load: a bad output_dir fails at once
-    created = prepare_output_dir(out, [a.name for a in session.cfg.lora],
-                                 [a.name for a in session.cfg.lora if a.save_best])
+    created = prepare_output_dir(out, [a.name for a in session.cfg.lora], written_dirs(session))
     with output_dir_lock(out):
         # (under the lock: a run still writing there is the lock's one line, not this one)
         if not (args.resume or args.overwrite) and (newest := checkpoint.unfinished_run(out)) is not None:
@@ -459,14 +458,36 @@ def cmd_demo(args) -> int:
     return run_demo(device=args.device, output_dir=args.output_dir, short=args.short)
 
 
-def prepare_output_dir(path: str, adapters: Iterable[str] = (), best: Iterable[str] = ()) -> list[Path]:
+def written_dirs(session) -> list[tuple[str, str]]:
+    """The directories a training run writes inside its adapters' own, for `prepare_output_dir`:
+    save_best's <name>/best, and the checkpoint-<step> of steps it will save that are there already."""
+    import re
+
+    from mlora.batching import total_steps
+    from mlora.trainer import BEST_DIR
+
+    out, save_step = Path(session.cfg.output_dir), session.cfg.save_step
+    dirs = []
+    for a in session.cfg.lora:
+        if a.save_best:
+            dirs.append((f"{a.name}/{BEST_DIR}", f"the best weights of {a.name!r} (save_best)"))
+        if save_step and (out / a.name).is_dir():
+            last = total_steps(len(session.data[a.name].train), a)
+            for entry in sorted((out / a.name).iterdir()):
+                step = re.fullmatch(r"checkpoint-([1-9][0-9]*)", entry.name)
+                if step and int(step[1]) % save_step == 0 and int(step[1]) <= last:
+                    dirs.append((f"{a.name}/{entry.name}", f"a save_step checkpoint of {a.name!r}"))
+    return dirs
+
+
+def prepare_output_dir(path: str, adapters: Iterable[str] = (), dirs: Iterable[tuple[str, str]] = ()) -> list[Path]:
     """Create the output directory, or fail with one line before any training starts; so too
-    when something of another kind sits where mlora will write (`adapters`: their names; `best`:
-    those under save_best), which used to fail only when the run saved there, its training lost
-    with a traceback. Returns the directories it created, deepest first (for `remove_if_still_empty`)."""
+    when something of another kind sits where mlora will write (`adapters`: their names; `dirs`:
+    (path inside output_dir, what) of further directories, `written_dirs`), which used to fail
+    only when the run saved there, its training lost with a traceback. Returns the directories
+    it created, deepest first (for `remove_if_still_empty`)."""
     from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
     from mlora.checkpoint import DIRNAME
-    from mlora.trainer import BEST_DIR
 
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -479,7 +500,7 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = (), best: Iterable[s
             places += [(p / name, True, f"adapter {name!r}"),
                        (p / name / WEIGHTS_NAME, False, f"the weights of {name!r}"),
                        (p / name / CONFIG_NAME, False, f"the PEFT config of {name!r}")]
-        places += [(p / name / BEST_DIR, True, f"the best weights of {name!r} (save_best)") for name in best]
+        places += [(p / inside, True, what) for inside, what in dirs]
         for place, is_dir, what in places:
             wanted = "a directory" if is_dir else "a file"
             # (a link to nothing, or a FIFO, passed exists() or is_dir(): mlora then failed writing there)

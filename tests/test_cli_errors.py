@@ -648,15 +648,16 @@ def test_a_base_tensor_that_is_not_floating_point(setup, capsys, tmp_path, tiny_
     ("metrics.jsonl|", "out/metrics.jsonl is neither a file nor a directory, but mlora writes its metrics log there"),
     ("a/best", "out/a/best is a file, but mlora writes the best weights of 'a' (save_best) there (a directory)"),
     ("a/best@", "out/a/best is a symbolic link to nothing, but mlora writes the best weights of 'a' (save_best)"),
+    ("a/checkpoint-1", "out/a/checkpoint-1 is a file, but mlora writes a save_step checkpoint of 'a' there"),
 ])
 def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_way, fragment):
     """A file where an adapter's directory goes (or a directory where a file goes) used to let
     the whole run train and then fail with a traceback when it saved, the training lost; so did
     a symbolic link to nothing (@; exists() says False), and a FIFO (|) where metrics.jsonl goes
-    failed at the start of training, output_dir in use. (save_best's <name>/best: at its first
-    new best, mid-run.)"""
+    failed at the start of training, output_dir in use; so did a file where save_best's
+    <name>/best or save_step's <name>/checkpoint-<step> goes, at its first save, mid-run."""
     _, data, out, config = setup
-    config = functools.partial(config, {"save_best": True, "test_data": str(data), "eval_step": 1})
+    config = functools.partial(config, {"save_best": True, "test_data": str(data), "eval_step": 1}, save_step=1)
     place = out / in_the_way.rstrip("/@|")
     place.parent.mkdir(parents=True, exist_ok=True)
     if in_the_way.endswith("@"):
@@ -669,6 +670,18 @@ def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_wa
     code, err = run_train(capsys, tiny_llama, config())
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
+def test_a_checkpoint_name_the_run_never_saves_is_left_alone(setup, tiny_llama, capsys):
+    """Only the checkpoint-<step> directories the run will save are looked at: here one step,
+    so checkpoint-2 (and what is not a step) stays as it is, and the run trains."""
+    _, _, out, config = setup
+    (out / "a").mkdir(parents=True)
+    for name in ("checkpoint-2", "checkpoint-01", "checkpoint-x"):
+        (out / "a" / name).write_text("x")
+    code, err = run_train(capsys, tiny_llama, config(save_step=1))
+    assert code == 0, err
+    assert (out / "a" / "checkpoint-1").is_dir() and (out / "a" / "checkpoint-2").read_text() == "x"
 
 
 @pytest.mark.parametrize("output_dir", ["out\u0000x", "out\ud800"])

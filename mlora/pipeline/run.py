@@ -138,7 +138,7 @@ def refuse_unfinished_runs(transport, output_dir: str, overwrite: bool) -> None:
 
 def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
-    from mlora.cli import best_note, prepare_output_dir, quant_config, remove_if_still_empty
+    from mlora.cli import best_note, prepare_output_dir, quant_config, remove_if_still_empty, written_dirs
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -156,7 +156,7 @@ def train_pipeline(args) -> int:
         for a in session.cfg.lora:  # before the output directory is touched (the worker checks too)
             check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
         created = (prepare_output_dir(session.cfg.output_dir, [a.name for a in session.cfg.lora],
-                                      [a.name for a in session.cfg.lora if a.save_best])
+                                      written_dirs(session))
                    if place.rank in (0, place.world_size - 1) else [])
         # The ranks that prepared the output directory keep a one-process run out of it (and are
         # kept out of one's) while they run.
