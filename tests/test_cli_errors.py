@@ -378,9 +378,9 @@ def test_keys_no_row_shape_reads_are_noted_once_per_file(setup, tiny_llama, caps
              "instruction, input, output",
              f"mlora: note: {bad}: keys not read: 'outptu' (1 row; did you mean 'output'?); alpaca rows read "
              "instruction, input, output"]
-    waits = [f"mlora: note: rank {rank} cannot start; it waits up to 1 s for the other ranks to connect, to tell "
-             "them why"] * (rank is not None)
     error = f"mlora: error: {bad}: row 0: missing 'output'"
+    waits = [f"mlora: note: rank {rank} cannot start ({error.removeprefix('mlora: error: ')}); it waits up to 1 s "
+             "for the other ranks to connect, to tell them"] * (rank is not None)
     assert code == 2 and err.splitlines() == notes * (rank != 1) + waits + [error], err
 
 

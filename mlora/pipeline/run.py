@@ -262,8 +262,9 @@ def join_peers(args, place: RankPlace, device: torch.device | None, early: UserE
     wait = args.connect_timeout
     if early is not None:
         wait = min(wait, REPORT_WAIT_S)
-        print(f"mlora: note: rank {place.rank} cannot start; it waits up to {wait:g} s for the other ranks to "
-              f"connect, to tell them why", file=sys.stderr)
+        # (the reason now, not only after the wait: a rank started alone by hand waits it out)
+        print(f"mlora: note: rank {place.rank} cannot start ({early}); it waits up to {wait:g} s for the other "
+              f"ranks to connect, to tell them", file=sys.stderr)
     try:
         transport = connect(args.transport, place.rank, place.world_size, place.master_addr, place.master_port,
                             device, peer_timeout=args.peer_timeout, connect_timeout=wait)
