@@ -693,44 +693,47 @@ def prompt_tokens(text: str, fmt: str, tokenizer, template: PromptTemplate) -> l
 class RowPrompt:
     """What a data row asks for, for generation: `shown` (its instruction or last user turn, for
     people), `ids` (the tokens training fed before the first trained token: the row's prompt)
-    and `reference` (what training taught it to answer)."""
+    and `reference` (what training taught it to answer; None for a row that only asks)."""
     shown: str
     ids: list[int]
-    reference: str
+    reference: str | None
 
 
 def row_prompt(row: dict, tokenizer, template: PromptTemplate) -> RowPrompt:
     """A row of any shape but text as a generation prompt, rendered as training rendered it
-    (`encode_row`): an alpaca row through `template`; a chat, ShareGPT or prompt/completion row
-    of messages up to its last assistant turn, with the chat template's generation prompt; a
-    prompt/completion row of strings, its prompt as is. UserError naming what is missing."""
+    (`encode_row`): an alpaca row through `template`; a chat or ShareGPT conversation up to its
+    final assistant turn (all of it when it ends with another turn), a prompt/completion row's
+    prompt of messages, each with the chat template's generation prompt; a prompt/completion
+    row's prompt string as is. The answer (output, completion, final assistant turn) may be
+    absent: a file of questions only. UserError naming what is wrong."""
     shape = row_shape(row)
     if shape == "alpaca":
         instruction, input_text = _string_field(row, "instruction"), _string_field(row, "input", required=False)
-        output = _string_field(row, "output")
+        output = _string_field(row, "output", required=False)
         shown = instruction if not input_text else f"{instruction}\n{input_text}"
         return RowPrompt(shown, tokenizer(template.render(instruction, input_text)[0]).input_ids, output)
     if shape == "text":
         raise UserError("a text row has no prompt to complete (its every token is trained)")
     if shape == "prompt/completion" and not isinstance(row.get("prompt"), list):
-        prompt, completion = _string_field(row, "prompt"), _string_field(row, "completion")
+        prompt, completion = _string_field(row, "prompt"), _string_field(row, "completion", required=False)
         return RowPrompt(prompt, tokenizer(prompt).input_ids, completion)
     if shape == "prompt/completion":  # (trained from the prompt's end on: the prompt is the prompt)
         _check_messages(row["prompt"], "prompt")
-        _check_messages(row.get("completion"), "completion")
-        prompt, answer = row["prompt"], row["completion"][0]
-    else:  # everything before the last assistant turn
+        if row.get("completion") is not None:
+            _check_messages(row["completion"], "completion")
+        prompt, answer = row["prompt"], (row.get("completion") or [None])[0]
+    else:  # everything before the final assistant turn, or all of a conversation that ends asking
         messages = row["messages"] if shape == "chat" else _sharegpt_messages(row["conversations"])
         _check_messages(messages)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if not last:  # (none, or only as the first turn: no prompt before it)
-            raise UserError("no assistant turn after a prompt: nothing to complete")
-        prompt, answer = messages[:last], messages[last]
+        answered = messages[-1]["role"] == "assistant"
+        prompt, answer = (messages[:-1], messages[-1]) if answered else (messages, None)
+        if not prompt:
+            raise UserError("the conversation is one assistant turn: no prompt before it to complete")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("rows of messages need a tokenizer with a chat template, and this tokenizer has none")
     asked = next((m["content"] for m in reversed(prompt) if m["role"] != "assistant"), "")
     ids = tokenizer(_render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
-    return RowPrompt(asked, ids, answer["content"])
+    return RowPrompt(asked, ids, None if answer is None else answer["content"])
 
 
 def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:

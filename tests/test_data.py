@@ -524,8 +524,22 @@ def test_a_rows_prompt_is_what_training_fed_before_its_last_answer(tokenizer, al
         assert (got.reference, got.shown) == (reference, asked), row
     with pytest.raises(UserError, match="a text row has no prompt"):
         row_prompt({"text": "a"}, tokenizer, alpaca)
-    with pytest.raises(UserError, match="no assistant turn after a prompt"):
-        row_prompt({"messages": CHAT[:2]}, tokenizer, alpaca)
+    with pytest.raises(UserError, match="the conversation is one assistant turn"):
+        row_prompt({"messages": CHAT[2:3]}, tokenizer, alpaca)
+
+
+def test_a_row_that_only_asks_is_a_prompt_without_reference(tokenizer, alpaca):
+    """A file of questions (generate --prompt_file): a row without its answer gives the prompt
+    of the same row with one (an alpaca row without output, a conversation ending in a user
+    turn: the whole of it, a prompt/completion row without completion), and no reference."""
+    for asking, answered in (({"instruction": "x", "input": "y"}, {"instruction": "x", "input": "y", "output": "z"}),
+                             ({"messages": CHAT[:4]}, {"messages": CHAT}),
+                             ({"conversations": [{"from": "human", "value": "one two"}]},
+                              {"messages": [CHAT[1], CHAT[2]]}),
+                             ({"prompt": "the quick"}, {"prompt": "the quick", "completion": " fox"}),
+                             ({"prompt": CHAT[:2]}, {"prompt": CHAT[:2], "completion": CHAT[2:3]})):
+        got, want = row_prompt(asking, tokenizer, alpaca), row_prompt(answered, tokenizer, alpaca)
+        assert (got.ids, got.shown, got.reference) == (want.ids, want.shown, None), asking
 
 def test_text_row_is_exactly_the_tokenizer_encoding(tokenizer):
     text = "the quick brown fox jumps over the lazy dog"
