@@ -404,18 +404,17 @@ def generate_job(args, session) -> GenerateJob:
             raise UserError(f"{what} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
                             f"(is the tokenizer in {session.base_dir} the model's?)")
 
-    rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
-    for name in names:
-        template = load_template(by_name[name].prompt)
+    def rendered(spec: str) -> list[tuple[str, list[int], str | None]]:
+        """Every prompt through the template `spec` (adapters sharing one render them once)."""
+        template = load_template(spec)
+        out = []
         for text in args.prompt:
             ids = prompt_tokens(text, args.format, session.tokenizer, template)
             check_vocab(ids, f"--prompt {text!r}")
-            rows.append((name, text, ids, None))
-        for i, row in enumerate(file_rows):
+            out.append((text, ids, None))
+        for i, row in enumerate(file_rows):  # (load_rows gives objects only)
             where = f"--prompt_file {args.prompt_file}: row {i}"
             try:
-                if not isinstance(row, dict):
-                    raise UserError(f"expected a JSON object, got {type(row).__name__}")
                 asked = row_prompt(row, session.tokenizer, template)
                 if not asked.ids:  # (a prompt of "" without a BOS: the first forward would have no column)
                     raise UserError("its prompt is no tokens (empty, and the tokenizer adds no BOS): nothing to "
@@ -423,7 +422,16 @@ def generate_job(args, session) -> GenerateJob:
             except UserError as err:
                 raise UserError(f"{where}: {err}") from None
             check_vocab(asked.ids, where)
-            rows.append((name, asked.shown, asked.ids, asked.reference))
+            out.append((asked.shown, asked.ids, asked.reference))
+        return out
+
+    by_template: dict[str, list[tuple[str, list[int], str | None]]] = {}
+    rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
+    for name in names:
+        spec = by_name[name].prompt
+        if spec not in by_template:
+            by_template[spec] = rendered(spec)
+        rows += [(name, *prompt) for prompt in by_template[spec]]
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)

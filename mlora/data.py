@@ -595,17 +595,9 @@ def _sharegpt_messages(conversations) -> list[dict]:
     """A ShareGPT conversation as chat messages: "from" -> role ("human" -> user, "gpt" ->
     assistant, other names as they are; TRL renames the keys only), "value" -> content, other
     keys kept."""
-    if not isinstance(conversations, list) or not conversations:
-        raise UserError("'conversations' must be a non-empty list of {from, value} objects")
+    _check_messages(conversations, "conversations", _SHAREGPT_KEYS)
     messages = []
-    for j, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            raise UserError(f"conversations[{j}] must be an object, got {_json_type(turn)}")
-        for key in _SHAREGPT_KEYS:
-            if not isinstance(turn.get(key), str):
-                raise UserError(f"conversations[{j}].{key} must be a string, got "
-                                f"{_json_type(turn.get(key)) if key in turn else 'nothing'}")
-            check_unicode(turn[key], f"conversations[{j}].{key}")
+    for turn in conversations:
         rest = {k: v for k, v in turn.items() if k not in _SHAREGPT_KEYS + _MESSAGE_KEYS}
         messages.append({"role": _SHAREGPT_ROLES.get(turn["from"], turn["from"]), "content": turn["value"], **rest})
     return messages
@@ -652,14 +644,15 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
     return Example(input_ids, [IGNORE_INDEX] * cut + input_ids[cut:])
 
 
-def _check_messages(messages, name: str = "messages") -> None:
-    """`messages` (the row's key `name`) is a non-empty list of {role, content} with strings."""
+def _check_messages(messages, name: str = "messages", keys: tuple[str, ...] = _MESSAGE_KEYS) -> None:
+    """`messages` (the row's key `name`) is a non-empty list of objects whose `keys` (a chat
+    message's role and content; a ShareGPT turn's from and value) are strings."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{name!r} must be a non-empty list of {{role, content}} objects")
+        raise UserError(f"{name!r} must be a non-empty list of {{{', '.join(keys)}}} objects")
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
             raise UserError(f"{name}[{j}] must be an object, got {_json_type(message)}")
-        for key in ("role", "content"):
+        for key in keys:
             if not isinstance(message.get(key), str):
                 raise UserError(f"{name}[{j}].{key} must be a string, got "
                                 f"{_json_type(message.get(key)) if key in message else 'nothing'}")

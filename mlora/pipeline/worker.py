@@ -641,10 +641,11 @@ class StageWorker(StageLink):
             with torch.no_grad():
                 for cfg in due:
                     total, count = self.test_sums(cfg)
-                    # Only the last rank has the loss: every rank learns it (the same collective
-                    # at the same cut), keeps the same best and so agrees on saving it.
-                    loss = self.transport.exchange(total / count if self.last and count else None)[-1]
-                    # (tallied only under save_best, as in one process)
+                    loss = total / count if self.last and count else None
+                    if cfg.save_best:
+                        # Only the last rank has the loss: every rank learns it (the same collective
+                        # at the same cut), keeps the same best and so agrees on saving it.
+                        loss = self.transport.exchange(loss)[-1]
                     saving = cfg.save_best and improves(self.best.get(cfg.name), loss)
                     if saving:  # each rank's part travels to rank 0 as a checkpoint's does
                         self.best[cfg.name] = (loss, self.adapters[cfg.name].steps_done)
