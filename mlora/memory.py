@@ -1059,6 +1059,17 @@ def explicit_mask_of(cfg: Any) -> bool | None:
     return True if cfg.packing or any(a.expand_side == "left" for a in cfg.lora) else None
 
 
+def run_estimate_kwargs(cfg: Any, *, dtype: torch.dtype, quant: Any = None, parts: Sequence[str] | None = None,
+                        device: torch.device | None = None) -> dict:
+    """`estimate_peak_bytes`' arguments for a run of `cfg` (a TrainConfig), but for the batch's
+    shape (rows, seq_len): every adapter resident, up to train_lora_simultaneously_num of them
+    in one batch. The budget (plan_token_budget) and `mlora train --dry_run` use these alike."""
+    lora = [LoraShape.of(a) for a in cfg.lora]
+    active = cfg.train_lora_simultaneously_num or len(lora)
+    return dict(dtype=dtype, lora=lora, recompute=cfg.recompute, quant=quant, parts=parts,
+                explicit_mask=explicit_mask_of(cfg), active_adapters=active, device=device)
+
+
 def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtype: torch.dtype,
                       quant: Any = None, parts: Sequence[str] | None = None,
                       device: torch.device | None = None) -> BudgetPlan:
@@ -1077,10 +1088,8 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     if free_bytes is None:
         return BudgetPlan(configured)
     fraction = cfg.memory_fraction
-    lora = [LoraShape.of(a) for a in cfg.lora]
-    active = cfg.train_lora_simultaneously_num or len(lora)
-    common = dict(seq_len=cfg.cutoff_len, dtype=dtype, lora=lora, recompute=cfg.recompute, quant=quant,
-                  parts=parts, explicit_mask=explicit_mask_of(cfg), active_adapters=active, device=device)
+    common = dict(seq_len=cfg.cutoff_len, **run_estimate_kwargs(cfg, dtype=dtype, quant=quant, parts=parts,
+                                                                 device=device))
     where = f"{fraction:.0%} of {format_size(free_bytes)} free"
     micro_rows = sorted((a.micro_batch_size or a.batch_size for a in cfg.lora), reverse=True)
 
@@ -1109,7 +1118,7 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
         return BudgetPlan(configured)
     # trivial: the largest fused batch takes the micro-batches of the `active` adapters with
     # the most rows, every row cutoff_len tokens (packed rows are no longer than that).
-    rows = sum(micro_rows[:active])
+    rows = sum(micro_rows[:common["active_adapters"]])
     needed = need(rows)
     if needed > fraction * free_bytes:
         return BudgetPlan(configured, (

@@ -28,14 +28,20 @@ STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
 EXACT_SEARCH_LIMIT = 12
 
 
-def padded_tokens(parts: Sequence[MicroBatch], pack_len: int | None = None) -> int:
-    """What a fused batch costs: every row is padded to the longest one. With packing
-    (pack_len = the packed row length, i.e. cutoff_len) the rows are the packed rows."""
+def batch_shape(parts: Sequence[MicroBatch], pack_len: int | None = None) -> tuple[int, int]:
+    """(rows, seq_len) of the fused batch `batching.fuse` builds of `parts`: every row is padded
+    to the longest one. With packing (pack_len = the packed row length, i.e. cutoff_len) the
+    rows are the packed rows."""
     if pack_len is not None:
         shapes = [packed_shape(p.examples, pack_len) for p in parts]
-        return sum(rows for rows, _ in shapes) * max(longest for _, longest in shapes)
-    rows = sum(len(p.examples) for p in parts)
-    return rows * max(len(ex.input_ids) for p in parts for ex in p.examples)
+        return sum(rows for rows, _ in shapes), max(longest for _, longest in shapes)
+    return sum(len(p.examples) for p in parts), max(len(ex.input_ids) for p in parts for ex in p.examples)
+
+
+def padded_tokens(parts: Sequence[MicroBatch], pack_len: int | None = None) -> int:
+    """What a fused batch costs: rows x seq_len (`batch_shape`), pads included."""
+    rows, seq_len = batch_shape(parts, pack_len)
+    return rows * seq_len
 
 
 def useful_tokens(parts: Sequence[MicroBatch]) -> int:

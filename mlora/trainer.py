@@ -23,14 +23,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
 
 from mlora import checkpoint
 from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir
-from mlora.batching import adapter_stream, check_trainable, fuse, prepare_examples, total_steps
+from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
+from mlora.data import Example
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.lora import clear_lora_caches
@@ -121,8 +123,7 @@ class Trainer:
                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
             self.runs[a.name] = AdapterProgress(adapter, steps, bar)
         check_disk_space(self.out, [r.adapter for r in self.runs.values()])
-        # Packed rows hold up to cutoff_len tokens (every example is truncated to it already).
-        self.pack_len = self.cfg.cutoff_len if self.cfg.packing else None
+        self.pack_len = packed_row_len(self.cfg)
         if session.model is not None:
             # Recomputing a layer must replay the LoRA dropout masks its first forward drew,
             # and those come from the adapters' own generators, not torch's global RNG.
@@ -154,8 +155,6 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, dict]:
         cfg, session = self.cfg, self.session
-        streams = {a.name: adapter_stream(session.data[a.name].train, a, adapter_seed(cfg.seed, a.name))
-                   for a in cfg.lora}
         state = checkpoint.latest_loadable(self.out, self.fingerprint) if self.resume else None
         if state is not None:
             # Replay the batches exactly as they ran: with the budget they ran with (a
@@ -165,9 +164,8 @@ class Trainer:
                 budget = "no token budget" if saved is None else f"token budget {saved}"
                 print(f"mlora: {budget} (as the run being resumed)", file=sys.stderr)
             self.max_tokens = saved
-        batches = fused_batches(cfg.train_strategy, streams, cfg.train_lora_candidate_num,
-                                cfg.train_lora_simultaneously_num, self.max_tokens, self.stopped,
-                                pack_len=self.pack_len)
+        batches = training_batches(cfg, {a.name: session.data[a.name].train for a in cfg.lora}, self.max_tokens,
+                                   self.stopped)
         if state is not None:
             metrics_bytes = self._restore(batches, state)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
@@ -554,6 +552,22 @@ class Trainer:
         self.started = time.perf_counter()
         print(f"mlora: resumed from iteration {target} of {self.out}", file=sys.stderr)
         return state["metrics_bytes"]
+
+
+def packed_row_len(cfg) -> int | None:
+    """The length of a packed row: cutoff_len (every example is truncated to it already); None
+    without packing."""
+    return cfg.cutoff_len if cfg.packing else None
+
+
+def training_batches(cfg, train: dict[str, Sequence[Example]], max_tokens: int | None,
+                     stopped: set[str] | None = None) -> Iterator[list[MicroBatch]]:
+    """The run's stream of fused batches: every adapter's micro-batches (its rows `train[name]`,
+    its seed), fused by the config's strategy under the token budget `max_tokens`. The trainer
+    trains on it and `mlora train --dry_run` counts it: one stream, so the plan cannot drift."""
+    streams = {a.name: adapter_stream(train[a.name], a, adapter_seed(cfg.seed, a.name)) for a in cfg.lora}
+    return fused_batches(cfg.train_strategy, streams, cfg.train_lora_candidate_num, cfg.train_lora_simultaneously_num,
+                         max_tokens, stopped, pack_len=packed_row_len(cfg))
 
 
 BEST_DIR = "best"  # <output_dir>/<adapter>/best: the weights of the lowest eval loss (save_best)
