@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds an unfinished run, deleting its checkpoints "
                             "(without it, such a start is refused: --resume may have been forgotten)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check everything and tell what the run would do, in seconds: each adapter's rows, "
+                        "tokens and steps, the fused batches, their padding, the token budget and the estimated "
+                        "peak memory; reads config.json, the tokenizer and the data, not the weights, and writes "
+                        "nothing (the plan on stderr, one JSON line on stdout; not with --pipeline or --resume)")
     _add_pipeline(p)
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
@@ -188,6 +193,10 @@ def quant_config(args):
 
 
 def cmd_train(args) -> int:
+    if args.dry_run:
+        from mlora.dry_run import dry_run
+
+        return dry_run(args)
     if args.pipeline:
         from mlora.pipeline.run import train_pipeline
 
@@ -494,6 +503,47 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = (), dirs: Iterable[t
     (path inside output_dir, what) of further directories, `written_dirs`), which used to fail
     only when the run saved there, its training lost with a traceback. Returns the directories
     it created, deepest first (for `remove_if_still_empty`)."""
+    p = check_output_dir(path, adapters, dirs)
+    try:
+        created = [d for d in (p, *p.parents) if not d.exists()]
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output_dir {p}: cannot create it ({err.strerror})") from None
+    except ValueError as err:  # a NUL, or half a surrogate pair from a JSON escape: no file system names it
+        raise _invalid_path(p, err) from None
+    if not os.access(p, os.W_OK):
+        raise UserError(f"output_dir {p} is not writable")
+    return created
+
+
+def _invalid_path(p: Path, err: ValueError) -> UserError:
+    return UserError(f"output_dir {str(p)!r} is not a valid path ({err})")
+
+
+def check_creatable(path: str) -> None:
+    """What `prepare_output_dir` would find creating the output directory, found without
+    creating it (for `mlora train --dry_run`): the same lines, the reasons as the OS gives them."""
+    p = Path(path)
+    try:
+        os.lstat(p)
+    except ValueError as err:
+        raise _invalid_path(p, err) from None
+    except OSError:
+        pass
+    if p.is_dir():
+        if not os.access(p, os.W_OK):
+            raise UserError(f"output_dir {p} is not writable")
+        return
+    existing = next(d for d in p.absolute().parents if os.path.lexists(d))  # (the root exists)
+    if not existing.is_dir():
+        raise UserError(f"output_dir {p}: cannot create it ({os.strerror(errno.ENOTDIR)})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {p}: cannot create it ({os.strerror(errno.EACCES)})")
+
+
+def check_output_dir(path: str, adapters: Iterable[str] = (), dirs: Iterable[tuple[str, str]] = ()) -> Path:
+    """`prepare_output_dir`'s refusals of what is there already (see it), which need nothing
+    written: `mlora train --dry_run` runs them too."""
     from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
     from mlora.checkpoint import DIRNAME
 
@@ -518,16 +568,7 @@ def prepare_output_dir(path: str, adapters: Iterable[str] = (), dirs: Iterable[t
             if found not in (None, wanted):
                 raise UserError(f"output_dir {p}: {place} is {found}, but mlora writes {what} there ({wanted}); "
                                 f"move it away or choose another output_dir")
-    try:
-        created = [d for d in (p, *p.parents) if not d.exists()]
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"output_dir {p}: cannot create it ({err.strerror})") from None
-    except ValueError as err:  # a NUL, or half a surrogate pair from a JSON escape: no file system names it
-        raise UserError(f"output_dir {str(p)!r} is not a valid path ({err})") from None
-    if not os.access(p, os.W_OK):
-        raise UserError(f"output_dir {p} is not writable")
-    return created
+    return p
 
 
 def remove_if_still_empty(created: list[Path]) -> None:

@@ -248,14 +248,15 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
                  load_base: bool = True, trust_remote_code: bool = False,
-                 reads: str = "train", data_notes: bool = True) -> Session:
+                 reads: str = "train", data_notes: bool = True, weights: bool = True) -> Session:
     """Everything a command needs, checked before work starts. reads: the command, by the data
     it reads (config.READS): "train" every adapter's rows; "eval" its test rows only (the
     training rows where it has no test_data, which stand in for them; session.data's train
     is empty otherwise); "generate" none (session.data stays empty). trust_remote_code: the
     base's tokenizer may run code shipped with it (ChatGLM, Baichuan). data_notes: tell the
     keys of the data files that nothing reads (a pipeline's ranks read the same files: rank 0
-    tells)."""
+    tells). weights: check that the base's weights are there (their index; `mlora train
+    --dry_run` plans without them, from config.json and the tokenizer)."""
     check_kernel()
     check_cross_entropy()
     cfg = load_config(config_path, reads=reads)
@@ -285,7 +286,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     cfg = resolve_targets(cfg, model_args)
     note_partial_targets(cfg, model_args)
     warn_unapplied_dropout(hf_config)
-    weight_index(base_dir)  # weights present
+    if weights:
+        weight_index(base_dir)  # weights present
     tokenizer = load_tokenizer(base_dir, trust_remote_code, model_args.model_type)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model {base_dir}: the tokenizer has no EOS token")

@@ -1,0 +1,219 @@
+"""`mlora train --dry_run`: what a training run would do, told in seconds, before any GPU hour
+is spent on it.
+
+It opens the session as `mlora train` does (config, data, templates, config.json, tokenizer)
+but reads none of the weights, runs `mlora train`'s checks of the output directory without
+creating it, walks the very stream of fused batches the trainer would train on
+(trainer.training_batches, every epoch: building it is bookkeeping over token counts, no
+tensor math), and prices the costliest batch with the memory model (memory.estimate_peak_bytes)
+against the device's memory. The plan goes to stderr, one JSON line to stdout (as `mlora eval`
+prints its results).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mlora.errors import UserError
+
+
+@dataclass
+class AdapterPlan:
+    name: str
+    rows: int  # training rows, after encoding
+    trained_tokens: int  # label tokens the loss learns, summed over every step of the run
+    epochs: int  # epochs the run reaches (max_steps may end it early)
+    micro_batches: int
+    steps: int  # optimizer steps
+
+
+@dataclass
+class BatchPlan:
+    batches: int  # fused batches, the trainer's iterations
+    useful_tokens: int
+    padded_tokens: int
+    padding_fraction: float
+    over_budget: int  # batches above the token budget (a lone micro-batch larger than it)
+    shapes: set[tuple[int, int]]  # every (rows, seq_len) a batch has
+
+
+def dry_run(args) -> int:
+    from mlora import checkpoint
+    from mlora.batching import check_trainable
+    from mlora.cli import check_creatable, check_output_dir, quant_config, written_dirs
+    from mlora.loader import read_model_config
+    from mlora.output_lock import output_dir_lock
+    from mlora.session import open_session
+
+    if args.pipeline:  # (its ranks schedule micro-batches in segments of their own: pipeline/worker.py)
+        raise UserError("--dry_run plans a one-process run; leave out --pipeline (a pipeline's batches are not "
+                        "planned)")
+    if args.resume:
+        raise UserError("--dry_run plans a run from its start; leave out --resume")
+    started = time.perf_counter()
+    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
+                           dtype=args.dtype, seed=args.seed, quant=quant_config(args),
+                           trust_remote_code=args.trust_remote_code, load_base=False, weights=False)
+    cfg, out = session.cfg, session.cfg.output_dir
+    model_args = read_model_config(session.base_dir)[1]
+    # mlora train's checks before it loads the base, in its order, none of them writing
+    for a in cfg.lora:
+        check_trainable(session.data[a.name].train, a, cfg.cutoff_len)
+    check_output_dir(out, [a.name for a in cfg.lora], written_dirs(session))
+    check_creatable(out)
+    if Path(out).is_dir():
+        with output_dir_lock(out):  # a run writing there now: the lock's one line, as train's
+            if not args.overwrite and (newest := checkpoint.unfinished_run(out)) is not None:
+                raise checkpoint.refuse_to_clear(newest)
+    check_ranks(cfg, model_args)  # (the trainer's, once the base is loaded: Adapter)
+
+    device_bytes = device_total_bytes(session.device)
+    budget, source, why = token_budget(session, model_args, device_bytes)
+    adapters, batches = walk_batches(session, budget)
+    largest, peak = costliest_shape(session, model_args, batches.shapes)
+    print_plan(args, session, model_args, adapters, batches, (budget, source, why), (largest, peak), device_bytes,
+               time.perf_counter() - started)
+    return 0
+
+
+def check_ranks(cfg, model_args) -> None:
+    """adapter.check_rank on wrappers of the base built on the meta device (no memory, no
+    weights): an r larger than a target projection is refused now, not after the load."""
+    from mlora.adapter import check_rank
+    from mlora.lora import BatchLayout, inject_lora
+    from mlora.models import family_for
+
+    with torch.device("meta"):
+        model = family_for(model_args.model_type).CausalLM(model_args)
+    wrappers = inject_lora(model, BatchLayout())
+    for a in cfg.lora:
+        check_rank(a, wrappers)
+
+
+def device_total_bytes(device: torch.device) -> int | None:
+    """The device's memory (CUDA: its total, read without allocating); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | None, str, str]:
+    """(the fused batches' token budget, its source: "max_tokens_per_batch", "memory_fraction" or
+    "none", why), as Trainer._plan_budget picks it; but the free memory is the device's total less
+    the estimated weights (nothing is loaded to measure it; the run measures it after its load)."""
+    from mlora.memory import FITTED_STRATEGIES, estimate_peak_bytes, format_size, plan_token_budget, run_estimate_kwargs
+
+    cfg = session.cfg
+    free = weights = None
+    if device_bytes is not None:
+        kwargs = run_estimate_kwargs(cfg, dtype=session.dtype, quant=session.quant, device=session.device)
+        weights = estimate_peak_bytes(model_args, rows=0, seq_len=0, **kwargs).weights
+        if weights >= device_bytes:  # (the run would fail loading them)
+            raise UserError(f"base_model {session.base_dir}: its weights (about {format_size(weights)} in "
+                            f"{str(session.dtype).removeprefix('torch.')}) do not fit the {format_size(device_bytes)} "
+                            f"of {session.device}; quantize them (--load_4bit, --load_8bit) or split the base "
+                            f"across GPUs (--pipeline)")
+        free = device_bytes - weights
+    plan = plan_token_budget(cfg, model_args, free_bytes=free, dtype=session.dtype, quant=session.quant,
+                             device=session.device)
+    if plan.note:
+        print(plan.note, file=sys.stderr)
+    if cfg.train_strategy not in FITTED_STRATEGIES:
+        return None, "none", "train_strategy trivial fuses without one"
+    if cfg.max_tokens_per_batch is not None:
+        return plan.max_tokens, "max_tokens_per_batch", "the config's max_tokens_per_batch"
+    if plan.max_tokens is not None:
+        return plan.max_tokens, "memory_fraction", (f"automatic: memory_fraction {cfg.memory_fraction} of the "
+                                                    f"{format_size(free)} left beside {format_size(weights)} "
+                                                    f"of weights")
+    return None, "none", f"automatic on CUDA only: set max_tokens_per_batch to bound batches on {session.device.type}"
+
+
+def walk_batches(session, budget: int | None) -> tuple[list[AdapterPlan], BatchPlan]:
+    """Every fused batch of the run, from trainer.training_batches as the trainer draws them
+    (no adapter stops: on_nan stop is a run's own event), tallied per adapter and overall."""
+    from mlora.strategies import batch_shape, padding_stats
+    from mlora.trainer import packed_row_len, training_batches
+
+    cfg = session.cfg
+    pack_len = packed_row_len(cfg)
+    tally = {a.name: {"micro_batches": 0, "steps": 0, "trained_tokens": 0, "epochs": set()} for a in cfg.lora}
+    shapes: set[tuple[int, int]] = set()
+
+    def counted(batches):
+        for parts in batches:
+            for part in parts:
+                t = tally[part.adapter]
+                t["micro_batches"] += 1
+                t["steps"] += part.last_in_step
+                t["trained_tokens"] += part.label_tokens
+                t["epochs"].add(part.epoch)
+            shapes.add(batch_shape(parts, pack_len))
+            yield parts
+
+    train = {a.name: session.data[a.name].train for a in cfg.lora}
+    stats = padding_stats(counted(training_batches(cfg, train, budget, stopped=set())), budget, pack_len)
+    adapters = [AdapterPlan(a.name, len(train[a.name]), tally[a.name]["trained_tokens"], len(tally[a.name]["epochs"]),
+                            tally[a.name]["micro_batches"], tally[a.name]["steps"]) for a in cfg.lora]
+    return adapters, BatchPlan(stats["batches"], stats["useful_tokens"], stats["padded_tokens"],
+                               stats["padding_fraction"], stats["over_budget"], shapes)
+
+
+def costliest_shape(session, model_args, shapes: set[tuple[int, int]]) -> tuple[tuple[int, int], int]:
+    """((rows, seq_len), bytes): the batch shape of the highest memory.estimate_peak_bytes of one
+    training step for this run (its adapters, recompute, dtype, quantization, device). Its
+    terms grow with rows and with seq_len but not alike, so every shape is priced (few: rows x
+    lengths up to cutoff_len)."""
+    from mlora.memory import estimate_peak_bytes, run_estimate_kwargs
+
+    kwargs = run_estimate_kwargs(session.cfg, dtype=session.dtype, quant=session.quant, device=session.device)
+    peaks = {(rows, seq_len): estimate_peak_bytes(model_args, rows=rows, seq_len=seq_len, **kwargs).total
+             for rows, seq_len in shapes}
+    largest = max(peaks, key=lambda shape: (peaks[shape], shape))
+    return largest, peaks[largest]
+
+
+def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: BatchPlan,
+               budget_plan: tuple[int | None, str, str], costliest: tuple[tuple[int, int], int],
+               device_bytes: int | None, seconds: float) -> None:
+    """The plan on stderr, for a person; the same figures as one JSON line on stdout."""
+    from mlora.memory import format_size
+
+    cfg = session.cfg
+    budget, source, why = budget_plan
+    dtype = str(session.dtype).removeprefix("torch.")
+    lines = [f"mlora: dry run of {args.config}: {model_args.model_type}, {model_args.num_layers} layers, on "
+             f"{session.device} in {dtype}; weights not read, nothing written ({seconds:.1f} s)"]
+    width = max(len("adapter"), *(len(a.name) for a in adapters))
+    lines.append(f"  {'adapter':<{width}}  {'rows':>7}  {'trained tokens':>14}  {'epochs':>6}  {'micro-batches':>13}  "
+                 f"{'steps':>7}")
+    for a in adapters:
+        lines.append(f"  {a.name:<{width}}  {a.rows:>7}  {a.trained_tokens:>14}  {a.epochs:>6}  {a.micro_batches:>13}  "
+                     f"{a.steps:>7}")
+    lines.append(f"  fused batches: {batches.batches} ({cfg.train_strategy}, up to "
+                 f"{cfg.train_lora_simultaneously_num} adapters each{', packed rows' if cfg.packing else ''}); "
+                 f"padding {batches.padding_fraction:.1%} of {batches.padded_tokens} tokens")
+    over = (f"; {batches.over_budget} batches above it (micro-batches larger than it run alone)"
+            if batches.over_budget else "")
+    lines.append(f"  token budget: {'none' if budget is None else budget} ({why}){over}")
+    (rows, seq_len), peak = costliest
+    if device_bytes is None:
+        memory = f"as a CUDA device would hold it ({session.device.type} has no device memory to compare with)"
+    else:
+        memory = f"of {format_size(device_bytes)} on {session.device} ({peak / device_bytes:.0%})"
+        if peak > device_bytes:
+            memory += ": it would not fit; a batch that runs out of memory is split and retried"
+    lines.append(f"  estimated peak memory: {format_size(peak)} for the largest batch ({rows} rows of {seq_len} "
+                 f"tokens) {memory}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    print(json.dumps({"dry_run": True, "adapters": [asdict(a) for a in adapters],
+                      **{k: v for k, v in asdict(batches).items() if k != "shapes"},
+                      "largest_batch": {"rows": rows, "seq_len": seq_len}, "token_budget": budget,
+                      "budget_source": source, "peak_bytes": peak, "device": str(session.device),
+                      "device_bytes": device_bytes}), flush=True)

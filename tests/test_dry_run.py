@@ -1,0 +1,196 @@
+"""`mlora train --dry_run`: its plan equals what the real `mlora train` then does (steps,
+tokens, fused batches and their shapes, the memory model's peak of the largest), it reads no
+weights, writes nothing, and refuses what train refuses with train's own line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlora.trainer
+from mlora.batching import fuse
+from mlora.cli import main
+from mlora.config import load_config
+from mlora.errors import UserError
+from mlora.loader import read_model_config
+from mlora.memory import LoraShape, estimate_peak_bytes
+from mlora.metrics import read_metrics
+from mlora.output_lock import output_dir_lock
+from test_train import make_config
+
+PAD_ID = 2  # the tiny tokenizer's pad (its EOS)
+
+
+def dry_run(capsys, base, cfg, *extra) -> tuple[int, dict | None, str]:
+    """(exit code, the JSON line, stderr) of `mlora train --dry_run`."""
+    capsys.readouterr()
+    code = main(["train", "--dry_run", "--base_model", str(base), "--config", str(cfg), *extra])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    return code, json.loads(lines[-1]) if lines else None, captured.err
+
+
+# Batches of different sizes and shapes under each strategy: a (2-row micro-batches of up to 54
+# tokens), b (1-row ones), c (left-padded); optimal-fit packs its rows
+STRATEGIES = {
+    "trivial": dict(),
+    "fast-fit": dict(train_strategy="fast-fit", train_lora_simultaneously_num=2, max_tokens_per_batch=160),
+    "optimal-fit": dict(train_strategy="optimal-fit", train_lora_candidate_num=2, train_lora_simultaneously_num=2,
+                        max_tokens_per_batch=100, packing=True),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plan_is_what_training_does(tiny_llama, tmp_path, capsys, monkeypatch, strategy):
+    out = tmp_path / "out"
+    cfg_path = make_config(tmp_path, ["a", "b", "c"], out, **STRATEGIES[strategy])
+    code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
+    assert code == 0, err
+    assert not out.exists()  # nothing written, not even the directory
+    assert "fused batches" in err and "estimated peak memory" in err
+
+    cfg = load_config(cfg_path)
+    real = mlora.trainer.fused_batches
+    shapes = []  # [rows, seq_len] of every fused batch the trainer trains on, as fuse builds it
+
+    def spy(*args, **kwargs):
+        for parts in real(*args, **kwargs):
+            shapes.append(tuple(fuse(parts, PAD_ID, cfg.cutoff_len if cfg.packing else None).input_ids.shape))
+            yield parts
+
+    monkeypatch.setattr(mlora.trainer, "fused_batches", spy)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress"]) == 0
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    by_name = {a["name"]: a for a in plan["adapters"]}
+    for a in cfg.lora:
+        mine = [r for r in steps if r["adapter"] == a.name]
+        assert by_name[a.name]["steps"] == len(mine) == max(r["step"] for r in mine)
+        assert by_name[a.name]["trained_tokens"] == sum(r["tokens"] for r in mine)
+        assert by_name[a.name]["epochs"] == 1 + max(r["epoch"] for r in mine)
+    assert plan["batches"] == len(shapes)
+    assert plan["padded_tokens"] == sum(rows * seq_len for rows, seq_len in shapes)
+    assert plan["token_budget"] == cfg.max_tokens_per_batch if strategy != "trivial" else plan["token_budget"] is None
+
+    # The peak: memory.py's estimate of the costliest batch that ran, for this run's adapters
+    # (fp32 on the CPU; adapter c pads on the left, and packing too gives SDPA a mask)
+    model_args = read_model_config(tiny_llama)[1]
+    estimates = {shape: estimate_peak_bytes(model_args, rows=shape[0], seq_len=shape[1], dtype=torch.float32,
+                                            lora=[LoraShape.of(a) for a in cfg.lora], explicit_mask=True,
+                                            active_adapters=cfg.train_lora_simultaneously_num,
+                                            device=torch.device("cpu")).total
+                 for shape in shapes}
+    assert plan["peak_bytes"] == max(estimates.values())
+    assert estimates[(plan["largest_batch"]["rows"], plan["largest_batch"]["seq_len"])] == plan["peak_bytes"]
+
+
+def base_without_weights(tiny_llama: Path, where: Path, weights: bytes | None) -> Path:
+    """A copy of the tiny base with its config.json and tokenizer, and the given bytes (or no
+    file) as model.safetensors."""
+    shutil.copytree(tiny_llama, where, ignore=shutil.ignore_patterns("*.safetensors"))
+    if weights is not None:
+        (where / "model.safetensors").write_bytes(weights)
+    return where
+
+
+@pytest.mark.parametrize("weights", [None, b"\x07not a safetensors file"], ids=["missing", "corrupt"])
+def test_plans_without_reading_the_weights(tiny_llama, tmp_path, capsys, weights):
+    base = base_without_weights(tiny_llama, tmp_path / "base", weights)
+    cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "runs" / "out")
+    code, plan, err = dry_run(capsys, base, cfg_path)
+    assert code == 0, err
+    assert [a["steps"] for a in plan["adapters"]] == [6, 6]
+    assert not (tmp_path / "runs").exists()
+    # (the real run does read them, and says what is wrong with them)
+    assert main(["train", "--base_model", str(base), "--config", str(cfg_path), "--no_progress"]) == 2
+    assert "safetensors" in capsys.readouterr().err
+
+
+def refusal(capsys, argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("setup", ["output_dir_is_a_file", "output_dir_under_a_file", "adapter_dir_is_a_file",
+                                   "r_too_large", "missing_data", "output_dir_in_use", "unfinished_run"])
+def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, setup):
+    out = tmp_path / "out"
+    overrides = {}
+    if setup == "output_dir_is_a_file":
+        out.write_text("")
+    elif setup == "output_dir_under_a_file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    elif setup == "adapter_dir_is_a_file":
+        out.mkdir()
+        (out / "a").write_text("")
+    elif setup == "unfinished_run":  # (a checkpoint and no FINISHED.json: --resume forgotten?)
+        (out / "checkpoints" / "iter-00000003").mkdir(parents=True)
+    cfg_path = make_config(tmp_path, ["a", "b"], out, **overrides)
+    cfg = json.loads(cfg_path.read_text())
+    if setup == "r_too_large":  # (checked once the base is built: train refuses it after loading the weights)
+        cfg["lora"][1]["r"] = 1000
+    if setup == "missing_data":
+        cfg["lora"][0]["data"] = str(tmp_path / "nowhere.jsonl")
+    cfg_path.write_text(json.dumps(cfg))
+    argv = ["train", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress"]
+    if setup == "output_dir_in_use":
+        out.mkdir()
+        with output_dir_lock(out):
+            expected, planned = refusal(capsys, argv), refusal(capsys, [*argv, "--dry_run"])
+    else:
+        expected, planned = refusal(capsys, argv), refusal(capsys, [*argv, "--dry_run"])
+    assert expected[0] == 2 and expected[1].startswith("mlora: error: ")
+    assert planned == expected
+    if setup == "unfinished_run":  # a fresh start that would delete them is planned, and deletes nothing
+        assert main([*argv, "--dry_run", "--overwrite"]) == 0
+        assert (out / "checkpoints" / "iter-00000003").is_dir() and not (out / "metrics.jsonl").exists()
+
+
+def test_refuses_pipeline_and_resume_in_one_line(tiny_llama, tmp_path, capsys):
+    cfg_path = make_config(tmp_path, ["a"], tmp_path / "out")
+    argv = ["train", "--dry_run", "--base_model", str(tiny_llama), "--config", str(cfg_path)]
+    for flag, culprit in (("--pipeline", "--pipeline"), ("--resume", "--resume")):
+        code, line = refusal(capsys, [*argv, flag])
+        assert code == 2 and culprit in line and line.startswith("mlora: error: --dry_run")
+    assert not (tmp_path / "out").exists()
+
+
+def test_automatic_budget_is_the_trainers(tiny_llama, tmp_path, capsys):
+    """On CUDA fast-fit without max_tokens_per_batch gets memory.plan_token_budget's budget, from
+    the device's memory less the weights; seen here on the CPU through token_budget itself."""
+    from mlora.dry_run import token_budget
+    from mlora.memory import choose_token_budget, run_estimate_kwargs, weight_bytes
+    from mlora.session import open_session
+
+    cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out", train_strategy="fast-fit")
+    session = open_session(tiny_llama, cfg_path, device="cpu", load_base=False)
+    model_args = read_model_config(tiny_llama)[1]
+    device_bytes = 160 * 2**20
+    free = device_bytes - weight_bytes(model_args, torch.float32)
+    budget, source, why = token_budget(session, model_args, device_bytes)
+    kwargs = run_estimate_kwargs(session.cfg, dtype=torch.float32, device=session.device)
+    assert budget == choose_token_budget(model_args, free_bytes=free, seq_len=64, fraction=0.9, **kwargs) > 0
+    assert source == "memory_fraction" and "memory_fraction 0.9" in why
+    assert token_budget(session, model_args, None)[:2] == (None, "none")  # (the CPU: no budget, as the trainer)
+    with pytest.raises(UserError, match="its weights .* do not fit"):  # (the run would fail loading them)
+        token_budget(session, model_args, weight_bytes(model_args, torch.float32))
+
+
+def test_plan_against_a_device_memory(tiny_llama, tmp_path, capsys, monkeypatch):
+    """What a CUDA device's plan says (its memory stood in for on the CPU): the automatic budget
+    in force and the peak against the device's memory."""
+    import mlora.dry_run
+
+    monkeypatch.setattr(mlora.dry_run, "device_total_bytes", lambda device: 160 * 2**20)
+    cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out", train_strategy="fast-fit")
+    code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
+    assert code == 0, err
+    assert plan["budget_source"] == "memory_fraction" and plan["device_bytes"] == 160 * 2**20
+    assert plan["token_budget"] > 0 and plan["token_budget"] % 64 == 0  # (whole rows of cutoff_len)
+    assert f"token budget: {plan['token_budget']} (automatic: memory_fraction 0.9 of the" in err
+    assert f"of 160 MiB on cpu ({plan['peak_bytes'] / (160 * 2**20):.0%})" in err
