@@ -137,11 +137,14 @@ class Decoding:
     that end a row (stop_token_ids). sampling: draw tokens (Sampling) instead of taking the
     most likely one. repetition_penalty: above 1, the tokens a row has seen are made less likely
     first (penalize_repetition). switch_at: LongRoPE's original_max_position_embeddings (None
-    for other RoPE): a row growing past it makes the whole batch run again (`advance`)."""
+    for other RoPE): a row growing past it makes the whole batch run again (`advance`).
+    request_ids: each prompt's number in the whole request when this is one batch of it (default
+    0, 1, ...): a sampled row draws from the generator of its number, so the batch it runs in
+    does not change its tokens."""
 
     def __init__(self, prompts: Sequence[tuple[str | None, list[int]]], pad_id: int, stop: set[int],
                  sampling: Sampling | None = None, repetition_penalty: float = 1.0,
-                 switch_at: int | None = None):
+                 switch_at: int | None = None, request_ids: Sequence[int] | None = None):
         self.order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
         self.num_prompts = len(prompts)
         names = [prompts[i][0] for i in self.order]
@@ -161,8 +164,9 @@ class Decoding:
         self.ids, _, self.mask = pad_rows([Example(s, s) for s in self.seqs], ["left"] * len(self.seqs),
                                           max(len(s) for s in self.seqs), pad_id)  # [B, L]
         self.fed = self.ids  # [B, T]: every token given so far, pads included
+        request_ids = range(len(prompts)) if request_ids is None else request_ids
         self.generators = None if sampling is None else [
-            torch.Generator().manual_seed(row_seed(sampling.seed, self.order[r])) for r in range(len(self.seqs))]
+            torch.Generator().manual_seed(row_seed(sampling.seed, request_ids[i])) for i in self.order]
         self.seen = None  # [B, V] with a repetition penalty: the tokens each row has seen
 
     def pick(self, last: torch.Tensor) -> list[int]:
@@ -230,20 +234,21 @@ def longrope_switch(model_args) -> int | None:
 @torch.no_grad()
 def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
                     max_new_tokens: int = 32, sampling: Sampling | None = None,
-                    repetition_penalty: float = 1.0) -> list[list[int]]:
+                    repetition_penalty: float = 1.0, request_ids: Sequence[int] | None = None) -> list[list[int]]:
     """prompts: (adapter name or None for the bare base, prompt token ids).
 
     Rows are left-padded so every row's next token is predicted at the last position; rows of
     one adapter are kept contiguous (the fused-batch layout) and the results are returned in
     the order given. A row stops at an EOS token (stop_token_ids). sampling: draw tokens
     (Sampling) instead of taking the most likely one. repetition_penalty: above 1, the tokens
-    a row has seen are made less likely first (penalize_repetition). The bookkeeping is
+    a row has seen are made less likely first (penalize_repetition). request_ids: the prompts'
+    numbers in a larger request this batch is part of (Decoding). The bookkeeping is
     Decoding's, shared with `mlora generate --pipeline`.
     """
     model = session.model
     model.eval()
     state = Decoding(prompts, session.pad_id, stop_token_ids(session.base_dir, session.tokenizer), sampling,
-                     repetition_penalty, longrope_switch(model.args))
+                     repetition_penalty, longrope_switch(model.args), request_ids)
     try:
         session.layout.rows = state.rows
         cache = KVCache()
