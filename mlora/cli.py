@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     _add_pipeline(p)
 
-    p = sub.add_parser("generate", help="complete prompts with every trained adapter of a config, in one fused batch")
+    p = sub.add_parser("generate", help="complete prompts with every trained adapter of a config, in fused batches")
     _add_common(p)
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt (repeat for several); every adapter completes every prompt")
@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="above 1: the tokens a row has seen (its prompt and output) get less likely, greedy or "
                         "sampled (a positive logit divided by it, a negative one multiplied; default 1: off)")
     p.add_argument("--seed", type=_seed, help="when sampling: the draws' seed (default 0)")
+    p.add_argument("--batch_size", type=_positive_int, default=16,
+                   help="output lines generated together in one fused batch (default 16); a line is one prompt "
+                        "through one adapter: one row of the batch, two with --base. Lines print in order as "
+                        "each batch ends; a batch that runs out of device memory runs again in halves")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     _add_pipeline(p)
 
     p = sub.add_parser("demo", help="train 3 adapters on 3 toy tasks on the embedded SmolLM2-135M-Instruct")
@@ -327,11 +332,13 @@ def note_missing_output_dir(out: Path) -> None:
 
 
 def cmd_generate(args) -> int:
-    """Each prompt through each chosen adapter (and with --base the bare base), all rows in one
-    fused batch: one JSON line per (prompt, adapter), in the order given."""
+    """Each prompt through each chosen adapter (and with --base the bare base), --batch_size
+    lines in one fused batch: one JSON line per (prompt, adapter), in the order given, printed
+    as each batch ends."""
     from mlora.adapter import Adapter
     from mlora.generate import greedy_generate
-    from mlora.memory import _OOM_ERRORS
+    from mlora.generate_batches import generate_in_batches
+    from mlora.lora import clear_lora_caches
     from mlora.session import open_session
 
     check_sampling_flags(args)
@@ -351,13 +358,18 @@ def cmd_generate(args) -> int:
         adapter = Adapter(replace(by_name[name], init_from=None), session.wrappers, session.cfg.seed, session.device,
                           naming=session.naming)
         adapter.load_peft(out / name, label="adapter")
-    try:
-        outputs = greedy_generate(session, job.requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
-                                  repetition_penalty=args.repetition_penalty)
-    except _OOM_ERRORS:  # (every row in one batch: a --prompt_file test set can outgrow the device)
-        raise UserError(f"out of device memory generating {len(job.requests)} rows in one batch; give fewer prompts "
-                        f"(or --prompt_file rows), adapters or --max_new_tokens") from None
-    print_generated(args, session, job, outputs)
+
+    def run_batch(lines: range) -> None:
+        requests, request_ids = job.requests_of(lines)
+        try:
+            outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
+                                      repetition_penalty=args.repetition_penalty, request_ids=request_ids)
+        except BaseException:
+            clear_lora_caches(session.wrappers)  # a retry in halves must not keep this attempt's inputs
+            raise
+        print_generated(args, session, job, outputs, lines)
+
+    generate_in_batches(len(job.rows), args.batch_size, run_batch, progress=not args.no_progress)
     return 0
 
 
@@ -387,6 +399,13 @@ class GenerateJob:
     rows: list[tuple[str, str, list[int], str | None]]  # (adapter, prompt, prompt token ids, reference)
     requests: list[tuple[str | None, list[int]]]  # greedy_generate's prompts (the bare base's after --base)
     sampling: object  # mlora.generate.Sampling, or None: greedy
+    base: bool  # --base: each line's prompt runs through the bare base too
+
+    def requests_of(self, lines: range) -> tuple[list[tuple[str | None, list[int]]], list[int]]:
+        """The requests of the lines `lines` (one batch), with their numbers in `requests`: each
+        line's row, then with --base each line's bare base row (print_generated's order)."""
+        numbers = list(lines) + ([len(self.rows) + i for i in lines] if self.base else [])
+        return [self.requests[i] for i in numbers], numbers
 
 
 def generate_job(args, session) -> GenerateJob:
@@ -444,7 +463,7 @@ def generate_job(args, session) -> GenerateJob:
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)
-    return GenerateJob(names, rows, requests, sampling)
+    return GenerateJob(names, rows, requests, sampling, args.base)
 
 
 def check_saved(names: Iterable[str], out: Path) -> None:
@@ -456,16 +475,17 @@ def check_saved(names: Iterable[str], out: Path) -> None:
                             f"--output_dir at where it was saved)")
 
 
-def print_generated(args, session, job: GenerateJob, outputs: list[list[int]]) -> None:
-    """One JSON line per (prompt, adapter), in the order given; with --base the base's output beside."""
+def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], lines: range) -> None:
+    """One JSON line per (prompt, adapter) of `lines`, in the order given; with --base the base's
+    output beside. outputs: the new tokens of job.requests_of(lines)."""
     decode = session.tokenizer.decode
-    rows = job.rows
-    for i, (name, text, _, reference) in enumerate(rows):
-        line = {"adapter": name, "prompt": text, "output": decode(outputs[i], skip_special_tokens=True)}
+    for k, i in enumerate(lines):
+        name, text, _, reference = job.rows[i]
+        line = {"adapter": name, "prompt": text, "output": decode(outputs[k], skip_special_tokens=True)}
         if reference is not None:  # (a --prompt_file row's expected answer)
             line["reference"] = reference
         if args.base:
-            line["base_output"] = decode(outputs[len(rows) + i], skip_special_tokens=True)
+            line["base_output"] = decode(outputs[len(lines) + k], skip_special_tokens=True)
         print(json.dumps(line, ensure_ascii=False), flush=True)
 
 

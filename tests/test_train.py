@@ -575,26 +575,99 @@ def test_generate_refuses_a_data_file_row_of_no_prompt_tokens(fused_run, tiny_ll
                f"adds no BOS): nothing to complete from")
 
 
-def test_generate_out_of_device_memory_is_one_line(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
-    """Every row runs in one batch, and a --prompt_file test set of thousands of rows can outgrow
-    the device: one line saying how many rows and what to give fewer of (a traceback before),
-    as a pipeline's ranks say it."""
+def batch_prompt_file(tmp_path) -> Path:
+    """A --prompt_file of 5 rows of prompts of different lengths (so batches pad differently)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "say " + "very " * (3 * i % 7) + f"hi {i}", "output": "hi"})
+                            + "\n" for i in range(5)))
+    return data
+
+
+def test_generate_in_batches_prints_what_one_batch_prints(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
+    """--batch_size N: the lines (here 2 adapters x 5 rows of a --prompt_file, with --base) run N
+    at a time, greedy or sampled, and print exactly what all of them in one batch print (fp32),
+    in the same order; each batch's lines are printed before the next batch starts."""
     import mlora.generate
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    _, _, cfg_path = fused_run
+    data = batch_prompt_file(tmp_path)
+    real = mlora.generate.greedy_generate
+
+    def lines_of(batch_size, *extra):
+        """The lines printed, and how many were printed before each batch after the first
+        started and after the last ended: each batch's own."""
+        printed = []  # every line, as read at each batch's start and at the end
+        counts = []
+
+        def reading(session, prompts, *args, **kwargs):
+            new = capsys.readouterr().out.splitlines()
+            printed.extend(new)
+            counts.append(len(new))
+            return real(session, prompts, *args, **kwargs)
+
+        monkeypatch.setattr(mlora.generate, "greedy_generate", reading)
+        capsys.readouterr()
+        assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,c",
+                     "--base", "--max_new_tokens", "6", "--prompt_file", str(data), "--batch_size", str(batch_size),
+                     "--no_progress", *extra]) == 0
+        new = capsys.readouterr().out.splitlines()
+        printed.extend(new)
+        return [json.loads(line) for line in printed], counts[1:] + [len(new)]
+
+    whole, counts = lines_of(10)
+    assert counts == [10]
+    assert [(x["adapter"], x["prompt"]) for x in whole] == [
+        (n, f"say {'very ' * (3 * i % 7)}hi {i}") for n in ("a", "c") for i in range(5)]
+    assert len({x["output"] for x in whole}) > 2 and any(x["output"] != x["base_output"] for x in whole)
+    for size, want_counts in ((1, [1] * 10), (2, [2] * 5), (3, [3, 3, 3, 1])):
+        lines, counts = lines_of(size)
+        assert lines == whole, size
+        assert counts == want_counts, size  # each batch printed before the next one ran
+    sampled = ["--temperature", "1.5", "--seed", "3"]
+    assert lines_of(3, *sampled)[0] == lines_of(10, *sampled)[0] != whole
+
+
+def test_generate_out_of_device_memory_halves_the_batch(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
+    """A batch that runs out of device memory (a fake CUDA OOM above 2 rows) runs again in
+    halves, and the batches after it are no larger: the lines are those of a run that fits, and
+    a note says so. Out of memory on a single line is one line naming it (a traceback before)."""
+    import mlora.generate
 
     _, _, cfg_path = fused_run
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": "hi"}) + "\n" for i in range(3)))
-    monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory)
-    capsys.readouterr()
-    code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,b",
-                 "--prompt", "extra", "--prompt_file", str(data)])
-    captured = capsys.readouterr()
-    assert (code, captured.out, captured.err.strip()) == (
-        2, "", "mlora: error: out of device memory generating 8 rows in one batch; give fewer prompts "
-               "(or --prompt_file rows), adapters or --max_new_tokens")
+    data = batch_prompt_file(tmp_path)
+    real = mlora.generate.greedy_generate
+    sizes = []
+
+    def out_of_memory_above(limit):
+        def generate(session, prompts, *args, **kwargs):
+            sizes.append(len(prompts))
+            if len(prompts) > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+            return real(session, prompts, *args, **kwargs)
+        return generate
+
+    def generate(*extra):
+        sizes.clear()
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,b",
+                     "--prompt", "extra", "--prompt_file", str(data), "--max_new_tokens", "4", *extra])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    fits = generate("--batch_size", "12")
+    monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory_above(2))
+    code, out, err = generate("--batch_size", "5")
+    assert (code, out) == (0, fits[1])
+    # 12 lines: 5 fails; its halves 3 (fails: 2 and 1) and 2; then batches of 2 (the last 1)
+    assert sizes == [5, 3, 2, 1, 2, 2, 2, 2, 1]
+    assert err.strip() == ("mlora: out of device memory on a batch of 5 lines; retrying in halves (batches of 3 lines "
+                           "from now on)\nmlora: out of device memory on a batch of 3 lines; retrying in halves "
+                           "(batches of 2 lines from now on)")
+    monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory_above(1))
+    code, out, err = generate("--batch_size", "1", "--base")  # (a line is 2 rows with --base)
+    assert (code, out, err.strip()) == (
+        2, "", "mlora: error: out of device memory generating line 1 alone (its prompt through one adapter, and the "
+               "bare base with --base); give a shorter prompt or fewer --max_new_tokens, or free device memory")
 
 
 def test_generate_notes_the_bases_sampling_defaults(fused_run, tiny_llama, capsys, tmp_path):
@@ -731,7 +804,7 @@ def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and "apply when sampling (--temperature above 0)" in err, err
     for flag, value in (("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "0"), ("--top_p", "1.5"),
-                        ("--top_k", "-1"), ("--repetition_penalty", "0")):
+                        ("--top_k", "-1"), ("--repetition_penalty", "0"), ("--batch_size", "0")):
         with pytest.raises(SystemExit):
             main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi",
                   flag, value])

@@ -1,0 +1,61 @@
+"""`mlora generate` a batch at a time.
+
+All of a --prompt_file's rows in one fused batch ran out of device memory, or crawled, for a
+test set of thousands. The output lines (one per prompt and adapter, in the order printed) run
+--batch_size at a time, in that order, so each batch's lines can be printed as soon as it ends:
+a long run shows results as it goes, and an interrupted one keeps what it printed. (Sorting
+the lines by prompt length would pad less, but a batch could then print only after every
+earlier line had run: the first line's batch might be the last.)
+
+A batch that runs out of device memory runs again in halves (memory.run_splitting_on_oom, as
+the trainer's batches do), and the batches after it are no larger than the halves: the memory
+they need is about the same. Greedy lines do not change, as each row is decoded apart from the
+rows beside it (left-padded, its pads masked); sampled ones draw from the generators of their
+numbers in the whole request (generate.Decoding's request_ids).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from tqdm import tqdm
+
+from mlora.errors import UserError
+from mlora.memory import UnsplittableOOM, run_splitting_on_oom
+
+
+def generate_in_batches(num_lines: int, batch_size: int, run_batch: Callable[[range], None],
+                        progress: bool = True) -> None:
+    """run_batch(lines) for consecutive ranges of line numbers covering 0..num_lines - 1 in
+    order, batch_size lines each (the last fewer): it generates and prints those lines, all or
+    nothing (it prints once their generation ended). A range that runs out of device memory is
+    run again in halves, down to one line, which then ends the command with one line. A bar
+    on stderr counts the lines done (on a terminal only, and not with progress=False)."""
+    size = batch_size
+    bar = tqdm(total=num_lines, desc="generate", unit="line", disable=None if progress else True, leave=False,
+               file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+    def run_part(lines: list[int]) -> None:
+        run_batch(range(lines[0], lines[-1] + 1))
+        bar.update(len(lines))
+
+    def note_split(left: list[int], right: list[int]) -> None:
+        nonlocal size
+        size = min(size, len(left))
+        tqdm.write(f"mlora: out of device memory on a batch of {len(left) + len(right)} lines; retrying in halves "
+                   f"(batches of {size} lines from now on)", file=sys.stderr)
+
+    try:
+        start = 0
+        while start < num_lines:
+            lines = list(range(start, min(start + size, num_lines)))
+            try:
+                run_splitting_on_oom(run_part, lines, on_split=note_split)
+            except UnsplittableOOM as err:
+                raise UserError(f"out of device memory generating line {err.items[0] + 1} alone (its prompt through "
+                                f"one adapter, and the bare base with --base); give a shorter prompt or fewer "
+                                f"--max_new_tokens, or free device memory") from None
+            start += len(lines)
+    finally:
+        bar.close()
