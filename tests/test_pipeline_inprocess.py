@@ -1298,6 +1298,18 @@ def test_pipeline_generate_samples_what_one_process_samples(pipe_model, generate
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_pipeline_generate_in_batches_prints_what_one_batch_prints(pipe_model, generate_job, monkeypatch, sampled):
+    """--batch_size 2 over two ranks (9 lines, with --base: batches of 2 and a last of 1, their
+    rows stopping at different steps): rank 0 prints what one process prints in one batch."""
+    base, cfg, out = generate_job
+    extra = ["--base", "--repetition_penalty", str(GEN_PENALTY),
+             *(["--temperature", "1.5", "--seed", "7"] if sampled else [])]
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
+    assert code == 0 and len(single.splitlines()) == 9
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], *extra, "--batch_size", "2")
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
+
 
 def test_pipeline_generate_prompts_from_a_data_file(tmp_path, pipe_model, generate_job, monkeypatch):
     """--prompt_file over two ranks: rank 0 prints what one process prints, references included."""
@@ -1324,15 +1336,16 @@ def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path,
                                            "its output_dir, rank 0 has;")
 
 
-@pytest.mark.parametrize("files", [False, True])
-def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch, tmp_path, files):
-    """Ranks given other prompts (or other flags), or a --prompt_file of other rows (the same path
-    on two machines, say), would run other rows: one line per rank naming the flags to check."""
+@pytest.mark.parametrize("differs", ["prompts", "files", "batch_size"])
+def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch, tmp_path, differs):
+    """Ranks given other prompts (or other flags: another --batch_size would batch other rows),
+    or a --prompt_file of other rows (the same path on two machines, say), would run other rows:
+    one line per rank naming the flags to check."""
     import json
 
     base, cfg, out = generate_job
-    per_rank = {1: ["--prompt", "more"]}
-    if files:
+    per_rank = {1: ["--prompt", "more"] if differs == "prompts" else ["--batch_size", "2"]}
+    if differs == "files":
         for rank, instruction in ((0, "say hi"), (1, "say bye")):
             (tmp_path / f"rank{rank}.jsonl").write_text(json.dumps({"instruction": instruction, "output": "x"}) + "\n")
         per_rank = {rank: ["--prompt_file", str(tmp_path / f"rank{rank}.jsonl")] for rank in (0, 1)}
@@ -1341,8 +1354,8 @@ def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeyp
         assert (code, stdout) == (3, "")
         assert one_line(stderr) == ("mlora: pipeline error: rank 1 was started with a different generation request "
                                     "than rank 0; start every rank with the same --prompt, --prompt_file (of the "
-                                    "same rows on every machine), --format, --adapters, --base, --max_new_tokens "
-                                    "and sampling flags")
+                                    "same rows on every machine), --format, --adapters, --base, --max_new_tokens, "
+                                    "--batch_size and sampling flags")
 
 
 def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, generate_job, monkeypatch):

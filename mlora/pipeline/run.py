@@ -479,10 +479,13 @@ def generate_pipeline(args) -> int:
     then at each step the last stage picks every row's next token (mlora.generate.Decoding, the
     code one process runs: greedy or sampled, the repetition penalty, the stop tokens), and an
     exchange gives every rank the tokens, so each keeps the same rows, mask and done flags and
-    all stop together when every row is done; rank 0 feeds the next column and at the end
-    prints the lines one-process `mlora generate` prints (the other ranks print nothing)."""
+    all stop together when every row is done; rank 0 feeds the next column and prints the
+    lines one-process `mlora generate` prints (the other ranks print nothing). The lines run
+    --batch_size at a time, as in one process, each batch printed as it ends; a batch that
+    runs out of device memory is not split (the ranks would have to agree on it): one line."""
     from mlora.cli import check_saved, generate_job, note_base_sampling, print_generated, quant_config
     from mlora.generate import Decoding, longrope_switch, stop_token_ids
+    from mlora.generate_batches import generate_in_batches
     from mlora.memory import _OOM_ERRORS
     from mlora.models.llama import KVCache
     from mlora.pipeline.worker import StageLink, check_same_everywhere, digest, fingerprint
@@ -507,7 +510,7 @@ def generate_pipeline(args) -> int:
     try:
         # The ranks must run the same rows the same way: every rank keeps the bookkeeping.
         request = {"requests": job.requests, "max_new_tokens": args.max_new_tokens, "sampling": repr(job.sampling),
-                   "repetition_penalty": args.repetition_penalty, "stop": sorted(stop)}
+                   "repetition_penalty": args.repetition_penalty, "stop": sorted(stop), "batch_size": args.batch_size}
         check_same_everywhere(transport, {**fingerprint(session, stages, args.transport),
                                           "generation request": digest(request)})
         check_same_adapters(transport, cfg, saved)
@@ -515,32 +518,38 @@ def generate_pipeline(args) -> int:
         load_stage(session, stages[place.rank], transport, job.names, adapters)
         link = StageLink(session, transport)
         session.model.eval()
-        state = Decoding(job.requests, session.pad_id, stop, job.sampling, args.repetition_penalty,
-                         longrope_switch(session.model.args))
-        try:
-            with torch.no_grad():
-                session.layout.rows = state.rows
-                cache = KVCache()
-                x = state.ids  # [B, T]: the prompts first, then one column a step (or all again: LongRoPE)
-                for step in range(args.max_new_tokens):
-                    logits = link.generate_forward(x, state.mask, cache, step)  # [B, 1, V] on the last stage
-                    # The last stage's choice reaches every rank, which keeps the same rows.
-                    state.record(transport.exchange(state.pick(logits[:, -1]) if link.last else None)[-1])
-                    if state.finished(step, args.max_new_tokens):
-                        break
-                    column, rerun = state.advance()
-                    if rerun:  # a row grew past LongRoPE's switch: every stage runs all again
-                        cache = KVCache()
-                    x = state.fed if rerun else column
-        except _OOM_ERRORS:
-            raise UserError(f"rank {place.rank}: out of device memory generating on its stage; give fewer prompts, "
-                            f"adapters or --max_new_tokens, or split the model over more stages") from None
-        finally:
-            session.layout.rows = []
+
+        def run_batch(lines: range) -> None:
+            requests, request_ids = job.requests_of(lines)
+            state = Decoding(requests, session.pad_id, stop, job.sampling, args.repetition_penalty,
+                             longrope_switch(session.model.args), request_ids)
+            try:
+                with torch.no_grad():
+                    session.layout.rows = state.rows
+                    cache = KVCache()
+                    x = state.ids  # [B, T]: the prompts first, then one column a step (or all again: LongRoPE)
+                    for step in range(args.max_new_tokens):
+                        logits = link.generate_forward(x, state.mask, cache, step)  # [B, 1, V] on the last stage
+                        # The last stage's choice reaches every rank, which keeps the same rows.
+                        state.record(transport.exchange(state.pick(logits[:, -1]) if link.last else None)[-1])
+                        if state.finished(step, args.max_new_tokens):
+                            break
+                        column, rerun = state.advance()
+                        if rerun:  # a row grew past LongRoPE's switch: every stage runs all again
+                            cache = KVCache()
+                        x = state.fed if rerun else column
+            except _OOM_ERRORS:
+                raise UserError(f"rank {place.rank}: out of device memory generating on its stage; give a smaller "
+                                f"--batch_size or fewer --max_new_tokens, or split the model over more stages") from None
+            finally:
+                session.layout.rows = []
+            if place.rank == 0:
+                print_generated(args, session, job, state.result(), lines)
+
+        generate_in_batches(len(job.rows), args.batch_size, run_batch,
+                            progress=place.rank == 0 and not args.no_progress)
     finally:
         transport.close()
         for adapter in adapters.values():
             adapter.detach_from(session.wrappers)
-    if place.rank == 0:
-        print_generated(args, session, job, state.result())
     return 0

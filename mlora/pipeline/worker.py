@@ -99,7 +99,7 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
                        "pass every rank the same --dtype (its default follows each rank's GPU: bf16 from compute "
                        "capability 8.0, fp16 below)" if key == "dtype" else
                        "start every rank with the same --prompt, --prompt_file (of the same rows on every "
-                       "machine), --format, --adapters, --base, --max_new_tokens and sampling flags"
+                       "machine), --format, --adapters, --base, --max_new_tokens, --batch_size and sampling flags"
                        if key == "generation request" else
                        "start every rank with the same --config, --balance and --base_model")
                 raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; {fix}")
