@@ -9,9 +9,10 @@ earlier line had run: the first line's batch might be the last.)
 
 A batch that runs out of device memory runs again in halves (memory.run_splitting_on_oom, as
 the trainer's batches do), and the batches after it are no larger than the halves: the memory
-they need is about the same. Greedy lines do not change, as each row is decoded apart from the
-rows beside it (left-padded, its pads masked); sampled ones draw from the generators of their
-numbers in the whole request (generate.Decoding's request_ids).
+they need is about the same. The batch size changes no line in fp32 (tested): each row is
+decoded apart from the rows beside it (left-padded, its pads masked), and a sampled one draws
+from the generator of its number in the whole request (generate.Decoding's request_ids). In
+bf16 or fp16 a row may round differently beside other rows, so a near-tie may go otherwise.
 """
 
 from __future__ import annotations
