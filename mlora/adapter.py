@@ -590,6 +590,17 @@ def save_checkpoint_dir(target: str | os.PathLike, tensors: dict[str, torch.Tens
     return write_dir_atomically(target, lambda tmp: save_peft(tmp, tensors, config))
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` has the shape of a directory save_checkpoint_dir writes (mlora marks it
+    no other way): a directory, not a link, holding its two PEFT files and nothing else. What
+    fails this is someone else's and must not be deleted."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return (sorted(e.name for e in entries) == sorted((CONFIG_NAME, WEIGHTS_NAME))
+            and all(e.is_file() and not e.is_symlink() for e in entries))
+
+
 # LoraConfig fields with which PEFT computes on the base what plain LoRA weights on mlora's target
 # modules do not: each refused (read silently as plain LoRA before, or refused as a tensor of no
 # target). Harmless ones, tested equal to PEFT (tests/test_peft_fields.py): fan_in_fan_out (PEFT

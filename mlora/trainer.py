@@ -16,6 +16,7 @@ examples; see `_train_on`.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import sys
@@ -23,13 +24,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
 
 from mlora import checkpoint
-from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir
+from mlora.adapter import Adapter, is_checkpoint_dir, layer_generators, save_checkpoint_dir
 from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
 from mlora.data import Example
@@ -171,6 +172,7 @@ class Trainer:
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
         else:
             checkpoint.clear(self.out)
+            remove_earlier_best(self.out, [a.name for a in cfg.lora])
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=0)
         session.model.train()  # the base has no dropout; this turns on the adapters' LoRA dropout
         try:
@@ -571,6 +573,23 @@ def training_batches(cfg, train: dict[str, Sequence[Example]], max_tokens: int |
 
 
 BEST_DIR = "best"  # <output_dir>/<adapter>/best: the weights of the lowest eval loss (save_best)
+
+
+def remove_earlier_best(out: Path, names: Iterable[str]) -> None:
+    """A fresh run (not --resume): each adapter's <name>/best left by an earlier run in `out`
+    goes, as its resumable checkpoints do (checkpoint.clear): a run that saves no best of its
+    own (save_best off, or no finite eval loss) left the earlier run's there, where it passed
+    for this run's. Only a directory mlora could have written (adapter.is_checkpoint_dir);
+    anything else there is left as it is, said on stderr."""
+    for name in names:
+        best = Path(out) / name / BEST_DIR
+        if not os.path.lexists(best):
+            continue
+        if is_checkpoint_dir(best):
+            shutil.rmtree(best)
+        else:
+            print(f"mlora: note: {best} is not an adapter directory mlora wrote (an earlier run's best "
+                  "weights); left as it is", file=sys.stderr)
 
 
 def improves(best: tuple[float, int] | None, eval_loss: float | None) -> bool:

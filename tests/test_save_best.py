@@ -216,3 +216,38 @@ def test_save_best_turned_on_at_resume_saves_what_it_names(pipe_model, tmp_path,
         assert line.endswith(f"best eval loss {loss:.4f} at step {step} saved to {out / name / 'best'}"), line
         best, ckpt = best_weights(out, name), best_weights(out, name, f"checkpoint-{step}")
         assert all(torch.equal(best[k], ckpt[k]) for k in ckpt), name
+
+
+def test_a_fresh_run_removes_an_earlier_runs_best_a_resume_keeps_it(pipe_model, tmp_path, monkeypatch, capsys):
+    """<name>/best is the run's own: a resume keeps the best written before it (even with
+    save_best now off), a fresh start removes an earlier run's (here with save_best off, so
+    it writes none: the old one passed for its own), in one process and on a pipeline's rank 0;
+    but a `best` that is not a directory mlora wrote (a file of someone else's in it) stays."""
+    out = tmp_path / "out"
+    cfg = write_best_config(tmp_path, out)
+    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
+    kill_after_p0_step_3(argv, monkeypatch)
+    assert assert_best_is_its_checkpoint(out, "p0") == 3
+    off = json.loads(cfg.read_text())
+    for adapter in off["lora"]:
+        adapter["save_best"] = False
+    cfg.write_text(json.dumps(off))
+    assert main([*argv, "--resume"]) == 0  # the run killed above, to its end
+    assert assert_best_is_its_checkpoint(out, "p0") == 3
+
+    (out / "p1" / "best" / "notes.txt").write_text("mine")
+    for adapter in off["lora"]:  # (a fresh run may change anything: a short one, without evals)
+        adapter.update(num_epochs=1, eval_step=None)
+    cfg.write_text(json.dumps({**off, "save_step": 0}))
+    capsys.readouterr()
+    assert main(argv) == 0  # a fresh run over the finished one
+    assert not (out / "p0" / "best").exists()
+    assert (out / "p1" / "best" / "notes.txt").read_text() == "mine"
+    assert (out / "p1" / "best" / "adapter_model.safetensors").is_file()
+    assert f"mlora: note: {out / 'p1' / 'best'} is not an adapter directory mlora wrote" in capsys.readouterr().err
+
+    shutil.copytree(out / "p0" / "checkpoint-3", out / "p0" / "best")  # as an earlier run would leave it
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out)] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    assert not (out / "p0" / "best").exists()
+    assert (out / "p1" / "best" / "notes.txt").read_text() == "mine"

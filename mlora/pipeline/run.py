@@ -142,7 +142,7 @@ def train_pipeline(args) -> int:
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
-    from mlora.trainer import Interrupted, SignalFlag
+    from mlora.trainer import Interrupted, SignalFlag, remove_earlier_best
 
     place = resolve_place(args)
     created, lock, device = [], contextlib.ExitStack(), None
@@ -177,6 +177,8 @@ def train_pipeline(args) -> int:
         if not args.resume:
             refuse_unfinished_runs(transport, session.cfg.output_dir, args.overwrite)
             checkpoint.clear(session.cfg.output_dir)
+            if place.rank == 0:  # (the rank that writes the adapters)
+                remove_earlier_best(session.cfg.output_dir, [a.name for a in session.cfg.lora])
             state = None
         else:
             state = resume_state(transport, session.cfg.output_dir, tag, run_print)
