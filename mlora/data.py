@@ -47,6 +47,8 @@ _SHAPE_KEYS = {"alpaca": "instruction", "chat": "messages", "sharegpt": "convers
 # The keys each row shape reads (a chat message's: _MESSAGE_KEYS, and what its template names).
 _READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "sharegpt": ("conversations",),
               "prompt/completion": ("prompt", "completion"), "text": ("text",)}
+# Every key of a row that some shape reads: a Parquet file's other columns are not read at all.
+ROW_KEYS = tuple(dict.fromkeys(key for keys in _READ_KEYS.values() for key in keys))
 _MESSAGE_KEYS = ("role", "content")
 # ShareGPT's message keys (renamed as TRL's maybe_convert_to_chatml renames them) and role names (which
 # TRL keeps, though chat templates know user and assistant); other roles pass as they are.
@@ -124,7 +126,9 @@ def _read_parquet(path: Path) -> list[dict]:
     """A Parquet file's rows as JSON rows would give them. Arrow gives every row every column,
     and a list of structs (messages) every struct field of the column, so what a row lacks comes
     as null: dropped, as TRL drops them (`remove_none_values`), or a chat template would see a
-    message's `tool_calls: null` and a note every key of every row."""
+    message's `tool_calls: null` and a note every key of every row. Only the columns some row
+    shape reads are read (`_parquet_columns`): a dataset's images or embeddings beside its text
+    cost neither the time nor the memory of reading them."""
     if not path.is_file():
         raise UserError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:
@@ -133,7 +137,7 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: reading Parquet files needs pyarrow (pip install pyarrow), "
                         f"or convert it to JSONL") from None
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(path, columns=_parquet_columns(pq.read_schema(path).names)).to_pylist()
     except Exception as err:  # pyarrow's own error types for a file that is not Parquet, or damaged
         # (a damaged page's message spans lines: "Couldn't deserialize thrift: ...\nDeserializing
         # page header failed.\n")
@@ -143,6 +147,26 @@ def _read_parquet(path: Path) -> list[dict]:
     if not rows:
         raise UserError(f"{path}: the dataset is empty (no rows)")
     return rows
+
+
+def _parquet_columns(names: list[str]) -> list[str] | None:
+    """Which of a Parquet file's columns to read: those some row shape reads (ROW_KEYS); None
+    (every column) when it has none, so the rows show their keys in encoding's unknown-shape
+    error. (Not also those that look like a misspelling of one: "image" looks like "messages".)"""
+    return [name for name in names if name in ROW_KEYS] or None
+
+
+def unread_columns(path: str | Path) -> list[str]:
+    """The columns of a Parquet file that load_rows did not read (none of another file), for
+    unread_keys_note: its rows do not hold them."""
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        return []
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names  # (the file load_rows has read: its footer only)
+    read = _parquet_columns(names)
+    return [] if read is None else [name for name in names if name not in read]
 
 
 def _without_nulls(value):
@@ -380,14 +404,15 @@ def row_shape(row: dict) -> str:
     return shapes[0]
 
 
-def unread_keys_note(rows: Sequence[dict], tokenizer) -> str | None:
+def unread_keys_note(rows: Sequence[dict], tokenizer, columns: Sequence[str] = ()) -> str | None:
     """What a note about `rows` should say of their keys that nothing reads, or None when every
     key is read: each such key with the number of rows holding it, likely misspellings of a key
     the row lacks first ("did you mean 'input'?"). Real datasets carry extra columns (ids,
     sources), so this is a note, not an error. A chat message's keys other than role and content
     reach the tokenizer's chat template, which may read any of them (name, tool_calls,
     reasoning_content...): only those its source never names are told. Rows of no single shape
-    are skipped (encoding names them)."""
+    are skipped (encoding names them). columns: keys every row holds though the rows lack them
+    (a Parquet file's columns that load_rows did not read: unread_columns), counted in every row."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):  # several named templates
         template = "\n".join(template.values())
@@ -418,7 +443,7 @@ def unread_keys_note(rows: Sequence[dict], tokenizer) -> str | None:
 
     # Rows share a few key layouts, each worked out once: counting them is C's work (~20 ms for
     # 50,000 rows, against tens of seconds to tokenize them).
-    for keys, n in Counter(map(tuple, rows)).items():
+    for keys, n in Counter(tuple(row) + tuple(columns) for row in rows).items():
         shape, strays = row_layout(keys)
         if strays:
             told.add(shape)

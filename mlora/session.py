@@ -13,7 +13,7 @@ import torch
 
 from mlora.config import (EXPERT_TARGET_MODULES, MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config,
                           projection_of)
-from mlora.data import Example, encode_rows, load_rows, load_template, unread_keys_note
+from mlora.data import Example, encode_rows, load_rows, load_template, unread_columns, unread_keys_note
 from mlora.device import dtype_note, resolve_device, resolve_dtype
 from mlora.errors import UserError
 from mlora.loader import load_model, read_model_config, weight_index
@@ -238,7 +238,7 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
     rows = load_rows(path)
     if noted is not None and os.path.realpath(path) not in noted:
         noted.add(os.path.realpath(path))
-        note = unread_keys_note(rows, tokenizer)
+        note = unread_keys_note(rows, tokenizer, unread_columns(path))
         if note:
             print(f"mlora: note: {path}: {note}", file=sys.stderr)
     return encode_rows(rows, tokenizer, load_template(prompt), cutoff_len, train_on_inputs, source=str(path))

@@ -121,16 +121,52 @@ def test_parquet_rows_are_the_json_rows(tmp_path, tokenizer):
         load_rows(tmp_path / "empty.parquet")
 
 
+def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch, tokenizer):
+    """A wide Parquet file (here an image and an embedding beside alpaca rows) loads the rows its
+    text columns give, without reading the others (what pyarrow is asked for is spied on); the
+    note still names them as it names a JSON row's unread keys (a misspelt "inptu" with its
+    hint). A file of no column any shape reads is read whole: encoding's error shows its keys."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from mlora.data import ROW_KEYS, unread_columns
+
+    rows = [{"instruction": "a", "inptu": "b", "output": "c"}, {"instruction": "d", "inptu": "f", "output": "e"}]
+    wide = [{**row, "image": bytes(4096), "embedding": [0.5] * 64} for row in rows]
+    pq.write_table(pa.Table.from_pylist(wide), tmp_path / "wide.parquet")
+    asked = []
+    read_table = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, columns=None: asked.append(columns) or read_table(path, columns=columns))
+    got = load_rows(tmp_path / "wide.parquet")
+    assert asked == [["instruction", "output"]]
+    assert got == [{"instruction": "a", "output": "c"}, {"instruction": "d", "output": "e"}]
+    assert unread_columns(tmp_path / "wide.parquet") == ["inptu", "image", "embedding"]
+    json_rows = [{k: v for k, v in row.items() if v is not None} for row in wide]
+    assert (unread_keys_note(got, tokenizer, unread_columns(tmp_path / "wide.parquet"))
+            == unread_keys_note(json_rows, tokenizer))
+    assert "'inptu' (2 rows; did you mean 'input'?)" in unread_keys_note(json_rows, tokenizer)
+    assert set(ROW_KEYS) == {"instruction", "input", "output", "messages", "conversations", "prompt", "completion",
+                             "text"}
+
+    pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": "b"}]), tmp_path / "odd.parquet")
+    assert load_rows(tmp_path / "odd.parquet") == [{"question": "a", "answer": "b"}] and asked[-1] is None
+    assert unread_columns(tmp_path / "odd.parquet") == []
+    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n')
+    assert unread_columns(tmp_path / "rows.jsonl") == []
+
+
 def test_a_damaged_parquet_file_is_one_line(tmp_path, monkeypatch):
     """pyarrow's message for a damaged page spans lines (what it said for a file whose page
     bytes were overwritten); mlora's stays one line."""
     pq = pytest.importorskip("pyarrow.parquet")
 
-    def damaged(path):
+    import pyarrow as pa
+
+    def damaged(path, columns=None):
         raise OSError("Couldn't deserialize thrift: TProtocolException: Invalid data\nDeserializing page header "
                       "failed.\n")
 
-    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    pq.write_table(pa.Table.from_pylist([{"text": "a"}]), tmp_path / "rows.parquet")  # (its footer reads)
     monkeypatch.setattr(pq, "read_table", damaged)
     with pytest.raises(UserError) as err:
         load_rows(tmp_path / "rows.parquet")
