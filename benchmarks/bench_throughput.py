@@ -2,11 +2,14 @@
 (one adapter at a time) vs the frozen base alone (forward + backward, no LoRA: the bound).
 
 All in ONE run on one device, random-initialised weights of a named shape built directly on
-the device (speed does not depend on the values), bf16, sequence 512, LoRA r=16, alpha=32,
-dropout 0.05 on all seven projections, AdamW. Every adapter gets the same rows per step, so
-"N adapters fused" processes N times the tokens of "one adapter" per step.
+the device (speed does not depend on the values), bf16 (fp32 on the CPU; --dtype chooses),
+sequence 512, LoRA r=16, alpha=32, dropout 0.05 on all seven projections, AdamW. Every adapter
+gets the same rows per step, so "N adapters fused" processes N times the tokens of "one adapter"
+per step. In fp16 mlora scales each adapter's loss as its trainer does (loss_scale.py); PEFT's
+side runs unscaled (its speed is the same: the scale is one multiply and one divide a step).
 
     python benchmarks/bench_throughput.py                  # GPU: tinyllama-1.1b and llama2-7b
+    python benchmarks/bench_throughput.py --dtype fp16     # the same in fp16
     python benchmarks/bench_throughput.py --tiny           # CPU, seconds: the CI smoke test
 
 Writes JSON (every run, then the summary ratios) and, when matplotlib is installed, a PNG.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import sys
 import time
@@ -33,10 +37,13 @@ import mlora.lora as lora_module  # noqa: E402
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.batching import trained_positions  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
+from mlora.device import resolve_dtype  # noqa: E402
 from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, clear_lora_caches, inject_lora  # noqa: E402
 from mlora.loss import head_loss_sums  # noqa: E402
+from mlora.loss_scale import needs_loss_scaling  # noqa: E402
 from mlora.memory import _first_line  # noqa: E402
 from mlora.models.llama import CausalLM, args_from_hf_config  # noqa: E402
+from mlora.trainer import _scaled_loss  # noqa: E402
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -147,7 +154,8 @@ class MloraBench:
             cfg = AdapterConfig(name=f"a{i}", data="<bench>", r=self.s.r, alpha=self.s.alpha, dropout=dropout,
                                 target_modules=list(TARGET_MODULES), batch_size=rows, micro_batch_size=rows,
                                 lr=self.s.lr, max_grad_norm=1.0)
-            out.append(Adapter(cfg, self.wrappers, seed=i, device=self.device, total_steps=1000))
+            out.append(Adapter(cfg, self.wrappers, seed=i, device=self.device, total_steps=1000,
+                               loss_scaling=needs_loss_scaling(self.dtype, None)))
         return out
 
     def detach(self, adapters: list[Adapter]) -> None:
@@ -173,10 +181,14 @@ class MloraBench:
             self.layout.rows = layout_rows
             hidden = self.model(ids, head=False)  # [n*rows, S, H]
             sums = head_loss_sums(self.model, hidden, ids, layout_rows, counts, targets)
-            total = sum(ce / max(1, count) for ce, count in sums.values())
+            # (times each adapter's loss scale under fp16, as the trainer's; 1, and no multiply, else)
+            total = sum(_scaled_loss(*sums[a.name], a.loss_scale_for(sums[a.name][1])) for a in adapters)
             total.backward()
             norms = [a.step_on_device(~torch.isfinite(sums[a.name][0]))[1] for a in adapters]
-            torch.stack([ce for ce, _ in sums.values()] + norms).tolist()  # the trainer's one read
+            read = torch.stack([ce for ce, _ in sums.values()] + norms).tolist()  # the trainer's one read
+            if adapters[0].loss_scale is not None:  # the scale moves on as in the trainer (_finish_step)
+                for a, norm in zip(adapters, read[len(sums):]):
+                    a.update_loss_scale(math.isfinite(norm))
 
         return step, adapters
 
@@ -555,6 +567,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2; --tiny: 1)")
     p.add_argument("--no-extras", action="store_true", help="only the 4-adapter comparison")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="the base's and the activations' dtype (default: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     p.add_argument("--profile", default=None, metavar="TXT",
                    help="instead of the benchmark: profile the first shape's frozen base and core fused step")
@@ -575,7 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.steps = args.steps if args.steps is not None else 2 if args.tiny else 5
     args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = (resolve_dtype(device, args.dtype) if args.dtype
+             else torch.bfloat16 if device.type == "cuda" else torch.float32)
     adapters = sorted(int(n) for n in args.adapters.split(","))
     s = Settings(seq=args.seq, steps=args.steps, warmup=args.warmup)
     out = Path(args.out)

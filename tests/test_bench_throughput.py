@@ -325,3 +325,27 @@ def test_loss_benchmark_quick_mode(tmp_path):
     assert r["chunked"]["peak_mib"] < 0.35 * r["whole_logits"]["peak_mib"]
     assert r["chunked"]["peak_mib"] <= r["estimate_chunked_mib"] <= 1.05 * r["chunked"]["peak_mib"]
     assert r["chunked"]["ms"] > 0 and r["whole_logits"]["ms"] > 0
+
+
+def test_tiny_mode_takes_a_dtype(tmp_path, monkeypatch):
+    """--dtype fp16 (bf16 on CUDA and fp32 elsewhere by default): every system builds its model
+    in it, the JSON's meta says it, and mlora's adapters scale their losses as the trainer does
+    in fp16 (their scale moves on after each step). The core part only, without Triton's
+    interpreted runs or the collections before each run, to stay quick."""
+    bench = _load()
+    built = []
+    real_init, real_plan = bench.MloraBench.__init__, bench.plan
+    monkeypatch.setattr(bench.MloraBench, "__init__", lambda self, *a: real_init(self, *a) or built.append(self))
+    monkeypatch.setattr(bench, "plan", lambda *a, **k: [] if a[3] == "triton" else real_plan(*a, **k))
+    monkeypatch.setattr(bench, "free_memory", lambda device: None)  # (a full gc.collect before each run)
+    steps = []
+    monkeypatch.setattr(bench.Adapter, "update_loss_scale",
+                        lambda self, finite: steps.append(self.loss_scale is not None) or False)
+    out = tmp_path / "throughput.json"
+    result = bench.main(["--tiny", *FEWEST_STEPS, "--no-extras", "--no-profile", "--dtype", "fp16",
+                         "--out", str(out)])
+    assert result["meta"]["dtype"] == "float16" and json.loads(out.read_text())["meta"]["dtype"] == "float16"
+    assert {r["system"] for r in result["runs"]} == {"mlora", "mlora-base", "peft", "hf-base"}
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in result["runs"])
+    assert built and all(b.model.model.embed_tokens.weight.dtype == torch.float16 for b in built)
+    assert steps and all(steps)  # (1 + 4 adapters, warm-up and timed steps)
