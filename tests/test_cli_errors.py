@@ -649,13 +649,18 @@ def test_a_base_tensor_that_is_not_floating_point(setup, capsys, tmp_path, tiny_
     ("a/best", "out/a/best is a file, but mlora writes the best weights of 'a' (save_best) there (a directory)"),
     ("a/best@", "out/a/best is a symbolic link to nothing, but mlora writes the best weights of 'a' (save_best)"),
     ("a/checkpoint-1", "out/a/checkpoint-1 is a file, but mlora writes a save_step checkpoint of 'a' there"),
+    ("a/best/notes.txt", "out/a/best holds files mlora did not write (notes.txt), but mlora replaces it with the "
+                         "best weights of 'a' (save_best)"),
+    ("a/checkpoint-1/notes.txt", "out/a/checkpoint-1 holds files mlora did not write (notes.txt), but mlora "
+                                 "replaces it with a save_step checkpoint of 'a'"),
 ])
 def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_way, fragment):
     """A file where an adapter's directory goes (or a directory where a file goes) used to let
     the whole run train and then fail with a traceback when it saved, the training lost; so did
     a symbolic link to nothing (@; exists() says False), and a FIFO (|) where metrics.jsonl goes
     failed at the start of training, output_dir in use; so did a file where save_best's
-    <name>/best or save_step's <name>/checkpoint-<step> goes, at its first save, mid-run."""
+    <name>/best or save_step's <name>/checkpoint-<step> goes, at its first save, mid-run; and
+    a directory there holding someone else's files was deleted at that save."""
     _, data, out, config = setup
     config = functools.partial(config, {"save_best": True, "test_data": str(data), "eval_step": 1}, save_step=1)
     place = out / in_the_way.rstrip("/@|")
@@ -670,6 +675,27 @@ def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_wa
     code, err = run_train(capsys, tiny_llama, config())
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
+def test_only_a_directory_mlora_wrote_is_replaced_whole(tmp_path):
+    """Where the run replaces a directory whole (save_best's <name>/best, a checkpoint-<step>
+    it will save): one mlora wrote (its two PEFT files) or an empty one passes; a link to a
+    directory, whose rmtree failed mid-run, is refused before training."""
+    import torch
+
+    from mlora.adapter import save_checkpoint_dir
+    from mlora.cli import prepare_output_dir
+    from mlora.errors import UserError
+
+    out = tmp_path / "out"
+    best = [("a/best", "the best weights of 'a' (save_best)")]
+    save_checkpoint_dir(out / "a" / "best", {"w": torch.zeros(2)}, {"r": 1})
+    (out / "a" / "checkpoint-1").mkdir()
+    assert prepare_output_dir(str(out), ["a"], [*best, ("a/checkpoint-1", "a save_step checkpoint of 'a'")]) == []
+    (out / "a" / "best").rename(tmp_path / "elsewhere")
+    (out / "a" / "best").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match=r"out/a/best is a symbolic link, but mlora replaces it with the best weights"):
+        prepare_output_dir(str(out), ["a"], best)
 
 
 def test_a_checkpoint_name_the_run_never_saves_is_left_alone(setup, tiny_llama, capsys):
