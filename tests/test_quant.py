@@ -152,6 +152,44 @@ def test_saved_adapter_loads_in_peft_on_the_same_quantized_base(quant_run, tiny_
     assert (bare - expected).abs().max().item() > 1e-3  # and the adapter matters
 
 
+# The CLI flags that quantize the base as each case does (--dtype on the CPU is fp32, the fp4
+# case's compute dtype).
+CLI_FLAGS = {"nf4": ["--load_4bit", "--quant_type", "nf4", "--compute_dtype", "bf16"],
+             "fp4": ["--load_4bit", "--quant_type", "fp4", "--double_quant"],
+             "int8": ["--load_8bit"]}
+
+
+def test_generate_on_the_quantized_base_equals_peft_greedy(quant_run, tiny_llama, tokenizer, capsys):
+    """`mlora generate --load_4bit/--load_8bit`: each adapter's greedy completion (both in one
+    fused batch) is transformers + PEFT's on a transformers model quantized the same way."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from mlora.cli import main
+
+    kind, _, out = quant_run
+    prompt = "one two three"
+    assert main(["generate", "--base_model", str(tiny_llama), "--config", str(out.parent / "config.json"),
+                 "--format", "text", "--prompt", prompt, "--max_new_tokens", "5", *CLI_FLAGS[kind]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["adapter"] for line in lines] == [a["name"] for a in ADAPTERS]
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(**CASES[kind][1]))
+    for module in base.modules():  # (off as mlora turns it off: see the test above)
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(base, out / "x", adapter_name="x").eval()
+    model.load_adapter(out / "y", adapter_name="y")
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    for line in lines:
+        model.set_adapter(line["adapter"])
+        with torch.no_grad():
+            expected = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+        assert line["output"] == tokenizer.decode(expected, skip_special_tokens=True), (kind, line)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_lora_gradients_are_those_of_the_dequantized_weight(bits):
     """Two adapters on one quantized layer get exactly the gradients they would get on an
