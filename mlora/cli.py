@@ -246,7 +246,7 @@ def cmd_train(args) -> int:
     for a in session.cfg.lora:
         s = summary[a.name]
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
-        extra = " (stopped after a non-finite loss)" if s["stopped"] else ""
+        extra = " (stopped after a non-finite loss or gradient)" if s["stopped"] else ""
         best = best_note(s["best"], s["output"]) if a.save_best else ""
         print(f"{a.name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{best}{extra}")
     return 0

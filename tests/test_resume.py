@@ -271,7 +271,7 @@ POISONS = {
 
 
 @pytest.mark.parametrize("kind", sorted(POISONS))
-def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, reference, kind, monkeypatch):
+def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, reference, kind, monkeypatch, capsys):
     settings, policy = POISONS[kind]
     if kind == "nan-loss-accumulated":
         import mlora.lora
@@ -287,6 +287,10 @@ def test_a_poisoned_adapter_never_touches_the_others(tmp_path, tiny_llama, refer
     assert all(m["reason"].startswith("non-finite") for m in flagged)
     if policy == "stop":
         assert records[-1].get("skipped") and len(flagged) == 1
+        # Its last line says why it stopped, whichever went non-finite (here the gradient; the
+        # loss may be finite: it said "non-finite loss" then too).
+        poison_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("poison:"))
+        assert poison_line.endswith("(stopped after a non-finite loss or gradient)"), poison_line
     else:
         assert len(records) == 18  # every step is logged, the bad ones as skipped
     if kind == "nan-loss-accumulated":
