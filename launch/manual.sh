@@ -12,9 +12,11 @@
 # lines). Arguments go to mlora, e.g. --output_dir.
 #
 # On several hosts, start each rank on its host with --master_addr set to rank 0's address.
-# Set PYTHON to the interpreter that has mlora installed (default: python3), e.g. .venv/bin/python.
+# PYTHON is the interpreter that has mlora installed: by default this checkout's .venv/bin/python
+# (what `make setup` makes) when there is one, else python3.
 set -euo pipefail
-PY=${PYTHON:-python3}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
 BASE=${BASE:?set BASE to the base model directory}
 CONFIG=${CONFIG:?set CONFIG to the training config}
 BALANCE=${BALANCE:-"9 9 9 8"}

@@ -173,3 +173,27 @@ def test_torchrun_script_bad_options_are_one_line(args, message):
                           env=dict(os.environ, PYTHON="false"), cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip() == f"launch/torchrun.sh: {message}" + (
         "" if "must be" not in message else ", not serve"), done.stderr
+
+
+@pytest.mark.parametrize("script", ["manual.sh", "torchrun.sh"])
+def test_scripts_run_the_checkouts_venv_by_default(tmp_path, script):
+    """Without PYTHON the scripts run this checkout's .venv/bin/python (make setup's), not the
+    first python3 on PATH (where a make-setup user has no torch: 'No module named torch')."""
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if not venv_python.exists():
+        pytest.skip("no .venv in this checkout (make setup makes it)")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho 'the python3 on PATH ran' >&2\nexit 3\n")
+    (fake / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "TORCHRUN")}
+    env.update(PATH=f"{fake}:{env['PATH']}", HF_HUB_OFFLINE="1", **ONE_THREAD)
+    missing = str(tmp_path / "missing.json")
+    if script == "manual.sh":
+        cmd, env = ["bash", str(ROOT / "launch" / script)], dict(env, BASE=str(tmp_path), CONFIG=missing,
+                                                                   BALANCE="1", DEVICE_PREFIX="cpu")
+    else:  # (torchrun's own agent runs under the same interpreter)
+        cmd = ["bash", str(ROOT / "launch" / script), "--base_model", str(tmp_path), "--config", missing]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert "the python3 on PATH ran" not in done.stderr
+    assert done.returncode != 0 and f"mlora: error: {missing}: config file not found" in done.stderr, done.stderr
