@@ -61,10 +61,22 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fill(tmp)
-        tmp.chmod(_usual_mode(0o777))
+        _give_usual_modes(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _give_usual_modes(root: Path) -> None:
+    """`root` and what `fill` wrote in it get the modes open() and mkdir() would have given:
+    writers that make their files private whatever the umask (safetensors' save_file writes
+    0600) left the demo's converted base readable to its owner only."""
+    root.chmod(_usual_mode(0o777))
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        path.chmod(_usual_mode(0o777 if executable else 0o666))

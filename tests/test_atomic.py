@@ -11,6 +11,15 @@ import pytest
 from mlora.atomic import write_dir_atomically, write_file_atomically
 
 
+def fill_like_safetensors(tmp: Path) -> None:
+    """What a directory's writers leave: a file by open(), and one made private whatever the
+    umask, as safetensors' save_file makes its files (0600: the demo's converted base was)."""
+    (tmp / "x").write_text("x")
+    (tmp / "private").write_text("p")
+    (tmp / "private").chmod(0o600)
+    (tmp / "sub").mkdir(mode=0o700)
+
+
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     """tempfile's files are 0600 and its directories 0700; renamed into place, adapters and
@@ -18,11 +27,13 @@ def test_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     previous = os.umask(umask)
     try:
         path = write_file_atomically(tmp_path / "f.json", lambda tmp: Path(tmp).write_text("{}"))
-        target = write_dir_atomically(tmp_path / "d", lambda tmp: (tmp / "x").write_text("x"))
+        target = write_dir_atomically(tmp_path / "d", fill_like_safetensors)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == file_mode
     assert stat.S_IMODE(target.stat().st_mode) == dir_mode
+    assert stat.S_IMODE((target / "private").stat().st_mode) == file_mode
+    assert stat.S_IMODE((target / "sub").stat().st_mode) == dir_mode
     assert path.read_text() == "{}" and (target / "x").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.json"]  # no temporary left behind
 
