@@ -30,18 +30,25 @@ FINISHED = "FINISHED.json"
 _ITER = re.compile(r"^iter-(\d+)(?:-(rank\d+))?$")
 
 
+RESUMABLE_WITH_OTHER = ("save_best", "early_stopping_patience", "early_stopping_threshold")
+
+
 def run_fingerprint(session) -> dict:
     """What a checkpoint must agree with to be resumed: adapters, their configs, the global
     settings that shape the batches, the base model and the data."""
     cfg = session.cfg
     # (save_best neither: it only chooses what else is saved; so it may be turned on or off when
     # resuming, turned on its tally starting at the next eval (a checkpoint written with it off
-    # holds none), and older checkpoints, written before the key existed, still match)
-    adapters = {a.name: {k: v for k, v in asdict(a).items() if k != "save_best"} for a in cfg.lora}
+    # holds none), and older checkpoints, written before the key existed, still match. The
+    # early-stopping keys neither, for the same reasons: a resume replays the stops its
+    # checkpoint records, and they decide from the next eval on)
+    adapters = {a.name: {k: v for k, v in asdict(a).items() if k not in RESUMABLE_WITH_OTHER}
+                for a in cfg.lora}
     # Not part of it: where and how often to save, and what changes memory but not results:
     # recompute (bit-identical, tested) and memory_fraction (its budget is saved in every
     # checkpoint and replayed), so a run that ran out of memory can resume with either changed.
-    ignored = ("lora", "output_dir", "save_step", "save_total_limit", "recompute", "memory_fraction")
+    ignored = ("lora", "output_dir", "save_step", "save_total_limit", "recompute", "memory_fraction",
+               *RESUMABLE_WITH_OTHER)  # (the adapters' defaults, in their settings above)
     globals_ = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     base_cfg = (Path(session.base_dir) / "config.json").read_bytes()
     data = {name: hashlib.sha256(json.dumps([ex.input_ids for ex in d.train]).encode()).hexdigest()[:16]

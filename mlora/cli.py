@@ -246,10 +246,16 @@ def cmd_train(args) -> int:
     for a in session.cfg.lora:
         s = summary[a.name]
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
-        extra = " (stopped after a non-finite loss or gradient)" if s["stopped"] else ""
+        extra = (" (stopped after a non-finite loss or gradient)" if s["stopped"]
+                 else early_stop_note(s["early_stopped"]))
         best = best_note(s["best"], s["output"]) if a.save_best else ""
         print(f"{a.name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{best}{extra}")
     return 0
+
+
+def early_stop_note(step: int | None) -> str:
+    """What an adapter's last line adds when early stopping took it out after `step`."""
+    return "" if step is None else f" (stopped early after step {step}: its eval loss stopped improving)"
 
 
 def best_note(best: tuple[float, int] | None, output: str) -> str:

@@ -90,6 +90,11 @@ class AdapterConfig:
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_step: int | None = None  # filled from TrainConfig by parse_config; 0 = never
     save_best: bool = False  # keep the weights of the lowest eval loss in <output_dir>/<name>/best
+    # Stop the adapter after this many evaluations in a row without improving on its lowest eval
+    # loss by more than early_stopping_threshold (HF's EarlyStoppingCallback); None = off.
+    # (absent from an adapter's entry, both are filled from TrainConfig by parse_config)
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
     init_from: str | None = None  # absolute path of a saved adapter directory
     on_nan: str = "skip"  # a non-finite loss or gradient: skip that step, or stop the adapter
 
@@ -105,6 +110,8 @@ class TrainConfig:
     output_dir: str = "output"
     group_by_length: bool = False
     eval_step: int = 0  # 0 = never
+    early_stopping_patience: int | None = None  # the adapters' default (None = no early stopping)
+    early_stopping_threshold: float = 0.0  # the adapters' default
     train_lora_candidate_num: int | None = None  # filled with len(lora) by parse_config
     train_lora_simultaneously_num: int | None = None  # filled with len(lora) by parse_config
     train_strategy: str = "trivial"
@@ -210,6 +217,8 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None,
         top.fail("'output_dir' is blank: give a directory")
     top.boolean("group_by_length")
     top.integer("eval_step", _NON_NEGATIVE)
+    top.integer("early_stopping_patience", _POSITIVE, nullable=True)
+    top.number("early_stopping_threshold", _NON_NEGATIVE)
     top.integer("train_lora_candidate_num", _POSITIVE, nullable=True)
     top.integer("train_lora_simultaneously_num", _POSITIVE, nullable=True)
     top.choice("train_strategy", TRAIN_STRATEGIES, MLORA_STRATEGY_NAMES)
@@ -249,6 +258,18 @@ def parse_config(obj: Any, source: str = "config", base_dir: Path | None = None,
         if adapter.save_best and missing:
             raise UserError(f"{source}: lora[{i}] (name {adapter.name!r}): 'save_best' is true but no "
                             f"'{missing}' is given (the best weights are those of the lowest eval loss)")
+        if adapter.early_stopping_threshold is _INHERIT:
+            adapter.early_stopping_threshold = config.early_stopping_threshold
+        if adapter.early_stopping_patience is _INHERIT:
+            # As the global eval_step: it applies to the adapters that are evaluated.
+            adapter.early_stopping_patience = None if missing else config.early_stopping_patience
+        if adapter.early_stopping_patience is not None and missing:
+            raise UserError(f"{source}: lora[{i}] (name {adapter.name!r}): 'early_stopping_patience' is "
+                            f"{adapter.early_stopping_patience} but no '{missing}' is given (it counts "
+                            f"evaluations without improvement of the eval loss)")
+    if config.early_stopping_patience is not None and not any(a.eval_step for a in adapters):
+        top.fail(f"'early_stopping_patience' is {config.early_stopping_patience} but no adapter is evaluated "
+                 f"(give 'eval_step' and the adapters' 'test_data')")
     candidate_given = config.train_lora_candidate_num is not None
     if not candidate_given:
         config.train_lora_candidate_num = len(adapters)
@@ -325,8 +346,11 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     a.integer("eval_step", _NON_NEGATIVE, nullable=True)
     a.boolean("save_best")
     a.choice("on_nan", NAN_POLICIES)
+    a.integer("early_stopping_patience", _POSITIVE, nullable=True)
+    a.number("early_stopping_threshold", _NON_NEGATIVE)
 
-    adapter = AdapterConfig(**a.values)
+    # (an absent patience takes the global one; an explicit null turns it off for this adapter)
+    adapter = AdapterConfig(**{"early_stopping_patience": _INHERIT, "early_stopping_threshold": _INHERIT, **a.values})
     if adapter.micro_batch_size is None:
         adapter.micro_batch_size = adapter.batch_size
     if adapter.batch_size % adapter.micro_batch_size:
@@ -432,6 +456,7 @@ _FRACTION = _Bound("in (0, 1]", lambda v: 0 < v <= 1)
 _SEED_RANGE = _Bound("in [0, 2**63)", lambda v: 0 <= v < 2**63)
 
 _MISSING = object()
+_INHERIT = object()  # an adapter's early-stopping key it does not give, until parse_config fills in the global one
 
 
 class _Reader:

@@ -34,6 +34,7 @@ from mlora.adapter import Adapter, is_checkpoint_dir, layer_generators, save_che
 from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
 from mlora.data import Example
+from mlora.early_stopping import Patience, stops_early
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.lora import clear_lora_caches
@@ -78,6 +79,8 @@ class AdapterProgress:
     stopped_at: int | None = None  # iteration at which on_nan=stop took it out
     skipped_steps: int = 0
     best: tuple[float, int] | None = None  # (eval loss, step) of the lowest finite eval loss so far
+    patience: Patience = field(default_factory=Patience)  # early stopping's tally
+    early_stopped: int | None = None  # the step after which early stopping took it out
 
 
 class SignalFlag:
@@ -189,7 +192,9 @@ class Trainer:
             for name, run in self.runs.items():
                 final_dir = run.adapter.save(self.out / name, str(session.base_dir.resolve()))
                 summary[name] = {"steps": run.adapter.steps_done, "loss": run.last_loss,
-                                 "output": str(final_dir), "stopped": run.stopped_at is not None,
+                                 "output": str(final_dir),
+                                 "stopped": run.stopped_at is not None and run.early_stopped is None,
+                                 "early_stopped": run.early_stopped,
                                  "skipped_steps": run.skipped_steps, "best": run.best}
             checkpoint.mark_finished(self.out, self.fingerprint)
             return summary
@@ -446,13 +451,29 @@ class Trainer:
                 save_checkpoint_dir(self.out / adapter.name / BEST_DIR, adapter.peft_state_dict(),
                                     adapter.peft_config(str(session.base_dir.resolve())))
                 record["best"] = True
+            early = stops_early(cfg.early_stopping_patience, run.patience, eval_loss, cfg.early_stopping_threshold,
+                                step, run.total_steps)
+            if early:
+                record["early_stopped"] = True
             self.metrics.write(record)
             run.bar.write(f"[{adapter.name}] step {step}: eval loss {eval_loss:.4f} over {tokens} tokens")
+            if early:
+                self._stop_early(run, step)
         if self.cfg.save_step and step % self.cfg.save_step == 0:
             save_checkpoint_dir(self.out / adapter.name / f"checkpoint-{step}", adapter.peft_state_dict(),
                                 adapter.peft_config(str(session.base_dir.resolve())))
             return True
         return False
+
+    def _stop_early(self, run: AdapterProgress, step: int) -> None:
+        """Early stopping takes the adapter out after `step`, as on_nan "stop" does: the next
+        fused batches leave it out and its slot goes to the next queued adapter; it is saved
+        at the end as it is now."""
+        run.stopped_at = self.iteration
+        run.early_stopped = step
+        self.stopped.add(run.adapter.name)
+        run.bar.write(f"[{run.adapter.name}] step {step}: stopped early (no eval loss improvement in "
+                      f"{run.patience.waited} evaluations)")
 
     def _non_finite(self, run: AdapterProgress, record: dict, counted: bool = False) -> bool:
         """A NaN/inf loss or gradient: skip the step or stop the adapter (its `on_nan`); the
@@ -524,6 +545,7 @@ class Trainer:
                 "step": asdict(run.step), "tokens_seen": run.tokens_seen, "busy_seconds": run.busy_seconds,
                 "last_loss": run.last_loss, "stopped_at": run.stopped_at, "skipped_steps": run.skipped_steps,
                 "best": None if run.best is None else list(run.best),
+                "patience": run.patience.state(), "early_stopped": run.early_stopped,
             }
         return checkpoint.write_checkpoint(self.out, self.iteration, state, self.fingerprint,
                                            self.cfg.save_total_limit)
@@ -541,6 +563,8 @@ class Trainer:
             # (a checkpoint from before save_best, or written with it off, has none: the evals
             # after it start the tally)
             run.best = tuple(saved["best"]) if saved.get("best") is not None else None
+            run.patience = Patience.from_state(saved.get("patience"))
+            run.early_stopped = saved.get("early_stopped")
             run.bar.update(run.adapter.steps_done)
             if run.stopped_at is not None:
                 stops.setdefault(run.stopped_at, []).append(name)

@@ -141,11 +141,16 @@ class Killed(Exception):
 
 def kill_after_p0_step_3(argv: list[str], monkeypatch) -> None:
     """Runs `mlora train` killed right after the checkpoint that follows p0's step 3."""
+    kill_after_step(argv, monkeypatch, "p0", 3)
+
+
+def kill_after_step(argv: list[str], monkeypatch, name: str, step: int) -> None:
+    """Runs `mlora train` killed right after the checkpoint that follows the adapter's step."""
     write = Trainer._write_checkpoint
 
     def write_then_die(self):
         path = write(self)
-        if self.runs["p0"].adapter.steps_done == 3:
+        if self.runs[name].adapter.steps_done == step:
             raise Killed
         return path
 

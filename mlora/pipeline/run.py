@@ -138,7 +138,8 @@ def refuse_unfinished_runs(transport, output_dir: str, overwrite: bool) -> None:
 
 def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
-    from mlora.cli import best_note, prepare_output_dir, quant_config, remove_if_still_empty, written_dirs
+    from mlora.cli import (best_note, early_stop_note, prepare_output_dir, quant_config, remove_if_still_empty,
+                           written_dirs)
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -213,7 +214,7 @@ def train_pipeline(args) -> int:
         for a in session.cfg.lora:
             saved = os.path.join(session.cfg.output_dir, a.name)
             best = best_note(result["best"].get(a.name), saved) if a.save_best else ""
-            print(f"{a.name}: saved to {saved}{best}")
+            print(f"{a.name}: saved to {saved}{best}{early_stop_note(result['early_stopped'].get(a.name))}")
     if place.rank == place.world_size - 1:
         for name, loss in result["losses"].items():
             print(f"{name}: last loss {loss:.4f}")

@@ -53,6 +53,7 @@ from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, p
                             trained_positions)
 from mlora.config import adapter_seed
 from mlora.device import upload
+from mlora.early_stopping import Patience, stops_early
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
 from mlora.loss import head_loss_sums
@@ -459,6 +460,8 @@ class StageWorker(StageLink):
         self.bars = {}
         self.last_loss: dict[str, float] = {}
         self.best: dict[str, tuple[float, int]] = {}  # adapter -> (eval loss, step) of its lowest finite one
+        self.patience = {name: Patience() for name in self.adapters}  # early stopping's tallies
+        self.early_stopped: dict[str, int] = {}  # adapter -> the step after which early stopping took it out
         self.run_started = 0.0  # (set by plan: the run's clock starts once it is planned)
         self.elapsed_before = 0.0
         self.metrics_bytes = 0  # where metrics.jsonl starts over (0: a fresh run)
@@ -471,15 +474,28 @@ class StageWorker(StageLink):
         # Before any plan: memory-aware admission, the same bounds on every rank.
         self.max_in_flight = in_flight_bounds(self.session, self.transport, list(self.micro.values()),
                                               self.pack_len)
-        self.segments, self.cuts = segments_of(self.streams, cut_periods(cfg))
-        self.plans = [build_plan(self.world, seg, max_in_flight=self.max_in_flight,
-                                 candidate_num=cfg.train_lora_candidate_num) for seg in self.segments]
+        self.plans = []
+        self.replan()
         if self.last:  # (only now: a start that fails leaves no bar behind)
             for i, a in enumerate(cfg.lora):
                 self.bars[a.name] = tqdm(total=self.adapters[a.name].total_steps, desc=a.name, position=i,
                                          disable=not self.progress, dynamic_ncols=True, mininterval=0.5,
                                          file=sys.stderr)
         self.run_started = time.perf_counter()
+
+    def replan(self) -> None:
+        """(Re)build the segments and the plans of those not run yet (from next_segment on),
+        leaving out the micro-batches of the steps after an adapter stopped early: its slot
+        goes to the next adapter (train_lora_candidate_num), as in one process. Every rank
+        does it at the same cut with the same early stops, so all keep one plan. The segments
+        already run keep their places: only later steps leave."""
+        cfg = self.session.cfg
+        streams = {name: [r for r in refs if name not in self.early_stopped or r.step < self.early_stopped[name]]
+                   for name, refs in self.streams.items()}
+        self.segments, self.cuts = segments_of(streams, cut_periods(cfg))
+        self.plans = self.plans[:self.next_segment] + [
+            build_plan(self.world, seg, max_in_flight=self.max_in_flight, candidate_num=cfg.train_lora_candidate_num)
+            for seg in self.segments[self.next_segment:]]
 
     # ------------------------------------------------------------------ the plan
     def run(self) -> dict:
@@ -488,6 +504,9 @@ class StageWorker(StageLink):
                 self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=self.metrics_bytes)
             self.session.model.train()  # the base has no dropout; this turns on LoRA dropout
             self.timer = StageTimer()
+            # Whether the last segment still waits for its evaluation: not when an early stop at
+            # its cut left no segment after it (then it was evaluated there, maybe before a resume).
+            last_unevaluated = False
             while self.next_segment < len(self.plans):
                 for action in self.plans[self.next_segment].stages[self.rank]:
                     if action.op == "F":
@@ -495,11 +514,16 @@ class StageWorker(StageLink):
                     else:
                         self.backward(action.mb)
                 self.next_segment += 1
-                if self.next_segment < len(self.plans):
+                last_unevaluated = self.next_segment == len(self.plans)
+                if not last_unevaluated:
                     header = self.flush_norms("FLUSH")
+                    cut = self.cuts[self.next_segment - 1]
+                    stopped = len(self.early_stopped)
                     self.evaluate(self.segments[self.next_segment - 1])
+                    if len(self.early_stopped) > stopped:
+                        self.replan()
                     save_step = self.session.cfg.save_step
-                    at_save = save_step and self.cuts[self.next_segment - 1] % save_step == 0
+                    at_save = save_step and cut % save_step == 0
                     # Resumable state at save_step cuts, and at any cut a signal stops the run at.
                     path = self.write_checkpoint() if at_save or header["stop"] is not None else None
                     if header["stop"] is not None and path is not None:
@@ -507,10 +531,11 @@ class StageWorker(StageLink):
                         raise Interrupted(header["stop"], path)
             self.session.layout.rows = []
             stats = self.finish_steps()
-            self.evaluate(self.segments[-1])  # END applied the last steps
+            if last_unevaluated:
+                self.evaluate(self.segments[-1])  # END applied the last steps
             self.gather_and_save()
             checkpoint.mark_finished(self.out, self.fingerprint, tag=f"rank{self.rank}")
-            return {**stats, "best": dict(self.best)}
+            return {**stats, "best": dict(self.best), "early_stopped": dict(self.early_stopped)}
         finally:
             if self.metrics is not None:
                 self.metrics.close()
@@ -642,9 +667,10 @@ class StageWorker(StageLink):
                 for cfg in due:
                     total, count = self.test_sums(cfg)
                     loss = total / count if self.last and count else None
-                    if cfg.save_best:
+                    if cfg.save_best or cfg.early_stopping_patience is not None:
                         # Only the last rank has the loss: every rank learns it (the same collective
-                        # at the same cut), keeps the same best and so agrees on saving it.
+                        # at the same cut), keeps the same best and so agrees on saving it, and
+                        # the same early-stopping tally and so agrees on stopping the adapter.
                         loss = self.transport.exchange(loss)[-1]
                     saving = cfg.save_best and improves(self.best.get(cfg.name), loss)
                     if saving:  # each rank's part travels to rank 0 as a checkpoint's does
@@ -653,21 +679,32 @@ class StageWorker(StageLink):
                         self.outbox.append((cfg.name, tag, self.rank, self.adapters[cfg.name].peft_state_dict()))
                         if self.first:
                             self.collect(self.outbox.pop())
+                    done = self.adapters[cfg.name].steps_done
+                    early = stops_early(cfg.early_stopping_patience, self.patience[cfg.name], loss,
+                                        cfg.early_stopping_threshold, done, self.adapters[cfg.name].total_steps)
+                    if early:
+                        self.early_stopped[cfg.name] = done
                     if self.last:
-                        self.log_eval(cfg.name, loss, count, best=saving)
+                        self.log_eval(cfg.name, loss, count, best=saving, early_stopped=early)
         finally:
             model.train()
             self.session.layout.rows = []
 
-    def log_eval(self, name: str, loss: float | None, tokens: int, best: bool = False) -> None:
+    def log_eval(self, name: str, loss: float | None, tokens: int, best: bool = False,
+                 early_stopped: bool = False) -> None:
         step = self.adapters[name].steps_done
         record = {"adapter": name, "step": step, "eval_loss": loss, "eval_tokens": tokens,
                   "time": self.elapsed_before + time.perf_counter() - self.run_started}
         if best:  # (its weights reach <name>/best once every rank's part is at rank 0)
             record["best"] = True
+        if early_stopped:
+            record["early_stopped"] = True
         self.metrics.write(record)
         shown = "n/a" if loss is None else f"{loss:.4f}"
         self.bars[name].write(f"[{name}] step {step}: eval loss {shown} over {tokens} tokens")
+        if early_stopped:
+            self.bars[name].write(f"[{name}] step {step}: stopped early (no eval loss improvement in "
+                                  f"{self.patience[name].waited} evaluations)")
 
     def mb_info(self, mb: int) -> tuple[str, int, bool]:
         part = self.micro[mb]
@@ -847,6 +884,8 @@ class StageWorker(StageLink):
                  "adapters": {n: a.state_for_checkpoint() for n, a in self.adapters.items()},
                  "last_loss": dict(self.last_loss), "frozen": sorted(self.frozen),
                  "best": {n: list(b) for n, b in self.best.items()},
+                 "patience": {n: p.state() for n, p in self.patience.items()},
+                 "early_stopped": dict(self.early_stopped),
                  "outbox": [[n, tag, r, part] for n, tag, r, part in self.outbox],
                  "collected": [[n, tag, r, part] for (n, tag), parts in self.collected.items()
                                for r, part in parts.items()]}
@@ -868,6 +907,11 @@ class StageWorker(StageLink):
         # (a checkpoint from before save_best, or written with it off, has none: the evals
         # after it start the tally)
         self.best = {n: tuple(b) for n, b in state.get("best", {}).items()}
+        # (as best: a checkpoint from before early stopping, or written with it off, has no tally)
+        self.patience.update((n, Patience.from_state(p)) for n, p in state.get("patience", {}).items())
+        self.early_stopped = dict(state.get("early_stopped", {}))
+        if self.early_stopped:  # the segments left are those the run had left at this cut
+            self.replan()
         self.outbox = [tuple(item) for item in state["outbox"]]
         for name, tag, rank, part in state["collected"]:
             self.collected.setdefault((name, tag), {})[rank] = part

@@ -1,0 +1,58 @@
+"""Per-adapter early stopping (HF Trainer's EarlyStoppingCallback): an adapter stops after
+`early_stopping_patience` evaluations in a row whose eval loss did not improve on its lowest one
+by more than `early_stopping_threshold`.
+
+One process (trainer.py) and every pipeline rank (pipeline/worker.py) keep the same tally the
+same way, from the same eval losses, so all of them stop an adapter after the same evaluation.
+The tally rides in the resumable checkpoints, so a resumed run stops where the uninterrupted
+one does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Patience:
+    """One adapter's tally: its lowest finite eval loss so far and the evaluations since one
+    improved on it by more than the threshold."""
+
+    lowest: float | None = None
+    waited: int = 0
+
+    def observe(self, eval_loss: float | None, threshold: float) -> None:
+        """Count one evaluation. As HF's callback: the lowest loss follows every improvement,
+        but only one by more than `threshold` restarts the count; a missing or non-finite
+        loss never improves."""
+        finite = eval_loss is not None and math.isfinite(eval_loss)
+        if finite and (self.lowest is None or eval_loss < self.lowest - threshold):
+            self.waited = 0
+        else:
+            self.waited += 1
+        if finite and (self.lowest is None or eval_loss < self.lowest):
+            self.lowest = eval_loss
+
+    def exhausted(self, patience: int | None) -> bool:
+        """Whether the adapter stops now (patience None: early stopping is off)."""
+        return patience is not None and self.waited >= patience
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, saved: dict | None) -> "Patience":
+        """From a checkpoint's state; one without (written before early stopping existed, or
+        with it off) starts the tally afresh."""
+        return cls(**saved) if saved else cls()
+
+
+def stops_early(patience: int | None, tally: Patience, eval_loss: float | None, threshold: float,
+                step: int, total_steps: int) -> bool:
+    """Count the eval loss after `step` (when early stopping is on) and say whether the adapter
+    stops there; at its last step it finishes anyway, which is no early stop."""
+    if patience is None:
+        return False
+    tally.observe(eval_loss, threshold)
+    return tally.exhausted(patience) and step < total_steps

@@ -1,0 +1,226 @@
+"""early_stopping_patience: an adapter stops after that many evaluations in a row without an
+eval loss improvement above early_stopping_threshold, as HF's EarlyStoppingCallback decides; it
+ends as if its run ended there (the weights of a run with max_steps at that step), its slot goes
+to the next queued adapter, the others train on as alone; the same across a kill and --resume
+and on a 2-rank pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mlora import checkpoint
+from mlora.cli import main
+from mlora.config import parse_config
+from mlora.early_stopping import Patience
+from mlora.errors import UserError
+from mlora.metrics import read_metrics
+
+from test_pipeline import write_config
+from test_pipeline_inprocess import run_pipeline_cli, train_argv
+from test_save_best import kill_after_step
+from test_train import rel_diff
+
+# p0 stops after its second evaluation: the first sets its lowest loss, the second cannot beat
+# it by the threshold (a loss goes down by far less than 10 in a step).
+EARLY = {"early_stopping_patience": 1, "early_stopping_threshold": 10.0}
+STOP_STEP = 2
+
+
+def early_config(tmp: Path, out: Path, num_adapters: int = 3, save_step: int = 0, **top) -> Path:
+    """test_pipeline's first adapters (p0: 4 steps, p1: 6, p2: 6), evaluated at every step, p0
+    with EARLY; `top`: more global keys."""
+    path = write_config(tmp, num_adapters, out, save_step=save_step, eval_step=1)
+    cfg = json.loads(path.read_text())
+    cfg["lora"][0].update(EARLY)
+    cfg.update(top)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train(base: Path, cfg: Path, out: Path | None = None, *extra: str) -> str:
+    """`mlora train` (into `out`, else the config's output_dir); its stdout."""
+    argv = ["train", "--base_model", str(base), "--config", str(cfg), "--no_progress", *extra]
+    if out is not None:
+        argv += ["--output_dir", str(out)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return stdout.getvalue()
+
+
+def variant(cfg: Path, name: str, keep: list[str], **changes) -> Path:
+    """A copy of the config with only the adapters `keep`, each changed by `changes`."""
+    obj = json.loads(cfg.read_text())
+    obj["lora"] = [dict(a, **changes) for a in obj["lora"] if a["name"] in keep]
+    obj.pop("train_lora_candidate_num", None)
+    path = cfg.parent / f"{name}.json"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def weights(out: Path, name: str) -> dict:
+    return load_file(out / name / "adapter_model.safetensors")
+
+
+def records(out: Path, name: str) -> list[dict]:
+    return [m for m in read_metrics(out / "metrics.jsonl") if m.get("adapter") == name]
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory, pipe_model):
+    """Three adapters, two at a time (train_lora_candidate_num 2): p0 and p1 start, p2 waits
+    for a slot. (config, output dir, stdout)."""
+    tmp = tmp_path_factory.mktemp("early_queued")
+    cfg = early_config(tmp, tmp / "out", train_lora_candidate_num=2)
+    return cfg, tmp / "out", train(pipe_model, cfg)
+
+
+def test_patience_counts_as_hf_early_stopping_callback():
+    """The evaluation that stops an adapter is the one HF's EarlyStoppingCallback stops at, fed
+    the same eval losses (its Trainer keeps the lowest as best_metric after the callback runs)."""
+    from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", metric_for_best_model="eval_loss", greater_is_better=False,
+                             report_to=[])
+    cases = [([3.0, 2.0, 2.5, 2.4, 2.6], 2, 0.0), ([3.0, 2.95, 2.9, 2.0, 1.0], 2, 0.1),
+             ([3.0, float("nan"), 2.0, 2.1, 2.2, 2.3], 3, 0.0), ([5.0, 4.0, 3.0, 2.0], 1, 0.5)]
+    for losses, patience, threshold in cases:
+        hf = EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)
+        state, control = TrainerState(), TrainerControl()
+        hf_stop = mine_stop = None
+        tally = Patience()
+        for i, loss in enumerate(losses):
+            hf.on_evaluate(args, state, control, metrics={"eval_loss": loss})
+            if loss == loss and (state.best_metric is None or loss < state.best_metric):
+                state.best_metric = loss
+            if control.should_training_stop and hf_stop is None:
+                hf_stop = i
+            tally.observe(loss, threshold)
+            if tally.exhausted(patience) and mine_stop is None:
+                mine_stop = i
+        assert mine_stop == hf_stop, (losses, patience, threshold)
+
+
+@pytest.mark.parametrize("lora, top, message", [
+    ({"early_stopping_patience": 2}, {},
+     "lora[0] (name 'a'): 'early_stopping_patience' is 2 but no 'test_data' is given"),
+    ({"early_stopping_patience": 2, "test_data": "T"}, {},
+     "lora[0] (name 'a'): 'early_stopping_patience' is 2 but no 'eval_step' is given"),
+    ({"early_stopping_patience": 0}, {}, "lora[0] (name 'a'): 'early_stopping_patience' must be > 0, got 0"),
+    ({"early_stopping_threshold": -1}, {}, "'early_stopping_threshold' must be >= 0, got -1"),
+    ({"early_stoping_patience": 2}, {},
+     "unknown key 'early_stoping_patience'; did you mean 'early_stopping_patience'?"),
+    ({}, {"early_stopping_patience": 2, "eval_step": 1},
+     "config: 'early_stopping_patience' is 2 but no adapter is evaluated"),
+])
+def test_config_refuses_early_stopping_without_evaluation(tmp_path, lora, top, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    lora = {k: str(data) if v == "T" else v for k, v in lora.items()}
+    with pytest.raises(UserError) as err:
+        parse_config({"lora": [{"name": "a", "data": str(data), **lora}], **top}, "config")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_config_global_default_applies_to_evaluated_adapters(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    cfg = parse_config({"eval_step": 2, "early_stopping_patience": 3, "early_stopping_threshold": 0.5, "lora": [
+        {"name": "a", "data": str(data), "test_data": str(data)},
+        {"name": "b", "data": str(data)},  # not evaluated: no early stopping either
+        {"name": "c", "data": str(data), "test_data": str(data), "early_stopping_patience": None},
+        {"name": "d", "data": str(data), "test_data": str(data), "early_stopping_patience": 1,
+         "early_stopping_threshold": 0},
+    ]})
+    assert [(a.early_stopping_patience, a.early_stopping_threshold) for a in cfg.lora] == [
+        (3, 0.5), (None, 0.5), (None, 0.5), (1, 0.0)]
+
+
+def test_early_stop_frees_the_slot_and_ends_as_a_shorter_run(queued, pipe_model, tmp_path):
+    """p0 stops after step 2: its eval line says so, its weights are a run of it with max_steps
+    2, the summary line says so; p2 takes its slot in the next fused batch; p1 and p2 end as
+    they do alone."""
+    cfg, out, stdout = queued
+    p0 = records(out, "p0")
+    assert [m["step"] for m in p0 if "loss" in m] == [1, 2]
+    assert [m.get("early_stopped", False) for m in p0 if "eval_loss" in m] == [False, True]
+    line = next(line for line in stdout.splitlines() if line.startswith("p0: "))
+    assert line.startswith(f"p0: {STOP_STEP} steps, ") and line.endswith(
+        f"(stopped early after step {STOP_STEP}: its eval loss stopped improving)"), line
+
+    # p2 was queued behind p0 and p1 (candidate_num 2) and enters the batch right after p0's
+    # stop: p0's steps take 2 fused batches each (ending at batches 2 and 4), p1's 3 (3 and 6),
+    # p2's one, so its first step (batch 5) comes before p1's second.
+    lines = [m["adapter"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert lines[:5] == ["p0", "p1", "p0", "p2", "p1"]
+
+    short = tmp_path / "short"
+    train(pipe_model, variant(cfg, "short", ["p0"], max_steps=STOP_STEP, early_stopping_patience=None), short)
+    assert rel_diff(weights(out, "p0"), weights(short, "p0")) <= 1e-5
+    for name in ("p1", "p2"):
+        solo = tmp_path / name
+        train(pipe_model, variant(cfg, name, [name]), solo)
+        assert rel_diff(weights(out, name), weights(solo, name)) <= 1e-5, name
+        assert [m["step"] for m in records(out, name) if "loss" in m] == list(range(1, 7))
+
+
+def test_a_killed_run_resumes_to_the_same_early_stop(pipe_model, tmp_path, monkeypatch):
+    """p1, evaluated every 2 steps, stops after step 4 (its second evaluation). Killed after
+    its step 3's checkpoint, between the two evaluations, the resumed run still stops there:
+    the tally of the evaluation before the kill rides in the checkpoint."""
+    reference = tmp_path / "ref"
+    cfg = early_config(tmp_path, reference, num_adapters=2, save_step=1)
+    obj = json.loads(cfg.read_text())
+    obj["lora"][0].update(early_stopping_patience=None)
+    obj["lora"][1].update(EARLY, eval_step=2)
+    cfg.write_text(json.dumps(obj))
+    train(pipe_model, cfg)
+    assert [m["step"] for m in records(reference, "p1") if m.get("early_stopped")] == [4]
+
+    out = tmp_path / "out"
+    kill_after_step(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir", str(out),
+                     "--no_progress"], monkeypatch, "p1", 3)
+    assert not any(m.get("early_stopped") for m in records(out, "p1"))
+    train(pipe_model, cfg, out, "--resume")
+    for name in ("p0", "p1"):
+        assert ([(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(out, name)]
+                == [(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(reference, name)]), name
+        assert rel_diff(weights(out, name), weights(reference, name)) <= 1e-6, name
+
+
+def test_pipeline_stops_at_the_same_step_as_one_process(queued, pipe_model, tmp_path, monkeypatch):
+    """Two ranks: every rank learns p0's eval losses at the cut, all stop it after the same step,
+    and the plan of the segments left gives its slot to p2; the weights are one process's. Then
+    taken back to the checkpoint of the cut p0 stopped at, as if killed there, and resumed: the
+    resumed ranks leave p0 out of the segments left as well."""
+    cfg, single_out, _ = queued
+    obj = json.loads(cfg.read_text())
+    cfg = tmp_path / "checkpointed.json"  # (save_step changes no result: one process's run stays the reference)
+    cfg.write_text(json.dumps({**obj, "save_step": 1}))
+    out = tmp_path / "pipe"
+
+    def run_and_compare(*extra: str) -> None:
+        ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out, *extra)] * 2, [3, 4], "torch")
+        assert [code for code, _, _ in ranks] == [0, 0], ranks
+        assert f"p0: saved to {out / 'p0'} (stopped early after step {STOP_STEP}: its eval loss stopped " \
+               "improving)" in ranks[0][1].splitlines()
+        for name in ("p0", "p1", "p2"):
+            mine, theirs = records(out, name), records(single_out, name)
+            assert [(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in mine] == \
+                [(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in theirs], name
+            assert rel_diff(weights(out, name), weights(single_out, name)) <= 1e-5, name
+
+    run_and_compare()
+    root = checkpoint.checkpoint_root(out)
+    for path in root.iterdir():  # back to the cut after segment 2, p0's last step
+        if path.name.startswith("FINISHED") or int(path.name.split("-")[1]) > STOP_STEP:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_and_compare("--resume")
