@@ -196,6 +196,10 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     for a in adapters:
         lines.append(f"  {a.name:<{width}}  {a.rows:>7}  {a.trained_tokens:>14}  {a.epochs:>6}  {a.micro_batches:>13}  "
                      f"{a.steps:>7}")
+    stopping = [a.name for a in cfg.lora if a.early_stopping_patience is not None]
+    if stopping:  # (a plan evaluates nothing: it cannot know when an eval loss stops improving)
+        lines.append(f"  note: early stopping may stop {', '.join(stopping)} before the steps planned here (their "
+                     f"slots then go to queued adapters sooner)")
     lines.append(f"  fused batches: {batches.batches} ({cfg.train_strategy}, up to "
                  f"{cfg.train_lora_simultaneously_num} adapters each{', packed rows' if cfg.packing else ''}); "
                  f"padding {batches.padding_fraction:.1%} of {batches.padded_tokens} tokens")

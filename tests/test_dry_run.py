@@ -109,6 +109,19 @@ def test_plans_without_reading_the_weights(tiny_llama, tmp_path, capsys, weights
     assert "safetensors" in capsys.readouterr().err
 
 
+def test_plan_notes_that_early_stopping_may_end_adapters_sooner(tiny_llama, tmp_path, capsys):
+    """A plan evaluates nothing: its steps are those of a run that never stops early, which it says."""
+    cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"][1].update(test_data=cfg["lora"][1]["data"], eval_step=2, early_stopping_patience=1)
+    cfg_path.write_text(json.dumps(cfg))
+    code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
+    assert code == 0, err
+    assert [a["steps"] for a in plan["adapters"]] == [6, 6]
+    assert "  note: early stopping may stop b before the steps planned here (their slots then go to queued " \
+           "adapters sooner)" in err.splitlines()
+
+
 def refusal(capsys, argv) -> tuple[int, str]:
     capsys.readouterr()
     code = main(argv)
