@@ -172,10 +172,12 @@ def test_early_stop_frees_the_slot_and_ends_as_a_shorter_run(queued, pipe_model,
         assert [m["step"] for m in records(out, name) if "loss" in m] == list(range(1, 7))
 
 
-def test_a_killed_run_resumes_to_the_same_early_stop(pipe_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_after", [3, 4])
+def test_a_killed_run_resumes_to_the_same_early_stop(pipe_model, tmp_path, monkeypatch, killed_after):
     """p1, evaluated every 2 steps, stops after step 4 (its second evaluation). Killed after
     its step 3's checkpoint, between the two evaluations, the resumed run still stops there:
-    the tally of the evaluation before the kill rides in the checkpoint."""
+    the tally of the evaluation before the kill rides in the checkpoint. Killed after step 4's,
+    once stopped, the resumed run keeps it stopped and says so."""
     reference = tmp_path / "ref"
     cfg = early_config(tmp_path, reference, num_adapters=2, save_step=1)
     obj = json.loads(cfg.read_text())
@@ -187,9 +189,10 @@ def test_a_killed_run_resumes_to_the_same_early_stop(pipe_model, tmp_path, monke
 
     out = tmp_path / "out"
     kill_after_step(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir", str(out),
-                     "--no_progress"], monkeypatch, "p1", 3)
-    assert not any(m.get("early_stopped") for m in records(out, "p1"))
-    train(pipe_model, cfg, out, "--resume")
+                     "--no_progress"], monkeypatch, "p1", killed_after)
+    assert any(m.get("early_stopped") for m in records(out, "p1")) == (killed_after == 4)
+    stdout = train(pipe_model, cfg, out, "--resume")
+    assert "p1: 4 steps, " in stdout and "(stopped early after step 4: its eval loss stopped improving)" in stdout
     for name in ("p0", "p1"):
         assert ([(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(out, name)]
                 == [(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(reference, name)]), name
