@@ -76,7 +76,7 @@ class AdapterProgress:
     tokens_seen: int = 0
     busy_seconds: float = 0.0
     last_loss: float | None = None
-    stopped_at: int | None = None  # iteration at which on_nan=stop took it out
+    stopped_at: int | None = None  # iteration at which on_nan=stop (or early stopping) took it out
     skipped_steps: int = 0
     best: tuple[float, int] | None = None  # (eval loss, step) of the lowest finite eval loss so far
     patience: Patience = field(default_factory=Patience)  # early stopping's tally
