@@ -104,7 +104,10 @@ class Adapter:
             layer = decoder_layer_of(path)
             if layer not in self.dropout_generators:
                 seed_of_layer = module_seed(own_seed ^ 0x5EED, layer)
-                self.dropout_generators[layer] = torch.Generator(device=device).manual_seed(seed_of_layer)
+                # (an adapter on the meta device, `mlora train --dry_run`'s, is checked and
+                # never trained: torch has no meta generator, the CPU's is never drawn from)
+                where = "cpu" if torch.device(device).type == "meta" else device
+                self.dropout_generators[layer] = torch.Generator(device=where).manual_seed(seed_of_layer)
             weights.generator = self.dropout_generators[layer]
             wrapper.adapters[cfg.name] = weights
             wrapper.group.adapters_changed()
@@ -404,8 +407,10 @@ class Adapter:
         tensors, per_expert = {}, {}
         for path, w in self.weights.items():
             # copies: on the CPU the weights are views of one buffer (flat_params.py), which
-            # safetensors refuses to save as separate tensors
-            a, b = (t.detach().to("cpu", torch.float32, copy=True) for t in (w.lora_A, w.lora_B))
+            # safetensors refuses to save as separate tensors. A meta-device adapter's (shapes
+            # only: `mlora train --dry_run` checks an init_from against them) stay there.
+            where = "meta" if w.lora_A.is_meta else "cpu"
+            a, b = (t.detach().to(where, torch.float32, copy=True) for t in (w.lora_A, w.lora_B))
             if path in self._stacked:  # stacked experts: one LoRA per stacked parameter (stacked_lora.py)
                 per_expert[path] = (a, b)
                 continue

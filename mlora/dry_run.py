@@ -3,10 +3,10 @@ is spent on it.
 
 It opens the session as `mlora train` does (config, data, templates, config.json, tokenizer)
 but reads none of the weights, runs `mlora train`'s checks of the output directory without
-creating it, walks the very stream of fused batches the trainer would train on
+creating it and the trainer's of its adapters on a base built on the meta device, walks the very stream of fused batches the trainer would train on
 (trainer.training_batches, every epoch: building it is bookkeeping over token counts, no
 tensor math), and prices the costliest batch with the memory model (memory.estimate_peak_bytes)
-against the device's memory. The plan goes to stderr, one JSON line to stdout (as `mlora eval`
+against the memory free on the device. The plan goes to stderr, one JSON line to stdout (as `mlora eval`
 prints its results).
 """
 
@@ -71,10 +71,11 @@ def dry_run(args) -> int:
         with output_dir_lock(out):  # a run writing there now: the lock's one line, as train's
             if not args.overwrite and (newest := checkpoint.unfinished_run(out)) is not None:
                 raise checkpoint.refuse_to_clear(newest)
-    check_ranks(cfg, model_args)  # (the trainer's, once the base is loaded: Adapter)
 
-    device_bytes = device_total_bytes(session.device)
+    # then, in the trainer's order (trainer.Trainer), its budget and its adapters
+    device_bytes = device_available_bytes(session.device)
     budget, source, why = token_budget(session, model_args, device_bytes)
+    check_adapters(session, model_args)
     adapters, batches = walk_batches(session, budget)
     largest, peak = costliest_shape(session, model_args, batches.shapes)
     print_plan(args, session, model_args, adapters, batches, (budget, source, why), (largest, peak), device_bytes,
@@ -82,31 +83,43 @@ def dry_run(args) -> int:
     return 0
 
 
-def check_ranks(cfg, model_args) -> None:
-    """adapter.check_rank on wrappers of the base built on the meta device (no memory, no
-    weights): an r larger than a target projection is refused now, not after the load."""
-    from mlora.adapter import check_rank
+def check_adapters(session, model_args) -> None:
+    """The trainer's refusals of its adapters (trainer.Trainer builds them once the base is
+    loaded): each adapter built as the trainer builds it, but on wrappers of a base built on the
+    meta device and with its weights there too (shapes, no memory, no values): an r larger than
+    a target projection, an init_from whose r, alpha, tensors or shapes do not fit (its files
+    read, the base's weights not), and a disk too small for the checkpoints."""
+    from mlora.adapter import Adapter
+    from mlora.batching import total_steps
     from mlora.lora import BatchLayout, inject_lora
     from mlora.models import family_for
+    from mlora.models.naming import naming_for
+    from mlora.trainer import check_disk_space
 
+    cfg = session.cfg
     with torch.device("meta"):
         model = family_for(model_args.model_type).CausalLM(model_args)
     wrappers = inject_lora(model, BatchLayout())
-    for a in cfg.lora:
-        check_rank(a, wrappers)
+    meta = torch.device("meta")
+    adapters = [Adapter(a, wrappers, cfg.seed, meta, total_steps(len(session.data[a.name].train), a),
+                        naming=naming_for(model_args.model_type)) for a in cfg.lora]
+    check_disk_space(Path(cfg.output_dir), adapters)
 
 
-def device_total_bytes(device: torch.device) -> int | None:
-    """The device's memory (CUDA: its total, read without allocating); None elsewhere."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).total_memory
+def device_available_bytes(device: torch.device) -> int | None:
+    """What this process can allocate on the device now (CUDA; None elsewhere): the trainer
+    measures the same (memory.device_free_bytes) once the weights are loaded. Not the device's
+    total: other processes' memory and this one's CUDA context are not the run's to use."""
+    from mlora.memory import device_free_bytes
+
+    return device_free_bytes(device)
 
 
 def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | None, str, str]:
     """(the fused batches' token budget, its source: "max_tokens_per_batch", "memory_fraction" or
-    "none", why), as Trainer._plan_budget picks it; but the free memory is the device's total less
-    the estimated weights (nothing is loaded to measure it; the run measures it after its load)."""
+    "none", why), as Trainer._plan_budget picks it; but the free memory is the device's free
+    memory now (device_bytes, `device_available_bytes`) less the estimated weights (nothing is
+    loaded to measure it; the run measures it after its load)."""
     from mlora.memory import FITTED_STRATEGIES, estimate_peak_bytes, format_size, plan_token_budget, run_estimate_kwargs
 
     cfg = session.cfg
@@ -117,7 +130,7 @@ def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | N
         if weights >= device_bytes:  # (the run would fail loading them)
             raise UserError(f"base_model {session.base_dir}: its weights (about {format_size(weights)} in "
                             f"{str(session.dtype).removeprefix('torch.')}) do not fit the {format_size(device_bytes)} "
-                            f"of {session.device}; quantize them (--load_4bit, --load_8bit) or split the base "
+                            f"free on {session.device}; quantize them (--load_4bit, --load_8bit) or split the base "
                             f"across GPUs (--pipeline)")
         free = device_bytes - weights
     plan = plan_token_budget(cfg, model_args, free_bytes=free, dtype=session.dtype, quant=session.quant,
@@ -210,7 +223,7 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     if device_bytes is None:
         memory = f"as a CUDA device would hold it ({session.device.type} has no device memory to compare with)"
     else:
-        memory = f"of {format_size(device_bytes)} on {session.device} ({peak / device_bytes:.0%})"
+        memory = f"of the {format_size(device_bytes)} free on {session.device} ({peak / device_bytes:.0%})"
         if peak > device_bytes:
             memory += ": it would not fit; a batch that runs out of memory is split and retried"
     lines.append(f"  estimated peak memory: {format_size(peak)} for the largest batch ({rows} rows of {seq_len} "
@@ -220,4 +233,4 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
                       **{k: v for k, v in asdict(batches).items() if k != "shapes"},
                       "largest_batch": {"rows": rows, "seq_len": seq_len}, "token_budget": budget,
                       "budget_source": source, "peak_bytes": peak, "device": str(session.device),
-                      "device_bytes": device_bytes}), flush=True)
+                      "free_bytes": device_bytes}), flush=True)

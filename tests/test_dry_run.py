@@ -122,15 +122,44 @@ def test_plan_notes_that_early_stopping_may_end_adapters_sooner(tiny_llama, tmp_
            "adapters sooner)" in err.splitlines()
 
 
+def test_plans_with_an_init_from_that_fits(tiny_llama, tmp_path, capsys):
+    """An init_from is read and checked against the adapter built on the meta device, as the
+    trainer checks it: one that fits plans (no values are copied there)."""
+    cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"][0]["init_from"] = str(saved_adapter(tiny_llama, cfg_path, tmp_path / "init"))
+    cfg_path.write_text(json.dumps(cfg))
+    code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
+    assert code == 0, err
+    assert [a["steps"] for a in plan["adapters"]] == [6, 6]
+
+
 def refusal(capsys, argv) -> tuple[int, str]:
     capsys.readouterr()
     code = main(argv)
     return code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def saved_adapter(tiny_llama: Path, cfg_path: Path, where: Path) -> Path:
+    """A PEFT directory of the config's first adapter, as initialized (an init_from for it)."""
+    from mlora.adapter import Adapter
+    from mlora.lora import BatchLayout, inject_lora
+    from mlora.models import family_for
+
+    model_args = read_model_config(tiny_llama)[1]
+    with torch.device("meta"):
+        model = family_for(model_args.model_type).CausalLM(model_args)
+    adapter = Adapter(load_config(cfg_path).lora[0], inject_lora(model, BatchLayout()), 0, torch.device("cpu"))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+    return adapter.save(where, str(tiny_llama))
+
+
 @pytest.mark.parametrize("setup", ["output_dir_is_a_file", "output_dir_under_a_file", "adapter_dir_is_a_file",
-                                   "r_too_large", "missing_data", "output_dir_in_use", "unfinished_run"])
-def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, setup):
+                                   "r_too_large", "missing_data", "output_dir_in_use", "unfinished_run",
+                                   "init_from_of_other_r", "init_from_not_finite", "disk_too_small"])
+def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, monkeypatch, setup):
     out = tmp_path / "out"
     overrides = {}
     if setup == "output_dir_is_a_file":
@@ -149,6 +178,20 @@ def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, 
         cfg["lora"][1]["r"] = 1000
     if setup == "missing_data":
         cfg["lora"][0]["data"] = str(tmp_path / "nowhere.jsonl")
+    if setup.startswith("init_from"):  # (checked as the trainer builds the adapters: after the weights' load)
+        init = saved_adapter(tiny_llama, cfg_path, tmp_path / "init")
+        if setup == "init_from_of_other_r":
+            peft = json.loads((init / "adapter_config.json").read_text())
+            (init / "adapter_config.json").write_text(json.dumps({**peft, "r": 8}))
+        else:
+            from safetensors.torch import load_file, save_file
+
+            tensors = load_file(init / "adapter_model.safetensors")
+            tensors[sorted(tensors)[-1]][0, 0] = float("nan")
+            save_file(tensors, init / "adapter_model.safetensors")
+        cfg["lora"][0]["init_from"] = str(init)
+    if setup == "disk_too_small":  # (the trainer's check, once it built the adapters)
+        monkeypatch.setattr(mlora.trainer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 0))
     cfg_path.write_text(json.dumps(cfg))
     argv = ["train", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress"]
     if setup == "output_dir_in_use":
@@ -196,14 +239,15 @@ def test_automatic_budget_is_the_trainers(tiny_llama, tmp_path, capsys):
 
 def test_plan_against_a_device_memory(tiny_llama, tmp_path, capsys, monkeypatch):
     """What a CUDA device's plan says (its memory stood in for on the CPU): the automatic budget
-    in force and the peak against the device's memory."""
-    import mlora.dry_run
+    in force and the peak against the memory free on the device, as the trainer measures it
+    (memory.device_free_bytes: not the device's total, which other processes may be using)."""
+    import mlora.memory
 
-    monkeypatch.setattr(mlora.dry_run, "device_total_bytes", lambda device: 160 * 2**20)
+    monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: 160 * 2**20)
     cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out", train_strategy="fast-fit")
     code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
     assert code == 0, err
-    assert plan["budget_source"] == "memory_fraction" and plan["device_bytes"] == 160 * 2**20
+    assert plan["budget_source"] == "memory_fraction" and plan["free_bytes"] == 160 * 2**20
     assert plan["token_budget"] > 0 and plan["token_budget"] % 64 == 0  # (whole rows of cutoff_len)
     assert f"token budget: {plan['token_budget']} (automatic: memory_fraction 0.9 of the" in err
-    assert f"of 160 MiB on cpu ({plan['peak_bytes'] / (160 * 2**20):.0%})" in err
+    assert f"of the 160 MiB free on cpu ({plan['peak_bytes'] / (160 * 2**20):.0%})" in err
