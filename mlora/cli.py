@@ -484,7 +484,10 @@ def check_saved(names: Iterable[str], out: Path) -> None:
 def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], lines: range) -> None:
     """One JSON line per (prompt, adapter) of `lines`, in the order given; with --base the base's
     output beside. outputs: the new tokens of job.requests_of(lines)."""
+    from tqdm import tqdm
+
     decode = session.tokenizer.decode
+    printed = []
     for k, i in enumerate(lines):
         name, text, _, reference = job.rows[i]
         line = {"adapter": name, "prompt": text, "output": decode(outputs[k], skip_special_tokens=True)}
@@ -492,7 +495,12 @@ def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], l
             line["reference"] = reference
         if args.base:
             line["base_output"] = decode(outputs[len(lines) + k], skip_special_tokens=True)
-        print(json.dumps(line, ensure_ascii=False), flush=True)
+        printed.append(json.dumps(line, ensure_ascii=False))
+    # On a terminal the progress bar (stderr) stands where the lines go: cleared before them
+    # (they were glued after it) and drawn again below them. stdout itself gets the lines only.
+    with tqdm.external_write_mode(file=sys.stdout):
+        for line in printed:
+            print(line, flush=True)
 
 
 def cmd_demo(args) -> int:

@@ -627,6 +627,72 @@ def test_generate_in_batches_prints_what_one_batch_prints(fused_run, tiny_llama,
     assert lines_of(3, *sampled)[0] == lines_of(10, *sampled)[0] != whole
 
 
+def test_generate_interrupted_keeps_the_lines_printed(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
+    """Ctrl-C during the second batch: the first batch's lines stay printed, whole, and the
+    command ends with one line and exit 130, no traceback."""
+    import mlora.generate
+
+    _, _, cfg_path = fused_run
+    argv = ["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,c", "--base",
+            "--max_new_tokens", "3", "--prompt_file", str(batch_prompt_file(tmp_path)), "--batch_size", "4"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    whole = capsys.readouterr().out.splitlines()
+    real, calls = mlora.generate.greedy_generate, []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlora.generate, "greedy_generate", interrupted_at_the_second)
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert (code, captured.out.splitlines(), captured.err) == (130, whole[:4], "mlora: interrupted\n")
+
+
+class Terminal:
+    """stdout and stderr both on one terminal: one stream of what a person sees."""
+
+    def __init__(self):
+        self.text = ""
+
+    def stream(self):
+        terminal = self
+
+        class Side:
+            def write(self, s):
+                terminal.text += s
+                return len(s)
+
+            def flush(self):
+                pass
+
+            def isatty(self):
+                return True
+
+        return Side()
+
+
+def test_generate_progress_bar_leaves_the_lines_whole_on_a_terminal(fused_run, tiny_llama, tmp_path, monkeypatch):
+    """On a terminal the bar (stderr) stands on the line where the next JSON line (stdout) is
+    printed: each line starts at the start of a terminal line, the bar cleared first (it was
+    glued after the bar: 'generate:  40%|...| 4/10 [...]{"adapter": ...}'), and redrawn after."""
+    import sys
+
+    _, _, cfg_path = fused_run
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal.stream())
+    monkeypatch.setattr(sys, "stderr", terminal.stream())
+    assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,c",
+                 "--max_new_tokens", "2", "--prompt_file", str(batch_prompt_file(tmp_path)), "--batch_size", "4"]) == 0
+    assert "generate:" in terminal.text  # (the bar was shown)
+    starts = [i for i in range(len(terminal.text)) if terminal.text.startswith('{"adapter"', i)]
+    assert len(starts) == 10
+    assert all(i == 0 or terminal.text[i - 1] in "\r\n" for i in starts), terminal.text
+
+
 def test_generate_out_of_device_memory_halves_the_batch(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
     """A batch that runs out of device memory (a fake CUDA OOM above 2 rows) runs again in
     halves, and the batches after it are no larger: the lines are those of a run that fits, and
