@@ -7,9 +7,10 @@ a long run shows results as it goes, and an interrupted one keeps what it printe
 the lines by prompt length would pad less, but a batch could then print only after every
 earlier line had run: the first line's batch might be the last.)
 
-A batch that runs out of device memory runs again in halves (memory.run_splitting_on_oom, as
-the trainer's batches do), and the batches after it are no larger than the halves: the memory
-they need is about the same. The batch size changes no line in fp32 (tested): each row is
+A batch that runs out of device memory runs again from its first line in batches of half its
+size, the lines after it too: the memory they need is about the same. (Not
+memory.run_splitting_on_oom, the trainer's, which splits one batch that must run whole: its
+right half, waiting at the size that ran out, ran out again.) The batch size changes no line in fp32 (tested): each row is
 decoded apart from the rows beside it (left-padded, its pads masked), and a sampled one draws
 from the generator of its number in the whole request (generate.Decoding's request_ids). In
 bf16 or fp16 a row may round differently beside other rows, so a near-tie may go otherwise.
@@ -23,7 +24,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from mlora.errors import UserError
-from mlora.memory import UnsplittableOOM, run_splitting_on_oom
+from mlora.memory import _OOM_ERRORS, free_device_memory
 
 
 def generate_in_batches(num_lines: int, batch_size: int, run_batch: Callable[[range], None],
@@ -31,32 +32,39 @@ def generate_in_batches(num_lines: int, batch_size: int, run_batch: Callable[[ra
     """run_batch(lines) for consecutive ranges of line numbers covering 0..num_lines - 1 in
     order, batch_size lines each (the last fewer): it generates and prints those lines, all or
     nothing (it prints once their generation ended). A range that runs out of device memory is
-    run again in halves, down to one line, which then ends the command with one line. A bar
-    on stderr counts the lines done (on a terminal only, and not with progress=False)."""
+    run again from its first line in batches of half its size, and so are the lines after it
+    (never a batch as large as one that ran out: the right half of a split waiting its turn at
+    the full size ran out again, and said so again); one line that runs out ends the command
+    with one line. A bar on stderr counts the lines done (on a terminal only, and not with
+    progress=False)."""
     size = batch_size
     bar = tqdm(total=num_lines, desc="generate", unit="line", disable=None if progress else True, leave=False,
                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-    def run_part(lines: list[int]) -> None:
-        run_batch(range(lines[0], lines[-1] + 1))
-        bar.update(len(lines))
-
-    def note_split(left: list[int], right: list[int]) -> None:
-        nonlocal size
-        size = min(size, len(left))
-        tqdm.write(f"mlora: out of device memory on a batch of {len(left) + len(right)} lines; retrying in halves "
-                   f"(batches of {size} lines from now on)", file=sys.stderr)
-
     try:
         start = 0
         while start < num_lines:
-            lines = list(range(start, min(start + size, num_lines)))
-            try:
-                run_splitting_on_oom(run_part, lines, on_split=note_split)
-            except UnsplittableOOM as err:
-                raise UserError(f"out of device memory generating line {err.items[0] + 1} alone (its prompt through "
+            lines = range(start, min(start + size, num_lines))
+            if not ran_out_of_memory(run_batch, lines):
+                bar.update(len(lines))
+                start = lines.stop
+                continue
+            if len(lines) == 1:
+                raise UserError(f"out of device memory generating line {start + 1} alone (its prompt through "
                                 f"one adapter, and the bare base with --base); give a shorter prompt or fewer "
-                                f"--max_new_tokens, or free device memory") from None
-            start += len(lines)
+                                f"--max_new_tokens, or free device memory")
+            size = (len(lines) + 1) // 2
+            free_device_memory()
+            tqdm.write(f"mlora: out of device memory on a batch of {len(lines)} lines; running them and the lines "
+                       f"after them in batches of {size}", file=sys.stderr)
     finally:
         bar.close()
+
+
+def ran_out_of_memory(run_batch: Callable[[range], None], lines: range) -> bool:
+    """run_batch(lines); True when it ran out of device memory. The error is dropped here, and
+    with it its traceback, whose frames hold that attempt's tensors, before memory is freed."""
+    try:
+        run_batch(lines)
+    except _OOM_ERRORS:
+        return True
+    return False

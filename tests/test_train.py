@@ -694,9 +694,11 @@ def test_generate_progress_bar_leaves_the_lines_whole_on_a_terminal(fused_run, t
 
 
 def test_generate_out_of_device_memory_halves_the_batch(fused_run, tiny_llama, capsys, tmp_path, monkeypatch):
-    """A batch that runs out of device memory (a fake CUDA OOM above 2 rows) runs again in
-    halves, and the batches after it are no larger: the lines are those of a run that fits, and
-    a note says so. Out of memory on a single line is one line naming it (a traceback before)."""
+    """A batch that runs out of device memory (a fake CUDA OOM above 2 rows) runs again from its
+    first line in batches of half its size, and so do the lines after it: no batch as large as
+    one that ran out runs again (the right half of a split, waiting at that size, ran out again
+    and said so again). The lines are those of a run that fits, and a note says so. Out of
+    memory on a single line is one line naming it (a traceback before)."""
     import mlora.generate
 
     _, _, cfg_path = fused_run
@@ -724,11 +726,15 @@ def test_generate_out_of_device_memory_halves_the_batch(fused_run, tiny_llama, c
     monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory_above(2))
     code, out, err = generate("--batch_size", "5")
     assert (code, out) == (0, fits[1])
-    # 12 lines: 5 fails; its halves 3 (fails: 2 and 1) and 2; then batches of 2 (the last 1)
-    assert sizes == [5, 3, 2, 1, 2, 2, 2, 2, 1]
-    assert err.strip() == ("mlora: out of device memory on a batch of 5 lines; retrying in halves (batches of 3 lines "
-                           "from now on)\nmlora: out of device memory on a batch of 3 lines; retrying in halves "
-                           "(batches of 2 lines from now on)")
+    # 12 lines: 5 fails, then 3 fails, then batches of 2
+    assert sizes == [5, 3, 2, 2, 2, 2, 2, 2]
+    assert err.strip() == ("mlora: out of device memory on a batch of 5 lines; running them and the lines after them "
+                           "in batches of 3\nmlora: out of device memory on a batch of 3 lines; running them and the "
+                           "lines after them in batches of 2")
+    code, out, err = generate("--batch_size", "8")
+    assert (code, out) == (0, fits[1])
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 2]  # (8's right half, 4 lines, ran out again after 4 did: 8, 4, 2, 2, 4, ...)
+    assert len(err.strip().splitlines()) == 2
     monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory_above(1))
     code, out, err = generate("--batch_size", "1", "--base")  # (a line is 2 rows with --base)
     assert (code, out, err.strip()) == (
