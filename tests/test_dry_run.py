@@ -144,6 +144,36 @@ def test_plans_with_an_init_from_that_fits(tiny_llama, tmp_path, capsys):
     assert [a["steps"] for a in plan["adapters"]] == [6, 6]
 
 
+@pytest.mark.parametrize("family,targets", [("chatglm", ["qkv_proj", "down_proj"]),
+                                            ("gpt_oss", ["q_proj", "gate_up_proj", "down_proj"])])
+def test_plans_with_an_init_from_in_the_bases_own_names(tmp_path, tokenizer_dir, capsys, family, targets):
+    """An init_from of a base whose PEFT files name modules their own way (ChatGLM's
+    query_key_value, ...) or stack the experts' LoRA (GPT-OSS): read with the base's naming, as
+    the trainer reads it once the base is loaded (the unloaded session's default naming found
+    every tensor missing)."""
+    from conftest import make_tiny_model
+    from mlora.adapter import Adapter
+    from mlora.lora import BatchLayout, inject_lora
+    from mlora.models import family_for
+    from mlora.models.naming import naming_for
+    from mlora.session import resolve_targets
+
+    base = make_tiny_model(tmp_path / "base", family, tokenizer_dir)
+    cfg_path = make_config(tmp_path, ["a"], tmp_path / "out")
+    raw = json.loads(cfg_path.read_text())
+    raw["lora"][0]["target_modules"] = targets
+    cfg_path.write_text(json.dumps(raw))
+    model_args = read_model_config(base)[1]
+    with torch.device("meta"):
+        model = family_for(model_args.model_type).CausalLM(model_args)
+    adapter = Adapter(resolve_targets(load_config(cfg_path), model_args).lora[0], inject_lora(model, BatchLayout()), 0,
+                      torch.device("cpu"), naming=naming_for(model_args.model_type))
+    raw["lora"][0]["init_from"] = str(adapter.save(tmp_path / "init", str(base)))
+    cfg_path.write_text(json.dumps(raw))
+    code, plan, err = dry_run(capsys, base, cfg_path)
+    assert code == 0, err
+
+
 def refusal(capsys, argv) -> tuple[int, str]:
     capsys.readouterr()
     code = main(argv)
