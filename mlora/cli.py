@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true",
                    help="check everything and tell what the run would do, in seconds: each adapter's rows, "
                         "tokens and steps, the fused batches, their padding, the token budget and the estimated "
-                        "peak memory; reads config.json, the tokenizer and the data, not the weights, and writes "
-                        "nothing (the plan on stderr, one JSON line on stdout; not with --pipeline or --resume)")
+                        "peak memory; reads config.json, the tokenizer, the data and init_from adapters, not the "
+                        "base's weights, and writes nothing (the plan on stderr, one JSON line on stdout; not with "
+                        "--pipeline or --resume)")
     _add_pipeline(p)
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")
