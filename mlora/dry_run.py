@@ -3,11 +3,11 @@ is spent on it.
 
 It opens the session as `mlora train` does (config, data, templates, config.json, tokenizer)
 but reads none of the weights, runs `mlora train`'s checks of the output directory without
-creating it and the trainer's of its adapters on a base built on the meta device, walks the very stream of fused batches the trainer would train on
-(trainer.training_batches, every epoch: building it is bookkeeping over token counts, no
-tensor math), and prices the costliest batch with the memory model (memory.estimate_peak_bytes)
-against the memory free on the device. The plan goes to stderr, one JSON line to stdout (as `mlora eval`
-prints its results).
+creating it, and the trainer's of its adapters on a base built on the meta device, walks the
+very stream of fused batches the trainer would train on (trainer.training_batches, every
+epoch: building it is bookkeeping over token counts, no tensor math), and prices the costliest
+batch with the memory model (memory.estimate_peak_bytes) against the memory free on the
+device. The plan goes to stderr, one JSON line to stdout (as `mlora eval` prints its results).
 """
 
 from __future__ import annotations

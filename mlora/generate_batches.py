@@ -9,11 +9,12 @@ earlier line had run: the first line's batch might be the last.)
 
 A batch that runs out of device memory runs again from its first line in batches of half its
 size, the lines after it too: the memory they need is about the same. (Not
-memory.run_splitting_on_oom, the trainer's, which splits one batch that must run whole: its
-right half, waiting at the size that ran out, ran out again.) The batch size changes no line in fp32 (tested): each row is
-decoded apart from the rows beside it (left-padded, its pads masked), and a sampled one draws
-from the generator of its number in the whole request (generate.Decoding's request_ids). In
-bf16 or fp16 a row may round differently beside other rows, so a near-tie may go otherwise.
+memory.run_splitting_on_oom, the trainer's splitter of one batch that must run whole: the
+right half, left waiting at the size that ran out, ran out again.) The batch size changes no
+line in fp32 (tested): each row is decoded apart from the rows beside it (left-padded, its
+pads masked), and a sampled one draws from the generator of its number in the whole request
+(generate.Decoding's request_ids). In bf16 or fp16 a row may round differently beside other
+rows, so a near-tie may go otherwise.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ def generate_in_batches(num_lines: int, batch_size: int, run_batch: Callable[[ra
     """run_batch(lines) for consecutive ranges of line numbers covering 0..num_lines - 1 in
     order, batch_size lines each (the last fewer): it generates and prints those lines, all or
     nothing (it prints once their generation ended). A range that runs out of device memory is
-    run again from its first line in batches of half its size, and so are the lines after it
-    (never a batch as large as one that ran out: the right half of a split waiting its turn at
-    the full size ran out again, and said so again); one line that runs out ends the command
+    run again from its first line in batches of half its size, and so are the lines after it:
+    no batch as large as one that ran out runs again. One line that runs out ends the command
     with one line. A bar on stderr counts the lines done (on a terminal only, and not with
     progress=False)."""
     size = batch_size
