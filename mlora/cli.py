@@ -498,10 +498,12 @@ def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], l
             line["base_output"] = decode(outputs[len(lines) + k], skip_special_tokens=True)
         printed.append(json.dumps(line, ensure_ascii=False))
     # On a terminal the progress bar (stderr) stands where the lines go: cleared before them
-    # (they were glued after it) and drawn again below them. stdout itself gets the lines only.
+    # (they were glued after it) and drawn again below them. stdout itself gets the lines only,
+    # the batch's in one write: Ctrl-C (handled between Python's steps) cannot stop it between
+    # two of its lines, nor between a line and its newline (print writes them apart).
     with tqdm.external_write_mode(file=sys.stdout):
-        for line in printed:
-            print(line, flush=True)
+        sys.stdout.write("".join(f"{line}\n" for line in printed))
+        sys.stdout.flush()
 
 
 def cmd_demo(args) -> int:

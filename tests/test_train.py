@@ -675,6 +675,30 @@ class Terminal:
         return Side()
 
 
+def test_generate_writes_each_batch_whole(fused_run, tiny_llama, tmp_path, monkeypatch):
+    """A batch's lines reach stdout in one write, newlines included: an interrupt, which Python
+    handles between its steps, leaves whole batches (each line was two writes, a line then its
+    newline, so Ctrl-C could leave a line without its newline or half a batch)."""
+    import sys
+
+    _, _, cfg_path = fused_run
+    writes = []
+
+    class Recording:
+        def write(self, s):
+            writes.append(s)
+            return len(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recording())
+    assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a,c",
+                 "--max_new_tokens", "2", "--prompt_file", str(batch_prompt_file(tmp_path)), "--batch_size", "4"]) == 0
+    assert [s.count("\n") for s in writes] == [4, 4, 2]
+    assert all(s.endswith("\n") and all(json.loads(line) for line in s.splitlines()) for s in writes)
+
+
 def test_generate_progress_bar_leaves_the_lines_whole_on_a_terminal(fused_run, tiny_llama, tmp_path, monkeypatch):
     """On a terminal the bar (stderr) stands on the line where the next JSON line (stdout) is
     printed: each line starts at the start of a terminal line, the bar cleared first (it was
