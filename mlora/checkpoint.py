@@ -141,7 +141,8 @@ def unfinished_run(output_dir) -> Path | None:
 def refuse_to_clear(newest: Path) -> UserError:
     """The one line for a fresh start over an unfinished run (`unfinished_run`)."""
     return UserError(f"output_dir {newest.parent.parent} holds an unfinished run (newest checkpoint: {newest.name}); "
-                     f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
+                     f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and "
+                     f"each adapter's best and checkpoint-<step>)")
 
 
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in output_dir (exactly where it stopped)")
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds an unfinished run, deleting its checkpoints "
+                            "(and, as any fresh start, each adapter's best and checkpoint-<step> directories) "
                             "(without it, such a start is refused: --resume may have been forgotten)")
     p.add_argument("--dry_run", action="store_true",
                    help="check everything and tell what the run would do, in seconds: each adapter's rows, "
@@ -515,10 +516,8 @@ def cmd_demo(args) -> int:
 def written_dirs(session) -> list[tuple[str, str]]:
     """The directories a training run writes inside its adapters' own, for `prepare_output_dir`:
     save_best's <name>/best, and the checkpoint-<step> of steps it will save that are there already."""
-    import re
-
     from mlora.batching import total_steps
-    from mlora.trainer import BEST_DIR
+    from mlora.trainer import BEST_DIR, checkpoint_dir_step
 
     out, save_step = Path(session.cfg.output_dir), session.cfg.save_step
     dirs = []
@@ -528,8 +527,8 @@ def written_dirs(session) -> list[tuple[str, str]]:
         if save_step and (out / a.name).is_dir():
             last = total_steps(len(session.data[a.name].train), a)
             for entry in sorted((out / a.name).iterdir()):
-                step = re.fullmatch(r"checkpoint-([1-9][0-9]*)", entry.name)
-                if step and int(step[1]) % save_step == 0 and int(step[1]) <= last:
+                step = checkpoint_dir_step(entry.name)
+                if step is not None and step % save_step == 0 and step <= last:
                     dirs.append((f"{a.name}/{entry.name}", f"a save_step checkpoint of {a.name!r}"))
     return dirs
 

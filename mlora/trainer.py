@@ -16,7 +16,7 @@ examples; see `_train_on`.
 from __future__ import annotations
 
 import math
-import os
+import re
 import shutil
 import signal
 import sys
@@ -175,7 +175,7 @@ class Trainer:
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=metrics_bytes)
         else:
             checkpoint.clear(self.out)
-            remove_earlier_best(self.out, [a.name for a in cfg.lora])
+            remove_earlier_snapshots(self.out, [a.name for a in cfg.lora])
             self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_to=0)
         session.model.train()  # the base has no dropout; this turns on the adapters' LoRA dropout
         try:
@@ -599,21 +599,36 @@ def training_batches(cfg, train: dict[str, Sequence[Example]], max_tokens: int |
 BEST_DIR = "best"  # <output_dir>/<adapter>/best: the weights of the lowest eval loss (save_best)
 
 
-def remove_earlier_best(out: Path, names: Iterable[str]) -> None:
-    """A fresh run (not --resume): each adapter's <name>/best left by an earlier run in `out`
-    goes, as its resumable checkpoints do (checkpoint.clear): a run that saves no best of its
-    own (save_best off, or no finite eval loss) left the earlier run's there, where it passed
-    for this run's. Only a directory mlora could have written (adapter.is_checkpoint_dir);
-    anything else there is left as it is, said on stderr."""
+def checkpoint_dir_step(name: str) -> int | None:
+    """The step of a `checkpoint-<step>` directory name as save_step's saves write it
+    (<output_dir>/<adapter>/checkpoint-<step>, step from 1, no leading zero), else None."""
+    match = re.fullmatch(r"checkpoint-([1-9][0-9]*)", name)
+    return int(match[1]) if match else None
+
+
+def remove_earlier_snapshots(out: Path, names: Iterable[str]) -> None:
+    """A fresh run (not --resume): each adapter's <name>/best and <name>/checkpoint-<step> left
+    by an earlier run in `out` go, as its resumable checkpoints do (checkpoint.clear): a run
+    that saves no best of its own (save_best off, or no finite eval loss), or fewer or other
+    steps, left the earlier run's there, where they passed for this run's. Only a directory
+    mlora could have written (adapter.is_checkpoint_dir); anything else under those names is
+    left as it is, said on stderr."""
     for name in names:
-        best = Path(out) / name / BEST_DIR
-        if not os.path.lexists(best):
+        adapter_dir = Path(out) / name
+        if not adapter_dir.is_dir():
             continue
-        if is_checkpoint_dir(best):
-            shutil.rmtree(best)
-        else:
-            print(f"mlora: note: {best} is not an adapter directory mlora wrote (an earlier run's best "
-                  "weights); left as it is", file=sys.stderr)
+        for entry in sorted(adapter_dir.iterdir()):
+            if entry.name == BEST_DIR:
+                what = "an earlier run's best weights"
+            elif checkpoint_dir_step(entry.name) is not None:
+                what = "an earlier run's save_step checkpoint"
+            else:
+                continue
+            if is_checkpoint_dir(entry):
+                shutil.rmtree(entry)
+            else:
+                print(f"mlora: note: {entry} is not an adapter directory mlora wrote ({what}); left as it is",
+                      file=sys.stderr)
 
 
 def improves(best: tuple[float, int] | None, eval_loss: float | None) -> bool:

@@ -832,7 +832,7 @@ def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tm
     before = files()
     newest = max(p.name for p in (outs[1] / "checkpoints").glob("iter-*-rank1"))
     line = (f"output_dir {outs[1]} holds an unfinished run (newest checkpoint: {newest}); "
-            f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
+            f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and each adapter's best and checkpoint-<step>)")
     assert [(code, err.strip()) for code, _, err in train()] == [(2, f"mlora: error: rank 1: {line}"),
                                                                  (2, f"mlora: error: {line}")]
     assert files() == before

@@ -144,7 +144,7 @@ def test_a_fresh_start_over_an_unfinished_run_is_refused_unless_overwrite(tmp_pa
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"mlora: error: output_dir {out} holds an unfinished run (newest checkpoint: {newest}); "
-                   f"continue it with --resume, or start over with --overwrite (deletes its checkpoints)")
+                   f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and each adapter's best and checkpoint-<step>)")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(SystemExit) as exit_:  # the two contradict each other: argparse's one line
         main([*args, "--resume", "--overwrite"])

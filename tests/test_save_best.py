@@ -224,10 +224,12 @@ def test_save_best_turned_on_at_resume_saves_what_it_names(pipe_model, tmp_path,
 
 
 def test_a_fresh_run_removes_an_earlier_runs_best_a_resume_keeps_it(pipe_model, tmp_path, monkeypatch, capsys):
-    """<name>/best is the run's own: a resume keeps the best written before it (even with
-    save_best now off), a fresh start removes an earlier run's (here with save_best off, so
-    it writes none: the old one passed for its own), in one process and on a pipeline's rank 0;
-    but a `best` that is not a directory mlora wrote (a file of someone else's in it) stays."""
+    """<name>/best and <name>/checkpoint-<step> are the run's own: a resume keeps those written
+    before it (even with save_best now off), a fresh start removes an earlier run's (here with
+    save_best off and save_step 0, so it writes none: the old ones passed for its own), in one
+    process and on a pipeline's rank 0; but a `best` or `checkpoint-<step>` that is not a
+    directory mlora wrote (a file of someone else's in it) stays, and so does a directory under
+    a name mlora never writes."""
     out = tmp_path / "out"
     cfg = write_best_config(tmp_path, out)
     argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
@@ -239,20 +241,34 @@ def test_a_fresh_run_removes_an_earlier_runs_best_a_resume_keeps_it(pipe_model, 
     cfg.write_text(json.dumps(off))
     assert main([*argv, "--resume"]) == 0  # the run killed above, to its end
     assert assert_best_is_its_checkpoint(out, "p0") == 3
+    assert sorted(p.name for p in (out / "p0").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, 5)]
 
+    earlier = tmp_path / "earlier-checkpoint-3"
+    shutil.copytree(out / "p0" / "checkpoint-3", earlier)  # (to leave it again for the pipeline below)
+    shutil.copytree(earlier, out / "p0" / "checkpoint-03")  # a name mlora never writes
     (out / "p1" / "best" / "notes.txt").write_text("mine")
+    (out / "p1" / "checkpoint-2" / "notes.txt").write_text("mine")
     for adapter in off["lora"]:  # (a fresh run may change anything: a short one, without evals)
         adapter.update(num_epochs=1, eval_step=None)
     cfg.write_text(json.dumps({**off, "save_step": 0}))
     capsys.readouterr()
     assert main(argv) == 0  # a fresh run over the finished one
     assert not (out / "p0" / "best").exists()
-    assert (out / "p1" / "best" / "notes.txt").read_text() == "mine"
-    assert (out / "p1" / "best" / "adapter_model.safetensors").is_file()
-    assert f"mlora: note: {out / 'p1' / 'best'} is not an adapter directory mlora wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "p0").glob("checkpoint-*")) == ["checkpoint-03"]
+    assert sorted(p.name for p in (out / "p1").glob("checkpoint-*")) == ["checkpoint-2"]
+    for kept in ("best", "checkpoint-2"):
+        assert (out / "p1" / kept / "notes.txt").read_text() == "mine"
+        assert (out / "p1" / kept / "adapter_model.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert f"mlora: note: {out / 'p1' / 'best'} is not an adapter directory mlora wrote" in err
+    assert (f"mlora: note: {out / 'p1' / 'checkpoint-2'} is not an adapter directory mlora wrote (an earlier "
+            "run's save_step checkpoint); left as it is") in err
+    assert "checkpoint-03" not in err
 
-    shutil.copytree(out / "p0" / "checkpoint-3", out / "p0" / "best")  # as an earlier run would leave it
+    for left in ("best", "checkpoint-3"):  # as an earlier run would leave them
+        shutil.copytree(earlier, out / "p0" / left)
     ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, out)] * 2, [3, 4], "torch")
     assert [code for code, _, _ in ranks] == [0, 0], ranks
-    assert not (out / "p0" / "best").exists()
+    assert not (out / "p0" / "best").exists() and not (out / "p0" / "checkpoint-3").exists()
+    assert (out / "p0" / "checkpoint-03").is_dir()
     assert (out / "p1" / "best" / "notes.txt").read_text() == "mine"

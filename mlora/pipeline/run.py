@@ -143,7 +143,7 @@ def train_pipeline(args) -> int:
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
-    from mlora.trainer import Interrupted, SignalFlag, remove_earlier_best
+    from mlora.trainer import Interrupted, SignalFlag, remove_earlier_snapshots
 
     place = resolve_place(args)
     created, lock, device = [], contextlib.ExitStack(), None
@@ -179,7 +179,7 @@ def train_pipeline(args) -> int:
             refuse_unfinished_runs(transport, session.cfg.output_dir, args.overwrite)
             checkpoint.clear(session.cfg.output_dir)
             if place.rank == 0:  # (the rank that writes the adapters)
-                remove_earlier_best(session.cfg.output_dir, [a.name for a in session.cfg.lora])
+                remove_earlier_snapshots(session.cfg.output_dir, [a.name for a in session.cfg.lora])
             state = None
         else:
             state = resume_state(transport, session.cfg.output_dir, tag, run_print)
