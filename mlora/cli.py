@@ -419,7 +419,7 @@ class GenerateJob:
 def generate_job(args, session) -> GenerateJob:
     """What `mlora generate` runs, from its flags (one process and --pipeline alike): the
     chosen adapters, every prompt rendered as its adapter was trained, and the sampling."""
-    from mlora.data import load_rows, load_template, prompt_tokens, row_prompt
+    from mlora.data import Rows, load_rows, load_template, prompt_tokens, row_place, row_prompt
     from mlora.generate import Sampling
     from mlora.loader import read_model_config
 
@@ -432,7 +432,7 @@ def generate_job(args, session) -> GenerateJob:
                         f"{args.config} (its adapters: {', '.join(by_name)})")
     if not args.prompt and not args.prompt_file:
         raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
-    file_rows = load_rows(args.prompt_file) if args.prompt_file else []
+    file_rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
     vocab = read_model_config(session.base_dir)[1].vocab_size
 
     def check_vocab(ids: list[int], what: str) -> None:  # an id past the embedding would be an index error mid-run
@@ -449,7 +449,7 @@ def generate_job(args, session) -> GenerateJob:
             check_vocab(ids, f"--prompt {text!r}")
             out.append((text, ids, None))
         for i, row in enumerate(file_rows):  # (load_rows gives objects only)
-            where = f"--prompt_file {args.prompt_file}: row {i}"
+            where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
             try:
                 asked = row_prompt(row, session.tokenizer, template)
                 if not asked.ids:  # (a prompt of "" without a BOS: the first forward would have no column)
@@ -457,7 +457,7 @@ def generate_job(args, session) -> GenerateJob:
                                     "complete from")
             except UserError as err:
                 raise UserError(f"{where}: {err}") from None
-            check_vocab(asked.ids, where)
+            check_vocab(asked.ids, f"{where}: its prompt")
             out.append((asked.shown, asked.ids, asked.reference))
         return out
 

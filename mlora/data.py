@@ -96,12 +96,31 @@ def _long_tensor(values: list[int]) -> Tensor:
 # --------------------------------------------------------------------------- loading rows
 
 
-def load_rows(path: str | Path) -> list[dict]:
+class Rows(list):
+    """A dataset file's rows (load_rows), with what places each in the file for `row_place`:
+    `lines`, a JSONL row's line number (blank lines are skipped, so it is not its index + 1);
+    None for a JSON array's or a Parquet file's rows."""
+
+    def __init__(self, rows: Iterable[dict] = (), lines: list[int] | None = None):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def row_place(source: str, i: int, lines: list[int] | None = None) -> str:
+    """Where the `i`th row (from 0) of `source` is, for a message about it, counted from 1 as
+    an editor does: a JSONL row by its line, as the file's malformed-JSON errors name it
+    ("data.jsonl:3"); a JSON array's or Parquet file's by its row ("data.json: row 3")."""
+    if lines is not None:
+        return f"{source}:{lines[i]}" if source else f"line {lines[i]}"
+    return f"{source}: row {i + 1}" if source else f"row {i + 1}"
+
+
+def load_rows(path: str | Path) -> Rows:
     """Read a dataset file: JSONL (one object per non-blank line), a JSON array of objects, or
     (ending in .parquet) a Parquet table, as Hugging Face datasets are published."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":  # (DATA.PARQUET too: read as JSON, it was "not UTF-8 text")
-        return _read_parquet(path)
+        return Rows(_read_parquet(path))
     text = _read_text(path)
     stripped = text.lstrip()
     # Without the cyclic garbage collector while parsing: JSON makes no cycles, and its passes
@@ -238,8 +257,8 @@ def _path_to(root, target) -> str | None:
     return None
 
 
-def _parse_jsonl(path: Path, text: str) -> list[dict]:
-    rows = []
+def _parse_jsonl(path: Path, text: str) -> Rows:
+    rows = Rows(lines=[])
     duplicates = _DuplicateKeys()
     decoder = json.JSONDecoder(object_pairs_hook=duplicates)
     # At "\n" only (_read_text's universal newlines made "\r\n" and "\r" ones): str.splitlines()
@@ -265,10 +284,11 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")
         rows.append(row)
+        rows.lines.append(lineno)
     return rows
 
 
-def _parse_json_array(path: Path, text: str) -> list[dict]:
+def _parse_json_array(path: Path, text: str) -> Rows:
     duplicates = _DuplicateKeys()
     try:
         data = json.JSONDecoder(object_pairs_hook=duplicates).decode(text)
@@ -280,13 +300,13 @@ def _parse_json_array(path: Path, text: str) -> list[dict]:
         raise UserError(f"{path}: {INTEGER_TOO_LONG}") from None
     if duplicates.found:  # (the text starts with "[": data is a list, and a row holds the object)
         i = next(i for i, row in enumerate(data) if _path_to(row, duplicates.found[0]) is not None)
-        raise UserError(f"{path}: row {i}: {duplicates.message(data[i])}")
+        raise UserError(f"{row_place(str(path), i)}: {duplicates.message(data[i])}")
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of objects, got {_json_type(data)}")
     for i, row in enumerate(data):
         if not isinstance(row, dict):
-            raise UserError(f"{path}: row {i}: expected a JSON object, got {_json_type(row)}")
-    return data
+            raise UserError(f"{row_place(str(path), i)}: expected a JSON object, got {_json_type(row)}")
+    return Rows(data)
 
 
 def _json_type(value) -> str:
@@ -523,15 +543,17 @@ def encode_row(row: dict, tokenizer, template: PromptTemplate, cutoff_len: int,
 
 def encode_rows(rows: Iterable[dict], tokenizer, template: PromptTemplate, cutoff_len: int,
                 train_on_inputs: bool, source: str = "") -> list[Example]:
-    """encode_row over a dataset; errors name `source` (usually the file) and the row index.
-    A large one shows a progress bar on a terminal (tokenizing 5,000 chat rows takes seconds)."""
+    """encode_row over a dataset; errors name `source` (usually the file) and the row's place
+    in it (row_place; load_rows' Rows know a JSONL row's line). A large one shows a progress
+    bar on a terminal (tokenizing 5,000 chat rows takes seconds)."""
     examples = []
+    lines = rows.lines if isinstance(rows, Rows) else None
     rows = list(rows)
     bar = tqdm(rows, desc=f"encoding {Path(source).name if source else 'rows'}", unit="row", leave=False,
                disable=None if len(rows) >= 2000 else True, file=sys.stderr, mininterval=0.5)
     try:
         for i, row in enumerate(bar):
-            where = f"{source}: row {i}" if source else f"row {i}"
+            where = row_place(source, i, lines)
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected a JSON object, got {_json_type(row)}")
             try:

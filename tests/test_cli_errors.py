@@ -330,7 +330,7 @@ def test_a_generate_prompt_past_the_model_vocabulary(setup, capsys, tmp_path, to
     code = main(["generate", "--base_model", str(base), "--config", str(config()), "--prompt_file", str(rows)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"mlora: error: --prompt_file {rows}: row 0 tokenizes to id ") and "vocab_size 100" in err, err
+    assert err.startswith(f"mlora: error: --prompt_file {rows}:1: its prompt tokenizes to id ") and "vocab_size 100" in err, err
 
 
 @pytest.mark.parametrize("rows,extra", [
@@ -350,7 +350,7 @@ def test_data_that_is_not_valid_unicode(setup, tiny_llama, capsys):
     was a traceback."""
     tmp, data, out, config = setup
     data.write_text(json.dumps(GOOD_ROWS[0]) + "\n" + '{"text": "caf\\ud800"}\n')
-    check(*run_train(capsys, tiny_llama, config()), out, f"{data}: row 1: 'text' is not valid Unicode", "'\\ud800'")
+    check(*run_train(capsys, tiny_llama, config()), out, f"{data}:2: 'text' is not valid Unicode", "'\\ud800'")
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])
@@ -378,7 +378,7 @@ def test_keys_no_row_shape_reads_are_noted_once_per_file(setup, tiny_llama, caps
              "instruction, input, output",
              f"mlora: note: {bad}: keys not read: 'outptu' (1 row; did you mean 'output'?); alpaca rows read "
              "instruction, input, output"]
-    error = f"mlora: error: {bad}: row 0: missing 'output'"
+    error = f"mlora: error: {bad}:1: missing 'output'"
     waits = [f"mlora: note: rank {rank} cannot start ({error.removeprefix('mlora: error: ')}); it waits up to 1 s "
              "for the other ranks to connect, to tell them"] * (rank is not None)
     assert code == 2 and err.splitlines() == notes * (rank != 1) + waits + [error], err

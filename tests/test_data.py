@@ -203,7 +203,7 @@ def test_non_object_rows(tmp_path):
         load_rows(jsonl)
     array = tmp_path / "d.json"
     array.write_text('[{"text": "a"}, "b"]')
-    with pytest.raises(UserError, match=rf"^{array}: row 1: expected a JSON object, got a string"):
+    with pytest.raises(UserError, match=rf"^{array}: row 2: expected a JSON object, got a string"):
         load_rows(array)
 
 
@@ -212,11 +212,11 @@ DUPLICATES = [  # (file name, content, where the message places the duplicate)
      ":3: key 'instruction'"),
     ("d.jsonl", '{"messages": [{"role": "user", "content": "a"},'
                 ' {"role": "assistant", "content": "b", "content": "c"}]}\n', ":1: messages[1]: key 'content'"),
-    ("d.json", '[{"text": "a"},\n {"instruction": "a", "output": "b", "output": "c"}]', ": row 1: key 'output'"),
+    ("d.json", '[{"text": "a"},\n {"instruction": "a", "output": "b", "output": "c"}]', ": row 2: key 'output'"),
     ("d.json", '[{"text": "a"}, {"text": "b", "meta": {"k": 1}},\n'
-               ' {"messages": [{"role": "user", "role": "x", "content": "a"}]}]', ": row 2: messages[0]: key 'role'"),
+               ' {"messages": [{"role": "user", "role": "x", "content": "a"}]}]', ": row 3: messages[0]: key 'role'"),
     # a duplicate inside the value json then drops for a later one of the same key: the outer one
-    ("d.json", '[{"text": "a"}, {"text": "b", "meta": {"k": 1, "k": 2}, "meta": 3}]', ": row 1: key 'meta'"),
+    ("d.json", '[{"text": "a"}, {"text": "b", "meta": {"k": 1, "k": 2}, "meta": 3}]', ": row 2: key 'meta'"),
     ("d.jsonl", '{"text": "b", "m": [{"n": {"k": 1, "k": 2}, "n": 0}], "m": 3}\n', ":1: key 'm'"),
 ]
 
@@ -604,16 +604,38 @@ def test_cutoff_truncates(tokenizer, alpaca):
 
 def test_unknown_and_mixed_row_shapes(tokenizer, alpaca):
     rows = [{"text": "a"}, {"question": "a", "answer": "b"}]
-    with pytest.raises(UserError, match=r"^data\.jsonl: row 1: unknown row shape") as err:
+    with pytest.raises(UserError, match=r"^data\.jsonl: row 2: unknown row shape") as err:
         encode_rows(rows, tokenizer, alpaca, 64, False, source="data.jsonl")
     assert "\n" not in str(err.value) and "did you mean" not in str(err.value)
     with pytest.raises(UserError) as err:  # a misspelt identifying key: the likely one is named
         encode_rows([{"instrution": "a", "input": "b", "output": "c"}], tokenizer, alpaca, 64, False, source="d")
-    assert str(err.value) == ("d: row 0: unknown row shape (keys: instrution, input, output); expected "
+    assert str(err.value) == ("d: row 1: unknown row shape (keys: instrution, input, output); expected "
                               "'instruction'/'input'/'output', 'messages', 'conversations', 'prompt'/'completion', or 'text' "
                               "(did you mean 'instruction'?)")
-    with pytest.raises(UserError, match=r"^d: row 0: row mixes shapes"):
+    with pytest.raises(UserError, match=r"^d: row 1: row mixes shapes"):
         encode_rows([{"text": "a", "messages": CHAT}], tokenizer, alpaca, 64, False, source="d")
+
+
+def test_a_bad_row_is_placed_as_an_editor_counts(tmp_path, tokenizer, alpaca):
+    """A row's error names it from 1, as the file's malformed-JSON errors do: a JSONL row by its
+    line, blank lines counted (path:3); a JSON array's or Parquet file's by its row (row 2).
+    They said the 0-based index (row 1) of either, a line off even without blank lines."""
+    good, bad = {"instruction": "a", "output": "b"}, {"instruction": "c"}
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([good, bad]))
+    pq = pytest.importorskip("pyarrow.parquet")  # (a test dependency)
+    import pyarrow as pa
+
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([good, bad]), parquet)
+    for path, where in ((jsonl, f"{jsonl}:3"), (array, f"{array}: row 2"), (parquet, f"{parquet}: row 2")):
+        with pytest.raises(UserError) as err:
+            encode_rows(load_rows(path), tokenizer, alpaca, 64, False, source=str(path))
+        assert str(err.value) == f"{where}: missing 'output'", path
+    with pytest.raises(UserError, match=r"^row 2: missing 'output'$"):  # (rows of no file)
+        encode_rows([good, bad], tokenizer, alpaca, 64, False)
 
 
 def test_encode_rows(tokenizer, alpaca):

@@ -544,7 +544,7 @@ def test_generate_prompts_from_a_data_file(fused_run, tiny_llama, capsys, tmp_pa
     assert [x["output"] for x in lines] == [outputs[x["adapter"], x["prompt"]] for x in lines]
     (tmp_path / "text.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"text": "a"}) + "\n")
     for extra, line in ((["--prompt_file", str(tmp_path / "text.jsonl")],
-                         f"mlora: error: --prompt_file {tmp_path / 'text.jsonl'}: row 1: a text row has no prompt to "
+                         f"mlora: error: --prompt_file {tmp_path / 'text.jsonl'}:2: a text row has no prompt to "
                          f"complete (its every token is trained)"),
                         ([], "mlora: error: nothing to complete: give --prompt TEXT (repeat for several) or "
                              "--prompt_file FILE")):
@@ -571,7 +571,7 @@ def test_generate_refuses_a_data_file_row_of_no_prompt_tokens(fused_run, tiny_ll
                  "--max_new_tokens", "2", "--prompt_file", str(data)])
     captured = capsys.readouterr()
     assert (code, captured.out, captured.err.strip()) == (
-        2, "", f"mlora: error: --prompt_file {data}: row 1: its prompt is no tokens (empty, and the tokenizer "
+        2, "", f"mlora: error: --prompt_file {data}:2: its prompt is no tokens (empty, and the tokenizer "
                f"adds no BOS): nothing to complete from")
 
 
