@@ -511,7 +511,7 @@ class Adapter:
             # mlora puts an adapter on every module of its target_modules, in every layer
             left_out = [key for key in ("layers_to_transform", "exclude_modules") if peft_cfg.get(key)]
             why = (f"its {' or '.join(left_out)} left it out, and mlora adapts every target module of every layer"
-                   if left_out else "the adapter's target_modules must match")
+                   if left_out else self._targets_must_match(peft_cfg))
             raise UserError(f"{where}: tensor {missing[0]} is missing ({why})")
         for name, value in tensors.items():
             if name not in expected:
@@ -520,8 +520,7 @@ class Adapter:
                 if (self.stage_layers is not None and layer is not None and layer[0] not in self.stage_layers
                         and (self.model_layers is None or layer[0] in self.model_layers)):
                     continue  # another pipeline stage's layer: that stage loads it
-                raise UserError(f"{where}: unexpected tensor {name} "
-                                f"(not among adapter '{self.name}''s target_modules)")
+                raise UserError(f"{where}: unexpected tensor {name} ({self._targets_must_match(peft_cfg)})")
             if value.shape != expected[name].shape:
                 raise UserError(f"{where}: tensor {name} has shape {tuple(value.shape)}, expected "
                                 f"{tuple(expected[name].shape)} (was it trained on another base model?)")
@@ -538,6 +537,15 @@ class Adapter:
                     a, b = tensors[self._peft_key(path, "lora_A")], tensors[self._peft_key(path, "lora_B")]
                 w.lora_A.copy_(a)
                 w.lora_B.copy_(b)
+
+    def _targets_must_match(self, peft_cfg: dict) -> str:
+        """What load_peft says of an adapter whose tensors are of other modules than the
+        config's target_modules: both sides, so that an adapter trained under another config
+        (its target_modules changed since) is seen as such, not as a damaged file."""
+        saved = peft_cfg.get("target_modules")  # (PEFT writes a set: in no order)
+        shown = ", ".join(sorted(map(str, saved))) if isinstance(saved, list) else repr(saved)
+        return (f"the adapter's target_modules must match: its {CONFIG_NAME} has {shown}, adapter "
+                f"'{self.name}' has {', '.join(sorted(self.cfg.target_modules))} in the config")
 
     def detach_from(self, wrappers: dict[str, LoraLinear]) -> None:
         """Remove this adapter from the model (its weights stay in `self.weights`), and from

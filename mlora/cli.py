@@ -308,7 +308,7 @@ def cmd_eval(args) -> int:
     out = Path(session.cfg.output_dir)
     if out.exists() and not out.is_dir():  # (each adapter was evaluated as the bare base, exit 0)
         raise UserError(f"output_dir {out} is not a directory (eval reads the adapters saved in it)")
-    note_missing_output_dir(out)
+    note_unsaved_adapters(out, [a.name for a in session.cfg.lora])
     # Every saved adapter is loaded (and so checked: its r, alpha, tensors) before the first
     # line is printed: a later adapter's mismatch used to end the command with exit 2 after
     # the earlier adapters' lines, a partial result. Each row goes to its own adapter only.
@@ -331,12 +331,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def note_missing_output_dir(out: Path) -> None:
+def note_unsaved_adapters(out: Path, names: list[str]) -> None:
     """eval evaluates an adapter with nothing saved on the bare base (its line says "weights":
-    "base"); when the whole output_dir is missing, likely a typo, a note says so up front."""
+    "base"); a note says so up front: of the whole output_dir when it is missing (likely a
+    typo), else of each such adapter, naming the adapters saved there that the config does
+    not (one renamed since it was trained is no longer evaluated with its weights)."""
+    from mlora.adapter import WEIGHTS_NAME
+
     if not out.exists():
         print(f"mlora: note: output_dir {out} does not exist: every adapter is evaluated on the bare base",
               file=sys.stderr)
+        return
+    unsaved = [name for name in names if not (out / name / WEIGHTS_NAME).is_file()]
+    if unsaved:
+        which = (f"adapter {unsaved[0]!r} has" if len(unsaved) == 1
+                 else f"adapters {', '.join(map(repr, unsaved))} have")
+        print(f"mlora: note: {which} nothing saved in {out}: evaluated on the bare base{saved_elsewhere(out, names)}",
+              file=sys.stderr)
+
+
+def saved_elsewhere(out: Path, names: Iterable[str]) -> str:
+    """The end of a line naming the adapters saved in `out` that the config (`names`) does not
+    name, renamed or removed since they were trained; "" when there are none."""
+    from mlora.adapter import WEIGHTS_NAME
+
+    named = set(names)
+    try:
+        others = sorted(d.name for d in out.iterdir() if d.name not in named and (d / WEIGHTS_NAME).is_file())
+    except OSError:  # (an unreadable output_dir: the line goes without it)
+        return ""
+    if not others:
+        return ""
+    return f"; {out} holds saved adapters the config does not name: {', '.join(map(repr, others))} (renamed?)"
 
 
 def cmd_generate(args) -> int:
@@ -359,7 +385,7 @@ def cmd_generate(args) -> int:
     job = generate_job(args, session)
     note_base_sampling(args, session.base_dir)
     out = Path(session.cfg.output_dir)
-    check_saved(job.names, out)
+    check_saved(job.names, out, [a.name for a in session.cfg.lora])
     session.load_base()
     by_name = {a.name: a for a in session.cfg.lora}
     for name in job.names:
@@ -474,13 +500,16 @@ def generate_job(args, session) -> GenerateJob:
     return GenerateJob(names, rows, requests, sampling, args.base)
 
 
-def check_saved(names: Iterable[str], out: Path) -> None:
+def check_saved(names: Iterable[str], out: Path, configured: list[str]) -> None:
+    """generate's chosen adapters (`names`) each have weights saved in `out`; the adapters of the
+    config are `configured`."""
     from mlora.adapter import WEIGHTS_NAME
 
     for name in names:
         if not (out / name / WEIGHTS_NAME).is_file():
+            elsewhere = saved_elsewhere(out, configured) if out.is_dir() else ""
             raise UserError(f"adapter {name!r}: nothing saved in {out / name} (train it first, or point "
-                            f"--output_dir at where it was saved)")
+                            f"--output_dir at where it was saved){elsewhere}")
 
 
 def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], lines: range) -> None:

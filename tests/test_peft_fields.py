@@ -137,10 +137,16 @@ def test_tensors_no_field_explains_are_refused_in_one_line(base, tmp_path, case)
     from safetensors.torch import load_file, save_file
 
     directory = peft_adapter(base, tmp_path / "a", target_modules=TARGETS[1:])
+    SAVED = "down_proj, gate_proj, k_proj, o_proj, up_proj, v_proj"  # TARGETS[1:], sorted  # noqa: N806
     targets, fragment = {
-        "extra": (TARGETS[1:-1], "unexpected tensor base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"),
+        # (both sides' target_modules named: an adapter trained under a config changed since)
+        "extra": (TARGETS[1:-1], "unexpected tensor base_model.model.model.layers.0.mlp.down_proj.lora_A.weight "
+                                 f"(the adapter's target_modules must match: its adapter_config.json has {SAVED}, "
+                                 "adapter 'x' has gate_proj, k_proj, o_proj, up_proj, v_proj in the config)"),
         "missing": (TARGETS, "tensor base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is missing "
-                             "(the adapter's target_modules must match)"),
+                             f"(the adapter's target_modules must match: its adapter_config.json has {SAVED}, "
+                             "adapter 'x' has down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj in the "
+                             "config)"),
         "shape": (TARGETS[1:], "tensor base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight has shape "
                                "(4, 32), expected (4, 64)")}[case]
     if case == "shape":

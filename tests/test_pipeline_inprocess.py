@@ -937,15 +937,24 @@ def test_pipeline_eval_prints_what_one_process_prints(tmp_path, pipe_model, eval
 
 def test_pipeline_eval_notes_an_output_dir_that_does_not_exist(tmp_path, pipe_model, eval_job, monkeypatch):
     """As one process: rank 0 notes that its output_dir is missing (every adapter evaluated on
-    the bare base) and prints one process's lines; the other rank says nothing."""
-    cfg, _ = eval_job
-    missing = tmp_path / "typo"
-    code, single, single_err = single_eval(monkeypatch, pipe_model, cfg, missing)
-    note = f"mlora: note: output_dir {missing} does not exist: every adapter is evaluated on the bare base"
-    assert code == 0 and single_err.strip().splitlines() == [note]
-    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [missing, missing], [3, 4])
-    assert [(code, err.strip().splitlines()) for code, _, err in ranks] == [(0, [note]), (0, [])], ranks
-    assert_same_lines(single, ranks[0][1])
+    the bare base), or which adapters have nothing saved in it (here p0 renamed 'old' since it
+    was trained, and one never saved), and prints one process's lines; the other rank says nothing."""
+    import shutil
+
+    cfg, out = eval_job
+    missing, renamed = tmp_path / "typo", tmp_path / "renamed"
+    shutil.copytree(out, renamed)
+    (renamed / "p0").rename(renamed / "old")
+    for where, note in ((missing, f"mlora: note: output_dir {missing} does not exist: every adapter is evaluated "
+                                  "on the bare base"),
+                        (renamed, f"mlora: note: adapters 'p0', 'unsaved' have nothing saved in {renamed}: evaluated "
+                                  f"on the bare base; {renamed} holds saved adapters the config does not name: 'old' "
+                                  "(renamed?)")):
+        code, single, single_err = single_eval(monkeypatch, pipe_model, cfg, where)
+        assert code == 0 and single_err.strip().splitlines() == [note]
+        ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [where, where], [3, 4])
+        assert [(code, err.strip().splitlines()) for code, _, err in ranks] == [(0, [note]), (0, [])], ranks
+        assert_same_lines(single, ranks[0][1])
 
 def one_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if not line.startswith("mlora: note:")]

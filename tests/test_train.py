@@ -252,6 +252,43 @@ def test_eval_notes_an_output_dir_that_does_not_exist(fused_run, tiny_llama, cap
         assert captured.err.strip().splitlines() == (
             [f"mlora: note: output_dir {where} does not exist: every adapter is evaluated on the bare base"] * note)
 
+def test_eval_and_generate_on_adapters_renamed_or_retargeted_since_training(fused_run, tiny_llama, capsys, tmp_path):
+    """An output_dir trained under a config that has changed since: an adapter renamed (the
+    new name has nothing saved: eval evaluates it on the bare base, as documented, and now
+    says so, naming the saved adapters the config no longer names; generate refuses it, as
+    before, naming them too), an adapter removed (its saved weights are not read: nothing
+    said when nothing is left unsaved), and one whose target_modules changed (eval and generate
+    refuse it in one line naming both sides, before any output; its r: test_eval_prints_nothing...)."""
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    a, b, c = cfg["lora"]
+
+    def run(command: str, lora: list[dict]) -> tuple[int, str, list[str]]:
+        path = tmp_path / "changed.json"
+        path.write_text(json.dumps({**cfg, "lora": lora}))
+        extra = ["--prompt", "hi", "--max_new_tokens", "1"] if command == "generate" else []
+        capsys.readouterr()
+        code = main([command, "--base_model", str(tiny_llama), "--config", str(path), "--no_progress", *extra])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err.strip().splitlines()
+
+    code, stdout, err = run("eval", [{**a, "name": "renamed"}, b])  # (c removed)
+    assert code == 0 and [json.loads(line)["weights"] for line in stdout.splitlines()] == ["base", str(out / "b")]
+    assert err == [f"mlora: note: adapter 'renamed' has nothing saved in {out}: evaluated on the bare base; {out} "
+                   f"holds saved adapters the config does not name: 'a', 'c' (renamed?)"]
+    assert run("eval", [b])[2] == []  # removed alone: nothing evaluated wrongly, nothing to say
+    assert run("generate", [{**a, "name": "renamed"}, b])[1:] == (
+        "", [f"mlora: error: adapter 'renamed': nothing saved in {out / 'renamed'} (train it first, or point "
+             f"--output_dir at where it was saved); {out} holds saved adapters the config does not name: 'a', 'c' "
+             "(renamed?)"])
+    for command in ("eval", "generate"):
+        code, stdout, err = run(command, [{**a, "target_modules": ["q_proj", "k_proj"]}, b])
+        assert (code, stdout, len(err)) == (2, "", 1), err
+        assert err[0].startswith(f"mlora: error: adapter {out / 'a'}: ") and err[0].endswith(
+            "(the adapter's target_modules must match: its adapter_config.json has q_proj, v_proj, adapter 'a' has "
+            "k_proj, q_proj in the config)"), err
+
+
 def test_eval_into_a_closed_pipe_stops_quietly(fused_run, tiny_llama):
     """`mlora eval ... | head -1`: the reader leaves before the output is written; mlora stops
     with 128 + SIGPIPE and no traceback (it printed a BrokenPipeError one)."""

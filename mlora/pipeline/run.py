@@ -416,7 +416,7 @@ def eval_pipeline(args) -> int:
 
     from tqdm import tqdm
 
-    from mlora.cli import note_missing_output_dir, quant_config
+    from mlora.cli import note_unsaved_adapters, quant_config
     from mlora.memory import _OOM_ERRORS
     from mlora.pipeline.worker import StageLink, check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -433,7 +433,7 @@ def eval_pipeline(args) -> int:
         out = Path(cfg.output_dir)
         saved = saved_adapters(cfg)
         if place.rank == 0:
-            note_missing_output_dir(out)
+            note_unsaved_adapters(out, [a.name for a in cfg.lora])
     transport = join_peers(args, place, device, early.error)
     adapters = {}
     try:
@@ -517,7 +517,8 @@ def generate_pipeline(args) -> int:
         check_same_everywhere(transport, {**fingerprint(session, stages, args.transport),
                                           "generation request": digest(request)})
         check_same_adapters(transport, cfg, saved)
-        check_saved(job.names, Path(cfg.output_dir))  # (the same on every rank once the digests agree)
+        # (the same on every rank once the digests agree)
+        check_saved(job.names, Path(cfg.output_dir), [a.name for a in cfg.lora])
         load_stage(session, stages[place.rank], transport, job.names, adapters)
         link = StageLink(session, transport)
         session.model.eval()
