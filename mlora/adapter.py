@@ -604,14 +604,19 @@ def save_checkpoint_dir(target: str | os.PathLike, tensors: dict[str, torch.Tens
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    """Whether `path` has the shape of a directory save_checkpoint_dir writes (mlora marks it
-    no other way): a directory, not a link, holding its two PEFT files and nothing else. What
-    fails this is someone else's and must not be deleted."""
-    if path.is_symlink() or not path.is_dir():
-        return False
-    entries = list(path.iterdir())
-    return (sorted(e.name for e in entries) == sorted((CONFIG_NAME, WEIGHTS_NAME))
-            and all(e.is_file() and not e.is_symlink() for e in entries))
+    """Whether `path` may be a directory save_checkpoint_dir wrote (mlora marks it no other
+    way): a directory, not a link, holding nothing but its two PEFT files (every mlora wrote
+    these two and no more), or one of them or none (what a deletion cut short left). A PEFT
+    save_pretrained's has a README.md too. What fails this is someone else's and must not be
+    deleted."""
+    return not path.is_symlink() and path.is_dir() and not not_checkpoint_files(path)
+
+
+def not_checkpoint_files(path: Path) -> list[str]:
+    """The names in directory `path` that save_checkpoint_dir does not write there, sorted: any
+    but its two PEFT files, and those two where they are not plain files."""
+    return sorted(e.name for e in path.iterdir()
+                  if e.name not in (CONFIG_NAME, WEIGHTS_NAME) or e.is_symlink() or not e.is_file())
 
 
 # LoraConfig fields with which PEFT computes on the base what plain LoRA weights on mlora's target

@@ -609,7 +609,7 @@ def check_creatable(path: str) -> None:
 def check_output_dir(path: str, adapters: Iterable[str] = (), dirs: Iterable[tuple[str, str]] = ()) -> Path:
     """`prepare_output_dir`'s refusals of what is there already (see it), which need nothing
     written: `mlora train --dry_run` runs them too."""
-    from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME, is_checkpoint_dir
+    from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME, is_checkpoint_dir, not_checkpoint_files
     from mlora.checkpoint import DIRNAME
 
     p = Path(path)
@@ -637,9 +637,9 @@ def check_output_dir(path: str, adapters: Iterable[str] = (), dirs: Iterable[tup
             # Replaced whole when saved (atomic.write_dir_atomically): only one mlora wrote, or an
             # empty one (a link to a directory made rmtree fail mid-run, a traceback)
             place = p / inside
-            if place.is_dir() and not is_checkpoint_dir(place) and (place.is_symlink() or any(place.iterdir())):
-                held = "is a symbolic link" if place.is_symlink() else \
-                    f"holds files mlora did not write ({', '.join(sorted(e.name for e in place.iterdir())[:3])})"
+            if place.is_dir() and not is_checkpoint_dir(place):
+                held = ("is a symbolic link" if place.is_symlink() else
+                        f"holds files mlora did not write ({', '.join(not_checkpoint_files(place)[:3])})")
                 raise UserError(f"output_dir {p}: {place} {held}, but mlora replaces it with {what}; move it away "
                                 "or choose another output_dir")
     return p

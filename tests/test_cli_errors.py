@@ -677,9 +677,33 @@ def test_something_in_the_way_in_output_dir(setup, tiny_llama, capsys, in_the_wa
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
 
 
+def test_a_peft_saved_best_is_refused_naming_what_mlora_did_not_write(setup, tiny_llama, capsys):
+    """A best holding a PEFT save_pretrained's adapter (its two files and the README.md PEFT
+    writes beside them) is someone else's: refused, by train and by --dry_run with the same line,
+    which names the file mlora did not write (it named the first three, mlora's own among them)."""
+    import torch
+
+    from mlora.adapter import save_checkpoint_dir
+
+    _, data, out, config = setup
+    config = config({"save_best": True, "test_data": str(data), "eval_step": 1})
+    save_checkpoint_dir(out / "a" / "best", {"w": torch.zeros(2)}, {"r": 1})
+    (out / "a" / "best" / "README.md").write_text("---\nlibrary_name: peft\n---\n")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    lines = []
+    for extra in ((), ("--dry_run",)):
+        code, err = run_train(capsys, tiny_llama, config, *extra)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        lines.append(err)
+    assert lines[0] == lines[1]
+    assert "out/a/best holds files mlora did not write (README.md), but mlora replaces it" in lines[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
 def test_only_a_directory_mlora_wrote_is_replaced_whole(tmp_path):
     """Where the run replaces a directory whole (save_best's <name>/best, a checkpoint-<step>
-    it will save): one mlora wrote (its two PEFT files) or an empty one passes; a link to a
+    it will save): one mlora wrote (its two PEFT files, or what is left of them) or an empty
+    one passes; a link to a
     directory, whose rmtree failed mid-run, is refused before training."""
     import torch
 
@@ -692,6 +716,9 @@ def test_only_a_directory_mlora_wrote_is_replaced_whole(tmp_path):
     save_checkpoint_dir(out / "a" / "best", {"w": torch.zeros(2)}, {"r": 1})
     (out / "a" / "checkpoint-1").mkdir()
     assert prepare_output_dir(str(out), ["a"], [*best, ("a/checkpoint-1", "a save_step checkpoint of 'a'")]) == []
+    # one of its files gone (a deletion of it cut short): still mlora's
+    (out / "a" / "best" / "adapter_model.safetensors").unlink()
+    assert prepare_output_dir(str(out), ["a"], best) == []
     (out / "a" / "best").rename(tmp_path / "elsewhere")
     (out / "a" / "best").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UserError, match=r"out/a/best is a symbolic link, but mlora replaces it with the best weights"):
