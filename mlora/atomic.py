@@ -55,18 +55,24 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None])
 
 
 def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """`fill(tmp_dir)` fills a temporary directory beside `target`, which then replaces it."""
+    """`fill(tmp_dir)` fills a temporary directory beside `target`, which then replaces it. The
+    old `target` is renamed aside before it is deleted: deleted in place, a reader (or the next
+    run, had this one been killed then) found it half deleted."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    aside = None
     try:
         fill(tmp)
         _give_usual_modes(tmp)
-        if target.exists():
-            shutil.rmtree(target)
+        if os.path.lexists(target):
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            os.rename(target, aside / target.name)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside)
     return target
 
 

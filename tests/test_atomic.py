@@ -77,3 +77,30 @@ def test_the_umask_is_read_without_setting_it(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(previous)
+
+
+def test_a_replaced_directory_is_never_seen_half_deleted(tmp_path, monkeypatch):
+    """The directory a new one replaces was deleted in place (rmtree, then the rename): cut short
+    there (killed, Ctrl-C), or read meanwhile, it was half of itself (one of an adapter's two
+    files). Its deletion cut short now leaves the new one whole, and the old one's remains only
+    under a hidden name beside it."""
+    import shutil
+
+    import mlora.atomic
+
+    target = write_dir_atomically(tmp_path / "d", lambda tmp: [(tmp / n).write_text("old") for n in ("a", "b")])
+    real_rmtree, cut = shutil.rmtree, []
+
+    def cut_short(path, ignore_errors=False):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else []
+        if files and not cut:  # the first deletion: one file gone, then stopped
+            cut.append(path)
+            files[0].unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(mlora.atomic.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomically(target, lambda tmp: [(tmp / n).write_text("new") for n in ("a", "b")])
+    assert cut and {p.name: p.read_text() for p in target.iterdir()} == {"a": "new", "b": "new"}
+    assert all(p.name.startswith(".d.") for p in tmp_path.iterdir() if p != target)
