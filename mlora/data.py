@@ -170,9 +170,13 @@ def _read_parquet(path: Path) -> list[dict]:
 
 def _parquet_columns(names: list[str]) -> list[str] | None:
     """Which of a Parquet file's columns to read: those some row shape reads (ROW_KEYS); None
-    (every column) when it has none, so the rows show their keys in encoding's unknown-shape
-    error. (Not also those that look like a misspelling of one: "image" looks like "messages".)"""
-    return [name for name in names if name in ROW_KEYS] or None
+    (every column) when no column names a shape (_SHAPE_KEYS: "Instruction", "input", "output"
+    has input and output), so the rows show all their keys in encoding's unknown-shape error,
+    and its "did you mean 'instruction'?". (Not also those that look like a misspelling of one:
+    "image" looks like "messages".)"""
+    if not any(key in names for key in _SHAPE_KEYS.values()):
+        return None
+    return [name for name in names if name in ROW_KEYS]
 
 
 def unread_columns(path: str | Path) -> list[str]:

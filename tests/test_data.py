@@ -151,6 +151,18 @@ def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch,
     pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": "b"}]), tmp_path / "odd.parquet")
     assert load_rows(tmp_path / "odd.parquet") == [{"question": "a", "answer": "b"}] and asked[-1] is None
     assert unread_columns(tmp_path / "odd.parquet") == []
+    # input and output are read keys, but name no shape: a capitalised instruction beside them
+    # reads the file whole, the error's keys and hint those of its JSON rows (they were input,
+    # output only, no 'did you mean')
+    odd = {"Instruction": "a", "input": "", "output": "b", "image": b"x"}
+    pq.write_table(pa.Table.from_pylist([odd]), tmp_path / "capital.parquet")
+    errors = []
+    for rows in (load_rows(tmp_path / "capital.parquet"), [odd]):
+        with pytest.raises(UserError) as err:
+            row_shape(rows[0])
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "keys: Instruction, input, output, image" in errors[0], errors
+    assert asked[-1] is None and unread_columns(tmp_path / "capital.parquet") == []
     (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n')
     assert unread_columns(tmp_path / "rows.jsonl") == []
 
