@@ -12,11 +12,11 @@
 # lines). Arguments go to mlora, e.g. --output_dir.
 #
 # On several hosts, start each rank on its host with --master_addr set to rank 0's address.
-# PYTHON is the interpreter that has mlora installed: by default this checkout's .venv/bin/python
-# (what `make setup` makes) when there is one, else python3.
+# PYTHON is the interpreter that has mlora installed: by default the python3 on PATH when it has
+# mlora and torch (an activated environment mlora was installed into), else this checkout's
+# .venv/bin/python (what `make setup` makes) when there is one, else python3.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/python.sh"  # PY
 BASE=${BASE:?set BASE to the base model directory}
 CONFIG=${CONFIG:?set CONFIG to the training config}
 BALANCE=${BALANCE:-"9 9 9 8"}

@@ -11,9 +11,10 @@
 # --command eval evaluates the adapters saved in output_dir the same way (`mlora eval --pipeline`;
 # rank 0 prints the JSON lines, the other ranks nothing); --command generate completes prompts
 # with them (`mlora generate --pipeline`: -- --prompt "..." --base); the default is --command train.
-# PYTHON is the interpreter that has mlora installed: by default this checkout's .venv/bin/python
-# (what `make setup` makes) when there is one, else python3. TORCHRUN is the torchrun command
-# (default: $PYTHON -m torch.distributed.run).
+# PYTHON is the interpreter that has mlora installed: by default the python3 on PATH when it has
+# mlora and torch (an activated environment mlora was installed into), else this checkout's
+# .venv/bin/python (what `make setup` makes) when there is one, else python3. TORCHRUN is the
+# torchrun command (default: $PYTHON -m torch.distributed.run).
 set -euo pipefail
 command=train; nproc=1; nnodes=1; node_rank=0; rdzv_endpoint=""; balance=""; base_model=""; config=""
 while [ $# -gt 0 ]; do
@@ -37,8 +38,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$base_model" ] && [ -n "$config" ] || { echo "launch/torchrun.sh: --base_model and --config are required" >&2; exit 2; }
 case "$command" in train|eval|generate) ;; *) echo "launch/torchrun.sh: --command must be train, eval or generate, not $command" >&2; exit 2 ;; esac
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/python.sh"  # PY
 read -r -a torchrun <<< "${TORCHRUN:-$PY -m torch.distributed.run}"
 rdzv=(--standalone)
 if [ "$nnodes" -gt 1 ]; then

@@ -176,24 +176,40 @@ def test_torchrun_script_bad_options_are_one_line(args, message):
 
 
 @pytest.mark.parametrize("script", ["manual.sh", "torchrun.sh"])
-def test_scripts_run_the_checkouts_venv_by_default(tmp_path, script):
+@pytest.mark.parametrize("case", ["python3 without mlora", "python3 with mlora", "through a link"])
+def test_scripts_choose_their_python(tmp_path, script, case):
     """Without PYTHON the scripts run this checkout's .venv/bin/python (make setup's), not the
-    first python3 on PATH (where a make-setup user has no torch: 'No module named torch')."""
+    first python3 on PATH where it has no mlora (a make-setup user's: 'No module named torch');
+    but one that has mlora (an activated environment mlora was pip-installed into) wins over a
+    .venv in the checkout, which it was silently overruled by. Run through a link to it
+    (~/bin/x -> launch/x), a script looked for .venv beside the link: a ~/.venv of another
+    project."""
     venv_python = ROOT / ".venv" / "bin" / "python"
     if not venv_python.exists():
         pytest.skip("no .venv in this checkout (make setup makes it)")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python3").write_text("#!/bin/sh\necho 'the python3 on PATH ran' >&2\nexit 3\n")
+    # a python3 without mlora fails; one with it is this interpreter, saying it ran
+    run_on = f"exec {sys.executable} \"$@\"" if case == "python3 with mlora" else "exit 3"
+    (fake / "python3").write_text(f"#!/bin/sh\necho 'the python3 on PATH ran' >&2\n{run_on}\n")
     (fake / "python3").chmod(0o755)
+    script_path = ROOT / "launch" / script
+    if case == "through a link":  # (beside the link, a .venv whose python is not the checkout's)
+        (tmp_path / "launch").mkdir()
+        (tmp_path / "launch" / script).symlink_to(script_path)
+        script_path = tmp_path / "launch" / script
+        (tmp_path / ".venv" / "bin").mkdir(parents=True)
+        (tmp_path / ".venv" / "bin" / "python").write_text("#!/bin/sh\necho 'the wrong .venv ran' >&2\nexit 3\n")
+        (tmp_path / ".venv" / "bin" / "python").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "TORCHRUN")}
     env.update(PATH=f"{fake}:{env['PATH']}", HF_HUB_OFFLINE="1", **ONE_THREAD)
     missing = str(tmp_path / "missing.json")
     if script == "manual.sh":
-        cmd, env = ["bash", str(ROOT / "launch" / script)], dict(env, BASE=str(tmp_path), CONFIG=missing,
-                                                                   BALANCE="1", DEVICE_PREFIX="cpu")
+        cmd, env = ["bash", str(script_path)], dict(env, BASE=str(tmp_path), CONFIG=missing, BALANCE="1",
+                                                   DEVICE_PREFIX="cpu")
     else:  # (torchrun's own agent runs under the same interpreter)
-        cmd = ["bash", str(ROOT / "launch" / script), "--base_model", str(tmp_path), "--config", missing]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert "the python3 on PATH ran" not in done.stderr
+        cmd = ["bash", str(script_path), "--base_model", str(tmp_path), "--config", missing]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert ("the python3 on PATH ran" in done.stderr) == (case == "python3 with mlora"), done.stderr
+    assert "the wrong .venv ran" not in done.stderr
     assert done.returncode != 0 and f"mlora: error: {missing}: config file not found" in done.stderr, done.stderr
