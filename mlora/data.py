@@ -181,15 +181,38 @@ def _parquet_columns(names: list[str]) -> list[str] | None:
 
 def unread_columns(path: str | Path) -> list[str]:
     """The columns of a Parquet file that load_rows did not read (none of another file), for
-    unread_keys_note: its rows do not hold them."""
+    unread_keys_note: its rows do not hold them. Not one null in every row: the whole table's
+    rows held none of it (nulls are dropped), and a note named it for every row."""
     path = Path(path)
     if path.suffix.lower() != ".parquet":
         return []
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names  # (the file load_rows has read: its footer only)
-    read = _parquet_columns(names)
-    return [] if read is None else [name for name in names if name not in read]
+    schema = pq.read_schema(path)  # (the file load_rows has read: its footer only)
+    read = _parquet_columns(schema.names)
+    if read is None:
+        return []
+    empty = _null_columns(pq.read_metadata(path), schema)
+    return [name for name in schema.names if name not in read and name not in empty]
+
+
+def _null_columns(meta, schema) -> set[str]:
+    """The columns null in every row, as a Parquet file's footer tells them: of Arrow's null
+    type (what an all-None column becomes), or flat ones whose statistics count a null in every
+    row (a nested column's count its leaves' nulls, not its rows')."""
+    import pyarrow as pa
+
+    nulls, uncounted = Counter(), set()
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            if column.statistics is None or not column.statistics.has_null_count:
+                uncounted.add(column.path_in_schema)
+            else:
+                nulls[column.path_in_schema] += column.statistics.null_count
+    return {field.name for field in schema if pa.types.is_null(field.type)
+            or (field.name not in uncounted and nulls.get(field.name) == meta.num_rows)}
 
 
 def _without_nulls(value):

@@ -163,6 +163,16 @@ def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch,
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "keys: Instruction, input, output, image" in errors[0], errors
     assert asked[-1] is None and unread_columns(tmp_path / "capital.parquet") == []
+    # a column null in every row (Arrow's null type, or a typed one) is in no row the whole table
+    # gives: not noted (it was, for every row); one null in some rows is, and a nested one (its
+    # footer counts its leaves' nulls, not its rows')
+    sparse = pa.table({"text": ["a", "b", "c"], "inptu": [None] * 3, "extra": pa.array([None] * 3, pa.string()),
+                       "source": ["s", None, None],
+                       "turns": pa.array([None] * 3, pa.list_(pa.struct([("role", pa.string())])))})
+    pq.write_table(sparse, tmp_path / "sparse.parquet", row_group_size=2)
+    assert unread_columns(tmp_path / "sparse.parquet") == ["source", "turns"]
+    note = unread_keys_note(load_rows(tmp_path / "sparse.parquet"), tokenizer, ["source", "turns"])
+    assert "inptu" not in note and "'source'" in note
     (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n')
     assert unread_columns(tmp_path / "rows.jsonl") == []
 
