@@ -16,23 +16,26 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class Patience:
-    """One adapter's tally: its lowest finite eval loss so far and the evaluations since one
-    improved on it by more than the threshold."""
+    """One adapter's tally: its lowest finite eval loss so far, the evaluations since one
+    improved on it by more than the threshold, and whether it was evaluated at all."""
 
     lowest: float | None = None
     waited: int = 0
+    evaluated: bool = False
 
     def observe(self, eval_loss: float | None, threshold: float) -> None:
-        """Count one evaluation. As HF's callback: the lowest loss follows every improvement,
-        but only one by more than `threshold` restarts the count; a missing or non-finite
-        loss never improves."""
+        """Count one evaluation. As HF's callback: the first evaluation never counts, whatever
+        its loss (HF's best_metric is still None then); after it, the lowest loss follows every
+        improvement, but only one by more than `threshold` restarts the count; a missing or
+        non-finite loss never improves."""
         finite = eval_loss is not None and math.isfinite(eval_loss)
-        if finite and (self.lowest is None or eval_loss < self.lowest - threshold):
+        if not self.evaluated or (finite and (self.lowest is None or eval_loss < self.lowest - threshold)):
             self.waited = 0
         else:
             self.waited += 1
         if finite and (self.lowest is None or eval_loss < self.lowest):
             self.lowest = eval_loss
+        self.evaluated = True
 
     def exhausted(self, patience: int | None) -> bool:
         """Whether the adapter stops now (patience None: early stopping is off)."""
@@ -44,8 +47,11 @@ class Patience:
     @classmethod
     def from_state(cls, saved: dict | None) -> "Patience":
         """From a checkpoint's state; one without (written before early stopping existed, or
-        with it off) starts the tally afresh."""
-        return cls(**saved) if saved else cls()
+        with it off) starts the tally afresh. (One written before `evaluated` was kept: an
+        adapter with a lowest loss or a count was evaluated.)"""
+        if not saved:
+            return cls()
+        return cls(**{"evaluated": saved.get("lowest") is not None or saved.get("waited", 0) > 0, **saved})
 
 
 def stops_early(patience: int | None, tally: Patience, eval_loss: float | None, threshold: float,

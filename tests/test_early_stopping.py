@@ -84,22 +84,27 @@ def queued(tmp_path_factory, pipe_model):
 
 def test_patience_counts_as_hf_early_stopping_callback():
     """The evaluation that stops an adapter is the one HF's EarlyStoppingCallback stops at, fed
-    the same eval losses (its Trainer keeps the lowest as best_metric after the callback runs)."""
-    from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
+    the same eval losses (its Trainer keeps best_metric after the callback runs, with its own
+    _determine_best_metric), non-finite ones and a first one that is not finite too."""
+    from types import SimpleNamespace
+
+    from transformers import EarlyStoppingCallback, Trainer, TrainerControl, TrainerState, TrainingArguments
 
     args = TrainingArguments(output_dir="unused", metric_for_best_model="eval_loss", greater_is_better=False,
                              report_to=[])
+    nan, inf = float("nan"), float("inf")
     cases = [([3.0, 2.0, 2.5, 2.4, 2.6], 2, 0.0), ([3.0, 2.95, 2.9, 2.0, 1.0], 2, 0.1),
-             ([3.0, float("nan"), 2.0, 2.1, 2.2, 2.3], 3, 0.0), ([5.0, 4.0, 3.0, 2.0], 1, 0.5)]
+             ([3.0, nan, 2.0, 2.1, 2.2, 2.3], 3, 0.0), ([5.0, 4.0, 3.0, 2.0], 1, 0.5),
+             ([nan, 3.0, 3.1], 1, 0.0), ([nan, nan, 3.0], 1, 0.0), ([inf, 3.0, 3.0], 1, 0.0)]
     for losses, patience, threshold in cases:
         hf = EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)
         state, control = TrainerState(), TrainerControl()
+        trainer = SimpleNamespace(args=args, state=state)  # all that _determine_best_metric reads
         hf_stop = mine_stop = None
         tally = Patience()
         for i, loss in enumerate(losses):
             hf.on_evaluate(args, state, control, metrics={"eval_loss": loss})
-            if loss == loss and (state.best_metric is None or loss < state.best_metric):
-                state.best_metric = loss
+            Trainer._determine_best_metric(trainer, metrics={"eval_loss": loss}, trial=None)
             if control.should_training_stop and hf_stop is None:
                 hf_stop = i
             tally.observe(loss, threshold)
@@ -128,6 +133,15 @@ def test_config_refuses_early_stopping_without_evaluation(tmp_path, lora, top, m
         parse_config({"lora": [{"name": "a", "data": str(data), **lora}], **top}, "config")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_tally_from_before_it_kept_whether_evaluated_counts_as_evaluated():
+    """A checkpoint's tally written without `evaluated`: an adapter with a lowest loss or a
+    count was evaluated, so its next evaluation counts (HF skips only the first)."""
+    assert Patience.from_state({"lowest": 2.0, "waited": 0}).evaluated
+    assert Patience.from_state({"lowest": None, "waited": 1}).evaluated
+    assert not Patience.from_state({"lowest": None, "waited": 0}).evaluated
+    assert not Patience.from_state(None).evaluated
 
 
 def test_config_global_default_applies_to_evaluated_adapters(tmp_path):
