@@ -241,3 +241,28 @@ def test_pipeline_stops_at_the_same_step_as_one_process(queued, pipe_model, tmp_
         if path.name.startswith("FINISHED") or int(path.name.split("-")[1]) > STOP_STEP:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     run_and_compare("--resume")
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, None)])
+def test_patience_changed_at_resume_counts_from_the_next_eval(pipe_model, tmp_path, monkeypatch, before, after):
+    """p0 alone, evaluated at every step (patience 1 stops it after step 2, 2 after step 3,
+    none lets it run its 4). Killed after step 1 and resumed with another patience, it ends
+    as a run with that patience from the start: the tally in the checkpoint goes on under it."""
+    def config(name: str, patience: int | None) -> Path:
+        cfg = early_config(tmp_path, tmp_path / name, num_adapters=1, save_step=1)
+        obj = json.loads(cfg.read_text())
+        obj["lora"][0]["early_stopping_patience"] = patience
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(obj))
+        return path
+
+    reference = tmp_path / "reference"
+    train(pipe_model, config("reference", after))
+    assert [m["step"] for m in records(reference, "p0") if m.get("early_stopped")] == ([2] if after else [])
+    out = tmp_path / "out"
+    kill_after_step(["train", "--base_model", str(pipe_model), "--config", str(config("killed", before)),
+                     "--output_dir", str(out), "--no_progress"], monkeypatch, "p0", 1)
+    train(pipe_model, config("resumed", after), out, "--resume")
+    assert ([(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(out, "p0")]
+            == [(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(reference, "p0")])
+    assert rel_diff(weights(out, "p0"), weights(reference, "p0")) <= 1e-6
