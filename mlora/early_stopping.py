@@ -29,7 +29,9 @@ class Patience:
         improvement, but only one by more than `threshold` restarts the count; a missing or
         non-finite loss never improves."""
         finite = eval_loss is not None and math.isfinite(eval_loss)
-        if not self.evaluated or (finite and (self.lowest is None or eval_loss < self.lowest - threshold)):
+        # (the drop, lowest - loss, against the threshold: as HF compares it; `loss < lowest -
+        # threshold` rounds otherwise, 2.9 < 3.0 - 0.1 is false where 3.0 - 2.9 > 0.1 is true)
+        if not self.evaluated or (finite and (self.lowest is None or self.lowest - eval_loss > threshold)):
             self.waited = 0
         else:
             self.waited += 1

@@ -95,7 +95,8 @@ def test_patience_counts_as_hf_early_stopping_callback():
     nan, inf = float("nan"), float("inf")
     cases = [([3.0, 2.0, 2.5, 2.4, 2.6], 2, 0.0), ([3.0, 2.95, 2.9, 2.0, 1.0], 2, 0.1),
              ([3.0, nan, 2.0, 2.1, 2.2, 2.3], 3, 0.0), ([5.0, 4.0, 3.0, 2.0], 1, 0.5),
-             ([nan, 3.0, 3.1], 1, 0.0), ([nan, nan, 3.0], 1, 0.0), ([inf, 3.0, 3.0], 1, 0.0)]
+             ([nan, 3.0, 3.1], 1, 0.0), ([nan, nan, 3.0], 1, 0.0), ([inf, 3.0, 3.0], 1, 0.0),
+             ([3.0, 2.9, 2.85], 1, 0.1)]  # (3.0 - 2.9 rounds above 0.1)
     for losses, patience, threshold in cases:
         hf = EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)
         state, control = TrainerState(), TrainerControl()
