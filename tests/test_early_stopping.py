@@ -218,7 +218,8 @@ def test_pipeline_stops_at_the_same_step_as_one_process(queued, pipe_model, tmp_
     """Two ranks: every rank learns p0's eval losses at the cut, all stop it after the same step,
     and the plan of the segments left gives its slot to p2; the weights are one process's. Then
     taken back to the checkpoint of the cut p0 stopped at, as if killed there, and resumed: the
-    resumed ranks leave p0 out of the segments left as well."""
+    resumed ranks leave p0 out of the segments left as well; and to the cut before it: the
+    resumed ranks stop p0 at the same step from the tally in the checkpoint."""
     cfg, single_out, _ = queued
     obj = json.loads(cfg.read_text())
     cfg = tmp_path / "checkpointed.json"  # (save_step changes no result: one process's run stays the reference)
@@ -238,10 +239,13 @@ def test_pipeline_stops_at_the_same_step_as_one_process(queued, pipe_model, tmp_
 
     run_and_compare()
     root = checkpoint.checkpoint_root(out)
-    for path in root.iterdir():  # back to the cut after segment 2, p0's last step
-        if path.name.startswith("FINISHED") or int(path.name.split("-")[1]) > STOP_STEP:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_and_compare("--resume")
+    # Back to the cut after segment 2, p0's last step; then to the one before it, between p0's
+    # two evaluations, where only the tally in the checkpoint makes its second one stop it.
+    for cut in (STOP_STEP, STOP_STEP - 1):
+        for path in root.iterdir():
+            if path.name.startswith("FINISHED") or int(path.name.split("-")[1]) > cut:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run_and_compare("--resume")
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, None)])
