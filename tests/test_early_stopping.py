@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mlora import checkpoint
@@ -248,18 +249,25 @@ def test_pipeline_stops_at_the_same_step_as_one_process(queued, pipe_model, tmp_
         run_and_compare("--resume")
 
 
+def alone_config(tmp: Path, name: str, patience: int | None) -> Path:
+    """p0 alone, evaluated and checkpointed at every step, with `patience` (threshold 10:
+    patience 1 stops it after step 2, 2 after step 3, none lets it run its 4 steps); its
+    output_dir is tmp/name."""
+    cfg = early_config(tmp, tmp / name, num_adapters=1, save_step=1)
+    obj = json.loads(cfg.read_text())
+    obj["lora"][0]["early_stopping_patience"] = patience
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(obj))
+    return path
+
+
 @pytest.mark.parametrize("before, after", [(2, 1), (1, None)])
 def test_patience_changed_at_resume_counts_from_the_next_eval(pipe_model, tmp_path, monkeypatch, before, after):
     """p0 alone, evaluated at every step (patience 1 stops it after step 2, 2 after step 3,
     none lets it run its 4). Killed after step 1 and resumed with another patience, it ends
     as a run with that patience from the start: the tally in the checkpoint goes on under it."""
     def config(name: str, patience: int | None) -> Path:
-        cfg = early_config(tmp_path, tmp_path / name, num_adapters=1, save_step=1)
-        obj = json.loads(cfg.read_text())
-        obj["lora"][0]["early_stopping_patience"] = patience
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(obj))
-        return path
+        return alone_config(tmp_path, name, patience)
 
     reference = tmp_path / "reference"
     train(pipe_model, config("reference", after))
@@ -271,3 +279,24 @@ def test_patience_changed_at_resume_counts_from_the_next_eval(pipe_model, tmp_pa
     assert ([(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(out, "p0")]
             == [(m["step"], "eval_loss" in m, m.get("early_stopped")) for m in records(reference, "p0")])
     assert rel_diff(weights(out, "p0"), weights(reference, "p0")) <= 1e-6
+
+
+def test_a_checkpoint_from_before_early_stopping_resumes_with_a_fresh_tally(pipe_model, tmp_path, monkeypatch):
+    """A checkpoint as an mlora without early stopping wrote it (no tally in its state; the keys
+    are no part of the fingerprint, then or now) resumes: the tally starts at the next evaluation,
+    which, its first, does not count, so patience 1 stops p0 one evaluation later (step 3)."""
+    cfg = alone_config(tmp_path, "out", 1)
+    out = tmp_path / "out"
+    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]
+    kill_after_step(argv, monkeypatch, "p0", 1)
+    (iteration, newest), = checkpoint.list_checkpoints(out)[-1:]
+    state = torch.load(newest / "state.pt", weights_only=True)
+    for saved in state["adapters"].values():
+        del saved["patience"], saved["early_stopped"]
+    fingerprint = json.loads((newest / "manifest.json").read_text())["fingerprint"]
+    assert "early_stopping_patience" not in json.dumps(fingerprint)  # (no part of it, as before)
+    shutil.rmtree(newest)
+    checkpoint.write_checkpoint(out, iteration, state, fingerprint, None)
+    stdout = train(pipe_model, cfg, None, "--resume")
+    assert "(stopped early after step 3: its eval loss stopped improving)" in stdout
+    assert [m["step"] for m in records(out, "p0") if m.get("early_stopped")] == [3]
