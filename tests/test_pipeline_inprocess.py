@@ -1455,3 +1455,39 @@ def test_pipeline_resume_with_nothing_to_resume_leaves_no_output_dir(tmp_path, p
     assert [(code, one_line(err).split(": ")[:3]) for code, _, err in ranks] == [(2, ["mlora", "error",
                                                                                    "nothing to resume"])] * 2
     assert not (tmp_path / "new").exists()
+
+
+def test_pipeline_generate_out_of_memory_on_a_rank_is_one_line_on_every_rank(generate_job, monkeypatch):
+    """A pipeline does not split a batch that runs out of memory (its ranks would have to agree
+    on the split): rank 1 running out in its second batch is its one line (exit 2), rank 0's
+    is one naming rank 1 (exit 3, as when a rank dies), no rank hangs, and the first batch's
+    lines are printed already, as one process prints them."""
+    import threading
+
+    import torch
+
+    from mlora.pipeline.worker import StageLink
+
+    base, cfg, out = generate_job
+    forward, batches_seen = StageLink.generate_forward, []
+
+    def running_out(self, x, mask, cache, step):
+        if threading.current_thread().name == "rank1" and step == 0:
+            batches_seen.append(x.shape[0])
+            if len(batches_seen) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, x, mask, cache, step)
+
+    monkeypatch.setattr(StageLink, "generate_forward", running_out)
+    whole = single_generate(monkeypatch, base, cfg, out, "--batch_size", "3", "--no_progress")
+    monkeypatch.setattr(StageLink, "generate_forward", running_out)  # (single_generate undid it)
+    batches_seen.clear()
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], "--batch_size", "3", "--no_progress")
+    assert [code for code, _, _ in ranks] == [3, 2], ranks  # (3: another rank failed, as when one dies)
+    assert one_line(ranks[1][2]) == ("mlora: error: rank 1: out of device memory generating on its stage; give a "
+                                     "smaller --batch_size or fewer --max_new_tokens, or split the model over more "
+                                     "stages")
+    assert one_line(ranks[0][2]) == ("mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting "
+                                     "for it")
+    first_batch = whole[1].splitlines()[:3]
+    assert ranks[0][1].splitlines() == first_batch and ranks[1][1] == ""
