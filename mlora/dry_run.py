@@ -209,7 +209,14 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     for a in adapters:
         lines.append(f"  {a.name:<{width}}  {a.rows:>7}  {a.trained_tokens:>14}  {a.epochs:>6}  {a.micro_batches:>13}  "
                      f"{a.steps:>7}")
-    stopping = [a.name for a in cfg.lora if a.early_stopping_patience is not None]
+    from mlora.early_stopping import never_stops_note
+
+    steps = {a.name: a.steps for a in adapters}
+    for a in cfg.lora:
+        if (note := never_stops_note(a, steps[a.name])) is not None:
+            lines.append(f"  {note.removeprefix('mlora: ')}")
+    stopping = [a.name for a in cfg.lora
+                if a.early_stopping_patience is not None and never_stops_note(a, steps[a.name]) is None]
     if stopping:  # (a plan evaluates nothing: it cannot know when an eval loss stops improving)
         lines.append(f"  note: early stopping may stop {', '.join(stopping)} before the steps planned here (their "
                      f"slots then go to queued adapters sooner)")

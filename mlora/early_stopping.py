@@ -64,3 +64,24 @@ def stops_early(patience: int | None, tally: Patience, eval_loss: float | None, 
         return False
     tally.observe(eval_loss, threshold)
     return tally.exhausted(patience) and step < total_steps
+
+
+def evaluations_that_may_stop(eval_step: int, total_steps: int) -> int:
+    """How many of an adapter's evaluations may stop it: those before its last step (at which it
+    ends anyway), less its first (which never counts)."""
+    return max(0, (total_steps - 1) // eval_step - 1) if eval_step else 0
+
+
+def never_stops_note(a, total_steps: int) -> str | None:
+    """A note when adapter config `a`'s early_stopping_patience can never be reached in its
+    `total_steps`: patience evaluations in a row must fail to improve, after its first and
+    before its last step. Such a run trains to its end as if early stopping were off; the user
+    set it believing otherwise (a patience sized for another eval_step or dataset)."""
+    if a.early_stopping_patience is None:
+        return None
+    chances = evaluations_that_may_stop(a.eval_step, total_steps)
+    if chances >= a.early_stopping_patience:
+        return None
+    return (f"mlora: note: adapter {a.name!r}: early_stopping_patience {a.early_stopping_patience} cannot stop it: "
+            f"of its evaluations (eval_step {a.eval_step}, {total_steps} steps) {chances} come after its first and "
+            f"before its last step; it trains to the end")

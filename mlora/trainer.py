@@ -34,7 +34,7 @@ from mlora.adapter import Adapter, is_checkpoint_dir, layer_generators, save_che
 from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
 from mlora.data import Example
-from mlora.early_stopping import Patience, stops_early
+from mlora.early_stopping import Patience, never_stops_note, stops_early
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.lora import clear_lora_caches
@@ -121,6 +121,8 @@ class Trainer:
             prepare_examples(session.data[a.name].train)
         for position, a in enumerate(self.cfg.lora):
             steps = total_steps(len(session.data[a.name].train), a)
+            if (note := never_stops_note(a, steps)) is not None:
+                print(note, file=sys.stderr)
             adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps, naming=session.naming,
                               loss_scaling=session.loss_scaling)
             bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,

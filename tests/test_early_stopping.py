@@ -300,3 +300,37 @@ def test_a_checkpoint_from_before_early_stopping_resumes_with_a_fresh_tally(pipe
     stdout = train(pipe_model, cfg, None, "--resume")
     assert "(stopped early after step 3: its eval loss stopped improving)" in stdout
     assert [m["step"] for m in records(out, "p0") if m.get("early_stopped")] == [3]
+
+
+@pytest.mark.parametrize("patience, stops_at", [(2, 3), (3, None)])
+def test_a_patience_the_run_cannot_reach_is_noted(tmp_path, pipe_model, capsys, patience, stops_at):
+    """p0 (4 steps, evaluated at each) has 2 evaluations that may stop it: those of steps 2 and 3
+    (the first never counts, the last step ends it anyway). Patience 2 stops it after step 3
+    with no note; patience 3 cannot be reached: a note says so up front (and in the dry run's
+    plan), and it trains its 4 steps."""
+    from mlora.early_stopping import evaluations_that_may_stop
+
+    assert evaluations_that_may_stop(1, 4) == 2 and evaluations_that_may_stop(2, 4) == 0
+    assert evaluations_that_may_stop(2, 5) == 1 and evaluations_that_may_stop(0, 5) == 0
+    cfg = variant(early_config(tmp_path, tmp_path / "out", num_adapters=1), "p0", ["p0"],
+                  early_stopping_patience=patience)
+    note = (f"mlora: note: adapter 'p0': early_stopping_patience {patience} cannot stop it: of its evaluations "
+            f"(eval_step 1, 4 steps) 2 come after its first and before its last step; it trains to the end")
+    capsys.readouterr()
+    assert main(["train", "--dry_run", "--base_model", str(pipe_model), "--config", str(cfg)]) == 0
+    assert (f"  {note.removeprefix('mlora: ')}" in capsys.readouterr().err.splitlines()) == (stops_at is None)
+    train(pipe_model, cfg, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert (note in err.splitlines()) == (stops_at is None), err
+    stopped = [m["step"] for m in records(tmp_path / "out", "p0") if m.get("early_stopped")]
+    assert stopped == ([] if stops_at is None else [stops_at])
+    assert max(m["step"] for m in records(tmp_path / "out", "p0")) == (4 if stops_at is None else stops_at)
+
+
+def test_a_pipeline_notes_an_unreachable_patience_once(tmp_path, pipe_model, monkeypatch):
+    """On a pipeline rank 0 (the rank that builds the batches) tells, the other ranks do not."""
+    cfg = variant(early_config(tmp_path, tmp_path / "out", num_adapters=1), "p0", ["p0"], early_stopping_patience=3)
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "pipe")] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    said = ["early_stopping_patience 3 cannot stop it" in stderr for _, _, stderr in ranks]
+    assert said == [True, False], ranks

@@ -53,7 +53,7 @@ from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, p
                             trained_positions)
 from mlora.config import adapter_seed
 from mlora.device import upload
-from mlora.early_stopping import Patience, stops_early
+from mlora.early_stopping import Patience, never_stops_note, stops_early
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows
 from mlora.loss import head_loss_sums
@@ -414,8 +414,10 @@ class StageWorker(StageLink):
         for a in cfg.lora:
             rows = session.data[a.name].train
             check_trainable(rows, a, cfg.cutoff_len)
-            if self.first:  # the rank that builds the batches
+            if self.first:  # the rank that builds the batches (and tells)
                 prepare_examples(rows)
+                if (note := never_stops_note(a, total_steps(len(rows), a))) is not None:
+                    print(note, file=sys.stderr)
             # (model_layers: an init_from tensor of a layer no stage holds is refused, as one
             # process refuses it, not skipped by every stage as another's)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
