@@ -48,6 +48,7 @@ def dry_run(args) -> int:
     from mlora.batching import check_trainable
     from mlora.cli import check_creatable, check_output_dir, quant_config, written_dirs
     from mlora.loader import read_model_config
+    from mlora.memory import device_free_bytes
     from mlora.output_lock import output_dir_lock
     from mlora.session import open_session
 
@@ -73,7 +74,9 @@ def dry_run(args) -> int:
                 raise checkpoint.refuse_to_clear(newest)
 
     # then, in the trainer's order (trainer.Trainer), its budget and its adapters
-    device_bytes = device_available_bytes(session.device)
+    # what this process can allocate now (CUDA; None elsewhere), as the trainer measures it once
+    # the weights are loaded; not the device's total, which other processes may be using
+    device_bytes = device_free_bytes(session.device)
     budget, source, why = token_budget(session, model_args, device_bytes)
     check_adapters(session, model_args)
     adapters, batches = walk_batches(session, budget)
@@ -106,19 +109,10 @@ def check_adapters(session, model_args) -> None:
     check_disk_space(Path(cfg.output_dir), adapters)
 
 
-def device_available_bytes(device: torch.device) -> int | None:
-    """What this process can allocate on the device now (CUDA; None elsewhere): the trainer
-    measures the same (memory.device_free_bytes) once the weights are loaded. Not the device's
-    total: other processes' memory and this one's CUDA context are not the run's to use."""
-    from mlora.memory import device_free_bytes
-
-    return device_free_bytes(device)
-
-
 def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | None, str, str]:
     """(the fused batches' token budget, its source: "max_tokens_per_batch", "memory_fraction" or
     "none", why), as Trainer._plan_budget picks it; but the free memory is the device's free
-    memory now (device_bytes, `device_available_bytes`) less the estimated weights (nothing is
+    memory now (device_bytes, memory.device_free_bytes) less the estimated weights (nothing is
     loaded to measure it; the run measures it after its load)."""
     from mlora.memory import FITTED_STRATEGIES, estimate_peak_bytes, format_size, plan_token_budget, run_estimate_kwargs
 
@@ -212,11 +206,13 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     from mlora.early_stopping import never_stops_note
 
     steps = {a.name: a.steps for a in adapters}
-    for a in cfg.lora:
-        if (note := never_stops_note(a, steps[a.name])) is not None:
+    stopping = []  # the adapters early stopping may stop; those it cannot are noted
+    for a in (a for a in cfg.lora if a.early_stopping_patience is not None):
+        note = never_stops_note(a, steps[a.name])
+        if note is None:
+            stopping.append(a.name)
+        else:
             lines.append(f"  {note.removeprefix('mlora: ')}")
-    stopping = [a.name for a in cfg.lora
-                if a.early_stopping_patience is not None and never_stops_note(a, steps[a.name]) is None]
     if stopping:  # (a plan evaluates nothing: it cannot know when an eval loss stops improving)
         lines.append(f"  note: early stopping may stop {', '.join(stopping)} before the steps planned here (their "
                      f"slots then go to queued adapters sooner)")
