@@ -591,16 +591,34 @@ def _module_sort_key(path: str, leaf: str) -> tuple:
 def save_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # (clean: the training run, under the output directory's lock, is their only writer)
     write_file_atomically(directory / WEIGHTS_NAME,
-                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), clean=True)
     write_file_atomically(directory / CONFIG_NAME,
-                          lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+                          lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"), clean=True)
     return directory
 
 
+BEST_DIR = "best"  # <output_dir>/<adapter>/best: the weights of the lowest eval loss (save_best)
+
+
+def checkpoint_dir_step(name: str) -> int | None:
+    """The step of a `checkpoint-<step>` directory name as save_step's saves write it
+    (<output_dir>/<adapter>/checkpoint-<step>, step from 1, no leading zero), else None."""
+    match = re.fullmatch(r"checkpoint-([1-9][0-9]*)", name)
+    return int(match[1]) if match else None
+
+
+def is_snapshot_name(name: str) -> bool:
+    """<adapter>/best or <adapter>/checkpoint-<step>: the directories save_checkpoint_dir writes."""
+    return name == BEST_DIR or checkpoint_dir_step(name) is not None
+
+
 def save_checkpoint_dir(target: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write a whole PEFT directory under a temporary name, then rename it into place."""
-    return write_dir_atomically(target, lambda tmp: save_peft(tmp, tensors, config))
+    """Write a whole PEFT directory under a temporary name, then rename it into place. The
+    temporaries of earlier snapshots of this adapter whose writer was killed go first (only
+    the training run, which holds the output directory's lock, writes them)."""
+    return write_dir_atomically(target, lambda tmp: save_peft(tmp, tensors, config), clean=is_snapshot_name)
 
 
 def is_checkpoint_dir(path: Path) -> bool:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
+
+# What the temporary names below look like: "." + the target's name + "." + tempfile's eight
+# random characters. A process killed mid-write (SIGKILL, the host's OOM killer, a power cut)
+# leaves one behind, hidden: a checkpoint's holds every adapter's weights and optimizer state.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}$")
 
 
 def _usual_mode(mode: int) -> int:
@@ -39,9 +45,35 @@ def _umask() -> int:
     return umask
 
 
-def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """`write(tmp_path)` fills a temporary file beside `path`, which is then renamed onto it."""
+def remove_leftovers(directory: Path, is_target: Callable[[str], bool]) -> None:
+    """Delete what writers killed mid-write left in `directory`: the temporary files and
+    directories below made for a target whose name `is_target` accepts. Only a writer that
+    alone writes such targets there may call it (mlora train's output lock, a pipeline rank's
+    own checkpoint tag): another's temporary would be deleted under it."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # (not there yet)
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or not is_target(match["target"]):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None],
+                          clean: bool = False) -> Path:
+    """`write(tmp_path)` fills a temporary file beside `path`, which is then renamed onto it.
+    With `clean`, first the temporaries a killed writer of `path` left (see remove_leftovers)."""
     path = Path(path)
+    if clean:
+        remove_leftovers(path.parent, lambda name: name == path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -54,12 +86,17 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None])
     return path
 
 
-def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None],
+                         clean: Callable[[str], bool] | None = None) -> Path:
     """`fill(tmp_dir)` fills a temporary directory beside `target`, which then replaces it. The
     old `target` is renamed aside before it is deleted: deleted in place, a reader (or the next
-    run, had this one been killed then) found it half deleted."""
+    run, had this one been killed then) found it half deleted. `clean`, when given, names the
+    targets (this one, or a family such as every checkpoint-<step>) whose temporaries a killed
+    writer left are deleted first (see remove_leftovers)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if clean is not None:
+        remove_leftovers(target.parent, clean)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     aside = None
     try:
@@ -74,6 +111,19 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
         if aside is not None:
             shutil.rmtree(aside)
     return target
+
+
+def remove_dir_aside(path: Path) -> None:
+    """Delete directory `path` after renaming it to a temporary name: a deletion cut short
+    leaves no half directory under its own name (where a reader takes it for whole), only a
+    temporary that remove_leftovers deletes later."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.rename(path, aside / path.name)
+    except OSError:
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _give_usual_modes(root: Path) -> None:

@@ -14,13 +14,12 @@ import hashlib
 import io
 import json
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mlora.atomic import write_dir_atomically, write_file_atomically
+from mlora.atomic import remove_dir_aside, write_dir_atomically, write_file_atomically
 from mlora.device import dtype_flag
 from mlora.errors import INTEGER_TOO_LONG, UserError
 
@@ -89,11 +88,21 @@ def write_checkpoint(output_dir, iteration: int, state: dict, fingerprint: dict,
         (tmp / "state.pt").write_bytes(payload)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
 
-    target = write_dir_atomically(checkpoint_root(output_dir) / _name(iteration, tag), fill)
+    # A killed writer's temporaries of this run's checkpoints (this rank's, with its tag) go
+    # first; and the old checkpoints are renamed aside before they are deleted: deleted in
+    # place, one cut short was left under its own name, for a resume to find.
+    target = write_dir_atomically(checkpoint_root(output_dir) / _name(iteration, tag), fill,
+                                  clean=lambda name: _tag_of(name) == tag)
     if keep is not None:
         for _, old in list_checkpoints(output_dir, tag)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir_aside(old)
     return target
+
+
+def _tag_of(name: str) -> str | None:
+    """The tag ("" for one process, "rank<N>" for a pipeline rank) of a checkpoint's name, or None."""
+    match = _ITER.match(name)
+    return (match.group(2) or "") if match else None
 
 
 def _finished_name(tag: str) -> str:
@@ -116,7 +125,10 @@ def clear(output_dir) -> None:
         return
     for path in root.iterdir():
         if _ITER.match(path.name) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)  # (pipeline ranks sharing the directory clear it together)
+            try:
+                remove_dir_aside(path)
+            except FileNotFoundError:  # (pipeline ranks sharing the directory clear it together)
+                pass
         elif path.name == FINISHED or (path.name.startswith("FINISHED-rank") and path.suffix == ".json"):
             path.unlink(missing_ok=True)
 

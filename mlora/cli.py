@@ -262,7 +262,7 @@ def early_stop_note(step: int | None) -> str:
 
 def best_note(best: tuple[float, int] | None, output: str) -> str:
     """What an adapter's last line adds under save_best: its best (eval loss, step), and where."""
-    from mlora.trainer import BEST_DIR
+    from mlora.adapter import BEST_DIR
 
     if best is None:
         return ", no finite eval loss (no best saved)"
@@ -546,7 +546,7 @@ def written_dirs(session) -> list[tuple[str, str]]:
     """The directories a training run writes inside its adapters' own, for `prepare_output_dir`:
     save_best's <name>/best, and the checkpoint-<step> of steps it will save that are there already."""
     from mlora.batching import total_steps
-    from mlora.trainer import BEST_DIR, checkpoint_dir_step
+    from mlora.adapter import BEST_DIR, checkpoint_dir_step
 
     out, save_step = Path(session.cfg.output_dir), session.cfg.save_step
     dirs = []

@@ -16,7 +16,6 @@ examples; see `_train_on`.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import signal
 import sys
@@ -30,7 +29,9 @@ import torch
 from tqdm import tqdm
 
 from mlora import checkpoint
-from mlora.adapter import Adapter, is_checkpoint_dir, layer_generators, save_checkpoint_dir
+from mlora.adapter import (BEST_DIR, Adapter, checkpoint_dir_step, is_checkpoint_dir, layer_generators,
+                           save_checkpoint_dir)
+from mlora.atomic import remove_dir_aside
 from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
 from mlora.config import adapter_seed
 from mlora.data import Example
@@ -598,16 +599,6 @@ def training_batches(cfg, train: dict[str, Sequence[Example]], max_tokens: int |
                          max_tokens, stopped, pack_len=packed_row_len(cfg))
 
 
-BEST_DIR = "best"  # <output_dir>/<adapter>/best: the weights of the lowest eval loss (save_best)
-
-
-def checkpoint_dir_step(name: str) -> int | None:
-    """The step of a `checkpoint-<step>` directory name as save_step's saves write it
-    (<output_dir>/<adapter>/checkpoint-<step>, step from 1, no leading zero), else None."""
-    match = re.fullmatch(r"checkpoint-([1-9][0-9]*)", name)
-    return int(match[1]) if match else None
-
-
 def remove_earlier_snapshots(out: Path, names: Iterable[str]) -> None:
     """A fresh run (not --resume): each adapter's <name>/best and <name>/checkpoint-<step> left
     by an earlier run in `out` go, as its resumable checkpoints do (checkpoint.clear): a run
@@ -627,7 +618,7 @@ def remove_earlier_snapshots(out: Path, names: Iterable[str]) -> None:
             else:
                 continue
             if is_checkpoint_dir(entry):
-                shutil.rmtree(entry)
+                remove_dir_aside(entry)
             else:
                 print(f"mlora: note: {entry} is not an adapter directory mlora wrote ({what}); left as it is",
                       file=sys.stderr)

@@ -272,3 +272,23 @@ def test_a_fresh_run_removes_an_earlier_runs_best_a_resume_keeps_it(pipe_model, 
     assert not (out / "p0" / "best").exists() and not (out / "p0" / "checkpoint-3").exists()
     assert (out / "p0" / "checkpoint-03").is_dir()
     assert (out / "p1" / "best" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_removes_what_killed_saves_left_in_its_adapter_directories(pipe_model, tmp_path):
+    """A run killed while writing a best, a checkpoint-<step> or the final adapter left a hidden
+    temporary beside it for ever (a directory, or a whole safetensors file); the next run's
+    saves delete them. A hidden name that no save of mlora's gives stays."""
+    out = tmp_path / "out"
+    cfg = write_best_config(tmp_path, out)
+    adapter_dir = out / "p0"
+    adapter_dir.mkdir(parents=True)
+    killed = [".best.abcdefgh", ".checkpoint-7.abcdefgh", ".adapter_model.safetensors.abcdefgh",
+              ".adapter_config.json.abcdefgh"]
+    for name in killed[:2]:
+        (adapter_dir / name).mkdir()
+        (adapter_dir / name / "adapter_model.safetensors").write_text("half")
+    for name in killed[2:]:
+        (adapter_dir / name).write_text("half")
+    (adapter_dir / ".notes.abcdefgh").write_text("mine")
+    assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg), "--no_progress"]) == 0
+    assert sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith(".")) == [".notes.abcdefgh"]

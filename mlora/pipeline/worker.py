@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from mlora import checkpoint, memory
-from mlora.adapter import Adapter, layer_generators, save_checkpoint_dir, save_peft
+from mlora.adapter import BEST_DIR, Adapter, layer_generators, save_checkpoint_dir, save_peft
 from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps,
                             trained_positions)
 from mlora.config import adapter_seed
@@ -61,7 +61,7 @@ from mlora.metrics import MetricsLog
 from mlora.packing import packed_shape
 from mlora.pipeline.plan import MicroBatchRef, build_plan, max_in_flight_1f1b
 from mlora.session import Session
-from mlora.trainer import BEST_DIR, Interrupted, improves
+from mlora.trainer import Interrupted, improves
 
 if TYPE_CHECKING:
     from mlora.pipeline.transport import Transport
