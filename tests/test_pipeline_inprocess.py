@@ -1457,11 +1457,13 @@ def test_pipeline_resume_with_nothing_to_resume_leaves_no_output_dir(tmp_path, p
     assert not (tmp_path / "new").exists()
 
 
-def test_pipeline_generate_out_of_memory_on_a_rank_is_one_line_on_every_rank(generate_job, monkeypatch):
-    """A pipeline does not split a batch that runs out of memory (its ranks would have to agree
-    on the split): rank 1 running out in its second batch is its one line (exit 2), rank 0's
-    is one naming rank 1 (exit 3, as when a rank dies), no rank hangs, and the first batch's
-    lines are printed already, as one process prints them."""
+def test_pipeline_generate_out_of_memory_where_ranks_cannot_agree_is_one_line_on_every_rank(generate_job,
+                                                                                             monkeypatch):
+    """Running out of memory outside the stage's forward, where the ranks cannot agree on a
+    rerun (here as rank 1's generate_forward starts, where it receives the hidden states: see
+    StageLink.generate_forward), ends the run: rank 1 running out in its second batch is its
+    one line (exit 2), rank 0's is one naming rank 1 (exit 3, as when a rank dies), no rank
+    hangs, and the first batch's lines are printed already, as one process prints them."""
     import threading
 
     import torch
@@ -1471,12 +1473,12 @@ def test_pipeline_generate_out_of_memory_on_a_rank_is_one_line_on_every_rank(gen
     base, cfg, out = generate_job
     forward, batches_seen = StageLink.generate_forward, []
 
-    def running_out(self, x, mask, cache, step):
+    def running_out(self, x, mask, cache, step, pick):
         if threading.current_thread().name == "rank1" and step == 0:
             batches_seen.append(x.shape[0])
             if len(batches_seen) == 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(self, x, mask, cache, step)
+        return forward(self, x, mask, cache, step, pick)
 
     monkeypatch.setattr(StageLink, "generate_forward", running_out)
     whole = single_generate(monkeypatch, base, cfg, out, "--batch_size", "3", "--no_progress")
@@ -1491,3 +1493,75 @@ def test_pipeline_generate_out_of_memory_on_a_rank_is_one_line_on_every_rank(gen
                                      "for it")
     first_batch = whole[1].splitlines()[:3]
     assert ranks[0][1].splitlines() == first_batch and ranks[1][1] == ""
+
+
+def run_out_of_memory_in_forward(monkeypatch, thread: str, too_big) -> None:
+    """The model's forward in the thread named `thread` (a rank, or "single") raises CUDA's
+    out-of-memory error when too_big(x, cache) (x: token ids [B, S] or hidden states [B, S,
+    H]), as a device would: inside the stage's forward, where a pipeline rank catches it."""
+    from mlora.models.llama import CausalLM
+
+    forward = CausalLM.forward
+
+    def running_out(self, x, *args, cache=None, **kwargs):
+        if threading.current_thread().name == thread and too_big(x, cache):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, x, *args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "forward", running_out)
+
+
+def rerun_notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "out of device memory on a batch" in line]
+
+
+# (balance, the rank that runs out, whether at the prompts or a later step, transport)
+RERUN_CASES = [([3, 4], 1, "later", "torch"), ([3, 4], 0, "prompts", "zmq"), ([3, 2, 2], 0, "later", "torch"),
+               ([3, 2, 2], 1, "prompts", "torch")]
+
+
+@pytest.mark.parametrize("balance,rank,when,transport", RERUN_CASES,
+                         ids=[f"{b}-rank{r}-{w}-{t}" for b, r, w, t in RERUN_CASES])
+def test_pipeline_generate_reruns_a_batch_that_runs_out_of_memory_in_halves(generate_job, monkeypatch, balance, rank,
+                                                                            when, transport):
+    """One rank (the first, a middle one, the last) runs out of device memory on every batch
+    of more than 2 rows, at the prompts' forward or a later step: every rank learns of it at
+    that step, and all run the batch of 4 lines and the lines after it in batches of 2, as one
+    process does. Rank 0 prints the lines one process prints (with no shortage), and notes
+    the rerun once, naming the rank; every rank ends with exit 0."""
+    base, cfg, out = generate_job
+    extra = ["--repetition_penalty", str(GEN_PENALTY), "--no_progress"]
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
+    assert code == 0 and len(single.splitlines()) == 9
+    run_out_of_memory_in_forward(monkeypatch, f"rank{rank}",
+                                 lambda x, cache: x.shape[0] > 2 and (cache.length > 0) == (when == "later"))
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out] * len(balance), balance, *extra, "--batch_size", "4",
+                              transport=transport)
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single)] + [(0, "")] * (len(balance) - 1), ranks
+    assert rerun_notes(ranks[0][2]) == [f"mlora: rank {rank}: out of device memory on a batch of 4 lines; running "
+                                        f"them and the lines after them in batches of 2"]
+    assert [rerun_notes(stderr) for _, _, stderr in ranks[1:]] == [[]] * (len(balance) - 1)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_pipeline_generate_a_line_that_runs_out_of_memory_alone_is_one_line(generate_job, monkeypatch, rank):
+    """Rank 0 or 1 of two runs out of device memory on the long prompt's forward, alone as
+    well: the batch of 2 holding it runs again in batches of 1 (one note), the lines before it
+    are printed as one process prints them, and its line ends the run: one line naming the
+    line and the rank, exit 2 there and 3 on the other rank (as when a rank fails); no hang."""
+    base, cfg, out = generate_job
+    extra = ["--adapters", "p0", "--batch_size", "2", "--no_progress"]
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
+    assert code == 0 and len(single.splitlines()) == 3
+    run_out_of_memory_in_forward(monkeypatch, f"rank{rank}", lambda x, cache: x.shape[1] > 40)  # (its 67 tokens)
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], *extra)
+    line = ("rank {}: out of device memory generating line 2 alone (its prompt through one adapter, and the bare base "
+            "with --base); give a shorter prompt or fewer --max_new_tokens, free device memory there, or split the "
+            "model over more stages").format(rank)
+    assert [code for code, _, _ in ranks] == [2 if r == rank else 3 for r in range(2)], ranks
+    for r, (_, _, stderr) in enumerate(ranks):
+        lines = [entry for entry in stderr.splitlines() if entry not in rerun_notes(stderr)]
+        assert lines == [f"mlora: error: {line}" if r == rank else f"mlora: pipeline error: {line}"], stderr
+    assert rerun_notes(ranks[0][2]) == [f"mlora: rank {rank}: out of device memory on a batch of 2 lines; running "
+                                        f"them and the lines after them in batches of 1"]
+    assert ranks[0][1].splitlines() == single.splitlines()[:1] and ranks[1][1] == ""

@@ -484,11 +484,18 @@ def generate_pipeline(args) -> int:
     exchange gives every rank the tokens, so each keeps the same rows, mask and done flags and
     all stop together when every row is done; rank 0 feeds the next column and prints the
     lines one-process `mlora generate` prints (the other ranks print nothing). The lines run
-    --batch_size at a time, as in one process, each batch printed as it ends; a batch that
-    runs out of device memory is not split (the ranks would have to agree on it): one line."""
+    --batch_size at a time, as in one process, each batch printed as it ends. A batch that
+    runs out of device memory on any rank runs again in halves, as in one process: the ranks
+    agree on it at the step where it happened (StageLink.generate_forward passes the word on
+    to the last stage, whose answer every rank gets in the step's exchange), so every rank
+    raises the same RankOutOfMemory and generate_in_batches halves alike everywhere; rank 0
+    notes it, naming the rank. A single line that does not fit is one line naming that rank
+    (exit 2 there, 3 on the others). Running out where the ranks cannot agree (receiving the
+    previous stage's hidden states) ends the run with one line, exit 2 there and 3 elsewhere."""
     from mlora.cli import check_saved, generate_job, note_base_sampling, print_generated, quant_config
     from mlora.generate import Decoding, longrope_switch, stop_token_ids
-    from mlora.generate_batches import generate_in_batches
+    from mlora.generate_batches import RankOutOfMemory, generate_in_batches
+    from mlora.lora import clear_lora_caches
     from mlora.memory import _OOM_ERRORS
     from mlora.models.llama import KVCache
     from mlora.pipeline.worker import StageLink, check_same_everywhere, digest, fingerprint
@@ -533,16 +540,22 @@ def generate_pipeline(args) -> int:
                     cache = KVCache()
                     x = state.ids  # [B, T]: the prompts first, then one column a step (or all again: LongRoPE)
                     for step in range(args.max_new_tokens):
-                        logits = link.generate_forward(x, state.mask, cache, step)  # [B, 1, V] on the last stage
-                        # The last stage's choice reaches every rank, which keeps the same rows.
-                        state.record(transport.exchange(state.pick(logits[:, -1]) if link.last else None)[-1])
+                        # The last stage's choice (or the rank that ran out of memory) reaches
+                        # every rank, which keeps the same rows (or gives the batch up with the others).
+                        answer = transport.exchange(link.generate_forward(x, state.mask, cache, step, state.pick))[-1]
+                        if "ran_out" in answer:
+                            raise RankOutOfMemory(answer["ran_out"], here=answer["ran_out"] == place.rank)
+                        state.record(answer["tokens"])
                         if state.finished(step, args.max_new_tokens):
                             break
                         column, rerun = state.advance()
                         if rerun:  # a row grew past LongRoPE's switch: every stage runs all again
                             cache = KVCache()
                         x = state.fed if rerun else column
-            except _OOM_ERRORS:
+            except RankOutOfMemory:
+                clear_lora_caches(session.wrappers)  # a rerun in halves must not keep this attempt's inputs
+                raise
+            except _OOM_ERRORS:  # where the ranks cannot agree on it (see generate_forward): the end
                 raise UserError(f"rank {place.rank}: out of device memory generating on its stage; give a smaller "
                                 f"--batch_size or fewer --max_new_tokens, or split the model over more stages") from None
             finally:
@@ -551,7 +564,7 @@ def generate_pipeline(args) -> int:
                 print_generated(args, session, job, state.result(), lines)
 
         generate_in_batches(len(job.rows), args.batch_size, run_batch,
-                            progress=place.rank == 0 and not args.no_progress)
+                            progress=place.rank == 0 and not args.no_progress, notes=place.rank == 0)
     finally:
         transport.close()
         for adapter in adapters.values():

@@ -40,7 +40,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -380,22 +380,43 @@ class StageLink:
         return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
 
 
-    def generate_forward(self, x: torch.Tensor, mask: torch.Tensor, cache, step: int) -> torch.Tensor | None:
+    def generate_forward(self, x: torch.Tensor, mask: torch.Tensor, cache, step: int,
+                         pick: Callable[[torch.Tensor], list[int]]) -> dict | None:
         """`mlora generate --pipeline`: one forward of generation through this stage, its layers'
         keys and values kept in `cache`. x: rank 0's token ids [B, S] (on the host); the other
         ranks receive the previous stage's hidden states. mask [B, cache.length + S]: every
-        rank keeps its own (mlora.generate.Decoding). The last stage returns the logits of the
-        last position [B, 1, V], the others None."""
-        if self.first:
-            x = x.to(self.device)
-        else:
-            header, (x,) = self.transport.recv(self.rank - 1)
+        rank keeps its own (mlora.generate.Decoding). The last stage returns what every rank
+        must learn of the step: {"tokens": pick(the logits of the last position [B, V])}, or
+        {"ran_out": R} when rank R ran out of device memory in it; the others return None.
+
+        A stage that runs out in its forward (or in its send, whose copy for NCCL is made before
+        anything leaves) sends the next stage a marker naming it instead of hidden states, and a
+        stage that receives a marker runs nothing and passes it on: every stage sends and
+        receives one message per step as always, so the last stage's answer tells every rank at
+        this step, and none waits for what will not come. Running out while receiving is not
+        caught here (NCCL would hold a tensor no one takes, out of step with the next one): it
+        ends the run, as a real error does."""
+        ran_out, received = None, None
+        if not self.first:
+            header, received = self.transport.recv(self.rank - 1)
             self.expect(header, "G", step)
-        out = self.session.model(x, mask, cache=cache, last_only=self.last)
-        if not self.last:
-            self.transport.send(self.rank + 1, {"kind": "G", "mb": step}, [out])
-            return None
-        return out
+            ran_out = header.get("ran_out")
+        if ran_out is None:
+            try:
+                out = self.session.model(x.to(self.device) if self.first else received[0], mask, cache=cache,
+                                         last_only=self.last)  # [B, 1, V] on the last stage, else [B, S, H]
+                if self.last:
+                    return {"tokens": pick(out[:, -1])}
+                self.transport.send(self.rank + 1, {"kind": "G", "mb": step}, [out])
+                return None
+            except memory._OOM_ERRORS:
+                ran_out = self.rank
+        # (outside the handler: the error's traceback, which holds this attempt's tensors, is gone)
+        received = None
+        if self.last:
+            return {"ran_out": ran_out}
+        self.transport.send(self.rank + 1, {"kind": "G", "mb": step, "ran_out": ran_out})
+        return None
 
 
 class StageWorker(StageLink):
