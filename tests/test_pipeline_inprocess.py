@@ -1565,3 +1565,47 @@ def test_pipeline_generate_a_line_that_runs_out_of_memory_alone_is_one_line(gene
     assert rerun_notes(ranks[0][2]) == [f"mlora: rank {rank}: out of device memory on a batch of 2 lines; running "
                                         f"them and the lines after them in batches of 1"]
     assert ranks[0][1].splitlines() == single.splitlines()[:1] and ranks[1][1] == ""
+
+
+# (balance, the rank that runs out)
+EVAL_RERUN_CASES = [([3, 4], 0), ([3, 4], 1), ([3, 2, 2], 1)]
+
+
+@pytest.mark.parametrize("balance,rank", EVAL_RERUN_CASES, ids=[f"{b}-rank{r}" for b, r in EVAL_RERUN_CASES])
+def test_pipeline_eval_runs_a_chunk_that_runs_out_of_memory_in_halves(pipe_model, eval_job, monkeypatch, balance,
+                                                                       rank):
+    """One rank (the first, a middle one, the last) runs out of device memory on every test
+    chunk of more than one row (chunks of 2 here): it runs them a row at a time, as one
+    process splits a chunk, and rank 0 prints the lines one process prints (with no
+    shortage); every rank ends with exit 0."""
+    cfg, out = eval_job
+    code, single, _ = single_eval(monkeypatch, pipe_model, cfg, out)
+    assert code == 0
+    halved = []
+
+    def too_big(x, cache):
+        halved.append(x.shape[0] > 1)
+        return halved[-1]
+
+    run_out_of_memory_in_forward(monkeypatch, f"rank{rank}", too_big)
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out] * len(balance), balance)
+    assert [code for code, _, _ in ranks] == [0] * len(balance), ranks
+    assert_same_lines(single, ranks[0][1])
+    assert any(halved)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_pipeline_eval_a_row_that_runs_out_of_memory_alone_is_one_line(pipe_model, eval_job, monkeypatch, rank):
+    """A rank that runs out of device memory on a single test row: one line naming the rank,
+    the adapter and the row's tokens (exit 2), the other rank's names it as a rank that left
+    (exit 3); nothing printed, no hang."""
+    cfg, out = eval_job
+    run_out_of_memory_in_forward(monkeypatch, f"rank{rank}", lambda x, cache: True)
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out, out], [3, 4])
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(2 if r == rank else 3, "") for r in range(2)], ranks
+    assert re.fullmatch(rf"mlora: error: rank {rank}: evaluating adapter 'p0': out of device memory on a single row "
+                        rf"\(\d+ tokens\) on its stage; lower cutoff_len, free device memory there, or split the model "
+                        rf"over more stages", one_line(ranks[rank][2]))
+    other = 1 - rank
+    assert one_line(ranks[other][2]) == (f"mlora: pipeline error: rank {rank} closed its connection while rank "
+                                         f"{other} was waiting for it")

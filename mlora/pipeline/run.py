@@ -410,7 +410,9 @@ def eval_pipeline(args) -> int:
     time (E messages, as eval_step in pipeline training); the last rank computes the losses and
     rank 0 prints the lines one-process `mlora eval` prints, once every rank has finished (the
     other ranks print nothing). A load that fails on one rank (a mismatched adapter, weights
-    that do not fit) fails every rank, each with one line."""
+    that do not fit) fails every rank, each with one line. A test chunk that runs out of
+    device memory on a stage runs there in halves, as in one process (StageLink.eval_forward:
+    no other rank needs to know); a single row that does not fit is one line naming the rank."""
     import json
     import math
 
@@ -455,7 +457,7 @@ def eval_pipeline(args) -> int:
                         sums.append(link.test_sums(a, bar))
                     finally:
                         bar.close()
-        except _OOM_ERRORS:
+        except _OOM_ERRORS:  # outside the forward that runs in halves (receiving a chunk, say)
             raise UserError(f"rank {place.rank}: out of device memory evaluating the test data of its stage; lower "
                             f"test_batch_size or cutoff_len, or split the model over more stages") from None
         finally:

@@ -55,7 +55,7 @@ from mlora.config import adapter_seed
 from mlora.device import upload
 from mlora.early_stopping import Patience, never_stops_note, stops_early
 from mlora.errors import PipelineError, UserError
-from mlora.lora import AdapterRows
+from mlora.lora import AdapterRows, clear_lora_caches
 from mlora.loss import head_loss_sums
 from mlora.metrics import MetricsLog
 from mlora.packing import packed_shape
@@ -358,7 +358,15 @@ class StageLink:
         return total, count
 
     def eval_forward(self, cfg, chunk) -> tuple[float, int]:
-        """One test chunk through this stage; on the last stage its CE sum and label tokens."""
+        """One test chunk through this stage; on the last stage its CE sum and label tokens.
+
+        A chunk that runs out of device memory here runs again in halves of its rows (halves of
+        halves...: memory.run_splitting_on_oom, as one process's evaluate_adapter splits it),
+        each row through this stage's layers as in the whole chunk (rows do not mix; the
+        halves keep the chunk's padding). The next stage gets the message the whole chunk
+        makes, and the last stage sums the halves' CE sums: no other rank needs to learn of
+        it, nor could: no answer travels back up. A single row that does not fit is one line
+        naming this rank (the other ranks see it leave)."""
         if self.first:
             batch, mask, fields = self.first_stage_batch(MicroBatch(cfg.name, list(chunk), 0, 0, 0, True,
                                                                     cfg.expand_side))
@@ -369,16 +377,38 @@ class StageLink:
             if header.get("adapter") != cfg.name:
                 raise PipelineError(f"rank {self.rank}: expected test data of adapter '{cfg.name}', got "
                                     f"'{header.get('adapter')}' (ranks disagree on the test data)")
-        self.session.layout.rows = [AdapterRows(cfg.name, 0, header["rows"])]
-        out = self.session.model(x, mask, head=False)
-        if not self.last:
-            self.transport.send(self.rank + 1, header, [out, labels])
-            return 0.0, 0
-        counts = {cfg.name: header["label_tokens"]}
-        ce_sum, tokens = head_loss_sums(self.session.model, out, labels, self.session.layout.rows, counts,
-                                        self.received_positions(header))[cfg.name]
-        return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
+        S = mask.shape[1]
+        # [M] the flat positions b * S + t the loss reads (batching.trained_positions), on the host
+        positions = positions_from_runs(header["target_runs"]) if self.last else None
 
+        def run_rows(rows: list[int]):
+            """Rows `rows` (consecutive) through this stage: [b, S, H], or on the last stage
+            their (CE sum, label tokens)."""
+            begin, end = rows[0], rows[-1] + 1
+            self.session.layout.rows = [AdapterRows(cfg.name, 0, end - begin)]
+            try:
+                out = self.session.model(x[begin:end], mask[begin:end], head=False)  # [b, S, H]
+                if not self.last:
+                    return out
+                mine = positions[(positions >= begin * S) & (positions < end * S)] - begin * S  # [m]
+                ce_sum, tokens = head_loss_sums(self.session.model, out, labels[begin:end], self.session.layout.rows,
+                                                {cfg.name: mine.numel()}, upload(mine, self.device))[cfg.name]
+                return ce_sum.item(), tokens  # summed on the host in float64, as `mlora eval` does
+            except BaseException:
+                clear_lora_caches(self.session.wrappers)  # a rerun in halves must not keep this attempt's inputs
+                raise
+
+        try:
+            parts = memory.run_splitting_on_oom(run_rows, range(header["rows"]))
+        except memory.UnsplittableOOM as err:
+            row = err.items[0]
+            raise UserError(f"rank {self.rank}: evaluating adapter {cfg.name!r}: out of device memory on a single "
+                            f"row ({int(mask[row].sum())} tokens) on its stage; lower cutoff_len, free device memory "
+                            f"there, or split the model over more stages") from None
+        if not self.last:
+            self.transport.send(self.rank + 1, header, [parts[0] if len(parts) == 1 else torch.cat(parts), labels])
+            return 0.0, 0
+        return sum(ce_sum for ce_sum, _ in parts), sum(tokens for _, tokens in parts)
 
     def generate_forward(self, x: torch.Tensor, mask: torch.Tensor, cache, step: int,
                          pick: Callable[[torch.Tensor], list[int]]) -> dict | None:
