@@ -40,7 +40,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,8 +58,8 @@ from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows, clear_lora_caches
 from mlora.loss import head_loss_sums
 from mlora.metrics import MetricsLog
-from mlora.packing import packed_shape
-from mlora.pipeline.plan import MicroBatchRef, build_plan, max_in_flight_1f1b
+from mlora.pipeline.in_flight import bounds_of, largest_micro_batch, stage_figures
+from mlora.pipeline.plan import MicroBatchRef, Plan, build_plan
 from mlora.session import Session
 from mlora.trainer import Interrupted, improves
 
@@ -106,66 +106,27 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
                 raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; {fix}")
 
 
-def largest_micro_batch(micro_batches: Iterable[MicroBatch], pack_len: int | None) -> tuple[int, int]:
-    """(rows, seq_len) that bound every micro-batch's shape as rank 0 fuses it: the most rows
-    of any and the longest (padded) row of any; packed, as packed into rows of pack_len tokens."""
-    rows = seq_len = 0
-    for part in micro_batches:
-        if pack_len is None:
-            shape = len(part.examples), max(len(ex.input_ids) for ex in part.examples)
-        else:
-            shape = packed_shape(part.examples, pack_len)
-        rows, seq_len = max(rows, shape[0]), max(seq_len, shape[1])
-    return rows, seq_len
-
-
 def stage_memory(session: Session, micro_batches: list[MicroBatch], pack_len: int | None) -> dict:
-    """This rank's figures for `in_flight_bounds` (msgpack-able): how many micro-batches of the
-    largest shape fit memory_fraction of its device's free memory, read now that its weights
-    and adapters are resident; fits None when the device does not say (not CUDA)."""
+    """This rank's figures for `in_flight_bounds` (in_flight.stage_figures), its device's free
+    memory read now that its weights and adapters are resident; fits None when the device does
+    not say (not CUDA)."""
     free = memory.device_free_bytes(session.device)
     if free is None or not micro_batches:
         return {"fits": None}
-    cfg, model = session.cfg, session.model
-    rows, seq_len = largest_micro_batch(micro_batches, pack_len)
-    fit = memory.micro_batches_in_flight(
-        model.args, free_bytes=free, rows=rows, seq_len=seq_len, dtype=session.dtype,
-        fraction=cfg.memory_fraction, lora=cfg.lora, recompute=cfg.recompute, quant=session.quant,
-        parts=model.parts, explicit_mask=memory.explicit_mask_of(cfg),
-        active_adapters=1, device=session.device)  # each micro-batch is one adapter's
-    where = model.parts[0] if len(model.parts) == 1 else f"{model.parts[0]}..{model.parts[-1]}"
-    return {"fits": fit.fits, "need": fit.need(1), "per": fit.per_micro_batch, "free": free,
-            "rows": rows, "seq_len": seq_len, "parts": where}
+    return stage_figures(session.cfg, session.model.args, session.model.parts, free=free,
+                         shape=largest_micro_batch(micro_batches, pack_len), dtype=session.dtype,
+                         quant=session.quant, device=session.device)
 
 
 def in_flight_bounds(session: Session, transport: Transport, micro_batches: list[MicroBatch],
                      pack_len: int | None) -> list[int]:
-    """Each stage's bound on micro-batches in flight for `build_plan`: 1F1B's P - s, lowered
-    to what fits the stage's device by the memory model (`stage_memory`). A collective: every
+    """Each stage's bound on micro-batches in flight for `build_plan` (in_flight.bounds_of: 1F1B's
+    P - s, lowered to what fits the stage's device by the memory model). A collective: every
     rank calls it and gets the same list (or the same UserError, when some stage cannot hold
     even one micro-batch). Rank 0 says on stderr which bounds it lowered."""
-    everyone = transport.exchange(stage_memory(session, micro_batches, pack_len))
-    cfg = session.cfg
-    fraction = cfg.memory_fraction
-    short = [(rank, e) for rank, e in enumerate(everyone) if e["fits"] == 0]
-    if short:
-        where = "; ".join(f"rank {rank} ({e['parts']}) needs about {memory.format_size(e['need'])} beyond its "
-                          f"weights, more than memory_fraction {fraction} of its {memory.format_size(e['free'])} free"
-                          for rank, e in short)
-        fixes = "lower micro_batch_size or cutoff_len, " + ("" if cfg.recompute else "set \"recompute\": true, ")
-        e = short[0][1]
-        raise UserError(f"not even one micro-batch of {e['rows']} rows x {e['seq_len']} tokens is estimated "
-                        f"to fit: {where}; {fixes}or split the model over more stages")
-    bounds, lowered = [], []
-    for stage, e in enumerate(everyone):
-        default = max_in_flight_1f1b(len(everyone), stage)
-        bounds.append(default if e["fits"] is None else min(default, e["fits"]))
-        if bounds[-1] < default:
-            lowered.append(f"stage {stage}: {bounds[-1]} (1F1B: {default}; {memory.format_size(e['per'])} each, "
-                           f"{memory.format_size(e['free'])} free)")
-    if lowered and transport.rank == 0:
-        print(f"mlora: micro-batches in flight per stage lowered to fit {fraction:.0%} of free memory: "
-              + ", ".join(lowered), file=sys.stderr)
+    bounds, note = bounds_of(transport.exchange(stage_memory(session, micro_batches, pack_len)), session.cfg)
+    if note is not None and transport.rank == 0:
+        print(note, file=sys.stderr)
     return bounds
 
 
@@ -279,6 +240,28 @@ def cut_periods(cfg) -> list[int]:
     checkpoint) and each adapter's eval_step (its weights the same on every rank while its
     test data runs through)."""
     return sorted({cfg.save_step, *(a.eval_step or 0 for a in cfg.lora)} - {0})
+
+
+def micro_batch_streams(cfg, data) -> tuple[dict[int, MicroBatch], dict[str, list[MicroBatchRef]]]:
+    """Every adapter's micro-batches in training order (batching.adapter_stream), numbered
+    across adapters: {id: micro-batch} and each adapter's stream for `build_plan`. Every rank
+    builds the same (and so does `mlora train --dry_run --pipeline`)."""
+    micro: dict[int, MicroBatch] = {}
+    streams: dict[str, list[MicroBatchRef]] = {}
+    for a in cfg.lora:
+        streams[a.name] = []
+        for part in adapter_stream(data[a.name].train, a, adapter_seed(cfg.seed, a.name)):
+            streams[a.name].append(MicroBatchRef(len(micro), a.name, part.step, part.last_in_step))
+            micro[len(micro)] = part
+    return micro, streams
+
+
+def segment_plans(cfg, segments: list[dict[str, list[MicroBatchRef]]], world: int,
+                  max_in_flight: list[int]) -> list[Plan]:
+    """Each segment's (segments_of) plan over `world` stages, with the stages' bounds on
+    micro-batches in flight (in_flight_bounds) and the config's train_lora_candidate_num."""
+    return [build_plan(world, seg, max_in_flight=max_in_flight, candidate_num=cfg.train_lora_candidate_num)
+            for seg in segments]
 
 
 def segments_of(streams: dict[str, list[MicroBatchRef]], periods: list[int]) -> tuple[list[dict], list[int]]:
@@ -460,8 +443,6 @@ class StageWorker(StageLink):
         self.base_name = str(Path(session.base_dir).resolve())
 
         self.adapters: dict[str, Adapter] = {}
-        self.micro: dict[int, MicroBatch] = {}
-        streams: dict[str, list[MicroBatchRef]] = {}
         for a in cfg.lora:
             rows = session.data[a.name].train
             check_trainable(rows, a, cfg.cutoff_len)
@@ -476,18 +457,12 @@ class StageWorker(StageLink):
                                             naming=session.naming, loss_scaling=session.loss_scaling,
                                             model_layers={f"model.layers.{i}"
                                                           for i in range(session.model.args.num_layers)})
-            refs = []
-            for part in adapter_stream(rows, a, adapter_seed(cfg.seed, a.name)):
-                mb = len(self.micro)
-                self.micro[mb] = part
-                refs.append(MicroBatchRef(mb, a.name, part.step, part.last_in_step))
-            streams[a.name] = refs
+        self.micro, self.streams = micro_batch_streams(cfg, session.data)
         # recompute: each stage checkpoints its own layers; the recomputation (in a micro-batch's
         # backward, after other micro-batches ran forward) replays the dropout masks from the
         # adapters' generators as they were at that micro-batch's forward.
         session.model.recompute = cfg.recompute
         session.model.rng_generators = layer_generators(self.adapters.values())
-        self.streams = streams
         self.progress = progress
         self.max_in_flight: list[int] = []
         self.segments, self.cuts, self.plans = [], [], []
@@ -546,9 +521,8 @@ class StageWorker(StageLink):
         streams = {name: [r for r in refs if name not in self.early_stopped or r.step < self.early_stopped[name]]
                    for name, refs in self.streams.items()}
         self.segments, self.cuts = segments_of(streams, cut_periods(cfg))
-        self.plans = self.plans[:self.next_segment] + [
-            build_plan(self.world, seg, max_in_flight=self.max_in_flight, candidate_num=cfg.train_lora_candidate_num)
-            for seg in self.segments[self.next_segment:]]
+        self.plans = self.plans[:self.next_segment] + segment_plans(cfg, self.segments[self.next_segment:], self.world,
+                                                                    self.max_in_flight)
 
     # ------------------------------------------------------------------ the plan
     def run(self) -> dict:
