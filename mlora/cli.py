@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens and steps, the fused batches, their padding, the token budget and the estimated "
                         "peak memory; reads config.json, the tokenizer, the data and init_from adapters, not the "
                         "base's weights, and writes nothing (the plan on stderr, one JSON line on stdout; not with "
-                        "--pipeline or --resume)")
+                        "--resume). With --pipeline: each stage's modules and estimated peak against its GPU, every "
+                        "stage (stage s on cuda:s) or, with --rank, that rank's alone; it joins no rank")
     _add_pipeline(p)
 
     p = sub.add_parser("eval", help="evaluate every adapter of a config; one JSON line per adapter")

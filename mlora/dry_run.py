@@ -8,6 +8,9 @@ very stream of fused batches the trainer would train on (trainer.training_batche
 epoch: building it is bookkeeping over token counts, no tensor math), and prices the costliest
 batch with the memory model (memory.estimate_peak_bytes) against the memory free on the
 device. The plan goes to stderr, one JSON line to stdout (as `mlora eval` prints its results).
+
+With --pipeline, pipeline/dry_run.py plans the pipeline run instead, from the session and the
+checks here: per stage its modules and its peak against its GPU's free memory.
 """
 
 from __future__ import annotations
@@ -44,41 +47,24 @@ class BatchPlan:
 
 
 def dry_run(args) -> int:
-    from mlora import checkpoint
-    from mlora.batching import check_trainable
-    from mlora.cli import check_creatable, check_output_dir, quant_config, written_dirs
-    from mlora.loader import read_model_config
     from mlora.memory import device_free_bytes
-    from mlora.output_lock import output_dir_lock
-    from mlora.session import open_session
+    from mlora.trainer import check_disk_space
 
-    if args.pipeline:  # (its ranks schedule micro-batches in segments of their own: pipeline/worker.py)
-        raise UserError("--dry_run plans a one-process run; leave out --pipeline (a pipeline's batches are not "
-                        "planned)")
     if args.resume:
         raise UserError("--dry_run plans a run from its start; leave out --resume")
-    started = time.perf_counter()
-    session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, seed=args.seed, quant=quant_config(args),
-                           trust_remote_code=args.trust_remote_code, load_base=False, weights=False)
-    cfg, out = session.cfg, session.cfg.output_dir
-    model_args = read_model_config(session.base_dir)[1]
-    # mlora train's checks before it loads the base, in its order, none of them writing
-    for a in cfg.lora:
-        check_trainable(session.data[a.name].train, a, cfg.cutoff_len)
-    check_output_dir(out, [a.name for a in cfg.lora], written_dirs(session))
-    check_creatable(out)
-    if Path(out).is_dir():
-        with output_dir_lock(out):  # a run writing there now: the lock's one line, as train's
-            if not args.overwrite and (newest := checkpoint.unfinished_run(out)) is not None:
-                raise checkpoint.refuse_to_clear(newest)
+    if args.pipeline:  # (its ranks schedule micro-batches of one adapter each, in segments of their own)
+        from mlora.pipeline.dry_run import dry_run_pipeline
 
+        return dry_run_pipeline(args)
+    started = time.perf_counter()
+    session = open_unloaded(args, args.device)
+    model_args = check_start(session, args.overwrite)
     # then, in the trainer's order (trainer.Trainer), its budget and its adapters
     # what this process can allocate now (CUDA; None elsewhere), as the trainer measures it once
     # the weights are loaded; not the device's total, which other processes may be using
     device_bytes = device_free_bytes(session.device)
     budget, source, why = token_budget(session, model_args, device_bytes)
-    check_adapters(session, model_args)
+    check_disk_space(Path(session.cfg.output_dir), meta_adapters(session, model_args))
     adapters, batches = walk_batches(session, budget)
     largest, peak = costliest_shape(session, model_args, batches.shapes)
     print_plan(args, session, model_args, adapters, batches, (budget, source, why), (largest, peak), device_bytes,
@@ -86,27 +72,61 @@ def dry_run(args) -> int:
     return 0
 
 
-def check_adapters(session, model_args) -> None:
-    """The trainer's refusals of its adapters (trainer.Trainer builds them once the base is
-    loaded): each adapter built as the trainer builds it, but on wrappers of a base built on the
-    meta device and with its weights there too (shapes, no memory, no values): an r larger than
-    a target projection, an init_from whose r, alpha, tensors or shapes do not fit (its files
-    read, the base's weights not), and a disk too small for the checkpoints."""
+def open_unloaded(args, device: str | None, data_notes: bool = True):
+    """The session `mlora train` opens (config, data, templates, config.json, tokenizer), on
+    `device`, without the base's weights: none are read, nor is their index checked."""
+    from mlora.cli import quant_config
+    from mlora.session import open_session
+
+    return open_session(args.base_model, args.config, output_dir=args.output_dir, device=device, dtype=args.dtype,
+                        seed=args.seed, quant=quant_config(args), trust_remote_code=args.trust_remote_code,
+                        load_base=False, weights=False, data_notes=data_notes)
+
+
+def check_start(session, overwrite: bool, shared_lock: bool = False):
+    """mlora train's checks before it loads the base, in its order, none of them writing: every
+    adapter has a token to learn, the output directory could be made, no run writes there now
+    (the lock's line; shared_lock: as a pipeline rank takes it) and none left checkpoints a fresh
+    start would delete (unless `overwrite`). Returns the base's ModelArgs."""
+    from mlora import checkpoint
+    from mlora.batching import check_trainable
+    from mlora.cli import check_creatable, check_output_dir, written_dirs
+    from mlora.loader import read_model_config
+    from mlora.output_lock import output_dir_lock
+
+    cfg, out = session.cfg, session.cfg.output_dir
+    model_args = read_model_config(session.base_dir)[1]
+    for a in cfg.lora:
+        check_trainable(session.data[a.name].train, a, cfg.cutoff_len)
+    check_output_dir(out, [a.name for a in cfg.lora], written_dirs(session))
+    check_creatable(out)
+    if Path(out).is_dir():
+        with output_dir_lock(out, shared=shared_lock):  # a run writing there now: the lock's one line, as train's
+            if not overwrite and (newest := checkpoint.unfinished_run(out)) is not None:
+                raise checkpoint.refuse_to_clear(newest)
+    return model_args
+
+
+def meta_adapters(session, model_args) -> list:
+    """The trainer's refusals of its adapters (trainer.Trainer and a pipeline's StageWorker build
+    them once the base is loaded): each adapter built as the trainer builds it, but on wrappers
+    of a base built on the meta device and with its weights there too (shapes, no memory, no
+    values): an r larger than a target projection, an init_from whose r, alpha, tensors or
+    shapes do not fit (its files read, the base's weights not). Returns them (the trainer then
+    checks the disk has room for their checkpoints)."""
     from mlora.adapter import Adapter
     from mlora.batching import total_steps
     from mlora.lora import BatchLayout, inject_lora
     from mlora.models import family_for
     from mlora.models.naming import naming_for
-    from mlora.trainer import check_disk_space
 
     cfg = session.cfg
     with torch.device("meta"):
         model = family_for(model_args.model_type).CausalLM(model_args)
     wrappers = inject_lora(model, BatchLayout())
     meta = torch.device("meta")
-    adapters = [Adapter(a, wrappers, cfg.seed, meta, total_steps(len(session.data[a.name].train), a),
-                        naming=naming_for(model_args.model_type)) for a in cfg.lora]
-    check_disk_space(Path(cfg.output_dir), adapters)
+    return [Adapter(a, wrappers, cfg.seed, meta, total_steps(len(session.data[a.name].train), a),
+                    naming=naming_for(model_args.model_type)) for a in cfg.lora]
 
 
 def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | None, str, str]:
@@ -145,11 +165,20 @@ def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | N
 def walk_batches(session, budget: int | None) -> tuple[list[AdapterPlan], BatchPlan]:
     """Every fused batch of the run, from trainer.training_batches as the trainer draws them
     (no adapter stops: on_nan stop is a run's own event), tallied per adapter and overall."""
-    from mlora.strategies import batch_shape, padding_stats
     from mlora.trainer import packed_row_len, training_batches
 
     cfg = session.cfg
-    pack_len = packed_row_len(cfg)
+    train = {a.name: session.data[a.name].train for a in cfg.lora}
+    return tally_batches(cfg, train, training_batches(cfg, train, budget, stopped=set()), budget,
+                         packed_row_len(cfg))
+
+
+def tally_batches(cfg, train: dict[str, list], batches, budget: int | None,
+                  pack_len: int | None) -> tuple[list[AdapterPlan], BatchPlan]:
+    """`batches` (each a list of micro-batches fused into one) tallied per adapter (of `train`'s
+    rows) and overall, as fused with rows of pack_len tokens (None: unpacked)."""
+    from mlora.strategies import batch_shape, padding_stats
+
     tally = {a.name: {"micro_batches": 0, "steps": 0, "trained_tokens": 0, "epochs": set()} for a in cfg.lora}
     shapes: set[tuple[int, int]] = set()
 
@@ -164,8 +193,7 @@ def walk_batches(session, budget: int | None) -> tuple[list[AdapterPlan], BatchP
             shapes.add(batch_shape(parts, pack_len))
             yield parts
 
-    train = {a.name: session.data[a.name].train for a in cfg.lora}
-    stats = padding_stats(counted(training_batches(cfg, train, budget, stopped=set())), budget, pack_len)
+    stats = padding_stats(counted(batches), budget, pack_len)
     adapters = [AdapterPlan(a.name, len(train[a.name]), tally[a.name]["trained_tokens"], len(tally[a.name]["epochs"]),
                             tally[a.name]["micro_batches"], tally[a.name]["steps"]) for a in cfg.lora]
     return adapters, BatchPlan(stats["batches"], stats["useful_tokens"], stats["padded_tokens"],
@@ -197,25 +225,7 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     dtype = str(session.dtype).removeprefix("torch.")
     lines = [f"mlora: dry run of {args.config}: {model_args.model_type}, {model_args.num_layers} layers, on "
              f"{session.device} in {dtype}; weights not read, nothing written ({seconds:.1f} s)"]
-    width = max(len("adapter"), *(len(a.name) for a in adapters))
-    lines.append(f"  {'adapter':<{width}}  {'rows':>7}  {'trained tokens':>14}  {'epochs':>6}  {'micro-batches':>13}  "
-                 f"{'steps':>7}")
-    for a in adapters:
-        lines.append(f"  {a.name:<{width}}  {a.rows:>7}  {a.trained_tokens:>14}  {a.epochs:>6}  {a.micro_batches:>13}  "
-                     f"{a.steps:>7}")
-    from mlora.early_stopping import never_stops_note
-
-    steps = {a.name: a.steps for a in adapters}
-    stopping = []  # the adapters early stopping may stop; those it cannot are noted
-    for a in (a for a in cfg.lora if a.early_stopping_patience is not None):
-        note = never_stops_note(a, steps[a.name])
-        if note is None:
-            stopping.append(a.name)
-        else:
-            lines.append(f"  {note.removeprefix('mlora: ')}")
-    if stopping:  # (a plan evaluates nothing: it cannot know when an eval loss stops improving)
-        lines.append(f"  note: early stopping may stop {', '.join(stopping)} before the steps planned here (their "
-                     f"slots then go to queued adapters sooner)")
+    lines += adapter_lines(cfg, adapters)
     lines.append(f"  fused batches: {batches.batches} ({cfg.train_strategy}, up to "
                  f"{cfg.train_lora_simultaneously_num} adapters each{', packed rows' if cfg.packing else ''}); "
                  f"padding {batches.padding_fraction:.1%} of {batches.padded_tokens} tokens")
@@ -232,8 +242,38 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     lines.append(f"  estimated peak memory: {format_size(peak)} for the largest batch ({rows} rows of {seq_len} "
                  f"tokens) {memory}")
     print("\n".join(lines), file=sys.stderr, flush=True)
-    print(json.dumps({"dry_run": True, "adapters": [asdict(a) for a in adapters],
-                      **{k: v for k, v in asdict(batches).items() if k != "shapes"},
-                      "largest_batch": {"rows": rows, "seq_len": seq_len}, "token_budget": budget,
-                      "budget_source": source, "peak_bytes": peak, "device": str(session.device),
-                      "free_bytes": device_bytes}), flush=True)
+    print(json.dumps(plan_record(adapters, batches, (rows, seq_len), (budget, source), peak, str(session.device),
+                                 device_bytes)), flush=True)
+
+
+def adapter_lines(cfg, adapters: list[AdapterPlan]) -> list[str]:
+    """The plan's table of adapters, and what it says of their early stopping."""
+    from mlora.early_stopping import never_stops_note
+
+    width = max(len("adapter"), *(len(a.name) for a in adapters))
+    lines = [f"  {'adapter':<{width}}  {'rows':>7}  {'trained tokens':>14}  {'epochs':>6}  {'micro-batches':>13}  "
+             f"{'steps':>7}"]
+    for a in adapters:
+        lines.append(f"  {a.name:<{width}}  {a.rows:>7}  {a.trained_tokens:>14}  {a.epochs:>6}  {a.micro_batches:>13}  "
+                     f"{a.steps:>7}")
+    steps = {a.name: a.steps for a in adapters}
+    stopping = []  # the adapters early stopping may stop; those it cannot are noted
+    for a in (a for a in cfg.lora if a.early_stopping_patience is not None):
+        note = never_stops_note(a, steps[a.name])
+        if note is None:
+            stopping.append(a.name)
+        else:
+            lines.append(f"  {note.removeprefix('mlora: ')}")
+    if stopping:  # (a plan evaluates nothing: it cannot know when an eval loss stops improving)
+        lines.append(f"  note: early stopping may stop {', '.join(stopping)} before the steps planned here (their "
+                     f"slots then go to queued adapters sooner)")
+    return lines
+
+
+def plan_record(adapters: list[AdapterPlan], batches: BatchPlan, largest: tuple[int, int],
+                budget: tuple[int | None, str], peak: int, device: str | None, free: int | None) -> dict:
+    """The plan's JSON line (a pipeline's adds its stages to it)."""
+    return {"dry_run": True, "adapters": [asdict(a) for a in adapters],
+            **{k: v for k, v in asdict(batches).items() if k != "shapes"},
+            "largest_batch": {"rows": largest[0], "seq_len": largest[1]}, "token_budget": budget[0],
+            "budget_source": budget[1], "peak_bytes": peak, "device": device, "free_bytes": free}

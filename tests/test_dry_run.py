@@ -247,12 +247,12 @@ def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, 
         assert (out / "checkpoints" / "iter-00000003").is_dir() and not (out / "metrics.jsonl").exists()
 
 
-def test_refuses_pipeline_and_resume_in_one_line(tiny_llama, tmp_path, capsys):
+def test_refuses_resume_in_one_line(tiny_llama, tmp_path, capsys):
     cfg_path = make_config(tmp_path, ["a"], tmp_path / "out")
     argv = ["train", "--dry_run", "--base_model", str(tiny_llama), "--config", str(cfg_path)]
-    for flag, culprit in (("--pipeline", "--pipeline"), ("--resume", "--resume")):
-        code, line = refusal(capsys, [*argv, flag])
-        assert code == 2 and culprit in line and line.startswith("mlora: error: --dry_run")
+    for extra in ([], ["--pipeline", "--balance", "3", "1"]):
+        code, line = refusal(capsys, [*argv, *extra, "--resume"])
+        assert code == 2 and "--resume" in line and line.startswith("mlora: error: --dry_run")
     assert not (tmp_path / "out").exists()
 
 
@@ -291,3 +291,221 @@ def test_plan_against_a_device_memory(tiny_llama, tmp_path, capsys, monkeypatch)
     assert plan["token_budget"] > 0 and plan["token_budget"] % 64 == 0  # (whole rows of cutoff_len)
     assert f"token budget: {plan['token_budget']} (automatic: memory_fraction 0.9 of the" in err
     assert f"of the 160 MiB free on cpu ({plan['peak_bytes'] / (160 * 2**20):.0%})" in err
+
+
+# ------------------------------------------------------------------ --pipeline
+# pipe_model (4 layers, tied embeddings) in 3 stages: embed + 2 layers | 2 layers | norm + head,
+# 1F1B bounds 3, 2, 1; test_pipeline.write_config's 2 adapters, cut every 2 steps (3 segments)
+PIPE_BALANCE = [3, 2, 2]
+
+
+def pipe_config(tmp_path: Path, num_adapters: int = 2) -> Path:
+    from test_pipeline import write_config
+
+    return write_config(tmp_path, num_adapters, tmp_path / "out", save_step=2)
+
+
+def pipe_dry_run(capsys, base, cfg, *extra):
+    return dry_run(capsys, base, cfg, "--pipeline", "--balance", *map(str, PIPE_BALANCE), *extra)
+
+
+def stage_weights(base: Path, stages) -> list[int]:
+    from mlora.memory import weight_bytes
+
+    return [weight_bytes(read_model_config(base)[1], torch.float32, parts=parts) for parts in stages]
+
+
+def free_lowering_stage_0(base: Path, cfg_path: Path, shape: tuple[int, int]) -> int:
+    """Free memory (before the weights load) on which stage 0 holds 2 micro-batches (1F1B: 3),
+    but would hold 3 were its weights not counted, and the other stages their 1F1B bounds, by
+    the memory model as the ranks priced a micro-batch before the pipeline's dry run (the
+    arguments of memory.micro_batches_in_flight in worker.py then)."""
+    from mlora.memory import explicit_mask_of
+    from mlora.pipeline.run import plan_stages
+
+    cfg = load_config(cfg_path)
+    parts = plan_stages(str(base), len(PIPE_BALANCE), PIPE_BALANCE)[0]
+    est = estimate_peak_bytes(read_model_config(base)[1], rows=shape[0], seq_len=shape[1], dtype=torch.float32,
+                              lora=cfg.lora, recompute=cfg.recompute, parts=parts,
+                              explicit_mask=explicit_mask_of(cfg), active_adapters=1, device=torch.device("cpu"))
+    return est.weights + int((est.total - est.weights + 1.9 * est.activations) / cfg.memory_fraction)
+
+
+# (bounds, in flight) of the stages: 2 adapters on a device with room for 2 micro-batches of
+# stage 0 (1F1B: 3); 1 adapter, ample memory, but its steps of 2 micro-batches each, the next
+# fed once the last is back (plan.py's Rule), keep stage 0 below its bound
+PIPE_CASES = {"lowered": (2, [2, 2, 1], [2, 2, 1]), "below_bound": (1, [3, 2, 1], [2, 2, 1])}
+
+
+@pytest.mark.parametrize("case", PIPE_CASES)
+def test_pipeline_plan_is_what_the_pipeline_computes(pipe_model, tmp_path, capsys, monkeypatch, case):
+    """`--dry_run --pipeline` plans every stage in one process, joining no rank (the transport
+    flags are ignored), and its plan is what the ranks of the real run then compute: the split,
+    the micro-batches, each stage's bound on micro-batches in flight (lowered by the memory of a
+    device faked here, or 1F1B's), the most in flight the plans hold there, and the memory
+    model's figures of that (InFlightFit.need of that many, beside the weights)."""
+    import mlora.memory
+    import mlora.pipeline.worker as worker
+    from mlora.pipeline.run import plan_stages
+    from test_pipeline_inprocess import run_threads
+    from test_pipeline_memory import peak_in_flight, thread_rank
+
+    num_adapters, expected_bounds, expected_in_flight = PIPE_CASES[case]
+    cfg_path = pipe_config(tmp_path, num_adapters)
+    code, plan, err = pipe_dry_run(capsys, pipe_model, cfg_path)  # (the CPU: the largest micro-batch's shape)
+    assert code == 0, err
+    shape = (plan["largest_batch"]["rows"], plan["largest_batch"]["seq_len"])
+    free = free_lowering_stage_0(pipe_model, cfg_path, shape) if case == "lowered" else 2**40
+    monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free)
+    code, plan, err = pipe_dry_run(capsys, pipe_model, cfg_path, "--transport", "zmq", "--master_addr", "192.0.2.1",
+                                   "--master_port", "1", "--connect_timeout", "1")
+    assert code == 0, err
+    assert not (tmp_path / "out").exists()
+
+    # the real run, each rank's device with that much free before its slice loaded
+    fits, plans, shapes = {}, {}, []
+    real_fit, real_plan, real_fuse = mlora.memory.micro_batches_in_flight, worker.build_plan, worker.fuse
+
+    def fit(*args, **kwargs):
+        fits[thread_rank()] = (real_fit(*args, **kwargs), (kwargs["rows"], kwargs["seq_len"]))
+        return fits[thread_rank()][0]
+
+    def build_plan(num_stages, streams, costs=None, max_in_flight=None, candidate_num=None):
+        plan = real_plan(num_stages, streams, costs, max_in_flight, candidate_num)
+        plans.setdefault(thread_rank(), []).append((max_in_flight, streams, plan))
+        return plan
+
+    def fuse(parts, pad_id, pack_len=None):
+        batch = real_fuse(parts, pad_id, pack_len)
+        shapes.append(tuple(batch.input_ids.shape))
+        return batch
+
+    stages = plan_stages(str(pipe_model), 3, PIPE_BALANCE)
+    weights = stage_weights(pipe_model, stages)
+    monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free - weights[thread_rank()])
+    monkeypatch.setattr(mlora.memory, "micro_batches_in_flight", fit)
+    monkeypatch.setattr(worker, "build_plan", build_plan)
+    monkeypatch.setattr(worker, "fuse", fuse)
+    worker_stages = run_threads(pipe_model, cfg_path, tmp_path / "out", 3, PIPE_BALANCE)
+    real_err = capsys.readouterr().err
+
+    assert [s["modules"] for s in plan["stages"]] == worker_stages == stages
+    bounds = {tuple(b) for r in range(3) for b, _, _ in plans[r]}
+    assert bounds == {tuple(expected_bounds)}  # (as free_lowering_stage_0 meant)
+    assert [s["in_flight_bound"] for s in plan["stages"]] == expected_bounds
+    assert plan["segments"] == len(plans[0]) == (3 if num_adapters == 2 else 2)
+    for s, stage in enumerate(plan["stages"]):
+        fit_s, fit_shape = fits[s]
+        assert stage["rank"] == s and stage["device"] == "cpu" and stage["free_bytes"] == free
+        assert stage["in_flight"] == max(peak_in_flight(p.stages[s]) for _, _, p in plans[0])
+        assert stage["weights_bytes"] == weights[s]
+        assert stage["peak_bytes"] == weights[s] + fit_s.need(stage["in_flight"])
+        assert fit_shape == shape
+    assert [s["in_flight"] for s in plan["stages"]] == expected_in_flight
+    assert plan["peak_bytes"] == max(s["peak_bytes"] for s in plan["stages"]) == plan["stages"][0]["peak_bytes"]
+    assert (plan["device"], plan["free_bytes"], plan["token_budget"], plan["budget_source"]) == ("cpu", free, None,
+                                                                                                   "none")
+    lowered = [line for line in real_err.splitlines() if "lowered" in line]
+    assert [f"  {line.removeprefix('mlora: ')}" for line in lowered] == [line for line in err.splitlines()
+                                                                        if "lowered to fit" in line]
+    bound = "bound 2, lowered from 1F1B's 3 to fit" if case == "lowered" else "bound 3, 1F1B's"
+    assert f"  stage 0 (embed..layer.1, 2 layers) on cpu: at most 2 micro-batches in flight ({bound}); estimated " \
+           f"peak" in err
+
+    # the micro-batches rank 0 fused, and what the last rank logged of each adapter's steps
+    micro = {a["name"]: sum(len(streams.get(a["name"], [])) for _, streams, _ in plans[0]) for a in plan["adapters"]}
+    assert plan["batches"] == len(shapes) == sum(micro.values())
+    assert plan["padded_tokens"] == sum(rows * seq_len for rows, seq_len in shapes)
+    steps = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    for a in plan["adapters"]:
+        mine = [r for r in steps if r["adapter"] == a["name"]]
+        assert a["micro_batches"] == micro[a["name"]]
+        assert a["steps"] == len(mine) == max(r["step"] for r in mine)
+        assert a["trained_tokens"] == sum(r["tokens"] for r in mine)
+        assert a["epochs"] == 1 + max(r["epoch"] for r in mine)
+
+
+def test_pipeline_plan_of_one_rank_is_its_stage(pipe_model, tmp_path, capsys, monkeypatch):
+    """With a rank (--rank, or torchrun's RANK) the plan is that stage's alone, against its own
+    device; the same as in the plan of every stage when no other stage's memory lowers its
+    bound (here stage 0's own does). On the CPU there is nothing to compare with: 1F1B's
+    bounds. The JSON line has the one-process dry run's keys, and the stages and segments."""
+    import mlora.memory
+
+    cfg_path = pipe_config(tmp_path)
+    code, on_cpu, err = pipe_dry_run(capsys, pipe_model, cfg_path)
+    assert code == 0, err
+    assert [(s["in_flight_bound"], s["free_bytes"]) for s in on_cpu["stages"]] == [(3, None), (2, None), (1, None)]
+    assert err.count("as a CUDA device would hold it (cpu has no device memory to compare with)") == 3
+    code, one_process, _ = dry_run(capsys, pipe_model, cfg_path)
+    assert code == 0
+    assert set(on_cpu) - set(one_process) == {"stages", "segments"} and set(one_process) <= set(on_cpu)
+
+    shape = (on_cpu["largest_batch"]["rows"], on_cpu["largest_batch"]["seq_len"])
+    free = free_lowering_stage_0(pipe_model, cfg_path, shape)
+    monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free)
+    code, every, err = pipe_dry_run(capsys, pipe_model, cfg_path)
+    assert code == 0, err
+    code, first, err = pipe_dry_run(capsys, pipe_model, cfg_path, "--rank", "0")
+    assert code == 0, err
+    assert first["stages"] == every["stages"][:1] and first["stages"][0]["in_flight_bound"] == 2
+    assert "mlora: dry run of " in err and "stage 0 of a pipeline of 3" in err
+    assert "  the other stages are their own ranks' to check (--rank on their hosts); planned here at 1F1B's " \
+           "bounds" in err.splitlines()
+    monkeypatch.setenv("RANK", "2")
+    code, last, err = pipe_dry_run(capsys, pipe_model, cfg_path)
+    assert code == 0, err
+    assert last["stages"] == every["stages"][2:]
+    assert {k: v for k, v in last.items() if k not in ("stages", "peak_bytes")} == \
+        {k: v for k, v in every.items() if k not in ("stages", "peak_bytes")}
+    assert last["peak_bytes"] == every["stages"][2]["peak_bytes"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setup", ["balance", "rank", "world_size", "device", "no_room", "weights"])
+def test_pipeline_plan_refuses_what_the_pipeline_refuses(pipe_model, tmp_path, capsys, monkeypatch, setup):
+    """What `train --pipeline` refuses at start-up, with its line and exit code (a bad
+    --balance: the line every rank gives; a stage without room for one micro-batch on a device
+    faked here: the line every rank of a real run gives); besides, weights larger than a
+    stage's free memory (the load would fail), and a --device of one GPU for every stage."""
+    import mlora.memory
+    from mlora.pipeline.run import plan_stages
+    from test_pipeline_inprocess import run_threads
+    from test_pipeline_memory import thread_rank
+
+    cfg_path = pipe_config(tmp_path)
+    argv = ["train", "--pipeline", "--base_model", str(pipe_model), "--config", str(cfg_path)]
+    balance = ["--balance", *map(str, PIPE_BALANCE)]
+    stages = plan_stages(str(pipe_model), 3, PIPE_BALANCE)
+    weights = stage_weights(pipe_model, stages)
+    if setup == "balance":
+        with pytest.raises(UserError) as refused:
+            plan_stages(str(pipe_model), 3, [3, 2, 3])
+        expected = (2, f"mlora: error: {refused.value}")
+        planned = refusal(capsys, [*argv, "--dry_run", "--balance", "3", "2", "3"])
+    elif setup in ("rank", "world_size"):  # (refused by every rank before it starts)
+        flags = [*balance, "--rank", "3"] if setup == "rank" else ["--rank", "0"]
+        expected, planned = refusal(capsys, [*argv, *flags]), refusal(capsys, [*argv, *flags, "--dry_run"])
+    elif setup == "device":
+        expected = (2, "mlora: error: --device cuda:0: a dry run of every stage puts stage s on cuda:s; give "
+                       "--device cuda, or plan one stage with --rank")
+        planned = refusal(capsys, [*argv, *balance, "--device", "cuda:0", "--dry_run"])
+    elif setup == "no_room":  # 1 MiB beside each stage's weights: less than a micro-batch needs anywhere
+        free = max(weights) + 2**20
+        monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free)
+        planned = refusal(capsys, [*argv, *balance, "--dry_run"])
+        monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free - weights[thread_rank()])
+        errors = run_threads(pipe_model, cfg_path, tmp_path / "out", 3, PIPE_BALANCE, allow_errors=True)
+        assert len(errors) == 3 and len({str(e) for _, e in errors}) == 1
+        expected = (2, f"mlora: error: {errors[0][1]}")
+        assert "rank 0 (embed..layer.1)" in expected[1] and "rank 2 (norm..head)" in expected[1]
+    else:  # less free than the slices of stages 0 and 1 weigh
+        monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: weights[1] - 1)
+        planned = refusal(capsys, [*argv, *balance, "--dry_run"])
+        assert planned[0] == 2 and planned[1].startswith(f"mlora: error: base_model {pipe_model} in float32: "
+                                                         f"rank 0's slice (embed..layer.1) is about ")
+        assert "rank 1's slice (layer.2..layer.3)" in planned[1] and "rank 2" not in planned[1]
+        assert planned[1].endswith("; quantize it (--load_4bit, --load_8bit) or split it over more stages")
+        return
+    assert planned == expected
+    assert not (tmp_path / "out").exists()

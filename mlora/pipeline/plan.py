@@ -462,3 +462,12 @@ def _check_costs(costs: StageCosts, num_stages: int) -> None:
     # builder's event order relies on.
     if any(c <= 0 for c in costs.forward + costs.backward) or costs.send < 0:
         raise ValueError("forward and backward costs must be positive and send non-negative")
+
+
+def most_in_flight(actions: list[Action]) -> int:
+    """The most micro-batches a stage's actions hold forwarded but not yet backwarded at once."""
+    live = most = 0
+    for action in actions:
+        live += 1 if action.op == FORWARD else -1
+        most = max(most, live)
+    return most

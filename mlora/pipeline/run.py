@@ -23,15 +23,16 @@ from mlora.pipeline.balance import module_costs, split_by_balance, split_by_cost
 
 @dataclass
 class RankPlace:
-    rank: int
+    rank: int | None  # None: none given, where resolve_place lets it be
     world_size: int
     device: str | None
     master_addr: str
     master_port: int
 
 
-def resolve_place(args) -> RankPlace:
-    """Rank, world size, device and rendezvous from the flags, else from torchrun's env."""
+def resolve_place(args, rank_needed: bool = True) -> RankPlace:
+    """Rank, world size, device and rendezvous from the flags, else from torchrun's env.
+    rank_needed False: a rank may be missing (`mlora train --dry_run --pipeline` then plans every stage)."""
     env = os.environ
     rank = args.rank if args.rank is not None else _env_int("RANK")
     if args.balance:
@@ -44,9 +45,9 @@ def resolve_place(args) -> RankPlace:
         raise UserError("--pipeline needs the world size: give --balance, --world_size, or start under torchrun")
     if world < 1:
         raise UserError(f"--world_size must be at least 1, got {world}")
-    if rank is None:
+    if rank is None and rank_needed:
         raise UserError("--pipeline needs --rank (or torchrun's RANK)")
-    if not 0 <= rank < world:
+    if rank is not None and not 0 <= rank < world:
         raise UserError(f"--rank {rank} is outside the world of {world} ranks (0..{world - 1})")
     device = args.device
     if device is None and "LOCAL_RANK" in env:
