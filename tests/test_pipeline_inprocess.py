@@ -1609,3 +1609,29 @@ def test_pipeline_eval_a_row_that_runs_out_of_memory_alone_is_one_line(pipe_mode
     other = 1 - rank
     assert one_line(ranks[other][2]) == (f"mlora: pipeline error: rank {rank} closed its connection while rank "
                                          f"{other} was waiting for it")
+
+
+def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank(pipe_model, eval_job, monkeypatch):
+    """Running out of device memory outside the forward that runs in halves (here as rank 1
+    receives its second test chunk, where NCCL would hold a tensor no one takes) is not rerun:
+    one line naming the rank (exit 2), the other rank's names it as a rank that left (exit 3);
+    nothing printed, no hang."""
+    from mlora.pipeline.worker import StageLink
+
+    cfg, out = eval_job
+    receive, chunks = StageLink.receive_batch, []
+
+    def running_out(self, kind, mb):
+        if threading.current_thread().name == "rank1":
+            chunks.append(kind)
+            if len(chunks) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return receive(self, kind, mb)
+
+    monkeypatch.setattr(StageLink, "receive_batch", running_out)
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out, out], [3, 4])
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(3, ""), (2, "")], ranks
+    assert one_line(ranks[1][2]) == ("mlora: error: rank 1: out of device memory evaluating the test data of its "
+                                     "stage; lower test_batch_size or cutoff_len, or split the model over more stages")
+    assert one_line(ranks[0][2]) == ("mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting "
+                                     "for it")
