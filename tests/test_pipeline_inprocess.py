@@ -1635,3 +1635,20 @@ def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank
                                      "stage; lower test_batch_size or cutoff_len, or split the model over more stages")
     assert one_line(ranks[0][2]) == ("mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting "
                                      "for it")
+
+
+def test_pipeline_training_out_of_memory_is_one_line_on_every_rank(pipe_model, tmp_path, monkeypatch):
+    """A rank that runs out of device memory in a training micro-batch (which the ranks cannot
+    split, as one process does: the plan is shared) was a traceback: now one line naming the
+    rank and the fixes (exit 2), the other rank names it as a rank that left (exit 3); no hang."""
+    from test_pipeline import write_config
+
+    cfg = write_config(tmp_path, 1, tmp_path / "out")
+    run_out_of_memory_in_forward(monkeypatch, "rank1", lambda x, cache: True)
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "out")] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [3, 2], ranks
+    assert one_line(ranks[1][2]) == ("mlora: error: rank 1: out of device memory training on its stage; lower "
+                                     "micro_batch_size or cutoff_len, lower memory_fraction (fewer micro-batches in "
+                                     "flight), set \"recompute\": true, or split the model over more stages")
+    assert one_line(ranks[0][2]) == ("mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting "
+                                     "for it")

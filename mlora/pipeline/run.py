@@ -141,6 +141,7 @@ def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
     from mlora.cli import (best_note, early_stop_note, prepare_output_dir, quant_config, remove_if_still_empty,
                            written_dirs)
+    from mlora.memory import _OOM_ERRORS
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -197,6 +198,12 @@ def train_pipeline(args) -> int:
                 print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
             try:
                 result = worker.run()
+            except _OOM_ERRORS:
+                # The ranks cannot split a micro-batch the plan shares among them (one process
+                # retries in halves): one line here, the others see this rank leave (exit 3).
+                raise UserError(f"rank {place.rank}: out of device memory training on its stage; lower "
+                                f"micro_batch_size or cutoff_len, lower memory_fraction (fewer micro-batches in "
+                                f"flight), set \"recompute\": true, or split the model over more stages") from None
             except Interrupted as stop:
                 print(f"mlora: rank {place.rank}: stopped by {signal.Signals(stop.signum).name} at a "
                       f"checkpoint ({stop.path}); resume by starting every rank again with --resume",
