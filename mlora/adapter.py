@@ -20,26 +20,13 @@ from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.flat_params import FlatParameters
 from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
 from mlora.loss_scale import LossScale
+from mlora.lr_schedule import lr_factor, warmup_steps
 from mlora.models.naming import Naming
 
 # PEFT prefixes every LoRA tensor name with this (the PeftModel -> base model path).
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-
-
-def lr_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based), as transformers' schedules define it."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    if kind == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise AssertionError(f"unknown lr_scheduler {kind!r}")
 
 
 def clip_factor(norm: torch.Tensor, limit: float) -> torch.Tensor:
@@ -172,7 +159,9 @@ class Adapter:
         return self.cfg.lr * self._lr_factor()
 
     def _lr_factor(self) -> float:
-        return lr_factor(self.cfg.lr_scheduler, self.steps_done, self.cfg.warmup_steps, self.total_steps)
+        cfg = self.cfg
+        warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, self.total_steps)
+        return lr_factor(cfg.lr_scheduler, self.steps_done, warmup, self.total_steps, cfg.lr, cfg.lr_scheduler_kwargs)
 
     def _flat_grad(self) -> torch.Tensor | None:
         """The adapter's gradient as one fp32 tensor, for the step (FlatParameters.gather_grad),

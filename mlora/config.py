@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
 from mlora.errors import INTEGER_TOO_LONG, UserError
+from mlora.lr_schedule import NOT_A_FUNCTION_OF_THE_STEP, POLYNOMIAL_LR_END, SAME_AS, SCHEDULES, WSD_SHAPES
 
 # Canonical order of the projections a LoRA may target; target_modules comes out in this order.
 # LLaMA-style models have q/k/v/o and gate/up/down; Phi-3 fuses q/k/v into qkv_proj and gate/up
@@ -47,7 +48,7 @@ MLORA_MODULE_NAMES = {
 BUILTIN_PROMPTS = ("alpaca",)
 OPTIMIZERS = ("adamw", "sgd")
 NAN_POLICIES = ("skip", "stop")
-LR_SCHEDULERS = ("constant", "linear", "cosine")
+LR_SCHEDULERS = (*SCHEDULES, *SAME_AS)  # (lr_schedule.py)
 EXPAND_SIDES = ("right", "left")
 TRAIN_STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
 MLORA_STRATEGY_NAMES = {"none": "trivial", "optim": "optimal-fit"}
@@ -86,7 +87,10 @@ class AdapterConfig:
     # LoRA+ (Hayou et al. 2024): every lora_B steps at lr times this, every lora_A at lr; None = plain LoRA
     loraplus_lr_ratio: float | None = None
     lr_scheduler: str = "constant"
+    # transformers' scheduler kwargs, as given (absent ones take transformers' defaults); None = none given
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     warmup_steps: int = 0
+    warmup_ratio: float | None = None  # the warmup as a share of the total steps (then warmup_steps is 0)
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_step: int | None = None  # filled from TrainConfig by parse_config; 0 = never
     save_best: bool = False  # keep the weights of the lowest eval loss in <output_dir>/<name>/best
@@ -338,8 +342,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     a.number("momentum", _UNIT)
     a.number("weight_decay", _NON_NEGATIVE)
     a.number("loraplus_lr_ratio", _POSITIVE, nullable=True)
-    a.choice("lr_scheduler", LR_SCHEDULERS)
-    a.integer("warmup_steps", _NON_NEGATIVE)
+    _read_schedule(a)
     a.number("max_grad_norm", _Bound(">= 0 (0 or null disables clipping)", lambda v: v >= 0), nullable=True)
     if a.values.get("max_grad_norm") == 0:
         a.values["max_grad_norm"] = None
@@ -574,6 +577,102 @@ class _Reader:
 _UNSUPPORTED_KEYS = ("use_dora",)
 _ADAPTER_KEYS = [f.name for f in fields(AdapterConfig)] + list(_UNSUPPORTED_KEYS)
 _GLOBAL_KEYS = [f.name for f in fields(TrainConfig)]
+
+
+def _read_schedule(a: _Reader) -> None:
+    """lr_scheduler, its lr_scheduler_kwargs and the warmup, as transformers' TrainingArguments
+    names them (lr_scheduler_type's names, lr_scheduler_kwargs, warmup_steps, warmup_ratio)."""
+    kind = a.obj.get("lr_scheduler")
+    if isinstance(kind, str) and kind in NOT_A_FUNCTION_OF_THE_STEP:
+        a.fail(f"'lr_scheduler' {kind!r} is not supported: {NOT_A_FUNCTION_OF_THE_STEP[kind]}, and mlora's "
+               f"schedules are functions of the step (choose from {', '.join(LR_SCHEDULERS)})")
+    a.choice("lr_scheduler", LR_SCHEDULERS)
+    if "lr_scheduler" in a.values:  # (constant_with_warmup is stored as constant: one schedule, one name)
+        a.values["lr_scheduler"] = SAME_AS.get(a.values["lr_scheduler"], a.values["lr_scheduler"])
+    kind = a.values.get("lr_scheduler", AdapterConfig.lr_scheduler)
+    kwargs = _scheduler_kwargs(a, kind)
+    if kwargs:
+        a.values["lr_scheduler_kwargs"] = kwargs
+
+    # A ratio: transformers 4's warmup_ratio, or transformers 5's warmup_steps below 1 (which
+    # replaced it); ceil(ratio x total steps) either way. (transformers 4 let a warmup_steps above
+    # 0 win over a warmup_ratio; both at once is refused here)
+    if "warmup_steps" in a.obj and "warmup_ratio" in a.obj:
+        a.fail("'warmup_steps' and 'warmup_ratio' are both given; keep one")
+    steps = a.obj.get("warmup_steps")
+    if type(steps) is float and 0 <= steps < 1:
+        a.values["warmup_ratio"] = steps
+    else:
+        a._read("warmup_steps", "an integer, or a fraction in [0, 1) of the total steps",
+                lambda v: type(v) is int, _NON_NEGATIVE, False)
+    a.number("warmup_ratio", _CLOSED_UNIT, nullable=True)
+
+
+def _scheduler_kwargs(a: _Reader, kind: str) -> dict[str, Any]:
+    """The lr_scheduler_kwargs given for schedule `kind`, checked against the arguments of its
+    transformers function (names, types, ranges, and what they need of one another)."""
+    given = a.obj.get("lr_scheduler_kwargs")
+    if given is None:  # (what some schedules need is still checked below)
+        given = {}
+    if not isinstance(given, dict):
+        a.fail(f"'lr_scheduler_kwargs' must be an object of the schedule's arguments, got {_describe(given)}")
+    takes = _SCHEDULER_KWARGS[kind]
+    for key in given:
+        if key not in takes:
+            a.fail(f"'lr_scheduler_kwargs': lr_scheduler {kind!r} takes no {key!r}{_hint(key, takes)} "
+                   f"({'it takes ' + ', '.join(takes) if takes else 'it takes none'})")
+    r = _Reader(given, f"{a.where}: 'lr_scheduler_kwargs'", takes, {})
+    for key, read in takes.items():
+        read(r, key)
+    kwargs, lr = r.values, a.values.get("lr", AdapterConfig.lr)
+    lr_end = kwargs.get("lr_end", POLYNOMIAL_LR_END)
+    if kind == "polynomial" and not lr_end < lr:
+        r.fail(f"'lr_end' ({lr_end:g}{'' if 'lr_end' in kwargs else ', the default'}) must be below 'lr' ({lr:g}): "
+               f"polynomial decays from lr to lr_end")
+    if "min_lr" in takes:
+        given_min = [key for key in ("min_lr", "min_lr_rate") if kwargs.get(key) is not None]
+        if len(given_min) != 1:
+            r.fail(f"lr_scheduler {kind!r} needs one of 'min_lr' (the lr it decays to) and 'min_lr_rate' (that "
+                   f"lr over 'lr'), got {' and '.join(repr(k) for k in given_min) or 'neither'}")
+        if (kwargs.get("min_lr") or 0) > lr:
+            r.fail(f"'min_lr' ({kwargs['min_lr']:g}) must be at most 'lr' ({lr:g})")
+    if kind == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+        r.fail("lr_scheduler 'warmup_stable_decay' needs 'num_decay_steps' (how many steps its decay takes)")
+    return kwargs
+
+
+def _number_kwarg(bound: _Bound, nullable: bool = False) -> Callable[[_Reader, str], None]:
+    return lambda r, key: r.number(key, bound, nullable=nullable)
+
+
+def _integer_kwarg(bound: _Bound, nullable: bool = False) -> Callable[[_Reader, str], None]:
+    return lambda r, key: r.integer(key, bound, nullable=nullable)
+
+
+def _choice_kwarg(choices: tuple[str, ...]) -> Callable[[_Reader, str], None]:
+    return lambda r, key: r.choice(key, choices)
+
+
+_CLOSED_UNIT = _Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+# Each schedule's lr_scheduler_kwargs: the arguments of its transformers function that
+# get_scheduler leaves to them, how each is read (nullable where transformers' default is None),
+# and the range where the schedule means what its name says (transformers checks little).
+_MIN_LR_KWARGS = {"num_cycles": _number_kwarg(_POSITIVE), "min_lr": _number_kwarg(_NON_NEGATIVE, nullable=True),
+                  "min_lr_rate": _number_kwarg(_CLOSED_UNIT, nullable=True)}
+_SCHEDULER_KWARGS: dict[str, dict[str, Callable[[_Reader, str], None]]] = {
+    "constant": {},
+    "linear": {},
+    "cosine": {"num_cycles": _number_kwarg(_POSITIVE)},
+    "cosine_with_restarts": {"num_cycles": _integer_kwarg(_POSITIVE)},
+    "polynomial": {"lr_end": _number_kwarg(_NON_NEGATIVE), "power": _number_kwarg(_POSITIVE)},
+    "inverse_sqrt": {"timescale": _integer_kwarg(_POSITIVE, nullable=True)},
+    "cosine_with_min_lr": _MIN_LR_KWARGS,
+    "cosine_warmup_with_min_lr": {**_MIN_LR_KWARGS, "warmup_lr_rate": _number_kwarg(_CLOSED_UNIT, nullable=True)},
+    "warmup_stable_decay": {"num_decay_steps": _integer_kwarg(_NON_NEGATIVE),
+                            "num_stable_steps": _integer_kwarg(_NON_NEGATIVE, nullable=True),
+                            "warmup_type": _choice_kwarg(WSD_SHAPES), "decay_type": _choice_kwarg(WSD_SHAPES),
+                            "min_lr_ratio": _number_kwarg(_CLOSED_UNIT), "num_cycles": _number_kwarg(_POSITIVE)},
+}
 
 
 def _hint(word: Any, valid: Iterable[str]) -> str:
