@@ -315,20 +315,46 @@ def stage_weights(base: Path, stages) -> list[int]:
     return [weight_bytes(read_model_config(base)[1], torch.float32, parts=parts) for parts in stages]
 
 
-def free_lowering_stage_0(base: Path, cfg_path: Path, shape: tuple[int, int]) -> int:
-    """Free memory (before the weights load) on which stage 0 holds 2 micro-batches (1F1B: 3),
-    but would hold 3 were its weights not counted, and the other stages their 1F1B bounds, by
-    the memory model as the ranks priced a micro-batch before the pipeline's dry run (the
-    arguments of memory.micro_batches_in_flight in worker.py then)."""
+def stage_0_estimate(base: Path, cfg_path: Path, shape: tuple[int, int]):
+    """Stage 0's estimate of a micro-batch of `shape`, by the memory model as the ranks priced a
+    micro-batch before the pipeline's dry run (the arguments of memory.micro_batches_in_flight
+    in worker.py then)."""
     from mlora.memory import explicit_mask_of
     from mlora.pipeline.run import plan_stages
 
     cfg = load_config(cfg_path)
     parts = plan_stages(str(base), len(PIPE_BALANCE), PIPE_BALANCE)[0]
-    est = estimate_peak_bytes(read_model_config(base)[1], rows=shape[0], seq_len=shape[1], dtype=torch.float32,
-                              lora=cfg.lora, recompute=cfg.recompute, parts=parts,
-                              explicit_mask=explicit_mask_of(cfg), active_adapters=1, device=torch.device("cpu"))
-    return est.weights + int((est.total - est.weights + 1.9 * est.activations) / cfg.memory_fraction)
+    return estimate_peak_bytes(read_model_config(base)[1], rows=shape[0], seq_len=shape[1], dtype=torch.float32,
+                               lora=cfg.lora, recompute=cfg.recompute, parts=parts,
+                               explicit_mask=explicit_mask_of(cfg), active_adapters=1, device=torch.device("cpu"))
+
+
+def fake_rank_memory(monkeypatch, free: int, weights: list[int]) -> None:
+    """Each in-process rank's device with `free` bytes before it loads anything, less what a CUDA
+    device would see allocated when the rank reads it: its slice's weights and its adapters' fp32
+    A and B (its StageWorker builds them before it plans)."""
+    import mlora.memory
+    import mlora.pipeline.worker as worker
+    from test_pipeline_memory import thread_rank
+
+    adapters: dict[int, int] = {}
+    real_stage_memory = worker.stage_memory
+
+    def stage_memory(session, micro_batches, pack_len):
+        adapters[thread_rank()] = sum(4 * (w.lora_A.numel() + w.lora_B.numel()) for wrapper in session.wrappers.values()
+                                      for w in wrapper.adapters.values())
+        return real_stage_memory(session, micro_batches, pack_len)
+
+    monkeypatch.setattr(worker, "stage_memory", stage_memory)
+    monkeypatch.setattr(mlora.memory, "device_free_bytes",
+                        lambda device: free - weights[thread_rank()] - adapters.get(thread_rank(), 0))
+
+
+def free_lowering_stage_0(base: Path, cfg_path: Path, shape: tuple[int, int]) -> int:
+    """Free memory (before the weights load) on which stage 0 holds 2 micro-batches (1F1B: 3),
+    but would hold 3 were its weights not counted, and the other stages their 1F1B bounds."""
+    est = stage_0_estimate(base, cfg_path, shape)
+    return est.weights + int((est.total - est.weights + 1.9 * est.activations) / load_config(cfg_path).memory_fraction)
 
 
 # (bounds, in flight) of the stages: 2 adapters on a device with room for 2 micro-batches of
@@ -382,7 +408,7 @@ def test_pipeline_plan_is_what_the_pipeline_computes(pipe_model, tmp_path, capsy
 
     stages = plan_stages(str(pipe_model), 3, PIPE_BALANCE)
     weights = stage_weights(pipe_model, stages)
-    monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free - weights[thread_rank()])
+    fake_rank_memory(monkeypatch, free, weights)
     monkeypatch.setattr(mlora.memory, "micro_batches_in_flight", fit)
     monkeypatch.setattr(worker, "build_plan", build_plan)
     monkeypatch.setattr(worker, "fuse", fuse)
@@ -423,6 +449,45 @@ def test_pipeline_plan_is_what_the_pipeline_computes(pipe_model, tmp_path, capsy
         assert a["steps"] == len(mine) == max(r["step"] for r in mine)
         assert a["trained_tokens"] == sum(r["tokens"] for r in mine)
         assert a["epochs"] == 1 + max(r["epoch"] for r in mine)
+
+
+def test_pipeline_bound_counts_the_adapters_a_rank_holds_when_it_reads_its_memory(pipe_model, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A rank reads its free memory with its slice and its adapters' A and B resident: on a
+    device where stage 0 has room for 2 micro-batches less half of those adapters' bytes, the
+    ranks lower its bound to 1, and so does the plan (which once counted the slice alone)."""
+    import mlora.memory
+    import mlora.pipeline.worker as worker
+    from mlora.memory import projection_shapes
+    from mlora.pipeline.run import plan_stages
+    from test_pipeline_inprocess import run_threads
+
+    cfg_path = pipe_config(tmp_path)
+    code, plan, err = pipe_dry_run(capsys, pipe_model, cfg_path)
+    assert code == 0, err
+    shape = (plan["largest_batch"]["rows"], plan["largest_batch"]["seq_len"])
+    est, cfg = stage_0_estimate(pipe_model, cfg_path, shape), load_config(cfg_path)
+    shapes = projection_shapes(read_model_config(pipe_model)[1])
+    stages = plan_stages(str(pipe_model), 3, PIPE_BALANCE)
+    layers = sum(m.startswith("layer.") for m in stages[0])
+    adapters = layers * sum(4 * a.r * sum(shapes[m][0] + shapes[m][1] for m in a.target_modules) for a in cfg.lora)
+    once = est.total - est.weights - est.activations
+    free = est.weights + -(-(once + 2 * est.activations) // cfg.memory_fraction) + adapters // 2
+    monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: int(free))
+    code, plan, err = pipe_dry_run(capsys, pipe_model, cfg_path)
+    assert code == 0, err
+
+    real_bounds, real_in_flight_bounds = [], worker.in_flight_bounds
+
+    def in_flight_bounds(*args):
+        real_bounds.append(real_in_flight_bounds(*args))
+        return real_bounds[-1]
+
+    monkeypatch.setattr(worker, "in_flight_bounds", in_flight_bounds)
+    fake_rank_memory(monkeypatch, int(free), stage_weights(pipe_model, stages))
+    run_threads(pipe_model, cfg_path, tmp_path / "out", 3, PIPE_BALANCE)
+    assert real_bounds[0][0] == 1 and all(bounds == real_bounds[0] for bounds in real_bounds)
+    assert [s["in_flight_bound"] for s in plan["stages"]] == real_bounds[0]
 
 
 def test_pipeline_plan_of_one_rank_is_its_stage(pipe_model, tmp_path, capsys, monkeypatch):
@@ -494,7 +559,7 @@ def test_pipeline_plan_refuses_what_the_pipeline_refuses(pipe_model, tmp_path, c
         free = max(weights) + 2**20
         monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free)
         planned = refusal(capsys, [*argv, *balance, "--dry_run"])
-        monkeypatch.setattr(mlora.memory, "device_free_bytes", lambda device: free - weights[thread_rank()])
+        fake_rank_memory(monkeypatch, free, weights)
         errors = run_threads(pipe_model, cfg_path, tmp_path / "out", 3, PIPE_BALANCE, allow_errors=True)
         assert len(errors) == 3 and len({str(e) for _, e in errors}) == 1
         expected = (2, f"mlora: error: {errors[0][1]}")

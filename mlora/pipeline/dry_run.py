@@ -60,7 +60,7 @@ def dry_run_pipeline(args) -> int:
     session = open_unloaded(args, device, data_notes=place.rank in (None, 0))
     stages = plan_stages(args.base_model, place.world_size, args.balance)
     model_args = check_start(session, args.overwrite, shared_lock=True)
-    meta_adapters(session, model_args)  # (a rank does not check the disk for checkpoints)
+    adapters_on_meta = meta_adapters(session, model_args)  # (a rank does not check the disk for checkpoints)
     cfg = session.cfg
     micro, streams = micro_batch_streams(cfg, session.data)
     pack_len = packed_row_len(cfg)
@@ -68,7 +68,7 @@ def dry_run_pipeline(args) -> int:
     # each micro-batch goes through the stages alone: one adapter's, no fusing, no token budget
     adapters, batches = tally_batches(cfg, train, ([part] for part in micro.values()), None, pack_len)
     shape = largest_micro_batch(micro.values(), pack_len)
-    planned = plan_memory(session, model_args, stages, place.rank, streams, shape)
+    planned = plan_memory(session, model_args, stages, place.rank, streams, shape, adapters_on_meta)
     print_plan(args, session, model_args, place, adapters, batches, planned, shape, time.perf_counter() - started)
     return 0
 
@@ -84,15 +84,26 @@ def stage_devices(session, world: int, rank: int | None) -> dict[int, tuple[torc
     return {s: (torch.device("cuda", s), s < torch.cuda.device_count()) for s in range(world)}
 
 
+def resident_adapter_bytes(adapters: list, parts: list[str]) -> int:
+    """The bytes of the adapters' fp32 A and B on the decoder layers of `parts`: what a rank
+    holds of them when it reads its free memory (StageWorker builds them before it plans).
+    adapters: every adapter on the whole base (dry_run.meta_adapters), shapes only."""
+    from mlora.adapter import decoder_layer_of
+
+    layers = {int(p.removeprefix("layer.")) for p in parts if p.startswith("layer.")}
+    return sum(4 * p.numel() for a in adapters for name, p in a.named_parameters()  # (the flat fp32 buffer's)
+               if int(decoder_layer_of(name).rsplit(".", 1)[-1]) in layers)
+
+
 def plan_memory(session, model_args, stages: list[list[str]], rank: int | None, streams: dict,
-                shape: tuple[int, int]) -> tuple[list[StagePlan], str | None, int]:
+                shape: tuple[int, int], adapters: list) -> tuple[list[StagePlan], str | None, int]:
     """(each planned stage's StagePlan, the line saying which bounds the memory lowered (None:
     none), the number of segments), by the code the ranks run: the bounds from every stage's
     figures (in_flight.bounds_of; a stage not planned or not seen here says nothing, as a rank
     off CUDA), each segment's plan with them, and each stage's peak at the most micro-batches
-    those plans hold there. What a rank would refuse (a stage that cannot hold one micro-batch)
-    is refused with its line; so are weights larger than a stage's free memory (its load
-    would fail)."""
+    those plans hold there. adapters: every adapter, on the meta device (dry_run.meta_adapters).
+    What a rank would refuse (a stage that cannot hold one micro-batch) is refused with its
+    line; so are weights larger than a stage's free memory (its load would fail)."""
     from mlora import memory
     from mlora.pipeline.in_flight import bounds_of, span, stage_estimate_kwargs, stage_figures, stage_peak
     from mlora.pipeline.plan import most_in_flight
@@ -115,9 +126,10 @@ def plan_memory(session, model_args, stages: list[list[str]], rank: int | None, 
                              f"{memory.format_size(estimates[s].weights)}, more than the "
                              f"{memory.format_size(frees[s])} free on {device}")
             continue
-        # (a rank reads its free memory with its slice loaded: here, what is free less the slice)
-        figures[s] = stage_figures(cfg, model_args, stages[s], free=frees[s] - estimates[s].weights, shape=shape,
-                                   **kwargs)
+        # (a rank reads its free memory with its slice and its adapters' A and B resident: here,
+        # what is free less those)
+        resident = estimates[s].weights + resident_adapter_bytes(adapters, stages[s])
+        figures[s] = stage_figures(cfg, model_args, stages[s], free=frees[s] - resident, shape=shape, **kwargs)
     if too_heavy:
         dtype = str(session.dtype).removeprefix("torch.")
         raise UserError(f"base_model {session.base_dir} in {dtype}: {'; '.join(too_heavy)}; quantize it "
