@@ -30,6 +30,10 @@ _ITER = re.compile(r"^iter-(\d+)(?:-(rank\d+))?$")
 
 
 RESUMABLE_WITH_OTHER = ("save_best", "early_stopping_patience", "early_stopping_threshold")
+# Where an adapter's files are: not part of the fingerprint, what they hold is (the training rows'
+# and test rows' digests): a project moved, or data mounted elsewhere on the node a requeued job
+# lands on, resumes. (The template shapes the rows' tokens; init_from only the first step reads.)
+FILE_PLACES = ("data", "test_data", "prompt", "init_from")
 
 
 def run_fingerprint(session) -> dict:
@@ -41,7 +45,7 @@ def run_fingerprint(session) -> dict:
     # holds none), and older checkpoints, written before the key existed, still match. The
     # early-stopping keys neither, for the same reasons: a resume replays the stops its
     # checkpoint records, and they decide from the next eval on)
-    adapters = {a.name: {k: v for k, v in asdict(a).items() if k not in RESUMABLE_WITH_OTHER}
+    adapters = {a.name: {k: v for k, v in asdict(a).items() if k not in (*RESUMABLE_WITH_OTHER, *FILE_PLACES)}
                 for a in cfg.lora}
     # Not part of it: where and how often to save, and what changes memory but not results:
     # recompute (bit-identical, tested) and memory_fraction (its budget is saved in every
@@ -50,11 +54,17 @@ def run_fingerprint(session) -> dict:
                *RESUMABLE_WITH_OTHER)  # (the adapters' defaults, in their settings above)
     globals_ = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     base_cfg = (Path(session.base_dir) / "config.json").read_bytes()
-    data = {name: hashlib.sha256(json.dumps([ex.input_ids for ex in d.train]).encode()).hexdigest()[:16]
-            for name, d in session.data.items()}
+    data = {name: _digest([ex.input_ids for ex in d.train]) for name, d in session.data.items()}
+    # (the rows its evals, best and early stops are measured on; None: it has no test_data)
+    test_data = {a.name: _digest([[ex.input_ids, ex.labels] for ex in session.data[a.name].test])
+                 if a.test_data is not None else None for a in cfg.lora}
     return {"adapters": adapters, "globals": globals_,
             "base_model": hashlib.sha256(base_cfg).hexdigest()[:16], "dtype": str(session.dtype),
-            "quantization": str(session.quant), "data": data}
+            "quantization": str(session.quant), "data": data, "test_data": test_data}
+
+
+def _digest(rows: list) -> str:
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -221,7 +231,11 @@ def describe_difference(saved: dict, current: dict) -> str | None:
     for name, digest in current["data"].items():
         if saved["data"].get(name) != digest:
             return f"adapter '{name}': its training data differs"
-    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data"}
+    # (a checkpoint of an older mlora holds no digest of them: not compared then)
+    for name, digest in current["test_data"].items() if "test_data" in saved else ():
+        if saved["test_data"].get(name) != digest:
+            return f"adapter '{name}': its test data differs"
+    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data", "test_data"}
     for key in sorted(set(current) - known):  # e.g. a pipeline's stages and save_step
         if saved.get(key) != current[key]:
             return f"{key} was {saved.get(key)!r}, now {current[key]!r}"

@@ -182,8 +182,7 @@ def _killed_once(tmp_path_factory, tiny_llama):
 @pytest.fixture
 def interrupted(_killed_once):
     """(output dir, config) of the killed run as it was left: the tests damage either, so each
-    gets them back, in place (the checkpoint's fingerprint holds the adapters' data paths).
-    One killed training for them all, not one each."""
+    gets them back, in place. One killed training for them all, not one each."""
     out, cfg, config = _killed_once
     shutil.rmtree(out)
     shutil.copytree(out.parent / "as_killed", out)
@@ -239,6 +238,29 @@ def test_mismatched_checkpoint_names_the_difference(interrupted, tiny_llama, cap
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "adapter 'b'" in err and "'lr'" in err and "0.5" in err
+
+
+def test_a_run_whose_files_moved_resumes(interrupted, tiny_llama, reference, tmp_path, capsys):
+    """The checkpoint holds what the adapters' files hold, not where they are: a project moved
+    (or its data mounted elsewhere on the node a requeued job lands on) resumes to the
+    uninterrupted run; other test rows than the run's are refused."""
+    out, cfg = interrupted
+    moved = tmp_path / "moved project"
+    moved.mkdir()
+    config = json.loads(cfg.read_text())
+    for adapter in config["lora"]:
+        for key in ("data", "prompt"):
+            if key in adapter:
+                adapter[key] = shutil.copy(adapter[key], moved)
+    cfg.write_text(json.dumps({**config, "lora": [{**config["lora"][0], "test_data": config["lora"][1]["data"]},
+                                                  config["lora"][1]]}))
+    args = ["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "adapter 'a': its test data differs" in capsys.readouterr().err
+    cfg.write_text(json.dumps(config))
+    assert main(args) == 0
+    assert_same_run(out, reference)
 
 
 def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(interrupted, tiny_llama, capsys):
