@@ -538,7 +538,8 @@ class _Reader:
         if value is None:
             return
         given = Path(value).expanduser()
-        places = [Path.cwd()] if base_dir is None else [Path.cwd(), Path(base_dir)]
+        # (the config's own directory once, when mlora runs in it: "looked in /x and /x" read as a slip)
+        places = list(dict.fromkeys([Path.cwd()] + ([Path(base_dir)] if base_dir is not None else [])))
         candidates = [given] if given.is_absolute() else [place / given for place in places]
         found = next((c for c in candidates if c.exists()), None)
         if found is None and not must_exist:

@@ -452,6 +452,17 @@ def test_parse_config_base_dir(tmp_path, monkeypatch):
     assert config.lora[0].data == str(tmp_path / "train.json")
 
 
+def test_a_missing_file_names_each_place_looked_in_once(tmp_path, monkeypatch):
+    """Run from the config's own directory, the two places are one: named once."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        parse_config({"lora": [adapter(data="nope.json")]}, base_dir=tmp_path)
+    assert f"(looked in {tmp_path})" in str(info.value)
+    with pytest.raises(UserError) as info:
+        parse_config({"lora": [adapter(data="nope.json")]}, base_dir=tmp_path / "configs")
+    assert f"(looked in {tmp_path} and {tmp_path / 'configs'})" in str(info.value)
+
+
 def test_absolute_paths_kept(tmp_path, monkeypatch):
     (tmp_path / "train.json").write_text("[]")
     monkeypatch.chdir(tmp_path.parent)
