@@ -86,6 +86,16 @@ def check_trainable(examples: Sequence[Example], cfg: AdapterConfig, cutoff_len:
                         + ")")
 
 
+def check_evaluable(examples: Sequence[Example], cfg: AdapterConfig, cutoff_len: int) -> None:
+    """An adapter evaluated mid-run (eval_step) on test rows without a token to score would log
+    every eval loss as null, save no best and, with early stopping, stop after its patience, as
+    no loss ever improves: refuse it in one line, as check_trainable refuses such training rows."""
+    if cfg.eval_step and cfg.test_data and not any(ex.num_label_tokens for ex in examples):
+        raise UserError(f"adapter {cfg.name!r}: no row of {cfg.test_data} has a token to evaluate within cutoff_len "
+                        f"{cutoff_len} (rows too long, empty, or without an output/assistant turn), so each eval "
+                        f"of its eval_step would measure nothing")
+
+
 def adapter_stream(examples: Sequence[Example], cfg: AdapterConfig, seed: int,
                    start_step: int = 0) -> Iterator[MicroBatch]:
     """Yield the adapter's micro-batches in training order, from optimizer step `start_step`."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from mlora.batching import check_evaluable
 from mlora.config import (EXPERT_TARGET_MODULES, MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config,
                           projection_of)
 from mlora.data import Example, encode_rows, load_rows, load_template, unread_columns, unread_keys_note
@@ -310,6 +311,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
             if largest >= vocab:
                 raise UserError(f"adapter {a.name!r}: {path} tokenizes to id {largest}, outside the model's "
                                 f"vocab_size {vocab} (is the tokenizer in {base_dir} the model's?)")
+        if reads == "train":
+            check_evaluable(test, a, cfg.cutoff_len)
         data[a.name] = AdapterData(train, test)
     if quant is not None:
         from mlora.quant import check_available

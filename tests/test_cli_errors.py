@@ -345,6 +345,21 @@ def test_data_without_a_token_to_learn(setup, tiny_llama, capsys, rows, extra):
     check(*run_train(capsys, tiny_llama, config(**extra)), out, "no row of", "token to learn")
 
 
+def test_test_data_without_a_token_to_evaluate(setup, tiny_llama, capsys):
+    """Evaluated mid-run on questions only, every eval loss was null: no best saved, and early
+    stopping stopped the adapter after its patience, as no loss ever improved. `mlora eval`
+    reports such a set as loss null (not evaluated mid-run: no error)."""
+    tmp, data, out, config = setup
+    questions = tmp / "questions.jsonl"
+    questions.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    cfg = config({"test_data": str(questions), "eval_step": 1, "early_stopping_patience": 1})
+    for extra in ((), ("--dry_run",)):
+        check(*run_train(capsys, tiny_llama, cfg, *extra), out, f"no row of {questions}", "token to evaluate",
+              "eval_step")
+    assert main(["eval", "--base_model", str(tiny_llama), "--config", str(config({"test_data": str(questions)}))]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] is None
+
+
 def test_data_that_is_not_valid_unicode(setup, tiny_llama, capsys):
     """A lone \\u escape (half of a surrogate pair) used to reach the tokenizer, whose TypeError
     was a traceback."""
