@@ -1652,3 +1652,38 @@ def test_pipeline_training_out_of_memory_is_one_line_on_every_rank(pipe_model, t
                                      "flight), set \"recompute\": true, or split the model over more stages")
     assert one_line(ranks[0][2]) == ("mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting "
                                      "for it")
+
+
+def test_pipeline_ranks_agree_on_files_kept_at_other_places(pipe_model, tmp_path, monkeypatch):
+    """Ranks on two hosts keep the same config, data, template and init_from adapter in other
+    directories: they compared the files' absolute paths and refused to start ("a different
+    config"); now what the files hold is compared, so they train, and an init_from whose
+    weights differ on one host is still refused."""
+    import json
+    import shutil
+
+    from test_pipeline import write_config
+
+    host_a, host_b = tmp_path / "a", tmp_path / "b"
+    host_a.mkdir()
+    cfg_a = write_config(host_a, 1, tmp_path / "out")
+    start = host_a / "start"  # an init_from adapter: a copy of one mlora wrote
+    from mlora.adapter import save_peft
+
+    save_peft(start, {}, {})
+    shutil.copytree(host_a, host_b)
+    cfg_b = host_b / cfg_a.name
+    cfg_b.write_text(cfg_a.read_text().replace(str(host_a), str(host_b)))
+    argvs = [train_argv(pipe_model, cfg_a, tmp_path / "out"), train_argv(pipe_model, cfg_b, tmp_path / "out_b")]
+    ranks = run_pipeline_cli(monkeypatch, argvs, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+
+    for host, cfg in ((host_a, cfg_a), (host_b, cfg_b)):
+        obj = json.loads(cfg.read_text())
+        obj["lora"][0]["init_from"] = str(host / "start")
+        cfg.write_text(json.dumps(obj))
+    (host_b / "start" / "adapter_config.json").write_text('{"r": 9}')
+    ranks = run_pipeline_cli(monkeypatch, [[*argv, "--overwrite"] for argv in argvs], [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [3, 3], ranks
+    assert one_line(ranks[1][2]).startswith("mlora: pipeline error: rank 1 was started with a different config "
+                                            "than rank 0")
