@@ -26,10 +26,15 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where tensors are first touched, not here: a usage error or a refusal
+# (output exists, no checkpoint) is then told in a fraction of a second, not after the ~2 s
+# torch takes to import.
 
 PROG = "trans_to_safetensors"
 BIN_SINGLE = "pytorch_model.bin"
@@ -100,6 +105,8 @@ def find_checkpoint(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """One .bin file as {name: tensor}. Zip-format files are memory-mapped, so tensors are
     paged in as they are written instead of being held in RAM all at once."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # corrupt, truncated, or not a weights-only pickle
@@ -159,18 +166,24 @@ def head_is_tied_copy(files: list[Path], weight_map: dict[str, str] | None, tied
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality: unlike torch.equal alone, NaN matches NaN and -0.0 differs from 0.0."""
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(raw_bytes(a), raw_bytes(b))
 
 
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def prepare(state: dict[str, torch.Tensor], drop_head: bool) -> dict[str, torch.Tensor]:
     """The tensors to save from one file: contiguous, no two sharing storage (safetensors
     refuses that), and without the tied lm_head.weight when `drop_head`."""
+    import torch
+
     out, seen = {}, set()
     for name, tensor in state.items():
         if drop_head and name == HEAD:
@@ -196,6 +209,13 @@ def chunks(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
         groups[-1].append(name)
         size += tensor.nbytes
     return [g for g in groups if g]
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file (which imports torch), imported on first use."""
+    from safetensors.torch import save_file as write
+
+    write(tensors, filename, metadata=metadata)
 
 
 def verify(path: Path, expected: dict[str, torch.Tensor]) -> int:
