@@ -5,6 +5,10 @@ on it (CI runs it: tests/test_triton_compile.py), with the launch settings mlora
 Hopper's wgmma, and, where Triton's bundled ptxas is found, registers and spill stores.
 
     python scripts/compile_triton_kernels.py [--arch 90] [--columns 192] [--dtype bf16|fp16|fp32] [--cost]
+                                             [--kernel NAME ...]
+
+--kernel compiles only the kernels named (e.g. down_kernel; default: all of them): a check of
+one kernel takes a second or two instead of the whole set's.
 
 --cost also prints a static cost per kernel, where Triton's bundled nvdisasm is found: the
 machine instructions (SASS) one tile executes, per element of the input it masks, summed over
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SKIP = 77
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch settings, not the kernels' constexprs
+LOSS_KERNEL = "cross_entropy_grad_kernel"  # (loss_kernels.py's; the others: kernels())
 # The most dynamic shared memory one block may use, in bytes, by compute capability x 10.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", type=int, default=192, help="C: adapters x rank x members (192: 4 x 16 x q/k/v)")
     p.add_argument("--dtype", default="bf16", choices=sorted(POINTER))
     p.add_argument("--cost", action="store_true", help="print each kernel's static instruction count per element")
+    p.add_argument("--kernel", action="append", metavar="NAME",
+                   help="compile only this kernel (repeatable; default: all), e.g. down_kernel")
     args = p.parse_args(argv)
     try:
         import triton
@@ -153,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"compile_triton_kernels: no ahead-of-time compile API here ({err})")
         return SKIP
+    names = [name for name, _, _ in kernels(args.dtype, args.columns)] + [LOSS_KERNEL]
+    unknown = sorted(set(args.kernel or ()) - set(names))
+    if unknown:
+        p.error(f"--kernel: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
     failed = False
     for call, ints in CALLS:
@@ -163,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         if status == SKIP:
             return SKIP
         failed |= status != 0
-    print("the loss's cross-entropy (loss_kernels.py)")
-    status = compile_loss_kernel(triton, ASTSource, GPUTarget, args)
-    if status == SKIP:
-        return SKIP
-    failed |= status != 0
+    if args.kernel is None or LOSS_KERNEL in args.kernel:
+        print("the loss's cross-entropy (loss_kernels.py)")
+        status = compile_loss_kernel(triton, ASTSource, GPUTarget, args)
+        if status == SKIP:
+            return SKIP
+        failed |= status != 0
     return 1 if failed else 0
 
 
@@ -177,6 +189,8 @@ def compile_call(triton, ASTSource, GPUTarget, args, columns: int, values: dict)
     failed = False
     many = values["G"] > lora_triton.SCALAR_SEEDS
     for name, signature, config in kernels(args.dtype, columns):
+        if args.kernel is not None and name not in args.kernel:
+            continue
         fn = getattr(philox_kernels, name)
         if many and "MANY_SEEDS" not in fn.arg_names:
             continue  # the same kernel as for the fused batch
@@ -208,7 +222,7 @@ def compile_loss_kernel(triton, ASTSource, GPUTarget, args) -> int:
     """loss_kernels.cross_entropy_grad_kernel as loss.py launches it (TinyLlama's vocabulary)."""
     from mlora import loss_kernels
 
-    fn = loss_kernels.cross_entropy_grad_kernel
+    fn = getattr(loss_kernels, LOSS_KERNEL)
     config = dict(BLOCK=loss_kernels.BLOCK, WITH_GRAD=True, num_warps=8)
     signature = dict(logits_ptr=POINTER[args.dtype], stride="i32", targets_ptr="*i64", loss_ptr="*fp32", V="i32",
                      ignore_index="i32")
@@ -239,7 +253,7 @@ def compile_and_report(triton, ASTSource, GPUTarget, args, fn, full: dict, const
     ptx = compiled.asm.get("ptx", "")
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
     report, spilled = ptxas_report(ptx, args.arch)
-    if args.cost and name not in ("mask_kernel", "cross_entropy_grad_kernel"):
+    if args.cost and name not in ("mask_kernel", LOSS_KERNEL):
         report += sass_cost(compiled, name, config, columns)
     too_big = compiled.metadata.shared > SHARED_LIMIT.get(args.arch, 1 << 30)
     if too_big:
