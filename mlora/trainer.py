@@ -477,6 +477,8 @@ class Trainer:
         self.stopped.add(run.adapter.name)
         run.bar.write(f"[{run.adapter.name}] step {step}: stopped early (no eval loss improvement in "
                       f"{run.patience.waited} evaluations)")
+        # (its bar stays part-filled while the others train on: it says why, not a stall)
+        run.bar.set_description_str(f"{run.adapter.name} (stopped early)")
 
     def _non_finite(self, run: AdapterProgress, record: dict, counted: bool = False) -> bool:
         """A NaN/inf loss or gradient: skip the step or stop the adapter (its `on_nan`); the
@@ -492,6 +494,7 @@ class Trainer:
         if policy == "stop":
             run.stopped_at = self.iteration
             self.stopped.add(adapter.name)
+            run.bar.set_description_str(f"{adapter.name} (stopped: {reason})")
             adapter.steps_done += 0 if counted else 1
         else:
             if not counted:

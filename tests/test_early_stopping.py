@@ -334,3 +334,32 @@ def test_a_pipeline_notes_an_unreachable_patience_once(tmp_path, pipe_model, mon
     assert [code for code, _, _ in ranks] == [0, 0], ranks
     said = ["early_stopping_patience 3 cannot stop it" in stderr for _, _, stderr in ranks]
     assert said == [True, False], ranks
+
+
+
+@pytest.mark.parametrize("how", ["early", "on_nan", "pipeline"])
+def test_a_stopped_adapters_bar_says_it_stopped(tmp_path, pipe_model, capsys, monkeypatch, how):
+    """An adapter that stops (early, or on_nan "stop" at a NaN) leaves its progress bar
+    part-filled while the others train on (here p1, 6 steps): the bar now says it stopped, not
+    only the line written above it, so the bar does not read as a stall; in a pipeline too (its
+    last rank's bars)."""
+    changes = {"alpha": 1e30, "optim": "sgd", "lr": 1.0, "on_nan": "stop"} if how == "on_nan" else {}
+    cfg = early_config(tmp_path, tmp_path / "out", num_adapters=2)
+    obj = json.loads(cfg.read_text())
+    obj["lora"][0].update(changes)
+    cfg.write_text(json.dumps(obj))
+    argv = ["train", "--base_model", str(pipe_model), "--config", str(cfg), "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu"]
+    if how == "pipeline":
+        ranks = run_pipeline_cli(monkeypatch, [argv] * 2, [3, 4], "torch")
+        assert [code for code, _, _ in ranks] == [0, 0], ranks
+        err = ranks[1][2]
+    else:
+        capsys.readouterr()
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+    renders = err.replace("\r", "\n").splitlines()
+    p0 = [line for line in renders if line.startswith("p0")]
+    label, steps = ("p0 (stopped: non-finite gradient)", 1) if how == "on_nan" else ("p0 (stopped early)", STOP_STEP)
+    assert p0 and p0[-1].startswith(f"{label}: ") and f" {steps}/4 " in p0[-1], p0[-3:]
+    assert not any("stopped" in line for line in renders if line.startswith("p1"))

@@ -749,6 +749,7 @@ class StageWorker(StageLink):
         if early_stopped:
             self.bars[name].write(f"[{name}] step {step}: stopped early (no eval loss improvement in "
                                   f"{self.patience[name].waited} evaluations)")
+            self.bars[name].set_description_str(f"{name} (stopped early)")  # (as in one process)
 
     def mb_info(self, mb: int) -> tuple[str, int, bool]:
         part = self.micro[mb]
