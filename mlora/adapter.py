@@ -577,6 +577,22 @@ def _module_sort_key(path: str, leaf: str) -> tuple:
             numbers[1:], path)
 
 
+def adapter_files_digest(directory: str | os.PathLike) -> str:
+    """A digest of what an adapter directory's two PEFT files hold (a file that cannot be read
+    counts as its error): pipeline ranks compare their copies of the same adapter by it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        try:
+            with open(Path(directory) / name, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError as err:  # loading it says what is wrong, in one line
+            h.update(f"unreadable {name}: {err.strerror}".encode())
+    return h.hexdigest()[:16]
+
+
 def save_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -103,8 +103,7 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
         fill(tmp)
         _give_usual_modes(tmp)
         if os.path.lexists(target):
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            os.rename(target, aside / target.name)
+            aside = _rename_aside(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,13 +116,19 @@ def remove_dir_aside(path: Path) -> None:
     """Delete directory `path` after renaming it to a temporary name: a deletion cut short
     leaves no half directory under its own name (where a reader takes it for whole), only a
     temporary that remove_leftovers deletes later."""
+    shutil.rmtree(_rename_aside(path), ignore_errors=True)
+
+
+def _rename_aside(path: Path) -> Path:
+    """Move `path` into a new temporary directory beside it (a name remove_leftovers knows);
+    returns that directory."""
     aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         os.rename(path, aside / path.name)
     except OSError:
         aside.rmdir()
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    return aside
 
 
 def _give_usual_modes(root: Path) -> None:

@@ -79,8 +79,7 @@ def list_checkpoints(output_dir, tag: str = "") -> list[tuple[int, Path]]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _ITER.match(p.name)) and p.is_dir() and (m.group(2) or "") == tag]
+    found = [(int(_ITER.match(p.name).group(1)), p) for p in root.iterdir() if _tag_of(p.name) == tag and p.is_dir()]
     return sorted(found)
 
 
@@ -154,7 +153,7 @@ def unfinished_run(output_dir) -> Path | None:
     pipeline rank's part), or None: what a fresh start would delete (`clear`), which is hours
     of work when --resume was only forgotten."""
     root = checkpoint_root(output_dir)
-    tags = sorted({m.group(2) or "" for p in root.iterdir() if (m := _ITER.match(p.name))}) if root.is_dir() else []
+    tags = sorted({t for p in root.iterdir() if (t := _tag_of(p.name)) is not None}) if root.is_dir() else []
     for tag in tags:
         found = list_checkpoints(output_dir, tag)
         if found and not is_finished(output_dir, tag):

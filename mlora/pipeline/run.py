@@ -344,25 +344,10 @@ def saved_adapters(cfg) -> dict[str, str]:
     """{name: a digest of its files} for each adapter of `cfg` with weights saved in
     output_dir/<name>: the adapters `mlora eval` loads (the others are evaluated on the bare
     base). Every rank loads its part from its own output_dir, so the ranks compare these."""
-    import hashlib
+    from mlora.adapter import WEIGHTS_NAME, adapter_files_digest
 
-    from mlora.adapter import CONFIG_NAME, WEIGHTS_NAME
-
-    saved = {}
-    for a in cfg.lora:
-        directory = Path(cfg.output_dir) / a.name
-        if not (directory / WEIGHTS_NAME).is_file():
-            continue
-        h = hashlib.sha256()
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            try:
-                with open(directory / name, "rb") as f:
-                    while block := f.read(1 << 20):
-                        h.update(block)
-            except OSError as err:  # loading it says what is wrong, in one line
-                h.update(f"unreadable {name}: {err.strerror}".encode())
-        saved[a.name] = h.hexdigest()[:16]
-    return saved
+    return {a.name: adapter_files_digest(Path(cfg.output_dir) / a.name) for a in cfg.lora
+            if (Path(cfg.output_dir) / a.name / WEIGHTS_NAME).is_file()}
 
 
 def check_same_adapters(transport, cfg, saved: dict[str, str]) -> None:

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from mlora import checkpoint, memory
-from mlora.adapter import (BEST_DIR, CONFIG_NAME, WEIGHTS_NAME, Adapter, layer_generators, save_checkpoint_dir,
+from mlora.adapter import (BEST_DIR, Adapter, adapter_files_digest, layer_generators, save_checkpoint_dir,
                            save_peft)
 from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps,
                             trained_positions)
@@ -84,7 +84,7 @@ def fingerprint(session: Session, stages: list[list[str]], transport_kind: str,
         for key in checkpoint.FILE_PLACES:
             place = adapter.pop(key, None)
             if key == "init_from" and place is not None:
-                adapter[key] = files_digest(Path(place), (WEIGHTS_NAME, CONFIG_NAME))
+                adapter[key] = adapter_files_digest(place)
     if evaluating:  # every rank walks every adapter's test rows chunk by chunk
         data = {"test": {name: [ex.input_ids for ex in d.test] for name, d in session.data.items()}}
     else:
@@ -97,15 +97,6 @@ def fingerprint(session: Session, stages: list[list[str]], transport_kind: str,
     return {"config": digest(cfg), "balance": digest(stages), "data": digest(data),
             "base model": digest(model_cfg), "dtype": str(session.dtype), "quantization": str(session.quant),
             "transport": transport_kind}
-
-
-def files_digest(directory: Path, names: tuple[str, ...]) -> str:
-    """A digest of the files `names` in `directory` (a missing one counts as missing)."""
-    h = hashlib.sha256()
-    for name in names:
-        path = directory / name
-        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"(missing)") + b"\0")
-    return h.hexdigest()[:16]
 
 
 def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
