@@ -2,9 +2,15 @@
 # The manual way, as in m-LoRA's README: one process per GPU, each told its rank, device and
 # balance. Every rank gets the same --config, --base_model and --balance (checked at start-up),
 # and on GPUs of different generations the same --dtype (its default follows each GPU).
-# This example: a 32-layer model (35 modules: embedding, 32 layers, norm, head) on 4 GPUs.
 #
-#   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh
+#   BASE=/models/llama-2-7b CONFIG=config/example.json launch/manual.sh   # one rank per GPU
+#   NPROC=2 BASE=... CONFIG=... launch/manual.sh                         # on the first 2 GPUs
+#   BALANCE="9 9 9 8" BASE=... CONFIG=... launch/manual.sh               # a split of your own
+#
+# Without BALANCE, mlora splits the layers itself (the split that minimises the most expensive
+# stage) over NPROC ranks (default: one per GPU nvidia-smi lists). BALANCE gives each rank's
+# modules as --balance counts them, e.g. "9 9 9 8" for a 32-layer model (35 modules: embedding,
+# 32 layers, norm, head) on 4 GPUs; its entries are the ranks (NPROC, if set, must agree).
 #
 # COMMAND=eval evaluates the adapters saved in output_dir the same way (`mlora eval --pipeline`;
 # rank 0 prints the JSON lines, the other ranks nothing); COMMAND=generate completes prompts
@@ -19,18 +25,33 @@ set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/python.sh"  # PY
 BASE=${BASE:?set BASE to the base model directory}
 CONFIG=${CONFIG:?set CONFIG to the training config}
-BALANCE=${BALANCE:-"9 9 9 8"}
+BALANCE=${BALANCE:-}
+NPROC=${NPROC:-}
 TRANSPORT=${TRANSPORT:-torch}          # torch (NCCL between GPUs) or zmq
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 COMMAND=${COMMAND:-train}              # train, eval or generate
 case "$COMMAND" in train|eval|generate) ;; *) echo "launch/manual.sh: COMMAND must be train, eval or generate, not $COMMAND" >&2; exit 2 ;; esac
 read -r -a balance <<< "$BALANCE"
+if [ -n "$NPROC" ]; then
+    [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "launch/manual.sh: NPROC must be a positive whole number, not $NPROC" >&2; exit 2; }
+    if [ "${#balance[@]}" -gt 0 ] && [ "${#balance[@]}" -ne "$NPROC" ]; then
+        echo "launch/manual.sh: BALANCE \"$BALANCE\" has ${#balance[@]} entries, one per rank, but NPROC is $NPROC" >&2; exit 2
+    fi
+elif [ "${#balance[@]}" -gt 0 ]; then
+    NPROC=${#balance[@]}
+else  # one rank per GPU
+    NPROC=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+    [ "$NPROC" -gt 0 ] || { echo "launch/manual.sh: no GPU found (nvidia-smi --list-gpus); set NPROC to the number of ranks, or BALANCE" >&2; exit 2; }
+fi
+# (without BALANCE every rank gets --world_size, and mlora computes the same split on each)
+split_args=(--world_size "$NPROC")
+[ "${#balance[@]}" -gt 0 ] && split_args=(--balance "${balance[@]}")
 pids=()
-for rank in "${!balance[@]}"; do
+for (( rank = 0; rank < NPROC; rank++ )); do
     device=${DEVICE_PREFIX:-cuda:}$rank
     [ "${DEVICE_PREFIX:-cuda:}" = "cpu" ] && device=cpu
-    "$PY" -m mlora "$COMMAND" --pipeline --rank "$rank" --device "$device" --balance "${balance[@]}" \
+    "$PY" -m mlora "$COMMAND" --pipeline --rank "$rank" --device "$device" "${split_args[@]}" \
         --transport "$TRANSPORT" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         --base_model "$BASE" --config "$CONFIG" "$@" &
     pids+=($!)

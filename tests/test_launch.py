@@ -213,3 +213,72 @@ def test_scripts_choose_their_python(tmp_path, script, case):
     assert ("the python3 on PATH ran" in done.stderr) == (case == "python3 with mlora"), done.stderr
     assert "the wrong .venv ran" not in done.stderr
     assert done.returncode != 0 and f"mlora: error: {missing}: config file not found" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_manual_without_balance_splits_over_nproc(pipe_model, single_runs):
+    """Without BALANCE, NPROC ranks each get --world_size and compute the same split, the one
+    plan_stages makes without a balance (seen here through each rank's dry run of its stage)."""
+    import json
+
+    from mlora.pipeline.run import plan_stages
+
+    _, cfg, _ = single_runs(2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, BASE=str(pipe_model), CONFIG=str(cfg),
+               NPROC="2", DEVICE_PREFIX="cpu", **ONE_THREAD)
+    env.pop("BALANCE", None)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--dry_run", "--no_progress"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = sorted((stage for line in proc.stdout.splitlines() for stage in json.loads(line)["stages"]),
+                    key=lambda stage: stage["rank"])
+    assert [stage["rank"] for stage in stages] == [0, 1]
+    assert [stage["modules"] for stage in stages] == plan_stages(str(pipe_model), 2, None)
+
+
+@pytest.mark.parametrize("env, split", [
+    (dict(NPROC="3"), "--world_size 3"),
+    (dict(BALANCE="1 2"), "--balance 1 2"),
+    (dict(BALANCE=" 1  2 ", NPROC="2"), "--balance 1 2"),
+    (dict(), "--world_size 2"),  # one rank per GPU that nvidia-smi lists
+])
+def test_manual_script_ranks(tmp_path, env, split):
+    """What each rank is told: its rank and device, and the split: BALANCE's, else the world
+    size (NPROC's, else the GPUs') from which every rank computes the same split."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H200 (UUID: a)'\necho 'GPU 1: H200 (UUID: b)'\n")
+    (fake / "python").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/rank.$6\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NPROC", "DEVICE_PREFIX")}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--no_progress"], capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(base, PATH=f"{fake}:{base['PATH']}", PYTHON=str(fake / "python"), BASE="b",
+                                   CONFIG="c", MASTER_PORT="29999", **env))
+    assert done.returncode == 0, done.stderr
+    ranks = sorted(tmp_path.glob("rank.*"))
+    assert [r.read_text() for r in ranks] == [
+        f"-m mlora train --pipeline --rank {rank} --device cuda:{rank} {split} --transport torch "
+        f"--master_addr 127.0.0.1 --master_port 29999 --base_model b --config c --no_progress\n"
+        for rank in range(len(ranks))]
+    assert len(ranks) == int(split.split()[-1]) if "world" in split else len(split.split()) - 1
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(BALANCE="1 2", NPROC="3"), 'BALANCE "1 2" has 2 entries, one per rank, but NPROC is 3'),
+    (dict(NPROC="0"), "NPROC must be a positive whole number, not 0"),
+    (dict(NPROC="two"), "NPROC must be a positive whole number, not two"),
+    (dict(), "no GPU found (nvidia-smi --list-gpus); set NPROC to the number of ranks, or BALANCE"),
+])
+def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
+    """launch/manual.sh refuses a rank count it cannot use in one line, before any rank starts
+    (no GPU here: nvidia-smi is made to list none)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NPROC")}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh")], capture_output=True, text=True,
+                          env=dict(base, PATH=f"{fake}:{base['PATH']}", BASE="x", CONFIG="y", **env), timeout=60)
+    assert done.returncode == 2 and done.stderr == f"launch/manual.sh: {message}\n", done.stderr
