@@ -1044,24 +1044,6 @@ def test_eval_step_logs_the_validation_loss(tmp_path, tiny_llama, capsys):
     assert final["tokens"] == evals[-1]["eval_tokens"]
 
 
-@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
-def test_lr_schedule_matches_transformers(kind):
-    import transformers
-
-    from mlora.adapter import lr_factor
-
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=1.0)
-    make = {"constant": lambda: transformers.get_constant_schedule_with_warmup(opt, 3),
-            "linear": lambda: transformers.get_linear_schedule_with_warmup(opt, 3, 20),
-            "cosine": lambda: transformers.get_cosine_schedule_with_warmup(opt, 3, 20)}[kind]
-    sched = make()
-    for step in range(20):
-        assert lr_factor(kind, step, 3, 20) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9)
-        opt.step()
-        sched.step()
-
-
 def _assert_peft_gives_mlora_logits(peft_model, base: Path, adapter_dir: Path, forward=None) -> None:
     """PEFT's logits with the adapter equal mlora's, and differ from the bare base's. forward: what
     runs PEFT's model on text (by default the model itself)."""

@@ -552,7 +552,8 @@ def generate_pipeline(args) -> int:
                 raise
             except _OOM_ERRORS:  # where the ranks cannot agree on it (see generate_forward): the end
                 raise UserError(f"rank {place.rank}: out of device memory generating on its stage; give a smaller "
-                                f"--batch_size or fewer --max_new_tokens, or split the model over more stages") from None
+                                f"--batch_size or fewer --max_new_tokens, or split the model over more "
+                                f"stages") from None
             finally:
                 session.layout.rows = []
             if place.rank == 0:
