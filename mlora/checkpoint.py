@@ -55,6 +55,10 @@ def run_fingerprint(session) -> dict:
     globals_ = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     base_cfg = (Path(session.base_dir) / "config.json").read_bytes()
     data = {name: _digest([ex.input_ids for ex in d.train]) for name, d in session.data.items()}
+    # Which of those tokens the loss learns: the same tokens, other labels, when the prompt/answer
+    # split moved (the rows' prompt and completion, the template's prompt). A digest beside the
+    # rows', not in it, so that a checkpoint written before it existed still resumes.
+    labels = {name: _digest([ex.labels for ex in d.train]) for name, d in session.data.items()}
     # (the rows its evals, best and early stops are measured on; None: it is not evaluated mid-run,
     # no eval_step or no test_data, so its test rows are not read in training: a test file edited
     # for a later `mlora eval` leaves the run as it was, as the pipeline's start-up check has it)
@@ -62,7 +66,7 @@ def run_fingerprint(session) -> dict:
                  if a.eval_step and a.test_data is not None else None for a in cfg.lora}
     return {"adapters": adapters, "globals": globals_,
             "base_model": hashlib.sha256(base_cfg).hexdigest()[:16], "dtype": str(session.dtype),
-            "quantization": str(session.quant), "data": data, "test_data": test_data}
+            "quantization": str(session.quant), "data": data, "labels": labels, "test_data": test_data}
 
 
 def _digest(rows: list) -> str:
@@ -232,12 +236,18 @@ def describe_difference(saved: dict, current: dict) -> str | None:
     for name, digest in current["data"].items():
         if saved["data"].get(name) != digest:
             return f"adapter '{name}': its training data differs"
+    # (a checkpoint of an older mlora holds no digest of them: not compared then. train_on_inputs,
+    # which changes them too, is the adapter's setting, compared above)
+    for name, digest in current["labels"].items() if "labels" in saved else ():
+        if saved["labels"].get(name) != digest:
+            return (f"adapter '{name}': its training rows' labels differ: the same tokens, others learnt "
+                    f"(its prompt template, or where its rows split prompt from answer, changed)")
     # (a checkpoint of an older mlora holds no digest of them: not compared then; nor an adapter
     # not evaluated mid-run, whose checkpoint may hold one: mlora digested its test rows too once)
     for name, digest in current["test_data"].items() if "test_data" in saved else ():
         if digest is not None and saved["test_data"].get(name) != digest:
             return f"adapter '{name}': its test data differs"
-    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data", "test_data"}
+    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data", "labels", "test_data"}
     for key in sorted(set(current) - known):  # e.g. a pipeline's stages and save_step
         if saved.get(key) != current[key]:
             return f"{key} was {saved.get(key)!r}, now {current[key]!r}"

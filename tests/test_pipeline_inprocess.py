@@ -561,6 +561,34 @@ def test_ranks_must_agree_on_evaluated_test_data(tmp_path, pipe_model):
     assert prints[0]["config"] == prints[1]["config"] and prints[0]["data"] != prints[1]["data"]
 
 
+def test_ranks_must_agree_on_the_labels_of_their_rows(tmp_path, pipe_model):
+    """The same tokens split otherwise into prompt and answer on one host (p0's alpaca rows as
+    prompt-completion rows whose prompt takes the answer's first word, in the same file): ranks
+    training on them, or evaluating them as test rows, are refused at start-up."""
+    import json
+
+    from mlora.pipeline.worker import fingerprint as stage_fingerprint
+    from test_train import split_moved, write_jsonl
+
+    cfg_path = write_config(tmp_path, 1, tmp_path / "out")
+    cfg = json.loads(cfg_path.read_text())
+    data = Path(cfg["lora"][0]["data"])
+    cfg["lora"][0]["test_data"] = str(data)
+    cfg_path.write_text(json.dumps(cfg))
+    moved = split_moved(data, cfg["lora"][0]["prompt"])
+    prints, rows = [], []
+    for edit in (lambda: None, lambda: write_jsonl(data, moved)):
+        edit()
+        session = open_session(pipe_model, cfg_path, device="cpu", load_base=False)
+        rows.append([(ex.input_ids, ex.labels) for ex in session.data["p0"].train])
+        prints.append((stage_fingerprint(session, [["embed"]], "queue"),
+                       stage_fingerprint(session, [["embed"]], "queue", evaluating=True)))
+    assert [ids for ids, _ in rows[0]] == [ids for ids, _ in rows[1]] and rows[0] != rows[1]
+    (train0, eval0), (train1, eval1) = prints
+    assert train0["config"] == train1["config"] and train0["data"] != train1["data"]
+    assert eval0["config"] == eval1["config"] and eval0["data"] != eval1["data"]
+
+
 def test_pipeline_candidate_num_admits_adapters_in_turn(tmp_path, pipe_model, single_runs, monkeypatch):
     """train_lora_candidate_num in pipeline mode (it used to be ignored): with 1, every rank's
     plan feeds the adapters one after another in config order, and each still equals its

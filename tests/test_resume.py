@@ -19,7 +19,7 @@ from mlora.checkpoint import list_checkpoints
 from mlora.cli import main
 from mlora.metrics import read_metrics
 
-from test_train import alpaca_rows, make_template, rel_diff, text_rows, write_jsonl
+from test_train import alpaca_rows, make_template, rel_diff, split_moved, text_rows, write_jsonl
 
 
 def write_config(tmp: Path, out: Path, extra_adapter=None, **global_overrides) -> Path:
@@ -277,7 +277,7 @@ def test_test_rows_count_for_a_resume_only_where_training_evaluates_them(tmp_pat
     def fingerprint(test_labels, **keys):
         cfg = parse_config({"lora": [{"name": "a", "data": "train.jsonl", "test_data": "test.jsonl", **keys}]},
                            base_dir=tmp_path)
-        rows = SimpleNamespace(train=[SimpleNamespace(input_ids=[1, 2, 3])],
+        rows = SimpleNamespace(train=[SimpleNamespace(input_ids=[1, 2, 3], labels=[-100, 2, 3])],
                                test=[SimpleNamespace(input_ids=[4, 5, 6], labels=test_labels)])
         return run_fingerprint(SimpleNamespace(cfg=cfg, base_dir=tmp_path, data={"a": rows}, dtype="fp32", quant=None))
 
@@ -301,6 +301,37 @@ def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(interrupted, ti
                  "--dtype", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "dtype was torch.float32, now torch.bfloat16 (resume it with --dtype fp32)" in err
+
+
+def test_a_resume_refuses_the_same_tokens_with_other_labels(interrupted, tiny_llama, capsys):
+    """Adapter a's rows with their prompt/answer split moved (its template's rendering, turned
+    into prompt-completion rows whose prompt takes the answer's first word): its tokens are the
+    same, its labels are not, and the resume is refused naming that (it used to resume and train
+    on the other labels)."""
+    out, cfg = interrupted
+    config = json.loads(cfg.read_text())
+    data = Path(config["lora"][0]["data"])
+    moved = data.with_name("a_moved.jsonl")
+    config["lora"][0]["data"] = write_jsonl(moved, split_moved(data, config["lora"][0]["prompt"]))
+    cfg.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("does not match this run: adapter 'a': its training rows' labels differ: the same tokens, "
+                        "others learnt (its prompt template, or where its rows split prompt from answer, changed)")
+
+
+def test_a_checkpoint_without_a_digest_of_the_labels_resumes(interrupted, tiny_llama, reference):
+    """A checkpoint of an mlora before the labels' digest (none in its fingerprint) resumes, to
+    the uninterrupted run."""
+    out, cfg = interrupted
+    for _, path in list_checkpoints(out):
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["fingerprint"]["labels"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress", "--resume"]) == 0
+    assert_same_run(out, reference)
 
 
 POISONS = {

@@ -85,18 +85,23 @@ def fingerprint(session: Session, stages: list[list[str]], transport_kind: str,
             place = adapter.pop(key, None)
             if key == "init_from" and place is not None:
                 adapter[key] = adapter_files_digest(place)
+    # The rows with their labels: the same tokens split otherwise into prompt and answer (a
+    # template or data file edited on one host) learn other tokens
     if evaluating:  # every rank walks every adapter's test rows chunk by chunk
-        data = {"test": {name: [ex.input_ids for ex in d.test] for name, d in session.data.items()}}
+        data = {"test": {name: _rows(d.test) for name, d in session.data.items()}}
     else:
-        data = {name: [ex.input_ids for ex in d.train] for name, d in session.data.items()}
+        data = {name: _rows(d.train) for name, d in session.data.items()}
         # The test rows of adapters evaluated mid-run: every rank walks them chunk by chunk.
         evaluated = {a.name for a in session.cfg.lora if a.eval_step and a.test_data}
-        data["test"] = {name: [ex.input_ids for ex in d.test] for name, d in session.data.items()
-                        if name in evaluated}
+        data["test"] = {name: _rows(d.test) for name, d in session.data.items() if name in evaluated}
     model_cfg = (Path(session.base_dir) / "config.json").read_text()
     return {"config": digest(cfg), "balance": digest(stages), "data": digest(data),
             "base model": digest(model_cfg), "dtype": str(session.dtype), "quantization": str(session.quant),
             "transport": transport_kind}
+
+
+def _rows(examples) -> list:
+    return [[ex.input_ids, ex.labels] for ex in examples]
 
 
 def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
