@@ -8,6 +8,8 @@ very stream of fused batches the trainer would train on (trainer.training_batche
 epoch: building it is bookkeeping over token counts, no tensor math), and prices the costliest
 batch with the memory model (memory.estimate_peak_bytes) against the memory free on the
 device. The plan goes to stderr, one JSON line to stdout (as `mlora eval` prints its results).
+A walk that lasts (an absurd num_epochs, a huge dataset) shows a progress bar on stderr
+meanwhile (not with --no_progress); one of a second or so shows none.
 
 With --pipeline, pipeline/dry_run.py plans the pipeline run instead, from the session and the
 checks here: per stage its modules and its peak against its GPU's free memory.
@@ -25,6 +27,9 @@ import torch
 
 from mlora.errors import UserError
 
+# A walk shorter than this prints no bar (most plans take a second: their output stays the plan);
+# a longer one, an absurd num_epochs or a huge dataset, shows its progress until it ends.
+PROGRESS_DELAY_S = 2.0
 
 @dataclass
 class AdapterPlan:
@@ -65,7 +70,7 @@ def dry_run(args) -> int:
     device_bytes = device_free_bytes(session.device)
     budget, source, why = token_budget(session, model_args, device_bytes)
     check_disk_space(Path(session.cfg.output_dir), meta_adapters(session, model_args))
-    adapters, batches = walk_batches(session, budget)
+    adapters, batches = walk_batches(session, budget, progress=not args.no_progress)
     largest, peak = costliest_shape(session, model_args, batches.shapes)
     print_plan(args, session, model_args, adapters, batches, (budget, source, why), (largest, peak), device_bytes,
                time.perf_counter() - started)
@@ -162,15 +167,34 @@ def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | N
     return None, "none", f"automatic on CUDA only: set max_tokens_per_batch to bound batches on {session.device.type}"
 
 
-def walk_batches(session, budget: int | None) -> tuple[list[AdapterPlan], BatchPlan]:
+def walk_batches(session, budget: int | None, progress: bool = True) -> tuple[list[AdapterPlan], BatchPlan]:
     """Every fused batch of the run, from trainer.training_batches as the trainer draws them
-    (no adapter stops: on_nan stop is a run's own event), tallied per adapter and overall."""
+    (no adapter stops: on_nan stop is a run's own event), tallied per adapter and overall;
+    progress: a bar on stderr while a long walk lasts."""
+    from mlora.batching import total_steps
     from mlora.trainer import packed_row_len, training_batches
 
     cfg = session.cfg
     train = {a.name: session.data[a.name].train for a in cfg.lora}
-    return tally_batches(cfg, train, training_batches(cfg, train, budget, stopped=set()), budget,
-                         packed_row_len(cfg))
+    steps = sum(total_steps(len(train[a.name]), a) for a in cfg.lora)  # (all of them: no adapter stops)
+    batches = with_progress_bar(training_batches(cfg, train, budget, stopped=set()), steps, progress)
+    return tally_batches(cfg, train, batches, budget, packed_row_len(cfg))
+
+
+def with_progress_bar(batches, steps: int, progress: bool):
+    """`batches` (fused batches) as they come, with a bar on stderr of the optimizer steps they
+    complete (`steps` in all) once the walk has lasted PROGRESS_DELAY_S; gone when it ends, so
+    the plan follows on stderr as it would without it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc="dry run: walking the fused batches", unit="step", leave=False,
+               disable=not progress, delay=PROGRESS_DELAY_S, mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for parts in batches:
+            yield parts
+            bar.update(sum(part.last_in_step for part in parts))
+    finally:
+        bar.close()
 
 
 def tally_batches(cfg, train: dict[str, list], batches, budget: int | None,

@@ -256,6 +256,30 @@ def test_refuses_resume_in_one_line(tiny_llama, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_long_walk_shows_a_progress_bar_unless_no_progress(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A walk that lasts PROGRESS_DELAY_S (made 0 here) shows a bar of the run's optimizer steps
+    on stderr, cleared before the plan; with --no_progress none, nor for a walk shorter than the
+    delay (this one, at the default: the README's plans print as they did). stdout's JSON line
+    and the plan on stderr are the same in all three."""
+    import re
+
+    import mlora.dry_run
+
+    cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out")
+    runs = {"short": dry_run(capsys, tiny_llama, cfg_path)}
+    monkeypatch.setattr(mlora.dry_run, "PROGRESS_DELAY_S", 0)
+    runs["long"] = dry_run(capsys, tiny_llama, cfg_path)
+    runs["no_progress"] = dry_run(capsys, tiny_llama, cfg_path, "--no_progress")
+    bar = "dry run: walking the fused batches"
+    assert [(code, bar in err) for code, _, err in runs.values()] == [(0, False), (0, True), (0, False)]
+    code, plan, err = runs["long"]
+    assert f"/{sum(a['steps'] for a in plan['adapters'])} [" in err  # (the bar's total: every adapter's steps)
+    assert plan == runs["short"][1] == runs["no_progress"][1]
+    # (the bar, cleared: its lines start and end in a carriage return; the seconds the plan took vary)
+    plans = [re.sub(r"\([0-9.]+ s\)", "(s)", re.sub(r"\r[^\n]*\r", "", err)) for _, _, err in runs.values()]
+    assert plans[0] == plans[1] == plans[2] and plans[1].startswith("mlora: dry run of")
+
+
 def test_automatic_budget_is_the_trainers(tiny_llama, tmp_path, capsys):
     """On CUDA fast-fit without max_tokens_per_batch gets memory.plan_token_budget's budget, from
     the device's memory less the weights; seen here on the CPU through token_budget itself."""
