@@ -183,20 +183,30 @@ def _check_expert_targets(a, model_type: str, named) -> None:
 
 
 # Dropout inside the base model, which transformers applies in training mode and mlora does
-# not (the base is frozen; released models set 0).
-BASE_DROPOUTS = ("attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout")
+# not (the base is frozen; released models set 0). ChatGLM's hidden_dropout is its own code's.
+# (Phi-3's embd_pdrop is not here: transformers' Phi3Model reads no such rate, so neither
+# drops out after the embedding.)
+BASE_DROPOUTS = ("attention_dropout", "resid_pdrop", "hidden_dropout")
 
 
 def warn_unapplied_dropout(hf_config) -> None:
     """Say which of the base config's training-time settings mlora does not apply: dropout, and
     an MoE router's balancing loss."""
-    rates = {k: getattr(hf_config, k, None) for k in BASE_DROPOUTS}
+    # An image-text checkpoint (Gemma 3, Mistral 3, Qwen3.5, Llama 4, ...) keeps its language
+    # model's settings in text_config, which the outer config does not answer for
+    text = getattr(hf_config, "text_config", None)
+    configs = [hf_config] if text is None else [hf_config, text]
+
+    def setting(key):
+        return next((v for v in (getattr(c, key, None) for c in configs) if v is not None), None)
+
+    rates = {k: setting(k) for k in BASE_DROPOUTS}
     set_ = {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
     if set_:
         listed = ", ".join(f"{k}={v}" for k, v in set_.items())
         print(f"mlora: warning: the base model's {listed} is not applied (mlora runs the frozen base "
               "without dropout; transformers + PEFT would drop out in training)", file=sys.stderr)
-    if getattr(hf_config, "output_router_logits", False) is True:
+    if setting("output_router_logits") is True:
         print("mlora: warning: the base model's output_router_logits is set, but mlora trains on the language "
               "modelling loss only (transformers + PEFT would add the router's balancing loss)", file=sys.stderr)
 

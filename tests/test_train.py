@@ -1407,6 +1407,33 @@ def test_dropout_inside_the_base_is_named_when_set(tmp_path, tokenizer_dir, caps
     assert "attention_dropout" not in err  # 0.0: no word
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mistral3", "qwen3_5_moe", "llama4"])
+def test_image_text_base_settings_are_read_from_text_config(capsys, family):
+    """An image-text checkpoint keeps its language model's dropout and router settings in
+    text_config, where the outer config does not answer for them: still named."""
+    import transformers
+
+    from mlora.session import warn_unapplied_dropout
+
+    moe = family in ("qwen3_5_moe", "llama4")
+    text = dict(attention_dropout=0.2, **(dict(output_router_logits=True) if moe else {}))
+    warn_unapplied_dropout(transformers.AutoConfig.for_model(family, text_config=text))
+    err = capsys.readouterr().err
+    assert "the base model's attention_dropout=0.2 is not applied" in err
+    assert ("output_router_logits is set" in err) == moe
+
+
+def test_a_rate_transformers_does_not_apply_is_no_warning(capsys):
+    """Phi-3's embd_pdrop is in its config class, but transformers' Phi3Model drops out nothing
+    after the embedding: mlora runs as transformers does there, and says nothing."""
+    import transformers
+
+    from mlora.session import warn_unapplied_dropout
+
+    warn_unapplied_dropout(transformers.Phi3Config(embd_pdrop=0.1))
+    assert capsys.readouterr().err == ""
+
+
 def test_qwen3_5_generate_equals_transformers_plus_peft(tmp_path, tokenizer_dir):
     """Qwen3.5's linear-attention layers carry a conv and a recurrent state from token to token
     in generation: a trained adapter and the bare base, prompts of several lengths in one
