@@ -86,6 +86,23 @@ def check_trainable(examples: Sequence[Example], cfg: AdapterConfig, cutoff_len:
                         + ")")
 
 
+def rows_without_labels(examples: Sequence[Example]) -> int:
+    """The rows with no token to learn (no label within cutoff_len after the shift)."""
+    return sum(1 for ex in examples if not ex.num_label_tokens)
+
+
+def unlearnable_rows_note(cfg: AdapterConfig, without: int, rows: int, cutoff_len: int) -> str | None:
+    """A note when `without` of the adapter's `rows` training rows have no token to learn (when
+    all have none, check_trainable refuses it): each costs its forward and backward and
+    teaches nothing, and nothing else would tell. They are kept: dropping them would change
+    the rows of every later step (and so equality with a PEFT run of the same data)."""
+    if not without:
+        return None
+    return (f"mlora: note: adapter {cfg.name!r}: {without} of {rows} rows of {cfg.data} have no token to learn "
+            f"within cutoff_len {cutoff_len} (the answer starts past it, or there is none); they are trained on "
+            f"but teach nothing: raise cutoff_len or shorten the prompts")
+
+
 def check_evaluable(examples: Sequence[Example], cfg: AdapterConfig, cutoff_len: int) -> None:
     """An adapter evaluated mid-run (eval_step) on test rows without a token to score would log
     every eval loss as null, save no best and, with early stopping, stop after its patience, as

@@ -32,7 +32,8 @@ from mlora import checkpoint
 from mlora.adapter import (BEST_DIR, Adapter, checkpoint_dir_step, is_checkpoint_dir, layer_generators,
                            save_checkpoint_dir)
 from mlora.atomic import remove_dir_aside
-from mlora.batching import MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps
+from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, rows_without_labels,
+                            total_steps, unlearnable_rows_note)
 from mlora.config import adapter_seed
 from mlora.data import Example
 from mlora.early_stopping import Patience, never_stops_note, stops_early
@@ -121,9 +122,12 @@ class Trainer:
             check_trainable(session.data[a.name].train, a, self.cfg.cutoff_len)
             prepare_examples(session.data[a.name].train)
         for position, a in enumerate(self.cfg.lora):
-            steps = total_steps(len(session.data[a.name].train), a)
-            if (note := never_stops_note(a, steps)) is not None:
-                print(note, file=sys.stderr)
+            train = session.data[a.name].train
+            steps = total_steps(len(train), a)
+            for note in (unlearnable_rows_note(a, rows_without_labels(train), len(train), self.cfg.cutoff_len),
+                         never_stops_note(a, steps)):
+                if note is not None:
+                    print(note, file=sys.stderr)
             adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps, naming=session.naming,
                               loss_scaling=session.loss_scaling)
             bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,
@@ -249,18 +253,25 @@ class Trainer:
         # queues more (on a GPU, once per read; a step used to read three times per adapter).
         ce_of = {i: [sums[i][0] for sums in chunks if i in sums] for i in range(len(parts))}  # device scalars
         counts = [sum(sums[i][1] for sums in chunks if i in sums) for i in range(len(parts))]
+        # A step none of whose rows has a token to learn takes no update (_finish_step): its
+        # gradient (zero, or another adapter's NaN through a fused kernel) is never read, nor
+        # run again for (_nan_victims).
+        unlearnable = {i for i, part in enumerate(parts) if not part.step_label_tokens}
         # The squared gradient norms of the adapters that step now (device scalars or None).
-        sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts) if part.last_in_step}
+        sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts)
+               if part.last_in_step and i not in unlearnable}
         # Under fp16 loss scaling, those of the adapters still accumulating too: an overflow on
         # one adapter's rows can reach the others' gradients as a NaN (see _nan_victims), mid-step
         # as well, and must be caught while this batch can still run again without it.
         watched = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts)
-                   if not part.last_in_step and self.runs[part.adapter].adapter.loss_scale is not None}
+                   if not part.last_in_step and i not in unlearnable
+                   and self.runs[part.adapter].adapter.loss_scale is not None}
         watched = {i: sq for i, sq in watched.items() if sq is not None}
         issued = {}  # part index -> lr of the step queued on the device
         for i, part in enumerate(parts):
             run = self.runs[part.adapter]
-            if part.last_in_step and run.adapter.steps_on_device and math.isfinite(run.step.loss):
+            if (part.last_in_step and i not in unlearnable and run.adapter.steps_on_device
+                    and math.isfinite(run.step.loss)):
                 # The step's loss is non-finite if any micro-batch's is: the earlier ones are
                 # known here, this one only on the device, which skips the update itself then.
                 bad = ~torch.isfinite(torch.stack(ce_of[i])).all()
@@ -276,7 +287,7 @@ class Trainer:
             # A NaN loss: whether it reached the gradients of the adapters still accumulating
             # is a second read, made only then (see _nan_victims).
             rest = {i: self.runs[p.adapter].adapter.grad_sq() for i, p in enumerate(parts)
-                    if i not in sqs and i not in watched}
+                    if i not in sqs and i not in watched and i not in unlearnable}
             rest = {i: sq for i, sq in rest.items() if sq is not None}
             if rest:
                 norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
@@ -313,7 +324,8 @@ class Trainer:
             run.step.input_tokens += sum(len(ex.input_ids) for ex in part.examples)
             run.busy_seconds += seconds
             if part.last_in_step:
-                save_due |= self._finish_step(run, part.epoch, norms[i], issued.get(i))
+                save_due |= self._finish_step(run, part.epoch, norms.get(i, 0.0), issued.get(i),
+                                              learned=i not in unlearnable)
         for rerun in ([[parts[i] for i in victims]] if together else [[parts[i]] for i in victims]):
             save_due |= self._train_on(rerun)
         return save_due
@@ -412,33 +424,43 @@ class Trainer:
                          f"its fused batch down to it; {fixes}, train fewer or smaller adapters (their state stays on "
                          f"the device), or free device memory ({detail})")
 
-    def _finish_step(self, run: AdapterProgress, epoch: int, norm: float, stepped_lr: float | None = None) -> bool:
+    def _finish_step(self, run: AdapterProgress, epoch: int, norm: float, stepped_lr: float | None = None,
+                     learned: bool = True) -> bool:
         """Log (and, unless `stepped_lr`, take) the adapter's optimizer step; `norm` is its
         gradient norm. stepped_lr: the LR of a step already queued by step_on_device, which the
-        device skipped if the step turns out non-finite here."""
+        device skipped if the step turns out non-finite here. learned False: no row of the step
+        has a token to learn; see below."""
         adapter, session = run.adapter, self.session
-        loss = run.step.loss
+        loss = run.step.loss if learned else None
         stepped = stepped_lr is not None
         lr = stepped_lr if stepped else adapter.current_lr()
         record = {"adapter": adapter.name, "step": adapter.steps_done + (0 if stepped else 1),
                   "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": run.step.label_tokens,
                   "input_tokens": run.step.input_tokens, "time": self.elapsed}
-        if not (math.isfinite(loss) and math.isfinite(norm)):
+        if not learned:
+            # Its gradient is zero, yet an optimizer step would still move the weights (AdamW's
+            # momentum and weight decay) and its state: it leaves both alone, as torch's
+            # optimizers leave a parameter without a gradient. It still counts (step numbers,
+            # the LR schedule and a resume stay the plan's), logged with no loss (null), and
+            # the loss scale stays as it is; evaluation and save_step go on as after any step.
+            adapter.skip_step()
+        elif not (math.isfinite(loss) and math.isfinite(norm)):
             if math.isfinite(loss) and run.step.tainted_by:
                 return self._tainted(run, record, counted=stepped)
             if math.isfinite(loss) and adapter.update_loss_scale(False):
                 return self._overflow(run, record, counted=stepped)
             return self._non_finite(run, record, counted=stepped)
-        if not stepped:
-            adapter.step(grad_norm=norm)
-        adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
+        else:
+            if not stepped:
+                adapter.step(grad_norm=norm)
+            adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
+            run.last_loss = loss
         step = adapter.steps_done
         run.tokens_seen += run.step.input_tokens
-        run.last_loss = loss
         self.metrics.write(record)
         run.bar.update(1)
-        run.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens_seen / max(run.busy_seconds, 1e-9):.0f}",
-                            refresh=False)
+        run.bar.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}",
+                            tok_s=f"{run.tokens_seen / max(run.busy_seconds, 1e-9):.0f}", refresh=False)
         run.step = StepAccumulator()
 
         cfg = adapter.cfg

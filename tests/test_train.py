@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import GEMMA4_E2B, GEMMA4_MOE
+from mlora import checkpoint
 from mlora.cli import main
 from mlora.errors import UserError
 from mlora.lora import AdapterRows
@@ -1039,6 +1040,100 @@ def test_micro_batch_split_does_not_change_the_result(tmp_path, tiny_llama):
         assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
         results[mbs] = load_file(tmp_path / f"out{mbs}" / "g" / "adapter_model.safetensors")
     assert rel_diff(results[1], results[4]) <= 1e-5
+
+
+def rows_past_cutoff(n: int) -> list[dict]:
+    """Alpaca rows whose prompt alone is longer than cutoff_len 64: no token to learn."""
+    return [{"instruction": " ".join(["the quick brown fox jumps over the lazy dog"] * 4), "input": "",
+             "output": "dog"}] * n
+
+
+def unlearnable_steps_config(tmp: Path, names, out: Path) -> Path:
+    """Adapter "a" (make_config's) and "z": 2 rows to learn and 3 past cutoff_len, one a step,
+    under AdamW with weight decay (which moves weights on a zero gradient too), saved after
+    every step."""
+    z_rows = alpaca_rows(2, 7) + rows_past_cutoff(3)
+    lora = {"a": {"name": "a", "data": write_jsonl(tmp / "a.jsonl", alpaca_rows(10, 1)), "prompt": make_template(tmp),
+                  "dropout": 0.0, "num_epochs": 2, "max_grad_norm": 1.0, **ADAPTERS["a"]},
+            "z": {"name": "z", "data": write_jsonl(tmp / "z.jsonl", z_rows), "prompt": make_template(tmp),
+                  "dropout": 0.0, "num_epochs": 1, "batch_size": 1, "r": 4, "alpha": 8, "optim": "adamw",
+                  "lr": 1e-2, "weight_decay": 0.1, "target_modules": ["q_proj", "v_proj"]}}
+    path = tmp / f"unlearnable_{''.join(names)}.json"
+    path.write_text(json.dumps({"cutoff_len": 64, "seed": 5, "save_step": 1, "output_dir": str(out),
+                                "lora": [lora[n] for n in names]}))
+    return path
+
+
+def test_a_step_with_no_token_to_learn_leaves_the_adapter_as_it_was(tmp_path, tiny_llama):
+    """A step of z whose only row has no token to learn: z's weights and optimizer state after
+    it are those before it (no AdamW momentum, no weight decay), it counts as a step (the next
+    steps keep their numbers and LRs) and logs its loss as null with 0 tokens; fused with "a",
+    both adapters train as they do alone."""
+    outs = {}
+    for names in (["a", "z"], ["a"], ["z"]):
+        out = outs["".join(names)] = tmp_path / "".join(names)
+        cfg = unlearnable_steps_config(tmp_path, names, out)
+        assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    solo = outs["z"]
+    lines = [m for m in read_metrics(solo / "metrics.jsonl") if m["adapter"] == "z"]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    empty = [m["step"] for m in lines if m["tokens"] == 0]
+    assert len(empty) == 3 and all(m["loss"] is None for m in lines if m["step"] in empty)
+    assert all(m["loss"] > 0 for m in lines if m["step"] not in empty)
+    assert any(step > 1 for step in empty)
+    # (solo, an iteration is a step: checkpoints/iter-<step> hold the optimizer state after it)
+    states = {step: torch.load(path / "state.pt", weights_only=True)["adapters"]["z"]
+              for step, path in checkpoint.list_checkpoints(solo)}
+    for step in (s for s in empty if s > 1):
+        before = load_file(solo / "z" / f"checkpoint-{step - 1}" / "adapter_model.safetensors")
+        after = load_file(solo / "z" / f"checkpoint-{step}" / "adapter_model.safetensors")
+        assert all(torch.equal(before[k], after[k]) for k in before), step
+        assert _same_tree(states[step - 1]["optimizer"], states[step]["optimizer"]), step
+        assert states[step]["steps_done"] == states[step - 1]["steps_done"] + 1
+    for name in ("a", "z"):
+        fused = load_file(outs["az"] / name / "adapter_model.safetensors")
+        assert rel_diff(fused, load_file(outs[name] / name / "adapter_model.safetensors")) <= 1e-5, name
+        fused_lines = [m for m in read_metrics(outs["az"] / "metrics.jsonl") if m["adapter"] == name]
+        solo_lines = [m for m in read_metrics(outs[name] / "metrics.jsonl") if m["adapter"] == name]
+        assert [m["step"] for m in fused_lines] == [m["step"] for m in solo_lines]
+        assert_same_losses([m["loss"] for m in fused_lines], [m["loss"] for m in solo_lines])
+
+
+def assert_same_losses(losses: list, reference: list, rel: float = 1e-5) -> None:
+    """Step losses equal up to `rel`, a null (a step with no token to learn) only to a null."""
+    assert [v is None for v in losses] == [v is None for v in reference]
+    assert ([v for v in losses if v is not None]
+            == pytest.approx([v for v in reference if v is not None], rel=rel))
+
+
+def _same_tree(a, b) -> bool:
+    """Whether two optimizer state dicts hold equal values (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_rows_with_no_token_to_learn_are_noted_once_per_adapter(tmp_path, tiny_llama, capsys):
+    """Training an adapter some of whose rows have no token to learn within cutoff_len tells
+    so, once, naming the adapter, the count and the file; an adapter without such rows says
+    nothing."""
+    cfg = unlearnable_steps_config(tmp_path, ["a", "z"], tmp_path / "out")
+    settings = json.loads(cfg.read_text())
+    for adapter in settings["lora"]:
+        adapter["max_steps"] = 1
+    cfg.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    err = capsys.readouterr().err
+    note = (f"mlora: note: adapter 'z': 3 of 5 rows of {tmp_path / 'z.jsonl'} have no token to learn within "
+            f"cutoff_len 64 (the answer starts past it, or there is none); they are trained on but teach nothing: "
+            f"raise cutoff_len or shorten the prompts")
+    assert err.count(note) == 1
+    assert "adapter 'a'" not in err
 
 
 def test_eval_step_logs_the_validation_loss(tmp_path, tiny_llama, capsys):
