@@ -39,6 +39,7 @@ class AdapterPlan:
     epochs: int  # epochs the run reaches (max_steps may end it early)
     micro_batches: int
     steps: int  # optimizer steps
+    rows_without_labels: int  # rows with no token to learn within cutoff_len (trained on, teaching nothing)
 
 
 @dataclass
@@ -201,6 +202,7 @@ def tally_batches(cfg, train: dict[str, list], batches, budget: int | None,
                   pack_len: int | None) -> tuple[list[AdapterPlan], BatchPlan]:
     """`batches` (each a list of micro-batches fused into one) tallied per adapter (of `train`'s
     rows) and overall, as fused with rows of pack_len tokens (None: unpacked)."""
+    from mlora.batching import rows_without_labels
     from mlora.strategies import batch_shape, padding_stats
 
     tally = {a.name: {"micro_batches": 0, "steps": 0, "trained_tokens": 0, "epochs": set()} for a in cfg.lora}
@@ -219,7 +221,8 @@ def tally_batches(cfg, train: dict[str, list], batches, budget: int | None,
 
     stats = padding_stats(counted(batches), budget, pack_len)
     adapters = [AdapterPlan(a.name, len(train[a.name]), tally[a.name]["trained_tokens"], len(tally[a.name]["epochs"]),
-                            tally[a.name]["micro_batches"], tally[a.name]["steps"]) for a in cfg.lora]
+                            tally[a.name]["micro_batches"], tally[a.name]["steps"], rows_without_labels(train[a.name]))
+                for a in cfg.lora]
     return adapters, BatchPlan(stats["batches"], stats["useful_tokens"], stats["padded_tokens"],
                                stats["padding_fraction"], stats["over_budget"], shapes)
 
@@ -271,7 +274,9 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
 
 
 def adapter_lines(cfg, adapters: list[AdapterPlan]) -> list[str]:
-    """The plan's table of adapters, and what it says of their early stopping."""
+    """The plan's table of adapters, what it says of their rows without a token to learn and
+    of their early stopping."""
+    from mlora.batching import unlearnable_rows_note
     from mlora.early_stopping import never_stops_note
 
     width = max(len("adapter"), *(len(a.name) for a in adapters))
@@ -280,6 +285,9 @@ def adapter_lines(cfg, adapters: list[AdapterPlan]) -> list[str]:
     for a in adapters:
         lines.append(f"  {a.name:<{width}}  {a.rows:>7}  {a.trained_tokens:>14}  {a.epochs:>6}  {a.micro_batches:>13}  "
                      f"{a.steps:>7}")
+    for a, plan in zip(cfg.lora, adapters):  # (the notes training prints)
+        if (note := unlearnable_rows_note(a, plan.rows_without_labels, plan.rows, cfg.cutoff_len)) is not None:
+            lines.append(f"  {note.removeprefix('mlora: ')}")
     steps = {a.name: a.steps for a in adapters}
     stopping = []  # the adapters early stopping may stop; those it cannot are noted
     for a in (a for a in cfg.lora if a.early_stopping_patience is not None):

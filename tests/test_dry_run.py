@@ -132,6 +132,22 @@ def test_plan_notes_that_early_stopping_may_end_adapters_sooner(tiny_llama, tmp_
            "adapters sooner)" in err.splitlines()
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["one_process", "pipeline"])
+def test_plan_counts_and_notes_rows_with_no_token_to_learn(tiny_llama, tmp_path, capsys, pipeline):
+    """Each adapter's rows with no token to learn within cutoff_len: counted in its JSON entry
+    (0 where none) and noted under the table with training's note, for a pipeline too."""
+    from test_train import unlearnable_steps_config
+
+    cfg_path = unlearnable_steps_config(tmp_path, ["a", "z"], tmp_path / "out")
+    code, plan, err = dry_run(capsys, tiny_llama, cfg_path, *(["--pipeline", "--world_size", "2"] if pipeline else []))
+    assert code == 0, err
+    assert [(a["name"], a["rows"], a["rows_without_labels"]) for a in plan["adapters"]] == [("a", 10, 0), ("z", 5, 3)]
+    assert (f"  note: adapter 'z': 3 of 5 rows of {tmp_path / 'z.jsonl'} have no token to learn within cutoff_len 64 "
+            f"(the answer starts past it, or there is none); they are trained on but teach nothing: raise "
+            f"cutoff_len or shorten the prompts") in err.splitlines()
+    assert "adapter 'a':" not in err
+
+
 def test_plans_with_an_init_from_that_fits(tiny_llama, tmp_path, capsys):
     """An init_from is read and checked against the adapter built on the meta device, as the
     trainer checks it: one that fits plans (no values are copied there)."""

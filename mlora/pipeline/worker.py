@@ -50,8 +50,8 @@ from tqdm import tqdm
 from mlora import checkpoint, memory
 from mlora.adapter import (BEST_DIR, Adapter, adapter_files_digest, layer_generators, save_checkpoint_dir,
                            save_peft)
-from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, total_steps,
-                            trained_positions)
+from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, rows_without_labels,
+                            total_steps, trained_positions, unlearnable_rows_note)
 from mlora.config import adapter_seed
 from mlora.device import upload
 from mlora.early_stopping import Patience, never_stops_note, stops_early
@@ -461,8 +461,10 @@ class StageWorker(StageLink):
             check_trainable(rows, a, cfg.cutoff_len)
             if self.first:  # the rank that builds the batches (and tells)
                 prepare_examples(rows)
-                if (note := never_stops_note(a, total_steps(len(rows), a))) is not None:
-                    print(note, file=sys.stderr)
+                for note in (unlearnable_rows_note(a, rows_without_labels(rows), len(rows), cfg.cutoff_len),
+                             never_stops_note(a, total_steps(len(rows), a))):
+                    if note is not None:
+                        print(note, file=sys.stderr)
             # (model_layers: an init_from tensor of a layer no stage holds is refused, as one
             # process refuses it, not skipped by every stage as another's)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
@@ -471,6 +473,9 @@ class StageWorker(StageLink):
                                             model_layers={f"model.layers.{i}"
                                                           for i in range(session.model.args.num_layers)})
         self.micro, self.streams = micro_batch_streams(cfg, session.data)
+        # (adapter, step) of the steps none of whose rows has a token to learn: every rank
+        # leaves them without an update (apply_step), as one process does (trainer._finish_step).
+        self.unlearnable = {(part.adapter, part.step) for part in self.micro.values() if not part.step_label_tokens}
         # recompute: each stage checkpoints its own layers; the recomputation (in a micro-batch's
         # backward, after other micro-batches ran forward) replays the dropout masks from the
         # adapters' generators as they were at that micro-batch's forward.
@@ -762,13 +767,14 @@ class StageWorker(StageLink):
         # without on_nan (as in one process). on_nan "stop" freezes the adapter from then on
         # (its micro-batches still flow: the shared plan does not change mid-run).
         finite = math.isfinite(norm)
-        if name not in self.frozen and loss_ok and not finite and adapter.update_loss_scale(False):
+        learned = (name, step) not in self.unlearnable
+        if name not in self.frozen and learned and loss_ok and not finite and adapter.update_loss_scale(False):
             lr = adapter.current_lr()
             adapter.skip_step()
             if self.last:
                 self.log_step(name, lr, norm, skipped=True, reason="fp16 gradient overflow")
             return
-        if name in self.frozen or not (finite and loss_ok):
+        if name in self.frozen or (learned and not (finite and loss_ok)):
             first_time = name not in self.frozen
             if adapter.cfg.on_nan == "stop":
                 self.frozen.add(name)
@@ -782,23 +788,30 @@ class StageWorker(StageLink):
                     self.tally[name] = StepTally()
                     self.bars[name].update(1)
             return
-        lr, _ = adapter.step(grad_norm=norm)
-        adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
+        if learned:
+            lr, _ = adapter.step(grad_norm=norm)
+            adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
+        else:  # no update, no loss scale change; counted, evaluated and saved as a step (_finish_step)
+            lr, norm = adapter.current_lr(), 0.0
+            adapter.skip_step()
         done = adapter.steps_done
-        self.stepped[name] = done  # a step taken, not skipped: eval_step may evaluate it
+        self.stepped[name] = done  # a step taken (or one with nothing to learn), not skipped: eval_step may evaluate it
         save_step = self.session.cfg.save_step
         if save_step and done % save_step == 0:
             self.outbox.append((name, f"checkpoint-{done}", self.rank, adapter.peft_state_dict()))
             if self.first:
                 self.collect(self.outbox.pop())
         if self.last:
-            self.log_step(name, lr, norm)
+            self.log_step(name, lr, norm, learned=learned)
 
-    def log_step(self, name: str, lr: float, norm: float, skipped: bool = False, reason: str = "") -> None:
-        """The last stage's metrics line for one optimizer step (the same keys as one process)."""
+    def log_step(self, name: str, lr: float, norm: float, skipped: bool = False, reason: str = "",
+                 learned: bool = True) -> None:
+        """The last stage's metrics line for one optimizer step (the same keys as one process;
+        learned False: a step with no token to learn, its loss null)."""
         tally = self.tally[name]
+        loss = tally.loss if learned else None
         record = {"adapter": name, "step": self.adapters[name].steps_done, "epoch": tally.epoch,
-                  "loss": tally.loss, "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
+                  "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
                   "input_tokens": tally.input_tokens,
                   "time": self.elapsed_before + time.perf_counter() - self.run_started}
         if skipped and reason == "fp16 gradient overflow":
@@ -807,12 +820,12 @@ class StageWorker(StageLink):
                                   f"loss scale now {record['loss_scale']:g} per token")
         elif skipped:
             record.update(skipped=True, reason=reason, action=self.adapters[name].cfg.on_nan)
-        else:
+        elif learned:
             self.last_loss[name] = tally.loss
         self.metrics.write(record)
         bar = self.bars[name]
         bar.update(1)
-        bar.set_postfix(loss=f"{tally.loss:.4f}", refresh=False)
+        bar.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}", refresh=False)
         self.tally[name] = StepTally()
 
     def flush_norms(self, kind: str, stats: dict | None = None) -> dict:
