@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora import lora_triton
+from mlora import kernel_fallback, lora_triton
 from mlora.config import TARGET_MODULES as CONFIG_TARGET_MODULES
 from mlora.device import upload
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, build_column_factor,
@@ -102,7 +102,8 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
 #              faster than fused with 11-14% less memory (benchmarks/RESULTS.md), and equal to
 #              torch and fused == solo there (gpu_checks.py).
 #   "auto":    up to DENSE_MAX_ADAPTERS adapters triton on CUDA devices of compute
-#              capability 9.0 and up (where it was measured), else fused; beyond, grouped
+#              capability 9.0 and up (where it was measured; fused from the first failure
+#              of its Triton kernels there on, kernel_fallback.py), else fused; beyond, grouped
 #              where allowed, else loop. (The cap is named for what fused and dense share:
 #              every row times every adapter's columns.)
 # MLORA_LORA_KERNEL sets it.
@@ -327,8 +328,11 @@ class InputGroup:
         choice = kernel
         if choice == "auto":
             choice = auto_kernel(x.device) if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
+            if choice == "triton" and kernel_fallback.failure(kernel_fallback.LORA) is not None:
+                choice = "fused"  # (its kernels failed here: kernel_fallback.py)
         if choice in ("fused", "triton"):
-            return self._compute_fused(x, x2d, active, S, training, philox=choice == "triton")
+            return self._compute_fused(x, x2d, active, S, training, philox=choice == "triton",
+                                       fallback=kernel == "auto")
         dropout, everywhere = self._dropout_rows(x2d.shape[0], active, S) if training else ([], False)
         mask = draw_keep_mask(x2d, dropout, everywhere) if dropout else None
         dropped = x2d if mask is None else x2d * mask  # [N, in], 0/1 mask: 1/(1-p) is in the scale
@@ -367,7 +371,7 @@ class InputGroup:
         covered = sum((rows.end - rows.start) * S for rows in active) == N
         return dropout, covered and len(dropout) == len(active)
 
-    def _compute_fused(self, x, x2d, active, S, training, philox=False) -> _Hidden:
+    def _compute_fused(self, x, x2d, active, S, training, philox=False, fallback=False) -> _Hidden:
         # The plan depends only on the batch layout and the adapters attached; building it is
         # Python work (~60 us a group on a CPU host, more than the op's own launches), so it
         # is built once per layout and reused by every step that keeps the layout.
@@ -378,7 +382,7 @@ class InputGroup:
             plan = self._plan = self._fused_plan(key, x, active, S, training)
         self._casts = WeightCasts.of(self._casts, plan.a_params, plan.b_params, plan.counts, x.dtype)
         spec = FusedGroupSpec(plan.bases, plan.cols, plan.counts, plan.factor, self._casts, plan.dropout,
-                              plan.everywhere, philox, plan.a_params, plan.b_params)
+                              plan.everywhere, philox, fallback, plan.a_params, plan.b_params)
         anchor = next((p for p in plan.a_params + plan.b_params if p.requires_grad), plan.a_params[0])
         ys = FusedGroupLoRA.apply(x2d, spec, anchor)
         if self.transient:  # (autograd keeps what the backward needs)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mlora import lora_triton  # imports triton only when its kernels first run
+from mlora import kernel_fallback, lora_triton  # (lora_triton imports triton only when its kernels first run)
 from mlora.device import upload
 from mlora.flat_params import cast_of
 
@@ -210,6 +210,9 @@ class FusedGroupSpec:
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
     philox: bool = False  # draw the dropout mask inside a Triton kernel (lora_triton.py), kept as bits
+    # philox chosen by `auto`: a Triton kernel that fails hands its work to torch's ops
+    # (kernel_fallback.py) instead of raising
+    fallback: bool = False
     a_params: list[torch.Tensor] = field(default_factory=list)  # column order; their .grad gets dA
     b_params: list[torch.Tensor] = field(default_factory=list)  # likewise dB
 
@@ -233,10 +236,13 @@ class FusedGroupLoRA(torch.autograd.Function):
 
         bits = mask = None
         if spec.dropout and spec.philox:  # the kernel draws the mask and keeps it as bits
-            plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)
-            dropped = x2d  # the backward's kernels mask it again, from the bits
-            h, bits = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
-        else:
+            try:
+                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)
+                h, bits = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
+                dropped = x2d  # the backward's kernels mask it again, from the bits
+            except Exception as err:  # (a Triton that cannot compile or launch it)
+                _fall_back(spec, err)  # then the mask drawn by torch, below
+        if bits is None:
             mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
             dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
             h = torch.mm(dropped, a_all.t()).mul_(spec.factor)  # [N, C], scaled, other adapters' 0
@@ -279,7 +285,11 @@ class FusedGroupLoRA(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             if bits is not None:
-                dx = lora_triton.up_masked(dh, a_all, bits)  # [N, in]: the LoRA path, masked
+                try:
+                    dx = lora_triton.up_masked(dh, a_all, bits)  # [N, in]: the LoRA path, masked
+                except Exception as err:
+                    _fall_back(spec, err)
+                    dx = torch.mm(dh, a_all).mul_(lora_triton.unpack(bits, a_all.shape[1]))
             else:
                 dx = torch.mm(dh, a_all)  # [N, in]: the LoRA path, before the dropout mask
                 if mask is not None:
@@ -289,7 +299,12 @@ class FusedGroupLoRA(torch.autograd.Function):
                     dx.addmm_(dy, base.weight)  # + dy @ W, accumulated inside the GEMM
 
         if bits is not None:
-            d_a = lora_triton.grad_a(dh, dropped, bits)  # [C, in] fp32; `dropped` is x here
+            try:
+                d_a = lora_triton.grad_a(dh, dropped, bits)  # [C, in] fp32; `dropped` is x here
+            except Exception as err:
+                _fall_back(spec, err)
+                keep = lora_triton.unpack(bits, dropped.shape[1])  # [N, in] bool
+                d_a = _mm_fp32(dh.t(), dropped * keep).float()
         else:
             d_a = _mm_fp32(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
         grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))
@@ -304,6 +319,17 @@ class FusedGroupLoRA(torch.autograd.Function):
         if anchor_node is not None and torch._C._will_engine_execute_node(anchor_node):
             _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
         return dx, None, None
+
+
+def _fall_back(spec: FusedGroupSpec, err: Exception) -> None:
+    """A Triton kernel of the op raised `err`: raised again unless `auto` chose the kernel
+    (spec.fallback), which then runs fused from now on and this call's work in torch's ops
+    (kernel_fallback.py). (A forward whose kernel failed after its seeds were drawn takes
+    torch's next draws from the generators as its mask: a recompute of that one step, which
+    draws from the state saved before it, draws another.)"""
+    if not spec.fallback:
+        raise err
+    kernel_fallback.record(kernel_fallback.LORA, err)  # (out of memory: raised)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

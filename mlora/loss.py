@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from mlora import kernel_fallback
 from mlora.batching import label_token_counts
 from mlora.data import IGNORE_INDEX
 from mlora.errors import UserError
@@ -46,7 +47,8 @@ CHUNK_MULTIPLE = 64  # chunk rows a multiple of this: whole GEMM tiles
 # Triton kernel (loss_kernels.py: 6 bytes of traffic per token and vocabulary entry in bf16,
 # where torch's ops take about 36; on the CPU through Triton's interpreter, for the tests);
 # "torch", torch's ops under autograd; "auto", triton where mlora's LoRA kernel `auto` is
-# triton too (CUDA of compute capability 9.0 and up, with Triton), torch elsewhere. The kernel
+# triton too (CUDA of compute capability 9.0 and up, with Triton), torch elsewhere and after the
+# kernel failed here (a Triton that cannot compile it: kernel_fallback.py). The kernel
 # takes a plain head only (no soft cap, no scaling, an nn.Linear): other heads run torch's ops
 # whatever this says.
 cross_entropy = os.environ.get("MLORA_CROSS_ENTROPY", "auto")
@@ -134,7 +136,10 @@ def _fused_cross_entropy(model: torch.nn.Module, h: torch.Tensor) -> bool:
         return False  # (its logits are not the head's output: torch's ops, through autograd)
     if type(model.lm_head) is not torch.nn.Linear or model.lm_head.weight.dtype != h.dtype:
         return False
-    return cross_entropy == "triton" or (h.is_cuda and _auto_uses_kernel(h.device))
+    if cross_entropy == "triton":
+        return True
+    # (auto: not after the kernel failed here, kernel_fallback.py)
+    return h.is_cuda and _auto_uses_kernel(h.device) and kernel_fallback.failure(kernel_fallback.CROSS_ENTROPY) is None
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,13 +178,20 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, N, chunk):
             end = min(start + chunk, N)
             if fused:
-                from mlora.loss_kernels import cross_entropy_grad_  # (imports triton: only when used)
+                try:
+                    from mlora.loss_kernels import cross_entropy_grad_  # (imports triton: only when used)
 
-                logits = model.lm_head(h[start:end])  # [c, V], in the dtype
-                cross_entropy_grad_(logits, targets[start:end], IGNORE_INDEX, want_grad, out=ce[start:end])
-                if want_grad:  # logits now hold d ce / d logits: the head's input gradient, [c, H]
-                    torch.mm(logits, model.lm_head.weight, out=grad_h[start:end])
-                continue
+                    logits = model.lm_head(h[start:end])  # [c, V], in the dtype
+                    cross_entropy_grad_(logits, targets[start:end], IGNORE_INDEX, want_grad, out=ce[start:end])
+                except Exception as err:  # (a Triton that cannot compile or launch it)
+                    if cross_entropy != "auto":
+                        raise
+                    kernel_fallback.record(kernel_fallback.CROSS_ENTROPY, err)  # (out of memory: raised)
+                    fused = False  # this chunk and the rest: torch's ops, from h
+                else:
+                    if want_grad:  # logits now hold d ce / d logits: the head's input gradient, [c, H]
+                        torch.mm(logits, model.lm_head.weight, out=grad_h[start:end])
+                    continue
             with torch.enable_grad():
                 piece = h[start:end].detach().requires_grad_(want_grad)  # [c, H]
                 # (the dtype's logits die in the upcast: only the fp32 ones are kept, by log_softmax)

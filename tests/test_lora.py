@@ -96,6 +96,33 @@ def _group(in_f, outs, layout):
     return [LoraLinear(b, layout, group) for b in bases]
 
 
+def _group_grads(monkeypatch, x_grad=True, trainable_bias=False, dtype=torch.float32, kernel="triton"):
+    """One step of a q/k/v-like group under `kernel`, two adapters, dropout 0.3: the outputs,
+    the LoRA gradients (fresh generators each call, so the masks repeat), the members and the
+    input's gradient."""
+    monkeypatch.setattr(mlora.lora, "kernel", kernel)
+    torch.manual_seed(0)
+    rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
+    members = _group(16, (16, 8, 8), BatchLayout(rows))
+    for i, rr in enumerate(rows):
+        for m, lin in enumerate(members):
+            w = _weights(16, lin.out_features, 4, 8.0, 0.3, 10 * i + m)
+            w.generator = torch.Generator().manual_seed(7 + i)
+            lin.adapters[rr.name] = w
+    if trainable_bias:
+        members[0].base.bias.requires_grad_(True)  # that base runs outside the op
+    for lin in members:
+        lin.to(dtype)
+        for w in lin.adapters.values():
+            w.float()  # LoRA weights stay fp32
+    x = torch.randn(4, 3, 16, dtype=dtype, requires_grad=x_grad)
+    ys = [lin(x) for lin in members]
+    torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+    grads = {(n, m): (w.lora_A.grad.clone(), w.lora_B.grad.clone())
+             for m, lin in enumerate(members) for n, w in lin.adapters.items()}
+    return [y.detach() for y in ys], grads, members, x.grad
+
+
 def _run_group(kernel, monkeypatch, p, ranks, rows, batch=5, seq=3, in_f=16, outs=(16, 8, 8)):
     """Forward+backward of a q/k/v-like group; returns outputs, x grad, LoRA grads, and
     which kernel ran: 'grouped', 'fused' or 'other' (dense, loop)."""

@@ -20,7 +20,7 @@ from mlora.errors import UserError  # noqa: E402
 from mlora.lora import AdapterRows, BatchLayout, LoraLinear  # noqa: E402
 from mlora.lora_fused import DropoutRows  # noqa: E402
 
-from test_lora import _assert_matches_reference, _group, _weights  # noqa: E402
+from test_lora import _assert_matches_reference, _group, _group_grads, _weights  # noqa: E402
 
 
 def _plan(ranges, n, seed=0):
@@ -343,39 +343,13 @@ def test_without_dropout_it_is_the_fused_kernel(monkeypatch, p, train):
     assert calls == [] and members[0].adapters["a"].lora_A.grad is not None
 
 
-def _group_grads(monkeypatch, x_grad=True, trainable_bias=False, dtype=torch.float32):
-    """One triton step of a q/k/v-like group, two adapters, dropout 0.3: the outputs and the
-    LoRA gradients (fresh generators each call, so the masks repeat)."""
-    monkeypatch.setattr(lora, "kernel", "triton")
-    torch.manual_seed(0)
-    rows = [AdapterRows("a", 0, 2), AdapterRows("b", 2, 4)]
-    members = _group(16, (16, 8, 8), BatchLayout(rows))
-    for i, rr in enumerate(rows):
-        for m, lin in enumerate(members):
-            w = _weights(16, lin.out_features, 4, 8.0, 0.3, 10 * i + m)
-            w.generator = torch.Generator().manual_seed(7 + i)
-            lin.adapters[rr.name] = w
-    if trainable_bias:
-        members[0].base.bias.requires_grad_(True)  # that base runs outside the op
-    for lin in members:
-        lin.to(dtype)
-        for w in lin.adapters.values():
-            w.float()  # LoRA weights stay fp32
-    x = torch.randn(4, 3, 16, dtype=dtype, requires_grad=x_grad)
-    ys = [lin(x) for lin in members]
-    torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
-    grads = {(n, m): (w.lora_A.grad.clone(), w.lora_B.grad.clone())
-             for m, lin in enumerate(members) for n, w in lin.adapters.items()}
-    return [y.detach() for y in ys], grads, members
-
-
 def test_input_without_grad_and_base_outside_the_op_give_the_same_lora_grads(monkeypatch):
     """Layer 0 (the input needs no gradient: no dx kernel) and a base the op cannot run (here
     a trainable bias; a quantized layer in practice: the op returns the delta only) give the
     LoRA gradients and outputs of the plain triton path."""
-    ref_ys, ref, _ = _group_grads(monkeypatch)
+    ref_ys, ref, _, _ = _group_grads(monkeypatch)
     for kwargs in (dict(x_grad=False), dict(trainable_bias=True)):
-        ys, grads, members = _group_grads(monkeypatch, **kwargs)
+        ys, grads, members, _ = _group_grads(monkeypatch, **kwargs)
         for y, r in zip(ys, ref_ys):
             torch.testing.assert_close(y, r, rtol=1e-6, atol=1e-6)
         for key in ref:
@@ -387,8 +361,8 @@ def test_input_without_grad_and_base_outside_the_op_give_the_same_lora_grads(mon
 def test_bf16_stays_close_to_fp32(monkeypatch):
     """bf16 activations (LoRA weights fp32) against the same step in fp32: the same masks, the
     LoRA gradients within bf16 rounding."""
-    _, ref, _ = _group_grads(monkeypatch)
-    _, grads, _ = _group_grads(monkeypatch, dtype=torch.bfloat16)
+    _, ref, _, _ = _group_grads(monkeypatch)
+    _, grads, _, _ = _group_grads(monkeypatch, dtype=torch.bfloat16)
     for key in ref:
         for g, r in zip(grads[key], ref[key]):
             assert g.dtype == torch.float32
