@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlora.lora as lora_module  # noqa: E402
+from mlora import kernel_fallback  # noqa: E402
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.batching import trained_positions  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
@@ -345,7 +346,10 @@ def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, d
 
     for side, runs in plan(shape, rows, adapters, part, triton=unavailable(device) is None):
         free_memory(device)
-        bench = MloraBench(shape, s, device, dtype) if side == "mlora" else HFBench(shape, s, device, dtype)
+        try:
+            bench = MloraBench(shape, s, device, dtype) if side == "mlora" else HFBench(shape, s, device, dtype)
+        except Exception as err:  # noqa: BLE001 - a side whose model cannot be built: its runs fail, the rest go on
+            bench, built = None, _failure(err)
         for system, kwargs in runs:
             entry = {"shape": shape, "system": system, "seq": s.seq, **kwargs}
             entry.setdefault("n", 1 if system == "peft" else 0 if system.endswith("base") else None)
@@ -353,18 +357,21 @@ def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, d
                 entry.setdefault("kernel", "auto")
                 entry.setdefault("dropout", s.dropout)
             try:
-                if system == "mlora":
+                if bench is None:
+                    result = built
+                elif system == "mlora":
                     result = bench.run(kwargs["n"], kwargs["rows"], kwargs.get("dropout"),
                                        kwargs.get("kernel", "auto"))
                 elif system == "peft":
                     result = bench.run_peft(kwargs["rows"])
                 else:
                     result = bench.run_frozen(kwargs["rows"])
-            except torch.OutOfMemoryError:
-                result = {"error": "out of memory"}
             except Exception as err:  # noqa: BLE001 - one run's failure must not end the session
-                result = {"error": f"{type(err).__name__}: {_first_line(err)[:300]}"}
+                result = _failure(err)
             entry.update(result)
+            if kernel_fallback.failures() and system.startswith("mlora"):
+                # an `auto` kernel that failed here ran torch's ops instead: these figures are theirs
+                entry["kernel_fallbacks"] = kernel_fallback.failures()
             if "error" in result:
                 broken = device_broken(device)
                 if broken:
@@ -375,6 +382,13 @@ def run_shape(shape: str, rows: int, s: Settings, adapters: list[int], device, d
                 entry["useful_tflops"] = 4 * matmul_params(shape) * entry["tokens_per_s"] / 1e12
             record(entry)
         del bench
+
+
+def _failure(err: Exception) -> dict:
+    """A failed run's (or model build's) record: its error's first line."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return {"error": "out of memory"}
+    return {"error": f"{type(err).__name__}: {_first_line(err)[:300]}"}
 
 
 class DeviceBroken(RuntimeError):

@@ -180,6 +180,32 @@ def test_host_benchmark_quick_mode(tmp_path):
         "batch_ms_4x8x512", "batch_ms_4x8x512_packed"}
 
 
+def test_a_side_whose_model_fails_to_build_fails_its_runs_only(tmp_path, monkeypatch):
+    """transformers' model failing to build (an API of another release, say) fails PEFT's and
+    its frozen base's runs, recorded, and mlora's run as before; an `auto` kernel that fell back
+    to torch's ops (kernel_fallback.py) is said beside mlora's figures."""
+    from mlora import kernel_fallback
+
+    bench = _load()
+    real_plan = bench.plan
+
+    def no_model(self, *args):
+        raise TypeError("LlamaForCausalLM.__init__() got an unexpected keyword argument\nmore")
+
+    monkeypatch.setattr(bench.HFBench, "__init__", no_model)
+    monkeypatch.setattr(bench, "plan", lambda *a, **k: [] if a[3] == "triton" else real_plan(*a, **k))
+    monkeypatch.setattr(kernel_fallback, "_failures", {"cross-entropy": "RuntimeError: PassManager::run failed"})
+    out = tmp_path / "throughput.json"
+    result = bench.main(["--tiny", *FEWEST_STEPS, "--no-extras", "--no-profile", "--out", str(out)])
+    hf = [r for r in result["runs"] if r["system"] in ("peft", "hf-base")]
+    assert len(hf) == 2 and all(r["error"] == "TypeError: LlamaForCausalLM.__init__() got an unexpected keyword "
+                                              "argument" for r in hf)
+    mine = [r for r in result["runs"] if r["system"].startswith("mlora")]
+    assert len(mine) == 3 and all(r["tokens_per_s"] > 0 for r in mine)
+    assert all(r["kernel_fallbacks"] == {"cross-entropy": "RuntimeError: PassManager::run failed"} for r in mine)
+    assert json.loads(out.read_text())["runs"] == result["runs"]
+
+
 def test_moe_benchmark_runs_every_system(tmp_path):
     """benchmarks/bench_moe.py on its smallest shape for one warm-up and one timed step: mlora (1 and 4 adapters on
     the experts; 4 with the experts one at a time), PEFT on transformers' stacked experts, both
