@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlora import memory  # noqa: E402
+from mlora import kernel_fallback, memory  # noqa: E402
 from mlora.data import IGNORE_INDEX  # noqa: E402
 from mlora import loss  # noqa: E402
 from mlora.models.llama import CausalLM, ModelArgs  # noqa: E402
@@ -158,17 +158,22 @@ def main(argv: list[str] | None = None) -> dict:
     previous = loss.CHUNK_LOGITS_BYTES
     if opts.quick:  # ten chunks, as a large vocabulary has them
         loss.CHUNK_LOGITS_BYTES = 64 * HEADS["tiny"][0] * 4
+    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "chunk_logits_mib": (64 * HEADS["tiny"][0] * 4 if opts.quick else previous) / 2**20, "results": []}
     try:
-        results = []
         for name in heads:
-            results.append(run(name, tokens, device, dtype, repeats=3 if opts.quick else 5))
-            print(json.dumps(results[-1]), flush=True)
+            try:
+                result = run(name, tokens, device, dtype, repeats=3 if opts.quick else 5)
+            except Exception as err:  # noqa: BLE001 - one head's failure must not cost the others'
+                result = {"head": name, "error": f"{type(err).__name__}: {memory._first_line(err)[:300]}"}
+            if kernel_fallback.failures():  # `auto`'s kernel failed here: torch's ops ran in its place
+                result["kernel_fallbacks"] = kernel_fallback.failures()
+            report["results"].append(result)
+            print(json.dumps(result), flush=True)
+            if opts.out:  # after every head: a time limit keeps what ran
+                Path(opts.out).write_text(json.dumps(report, indent=1) + "\n")
     finally:
         loss.CHUNK_LOGITS_BYTES = previous
-    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "chunk_logits_mib": (64 * HEADS["tiny"][0] * 4 if opts.quick else previous) / 2**20, "results": results}
-    if opts.out:
-        Path(opts.out).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -11,7 +11,8 @@ loss, clipping and optimizer step).
     python benchmarks/bench_moe.py --cpu          # the two small shapes on the CPU (about a minute)
     python benchmarks/bench_moe.py                # GPU: olmoe-1b-7b and mixtral-small shapes
 
-Prints and writes JSON (--out). Results: benchmarks/RESULTS.md.
+Prints and writes JSON (--out, after every run: a time limit keeps what ran; a run that fails is
+recorded with its error and the others go on). Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_throughput import HFBench, MloraBench, Settings, free_memory, measure  # noqa: E402
+from bench_throughput import HFBench, MloraBench, Settings, _failure, free_memory  # noqa: E402
 
 from mlora.adapter import Adapter  # noqa: E402
 from mlora.config import AdapterConfig  # noqa: E402
@@ -92,44 +93,74 @@ class MoeHF(HFBench):
 
 
 def run(shapes: list[str], device: torch.device, dtype: torch.dtype, seq: int, rows: int, steps: int,
-        warmup: int = 2) -> dict:
+        warmup: int = 2, out: Path | None = None) -> dict:
+    """Every shape's runs and ratios; written to `out` (if given) after every run, so a session's
+    time limit keeps what ran. A run that fails (or a side whose model cannot be built) is
+    recorded with its error's first line and the rest go on; ratios need both their runs."""
     s = Settings(seq=seq, dropout=0.0, steps=steps, warmup=warmup)
-    grouped = moe.GROUPED_EXPERTS
-    results = []
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "seq": seq,
+              "rows_per_adapter": rows, "results": []}
     for shape in shapes:
-        mine = MoeMlora(shape, s, device, dtype)
-        runs = {f"mlora_{n}": mine.run(n, rows) for n in (1, 4)}
-        runs["mlora_frozen"] = mine.run_frozen(rows)
-        runs["mlora_frozen_4"] = mine.run_frozen(4 * rows)  # (the bound of 4 adapters' rows)
-        moe.GROUPED_EXPERTS = False  # the experts one at a time, as before they ran grouped
-        try:
-            runs["mlora_4_per_expert"] = mine.run(4, rows)
-        finally:
-            moe.GROUPED_EXPERTS = grouped
-        del mine
-        free_memory(device)
-        hf = MoeHF(shape, s, device, dtype)
-        runs["peft_1"] = hf.run_peft(rows)
-        runs["hf_frozen"] = hf.run_frozen(rows)
-        del hf
-        free_memory(device)
-        tps = {k: v["tokens_per_s"] for k, v in runs.items()}
-        # The same LoRA on both sides: PEFT fuses each expert's gate and up LoRAs into one of rank
-        # 2r whose B is a full [2I, 2r] (mlora's two [I, r] and the off-diagonal blocks).
-        args = args_from_hf_config(moe_config(shape, seq))
-        extra = sum(args.moe_layers) * args.num_experts * 2 * args.moe_intermediate_size * s.r
-        runs["peft_1"]["lora_params_matched"] = runs["peft_1"]["lora_params"] == runs["mlora_1"]["lora_params"] + extra
-        assert runs["peft_1"]["lora_params_matched"], (shape, runs["peft_1"]["lora_params"], runs["mlora_1"]["lora_params"])
-        results.append({"shape": shape, "runs": runs, "tokens_per_s": tps,
-                        "mlora_1_over_peft": tps["mlora_1"] / tps["peft_1"],
-                        "mlora_4_over_peft": tps["mlora_4"] / tps["peft_1"],
-                        "mlora_4_over_frozen": tps["mlora_4"] / tps["mlora_frozen_4"],
-                        "grouped_over_per_expert": tps["mlora_4"] / tps["mlora_4_per_expert"]})
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[-1].items()
+        runs: dict[str, dict] = {}
+        entry = {"shape": shape, "runs": runs}
+        report["results"].append(entry)
+
+        def measure_each(build, plan: dict) -> None:
+            try:
+                bench = build(shape, s, device, dtype)
+            except Exception as err:  # noqa: BLE001 - its runs fail, the other side's still run
+                bench, built = None, _failure(err)
+            for name, how in plan.items():
+                try:
+                    runs[name] = built if bench is None else how(bench)
+                except Exception as err:  # noqa: BLE001 - one run's failure must not end the benchmark
+                    runs[name] = _failure(err)
+                entry.update(_ratios(shape, seq, s.r, runs))
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(report, indent=1))
+            del bench
+            free_memory(device)
+
+        measure_each(MoeMlora, {
+            "mlora_1": lambda b: b.run(1, rows), "mlora_4": lambda b: b.run(4, rows),
+            "mlora_frozen": lambda b: b.run_frozen(rows),
+            "mlora_frozen_4": lambda b: b.run_frozen(4 * rows),  # (the bound of 4 adapters' rows)
+            "mlora_4_per_expert": lambda b: _per_expert(lambda: b.run(4, rows))})
+        measure_each(MoeHF, {"peft_1": lambda b: b.run_peft(rows), "hf_frozen": lambda b: b.run_frozen(rows)})
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()
                           if k != "runs"}), flush=True)
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "seq": seq,
-            "rows_per_adapter": rows, "results": results}
+    return report
+
+
+def _per_expert(run):
+    """run() with the experts one at a time, as before they ran grouped."""
+    grouped = moe.GROUPED_EXPERTS
+    moe.GROUPED_EXPERTS = False
+    try:
+        return run()
+    finally:
+        moe.GROUPED_EXPERTS = grouped
+
+
+# ratio: (numerator run, denominator run)
+RATIOS = {"mlora_1_over_peft": ("mlora_1", "peft_1"), "mlora_4_over_peft": ("mlora_4", "peft_1"),
+          "mlora_4_over_frozen": ("mlora_4", "mlora_frozen_4"), "grouped_over_per_expert": ("mlora_4", "mlora_4_per_expert")}
+
+
+def _ratios(shape: str, seq: int, r: int, runs: dict[str, dict]) -> dict:
+    """The runs' tokens/s, the ratios of those that ran, and (once PEFT's and mlora's one
+    adapter ran) whether both train the same LoRA: PEFT fuses each expert's gate and up LoRAs
+    into one of rank 2r whose B is a full [2I, 2r] (mlora's two [I, r] and the off-diagonal blocks)."""
+    tps = {k: v["tokens_per_s"] for k, v in runs.items() if "tokens_per_s" in v}
+    out = {"tokens_per_s": tps}
+    out.update({name: tps[a] / tps[b] for name, (a, b) in RATIOS.items() if a in tps and b in tps})
+    if "peft_1" in tps and "mlora_1" in tps:
+        args = args_from_hf_config(moe_config(shape, seq))
+        extra = sum(args.moe_layers) * args.num_experts * 2 * args.moe_intermediate_size * r
+        runs["peft_1"]["lora_params_matched"] = runs["peft_1"]["lora_params"] == runs["mlora_1"]["lora_params"] + extra
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,15 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     a = p.parse_args(argv)
     if a.cpu or not torch.cuda.is_available():
-        result = run(a.shapes or ["tiny-mixtral", "tiny-qwen3-moe"], torch.device("cpu"), torch.float32,
-                     seq=128, rows=4, steps=a.steps or 5, warmup=a.warmup)
-    else:
-        result = run(a.shapes or ["olmoe-1b-7b", "mixtral-small"], torch.device("cuda"), torch.bfloat16,
-                     seq=512, rows=8, steps=a.steps or 5, warmup=a.warmup)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1))
-    return result
+        return run(a.shapes or ["tiny-mixtral", "tiny-qwen3-moe"], torch.device("cpu"), torch.float32,
+                   seq=128, rows=4, steps=a.steps or 5, warmup=a.warmup, out=a.out)
+    return run(a.shapes or ["olmoe-1b-7b", "mixtral-small"], torch.device("cuda"), torch.bfloat16,
+               seq=512, rows=8, steps=a.steps or 5, warmup=a.warmup, out=a.out)
 
 
 if __name__ == "__main__":
