@@ -605,6 +605,15 @@ def check_triton_tiles(device, steps=20) -> dict:
             "informational": True, "ok": True}
 
 
+def check_no_kernel_fallbacks() -> dict:
+    """No kernel `auto` chose failed during the checks (kernel_fallback.py): one that did left
+    its work to torch's ops, so the checks of auto's path passed on those, not on it."""
+    from mlora import kernel_fallback
+
+    failed = kernel_fallback.failures()
+    return {"check": "no auto kernel fell back to torch's ops", "failures": failed, "ok": not failed}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -672,6 +681,7 @@ def main() -> int:
     if device.type == "cuda":
         check("group timing", check_group_timing, device)
         check("triton tiles", check_triton_tiles, device)
+    check("kernel fallbacks", check_no_kernel_fallbacks)
     return 0 if all(r["ok"] for r in results if not r.get("informational")) else 1
 
 

@@ -340,6 +340,19 @@ def test_gpu_checks_fp16_loss_scale_check_runs_on_the_cpu():
     assert result["ok"] and result["unscaled_max_rel_err"] > 10 * result["tolerance"], result
 
 
+def test_gpu_checks_fail_where_an_auto_kernel_fell_back(monkeypatch):
+    """gpu_checks.py's last check fails where a kernel auto chose failed during the checks
+    (kernel_fallback.py): the checks of auto's path then passed on torch's ops, not on it."""
+    from mlora import kernel_fallback
+
+    module = _gpu_checks()
+    monkeypatch.setattr(kernel_fallback, "_failures", {})
+    assert module.check_no_kernel_fallbacks()["ok"]
+    monkeypatch.setattr(kernel_fallback, "_failures", {"triton": "CompilationError: at 12:4"})
+    result = module.check_no_kernel_fallbacks()
+    assert not result["ok"] and result["failures"] == {"triton": "CompilationError: at 12:4"}
+
+
 def _gpu_checks():
     """benchmarks/gpu_checks.py as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
