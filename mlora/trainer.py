@@ -253,9 +253,9 @@ class Trainer:
         # queues more (on a GPU, once per read; a step used to read three times per adapter).
         ce_of = {i: [sums[i][0] for sums in chunks if i in sums] for i in range(len(parts))}  # device scalars
         counts = [sum(sums[i][1] for sums in chunks if i in sums) for i in range(len(parts))]
-        # A step none of whose rows has a token to learn takes no update (_finish_step): its
-        # gradient (zero, or another adapter's NaN through a fused kernel) is never read, nor
-        # run again for (_nan_victims).
+        # A step none of whose rows has a token to learn takes no update (_finish_step), nor
+        # runs again for a NaN (_nan_victims); its gradient is read only to tell where one came
+        # from (below).
         unlearnable = {i for i, part in enumerate(parts) if not part.step_label_tokens}
         # The squared gradient norms of the adapters that step now (device scalars or None).
         sqs = {i: self.runs[part.adapter].adapter.grad_sq() for i, part in enumerate(parts)
@@ -288,16 +288,23 @@ class Trainer:
             # is a second read, made only then (see _nan_victims).
             rest = {i: self.runs[p.adapter].adapter.grad_sq() for i, p in enumerate(parts)
                     if i not in sqs and i not in watched and i not in unlearnable}
-            rest = {i: sq for i, sq in rest.items() if sq is not None}
-            if rest:
-                norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
+        elif unlearnable and not all(math.isfinite(n) for n in norms.values()):
+            # A non-finite gradient and no NaN loss: non-finite activations on rows with no token
+            # to learn show in no loss (theirs is 0), only in their gradients, which the fused
+            # kernels' 0 x NaN shares with the others': read them too (a second read, only then).
+            rest = {i: self.runs[parts[i].adapter].adapter.grad_sq() for i in unlearnable}
+        else:
+            rest = {}
+        rest = {i: sq for i, sq in rest.items() if sq is not None}
+        if rest:
+            norms.update(zip(rest, (math.sqrt(v) for v in torch.stack(list(rest.values())).tolist())))
         seconds = time.perf_counter() - t0  # the AdamW steps queued above are in it; an SGD step is not
         # A step that a NaN of another adapter tainted in an earlier batch split for memory
         # (_taint) carries that non-finite gradient into this one: running it again cannot
         # clear it (the step is skipped at its end), and two such steps made each run again.
         tainted = {i for i, part in enumerate(parts) if self.runs[part.adapter].step.tainted_by}
         victims, together = self._nan_victims(
-            ce_sums, norms if before is None else {i: n for i, n in norms.items() if i not in tainted})
+            ce_sums, norms if before is None else {i: n for i, n in norms.items() if i not in tainted}, unlearnable)
         if before is None:  # split for memory: nothing to run again from
             self._taint(parts, chunks, ce_sums, victims if together else [])
             victims, together = [], False
@@ -324,14 +331,16 @@ class Trainer:
             run.step.input_tokens += sum(len(ex.input_ids) for ex in part.examples)
             run.busy_seconds += seconds
             if part.last_in_step:
-                save_due |= self._finish_step(run, part.epoch, norms.get(i, 0.0), issued.get(i),
-                                              learned=i not in unlearnable)
+                learned = i not in unlearnable
+                save_due |= self._finish_step(run, part.epoch, norms[i] if learned else 0.0, issued.get(i),
+                                              learned=learned)
         for rerun in ([[parts[i] for i in victims]] if together else [[parts[i]] for i in victims]):
             save_due |= self._train_on(rerun)
         return save_due
 
     @staticmethod
-    def _nan_victims(ce_sums: list[float], norms: dict[int, float]) -> tuple[list[int], bool]:
+    def _nan_victims(ce_sums: list[float], norms: dict[int, float],
+                     unlearnable: set[int] = frozenset()) -> tuple[list[int], bool]:
         """The parts of a fused batch whose non-finite gradient may be another adapter's NaN,
         and whether to rerun them together. The fused (and dense) kernels reduce each
         adapter's weight gradients over every row of the batch, its zeros included, and
@@ -339,13 +348,17 @@ class Trainer:
         the others' gradients NaN too. So when an adapter's loss is non-finite, the others
         whose gradient is non-finite run again without it; when no loss is but several
         gradients are, each of those runs again alone. Their steps were not taken (the device
-        skipped them), so a rerun trains them exactly as if the culprit had not been there."""
+        skipped them), so a rerun trains them exactly as if the culprit had not been there.
+        `unlearnable`: parts whose step has no token to learn. Their loss is 0 whatever their
+        activations, so only their gradient can show a NaN on their rows: they count among the
+        non-finite gradients, but never run again (their step takes no update)."""
         culprits = {i for i, ce in enumerate(ce_sums) if not math.isfinite(ce)}
         suspects = [i for i, norm in norms.items() if not math.isfinite(norm) and i not in culprits]
-        if culprits and suspects:
-            return suspects, True
-        if len(suspects) >= 2:
-            return suspects, False
+        rerun = [i for i in suspects if i not in unlearnable]
+        if culprits and rerun:
+            return rerun, True
+        if len(suspects) >= 2 and rerun:
+            return rerun, False
         return [], False
 
     def _taint(self, parts, chunks: list[dict], ce_sums: list[float], victims: list[int]) -> None:

@@ -1099,6 +1099,51 @@ def test_a_step_with_no_token_to_learn_leaves_the_adapter_as_it_was(tmp_path, ti
         assert_same_losses([m["loss"] for m in fused_lines], [m["loss"] for m in solo_lines])
 
 
+def test_nan_activations_on_rows_with_no_token_to_learn_do_not_cost_the_other_adapter_its_step(
+        tmp_path, tiny_llama, monkeypatch):
+    """z's rows' activations are non-finite (from the embedding on). On z's steps with a token to
+    learn its loss says so (a culprit, "a" runs again without it); on those with none its loss
+    is 0, and only its gradient, which the fused kernel's 0 x NaN shares with "a", shows it.
+    "a" must still run again without z there, not lose its step as its own NaN: it trains as
+    alone, and z's steps with nothing to learn still take no update."""
+    import mlora.lora
+    import mlora.trainer
+
+    monkeypatch.setattr(mlora.lora, "kernel", "auto")  # (fused on CPU: each adapter's grads over every row)
+    solo = tmp_path / "solo"
+    assert main(["train", "--base_model", str(tiny_llama), "--config",
+                 str(unlearnable_steps_config(tmp_path, ["a"], solo)), "--no_progress", "--dtype", "fp16"]) == 0
+    real = mlora.trainer.fused_loss_sums
+
+    def nan_on_z_rows(model, layout, batch):
+        def hook(module, inputs, out):  # out [B, S, H]
+            out = out.clone()
+            for rows in batch.rows:
+                if rows.name == "z":
+                    out[rows.start:rows.end] = float("nan")
+            return out
+
+        handle = model.model.embed_tokens.register_forward_hook(hook)
+        try:
+            return real(model, layout, batch)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(mlora.trainer, "fused_loss_sums", nan_on_z_rows)
+    fused = tmp_path / "fused"
+    cfg = unlearnable_steps_config(tmp_path, ["a", "z"], fused)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress",
+                 "--dtype", "fp16"]) == 0
+    records = read_metrics(fused / "metrics.jsonl")
+    assert not any(m.get("skipped") for m in records if m["adapter"] == "a"), records
+    z_lines = [m for m in records if m["adapter"] == "z" and "eval_loss" not in m]
+    assert [m["tokens"] == 0 for m in z_lines].count(True) == 3
+    assert all(m["loss"] is None and m["grad_norm"] == 0.0 and not m.get("skipped")
+               for m in z_lines if m["tokens"] == 0), z_lines
+    assert rel_diff(load_file(fused / "a" / "adapter_model.safetensors"),
+                    load_file(solo / "a" / "adapter_model.safetensors")) <= 1e-5
+
+
 def assert_same_losses(losses: list, reference: list, rel: float = 1e-5) -> None:
     """Step losses equal up to `rel`, a null (a step with no token to learn) only to a null."""
     assert [v is None for v in losses] == [v is None for v in reference]
