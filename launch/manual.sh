@@ -8,7 +8,8 @@
 #   BALANCE="9 9 9 8" BASE=... CONFIG=... launch/manual.sh               # a split of your own
 #
 # Without BALANCE, mlora splits the layers itself (the split that minimises the most expensive
-# stage) over NPROC ranks (default: one per GPU nvidia-smi lists). BALANCE gives each rank's
+# stage) over NPROC ranks (default: one per GPU nvidia-smi lists, or CUDA_VISIBLE_DEVICES leaves
+# visible when set: rank N runs on cuda:N, which counts only those). BALANCE gives each rank's
 # modules as --balance counts them, e.g. "9 9 9 8" for a 32-layer model (35 modules: embedding,
 # 32 layers, norm, head) on 4 GPUs; its entries are the ranks (NPROC, if set, must agree).
 #
@@ -40,6 +41,10 @@ if [ -n "$NPROC" ]; then
     fi
 elif [ "${#balance[@]}" -gt 0 ]; then
     NPROC=${#balance[@]}
+elif [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then  # one rank per GPU it leaves visible (cuda:N counts those)
+    IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+    NPROC=${#visible[@]}
+    [ "$NPROC" -gt 0 ] || { echo "launch/manual.sh: CUDA_VISIBLE_DEVICES leaves no GPU; set NPROC to the number of ranks, or BALANCE" >&2; exit 2; }
 else  # one rank per GPU
     NPROC=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
     [ "$NPROC" -gt 0 ] || { echo "launch/manual.sh: no GPU found (nvidia-smi --list-gpus); set NPROC to the number of ranks, or BALANCE" >&2; exit 2; }

@@ -241,6 +241,8 @@ def test_manual_without_balance_splits_over_nproc(pipe_model, single_runs):
     (dict(BALANCE="1 2"), "--balance 1 2"),
     (dict(BALANCE=" 1  2 ", NPROC="2"), "--balance 1 2"),
     (dict(), "--world_size 2"),  # one rank per GPU that nvidia-smi lists
+    (dict(CUDA_VISIBLE_DEVICES="1"), "--world_size 1"),  # ... or that CUDA_VISIBLE_DEVICES leaves
+    (dict(CUDA_VISIBLE_DEVICES="GPU-a,GPU-b,GPU-c"), "--world_size 3"),
 ])
 def test_manual_script_ranks(tmp_path, env, split):
     """What each rank is told: its rank and device, and the split: BALANCE's, else the world
@@ -251,7 +253,8 @@ def test_manual_script_ranks(tmp_path, env, split):
     (fake / "python").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/rank.$6\n")
     for tool in fake.iterdir():
         tool.chmod(0o755)
-    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NPROC", "DEVICE_PREFIX")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("BALANCE", "NPROC", "DEVICE_PREFIX", "CUDA_VISIBLE_DEVICES")}
     done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--no_progress"], capture_output=True,
                           text=True, timeout=60,
                           env=dict(base, PATH=f"{fake}:{base['PATH']}", PYTHON=str(fake / "python"), BASE="b",
@@ -262,7 +265,7 @@ def test_manual_script_ranks(tmp_path, env, split):
         f"-m mlora train --pipeline --rank {rank} --device cuda:{rank} {split} --transport torch "
         f"--master_addr 127.0.0.1 --master_port 29999 --base_model b --config c --no_progress\n"
         for rank in range(len(ranks))]
-    assert len(ranks) == int(split.split()[-1]) if "world" in split else len(split.split()) - 1
+    assert len(ranks) == (int(split.split()[-1]) if "world" in split else len(split.split()) - 1)
 
 
 @pytest.mark.parametrize("env, message", [
@@ -270,6 +273,7 @@ def test_manual_script_ranks(tmp_path, env, split):
     (dict(NPROC="0"), "NPROC must be a positive whole number, not 0"),
     (dict(NPROC="two"), "NPROC must be a positive whole number, not two"),
     (dict(), "no GPU found (nvidia-smi --list-gpus); set NPROC to the number of ranks, or BALANCE"),
+    (dict(CUDA_VISIBLE_DEVICES=""), "CUDA_VISIBLE_DEVICES leaves no GPU; set NPROC to the number of ranks, or BALANCE"),
 ])
 def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
     """launch/manual.sh refuses a rank count it cannot use in one line, before any rank starts
@@ -278,7 +282,7 @@ def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
     (fake / "nvidia-smi").chmod(0o755)
-    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NPROC")}
+    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NPROC", "CUDA_VISIBLE_DEVICES")}
     done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh")], capture_output=True, text=True,
                           env=dict(base, PATH=f"{fake}:{base['PATH']}", BASE="x", CONFIG="y", **env), timeout=60)
     assert done.returncode == 2 and done.stderr == f"launch/manual.sh: {message}\n", done.stderr
