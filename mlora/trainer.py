@@ -319,7 +319,8 @@ class Trainer:
                 if g in mine:
                     g.set_state(state)
         if victims:
-            self._report_rerun(parts, ce_sums, victims)
+            # (a step with nothing to learn and a non-finite gradient: NaN activations on its rows)
+            self._report_rerun(parts, ce_sums, victims, [i for i in unlearnable if not math.isfinite(norms.get(i, 0.0))])
         before = kept[0] = None  # the copies of before go now, before the rerun makes its own
         save_due = False
         for i, part in enumerate(parts):
@@ -404,10 +405,11 @@ class Trainer:
                 raise
         return {i: (sums[p.adapter][0].detach(), sums[p.adapter][1]) for i, p in zip(pieces, micro)}
 
-    def _report_rerun(self, parts, ce_sums: list[float], victims: list[int]) -> None:
+    def _report_rerun(self, parts, ce_sums: list[float], victims: list[int], silent: list[int]) -> None:
         """Say once per culprit that its NaN made others run again (every batch it shares does,
-        for as long as it trains: on_nan "stop" takes it out)."""
-        culprits = tuple(parts[i].adapter for i, ce in enumerate(ce_sums) if not math.isfinite(ce))
+        for as long as it trains: on_nan "stop" takes it out). silent: culprits whose loss cannot
+        show it (steps with no token to learn, whose gradient did)."""
+        culprits = tuple(parts[i].adapter for i, ce in enumerate(ce_sums) if not math.isfinite(ce) or i in silent)
         if culprits in self.reran_for:
             return
         self.reran_for.add(culprits)
