@@ -303,10 +303,11 @@ class Trainer:
         # (_taint) carries that non-finite gradient into this one: running it again cannot
         # clear it (the step is skipped at its end), and two such steps made each run again.
         tainted = {i for i, part in enumerate(parts) if self.runs[part.adapter].step.tainted_by}
+        culprits = self._culprits(ce_sums, norms, unlearnable)
         victims, together = self._nan_victims(
             ce_sums, norms if before is None else {i: n for i, n in norms.items() if i not in tainted}, unlearnable)
         if before is None:  # split for memory: nothing to run again from
-            self._taint(parts, chunks, ce_sums, victims if together else [])
+            self._taint(parts, chunks, culprits, victims if together else [])
             victims, together = [], False
         for i in victims:  # as before this batch: no step taken, the gradients and draws of before
             adapter = self.runs[parts[i].adapter].adapter
@@ -319,8 +320,7 @@ class Trainer:
                 if g in mine:
                     g.set_state(state)
         if victims:
-            # (a step with nothing to learn and a non-finite gradient: NaN activations on its rows)
-            self._report_rerun(parts, ce_sums, victims, [i for i in unlearnable if not math.isfinite(norms.get(i, 0.0))])
+            self._report_rerun(parts, culprits, victims)
         before = kept[0] = None  # the copies of before go now, before the rerun makes its own
         save_due = False
         for i, part in enumerate(parts):
@@ -340,6 +340,16 @@ class Trainer:
         return save_due
 
     @staticmethod
+    def _culprits(ce_sums: list[float], norms: dict[int, float], unlearnable: set[int]) -> set[int]:
+        """The parts of a fused batch with non-finite activations on their rows: a non-finite
+        loss, or, for a step with no token to learn (`unlearnable`), whose loss is 0 whatever
+        its rows hold, a non-finite gradient (`norms`: read for it only when another gradient
+        is non-finite and no loss is; such a gradient is no fault of its own to clear, as its
+        step takes no update)."""
+        return ({i for i, ce in enumerate(ce_sums) if not math.isfinite(ce)}
+                | {i for i in unlearnable if not math.isfinite(norms.get(i, 0.0))})
+
+    @staticmethod
     def _nan_victims(ce_sums: list[float], norms: dict[int, float],
                      unlearnable: set[int] = frozenset()) -> tuple[list[int], bool]:
         """The parts of a fused batch whose non-finite gradient may be another adapter's NaN,
@@ -350,25 +360,23 @@ class Trainer:
         whose gradient is non-finite run again without it; when no loss is but several
         gradients are, each of those runs again alone. Their steps were not taken (the device
         skipped them), so a rerun trains them exactly as if the culprit had not been there.
-        `unlearnable`: parts whose step has no token to learn. Their loss is 0 whatever their
-        activations, so only their gradient can show a NaN on their rows: they count among the
-        non-finite gradients, but never run again (their step takes no update)."""
-        culprits = {i for i, ce in enumerate(ce_sums) if not math.isfinite(ce)}
+        `unlearnable`: parts whose step has no token to learn, culprits by their gradient
+        (_culprits); they never run again (their step takes no update)."""
+        culprits = Trainer._culprits(ce_sums, norms, unlearnable)
         suspects = [i for i, norm in norms.items() if not math.isfinite(norm) and i not in culprits]
-        rerun = [i for i in suspects if i not in unlearnable]
-        if culprits and rerun:
-            return rerun, True
-        if len(suspects) >= 2 and rerun:
-            return rerun, False
+        if culprits and suspects:
+            return suspects, True
+        if len(suspects) >= 2:
+            return suspects, False
         return [], False
 
-    def _taint(self, parts, chunks: list[dict], ce_sums: list[float], victims: list[int]) -> None:
+    def _taint(self, parts, chunks: list[dict], culprits: set[int], victims: list[int]) -> None:
         """In a batch split for memory, which keeps no gradients to run again from: mark the
         step of each of `victims` (_nan_victims's, who have a culprit) as tainted by the
         culprits it shared a piece (`chunks`' keys) with. Its step is then skipped as no fault
         of its own (_finish_step): on_nan is not consulted and an fp16 loss scale does not back
-        off. A victim that shared no piece with a culprit has a non-finite gradient of its own."""
-        culprits = [c for c, ce in enumerate(ce_sums) if not math.isfinite(ce)]
+        off. A victim that shared no piece with a culprit (_culprits) has a non-finite gradient
+        of its own."""
         for i in victims:
             names = {parts[c].adapter for c in culprits for sums in chunks if i in sums and c in sums}
             step = self.runs[parts[i].adapter].step
@@ -405,11 +413,10 @@ class Trainer:
                 raise
         return {i: (sums[p.adapter][0].detach(), sums[p.adapter][1]) for i, p in zip(pieces, micro)}
 
-    def _report_rerun(self, parts, ce_sums: list[float], victims: list[int], silent: list[int]) -> None:
-        """Say once per culprit that its NaN made others run again (every batch it shares does,
-        for as long as it trains: on_nan "stop" takes it out). silent: culprits whose loss cannot
-        show it (steps with no token to learn, whose gradient did)."""
-        culprits = tuple(parts[i].adapter for i, ce in enumerate(ce_sums) if not math.isfinite(ce) or i in silent)
+    def _report_rerun(self, parts, culprits: set[int], victims: list[int]) -> None:
+        """Say once per culprit (_culprits) that its NaN made others run again (every batch it
+        shares does, for as long as it trains: on_nan "stop" takes it out)."""
+        culprits = tuple(parts[i].adapter for i in sorted(culprits))
         if culprits in self.reran_for:
             return
         self.reran_for.add(culprits)

@@ -190,9 +190,9 @@ def test_nan_victims_rule():
     assert Trainer._nan_victims([1.0, 2.0, 3.0], {0: inf, 1: 0.1, 2: nan}) == ([0, 2], False)
     assert Trainer._nan_victims([1.0, 2.0], {0: nan, 1: 0.1}) == ([], False)
     assert Trainer._nan_victims([nan, 2.0], {0: nan, 1: 0.1}) == ([], False)
-    # A part whose step has no token to learn (its loss 0 whatever its rows hold) counts among
-    # the non-finite gradients, but never runs again.
-    assert Trainer._nan_victims([1.0, 0.0], {0: nan, 1: nan}, unlearnable={1}) == ([0], False)
+    # A part whose step has no token to learn (its loss 0 whatever its rows hold) is a culprit
+    # by its non-finite gradient, and never runs again.
+    assert Trainer._nan_victims([1.0, 0.0], {0: nan, 1: nan}, unlearnable={1}) == ([0], True)
     assert Trainer._nan_victims([nan, 0.0], {1: nan}, unlearnable={1}) == ([], False)
     assert Trainer._nan_victims([1.0, 0.0, 0.0], {1: nan, 2: inf}, unlearnable={1, 2}) == ([], False)
 
