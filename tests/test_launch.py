@@ -217,7 +217,7 @@ def test_scripts_choose_their_python(tmp_path, script, case):
 
 @pytest.mark.slow
 def test_manual_without_balance_splits_over_nproc(pipe_model, single_runs):
-    """Without BALANCE, NPROC ranks each get --world_size and compute the same split, the one
+    """Without BALANCE, NUM_RANKS ranks each get --world_size and compute the same split, the one
     plan_stages makes without a balance (seen here through each rank's dry run of its stage)."""
     import json
 
@@ -225,7 +225,7 @@ def test_manual_without_balance_splits_over_nproc(pipe_model, single_runs):
 
     _, cfg, _ = single_runs(2)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, BASE=str(pipe_model), CONFIG=str(cfg),
-               NPROC="2", DEVICE_PREFIX="cpu", **ONE_THREAD)
+               NUM_RANKS="2", DEVICE_PREFIX="cpu", **ONE_THREAD)
     env.pop("BALANCE", None)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--dry_run", "--no_progress"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
@@ -237,16 +237,16 @@ def test_manual_without_balance_splits_over_nproc(pipe_model, single_runs):
 
 
 @pytest.mark.parametrize("env, split", [
-    (dict(NPROC="3"), "--world_size 3"),
+    (dict(NUM_RANKS="3"), "--world_size 3"),
     (dict(BALANCE="1 2"), "--balance 1 2"),
-    (dict(BALANCE=" 1  2 ", NPROC="2"), "--balance 1 2"),
+    (dict(BALANCE=" 1  2 ", NUM_RANKS="2"), "--balance 1 2"),
     (dict(), "--world_size 2"),  # one rank per GPU that nvidia-smi lists
     (dict(CUDA_VISIBLE_DEVICES="1"), "--world_size 1"),  # ... or that CUDA_VISIBLE_DEVICES leaves
     (dict(CUDA_VISIBLE_DEVICES="GPU-a,GPU-b,GPU-c"), "--world_size 3"),
 ])
 def test_manual_script_ranks(tmp_path, env, split):
     """What each rank is told: its rank and device, and the split: BALANCE's, else the world
-    size (NPROC's, else the GPUs') from which every rank computes the same split."""
+    size (NUM_RANKS's, else the GPUs') from which every rank computes the same split."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H200 (UUID: a)'\necho 'GPU 1: H200 (UUID: b)'\n")
@@ -254,7 +254,7 @@ def test_manual_script_ranks(tmp_path, env, split):
     for tool in fake.iterdir():
         tool.chmod(0o755)
     base = {k: v for k, v in os.environ.items()
-            if k not in ("BALANCE", "NPROC", "DEVICE_PREFIX", "CUDA_VISIBLE_DEVICES")}
+            if k not in ("BALANCE", "NUM_RANKS", "DEVICE_PREFIX", "CUDA_VISIBLE_DEVICES")}
     done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh"), "--no_progress"], capture_output=True,
                           text=True, timeout=60,
                           env=dict(base, PATH=f"{fake}:{base['PATH']}", PYTHON=str(fake / "python"), BASE="b",
@@ -269,11 +269,11 @@ def test_manual_script_ranks(tmp_path, env, split):
 
 
 @pytest.mark.parametrize("env, message", [
-    (dict(BALANCE="1 2", NPROC="3"), 'BALANCE "1 2" has 2 entries, one per rank, but NPROC is 3'),
-    (dict(NPROC="0"), "NPROC must be a positive whole number, not 0"),
-    (dict(NPROC="two"), "NPROC must be a positive whole number, not two"),
-    (dict(), "no GPU found (nvidia-smi --list-gpus); set NPROC to the number of ranks, or BALANCE"),
-    (dict(CUDA_VISIBLE_DEVICES=""), "CUDA_VISIBLE_DEVICES leaves no GPU; set NPROC to the number of ranks, or BALANCE"),
+    (dict(BALANCE="1 2", NUM_RANKS="3"), 'BALANCE "1 2" has 2 entries, one per rank, but NUM_RANKS is 3'),
+    (dict(NUM_RANKS="0"), "NUM_RANKS must be a positive whole number, not 0"),
+    (dict(NUM_RANKS="two"), "NUM_RANKS must be a positive whole number, not two"),
+    (dict(), "no GPU found (nvidia-smi --list-gpus); set NUM_RANKS to the number of ranks, or BALANCE"),
+    (dict(CUDA_VISIBLE_DEVICES=""), "CUDA_VISIBLE_DEVICES leaves no GPU; set NUM_RANKS to the number of ranks, or BALANCE"),
 ])
 def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
     """launch/manual.sh refuses a rank count it cannot use in one line, before any rank starts
@@ -282,7 +282,7 @@ def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
     (fake / "nvidia-smi").chmod(0o755)
-    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NPROC", "CUDA_VISIBLE_DEVICES")}
+    base = {k: v for k, v in os.environ.items() if k not in ("BALANCE", "NUM_RANKS", "CUDA_VISIBLE_DEVICES")}
     done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh")], capture_output=True, text=True,
                           env=dict(base, PATH=f"{fake}:{base['PATH']}", BASE="x", CONFIG="y", **env), timeout=60)
     assert done.returncode == 2 and done.stderr == f"launch/manual.sh: {message}\n", done.stderr
