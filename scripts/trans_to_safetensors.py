@@ -18,6 +18,7 @@ Errors are one line on stderr (`trans_to_safetensors: error: ...`) and exit code
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -188,15 +189,35 @@ def prepare(state: dict[str, torch.Tensor], drop_head: bool) -> dict[str, torch.
     for name, tensor in state.items():
         if drop_head and name == HEAD:
             continue
-        if tensor.layout != torch.strided or tensor.is_meta:  # safetensors holds dense values only
-            kind = "a meta tensor (no values)" if tensor.is_meta else f"a {tensor.layout} tensor"
+        # (a nested tensor's layout may be strided too; it has no single shape)
+        if tensor.layout != torch.strided or tensor.is_meta or tensor.is_nested:  # safetensors holds dense values only
+            kind = ("a meta tensor (no values)" if tensor.is_meta else "a nested tensor" if tensor.is_nested
+                    else f"a {tensor.layout} tensor")
             raise ConvertError(f"{name!r} is {kind}; only dense tensors with values can be converted")
+        if tensor.is_quantized or not storable(tensor.dtype):
+            raise ConvertError(f"{name!r} is of dtype {str(tensor.dtype).removeprefix('torch.')}, which safetensors "
+                               f"cannot hold{' (a quantized tensor)' if tensor.is_quantized else ''}")
         storage = tensor.untyped_storage().data_ptr()
         if storage in seen and tensor.numel():  # shared but saved under both names: own copy
             tensor = tensor.clone()
         seen.add(storage)
         out[name] = tensor.contiguous()
     return out
+
+
+@functools.cache
+def storable(dtype: torch.dtype) -> bool:
+    """Whether safetensors writes tensors of `dtype`: its save_file failed on the others
+    (complex128, complex32, ...) with a KeyError traceback naming only the dtype. Asked of
+    safetensors itself, with an empty tensor, as it has no public list of them."""
+    import torch
+    from safetensors.torch import save
+
+    try:
+        save({"probe": torch.empty(0, dtype=dtype)})
+    except Exception:  # (KeyError today; whatever a later version raises)
+        return False
+    return True
 
 
 def chunks(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:

@@ -335,6 +335,13 @@ ERRORS = {
     "shard size under a byte": (lambda d: None, ("--max_shard_size", "0.5B"), "less than one byte"),
     "sparse tensor": (lambda d: _add_tensor(d, torch.eye(3).to_sparse()), (), "'extra.weight' is a torch.sparse_coo"),
     "meta tensor": (lambda d: _add_tensor(d, torch.empty(3, device="meta")), (), "'extra.weight' is a meta tensor"),
+    # (safetensors' save_file failed on these with a KeyError traceback naming only the dtype)
+    "complex128 tensor": (lambda d: _add_tensor(d, torch.zeros(3, dtype=torch.complex128)), (),
+                          "'extra.weight' is of dtype complex128, which safetensors cannot hold"),
+    "quantized tensor": (lambda d: _add_tensor(d, torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)), (),
+                         "'extra.weight' is of dtype qint8, which safetensors cannot hold (a quantized tensor)"),
+    "nested tensor": (lambda d: _add_tensor(d, torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])), (),
+                      "'extra.weight' is a nested tensor"),
 }
 
 
