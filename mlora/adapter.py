@@ -27,6 +27,9 @@ from mlora.models.naming import Naming
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+# PEFT's weights saved with safe_serialization=False (its default before safetensors): PEFT
+# loads them, mlora does not read pickles (has_saved_weights, read_peft_weights)
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def clip_factor(norm: torch.Tensor, limit: float) -> torch.Tensor:
@@ -513,7 +516,7 @@ class Adapter:
             if value.shape != expected[name].shape:
                 raise UserError(f"{where}: tensor {name} has shape {tuple(value.shape)}, expected "
                                 f"{tuple(expected[name].shape)} (was it trained on another base model?)")
-            if not torch.isfinite(value).all():  # every step would be skipped, or every output NaN
+            if has_non_finite(value):  # every step would be skipped, or every output NaN
                 raise UserError(f"{where}: tensor {name} has non-finite values (NaN or inf)")
         with torch.no_grad():
             for path, w in self.weights.items():
@@ -713,10 +716,35 @@ def read_peft_config(directory: Path) -> dict:
     return {**cfg, "r": r, "lora_alpha": float(alpha), "use_rslora": rslora}
 
 
+def has_non_finite(value: torch.Tensor) -> bool:
+    """Whether a saved tensor holds a NaN or an inf. torch has no isfinite for its 8-bit floats
+    (float8_e4m3fn, float8_e5m2...): an adapter saved in one ended eval, generate and init_from
+    with a NotImplementedError traceback, where PEFT reads it (copied into its fp32 weights, as
+    mlora then copies it too)."""
+    if value.is_floating_point() and value.element_size() == 1:
+        value = value.float()
+    return not bool(torch.isfinite(value).all())
+
+
+def has_saved_weights(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds an adapter's weights, for eval and generate (the adapters they
+    load, the others being the bare base's): adapter_model.safetensors, or whatever sits under
+    that name, or PEFT's pickled adapter_model.bin. Reading then works or says in one line why
+    not; a .bin adapter, or a directory by that name, used to count as nothing saved: eval gave
+    the bare base's loss, told "nothing saved", and generate said to train it first."""
+    directory = Path(directory)
+    return os.path.lexists(directory / WEIGHTS_NAME) or os.path.lexists(directory / PICKLED_WEIGHTS_NAME)
+
+
 def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_NAME
+    if not os.path.lexists(path) and (Path(directory) / PICKLED_WEIGHTS_NAME).is_file():
+        raise UserError(f"{directory}: its weights are in {PICKLED_WEIGHTS_NAME} (PEFT's save_pretrained with "
+                        f"safe_serialization=False), a pickle, which mlora does not read: save the adapter with "
+                        f"PEFT's default safe_serialization=True ({WEIGHTS_NAME})")
     if not path.is_file():
-        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+        raise UserError(f"{directory}: no {WEIGHTS_NAME}" if not os.path.lexists(path)
+                        else f"{path} is not a file (an adapter's weights)")
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for corrupt files

@@ -295,7 +295,7 @@ def cmd_eval(args) -> int:
         from mlora.pipeline.run import eval_pipeline
 
         return eval_pipeline(args)
-    from mlora.adapter import WEIGHTS_NAME, Adapter, check_rank
+    from mlora.adapter import Adapter, check_rank, has_saved_weights
     from mlora.evaluate import evaluate_adapter
     from mlora.session import open_session
 
@@ -316,7 +316,7 @@ def cmd_eval(args) -> int:
     adapters = {}
     try:
         for cfg in session.cfg.lora:
-            if (out / cfg.name / WEIGHTS_NAME).is_file():
+            if has_saved_weights(out / cfg.name):
                 adapters[cfg.name] = Adapter(replace(cfg, init_from=None), session.wrappers, session.cfg.seed,
                                              session.device, naming=session.naming)
                 adapters[cfg.name].load_peft(out / cfg.name, label="adapter")
@@ -337,13 +337,13 @@ def note_unsaved_adapters(out: Path, names: list[str]) -> None:
     "base"); a note says so up front: of the whole output_dir when it is missing (likely a
     typo), else of each such adapter, naming the adapters saved there that the config does
     not (one renamed since it was trained is no longer evaluated with its weights)."""
-    from mlora.adapter import WEIGHTS_NAME
+    from mlora.adapter import has_saved_weights
 
     if not out.exists():
         print(f"mlora: note: output_dir {out} does not exist: every adapter is evaluated on the bare base",
               file=sys.stderr)
         return
-    unsaved = [name for name in names if not (out / name / WEIGHTS_NAME).is_file()]
+    unsaved = [name for name in names if not has_saved_weights(out / name)]
     if unsaved:
         which = (f"adapter {unsaved[0]!r} has" if len(unsaved) == 1
                  else f"adapters {', '.join(map(repr, unsaved))} have")
@@ -354,11 +354,11 @@ def note_unsaved_adapters(out: Path, names: list[str]) -> None:
 def saved_elsewhere(out: Path, names: Iterable[str]) -> str:
     """The end of a line naming the adapters saved in `out` that the config (`names`) does not
     name, renamed or removed since they were trained; "" when there are none."""
-    from mlora.adapter import WEIGHTS_NAME
+    from mlora.adapter import has_saved_weights
 
     named = set(names)
     try:
-        others = sorted(d.name for d in out.iterdir() if d.name not in named and (d / WEIGHTS_NAME).is_file())
+        others = sorted(d.name for d in out.iterdir() if d.name not in named and has_saved_weights(d))
     except OSError:  # (an unreadable output_dir: the line goes without it)
         return ""
     if not others:
@@ -504,10 +504,10 @@ def generate_job(args, session) -> GenerateJob:
 def check_saved(names: Iterable[str], out: Path, configured: list[str]) -> None:
     """generate's chosen adapters (`names`) each have weights saved in `out`; the adapters of the
     config are `configured`."""
-    from mlora.adapter import WEIGHTS_NAME
+    from mlora.adapter import has_saved_weights
 
     for name in names:
-        if not (out / name / WEIGHTS_NAME).is_file():
+        if not has_saved_weights(out / name):
             elsewhere = saved_elsewhere(out, configured) if out.is_dir() else ""
             raise UserError(f"adapter {name!r}: nothing saved in {out / name} (train it first, or point "
                             f"--output_dir at where it was saved){elsewhere}")

@@ -404,6 +404,62 @@ def test_eval_prints_nothing_when_a_later_adapter_is_refused(fused_run, tiny_lla
     assert captured.out == "" and "its r is" in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
+def test_eval_reads_an_adapter_saved_in_fp8(fused_run, tiny_llama, capsys, tmp_path):
+    """An adapter whose tensors are float8 (torch has no isfinite for them): eval copies them
+    into its fp32 weights, as PEFT does, and gives the loss of those values saved in fp32 (it
+    ended in a NotImplementedError traceback)."""
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    name = cfg["lora"][0]["name"]
+    tensors = load_file(out / name / "adapter_model.safetensors")
+    losses = []
+    for dtype in (torch.float8_e4m3fn, torch.float32):
+        saved = tmp_path / str(dtype) / name
+        saved.mkdir(parents=True)
+        (saved / "adapter_config.json").write_text((out / name / "adapter_config.json").read_text())
+        save_file({k: v.to(torch.float8_e4m3fn).to(dtype) for k, v in tensors.items()}, saved / "adapter_model.safetensors")
+        capsys.readouterr()
+        assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--output_dir",
+                     str(saved.parent), "--no_progress"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines[0]["weights"] == str(saved)
+        losses.append(lines[0]["loss"])
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("saved_as", ["pickle", "directory"])
+def test_eval_and_generate_refuse_weights_they_cannot_read(fused_run, tiny_llama, capsys, tmp_path, saved_as):
+    """An adapter saved by PEFT with safe_serialization=False (adapter_model.bin), or a directory
+    named adapter_model.safetensors: eval gave the bare base's loss ("weights": "base") with a
+    note that nothing was saved, generate said to train it first. Now one line naming it."""
+    import shutil
+
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    name = cfg["lora"][0]["name"]
+    saved = tmp_path / "out" / name
+    shutil.copytree(out / name, saved)
+    weights = saved / "adapter_model.safetensors"
+    if saved_as == "pickle":
+        torch.save(load_file(weights), saved / "adapter_model.bin")
+        weights.unlink()
+        fragment = f"{saved}: its weights are in adapter_model.bin (PEFT's save_pretrained with safe_serialization=False)"
+    else:
+        weights.unlink()
+        weights.mkdir()
+        fragment = f"{weights} is not a file"
+    mine = tmp_path / "cfg.json"
+    mine.write_text(json.dumps({**cfg, "lora": cfg["lora"][:1]}))
+    for command in ("eval", "generate"):
+        extra = ["--prompt", "hi"] if command == "generate" else []
+        capsys.readouterr()
+        assert main([command, "--base_model", str(tiny_llama), "--config", str(mine), "--output_dir",
+                     str(saved.parent), "--no_progress", *extra]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert captured.out == "" and len(err) == 1 and err[0].startswith(f"mlora: error: {fragment}"), err
+
+
 @pytest.mark.parametrize("fmt", ["alpaca", "chat", "text"])
 def test_generate_equals_transformers_plus_peft_greedy(fused_run, tiny_llama, capsys, tokenizer, fmt):
     """`mlora generate`: every adapter completes every prompt, all rows in one fused batch

@@ -344,10 +344,10 @@ def saved_adapters(cfg) -> dict[str, str]:
     """{name: a digest of its files} for each adapter of `cfg` with weights saved in
     output_dir/<name>: the adapters `mlora eval` loads (the others are evaluated on the bare
     base). Every rank loads its part from its own output_dir, so the ranks compare these."""
-    from mlora.adapter import WEIGHTS_NAME, adapter_files_digest
+    from mlora.adapter import adapter_files_digest, has_saved_weights
 
     return {a.name: adapter_files_digest(Path(cfg.output_dir) / a.name) for a in cfg.lora
-            if (Path(cfg.output_dir) / a.name / WEIGHTS_NAME).is_file()}
+            if has_saved_weights(Path(cfg.output_dir) / a.name)}
 
 
 def check_same_adapters(transport, cfg, saved: dict[str, str]) -> None:
