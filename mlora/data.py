@@ -297,10 +297,9 @@ def _parse_jsonl(path: Path, text: str) -> Rows:
         try:
             row = decoder.decode(line)
         except json.JSONDecodeError as e:
-            if lineno == 1 and path.suffix != ".jsonl" and line.strip() == "{":
-                # A pretty-printed object: the file is one JSON value spread over lines.
-                raise UserError(f"{path}: expected a JSON array of row objects or one object per line "
-                                f"(JSONL); the file starts a multi-line object") from None
+            whole = _one_json_value(text)
+            if isinstance(whole, (dict, list)):  # valid JSON, but not rows one per line
+                raise UserError(f"{path}: {_not_jsonl(whole, path)}") from None
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         except RecursionError:  # json's decoder recurses per level: ~1000 nested brackets end the stack
             raise UserError(f"{path}:{lineno}: JSON nested too deeply to read") from None
@@ -313,6 +312,27 @@ def _parse_jsonl(path: Path, text: str) -> Rows:
         rows.append(row)
         rows.lines.append(lineno)
     return rows
+
+
+def _one_json_value(text: str):
+    """The whole text as one JSON value, or None when it is not one (for a message only)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
+        return None
+
+
+def _not_jsonl(value: dict | list, path: Path) -> str:
+    """What to say of a file read as JSONL that is one JSON object or array over several lines:
+    its first line used to be "malformed JSON (Expecting value)" unless it was a lone "{"."""
+    if isinstance(value, list):  # (a .jsonl name; a .json file starting with "[" is read as an array)
+        return (f"expected one object per line (JSONL, as its {path.suffix} name says); the file is one JSON "
+                f"array over several lines: name it .json")
+    keys = ", ".join(map(repr, list(value)[:5])) + (", ..." if len(value) > 5 else "")
+    listed = next((key for key, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
+    hint = f": its {listed!r} holds {len(value[listed])} objects, which could be the file's rows" if listed else ""
+    return (f"expected a JSON array of row objects or one object per line (JSONL); the file is one multi-line "
+            f"object (keys {keys or 'none'}){hint}")
 
 
 def _parse_json_array(path: Path, text: str) -> Rows:

@@ -540,6 +540,25 @@ def test_a_pretty_printed_object_is_not_called_malformed(setup, tiny_llama, caps
     check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, "multi-line object")
 
 
+@pytest.mark.parametrize("layout", ["object holding the rows", "array named .jsonl"])
+def test_a_json_value_over_several_lines_is_not_called_malformed(setup, tiny_llama, capsys, layout):
+    """A file that is valid JSON but neither rows one per line nor an array read as one: an
+    object whose first line is not a lone "{" ({"data": [ ...), or an array in a .jsonl file.
+    Its first line was "malformed JSON (Expecting value)"."""
+    tmp, _, out, config = setup
+    if layout == "array named .jsonl":
+        data = tmp / "rows.jsonl"
+        data.write_text("[" + ",\n".join(json.dumps(row) for row in GOOD_ROWS) + "]\n")
+        fragments = [f"{data}: expected one object per line (JSONL, as its .jsonl name says); the file is one JSON "
+                     "array over several lines: name it .json"]
+    else:
+        data = tmp / "rows.json"
+        data.write_text('{"data": [\n' + ",\n".join(json.dumps(row) for row in GOOD_ROWS) + "\n]}\n")
+        fragments = [f"{data}: expected a JSON array of row objects or one object per line (JSONL); the file is "
+                     f"one multi-line object (keys 'data'): its 'data' holds {len(GOOD_ROWS)} objects"]
+    check(*run_train(capsys, tiny_llama, config({"data": str(data)})), out, *fragments)
+
+
 def test_base_model_that_is_a_file(setup, capsys, tmp_path):
     _, data, out, config = setup
     check(*run_train(capsys, data, config()), out, "is a file, not a directory")
