@@ -353,9 +353,14 @@ def note_unsaved_adapters(out: Path, names: list[str]) -> None:
 
 def saved_elsewhere(out: Path, names: Iterable[str]) -> str:
     """The end of a line naming the adapters saved in `out` that the config (`names`) does not
-    name, renamed or removed since they were trained; "" when there are none."""
+    name, renamed or removed since they were trained, or saying that `out` is itself one
+    adapter's directory (--output_dir out/a for out: the line said only that nothing was saved
+    in it); "" when there are none."""
     from mlora.adapter import has_saved_weights
 
+    if has_saved_weights(out):
+        return (f"; {out} is itself a saved adapter's directory: --output_dir takes the one holding the adapters' "
+                f"directories ({out.parent}?)")
     named = set(names)
     try:
         others = sorted(d.name for d in out.iterdir() if d.name not in named and has_saved_weights(d))

@@ -303,6 +303,21 @@ def test_eval_and_generate_on_adapters_renamed_or_retargeted_since_training(fuse
             "k_proj, q_proj in the config)"), err
 
 
+def test_eval_and_generate_given_an_adapters_own_directory_as_output_dir(fused_run, tiny_llama, capsys):
+    """--output_dir out/a where out was meant: the adapters are looked for inside out/a, where
+    nothing is; eval's note (the bare base's loss, as documented) and generate's line said only
+    that nothing was saved there. Both now say that out/a is itself an adapter's directory."""
+    _, out, cfg_path = fused_run
+    hint = f"; {out / 'a'} is itself a saved adapter's directory: --output_dir takes the one holding the adapters' " \
+           f"directories ({out}?)"
+    for command, code, extra in (("eval", 0, []), ("generate", 2, ["--prompt", "hi", "--adapters", "a"])):
+        capsys.readouterr()
+        assert main([command, "--base_model", str(tiny_llama), "--config", str(cfg_path), "--output_dir",
+                     str(out / "a"), "--no_progress", *extra]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(hint), err
+
+
 def test_eval_into_a_closed_pipe_stops_quietly(fused_run, tiny_llama):
     """`mlora eval ... | head -1`: the reader leaves before the output is written; mlora stops
     with 128 + SIGPIPE and no traceback (it printed a BrokenPipeError one)."""
