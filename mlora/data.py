@@ -380,6 +380,7 @@ class PromptTemplate:
 
 
 _PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
+_UNFILLED = re.compile(r"\{((?!(?:instruction|input|output)\})\w+)\}")  # a braced word that is no placeholder
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -432,6 +433,13 @@ def _parse_template(path: Path) -> PromptTemplate:
             raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder")
         if value.count("{output}") > 1:
             raise UserError(f"{path}: '{key}' has more than one {{output}} placeholder")
+        for word in _UNFILLED.findall(value):
+            # A misspelt placeholder ({inptu}, {Output}) stayed in every prompt as text; the
+            # tools whose templates these are (alpaca-lora's and m-LoRA's str.format) fail on it.
+            # Other braced words ({name}) may be the template's own text: they stay literal.
+            if guess := _near(word, ("instruction", "input", "output")):
+                raise UserError(f"{path}: '{key}' has a placeholder {{{word}}}; did you mean {{{guess[0]}}}? "
+                                f"(the placeholders are {{instruction}}, {{input}} and {{output}})")
         try:
             check_unicode(value, f"'{key}'")
         except UserError as e:

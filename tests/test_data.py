@@ -323,6 +323,23 @@ def test_template_errors(tmp_path):
     assert str(err.value) == f"{twice}: key 'prompt' appears twice in the same JSON object"
 
 
+def test_a_misspelt_placeholder_is_refused(tmp_path):
+    """{inptu} or {Output} stayed in every rendered prompt as text, without a word (alpaca-lora's
+    and m-LoRA's str.format fail on it); a braced word unlike the placeholders stays literal."""
+    for key, text, word, meant in (("prompt", "{instruction} {inptu} {input}", "inptu", "input"),
+                                   ("prompt_no_input", "{instruction}\n{Output}", "Output", "output")):
+        template = {"prompt": "{instruction} {input}", "prompt_no_input": "{instruction}", key: text}
+        path = tmp_path / f"{word}.json"
+        path.write_text(json.dumps(template))
+        with pytest.raises(UserError) as err:
+            load_template(str(path))
+        assert str(err.value) == (f"{path}: '{key}' has a placeholder {{{word}}}; did you mean {{{meant}}}? (the "
+                                  "placeholders are {instruction}, {input} and {output})")
+    literal = tmp_path / "literal.json"
+    literal.write_text(json.dumps({"prompt": "{instruction} {input} {name}", "prompt_no_input": "{instruction} {x}"}))
+    assert load_template(str(literal)).render("a", "b")[0] == "a b {name}"
+
+
 def test_braces_in_user_text_stay_literal(tokenizer, alpaca):
     row = {"instruction": "fill {input} and {0} and {", "input": "x {instruction} }",
            "output": "{output} {}"}
