@@ -254,7 +254,8 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
              f"{session.device} in {dtype}; weights not read, nothing written ({seconds:.1f} s)"]
     lines += adapter_lines(cfg, adapters)
     lines.append(f"  fused batches: {batches.batches} ({cfg.train_strategy}, up to "
-                 f"{cfg.train_lora_simultaneously_num} adapters each{', packed rows' if cfg.packing else ''}); "
+                 f"{cfg.train_lora_simultaneously_num} adapter{'s' if cfg.train_lora_simultaneously_num != 1 else ''} "
+                 f"each{', packed rows' if cfg.packing else ''}); "
                  f"padding {batches.padding_fraction:.1%} of {batches.padded_tokens} tokens")
     over = (f"; {batches.over_budget} batches above it (micro-batches larger than it run alone)"
             if batches.over_budget else "")

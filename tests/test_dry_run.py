@@ -42,7 +42,8 @@ STRATEGIES = {
     "optimal-fit": dict(train_strategy="optimal-fit", train_lora_candidate_num=2, train_lora_simultaneously_num=2,
                         max_tokens_per_batch=100, packing=True),
     # one adapter admitted at a time, a stopping mid-epoch (max_steps 4 of 3 a epoch), c after 1 step
-    "max_steps": dict(train_strategy="fast-fit", train_lora_candidate_num=1, max_tokens_per_batch=120),
+    "max_steps": dict(train_strategy="fast-fit", train_lora_candidate_num=1, train_lora_simultaneously_num=1,
+                      max_tokens_per_batch=120),
 }
 MAX_STEPS = {"a": 4, "c": 1}
 
@@ -60,6 +61,7 @@ def test_plan_is_what_training_does(tiny_llama, tmp_path, capsys, monkeypatch, s
     assert code == 0, err
     if strategy == "max_steps":
         assert [(a["steps"], a["epochs"]) for a in plan["adapters"]] == [(4, 2), (6, 2), (1, 1)]
+        assert "(fast-fit, up to 1 adapter each)" in err
     assert not out.exists()  # nothing written, not even the directory
     assert "fused batches" in err and "estimated peak memory" in err
 
