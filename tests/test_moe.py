@@ -419,6 +419,7 @@ def test_recompute_and_a_quantized_base_with_expert_lora(tmp_path):
     for key, g in plain.items():
         assert (again[key] - g).abs().max() <= 1e-5 * g.abs().max(), key
 
+    pytest.importorskip("bitsandbytes")  # (the 4-bit half; the recompute half above runs without it)
     model = load_model(base, "cpu", torch.float32, quant=QuantConfig(4))
     moe = model.model.layers["0"].mlp
     assert type(moe.experts[3].down_proj) is not torch.nn.Linear and type(moe.gate) is torch.nn.Linear
@@ -604,7 +605,11 @@ def test_a_block_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, c
     is read, and any other stored quantization is refused with one line."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
-    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+    # (a private helper of transformers' FP8 code, added after 5.17: older releases skip this reference)
+    _dequantize_fp8_weight = getattr(pytest.importorskip("transformers.integrations.finegrained_fp8"),
+                                     "_dequantize_fp8_weight", None)
+    if _dequantize_fp8_weight is None:
+        pytest.skip("this transformers has no finegrained_fp8._dequantize_fp8_weight to compare against")
 
     base = make_tiny_model(tmp_path / "full", "deepseek_v3")
     tensors = load_file(base / "model.safetensors")
