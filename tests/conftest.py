@@ -428,7 +428,10 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32):
 
         return Mistral4ForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     if config.get("position_embedding") != "alibi":
-        return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype).eval()
+        # Gemma 2's soft-capped attention scores run only in the eager attention: transformers 5.17
+        # picks SDPA for it, which drops the cap (5.24 no longer offers SDPA for Gemma 2)
+        extra = {"attn_implementation": "eager"} if config.get("model_type") == "gemma2" else {}
+        return AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype, **extra).eval()
     _register_alibi_attention()
     model = AutoModelForCausalLM.from_pretrained(str(reference_dir(path)), dtype=dtype,
                                                  attn_implementation="alibi_eager").eval()

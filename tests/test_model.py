@@ -794,9 +794,7 @@ def test_rounds_as_transformers_in_bf16(tmp_path, family):
     extra.setdefault("num_hidden_layers", 3)
     path = make_tiny_model(tmp_path, family, hidden_size=72, **extra)
     ours = load_model(path, "cpu", torch.bfloat16)
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    ref = load_reference(path, torch.bfloat16)
     ids = torch.randint(3, ours.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
     # (Llama 4: RoPE in fp32, its query scale in fp32 then cast, its router's sigmoid in fp32; right
     # padding: transformers' query scale counts a left-padded row's columns)
