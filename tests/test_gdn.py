@@ -222,7 +222,9 @@ def test_cached_decoding_bf16_matches_transformers():
     cache = KVCache()
     with torch.no_grad():
         for at, n in ((0, 10), (10, 1), (11, 1)):
-            theirs = ref(x[:, at:at + n], cache=hf_cache)
+            # (by position: transformers 5.17 names it cache_params, 5.24 cache; a wrong name
+            # would vanish into **kwargs and run without the cache)
+            theirs = ref(x[:, at:at + n], hf_cache)
             mine = ours(x[:, at:at + n], None, cache)
             assert _max_diff(mine, theirs) == 0
         assert cache.states[0][0].dtype == torch.bfloat16
