@@ -295,6 +295,7 @@ def test_fp16_on_the_cpu_says_it_is_slow(tmp_path, tiny_llama, capsys, dtype):
 
 def test_a_4bit_compute_dtype_is_noted_on_its_own(tmp_path, tiny_llama, capsys):
     """--compute_dtype fp16 on the CPU under an fp32 run gets the note too, naming its flag."""
+    pytest.importorskip("bitsandbytes")  # (a 4-bit base's session needs it)
     from mlora.session import open_session
 
     from test_train import make_config
