@@ -554,6 +554,16 @@ def test_pipeline_leaves_a_step_with_no_token_to_learn_as_one_process_does(tmp_p
     assert any(m["loss"] is None for m in read_metrics(tmp_path / "pipe" / "metrics.jsonl") if m.get("adapter") == "z")
 
 
+def test_last_stage_summary_names_every_adapter():
+    """The last stage's "last loss" lines name every adapter in the config's order; one that took
+    no step with a token to learn (no loss recorded) is "n/a", as one process prints it (it
+    was left out)."""
+    from mlora.pipeline.run import last_loss_lines
+
+    assert last_loss_lines(["a", "z", "b"], {"b": 0.5, "a": 1.23456}) == [
+        "a: last loss 1.2346", "z: last loss n/a", "b: last loss 0.5000"]
+
+
 def test_segments_cut_at_multiples_of_each_period():
     """Cuts after every multiple of save_step or of an eval_step (not of their gcd: 4 and 6
     would otherwise drain after every second step), none after the last step."""

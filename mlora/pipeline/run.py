@@ -224,9 +224,17 @@ def train_pipeline(args) -> int:
             best = best_note(result["best"].get(a.name), saved) if a.save_best else ""
             print(f"{a.name}: saved to {saved}{best}{early_stop_note(result['early_stopped'].get(a.name))}")
     if place.rank == place.world_size - 1:
-        for name, loss in result["losses"].items():
-            print(f"{name}: last loss {loss:.4f}")
+        for line in last_loss_lines([a.name for a in session.cfg.lora], result["losses"]):
+            print(line)
     return 0
+
+
+def last_loss_lines(names: list[str], losses: dict[str, float]) -> list[str]:
+    """The last stage's summary: each adapter's loss of its last step that had a token to learn,
+    "n/a" for one that took none (max_steps ending on steps whose rows were all cut by
+    cutoff_len, or an adapter stopped before its first step), as one process says it."""
+    return [f"{name}: last loss {'n/a' if losses.get(name) is None else format(losses[name], '.4f')}"
+            for name in names]
 
 
 class StartupError:
