@@ -22,13 +22,14 @@ from mlora.lora import ALL_TARGET_MODULES, LoraLinear, LoraWeights, module_seed
 from mlora.loss_scale import LossScale
 from mlora.lr_schedule import lr_factor, warmup_steps
 from mlora.models.naming import Naming
+from mlora.pickled_weights import read_pickled_weights
 
 # PEFT prefixes every LoRA tensor name with this (the PeftModel -> base model path).
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-# PEFT's weights saved with safe_serialization=False (its default before safetensors): PEFT
-# loads them, mlora does not read pickles (has_saved_weights, read_peft_weights)
+# PEFT's weights saved with safe_serialization=False (its default before safetensors), read
+# when there is no WEIGHTS_NAME beside them, as PEFT does (saved_weights_file)
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
@@ -495,7 +496,7 @@ class Adapter:
         # (every rank of a pipeline refuses, whichever layer the bias is of)
         bias = next((name for name in sorted(tensors) if name.endswith(".bias")), None)
         if bias is not None:
-            raise UserError(f"{directory / WEIGHTS_NAME}: tensor {bias} is a trained bias of the base model "
+            raise UserError(f"{saved_weights_file(directory)}: tensor {bias} is a trained bias of the base model "
                             f"(its bias is {peft_cfg.get('bias', 'none')!r}), which mlora does not support")
         expected = self.peft_state_dict()
         missing = sorted(set(expected) - set(tensors))
@@ -581,12 +582,13 @@ def _module_sort_key(path: str, leaf: str) -> tuple:
 
 
 def adapter_files_digest(directory: str | os.PathLike) -> str:
-    """A digest of what an adapter directory's two PEFT files hold (a file that cannot be read
-    counts as its error): pipeline ranks compare their copies of the same adapter by it."""
+    """A digest of what an adapter directory's two PEFT files hold, its weights being the file
+    read_peft_weights reads (a file that cannot be read counts as its error): pipeline ranks
+    compare their copies of the same adapter by it."""
     import hashlib
 
     h = hashlib.sha256()
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
+    for name in (saved_weights_file(directory).name, CONFIG_NAME):
         try:
             with open(Path(directory) / name, "rb") as f:
                 while block := f.read(1 << 20):
@@ -732,19 +734,29 @@ def has_saved_weights(directory: str | os.PathLike) -> bool:
     that name, or PEFT's pickled adapter_model.bin. Reading then works or says in one line why
     not; a .bin adapter, or a directory by that name, used to count as nothing saved: eval gave
     the bare base's loss, told "nothing saved", and generate said to train it first."""
+    return os.path.lexists(saved_weights_file(directory))
+
+
+def saved_weights_file(directory: str | os.PathLike) -> Path:
+    """The file of an adapter directory that holds its weights, as PEFT picks it: its
+    adapter_model.safetensors when anything is under that name (a directory there is refused
+    in reading, not passed over), else its pickled adapter_model.bin when anything is under
+    that name, else the adapter_model.safetensors that is not there."""
     directory = Path(directory)
-    return os.path.lexists(directory / WEIGHTS_NAME) or os.path.lexists(directory / PICKLED_WEIGHTS_NAME)
+    if not os.path.lexists(directory / WEIGHTS_NAME) and os.path.lexists(directory / PICKLED_WEIGHTS_NAME):
+        return directory / PICKLED_WEIGHTS_NAME
+    return directory / WEIGHTS_NAME
 
 
 def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = Path(directory) / WEIGHTS_NAME
-    if not os.path.lexists(path) and (Path(directory) / PICKLED_WEIGHTS_NAME).is_file():
-        raise UserError(f"{directory}: its weights are in {PICKLED_WEIGHTS_NAME} (PEFT's save_pretrained with "
-                        f"safe_serialization=False), a pickle, which mlora does not read: save the adapter with "
-                        f"PEFT's default safe_serialization=True ({WEIGHTS_NAME})")
+    """{tensor name: tensor} of an adapter directory's weights (saved_weights_file), or a
+    UserError naming the file."""
+    path = saved_weights_file(directory)
     if not path.is_file():
-        raise UserError(f"{directory}: no {WEIGHTS_NAME}" if not os.path.lexists(path)
+        raise UserError(f"{directory}: no {WEIGHTS_NAME} (nor {PICKLED_WEIGHTS_NAME})" if not os.path.lexists(path)
                         else f"{path} is not a file (an adapter's weights)")
+    if path.name == PICKLED_WEIGHTS_NAME:
+        return read_pickled_weights(path)
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for corrupt files

@@ -220,11 +220,6 @@ def test_saved_adapter_loads_in_peft_with_same_logits(fused_run, tiny_llama, nam
 
 
 def test_eval_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, tokenizer):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from mlora.data import encode_rows, load_rows, load_template
-
     tmp, out, cfg_path = fused_run
     capsys.readouterr()
     assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress"]) == 0
@@ -232,23 +227,34 @@ def test_eval_equals_transformers_plus_peft(fused_run, tiny_llama, capsys, token
     assert [line["adapter"] for line in lines] == ["a", "b", "c"]
     cfg = json.loads(cfg_path.read_text())
     for line, adapter_cfg in zip(lines, cfg["lora"]):
-        name = adapter_cfg["name"]
-        rows = load_rows(adapter_cfg["data"])
-        examples = encode_rows(rows, tokenizer, load_template(adapter_cfg["prompt"]), cfg["cutoff_len"], False)
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, out / name).eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for ex in examples:  # one row at a time: no padding in the reference
-                ids = torch.tensor([ex.input_ids])
-                labels = torch.tensor([ex.labels])
-                logits = model(ids).logits[0, :-1]
-                target = labels[0, 1:]
-                ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
-                total += ce.item()
-                count += int((target != -100).sum())
+        loss, count = peft_eval_loss(tiny_llama, out / adapter_cfg["name"], adapter_cfg, cfg["cutoff_len"], tokenizer)
         assert line["tokens"] == count
-        assert line["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert line["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def peft_eval_loss(tiny_llama, adapter_dir, adapter_cfg, cutoff_len, tokenizer) -> tuple[float, int]:
+    """(mean token cross-entropy, label tokens) of transformers + PEFT with the adapter saved in
+    `adapter_dir` over the adapter's training rows: what `mlora eval` must print."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlora.data import encode_rows, load_rows, load_template
+
+    rows = load_rows(adapter_cfg["data"])
+    examples = encode_rows(rows, tokenizer, load_template(adapter_cfg["prompt"]), cutoff_len, False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:  # one row at a time: no padding in the reference
+            ids = torch.tensor([ex.input_ids])
+            labels = torch.tensor([ex.labels])
+            logits = model(ids).logits[0, :-1]
+            target = labels[0, 1:]
+            ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            total += ce.item()
+            count += int((target != -100).sum())
+    return total / count, count
 
 
 
@@ -442,11 +448,80 @@ def test_eval_reads_an_adapter_saved_in_fp8(fused_run, tiny_llama, capsys, tmp_p
     assert losses[0] == losses[1]
 
 
-@pytest.mark.parametrize("saved_as", ["pickle", "directory"])
-def test_eval_and_generate_refuse_weights_they_cannot_read(fused_run, tiny_llama, capsys, tmp_path, saved_as):
-    """An adapter saved by PEFT with safe_serialization=False (adapter_model.bin), or a directory
-    named adapter_model.safetensors: eval gave the bare base's loss ("weights": "base") with a
-    note that nothing was saved, generate said to train it first. Now one line naming it."""
+def save_as_peft_bin(adapter_dir: Path, target: Path, tiny_llama) -> Path:
+    """The adapter of `adapter_dir` saved again by PEFT into `target` with
+    safe_serialization=False: adapter_model.bin, as older adapters on the Hub are."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    PeftModel.from_pretrained(base, adapter_dir).save_pretrained(target, safe_serialization=False)
+    assert (target / "adapter_model.bin").is_file() and not (target / "adapter_model.safetensors").exists()
+    return target
+
+
+def test_eval_and_generate_read_an_adapter_peft_saved_as_bin(fused_run, tiny_llama, capsys, tmp_path, tokenizer):
+    """An adapter saved by PEFT with safe_serialization=False (adapter_model.bin) evaluates to
+    PEFT's own loss from that directory and generates what its safetensors copy does; beside an
+    adapter_model.safetensors, the .bin is not read (PEFT reads the safetensors one too)."""
+    import shutil
+
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    adapter_cfg = next(a for a in cfg["lora"] if a["name"] == "b")  # every target module
+    mine = tmp_path / "cfg.json"
+    mine.write_text(json.dumps({**cfg, "lora": [adapter_cfg]}))
+    pickled = save_as_peft_bin(out / "b", tmp_path / "pickled" / "b", tiny_llama)
+    both = tmp_path / "both" / "b"
+    shutil.copytree(out / "b", both)  # the trained safetensors, and a .bin whose B are all zero
+    torch.save({k: torch.zeros_like(v) if "lora_B" in k else v
+                for k, v in load_file(out / "b" / "adapter_model.safetensors").items()}, both / "adapter_model.bin")
+    for saved in (pickled, both):
+        capsys.readouterr()
+        assert main(["eval", "--base_model", str(tiny_llama), "--config", str(mine), "--output_dir",
+                     str(saved.parent), "--no_progress"]) == 0
+        line = json.loads(capsys.readouterr().out)
+        loss, count = peft_eval_loss(tiny_llama, saved, adapter_cfg, cfg["cutoff_len"], tokenizer)
+        assert line["weights"] == str(saved) and line["tokens"] == count
+        assert line["loss"] == pytest.approx(loss, rel=1e-5)
+    outputs = []
+    for where in (out, pickled.parent):
+        capsys.readouterr()
+        assert main(["generate", "--base_model", str(tiny_llama), "--config", str(mine), "--output_dir", str(where),
+                     "--max_new_tokens", "6", "--base", "--prompt", "count to three please"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[0]["output"] != outputs[0]["base_output"]
+
+
+def test_init_from_an_adapter_peft_saved_as_bin_starts_from_its_weights(fused_run, tiny_llama, tmp_path):
+    _, out, cfg_path = fused_run
+    cfg = json.loads(cfg_path.read_text())
+    start = save_as_peft_bin(out / "a", tmp_path / "start", tiny_llama)
+    lora = {**cfg["lora"][0], "init_from": str(start), "lr": 1e-12, "max_steps": 1}
+    mine = tmp_path / "cfg.json"
+    mine.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "out"), "lora": [lora]}))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(mine), "--no_progress"]) == 0
+    trained = load_file(out / "a" / "adapter_model.safetensors")
+    assert rel_diff(load_file(tmp_path / "out" / "a" / "adapter_model.safetensors"), trained) < 1e-6
+
+
+class RunsCodeWhenUnpickled:
+    """What a malicious adapter_model.bin may hold: unpickled without weights_only, it creates
+    the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("saved_as", ["object", "nested", "damaged", "directory"])
+def test_eval_generate_and_init_from_refuse_weights_they_cannot_read(fused_run, tiny_llama, capsys, tmp_path,
+                                                                     saved_as):
+    """An adapter_model.bin holding an object that weights_only refuses (never run), a nested
+    dict or damaged bytes, or a directory named adapter_model.safetensors: one line naming it
+    (eval gave the bare base's loss for both, generate said to train it first)."""
     import shutil
 
     _, out, cfg_path = fused_run
@@ -455,24 +530,38 @@ def test_eval_and_generate_refuse_weights_they_cannot_read(fused_run, tiny_llama
     saved = tmp_path / "out" / name
     shutil.copytree(out / name, saved)
     weights = saved / "adapter_model.safetensors"
-    if saved_as == "pickle":
-        torch.save(load_file(weights), saved / "adapter_model.bin")
-        weights.unlink()
-        fragment = f"{saved}: its weights are in adapter_model.bin (PEFT's save_pretrained with safe_serialization=False)"
+    tensors = load_file(weights)
+    weights.unlink()
+    pickled = saved / "adapter_model.bin"
+    marker = tmp_path / "unpickled"
+    if saved_as == "object":
+        torch.save({**tensors, "x": RunsCodeWhenUnpickled(marker)}, pickled)
+        fragment = f"{pickled}: not a file of tensors alone (Unsupported global: GLOBAL io.open"
+    elif saved_as == "nested":
+        torch.save({"base_model.model": tensors}, pickled)
+        fragment = f"{pickled}: 'base_model.model' holds a dict, not a tensor"
+    elif saved_as == "damaged":
+        torch.save(tensors, pickled)
+        pickled.write_bytes(pickled.read_bytes()[:100])
+        fragment = f"{pickled}: cannot read ("
     else:
-        weights.unlink()
         weights.mkdir()
         fragment = f"{weights} is not a file"
     mine = tmp_path / "cfg.json"
     mine.write_text(json.dumps({**cfg, "lora": cfg["lora"][:1]}))
-    for command in ("eval", "generate"):
-        extra = ["--prompt", "hi"] if command == "generate" else []
+    training = tmp_path / "train.json"
+    training.write_text(json.dumps({**cfg, "output_dir": str(tmp_path / "trained"),
+                                    "lora": [{**cfg["lora"][0], "init_from": str(saved)}]}))
+    for command, config, extra in (("eval", mine, ["--output_dir", str(saved.parent)]),
+                                   ("generate", mine, ["--output_dir", str(saved.parent), "--prompt", "hi"]),
+                                   ("train", training, [])):
         capsys.readouterr()
-        assert main([command, "--base_model", str(tiny_llama), "--config", str(mine), "--output_dir",
-                     str(saved.parent), "--no_progress", *extra]) == 2
+        assert main([command, "--base_model", str(tiny_llama), "--config", str(config), "--no_progress",
+                     *extra]) == 2
         captured = capsys.readouterr()
         err = captured.err.strip().splitlines()
         assert captured.out == "" and len(err) == 1 and err[0].startswith(f"mlora: error: {fragment}"), err
+    assert not marker.exists() and not (tmp_path / "trained").exists()
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "chat", "text"])
