@@ -1054,6 +1054,38 @@ def test_pipeline_eval_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, pip
                                     "them on rank 0's host only)")
 
 
+def pickled_copy(out: Path, target: Path) -> Path:
+    """A copy of output_dir `out` at `target` whose adapters hold their weights as PEFT's pickled
+    adapter_model.bin (safe_serialization=False) instead of adapter_model.safetensors."""
+    import shutil
+
+    shutil.copytree(out, target)
+    for weights in target.glob("*/adapter_model.safetensors"):
+        torch.save(load_file(weights), weights.with_name("adapter_model.bin"))
+        weights.unlink()
+    return target
+
+
+def test_pipeline_eval_reads_and_compares_pickled_adapters(tmp_path, pipe_model, eval_job, monkeypatch):
+    """Adapters saved as adapter_model.bin: the pipeline prints what one process prints of their
+    safetensors copies; a rank whose p1.bin holds other weights is refused (the ranks compared a
+    digest of the missing safetensors file, the same for any two .bin adapters)."""
+    cfg, out = eval_job
+    pickled = pickled_copy(out, tmp_path / "pickled")
+    code, single, _ = single_eval(monkeypatch, pipe_model, cfg, out)
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [pickled, pickled], [3, 4])
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    assert_same_lines(single.replace(str(out), str(pickled)), ranks[0][1])
+    other = pickled_copy(out, tmp_path / "other")
+    tensors = torch.load(other / "p1" / "adapter_model.bin", weights_only=True)
+    torch.save({k: v * 2 for k, v in tensors.items()}, other / "p1" / "adapter_model.bin")
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [pickled, other], [3, 4])
+    for code, stdout, stderr in ranks:
+        assert (code, stdout) == (3, "")
+        assert one_line(stderr).startswith("mlora: pipeline error: rank 1 has other saved weights of adapter 'p1' "
+                                           "than rank 0")
+
+
 def assert_rank_1s_line_on_every_rank(ranks: list[tuple[int, str, str]], line: str) -> None:
     """Rank 1 failed with `line` (mlora's one line), rank 0 with the same line naming rank 1."""
     assert one_line(ranks[1][2]) == line
