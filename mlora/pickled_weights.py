@@ -32,8 +32,12 @@ def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{path}: {name!r} holds a {type(value).__name__}, not a tensor "
                             f"(PEFT saves a flat dict of tensor names to tensors)")
-        if value.layout != torch.strided:  # (a sparse tensor cannot be copied into a LoRA weight)
-            raise UserError(f"{path}: tensor {name} is not a dense tensor (its layout is {value.layout})")
+        # (what cannot be copied into a LoRA weight; a nested tensor's layout may be strided too)
+        kind = ("a meta tensor (no values)" if value.is_meta else "a nested tensor" if value.is_nested
+                else "a quantized tensor" if value.is_quantized
+                else f"a {value.layout} tensor" if value.layout != torch.strided else None)
+        if kind is not None:
+            raise UserError(f"{path}: tensor {name} is {kind}, not a dense tensor of values")
     # (a Parameter, as a state dict saved whole may hold, read as its plain tensor)
     return {name: value.detach() for name, value in loaded.items()}
 

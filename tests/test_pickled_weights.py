@@ -33,7 +33,10 @@ def test_a_state_dict_of_parameters_reads_as_its_tensors(tmp_path):
     ([torch.ones(2)], "holds a list, not PEFT's dict"),
     ({0: torch.ones(2)}, "holds the key 0, not a tensor name"),
     ({NAME: 1.5}, f"{NAME!r} holds a float, not a tensor"),
-    ({NAME: torch.eye(2).to_sparse()}, f"tensor {NAME} is not a dense tensor"),
+    ({NAME: torch.eye(2).to_sparse()}, f"tensor {NAME} is a torch.sparse_coo tensor, not a dense tensor"),
+    ({NAME: torch.ones(2, device="meta")}, f"tensor {NAME} is a meta tensor (no values)"),
+    ({NAME: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, f"tensor {NAME} is a nested tensor"),
+    ({NAME: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)}, f"tensor {NAME} is a quantized tensor"),
 ])
 def test_anything_but_a_flat_dict_of_tensors_is_one_line(tmp_path, held, fragment):
     path = tmp_path / "adapter_model.bin"
