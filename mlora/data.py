@@ -374,19 +374,36 @@ class PromptTemplate:
         """Return (prompt_text, suffix): the untrained prompt, and the text that follows the
         output (trained with it) when the template places {output} explicitly."""
         template = self.prompt if input else self.prompt_no_input
-        before, _, after = template.partition("{output}")
-        values = {"instruction": instruction, "input": input or "", "output": ""}
-        return _fill(before, values), _fill(after, values)
+        values = {"instruction": instruction, "input": input or ""}
+        output = next((m for m in _TOKEN.finditer(template) if m.group(1) == "output"), None)
+        if output is None:
+            return _fill(template, values), ""
+        # (Both halves split at a token's edge, so each scans into the same tokens as the whole.)
+        return _fill(template[:output.start()], values), _fill(template[output.end():], values)
 
 
-_PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
-_UNFILLED = re.compile(r"\{((?!(?:instruction|input|output)\})\w+)\}")  # a braced word that is no placeholder
+_PLACEHOLDERS = ("instruction", "input", "output")
+# A template's text scans left to right as str.format scans it (alpaca-lora and m-LoRA render
+# these templates with it): "{{" and "}}" are escaped braces, so "{{input}}" is the text
+# "{input}" and no placeholder; any other braced word ({name}) stays as written, where
+# str.format would fail. A lone "{" or "}" stays as written too (str.format fails on it).
+_TOKEN = re.compile(r"\{\{|\}\}|\{(\w+)\}")
+
+
+def _placeholders(template: str) -> list[str]:
+    """The braced words of `template` outside escaped braces, placeholders or not, in order."""
+    return [m.group(1) for m in _TOKEN.finditer(template) if m.group(1)]
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
     # One pass over the template, so braces or "{input}" inside user text stay literal
     # (str.format would choke on them, chained str.replace would substitute into them).
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    def token_text(m: re.Match) -> str:
+        if m.group(1) is None:
+            return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
+        return values.get(m.group(1), m.group(0))
+
+    return _TOKEN.sub(token_text, template)
 
 
 def builtin_templates() -> list[str]:
@@ -429,22 +446,23 @@ def _parse_template(path: Path) -> PromptTemplate:
     for key, value in (("prompt", prompt), ("prompt_no_input", no_input)):
         if not isinstance(value, str):
             raise UserError(f"{path}: '{key}' must be a string")
-        if "{instruction}" not in value:
+        words = _placeholders(value)
+        if "instruction" not in words:
             raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder")
-        if value.count("{output}") > 1:
+        if words.count("output") > 1:
             raise UserError(f"{path}: '{key}' has more than one {{output}} placeholder")
-        for word in _UNFILLED.findall(value):
+        for word in (w for w in words if w not in _PLACEHOLDERS):
             # A misspelt placeholder ({inptu}, {Output}) stayed in every prompt as text; the
             # tools whose templates these are (alpaca-lora's and m-LoRA's str.format) fail on it.
             # Other braced words ({name}) may be the template's own text: they stay literal.
-            if guess := _near(word, ("instruction", "input", "output")):
+            if guess := _near(word, _PLACEHOLDERS):
                 raise UserError(f"{path}: '{key}' has a placeholder {{{word}}}; did you mean {{{guess[0]}}}? "
                                 f"(the placeholders are {{instruction}}, {{input}} and {{output}})")
         try:
             check_unicode(value, f"'{key}'")
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
-    if "{input}" not in prompt:
+    if "input" not in _placeholders(prompt):
         # Without it every row's input would be dropped silently.
         raise UserError(f"{path}: 'prompt' has no {{input}} placeholder")
     return PromptTemplate(prompt=prompt, prompt_no_input=no_input)

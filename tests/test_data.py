@@ -349,6 +349,37 @@ def test_braces_in_user_text_stay_literal(tokenizer, alpaca):
     assert tokenizer.decode(trained(example)) == "{output} {}</s>"
 
 
+def test_a_template_renders_as_str_format_renders_it(tmp_path):
+    """alpaca-lora and m-LoRA render these templates with str.format, where "{{" and "}}" are one
+    brace and "{{input}}" is the text "{input}"; mlora kept them doubled (and filled or split at
+    "{{input}}", "{{output}}"), so the same template trained on other tokens here."""
+    instruction, input = "do {x}", "with }{ {input}"  # (the row's braces stay as written)
+    for prompt, no_input in (("{{{instruction}}} {{input}}: {input}", "JSON: {{{{\"a\": {instruction}}}}}"),
+                             ("{instruction}{{output}}\n{input}}}{{", "{{instruction}} {instruction}"),
+                             ("{{x}} {instruction} {input}", "{{inptu}} {instruction}")):
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps({"prompt": prompt, "prompt_no_input": no_input}))
+        template = load_template(str(path))
+        assert template.render(instruction, input) == (prompt.format(instruction=instruction, input=input), "")
+        assert template.render(instruction, None) == (no_input.format(instruction=instruction), "")
+    path.write_text(json.dumps({"prompt": "{instruction} {input} {{output}} {output}.{{}}", "prompt_no_input": "{instruction}"}))
+    assert load_template(str(path)).render("a", "b") == ("a b {output} ", ".{}")
+    for prompt, missing in (("{{instruction}} {input}", "instruction"), ("{instruction} {{input}}", "input")):
+        path.write_text(json.dumps({"prompt": prompt, "prompt_no_input": "{instruction}"}))
+        with pytest.raises(UserError, match=rf"'prompt' has no {{{missing}}} placeholder"):
+            load_template(str(path))
+
+
+def test_a_lone_brace_in_a_template_stays_as_written(tmp_path):
+    """str.format refuses a lone "{" or "}"; mlora keeps it, as it keeps other braced words, so a
+    template with JSON or code in its text still loads (and renders as it did before)."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt": 'Reply {"a": 1} } {instruction} {input}', "prompt_no_input": "{ {instruction}"}))
+    template = load_template(str(path))
+    assert template.render("x", "y") == ('Reply {"a": 1} } x y', "")
+    assert template.render("x", None) == ("{ x", "")
+
+
 # --------------------------------------------------------------------------- alpaca rows
 
 
