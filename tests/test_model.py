@@ -366,6 +366,27 @@ def test_sliding_windows_per_family(tmp_path):
     assert read_model_config(m)[1].sliding_window == [None, 5]
 
 
+def test_qwen_sliding_layer_types_without_use_sliding_window_are_refused(tmp_path):
+    """Qwen2Config/Qwen3Config keep sliding layer_types when use_sliding_window is false (the
+    window nulled) and their models fail on it; mlora ran every layer with full attention."""
+    import transformers
+
+    sizes = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=["full_attention", "sliding_attention"])
+    for config_class in (transformers.Qwen2Config, transformers.Qwen3Config):
+        cfg = config_class(**sizes, use_sliding_window=False)
+        assert cfg.layer_types == sizes["layer_types"] and cfg.sliding_window is None  # (not resolved by transformers)
+        for form in (cfg, cfg.to_dict(), json.loads(cfg.to_json_string())):
+            with pytest.raises(UserError) as err:
+                llama.args_from_hf_config(form)
+            assert str(err.value) == (f"{cfg.model_type} config layer_types lists sliding_attention layers but "
+                                      "use_sliding_window is false")
+        assert llama.args_from_hf_config(config_class(**sizes, use_sliding_window=True)).sliding_window == [None, 4]
+        no_window = config_class(**dict(sizes, sliding_window=None), use_sliding_window=True)
+        with pytest.raises(UserError, match="sliding_window is not set"):
+            llama.args_from_hf_config(no_window)
+
+
 def test_mistral3_and_ministral3_configs(tmp_path):
     """Mistral 3's image-text config: its language model's family (mistral or ministral3) and the
     outer tie flag; Ministral 3's query scale from its rope_parameters; refusals in one line."""

@@ -1178,7 +1178,7 @@ def _smollm3_rope_layers(get, num_layers: int) -> list[bool]:
 
 def _windows_by_type(layer_types, num_layers: int, window: int | None, required: bool) -> list[int | None]:
     """Each layer's window: `window` on the sliding_attention layers, None elsewhere. required:
-    a sliding layer must have a window (else the config nulls it on purpose: Qwen)."""
+    a sliding layer must have a window (else the config nulls it on purpose: gpt-oss)."""
     if len(layer_types) != num_layers:
         raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
@@ -1193,11 +1193,17 @@ def _qwen_windows(get, num_layers: int) -> list[int | None]:
     """Qwen2/Qwen3: the config nulls sliding_window unless use_sliding_window; layer_types then
     picks the sliding layers (by default those from max_window_layers on)."""
     window = get("sliding_window") if get("use_sliding_window", False) else None
-    layer_types = get("layer_types") or [
+    layer_types = get("layer_types")
+    if layer_types and "sliding_attention" in layer_types and not get("use_sliding_window", False):
+        # Qwen2Config/Qwen3Config keep such layer_types and null the window, and their models
+        # fail on it (a TypeError); ignoring the sliding layers would train another model.
+        raise UserError(f"{get('model_type')} config layer_types lists sliding_attention layers but "
+                        "use_sliding_window is false")
+    layer_types = layer_types or [
         "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
         for i in range(num_layers)
     ]
-    return _windows_by_type(layer_types, num_layers, window, required=False)
+    return _windows_by_type(layer_types, num_layers, window, required=True)
 
 
 def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | None]:
