@@ -296,7 +296,7 @@ def cmd_eval(args) -> int:
 
         return eval_pipeline(args)
     from mlora.adapter import Adapter, check_rank, has_saved_weights
-    from mlora.evaluate import evaluate_adapter
+    from mlora.evaluate import eval_line, evaluate_adapter
     from mlora.session import open_session
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
@@ -323,9 +323,7 @@ def cmd_eval(args) -> int:
         for cfg in session.cfg.lora:
             loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test,
                                             progress=not args.no_progress)
-            # JSON has no NaN: no label token (or non-finite weights) gives null, as metrics.jsonl does.
-            print(json.dumps({"adapter": cfg.name, "loss": loss if math.isfinite(loss) else None, "tokens": tokens,
-                              "weights": str(out / cfg.name) if cfg.name in adapters else "base"}), flush=True)
+            print(eval_line(cfg.name, loss, tokens, str(out / cfg.name) if cfg.name in adapters else "base"), flush=True)
     finally:
         for adapter in adapters.values():
             adapter.detach_from(session.wrappers)

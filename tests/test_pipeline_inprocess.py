@@ -1003,6 +1003,29 @@ def test_pipeline_eval_prints_what_one_process_prints(tmp_path, pipe_model, eval
 
 
 
+def test_eval_prints_non_ascii_names_as_they_are(tmp_path, pipe_model, eval_job, monkeypatch):
+    """An adapter's name and its weights' path print as written, not \\u-escaped, as `mlora
+    generate` prints its lines: in one process and from a pipeline's rank 0 alike."""
+    import json
+    import shutil
+
+    cfg_path, saved = eval_job
+    out = tmp_path / "résultats"
+    shutil.copytree(saved, out)
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"][-1]["name"] = "日本語"  # (never saved: evaluated on the base)
+    cfg_path = tmp_path / "eval.json"
+    cfg_path.write_text(json.dumps(cfg))
+    code, single, err = single_eval(monkeypatch, pipe_model, cfg_path, out)
+    assert code == 0, err
+    ranks = pipeline_eval(monkeypatch, pipe_model, cfg_path, [out, out], [3, 4])
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    for printed in (single, ranks[0][1]):
+        lines = printed.splitlines()
+        assert f'"weights": "{out / cfg["lora"][0]["name"]}"' in lines[0] and '"adapter": "日本語"' in lines[-1]
+        assert [json.loads(line)["adapter"] for line in lines] == [a["name"] for a in cfg["lora"]]
+
+
 def test_pipeline_eval_notes_an_output_dir_that_does_not_exist(tmp_path, pipe_model, eval_job, monkeypatch):
     """As one process: rank 0 notes that its output_dir is missing (every adapter evaluated on
     the bare base), or which adapters have nothing saved in it (here p0 renamed 'old' since it

@@ -414,12 +414,10 @@ def eval_pipeline(args) -> int:
     that do not fit) fails every rank, each with one line. A test chunk that runs out of
     device memory on a stage runs there in halves, as in one process (StageLink.eval_forward:
     no other rank needs to know); a single row that does not fit is one line naming the rank."""
-    import json
-    import math
-
     from tqdm import tqdm
 
     from mlora.cli import note_unsaved_adapters, quant_config
+    from mlora.evaluate import eval_line
     from mlora.memory import _OOM_ERRORS
     from mlora.pipeline.worker import StageLink, check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -472,9 +470,7 @@ def eval_pipeline(args) -> int:
     if place.rank == 0:
         for a, (total, count) in zip(cfg.lora, everyone[-1]):
             loss = total / count if count else float("nan")
-            # JSON has no NaN: no label token (or non-finite weights) gives null, as one process does.
-            print(json.dumps({"adapter": a.name, "loss": loss if math.isfinite(loss) else None, "tokens": count,
-                              "weights": str(out / a.name) if a.name in saved else "base"}), flush=True)
+            print(eval_line(a.name, loss, count, str(out / a.name) if a.name in saved else "base"), flush=True)
     return 0
 
 
