@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import shlex
@@ -521,6 +520,8 @@ def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], l
     output beside. outputs: the new tokens of job.requests_of(lines)."""
     from tqdm import tqdm
 
+    from mlora.json_line import json_line
+
     decode = session.tokenizer.decode
     printed = []
     for k, i in enumerate(lines):
@@ -530,7 +531,7 @@ def print_generated(args, session, job: GenerateJob, outputs: list[list[int]], l
             line["reference"] = reference
         if args.base:
             line["base_output"] = decode(outputs[len(lines) + k], skip_special_tokens=True)
-        printed.append(json.dumps(line, ensure_ascii=False))
+        printed.append(json_line(line))
     # On a terminal the progress bar (stderr) stands where the lines go: cleared before them
     # (they were glued after it) and drawn again below them. stdout itself gets the lines only,
     # the batch's in one write: Ctrl-C (handled between Python's steps) cannot stop it between

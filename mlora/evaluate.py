@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from typing import Sequence
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from mlora.batching import MicroBatch, fuse
 from mlora.data import Example
 from mlora.errors import UserError
+from mlora.json_line import json_line
 from mlora.lora import clear_lora_caches
 from mlora.loss import fused_loss_sums
 from mlora.memory import UnsplittableOOM, run_splitting_on_oom
@@ -21,10 +21,9 @@ from mlora.memory import UnsplittableOOM, run_splitting_on_oom
 def eval_line(name: str, loss: float, tokens: int, weights: str) -> str:
     """The JSON line `mlora eval` prints for one adapter (one process and pipeline alike).
     weights: the adapter's saved folder, or "base". JSON has no NaN: no label token (or
-    non-finite weights) gives null, as metrics.jsonl does. Names and paths are written as they
-    are, not \\u-escaped, as `mlora generate` writes its lines."""
-    return json.dumps({"adapter": name, "loss": loss if math.isfinite(loss) else None, "tokens": tokens,
-                       "weights": weights}, ensure_ascii=False)
+    non-finite weights) gives null, as metrics.jsonl does."""
+    return json_line({"adapter": name, "loss": loss if math.isfinite(loss) else None, "tokens": tokens,
+                      "weights": weights})
 
 
 @torch.no_grad()
