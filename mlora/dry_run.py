@@ -17,7 +17,6 @@ checks here: per stage its modules and its peak against its GPU's free memory.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mlora.errors import UserError
+from mlora.json_line import json_line
 
 # A walk shorter than this prints no bar (most plans take a second: their output stays the plan);
 # a longer one, an absurd num_epochs or a huge dataset, shows its progress until it ends.
@@ -270,8 +270,8 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     lines.append(f"  estimated peak memory: {format_size(peak)} for the largest batch ({rows} rows of {seq_len} "
                  f"tokens) {memory}")
     print("\n".join(lines), file=sys.stderr, flush=True)
-    print(json.dumps(plan_record(adapters, batches, (rows, seq_len), (budget, source), peak, str(session.device),
-                                 device_bytes)), flush=True)
+    print(json_line(plan_record(adapters, batches, (rows, seq_len), (budget, source), peak, str(session.device),
+                                device_bytes)), flush=True)
 
 
 def adapter_lines(cfg, adapters: list[AdapterPlan]) -> list[str]:

@@ -150,6 +150,21 @@ def test_plan_counts_and_notes_rows_with_no_token_to_learn(tiny_llama, tmp_path,
     assert "adapter 'a':" not in err
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_json_line_keeps_names_as_written(tiny_llama, tmp_path, capsys, pipeline):
+    """An adapter's name prints as written in the JSON line, as eval's and generate's lines print
+    it (json_line), not \\u-escaped; one process and a pipeline's plan alike."""
+    cfg_path = make_config(tmp_path, ["a"], tmp_path / "out")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora"][0]["name"] = "日本語"
+    cfg_path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", "--dry_run", "--base_model", str(tiny_llama), "--config", str(cfg_path),
+                 *(["--pipeline", "--world_size", "2"] if pipeline else [])]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert '"name": "日本語"' in line and json.loads(line)["adapters"][0]["name"] == "日本語"
+
+
 def test_plans_with_an_init_from_that_fits(tiny_llama, tmp_path, capsys):
     """An init_from is read and checked against the adapter built on the meta device, as the
     trainer checks it: one that fits plans (no values are copied there)."""

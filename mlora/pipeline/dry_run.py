@@ -21,7 +21,6 @@ LOCAL_RANK), each rank of a launch checking its own GPU; the other stages are th
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mlora.errors import UserError
+from mlora.json_line import json_line
 
 
 @dataclass
@@ -193,4 +193,4 @@ def print_plan(args, session, model_args, place, adapters, batches, memory_plan,
     costliest = max(planned, key=lambda stage: stage.peak_bytes)
     record = plan_record(adapters, batches, shape, (None, "none"), costliest.peak_bytes, costliest.device,
                          costliest.free_bytes)
-    print(json.dumps({**record, "segments": segments, "stages": [asdict(stage) for stage in planned]}), flush=True)
+    print(json_line({**record, "segments": segments, "stages": [asdict(stage) for stage in planned]}), flush=True)
