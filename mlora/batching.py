@@ -17,6 +17,7 @@ import torch
 from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX, Example, pad_rows
 from mlora.device import upload
+from mlora.early_stopping import never_stops_note
 from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.packing import pack_examples, packed_shape
@@ -101,6 +102,15 @@ def unlearnable_rows_note(cfg: AdapterConfig, without: int, rows: int, cutoff_le
     return (f"mlora: note: adapter {cfg.name!r}: {without} of {rows} rows of {cfg.data} have no token to learn "
             f"within cutoff_len {cutoff_len} (the answer starts past it, or there is none); they are trained on "
             f"but teach nothing: raise cutoff_len or shorten the prompts")
+
+
+def start_notes(cfg: AdapterConfig, examples: Sequence[Example], cutoff_len: int) -> list[str]:
+    """What training says of an adapter before its first step, in one process and on a
+    pipeline's first rank alike: its rows with no token to learn, and an early stopping that
+    can never stop it."""
+    notes = (unlearnable_rows_note(cfg, rows_without_labels(examples), len(examples), cutoff_len),
+             never_stops_note(cfg, total_steps(len(examples), cfg)))
+    return [note for note in notes if note is not None]
 
 
 def check_evaluable(examples: Sequence[Example], cfg: AdapterConfig, cutoff_len: int) -> None:

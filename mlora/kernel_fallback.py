@@ -30,10 +30,10 @@ _SETTING = {LORA: ("MLORA_LORA_KERNEL", "fused"), CROSS_ENTROPY: ("MLORA_CROSS_E
 _failures: dict[str, str] = {}
 
 
-def record(kernel: str, err: BaseException) -> None:
-    """`kernel`, chosen by auto, raised `err`: remember it (failure() says so from now on) and
-    say so once. An out-of-memory error is raised again instead."""
-    if isinstance(err, torch.OutOfMemoryError):
+def record(kernel: str, err: BaseException, chosen_by_auto: bool) -> None:
+    """`kernel` raised `err`: if `auto` chose it, remember it (failure() says so from now on)
+    and say so once. A kernel named explicitly, or an out-of-memory error, raises `err` again."""
+    if not chosen_by_auto or isinstance(err, torch.OutOfMemoryError):
         raise err
     if kernel in _failures:
         return

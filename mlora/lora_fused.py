@@ -327,9 +327,7 @@ def _fall_back(spec: FusedGroupSpec, err: Exception) -> None:
     (kernel_fallback.py). (A forward whose kernel failed after its seeds were drawn takes
     torch's next draws from the generators as its mask: a recompute of that one step, which
     draws from the state saved before it, draws another.)"""
-    if not spec.fallback:
-        raise err
-    kernel_fallback.record(kernel_fallback.LORA, err)  # (out of memory: raised)
+    kernel_fallback.record(kernel_fallback.LORA, err, chosen_by_auto=spec.fallback)  # (named, out of memory: raised)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

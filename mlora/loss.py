@@ -184,9 +184,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                     logits = model.lm_head(h[start:end])  # [c, V], in the dtype
                     cross_entropy_grad_(logits, targets[start:end], IGNORE_INDEX, want_grad, out=ce[start:end])
                 except Exception as err:  # (a Triton that cannot compile or launch it)
-                    if cross_entropy != "auto":
-                        raise
-                    kernel_fallback.record(kernel_fallback.CROSS_ENTROPY, err)  # (out of memory: raised)
+                    # (named, or out of memory: raised)
+                    kernel_fallback.record(kernel_fallback.CROSS_ENTROPY, err, chosen_by_auto=cross_entropy == "auto")
                     fused = False  # this chunk and the rest: torch's ops, from h
                 else:
                     if want_grad:  # logits now hold d ce / d logits: the head's input gradient, [c, H]

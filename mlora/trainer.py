@@ -32,11 +32,11 @@ from mlora import checkpoint
 from mlora.adapter import (BEST_DIR, Adapter, checkpoint_dir_step, is_checkpoint_dir, layer_generators,
                            save_checkpoint_dir)
 from mlora.atomic import remove_dir_aside
-from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, rows_without_labels,
-                            total_steps, unlearnable_rows_note)
+from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, start_notes,
+                            total_steps)
 from mlora.config import adapter_seed
 from mlora.data import Example
-from mlora.early_stopping import Patience, never_stops_note, stops_early
+from mlora.early_stopping import Patience, stops_early
 from mlora.errors import UserError
 from mlora.evaluate import evaluate_adapter
 from mlora.lora import clear_lora_caches
@@ -124,10 +124,8 @@ class Trainer:
         for position, a in enumerate(self.cfg.lora):
             train = session.data[a.name].train
             steps = total_steps(len(train), a)
-            for note in (unlearnable_rows_note(a, rows_without_labels(train), len(train), self.cfg.cutoff_len),
-                         never_stops_note(a, steps)):
-                if note is not None:
-                    print(note, file=sys.stderr)
+            for note in start_notes(a, train, self.cfg.cutoff_len):
+                print(note, file=sys.stderr)
             adapter = Adapter(a, session.wrappers, self.cfg.seed, session.device, steps, naming=session.naming,
                               loss_scaling=session.loss_scaling)
             bar = tqdm(total=steps, desc=a.name, position=position, leave=True, disable=not progress,

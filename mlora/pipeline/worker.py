@@ -50,11 +50,11 @@ from tqdm import tqdm
 from mlora import checkpoint, memory
 from mlora.adapter import (BEST_DIR, Adapter, adapter_files_digest, layer_generators, save_checkpoint_dir,
                            save_peft)
-from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, rows_without_labels,
-                            total_steps, trained_positions, unlearnable_rows_note)
+from mlora.batching import (MicroBatch, adapter_stream, check_trainable, fuse, prepare_examples, start_notes,
+                            total_steps, trained_positions)
 from mlora.config import adapter_seed
 from mlora.device import upload
-from mlora.early_stopping import Patience, never_stops_note, stops_early
+from mlora.early_stopping import Patience, stops_early
 from mlora.errors import PipelineError, UserError
 from mlora.lora import AdapterRows, clear_lora_caches
 from mlora.loss import head_loss_sums
@@ -461,10 +461,8 @@ class StageWorker(StageLink):
             check_trainable(rows, a, cfg.cutoff_len)
             if self.first:  # the rank that builds the batches (and tells)
                 prepare_examples(rows)
-                for note in (unlearnable_rows_note(a, rows_without_labels(rows), len(rows), cfg.cutoff_len),
-                             never_stops_note(a, total_steps(len(rows), a))):
-                    if note is not None:
-                        print(note, file=sys.stderr)
+                for note in start_notes(a, rows, cfg.cutoff_len):
+                    print(note, file=sys.stderr)
             # (model_layers: an init_from tensor of a layer no stage holds is refused, as one
             # process refuses it, not skipped by every stage as another's)
             self.adapters[a.name] = Adapter(a, session.wrappers, cfg.seed, self.device, total_steps(len(rows), a),
