@@ -453,12 +453,7 @@ def generate_job(args, session) -> GenerateJob:
     from mlora.loader import read_model_config
 
     by_name = {a.name: a for a in session.cfg.lora}
-    names = (list(by_name) if args.adapters is None
-             else list(dict.fromkeys(n.strip() for n in args.adapters.split(",") if n.strip())))
-    unknown = [n for n in names if n not in by_name]
-    if unknown or not names:
-        raise UserError(f"--adapters: {unknown[0] if unknown else args.adapters!r} is not an adapter of "
-                        f"{args.config} (its adapters: {', '.join(by_name)})")
+    names = chosen_adapters(args.adapters, list(by_name), args.config)
     if not args.prompt and not args.prompt_file:
         raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
     file_rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
@@ -501,6 +496,24 @@ def generate_job(args, session) -> GenerateJob:
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)
     return GenerateJob(names, rows, requests, sampling, args.base)
+
+
+def chosen_adapters(flag: str | None, configured: list[str], config: str) -> list[str]:
+    """The adapters `--adapters` (`flag`: comma-separated names) chooses among the config's
+    (`configured`), in its order; all of them without the flag. A name given twice is refused:
+    it was dropped without a word, and whether its adapter should run twice was a guess."""
+    if flag is None:
+        return configured
+    names = [n.strip() for n in flag.split(",") if n.strip()]
+    unknown = [n for n in names if n not in configured]
+    if unknown or not names:
+        raise UserError(f"--adapters: {unknown[0] if unknown else flag!r} is not an adapter of "
+                        f"{config} (its adapters: {', '.join(configured)})")
+    seen: set[str] = set()
+    repeated = next((n for n in names if n in seen or seen.add(n)), None)
+    if repeated is not None:
+        raise UserError(f"--adapters: {repeated!r} is named twice (each chosen adapter completes every prompt once)")
+    return names
 
 
 def check_saved(names: Iterable[str], out: Path, configured: list[str]) -> None:

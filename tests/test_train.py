@@ -1099,6 +1099,7 @@ def test_row_seeds_do_not_overlap():
 def test_generate_bad_input(fused_run, tiny_llama, capsys, tmp_path):
     _, out, cfg_path = fused_run
     for extra, fragment in ((["--adapters", "zz"], "'zz' is not an adapter"), (["--prompt", " "], "prompt is empty"),
+                            (["--adapters", "a,b, a"], "--adapters: 'a' is named twice"),
                             (["--output_dir", str(tmp_path / "nowhere")], "nothing saved")):
         capsys.readouterr()
         code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--prompt", "hi", *extra])
