@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, NoReturn
 
 from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.lr_schedule import NOT_A_FUNCTION_OF_THE_STEP, POLYNOMIAL_LR_END, SAME_AS, SCHEDULES, WSD_SHAPES
+from mlora.pipe_read import read_without_waiting
 
 # Canonical order of the projections a LoRA may target; target_modules comes out in this order.
 # LLaMA-style models have q/k/v/o and gate/up/down; Phi-3 fuses q/k/v into qkv_proj and gate/up
@@ -147,7 +148,7 @@ def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
         raise UserError("the config file's path is empty")
     try:
         # utf-8-sig: editors on Windows like to write a BOM.
-        text = _read_without_waiting(source).decode("utf-8-sig")
+        text = read_without_waiting(source).decode("utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{source}: config file not found") from None
     except IsADirectoryError:
@@ -181,19 +182,6 @@ def load_config(path: str | os.PathLike, reads: str = "train") -> TrainConfig:
     except ValueError:  # (after JSONDecodeError, one too) Python's cap on an integer's digits
         raise UserError(f"{source}: {INTEGER_TOO_LONG}") from None
     return parse_config(obj, source, Path(os.path.abspath(path)).parent, reads)
-
-
-def _read_without_waiting(path: str) -> bytes:
-    """The file's bytes; a FIFO that no process writes to reads as empty, where opening it waited
-    forever. A pipe with a writer (`--config <(jq ... config.json)`) reads as it did."""
-    fd = os.open(path, os.O_RDONLY | _NONBLOCK)  # (a FIFO's plain open waits for a writer)
-    with open(fd, "rb") as f:
-        if _NONBLOCK:
-            os.set_blocking(fd, True)  # read what a writer sends, to its end
-        return f.read()
-
-
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # (POSIX's; Windows has no FIFOs)
 
 
 # The commands, by the adapters' files they read: training its data, test_data and init_from;

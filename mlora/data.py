@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mlora.errors import INTEGER_TOO_LONG, UserError
+from mlora.pipe_read import read_without_waiting
 
 IGNORE_INDEX = -100
 
@@ -226,17 +227,25 @@ def _without_nulls(value):
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a file")
+    """The file's text, with "\r\n" and "\r" read as "\n" (as Path.read_text reads them). A
+    pipe is read too, once (`--prompt_file <(printf ...)` is /dev/fd/63, a FIFO: it was refused
+    as not a file)."""
     try:
-        # utf-8-sig: files saved by some editors start with a byte-order mark.
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+        data = read_without_waiting(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: not a file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:  # a NUL in the path
+        raise UserError(f"{str(path)!r} is not a valid path") from None
+    try:
+        # utf-8-sig: files saved by some editors start with a byte-order mark.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 class _DuplicateKeys:

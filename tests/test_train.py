@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -761,6 +762,55 @@ def test_generate_prompts_from_a_data_file(fused_run, tiny_llama, capsys, tmp_pa
                              "--prompt_file FILE")):
         code, out, err = generate(*extra)
         assert (code, out, err.strip()) == (2, [], line)
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_generate_reads_a_prompt_file_that_is_a_pipe(fused_run, tiny_llama, capsys, tmp_path):
+    """`--prompt_file <(printf ...)` hands mlora /dev/fd/63, a pipe, which was refused as "not a
+    file": a named FIFO and a /dev/fd pipe are read, once, to their end (a writer thread blocks
+    until mlora reads: its rows outgrow the pipe's buffer); a directory or a missing path is
+    still one line."""
+    import threading
+
+    _, _, cfg_path = fused_run
+    rows = [{"instruction": "say hi", "output": "hi"}, {"instruction": "count", "output": "one two"}]
+
+    def generate(prompt_file: str):
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--adapters", "a",
+                     "--max_new_tokens", "2", "--no_progress", "--prompt_file", prompt_file])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err.strip()
+
+    def write_in_a_thread(open_writer, text: str) -> threading.Thread:
+        def write():
+            with open_writer() as f:
+                f.write(text)
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        return thread
+
+    fifo = tmp_path / "prompts.jsonl"
+    os.mkfifo(fifo)
+    writer = write_in_a_thread(lambda: open(fifo, "w"), "".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = generate(str(fifo))
+    writer.join(timeout=30)
+    assert code == 0, err
+    assert [(x["prompt"], x["reference"]) for x in map(json.loads, out.splitlines())] == [("say hi", "hi"),
+                                                                                          ("count", "one two")]
+    read, write = os.pipe()  # (what bash's process substitution gives)
+    many = "".join(json.dumps(rows[0]) + "\n" for _ in range(3000)) + json.dumps({"text": "a"}) + "\n"
+    assert len(many) > 65536  # (more than a pipe holds: the writer waits for mlora to read)
+    writer = write_in_a_thread(lambda: open(write, "w"), many)
+    try:
+        code, out, err = generate(f"/dev/fd/{read}")
+    finally:
+        writer.join(timeout=30)
+        os.close(read)
+    assert (code, out, err) == (2, "", f"mlora: error: --prompt_file /dev/fd/{read}:3001: a text row has no prompt "
+                                       f"to complete (its every token is trained)")
+    for path, said in ((tmp_path, "not a file"), (tmp_path / "missing.jsonl", "no such file")):
+        assert generate(str(path)) == (2, "", f"mlora: error: {path}: {said}")
+
 
 def test_generate_refuses_a_data_file_row_of_no_prompt_tokens(fused_run, tiny_llama, capsys, tmp_path):
     """A prompt/completion row whose prompt is "" under a tokenizer that adds no BOS (Qwen's, say)
