@@ -396,7 +396,10 @@ _PLACEHOLDERS = ("instruction", "input", "output")
 # these templates with it): "{{" and "}}" are escaped braces, so "{{input}}" is the text
 # "{input}" and no placeholder; any other braced word ({name}) stays as written, where
 # str.format would fail. A lone "{" or "}" stays as written too (str.format fails on it).
-_TOKEN = re.compile(r"\{\{|\}\}|\{(\w+)\}")
+# A placeholder's conversion and format spec ({input!r}, {instruction:.200}: groups 2 and 3)
+# apply as str.format applies them (they stayed in every prompt as text).
+_TOKEN = re.compile(r"\{\{|\}\}|\{(\w+)(?:!([^{}:]*))?(?::([^{}]*))?\}")
+_CONVERSIONS = {"r": repr, "s": str, "a": ascii}
 
 
 def _placeholders(template: str) -> list[str]:
@@ -410,9 +413,36 @@ def _fill(template: str, values: dict[str, str]) -> str:
     def token_text(m: re.Match) -> str:
         if m.group(1) is None:
             return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
-        return values.get(m.group(1), m.group(0))
+        if m.group(1) not in values:
+            return m.group(0)
+        return _formatted(values[m.group(1)], m.group(2), m.group(3))
 
     return _TOKEN.sub(token_text, template)
+
+
+def _formatted(value: str, conversion: str | None, spec: str | None) -> str:
+    """`value` through a placeholder's conversion (r, s or a) and format spec, as str.format
+    puts it: format(conversion(value), spec)."""
+    if conversion is not None:
+        value = _CONVERSIONS[conversion](value)
+    return format(value, spec or "")
+
+
+def _check_placeholder(m: re.Match) -> None:
+    """Refuse a placeholder's conversion or format spec that str.format would fail on (or that
+    {output}, the answer's place, cannot take): UserError naming the placeholder as written."""
+    word, conversion, spec = m.groups()
+    if conversion is None and spec is None:
+        return
+    if word == "output":
+        raise UserError(f"{m.group(0)}: {{output}} marks where the answer goes; it takes no conversion or format "
+                        f"spec")
+    if conversion is not None and conversion not in _CONVERSIONS:
+        raise UserError(f"{m.group(0)}: the conversion must be !r, !s or !a (as in str.format)")
+    try:
+        _formatted("", conversion, spec)  # (a spec's validity does not depend on the text)
+    except ValueError as e:
+        raise UserError(f"{m.group(0)}: not a format spec str.format takes for text ({e})") from None
 
 
 def builtin_templates() -> list[str]:
@@ -460,6 +490,12 @@ def _parse_template(path: Path) -> PromptTemplate:
             raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder")
         if words.count("output") > 1:
             raise UserError(f"{path}: '{key}' has more than one {{output}} placeholder")
+        for m in _TOKEN.finditer(value):
+            if m.group(1) in _PLACEHOLDERS:
+                try:
+                    _check_placeholder(m)
+                except UserError as e:
+                    raise UserError(f"{path}: '{key}' has {e}") from None
         for word in (w for w in words if w not in _PLACEHOLDERS):
             # A misspelt placeholder ({inptu}, {Output}) stayed in every prompt as text; the
             # tools whose templates these are (alpaca-lora's and m-LoRA's str.format) fail on it.

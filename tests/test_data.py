@@ -370,6 +370,41 @@ def test_a_template_renders_as_str_format_renders_it(tmp_path):
             load_template(str(path))
 
 
+def test_a_conversion_or_format_spec_applies_as_str_format_applies_it(tmp_path, tokenizer):
+    """{input!r} or {instruction:.20} stayed in every prompt as text, where alpaca-lora's and
+    m-LoRA's str.format apply them: rendered as str.format renders them, on both sides of the
+    {output} split (the labels train the answer and what follows it, exactly); one that str.format
+    refuses, or one on {output} (the answer's place, not a value), is one line naming it."""
+    instruction, input = "do {x} \u00fc", "with 'q' }{"
+    path = tmp_path / "t.json"
+    for prompt, no_input in (("{instruction!r} {input:>30}|", "{instruction:.3}"),
+                             ("{input!a:*^30} {instruction!s:<12}.{input:}", "{instruction!r:_>20}"),
+                             ("{{input:>3}} {instruction} {input!r}", "{{instruction!r}} {instruction}")):
+        path.write_text(json.dumps({"prompt": prompt, "prompt_no_input": no_input}))
+        template = load_template(str(path))
+        assert template.render(instruction, input) == (prompt.format(instruction=instruction, input=input), "")
+        assert template.render(instruction, None) == (no_input.format(instruction=instruction), "")
+    prompt = "### {instruction!r:.6}\n{input:>14}\n### Answer: {output}\n({input!a})"
+    path.write_text(json.dumps({"prompt": prompt, "prompt_no_input": "{instruction}"}))
+    template = load_template(str(path))
+    before, after = (part.format(instruction=instruction, input=input) for part in prompt.split("{output}"))
+    assert template.render(instruction, input) == (before, after)
+    example = encode({"instruction": instruction, "input": input, "output": "yes"}, tokenizer, template)
+    assert tokenizer.decode(example.input_ids, skip_special_tokens=True) == prompt.format(
+        instruction=instruction, input=input, output="yes")
+    assert example.input_ids[:len(tokenizer(before).input_ids)] == tokenizer(before).input_ids
+    assert tokenizer.decode(trained(example)) == f"yes{after}</s>"
+    for written, said in (("{output!r}", "{output} marks where the answer goes"),
+                          ("{input!x}", "the conversion must be !r, !s or !a"),
+                          ("{input:d}", "Unknown format code 'd'"),
+                          ("{input: e.g. this}", "not a format spec str.format takes for text")):
+        path.write_text(json.dumps({"prompt": "{instruction} {input} " + written, "prompt_no_input": "{instruction}"}))
+        with pytest.raises(UserError) as err:
+            load_template(str(path))
+        message = str(err.value)
+        assert message.startswith(f"{path}: 'prompt' has {written}: ") and said in message and "\n" not in message
+
+
 def test_a_lone_brace_in_a_template_stays_as_written(tmp_path):
     """str.format refuses a lone "{" or "}"; mlora keeps it, as it keeps other braced words, so a
     template with JSON or code in its text still loads (and renders as it did before)."""
