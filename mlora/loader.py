@@ -11,6 +11,7 @@ device never holds more than one projection in full precision.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -286,7 +287,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
         # (transformers ignores them too)
         extra |= {naming.to_checkpoint(f"model.layers.{i}.self_attn.{m}.") for i in range(args.num_layers)
                   if args.kv_source(i) is not None for m in ("k_proj", "v_proj", "k_norm", "v_norm")}
-        _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used, base)
+        _warn_unused_tensors({t for t in index if not t.startswith(tuple(extra))} if extra else set(index), used,
+                             index, base)
     stored = {name: naming.to_checkpoint(name) for name in family.tensor_names(args, parts)}
     # What each checkpoint tensor is read from: itself (a block-FP8 weight with its scales), or
     # (GPT-OSS's released checkpoints) the MXFP4 blocks and scales of a stacked expert weight
@@ -546,14 +548,28 @@ def _stacked_fp8_scales(f, file: Path, parts_of: tuple[str, ...], index: dict[st
     return scales
 
 
-def _warn_unused_tensors(stored: set[str], used: set[str], base: Path) -> None:
+def _warn_unused_tensors(stored: set[str], used: set[str], index: dict[str, Path], base: Path) -> None:
     """A checkpoint tensor this config leaves unused means config.json and the weights disagree
-    (a bias the config turns off, fewer layers than the file has): say so, as transformers does."""
-    unused = sorted(name for name in stored - used if not _UNUSED_OK.match(name))
+    (a bias the config turns off, fewer layers than the file has): say so, as transformers does.
+    A tensor of no elements holds no weights to lose: transformers saves the shared experts of
+    n_shared_experts 0 (DeepSeek-V2/V3, GLM-4.5, Mistral Small 4) as [0, H] and [H, 0] weights,
+    which mlora does not build, and those were warned of."""
+    unused = _with_elements(sorted(name for name in stored - used if not _UNUSED_OK.match(name)), index)
     if unused:
         more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
         print(f"mlora: warning: {base}: config.json leaves tensor {unused[0]!r}{more} of the checkpoint unused "
               f"(does config.json describe these weights?)", file=sys.stderr)
+
+
+def _with_elements(names: list[str], index: dict[str, Path]) -> list[str]:
+    """Those of `names` whose tensor holds at least one element (from the files' headers)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in dict.fromkeys(index[name] for name in names):
+        with safe_open(str(file), framework="pt") as f:  # (reads the header only)
+            shapes |= {name: f.get_slice(name).get_shape() for name in names if index[name] == file}
+    return [name for name in names if math.prod(shapes[name])]
 
 
 def _assign_quantized(slot: tuple[torch.nn.Module, str], pname: str, weight: torch.Tensor,

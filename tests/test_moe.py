@@ -598,6 +598,32 @@ def test_multi_token_prediction_layers_are_left_unused_quietly(tmp_path, capsys)
     assert "leaves tensor 'model.layers.3.eh_proj.weight'" in capsys.readouterr().err
 
 
+def test_no_shared_experts_leave_no_tensor_unused(tmp_path, capsys):
+    """transformers builds DeepSeek's shared experts even with n_shared_experts 0, as MLPs of width
+    0, and saves their [0, H] and [H, 0] weights, which mlora (rightly: they add nothing) does not
+    build: no "unused" warning for those, and the logits equal transformers'. A shared expert
+    that holds weights under n_shared_experts 0 is still warned of."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_model(tmp_path / "ds", "deepseek_v3", n_shared_experts=0)
+    tensors = load_file(base / "model.safetensors")
+    empty = sorted(name for name, t in tensors.items() if t.numel() == 0)
+    assert empty and all(".mlp.shared_experts." in name for name in empty)  # (the premise)
+    capsys.readouterr()
+    ours = load_model(base, "cpu", torch.float32)
+    assert "unused" not in capsys.readouterr().err
+    ref = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    ids, mask, _ = _inputs()
+    with torch.no_grad():
+        diff = (ours(ids, mask) - ref(input_ids=ids, attention_mask=mask).logits).abs()[mask.bool()]
+    assert diff.max() < 1e-4
+    tensors[empty[0]] = torch.ones(8, *[n for n in tensors[empty[0]].shape if n])  # weights the config leaves out
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    load_model(base, "cpu", torch.float32)
+    assert f"leaves tensor {empty[0]!r} of the checkpoint unused" in capsys.readouterr().err
+
+
 def test_a_block_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, capsys):
     """DeepSeek-V3's released checkpoints store their projections in FP8 with a scale per block
     (quantization_config quant_method fp8, weight_block_size): mlora's logits equal transformers'
