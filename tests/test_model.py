@@ -387,6 +387,31 @@ def test_qwen_sliding_layer_types_without_use_sliding_window_are_refused(tmp_pat
             llama.args_from_hf_config(no_window)
 
 
+def test_qwen_moe_sliding_layer_types_without_use_sliding_window_are_refused():
+    """Qwen2MoeConfig and Qwen3MoeConfig, too, keep sliding layer_types when use_sliding_window is
+    false (the window 0 or null), and their models fail on it as the cache or the mask is built;
+    mlora ran every layer with full attention. Refused as Qwen2's and Qwen3's are."""
+    import transformers
+
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                 shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts=4, num_experts_per_tok=2, sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"])
+    for config_class, model_class, window in ((transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, 0),
+                                              (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, None)):
+        cfg = config_class(**sizes, use_sliding_window=False)
+        assert cfg.layer_types == sizes["layer_types"] and cfg.sliding_window == window
+        with pytest.raises((RuntimeError, TypeError)):  # (the premise: transformers' own model cannot run it)
+            model_class(cfg).eval()(torch.tensor([list(range(8))]))
+        for form in (cfg, cfg.to_dict(), json.loads(cfg.to_json_string())):
+            with pytest.raises(UserError) as err:
+                llama.args_from_hf_config(form)
+            assert str(err.value) == (f"{cfg.model_type} config layer_types lists sliding_attention layers but "
+                                      "use_sliding_window is false")
+        full = config_class(**dict(sizes, layer_types=["full_attention"] * 2), use_sliding_window=False)
+        assert llama.args_from_hf_config(full).sliding_window == [None, None]
+
+
 def test_mistral3_and_ministral3_configs(tmp_path):
     """Mistral 3's image-text config: its language model's family (mistral or ministral3) and the
     outer tie flag; Ministral 3's query scale from its rope_parameters; refusals in one line."""

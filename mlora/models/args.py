@@ -482,6 +482,7 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         if get("use_sliding_window", False):  # the released models use none; their layout is odd
             raise UserError(f"{model_type} config use_sliding_window is true: sliding windows are not supported "
                             "on Qwen MoE models")
+        _refuse_sliding_layers_without_use_sliding_window(get)
         windows = [None] * num_layers
     elif model_type == "gpt_oss":  # `attention_bias` on all four attention projections; biased experts
         qkv_bias = o_bias = bool(get("attention_bias", True))
@@ -1193,17 +1194,24 @@ def _qwen_windows(get, num_layers: int) -> list[int | None]:
     """Qwen2/Qwen3: the config nulls sliding_window unless use_sliding_window; layer_types then
     picks the sliding layers (by default those from max_window_layers on)."""
     window = get("sliding_window") if get("use_sliding_window", False) else None
-    layer_types = get("layer_types")
-    if layer_types and "sliding_attention" in layer_types and not get("use_sliding_window", False):
-        # Qwen2Config/Qwen3Config keep such layer_types and null the window, and their models
-        # fail on it (a TypeError); ignoring the sliding layers would train another model.
-        raise UserError(f"{get('model_type')} config layer_types lists sliding_attention layers but "
-                        "use_sliding_window is false")
-    layer_types = layer_types or [
+    _refuse_sliding_layers_without_use_sliding_window(get)
+    layer_types = get("layer_types") or [
         "sliding_attention" if window is not None and i >= get("max_window_layers", 28) else "full_attention"
         for i in range(num_layers)
     ]
     return _windows_by_type(layer_types, num_layers, window, required=True)
+
+
+def _refuse_sliding_layers_without_use_sliding_window(get) -> None:
+    """Qwen's configs (Qwen2Config, Qwen3Config, Qwen2MoeConfig, Qwen3MoeConfig) keep sliding
+    layer_types when use_sliding_window is false, and null the window (Qwen2-MoE's to 0): their
+    models fail on it (a TypeError or a shape mismatch as the cache or mask is built; without a
+    cache Qwen2-MoE windows by 0, eager and SDPA unalike). Ignoring the sliding layers would
+    train another model."""
+    layer_types = get("layer_types")
+    if layer_types and "sliding_attention" in layer_types and not get("use_sliding_window", False):
+        raise UserError(f"{get('model_type')} config layer_types lists sliding_attention layers but "
+                        "use_sliding_window is false")
 
 
 def _gemma_windows(get, num_layers: int, default_pattern: int) -> list[int | None]:
