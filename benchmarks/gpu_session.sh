@@ -19,11 +19,13 @@ set -u
 PART=${1:-1}
 OUT=${OUT:-/tmp/mlora-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# (transformers' logged warnings off: its "[transformers] ..." lines cannot be told from its errors)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 T0=$SECONDS
 # Everything printed also goes to $OUT/session.log: the device tool returns only the output's
-# last 12,000 characters, and a traceback early in the session would scroll out of them.
-log() { grep --line-buffered -v -i warn | tee -a "$OUT/session.log"; }
+# last 12,000 characters, and a traceback early in the session would scroll out of them. Python's
+# warning messages are left out (drop_warnings.py); every other line is kept, tracebacks whole.
+log() { python3 -u benchmarks/drop_warnings.py | tee -a "$OUT/session.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt" | log
 if [ "$PART" = 1 ]; then
   # The checks take about a minute; the benchmark gets what is left of one device call
