@@ -1002,3 +1002,16 @@ def test_ctrl_c_while_the_base_loads_leaves_no_output_dir(setup, tiny_llama, cap
     monkeypatch.setattr(mlora.session.Session, "load_base", interrupted)
     code, err = run_train(capsys, tiny_llama, config())
     assert code == 130 and err == "mlora: interrupted" and not out.exists()
+
+
+def test_transport_zmq_without_pyzmq_is_one_line_naming_it(setup, tiny_llama, capsys, monkeypatch):
+    """Where pyzmq is not installed (`import zmq` fails), --transport zmq says so and names the
+    alternative, exit 2; the output directory the rank had created goes again."""
+    _, _, out, config = setup
+    monkeypatch.setitem(sys.modules, "zmq", None)
+    monkeypatch.delitem(sys.modules, "mlora.pipeline.zmq_transport", raising=False)
+    capsys.readouterr()
+    code = main(["train", "--base_model", str(tiny_llama), "--config", str(config()), "--pipeline", "--rank", "0",
+                 "--world_size", "2", "--device", "cpu", "--transport", "zmq", "--master_port", str(free_port()),
+                 "--connect_timeout", "1", "--no_progress"])
+    check(code, capsys.readouterr().err.strip(), out, "--transport zmq needs pyzmq", "--transport torch")

@@ -13,6 +13,8 @@ import os
 import queue
 import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 
@@ -28,6 +30,7 @@ CPU = torch.device("cpu")
 # seconds per process on a small machine (and nothing is forked from pytest's threads)
 _MP = multiprocessing.get_context("forkserver")
 _MP.set_forkserver_preload(["torch", "torch.distributed", "zmq", "msgpack", "mlora.pipeline.transport",
+                            "mlora.pipeline.zmq_transport",
                             __name__])
 
 
@@ -430,3 +433,25 @@ def test_two_processes_claiming_one_rank(kind):
     assert [o[:2] for o in outcomes] == [(0, "ok"), (1, "PipelineError"), (1, "ok")], outcomes
     assert outcomes[0][2] == outcomes[2][2] == [0, 1]
     assert "rank 1 is claimed by two processes" in outcomes[1][2]
+
+
+# In a fresh interpreter where `import zmq` fails, as where pyzmq is not installed: every module
+# of the pipeline imports, the torch transport connects, and nothing imported ZeroMQ.
+_WITHOUT_PYZMQ = """
+import sys
+sys.modules["zmq"] = None
+import torch
+import mlora.pipeline.dry_run, mlora.pipeline.run, mlora.pipeline.worker
+from mlora.pipeline.transport import connect
+transport = connect("torch", 0, 1, "127.0.0.1", int(sys.argv[1]), torch.device("cpu"), connect_timeout=20)
+print(transport.exchange("ok"), sorted(m for m, module in sys.modules.items() if module and "zmq" in m))
+transport.close()
+"""
+
+
+def test_the_torch_transport_needs_no_pyzmq():
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_PYZMQ, str(free_port())], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['ok'] []", proc.stdout
+

@@ -5,7 +5,8 @@ Two implementations behind one interface (`connect` picks):
 - "torch": torch.distributed point-to-point (gloo; NCCL for the tensors when the device is CUDA).
   Rank 0 hosts a TCPStore that also carries the start-up roll call and the heartbeats.
 - "zmq": ZeroMQ sockets, msgpack headers and raw tensor bytes; ranks exchange addresses through
-  rank 0. Works between hosts that have no NCCL.
+  rank 0. Works between hosts that have no NCCL. It lives in zmq_transport.py, imported only when
+  asked for: only it needs pyzmq.
 
 Both receive eagerly on background threads into one inbox per (source, kind), so `recv(src)`
 takes the next message from `src` while messages from others wait for their own `recv`.
@@ -20,7 +21,6 @@ naming the rank it lost, so the others name the same culprit at once.
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import math
 import socket
 import threading
@@ -33,9 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 import msgpack
 import torch
 import torch.distributed as dist
-import zmq
 
-from mlora.errors import PipelineError
+from mlora.errors import PipelineError, UserError
 
 __all__ = ["PipelineError", "Transport", "connect"]
 
@@ -52,7 +51,8 @@ def connect(kind: str, rank: int, world_size: int, master_addr: str, master_port
 
     kind: "torch" or "zmq". backend (torch only): None -> "nccl" on CUDA, else "gloo".
     Raises PipelineError when a rank does not join within `connect_timeout`, when the master
-    port is taken, or when two processes claim the same rank."""
+    port is taken, or when two processes claim the same rank; UserError for "zmq" where pyzmq
+    is not installed."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise PipelineError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
     device = torch.device(device)
@@ -60,9 +60,21 @@ def connect(kind: str, rank: int, world_size: int, master_addr: str, master_port
         return _TorchTransport(rank, world_size, master_addr, master_port, device,
                                peer_timeout, connect_timeout, backend)
     if kind == "zmq":
-        return _ZmqTransport(rank, world_size, master_addr, master_port, device,
-                             peer_timeout, connect_timeout)
+        return _zmq_transport()(rank, world_size, master_addr, master_port, device,
+                                peer_timeout, connect_timeout)
     raise ValueError(f"unknown transport {kind!r} (use 'torch' or 'zmq')")
+
+
+def _zmq_transport() -> type[Transport]:
+    """The ZeroMQ transport's class, imported only now: pyzmq is needed for it alone."""
+    try:
+        from mlora.pipeline.zmq_transport import ZmqTransport
+    except ModuleNotFoundError as err:
+        if err.name != "zmq":  # a missing module of ours is a bug: its traceback stays
+            raise
+        raise UserError("--transport zmq needs pyzmq, which is not installed (pip install pyzmq); "
+                        "or use --transport torch") from None
+    return ZmqTransport
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,236 +566,3 @@ def _nccl_group(store, rank: int, world_size: int):
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = _FOREVER  # NCCL's watchdog would abort a stage that waits long on purpose
     return dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, world_size, options)
-
-
-# ---------------------------------------------------------------------------------------------
-# ZeroMQ
-
-
-class _ZmqTransport(Transport):
-    """Each rank binds one PULL socket and PUSHes to each peer's. One I/O thread owns every
-    socket (ZeroMQ sockets are not thread-safe): it forwards what the caller queues through an
-    in-process socket, files arrivals into the inbox, and sends heartbeats.
-
-    A message is multipart: the msgpack meta (with the sender's rank), then one frame per tensor."""
-
-    def __init__(self, rank, world_size, master_addr, master_port, device, peer_timeout, connect_timeout):
-        super().__init__(rank, world_size, device, peer_timeout)
-        self._ctx = zmq.Context()
-        try:
-            loopback = _is_loopback(master_addr)
-            host = "127.0.0.1" if loopback else _local_ip_towards(master_addr, master_port)
-            self._pull = self._socket(zmq.PULL)
-            port = self._pull.bind_to_random_port("tcp://127.0.0.1" if loopback else "tcp://*")
-            me = f"tcp://{host}:{port}"
-            self._door = None  # rank 0's rendezvous socket, kept open to turn latecomers away
-            if rank == 0:
-                self._door = self._socket(zmq.ROUTER)
-                try:
-                    self._door.bind(f"tcp://{'127.0.0.1' if loopback else '*'}:{master_port}")
-                except zmq.ZMQError as err:
-                    raise PipelineError(f"rank 0 cannot listen on {master_addr}:{master_port} "
-                                        f"({err.strerror}); is another run using this port?") from None
-                table = _admit_all(self._door, me, world_size, connect_timeout)
-            else:
-                table = _register(self._socket(zmq.DEALER), f"tcp://{master_addr}:{master_port}",
-                                  rank, world_size, me, connect_timeout)
-        except BaseException:
-            self._ctx.destroy(linger=0)
-            raise
-        self._pushes = {}
-        for peer, addr in enumerate(table):
-            if peer != rank:
-                self._pushes[peer] = self._socket(zmq.PUSH)
-                self._pushes[peer].sndhwm = 0  # never block the I/O thread; a gone peer is caught by heartbeats
-                self._pushes[peer].connect(addr)
-        self._peers.restart_clock()
-        self._cmd_in = self._socket(zmq.PULL)
-        self._cmd_in.bind(f"inproc://mlora-transport-{id(self)}")
-        self._cmd = self._socket(zmq.PUSH)
-        self._cmd.sndhwm = 0
-        self._cmd.connect(f"inproc://mlora-transport-{id(self)}")
-        self._io = threading.Thread(target=self._io_loop, daemon=True, name=f"mlora-zmq-{rank}")
-        self._io.start()
-        self._started()
-
-    def _socket(self, kind):
-        sock = self._ctx.socket(kind)
-        sock.linger = 0
-        return sock
-
-    def _post(self, dst, kind, header, tensors):
-        wire = [t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for t in tensors]
-        meta = _pack_meta(kind, header, wire, src=self.rank)
-        # the bytes of each tensor as a numpy array: ZeroMQ sends it without another copy
-        frames = [meta, *(t.reshape(-1).view(torch.uint8).numpy() for t in wire)]
-        self._cmd.send_multipart([b"%d" % dst, *frames], copy=False)
-
-    def _tensors(self, src, descs, frames):
-        tensors = []
-        for (dtype, shape), frame in zip(descs, frames):
-            raw = torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8) if len(frame.buffer) \
-                else torch.empty(0, dtype=torch.uint8)  # (frombuffer refuses empty buffers)
-            tensors.append(raw.view(_dtype(dtype)).view(shape).to(self.device))
-        return tensors
-
-    def _io_loop(self) -> None:
-        try:
-            self._pump()
-            # Every peer has said goodbye (so it received all we sent before ours) or is lost:
-            # linger only towards the live ones, in case our own goodbye is still in flight.
-            for peer, push in self._pushes.items():
-                push.linger = 0 if self._peers.is_lost(peer) else int(self.peer_timeout * 1000)
-        except Exception as err:  # a bug here must not look like a hang
-            self._peers.lost(self.rank, f"its ZeroMQ thread failed: {type(err).__name__}: {err}")
-        finally:
-            for sock in (self._pull, self._cmd_in, self._door, *self._pushes.values()):
-                if sock is not None:
-                    sock.close()
-
-    def _pump(self) -> None:
-        """Until close(): heartbeats out, arrivals in, queued sends on, latecomers away."""
-        poller = zmq.Poller()
-        for sock in (self._pull, self._cmd_in, self._door):
-            if sock is not None:
-                poller.register(sock, zmq.POLLIN)
-        beat = msgpack.packb({"kind": "hb", "src": self.rank})
-        next_beat = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                for push in self._pushes.values():
-                    push.send(beat, zmq.NOBLOCK)
-                next_beat = now + self.heartbeat_interval
-            ready = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
-            if self._pull in ready:
-                self._take_arrivals()
-            if self._door is not None and self._door in ready:
-                _turn_away(self._door)
-            if self._cmd_in in ready and not self._forward():
-                return
-
-    def _take_arrivals(self) -> None:
-        while True:
-            try:
-                frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            meta = _unpack(frames[0].bytes)
-            src, kind = meta["src"], meta["kind"]
-            self._peers.heard_from(src)  # any arrival is a sign of life, not only heartbeats
-            if kind == "bye":
-                self._peers.said_goodbye(src, meta["saw_lost"])
-            elif kind != "hb":
-                self._inbox.put((src, kind), (meta, frames[1:]))
-
-    def _forward(self) -> bool:
-        """Pass queued messages on to their peers; False once close() asked to stop."""
-        while True:
-            try:
-                frames = self._cmd_in.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return True
-            if frames[0].bytes == b"stop":
-                return False
-            if frames[0].bytes == b"bye":  # after everything queued before it, to every peer
-                bye = msgpack.packb({"kind": "bye", "src": self.rank, "saw_lost": self._peers.first_loss()})
-                for push in self._pushes.values():
-                    push.send(bye, zmq.NOBLOCK)
-            else:
-                self._pushes[int(frames[0].bytes)].send_multipart(frames[1:], copy=False)
-
-    def _close(self):
-        # Say goodbye, then wait for every peer's goodbye (or loss), heartbeats still going. A
-        # peer says goodbye only once it needs nothing more from us, so after this no message
-        # of ours is still needed, and a peer that is gone cannot hold our sockets open.
-        self._cmd.send(b"bye")
-        self._peers.wait_until_settled()
-        self._cmd.send(b"stop")
-        self._io.join()  # it never blocks: forwards what is queued, then closes its sockets
-        self._cmd.close(linger=0)
-        self._ctx.term()  # returns once what is queued for live peers is delivered
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        raise PipelineError(f"cannot resolve the master address {host!r}") from None
-
-
-def _local_ip_towards(host: str, port: int) -> str:
-    """This host's address on the route to `host` (a UDP connect sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, port))
-        return probe.getsockname()[0]
-
-
-def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[str]:
-    """Rank 0's side of the rendezvous: collect every rank's address, then send all of them the
-    table. Each arrival is told who is here so far, so a rank that gives up can name the missing."""
-    table, callers = {0: rank0_addr}, {}
-    deadline = time.monotonic() + timeout
-
-    def tell(who, **reply):
-        door.send_multipart([who, msgpack.packb(reply)])
-
-    while len(table) < world_size:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            err = f"{_ranks(set(range(world_size)) - set(table))} did not join within {timeout:g} s"
-            for who in callers.values():
-                tell(who, error=err)
-            door.close(linger=1000)  # let the verdict reach the waiting ranks
-            raise PipelineError(err)
-        if not door.poll(int(left * 1000) + 1):
-            continue
-        who, body = door.recv_multipart()
-        ask = _unpack(body)
-        if ask["world_size"] != world_size or not 0 <= ask["rank"] < world_size:
-            tell(who, error=f"rank {ask['rank']} has world_size {ask['world_size']}, rank 0 has {world_size}")
-        elif ask["rank"] in table:
-            tell(who, error=f"rank {ask['rank']} is claimed by two processes")
-        else:
-            table[ask["rank"]] = ask["addr"]
-            callers[ask["rank"]] = who
-            for caller in callers.values():
-                tell(caller, joined=sorted(table))
-    for caller in callers.values():
-        tell(caller, table=[table[r] for r in range(world_size)])
-    return [table[r] for r in range(world_size)]
-
-
-def _turn_away(door) -> None:
-    """After start-up, any registration is a second process claiming a taken rank."""
-    while True:
-        try:
-            who, body = door.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        rank = _unpack(body).get("rank")
-        door.send_multipart([who, msgpack.packb(
-            {"error": f"rank {rank} is claimed by two processes (the pipeline already started)"})])
-
-
-def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeout: float) -> list[str]:
-    """A non-zero rank's side of the rendezvous: announce our address, wait for the table."""
-    dealer.connect(door_addr)
-    dealer.send(msgpack.packb({"rank": rank, "world_size": world_size, "addr": me}))
-    deadline = time.monotonic() + timeout
-    joined = None
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            if not dealer.poll(int(left * 1000) + 1):
-                continue
-            reply = _unpack(dealer.recv())
-            if "error" in reply:
-                raise PipelineError(reply["error"])
-            if "table" in reply:
-                return reply["table"]
-            joined = reply["joined"]
-    finally:
-        dealer.close(linger=0)
-    if joined is None:
-        raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {door_addr})")
-    raise PipelineError(f"{_ranks(set(range(world_size)) - set(joined))} did not join within {timeout:g} s")
