@@ -331,7 +331,7 @@ class Trainer:
             run.busy_seconds += seconds
             if part.last_in_step:
                 learned = i not in unlearnable
-                save_due |= self._finish_step(run, part.epoch, norms[i] if learned else 0.0, issued.get(i),
+                save_due |= self._finish_step(run, part.epoch, norms[i] if learned else None, issued.get(i),
                                               learned=learned)
         for rerun in ([[parts[i] for i in victims]] if together else [[parts[i]] for i in victims]):
             save_due |= self._train_on(rerun)
@@ -444,12 +444,13 @@ class Trainer:
                          f"its fused batch down to it; {fixes}, train fewer or smaller adapters (their state stays on "
                          f"the device), or free device memory ({detail})")
 
-    def _finish_step(self, run: AdapterProgress, epoch: int, norm: float, stepped_lr: float | None = None,
+    def _finish_step(self, run: AdapterProgress, epoch: int, norm: float | None, stepped_lr: float | None = None,
                      learned: bool = True) -> bool:
         """Log (and, unless `stepped_lr`, take) the adapter's optimizer step; `norm` is its
-        gradient norm. stepped_lr: the LR of a step already queued by step_on_device, which the
-        device skipped if the step turns out non-finite here. learned False: no row of the step
-        has a token to learn; see below."""
+        gradient norm (None where it has none). stepped_lr: the LR of a step already queued by
+        step_on_device, which the device skipped if the step turns out non-finite here. learned
+        False: no row of the step has a token to learn (no loss, no gradient: both are logged
+        null); see below."""
         adapter, session = run.adapter, self.session
         loss = run.step.loss if learned else None
         stepped = stepped_lr is not None

@@ -526,9 +526,9 @@ def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_mod
 
 def test_pipeline_leaves_a_step_with_no_token_to_learn_as_one_process_does(tmp_path, pipe_model, capsys):
     """z's steps whose only row has no token to learn: every rank leaves z's weights and
-    optimizer state as they were, counts the step and the last stage logs its loss as null, as
-    one process does (test_train's test of it); the other adapter trains as in one process;
-    rank 0 alone notes z's rows without a token to learn."""
+    optimizer state as they were, counts the step and the last stage logs its loss and gradient
+    norm as null, as one process does (test_train's test of it); the other adapter trains as in
+    one process; rank 0 alone notes z's rows without a token to learn."""
     from mlora.cli import main
 
     from test_train import assert_same_losses, unlearnable_steps_config
@@ -545,6 +545,8 @@ def test_pipeline_leaves_a_step_with_no_token_to_learn_as_one_process_does(tmp_p
                 and "loss" in m]
         assert [(m["step"], m["tokens"]) for m in pipe] == [(m["step"], m["tokens"]) for m in single]
         assert_same_losses([m["loss"] for m in pipe], [m["loss"] for m in single])
+        # (a step with no token to learn has no gradient norm either: null, as its loss)
+        assert [m["grad_norm"] is None for m in pipe] == [m["tokens"] == 0 for m in pipe]
         # (z's AdamW magnifies rounding: one process's fused run and its solo run of z, which a
         # pipeline's micro-batches of one adapter each match, differ by 2.0e-5 at checkpoint-4;
         # a step that moved the weights differs by 1e-3 and more)

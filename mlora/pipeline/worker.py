@@ -790,7 +790,7 @@ class StageWorker(StageLink):
             lr, _ = adapter.step(grad_norm=norm)
             adapter.update_loss_scale(True)  # (after the step: it unscales by the scale of its backward)
         else:  # no update, no loss scale change; counted, evaluated and saved as a step (_finish_step)
-            lr, norm = adapter.current_lr(), 0.0
+            lr = adapter.current_lr()
             adapter.skip_step()
         done = adapter.steps_done
         self.stepped[name] = done  # a step taken (or one with nothing to learn), not skipped: eval_step may evaluate it
@@ -805,11 +805,11 @@ class StageWorker(StageLink):
     def log_step(self, name: str, lr: float, norm: float, skipped: bool = False, reason: str = "",
                  learned: bool = True) -> None:
         """The last stage's metrics line for one optimizer step (the same keys as one process;
-        learned False: a step with no token to learn, its loss null)."""
+        learned False: a step with no token to learn, its loss and gradient norm null)."""
         tally = self.tally[name]
         loss = tally.loss if learned else None
         record = {"adapter": name, "step": self.adapters[name].steps_done, "epoch": tally.epoch,
-                  "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tally.label_tokens,
+                  "loss": loss, "lr": lr, "grad_norm": norm if learned else None, "tokens": tally.label_tokens,
                   "input_tokens": tally.input_tokens,
                   "time": self.elapsed_before + time.perf_counter() - self.run_started}
         if skipped and reason == "fp16 gradient overflow":
