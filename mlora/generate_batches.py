@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 from tqdm import tqdm
 
 from mlora.errors import PipelineError, UserError
-from mlora.memory import _OOM_BASE, _OOM_ERRORS, free_device_memory
+from mlora.memory import _OOM_BASE, free_device_memory, is_out_of_memory
 
 
 class RankOutOfMemory(_OOM_BASE):  # type: ignore[misc, valid-type]
@@ -104,6 +104,8 @@ def ran_out_of_memory(run_batch: Callable[[range], None], lines: range) -> Short
         run_batch(lines)
     except RankOutOfMemory as err:
         return Shortage(err.rank, err.here)
-    except _OOM_ERRORS:
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
         return Shortage()
     return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 
 # The kernels, by the name their environment variable gives them.
 LORA = "triton"  # MLORA_LORA_KERNEL=triton
@@ -33,7 +32,9 @@ _failures: dict[str, str] = {}
 def record(kernel: str, err: BaseException, chosen_by_auto: bool) -> None:
     """`kernel` raised `err`: if `auto` chose it, remember it (failure() says so from now on)
     and say so once. A kernel named explicitly, or an out-of-memory error, raises `err` again."""
-    if not chosen_by_auto or isinstance(err, torch.OutOfMemoryError):
+    from mlora.memory import is_out_of_memory  # (here: memory imports the kernels that call record)
+
+    if not chosen_by_auto or is_out_of_memory(err):
         raise err
     if kernel in _failures:
         return

@@ -1153,6 +1153,17 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {c for c in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
      if isinstance(c, type)})
 _OOM_BASE = _OOM_ERRORS[0] if _OOM_ERRORS else MemoryError
+# cuBLAS reports a device out of memory (its handle or workspace allocation, at a matmul) as a
+# plain RuntimeError carrying this status, not as torch.OutOfMemoryError.
+_CUBLAS_OUT_OF_MEMORY = "CUBLAS_STATUS_ALLOC_FAILED"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says the device ran out of memory: torch's OutOfMemoryError, or cuBLAS's
+    allocation failure (a RuntimeError that names it). Every handler that splits, halves or
+    retries on OOM asks this; it catches broadly and re-raises (bare `raise`) what this refuses,
+    so any other error goes on unchanged."""
+    return isinstance(err, _OOM_ERRORS) or (isinstance(err, RuntimeError) and _CUBLAS_OUT_OF_MEMORY in str(err))
 
 
 class UnsplittableOOM(_OOM_BASE):  # type: ignore[misc, valid-type]
@@ -1218,7 +1229,9 @@ def _attempt(run_part: Callable[[list[T]], R], chunk: list[T], min_items: int) -
         return True, run_part(chunk)
     except UnsplittableOOM:
         raise  # a nested split gave up on a single item: halving around it cannot help
-    except _OOM_ERRORS as err:
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
         if len(chunk) <= min_items:
             unsplittable = UnsplittableOOM(f"out of memory on {len(chunk)} item(s), which cannot be split "
                                            f"further (min_items={min_items}): {_first_line(err)}")

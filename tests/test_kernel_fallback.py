@@ -18,6 +18,7 @@ from mlora.data import IGNORE_INDEX
 from mlora.models.llama import CausalLM, ModelArgs
 
 from test_lora import _group_grads
+from test_memory import cublas_out_of_memory
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +82,10 @@ def test_a_cross_entropy_kernel_named_raises_and_running_out_of_memory_is_raised
     monkeypatch.setattr(loss, "cross_entropy", "auto")
     _failing_loss_kernels(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(torch.OutOfMemoryError):
+        _head_ce(fused=True)
+    # cuBLAS's way of running out of memory too: raised as it is, for the retry in halves
+    _failing_loss_kernels(monkeypatch, cublas_out_of_memory())
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_ALLOC_FAILED"):
         _head_ce(fused=True)
     assert kernel_fallback.failures() == {}
 

@@ -593,22 +593,46 @@ def test_token_budget_is_the_largest_fitting_row_count():
 # ----------------------------------------------------------------------------- split and retry
 
 
-def oom_above(limit: int, calls: list):
-    """A run_part that 'runs out of memory' on more than `limit` items."""
+def cublas_out_of_memory() -> RuntimeError:
+    """What a matmul raises when cuBLAS cannot allocate its handle or workspace on a full device:
+    a plain RuntimeError, not torch.OutOfMemoryError."""
+    return RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
+def torch_out_of_memory() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+
+# the ways a device says it ran out of memory, each split and retried alike
+OUT_OF_MEMORY = [torch_out_of_memory, cublas_out_of_memory]
+
+
+def oom_above(limit: int, calls: list, error=torch_out_of_memory):
+    """A run_part that 'runs out of memory' (error()) on more than `limit` items."""
 
     def run_part(items):
         calls.append(list(items))
         if len(items) > limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            raise error()
         return list(items)
 
     return run_part
 
 
+def test_what_counts_as_out_of_memory():
+    assert memory.is_out_of_memory(torch_out_of_memory()) and memory.is_out_of_memory(cublas_out_of_memory())
+    assert memory.is_out_of_memory(UnsplittableOOM("out of memory on 1 item(s)"))
+    # another cuBLAS failure, or the status outside a RuntimeError, is no shortage of memory
+    assert not memory.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling "
+                                                    "`cublasGemmEx( handle, ...)`"))
+    assert not memory.is_out_of_memory(ValueError("CUBLAS_STATUS_ALLOC_FAILED"))
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY)
 @pytest.mark.parametrize("n, limit", [(1, 1), (8, 8), (8, 3), (7, 2), (9, 1)])
-def test_split_covers_every_item_once_in_order(n, limit):
+def test_split_covers_every_item_once_in_order(n, limit, error):
     calls, splits = [], []
-    results = run_splitting_on_oom(oom_above(limit, calls), list(range(n)),
+    results = run_splitting_on_oom(oom_above(limit, calls, error), list(range(n)),
                                    on_split=lambda left, right: splits.append((left, right)))
     assert [i for chunk in results for i in chunk] == list(range(n))
     assert all(len(chunk) <= limit for chunk in results)
@@ -617,11 +641,12 @@ def test_split_covers_every_item_once_in_order(n, limit):
         assert 0 <= len(left) - len(right) <= 1
 
 
-def test_a_single_item_that_does_not_fit_gives_a_clear_error():
+@pytest.mark.parametrize("error", OUT_OF_MEMORY)
+def test_a_single_item_that_does_not_fit_gives_a_clear_error(error):
     with pytest.raises(UnsplittableOOM, match="out of memory on 1 item") as info:
-        run_splitting_on_oom(oom_above(0, []), ["a", "b", "c"])
+        run_splitting_on_oom(oom_above(0, [], error), ["a", "b", "c"])
     assert isinstance(info.value, torch.OutOfMemoryError)  # generic OOM handlers still see it
-    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert type(info.value.__cause__) is type(error())
     with pytest.raises(UnsplittableOOM, match="2 item"):
         run_splitting_on_oom(oom_above(1, []), [1, 2, 3, 4], min_items=2)
 
@@ -636,6 +661,17 @@ def test_other_errors_and_nested_give_ups_are_not_split():
     with pytest.raises(ValueError):
         run_splitting_on_oom(broken, [1, 2, 3, 4])
     assert len(calls) == 1
+    # a RuntimeError that is not cuBLAS's allocation failure goes on as it is, unsplit
+    other = RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`")
+
+    def failing(items):
+        calls.append(items)
+        raise other
+
+    calls.clear()
+    with pytest.raises(RuntimeError) as info:
+        run_splitting_on_oom(failing, [1, 2, 3, 4])
+    assert info.value is other and len(calls) == 1
 
     # items = micro-batches, each split into its examples when it alone does not fit
     def run_micro_batch(examples):

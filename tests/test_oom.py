@@ -23,6 +23,7 @@ from mlora.memory import BudgetPlan, GiB, estimate_peak_bytes, plan_token_budget
 from mlora.metrics import read_metrics
 from mlora.models.llama import CausalLM, DecoderLayer, ModelArgs
 
+from test_memory import cublas_out_of_memory
 from test_train import ADAPTERS, alpaca_rows, chat_rows, make_template, rel_diff, text_rows, write_jsonl
 
 NAMES = ["a", "b", "c"]  # micro-batches of 2, 1 and 2 rows (c left-padded): fused batches of 5 rows
@@ -111,6 +112,25 @@ def test_oom_in_forward_splits_down_to_single_examples(tmp_path, tiny_llama, ref
     err = capsys.readouterr().err
     assert "mlora: out of memory on a batch of 5 rows; retrying in halves" in err
     assert "mlora: out of memory on a batch of 2 rows; retrying in halves" in err
+
+
+def test_cublas_running_out_of_memory_splits_as_torchs_error_does(tmp_path, tiny_llama, reference, monkeypatch,
+                                                                  capsys):
+    """cuBLAS's allocation failure (a RuntimeError, not torch.OutOfMemoryError) at a matmul of a
+    batch of more than 2 rows: the batch is split and retried as for torch's error (it ended
+    the run with a traceback), and the training equals one that never ran out."""
+    forward = CausalLM.forward
+
+    def patched(self, x, *args, **kwargs):
+        if torch.is_grad_enabled() and x.shape[0] > 2:
+            raise cublas_out_of_memory()
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "forward", patched)
+    run = Run(tmp_path, tiny_llama, "cublas")
+    assert train(run) == 0
+    assert_same_training(run, reference)
+    assert "mlora: out of memory on a batch of 5 rows; retrying in halves" in capsys.readouterr().err
 
 
 def test_oom_split_across_adapters_redraws_the_same_dropout(tmp_path, tiny_llama, monkeypatch, capsys):

@@ -24,6 +24,7 @@ from mlora.pipeline.transport import connect
 from mlora.pipeline.worker import check_same_everywhere, fingerprint
 from mlora.session import open_session
 
+from test_memory import cublas_out_of_memory
 from test_pipeline import NUM_LAYERS, assert_same_as_single, free_port, write_config
 from test_train import rel_diff
 
@@ -1582,8 +1583,14 @@ def test_pipeline_resume_with_nothing_to_resume_leaves_no_output_dir(tmp_path, p
     assert not (tmp_path / "new").exists()
 
 
+# the ways a device says it ran out of memory: torch's error, cuBLAS's allocation failure (a RuntimeError)
+SIMULATED_OOM = {"torch": lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+                 "cublas": cublas_out_of_memory}
+
+
+@pytest.mark.parametrize("oom", SIMULATED_OOM)
 def test_pipeline_generate_out_of_memory_where_ranks_cannot_agree_is_one_line_on_every_rank(generate_job,
-                                                                                             monkeypatch):
+                                                                                             monkeypatch, oom):
     """Running out of memory outside the stage's forward, where the ranks cannot agree on a
     rerun (here as rank 1's generate_forward starts, where it receives the hidden states: see
     StageLink.generate_forward), ends the run: rank 1 running out in its second batch is its
@@ -1602,7 +1609,7 @@ def test_pipeline_generate_out_of_memory_where_ranks_cannot_agree_is_one_line_on
         if threading.current_thread().name == "rank1" and step == 0:
             batches_seen.append(x.shape[0])
             if len(batches_seen) == 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                raise SIMULATED_OOM[oom]()
         return forward(self, x, mask, cache, step, pick)
 
     monkeypatch.setattr(StageLink, "generate_forward", running_out)
@@ -1620,17 +1627,18 @@ def test_pipeline_generate_out_of_memory_where_ranks_cannot_agree_is_one_line_on
     assert ranks[0][1].splitlines() == first_batch and ranks[1][1] == ""
 
 
-def run_out_of_memory_in_forward(monkeypatch, thread: str, too_big) -> None:
+def run_out_of_memory_in_forward(monkeypatch, thread: str, too_big, oom: str = "torch") -> None:
     """The model's forward in the thread named `thread` (a rank, or "single") raises CUDA's
-    out-of-memory error when too_big(x, cache) (x: token ids [B, S] or hidden states [B, S,
-    H]), as a device would: inside the stage's forward, where a pipeline rank catches it."""
+    out-of-memory error (SIMULATED_OOM[oom]) when too_big(x, cache) (x: token ids [B, S] or
+    hidden states [B, S, H]), as a device would: inside the stage's forward, where a pipeline
+    rank catches it."""
     from mlora.models.llama import CausalLM
 
     forward = CausalLM.forward
 
     def running_out(self, x, *args, cache=None, **kwargs):
         if threading.current_thread().name == thread and too_big(x, cache):
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise SIMULATED_OOM[oom]()
         return forward(self, x, *args, cache=cache, **kwargs)
 
     monkeypatch.setattr(CausalLM, "forward", running_out)
@@ -1640,15 +1648,16 @@ def rerun_notes(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "out of device memory on a batch" in line]
 
 
-# (balance, the rank that runs out, whether at the prompts or a later step, transport)
-RERUN_CASES = [([3, 4], 1, "later", "torch"), ([3, 4], 0, "prompts", "zmq"), ([3, 2, 2], 0, "later", "torch"),
-               ([3, 2, 2], 1, "prompts", "torch")]
+# (balance, the rank that runs out, whether at the prompts or a later step, transport, its error)
+RERUN_CASES = [([3, 4], 1, "later", "torch", "torch"), ([3, 4], 0, "prompts", "zmq", "torch"),
+               ([3, 2, 2], 0, "later", "torch", "torch"), ([3, 2, 2], 1, "prompts", "torch", "torch"),
+               ([3, 4], 1, "later", "torch", "cublas")]
 
 
-@pytest.mark.parametrize("balance,rank,when,transport", RERUN_CASES,
-                         ids=[f"{b}-rank{r}-{w}-{t}" for b, r, w, t in RERUN_CASES])
+@pytest.mark.parametrize("balance,rank,when,transport,oom", RERUN_CASES,
+                         ids=[f"{b}-rank{r}-{w}-{t}-{o}" for b, r, w, t, o in RERUN_CASES])
 def test_pipeline_generate_reruns_a_batch_that_runs_out_of_memory_in_halves(generate_job, monkeypatch, balance, rank,
-                                                                            when, transport):
+                                                                            when, transport, oom):
     """One rank (the first, a middle one, the last) runs out of device memory on every batch
     of more than 2 rows, at the prompts' forward or a later step: every rank learns of it at
     that step, and all run the batch of 4 lines and the lines after it in batches of 2, as one
@@ -1659,7 +1668,7 @@ def test_pipeline_generate_reruns_a_batch_that_runs_out_of_memory_in_halves(gene
     code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
     assert code == 0 and len(single.splitlines()) == 9
     run_out_of_memory_in_forward(monkeypatch, f"rank{rank}",
-                                 lambda x, cache: x.shape[0] > 2 and (cache.length > 0) == (when == "later"))
+                                 lambda x, cache: x.shape[0] > 2 and (cache.length > 0) == (when == "later"), oom)
     ranks = pipeline_generate(monkeypatch, base, cfg, [out] * len(balance), balance, *extra, "--batch_size", "4",
                               transport=transport)
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single)] + [(0, "")] * (len(balance) - 1), ranks
@@ -1692,13 +1701,14 @@ def test_pipeline_generate_a_line_that_runs_out_of_memory_alone_is_one_line(gene
     assert ranks[0][1].splitlines() == single.splitlines()[:1] and ranks[1][1] == ""
 
 
-# (balance, the rank that runs out)
-EVAL_RERUN_CASES = [([3, 4], 0), ([3, 4], 1), ([3, 2, 2], 1)]
+# (balance, the rank that runs out, its error)
+EVAL_RERUN_CASES = [([3, 4], 0, "torch"), ([3, 4], 1, "torch"), ([3, 2, 2], 1, "torch"), ([3, 4], 1, "cublas")]
 
 
-@pytest.mark.parametrize("balance,rank", EVAL_RERUN_CASES, ids=[f"{b}-rank{r}" for b, r in EVAL_RERUN_CASES])
+@pytest.mark.parametrize("balance,rank,oom", EVAL_RERUN_CASES,
+                         ids=[f"{b}-rank{r}-{o}" for b, r, o in EVAL_RERUN_CASES])
 def test_pipeline_eval_runs_a_chunk_that_runs_out_of_memory_in_halves(pipe_model, eval_job, monkeypatch, balance,
-                                                                       rank):
+                                                                       rank, oom):
     """One rank (the first, a middle one, the last) runs out of device memory on every test
     chunk of more than one row (chunks of 2 here): it runs them a row at a time, as one
     process splits a chunk, and rank 0 prints the lines one process prints (with no
@@ -1712,7 +1722,7 @@ def test_pipeline_eval_runs_a_chunk_that_runs_out_of_memory_in_halves(pipe_model
         halved.append(x.shape[0] > 1)
         return halved[-1]
 
-    run_out_of_memory_in_forward(monkeypatch, f"rank{rank}", too_big)
+    run_out_of_memory_in_forward(monkeypatch, f"rank{rank}", too_big, oom)
     ranks = pipeline_eval(monkeypatch, pipe_model, cfg, [out] * len(balance), balance)
     assert [code for code, _, _ in ranks] == [0] * len(balance), ranks
     assert_same_lines(single, ranks[0][1])
@@ -1736,7 +1746,9 @@ def test_pipeline_eval_a_row_that_runs_out_of_memory_alone_is_one_line(pipe_mode
                                          f"{other} was waiting for it")
 
 
-def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank(pipe_model, eval_job, monkeypatch):
+@pytest.mark.parametrize("oom", SIMULATED_OOM)
+def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank(pipe_model, eval_job, monkeypatch,
+                                                                                   oom):
     """Running out of device memory outside the forward that runs in halves (here as rank 1
     receives its second test chunk, where NCCL would hold a tensor no one takes) is not rerun:
     one line naming the rank (exit 2), the other rank's names it as a rank that left (exit 3);
@@ -1750,7 +1762,7 @@ def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank
         if threading.current_thread().name == "rank1":
             chunks.append(kind)
             if len(chunks) == 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                raise SIMULATED_OOM[oom]()
         return receive(self, kind, mb)
 
     monkeypatch.setattr(StageLink, "receive_batch", running_out)
@@ -1762,14 +1774,15 @@ def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank
                                      "for it")
 
 
-def test_pipeline_training_out_of_memory_is_one_line_on_every_rank(pipe_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("oom", SIMULATED_OOM)
+def test_pipeline_training_out_of_memory_is_one_line_on_every_rank(pipe_model, tmp_path, monkeypatch, oom):
     """A rank that runs out of device memory in a training micro-batch (which the ranks cannot
     split, as one process does: the plan is shared) was a traceback: now one line naming the
     rank and the fixes (exit 2), the other rank names it as a rank that left (exit 3); no hang."""
     from test_pipeline import write_config
 
     cfg = write_config(tmp_path, 1, tmp_path / "out")
-    run_out_of_memory_in_forward(monkeypatch, "rank1", lambda x, cache: True)
+    run_out_of_memory_in_forward(monkeypatch, "rank1", lambda x, cache: True, oom)
     ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "out")] * 2, [3, 4], "torch")
     assert [code for code, _, _ in ranks] == [3, 2], ranks
     assert one_line(ranks[1][2]) == ("mlora: error: rank 1: out of device memory training on its stage; lower "

@@ -991,11 +991,12 @@ def test_generate_out_of_device_memory_halves_the_batch(fused_run, tiny_llama, c
     real = mlora.generate.greedy_generate
     sizes = []
 
-    def out_of_memory_above(limit):
+    def out_of_memory_above(limit, error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+                                                                          "80.00 GiB")):
         def generate(session, prompts, *args, **kwargs):
             sizes.append(len(prompts))
             if len(prompts) > limit:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+                raise error()
             return real(session, prompts, *args, **kwargs)
         return generate
 
@@ -1020,6 +1021,12 @@ def test_generate_out_of_device_memory_halves_the_batch(fused_run, tiny_llama, c
     assert (code, out) == (0, fits[1])
     assert sizes == [8, 4, 2, 2, 2, 2, 2, 2]  # (8's right half, 4 lines, ran out again after 4 did: 8, 4, 2, 2, 4, ...)
     assert len(err.strip().splitlines()) == 2
+    # cuBLAS's allocation failure (a RuntimeError) is running out of memory too
+    from test_memory import cublas_out_of_memory
+
+    monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory_above(2, cublas_out_of_memory))
+    code, out, err = generate("--batch_size", "5")
+    assert (code, out, sizes) == (0, fits[1], [5, 3, 2, 2, 2, 2, 2, 2])
     monkeypatch.setattr(mlora.generate, "greedy_generate", out_of_memory_above(1))
     code, out, err = generate("--batch_size", "1", "--base")  # (a line is 2 rows with --base)
     assert (code, out, err.strip()) == (

@@ -141,7 +141,7 @@ def train_pipeline(args) -> int:
     from mlora.batching import check_trainable
     from mlora.cli import (best_note, early_stop_note, prepare_output_dir, quant_config, remove_if_still_empty,
                            written_dirs)
-    from mlora.memory import _OOM_ERRORS
+    from mlora.memory import is_out_of_memory
     from mlora.output_lock import output_dir_lock
     from mlora.pipeline.worker import check_same_everywhere, fingerprint
     from mlora.session import open_session
@@ -198,17 +198,19 @@ def train_pipeline(args) -> int:
                 print(f"mlora: rank {place.rank}: resumed at segment {state['iteration']}", file=sys.stderr)
             try:
                 result = worker.run()
-            except _OOM_ERRORS:
-                # The ranks cannot split a micro-batch the plan shares among them (one process
-                # retries in halves): one line here, the others see this rank leave (exit 3).
-                raise UserError(f"rank {place.rank}: out of device memory training on its stage; lower "
-                                f"micro_batch_size or cutoff_len, lower memory_fraction (fewer micro-batches in "
-                                f"flight), set \"recompute\": true, or split the model over more stages") from None
             except Interrupted as stop:
                 print(f"mlora: rank {place.rank}: stopped by {signal.Signals(stop.signum).name} at a "
                       f"checkpoint ({stop.path}); resume by starting every rank again with --resume",
                       file=sys.stderr)
                 return 128 + stop.signum
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                # The ranks cannot split a micro-batch the plan shares among them (one process
+                # retries in halves): one line here, the others see this rank leave (exit 3).
+                raise UserError(f"rank {place.rank}: out of device memory training on its stage; lower "
+                                f"micro_batch_size or cutoff_len, lower memory_fraction (fewer micro-batches in "
+                                f"flight), set \"recompute\": true, or split the model over more stages") from None
     except BaseException:
         # Whatever stopped this rank (ranks of different jobs, another rank's unfinished run,
         # nothing to resume, a load that failed here or elsewhere, a lost rank, Ctrl-C): an
@@ -418,7 +420,7 @@ def eval_pipeline(args) -> int:
 
     from mlora.cli import note_unsaved_adapters, quant_config
     from mlora.evaluate import eval_line
-    from mlora.memory import _OOM_ERRORS
+    from mlora.memory import is_out_of_memory
     from mlora.pipeline.worker import StageLink, check_same_everywhere, fingerprint
     from mlora.session import open_session
 
@@ -456,7 +458,9 @@ def eval_pipeline(args) -> int:
                         sums.append(link.test_sums(a, bar))
                     finally:
                         bar.close()
-        except _OOM_ERRORS:  # outside the forward that runs in halves (receiving a chunk, say)
+        except Exception as err:  # outside the forward that runs in halves (receiving a chunk, say)
+            if not is_out_of_memory(err):
+                raise
             raise UserError(f"rank {place.rank}: out of device memory evaluating the test data of its stage; lower "
                             f"test_batch_size or cutoff_len, or split the model over more stages") from None
         finally:
@@ -495,7 +499,7 @@ def generate_pipeline(args) -> int:
     from mlora.generate import Decoding, longrope_switch, stop_token_ids
     from mlora.generate_batches import RankOutOfMemory, generate_in_batches
     from mlora.lora import clear_lora_caches
-    from mlora.memory import _OOM_ERRORS
+    from mlora.memory import is_out_of_memory
     from mlora.models.llama import KVCache
     from mlora.pipeline.worker import StageLink, check_same_everywhere, digest, fingerprint
     from mlora.session import open_session
@@ -554,7 +558,9 @@ def generate_pipeline(args) -> int:
             except RankOutOfMemory:
                 clear_lora_caches(session.wrappers)  # a rerun in halves must not keep this attempt's inputs
                 raise
-            except _OOM_ERRORS:  # where the ranks cannot agree on it (see generate_forward): the end
+            except Exception as err:  # where the ranks cannot agree on it (see generate_forward): the end
+                if not is_out_of_memory(err):
+                    raise
                 raise UserError(f"rank {place.rank}: out of device memory generating on its stage; give a smaller "
                                 f"--batch_size or fewer --max_new_tokens, or split the model over more "
                                 f"stages") from None

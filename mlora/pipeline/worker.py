@@ -435,7 +435,9 @@ class StageLink:
                     return {"tokens": pick(out[:, -1])}
                 self.transport.send(self.rank + 1, {"kind": "G", "mb": step}, [out])
                 return None
-            except memory._OOM_ERRORS:
+            except Exception as err:
+                if not memory.is_out_of_memory(err):
+                    raise
                 ran_out = self.rank
         # (outside the handler: the error's traceback, which holds this attempt's tensors, is gone)
         received = None
