@@ -139,6 +139,17 @@ def auto_kernel(device: torch.device) -> str:
     return "triton" if torch.cuda.get_device_capability(device) >= (9, 0) else "fused"
 
 
+def auto_kernel_now(device: torch.device) -> str:
+    """The kernel `auto` runs batches of up to DENSE_MAX_ADAPTERS adapters with on `device` from
+    now on: auto_kernel's, but fused once the triton kernel failed in this process
+    (kernel_fallback.py). The forward asks it, and so does the memory model
+    (memory._effective_kernel): an estimate after the fallback counts what then runs."""
+    choice = auto_kernel(device)
+    if choice == "triton" and kernel_fallback.failure(kernel_fallback.LORA) is not None:
+        return "fused"
+    return choice
+
+
 @functools.lru_cache(maxsize=512)
 def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant tensor on `device`, made once: building it per call would copy from
@@ -327,9 +338,7 @@ class InputGroup:
         x2d = x.reshape(-1, x.shape[-1])  # [N = B*S, in]
         choice = kernel
         if choice == "auto":
-            choice = auto_kernel(x.device) if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
-            if choice == "triton" and kernel_fallback.failure(kernel_fallback.LORA) is not None:
-                choice = "fused"  # (its kernels failed here: kernel_fallback.py)
+            choice = auto_kernel_now(x.device) if len(active) <= DENSE_MAX_ADAPTERS else "grouped"
         if choice in ("fused", "triton"):
             return self._compute_fused(x, x2d, active, S, training, philox=choice == "triton",
                                        fallback=kernel == "auto")

@@ -274,7 +274,7 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     quantized base too (its layers run outside the op; the LoRA tensors are the same).
     device: where the run is; 'auto' runs its batches with the triton kernel on CUDA devices
     of compute capability 9.0 and up (lora.auto_kernel), which keeps less, and is counted so
-    there. None: counted as fused (an overestimate there: 16 % on the H200's TinyLlama run).
+    there, unless that kernel failed in this process (lora.auto_kernel_now: fused from then on). None: counted as fused (an overestimate there: 16 % on the H200's TinyLlama run).
 
     What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
       RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)
@@ -621,7 +621,8 @@ def _effective_kernel(kernel: str | None, shared: bool, device: torch.device | N
         raise ValueError(f"lora_kernel must be one of {mlora.lora.KERNELS}, got {kernel!r}")
     if not shared:
         return "loop"  # the per-projection LoRA op before InputGroup: one [n, r] per adapter's rows
-    if kernel == "auto" and device is not None and mlora.lora.auto_kernel(torch.device(device)) == "triton":
+    # (auto_kernel_now: fused again after the triton kernel failed here, as the forward then runs)
+    if kernel == "auto" and device is not None and mlora.lora.auto_kernel_now(torch.device(device)) == "triton":
         return "auto_triton"
     return kernel
 

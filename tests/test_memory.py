@@ -262,6 +262,27 @@ def test_auto_is_counted_as_the_kernel_it_runs_on_the_device(monkeypatch):
         est(lora=[one] * 9, lora_kernel="auto", device=cuda).total
 
 
+def test_auto_is_counted_as_fused_after_the_triton_kernel_failed_here(monkeypatch, capsys):
+    """Once auto's triton kernel failed in this process (kernel_fallback.py), the forward runs
+    fused: an estimate from then on counts fused's larger footprint, not triton's, so a budget
+    planned after the fallback does not admit batches only triton would fit."""
+    import mlora.lora
+    from mlora import kernel_fallback
+
+    one = LoraShape(16, ALL7, 0.05)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(mlora.lora, "auto_kernel", lambda device: "triton")
+    triton = est(lora=[one] * 4, lora_kernel="auto", device=cuda).total
+    try:
+        kernel_fallback.record(kernel_fallback.LORA, RuntimeError("PassManager::run failed"), chosen_by_auto=True)
+        after = est(lora=[one] * 4, lora_kernel="auto", device=cuda).total
+        assert mlora.lora.auto_kernel_now(cuda) == "fused"
+    finally:
+        kernel_fallback.forget()
+    assert after == est(lora=[one] * 4, lora_kernel="fused").total > triton
+    assert est(lora=[one] * 4, lora_kernel="auto", device=cuda).total == triton  # (the failure forgotten)
+
+
 def test_fused_kernel_keeps_a_bool_dropout_mask_and_no_column_mask():
     """Fused (auto) keeps dense's hidden, its dropout mask as bool instead of bf16, and no
     per-layer column mask: one [N, C] factor serves all layers (counted once, with the batch)."""
