@@ -172,24 +172,36 @@ def walk_batches(session, budget: int | None, progress: bool = True) -> tuple[li
     """Every fused batch of the run, from trainer.training_batches as the trainer draws them
     (no adapter stops: on_nan stop is a run's own event), tallied per adapter and overall;
     progress: a bar on stderr while a long walk lasts."""
-    from mlora.batching import total_steps
     from mlora.trainer import packed_row_len, training_batches
 
     cfg = session.cfg
     train = {a.name: session.data[a.name].train for a in cfg.lora}
-    steps = sum(total_steps(len(train[a.name]), a) for a in cfg.lora)  # (all of them: no adapter stops)
-    batches = with_progress_bar(training_batches(cfg, train, budget, stopped=set()), steps, progress)
+    batches = with_progress_bar(training_batches(cfg, train, budget, stopped=set()), run_steps(cfg, train), progress)
     return tally_batches(cfg, train, batches, budget, packed_row_len(cfg))
 
 
-def with_progress_bar(batches, steps: int, progress: bool):
-    """`batches` (fused batches) as they come, with a bar on stderr of the optimizer steps they
-    complete (`steps` in all) once the walk has lasted PROGRESS_DELAY_S; gone when it ends, so
-    the plan follows on stderr as it would without it."""
+def run_steps(cfg, train: dict[str, list]) -> int:
+    """The optimizer steps of every adapter of the run on `train`'s rows (all of them: in a
+    plan no adapter stops early): a progress bar's total."""
+    from mlora.batching import total_steps
+
+    return sum(total_steps(len(train[a.name]), a) for a in cfg.lora)
+
+
+def progress_bar(steps: int, progress: bool, desc: str):
+    """A bar on stderr of `steps` optimizer steps, shown once it has lasted PROGRESS_DELAY_S
+    (never without `progress`); closed, it is gone, so the plan follows on stderr as it would
+    without it. The one-process walk and the pipeline's plan (pipeline/dry_run.py) show it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, desc="dry run: walking the fused batches", unit="step", leave=False,
-               disable=not progress, delay=PROGRESS_DELAY_S, mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress, delay=PROGRESS_DELAY_S,
+                mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
+
+
+def with_progress_bar(batches, steps: int, progress: bool):
+    """`batches` (fused batches) as they come, with a progress_bar of the optimizer steps they
+    complete (`steps` in all)."""
+    bar = progress_bar(steps, progress, "dry run: walking the fused batches")
     try:
         for parts in batches:
             yield parts

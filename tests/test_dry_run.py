@@ -313,6 +313,33 @@ def test_a_long_walk_shows_a_progress_bar_unless_no_progress(tiny_llama, tmp_pat
     assert plans[0] == plans[1] == plans[2] and plans[1].startswith("mlora: dry run of")
 
 
+def test_a_long_pipeline_plan_shows_a_progress_bar_unless_no_progress(pipe_model, tmp_path, capsys, monkeypatch):
+    """As the one-process walk's (the test above): the pipeline's dry run, planning for
+    PROGRESS_DELAY_S (made 0 here), shows a bar of the run's optimizer steps, counted as their
+    segments are planned, cleared before the plan; none with --no_progress or for a plan shorter
+    than the delay. stdout's JSON line and the plan on stderr are the same in all three."""
+    import re
+
+    import mlora.dry_run
+
+    cfg_path = pipe_config(tmp_path)
+    runs = {"short": pipe_dry_run(capsys, pipe_model, cfg_path)}
+    monkeypatch.setattr(mlora.dry_run, "PROGRESS_DELAY_S", 0)
+    shown, made = [], mlora.dry_run.progress_bar
+    monkeypatch.setattr(mlora.dry_run, "progress_bar", lambda *args: shown.append(made(*args)) or shown[-1])
+    runs["long"] = pipe_dry_run(capsys, pipe_model, cfg_path)
+    runs["no_progress"] = pipe_dry_run(capsys, pipe_model, cfg_path, "--no_progress")
+    bar = "dry run: planning the pipeline's segments"
+    assert [(code, bar in err) for code, _, err in runs.values()] == [(0, False), (0, True), (0, False)]
+    code, plan, err = runs["long"]
+    steps = sum(a["steps"] for a in plan["adapters"])
+    assert f"/{steps} [" in err  # (the bar's total: every adapter's steps)
+    assert plan["segments"] > 1 and shown[0].n == steps  # (counted as each segment was planned)
+    assert plan == runs["short"][1] == runs["no_progress"][1]
+    plans = [re.sub(r"\([0-9.]+ s\)", "(s)", re.sub(r"\r[^\n]*\r", "", err)) for _, _, err in runs.values()]
+    assert plans[0] == plans[1] == plans[2] and plans[1].startswith("mlora: dry run of")
+
+
 def test_automatic_budget_is_the_trainers(tiny_llama, tmp_path, capsys):
     """On CUDA fast-fit without max_tokens_per_batch gets memory.plan_token_budget's budget, from
     the device's memory less the weights; seen here on the CPU through token_budget itself."""

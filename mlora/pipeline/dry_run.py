@@ -21,6 +21,7 @@ LOCAL_RANK), each rank of a launch checking its own GPU; the other stages are th
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,7 +45,7 @@ class StagePlan:
 
 
 def dry_run_pipeline(args) -> int:
-    from mlora.dry_run import check_start, meta_adapters, open_unloaded, tally_batches
+    from mlora.dry_run import check_start, meta_adapters, open_unloaded, progress_bar, run_steps, tally_batches
     from mlora.pipeline.in_flight import largest_micro_batch
     from mlora.pipeline.run import plan_stages, resolve_place
     from mlora.pipeline.worker import micro_batch_streams
@@ -62,13 +63,18 @@ def dry_run_pipeline(args) -> int:
     model_args = check_start(session, args.overwrite, shared_lock=True)
     adapters_on_meta = meta_adapters(session, model_args)  # (a rank does not check the disk for checkpoints)
     cfg = session.cfg
-    micro, streams = micro_batch_streams(cfg, session.data)
     pack_len = packed_row_len(cfg)
     train = {a.name: session.data[a.name].train for a in cfg.lora}
-    # each micro-batch goes through the stages alone: one adapter's, no fusing, no token budget
-    adapters, batches = tally_batches(cfg, train, ([part] for part in micro.values()), None, pack_len)
-    shape = largest_micro_batch(micro.values(), pack_len)
-    planned = plan_memory(session, model_args, stages, place.rank, streams, shape, adapters_on_meta)
+    # The slow part of a long run (an absurd num_epochs, a huge dataset): the streams, and
+    # mostly the segments' plans, whose steps the bar counts; it shows once this has lasted
+    # PROGRESS_DELAY_S, as the one-process walk's, and is gone before the plan is printed.
+    with contextlib.closing(progress_bar(run_steps(cfg, train), not args.no_progress,
+                                         "dry run: planning the pipeline's segments")) as bar:
+        micro, streams = micro_batch_streams(cfg, session.data)
+        # each micro-batch goes through the stages alone: one adapter's, no fusing, no token budget
+        adapters, batches = tally_batches(cfg, train, ([part] for part in micro.values()), None, pack_len)
+        shape = largest_micro_batch(micro.values(), pack_len)
+        planned = plan_memory(session, model_args, stages, place.rank, streams, shape, adapters_on_meta, bar)
     print_plan(args, session, model_args, place, adapters, batches, planned, shape, time.perf_counter() - started)
     return 0
 
@@ -96,14 +102,15 @@ def resident_adapter_bytes(adapters: list, parts: list[str]) -> int:
 
 
 def plan_memory(session, model_args, stages: list[list[str]], rank: int | None, streams: dict,
-                shape: tuple[int, int], adapters: list) -> tuple[list[StagePlan], str | None, int]:
+                shape: tuple[int, int], adapters: list, bar=None) -> tuple[list[StagePlan], str | None, int]:
     """(each planned stage's StagePlan, the line saying which bounds the memory lowered (None:
     none), the number of segments), by the code the ranks run: the bounds from every stage's
     figures (in_flight.bounds_of; a stage not planned or not seen here says nothing, as a rank
     off CUDA), each segment's plan with them, and each stage's peak at the most micro-batches
     those plans hold there. adapters: every adapter, on the meta device (dry_run.meta_adapters).
     What a rank would refuse (a stage that cannot hold one micro-batch) is refused with its
-    line; so are weights larger than a stage's free memory (its load would fail)."""
+    line; so are weights larger than a stage's free memory (its load would fail). bar: a
+    progress bar (dry_run.progress_bar) told the steps of each segment planned."""
     from mlora import memory
     from mlora.pipeline.in_flight import bounds_of, span, stage_estimate_kwargs, stage_figures, stage_peak
     from mlora.pipeline.plan import most_in_flight
@@ -136,13 +143,21 @@ def plan_memory(session, model_args, stages: list[list[str]], rank: int | None, 
                         f"(--load_4bit, --load_8bit) or split it over more stages")
     bounds, note = bounds_of(figures, cfg)
     segments, _ = segments_of(streams, cut_periods(cfg))
-    plans = segment_plans(cfg, segments, len(stages), bounds)
+    plans = segment_plans(cfg, counted_steps(segments, bar), len(stages), bounds)
     planned = []
     for s, (device, _) in devices.items():
         in_flight = max(most_in_flight(plan.stages[s]) for plan in plans)
         planned.append(StagePlan(s, stages[s], str(device), frees[s], estimates[s].weights, in_flight, bounds[s],
                                  stage_peak(estimates[s], in_flight)))
     return planned, note, len(segments)
+
+
+def counted_steps(segments: list[dict], bar):
+    """`segments` (segments_of's) as they are planned, the bar told each one's steps once it is."""
+    for segment in segments:
+        yield segment
+        if bar is not None:
+            bar.update(sum(ref.last_in_step for refs in segment.values() for ref in refs))
 
 
 def print_plan(args, session, model_args, place, adapters, batches, memory_plan, shape: tuple[int, int],

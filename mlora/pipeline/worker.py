@@ -40,7 +40,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -269,7 +269,7 @@ def micro_batch_streams(cfg, data) -> tuple[dict[int, MicroBatch], dict[str, lis
     return micro, streams
 
 
-def segment_plans(cfg, segments: list[dict[str, list[MicroBatchRef]]], world: int,
+def segment_plans(cfg, segments: Iterable[dict[str, list[MicroBatchRef]]], world: int,
                   max_in_flight: list[int]) -> list[Plan]:
     """Each segment's (segments_of) plan over `world` stages, with the stages' bounds on
     micro-batches in flight (in_flight_bounds) and the config's train_lora_candidate_num."""
