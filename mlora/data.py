@@ -1,6 +1,6 @@
 """Datasets -> token ids: loading rows, prompt templates, tokenization, label masking, padding.
 
-A dataset is a JSON array or a JSONL file of rows. Five row shapes are understood:
+A dataset is a JSON array, a JSONL file or a Parquet table of rows. Five row shapes are understood:
 
 * alpaca  {"instruction", "input"?, "output"}  rendered through a PromptTemplate;
 * chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;

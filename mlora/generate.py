@@ -1,4 +1,4 @@
-"""Greedy generation for a fused batch: every row may use a different adapter (or none).
+"""Generation (greedy or sampled) for a fused batch: every row may use a different adapter (or none).
 
 Decoding with a KV cache (models.llama.KVCache): the left-padded prompts run once, then one
 token per row and step, every row through its own adapter; greedy, or sampled with a

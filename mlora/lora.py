@@ -98,8 +98,8 @@ INPUT_GROUPS = (("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
 #   "loop":    a Python loop over adapters (the reference; launches grow with adapters).
 #   "triton":  fused, with the dropout mask drawn inside a Triton kernel and kept as bits
 #              (lora_triton.py): no dropped-out copy, no masking pass. CUDA only
-#              (and the CPU under Triton's interpreter, for tests). On one H200 it was 4-5%
-#              faster than fused with 11-14% less memory (benchmarks/RESULTS.md), and equal to
+#              (and the CPU under Triton's interpreter, for tests). On one H200 it was a few
+#              % faster than fused with about a tenth less memory (benchmarks/RESULTS.md), equal to
 #              torch and fused == solo there (gpu_checks.py).
 #   "auto":    up to DENSE_MAX_ADAPTERS adapters triton on CUDA devices of compute
 #              capability 9.0 and up (where it was measured; fused from the first failure
