@@ -373,7 +373,7 @@ def cmd_generate(args) -> int:
     lines in one fused batch: one JSON line per (prompt, adapter), in the order given, printed
     as each batch ends."""
     from mlora.adapter import Adapter
-    from mlora.generate import greedy_generate
+    from mlora.generate import NonFiniteScores, greedy_generate
     from mlora.generate_batches import generate_in_batches
     from mlora.lora import clear_lora_caches
     from mlora.session import open_session
@@ -401,6 +401,8 @@ def cmd_generate(args) -> int:
         try:
             outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
                                       repetition_penalty=args.repetition_penalty, request_ids=request_ids)
+        except NonFiniteScores as err:  # (named by its line and prompt, not its number in the request)
+            raise NonFiniteScores(err.request_id, err.name, err.token, job.describe(err.request_id)) from None
         except BaseException:
             clear_lora_caches(session.wrappers)  # a retry in halves must not keep this attempt's inputs
             raise
@@ -443,6 +445,13 @@ class GenerateJob:
         line's row, then with --base each line's bare base row (print_generated's order)."""
         numbers = list(lines) + ([len(self.rows) + i for i in lines] if self.base else [])
         return [self.requests[i] for i in numbers], numbers
+
+
+    def describe(self, request_id: int) -> str:
+        """A request as a user knows it: its output line (from 1) and that line's prompt."""
+        line = request_id % len(self.rows)  # (--base: the bare base's requests follow the lines')
+        prompt = self.rows[line][1]
+        return f"output line {line + 1} (prompt {prompt[:40] + '...' if len(prompt) > 40 else prompt!r})"
 
 
 def generate_job(args, session) -> GenerateJob:

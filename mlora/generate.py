@@ -56,12 +56,30 @@ class Sampling:
         return int(torch.multinomial(self.probabilities(logits), 1, generator=generator))
 
 
+class NonFiniteScores(UserError):
+    """A row's next-token logits are not finite (Decoding.check_finite). request_id: its number
+    in the whole request; name: its adapter (None: the bare base); token: the new token it was
+    to pick (from 1). `where` replaces "request N" in the message by what a user knows it as."""
+
+    def __init__(self, request_id: int, name: str | None, token: int, where: str | None = None):
+        self.request_id, self.name, self.token = request_id, name, token
+        who = f"adapter {name!r}" if name is not None else "the bare base"
+        super().__init__(f"the model's next-token scores are not finite (NaN or inf) for {who} on "
+                         f"{where or f'request {request_id + 1}'} at new token {token}: its numbers overflowed "
+                         f"(with --dtype fp16, try bf16 or fp32)")
+
+
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits [B, V] with every token a row has seen (seen [B, V] bool: its prompt, pads not
     included, and what it generated) made less likely: a positive logit divided by `penalty`,
     a negative one multiplied (CTRL's rule, transformers' RepetitionPenaltyLogitsProcessor)."""
     logits = logits.float()
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    penalized = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    # A penalty far below 1 (which makes seen tokens more likely) overflows a positive logit to
+    # inf, and softmax then gives NaN: sampling could not draw. Kept at fp32's largest instead,
+    # the choice stays what the overflow meant (those tokens first; greedy picks as before).
+    top = torch.finfo(torch.float32).max
+    return penalized.clamp(-top, top)
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -148,6 +166,7 @@ class Decoding:
         self.order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
         self.num_prompts = len(prompts)
         names = [prompts[i][0] for i in self.order]
+        self.names = names  # each row's adapter (None: the bare base), for messages
         self.seqs = [list(prompts[i][1]) for i in self.order]
         self.new_tokens: list[list[int]] = [[] for _ in self.order]
         self.done = [False] * len(self.order)
@@ -165,13 +184,16 @@ class Decoding:
                                           max(len(s) for s in self.seqs), pad_id)  # [B, L]
         self.fed = self.ids  # [B, T]: every token given so far, pads included
         request_ids = range(len(prompts)) if request_ids is None else request_ids
+        self.request_ids = [request_ids[i] for i in self.order]  # each row's number in the whole request
         self.generators = None if sampling is None else [
             torch.Generator().manual_seed(row_seed(sampling.seed, request_ids[i])) for i in self.order]
         self.seen = None  # [B, V] with a repetition penalty: the tokens each row has seen
 
     def pick(self, last: torch.Tensor) -> list[int]:
         """The next token of every row (done ones too) from the logits [B, V] of its last
-        position: greedy or sampled, after the repetition penalty."""
+        position: greedy or sampled, after the repetition penalty. Non-finite logits of a row
+        not done are a UserError (check_finite)."""
+        self.check_finite(last)
         if self.repetition_penalty != 1.0:
             if self.seen is None:  # the tokens of each row's prompt (its pads are not)
                 self.seen = torch.zeros(last.shape[0], last.shape[-1], dtype=torch.bool)
@@ -187,6 +209,18 @@ class Decoding:
         if self.seen is not None:
             self.seen[torch.arange(len(next_ids)), torch.tensor(next_ids)] = True
         return next_ids
+
+    def check_finite(self, last: torch.Tensor) -> None:
+        """UserError when a row not done has a NaN or +inf logit in last [B, V], or none above
+        -inf: the model overflowed (an fp16 base, most often). Its argmax would be a token
+        picked by no score (the first NaN's), printed as if the adapter had said it, and a
+        sampled row could not draw at all."""
+        bad = torch.isnan(last).any(-1) | torch.isposinf(last).any(-1) | torch.isneginf(last).all(-1)  # [B]
+        bad &= ~torch.tensor(self.done, device=last.device)
+        if not bool(bad.any()):
+            return
+        row = int(bad.nonzero()[0])
+        raise NonFiniteScores(self.request_ids[row], self.names[row], len(self.new_tokens[row]) + 1)
 
     def record(self, next_ids: Sequence[int]) -> None:
         """Each row not done takes its token, or stops at a stop token."""

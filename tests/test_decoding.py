@@ -1,0 +1,100 @@
+"""Choosing the next token when the scores are not ordinary numbers: a model that overflowed
+(NaN or inf logits) and a repetition penalty far below 1. Against transformers' processors and
+a CLI run on a base that overflows in fp16."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlora.cli import main
+from mlora.generate import Decoding, NonFiniteScores, Sampling, penalize_repetition
+
+V = 12  # vocabulary of the hand-made logits
+
+
+def decoding(sampling=None, penalty=1.0) -> Decoding:
+    """Three rows: the bare base's, adapter x's, adapter y's (Decoding orders them so)."""
+    return Decoding([("x", [3, 4]), (None, [5]), ("y", [6, 7, 8])], pad_id=0, stop={1}, sampling=sampling,
+                    repetition_penalty=penalty)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all -inf"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_non_finite_scores_of_a_live_row_are_one_line(bad, sampled):
+    """Greedy argmax would pick the first NaN's token (printed as if the adapter had said it);
+    sampling could not draw (torch.multinomial raises). Either is a UserError naming the row."""
+    state = decoding(Sampling(temperature=1.0) if sampled else None)
+    logits = torch.randn(3, V)  # [B, V]
+    if bad == "all -inf":
+        logits[2] = float("-inf")
+    else:
+        logits[2, 5] = bad
+    with pytest.raises(NonFiniteScores) as err:
+        state.pick(logits)
+    assert (err.value.name, err.value.request_id, err.value.token) == ("y", 2, 1)
+    assert "adapter 'y'" in str(err.value) and "request 3" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_non_finite_scores_of_a_finished_row_are_ignored():
+    """A row that stopped is fed pads; what its scores are no longer matters."""
+    state = decoding()
+    state.record([9, 1, 9])  # row 1 (adapter x's) stops
+    logits = torch.randn(3, V)
+    logits[1] = float("nan")
+    logits[0, 4] = float("-inf")  # (a -inf beside finite scores is an ordinary "never")
+    assert len(state.pick(logits)) == 3
+
+
+def test_a_tiny_repetition_penalty_samples_a_seen_token():
+    """A penalty far below 1 divides a positive logit of a seen token into inf (in fp32, as
+    transformers' processor does): the seen tokens are then certain. Greedy picks what
+    transformers' argmax picks; sampling draws one of them instead of failing on NaN."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(3, V).abs() + 0.5  # [B, V] positive: every seen token overflows
+    seen_ids = torch.tensor([[5, 5, 5], [3, 4, 4], [6, 7, 8]])  # each row's prompt (pads as repeats)
+    want = RepetitionPenaltyLogitsProcessor(1e-40)(seen_ids, logits.clone()).argmax(-1).tolist()
+    assert torch.isinf(RepetitionPenaltyLogitsProcessor(1e-40)(seen_ids, logits.clone())).any()
+    assert decoding(penalty=1e-40).pick(logits) == want
+    for seed in range(5):
+        picked = decoding(Sampling(temperature=1.0, seed=seed), penalty=1e-40).pick(logits)
+        assert [token in row for token, row in zip(picked, seen_ids.tolist())] == [True] * 3, picked
+    seen = torch.zeros(3, V, dtype=torch.bool).scatter_(1, seen_ids, True)
+    assert torch.isfinite(penalize_repetition(logits, seen, 1e-40)).all()
+
+
+def test_generate_on_a_base_that_overflows_is_one_line(tmp_path, tiny_llama, tokenizer, capsys):
+    """`mlora generate --dtype fp16` on a base whose MLP outputs overflow fp16: one line naming
+    the output line, its prompt and the fix, exit 2 (it printed "" as the completion, greedy,
+    and a traceback sampled); fp32 generates."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v * 60 if ".mlp." in k else v for k, v in weights.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "out" / "a")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "lora": [
+        {"name": "a", "data": str(tmp_path / "gone.jsonl"), "r": 4, "alpha": 8,
+         "target_modules": ["q_proj", "v_proj"]}]}))
+    argv = ["generate", "--base_model", str(base), "--config", str(config), "--format", "text",
+            "--prompt", "say hi", "--prompt", "count to three", "--max_new_tokens", "3", "--no_progress"]
+    assert main(argv) == 0  # fp32: finite
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    for extra in ([], ["--temperature", "1.0"]):
+        assert main([*argv, "--dtype", "fp16", *extra]) == 2
+        captured = capsys.readouterr()
+        err = [line for line in captured.err.splitlines() if "note:" not in line]
+        assert captured.out == "" and len(err) == 1, err
+        assert err[0].startswith("mlora: error: the model's next-token scores are not finite") and \
+            "adapter 'a' on output line 1 (prompt 'say hi')" in err[0] and "--dtype fp16" in err[0], err
