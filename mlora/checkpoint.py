@@ -227,12 +227,13 @@ def describe_difference(saved: dict, current: dict) -> str | None:
             return f"'{key}' was {saved['globals'].get(key)!r}, now {value!r}"
     if saved["base_model"] != current["base_model"]:
         return "the base model's config.json differs"
-    for key in ("dtype", "quantization"):
-        if saved.get(key) != current.get(key):
-            flag = dtype_flag(saved.get(key)) if key == "dtype" else None
-            # (the default dtype follows the GPU: a checkpoint of another GPU generation's default)
-            fix = f" (resume it with --dtype {flag})" if flag else ""
-            return f"{key} was {saved.get(key)}, now {current.get(key)}{fix}"
+    if saved.get("dtype") != current.get("dtype"):
+        flag = dtype_flag(saved.get("dtype"))
+        # (the default dtype follows the GPU: a checkpoint of another GPU generation's default)
+        fix = f" (resume it with --dtype {flag})" if flag else ""
+        return f"dtype was {saved.get('dtype')}, now {current.get('dtype')}{fix}"
+    if saved.get("quantization") != current.get("quantization"):
+        return quantization_difference(saved.get("quantization"), current.get("quantization"))
     for name, digest in current["data"].items():
         if saved["data"].get(name) != digest:
             return f"adapter '{name}': its training data differs"
@@ -252,6 +253,20 @@ def describe_difference(saved: dict, current: dict) -> str | None:
         if saved.get(key) != current[key]:
             return f"{key} was {saved.get(key)!r}, now {current[key]!r}"
     return None
+
+
+def quantization_difference(saved: str | None, current: str | None) -> str:
+    """How the base's quantization differs from the checkpoint's, as the flags that set it (the
+    fingerprint records str(QuantConfig), whose fields are not what a user types, and whose
+    quant_type of an 8-bit base means nothing)."""
+    from mlora.quant import flags_of_recorded
+
+    was, now = flags_of_recorded(saved), flags_of_recorded(current)
+    if was is None or now is None:  # (a fingerprint of another shape: as recorded)
+        return f"quantization was {saved}, now {current}"
+    fix = f"resume it with {was}" if was else "resume it without --load_4bit or --load_8bit"
+    return (f"the base was {f'quantized with {was}' if was else 'not quantized'}, now "
+            f"{f'with {now}' if now else 'not quantized'} ({fix})")
 
 
 def latest_loadable(output_dir, fingerprint: dict, tag: str = "") -> dict:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mlora.device import dtype_flag
 from mlora.errors import UserError
 from mlora.lora import ALL_TARGET_MODULES, LoraLinear
 
@@ -59,6 +61,35 @@ class QuantConfig:
             raise UserError("double quantization applies to 4-bit bases only")
         if self.bits == 8 and self.compute_dtype is not None:
             raise UserError("a compute dtype applies to 4-bit bases only (8-bit computes in the model dtype)")
+
+
+# str(QuantConfig), as a checkpoint's fingerprint records it (checkpoint.run_fingerprint)
+_RECORDED = re.compile(r"QuantConfig\(bits=(?P<bits>\d+), quant_type='(?P<type>\w+)', "
+                       r"double_quant=(?P<double>True|False), compute_dtype=(?P<compute>[\w.]+)\)")
+
+
+def flags_of_recorded(recorded: str | None) -> str | None:
+    """The command-line flags that quantize a base as `recorded` (str of a QuantConfig, or "None"
+    for a full-precision base: "" then) says, e.g. "--load_4bit --quant_type fp4 --double_quant";
+    None for a text that is neither."""
+    if recorded == "None":
+        return ""
+    found = _RECORDED.fullmatch(recorded or "")
+    if found is None:
+        return None
+    if found["bits"] == "8":
+        return "--load_8bit"
+    flags = ["--load_4bit"]
+    if found["type"] != "nf4":
+        flags += ["--quant_type", found["type"]]
+    if found["double"] == "True":
+        flags.append("--double_quant")
+    if found["compute"] != "None":
+        compute = dtype_flag(found["compute"])
+        if compute is None:
+            return None
+        flags += ["--compute_dtype", compute]
+    return " ".join(flags)
 
 
 class _QuietBnb(logging.Filter):

@@ -361,6 +361,44 @@ def test_bad_quant_settings_are_user_errors(kwargs):
         QuantConfig(**kwargs)
 
 
+def test_a_checkpoint_of_another_quantization_names_the_flags_that_resume_it(tmp_path):
+    """A resume on a base quantized otherwise than its checkpoint's is refused with the flags
+    that quantize it as the checkpoint was (they parse back into the very QuantConfig), not
+    a QuantConfig's repr (which gives an 8-bit base an nf4 quant_type)."""
+    from types import SimpleNamespace
+
+    from mlora.checkpoint import describe_difference, run_fingerprint
+    from mlora.cli import build_parser, quant_config
+    from mlora.config import parse_config
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "train.json").write_text("[]")
+    cfg = parse_config({"lora": [{"name": "a", "data": "train.json"}]}, base_dir=tmp_path)
+
+    def fingerprint(quant):
+        return run_fingerprint(SimpleNamespace(cfg=cfg, base_dir=tmp_path, data={}, dtype="fp32", quant=quant))
+
+    def flags_quant(flags: str):
+        args = build_parser().parse_args(["train", "--base_model", "m", "--config", "c", *flags.split()])
+        return quant_config(args)
+
+    kinds = ["", "--load_8bit", "--load_4bit", "--load_4bit --quant_type fp4 --double_quant --compute_dtype bf16"]
+    for was in kinds:
+        for now in kinds:
+            said = describe_difference(fingerprint(flags_quant(was)), fingerprint(flags_quant(now)))
+            if was == now:
+                assert said is None
+                continue
+            assert "QuantConfig" not in said and "nf4" not in said, said
+            fix = f"resume it with {was}" if was else "resume it without --load_4bit or --load_8bit"
+            assert said.endswith(f"({fix})"), said
+            assert f"now with {now} (" in said if now else "now not quantized" in said, said
+    # a fingerprint whose quantization reads otherwise (hand-edited): as recorded
+    damaged = fingerprint(QuantConfig(8))
+    damaged["quantization"] = "8 bits"
+    assert describe_difference(damaged, fingerprint(None)) == "quantization was 8 bits, now None"
+
+
 def test_unsupported_device_is_a_user_error(tiny_llama):
     with pytest.raises(UserError, match="cpu or cuda"):
         load_model(tiny_llama, "mps", torch.float32, quant=QuantConfig(8))
