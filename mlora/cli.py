@@ -454,9 +454,11 @@ class GenerateJob:
         return f"output line {line + 1} (prompt {prompt[:40] + '...' if len(prompt) > 40 else prompt!r})"
 
 
-def generate_job(args, session) -> GenerateJob:
+def generate_job(args, session, notes: bool = True) -> GenerateJob:
     """What `mlora generate` runs, from its flags (one process and --pipeline alike): the
-    chosen adapters, every prompt rendered as its adapter was trained, and the sampling."""
+    chosen adapters, every prompt rendered as its adapter was trained, and the sampling.
+    notes=False leaves out the note of lines past the model's positions (a pipeline's ranks
+    but rank 0)."""
     from mlora.data import Rows, load_rows, load_template, prompt_tokens, row_place, row_prompt
     from mlora.generate import Sampling
     from mlora.loader import read_model_config
@@ -466,7 +468,8 @@ def generate_job(args, session) -> GenerateJob:
     if not args.prompt and not args.prompt_file:
         raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
     file_rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
-    vocab = read_model_config(session.base_dir)[1].vocab_size
+    model_args = read_model_config(session.base_dir)[1]
+    vocab = model_args.vocab_size
 
     def check_vocab(ids: list[int], what: str) -> None:  # an id past the embedding would be an index error mid-run
         if ids and max(ids) >= vocab:
@@ -504,6 +507,8 @@ def generate_job(args, session) -> GenerateJob:
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)
+    if notes:
+        note_past_positions(rows, args.max_new_tokens, model_args.max_position_embeddings)
     return GenerateJob(names, rows, requests, sampling, args.base)
 
 
@@ -523,6 +528,21 @@ def chosen_adapters(flag: str | None, configured: list[str], config: str) -> lis
     if repeated is not None:
         raise UserError(f"--adapters: {repeated!r} is named twice (each chosen adapter completes every prompt once)")
     return names
+
+
+def note_past_positions(rows: list[tuple[str, str, list[int], str | None]], max_new_tokens: int,
+                        positions: int) -> None:
+    """A note on stderr when lines may run past the model's max_position_embeddings: they run
+    on (as in transformers' generate, which warns so too), at positions the model may never
+    have seen. rows: GenerateJob.rows."""
+    lengths = [len(ids) for _, _, ids, _ in rows]
+    past = [i for i, n in enumerate(lengths) if n + max_new_tokens > positions]
+    if not past:
+        return
+    longest = max(past, key=lambda i: lengths[i])
+    print(f"mlora: note: {len(past)} of {len(rows)} lines may run past the model's max_position_embeddings "
+          f"({positions}) with --max_new_tokens {max_new_tokens} (the longest prompt, of output line {longest + 1}, "
+          f"is {lengths[longest]} tokens); they run on, but the model may not do well there", file=sys.stderr)
 
 
 def check_saved(names: Iterable[str], out: Path, configured: list[str]) -> None:

@@ -1,6 +1,7 @@
-"""Choosing the next token when the scores are not ordinary numbers: a model that overflowed
-(NaN or inf logits) and a repetition penalty far below 1. Against transformers' processors and
-a CLI run on a base that overflows in fp16."""
+"""`mlora generate` at the edges: choosing the next token when the scores are not ordinary
+numbers (a model that overflowed: NaN or inf logits; a repetition penalty far below 1), against
+transformers' processors and a CLI run on a base that overflows in fp16; and lines that run past
+the model's positions."""
 
 from __future__ import annotations
 
@@ -68,18 +69,11 @@ def test_a_tiny_repetition_penalty_samples_a_seen_token():
     assert torch.isfinite(penalize_repetition(logits, seen, 1e-40)).all()
 
 
-def test_generate_on_a_base_that_overflows_is_one_line(tmp_path, tiny_llama, tokenizer, capsys):
-    """`mlora generate --dtype fp16` on a base whose MLP outputs overflow fp16: one line naming
-    the output line, its prompt and the fix, exit 2 (it printed "" as the completion, greedy,
-    and a traceback sampled); fp32 generates."""
+def config_of_a_peft_adapter(tmp_path, base):
+    """A config of one adapter "a", saved by PEFT (as initialized) on `base`."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = tmp_path / "base"
-    shutil.copytree(tiny_llama, base)
-    weights = load_file(base / "model.safetensors")
-    save_file({k: v * 60 if ".mlp." in k else v for k, v in weights.items()}, base / "model.safetensors",
-              metadata={"format": "pt"})
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                 LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(tmp_path / "out" / "a")
@@ -87,6 +81,46 @@ def test_generate_on_a_base_that_overflows_is_one_line(tmp_path, tiny_llama, tok
     config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "lora": [
         {"name": "a", "data": str(tmp_path / "gone.jsonl"), "r": 4, "alpha": 8,
          "target_modules": ["q_proj", "v_proj"]}]}))
+    return config
+
+
+def test_generate_notes_lines_past_the_models_positions(tmp_path, tiny_llama, tokenizer, capsys):
+    """A prompt that, with --max_new_tokens, runs past max_position_embeddings (256 here) runs
+    on, as in transformers' generate (which warns), with one note on stderr naming the longest;
+    none when every line fits."""
+    from mlora.cli import note_past_positions
+
+    config = config_of_a_peft_adapter(tmp_path, tiny_llama)
+    long_prompt = "one two three " * 100
+    assert len(tokenizer(long_prompt).input_ids) > 256
+    capsys.readouterr()  # (transformers' loading bar)
+    argv = ["generate", "--base_model", str(tiny_llama), "--config", str(config), "--format", "text",
+            "--max_new_tokens", "2", "--no_progress", "--prompt", "say hi"]
+    assert main([*argv, "--prompt", long_prompt]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    notes = captured.err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith("mlora: note: 1 of 2 lines may run past the model's "
+                                                   "max_position_embeddings (256)") and "output line 2" in notes[0]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    # the new tokens count: a prompt of 250 tokens fits alone, not with 7 more
+    note_past_positions([("a", "p", [1] * 250, None)], 6, 256)
+    assert capsys.readouterr().err == ""
+    note_past_positions([("a", "p", [1] * 250, None)], 7, 256)
+    assert "1 of 1 lines" in capsys.readouterr().err
+
+
+def test_generate_on_a_base_that_overflows_is_one_line(tmp_path, tiny_llama, tokenizer, capsys):
+    """`mlora generate --dtype fp16` on a base whose MLP outputs overflow fp16: one line naming
+    the output line, its prompt and the fix, exit 2 (it printed "" as the completion, greedy,
+    and a traceback sampled); fp32 generates."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v * 60 if ".mlp." in k else v for k, v in weights.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    config = config_of_a_peft_adapter(tmp_path, base)
     argv = ["generate", "--base_model", str(base), "--config", str(config), "--format", "text",
             "--prompt", "say hi", "--prompt", "count to three", "--max_new_tokens", "3", "--no_progress"]
     assert main(argv) == 0  # fp32: finite

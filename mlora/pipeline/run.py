@@ -511,7 +511,7 @@ def generate_pipeline(args) -> int:
                                dtype=args.dtype, quant=quant_config(args), load_base=False, reads="generate",
                                trust_remote_code=args.trust_remote_code)
         device = session.device
-        job = generate_job(args, session)
+        job = generate_job(args, session, notes=place.rank == 0)
         if place.rank == 0:
             note_base_sampling(args, session.base_dir)
         stages = plan_stages(args.base_model, place.world_size, args.balance)
