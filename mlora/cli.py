@@ -401,8 +401,8 @@ def cmd_generate(args) -> int:
         try:
             outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
                                       repetition_penalty=args.repetition_penalty, request_ids=request_ids)
-        except NonFiniteScores as err:  # (named by its line and prompt, not its number in the request)
-            raise NonFiniteScores(err.request_id, err.name, err.token, job.describe(err.request_id)) from None
+        except NonFiniteScores as err:
+            raise job.named(err) from None
         except BaseException:
             clear_lora_caches(session.wrappers)  # a retry in halves must not keep this attempt's inputs
             raise
@@ -447,11 +447,15 @@ class GenerateJob:
         return [self.requests[i] for i in numbers], numbers
 
 
-    def describe(self, request_id: int) -> str:
-        """A request as a user knows it: its output line (from 1) and that line's prompt."""
-        line = request_id % len(self.rows)  # (--base: the bare base's requests follow the lines')
+    def named(self, err):
+        """A NonFiniteScores `err` named by its output line (from 1) and that line's prompt, as a
+        user knows it, instead of its number in the request."""
+        from mlora.generate import NonFiniteScores
+
+        line = err.request_id % len(self.rows)  # (--base: the bare base's requests follow the lines')
         prompt = self.rows[line][1]
-        return f"output line {line + 1} (prompt {prompt[:40] + '...' if len(prompt) > 40 else prompt!r})"
+        where = f"output line {line + 1} (prompt {prompt[:40] + '...' if len(prompt) > 40 else prompt!r})"
+        return NonFiniteScores(err.request_id, err.name, err.token, where)
 
 
 def generate_job(args, session, notes: bool = True) -> GenerateJob:

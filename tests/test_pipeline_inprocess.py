@@ -1505,6 +1505,34 @@ def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, gener
     assert_rank_1s_line_on_every_rank(ranks, one_line(stderr))
 
 
+def test_pipeline_generate_non_finite_scores_are_the_line_one_process_prints(generate_job, monkeypatch):
+    """Scores that overflowed (NaN) on one row at its third token: the last rank, which picks
+    the tokens, says what one process says (naming the output line and its prompt, not its
+    number in the request), exit 2; rank 0 that the rank failed, exit 3, as when a rank dies
+    mid-run (see the out-of-memory test below); nothing on stdout."""
+    from mlora.generate import Decoding
+
+    base, cfg, out = generate_job
+    pick = Decoding.pick
+
+    def overflowing(self, last):  # [B, V]: request 4's row NaN from its third new token on
+        row = self.request_ids.index(4)
+        if len(self.new_tokens[row]) == 2:
+            last = last.clone()
+            last[row] = float("nan")
+        return pick(self, last)
+
+    monkeypatch.setattr(Decoding, "pick", overflowing)
+    code, stdout, stderr = single_generate(monkeypatch, base, cfg, out, "--max_new_tokens", "4")
+    line = one_line(stderr)
+    assert (code, stdout) == (2, "") and "output line 5 (prompt " in line and "at new token 3" in line, line
+    monkeypatch.setattr(Decoding, "pick", overflowing)  # (run_cli_threads undid it)
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], "--max_new_tokens", "4")
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(3, ""), (2, "")], ranks
+    assert one_line(ranks[1][2]) == line
+    assert one_line(ranks[0][2]) == "mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting for it"
+
+
 @pytest.mark.parametrize("rope", ["longrope", "dynamic"])
 def test_pipeline_generate_past_the_rope_switch(tmp_path, tokenizer_dir, monkeypatch, rope):
     """RoPE that changes as a row grows past 8 tokens. LongRoPE: a row growing past its switch

@@ -496,7 +496,7 @@ def generate_pipeline(args) -> int:
     (exit 2 there, 3 on the others). Running out where the ranks cannot agree (receiving the
     previous stage's hidden states) ends the run with one line, exit 2 there and 3 elsewhere."""
     from mlora.cli import check_saved, generate_job, note_base_sampling, print_generated, quant_config
-    from mlora.generate import Decoding, longrope_switch, stop_token_ids
+    from mlora.generate import Decoding, NonFiniteScores, longrope_switch, stop_token_ids
     from mlora.generate_batches import RankOutOfMemory, generate_in_batches
     from mlora.lora import clear_lora_caches
     from mlora.memory import is_out_of_memory
@@ -555,6 +555,8 @@ def generate_pipeline(args) -> int:
                         if rerun:  # a row grew past LongRoPE's switch: every stage runs all again
                             cache = KVCache()
                         x = state.fed if rerun else column
+            except NonFiniteScores as err:  # (the last rank's: named as one process names it)
+                raise job.named(err) from None
             except RankOutOfMemory:
                 clear_lora_caches(session.wrappers)  # a rerun in halves must not keep this attempt's inputs
                 raise
