@@ -82,6 +82,12 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return penalized.clamp(-top, top)
 
 
+def non_finite_rows(last: torch.Tensor) -> torch.Tensor:
+    """Which rows of the logits last [B, V] are not scores to pick by: a NaN or +inf, or none
+    above -inf (the model overflowed: an fp16 base, most often). [B] bool, on last's device."""
+    return torch.isnan(last).any(-1) | torch.isposinf(last).any(-1) | torch.isneginf(last).all(-1)
+
+
 def row_seed(seed: int, row: int) -> int:
     """A generator seed for row `row` of a request: distinct rows and seeds do not share draws
     (seed + row would: seed 4's row 0 would draw as seed 3's row 1; and so would Python's hash
@@ -192,8 +198,8 @@ class Decoding:
     def pick(self, last: torch.Tensor) -> list[int]:
         """The next token of every row (done ones too) from the logits [B, V] of its last
         position: greedy or sampled, after the repetition penalty. Non-finite logits of a row
-        not done are a UserError (check_finite)."""
-        self.check_finite(last)
+        not done are a UserError (non_finite_rows, check_finite)."""
+        bad = non_finite_rows(last)  # [B], on last's device: read with the picks, not on its own
         if self.repetition_penalty != 1.0:
             if self.seen is None:  # the tokens of each row's prompt (its pads are not)
                 self.seen = torch.zeros(last.shape[0], last.shape[-1], dtype=torch.bool)
@@ -202,25 +208,25 @@ class Decoding:
                 self.seen = self.seen.to(last.device)
             last = penalize_repetition(last, self.seen, self.repetition_penalty)
         if self.sampling is None:
-            next_ids = last.argmax(dim=-1).tolist()  # [B]
+            # one copy to the host per token, as before the check: each copy waits for the device
+            next_ids, bad_rows = torch.stack([last.argmax(dim=-1), bad.long()]).tolist()  # [2, B]
+            self.check_finite(bad_rows)
         else:
             last = last.float().cpu()  # [B, V]
+            self.check_finite(bad.tolist())  # (after last's copy: nothing left on the device to wait for)
             next_ids = [self.sampling.pick(last[r], self.generators[r]) for r in range(len(self.seqs))]
         if self.seen is not None:
             self.seen[torch.arange(len(next_ids)), torch.tensor(next_ids)] = True
         return next_ids
 
-    def check_finite(self, last: torch.Tensor) -> None:
-        """UserError when a row not done has a NaN or +inf logit in last [B, V], or none above
-        -inf: the model overflowed (an fp16 base, most often). Its argmax would be a token
-        picked by no score (the first NaN's), printed as if the adapter had said it, and a
-        sampled row could not draw at all."""
-        bad = torch.isnan(last).any(-1) | torch.isposinf(last).any(-1) | torch.isneginf(last).all(-1)  # [B]
-        bad &= ~torch.tensor(self.done, device=last.device)
-        if not bool(bad.any()):
-            return
-        row = int(bad.nonzero()[0])
-        raise NonFiniteScores(self.request_ids[row], self.names[row], len(self.new_tokens[row]) + 1)
+    def check_finite(self, bad_rows: Sequence[bool]) -> None:
+        """NonFiniteScores (a UserError) for the first row not done whose scores are not finite
+        (bad_rows: non_finite_rows's, on the host). Its argmax would be a token picked by no
+        score (the first NaN's), printed as if the adapter had said it, and a sampled row
+        could not draw at all."""
+        row = next((r for r, bad in enumerate(bad_rows) if bad and not self.done[r]), None)
+        if row is not None:
+            raise NonFiniteScores(self.request_ids[row], self.names[row], len(self.new_tokens[row]) + 1)
 
     def record(self, next_ids: Sequence[int]) -> None:
         """Each row not done takes its token, or stops at a stop token."""

@@ -132,3 +132,30 @@ def test_generate_on_a_base_that_overflows_is_one_line(tmp_path, tiny_llama, tok
         assert captured.out == "" and len(err) == 1, err
         assert err[0].startswith("mlora: error: the model's next-token scores are not finite") and \
             "adapter 'a' on output line 1 (prompt 'say hi')" in err[0] and "--dtype fp16" in err[0], err
+
+
+class HostReads(torch.Tensor):
+    """Logits that count how often their values (or any result's) are read on the host: on a
+    GPU each read waits for everything queued there."""
+
+    reads = 0
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:
+            HostReads.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_greedy_pick_reads_the_device_once(penalty):
+    """The check for non-finite scores rides on the copy of the picked tokens: one read of the
+    device per token, as before the check (it had added a second, and a copy to the device)."""
+    state = decoding(penalty=penalty)
+    logits = torch.randn(3, V)
+    want = decoding(penalty=penalty).pick(logits.clone())
+    HostReads.reads = 0
+    assert state.pick(logits.as_subclass(HostReads)) == want
+    assert HostReads.reads == 1
