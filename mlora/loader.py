@@ -562,14 +562,21 @@ def _warn_unused_tensors(stored: set[str], used: set[str], index: dict[str, Path
 
 
 def _with_elements(names: list[str], index: dict[str, Path]) -> list[str]:
-    """Those of `names` whose tensor holds at least one element (from the files' headers)."""
-    from safetensors import safe_open
+    """Those of `names` whose tensor holds at least one element (from the files' headers). One
+    whose shape cannot be read is kept, to be warned of as before this check: a name the index
+    lists but its shard lacks, or a shard whose header is damaged (the load reads neither)."""
+    from safetensors import SafetensorError, safe_open
 
     shapes = {}
     for file in dict.fromkeys(index[name] for name in names):
-        with safe_open(str(file), framework="pt") as f:  # (reads the header only)
-            shapes |= {name: f.get_slice(name).get_shape() for name in names if index[name] == file}
-    return [name for name in names if math.prod(shapes[name])]
+        try:
+            with safe_open(str(file), framework="pt") as f:  # (reads the header only)
+                present = set(f.keys())
+                shapes |= {name: f.get_slice(name).get_shape() for name in names
+                           if index[name] == file and name in present}
+        except (SafetensorError, OSError):
+            continue
+    return [name for name in names if name not in shapes or math.prod(shapes[name])]
 
 
 def _assign_quantized(slot: tuple[torch.nn.Module, str], pname: str, weight: torch.Tensor,

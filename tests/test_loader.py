@@ -64,6 +64,28 @@ def test_sharded_checkpoint_loads(tiny_llama, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_unused_tensors_whose_shape_cannot_be_read_are_warned_of(tiny_llama, tmp_path, capsys):
+    """The check that spares tensors of no elements the "unused" warning reads their shapes from
+    the shards' headers: an index that lists a tensor its shard lacks, or an unused shard whose
+    header is damaged, is warned of as before that check (the load reads neither), not a
+    traceback from safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama)).save_pretrained(sharded, max_shard_size="100KB")
+    source = sharded / "model.safetensors.index.json"
+    index = json.loads(source.read_text())
+    shard = index["weight_map"]["model.embed_tokens.weight"]
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = shard  # (not in that shard)
+    (sharded / "unused.safetensors").write_bytes(b"\xff" * 64)  # a header no reader takes
+    index["weight_map"]["model.layers.9.mlp.down_proj.weight"] = "unused.safetensors"
+    source.write_text(json.dumps(index))
+    capsys.readouterr()
+    load_model(sharded, "cpu", torch.float32)
+    assert ("config.json leaves tensor 'model.layers.9.mlp.down_proj.weight' and 1 more of the checkpoint unused"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("parts", [None, ["embed", "layer.0"], ["layer.1"], ["layer.1", "norm", "head"]])
 def test_stage_reads_exactly_its_tensors(tiny_llama, read_spy, parts):
     model = load_model(tiny_llama, "cpu", torch.float32, parts=parts)
