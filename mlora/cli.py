@@ -446,7 +446,6 @@ class GenerateJob:
         numbers = list(lines) + ([len(self.rows) + i for i in lines] if self.base else [])
         return [self.requests[i] for i in numbers], numbers
 
-
     def named(self, err):
         """A NonFiniteScores `err` named by its output line (from 1) and that line's prompt, as a
         user knows it, instead of its number in the request."""

@@ -274,7 +274,8 @@ def estimate_peak_bytes(args: ModelArgs, *, rows: int, seq_len: int, dtype: torc
     quantized base too (its layers run outside the op; the LoRA tensors are the same).
     device: where the run is; 'auto' runs its batches with the triton kernel on CUDA devices
     of compute capability 9.0 and up (lora.auto_kernel), which keeps less, and is counted so
-    there, unless that kernel failed in this process (lora.auto_kernel_now: fused from then on). None: counted as fused (an overestimate there: 16 % on the H200's TinyLlama run).
+    there, unless that kernel failed in this process (lora.auto_kernel_now: fused from then
+    on). None: counted as fused (an overestimate there: 16 % on the H200's TinyLlama run).
 
     What one decoder layer keeps for the backward, per token (flash SDPA, right padding):
       RMSNorm x2        fp32 copy of its input [N, H] (4H; in fp32 the input itself) + rsqrt [N] (4)

@@ -454,4 +454,3 @@ def test_the_torch_transport_needs_no_pyzmq():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['ok'] []", proc.stdout
-
