@@ -763,6 +763,7 @@ def test_generate_prompts_from_a_data_file(fused_run, tiny_llama, capsys, tmp_pa
         code, out, err = generate(*extra)
         assert (code, out, err.strip()) == (2, [], line)
 
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
 def test_generate_reads_a_prompt_file_that_is_a_pipe(fused_run, tiny_llama, capsys, tmp_path):
     """`--prompt_file <(printf ...)` hands mlora /dev/fd/63, a pipe, which was refused as "not a
