@@ -56,11 +56,17 @@ pids=()
 for (( rank = 0; rank < NUM_RANKS; rank++ )); do
     device=${DEVICE_PREFIX:-cuda:}$rank
     [ "${DEVICE_PREFIX:-cuda:}" = "cpu" ] && device=cpu
-    "$PY" -m mlora "$COMMAND" --pipeline --rank "$rank" --device "$device" "${split_args[@]}" \
+    # (a script's background command ignores SIGINT: Ctrl-C would end this script and leave the
+    # ranks training. Each rank takes it back, as one mlora in the foreground has it)
+    ( trap - INT; exec "$PY" -m mlora "$COMMAND" --pipeline --rank "$rank" --device "$device" "${split_args[@]}" \
         --transport "$TRANSPORT" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-        --base_model "$BASE" --config "$CONFIG" "$@" &
+        --base_model "$BASE" --config "$CONFIG" "$@" ) &
     pids+=($!)
 done
+# Ctrl-C reaches every rank (they are in this script's process group); the script itself waits
+# on for them to stop (with save_step, each writes its part of a checkpoint first) rather than
+# give the prompt back while they still write, and exits with their status.
+trap '' INT
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 exit $status

@@ -4,6 +4,7 @@ launch/manual.sh (one process per rank, started by the script)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -286,3 +287,47 @@ def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
     done = subprocess.run(["bash", str(ROOT / "launch" / "manual.sh")], capture_output=True, text=True,
                           env=dict(base, PATH=f"{fake}:{base['PATH']}", BASE="x", CONFIG="y", **env), timeout=60)
     assert done.returncode == 2 and done.stderr == f"launch/manual.sh: {message}\n", done.stderr
+
+
+FAKE_RANK = """
+import signal, sys, time
+from pathlib import Path
+rank = sys.argv[sys.argv.index("--rank") + 1]
+out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+(out / f"ready.{rank}").write_text(str(signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
+try:
+    time.sleep(60)
+except KeyboardInterrupt:  # (a rank stopping at a checkpoint takes a while to write it)
+    time.sleep(1)
+    (out / f"stopped.{rank}").write_text("")
+    sys.exit(130)
+"""
+
+
+def test_manual_script_ctrl_c_stops_every_rank_and_waits_for_them(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) reaches every rank the script started:
+    a background command of a script would ignore it and train on after the script ended. The
+    script waits for the ranks to stop and exits with their status."""
+    import signal
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {tmp_path / 'rank.py'} \"$@\"\n")
+    fake.chmod(0o755)
+    (tmp_path / "rank.py").write_text(FAKE_RANK)
+    script = subprocess.Popen(["bash", str(ROOT / "launch" / "manual.sh"), "--output_dir", str(tmp_path)],
+                              env=dict(os.environ, PYTHON=str(fake), BASE="b", CONFIG="c", NUM_RANKS="2"),
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("ready.*"))) < 2:
+            assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+            time.sleep(0.05)
+        assert [p.read_text() for p in sorted(tmp_path.glob("ready.*"))] == ["False", "False"]
+        os.killpg(script.pid, signal.SIGINT)  # what Ctrl-C does
+        script.communicate(timeout=30)
+        assert script.returncode == 130
+        assert len(list(tmp_path.glob("stopped.*"))) == 2  # (the script ended after its ranks)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
