@@ -87,6 +87,38 @@ def list_checkpoints(output_dir, tag: str = "") -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_tags(output_dir) -> set[str]:
+    """The tags of the checkpoints output_dir holds: "" for one process's, "rank<N>" for each
+    pipeline rank's parts."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return set()
+    return {tag for p in root.iterdir() if (tag := _tag_of(p.name)) is not None and p.is_dir()}
+
+
+def tag_ranks(tags) -> list[int]:
+    """The pipeline ranks among checkpoint tags, in order."""
+    return sorted(int(tag[len("rank"):]) for tag in tags if tag)
+
+
+def ranks_phrase(ranks: list[int]) -> str:
+    """'rank 2', 'ranks 0, 1'."""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def other_kind_note(tags: set[str], pipeline: bool) -> str:
+    """What a resume finds of the other kind (one process's checkpoints for a pipeline, a
+    pipeline's parts for one process), and how to resume that; "" when none. Each kind looks
+    only for its own, and would otherwise say there is nothing to resume."""
+    ranks = tag_ranks(tags)
+    if not pipeline and ranks:
+        return (f"; it holds a pipeline's checkpoints (parts of {ranks_phrase(ranks)}): "
+                f"resume them with --pipeline --resume on every rank")
+    if pipeline and "" in tags:
+        return "; it holds one process's checkpoints: resume them with --resume, without --pipeline"
+    return ""
+
+
 def _name(iteration: int, tag: str) -> str:
     return f"iter-{iteration:08d}" + (f"-{tag}" if tag else "")
 
@@ -165,10 +197,17 @@ def unfinished_run(output_dir) -> Path | None:
     return None
 
 
-def refuse_to_clear(newest: Path) -> UserError:
-    """The one line for a fresh start over an unfinished run (`unfinished_run`)."""
+def refuse_to_clear(newest: Path, pipeline: bool) -> UserError:
+    """The one line for a fresh start over an unfinished run (`unfinished_run`); pipeline: the
+    start is a pipeline rank's. The run to continue may be of the other kind: --resume alone
+    would then find nothing to resume."""
+    how = "--resume"
+    if _tag_of(newest.name) and not pipeline:
+        how = "--pipeline --resume on every rank"
+    elif not _tag_of(newest.name) and pipeline:
+        how = "--resume, without --pipeline"
     return UserError(f"output_dir {newest.parent.parent} holds an unfinished run (newest checkpoint: {newest.name}); "
-                     f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and "
+                     f"continue it with {how}, or start over with --overwrite (deletes its checkpoints and "
                      f"each adapter's best and checkpoint-<step>)")
 
 
@@ -275,5 +314,6 @@ def latest_loadable(output_dir, fingerprint: dict, tag: str = "") -> dict:
     found = list_checkpoints(output_dir, tag)
     if not found:
         raise UserError(f"nothing to resume: no checkpoint in {checkpoint_root(output_dir)} "
-                        f"(checkpoints are written every save_step and on SIGINT/SIGTERM)")
+                        f"(checkpoints are written every save_step and on SIGINT/SIGTERM)"
+                        f"{other_kind_note(checkpoint_tags(output_dir), pipeline=bool(tag))}")
     return load_checkpoint(found[-1][1], fingerprint)

@@ -224,13 +224,14 @@ def cmd_train(args) -> int:
             print(f"mlora: nothing to resume: the run in {out} already finished")
             return 0
         if not checkpoint.list_checkpoints(out):
-            raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
+            raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}"
+                            f"{checkpoint.other_kind_note(checkpoint.checkpoint_tags(out), pipeline=False)}")
     # before the (long) load: a bad output_dir fails at once
     created = prepare_output_dir(out, [a.name for a in session.cfg.lora], written_dirs(session))
     with output_dir_lock(out):
         # (under the lock: a run still writing there is the lock's one line, not this one)
         if not (args.resume or args.overwrite) and (newest := checkpoint.unfinished_run(out)) is not None:
-            raise checkpoint.refuse_to_clear(newest)
+            raise checkpoint.refuse_to_clear(newest, pipeline=False)
         try:
             session.load_base()
         except BaseException:  # weights that do not fit config.json, or Ctrl-C: leave nothing behind

@@ -109,7 +109,7 @@ def check_start(session, overwrite: bool, shared_lock: bool = False):
     if Path(out).is_dir():
         with output_dir_lock(out, shared=shared_lock):  # a run writing there now: the lock's one line, as train's
             if not overwrite and (newest := checkpoint.unfinished_run(out)) is not None:
-                raise checkpoint.refuse_to_clear(newest)
+                raise checkpoint.refuse_to_clear(newest, pipeline=shared_lock)
     return model_args
 
 

@@ -911,14 +911,53 @@ def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tm
         assert code == 3 and "rank 1 was started with a different --resume than rank 0; start every rank " \
                              "with --resume, or none" in err
     capsys.readouterr()
-    assert main(argv(outs[1])) == 2  # one process over the pipeline's part
-    assert capsys.readouterr().err.strip() == f"mlora: error: {line}"
+    assert main(argv(outs[1])) == 2  # one process over the pipeline's part: --resume alone would find none
+    assert capsys.readouterr().err.strip() == "mlora: error: " + line.replace(
+        "continue it with --resume,", "continue it with --pipeline --resume on every rank,")
     assert files() == before
     assert main(argv(outs[1], "--overwrite")) == 0  # one process's run replaces the pipeline's
     assert not list((outs[1] / "checkpoints").glob("*rank*"))
     assert [code for code, _, _ in train("--overwrite")] == [0, 0]
     assert (outs[1] / "checkpoints" / "FINISHED-rank1.json").is_file()
     assert not (outs[1] / "checkpoints" / "FINISHED.json").exists()  # (the one-process run's, cleared)
+
+
+def test_a_resume_of_the_wrong_kind_or_world_says_what_the_checkpoints_are(tmp_path, pipe_model, single_runs,
+                                                                          monkeypatch, capsys):
+    """Each kind of run looks for its own checkpoints: one process for untagged ones, a pipeline
+    rank for its own part. Resumed with the other kind, or with more ranks than wrote them,
+    each said there was nothing to resume, and a fresh start over them said to continue with
+    --resume, which then found nothing. Each line now says what is there and how to resume it."""
+    import shutil
+
+    from mlora.cli import main
+
+    _, cfg, single_out = single_runs(2, save_step=2)
+    one = tmp_path / "one"  # one process's run, killed after its last checkpoint
+    shutil.copytree(single_out, one)
+    (one / "checkpoints" / "FINISHED.json").unlink()
+    for extra, line in ((("--resume",), "no checkpoint that every rank holds"), ((), "holds an unfinished run")):
+        ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, one, *extra)] * 2, [3, 4], "torch")
+        for code, _, err in ranks:
+            assert code == 2 and line in one_line(err), err
+            assert "--resume, without --pipeline" in one_line(err), err
+    piped = tmp_path / "piped"  # a 2-rank pipeline's, killed after its last checkpoint
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, piped)] * 2, [3, 4], "torch")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    for finished in (piped / "checkpoints").glob("FINISHED-*"):
+        finished.unlink()
+    capsys.readouterr()
+    assert main(train_argv(pipe_model, cfg, piped, "--resume")) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "; it holds a pipeline's checkpoints (parts of ranks 0, 1): resume them with --pipeline --resume on every rank")
+    assert main(train_argv(pipe_model, cfg, piped)) == 2
+    assert "continue it with --pipeline --resume on every rank," in capsys.readouterr().err
+    ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, piped, "--resume")] * 3, [3, 2, 2], "torch")
+    for code, _, err in ranks:
+        assert code == 2 and one_line(err).endswith(
+            "it holds parts of ranks 0, 1 but none of rank 2 of these 3: resume with the ranks and --balance of the "
+            "run that wrote them, each rank finding its parts in its output_dir"), err
+    assert len(list((piped / "checkpoints").glob("iter-*"))) == 2 * 2  # (nothing deleted)
 
 
 def test_pipeline_save_total_limit_1_survives_a_kill_between_two_ranks_writes(tmp_path, pipe_model, single_runs,

@@ -111,14 +111,16 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
     """The newest checkpoint every rank holds a part of (ranks agree through `exchange`), each
     rank's part loaded `failing_together`; None when every rank had finished."""
     mine = {"finished": checkpoint.is_finished(output_dir, tag),
-            "available": [it for it, _ in checkpoint.list_checkpoints(output_dir, tag)]}
+            "available": [it for it, _ in checkpoint.list_checkpoints(output_dir, tag)],
+            "tags": sorted(checkpoint.checkpoint_tags(output_dir))}
     everyone = transport.exchange(mine)
     if all(e["finished"] for e in everyone):
         return None
     common = set.intersection(*(set(e["available"]) for e in everyone))
     if not common:
         raise UserError(f"nothing to resume: no checkpoint that every rank holds in "
-                        f"{checkpoint.checkpoint_root(output_dir)} (checkpoints are written every save_step)")
+                        f"{checkpoint.checkpoint_root(output_dir)} (checkpoints are written every save_step)"
+                        f"{missing_parts_note([set(e['tags']) for e in everyone])}")
     iteration = max(common)
     path = dict(checkpoint.list_checkpoints(output_dir, tag))[iteration]
     # (a rank whose part is damaged or from another run fails alone: the others must learn why,
@@ -128,13 +130,28 @@ def resume_state(transport, output_dir: str, tag: str, run_print: dict) -> dict 
     return state
 
 
+def missing_parts_note(tags_of_ranks: list[set[str]]) -> str:
+    """Why the ranks (tags_of_ranks: what each finds in its output_dir) hold no checkpoint in
+    common, where they hold some: ranks without a part (another world size wrote them, or a
+    host's output_dir lacks them), or only one process's checkpoints; "" when none is found."""
+    world = len(tags_of_ranks)
+    found = set().union(*tags_of_ranks)
+    written = checkpoint.tag_ranks(found)
+    lacking = [rank for rank, tags in enumerate(tags_of_ranks) if f"rank{rank}" not in tags]
+    if written and lacking:
+        return (f"; it holds parts of {checkpoint.ranks_phrase(written)} but none of "
+                f"{checkpoint.ranks_phrase(lacking)} of these {world}: resume with the ranks and --balance of the "
+                f"run that wrote them, each rank finding its parts in its output_dir")
+    return checkpoint.other_kind_note(found, pipeline=True)
+
+
 def refuse_unfinished_runs(transport, output_dir: str, overwrite: bool) -> None:
     """A fresh start (no --resume) deletes every rank's checkpoints: refused on every rank, as
     in one process, when any rank holds an unfinished run's, unless it was --overwrite."""
     with failing_together(transport):
         newest = None if overwrite else checkpoint.unfinished_run(output_dir)
         if newest is not None:
-            raise checkpoint.refuse_to_clear(newest)
+            raise checkpoint.refuse_to_clear(newest, pipeline=True)
 
 
 def train_pipeline(args) -> int:
