@@ -414,6 +414,34 @@ def test_master_port_in_use_is_a_pipeline_error_naming_it(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_port_another_program_holds_fails_the_other_ranks_within_connect_timeout(kind):
+    """Rank 0 cannot listen there (above); another rank finds a socket that accepts and never
+    answers. TCPStore's client waited on it for ever, whatever its timeout."""
+    import threading
+
+    outcome = {}
+
+    def join() -> None:
+        start = time.monotonic()
+        try:
+            connect(kind, 1, 2, "127.0.0.1", port, CPU, connect_timeout=2.0).close()
+            outcome["said"] = "connected"
+        except PipelineError as err:
+            outcome["said"] = str(err)
+        outcome["elapsed"] = time.monotonic() - start
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        thread = threading.Thread(target=join, daemon=True)
+        thread.start()
+        thread.join(30)
+    assert outcome.get("said", "hangs").startswith("rank 0 did not join within 2 s"), outcome
+    assert outcome["elapsed"] < 2.0 + 5.0 + 2.0  # connect_timeout, the store's handshake, slack
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_rank_outside_the_world_is_refused(kind):
     with pytest.raises(PipelineError, match="rank 2 is outside 0..1"):
         connect(kind, 2, 2, "127.0.0.1", free_port(), CPU)

@@ -509,14 +509,50 @@ def _open_store(addr: str, port: int, rank: int, world_size: int, timeout: float
     if rank != 0 and not _listening(addr, port, deadline):
         # (TCPStore's own wait for its server can run to twice its timeout)
         raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {addr}:{port})")
+
+    def make():
+        return dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout),
+                             wait_for_workers=False)
+
     try:
-        return dist.TCPStore(addr, port, world_size, is_master=rank == 0,
-                             timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        if rank == 0:
+            return make()
+        store = _within(make, max(_STORE_HANDSHAKE, deadline - time.monotonic()))
+        if store is None:
+            raise PipelineError(f"rank 0 did not join within {timeout:g} s (what answers at {addr}:{port} is not "
+                                f"rank 0's store: is another program using this port?)")
+        return store
     except RuntimeError as err:
         if rank == 0:
             raise PipelineError(f"rank 0 cannot listen on {addr}:{port} ({_short(err)}); "
                                 "is another run using this port?") from None
         raise PipelineError(f"rank 0 was lost (its store at {addr}:{port} failed: {_short(err)})") from None
+
+
+# What a client's handshake with rank 0's store may take even when the deadline has passed:
+# rank 0 may have started listening only just before it.
+_STORE_HANDSHAKE = 5.0
+
+
+def _within(make: Callable[[], Any], seconds: float) -> Any:
+    """make()'s result, or None if it has not returned within `seconds`. TCPStore's client waits
+    for its handshake without end when what listens at the port is not a TCPStore (another
+    program's socket accepts and never answers), whatever its timeout; the thread left waiting
+    is a daemon, and the process that gives up exits with it."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["result"] = make()
+        except BaseException as err:  # (raised in the caller's thread)
+            done["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True, name="mlora-store-handshake")
+    thread.start()
+    thread.join(seconds)
+    if "error" in done:
+        raise done["error"]
+    return done.get("result")
 
 
 def _listening(addr: str, port: int, deadline: float) -> bool:
