@@ -463,6 +463,51 @@ def test_two_processes_claiming_one_rank(kind):
     assert "rank 1 is claimed by two processes" in outcomes[1][2]
 
 
+# A rank that sends without pause to rank 0 (each send waited on by its thread "sends"), until
+# rank 0 is killed: it sees the loss, closes and exits through the interpreter's shutdown.
+_SENDING_WHEN_RANK_0_DIES = """
+import sys
+import torch
+from mlora.pipeline.transport import PipelineError, connect
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+transport = connect("torch", rank, 2, "127.0.0.1", port, torch.device("cpu"), peer_timeout=5, connect_timeout=30)
+transport.exchange(None)
+print("joined", flush=True)
+try:
+    while True:
+        transport.recv(1) if rank == 0 else transport.send(0, {}, [torch.zeros(64, 64)])
+except PipelineError as err:
+    print(err, file=sys.stderr)
+finally:
+    transport.close()
+sys.exit(3)
+"""
+
+
+def test_a_rank_that_loses_rank_0_mid_send_exits_with_its_line_not_an_abort():
+    """Its thread waiting on a send to the lost rank 0 returned only once the interpreter was
+    shutting down, and the process aborted ("terminate called without an active exception",
+    exit -6) after its one line, nearly every time. (multiprocessing's children, as in the tests
+    above, leave by os._exit and never showed it.)"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for _ in range(2):
+        port = free_port()
+        ranks = [subprocess.Popen([sys.executable, "-c", _SENDING_WHEN_RANK_0_DIES, str(rank), str(port)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for rank in (0, 1)]
+        try:
+            for rank in ranks:
+                assert rank.stdout.readline() == "joined\n", rank.communicate(timeout=30)
+            ranks[0].kill()
+            _, stderr = ranks[1].communicate(timeout=60)
+        finally:
+            for rank in ranks:
+                rank.kill()
+                rank.wait()
+        assert ranks[1].returncode == 3, stderr[-2000:]
+        assert "rank 0 was lost" in stderr and "terminate" not in stderr, stderr[-2000:]
+
+
 # In a fresh interpreter where `import zmq` fails, as where pyzmq is not installed: every module
 # of the pipeline imports, the torch transport connects, and nothing imported ZeroMQ.
 _WITHOUT_PYZMQ = """

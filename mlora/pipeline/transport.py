@@ -42,6 +42,9 @@ _POLL = 0.05  # how often (s) a blocked call re-checks its peers' liveness
 # gloo applies its timeout to every wait, and a timed-out wait tears the connection down; a stage
 # may legitimately wait for minutes (a long eval upstream), so liveness is our job, not gloo's.
 _FOREVER = timedelta(days=365)
+# How long (s) closing waits for the threads whose waits on lost peers fail (`_close`); they
+# take microseconds once the group is aborted.
+_LOST_WAITS_END = 2.0
 
 
 def connect(kind: str, rank: int, world_size: int, master_addr: str, master_port: int,
@@ -503,6 +506,14 @@ class _TorchTransport(Transport):
                 group.abort()
             except RuntimeError:
                 pass
+        # A wait on a lost peer's broken link (a send still pending to it, above all) fails a
+        # moment later: its thread must end now, not return into an interpreter shutting down (the
+        # process then aborts, "terminate called without an active exception", after its own
+        # line). A wait on a peer that hangs with its link open never returns: that one's thread
+        # is left blocked, as the abort above leaves it.
+        deadline = time.monotonic() + _LOST_WAITS_END
+        for thread in (self._settler, *self._receivers.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _open_store(addr: str, port: int, rank: int, world_size: int, timeout: float, deadline: float):
