@@ -38,10 +38,14 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$base_model" ] && [ -n "$config" ] || { echo "launch/torchrun.sh: --base_model and --config are required" >&2; exit 2; }
 case "$command" in train|eval|generate) ;; *) echo "launch/torchrun.sh: --command must be train, eval or generate, not $command" >&2; exit 2 ;; esac
+# (torchrun's forms: a node count or an elastic MIN:MAX; anything else was bash's "integer
+# expression expected", and the run went on as one standalone node)
+[[ "$nnodes" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || { echo "launch/torchrun.sh: --nnodes must be a number of nodes (or MIN:MAX), not $nnodes" >&2; exit 2; }
+[[ "$node_rank" =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: --node_rank must be a whole number, not $node_rank" >&2; exit 2; }
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/python.sh"  # PY
 read -r -a torchrun <<< "${TORCHRUN:-$PY -m torch.distributed.run}"
 rdzv=(--standalone)
-if [ "$nnodes" -gt 1 ]; then
+if [ "$nnodes" != 1 ]; then
     [ -n "$rdzv_endpoint" ] || { echo "launch/torchrun.sh: --nnodes > 1 needs --rdzv_endpoint HOST:PORT" >&2; exit 2; }
     rdzv=(--nnodes "$nnodes" --node_rank "$node_rank" --rdzv_backend c10d --rdzv_endpoint "$rdzv_endpoint" --rdzv_id "mlora-${MLORA_RUN_ID:-job}")
 fi

@@ -167,13 +167,17 @@ def test_manual_generate_two_ranks(pipe_model, single_runs):
     (["--base_model", "m", "--config"], "--config needs a value"),
     (["--base_model", "m", "--config", "c", "--command", "serve"], "--command must be train, eval or generate"),
     (["--config", "c"], "--base_model and --config are required"),
+    (["--base_model", "m", "--config", "c", "--nnodes", "two"], "--nnodes must be a number of nodes (or MIN:MAX), not two"),
+    (["--base_model", "m", "--config", "c", "--nnodes", "0"], "--nnodes must be a number of nodes (or MIN:MAX), not 0"),
+    (["--base_model", "m", "--config", "c", "--nnodes", "2", "--node_rank", "-1"],
+     "--node_rank must be a whole number, not -1"),
 ])
 def test_torchrun_script_bad_options_are_one_line(args, message):
     """(A value-less last option was bash's "unbound variable" under set -u.)"""
     done = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHON="false"), cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip() == f"launch/torchrun.sh: {message}" + (
-        "" if "must be" not in message else ", not serve"), done.stderr
+        "" if "--command must be" not in message else ", not serve"), done.stderr
 
 
 @pytest.mark.parametrize("script", ["manual.sh", "torchrun.sh"])
