@@ -249,6 +249,7 @@ def test_each_rank_reads_the_device_once_per_optimizer_step(tmp_path, pipe_model
     be device reads are counted where they happen.)"""
     import sys
 
+    from mlora.pipeline import stage_rows
     from mlora.pipeline import worker as worker_module
 
     reads: dict[str, list[str]] = {}
@@ -274,13 +275,13 @@ def test_each_rank_reads_the_device_once_per_optimizer_step(tmp_path, pipe_model
 
     monkeypatch.setattr(worker_module.StageWorker, "run", counted)
     head_tokens = []  # (the last stage's head: the trained positions rank 0 sent, one per label token)
-    loss_sums = worker_module.head_loss_sums
+    loss_sums = stage_rows.head_loss_sums
 
     def recorded(model, h, labels, rows, counts, positions):
         head_tokens.append((positions.numel(), sum(counts.values()), h.shape[0] * h.shape[1]))
         return loss_sums(model, h, labels, rows, counts, positions)
 
-    monkeypatch.setattr(worker_module, "head_loss_sums", recorded)
+    monkeypatch.setattr(stage_rows, "head_loss_sums", recorded)
     _, cfg, single_out = single_runs(3)
     run_threads(pipe_model, cfg, tmp_path / "out", 3, [3, 2, 2])
     assert_same_as_single(single_out, tmp_path / "out", 3)
@@ -494,7 +495,7 @@ def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_mod
     through msgpack: a B header's loss_ok back to rank 0, then a step's triple forward in the F
     header of the adapter's next micro-batch ("norm"), the last step's in END's "norms", each
     with a NaN norm."""
-    import mlora.pipeline.worker
+    import mlora.pipeline.stage_rows
     import mlora.trainer
 
     def poisoned(real):
@@ -507,7 +508,8 @@ def test_pipeline_skips_a_non_finite_loss_as_one_process_does(tmp_path, pipe_mod
         return sums
 
     monkeypatch.setattr(mlora.trainer, "fused_loss_sums", poisoned(mlora.trainer.fused_loss_sums))
-    monkeypatch.setattr(mlora.pipeline.worker, "head_loss_sums", poisoned(mlora.pipeline.worker.head_loss_sums))
+    monkeypatch.setattr(mlora.pipeline.stage_rows, "head_loss_sums",
+                        poisoned(mlora.pipeline.stage_rows.head_loss_sums))
     from mlora.cli import main
 
     cfg_path = write_config(tmp_path, 2, tmp_path / "single")
@@ -1841,20 +1843,211 @@ def test_pipeline_eval_out_of_memory_receiving_a_chunk_is_one_line_on_every_rank
                                      "for it")
 
 
-@pytest.mark.parametrize("oom", SIMULATED_OOM)
-def test_pipeline_training_out_of_memory_is_one_line_on_every_rank(pipe_model, tmp_path, monkeypatch, oom):
-    """A rank that runs out of device memory in a training micro-batch (which the ranks cannot
-    split, as one process does: the plan is shared) was a traceback: now one line naming the
-    rank and the fixes (exit 2), the other rank names it as a rank that left (exit 3); no hang."""
+def run_out_of_memory_training(monkeypatch, rank: int, phase: str, too_many: int, oom: str = "torch") -> list[int]:
+    """Rank `rank`'s stage runs out of device memory (SIMULATED_OOM[oom]) in the training
+    forward (phase "forward") or backward ("backward") of more than `too_many` rows, as a
+    device would: the forward as the stage's model starts; the backward once the stage's first
+    decoder layer is reached, when the later layers' LoRA gradients (and x.grad's route) are
+    partly done. Returns the row counts of the attempts that ran out, as they happen."""
+    from mlora.models.llama import CausalLM, DecoderLayer
+
+    forward, layer_forward = CausalLM.forward, DecoderLayer.forward
+    thread, ran_out, first_layer = f"rank{rank}", [], {}
+
+    def stage_forward(self, x, *args, **kwargs):
+        if threading.current_thread().name == thread and torch.is_grad_enabled():
+            first_layer[thread] = min(self.layer_ids, default=None)
+            if phase == "forward" and x.shape[0] > too_many:
+                ran_out.append(x.shape[0])
+                raise SIMULATED_OOM[oom]()
+        return forward(self, x, *args, **kwargs)
+
+    def layer(self, x, *args, **kwargs):
+        out = layer_forward(self, x, *args, **kwargs)
+        rows = x.shape[0]
+        if (threading.current_thread().name == thread and phase == "backward" and torch.is_grad_enabled()
+                and out.requires_grad and rows > too_many and self.layer_id == first_layer.get(thread)):
+            def running_out(grad):
+                ran_out.append(rows)
+                raise SIMULATED_OOM[oom]()
+            out.register_hook(running_out)
+        return out
+
+    monkeypatch.setattr(CausalLM, "forward", stage_forward)
+    monkeypatch.setattr(DecoderLayer, "forward", layer)
+    return ran_out
+
+
+def sent_messages(monkeypatch) -> dict[str, list]:
+    """Records what every rank of run_threads sends: {thread: [(destination, header, tensors)]}."""
+    sent: dict[str, list] = {}
+    send = QueueTransport.send
+
+    def recording(self, dst, header, tensors=()):
+        sent.setdefault(threading.current_thread().name, []).append(
+            (dst, dict(header), [t.detach().clone() for t in tensors]))
+        return send(self, dst, header, tensors)
+
+    monkeypatch.setattr(QueueTransport, "send", recording)
+    return sent
+
+
+def assert_same_messages(mine: dict[str, list], reference: dict[str, list], tol: float = 1e-5,
+                         values: bool = True) -> None:
+    """Every rank sent the same messages: destinations, kinds, micro-batches, header keys and
+    tensor shapes exactly; numbers and tensors to `tol` (relative), unless values is False."""
+    assert mine.keys() == reference.keys()
+    for thread in reference:
+        assert len(mine[thread]) == len(reference[thread]), thread
+        for (dst, header, tensors), (ref_dst, ref_header, ref_tensors) in zip(mine[thread], reference[thread]):
+            assert (dst, header.get("kind"), header.get("mb"), sorted(header)) == (
+                ref_dst, ref_header.get("kind"), ref_header.get("mb"), sorted(ref_header)), thread
+            assert [t.shape for t in tensors] == [t.shape for t in ref_tensors], (thread, header)
+            if not values:
+                continue
+            for t, ref in zip(tensors, ref_tensors):
+                if ref.is_floating_point():
+                    assert (t - ref).norm() <= tol * max(ref.norm(), 1e-12), (thread, header)
+                else:
+                    assert torch.equal(t, ref), (thread, header)
+            numbers = {k: v for k, v in ref_header.items() if isinstance(v, float)}
+            assert {k: header[k] for k in numbers} == pytest.approx(numbers, rel=tol, nan_ok=True), (thread, header)
+
+
+def split_notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.endswith("; retrying in halves")]
+
+
+@pytest.fixture(scope="module")
+def oom_job(tmp_path_factory, pipe_model):
+    """Two adapters, p0 in micro-batches of 4 rows (halves of halves in a split), p1 of one row,
+    without and with dropout: {dropout: (config, one process's output)}; and each one's clean
+    pipeline runs, by balance, with every rank's messages (clean_run)."""
+    import json
+
+    from mlora.cli import main
+    from test_pipeline import write_config
+
+    tmp = tmp_path_factory.mktemp("oom")
+    jobs = {}
+    for dropout in (0.0, 0.3):
+        cfg_path = write_config(tmp, 2, tmp / f"single_{dropout}")
+        cfg = json.loads(cfg_path.read_text())
+        cfg["lora"][0].update(batch_size=4, micro_batch_size=4)
+        for adapter in cfg["lora"]:
+            adapter["dropout"] = dropout
+        cfg_path = tmp / f"oom_{dropout}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        if dropout == 0.0:
+            assert main(["train", "--base_model", str(pipe_model), "--config", str(cfg_path), "--no_progress"]) == 0
+        jobs[dropout] = (cfg_path, tmp / f"single_{dropout}")
+    clean = {}
+
+    def clean_run(dropout: float, balance: list[int]):
+        """(output dir, messages) of the pipeline run that never runs out."""
+        key = (dropout, tuple(balance))
+        if key not in clean:
+            out = tmp / f"clean_{dropout}_{'-'.join(map(str, balance))}"
+            with pytest.MonkeyPatch.context() as patch:
+                sent = sent_messages(patch)
+                run_threads(pipe_model, jobs[dropout][0], out, len(balance), balance)
+            clean[key] = (out, sent)
+        return clean[key]
+
+    return jobs, clean_run
+
+
+# (balance, the rank that runs out, in its forward or backward, its error, recompute)
+TRAIN_RERUN_CASES = [([3, 4], 0, "forward", "torch", False), ([3, 2, 2], 1, "forward", "cublas", False),
+                     ([3, 4], 1, "forward", "torch", False), ([3, 4], 0, "backward", "cublas", False),
+                     ([3, 2, 2], 1, "backward", "torch", False), ([3, 4], 1, "backward", "torch", False),
+                     ([3, 2, 2], 1, "forward", "torch", True), ([3, 4], 1, "backward", "torch", True)]
+
+
+@pytest.mark.parametrize("balance,rank,phase,oom,recompute", TRAIN_RERUN_CASES,
+                         ids=[f"{b}-rank{r}-{p}-{o}" + ("-recompute" if c else "")
+                              for b, r, p, o, c in TRAIN_RERUN_CASES])
+def test_pipeline_training_reruns_a_micro_batch_that_runs_out_of_memory_in_halves(
+        tmp_path, pipe_model, oom_job, monkeypatch, capsys, balance, rank, phase, oom, recompute):
+    """A rank (the first, a middle one, the last) runs out of device memory in its stage's
+    forward or backward of every micro-batch of more than one row (p0's 4 rows: halves, then
+    halves of halves): it runs them again in halves on its own, and every rank sends exactly
+    the messages (shapes; values to 1e-5) of the run that never runs out, so no other rank
+    learns of it; the adapters are one process's to 1e-5 (dropout 0: the same sums in another
+    order), with recompute too (each half recomputes under its own row layout). The rank says
+    so on stderr at each split."""
+    import json
+
+    jobs, clean_run = oom_job
+    cfg_path, single_out = jobs[0.0]
+    if recompute:
+        cfg_path = tmp_path / "recompute.json"
+        cfg_path.write_text(json.dumps({**json.loads(jobs[0.0][0].read_text()), "recompute": True}))
+    _, reference = clean_run(0.0, balance)
+    capsys.readouterr()
+    ran_out = run_out_of_memory_training(monkeypatch, rank, phase, 1, oom)
+    sent = sent_messages(monkeypatch)
+    run_threads(pipe_model, cfg_path, tmp_path / "out", len(balance), balance)
+    assert 4 in ran_out and 2 in ran_out, ran_out  # p0's micro-batches, then their halves
+    assert_same_as_single(single_out, tmp_path / "out", 2)
+    assert_same_messages(sent, reference)
+    notes = split_notes(capsys.readouterr().err)
+    assert notes and all(note.startswith(f"mlora: rank {rank}: out of memory on ") and f"stage's {phase};" in note
+                         for note in notes), notes
+    assert any(" on 4 rows " in note for note in notes) and any(" on 2 rows " in note for note in notes), notes
+
+
+@pytest.mark.parametrize("phase,recompute", [("forward", False), ("backward", False), ("forward", True),
+                                             ("backward", True)])
+def test_pipeline_training_halves_with_dropout_train_on(tmp_path, pipe_model, oom_job, monkeypatch, phase,
+                                                        recompute):
+    """With dropout 0.3, a micro-batch cut into halves draws its masks half by half, in row
+    order, from where the adapter's generators stood before the whole micro-batch's forward
+    (a backward rerun rewinds them there, and puts them back after). The run completes with
+    finite weights, every rank sends messages of the same shapes as the run that never runs
+    out, and p1, whose one-row micro-batches are never cut, trains exactly as there. On the
+    CPU, whose kernel draws one uniform per value in logical order, the halves even draw the
+    whole micro-batch's masks, so p0 trains as there too (to 1e-5: the same sums in another
+    order); CUDA's Philox offsets make no such promise. With recompute, each half's layers run
+    again under its own row layout, replaying its own masks."""
+    import json
+
+    jobs, clean_run = oom_job
+    clean_out, reference = clean_run(0.3, [3, 2, 2])
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({**json.loads(jobs[0.3][0].read_text()), "recompute": recompute}))
+    ran_out = run_out_of_memory_training(monkeypatch, 1, phase, 1)
+    sent = sent_messages(monkeypatch)
+    run_threads(pipe_model, cfg_path, tmp_path / "out", 3, [3, 2, 2])
+    assert 4 in ran_out, ran_out
+    assert_same_messages(sent, reference, values=False)
+    p0 = load_file(tmp_path / "out" / "p0" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in p0.values())
+    assert rel_diff(p0, load_file(clean_out / "p0" / "adapter_model.safetensors")) <= 1e-5
+    assert rel_diff(load_file(tmp_path / "out" / "p1" / "adapter_model.safetensors"),
+                    load_file(clean_out / "p1" / "adapter_model.safetensors")) <= 1e-6
+
+
+@pytest.mark.parametrize("phase,oom", [("forward", "torch"), ("forward", "cublas"), ("backward", "torch")])
+def test_pipeline_training_out_of_memory_on_one_row_is_one_line_on_every_rank(pipe_model, tmp_path, monkeypatch,
+                                                                             phase, oom):
+    """A rank that runs out of device memory in a training micro-batch's forward or backward
+    even on a single row (after it split the micro-batch of 2 rows in halves, said on its
+    stderr): one line naming the rank and the fixes (exit 2), the other rank names it as a
+    rank that left (exit 3); no hang."""
     from test_pipeline import write_config
 
     cfg = write_config(tmp_path, 1, tmp_path / "out")
-    run_out_of_memory_in_forward(monkeypatch, "rank1", lambda x, cache: True, oom)
+    run_out_of_memory_training(monkeypatch, 1, phase, 0, oom)
     ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "out")] * 2, [3, 4], "torch")
     assert [code for code, _, _ in ranks] == [3, 2], ranks
-    assert one_line(ranks[1][2]) == ("mlora: error: rank 1: out of device memory training on its stage; lower "
-                                     "micro_batch_size or cutoff_len, lower memory_fraction (fewer micro-batches in "
-                                     "flight), set \"recompute\": true, or split the model over more stages")
+    notes = split_notes(ranks[1][2])
+    assert notes == [f"mlora: rank 1: out of memory on 2 rows of micro-batch 0 in its stage's {phase}; retrying in "
+                     "halves"], ranks[1][2]
+    assert one_line("\n".join(line for line in ranks[1][2].splitlines() if line not in notes)) == (
+        "mlora: error: rank 1: out of device memory training on its stage; lower micro_batch_size or cutoff_len, "
+        "lower memory_fraction (fewer micro-batches in flight), set \"recompute\": true, or split the model over "
+        "more stages")
     assert one_line(ranks[0][2]) == ("mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting "
                                      "for it")
 

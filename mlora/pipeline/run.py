@@ -223,8 +223,9 @@ def train_pipeline(args) -> int:
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
-                # The ranks cannot split a micro-batch the plan shares among them (one process
-                # retries in halves): one line here, the others see this rank leave (exit 3).
+                # A single row that does not fit even alone (stage_rows splits the rest), or
+                # running out outside a stage's forward and backward: one line here, the others
+                # see this rank leave (exit 3).
                 raise UserError(f"rank {place.rank}: out of device memory training on its stage; lower "
                                 f"micro_batch_size or cutoff_len, lower memory_fraction (fewer micro-batches in "
                                 f"flight), set \"recompute\": true, or split the model over more stages") from None

@@ -14,6 +14,9 @@ What travels, and why it keeps the semantics of single-process training exactly:
 - Backward messages (r+1 -> r) carry the activation gradient. With the last micro-batch of an
   adapter's step they also carry the running sum of the squares of that adapter's gradient on
   ranks r+1..P-1, so rank 0 ends up with the adapter's whole gradient norm for clipping.
+- A micro-batch whose forward or backward runs out of device memory on a stage runs there
+  again in halves of its rows (stage_rows.py): what the rank sends on is what it sends
+  unsplit, so no other rank learns of it.
 - Rank 0 steps its part at once; it sends the global norm forward with the adapter's next
   micro-batch (which by the plan's rule enters only after that step's backward has finished on
   rank 0), and every later rank applies its pending step before running that micro-batch. So
@@ -61,6 +64,7 @@ from mlora.loss import head_loss_sums
 from mlora.metrics import MetricsLog
 from mlora.pipeline.in_flight import bounds_of, largest_micro_batch, stage_figures
 from mlora.pipeline.plan import MicroBatchRef, Plan, build_plan
+from mlora.pipeline.stage_rows import Piece, StageInputs, StageRows
 from mlora.session import Session
 from mlora.trainer import Interrupted, improves
 
@@ -312,16 +316,11 @@ class StageLink:
         host = fuse([part], self.session.pad_id, pack_len=pack_len)
         host.target_positions = trained_positions(host.labels, host.rows)
         # The mask stays here; the positions are not uploaded: the last stage rebuilds them from
-        # the header's runs (received_positions), rank 0 too when it is the last.
+        # the header's runs (positions_from_runs), rank 0 too when it is the last.
         batch = host.to(self.device, with_positions=False)
         fields = {"rows": batch.input_ids.shape[0], "label_tokens": batch.label_counts[part.adapter],
                   "mask_runs": mask_runs(host.attention_mask), "target_runs": position_runs(host.target_positions)}
         return batch, host.attention_mask, fields
-
-    def received_positions(self, header: dict) -> torch.Tensor:
-        """The last stage: the micro-batch's trained positions (batching.trained_positions),
-        from the runs rank 0 found on its host, uploaded without a wait."""
-        return upload(positions_from_runs(header["target_runs"]), self.device)
 
     def receive_batch(self, kind: str, mb: int | None):
         """Ranks > 0: the previous stage's message of `kind`, its tensors, and the attention mask
@@ -492,7 +491,10 @@ class StageWorker(StageLink):
         self.signals = signals
         self.stop_from_later: int | None = None
 
-        self.inflight: dict[int, tuple[torch.Tensor | None, torch.Tensor, list[AdapterRows]]] = {}
+        # micro-batch -> what its forward read and made on this stage, until its backward
+        self.inflight: dict[int, tuple[StageInputs, list[Piece]]] = {}
+        self.stage_rows = StageRows(session, self.rank, self.last, lambda name: self.adapters[name].parameters(),
+                                    lambda name: self.adapters[name].dropout_generators.values())
         self.pending_step: dict[str, int] = {}  # ranks > 0: steps waiting for the global norm
         self.frozen: set[str] = set()  # adapters stopped by on_nan: "stop"
         self.stepped: dict[str, int] = {}  # adapter -> steps_done after the last step it took
@@ -609,38 +611,32 @@ class StageWorker(StageLink):
         # Every rank: this step's fp16 loss scale (the last stage multiplies the loss by it, and
         # every rank divides it out of its part of the gradient at the step).
         scale = self.adapters[adapter].loss_scale_for(header["step_tokens"])
-        self.session.layout.rows = [AdapterRows(adapter, 0, header["rows"])]
+        inputs = StageInputs(adapter, x, mask, labels, positions, documents,
+                             positions_from_runs(header["target_runs"]) if self.last else None,
+                             header["step_tokens"], scale)
         with self.timer.measure(self.device):
-            # hidden states [B, S, H] (final-normed on the last stage, whose loss runs the head a
-            # chunk at a time); packed rows carry their RoPE positions and document ids to every stage.
-            out = self.session.model(x, mask, position_ids=positions, document_ids=documents, head=False)
-            if self.last:
-                counts = {adapter: header["label_tokens"]}  # counted on rank 0's host
-                ce_sum, count = head_loss_sums(self.session.model, out, labels, self.session.layout.rows,
-                                               counts, self.received_positions(header))[adapter]
-                loss = ce_sum / max(1, header["step_tokens"])
-                out = loss if scale == 1.0 else loss * scale  # what the backward starts from
+            pieces = self.stage_rows.forward(inputs, mb)  # (in halves of its rows if the device ran out)
         if self.last:
             tally = self.tally[adapter]
-            tally.losses.append(loss.detach())  # read with the step's norm (backward)
-            tally.label_tokens += count
+            tally.losses.extend(piece.loss.detach() for piece in pieces)  # read with the step's norm (backward)
+            tally.label_tokens += header["label_tokens"]  # counted on rank 0's host
             tally.input_tokens += header["input_tokens"]
             tally.epoch = header["epoch"]
         else:
+            out = pieces[0].out if len(pieces) == 1 else torch.cat([piece.out for piece in pieces])  # [B, S, H]
             self.transport.send(self.rank + 1, header,
                                 [out.detach(), labels] + ([positions, documents] if positions is not None else []))
-        self.inflight[mb] = (None if self.first else x, out, self.session.layout.rows)
+        self.inflight[mb] = (inputs, pieces)
 
     def backward(self, mb: int) -> None:
-        x, out, rows = self.inflight.pop(mb)
-        # Other micro-batches ran forward since: with recompute, this one's layers run again
-        # during its backward and must see its own row layout.
-        self.session.layout.rows = rows
+        inputs, pieces = self.inflight.pop(mb)
+        # (Other micro-batches ran forward since: with recompute, this one's layers run again
+        # during its backward, each piece under its own row layout: StageRows.backward.)
         adapter, step, last_in_step = self.mb_info(mb)
         norm_sq_above, loss_ok = 0.0, True
         if self.last:
             with self.timer.measure(self.device):
-                out.backward()
+                self.stage_rows.backward(inputs, pieces, None, mb)
         else:
             header, tensors = self.transport.recv(self.rank + 1)
             self.expect(header, "B", mb)
@@ -649,9 +645,8 @@ class StageWorker(StageLink):
             loss_ok = header["loss_ok"]
             if header.get("stop") is not None:  # a later rank was signalled: pass it on to rank 0
                 self.stop_from_later = header["stop"]
-            if out.requires_grad:  # else: an embedding-only first stage has nothing to train
-                with self.timer.measure(self.device):
-                    out.backward(tensors[0])
+            with self.timer.measure(self.device):
+                self.stage_rows.backward(inputs, pieces, tensors[0], mb)
         norm_sq = None
         if last_in_step:
             sq, finite_loss = self.read_step_figures(adapter)
@@ -659,7 +654,7 @@ class StageWorker(StageLink):
         if not self.first:
             header = {"kind": "B", "mb": mb, "norm_sq": norm_sq, "loss_ok": loss_ok, "stop": self.stop_requested()}
             extra = self.pack_parts(header)
-            self.transport.send(self.rank - 1, header, [x.grad] + extra)
+            self.transport.send(self.rank - 1, header, [inputs.x.grad] + extra)
             if last_in_step:
                 self.pending_step[adapter] = step
         elif last_in_step:
