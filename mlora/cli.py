@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt (repeat for several); every adapter completes every prompt")
     p.add_argument("--prompt_file", help="a data file (JSON, JSONL or Parquet, rows of any shape but text): each "
                                          "row's prompt, rendered as training rendered it, after the --prompt ones; "
-                                         "its lines also give the row's expected answer as \"reference\"")
+                                         "its lines also give the row's expected answer as \"reference\"; a row "
+                                         "with an \"adapter\" key is completed by that adapter only")
     p.add_argument("--format", choices=["alpaca", "chat", "text"], default="alpaca",
                    help="how a prompt is rendered, as training rendered rows: alpaca (the adapter's "
                         "prompt template; default), chat (a user turn, the tokenizer's chat template), text (as is)")
@@ -472,6 +473,7 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
     if not args.prompt and not args.prompt_file:
         raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
     file_rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
+    row_adapters = rows_own_adapters(args, file_rows, names, list(by_name))
     model_args = read_model_config(session.base_dir)[1]
     vocab = model_args.vocab_size
 
@@ -503,17 +505,44 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
 
     by_template: dict[str, list[tuple[str, list[int], str | None]]] = {}
     rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
+    # (the --prompt ones first, then the file's; a file row naming its adapter completes through that one only)
+    owners = [None] * len(args.prompt) + row_adapters
+    names = [name for name in names if args.prompt or any(owner in (None, name) for owner in row_adapters)]
     for name in names:
         spec = by_name[name].prompt
         if spec not in by_template:
             by_template[spec] = rendered(spec)
-        rows += [(name, *prompt) for prompt in by_template[spec]]
+        rows += [(name, *prompt) for prompt, owner in zip(by_template[spec], owners) if owner in (None, name)]
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,
                          top_k=args.top_k or 0) if args.temperature else None)
     if notes:
         note_past_positions(rows, args.max_new_tokens, model_args.max_position_embeddings)
     return GenerateJob(names, rows, requests, sampling, args.base)
+
+
+def rows_own_adapters(args, file_rows, names: list[str], configured: list[str]) -> list[str | None]:
+    """Each --prompt_file row's own adapter (its "adapter" key), None for a row without one (every
+    chosen adapter, `names`, completes it). A name that is not one of the config's adapters
+    (`configured`), or not among --adapters when given, is refused before any model loads."""
+    import json
+
+    from mlora.data import row_place
+
+    owners = []
+    for i, row in enumerate(file_rows):
+        owner = row.get("adapter")
+        if owner is not None:
+            where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
+            if not isinstance(owner, str):
+                raise UserError(f"{where}: its \"adapter\" is {json.dumps(owner, default=str)}, not the name of an adapter")
+            if owner not in configured:
+                raise UserError(f"{where}: its adapter {owner!r} is not an adapter of {args.config} (its adapters: "
+                                f"{', '.join(configured)})")
+            if owner not in names:
+                raise UserError(f"{where}: its adapter {owner!r} is not among --adapters {args.adapters}")
+        owners.append(owner)
+    return owners
 
 
 def chosen_adapters(flag: str | None, configured: list[str], config: str) -> list[str]:

@@ -1488,15 +1488,19 @@ def test_pipeline_generate_in_batches_prints_what_one_batch_prints(pipe_model, g
 
 
 def test_pipeline_generate_prompts_from_a_data_file(tmp_path, pipe_model, generate_job, monkeypatch):
-    """--prompt_file over two ranks: rank 0 prints what one process prints, references included."""
+    """--prompt_file over two ranks: rank 0 prints what one process prints, references included,
+    a row naming its adapter (p1) through that adapter only."""
     import json
 
     base, cfg, out = generate_job
     data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
-    extra = ["--adapters", "p0", "--prompt_file", str(data)]
+    data.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n"
+                    + json.dumps({"instruction": "say bye", "adapter": "p1"}) + "\n")
+    extra = ["--adapters", "p0,p1", "--prompt_file", str(data)]
     code, single, _ = single_generate(monkeypatch, base, cfg, out, *extra)
-    assert code == 0 and '"reference": "hi"' in single and len(single.splitlines()) == len(GEN_PROMPTS) + 1
+    assert code == 0 and '"reference": "hi"' in single
+    assert [json.loads(line)["adapter"] for line in single.splitlines() if "say bye" in line] == ["p1"]
+    assert len(single.splitlines()) == 2 * (len(GEN_PROMPTS) + 1) + 1
     ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], *extra)
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
 

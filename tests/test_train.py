@@ -764,6 +764,57 @@ def test_generate_prompts_from_a_data_file(fused_run, tiny_llama, capsys, tmp_pa
         assert (code, out, err.strip()) == (2, [], line)
 
 
+def test_generate_rows_naming_their_adapter(fused_run, tiny_llama, capsys, tmp_path):
+    """A --prompt_file row's "adapter" completes it through that adapter only (base_output too),
+    one fused batch for all; a row without one through every chosen adapter. Each line is what
+    that adapter alone prints for that row, adapter by adapter, each in file order. A name
+    that is not an adapter, not among --adapters, or not a string is one line, exit 2."""
+    _, _, cfg_path = fused_run
+    rows = [{"instruction": "say hi", "output": "hi", "adapter": "b"},
+            {"instruction": "count"},
+            {"instruction": "say bye", "adapter": "a"},
+            {"instruction": "spell cat", "adapter": "b"}]
+    data = tmp_path / "prompts.jsonl"
+
+    def generate(file_rows, *extra):
+        data.write_text("".join(json.dumps(r) + "\n" for r in file_rows))
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--max_new_tokens", "6",
+                     "--base", "--no_progress", "--prompt_file", str(data), *extra])
+        captured = capsys.readouterr()
+        return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+    code, lines, _ = generate(rows, "--adapters", "a,b")
+    assert code == 0
+    assert [(x["adapter"], x["prompt"], x.get("reference")) for x in lines] == [
+        ("a", "count", None), ("a", "say bye", None),
+        ("b", "say hi", "hi"), ("b", "count", None), ("b", "spell cat", None)]
+    plain = [{k: v for k, v in row.items() if k != "adapter"} for row in rows]
+    alone = {}
+    for name in ("a", "b"):
+        code, solo, _ = generate(plain, "--adapters", name)
+        assert code == 0
+        alone.update({(x["adapter"], x["prompt"]): x for x in solo})
+    assert lines == [alone[x["adapter"], x["prompt"]] for x in lines]
+    assert len({x["output"] for x in lines}) > 1
+    # Without --adapters, every adapter completes the unnamed row, and only the named ones run.
+    code, every, _ = generate(rows)
+    assert code == 0 and [(x["adapter"], x["prompt"]) for x in every] == [
+        ("a", "count"), ("a", "say bye"), ("b", "say hi"), ("b", "count"), ("b", "spell cat"), ("c", "count")]
+    assert every[:5] == lines
+    place = f"{data}:2"
+    for row, extra, line in (
+            ({"instruction": "x", "adapter": "z"}, [],
+             f"mlora: error: --prompt_file {place}: its adapter 'z' is not an adapter of {cfg_path} "
+             f"(its adapters: a, b, c)"),
+            ({"instruction": "x", "adapter": "c"}, ["--adapters", "a,b"],
+             f"mlora: error: --prompt_file {place}: its adapter 'c' is not among --adapters a,b"),
+            ({"instruction": "x", "adapter": ["a"]}, [],
+             f"mlora: error: --prompt_file {place}: its \"adapter\" is [\"a\"], not the name of an adapter")):
+        code, out, err = generate([rows[1], row], *extra)
+        assert (code, out, err.strip()) == (2, [], line)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
 def test_generate_reads_a_prompt_file_that_is_a_pipe(fused_run, tiny_llama, capsys, tmp_path):
     """`--prompt_file <(printf ...)` hands mlora /dev/fd/63, a pipe, which was refused as "not a
