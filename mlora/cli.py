@@ -507,7 +507,8 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
     rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
     # (the --prompt ones first, then the file's; a file row naming its adapter completes through that one only)
     owners = [None] * len(args.prompt) + row_adapters
-    names = [name for name in names if args.prompt or any(owner in (None, name) for owner in row_adapters)]
+    wanted = set(owners)  # (None: a line every chosen adapter completes)
+    names = [name for name in names if None in wanted or name in wanted]
     for name in names:
         spec = by_name[name].prompt
         if spec not in by_template:
@@ -556,8 +557,7 @@ def chosen_adapters(flag: str | None, configured: list[str], config: str) -> lis
     if unknown or not names:
         raise UserError(f"--adapters: {unknown[0] if unknown else flag!r} is not an adapter of "
                         f"{config} (its adapters: {', '.join(configured)})")
-    seen: set[str] = set()
-    repeated = next((n for n in names if n in seen or seen.add(n)), None)
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)  # (the first named again)
     if repeated is not None:
         raise UserError(f"--adapters: {repeated!r} is named twice (each chosen adapter completes every prompt once)")
     return names
