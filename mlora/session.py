@@ -106,6 +106,15 @@ def resolve_targets(cfg: TrainConfig, model_args) -> TrainConfig:
     return replace(cfg, lora=resolved)
 
 
+def without_dropout(cfg: TrainConfig) -> TrainConfig:
+    """cfg with every adapter's dropout 0, for the commands that only run trained adapters (eval,
+    generate): LoRA dropout applies in training only, so its rate changes nothing they compute.
+    resolve_targets refuses dropout on an MoE model's experts because PEFT could not load what
+    training would save; that rule is training's, and refused an adapter already trained (by
+    PEFT on per-expert modules, say) whose config kept a rate (the default is 0.05)."""
+    return replace(cfg, lora=[replace(a, dropout=0.0) for a in cfg.lora])
+
+
 def note_partial_targets(cfg: TrainConfig, model_args) -> None:
     """Say on stderr which adapters have LoRA on some of the base's layers only, because their
     target_modules are in some layers only (Qwen3.5's q/k/v/o_proj in its softmax-attention
@@ -294,6 +303,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
         raise UserError("--base_model is empty (give the base model's directory)")
     base_dir = Path(base_model)
     hf_config, model_args = read_model_config(base_dir)  # config.json present and of a supported family
+    if reads != "train":
+        cfg = without_dropout(cfg)
     cfg = resolve_targets(cfg, model_args)
     note_partial_targets(cfg, model_args)
     warn_unapplied_dropout(hf_config)

@@ -360,6 +360,46 @@ def test_targets_on_gemma4_moe():
         resolve_targets(_cfg(target_modules=["experts.gate_up_proj"], dropout=0.0), dense)
 
 
+def test_eval_and_generate_take_an_adapter_with_dropout_on_the_experts(tmp_path, tokenizer_dir, capsys):
+    """Training refuses dropout on Mixtral's experts (above: PEFT could not load what it would
+    save), but eval and generate never drop out: an adapter on the experts whose config keeps a
+    rate (the default 0.05, or one PEFT trained on per-expert modules) evaluates and completes
+    as the same adapter with dropout 0 does; training still refuses it."""
+    from mlora.cli import main
+
+    base = make_tiny_model(tmp_path / "mixtral", "mixtral", tokenizer_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {w}", "output": f"{w} {w}"}) + "\n"
+                            for w in ("hi", "bye", "one", "two")))
+
+    def config(dropout: float) -> str:
+        path = tmp_path / f"config_{dropout}.json"
+        path.write_text(json.dumps({"cutoff_len": 128, "seed": 0, "output_dir": str(tmp_path / "out"), "lora": [
+            {"name": "x", "data": str(data), "r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "w2"],
+             "lr": 0.5, "batch_size": 2, "max_steps": 1}]}))
+        return str(path)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([*argv, "--base_model", str(base), "--device", "cpu", "--no_progress"])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    trained = run("train", "--config", config(0.0))
+    assert trained[0] == 0, trained[2]
+    code, _, err = run("train", "--config", config(0.1))
+    assert code == 2 and "dropout must be 0 when target_modules include the experts' w2" in err
+    results = {}
+    for dropout in (0.0, 0.1):
+        evaluated = run("eval", "--config", config(dropout))
+        generated = run("generate", "--config", config(dropout), "--prompt", "say hi", "--prompt", "count",
+                        "--max_new_tokens", "6", "--base")
+        assert evaluated[0] == generated[0] == 0, evaluated[2] + generated[2]
+        results[dropout] = evaluated[1], [json.loads(line) for line in generated[1].splitlines()]
+    assert results[0.1] == results[0.0]
+    assert any(line["output"] != line["base_output"] for line in results[0.0][1])  # (the adapter is applied)
+
+
 def test_moe_config_errors():
     base = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2)
