@@ -482,8 +482,11 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
             raise UserError(f"{what} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
                             f"(is the tokenizer in {session.base_dir} the model's?)")
 
-    def rendered(spec: str) -> list[tuple[str, list[int], str | None]]:
-        """Every prompt through the template `spec` (adapters sharing one render them once)."""
+    def rendered(spec: str, completers: set[str]) -> list[tuple[str, list[int], str | None] | None]:
+        """Every prompt that one of `completers` completes, through the template `spec` they share
+        (they render it once); None in the place of a file row that names another adapter: this
+        template never renders it, and a row it could not render (one it renders empty) must not
+        end the command."""
         template = load_template(spec)
         out = []
         for text in args.prompt:
@@ -491,19 +494,19 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
             check_vocab(ids, f"--prompt {text!r}")
             out.append((text, ids, None))
         for i, row in enumerate(file_rows):  # (load_rows gives objects only)
+            if row_adapters[i] is not None and row_adapters[i] not in completers:
+                out.append(None)
+                continue
             where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
             try:
-                asked = row_prompt(row, session.tokenizer, template)
-                if not asked.ids:  # (a prompt of "" without a BOS: the first forward would have no column)
-                    raise UserError("its prompt is no tokens (empty, and the tokenizer adds no BOS): nothing to "
-                                    "complete from")
+                asked = row_prompt(row, session.tokenizer, template)  # (one that renders empty is refused)
             except UserError as err:
                 raise UserError(f"{where}: {err}") from None
             check_vocab(asked.ids, f"{where}: its prompt")
             out.append((asked.shown, asked.ids, asked.reference))
         return out
 
-    by_template: dict[str, list[tuple[str, list[int], str | None]]] = {}
+    by_template: dict[str, list[tuple[str, list[int], str | None] | None]] = {}
     rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
     # (the --prompt ones first, then the file's; a file row naming its adapter completes through that one only)
     owners = [None] * len(args.prompt) + row_adapters
@@ -512,7 +515,7 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
     for name in names:
         spec = by_name[name].prompt
         if spec not in by_template:
-            by_template[spec] = rendered(spec)
+            by_template[spec] = rendered(spec, {n for n in names if by_name[n].prompt == spec})
         rows += [(name, *prompt) for prompt, owner in zip(by_template[spec], owners) if owner in (None, name)]
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,

@@ -836,7 +836,9 @@ def prompt_tokens(text: str, fmt: str, tokenizer, template: PromptTemplate) -> l
         raise UserError("the prompt is empty")
     check_unicode(text, f"the prompt {text[:40] + '...' if len(text) > 40 else text!r}")
     if fmt == "alpaca":
-        return tokenizer(template.render(text, None)[0]).input_ids
+        rendered = template.render(text, None)[0]
+        _check_not_empty(rendered, f"the prompt {text[:40] + '...' if len(text) > 40 else text!r}", _THROUGH_TEMPLATE)
+        return tokenizer(rendered).input_ids
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--format chat: the base model's tokenizer has no chat template")
@@ -869,11 +871,14 @@ def row_prompt(row: dict, tokenizer, template: PromptTemplate) -> RowPrompt:
         instruction, input_text = _string_field(row, "instruction"), _string_field(row, "input", required=False)
         output = _string_field(row, "output", required=False)
         shown = instruction if not input_text else f"{instruction}\n{input_text}"
-        return RowPrompt(shown, tokenizer(template.render(instruction, input_text)[0]).input_ids, output)
+        rendered = template.render(instruction, input_text)[0]
+        _check_not_empty(rendered, "its prompt", _THROUGH_TEMPLATE)
+        return RowPrompt(shown, tokenizer(rendered).input_ids, output)
     if shape == "text":
         raise UserError("a text row has no prompt to complete (its every token is trained)")
     if shape == "prompt/completion" and not isinstance(row.get("prompt"), list):
         prompt, completion = _string_field(row, "prompt"), _string_field(row, "completion", required=False)
+        _check_not_empty(prompt, "its prompt")
         return RowPrompt(prompt, tokenizer(prompt).input_ids, completion)
     if shape == "prompt/completion":  # (trained from the prompt's end on: the prompt is the prompt)
         _check_messages(row["prompt"], "prompt")
@@ -890,8 +895,22 @@ def row_prompt(row: dict, tokenizer, template: PromptTemplate) -> RowPrompt:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("rows of messages need a tokenizer with a chat template, and this tokenizer has none")
     asked = next((m["content"] for m in reversed(prompt) if m["role"] != "assistant"), "")
-    ids = tokenizer(_render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
+    rendered = _render_chat(tokenizer, prompt, add_generation_prompt=True)
+    _check_not_empty(rendered, "its prompt", " (rendered through the chat template)")
+    ids = tokenizer(rendered, add_special_tokens=False).input_ids
     return RowPrompt(asked, ids, None if answer is None else answer["content"])
+
+
+_THROUGH_TEMPLATE = " (rendered through the adapter's prompt template)"
+
+
+def _check_not_empty(rendered: str, what: str, how: str = "") -> None:
+    """Refuse a generation prompt that renders to nothing but whitespace (`what`: the prompt as
+    the user knows it; `how`: how it was rendered), as `--prompt ""` is refused: from a BOS
+    alone, where the tokenizer adds one, the model completes nothing in particular, and where
+    it adds none there is no token to start from."""
+    if not rendered.strip():
+        raise UserError(f"{what} is empty{how}: nothing to complete from")
 
 
 def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:

@@ -864,28 +864,97 @@ def test_generate_reads_a_prompt_file_that_is_a_pipe(fused_run, tiny_llama, caps
         assert generate(str(path)) == (2, "", f"mlora: error: {path}: {said}")
 
 
-def test_generate_refuses_a_data_file_row_of_no_prompt_tokens(fused_run, tiny_llama, capsys, tmp_path):
-    """A prompt/completion row whose prompt is "" under a tokenizer that adds no BOS (Qwen's, say)
-    has no token to complete from: one line naming the file and the row. (Alone it was a
-    RuntimeError in the first forward; beside other rows, a row of nothing but padding.)"""
+def bare_template_config(cfg_path: Path, tmp_path: Path) -> Path:
+    """fused_run's config with adapter a's prompt template {instruction} (and {input}) alone:
+    an empty instruction renders as nothing at all."""
+    bare = tmp_path / "bare_template.json"
+    bare.write_text(json.dumps({"prompt": "{instruction}{input}", "prompt_no_input": "{instruction}"}))
+    raw = json.loads(cfg_path.read_text())
+    raw["lora"][0]["prompt"] = str(bare)
+    path = tmp_path / "bare_config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no_bos"])
+def test_generate_refuses_a_data_file_row_whose_prompt_renders_empty(fused_run, tiny_llama, capsys, tmp_path,
+                                                                     monkeypatch, bos):
+    """A --prompt_file row whose prompt renders as nothing but whitespace (a prompt/completion
+    row's "", an empty instruction through a template of {instruction} alone) is one line naming
+    the file and the row (exit 2, before the model loads), as `--prompt ""` is, whether or not
+    the tokenizer adds a BOS: with one, the model completed a lone BOS, nothing in particular;
+    without, there was no token to start from (alone a RuntimeError in the first forward, beside
+    other rows a row of nothing but padding). An empty instruction through a template with text
+    of its own is a prompt, the template's, and completes."""
     import shutil
 
+    import mlora.session
+
     _, _, cfg_path = fused_run
-    base = tmp_path / "no_bos"
-    shutil.copytree(tiny_llama, base)
-    tokenizer = json.loads((base / "tokenizer.json").read_text())
-    tokenizer["post_processor"] = None  # (the tiny tokenizer's only BOS)
-    (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+    base = tiny_llama
+    if not bos:
+        base = tmp_path / "no_bos"
+        shutil.copytree(tiny_llama, base)
+        tokenizer = json.loads((base / "tokenizer.json").read_text())
+        tokenizer["post_processor"] = None  # (the tiny tokenizer's only BOS)
+        (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+    bare = bare_template_config(cfg_path, tmp_path)
     data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"prompt": "hello", "completion": " x"}) + "\n"
-                    + json.dumps({"prompt": "", "completion": "x"}) + "\n")
-    capsys.readouterr()
-    code = main(["generate", "--base_model", str(base), "--config", str(cfg_path), "--adapters", "a",
-                 "--max_new_tokens", "2", "--prompt_file", str(data)])
-    captured = capsys.readouterr()
-    assert (code, captured.out, captured.err.strip()) == (
-        2, "", f"mlora: error: --prompt_file {data}:2: its prompt is no tokens (empty, and the tokenizer "
-               f"adds no BOS): nothing to complete from")
+
+    def generate(config: Path, rows: list[dict], *extra: str):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(base), "--config", str(config), "--adapters", "a",
+                     "--max_new_tokens", "2", "--no_progress", "--prompt_file", str(data), *extra])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err.strip()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlora.session.Session, "load_base", lambda self: pytest.fail("the model loaded"))
+        for rows, line in (
+                ([{"prompt": "hello", "completion": " x"}, {"prompt": "", "completion": "x"}],
+                 f"{data}:2: its prompt is empty: nothing to complete from"),
+                ([{"prompt": " \n"}], f"{data}:1: its prompt is empty: nothing to complete from"),
+                ([{"instruction": "say hi"}, {"instruction": ""}],
+                 f"{data}:2: its prompt is empty (rendered through the adapter's prompt template): nothing to "
+                 f"complete from")):
+            assert generate(bare, rows) == (2, "", f"mlora: error: --prompt_file {line}")
+        assert generate(bare, [{"instruction": "say hi"}], "--prompt", "") == (
+            2, "", "mlora: error: the prompt is empty")
+    code, out, err = generate(cfg_path, [{"instruction": ""}])
+    assert code == 0, err
+    assert [(x["adapter"], x["prompt"]) for x in map(json.loads, out.splitlines())] == [("a", "")]
+
+
+def test_generate_renders_a_row_through_its_own_adapters_template_only(fused_run, tiny_llama, capsys, tmp_path):
+    """A --prompt_file row naming its adapter is rendered through that adapter's prompt template
+    only: another chosen adapter's template, which would render it empty (and refuse it), does
+    not end the command, and every line is what its adapter alone prints for its row. A row
+    naming no adapter goes through every chosen adapter's template, and is refused there."""
+    _, _, cfg_path = fused_run
+    bare = bare_template_config(cfg_path, tmp_path)  # (a: {instruction} alone; b: the fused run's template)
+    data = tmp_path / "prompts.jsonl"
+
+    def generate(rows: list[dict], adapters: str):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(tiny_llama), "--config", str(bare), "--adapters", adapters,
+                     "--max_new_tokens", "4", "--no_progress", "--prompt_file", str(data)])
+        captured = capsys.readouterr()
+        return code, [json.loads(line) for line in captured.out.splitlines()], captured.err.strip()
+
+    code, lines, err = generate([{"instruction": "", "adapter": "b"}, {"instruction": "say hi"}], "a,b")
+    assert code == 0, err
+    assert [(x["adapter"], x["prompt"]) for x in lines] == [("a", "say hi"), ("b", ""), ("b", "say hi")]
+    alone = []
+    for rows, name in (([{"instruction": "say hi"}], "a"), ([{"instruction": ""}, {"instruction": "say hi"}], "b")):
+        code, solo, err = generate(rows, name)
+        assert code == 0, err
+        alone += solo
+    assert lines == alone
+    assert generate([{"instruction": ""}, {"instruction": "say hi"}], "a,b") == (
+        2, [], f"mlora: error: --prompt_file {data}:1: its prompt is empty (rendered through the adapter's prompt "
+               f"template): nothing to complete from")
 
 
 def batch_prompt_file(tmp_path) -> Path:
