@@ -682,6 +682,28 @@ def test_a_row_that_only_asks_is_a_prompt_without_reference(tokenizer, alpaca):
         got, want = row_prompt(asking, tokenizer, alpaca), row_prompt(answered, tokenizer, alpaca)
         assert (got.ids, got.shown, got.reference) == (want.ids, want.shown, None), asking
 
+
+def test_a_prompt_that_renders_empty_is_refused(tokenizer, alpaca, monkeypatch):
+    """A generation prompt that renders as nothing but whitespace has nothing to complete from
+    (a lone BOS, or no token at all), whatever made it so: a prompt/completion row's prompt, a
+    template that keeps nothing of the instruction (--prompt too), a chat template that renders
+    nothing. An empty instruction through a template with text of its own is a prompt."""
+    from mlora.data import PromptTemplate, prompt_tokens
+
+    nothing = PromptTemplate(prompt="{instruction:.0}{input:.0}", prompt_no_input="{instruction:.0}")
+    with pytest.raises(UserError, match="^its prompt is empty: nothing to complete from$"):
+        row_prompt({"prompt": " \n", "completion": "x"}, tokenizer, alpaca)
+    for row in ({"instruction": "hi"}, {"instruction": "", "input": ""}):
+        with pytest.raises(UserError, match=r"^its prompt is empty \(rendered through the adapter's prompt template\)"):
+            row_prompt(row, tokenizer, nothing)
+    with pytest.raises(UserError, match=r"^the prompt 'hi' is empty \(rendered through the adapter's prompt template\)"):
+        prompt_tokens("hi", "alpaca", tokenizer, nothing)
+    assert row_prompt({"instruction": ""}, tokenizer, alpaca).ids == tokenizer(alpaca.render("", None)[0]).input_ids
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ '' }}")
+    with pytest.raises(UserError, match=r"^its prompt is empty \(rendered through the chat template\)"):
+        row_prompt({"messages": CHAT[:2]}, tokenizer, alpaca)
+
+
 def test_text_row_is_exactly_the_tokenizer_encoding(tokenizer):
     text = "the quick brown fox jumps over the lazy dog"
     example = encode({"text": text}, tokenizer)
