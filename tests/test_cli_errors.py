@@ -159,6 +159,24 @@ def test_a_config_that_is_a_fifo_or_empty_or_no_path(setup, tiny_llama, capsys, 
         os.close(read)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero") or not hasattr(os, "openpty"), reason="POSIX devices")
+def test_a_config_that_is_a_device_is_one_line_and_a_terminal_is_read(setup, tiny_llama, capsys):
+    """--config /dev/zero was read to its end, which it has not: memory filled until the command
+    was killed. A device is one line; a terminal (--config /dev/stdin, typed, ended by Ctrl-D)
+    is still read, as are pipes (above)."""
+    _, _, out, _ = setup
+    for device in ("/dev/zero", "/dev/null"):
+        check(*run_train(capsys, tiny_llama, device), out,
+              f"{device}: cannot read config file: a character device, not a file or a pipe: reading it may never end")
+    typist, terminal = os.openpty()
+    try:
+        os.write(typist, b'{"lora": []}\n\x04')  # (a line, then Ctrl-D: the end of the input)
+        check(*run_train(capsys, tiny_llama, f"/dev/fd/{terminal}"), out, "'lora' must list at least one adapter")
+    finally:
+        os.close(typist)
+        os.close(terminal)
+
+
 def test_malformed_jsonl_names_the_line(setup, tiny_llama, capsys):
     tmp, data, out, config = setup
     data.write_text(json.dumps(GOOD_ROWS[0]) + "\n" + json.dumps(GOOD_ROWS[1]) + "\n{oops\n")

@@ -819,8 +819,8 @@ def test_generate_rows_naming_their_adapter(fused_run, tiny_llama, capsys, tmp_p
 def test_generate_reads_a_prompt_file_that_is_a_pipe(fused_run, tiny_llama, capsys, tmp_path):
     """`--prompt_file <(printf ...)` hands mlora /dev/fd/63, a pipe, which was refused as "not a
     file": a named FIFO and a /dev/fd pipe are read, once, to their end (a writer thread blocks
-    until mlora reads: its rows outgrow the pipe's buffer); a directory or a missing path is
-    still one line."""
+    until mlora reads: its rows outgrow the pipe's buffer); a directory, a missing path or a
+    device (which may never end) is still one line."""
     import threading
 
     _, _, cfg_path = fused_run
@@ -860,7 +860,9 @@ def test_generate_reads_a_prompt_file_that_is_a_pipe(fused_run, tiny_llama, caps
         os.close(read)
     assert (code, out, err) == (2, "", f"mlora: error: --prompt_file /dev/fd/{read}:3001: a text row has no prompt "
                                        f"to complete (its every token is trained)")
-    for path, said in ((tmp_path, "not a file"), (tmp_path / "missing.jsonl", "no such file")):
+    for path, said in ((tmp_path, "not a file"), (tmp_path / "missing.jsonl", "no such file"),
+                       ("/dev/zero", "cannot read (a character device, not a file or a pipe: reading it may never "
+                                     "end)")):  # (/dev/zero was read until memory ran out)
         assert generate(str(path)) == (2, "", f"mlora: error: {path}: {said}")
 
 
