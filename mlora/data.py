@@ -834,10 +834,11 @@ def prompt_tokens(text: str, fmt: str, tokenizer, template: PromptTemplate) -> l
     generation prompt after it; "text" tokenizes it as it is (a text row's start)."""
     if not text.strip():
         raise UserError("the prompt is empty")
-    check_unicode(text, f"the prompt {text[:40] + '...' if len(text) > 40 else text!r}")
+    named = f"the prompt {text[:40] + '...' if len(text) > 40 else text!r}"
+    check_unicode(text, named)
     if fmt == "alpaca":
         rendered = template.render(text, None)[0]
-        _check_not_empty(rendered, f"the prompt {text[:40] + '...' if len(text) > 40 else text!r}", _THROUGH_TEMPLATE)
+        _check_not_empty(rendered, named, _THROUGH_TEMPLATE)
         return tokenizer(rendered).input_ids
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
