@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from mlora.errors import PipelineError, UserError
+from mlora.pipeline.messages import describe, not_joined, pack_meta, tensor_dtype, unpack
 
 __all__ = ["PipelineError", "Transport", "connect"]
 
@@ -81,52 +82,8 @@ def _zmq_transport() -> type[Transport]:
 
 
 # ---------------------------------------------------------------------------------------------
-# What both implementations share: message metadata, inbox, liveness, the public methods.
-
-
-def _describe(tensors: Sequence[torch.Tensor]) -> list[tuple[str, list[int]]]:
-    return [(str(t.dtype).removeprefix("torch."), list(t.shape)) for t in tensors]
-
-
-def _pack_meta(kind: str, header: Any, tensors: Sequence[torch.Tensor], **extra) -> bytes:
-    """The message's kind and header plus each tensor's dtype and shape, so that a receiver
-    needs no prior knowledge."""
-    return msgpack.packb({"kind": kind, "h": header, "t": _describe(tensors), **extra}, use_bin_type=True)
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False)
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise PipelineError(f"a peer sent a tensor of unknown dtype {name!r} (different torch versions?)")
-    return dtype
-
-
-def _layout(start: int, descs: Sequence[tuple[str, list[int]]]) -> tuple[list[tuple[int, int]], int]:
-    """Byte spans of tensors packed one after another from `start`, and where the last ends.
-    Each starts 16-byte aligned, so that a byte buffer can be viewed as any dtype."""
-    spans, end = [], start
-    for dtype, shape in descs:
-        begin = -(-end // 16) * 16
-        end = begin + math.prod(shape) * _dtype(dtype).itemsize
-        spans.append((begin, end))
-    return spans, end
-
-
-def _ranks(ranks: Iterable[int]) -> str:
-    ranks = sorted(ranks)
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-
-
-def _short(err: BaseException) -> str:
-    """The gist of a library error: first line, without gloo's '[file.cc:123]' prefix and advice."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if text.startswith("[") and "] " in text:
-        text = text.split("] ", 1)[1]
-    return text.split(". ")[0]
+# What both implementations share: inbox, liveness, the public methods (and messages.py: the
+# messages' metadata and the roll call's verdict).
 
 
 class _Inbox:
@@ -259,7 +216,7 @@ class Transport:
         """Every rank's `value` (small, msgpack-able), in rank order; a collective: all ranks call it."""
         self._check_usable()
         # this rank's own value takes the same msgpack round trip as the others' (tuples -> lists)
-        mine = _unpack(msgpack.packb(value, use_bin_type=True))
+        mine = unpack(msgpack.packb(value, use_bin_type=True))
         for peer in self._peers.others:
             self._post(peer, "exchange", mine, [])
         everyone = []
@@ -308,6 +265,25 @@ class Transport:
 
 
 _TAG = 0  # one tag for everything: per-pair FIFO order is what keeps a message's parts together
+
+
+def _layout(start: int, descs: Sequence[tuple[str, list[int]]]) -> tuple[list[tuple[int, int]], int]:
+    """Byte spans of tensors packed one after another from `start`, and where the last ends.
+    Each starts 16-byte aligned, so that a byte buffer can be viewed as any dtype."""
+    spans, end = [], start
+    for dtype, shape in descs:
+        begin = -(-end // 16) * 16
+        end = begin + math.prod(shape) * tensor_dtype(dtype).itemsize
+        spans.append((begin, end))
+    return spans, end
+
+
+def _short(err: BaseException) -> str:
+    """The gist of a library error: first line, without gloo's '[file.cc:123]' prefix and advice."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0]
 
 
 class _TorchTransport(Transport):
@@ -361,8 +337,8 @@ class _TorchTransport(Transport):
         return thread
 
     def _post(self, dst, kind, header, tensors):
-        meta = _pack_meta(kind, header, tensors)
-        spans, size = _layout(len(meta), _describe(tensors)) if self._inline else ([], len(meta))
+        meta = pack_meta(kind, header, tensors)
+        spans, size = _layout(len(meta), describe(tensors)) if self._inline else ([], len(meta))
         blob = torch.empty(size, dtype=torch.uint8)
         blob[:len(meta)] = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
         for t, (begin, end) in zip(tensors, spans):  # the copy that lets the caller reuse `t`
@@ -391,7 +367,7 @@ class _TorchTransport(Transport):
                 size, meta_len = head.tolist()
                 blob = torch.empty(size, dtype=torch.uint8)
                 self._ctrl.recv([blob], src, _TAG).wait()
-                meta = _unpack(blob[:meta_len].numpy().tobytes())
+                meta = unpack(blob[:meta_len].numpy().tobytes())
             except RuntimeError as err:
                 if not self._closed:
                     self._link_error(src, err)
@@ -411,11 +387,11 @@ class _TorchTransport(Transport):
             # each tensor its own copy on the device: views of one byte buffer as several dtypes
             # would trip up torch.save and safetensors
             spans, _ = _layout(meta_len, descs)
-            return [blob[begin:end].view(_dtype(dtype)).view(shape).to(self.device, copy=True)
+            return [blob[begin:end].view(tensor_dtype(dtype)).view(shape).to(self.device, copy=True)
                     for (dtype, shape), (begin, end) in zip(descs, spans)]
         # NCCL: post and wait on the caller's thread so that its CUDA stream is the one ordered
         # after the transfer (this wait does not block the CPU)
-        tensors = [torch.empty(shape, dtype=_dtype(dtype), device=self.device) for dtype, shape in descs]
+        tensors = [torch.empty(shape, dtype=tensor_dtype(dtype), device=self.device) for dtype, shape in descs]
         for work in [self._data.recv([t], src, _TAG) for t in tensors if t.numel()]:
             work.wait()
         return tensors
@@ -595,7 +571,7 @@ def _roll_call(store, rank: int, world_size: int, deadline: float, timeout: floa
             err = store.get("verdict").decode()
         elif time.monotonic() > deadline:
             present = [r for r, key in enumerate(keys) if store.check([key])]
-            err = f"{_ranks(set(range(world_size)) - set(present))} did not join within {timeout:g} s"
+            err = not_joined(world_size, present, timeout)
         if err is None:
             time.sleep(_POLL / 5)
         elif rank != 0:

@@ -17,7 +17,8 @@ import torch
 import zmq
 
 from mlora.errors import PipelineError
-from mlora.pipeline.transport import Transport, _dtype, _pack_meta, _ranks, _unpack
+from mlora.pipeline.messages import not_joined, pack_meta, tensor_dtype, unpack
+from mlora.pipeline.transport import Transport
 
 
 class ZmqTransport(Transport):
@@ -74,7 +75,7 @@ class ZmqTransport(Transport):
 
     def _post(self, dst, kind, header, tensors):
         wire = [t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for t in tensors]
-        meta = _pack_meta(kind, header, wire, src=self.rank)
+        meta = pack_meta(kind, header, wire, src=self.rank)
         # the bytes of each tensor as a numpy array: ZeroMQ sends it without another copy
         frames = [meta, *(t.reshape(-1).view(torch.uint8).numpy() for t in wire)]
         self._cmd.send_multipart([b"%d" % dst, *frames], copy=False)
@@ -84,7 +85,7 @@ class ZmqTransport(Transport):
         for (dtype, shape), frame in zip(descs, frames):
             raw = torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8) if len(frame.buffer) \
                 else torch.empty(0, dtype=torch.uint8)  # (frombuffer refuses empty buffers)
-            tensors.append(raw.view(_dtype(dtype)).view(shape).to(self.device))
+            tensors.append(raw.view(tensor_dtype(dtype)).view(shape).to(self.device))
         return tensors
 
     def _io_loop(self) -> None:
@@ -129,7 +130,7 @@ class ZmqTransport(Transport):
                 frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            meta = _unpack(frames[0].bytes)
+            meta = unpack(frames[0].bytes)
             src, kind = meta["src"], meta["kind"]
             self._peers.heard_from(src)  # any arrival is a sign of life, not only heartbeats
             if kind == "bye":
@@ -191,7 +192,7 @@ def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[s
     while len(table) < world_size:
         left = deadline - time.monotonic()
         if left <= 0:
-            err = f"{_ranks(set(range(world_size)) - set(table))} did not join within {timeout:g} s"
+            err = not_joined(world_size, table, timeout)
             for who in callers.values():
                 tell(who, error=err)
             door.close(linger=1000)  # let the verdict reach the waiting ranks
@@ -199,7 +200,7 @@ def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[s
         if not door.poll(int(left * 1000) + 1):
             continue
         who, body = door.recv_multipart()
-        ask = _unpack(body)
+        ask = unpack(body)
         if ask["world_size"] != world_size or not 0 <= ask["rank"] < world_size:
             tell(who, error=f"rank {ask['rank']} has world_size {ask['world_size']}, rank 0 has {world_size}")
         elif ask["rank"] in table:
@@ -221,7 +222,7 @@ def _turn_away(door) -> None:
             who, body = door.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        rank = _unpack(body).get("rank")
+        rank = unpack(body).get("rank")
         door.send_multipart([who, msgpack.packb(
             {"error": f"rank {rank} is claimed by two processes (the pipeline already started)"})])
 
@@ -236,7 +237,7 @@ def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeo
         while (left := deadline - time.monotonic()) > 0:
             if not dealer.poll(int(left * 1000) + 1):
                 continue
-            reply = _unpack(dealer.recv())
+            reply = unpack(dealer.recv())
             if "error" in reply:
                 raise PipelineError(reply["error"])
             if "table" in reply:
@@ -246,4 +247,4 @@ def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeo
         dealer.close(linger=0)
     if joined is None:
         raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {door_addr})")
-    raise PipelineError(f"{_ranks(set(range(world_size)) - set(joined))} did not join within {timeout:g} s")
+    raise PipelineError(not_joined(world_size, joined, timeout))
