@@ -416,7 +416,8 @@ def test_master_port_in_use_is_a_pipeline_error_naming_it(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_port_another_program_holds_fails_the_other_ranks_within_connect_timeout(kind):
     """Rank 0 cannot listen there (above); another rank finds a socket that accepts and never
-    answers. TCPStore's client waited on it for ever, whatever its timeout."""
+    answers. TCPStore's client waited on it for ever, whatever its timeout; the zmq rank said
+    only that nothing answered. Both name the port and what holds it."""
     import threading
 
     outcome = {}
@@ -437,7 +438,9 @@ def test_a_port_another_program_holds_fails_the_other_ranks_within_connect_timeo
         thread = threading.Thread(target=join, daemon=True)
         thread.start()
         thread.join(30)
-    assert outcome.get("said", "hangs").startswith("rank 0 did not join within 2 s"), outcome
+    assert outcome.get("said", "hangs").startswith("rank 0 did not join within 2 s (what answers at "
+                                                   f"127.0.0.1:{port} is not rank 0"), outcome
+    assert outcome["said"].endswith(": is another program using this port?)"), outcome
     assert outcome["elapsed"] < 2.0 + 5.0 + 2.0  # connect_timeout, the store's handshake, slack
 
 

@@ -47,8 +47,8 @@ class ZmqTransport(Transport):
                                         f"({err.strerror}); is another run using this port?") from None
                 table = _admit_all(self._door, me, world_size, connect_timeout)
             else:
-                table = _register(self._socket(zmq.DEALER), f"tcp://{master_addr}:{master_port}",
-                                  rank, world_size, me, connect_timeout)
+                table = _register(self._socket(zmq.DEALER), master_addr, master_port, rank, world_size, me,
+                                  connect_timeout)
         except BaseException:
             self._ctx.destroy(linger=0)
             raise
@@ -227,9 +227,10 @@ def _turn_away(door) -> None:
             {"error": f"rank {rank} is claimed by two processes (the pipeline already started)"})])
 
 
-def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeout: float) -> list[str]:
+def _register(dealer, master_addr: str, master_port: int, rank: int, world_size: int, me: str,
+              timeout: float) -> list[str]:
     """A non-zero rank's side of the rendezvous: announce our address, wait for the table."""
-    dealer.connect(door_addr)
+    dealer.connect(f"tcp://{master_addr}:{master_port}")
     dealer.send(msgpack.packb({"rank": rank, "world_size": world_size, "addr": me}))
     deadline = time.monotonic() + timeout
     joined = None
@@ -245,6 +246,19 @@ def _register(dealer, door_addr: str, rank: int, world_size: int, me: str, timeo
             joined = reply["joined"]
     finally:
         dealer.close(linger=0)
-    if joined is None:
-        raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {door_addr})")
-    raise PipelineError(not_joined(world_size, joined, timeout))
+    if joined is not None:
+        raise PipelineError(not_joined(world_size, joined, timeout))
+    where = f"{master_addr}:{master_port}"
+    if _accepts(master_addr, master_port):  # rank 0 answers at once: this is some other program
+        raise PipelineError(f"rank 0 did not join within {timeout:g} s (what answers at {where} is not rank 0: "
+                            "is another program using this port?)")
+    raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {where})")
+
+
+def _accepts(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
