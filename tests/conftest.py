@@ -6,9 +6,12 @@ the models are built with transformers' own config classes.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,62 @@ def pytest_runtest_setup(item):
 
 def pytest_sessionfinish(session):
     gc.unfreeze()  # (so that the interpreter's exit frees what it would otherwise)
+
+
+def _port_range() -> range:
+    """Ports below the kernel's ephemeral range, which it never hands out by itself (to a
+    bind of port 0 or an outgoing connection)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # (Linux's default)
+    return range(max(1024, low - 12000), low)
+
+
+_PORTS = _port_range()
+_next_port = [os.getpid() * 613 % len(_PORTS)]  # concurrent suites start their search apart
+
+
+def _open_port_claims() -> int:
+    """The file with one byte per port, locked by the test process that took the port (POSIX
+    record locks end with the process, and are not inherited by the ranks it starts)."""
+    path = os.path.join(tempfile.gettempdir(), "mlora-test-ports.lock")
+    try:
+        claims = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's, kept from us: then this user's suites alone agree
+        return os.open(f"{path}.{os.getuid()}", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(claims, 0o666)  # (the umask took the other users' write access)
+    except OSError:  # (not ours: its owner made it)
+        pass
+    return claims
+
+
+_port_claims = _open_port_claims()
+
+
+def free_port() -> int:
+    """A TCP port for a test's rank 0 to listen on, this process's alone for its lifetime.
+    Binding port 0 and closing the socket gave a port that was free only until then: a suite
+    running at the same time (or the kernel, for any connection) could take it before rank 0
+    bound it ("Address already in use"). These come from below the ephemeral range, each
+    claimed by a lock that concurrent test processes on this host respect, and free now (no
+    other program listens there)."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port[0] % len(_PORTS)]
+        _next_port[0] += 1
+        try:
+            fcntl.lockf(_port_claims, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+        except OSError:  # another test process took it
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:  # some other program holds it (the claim stays: no one else tries it)
+                continue
+        return port
+    raise RuntimeError(f"no free port in {_PORTS.start}..{_PORTS.stop - 1}")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mlora.cli import main
-from test_pipeline import free_port
+
+from conftest import free_port
 
 GOOD_ROWS = [{"instruction": "say hi", "output": "hi"}, {"text": "plain text row"}]
 

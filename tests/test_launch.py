@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_pipeline import free_port
+from conftest import free_port
 from test_train import rel_diff
 
 ROOT = Path(__file__).resolve().parent.parent

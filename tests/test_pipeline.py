@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ from mlora.metrics import read_metrics
 from mlora.pipeline.balance import module_costs, split_by_balance, split_by_cost
 from mlora.pipeline.run import plan_stages
 
+from conftest import free_port
 from test_train import alpaca_rows, chat_rows, make_template, rel_diff, text_rows, write_jsonl
 
 NUM_LAYERS = 4  # pipe_model's (conftest.py)
 MODULES = ["embed"] + [f"layer.{i}" for i in range(NUM_LAYERS)] + ["norm", "head"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ADAPTER_SETTINGS = [

@@ -24,8 +24,9 @@ from mlora.pipeline.transport import connect
 from mlora.pipeline.worker import check_same_everywhere, fingerprint
 from mlora.session import open_session
 
+from conftest import free_port
 from test_memory import cublas_out_of_memory
-from test_pipeline import NUM_LAYERS, assert_same_as_single, free_port, write_config
+from test_pipeline import NUM_LAYERS, assert_same_as_single, write_config
 from test_train import rel_diff
 
 

@@ -23,6 +23,8 @@ import torch
 
 from mlora.pipeline.transport import PipelineError, connect
 
+from conftest import free_port
+
 KINDS = ["torch", "zmq"]
 CPU = torch.device("cpu")
 
@@ -32,12 +34,6 @@ _MP = multiprocessing.get_context("forkserver")
 _MP.set_forkserver_preload(["torch", "torch.distributed", "zmq", "msgpack", "mlora.pipeline.transport",
                             "mlora.pipeline.zmq_transport",
                             __name__])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _REPORTS = None  # in a child: the queue its results go to, for scenarios that report progress
@@ -442,6 +438,35 @@ def test_a_port_another_program_holds_fails_the_other_ranks_within_connect_timeo
                                                    f"127.0.0.1:{port} is not rank 0"), outcome
     assert outcome["said"].endswith(": is another program using this port?)"), outcome
     assert outcome["elapsed"] < 2.0 + 5.0 + 2.0  # connect_timeout, the store's handshake, slack
+
+
+def _free_port_from(port: int, results) -> None:
+    """In another process: the port free_port() gives when its search starts at `port`."""
+    import conftest
+
+    conftest._next_port[0] = conftest._PORTS.index(port)
+    results.put(conftest.free_port())
+
+
+def test_a_free_port_belongs_to_one_test_process():
+    """A port from free_port() stays this process's: another test process (a suite running at
+    the same time) searching from that very port gets another one; and it lies below the
+    ephemeral range, where the kernel hands out ports by itself. (A port 0 bound and closed
+    was free only until the next bind anywhere, and rank 0 then found it taken.)"""
+    import conftest
+
+    port = free_port()
+    assert port in conftest._PORTS  # (below the ephemeral range)
+    results = _MP.Queue()
+    other = _MP.Process(target=_free_port_from, args=(port, results), daemon=True)
+    other.start()
+    try:
+        theirs = results.get(timeout=60)
+    finally:
+        other.join(10)
+    assert theirs != port and theirs in conftest._PORTS
+    with socket.socket() as s:  # and it is free: rank 0 can listen there
+        s.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize("kind", KINDS)
