@@ -459,11 +459,11 @@ class GenerateJob:
         return NonFiniteScores(err.request_id, err.name, err.token, where)
 
 
-def generate_job(args, session, notes: bool = True) -> GenerateJob:
+def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJob:
     """What `mlora generate` runs, from its flags (one process and --pipeline alike): the
     chosen adapters, every prompt rendered as its adapter was trained, and the sampling.
     notes=False leaves out the note of lines past the model's positions (a pipeline's ranks
-    but rank 0)."""
+    but rank 0). file_rows: --prompt_file's rows, read already (by a pipeline's rank 0)."""
     from mlora.data import Rows, load_rows, load_template, prompt_tokens, row_place, row_prompt
     from mlora.generate import Sampling
     from mlora.loader import read_model_config
@@ -472,7 +472,8 @@ def generate_job(args, session, notes: bool = True) -> GenerateJob:
     names = chosen_adapters(args.adapters, list(by_name), args.config)
     if not args.prompt and not args.prompt_file:
         raise UserError("nothing to complete: give --prompt TEXT (repeat for several) or --prompt_file FILE")
-    file_rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
+    if file_rows is None:
+        file_rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
     row_adapters = rows_own_adapters(args, file_rows, names, list(by_name))
     model_args = read_model_config(session.base_dir)[1]
     vocab = model_args.vocab_size

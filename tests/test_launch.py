@@ -150,6 +150,28 @@ def test_torchrun_generate_one_node(pipe_model, single_runs):
 
 
 @pytest.mark.slow
+def test_torchrun_generate_reads_the_prompt_file_once_on_rank_0(tmp_path, pipe_model, single_runs):
+    """`--prompt_file /dev/stdin` under torchrun: both ranks inherit the one stdin; rank 0 alone
+    reads it (each rank read it, and one found it empty) and prints one process's lines."""
+    import json
+
+    _, cfg, single_out = single_runs(2)
+    rows = "".join(json.dumps({"instruction": text, "output": "x"}) + "\n" for text in ("say hi", "count to three"))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(rows)
+    flags = ["--base", "--max_new_tokens", "6"]
+    single = one_process_generate(pipe_model, cfg, single_out, "--prompt_file", str(data), *flags)
+    assert len(single.splitlines()) == 4  # (2 rows, 2 adapters; base_output in each line)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--command", "generate", "--nproc", "2",
+                           "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg), "--",
+                           "--output_dir", str(single_out), "--device", "cpu", "--prompt_file", "/dev/stdin", *flags],
+                          input=rows, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == single
+
+
+@pytest.mark.slow
 def test_manual_generate_two_ranks(pipe_model, single_runs):
     """launch/manual.sh with COMMAND=generate."""
     _, cfg, single_out = single_runs(2)

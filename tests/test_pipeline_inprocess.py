@@ -1505,6 +1505,48 @@ def test_pipeline_generate_prompts_from_a_data_file(tmp_path, pipe_model, genera
     ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], *extra)
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
 
+
+@pytest.mark.parametrize("transport,where", [("torch", "pipe"), ("zmq", "pipe"), ("torch", "rank 0's host")])
+def test_pipeline_generate_rank_0_alone_reads_the_prompts(tmp_path, pipe_model, generate_job, monkeypatch,
+                                                          transport, where):
+    """Rank 0 reads --prompt and --prompt_file and sends them to the other ranks, which read
+    neither: every rank given one pipe (torchrun's ranks share `--prompt_file <(...)`), written
+    once, or a file rank 1's host lacks and other --prompt values there. Each rank read them
+    itself: the pipe went to one rank, the other read it empty ("the dataset is empty"), or rank
+    1 found no file. Rank 0 prints what one process prints from the file."""
+    import json
+    import os
+    import threading
+
+    base, cfg, out = generate_job
+    rows = (json.dumps({"instruction": "say hi", "output": "hi"}) + "\n"
+            + json.dumps({"instruction": "say bye", "adapter": "p1"}) + "\n")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(rows)
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, "--adapters", "p0,p1", "--prompt_file", str(data))
+    assert code == 0 and '"reference": "hi"' in single
+    if where == "pipe":
+        pipe = tmp_path / "pipe"
+        os.mkfifo(pipe)
+
+        def write_once() -> None:
+            with open(pipe, "w") as f:  # (waits for a reader)
+                f.write(rows)
+
+        writer = threading.Thread(target=write_once, daemon=True)
+        writer.start()
+        per_rank = {rank: ["--prompt_file", str(pipe)] for rank in (0, 1)}
+    else:
+        per_rank = {0: ["--prompt_file", str(data)], 1: ["--prompt_file", str(tmp_path / "absent.jsonl"),
+                                                         "--prompt", "more"]}
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], "--adapters", "p0,p1",
+                              transport=transport, per_rank=per_rank)
+    if where == "pipe" and writer.is_alive():  # (no rank opened it: let the writer go)
+        with open(pipe):
+            writer.join(10)
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
+
+
 def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, generate_job, monkeypatch):
     """Each rank loads its part of an adapter from its own output_dir: every rank says in one
     line that rank 1 lacks p1, none prints a completion."""
@@ -1517,26 +1559,20 @@ def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path,
                                            "its output_dir, rank 0 has;")
 
 
-@pytest.mark.parametrize("differs", ["prompts", "files", "batch_size"])
-def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch, tmp_path, differs):
-    """Ranks given other prompts (or other flags: another --batch_size would batch other rows),
-    or a --prompt_file of other rows (the same path on two machines, say), would run other rows:
-    one line per rank naming the flags to check."""
-    import json
-
+@pytest.mark.parametrize("differs", ["--format", "--batch_size"])
+def test_pipeline_generate_ranks_must_agree_on_the_request(generate_job, monkeypatch, differs):
+    """Ranks rendering rank 0's prompts otherwise (another --format) or given other flags
+    (another --batch_size would batch other rows) would run other rows: one line per rank naming
+    the flags to check."""
     base, cfg, out = generate_job
-    per_rank = {1: ["--prompt", "more"] if differs == "prompts" else ["--batch_size", "2"]}
-    if differs == "files":
-        for rank, instruction in ((0, "say hi"), (1, "say bye")):
-            (tmp_path / f"rank{rank}.jsonl").write_text(json.dumps({"instruction": instruction, "output": "x"}) + "\n")
-        per_rank = {rank: ["--prompt_file", str(tmp_path / f"rank{rank}.jsonl")] for rank in (0, 1)}
+    per_rank = {1: ["--format", "text"] if differs == "--format" else ["--batch_size", "2"]}
     ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], per_rank=per_rank)
     for code, stdout, stderr in ranks:
         assert (code, stdout) == (3, "")
         assert one_line(stderr) == ("mlora: pipeline error: rank 1 was started with a different generation request "
-                                    "than rank 0; start every rank with the same --prompt, --prompt_file (of the "
-                                    "same rows on every machine), --format, --adapters, --base, --max_new_tokens, "
-                                    "--batch_size and sampling flags")
+                                    "than rank 0; start every rank with the same --format, --adapters, --base, "
+                                    "--max_new_tokens, --batch_size and sampling flags (rank 0's prompts are every "
+                                    "rank's, each rendering them through its own prompt templates and tokenizer)")
 
 
 def test_pipeline_generate_fails_every_rank_when_one_cannot_load(tmp_path, generate_job, monkeypatch):

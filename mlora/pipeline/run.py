@@ -497,7 +497,8 @@ def eval_pipeline(args) -> int:
 
 
 def generate_pipeline(args) -> int:
-    """`mlora generate --pipeline`: every rank loads its slice of the base and of each chosen
+    """`mlora generate --pipeline`: rank 0 alone reads the prompts and sends them to the others
+    (shared_prompts); every rank loads its slice of the base and of each chosen
     adapter (as `mlora eval --pipeline` does, with its checks and error exchange) and keeps a
     KV cache for its own layers. The left-padded prompts go forward through the stages once;
     then at each step the last stage picks every row's next token (mlora.generate.Decoding, the
@@ -519,26 +520,31 @@ def generate_pipeline(args) -> int:
     from mlora.lora import clear_lora_caches
     from mlora.memory import is_out_of_memory
     from mlora.models.llama import KVCache
+    from mlora.pipeline import shared_prompts
     from mlora.pipeline.worker import StageLink, check_same_everywhere, digest, fingerprint
     from mlora.session import open_session
 
     place = resolve_place(args)
     device = None
+    prompts = None
     with StartupError() as early:
         session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=place.device,
                                dtype=args.dtype, quant=quant_config(args), load_base=False, reads="generate",
                                trust_remote_code=args.trust_remote_code)
         device = session.device
-        job = generate_job(args, session, notes=place.rank == 0)
-        if place.rank == 0:
+        if place.rank == 0:  # (alone: see shared_prompts)
+            prompts = shared_prompts.read_on_rank_0(args)
             note_base_sampling(args, session.base_dir)
         stages = plan_stages(args.base_model, place.world_size, args.balance)
         cfg = session.cfg
-        saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
         stop = stop_token_ids(session.base_dir, session.tokenizer)
     transport = join_peers(args, place, device, early.error)
     adapters = {}
     try:
+        asked, file_rows = shared_prompts.share(transport, prompts, args)
+        with failing_together(transport):  # (a prompt row refused, on every rank or by one rank's own template)
+            job = generate_job(asked, session, notes=place.rank == 0, file_rows=file_rows)
+            saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
         # The ranks must run the same rows the same way: every rank keeps the bookkeeping.
         request = {"requests": job.requests, "max_new_tokens": args.max_new_tokens, "sampling": repr(job.sampling),
                    "repetition_penalty": args.repetition_penalty, "stop": sorted(stop), "batch_size": args.batch_size}

@@ -116,9 +116,9 @@ def check_same_everywhere(transport: Transport, mine: dict[str, str]) -> None:
                 fix = ("start every rank with --resume, or none" if key == "--resume" else
                        "pass every rank the same --dtype (its default follows each rank's GPU: bf16 from compute "
                        "capability 8.0, fp16 below)" if key == "dtype" else
-                       "start every rank with the same --prompt, --prompt_file (of the same rows on every "
-                       "machine), --format, --adapters, --base, --max_new_tokens, --batch_size and sampling flags"
-                       if key == "generation request" else
+                       "start every rank with the same --format, --adapters, --base, --max_new_tokens, "
+                       "--batch_size and sampling flags (rank 0's prompts are every rank's, each rendering them "
+                       "through its own prompt templates and tokenizer)" if key == "generation request" else
                        "start every rank with the same --config, --balance and --base_model")
                 raise PipelineError(f"rank {rank} was started with a different {key} than rank 0; {fix}")
 

@@ -1,0 +1,30 @@
+"""`mlora generate --pipeline`'s prompts: rank 0 alone reads --prompt and --prompt_file, and
+sends them to the other ranks. Under torchrun every rank gets the same arguments, and a
+`--prompt_file <(...)` pipe (or a file on rank 0's host only) read by every rank would be split
+between them, or read as empty: so the other ranks read neither flag. Each rank still renders
+the prompts through its own templates and tokenizer, and the ranks' requests are compared at
+start-up as before."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mlora.data import Rows, load_rows
+
+
+def read_on_rank_0(args) -> dict:
+    """What rank 0 sends: its --prompt values, and its --prompt_file's name and rows. The rows
+    travel as JSON text, which any row a file gives survives (msgpack refuses an integer past
+    64 bits); every rank, rank 0 too, takes them back from that text, so all render the same."""
+    rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
+    return {"prompt": list(args.prompt), "prompt_file": args.prompt_file,
+            "rows": json.dumps(rows, default=str), "lines": rows.lines}
+
+
+def share(transport, mine: dict | None, args) -> tuple[argparse.Namespace, Rows]:
+    """Rank 0's prompts on every rank (a collective; `mine`: read_on_rank_0's on rank 0, None
+    elsewhere): `args` with rank 0's --prompt and --prompt_file, and that file's rows."""
+    sent = transport.exchange(mine)[0]
+    asked = argparse.Namespace(**{**vars(args), "prompt": sent["prompt"], "prompt_file": sent["prompt_file"]})
+    return asked, Rows(json.loads(sent["rows"]), sent["lines"])
