@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora import kernel_fallback, lora_triton
+from mlora import forward_choices, kernel_fallback, lora_triton
 from mlora.config import TARGET_MODULES as CONFIG_TARGET_MODULES
 from mlora.device import upload
 from mlora.lora_fused import (DropoutRows, FusedGroupLoRA, FusedGroupSpec, WeightCasts, build_column_factor,
@@ -390,10 +390,14 @@ class InputGroup:
         if plan is None or plan.key != key or not plan.still_inline():
             plan = self._plan = self._fused_plan(key, x, active, S, training)
         self._casts = WeightCasts.of(self._casts, plan.a_params, plan.b_params, plan.counts, x.dtype)
+        if fallback:  # (auto's choice) a recomputation runs what its forward ran (forward_choices.py)
+            philox = forward_choices.replayed(philox)
         spec = FusedGroupSpec(plan.bases, plan.cols, plan.counts, plan.factor, self._casts, plan.dropout,
                               plan.everywhere, philox, fallback, plan.a_params, plan.b_params)
         anchor = next((p for p in plan.a_params + plan.b_params if p.requires_grad), plan.a_params[0])
         ys = FusedGroupLoRA.apply(x2d, spec, anchor)
+        if fallback:
+            forward_choices.note(spec.philox)  # (False where the triton kernel failed)
         if self.transient:  # (autograd keeps what the backward needs)
             self._plan = self._casts = None
         return _Hidden(x, outputs=dict(zip(plan.members, ys)), delta_only=plan.delta_only)

@@ -209,7 +209,9 @@ class FusedGroupSpec:
     casts: WeightCasts  # the parameters in the activation dtype, as the op uses them
     dropout: list[DropoutRows] = field(default_factory=list)
     everywhere: bool = False
-    philox: bool = False  # draw the dropout mask inside a Triton kernel (lora_triton.py), kept as bits
+    # draw the dropout mask inside a Triton kernel (lora_triton.py), kept as bits; set False by a
+    # forward whose kernel failed (its mask then torch's)
+    philox: bool = False
     # philox chosen by `auto`: a Triton kernel that fails hands its work to torch's ops
     # (kernel_fallback.py) instead of raising
     fallback: bool = False
@@ -236,12 +238,16 @@ class FusedGroupLoRA(torch.autograd.Function):
 
         bits = mask = None
         if spec.dropout and spec.philox:  # the kernel draws the mask and keeps it as bits
+            plan = None
             try:
-                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)
+                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)  # (none drawn if it raises)
                 h, bits = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
                 dropped = x2d  # the backward's kernels mask it again, from the bits
             except Exception as err:  # (a Triton that cannot compile or launch it)
-                _fall_back(spec, err)  # then the mask drawn by torch, below
+                if plan is not None:  # torch's mask, below, drawn from the generators' state
+                    plan.undraw()  # before the seeds: what a recomputation draws (it runs fused)
+                _fall_back(spec, err)
+                spec.philox = False  # this call's mask is torch's (lora.py: its recomputation's too)
         if bits is None:
             mask = draw_keep_mask(x2d, spec.dropout, spec.everywhere, torch.bool) if spec.dropout else None
             dropped = x2d if mask is None else x2d * mask  # [N, in] in x's dtype; mask bool [N, in]
@@ -324,9 +330,8 @@ class FusedGroupLoRA(torch.autograd.Function):
 def _fall_back(spec: FusedGroupSpec, err: Exception) -> None:
     """A Triton kernel of the op raised `err`: raised again unless `auto` chose the kernel
     (spec.fallback), which then runs fused from now on and this call's work in torch's ops
-    (kernel_fallback.py). (A forward whose kernel failed after its seeds were drawn takes
-    torch's next draws from the generators as its mask: a recompute of that one step, which
-    draws from the state saved before it, draws another.)"""
+    (kernel_fallback.py). (A forward whose kernel failed puts its seeds back first, so that
+    torch's mask is the one the fused kernel draws: a recomputation draws it again.)"""
     kernel_fallback.record(kernel_fallback.LORA, err, chosen_by_auto=spec.fallback)  # (named, out of memory: raised)
 
 

@@ -162,6 +162,10 @@ class PhiloxDropout:
     seeds: tuple[int, ...]
     seq: int
     seed_table: torch.Tensor | None = None
+    # Where the seeds came from, for undraw: the generators, and each one's state before its
+    # seed (None for a CUDA generator: its seed moved its offset by OFFSET_STEP)
+    generators: tuple[torch.Generator, ...] = ()
+    states_before: tuple[torch.Tensor | None, ...] = ()
 
     def __post_init__(self):
         assert len(self.seeds) == self.table.shape[1], "one seed per adapter"
@@ -182,6 +186,12 @@ class PhiloxDropout:
         if not self.many_seeds:
             scalars = tuple(s | SEED_TAG for s in self.seeds) + scalars[len(self.seeds):]
         return self.owner, self.table, self.table.shape[1], self.seq, self.seed_table, *scalars
+
+    def undraw(self) -> None:
+        """Put the generators back where they were before this plan's seeds: a call whose
+        kernel failed then draws torch's mask from where the fused kernel would have drawn it
+        (lora_fused._fall_back), as its recomputation does."""
+        _put_back(self.generators, self.states_before)
 
 
 @functools.lru_cache(maxsize=16)
@@ -207,7 +217,37 @@ def draw(dropout: list[DropoutRows], n: int, device: torch.device) -> PhiloxDrop
     assert all((d.seq or 1) == seq for d in dropout), "one batch, one row length"
     ranges = tuple((d.start, d.end, d.p, d.length or seq, d.offset) for d in dropout)
     owner, table = _tables(ranges, seq, n, device)
-    return PhiloxDropout(owner, table, tuple(draw_seed(d.generator) for d in dropout), seq)
+    generators = tuple(d.generator for d in dropout)
+    seeds, states = [], []
+    try:
+        for g in generators:
+            seed, state = _seed_and_state(g)
+            seeds.append(seed)
+            states.append(state)
+    except BaseException:  # (a CUDA generator without get_offset) the generators as before
+        _put_back(generators[:len(seeds)], tuple(states))
+        raise
+    return PhiloxDropout(owner, table, tuple(seeds), seq, generators=generators, states_before=tuple(states))
+
+
+def _seed_and_state(g: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """draw_seed(g), and g's state before it where undoing it needs that: a CPU generator's seed
+    is a draw (the tests' case); a CUDA generator's, an offset step (None)."""
+    if g.device.type == "cuda":
+        return offset_seed(g), None
+    state = g.get_state()
+    return draw_seed(g), state
+
+
+def _put_back(generators: tuple[torch.Generator, ...], states: tuple[torch.Tensor | None, ...]) -> None:
+    """Undo one draw_seed of each of `generators`; `states`: each one's state before it, None
+    for a CUDA generator (draw_seed moved its offset by OFFSET_STEP). Last first, so a
+    generator listed twice ends at its first state."""
+    for g, state in reversed(list(zip(generators, states))):
+        if state is None:
+            g.set_offset(g.get_offset() - OFFSET_STEP)
+        else:
+            g.set_state(state)
 
 
 def clear_caches() -> None:

@@ -19,6 +19,7 @@ from mlora.models.llama import CausalLM, ModelArgs
 
 from test_lora import _group_grads
 from test_memory import cublas_out_of_memory
+from test_recompute import _max_diff, _run as recompute_run
 
 
 @pytest.fixture(autouse=True)
@@ -149,3 +150,116 @@ def test_failing_triton_backward_kernels_under_auto_use_the_forwards_mask_in_tor
     for key, pair in grads.items():
         for g, r in zip(pair, ref_grads[key]):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the triton LoRA kernel under recompute
+
+
+def _fails_on(monkeypatch, name: str, when) -> list:
+    """lora_triton.`name` replaced by one that raises a compile error where when(*args) holds
+    (a Triton that cannot build one of its variants) and runs the real kernel elsewhere;
+    returns the list of the calls it failed."""
+    real, failed = getattr(lora_triton, name), []
+
+    def kernel(*args, **kwargs):
+        if when(*args):
+            failed.append(name)
+            raise RuntimeError("PassManager::run failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_triton, name, kernel)
+    return failed
+
+
+def _auto_triton_run(monkeypatch, tiny_llama, recompute: bool):
+    """test_recompute's steps (dropout 0.1, two steps) with `auto` choosing triton, as on a
+    Hopper GPU, from a clean slate of failures."""
+    monkeypatch.setattr(lora, "kernel", "auto")
+    monkeypatch.setattr(lora, "auto_kernel", lambda device: "triton")
+    kernel_fallback.forget()
+    return recompute_run(tiny_llama, recompute=recompute, steps=2)
+
+
+def _assert_recompute_equals_plain(monkeypatch, tiny_llama) -> list:
+    """With recompute, the same losses, LoRA gradients and final generator states as without:
+    the recomputed layers drew the very masks their forwards used. Returns the run."""
+    ref, ref_states, _ = _auto_triton_run(monkeypatch, tiny_llama, recompute=False)
+    got, states, calls = _auto_triton_run(monkeypatch, tiny_llama, recompute=True)
+    assert calls == 4  # (two steps, each layer run again in the backward)
+    assert kernel_fallback.failure(kernel_fallback.LORA) == "RuntimeError: PassManager::run failed"
+    assert _max_diff(got, ref) <= 1e-6
+    assert all(torch.equal(s, r) for s, r in zip(states, ref_states))
+    return got
+
+
+INTERMEDIATE = 96  # conftest's tiny LLaMA: only down_proj's input is this wide
+
+
+@pytest.mark.skipif(lora_triton.unavailable(torch.device("cpu")) is not None,
+                    reason="the triton kernel's interpreter run needs triton >= 3.9")
+@pytest.mark.parametrize("fails", ["everywhere", "one variant"])
+def test_a_triton_forward_failing_after_its_seeds_recomputes_the_forwards_masks(monkeypatch, tiny_llama, fails):
+    """The forward's kernel fails after drawing its seeds: at its first call (every group runs
+    fused), or only in layer 0's down_proj group (one variant of the kernel does not build: its
+    earlier groups ran triton, layer 1 runs fused). Recomputed, every group draws its forward's
+    mask again, a failed one torch's from the same generator state."""
+    when = (lambda *args: True) if fails == "everywhere" else (lambda x2d, *rest: x2d.shape[1] == INTERMEDIATE)
+    failed = _fails_on(monkeypatch, "down", when)
+    got = _assert_recompute_equals_plain(monkeypatch, tiny_llama)
+    assert failed
+    if fails == "everywhere":  # every mask torch's, from where fused draws it: a fused run's step
+        monkeypatch.setattr(lora, "kernel", "fused")
+        fused, _, _ = recompute_run(tiny_llama, recompute=False, steps=2)
+        assert _max_diff(got, fused) <= 1e-6
+
+
+@pytest.mark.skipif(lora_triton.unavailable(torch.device("cpu")) is not None,
+                    reason="the triton kernel's interpreter run needs triton >= 3.9")
+def test_triton_backward_kernels_failing_recompute_the_forwards_masks(monkeypatch, tiny_llama):
+    """Every forward ran triton; the backward's kernels fail at the last layer's backward:
+    the layers recomputed after that still draw their forwards' (triton's) masks."""
+    failed = _fails_on(monkeypatch, "grad_a", lambda *args: True)
+    _assert_recompute_equals_plain(monkeypatch, tiny_llama)
+    assert failed
+
+
+class _OffsetGenerator:
+    """What draw_seed reads of a CUDA generator (its seed and Philox offset), on the CPU; with
+    broken=True it lacks get_offset, as torch builds without it do."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed: int, broken: bool = False):
+        self.seed, self.offset, self.broken = seed, 8, broken
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def get_offset(self) -> int:
+        if self.broken:
+            raise AttributeError("'torch._C.Generator' object has no attribute 'get_offset'")
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        self.offset = offset
+
+
+def test_undrawn_seeds_leave_the_generators_where_they_were():
+    """A failed call puts its seeds back (lora_fused._fall_back then draws torch's mask from
+    there): a plan's undraw, and a draw that fails at its second generator, for CUDA-like
+    generators (offsets) and CPU ones (states)."""
+    from mlora.lora_fused import DropoutRows
+
+    cpu = torch.Generator().manual_seed(3)
+    first, cpu_state = _OffsetGenerator(5), cpu.get_state()
+    rows = [DropoutRows(0, 6, 0.1, first, 3), DropoutRows(6, 12, 0.1, cpu, 3)]
+    plan = lora_triton.draw(rows, 12, torch.device("cpu"))
+    assert first.offset == 8 + lora_triton.OFFSET_STEP and not torch.equal(cpu.get_state(), cpu_state)
+    plan.undraw()
+    assert first.offset == 8 and torch.equal(cpu.get_state(), cpu_state)
+    assert lora_triton.draw(rows, 12, torch.device("cpu")).seeds == plan.seeds  # drawn again: the same
+    first.offset = 8
+    rows = [DropoutRows(0, 6, 0.1, first, 3), DropoutRows(6, 12, 0.1, _OffsetGenerator(6, broken=True), 3)]
+    with pytest.raises(AttributeError):
+        lora_triton.draw(rows, 12, torch.device("cpu"))
+    assert first.offset == 8

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from mlora import forward_choices
 from mlora.device import upload
 from mlora.models.alibi import alibi_bias
 from mlora.models.gdn import GatedDeltaNet, LinearMixerInputs, linear_tensor_names
@@ -286,20 +287,25 @@ def checkpointed_layer(layer: nn.Module, generators: Sequence[torch.Generator], 
     adapters' own generators (`generators`), which it does not know. So: snapshot them before
     the first forward; rewind them to that snapshot for the recomputation, which then draws
     the very masks the first forward used; and afterwards put them back where they were just
-    before the recomputation, so the draws of later layers and later steps are untouched."""
+    before the recomputation, so the draws of later layers and later steps are untouched. The
+    LoRA kernel each input group ran is replayed too (forward_choices.py): a Triton kernel that
+    failed in between would otherwise change how the recomputation draws its masks."""
     before = [g.get_state() for g in generators]
     first = True
+    choices = forward_choices.ForwardChoices()
 
     def run(*args: Tensor) -> Tensor:
         nonlocal first
         if first:
             first = False
-            return layer(*args)
+            with forward_choices.noting(choices):
+                return layer(*args)
         now = [g.get_state() for g in generators]
         for g, state in zip(generators, before):
             g.set_state(state)
         try:
-            return layer(*args)
+            with forward_choices.replaying(choices):
+                return layer(*args)
         finally:  # also when checkpoint's early stop ends the recomputation midway
             for g, state in zip(generators, now):
                 g.set_state(state)
