@@ -180,6 +180,18 @@ def test_host_benchmark_quick_mode(tmp_path):
         "batch_ms_4x8x512", "batch_ms_4x8x512_packed"}
 
 
+def test_stage_grads_guard_benchmark_runs():
+    """benchmarks/bench_stage_grads_guard.py: the pipeline backward's OOM guard, timed (tiny)."""
+    spec = importlib.util.spec_from_file_location("bench_stage_grads_guard",
+                                                  ROOT / "benchmarks" / "bench_stage_grads_guard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (row,) = module.main(["--shape", "tiny", "--layers", "1", "--r", "4", "--seq", "8", "--repeats", "1"])
+    assert row["lora_tensors"] == 14 and row["lora_values"] == 4 * (64 * 6 + 176) + 4 * (64 * 3 + 32 * 2 + 176 * 2)
+    assert all(row[k] > 0 for k in ("backward_unguarded_ms", "backward_guarded_ms", "guard_alone_ms",
+                                    "foreach_add_alone_ms"))
+
+
 def test_a_side_whose_model_fails_to_build_fails_its_runs_only(tmp_path, monkeypatch):
     """transformers' model failing to build (an API of another release, say) fails PEFT's and
     its frozen base's runs, recorded, and mlora's run as before; an `auto` kernel that fell back
