@@ -774,7 +774,8 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
     together, and trained from the length of the prompt's own tokens on; or two lists of
     messages, the prompt's rendering with the generation prompt untrained and the rest of the
     whole conversation's trained (plus a trained EOS, as chat rows get one, when the template
-    ends the turn otherwise)."""
+    ends the turn otherwise; a template that does not start the whole with that rendering is
+    refused, as chat rows refuse it)."""
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
         for key, value in (("prompt", prompt), ("completion", completion)):
@@ -787,9 +788,16 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("prompt/completion rows of messages need a tokenizer with a chat template, "
                             "and this tokenizer has none")
-        prompt_ids = tokenizer(_render_chat(tokenizer, prompt, add_generation_prompt=True),
-                               add_special_tokens=False).input_ids
-        input_ids = tokenizer(_render_chat(tokenizer, messages), add_special_tokens=False).input_ids
+        prompt_text = _render_chat(tokenizer, prompt, add_generation_prompt=True)
+        text = _render_chat(tokenizer, messages)
+        if not train_on_inputs and not text.startswith(prompt_text):
+            # A template whose generation prompt the answered turn does not start with (DeepSeek-R1's
+            # "<think>\n") cut the completion's first tokens off its labels without a word.
+            raise UserError("the chat template does not render the prompt (with its generation prompt) as a "
+                            "prefix of the whole conversation, so the completion cannot be located for label "
+                            "masking (set train_on_inputs, or use another template)")
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        input_ids = tokenizer(text, add_special_tokens=False).input_ids
         cut = min(len(prompt_ids), len(input_ids))
         labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * cut + input_ids[cut:]
         eos = tokenizer.eos_token_id

@@ -611,6 +611,25 @@ def test_prompt_completion_messages_train_the_completions_turns(tokenizer):
     with pytest.raises(UserError, match=r"prompt\[1\]\.content must be a string"):
         encode({"prompt": [CHAT[0], {"role": "user"}], "completion": CHAT[2:3]}, tokenizer)
 
+def test_prompt_completion_messages_refuse_a_prompt_the_whole_does_not_start_with(tokenizer):
+    """A template whose generation prompt is not how it starts an answered turn (DeepSeek-R1's adds
+    "<think>\n" to the one, not the other): the prompt's tokens are no prefix of the whole, and the
+    cut at their count took the completion's first tokens off its labels without a word. Refused
+    in one line, as the chat row of the same conversation is."""
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    with pytest.raises(UserError, match="does not render the prompt .* as a prefix of the whole conversation"):
+        encode({"prompt": CHAT[1:2], "completion": CHAT[2:3]}, tok)
+    with pytest.raises(UserError, match="does not render earlier turns as a prefix"):
+        encode({"messages": CHAT[1:3]}, tok)
+    # every token trained: nothing to locate
+    whole = encode({"prompt": CHAT[1:2], "completion": CHAT[2:3]}, tok, train_on_inputs=True)
+    assert whole.labels == whole.input_ids
+
+
 @pytest.mark.parametrize("row,culprit", [
     ({"text": "ok \ud800"}, "'text'"),
     ({"instruction": "x\udc80", "output": "y"}, "'instruction'"),
