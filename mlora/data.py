@@ -10,8 +10,9 @@ A dataset is a JSON array, a JSONL file or a Parquet table of rows. Five row sha
   EOS, trained), or two lists of messages (the completion's turns trained);
 * text    {"text"}  tokenized as is (plain language modelling; also used by evaluation).
 
-A key that appears twice in one JSON object is an error (json keeps the last silently); keys
-that no row shape reads are ignored, and unread_keys_note tells which (a misspelt "inptu" would
+A key that appears twice in one JSON object is an error (json keeps the last silently); a null
+member is what the row lacks, in JSON as in Parquet (exports write every column, null where a row
+has none); keys that no row shape reads are ignored, and unread_keys_note tells which (a misspelt "inptu" would
 otherwise train every row without its input).
 
 Every row becomes an Example: input_ids plus labels aligned with them (HF convention: the
@@ -257,18 +258,27 @@ class _DuplicateKeys:
     as JSONL or chat rows no slower than without it (its GC pass is saved); tokenizing them
     takes ~30 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop_nulls: bool = False) -> None:
         self.found: tuple[dict, str] | None = None  # (the object, its repeated key)
+        # Rows: a null member is what the row lacks, as a Parquet table's nulls are (_without_nulls):
+        # datasets' and pandas' JSON exports write every column in every row, null where a row has
+        # none, and such rows were refused as mixing shapes, or gave a chat template a message's
+        # `tool_calls: null`, where the Parquet file of the same table trained.
+        self.drop_nulls = drop_nulls
 
     def __call__(self, pairs: list[tuple[str, object]]) -> dict:
         obj = dict(pairs)
-        if len(obj) != len(pairs):
+        repeated = len(obj) != len(pairs)
+        if repeated:
             # This object's repeat replaces the one flagged so far where that one sits in a value
             # this object drops ({"m": {"k": 1, "k": 2}, "m": 3}): it is in no row, nowhere to name.
             dropped = [v for k, v in pairs if obj[k] is not v]
-            if self.found is None or any(_path_to(v, self.found[0]) is not None for v in dropped):
-                seen: set[str] = set()
-                self.found = (obj, next(k for k, _ in pairs if k in seen or seen.add(k)))
+            repeated = self.found is None or any(_path_to(v, self.found[0]) is not None for v in dropped)
+        if self.drop_nulls and None in obj.values():  # (a C-level scan: most objects hold no null)
+            obj = {k: v for k, v in obj.items() if v is not None}
+        if repeated:
+            seen: set[str] = set()
+            self.found = (obj, next(k for k, _ in pairs if k in seen or seen.add(k)))
         return obj
 
     def message(self, row: dict) -> str:
@@ -295,7 +305,7 @@ def _path_to(root, target) -> str | None:
 
 def _parse_jsonl(path: Path, text: str) -> Rows:
     rows = Rows(lines=[])
-    duplicates = _DuplicateKeys()
+    duplicates = _DuplicateKeys(drop_nulls=True)
     decoder = json.JSONDecoder(object_pairs_hook=duplicates)
     # At "\n" only (_read_text's universal newlines made "\r\n" and "\r" ones): str.splitlines()
     # also breaks at U+2028, U+2029 and U+0085, which a JSON string may hold as they are
@@ -345,7 +355,7 @@ def _not_jsonl(value: dict | list, path: Path) -> str:
 
 
 def _parse_json_array(path: Path, text: str) -> Rows:
-    duplicates = _DuplicateKeys()
+    duplicates = _DuplicateKeys(drop_nulls=True)
     try:
         data = json.JSONDecoder(object_pairs_hook=duplicates).decode(text)
     except json.JSONDecodeError as e:

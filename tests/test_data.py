@@ -121,6 +121,33 @@ def test_parquet_rows_are_the_json_rows(tmp_path, tokenizer):
         load_rows(tmp_path / "empty.parquet")
 
 
+def test_json_nulls_are_what_a_row_lacks_as_parquet_nulls_are(tmp_path, tokenizer):
+    """datasets' and pandas' JSON exports (Dataset.to_json, DataFrame.to_json(orient="records"))
+    write every column in every row, null where the row has none: those rows were refused as
+    mixing shapes, where the Parquet file of the same table trained. Null members are dropped
+    as Parquet's are, at every depth; a null in a list stays (a message that is not an object),
+    and a key twice is still named, null or not."""
+    rows = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "output": "e"},
+            {"messages": [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yo"}]}]
+    columns = ("instruction", "input", "output", "messages")
+    exported = [{key: row.get(key) for key in columns} for row in rows]
+    for row in exported[2:]:
+        row["messages"] = [{"name": None, **m} for m in row["messages"]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in exported))
+    (tmp_path / "rows.json").write_text(json.dumps(exported, indent=1))
+    for name in ("rows.jsonl", "rows.json"):
+        got = load_rows(tmp_path / name)
+        assert got == rows
+        assert encode_rows(got, tokenizer, load_template("alpaca"), 1024, False) == \
+            encode_rows(rows, tokenizer, load_template("alpaca"), 1024, False)
+    (tmp_path / "null.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, null]}\n')
+    with pytest.raises(UserError, match=r"messages\[1\] must be an object, got null"):
+        encode(load_rows(tmp_path / "null.jsonl")[0], tokenizer)
+    (tmp_path / "twice.jsonl").write_text('{"text": "a"}\n{"text": "a", "text": null}\n')
+    with pytest.raises(UserError, match=r"twice\.jsonl:2: key 'text' appears twice"):
+        load_rows(tmp_path / "twice.jsonl")
+
+
 def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch, tokenizer):
     """A wide Parquet file (here an image and an embedding beside alpaca rows) loads the rows its
     text columns give, without reading the others (what pyarrow is asked for is spied on); the
