@@ -458,6 +458,47 @@ def test_alpaca_labels_mask_exactly_the_prompt(tokenizer, alpaca):
     assert example.num_label_tokens == len(target_ids) + 1
 
 
+def sentencepiece_style_tokenizer():
+    """A tokenizer spelling a word's start with "▁" as Llama 2's does (its normalizer prepends
+    one to the text and turns spaces into it; byte fallback for the newline), built here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([load_template("alpaca").prompt_no_input, "Bonjour the quick brown fox"] * 10,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_alpaca_output_is_tokenized_as_it_follows_the_prompt(tokenizer, alpaca, tmp_path):
+    """The output's tokens are those of the whole row past the prompt's (alpaca-lora tokenizes the
+    row whole): tokenized alone, a SentencePiece tokenizer began it with a word-start "▁", and
+    every answer was trained as "\n▁Bonjour". Where the join merges tokens across the prompt's
+    end (a template ending in a space), the prompt keeps its own tokens: what generation feeds."""
+    sp = sentencepiece_style_tokenizer()
+    row = {"instruction": "Translate to French.", "output": "Bonjour"}
+    prompt_text = alpaca.render(row["instruction"], None)[0]
+    prompt_ids, whole = sp(prompt_text).input_ids, sp(prompt_text + "Bonjour").input_ids
+    assert whole[:len(prompt_ids)] == prompt_ids and sp.convert_ids_to_tokens(whole[len(prompt_ids)])[0] != "▁"
+    example = encode(row, sp, alpaca)
+    assert example.input_ids == whole + [sp.eos_token_id]
+    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + whole[len(prompt_ids):] + [sp.eos_token_id]
+    # a template ending in a space: " the" is one token of the whole; the prompt stays its own
+    path = tmp_path / "spaced.json"
+    path.write_text(json.dumps({"prompt": "Q: {instruction} {input} A: ", "prompt_no_input": "Q: {instruction} A: "}))
+    spaced = load_template(str(path))
+    prompt_ids = tokenizer("Q: add A: ").input_ids
+    assert tokenizer("Q: add A: the").input_ids[:len(prompt_ids)] != prompt_ids  # (the join merges)
+    example = encode({"instruction": "add", "output": "the"}, tokenizer, spaced)
+    assert example.input_ids[:len(prompt_ids)] == prompt_ids
+    assert trained(example) == tokenizer("the", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
 def test_alpaca_without_input_uses_no_input_prompt(tokenizer, alpaca):
     for row in ({"instruction": "count", "output": "one two"},
                 {"instruction": "count", "input": "", "output": "one two"}):
