@@ -656,9 +656,11 @@ def encode_row(row: dict, tokenizer, template: PromptTemplate, cutoff_len: int,
     if shape == "alpaca":
         example = _encode_alpaca(row, tokenizer, template, train_on_inputs)
     elif shape == "chat":
-        example = _encode_chat(row["messages"], tokenizer, train_on_inputs)
+        example = _encode_chat(row["messages"], tokenizer, train_on_inputs, "messages[0]")
     elif shape == "sharegpt":
-        example = _encode_chat(_sharegpt_messages(row["conversations"]), tokenizer, train_on_inputs)
+        messages = _sharegpt_messages(row["conversations"])  # (checked: conversations[0] is an object)
+        example = _encode_chat(messages, tokenizer, train_on_inputs,
+                               f"conversations[0] (from {row['conversations'][0]['from']!r})")
     elif shape == "prompt/completion":
         example = _encode_prompt_completion(row, tokenizer, train_on_inputs)
     else:
@@ -752,7 +754,9 @@ def _encode_text(row: dict, tokenizer) -> Example:
     return Example(input_ids, list(input_ids))
 
 
-def _encode_chat(messages, tokenizer, train_on_inputs: bool) -> Example:
+def _encode_chat(messages, tokenizer, train_on_inputs: bool, first: str = "messages[0]") -> Example:
+    """first: the row's first turn as the user wrote it, for a message about it (a ShareGPT row's
+    is conversations[0], whose "gpt" is the assistant)."""
     _check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("chat rows ('messages') need a tokenizer with a chat template, "
@@ -766,7 +770,7 @@ def _encode_chat(messages, tokenizer, train_on_inputs: bool) -> Example:
     if train_on_inputs:
         trained = [True] * len(input_ids)
     else:
-        spans = _assistant_spans(tokenizer, messages, text)
+        spans = _assistant_spans(tokenizer, messages, text, first)
         trained = [any(lo <= start < hi for lo, hi in spans) for start, _ in encoding.offset_mapping]
     labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, trained)]
 
@@ -953,7 +957,7 @@ def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> st
         raise UserError(f"the chat template rejected the messages ({type(e).__name__}: {e})") from None
 
 
-def _assistant_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
+def _assistant_spans(tokenizer, messages, text: str, first: str = "messages[0]") -> list[tuple[int, int]]:
     """Character spans [lo, hi) of the assistant turns in `text`, end-of-turn markup included.
 
     A turn starts where the rendering of the conversation before it plus the generation prompt
@@ -966,7 +970,7 @@ def _assistant_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
         if message["role"] != "assistant":
             continue
         if i == 0:  # nothing before it to render (a template rejects an empty conversation)
-            raise UserError("messages[0] is an assistant turn: a conversation starts with a user (or system) "
+            raise UserError(f"{first} is an assistant turn: a conversation starts with a user (or system) "
                             "turn, the prompt its answers are learnt for (or set train_on_inputs)")
         before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_chat(tokenizer, messages[: i + 1])

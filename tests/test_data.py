@@ -640,6 +640,9 @@ def test_sharegpt_rows_are_chat_rows_under_other_names(tokenizer):
         encode({"conversations": [{"role": "user", "value": "a"}]}, tokenizer)
     with pytest.raises(UserError, match="'conversations' must be a non-empty list"):
         encode({"conversations": []}, tokenizer)
+    # named as the row names it (it said messages[0], a key the row has not)
+    with pytest.raises(UserError, match=r"^conversations\[0\] \(from 'gpt'\) is an assistant turn"):
+        encode({"conversations": turns[2:]}, tokenizer)
 
 
 def test_prompt_completion_strings_are_tokenized_as_trl_does(tokenizer):
