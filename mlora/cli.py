@@ -213,6 +213,7 @@ def cmd_train(args) -> int:
     from mlora.batching import check_trainable
     from mlora.output_lock import output_dir_lock
     from mlora.session import open_session
+    from mlora.strategies import unused_budget_note
     from mlora.trainer import Interrupted, train
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
@@ -220,6 +221,8 @@ def cmd_train(args) -> int:
     out = session.cfg.output_dir
     for a in session.cfg.lora:  # before the output directory is touched (the trainer checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
+    if note := unused_budget_note(session.cfg.train_strategy, session.cfg.max_tokens_per_batch):
+        print(note, file=sys.stderr)
     if args.resume:
         if checkpoint.is_finished(out):
             print(f"mlora: nothing to resume: the run in {out} already finished")

@@ -28,6 +28,15 @@ STRATEGIES = ("trivial", "fast-fit", "optimal-fit")
 EXACT_SEARCH_LIMIT = 12
 
 
+def unused_budget_note(strategy: str, max_tokens: int | None) -> str | None:
+    """A note for a config that gives `trivial` a max_tokens_per_batch: it fuses without a budget
+    (fused_batches), so the key was ignored without a word by a user who set it to bound batches."""
+    if strategy != "trivial" or max_tokens is None:
+        return None
+    return (f"mlora: note: max_tokens_per_batch {max_tokens} is not used: train_strategy trivial fuses the active "
+            f"adapters' next micro-batches without a token budget (fast-fit and optimal-fit keep to one)")
+
+
 def batch_shape(parts: Sequence[MicroBatch], pack_len: int | None = None) -> tuple[int, int]:
     """(rows, seq_len) of the fused batch `batching.fuse` builds of `parts`: every row is padded
     to the longest one. With packing (pack_len = the packed row length, i.e. cutoff_len) the

@@ -121,6 +121,24 @@ def test_plans_without_reading_the_weights(tiny_llama, tmp_path, capsys, weights
     assert "safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("strategy", ["trivial", "fast-fit"])
+def test_a_budget_trivial_does_not_use_is_said(tiny_llama, tmp_path, capsys, strategy):
+    """trivial fuses without a token budget: a max_tokens_per_batch given with it was ignored
+    without a word. Training notes it at its start, and the plan's budget line says so."""
+    out = tmp_path / "out"
+    cfg_path = make_config(tmp_path, ["b"], out, train_strategy=strategy, max_tokens_per_batch=100)
+    code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
+    assert code == 0, err
+    unused = strategy == "trivial"
+    assert ("token budget: none (train_strategy trivial fuses without one; its max_tokens_per_batch 100 is not "
+            "used)" in err) == unused
+    assert plan["token_budget"] == (None if unused else 100)
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress"]) == 0
+    note = ("mlora: note: max_tokens_per_batch 100 is not used: train_strategy trivial fuses the active adapters' "
+            "next micro-batches without a token budget (fast-fit and optimal-fit keep to one)")
+    assert (note in capsys.readouterr().err.splitlines()) == unused
+
+
 def test_plan_notes_that_early_stopping_may_end_adapters_sooner(tiny_llama, tmp_path, capsys):
     """A plan evaluates nothing: its steps are those of a run that never stops early, which it says."""
     cfg_path = make_config(tmp_path, ["a", "b"], tmp_path / "out")
