@@ -724,12 +724,16 @@ def _encode_alpaca(row: dict, tokenizer, template: PromptTemplate, train_on_inpu
     output = _string_field(row, "output")
     prompt_text, suffix = template.render(instruction, input_text)
     # The prompt gets the tokenizer's default special tokens (e.g. BOS), as a generation prompt
-    # gets them (prompt_tokens); the target ends in EOS so the adapter learns to stop.
+    # gets them (prompt_tokens); the target ends in EOS so the adapter learns to stop, one EOS:
+    # an output written ending in it (a dataset made for Llama 2, "...</s>") got a second one
+    # (alpaca-lora appends it only where the row does not end with it, as TRL does a completion).
     # (one call for both: a fast tokenizer's per-call overhead is much of its cost, and the prompt
     # tokenized twice in two calls took 3,000 rows of ~170 tokens about twice as long to encode as
     # the prompt and output apart; in one call, about as long)
     prompt_ids, whole = tokenizer([prompt_text, prompt_text + output + suffix]).input_ids
-    target_ids = _tokens_after(tokenizer, prompt_ids, whole, output + suffix) + [tokenizer.eos_token_id]
+    target_ids = _tokens_after(tokenizer, prompt_ids, whole, output + suffix)
+    if target_ids[-1:] != [tokenizer.eos_token_id]:
+        target_ids.append(tokenizer.eos_token_id)
     input_ids = prompt_ids + target_ids
     if train_on_inputs:
         return Example(input_ids, list(input_ids))

@@ -499,6 +499,14 @@ def test_alpaca_output_is_tokenized_as_it_follows_the_prompt(tokenizer, alpaca, 
     assert trained(example) == tokenizer("the", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
+def test_alpaca_output_ending_in_eos_gets_no_second_one(tokenizer, alpaca):
+    """An output written ending in the EOS token (a dataset made for a Llama 2 model, "...</s>")
+    ends in one EOS, trained, as alpaca-lora and TRL's completions have it; it got a second."""
+    plain = encode({"instruction": "count", "output": "one two"}, tokenizer, alpaca)
+    ending = encode({"instruction": "count", "output": "one two" + tokenizer.eos_token}, tokenizer, alpaca)
+    assert ending == plain and ending.input_ids.count(tokenizer.eos_token_id) == 1
+
+
 def test_alpaca_without_input_uses_no_input_prompt(tokenizer, alpaca):
     for row in ({"instruction": "count", "output": "one two"},
                 {"instruction": "count", "input": "", "output": "one two"}):
