@@ -98,10 +98,18 @@ def dtype_note(device: torch.device, dtype: torch.dtype, flag: str = "--dtype") 
     return None
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def current_on(device: torch.device):
     """A context making `device` CUDA's current device (a no-op elsewhere): Triton launches on
-    the current one, and a pipeline rank runs on cuda:N without making it current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    the current one, and a pipeline rank runs on cuda:N without making it current. Where it is
+    current already, none is entered: every Triton launch of a step asks (a few hundred
+    times), and a torch.cuda.device's entry and exit cost host time that a read of the
+    current index mostly does not."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(device)
 
 
 def dtype_flag(name: str) -> str | None:
