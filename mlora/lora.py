@@ -231,7 +231,8 @@ class _Hidden:
     `columns` {(adapter, member): first column of that member's block in h}."""
 
     x: torch.Tensor
-    served: int = 0
+    served: int = 0  # members that took their part, of `users` (those with adapters)
+    users: int = 0
     # dense: `hidden` [N, C] with other adapters' columns zeroed; member m owns columns
     # dense_cols[m] = (start, end) and its adapters are dense_weights[m] in column order.
     dense_cols: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -265,12 +266,24 @@ class _FusedPlan:
     delta_only: set[int]
     dropout: list[DropoutRows]
     everywhere: bool
+    spec: FusedGroupSpec | None = None  # the last call's (see spec_for)
+
+    def spec_for(self, casts: WeightCasts, philox: bool, fallback: bool) -> FusedGroupSpec:
+        """The op's spec for this layout and these weight casts: one for every call until the
+        casts change (an optimizer step), so a call does not build one (and what it works
+        out once: lora_fused.FusedGroupSpec) again."""
+        spec = self.spec
+        if spec is None or spec.casts is not casts or spec.philox != philox or spec.fallback != fallback:
+            spec = self.spec = FusedGroupSpec(self.bases, self.cols, self.counts, self.factor, casts, self.dropout,
+                                              self.everywhere, philox, fallback, self.a_params, self.b_params)
+        return spec
 
     def still_inline(self) -> bool:
         """The bases the op runs itself are still frozen (the op computes no base gradient)."""
-        return not any(base is not None and (base.weight.requires_grad or
-                                             (base.bias is not None and base.bias.requires_grad))
-                       for base in self.bases)
+        for base in self.bases:  # (asked every call: a loop, not a generator's resumptions)
+            if base is not None and (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+                return False
+        return True
 
 
 class InputGroup:
@@ -320,17 +333,21 @@ class InputGroup:
         if cache is None or cache.x is not x:
             cache = self._compute(x)
             self._cache = cache
+            if cache is not None:  # counted once per input, not per member's call
+                cache.users = len([m for m in self.members if m.adapters])
         if cache is None:
             return None
         cache.served += 1
-        if cache.served >= sum(1 for m in self.members if m.adapters):
+        if cache.served >= cache.users:
             self._cache = None  # every member has its block: do not keep x alive
         return cache
 
     def _compute(self, x: torch.Tensor) -> _Hidden | None:
         layout = self.members[0].layout
-        active = [rows for rows in layout.rows
-                  if any(rows.name in m.adapters for m in self.members) and rows.end > rows.start]
+        # (every group call of a step asks: one set of the members' adapter names, not a
+        # generator per batch row and member)
+        attached = set().union(*[m.adapters for m in self.members])
+        active = [rows for rows in layout.rows if rows.name in attached and rows.end > rows.start]
         if not active:
             return None
         training = self.members[0].training
@@ -384,7 +401,7 @@ class InputGroup:
         # The plan depends only on the batch layout and the adapters attached; building it is
         # Python work (~60 us a group on a CPU host, more than the op's own launches), so it
         # is built once per layout and reused by every step that keeps the layout.
-        weights = tuple(member.adapters.get(rows.name) for member in self.members for rows in active)
+        weights = tuple([member.adapters.get(rows.name) for member in self.members for rows in active])
         key = (tuple(active), S, x2d.shape[0], training, x.dtype, x.device, weights)
         plan = self._plan
         if plan is None or plan.key != key or not plan.still_inline():
@@ -392,9 +409,8 @@ class InputGroup:
         self._casts = WeightCasts.of(self._casts, plan.a_params, plan.b_params, plan.counts, x.dtype)
         if fallback:  # (auto's choice) a recomputation runs what its forward ran (forward_choices.py)
             philox = forward_choices.replayed(philox)
-        spec = FusedGroupSpec(plan.bases, plan.cols, plan.counts, plan.factor, self._casts, plan.dropout,
-                              plan.everywhere, philox, fallback, plan.a_params, plan.b_params)
-        anchor = next((p for p in plan.a_params + plan.b_params if p.requires_grad), plan.a_params[0])
+        spec = plan.spec_for(self._casts, philox, fallback)
+        anchor = next((p for p in spec.params if p.requires_grad), plan.a_params[0])
         ys = FusedGroupLoRA.apply(x2d, spec, anchor)
         if fallback:
             forward_choices.note(spec.philox)  # (False where the triton kernel failed)

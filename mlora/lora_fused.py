@@ -42,6 +42,8 @@ Weights are fp32 parameters; the matmuls run in the activation dtype, as in the 
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +139,11 @@ def clear_factor_cache() -> None:
     column_factor.cache_clear()
 
 
+_VERSION = operator.attrgetter("_version")  # a tensor's version counter (moves with every in-place write)
+_GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 @dataclass
 class WeightCasts:
     """A group's LoRA weights as the op uses them: A of every (member, adapter) stacked
@@ -161,10 +168,11 @@ class WeightCasts:
     def of(cls, previous: "WeightCasts | None", a_params: list[torch.Tensor], b_params: list[torch.Tensor],
            b_counts: list[int], dtype: torch.dtype) -> "WeightCasts":
         params = (*a_params, *b_params)
-        versions = tuple(p._version for p in params)
+        # (asked by every group call: map, not generator expressions, keeps it to C loops)
+        versions = tuple(map(_VERSION, params))
         if (previous is not None and previous.dtype == dtype and previous.versions == versions
                 and previous.b_counts == tuple(b_counts) and len(previous.params) == len(params)
-                and all(a is b for a, b in zip(previous.params, params))):
+                and all(map(operator.is_, previous.params, params))):
             return previous
         with torch.no_grad():  # the op returns the parameters' gradients itself
             # Each weight as a view of its adapter's one cast (flat_params.cast_of: one launch
@@ -217,6 +225,15 @@ class FusedGroupSpec:
     fallback: bool = False
     a_params: list[torch.Tensor] = field(default_factory=list)  # column order; their .grad gets dA
     b_params: list[torch.Tensor] = field(default_factory=list)  # likewise dB
+    # philox: the layout's dropout tables (lora_triton.tables), made at the first forward. A
+    # spec serves every call of one batch layout and weight cast (InputGroup keeps it), so
+    # what depends only on those is worked out here once, not per call.
+    tables: tuple | None = None
+
+    def __post_init__(self):
+        self.params = self.a_params + self.b_params  # what the backward's gradients go to, in order
+        self.a_rows = [a.shape[0] for a in self.a_params]  # dA's row blocks, one per A
+        self.b_cols = [b.shape[1] for b in self.b_params]  # dB's column blocks, one per B
 
 
 class FusedGroupLoRA(torch.autograd.Function):
@@ -233,14 +250,15 @@ class FusedGroupLoRA(torch.autograd.Function):
         # The parameters' gradients are accumulated into their .grad by the backward itself
         # (see _accumulate); `anchor`, one of them, only makes autograd run it when the input
         # needs no gradient (layer 0). The math uses the parameters' casts (spec.casts).
-        a_params, b_params = spec.a_params, spec.b_params
         a_all = spec.casts.a_all  # [C, in]
 
         bits = mask = None
         if spec.dropout and spec.philox:  # the kernel draws the mask and keeps it as bits
             plan = None
             try:
-                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device)  # (none drawn if it raises)
+                if spec.tables is None:
+                    spec.tables = lora_triton.tables(spec.dropout, x2d.shape[0], x2d.device)
+                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device, spec.tables)  # (none drawn if it raises)
                 h, bits = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
                 dropped = x2d  # the backward's kernels mask it again, from the bits
             except Exception as err:  # (a Triton that cannot compile or launch it)
@@ -268,8 +286,6 @@ class FusedGroupLoRA(torch.autograd.Function):
             mask = a_all = None
         ctx.save_for_backward(dropped, mask, bits, h, a_all, *b_alls)
         ctx.spec = spec
-        ctx.a_rows = [a.shape[0] for a in a_params]
-        ctx.b_cols = [b.shape[1] for b in b_params]
         return tuple(outputs)
 
     @staticmethod
@@ -313,17 +329,17 @@ class FusedGroupLoRA(torch.autograd.Function):
                 d_a = _mm_fp32(dh.t(), dropped * keep).float()
         else:
             d_a = _mm_fp32(dh.t(), dropped).float()  # [C, in]; rows per adapter: contiguous views
-        grads_a = list(torch.split(d_a, ctx.a_rows, dim=0))
+        grads_a = list(d_a.split_with_sizes(spec.a_rows))  # (torch.split's Python wrapper: host time)
         grads_b, i = [], 0
         for dy, (c0, c1), count in zip(dys, spec.cols, spec.b_counts):
             d_b = _mm_fp32(dy.t(), h[:, c0:c1])  # [out, C_m]: adapters side by side
-            grads_b += _contiguous_fp32_blocks(d_b, ctx.b_cols[i:i + count])  # (a cast, where d_b is not fp32)
+            grads_b += _contiguous_fp32_blocks(d_b, spec.b_cols[i:i + count])  # (a cast, where d_b is not fp32)
             i += count
         # Only when this backward reaches the parameters (not for torch.autograd.grad(loss, x)
         # or backward(inputs=[x])): the anchor's accumulation node says whether it does.
         anchor_node = ctx.next_functions[-1][0]  # None: no LoRA parameter needs a gradient
         if anchor_node is not None and torch._C._will_engine_execute_node(anchor_node):
-            _accumulate(spec.a_params + spec.b_params, grads_a + grads_b)
+            _accumulate(spec.params, grads_a + grads_b)
         return dx, None, None
 
 
@@ -360,6 +376,13 @@ def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """param.grad += grad, as autograd's accumulation would (a first gradient is taken as it
     is), without an autograd node and its bookkeeping per parameter: a group of 4 adapters has
     24 parameters, and that bookkeeping cost more host time than the op's own launches."""
+    # Checked in C loops (map), not a Python loop over the parameters, the case of every
+    # micro-batch of a step but its first: every parameter trained and holding a gradient.
+    if all(map(_REQUIRES_GRAD, params)):
+        olds = list(map(_GRAD, params))
+        if not any(map(operator.is_, olds, itertools.repeat(None))):
+            torch._foreach_add_(olds, grads)
+            return
     olds, news = [], []
     for p, g in zip(params, grads):
         if not p.requires_grad:

@@ -209,14 +209,23 @@ def _tables(ranges: tuple, seq: int, n: int, device: torch.device) -> tuple[torc
     return owner, upload(table, device)
 
 
-def draw(dropout: list[DropoutRows], n: int, device: torch.device) -> PhiloxDropout:
-    """This call's draw plan for token rows [0, n): one seed from each adapter's generator,
-    drawn on the host (draw_seed). DropoutRows without a row length (seq 0) are taken as rows
-    of one token: a token's index is then its offset from the range's start."""
+def tables(dropout: list[DropoutRows], n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(owner, table, seq) of `draw`'s plans for these dropout ranges over token rows [0, n):
+    the same for every call of one batch layout (the fused op keeps them on its spec, so a
+    call does not work them out again)."""
     seq = dropout[0].seq or 1
     assert all((d.seq or 1) == seq for d in dropout), "one batch, one row length"
     ranges = tuple((d.start, d.end, d.p, d.length or seq, d.offset) for d in dropout)
-    owner, table = _tables(ranges, seq, n, device)
+    return *_tables(ranges, seq, n, device), seq
+
+
+def draw(dropout: list[DropoutRows], n: int, device: torch.device,
+         layout: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> PhiloxDropout:
+    """This call's draw plan for token rows [0, n): one seed from each adapter's generator,
+    drawn on the host (draw_seed). DropoutRows without a row length (seq 0) are taken as rows
+    of one token: a token's index is then its offset from the range's start. layout: `tables`
+    of the same arguments, where the caller kept them."""
+    owner, table, seq = layout or tables(dropout, n, device)
     generators = tuple(d.generator for d in dropout)
     seeds, states = [], []
     try:
@@ -304,12 +313,11 @@ def down(x2d: torch.Tensor, a_all: torch.Tensor, factor: torch.Tensor,
     C = a_all.shape[0]
     a_all = a_all.contiguous()
     factor = factor.contiguous()
+    config, grid, W = _down_launch(N, K, C, x2d.dtype == torch.float32)
     h = torch.empty(N, C, dtype=x2d.dtype, device=x2d.device)
-    bits = torch.empty(N, _cdiv(K, 8), dtype=torch.uint8, device=x2d.device)
-    config = down_config(C, x2d.dtype == torch.float32)
-    grid = (_cdiv(C, config["BC"]), _cdiv(N, config["BM"]))
+    bits = torch.empty(N, W, dtype=torch.uint8, device=x2d.device)
     with current_on(x2d.device):
-        _kernels().down_kernel[grid](x2d, a_all, factor, h, bits, *plan.args(), N, K, C, bits.shape[1],
+        _kernels().down_kernel[grid](x2d, a_all, factor, h, bits, *plan.args(), N, K, C, W,
                                      x2d.stride(0), x2d.stride(1), factor.stride(0) if factor.dim() == 2 else 0,
                                      IEEE=_ieee(x2d), MANY_SEEDS=plan.many_seeds, **config)
     return h, bits
@@ -330,8 +338,7 @@ def up_masked(dh: torch.Tensor, a_all: torch.Tensor, bits: torch.Tensor, config:
     if dh.stride(1) != 1:
         dh = dh.contiguous()
     dx = torch.empty(N, K, dtype=dh.dtype, device=dh.device)
-    config = config or up_masked_config(C, dh.dtype == torch.float32)
-    grid = (_cdiv(N, config["BM"]), _cdiv(K, config["BK"]))
+    config, grid = _up_masked_launch(N, K, C, dh.dtype == torch.float32, _frozen(config))
     with current_on(dh.device):
         _kernels().up_masked_kernel[grid](dh, a_all, dx, bits, N, K, C, bits.shape[1], dh.stride(0),
                                           IEEE=_ieee(dh), **config)
@@ -349,20 +356,50 @@ def grad_a(dh: torch.Tensor, x2d: torch.Tensor, bits: torch.Tensor, splits: int 
         return torch.zeros(C, K, dtype=torch.float32, device=dh.device)
     if dh.stride(1) != 1:
         dh = dh.contiguous()
-    config = config or grad_a_config(C, dh.dtype == torch.float32)
-    BC, BK, BT = config["BC"], config["BK"], config["BT"]
-    tiles = _cdiv(K, BK) * _cdiv(C, BC)
-    if splits is None:
-        programs = 2 * _multiprocessors(x2d.device)
-        splits = max(1, min(_cdiv(N, 4 * BT), _cdiv(programs, tiles)))
-    per_split = _cdiv(_cdiv(N, splits), BT) * BT
-    splits = _cdiv(N, per_split)
+    config, grid, per_split = _grad_a_launch(N, K, C, dh.dtype == torch.float32, x2d.device, splits, _frozen(config))
+    splits = grid[2]
     partial = torch.empty(splits, C, K, dtype=torch.float32, device=dh.device)
-    grid = (_cdiv(K, BK), _cdiv(C, BC), splits)
     with current_on(dh.device):
         _kernels().grad_a_kernel[grid](dh, x2d, partial, bits, N, K, C, bits.shape[1], dh.stride(0),
                                        x2d.stride(0), x2d.stride(1), per_split, IEEE=_ieee(dh), **config)
     return partial[0] if splits == 1 else partial.sum(0)
+
+
+# Each kernel's launch settings and grid for its shapes, worked out once per shape, not per
+# call: every layer of a step launches the same few (host time, which sets the pace of a
+# small model's step on a GPU). `config` as a frozenset of its items (benchmarks' own), or None.
+
+
+def _frozen(config: dict | None) -> frozenset | None:
+    return frozenset(config.items()) if config else None
+
+
+@functools.lru_cache(maxsize=64)
+def _down_launch(N: int, K: int, C: int, fp32: bool) -> tuple[dict, tuple, int]:
+    """(config, grid, W): W the bytes of one token's mask bits."""
+    config = down_config(C, fp32)
+    return config, (_cdiv(C, config["BC"]), _cdiv(N, config["BM"])), _cdiv(K, 8)
+
+
+@functools.lru_cache(maxsize=64)
+def _up_masked_launch(N: int, K: int, C: int, fp32: bool, config: frozenset | None) -> tuple[dict, tuple]:
+    config = dict(config) if config is not None else up_masked_config(C, fp32)
+    return config, (_cdiv(N, config["BM"]), _cdiv(K, config["BK"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _grad_a_launch(N: int, K: int, C: int, fp32: bool, device: torch.device, splits: int | None,
+                   config: frozenset | None) -> tuple[dict, tuple, int]:
+    """(config, grid, tokens per split): the token dimension split over `splits` programs per
+    output tile (None: enough to fill the GPU)."""
+    config = dict(config) if config is not None else grad_a_config(C, fp32)
+    BC, BK, BT = config["BC"], config["BK"], config["BT"]
+    tiles = _cdiv(K, BK) * _cdiv(C, BC)
+    if splits is None:
+        programs = 2 * _multiprocessors(device)
+        splits = max(1, min(_cdiv(N, 4 * BT), _cdiv(programs, tiles)))
+    per_split = _cdiv(_cdiv(N, splits), BT) * BT
+    return config, (_cdiv(K, BK), _cdiv(C, BC), _cdiv(N, per_split)), per_split
 
 
 def keep_mask(plan: PhiloxDropout, n: int, k: int) -> torch.Tensor:
