@@ -302,8 +302,11 @@ class Trainer:
         # clear it (the step is skipped at its end), and two such steps made each run again.
         tainted = {i for i, part in enumerate(parts) if self.runs[part.adapter].step.tainted_by}
         culprits = self._culprits(ce_sums, norms, unlearnable)
+        # (the culprits of the norms _nan_victims sees too: those leave out tainted parts only,
+        # and a tainted part is never unlearnable, the only kind whose norm makes a culprit)
         victims, together = self._nan_victims(
-            ce_sums, norms if before is None else {i: n for i, n in norms.items() if i not in tainted}, unlearnable)
+            ce_sums, norms if before is None else {i: n for i, n in norms.items() if i not in tainted}, unlearnable,
+            culprits)
         if before is None:  # split for memory: nothing to run again from
             self._taint(parts, chunks, culprits, victims if together else [])
             victims, together = [], False
@@ -348,8 +351,8 @@ class Trainer:
                 | {i for i in unlearnable if not math.isfinite(norms.get(i, 0.0))})
 
     @staticmethod
-    def _nan_victims(ce_sums: list[float], norms: dict[int, float],
-                     unlearnable: set[int] = frozenset()) -> tuple[list[int], bool]:
+    def _nan_victims(ce_sums: list[float], norms: dict[int, float], unlearnable: set[int] = frozenset(),
+                     culprits: set[int] | None = None) -> tuple[list[int], bool]:
         """The parts of a fused batch whose non-finite gradient may be another adapter's NaN,
         and whether to rerun them together. The fused (and dense) kernels reduce each
         adapter's weight gradients over every row of the batch, its zeros included, and
@@ -359,8 +362,10 @@ class Trainer:
         gradients are, each of those runs again alone. Their steps were not taken (the device
         skipped them), so a rerun trains them exactly as if the culprit had not been there.
         `unlearnable`: parts whose step has no token to learn, culprits by their gradient
-        (_culprits); they never run again (their step takes no update)."""
-        culprits = Trainer._culprits(ce_sums, norms, unlearnable)
+        (_culprits); they never run again (their step takes no update). `culprits`: _culprits's,
+        where the caller has them already."""
+        if culprits is None:
+            culprits = Trainer._culprits(ce_sums, norms, unlearnable)
         suspects = [i for i, norm in norms.items() if not math.isfinite(norm) and i not in culprits]
         if culprits and suspects:
             return suspects, True

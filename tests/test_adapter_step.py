@@ -102,7 +102,8 @@ def test_the_trainer_reads_the_device_once_per_fused_batch(tmp_path, tiny_llama,
     in one read at the end. (On a GPU each read waits for the queue to drain, and the GPU
     idles until the host queues more: the step used to read three times per adapter.) Two
     AdamW adapters and an SGD one, whose step the host takes after the read (SGD cannot skip
-    a step on the device's word), with the norm that read brought."""
+    a step on the device's word), with the norm that read brought. (And the batch's NaN
+    culprits, Trainer._culprits, are worked out once, not again for _nan_victims.)"""
     from test_train import make_config
 
     from mlora.cli import main
@@ -120,18 +121,26 @@ def test_the_trainer_reads_the_device_once_per_fused_batch(tmp_path, tiny_llama,
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    train_on = Trainer._train_on
+    train_on, culprits, culprit_calls, culprit_counts = Trainer._train_on, Trainer._culprits, [], []
+
+    def counted_culprits(*args):
+        culprit_calls.append(1)
+        return culprits(*args)
+
+    monkeypatch.setattr(Trainer, "_culprits", staticmethod(counted_culprits))
 
     def counted(self, parts):
         if inside[0]:  # a rerun after a NaN (none here) counts with its batch
             return train_on(self, parts)
         reads.append([])
+        culprit_calls.clear()
         inside[0] = True
         try:
             return train_on(self, parts)
         finally:
             inside[0] = False
             reads[-1] = (reads[-1], [p.adapter for p in parts if p.last_in_step])
+            culprit_counts.append(len(culprit_calls))
 
     monkeypatch.setattr(Trainer, "_train_on", counted)
     cfg = make_config(tmp_path, ["a", "b", "c"], tmp_path / "out")
@@ -140,6 +149,7 @@ def test_the_trainer_reads_the_device_once_per_fused_batch(tmp_path, tiny_llama,
     assert any("b" in stepping for _, stepping in reads)  # test_train's b is the SGD adapter
     for names, stepping in reads:
         assert names == ["tolist"], (names, stepping)
+    assert set(culprit_counts) == {1}  # a batch's culprits are worked out once
 
 
 def test_a_resumed_older_state_steps_on_the_device(tmp_path):
