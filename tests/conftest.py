@@ -97,15 +97,21 @@ def pytest_sessionfinish(session):
     gc.unfreeze()  # (so that the interpreter's exit frees what it would otherwise)
 
 
-def _port_range() -> range:
-    """Ports below the kernel's ephemeral range, which it never hands out by itself (to a
-    bind of port 0 or an outgoing connection)."""
+def _port_range(setting: str = "/proc/sys/net/ipv4/ip_local_port_range") -> range:
+    """Ports outside the kernel's ephemeral range (`setting`: its "low high"), which it never
+    hands out by itself (to a bind of port 0 or an outgoing connection): up to 12,000 below it,
+    or above it where it starts too low to leave a thousand below; any unprivileged port where
+    it spans them all, as a host tuned to "1024 65535" has it (no port was left below it, and
+    every suite failed at this import: the claims still keep concurrent suites apart there)."""
     try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # (Linux's default)
-    return range(max(1024, low - 12000), low)
+        with open(setting) as f:
+            low, high = map(int, f.read().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # (Linux's default)
+    for ports in (range(max(1024, low - 12000), low), range(high + 1, min(65536, high + 1 + 12000))):
+        if len(ports) >= 1000:  # (a whole suite takes a few hundred)
+            return ports
+    return range(1024, 65536)
 
 
 _PORTS = _port_range()

@@ -469,6 +469,21 @@ def test_a_free_port_belongs_to_one_test_process():
         s.bind(("127.0.0.1", port))
 
 
+@pytest.mark.parametrize("setting,ports", [("32768\t60999\n", range(20768, 32768)),
+                                           ("1024\t40000\n", range(40001, 52001)),
+                                           ("1024\t65535\n", range(1024, 65536)),
+                                           ("unreadable", range(20768, 32768))])
+def test_free_ports_lie_outside_any_ephemeral_range(tmp_path, setting, ports):
+    """Ports below the kernel's ephemeral range, above it where too few lie below, and any where
+    it spans all of them: a host tuned to "1024 65535" left none below it, and conftest's import
+    (modulo the range's length) failed every test of every suite."""
+    import conftest
+
+    path = tmp_path / "ip_local_port_range"
+    path.write_text(setting)
+    assert conftest._port_range(str(path)) == ports
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rank_outside_the_world_is_refused(kind):
     with pytest.raises(PipelineError, match="rank 2 is outside 0..1"):
