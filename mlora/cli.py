@@ -535,11 +535,11 @@ def rows_own_adapters(args, file_rows, names: list[str], configured: list[str]) 
     (`configured`), or not among --adapters when given, is refused before any model loads."""
     import json
 
-    from mlora.data import row_place
+    from mlora.data import ADAPTER_KEY, row_place
 
     owners = []
     for i, row in enumerate(file_rows):
-        owner = row.get("adapter")
+        owner = row.get(ADAPTER_KEY)
         if owner is not None:
             where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
             if not isinstance(owner, str):

@@ -51,6 +51,10 @@ _READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",
               "prompt/completion": ("prompt", "completion"), "text": ("text",)}
 # Every key of a row that some shape reads: a Parquet file's other columns are not read at all.
 ROW_KEYS = tuple(dict.fromkeys(key for keys in _READ_KEYS.values() for key in keys))
+# A --prompt_file row's own adapter (cli.rows_own_adapters): no shape reads it, but generate
+# does, so a Parquet file's column of it is read too (left unread, every row of the file went
+# through every chosen adapter).
+ADAPTER_KEY = "adapter"
 _MESSAGE_KEYS = ("role", "content")
 # ShareGPT's message keys (renamed as TRL's maybe_convert_to_chatml renames them) and role names (which
 # TRL keeps, though chat templates know user and assistant); other roles pass as they are.
@@ -171,14 +175,14 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _parquet_columns(names: list[str]) -> list[str] | None:
-    """Which of a Parquet file's columns to read: those some row shape reads (ROW_KEYS); None
-    (every column) when no column names a shape (_SHAPE_KEYS: "Instruction", "input", "output"
-    has input and output), so the rows show all their keys in encoding's unknown-shape error,
-    and its "did you mean 'instruction'?". (Not also those that look like a misspelling of one:
-    "image" looks like "messages".)"""
+    """Which of a Parquet file's columns to read: those some row shape reads (ROW_KEYS) and a
+    row's own adapter (ADAPTER_KEY); None (every column) when no column names a shape
+    (_SHAPE_KEYS: "Instruction", "input", "output" has input and output), so the rows show all
+    their keys in encoding's unknown-shape error, and its "did you mean 'instruction'?". (Not
+    also those that look like a misspelling of one: "image" looks like "messages".)"""
     if not any(key in names for key in _SHAPE_KEYS.values()):
         return None
-    return [name for name in names if name in ROW_KEYS]
+    return [name for name in names if name in ROW_KEYS or name == ADAPTER_KEY]
 
 
 def unread_columns(path: str | Path) -> list[str]:

@@ -204,6 +204,18 @@ def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch,
     assert unread_columns(tmp_path / "rows.jsonl") == []
 
 
+def test_a_parquet_prompt_files_adapter_column_is_read(tmp_path):
+    """A --prompt_file row may name its adapter ("adapter"): a Parquet file's column of it is
+    read as a JSON row's key is (only the shapes' columns were, and every row of the file went
+    through every chosen adapter); a row whose adapter is null names none."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [{"instruction": "say hi", "adapter": "upper"}, {"instruction": "say bye"}]
+    pq.write_table(pa.Table.from_pylist([{**row, "image": b"x"} for row in rows]), tmp_path / "prompts.parquet")
+    assert load_rows(tmp_path / "prompts.parquet") == rows
+
+
 def test_a_damaged_parquet_file_is_one_line(tmp_path, monkeypatch):
     """pyarrow's message for a damaged page spans lines (what it said for a file whose page
     bytes were overwritten); mlora's stays one line."""
