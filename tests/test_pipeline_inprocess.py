@@ -1547,6 +1547,34 @@ def test_pipeline_generate_rank_0_alone_reads_the_prompts(tmp_path, pipe_model, 
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
 
 
+def test_rank_0s_prompt_rows_reach_every_rank_as_they_are(monkeypatch):
+    """The rows rank 0 read reach every rank as the file gave them, values JSON lacks included (a
+    Parquet binary or date column, an integer past 64 bits): sent as JSON text they became their
+    repr, a prompt the ranks completed where one process refuses the row. The exchange below takes
+    the transport's msgpack round trip."""
+    import argparse
+    import datetime
+
+    import msgpack
+
+    from mlora.data import Rows
+    from mlora.pipeline import shared_prompts
+    from mlora.pipeline.messages import unpack
+
+    rows = [{"instruction": b"\x00raw", "when": datetime.date(2026, 12, 1), "n": 1 << 70, "adapter": "p1"},
+            {"instruction": "say hi"}]
+    monkeypatch.setattr(shared_prompts, "load_rows", lambda path: Rows(rows, [1, 3]))
+
+    class OneRank:
+        def exchange(self, value):
+            return [unpack(msgpack.packb(value, use_bin_type=True))]
+
+    args = argparse.Namespace(prompt=["more"], prompt_file="prompts.parquet", batch_size=2)
+    asked, got = shared_prompts.share(OneRank(), shared_prompts.read_on_rank_0(args), args)
+    assert (list(got), got.lines) == (rows, [1, 3])
+    assert (asked.prompt, asked.prompt_file, asked.batch_size) == (["more"], "prompts.parquet", 2)
+
+
 def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, generate_job, monkeypatch):
     """Each rank loads its part of an adapter from its own output_dir: every rank says in one
     line that rank 1 lacks p1, none prints a completion."""

@@ -8,18 +8,21 @@ start-up as before."""
 from __future__ import annotations
 
 import argparse
-import json
+import pickle
 
 from mlora.data import Rows, load_rows
 
 
 def read_on_rank_0(args) -> dict:
     """What rank 0 sends: its --prompt values, and its --prompt_file's name and rows. The rows
-    travel as JSON text, which any row a file gives survives (msgpack refuses an integer past
-    64 bits); every rank, rank 0 too, takes them back from that text, so all render the same."""
+    travel pickled, which every value a file gives survives as it is: msgpack refuses an integer
+    past 64 bits, and JSON text turned a Parquet binary or date value into its repr, a prompt
+    the ranks completed where one process refuses the row. Every rank, rank 0 too, takes them
+    back from the same bytes, so all render (or refuse) the same. (The ranks of one run trust
+    each other: they exchange activations and adapters already.)"""
     rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
     return {"prompt": list(args.prompt), "prompt_file": args.prompt_file,
-            "rows": json.dumps(rows, default=str), "lines": rows.lines}
+            "rows": pickle.dumps(list(rows)), "lines": rows.lines}
 
 
 def share(transport, mine: dict | None, args) -> tuple[argparse.Namespace, Rows]:
@@ -27,4 +30,4 @@ def share(transport, mine: dict | None, args) -> tuple[argparse.Namespace, Rows]
     elsewhere): `args` with rank 0's --prompt and --prompt_file, and that file's rows."""
     sent = transport.exchange(mine)[0]
     asked = argparse.Namespace(**{**vars(args), "prompt": sent["prompt"], "prompt_file": sent["prompt_file"]})
-    return asked, Rows(json.loads(sent["rows"]), sent["lines"])
+    return asked, Rows(pickle.loads(sent["rows"]), sent["lines"])
