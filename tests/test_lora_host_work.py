@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mlora.lora as lora
-from mlora import lora_fused, lora_triton
+from mlora import kernel_fallback, lora_fused, lora_triton
 from mlora.lora import AdapterRows, BatchLayout, InputGroup, LoraLinear, LoraWeights
 
 MLORA = str(Path(lora.__file__).resolve().parent)
@@ -85,6 +85,41 @@ def test_a_layout_builds_its_spec_and_tables_once(group, monkeypatch):
     spec = group[0].group._plan.spec
     assert spec.casts is group[0].group._casts
 
+
+def test_a_kept_spec_serves_only_calls_that_run_its_kernel(group, monkeypatch):
+    """The spec is kept across calls, and a forward whose triton kernel failed sets its
+    philox False (the call's mask is torch's): a later call that runs triton (auto after its
+    failures are forgotten, a recomputation replaying a forward that ran triton) gets a spec
+    of its own, as does a triton call after a fused one, not the kept one's torch mask."""
+    real_down, downs = lora_triton.down, []
+
+    def down(*args, fail=False):
+        downs.append(fail)
+        if fail:
+            raise RuntimeError("PassManager::run failed")
+        return real_down(*args)
+
+    monkeypatch.setattr(lora, "kernel", "fused")
+    monkeypatch.setattr(lora_triton, "down", down)
+    _step(group)
+    monkeypatch.setattr(lora, "kernel", "triton")  # the same layout and casts, the kernel named
+    _step(group)
+    assert downs == [False]
+    monkeypatch.setattr(lora, "kernel", "auto")
+    monkeypatch.setattr(lora, "auto_kernel", lambda device: "triton")
+    monkeypatch.setattr(lora_triton, "down", lambda *args: down(*args, fail=True))
+    kernel_fallback.forget()
+    try:
+        _step(group)  # fails: this call and its spec torch's from here on
+        spec = group[0].group._plan.spec
+        assert not spec.philox and kernel_fallback.failure(kernel_fallback.LORA)
+        monkeypatch.setattr(lora_triton, "down", down)
+        kernel_fallback.forget()  # auto chooses triton again
+        _step(group)
+    finally:
+        kernel_fallback.forget()
+    assert downs == [False, True, False]
+    assert group[0].group._plan.spec is not spec
 
 def test_mlora_python_calls_per_group_call(group):
     """The fused op's call for one q/k/v group of 4 adapters with dropout, forward and backward,
