@@ -270,8 +270,9 @@ class _FusedPlan:
 
     def spec_for(self, casts: WeightCasts, philox: bool, fallback: bool) -> FusedGroupSpec:
         """The op's spec for this layout and these weight casts: one for every call until the
-        casts change (an optimizer step), so a call does not build one (and what it works
-        out once: lora_fused.FusedGroupSpec) again."""
+        casts change (an optimizer step) or the call asks for another kernel (philox: a failed
+        triton forward sets its spec's False; fallback), so a call does not build one (and what
+        it works out once: lora_fused.FusedGroupSpec) again."""
         spec = self.spec
         if spec is None or spec.casts is not casts or spec.philox != philox or spec.fallback != fallback:
             spec = self.spec = FusedGroupSpec(self.bases, self.cols, self.counts, self.factor, casts, self.dropout,
@@ -308,7 +309,8 @@ class InputGroup:
 
     def clear(self) -> None:
         """Drop a cached input (after a failed forward, so an OOM retry does not keep it
-        alive) and the fused op's plan (it holds the layout's [N, C] factor)."""
+        alive) and the fused op's plan (it holds the layout's [N, C] factor, and its kept spec
+        the weight casts and dropout tables)."""
         self._cache = None
         self._plan = None
 
