@@ -193,7 +193,7 @@ def run_base(args) -> list[dict]:
                         "loadavg_1min": round(os.getloadavg()[0], 2)})
         for a in adapters:
             a.detach_from(wrappers)
-        del adapters
+        adapters = []  # (not `del`: step() closes over it) frees them before the next peak
         layout.rows = []
     return results
 

@@ -289,7 +289,8 @@ class HFBench:
             return result
         finally:
             self.model = peft_model.unload()  # the plain base again, for the next run
-            del optimizer, params, peft_model
+            # (not `del`: step() closes over them)
+            optimizer = params = peft_model = None
 
     def run_frozen(self, rows: int) -> dict:
         ids = batch(rows, self.s.seq, self.cfg.vocab_size, self.device, seed=rows)

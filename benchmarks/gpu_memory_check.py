@@ -114,8 +114,7 @@ def oom_check():
     chunk = 40 * GiB
     seen = []
     def run_part(items):
-        x = torch.empty(len(items) * chunk, dtype=torch.uint8, device=dev)  # 8 -> 320 GiB: OOM
-        y = x[:1].clone()
+        torch.empty(len(items) * chunk, dtype=torch.uint8, device=dev)  # 8 -> 320 GiB: OOM
         return items
     def on_split(left, right):
         seen.append((len(left), len(right), torch.cuda.memory_allocated(dev) - free0))

@@ -12,7 +12,7 @@ import torch
 
 from mlora.adapter import Adapter
 from mlora.config import AdapterConfig
-from mlora.lora import TARGET_MODULES, AdapterRows, BatchLayout, inject_lora
+from mlora.lora import TARGET_MODULES, BatchLayout, inject_lora
 
 
 def _adapter(max_grad_norm=1.0, seed=1, **overrides):

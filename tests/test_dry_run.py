@@ -638,7 +638,6 @@ def test_pipeline_plan_refuses_what_the_pipeline_refuses(pipe_model, tmp_path, c
     import mlora.memory
     from mlora.pipeline.run import plan_stages
     from test_pipeline_inprocess import run_threads
-    from test_pipeline_memory import thread_rank
 
     cfg_path = pipe_config(tmp_path)
     argv = ["train", "--pipeline", "--base_model", str(pipe_model), "--config", str(cfg_path)]

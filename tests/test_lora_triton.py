@@ -17,7 +17,7 @@ from mlora import lora_triton  # noqa: E402
 if lora_triton.unavailable(torch.device("cpu")):  # an older interpreter (a CUDA box's pinned triton)
     pytest.skip(lora_triton.unavailable(torch.device("cpu")), allow_module_level=True)
 from mlora.errors import UserError  # noqa: E402
-from mlora.lora import AdapterRows, BatchLayout, LoraLinear  # noqa: E402
+from mlora.lora import AdapterRows, BatchLayout  # noqa: E402
 from mlora.lora_fused import DropoutRows  # noqa: E402
 
 from test_lora import _assert_matches_reference, _group, _group_grads, _weights  # noqa: E402

@@ -7,7 +7,6 @@ survives msgpack and the sockets: about a second a run, where two processes take
 
 from __future__ import annotations
 
-import math
 import re
 import queue
 import threading
@@ -1735,8 +1734,6 @@ def test_pipeline_generate_out_of_memory_where_ranks_cannot_agree_is_one_line_on
     one line (exit 2), rank 0's is one naming rank 1 (exit 3, as when a rank dies), no rank
     hangs, and the first batch's lines are printed already, as one process prints them."""
     import threading
-
-    import torch
 
     from mlora.pipeline.worker import StageLink
 

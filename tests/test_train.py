@@ -5,7 +5,6 @@ adapter's loss falls on a learnable task."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from pathlib import Path
@@ -1611,7 +1610,6 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
     target_parameters, and on the dense MLP beside them): mlora trains an adapter on every projection, and PEFT
     on transformers' model gives the saved adapter's logits."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from conftest import load_reference, make_tiny_model
 
