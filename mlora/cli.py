@@ -20,7 +20,8 @@ from mlora.errors import PipelineError, UserError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base_model", required=True, help="directory of the frozen base (config.json, tokenizer, *.safetensors)")
+    p.add_argument("--base_model", required=True,
+                   help="directory of the frozen base (config.json, tokenizer, *.safetensors)")
     p.add_argument("--config", required=True, help="the JSON training config")
     p.add_argument("--output_dir", help="overrides the config's output_dir")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -217,7 +218,8 @@ def cmd_train(args) -> int:
     from mlora.trainer import Interrupted, train
 
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, seed=args.seed, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False)
+                           dtype=args.dtype, seed=args.seed, quant=quant_config(args),
+                           trust_remote_code=args.trust_remote_code, load_base=False)
     out = session.cfg.output_dir
     for a in session.cfg.lora:  # before the output directory is touched (the trainer checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
@@ -327,7 +329,8 @@ def cmd_eval(args) -> int:
         for cfg in session.cfg.lora:
             loss, tokens = evaluate_adapter(session, cfg.name, session.data[cfg.name].test,
                                             progress=not args.no_progress)
-            print(eval_line(cfg.name, loss, tokens, str(out / cfg.name) if cfg.name in adapters else "base"), flush=True)
+            print(eval_line(cfg.name, loss, tokens, str(out / cfg.name) if cfg.name in adapters else "base"),
+                  flush=True)
     finally:
         for adapter in adapters.values():
             adapter.detach_from(session.wrappers)
@@ -389,7 +392,8 @@ def cmd_generate(args) -> int:
 
         return generate_pipeline(args)
     session = open_session(args.base_model, args.config, output_dir=args.output_dir, device=args.device,
-                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code, load_base=False, reads="generate")
+                           dtype=args.dtype, quant=quant_config(args), trust_remote_code=args.trust_remote_code,
+                           load_base=False, reads="generate")
     job = generate_job(args, session)
     note_base_sampling(args, session.base_dir)
     out = Path(session.cfg.output_dir)
@@ -543,7 +547,8 @@ def rows_own_adapters(args, file_rows, names: list[str], configured: list[str]) 
         if owner is not None:
             where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
             if not isinstance(owner, str):
-                raise UserError(f"{where}: its \"adapter\" is {json.dumps(owner, default=str)}, not the name of an adapter")
+                raise UserError(f"{where}: its \"adapter\" is {json.dumps(owner, default=str)}, "
+                                "not the name of an adapter")
             if owner not in configured:
                 raise UserError(f"{where}: its adapter {owner!r} is not an adapter of {args.config} (its adapters: "
                                 f"{', '.join(configured)})")

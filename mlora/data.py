@@ -641,7 +641,8 @@ def _row_messages(rows: Sequence[dict]) -> Iterable[tuple[tuple[str, ...], objec
         elif shapes == ["sharegpt"]:
             yield _SHAREGPT_KEYS, row["conversations"]
         elif shapes == ["prompt/completion"] and isinstance(row["prompt"], list):
-            yield _MESSAGE_KEYS, row["prompt"] + (row.get("completion") if isinstance(row.get("completion"), list) else [])
+            completion = row.get("completion")
+            yield _MESSAGE_KEYS, row["prompt"] + (completion if isinstance(completion, list) else [])
 
 
 def _near(key: str, candidates: Iterable[str]) -> list[str]:

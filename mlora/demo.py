@@ -100,7 +100,8 @@ def _task_rows(task: str, n: int, rng: random.Random) -> list[dict]:
 
 TASKS = {  # name: (task, LoRA settings) — different r, targets and optimizers on purpose
     "reverse": ("reverse", dict(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lr=2e-3)),
-    "upper": ("upper", dict(r=8, alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], lr=2e-3)),
+    "upper": ("upper", dict(r=8, alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                            lr=2e-3)),
     "add": ("add", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], lr=3e-3,
                         lr_scheduler="cosine", warmup_steps=2)),
 }

@@ -158,7 +158,8 @@ def token_budget(session, model_args, device_bytes: int | None) -> tuple[int | N
     if plan.note:
         print(plan.note, file=sys.stderr)
     if cfg.train_strategy not in FITTED_STRATEGIES:
-        unused = "" if cfg.max_tokens_per_batch is None else f"; its max_tokens_per_batch {cfg.max_tokens_per_batch} is not used"
+        unused = ("" if cfg.max_tokens_per_batch is None
+                  else f"; its max_tokens_per_batch {cfg.max_tokens_per_batch} is not used")
         return None, "none", f"train_strategy trivial fuses without one{unused}"
     if cfg.max_tokens_per_batch is not None:
         return plan.max_tokens, "max_tokens_per_batch", "the config's max_tokens_per_batch"

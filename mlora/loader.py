@@ -239,7 +239,8 @@ def weight_index(base_dir: PathLike) -> dict[str, Path]:
             raise UserError(f"cannot read {source}: {e}") from None
     try:
         weight_map = json.loads(source.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:  # (JSONDecodeError, UnicodeDecodeError, an integer past Python's digits)
+    # (JSONDecodeError, UnicodeDecodeError, an integer past Python's digits)
+    except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{source} is not a valid safetensors index ({e})") from None
     except OSError as e:  # not readable by this user, an I/O error
         raise UserError(f"{source}: cannot read it ({e.strerror})") from None
@@ -408,8 +409,10 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
 # Tensors a checkpoint may hold that no model computes with: RoPE tables some releases saved,
 # the image-text models' vision towers and projectors (mlora trains the language model; Qwen3.5's
 # `model.visual`), Qwen3.5's multi-token-prediction layer (`mtp.`), a tied head's copy.
-_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|^(vision_tower|vision_model|multi_modal_projector|model\.visual|mtp)\.|"
-                        r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio|multi_modal_projector)\.|"  # (Gemma 4's, Mistral 3's)
+_UNUSED_OK = re.compile(r".*rotary_(emb|pos_emb)\.inv_freq$|"
+                        r"^(vision_tower|vision_model|multi_modal_projector|model\.visual|mtp)\.|"
+                        # (Gemma 4's, Mistral 3's)
+                        r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio|multi_modal_projector)\.|"
                         r".*[._]activation_scale$|"  # (per-tensor FP8's static activation scheme: run-time only)
                         r"^(language_model\.)?lm_head\.weight$")
 
@@ -502,8 +505,8 @@ def _read_stacked(f, present: set[str], file: Path, parts_of: tuple[str, ...], i
                     weight, scale = weight.chunk(2, dim=-1 if part.transposed else 0)[part.half], scale[part.half]
                 elif scale.shape[0] == 2:  # a whole gate_up_proj (Gemma 4's experts): each half by its scale
                     halves = weight.chunk(2, dim=-1 if part.transposed else 0)
-                    weight = torch.cat([fp8.dequantize_per_tensor(h.to(device), s.to(device)) for h, s in zip(halves, scale)],
-                                       dim=-1 if part.transposed else 0)
+                    weight = torch.cat([fp8.dequantize_per_tensor(h.to(device), s.to(device))
+                                        for h, s in zip(halves, scale)], dim=-1 if part.transposed else 0)
                     return weight.t() if part.transposed else weight
                 weight = fp8.dequantize_per_tensor(weight.to(device), scale.to(device))
                 return weight.t() if part.transposed else weight
@@ -543,8 +546,8 @@ def _stacked_fp8_scales(f, file: Path, parts_of: tuple[str, ...], index: dict[st
         raise UserError(f"tensor {name!r} in {file} stacks experts in FP8, which mlora reads only with per-tensor "
                         f"scales ({want}; block-scaled FP8 experts stored one tensor per expert are read)")
     if tuple(scales.shape) != want:
-        raise UserError(f"tensor {parts_of[1]!r} in {index[parts_of[1]]} has shape {tuple(scales.shape)} but per-tensor "
-                        f"FP8 scales of {name} {tuple(shape)} are {want}")
+        raise UserError(f"tensor {parts_of[1]!r} in {index[parts_of[1]]} has shape {tuple(scales.shape)} "
+                        f"but per-tensor FP8 scales of {name} {tuple(shape)} are {want}")
     return scales
 
 
@@ -608,5 +611,6 @@ def _assign(model: torch.nn.Module, pname: str, param: torch.nn.Parameter, store
     module = model.get_submodule(module_name)
     expected = getattr(module, attr).shape
     if param.shape != expected:
-        raise UserError(f"tensor {stored_name!r} has shape {tuple(param.shape)} but config.json implies {tuple(expected)}")
+        raise UserError(f"tensor {stored_name!r} has shape {tuple(param.shape)} "
+                        f"but config.json implies {tuple(expected)}")
     setattr(module, attr, param)

@@ -258,7 +258,8 @@ class FusedGroupLoRA(torch.autograd.Function):
             try:
                 if spec.tables is None:
                     spec.tables = lora_triton.tables(spec.dropout, x2d.shape[0], x2d.device)
-                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device, spec.tables)  # (none drawn if it raises)
+                # (none drawn if it raises)
+                plan = lora_triton.draw(spec.dropout, x2d.shape[0], x2d.device, spec.tables)
                 h, bits = lora_triton.down(x2d, a_all, spec.factor, plan)  # [N, C], scaled, other adapters' 0
                 dropped = x2d  # the backward's kernels mask it again, from the bits
             except Exception as err:  # (a Triton that cannot compile or launch it)

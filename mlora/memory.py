@@ -948,14 +948,16 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, *, quant: Any = None, doub
                   + (args.num_experts * (H + 1) + 4 * H) * e)
     if args.is_moe:  # every expert, the router; the shared expert (and Qwen2-MoE's gate)
         # the router's weight, bias and correction bias (GLM-4.5: in fp32)
-        router = args.num_experts * (H + args.router_bias + (args.router == "sigmoid")) * (4 if args.router_params_fp32 else e)
+        router = (args.num_experts * (H + args.router_bias + (args.router == "sigmoid"))
+                  * (4 if args.router_params_fp32 else e))
         # (Llama 4's experts hold gate and up as one gate_up_proj, quantized as one: llama.DecoderLayer)
         sparse = (args.num_experts * mlp(args.moe_intermediate_size, fused=args.fused_gate_up or args.experts_named)
                   + router)
         if args.shared_expert_intermediate_size:
             sparse += mlp(args.shared_expert_intermediate_size) + H * e * args.shared_expert_gated
     # (a dense layer's MLP: Gemma 4's KV-shared layers' maybe double-wide)
-    total = sum(mixer[layer_signature(args, i)[1:]] + (sparse if args.moe_layers[i] else mlp(args.mlp_size_of(i)) + beside)
+    total = sum(mixer[layer_signature(args, i)[1:]]
+                + (sparse if args.moe_layers[i] else mlp(args.mlp_size_of(i)) + beside)
                 for i in stage.layers)
     total += V * H * e * stage.has_embed + H * e * stage.has_norm
     if stage.has_embed and args.per_layer_input_size:  # Gemma 4 E2B/E4B: the per-layer inputs' table, projection, norm

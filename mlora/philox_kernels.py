@@ -176,10 +176,12 @@ def down_kernel(x_ptr, a_ptr, f_ptr, h_ptr, bits_ptr, owner_ptr, table_ptr, G, S
                  mask=m_ok[:, None] & (w < bytes_)[None, :])
         x = tl.where(_unpack(byte, BM, BK), x, tl.zeros_like(x))
         if TRANS:
-            a = tl.load(a_ptr + rc[:, None] * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)  # [BC, BK]
+            a = tl.load(a_ptr + rc[:, None] * K + rk[None, :], mask=c_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BC, BK]
             acc = _dot(a, tl.trans(x), acc, IEEE)  # [BC, BM]
         else:
-            a = tl.load(a_ptr + rc[None, :] * K + rk[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BC]
+            a = tl.load(a_ptr + rc[None, :] * K + rk[:, None], mask=k_ok[:, None] & c_ok[None, :],
+                        other=0.0)  # [BK, BC]
             acc = _dot(x, a, acc, IEEE)  # [BM, BC]
     if TRANS:
         f = tl.load(f_ptr + rm64[None, :] * stride_fm + rc[:, None], mask=m_ok[None, :] & c_ok[:, None], other=0.0)

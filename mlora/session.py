@@ -242,7 +242,8 @@ def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: 
                             "--trust_remote_code to run it") from None
         if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
             # (transformers' first line then was "Couldn't instantiate the backend tokenizer from one of:")
-            raise UserError(f"base_model {base_dir}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)})") from None
+            raise UserError(f"base_model {base_dir}: no tokenizer in it "
+                            f"(none of {', '.join(TOKENIZER_FILES)})") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"base_model {base_dir}: cannot load its tokenizer ({first})") from None
     finally:

@@ -425,7 +425,8 @@ class Trainer:
         self.reran_for.add(culprits)
         others = ", ".join(repr(parts[i].adapter) for i in victims)
         if culprits:
-            cause = f"non-finite activations of {', '.join(repr(n) for n in culprits)} reached the gradients of {others}"
+            cause = (f"non-finite activations of {', '.join(repr(n) for n in culprits)} "
+                     f"reached the gradients of {others}")
         else:
             cause = f"the gradients of {others} came out non-finite together"
         tqdm.write(f"mlora: {cause} in a fused batch; they ran again, apart (each such batch will; "

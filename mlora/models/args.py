@@ -43,7 +43,8 @@ ROUTERS = ("softmax", "topk_softmax", "sigmoid", "grouped_softmax", "grouped_sof
 # Image-text checkpoints whose language model (text_config) mlora trains; the vision tower is
 # not loaded. Gemma 3 4B/12B/27B (a gemma3_text model); Mistral Small 3.x, Ministral 3 and Mistral
 # Small 4 (a mistral, ministral3 or mistral4 one, Mistral3ForConditionalGeneration); Qwen3.5 (all its releases).
-IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3", "mistral4"),
+IMAGE_TEXT_FAMILIES = {"gemma3": ("gemma3_text",), "gemma4": ("gemma4_text",),
+                       "mistral3": ("mistral", "ministral3", "mistral4"),
                        "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",),
                        "llama4": ("llama4_text",)}
 # Their outer tie_word_embeddings (which decides the head) when a config.json leaves it out
@@ -627,7 +628,8 @@ def args_from_hf_config(cfg: Any) -> ModelArgs:
         rope=full_rope,
         local_rope=local_rope,
         # (a window of 0 or less let a token attend to no key at all, without a word)
-        sliding_window=[None if w is None else _positive_int(w, f"{model_type} config sliding_window") for w in windows],
+        sliding_window=[None if w is None else _positive_int(w, f"{model_type} config sliding_window")
+                        for w in windows],
         max_position_embeddings=max_pos,
         normalized_head=model_type == "baichuan" and bool(get("normalized_head", False)),  # _baichuan_keys
         alibi=alibi,
@@ -653,8 +655,8 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
     qwen = model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next")  # (Qwen3-Next: Qwen2-MoE's sparse block)
     qwen3_5 = model_type == "qwen3_5_moe_text"  # every layer sparse, a gated shared expert, renormalized weights
     deepseek = model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3", "mistral4")  # DeepSeek's MoE layout and keys
-    experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss", "llama4_text") else "n_routed_experts" if deepseek
-                   else "num_experts")
+    experts_key = ("num_local_experts" if model_type in ("mixtral", "gpt_oss", "llama4_text")
+                   else "n_routed_experts" if deepseek else "num_experts")
     experts = _positive_int(get(experts_key), f"{model_type} config {experts_key}")
     top_k = _positive_int(get("num_experts_per_tok"), f"{model_type} config num_experts_per_tok")
     if top_k > experts:
@@ -682,7 +684,8 @@ def _moe_args(get, model_type: str, num_layers: int) -> dict:
         family, n_shared, sparse = _deepseek_router_args(get, model_type, experts, top_k, num_layers)
         shared = expert_size * n_shared
     if model_type == "llama4_text":  # an ungated shared expert as wide as each routed one
-        family, shared = dict(router="topk_sigmoid", shared_expert_gated=False, experts_input_weighted=True), expert_size
+        family = dict(router="topk_sigmoid", shared_expert_gated=False, experts_input_weighted=True)
+        shared = expert_size
         sparse = _llama4_moe_layers(get, num_layers)
     return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
                 # (Qwen3.5-MoE's router always renormalizes, whatever the config says)

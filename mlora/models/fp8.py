@@ -42,7 +42,8 @@ def dequantize(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> Ten
     rows, cols = weight.shape
     b0, b1 = block
     if scale_inv.shape != (-(-rows // b0), -(-cols // b1)):
-        raise ValueError(f"scales {tuple(scale_inv.shape)} do not fit a {rows} x {cols} weight in blocks of {b0} x {b1}")
+        raise ValueError(f"scales {tuple(scale_inv.shape)} do not fit a {rows} x {cols} weight "
+                         f"in blocks of {b0} x {b1}")
     scale = scale_inv.float().repeat_interleave(b0, dim=0)[:rows].repeat_interleave(b1, dim=1)[:, :cols]  # [out, in]
     return weight.float() * scale
 

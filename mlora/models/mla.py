@@ -42,7 +42,8 @@ def mla_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
         names += [prefix + "q_a_layernorm.weight", prefix + "q_b_proj.weight"]
     else:
         names.append(prefix + "q_proj.weight")
-    names += [prefix + "kv_a_proj_with_mqa.weight"] + ([prefix + "kv_a_proj_with_mqa.bias"] if args.attention_bias else [])
+    names += [prefix + "kv_a_proj_with_mqa.weight"]
+    names += [prefix + "kv_a_proj_with_mqa.bias"] if args.attention_bias else []
     names += [prefix + "kv_a_layernorm.weight", prefix + "kv_b_proj.weight", prefix + "o_proj.weight"]
     return names + ([prefix + "o_proj.bias"] if args.o_proj_bias else [])
 
@@ -53,7 +54,8 @@ class LatentAttention(nn.Module):
         super().__init__()
         H, nh = args.hidden_size, args.num_heads
         self.num_heads = nh
-        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.head_dim, args.v_head_dim  # (head_dim: the RoPE part)
+        # (head_dim: the RoPE part)
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.head_dim, args.v_head_dim
         self.kv_rank = args.kv_lora_rank
         q_out = nh * (self.nope_dim + self.rope_dim)
         self.low_rank_q = bool(args.q_lora_rank)
@@ -77,9 +79,11 @@ class LatentAttention(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
         q = q.view(B, S, nh, self.nope_dim + self.rope_dim).transpose(1, 2)  # [B, nh, S, dn + dr]
         q_pass, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # [B, S, kv], [B, S, dr]
+        # [B, S, kv], [B, S, dr]
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [B, S, nh (dn + dv)]
-        k_pass, v = kv.view(B, S, nh, self.nope_dim + self.v_dim).transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
+        kv = kv.view(B, S, nh, self.nope_dim + self.v_dim).transpose(1, 2)  # [B, nh, S, dn + dv]
+        k_pass, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q_rot = apply_rope(q_rot, cos, sin, self.interleaved).to(q.dtype)
         k_rot = apply_rope(k_rot[:, None], cos, sin, self.interleaved).to(q.dtype)  # [B, 1, S, dr]: every head's
         q = torch.cat([q_pass, q_rot], dim=-1)  # [B, nh, S, dn + dr]

@@ -62,7 +62,8 @@ def moe_tensor_names(args: ModelArgs, prefix: str) -> list[str]:
         names.append(prefix + "gate.e_score_correction_bias")
     for e in range(args.num_experts):
         for proj in projections:
-            names += [f"{prefix}experts.{e}.{proj}.weight"] + ([f"{prefix}experts.{e}.{proj}.bias"] if args.mlp_bias else [])
+            names += [f"{prefix}experts.{e}.{proj}.weight"]
+            names += [f"{prefix}experts.{e}.{proj}.bias"] if args.mlp_bias else []
     if args.shared_expert_intermediate_size:
         names += [f"{prefix}shared_expert.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
         if args.shared_expert_gated:

@@ -74,7 +74,8 @@ _LEAVES = {
     "mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},  # the LLaMA paper's names
 }
 # Mixtral's sparse MLP (block_sparse_moe) and its experts' projections; {e}: an expert
-_MIXTRAL = (*((f"model.layers.{{i}}.mlp.experts.{{e}}.{mine}.", f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{theirs}.")
+_MIXTRAL = (*((f"model.layers.{{i}}.mlp.experts.{{e}}.{mine}.",
+               f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{theirs}.")
               for mine, theirs in _LEAVES["mixtral"].items()),
             ("model.layers.{i}.mlp.", "model.layers.{i}.block_sparse_moe."))
 # GPT-OSS's router is `mlp.router` (mlora's `mlp.gate`); its experts are stacked (below)
