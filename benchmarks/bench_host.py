@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps, repeats = (2, 1) if args.quick else (30, 5)
     result = {"meta": {"torch": torch.__version__, "threads": 1, "steps": steps, "repeats": repeats,
                        "date": time.strftime("%Y-%m-%d")},
-              "runs": [measure(steps, repeats, kernel, getattr(torch, args.dtype)) for kernel in args.kernels.split(",")],
+              "runs": [measure(steps, repeats, kernel, getattr(torch, args.dtype))
+                       for kernel in args.kernels.split(",")],
               "batching": measure_batching(steps, repeats)}
     print(json.dumps({k: round(v, 2) for k, v in result["batching"].items()}))
     for run in result["runs"]:

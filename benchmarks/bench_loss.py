@@ -57,7 +57,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 storage = t.untyped_storage()
@@ -146,7 +147,8 @@ def run(name: str, tokens: int, device: torch.device, dtype: torch.dtype, repeat
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the tiny head on the CPU in chunks of 64 tokens, in seconds")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny head on the CPU in chunks of 64 tokens, in seconds")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--heads", default="tinyllama-1.1b,llama3-8b,qwen2-7b")
     parser.add_argument("--out", default=None, help="JSON file for the results")

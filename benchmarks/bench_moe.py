@@ -146,7 +146,8 @@ def _per_expert(run):
 
 # ratio: (numerator run, denominator run)
 RATIOS = {"mlora_1_over_peft": ("mlora_1", "peft_1"), "mlora_4_over_peft": ("mlora_4", "peft_1"),
-          "mlora_4_over_frozen": ("mlora_4", "mlora_frozen_4"), "grouped_over_per_expert": ("mlora_4", "mlora_4_per_expert")}
+          "mlora_4_over_frozen": ("mlora_4", "mlora_frozen_4"),
+          "grouped_over_per_expert": ("mlora_4", "mlora_4_per_expert")}
 
 
 def _ratios(shape: str, seq: int, r: int, runs: dict[str, dict]) -> dict:

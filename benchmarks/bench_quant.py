@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", base, "--model-dir", str(model_dir),
                    "--seq", str(args.seq), "--rows", str(args.rows), "--steps", str(args.steps),
                    "--adapters", ",".join(map(str, args.adapters))]
-            cmd += (["--device", args.device] if args.device else []) + (["--threads", str(args.threads)] if args.threads else [])
+            cmd += ["--device", args.device] if args.device else []
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
@@ -252,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     memory = ("torch.cuda.max_memory_allocated above the child's allocation before loading"
-              if device.startswith("cuda") else "peak RSS (VmHWM, reset per phase) above the child's RSS before loading")
-    report = {"command": " ".join(["python", "benchmarks/bench_quant.py", *(argv if argv is not None else sys.argv[1:])]),
+              if device.startswith("cuda")
+              else "peak RSS (VmHWM, reset per phase) above the child's RSS before loading")
+    report = {"command": " ".join(["python", "benchmarks/bench_quant.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
               "model": label, "device": device, "torch": torch.__version__,
               "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
               "seq": args.seq, "rows_per_adapter": args.rows, "steps": args.steps, "memory": memory,

@@ -182,7 +182,8 @@ def markdown(padding: list[dict], training: list[dict]) -> str:
         lines.append(f"| {r['candidate_num']} / {r['simultaneously_num']} / {budget} | {r['strategy']} | "
                      f"{r['batches']} | {100 * r['padding_fraction']:.1f}% | {100 * r['head_fraction']:.1f}% | "
                      f"{r['max_batch_tokens']} | {r['over_budget']} |")
-    lines += ["", "| strategy | fused batches | padding | useful tokens | loop s | useful tok/s | useful tok/cpu-s | picking s |",
+    lines += ["", "| strategy | fused batches | padding | useful tokens | loop s | useful tok/s | useful tok/cpu-s "
+                  "| picking s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in training:
         lines.append(f"| {r['strategy']} | {r['batches']} | {100 * r['padding_fraction']:.1f}% | "

@@ -620,7 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     result = {"meta": {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                       "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                  else platform.processor() or "cpu"),
                        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
                        "transformers": transformers.__version__, "peft": peft.__version__,
                        "seq": s.seq, "r": s.r, "alpha": s.alpha, "dropout": s.dropout, "steps": s.steps,

@@ -135,7 +135,8 @@ def measure(shape: str, layers: int, adapters: int, rows: int, seq: int, dropout
     hook.remove()
 
     out = {"shape": shape, "layers": layers, "adapters": adapters, "rows": rows, "seq": seq,
-           "dropout": dropout, "accumulate": accumulate, "frozen_base_per_layer": {k: v / layers for k, v in base.items()}}
+           "dropout": dropout, "accumulate": accumulate,
+           "frozen_base_per_layer": {k: v / layers for k, v in base.items()}}
     objs = bench.adapters(adapters, rows, dropout)
     params |= {p.untyped_storage().data_ptr() for a in objs for p in a.parameters()}
     layout = [AdapterRows(a.name, i * rows, (i + 1) * rows) for i, a in enumerate(objs)]

@@ -254,7 +254,8 @@ def check_steps_reach_the_fused_kernel(device) -> list[dict]:
     own = {"check": "torch's fused AdamW moves the version counter itself", "moves": p._version != before,
            "informational": True, "ok": True}
     err, _ = _delta_after_steps(device, torch.float32, ["a"], lora_module.kernel)
-    return [own, {"check": "after Adapter steps the fused kernel runs on the stepped weights (LoRA delta vs loop, fp32)",
+    return [own, {"check": "after Adapter steps the fused kernel runs on the stepped weights "
+                           "(LoRA delta vs loop, fp32)",
                   "max_rel_err": err, "tolerance": 1e-4, "ok": err <= 1e-4}]
 
 
@@ -265,8 +266,10 @@ def check_bf16_casts_follow_steps(device) -> dict:
     from mlora.flat_params import cast_of
 
     err, adapters = _delta_after_steps(device, torch.bfloat16, ["a", "b"], "fused")
-    views_ok = all(torch.equal(cast_of(p, torch.bfloat16), p.detach().bfloat16()) for a in adapters for p in a.parameters())
-    return {"check": "bf16: after Adapter steps the fused kernel's casts are the stepped weights' (views; delta vs loop)",
+    views_ok = all(torch.equal(cast_of(p, torch.bfloat16), p.detach().bfloat16())
+                   for a in adapters for p in a.parameters())
+    return {"check": "bf16: after Adapter steps the fused kernel's casts are the stepped weights' "
+                     "(views; delta vs loop)",
             "views_equal_own_casts": views_ok, "max_rel_err": err, "tolerance": 3e-2, "ok": views_ok and err <= 3e-2}
 
 
@@ -378,7 +381,8 @@ def check_seeds_on_the_host(device) -> list[dict]:
         plan.seeds = (small, *plan.seeds[1:])
         lora_triton.down(x, a_all, factor, plan)
     out.append({"check": "triton seeds: new seeds compile no new kernel variant", "variants_first": first,
-                "variants_after": variants(), "informational": first is None, "ok": first is None or variants() == first})
+                "variants_after": variants(), "informational": first is None,
+                "ok": first is None or variants() == first})
     return out
 
 
@@ -490,7 +494,8 @@ def check_triton_kernels(device) -> list[dict]:
         a = (torch.randn(c, k, device=device, generator=g) * 0.02).to(dtype)
         factor = torch.rand(n, c, device=device, generator=g)
         dh = torch.randn(n, c, device=device, generator=g).to(dtype)
-        drops = [DropoutRows(i * n // 4, (i + 1) * n // 4, 0.05 * (i + 1), torch.Generator(device=device).manual_seed(i))
+        drops = [DropoutRows(i * n // 4, (i + 1) * n // 4, 0.05 * (i + 1),
+                             torch.Generator(device=device).manual_seed(i))
                  for i in range(4)]
         plan = lora_triton.draw(drops, n, device)
         keep = lora_triton.keep_mask(plan, n, k)

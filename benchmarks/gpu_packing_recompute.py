@@ -97,14 +97,16 @@ def exactness():
             l0, g0, s0 = step(model, layout, adapters, parts, None)
             l1, g1, s1 = step(model, layout, adapters, parts, 64)
             dl = max(abs(l0[k] - l1[k]) for k in l0)
-            print(f"packing window={window} {dtype}: shapes {s0}->{s1} loss diff {dl:.2e} grad rel diff {maxdiff(g1, g0):.2e}")
+            print(f"packing window={window} {dtype}: shapes {s0}->{s1} loss diff {dl:.2e} "
+                  f"grad rel diff {maxdiff(g1, g0):.2e}")
             # logits: packed rows vs each alone
             model.eval()
             e = exs(9, 3, 2, 30, 500)
             pk = pack_examples(e, 64, 2)
             layout.rows = []
             with torch.no_grad():
-                out = model(pk.input_ids.to(DEV), position_ids=pk.position_ids.to(DEV), document_ids=pk.document_ids.to(DEV))
+                out = model(pk.input_ids.to(DEV), position_ids=pk.position_ids.to(DEV),
+                            document_ids=pk.document_ids.to(DEV))
                 worst = 0.0
                 for r, row in enumerate(pk.bins):
                     c = 0
@@ -123,12 +125,15 @@ def exactness():
                 model, layout, adapters = build(args, dtype, 3, 4, 0.1)
                 model.recompute = recompute
                 model.train()
-                hist = [step(model, layout, adapters, parts_for(adapters, s, 5, 3, 30, 500), pack_len) for s in range(3)]
-                res[recompute] = (hist, [g.get_state() for a in adapters.values() for g in a.dropout_generators.values()])
+                hist = [step(model, layout, adapters, parts_for(adapters, s, 5, 3, 30, 500), pack_len)
+                        for s in range(3)]
+                res[recompute] = (hist, [g.get_state() for a in adapters.values()
+                                         for g in a.dropout_generators.values()])
             d = max(maxdiff(h1[1], h0[1]) for h0, h1 in zip(res[False][0], res[True][0]))
             dl = max(abs(h1[0][k] - h0[0][k]) for h0, h1 in zip(res[False][0], res[True][0]) for k in h0[0])
             same_gen = all(torch.equal(a, b) for a, b in zip(res[False][1], res[True][1]))
-            print(f"recompute {dtype} pack_len={pack_len}: loss diff {dl:.2e} grad rel diff {d:.2e} generators equal {same_gen}")
+            print(f"recompute {dtype} pack_len={pack_len}: loss diff {dl:.2e} grad rel diff {d:.2e} "
+                  f"generators equal {same_gen}")
 
 
 def perf():

@@ -1,6 +1,6 @@
 """Compile the `triton` LoRA kernel's Triton kernels (and the loss's, loss_kernels.py) for a GPU
-target on a machine without a GPU: the check that they compile for the H200 (sm_90) before a GPU session spends its minutes
-on it (CI runs it: tests/test_triton_compile.py), with the launch settings mlora uses
+target on a machine without a GPU: the check that they compile for the H200 (sm_90) before a GPU
+session spends its minutes on it (CI runs it: tests/test_triton_compile.py), with the launch settings mlora uses
 (lora_triton.*_config). Prints, per kernel, the shared memory, whether the dots became
 Hopper's wgmma, and, where Triton's bundled ptxas is found, registers and spill stores.
 
@@ -80,7 +80,8 @@ def kernels(dtype: str, columns: int) -> list[tuple]:
 # (description, runtime values of the integer arguments); C comes from --columns for the first.
 CALLS = [("fused batch", dict(N=16384, K=2048, W=256, G=4, S=512, stride_xm=2048, stride_xk=1, tokens_per_split=3328)),
          ("solo, odd rows", dict(N=296, K=2048, W=256, G=1, S=37, stride_xm=2048, stride_xk=1, tokens_per_split=296)),
-         ("many adapters", dict(N=6144, K=2048, W=256, G=12, S=512, stride_xm=2048, stride_xk=1, tokens_per_split=3328))]
+         ("many adapters", dict(N=6144, K=2048, W=256, G=12, S=512, stride_xm=2048, stride_xk=1,
+                                tokens_per_split=3328))]
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[str, bool]:
@@ -259,7 +260,8 @@ def compile_and_report(triton, ASTSource, GPUTarget, args, fn, full: dict, const
     if too_big:
         report += f" (more shared memory than a block may have: {SHARED_LIMIT[args.arch]})"
     spilled |= too_big
-    print(f"{'FAIL ' if too_big else 'SPILL' if spilled else 'ok  '} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
+    verdict = "FAIL " if too_big else "SPILL" if spilled else "ok  "
+    print(f"{verdict} {name:18s} {config} shared={compiled.metadata.shared} {mma}{report}")
     return 1 if spilled else 0
 
 
