@@ -279,7 +279,8 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
     head in its file and the normalized one (its NormHead) in the reference."""
     if family in ("chatglm", "baichuan"):
         return _make_remote_code_model(Path(path), family, tokenizer_dir, seed, **overrides)
-    if family in ("gemma3", "gemma4", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4"):  # image-text: a vision tower beside a text model
+    # image-text: a vision tower beside a text model
+    if family in ("gemma3", "gemma4", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4"):
         return _make_image_text_model(Path(path), family, tokenizer_dir, seed, **overrides)
     import transformers
 
@@ -353,11 +354,12 @@ def make_tiny_model(path: Path, family: str = "llama", tokenizer_dir: Path | Non
                       linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                       layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
     if family == "qwen3_5_moe_text":
-        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80)
     if family == "qwen3_next":  # Qwen3.5's layers with fused linear-attention projections; layer 1's MLP dense
         # (mlp_only_layers), the others 2 of 4 experts and a gated shared expert, renormalized weights
-        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
-                      mlp_only_layers=[1], norm_topk_prob=True)
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, mlp_only_layers=[1], norm_topk_prob=True)
     if family == "olmo3":  # a sliding layer 0, a full layer 1 (by default every 4th is full)
         kwargs.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family in MOE_TINY:

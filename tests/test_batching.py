@@ -118,7 +118,8 @@ def test_fuse_gives_each_adapter_a_contiguous_range():
     assert attention_masks(args, [0, 1], batch.attention_mask, S, torch.device("cpu")) == {0: None, 1: None}
     left = list(itertools.islice(adapter_stream(examples(3), cfg("l", expand_side="left"), 0), 1))
     mixed = fuse(left + parts, 0)
-    assert attention_masks(args, [0], mixed.attention_mask, mixed.input_ids.shape[1], torch.device("cpu"))[0] is not None
+    masks = attention_masks(args, [0], mixed.attention_mask, mixed.input_ids.shape[1], torch.device("cpu"))
+    assert masks[0] is not None
 
 
 def test_moving_a_batch_to_the_device_goes_through_upload(monkeypatch):

@@ -295,15 +295,17 @@ def test_unknown_lora_kernel_names_the_variable(setup, capsys, tiny_llama, monke
     assert not out.exists()
 
 
-@pytest.mark.parametrize("value, fragment", [("fast", "MLORA_CROSS_ENTROPY='fast' is not one of"),
-                                             ("triton", "MLORA_CROSS_ENTROPY=triton: it runs on CUDA devices, not cpu")])
+@pytest.mark.parametrize("value, fragment", [
+    ("fast", "MLORA_CROSS_ENTROPY='fast' is not one of"),
+    ("triton", "MLORA_CROSS_ENTROPY=triton: it runs on CUDA devices, not cpu")])
 def test_unknown_or_impossible_cross_entropy_names_the_variable(setup, capsys, tiny_llama, monkeypatch, value,
                                                                  fragment):
     import mlora.loss
 
     _, _, out, config = setup
     monkeypatch.setattr(mlora.loss, "cross_entropy", value)
-    monkeypatch.setattr(mlora.loss, "_triton_installed", lambda: True)  # (whether it is or not: the device is the culprit)
+    # (whether it is or not: the device is the culprit)
+    monkeypatch.setattr(mlora.loss, "_triton_installed", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     code, err = run_train(capsys, tiny_llama, config())
     assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
@@ -350,7 +352,8 @@ def test_a_generate_prompt_past_the_model_vocabulary(setup, capsys, tmp_path, to
     code = main(["generate", "--base_model", str(base), "--config", str(config()), "--prompt_file", str(rows)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"mlora: error: --prompt_file {rows}:1: its prompt tokenizes to id ") and "vocab_size 100" in err, err
+    assert err.startswith(f"mlora: error: --prompt_file {rows}:1: its prompt tokenizes to id "), err
+    assert "vocab_size 100" in err, err
 
 
 @pytest.mark.parametrize("rows,extra", [
@@ -612,7 +615,8 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
 @pytest.mark.parametrize("family,changes,fragment", [
     ("baichuan", dict(rms_norm_eps="x"), "could not convert string to float: 'x'"),
     ("baichuan", dict(rms_norm_eps=-1), "baichuan config rms_norm_eps must be a positive number, got -1"),
-    ("baichuan", dict(num_hidden_layers=None), "Baichuan config num_hidden_layers must be a positive integer, got None"),
+    ("baichuan", dict(num_hidden_layers=None),
+     "Baichuan config num_hidden_layers must be a positive integer, got None"),
     ("chatglm", dict(num_attention_heads=0), "ChatGLM config num_attention_heads must be a positive integer, got 0"),
     ("chatglm", dict(seq_length="long"), "ChatGLM config seq_length must be a positive integer, got 'long'"),
     ("chatglm", dict(rope_ratio=16, rope_ratio_scales="foo"), "rope_ratio_scales 'foo' is not"),
@@ -625,8 +629,10 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(setup, capsys, tmp_
     ("granite", dict(logits_scaling=0), "granite config logits_scaling must be a positive number, got 0"),
     ("gemma3", dict(text_config=None), "a gemma3 config needs its text_config"),
     # (transformers divides by it where layer_types is left out)
-    ("qwen3_5_text", dict(full_attention_interval=0, layer_types=None), "full_attention_interval must be an integer >= 1"),
-    ("qwen3_next", dict(full_attention_interval=0, layer_types=None), "full_attention_interval must be an integer >= 1"),
+    ("qwen3_5_text", dict(full_attention_interval=0, layer_types=None),
+     "full_attention_interval must be an integer >= 1"),
+    ("qwen3_next", dict(full_attention_interval=0, layer_types=None),
+     "full_attention_interval must be an integer >= 1"),
 ])
 def test_bad_values_in_a_config(setup, capsys, tmp_path, tokenizer_dir, family, changes, fragment):
     """A value of the wrong kind in config.json (ChatGLM's and Baichuan's are read as plain JSON,
@@ -888,7 +894,8 @@ def test_an_integer_of_more_digits_than_python_reads(setup, tiny_llama, capsys, 
         if where == "index":
             (base / "config.json").write_text(raw)
             (base / "model.safetensors.index.json").write_text(f'{{"metadata": {{"total_size": {huge}}}}}')
-            check(*run_train(capsys, base, config()), out, "model.safetensors.index.json is not a valid safetensors index")
+            check(*run_train(capsys, base, config()), out,
+                  "model.safetensors.index.json is not a valid safetensors index")
         else:
             (base / "config.json").write_text(raw.replace('"hidden_size": 64', f'"hidden_size": {huge}'))
             check(*run_train(capsys, base, config()), out, f"{base / 'config.json'}: an integer of more than 4300")

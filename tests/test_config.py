@@ -344,7 +344,8 @@ def test_duplicate_adapter_names(workdir):
     assert "lora[0]" in message and "lora[2]" in message
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "a\\b", "new\nline", " ", "a ", " a", "a\u3000", "a,b"])
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "a\\b", "new\nline", " ", "a ", " a", "a\u3000",
+                                  "a,b"])
 def test_bad_adapter_names(workdir, name):
     message = adapter_error(name=name)
     assert "'name' must be usable as a directory name" in message

@@ -163,7 +163,8 @@ def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch,
     pq.write_table(pa.Table.from_pylist(wide), tmp_path / "wide.parquet")
     asked = []
     read_table = pq.read_table
-    monkeypatch.setattr(pq, "read_table", lambda path, columns=None: asked.append(columns) or read_table(path, columns=columns))
+    monkeypatch.setattr(pq, "read_table",
+                        lambda path, columns=None: asked.append(columns) or read_table(path, columns=columns))
     got = load_rows(tmp_path / "wide.parquet")
     assert asked == [["instruction", "output"]]
     assert got == [{"instruction": "a", "output": "c"}, {"instruction": "d", "output": "e"}]
@@ -232,7 +233,8 @@ def test_a_damaged_parquet_file_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         load_rows(tmp_path / "rows.parquet")
     assert str(err.value) == (f"{tmp_path / 'rows.parquet'}: cannot read it as Parquet (OSError: Couldn't "
-                              "deserialize thrift: TProtocolException: Invalid data; Deserializing page header failed.)")
+                              "deserialize thrift: TProtocolException: Invalid data; "
+                              "Deserializing page header failed.)")
 
 
 def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
@@ -321,7 +323,8 @@ def test_a_builtin_name_is_the_builtin_wherever_mlora_runs(tmp_path, monkeypatch
 
     from mlora.data import load_template
 
-    (tmp_path / "alpaca").write_text(json.dumps({"prompt": "X {instruction} {input}", "prompt_no_input": "X {instruction}"}))
+    (tmp_path / "alpaca").write_text(json.dumps({"prompt": "X {instruction} {input}",
+                                                 "prompt_no_input": "X {instruction}"}))
     monkeypatch.chdir(tmp_path)
     assert load_template("alpaca") == alpaca
     assert load_template("./alpaca").prompt.startswith("X ")
@@ -356,7 +359,8 @@ def test_template_errors(tmp_path):
     with pytest.raises(UserError, match=rf"^{missing}: .*prompt_no_input"):
         load_template(str(missing))
     twice = tmp_path / "twice.json"
-    twice.write_text('{"prompt": "{instruction} {input}", "prompt_no_input": "{instruction}", "prompt": "{instruction}"}')
+    twice.write_text('{"prompt": "{instruction} {input}", "prompt_no_input": "{instruction}", '
+                     '"prompt": "{instruction}"}')
     with pytest.raises(UserError) as err:
         load_template(str(twice))
     assert str(err.value) == f"{twice}: key 'prompt' appears twice in the same JSON object"
@@ -401,7 +405,8 @@ def test_a_template_renders_as_str_format_renders_it(tmp_path):
         template = load_template(str(path))
         assert template.render(instruction, input) == (prompt.format(instruction=instruction, input=input), "")
         assert template.render(instruction, None) == (no_input.format(instruction=instruction), "")
-    path.write_text(json.dumps({"prompt": "{instruction} {input} {{output}} {output}.{{}}", "prompt_no_input": "{instruction}"}))
+    path.write_text(json.dumps({"prompt": "{instruction} {input} {{output}} {output}.{{}}",
+                                "prompt_no_input": "{instruction}"}))
     assert load_template(str(path)).render("a", "b") == ("a b {output} ", ".{}")
     for prompt, missing in (("{{instruction}} {input}", "instruction"), ("{instruction} {{input}}", "input")):
         path.write_text(json.dumps({"prompt": prompt, "prompt_no_input": "{instruction}"}))
@@ -448,7 +453,8 @@ def test_a_lone_brace_in_a_template_stays_as_written(tmp_path):
     """str.format refuses a lone "{" or "}"; mlora keeps it, as it keeps other braced words, so a
     template with JSON or code in its text still loads (and renders as it did before)."""
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"prompt": 'Reply {"a": 1} } {instruction} {input}', "prompt_no_input": "{ {instruction}"}))
+    path.write_text(json.dumps({"prompt": 'Reply {"a": 1} } {instruction} {input}',
+                                "prompt_no_input": "{ {instruction}"}))
     template = load_template(str(path))
     assert template.render("x", "y") == ('Reply {"a": 1} } x y', "")
     assert template.render("x", None) == ("{ x", "")
@@ -806,7 +812,8 @@ def test_a_prompt_that_renders_empty_is_refused(tokenizer, alpaca, monkeypatch):
     for row in ({"instruction": "hi"}, {"instruction": "", "input": ""}):
         with pytest.raises(UserError, match=r"^its prompt is empty \(rendered through the adapter's prompt template\)"):
             row_prompt(row, tokenizer, nothing)
-    with pytest.raises(UserError, match=r"^the prompt 'hi' is empty \(rendered through the adapter's prompt template\)"):
+    with pytest.raises(UserError,
+                       match=r"^the prompt 'hi' is empty \(rendered through the adapter's prompt template\)"):
         prompt_tokens("hi", "alpaca", tokenizer, nothing)
     assert row_prompt({"instruction": ""}, tokenizer, alpaca).ids == tokenizer(alpaca.render("", None)[0]).input_ids
     monkeypatch.setattr(tokenizer, "chat_template", "{{ '' }}")
@@ -847,7 +854,8 @@ def test_unknown_and_mixed_row_shapes(tokenizer, alpaca):
     with pytest.raises(UserError) as err:  # a misspelt identifying key: the likely one is named
         encode_rows([{"instrution": "a", "input": "b", "output": "c"}], tokenizer, alpaca, 64, False, source="d")
     assert str(err.value) == ("d: row 1: unknown row shape (keys: instrution, input, output); expected "
-                              "'instruction'/'input'/'output', 'messages', 'conversations', 'prompt'/'completion', or 'text' "
+                              "'instruction'/'input'/'output', 'messages', 'conversations', 'prompt'/'completion', "
+                              "or 'text' "
                               "(did you mean 'instruction'?)")
     with pytest.raises(UserError, match=r"^d: row 1: row mixes shapes"):
         encode_rows([{"text": "a", "messages": CHAT}], tokenizer, alpaca, 64, False, source="d")

@@ -127,7 +127,8 @@ def test_a_quantized_base_from_per_tensor_fp8_starts_from_the_dequantized_weight
     with torch.no_grad():
         model = load_model(fp8_dir, "cpu", torch.float32, quant=QuantConfig(bits))
         assert type(model.model.layers["1"].mlp.experts[3].up_proj).__name__ in ("Linear4bit", "Linear8bitLt")
-        assert torch.equal(model(ids, mask), load_model(full_dir, "cpu", torch.float32, quant=QuantConfig(bits))(ids, mask))
+        full = load_model(full_dir, "cpu", torch.float32, quant=QuantConfig(bits))
+        assert torch.equal(model(ids, mask), full(ids, mask))
 
 
 def test_a_per_tensor_fp8_scale_missing_or_of_the_wrong_shape_is_one_line(tmp_path):
@@ -142,7 +143,8 @@ def test_a_per_tensor_fp8_scale_missing_or_of_the_wrong_shape_is_one_line(tmp_pa
     E = tensors[gate_up].shape[0]
     f = re.escape(str(file))
     for name, scale, message in [
-            (dense, None, f"tensor '{re.escape(dense)}' in {f} is float8 but '{re.escape(dense)}_scale_inv' is missing"),
+            (dense, None,
+             f"tensor '{re.escape(dense)}' in {f} is float8 but '{re.escape(dense)}_scale_inv' is missing"),
             (dense, torch.ones(2), f"{f}: {re.escape(dense)}_scale_inv: scale of shape \\(2,\\) is not one per-tensor"),
             (gate_up, None, f"tensor '{re.escape(gate_up)}' in {f} is float8 but '{re.escape(gate_up)}_scale_inv' "
                             "is missing"),
@@ -160,7 +162,8 @@ def test_a_per_tensor_fp8_scale_missing_or_of_the_wrong_shape_is_one_line(tmp_pa
     config = json.loads((fp8_dir / "config.json").read_text())
     config["quantization_config"]["weight_block_size"] = [128]
     (fp8_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"weight_block_size must be two positive integers \(block-scaled FP8\) or null"):
+    with pytest.raises(UserError,
+                       match=r"weight_block_size must be two positive integers \(block-scaled FP8\) or null"):
         load_model(fp8_dir, "cpu", torch.float32)
     # One scale per tensor is read as such whatever block size the config names (transformers
     # reads the blocks from the scales' shapes): [16, 16] here loads as per-tensor

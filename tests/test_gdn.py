@@ -245,7 +245,8 @@ def _next_pair() -> tuple[torch.nn.Module, GatedDeltaNet, ModelArgs]:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            scale = {"A_log": None, "dt_bias": 1.0, "norm.weight": 0.3, "conv1d.weight": 0.5}.get(name, p.shape[-1] ** -0.5)
+            scale = {"A_log": None, "dt_bias": 1.0, "norm.weight": 0.3,
+                     "conv1d.weight": 0.5}.get(name, p.shape[-1] ** -0.5)
             p.copy_(torch.rand(p.shape, generator=gen) * 2 - 2.5 if scale is None
                     else (name == "norm.weight") + scale * torch.randn(p.shape, generator=gen))
     args = replace(_args(), model_type="qwen3_next", linear_fused_projections=True)

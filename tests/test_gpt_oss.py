@@ -2,8 +2,8 @@
 experts (and stores them in MXFP4), and LoRA on the stacked experts in PEFT's format.
 
 The fp32 logits are checked with the other families in test_model.py (CASES "gpt_oss*"); here:
-bf16 against transformers' fp32 (DeepSeek-V3's too: the same kind of check), MXFP4 checkpoints against transformers' own dequantization,
-and every LoRA gradient against PEFT's target_parameters on transformers' model.
+bf16 against transformers' fp32 (DeepSeek-V3's too: the same kind of check), MXFP4 checkpoints against
+transformers' own dequantization, and every LoRA gradient against PEFT's target_parameters on transformers' model.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def peft_made_adapter(base, target_modules: list[str], target_parameters: list[s
     return peft_model
 
 
-@pytest.mark.parametrize("targets", [ALL6, [*ATTN, "down_proj"], ["q_proj", "gate_up_proj"], ["gate_up_proj", "down_proj"]],
+@pytest.mark.parametrize("targets", [ALL6, [*ATTN, "down_proj"], ["q_proj", "gate_up_proj"],
+                                     ["gate_up_proj", "down_proj"]],
                          ids=["all", "down_only", "gate_up_only", "experts_only"])
 def test_expert_lora_gradients_equal_peft(tmp_path, targets):
     """mlora's adapter, saved with the experts' LoRA stacked (target_parameters), loads in PEFT

@@ -34,7 +34,8 @@ def test_the_session_log_drops_warnings_and_keeps_tracebacks(tmp_path):
     text = sample[0] + sample[1] + printed.stdout + "".join(traceback)
     log = subprocess.run(["bash", "-c", 'eval "$(grep "^log()" benchmarks/gpu_session.sh)"; log'], cwd=ROOT,
                          input=text, capture_output=True, text=True,
-                         env={**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                         env={**os.environ, "OUT": str(tmp_path),
+                              "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     assert log.returncode == 0, log.stderr
     assert log.stdout == printed.stdout + "".join(traceback)
     assert (tmp_path / "session.log").read_text() == log.stdout

@@ -41,7 +41,8 @@ def _failing_loss_kernels(monkeypatch, error: BaseException) -> list:
         calls.append(1)
         raise error
 
-    monkeypatch.setitem(sys.modules, "mlora.loss_kernels", types.SimpleNamespace(cross_entropy_grad_=cross_entropy_grad_))
+    monkeypatch.setitem(sys.modules, "mlora.loss_kernels",
+                        types.SimpleNamespace(cross_entropy_grad_=cross_entropy_grad_))
     return calls
 
 

@@ -189,7 +189,8 @@ def test_manual_generate_two_ranks(pipe_model, single_runs):
     (["--base_model", "m", "--config"], "--config needs a value"),
     (["--base_model", "m", "--config", "c", "--command", "serve"], "--command must be train, eval or generate"),
     (["--config", "c"], "--base_model and --config are required"),
-    (["--base_model", "m", "--config", "c", "--nnodes", "two"], "--nnodes must be a number of nodes (or MIN:MAX), not two"),
+    (["--base_model", "m", "--config", "c", "--nnodes", "two"],
+     "--nnodes must be a number of nodes (or MIN:MAX), not two"),
     (["--base_model", "m", "--config", "c", "--nnodes", "0"], "--nnodes must be a number of nodes (or MIN:MAX), not 0"),
     (["--base_model", "m", "--config", "c", "--nnodes", "2", "--node_rank", "-1"],
      "--node_rank must be a whole number, not -1"),
@@ -300,7 +301,8 @@ def test_manual_script_ranks(tmp_path, env, split):
     (dict(NUM_RANKS="0"), "NUM_RANKS must be a positive whole number, not 0"),
     (dict(NUM_RANKS="two"), "NUM_RANKS must be a positive whole number, not two"),
     (dict(), "no GPU found (nvidia-smi --list-gpus); set NUM_RANKS to the number of ranks, or BALANCE"),
-    (dict(CUDA_VISIBLE_DEVICES=""), "CUDA_VISIBLE_DEVICES leaves no GPU; set NUM_RANKS to the number of ranks, or BALANCE"),
+    (dict(CUDA_VISIBLE_DEVICES=""),
+     "CUDA_VISIBLE_DEVICES leaves no GPU; set NUM_RANKS to the number of ranks, or BALANCE"),
 ])
 def test_manual_script_bad_ranks_are_one_line(tmp_path, env, message):
     """launch/manual.sh refuses a rank count it cannot use in one line, before any rank starts

@@ -92,7 +92,8 @@ def test_expert_targets_refuse_dropout_and_note_the_dense_layers(tmp_path, capsy
     """Dropout on the experts is refused in one line (PEFT's ParamWrapper cannot apply it), as on
     Gemma 4 26B-A4B, and gate_up_proj is no Llama 4 target (one line naming the experts'); an
     adapter on the experts alone is told it reaches the sparse layers only."""
-    args = args_from_hf_config(json.loads((make_tiny_model(tmp_path / "base", "llama4_text") / "config.json").read_text()))
+    base = make_tiny_model(tmp_path / "base", "llama4_text")
+    args = args_from_hf_config(json.loads((base / "config.json").read_text()))
     with pytest.raises(UserError, match=r"^adapter 'x': dropout must be 0 when target_modules include "
                                         r"experts.gate_up_proj on this llama4_text model \(PEFT cannot load "
                                         r"dropout on experts\)$"):

@@ -584,7 +584,8 @@ def test_triton_is_unavailable_where_a_block_lacks_its_shared_memory(monkeypatch
     # (MI300X: 64 KiB, and compute capability 9.4, which would otherwise pick triton)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: SimpleNamespace(name="AMD Instinct MI300X", shared_memory_per_block=64 * 1024))
+                        lambda device=None: SimpleNamespace(name="AMD Instinct MI300X",
+                                                            shared_memory_per_block=64 * 1024))
     mlora.lora.auto_kernel.cache_clear()
     assert mlora.lora.auto_kernel(cuda) == "fused"
     assert lora_triton.unavailable(cuda) == ("its kernels need 150 KiB of shared memory per block and AMD Instinct "

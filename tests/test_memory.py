@@ -211,7 +211,8 @@ def test_estimate_covers_h200_kernel_ablation(shape, rows, kernel, measured):
     lora = [LoraShape(16, ALL7, 0.05)] * 4
     total = with_whole_logits(est(args, rows=rows, lora=lora, lora_kernel=kernel), args, rows)
     assert measured <= total <= 1.25 * measured
-    assert total < with_whole_logits(est(args, rows=rows, lora=lora, lora_kernel="dense"), args, rows)  # dense keeps more
+    # dense keeps more
+    assert total < with_whole_logits(est(args, rows=rows, lora=lora, lora_kernel="dense"), args, rows)
 
 
 def test_dense_kernel_hidden_grows_with_the_adapters_in_a_batch():
@@ -923,7 +924,8 @@ def _assert_layer_kinds_bounded(dtype, args, adapters, targets, seq_len: int, ro
                                    explicit_mask=True if inputs else None, device=torch.device("cpu"))
     assert measured <= estimate.activations <= 1.5 * measured
     assert weight_bytes(args, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
-    lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values() for t in (lw.lora_A, lw.lora_B))
+    lora_params = sum(t.numel() for w in wrappers.values() for lw in w.adapters.values()
+                      for t in (lw.lora_A, lw.lora_B))
     assert lora_state_bytes(args, [LoraShape(r, targets, p, 0) for r, p in adapters]) == lora_params * 4 * 2
     if args.qk_l2_norm:  # (Llama 4: its RoPE layer's q/k L2 norms keep an fp32 copy and an rsqrt per head)
         plain, plain_layout, plain_wrappers = _model_with_adapters(dtype, adapters, targets,

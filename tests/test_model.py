@@ -362,7 +362,8 @@ def test_sliding_windows_per_family(tmp_path):
     assert llama.args_from_hf_config(dict(base, sliding_window=None)).sliding_window == [None, None]
     assert llama.args_from_hf_config(base).sliding_window == [4096, 4096]  # MinistralConfig's default window
     # (transformers reads a mistral config.json that has layer_types as ministral)
-    m = make_tiny_model(tmp_path / "m2", "mistral", sliding_window=5, layer_types=["full_attention", "sliding_attention"])
+    m = make_tiny_model(tmp_path / "m2", "mistral", sliding_window=5,
+                        layer_types=["full_attention", "sliding_attention"])
     assert read_model_config(m)[1].sliding_window == [None, 5]
 
 
@@ -372,7 +373,8 @@ def test_qwen_sliding_layer_types_without_use_sliding_window_are_refused(tmp_pat
     import transformers
 
     sizes = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=["full_attention", "sliding_attention"])
+                 num_key_value_heads=2, head_dim=16, sliding_window=4,
+                 layer_types=["full_attention", "sliding_attention"])
     for config_class in (transformers.Qwen2Config, transformers.Qwen3Config):
         cfg = config_class(**sizes, use_sliding_window=False)
         assert cfg.layer_types == sizes["layer_types"] and cfg.sliding_window is None  # (not resolved by transformers)
@@ -554,7 +556,8 @@ def test_qwen3_next_configs():
                             (dict(num_experts=0), "qwen3_next config num_experts must be a positive"),
                             (dict(layer_types=["linear_attention"] * 3), "qwen3_next config layer_types must list"),
                             (dict(linear_num_value_heads=3), r"qwen3_next config linear_num_value_heads \(3\) is not"),
-                            (dict(linear_conv_kernel_dim=1), "qwen3_next config linear_conv_kernel_dim must be at least")]:
+                            (dict(linear_conv_kernel_dim=1),
+                             "qwen3_next config linear_conv_kernel_dim must be at least")]:
         with pytest.raises(UserError, match=message):
             llama.args_from_hf_config(dict(tiny, **change))
 
@@ -657,7 +660,8 @@ def test_gemma4_configs():
             (dict(layer_types=["sliding_attention"] * 6), "gemma4_text config layer_types must list")]:
         with pytest.raises(UserError, match=message):
             llama.args_from_hf_config(dict(text, **change))
-    assert llama.args_from_hf_config(dict(text, use_bidirectional_attention="vision")).layer_kinds[-1] == "global_attention"
+    bidirectional = llama.args_from_hf_config(dict(text, use_bidirectional_attention="vision"))
+    assert bidirectional.layer_kinds[-1] == "global_attention"
     # 26B-A4B's experts beside every layer's dense MLP: read alike from a config.json and the config
     # class (whose dense form ignores the MoE keys); moe_layers all False (each layer's mlp is the dense one)
     moe = llama.args_from_hf_config(dict(text, **GEMMA4_MOE))
@@ -771,7 +775,8 @@ def test_config_errors():
 
     olmo3 = dict(base, model_type="olmo3", sliding_window=4, rope_theta=1e4)
     assert llama.args_from_hf_config(olmo3) == llama.args_from_hf_config(transformers.Olmo3Config(**olmo3))
-    assert (llama.args_from_hf_config(olmo3).rope.theta, llama.args_from_hf_config(olmo3).local_rope.theta) == (1e4, 5e5)
+    olmo3_args = llama.args_from_hf_config(olmo3)
+    assert (olmo3_args.rope.theta, olmo3_args.local_rope.theta) == (1e4, 5e5)
     yarn = llama.args_from_hf_config(dict(base, max_position_embeddings=4096,  # factor from the two lengths
                                           rope_parameters=dict(rope_type="yarn", rope_theta=1e4,
                                                                original_max_position_embeddings=1024)))
@@ -893,7 +898,8 @@ def test_chatglm_and_baichuan_configs():
         2, 96, 2, 16, 400)
     assert (args.rope.theta, args.rope.interleaved, args.rotary_dim, args.max_position_embeddings) == (
         5e5, True, 8, 1024)
-    assert (args.attention_bias, args.o_proj_bias, args.mlp_bias, args.tie_word_embeddings) == (True, False, False, False)
+    assert ((args.attention_bias, args.o_proj_bias, args.mlp_bias, args.tie_word_embeddings)
+            == (True, False, False, False))
     assert (args.fused_qkv, args.fused_gate_up) == (True, True)
     biased = llama.args_from_hf_config(dict(CHATGLM, add_bias_linear=True))
     assert (biased.attention_bias, biased.o_proj_bias, biased.mlp_bias) == (True, True, True)
@@ -976,7 +982,8 @@ def test_checkpoint_names_of_chatglm_and_baichuan(tmp_path):
     for name in llama.tensor_names(stage.args):
         assert chatglm.from_checkpoint(chatglm.to_checkpoint(name)) == name
     assert chatglm.to_checkpoint("model.layers.10.mlp.down_proj") == "transformer.encoder.layers.10.mlp.dense_4h_to_h"
-    assert baichuan.to_checkpoint("model.layers.3.self_attn.qkv_proj.weight") == "model.layers.3.self_attn.W_pack.weight"
+    assert (baichuan.to_checkpoint("model.layers.3.self_attn.qkv_proj.weight")
+            == "model.layers.3.self_attn.W_pack.weight")
     assert baichuan.to_checkpoint("model.layers.3.self_attn.o_proj.weight") == "model.layers.3.self_attn.o_proj.weight"
     assert (chatglm.leaf("qkv_proj"), chatglm.leaf("o_proj"), baichuan.leaf("qkv_proj"), baichuan.leaf("o_proj")) == (
         "query_key_value", "dense", "W_pack", "o_proj")
@@ -1134,10 +1141,10 @@ def test_llama4_query_scale_is_transformers_formula_bit_for_bit():
     """Llama 4's NoPE layers' query scale, log1p(floor((position + 1) / floor_scale)) * attn_scale + 1
     in fp32 as Llama4TextAttention computes it: log(1 + x) is one ulp off log1p(x) for some x, which
     survives the scale's rounding (floor values 178, 401, ...: positions past 1.4M at floor_scale 8192)."""
-    args = llama.args_from_hf_config(dict(model_type="llama4_text", vocab_size=400, hidden_size=64, intermediate_size=48,
-                                          intermediate_size_mlp=96, num_hidden_layers=4, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, num_local_experts=4, floor_scale=1,
-                                          attn_scale=0.1))
+    args = llama.args_from_hf_config(dict(model_type="llama4_text", vocab_size=400, hidden_size=64,
+                                          intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          num_local_experts=4, floor_scale=1, attn_scale=0.1))
     model = llama.CausalLM(args)
     positions = torch.arange(2000)
     expected = torch.log1p(torch.floor((positions.float() + 1.0) / 1)) * 0.1 + 1.0

@@ -248,7 +248,8 @@ def test_fused_batch_equals_each_adapter_alone(tmp_path, monkeypatch, family, ke
             # solves - rounds another batch shape up to a few times more in fp32: 1.1e-5 seen)
             # (Gemma 4's many norms do too: its dense model's gradients here 0.9e-5 apart, with the experts 1.05e-5;
             # Llama 4's weightless q/k norms: 1.4e-5 seen, 1e-12 in fp64)
-            tol = 5e-5 if family.startswith(("qwen3_5", "qwen3_next", "llama4")) else 3e-5 if family == "gemma4_moe" else 1e-5
+            tol = (5e-5 if family.startswith(("qwen3_5", "qwen3_next", "llama4"))
+                   else 3e-5 if family == "gemma4_moe" else 1e-5)
             assert (fused_grads[n][path] - g).abs().max() <= tol * g.abs().max(), (n, path)
     for n in ("e1", "e2"):  # the experts' LoRA took part (B and A both nonzero, so gradients flow)
         if family in ("gemma4_moe", "llama4_text"):  # (their experts.* target the experts, gate_proj ... the dense
@@ -406,7 +407,8 @@ def test_moe_config_errors():
     glm = dict(base, model_type="glm4_moe", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
     args = llama.args_from_hf_config(dict(glm, n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1))
     assert (args.router, args.router_groups, args.router_topk_groups, args.shared_expert_intermediate_size,
-            args.shared_expert_gated, args.moe_layers, args.rotary_dim) == ("sigmoid", 4, 2, 64, False, [False, True], 8)
+            args.shared_expert_gated, args.moe_layers, args.rotary_dim) == \
+        ("sigmoid", 4, 2, 64, False, [False, True], 8)
     with pytest.raises(UserError, match=r"n_group \(3\) and topk_group \(1\) do not fit 8 experts"):
         llama.args_from_hf_config(dict(glm, n_group=3, topk_group=1))
     with pytest.raises(UserError, match=r"num_experts_per_tok \(6\) exceeds the experts of topk_group groups"):
@@ -430,7 +432,8 @@ def test_mixtral_checkpoint_names():
     assert naming.to_checkpoint("model.layers.3.mlp.experts.12.up_proj.weight") == \
         "model.layers.3.block_sparse_moe.experts.12.w3.weight"
     assert naming.to_checkpoint("model.layers.3.mlp.gate.weight") == "model.layers.3.block_sparse_moe.gate.weight"
-    assert naming.from_module("model.layers.0.block_sparse_moe.experts.1.w2") == "model.layers.0.mlp.experts.1.down_proj"
+    assert (naming.from_module("model.layers.0.block_sparse_moe.experts.1.w2")
+            == "model.layers.0.mlp.experts.1.down_proj")
     assert naming.to_checkpoint("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert naming.peft_target_modules(["q_proj", "gate_proj", "up_proj", "down_proj"]) == ["q_proj", "w1", "w3", "w2"]
     assert json.dumps(naming_for("qwen3_moe").peft_target_modules(["gate_proj"])) == '["gate_proj"]'
@@ -517,7 +520,8 @@ def test_router_balancing_loss_is_reported_as_not_applied(capsys):
     from mlora.session import warn_unapplied_dropout
 
     warn_unapplied_dropout(transformers.MixtralConfig(output_router_logits=True))
-    assert "output_router_logits is set, but mlora trains on the language modelling loss only" in capsys.readouterr().err
+    assert ("output_router_logits is set, but mlora trains on the language modelling loss only"
+            in capsys.readouterr().err)
     warn_unapplied_dropout(transformers.MixtralConfig())
     assert capsys.readouterr().err == ""
 
@@ -717,7 +721,8 @@ def test_a_block_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path, c
     for qc, message in [({"quant_method": "awq", "bits": 4}, "quantization_config quant_method 'awq' is not supported"),
                         ({"quant_method": "fp8", "weight_block_size": [16]}, "weight_block_size must be two positive"),
                         # (absent: transformers' 128 x 128, which the 16 x 16 blocks' scales do not fit)
-                        ({"quant_method": "fp8"}, r"scales \(2, 4\) do not fit a 24 x 64 weight in blocks of 128 x 128"),
+                        ({"quant_method": "fp8"},
+                         r"scales \(2, 4\) do not fit a 24 x 64 weight in blocks of 128 x 128"),
                         ("fp8", "quantization_config must be an object")]:
         config["quantization_config"] = qc
         (out / "config.json").write_text(json.dumps(config))
@@ -775,7 +780,8 @@ def _stacked_checkpoint(base, out):
 
     arch = json.loads((base / "config.json").read_text())["architectures"][0]
     tensors = getattr(transformers, arch).from_pretrained(str(base), dtype=torch.float32).state_dict()
-    assert any(n.endswith(".mlp.experts.gate_up_proj") for n in tensors) and not any(".experts.0." in n for n in tensors)
+    assert any(n.endswith(".mlp.experts.gate_up_proj") for n in tensors)
+    assert not any(".experts.0." in n for n in tensors)
     out.mkdir()
     save_file({n: t.contiguous() for n, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_bytes((base / "config.json").read_bytes())
@@ -810,7 +816,8 @@ def test_a_checkpoint_that_stacks_the_experts_loads(tmp_path, capsys, family):
         ref = load_reference(stacked)(input_ids=ids, attention_mask=mask, **extra).logits
         diff = (ours(ids, mask) - ref).abs()[mask.bool()]
     assert diff.max() < 1e-4
-    i = next(i for i in range(1, ours.args.num_layers) if ours.args.moe_layers[i])  # (Qwen3-Next's tiny layer 1 is dense)
+    # (Qwen3-Next's tiny layer 1 is dense)
+    i = next(i for i in range(1, ours.args.num_layers) if ours.args.moe_layers[i])
     stage = load_model(stacked, "cpu", torch.float32, parts=[f"layer.{i}"])
     assert {re.search(r"layers\.(\d+)", n)[1] for n in stage.loaded_tensor_names} == {str(i)}
     assert torch.equal(stage.model.layers[str(i)].mlp.experts[2].up_proj.weight,
@@ -1224,7 +1231,8 @@ def test_grouped_expert_lora_plans_are_kept_until_the_layout_or_the_adapters_cha
     torch.manual_seed(0)
     base = llama.CausalLM(llama.args_from_hf_config(dict(
         model_type="mixtral", vocab_size=400, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))).requires_grad_(False)
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2))).requires_grad_(False)
     mlp = ["gate_proj", "up_proj", "down_proj"]
     specs = {"e1": (4, ["q_proj", *mlp]), "e2": (8, mlp)}
     both = [AdapterRows("e1", 0, 2), AdapterRows("e2", 2, B)]

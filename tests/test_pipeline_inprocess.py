@@ -905,7 +905,8 @@ def test_pipeline_fresh_start_over_an_unfinished_run_is_refused_on_every_rank(tm
     before = files()
     newest = max(p.name for p in (outs[1] / "checkpoints").glob("iter-*-rank1"))
     line = (f"output_dir {outs[1]} holds an unfinished run (newest checkpoint: {newest}); "
-            f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and each adapter's best and checkpoint-<step>)")
+            f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and each "
+            f"adapter's best and checkpoint-<step>)")
     assert [(code, err.strip()) for code, _, err in train()] == [(2, f"mlora: error: rank 1: {line}"),
                                                                  (2, f"mlora: error: {line}")]
     assert files() == before
@@ -1214,7 +1215,8 @@ def test_pipeline_train_fails_every_rank_when_one_cannot_load(tmp_path, pipe_mod
     exit 2 on both, and no output_dir left, as one process leaves none."""
     _, cfg_path, single_out = single_runs(2)
     cfg, key = init_from_a_nan_in_layer_3(tmp_path, cfg_path, single_out)
-    code, _, stderr = run_cli_threads(monkeypatch, {"single": train_argv(pipe_model, cfg, tmp_path / "single")})["single"]
+    code, _, stderr = run_cli_threads(monkeypatch,
+                                      {"single": train_argv(pipe_model, cfg, tmp_path / "single")})["single"]
     assert code == 2 and key in one_line(stderr) and not (tmp_path / "single").exists()
     ranks = run_pipeline_cli(monkeypatch, [train_argv(pipe_model, cfg, tmp_path / "pipe")] * 2, [3, 4], transport)
     assert [code for code, _, _ in ranks] == [2, 2], ranks
@@ -1639,7 +1641,8 @@ def test_pipeline_generate_non_finite_scores_are_the_line_one_process_prints(gen
     ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], "--max_new_tokens", "4")
     assert [(code, stdout) for code, stdout, _ in ranks] == [(3, ""), (2, "")], ranks
     assert one_line(ranks[1][2]) == line
-    assert one_line(ranks[0][2]) == "mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting for it"
+    assert one_line(ranks[0][2]) == \
+        "mlora: pipeline error: rank 1 closed its connection while rank 0 was waiting for it"
 
 
 @pytest.mark.parametrize("rope", ["longrope", "dynamic"])

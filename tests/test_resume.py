@@ -144,7 +144,8 @@ def test_a_fresh_start_over_an_unfinished_run_is_refused_unless_overwrite(tmp_pa
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"mlora: error: output_dir {out} holds an unfinished run (newest checkpoint: {newest}); "
-                   f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and each adapter's best and checkpoint-<step>)")
+                   f"continue it with --resume, or start over with --overwrite (deletes its checkpoints and each "
+                   f"adapter's best and checkpoint-<step>)")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(SystemExit) as exit_:  # the two contradict each other: argparse's one line
         main([*args, "--resume", "--overwrite"])
@@ -473,7 +474,8 @@ def test_a_nan_in_a_batch_split_for_memory_skips_the_others_step_as_no_fault_of_
                    for m in records if m["adapter"] != "poison")
     for name in ("a", "b"):  # every step logged, none stopped
         steps = [m["step"] for m in records if m["adapter"] == name and "loss" in m]
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) > len([m for m in tainted if m["adapter"] == name])
+        assert steps == list(range(1, len(steps) + 1))
+        assert len(steps) > len([m for m in tainted if m["adapter"] == name])
     captured = capsys.readouterr()
     assert "reached its gradient in a batch split for memory; step skipped" in captured.out + captured.err
 

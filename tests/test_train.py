@@ -68,7 +68,8 @@ ADAPTERS = {
 def make_template(tmp: Path) -> str:
     """m-LoRA's template format, short enough for a small cutoff_len."""
     template = tmp / "template.json"
-    template.write_text(json.dumps({"prompt": "### Instruction:\n{instruction}\n### Input:\n{input}\n### Output:\n{output}\n",
+    template.write_text(json.dumps({"prompt": "### Instruction:\n{instruction}\n### Input:\n{input}\n"
+                                              "### Output:\n{output}\n",
                                     "prompt_no_input": "### Instruction:\n{instruction}\n### Output:\n{output}\n"}))
     return str(template)
 
@@ -188,8 +189,8 @@ def _mlora_logits(tiny_llama, adapter_dir: Path, name: str, input_ids: torch.Ten
     keys = load_file(adapter_dir / "adapter_model.safetensors")
     targets = sorted({naming.from_module(k[len("base_model.model."):].rsplit(".", 2)[0]).rsplit(".", 1)[-1]
                       for k in keys if ".experts." not in k or "target_parameters" not in peft_cfg})
-    # GPT-OSS's stacked experts (mlp.experts.gate_up_proj: mlora's gate_up_proj), Gemma 4 26B-A4B's (experts.gate_up_proj)
-    # and Llama 4's (feed_forward.experts.gate_up_proj: mlora's experts.gate_up_proj)
+    # GPT-OSS's stacked experts (mlp.experts.gate_up_proj: mlora's gate_up_proj), Gemma 4 26B-A4B's
+    # (experts.gate_up_proj) and Llama 4's (feed_forward.experts.gate_up_proj: mlora's experts.gate_up_proj)
     targets += [p.removeprefix("mlp.experts.").removeprefix("feed_forward.")
                 for p in peft_cfg.get("target_parameters") or []]
     cfg = AdapterConfig(name=name, data="", r=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], target_modules=targets)
@@ -438,7 +439,8 @@ def test_eval_reads_an_adapter_saved_in_fp8(fused_run, tiny_llama, capsys, tmp_p
         saved = tmp_path / str(dtype) / name
         saved.mkdir(parents=True)
         (saved / "adapter_config.json").write_text((out / name / "adapter_config.json").read_text())
-        save_file({k: v.to(torch.float8_e4m3fn).to(dtype) for k, v in tensors.items()}, saved / "adapter_model.safetensors")
+        save_file({k: v.to(torch.float8_e4m3fn).to(dtype) for k, v in tensors.items()},
+                  saved / "adapter_model.safetensors")
         capsys.readouterr()
         assert main(["eval", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--output_dir",
                      str(saved.parent), "--no_progress"]) == 0
@@ -580,7 +582,8 @@ def test_generate_equals_transformers_plus_peft_greedy(fused_run, tiny_llama, ca
     prompts = ["say hi", "count to three please"]
     capsys.readouterr()
     assert main(["generate", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--format", fmt,
-                 "--max_new_tokens", "6", "--base", "--adapters", "a,c", *sum((["--prompt", p] for p in prompts), [])]) == 0
+                 "--max_new_tokens", "6", "--base", "--adapters", "a,c",
+                 *sum((["--prompt", p] for p in prompts), [])]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(line["adapter"], line["prompt"]) for line in lines] == [(n, p) for n in ("a", "c") for p in prompts]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -1593,8 +1596,8 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
                                               ("qwen3_5_moe", {}), ("qwen3_next", {}), ("gemma4", {}),
                                               ("gemma4_text", dict(attention_k_eq_v=True,
                                                                    num_global_key_value_heads=1)),
-                                              ("gemma4_text", GEMMA4_MOE), ("gemma4_text", GEMMA4_E2B), ("llama4_text", {}),
-                                              ("llama4", {})],
+                                              ("gemma4_text", GEMMA4_MOE), ("gemma4_text", GEMMA4_E2B),
+                                              ("llama4_text", {}), ("llama4", {})],
                          ids=lambda v: v if isinstance(v, str) else "e2b" if v is GEMMA4_E2B else None)
 def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, overrides):
     """Qwen3 (per-head q/k norms, head_dim != hidden / heads), Gemma 1, 2 (soft-capped scores and
@@ -1624,7 +1627,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
                                             "deepseek_v3": MLA_TARGETS, "mistral4": MLA_TARGETS[:5],
                                             "mistral3": MLA_TARGETS[:5]}.get(family, GLM_TARGETS)
         cfg.write_text(json.dumps(raw))
-    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next", "llama4_text", "llama4"):  # (PEFT loads no LoRA on those MoE models' experts)
+    # (PEFT loads no LoRA on those MoE models' experts)
+    if family in ("qwen2_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next", "llama4_text", "llama4"):
         raw = json.loads(cfg.read_text())
         raw["lora"][0]["target_modules"] = (["q_proj", "k_proj", "v_proj", "o_proj"] if family == "qwen2_moe"
                                             else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -1644,10 +1648,12 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         # language model runs, with PEFT's LoRA in it
         from transformers import Llama4ForConditionalGeneration
 
-        peft_model = PeftModel.from_pretrained(Llama4ForConditionalGeneration.from_pretrained(str(base)), out / "b").eval()
+        peft_model = PeftModel.from_pretrained(Llama4ForConditionalGeneration.from_pretrained(str(base)),
+                                               out / "b").eval()
         _assert_peft_gives_mlora_logits(peft_model, base, out / "b", peft_model.base_model.model.language_model)
     else:
-        peft_model = PeftModel.from_pretrained(load_reference(base), out / "b").eval()  # (Mistral 3: the image-text model)
+        # (Mistral 3: the image-text model)
+        peft_model = PeftModel.from_pretrained(load_reference(base), out / "b").eval()
         _assert_peft_gives_mlora_logits(peft_model, base, out / "b")
     # PEFT puts LoRA exactly where mlora trained it (not also in Gemma 3's or Mistral 3's vision tower; on an
     # MoE model, one LoRA per stacked projection of each layer's experts)
@@ -1659,7 +1665,8 @@ def test_other_families_train_and_load_in_peft(tmp_path, tokenizer_dir, family, 
         assert sum(".experts." in k for k in saved) == 3 * experts and sum(".experts." in n for n in lora_modules) == 2
         saved = [k for k in saved if ".experts." not in k] + ["gate_up", "down"]
     if family.startswith("llama4"):  # layers 1 and 3's shared expert, layers 0 and 2's dense MLP
-        assert sum(".shared_expert." in k for k in saved) == sum(".feed_forward.down_proj." in k for k in saved) * 3 == 6
+        assert (sum(".shared_expert." in k for k in saved)
+                == sum(".feed_forward.down_proj." in k for k in saved) * 3 == 6)
     if family in ("gpt_oss", "llama4_text", "llama4") or overrides is GEMMA4_MOE:  # each (sparse) layer's experts:
         # gate_up_proj and down_proj, each one stacked LoRA
         assert sum(".experts." in k for k in saved) == 2 * 2 and sum(".experts." in n for n in lora_modules) == 2 * 2
@@ -1683,7 +1690,8 @@ def _as_reference_adapter(adapter_dir: Path, family: str, ref_config: dict, out:
     q_dim = ref_config["num_attention_heads"] * head_dim
     kv_dim = ref_config["num_key_value_heads"] * head_dim
     renames = ([(r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.", r"model.layers.\1.self_attn.o_proj."),
-                (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.", r"model.layers.\1.self_attn.qkv."),
+                (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.",
+                 r"model.layers.\1.self_attn.qkv."),
                 (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"model.layers.\1.mlp.gate_up_proj."),
                 (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"model.layers.\1.mlp.down_proj.")]
                if family == "chatglm" else [(r"\.self_attn\.W_pack\.", ".self_attn.qkv.")])

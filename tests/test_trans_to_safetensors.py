@@ -425,8 +425,8 @@ def test_a_chatglm_bin_checkpoint_with_its_tokenizer_code(tmp_path, capsys, toke
     (bins / "modeling_chatglm.py").write_text("seq_idx = torch.arange(seq_len) / self.rope_ratio\n")
     raw = json.loads((bins / "config.json").read_text())
     raw.pop("tie_word_embeddings", None)  # unknown: asking transformers would prompt to run the model's code
-    (bins / "config.json").write_text(json.dumps(dict(raw, auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
-                                                      rope_ratio=1)))
+    auto_map = {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}
+    (bins / "config.json").write_text(json.dumps(dict(raw, auto_map=auto_map, rope_ratio=1)))
     torch.save(load_file(src / "model.safetensors"), bins / "pytorch_model.bin")
     out = tmp_path / "out"
     code, _, err = run(capsys, "--model_path", bins, "--output_dir", out)
