@@ -3,7 +3,9 @@
 A dataset is a JSON array, a JSONL file or a Parquet table of rows. Five row shapes are understood:
 
 * alpaca  {"instruction", "input"?, "output"}  rendered through a PromptTemplate;
-* chat    {"messages": [{"role", "content"}, ...]}  rendered by the tokenizer's chat template;
+* chat    {"messages": [{"role", "content"}, ...]}  rendered by the chat template (the tokenizer's,
+  or the adapter's own: chat_template.py), its answers found by rendering the conversation's
+  prefixes, or marked by the template's {% generation %} blocks;
 * sharegpt  {"conversations": [{"from", "value"}, ...]}  a chat row under ShareGPT's names
   (from "human" / "gpt" = role "user" / "assistant": TRL renames the keys but keeps the names);
 * prompt/completion  {"prompt", "completion"}  TRL's shape: two strings (the completion, with
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from mlora.chat_template import marks_generation
 from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.pipe_read import read_without_waiting
 
@@ -772,6 +775,12 @@ def _encode_chat(messages, tokenizer, train_on_inputs: bool, first: str = "messa
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("chat rows ('messages') need a tokenizer with a chat template, "
                         "and this tokenizer has none")
+    if not train_on_inputs and marks_generation(tokenizer):
+        # The template marks what the assistant says: no prefix rendering, so none is required.
+        _check_answers_follow_a_turn(messages, first)
+        input_ids, trained = _assistant_mask(tokenizer, messages)
+        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, trained)]
+        return _with_trained_eos(tokenizer, messages, input_ids, labels)
     text = _render_chat(tokenizer, messages)
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -784,14 +793,31 @@ def _encode_chat(messages, tokenizer, train_on_inputs: bool, first: str = "messa
         spans = _assistant_spans(tokenizer, messages, text, first)
         trained = [any(lo <= start < hi for lo, hi in spans) for start, _ in encoding.offset_mapping]
     labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, trained)]
+    return _with_trained_eos(tokenizer, messages, input_ids, labels)
 
-    # Templates whose end-of-turn token is not EOS (ChatML with a </s> EOS, say) would never
-    # teach the model to stop; append a trained EOS after a final assistant turn.
+
+def _with_trained_eos(tokenizer, messages, input_ids: list[int], labels: list[int], since: int = 0) -> Example:
+    """The row, with a trained EOS appended after a final assistant turn when no label from
+    `since` on is EOS: templates whose end-of-turn token is not EOS (ChatML with a </s> EOS, say)
+    would never teach the model to stop."""
     eos = tokenizer.eos_token_id
-    if messages[-1]["role"] == "assistant" and eos not in [t for t in labels if t != IGNORE_INDEX]:
-        input_ids.append(eos)
-        labels.append(eos)
+    if messages[-1]["role"] == "assistant" and eos not in labels[since:]:
+        input_ids, labels = input_ids + [eos], labels + [eos]
     return Example(input_ids, labels)
+
+
+def _assistant_mask(tokenizer, messages) -> tuple[list[int], list[bool]]:
+    """The conversation's token ids and which of them the template's {% generation %} blocks
+    mark as the assistant's, as transformers' apply_chat_template returns them (the rendering
+    tokenized without special tokens added, as _encode_chat tokenizes it otherwise)."""
+    if not getattr(tokenizer, "is_fast", False):  # (the mask is made of a fast tokenizer's offsets)
+        raise UserError("chat rows need a fast tokenizer (one that reports character offsets)")
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except Exception as e:  # jinja raises its own errors (e.g. raise_exception for bad role order)
+        raise UserError(f"the chat template rejected the messages ({type(e).__name__}: {e})") from None
+    return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
 
 
 def _sharegpt_messages(conversations) -> list[dict]:
@@ -813,7 +839,8 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
     messages, the prompt's rendering with the generation prompt untrained and the rest of the
     whole conversation's trained (plus a trained EOS, as chat rows get one, when the template
     ends the turn otherwise; a template that does not start the whole with that rendering is
-    refused, as chat rows refuse it)."""
+    refused, as chat rows refuse it). A template that marks the answers with {% generation %}:
+    the marked tokens of the completion's answers (the prompt's answers' untrained)."""
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
         for key, value in (("prompt", prompt), ("completion", completion)):
@@ -826,6 +853,12 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("prompt/completion rows of messages need a tokenizer with a chat template, "
                             "and this tokenizer has none")
+        if not train_on_inputs and marks_generation(tokenizer):
+            # The template marks the answers: the completion's are those after the prompt's.
+            input_ids, trained = _assistant_mask(tokenizer, messages)
+            trained = _past_answers(trained, messages, sum(m["role"] == "assistant" for m in prompt))
+            labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, trained)]
+            return _with_trained_eos(tokenizer, messages, input_ids, labels)
         prompt_text = _render_chat(tokenizer, prompt, add_generation_prompt=True)
         text = _render_chat(tokenizer, messages)
         if not train_on_inputs and not text.startswith(prompt_text):
@@ -838,10 +871,7 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
         input_ids = tokenizer(text, add_special_tokens=False).input_ids
         cut = min(len(prompt_ids), len(input_ids))
         labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * cut + input_ids[cut:]
-        eos = tokenizer.eos_token_id
-        if messages[-1]["role"] == "assistant" and eos not in labels[cut:]:
-            input_ids, labels = input_ids + [eos], labels + [eos]
-        return Example(input_ids, labels)
+        return _with_trained_eos(tokenizer, messages, input_ids, labels, since=cut)
     prompt = _string_field(row, "prompt")
     completion = _string_field(row, "completion")
     eos = tokenizer.eos_token
@@ -981,8 +1011,7 @@ def _assistant_spans(tokenizer, messages, text: str, first: str = "messages[0]")
         if message["role"] != "assistant":
             continue
         if i == 0:  # nothing before it to render (a template rejects an empty conversation)
-            raise UserError(f"{first} is an assistant turn: a conversation starts with a user (or system) "
-                            "turn, the prompt its answers are learnt for (or set train_on_inputs)")
+            _check_answers_follow_a_turn(messages, first)
         before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_chat(tokenizer, messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):
@@ -991,6 +1020,29 @@ def _assistant_spans(tokenizer, messages, text: str, first: str = "messages[0]")
                             "masking (set train_on_inputs, or use another template)")
         spans.append((len(before), len(through)))
     return spans
+
+
+def _past_answers(marked: list[bool], messages, skipped: int) -> list[bool]:
+    """`marked` (the assistant mask of `messages`) without its first `skipped` runs of marked
+    tokens: those of the prompt's answers. Each run is one answer's {% generation %} block (a user
+    turn's tokens lie between two answers); a template whose runs are not one per assistant turn
+    cannot tell which answers are the completion's, and is refused."""
+    if not skipped:
+        return marked
+    starts = [i for i, on in enumerate(marked) if on and (i == 0 or not marked[i - 1])]
+    answers = sum(m["role"] == "assistant" for m in messages)
+    if len(starts) != answers:
+        raise UserError(f"the chat template's {{% generation %}} blocks mark {len(starts)} stretches of tokens "
+                        f"for the conversation's {answers} assistant turns, so the completion's answers cannot "
+                        f"be told from the prompt's (set train_on_inputs, or use another template)")
+    return [False] * starts[skipped] + marked[starts[skipped]:]
+
+
+def _check_answers_follow_a_turn(messages, first: str) -> None:
+    """Refuse a conversation that opens with an assistant turn (`first`: that turn as the row names it)."""
+    if messages[0]["role"] == "assistant":
+        raise UserError(f"{first} is an assistant turn: a conversation starts with a user (or system) "
+                        "turn, the prompt its answers are learnt for (or set train_on_inputs)")
 
 
 # --------------------------------------------------------------------------- padding

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -725,6 +728,76 @@ def test_prompt_completion_messages_refuse_a_prompt_the_whole_does_not_start_wit
     # every token trained: nothing to locate
     whole = encode({"prompt": CHAT[1:2], "completion": CHAT[2:3]}, tok, train_on_inputs=True)
     assert whole.labels == whole.input_ids
+
+
+# A ChatML template that renders the last assistant turn with an (empty) think block and earlier
+# ones without, as Qwen3's does (its generation prompt without thinking too), and marks what the
+# assistant says with {% generation %}.
+QWEN3_LIKE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}"
+    "{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+SMOLLM2 = Path("/root/.cache/mlora/smollm2-135m-instruct")
+
+
+@pytest.fixture(params=["tiny", "smollm2"])
+def real_tokenizers(request, tokenizer):
+    """The tests' tokenizer (EOS </s>, not its end-of-turn token) and the demo base's (SmolLM2's
+    ChatML, whose EOS is <|im_end|>), where it is on this machine."""
+    if request.param == "tiny":
+        return tokenizer
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"{SMOLLM2} is not on this machine (mlora demo fetches it)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SMOLLM2)
+
+
+def test_a_generation_tagged_template_trains_transformers_assistant_mask(real_tokenizers):
+    """A template with {% generation %} blocks: the trained tokens are those transformers'
+    apply_chat_template(return_assistant_tokens_mask=True) marks, every other label ignored (an
+    EOS appended and trained where no trained token is EOS, as for any chat row). A multi-turn
+    conversation whose template renders earlier answers otherwise than the last (Qwen3's think
+    block) is refused without the tags and trains with them; ShareGPT and prompt/completion rows
+    of the conversation are that chat row."""
+    tok = real_tokenizers
+    tagged = copy.copy(tok)
+    tagged.chat_template = QWEN3_LIKE
+    untagged = copy.copy(tok)
+    untagged.chat_template = re.sub(r"\{% (end)?generation %\}", "", QWEN3_LIKE)
+    with pytest.raises(UserError, match="does not render earlier turns as a prefix"):
+        encode({"messages": CHAT}, untagged)
+    reference = tagged.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(reference["input_ids"]), reference["assistant_masks"]
+    example = encode({"messages": CHAT}, tagged)
+    eos = tok.eos_token_id
+    appended = [] if any(i == eos and m for i, m in zip(ids, mask)) else [eos]
+    assert example.input_ids == ids + appended
+    assert example.labels == [i if m else IGNORE_INDEX for i, m in zip(ids, mask)] + appended
+    assert trained_segments(tok, example) == ["three four<|im_end|>",
+                                              "<think>\n\n</think>\n\nseven eight<|im_end|>" + tok.decode(appended)]
+    # every token trained: the mask is not asked for
+    assert encode({"messages": CHAT}, tagged, train_on_inputs=True).labels == ids + appended
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = [{"from": names[m["role"]], "value": m["content"]} for m in CHAT]
+    assert encode({"conversations": sharegpt}, tagged) == example
+    assert encode({"prompt": CHAT[:2], "completion": CHAT[2:]}, tagged) == example
+    # A prompt holding answers: theirs are not trained, the completion's are (its marked tokens only)
+    for cut in (3, 4):  # (3: its last answer renders otherwise in the whole: no prefix of it)
+        got = encode({"prompt": CHAT[:cut], "completion": CHAT[cut:]}, tagged)
+        assert got.input_ids == example.input_ids
+        assert trained_segments(tok, got) == trained_segments(tok, example)[1:]
+    # two answers marked as one stretch (blocks back to back): which is the completion's cannot be told
+    joined = copy.copy(tok)
+    joined.chat_template = QWEN3_LIKE.replace("{% endgeneration %}\n", "{% endgeneration %}").replace(
+        "<|im_start|>assistant\n{% generation %}", "{% generation %}<|im_start|>assistant\n")
+    with pytest.raises(UserError, match=r"blocks mark 1 stretches of tokens for the conversation's 2 assistant turns"):
+        encode({"prompt": CHAT[1:3], "completion": CHAT[2:3]}, joined)
+    with pytest.raises(UserError, match=r"messages\[0\] is an assistant turn"):
+        encode({"messages": CHAT[2:]}, tagged)
 
 
 @pytest.mark.parametrize("row,culprit", [
