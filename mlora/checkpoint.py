@@ -32,8 +32,9 @@ _ITER = re.compile(r"^iter-(\d+)(?:-(rank\d+))?$")
 RESUMABLE_WITH_OTHER = ("save_best", "early_stopping_patience", "early_stopping_threshold")
 # Where an adapter's files are: not part of the fingerprint, what they hold is (the training rows'
 # and test rows' digests): a project moved, or data mounted elsewhere on the node a requeued job
-# lands on, resumes. (The template shapes the rows' tokens; init_from only the first step reads.)
-FILE_PLACES = ("data", "test_data", "prompt", "init_from")
+# lands on, resumes. (The templates shape the rows' tokens and labels; init_from only the first step
+# reads. chat_template absent, a checkpoint written before the key existed resumes.)
+FILE_PLACES = ("data", "test_data", "prompt", "chat_template", "init_from")
 
 
 def run_fingerprint(session) -> dict:

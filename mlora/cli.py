@@ -466,11 +466,17 @@ class GenerateJob:
         return NonFiniteScores(err.request_id, err.name, err.token, where)
 
 
+def templates_of(adapter) -> tuple[str, str | None]:
+    """What renders an adapter's prompts: its prompt template and its chat template (None: the tokenizer's)."""
+    return adapter.prompt, adapter.chat_template
+
+
 def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJob:
     """What `mlora generate` runs, from its flags (one process and --pipeline alike): the
     chosen adapters, every prompt rendered as its adapter was trained, and the sampling.
     notes=False leaves out the note of lines past the model's positions (a pipeline's ranks
     but rank 0). file_rows: --prompt_file's rows, read already (by a pipeline's rank 0)."""
+    from mlora.chat_template import with_chat_template
     from mlora.data import Rows, load_rows, load_template, prompt_tokens, row_place, row_prompt
     from mlora.generate import Sampling
     from mlora.loader import read_model_config
@@ -490,15 +496,17 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
             raise UserError(f"{what} tokenizes to id {max(ids)}, outside the model's vocab_size {vocab} "
                             f"(is the tokenizer in {session.base_dir} the model's?)")
 
-    def rendered(spec: str, completers: set[str]) -> list[tuple[str, list[int], str | None] | None]:
-        """Every prompt that one of `completers` completes, through the template `spec` they share
-        (they render it once); None in the place of a file row that names another adapter: this
-        template never renders it, and a row it could not render (one it renders empty) must not
-        end the command."""
-        template = load_template(spec)
+    def rendered(spec: tuple[str, str | None],
+                 completers: set[str]) -> list[tuple[str, list[int], str | None] | None]:
+        """Every prompt that one of `completers` completes, through the templates `spec` they share
+        (the prompt template and the chat template, None: the tokenizer's; they render it once);
+        None in the place of a file row that names another adapter: these templates never render
+        it, and a row they could not render (one they render empty) must not end the command."""
+        template = load_template(spec[0])
+        tokenizer = with_chat_template(session.tokenizer, spec[1])
         out = []
         for text in args.prompt:
-            ids = prompt_tokens(text, args.format, session.tokenizer, template)
+            ids = prompt_tokens(text, args.format, tokenizer, template)
             check_vocab(ids, f"--prompt {text!r}")
             out.append((text, ids, None))
         for i, row in enumerate(file_rows):  # (load_rows gives objects only)
@@ -507,23 +515,23 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
                 continue
             where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
             try:
-                asked = row_prompt(row, session.tokenizer, template)  # (one that renders empty is refused)
+                asked = row_prompt(row, tokenizer, template)  # (one that renders empty is refused)
             except UserError as err:
                 raise UserError(f"{where}: {err}") from None
             check_vocab(asked.ids, f"{where}: its prompt")
             out.append((asked.shown, asked.ids, asked.reference))
         return out
 
-    by_template: dict[str, list[tuple[str, list[int], str | None] | None]] = {}
+    by_template: dict[tuple[str, str | None], list[tuple[str, list[int], str | None] | None]] = {}
     rows = []  # (adapter, prompt, prompt token ids, reference), every prompt rendered as its adapter was trained
     # (the --prompt ones first, then the file's; a file row naming its adapter completes through that one only)
     owners = [None] * len(args.prompt) + row_adapters
     wanted = set(owners)  # (None: a line every chosen adapter completes)
     names = [name for name in names if None in wanted or name in wanted]
     for name in names:
-        spec = by_name[name].prompt
+        spec = templates_of(by_name[name])
         if spec not in by_template:
-            by_template[spec] = rendered(spec, {n for n in names if by_name[n].prompt == spec})
+            by_template[spec] = rendered(spec, {n for n in names if templates_of(by_name[n]) == spec})
         rows += [(name, *prompt) for prompt, owner in zip(by_template[spec], owners) if owner in (None, name)]
     requests = [(name, ids) for name, _, ids, _ in rows] + ([(None, ids) for _, _, ids, _ in rows] if args.base else [])
     sampling = (Sampling(args.temperature, 1.0 if args.top_p is None else args.top_p, args.seed or 0,

@@ -78,6 +78,8 @@ class AdapterConfig:
     max_steps: int | None = None  # optimizer steps; None = run all epochs
     test_data: str | None = None  # absolute path
     prompt: str = "alpaca"  # a builtin name or an absolute path to a template file
+    # An absolute path to a Jinja chat template that replaces the tokenizer's for this adapter's rows
+    chat_template: str | None = None
     group_by_length: bool | None = None  # filled from TrainConfig by parse_config
     expand_side: str = "right"
     train_on_inputs: bool = False
@@ -308,6 +310,14 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     a.string("prompt")
     if a.values.get("prompt", BUILTIN_PROMPTS[0]) not in BUILTIN_PROMPTS:
         a.path("prompt", base_dir, kind="prompt")
+    a.path("chat_template", base_dir, kind="chat template", nullable=True)
+    if a.values.get("chat_template") is not None:  # (every command renders chat rows through it)
+        from mlora.chat_template import read_chat_template
+
+        try:
+            read_chat_template(a.values["chat_template"])
+        except UserError as err:
+            a.fail(f"'chat_template': {err}")
 
     a.integer("r", _POSITIVE)
     a.number("alpha", _POSITIVE)
@@ -516,7 +526,7 @@ class _Reader:
 
     def path(self, key: str, base_dir: Path | None, *, kind: str, nullable: bool = False,
              must_exist: bool = True) -> None:
-        """An existing file ("file", "prompt") or saved adapter directory ("adapter"), stored
+        """An existing file ("file", "prompt", "chat template") or saved adapter directory ("adapter"), stored
         absolute; relative paths are tried from the working directory, then from base_dir.
         must_exist False: a path the command will not read may be missing (kept as given,
         made absolute as the first place looked)."""
@@ -535,7 +545,8 @@ class _Reader:
             return
         if found is None:
             looked = "" if given.is_absolute() else " (looked in " + " and ".join(str(p) for p in places) + ")"
-            what = {"file": "file", "prompt": "template file", "adapter": "adapter directory"}[kind]
+            what = {"file": "file", "prompt": "template file", "chat template": "chat template file",
+                    "adapter": "adapter directory"}[kind]
             extra = f"; builtin templates: {', '.join(BUILTIN_PROMPTS)}" if kind == "prompt" else ""
             self.fail(f"{key!r}: {what} {value!r} not found{looked}{extra}")
         if kind == "adapter":

@@ -14,6 +14,7 @@ import torch
 from mlora.batching import check_evaluable
 from mlora.config import (EXPERT_TARGET_MODULES, MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config,
                           projection_of)
+from mlora.chat_template import with_chat_template
 from mlora.data import Example, encode_rows, load_rows, load_template, unread_columns, unread_keys_note
 from mlora.device import dtype_note, resolve_device, resolve_dtype
 from mlora.errors import UserError
@@ -323,9 +324,10 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     noted = set() if data_notes else None  # adapters may share a file: one note for it
     for a in cfg.lora if reads != "generate" else ():
         # (eval with test_data: the training rows, maybe millions, are not read at all)
-        train = (encode_file(a.data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
+        own = with_chat_template(tokenizer, a.chat_template)  # (its chat rows render through its own template)
+        train = (encode_file(a.data, own, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
                  if reads == "train" or not a.test_data else [])
-        test = (encode_file(a.test_data, tokenizer, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
+        test = (encode_file(a.test_data, own, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
                 if a.test_data else train)
         for path, examples in ((a.data, train), (a.test_data, test)) if test is not train else ((a.data, train),):
             # Before anything is written: an id past the embedding would fail mid-run.

@@ -486,6 +486,37 @@ def test_missing_paths_name_key_adapter_and_path(workdir):
     assert "'init_from'" in message and "'no_such_adapter'" in message
 
 
+def test_chat_template_is_a_jinja_file_checked_before_anything_loads(tmp_path, monkeypatch):
+    """chat_template: a path resolved as the other files' (from the working directory, then the
+    config's), stored absolute; a file that is missing, not UTF-8, empty or not Jinja (transformers'
+    `generation` tag is Jinja here) is one line naming the adapter, the key and the file."""
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "train.json").write_text("[]")
+    (cfg_dir / "chat.jinja").write_text("{% for m in messages %}{% generation %}{{ m['content'] }}"
+                                        "{% endgeneration %}{% endfor %}")
+    monkeypatch.chdir(tmp_path)
+    path = write_config(cfg_dir / "run.json", {"lora": [adapter(data="train.json", chat_template="chat.jinja")]})
+    assert load_config(path).lora[0].chat_template == str(cfg_dir / "chat.jinja")
+    for reads in ("eval", "generate"):
+        assert load_config(path, reads=reads).lora[0].chat_template == str(cfg_dir / "chat.jinja")
+    assert AdapterConfig("a", "d").chat_template is None  # the tokenizer's own
+    monkeypatch.chdir(cfg_dir)
+    message = adapter_error(chat_template="nope.jinja")
+    assert message.startswith("cfg.json: lora[0] (name 'a'): 'chat_template': chat template file 'nope.jinja' not "
+                              "found"), message
+    broken = cfg_dir / "broken.jinja"
+    for text, said in (("{% for m in messages %}\n{{ m.content }\n", f"{broken}:2: Jinja syntax error ("),
+                       ("{% generation %}{{ x }}", f"{broken}:1: Jinja syntax error (Unexpected end of template"),
+                       (" \n", f"{broken}: the chat template is empty"), (b"\xff", f"{broken}: not UTF-8 text")):
+        if isinstance(text, bytes):
+            broken.write_bytes(text)
+        else:
+            broken.write_text(text)
+        message = adapter_error(chat_template="broken.jinja")
+        assert message.startswith(f"cfg.json: lora[0] (name 'a'): 'chat_template': {said}"), message
+
+
 def test_path_kinds_checked(workdir):
     (workdir / "adir").mkdir()
     assert "is not a file" in adapter_error(data="adir")

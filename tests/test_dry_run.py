@@ -249,7 +249,8 @@ def saved_adapter(tiny_llama: Path, cfg_path: Path, where: Path) -> Path:
 
 @pytest.mark.parametrize("setup", ["output_dir_is_a_file", "output_dir_under_a_file", "adapter_dir_is_a_file",
                                    "r_too_large", "missing_data", "output_dir_in_use", "unfinished_run",
-                                   "init_from_of_other_r", "init_from_not_finite", "disk_too_small"])
+                                   "init_from_of_other_r", "init_from_not_finite", "disk_too_small",
+                                   "chat_template_not_jinja"])
 def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, monkeypatch, setup):
     out = tmp_path / "out"
     overrides = {}
@@ -269,6 +270,9 @@ def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, 
         cfg["lora"][1]["r"] = 1000
     if setup == "missing_data":
         cfg["lora"][0]["data"] = str(tmp_path / "nowhere.jsonl")
+    if setup == "chat_template_not_jinja":  # (read with the config: before the tokenizer, the base, the rows)
+        (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m.content }}")
+        cfg["lora"][1]["chat_template"] = str(tmp_path / "chat.jinja")
     if setup.startswith("init_from"):  # (checked as the trainer builds the adapters: after the weights' load)
         init = saved_adapter(tiny_llama, cfg_path, tmp_path / "init")
         if setup == "init_from_of_other_r":
@@ -293,6 +297,10 @@ def test_refuses_what_train_refuses_with_its_line(tiny_llama, tmp_path, capsys, 
         expected, planned = refusal(capsys, argv), refusal(capsys, [*argv, "--dry_run"])
     assert expected[0] == 2 and expected[1].startswith("mlora: error: ")
     assert planned == expected
+    if setup == "chat_template_not_jinja":
+        assert expected[1].endswith(f"lora[1] (name 'b'): 'chat_template': {tmp_path / 'chat.jinja'}:1: Jinja syntax "
+                                    f"error (Unexpected end of template. Jinja was looking for the following tags: "
+                                    f"'endfor' or 'else'. The innermost block that needs to be closed is 'for'.)")
     if setup == "unfinished_run":  # a fresh start that would delete them is planned, and deletes nothing
         assert main([*argv, "--dry_run", "--overwrite"]) == 0
         assert (out / "checkpoints" / "iter-00000003").is_dir() and not (out / "metrics.jsonl").exists()

@@ -292,6 +292,31 @@ def test_test_rows_count_for_a_resume_only_where_training_evaluates_them(tmp_pat
     assert describe_difference(digested, fingerprint([-100, -100, 6])) is None
 
 
+def test_a_chat_templates_place_is_not_part_of_the_run(tmp_path):
+    """chat_template, as the adapters' other files: what it makes of the rows counts (their tokens
+    and labels are compared), not where it is; and a checkpoint written before the key existed
+    (its adapters' settings without it) resumes a run that gives none."""
+    from types import SimpleNamespace
+
+    from mlora.checkpoint import describe_difference, run_fingerprint
+    from mlora.config import parse_config
+
+    (tmp_path / "config.json").write_text("{}")
+    write_jsonl(tmp_path / "train.jsonl", alpaca_rows(2, 1))
+    (tmp_path / "moved").mkdir()
+    for place in (tmp_path / "chat.jinja", tmp_path / "moved" / "chat.jinja"):
+        place.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+    def fingerprint(**keys):
+        cfg = parse_config({"lora": [{"name": "a", "data": "train.jsonl", **keys}]}, base_dir=tmp_path)
+        rows = SimpleNamespace(train=[SimpleNamespace(input_ids=[1, 2, 3], labels=[-100, 2, 3])], test=[])
+        return run_fingerprint(SimpleNamespace(cfg=cfg, base_dir=tmp_path, data={"a": rows}, dtype="fp32", quant=None))
+
+    assert describe_difference(fingerprint(chat_template="chat.jinja"),
+                               fingerprint(chat_template="moved/chat.jinja")) is None
+    assert "chat_template" not in fingerprint()["adapters"]["a"]
+
+
 def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(interrupted, tiny_llama, capsys):
     """The default dtype follows the device (fp16 on GPUs older than compute capability 8.0, bf16
     on newer, fp32 on the CPU): a checkpoint of another default is refused naming the --dtype

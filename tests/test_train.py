@@ -1229,6 +1229,47 @@ def test_generate_stops_at_the_generation_configs_eos(fused_run, tiny_llama, cap
     assert "eos_token_id must be a token id" in capsys.readouterr().err
 
 
+def test_an_adapters_chat_template_renders_its_rows_in_train_eval_and_generate(tiny_llama, tokenizer, tmp_path):
+    """chat_template: an adapter's chat rows, training and test rows, render through its own
+    template (generation-tagged: multi-turn rows its think block refused train), another adapter's
+    through the tokenizer's; `mlora generate` renders its prompts (--format chat, a --prompt_file
+    conversation) through the template it trained with."""
+    import copy
+
+    from test_data import CHAT, QWEN3_LIKE
+
+    from mlora.cli import build_parser, generate_job
+    from mlora.data import encode_rows, load_template, prompt_tokens
+    from mlora.session import open_session
+
+    (tmp_path / "qwen3.jinja").write_text(QWEN3_LIKE)
+    rows = [{"messages": CHAT}, {"messages": CHAT[1:3]}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"cutoff_len": 128, "output_dir": str(tmp_path / "out"), "lora": [
+        {"name": "a", "data": "chat.jsonl", "test_data": "chat.jsonl", "chat_template": "qwen3.jinja"},
+        {"name": "b", "data": "chat.jsonl"}]}))
+    own = copy.copy(tokenizer)
+    own.chat_template = QWEN3_LIKE
+    alpaca = load_template("alpaca")
+    session = open_session(tiny_llama, cfg, device="cpu", load_base=False)
+    assert session.data["a"].train == session.data["a"].test == encode_rows(rows, own, alpaca, 128, False)
+    assert session.data["b"].train == encode_rows(rows, tokenizer, alpaca, 128, False) != session.data["a"].train
+    assert session.tokenizer.chat_template == tokenizer.chat_template  # (the base's stays the others')
+    assert open_session(tiny_llama, cfg, device="cpu", load_base=False, reads="eval").data["a"].test == \
+        session.data["a"].test
+    args = build_parser().parse_args(["generate", "--base_model", str(tiny_llama), "--config", str(cfg),
+                                      "--format", "chat", "--prompt", "hi", "--prompt_file", str(data)])
+    job = generate_job(args, open_session(tiny_llama, cfg, device="cpu", load_base=False, reads="generate"))
+    asked = own.apply_chat_template(CHAT[:4], add_generation_prompt=True, tokenize=False)
+    assert [(name, ids) for name, _, ids, _ in job.rows if name == "a"] == [
+        ("a", prompt_tokens("hi", "chat", own, alpaca)), ("a", own(asked, add_special_tokens=False).input_ids),
+        ("a", prompt_tokens("one two", "chat", own, alpaca))]
+    assert [ids for name, _, ids, _ in job.rows if name == "b"][0] == prompt_tokens("hi", "chat", tokenizer, alpaca)
+    assert prompt_tokens("hi", "chat", own, alpaca) != prompt_tokens("hi", "chat", tokenizer, alpaca)
+
+
 def test_stop_tokens_come_from_generation_config_else_config_else_its_text_config(tmp_path):
     """Without generation_config.json, an image-text checkpoint's config.json nests its EOS ids
     in text_config (Gemma 3's end_of_turn among them): they stop a row too."""
