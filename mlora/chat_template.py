@@ -25,7 +25,6 @@ def read_chat_template(path: str | Path) -> str:
     `generation` tag included: a plain Jinja environment does not know it), so that a syntax
     error is one line naming the file and the line before anything loads."""
     from jinja2 import TemplateSyntaxError
-    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -36,10 +35,48 @@ def read_chat_template(path: str | Path) -> str:
     if not text.strip():
         raise UserError(f"{path}: the chat template is empty")
     try:
-        _compile_jinja_template(text)
+        _compile(text)
     except TemplateSyntaxError as err:
         raise UserError(f"{path}:{err.lineno}: Jinja syntax error ({err.message})") from None
     return text
+
+
+def _compile(text: str) -> None:
+    """Compile `text` as transformers compiles a chat template (TemplateSyntaxError where it is
+    not Jinja). transformers' compiler is a private helper: where a release renames it, changes
+    its arguments or refuses the installed jinja2 in it, a sandboxed environment with the same
+    tag, extension and settings compiles the template instead, so the check never turns into a
+    traceback (rendering goes through apply_chat_template, transformers' public API, anyway)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        pass
+    else:
+        try:
+            _compile_jinja_template(text)
+            return
+        except (ImportError, TypeError):
+            pass
+    _fallback_environment().from_string(text)
+
+
+def _fallback_environment():
+    """A Jinja environment that compiles chat templates as transformers' does: sandboxed, blocks
+    trimmed, loop controls, and `{% generation %}...{% endgeneration %}` parsed (rendering its body)."""
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                         extensions=[GenerationTag, jinja2.ext.loopcontrols])
 
 
 def with_chat_template(tokenizer, path: str | None):

@@ -517,6 +517,43 @@ def test_chat_template_is_a_jinja_file_checked_before_anything_loads(tmp_path, m
         assert message.startswith(f"cfg.json: lora[0] (name 'a'): 'chat_template': {said}"), message
 
 
+@pytest.mark.parametrize("change", ["renamed", "other_arguments", "refuses_jinja2"])
+def test_chat_template_check_outlives_transformers_private_compiler(tmp_path, monkeypatch, change):
+    """read_chat_template compiles through transformers' private _compile_jinja_template: where a
+    release renames it, changes its arguments or raises ImportError in it (a jinja2 it refuses),
+    the check falls back to a sandboxed Jinja environment that knows the generation tag: the same
+    one-line messages as transformers' own compiler gives, never a traceback."""
+    import transformers.utils.chat_template_utils as utils
+
+    from mlora.chat_template import read_chat_template
+
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}{%- generation -%}{{ m['content'] }}{% endgeneration %}"
+                    "{% if loop.last %}{% break %}{% endif %}{% endfor %}")
+    broken = {tmp_path / "unclosed.jinja": "{% for m in messages %}\n{{ m.content }\n",
+              tmp_path / "tag.jinja": "{% generation %}{{ x }}"}
+    for path, text in broken.items():
+        path.write_text(text)
+
+    def said(path) -> str:
+        with pytest.raises(UserError) as err:
+            read_chat_template(path)
+        return str(err.value)
+
+    expected = {path: said(path) for path in broken}  # (through transformers' compiler)
+    if change == "renamed":
+        monkeypatch.delattr(utils, "_compile_jinja_template")
+    else:
+        def changed(template, *required):
+            raise (TypeError("missing argument") if change == "other_arguments" else ImportError("jinja2 too old"))
+
+        monkeypatch.setattr(utils, "_compile_jinja_template", changed)
+    assert read_chat_template(good) == good.read_text()
+    for path in broken:
+        assert said(path) == expected[path]
+        assert said(path).startswith(f"{path}:"), said(path)
+
+
 def test_path_kinds_checked(workdir):
     (workdir / "adir").mkdir()
     assert "is not a file" in adapter_error(data="adir")
