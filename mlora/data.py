@@ -1029,8 +1029,10 @@ def _past_answers(marked: list[bool], messages, skipped: int) -> list[bool]:
     cannot tell which answers are the completion's, and is refused."""
     if not skipped:
         return marked
-    starts = [i for i, on in enumerate(marked) if on and (i == 0 or not marked[i - 1])]
     answers = sum(m["role"] == "assistant" for m in messages)
+    if skipped == answers:  # a completion of no answer (a user turn, say): nothing of it is marked
+        return [False] * len(marked)
+    starts = [i for i, on in enumerate(marked) if on and (i == 0 or not marked[i - 1])]
     if len(starts) != answers:
         raise UserError(f"the chat template's {{% generation %}} blocks mark {len(starts)} stretches of tokens "
                         f"for the conversation's {answers} assistant turns, so the completion's answers cannot "

@@ -800,6 +800,20 @@ def test_a_generation_tagged_template_trains_transformers_assistant_mask(real_to
         encode({"messages": CHAT[2:]}, tagged)
 
 
+def test_a_generation_tagged_completion_without_an_answer_trains_nothing(tokenizer):
+    """A prompt/completion row whose prompt holds answers and whose completion holds none (a user
+    turn): no marked token is the completion's, so none is trained (as where the prompt holds no
+    answer either), and no EOS is appended (the row ends with a user turn); not an IndexError."""
+    tagged = copy.copy(tokenizer)
+    tagged.chat_template = QWEN3_LIKE
+    completion = [{"role": "user", "content": "nine ten"}]
+    for prompt in (CHAT[:3], CHAT[:2]):  # (answers in the prompt; none)
+        got = encode({"prompt": prompt, "completion": completion}, tagged)
+        assert got.input_ids == list(tagged.apply_chat_template(prompt + completion, tokenize=True,
+                                                                return_dict=True)["input_ids"])
+        assert got.labels == [IGNORE_INDEX] * len(got.input_ids)
+
+
 @pytest.mark.parametrize("row,culprit", [
     ({"text": "ok \ud800"}, "'text'"),
     ({"instruction": "x\udc80", "output": "y"}, "'instruction'"),
