@@ -87,7 +87,15 @@ def with_chat_template(tokenizer, path: str | None):
         return tokenizer
     own = copy.copy(tokenizer)
     own.chat_template = read_chat_template(path)
+    own.mlora_chat_template_file = str(path)  # (template_named: errors say whose template it is)
     return own
+
+
+def template_named(tokenizer) -> str:
+    """The tokenizer's chat template as an error names it: an adapter's own by its file (adapters
+    that share a data file render its rows through different templates), else the tokenizer's."""
+    path = getattr(tokenizer, "mlora_chat_template_file", None)
+    return "the chat template" if path is None else f"the chat template {path}"
 
 
 def marks_generation(tokenizer) -> bool:

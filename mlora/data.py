@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from mlora.chat_template import marks_generation
+from mlora.chat_template import marks_generation, template_named
 from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.pipe_read import read_without_waiting
 
@@ -816,7 +816,7 @@ def _assistant_mask(tokenizer, messages) -> tuple[list[int], list[bool]]:
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
     except Exception as e:  # jinja raises its own errors (e.g. raise_exception for bad role order)
-        raise UserError(f"the chat template rejected the messages ({type(e).__name__}: {e})") from None
+        raise UserError(f"{template_named(tokenizer)} rejected the messages ({type(e).__name__}: {e})") from None
     return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
 
 
@@ -864,7 +864,7 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
         if not train_on_inputs and not text.startswith(prompt_text):
             # A template whose generation prompt the answered turn does not start with (DeepSeek-R1's
             # "<think>\n") cut the completion's first tokens off its labels without a word.
-            raise UserError("the chat template does not render the prompt (with its generation prompt) as a "
+            raise UserError(f"{template_named(tokenizer)} does not render the prompt (with its generation prompt) as a "
                             "prefix of the whole conversation, so the completion cannot be located for label "
                             "masking (set train_on_inputs, or use another template)")
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
@@ -973,7 +973,7 @@ def row_prompt(row: dict, tokenizer, template: PromptTemplate) -> RowPrompt:
         raise UserError("rows of messages need a tokenizer with a chat template, and this tokenizer has none")
     asked = next((m["content"] for m in reversed(prompt) if m["role"] != "assistant"), "")
     rendered = _render_chat(tokenizer, prompt, add_generation_prompt=True)
-    _check_not_empty(rendered, "its prompt", " (rendered through the chat template)")
+    _check_not_empty(rendered, "its prompt", f" (rendered through {template_named(tokenizer)})")
     ids = tokenizer(rendered, add_special_tokens=False).input_ids
     return RowPrompt(asked, ids, None if answer is None else answer["content"])
 
@@ -995,7 +995,7 @@ def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> st
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja raises its own errors (e.g. raise_exception for bad role order)
-        raise UserError(f"the chat template rejected the messages ({type(e).__name__}: {e})") from None
+        raise UserError(f"{template_named(tokenizer)} rejected the messages ({type(e).__name__}: {e})") from None
 
 
 def _assistant_spans(tokenizer, messages, text: str, first: str = "messages[0]") -> list[tuple[int, int]]:
@@ -1015,7 +1015,7 @@ def _assistant_spans(tokenizer, messages, text: str, first: str = "messages[0]")
         before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_chat(tokenizer, messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):
-            raise UserError("the chat template does not render earlier turns as a prefix of the "
+            raise UserError(f"{template_named(tokenizer)} does not render earlier turns as a prefix of the "
                             "whole conversation, so assistant turns cannot be located for label "
                             "masking (set train_on_inputs, or use another template)")
         spans.append((len(before), len(through)))

@@ -814,6 +814,34 @@ def test_a_generation_tagged_completion_without_an_answer_trains_nothing(tokeniz
         assert got.labels == [IGNORE_INDEX] * len(got.input_ids)
 
 
+def test_errors_of_an_adapters_chat_template_name_its_file(tokenizer, tmp_path):
+    """Adapters may share a data file and render it through different templates: where an
+    adapter's own chat_template rejects a conversation, or renders earlier turns otherwise than
+    the whole, the one-line error names that file (train's rows and generate's prompts alike);
+    the tokenizer's own template is "the chat template" still."""
+    from mlora.chat_template import with_chat_template
+    from mlora.data import prompt_tokens, row_prompt
+
+    rejecting, unmarked = tmp_path / "rejecting.jinja", tmp_path / "unmarked.jinja"
+    rejecting.write_text("{{ raise_exception('no such turns') }}")
+    unmarked.write_text(re.sub(r"\{% (end)?generation %\}", "", QWEN3_LIKE))
+    own = with_chat_template(tokenizer, str(rejecting))
+    said = f"the chat template {rejecting} rejected the messages (TemplateError: no such turns)"
+    for call in (lambda: encode({"messages": CHAT}, own), lambda: row_prompt({"messages": CHAT}, own, None),
+                 lambda: prompt_tokens("hi", "chat", own, None)):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == said
+    with pytest.raises(UserError, match=rf"^the chat template {re.escape(str(unmarked))} does not render earlier"):
+        encode({"messages": CHAT}, with_chat_template(tokenizer, str(unmarked)))
+    with pytest.raises(UserError, match=rf"^the chat template {re.escape(str(unmarked))} does not render the prompt"):
+        encode({"prompt": CHAT[:3], "completion": CHAT[3:]}, with_chat_template(tokenizer, str(unmarked)))
+    tokens = copy.copy(tokenizer)
+    tokens.chat_template = rejecting.read_text()
+    with pytest.raises(UserError, match=r"^the chat template rejected the messages"):
+        encode({"messages": CHAT}, tokens)
+
+
 @pytest.mark.parametrize("row,culprit", [
     ({"text": "ok \ud800"}, "'text'"),
     ({"instruction": "x\udc80", "output": "y"}, "'instruction'"),
