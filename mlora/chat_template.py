@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from typing import Sequence
 
 from mlora.errors import UserError
 
@@ -20,24 +21,54 @@ from mlora.errors import UserError
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+def is_inline(value: str) -> bool:
+    """Whether an adapter's `chat_template` holds the Jinja text itself (as tokenizer_config.json's
+    does) rather than a file's path: text holding `{{` or `{%`. A template must hold one to render
+    any message at all, and a path seldom does; the config refuses a value that is both (a file
+    whose name holds one), so the rule never picks the wrong one without a word."""
+    return "{{" in value or "{%" in value
+
+
 def read_chat_template(path: str | Path) -> str:
     """The template text of the Jinja file `path`, compiled as transformers compiles it (its
     `generation` tag included: a plain Jinja environment does not know it), so that a syntax
-    error is one line naming the file and the line before anything loads."""
-    from jinja2 import TemplateSyntaxError
-
+    error is one line naming the file and the line before anything loads. A file read already
+    and unchanged since (its size and modification time) is not read and compiled again: the
+    config checks it, then every command puts it in the tokenizer's place."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+        stat = Path(path).stat()
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _READ:
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+        except OSError as err:
+            raise UserError(f"{path}: cannot read ({err.strerror})") from None
+        _READ[key] = _checked(text, str(path))
+    return _READ[key]
+
+
+_READ: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> its text, checked
+
+
+def inline_chat_template(text: str) -> str:
+    """`text`, an adapter's `chat_template` holding the Jinja itself, checked as a file's text is."""
+    return _checked(text, "its Jinja text", inline=True)
+
+
+def _checked(text: str, named: str, inline: bool = False) -> str:
+    from jinja2 import TemplateSyntaxError
+
     if not text.strip():
-        raise UserError(f"{path}: the chat template is empty")
+        raise UserError(f"{named}: the chat template is empty")
     try:
         _compile(text)
     except TemplateSyntaxError as err:
-        raise UserError(f"{path}:{err.lineno}: Jinja syntax error ({err.message})") from None
+        where = f"line {err.lineno} of {named}" if inline else f"{named}:{err.lineno}"
+        raise UserError(f"{where}: Jinja syntax error ({err.message})") from None
     return text
 
 
@@ -79,26 +110,45 @@ def _fallback_environment():
                                          extensions=[GenerationTag, jinja2.ext.loopcontrols])
 
 
-def with_chat_template(tokenizer, path: str | None):
-    """`tokenizer`, or where `path` (an adapter's chat_template) is given a shallow copy of it
-    whose chat template is that file's: the vocabulary and the tokenizing backend are shared, and
-    everything that renders a chat (apply_chat_template, the unread-keys note) reads the copy's."""
-    if path is None:
+def with_chat_template(tokenizer, value: str | None, owners: Sequence[str] = ()):
+    """`tokenizer`, or where `value` (an adapter's chat_template: a file's path, or the Jinja
+    itself, is_inline) is given a shallow copy of it whose chat template is that one: the
+    vocabulary and the tokenizing backend are shared, and everything that renders a chat
+    (apply_chat_template, the unread-keys note) reads the copy's. owners: the adapters whose
+    template it is, which errors name (template_named)."""
+    if value is None:
         return tokenizer
     own = copy.copy(tokenizer)
-    own.chat_template = read_chat_template(path)
-    own.mlora_chat_template_file = str(path)  # (template_named: errors say whose template it is)
+    inline = is_inline(value)
+    own.chat_template = inline_chat_template(value) if inline else read_chat_template(value)
+    named = "the inline chat template" if inline else f"the chat template {value}"
+    if owners:
+        quoted = [repr(name) for name in owners]
+        named += (f" of adapter {quoted[0]}" if len(quoted) == 1
+                  else f" of adapters {', '.join(quoted[:-1])} and {quoted[-1]}")
+    own.mlora_chat_template_named = named  # (template_named: errors say whose template it is)
     return own
 
 
 def template_named(tokenizer) -> str:
-    """The tokenizer's chat template as an error names it: an adapter's own by its file (adapters
-    that share a data file render its rows through different templates), else the tokenizer's."""
-    path = getattr(tokenizer, "mlora_chat_template_file", None)
-    return "the chat template" if path is None else f"the chat template {path}"
+    """The tokenizer's chat template as an error names it: an adapter's own by its file (or as
+    inline) and its adapters (adapters that share a data file render its rows through different
+    templates), else the tokenizer's."""
+    return getattr(tokenizer, "mlora_chat_template_named", "the chat template")
+
+
+def active_template(tokenizer) -> str | None:
+    """The template apply_chat_template renders with (mlora passes it no tools): the tokenizer's
+    chat_template, or of a dict of named ones (tokenizer_config.json's {"default": ...,
+    "tool_use": ...}) the one named "default", as transformers' get_chat_template picks it.
+    None where it has none (or a dict without "default", which apply_chat_template refuses)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) else None
 
 
 def marks_generation(tokenizer) -> bool:
     """Whether the tokenizer's chat template marks the assistant's text with {% generation %}."""
-    template = getattr(tokenizer, "chat_template", None)
-    return isinstance(template, str) and _GENERATION_TAG.search(template) is not None
+    template = active_template(tokenizer)
+    return template is not None and _GENERATION_TAG.search(template) is not None

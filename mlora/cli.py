@@ -503,7 +503,7 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
         None in the place of a file row that names another adapter: these templates never render
         it, and a row they could not render (one they render empty) must not end the command."""
         template = load_template(spec[0])
-        tokenizer = with_chat_template(session.tokenizer, spec[1])
+        tokenizer = with_chat_template(session.tokenizer, spec[1], sorted(completers))
         out = []
         for text in args.prompt:
             ids = prompt_tokens(text, args.format, tokenizer, template)

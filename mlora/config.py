@@ -78,7 +78,8 @@ class AdapterConfig:
     max_steps: int | None = None  # optimizer steps; None = run all epochs
     test_data: str | None = None  # absolute path
     prompt: str = "alpaca"  # a builtin name or an absolute path to a template file
-    # An absolute path to a Jinja chat template that replaces the tokenizer's for this adapter's rows
+    # An absolute path to a Jinja chat template that replaces the tokenizer's for this adapter's
+    # rows, or the Jinja itself (chat_template.is_inline)
     chat_template: str | None = None
     group_by_length: bool | None = None  # filled from TrainConfig by parse_config
     expand_side: str = "right"
@@ -310,14 +311,7 @@ def _parse_adapter(obj: dict, where: str, base_dir: Path | None, reads: str = "t
     a.string("prompt")
     if a.values.get("prompt", BUILTIN_PROMPTS[0]) not in BUILTIN_PROMPTS:
         a.path("prompt", base_dir, kind="prompt")
-    a.path("chat_template", base_dir, kind="chat template", nullable=True)
-    if a.values.get("chat_template") is not None:  # (every command renders chat rows through it)
-        from mlora.chat_template import read_chat_template
-
-        try:
-            read_chat_template(a.values["chat_template"])
-        except UserError as err:
-            a.fail(f"'chat_template': {err}")
+    _read_chat_template(a, base_dir)
 
     a.integer("r", _POSITIVE)
     a.number("alpha", _POSITIVE)
@@ -547,7 +541,9 @@ class _Reader:
             looked = "" if given.is_absolute() else " (looked in " + " and ".join(str(p) for p in places) + ")"
             what = {"file": "file", "prompt": "template file", "chat template": "chat template file",
                     "adapter": "adapter directory"}[kind]
-            extra = f"; builtin templates: {', '.join(BUILTIN_PROMPTS)}" if kind == "prompt" else ""
+            extra = {"prompt": f"; builtin templates: {', '.join(BUILTIN_PROMPTS)}",
+                     # (see _read_chat_template: the value is neither a file nor Jinja text)
+                     "chat template": "; nor is it the Jinja text of a template, which holds {{ or {%"}.get(kind, "")
             self.fail(f"{key!r}: {what} {value!r} not found{looked}{extra}")
         if kind == "adapter":
             if not found.is_dir():
@@ -577,6 +573,40 @@ class _Reader:
 _UNSUPPORTED_KEYS = ("use_dora",)
 _ADAPTER_KEYS = [f.name for f in fields(AdapterConfig)] + list(_UNSUPPORTED_KEYS)
 _GLOBAL_KEYS = [f.name for f in fields(TrainConfig)]
+
+
+def _read_chat_template(a: _Reader, base_dir: Path | None) -> None:
+    """chat_template: a Jinja file's path (found as the other files'), or the Jinja itself as
+    tokenizer_config.json holds it (chat_template.is_inline: it holds {{ or {%), checked before
+    anything loads, as every command renders chat rows through it."""
+    from mlora.chat_template import inline_chat_template, is_inline, read_chat_template
+
+    value = a.obj.get("chat_template")
+    if isinstance(value, str) and is_inline(value):
+        # (a file named so would be read as Jinja without a word: refused, naming it, instead)
+        places = [Path.cwd()] + ([Path(base_dir)] if base_dir is not None else [])
+        named = next((p / value for p in places if _exists(p / value)), None)
+        if named is not None:
+            a.fail(f"'chat_template': {value!r} is the name of the file {named} but holds Jinja's {{{{ or "
+                   f"{{%, which make it the template's text; rename the file")
+        try:
+            a.values["chat_template"] = inline_chat_template(value)
+        except UserError as err:
+            a.fail(f"'chat_template': {err}")
+        return
+    a.path("chat_template", base_dir, kind="chat template", nullable=True)
+    if a.values.get("chat_template") is not None:
+        try:
+            read_chat_template(a.values["chat_template"])
+        except UserError as err:
+            a.fail(f"'chat_template': {err}")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.expanduser().exists()
+    except (OSError, ValueError):  # (a name too long for the file system, a NUL in it: no such file)
+        return False
 
 
 def _read_schedule(a: _Reader) -> None:

@@ -630,9 +630,9 @@ def unread_keys_note(rows: Sequence[dict], tokenizer, columns: Sequence[str] = (
         shown.append(f"and {len(order) - 8} more")
     reads = [f"{shape} rows read {', '.join(_READ_KEYS[shape])}" for shape in _READ_KEYS if shape in told]
     if "message" in told:
-        reads.append(f"chat messages read {', '.join(_MESSAGE_KEYS)} and the keys the chat template names")
+        reads.append(f"chat messages read {', '.join(_MESSAGE_KEYS)} and the keys {template_named(tokenizer)} names")
     if "turn" in told:
-        reads.append(f"ShareGPT turns read {', '.join(_SHAREGPT_KEYS)} and the keys the chat template names")
+        reads.append(f"ShareGPT turns read {', '.join(_SHAREGPT_KEYS)} and the keys {template_named(tokenizer)} names")
     return f"keys not read: {', '.join(shown)}; {'; '.join(reads)}"
 
 
@@ -858,7 +858,8 @@ def _encode_prompt_completion(row: dict, tokenizer, train_on_inputs: bool) -> Ex
         if not train_on_inputs and marks_generation(tokenizer):
             # The template marks the answers: the completion's are those after the prompt's.
             input_ids, trained = _assistant_mask(tokenizer, messages)
-            trained = _past_answers(trained, messages, sum(m["role"] == "assistant" for m in prompt))
+            trained = _past_answers(trained, messages, sum(m["role"] == "assistant" for m in prompt), tokenizer,
+                                    len(prompt))
             labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, trained)]
             return _with_trained_eos(tokenizer, messages, input_ids, labels)
         prompt_text = _render_chat(tokenizer, prompt, add_generation_prompt=True)
@@ -1024,11 +1025,13 @@ def _assistant_spans(tokenizer, messages, text: str, first: str = "messages[0]")
     return spans
 
 
-def _past_answers(marked: list[bool], messages, skipped: int) -> list[bool]:
-    """`marked` (the assistant mask of `messages`) without its first `skipped` runs of marked
-    tokens: those of the prompt's answers. Each run is one answer's {% generation %} block (a user
-    turn's tokens lie between two answers); a template whose runs are not one per assistant turn
-    cannot tell which answers are the completion's, and is refused."""
+def _past_answers(marked: list[bool], messages, skipped: int, tokenizer, prompt_len: int) -> list[bool]:
+    """`marked` (the assistant mask of `messages`, a prompt of `prompt_len` messages and its
+    completion) without its first `skipped` runs of marked tokens: those of the prompt's answers.
+    Each run is one answer's {% generation %} block (a user turn's tokens lie between two
+    answers); a template whose runs are not one per assistant turn cannot tell which answers are
+    the completion's, and is refused (naming the empty answer where one is why: a block around
+    the content alone marks nothing of it)."""
     if not skipped:
         return marked
     answers = sum(m["role"] == "assistant" for m in messages)
@@ -1036,9 +1039,15 @@ def _past_answers(marked: list[bool], messages, skipped: int) -> list[bool]:
         return [False] * len(marked)
     starts = [i for i, on in enumerate(marked) if on and (i == 0 or not marked[i - 1])]
     if len(starts) != answers:
-        raise UserError(f"the chat template's {{% generation %}} blocks mark {len(starts)} stretches of tokens "
-                        f"for the conversation's {answers} assistant turns, so the completion's answers cannot "
-                        f"be told from the prompt's (set train_on_inputs, or use another template)")
+        empty = next((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"]), None)
+        if empty is not None and len(starts) < answers:
+            where = f"prompt[{empty}]" if empty < prompt_len else f"completion[{empty - prompt_len}]"
+            raise UserError(f"{where} is an empty assistant turn, of which {template_named(tokenizer)} marks no token "
+                            f"with {{% generation %}}, so the completion's answers cannot be told from the prompt's "
+                            f"(give it content or leave it out, or set train_on_inputs)")
+        raise UserError(f"the {{% generation %}} blocks of {template_named(tokenizer)} mark {len(starts)} stretches "
+                        f"of tokens for the conversation's {answers} assistant turns, so the completion's answers "
+                        f"cannot be told from the prompt's (set train_on_inputs, or use another template)")
     return [False] * starts[skipped] + marked[starts[skipped]:]
 
 

@@ -253,15 +253,19 @@ def load_tokenizer(base_dir: Path, trust_remote_code: bool = False, model_type: 
 
 
 def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inputs: bool,
-                noted: set[str] | None = None) -> list[Example]:
+                noted: set[tuple] | None = None) -> list[Example]:
     """The file's rows, encoded. Before encoding, a note on stderr names the keys that no row
-    shape reads (a misspelt "inptu" drops every row's input); once per file: `noted` holds the
-    files already told (None: tell nothing)."""
+    shape reads (a misspelt "inptu" drops every row's input); once per file and chat template
+    (adapters sharing the file may render its messages through templates that read other keys),
+    and a note said already for the file is not said again: `noted` holds the (file, template)
+    pairs worked out and the (file, note) pairs told (None: tell nothing)."""
     rows = load_rows(path)
-    if noted is not None and os.path.realpath(path) not in noted:
-        noted.add(os.path.realpath(path))
+    real, template = os.path.realpath(path), repr(getattr(tokenizer, "chat_template", None))
+    if noted is not None and (real, "template", template) not in noted:
+        noted.add((real, "template", template))
         note = unread_keys_note(rows, tokenizer, unread_columns(path))
-        if note:
+        if note and (real, "note", note) not in noted:
+            noted.add((real, "note", note))
             print(f"mlora: note: {path}: {note}", file=sys.stderr)
     return encode_rows(rows, tokenizer, load_template(prompt), cutoff_len, train_on_inputs, source=str(path))
 
@@ -324,7 +328,7 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     noted = set() if data_notes else None  # adapters may share a file: one note for it
     for a in cfg.lora if reads != "generate" else ():
         # (eval with test_data: the training rows, maybe millions, are not read at all)
-        own = with_chat_template(tokenizer, a.chat_template)  # (its chat rows render through its own template)
+        own = with_chat_template(tokenizer, a.chat_template, (a.name,))  # (its chat rows render through its own)
         train = (encode_file(a.data, own, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
                  if reads == "train" or not a.test_data else [])
         test = (encode_file(a.test_data, own, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)

@@ -517,6 +517,30 @@ def test_chat_template_is_a_jinja_file_checked_before_anything_loads(tmp_path, m
         assert message.startswith(f"cfg.json: lora[0] (name 'a'): 'chat_template': {said}"), message
 
 
+def test_chat_template_may_hold_the_jinja_itself(tmp_path, monkeypatch):
+    """chat_template holding {{ or {% is the template's text, as tokenizer_config.json holds it:
+    kept as given (not made a path), checked as a file's is (a syntax error names its line); a
+    value that is neither a file nor Jinja is one line naming the adapter; a file whose name
+    holds {{ or {% is refused rather than read as Jinja without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.json").write_text("[]")
+    text = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    assert parse(lora=[adapter(chat_template=text)]).lora[0].chat_template == text
+    assert adapter_error(chat_template="{% for m in messages %}\n{{ m.content }\n").startswith(
+        "cfg.json: lora[0] (name 'a'): 'chat_template': line 2 of its Jinja text: Jinja syntax error (")
+    assert adapter_error(chat_template="{{ }}\n ").startswith(
+        "cfg.json: lora[0] (name 'a'): 'chat_template': line 1 of its Jinja text: Jinja syntax error (")
+    message = adapter_error(chat_template="<|im_start|>user")
+    assert message == ("cfg.json: lora[0] (name 'a'): 'chat_template': chat template file '<|im_start|>user' not "
+                       f"found (looked in {tmp_path}); nor is it the Jinja text of a template, which holds {{{{ or "
+                       "{%"), message
+    (tmp_path / "{{odd}}.jinja").write_text(text)
+    assert adapter_error(chat_template="{{odd}}.jinja") == (
+        f"cfg.json: lora[0] (name 'a'): 'chat_template': '{{{{odd}}}}.jinja' is the name of the file "
+        f"{tmp_path / '{{odd}}.jinja'} but holds Jinja's {{{{ or {{%, which make it the template's text; rename "
+        "the file")
+
+
 @pytest.mark.parametrize("change", ["renamed", "other_arguments", "refuses_jinja2"])
 def test_chat_template_check_outlives_transformers_private_compiler(tmp_path, monkeypatch, change):
     """read_chat_template compiles through transformers' private _compile_jinja_template: where a

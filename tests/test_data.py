@@ -794,7 +794,8 @@ def test_a_generation_tagged_template_trains_transformers_assistant_mask(real_to
     joined = copy.copy(tok)
     joined.chat_template = QWEN3_LIKE.replace("{% endgeneration %}\n", "{% endgeneration %}").replace(
         "<|im_start|>assistant\n{% generation %}", "{% generation %}<|im_start|>assistant\n")
-    with pytest.raises(UserError, match=r"blocks mark 1 stretches of tokens for the conversation's 2 assistant turns"):
+    with pytest.raises(UserError, match=r"^the \{% generation %\} blocks of the chat template mark 1 stretches of "
+                                        r"tokens for the conversation's 2 assistant turns"):
         encode({"prompt": CHAT[1:3], "completion": CHAT[2:3]}, joined)
     with pytest.raises(UserError, match=r"messages\[0\] is an assistant turn"):
         encode({"messages": CHAT[2:]}, tagged)
@@ -812,6 +813,30 @@ def test_a_generation_tagged_completion_without_an_answer_trains_nothing(tokeniz
         assert got.input_ids == list(tagged.apply_chat_template(prompt + completion, tokenize=True,
                                                                 return_dict=True)["input_ids"])
         assert got.labels == [IGNORE_INDEX] * len(got.input_ids)
+
+
+def test_an_empty_answer_a_generation_block_marks_nothing_of_is_named(tokenizer, tmp_path):
+    """A template whose {% generation %} block holds the answer's text alone marks nothing of an
+    empty answer, so a prompt holding one has a stretch fewer than answers: the one-line error
+    names that turn, the template's file and its adapter (encode_rows adds the data file and
+    row), not a count of stretches."""
+    from mlora.chat_template import with_chat_template
+    from mlora.data import encode_rows, load_template
+
+    path = tmp_path / "text_only.jinja"
+    path.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                    "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+                    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    own = with_chat_template(tokenizer, str(path), ["a"])
+    empty = [*CHAT[:2], dict(CHAT[2], content="")]
+    with pytest.raises(UserError) as err:
+        encode_rows([{"prompt": empty, "completion": CHAT[3:]}], own, load_template("alpaca"), 128, False,
+                    source="chat.jsonl")
+    assert str(err.value) == (
+        f"chat.jsonl: row 1: prompt[2] is an empty assistant turn, of which the chat template {path} of adapter 'a' "
+        "marks no token with {% generation %}, so the completion's answers cannot be told from the prompt's (give "
+        "it content or leave it out, or set train_on_inputs)")
+    assert encode({"prompt": CHAT[:3], "completion": CHAT[3:]}, own).labels.count(IGNORE_INDEX) > 0  # (with content)
 
 
 def test_errors_of_an_adapters_chat_template_name_its_file(tokenizer, tmp_path):
