@@ -152,3 +152,44 @@ def marks_generation(tokenizer) -> bool:
     """Whether the tokenizer's chat template marks the assistant's text with {% generation %}."""
     template = active_template(tokenizer)
     return template is not None and _GENERATION_TAG.search(template) is not None
+
+
+# A short conversation each template can render (some require a system turn: the second), whose
+# answer is a word no template rewrites; what follows it is how the template ends the turn.
+_ANSWER = "Sure."
+_PROBES = ([{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _ANSWER}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello."},
+            {"role": "assistant", "content": _ANSWER}])
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The special token the tokenizer's chat template ends an assistant turn with (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>), as a set: empty where it ends it
+    with no special token (an alpaca-like "\n\n### Instruction:") or renders no probe.
+    Found by rendering a short conversation and reading what follows the answer: its tokens up
+    to the first special one, past any whitespace; text there means the turn ends otherwise."""
+    found = _end_of_turn(tokenizer)
+    return set() if found is None else {found[0]}
+
+
+def _end_of_turn(tokenizer) -> tuple[int, list[dict]] | None:
+    """(the end-of-turn token's id, the probe conversation it was found in), or None."""
+    if active_template(tokenizer) is None:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    for messages in _PROBES:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template that refuses this conversation (roles, order): try the next
+            continue
+        at = text.rfind(_ANSWER)
+        if at < 0:
+            continue
+        for token in tokenizer(text[at + len(_ANSWER):], add_special_tokens=False).input_ids:
+            if token in special:
+                return token, messages
+            if tokenizer.decode([token]).strip():
+                return None
+        return None
+    return None

@@ -409,7 +409,8 @@ def cmd_generate(args) -> int:
         requests, request_ids = job.requests_of(lines)
         try:
             outputs = greedy_generate(session, requests, max_new_tokens=args.max_new_tokens, sampling=job.sampling,
-                                      repetition_penalty=args.repetition_penalty, request_ids=request_ids)
+                                      repetition_penalty=args.repetition_penalty, request_ids=request_ids,
+                                      adapter_stop=job.adapter_stop)
         except NonFiniteScores as err:
             raise job.named(err) from None
         except BaseException:
@@ -448,6 +449,7 @@ class GenerateJob:
     requests: list[tuple[str | None, list[int]]]  # greedy_generate's prompts (the bare base's after --base)
     sampling: object  # mlora.generate.Sampling, or None: greedy
     base: bool  # --base: each line's prompt runs through the bare base too
+    adapter_stop: dict[str, set[int]]  # the tokens that also end an adapter's rows (adapter_stop_ids)
 
     def requests_of(self, lines: range) -> tuple[list[tuple[str | None, list[int]]], list[int]]:
         """The requests of the lines `lines` (one batch), with their numbers in `requests`: each
@@ -478,7 +480,7 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
     but rank 0). file_rows: --prompt_file's rows, read already (by a pipeline's rank 0)."""
     from mlora.chat_template import with_chat_template
     from mlora.data import Rows, load_rows, load_template, prompt_tokens, row_place, row_prompt
-    from mlora.generate import Sampling
+    from mlora.generate import Sampling, adapter_stop_ids
     from mlora.loader import read_model_config
 
     by_name = {a.name: a for a in session.cfg.lora}
@@ -538,7 +540,7 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
                          top_k=args.top_k or 0) if args.temperature else None)
     if notes:
         note_past_positions(rows, args.max_new_tokens, model_args.max_position_embeddings)
-    return GenerateJob(names, rows, requests, sampling, args.base)
+    return GenerateJob(names, rows, requests, sampling, args.base, adapter_stop_ids(session, names))
 
 
 def rows_own_adapters(args, file_rows, names: list[str], configured: list[str]) -> list[str | None]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -125,6 +125,23 @@ def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
     return ids
 
 
+def adapter_stop_ids(session, names: Sequence[str] | None = None) -> dict[str, set[int]]:
+    """The tokens that also end the rows of each adapter with its own chat_template (of those
+    in `names`; None: every one): the special token that template ends an assistant turn with
+    (chat_template.end_of_turn_ids), where it is no stop token of the base's already (ChatML's
+    <|im_end|> on a base whose EOS is </s>): the adapter learnt to end its answers with it."""
+    from mlora.chat_template import end_of_turn_ids, with_chat_template
+
+    base = stop_token_ids(session.base_dir, session.tokenizer)
+    stops = {}
+    for a in session.cfg.lora:
+        if a.chat_template is not None and (names is None or a.name in names):
+            own = end_of_turn_ids(with_chat_template(session.tokenizer, a.chat_template, (a.name,))) - base
+            if own:
+                stops[a.name] = own
+    return stops
+
+
 def base_sampling(base_dir: str | Path) -> dict[str, float | int] | None:
     """When the base's generation_config.json samples by default (do_sample true), what
     transformers' generate would sample with, as mlora generate's flags take them:
@@ -158,8 +175,9 @@ class Decoding:
     rank keeps one and only the last stage picks) drive the same code.
 
     prompts: (adapter name or None for the bare base, prompt token ids). stop: the token ids
-    that end a row (stop_token_ids). sampling: draw tokens (Sampling) instead of taking the
-    most likely one. repetition_penalty: above 1, the tokens a row has seen are made less likely
+    that end a row (stop_token_ids). adapter_stop: those that also end the rows of one adapter
+    (adapter_stop_ids: its chat template's end-of-turn token). sampling: draw tokens (Sampling)
+    instead of taking the most likely one. repetition_penalty: above 1, the tokens a row has seen are made less likely
     first (penalize_repetition). switch_at: LongRoPE's original_max_position_embeddings (None
     for other RoPE): a row growing past it makes the whole batch run again (`advance`).
     request_ids: each prompt's number in the whole request when this is one batch of it (default
@@ -168,7 +186,8 @@ class Decoding:
 
     def __init__(self, prompts: Sequence[tuple[str | None, list[int]]], pad_id: int, stop: set[int],
                  sampling: Sampling | None = None, repetition_penalty: float = 1.0,
-                 switch_at: int | None = None, request_ids: Sequence[int] | None = None):
+                 switch_at: int | None = None, request_ids: Sequence[int] | None = None,
+                 adapter_stop: Mapping[str, set[int]] | None = None):
         self.order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0] is not None, str(prompts[i][0])))
         self.num_prompts = len(prompts)
         names = [prompts[i][0] for i in self.order]
@@ -177,6 +196,8 @@ class Decoding:
         self.new_tokens: list[list[int]] = [[] for _ in self.order]
         self.done = [False] * len(self.order)
         self.stop, self.pad_id = stop, pad_id
+        adapter_stop = adapter_stop or {}
+        self.row_stop = [stop | adapter_stop.get(name, set()) for name in names]  # each row's stop tokens
         self.sampling, self.repetition_penalty, self.switch_at = sampling, repetition_penalty, switch_at
         self.rows, start = [], 0
         for i, name in enumerate(names + [object()]):  # sentinel closes the last run
@@ -233,7 +254,7 @@ class Decoding:
         for r, token in enumerate(next_ids):
             if self.done[r]:
                 continue
-            if token in self.stop:
+            if token in self.row_stop[r]:
                 self.done[r] = True
                 continue
             self.seqs[r].append(token)
@@ -274,21 +295,25 @@ def longrope_switch(model_args) -> int | None:
 @torch.no_grad()
 def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
                     max_new_tokens: int = 32, sampling: Sampling | None = None,
-                    repetition_penalty: float = 1.0, request_ids: Sequence[int] | None = None) -> list[list[int]]:
+                    repetition_penalty: float = 1.0, request_ids: Sequence[int] | None = None,
+                    adapter_stop: Mapping[str, set[int]] | None = None) -> list[list[int]]:
     """prompts: (adapter name or None for the bare base, prompt token ids).
 
     Rows are left-padded so every row's next token is predicted at the last position; rows of
     one adapter are kept contiguous (the fused-batch layout) and the results are returned in
-    the order given. A row stops at an EOS token (stop_token_ids). sampling: draw tokens
-    (Sampling) instead of taking the most likely one. repetition_penalty: above 1, the tokens
+    the order given. A row stops at an EOS token (stop_token_ids), an adapter's row also at its
+    chat template's end of turn (adapter_stop: adapter_stop_ids's, worked out here when None).
+    sampling: draw tokens (Sampling) instead of taking the most likely one. repetition_penalty: above 1, the tokens
     a row has seen are made less likely first (penalize_repetition). request_ids: the prompts'
     numbers in a larger request this batch is part of (Decoding). The bookkeeping is
     Decoding's, shared with `mlora generate --pipeline`.
     """
     model = session.model
     model.eval()
+    if adapter_stop is None:
+        adapter_stop = adapter_stop_ids(session, {name for name, _ in prompts if name is not None})
     state = Decoding(prompts, session.pad_id, stop_token_ids(session.base_dir, session.tokenizer), sampling,
-                     repetition_penalty, longrope_switch(model.args), request_ids)
+                     repetition_penalty, longrope_switch(model.args), request_ids, adapter_stop)
     try:
         session.layout.rows = state.rows
         cache = KVCache()

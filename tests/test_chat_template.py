@@ -1,17 +1,25 @@
 """An adapter's own chat_template beyond rendering its rows (test_data, test_config and
-test_train test that): the Jinja given inline, a tokenizer's dict of named templates, the
-unread-keys note, and the file read once."""
+test_train test that): the end-of-turn token its rows stop at in generation, the Jinja given
+inline, a tokenizer's dict of named templates, the notes it changes, and the file read once."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
+import torch
 from test_data import CHAT, QWEN3_LIKE, encode
 
-from mlora.chat_template import is_inline, marks_generation, with_chat_template
+from mlora.chat_template import (
+    end_of_turn_ids,
+    is_inline,
+    marks_generation,
+    with_chat_template,
+)
+from mlora.config import AdapterConfig
 from mlora.data import IGNORE_INDEX
 from mlora.errors import UserError
 
@@ -34,6 +42,26 @@ def after_answer(tokenizer, messages) -> int:
     answer = tokenizer(messages[-1]["content"], add_special_tokens=False).input_ids
     at = max(i for i in range(len(ids) - len(answer) + 1) if ids[i:i + len(answer)] == answer)
     return ids[at + len(answer)]
+
+
+def test_the_end_of_turn_token_is_the_special_token_the_template_puts_after_an_answer(tokenizer):
+    """ChatML on a base whose EOS is </s>: <|im_end|>, the token transformers' rendering puts
+    after the answer; a template that ends turns with EOS: EOS; one that needs a system turn is
+    rendered with one; one that ends turns with text (alpaca-like) or renders nothing
+    answerable: none (no single token ends its turns)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    probe = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Sure."}]
+    for template in (CHATML, QWEN3_LIKE, CONTENT_ONLY):
+        own = with_template(tokenizer, template)
+        assert end_of_turn_ids(own) == {after_answer(own, probe)} == {im_end}
+    eos_ended = with_template(tokenizer, "{% for m in messages %}{{ m['content'] }} </s>{% endfor %}")
+    assert end_of_turn_ids(eos_ended) == {tokenizer.eos_token_id}
+    needs_system = with_template(tokenizer, "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system "
+                                            "first') }}{% endif %}" + CHATML)
+    assert end_of_turn_ids(needs_system) == {im_end}
+    for template in ("{% for m in messages %}{{ m['content'] }}\n\n### Instruction:\n{% endfor %}",
+                     "{{ raise_exception('never') }}", "{% for m in messages %}x{% endfor %}"):
+        assert end_of_turn_ids(with_template(tokenizer, template)) == set()
 
 
 def test_a_dict_of_named_templates_renders_through_its_default_as_transformers_does(tokenizer):
@@ -63,6 +91,44 @@ def test_inline_jinja_renders_as_the_same_text_in_a_file(tokenizer, tmp_path):
         assert encode(row, inline) == encode(row, from_file)
     with pytest.raises(UserError, match=r"^the inline chat template of adapter 'a' rejected the messages"):
         encode({"messages": CHAT}, with_chat_template(tokenizer, "{{ raise_exception('no') }}", ["a"]))
+
+
+class _AlwaysSays:
+    """A model whose next token is always `token`, for every row (greedy_generate's interface)."""
+
+    args = SimpleNamespace(rope=SimpleNamespace(type="default"))
+
+    def __init__(self, token: int, vocab: int):
+        self.token, self.vocab = token, vocab
+
+    def eval(self):
+        return self
+
+    def __call__(self, ids, mask, cache=None, last_only=False):
+        logits = torch.zeros(ids.shape[0], 1, self.vocab)  # [B, 1, V]
+        logits[..., self.token] = 1.0
+        return logits
+
+
+def test_an_adapters_rows_stop_at_its_templates_end_of_turn(tokenizer, tmp_path):
+    """An adapter whose chat_template ends turns with <|im_end|> on a base whose EOS is </s>:
+    its rows stop there, as at EOS; the bare base's rows and an adapter's without its own
+    template run on (greedy_generate, as `mlora generate` and the demo run it)."""
+    from mlora.generate import adapter_stop_ids, greedy_generate
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    cfg = SimpleNamespace(lora=[AdapterConfig("a", "d", chat_template=str(tmp_path / "chatml.jinja")),
+                                AdapterConfig("b", "d")])
+    session = SimpleNamespace(cfg=cfg, base_dir=tmp_path, tokenizer=tokenizer, pad_id=tokenizer.eos_token_id,
+                              device=torch.device("cpu"), model=_AlwaysSays(im_end, len(tokenizer)),
+                              layout=SimpleNamespace(rows=[]))
+    assert adapter_stop_ids(session) == {"a": {im_end}}
+    out = greedy_generate(session, [("a", [5, 6]), (None, [5, 6]), ("b", [5, 6])], max_new_tokens=3)
+    assert out == [[], [im_end] * 3, [im_end] * 3]
+    # (a template ending turns with EOS adds nothing: EOS stops every row already)
+    (tmp_path / "chatml.jinja").write_text(CHATML.replace("<|im_end|>", "</s>"))
+    assert adapter_stop_ids(session) == {}
 
 
 def test_the_unread_keys_note_is_per_chat_template(tokenizer, tmp_path, capsys):

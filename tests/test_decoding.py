@@ -51,6 +51,17 @@ def test_non_finite_scores_of_a_finished_row_are_ignored():
     assert len(state.pick(logits)) == 3
 
 
+def test_an_adapters_own_stop_tokens_end_its_rows_only():
+    """adapter_stop: a token that ends adapter x's rows (its chat template's end of turn) is an
+    ordinary token for the bare base's and y's; the shared stop token ends every row."""
+    state = Decoding([("x", [3, 4]), (None, [5]), ("y", [6, 7, 8])], pad_id=0, stop={1}, adapter_stop={"x": {9}})
+    state.record([9, 9, 9])  # (rows in Decoding's order: the bare base's, x's, y's)
+    assert state.done == [False, True, False]
+    state.record([2, 5, 1])
+    assert state.done == [False, True, True]
+    assert state.result() == [[], [9, 2], [9]]
+
+
 def test_a_tiny_repetition_penalty_samples_a_seen_token():
     """A penalty far below 1 divides a positive logit of a seen token into inf (in fp32, as
     transformers' processor does): the seen tokens are then certain. Greedy picks what

@@ -1476,6 +1476,28 @@ def test_pipeline_generate_samples_what_one_process_samples(pipe_model, generate
     assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
 
 
+def test_pipeline_generate_stops_an_adapters_rows_at_its_own_stop_tokens(pipe_model, generate_job, monkeypatch):
+    """The tokens that end one adapter's rows only (its chat template's end of turn:
+    mlora.generate.adapter_stop_ids, here every token, so p1's rows stop at once): the pipeline's
+    last stage stops those rows where one process does, and rank 0 prints the same."""
+    import json
+
+    import mlora.generate
+
+    def stop_p1_at_once():  # (again before each run: run_cli_threads undoes the test's patches)
+        monkeypatch.setattr(mlora.generate, "adapter_stop_ids", lambda session, names=None: {"p1": set(range(512))})
+
+    base, cfg, out = generate_job
+    stop_p1_at_once()
+    code, single, _ = single_generate(monkeypatch, base, cfg, out, "--adapters", "p1,p2")
+    lines = [json.loads(line) for line in single.splitlines()]
+    assert code == 0 and [line["adapter"] for line in lines] == ["p1"] * 3 + ["p2"] * 3
+    assert [line["output"] for line in lines[:3]] == [""] * 3 and any(line["output"] for line in lines[3:]), single
+    stop_p1_at_once()
+    ranks = pipeline_generate(monkeypatch, base, cfg, [out, out], [3, 4], "--adapters", "p1,p2")
+    assert [(code, stdout) for code, stdout, _ in ranks] == [(0, single), (0, "")], ranks
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 def test_pipeline_generate_in_batches_prints_what_one_batch_prints(pipe_model, generate_job, monkeypatch, sampled):
     """--batch_size 2 over two ranks (9 lines, with --base: batches of 2 and a last of 1, their

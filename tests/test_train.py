@@ -1268,6 +1268,8 @@ def test_an_adapters_chat_template_renders_its_rows_in_train_eval_and_generate(t
         ("a", prompt_tokens("one two", "chat", own, alpaca))]
     assert [ids for name, _, ids, _ in job.rows if name == "b"][0] == prompt_tokens("hi", "chat", tokenizer, alpaca)
     assert prompt_tokens("hi", "chat", own, alpaca) != prompt_tokens("hi", "chat", tokenizer, alpaca)
+    # a's rows stop at its template's <|im_end|> too (the base's EOS is </s>); b's template is the tokenizer's
+    assert job.adapter_stop == {"a": {tokenizer.convert_tokens_to_ids("<|im_end|>")}}
 
 
 def test_stop_tokens_come_from_generation_config_else_config_else_its_text_config(tmp_path):

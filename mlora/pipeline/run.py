@@ -547,7 +547,8 @@ def generate_pipeline(args) -> int:
             saved = {name: d for name, d in saved_adapters(cfg).items() if name in job.names}
         # The ranks must run the same rows the same way: every rank keeps the bookkeeping.
         request = {"requests": job.requests, "max_new_tokens": args.max_new_tokens, "sampling": repr(job.sampling),
-                   "repetition_penalty": args.repetition_penalty, "stop": sorted(stop), "batch_size": args.batch_size}
+                   "repetition_penalty": args.repetition_penalty, "stop": sorted(stop), "batch_size": args.batch_size,
+                   "adapter_stop": {name: sorted(ids) for name, ids in sorted(job.adapter_stop.items())}}
         check_same_everywhere(transport, {**fingerprint(session, stages, args.transport),
                                           "generation request": digest(request)})
         check_same_adapters(transport, cfg, saved)
@@ -560,7 +561,7 @@ def generate_pipeline(args) -> int:
         def run_batch(lines: range) -> None:
             requests, request_ids = job.requests_of(lines)
             state = Decoding(requests, session.pad_id, stop, job.sampling, args.repetition_penalty,
-                             longrope_switch(session.model.args), request_ids)
+                             longrope_switch(session.model.args), request_ids, job.adapter_stop)
             try:
                 with torch.no_grad():
                     session.layout.rows = state.rows
