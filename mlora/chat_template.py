@@ -172,6 +172,26 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return set() if found is None else {found[0]}
 
 
+def unmarked_end_of_turn(tokenizer) -> str | None:
+    """Where the chat template marks answers with {% generation %} but its end-of-turn token
+    (end_of_turn_ids) falls outside the marks, that token as text (the model would never learn
+    to end a turn with it: training appends and trains an EOS at the row's end instead, after
+    the template's own end of turn); else None."""
+    found = _end_of_turn(tokenizer) if marks_generation(tokenizer) else None
+    if found is None:
+        return None
+    token, messages = found
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except Exception:  # (a slow tokenizer, say: training refuses it in its own words)
+        return None
+    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    if not marked or token in marked:
+        return None
+    return tokenizer.convert_ids_to_tokens(token)
+
+
 def _end_of_turn(tokenizer) -> tuple[int, list[dict]] | None:
     """(the end-of-turn token's id, the probe conversation it was found in), or None."""
     if active_template(tokenizer) is None:

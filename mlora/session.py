@@ -14,7 +14,7 @@ import torch
 from mlora.batching import check_evaluable
 from mlora.config import (EXPERT_TARGET_MODULES, MLORA_MODULE_NAMES, NATIVE_MODULE_NAMES, TrainConfig, load_config,
                           projection_of)
-from mlora.chat_template import with_chat_template
+from mlora.chat_template import template_named, unmarked_end_of_turn, with_chat_template
 from mlora.data import Example, encode_rows, load_rows, load_template, unread_columns, unread_keys_note
 from mlora.device import dtype_note, resolve_device, resolve_dtype
 from mlora.errors import UserError
@@ -270,6 +270,20 @@ def encode_file(path: str, tokenizer, prompt: str, cutoff_len: int, train_on_inp
     return encode_rows(rows, tokenizer, load_template(prompt), cutoff_len, train_on_inputs, source=str(path))
 
 
+def note_unmarked_end_of_turn(name: str, tokenizer) -> None:
+    """A note where the adapter's chat template marks its answers with {% generation %} but not
+    the token that ends them (chat_template.unmarked_end_of_turn): the adapter would never learn
+    to end a turn, and generation, which stops there, would run on."""
+    token = unmarked_end_of_turn(tokenizer)
+    if token is not None:
+        named = template_named(tokenizer)  # (an adapter's own names its adapter; the tokenizer's does not)
+        named = f"the tokenizer's chat template (adapter {name!r} trains through it)" if named == "the chat template" \
+            else named
+        print(f"mlora: note: {named} marks the answers with "
+              f"{{% generation %}} but not the {token} that ends them, so the adapter never learns to end "
+              f"its turn; put {token} inside the block (before {{% endgeneration %}})", file=sys.stderr)
+
+
 def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, *,
                  output_dir: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int | None = None, quant=None,
@@ -329,6 +343,8 @@ def open_session(base_model: str | os.PathLike, config_path: str | os.PathLike, 
     for a in cfg.lora if reads != "generate" else ():
         # (eval with test_data: the training rows, maybe millions, are not read at all)
         own = with_chat_template(tokenizer, a.chat_template, (a.name,))  # (its chat rows render through its own)
+        if reads == "train" and data_notes and not a.train_on_inputs:
+            note_unmarked_end_of_turn(a.name, own)
         train = (encode_file(a.data, own, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)
                  if reads == "train" or not a.test_data else [])
         test = (encode_file(a.test_data, own, a.prompt, cfg.cutoff_len, a.train_on_inputs, noted)

@@ -17,6 +17,7 @@ from mlora.chat_template import (
     end_of_turn_ids,
     is_inline,
     marks_generation,
+    unmarked_end_of_turn,
     with_chat_template,
 )
 from mlora.config import AdapterConfig
@@ -78,6 +79,19 @@ def test_a_dict_of_named_templates_renders_through_its_default_as_transformers_d
     assert example.labels == [i if m else IGNORE_INDEX for i, m in zip(ids, mask)] + [tokenizer.eos_token_id]
     assert not marks_generation(with_template(tokenizer, {"default": untagged, "tool_use": QWEN3_LIKE}))
     assert not marks_generation(with_template(tokenizer, {"tool_use": QWEN3_LIKE}))  # (transformers refuses it)
+
+
+def test_an_end_of_turn_outside_the_generation_block_is_found(tokenizer):
+    """A template whose {% generation %} block holds the answer's text but not the <|im_end|>
+    after it (transformers' mask leaves it out: checked) never trains the end of the turn."""
+    own = with_template(tokenizer, CONTENT_ONLY)
+    out = own.apply_chat_template(CHAT[:3], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert im_end in out["input_ids"] and marked and im_end not in marked
+    assert unmarked_end_of_turn(own) == "<|im_end|>"
+    for marked in (QWEN3_LIKE, CHATML):  # (the end inside the block; no block at all)
+        assert unmarked_end_of_turn(with_template(tokenizer, marked)) is None
 
 
 def test_inline_jinja_renders_as_the_same_text_in_a_file(tokenizer, tmp_path):
@@ -164,6 +178,25 @@ def session_config(tmp_path, template: str, **adapter) -> str:
     cfg.write_text(json.dumps({"cutoff_len": 128, "output_dir": str(tmp_path / "out"), "lora": [
         {"name": "a", "data": "chat.jsonl", "chat_template": "chat.jinja", **adapter}]}))
     return str(cfg)
+
+
+def test_training_notes_an_end_of_turn_the_generation_block_leaves_out(tiny_llama, tmp_path, capsys):
+    """An adapter's template marks the answer's text but not the <|im_end|> ending it: training
+    says so once at start, naming the adapter, its template and the fix; not with the end inside
+    the block, nor where train_on_inputs trains every token, nor in generate."""
+    from mlora.session import open_session
+
+    cfg = session_config(tmp_path, CONTENT_ONLY)
+    open_session(tiny_llama, cfg, device="cpu", load_base=False)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mlora: note: the chat template {tmp_path / 'chat.jinja'} of adapter 'a' marks the answers with "
+        "{% generation %} but not the <|im_end|> that ends them, so the adapter never learns to end its turn; put "
+        "<|im_end|> inside the block (before {% endgeneration %})")
+    for cfg, reads in ((session_config(tmp_path, CONTENT_ONLY, train_on_inputs=True), "train"),
+                       (session_config(tmp_path, CONTENT_ONLY), "generate"),
+                       (session_config(tmp_path, QWEN3_LIKE), "train")):
+        open_session(tiny_llama, cfg, device="cpu", load_base=False, reads=reads)
+        assert "never learns" not in capsys.readouterr().err
 
 
 def test_the_template_file_is_read_and_compiled_once(tiny_llama, tmp_path, monkeypatch):
