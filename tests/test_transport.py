@@ -469,6 +469,24 @@ def test_a_free_port_belongs_to_one_test_process():
         s.bind(("127.0.0.1", port))
 
 
+def test_a_span_of_free_ports_belongs_to_one_test_process():
+    """free_port(span=2): the port after it is claimed too (torchrun's ranks meet there, beside
+    its rendezvous): another test process searching from it gets another; and this process
+    does not hand it out again."""
+    import conftest
+
+    port = free_port(span=2)
+    results = _MP.Queue()
+    other = _MP.Process(target=_free_port_from, args=(port + 1, results), daemon=True)
+    other.start()
+    try:
+        theirs = results.get(timeout=60)
+    finally:
+        other.join(10)
+    assert theirs not in (port, port + 1) and theirs in conftest._PORTS
+    assert free_port() not in (port, port + 1)
+
+
 @pytest.mark.parametrize("setting,ports", [("32768\t60999\n", range(20768, 32768)),
                                            ("1024\t40000\n", range(40001, 52001)),
                                            ("1024\t65535\n", range(1024, 65536)),
@@ -504,6 +522,45 @@ def test_two_processes_claiming_one_rank(kind):
     assert [o[:2] for o in outcomes] == [(0, "ok"), (1, "PipelineError"), (1, "ok")], outcomes
     assert outcomes[0][2] == outcomes[2][2] == [0, 1]
     assert "rank 1 is claimed by two processes" in outcomes[1][2]
+
+
+def other_world_scenario(kind, rank, world, port, connect_timeout, worlds):
+    """join_scenario with each rank's own world size (worlds: {rank: world_size})."""
+    return join_scenario(kind, rank, worlds.get(rank, world), port, connect_timeout)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rank_of_another_world_size_fails_every_rank_at_once(kind):
+    """Ranks started with different --balance: rank 1 was refused at once, but rank 0 waited out
+    connect_timeout (300 s by default) to say only that rank 1 did not join."""
+    start = time.monotonic()
+    with Ranks(other_world_scenario, kind, 2, connect_timeout=30.0, worlds={1: 3}) as ranks:
+        outcomes = ranks.collect(timeout=40)
+    assert time.monotonic() - start < 20  # (not connect_timeout)
+    for rank, (status, said, _) in outcomes.items():
+        assert status == "PipelineError", (rank, said)
+        assert said.startswith(f"rank 1 has world_size 3, but rank 0 at 127.0.0.1:{ranks.port} has 2: "), said
+
+
+def other_kind_scenario(kind, rank, world, port, connect_timeout, kinds):
+    """join_scenario with each rank's own transport (kinds: {rank: kind})."""
+    return join_scenario(kinds.get(rank, kind), rank, world, port, connect_timeout)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_of_different_transports_fail_every_rank_at_once(kind):
+    """Rank 0 on `kind`, rank 1 on the other: the two rendezvous never met, both waited out
+    connect_timeout to say the other did not join (the torch rank printing torch's store client
+    retrying, C++ stacks and all, against ZeroMQ's socket)."""
+    other = "zmq" if kind == "torch" else "torch"
+    start = time.monotonic()
+    with Ranks(other_kind_scenario, kind, 2, connect_timeout=30.0, kinds={1: other}) as ranks:
+        outcomes = ranks.collect(timeout=40)
+    assert time.monotonic() - start < 20  # (not connect_timeout)
+    want = (f"rank 1 runs --transport {other}, but rank 0 at 127.0.0.1:{ranks.port} runs --transport {kind}: "
+            "start every rank with the same --transport")
+    assert {rank: tuple(said[:2]) for rank, said in outcomes.items()} == {0: ("PipelineError", want),
+                                                                          1: ("PipelineError", want)}
 
 
 # A rank that sends without pause to rank 0 (each send waited on by its thread "sends"), until

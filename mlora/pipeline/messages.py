@@ -1,7 +1,7 @@
 """What pipeline ranks say to each other, whichever transport carries it (transport.py's torch,
 zmq_transport.py's ZeroMQ): a message's metadata as msgpack (its kind, header, and each tensor's
 dtype and shape, so that a receiver needs no prior knowledge), and the start-up roll call's
-verdict on ranks that never came, worded alike by both."""
+verdict on ranks that never came or cannot join, worded alike by both."""
 
 from __future__ import annotations
 
@@ -43,3 +43,9 @@ def not_joined(world_size: int, present: Iterable[int], timeout: float) -> str:
     missing = sorted(set(range(world_size)) - set(present))
     ranks = f"rank {missing[0]}" if len(missing) == 1 else "ranks " + ", ".join(map(str, missing))
     return f"{ranks} did not join within {timeout:g} s"
+
+
+def other_world(rank: int, world_size: int, rank0_world: int, where: str) -> str:
+    """The roll call's verdict on a rank whose world size is not rank 0's (every rank gets it)."""
+    return (f"rank {rank} has world_size {world_size}, but rank 0 at {where} has {rank0_world}: start every rank "
+            f"with the same --balance (or --world_size)")

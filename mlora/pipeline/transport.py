@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from mlora.errors import PipelineError, UserError
-from mlora.pipeline.messages import describe, not_joined, pack_meta, tensor_dtype, unpack
+from mlora.pipeline import other_transport
+from mlora.pipeline.messages import describe, not_joined, other_world, pack_meta, tensor_dtype, unpack
 
 __all__ = ["PipelineError", "Transport", "connect"]
 
@@ -496,6 +497,10 @@ def _open_store(addr: str, port: int, rank: int, world_size: int, timeout: float
     if rank != 0 and not _listening(addr, port, deadline):
         # (TCPStore's own wait for its server can run to twice its timeout)
         raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {addr}:{port})")
+    if rank != 0 and other_transport.is_zeromq(other_transport.first_bytes(addr, port)):
+        err = other_transport.mismatch(rank, "torch", "zmq", f"{addr}:{port}")
+        other_transport.tell_zmq_rank_0(addr, port, rank, world_size, err)
+        raise PipelineError(err)
 
     def make():
         return dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout),
@@ -557,17 +562,21 @@ def _listening(addr: str, port: int, deadline: float) -> bool:
 def _roll_call(store, rank: int, world_size: int, deadline: float, timeout: float, where: str) -> None:
     """Each rank ticks `join/<rank>` and waits until every rank has; a second tick means two
     processes claim one rank. If rank 0 gives up, it leaves its verdict in the store for the
-    others: their own deadlines may be a little later, and the store dies with rank 0."""
+    others: their own deadlines may be a little later, and the store dies with rank 0. A rank
+    of another world size (ranks started with different --balance or --world_size) can never
+    join: it leaves its verdict too, so that every rank fails at once naming it, rather than
+    wait out the timeout to say only that some rank did not join."""
     if store.compare_set("world_size", "", str(world_size)) != str(world_size).encode():
-        raise PipelineError(f"rank {rank} has world_size {world_size}, but rank 0 at {where} has "
-                            f"{store.get('world_size').decode()}")
+        err = other_world(rank, world_size, int(store.get("world_size")), where)
+        store.compare_set("verdict", "", err)  # (the first culprit's, if several)
+        raise PipelineError(err)
     if store.add(f"join/{rank}", 1) > 1:
         raise PipelineError(f"rank {rank} is claimed by two processes")
     store.set(f"hb/{rank}", "0")
     keys = [f"join/{r}" for r in range(world_size)]
     while not store.check(keys):
         err = None
-        if rank != 0 and store.check(["verdict"]):
+        if store.check(["verdict"]):
             err = store.get("verdict").decode()
         elif time.monotonic() > deadline:
             present = [r for r, key in enumerate(keys) if store.check([key])]
@@ -578,7 +587,8 @@ def _roll_call(store, rank: int, world_size: int, deadline: float, timeout: floa
             store.add("gave up", 1)
             raise PipelineError(err)
         else:
-            store.set("verdict", err)
+            store.compare_set("verdict", "", err)
+            present = [r for r, key in enumerate(keys) if store.check([key])]
             wait_until = time.monotonic() + 2.0
             while store.add("gave up", 0) < len(present) - 1 and time.monotonic() < wait_until:
                 time.sleep(_POLL / 5)

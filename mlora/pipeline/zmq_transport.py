@@ -17,8 +17,9 @@ import torch
 import zmq
 
 from mlora.errors import PipelineError
-from mlora.pipeline.messages import not_joined, pack_meta, tensor_dtype, unpack
-from mlora.pipeline.transport import Transport
+from mlora.pipeline.messages import not_joined, other_world, pack_meta, tensor_dtype, unpack
+from mlora.pipeline import other_transport
+from mlora.pipeline.transport import Transport, _listening
 
 
 class ZmqTransport(Transport):
@@ -45,7 +46,7 @@ class ZmqTransport(Transport):
                 except zmq.ZMQError as err:
                     raise PipelineError(f"rank 0 cannot listen on {master_addr}:{master_port} "
                                         f"({err.strerror}); is another run using this port?") from None
-                table = _admit_all(self._door, me, world_size, connect_timeout)
+                table = _admit_all(self._door, me, world_size, connect_timeout, f"{master_addr}:{master_port}")
             else:
                 table = _register(self._socket(zmq.DEALER), master_addr, master_port, rank, world_size, me,
                                   connect_timeout)
@@ -180,29 +181,36 @@ def _local_ip_towards(host: str, port: int) -> str:
         return probe.getsockname()[0]
 
 
-def _admit_all(door, rank0_addr: str, world_size: int, timeout: float) -> list[str]:
+def _admit_all(door, rank0_addr: str, world_size: int, timeout: float, where: str) -> list[str]:
     """Rank 0's side of the rendezvous: collect every rank's address, then send all of them the
-    table. Each arrival is told who is here so far, so a rank that gives up can name the missing."""
+    table. Each arrival is told who is here so far, so a rank that gives up can name the missing.
+    A rank of another world size (ranks started with different --balance or --world_size) can
+    never join: every rank fails at once naming it, rather than wait out the timeout to say
+    only that some rank did not join."""
     table, callers = {0: rank0_addr}, {}
     deadline = time.monotonic() + timeout
 
     def tell(who, **reply):
         door.send_multipart([who, msgpack.packb(reply)])
 
+    def give_up(err: str, *also):
+        for who in (*callers.values(), *also):
+            tell(who, error=err)
+        door.close(linger=1000)  # let the verdict reach the waiting ranks
+        raise PipelineError(err)
+
     while len(table) < world_size:
         left = deadline - time.monotonic()
         if left <= 0:
-            err = not_joined(world_size, table, timeout)
-            for who in callers.values():
-                tell(who, error=err)
-            door.close(linger=1000)  # let the verdict reach the waiting ranks
-            raise PipelineError(err)
+            give_up(not_joined(world_size, table, timeout))
         if not door.poll(int(left * 1000) + 1):
             continue
         who, body = door.recv_multipart()
         ask = unpack(body)
+        if "refused" in ask:  # a rank that cannot join (other_transport): it waits for no answer
+            give_up(ask["refused"])
         if ask["world_size"] != world_size or not 0 <= ask["rank"] < world_size:
-            tell(who, error=f"rank {ask['rank']} has world_size {ask['world_size']}, rank 0 has {world_size}")
+            give_up(other_world(ask["rank"], ask["world_size"], world_size, where), who)
         elif ask["rank"] in table:
             tell(who, error=f"rank {ask['rank']} is claimed by two processes")
         else:
@@ -229,10 +237,21 @@ def _turn_away(door) -> None:
 
 def _register(dealer, master_addr: str, master_port: int, rank: int, world_size: int, me: str,
               timeout: float) -> list[str]:
-    """A non-zero rank's side of the rendezvous: announce our address, wait for the table."""
+    """A non-zero rank's side of the rendezvous: announce our address, wait for the table.
+    Where what answers is a rank 0 of the torch transport (other_transport), refused at once."""
+    deadline = time.monotonic() + timeout
+    where = f"{master_addr}:{master_port}"
+    if not _listening(master_addr, master_port, deadline):
+        dealer.close(linger=0)
+        raise PipelineError(f"rank 0 did not join within {timeout:g} s (nothing answered at {where})")
+    greeting = other_transport.first_bytes(master_addr, master_port, wait=1.0)  # (its cost: only where silent)
+    if not greeting:  # (silent, as torch's store is: ZeroMQ's greeting would have come at once)
+        err = other_transport.tell_torch_rank_0(master_addr, master_port, rank, world_size, where)
+        if err is not None:
+            dealer.close(linger=0)
+            raise PipelineError(err)
     dealer.connect(f"tcp://{master_addr}:{master_port}")
     dealer.send(msgpack.packb({"rank": rank, "world_size": world_size, "addr": me}))
-    deadline = time.monotonic() + timeout
     joined = None
     try:
         while (left := deadline - time.monotonic()) > 0:
@@ -248,7 +267,6 @@ def _register(dealer, master_addr: str, master_port: int, rank: int, world_size:
         dealer.close(linger=0)
     if joined is not None:
         raise PipelineError(not_joined(world_size, joined, timeout))
-    where = f"{master_addr}:{master_port}"
     if _accepts(master_addr, master_port):  # rank 0 answers at once: this is some other program
         raise PipelineError(f"rank 0 did not join within {timeout:g} s (what answers at {where} is not rank 0: "
                             "is another program using this port?)")
