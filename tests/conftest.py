@@ -136,27 +136,33 @@ def _open_port_claims() -> int:
 _port_claims = _open_port_claims()
 
 
-def free_port() -> int:
+def free_port(span: int = 1) -> int:
     """A TCP port for a test's rank 0 to listen on, this process's alone for its lifetime.
     Binding port 0 and closing the socket gave a port that was free only until then: a suite
     running at the same time (or the kernel, for any connection) could take it before rank 0
     bound it ("Address already in use"). These come from below the ephemeral range, each
     claimed by a lock that concurrent test processes on this host respect, and free now (no
-    other program listens there)."""
+    other program listens there). span: claim that many consecutive ports from the one
+    returned (torchrun's rendezvous at PORT puts mlora's ranks at PORT + 1)."""
     for _ in range(len(_PORTS)):
         port = _PORTS[_next_port[0] % len(_PORTS)]
         _next_port[0] += 1
-        try:
-            fcntl.lockf(_port_claims, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
-        except OSError:  # another test process took it
+        if port + span - 1 not in _PORTS:
             continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("", port))
-            except OSError:  # some other program holds it (the claim stays: no one else tries it)
-                continue
-        return port
-    raise RuntimeError(f"no free port in {_PORTS.start}..{_PORTS.stop - 1}")
+        try:
+            fcntl.lockf(_port_claims, fcntl.LOCK_EX | fcntl.LOCK_NB, span, port)
+        except OSError:  # another test process took one of them
+            continue
+        for each in range(port, port + span):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("", each))
+                except OSError:  # some other program holds it (the claim stays: no one else tries it)
+                    break
+        else:
+            _next_port[0] += span - 1  # (this process's own locks never refuse it: skip them)
+            return port
+    raise RuntimeError(f"no {span} free port{'s' if span > 1 else ''} in {_PORTS.start}..{_PORTS.stop - 1}")
 
 
 @pytest.fixture(scope="session")

@@ -24,10 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def torchrun(args: list[str], out: Path) -> subprocess.Popen:
+def standalone_port() -> list[str]:
+    """The ranks' port under one-node torchrun (--standalone): by default the one after torchrun's
+    own, which the kernel picks and no free_port claim protects from a suite running beside."""
+    return ["--master_port", str(free_port())]
+
+
+def torchrun(args: list[str], out: Path, *mlora_args: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, **ONE_THREAD)
     return subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), *args, "--", "--output_dir", str(out),
-                             "--no_progress", "--device", "cpu"],
+                             "--no_progress", "--device", "cpu", *mlora_args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
@@ -40,7 +46,7 @@ def check_same(out: Path, single_out: Path) -> None:
 def test_torchrun_one_node(tmp_path, pipe_model, single_runs):
     _, cfg, single_out = single_runs(2)
     proc = torchrun(["--nproc", "2", "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg)],
-                    tmp_path / "out")
+                    tmp_path / "out", *standalone_port())
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-3000:]
     check_same(tmp_path / "out", single_out)
@@ -48,7 +54,7 @@ def test_torchrun_one_node(tmp_path, pipe_model, single_runs):
 
 def test_torchrun_two_nodes_on_one_host(tmp_path, pipe_model, single_runs):
     _, cfg, single_out = single_runs(2)
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{free_port(span=2)}"  # (the ranks meet at the port after the rendezvous')
     procs = [torchrun(["--nproc", "1", "--nnodes", "2", "--node_rank", str(n), "--rdzv_endpoint", endpoint,
                        "--balance", "2 2", "--base_model", str(pipe_model), "--config", str(cfg)], tmp_path / "out")
              for n in (0, 1)]
@@ -102,7 +108,7 @@ def test_torchrun_eval_one_node(pipe_model, single_runs):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--command", "eval", "--nproc", "2",
                            "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg), "--",
-                           "--output_dir", str(single_out), "--no_progress", "--device", "cpu"],
+                           "--output_dir", str(single_out), "--no_progress", "--device", "cpu", *standalone_port()],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_eval(proc.stdout, single)
@@ -143,7 +149,7 @@ def test_torchrun_generate_one_node(pipe_model, single_runs):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--command", "generate", "--nproc", "2",
                            "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg), "--",
-                           "--output_dir", str(single_out), "--device", "cpu", *GENERATE_FLAGS],
+                           "--output_dir", str(single_out), "--device", "cpu", *GENERATE_FLAGS, *standalone_port()],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == single
@@ -165,7 +171,8 @@ def test_torchrun_generate_reads_the_prompt_file_once_on_rank_0(tmp_path, pipe_m
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--command", "generate", "--nproc", "2",
                            "--balance", "3 4", "--base_model", str(pipe_model), "--config", str(cfg), "--",
-                           "--output_dir", str(single_out), "--device", "cpu", "--prompt_file", "/dev/stdin", *flags],
+                           "--output_dir", str(single_out), "--device", "cpu", "--prompt_file", "/dev/stdin", *flags,
+                           *standalone_port()],
                           input=rows, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == single
