@@ -57,11 +57,12 @@ class QueueTransport:
 
 
 def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=None, allow_errors=False,
-                dtype: str | None = None, transport: str = "queue"):
+                dtype: str | None = None, transport: str = "queue", signals: dict | None = None):
     """Every rank in a thread named rank<r>; returns the stages, or with allow_errors the
     (rank, exception) of the ranks that failed. dtype: as `--dtype` (default fp32 on the CPU).
     transport: "queue" (QueueTransport), or "torch" or "zmq": the ranks join on 127.0.0.1 as
-    separate processes would, and every message is serialized and sent."""
+    separate processes would, and every message is serialized and sent. signals: {rank: a
+    trainer.SignalFlag stand-in} (threads receive no signals)."""
     stages = plan_stages(str(base), world, balance)
     hub = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
     hub["gather"], hub["barrier"] = {}, threading.Barrier(world)
@@ -77,7 +78,7 @@ def run_threads(base: Path, cfg: Path, out: Path, world: int, balance, quant=Non
                     connect(transport, rank, world, "127.0.0.1", port, session.device, peer_timeout=20,
                             connect_timeout=60))
             check_same_everywhere(link, fingerprint(session, stages, transport))
-            start_stage(session, stages[rank], link, progress=False).run()
+            start_stage(session, stages[rank], link, progress=False, signals=(signals or {}).get(rank)).run()
         except BaseException as err:  # reported to the test thread
             errors.append((rank, err))
         finally:
@@ -2176,3 +2177,29 @@ def test_pipeline_ranks_agree_on_files_kept_at_other_places(pipe_model, tmp_path
     assert [code for code, _, _ in ranks] == [3, 3], ranks
     assert one_line(ranks[1][2]).startswith("mlora: pipeline error: rank 1 was started with a different config "
                                             "than rank 0")
+
+
+@pytest.mark.parametrize("save_step", [100, 1])
+def test_a_signal_after_the_last_cut_is_said_once_and_the_run_ends(tmp_path, pipe_model, capsys, save_step):
+    """A SIGTERM on rank 1 (a SignalFlag stand-in that holds it from the start). save_step 100:
+    no cut lies ahead, so the run trained to its end without a word of it; now rank 1 says so,
+    once, and the run still ends and saves. save_step 1: a cut lies ahead, every rank stops
+    there (as before), and nothing is said of a late signal."""
+    import signal
+    from types import SimpleNamespace
+
+    from mlora.trainer import Interrupted
+
+    cfg = write_config(tmp_path, 1, tmp_path / "out", save_step=save_step)
+    errors = run_threads(pipe_model, cfg, tmp_path / "out", 2, [3, 4], allow_errors=True,
+                         signals={1: SimpleNamespace(signum=signal.SIGTERM)})
+    said = [line for line in capsys.readouterr().err.splitlines() if "after the last checkpoint cut" in line]
+    if save_step == 1:
+        assert sorted((rank, type(err)) for rank, err in errors) == [(0, Interrupted), (1, Interrupted)]
+        assert said == []
+        return
+    assert errors == []
+    assert (tmp_path / "out" / "p0" / "adapter_model.safetensors").is_file()
+    assert said == ["mlora: rank 1: SIGTERM after the last checkpoint cut: the run trains to its end and saves; a "
+                    "second one stops this rank now (the others then stop too; --resume starts again at the last "
+                    "checkpoint)"]

@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -490,6 +491,7 @@ class StageWorker(StageLink):
         # and checkpoints at the same drained cut (needs save_step > 0 to have cuts).
         self.signals = signals
         self.stop_from_later: int | None = None
+        self.late_signal_noted = False
 
         # micro-batch -> what its forward read and made on this stage, until its backward
         self.inflight: dict[int, tuple[StageInputs, list[Piece]]] = {}
@@ -556,6 +558,7 @@ class StageWorker(StageLink):
             last_unevaluated = False
             while self.next_segment < len(self.plans):
                 for action in self.plans[self.next_segment].stages[self.rank]:
+                    self.note_late_signal()
                     if action.op == "F":
                         self.forward(action.mb)
                     else:
@@ -922,6 +925,18 @@ class StageWorker(StageLink):
         if self.signals is not None and self.signals.signum is not None:
             return self.signals.signum
         return self.stop_from_later
+
+    def note_late_signal(self) -> None:
+        """A signal on this rank once no drained cut is left to stop at (the run's last segment):
+        said once, so that the run training on to its end does not look deaf to it."""
+        if self.late_signal_noted or self.signals is None or self.signals.signum is None:
+            return
+        if self.next_segment < len(self.plans) - 1:
+            return  # (the run stops at the next cut)
+        self.late_signal_noted = True
+        print(f"mlora: rank {self.rank}: {signal.Signals(self.signals.signum).name} after the last checkpoint cut: "
+              f"the run trains to its end and saves; a second one stops this rank now (the others then stop too; "
+              f"--resume starts again at the last checkpoint)", file=sys.stderr, flush=True)
 
     def write_checkpoint(self) -> Path | None:
         """At a drained cut: this rank's part of the run, under the segment number."""
