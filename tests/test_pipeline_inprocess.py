@@ -1599,6 +1599,39 @@ def test_rank_0s_prompt_rows_reach_every_rank_as_they_are(monkeypatch):
     assert (asked.prompt, asked.prompt_file, asked.batch_size) == (["more"], "prompts.parquet", 2)
 
 
+@pytest.mark.parametrize("prompt,prompt_file,said", [
+    (["say hi"], None, None),  # rank 0's own (as under torchrun, every rank given the same)
+    ([], None, None),  # none given: nothing ignored
+    (["say bye"], None, "--prompt"),
+    ([], "other.jsonl", "--prompt_file"),
+    (["say bye"], "other.jsonl", "--prompt and --prompt_file"),
+])
+def test_a_rank_given_other_prompts_than_rank_0_says_they_are_not_read(capsys, prompt, prompt_file, said):
+    """Rank 1 started by hand with its own --prompt or --prompt_file: rank 0's were completed,
+    silently; now rank 1 notes it once (it still reads neither)."""
+    import argparse
+    import pickle
+
+    from mlora.pipeline import shared_prompts
+
+    class RankOne:
+        rank = 1
+
+        def exchange(self, value):
+            assert value is None
+            return [{"prompt": ["say hi"], "prompt_file": None, "rows": pickle.dumps([]), "lines": []}, None]
+
+    args = argparse.Namespace(prompt=prompt, prompt_file=prompt_file)
+    asked, rows = shared_prompts.share(RankOne(), None, args)
+    assert (asked.prompt, asked.prompt_file, list(rows)) == (["say hi"], None, [])
+    err = capsys.readouterr().err
+    if said is None:
+        assert err == ""
+    else:
+        assert err == (f"mlora: note: rank 1 was given other {said} values than rank 0; every rank completes rank "
+                       "0's (rank 0 alone reads them)\n")
+
+
 def test_pipeline_generate_refuses_an_adapter_saved_on_some_ranks_only(tmp_path, generate_job, monkeypatch):
     """Each rank loads its part of an adapter from its own output_dir: every rank says in one
     line that rank 1 lacks p1, none prints a completion."""

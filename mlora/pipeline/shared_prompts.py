@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 
 from mlora.data import Rows, load_rows
 
@@ -29,5 +30,18 @@ def share(transport, mine: dict | None, args) -> tuple[argparse.Namespace, Rows]
     """Rank 0's prompts on every rank (a collective; `mine`: read_on_rank_0's on rank 0, None
     elsewhere): `args` with rank 0's --prompt and --prompt_file, and that file's rows."""
     sent = transport.exchange(mine)[0]
+    if mine is None:
+        note_ignored(transport.rank, args, sent)
     asked = argparse.Namespace(**{**vars(args), "prompt": sent["prompt"], "prompt_file": sent["prompt_file"]})
     return asked, Rows(pickle.loads(sent["rows"]), sent["lines"])
+
+
+def note_ignored(rank: int, args, sent: dict) -> None:
+    """A rank other than 0 started with other --prompt or --prompt_file values than rank 0's:
+    they are not read (rank 0's are completed), which was silent; said once on its stderr."""
+    differ = [flag for flag, given, used in (("--prompt", list(args.prompt), sent["prompt"]),
+                                             ("--prompt_file", args.prompt_file, sent["prompt_file"]))
+              if given and given != used]
+    if differ:
+        print(f"mlora: note: rank {rank} was given other {' and '.join(differ)} values than rank 0; every rank "
+              f"completes rank 0's (rank 0 alone reads them)", file=sys.stderr)
