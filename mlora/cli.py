@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with an \"adapter\" key is completed by that adapter only")
     p.add_argument("--format", choices=["alpaca", "chat", "text"], default="alpaca",
                    help="how a prompt is rendered, as training rendered rows: alpaca (the adapter's "
-                        "prompt template; default), chat (a user turn, the tokenizer's chat template), text (as is)")
+                        "prompt template; default), chat (a user turn, through the adapter's chat_template, else the "
+                        "tokenizer's chat template), text (as is)")
     p.add_argument("--adapters", help="comma-separated adapter names (default: every adapter of the config)")
     p.add_argument("--base", action="store_true", help="also complete each prompt with the bare base model")
     p.add_argument("--max_new_tokens", type=_positive_int, default=64, help="tokens to add at most (default 64)")

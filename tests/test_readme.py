@@ -179,3 +179,13 @@ def test_the_kernel_choices_are_the_codes():
     assert {"auto", *listed} == set(KERNELS)
     for choice in CROSS_ENTROPY_CHOICES:
         assert f"`MLORA_CROSS_ENTROPY={choice}`" in README or f"`{choice}`" in section("Config")
+
+
+def test_generate_format_help_says_what_the_readme_does():
+    # README: `chat` renders a prompt "as a user turn of the adapter's chat template (its `chat_template`,
+    # else the tokenizer's)"; --help said the tokenizer's only
+    said = "`chat` as a user turn of the\n  adapter's chat template (its `chat_template`, else the tokenizer's)"
+    assert said in README
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    help_text = next(a.help for a in generate._actions if "--format" in a.option_strings)
+    assert "chat_template, else the tokenizer's" in help_text
