@@ -189,3 +189,18 @@ def test_generate_format_help_says_what_the_readme_does():
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     help_text = next(a.help for a in generate._actions if "--format" in a.option_strings)
     assert "chat_template, else the tokenizer's" in help_text
+
+
+def test_every_lr_schedule_and_its_kwargs_are_documented():
+    from mlora.lr_schedule import NOT_A_FUNCTION_OF_THE_STEP, SAME_AS, SCHEDULES
+
+    schedules = paragraph(CONFIG, "LR schedules, as transformers' Trainer names them", "\n\n")
+    for name in (*SCHEDULES, *SAME_AS, *NOT_A_FUNCTION_OF_THE_STEP):
+        assert f"`{name}`" in schedules, name
+    kwargs = paragraph(schedules, "`lr_scheduler_kwargs` is an object", "any other")
+    for kind, takes in config_module._SCHEDULER_KWARGS.items():
+        for key in takes:  # (each named after its schedule, in the order of the code's table)
+            assert re.search(rf"`{key}`", kwargs), f"{kind}'s {key!r}"
+    documented = set(re.findall(r"`(\w+)` \[", kwargs)) | set(re.findall(r"`(\w+)` \(", kwargs))
+    known = {key for takes in config_module._SCHEDULER_KWARGS.values() for key in takes}
+    assert documented - {"lr"} <= known, sorted(documented - known)
