@@ -6,6 +6,10 @@ sample error line is the code's. (What it says of behaviour is held by the other
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 import re
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -204,3 +208,47 @@ def test_every_lr_schedule_and_its_kwargs_are_documented():
     documented = set(re.findall(r"`(\w+)` \[", kwargs)) | set(re.findall(r"`(\w+)` \(", kwargs))
     known = {key for takes in config_module._SCHEDULER_KWARGS.values() for key in takes}
     assert documented - {"lr"} <= known, sorted(documented - known)
+
+
+def fenced_commands(program: str) -> list[str]:
+    """The README's command lines in code blocks (indented ones too) that run `program`, a
+    prompt's `$ ` and a `cd DIR && ` dropped, continuation lines joined, a trailing `&` dropped,
+    and its optional parts taken (`[--quant_type nf4|fp4]`: `--quant_type nf4`)."""
+    commands, in_block = [], False
+    lines = iter(README.splitlines())
+    for line in lines:
+        if line.strip().startswith("```"):
+            in_block = not in_block
+            continue
+        text = re.sub(r"^\s*(\$ )?(cd \S+ && )?", "", line) if in_block else ""
+        if not text.startswith(program + " ") or re.match(rf"{re.escape(program)}:? \S*:", text):  # (output)
+            continue
+        while text.endswith("\\"):
+            text = text[:-1] + next(lines).strip()
+        text = re.sub(r"\s*&$", "", text.split("  # ")[0].strip())
+        text = re.sub(r"\[([^\]]*)\]", r"\1", text)
+        commands.append(re.sub(r"(\S+)\|\S+", r"\1", text))
+    return commands
+
+
+def test_the_readmes_mlora_commands_parse():
+    commands = fenced_commands("mlora")
+    assert len(commands) >= 10
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])  # (argparse's exit 2 on a flag it refuses)
+        assert args.command in ("train", "eval", "generate", "demo"), command
+
+
+def test_the_readmes_torchrun_commands_reach_mlora(tmp_path):
+    commands = fenced_commands("launch/torchrun.sh")
+    assert len(commands) >= 4
+    echo = tmp_path / "torchrun"  # a TORCHRUN that prints what torchrun would run
+    echo.write_text("#!/bin/sh\necho \"$@\"\n")
+    echo.chmod(0o755)
+    for command in commands:
+        run = subprocess.run(["bash", *shlex.split(command)], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "TORCHRUN": str(echo), "PYTHON": sys.executable})
+        assert run.returncode == 0, f"{command}: {run.stderr}"
+        argv = run.stdout.split()
+        args = build_parser().parse_args(argv[argv.index("mlora") + 1:])
+        assert args.pipeline, command
