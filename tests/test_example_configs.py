@@ -31,3 +31,17 @@ def test_shipped_config_trains_two_steps(path, tmp_path, tiny_llama):
         name = adapter["name"]
         assert (tmp_path / "out" / name / "adapter_model.safetensors").is_file()
         assert json.loads((tmp_path / "out" / name / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("cwd", ["root", "config"])
+def test_shipped_config_loads_as_the_readme_runs_it(path, cwd, monkeypatch):
+    """The README runs them as they are, from the repository's root (`--config config/example.json`)
+    and from config/ (`cd config && ... --config example.json`): their relative paths resolve
+    from both, to the files beside them."""
+    monkeypatch.chdir(path.parent.parent if cwd == "root" else path.parent)
+    cfg = load_config(path.relative_to(Path.cwd()))
+    for adapter in cfg.lora:
+        for file in (adapter.data, adapter.test_data, adapter.prompt):
+            if file is not None and file != "alpaca":
+                assert Path(file).is_file() and Path(file).is_relative_to(path.parent), file
