@@ -252,3 +252,28 @@ def test_the_readmes_torchrun_commands_reach_mlora(tmp_path):
         argv = run.stdout.split()
         args = build_parser().parse_args(argv[argv.index("mlora") + 1:])
         assert args.pipeline, command
+
+
+def shape(line: str) -> str:
+    """A printed line with its numbers and its adapter's name left out, to compare with the README's samples."""
+    return re.sub(r"\d+(\.\d+)?", "N", re.sub(r"^\[[^\]]+\]", "[NAME]", line.strip()))
+
+
+def test_the_lines_training_prints_are_the_readmes(tmp_path, tiny_llama, capsys):
+    from mlora.cli import main
+
+    output = section("Output")
+    samples = [line for line in re.search(r"```\n(\[.*?)```", output, re.S).group(1).splitlines() if line]
+    assert len(samples) == 2
+    rows = "".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n" for w in "a b c d e f".split())
+    (tmp_path / "rows.jsonl").write_text(rows)
+    # a threshold no eval can beat: the second evaluation stops the adapter
+    config = {"eval_step": 1, "lora": [{"name": "chat", "data": str(tmp_path / "rows.jsonl"),
+                                        "test_data": str(tmp_path / "rows.jsonl"), "batch_size": 2, "max_steps": 3,
+                                        "early_stopping_patience": 1, "early_stopping_threshold": 100}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(tmp_path / "config.json"),
+                 "--output_dir", str(tmp_path / "out"), "--no_progress"]) == 0
+    printed = {shape(line) for line in capsys.readouterr().out.splitlines()}
+    for sample in samples:
+        assert shape(sample) in printed, sample
