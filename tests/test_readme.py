@@ -277,3 +277,12 @@ def test_the_lines_training_prints_are_the_readmes(tmp_path, tiny_llama, capsys)
     printed = {shape(line) for line in capsys.readouterr().out.splitlines()}
     for sample in samples:
         assert shape(sample) in printed, sample
+
+
+def test_mlora_runs_offline_as_the_readme_says(monkeypatch, tmp_path):
+    from mlora.cli import main
+
+    assert "`mlora` runs with `HF_HUB_OFFLINE=1` unless the environment sets it otherwise" in README
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["train", "--base_model", str(tmp_path), "--config", str(tmp_path / "none.json")]) == 2
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
