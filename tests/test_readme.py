@@ -286,3 +286,18 @@ def test_mlora_runs_offline_as_the_readme_says(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert main(["train", "--base_model", str(tmp_path), "--config", str(tmp_path / "none.json")]) == 2
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("command,flag,said,default", [
+    ("generate", "--max_new_tokens", "(defaults: 64 new tokens at most", 64),
+    ("generate", "--repetition_penalty", "`--repetition_penalty` 1 = off", 1.0),
+    ("generate", "--batch_size", "The lines run `--batch_size` at a time (default 16;", 16),
+    ("generate", "--format", "`alpaca` through the adapter's prompt template (the default)", "alpaca"),
+    ("train", "--transport", "`--transport torch` (default:", "torch"),
+    ("train", "--connect_timeout", "`--connect_timeout` seconds (default 300)", 300),
+    ("train", "--peer_timeout", "within `--peer_timeout` seconds\n  (default 30)", 30),
+])
+def test_the_flag_defaults_it_states_are_the_parsers(command, flag, said, default):
+    assert said in README
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    assert next(a.default for a in parser._actions if flag in a.option_strings) == default
