@@ -1,16 +1,19 @@
 """The README stays true to the code where a drift can be caught by reading both: every config
-key the code accepts is documented with its default and every documented key is accepted, every
-flag of every command is named, every file it names exists, its sample config parses and its
-sample error line is the code's. (What it says of behaviour is held by the other tests.)"""
+key the code accepts is documented with its default and every documented key is accepted (LR
+schedules and their kwargs too), every flag of every command is named and every flag it names is
+taken, its command lines parse (launch/torchrun.sh's through the script), the flag defaults it
+states are the parser's, every file it names exists, the Design section names every module, the
+families table every model_type, its sample config parses, and its sample lines (a config error,
+training's eval lines) are the code's. (What it says of behaviour is held by the other tests.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
-import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
