@@ -224,8 +224,6 @@ def cmd_train(args) -> int:
     out = session.cfg.output_dir
     for a in session.cfg.lora:  # before the output directory is touched (the trainer checks too)
         check_trainable(session.data[a.name].train, a, session.cfg.cutoff_len)
-    if note := unused_budget_note(session.cfg.train_strategy, session.cfg.max_tokens_per_batch):
-        print(note, file=sys.stderr)
     if args.resume:
         if checkpoint.is_finished(out):
             print(f"mlora: nothing to resume: the run in {out} already finished")
@@ -233,6 +231,10 @@ def cmd_train(args) -> int:
         if not checkpoint.list_checkpoints(out):
             raise UserError(f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(out)}"
                             f"{checkpoint.other_kind_note(checkpoint.checkpoint_tags(out), pipeline=False)}")
+    # (once it is sure to train: a --resume of a finished run trains nothing, and one with
+    # nothing to resume is refused)
+    if note := unused_budget_note(session.cfg.train_strategy, session.cfg.max_tokens_per_batch):
+        print(note, file=sys.stderr)
     # before the (long) load: a bad output_dir fails at once
     created = prepare_output_dir(out, [a.name for a in session.cfg.lora], written_dirs(session))
     with output_dir_lock(out):

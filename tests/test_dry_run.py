@@ -124,7 +124,8 @@ def test_plans_without_reading_the_weights(tiny_llama, tmp_path, capsys, weights
 @pytest.mark.parametrize("strategy", ["trivial", "fast-fit"])
 def test_a_budget_trivial_does_not_use_is_said(tiny_llama, tmp_path, capsys, strategy):
     """trivial fuses without a token budget: a max_tokens_per_batch given with it was ignored
-    without a word. Training notes it at its start, and the plan's budget line says so."""
+    without a word. Training notes it at its start (not a --resume of a finished run, which trains
+    nothing), and the plan's budget line says so."""
     out = tmp_path / "out"
     cfg_path = make_config(tmp_path, ["b"], out, train_strategy=strategy, max_tokens_per_batch=100)
     code, plan, err = dry_run(capsys, tiny_llama, cfg_path)
@@ -137,6 +138,11 @@ def test_a_budget_trivial_does_not_use_is_said(tiny_llama, tmp_path, capsys, str
     note = ("mlora: note: max_tokens_per_batch 100 is not used: train_strategy trivial fuses the active adapters' "
             "next micro-batches without a token budget (fast-fit and optimal-fit keep to one)")
     assert (note in capsys.readouterr().err.splitlines()) == unused
+    # a --resume of the finished run trains nothing: nothing to note of its batches
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg_path), "--no_progress",
+                 "--resume"]) == 0
+    said = capsys.readouterr()
+    assert "nothing to resume: the run in" in said.out and "max_tokens_per_batch" not in said.err
 
 
 def test_plan_notes_that_early_stopping_may_end_adapters_sooner(tiny_llama, tmp_path, capsys):
