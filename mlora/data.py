@@ -414,7 +414,8 @@ _PLACEHOLDERS = ("instruction", "input", "output")
 # A template's text scans left to right as str.format scans it (alpaca-lora and m-LoRA render
 # these templates with it): "{{" and "}}" are escaped braces, so "{{input}}" is the text
 # "{input}" and no placeholder; any other braced word ({name}) stays as written, where
-# str.format would fail. A lone "{" or "}" stays as written too (str.format fails on it).
+# str.format would fail (but for the fields str.format fills and mlora refuses: _unfilled_field).
+# A lone "{" or "}" stays as written too (str.format fails on it).
 # A placeholder's conversion and format spec ({input!r}, {instruction:.200}: groups 2 and 3)
 # apply as str.format applies them (they stayed in every prompt as text).
 _TOKEN = re.compile(r"\{\{|\}\}|\{(\w+)(?:!([^{}:]*))?(?::([^{}]*))?\}")
@@ -464,6 +465,58 @@ def _check_placeholder(m: re.Match) -> None:
         raise UserError(f"{m.group(0)}: not a format spec str.format takes for text ({e})") from None
 
 
+# Every field str.format would read, as it scans: an unescaped "{", the field name's first part
+# (group 1: a word, or nothing), what follows it up to the next brace (group 2) and that brace
+# (group 3: "{", "}", or "" at the end). To tell the fields that _TOKEN leaves as text although
+# str.format reads them (_fields_left_unread).
+_FIELD = re.compile(r"\{\{|\}\}|\{(\w*)([^{}]*)(?=([{}]?))")
+# A field's whole text as written: its name's attribute and index parts (an index may hold any
+# character but "]"), its conversion and its format spec with fields nested in it.
+_WRITTEN_FIELD = re.compile(r"\{\w*(?:\.[^.\[!:{}]*|\[[^\]]*\])*(?:![^:{}]*)?(?::[^{}]*(?:\{[^{}]*\}[^{}]*)*)?\}")
+
+
+def _fields_left_unread(template: str) -> tuple[str | None, list[str]]:
+    """The fields of `template` that str.format reads and mlora does not fill: (what is wrong with
+    the first that names a placeholder, in words that start with it as written, or None; the
+    positional ones, as written). A placeholder's attribute or index ({input.upper}, {input[0]}:
+    str.format reads them off the row's text) or a format spec holding a field ({input:{w}}) is
+    refused. Positional fields ({}, {0}, {:>9}) stay as written, as other braced words do ({name},
+    {x.y}): `{}` is also JSON's empty object in a prompt's example; but a template of them, as
+    Unsloth writes its alpaca prompt (filled in order), lacks the placeholders, whose error names them."""
+    positional_fields = []
+    for m in _FIELD.finditer(template):
+        name, rest, brace = m.groups()
+        if name is None or brace == "":  # "{{" or "}}"; or a "{" never closed: braced text, as written
+            continue
+        positional = name == "" or name.isdigit()
+        if not positional and name not in _PLACEHOLDERS:
+            continue
+        written = _WRITTEN_FIELD.match(template, m.start())
+        field = written.group(0) if written else m.group(0)
+        if positional:
+            if rest[:1] in ("", "!", ":", ".", "["):  # ("{ x}": braced text)
+                positional_fields.append(field)
+        elif rest[:1] in (".", "["):
+            what = "an index" if rest[0] == "[" else "an attribute"
+            return (f"{field}: mlora fills a placeholder by its name alone, and str.format would read {what} of the "
+                    f"row's text; write {{{name}}}"), positional_fields
+        elif brace == "{" and rest[:1] in ("!", ":") and ":" in rest:
+            return (f"{field}: a format spec cannot hold a field (str.format's nested fields); write the spec out, "
+                    f"as in {{{name}:>20}}"), positional_fields
+    return None, positional_fields
+
+
+def _named_fields_hint(positional: list[str]) -> str:
+    """What an error of a missing placeholder adds of a template's positional fields ({} or {0}
+    stays as written: `_fields_left_unread`)."""
+    fields = list(dict.fromkeys(positional))
+    if not fields:
+        return ""
+    are = "is a positional field" if len(fields) == 1 else "are positional fields"
+    return (f" ({', '.join(fields)} {are}, which mlora does not fill: name the placeholders {{instruction}}, "
+            f"{{input}} and {{output}})")
+
+
 def builtin_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
 
@@ -501,12 +554,16 @@ def _parse_template(path: Path) -> PromptTemplate:
     if prompt is None or no_input is None:
         raise UserError(f"{path}: a prompt template needs the keys 'prompt' (or 'prompt_input') "
                         f"and 'prompt_no_input'")
+    positional: dict[str, list[str]] = {}  # (each key's positional fields)
     for key, value in (("prompt", prompt), ("prompt_no_input", no_input)):
         if not isinstance(value, str):
             raise UserError(f"{path}: '{key}' must be a string")
         words = _placeholders(value)
+        unread, positional[key] = _fields_left_unread(value)
+        if unread:
+            raise UserError(f"{path}: '{key}' has {unread}")
         if "instruction" not in words:
-            raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder")
+            raise UserError(f"{path}: '{key}' has no {{instruction}} placeholder{_named_fields_hint(positional[key])}")
         if words.count("output") > 1:
             raise UserError(f"{path}: '{key}' has more than one {{output}} placeholder")
         for m in _TOKEN.finditer(value):
@@ -528,7 +585,7 @@ def _parse_template(path: Path) -> PromptTemplate:
             raise UserError(f"{path}: {e}") from None
     if "input" not in _placeholders(prompt):
         # Without it every row's input would be dropped silently.
-        raise UserError(f"{path}: 'prompt' has no {{input}} placeholder")
+        raise UserError(f"{path}: 'prompt' has no {{input}} placeholder{_named_fields_hint(positional['prompt'])}")
     return PromptTemplate(prompt=prompt, prompt_no_input=no_input)
 
 

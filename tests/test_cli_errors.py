@@ -1042,3 +1042,29 @@ def test_transport_zmq_without_pyzmq_is_one_line_naming_it(setup, tiny_llama, ca
                  "--world_size", "2", "--device", "cpu", "--transport", "zmq", "--master_port", str(free_port()),
                  "--connect_timeout", "1", "--no_progress"])
     check(code, capsys.readouterr().err.strip(), out, "--transport zmq needs pyzmq", "--transport torch")
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_a_template_field_mlora_does_not_fill_is_one_line_before_the_model_loads(setup, capsys, tmp_path, tiny_llama,
+                                                                                monkeypatch, command):
+    """A prompt template's {input.upper} (str.format would read an attribute of the row's text) is
+    refused naming the template file and the field, before the base loads (here it may not)."""
+    from mlora.session import Session
+
+    _, _, out, config = setup
+    base = tiny_llama
+
+    def load_base(self):
+        raise AssertionError("the base loaded before the template was checked")
+
+    monkeypatch.setattr(Session, "load_base", load_base)
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"prompt": "{instruction} {input.upper}", "prompt_no_input": "{instruction}"}))
+    cfg = config({"prompt": str(template)})
+    if command == "train":
+        code, err = run_train(capsys, base, cfg)
+    else:
+        capsys.readouterr()
+        code = main(["generate", "--base_model", str(base), "--config", str(cfg), "--prompt", "hi", "--no_progress"])
+        err = capsys.readouterr().err.strip()
+    check(code, err, out, f"{template}: 'prompt' has {{input.upper}}: mlora fills a placeholder by its name alone")

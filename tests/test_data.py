@@ -452,6 +452,71 @@ def test_a_conversion_or_format_spec_applies_as_str_format_applies_it(tmp_path, 
         assert message.startswith(f"{path}: 'prompt' has {written}: ") and said in message and "\n" not in message
 
 
+@pytest.mark.parametrize("written,said", [
+    ("{input:{w}}", "a format spec cannot hold a field (str.format's nested fields); write the spec out, as in "
+                    "{input:>20}"),
+    ("{instruction!r:{input}}", "a format spec cannot hold a field"),
+    ("{input.upper}", "mlora fills a placeholder by its name alone, and str.format would read an attribute of the "
+                      "row's text; write {input}"),
+    ("{input.__class__}", "str.format would read an attribute of the row's text; write {input}"),
+    ("{instruction[0]}", "str.format would read an index of the row's text; write {instruction}"),
+    ("{output[-1]}", "str.format would read an index of the row's text; write {output}"),
+])
+def test_a_placeholders_attribute_index_or_nested_spec_is_refused(tmp_path, written, said):
+    """str.format reads a placeholder's attribute or index off the row's text ({input.upper},
+    {input[0]}) and fills a field nested in a format spec ({input:{w}}); mlora left each in every
+    prompt as text ({input:{w}}'s {input} unfilled), where alpaca-lora's and m-LoRA's str.format
+    read them. One line names the file, the key and the field as written, before a missing
+    placeholder is (the only {instruction} may be the one written so)."""
+    path = tmp_path / "t.json"
+    for key in ("prompt", "prompt_no_input"):
+        template = {"prompt": "{instruction} {input}", "prompt_no_input": "{instruction}"}
+        template[key] += f"\n{written}!"
+        path.write_text(json.dumps(template))
+        with pytest.raises(UserError) as err:
+            load_template(str(path))
+        assert str(err.value).startswith(f"{path}: '{key}' has {written}: ") and said in str(err.value)
+        assert "\n" not in str(err.value)
+    path.write_text(json.dumps({"prompt": f"{written} {{input}}", "prompt_no_input": "{instruction}"}))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: 'prompt' has {re.escape(written)}: "):
+        load_template(str(path))
+
+
+def test_positional_fields_stay_as_written_and_are_named_where_placeholders_lack(tmp_path):
+    """{}, {0} or {:>9} is a positional field in str.format, which mlora does not fill: it stays as
+    written, as other braced words do ({} is also JSON's empty object in an example); a template of
+    them (Unsloth writes its alpaca prompt so, filled in order) lacks {instruction} or {input},
+    and that error names them and says to name the placeholders."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt": "{instruction} {input} {} {0} {:>9} {0.real} {[0]}",
+                                "prompt_no_input": "{instruction} {1!r}"}))
+    template = load_template(str(path))
+    assert template.render("a", "b") == ("a b {} {0} {:>9} {0.real} {[0]}", "")
+    assert template.render("a", None) == ("a {1!r}", "")
+    unsloth = "### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:\n{}"
+    path.write_text(json.dumps({"prompt": unsloth, "prompt_no_input": "{instruction}"}))
+    with pytest.raises(UserError) as err:
+        load_template(str(path))
+    assert str(err.value) == (f"{path}: 'prompt' has no {{instruction}} placeholder ({{}} is a positional field, "
+                              "which mlora does not fill: name the placeholders {instruction}, {input} and {output})")
+    path.write_text(json.dumps({"prompt": "{instruction} {0} {1:>3}", "prompt_no_input": "{instruction}"}))
+    with pytest.raises(UserError) as err:
+        load_template(str(path))
+    assert str(err.value).startswith(f"{path}: 'prompt' has no {{input}} placeholder ({{0}}, {{1:>3}} are "
+                                     "positional fields, which mlora does not fill: name the placeholders")
+
+
+def test_braced_text_that_names_no_placeholder_stays_as_written(tmp_path):
+    """Only a placeholder's attribute, index or nested spec is refused: other braced text, an
+    escaped field and an unclosed one stay as written, as {name} does."""
+    path = tmp_path / "t.json"
+    prompt = "{instruction} {input} {x.y} {x[0]} {x:{y}} {{input.upper}} {{0}} {input x} {input"
+    path.write_text(json.dumps({"prompt": prompt, "prompt_no_input": "{instruction} {{}}"}))
+    template = load_template(str(path))
+    assert template.render("a", "b") == ("a b {x.y} {x[0]} {x:{y}} {input.upper} {0} {input x} {input", "")
+    assert template.render("a", None) == ("a {}", "")
+
+
 def test_a_lone_brace_in_a_template_stays_as_written(tmp_path):
     """str.format refuses a lone "{" or "}"; mlora keeps it, as it keeps other braced words, so a
     template with JSON or code in its text still loads (and renders as it did before)."""
