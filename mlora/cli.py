@@ -482,7 +482,7 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
     notes=False leaves out the note of lines past the model's positions (a pipeline's ranks
     but rank 0). file_rows: --prompt_file's rows, read already (by a pipeline's rank 0)."""
     from mlora.chat_template import with_chat_template
-    from mlora.data import Rows, load_rows, load_template, prompt_tokens, row_place, row_prompt
+    from mlora.data import Rows, load_rows, load_template, null_keys_error, prompt_tokens, row_place, row_prompt
     from mlora.generate import Sampling, adapter_stop_ids
     from mlora.loader import read_model_config
 
@@ -519,6 +519,8 @@ def generate_job(args, session, notes: bool = True, file_rows=None) -> GenerateJ
                 out.append(None)
                 continue
             where = f"--prompt_file {row_place(args.prompt_file, i, file_rows.lines)}"
+            if i in file_rows.nulls and (said := null_keys_error(row, file_rows.nulls[i], answered=False)):
+                raise UserError(f"{where}: {said}")
             try:
                 asked = row_prompt(row, tokenizer, template)  # (one that renders empty is refused)
             except UserError as err:

@@ -54,6 +54,7 @@ _READ_KEYS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",
               "prompt/completion": ("prompt", "completion"), "text": ("text",)}
 # Every key of a row that some shape reads: a Parquet file's other columns are not read at all.
 ROW_KEYS = tuple(dict.fromkeys(key for keys in _READ_KEYS.values() for key in keys))
+_ROW_KEY_SET = frozenset(ROW_KEYS)
 # A --prompt_file row's own adapter (cli.rows_own_adapters): no shape reads it, but generate
 # does, so a Parquet file's column of it is read too (left unread, every row of the file went
 # through every chosen adapter).
@@ -108,11 +109,14 @@ def _long_tensor(values: list[int]) -> Tensor:
 class Rows(list):
     """A dataset file's rows (load_rows), with what places each in the file for `row_place`:
     `lines`, a JSONL row's line number (blank lines are skipped, so it is not its index + 1);
-    None for a JSON array's or a Parquet file's rows."""
+    None for a JSON array's or a Parquet file's rows. `nulls`: {row index: the keys some row
+    shape reads that the file gave as null}, for the rows that had any (null_keys_error)."""
 
-    def __init__(self, rows: Iterable[dict] = (), lines: list[int] | None = None):
+    def __init__(self, rows: Iterable[dict] = (), lines: list[int] | None = None,
+                 nulls: dict[int, Collection[str]] | None = None):
         super().__init__(rows)
         self.lines = lines
+        self.nulls = nulls if nulls is not None else {}
 
 
 def row_place(source: str, i: int, lines: list[int] | None = None) -> str:
@@ -129,7 +133,7 @@ def load_rows(path: str | Path) -> Rows:
     (ending in .parquet) a Parquet table, as Hugging Face datasets are published."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":  # (DATA.PARQUET too: read as JSON, it was "not UTF-8 text")
-        return Rows(_read_parquet(path))
+        return _read_parquet(path)
     text = _read_text(path)
     stripped = text.lstrip()
     # Without the cyclic garbage collector while parsing: JSON makes no cycles, and its passes
@@ -150,7 +154,7 @@ def load_rows(path: str | Path) -> Rows:
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path) -> Rows:
     """A Parquet file's rows as JSON rows would give them. Arrow gives every row every column,
     and a list of structs (messages) every struct field of the column, so what a row lacks comes
     as null: dropped, as TRL drops them (`remove_none_values`), or a chat template would see a
@@ -171,10 +175,19 @@ def _read_parquet(path: Path) -> list[dict]:
         # page header failed.\n")
         said = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise UserError(f"{path}: cannot read it as Parquet ({type(err).__name__}: {said})") from None
+    nulls = {i: keys for i, row in enumerate(rows) if (keys := _null_row_keys(row))}
     rows = [_without_nulls(row) for row in rows]
     if not rows:
         raise UserError(f"{path}: the dataset is empty (no rows)")
-    return rows
+    return Rows(rows, nulls=nulls)
+
+
+def _null_row_keys(obj: dict, kept: dict | None = None) -> set[str]:
+    """The keys some row shape reads (ROW_KEYS) that are null in `obj` (kept: `obj` without its
+    nulls, if made already; set operations, made in C: a JSON export may hold nulls in every row)."""
+    if kept is None:
+        kept = {k: v for k, v in obj.items() if v is not None}
+    return (obj.keys() - kept.keys()) & _ROW_KEY_SET
 
 
 def _parquet_columns(names: list[str]) -> list[str] | None:
@@ -269,6 +282,11 @@ class _DuplicateKeys:
 
     def __init__(self, drop_nulls: bool = False) -> None:
         self.found: tuple[dict, str] | None = None  # (the object, its repeated key)
+        # (an object, its null keys that a row shape reads), for every object that had one: the
+        # rows' are the Rows' nulls (a dropped "text": null left a row of no shape, "unknown row
+        # shape (keys: none)"). The objects themselves, not their ids: an object json drops (a
+        # repeated key's first value) is freed, and its id could be a later row's.
+        self.nulled: list[tuple[dict, set[str]]] = []
         # Rows: a null member is what the row lacks, as a Parquet table's nulls are (_without_nulls):
         # datasets' and pandas' JSON exports write every column in every row, null where a row has
         # none, and such rows were refused as mixing shapes, or gave a chat template a message's
@@ -284,11 +302,19 @@ class _DuplicateKeys:
             dropped = [v for k, v in pairs if obj[k] is not v]
             repeated = self.found is None or any(_path_to(v, self.found[0]) is not None for v in dropped)
         if self.drop_nulls and None in obj.values():  # (a C-level scan: most objects hold no null)
-            obj = {k: v for k, v in obj.items() if v is not None}
+            kept = {k: v for k, v in obj.items() if v is not None}
+            if nulled := _null_row_keys(obj, kept):
+                self.nulled.append((kept, nulled))
+            obj = kept
         if repeated:
             seen: set[str] = set()
             self.found = (obj, next(k for k, _ in pairs if k in seen or seen.add(k)))
         return obj
+
+    def nulls_of(self, rows: Sequence[dict]) -> dict[int, set[str]]:
+        """{i: its null keys} for the `rows` among the objects that had some (Rows.nulls)."""
+        nulled = {id(obj): keys for obj, keys in self.nulled}
+        return {i: nulled[id(row)] for i, row in enumerate(rows) if id(row) in nulled} if nulled else {}
 
     def message(self, row: dict) -> str:
         """The duplicate, placed in `row` (which holds the flagged object)."""
@@ -337,6 +363,10 @@ def _parse_jsonl(path: Path, text: str) -> Rows:
             raise UserError(f"{path}:{lineno}: {duplicates.message(row)}")
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")
+        if duplicates.nulled:  # (the row is the line's last object made: json makes the innermost first)
+            if duplicates.nulled[-1][0] is row:
+                rows.nulls[len(rows)] = duplicates.nulled[-1][1]
+            duplicates.nulled.clear()
         rows.append(row)
         rows.lines.append(lineno)
     return rows
@@ -381,7 +411,7 @@ def _parse_json_array(path: Path, text: str) -> Rows:
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise UserError(f"{row_place(str(path), i)}: expected a JSON object, got {_json_type(row)}")
-    return Rows(data)
+    return Rows(data, nulls=duplicates.nulls_of(data))
 
 
 def _json_type(value) -> str:
@@ -618,6 +648,33 @@ def row_shape(row: dict) -> str:
     return shapes[0]
 
 
+# The keys a row of each shape must hold besides its identifying one, to be trained.
+_ANSWER_KEYS = {"alpaca": ("output",), "prompt/completion": ("completion",)}
+
+
+def null_keys_error(row: dict, nulled: Collection[str], answered: bool = True) -> str | None:
+    """What to say of a row that cannot be read for a key the file gave as null (`nulled`: its
+    null keys some shape reads, Rows.nulls; load_rows drops them as what the row lacks): an
+    identifying key, the row then of no shape ({"text": null} was "unknown row shape (keys:
+    none)"), or (answered: the row is trained) its answer's. None when its nulls are not why."""
+    shapes = _shapes(row)
+    if not shapes:
+        keys = [key for key in _SHAPE_KEYS.values() if key in nulled]
+    elif len(shapes) == 1 and answered:
+        keys = [key for key in _ANSWER_KEYS.get(shapes[0], ()) if key in nulled]
+    else:
+        keys = []
+    if not keys:
+        return None
+    named = " and ".join(filter(None, (", ".join(map(repr, keys[:-1])), repr(keys[-1]))))
+    said = f"{named} {'is' if len(keys) == 1 else 'are'} null (a null counts as a missing key)"
+    if shapes:
+        return f"{said}: the row has no answer to learn"
+    if not row:
+        return f"{said}: the row is empty"
+    return f"{said}, and without {'it' if len(keys) == 1 else 'them'} the row is of no shape"
+
+
 def unread_keys_note(rows: Sequence[dict], tokenizer, columns: Sequence[str] = ()) -> str | None:
     """What a note about `rows` should say of their keys that nothing reads, or None when every
     key is read: each such key with the number of rows holding it, likely misspellings of a key
@@ -744,7 +801,7 @@ def encode_rows(rows: Iterable[dict], tokenizer, template: PromptTemplate, cutof
     in it (row_place; load_rows' Rows know a JSONL row's line). A large one shows a progress
     bar on a terminal (tokenizing 5,000 chat rows takes seconds)."""
     examples = []
-    lines = rows.lines if isinstance(rows, Rows) else None
+    lines, nulls = (rows.lines, rows.nulls) if isinstance(rows, Rows) else (None, {})
     rows = list(rows)
     bar = tqdm(rows, desc=f"encoding {Path(source).name if source else 'rows'}", unit="row", leave=False,
                disable=None if len(rows) >= 2000 else True, file=sys.stderr, mininterval=0.5)
@@ -753,6 +810,8 @@ def encode_rows(rows: Iterable[dict], tokenizer, template: PromptTemplate, cutof
             where = row_place(source, i, lines)
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected a JSON object, got {_json_type(row)}")
+            if i in nulls and (said := null_keys_error(row, nulls[i])):
+                raise UserError(f"{where}: {said}")
             try:
                 examples.append(encode_row(row, tokenizer, template, cutoff_len, train_on_inputs))
             except UserError as e:

@@ -1068,3 +1068,19 @@ def test_a_template_field_mlora_does_not_fill_is_one_line_before_the_model_loads
         code = main(["generate", "--base_model", str(base), "--config", str(cfg), "--prompt", "hi", "--no_progress"])
         err = capsys.readouterr().err.strip()
     check(code, err, out, f"{template}: 'prompt' has {{input.upper}}: mlora fills a placeholder by its name alone")
+
+
+def test_a_prompt_file_row_unread_for_a_null_says_so(setup, capsys, tiny_llama):
+    """A --prompt_file row whose instruction is null was "unknown row shape (keys: input)": the
+    line names the null key, its file and row; a null output is a question without its answer."""
+    _, _, out, config = setup
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "adapter_model.safetensors").write_bytes(b"")  # "saved": the prompts are checked first
+    rows = out.parent / "prompts.jsonl"
+    rows.write_text('{"instruction": "hi", "output": null}\n{"instruction": null, "input": "x"}\n')
+    capsys.readouterr()
+    code = main(["generate", "--base_model", str(tiny_llama), "--config", str(config()), "--prompt_file", str(rows)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == (f"mlora: error: --prompt_file {rows}:2: 'instruction' is null (a null counts as a missing key), "
+                   f"and without it the row is of no shape"), err

@@ -18,6 +18,7 @@ from mlora.data import (
     encode_rows,
     load_rows,
     load_template,
+    null_keys_error,
     pad_batch,
     pad_rows,
     row_prompt,
@@ -149,6 +150,38 @@ def test_json_nulls_are_what_a_row_lacks_as_parquet_nulls_are(tmp_path, tokenize
     (tmp_path / "twice.jsonl").write_text('{"text": "a"}\n{"text": "a", "text": null}\n')
     with pytest.raises(UserError, match=r"twice\.jsonl:2: key 'text' appears twice"):
         load_rows(tmp_path / "twice.jsonl")
+
+
+def test_a_row_unread_for_a_null_says_so(tmp_path, tokenizer, alpaca):
+    """A null is what a row lacks, so {"text": null} was a row of no keys, refused as "unknown row
+    shape (keys: none)", and an alpaca row's null output "missing 'output'": each names the null
+    key, in the file and the row, from a JSONL file, a JSON array and a Parquet table alike. A
+    file of questions (generate) may lack the answer: its null output is no error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cases = [({"text": None}, "'text' is null (a null counts as a missing key): the row is empty"),
+             ({"text": None, "id": 4}, "'text' is null (a null counts as a missing key)"),  # (Parquet: no id read)
+             ({"instruction": None, "input": "a", "output": "b"}, "'instruction' is null (a null counts as a missing "
+                                                                  "key), and without it the row is of no shape"),
+             ({"messages": None, "conversations": None, "text": None}, "'messages', 'conversations' and 'text' are "
+                                                                        "null (a null counts as a missing key): the "
+                                                                        "row is empty"),
+             ({"instruction": "a", "output": None}, "'output' is null (a null counts as a missing key): the row "
+                                                    "has no answer to learn"),
+             ({"prompt": "a", "completion": None}, "'completion' is null")]
+    for row, said in cases:
+        rows = [{"text": "fine"}, row]
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n\n" for r in rows))
+        (tmp_path / "d.json").write_text(json.dumps(rows))
+        pq.write_table(pa.Table.from_pylist([row]), tmp_path / "d.parquet")  # (its columns: the row's)
+        for name, place in (("d.jsonl", ":3"), ("d.json", ": row 2"), ("d.parquet", ": row 1")):
+            path = tmp_path / name
+            with pytest.raises(UserError) as err:
+                encode_rows(load_rows(path), tokenizer, alpaca, 64, False, source=str(path))
+            assert str(err.value).startswith(f"{path}{place}: {said}"), (name, str(err.value))
+    assert null_keys_error({"instruction": "a"}, ("output",), answered=False) is None
+    assert null_keys_error({"text": "a"}, ("instruction",)) is None  # (a text row: its null instruction is not read)
 
 
 def test_parquet_reads_only_the_columns_a_row_shape_reads(tmp_path, monkeypatch, tokenizer):
@@ -1080,10 +1113,13 @@ def test_a_bad_row_is_placed_as_an_editor_counts(tmp_path, tokenizer, alpaca):
 
     parquet = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([good, bad]), parquet)
-    for path, where in ((jsonl, f"{jsonl}:3"), (array, f"{array}: row 2"), (parquet, f"{parquet}: row 2")):
+    for path, where, said in ((jsonl, f"{jsonl}:3", "missing 'output'"), (array, f"{array}: row 2", "missing 'output'"),
+                              # (a table gives every row every column: the row's is null)
+                              (parquet, f"{parquet}: row 2", "'output' is null (a null counts as a missing key): "
+                                                             "the row has no answer to learn")):
         with pytest.raises(UserError) as err:
             encode_rows(load_rows(path), tokenizer, alpaca, 64, False, source=str(path))
-        assert str(err.value) == f"{where}: missing 'output'", path
+        assert str(err.value) == f"{where}: {said}", path
     with pytest.raises(UserError, match=r"^row 2: missing 'output'$"):  # (rows of no file)
         encode_rows([good, bad], tokenizer, alpaca, 64, False)
 

@@ -1574,8 +1574,9 @@ def test_pipeline_generate_rank_0_alone_reads_the_prompts(tmp_path, pipe_model, 
 def test_rank_0s_prompt_rows_reach_every_rank_as_they_are(monkeypatch):
     """The rows rank 0 read reach every rank as the file gave them, values JSON lacks included (a
     Parquet binary or date column, an integer past 64 bits): sent as JSON text they became their
-    repr, a prompt the ranks completed where one process refuses the row. The exchange below takes
-    the transport's msgpack round trip."""
+    repr, a prompt the ranks completed where one process refuses the row. Their keys the file gave
+    as null come too (what a row refused for one says). The exchange below takes the transport's
+    msgpack round trip."""
     import argparse
     import datetime
 
@@ -1587,7 +1588,7 @@ def test_rank_0s_prompt_rows_reach_every_rank_as_they_are(monkeypatch):
 
     rows = [{"instruction": b"\x00raw", "when": datetime.date(2026, 12, 1), "n": 1 << 70, "adapter": "p1"},
             {"instruction": "say hi"}]
-    monkeypatch.setattr(shared_prompts, "load_rows", lambda path: Rows(rows, [1, 3]))
+    monkeypatch.setattr(shared_prompts, "load_rows", lambda path: Rows(rows, [1, 3], {1: {"output", "text"}}))
 
     class OneRank:
         def exchange(self, value):
@@ -1595,7 +1596,7 @@ def test_rank_0s_prompt_rows_reach_every_rank_as_they_are(monkeypatch):
 
     args = argparse.Namespace(prompt=["more"], prompt_file="prompts.parquet", batch_size=2)
     asked, got = shared_prompts.share(OneRank(), shared_prompts.read_on_rank_0(args), args)
-    assert (list(got), got.lines) == (rows, [1, 3])
+    assert (list(got), got.lines, got.nulls) == (rows, [1, 3], {1: {"output", "text"}})
     assert (asked.prompt, asked.prompt_file, asked.batch_size) == (["more"], "prompts.parquet", 2)
 
 

@@ -23,7 +23,8 @@ def read_on_rank_0(args) -> dict:
     each other: they exchange activations and adapters already.)"""
     rows = load_rows(args.prompt_file) if args.prompt_file else Rows()
     return {"prompt": list(args.prompt), "prompt_file": args.prompt_file,
-            "rows": pickle.dumps(list(rows)), "lines": rows.lines}
+            "rows": pickle.dumps(list(rows)), "lines": rows.lines,
+            "nulls": [[i, sorted(keys)] for i, keys in rows.nulls.items()]}
 
 
 def share(transport, mine: dict | None, args) -> tuple[argparse.Namespace, Rows]:
@@ -33,7 +34,7 @@ def share(transport, mine: dict | None, args) -> tuple[argparse.Namespace, Rows]
     if mine is None:
         note_ignored(transport.rank, args, sent)
     asked = argparse.Namespace(**{**vars(args), "prompt": sent["prompt"], "prompt_file": sent["prompt_file"]})
-    return asked, Rows(pickle.loads(sent["rows"]), sent["lines"])
+    return asked, Rows(pickle.loads(sent["rows"]), sent["lines"], {i: set(keys) for i, keys in sent["nulls"]})
 
 
 def note_ignored(rank: int, args, sent: dict) -> None:
