@@ -22,9 +22,14 @@ from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.packing import pack_examples, packed_shape
 
-# group_by_length sorts rows by length inside windows of this many micro-batches, as
-# transformers' LengthGroupedSampler does: padding falls, while the order stays random.
-LENGTH_GROUP_MICRO_BATCHES = 50
+# group_by_length sorts rows by length inside "megabatches" of up to this many optimizer batches,
+# as transformers' LengthGroupedSampler does (get_length_grouped_indices): padding falls, while
+# the order stays random.
+LENGTH_GROUP_BATCHES = 50
+# What the fingerprint of a run that groups by length records (checkpoint.run_fingerprint): a
+# checkpoint of an mlora that grouped otherwise would resume into other rows mid-epoch. (The
+# grouping of mlora before it, windows of 50 micro-batches, records none.)
+LENGTH_GROUPING = "megabatches of up to 50 batches, as transformers' LengthGroupedSampler"
 
 
 @dataclass
@@ -45,18 +50,29 @@ class MicroBatch:
 
 
 def epoch_order(lengths: Sequence[int], seed: int, epoch: int, group_by_length: bool,
-                micro_batch_size: int) -> list[int]:
+                batch_size: int) -> list[int]:
     """A permutation of the rows for one epoch, from the adapter's seed and the epoch only."""
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    if group_by_length:
-        window = LENGTH_GROUP_MICRO_BATCHES * micro_batch_size
-        grouped = []
-        for start in range(0, len(order), window):
-            chunk = order[start:start + window]
-            grouped.extend(sorted(chunk, key=lambda i: -lengths[i]))  # stable: ties keep random order
-        order = grouped
-    return order
+    return length_grouped(order, lengths, batch_size) if group_by_length else order
+
+
+def length_grouped(order: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+    """`order` grouped by length as transformers' Trainer groups a shuffle with group_by_length
+    (get_length_grouped_indices, its batch_size the optimizer's: per-device batch times gradient
+    accumulation, mlora's batch_size): cut into megabatches of LENGTH_GROUP_BATCHES batches (fewer
+    where the data has less than 4 such megabatches, so that a small dataset is not sorted whole
+    every epoch, at least one batch), each sorted longest first (stable: ties keep the shuffled
+    order), and the longest row of all swapped to the front, so that a batch too large for the
+    device shows in the first step. Windows of 50 micro-batches, as mlora grouped before, were
+    a few batches for a config ported from transformers with gradient accumulation."""
+    per_megabatch = max(min(len(order) // (batch_size * 4), LENGTH_GROUP_BATCHES), 1)
+    size = per_megabatch * batch_size
+    megabatches = [sorted(order[i:i + size], key=lambda row: -lengths[row]) for i in range(0, len(order), size)]
+    if megabatches:
+        longest = max(range(len(megabatches)), key=lambda m: lengths[megabatches[m][0]])  # (the first of ties)
+        megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [row for megabatch in megabatches for row in megabatch]
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:
@@ -131,7 +147,7 @@ def adapter_stream(examples: Sequence[Example], cfg: AdapterConfig, seed: int,
     last = total_steps(len(examples), cfg)
     step = 0
     for epoch in range(cfg.num_epochs):
-        order = epoch_order(lengths, seed, epoch, cfg.group_by_length, cfg.micro_batch_size)
+        order = epoch_order(lengths, seed, epoch, cfg.group_by_length, cfg.batch_size)
         for k in range(per_epoch):
             if step >= last:
                 return

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mlora.atomic import remove_dir_aside, write_dir_atomically, write_file_atomically
+from mlora.batching import LENGTH_GROUPING
 from mlora.device import dtype_flag
 from mlora.errors import INTEGER_TOO_LONG, UserError
 
@@ -65,9 +66,12 @@ def run_fingerprint(session) -> dict:
     # for a later `mlora eval` leaves the run as it was, as the pipeline's start-up check has it)
     test_data = {a.name: _digest([[ex.input_ids, ex.labels] for ex in session.data[a.name].test])
                  if a.eval_step and a.test_data is not None else None for a in cfg.lora}
-    return {"adapters": adapters, "globals": globals_,
-            "base_model": hashlib.sha256(base_cfg).hexdigest()[:16], "dtype": str(session.dtype),
-            "quantization": str(session.quant), "data": data, "labels": labels, "test_data": test_data}
+    run = {"adapters": adapters, "globals": globals_,
+           "base_model": hashlib.sha256(base_cfg).hexdigest()[:16], "dtype": str(session.dtype),
+           "quantization": str(session.quant), "data": data, "labels": labels, "test_data": test_data}
+    if any(a.group_by_length for a in cfg.lora):  # (absent otherwise: such runs resume as they did)
+        run["length_grouping"] = LENGTH_GROUPING
+    return run
 
 
 def _digest(rows: list) -> str:
@@ -288,7 +292,13 @@ def describe_difference(saved: dict, current: dict) -> str | None:
     for name, digest in current["test_data"].items() if "test_data" in saved else ():
         if digest is not None and saved["test_data"].get(name) != digest:
             return f"adapter '{name}': its test data differs"
-    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data", "labels", "test_data"}
+    if saved.get("length_grouping") != current.get("length_grouping"):  # (the adapters' settings agree)
+        return (f"group_by_length orders rows in {current.get('length_grouping')}, where the mlora that wrote the "
+                f"checkpoint ordered them in {saved.get('length_grouping') or 'windows of 50 micro-batches'}: the "
+                f"resumed epoch would train other rows (finish the run with that mlora, or start over with "
+                f"--overwrite)")
+    known = {"adapters", "globals", "base_model", "dtype", "quantization", "data", "labels", "test_data",
+             "length_grouping"}
     for key in sorted(set(current) - known):  # e.g. a pipeline's stages and save_step
         if saved.get(key) != current[key]:
             return f"{key} was {saved.get(key)!r}, now {current[key]!r}"

@@ -29,21 +29,41 @@ def cfg(name="a", **kw):
 
 def test_epoch_order_is_a_seeded_permutation():
     lengths = list(range(37))
-    a = epoch_order(lengths, seed=5, epoch=0, group_by_length=False, micro_batch_size=2)
+    a = epoch_order(lengths, seed=5, epoch=0, group_by_length=False, batch_size=2)
     assert sorted(a) == lengths
     assert a == epoch_order(lengths, 5, 0, False, 2)
     assert a != epoch_order(lengths, 5, 1, False, 2)  # a new shuffle every epoch
     assert a != epoch_order(lengths, 6, 0, False, 2)
 
 
-def test_group_by_length_sorts_inside_windows():
-    lengths = [7, 1, 9, 3, 5, 2, 8, 4, 6, 0] * 30
-    order = epoch_order(lengths, 1, 0, True, micro_batch_size=2)
-    assert sorted(order) == list(range(len(lengths)))
-    window = 50 * 2
-    for start in range(0, len(order), window):
-        chunk = [lengths[i] for i in order[start:start + window]]
-        assert chunk == sorted(chunk, reverse=True)
+def test_group_by_length_groups_as_transformers_does():
+    """group_by_length sorts rows longest first within megabatches of 50 optimizer batches
+    (batch_size rows: per-device batch times gradient accumulation in transformers), fewer where
+    the data holds less than 4 of them, the longest row of all first: what transformers' Trainer
+    does (its get_length_grouped_indices, given the same shuffle, gives the same order). mlora's
+    windows were 50 micro-batches: 8 times smaller here, with 8 micro-batches a step."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = [(i * 7919) % 613 + (i % 3) for i in range(2000)]  # (ties too)
+    for n, batch_size in ((2000, 8), (2000, 3), (300, 4), (10, 4), (5, 8), (1, 1)):
+        for seed, epoch in ((1, 0), (7, 3)):
+            shuffle = torch.Generator().manual_seed(seed + epoch)
+            assert epoch_order(lengths[:n], seed, epoch, True, batch_size) == \
+                get_length_grouped_indices(lengths[:n], batch_size, generator=shuffle), (n, batch_size)
+    # micro-batches of one row, optimizer batches of 8: windows of 50 x 8 rows, each sorted but its
+    # first row (the longest of all went first, the first window's longest where it came from)
+    rows = [Example([0] * n, [0] * n) for n in lengths]
+    index = {id(ex): i for i, ex in enumerate(rows)}
+    order = [index[id(ex)] for p in adapter_stream(rows, cfg(batch_size=8, micro_batch_size=1, num_epochs=1,
+                                                             group_by_length=True), seed=1) for ex in p.examples]
+    assert sorted(order) == list(range(2000)) and lengths[order[0]] == max(lengths)
+    for start in range(0, 2000, 400):
+        window = [lengths[i] for i in order[start + 1:start + 400]]
+        assert window == sorted(window, reverse=True), start
+    # few rows: megabatches of a quarter of the data (300 // (4 x 4) = 18 batches of 4), not all of it
+    order = epoch_order(lengths[:300], 1, 0, True, batch_size=4)
+    assert [lengths[i] for i in order[73:144]] == sorted((lengths[i] for i in order[73:144]), reverse=True)
+    assert [lengths[i] for i in order[:144]] != sorted((lengths[i] for i in order[:144]), reverse=True)
 
 
 @pytest.mark.parametrize("n,bs,mbs", [(10, 4, 2), (9, 3, 1), (8, 8, 8), (5, 4, 4)])

@@ -213,8 +213,8 @@ def test_a_first_step_without_label_tokens_sets_no_later_scale(tmp_path, pipe_mo
     monkeypatch.setattr(LossScale, "for_step", spy)
     long = [{"instruction": "reverse the words", "input": " ".join(["tea"] * 80), "output": "tea"}] * 2
     adapter = {"name": "z", "data": write_jsonl(tmp_path / "z.jsonl", long + alpaca_rows(4, 1)),
-               "prompt": make_template(tmp_path), "r": 4, "dropout": 0.0, "batch_size": 2, "micro_batch_size": 1,
-               "num_epochs": 1, "group_by_length": True}  # the longest rows (no label left) first
+               "prompt": make_template(tmp_path), "r": 4, "dropout": 0.0, "batch_size": 1, "micro_batch_size": 1,
+               "num_epochs": 1, "group_by_length": True}  # the longest row (no label left) first
     cfg_path = tmp_path / "zero.json"
     cfg_path.write_text(json.dumps({"cutoff_len": 64, "seed": 11, "output_dir": str(tmp_path / "single"),
                                     "lora": [adapter]}))

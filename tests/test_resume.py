@@ -317,6 +317,34 @@ def test_a_chat_templates_place_is_not_part_of_the_run(tmp_path):
     assert "chat_template" not in fingerprint()["adapters"]["a"]
 
 
+def test_a_checkpoint_of_an_older_length_grouping_is_refused(tmp_path):
+    """group_by_length now groups as transformers does: a checkpoint of a run that grouped rows in
+    mlora's older windows would resume mid-epoch into other rows without a word. It records no
+    grouping, and is refused in words; a run that groups no rows records none, and resumes as
+    before."""
+    from types import SimpleNamespace
+
+    from mlora.checkpoint import describe_difference, run_fingerprint
+    from mlora.config import parse_config
+
+    (tmp_path / "config.json").write_text("{}")
+    write_jsonl(tmp_path / "train.jsonl", alpaca_rows(2, 1))
+
+    def fingerprint(**keys):
+        cfg = parse_config({"lora": [{"name": "a", "data": "train.jsonl", **keys}]}, base_dir=tmp_path)
+        rows = SimpleNamespace(train=[SimpleNamespace(input_ids=[1, 2, 3], labels=[-100, 2, 3])], test=[])
+        return run_fingerprint(SimpleNamespace(cfg=cfg, base_dir=tmp_path, data={"a": rows}, dtype="fp32", quant=None))
+
+    grouped = fingerprint(group_by_length=True)
+    assert describe_difference(grouped, fingerprint(group_by_length=True)) is None
+    older = {key: value for key, value in grouped.items() if key != "length_grouping"}
+    assert describe_difference(older, grouped) == (
+        "group_by_length orders rows in megabatches of up to 50 batches, as transformers' LengthGroupedSampler, "
+        "where the mlora that wrote the checkpoint ordered them in windows of 50 micro-batches: the resumed epoch "
+        "would train other rows (finish the run with that mlora, or start over with --overwrite)")
+    assert "length_grouping" not in fingerprint()
+
+
 def test_a_checkpoint_of_another_dtype_says_which_to_resume_with(interrupted, tiny_llama, capsys):
     """The default dtype follows the device (fp16 on GPUs older than compute capability 8.0, bf16
     on newer, fp32 on the CPU): a checkpoint of another default is refused naming the --dtype
