@@ -21,6 +21,7 @@ from mlora.early_stopping import never_stops_note
 from mlora.errors import UserError
 from mlora.lora import AdapterRows
 from mlora.packing import pack_examples, packed_shape
+from mlora.plural import counted
 
 # group_by_length sorts rows by length inside "megabatches" of up to this many optimizer batches,
 # as transformers' LengthGroupedSampler does (get_length_grouped_indices): padding falls, while
@@ -115,9 +116,11 @@ def unlearnable_rows_note(cfg: AdapterConfig, without: int, rows: int, cutoff_le
     the rows of every later step (and so equality with a PEFT run of the same data)."""
     if not without:
         return None
-    return (f"mlora: note: adapter {cfg.name!r}: {without} of {rows} rows of {cfg.data} have no token to learn "
-            f"within cutoff_len {cutoff_len} (the answer starts past it, or there is none); they are trained on "
-            f"but teach nothing: raise cutoff_len or shorten the prompts")
+    one = without == 1
+    return (f"mlora: note: adapter {cfg.name!r}: {without} of {counted(rows, 'row')} of {cfg.data} "
+            f"{'has' if one else 'have'} no token to learn within cutoff_len {cutoff_len} (the answer starts past it, "
+            f"or there is none); {'it is' if one else 'they are'} trained on but {'teaches' if one else 'teach'} "
+            f"nothing: raise cutoff_len or shorten the prompts")
 
 
 def start_notes(cfg: AdapterConfig, examples: Sequence[Example], cutoff_len: int) -> list[str]:

@@ -23,6 +23,7 @@ from mlora.atomic import remove_dir_aside, write_dir_atomically, write_file_atom
 from mlora.batching import LENGTH_GROUPING
 from mlora.device import dtype_flag
 from mlora.errors import INTEGER_TOO_LONG, UserError
+from mlora.plural import counted
 
 FORMAT = 1
 DIRNAME = "checkpoints"
@@ -242,7 +243,7 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         raise UserError(f"checkpoint {path}: cannot read state.pt ({err.strerror})") from None
     if len(payload) != expected.get("bytes") or hashlib.sha256(payload).hexdigest() != expected.get("sha256"):
         raise UserError(f"checkpoint {path}: state.pt is corrupt or truncated "
-                        f"({len(payload)} bytes, checksum mismatch)")
+                        f"({counted(len(payload), 'byte')}, checksum mismatch)")
     try:
         difference = describe_difference(json.loads(json.dumps(saved_print, default=str)),
                                          json.loads(json.dumps(fingerprint, default=str)))

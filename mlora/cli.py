@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mlora.errors import PipelineError, UserError
+from mlora.plural import counted
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -261,7 +262,7 @@ def cmd_train(args) -> int:
         extra = (" (stopped after a non-finite loss or gradient)" if s["stopped"]
                  else early_stop_note(s["early_stopped"]))
         best = best_note(s["best"], s["output"]) if a.save_best else ""
-        print(f"{a.name}: {s['steps']} steps, last loss {loss}, saved to {s['output']}{best}{extra}")
+        print(f"{a.name}: {counted(s['steps'], 'step')}, last loss {loss}, saved to {s['output']}{best}{extra}")
     return 0
 
 
@@ -600,9 +601,10 @@ def note_past_positions(rows: list[tuple[str, str, list[int], str | None]], max_
     if not past:
         return
     longest = max(past, key=lambda i: lengths[i])
-    print(f"mlora: note: {len(past)} of {len(rows)} lines may run past the model's max_position_embeddings "
+    print(f"mlora: note: {len(past)} of {counted(len(rows), 'line')} may run past the model's max_position_embeddings "
           f"({positions}) with --max_new_tokens {max_new_tokens} (the longest prompt, of output line {longest + 1}, "
-          f"is {lengths[longest]} tokens); they run on, but the model may not do well there", file=sys.stderr)
+          f"is {counted(lengths[longest], 'token')}); {'it runs' if len(past) == 1 else 'they run'} on, but the "
+          f"model may not do well there", file=sys.stderr)
 
 
 def check_saved(names: Iterable[str], out: Path, configured: list[str]) -> None:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from mlora.chat_template import marks_generation, template_named
 from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.pipe_read import read_without_waiting
+from mlora.plural import counted
 
 IGNORE_INDEX = -100
 
@@ -739,7 +740,7 @@ def unread_keys_note(rows: Sequence[dict], tokenizer, columns: Sequence[str] = (
         n = counts[where, key]
         hint = "".join(f"; did you mean {h!r}?" for h in sorted(hints[where, key])[:1])
         inside = {"message": " in messages", "turn": " in conversations"}.get(where, "")
-        shown.append(f"{key!r}{inside} ({n} row{'s' if n != 1 else ''}{hint})")
+        shown.append(f"{key!r}{inside} ({counted(n, 'row')}{hint})")
     if len(order) > 8:
         shown.append(f"and {len(order) - 8} more")
     reads = [f"{shape} rows read {', '.join(_READ_KEYS[shape])}" for shape in _READ_KEYS if shape in told]
@@ -1161,9 +1162,10 @@ def _past_answers(marked: list[bool], messages, skipped: int, tokenizer, prompt_
             raise UserError(f"{where} is an empty assistant turn, of which {template_named(tokenizer)} marks no token "
                             f"with {{% generation %}}, so the completion's answers cannot be told from the prompt's "
                             f"(give it content or leave it out, or set train_on_inputs)")
-        raise UserError(f"the {{% generation %}} blocks of {template_named(tokenizer)} mark {len(starts)} stretches "
-                        f"of tokens for the conversation's {answers} assistant turns, so the completion's answers "
-                        f"cannot be told from the prompt's (set train_on_inputs, or use another template)")
+        raise UserError(f"the {{% generation %}} blocks of {template_named(tokenizer)} mark "
+                        f"{counted(len(starts), 'stretch')} of tokens for the conversation's "
+                        f"{counted(answers, 'assistant turn')}, so the completion's answers cannot be told from the "
+                        f"prompt's (set train_on_inputs, or use another template)")
     return [False] * starts[skipped] + marked[starts[skipped]:]
 
 

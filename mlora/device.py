@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from mlora.errors import UserError
+from mlora.plural import counted
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -33,7 +34,8 @@ def resolve_device(spec: str | None) -> torch.device:
         count = torch.cuda.device_count()
         index = 0 if dev.index is None else dev.index
         if index >= count:
-            raise UserError(f"device {spec!r} is not available (only {count} CUDA device(s): cuda:0..cuda:{count - 1})")
+            raise UserError(f"device {spec!r} is not available (only {counted(count, 'CUDA device')}: "
+                            f"cuda:0..cuda:{count - 1})")
         return torch.device("cuda", index)
     if dev.type == "mps":
         if not torch.backends.mps.is_available():

@@ -26,6 +26,7 @@ import torch
 
 from mlora.errors import UserError
 from mlora.json_line import json_line
+from mlora.plural import counted
 
 # A walk shorter than this prints no bar (most plans take a second: their output stays the plan);
 # a longer one, an absurd num_epochs or a huge dataset, shows its progress until it ends.
@@ -264,14 +265,14 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
     cfg = session.cfg
     budget, source, why = budget_plan
     dtype = str(session.dtype).removeprefix("torch.")
-    lines = [f"mlora: dry run of {args.config}: {model_args.model_type}, {model_args.num_layers} layers, on "
+    lines = [f"mlora: dry run of {args.config}: {model_args.model_type}, {counted(model_args.num_layers, 'layer')}, on "
              f"{session.device} in {dtype}; weights not read, nothing written ({seconds:.1f} s)"]
     lines += adapter_lines(cfg, adapters)
     lines.append(f"  fused batches: {batches.batches} ({cfg.train_strategy}, up to "
-                 f"{cfg.train_lora_simultaneously_num} adapter{'s' if cfg.train_lora_simultaneously_num != 1 else ''} "
+                 f"{counted(cfg.train_lora_simultaneously_num, 'adapter')} "
                  f"each{', packed rows' if cfg.packing else ''}); "
-                 f"padding {batches.padding_fraction:.1%} of {batches.padded_tokens} tokens")
-    over = (f"; {batches.over_budget} batches above it (micro-batches larger than it run alone)"
+                 f"padding {batches.padding_fraction:.1%} of {counted(batches.padded_tokens, 'token')}")
+    over = (f"; {counted(batches.over_budget, 'batch')} above it (micro-batches larger than it run alone)"
             if batches.over_budget else "")
     lines.append(f"  token budget: {'none' if budget is None else budget} ({why}){over}")
     (rows, seq_len), peak = costliest
@@ -281,8 +282,8 @@ def print_plan(args, session, model_args, adapters: list[AdapterPlan], batches: 
         memory = f"of the {format_size(device_bytes)} free on {session.device} ({peak / device_bytes:.0%})"
         if peak > device_bytes:
             memory += ": it would not fit; a batch that runs out of memory is split and retried"
-    lines.append(f"  estimated peak memory: {format_size(peak)} for the largest batch ({rows} rows of {seq_len} "
-                 f"tokens) {memory}")
+    lines.append(f"  estimated peak memory: {format_size(peak)} for the largest batch ({counted(rows, 'row')} of "
+                 f"{counted(seq_len, 'token')}) {memory}")
     print("\n".join(lines), file=sys.stderr, flush=True)
     print(json_line(plan_record(adapters, batches, (rows, seq_len), (budget, source), peak, str(session.device),
                                 device_bytes)), flush=True)

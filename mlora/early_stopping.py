@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from mlora.plural import counted
+
 
 @dataclass
 class Patience:
@@ -83,5 +85,6 @@ def never_stops_note(a, total_steps: int) -> str | None:
     if chances >= a.early_stopping_patience:
         return None
     return (f"mlora: note: adapter {a.name!r}: early_stopping_patience {a.early_stopping_patience} cannot stop it: "
-            f"of its evaluations (eval_step {a.eval_step}, {total_steps} steps) {chances} come after its first and "
+            f"of its evaluations (eval_step {a.eval_step}, {counted(total_steps, 'step')}) {chances} "
+            f"{'comes' if chances == 1 else 'come'} after its first and "
             f"before its last step; it trains to the end")

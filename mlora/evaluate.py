@@ -16,6 +16,7 @@ from mlora.json_line import json_line
 from mlora.lora import clear_lora_caches
 from mlora.loss import fused_loss_sums
 from mlora.memory import UnsplittableOOM, run_splitting_on_oom
+from mlora.plural import counted
 
 
 def eval_line(name: str, loss: float, tokens: int, weights: str) -> str:
@@ -65,7 +66,8 @@ def evaluate_adapter(session, name: str, examples: Sequence[Example],
             except UnsplittableOOM as err:
                 longest = max(len(ex.input_ids) for ex in err.items)
                 raise UserError(f"evaluating adapter {name!r}: out of device memory on a single row "
-                                f"(up to {longest} tokens); lower cutoff_len or free device memory") from None
+                                f"(up to {counted(longest, 'token')}); lower cutoff_len or free device "
+                                f"memory") from None
             total += sum(ce for ce, _ in results)
             count += sum(n for _, n in results)
             bar.update(len(chunk))

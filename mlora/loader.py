@@ -28,6 +28,7 @@ from mlora.errors import INTEGER_TOO_LONG, UserError
 from mlora.models import SUPPORTED, family_for, fp8, mxfp4
 from mlora.models.args import GATED_DELTANET_FAMILIES, IMAGE_TEXT_FAMILIES, REMOTE_CODE_FAMILIES, TEXT_CONFIG_TIES
 from mlora.models.naming import GATE_UP_STACKED, NATIVE_MARK, Naming, StackedSlice, naming_for
+from mlora.plural import counted
 
 if TYPE_CHECKING:  # transformers is slow to import; only read_model_config needs it
     from transformers import PretrainedConfig
@@ -369,8 +370,8 @@ def load_model(base_dir: PathLike, device: torch.device | str, dtype: torch.dtyp
                         shape, expert = _read_stacked(f, present, file, sources[stored_name], index, dtype, device,
                                                       fp8_scheme, halved)
                         if shape[0] != args.num_experts:
-                            raise UserError(f"tensor {stored_name!r} in {file} stacks {shape[0]} experts but "
-                                            f"config.json implies {args.num_experts}")
+                            raise UserError(f"tensor {stored_name!r} in {file} stacks "
+                                            f"{counted(shape[0], 'expert')} but config.json implies {args.num_experts}")
                         if sources[stored_name][0] == stored_name:  # (MXFP4's: each expert is checked when placed)
                             # the whole tensor, before any slice of it: one of the wrong width would
                             # split gate_up_proj's gate rows from its up rows at the wrong row

@@ -32,6 +32,7 @@ from mlora.config import EXPERT_TARGET_MODULES
 from mlora.errors import UserError
 from mlora.loss import chunk_tokens
 from mlora.models.llama import GQA_MAX_HEAD_DIM, SINK_PAD, ModelArgs, module_sequence
+from mlora.plural import counted
 
 GiB = 2**30
 
@@ -1107,17 +1108,17 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
             if tokens == 0:
                 fixes = "lower cutoff_len" if cfg.recompute else "set \"recompute\": true, lower cutoff_len"
                 raise UserError(
-                    f"memory_fraction {fraction}: not even one row of cutoff_len {cfg.cutoff_len} tokens "
+                    f"memory_fraction {fraction}: not even one row of cutoff_len {counted(cfg.cutoff_len, 'token')} "
                     f"is estimated to fit in {where} (one row needs about {format_size(need(1))}); "
                     f"{fixes}, train fewer adapters at once, or raise memory_fraction")
             note = f"mlora: token budget {tokens} (estimated to fit {where})"
             if micro_rows[0] * cfg.cutoff_len > tokens:
-                note += (f"; a micro-batch of more than {tokens // cfg.cutoff_len} full rows runs alone, "
+                note += (f"; a micro-batch of more than {counted(tokens // cfg.cutoff_len, 'full row')} runs alone, "
                          f"split and retried if it runs out of memory")
             return BudgetPlan(tokens, note)
         if configured > tokens:
             return BudgetPlan(configured, (
-                f"mlora: warning: max_tokens_per_batch {configured} is above the {tokens} tokens estimated "
+                f"mlora: warning: max_tokens_per_batch {configured} is above the {counted(tokens, 'token')} estimated "
                 f"to fit {where}; a batch that runs out of memory will be split and retried"))
         return BudgetPlan(configured)
     # trivial: the largest fused batch takes the micro-batches of the `active` adapters with
@@ -1126,8 +1127,8 @@ def plan_token_budget(cfg: Any, args: ModelArgs, *, free_bytes: int | None, dtyp
     needed = need(rows)
     if needed > fraction * free_bytes:
         return BudgetPlan(configured, (
-            f"mlora: warning: the largest fused batch ({rows} rows of {cfg.cutoff_len} tokens) is estimated "
-            f"to need {format_size(needed)}, more than {where}; batches that run out of memory will be "
+            f"mlora: warning: the largest fused batch ({counted(rows, 'row')} of {counted(cfg.cutoff_len, 'token')}) "
+            f"is estimated to need {format_size(needed)}, more than {where}; batches that run out of memory will be "
             f"split and retried (train_strategy fast-fit or optimal-fit would size batches to fit)"))
     return BudgetPlan(configured)
 
@@ -1237,7 +1238,7 @@ def _attempt(run_part: Callable[[list[T]], R], chunk: list[T], min_items: int) -
         if not is_out_of_memory(err):
             raise
         if len(chunk) <= min_items:
-            unsplittable = UnsplittableOOM(f"out of memory on {len(chunk)} item(s), which cannot be split "
+            unsplittable = UnsplittableOOM(f"out of memory on {counted(len(chunk), 'item')}, which cannot be split "
                                            f"further (min_items={min_items}): {_first_line(err)}")
             unsplittable.items = chunk
             raise unsplittable from err

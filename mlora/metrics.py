@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from mlora.plural import counted
+
 
 class MetricsLog:
     """Appends records; `truncate_to` cuts the file first (0 for a fresh run, the byte offset
@@ -26,8 +28,9 @@ class MetricsLog:
                     f.seek(0)
                     keep = f.read().rfind(b"\n") + 1
                     f.truncate(keep)
-                    print(f"mlora: note: {self.path} holds {size} bytes, {truncate_to} when the checkpoint was "
-                          f"written; the resumed run's lines follow its {keep} bytes of whole lines", file=sys.stderr)
+                    print(f"mlora: note: {self.path} holds {counted(size, 'byte')}, {truncate_to} when the checkpoint "
+                          f"was written; the resumed run's lines follow its {counted(keep, 'byte')} of whole lines",
+                          file=sys.stderr)
                 else:
                     f.truncate(truncate_to)
         self._file = open(self.path, "a", encoding="utf-8")

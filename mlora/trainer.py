@@ -44,6 +44,7 @@ from mlora.loss import fused_loss_sums
 from mlora.memory import (UnsplittableOOM, device_free_bytes, generators_restored_on_error, grads_restored_on_error,
                           plan_token_budget, run_splitting_on_oom)
 from mlora.metrics import MetricsLog
+from mlora.plural import counted
 from mlora.session import Session
 from mlora.strategies import fused_batches
 
@@ -446,9 +447,9 @@ class Trainer:
             detail = detail[:157] + "..."
         fixes = "lower cutoff_len" if self.cfg.recompute else "set \"recompute\": true, lower cutoff_len"
         return UserError(f"out of device memory on a single example of adapter {parts[i].adapter!r} "
-                         f"({len(ex.input_ids)} tokens, cutoff_len {self.cfg.cutoff_len}), even after splitting "
-                         f"its fused batch down to it; {fixes}, train fewer or smaller adapters (their state stays on "
-                         f"the device), or free device memory ({detail})")
+                         f"({counted(len(ex.input_ids), 'token')}, cutoff_len {self.cfg.cutoff_len}), even after "
+                         f"splitting its fused batch down to it; {fixes}, train fewer or smaller adapters (their state "
+                         f"stays on the device), or free device memory ({detail})")
 
     def _finish_step(self, run: AdapterProgress, epoch: int, norm: float | None, stepped_lr: float | None = None,
                      learned: bool = True) -> bool:
@@ -508,7 +509,7 @@ class Trainer:
             if early:
                 record["early_stopped"] = True
             self.metrics.write(record)
-            run.bar.write(f"[{adapter.name}] step {step}: eval loss {eval_loss:.4f} over {tokens} tokens")
+            run.bar.write(f"[{adapter.name}] step {step}: eval loss {eval_loss:.4f} over {counted(tokens, 'token')}")
             if early:
                 self._stop_early(run, step)
         if self.cfg.save_step and step % self.cfg.save_step == 0:
@@ -525,7 +526,7 @@ class Trainer:
         run.early_stopped = step
         self.stopped.add(run.adapter.name)
         run.bar.write(f"[{run.adapter.name}] step {step}: stopped early (no eval loss improvement in "
-                      f"{run.patience.waited} evaluations)")
+                      f"{counted(run.patience.waited, 'evaluation')})")
         # (its bar stays part-filled while the others train on: it says why, not a stall)
         run.bar.set_description_str(f"{run.adapter.name} (stopped early)")
 

@@ -892,7 +892,7 @@ def test_a_generation_tagged_template_trains_transformers_assistant_mask(real_to
     joined = copy.copy(tok)
     joined.chat_template = QWEN3_LIKE.replace("{% endgeneration %}\n", "{% endgeneration %}").replace(
         "<|im_start|>assistant\n{% generation %}", "{% generation %}<|im_start|>assistant\n")
-    with pytest.raises(UserError, match=r"^the \{% generation %\} blocks of the chat template mark 1 stretches of "
+    with pytest.raises(UserError, match=r"^the \{% generation %\} blocks of the chat template mark 1 stretch of "
                                         r"tokens for the conversation's 2 assistant turns"):
         encode({"prompt": CHAT[1:3], "completion": CHAT[2:3]}, joined)
     with pytest.raises(UserError, match=r"messages\[0\] is an assistant turn"):

@@ -119,7 +119,7 @@ def test_generate_notes_lines_past_the_models_positions(tmp_path, tiny_llama, to
     note_past_positions([("a", "p", [1] * 250, None)], 6, 256)
     assert capsys.readouterr().err == ""
     note_past_positions([("a", "p", [1] * 250, None)], 7, 256)
-    assert "1 of 1 lines" in capsys.readouterr().err
+    assert "1 of 1 line may run past" in capsys.readouterr().err
 
 
 def test_generate_on_a_base_that_overflows_is_one_line(tmp_path, tiny_llama, tokenizer, capsys):

@@ -816,7 +816,7 @@ def test_config_errors():
         llama.args_from_hf_config(dict(gemma, layer_types=["chunked_attention", "full_attention"]))
     with pytest.raises(UserError, match="sliding_window is not set"):
         llama.args_from_hf_config(dict(base, model_type="smollm3", layer_types=["full_attention", "sliding_attention"]))
-    with pytest.raises(UserError, match="layer_types has 1 entries"):
+    with pytest.raises(UserError, match="layer_types has 1 entry but"):
         llama.args_from_hf_config(dict(base, model_type="qwen3", layer_types=["full_attention"]))
     # A transformers-4 config.json: rope_theta / rope_scaling for the full layers and
     # rope_local_base_freq for the sliding ones; every 6th layer full by default.
@@ -1076,7 +1076,8 @@ def test_llama4_configs():
                                               text_config=base)).tie_word_embeddings
     assert llama.args_from_hf_config(dict(model_type="llama4", tie_word_embeddings=False,
                                           text_config=dict(base, tie_word_embeddings=True))).tie_word_embeddings
-    for bad, message in [(dict(no_rope_layers=[1, 0]), "no_rope_layers must hold a 0 or 1 for each of the 8"),
+    for bad, message in [(dict(no_rope_layers=[1, 0]), r"no_rope_layers must hold a 0 or 1 for every layer \(8 "
+                                                       r"layers\)"),
                          (dict(no_rope_layers=[2] * 8), "no_rope_layers must hold"),
                          (dict(layer_types=["sliding_attention"] * 8), "layer_types must list full_attention or "
                                                                       "chunked_attention"),

@@ -2031,3 +2031,17 @@ def test_qwen3_5_generate_equals_transformers_plus_peft(tmp_path, tokenizer_dir)
             want = want[:-1]
         assert got == want, (name, prompt)
     assert ours[0] != greedy_generate(session, [(None, prompts[0][1])], max_new_tokens=8)[0]  # the adapter matters
+
+
+def test_the_summary_counts_steps_in_words(tmp_path, tiny_llama, capsys):
+    """Each adapter's last line counts its steps: "1 step" for one ("1 steps" before), "2 steps"."""
+    from mlora.cli import main
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"cutoff_len": 32, "output_dir": str(tmp_path / "out"), "lora": [
+        {"name": "one", "data": write_jsonl(tmp_path / "one.jsonl", text_rows(2, 1)), "batch_size": 2, "r": 2},
+        {"name": "two", "data": write_jsonl(tmp_path / "two.jsonl", text_rows(4, 2)), "batch_size": 2, "r": 2}]}))
+    capsys.readouterr()
+    assert main(["train", "--base_model", str(tiny_llama), "--config", str(cfg), "--no_progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("one: 1 step, last loss ") and lines[-1].startswith("two: 2 steps, last loss "), lines

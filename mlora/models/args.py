@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlora.errors import UserError
+from mlora.plural import counted
 
 FAMILIES = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3_text", "gemma3", "gemma4_text", "gemma4", "phi3", "smollm3", "glm", "glm4", "chatglm",
@@ -718,15 +719,15 @@ def _llama4_args(get, num_layers: int) -> dict:
         interval = _positive_int(get("no_rope_layer_interval", 4), "llama4_text config no_rope_layer_interval")
         flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
     if not isinstance(flags, (list, tuple)) or len(flags) < num_layers or any(f not in (0, 1) for f in flags):
-        raise UserError(f"llama4_text config no_rope_layers must hold a 0 or 1 for each of the {num_layers} layers, "
-                        f"got {flags!r}")
+        raise UserError(f"llama4_text config no_rope_layers must hold a 0 or 1 for every layer "
+                        f"({counted(num_layers, 'layer')}), got {flags!r}")
     rope_layers = [bool(f) for f in flags[:num_layers]]
     chunk = get("attention_chunk_size")
     types = get("layer_types") or ["chunked_attention" if rope and chunk is not None else "full_attention"
                                    for rope in rope_layers]
     if len(types) != num_layers or any(t not in ("full_attention", "chunked_attention") for t in types):
-        raise UserError(f"llama4_text config layer_types must list full_attention or chunked_attention for each of "
-                        f"the {num_layers} layers, got {types!r}")
+        raise UserError(f"llama4_text config layer_types must list full_attention or chunked_attention for every "
+                        f"layer ({counted(num_layers, 'layer')}), got {types!r}")
     if "chunked_attention" in types:
         chunk = _positive_int(chunk, "llama4_text config attention_chunk_size")
     tuning = bool(get("attn_temperature_tuning", True))
@@ -758,7 +759,7 @@ def _deepseek_router_args(get, model_type: str, experts: int, top_k: int,
     # (Mistral Small 4 sums each group's two best scores even with one group)
     if experts % groups or topk_groups > groups or ((groups > 1 or mistral4) and experts // groups < 2):
         raise UserError(f"{model_type} config n_group ({groups}) and topk_group ({topk_groups}) do not fit "
-                        f"{experts} experts")
+                        f"{counted(experts, 'expert')}")
     if top_k > experts // groups * topk_groups:
         raise UserError(f"{model_type} config num_experts_per_tok ({top_k}) exceeds the experts of topk_group groups")
     counts = {}
@@ -786,8 +787,8 @@ def _gemma4_args(get, num_layers: int, kv_heads: int) -> dict:
     types = list(get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                                         for i in range(num_layers)])
     if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
-        raise UserError(f"gemma4_text config layer_types must list full_attention or sliding_attention for each of "
-                        f"the {num_layers} layers, got {types!r}")
+        raise UserError(f"gemma4_text config layer_types must list full_attention or sliding_attention for every "
+                        f"layer ({counted(num_layers, 'layer')}), got {types!r}")
     types[-1] = "full_attention"  # (as Gemma4TextConfig: the last layer is always full)
     windows = _windows_by_type(types, num_layers, get("sliding_window"), required=True)
     full = next(i for i, t in enumerate(types) if t == "full_attention")
@@ -875,8 +876,8 @@ def _linear_attention_args(get, num_layers: int, model_type: str = "qwen3_5_text
                                    for i in range(num_layers)]
     kinds = {"full_attention": "attention", "linear_attention": "linear"}
     if len(types) != num_layers or any(t not in kinds for t in types):
-        raise UserError(f"{family} config layer_types must list full_attention or linear_attention for each of the "
-                        f"{num_layers} layers, got {types!r}")
+        raise UserError(f"{family} config layer_types must list full_attention or linear_attention for every layer "
+                        f"({counted(num_layers, 'layer')}), got {types!r}")
     sizes = {key: _positive_int(get(key), f"{family} config {key}")
              for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                          "linear_value_head_dim", "linear_conv_kernel_dim")}
@@ -1176,7 +1177,7 @@ def _smollm3_rope_layers(get, num_layers: int) -> list[bool]:
         interval = int(get("no_rope_layer_interval", 4))
         flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
     if len(flags) != num_layers:
-        raise UserError(f"no_rope_layers has {len(flags)} entries but num_hidden_layers is {num_layers}")
+        raise UserError(f"no_rope_layers has {counted(len(flags), 'entry')} but num_hidden_layers is {num_layers}")
     return [bool(f) for f in flags]
 
 
@@ -1184,7 +1185,7 @@ def _windows_by_type(layer_types, num_layers: int, window: int | None, required:
     """Each layer's window: `window` on the sliding_attention layers, None elsewhere. required:
     a sliding layer must have a window (else the config nulls it on purpose: gpt-oss)."""
     if len(layer_types) != num_layers:
-        raise UserError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+        raise UserError(f"layer_types has {counted(len(layer_types), 'entry')} but num_hidden_layers is {num_layers}")
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise UserError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
@@ -1326,7 +1327,7 @@ def _longrope_args(get, params: Mapping, theta: float, max_pos: int, rope_dim: i
     for key in ("short_factor", "long_factor"):
         value = params.get(key)
         if not isinstance(value, (list, tuple)) or len(value) != rope_dim // 2:
-            raise UserError(f"rope type 'longrope' needs {key} as a list of {rope_dim // 2} numbers")
+            raise UserError(f"rope type 'longrope' needs {key} as a list of {counted(rope_dim // 2, 'number')}")
         factors[key] = tuple(float(v) for v in value)
     factor = float(params.get("factor") or max_pos / original)
     attention = params.get("attention_factor")

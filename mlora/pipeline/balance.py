@@ -9,6 +9,7 @@ norm and head with the last). Without `--balance` the split minimises the most e
 from __future__ import annotations
 
 from mlora.errors import UserError
+from mlora.plural import counted
 
 
 def split_by_balance(modules: list[str], num_layers: int, balance: list[int]) -> list[list[str]]:
@@ -35,7 +36,7 @@ def split_by_balance(modules: list[str], num_layers: int, balance: list[int]) ->
         return stages
     raise UserError(
         f"--balance {' '.join(map(str, balance))} sums to {total}; expected {len(modules)} "
-        f"(embedding + {num_layers} decoder layers + norm + head) or {num_layers} (decoder layers only)")
+        f"(embedding + {counted(num_layers, 'decoder layer')} + norm + head) or {num_layers} (decoder layers only)")
 
 
 def module_costs(modules: list[str], hidden: int, intermediate: int, vocab: int,

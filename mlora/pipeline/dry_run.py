@@ -30,6 +30,7 @@ import torch
 
 from mlora.errors import UserError
 from mlora.json_line import json_line
+from mlora.plural import counted
 
 
 @dataclass
@@ -176,13 +177,15 @@ def print_plan(args, session, model_args, place, adapters, batches, memory_plan,
     dtype = str(session.dtype).removeprefix("torch.")
     which = (f"every stage of a pipeline of {world}" if place.rank is None else
              f"stage {place.rank} of a pipeline of {world}")
-    lines = [f"mlora: dry run of {args.config}, {which}: {model_args.model_type}, {model_args.num_layers} layers, "
-             f"in {dtype}; weights not read, nothing written, no rank joined ({seconds:.1f} s)"]
+    lines = [f"mlora: dry run of {args.config}, {which}: {model_args.model_type}, "
+             f"{counted(model_args.num_layers, 'layer')}, in {dtype}; weights not read, nothing written, no rank "
+             f"joined ({seconds:.1f} s)"]
     lines += adapter_lines(cfg, adapters)
     cuts = "" if segments == 1 else ", the pipeline drained between them (save_step, eval_step)"
     lines.append(f"  micro-batches: {batches.batches}, one adapter's each{', packed rows' if cfg.packing else ''}, in "
-                 f"{segments} segment{'s' if segments > 1 else ''}{cuts}; padding {batches.padding_fraction:.1%} of "
-                 f"{batches.padded_tokens} tokens; each priced at the largest, {shape[0]} rows of {shape[1]} tokens")
+                 f"{counted(segments, 'segment')}{cuts}; padding {batches.padding_fraction:.1%} of "
+                 f"{counted(batches.padded_tokens, 'token')}; each priced at the largest, {counted(shape[0], 'row')} "
+                 f"of {counted(shape[1], 'token')}")
     for stage in planned:
         layers = sum(m.startswith("layer.") for m in stage.modules)
         default = max_in_flight_1f1b(world, stage.rank)
@@ -195,9 +198,9 @@ def print_plan(args, session, model_args, place, adapters, batches, memory_plan,
                       f"{stage.rank})")
         else:
             memory = f"as a CUDA device would hold it ({device.type} has no device memory to compare with)"
-        layers = f", {layers} layer{'s' if layers > 1 else ''}" if layers else ""
+        layers = f", {counted(layers, 'layer')}" if layers else ""
         lines.append(f"  stage {stage.rank} ({span(stage.modules)}{layers}) on {stage.device}: at most "
-                     f"{stage.in_flight} micro-batch{'es' if stage.in_flight > 1 else ''} in flight (bound "
+                     f"{counted(stage.in_flight, 'micro-batch')} in flight (bound "
                      f"{stage.in_flight_bound}, {bound}); estimated peak {format_size(stage.peak_bytes)} {memory}")
     if note is not None:
         lines.append(f"  {note.removeprefix('mlora: ')}")

@@ -17,6 +17,7 @@ from mlora.batching import MicroBatch
 from mlora.errors import UserError
 from mlora.packing import packed_shape
 from mlora.pipeline.plan import max_in_flight_1f1b
+from mlora.plural import counted
 
 
 def largest_micro_batch(micro_batches: Iterable[MicroBatch], pack_len: int | None) -> tuple[int, int]:
@@ -72,8 +73,8 @@ def bounds_of(everyone: list[dict], cfg) -> tuple[list[int], str | None]:
                           for rank, e in short)
         fixes = "lower micro_batch_size or cutoff_len, " + ("" if cfg.recompute else "set \"recompute\": true, ")
         e = short[0][1]
-        raise UserError(f"not even one micro-batch of {e['rows']} rows x {e['seq_len']} tokens is estimated "
-                        f"to fit: {where}; {fixes}or split the model over more stages")
+        raise UserError(f"not even one micro-batch of {counted(e['rows'], 'row')} x {counted(e['seq_len'], 'token')} "
+                        f"is estimated to fit: {where}; {fixes}or split the model over more stages")
     bounds, lowered = [], []
     for stage, e in enumerate(everyone):
         default = max_in_flight_1f1b(len(everyone), stage)

@@ -19,6 +19,7 @@ from mlora.errors import PipelineError, UserError
 from mlora.loader import load_model, read_model_config
 from mlora.lora import inject_lora
 from mlora.pipeline.balance import module_costs, split_by_balance, split_by_cost
+from mlora.plural import counted
 
 
 @dataclass
@@ -38,7 +39,7 @@ def resolve_place(args, rank_needed: bool = True) -> RankPlace:
     if args.balance:
         world = len(args.balance)
         if args.world_size is not None and args.world_size != world:
-            raise UserError(f"--world_size {args.world_size} but --balance has {world} entries")
+            raise UserError(f"--world_size {args.world_size} but --balance has {counted(world, 'entry')}")
     else:
         world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
     if world is None:
@@ -48,7 +49,7 @@ def resolve_place(args, rank_needed: bool = True) -> RankPlace:
     if rank is None and rank_needed:
         raise UserError("--pipeline needs --rank (or torchrun's RANK)")
     if rank is not None and not 0 <= rank < world:
-        raise UserError(f"--rank {rank} is outside the world of {world} ranks (0..{world - 1})")
+        raise UserError(f"--rank {rank} is outside the world of {counted(world, 'rank')} (0..{world - 1})")
     device = args.device
     if device is None and "LOCAL_RANK" in env:
         device = f"cuda:{int(env['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"

@@ -39,6 +39,7 @@ from mlora import memory
 from mlora.device import upload
 from mlora.lora import AdapterRows, clear_lora_caches
 from mlora.loss import head_loss_sums
+from mlora.plural import counted
 from mlora.session import Session
 
 
@@ -194,6 +195,6 @@ class StageRows:
     def _note(self, mb: int, where: str) -> Callable[[Iterable, Iterable], None]:
         def note(left, right) -> None:
             rows = len(left) + len(right)
-            tqdm.write(f"mlora: rank {self.rank}: out of memory on {rows} rows of micro-batch {mb} in its stage's "
-                       f"{where}; retrying in halves", file=sys.stderr)
+            tqdm.write(f"mlora: rank {self.rank}: out of memory on {counted(rows, 'row')} of micro-batch {mb} in its "
+                       f"stage's {where}; retrying in halves", file=sys.stderr)
         return note

@@ -66,6 +66,7 @@ from mlora.metrics import MetricsLog
 from mlora.pipeline.in_flight import bounds_of, largest_micro_batch, stage_figures
 from mlora.pipeline.plan import MicroBatchRef, Plan, build_plan
 from mlora.pipeline.stage_rows import Piece, StageInputs, StageRows
+from mlora.plural import counted
 from mlora.session import Session
 from mlora.trainer import Interrupted, improves
 
@@ -399,8 +400,8 @@ class StageLink:
         except memory.UnsplittableOOM as err:
             row = err.items[0]
             raise UserError(f"rank {self.rank}: evaluating adapter {cfg.name!r}: out of device memory on a single "
-                            f"row ({int(mask[row].sum())} tokens) on its stage; lower cutoff_len, free device memory "
-                            f"there, or split the model over more stages") from None
+                            f"row ({counted(int(mask[row].sum()), 'token')}) on its stage; lower cutoff_len, free "
+                            f"device memory there, or split the model over more stages") from None
         if not self.last:
             self.transport.send(self.rank + 1, header, [parts[0] if len(parts) == 1 else torch.cat(parts), labels])
             return 0.0, 0
@@ -744,10 +745,10 @@ class StageWorker(StageLink):
             record["early_stopped"] = True
         self.metrics.write(record)
         shown = "n/a" if loss is None else f"{loss:.4f}"
-        self.bars[name].write(f"[{name}] step {step}: eval loss {shown} over {tokens} tokens")
+        self.bars[name].write(f"[{name}] step {step}: eval loss {shown} over {counted(tokens, 'token')}")
         if early_stopped:
             self.bars[name].write(f"[{name}] step {step}: stopped early (no eval loss improvement in "
-                                  f"{self.patience[name].waited} evaluations)")
+                                  f"{counted(self.patience[name].waited, 'evaluation')})")
             self.bars[name].set_description_str(f"{name} (stopped early)")  # (as in one process)
 
     def mb_info(self, mb: int) -> tuple[str, int, bool]:
