@@ -263,7 +263,10 @@ def _check_kernels(dtype, factor_rows, c, n, k):
     factor = torch.rand(n, c) if factor_rows else torch.rand(c)
     plan = _plan([(3, 40, 0.3), (40, n, 0.5)], n)
     keep = lora_triton.keep_mask(plan, n, k)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    # fp32: sums of up to C products of N(0,1) values, ~sqrt(C) in size, summed by the kernel in
+    # another order than torch's matmul: a few fp32 ulps of that size, not of the result (1.05e-5
+    # on a result of 0.03 on an AVX2-only EPYC, under 1e-5 on AVX-512 hosts), hence atol 5e-5.
+    tol = dict(rtol=1e-5, atol=5e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
 
     h, bits = lora_triton.down(x, a, factor, plan)
     torch.testing.assert_close(h.float(), ((x.float() * keep) @ a.float().t()) * factor, **tol)

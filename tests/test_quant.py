@@ -145,11 +145,14 @@ def test_saved_adapter_loads_in_peft_on_the_same_quantized_base(quant_run, tiny_
     # weights and scales are bit-identical, checked above) and run the same dequantize/matmul
     # kernels, so quantization adds no difference of its own: what is left is what the
     # full-precision parity test (test_train.py) allows, mlora's model and HF's possibly summing
-    # in another order, 1e-4 on logits of magnitude ~2.5. Measured on this CPU: exactly 0 for
-    # all three kinds, with and without the adapter (the 8-bit eval path re-quantizes its input
-    # to int8, so a last-bit difference there would show as a whole int8 step; none does).
-    assert (got - expected).abs().max().item() < 1e-4
-    assert (bare - expected).abs().max().item() > 1e-3  # and the adapter matters
+    # in another order, 1e-4 on logits of magnitude ~2.5 with an fp32 compute dtype (measured:
+    # at most 1.2e-6). With nf4's bf16 compute dtype the LoRA side's products are rounded to bf16
+    # too, and where PEFT and mlora order them differently the logits move by bf16 steps (0.0156
+    # at 2.5): exactly 0 on CPUs with AVX-512, 0.0089 on an AVX2-only EPYC (2026-12-01). So bf16
+    # compute gets two bf16 steps; the adapter's own effect on the logits is over 2.
+    tol = 3e-2 if CASES[kind][0].compute_dtype == torch.bfloat16 else 1e-4
+    assert (got - expected).abs().max().item() < tol
+    assert (bare - expected).abs().max().item() > 10 * tol  # and the adapter matters
 
 
 # The CLI flags that quantize the base as each case does (--dtype on the CPU is fp32, the fp4
