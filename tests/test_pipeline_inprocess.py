@@ -1620,7 +1620,8 @@ def test_a_rank_given_other_prompts_than_rank_0_says_they_are_not_read(capsys, p
 
         def exchange(self, value):
             assert value is None
-            return [{"prompt": ["say hi"], "prompt_file": None, "rows": pickle.dumps([]), "lines": []}, None]
+            return [{"prompt": ["say hi"], "prompt_file": None, "rows": pickle.dumps([]), "lines": [], "nulls": []},
+                    None]
 
     args = argparse.Namespace(prompt=prompt, prompt_file=prompt_file)
     asked, rows = shared_prompts.share(RankOne(), None, args)

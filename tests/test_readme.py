@@ -270,10 +270,10 @@ def test_the_lines_training_prints_are_the_readmes(tmp_path, tiny_llama, capsys)
     assert len(samples) == 2
     rows = "".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n" for w in "a b c d e f".split())
     (tmp_path / "rows.jsonl").write_text(rows)
-    # a threshold no eval can beat: the second evaluation stops the adapter
+    # a threshold no eval can beat: the third evaluation stops the adapter, after 2 (the README's)
     config = {"eval_step": 1, "lora": [{"name": "chat", "data": str(tmp_path / "rows.jsonl"),
-                                        "test_data": str(tmp_path / "rows.jsonl"), "batch_size": 2, "max_steps": 3,
-                                        "early_stopping_patience": 1, "early_stopping_threshold": 100}]}
+                                        "test_data": str(tmp_path / "rows.jsonl"), "batch_size": 1, "max_steps": 5,
+                                        "early_stopping_patience": 2, "early_stopping_threshold": 100}]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["train", "--base_model", str(tiny_llama), "--config", str(tmp_path / "config.json"),
                  "--output_dir", str(tmp_path / "out"), "--no_progress"]) == 0
