@@ -125,14 +125,17 @@ def stop_token_ids(base_dir: str | Path, tokenizer) -> set[int]:
     return ids
 
 
-def adapter_stop_ids(session, names: Sequence[str] | None = None) -> dict[str, set[int]]:
+def adapter_stop_ids(session, names: Sequence[str] | None = None,
+                     base: set[int] | None = None) -> dict[str, set[int]]:
     """The tokens that also end the rows of each adapter with its own chat_template (of those
     in `names`; None: every one): the special token that template ends an assistant turn with
     (chat_template.end_of_turn_ids), where it is no stop token of the base's already (ChatML's
-    <|im_end|> on a base whose EOS is </s>): the adapter learnt to end its answers with it."""
+    <|im_end|> on a base whose EOS is </s>): the adapter learnt to end its answers with it.
+    base: the base's stop tokens, where the caller has read them already (stop_token_ids)."""
     from mlora.chat_template import end_of_turn_ids, with_chat_template
 
-    base = stop_token_ids(session.base_dir, session.tokenizer)
+    if base is None:
+        base = stop_token_ids(session.base_dir, session.tokenizer)
     stops = {}
     for a in session.cfg.lora:
         if a.chat_template is not None and (names is None or a.name in names):
@@ -195,7 +198,7 @@ class Decoding:
         self.seqs = [list(prompts[i][1]) for i in self.order]
         self.new_tokens: list[list[int]] = [[] for _ in self.order]
         self.done = [False] * len(self.order)
-        self.stop, self.pad_id = stop, pad_id
+        self.pad_id = pad_id
         adapter_stop = adapter_stop or {}
         self.row_stop = [stop | adapter_stop.get(name, set()) for name in names]  # each row's stop tokens
         self.sampling, self.repetition_penalty, self.switch_at = sampling, repetition_penalty, switch_at
@@ -310,10 +313,11 @@ def greedy_generate(session, prompts: Sequence[tuple[str | None, list[int]]],
     """
     model = session.model
     model.eval()
+    stop = stop_token_ids(session.base_dir, session.tokenizer)
     if adapter_stop is None:
-        adapter_stop = adapter_stop_ids(session, {name for name, _ in prompts if name is not None})
-    state = Decoding(prompts, session.pad_id, stop_token_ids(session.base_dir, session.tokenizer), sampling,
-                     repetition_penalty, longrope_switch(model.args), request_ids, adapter_stop)
+        adapter_stop = adapter_stop_ids(session, {name for name, _ in prompts if name is not None}, stop)
+    state = Decoding(prompts, session.pad_id, stop, sampling, repetition_penalty, longrope_switch(model.args),
+                     request_ids, adapter_stop)
     try:
         session.layout.rows = state.rows
         cache = KVCache()
